@@ -1,0 +1,42 @@
+/* Kernel parameter structs, shared by the CUDA kernels and the Rust host code.
+ *
+ * Plain C on purpose: build.rs runs bindgen over this file, so host and device can never disagree on a layout.
+ * Every kernel takes exactly one of these structs by value (`__global__ void k(const XParams p)`).
+ * Element types: on the device they are the CUDA types; on the host (bindgen) they are same-sized integers, and Rust
+ * fills pointer fields with device addresses.
+ */
+#ifndef SMALL4_PARAMS_H
+#define SMALL4_PARAMS_H
+
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+typedef __nv_bfloat16 bf16;
+typedef __nv_fp8_e4m3 fp8e4m3;
+#else
+#include <stdint.h>
+typedef uint16_t bf16;
+typedef uint8_t fp8e4m3;
+#endif
+
+/* ---- norm.cu ---------------------------------------------------------------------------------------------------- */
+
+/* out[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * weight[:]   (bf16 in and out, f32 accumulation).
+ * When `residual` is not null the kernel first does x = x + residual and writes that sum to `residual_out`
+ * (the pre-norm decoder's `h += f(h)` fused with the next norm). */
+typedef struct RmsNormParams {
+    const bf16 *x;
+    const bf16 *weight;
+    bf16 *out;
+    const bf16 *residual;
+    bf16 *residual_out;
+    int rows;
+    int cols;
+    /* Elements between the starts of consecutive rows: x_row_stride for x and residual, out_row_stride for out and
+     * residual_out (each >= cols). */
+    int x_row_stride;
+    int out_row_stride;
+    float eps;
+} RmsNormParams;
+
+#endif /* SMALL4_PARAMS_H */

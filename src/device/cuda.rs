@@ -1,0 +1,129 @@
+//! The CUDA driver backend (cudarc, loaded dynamically: nothing CUDA is needed to build, and a machine without a
+//! driver gets `Error::NoGpu`). Modules are loaded from the embedded sm_90a cubin, falling back to the PTX for
+//! drivers that can JIT it. All work goes to one stream, so a decode step can later be captured as a CUDA graph.
+
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{result, sys, CudaContext, CudaStream};
+
+use super::{Backend, Kernel, LaunchConfig};
+use crate::error::{Error, Result};
+
+pub struct CudaBackend {
+    context: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    functions: Mutex<HashMap<(&'static str, &'static str), FunctionHandle>>,
+}
+
+/// A loaded kernel; CUfunction is a driver handle valid for the context's lifetime.
+#[derive(Clone, Copy)]
+struct FunctionHandle(sys::CUfunction);
+// SAFETY: driver function handles may be used from any thread once the context is current there.
+unsafe impl Send for FunctionHandle {}
+
+fn driver_error(what: &str) -> impl Fn(result::DriverError) -> Error + '_ {
+    move |e| Error::Cuda(format!("{what}: {e:?}"))
+}
+
+impl CudaBackend {
+    pub fn new(ordinal: usize) -> Result<Self> {
+        // SAFETY: only tries to dlopen the driver library.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(Error::NoGpu("the CUDA driver library (libcuda.so) was not found".into()));
+        }
+        // cudarc panics inside some calls when the library is absent; it is present here, but stay defensive.
+        let context = std::panic::catch_unwind(|| CudaContext::new(ordinal))
+            .map_err(|_| Error::NoGpu("the CUDA driver could not be initialised".into()))?
+            .map_err(|e| Error::NoGpu(format!("CUDA device {ordinal}: {e:?}")))?;
+        let stream = context.default_stream();
+        Ok(CudaBackend { context, stream, functions: Mutex::new(HashMap::new()) })
+    }
+
+    pub fn device_name(&self) -> Result<String> {
+        self.context.name().map_err(driver_error("device name"))
+    }
+
+    fn function(&self, kernel: &Kernel) -> Result<sys::CUfunction> {
+        let mut cache = self.functions.lock().unwrap();
+        if let Some(f) = cache.get(&(kernel.module.name, kernel.entry)) {
+            return Ok(f.0);
+        }
+        self.context.bind_to_thread().map_err(driver_error("bind context"))?;
+        // SAFETY: cubin and PTX images are valid, NUL-terminated where needed, and outlive the load call.
+        let module = unsafe { result::module::load_data(kernel.module.cubin.as_ptr().cast()) }.or_else(|_| {
+            let ptx = CString::new(kernel.module.ptx).map_err(|e| Error::Cuda(e.to_string()))?;
+            unsafe { result::module::load_data(ptx.as_ptr().cast()) }
+                .map_err(driver_error(&format!("load module {}", kernel.module.name)))
+        })?;
+        let entry = CString::new(kernel.entry).map_err(|e| Error::Cuda(e.to_string()))?;
+        let function = unsafe { result::module::get_function(module, entry) }
+            .map_err(driver_error(&format!("kernel {}::{}", kernel.module.name, kernel.entry)))?;
+        cache.insert((kernel.module.name, kernel.entry), FunctionHandle(function));
+        Ok(function)
+    }
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn alloc(&self, bytes: usize) -> Result<u64> {
+        self.context.bind_to_thread().map_err(driver_error("bind context"))?;
+        // SAFETY: plain allocation; freed by `free`.
+        unsafe { result::malloc_sync(bytes) }.map_err(driver_error("cuMemAlloc"))
+    }
+
+    fn free(&self, addr: u64) -> Result<()> {
+        self.context.bind_to_thread().map_err(driver_error("bind context"))?;
+        self.stream.synchronize().map_err(driver_error("synchronize before free"))?;
+        unsafe { result::free_sync(addr) }.map_err(driver_error("cuMemFree"))
+    }
+
+    fn write(&self, addr: u64, data: &[u8]) -> Result<()> {
+        self.context.bind_to_thread().map_err(driver_error("bind context"))?;
+        self.stream.synchronize().map_err(driver_error("synchronize before copy"))?;
+        unsafe { result::memcpy_htod_sync(addr, data) }.map_err(driver_error("copy to device"))
+    }
+
+    fn read(&self, addr: u64, out: &mut [u8]) -> Result<()> {
+        self.context.bind_to_thread().map_err(driver_error("bind context"))?;
+        self.stream.synchronize().map_err(driver_error("synchronize before copy"))?;
+        unsafe { result::memcpy_dtoh_sync(out, addr) }.map_err(driver_error("copy to host"))
+    }
+
+    fn memset(&self, addr: u64, byte: u8, bytes: usize) -> Result<()> {
+        self.context.bind_to_thread().map_err(driver_error("bind context"))?;
+        self.stream.synchronize().map_err(driver_error("synchronize before memset"))?;
+        unsafe { result::memset_d8_sync(addr, byte, bytes) }.map_err(driver_error("memset"))
+    }
+
+    fn launch(&self, kernel: &Kernel, config: &LaunchConfig, params: &[u8]) -> Result<()> {
+        let function = self.function(kernel)?;
+        if config.shared_bytes > 48 * 1024 {
+            // Above 48 KiB a kernel must opt in to dynamic shared memory (up to 227 KiB on H100).
+            unsafe {
+                result::function::set_function_attribute(
+                    function,
+                    sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    config.shared_bytes as i32,
+                )
+            }
+            .map_err(driver_error("set max dynamic shared memory"))?;
+        }
+        let (g, b) = (config.grid, config.block);
+        // The kernel's single parameter is the struct; the driver copies `params.len()` bytes from this pointer.
+        let mut storage = params.to_vec();
+        let mut args = [storage.as_mut_ptr().cast::<c_void>()];
+        unsafe {
+            result::launch_kernel(function, (g.x, g.y, g.z), (b.x, b.y, b.z), config.shared_bytes, self.stream.cu_stream(), &mut args)
+        }
+        .map_err(driver_error(&format!("launch {}::{}", kernel.module.name, kernel.entry)))
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(driver_error("synchronize"))
+    }
+}

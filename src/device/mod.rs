@@ -1,0 +1,206 @@
+//! The device layer: one `Backend` trait that every kernel wrapper launches through, with two implementations,
+//! the CUDA driver (`cuda::CudaBackend`, the real GPU) and the PTX interpreter (`sim::SimBackend`, runs the same
+//! compiled PTX on the CPU). Buffers are typed, own their device memory and free it on drop.
+
+pub mod cuda;
+pub mod sim;
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+
+/// A compiled `cuda/*.cu` file: its PTX (for the interpreter and for JIT on newer drivers) and its sm_90a cubin.
+#[derive(Clone, Copy, Debug)]
+pub struct KernelModule {
+    pub name: &'static str,
+    pub ptx: &'static str,
+    pub cubin: &'static [u8],
+}
+
+/// One `__global__` entry point of a module.
+#[derive(Clone, Copy, Debug)]
+pub struct Kernel {
+    pub module: KernelModule,
+    pub entry: &'static str,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dim3 {
+    pub x: u32,
+    pub y: u32,
+    pub z: u32,
+}
+
+impl Dim3 {
+    pub const fn x(x: u32) -> Self {
+        Dim3 { x, y: 1, z: 1 }
+    }
+    pub const fn xy(x: u32, y: u32) -> Self {
+        Dim3 { x, y, z: 1 }
+    }
+    pub const fn xyz(x: u32, y: u32, z: u32) -> Self {
+        Dim3 { x, y, z }
+    }
+    pub fn count(&self) -> u64 {
+        self.x as u64 * self.y as u64 * self.z as u64
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct LaunchConfig {
+    pub grid: Dim3,
+    pub block: Dim3,
+    /// Dynamic shared memory in bytes (`extern __shared__`).
+    pub shared_bytes: u32,
+}
+
+/// What the interpreter measured during one launch (a real GPU reports none).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LaunchCounters {
+    pub kernel: String,
+    /// Warp-level instructions issued, in total and by class.
+    pub instructions: u64,
+    pub instructions_by_class: Vec<(String, u64)>,
+    pub global_bytes_read: u64,
+    pub global_bytes_written: u64,
+    /// Warp-wide global memory requests and the 32-byte sectors they touched.
+    pub global_requests: u64,
+    pub global_sectors: u64,
+    pub shared_bank_conflicts: u64,
+    pub tensor_core_ops: u64,
+}
+
+impl LaunchCounters {
+    /// Bytes that crossed the memory bus, counted in 32-byte sectors as DRAM/L2 sees them.
+    pub fn sector_bytes(&self) -> u64 {
+        self.global_sectors * 32
+    }
+    /// ideal bytes / bytes moved (1.0 = every sector fetched carried only needed data).
+    pub fn traffic_efficiency(&self, ideal_bytes: u64) -> f64 {
+        ideal_bytes as f64 / self.sector_bytes().max(1) as f64
+    }
+}
+
+/// A device: memory, kernel launches, synchronisation. Object safe; used as `Device = Arc<dyn Backend>`.
+///
+/// Addresses are plain `u64` device addresses (what a kernel's pointer holds). Memory returned by `alloc` is
+/// uninitialised: the interpreter reports any read of it before a write.
+pub trait Backend: Send + Sync {
+    /// "cuda" or "sim".
+    fn name(&self) -> &'static str;
+    fn alloc(&self, bytes: usize) -> Result<u64>;
+    /// Frees memory from `alloc`. Freeing an address twice or one not from `alloc` is an error, not UB.
+    fn free(&self, addr: u64) -> Result<()>;
+    fn write(&self, addr: u64, data: &[u8]) -> Result<()>;
+    fn read(&self, addr: u64, out: &mut [u8]) -> Result<()>;
+    fn memset(&self, addr: u64, byte: u8, bytes: usize) -> Result<()>;
+    /// Launches `kernel` with its single by-value parameter struct given as raw bytes.
+    fn launch(&self, kernel: &Kernel, config: &LaunchConfig, params: &[u8]) -> Result<()>;
+    /// Waits for all launched work. Errors raised asynchronously by kernels surface here.
+    fn synchronize(&self) -> Result<()>;
+    /// The interpreter's counters of the most recent launch; `None` on hardware.
+    fn last_launch_counters(&self) -> Option<LaunchCounters> {
+        None
+    }
+}
+
+pub type Device = Arc<dyn Backend>;
+
+/// The CUDA device 0 when a driver and a GPU are present, else `Error::NoGpu` (never a panic).
+pub fn gpu() -> Result<Device> {
+    Ok(Arc::new(cuda::CudaBackend::new(0)?))
+}
+
+/// The PTX interpreter.
+pub fn simulator() -> Device {
+    Arc::new(sim::SimBackend::new())
+}
+
+/// Element types a buffer may hold: plain bytes with no padding.
+pub trait DeviceElement: bytemuck::Pod + Send + Sync {}
+impl<T: bytemuck::Pod + Send + Sync> DeviceElement for T {}
+
+/// Owned, typed device memory of `len` elements. Frees itself on drop.
+pub struct DeviceBuffer<T: DeviceElement> {
+    device: Device,
+    addr: u64,
+    len: usize,
+    _element: PhantomData<T>,
+}
+
+impl<T: DeviceElement> DeviceBuffer<T> {
+    /// Uninitialised memory for `len` elements.
+    pub fn alloc(device: &Device, len: usize) -> Result<Self> {
+        let bytes = len.checked_mul(size_of::<T>()).ok_or_else(|| Error::InvalidArgument(format!("{len} elements overflow")))?;
+        // Zero-length buffers still get a distinct address so kernels can be passed a valid pointer.
+        let addr = device.alloc(bytes.max(1))?;
+        Ok(DeviceBuffer { device: device.clone(), addr, len, _element: PhantomData })
+    }
+
+    pub fn from_slice(device: &Device, data: &[T]) -> Result<Self> {
+        let buffer = Self::alloc(device, data.len())?;
+        buffer.copy_from(data)?;
+        Ok(buffer)
+    }
+
+    /// Filled with one repeated byte (tests poison outputs with 0xff = NaN for every float type).
+    pub fn filled_with_byte(device: &Device, len: usize, byte: u8) -> Result<Self> {
+        let buffer = Self::alloc(device, len)?;
+        device.memset(buffer.addr, byte, buffer.bytes())?;
+        Ok(buffer)
+    }
+
+    pub fn copy_from(&self, data: &[T]) -> Result<()> {
+        if data.len() != self.len {
+            return Err(Error::shape("DeviceBuffer::copy_from", self.len, data.len()));
+        }
+        self.device.write(self.addr, bytemuck::cast_slice(data))
+    }
+
+    pub fn to_vec(&self) -> Result<Vec<T>> {
+        let mut out = vec![T::zeroed(); self.len];
+        self.device.synchronize()?;
+        self.device.read(self.addr, bytemuck::cast_slice_mut(&mut out))?;
+        Ok(out)
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn bytes(&self) -> usize {
+        self.len * size_of::<T>()
+    }
+    /// The device address, for a kernel parameter struct.
+    pub fn addr(&self) -> u64 {
+        self.addr
+    }
+    /// The device address as the pointer type bindgen gave a parameter field.
+    pub fn ptr<P>(&self) -> *const P {
+        self.addr as *const P
+    }
+    pub fn mut_ptr<P>(&self) -> *mut P {
+        self.addr as *mut P
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+}
+
+impl<T: DeviceElement> Drop for DeviceBuffer<T> {
+    fn drop(&mut self) {
+        // A failed free cannot be reported from drop; the backends log nothing and leak at worst.
+        let _ = self.device.free(self.addr);
+    }
+}
+
+/// Launches `kernel` with a bindgen parameter struct, passed by value as its raw bytes.
+pub fn launch_with<P: Copy>(device: &Device, kernel: &Kernel, config: &LaunchConfig, params: &P) -> Result<()> {
+    // SAFETY: P is a `#[repr(C)]` bindgen struct of plain fields (pointers, integers, floats); its bytes are what
+    // the kernel's `.param` space receives. Padding bytes are never read by the kernel.
+    let bytes = unsafe { std::slice::from_raw_parts((params as *const P).cast::<u8>(), size_of::<P>()) };
+    device.launch(kernel, config, bytes)
+}

@@ -1,0 +1,13 @@
+//! small4: hand-written CUDA kernels and the compute core that runs Mistral Small 4 (119B MoE) on Hopper GPUs.
+//!
+//! Layers: `device` (one `Backend` trait: the CUDA driver or the PTX interpreter), `kernels` (one safe wrapper
+//! module per `cuda/*.cu` family), `reference` (the CPU oracle in f32), `quant` (weight formats), `model`
+//! (configuration, checkpoints, KV cache, engine).
+
+pub mod device;
+pub mod error;
+pub mod kernels;
+pub mod reference;
+
+pub use device::{Backend, Device, DeviceBuffer};
+pub use error::{Error, Result};

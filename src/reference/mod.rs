@@ -1,0 +1,3 @@
+//! CPU reference implementations in f32: the oracle every kernel and the whole forward pass are tested against.
+
+pub mod norm;

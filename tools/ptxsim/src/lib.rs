@@ -1,0 +1,1 @@
+//! ptxsim: a PTX interpreter (see issue 3). Work in progress.

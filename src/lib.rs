@@ -2,12 +2,15 @@
 //!
 //! Layers: `device` (one `Backend` trait: the CUDA driver or the PTX interpreter), `kernels` (one safe wrapper
 //! module per `cuda/*.cu` family), `reference` (the CPU oracle in f32), `quant` (weight formats), `model`
-//! (configuration, checkpoints, KV cache, engine).
+//! (configuration, checkpoints, KV cache, engine), `tokenizer` (tekken and the v15 chat prompt).
 
 pub mod device;
 pub mod error;
 pub mod kernels;
+pub mod model;
+pub mod quant;
 pub mod reference;
+pub mod tokenizer;
 
 pub use device::{Backend, Device, DeviceBuffer};
 pub use error::{Error, Result};

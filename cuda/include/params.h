@@ -39,4 +39,22 @@ typedef struct RmsNormParams {
     float eps;
 } RmsNormParams;
 
+/* ---- router.cu: fused router softmax + top-k and the per-expert token alignment ------------------------------------ */
+/* (structs of this family go here) */
+
+/* ---- moe_gemm.cu: grouped expert GEMMs (bf16, FP8, INT4, NVFP4 weights) -------------------------------------------- */
+/* (structs of this family go here) */
+
+/* ---- dequant.cu: standalone FP8 / INT4 / NVFP4 -> bf16 ------------------------------------------------------------- */
+/* (structs of this family go here) */
+
+/* ---- mla_attention.cu: paged MLA attention (decode, prefill) and the cache writer ---------------------------------- */
+/* (structs of this family go here) */
+
+/* ---- ops.cu: RoPE, embedding, SwiGLU, dense GEMM, sampling and the other small kernels of a layer ------------------ */
+/* (structs of this family go here) */
+
+/* ---- vision.cu: patch embedding and the vision tower's own kernels ------------------------------------------------- */
+/* (structs of this family go here) */
+
 #endif /* SMALL4_PARAMS_H */

@@ -1,0 +1,1 @@
+//! Text in, text out: the tekken tokenizer and the v15 chat prompt.

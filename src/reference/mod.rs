@@ -1,5 +1,6 @@
 //! CPU reference implementations in f32: the oracle every kernel and the whole forward pass are tested against.
 
+pub mod attention;
 pub mod linear;
 pub mod moe;
 pub mod norm;

@@ -1,1 +1,5 @@
 //! The model: configuration, checkpoints, KV cache, engine.
+
+pub mod config;
+
+pub use config::{ModelConfig, VisionConfig};

@@ -743,4 +743,130 @@ mod tests {
             }
         }
     }
+
+    /// A native params.json with the keys SPEC-model.md lists, holding the real values.
+    const PARAMS_JSON: &str = r#"{
+        "dim": 4096, "n_layers": 36, "head_dim": 128, "hidden_dim": 12288, "n_heads": 32, "n_kv_heads": 32,
+        "norm_eps": 1e-06, "vocab_size": 131072, "rope_theta": 10000.0, "tied_embeddings": false,
+        "q_lora_rank": 1024, "kv_lora_rank": 256, "qk_nope_head_dim": 64, "qk_rope_head_dim": 64, "v_head_dim": 128,
+        "max_position_embeddings": 1048576,
+        "moe": {"num_experts": 128, "num_experts_per_tok": 4, "expert_hidden_dim": 2048, "first_k_dense_replace": 0,
+                "num_shared_experts": 1, "routed_scale": 1.0},
+        "yarn": {"factor": 128.0, "original_max_position_embeddings": 8192, "beta": 32.0, "alpha": 1.0, "apply_scale": false},
+        "llama_4_scaling": {"beta": 0.1, "original_max_position_embeddings": 8192},
+        "vision_encoder": {"hidden_size": 1024, "num_channels": 3, "image_size": 1540, "patch_size": 14,
+                "rope_theta": 10000.0, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+                "image_token_id": 10, "image_break_token_id": 12, "image_end_token_id": 13, "adapter_bias": false,
+                "spatial_merge_size": 2, "mm_projector_id": "patch_merge"},
+        "quantization": {"qformat_weight": "fp8_e4m3", "qscheme_act": "TENSOR"}
+    }"#;
+
+    /// A HF mistral3 config.json with a mistral4 text_config (transformers >= 5 `rope_parameters`).
+    const CONFIG_JSON: &str = r#"{
+        "architectures": ["Mistral3ForConditionalGeneration"], "model_type": "mistral3", "image_token_index": 10,
+        "multimodal_projector_bias": false, "projector_hidden_act": "gelu", "spatial_merge_size": 2,
+        "vision_feature_layer": -1,
+        "text_config": {
+            "model_type": "mistral4", "hidden_size": 4096, "num_hidden_layers": 36, "num_attention_heads": 32,
+            "num_key_value_heads": 32, "q_lora_rank": 1024, "kv_lora_rank": 256, "qk_nope_head_dim": 64,
+            "qk_rope_head_dim": 64, "v_head_dim": 128, "head_dim": 128, "vocab_size": 131072, "rms_norm_eps": 1e-06,
+            "n_routed_experts": 128, "num_experts_per_tok": 4, "moe_intermediate_size": 2048, "n_shared_experts": 1,
+            "routed_scaling_factor": 1.0, "first_k_dense_replace": 0, "intermediate_size": 12288, "n_group": 1,
+            "topk_group": 1, "norm_topk_prob": true, "max_position_embeddings": 1048576, "tie_word_embeddings": false,
+            "rope_interleave": true,
+            "rope_parameters": {"type": "yarn", "rope_type": "yarn", "rope_theta": 10000.0, "factor": 128.0,
+                "original_max_position_embeddings": 8192, "max_position_embeddings": 1048576, "beta_fast": 32.0,
+                "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.1}
+        },
+        "vision_config": {"model_type": "pixtral", "hidden_size": 1024, "num_hidden_layers": 24,
+            "num_attention_heads": 16, "head_dim": 64, "intermediate_size": 4096, "patch_size": 14, "image_size": 1540,
+            "num_channels": 3, "rope_theta": 10000.0, "hidden_act": "silu"}
+    }"#;
+
+    fn edited(json: &str, edit: impl FnOnce(&mut Value)) -> String {
+        let mut value: Value = serde_json::from_str(json).unwrap();
+        edit(&mut value);
+        value.to_string()
+    }
+
+    fn config_error(text: &str) -> String {
+        match ModelConfig::from_json_str(text) {
+            Err(Error::Config(msg)) => msg,
+            other => panic!("expected a configuration error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn native_params_json_gives_the_real_preset() {
+        assert_eq!(ModelConfig::from_json_str(PARAMS_JSON).unwrap(), ModelConfig::mistral_small_4());
+    }
+
+    #[test]
+    fn hf_config_json_gives_the_real_preset_and_ignores_mscale_all_dim() {
+        let config = ModelConfig::from_json_str(CONFIG_JSON).unwrap();
+        assert_eq!(config, ModelConfig::mistral_small_4());
+        // HF would multiply the scale by (1 + 0.1 ln 128)^2 = 2.2058 because of mscale_all_dim; we must not.
+        assert_eq!(config.softmax_scale(), 1.0 / 128f32.sqrt());
+        let big_mscale = edited(CONFIG_JSON, |v| v["text_config"]["rope_parameters"]["mscale_all_dim"] = 7.0.into());
+        assert_eq!(ModelConfig::from_json_str(&big_mscale).unwrap().softmax_scale(), config.softmax_scale());
+    }
+
+    #[test]
+    fn text_only_mistral4_and_legacy_rope_scaling_parse() {
+        let text_only = edited(CONFIG_JSON, |v| *v = v["text_config"].clone());
+        let want = ModelConfig { vision: None, ..ModelConfig::mistral_small_4() };
+        assert_eq!(ModelConfig::from_json_str(&text_only).unwrap(), want);
+        // transformers 4.x: `rope_scaling` without a theta, `rope_theta` at the top level.
+        let legacy = edited(&text_only, |v| {
+            let mut rope = v["rope_parameters"].take();
+            rope.as_object_mut().unwrap().remove("rope_theta");
+            let map = v.as_object_mut().unwrap();
+            map.remove("rope_parameters");
+            map.insert("rope_scaling".into(), rope);
+            map.insert("rope_theta".into(), 10000.0.into());
+        });
+        assert_eq!(ModelConfig::from_json_str(&legacy).unwrap(), want);
+    }
+
+    #[test]
+    fn bad_files_give_clear_config_errors() {
+        let cases: Vec<(String, &str)> = vec![
+            ("{ not json".into(), "not valid JSON"),
+            ("[1, 2]".into(), "must be a JSON object"),
+            (r#"{"layers": 3}"#.into(), "neither a native params.json"),
+            (edited(PARAMS_JSON, |v| { v["moe"].as_object_mut().unwrap().remove("num_experts"); }), "`moe.num_experts`: missing"),
+            (edited(PARAMS_JSON, |v| v["dim"] = "4096".into()), "`dim`: expected a non-negative integer"),
+            (edited(PARAMS_JSON, |v| v["n_layers"] = (-3).into()), "`n_layers`: expected a non-negative integer"),
+            (edited(PARAMS_JSON, |v| v["norm_eps"] = true.into()), "`norm_eps`: expected a number"),
+            (edited(PARAMS_JSON, |v| v["moe"]["num_experts_per_tok"] = 129.into()), "exceeds the 128 experts"),
+            (edited(PARAMS_JSON, |v| { v["qk_rope_head_dim"] = 63.into(); v["head_dim"] = 127.into(); }), "must be even"),
+            (edited(PARAMS_JSON, |v| v["head_dim"] = 96.into()), "`head_dim`: 96 is not"),
+            (edited(PARAMS_JSON, |v| v["n_kv_heads"] = 8.into()), "MLA has no GQA"),
+            (edited(PARAMS_JSON, |v| v["yarn"]["apply_scale"] = true.into()), "`yarn.apply_scale`"),
+            (edited(PARAMS_JSON, |v| v["yarn"] = 3.into()), "`yarn`: expected an object"),
+            (edited(PARAMS_JSON, |v| v["vision_encoder"]["num_attention_heads"] = 12.into()), "vision heads 12"),
+            (edited(CONFIG_JSON, |v| v["text_config"]["rope_parameters"]["rope_type"] = "linear".into()), "only \"yarn\""),
+            (edited(CONFIG_JSON, |v| v["text_config"]["n_group"] = 8.into()), "1 of 8 groups"),
+            (edited(CONFIG_JSON, |v| v["text_config"]["model_type"] = "llama".into()), "not a mistral4"),
+            (edited(CONFIG_JSON, |v| v["text_config"]["q_lora_rank"] = Value::Null), "`text_config.q_lora_rank`: missing"),
+        ];
+        for (text, needle) in cases {
+            let msg = config_error(&text);
+            assert!(msg.contains(needle), "{msg:?} should mention {needle:?}");
+        }
+    }
+
+    #[test]
+    fn from_file_names_the_file() {
+        let dir = std::env::temp_dir().join(format!("small4-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("params.json");
+        std::fs::write(&path, edited(PARAMS_JSON, |v| v["vocab_size"] = 0.into())).unwrap();
+        match ModelConfig::from_file(&path) {
+            Err(Error::Config(msg)) => assert!(msg.contains("params.json") && msg.contains("vocab must be positive"), "{msg}"),
+            other => panic!("expected a config error, got {other:?}"),
+        }
+        assert!(matches!(ModelConfig::from_file(dir.join("missing.json")), Err(Error::Io { .. })));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -21,6 +21,13 @@ enum Command {
     Resources,
     /// Greedy generation with the embedded tiny preset (random weights from a fixed seed).
     Generate(GenerateArgs),
+    /// Memory plans of the full model (default: Mistral Small 4) on one and several GPUs: weights by format,
+    /// activation workspace and KV-cache capacity per GPU.
+    Plan {
+        /// A checkpoint directory or a params.json / config.json file; the real Mistral Small 4 when absent.
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -70,6 +77,22 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Resources => print!("{}", small4::kernels::KERNEL_RESOURCES_MARKDOWN),
         Command::Generate(args) => generate(&args)?,
+        Command::Plan { config } => plan(config.as_deref())?,
+    }
+    Ok(())
+}
+
+fn plan(config: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let config = match config {
+        None => ModelConfig::mistral_small_4(),
+        Some(path) if path.is_dir() => {
+            let native = path.join("params.json");
+            ModelConfig::from_file(if native.exists() { native } else { path.join("config.json") })?
+        }
+        Some(path) => ModelConfig::from_file(path)?,
+    };
+    for plan in small4::model::plan::standard_plans(&config)? {
+        println!("{plan}");
     }
     Ok(())
 }

@@ -2,5 +2,6 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod plan;
 
 pub use config::{ModelConfig, VisionConfig};

@@ -225,6 +225,16 @@ impl Checkpoint {
                 self.matrix_at(&format!("layers.{layer}.experts.{expert}.{name}"), rows, cols, None)
             }
             Layout::HuggingFace { prefix } => {
+                // Per-expert tensors (compressed-tensors exports, 4-bit formats) first, then transformers' stacks.
+                let per_expert = match which {
+                    ExpertMatrix::W1 => "gate_proj",
+                    ExpertMatrix::W2 => "down_proj",
+                    ExpertMatrix::W3 => "up_proj",
+                };
+                let base = format!("{prefix}layers.{layer}.mlp.experts.{expert}.{per_expert}");
+                if ["weight", "weight_packed"].iter().any(|s| self.index.contains_key(&format!("{base}.{s}"))) {
+                    return self.matrix_at(&base, rows, cols, None);
+                }
                 let (stacked, row_offset, stacked_rows) = match which {
                     ExpertMatrix::W1 => ("gate_up_proj", 0, 2 * hidden),
                     ExpertMatrix::W3 => ("gate_up_proj", hidden, 2 * hidden),

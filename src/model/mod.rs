@@ -3,5 +3,6 @@
 pub mod checkpoint;
 pub mod config;
 pub mod plan;
+pub mod synthetic;
 
 pub use config::{ModelConfig, VisionConfig};

@@ -8,13 +8,14 @@
 #ifndef SMALL4_PARAMS_H
 #define SMALL4_PARAMS_H
 
+#include <stdint.h>
+
 #ifdef __CUDACC__
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 typedef __nv_bfloat16 bf16;
 typedef __nv_fp8_e4m3 fp8e4m3;
 #else
-#include <stdint.h>
 typedef uint16_t bf16;
 typedef uint8_t fp8e4m3;
 #endif
@@ -46,7 +47,43 @@ typedef struct RmsNormParams {
 /* (structs of this family go here) */
 
 /* ---- dequant.cu: standalone FP8 / INT4 / NVFP4 -> bf16 ------------------------------------------------------------- */
-/* (structs of this family go here) */
+/* Each kernel writes out[rows, cols] bf16 (row-major) from one weight matrix stored exactly as src/quant/matrix.rs
+ * holds it; the f32 formula of each format is the one in that file, rounded once to bf16 at the end. */
+
+/* dequant_fp8_per_tensor: out = e4m3(data) * tensor_scale.
+ * dequant_fp8_block128:   out[r, c] = e4m3(data[r, c]) * block_scales[r / 128, c / 128]
+ *                         (block_scales row-major [ceil(rows/128), ceil(cols/128)]; needs cols % 8 == 0). */
+typedef struct DequantFp8Params {
+    const fp8e4m3 *data;        /* [rows, cols] */
+    const float *block_scales;  /* block kernel only (null for per-tensor) */
+    bf16 *out;                  /* [rows, cols] */
+    int rows;
+    int cols;
+    float tensor_scale;         /* per-tensor kernel only */
+} DequantFp8Params;
+
+/* dequant_int4: out[r, c] = (q[r, c] - z) * scales[r, c / group], q the nibble of packed[r, c / 2] (low nibble =
+ * even column), z = zeros[r, c / group] when zeros is not null, else 8. cols % group == 0, group % 8 == 0. */
+typedef struct DequantInt4Params {
+    const uint8_t *packed;      /* [rows, cols / 2] */
+    const bf16 *scales;         /* [rows, cols / group] */
+    const uint8_t *zeros;       /* [rows, cols / group], one unpacked u8 in 0..15 each; null = symmetric */
+    bf16 *out;                  /* [rows, cols] */
+    int rows;
+    int cols;
+    int group;
+} DequantInt4Params;
+
+/* dequant_nvfp4: out[r, c] = e2m1(q[r, c]) * (e4m3(scales[r, c / 16]) / global_scale), q the nibble of
+ * packed[r, c / 2] (low nibble = even column). cols % 16 == 0. */
+typedef struct DequantNvfp4Params {
+    const uint8_t *packed;      /* [rows, cols / 2] */
+    const fp8e4m3 *scales;      /* [rows, cols / 16] */
+    bf16 *out;                  /* [rows, cols] */
+    int rows;
+    int cols;
+    float global_scale;         /* the checkpoint's weight_global_scale: a divisor */
+} DequantNvfp4Params;
 
 /* ---- mla_attention.cu: paged MLA attention (decode, prefill) and the cache writer ---------------------------------- */
 /* (structs of this family go here) */

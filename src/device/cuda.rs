@@ -12,6 +12,7 @@ use super::{Backend, Kernel, LaunchConfig};
 use crate::error::{Error, Result};
 
 pub struct CudaBackend {
+    ordinal: usize,
     context: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     functions: Mutex<HashMap<(&'static str, &'static str), FunctionHandle>>,
@@ -38,7 +39,16 @@ impl CudaBackend {
             .map_err(|_| Error::NoGpu("the CUDA driver could not be initialised".into()))?
             .map_err(|e| Error::NoGpu(format!("CUDA device {ordinal}: {e:?}")))?;
         let stream = context.default_stream();
-        Ok(CudaBackend { context, stream, functions: Mutex::new(HashMap::new()) })
+        Ok(CudaBackend { ordinal, context, stream, functions: Mutex::new(HashMap::new()) })
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    /// The stream every launch and copy of this backend goes to (collectives enqueue on it too).
+    pub fn cu_stream(&self) -> sys::CUstream {
+        self.stream.cu_stream()
     }
 
     pub fn device_name(&self) -> Result<String> {

@@ -2,6 +2,7 @@
 //! the CUDA driver (`cuda::CudaBackend`, the real GPU) and the PTX interpreter (`sim::SimBackend`, runs the same
 //! compiled PTX on the CPU). Buffers are typed, own their device memory and free it on drop.
 
+pub mod collective;
 pub mod cuda;
 pub mod sim;
 

@@ -1,1 +1,8 @@
 //! The model: configuration, checkpoints, KV cache, engine.
+
+pub mod checkpoint;
+pub mod config;
+pub mod plan;
+pub mod synthetic;
+
+pub use config::{ModelConfig, VisionConfig};

@@ -4,6 +4,8 @@
 //! `q_lat = q_nope_h . W_UK_h` (absorbed into the latent) and `q_rope_h` already rotated:
 //! `score_j = (q_lat . c_j + q_rope_h . k_rope_j) * scale`, `o_lat = softmax(score) . c` (in the latent, before W_UV).
 
+use rayon::prelude::*;
+
 use super::linear::dot;
 
 /// The head geometry of MLA.
@@ -34,26 +36,25 @@ pub fn latent_attention(q_lat: &[f32], q_rope: &[f32], cache: &[f32], q_position
     assert_eq!(q_rope.len(), q_tokens * h * p, "latent_attention: q_rope shape");
     assert_eq!(cache.len() % w, 0, "latent_attention: cache shape");
     let kv_tokens = cache.len() / w;
+    assert!(q_positions.iter().all(|&pos| pos < kv_tokens), "latent_attention: a query position is beyond {kv_tokens} cached tokens");
     let mut out = vec![0.0f32; q_tokens * h * r];
-    for (i, &pos) in q_positions.iter().enumerate() {
-        assert!(pos < kv_tokens, "latent_attention: query position {pos} beyond {kv_tokens} cached tokens");
-        for head in 0..h {
-            let ql = &q_lat[(i * h + head) * r..][..r];
-            let qr = &q_rope[(i * h + head) * p..][..p];
-            let scores: Vec<f32> = (0..=pos)
-                .map(|j| {
-                    let row = &cache[j * w..][..w];
-                    (dot(ql, &row[..r]) + dot(qr, &row[r..])) * scale
-                })
-                .collect();
-            let probs = super::moe::softmax(&scores);
-            let o = &mut out[(i * h + head) * r..][..r];
-            for (j, &pj) in probs.iter().enumerate() {
-                for (acc, &c) in o.iter_mut().zip(&cache[j * w..][..r]) {
-                    *acc += pj * c;
-                }
+    // One (query, head) pair per task: independent rows of the output.
+    out.par_chunks_mut(r.max(1)).enumerate().for_each(|(index, o)| {
+        let (i, head) = (index / h, index % h);
+        let ql = &q_lat[(i * h + head) * r..][..r];
+        let qr = &q_rope[(i * h + head) * p..][..p];
+        let scores: Vec<f32> = (0..=q_positions[i])
+            .map(|j| {
+                let row = &cache[j * w..][..w];
+                (dot(ql, &row[..r]) + dot(qr, &row[r..])) * scale
+            })
+            .collect();
+        let probs = super::moe::softmax(&scores);
+        for (j, &pj) in probs.iter().enumerate() {
+            for (acc, &c) in o.iter_mut().zip(&cache[j * w..][..r]) {
+                *acc += pj * c;
             }
         }
-    }
+    });
     out
 }

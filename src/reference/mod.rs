@@ -2,6 +2,7 @@
 
 pub mod attention;
 pub mod linear;
+pub mod model;
 pub mod moe;
 pub mod norm;
 pub mod rope;

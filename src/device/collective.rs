@@ -1,0 +1,209 @@
+//! Collectives between ranks (one rank per GPU): the two operations the multi-GPU plans need.
+//! Expert parallelism: every rank computes the MoE contribution of the experts it owns, then `all_reduce_sum`
+//! adds the partial outputs. Tensor parallelism of attention: heads split over ranks, `wo` partial sums are
+//! all-reduced the same way; `all_gather` assembles vocab-parallel logits.
+//!
+//! Two implementations of one trait: `NcclCollective` (cudarc's NCCL, the real one, one process driving all GPUs)
+//! and `ThreadCollective` (ranks as threads exchanging through host memory: the test double that runs anywhere,
+//! including over interpreter backends). The double reduces in rank order, so its results are deterministic.
+
+use std::sync::{Arc, Barrier, Mutex};
+
+use half::bf16;
+
+use super::{Device, DeviceBuffer, DeviceElement};
+use crate::error::{Error, Result};
+
+/// Element types that can be summed across ranks.
+pub trait ReduceElement: DeviceElement {
+    const NAME: &'static str;
+    fn add(a: Self, b: Self) -> Self;
+}
+
+impl ReduceElement for f32 {
+    const NAME: &'static str = "f32";
+    fn add(a: f32, b: f32) -> f32 {
+        a + b
+    }
+}
+
+impl ReduceElement for bf16 {
+    const NAME: &'static str = "bf16";
+    fn add(a: bf16, b: bf16) -> bf16 {
+        bf16::from_f32(a.to_f32() + b.to_f32())
+    }
+}
+
+pub trait Collective: Send + Sync {
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+    /// In place: every rank's `buffer` becomes the element-wise sum over ranks.
+    fn all_reduce_sum_f32(&self, buffer: &DeviceBuffer<f32>) -> Result<()>;
+    fn all_reduce_sum_bf16(&self, buffer: &DeviceBuffer<bf16>) -> Result<()>;
+    /// `out` (world_size * send.len() elements) receives every rank's `send`, in rank order.
+    fn all_gather_bf16(&self, send: &DeviceBuffer<bf16>, out: &DeviceBuffer<bf16>) -> Result<()>;
+}
+
+/// Host-memory exchange shared by the ranks of one `ThreadCollective` group.
+struct Hub {
+    barrier: Barrier,
+    slots: Mutex<Vec<Vec<u8>>>,
+}
+
+/// One rank of a group of threads. Create the group with `ThreadCollective::group(n)` and move each rank to its
+/// own thread; every rank must call the same collectives in the same order (as with NCCL).
+pub struct ThreadCollective {
+    rank: usize,
+    world: usize,
+    hub: Arc<Hub>,
+}
+
+impl ThreadCollective {
+    pub fn group(world: usize) -> Result<Vec<ThreadCollective>> {
+        if world == 0 {
+            return Err(Error::InvalidArgument("a collective group needs at least one rank".into()));
+        }
+        let hub = Arc::new(Hub { barrier: Barrier::new(world), slots: Mutex::new(vec![Vec::new(); world]) });
+        Ok((0..world).map(|rank| ThreadCollective { rank, world, hub: hub.clone() }).collect())
+    }
+
+    /// Deposits this rank's bytes, waits for all, returns every rank's bytes in rank order, waits again so no rank
+    /// overwrites a slot another still reads.
+    fn exchange(&self, mine: Vec<u8>) -> Vec<Vec<u8>> {
+        self.hub.slots.lock().unwrap()[self.rank] = mine;
+        self.hub.barrier.wait();
+        let all = self.hub.slots.lock().unwrap().clone();
+        self.hub.barrier.wait();
+        all
+    }
+
+    fn all_reduce<T: ReduceElement>(&self, buffer: &DeviceBuffer<T>) -> Result<()> {
+        let mine = buffer.to_vec()?;
+        let all = self.exchange(bytemuck::cast_slice(&mine).to_vec());
+        if all.iter().any(|b| b.len() != all[0].len()) {
+            return Err(Error::shape(format!("all_reduce_sum<{}> across ranks", T::NAME), all[0].len(), "different lengths"));
+        }
+        let mut sum: Vec<T> = bytemuck::pod_collect_to_vec(&all[0]);
+        for other in &all[1..] {
+            let other: Vec<T> = bytemuck::pod_collect_to_vec(other);
+            for (s, o) in sum.iter_mut().zip(other) {
+                *s = T::add(*s, o);
+            }
+        }
+        buffer.copy_from(&sum)
+    }
+}
+
+impl Collective for ThreadCollective {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.world
+    }
+    fn all_reduce_sum_f32(&self, buffer: &DeviceBuffer<f32>) -> Result<()> {
+        self.all_reduce(buffer)
+    }
+    fn all_reduce_sum_bf16(&self, buffer: &DeviceBuffer<bf16>) -> Result<()> {
+        self.all_reduce(buffer)
+    }
+    fn all_gather_bf16(&self, send: &DeviceBuffer<bf16>, out: &DeviceBuffer<bf16>) -> Result<()> {
+        if out.len() != send.len() * self.world {
+            return Err(Error::shape("all_gather output", send.len() * self.world, out.len()));
+        }
+        let mine = send.to_vec()?;
+        let all = self.exchange(bytemuck::cast_slice(&mine).to_vec());
+        let gathered: Vec<bf16> = all.iter().flat_map(|b| bytemuck::pod_collect_to_vec::<u8, bf16>(b)).collect();
+        out.copy_from(&gathered)
+    }
+}
+
+/// NCCL over several CUDA devices driven from one process. Each rank enqueues on its device's stream.
+pub struct NcclCollective {
+    rank: usize,
+    world: usize,
+    comm: NcclComm,
+    stream: cudarc::driver::sys::CUstream,
+}
+
+struct NcclComm(cudarc::nccl::sys::ncclComm_t);
+// SAFETY: an NCCL communicator may be used from any thread as long as calls on it are not concurrent; each rank's
+// communicator is owned by exactly one NcclCollective, which the engine drives from one thread.
+unsafe impl Send for NcclComm {}
+unsafe impl Sync for NcclComm {}
+unsafe impl Send for NcclCollective {}
+unsafe impl Sync for NcclCollective {}
+
+impl NcclCollective {
+    /// One communicator per device (ranks 0..devices.len() in order). Fails with `Error::NoGpu` when NCCL or a GPU
+    /// is missing.
+    pub fn for_devices(devices: &[Arc<super::cuda::CudaBackend>]) -> Result<Vec<NcclCollective>> {
+        // SAFETY: only tries to dlopen the NCCL library.
+        if !unsafe { cudarc::nccl::sys::is_culib_present() } {
+            return Err(Error::NoGpu("the NCCL library (libnccl.so) was not found".into()));
+        }
+        let ordinals: Vec<i32> = devices.iter().map(|d| d.ordinal() as i32).collect();
+        let mut comms = vec![std::ptr::null_mut(); devices.len()];
+        unsafe { cudarc::nccl::result::comm_init_all(comms.as_mut_ptr(), devices.len() as i32, ordinals.as_ptr()) }
+            .map_err(|e| Error::Cuda(format!("ncclCommInitAll: {e:?}")))?;
+        Ok(comms
+            .into_iter()
+            .zip(devices)
+            .enumerate()
+            .map(|(rank, (comm, device))| NcclCollective { rank, world: devices.len(), comm: NcclComm(comm), stream: device.cu_stream() })
+            .collect())
+    }
+
+    fn all_reduce_raw(&self, addr: u64, count: usize, dtype: cudarc::nccl::sys::ncclDataType_t) -> Result<()> {
+        unsafe {
+            cudarc::nccl::result::all_reduce(
+                addr as *const std::ffi::c_void,
+                addr as *mut std::ffi::c_void,
+                count,
+                dtype,
+                cudarc::nccl::sys::ncclRedOp_t::ncclSum,
+                self.comm.0,
+                self.stream as _,
+            )
+        }
+        .map(|_| ())
+        .map_err(|e| Error::Cuda(format!("ncclAllReduce: {e:?}")))
+    }
+}
+
+impl Collective for NcclCollective {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.world
+    }
+    fn all_reduce_sum_f32(&self, buffer: &DeviceBuffer<f32>) -> Result<()> {
+        self.all_reduce_raw(buffer.addr(), buffer.len(), cudarc::nccl::sys::ncclDataType_t::ncclFloat32)
+    }
+    fn all_reduce_sum_bf16(&self, buffer: &DeviceBuffer<bf16>) -> Result<()> {
+        self.all_reduce_raw(buffer.addr(), buffer.len(), cudarc::nccl::sys::ncclDataType_t::ncclBfloat16)
+    }
+    fn all_gather_bf16(&self, send: &DeviceBuffer<bf16>, out: &DeviceBuffer<bf16>) -> Result<()> {
+        if out.len() != send.len() * self.world {
+            return Err(Error::shape("all_gather output", send.len() * self.world, out.len()));
+        }
+        unsafe {
+            cudarc::nccl::result::all_gather(
+                send.addr() as *const std::ffi::c_void,
+                out.addr() as *mut std::ffi::c_void,
+                send.len(),
+                cudarc::nccl::sys::ncclDataType_t::ncclBfloat16,
+                self.comm.0,
+                self.stream as _,
+            )
+        }
+        .map(|_| ())
+        .map_err(|e| Error::Cuda(format!("ncclAllGather: {e:?}")))
+    }
+}
+
+/// Devices of a thread group, for tests: `world` interpreter backends (separate memories, as separate GPUs have).
+pub fn simulated_ranks(world: usize) -> Vec<Device> {
+    (0..world).map(|_| super::simulator()).collect()
+}

@@ -1,0 +1,528 @@
+//! Checkpoint files: the native Mistral layout (`params.json`, `consolidated-*.safetensors`, index) and the Hugging
+//! Face layout (`config.json`, `model*.safetensors`, stacked experts), memory-mapped shard by shard.
+//!
+//! Tensors are addressed by their NATIVE name (`layers.3.attention.wq_a`); the HF layout is translated here, so the
+//! rest of the crate sees one naming. Weight matrices come back as `MatrixData`, zero-copy views into the mapped
+//! files in their checkpoint format (bf16, FP8 per-tensor, FP8 block-128, INT4 grouped, NVFP4): the loader repacks
+//! them into the kernels' layouts while streaming to the device, so host memory never holds the whole model.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::tensor::{Metadata, TensorInfo};
+use safetensors::Dtype;
+
+use crate::error::{Error, Result};
+
+/// Which file layout a checkpoint directory uses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// `params.json` + `consolidated*.safetensors`.
+    Native,
+    /// `config.json` + `model*.safetensors`; `prefix` is `model.language_model.` (mistral3) or `model.` (text-only).
+    HuggingFace { prefix: String },
+}
+
+/// One mapped `.safetensors` file with its parsed header.
+struct Shard {
+    path: PathBuf,
+    map: Mmap,
+    data_start: usize,
+    tensors: HashMap<String, TensorInfo>,
+}
+
+/// A tensor as stored: dtype, shape and its bytes inside the mapped file.
+#[derive(Clone, Copy, Debug)]
+pub struct StoredTensor<'a> {
+    pub name: &'a str,
+    pub dtype: Dtype,
+    pub shape: &'a [usize],
+    pub data: &'a [u8],
+}
+
+impl StoredTensor<'_> {
+    fn expect(&self, dtypes: &[Dtype], shape: &[usize]) -> Result<()> {
+        if !dtypes.contains(&self.dtype) {
+            return Err(Error::Checkpoint(format!("tensor {} has dtype {:?}, expected one of {dtypes:?}", self.name, self.dtype)));
+        }
+        if self.shape != shape {
+            return Err(Error::shape(format!("checkpoint tensor {}", self.name), format!("{shape:?}"), format!("{:?}", self.shape)));
+        }
+        Ok(())
+    }
+
+    /// An F32 scalar stored with shape `[]` or `[1]` (both occur in the published checkpoints).
+    fn scalar_f32(&self) -> Result<f32> {
+        if self.dtype != Dtype::F32 || self.shape.iter().product::<usize>() != 1 || self.shape.len() > 1 {
+            return Err(Error::Checkpoint(format!(
+                "tensor {} should be an F32 scalar ([] or [1]), found {:?} {:?}",
+                self.name, self.dtype, self.shape
+            )));
+        }
+        Ok(f32::from_le_bytes(self.data[..4].try_into().unwrap()))
+    }
+}
+
+/// A weight matrix [rows = out, cols = in] in its checkpoint format, borrowing the mapped bytes.
+#[derive(Clone, Debug)]
+pub enum MatrixData<'a> {
+    Bf16 { data: &'a [u8] },
+    /// W = e4m3 * scale (`qscale_weight`); `activation_scale` is the static input scale when present.
+    Fp8PerTensor { data: &'a [u8], scale: f32, activation_scale: Option<f32> },
+    /// DeepSeek style: `scales` [ceil(rows/128), ceil(cols/128)] F32, W = e4m3 * scale of the block.
+    Fp8Block128 { data: &'a [u8], scales: &'a [u8] },
+    /// `packed` [rows, cols/2] (low nibble = even column), `scales` BF16 [rows, cols/group], optional zero points
+    /// U8 [rows, cols/group] (0..=15); W = (q - 8) * s, or (q - z) * s.
+    Int4 { packed: &'a [u8], scales: &'a [u8], zeros: Option<&'a [u8]>, group: usize },
+    /// `packed` [rows, cols/2], `scales` e4m3 [rows, cols/16], W = e2m1 * scale / global_scale.
+    Nvfp4 { packed: &'a [u8], scales: &'a [u8], global_scale: f32, input_global_scale: Option<f32> },
+}
+
+impl MatrixData<'_> {
+    pub fn format_name(&self) -> &'static str {
+        match self {
+            MatrixData::Bf16 { .. } => "bf16",
+            MatrixData::Fp8PerTensor { .. } => "fp8",
+            MatrixData::Fp8Block128 { .. } => "fp8-block128",
+            MatrixData::Int4 { .. } => "int4",
+            MatrixData::Nvfp4 { .. } => "nvfp4",
+        }
+    }
+}
+
+/// Which matrix of a SwiGLU expert.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpertMatrix {
+    /// gate projection [hidden, dim]
+    W1,
+    /// down projection [dim, hidden]
+    W2,
+    /// up projection [hidden, dim]
+    W3,
+}
+
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub layout: Layout,
+    /// The raw `params.json` or `config.json`; `ModelConfig` parses it.
+    pub config_json: serde_json::Value,
+    shards: Vec<Shard>,
+    /// Stored tensor name -> shard index.
+    index: HashMap<String, usize>,
+}
+
+const NATIVE_CONFIG: &str = "params.json";
+const HF_CONFIG: &str = "config.json";
+
+impl Checkpoint {
+    /// Opens a checkpoint directory: detects the layout, maps every shard and reads their headers (not the data).
+    pub fn open(dir: impl AsRef<Path>) -> Result<Checkpoint> {
+        let dir = dir.as_ref().to_path_buf();
+        let (config_name, native) = if dir.join(NATIVE_CONFIG).exists() {
+            (NATIVE_CONFIG, true)
+        } else if dir.join(HF_CONFIG).exists() {
+            (HF_CONFIG, false)
+        } else {
+            return Err(Error::Checkpoint(format!("{} has neither {NATIVE_CONFIG} nor {HF_CONFIG}", dir.display())));
+        };
+        let config_path = dir.join(config_name);
+        let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+        let config_json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|source| Error::Json { what: config_path.display().to_string(), source })?;
+
+        let shard_paths = shard_files(&dir, native)?;
+        let mut shards: Vec<Shard> = Vec::with_capacity(shard_paths.len());
+        let mut index = HashMap::new();
+        for path in shard_paths {
+            let shard = map_shard(&path)?;
+            for name in shard.tensors.keys() {
+                if let Some(previous) = index.insert(name.clone(), shards.len()) {
+                    return Err(Error::Checkpoint(format!(
+                        "tensor {name} appears in both {} and {}",
+                        shards[previous].path.display(),
+                        path.display()
+                    )));
+                }
+            }
+            shards.push(shard);
+        }
+        let layout = if native {
+            Layout::Native
+        } else {
+            let prefix = if index.keys().any(|k| k.starts_with("model.language_model.")) { "model.language_model." } else { "model." };
+            Layout::HuggingFace { prefix: prefix.to_string() }
+        };
+        Ok(Checkpoint { dir, layout, config_json, shards, index })
+    }
+
+    /// Every stored tensor name, sorted.
+    pub fn stored_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.index.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+
+    pub fn shard_paths(&self) -> Vec<&Path> {
+        self.shards.iter().map(|s| s.path.as_path()).collect()
+    }
+
+    /// A tensor by its STORED name.
+    pub fn stored(&self, name: &str) -> Result<StoredTensor<'_>> {
+        self.stored_opt(name)?.ok_or_else(|| Error::Checkpoint(format!("missing tensor {name} in {}", self.dir.display())))
+    }
+
+    fn stored_opt(&self, name: &str) -> Result<Option<StoredTensor<'_>>> {
+        let Some(&i) = self.index.get(name) else { return Ok(None) };
+        let shard = &self.shards[i];
+        let (key, info) = shard.tensors.get_key_value(name).unwrap();
+        let (start, end) = info.data_offsets;
+        Ok(Some(StoredTensor {
+            name: key,
+            dtype: info.dtype,
+            shape: &info.shape,
+            data: &shard.map[shard.data_start + start..shard.data_start + end],
+        }))
+    }
+
+    /// The stored name of a native tensor name (without the `.weight`-style suffix handling).
+    pub fn stored_name(&self, native: &str) -> String {
+        match &self.layout {
+            Layout::Native => native.to_string(),
+            Layout::HuggingFace { prefix } => hf_name(native, prefix),
+        }
+    }
+
+    /// A plain (bf16 or f32) tensor by native name, e.g. `norm.weight`, checked against `shape`.
+    pub fn plain(&self, native: &str, dtype: Dtype, shape: &[usize]) -> Result<StoredTensor<'_>> {
+        let t = self.stored(&self.stored_name(native))?;
+        t.expect(&[dtype], shape)?;
+        Ok(t)
+    }
+
+    /// A weight matrix by native base name (`layers.0.attention.wq_a`), in whatever format the checkpoint stores it.
+    pub fn matrix(&self, native_base: &str, rows: usize, cols: usize) -> Result<MatrixData<'_>> {
+        let base = self.stored_name(&format!("{native_base}.weight"));
+        let base = base.strip_suffix(".weight").unwrap_or(&base).to_string();
+        self.matrix_at(&base, rows, cols, None)
+    }
+
+    /// One expert's matrix. Native checkpoints store each expert alone; HF checkpoints stack all experts
+    /// (`mlp.experts.gate_up_proj` [E, 2*hidden, dim] gate rows first, `mlp.experts.down_proj` [E, dim, hidden]).
+    pub fn expert_matrix(&self, layer: usize, expert: usize, which: ExpertMatrix, dim: usize, hidden: usize) -> Result<MatrixData<'_>> {
+        let (rows, cols) = match which {
+            ExpertMatrix::W1 | ExpertMatrix::W3 => (hidden, dim),
+            ExpertMatrix::W2 => (dim, hidden),
+        };
+        match &self.layout {
+            Layout::Native => {
+                let name = match which {
+                    ExpertMatrix::W1 => "w1",
+                    ExpertMatrix::W2 => "w2",
+                    ExpertMatrix::W3 => "w3",
+                };
+                self.matrix_at(&format!("layers.{layer}.experts.{expert}.{name}"), rows, cols, None)
+            }
+            Layout::HuggingFace { prefix } => {
+                // Per-expert tensors (compressed-tensors exports, 4-bit formats) first, then transformers' stacks.
+                let per_expert = match which {
+                    ExpertMatrix::W1 => "gate_proj",
+                    ExpertMatrix::W2 => "down_proj",
+                    ExpertMatrix::W3 => "up_proj",
+                };
+                let base = format!("{prefix}layers.{layer}.mlp.experts.{expert}.{per_expert}");
+                if ["weight", "weight_packed"].iter().any(|s| self.index.contains_key(&format!("{base}.{s}"))) {
+                    return self.matrix_at(&base, rows, cols, None);
+                }
+                let (stacked, row_offset, stacked_rows) = match which {
+                    ExpertMatrix::W1 => ("gate_up_proj", 0, 2 * hidden),
+                    ExpertMatrix::W3 => ("gate_up_proj", hidden, 2 * hidden),
+                    ExpertMatrix::W2 => ("down_proj", 0, dim),
+                };
+                let base = format!("{prefix}layers.{layer}.mlp.experts.{stacked}");
+                self.matrix_at(&base, rows, cols, Some(StackedSlice { expert, row_offset, stacked_rows }))
+            }
+        }
+    }
+
+    /// Reads a matrix stored under `base` (`base` itself, or `base.weight`, `base.weight_packed`, ...).
+    fn matrix_at(&self, base: &str, rows: usize, cols: usize, stacked: Option<StackedSlice>) -> Result<MatrixData<'_>> {
+        // HF stores the stacked experts without a `.weight` suffix; everything else has one.
+        let weight = self.stored_opt(&format!("{base}.weight"))?.or(self.stored_opt(base)?);
+        let suffix = |s: &str| self.stored_opt(&format!("{base}.{s}"));
+        let stacked_scale = |s: &str| self.stored_opt(&format!("{base}_{s}"));
+        if let Some(w) = weight {
+            return match w.dtype {
+                Dtype::BF16 => Ok(MatrixData::Bf16 { data: matrix_bytes(&w, 16, rows, cols, stacked)? }),
+                Dtype::F8_E4M3 => {
+                    let data = matrix_bytes(&w, 8, rows, cols, stacked)?;
+                    if let Some(scale) = suffix("qscale_weight")? {
+                        let activation_scale = suffix("qscale_act")?.map(|t| t.scalar_f32()).transpose()?;
+                        Ok(MatrixData::Fp8PerTensor { data, scale: scale.scalar_f32()?, activation_scale })
+                    } else if let Some(scales) = suffix("weight_scale_inv")?.filter(|t| t.shape.len() == 2 && stacked.is_none()) {
+                        scales.expect(&[Dtype::F32], &[rows.div_ceil(128), cols.div_ceil(128)])?;
+                        Ok(MatrixData::Fp8Block128 { data, scales: scales.data })
+                    } else if let Some(scale) = suffix("weight_scale_inv")?.or(stacked_scale("scale_inv")?) {
+                        // HF per-tensor FP8: scalar, or [E,1,1] for stacked experts (gate and up share one).
+                        let value = match stacked {
+                            Some(st) if scale.shape.len() == 3 => per_expert_scalar(&scale, st.expert)?,
+                            _ => scale.scalar_f32()?,
+                        };
+                        let act = suffix("activation_scale")?.map(|t| t.scalar_f32()).transpose()?;
+                        Ok(MatrixData::Fp8PerTensor { data, scale: value, activation_scale: act })
+                    } else {
+                        Err(Error::Checkpoint(format!("FP8 tensor {} has no scale (qscale_weight / weight_scale_inv)", w.name)))
+                    }
+                }
+                other => Err(Error::UnknownDtype(format!("{other:?} for weight {}", w.name))),
+            };
+        }
+        let packed = suffix("weight_packed")?
+            .ok_or_else(|| Error::Checkpoint(format!("missing tensor {base}.weight (or .weight_packed) in {}", self.dir.display())))?;
+        if packed.dtype != Dtype::U8 {
+            return Err(Error::UnknownDtype(format!("{:?} for packed weight {}", packed.dtype, packed.name)));
+        }
+        if stacked.is_some() {
+            return Err(Error::Checkpoint(format!("packed 4-bit weights must be stored per expert, found stacked {base}")));
+        }
+        if cols % 2 != 0 {
+            return Err(Error::shape(format!("{base}: 4-bit columns"), "an even count", cols));
+        }
+        packed.expect(&[Dtype::U8], &[rows, cols / 2])?;
+        let scale = suffix("weight_scale")?.ok_or_else(|| Error::Checkpoint(format!("missing tensor {base}.weight_scale")))?;
+        match scale.dtype {
+            Dtype::F8_E4M3 => {
+                if cols % 16 != 0 {
+                    return Err(Error::shape(format!("{base}: NVFP4 columns"), "a multiple of 16", cols));
+                }
+                scale.expect(&[Dtype::F8_E4M3], &[rows, cols / 16])?;
+                let global = suffix("weight_global_scale")?
+                    .ok_or_else(|| Error::Checkpoint(format!("missing tensor {base}.weight_global_scale")))?
+                    .scalar_f32()?;
+                if !(global.is_finite() && global > 0.0) {
+                    return Err(Error::Checkpoint(format!("{base}.weight_global_scale is {global}, must be finite and > 0")));
+                }
+                let input_global_scale = suffix("input_global_scale")?.map(|t| t.scalar_f32()).transpose()?;
+                Ok(MatrixData::Nvfp4 { packed: packed.data, scales: scale.data, global_scale: global, input_global_scale })
+            }
+            Dtype::BF16 => {
+                let groups = *scale.shape.get(1).unwrap_or(&0);
+                if scale.shape.len() != 2 || groups == 0 || cols % groups != 0 {
+                    return Err(Error::shape(format!("{}", scale.name), format!("[{rows}, {cols}/group]"), format!("{:?}", scale.shape)));
+                }
+                scale.expect(&[Dtype::BF16], &[rows, groups])?;
+                let zeros = suffix("weight_zero_point")?;
+                if let Some(z) = &zeros {
+                    z.expect(&[Dtype::U8], &[rows, groups])?;
+                }
+                Ok(MatrixData::Int4 { packed: packed.data, scales: scale.data, zeros: zeros.map(|z| z.data), group: cols / groups })
+            }
+            other => Err(Error::UnknownDtype(format!("{other:?} for 4-bit scale {}", scale.name))),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct StackedSlice {
+    expert: usize,
+    row_offset: usize,
+    stacked_rows: usize,
+}
+
+/// The bytes of a [rows, cols] matrix of `elem_bits`-bit elements: the whole tensor, or one expert's rows of a
+/// stacked [E, stacked_rows, cols] tensor.
+fn matrix_bytes<'a>(t: &StoredTensor<'a>, elem_bits: usize, rows: usize, cols: usize, stacked: Option<StackedSlice>) -> Result<&'a [u8]> {
+    let row_bytes = cols * elem_bits / 8;
+    match stacked {
+        None => {
+            t.expect(&[t.dtype], &[rows, cols])?;
+            Ok(t.data)
+        }
+        Some(st) => {
+            if t.shape.len() != 3 || t.shape[1] != st.stacked_rows || t.shape[2] != cols || st.expert >= t.shape[0] {
+                return Err(Error::shape(
+                    format!("stacked checkpoint tensor {} (expert {})", t.name, st.expert),
+                    format!("[E > {}, {}, {cols}]", st.expert, st.stacked_rows),
+                    format!("{:?}", t.shape),
+                ));
+            }
+            let start = (st.expert * st.stacked_rows + st.row_offset) * row_bytes;
+            Ok(&t.data[start..start + rows * row_bytes])
+        }
+    }
+}
+
+fn per_expert_scalar(t: &StoredTensor<'_>, expert: usize) -> Result<f32> {
+    if t.dtype != Dtype::F32 || t.shape.len() != 3 || t.shape[1] != 1 || t.shape[2] != 1 || expert >= t.shape[0] {
+        return Err(Error::Checkpoint(format!("{} should be F32 [E,1,1] covering expert {expert}, found {:?} {:?}", t.name, t.dtype, t.shape)));
+    }
+    Ok(f32::from_le_bytes(t.data[expert * 4..expert * 4 + 4].try_into().unwrap()))
+}
+
+/// The HF name of a native tensor name (non-expert tensors; experts are stacked, see `expert_matrix`).
+pub fn hf_name(native: &str, prefix: &str) -> String {
+    const TOP: &[(&str, &str)] = &[("tok_embeddings.weight", "embed_tokens.weight"), ("norm.weight", "norm.weight")];
+    if native.starts_with("output.") {
+        return native.replacen("output.", "lm_head.", 1);
+    }
+    if let Some((_, hf)) = TOP.iter().find(|(n, _)| *n == native) {
+        return format!("{prefix}{hf}");
+    }
+    const LAYER: &[(&str, &str)] = &[
+        ("attention_norm.", "input_layernorm."),
+        ("ffn_norm.", "post_attention_layernorm."),
+        ("attention.wq_a.", "self_attn.q_a_proj."),
+        ("attention.q_a_norm.", "self_attn.q_a_layernorm."),
+        ("attention.wq_b.", "self_attn.q_b_proj."),
+        ("attention.wkv_a_with_mqa.", "self_attn.kv_a_proj_with_mqa."),
+        ("attention.kv_a_norm.", "self_attn.kv_a_layernorm."),
+        ("attention.wkv_b.", "self_attn.kv_b_proj."),
+        ("attention.wo.", "self_attn.o_proj."),
+        ("gate.", "mlp.gate."),
+        ("shared_experts.w1.", "mlp.shared_experts.gate_proj."),
+        ("shared_experts.w2.", "mlp.shared_experts.down_proj."),
+        ("shared_experts.w3.", "mlp.shared_experts.up_proj."),
+    ];
+    if let Some(rest) = native.strip_prefix("layers.") {
+        if let Some((layer, tail)) = rest.split_once('.') {
+            for (n, hf) in LAYER {
+                if let Some(suffix) = tail.strip_prefix(n) {
+                    return format!("{prefix}layers.{layer}.{hf}{}", hf_suffix(suffix));
+                }
+            }
+        }
+    }
+    format!("{prefix}{native}")
+}
+
+/// Native FP8 suffixes have HF twins.
+fn hf_suffix(native_suffix: &str) -> &str {
+    match native_suffix {
+        "qscale_weight" => "weight_scale_inv",
+        "qscale_act" => "activation_scale",
+        other => other,
+    }
+}
+
+fn shard_files(dir: &Path, native: bool) -> Result<Vec<PathBuf>> {
+    let index_name = if native { "consolidated.safetensors.index.json" } else { "model.safetensors.index.json" };
+    let index_path = dir.join(index_name);
+    if index_path.exists() {
+        let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|source| Error::Json { what: index_path.display().to_string(), source })?;
+        let map = value
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::Checkpoint(format!("{} has no weight_map object", index_path.display())))?;
+        let mut files: Vec<PathBuf> = Vec::new();
+        for file in map.values() {
+            let file = file.as_str().ok_or_else(|| Error::Checkpoint(format!("{}: non-string file name", index_path.display())))?;
+            let path = dir.join(file);
+            if !files.contains(&path) {
+                files.push(path);
+            }
+        }
+        files.sort();
+        return Ok(files);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::Checkpoint(format!("no .safetensors files in {}", dir.display())));
+    }
+    Ok(files)
+}
+
+fn map_shard(path: &Path) -> Result<Shard> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: the file is opened read-only; a checkpoint modified while mapped is outside our contract.
+    let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    let (header_len, metadata): (usize, Metadata) = safetensors::SafeTensors::read_metadata(&map)
+        .map_err(|e| match e {
+            safetensors::SafeTensorError::MetadataIncompleteBuffer => Error::Checkpoint(format!(
+                "{} is truncated: its header describes more data than the file's {} bytes",
+                path.display(),
+                map.len()
+            )),
+            other => Error::Checkpoint(format!("{}: bad safetensors header: {other:?}", path.display())),
+        })?;
+    let data_start = 8 + header_len;
+    let expected = data_start + metadata.data_len();
+    if map.len() != expected {
+        return Err(Error::Checkpoint(format!(
+            "{} is {} bytes but its header describes {expected}: {}",
+            path.display(),
+            map.len(),
+            if map.len() < expected { "truncated" } else { "trailing bytes" }
+        )));
+    }
+    let tensors = metadata.tensors().into_iter().map(|(name, info)| (name, info.clone())).collect();
+    Ok(Shard { path: path.to_path_buf(), map, data_start, tensors })
+}
+
+/// A tensor to write: dtype, shape, little-endian bytes.
+#[derive(Clone, Debug)]
+pub struct OwnedTensor {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+impl safetensors::View for &OwnedTensor {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// Writes tensors into shards of at most `shard_bytes` plus the index, in the file naming of `layout`.
+/// Tensor names are given as STORED names (use `hf_name` to produce HF ones).
+pub fn write_shards(dir: &Path, layout: &Layout, tensors: &BTreeMap<String, OwnedTensor>, shard_bytes: usize) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut groups: Vec<Vec<(&String, &OwnedTensor)>> = vec![Vec::new()];
+    let mut current = 0usize;
+    for (name, t) in tensors {
+        if current > 0 && current + t.data.len() > shard_bytes {
+            groups.push(Vec::new());
+            current = 0;
+        }
+        current += t.data.len();
+        groups.last_mut().unwrap().push((name, t));
+    }
+    let count = groups.len();
+    let (stem, index_name) = match layout {
+        Layout::Native => ("consolidated", "consolidated.safetensors.index.json"),
+        Layout::HuggingFace { .. } => ("model", "model.safetensors.index.json"),
+    };
+    let mut weight_map = serde_json::Map::new();
+    let mut paths = Vec::new();
+    for (i, group) in groups.into_iter().enumerate() {
+        let file = format!("{stem}-{:05}-of-{count:05}.safetensors", i + 1);
+        let path = dir.join(&file);
+        for (name, _) in &group {
+            weight_map.insert((*name).clone(), serde_json::Value::String(file.clone()));
+        }
+        safetensors::serialize_to_file(group, None, &path)
+            .map_err(|e| Error::Checkpoint(format!("writing {}: {e:?}", path.display())))?;
+        paths.push(path);
+    }
+    let total: usize = tensors.values().map(|t| t.data.len()).sum();
+    let index = serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
+    let index_path = dir.join(index_name);
+    std::fs::write(&index_path, serde_json::to_string_pretty(&index).unwrap()).map_err(|e| Error::io(&index_path, e))?;
+    Ok(paths)
+}

@@ -1,0 +1,340 @@
+//! Checkpoints the project writes itself, in exactly the real layouts and formats: the real model (70-119 GB)
+//! cannot be downloaded here, so tests and the demo write a seeded random-weight checkpoint of any preset and read
+//! it back through the same loading code a real checkpoint goes through.
+//!
+//! What is quantised follows the published releases: experts (routed and shared) in the chosen format; the
+//! attention linears FP8 when the format is FP8, bf16 otherwise; embedding, norms, router and head always bf16.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use half::bf16;
+use safetensors::Dtype;
+use serde_json::json;
+
+use super::checkpoint::{hf_name, write_shards, Checkpoint, ExpertMatrix, Layout, MatrixData, OwnedTensor};
+use super::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::quant::{Fp8Block128, Fp8PerTensor, Int4Grouped, Nvfp4, QuantizedMatrix, WeightFormat};
+use crate::reference::model::{AttentionWeights, FeedForward, LayerWeights, MoeWeights, ReferenceWeights};
+use crate::reference::moe::ExpertWeights;
+
+/// The prefix of a mistral3 (text + vision) HF checkpoint's text weights.
+pub const HF_MISTRAL3_PREFIX: &str = "model.language_model.";
+
+/// Which format the attention linears take for a given expert format.
+pub fn attention_format(expert_format: WeightFormat) -> WeightFormat {
+    match expert_format {
+        WeightFormat::Fp8PerTensor | WeightFormat::Fp8Block128 => expert_format,
+        _ => WeightFormat::Bf16,
+    }
+}
+
+/// `params.json` of a configuration (text model; the keys `ModelConfig` parses).
+pub fn params_json(c: &ModelConfig) -> serde_json::Value {
+    json!({
+        "dim": c.dim, "n_layers": c.n_layers, "head_dim": c.qk_nope + c.qk_rope, "hidden_dim": c.dense_hidden,
+        "n_heads": c.heads, "n_kv_heads": c.heads, "norm_eps": c.norm_eps, "vocab_size": c.vocab, "rope_theta": c.rope_theta,
+        "tied_embeddings": c.tied_embeddings, "q_lora_rank": c.q_lora_rank, "kv_lora_rank": c.kv_lora_rank,
+        "qk_nope_head_dim": c.qk_nope, "qk_rope_head_dim": c.qk_rope, "v_head_dim": c.v_head,
+        "max_position_embeddings": c.max_position,
+        "moe": { "num_experts": c.experts, "num_experts_per_tok": c.experts_per_token, "expert_hidden_dim": c.expert_hidden,
+                 "first_k_dense_replace": c.first_k_dense_replace, "num_shared_experts": c.shared_experts, "routed_scale": c.routed_scale },
+        "yarn": { "factor": c.yarn_factor, "original_max_position_embeddings": c.yarn_original_max_position,
+                  "beta": c.yarn_beta_fast, "alpha": c.yarn_beta_slow, "apply_scale": false },
+        "llama_4_scaling": { "beta": c.llama4_beta, "original_max_position_embeddings": c.llama4_original_max_position },
+    })
+}
+
+/// HF `config.json` (mistral3 wrapper with a mistral4 `text_config`).
+pub fn hf_config_json(c: &ModelConfig) -> serde_json::Value {
+    json!({
+        "model_type": "mistral3",
+        "architectures": ["Mistral3ForConditionalGeneration"],
+        "text_config": {
+            "model_type": "mistral4", "hidden_size": c.dim, "num_hidden_layers": c.n_layers, "num_attention_heads": c.heads,
+            "num_key_value_heads": c.heads, "q_lora_rank": c.q_lora_rank, "kv_lora_rank": c.kv_lora_rank,
+            "qk_nope_head_dim": c.qk_nope, "qk_rope_head_dim": c.qk_rope, "v_head_dim": c.v_head, "vocab_size": c.vocab,
+            "rms_norm_eps": c.norm_eps, "n_routed_experts": c.experts, "num_experts_per_tok": c.experts_per_token,
+            "moe_intermediate_size": c.expert_hidden, "n_shared_experts": c.shared_experts, "routed_scaling_factor": c.routed_scale,
+            "first_k_dense_replace": c.first_k_dense_replace, "intermediate_size": c.dense_hidden, "norm_topk_prob": true,
+            "rope_interleave": true, "max_position_embeddings": c.max_position, "tie_word_embeddings": c.tied_embeddings,
+            // transformers writes mscale_all_dim = 1 for this model; the loader ignores it (no mscale on the scale).
+            "rope_parameters": { "rope_type": "yarn", "rope_theta": c.rope_theta, "factor": c.yarn_factor,
+                "original_max_position_embeddings": c.yarn_original_max_position, "beta_fast": c.yarn_beta_fast,
+                "beta_slow": c.yarn_beta_slow, "mscale_all_dim": 1.0, "llama_4_scaling_beta": c.llama4_beta },
+        }
+    })
+}
+
+fn bf16_tensor(values: &[f32], shape: &[usize]) -> OwnedTensor {
+    let data = values.iter().flat_map(|&v| bf16::from_f32(v).to_bits().to_le_bytes()).collect();
+    OwnedTensor { dtype: Dtype::BF16, shape: shape.to_vec(), data }
+}
+
+fn f32_scalar(v: f32) -> OwnedTensor {
+    OwnedTensor { dtype: Dtype::F32, shape: vec![], data: v.to_le_bytes().to_vec() }
+}
+
+/// The stored tensors of one quantised matrix, keyed by suffix (`weight`, `qscale_weight`, ...), native names.
+fn matrix_tensors(m: &QuantizedMatrix) -> Vec<(&'static str, OwnedTensor)> {
+    let (rows, cols) = m.shape();
+    match m {
+        QuantizedMatrix::Bf16 { data, .. } => {
+            vec![("weight", OwnedTensor { dtype: Dtype::BF16, shape: vec![rows, cols], data: bytemuck::cast_slice(data).to_vec() })]
+        }
+        QuantizedMatrix::Fp8PerTensor(q) => vec![
+            ("weight", OwnedTensor { dtype: Dtype::F8_E4M3, shape: vec![rows, cols], data: q.data.clone() }),
+            ("qscale_weight", f32_scalar(q.scale)),
+        ],
+        QuantizedMatrix::Fp8Block128(q) => vec![
+            ("weight", OwnedTensor { dtype: Dtype::F8_E4M3, shape: vec![rows, cols], data: q.data.clone() }),
+            (
+                "weight_scale_inv",
+                OwnedTensor {
+                    dtype: Dtype::F32,
+                    shape: vec![rows.div_ceil(128), cols.div_ceil(128)],
+                    data: bytemuck::cast_slice(&q.scales).to_vec(),
+                },
+            ),
+        ],
+        QuantizedMatrix::Int4(q) => {
+            let groups = cols / q.group;
+            let mut t = vec![
+                ("weight_packed", OwnedTensor { dtype: Dtype::U8, shape: vec![rows, cols / 2], data: q.packed.clone() }),
+                ("weight_scale", OwnedTensor { dtype: Dtype::BF16, shape: vec![rows, groups], data: bytemuck::cast_slice(&q.scales).to_vec() }),
+            ];
+            if let Some(z) = &q.zeros {
+                t.push(("weight_zero_point", OwnedTensor { dtype: Dtype::U8, shape: vec![rows, groups], data: z.clone() }));
+            }
+            t
+        }
+        QuantizedMatrix::Nvfp4(q) => vec![
+            ("weight_packed", OwnedTensor { dtype: Dtype::U8, shape: vec![rows, cols / 2], data: q.packed.clone() }),
+            ("weight_scale", OwnedTensor { dtype: Dtype::F8_E4M3, shape: vec![rows, cols / 16], data: q.scales.clone() }),
+            ("weight_global_scale", f32_scalar(q.global_scale)),
+        ],
+    }
+}
+
+/// Collects stored tensors under the layout's names.
+struct TensorSet<'a> {
+    layout: &'a Layout,
+    tensors: BTreeMap<String, OwnedTensor>,
+}
+
+impl TensorSet<'_> {
+    fn plain(&mut self, native: &str, values: &[f32], shape: &[usize]) {
+        let name = self.stored(native);
+        self.tensors.insert(name, bf16_tensor(values, shape));
+    }
+
+    fn matrix(&mut self, native_base: &str, format: WeightFormat, values: &[f32], rows: usize, cols: usize) -> Result<()> {
+        let q = QuantizedMatrix::quantize(format, values, rows, cols)?;
+        for (suffix, t) in matrix_tensors(&q) {
+            let name = self.stored(&format!("{native_base}.{suffix}"));
+            self.tensors.insert(name, t);
+        }
+        Ok(())
+    }
+
+    fn stored(&self, native: &str) -> String {
+        match self.layout {
+            Layout::Native => native.to_string(),
+            Layout::HuggingFace { prefix } => hf_name(native, prefix),
+        }
+    }
+}
+
+/// Writes `weights` as a checkpoint directory in `layout` with experts in `format`. Returns the shard paths.
+pub fn write_checkpoint(dir: &Path, weights: &ReferenceWeights, layout: &Layout, format: WeightFormat, shard_bytes: usize) -> Result<()> {
+    let c = &weights.config;
+    let attn_format = attention_format(format);
+    let mut set = TensorSet { layout, tensors: BTreeMap::new() };
+    set.plain("tok_embeddings.weight", &weights.tok_embeddings, &[c.vocab, c.dim]);
+    set.plain("norm.weight", &weights.norm, &[c.dim]);
+    if !c.tied_embeddings {
+        set.plain("output.weight", &weights.output, &[c.vocab, c.dim]);
+    }
+    let qk = c.qk_nope + c.qk_rope;
+    for (l, layer) in weights.layers.iter().enumerate() {
+        let p = format!("layers.{l}");
+        set.plain(&format!("{p}.attention_norm.weight"), &layer.attention_norm, &[c.dim]);
+        set.plain(&format!("{p}.ffn_norm.weight"), &layer.ffn_norm, &[c.dim]);
+        let a = &layer.attention;
+        set.plain(&format!("{p}.attention.q_a_norm.weight"), &a.q_a_norm, &[c.q_lora_rank]);
+        set.plain(&format!("{p}.attention.kv_a_norm.weight"), &a.kv_a_norm, &[c.kv_lora_rank]);
+        set.matrix(&format!("{p}.attention.wq_a"), attn_format, &a.wq_a, c.q_lora_rank, c.dim)?;
+        set.matrix(&format!("{p}.attention.wq_b"), attn_format, &a.wq_b, c.heads * qk, c.q_lora_rank)?;
+        set.matrix(&format!("{p}.attention.wkv_a_with_mqa"), attn_format, &a.wkv_a_with_mqa, c.kv_lora_rank + c.qk_rope, c.dim)?;
+        set.matrix(&format!("{p}.attention.wkv_b"), attn_format, &a.wkv_b, c.heads * (c.qk_nope + c.v_head), c.kv_lora_rank)?;
+        set.matrix(&format!("{p}.attention.wo"), attn_format, &a.wo, c.dim, c.heads * c.v_head)?;
+        let FeedForward::Moe(moe) = &layer.ffn else {
+            return Err(Error::Config("the synthetic checkpoint writer covers MoE layers only (first_k_dense_replace = 0)".into()));
+        };
+        set.plain(&format!("{p}.gate.weight"), &moe.gate, &[c.experts, c.dim]);
+        if let Some(s) = &moe.shared_experts {
+            let h = c.shared_hidden();
+            set.matrix(&format!("{p}.shared_experts.w1"), format, &s.w1, h, c.dim)?;
+            set.matrix(&format!("{p}.shared_experts.w3"), format, &s.w3, h, c.dim)?;
+            set.matrix(&format!("{p}.shared_experts.w2"), format, &s.w2, c.dim, h)?;
+        }
+        let experts: Vec<&ExpertWeights> = moe
+            .experts
+            .iter()
+            .map(|e| e.as_ref().ok_or_else(|| Error::Config("a checkpoint holds every expert".into())))
+            .collect::<Result<_>>()?;
+        write_experts(&mut set, layout, l, &experts, c, format)?;
+    }
+    let (config_name, config) = match layout {
+        Layout::Native => ("params.json", params_json(c)),
+        Layout::HuggingFace { .. } => ("config.json", hf_config_json(c)),
+    };
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let config_path = dir.join(config_name);
+    std::fs::write(&config_path, serde_json::to_string_pretty(&config).unwrap()).map_err(|e| Error::io(&config_path, e))?;
+    write_shards(dir, layout, &set.tensors, shard_bytes)?;
+    Ok(())
+}
+
+/// Native: one tensor set per expert. HF: bf16 and FP8 per-tensor experts STACKED as transformers stores them
+/// (`gate_up_proj` [E, 2*hidden, dim] gate rows first, `down_proj` [E, dim, hidden], FP8 scales [E,1,1] shared by gate
+/// and up); other formats per expert (`mlp.experts.N.{gate,up,down}_proj`), as compressed-tensors stores them.
+fn write_experts(set: &mut TensorSet, layout: &Layout, l: usize, experts: &[&ExpertWeights], c: &ModelConfig, format: WeightFormat) -> Result<()> {
+    let (dim, h) = (c.dim, c.expert_hidden);
+    let Layout::HuggingFace { prefix } = layout else {
+        for (e, w) in experts.iter().enumerate() {
+            set.matrix(&format!("layers.{l}.experts.{e}.w1"), format, &w.w1, h, dim)?;
+            set.matrix(&format!("layers.{l}.experts.{e}.w3"), format, &w.w3, h, dim)?;
+            set.matrix(&format!("layers.{l}.experts.{e}.w2"), format, &w.w2, dim, h)?;
+        }
+        return Ok(());
+    };
+    let base = format!("{prefix}layers.{l}.mlp.experts");
+    match format {
+        WeightFormat::Bf16 | WeightFormat::Fp8PerTensor => {
+            let mut gate_up = Vec::new();
+            let mut down = Vec::new();
+            let (mut gate_up_scales, mut down_scales) = (Vec::new(), Vec::new());
+            for w in experts {
+                let stacked: Vec<f32> = w.w1.iter().chain(&w.w3).copied().collect();
+                let gu = QuantizedMatrix::quantize(format, &stacked, 2 * h, dim)?;
+                let dn = QuantizedMatrix::quantize(format, &w.w2, dim, h)?;
+                for (q, bytes, scales) in [(&gu, &mut gate_up, &mut gate_up_scales), (&dn, &mut down, &mut down_scales)] {
+                    match q {
+                        QuantizedMatrix::Bf16 { data, .. } => bytes.extend_from_slice(bytemuck::cast_slice(data)),
+                        QuantizedMatrix::Fp8PerTensor(f) => {
+                            bytes.extend_from_slice(&f.data);
+                            scales.extend_from_slice(&f.scale.to_le_bytes());
+                        }
+                        _ => unreachable!("matched above"),
+                    }
+                }
+            }
+            let dtype = if format == WeightFormat::Bf16 { Dtype::BF16 } else { Dtype::F8_E4M3 };
+            let n = experts.len();
+            set.tensors.insert(format!("{base}.gate_up_proj"), OwnedTensor { dtype, shape: vec![n, 2 * h, dim], data: gate_up });
+            set.tensors.insert(format!("{base}.down_proj"), OwnedTensor { dtype, shape: vec![n, dim, h], data: down });
+            if format == WeightFormat::Fp8PerTensor {
+                let scale = |data| OwnedTensor { dtype: Dtype::F32, shape: vec![n, 1, 1], data };
+                set.tensors.insert(format!("{base}.gate_up_proj_scale_inv"), scale(gate_up_scales));
+                set.tensors.insert(format!("{base}.down_proj_scale_inv"), scale(down_scales));
+            }
+        }
+        _ => {
+            for (e, w) in experts.iter().enumerate() {
+                for (name, values, rows, cols) in [("gate_proj", &w.w1, h, dim), ("up_proj", &w.w3, h, dim), ("down_proj", &w.w2, dim, h)] {
+                    let q = QuantizedMatrix::quantize(format, values, rows, cols)?;
+                    for (suffix, t) in matrix_tensors(&q) {
+                        set.tensors.insert(format!("{base}.{e}.{name}.{suffix}"), t);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+impl MatrixData<'_> {
+    /// Copies the view into an owned matrix of the quant module (dequantisable on the CPU).
+    pub fn to_quantized(&self, rows: usize, cols: usize) -> Result<QuantizedMatrix> {
+        Ok(match self {
+            MatrixData::Bf16 { data } => QuantizedMatrix::Bf16 { data: bytemuck::pod_collect_to_vec(data), rows, cols },
+            MatrixData::Fp8PerTensor { data, scale, .. } => QuantizedMatrix::Fp8PerTensor(Fp8PerTensor::from_parts(data.to_vec(), rows, cols, *scale)?),
+            MatrixData::Fp8Block128 { data, scales } => {
+                QuantizedMatrix::Fp8Block128(Fp8Block128::from_parts(data.to_vec(), rows, cols, bytemuck::pod_collect_to_vec(scales))?)
+            }
+            MatrixData::Int4 { packed, scales, zeros, group } => QuantizedMatrix::Int4(Int4Grouped::from_parts(
+                packed.to_vec(),
+                rows,
+                cols,
+                *group,
+                bytemuck::pod_collect_to_vec(scales),
+                zeros.map(<[u8]>::to_vec),
+            )?),
+            MatrixData::Nvfp4 { packed, scales, global_scale, .. } => {
+                QuantizedMatrix::Nvfp4(Nvfp4::from_parts(packed.to_vec(), rows, cols, scales.to_vec(), *global_scale)?)
+            }
+        })
+    }
+}
+
+/// Loads a checkpoint (any layout, any format) into f32 reference weights, dequantising on the CPU.
+pub fn load_reference_weights(ck: &Checkpoint) -> Result<ReferenceWeights> {
+    let c = ModelConfig::from_json_str(&ck.config_json.to_string())?;
+    let plain = |name: &str, len: usize| -> Result<Vec<f32>> {
+        let t = ck.plain(name, Dtype::BF16, &[len])?;
+        Ok(t.data.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect())
+    };
+    let matrix = |name: &str, rows: usize, cols: usize| -> Result<Vec<f32>> { Ok(ck.matrix(name, rows, cols)?.to_quantized(rows, cols)?.dequantize()) };
+    let embedding = |name: &str| -> Result<Vec<f32>> {
+        let t = ck.plain(name, Dtype::BF16, &[c.vocab, c.dim])?;
+        Ok(t.data.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect())
+    };
+    let qk = c.qk_nope + c.qk_rope;
+    let mut layers = Vec::with_capacity(c.n_layers);
+    for l in 0..c.n_layers {
+        let p = format!("layers.{l}");
+        let attention = AttentionWeights {
+            wq_a: matrix(&format!("{p}.attention.wq_a"), c.q_lora_rank, c.dim)?,
+            q_a_norm: plain(&format!("{p}.attention.q_a_norm.weight"), c.q_lora_rank)?,
+            wq_b: matrix(&format!("{p}.attention.wq_b"), c.heads * qk, c.q_lora_rank)?,
+            wkv_a_with_mqa: matrix(&format!("{p}.attention.wkv_a_with_mqa"), c.kv_lora_rank + c.qk_rope, c.dim)?,
+            kv_a_norm: plain(&format!("{p}.attention.kv_a_norm.weight"), c.kv_lora_rank)?,
+            wkv_b: matrix(&format!("{p}.attention.wkv_b"), c.heads * (c.qk_nope + c.v_head), c.kv_lora_rank)?,
+            wo: matrix(&format!("{p}.attention.wo"), c.dim, c.heads * c.v_head)?,
+        };
+        let expert = |e: usize| -> Result<ExpertWeights> {
+            let get = |which| -> Result<Vec<f32>> {
+                let (rows, cols) = if which == ExpertMatrix::W2 { (c.dim, c.expert_hidden) } else { (c.expert_hidden, c.dim) };
+                Ok(ck.expert_matrix(l, e, which, c.dim, c.expert_hidden)?.to_quantized(rows, cols)?.dequantize())
+            };
+            Ok(ExpertWeights { w1: get(ExpertMatrix::W1)?, w3: get(ExpertMatrix::W3)?, w2: get(ExpertMatrix::W2)? })
+        };
+        let h = c.shared_hidden();
+        let shared_experts = if c.shared_experts > 0 {
+            Some(ExpertWeights {
+                w1: matrix(&format!("{p}.shared_experts.w1"), h, c.dim)?,
+                w3: matrix(&format!("{p}.shared_experts.w3"), h, c.dim)?,
+                w2: matrix(&format!("{p}.shared_experts.w2"), c.dim, h)?,
+            })
+        } else {
+            None
+        };
+        let gate = ck.plain(&format!("{p}.gate.weight"), Dtype::BF16, &[c.experts, c.dim])?;
+        let moe = MoeWeights {
+            gate: gate.data.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            experts: (0..c.experts).map(|e| expert(e).map(Some)).collect::<Result<_>>()?,
+            shared_experts,
+        };
+        layers.push(LayerWeights {
+            attention_norm: plain(&format!("{p}.attention_norm.weight"), c.dim)?,
+            attention,
+            ffn_norm: plain(&format!("{p}.ffn_norm.weight"), c.dim)?,
+            ffn: FeedForward::Moe(moe),
+        });
+    }
+    let tok_embeddings = embedding("tok_embeddings.weight")?;
+    let output = if c.tied_embeddings { tok_embeddings.clone() } else { embedding("output.weight")? };
+    Ok(ReferenceWeights { norm: plain("norm.weight", c.dim)?, tok_embeddings, output, layers, config: c })
+}

@@ -1,0 +1,533 @@
+//! The complete forward pass of the TEXT model on the CPU, in f32 over bf16-rounded weights: the oracle the GPU
+//! engine is compared against.
+//!
+//! Per layer: `x += attn(attention_norm(x))`, `x += ffn(ffn_norm(x))`; then the final `norm` and the `output` head.
+//! Attention is MLA (SPEC-model.md): `q = wq_b(q_a_norm(wq_a x))` -> per head [nope | rope];
+//! `wkv_a_with_mqa x` -> [c | k_rope]; the cache row of a token is `[kv_a_norm(c) | rope(k_rope)]` (320 values);
+//! q's rope part is rotated with the same interleaved YaRN RoPE at the token's position, then all of q (nope and
+//! rope) is multiplied by the llama-4 query scale of that position; softmax scale `1/sqrt(qk_nope + qk_rope)`, no
+//! mscale; causal. Two forms of the same attention:
+//! - [`AttentionForm::Naive`]: expand `k_nope` and `v` of every cached token per head with `wkv_b` and attend
+//!   (what a prefill kernel may do);
+//! - [`AttentionForm::Absorbed`]: fold `W_UK` into the query (`q_lat = q_nope . W_UK`, 64 -> 256), attend over the
+//!   latent cache with [`latent_attention`], then apply `W_UV` (256 -> 128) (what the paged decode kernel does).
+//!
+//! [`RoundingMode::Bf16Activations`] rounds to bf16 exactly where the GPU path stores a bf16 tensor:
+//! the output of every RMSNorm (attention_norm, q_a_norm, kv_a_norm, ffn_norm, final norm); the outputs of
+//! wq_a, wq_b (q), wkv_a_with_mqa and wo; q after RoPE and query scaling; the cache rows; the absorbed query `q_lat`
+//! and `o_lat` (absorbed form) or the expanded `k_nope`/`v` (naive form); the attention output of each head
+//! (before wo); the MoE (or dense FFN) block output; the residual stream after each addition. The router logits and
+//! softmax stay f32 (the spec routes in fp32), the expert intermediates stay f32 (`moe_block`), the logits are f32.
+//! [`RoundingMode::F32`] rounds nothing but the weights.
+
+use std::time::{Duration, Instant};
+
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use rayon::prelude::*;
+
+use super::attention::latent_attention;
+use super::linear::{dot, matmul_nt, round_bf16};
+use super::moe::{moe_block, route, router_logits, softmax, swiglu_expert, ExpertWeights};
+use super::norm::rms_norm;
+use super::rope::{apply_interleaved, llama4_query_scale, yarn_inv_freq};
+use crate::model::ModelConfig;
+use crate::{Error, Result};
+
+/// Where activations are rounded to bf16 (see the module documentation for the exact points).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RoundingMode {
+    /// Only the weights are bf16; every activation stays f32.
+    F32,
+    /// Activations are rounded to bf16 wherever the GPU path stores them in bf16.
+    Bf16Activations,
+}
+
+/// Which of the two equivalent attention computations runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionForm {
+    Naive,
+    Absorbed,
+}
+
+/// The MLA weights of one layer, f32, stored [out, in] as in the native checkpoint.
+#[derive(Clone, Debug)]
+pub struct AttentionWeights {
+    /// [q_lora_rank, dim]
+    pub wq_a: Vec<f32>,
+    /// [q_lora_rank]
+    pub q_a_norm: Vec<f32>,
+    /// [heads * (qk_nope + qk_rope), q_lora_rank]
+    pub wq_b: Vec<f32>,
+    /// [kv_lora_rank + qk_rope, dim]
+    pub wkv_a_with_mqa: Vec<f32>,
+    /// [kv_lora_rank]
+    pub kv_a_norm: Vec<f32>,
+    /// [heads * (qk_nope + v_head), kv_lora_rank]: per head qk_nope rows of W_UK then v_head rows of W_UV.
+    pub wkv_b: Vec<f32>,
+    /// [dim, heads * v_head]
+    pub wo: Vec<f32>,
+}
+
+/// The mixture of experts of one layer.
+#[derive(Clone, Debug)]
+pub struct MoeWeights {
+    /// Router [experts, dim].
+    pub gate: Vec<f32>,
+    /// Routed experts (all present in the reference; `None` is `moe_block`'s "not on this rank").
+    pub experts: Vec<Option<ExpertWeights>>,
+    /// The shared experts as one SwiGLU of `expert_hidden * shared_experts`; `None` without shared experts.
+    pub shared_experts: Option<ExpertWeights>,
+}
+
+/// The feed-forward block of one layer.
+#[derive(Clone, Debug)]
+pub enum FeedForward {
+    /// The first `first_k_dense_replace` layers: one SwiGLU of `dense_hidden`.
+    Dense(ExpertWeights),
+    Moe(MoeWeights),
+}
+
+#[derive(Clone, Debug)]
+pub struct LayerWeights {
+    pub attention_norm: Vec<f32>,
+    pub attention: AttentionWeights,
+    pub ffn_norm: Vec<f32>,
+    pub ffn: FeedForward,
+}
+
+/// All weights of the text model, f32 holding bf16-representable values (checkpoints are bf16).
+#[derive(Clone, Debug)]
+pub struct ReferenceWeights {
+    pub config: ModelConfig,
+    /// [vocab, dim]
+    pub tok_embeddings: Vec<f32>,
+    pub layers: Vec<LayerWeights>,
+    /// Final norm [dim].
+    pub norm: Vec<f32>,
+    /// Output head [vocab, dim] (a copy of the embedding when tied).
+    pub output: Vec<f32>,
+}
+
+/// Seeded normal values rounded to bf16.
+struct WeightInit {
+    rng: StdRng,
+}
+
+impl WeightInit {
+    fn normal(&mut self, len: usize, std: f32) -> Vec<f32> {
+        let mut values: Vec<f32> = (0..len)
+            .map(|_| {
+                // Box-Muller: u1 in (0, 1] so the logarithm is finite.
+                let u1 = 1.0 - self.rng.random::<f64>();
+                let u2 = self.rng.random::<f64>();
+                ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32 * std
+            })
+            .collect();
+        round_bf16(&mut values);
+        values
+    }
+
+    /// A linear layer [out, in] with std 1/sqrt(in): unit-variance inputs give unit-variance outputs.
+    fn linear(&mut self, out_dim: usize, in_dim: usize) -> Vec<f32> {
+        self.normal(out_dim * in_dim, 1.0 / (in_dim as f32).sqrt())
+    }
+
+    /// Norm weights near 1 (not exactly 1, so a kernel that ignores them fails).
+    fn norm(&mut self, len: usize) -> Vec<f32> {
+        let mut values: Vec<f32> = self.normal(len, 0.1).iter().map(|v| 1.0 + v).collect();
+        round_bf16(&mut values);
+        values
+    }
+
+    fn swiglu(&mut self, dim: usize, hidden: usize) -> ExpertWeights {
+        ExpertWeights { w1: self.linear(hidden, dim), w3: self.linear(hidden, dim), w2: self.linear(dim, hidden) }
+    }
+}
+
+impl ReferenceWeights {
+    /// Random weights for `config`, deterministic in `seed`. Scales keep activations O(1) through the layers
+    /// (linear layers normal with std 1/sqrt(fan_in), norms 1 +- 0.1, unit-variance embeddings) and give logits
+    /// of O(1) spread, so greedy decoding is not decided by rounding noise.
+    pub fn random(config: &ModelConfig, seed: u64) -> Result<Self> {
+        config.validate()?;
+        let c = config;
+        let mut init = WeightInit { rng: StdRng::seed_from_u64(seed) };
+        let (dim, qk, kv_rank) = (c.dim, c.qk_head_dim(), c.kv_lora_rank);
+        let layers = (0..c.n_layers)
+            .map(|layer| {
+                let attention = AttentionWeights {
+                    wq_a: init.linear(c.q_lora_rank, dim),
+                    q_a_norm: init.norm(c.q_lora_rank),
+                    wq_b: init.linear(c.heads * qk, c.q_lora_rank),
+                    wkv_a_with_mqa: init.linear(kv_rank + c.qk_rope, dim),
+                    kv_a_norm: init.norm(kv_rank),
+                    wkv_b: init.linear(c.heads * (c.qk_nope + c.v_head), kv_rank),
+                    wo: init.linear(dim, c.heads * c.v_head),
+                };
+                let ffn = if c.is_moe_layer(layer) {
+                    FeedForward::Moe(MoeWeights {
+                        gate: init.linear(c.experts, dim),
+                        experts: (0..c.experts).map(|_| Some(init.swiglu(dim, c.expert_hidden))).collect(),
+                        shared_experts: (c.shared_experts > 0).then(|| init.swiglu(dim, c.shared_hidden())),
+                    })
+                } else {
+                    FeedForward::Dense(init.swiglu(dim, c.dense_hidden))
+                };
+                LayerWeights { attention_norm: init.norm(dim), attention, ffn_norm: init.norm(dim), ffn }
+            })
+            .collect();
+        let tok_embeddings = init.normal(c.vocab * dim, 1.0);
+        let norm = init.norm(dim);
+        let output = if c.tied_embeddings { tok_embeddings.clone() } else { init.linear(c.vocab, dim) };
+        Ok(ReferenceWeights { config: c.clone(), tok_embeddings, layers, norm, output })
+    }
+}
+
+/// The latent KV cache of ONE sequence: per layer, `kv_lora_rank + qk_rope` values per token
+/// ([kv_a_norm(c) | rope(k_rope)]), contiguous in token order.
+#[derive(Clone, Debug)]
+pub struct ReferenceKvCache {
+    width: usize,
+    start_position: usize,
+    tokens: usize,
+    layers: Vec<Vec<f32>>,
+}
+
+impl ReferenceKvCache {
+    /// An empty cache whose first token will be at position 0.
+    pub fn new(config: &ModelConfig) -> Self {
+        Self::starting_at(config, 0)
+    }
+
+    /// An empty cache whose first token will be at `start_position`: the positions (RoPE angles, llama-4 query
+    /// scale) of a long context without computing thousands of tokens before it.
+    pub fn starting_at(config: &ModelConfig, start_position: usize) -> Self {
+        ReferenceKvCache {
+            width: config.mla_dims().cache_width(),
+            start_position,
+            tokens: 0,
+            layers: vec![Vec::new(); config.n_layers],
+        }
+    }
+
+    /// Tokens cached so far.
+    pub fn len(&self) -> usize {
+        self.tokens
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens == 0
+    }
+
+    /// The position the next token will get.
+    pub fn next_position(&self) -> usize {
+        self.start_position + self.tokens
+    }
+
+    /// The rows of layer `layer`: [len, width].
+    pub fn layer(&self, layer: usize) -> &[f32] {
+        &self.layers[layer]
+    }
+
+    pub fn width(&self) -> usize {
+        self.width
+    }
+}
+
+/// Options of the forward pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ForwardOptions {
+    pub rounding: RoundingMode,
+    pub attention: AttentionForm,
+}
+
+impl Default for ForwardOptions {
+    /// What the GPU decode path computes: bf16 activations, absorbed attention.
+    fn default() -> Self {
+        ForwardOptions { rounding: RoundingMode::Bf16Activations, attention: AttentionForm::Absorbed }
+    }
+}
+
+/// Timings of a greedy generation.
+#[derive(Clone, Debug)]
+pub struct GenerationStats {
+    pub prompt_tokens: usize,
+    pub generated: Vec<u32>,
+    pub prefill_time: Duration,
+    pub decode_time: Duration,
+}
+
+impl GenerationStats {
+    pub fn prefill_tokens_per_s(&self) -> f64 {
+        self.prompt_tokens as f64 / self.prefill_time.as_secs_f64()
+    }
+
+    /// Decode steps are all generated tokens but the first (which the prefill's logits produce).
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        self.generated.len().saturating_sub(1) as f64 / self.decode_time.as_secs_f64()
+    }
+}
+
+/// The reference model: weights, precomputed RoPE frequencies, and the forward options.
+pub struct ReferenceModel {
+    weights: ReferenceWeights,
+    options: ForwardOptions,
+    inv_freq: Vec<f32>,
+}
+
+impl ReferenceModel {
+    pub fn new(weights: ReferenceWeights, options: ForwardOptions) -> Self {
+        let inv_freq = yarn_inv_freq(weights.config.qk_rope, &weights.config.yarn());
+        ReferenceModel { weights, options, inv_freq }
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.weights.config
+    }
+
+    pub fn weights(&self) -> &ReferenceWeights {
+        &self.weights
+    }
+
+    pub fn options(&self) -> ForwardOptions {
+        self.options
+    }
+
+    pub fn new_cache(&self) -> ReferenceKvCache {
+        ReferenceKvCache::new(self.config())
+    }
+
+    /// Runs `tokens` after what `cache` holds, appends their cache rows, and returns their logits [tokens, vocab].
+    pub fn forward(&self, tokens: &[u32], cache: &mut ReferenceKvCache) -> Result<Vec<f32>> {
+        let c = self.config();
+        if tokens.is_empty() {
+            return Err(Error::InvalidArgument("forward: no tokens".into()));
+        }
+        if cache.layers.len() != c.n_layers || cache.width != c.mla_dims().cache_width() {
+            return Err(Error::shape(
+                "KV cache",
+                format!("{} layers of width {}", c.n_layers, c.mla_dims().cache_width()),
+                format!("{} layers of width {}", cache.layers.len(), cache.width),
+            ));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab) {
+            return Err(Error::OutOfRange { what: "token id".into(), index: bad as i64, limit: c.vocab as i64 });
+        }
+        let last_position = cache.next_position() + tokens.len() - 1;
+        if last_position >= c.max_position {
+            return Err(Error::OutOfRange { what: "position".into(), index: last_position as i64, limit: c.max_position as i64 });
+        }
+
+        let dim = c.dim;
+        let mut x: Vec<f32> = tokens.iter().flat_map(|&t| &self.weights.tok_embeddings[t as usize * dim..][..dim]).copied().collect();
+        for (layer, w) in self.weights.layers.iter().enumerate() {
+            let h = self.norm(&x, &w.attention_norm);
+            let attn = self.attention(&h, &w.attention, &mut cache.layers[layer], cache.tokens, cache.start_position);
+            self.residual_add(&mut x, &attn);
+            let h = self.norm(&x, &w.ffn_norm);
+            let ffn = self.feed_forward(&h, &w.ffn, tokens.len());
+            self.residual_add(&mut x, &ffn);
+        }
+        cache.tokens += tokens.len();
+        let h = self.norm(&x, &self.weights.norm);
+        Ok(matmul_nt(&h, &self.weights.output, tokens.len(), dim, c.vocab))
+    }
+
+    /// The prompt in one pass; returns the logits of every prompt position.
+    pub fn prefill(&self, prompt: &[u32], cache: &mut ReferenceKvCache) -> Result<Vec<f32>> {
+        self.forward(prompt, cache)
+    }
+
+    /// One decode step; returns the logits [vocab] of the next token.
+    pub fn decode(&self, token: u32, cache: &mut ReferenceKvCache) -> Result<Vec<f32>> {
+        self.forward(&[token], cache)
+    }
+
+    /// Greedy decoding: prefill `prompt`, then `max_tokens` tokens, each reported to `on_token` as it comes.
+    pub fn generate_greedy(&self, prompt: &[u32], max_tokens: usize, mut on_token: impl FnMut(u32)) -> Result<GenerationStats> {
+        let vocab = self.config().vocab;
+        let mut cache = self.new_cache();
+        let mut stats = GenerationStats { prompt_tokens: prompt.len(), generated: Vec::with_capacity(max_tokens), prefill_time: Duration::ZERO, decode_time: Duration::ZERO };
+        if max_tokens == 0 {
+            return Ok(stats);
+        }
+        let start = Instant::now();
+        let logits = self.prefill(prompt, &mut cache)?;
+        stats.prefill_time = start.elapsed();
+        let mut next = argmax(&logits[logits.len() - vocab..]);
+        stats.generated.push(next);
+        on_token(next);
+        let start = Instant::now();
+        while stats.generated.len() < max_tokens {
+            next = argmax(&self.decode(next, &mut cache)?);
+            stats.generated.push(next);
+            on_token(next);
+        }
+        stats.decode_time = start.elapsed();
+        Ok(stats)
+    }
+
+    fn store_bf16(&self, values: &mut [f32]) {
+        if self.options.rounding == RoundingMode::Bf16Activations {
+            round_bf16(values);
+        }
+    }
+
+    fn norm(&self, x: &[f32], weight: &[f32]) -> Vec<f32> {
+        let mut y = rms_norm(x, weight, self.config().norm_eps);
+        self.store_bf16(&mut y);
+        y
+    }
+
+    fn linear(&self, x: &[f32], w: &[f32], in_dim: usize, out_dim: usize) -> Vec<f32> {
+        let mut y = matmul_nt(x, w, x.len() / in_dim, in_dim, out_dim);
+        self.store_bf16(&mut y);
+        y
+    }
+
+    fn residual_add(&self, x: &mut [f32], delta: &[f32]) {
+        for (a, d) in x.iter_mut().zip(delta) {
+            *a += d;
+        }
+        self.store_bf16(x);
+    }
+
+    /// MLA attention of the new tokens `h` [T, dim]; appends their rows to `cache_rows` (which holds `cached`
+    /// tokens, the first at `start_position`). Returns wo's output [T, dim].
+    fn attention(&self, h: &[f32], w: &AttentionWeights, cache_rows: &mut Vec<f32>, cached: usize, start_position: usize) -> Vec<f32> {
+        let c = self.config();
+        let dims = c.mla_dims();
+        let (heads, nope, rope, rank, width) = (c.heads, c.qk_nope, c.qk_rope, c.kv_lora_rank, dims.cache_width());
+        let qk = nope + rope;
+        let t = h.len() / c.dim;
+        let positions: Vec<usize> = (0..t).map(|i| start_position + cached + i).collect();
+
+        // Query: wq_b(q_a_norm(wq_a h)), then RoPE on the rope part and the llama-4 scale on all of it.
+        let q_a = self.linear(h, &w.wq_a, c.dim, c.q_lora_rank);
+        let q_a = self.norm(&q_a, &w.q_a_norm);
+        let mut q = self.linear(&q_a, &w.wq_b, c.q_lora_rank, heads * qk);
+        q.par_chunks_mut(heads * qk).zip(&positions).for_each(|(q_token, &pos)| {
+            let scale = llama4_query_scale(pos, c.llama4_beta, c.llama4_original_max_position);
+            for q_head in q_token.chunks_exact_mut(qk) {
+                apply_interleaved(&mut q_head[nope..], &self.inv_freq, pos);
+                q_head.iter_mut().for_each(|v| *v *= scale);
+            }
+        });
+        self.store_bf16(&mut q);
+
+        // Cache rows: [kv_a_norm(c) | rope(k_rope)].
+        let kv = self.linear(h, &w.wkv_a_with_mqa, c.dim, width);
+        for (row, &pos) in kv.chunks_exact(width).zip(&positions) {
+            let mut latent = self.norm(&row[..rank], &w.kv_a_norm);
+            let mut k_rope = row[rank..].to_vec();
+            apply_interleaved(&mut k_rope, &self.inv_freq, pos);
+            latent.extend_from_slice(&k_rope);
+            self.store_bf16(&mut latent);
+            cache_rows.extend_from_slice(&latent);
+        }
+        let query_rows: Vec<usize> = (cached..cached + t).collect();
+
+        let mut out = match self.options.attention {
+            AttentionForm::Naive => self.naive_attention(&q, &w.wkv_b, cache_rows, &query_rows),
+            AttentionForm::Absorbed => self.absorbed_attention(&q, &w.wkv_b, cache_rows, &query_rows),
+        };
+        self.store_bf16(&mut out);
+        self.linear(&out, &w.wo, heads * c.v_head, c.dim)
+    }
+
+    /// Expands `k_nope` and `v` of every cached token per head with wkv_b, then standard causal attention.
+    /// `q` [T, heads, nope + rope] (roped and scaled); returns [T, heads * v_head].
+    fn naive_attention(&self, q: &[f32], wkv_b: &[f32], cache_rows: &[f32], query_rows: &[usize]) -> Vec<f32> {
+        let c = self.config();
+        let (heads, nope, rope, rank, v_head) = (c.heads, c.qk_nope, c.qk_rope, c.kv_lora_rank, c.v_head);
+        let (qk, kv_per_head, width) = (nope + rope, nope + v_head, rank + rope);
+        let latents: Vec<f32> = cache_rows.chunks_exact(width).flat_map(|row| &row[..rank]).copied().collect();
+        // [kv_tokens, heads, nope + v_head]
+        let kv = self.linear(&latents, wkv_b, rank, heads * kv_per_head);
+        let scale = c.softmax_scale();
+        let mut out = vec![0.0f32; query_rows.len() * heads * v_head];
+        out.par_chunks_mut(v_head).enumerate().for_each(|(index, o)| {
+            let (i, head) = (index / heads, index % heads);
+            let q_head = &q[(i * heads + head) * qk..][..qk];
+            let scores: Vec<f32> = (0..=query_rows[i])
+                .map(|j| {
+                    let k_nope = &kv[(j * heads + head) * kv_per_head..][..nope];
+                    let k_rope = &cache_rows[j * width + rank..][..rope];
+                    (dot(&q_head[..nope], k_nope) + dot(&q_head[nope..], k_rope)) * scale
+                })
+                .collect();
+            for (j, p) in softmax(&scores).into_iter().enumerate() {
+                let v = &kv[(j * heads + head) * kv_per_head + nope..][..v_head];
+                for (acc, &value) in o.iter_mut().zip(v) {
+                    *acc += p * value;
+                }
+            }
+        });
+        out
+    }
+
+    /// Absorbed form: `q_lat = q_nope . W_UK` per head, latent attention over the cache, `out = W_UV . o_lat`.
+    fn absorbed_attention(&self, q: &[f32], wkv_b: &[f32], cache_rows: &[f32], query_rows: &[usize]) -> Vec<f32> {
+        let c = self.config();
+        let (heads, nope, rope, rank, v_head) = (c.heads, c.qk_nope, c.qk_rope, c.kv_lora_rank, c.v_head);
+        let (qk, kv_per_head) = (nope + rope, nope + v_head);
+        let t = query_rows.len();
+        let mut q_lat = vec![0.0f32; t * heads * rank];
+        q_lat.par_chunks_mut(rank).enumerate().for_each(|(index, lat)| {
+            let head = index % heads;
+            let q_nope = &q[index * qk..][..nope];
+            // W_UK_h is [nope, rank]: q_lat = sum_d q_nope[d] * W_UK_h[d, :].
+            for (d, &qd) in q_nope.iter().enumerate() {
+                let w_row = &wkv_b[(head * kv_per_head + d) * rank..][..rank];
+                for (acc, &wv) in lat.iter_mut().zip(w_row) {
+                    *acc += qd * wv;
+                }
+            }
+        });
+        self.store_bf16(&mut q_lat);
+        let q_rope: Vec<f32> = q.chunks_exact(qk).flat_map(|q_head| &q_head[nope..]).copied().collect();
+        let mut o_lat = latent_attention(&q_lat, &q_rope, cache_rows, query_rows, &c.mla_dims(), c.softmax_scale());
+        self.store_bf16(&mut o_lat);
+        let mut out = vec![0.0f32; t * heads * v_head];
+        out.par_chunks_mut(v_head).enumerate().for_each(|(index, o)| {
+            let head = index % heads;
+            let lat = &o_lat[index * rank..][..rank];
+            // W_UV_h is [v_head, rank]: out[d] = W_UV_h[d, :] . o_lat.
+            for (d, od) in o.iter_mut().enumerate() {
+                *od = dot(&wkv_b[(head * kv_per_head + nope + d) * rank..][..rank], lat);
+            }
+        });
+        out
+    }
+
+    fn feed_forward(&self, h: &[f32], ffn: &FeedForward, tokens: usize) -> Vec<f32> {
+        let c = self.config();
+        let mut y = match ffn {
+            FeedForward::Dense(e) => swiglu_expert(h, &e.w1, &e.w3, &e.w2, tokens, c.dim, c.dense_hidden),
+            FeedForward::Moe(moe) => {
+                let logits = router_logits(h, &moe.gate, tokens, c.dim, c.experts);
+                let routing = route(&logits, c.experts, c.experts_per_token, c.routed_scale);
+                // The shared block's width is expert_hidden * shared_experts, so it runs beside moe_block.
+                let mut y = moe_block(h, &routing, &moe.experts, None, tokens, c.dim, c.expert_hidden);
+                if let Some(s) = &moe.shared_experts {
+                    let shared = swiglu_expert(h, &s.w1, &s.w3, &s.w2, tokens, c.dim, c.shared_hidden());
+                    y.iter_mut().zip(&shared).for_each(|(a, b)| *a += b);
+                }
+                y
+            }
+        };
+        self.store_bf16(&mut y);
+        y
+    }
+}
+
+/// Index of the largest logit, the lower index among equals.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}

@@ -1,0 +1,114 @@
+//! Dequantisation kernels against `crate::quant`'s `dequantize()`, bit-exact after rounding to bf16, on the
+//! interpreter and (when present) the GPU.
+
+mod common;
+
+use common::*;
+use half::bf16;
+use proptest::prelude::*;
+use small4::device::{Device, DeviceBuffer};
+use small4::kernels::dequant::{self, DeviceQuantized};
+use small4::quant::{QuantizedMatrix, WeightFormat};
+
+/// Random weights (bf16-representable, never 0 or ±1) whose magnitude changes from row to row and every 128
+/// columns, so blocks and groups get different scales.
+fn random_weights(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
+    let values = to_f32(&random_bf16(&mut rng(seed), rows * cols, 3.0));
+    values.iter().enumerate().map(|(i, &v)| v * 2f32.powi((i / cols % 3) as i32 - 1 + (i % cols / 128 % 2) as i32)).collect()
+}
+
+/// Quantises on the CPU, dequantises on `device` into a poisoned (0xff = NaN) buffer, and requires every output to
+/// equal the CPU `dequantize()` rounded to bf16, bit for bit. Returns the output bits.
+fn check_format(device: &Device, format: WeightFormat, rows: usize, cols: usize, seed: u64) -> Vec<u16> {
+    let weights = random_weights(rows, cols, seed);
+    let matrix = QuantizedMatrix::quantize(format, &weights, rows, cols).unwrap();
+    let want: Vec<u16> = matrix.dequantize().iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
+    let on_device = DeviceQuantized::upload(device, &matrix).unwrap();
+    let out = DeviceBuffer::<bf16>::filled_with_byte(device, rows * cols, 0xff).unwrap();
+    on_device.dequantize_into(&out).unwrap();
+    let got: Vec<u16> = out.to_vec().unwrap().iter().map(|v| v.to_bits()).collect();
+    for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+        // The reference is never NaN, so a left-over 0xffff poison fails here too.
+        assert_eq!(g, w, "{format} [{rows}, {cols}] element {i} (row {}, col {}): got {} want {}", i / cols, i % cols, bf16::from_bits(g), bf16::from_bits(w));
+    }
+    got
+}
+
+fn rows_strategy() -> impl Strategy<Value = usize> {
+    prop_oneof![Just(1usize), Just(2), Just(17), Just(33), Just(130)]
+}
+
+fn run_cases(strategy: impl Strategy<Value = (WeightFormat, usize, usize, u64)>, device: &Device, cases: u32) {
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig { cases, ..ProptestConfig::default() });
+    runner
+        .run(&strategy, |(format, rows, cols, seed)| {
+            check_format(device, format, rows, cols, seed);
+            Ok(())
+        })
+        .unwrap();
+}
+
+/// Any column count, so the flat tail (fewer than 16 codes after the last whole vector) is exercised.
+fn fp8_per_tensor_matches_cpu(device: &Device) {
+    let cols = prop_oneof![Just(3usize), Just(24), Just(100), Just(128), Just(136), Just(256), Just(384)];
+    run_cases((Just(WeightFormat::Fp8PerTensor), rows_strategy(), cols, any::<u64>()), device, 10);
+}
+
+fn fp8_block128_matches_cpu(device: &Device) {
+    let cols = prop_oneof![Just(8usize), Just(128), Just(136), Just(256), Just(384)];
+    run_cases((Just(WeightFormat::Fp8Block128), rows_strategy(), cols, any::<u64>()), device, 10);
+}
+
+fn int4_matches_cpu(device: &Device) {
+    let format_and_cols = (prop_oneof![Just(8usize), Just(32), Just(128)], any::<bool>(), 1usize..4)
+        .prop_map(|(group, zero_point, groups)| (WeightFormat::Int4 { group, zero_point }, group * groups));
+    let strategy = (format_and_cols, rows_strategy(), any::<u64>()).prop_map(|((f, cols), rows, seed)| (f, rows, cols, seed));
+    run_cases(strategy, device, 12);
+}
+
+fn nvfp4_matches_cpu(device: &Device) {
+    let cols = prop_oneof![Just(16usize), Just(48), Just(128), Just(256), Just(384)];
+    run_cases((Just(WeightFormat::Nvfp4), rows_strategy(), cols, any::<u64>()), device, 10);
+}
+
+/// Two runs give identical bits, for every kernel; the shape spans several warp tiles plus a tail.
+fn dequant_is_deterministic(device: &Device) {
+    for format in [WeightFormat::Fp8PerTensor, WeightFormat::Fp8Block128, WeightFormat::Int4 { group: 64, zero_point: true }, WeightFormat::Nvfp4] {
+        let first = check_format(device, format, 37, 192, 11);
+        assert_eq!(first, check_format(device, format, 37, 192, 11), "{format}");
+    }
+}
+
+fn dequant_rejects_bad_arguments(device: &Device) {
+    let bytes = DeviceBuffer::<u8>::alloc(device, 64).unwrap();
+    let out = DeviceBuffer::<bf16>::alloc(device, 64).unwrap();
+    let shape = |r: small4::Result<()>| assert!(matches!(r, Err(small4::Error::Shape { .. })), "{r:?}");
+    let invalid = |r: small4::Result<()>| assert!(matches!(r, Err(small4::Error::InvalidArgument(_))), "{r:?}");
+    shape(dequant::dequant_fp8_per_tensor(&bytes, 0.5, &out, 2, 16));
+    invalid(dequant::dequant_fp8_per_tensor(&bytes, f32::NAN, &out, 4, 16));
+    let scales = DeviceBuffer::<f32>::alloc(device, 1).unwrap();
+    shape(dequant::dequant_fp8_block128(&bytes, &scales, &out, 16, 4));
+    let two_scales = DeviceBuffer::<f32>::alloc(device, 2).unwrap();
+    shape(dequant::dequant_fp8_block128(&bytes, &two_scales, &out, 4, 16));
+    let packed = DeviceBuffer::<u8>::alloc(device, 32).unwrap();
+    let int4_scales = DeviceBuffer::<bf16>::alloc(device, 8).unwrap();
+    invalid(dequant::dequant_int4(&packed, &int4_scales, None, &out, 8, 8, 4));
+    shape(dequant::dequant_int4(&packed, &int4_scales, None, &out, 4, 16, 32));
+    let zeros = DeviceBuffer::<u8>::alloc(device, 3).unwrap();
+    shape(dequant::dequant_int4(&packed, &int4_scales, Some(&zeros), &out, 8, 8, 8));
+    let nv_scales = DeviceBuffer::<u8>::alloc(device, 4).unwrap();
+    shape(dequant::dequant_nvfp4(&packed, &nv_scales, 2.0, &out, 8, 8));
+    invalid(dequant::dequant_nvfp4(&packed, &nv_scales, 0.0, &out, 4, 16));
+    // Empty matrices launch nothing and succeed.
+    let (empty_bytes, empty_out) = (DeviceBuffer::<u8>::alloc(device, 0).unwrap(), DeviceBuffer::<bf16>::alloc(device, 0).unwrap());
+    dequant::dequant_nvfp4(&empty_bytes, &empty_bytes, 2.0, &empty_out, 0, 16).unwrap();
+}
+
+backend_tests!(
+    fp8_per_tensor_matches_cpu,
+    fp8_block128_matches_cpu,
+    int4_matches_cpu,
+    nvfp4_matches_cpu,
+    dequant_is_deterministic,
+    dequant_rejects_bad_arguments
+);

@@ -108,7 +108,7 @@ fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
         stats.prompt_tokens,
         stats.prefill_time.as_secs_f64() * 1e3,
         stats.prefill_tokens_per_s(),
-        stats.generated.len().saturating_sub(1),
+        stats.decode_steps(),
         stats.decode_time.as_secs_f64() * 1e3,
         stats.decode_tokens_per_s(),
     );

@@ -262,9 +262,16 @@ impl GenerationStats {
         self.prompt_tokens as f64 / self.prefill_time.as_secs_f64()
     }
 
-    /// Decode steps are all generated tokens but the first (which the prefill's logits produce).
+    /// Decode steps are all generated tokens but the first (which the prefill's logits produce); 0 without any.
+    pub fn decode_steps(&self) -> usize {
+        self.generated.len().saturating_sub(1)
+    }
+
     pub fn decode_tokens_per_s(&self) -> f64 {
-        self.generated.len().saturating_sub(1) as f64 / self.decode_time.as_secs_f64()
+        match self.decode_steps() {
+            0 => 0.0,
+            steps => steps as f64 / self.decode_time.as_secs_f64(),
+        }
     }
 }
 

@@ -183,3 +183,52 @@ fn bad_inputs_give_typed_errors() {
     assert!(matches!(ReferenceWeights::random(&ModelConfig { experts_per_token: 17, ..config }, 1), Err(Error::Config(_))));
 }
 
+
+#[test]
+fn cache_rows_hold_the_normed_latent_then_the_roped_shared_key() {
+    use small4::reference::{linear::matmul_nt, norm::rms_norm, rope};
+    let m = model(RoundingMode::F32, AttentionForm::Absorbed);
+    let (config, w) = (m.config().clone(), tiny_weights());
+    let start = 12_345;
+    let mut cache = ReferenceKvCache::starting_at(&config, start);
+    m.prefill(&PROMPT[..3], &mut cache).unwrap();
+    let (rank, width) = (config.kv_lora_rank, cache.width());
+    assert_eq!(width, 320);
+    assert_eq!(cache.layer(0).len(), 3 * width);
+    // Layer 0 sees the embeddings directly, so its rows follow from the weights alone.
+    let layer = &w.layers[0];
+    let inv_freq = rope::yarn_inv_freq(config.qk_rope, &config.yarn());
+    for (i, &token) in PROMPT[..3].iter().enumerate() {
+        let x = &w.tok_embeddings[token as usize * config.dim..][..config.dim];
+        let h = rms_norm(x, &layer.attention_norm, config.norm_eps);
+        let kv = matmul_nt(&h, &layer.attention.wkv_a_with_mqa, 1, config.dim, width);
+        let mut want = rms_norm(&kv[..rank], &layer.attention.kv_a_norm, config.norm_eps);
+        let mut k_rope = kv[rank..].to_vec();
+        rope::apply_interleaved(&mut k_rope, &inv_freq, start + i);
+        want.extend(k_rope);
+        assert_close(&format!("cache row {i} of layer 0"), &cache.layer(0)[i * width..][..width], &want, 1e-6, 1e-6);
+    }
+}
+
+#[test]
+fn the_cli_generates_with_the_reference_backend_only() {
+    let run = |args: &[&str]| std::process::Command::new(env!("CARGO_BIN_EXE_small4")).args(args).output().unwrap();
+    let seed = SEED.to_string();
+    let out = run(&["generate", "--max-tokens", "3", "--prompt-ids", "1,1010,73", "--seed", &seed]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "generate failed: {stdout} {}", String::from_utf8_lossy(&out.stderr));
+    let generated: Vec<u32> = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("generated:"))
+        .expect("a `generated:` line")
+        .split_whitespace()
+        .map(|t| t.parse().unwrap())
+        .collect();
+    // The CLI's defaults: bf16 activations, absorbed attention.
+    let m = model(RoundingMode::Bf16Activations, AttentionForm::Absorbed);
+    assert_eq!(generated, m.generate_greedy(&[1, 1010, 73], 3, |_| {}).unwrap().generated);
+    assert!(stdout.contains("tokens/s"), "{stdout}");
+    let out = run(&["generate", "--backend", "gpu"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("only `--backend reference`"));
+}

@@ -93,7 +93,7 @@ fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
             Attention::Absorbed => AttentionForm::Absorbed,
         },
     };
-    let model = ReferenceModel::new(weights, options);
+    let model = ReferenceModel::new(weights, options)?;
     let prompt: Vec<String> = args.prompt_ids.iter().map(u32::to_string).collect();
     println!("tiny preset (seed {}), {:?}, prompt: {}", args.seed, options, prompt.join(","));
     print!("generated:");

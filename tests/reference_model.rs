@@ -19,7 +19,7 @@ fn tiny_weights() -> &'static ReferenceWeights {
 }
 
 fn model(rounding: RoundingMode, attention: AttentionForm) -> ReferenceModel {
-    ReferenceModel::new(tiny_weights().clone(), ForwardOptions { rounding, attention })
+    ReferenceModel::new(tiny_weights().clone(), ForwardOptions { rounding, attention }).unwrap()
 }
 
 /// Logits of `tokens` in one prefill on a cache whose first token is at `start`.
@@ -70,7 +70,7 @@ fn naive_and_absorbed_attention_agree_including_long_context_positions() {
 fn llama4_query_scaling_acts_from_the_original_context_only() {
     let base = model(RoundingMode::F32, AttentionForm::Absorbed);
     let unscaled_config = ModelConfig { llama4_beta: 0.0, ..ModelConfig::tiny() };
-    let unscaled = ReferenceModel::new(ReferenceWeights { config: unscaled_config, ..tiny_weights().clone() }, base.options());
+    let unscaled = ReferenceModel::new(ReferenceWeights { config: unscaled_config, ..tiny_weights().clone() }, base.options()).unwrap();
     // Below 8192 the scale is exactly 1: identical logits.
     assert_eq!(prefill_at(&base, &PROMPT, 1000), prefill_at(&unscaled, &PROMPT, 1000));
     // From 8192 on it sharpens the attention: the logits move.
@@ -161,8 +161,8 @@ fn dense_layers_and_several_shared_experts_run_in_both_forms() {
     let config = ModelConfig { n_layers: 2, first_k_dense_replace: 1, shared_experts: 2, tied_embeddings: true, ..ModelConfig::tiny() };
     let weights = ReferenceWeights::random(&config, 9).unwrap();
     assert_eq!(weights.output, weights.tok_embeddings);
-    let naive = ReferenceModel::new(weights.clone(), ForwardOptions { rounding: RoundingMode::F32, attention: AttentionForm::Naive });
-    let absorbed = ReferenceModel::new(weights, ForwardOptions { rounding: RoundingMode::F32, attention: AttentionForm::Absorbed });
+    let naive = ReferenceModel::new(weights.clone(), ForwardOptions { rounding: RoundingMode::F32, attention: AttentionForm::Naive }).unwrap();
+    let absorbed = ReferenceModel::new(weights, ForwardOptions { rounding: RoundingMode::F32, attention: AttentionForm::Absorbed }).unwrap();
     let want = prefill_at(&naive, &PROMPT[..4], 9000);
     assert_close("dense + 2 shared experts: absorbed vs naive", &prefill_at(&absorbed, &PROMPT[..4], 9000), &want, 2e-4, 2e-4);
 }
@@ -180,7 +180,17 @@ fn bad_inputs_give_typed_errors() {
     assert!(matches!(m.decode(1, &mut wrong), Err(Error::Shape { .. })));
     // Failed calls leave the cache untouched.
     assert!(cache.is_empty() && at_the_end.is_empty() && wrong.is_empty());
-    assert!(matches!(ReferenceWeights::random(&ModelConfig { experts_per_token: 17, ..config }, 1), Err(Error::Config(_))));
+    assert!(matches!(ReferenceWeights::random(&ModelConfig { experts_per_token: 17, ..config.clone() }, 1), Err(Error::Config(_))));
+    // Weights that do not match their configuration (as a checkpoint loader could build) are refused by name.
+    let mut bad = tiny_weights().clone();
+    bad.layers[2].attention.wkv_b.pop();
+    match ReferenceModel::new(bad, m.options()) {
+        Err(Error::Shape { what, .. }) => assert_eq!(what, "layers.2.attention.wkv_b"),
+        other => panic!("expected a shape error, got {:?}", other.err()),
+    }
+    let mut bad = tiny_weights().clone();
+    bad.config = ModelConfig { first_k_dense_replace: 1, ..config };
+    assert!(matches!(ReferenceModel::new(bad, m.options()), Err(Error::Shape { .. })));
 }
 
 

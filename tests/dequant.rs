@@ -124,7 +124,49 @@ fn dequant_rejects_bad_arguments(device: &Device) {
     dequant::dequant_nvfp4(&empty_bytes, &empty_bytes, 2.0, &empty_out, 0, 16).unwrap();
 }
 
+/// Runs `matrix` through its kernel and compares with the CPU bit for bit; where the CPU gives NaN (an e4m3 NaN code
+/// as data or scale) the kernel must give NaN too.
+fn check_matrix_exact(device: &Device, matrix: &QuantizedMatrix) {
+    let (rows, cols) = matrix.shape();
+    let want = matrix.dequantize();
+    let out = DeviceBuffer::<bf16>::filled_with_byte(device, rows * cols, 0xff).unwrap();
+    DeviceQuantized::upload(device, matrix).unwrap().dequantize_into(&out).unwrap();
+    for (i, (g, &w)) in out.to_vec().unwrap().iter().zip(&want).enumerate() {
+        if w.is_nan() {
+            assert!(g.is_nan(), "{} element {i}: got {g}, want NaN", matrix.format());
+        } else {
+            assert_eq!(g.to_bits(), bf16::from_f32(w).to_bits(), "{} element {i}: got {g}, want {w}", matrix.format());
+        }
+    }
+}
+
+/// Every code point through the device decoders: all 256 e4m3 bytes as FP8 data (per-tensor and block scales), all
+/// 256 nibble pairs as INT4 (symmetric, and with every zero point 0..=15), all 256 nibble pairs as NVFP4 codes and
+/// all 256 e4m3 bytes as NVFP4 block scales (NaN codes included).
+fn every_code_point_decodes_exactly(device: &Device) {
+    use small4::quant::{Fp8Block128, Fp8PerTensor, Int4Grouped, Nvfp4};
+    let bytes: Vec<u8> = (0..=255u8).collect();
+    let fp8 = Fp8PerTensor::from_parts(bytes.repeat(2), 2, 256, 0.75).unwrap();
+    check_matrix_exact(device, &QuantizedMatrix::Fp8PerTensor(fp8));
+    let block = Fp8Block128::from_parts(bytes.repeat(130), 130, 256, vec![0.5, 3.0, 1.0 / 3.0, 7.0]).unwrap();
+    check_matrix_exact(device, &QuantizedMatrix::Fp8Block128(block));
+    // 16 rows of 512 nibbles; group 32 -> 16 groups per row, zero point = group index within the row.
+    let (rows, cols, group) = (16, 512, 32);
+    let packed = bytes.repeat(rows * cols / 2 / 256);
+    let scales = (0..rows * cols / group).map(|g| bf16::from_f32(0.01 + g as f32 * 0.37)).collect::<Vec<_>>();
+    let zeros = (0..rows * cols / group).map(|g| (g % 16) as u8).collect();
+    let int4 = Int4Grouped::from_parts(packed.clone(), rows, cols, group, scales.clone(), Some(zeros)).unwrap();
+    check_matrix_exact(device, &QuantizedMatrix::Int4(int4));
+    let int4_sym = Int4Grouped::from_parts(packed, rows, cols, group, scales, None).unwrap();
+    check_matrix_exact(device, &QuantizedMatrix::Int4(int4_sym));
+    // 256 NVFP4 blocks of 16 (8 bytes each): block b has scale code b and bytes (8b .. 8b + 8) mod 256.
+    let packed = (0..256 * 8).map(|i| (i % 256) as u8).collect();
+    let nvfp4 = Nvfp4::from_parts(packed, 16, 256, bytes.clone(), 1234.5).unwrap();
+    check_matrix_exact(device, &QuantizedMatrix::Nvfp4(nvfp4));
+}
+
 backend_tests!(
+    every_code_point_decodes_exactly,
     fp8_per_tensor_matches_cpu,
     fp8_block128_matches_cpu,
     int4_matches_cpu,

@@ -93,7 +93,9 @@ struct Int4Grouped {
         return g <= last_of_tile && g < (long)p.rows * (p.cols / p.group) ? direct_scale(g * p.group) : 0u;
     }
     __device__ uint32_t chunk_scale(uint32_t held, long tile_first, long first) const {
-        return __shfl_sync(kFullMask, held, (int)(first / p.group - tile_first / p.group) & (kWarp - 1));
+        // 32-bit division per chunk; the 64-bit remainder is the same for the whole tile (hoisted by the compiler).
+        const int tile_offset = (int)(tile_first % p.group);
+        return __shfl_sync(kFullMask, held, ((tile_offset + (int)(first - tile_first)) / p.group) & (kWarp - 1));
     }
     __device__ void decode(const uint32_t *words, long, uint32_t scale_word, float out[kChunk]) const {
         const float scale = __uint_as_float(scale_word << 16);  // the bf16 bits widened to f32

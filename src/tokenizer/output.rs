@@ -287,6 +287,10 @@ impl<W: Write> OutputPrinter<W> {
         self.out.flush()
     }
 
+    pub fn into_inner(self) -> W {
+        self.out
+    }
+
     /// Ends the output with a newline if anything was printed.
     pub fn finish(&mut self) -> std::io::Result<()> {
         if self.section.is_some() {

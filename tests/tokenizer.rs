@@ -734,3 +734,43 @@ fn tekken_crate() -> &'static tekken::Tekkenizer {
     static T: OnceLock<tekken::Tekkenizer> = OnceLock::new();
     T.get_or_init(|| tekken::Tekkenizer::from_file(TEKKEN_240911_PATH).unwrap())
 }
+
+// ---- command line ----------------------------------------------------------------------------------------------
+
+fn run_cli(args: &[&str], stdin: &str) -> (bool, String, String) {
+    use std::io::Write;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_small4"))
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (out.status.success(), String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
+}
+
+#[test]
+fn cli_tokenize_and_detokenize() {
+    for (input, ids) in [("Hello, world!", "[22177,1044,4304,1033]"), (" [INST]", "[1766,3174,3074,1093]"), ("héllo", "[67679,109232]")] {
+        assert_eq!(run_cli(&["tokenize"], input), (true, format!("{ids}\n"), String::new()));
+        assert_eq!(run_cli(&["detokenize"], ids).1, input);
+        assert_eq!(run_cli(&["tokenize", "--tokenizer", TEKKEN_240911_PATH], input).1, format!("{ids}\n"));
+    }
+    let dir = std::env::temp_dir().join(format!("small4-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let request = dir.join("chat.json");
+    std::fs::write(&request, r#"{"messages": [{"role": "user", "content": "Hi"}]}"#).unwrap();
+    let (ok, out, _) = run_cli(&["tokenize", "--chat", request.to_str().unwrap()], "");
+    assert!(ok);
+    assert_eq!(out, "[1,36,19227,80277,1302,13196,1609,1449,2811,1429,17670,46005,37,3,37133,4]\n");
+    assert_eq!(run_cli(&["detokenize", "--keep-special"], &out).1, "<s>[MODEL_SETTINGS]{\"reasoning_effort\": \"none\"}[/MODEL_SETTINGS][INST]Hi[/INST]");
+    // Bad input is an error message and a failure status, not a panic.
+    let (ok, _, err) = run_cli(&["detokenize"], "[999999999]");
+    assert!(!ok && err.contains("out of range"), "{err}");
+    std::fs::write(&request, r#"{"messages": []}"#).unwrap();
+    let (ok, _, err) = run_cli(&["tokenize", "--chat", request.to_str().unwrap()], "");
+    assert!(!ok && err.contains("no message"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -151,3 +151,53 @@ impl Bpe {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// tiktoken's merge loop, literally: rescan all pairs, merge the lowest rank (leftmost on a tie), repeat.
+    fn naive_merge(bpe: &Bpe, piece: &[u8]) -> Vec<u32> {
+        let mut parts: Vec<Vec<u8>> = piece.iter().map(|&b| vec![b]).collect();
+        loop {
+            let best = (0..parts.len().saturating_sub(1))
+                .filter_map(|i| bpe.ranks.get([parts[i].as_slice(), &parts[i + 1]].concat().as_slice()).map(|&r| (r, i)))
+                .min();
+            match best {
+                Some((_, i)) => {
+                    let right = parts.remove(i + 1);
+                    parts[i].extend(right);
+                }
+                None => break,
+            }
+        }
+        parts.iter().map(|p| bpe.ranks[p.as_slice()]).collect()
+    }
+
+    /// A vocabulary over the bytes a..d with every string of length 2..4 ranked in a fixed shuffled order.
+    fn small_bpe() -> Bpe {
+        let mut pieces: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
+        let mut merged = Vec::new();
+        for len in 2..=4u32 {
+            for code in 0..4u32.pow(len) {
+                merged.push((0..len).map(|k| b'a' + ((code / 4u32.pow(k)) % 4) as u8).collect::<Vec<u8>>());
+            }
+        }
+        // A deterministic shuffle so that ranks do not follow length.
+        merged.sort_by_key(|p| p.iter().fold(0u64, |h, &b| h.wrapping_mul(1_000_003).wrapping_add(b as u64)) % 1009);
+        pieces.extend(merged);
+        Bpe::new(".+", pieces).unwrap()
+    }
+
+    proptest! {
+        #[test]
+        fn heap_merge_equals_tiktoken_loop(piece in proptest::collection::vec(b'a'..=b'e', 1..200)) {
+            let bpe = small_bpe();
+            let mut ours = Vec::new();
+            bpe.encode_piece(&piece, 0, &mut MergeScratch::default(), &mut ours);
+            let expected = if let Some(&r) = bpe.ranks.get(piece.as_slice()) { vec![r] } else { naive_merge(&bpe, &piece) };
+            prop_assert_eq!(ours, expected);
+        }
+    }
+}

@@ -83,6 +83,11 @@ impl Tokenizer {
         Self::from_json(&bytes)
     }
 
+    /// Loads the `tekken.json` of a model directory (the file Mistral ships beside the weights).
+    pub fn from_model_dir(dir: impl AsRef<Path>) -> Result<Self> {
+        Self::from_file(dir.as_ref().join("tekken.json"))
+    }
+
     /// Loads a `tekken.json` document with its own sizes.
     pub fn from_json(bytes: &[u8]) -> Result<Self> {
         Self::from_model_data(parse_model_data(bytes)?, None)

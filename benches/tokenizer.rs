@@ -3,6 +3,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rand::{rngs::StdRng, Rng, SeedableRng};
+use small4::tokenizer::bpe::Splitter;
 use small4::tokenizer::{Tokenizer, TEKKEN_240911_PATH};
 
 /// About `bytes` of mixed text, the same on every run: English words, capitalised names, numbers, punctuation,
@@ -41,6 +42,18 @@ fn encode_throughput(c: &mut Criterion) {
     group.throughput(Throughput::Bytes(text.len() as u64));
     group.bench_function("small4", |b| b.iter(|| ours.encode(&text, false, false)));
     group.bench_function("tekken_crate", |b| b.iter(|| crate_alone.encode(&text, false, false).unwrap()));
+    // The split alone, both ways, to see where the encode time goes.
+    let file: serde_json::Value = serde_json::from_slice(&std::fs::read(TEKKEN_240911_PATH).unwrap()).unwrap();
+    let pattern = file["config"]["pattern"].as_str().unwrap();
+    for (name, splitter) in [("split_regex_crate", Splitter::new(pattern).unwrap()), ("split_fancy_regex", Splitter::general(pattern).unwrap())] {
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let mut pieces = 0usize;
+                splitter.for_each_piece(&text, |_| pieces += 1);
+                pieces
+            })
+        });
+    }
     group.finish();
 
     // One piece with no space: the regex gives it whole to the merge loop.

@@ -17,7 +17,8 @@ struct Cli {
 enum Command {
     /// Print what ptxas reported for every kernel (registers, shared memory, spills) for sm_90a.
     Resources,
-    /// Print the token ids of the text on stdin (or of a chat request) as one JSON array.
+    /// Print the token ids of the text on stdin (or of a chat request) as one JSON array. Stdin is taken exactly as
+    /// given, without BOS: `printf 'Hello, world!' | small4 tokenize` prints [22177,1044,4304,1033].
     Tokenize {
         /// A tekken.json; default: the embedded v15 stand-in (SPEC-tokenizer.md section 7).
         #[arg(long)]

@@ -413,7 +413,7 @@ fn images_grid_and_order() {
     let img = |cols: usize, rows: usize| -> Vec<u32> {
         let mut ids = Vec::new();
         for _ in 0..rows {
-            ids.extend(std::iter::repeat(sp("[IMG]")).take(cols));
+            ids.extend(std::iter::repeat_n(sp("[IMG]"), cols));
             ids.push(sp("[IMG_BREAK]"));
         }
         *ids.last_mut().unwrap() = sp("[IMG_END]");

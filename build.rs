@@ -22,6 +22,10 @@ const CUDA_WHEELS: &[(&str, &str)] = &[
     ("nvidia-cuda-cccl", "13.3.5.0.6"),
 ];
 const LIBCLANG_WHEEL: (&str, &str) = ("libclang", "18.1.1");
+/// The wheel that ships the test vocabulary `tekken_240911.json` (SPEC-tokenizer.md section 7), and its checksum.
+const MISTRAL_COMMON_WHEEL: (&str, &str) = ("mistral-common", "1.13.1");
+const TEKKEN_240911_PATH: &str = "mistral_common/data/tekken_240911.json";
+const TEKKEN_240911_SHA256: &str = "1948e2d48b0e7377f1bb5f1210f1ae5f984934e75713fc07e2452729b8365316";
 
 /// The code every kernel is built for: Hopper with its arch-specific instructions.
 const GPU_ARCH: &str = "sm_90a";
@@ -40,6 +44,7 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|| manifest_dir.join(".toolchain"));
     let toolchain = Toolchain::find_or_provision(&toolchain_dir);
+    provision_tekken_240911(&toolchain_dir, &out_dir);
 
     let cuda_dir = manifest_dir.join("cuda");
     let include_dir = cuda_dir.join("include");
@@ -269,6 +274,50 @@ fn generate_param_bindings(toolchain: &Toolchain, include_dir: &Path, out_dir: &
         .generate()
         .unwrap_or_else(|e| panic!("bindgen failed on {}: {e}", header.display()));
     bindings.write_to_file(out_dir.join("params.rs")).unwrap();
+}
+
+/// Installs the pinned mistral-common wheel (only its data file is used), checks the vocabulary's sha256, exports its
+/// path as `SMALL4_TEKKEN_240911` and writes the embedded form `tekken_240911_embedded.json` into `OUT_DIR`.
+///
+/// Why a derived file is embedded instead of the original: the original is 19 MB, mostly ranks 130072..150000 that a
+/// 131072-id model never uses plus a `token_str` copy of every token. The derived file is the same tekken.json format
+/// (so one loader and its validations serve both) holding only `config` and the first `default_vocab_size -
+/// default_num_special_tokens` ranks' `token_bytes`: about a third of the size.
+fn provision_tekken_240911(toolchain_dir: &Path, out_dir: &Path) {
+    let dir = toolchain_dir.join(format!("{}-{}", MISTRAL_COMMON_WHEEL.0, MISTRAL_COMMON_WHEEL.1));
+    let json = dir.join(TEKKEN_240911_PATH);
+    if !json.exists() {
+        let spec = format!("{}=={}", MISTRAL_COMMON_WHEEL.0, MISTRAL_COMMON_WHEEL.1);
+        pip_install(&dir, &[spec], "the tekken_240911.json test vocabulary (mistral-common wheel)");
+    }
+    let bytes = fs::read(&json).unwrap_or_else(|e| panic!("small4: cannot read {}: {e}", json.display()));
+    let digest: String = {
+        use sha2::Digest;
+        sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect()
+    };
+    if digest != TEKKEN_240911_SHA256 {
+        panic!(
+            "small4: {} has sha256 {digest}, expected {TEKKEN_240911_SHA256}.\n\
+             The file is corrupt or not the one of {}=={}; delete {} and build again.",
+            json.display(),
+            MISTRAL_COMMON_WHEEL.0,
+            MISTRAL_COMMON_WHEEL.1,
+            dir.display()
+        );
+    }
+    println!("cargo:rerun-if-changed={}", json.display());
+    println!("cargo:rustc-env=SMALL4_TEKKEN_240911={}", json.display());
+
+    let embedded = out_dir.join("tekken_240911_embedded.json");
+    let mut doc: serde_json::Value = serde_json::from_slice(&bytes).expect("tekken_240911.json parses (checksum ok)");
+    let config = &doc["config"];
+    let used = config["default_vocab_size"].as_u64().unwrap() - config["default_num_special_tokens"].as_u64().unwrap();
+    let vocab: Vec<serde_json::Value> = doc["vocab"].as_array().unwrap()[..used as usize]
+        .iter()
+        .map(|t| serde_json::json!({ "rank": t["rank"], "token_bytes": t["token_bytes"] }))
+        .collect();
+    doc["vocab"] = serde_json::Value::Array(vocab);
+    fs::write(&embedded, serde_json::to_vec(&doc).unwrap()).unwrap();
 }
 
 fn pip_install(target: &Path, specs: &[String], what: &str) {

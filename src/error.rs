@@ -23,7 +23,7 @@ pub enum Error {
     #[error("checkpoint error: {0}")]
     Checkpoint(String),
     #[error("tokenizer error: {0}")]
-    Tokenizer(String),
+    Tokenizer(crate::tokenizer::TokenizerError),
     #[error("out of KV-cache pages: need {needed}, {free} free")]
     OutOfPages { needed: usize, free: usize },
     #[error("I/O error on {path}: {source}")]

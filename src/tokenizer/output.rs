@@ -1,0 +1,315 @@
+//! The output side: incremental detokenisation for streaming and the parser of generated ids (SPEC-tokenizer.md
+//! section 5, "Output"): `[THINK]reasoning[/THINK]`?, answer text and/or `[TOOL_CALLS]name[ARGS]{json}`..., `</s>`.
+
+use std::io::Write;
+
+use tekken::special_tokens::{SpecialTokenPolicy, SpecialTokens};
+
+use super::vocab::Token;
+use super::{Tokenizer, TokenizerError};
+use crate::Result;
+
+/// Turns ids into text one at a time. A character split across tokens is returned once its last byte arrives; the
+/// concatenation of everything returned (plus [`StreamingDecoder::finish`]) equals [`Tokenizer::decode`] of all ids.
+pub struct StreamingDecoder<'t> {
+    tokenizer: &'t Tokenizer,
+    policy: SpecialTokenPolicy,
+    pending: Vec<u8>,
+}
+
+impl<'t> StreamingDecoder<'t> {
+    pub fn new(tokenizer: &'t Tokenizer, policy: SpecialTokenPolicy) -> Self {
+        StreamingDecoder { tokenizer, policy, pending: Vec::new() }
+    }
+
+    /// The text that `id` completes (possibly empty).
+    pub fn push(&mut self, id: u32) -> Result<String> {
+        match self.tokenizer.token(id)? {
+            Token::Bytes(bytes) => {
+                self.pending.extend_from_slice(bytes);
+                Ok(self.take_complete())
+            }
+            Token::Special(name) => {
+                // A special id ends the run of ordinary bytes: what is incomplete becomes U+FFFD, as in `decode`.
+                let mut text = self.finish();
+                match self.policy {
+                    SpecialTokenPolicy::Ignore => {}
+                    SpecialTokenPolicy::Keep => text.push_str(name),
+                    SpecialTokenPolicy::Raise => return Err(TokenizerError::SpecialTokenInText(id).into()),
+                }
+                Ok(text)
+            }
+        }
+    }
+
+    /// Everything still held, incomplete characters as U+FFFD.
+    pub fn finish(&mut self) -> String {
+        let text = String::from_utf8_lossy(&self.pending).into_owned();
+        self.pending.clear();
+        text
+    }
+
+    /// The longest decodable prefix of the pending bytes, with invalid sequences as U+FFFD exactly as
+    /// `String::from_utf8_lossy` would write them; an incomplete character at the end stays pending.
+    fn take_complete(&mut self) -> String {
+        let mut text = String::new();
+        let mut start = 0;
+        loop {
+            match std::str::from_utf8(&self.pending[start..]) {
+                Ok(valid) => {
+                    text.push_str(valid);
+                    start = self.pending.len();
+                    break;
+                }
+                Err(e) => {
+                    let valid_end = start + e.valid_up_to();
+                    text.push_str(std::str::from_utf8(&self.pending[start..valid_end]).expect("checked valid"));
+                    match e.error_len() {
+                        Some(invalid) => {
+                            text.push(char::REPLACEMENT_CHARACTER);
+                            start = valid_end + invalid;
+                        }
+                        None => {
+                            start = valid_end;
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        self.pending.drain(..start);
+        text
+    }
+}
+
+/// One generated tool call: `[TOOL_CALLS]name[ARGS]arguments`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ToolCallOutput {
+    pub name: String,
+    /// The argument text as generated (normally a JSON object).
+    pub arguments: String,
+}
+
+impl ToolCallOutput {
+    /// `{"name": ..., "arguments": ...}` with the arguments parsed when they are JSON, else kept as a string.
+    pub fn to_json(&self) -> serde_json::Value {
+        let arguments = serde_json::from_str(&self.arguments)
+            .unwrap_or_else(|_| serde_json::Value::String(self.arguments.clone()));
+        serde_json::json!({ "name": self.name, "arguments": arguments })
+    }
+}
+
+/// What a generated id adds, for printing as generation goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutputEvent {
+    Reasoning(String),
+    /// `[/THINK]`: the reasoning is over.
+    ReasoningEnd,
+    Answer(String),
+    /// A tool call, whole: emitted at the next `[TOOL_CALLS]`, at `</s>` or at [`OutputStream::finish`].
+    ToolCall(ToolCallOutput),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Channel {
+    Answer,
+    Reasoning,
+    ToolName,
+    ToolArguments,
+}
+
+/// Parses generated ids as they come, following mistral-common's `detokenize_to_assistant_message`: everything from
+/// the first `[TOOL_CALLS]` on is tool calls (name before `[ARGS]`); before it, `[THINK]`/`[/THINK]` delimit
+/// reasoning (an unclosed `[THINK]` runs to the end); other special ids are dropped.
+pub struct OutputStream<'t> {
+    decoder: StreamingDecoder<'t>,
+    channel: Channel,
+    call: Option<ToolCallOutput>,
+    ids: Ids,
+    finished: bool,
+}
+
+struct Ids {
+    eos: u32,
+    tool_calls: u32,
+    args: u32,
+    begin_think: u32,
+    end_think: u32,
+}
+
+impl<'t> OutputStream<'t> {
+    pub fn new(tokenizer: &'t Tokenizer) -> Result<Self> {
+        let id = |token: SpecialTokens| tokenizer.special_id(token.as_str());
+        Ok(OutputStream {
+            decoder: StreamingDecoder::new(tokenizer, SpecialTokenPolicy::Ignore),
+            channel: Channel::Answer,
+            call: None,
+            ids: Ids {
+                eos: tokenizer.eos_id(),
+                tool_calls: id(SpecialTokens::ToolCalls)?,
+                args: id(SpecialTokens::Args)?,
+                begin_think: id(SpecialTokens::BeginThink)?,
+                end_think: id(SpecialTokens::EndThink)?,
+            },
+            finished: false,
+        })
+    }
+
+    /// Whether `</s>` was the last id pushed.
+    pub fn finished(&self) -> bool {
+        self.finished
+    }
+
+    /// Feeds one generated id; returns what it completes.
+    pub fn push(&mut self, id: u32) -> Result<Vec<OutputEvent>> {
+        let mut events = Vec::new();
+        let text = self.decoder.push(id)?;
+        self.route(text, &mut events);
+        self.finished = id == self.ids.eos;
+        let in_tool_calls = matches!(self.channel, Channel::ToolName | Channel::ToolArguments);
+        if id == self.ids.tool_calls {
+            events.extend(self.call.take().map(OutputEvent::ToolCall));
+            self.call = Some(ToolCallOutput::default());
+            self.channel = Channel::ToolName;
+        } else if id == self.ids.args && self.channel == Channel::ToolName {
+            self.channel = Channel::ToolArguments;
+        } else if id == self.ids.begin_think && !in_tool_calls {
+            if self.channel == Channel::Reasoning {
+                return Err(TokenizerError::InvalidOutput("nested [THINK]".into()).into());
+            }
+            self.channel = Channel::Reasoning;
+        } else if id == self.ids.end_think && !in_tool_calls {
+            if self.channel != Channel::Reasoning {
+                return Err(TokenizerError::InvalidOutput("[/THINK] without [THINK]".into()).into());
+            }
+            self.channel = Channel::Answer;
+            events.push(OutputEvent::ReasoningEnd);
+        } else if self.finished {
+            events.extend(self.call.take().map(OutputEvent::ToolCall));
+        }
+        Ok(events)
+    }
+
+    /// Ends the stream: flushes incomplete characters and an open tool call.
+    pub fn finish(&mut self) -> Vec<OutputEvent> {
+        let mut events = Vec::new();
+        let text = self.decoder.finish();
+        self.route(text, &mut events);
+        events.extend(self.call.take().map(OutputEvent::ToolCall));
+        events
+    }
+
+    fn route(&mut self, text: String, events: &mut Vec<OutputEvent>) {
+        if text.is_empty() {
+            return;
+        }
+        match self.channel {
+            Channel::Answer => events.push(OutputEvent::Answer(text)),
+            Channel::Reasoning => events.push(OutputEvent::Reasoning(text)),
+            Channel::ToolName => self.call.get_or_insert_with(Default::default).name.push_str(&text),
+            Channel::ToolArguments => self.call.get_or_insert_with(Default::default).arguments.push_str(&text),
+        }
+    }
+}
+
+/// Generated ids split into their parts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ParsedOutput {
+    /// The text of the `[THINK]` blocks, if there was one.
+    pub reasoning: Option<String>,
+    /// Whether the last `[THINK]` block was closed by `[/THINK]`.
+    pub reasoning_closed: bool,
+    pub answer: String,
+    pub tool_calls: Vec<ToolCallOutput>,
+    /// The last id is `</s>`: generation ended by itself.
+    pub finished: bool,
+}
+
+/// Parses a complete list of generated ids (the same rules as [`OutputStream`], which it runs).
+pub fn parse_output(tokenizer: &Tokenizer, ids: &[u32]) -> Result<ParsedOutput> {
+    let mut stream = OutputStream::new(tokenizer)?;
+    let mut parsed = ParsedOutput::default();
+    let absorb = |parsed: &mut ParsedOutput, events: Vec<OutputEvent>| {
+        for event in events {
+            match event {
+                OutputEvent::Reasoning(text) => parsed.reasoning.get_or_insert_with(String::new).push_str(&text),
+                OutputEvent::ReasoningEnd => parsed.reasoning_closed = true,
+                OutputEvent::Answer(text) => parsed.answer.push_str(&text),
+                OutputEvent::ToolCall(call) => parsed.tool_calls.push(call),
+            }
+        }
+    };
+    for &id in ids {
+        if id == stream.ids.begin_think && stream.channel == Channel::Answer {
+            parsed.reasoning.get_or_insert_with(String::new);
+            parsed.reasoning_closed = false;
+        }
+        let events = stream.push(id)?;
+        absorb(&mut parsed, events);
+    }
+    parsed.finished = stream.finished();
+    let events = stream.finish();
+    absorb(&mut parsed, events);
+    Ok(parsed)
+}
+
+/// Prints a generation as it streams: reasoning apart from the answer (under a `[reasoning]` / `[answer]` header),
+/// tool calls as one JSON object per line.
+pub struct OutputPrinter<W: Write> {
+    out: W,
+    section: Option<&'static str>,
+}
+
+impl<W: Write> OutputPrinter<W> {
+    pub fn new(out: W) -> Self {
+        OutputPrinter { out, section: None }
+    }
+
+    pub fn print(&mut self, event: &OutputEvent) -> std::io::Result<()> {
+        match event {
+            OutputEvent::Reasoning(text) => {
+                self.enter("reasoning")?;
+                write!(self.out, "{text}")?;
+            }
+            OutputEvent::ReasoningEnd => {}
+            OutputEvent::Answer(text) => {
+                // Whitespace between the reasoning and the answer would open an empty answer section.
+                if self.section.is_none() || !text.trim().is_empty() || self.section == Some("answer") {
+                    self.enter("answer")?;
+                    write!(self.out, "{text}")?;
+                }
+            }
+            OutputEvent::ToolCall(call) => {
+                self.enter("tool calls")?;
+                writeln!(self.out, "{}", call.to_json())?;
+            }
+        }
+        self.out.flush()
+    }
+
+    pub fn into_inner(self) -> W {
+        self.out
+    }
+
+    /// Ends the output with a newline if anything was printed.
+    pub fn finish(&mut self) -> std::io::Result<()> {
+        if self.section.is_some() {
+            writeln!(self.out)?;
+        }
+        self.out.flush()
+    }
+
+    fn enter(&mut self, section: &'static str) -> std::io::Result<()> {
+        if self.section != Some(section) {
+            if self.section.is_some() {
+                writeln!(self.out)?;
+            }
+            // A plain answer with no reasoning before it needs no header.
+            if section != "answer" || self.section.is_some() {
+                writeln!(self.out, "[{section}]")?;
+            }
+            self.section = Some(section);
+        }
+        Ok(())
+    }
+}

@@ -2,6 +2,7 @@
 //! arguments (typed errors), fills the bindgen parameter struct and launches through any `Backend`.
 
 pub mod norm;
+pub mod ops;
 pub mod router;
 
 use crate::device::KernelModule;

@@ -1,16 +1,18 @@
 // Fused MoE router: gate GEMV/GEMM -> softmax over all experts -> top-k -> per-expert alignment, in ONE launch.
 //
-// Stage 1 (every block): logits for a tile of kTileTokens tokens x TILE_E experts. The 8 warps of the block split the
-// hidden dimension (a step of the block covers 256 x 8 = 2048 contiguous columns with 16-byte loads), each thread keeps
-// TILE_E x kTileTokens f32 partial dot products, then a warp butterfly and a fixed-order sum over the 8 warps
-// (deterministic). The gate is read once per token tile: at decode (tokens <= 8) the 1 MiB gate of the real model is
-// spread over experts / TILE_E blocks, each streaming its own TILE_E rows.
-// Stage 2 (the last block to finish a token tile, found with a per-tile counter): softmax + top-k of those tokens,
-// one warp per token, each lane holding experts lane, lane+32, ... (<= 8 per lane for <= 256 experts).
-// Stage 3 (the last token tile's stage-2 block, found with a second counter): moe_align over all tokens*k pairs.
+// Stage 1 (every block; grid = dim slices x expert groups x token groups): split-K partial logits. A block stages its
+// 256-column slice of up to 64 tokens' hidden states in shared memory (32 KiB, read from global once), then each warp
+// takes 4 experts at a time: every lane loads one 16-byte vector of each of the 4 gate rows (the gate is read from
+// global exactly once per token group) and multiplies it with 8 tokens at a time from shared memory; the 4 x 8 lane
+// partials are summed over the warp by a transpose-reduce (31 shuffles, lane l ends with pair (l / 8, l % 8)) and
+// stored to `partials [slice][token][expert]`.
+// Stage 2 (the last block of a token group, found with a per-group counter): logits = sum of the slices in slice order
+// (deterministic), then softmax + top-k, one warp per token, each lane holding experts lane, lane+32, ...
+// Stage 3 (the last token group's stage-2 block, found with a second counter): moe_align over all tokens*k pairs.
 // No host synchronisation anywhere; the counters are reset by the blocks that consume them.
-// Bytes (decode, T tokens): experts*dim*2 (gate) + T*dim*2*ceil(experts/TILE_E) (hidden, from L2 after the first
-// block) + T*experts*4*2 (logits round trip) + small outputs. FLOPs: 2*T*experts*dim.
+// Bytes (T tokens, E experts, S = dim/256 slices, G expert groups, Z token groups): E*dim*2*Z (gate) + T*dim*2*G
+// (hidden) + 2*S*T*E*4 (partials) + 2*T*E*4 (logits) + outputs; decode (T=1, E=128, dim=4096): ~1.05 x ideal.
+// FLOPs: 2*T*E*dim.
 #include "params.h"
 #include "common.cuh"
 
@@ -18,7 +20,10 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kTileTokens = 8;  // tokens per block; also one stage-2 warp per token
+constexpr int kSlice = 256;       // columns of dim per block: one 16-byte vector per lane
+constexpr int kTokenGroup = 64;   // tokens per block: 64 x 256 bf16 = 32 KiB of shared memory
+constexpr int kChunkTokens = 8;   // tokens per transpose-reduce (8 tokens x 4 experts = 32 values, one per lane)
+constexpr int kWarpExperts = 4;
 constexpr int kMaxExperts = 256;
 constexpr int kExpertsPerLane = kMaxExperts / 32;
 constexpr int kMaxK = 8;
@@ -216,81 +221,106 @@ __device__ bool last_to_arrive(int *counter, int expected, int *flag) {
     return last;
 }
 
-template <int TILE_E>
-__device__ void router_topk_body(const RouterParams &p) {
-    __shared__ float partial[kWarps][TILE_E * kTileTokens];
+// One step of transpose_reduce: lanes with bit `kHalf` set keep the upper kHalf values, the others the lower ones,
+// and add the partner's copy of what they keep.
+template <int kHalf>
+__device__ __forceinline__ void transpose_step(float (&v)[32], int lane) {
+    const bool upper = (lane & kHalf) != 0;
+#pragma unroll
+    for (int i = 0; i < kHalf; ++i) {
+        const float send = upper ? v[i] : v[i + kHalf];
+        const float keep = upper ? v[i + kHalf] : v[i];
+        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, kHalf);
+    }
+}
+
+// Sum over the warp of 32 values per lane; lane l returns the total of value l (31 shuffles instead of 32 x 5).
+__device__ __forceinline__ float transpose_reduce(float (&v)[32]) {
+    const int lane = lane_id();
+    transpose_step<16>(v, lane);
+    transpose_step<8>(v, lane);
+    transpose_step<4>(v, lane);
+    transpose_step<2>(v, lane);
+    transpose_step<1>(v, lane);
+    return v[0];
+}
+
+union RouterShared {
+    uint4 hidden[kTokenGroup][kSlice / 8];
+    AlignShared align;
+};
+
+}  // namespace
+
+// Grid: x = ceil(dim / 256) slices, y = ceil(experts / experts_per_block) groups, z = ceil(tokens / 64); 256 threads.
+extern "C" __global__ void __launch_bounds__(kThreads) router_topk(const RouterParams p) {
+    __shared__ RouterShared shared;
     __shared__ int flag;
-    __shared__ AlignShared align_shared;
 
     const int tid = threadIdx.x, lane = lane_id(), warp = tid >> 5;
-    const int expert0 = blockIdx.x * TILE_E;
-    const int token0 = blockIdx.y * kTileTokens;
-    const int tile_tokens = min(kTileTokens, p.tokens - token0);
-    const int chunks = p.dim / 8;
+    const int slice = blockIdx.x;
+    const int expert_begin = blockIdx.y * p.experts_per_block;
+    const int expert_end = min(p.experts, expert_begin + p.experts_per_block);
+    const int token0 = blockIdx.z * kTokenGroup;
+    const int group_tokens = min(kTokenGroup, p.tokens - token0);
+    const int col = slice * kSlice + lane * 8;
+    const bool col_valid = col < p.dim;
 
-    float acc[TILE_E][kTileTokens];
-#pragma unroll
-    for (int e = 0; e < TILE_E; ++e)
-#pragma unroll
-        for (int t = 0; t < kTileTokens; ++t) acc[e][t] = 0.f;
+    for (int i = tid; i < group_tokens * (kSlice / 8); i += kThreads) {
+        const int t = i / (kSlice / 8), c = slice * kSlice + (i % (kSlice / 8)) * 8;
+        shared.hidden[t][i % (kSlice / 8)] =
+            c < p.dim ? __ldg(reinterpret_cast<const uint4 *>(p.hidden + (long)(token0 + t) * p.dim + c)) : make_uint4(0, 0, 0, 0);
+    }
+    __syncthreads();
 
-#pragma unroll 2
-    for (int c = tid; c < chunks; c += kThreads) {
-        float g[TILE_E][8];
+    for (int quad = expert_begin + warp * kWarpExperts; quad < expert_end; quad += kWarps * kWarpExperts) {
+        float g[kWarpExperts][8];
 #pragma unroll
-        for (int e = 0; e < TILE_E; ++e) {
-            if (expert0 + e < p.experts) {
-                bf16x8_to_f32(__ldg(reinterpret_cast<const uint4 *>(p.gate + (long)(expert0 + e) * p.dim) + c), g[e]);
+        for (int e = 0; e < kWarpExperts; ++e) {
+            if (col_valid && quad + e < expert_end) {
+                bf16x8_to_f32(__ldg(reinterpret_cast<const uint4 *>(p.gate + (long)(quad + e) * p.dim + col)), g[e]);
             } else {
 #pragma unroll
                 for (int i = 0; i < 8; ++i) g[e][i] = 0.f;
             }
         }
+        for (int chunk = 0; chunk < group_tokens; chunk += kChunkTokens) {
+            float acc[kWarpExperts * kChunkTokens];
 #pragma unroll
-        for (int t = 0; t < kTileTokens; ++t) {
-            if (t < tile_tokens) {
-                float h[8];
-                bf16x8_to_f32(__ldg(reinterpret_cast<const uint4 *>(p.hidden + (long)(token0 + t) * p.dim) + c), h);
+            for (int i = 0; i < kWarpExperts * kChunkTokens; ++i) acc[i] = 0.f;
 #pragma unroll
-                for (int e = 0; e < TILE_E; ++e)
+            for (int t = 0; t < kChunkTokens; ++t) {
+                if (chunk + t < group_tokens) {
+                    float h[8];
+                    bf16x8_to_f32(shared.hidden[chunk + t][lane], h);
 #pragma unroll
-                    for (int i = 0; i < 8; ++i) acc[e][t] = fmaf(g[e][i], h[i], acc[e][t]);
+                    for (int e = 0; e < kWarpExperts; ++e)
+#pragma unroll
+                        for (int i = 0; i < 8; ++i) acc[e * kChunkTokens + t] = fmaf(g[e][i], h[i], acc[e * kChunkTokens + t]);
+                }
+            }
+            const float total = transpose_reduce(acc);
+            const int expert = quad + lane / kChunkTokens, token = chunk + lane % kChunkTokens;
+            if (expert < expert_end && token < group_tokens) {
+                p.partials[((long)slice * p.tokens + token0 + token) * p.experts + expert] = total;
             }
         }
     }
-#pragma unroll
-    for (int e = 0; e < TILE_E; ++e)
-#pragma unroll
-        for (int t = 0; t < kTileTokens; ++t) {
-            const float v = warp_sum(acc[e][t]);
-            if (lane == 0) partial[warp][e * kTileTokens + t] = v;
-        }
-    __syncthreads();
-    if (tid < TILE_E * kTileTokens) {
-        const int e = tid / kTileTokens, t = tid % kTileTokens;
-        if (t < tile_tokens && expert0 + e < p.experts) {
-            float v = 0.f;
-#pragma unroll
-            for (int w = 0; w < kWarps; ++w) v += partial[w][tid];
-            p.logits[(long)(token0 + t) * p.experts + expert0 + e] = v;
-        }
+
+    if (!last_to_arrive(p.counters + blockIdx.z, gridDim.x * gridDim.y, &flag)) return;
+    // Stage 2: this block is the last of its token group; every slice's partials are in L2.
+    for (int i = tid; i < group_tokens * p.experts; i += kThreads) {
+        const long at = (long)token0 * p.experts + i;
+        float sum = 0.f;
+        for (int s = 0; s < (int)gridDim.x; ++s) sum += __ldcg(p.partials + (long)s * p.tokens * p.experts + at);
+        p.logits[at] = sum;
     }
+    __syncthreads();
+    for (int t = warp; t < group_tokens; t += kWarps) softmax_topk_warp(p, token0 + t);
 
-    if (!last_to_arrive(p.counters + blockIdx.y, gridDim.x, &flag)) return;
-    if (warp < tile_tokens) softmax_topk_warp(p, token0 + warp);
-
-    if (!last_to_arrive(p.counters + gridDim.y, gridDim.y, &flag)) return;
-    moe_align_block(p.align, align_shared);
+    if (!last_to_arrive(p.counters + gridDim.z, gridDim.z, &flag)) return;
+    moe_align_block(p.align, shared.align);
 }
-
-}  // namespace
-
-// Decode shapes (tokens <= 16): one expert per block, so the gate streams through experts blocks in parallel.
-extern "C" __global__ void __launch_bounds__(kThreads) router_topk_e1(const RouterParams p) { router_topk_body<1>(p); }
-
-// Prefill shapes: four experts per block reuse each loaded hidden vector four times (hidden is re-read from L2 once
-// per block column, experts / 4 times in all).
-extern "C" __global__ void __launch_bounds__(kThreads) router_topk_e4(const RouterParams p) { router_topk_body<4>(p); }
 
 // The alignment alone, from topk_ids produced elsewhere (one block of 256 threads).
 extern "C" __global__ void __launch_bounds__(kThreads) moe_align(const MoeAlignParams p) {

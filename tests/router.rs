@@ -97,7 +97,7 @@ fn run(device: &Device, case: &Case) -> Output {
     let hidden = DeviceBuffer::from_slice(device, &case.hidden).unwrap();
     let gate = DeviceBuffer::from_slice(device, &case.gate).unwrap();
     let map = ExpertMap::new(device, &case.map).unwrap();
-    let workspace = router::RouterWorkspace::new(device, case.tokens, case.experts).unwrap();
+    let workspace = router::RouterWorkspace::new(device, case.tokens, case.experts, case.dim).unwrap();
     let routing = router::Routing::alloc(device, case.tokens, case.config.k, map.local_experts(), case.config.tile_m).unwrap();
     poison(device, &routing);
     router::route_and_align_into(&hidden, &gate, case.tokens, &map, &case.config, &workspace, &routing).unwrap();
@@ -172,7 +172,7 @@ fn local_count(map: &[i32]) -> usize {
 fn router_matches_reference(device: &Device) {
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig { cases: 10, ..ProptestConfig::default() });
     let shapes = (
-        prop_oneof![Just(1usize), Just(17), Just(33), Just(222), 1usize..40],
+        prop_oneof![Just(1usize), Just(17), Just(33), Just(65), Just(222), 1usize..40],
         prop_oneof![Just(8usize), Just(128), Just(160)],
         prop_oneof![Just(1usize), Just(3), Just(4), Just(5), Just(8)],
         prop_oneof![Just(64usize), Just(136), Just(520)],
@@ -323,7 +323,7 @@ fn router_decode_traffic() {
         let hidden = DeviceBuffer::from_slice(&device, &case.hidden).unwrap();
         let gate = DeviceBuffer::from_slice(&device, &case.gate).unwrap();
         let map = ExpertMap::identity(&device, 128).unwrap();
-        let workspace = router::RouterWorkspace::new(&device, tokens, 128).unwrap();
+        let workspace = router::RouterWorkspace::new(&device, tokens, 128, 4096).unwrap();
         let routing = router::Routing::alloc(&device, tokens, 4, 128, 16).unwrap();
         router::route_and_align_into(&hidden, &gate, tokens, &map, &case.config, &workspace, &routing).unwrap();
         let counters = device.last_launch_counters().expect("the interpreter reports counters");

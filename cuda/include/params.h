@@ -63,13 +63,16 @@ typedef struct MoeAlignParams {
 
 /* logits = hidden . gate^T (f32 accumulation), softmax over all experts in f32, top-k (ties to the lower index),
  * topk_weights = p / (sum of the k p + 1e-20) * routed_scale; then (same launch) the alignment of `align`.
- * `logits` [tokens, experts] f32 and `counters` [token_tiles + 1] i32 are workspace: counters must be zero on entry
- * and are left zero on exit (so one workspace serves every replay of a CUDA graph, one launch at a time). */
+ * Grid (dim slices of 256, expert groups of experts_per_block, token groups of 64). Workspace: `partials`
+ * [slices, tokens, experts] f32, `logits` [tokens, experts] f32, `counters` [token_groups + 1] i32 (zero on entry,
+ * left zero on exit, so one workspace serves every replay of a CUDA graph, one launch at a time). */
 typedef struct RouterParams {
     const bf16 *hidden; /* [tokens, dim] */
     const bf16 *gate;   /* [experts, dim] */
+    float *partials;
     float *logits;
     int *counters;
+    int experts_per_block; /* a multiple of 32 */
     int *topk_ids;       /* [tokens, k] */
     float *topk_weights; /* [tokens, k] */
     int tokens;

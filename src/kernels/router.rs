@@ -21,8 +21,7 @@ use crate::device::{launch_with, Device, DeviceBuffer, Dim3, Kernel, LaunchConfi
 use crate::error::{Error, Result};
 use crate::reference::moe::aligned_capacity;
 
-const ROUTER_TOPK_E1: Kernel = Kernel { module: ROUTER, entry: "router_topk_e1" };
-const ROUTER_TOPK_E4: Kernel = Kernel { module: ROUTER, entry: "router_topk_e4" };
+const ROUTER_TOPK: Kernel = Kernel { module: ROUTER, entry: "router_topk" };
 const MOE_ALIGN: Kernel = Kernel { module: ROUTER, entry: "moe_align" };
 
 pub const MAX_EXPERTS: usize = 256;
@@ -30,10 +29,20 @@ pub const MAX_K: usize = 8;
 pub const MAX_TILE_M: usize = 128;
 /// Threads of every router block (`kThreads` in router.cu).
 const THREADS: u32 = 256;
-/// Tokens per block (`kTileTokens`).
-const TILE_TOKENS: usize = 8;
-/// Up to this many tokens each block computes one expert (spreads the gate over more blocks), above it four.
+/// Columns of dim per block (`kSlice`) and tokens per block (`kTokenGroup`).
+const SLICE: usize = 256;
+const TOKEN_GROUP: usize = 64;
+/// Up to this many tokens a block covers 32 experts (more blocks to stream the gate at decode); above it 64 (each
+/// hidden slice staged in shared memory serves twice as many experts).
 const DECODE_TOKENS: usize = 16;
+
+fn experts_per_block(tokens: usize) -> usize {
+    if tokens <= DECODE_TOKENS {
+        32
+    } else {
+        64
+    }
+}
 
 /// Which experts this GPU owns: `map[global] = local index`, or -1 for experts owned by another GPU.
 pub struct ExpertMap {
@@ -169,22 +178,27 @@ impl Routing {
     }
 }
 
-/// Scratch of one router launch: the f32 logits [tokens, experts] and the completion counters (zero between
-/// launches; the kernel leaves them zero). One launch at a time per workspace.
+/// Scratch of one router launch: the split-K partial logits [dim / 256, tokens, experts], the f32 logits
+/// [tokens, experts] and the completion counters (zero between launches; the kernel leaves them zero). One launch at
+/// a time per workspace.
 pub struct RouterWorkspace {
+    partials: DeviceBuffer<f32>,
     logits: DeviceBuffer<f32>,
     counters: DeviceBuffer<i32>,
     tokens: usize,
     experts: usize,
+    dim: usize,
 }
 
 impl RouterWorkspace {
-    pub fn new(device: &Device, tokens: usize, experts: usize) -> Result<Self> {
+    pub fn new(device: &Device, tokens: usize, experts: usize, dim: usize) -> Result<Self> {
         Ok(RouterWorkspace {
+            partials: DeviceBuffer::alloc(device, dim.div_ceil(SLICE) * tokens * experts)?,
             logits: DeviceBuffer::alloc(device, tokens * experts)?,
-            counters: DeviceBuffer::filled_with_byte(device, tokens.div_ceil(TILE_TOKENS) + 1, 0)?,
+            counters: DeviceBuffer::filled_with_byte(device, tokens.div_ceil(TOKEN_GROUP) + 1, 0)?,
             tokens,
             experts,
+            dim,
         })
     }
 
@@ -214,7 +228,7 @@ pub fn route_and_align(
 ) -> Result<Routing> {
     let device = hidden.device();
     check_config(map.experts, config)?;
-    let workspace = RouterWorkspace::new(device, tokens, map.experts)?;
+    let workspace = RouterWorkspace::new(device, tokens, map.experts, gate.len() / map.experts)?;
     let routing = Routing::alloc(device, tokens, config.k, map.local_experts, config.tile_m)?;
     route_and_align_into(hidden, gate, tokens, map, config, &workspace, &routing)?;
     Ok(routing)
@@ -239,13 +253,17 @@ pub fn route_and_align_into(
     if dim % 8 != 0 {
         return Err(Error::InvalidArgument(format!("router: dim {dim} must be a multiple of 8 (16-byte loads)")));
     }
-    // Grid rows (token tiles) are limited to 65535; logits indices to i32.
-    if tokens.div_ceil(TILE_TOKENS) > 65535 || tokens * experts.max(dim) > i32::MAX as usize {
+    // Grid z (token groups) is limited to 65535; element offsets of hidden and logits to i32.
+    if tokens.div_ceil(TOKEN_GROUP) > 65535 || tokens * experts.max(dim) > i32::MAX as usize {
         return Err(Error::InvalidArgument(format!("router: {tokens} tokens is too many for one launch")));
     }
     check_len("router hidden", hidden.len(), tokens * dim)?;
-    if (workspace.tokens, workspace.experts) != (tokens, experts) {
-        return Err(Error::shape("router workspace [tokens, experts]", format!("[{tokens}, {experts}]"), format!("[{}, {}]", workspace.tokens, workspace.experts)));
+    if (workspace.tokens, workspace.experts, workspace.dim) != (tokens, experts, dim) {
+        return Err(Error::shape(
+            "router workspace [tokens, experts, dim]",
+            format!("[{tokens}, {experts}, {dim}]"),
+            format!("[{}, {}, {}]", workspace.tokens, workspace.experts, workspace.dim),
+        ));
     }
     if (out.tokens, out.k, out.alignment.tile_m) != (tokens, config.k, config.tile_m) {
         return Err(Error::shape("router outputs [tokens, k, tile_m]", format!("[{tokens}, {}, {}]", config.k, config.tile_m), format!("[{}, {}, {}]", out.tokens, out.k, out.alignment.tile_m)));
@@ -256,11 +274,13 @@ pub fn route_and_align_into(
     if tokens == 0 {
         return launch_align(hidden.device(), align);
     }
-    let (kernel, experts_per_block) = if tokens <= DECODE_TOKENS { (ROUTER_TOPK_E1, 1) } else { (ROUTER_TOPK_E4, 4) };
+    let experts_per_block = experts_per_block(tokens);
     let params = RouterParams {
         hidden: hidden.ptr(),
         gate: gate.ptr(),
+        partials: workspace.partials.mut_ptr(),
         logits: workspace.logits.mut_ptr(),
+        experts_per_block: experts_per_block as i32,
         counters: workspace.counters.mut_ptr(),
         topk_ids: out.topk_ids.mut_ptr(),
         topk_weights: out.topk_weights.mut_ptr(),
@@ -271,8 +291,8 @@ pub fn route_and_align_into(
         routed_scale: config.routed_scale,
         align,
     };
-    let grid = Dim3::xy(experts.div_ceil(experts_per_block) as u32, tokens.div_ceil(TILE_TOKENS) as u32);
-    launch_with(hidden.device(), &kernel, &LaunchConfig { grid, block: Dim3::x(THREADS), shared_bytes: 0 }, &params)
+    let grid = Dim3::xyz(dim.div_ceil(SLICE) as u32, experts.div_ceil(experts_per_block) as u32, tokens.div_ceil(TOKEN_GROUP) as u32);
+    launch_with(hidden.device(), &ROUTER_TOPK, &LaunchConfig { grid, block: Dim3::x(THREADS), shared_bytes: 0 }, &params)
 }
 
 /// The alignment alone, from `topk_ids [tokens * k]` computed elsewhere.

@@ -17,9 +17,9 @@ __device__ __forceinline__ bool aligned16(const void *p) { return (reinterpret_c
 // In place: q[t, h, :] *= s(pos) with the last rope_dim of each head rotated by interleaved pairs, k_rope[t, :] rotated.
 // Thread mapping: one block per token; the first rope_dim/2 threads compute cos/sin of the token's angles into shared
 // memory, then every thread takes 16-byte chunks (8 dims = 4 pairs) of the heads * head_dim q values and the rope_dim
-// k values. Angles: pos * inv_freq in f64 and reduced to [-pi, pi] in f64 (exact enough for positions up to 2^24 and
-// any frequency), then sin/cos of the reduced f32 angle with the fast hardware approximations (|error| < 1e-6 on
-// [-pi, pi]; no slow range-reduction path, no local memory). Requires head_dim, rope_dim and both row strides to be
+// k values. Angles: pos * inv_freq as an exact f32 pair, reduced to about [-pi, pi] by Cody-Waite (|error| ~3e-7 rad
+// up to position 2^20, where a plain f32 product would be off by 0.06 rad), then sin/cos of the reduced angle with the
+// fast hardware approximations (|error| < 1e-6 on [-pi, pi]; no slow range-reduction path, no local memory). Requires head_dim, rope_dim and both row strides to be
 // multiples of 8 (the wrapper checks). Bytes: 2 * 2 * tokens * (heads * head_dim + rope_dim). FLOPs: ~6 per element.
 extern "C" __global__ void __launch_bounds__(256) rope_q_k(const RopeParams p) {
     __shared__ float cos_of[128], sin_of[128];
@@ -27,9 +27,15 @@ extern "C" __global__ void __launch_bounds__(256) rope_q_k(const RopeParams p) {
     const int pos = p.positions[t];
     const int pairs = p.rope_dim / 2;
     for (int i = threadIdx.x; i < pairs; i += blockDim.x) {
-        const double angle = (double)pos * (double)p.inv_freq[i];
-        const double turns = rint(angle * 0.15915494309189535);  // 1 / (2 pi)
-        const float reduced = (float)fma(-turns, 6.283185307179586, angle);
+        // pos * f exactly as hi + lo (pos < 2^24 is exact in f32), then Cody-Waite reduction by 2 pi in two fma
+        // steps (2 pi = C1 + C2 to ~2^-48): |error| ~ 3e-7 rad for positions up to 2^20.
+        const float pos_f = (float)pos, f = p.inv_freq[i];
+        const float hi = __fmul_rn(pos_f, f);
+        const float lo = fmaf(pos_f, f, -hi);
+        const float turns = rintf(hi * 0.159154943091895336f);  // 1 / (2 pi)
+        float reduced = fmaf(-turns, 6.28318548202514648f, hi);
+        reduced = fmaf(-turns, -1.74845553146951715e-7f, reduced);
+        reduced += lo;
         float s, c;
         __sincosf(reduced, &s, &c);
         sin_of[i] = s;
@@ -246,7 +252,7 @@ extern "C" __global__ void __launch_bounds__(1024) argmax_rows(const ArgmaxParam
 
 // Seeded temperature + top-p sampling, one block per row r (greedy argmax when temperature[r] <= 0):
 //  1. m = max logit; token weights w_i = fixed_point_weight(l_i, m, log2(e) / T) (integers, w = 2^24 for the max);
-//  2. S = sum w_i; target = ceil(top_p * S) (f64), clamped to [1, S];
+//  2. S = sum w_i; target = ceil(S * P / 2^24) with P = floor(top_p * 2^24) (top_p < 1; else S), at least 1;
 //  3. tau = the largest integer with mass(tau) = sum of the w_i >= tau at least target: the nucleus {i: w_i >= tau}
 //     (ties at tau all kept). Found without sorting by a 16-way search over [1, 2^25): each pass evaluates 15
 //     thresholds in one sweep over the row (7 passes);
@@ -275,11 +281,14 @@ extern "C" __global__ void __launch_bounds__(512) sample_rows(const SampleParams
         if (threadIdx.x == 0) p.ids[blockIdx.x] = best.index;
         return;
     }
-    const double top_p = p.top_p[blockIdx.x];
+    // target = ceil(S * P / 2^24) with P = floor(top_p * 2^24): integers only (S * P < 2^66, as a 128-bit product).
+    const float top_p = p.top_p[blockIdx.x];
     unsigned long long target = total[0];
-    if (top_p < 1.0) {
-        const double want = ceil(top_p * (double)total[0]);
-        target = want < 1.0 ? 1ull : (unsigned long long)want;
+    if (top_p < 1.f) {
+        const unsigned long long quantised = top_p > 0.f ? (unsigned)(top_p * 16777216.f) : 0u;
+        const unsigned long long lo = total[0] * quantised, hi = __umul64hi(total[0], quantised);
+        target = (hi << 40 | lo >> 24) + ((lo & 0xffffffull) != 0);
+        if (target == 0) target = 1;
     }
 
     // Invariant: mass(lo) >= target > mass(hi).

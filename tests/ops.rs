@@ -333,9 +333,10 @@ fn sampling_special_cases(device: &Device) {
 }
 
 /// Over many seeds the sampled frequencies of a 4-token distribution are near its probabilities
-/// (4000 draws: standard deviation of a frequency <= 0.008; the bound 0.035 is > 4 sigma).
+/// (1000 draws, one row each: standard deviation of a frequency <= 0.016; the bound 0.065 is > 4 sigma and well
+/// below the 0.1 gaps between the probabilities).
 fn sampling_frequencies_follow_probabilities(device: &Device) {
-    let rows = 4000;
+    let rows = 1000;
     let probs = [0.1f32, 0.2, 0.3, 0.4];
     let logits: Vec<f32> = (0..rows).flat_map(|_| probs.iter().map(|p| p.ln() + 3.0)).collect();
     let case = SampleCase {
@@ -351,7 +352,7 @@ fn sampling_frequencies_follow_probabilities(device: &Device) {
     assert_eq!(got, reference_samples(&case));
     for (token, &p) in probs.iter().enumerate() {
         let frequency = got.iter().filter(|&&id| id == token as i32).count() as f32 / rows as f32;
-        assert!((frequency - p).abs() < 0.035, "token {token}: frequency {frequency}, probability {p}");
+        assert!((frequency - p).abs() < 0.065, "token {token}: frequency {frequency}, probability {p}");
     }
     // top_p = 0.55 keeps {0.4, 0.3} (0.4 alone is below 0.55): token 3 ~ 4/7, token 2 ~ 3/7, never 0 or 1.
     let nucleus = SampleCase { top_p: vec![0.55; rows], ..case };
@@ -359,7 +360,7 @@ fn sampling_frequencies_follow_probabilities(device: &Device) {
     assert_eq!(got, reference_samples(&nucleus));
     assert!(got.iter().all(|&id| id == 2 || id == 3));
     let frequency = got.iter().filter(|&&id| id == 3).count() as f32 / rows as f32;
-    assert!((frequency - 4.0 / 7.0).abs() < 0.035, "{frequency}");
+    assert!((frequency - 4.0 / 7.0).abs() < 0.065, "{frequency}");
 }
 
 fn sampling_rejects_bad_shapes(device: &Device) {

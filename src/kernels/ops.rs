@@ -244,7 +244,7 @@ pub fn argmax(logits: &DeviceBuffer<f32>, rows: usize, vocab: usize, ids: &Devic
 pub struct SamplingInputs<'a> {
     /// <= 0: greedy.
     pub temperature: &'a DeviceBuffer<f32>,
-    /// In (0, 1]; values >= 1 (or NaN) keep every token.
+    /// In (0, 1], used as floor(top_p * 2^24) / 2^24; values >= 1 (or NaN) keep every token.
     pub top_p: &'a DeviceBuffer<f32>,
     /// The request's seed: its samples depend on (seed, step) only, not on its row in the batch.
     pub seeds: &'a DeviceBuffer<u64>,

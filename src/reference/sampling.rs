@@ -4,7 +4,8 @@
 //! 1. m = max logit (NaN ignored); integer weights `w_i = floor(2^24 * 2^x)`, `x = (l_i - m) * (log2(e) / T)`, 0 below
 //!    x = -25, from IEEE-exact f32 operations only (sub, mul, floor, a fixed Horner chain of fma), bit-identical on
 //!    both sides;
-//! 2. S = sum w_i (exact integers), target = ceil(top_p * S) in f64, clamped to [1, S] (top_p >= 1: S);
+//! 2. S = sum w_i (exact integers), target = ceil(S * P / 2^24) with P = floor(top_p * 2^24), at least 1
+//!    (top_p >= 1 or NaN: S), all in integers;
 //! 3. the nucleus is {i : w_i >= tau} with tau the largest weight whose "mass at or above" reaches the target (ties
 //!    at tau all kept). The kernel finds tau by a 16-way search over integers; here, by sorting;
 //! 4. R = floor(u * M / 2^64), u = 64 bits of Philox4x32-10(key = seed, counter = {step, 'SML4', 0, 0}), M the nucleus
@@ -74,8 +75,12 @@ pub fn sample(row: &[f32], temperature: f32, top_p: f32, seed: u64, step: i32) -
     if total == 0 {
         return greedy;
     }
-    let top_p = top_p as f64;
-    let target = if top_p < 1.0 { ((top_p * total as f64).ceil()).max(1.0) as u64 } else { total };
+    let target = if top_p < 1.0 {
+        let quantised = (top_p * 16_777_216.0) as u32 as u128; // floor(top_p * 2^24), 0 for top_p <= 0
+        (((total as u128 * quantised) + (1 << 24) - 1) >> 24).max(1) as u64
+    } else {
+        total
+    };
 
     let mut sorted = weights.clone();
     sorted.sort_unstable_by(|a, b| b.cmp(a));

@@ -221,8 +221,8 @@ fn random_logits(rng: &mut rand::rngs::StdRng, rows: usize, vocab: usize, spread
 
 fn run_argmax(device: &Device, logits: &[f32], rows: usize, vocab: usize) -> Vec<i32> {
     let dev = DeviceBuffer::from_slice(device, logits).unwrap();
-    let ids = DeviceBuffer::<i32>::filled_with_byte(device, rows, 0xff).unwrap();
-    device.memset(ids.addr(), 0x7f, ids.bytes()).unwrap();
+    // 0x7f7f7f7f: no id, and not the -1 of a row without numbers.
+    let ids = DeviceBuffer::<i32>::filled_with_byte(device, rows, 0x7f).unwrap();
     ops::argmax(&dev, rows, vocab, &ids).unwrap();
     ids.to_vec().unwrap()
 }
@@ -268,8 +268,7 @@ fn run_sample(device: &Device, case: &SampleCase) -> Vec<i32> {
     let top_p = DeviceBuffer::from_slice(device, &case.top_p).unwrap();
     let seeds = DeviceBuffer::from_slice(device, &case.seeds).unwrap();
     let steps = DeviceBuffer::from_slice(device, &case.steps).unwrap();
-    let ids = DeviceBuffer::<i32>::filled_with_byte(device, case.rows, 0xff).unwrap();
-    device.memset(ids.addr(), 0x7f, ids.bytes()).unwrap();
+    let ids = DeviceBuffer::<i32>::filled_with_byte(device, case.rows, 0x7f).unwrap();
     let inputs = SamplingInputs { temperature: &temperature, top_p: &top_p, seeds: &seeds, steps: &steps };
     ops::sample(&logits, case.rows, case.vocab, &inputs, &ids).unwrap();
     ids.to_vec().unwrap()

@@ -622,13 +622,9 @@ fn decode_inst(ctx: &Ctx, i: &Instruction) -> Result<Inst, ParseError> {
         "trap" | "brkpt" => inst.op = Op::Trap,
         "bar" | "barrier" if has("warp") => {
             inst.op = Op::BarWarp;
-            dst_src(&mut inst, None)?;
-            // bar.warp.sync has no destination: its one operand is the member mask.
-            inst.s = inst.d.iter().map(|r| r.map_or(Src::Imm(u32::MAX as u64), Src::Reg)).collect();
-            if let Some(Operand::Int(v)) = ops.first() {
-                inst.s = vec![Src::Imm(*v as u64)];
+            for o in ops {
+                ctx.src(o, None, line, &mut inst.s)?;
             }
-            inst.d.clear();
         }
         "bar" | "barrier" => {
             let kind = if has("arrive") {

@@ -307,7 +307,7 @@ impl Parser {
     }
 
     /// `.space [.align N] [.v2] .type name[<N>|[N]] [= {...}]` after the space word was read.
-    fn decl(&mut self, space: String, line: u32, extern_: bool) -> Result<Vec<VarDecl>, ParseError> {
+    fn decl(&mut self, space: String, line: u32, extern_: bool, single: bool) -> Result<Vec<VarDecl>, ParseError> {
         let mut align = 0u32;
         let mut ty = String::new();
         loop {
@@ -348,7 +348,7 @@ impl Parser {
                 }
             }
             decls.push(d);
-            if !self.eat(',') {
+            if single || !self.eat(',') {
                 break;
             }
         }
@@ -363,7 +363,7 @@ impl Parser {
         while !self.eat(')') {
             let line = self.line();
             let space = self.word()?;
-            params.extend(self.decl(space, line, false)?);
+            params.extend(self.decl(space, line, false, true)?);
             self.eat(',');
         }
         Ok(params)
@@ -399,7 +399,7 @@ impl Parser {
                     body.push(Stmt::Label(w, line));
                 }
                 Tok::Word(w) if matches!(w.as_str(), ".reg" | ".shared" | ".local" | ".const" | ".global" | ".param") => {
-                    for d in self.decl(w, line, false)? {
+                    for d in self.decl(w, line, false, false)? {
                         body.push(Stmt::Decl(d));
                     }
                     self.expect(';')?;
@@ -483,7 +483,7 @@ impl Parser {
                     pending_extern = false;
                 }
                 ".global" | ".const" | ".shared" => {
-                    ast.globals.extend(self.decl(w, line, pending_extern)?);
+                    ast.globals.extend(self.decl(w, line, pending_extern, false)?);
                     self.expect(';')?;
                     pending_extern = false;
                 }

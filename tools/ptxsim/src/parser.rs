@@ -68,8 +68,14 @@ fn lex(src: &str) -> Result<Vec<Token>, ParseError> {
             out.push(Token { tok: Tok::Num(chars[start..i].iter().collect()), line });
         } else if word_char(c) {
             let start = i;
-            while i < chars.len() && word_char(chars[i]) {
-                i += 1;
+            while i < chars.len() {
+                if word_char(chars[i]) {
+                    i += 1;
+                } else if chars[i] == ':' && chars.get(i + 1) == Some(&':') {
+                    i += 2; // `.L2::cache_hint`, `.shared::cta`
+                } else {
+                    break;
+                }
             }
             out.push(Token { tok: Tok::Word(chars[start..i].iter().collect()), line });
         } else if "{}[]()<>,;:+-|!@=".contains(c) {

@@ -230,11 +230,11 @@ pub(super) fn prmt(w: &mut Warp, inst: &Inst, mode: PrmtMode, exec: u32) {
             PrmtMode::Rc8 => [c & 3; 4],
             PrmtMode::Ecl => {
                 let s = c & 3;
-                [0, 1, 2, 3].map(|i| if i >= s { s } else { i })
+                [0, 1, 2, 3].map(|i: u32| i.max(s))
             }
             PrmtMode::Ecr => {
                 let s = c & 3;
-                [0, 1, 2, 3].map(|i| if i <= s { i } else { s })
+                [0, 1, 2, 3].map(|i: u32| i.min(s))
             }
             PrmtMode::Rc16 => {
                 let s = c & 1;
@@ -583,7 +583,7 @@ fn cvt1(c: &CvtSpec, a: u64, b: u64) -> Result<u64, String> {
     let mut out = 0u64;
     for e in 0..dn {
         let x = if dn == sn {
-            read_float(sty, (a >> (seb * e)) & ((1u64 << seb) - 1).max(if seb == 64 { u64::MAX } else { 0 }), c.ftz)
+            read_float(sty, if seb >= 64 { a } else { (a >> (seb * e)) & ((1u64 << seb) - 1) }, c.ftz)
         } else if dn == 2 && sn == 1 {
             // cvt.xx2.f32 d, a, b: `a` goes to the upper element, `b` to the lower.
             read_float(sty, if e == 1 { a } else { b }, c.ftz)

@@ -482,6 +482,32 @@ fn decode_inst(ctx: &Ctx, i: &Instruction) -> Result<Inst, ParseError> {
             inst.op = Op::Int { op, ty, sat: false };
             dst_src(&mut inst, None)?;
         }
+        "lop3" => {
+            inst.op = Op::Int { op: IntOp::Lop3, ty, sat: false };
+            dst_src(&mut inst, None)?;
+        }
+        "shf" => {
+            let wrap = has("wrap");
+            inst.op = Op::Int { op: if has("l") { IntOp::ShfL { wrap } } else { IntOp::ShfR { wrap } }, ty: Ty::B32, sat: false };
+            dst_src(&mut inst, None)?;
+        }
+        "elect" => {
+            inst.op = Op::Elect;
+            dst_src(&mut inst, None)?;
+        }
+        "testp" => {
+            let test = match m.first().copied() {
+                Some("finite") => TestpKind::Finite,
+                Some("infinite") => TestpKind::Infinite,
+                Some("number") => TestpKind::Number,
+                Some("notanumber") => TestpKind::NotANumber,
+                Some("normal") => TestpKind::Normal,
+                Some("subnormal") => TestpKind::Subnormal,
+                _ => return err(line, format!("bad {}", i.opcode)),
+            };
+            inst.op = Op::Testp { test, ty };
+            dst_src(&mut inst, None)?;
+        }
         "dp4a" => {
             if tys.len() != 2 {
                 unsupported(&mut inst);

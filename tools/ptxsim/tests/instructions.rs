@@ -545,3 +545,17 @@ fn unsupported_instruction_names_itself_and_its_line() {
 fn inline_asm_scopes_shadow_registers() {
     check32("mov.u32 %rd, 1; { .reg .b32 %rd; mov.u32 %rd, 5; } add.u32 %rd, %rd, %ra;", &[(10, 0, 0, 11)]);
 }
+
+#[test]
+fn lop3_funnel_shifts_testp_and_elect() {
+    // 0x96 = a ^ b ^ c; 0xe8 = majority(a, b, c).
+    check32("lop3.b32 %rd, %ra, %rb, %rc, 0x96;", &[(0xff00_ff00, 0xf0f0_f0f0, 0xcccc_cccc, 0xff00_ff00 ^ 0xf0f0_f0f0 ^ 0xcccc_cccc)]);
+    check32("lop3.b32 %rd, %ra, %rb, %rc, 0xe8;", &[(0b1100, 0b1010, 0b0110, 0b1110)]);
+    check32("shf.l.wrap.b32 %rd, %ra, %rb, %rc;", &[(0x8000_0001, 0x1234_5678, 4, 0x2345_6788), (0x8000_0001, 0x1234_5678, 36, 0x2345_6788)]);
+    check32("shf.r.clamp.b32 %rd, %ra, %rb, %rc;", &[(0x8000_0001, 0x1234_5678, 4, 0x8800_0000), (0x8000_0001, 0x1234_5678, 40, 0x1234_5678)]);
+    check32("testp.finite.f32 %pd, %fa; selp.u32 %rd, 1, 0, %pd;", &[(f(1.0), 0, 0, 1), (f(f32::INFINITY), 0, 0, 0), (f32::NAN.to_bits(), 0, 0, 0)]);
+    check32("testp.subnormal.f32 %pd, %fa; selp.u32 %rd, 1, 0, %pd;", &[(1, 0, 0, 1), (f(1.0), 0, 0, 0)]);
+    let got = run("elect.sync %rd|%pd, -1; selp.u32 %hi, 100, 0, %pd; add.u32 %rd, %rd, %hi; cvt.u64.u32 %d, %rd;", &[(0, 0, 0); 32]);
+    assert_eq!(got[0], 100);
+    assert!(got[1..].iter().all(|&g| g == 0));
+}

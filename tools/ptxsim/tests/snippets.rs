@@ -286,3 +286,88 @@ fn host_api_errors() {
     assert!(module.entries().contains(&"mma_bf16".to_string()));
     assert!(m.launch(&module, "nope", [1, 1, 1], [1, 1, 1], 0, &[]).is_err());
 }
+
+/// Runs gemm_bf16 on random data and checks it against a CPU product; returns the launch counters.
+pub fn run_gemm(m_: usize, n_: usize, k_: usize, seed: u64) -> ptxsim::Counters {
+    let module = snippets();
+    let mut m = Machine::new();
+    let mut rng = Rng(seed);
+    let a = bf16_matrix(&mut rng, m_ * k_);
+    let b = bf16_matrix(&mut rng, n_ * k_);
+    let (ad, bd) = (upload(&mut m, &a), upload(&mut m, &b));
+    let cd = poisoned(&mut m, m_ * n_ * 4);
+    let p = Params::new().ptr(ad).ptr(bd).ptr(cd).i32(m_ as i32).i32(n_ as i32).i32(k_ as i32);
+    let counters = m.launch(&module, "gemm_bf16", [(n_ / 64) as u32, (m_ / 64) as u32, 1], [128, 1, 1], 0, &p.0).unwrap();
+    let c = download::<f32>(&m, cd, m_ * n_);
+    for i in 0..m_ {
+        for j in 0..n_ {
+            let want: f64 = (0..k_).map(|kk| a[i * k_ + kk].to_f64() * b[j * k_ + kk].to_f64()).sum();
+            let got = c[i * n_ + j] as f64;
+            assert!((got - want).abs() <= 1e-4 * (k_ as f64).sqrt() * 4.0, "C[{i}][{j}] = {got}, want {want}");
+        }
+    }
+    counters
+}
+
+#[test]
+fn tiled_gemm_with_cp_async_ldmatrix_mma_matches_cpu() {
+    let c = run_gemm(128, 64, 96, 3);
+    // 2 blocks x 4 warps x 3 k-tiles x 2 k-steps x 8 mma.
+    assert_eq!(c.tensor_ops, 2 * 4 * 3 * 2 * 8);
+    // Each block reads its A rows (64 x 96) and B rows (64 x 96) once: 2 blocks x 2 x 64 x 96 bf16.
+    assert_eq!(c.global_bytes_read, 2 * 2 * 64 * 96 * 2);
+    assert_eq!(c.global_bytes_written, 128 * 64 * 4);
+    // Padded shared rows (80 bytes) keep ldmatrix conflict-free.
+    assert_eq!(c.shared_bank_conflicts, 0, "{c}");
+}
+
+#[test]
+fn sectors_per_request_measure_coalescing() {
+    let module = snippets();
+    for (stride, sectors) in [(1, 4u64), (2, 8), (8, 32), (64, 32)] {
+        let mut m = Machine::new();
+        let input: Vec<f32> = (0..32 * stride).map(|i| i as f32).collect();
+        let ind = upload(&mut m, &input);
+        let out = poisoned(&mut m, 32 * 4);
+        let c = m.launch(&module, "strided_read", [1, 1, 1], [32, 1, 1], 0, &Params::new().ptr(ind).ptr(out).i32(stride as i32).0).unwrap();
+        // One load request and one store request; the store is always 4 sectors.
+        assert_eq!((c.global_requests, c.global_sectors), (2, sectors + 4), "stride {stride}");
+        assert_eq!((c.global_bytes_read, c.global_bytes_written), (128, 128));
+    }
+}
+
+/// CPU time of this thread (the machine is shared, so wall time overstates the interpreter's cost).
+fn thread_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
+    stat.split_whitespace().next().and_then(|ns| ns.parse::<f64>().ok()).unwrap_or(f64::NAN) / 1e9
+}
+
+/// Interpreter speed on the GEMM (docs/perf.md): `cargo test -p ptxsim --test snippets gemm_speed -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn gemm_speed() {
+    let (m_, n_, k_) = (256, 256, 512);
+    let (c, wall, cpu) = run_gemm_unchecked(m_, n_, k_);
+    println!(
+        "gemm_bf16 {m_}x{n_}x{k_}: {cpu:.3} s CPU ({wall:.3} s wall), {} warp instructions = {:.2} M/s, {} thread instructions = {:.1} M/s (per CPU second)\n{c}",
+        c.warp_instructions,
+        c.warp_instructions as f64 / cpu / 1e6,
+        c.thread_instructions,
+        c.thread_instructions as f64 / cpu / 1e6
+    );
+}
+
+/// The GEMM launch alone: its counters, wall seconds and CPU seconds.
+fn run_gemm_unchecked(m_: usize, n_: usize, k_: usize) -> (ptxsim::Counters, f64, f64) {
+    let module = snippets();
+    let mut m = Machine::new();
+    let mut rng = Rng(11);
+    let a = bf16_matrix(&mut rng, m_ * k_);
+    let b = bf16_matrix(&mut rng, n_ * k_);
+    let (ad, bd) = (upload(&mut m, &a), upload(&mut m, &b));
+    let cd = poisoned(&mut m, m_ * n_ * 4);
+    let p = Params::new().ptr(ad).ptr(bd).ptr(cd).i32(m_ as i32).i32(n_ as i32).i32(k_ as i32);
+    let (wall, cpu) = (std::time::Instant::now(), thread_cpu_seconds());
+    let c = m.launch(&module, "gemm_bf16", [(n_ / 64) as u32, (m_ / 64) as u32, 1], [128, 1, 1], 0, &p.0).unwrap();
+    (c, wall.elapsed().as_secs_f64(), thread_cpu_seconds() - cpu)
+}

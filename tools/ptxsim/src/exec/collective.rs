@@ -53,6 +53,19 @@ pub(super) fn shfl(w: &mut Warp, inst: &Inst, mode: ShflMode, exec: u32, mask: u
     Ok(())
 }
 
+pub(super) fn elect(w: &mut Warp, inst: &Inst, exec: u32) -> Result<(), Fault> {
+    let member = w.val(&inst.s[0], exec.trailing_zeros() as usize) as u32;
+    check_converged(w, "elect.sync", member, exec)?;
+    let leader = exec.trailing_zeros() as u64;
+    for l in lanes(exec) {
+        w.set(inst.d[0], l, leader);
+        if inst.d.len() > 1 {
+            w.set(inst.d[1], l, (l as u64 == leader) as u64);
+        }
+    }
+    Ok(())
+}
+
 pub(super) fn vote(w: &mut Warp, inst: &Inst, mode: VoteMode, exec: u32, _mask: u32) -> Result<(), Fault> {
     if exec == 0 {
         return Ok(());
@@ -158,8 +171,8 @@ pub(super) fn mma(w: &mut Warp, inst: &Inst, shape: MmaShape, [a_ty, b_ty, c_ty,
     if inst.s.len() != a_regs + b_regs + c_regs {
         return warp_fault(format!("mma.sync operand count {} does not match the shape (expected {})", inst.s.len(), a_regs + b_regs + c_regs));
     }
-    let mut a = vec![[0f64; 64]; 16];
-    let mut b = vec![[0f64; 8]; 64];
+    let mut a = [[0f64; 64]; 16];
+    let mut b = [[0f64; 8]; 64];
     let mut c = [[0f64; 8]; 16];
     let mut c_int = [[0i64; 8]; 16];
     for l in 0..32usize {

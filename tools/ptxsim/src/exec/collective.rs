@@ -172,7 +172,7 @@ pub(super) fn mma(w: &mut Warp, inst: &Inst, shape: MmaShape, [a_ty, b_ty, c_ty,
         return warp_fault(format!("mma.sync operand count {} does not match the shape (expected {})", inst.s.len(), a_regs + b_regs + c_regs));
     }
     let mut a = [[0f64; 64]; 16];
-    let mut b = [[0f64; 8]; 64];
+    let mut b = [[0f64; 64]; 8];
     let mut c = [[0f64; 8]; 16];
     let mut c_int = [[0i64; 8]; 16];
     for l in 0..32usize {
@@ -186,7 +186,7 @@ pub(super) fn mma(w: &mut Warp, inst: &Inst, shape: MmaShape, [a_ty, b_ty, c_ty,
         for r in 0..b_regs as u32 {
             let v = w.val(&inst.s[a_regs + r as usize], l);
             for e in 0..p {
-                b[(p * t + e + 4 * p * r) as usize][g as usize] = mma_elem(b_ty, v, e);
+                b[g as usize][(p * t + e + 4 * p * r) as usize] = mma_elem(b_ty, v, e);
             }
         }
         for r in 0..c_regs as u32 {
@@ -209,9 +209,13 @@ pub(super) fn mma(w: &mut Warp, inst: &Inst, shape: MmaShape, [a_ty, b_ty, c_ty,
         for j in 0..8 {
             let mut s = c[i][j];
             let mut si = c_int[i][j];
-            for kk in 0..k {
-                s += a[i][kk] * b[kk][j];
-                si += (a[i][kk] * b[kk][j]) as i64;
+            if integer {
+                for kk in 0..k {
+                    si += (a[i][kk] * b[j][kk]) as i64;
+                }
+            } else {
+                // Products of <= 16-bit-mantissa inputs are exact; the sum is kept in f64 and rounded once.
+                s += a[i][..k].iter().zip(&b[j][..k]).map(|(x, y)| x * y).sum::<f64>();
             }
             d[i][j] = s;
             d_int[i][j] = si;

@@ -244,19 +244,13 @@ fn brute_round(x: f64, values: &[(u32, f64)], sign_bit: u32, inf: Option<u32>, m
         Some(v) => sign | v.0,
         None => {
             // Beyond the largest finite value.
-            return if satfinite || inf.is_none() || mode == "rz" || (mode == "rm" && !neg) || (mode == "rp" && neg) {
-                sign | max_bits
-            } else if mode == "rn" {
-                // IEEE: overflow to infinity only from max + half an ulp on.
-                let prev = pos.iter().filter(|v| v.1 < max).map(|v| v.1).fold(0.0, f64::max);
-                if a >= max + (max - prev) / 2.0 {
-                    sign | inf.unwrap()
-                } else {
-                    sign | max_bits
-                }
-            } else {
-                sign | inf.unwrap()
+            let inf = match inf {
+                Some(inf) if !(satfinite || mode == "rz" || (mode == "rm" && !neg) || (mode == "rp" && neg)) => inf,
+                _ => return sign | max_bits,
             };
+            // IEEE: round-to-nearest overflows to infinity only from max + half an ulp on.
+            let prev = pos.iter().filter(|v| v.1 < max).map(|v| v.1).fold(0.0, f64::max);
+            return if mode == "rn" && a < max + (max - prev) / 2.0 { sign | max_bits } else { sign | inf };
         }
     };
     if below.1 == a {

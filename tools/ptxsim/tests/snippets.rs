@@ -329,7 +329,7 @@ fn sectors_per_request_measure_coalescing() {
         let input: Vec<f32> = (0..32 * stride).map(|i| i as f32).collect();
         let ind = upload(&mut m, &input);
         let out = poisoned(&mut m, 32 * 4);
-        let c = m.launch(&module, "strided_read", [1, 1, 1], [32, 1, 1], 0, &Params::new().ptr(ind).ptr(out).i32(stride as i32).0).unwrap();
+        let c = m.launch(&module, "strided_read", [1, 1, 1], [32, 1, 1], 0, &Params::new().ptr(ind).ptr(out).i32(stride).0).unwrap();
         // One load request and one store request; the store is always 4 sectors.
         assert_eq!((c.global_requests, c.global_sectors), (2, sectors + 4), "stride {stride}");
         assert_eq!((c.global_bytes_read, c.global_bytes_written), (128, 128));

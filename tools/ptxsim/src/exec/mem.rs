@@ -157,7 +157,7 @@ impl BlockCtx<'_> {
             }
             Loc::Local(o) => {
                 let at = self.local_bounds(w, o, len, lane, "read")?;
-                if w.local_init[at..at + len].iter().any(|&b| b == 0) {
+                if w.local_init[at..at + len].contains(&0) {
                     return fault(lane, format!("read of uninitialised local memory at offset {o:#x}"));
                 }
                 out.copy_from_slice(&w.local[at..at + len]);
@@ -409,6 +409,7 @@ impl BlockCtx<'_> {
         self.write(w, Loc::Shared(c.dst), l, data, true)
     }
 
+    #[allow(clippy::needless_range_loop)] // matrix m, row r index both the rows and the supplying lane
     pub(super) fn ldmatrix(&mut self, w: &mut Warp, inst: &Inst, num: u32, trans: bool, exec: u32) -> Result<(), Fault> {
         if exec != u32::MAX {
             return warp_fault(format!("ldmatrix needs all 32 lanes of the warp converged (active {exec:#010x})"));
@@ -447,6 +448,7 @@ impl BlockCtx<'_> {
         Ok(())
     }
 
+    #[allow(clippy::needless_range_loop)]
     pub(super) fn stmatrix(&mut self, w: &mut Warp, inst: &Inst, num: u32, trans: bool, exec: u32) -> Result<(), Fault> {
         if exec != u32::MAX {
             return warp_fault("stmatrix needs all 32 lanes of the warp converged");

@@ -137,6 +137,10 @@ pub(crate) enum Flow {
     Branch(u32, u32),
     /// These lanes exit.
     Exit(u32),
+    /// These lanes call: save pc + 1 in the register, jump to the target.
+    Call { target: u32, ret_reg: u32, lanes: u32 },
+    /// These lanes return to the address each holds in the register.
+    Return(u32, u32),
     /// These lanes wait at barrier `id` until `expected` threads (None = all live threads) arrived.
     Barrier { id: u32, lanes: u32, expected: Option<u32>, wait: bool },
 }
@@ -239,6 +243,21 @@ impl BlockCtx<'_> {
                         for l in lanes(mask) {
                             w.pc[l] = if taken >> l & 1 != 0 { target } else { pc + 1 };
                         }
+                    }
+                }
+                Flow::Call { target, ret_reg, lanes: calling } => {
+                    for l in lanes(calling) {
+                        w.regs[ret_reg as usize * 32 + l] = pc as u64 + 1;
+                    }
+                    w.materialize();
+                    for l in lanes(mask) {
+                        w.pc[l] = if calling >> l & 1 != 0 { target } else { pc + 1 };
+                    }
+                }
+                Flow::Return(reg, returning) => {
+                    w.materialize();
+                    for l in lanes(mask) {
+                        w.pc[l] = if returning >> l & 1 != 0 { w.regs[reg as usize * 32 + l] as u32 } else { pc + 1 };
                     }
                 }
                 Flow::Exit(exiting) => {
@@ -455,9 +474,62 @@ impl BlockCtx<'_> {
                 self.counters.tensor_ops += 1;
                 self.counters.tensor_flops += 2 * (shape.m * shape.n * shape.k) as u64;
             }
+            Op::Call { target, ret_reg, copies, .. } => {
+                for l in lanes(exec) {
+                    copy_local(w, l, copies);
+                }
+                return Ok(Flow::Call { target: *target, ret_reg: *ret_reg, lanes: exec });
+            }
+            Op::Return(reg) => return Ok(Flow::Return(*reg, exec)),
+            Op::CopyLocal(copies) => {
+                for l in lanes(exec) {
+                    copy_local(w, l, copies);
+                }
+            }
+            Op::AssertFail(args) => {
+                let l = exec.trailing_zeros() as usize;
+                let arg = |i: usize| -> u64 {
+                    let at = l * w.local_bytes + args.get(i).copied().unwrap_or(0) as usize;
+                    let mut b = [0u8; 8];
+                    let n = 8.min(w.local_bytes.saturating_sub(at - l * w.local_bytes));
+                    b[..n].copy_from_slice(&w.local[at..at + n]);
+                    u64::from_le_bytes(b)
+                };
+                let message = self.c_string(arg(0));
+                let file = self.c_string(arg(1));
+                return fault(l, format!("device-side assertion failed: {message} ({file}:{})", arg(2) as u32));
+            }
             Op::Unsupported(name) => return warp_fault(format!("unsupported instruction {name}")),
         }
         Ok(Flow::Next)
+    }
+}
+
+/// Copies (from, to, bytes) between areas of one lane's local memory, with their initialisation.
+fn copy_local(w: &mut Warp, lane: usize, copies: &[(u32, u32, u32)]) {
+    let base = lane * w.local_bytes;
+    for &(from, to, bytes) in copies {
+        let (from, to, n) = (base + from as usize, base + to as usize, bytes as usize);
+        w.local.copy_within(from..from + n, to);
+        w.local_init.copy_within(from..from + n, to);
+    }
+}
+
+impl BlockCtx<'_> {
+    /// A NUL-terminated string in global memory (at most 512 bytes), for assertion messages.
+    fn c_string(&self, addr: u64) -> String {
+        let mut out = Vec::new();
+        for i in 0..512 {
+            let mut b = [0u8];
+            match self.global.find(addr + i, 1) {
+                Some((_, a, off)) if a.data[off] != 0 => {
+                    b[0] = a.data[off];
+                    out.push(b[0]);
+                }
+                _ => break,
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
     }
 }
 

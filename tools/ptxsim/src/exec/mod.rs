@@ -64,6 +64,8 @@ pub(crate) struct Warp {
     /// Lanes waiting at a barrier; `wait[id]` says which barrier.
     pub blocked: u32,
     pub wait: [u32; 16],
+    /// The phase of barrier `id` these lanes wait for to complete.
+    pub wait_phase: [u32; 16],
     pub tid: [[u32; 3]; 32],
     pub ids: Ids,
     pub clock: u64,
@@ -120,6 +122,18 @@ impl Warp {
         }) as u64
     }
 
+    /// Lets lanes whose barrier phase has completed run again.
+    fn release_completed(&mut self, bars: &[BarState; 16]) {
+        for id in 0..16 {
+            if self.wait[id] != 0 && self.wait_phase[id] < bars[id].phase {
+                self.materialize();
+                self.blocked &= !self.wait[id];
+                self.wait[id] = 0;
+                self.converged = None;
+            }
+        }
+    }
+
     /// Makes `pc` exact for every runnable lane and leaves converged mode.
     fn materialize(&mut self) {
         if let Some(p) = self.converged.take() {
@@ -147,6 +161,8 @@ pub(crate) enum Flow {
 
 #[derive(Clone, Copy, Default)]
 struct BarState {
+    /// Completed phases: a barrier with a thread count completes as soon as that many threads arrived.
+    phase: u32,
     arrived: u32,
     expected: Option<u32>,
     /// bar.red accumulation: number of true predicates, and whether any arrival had a false one.
@@ -285,6 +301,14 @@ impl BlockCtx<'_> {
                     if wait {
                         w.blocked |= arriving;
                         w.wait[id as usize] |= arriving;
+                        w.wait_phase[id as usize] = b.phase;
+                    }
+                    if let Some(e) = b.expected.filter(|&e| b.arrived >= e) {
+                        // A counted barrier (named-barrier producer/consumer) completes at this arrival.
+                        b.arrived -= e;
+                        b.phase += 1;
+                        self.shared.barrier();
+                        w.release_completed(&*bars);
                     }
                 }
             }
@@ -306,6 +330,7 @@ impl BlockCtx<'_> {
         let mut steps = 0u64;
         loop {
             for wi in 0..warps.len() {
+                warps[wi].release_completed(&bars);
                 if warps[wi].live & !warps[wi].blocked != 0 {
                     let w = &mut warps[wi];
                     self.run_warp(w, &mut bars, &mut steps).map_err(|(f, pc)| self.error(w, f, pc))?;
@@ -320,8 +345,8 @@ impl BlockCtx<'_> {
             for id in 0..16 {
                 let b = bars[id];
                 let waiting: u32 = warps.iter().map(|w| (w.wait[id] & w.live).count_ones()).sum();
-                if b.arrived == 0 && waiting == 0 {
-                    continue;
+                if (b.arrived == 0 && waiting == 0) || b.expected.is_some() {
+                    continue; // counted barriers complete at the arrival that fills them
                 }
                 let expected = b.expected.unwrap_or(live_threads);
                 if b.arrived >= expected || (b.expected.is_none() && waiting == live_threads) {
@@ -345,10 +370,11 @@ impl BlockCtx<'_> {
                         w.wait[id] = 0;
                         w.converged = None;
                     }
-                    bars[id] = BarState::default();
+                    bars[id] = BarState { phase: b.phase + 1, ..BarState::default() };
                     released = true;
                 }
             }
+            released |= warps.iter().any(|w| (0..16).any(|id| w.wait[id] != 0 && w.wait_phase[id] < bars[id].phase));
             if !released {
                 let w = warps.iter().find(|w| w.blocked & w.live != 0).unwrap_or(&warps[0]);
                 let lane = (w.blocked & w.live).trailing_zeros() as usize;
@@ -584,6 +610,7 @@ pub(crate) fn launch(
                 live,
                 blocked: 0,
                 wait: [0; 16],
+                wait_phase: [0; 16],
                 tid,
                 ids: Ids { ctaid: [0; 3], ntid: block, nctaid: grid, dynamic_smem: dynamic_shared_bytes, total_smem: shared_size as u32 },
                 clock: 0,
@@ -603,6 +630,7 @@ pub(crate) fn launch(
                     w.live = live;
                     w.blocked = 0;
                     w.wait = [0; 16];
+                    w.wait_phase = [0; 16];
                     w.converged = Some(0);
                     w.ids.ctaid = [bx, by, bz];
                     w.local_init.fill(0);

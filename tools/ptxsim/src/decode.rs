@@ -656,8 +656,7 @@ fn decode_inst(ctx: &Ctx, i: &Instruction) -> Result<Inst, ParseError> {
                 unsupported(&mut inst);
                 return Ok(inst);
             }
-            // dp4a.atype.btype: signedness of a and b; encode as Ty pair via sat flag is not enough, keep both in ty.
-            inst.op = Op::Int { op: IntOp::Dp4a, ty: if tys[0] == Ty::S32 { if tys[1] == Ty::S32 { Ty::S32 } else { Ty::S16 } } else if tys[1] == Ty::S32 { Ty::U16 } else { Ty::U32 }, sat: false };
+            inst.op = Op::Int { op: IntOp::Dp4a { a_signed: tys[0] == Ty::S32, b_signed: tys[1] == Ty::S32 }, ty: Ty::B32, sat: false };
             dst_src(&mut inst, None)?;
         }
         "prmt" => {
@@ -780,7 +779,7 @@ fn decode_inst(ctx: &Ctx, i: &Instruction) -> Result<Inst, ParseError> {
                 inst.op = Op::CpAsync { bytes, zfill };
             }
         }
-        "bra" | "brx" if base == "bra" => {
+        "bra" => {
             let target = match ops.first() {
                 Some(Operand::Name(l, 0)) => *ctx.labels.get(l).ok_or_else(|| ParseError { line, message: format!("unknown label {l}") })?,
                 _ => return err(line, "bra needs a label"),

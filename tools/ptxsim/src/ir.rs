@@ -257,7 +257,8 @@ pub enum IntOp {
     Bfe,
     Bfi,
     Sad,
-    Dp4a,
+    /// `dp4a.atype.btype`: four 8-bit products accumulated into 32 bits.
+    Dp4a { a_signed: bool, b_signed: bool },
     /// `lop3.b32 d, a, b, c, lut`: any 3-input bitwise function.
     Lop3,
     /// Funnel shifts `shf.{l,r}.{wrap,clamp}.b32 d, a, b, c` over the 64-bit value {b, a}.

@@ -466,14 +466,12 @@ impl BlockCtx<'_> {
                 if exec != mask && exec != 0 {
                     return warp_fault("barrier under a predicate that differs between converged lanes");
                 }
-                let red = matches!(kind, BarKind::RedPopc | BarKind::RedAnd | BarKind::RedOr);
                 let l0 = mask.trailing_zeros() as usize;
                 let id = if *id_is_operand { w.val(&inst.s[0], l0) as u32 } else { 0 };
                 if id >= 16 {
                     return warp_fault(format!("barrier id {id} out of range 0..16"));
                 }
                 let expected = if *has_count { Some(w.val(&inst.s[1], l0) as u32) } else { None };
-                let _ = red;
                 if exec == 0 {
                     return Ok(Flow::Next);
                 }

@@ -124,8 +124,8 @@ impl Warp {
 
     /// Lets lanes whose barrier phase has completed run again.
     fn release_completed(&mut self, bars: &[BarState; 16]) {
-        for id in 0..16 {
-            if self.wait[id] != 0 && self.wait_phase[id] < bars[id].phase {
+        for (id, bar) in bars.iter().enumerate() {
+            if self.wait[id] != 0 && self.wait_phase[id] < bar.phase {
                 self.materialize();
                 self.blocked &= !self.wait[id];
                 self.wait[id] = 0;

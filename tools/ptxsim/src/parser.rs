@@ -68,8 +68,14 @@ fn lex(src: &str) -> Result<Vec<Token>, ParseError> {
             out.push(Token { tok: Tok::Num(chars[start..i].iter().collect()), line });
         } else if word_char(c) {
             let start = i;
-            while i < chars.len() && word_char(chars[i]) {
-                i += 1;
+            while i < chars.len() {
+                if word_char(chars[i]) {
+                    i += 1;
+                } else if chars[i] == ':' && chars.get(i + 1) == Some(&':') {
+                    i += 2; // `.L2::cache_hint`, `.shared::cta`
+                } else {
+                    break;
+                }
             }
             out.push(Token { tok: Tok::Word(chars[start..i].iter().collect()), line });
         } else if "{}[]()<>,;:+-|!@=".contains(c) {
@@ -142,6 +148,8 @@ pub struct Function {
     pub is_entry: bool,
     pub line: u32,
     pub params: Vec<VarDecl>,
+    /// Return values of a `.func`.
+    pub rets: Vec<VarDecl>,
     pub body: Vec<Stmt>,
 }
 
@@ -249,6 +257,15 @@ fn parse_number(text: &str, neg: bool, line: u32) -> Result<Operand, ParseError>
 impl Parser {
     fn operand(&mut self) -> Result<Operand, ParseError> {
         let line = self.line();
+        if self.eat('(') {
+            // A call's return-value or argument list.
+            let mut items = Vec::new();
+            while !self.eat(')') {
+                items.push(self.operand()?);
+                self.eat(',');
+            }
+            return Ok(Operand::Vector(items));
+        }
         if self.eat('{') {
             let mut items = Vec::new();
             if !self.eat('}') {
@@ -307,7 +324,7 @@ impl Parser {
     }
 
     /// `.space [.align N] [.v2] .type name[<N>|[N]] [= {...}]` after the space word was read.
-    fn decl(&mut self, space: String, line: u32, extern_: bool) -> Result<Vec<VarDecl>, ParseError> {
+    fn decl(&mut self, space: String, line: u32, extern_: bool, single: bool) -> Result<Vec<VarDecl>, ParseError> {
         let mut align = 0u32;
         let mut ty = String::new();
         loop {
@@ -348,7 +365,7 @@ impl Parser {
                 }
             }
             decls.push(d);
-            if !self.eat(',') {
+            if single || !self.eat(',') {
                 break;
             }
         }
@@ -363,7 +380,7 @@ impl Parser {
         while !self.eat(')') {
             let line = self.line();
             let space = self.word()?;
-            params.extend(self.decl(space, line, false)?);
+            params.extend(self.decl(space, line, false, true)?);
             self.eat(',');
         }
         Ok(params)
@@ -399,7 +416,7 @@ impl Parser {
                     body.push(Stmt::Label(w, line));
                 }
                 Tok::Word(w) if matches!(w.as_str(), ".reg" | ".shared" | ".local" | ".const" | ".global" | ".param") => {
-                    for d in self.decl(w, line, false)? {
+                    for d in self.decl(w, line, false, false)? {
                         body.push(Stmt::Decl(d));
                     }
                     self.expect(';')?;
@@ -465,9 +482,7 @@ impl Parser {
                 ".extern" => pending_extern = true,
                 ".entry" | ".func" => {
                     let is_entry = w == ".entry";
-                    if !is_entry && self.is_punct('(') {
-                        self.params()?; // return value
-                    }
+                    let rets = if !is_entry && self.is_punct('(') { self.params()? } else { Vec::new() };
                     let name = self.word()?;
                     let params = self.params()?;
                     // Performance directives (.maxntid 128, 1, 1 / .reqntid / .minnctapersm / .noreturn ...).
@@ -479,11 +494,11 @@ impl Parser {
                         continue; // a prototype
                     }
                     let body = self.body()?;
-                    ast.functions.push(Function { name, is_entry, line, params, body });
+                    ast.functions.push(Function { name, is_entry, line, params, rets, body });
                     pending_extern = false;
                 }
                 ".global" | ".const" | ".shared" => {
-                    ast.globals.extend(self.decl(w, line, pending_extern)?);
+                    ast.globals.extend(self.decl(w, line, pending_extern, false)?);
                     self.expect(';')?;
                     pending_extern = false;
                 }

@@ -1,1 +1,2 @@
 //! The model: configuration, checkpoints, KV cache, engine.
+pub mod kv_cache;

@@ -174,17 +174,29 @@ struct TileLayout {
 
 // Issues the cp.async loads of cache tokens [tile_start, tile_start + kTileN) into a stage; tokens at or past `end`
 // are zero-filled in shared memory and never read from global memory (their page slots may hold anything).
+// Each warp reads the tile's block-table entries once (lane i: token i) and hands the slot of a token to the lanes
+// that copy its chunks by shuffle: one table request per warp and tile instead of one per 16-byte chunk.
 template <bool kFp8>
 __device__ __forceinline__ void load_cache_tile(const MlaAttentionParams &p, int seq, int tile_start, int end, char *stage) {
+    static_assert(kTileN == 32, "one block-table entry per lane");
     using Elem = CacheElem<kFp8>;
     constexpr int kChunks = kWidth * Elem::kBytes / 16;  // 16-byte chunks per token
     constexpr int kDstRowBytes = kFp8 ? kWidth : kRowStride * 2;
+    const int lane = threadIdx.x & 31;
     const char *cache = reinterpret_cast<const char *>(p.cache);
-    for (int idx = threadIdx.x; idx < kTileN * kChunks; idx += blockDim.x) {
-        const int tok = idx / kChunks, chunk = idx % kChunks, pos = tile_start + tok;
+    int my_slot = 0;  // physical slot (page * page_size + offset) of token tile_start + lane
+    if (tile_start + lane < end) {
+        const int pos = tile_start + lane;
+        my_slot = p.block_tables[(long)seq * p.max_pages + pos / p.page_size] * p.page_size + pos % p.page_size;
+    }
+    // Warp-uniform trip count (the shuffle needs every lane), block-strided over the tile's chunks.
+    for (int base = threadIdx.x - lane; base < kTileN * kChunks; base += blockDim.x) {
+        const int idx = base + lane, tok = idx / kChunks, chunk = idx % kChunks;
+        const int slot = __shfl_sync(0xffffffffu, my_slot, tok & 31);
+        if (idx >= kTileN * kChunks) continue;
         char *dst = stage + tok * kDstRowBytes + chunk * 16;
-        if (pos < end) {
-            cp_async16(dst, cache + cache_token_offset(p.block_tables, p.max_pages, p.page_size, seq, pos, Elem::kBytes) + chunk * 16);
+        if (tile_start + tok < end) {
+            cp_async16(dst, cache + (long)slot * (kWidth * Elem::kBytes) + chunk * 16);
         } else {
             *reinterpret_cast<uint4 *>(dst) = make_uint4(0, 0, 0, 0);
         }

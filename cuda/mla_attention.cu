@@ -399,7 +399,9 @@ extern "C" __global__ void __launch_bounds__(kMaxWarps * 32) mla_attention_fp8(c
 // ================================================================================================================
 // mla_attention_combine: o_lat[row] = sum_i w_i o_i / sum_i w_i with w_i = l_i 2^(m_i - max_j m_j), over the splits
 // i that hold a key of the row (i * tokens_per_split <= position), in split order: deterministic.
-// Thread mapping: one warp per (token, head) row, lane l owns latent values 8l..8l+7; grid = (row blocks, sequences).
+// Thread mapping: one warp per (token, head) row; lane l owns latent values 4l..4l+3 and 128+4l..128+4l+3 (each
+// warp load is 512 contiguous bytes); lane i reads the (max, sum) of split i (of each group of 32) and passes its
+// weight around by shuffle. grid = (row blocks, sequences).
 // Bytes per row and split: 1 KiB + 8 read; 512 written per row. FLOPs: ~3 per value and split.
 // ================================================================================================================
 extern "C" __global__ void mla_attention_combine(const MlaAttentionParams p) {
@@ -410,21 +412,31 @@ extern "C" __global__ void mla_attention_combine(const MlaAttentionParams p) {
     const int pos = p.kv_len[seq] - q_count + row / p.heads;
     const int splits = min(p.num_splits, pos / p.tokens_per_split + 1);
     const long grow = (long)q_begin * p.heads + row;
+    const float2 *ml = reinterpret_cast<const float2 *>(p.partial_ml);
 
     float global_max = -INFINITY;
-    for (int i = 0; i < splits; ++i) global_max = fmaxf(global_max, p.partial_ml[((long)i * p.total_rows + grow) * 2]);
+    for (int i = lane; i < splits; i += 32) global_max = fmaxf(global_max, ml[(long)i * p.total_rows + grow].x);
+    global_max = warp_max(global_max);
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, total = 0.f;
-    for (int i = 0; i < splits; ++i) {
-        const long prow = (long)i * p.total_rows + grow;
-        const float2 ml = *reinterpret_cast<const float2 *>(p.partial_ml + prow * 2);
-        const float weight = ml.y * exp2f(ml.x - global_max);
-        const float4 *src = reinterpret_cast<const float4 *>(p.partial_o + prow * kLatent + lane * 8);
-        const float4 lo = src[0], hi = src[1];
-        acc[0] += weight * lo.x, acc[1] += weight * lo.y, acc[2] += weight * lo.z, acc[3] += weight * lo.w;
-        acc[4] += weight * hi.x, acc[5] += weight * hi.y, acc[6] += weight * hi.z, acc[7] += weight * hi.w;
-        total += weight;
+    for (int base = 0; base < splits; base += 32) {
+        float my_weight = 0.f;
+        if (base + lane < splits) {
+            const float2 split_ml = ml[(long)(base + lane) * p.total_rows + grow];
+            my_weight = split_ml.y * exp2f(split_ml.x - global_max);
+        }
+        total += my_weight;
+        for (int j = 0; j < min(32, splits - base); ++j) {
+            const float weight = __shfl_sync(0xffffffffu, my_weight, j);
+            const float4 *src = reinterpret_cast<const float4 *>(p.partial_o + ((long)(base + j) * p.total_rows + grow) * kLatent);
+            const float4 lo = src[lane], hi = src[32 + lane];
+            acc[0] += weight * lo.x, acc[1] += weight * lo.y, acc[2] += weight * lo.z, acc[3] += weight * lo.w;
+            acc[4] += weight * hi.x, acc[5] += weight * hi.y, acc[6] += weight * hi.z, acc[7] += weight * hi.w;
+        }
     }
-#pragma unroll
-    for (int i = 0; i < 8; ++i) acc[i] /= total;
-    *reinterpret_cast<uint4 *>(p.o_lat + grow * kLatent + lane * 8) = f32x8_to_bf16(acc);
+    const float inv_total = 1.f / warp_sum(total);
+    bf16 *dst = p.o_lat + grow * kLatent;
+    *reinterpret_cast<uint2 *>(dst + 4 * lane) =
+        make_uint2(pack_bf16(acc[0] * inv_total, acc[1] * inv_total), pack_bf16(acc[2] * inv_total, acc[3] * inv_total));
+    *reinterpret_cast<uint2 *>(dst + 128 + 4 * lane) =
+        make_uint2(pack_bf16(acc[4] * inv_total, acc[5] * inv_total), pack_bf16(acc[6] * inv_total, acc[7] * inv_total));
 }

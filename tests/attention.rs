@@ -12,7 +12,7 @@ use proptest::prelude::*;
 use rand::seq::SliceRandom;
 use rand::{rngs::StdRng, Rng};
 use small4::device::{Backend, Device, DeviceBuffer, Kernel, LaunchConfig, LaunchCounters};
-use small4::kernels::attention::{self, BlockTables, CacheWriteWeights, PagedCache, Queries};
+use small4::kernels::attention::{self, AttentionScratch, BlockTables, CacheWriteWeights, PagedCache, Queries, QueryLayout};
 use small4::model::kv_cache::{BatchTables, CacheDescriptor, CacheDtype};
 use small4::reference::attention::{latent_attention, MlaDims};
 use small4::reference::{norm, rope};
@@ -118,8 +118,10 @@ fn check_attention(device: &Device, case: &AttentionCase) -> Vec<u16> {
     let q_lat_dev = DeviceBuffer::from_slice(device, &q_lat).unwrap();
     let q_rope_dev = DeviceBuffer::from_slice(device, &q_rope).unwrap();
     let o_lat = DeviceBuffer::<bf16>::filled_with_byte(device, tokens * h * LATENT, 0xff).unwrap();
-    let queries = Queries { q_start: &q_start, q_lat: &q_lat_dev, q_rope: &q_rope_dev, heads: h };
-    attention::mla_attention(&cache, &block_tables, &queries, &o_lat, SOFTMAX_SCALE, case.splits).unwrap();
+    let layout = QueryLayout::upload(device, &q_start).unwrap();
+    let queries = Queries { layout: &layout, q_lat: &q_lat_dev, q_rope: &q_rope_dev, heads: h };
+    let mut scratch = AttentionScratch::new(device);
+    attention::mla_attention(&cache, &block_tables, &queries, &o_lat, SOFTMAX_SCALE, case.splits, &mut scratch).unwrap();
     let got = o_lat.to_vec().unwrap();
 
     let (q_lat, q_rope) = (to_f32(&q_lat), to_f32(&q_rope));
@@ -254,14 +256,20 @@ fn wrappers_reject_bad_input(device: &Device) {
     tables.block_tables[1] = desc.num_pages as i32;
     let err = BlockTables::upload(device, &tables, &desc).err().unwrap();
     assert!(matches!(err, small4::Error::OutOfRange { .. }), "{err}");
-    // Wrong q shape, wrong head count, more queries than cached tokens.
-    let err = attention::mla_decode(&cache, &good, &q, &r, 3, &o, SOFTMAX_SCALE, None).unwrap_err();
+    // Wrong q shape (head count), more queries than cached tokens, a bad scale, a decreasing layout.
+    let mut scratch = AttentionScratch::new(device);
+    let decode = QueryLayout::decode(device, 2).unwrap();
+    let attend = |layout: &QueryLayout, heads: usize, cache: &PagedCache, scale: f32, scratch: &mut AttentionScratch| {
+        let queries = Queries { layout, q_lat: &q, q_rope: &r, heads };
+        attention::mla_attention(cache, &good, &queries, &o, scale, None, scratch).unwrap_err()
+    };
+    let err = attend(&decode, 3, &cache, SOFTMAX_SCALE, &mut scratch);
     assert!(matches!(err, small4::Error::Shape { .. }), "{err}");
-    let queries = Queries { q_start: &[0, 1, 5], q_lat: &q, q_rope: &r, heads: 4 };
-    let err = attention::mla_attention(&cache, &good, &queries, &o, SOFTMAX_SCALE, None).unwrap_err();
+    let err = attend(&QueryLayout::upload(device, &[0, 1, 5]).unwrap(), 4, &cache, SOFTMAX_SCALE, &mut scratch);
     assert!(matches!(err, small4::Error::OutOfRange { .. }), "{err}");
-    let err = attention::mla_decode(&cache, &good, &q, &r, 4, &o, f32::NAN, None).unwrap_err();
+    let err = attend(&decode, 4, &cache, f32::NAN, &mut scratch);
     assert!(matches!(err, small4::Error::InvalidArgument(_)), "{err}");
+    assert!(matches!(QueryLayout::upload(device, &[0, 2, 1]), Err(small4::Error::InvalidArgument(_))));
     // The cache writer refuses a position past the sequence's length and an unknown sequence.
     let kv = DeviceBuffer::<bf16>::filled_with_byte(device, WIDTH, 0x11).unwrap();
     let w = DeviceBuffer::<bf16>::filled_with_byte(device, LATENT, 0x11).unwrap();
@@ -273,7 +281,7 @@ fn wrappers_reject_bad_input(device: &Device) {
     }
     // Tables checked for another cache geometry.
     let other = PagedCache::filled_with_byte(device, CacheDescriptor::mla(desc.num_pages, 64, CacheDtype::Bf16).unwrap(), 0).unwrap();
-    let err = attention::mla_decode(&other, &good, &q, &r, 4, &o, SOFTMAX_SCALE, None).unwrap_err();
+    let err = attend(&decode, 4, &other, SOFTMAX_SCALE, &mut scratch);
     assert!(matches!(err, small4::Error::InvalidArgument(_)), "{err}");
 }
 
@@ -350,7 +358,10 @@ fn decode_traffic_at_real_heads() {
         let q_rope = DeviceBuffer::from_slice(&device, &random_bf16(&mut rng, batch * heads * ROPE, 1.0)).unwrap();
         let o_lat = DeviceBuffer::<bf16>::filled_with_byte(&device, batch * heads * LATENT, 0xff).unwrap();
         counting.launches.lock().unwrap().clear();
-        let plan = attention::mla_decode(&cache, &block_tables, &q_lat, &q_rope, heads, &o_lat, SOFTMAX_SCALE, splits).unwrap();
+        let layout = QueryLayout::decode(&device, batch).unwrap();
+        let queries = Queries { layout: &layout, q_lat: &q_lat, q_rope: &q_rope, heads };
+        let mut scratch = AttentionScratch::new(&device);
+        let plan = attention::mla_attention(&cache, &block_tables, &queries, &o_lat, SOFTMAX_SCALE, splits, &mut scratch).unwrap();
         let launches = counting.launches.lock().unwrap().clone();
         assert!(!launches.is_empty(), "the interpreter reported no counters");
         let context: usize = lens.iter().sum();

@@ -266,15 +266,66 @@ impl AttentionPlan {
     }
 }
 
-/// The queries of one attention call. `q_start` [num_seqs + 1]: sequence s owns query tokens
-/// q_start[s]..q_start[s+1] (the last q_count tokens of the sequence, already written into the cache).
+/// Which query tokens belong to which sequence, checked and uploaded once (a decode step reuses it).
+/// `q_start` [num_seqs + 1]: sequence s owns query tokens q_start[s]..q_start[s+1], the last q_count tokens of the
+/// sequence (already written into the cache).
+pub struct QueryLayout {
+    host: Vec<i32>,
+    q_start: DeviceBuffer<i32>,
+}
+
+impl QueryLayout {
+    pub fn upload(device: &Device, q_start: &[i32]) -> Result<Self> {
+        if q_start.first() != Some(&0) {
+            return Err(Error::InvalidArgument(format!("q_start must start with 0, got {:?}", q_start.first())));
+        }
+        if let Some(w) = q_start.windows(2).find(|w| w[1] < w[0]) {
+            return Err(Error::InvalidArgument(format!("q_start decreases: {} then {}", w[0], w[1])));
+        }
+        Ok(QueryLayout { host: q_start.to_vec(), q_start: DeviceBuffer::from_slice(device, q_start)? })
+    }
+
+    /// Decode: one query token per sequence.
+    pub fn decode(device: &Device, num_seqs: usize) -> Result<Self> {
+        let q_start: Vec<i32> = (0..=num_seqs).map(|i| i as i32).collect();
+        Self::upload(device, &q_start)
+    }
+
+    pub fn tokens(&self) -> usize {
+        *self.host.last().unwrap() as usize
+    }
+}
+
+/// The queries of one attention call.
 pub struct Queries<'a> {
-    pub q_start: &'a [i32],
+    pub layout: &'a QueryLayout,
     /// [tokens, heads, 256], W_UK absorbed.
     pub q_lat: &'a DeviceBuffer<bf16>,
     /// [tokens, heads, 64], rotated and llama-4 scaled.
     pub q_rope: &'a DeviceBuffer<bf16>,
     pub heads: usize,
+}
+
+/// The f32 partial results of split-KV attention; grows on demand and is reused across calls.
+pub struct AttentionScratch {
+    device: Device,
+    /// [rows capacity, 256] and [rows capacity, 2]
+    buffers: Option<(DeviceBuffer<f32>, DeviceBuffer<f32>)>,
+}
+
+impl AttentionScratch {
+    pub fn new(device: &Device) -> Self {
+        AttentionScratch { device: device.clone(), buffers: None }
+    }
+
+    fn ensure(&mut self, rows: usize) -> Result<&(DeviceBuffer<f32>, DeviceBuffer<f32>)> {
+        let rows = rows.max(1);
+        if self.buffers.as_ref().is_none_or(|(_, ml)| ml.len() < rows * 2) {
+            self.buffers = None;
+            self.buffers = Some((DeviceBuffer::alloc(&self.device, rows * KV_LORA_RANK)?, DeviceBuffer::alloc(&self.device, rows * 2)?));
+        }
+        Ok(self.buffers.as_ref().unwrap())
+    }
 }
 
 /// Causal latent attention: `o_lat` [tokens, heads, 256] (bf16). `num_splits`: None picks the split count.
@@ -285,10 +336,11 @@ pub fn mla_attention(
     o_lat: &DeviceBuffer<bf16>,
     softmax_scale: f32,
     num_splits: Option<usize>,
+    scratch: &mut AttentionScratch,
 ) -> Result<AttentionPlan> {
     tables.check_cache(cache)?;
     let num_seqs = tables.num_seqs();
-    let (q_start, heads) = (queries.q_start, queries.heads);
+    let (q_start, heads) = (&queries.layout.host, queries.heads);
     check_len("q_start", q_start.len(), num_seqs + 1)?;
     if heads == 0 || heads > 1 << 16 {
         return Err(Error::InvalidArgument(format!("{heads} heads")));
@@ -296,18 +348,15 @@ pub fn mla_attention(
     if !(softmax_scale.is_finite() && softmax_scale > 0.0) {
         return Err(Error::InvalidArgument(format!("softmax scale {softmax_scale}")));
     }
-    if q_start[0] != 0 {
-        return Err(Error::InvalidArgument(format!("q_start[0] = {}, must be 0", q_start[0])));
-    }
     let mut max_q = 0usize;
     for (s, (w, &kv_len)) in q_start.windows(2).zip(tables.seq_lens()).enumerate() {
         let q_count = w[1] - w[0];
-        if q_count < 0 || q_count > kv_len {
+        if q_count > kv_len {
             return Err(out_of_range(&format!("query tokens of sequence {s}"), q_count as i64, kv_len as usize));
         }
         max_q = max_q.max(q_count as usize);
     }
-    let tokens = q_start[num_seqs] as usize;
+    let tokens = queries.layout.tokens();
     let rows = tokens.checked_mul(heads).filter(|&r| r <= i32::MAX as usize).ok_or_else(|| Error::InvalidArgument(format!("{tokens} tokens x {heads} heads")))?;
     check_len("q_lat", queries.q_lat.len(), rows * KV_LORA_RANK)?;
     check_len("q_rope", queries.q_rope.len(), rows * QK_ROPE)?;
@@ -326,17 +375,14 @@ pub fn mla_attention(
         CacheDtype::Bf16 => (ATTENTION_BF16, softmax_scale, 1.0),
         CacheDtype::Fp8E4m3 { scale } => (ATTENTION_FP8, softmax_scale * scale, scale),
     };
-    let q_start_dev = DeviceBuffer::from_slice(device, q_start)?;
-    // Partials exist only when split; a one-element buffer keeps the pointers valid otherwise.
-    let partial_rows = if plan.num_splits > 1 { plan.num_splits * rows } else { 1 };
-    let partial_o = DeviceBuffer::<f32>::alloc(device, partial_rows * KV_LORA_RANK)?;
-    let partial_ml = DeviceBuffer::<f32>::alloc(device, partial_rows * 2)?;
+    // Partials exist only when split (a one-row buffer keeps the pointers valid otherwise).
+    let (partial_o, partial_ml) = scratch.ensure(if plan.num_splits > 1 { plan.num_splits * rows } else { 1 })?;
     let params = MlaAttentionParams {
         q_lat: queries.q_lat.ptr(),
         q_rope: queries.q_rope.ptr(),
         cache: cache.data.ptr(),
         block_tables: tables.tables.ptr(),
-        q_start: q_start_dev.ptr(),
+        q_start: queries.layout.q_start.ptr(),
         kv_len: tables.lens.ptr(),
         o_lat: o_lat.mut_ptr(),
         partial_o: partial_o.mut_ptr(),
@@ -365,21 +411,5 @@ pub fn mla_attention(
         };
         launch_with(device, &COMBINE, &config, &params)?;
     }
-    // The partial buffers are freed on drop, which waits for the launches that use them.
     Ok(plan)
-}
-
-/// Decode: one query token per sequence (q_lat [num_seqs, heads, 256]), each at its sequence's last position.
-pub fn mla_decode(
-    cache: &PagedCache,
-    tables: &BlockTables,
-    q_lat: &DeviceBuffer<bf16>,
-    q_rope: &DeviceBuffer<bf16>,
-    heads: usize,
-    o_lat: &DeviceBuffer<bf16>,
-    softmax_scale: f32,
-    num_splits: Option<usize>,
-) -> Result<AttentionPlan> {
-    let q_start: Vec<i32> = (0..=tables.num_seqs() as i32).collect();
-    mla_attention(cache, tables, &Queries { q_start: &q_start, q_lat, q_rope, heads }, o_lat, softmax_scale, num_splits)
 }

@@ -299,9 +299,9 @@ impl QueryLayout {
 /// The queries of one attention call.
 pub struct Queries<'a> {
     pub layout: &'a QueryLayout,
-    /// [tokens, heads, 256], W_UK absorbed.
+    /// [tokens, heads, 256]: q_nope through W_UK (absorbed), times the llama-4 query scale of the token's position.
     pub q_lat: &'a DeviceBuffer<bf16>,
-    /// [tokens, heads, 64], rotated and llama-4 scaled.
+    /// [tokens, heads, 64]: rotated, times the same llama-4 query scale.
     pub q_rope: &'a DeviceBuffer<bf16>,
     pub heads: usize,
 }

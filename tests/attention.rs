@@ -194,6 +194,15 @@ fn long_decode_matches_reference(device: &Device) {
     }
 }
 
+/// The real head count (32: two warps share every cache tile) and an awkward one (20: a part-empty second warp),
+/// decode and prefill.
+fn many_heads_match_reference(device: &Device) {
+    for (heads, q_counts, splits) in [(32, vec![1, 1], Some(2)), (20, vec![3, 1], None)] {
+        let case = AttentionCase { lens: vec![97, 54], q_counts, heads, page_size: 64, fp8: false, splits, seed: heads as u64 };
+        check_attention(device, &case);
+    }
+}
+
 fn attention_is_deterministic(device: &Device) {
     let case = AttentionCase { lens: vec![150, 54], q_counts: vec![3, 1], heads: 4, page_size: 16, fp8: false, splits: Some(3), seed: 5 };
     assert_eq!(check_attention(device, &case), check_attention(device, &case));
@@ -289,6 +298,7 @@ backend_tests!(
     decode_matches_reference,
     prefill_matches_reference,
     long_decode_matches_reference,
+    many_heads_match_reference,
     attention_is_deterministic,
     cache_writer_matches_reference,
     wrappers_reject_bad_input

@@ -252,6 +252,37 @@ fn cache_writer_matches_reference(device: &Device) {
     }
 }
 
+/// RoPE at long-context positions (up to ~2^18, where pos * inv_freq is ~2.6e5 rad and one rounded f32 product would
+/// be off by ~0.01 rad): a 262,000-token sequence whose block table maps every page onto a 4-page pool.
+fn cache_writer_rotates_far_positions(device: &Device) {
+    let yarn = rope::YarnParams { theta: 1e4, factor: 128.0, original_max_position: 8192, beta_fast: 32.0, beta_slow: 1.0 };
+    let inv_freq = rope::yarn_inv_freq(ROPE, &yarn);
+    let (page_size, len) = (256usize, 262_000usize);
+    let desc = CacheDescriptor::mla(4, page_size, CacheDtype::Bf16).unwrap();
+    let max_pages = len.div_ceil(page_size);
+    let tables = BatchTables { block_tables: (0..max_pages as i32).map(|p| p % 4).collect(), seq_lens: vec![len as i32], max_pages };
+    // Positions whose (page % 4, offset) slots are distinct.
+    let positions = [261_999i32, 200_003, 131_071, 65_537, 8_197, 3];
+    let mut rng = rng(9);
+    let kv = random_bf16(&mut rng, positions.len() * WIDTH, 3.0);
+    let weight = random_bf16(&mut rng, LATENT, 2.0);
+    let cache = PagedCache::filled_with_byte(device, desc, 0xff).unwrap();
+    let block_tables = BlockTables::upload(device, &tables, &desc).unwrap();
+    let (kv_dev, weight_dev, inv_freq_dev) =
+        (DeviceBuffer::from_slice(device, &kv).unwrap(), DeviceBuffer::from_slice(device, &weight).unwrap(), DeviceBuffer::from_slice(device, &inv_freq).unwrap());
+    let weights = CacheWriteWeights { norm_weight: &weight_dev, eps: 1e-6, inv_freq: &inv_freq_dev };
+    attention::mla_cache_write(&cache, &block_tables, &kv_dev, WIDTH, &weights, &vec![0; positions.len()], &positions).unwrap();
+    let bytes = cache.to_bytes().unwrap();
+    for (t, &pos) in positions.iter().enumerate() {
+        let mut want = to_f32(&kv[t * WIDTH + LATENT..(t + 1) * WIDTH]);
+        rope::apply_interleaved(&mut want, &inv_freq, pos as usize);
+        let at = slot_offset(&desc, &tables, 0, pos as usize) + LATENT * 2;
+        let got: Vec<f32> = (0..ROPE).map(|i| desc.decode_element(&bytes[at + 2 * i..])).collect();
+        // bf16 rounding of values below 3 (2^-8 relative) plus a few f32 ulps of sin/cos.
+        assert_close(&format!("k_rope at position {pos}"), &got, &want, 1e-5, 1.0 / 200.0);
+    }
+}
+
 fn wrappers_reject_bad_input(device: &Device) {
     let mut rng = rng(3);
     let (desc, mut tables) = random_tables(&mut rng, &[40, 3], 16, CacheDtype::Bf16);
@@ -301,6 +332,7 @@ backend_tests!(
     many_heads_match_reference,
     attention_is_deterministic,
     cache_writer_matches_reference,
+    cache_writer_rotates_far_positions,
     wrappers_reject_bad_input
 );
 

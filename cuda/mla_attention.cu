@@ -154,6 +154,16 @@ extern "C" __global__ void mla_cache_write_bf16(const MlaCacheWriteParams p) { c
 extern "C" __global__ void mla_cache_write_fp8(const MlaCacheWriteParams p) { cache_write<true>(p); }
 
 // ================================================================================================================
+// mla_copy_pages: one block per page copy, 16-byte vectors strided over the page. Bytes: 2 x page_bytes per copy.
+// ================================================================================================================
+extern "C" __global__ void mla_copy_pages(const MlaCopyPagesParams p) {
+    const int src = p.pairs[2 * blockIdx.x], dst = p.pairs[2 * blockIdx.x + 1];
+    const uint4 *from = reinterpret_cast<const uint4 *>(reinterpret_cast<const char *>(p.cache) + (long)src * p.page_bytes);
+    uint4 *to = reinterpret_cast<uint4 *>(reinterpret_cast<char *>(p.cache) + (long)dst * p.page_bytes);
+    for (int i = threadIdx.x; i < p.page_bytes / 16; i += blockDim.x) to[i] = from[i];
+}
+
+// ================================================================================================================
 // mla_attention: see the file comment. Dynamic shared memory (bytes):
 //   Q [16W][kRowStride] bf16, then 2 stages of [kTileN] cache rows (bf16: padded bf16 rows that the mma reads;
 //   fp8: raw 320-byte rows), then for fp8 one widened bf16 tile [kTileN][kRowStride].

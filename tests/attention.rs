@@ -13,7 +13,7 @@ use rand::seq::SliceRandom;
 use rand::{rngs::StdRng, Rng};
 use small4::device::{Backend, Device, DeviceBuffer, Kernel, LaunchConfig, LaunchCounters};
 use small4::kernels::attention::{self, AttentionScratch, BlockTables, CacheWriteWeights, PagedCache, Queries, QueryLayout};
-use small4::model::kv_cache::{BatchTables, CacheDescriptor, CacheDtype};
+use small4::model::kv_cache::{BatchTables, CacheDescriptor, CacheDtype, KvCache, PageCopy};
 use small4::reference::attention::{latent_attention, MlaDims};
 use small4::reference::{norm, rope};
 
@@ -283,6 +283,29 @@ fn cache_writer_rotates_far_positions(device: &Device) {
     }
 }
 
+/// Copy-on-write through the allocator: a forked sequence appends into a shared, partly filled page; the device copy
+/// the allocator asks for must reproduce the page, leaving every other page untouched.
+fn copy_on_write_pages(device: &Device) {
+    let desc = CacheDescriptor::mla(6, 16, CacheDtype::Fp8E4m3 { scale: FP8_SCALE }).unwrap();
+    let mut kv = KvCache::new(desc).unwrap();
+    let parent = kv.add_sequence();
+    kv.append(parent, 20).unwrap();
+    let child = kv.fork(parent).unwrap();
+    let plan = kv.append(child, 3).unwrap();
+    assert_eq!(plan.copies.len(), 1);
+    let mut rng = rng(4);
+    let bytes: Vec<u8> = (0..desc.total_bytes()).map(|_| rng.random()).collect();
+    let cache = PagedCache::from_bytes(device, desc, &bytes).unwrap();
+    cache.copy_pages(&plan.copies).unwrap();
+    let mut want = bytes.clone();
+    let (src, dst, page) = (plan.copies[0].src as usize, plan.copies[0].dst as usize, desc.page_bytes());
+    want.copy_within(src * page..(src + 1) * page, dst * page);
+    assert!(cache.to_bytes().unwrap() == want, "page copy differs");
+    let bad = [PageCopy { src: 0, dst: 1 }, PageCopy { src: 1, dst: 2 }];
+    assert!(matches!(cache.copy_pages(&bad), Err(small4::Error::InvalidArgument(_))));
+    assert!(matches!(cache.copy_pages(&[PageCopy { src: 0, dst: 6 }]), Err(small4::Error::OutOfRange { .. })));
+}
+
 fn wrappers_reject_bad_input(device: &Device) {
     let mut rng = rng(3);
     let (desc, mut tables) = random_tables(&mut rng, &[40, 3], 16, CacheDtype::Bf16);
@@ -333,6 +356,7 @@ backend_tests!(
     attention_is_deterministic,
     cache_writer_matches_reference,
     cache_writer_rotates_far_positions,
+    copy_on_write_pages,
     wrappers_reject_bad_input
 );
 

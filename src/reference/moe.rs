@@ -95,6 +95,70 @@ pub fn moe_block(
     out
 }
 
+/// The grouping of (token, expert) pairs that the grouped GEMM consumes (the router's alignment produces the same on
+/// the device). Pair p = t * k + j. Only locally owned experts appear (`expert_map[id] >= 0`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Alignment {
+    /// [local experts] pairs per local expert.
+    pub expert_counts: Vec<i32>,
+    /// [local experts + 1] first slot of each expert: prefix sums of the counts rounded up to `tile_m`.
+    pub expert_offsets: Vec<i32>,
+    /// [capacity] pairs grouped by local expert, increasing p inside an expert, padding -1.
+    pub sorted_pairs: Vec<i32>,
+    /// [capacity / tile_m] local expert of each tile of `tile_m` slots, -1 past the end.
+    pub tile_experts: Vec<i32>,
+    /// Slots in use (the last offset).
+    pub num_padded: i32,
+}
+
+/// Slots the grouping may need for `pairs` pairs over `local_experts` experts: every non-empty expert wastes at most
+/// tile_m - 1 slots, and at most min(pairs, experts) experts are non-empty. A multiple of `tile_m`.
+pub fn max_padded_slots(pairs: usize, local_experts: usize, tile_m: usize) -> usize {
+    (pairs + pairs.min(local_experts) * (tile_m - 1)).next_multiple_of(tile_m)
+}
+
+/// Groups the pairs of `ids` ([tokens * k] global expert ids) by local expert. `expert_map[global] = local or -1`
+/// (None: identity over `local_experts`); ids < 0 are skipped too. Buffers are sized by [`max_padded_slots`].
+pub fn align_pairs(ids: &[i32], expert_map: Option<&[i32]>, local_experts: usize, tile_m: usize) -> Alignment {
+    assert!(tile_m >= 1, "align_pairs: tile_m 0");
+    let local = |id: i32| -> Option<usize> {
+        let id = usize::try_from(id).ok()?;
+        let l = match expert_map {
+            Some(map) => usize::try_from(*map.get(id)?).ok()?,
+            None => id,
+        };
+        (l < local_experts).then_some(l)
+    };
+    let mut lists = vec![Vec::new(); local_experts];
+    for (p, &id) in ids.iter().enumerate() {
+        if let Some(l) = local(id) {
+            lists[l].push(p as i32);
+        }
+    }
+    let capacity = max_padded_slots(ids.len(), local_experts, tile_m);
+    let mut sorted_pairs = vec![-1; capacity];
+    let mut tile_experts = vec![-1; capacity / tile_m];
+    let mut expert_offsets = vec![0i32; local_experts + 1];
+    let mut slot = 0usize;
+    for (e, list) in lists.iter().enumerate() {
+        expert_offsets[e] = slot as i32;
+        sorted_pairs[slot..slot + list.len()].copy_from_slice(list);
+        let padded = list.len().next_multiple_of(tile_m);
+        for tile in slot / tile_m..(slot + padded) / tile_m {
+            tile_experts[tile] = e as i32;
+        }
+        slot += padded;
+    }
+    expert_offsets[local_experts] = slot as i32;
+    Alignment {
+        expert_counts: lists.iter().map(|l| l.len() as i32).collect(),
+        expert_offsets,
+        sorted_pairs,
+        tile_experts,
+        num_padded: slot as i32,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,5 +172,21 @@ mod tests {
         let r = route(&logits, 6, 4, 2.0);
         assert_eq!(r.ids, vec![1, 2, 4, 0]);
         assert!((r.weights.iter().sum::<f32>() - 2.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn alignment_groups_pairs_by_local_expert_with_padding() {
+        // 3 tokens, k 2; global expert 1 lives on another GPU.
+        let ids = [0, 2, 2, 1, 0, 2];
+        let map = [0, -1, 1];
+        let a = align_pairs(&ids, Some(&map), 2, 4);
+        assert_eq!(a.expert_counts, vec![2, 3]);
+        assert_eq!(a.expert_offsets, vec![0, 4, 8]);
+        assert_eq!(a.num_padded, 8);
+        assert_eq!(a.sorted_pairs.len(), max_padded_slots(6, 2, 4));
+        assert_eq!(&a.sorted_pairs[..8], &[0, 4, -1, -1, 1, 2, 5, -1]);
+        assert!(a.sorted_pairs[8..].iter().all(|&p| p == -1));
+        assert_eq!(&a.tile_experts[..2], &[0, 1]);
+        assert!(a.tile_experts[2..].iter().all(|&e| e == -1));
     }
 }

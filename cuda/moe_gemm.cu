@@ -21,8 +21,7 @@
 // the pairs' activation rows once per block column, the outputs once. FLOPs: 2 * pairs * K * N.
 #include "params.h"
 #include "common.cuh"
-#include <cuda_fp16.h>
-#include <cuda_fp8.h>
+#include "quant.cuh"
 
 namespace {
 
@@ -65,24 +64,6 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
     return *reinterpret_cast<uint32_t *>(&v);
 }
 
-// Two e4m3 (low byte = first element) -> two f32, exact.
-__device__ __forceinline__ float2 e4m3x2_to_f32x2(uint32_t two_bytes) {
-    __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(two_bytes & 0xffffu), __NV_E4M3);
-    return __half22float2(*reinterpret_cast<__half2 *>(&h));
-}
-
-__device__ __forceinline__ float e4m3_to_f32(uint32_t byte) {
-    __half_raw h = __nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(byte & 0xffu), __NV_E4M3);
-    return __half2float(*reinterpret_cast<__half *>(&h));
-}
-
-// e2m1 nibble (sign, 2 exponent bits, 1 mantissa bit) -> f32, exact: the 3 magnitude bits are placed at the bottom of
-// the f32 exponent field, giving 2^(e-127) * (1 + m/2) (or the subnormal m * 2^-127 for e = 0); * 2^126 rebiases.
-__device__ __forceinline__ float e2m1_to_f32(uint32_t nibble) {
-    const float magnitude = __uint_as_float((nibble & 7u) << 22) * 0x1p126f;
-    return (nibble & 8u) ? -magnitude : magnitude;
-}
-
 // ---- weight formats: bytes per 16x64 tile, per-stage scales, fragment dequantisation --------------------------------
 //
 // Fragment layout (src/quant/repack.rs writes it): for each 16-row tile and each 64-k block, lane l owns 16-byte
@@ -111,10 +92,10 @@ template <> struct WeightFormat<Format::Fp8> {
     __device__ static void fragment(const uint32_t *raw, int ks, const Scales &, uint32_t a[4]) {
 #pragma unroll
         for (int w = 0; w < 2; ++w) {
-            const uint32_t word = raw[ks * 2 + w];
-            const float2 lo = e4m3x2_to_f32x2(word), hi = e4m3x2_to_f32x2(word >> 16);
-            a[2 * w] = pack_bf16x2(lo.x, lo.y);
-            a[2 * w + 1] = pack_bf16x2(hi.x, hi.y);
+            float v[4];
+            e4m3x4_to_f32(raw[ks * 2 + w], v);
+            a[2 * w] = pack_bf16x2(v[0], v[1]);
+            a[2 * w + 1] = pack_bf16x2(v[2], v[3]);
         }
     }
 };
@@ -132,10 +113,10 @@ template <> struct WeightFormat<Format::Fp8Block> {
     __device__ static void fragment(const uint32_t *raw, int ks, const Scales &s, uint32_t a[4]) {
 #pragma unroll
         for (int w = 0; w < 2; ++w) {
-            const uint32_t word = raw[ks * 2 + w];
-            const float2 lo = e4m3x2_to_f32x2(word), hi = e4m3x2_to_f32x2(word >> 16);
-            a[2 * w] = pack_bf16x2(lo.x * s.row_g, lo.y * s.row_g);
-            a[2 * w + 1] = pack_bf16x2(hi.x * s.row_g8, hi.y * s.row_g8);
+            float v[4];
+            e4m3x4_to_f32(raw[ks * 2 + w], v);
+            a[2 * w] = pack_bf16x2(v[0] * s.row_g, v[1] * s.row_g);
+            a[2 * w + 1] = pack_bf16x2(v[2] * s.row_g8, v[3] * s.row_g8);
         }
     }
 };
@@ -156,14 +137,13 @@ template <> struct WeightFormat<Format::Int4> {
         return s;
     }
     __device__ static void fragment(const uint32_t *raw, int ks, const Scales &s, uint32_t a[4]) {
-        const uint32_t word = raw[ks];
+        float q[8];
+        int4x8_to_f32(raw[ks], 0.f, q);
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
             // byte j = elements 2j, 2j+1; j = 0, 2 are row g and j = 1, 3 row g+8.
             const float zero = (j & 1) ? s.zero_g8 : s.zero_g, scale = (j & 1) ? s.scale_g8 : s.scale_g;
-            const float lo = ((float)((word >> (8 * j)) & 15u) - zero) * scale;
-            const float hi = ((float)((word >> (8 * j + 4)) & 15u) - zero) * scale;
-            a[j] = pack_bf16x2(lo, hi);
+            a[j] = pack_bf16x2((q[2 * j] - zero) * scale, (q[2 * j + 1] - zero) * scale);
         }
     }
 };
@@ -179,12 +159,13 @@ template <> struct WeightFormat<Format::Nvfp4> {
         return {*reinterpret_cast<const uint32_t *>(s), *reinterpret_cast<const uint32_t *>(s + 8L * per_row)};
     }
     __device__ static void fragment(const uint32_t *raw, int ks, const Scales &s, uint32_t a[4]) {
-        const uint32_t word = raw[ks];
         const float scale_g = e4m3_to_f32(s.row_g >> (8 * ks)), scale_g8 = e4m3_to_f32(s.row_g8 >> (8 * ks));
+        float v[8];
+        e2m1x8_to_f32(raw[ks], v);
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
             const float scale = (j & 1) ? scale_g8 : scale_g;
-            a[j] = pack_bf16x2(e2m1_to_f32((word >> (8 * j)) & 15u) * scale, e2m1_to_f32((word >> (8 * j + 4)) & 15u) * scale);
+            a[j] = pack_bf16x2(v[2 * j] * scale, v[2 * j + 1] * scale);
         }
     }
 };

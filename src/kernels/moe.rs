@@ -8,7 +8,8 @@ use super::modules::MOE_GEMM;
 use super::params::{MoeCombineParams, MoeGemmParams};
 use crate::device::{launch_with, Device, DeviceBuffer, Dim3, Kernel, LaunchConfig};
 use crate::error::{Error, Result};
-use crate::quant::repack::{PackedWeights, WeightFormat};
+use crate::quant::repack::{tile_bytes, PackedWeights};
+use crate::quant::WeightFormat;
 
 const WARPS: usize = 4;
 /// Bytes of one gathered activation row of a 64-k stage.
@@ -48,19 +49,19 @@ impl TileShape {
         WARPS * self.weight_tiles_per_warp() * 16
     }
     fn shared_bytes(self, format: WeightFormat) -> usize {
-        let w_stage = WARPS * self.weight_tiles_per_warp() * format.tile_bytes();
+        let w_stage = WARPS * self.weight_tiles_per_warp() * tile_bytes(format);
         self.stages() * (w_stage + self.slots() * X_ROW_BYTES) + self.slots() * 4
     }
     fn kernel(self, format: WeightFormat) -> Kernel {
         let entry = match (format, self) {
             (WeightFormat::Bf16, Self::Small) => "moe_gemm_bf16_small",
             (WeightFormat::Bf16, Self::Tiled) => "moe_gemm_bf16_tiled",
-            (WeightFormat::Fp8, Self::Small) => "moe_gemm_fp8_small",
-            (WeightFormat::Fp8, Self::Tiled) => "moe_gemm_fp8_tiled",
-            (WeightFormat::Fp8Block, Self::Small) => "moe_gemm_fp8_block_small",
-            (WeightFormat::Fp8Block, Self::Tiled) => "moe_gemm_fp8_block_tiled",
-            (WeightFormat::Int4, Self::Small) => "moe_gemm_int4_small",
-            (WeightFormat::Int4, Self::Tiled) => "moe_gemm_int4_tiled",
+            (WeightFormat::Fp8PerTensor, Self::Small) => "moe_gemm_fp8_small",
+            (WeightFormat::Fp8PerTensor, Self::Tiled) => "moe_gemm_fp8_tiled",
+            (WeightFormat::Fp8Block128, Self::Small) => "moe_gemm_fp8_block_small",
+            (WeightFormat::Fp8Block128, Self::Tiled) => "moe_gemm_fp8_block_tiled",
+            (WeightFormat::Int4 { .. }, Self::Small) => "moe_gemm_int4_small",
+            (WeightFormat::Int4 { .. }, Self::Tiled) => "moe_gemm_int4_tiled",
             (WeightFormat::Nvfp4, Self::Small) => "moe_gemm_nvfp4_small",
             (WeightFormat::Nvfp4, Self::Tiled) => "moe_gemm_nvfp4_tiled",
         };

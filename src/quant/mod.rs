@@ -1,3 +1,220 @@
 //! Weight formats on the CPU: bf16, FP8 e4m3 (per-tensor and 128x128 block scales), INT4 group-wise, NVFP4.
+//!
+//! Every matrix is row-major `[rows = out features N, cols = in features K]`, the checkpoint's `[out, in]`.
+//! Each quantised matrix type (`matrix.rs`) holds exactly the arrays a checkpoint (or the kernels) store, and its
+//! `dequantize()` is THE definition of the format's value: the CUDA dequantisation kernels are tested bit-exact
+//! against it (after rounding to bf16).
 
+mod minifloat;
+
+pub mod fp4;
+pub mod fp8;
+pub mod matrix;
 pub mod repack;
+
+use std::fmt;
+use std::str::FromStr;
+
+use half::bf16;
+
+use crate::error::{Error, Result};
+
+pub use fp4::{e2m1_to_f32, f32_to_e2m1, pack_e2m1_pair, E2M1_MAX};
+pub use fp8::{e4m3_to_f32, e5m2_to_f32, f32_to_e4m3, f32_to_e5m2, f32_to_e5m2_satfinite, E4M3_MAX, E5M2_MAX};
+pub use matrix::{Fp8Block128, Fp8PerTensor, Int4Grouped, Nvfp4, QuantizedMatrix};
+
+/// Edge of the square FP8 scale blocks (DeepSeek / DeepGEMM layout).
+pub const FP8_BLOCK: usize = 128;
+/// Default INT4 group along K (GPTQ / AWQ).
+pub const INT4_DEFAULT_GROUP: usize = 128;
+/// NVFP4 elements per e4m3 block scale, along K.
+pub const NVFP4_BLOCK: usize = 16;
+
+/// How a weight matrix is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WeightFormat {
+    Bf16,
+    /// e4m3 with one f32 scale for the whole tensor (the published FP8 checkpoint's `qscale_weight`).
+    Fp8PerTensor,
+    /// e4m3 with one f32 scale per 128x128 block.
+    Fp8Block128,
+    /// 4-bit integers in groups of `group` along K with a bf16 scale each; `zero_point` adds a u8 zero per group
+    /// (asymmetric), otherwise the zero is 8 (symmetric).
+    Int4 { group: usize, zero_point: bool },
+    /// e2m1 with an e4m3 scale per 16 along K and an f32 global divisor.
+    Nvfp4,
+}
+
+impl WeightFormat {
+    /// The common INT4 layout: group 128, symmetric.
+    pub const INT4_G128: WeightFormat = WeightFormat::Int4 { group: INT4_DEFAULT_GROUP, zero_point: false };
+
+    /// Checks that a `[rows, cols]` matrix can be stored in this format.
+    pub fn check_shape(&self, rows: usize, cols: usize) -> Result<()> {
+        match *self {
+            WeightFormat::Int4 { group, .. } => {
+                check_int4_group(group)?;
+                if cols % group != 0 {
+                    return Err(Error::shape(format!("{self} matrix columns"), format!("a multiple of the group {group}"), cols));
+                }
+            }
+            WeightFormat::Nvfp4 if cols % NVFP4_BLOCK != 0 => {
+                return Err(Error::shape("nvfp4 matrix columns", format!("a multiple of {NVFP4_BLOCK}"), cols));
+            }
+            _ => {}
+        }
+        rows.checked_mul(cols).ok_or_else(|| Error::InvalidArgument(format!("{rows} x {cols} matrix overflows")))?;
+        Ok(())
+    }
+
+    /// Exact bytes of a `[rows, cols]` matrix in this format, scales and zero points included (what the memory
+    /// planner reserves). Activation scales (`qscale_act`, `input_global_scale`) are not part of the weight.
+    pub fn matrix_bytes(&self, rows: usize, cols: usize) -> Result<usize> {
+        self.check_shape(rows, cols)?;
+        let elements = rows * cols;
+        Ok(match *self {
+            WeightFormat::Bf16 => 2 * elements,
+            WeightFormat::Fp8PerTensor => elements + 4,
+            WeightFormat::Fp8Block128 => elements + 4 * rows.div_ceil(FP8_BLOCK) * cols.div_ceil(FP8_BLOCK),
+            WeightFormat::Int4 { group, zero_point } => {
+                let groups = rows * (cols / group);
+                elements / 2 + 2 * groups + if zero_point { groups } else { 0 }
+            }
+            WeightFormat::Nvfp4 => elements / 2 + elements / NVFP4_BLOCK + 4,
+        })
+    }
+
+    /// Average storage per weight in bits for a large matrix (scales amortised; per-tensor scalars ignored).
+    pub fn bits_per_weight(&self) -> f64 {
+        match *self {
+            WeightFormat::Bf16 => 16.0,
+            WeightFormat::Fp8PerTensor => 8.0,
+            WeightFormat::Fp8Block128 => 8.0 + 32.0 / (FP8_BLOCK * FP8_BLOCK) as f64,
+            WeightFormat::Int4 { group, zero_point } => 4.0 + (if zero_point { 24.0 } else { 16.0 }) / group as f64,
+            WeightFormat::Nvfp4 => 4.0 + 8.0 / NVFP4_BLOCK as f64,
+        }
+    }
+}
+
+fn check_int4_group(group: usize) -> Result<()> {
+    if group < 2 || group % 2 != 0 {
+        return Err(Error::InvalidArgument(format!("int4 group {group} must be even and at least 2 (two nibbles per byte)")));
+    }
+    Ok(())
+}
+
+/// Canonical names: `bf16`, `fp8`, `fp8-block128`, `int4-g128`, `int4-g128-zp`, `nvfp4` (`FromStr` reads them back).
+impl fmt::Display for WeightFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WeightFormat::Bf16 => write!(f, "bf16"),
+            WeightFormat::Fp8PerTensor => write!(f, "fp8"),
+            WeightFormat::Fp8Block128 => write!(f, "fp8-block128"),
+            WeightFormat::Int4 { group, zero_point: false } => write!(f, "int4-g{group}"),
+            WeightFormat::Int4 { group, zero_point: true } => write!(f, "int4-g{group}-zp"),
+            WeightFormat::Nvfp4 => write!(f, "nvfp4"),
+        }
+    }
+}
+
+/// Case-insensitive; `_` and `-` are interchangeable. Besides the canonical names: `bfloat16`, `fp8-e4m3`,
+/// `fp8-per-tensor`, `f8_e4m3`, `fp8-block`, `int4` (= `int4-g128`), `int4-zp`, `int4-g<N>-asym`. Anything else is
+/// `Error::UnknownDtype`.
+impl FromStr for WeightFormat {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let name = s.trim().to_ascii_lowercase().replace('_', "-");
+        let format = match name.as_str() {
+            "bf16" | "bfloat16" => WeightFormat::Bf16,
+            "fp8" | "fp8-e4m3" | "f8-e4m3" | "fp8-per-tensor" | "e4m3" => WeightFormat::Fp8PerTensor,
+            "fp8-block128" | "fp8-block" | "fp8-e4m3-block128" => WeightFormat::Fp8Block128,
+            "nvfp4" | "fp4" => WeightFormat::Nvfp4,
+            "int4" => WeightFormat::INT4_G128,
+            "int4-zp" | "int4-asym" => WeightFormat::Int4 { group: INT4_DEFAULT_GROUP, zero_point: true },
+            other => parse_int4(other).ok_or_else(|| Error::UnknownDtype(s.to_string()))?,
+        };
+        Ok(format)
+    }
+}
+
+/// `int4-g<N>`, `int4-g<N>-zp`, `int4-g<N>-asym` with a valid group.
+fn parse_int4(name: &str) -> Option<WeightFormat> {
+    let rest = name.strip_prefix("int4-g")?;
+    let (digits, zero_point) = match rest.split_once('-') {
+        None => (rest, false),
+        Some((digits, "zp" | "asym")) => (digits, true),
+        Some(_) => return None,
+    };
+    let group: usize = digits.parse().ok()?;
+    check_int4_group(group).ok()?;
+    Some(WeightFormat::Int4 { group, zero_point })
+}
+
+/// f32 -> bf16, round to nearest even (what every kernel's output rounding does).
+pub fn to_bf16(values: &[f32]) -> Vec<bf16> {
+    values.iter().map(|&v| bf16::from_f32(v)).collect()
+}
+
+pub fn bf16_to_f32(values: &[bf16]) -> Vec<f32> {
+    values.iter().map(|v| v.to_f32()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALL: [WeightFormat; 6] = [
+        WeightFormat::Bf16,
+        WeightFormat::Fp8PerTensor,
+        WeightFormat::Fp8Block128,
+        WeightFormat::Int4 { group: 128, zero_point: false },
+        WeightFormat::Int4 { group: 64, zero_point: true },
+        WeightFormat::Nvfp4,
+    ];
+
+    #[test]
+    fn display_and_from_str_round_trip() {
+        for format in ALL {
+            assert_eq!(format.to_string().parse::<WeightFormat>().unwrap(), format);
+        }
+        assert_eq!("INT4".parse::<WeightFormat>().unwrap(), WeightFormat::INT4_G128);
+        assert_eq!("fp8_e4m3".parse::<WeightFormat>().unwrap(), WeightFormat::Fp8PerTensor);
+        assert_eq!("int4_g32_asym".parse::<WeightFormat>().unwrap(), WeightFormat::Int4 { group: 32, zero_point: true });
+        assert_eq!("NVFP4".parse::<WeightFormat>().unwrap(), WeightFormat::Nvfp4);
+    }
+
+    #[test]
+    fn unknown_names_are_typed_errors() {
+        for bad in ["", "fp16", "int4-g", "int4-g0", "int4-g3", "int4-g128-xx", "fp8-block64", "int8"] {
+            match bad.parse::<WeightFormat>() {
+                Err(Error::UnknownDtype(name)) => assert_eq!(name, bad),
+                other => panic!("{bad:?} gave {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn matrix_bytes_of_real_expert_shapes() {
+        // w1 of one expert: [2048, 4096].
+        let (n, k) = (2048, 4096);
+        assert_eq!(WeightFormat::Bf16.matrix_bytes(n, k).unwrap(), 16 << 20);
+        assert_eq!(WeightFormat::Fp8PerTensor.matrix_bytes(n, k).unwrap(), (8 << 20) + 4);
+        assert_eq!(WeightFormat::Fp8Block128.matrix_bytes(n, k).unwrap(), (8 << 20) + 4 * 16 * 32);
+        assert_eq!(WeightFormat::INT4_G128.matrix_bytes(n, k).unwrap(), (4 << 20) + 2 * n * 32);
+        assert_eq!(WeightFormat::Int4 { group: 128, zero_point: true }.matrix_bytes(n, k).unwrap(), (4 << 20) + 3 * n * 32);
+        assert_eq!(WeightFormat::Nvfp4.matrix_bytes(n, k).unwrap(), (4 << 20) + n * k / 16 + 4);
+        // Ragged FP8 blocks round up.
+        assert_eq!(WeightFormat::Fp8Block128.matrix_bytes(129, 130).unwrap(), 129 * 130 + 4 * 2 * 2);
+        assert!((WeightFormat::Nvfp4.bits_per_weight() - 4.5).abs() < 1e-12);
+        assert!((WeightFormat::INT4_G128.bits_per_weight() - 4.125).abs() < 1e-12);
+    }
+
+    #[test]
+    fn matrix_bytes_rejects_impossible_shapes() {
+        assert!(matches!(WeightFormat::INT4_G128.matrix_bytes(4, 100), Err(Error::Shape { .. })));
+        assert!(matches!(WeightFormat::Nvfp4.matrix_bytes(4, 24), Err(Error::Shape { .. })));
+        assert!(matches!(WeightFormat::Int4 { group: 7, zero_point: false }.matrix_bytes(4, 14), Err(Error::InvalidArgument(_))));
+        assert!(matches!(WeightFormat::Bf16.matrix_bytes(usize::MAX, 2), Err(Error::InvalidArgument(_))));
+    }
+}

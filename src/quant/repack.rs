@@ -14,6 +14,8 @@
 
 use half::bf16;
 
+use super::matrix::QuantizedMatrix;
+use super::WeightFormat;
 use crate::error::{Error, Result};
 
 /// Weight rows are padded to a multiple of the largest block tile of the kernels (4 warps x 2 tiles x 16 rows).
@@ -21,46 +23,18 @@ pub const ROW_ALIGN: usize = 128;
 /// The reduction dimension must be a multiple of the kernels' k stage.
 pub const K_ALIGN: usize = 64;
 
-/// The weight formats the grouped GEMM dequantises in registers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum WeightFormat {
-    Bf16,
-    /// FP8 e4m3 with one f32 scale per tensor (W = fp8 * scale): the published checkpoint.
-    Fp8,
-    /// FP8 e4m3 with one f32 scale per 128x128 block (DeepSeek style).
-    Fp8Block,
-    /// 4-bit integers with a bf16 scale (and optionally a zero point) per `group` columns of a row.
-    Int4,
-    /// e2m1 with an e4m3 scale per 16 columns and a global f32 divisor.
-    Nvfp4,
+/// Bits per weight element in the packed layout (scales excluded).
+pub fn packed_bits(format: WeightFormat) -> usize {
+    match format {
+        WeightFormat::Bf16 => 16,
+        WeightFormat::Fp8PerTensor | WeightFormat::Fp8Block128 => 8,
+        WeightFormat::Int4 { .. } | WeightFormat::Nvfp4 => 4,
+    }
 }
 
-impl WeightFormat {
-    pub const ALL: [WeightFormat; 5] = [Self::Bf16, Self::Fp8, Self::Fp8Block, Self::Int4, Self::Nvfp4];
-
-    /// Bits per weight element in the packed layout (scales excluded).
-    pub fn bits(self) -> usize {
-        match self {
-            Self::Bf16 => 16,
-            Self::Fp8 | Self::Fp8Block => 8,
-            Self::Int4 | Self::Nvfp4 => 4,
-        }
-    }
-
-    /// Bytes of one 16-row x 64-k tile.
-    pub fn tile_bytes(self) -> usize {
-        16 * K_ALIGN * self.bits() / 8
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Bf16 => "bf16",
-            Self::Fp8 => "fp8",
-            Self::Fp8Block => "fp8_block",
-            Self::Int4 => "int4",
-            Self::Nvfp4 => "nvfp4",
-        }
-    }
+/// Bytes of one 16-row x 64-k tile of the packed layout.
+pub fn tile_bytes(format: WeightFormat) -> usize {
+    16 * K_ALIGN * packed_bits(format) / 8
 }
 
 /// One checkpoint matrix [rows, cols] row-major in one of the formats, borrowed.
@@ -88,11 +62,25 @@ impl QuantData<'_> {
     pub fn format(&self) -> WeightFormat {
         match self {
             Self::Bf16(_) => WeightFormat::Bf16,
-            Self::Fp8 { .. } => WeightFormat::Fp8,
-            Self::Fp8Block { .. } => WeightFormat::Fp8Block,
-            Self::Int4 { .. } => WeightFormat::Int4,
+            Self::Fp8 { .. } => WeightFormat::Fp8PerTensor,
+            Self::Fp8Block { .. } => WeightFormat::Fp8Block128,
+            Self::Int4 { group, zeros, .. } => WeightFormat::Int4 { group: *group, zero_point: zeros.is_some() },
             Self::Nvfp4 { .. } => WeightFormat::Nvfp4,
         }
+    }
+}
+
+impl<'a> From<&'a QuantizedMatrix> for MatrixRef<'a> {
+    fn from(m: &'a QuantizedMatrix) -> Self {
+        let (rows, cols) = m.shape();
+        let data = match m {
+            QuantizedMatrix::Bf16 { data, .. } => QuantData::Bf16(data),
+            QuantizedMatrix::Fp8PerTensor(m) => QuantData::Fp8 { data: &m.data, scale: m.scale },
+            QuantizedMatrix::Fp8Block128(m) => QuantData::Fp8Block { data: &m.data, scales: &m.scales },
+            QuantizedMatrix::Int4(m) => QuantData::Int4 { packed: &m.packed, scales: &m.scales, zeros: m.zeros.as_deref(), group: m.group },
+            QuantizedMatrix::Nvfp4(m) => QuantData::Nvfp4 { packed: &m.packed, scales: &m.scales, global_scale: m.global_scale },
+        };
+        MatrixRef { rows, cols, data }
     }
 }
 
@@ -301,15 +289,9 @@ fn pack(
             if m.data.format() != format || m.rows != reference.rows || m.cols != k_dim {
                 return Err(Error::shape(
                     format!("expert {e} matrix {i}"),
-                    format!("{} {}x{}", format.name(), reference.rows, k_dim),
-                    format!("{} {}x{}", m.data.format().name(), m.rows, m.cols),
+                    format!("{} {}x{}", format, reference.rows, k_dim),
+                    format!("{} {}x{}", m.data.format(), m.rows, m.cols),
                 ));
-            }
-            if let QuantData::Int4 { group: g, zeros, .. } = m.data {
-                let ref_zeros = matches!(reference.data, QuantData::Int4 { zeros: Some(_), .. });
-                if g != group || zeros.is_some() != ref_zeros {
-                    return Err(Error::InvalidArgument("int4: every matrix needs the same group and zero-point kind".into()));
-                }
             }
         }
     }
@@ -317,7 +299,7 @@ fn pack(
     let experts = sources.len();
     let tiles = rows_padded / 16;
     let k_blocks = k_dim / K_ALIGN;
-    let tile_bytes = format.tile_bytes();
+    let tile_bytes = tile_bytes(format);
     let expert_stride = tiles * k_blocks * tile_bytes;
     let mut data = vec![0u8; experts * expert_stride];
     let rows: Vec<RowSource> = (0..rows_padded).map(&row_source).collect();
@@ -337,7 +319,7 @@ fn pack(
                                 Some((m, row)) => set[m].code(row, kb * K_ALIGN + ks * 16 + c),
                                 None => 0,
                             };
-                            match format.bits() {
+                            match packed_bits(format) {
                                 16 => {
                                     let at = (ks * 32 + lane) * 16 + 2 * i;
                                     block[at..at + 2].copy_from_slice(&code.to_le_bytes());
@@ -371,7 +353,7 @@ fn pack(
     };
     match format {
         WeightFormat::Bf16 => {}
-        WeightFormat::Fp8 | WeightFormat::Nvfp4 => {
+        WeightFormat::Fp8PerTensor | WeightFormat::Nvfp4 => {
             let mut s = vec![0f32; per_row(1)];
             for (e, set) in sources.iter().enumerate() {
                 for (r, src) in rows.iter().enumerate() {
@@ -385,7 +367,7 @@ fn pack(
         _ => {}
     }
     match format {
-        WeightFormat::Fp8Block => {
+        WeightFormat::Fp8Block128 => {
             let kblocks = k_dim / 128;
             if k_dim % 128 != 0 {
                 return Err(Error::InvalidArgument(format!("fp8 block-128: k {k_dim} must be a multiple of 128")));
@@ -404,7 +386,7 @@ fn pack(
             }
             packed.block_scales = Some(s);
         }
-        WeightFormat::Int4 => {
+        WeightFormat::Int4 { .. } => {
             let per = k_dim / group;
             let mut s = vec![bf16::ZERO; per_row(per)];
             let mut z = matches!(reference.data, QuantData::Int4 { zeros: Some(_), .. }).then(|| vec![8u8; per_row(per)]);
@@ -469,12 +451,12 @@ mod tests {
         let m = |d| MatrixRef { rows: hidden, cols, data: QuantData::Bf16(d) };
         let p = repack_gate_up(&[(m(&gate), m(&up))]).unwrap();
         let first = |tile: usize, lane: usize| {
-            let at = tile * p.format.tile_bytes() + lane * 16;
+            let at = tile * tile_bytes(p.format) + lane * 16;
             bf16::from_bits(u16::from_le_bytes([p.data[at], p.data[at + 1]])).to_f32()
         };
         // Tile 1, lane 4 * 5: row g = 5 of the tile = gate row 13; register 1 is row g + 8 = up row 13.
         assert_eq!(first(1, 20), 13.25);
-        let at = p.format.tile_bytes() + 20 * 16 + 4;
+        let at = tile_bytes(p.format) + 20 * 16 + 4;
         assert_eq!(bf16::from_bits(u16::from_le_bytes([p.data[at], p.data[at + 1]])).to_f32(), -13.5);
     }
 }

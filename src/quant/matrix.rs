@@ -1,0 +1,587 @@
+//! Quantised weight matrices in the exact layouts of the checkpoints, with quantisers and the reference dequantiser.
+//!
+//! Dequantisation is defined by these f32 formulas (the CUDA kernels in `cuda/dequant.cu` compute the same f32
+//! operations in the same order, then round to bf16):
+//! - `Fp8PerTensor`: `e4m3(q) * scale`
+//! - `Fp8Block128`:  `e4m3(q) * scales[r / 128][c / 128]`
+//! - `Int4Grouped`:  `(q - z) * f32(scale)` with z = 8 (symmetric) or the group's zero point (exact in f32)
+//! - `Nvfp4`:        `e2m1(q) * (e4m3(block_scale) / global_scale)`: the block's effective scale is one f32 division,
+//!   then one f32 multiplication per element (what a kernel does once per 16 elements, then per element).
+
+use half::bf16;
+use rayon::prelude::*;
+
+use super::fp4::{e2m1_to_f32, f32_to_e2m1, pack_e2m1_pair, E2M1_MAX};
+use super::fp8::{e4m3_to_f32, f32_to_e4m3, E4M3_MAX};
+use super::{WeightFormat, FP8_BLOCK, INT4_DEFAULT_GROUP, NVFP4_BLOCK};
+use crate::error::{Error, Result};
+
+fn check_len(what: &str, len: usize, expected: usize) -> Result<()> {
+    if len != expected {
+        return Err(Error::shape(what, expected, len));
+    }
+    Ok(())
+}
+
+/// Shape and content checks shared by every quantiser: the matrix fits the format and holds only finite values.
+fn check_input(format: WeightFormat, weights: &[f32], rows: usize, cols: usize) -> Result<()> {
+    format.check_shape(rows, cols)?;
+    check_len(&format!("{format} quantize input of [{rows}, {cols}]"), weights.len(), rows * cols)?;
+    if let Some(i) = weights.iter().position(|w| !w.is_finite()) {
+        return Err(Error::InvalidArgument(format!("{format} quantize: weight {i} is {}", weights[i])));
+    }
+    Ok(())
+}
+
+fn amax(values: impl Iterator<Item = f32>) -> f32 {
+    values.fold(0.0f32, |m, v| m.max(v.abs()))
+}
+
+/// `amax / max_code_value`, or 1 for an all-zero range (any positive scale reproduces zeros).
+fn scale_for(amax: f32, max_code_value: f32) -> f32 {
+    if amax > 0.0 {
+        amax / max_code_value
+    } else {
+        1.0
+    }
+}
+
+fn check_scale(what: &str, scale: f32) -> Result<()> {
+    if !(scale.is_finite() && scale > 0.0) {
+        return Err(Error::InvalidArgument(format!("{what} must be finite and positive, got {scale}")));
+    }
+    Ok(())
+}
+
+/// FP8 e4m3 with one f32 scale: `W = e4m3(data) * scale` (the published checkpoint's `qscale_weight`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fp8PerTensor {
+    pub data: Vec<u8>,
+    pub rows: usize,
+    pub cols: usize,
+    pub scale: f32,
+}
+
+impl Fp8PerTensor {
+    /// scale = amax / 448, codes = e4m3(w / scale) rounded to nearest even.
+    pub fn quantize(weights: &[f32], rows: usize, cols: usize) -> Result<Self> {
+        check_input(WeightFormat::Fp8PerTensor, weights, rows, cols)?;
+        let scale = scale_for(amax(weights.iter().copied()), E4M3_MAX);
+        let data = weights.par_iter().map(|&w| f32_to_e4m3(w / scale)).collect();
+        Ok(Fp8PerTensor { data, rows, cols, scale })
+    }
+
+    pub fn from_parts(data: Vec<u8>, rows: usize, cols: usize, scale: f32) -> Result<Self> {
+        WeightFormat::Fp8PerTensor.check_shape(rows, cols)?;
+        check_len("fp8 data", data.len(), rows * cols)?;
+        check_scale("fp8 per-tensor scale", scale)?;
+        Ok(Fp8PerTensor { data, rows, cols, scale })
+    }
+
+    pub fn dequantize(&self) -> Vec<f32> {
+        self.data.par_iter().map(|&q| e4m3_to_f32(q) * self.scale).collect()
+    }
+}
+
+/// FP8 e4m3 with an f32 scale per 128x128 block (DeepSeek style): `W[r, c] = e4m3(data[r, c]) * scales[r/128, c/128]`,
+/// `scales` row-major `[ceil(rows/128), ceil(cols/128)]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fp8Block128 {
+    pub data: Vec<u8>,
+    pub rows: usize,
+    pub cols: usize,
+    pub scales: Vec<f32>,
+}
+
+impl Fp8Block128 {
+    pub fn scale_cols(cols: usize) -> usize {
+        cols.div_ceil(FP8_BLOCK)
+    }
+
+    /// Each block's scale = its amax / 448.
+    pub fn quantize(weights: &[f32], rows: usize, cols: usize) -> Result<Self> {
+        check_input(WeightFormat::Fp8Block128, weights, rows, cols)?;
+        let scale_cols = Self::scale_cols(cols);
+        let scales: Vec<f32> = (0..rows.div_ceil(FP8_BLOCK) * scale_cols)
+            .into_par_iter()
+            .map(|block| {
+                let (block_row, block_col) = (block / scale_cols, block % scale_cols);
+                let row_range = block_row * FP8_BLOCK..((block_row + 1) * FP8_BLOCK).min(rows);
+                let col_range = block_col * FP8_BLOCK..((block_col + 1) * FP8_BLOCK).min(cols);
+                let block_amax = amax(row_range.flat_map(|r| weights[r * cols..][col_range.clone()].iter().copied()));
+                scale_for(block_amax, E4M3_MAX)
+            })
+            .collect();
+        let data = weights
+            .par_chunks(cols)
+            .enumerate()
+            .flat_map_iter(|(r, row)| {
+                let row_scales = &scales[(r / FP8_BLOCK) * scale_cols..];
+                row.iter().enumerate().map(move |(c, &w)| f32_to_e4m3(w / row_scales[c / FP8_BLOCK]))
+            })
+            .collect();
+        Ok(Fp8Block128 { data, rows, cols, scales })
+    }
+
+    pub fn from_parts(data: Vec<u8>, rows: usize, cols: usize, scales: Vec<f32>) -> Result<Self> {
+        WeightFormat::Fp8Block128.check_shape(rows, cols)?;
+        check_len("fp8 block data", data.len(), rows * cols)?;
+        check_len("fp8 block scales", scales.len(), rows.div_ceil(FP8_BLOCK) * Self::scale_cols(cols))?;
+        scales.iter().try_for_each(|&s| check_scale("fp8 block scale", s))?;
+        Ok(Fp8Block128 { data, rows, cols, scales })
+    }
+
+    pub fn scale(&self, row: usize, col: usize) -> f32 {
+        self.scales[(row / FP8_BLOCK) * Self::scale_cols(self.cols) + col / FP8_BLOCK]
+    }
+
+    pub fn dequantize(&self) -> Vec<f32> {
+        if self.cols == 0 {
+            return Vec::new();
+        }
+        self.data
+            .par_chunks(self.cols)
+            .enumerate()
+            .flat_map_iter(|(r, row)| row.iter().enumerate().map(move |(c, &q)| e4m3_to_f32(q) * self.scale(r, c)))
+            .collect()
+    }
+}
+
+/// INT4 group-wise along K (GPTQ / AWQ style). `packed` is `[rows, cols/2]` with the LOW nibble holding the even
+/// column; `scales` is `[rows, cols/group]`; `zeros` (when present) one unpacked u8 in 0..=15 per group, same shape.
+/// Symmetric: `W = (q - 8) * scale`; with zero points: `W = (q - z) * scale`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Int4Grouped {
+    pub packed: Vec<u8>,
+    pub rows: usize,
+    pub cols: usize,
+    pub group: usize,
+    pub scales: Vec<bf16>,
+    pub zeros: Option<Vec<u8>>,
+}
+
+/// The implicit zero of symmetric INT4: codes 0..=15 stand for -8..=7.
+pub const INT4_SYMMETRIC_ZERO: u8 = 8;
+
+impl Int4Grouped {
+    /// Group 128, symmetric.
+    pub fn quantize(weights: &[f32], rows: usize, cols: usize) -> Result<Self> {
+        Self::quantize_with(weights, rows, cols, INT4_DEFAULT_GROUP, false)
+    }
+
+    /// Symmetric: scale = bf16(amax / 7), q = clamp(round(w / scale) + 8, 0, 15).
+    /// Zero point: the range [min(min, 0), max(max, 0)] (zero always representable) over 15 steps, scale rounded to
+    /// bf16, z = clamp(round(-lo / scale), 0, 15), q = clamp(round(w / scale) + z, 0, 15).
+    /// Quantisation uses the bf16-rounded scale, the one dequantisation will see.
+    pub fn quantize_with(weights: &[f32], rows: usize, cols: usize, group: usize, zero_point: bool) -> Result<Self> {
+        check_input(WeightFormat::Int4 { group, zero_point }, weights, rows, cols)?;
+        let groups: Vec<(bf16, u8)> = weights
+            .par_chunks(group.max(1))
+            .map(|values| {
+                if zero_point {
+                    let lo = values.iter().fold(0.0f32, |m, &v| m.min(v));
+                    let hi = values.iter().fold(0.0f32, |m, &v| m.max(v));
+                    let scale = bf16::from_f32(scale_for(hi - lo, 15.0));
+                    let zero = (-lo / scale.to_f32()).round_ties_even().clamp(0.0, 15.0) as u8;
+                    (scale, zero)
+                } else {
+                    (bf16::from_f32(scale_for(amax(values.iter().copied()), 7.0)), INT4_SYMMETRIC_ZERO)
+                }
+            })
+            .collect();
+        let codes = weights.par_chunks(group.max(1)).zip(&groups).flat_map_iter(|(values, &(scale, zero))| {
+            values.iter().map(move |&w| ((w / scale.to_f32()).round_ties_even() + zero as f32).clamp(0.0, 15.0) as u8)
+        });
+        let codes: Vec<u8> = codes.collect();
+        let packed = codes.chunks_exact(2).map(|pair| pair[0] | (pair[1] << 4)).collect();
+        let scales = groups.iter().map(|&(s, _)| s).collect();
+        let zeros = zero_point.then(|| groups.iter().map(|&(_, z)| z).collect());
+        Ok(Int4Grouped { packed, rows, cols, group, scales, zeros })
+    }
+
+    pub fn from_parts(packed: Vec<u8>, rows: usize, cols: usize, group: usize, scales: Vec<bf16>, zeros: Option<Vec<u8>>) -> Result<Self> {
+        WeightFormat::Int4 { group, zero_point: zeros.is_some() }.check_shape(rows, cols)?;
+        let groups = rows * cols / group;
+        check_len("int4 packed", packed.len(), rows * cols / 2)?;
+        check_len("int4 scales", scales.len(), groups)?;
+        if let Some(zeros) = &zeros {
+            check_len("int4 zeros", zeros.len(), groups)?;
+            if let Some(&z) = zeros.iter().find(|&&z| z > 15) {
+                return Err(Error::OutOfRange { what: "int4 zero point".into(), index: z as i64, limit: 15 });
+            }
+        }
+        Ok(Int4Grouped { packed, rows, cols, group, scales, zeros })
+    }
+
+    pub fn format(&self) -> WeightFormat {
+        WeightFormat::Int4 { group: self.group, zero_point: self.zeros.is_some() }
+    }
+
+    /// The 4-bit code of element `index` (row-major).
+    pub fn code(&self, index: usize) -> u8 {
+        (self.packed[index / 2] >> (4 * (index % 2))) & 0xf
+    }
+
+    pub fn dequantize(&self) -> Vec<f32> {
+        (0..self.rows * self.cols)
+            .into_par_iter()
+            .map(|i| {
+                let g = i / self.group;
+                let zero = self.zeros.as_ref().map_or(INT4_SYMMETRIC_ZERO, |z| z[g]);
+                (self.code(i) as f32 - zero as f32) * self.scales[g].to_f32()
+            })
+            .collect()
+    }
+}
+
+/// NVFP4 exactly as the checkpoint stores it: `packed` e2m1 `[rows, cols/2]` (low nibble = even column), `scales`
+/// e4m3 bytes `[rows, cols/16]` (`weight_scale`), `global_scale` f32 (`weight_global_scale`) used as a DIVISOR:
+/// `W = e2m1 * (e4m3(scale) / global_scale)`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Nvfp4 {
+    pub packed: Vec<u8>,
+    pub rows: usize,
+    pub cols: usize,
+    pub scales: Vec<u8>,
+    pub global_scale: f32,
+}
+
+impl Nvfp4 {
+    /// As NVIDIA's modelopt does: global = 448 * 6 / amax; each 16-block's scale = e4m3(block_amax / 6 * global)
+    /// (saturating); codes = e2m1(w / (e4m3(scale) / global)), 0 where the block scale rounded to zero.
+    pub fn quantize(weights: &[f32], rows: usize, cols: usize) -> Result<Self> {
+        check_input(WeightFormat::Nvfp4, weights, rows, cols)?;
+        let tensor_amax = amax(weights.iter().copied());
+        let global_scale = if tensor_amax > 0.0 { E4M3_MAX * E2M1_MAX / tensor_amax } else { 1.0 };
+        let blocks: Vec<(u8, [u8; NVFP4_BLOCK / 2])> = weights
+            .par_chunks(NVFP4_BLOCK)
+            .map(|block| {
+                let scale = f32_to_e4m3(amax(block.iter().copied()) / E2M1_MAX * global_scale);
+                let effective = e4m3_to_f32(scale) / global_scale;
+                let code = |w: f32| if effective > 0.0 { f32_to_e2m1(w / effective) } else { 0 };
+                let mut packed = [0u8; NVFP4_BLOCK / 2];
+                for (byte, pair) in packed.iter_mut().zip(block.chunks_exact(2)) {
+                    *byte = pack_e2m1_pair(code(pair[0]), code(pair[1]));
+                }
+                (scale, packed)
+            })
+            .collect();
+        let scales = blocks.iter().map(|&(s, _)| s).collect();
+        let packed = blocks.iter().flat_map(|(_, p)| p.iter().copied()).collect();
+        Ok(Nvfp4 { packed, rows, cols, scales, global_scale })
+    }
+
+    pub fn from_parts(packed: Vec<u8>, rows: usize, cols: usize, scales: Vec<u8>, global_scale: f32) -> Result<Self> {
+        WeightFormat::Nvfp4.check_shape(rows, cols)?;
+        check_len("nvfp4 packed", packed.len(), rows * cols / 2)?;
+        check_len("nvfp4 scales", scales.len(), rows * cols / NVFP4_BLOCK)?;
+        check_scale("nvfp4 global scale", global_scale)?;
+        Ok(Nvfp4 { packed, rows, cols, scales, global_scale })
+    }
+
+    /// The f32 multiplier of block `block` (row-major over `[rows, cols/16]`).
+    pub fn effective_scale(&self, block: usize) -> f32 {
+        e4m3_to_f32(self.scales[block]) / self.global_scale
+    }
+
+    pub fn dequantize(&self) -> Vec<f32> {
+        self.packed
+            .par_chunks(NVFP4_BLOCK / 2)
+            .enumerate()
+            .flat_map_iter(|(block, bytes)| {
+                let scale = self.effective_scale(block);
+                bytes.iter().flat_map(move |&b| [e2m1_to_f32(b & 0xf) * scale, e2m1_to_f32(b >> 4) * scale])
+            })
+            .collect()
+    }
+}
+
+/// A weight matrix in any of the formats.
+#[derive(Clone, Debug, PartialEq)]
+pub enum QuantizedMatrix {
+    Bf16 { data: Vec<bf16>, rows: usize, cols: usize },
+    Fp8PerTensor(Fp8PerTensor),
+    Fp8Block128(Fp8Block128),
+    Int4(Int4Grouped),
+    Nvfp4(Nvfp4),
+}
+
+impl QuantizedMatrix {
+    pub fn quantize(format: WeightFormat, weights: &[f32], rows: usize, cols: usize) -> Result<Self> {
+        Ok(match format {
+            WeightFormat::Bf16 => {
+                check_input(format, weights, rows, cols)?;
+                QuantizedMatrix::Bf16 { data: super::to_bf16(weights), rows, cols }
+            }
+            WeightFormat::Fp8PerTensor => QuantizedMatrix::Fp8PerTensor(Fp8PerTensor::quantize(weights, rows, cols)?),
+            WeightFormat::Fp8Block128 => QuantizedMatrix::Fp8Block128(Fp8Block128::quantize(weights, rows, cols)?),
+            WeightFormat::Int4 { group, zero_point } => {
+                QuantizedMatrix::Int4(Int4Grouped::quantize_with(weights, rows, cols, group, zero_point)?)
+            }
+            WeightFormat::Nvfp4 => QuantizedMatrix::Nvfp4(Nvfp4::quantize(weights, rows, cols)?),
+        })
+    }
+
+    pub fn format(&self) -> WeightFormat {
+        match self {
+            QuantizedMatrix::Bf16 { .. } => WeightFormat::Bf16,
+            QuantizedMatrix::Fp8PerTensor(_) => WeightFormat::Fp8PerTensor,
+            QuantizedMatrix::Fp8Block128(_) => WeightFormat::Fp8Block128,
+            QuantizedMatrix::Int4(m) => m.format(),
+            QuantizedMatrix::Nvfp4(_) => WeightFormat::Nvfp4,
+        }
+    }
+
+    /// `(rows, cols)`.
+    pub fn shape(&self) -> (usize, usize) {
+        match self {
+            QuantizedMatrix::Bf16 { rows, cols, .. } => (*rows, *cols),
+            QuantizedMatrix::Fp8PerTensor(m) => (m.rows, m.cols),
+            QuantizedMatrix::Fp8Block128(m) => (m.rows, m.cols),
+            QuantizedMatrix::Int4(m) => (m.rows, m.cols),
+            QuantizedMatrix::Nvfp4(m) => (m.rows, m.cols),
+        }
+    }
+
+    /// Bytes actually held, arrays and scalars included (equals `format().matrix_bytes(rows, cols)`).
+    pub fn bytes(&self) -> usize {
+        match self {
+            QuantizedMatrix::Bf16 { data, .. } => 2 * data.len(),
+            QuantizedMatrix::Fp8PerTensor(m) => m.data.len() + 4,
+            QuantizedMatrix::Fp8Block128(m) => m.data.len() + 4 * m.scales.len(),
+            QuantizedMatrix::Int4(m) => m.packed.len() + 2 * m.scales.len() + m.zeros.as_ref().map_or(0, Vec::len),
+            QuantizedMatrix::Nvfp4(m) => m.packed.len() + m.scales.len() + 4,
+        }
+    }
+
+    pub fn dequantize(&self) -> Vec<f32> {
+        match self {
+            QuantizedMatrix::Bf16 { data, .. } => super::bf16_to_f32(data),
+            QuantizedMatrix::Fp8PerTensor(m) => m.dequantize(),
+            QuantizedMatrix::Fp8Block128(m) => m.dequantize(),
+            QuantizedMatrix::Int4(m) => m.dequantize(),
+            QuantizedMatrix::Nvfp4(m) => m.dequantize(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    /// Uniform values whose magnitude changes by powers of two from row to row and every 128 columns, so blocks and
+    /// groups get different scales (each INT4 group stays uniform); never exactly 0 or ±1.
+    fn random_matrix(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        (0..rows * cols)
+            .map(|i| {
+                let magnitude = 2f32.powi((i / cols % 5) as i32 - 2 + (i % cols / 128 % 3) as i32);
+                loop {
+                    let v = rng.random_range(-1.0f32..1.0) * magnitude;
+                    if v != 0.0 && v.abs() != 1.0 {
+                        break v;
+                    }
+                }
+            })
+            .collect()
+    }
+
+    fn relative_frobenius(got: &[f32], want: &[f32]) -> f64 {
+        let err: f64 = got.iter().zip(want).map(|(&g, &w)| (g as f64 - w as f64).powi(2)).sum();
+        let norm: f64 = want.iter().map(|&w| (w as f64).powi(2)).sum();
+        (err / norm).sqrt()
+    }
+
+    /// Half the distance between the e4m3 neighbours around `v` (scaled domain): 2^(e-4) for a normal binade
+    /// [2^e, 2^(e+1)), 2^-10 among the subnormals.
+    fn e4m3_half_step(v: f32) -> f32 {
+        let v = v.abs();
+        if v < 2f32.powi(-6) {
+            2f32.powi(-10)
+        } else {
+            2f32.powi(v.log2().floor() as i32 - 4)
+        }
+    }
+
+    /// Half the distance between the e2m1 neighbours around `v`, or the saturation error above 6.
+    fn e2m1_half_step(v: f32) -> f32 {
+        match v.abs() {
+            v if v < 2.0 => 0.25,
+            v if v < 4.0 => 0.5,
+            v if v <= 6.0 => 1.0,
+            v => v - 6.0,
+        }
+    }
+
+    /// f32 slack for the scaling divisions and multiplications (a few ulps of the value).
+    fn slack(v: f32) -> f32 {
+        v.abs() * 4.0 * f32::EPSILON
+    }
+
+    const SHAPES: [(usize, usize); 5] = [(1, 128), (17, 256), (130, 384), (3, 4096), (256, 640)];
+
+    #[test]
+    fn fp8_per_tensor_error_is_half_a_step() {
+        for (seed, &(rows, cols)) in SHAPES.iter().enumerate() {
+            let w = random_matrix(rows, cols, seed as u64);
+            let q = Fp8PerTensor::quantize(&w, rows, cols).unwrap();
+            assert_eq!(q.scale, amax(w.iter().copied()) / 448.0);
+            let d = q.dequantize();
+            for (i, (&x, &y)) in w.iter().zip(&d).enumerate() {
+                let bound = e4m3_half_step(x / q.scale) * q.scale + slack(x);
+                assert!((x - y).abs() <= bound, "[{i}] {x} -> {y}, bound {bound}");
+            }
+            // Relative error of e4m3 is at most 2^-4 in the normal range; uniform data sits far below it.
+            assert!(relative_frobenius(&d, &w) < 0.035, "{}", relative_frobenius(&d, &w));
+        }
+    }
+
+    #[test]
+    fn fp8_block128_error_is_half_a_step_of_each_block() {
+        for (seed, &(rows, cols)) in SHAPES.iter().enumerate() {
+            let w = random_matrix(rows, cols, 10 + seed as u64);
+            let q = Fp8Block128::quantize(&w, rows, cols).unwrap();
+            assert_eq!(q.scales.len(), rows.div_ceil(128) * cols.div_ceil(128));
+            let d = q.dequantize();
+            for (i, (&x, &y)) in w.iter().zip(&d).enumerate() {
+                let scale = q.scale(i / cols, i % cols);
+                let bound = e4m3_half_step(x / scale) * scale + slack(x);
+                assert!((x - y).abs() <= bound, "[{i}] {x} -> {y}, bound {bound}");
+            }
+            // Every block's amax maps to 448 exactly (up to the f32 division): the largest code is used.
+            assert!(q.data.iter().any(|&c| c & 0x7f == 0x7e));
+            assert!(relative_frobenius(&d, &w) < 0.035);
+        }
+    }
+
+    #[test]
+    fn int4_error_is_half_a_step_symmetric_and_zero_point() {
+        for zero_point in [false, true] {
+            for (seed, &(rows, cols)) in SHAPES.iter().enumerate() {
+                for group in [32, 128] {
+                    let w = random_matrix(rows, cols, 20 + seed as u64);
+                    let q = Int4Grouped::quantize_with(&w, rows, cols, group, zero_point).unwrap();
+                    assert_eq!(q.packed.len(), rows * cols / 2);
+                    let d = q.dequantize();
+                    for (i, (&x, &y)) in w.iter().zip(&d).enumerate() {
+                        let scale = q.scales[i / group].to_f32();
+                        // Half a step, plus (zero point) the shift of the grid's far end by the bf16 rounding of the
+                        // scale (relative 2^-8): at most 15 steps * 2^-8.
+                        let bound = scale * (0.5 + if zero_point { 15.0 / 256.0 } else { 0.0 }) + slack(x);
+                        assert!((x - y).abs() <= bound, "zp {zero_point} g {group} [{i}] {x} -> {y}, bound {bound}");
+                    }
+                    // Uniform data over ±amax with steps amax/7: RMS error step/sqrt(12), RMS value amax/sqrt(3) ->
+                    // ~1/14 relative; zero points have 15 steps over the same range (~1/15).
+                    let err = relative_frobenius(&d, &w);
+                    assert!(err < 0.08, "zp {zero_point} g {group}: {err}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn nvfp4_error_is_half_a_step_of_each_block() {
+        for (seed, &(rows, cols)) in SHAPES.iter().enumerate() {
+            let w = random_matrix(rows, cols, 30 + seed as u64);
+            let q = Nvfp4::quantize(&w, rows, cols).unwrap();
+            assert_eq!(q.global_scale, 448.0 * 6.0 / amax(w.iter().copied()));
+            assert_eq!((q.packed.len(), q.scales.len()), (rows * cols / 2, rows * cols / 16));
+            let d = q.dequantize();
+            for (i, (&x, &y)) in w.iter().zip(&d).enumerate() {
+                let scale = q.effective_scale(i / 16);
+                let bound = e2m1_half_step(x / scale) * scale + slack(x);
+                assert!((x - y).abs() <= bound, "[{i}] {x} -> {y}, bound {bound}");
+            }
+            // e2m1 on uniform data: steps of 1/12 to 1/3 of the block amax; measured ~0.09 relative.
+            let err = relative_frobenius(&d, &w);
+            assert!(err < 0.12, "{err}");
+        }
+    }
+
+    #[test]
+    fn nvfp4_layout_matches_the_checkpoint() {
+        // One row: block amax 3 everywhere except the second block, so the scales differ.
+        let mut w: Vec<f32> = (0..32).map(|i| if i % 2 == 0 { 1.5 } else { -3.0 }).collect();
+        w[16..].iter_mut().for_each(|v| *v *= 0.5);
+        let q = Nvfp4::quantize(&w, 1, 32).unwrap();
+        assert_eq!(q.global_scale, 448.0 * 6.0 / 3.0);
+        // Block 0: scale 3/6 * 896 = 448 -> e4m3 0x7e; codes 1.5 / 0.5 = 3 (0x5), -3 / 0.5 = -6 (0xf).
+        assert_eq!(q.scales[0], 0x7e);
+        assert_eq!(q.packed[0], 0xf5);
+        assert_eq!(q.dequantize(), w);
+    }
+
+    #[test]
+    fn int4_layout_low_nibble_is_even_column() {
+        let q = Int4Grouped::from_parts(vec![0x1f, 0x80], 1, 4, 2, vec![bf16::from_f32(0.5), bf16::from_f32(2.0)], None).unwrap();
+        assert_eq!(q.dequantize(), vec![3.5, -3.5, -16.0, 0.0]);
+        let q = Int4Grouped::from_parts(vec![0x1f, 0x80], 1, 4, 2, vec![bf16::from_f32(0.5), bf16::from_f32(2.0)], Some(vec![3, 0])).unwrap();
+        assert_eq!(q.dequantize(), vec![6.0, -1.0, 0.0, 16.0]);
+    }
+
+    #[test]
+    fn fp8_block_scales_follow_blocks() {
+        let (rows, cols) = (130, 260);
+        let w = random_matrix(rows, cols, 5);
+        let q = Fp8Block128::quantize(&w, rows, cols).unwrap();
+        assert_eq!(q.scales.len(), 2 * 3);
+        for br in 0..2 {
+            for bc in 0..3 {
+                let block_amax = (br * 128..((br + 1) * 128).min(rows))
+                    .flat_map(|r| (bc * 128..((bc + 1) * 128).min(cols)).map(move |c| (r, c)))
+                    .fold(0.0f32, |m, (r, c)| m.max(w[r * cols + c].abs()));
+                assert_eq!(q.scales[br * 3 + bc], block_amax / 448.0);
+            }
+        }
+    }
+
+    #[test]
+    fn shape_and_value_errors_are_typed() {
+        let w = random_matrix(2, 128, 1);
+        assert!(matches!(Fp8PerTensor::quantize(&w, 3, 128), Err(Error::Shape { .. })));
+        assert!(matches!(Fp8Block128::quantize(&w, 2, 100), Err(Error::Shape { .. })));
+        assert!(matches!(Int4Grouped::quantize_with(&w, 4, 64, 128, false), Err(Error::Shape { .. })));
+        assert!(matches!(Int4Grouped::quantize_with(&w, 2, 128, 5, false), Err(Error::InvalidArgument(_))));
+        assert!(matches!(Nvfp4::quantize(&w[..24], 1, 24), Err(Error::Shape { .. })));
+        let mut bad = w.clone();
+        bad[7] = f32::NAN;
+        assert!(matches!(Nvfp4::quantize(&bad, 2, 128), Err(Error::InvalidArgument(_))));
+        assert!(matches!(Fp8PerTensor::from_parts(vec![0; 4], 2, 2, 0.0), Err(Error::InvalidArgument(_))));
+        assert!(matches!(Nvfp4::from_parts(vec![0; 8], 1, 16, vec![0; 2], 1.0), Err(Error::Shape { .. })));
+        let zeros = Some(vec![16u8]);
+        assert!(matches!(Int4Grouped::from_parts(vec![0; 1], 1, 2, 2, vec![bf16::ONE], zeros), Err(Error::OutOfRange { .. })));
+    }
+
+    #[test]
+    fn all_zero_matrices_quantize_to_zero() {
+        let w = vec![0.0f32; 2 * 128];
+        for format in [WeightFormat::Fp8PerTensor, WeightFormat::Fp8Block128, WeightFormat::INT4_G128, WeightFormat::Nvfp4] {
+            let q = QuantizedMatrix::quantize(format, &w, 2, 128).unwrap();
+            assert!(q.dequantize().iter().all(|&v| v == 0.0), "{format}");
+        }
+        let zp = QuantizedMatrix::quantize(WeightFormat::Int4 { group: 128, zero_point: true }, &w, 2, 128).unwrap();
+        assert!(zp.dequantize().iter().all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn held_bytes_equal_the_planner_size() {
+        let (rows, cols) = (130, 384);
+        let w = random_matrix(rows, cols, 9);
+        let formats = [
+            WeightFormat::Bf16,
+            WeightFormat::Fp8PerTensor,
+            WeightFormat::Fp8Block128,
+            WeightFormat::INT4_G128,
+            WeightFormat::Int4 { group: 64, zero_point: true },
+            WeightFormat::Nvfp4,
+        ];
+        for format in formats {
+            let q = QuantizedMatrix::quantize(format, &w, rows, cols).unwrap();
+            assert_eq!(q.format(), format);
+            assert_eq!(q.shape(), (rows, cols));
+            assert_eq!(q.bytes(), format.matrix_bytes(rows, cols).unwrap(), "{format}");
+            assert_eq!(q.dequantize().len(), rows * cols);
+        }
+    }
+}

@@ -1,14 +1,35 @@
-//! The PTX-interpreter backend: runs the exact PTX that build.rs produced on the CPU through `tools/ptxsim`.
-//! Implemented with the ptxsim issue; until then every call reports that the interpreter is not available.
+//! The PTX-interpreter backend: runs the exact PTX that build.rs produced on the CPU through `tools/ptxsim`, with
+//! its memory checks (out-of-bounds, uninitialised reads, shared-memory races, missing cp.async waits) and counters.
+//! Launches are synchronous: a kernel fault is returned by `launch` itself.
 
-use super::{Backend, Kernel, LaunchConfig};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use super::{Backend, Kernel, LaunchConfig, LaunchCounters};
 use crate::error::{Error, Result};
 
-pub struct SimBackend {}
+pub struct SimBackend {
+    machine: Mutex<ptxsim::Machine>,
+    /// Parsed modules by `KernelModule::name` (parsing a module happens once per backend).
+    modules: Mutex<HashMap<&'static str, Arc<ptxsim::Module>>>,
+    last: Mutex<Option<LaunchCounters>>,
+}
 
 impl SimBackend {
     pub fn new() -> Self {
-        SimBackend {}
+        SimBackend { machine: Mutex::new(ptxsim::Machine::new()), modules: Mutex::new(HashMap::new()), last: Mutex::new(None) }
+    }
+
+    fn module(&self, kernel: &Kernel) -> Result<Arc<ptxsim::Module>> {
+        let mut cache = self.modules.lock().unwrap();
+        if let Some(m) = cache.get(kernel.module.name) {
+            return Ok(m.clone());
+        }
+        let module = Arc::new(
+            ptxsim::Module::parse(kernel.module.ptx).map_err(|e| Error::Simulator(format!("parsing module {}: {e}", kernel.module.name)))?,
+        );
+        cache.insert(kernel.module.name, module.clone());
+        Ok(module)
     }
 }
 
@@ -18,33 +39,60 @@ impl Default for SimBackend {
     }
 }
 
-fn unavailable<T>() -> Result<T> {
-    Err(Error::Simulator("the PTX interpreter backend is not implemented yet (issue 3)".into()))
+fn sim_error(e: ptxsim::SimError) -> Error {
+    Error::Simulator(e.to_string())
+}
+
+/// The interpreter's counters in the device layer's backend-neutral form.
+fn launch_counters(c: &ptxsim::Counters) -> LaunchCounters {
+    LaunchCounters {
+        kernel: c.kernel.clone(),
+        instructions: c.warp_instructions,
+        instructions_by_class: c.by_class_named().into_iter().map(|(n, v)| (n.to_string(), v)).collect(),
+        global_bytes_read: c.global_bytes_read,
+        global_bytes_written: c.global_bytes_written,
+        global_requests: c.global_requests,
+        global_sectors: c.global_sectors,
+        shared_bank_conflicts: c.shared_bank_conflicts,
+        tensor_core_ops: c.tensor_ops,
+    }
 }
 
 impl Backend for SimBackend {
     fn name(&self) -> &'static str {
         "sim"
     }
-    fn alloc(&self, _bytes: usize) -> Result<u64> {
-        unavailable()
+    fn alloc(&self, bytes: usize) -> Result<u64> {
+        Ok(self.machine.lock().unwrap().alloc(bytes))
     }
-    fn free(&self, _addr: u64) -> Result<()> {
-        unavailable()
+    fn free(&self, addr: u64) -> Result<()> {
+        self.machine.lock().unwrap().free(addr).map_err(sim_error)
     }
-    fn write(&self, _addr: u64, _data: &[u8]) -> Result<()> {
-        unavailable()
+    fn write(&self, addr: u64, data: &[u8]) -> Result<()> {
+        self.machine.lock().unwrap().write(addr, data).map_err(sim_error)
     }
-    fn read(&self, _addr: u64, _out: &mut [u8]) -> Result<()> {
-        unavailable()
+    fn read(&self, addr: u64, out: &mut [u8]) -> Result<()> {
+        self.machine.lock().unwrap().read(addr, out).map_err(sim_error)
     }
-    fn memset(&self, _addr: u64, _byte: u8, _bytes: usize) -> Result<()> {
-        unavailable()
+    fn memset(&self, addr: u64, byte: u8, bytes: usize) -> Result<()> {
+        self.machine.lock().unwrap().memset(addr, byte, bytes).map_err(sim_error)
     }
-    fn launch(&self, _kernel: &Kernel, _config: &LaunchConfig, _params: &[u8]) -> Result<()> {
-        unavailable()
+    fn launch(&self, kernel: &Kernel, config: &LaunchConfig, params: &[u8]) -> Result<()> {
+        let module = self.module(kernel)?;
+        let (g, b) = (config.grid, config.block);
+        let counters = self
+            .machine
+            .lock()
+            .unwrap()
+            .launch(&module, kernel.entry, [g.x, g.y, g.z], [b.x, b.y, b.z], config.shared_bytes, params)
+            .map_err(sim_error)?;
+        *self.last.lock().unwrap() = Some(launch_counters(&counters));
+        Ok(())
     }
     fn synchronize(&self) -> Result<()> {
-        unavailable()
+        Ok(())
+    }
+    fn last_launch_counters(&self) -> Option<LaunchCounters> {
+        self.last.lock().unwrap().clone()
     }
 }

@@ -1,0 +1,116 @@
+//! Per-launch counters: what a profiler would report about instruction mix and memory traffic.
+
+use crate::ir::Class;
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Counters {
+    pub kernel: String,
+    pub blocks: u64,
+    /// Instructions issued per warp (one per converged group of lanes), and per active thread.
+    pub warp_instructions: u64,
+    pub thread_instructions: u64,
+    /// Warp instructions by `Class` (indexed as `Class::ALL`).
+    pub by_class: [u64; Class::ALL.len()],
+    pub global_bytes_read: u64,
+    pub global_bytes_written: u64,
+    /// Warp-wide global memory requests (loads, stores, atomics, async copies) and the distinct 32-byte sectors each touched.
+    pub global_requests: u64,
+    pub global_sectors: u64,
+    pub shared_requests: u64,
+    /// Extra shared-memory wavefronts caused by bank conflicts (0 when every request is conflict-free).
+    pub shared_bank_conflicts: u64,
+    /// mma.sync instructions (per warp) and their floating-point operations (2*m*n*k each).
+    pub tensor_ops: u64,
+    pub tensor_flops: u64,
+}
+
+impl Counters {
+    #[inline(always)]
+    pub(crate) fn count(&mut self, class: Class, exec: u32) {
+        self.warp_instructions += 1;
+        self.thread_instructions += exec.count_ones() as u64;
+        self.by_class[class as usize] += 1;
+    }
+
+    pub fn by_class_named(&self) -> Vec<(&'static str, u64)> {
+        Class::ALL.iter().map(|c| (c.name(), self.by_class[*c as usize])).filter(|(_, n)| *n > 0).collect()
+    }
+
+    /// Records one warp-wide global request over the given (address, bytes) ranges.
+    pub(crate) fn global_request(&mut self, ranges: &[(u64, u32)], write: bool) {
+        let mut sectors: Vec<u64> = Vec::with_capacity(ranges.len() * 2);
+        let mut bytes = 0u64;
+        for &(a, n) in ranges {
+            bytes += n as u64;
+            let (first, last) = (a >> 5, (a + n.max(1) as u64 - 1) >> 5);
+            sectors.extend(first..=last);
+        }
+        sectors.sort_unstable();
+        sectors.dedup();
+        self.global_requests += 1;
+        self.global_sectors += sectors.len() as u64;
+        if write {
+            self.global_bytes_written += bytes;
+        } else {
+            self.global_bytes_read += bytes;
+        }
+    }
+
+    /// Records one warp-wide shared request: bank conflicts are the wavefronts beyond what the bytes need
+    /// (128 bytes per wavefront); lanes reading the same 4-byte word share it (broadcast).
+    pub(crate) fn shared_request(&mut self, ranges: &[(u32, u32)]) {
+        let mut words: Vec<u32> = Vec::with_capacity(ranges.len() * 4);
+        let mut bytes = 0u32;
+        for &(a, n) in ranges {
+            bytes += n;
+            words.extend((a / 4)..(a + n.max(1)).div_ceil(4));
+        }
+        words.sort_unstable();
+        words.dedup();
+        let mut per_bank = [0u32; 32];
+        for w in &words {
+            per_bank[(w % 32) as usize] += 1;
+        }
+        let wavefronts = per_bank.iter().copied().max().unwrap_or(0);
+        let ideal = bytes.div_ceil(128).max(1).min(wavefronts.max(1));
+        self.shared_requests += 1;
+        self.shared_bank_conflicts += wavefronts.saturating_sub(ideal) as u64;
+    }
+
+    pub fn merge(&mut self, o: &Counters) {
+        self.blocks += o.blocks;
+        self.warp_instructions += o.warp_instructions;
+        self.thread_instructions += o.thread_instructions;
+        for (a, b) in self.by_class.iter_mut().zip(o.by_class) {
+            *a += b;
+        }
+        self.global_bytes_read += o.global_bytes_read;
+        self.global_bytes_written += o.global_bytes_written;
+        self.global_requests += o.global_requests;
+        self.global_sectors += o.global_sectors;
+        self.shared_requests += o.shared_requests;
+        self.shared_bank_conflicts += o.shared_bank_conflicts;
+        self.tensor_ops += o.tensor_ops;
+        self.tensor_flops += o.tensor_flops;
+    }
+}
+
+impl std::fmt::Display for Counters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "kernel {}: {} blocks, {} warp instructions ({} thread instructions)", self.kernel, self.blocks, self.warp_instructions, self.thread_instructions)?;
+        for (name, n) in self.by_class_named() {
+            writeln!(f, "  {name:>26}: {n}")?;
+        }
+        writeln!(
+            f,
+            "  global: {} B read, {} B written, {} requests, {} sectors ({:.2} sectors/request)",
+            self.global_bytes_read,
+            self.global_bytes_written,
+            self.global_requests,
+            self.global_sectors,
+            self.global_sectors as f64 / self.global_requests.max(1) as f64
+        )?;
+        writeln!(f, "  shared: {} requests, {} bank-conflict wavefronts", self.shared_requests, self.shared_bank_conflicts)?;
+        write!(f, "  tensor: {} mma, {} flops", self.tensor_ops, self.tensor_flops)
+    }
+}

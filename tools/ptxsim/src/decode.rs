@@ -1,0 +1,748 @@
+//! Syntax tree -> `ir::Kernel`: resolves register names (with inline-asm scopes), labels, symbols and params, and turns
+//! each opcode string into a typed `Op` once.
+
+use std::collections::HashMap;
+
+use crate::ir::*;
+use crate::parser::{Ast, Function, Instruction, Operand, Stmt, VarDecl};
+use crate::ParseError;
+
+/// Module-level `.global` / `.const` variables, placed at fixed addresses inside this module's data window.
+#[derive(Clone, Debug)]
+pub struct ModuleVar {
+    pub name: String,
+    pub addr: u64,
+    pub bytes: Vec<u8>,
+}
+
+fn err<T>(line: u32, message: impl Into<String>) -> Result<T, ParseError> {
+    Err(ParseError { line, message: message.into() })
+}
+
+fn align_up(v: u64, a: u64) -> u64 {
+    if a <= 1 {
+        v
+    } else {
+        v.div_ceil(a) * a
+    }
+}
+
+fn decl_bytes(d: &VarDecl) -> u64 {
+    let elem = Ty::parse(d.ty.trim_start_matches('.')).map_or(1, |t| t.bytes() as u64);
+    elem * d.array.unwrap_or(1)
+}
+
+fn decl_align(d: &VarDecl) -> u64 {
+    if d.align > 0 {
+        d.align as u64
+    } else {
+        Ty::parse(d.ty.trim_start_matches('.')).map_or(1, |t| t.bytes() as u64)
+    }
+}
+
+/// Encodes an initializer list of a module variable into bytes.
+fn init_bytes(d: &VarDecl) -> Result<Vec<u8>, ParseError> {
+    let total = decl_bytes(d) as usize;
+    let ty = Ty::parse(d.ty.trim_start_matches('.')).unwrap_or(Ty::B8);
+    let elem = ty.bytes() as usize;
+    let mut out = vec![0u8; total];
+    for (i, v) in d.init.iter().enumerate() {
+        let bits = match v {
+            Operand::Int(x) => *x as u64,
+            Operand::F32(b) => *b as u64,
+            Operand::F64(b) if ty == Ty::F32 => (f64::from_bits(*b) as f32).to_bits() as u64,
+            Operand::F64(b) => *b,
+            _ => return err(d.line, format!("unsupported initializer for {}", d.name)),
+        };
+        let at = i * elem;
+        if at + elem > total {
+            return err(d.line, format!("too many initializers for {}", d.name));
+        }
+        out[at..at + elem].copy_from_slice(&bits.to_le_bytes()[..elem]);
+    }
+    Ok(out)
+}
+
+pub struct Decoded {
+    pub kernels: Vec<Kernel>,
+    pub vars: Vec<ModuleVar>,
+}
+
+pub fn decode(ast: &Ast, data_base: u64) -> Result<Decoded, ParseError> {
+    let mut vars = Vec::new();
+    let mut symbols: HashMap<String, (Space, u64)> = HashMap::new();
+    let mut module_shared = Vec::new();
+    let mut next = data_base;
+    for g in &ast.globals {
+        match g.space.as_str() {
+            ".shared" => module_shared.push(g.clone()),
+            _ if g.extern_ => {}
+            _ => {
+                next = align_up(next, decl_align(g).max(16));
+                let bytes = init_bytes(g)?;
+                symbols.insert(g.name.clone(), (Space::Global, next));
+                vars.push(ModuleVar { name: g.name.clone(), addr: next, bytes: bytes.clone() });
+                next += bytes.len().max(1) as u64;
+            }
+        }
+    }
+    let mut kernels = Vec::new();
+    for f in ast.functions.iter().filter(|f| f.is_entry) {
+        kernels.push(decode_kernel(f, &symbols, &module_shared)?);
+    }
+    Ok(Decoded { kernels, vars })
+}
+
+struct Ctx<'a> {
+    scopes: Vec<HashMap<String, u32>>,
+    num_regs: u32,
+    symbols: HashMap<String, (Space, u64)>,
+    labels: &'a HashMap<String, u32>,
+}
+
+impl Ctx<'_> {
+    fn reg(&self, name: &str) -> Option<u32> {
+        self.scopes.iter().rev().find_map(|s| s.get(name).copied())
+    }
+    fn declare(&mut self, name: String) {
+        let id = self.num_regs;
+        self.num_regs += 1;
+        self.scopes.last_mut().expect("scope").insert(name, id);
+    }
+
+    fn dst(&self, op: &Operand, line: u32, out: &mut Vec<Option<u32>>) -> Result<(), ParseError> {
+        match op {
+            Operand::Sink => out.push(None),
+            Operand::Name(n, 0) => out.push(Some(self.reg(n).ok_or_else(|| ParseError { line, message: format!("unknown register {n}") })?)),
+            Operand::Pair(a, b) => {
+                self.dst(&Operand::Name(a.clone(), 0), line, out)?;
+                self.dst(&Operand::Name(b.clone(), 0), line, out)?;
+            }
+            Operand::Vector(v) => {
+                for e in v {
+                    self.dst(e, line, out)?;
+                }
+            }
+            other => return err(line, format!("bad destination {other:?}")),
+        }
+        Ok(())
+    }
+
+    /// A source operand; `fty` is the instruction's float type, so a decimal literal gets the right width.
+    fn src(&self, op: &Operand, fty: Option<Ty>, line: u32, out: &mut Vec<Src>) -> Result<(), ParseError> {
+        match op {
+            Operand::Name(n, off) => {
+                if let Some(r) = self.reg(n) {
+                    out.push(Src::Reg(r));
+                } else if let Some(s) = SReg::parse(n) {
+                    out.push(Src::Special(s));
+                } else if let Some(&(_, a)) = self.symbols.get(n) {
+                    out.push(Src::Imm(a.wrapping_add(*off as u64)));
+                } else if let Some(&l) = self.labels.get(n) {
+                    out.push(Src::Imm(l as u64));
+                } else {
+                    return err(line, format!("unknown name {n}"));
+                }
+            }
+            Operand::Not(n) => out.push(Src::NotReg(self.reg(n).ok_or_else(|| ParseError { line, message: format!("unknown predicate {n}") })?)),
+            Operand::Int(v) => out.push(Src::Imm(*v as u64)),
+            Operand::F32(b) => out.push(Src::Imm(if fty == Some(Ty::F64) { (f32::from_bits(*b) as f64).to_bits() } else { *b as u64 })),
+            Operand::F64(b) => {
+                let v = f64::from_bits(*b);
+                out.push(Src::Imm(match fty {
+                    Some(Ty::F64) | None => *b,
+                    Some(Ty::F16 | Ty::F16x2) => crate::float::encode(v, crate::float::F16, Rnd::Rn, false) as u64,
+                    Some(Ty::Bf16 | Ty::Bf16x2) => crate::float::encode(v, crate::float::BF16, Rnd::Rn, false) as u64,
+                    Some(_) => (v as f32).to_bits() as u64,
+                }));
+            }
+            Operand::Vector(v) => {
+                for e in v {
+                    self.src(e, fty, line, out)?;
+                }
+            }
+            Operand::Sink => out.push(Src::Imm(0)),
+            other => return err(line, format!("bad source operand {other:?}")),
+        }
+        Ok(())
+    }
+
+    fn addr(&self, op: &Operand, line: u32) -> Result<(Addr, Option<Space>), ParseError> {
+        match op {
+            Operand::Mem(None, off) => Ok((Addr { base: None, offset: *off }, None)),
+            Operand::Mem(Some(n), off) => {
+                if let Some(r) = self.reg(n) {
+                    Ok((Addr { base: Some(r), offset: *off }, None))
+                } else if let Some(&(space, a)) = self.symbols.get(n) {
+                    Ok((Addr { base: None, offset: (a as i64).wrapping_add(*off) }, Some(space)))
+                } else {
+                    err(line, format!("unknown address base {n}"))
+                }
+            }
+            other => err(line, format!("expected an address, found {other:?}")),
+        }
+    }
+}
+
+fn decode_kernel(f: &Function, module_symbols: &HashMap<String, (Space, u64)>, module_shared: &[VarDecl]) -> Result<Kernel, ParseError> {
+    // Labels -> instruction indices.
+    let mut labels = HashMap::new();
+    let mut count = 0u32;
+    for s in &f.body {
+        match s {
+            Stmt::Inst(_) => count += 1,
+            Stmt::Label(l, _) => {
+                labels.insert(l.clone(), count);
+            }
+            _ => {}
+        }
+    }
+    let mut symbols = module_symbols.clone();
+    // Params in declaration order, each aligned.
+    let mut params = Vec::new();
+    let mut param_off = 0u64;
+    for p in &f.params {
+        param_off = align_up(param_off, decl_align(p));
+        let bytes = decl_bytes(p);
+        symbols.insert(p.name.clone(), (Space::Param, param_off));
+        params.push(Param { name: p.name.clone(), offset: param_off as u32, bytes: bytes as u32 });
+        param_off += bytes;
+    }
+    // Shared: module-level then function-level static declarations, then the dynamic (`.extern .shared`) area.
+    let mut shared_off = 0u64;
+    let mut dynamic_align = 16u64;
+    let mut dynamic_names = Vec::new();
+    let body_decls = f.body.iter().filter_map(|s| if let Stmt::Decl(d) = s { Some(d) } else { None });
+    let mut local_off = 0u64;
+    for d in module_shared.iter().chain(body_decls.clone().filter(|d| d.space == ".shared")) {
+        if d.extern_ || d.array == Some(0) {
+            dynamic_align = dynamic_align.max(decl_align(d));
+            dynamic_names.push(d.name.clone());
+            continue;
+        }
+        shared_off = align_up(shared_off, decl_align(d));
+        symbols.insert(d.name.clone(), (Space::Shared, shared_off));
+        shared_off += decl_bytes(d);
+    }
+    let dynamic_offset = align_up(shared_off, dynamic_align);
+    for n in dynamic_names {
+        symbols.insert(n, (Space::Shared, dynamic_offset));
+    }
+    for d in body_decls.filter(|d| d.space == ".local") {
+        local_off = align_up(local_off, decl_align(d));
+        symbols.insert(d.name.clone(), (Space::Local, local_off));
+        local_off += decl_bytes(d);
+    }
+
+    let mut ctx = Ctx { scopes: vec![HashMap::new()], num_regs: 0, symbols, labels: &labels };
+    let mut code = Vec::new();
+    for s in &f.body {
+        match s {
+            Stmt::ScopeOpen => ctx.scopes.push(HashMap::new()),
+            Stmt::ScopeClose => {
+                ctx.scopes.pop();
+            }
+            Stmt::Decl(d) if d.space == ".reg" => match d.range {
+                Some(n) => (0..n).for_each(|i| ctx.declare(format!("{}{}", d.name, i))),
+                None => ctx.declare(d.name.clone()),
+            },
+            Stmt::Decl(d) if d.space == ".shared" || d.space == ".local" => {}
+            Stmt::Decl(d) => return err(d.line, format!("unsupported declaration {} {}", d.space, d.name)),
+            Stmt::Label(..) => {}
+            Stmt::Inst(i) => code.push(decode_inst(&ctx, i)?),
+        }
+    }
+    // Falling off the end of a kernel is an implicit `ret`.
+    code.push(Inst { op: Op::Exit, guard: None, d: vec![], s: vec![], addr: None, line: f.line });
+    Ok(Kernel {
+        name: f.name.clone(),
+        code,
+        num_regs: ctx.num_regs,
+        params,
+        param_bytes: param_off as u32,
+        static_shared: shared_off as u32,
+        dynamic_offset: dynamic_offset as u32,
+        dynamic_align: dynamic_align as u32,
+        local_bytes: local_off as u32,
+    })
+}
+
+fn rounding(m: &[&str]) -> Rnd {
+    for x in m {
+        match *x {
+            "rn" => return Rnd::Rn,
+            "rz" => return Rnd::Rz,
+            "rm" => return Rnd::Rm,
+            "rp" => return Rnd::Rp,
+            "rna" => return Rnd::Rna,
+            "rni" => return Rnd::Rni,
+            "rzi" => return Rnd::Rzi,
+            "rmi" => return Rnd::Rmi,
+            "rpi" => return Rnd::Rpi,
+            _ => {}
+        }
+    }
+    Rnd::None
+}
+
+fn space_of(m: &[&str]) -> Space {
+    for x in m {
+        match *x {
+            "global" => return Space::Global,
+            "shared" | "shared::cta" => return Space::Shared,
+            "local" => return Space::Local,
+            "param" | "param::entry" | "param::func" => return Space::Param,
+            "const" => return Space::Const,
+            _ => {}
+        }
+    }
+    Space::Generic
+}
+
+fn vec_of(m: &[&str]) -> u32 {
+    for x in m {
+        match *x {
+            "v2" => return 2,
+            "v4" => return 4,
+            "v8" => return 8,
+            _ => {}
+        }
+    }
+    1
+}
+
+fn cmp_of(s: &str) -> Option<Cmp> {
+    Some(match s {
+        "eq" => Cmp::Eq,
+        "ne" => Cmp::Ne,
+        "lt" => Cmp::Lt,
+        "le" => Cmp::Le,
+        "gt" => Cmp::Gt,
+        "ge" => Cmp::Ge,
+        "lo" => Cmp::Lo,
+        "ls" => Cmp::Ls,
+        "hi" => Cmp::Hi,
+        "hs" => Cmp::Hs,
+        "equ" => Cmp::Equ,
+        "neu" => Cmp::Neu,
+        "ltu" => Cmp::Ltu,
+        "leu" => Cmp::Leu,
+        "gtu" => Cmp::Gtu,
+        "geu" => Cmp::Geu,
+        "num" => Cmp::Num,
+        "nan" => Cmp::Nan,
+        _ => return None,
+    })
+}
+
+fn bool_of(m: &[&str]) -> Option<BoolOp> {
+    m.iter().find_map(|x| match *x {
+        "and" => Some(BoolOp::And),
+        "or" => Some(BoolOp::Or),
+        "xor" => Some(BoolOp::Xor),
+        _ => None,
+    })
+}
+
+fn atom_op(m: &[&str]) -> Option<AtomOp> {
+    m.iter().find_map(|x| {
+        Some(match *x {
+            "add" => AtomOp::Add,
+            "min" => AtomOp::Min,
+            "max" => AtomOp::Max,
+            "inc" => AtomOp::Inc,
+            "dec" => AtomOp::Dec,
+            "and" => AtomOp::And,
+            "or" => AtomOp::Or,
+            "xor" => AtomOp::Xor,
+            "exch" => AtomOp::Exch,
+            "cas" => AtomOp::Cas,
+            _ => return None,
+        })
+    })
+}
+
+fn decode_inst(ctx: &Ctx, i: &Instruction) -> Result<Inst, ParseError> {
+    let line = i.line;
+    let parts: Vec<&str> = i.opcode.split('.').collect();
+    let base = parts[0];
+    let m = &parts[1..];
+    let has = |x: &str| m.contains(&x);
+    let tys: Vec<Ty> = m.iter().filter_map(|x| Ty::parse(x)).collect();
+    let ty = tys.last().copied().unwrap_or(Ty::B32);
+    let guard = match &i.guard {
+        Some((p, neg)) => Some((ctx.reg(p).ok_or_else(|| ParseError { line, message: format!("unknown predicate {p}") })?, *neg)),
+        None => None,
+    };
+    let mut inst = Inst { op: Op::Nop, guard, d: vec![], s: vec![], addr: None, line };
+    let ops = &i.operands;
+    let fty = if ty.is_float() { Some(ty) } else { None };
+    // The common shape: first operand is the destination, the rest are sources.
+    let dst_src = |inst: &mut Inst, fty: Option<Ty>| -> Result<(), ParseError> {
+        if let Some(first) = ops.first() {
+            ctx.dst(first, line, &mut inst.d)?;
+        }
+        for o in ops.iter().skip(1) {
+            ctx.src(o, fty, line, &mut inst.s)?;
+        }
+        Ok(())
+    };
+    let unsupported = |inst: &mut Inst| inst.op = Op::Unsupported(i.opcode.clone());
+
+    match base {
+        "mov" => {
+            match (ops.first(), ops.get(1)) {
+                (Some(Operand::Vector(v)), _) => inst.op = Op::Unpack { parts: v.len() as u32, bits: ty.bits() / v.len() as u32 },
+                (_, Some(Operand::Vector(v))) => inst.op = Op::Pack { parts: v.len() as u32, bits: ty.bits() / v.len() as u32 },
+                _ => inst.op = Op::Mov(ty),
+            }
+            dst_src(&mut inst, fty)?;
+        }
+        "add" | "sub" | "mul" | "mad" | "fma" | "div" | "rem" | "min" | "max" | "abs" | "neg" | "mul24" | "mad24" | "sad"
+            if !ty.is_float() =>
+        {
+            let op = match (base, has("hi"), has("wide")) {
+                ("add", ..) => IntOp::Add,
+                ("sub", ..) => IntOp::Sub,
+                ("mul", true, _) => IntOp::MulHi,
+                ("mul", _, true) => IntOp::MulWide,
+                ("mul", ..) => IntOp::MulLo,
+                ("mul24", false, _) => IntOp::Mul24Lo,
+                ("mad", true, _) => IntOp::MadHi,
+                ("mad", _, true) => IntOp::MadWide,
+                ("mad", ..) => IntOp::MadLo,
+                ("div", ..) => IntOp::Div,
+                ("rem", ..) => IntOp::Rem,
+                ("min", ..) => IntOp::Min,
+                ("max", ..) => IntOp::Max,
+                ("abs", ..) => IntOp::Abs,
+                ("neg", ..) => IntOp::Neg,
+                ("sad", ..) => IntOp::Sad,
+                _ => {
+                    unsupported(&mut inst);
+                    return Ok(inst);
+                }
+            };
+            if has("cc") || base == "mad24" || m.iter().any(|x| x.starts_with("relu")) {
+                unsupported(&mut inst);
+                return Ok(inst);
+            }
+            inst.op = Op::Int { op, ty, sat: has("sat") };
+            dst_src(&mut inst, None)?;
+        }
+        "add" | "sub" | "mul" | "fma" | "mad" | "div" | "rcp" | "sqrt" | "rsqrt" | "ex2" | "lg2" | "sin" | "cos" | "tanh" | "min" | "max"
+        | "abs" | "neg" | "copysign" => {
+            let op = match base {
+                "add" => FloatOp::Add,
+                "sub" => FloatOp::Sub,
+                "mul" => FloatOp::Mul,
+                "fma" | "mad" => FloatOp::Fma,
+                "div" => FloatOp::Div,
+                "rcp" => FloatOp::Rcp,
+                "sqrt" => FloatOp::Sqrt,
+                "rsqrt" => FloatOp::Rsqrt,
+                "ex2" => FloatOp::Ex2,
+                "lg2" => FloatOp::Lg2,
+                "sin" => FloatOp::Sin,
+                "cos" => FloatOp::Cos,
+                "tanh" => FloatOp::Tanh,
+                "min" => FloatOp::Min,
+                "max" => FloatOp::Max,
+                "abs" => FloatOp::Abs,
+                "neg" => FloatOp::Neg,
+                _ => FloatOp::Copysign,
+            };
+            if has("NaN") || has("xorsign") || has("relu") || has("oob") {
+                unsupported(&mut inst);
+                return Ok(inst);
+            }
+            inst.op = Op::Float { op, ty, rnd: rounding(m), ftz: has("ftz"), sat: has("sat"), approx: has("approx") };
+            dst_src(&mut inst, fty)?;
+        }
+        "and" | "or" | "xor" | "not" | "cnot" | "shl" | "shr" | "popc" | "clz" | "brev" | "bfind" | "bfe" | "bfi" => {
+            let op = match base {
+                "and" => IntOp::And,
+                "or" => IntOp::Or,
+                "xor" => IntOp::Xor,
+                "not" => IntOp::Not,
+                "cnot" => IntOp::CNot,
+                "shl" => IntOp::Shl,
+                "shr" => IntOp::Shr,
+                "popc" => IntOp::Popc,
+                "clz" => IntOp::Clz,
+                "brev" => IntOp::Brev,
+                "bfind" => IntOp::Bfind,
+                "bfe" => IntOp::Bfe,
+                _ => IntOp::Bfi,
+            };
+            if has("shiftamt") {
+                unsupported(&mut inst);
+                return Ok(inst);
+            }
+            inst.op = Op::Int { op, ty, sat: false };
+            dst_src(&mut inst, None)?;
+        }
+        "dp4a" => {
+            if tys.len() != 2 {
+                unsupported(&mut inst);
+                return Ok(inst);
+            }
+            // dp4a.atype.btype: signedness of a and b; encode as Ty pair via sat flag is not enough, keep both in ty.
+            inst.op = Op::Int { op: IntOp::Dp4a, ty: if tys[0] == Ty::S32 { if tys[1] == Ty::S32 { Ty::S32 } else { Ty::S16 } } else if tys[1] == Ty::S32 { Ty::U16 } else { Ty::U32 }, sat: false };
+            dst_src(&mut inst, None)?;
+        }
+        "prmt" => {
+            let mode = match m.get(1).copied() {
+                Some("f4e") => PrmtMode::F4e,
+                Some("b4e") => PrmtMode::B4e,
+                Some("rc8") => PrmtMode::Rc8,
+                Some("ecl") => PrmtMode::Ecl,
+                Some("ecr") => PrmtMode::Ecr,
+                Some("rc16") => PrmtMode::Rc16,
+                _ => PrmtMode::Default,
+            };
+            inst.op = Op::Prmt(mode);
+            dst_src(&mut inst, None)?;
+        }
+        "setp" | "set" => {
+            let cmp = m.first().and_then(|c| cmp_of(c)).ok_or_else(|| ParseError { line, message: format!("bad comparison in {}", i.opcode) })?;
+            let combine = bool_of(&m[1..]);
+            let sty = ty;
+            let fty = if sty.is_float() { Some(sty) } else { None };
+            if base == "setp" {
+                inst.op = Op::Setp { cmp, ty: sty, combine, ftz: has("ftz") };
+            } else {
+                if tys.len() != 2 {
+                    unsupported(&mut inst);
+                    return Ok(inst);
+                }
+                inst.op = Op::Set { cmp, dty: tys[0], ty: tys[1], combine };
+            }
+            dst_src(&mut inst, fty)?;
+        }
+        "selp" => {
+            inst.op = Op::Selp(ty);
+            dst_src(&mut inst, fty)?;
+        }
+        "slct" => {
+            if tys.len() != 2 {
+                return err(line, format!("bad {}", i.opcode));
+            }
+            inst.op = Op::Slct { ty: tys[0], cty: tys[1] };
+            dst_src(&mut inst, if tys[0].is_float() { Some(tys[0]) } else { None })?;
+        }
+        "cvt" => {
+            if tys.len() != 2 {
+                return err(line, format!("cvt needs two types: {}", i.opcode));
+            }
+            inst.op = Op::Cvt {
+                dty: tys[0],
+                sty: tys[1],
+                rnd: rounding(m),
+                ftz: has("ftz"),
+                sat: has("sat"),
+                satfinite: has("satfinite"),
+                relu: has("relu"),
+            };
+            dst_src(&mut inst, if tys[1].is_float() { Some(tys[1]) } else { None })?;
+        }
+        "cvta" => {
+            inst.op = Op::Cvta { space: space_of(m), to_space: has("to"), bits: ty.bits() };
+            dst_src(&mut inst, None)?;
+        }
+        "isspacep" => {
+            inst.op = Op::IsSpace(space_of(m));
+            dst_src(&mut inst, None)?;
+        }
+        "ld" | "ldu" => {
+            let (a, sym_space) = ctx.addr(ops.get(1).ok_or_else(|| ParseError { line, message: "ld without address".into() })?, line)?;
+            inst.op = Op::Ld { space: sym_space.filter(|_| space_of(m) == Space::Generic).unwrap_or(space_of(m)), ty, vec: vec_of(m), nc: has("nc") || base == "ldu" };
+            ctx.dst(&ops[0], line, &mut inst.d)?;
+            inst.addr = Some(a);
+            // An optional cache-policy operand (`.L2::cache_hint`) is not needed to run.
+        }
+        "st" => {
+            let (a, sym_space) = ctx.addr(ops.first().ok_or_else(|| ParseError { line, message: "st without address".into() })?, line)?;
+            inst.op = Op::St { space: sym_space.filter(|_| space_of(m) == Space::Generic).unwrap_or(space_of(m)), ty, vec: vec_of(m) };
+            ctx.src(ops.get(1).ok_or_else(|| ParseError { line, message: "st without value".into() })?, fty, line, &mut inst.s)?;
+            inst.addr = Some(a);
+        }
+        "atom" | "red" => {
+            let op = atom_op(m).ok_or_else(|| ParseError { line, message: format!("bad atomic {}", i.opcode) })?;
+            let returns = base == "atom";
+            let addr_pos = if returns { 1 } else { 0 };
+            let (a, sym_space) = ctx.addr(ops.get(addr_pos).ok_or_else(|| ParseError { line, message: "atom without address".into() })?, line)?;
+            let space = sym_space.filter(|_| space_of(m) == Space::Generic).unwrap_or(space_of(m));
+            inst.op = Op::Atom { space, op, ty, returns, vec: vec_of(m) };
+            if returns {
+                ctx.dst(&ops[0], line, &mut inst.d)?;
+            }
+            for o in ops.iter().skip(addr_pos + 1) {
+                ctx.src(o, fty, line, &mut inst.s)?;
+            }
+            inst.addr = Some(a);
+        }
+        "cp" if m.first() == Some(&"async") && !has("bulk") && !has("mbarrier") => {
+            if has("commit_group") {
+                inst.op = Op::CpAsyncCommit;
+            } else if has("wait_group") {
+                let n = match ops.first() {
+                    Some(Operand::Int(n)) => *n as u32,
+                    _ => return err(line, "cp.async.wait_group needs an immediate"),
+                };
+                inst.op = Op::CpAsyncWait(n);
+            } else if has("wait_all") {
+                inst.op = Op::CpAsyncWait(u32::MAX);
+            } else {
+                let (dst, _) = ctx.addr(&ops[0], line)?;
+                let (src, _) = ctx.addr(ops.get(1).ok_or_else(|| ParseError { line, message: "cp.async without source".into() })?, line)?;
+                let bytes = match ops.get(2) {
+                    Some(Operand::Int(n)) => *n as u32,
+                    _ => return err(line, "cp.async needs an immediate copy size"),
+                };
+                inst.addr = Some(dst);
+                inst.s.push(src.base.map_or(Src::Imm(0), Src::Reg));
+                inst.s.push(Src::Imm(src.offset as u64));
+                // src-size (zero-fills the rest); a cache-policy operand is a 64-bit register when `.L2::cache_hint`.
+                let zfill = ops.len() > 3 && !(ops.len() == 4 && has("L2::cache_hint"));
+                if zfill {
+                    ctx.src(&ops[3], None, line, &mut inst.s)?;
+                }
+                inst.op = Op::CpAsync { bytes, zfill };
+            }
+        }
+        "bra" | "brx" if base == "bra" => {
+            let target = match ops.first() {
+                Some(Operand::Name(l, 0)) => *ctx.labels.get(l).ok_or_else(|| ParseError { line, message: format!("unknown label {l}") })?,
+                _ => return err(line, "bra needs a label"),
+            };
+            inst.op = Op::Bra(target);
+        }
+        "ret" | "exit" => inst.op = Op::Exit,
+        "trap" | "brkpt" => inst.op = Op::Trap,
+        "bar" | "barrier" if has("warp") => {
+            inst.op = Op::BarWarp;
+            dst_src(&mut inst, None)?;
+            // bar.warp.sync has no destination: its one operand is the member mask.
+            inst.s = inst.d.iter().map(|r| r.map_or(Src::Imm(u32::MAX as u64), Src::Reg)).collect();
+            if let Some(Operand::Int(v)) = ops.first() {
+                inst.s = vec![Src::Imm(*v as u64)];
+            }
+            inst.d.clear();
+        }
+        "bar" | "barrier" => {
+            let kind = if has("arrive") {
+                BarKind::Arrive
+            } else if has("red") {
+                if has("popc") {
+                    BarKind::RedPopc
+                } else if has("and") {
+                    BarKind::RedAnd
+                } else {
+                    BarKind::RedOr
+                }
+            } else {
+                BarKind::Sync
+            };
+            if matches!(kind, BarKind::RedPopc | BarKind::RedAnd | BarKind::RedOr) {
+                dst_src(&mut inst, None)?;
+                inst.op = Op::Bar { kind, id_is_operand: true, has_count: ops.len() == 4 };
+            } else {
+                for o in ops {
+                    ctx.src(o, None, line, &mut inst.s)?;
+                }
+                inst.op = Op::Bar { kind, id_is_operand: !ops.is_empty(), has_count: ops.len() > 1 };
+            }
+        }
+        "membar" | "fence" => inst.op = if has("proxy") && has("tensormap") { Op::Unsupported(i.opcode.clone()) } else { Op::Fence },
+        "shfl" => {
+            let mode = match m.get(1).copied() {
+                Some("up") => ShflMode::Up,
+                Some("down") => ShflMode::Down,
+                Some("bfly") => ShflMode::Bfly,
+                Some("idx") => ShflMode::Idx,
+                _ => return err(line, format!("bad shfl {}", i.opcode)),
+            };
+            if !has("sync") {
+                unsupported(&mut inst);
+                return Ok(inst);
+            }
+            inst.op = Op::Shfl(mode);
+            dst_src(&mut inst, None)?;
+        }
+        "vote" => {
+            let mode = if has("all") {
+                VoteMode::All
+            } else if has("any") {
+                VoteMode::Any
+            } else if has("uni") {
+                VoteMode::Uni
+            } else {
+                VoteMode::Ballot
+            };
+            inst.op = Op::Vote(mode);
+            dst_src(&mut inst, None)?;
+            if inst.s.len() == 1 {
+                inst.s.push(Src::Imm(u32::MAX as u64)); // non-.sync form: the whole warp
+            }
+        }
+        "activemask" => {
+            inst.op = Op::Activemask;
+            dst_src(&mut inst, None)?;
+        }
+        "redux" => {
+            let op = atom_op(m).ok_or_else(|| ParseError { line, message: format!("bad redux {}", i.opcode) })?;
+            inst.op = Op::Redux { op, ty };
+            dst_src(&mut inst, fty)?;
+        }
+        "match" => {
+            inst.op = Op::Match { all: has("all"), ty };
+            dst_src(&mut inst, None)?;
+        }
+        "ldmatrix" | "stmatrix" => {
+            let num = if has("x4") {
+                4
+            } else if has("x2") {
+                2
+            } else {
+                1
+            };
+            if !has("m8n8") || !has("b16") {
+                unsupported(&mut inst);
+                return Ok(inst);
+            }
+            if base == "ldmatrix" {
+                inst.op = Op::Ldmatrix { num, trans: has("trans") };
+                ctx.dst(&ops[0], line, &mut inst.d)?;
+                inst.addr = Some(ctx.addr(&ops[1], line)?.0);
+            } else {
+                inst.op = Op::Stmatrix { num, trans: has("trans") };
+                inst.addr = Some(ctx.addr(&ops[0], line)?.0);
+                ctx.src(&ops[1], None, line, &mut inst.s)?;
+            }
+        }
+        "mma" => {
+            let shape = m.iter().find_map(|x| {
+                let rest = x.strip_prefix('m')?;
+                let (mm, rest) = rest.split_once('n')?;
+                let (nn, kk) = rest.split_once('k')?;
+                Some(MmaShape { m: mm.parse().ok()?, n: nn.parse().ok()?, k: kk.parse().ok()? })
+            });
+            let supported = has("sync") && tys.len() == 4 && !has("sp") && !m.iter().any(|x| x.starts_with("kind") || x.starts_with("block_scale"));
+            match shape {
+                Some(shape) if supported && shape.m == 16 && shape.n == 8 && has("row") && has("col") => {
+                    inst.op = Op::Mma { shape, d: tys[0], a: tys[1], b: tys[2], c: tys[3] };
+                    dst_src(&mut inst, None)?;
+                }
+                _ => unsupported(&mut inst),
+            }
+        }
+        "prefetch" | "prefetchu" | "applypriority" | "discard" | "nanosleep" | "pmevent" | "griddepcontrol" => inst.op = Op::Nop,
+        "createpolicy" => {
+            inst.op = Op::CreatePolicy;
+            ctx.dst(&ops[0], line, &mut inst.d)?;
+        }
+        _ => unsupported(&mut inst),
+    }
+    Ok(inst)
+}

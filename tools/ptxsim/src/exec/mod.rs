@@ -1,0 +1,551 @@
+//! The executor: blocks one at a time; inside a block, warps of 32 lanes run until every lane has exited or waits at
+//! a barrier, then the next warp runs (so a `bar.sync` is a block rendezvous). Inside a warp, the lanes with the
+//! smallest PC run together (min-PC reconvergence: structured code reconverges at post-dominators), so warp
+//! collectives (shfl, vote, ldmatrix, mma) see the whole converged warp at once.
+
+mod alu;
+mod collective;
+mod mem;
+
+use crate::counters::Counters;
+use crate::ir::*;
+use crate::memory::{GlobalMemory, SharedMemory};
+use crate::{Module, SimError, Site};
+
+pub(crate) use mem::AsyncQueue;
+
+/// Iterates the set bits of a lane mask.
+#[inline(always)]
+pub(crate) fn lanes(mut mask: u32) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        if mask == 0 {
+            None
+        } else {
+            let l = mask.trailing_zeros() as usize;
+            mask &= mask - 1;
+            Some(l)
+        }
+    })
+}
+
+/// An error inside an instruction, before the kernel/block/thread/line are attached.
+pub(crate) struct Fault {
+    pub lane: Option<usize>,
+    pub message: String,
+}
+
+pub(crate) fn fault<T>(lane: usize, message: impl Into<String>) -> Result<T, Fault> {
+    Err(Fault { lane: Some(lane), message: message.into() })
+}
+
+pub(crate) fn warp_fault<T>(message: impl Into<String>) -> Result<T, Fault> {
+    Err(Fault { lane: None, message: message.into() })
+}
+
+/// Per-block identifiers read by special registers.
+#[derive(Clone, Copy)]
+pub(crate) struct Ids {
+    pub ctaid: [u32; 3],
+    pub ntid: [u32; 3],
+    pub nctaid: [u32; 3],
+    pub dynamic_smem: u32,
+    pub total_smem: u32,
+}
+
+pub(crate) struct Warp {
+    pub index: u32,
+    /// Registers as per-lane arrays: register r of lane l is `regs[r * 32 + l]`.
+    pub regs: Vec<u64>,
+    pub pc: [u32; 32],
+    /// When Some(p), every runnable lane is at p (and `pc` may be stale for them).
+    pub converged: Option<u32>,
+    /// Lanes that exist and have not exited.
+    pub live: u32,
+    /// Lanes waiting at a barrier; `wait[id]` says which barrier.
+    pub blocked: u32,
+    pub wait: [u32; 16],
+    pub tid: [[u32; 3]; 32],
+    pub ids: Ids,
+    pub clock: u64,
+    /// `.local` memory of the 32 lanes: lane l owns `local[l*local_bytes..]`.
+    pub local: Vec<u8>,
+    pub local_init: Vec<u8>,
+    pub local_bytes: usize,
+}
+
+impl Warp {
+    #[inline(always)]
+    pub fn val(&self, s: &Src, lane: usize) -> u64 {
+        match *s {
+            Src::Reg(r) => self.regs[r as usize * 32 + lane],
+            Src::Imm(v) => v,
+            Src::NotReg(r) => (self.regs[r as usize * 32 + lane] == 0) as u64,
+            Src::Special(sr) => self.special(sr, lane),
+        }
+    }
+
+    #[inline(always)]
+    pub fn set(&mut self, d: Option<u32>, lane: usize, v: u64) {
+        if let Some(r) = d {
+            self.regs[r as usize * 32 + lane] = v;
+        }
+    }
+
+    /// Linear thread index in the block.
+    pub fn linear_tid(&self, lane: usize) -> u32 {
+        self.index * 32 + lane as u32
+    }
+
+    fn special(&self, s: SReg, lane: usize) -> u64 {
+        let lt = |n: u32| if n >= 32 { u32::MAX } else { (1u32 << n) - 1 };
+        (match s {
+            SReg::Tid(d) => self.tid[lane][d as usize],
+            SReg::Ntid(d) => self.ids.ntid[d as usize],
+            SReg::Ctaid(d) => self.ids.ctaid[d as usize],
+            SReg::Nctaid(d) => self.ids.nctaid[d as usize],
+            SReg::LaneId => lane as u32,
+            SReg::WarpId => self.index,
+            SReg::NWarpId => (self.ids.ntid[0] * self.ids.ntid[1] * self.ids.ntid[2]).div_ceil(32),
+            SReg::SmId | SReg::GridId | SReg::ClusterCtaRank => 0,
+            SReg::NSmId | SReg::ClusterNCtaRank => 1,
+            SReg::LaneMaskEq => 1 << lane,
+            SReg::LaneMaskLt => lt(lane as u32),
+            SReg::LaneMaskLe => lt(lane as u32 + 1),
+            SReg::LaneMaskGt => !lt(lane as u32 + 1),
+            SReg::LaneMaskGe => !lt(lane as u32),
+            SReg::Clock => self.clock as u32,
+            SReg::Clock64 | SReg::GlobalTimer => return self.clock,
+            SReg::DynamicSmemSize => self.ids.dynamic_smem,
+            SReg::TotalSmemSize => self.ids.total_smem,
+        }) as u64
+    }
+
+    /// Makes `pc` exact for every runnable lane and leaves converged mode.
+    fn materialize(&mut self) {
+        if let Some(p) = self.converged.take() {
+            for l in lanes(self.live & !self.blocked) {
+                self.pc[l] = p;
+            }
+        }
+    }
+}
+
+/// What an instruction did to control flow (lanes not named go to pc + 1).
+pub(crate) enum Flow {
+    Next,
+    /// These lanes jump to the target.
+    Branch(u32, u32),
+    /// These lanes exit.
+    Exit(u32),
+    /// These lanes wait at barrier `id` until `expected` threads (None = all live threads) arrived.
+    Barrier { id: u32, lanes: u32, expected: Option<u32>, wait: bool },
+}
+
+#[derive(Clone, Copy, Default)]
+struct BarState {
+    arrived: u32,
+    expected: Option<u32>,
+    /// bar.red accumulation: number of true predicates, and whether any arrival had a false one.
+    popc: u32,
+    any_false: bool,
+}
+
+/// Everything one block run touches.
+pub(crate) struct BlockCtx<'a> {
+    pub kernel: &'a Kernel,
+    pub global: &'a mut GlobalMemory,
+    pub shared: &'a mut SharedMemory,
+    pub shared_size: usize,
+    pub params: &'a [u8],
+    pub counters: &'a mut Counters,
+    pub asyncq: &'a mut AsyncQueue,
+    pub ntid: [u32; 3],
+}
+
+/// Guard lanes: those of `mask` whose predicate passes.
+#[inline(always)]
+fn guard_mask(w: &Warp, guard: Option<(u32, bool)>, mask: u32) -> u32 {
+    match guard {
+        None => mask,
+        Some((p, neg)) => {
+            let mut m = 0;
+            for l in lanes(mask) {
+                if (w.regs[p as usize * 32 + l] != 0) != neg {
+                    m |= 1 << l;
+                }
+            }
+            m
+        }
+    }
+}
+
+/// Most warp-instructions one block may execute: a runaway loop becomes an error instead of a hang.
+const STEP_LIMIT: u64 = 1 << 34;
+
+impl BlockCtx<'_> {
+    /// Runs one warp until all its lanes have exited or wait at a barrier.
+    fn run_warp(&mut self, w: &mut Warp, bars: &mut [BarState; 16], steps: &mut u64) -> Result<(), (Fault, u32)> {
+        let kernel: &Kernel = self.kernel;
+        let code = &kernel.code;
+        loop {
+            let runnable = w.live & !w.blocked;
+            if runnable == 0 {
+                return Ok(());
+            }
+            let (pc, mask) = match w.converged {
+                Some(p) => (p, runnable),
+                None => {
+                    let mut min = u32::MAX;
+                    for l in lanes(runnable) {
+                        min = min.min(w.pc[l]);
+                    }
+                    let mut mask = 0;
+                    for l in lanes(runnable) {
+                        if w.pc[l] == min {
+                            mask |= 1 << l;
+                        }
+                    }
+                    if mask == runnable {
+                        w.converged = Some(min);
+                    }
+                    (min, mask)
+                }
+            };
+            let inst = &code[pc as usize];
+            let exec = guard_mask(w, inst.guard, mask);
+            *steps += 1;
+            w.clock += 1;
+            if *steps > STEP_LIMIT {
+                return Err((Fault { lane: None, message: format!("more than {STEP_LIMIT} warp instructions in one block: runaway loop?") }, pc));
+            }
+            self.counters.count(inst.op.class(), exec);
+            let flow = if exec == 0 && !matches!(inst.op, Op::Bar { .. } | Op::Shfl(_) | Op::Vote(_)) {
+                Flow::Next
+            } else {
+                self.exec(w, inst, exec, mask).map_err(|f| (f, pc))?
+            };
+            match flow {
+                Flow::Next => self.advance(w, pc, mask),
+                Flow::Branch(target, taken) => {
+                    if taken == mask {
+                        match w.converged {
+                            Some(_) => w.converged = Some(target),
+                            None => lanes(mask).for_each(|l| w.pc[l] = target),
+                        }
+                    } else if taken == 0 {
+                        self.advance(w, pc, mask);
+                    } else {
+                        w.materialize();
+                        for l in lanes(mask) {
+                            w.pc[l] = if taken >> l & 1 != 0 { target } else { pc + 1 };
+                        }
+                    }
+                }
+                Flow::Exit(exiting) => {
+                    w.live &= !exiting;
+                    self.advance(w, pc, mask & !exiting);
+                }
+                Flow::Barrier { id, lanes: arriving, expected, wait } => {
+                    w.materialize();
+                    for l in lanes(mask) {
+                        w.pc[l] = pc + 1;
+                    }
+                    let b = &mut bars[id as usize];
+                    if b.arrived > 0 && b.expected != expected {
+                        return Err((Fault { lane: None, message: format!("barrier {id} used with thread counts {:?} and {:?}", b.expected, expected) }, pc));
+                    }
+                    b.expected = expected;
+                    b.arrived += arriving.count_ones();
+                    if let Op::Bar { kind: BarKind::RedPopc | BarKind::RedAnd | BarKind::RedOr, .. } = inst.op {
+                        for l in lanes(arriving) {
+                            let v = w.val(&inst.s[inst.s.len() - 1], l) != 0;
+                            b.popc += v as u32;
+                            b.any_false |= !v;
+                        }
+                    }
+                    if wait {
+                        w.blocked |= arriving;
+                        w.wait[id as usize] |= arriving;
+                    }
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn advance(&self, w: &mut Warp, pc: u32, mask: u32) {
+        match w.converged {
+            Some(_) => w.converged = Some(pc + 1),
+            None => lanes(mask).for_each(|l| w.pc[l] = pc + 1),
+        }
+    }
+
+    /// Runs the whole block to completion.
+    pub fn run_block(&mut self, warps: &mut [Warp]) -> Result<(), SimError> {
+        let mut bars = [BarState::default(); 16];
+        let mut steps = 0u64;
+        loop {
+            for wi in 0..warps.len() {
+                if warps[wi].live & !warps[wi].blocked != 0 {
+                    let w = &mut warps[wi];
+                    self.run_warp(w, &mut bars, &mut steps).map_err(|(f, pc)| self.error(w, f, pc))?;
+                }
+            }
+            let live_threads: u32 = warps.iter().map(|w| w.live.count_ones()).sum();
+            if live_threads == 0 {
+                return Ok(());
+            }
+            // Complete every barrier whose arrivals are all in.
+            let mut released = false;
+            for id in 0..16 {
+                let b = bars[id];
+                let waiting: u32 = warps.iter().map(|w| (w.wait[id] & w.live).count_ones()).sum();
+                if b.arrived == 0 && waiting == 0 {
+                    continue;
+                }
+                let expected = b.expected.unwrap_or(live_threads);
+                if b.arrived >= expected || (b.expected.is_none() && waiting == live_threads) {
+                    self.shared.barrier();
+                    for w in warps.iter_mut() {
+                        let lanes_waiting = w.wait[id];
+                        // bar.red: deliver the reduction to every waiting thread's destination.
+                        for l in lanes(lanes_waiting) {
+                            let inst = &self.kernel.code[w.pc[l] as usize - 1];
+                            if let Op::Bar { kind, .. } = inst.op {
+                                let v = match kind {
+                                    BarKind::RedPopc => b.popc as u64,
+                                    BarKind::RedAnd => !b.any_false as u64,
+                                    BarKind::RedOr => (b.popc > 0) as u64,
+                                    _ => continue,
+                                };
+                                w.set(inst.d[0], l, v);
+                            }
+                        }
+                        w.blocked &= !lanes_waiting;
+                        w.wait[id] = 0;
+                        w.converged = None;
+                    }
+                    bars[id] = BarState::default();
+                    released = true;
+                }
+            }
+            if !released {
+                let w = warps.iter().find(|w| w.blocked & w.live != 0).unwrap_or(&warps[0]);
+                let lane = (w.blocked & w.live).trailing_zeros() as usize;
+                let pc = w.pc[lane.min(31)].saturating_sub(1);
+                let arrived: u32 = bars.iter().map(|b| b.arrived).sum();
+                return Err(self.error(
+                    w,
+                    Fault { lane: Some(lane.min(31)), message: format!("deadlock: {arrived} of {live_threads} live threads wait at a barrier that can never complete") },
+                    pc,
+                ));
+            }
+        }
+    }
+
+    pub fn error(&self, w: &Warp, f: Fault, pc: u32) -> SimError {
+        let lane = f.lane.unwrap_or_else(|| (w.live.trailing_zeros() as usize).min(31));
+        let line = self.kernel.code.get(pc as usize).map_or(0, |i| i.line);
+        SimError {
+            site: Some(Site { kernel: self.kernel.name.clone(), block: w.ids.ctaid, thread: w.tid[lane], line }),
+            message: f.message,
+        }
+    }
+
+    /// Executes one instruction for the lanes in `exec` (guard passed); `mask` is every lane at this PC.
+    fn exec(&mut self, w: &mut Warp, inst: &Inst, exec: u32, mask: u32) -> Result<Flow, Fault> {
+        match &inst.op {
+            Op::Mov(ty) => {
+                let ty = *ty;
+                let d = inst.d[0];
+                let s = &inst.s[0];
+                for l in lanes(exec) {
+                    let v = ty.mask(w.val(s, l));
+                    w.set(d, l, v);
+                }
+            }
+            Op::Pack { parts, bits } => {
+                for l in lanes(exec) {
+                    let mut v = 0u64;
+                    for p in 0..*parts as usize {
+                        let m = if *bits >= 64 { u64::MAX } else { (1u64 << bits) - 1 };
+                        v |= (w.val(&inst.s[p], l) & m) << (p as u32 * bits);
+                    }
+                    w.set(inst.d[0], l, v);
+                }
+            }
+            Op::Unpack { parts, bits } => {
+                for l in lanes(exec) {
+                    let v = w.val(&inst.s[0], l);
+                    for p in 0..*parts as usize {
+                        let m = if *bits >= 64 { u64::MAX } else { (1u64 << bits) - 1 };
+                        w.set(inst.d[p], l, (v >> (p as u32 * bits)) & m);
+                    }
+                }
+            }
+            Op::Int { op, ty, sat } => alu::int(w, inst, *op, *ty, *sat, exec).map_err(|m| Fault { lane: None, message: m })?,
+            Op::Prmt(mode) => alu::prmt(w, inst, *mode, exec),
+            Op::Float { op, ty, rnd, ftz, sat, approx: _ } => alu::float(w, inst, *op, *ty, *rnd, *ftz, *sat, exec).map_err(|m| Fault { lane: None, message: m })?,
+            Op::Setp { cmp, ty, combine, ftz } => alu::setp(w, inst, *cmp, *ty, *combine, *ftz, exec).map_err(|m| Fault { lane: None, message: m })?,
+            Op::Set { cmp, dty, ty, combine } => alu::set(w, inst, *cmp, *dty, *ty, *combine, exec).map_err(|m| Fault { lane: None, message: m })?,
+            Op::Selp(ty) => {
+                for l in lanes(exec) {
+                    let v = if w.val(&inst.s[2], l) != 0 { w.val(&inst.s[0], l) } else { w.val(&inst.s[1], l) };
+                    w.set(inst.d[0], l, ty.mask(v));
+                }
+            }
+            Op::Slct { ty, cty } => {
+                for l in lanes(exec) {
+                    let c = w.val(&inst.s[2], l);
+                    let pick_a = if *cty == Ty::F32 { f32::from_bits(c as u32) >= 0.0 } else { c as u32 as i32 >= 0 };
+                    let v = if pick_a { w.val(&inst.s[0], l) } else { w.val(&inst.s[1], l) };
+                    w.set(inst.d[0], l, ty.mask(v));
+                }
+            }
+            Op::Cvt { dty, sty, rnd, ftz, sat, satfinite, relu } => {
+                let c = alu::CvtSpec { dty: *dty, sty: *sty, rnd: *rnd, ftz: *ftz, sat: *sat, satfinite: *satfinite, relu: *relu };
+                alu::cvt(w, inst, &c, exec).map_err(|m| Fault { lane: None, message: m })?
+            }
+            Op::Cvta { space, to_space, bits } => mem::cvta(w, inst, *space, *to_space, *bits, exec)?,
+            Op::IsSpace(space) => mem::isspace(w, inst, *space, exec),
+            Op::Ld { .. } | Op::St { .. } => self.ld_st(w, inst, exec)?,
+            Op::Atom { .. } => self.atom(w, inst, exec)?,
+            Op::CpAsync { bytes, zfill } => self.cp_async(w, inst, *bytes, *zfill, exec)?,
+            Op::CpAsyncCommit => self.cp_async_commit(w, exec),
+            Op::CpAsyncWait(n) => self.cp_async_wait(w, *n, exec)?,
+            Op::Bra(target) => return Ok(Flow::Branch(*target, exec)),
+            Op::Exit => return Ok(Flow::Exit(exec)),
+            Op::Trap => return warp_fault("trap executed (a device-side assert or __trap)"),
+            Op::Bar { kind, id_is_operand, has_count } => {
+                if exec != mask && exec != 0 {
+                    return warp_fault("barrier under a predicate that differs between converged lanes");
+                }
+                let red = matches!(kind, BarKind::RedPopc | BarKind::RedAnd | BarKind::RedOr);
+                let l0 = mask.trailing_zeros() as usize;
+                let id = if *id_is_operand { w.val(&inst.s[0], l0) as u32 } else { 0 };
+                if id >= 16 {
+                    return warp_fault(format!("barrier id {id} out of range 0..16"));
+                }
+                let expected = if *has_count { Some(w.val(&inst.s[1], l0) as u32) } else { None };
+                let _ = red;
+                if exec == 0 {
+                    return Ok(Flow::Next);
+                }
+                return Ok(Flow::Barrier { id, lanes: exec, expected, wait: *kind != BarKind::Arrive });
+            }
+            Op::BarWarp => {
+                let member = w.val(&inst.s[0], exec.trailing_zeros() as usize) as u32;
+                collective::check_converged(w, "bar.warp.sync", member, mask)?;
+                self.shared.warp_sync(w.index as usize);
+            }
+            Op::Fence | Op::Nop => {}
+            Op::CreatePolicy => lanes(exec).for_each(|l| w.set(inst.d[0], l, 0)),
+            Op::Shfl(mode) => collective::shfl(w, inst, *mode, exec, mask)?,
+            Op::Vote(mode) => collective::vote(w, inst, *mode, exec, mask)?,
+            Op::Activemask => lanes(exec).for_each(|l| w.set(inst.d[0], l, mask as u64)),
+            Op::Redux { op, ty } => collective::redux(w, inst, *op, *ty, exec, mask)?,
+            Op::Match { all, ty } => collective::match_(w, inst, *all, *ty, exec, mask)?,
+            Op::Ldmatrix { num, trans } => self.ldmatrix(w, inst, *num, *trans, exec)?,
+            Op::Stmatrix { num, trans } => self.stmatrix(w, inst, *num, *trans, exec)?,
+            Op::Mma { shape, a, b, c, d } => {
+                collective::mma(w, inst, *shape, [*a, *b, *c, *d], exec)?;
+                self.counters.tensor_ops += 1;
+                self.counters.tensor_flops += 2 * (shape.m * shape.n * shape.k) as u64;
+            }
+            Op::Unsupported(name) => return warp_fault(format!("unsupported instruction {name}")),
+        }
+        Ok(Flow::Next)
+    }
+}
+
+/// Launches `entry` of `module`; see `Machine::launch`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn launch(
+    global: &mut GlobalMemory,
+    module: &Module,
+    entry: &str,
+    grid: [u32; 3],
+    block: [u32; 3],
+    dynamic_shared_bytes: u32,
+    params: &[u8],
+    race_check: bool,
+) -> Result<Counters, SimError> {
+    let kernel = module.kernel(entry).ok_or_else(|| SimError::host(format!("no kernel named {entry} in the module (have {:?})", module.entries())))?;
+    let threads = block.iter().map(|&d| d as u64).product::<u64>();
+    if threads == 0 || threads > 1024 || grid.contains(&0) {
+        return Err(SimError::host(format!("bad launch shape: grid {grid:?}, block {block:?} (1..=1024 threads per block)")));
+    }
+    if params.len() < kernel.param_bytes as usize {
+        return Err(SimError::host(format!("kernel {entry} takes {} parameter bytes, {} given", kernel.param_bytes, params.len())));
+    }
+    for v in &module.vars {
+        global.map_fixed(v.addr, &v.bytes);
+    }
+    let shared_size = kernel.dynamic_offset as usize + dynamic_shared_bytes as usize;
+    if shared_size > 227 * 1024 {
+        return Err(SimError::host(format!("kernel {entry} needs {shared_size} bytes of shared memory; the limit is 227 KiB")));
+    }
+    let nwarps = threads.div_ceil(32) as usize;
+    let mut shared = SharedMemory::new(shared_size, nwarps, race_check);
+    let mut counters = Counters { kernel: kernel.name.clone(), ..Counters::default() };
+    let mut asyncq = AsyncQueue::new(threads as usize);
+    let local_bytes = kernel.local_bytes as usize;
+    let mut warps: Vec<Warp> = (0..nwarps)
+        .map(|wi| {
+            let mut tid = [[0u32; 3]; 32];
+            let mut live = 0u32;
+            for (l, t) in tid.iter_mut().enumerate() {
+                let lin = (wi * 32 + l) as u32;
+                if (lin as u64) < threads {
+                    live |= 1 << l;
+                    *t = [lin % block[0], lin / block[0] % block[1], lin / (block[0] * block[1])];
+                }
+            }
+            Warp {
+                index: wi as u32,
+                regs: vec![0; kernel.num_regs as usize * 32],
+                pc: [0; 32],
+                converged: Some(0),
+                live,
+                blocked: 0,
+                wait: [0; 16],
+                tid,
+                ids: Ids { ctaid: [0; 3], ntid: block, nctaid: grid, dynamic_smem: dynamic_shared_bytes, total_smem: shared_size as u32 },
+                clock: 0,
+                local: vec![0; local_bytes * 32],
+                local_init: vec![0; local_bytes * 32],
+                local_bytes,
+            }
+        })
+        .collect();
+    let live_masks: Vec<u32> = warps.iter().map(|w| w.live).collect();
+    for bz in 0..grid[2] {
+        for by in 0..grid[1] {
+            for bx in 0..grid[0] {
+                shared.reset();
+                asyncq.reset();
+                for (w, &live) in warps.iter_mut().zip(&live_masks) {
+                    w.live = live;
+                    w.blocked = 0;
+                    w.wait = [0; 16];
+                    w.converged = Some(0);
+                    w.ids.ctaid = [bx, by, bz];
+                    w.local_init.fill(0);
+                }
+                let mut ctx = BlockCtx {
+                    kernel,
+                    global,
+                    shared: &mut shared,
+                    shared_size,
+                    params,
+                    counters: &mut counters,
+                    asyncq: &mut asyncq,
+                    ntid: block,
+                };
+                ctx.run_block(&mut warps)?;
+            }
+        }
+    }
+    counters.blocks = grid.iter().map(|&g| g as u64).product();
+    Ok(counters)
+}

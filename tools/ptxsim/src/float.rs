@@ -1,0 +1,256 @@
+//! Small float formats (f16, bf16, fp8 e4m3/e5m2, fp4 e2m1, and f32 itself) with exact rounding: every conversion
+//! goes through one generic encoder that rounds a real value (held exactly in f64) in any IEEE-like format.
+
+use crate::ir::Rnd;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Format {
+    pub exp_bits: u32,
+    pub man_bits: u32,
+    pub bias: i32,
+    /// Largest finite magnitude, as bits without the sign.
+    pub max_finite: u32,
+    /// Infinity bits without the sign, if the format has one.
+    pub inf: Option<u32>,
+    /// The NaN that conversions produce (sign bit clear), if the format has one.
+    pub nan: Option<u32>,
+}
+
+impl Format {
+    pub fn sign_bit(&self) -> u32 {
+        1 << (self.exp_bits + self.man_bits)
+    }
+}
+
+pub const F32: Format = Format { exp_bits: 8, man_bits: 23, bias: 127, max_finite: 0x7f7f_ffff, inf: Some(0x7f80_0000), nan: Some(0x7fff_ffff) };
+pub const F16: Format = Format { exp_bits: 5, man_bits: 10, bias: 15, max_finite: 0x7bff, inf: Some(0x7c00), nan: Some(0x7fff) };
+pub const BF16: Format = Format { exp_bits: 8, man_bits: 7, bias: 127, max_finite: 0x7f7f, inf: Some(0x7f80), nan: Some(0x7fff) };
+/// OCP fp8 E4M3 ("FN"): no infinities, S.1111.111 is NaN, max 448.
+pub const E4M3: Format = Format { exp_bits: 4, man_bits: 3, bias: 7, max_finite: 0x7e, inf: None, nan: Some(0x7f) };
+pub const E5M2: Format = Format { exp_bits: 5, man_bits: 2, bias: 15, max_finite: 0x7b, inf: Some(0x7c), nan: Some(0x7f) };
+/// fp4 E2M1: no infinities or NaN, max 6.
+pub const E2M1: Format = Format { exp_bits: 2, man_bits: 1, bias: 1, max_finite: 0x7, inf: None, nan: None };
+/// tf32 values live in f32 bit positions with the low 13 mantissa bits zero.
+pub const TF32: Format = Format { exp_bits: 8, man_bits: 10, bias: 127, max_finite: 0x7f7f_e000 >> 13, inf: Some(0x7f80_0000 >> 13), nan: Some(0x7fff_ffff >> 13) };
+
+/// Exact value of an encoded number.
+pub fn decode(bits: u32, f: Format) -> f64 {
+    let sign = if bits & f.sign_bit() != 0 { -1.0 } else { 1.0 };
+    let mag = bits & (f.sign_bit() - 1);
+    if f.nan.is_some() && f.inf.is_none() && mag == f.nan.unwrap() {
+        return f64::NAN;
+    }
+    let e = (mag >> f.man_bits) as i32;
+    let man = (mag & ((1 << f.man_bits) - 1)) as f64;
+    if f.inf.is_some() && e == (1 << f.exp_bits) - 1 {
+        return if man == 0.0 { sign * f64::INFINITY } else { f64::NAN };
+    }
+    let scale = |p: i32| 2f64.powi(p);
+    if e == 0 {
+        sign * man * scale(1 - f.bias - f.man_bits as i32)
+    } else {
+        sign * (man + (1u64 << f.man_bits) as f64) * scale(e - f.bias - f.man_bits as i32)
+    }
+}
+
+fn round_int(q: f64, mode: Rnd, negative: bool) -> f64 {
+    match mode {
+        Rnd::Rz | Rnd::Rzi => q.trunc(),
+        Rnd::Rm | Rnd::Rmi => {
+            if negative {
+                q.ceil()
+            } else {
+                q.floor()
+            }
+        }
+        Rnd::Rp | Rnd::Rpi => {
+            if negative {
+                q.floor()
+            } else {
+                q.ceil()
+            }
+        }
+        Rnd::Rna => q.round(),
+        _ => q.round_ties_even(),
+    }
+}
+
+/// Rounds `x` into format `f`. `satfinite` clamps out-of-range values to the largest finite value (NaN stays NaN;
+/// for formats without NaN it becomes the positive maximum). Formats without infinity saturate on overflow too.
+pub fn encode(x: f64, f: Format, mode: Rnd, satfinite: bool) -> u32 {
+    let sign = if x.is_sign_negative() { f.sign_bit() } else { 0 };
+    if x.is_nan() {
+        return f.nan.unwrap_or(f.max_finite);
+    }
+    let a = x.abs();
+    let overflow = |sign: u32| -> u32 {
+        // Directed roundings toward zero keep the largest finite value (IEEE 754 7.4).
+        let to_max = satfinite
+            || f.inf.is_none()
+            || mode == Rnd::Rz
+            || (mode == Rnd::Rm && sign == 0)
+            || (mode == Rnd::Rp && sign != 0);
+        sign | if to_max { f.max_finite } else { f.inf.unwrap() }
+    };
+    if a.is_infinite() {
+        return if satfinite || f.inf.is_none() { sign | f.max_finite } else { sign | f.inf.unwrap() };
+    }
+    if a == 0.0 {
+        return sign;
+    }
+    let emin = 1 - f.bias;
+    let e = (a.log2().floor() as i32).max(emin);
+    // log2 may be off by one near powers of two: fix the exponent exactly.
+    let e = if e > emin && a < 2f64.powi(e) { e - 1 } else if a >= 2f64.powi(e + 1) { e + 1 } else { e };
+    let quantum = 2f64.powi(e - f.man_bits as i32);
+    let q = round_int(a / quantum, mode, sign != 0);
+    let r = q * quantum;
+    if r == 0.0 {
+        return sign;
+    }
+    let max = decode(f.max_finite, f);
+    if r > max {
+        return overflow(sign);
+    }
+    // Encode the rounded magnitude.
+    let e2 = (r.log2().floor() as i32).max(emin);
+    let e2 = if e2 > emin && r < 2f64.powi(e2) { e2 - 1 } else if r >= 2f64.powi(e2 + 1) { e2 + 1 } else { e2 };
+    let bits = if r < 2f64.powi(emin) {
+        (r / 2f64.powi(emin - f.man_bits as i32)) as u32
+    } else {
+        let man = (r / 2f64.powi(e2 - f.man_bits as i32)) as u32 - (1 << f.man_bits);
+        (((e2 + f.bias) as u32) << f.man_bits) | man
+    };
+    sign | bits
+}
+
+/// f32 -> format, rounding exactly (f32 values are exact in f64).
+pub fn from_f32(v: f32, f: Format, mode: Rnd, satfinite: bool) -> u32 {
+    if f == BF16 && matches!(mode, Rnd::Rn | Rnd::None) && !satfinite {
+        // Fast path for the most common conversion: round-to-nearest-even on the bit pattern.
+        let b = v.to_bits();
+        if v.is_nan() {
+            return 0x7fff;
+        }
+        return (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) & 0xffff;
+    }
+    encode(v as f64, f, mode, satfinite)
+}
+
+pub fn to_f32(bits: u32, f: Format) -> f32 {
+    if f == BF16 {
+        return f32::from_bits(bits << 16);
+    }
+    decode(bits, f) as f32
+}
+
+/// f64 -> f32 with a rounding mode.
+pub fn f64_to_f32(v: f64, mode: Rnd) -> f32 {
+    if matches!(mode, Rnd::Rn | Rnd::None) {
+        return v as f32;
+    }
+    f32::from_bits(encode(v, F32, mode, false))
+}
+
+/// Integer (as i128 for all 64-bit signed and unsigned values) -> f64 exactly enough to be rounded once more:
+/// values beyond 53 bits are rounded to odd, which makes the later rounding to <= 51 bits exact.
+pub fn int_to_f64_for_rounding(v: i128) -> f64 {
+    let neg = v < 0;
+    let mut m = v.unsigned_abs();
+    let bits = 128 - m.leading_zeros();
+    if bits > 53 {
+        let shift = bits - 53;
+        let sticky = (m & ((1u128 << shift) - 1)) != 0;
+        m >>= shift;
+        m |= sticky as u128;
+        let r = m as f64 * 2f64.powi(shift as i32);
+        return if neg { -r } else { r };
+    }
+    if neg {
+        -(m as f64)
+    } else {
+        m as f64
+    }
+}
+
+/// Flushes an f32 subnormal to a signed zero (`.ftz`).
+#[inline(always)]
+pub fn ftz32(v: f32) -> f32 {
+    if v.is_subnormal() {
+        f32::from_bits(v.to_bits() & 0x8000_0000)
+    } else {
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_round_to_nearest_even() {
+        assert_eq!(from_f32(1.0, BF16, Rnd::Rn, false), 0x3f80);
+        // 1 + 2^-8 is a tie between 1.0 and 1+2^-7: even is 1.0.
+        assert_eq!(from_f32(1.0 + 2f32.powi(-8), BF16, Rnd::Rn, false), 0x3f80);
+        assert_eq!(encode(1.0 + 2f64.powi(-8), BF16, Rnd::Rn, false), 0x3f80);
+        assert_eq!(encode(1.0 + 3.0 * 2f64.powi(-8), BF16, Rnd::Rn, false), 0x3f82);
+        assert_eq!(encode(1.0 + 2f64.powi(-8), BF16, Rnd::Rp, false), 0x3f81);
+        assert_eq!(encode(-(1.0 + 2f64.powi(-8)), BF16, Rnd::Rm, false), 0xbf81);
+        assert_eq!(encode(f32::MAX as f64, BF16, Rnd::Rn, false), 0x7f80);
+        assert_eq!(encode(f32::MAX as f64, BF16, Rnd::Rz, false), 0x7f7f);
+    }
+
+    #[test]
+    fn f16_matches_ieee() {
+        assert_eq!(encode(65504.0, F16, Rnd::Rn, false), 0x7bff);
+        assert_eq!(encode(65520.0, F16, Rnd::Rn, false), 0x7c00); // the tie rounds to infinity
+        assert_eq!(encode(65519.0, F16, Rnd::Rn, false), 0x7bff);
+        assert_eq!(encode(2f64.powi(-24), F16, Rnd::Rn, false), 0x0001);
+        assert_eq!(encode(2f64.powi(-25), F16, Rnd::Rn, false), 0x0000); // tie to even zero
+        assert_eq!(encode(3.0 * 2f64.powi(-26), F16, Rnd::Rn, false), 0x0001);
+        assert_eq!(decode(0x3c00, F16), 1.0);
+        assert_eq!(decode(0x0001, F16), 2f64.powi(-24));
+    }
+
+    #[test]
+    fn fp8_and_fp4() {
+        assert_eq!(encode(448.0, E4M3, Rnd::Rn, true), 0x7e);
+        assert_eq!(encode(1000.0, E4M3, Rnd::Rn, true), 0x7e);
+        assert_eq!(encode(-1000.0, E4M3, Rnd::Rn, true), 0xfe);
+        assert_eq!(encode(f64::NAN, E4M3, Rnd::Rn, true), 0x7f);
+        assert_eq!(decode(0x7f, E4M3).is_nan(), true);
+        assert_eq!(decode(0x01, E4M3), 2f64.powi(-9));
+        assert_eq!(encode(1.0, E5M2, Rnd::Rn, false), 0x3c);
+        assert_eq!(encode(100000.0, E5M2, Rnd::Rn, false), 0x7c);
+        assert_eq!(encode(100000.0, E5M2, Rnd::Rn, true), 0x7b);
+        assert_eq!(decode(0x7b, E5M2), 57344.0);
+        for (v, b) in [(0.5, 1u32), (1.0, 2), (1.5, 3), (2.0, 4), (3.0, 5), (4.0, 6), (6.0, 7), (-6.0, 0xf), (5.0, 6), (0.25, 0), (0.75, 2), (2.5, 4), (3.5, 6)] {
+            assert_eq!(encode(v, E2M1, Rnd::Rn, true), b, "{v}");
+        }
+        assert_eq!(encode(7.0, E2M1, Rnd::Rn, true), 7);
+    }
+
+    #[test]
+    fn every_bf16_and_e4m3_round_trips() {
+        for b in 0..0x10000u32 {
+            let v = decode(b, BF16);
+            if !v.is_nan() {
+                assert_eq!(encode(v, BF16, Rnd::Rn, false), b);
+            }
+        }
+        for b in 0..0x100u32 {
+            let v = decode(b, E4M3);
+            if !v.is_nan() {
+                assert_eq!(encode(v, E4M3, Rnd::Rn, true), b);
+            }
+        }
+    }
+
+    #[test]
+    fn wide_integers_round_once() {
+        // 2^60 + 2^36 + 1 sits just above the f32 tie point 2^60 + 2^36: must round up, not down to even.
+        let v: i128 = (1 << 60) + (1 << 36) + 1;
+        let r = f64_to_f32(int_to_f64_for_rounding(v), Rnd::Rn);
+        assert_eq!(r.to_bits(), ((1u64 << 60) as f32).to_bits() + 1);
+    }
+}

@@ -1,0 +1,241 @@
+//! Memory spaces: global allocations with per-byte initialisation tracking, per-block shared memory with a race
+//! detector and pending-async-copy marks, and the generic address windows.
+//!
+//! Async copies: writes made by the async proxy (today `cp.async`; later Hopper TMA bulk copies, whose completion
+//! will decrement an mbarrier's transaction count, and wgmma reading shared operands) are queued per block in
+//! `exec::AsyncQueue` and land in shared memory only when the program waits for them (`cp.async.wait_group` now; an
+//! mbarrier phase completion later). While queued, their destination bytes are marked `pending`, so a read before the
+//! wait is reported instead of silently returning stale data. A TMA engine fits the same queue: an entry with a
+//! tensor-map-described source box and an mbarrier address to complete.
+
+use std::collections::BTreeMap;
+
+/// Generic addresses: global allocations live from `GLOBAL_BASE` up; shared and local memory are windows far above.
+pub const GLOBAL_BASE: u64 = 0x1_0000_0000;
+/// Module `.global`/`.const` variables: one 16 MiB window per loaded module.
+pub const MODULE_DATA_BASE: u64 = 0x0010_0000_0000;
+pub const MODULE_DATA_STRIDE: u64 = 1 << 24;
+pub const SHARED_WINDOW: u64 = 0x7e00_0000_0000;
+pub const LOCAL_WINDOW: u64 = 0x7f00_0000_0000;
+pub const PARAM_WINDOW: u64 = 0x7d00_0000_0000;
+pub const WINDOW_SIZE: u64 = 1 << 32;
+/// Unused bytes left after every allocation, so small overruns land in no allocation.
+const GAP: u64 = 1 << 16;
+
+pub(crate) struct Allocation {
+    pub data: Vec<u8>,
+    /// 1 where the byte has been written (by the host or a kernel).
+    pub init: Vec<u8>,
+}
+
+pub struct GlobalMemory {
+    allocs: BTreeMap<u64, Allocation>,
+    next: u64,
+}
+
+impl Default for GlobalMemory {
+    fn default() -> Self {
+        GlobalMemory { allocs: BTreeMap::new(), next: GLOBAL_BASE }
+    }
+}
+
+impl GlobalMemory {
+    pub fn alloc(&mut self, bytes: usize) -> u64 {
+        let addr = self.next;
+        self.next = (addr + bytes as u64 + GAP).div_ceil(256) * 256;
+        self.allocs.insert(addr, Allocation { data: vec![0; bytes], init: vec![0; bytes] });
+        addr
+    }
+
+    /// Places an allocation at a fixed address (module variables); no-op when present.
+    pub fn map_fixed(&mut self, addr: u64, bytes: &[u8]) {
+        self.allocs.entry(addr).or_insert_with(|| Allocation { data: bytes.to_vec(), init: vec![1; bytes.len()] });
+    }
+
+    pub fn free(&mut self, addr: u64) -> bool {
+        self.allocs.remove(&addr).is_some()
+    }
+
+    /// The allocation holding `[addr, addr+len)` and the offset of `addr` in it.
+    #[inline]
+    pub(crate) fn find(&self, addr: u64, len: usize) -> Option<(u64, &Allocation, usize)> {
+        let (&start, a) = self.allocs.range(..=addr).next_back()?;
+        let off = (addr - start) as usize;
+        (off + len <= a.data.len()).then_some((start, a, off))
+    }
+
+    #[inline]
+    pub(crate) fn find_mut(&mut self, addr: u64, len: usize) -> Option<(&mut Allocation, usize)> {
+        let (&start, a) = self.allocs.range_mut(..=addr).next_back()?;
+        let off = (addr - start) as usize;
+        (off + len <= a.data.len()).then_some((a, off))
+    }
+
+    /// Describes where an address lies, for error messages.
+    pub fn describe(&self, addr: u64) -> String {
+        match self.allocs.range(..=addr).next_back() {
+            Some((&start, a)) => {
+                let off = addr - start;
+                if off < a.data.len() as u64 {
+                    format!("offset {off} of the {}-byte allocation at {start:#x}", a.data.len())
+                } else {
+                    format!("{} bytes past the end of the {}-byte allocation at {start:#x}", off - a.data.len() as u64, a.data.len())
+                }
+            }
+            None => "below every allocation".into(),
+        }
+    }
+
+    /// Host write: marks bytes initialised.
+    pub fn write(&mut self, addr: u64, data: &[u8]) -> bool {
+        match self.find_mut(addr, data.len()) {
+            Some((a, off)) => {
+                a.data[off..off + data.len()].copy_from_slice(data);
+                a.init[off..off + data.len()].fill(1);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Host read: uninitialised bytes read as whatever is there (zero).
+    pub fn read(&self, addr: u64, out: &mut [u8]) -> bool {
+        match self.find(addr, out.len()) {
+            Some((_, a, off)) => {
+                out.copy_from_slice(&a.data[off..off + out.len()]);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn fill(&mut self, addr: u64, byte: u8, len: usize) -> bool {
+        match self.find_mut(addr, len) {
+            Some((a, off)) => {
+                a.data[off..off + len].fill(byte);
+                a.init[off..off + len].fill(1);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Who touched a shared byte since the last barrier, for the race detector.
+#[derive(Clone, Copy, Default)]
+struct Access {
+    write_tid: u32,
+    write_epoch: u32,
+    write_warp_epoch: u32,
+    read_tid: u32,
+    read_epoch: u32,
+    read_warp_epoch: u32,
+    /// Warp of all readers in this epoch, or `MANY_WARPS`.
+    read_warp: u32,
+    read_many: bool,
+}
+
+const MANY_WARPS: u32 = u32::MAX;
+
+/// A race found by the detector.
+pub struct Race {
+    pub offset: u32,
+    pub other_tid: u32,
+    pub other_wrote: bool,
+}
+
+/// Shared memory of the block being run.
+pub struct SharedMemory {
+    pub data: Vec<u8>,
+    pub init: Vec<u8>,
+    /// Bytes that a queued async copy will write.
+    pub pending: Vec<u8>,
+    access: Vec<Access>,
+    pub race_check: bool,
+    /// Increments at every block start and barrier: accesses from an older epoch are ordered before this one.
+    pub epoch: u32,
+    /// Per warp: changes at every `bar.warp.sync`, ordering accesses of lanes of that warp.
+    pub warp_epoch: Vec<u32>,
+    next_warp_epoch: u32,
+}
+
+impl SharedMemory {
+    pub fn new(bytes: usize, warps: usize, race_check: bool) -> Self {
+        SharedMemory {
+            data: vec![0; bytes],
+            init: vec![0; bytes],
+            pending: vec![0; bytes],
+            access: if race_check { vec![Access::default(); bytes] } else { Vec::new() },
+            race_check,
+            epoch: 0,
+            warp_epoch: vec![0; warps],
+            next_warp_epoch: 1,
+        }
+    }
+
+    /// A new block: contents become uninitialised, earlier accesses no longer race.
+    pub fn reset(&mut self) {
+        self.init.fill(0);
+        self.pending.fill(0);
+        self.barrier();
+    }
+
+    pub fn barrier(&mut self) {
+        self.epoch += 1;
+    }
+
+    pub fn warp_sync(&mut self, warp: usize) {
+        self.warp_epoch[warp] = self.next_warp_epoch;
+        self.next_warp_epoch += 1;
+    }
+
+    #[inline]
+    fn ordered(&self, other_tid: u32, other_epoch: u32, other_warp_epoch: u32, tid: u32) -> bool {
+        other_epoch != self.epoch || other_tid == tid || (other_tid / 32 == tid / 32 && other_warp_epoch != self.warp_epoch[(tid / 32) as usize])
+    }
+
+    /// Records a plain access by thread `tid` (linear id in the block) and reports the first conflicting byte.
+    pub fn track(&mut self, off: usize, len: usize, tid: u32, write: bool) -> Option<Race> {
+        if !self.race_check {
+            return None;
+        }
+        let warp = tid / 32;
+        let we = self.warp_epoch[warp as usize];
+        for i in off..off + len {
+            let a = self.access[i];
+            if a.write_epoch == self.epoch && !self.ordered(a.write_tid, a.write_epoch, a.write_warp_epoch, tid) {
+                return Some(Race { offset: i as u32, other_tid: a.write_tid, other_wrote: true });
+            }
+            let rec = &mut self.access[i];
+            if write {
+                if a.read_epoch == self.epoch {
+                    let readers_ordered = if a.read_many {
+                        a.read_warp == warp && a.read_warp_epoch != we
+                    } else {
+                        a.read_tid == tid || (a.read_tid / 32 == warp && a.read_warp_epoch != we)
+                    };
+                    if !readers_ordered {
+                        return Some(Race { offset: i as u32, other_tid: a.read_tid, other_wrote: false });
+                    }
+                }
+                rec.write_tid = tid;
+                rec.write_epoch = self.epoch;
+                rec.write_warp_epoch = we;
+            } else if a.read_epoch != self.epoch {
+                rec.read_tid = tid;
+                rec.read_epoch = self.epoch;
+                rec.read_warp_epoch = we;
+                rec.read_warp = warp;
+                rec.read_many = false;
+            } else if a.read_tid != tid || a.read_many {
+                rec.read_many = true;
+                if rec.read_warp != warp {
+                    rec.read_warp = MANY_WARPS;
+                }
+                rec.read_tid = tid;
+                rec.read_warp_epoch = we;
+            }
+        }
+        None
+    }
+}

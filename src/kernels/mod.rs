@@ -3,6 +3,8 @@
 
 pub mod moe;
 pub mod norm;
+pub mod ops;
+pub mod router;
 
 use crate::device::KernelModule;
 

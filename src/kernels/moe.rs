@@ -129,6 +129,19 @@ pub struct Grouping<'a> {
     pub tile_m: usize,
 }
 
+impl<'a> From<&'a super::router::Alignment> for Grouping<'a> {
+    /// The router's device alignment (`kernels::router::route_and_align`), consumed as is.
+    fn from(a: &'a super::router::Alignment) -> Self {
+        Grouping {
+            sorted_pairs: &a.sorted_pairs,
+            tile_experts: &a.tile_experts,
+            expert_offsets: &a.expert_offsets,
+            num_padded: &a.num_padded,
+            tile_m: a.tile_m,
+        }
+    }
+}
+
 impl Grouping<'_> {
     fn check(&self, local_experts: usize) -> Result<()> {
         let tiles = self.tile_experts.len();
@@ -405,7 +418,7 @@ pub struct MoeWorkspace {
 }
 
 impl MoeWorkspace {
-    /// `capacity` = the grouping's slot count (`reference::moe::max_padded_slots`).
+    /// `capacity` = the grouping's slot count (`reference::moe::aligned_capacity`).
     pub fn new(device: &Device, weights: &MoeLayerWeights, tokens: usize, top_k: usize, capacity: usize) -> Result<Self> {
         let (dim, hidden) = (weights.dim(), weights.hidden());
         Ok(MoeWorkspace {

@@ -38,17 +38,25 @@ impl Counters {
 
     /// Records one warp-wide global request over the given (address, bytes) ranges.
     pub(crate) fn global_request(&mut self, ranges: &[(u64, u32)], write: bool) {
-        let mut sectors: Vec<u64> = Vec::with_capacity(ranges.len() * 2);
+        // At most 32 lanes x 16 bytes: each lane's range spans at most 2 sectors (more only for odd 32-byte+ copies).
+        let mut sectors = [0u64; 256];
+        let mut n = 0usize;
         let mut bytes = 0u64;
-        for &(a, n) in ranges {
-            bytes += n as u64;
-            let (first, last) = (a >> 5, (a + n.max(1) as u64 - 1) >> 5);
-            sectors.extend(first..=last);
+        for &(a, len) in ranges {
+            bytes += len as u64;
+            let (first, last) = (a >> 5, (a + len.max(1) as u64 - 1) >> 5);
+            for s in first..=last {
+                if n < sectors.len() {
+                    sectors[n] = s;
+                    n += 1;
+                }
+            }
         }
+        let sectors = &mut sectors[..n];
         sectors.sort_unstable();
-        sectors.dedup();
+        let distinct = 1 + sectors.windows(2).filter(|w| w[0] != w[1]).count();
         self.global_requests += 1;
-        self.global_sectors += sectors.len() as u64;
+        self.global_sectors += if n == 0 { 0 } else { distinct as u64 };
         if write {
             self.global_bytes_written += bytes;
         } else {
@@ -59,17 +67,25 @@ impl Counters {
     /// Records one warp-wide shared request: bank conflicts are the wavefronts beyond what the bytes need
     /// (128 bytes per wavefront); lanes reading the same 4-byte word share it (broadcast).
     pub(crate) fn shared_request(&mut self, ranges: &[(u32, u32)]) {
-        let mut words: Vec<u32> = Vec::with_capacity(ranges.len() * 4);
+        let mut words = [0u32; 256];
+        let mut n = 0usize;
         let mut bytes = 0u32;
-        for &(a, n) in ranges {
-            bytes += n;
-            words.extend((a / 4)..(a + n.max(1)).div_ceil(4));
+        for &(a, len) in ranges {
+            bytes += len;
+            for w in (a / 4)..(a + len.max(1)).div_ceil(4) {
+                if n < words.len() {
+                    words[n] = w;
+                    n += 1;
+                }
+            }
         }
+        let words = &mut words[..n];
         words.sort_unstable();
-        words.dedup();
         let mut per_bank = [0u32; 32];
-        for w in &words {
-            per_bank[(w % 32) as usize] += 1;
+        for (i, w) in words.iter().enumerate() {
+            if i == 0 || words[i - 1] != *w {
+                per_bank[(w % 32) as usize] += 1;
+            }
         }
         let wavefronts = per_bank.iter().copied().max().unwrap_or(0);
         let ideal = bytes.div_ceil(128).max(1).min(wavefronts.max(1));

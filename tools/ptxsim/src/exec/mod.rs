@@ -281,6 +281,7 @@ impl BlockCtx<'_> {
     }
 
     /// Runs the whole block to completion.
+    #[allow(clippy::needless_range_loop)] // warps and barriers are indexed while other elements are borrowed
     pub fn run_block(&mut self, warps: &mut [Warp]) -> Result<(), SimError> {
         let mut bars = [BarState::default(); 16];
         let mut steps = 0u64;
@@ -443,6 +444,8 @@ impl BlockCtx<'_> {
             Op::Shfl(mode) => collective::shfl(w, inst, *mode, exec, mask)?,
             Op::Vote(mode) => collective::vote(w, inst, *mode, exec, mask)?,
             Op::Activemask => lanes(exec).for_each(|l| w.set(inst.d[0], l, mask as u64)),
+            Op::Elect => collective::elect(w, inst, exec)?,
+            Op::Testp { test, ty } => alu::testp(w, inst, *test, *ty, exec),
             Op::Redux { op, ty } => collective::redux(w, inst, *op, *ty, exec, mask)?,
             Op::Match { all, ty } => collective::match_(w, inst, *all, *ty, exec, mask)?,
             Op::Ldmatrix { num, trans } => self.ldmatrix(w, inst, *num, *trans, exec)?,

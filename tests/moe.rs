@@ -322,15 +322,25 @@ backend_tests!(
 /// Traffic of the two grouped GEMMs at decode shapes with the model's real sizes (dim 4096, hidden 2048), from the
 /// interpreter's counters: 32-byte sectors moved / ideal bytes (weights and scales of the touched experts read once,
 /// the activations read once, the outputs written once). Slow (minutes): run with
-/// `cargo test --release --test moe decode_traffic_at_real_dims -- --ignored --nocapture`.
+/// `cargo test --test moe decode_traffic -- --ignored --nocapture` (one test per format, they run in parallel).
 #[test]
 #[ignore]
-fn decode_traffic_at_real_dims() {
+fn decode_traffic_bf16() {
+    decode_traffic_at_real_dims(WeightFormat::Bf16);
+}
+
+#[test]
+#[ignore]
+fn decode_traffic_nvfp4() {
+    decode_traffic_at_real_dims(WeightFormat::Nvfp4);
+}
+
+/// Prints one Markdown table row per (batch, kernel): `| format | tokens | experts touched | kernel | sector bytes |
+/// ideal bytes | sectors / ideal |`.
+fn decode_traffic_at_real_dims(format: WeightFormat) {
     let device = small4::device::simulator();
     let (dim, hidden, k) = (4096, 2048, 4);
-    println!("| format | tokens | experts touched | kernel | sector bytes | ideal bytes | sectors / ideal |");
-    println!("|---|---|---|---|---|---|---|");
-    for format in [WeightFormat::Nvfp4, WeightFormat::Bf16] {
+    {
         let mut rng = rng(11);
         let expert = random_expert(&mut rng, format, dim, hidden);
         for (tokens, experts) in [(1usize, 4usize), (32, 4)] {

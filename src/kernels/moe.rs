@@ -257,6 +257,9 @@ fn launch_gemm(w: &DeviceWeights, x: &DeviceBuffer<bf16>, x_rows: usize, in_by_t
     if grid_y == 0 {
         return Ok(());
     }
+    if grid_y > 65535 {
+        return Err(Error::InvalidArgument(format!("gemm: {grid_y} row tiles exceed the grid's y limit (65535)")));
+    }
     let params = MoeGemmParams {
         weights: w.data.ptr(),
         row_scales: opt_ptr(w.row_scales.as_ref()),

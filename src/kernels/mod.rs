@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod dequant;
+pub mod moe;
 pub mod norm;
 pub mod ops;
 pub mod router;

@@ -173,6 +173,8 @@ struct BarState {
 /// Everything one block run touches.
 pub(crate) struct BlockCtx<'a> {
     pub kernel: &'a Kernel,
+    /// `code[i].op.class()`, computed once per launch.
+    pub classes: &'a [Class],
     pub global: &'a mut GlobalMemory,
     pub shared: &'a mut SharedMemory,
     pub shared_size: usize,
@@ -238,7 +240,7 @@ impl BlockCtx<'_> {
             if *steps > STEP_LIMIT {
                 return Err((Fault { lane: None, message: format!("more than {STEP_LIMIT} warp instructions in one block: runaway loop?") }, pc));
             }
-            self.counters.count(inst.op.class(), exec);
+            self.counters.count(self.classes[pc as usize], exec);
             let flow = if exec == 0 && !matches!(inst.op, Op::Bar { .. } | Op::Shfl(_) | Op::Vote(_)) {
                 Flow::Next
             } else {
@@ -619,6 +621,7 @@ pub(crate) fn launch(
         })
         .collect();
     let live_masks: Vec<u32> = warps.iter().map(|w| w.live).collect();
+    let classes: Vec<Class> = kernel.code.iter().map(|i| i.op.class()).collect();
     for bz in 0..grid[2] {
         for by in 0..grid[1] {
             for bx in 0..grid[0] {
@@ -635,6 +638,7 @@ pub(crate) fn launch(
                 }
                 let mut ctx = BlockCtx {
                     kernel,
+                    classes: &classes,
                     global,
                     shared: &mut shared,
                     shared_size,

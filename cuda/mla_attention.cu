@@ -23,6 +23,7 @@
 // split when split). FLOPs: 2 x rows x tokens x (320 + 256).
 #include "params.h"
 #include "common.cuh"
+#include "mma.cuh"
 #include <cuda_fp8.h>
 
 namespace {
@@ -36,38 +37,6 @@ constexpr int kRowsPerWarp = 16;
 constexpr int kMaxWarps = 4;
 constexpr float kLog2e = 1.4426950408889634f;
 static_assert(kWidth % 16 == 0 && kLatent % 16 == 0, "mma k-steps");
-
-// ---- PTX wrappers ----------------------------------------------------------------------------------------------
-
-__device__ __forceinline__ uint32_t smem_addr(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
-
-__device__ __forceinline__ void cp_async16(void *dst_smem, const void *src_global) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst_smem)), "l"(src_global));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void *p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void *p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
-}
-// c += a (16x16 bf16, row) * b (16x8 bf16, col), f32 accumulators.
-__device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t *>(&v);
-}
 
 // Two e4m3 bytes -> two bf16 (exact: e4m3's 3 mantissa bits and exponent range fit bf16), packed low = first byte.
 __device__ __forceinline__ uint32_t e4m3x2_to_bf16x2(uint16_t two) {
@@ -351,8 +320,8 @@ __device__ __forceinline__ void attention_tile(const MlaAttentionParams &p) {
         // O += P V over the latent columns; P's A fragments come straight from the S accumulators.
 #pragma unroll
         for (int k = 0; k < kTileN / 16; ++k) {
-            const uint32_t a[4] = {pack_bf16(s[2 * k][0], s[2 * k][1]), pack_bf16(s[2 * k][2], s[2 * k][3]),
-                                   pack_bf16(s[2 * k + 1][0], s[2 * k + 1][1]), pack_bf16(s[2 * k + 1][2], s[2 * k + 1][3])};
+            const uint32_t a[4] = {pack_bf16x2(s[2 * k][0], s[2 * k][1]), pack_bf16x2(s[2 * k][2], s[2 * k][3]),
+                                   pack_bf16x2(s[2 * k + 1][0], s[2 * k + 1][1]), pack_bf16x2(s[2 * k + 1][2], s[2 * k + 1][3])};
             const bf16 *v_rows = kv + (k * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * kRowStride + (lane >> 4) * 8;
 #pragma unroll
             for (int n = 0; n < kLatent / 8; n += 2) {
@@ -442,7 +411,7 @@ extern "C" __global__ void mla_attention_combine(const MlaAttentionParams p) {
     const float inv_total = 1.f / warp_sum(total);
     bf16 *dst = p.o_lat + grow * kLatent;
     *reinterpret_cast<uint2 *>(dst + 4 * lane) =
-        make_uint2(pack_bf16(acc[0] * inv_total, acc[1] * inv_total), pack_bf16(acc[2] * inv_total, acc[3] * inv_total));
+        make_uint2(pack_bf16x2(acc[0] * inv_total, acc[1] * inv_total), pack_bf16x2(acc[2] * inv_total, acc[3] * inv_total));
     *reinterpret_cast<uint2 *>(dst + 128 + 4 * lane) =
-        make_uint2(pack_bf16(acc[4] * inv_total, acc[5] * inv_total), pack_bf16(acc[6] * inv_total, acc[7] * inv_total));
+        make_uint2(pack_bf16x2(acc[4] * inv_total, acc[5] * inv_total), pack_bf16x2(acc[6] * inv_total, acc[7] * inv_total));
 }

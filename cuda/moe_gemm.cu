@@ -21,6 +21,7 @@
 // the pairs' activation rows once per block column, the outputs once. FLOPs: 2 * pairs * K * N.
 #include "params.h"
 #include "common.cuh"
+#include "mma.cuh"
 #include "quant.cuh"
 
 namespace {
@@ -32,37 +33,6 @@ constexpr int kStepsPerStage = kBK / 16; // mma k-steps per stage
 constexpr int kXRowBytes = kBK * 2;     // one gathered activation row of a stage (bf16)
 
 enum class Format { Bf16, Fp8, Fp8Block, Int4, Nvfp4 };
-
-// ---- small device helpers ------------------------------------------------------------------------------------------
-
-__device__ __forceinline__ uint32_t smem_addr(const void *p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void cp_async_16(void *dst, const void *src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void *p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
-}
-
-// c += a * b for one 16x8x16 bf16 tile, f32 accumulators.
-__device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t *>(&v);
-}
 
 // ---- weight formats: bytes per 16x64 tile, per-stage scales, fragment dequantisation --------------------------------
 //
@@ -242,7 +212,7 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
         for (int i = tid; i < kWarps * MF * kChunksPerTile; i += kThreads) {
             const int tile = i / kChunksPerTile, chunk = i % kChunksPerTile;
             const unsigned char *src = w_expert + ((long long)(first_tile + tile) * k_blocks + kb) * W::kTileBytes + chunk * 16;
-            cp_async_16(w_dst + tile * W::kTileBytes + chunk * 16, src);
+            cp_async16(w_dst + tile * W::kTileBytes + chunk * 16, src);
         }
         unsigned char *x_dst = x_smem + stage * kXStage;
         for (int i = tid; i < BN * 8; i += kThreads) {
@@ -250,7 +220,7 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
             const int pair = slot_pair[row];
             if (pair < 0) continue;
             const long src_row = p.in_by_token ? pair / p.top_k : slot_begin + row;
-            cp_async_16(x_dst + row * kXRowBytes + ((chunk ^ (row & 7)) << 4), p.x + src_row * p.x_stride + kb * kBK + chunk * 8);
+            cp_async16(x_dst + row * kXRowBytes + ((chunk ^ (row & 7)) << 4), p.x + src_row * p.x_stride + kb * kBK + chunk * 8);
         }
     };
 

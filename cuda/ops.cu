@@ -27,17 +27,8 @@ extern "C" __global__ void __launch_bounds__(256) rope_q_k(const RopeParams p) {
     const int pos = p.positions[t];
     const int pairs = p.rope_dim / 2;
     for (int i = threadIdx.x; i < pairs; i += blockDim.x) {
-        // pos * f exactly as hi + lo (pos < 2^24 is exact in f32), then Cody-Waite reduction by 2 pi in two fma
-        // steps (2 pi = C1 + C2 to ~2^-48): |error| ~ 3e-7 rad for positions up to 2^20.
-        const float pos_f = (float)pos, f = p.inv_freq[i];
-        const float hi = __fmul_rn(pos_f, f);
-        const float lo = fmaf(pos_f, f, -hi);
-        const float turns = rintf(hi * 0.159154943091895336f);  // 1 / (2 pi)
-        float reduced = fmaf(-turns, 6.28318548202514648f, hi);
-        reduced = fmaf(-turns, -1.74845553146951715e-7f, reduced);
-        reduced += lo;
         float s, c;
-        __sincosf(reduced, &s, &c);
+        rope_sincos(pos, p.inv_freq[i], &s, &c);
         sin_of[i] = s;
         cos_of[i] = c;
     }

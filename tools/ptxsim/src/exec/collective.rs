@@ -173,8 +173,8 @@ pub(super) fn mma(w: &mut Warp, inst: &Inst, shape: MmaShape, [a_ty, b_ty, c_ty,
     if inst.s.len() != a_regs + b_regs + c_regs {
         return warp_fault(format!("mma.sync operand count {} does not match the shape (expected {})", inst.s.len(), a_regs + b_regs + c_regs));
     }
-    let mut a = [[0f32; 64]; 16];
-    let mut b = [[0f32; 64]; 8];
+    let mut a = [[0f64; 64]; 16];
+    let mut b = [[0f64; 64]; 8];
     let mut c = [[0f64; 8]; 16];
     let mut c_int = [[0i64; 8]; 16];
     for l in 0..32usize {
@@ -182,13 +182,13 @@ pub(super) fn mma(w: &mut Warp, inst: &Inst, shape: MmaShape, [a_ty, b_ty, c_ty,
         for r in 0..a_regs as u32 {
             let v = w.val(&inst.s[r as usize], l);
             for e in 0..p {
-                a[(g + 8 * (r % 2)) as usize][(p * t + e + 4 * p * (r / 2)) as usize] = mma_elem(a_ty, v, e);
+                a[(g + 8 * (r % 2)) as usize][(p * t + e + 4 * p * (r / 2)) as usize] = mma_elem(a_ty, v, e) as f64;
             }
         }
         for r in 0..b_regs as u32 {
             let v = w.val(&inst.s[a_regs + r as usize], l);
             for e in 0..p {
-                b[g as usize][(p * t + e + 4 * p * r) as usize] = mma_elem(b_ty, v, e);
+                b[g as usize][(p * t + e + 4 * p * r) as usize] = mma_elem(b_ty, v, e) as f64;
             }
         }
         for r in 0..c_regs as u32 {
@@ -216,8 +216,16 @@ pub(super) fn mma(w: &mut Warp, inst: &Inst, shape: MmaShape, [a_ty, b_ty, c_ty,
                     si += (a[i][kk] * b[j][kk]) as i64; // |products| < 2^15: exact
                 }
             } else {
-                // Products of <= 16-bit-mantissa inputs are exact; the sum is kept in f64 and rounded once.
-                s += a[i][..k].iter().zip(&b[j][..k]).map(|(&x, &y)| x as f64 * y as f64).sum::<f64>();
+                // Products of <= 16-bit-mantissa inputs are exact in f64; the sum is kept in f64 (four partial sums,
+                // as the hardware's order is unspecified too) and rounded once.
+                let (ai, bj) = (&a[i][..k], &b[j][..k]);
+                let mut acc = [0f64; 4];
+                for q in (0..k).step_by(4) {
+                    for u in 0..4 {
+                        acc[u] += ai[q + u] * bj[q + u];
+                    }
+                }
+                s += (acc[0] + acc[1]) + (acc[2] + acc[3]);
             }
             d[i][j] = s;
             d_int[i][j] = si;

@@ -38,17 +38,25 @@ impl Counters {
 
     /// Records one warp-wide global request over the given (address, bytes) ranges.
     pub(crate) fn global_request(&mut self, ranges: &[(u64, u32)], write: bool) {
-        let mut sectors: Vec<u64> = Vec::with_capacity(ranges.len() * 2);
+        // At most 32 lanes x 16 bytes: each lane's range spans at most 2 sectors (more only for odd 32-byte+ copies).
+        let mut sectors = [0u64; 256];
+        let mut n = 0usize;
         let mut bytes = 0u64;
-        for &(a, n) in ranges {
-            bytes += n as u64;
-            let (first, last) = (a >> 5, (a + n.max(1) as u64 - 1) >> 5);
-            sectors.extend(first..=last);
+        for &(a, len) in ranges {
+            bytes += len as u64;
+            let (first, last) = (a >> 5, (a + len.max(1) as u64 - 1) >> 5);
+            for s in first..=last {
+                if n < sectors.len() {
+                    sectors[n] = s;
+                    n += 1;
+                }
+            }
         }
+        let sectors = &mut sectors[..n];
         sectors.sort_unstable();
-        sectors.dedup();
+        let distinct = 1 + sectors.windows(2).filter(|w| w[0] != w[1]).count();
         self.global_requests += 1;
-        self.global_sectors += sectors.len() as u64;
+        self.global_sectors += if n == 0 { 0 } else { distinct as u64 };
         if write {
             self.global_bytes_written += bytes;
         } else {

@@ -482,6 +482,32 @@ fn decode_inst(ctx: &Ctx, i: &Instruction) -> Result<Inst, ParseError> {
             inst.op = Op::Int { op, ty, sat: false };
             dst_src(&mut inst, None)?;
         }
+        "lop3" => {
+            inst.op = Op::Int { op: IntOp::Lop3, ty, sat: false };
+            dst_src(&mut inst, None)?;
+        }
+        "shf" => {
+            let wrap = has("wrap");
+            inst.op = Op::Int { op: if has("l") { IntOp::ShfL { wrap } } else { IntOp::ShfR { wrap } }, ty: Ty::B32, sat: false };
+            dst_src(&mut inst, None)?;
+        }
+        "elect" => {
+            inst.op = Op::Elect;
+            dst_src(&mut inst, None)?;
+        }
+        "testp" => {
+            let test = match m.first().copied() {
+                Some("finite") => TestpKind::Finite,
+                Some("infinite") => TestpKind::Infinite,
+                Some("number") => TestpKind::Number,
+                Some("notanumber") => TestpKind::NotANumber,
+                Some("normal") => TestpKind::Normal,
+                Some("subnormal") => TestpKind::Subnormal,
+                _ => return err(line, format!("bad {}", i.opcode)),
+            };
+            inst.op = Op::Testp { test, ty };
+            dst_src(&mut inst, None)?;
+        }
         "dp4a" => {
             if tys.len() != 2 {
                 unsupported(&mut inst);
@@ -622,13 +648,9 @@ fn decode_inst(ctx: &Ctx, i: &Instruction) -> Result<Inst, ParseError> {
         "trap" | "brkpt" => inst.op = Op::Trap,
         "bar" | "barrier" if has("warp") => {
             inst.op = Op::BarWarp;
-            dst_src(&mut inst, None)?;
-            // bar.warp.sync has no destination: its one operand is the member mask.
-            inst.s = inst.d.iter().map(|r| r.map_or(Src::Imm(u32::MAX as u64), Src::Reg)).collect();
-            if let Some(Operand::Int(v)) = ops.first() {
-                inst.s = vec![Src::Imm(*v as u64)];
+            for o in ops {
+                ctx.src(o, None, line, &mut inst.s)?;
             }
-            inst.d.clear();
         }
         "bar" | "barrier" => {
             let kind = if has("arrive") {

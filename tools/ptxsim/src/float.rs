@@ -33,8 +33,18 @@ pub const E2M1: Format = Format { exp_bits: 2, man_bits: 1, bias: 1, max_finite:
 /// tf32 values live in f32 bit positions with the low 13 mantissa bits zero.
 pub const TF32: Format = Format { exp_bits: 8, man_bits: 10, bias: 127, max_finite: 0x7f7f_e000 >> 13, inf: Some(0x7f80_0000 >> 13), nan: Some(0x7fff_ffff >> 13) };
 
+/// 2^e exactly, for the normal f64 range (every exponent these formats need).
+#[inline(always)]
+pub fn pow2(e: i32) -> f64 {
+    f64::from_bits(((e + 1023) as u64) << 52)
+}
+
 /// Exact value of an encoded number.
+#[inline]
 pub fn decode(bits: u32, f: Format) -> f64 {
+    if f == BF16 {
+        return f32::from_bits(bits << 16) as f64;
+    }
     let sign = if bits & f.sign_bit() != 0 { -1.0 } else { 1.0 };
     let mag = bits & (f.sign_bit() - 1);
     if f.nan.is_some() && f.inf.is_none() && mag == f.nan.unwrap() {
@@ -45,7 +55,7 @@ pub fn decode(bits: u32, f: Format) -> f64 {
     if f.inf.is_some() && e == (1 << f.exp_bits) - 1 {
         return if man == 0.0 { sign * f64::INFINITY } else { f64::NAN };
     }
-    let scale = |p: i32| 2f64.powi(p);
+    let scale = pow2;
     if e == 0 {
         sign * man * scale(1 - f.bias - f.man_bits as i32)
     } else {
@@ -101,8 +111,8 @@ pub fn encode(x: f64, f: Format, mode: Rnd, satfinite: bool) -> u32 {
     let emin = 1 - f.bias;
     let e = (a.log2().floor() as i32).max(emin);
     // log2 may be off by one near powers of two: fix the exponent exactly.
-    let e = if e > emin && a < 2f64.powi(e) { e - 1 } else if a >= 2f64.powi(e + 1) { e + 1 } else { e };
-    let quantum = 2f64.powi(e - f.man_bits as i32);
+    let e = if e > emin && a < pow2(e) { e - 1 } else if a >= pow2(e + 1) { e + 1 } else { e };
+    let quantum = pow2(e - f.man_bits as i32);
     let q = round_int(a / quantum, mode, sign != 0);
     let r = q * quantum;
     if r == 0.0 {
@@ -114,11 +124,11 @@ pub fn encode(x: f64, f: Format, mode: Rnd, satfinite: bool) -> u32 {
     }
     // Encode the rounded magnitude.
     let e2 = (r.log2().floor() as i32).max(emin);
-    let e2 = if e2 > emin && r < 2f64.powi(e2) { e2 - 1 } else if r >= 2f64.powi(e2 + 1) { e2 + 1 } else { e2 };
-    let bits = if r < 2f64.powi(emin) {
-        (r / 2f64.powi(emin - f.man_bits as i32)) as u32
+    let e2 = if e2 > emin && r < pow2(e2) { e2 - 1 } else if r >= pow2(e2 + 1) { e2 + 1 } else { e2 };
+    let bits = if r < pow2(emin) {
+        (r / pow2(emin - f.man_bits as i32)) as u32
     } else {
-        let man = (r / 2f64.powi(e2 - f.man_bits as i32)) as u32 - (1 << f.man_bits);
+        let man = (r / pow2(e2 - f.man_bits as i32)) as u32 - (1 << f.man_bits);
         (((e2 + f.bias) as u32) << f.man_bits) | man
     };
     sign | bits
@@ -163,7 +173,7 @@ pub fn int_to_f64_for_rounding(v: i128) -> f64 {
         let sticky = (m & ((1u128 << shift) - 1)) != 0;
         m >>= shift;
         m |= sticky as u128;
-        let r = m as f64 * 2f64.powi(shift as i32);
+        let r = m as f64 * pow2(shift as i32);
         return if neg { -r } else { r };
     }
     if neg {
@@ -192,10 +202,10 @@ mod tests {
         assert_eq!(from_f32(1.0, BF16, Rnd::Rn, false), 0x3f80);
         // 1 + 2^-8 is a tie between 1.0 and 1+2^-7: even is 1.0.
         assert_eq!(from_f32(1.0 + 2f32.powi(-8), BF16, Rnd::Rn, false), 0x3f80);
-        assert_eq!(encode(1.0 + 2f64.powi(-8), BF16, Rnd::Rn, false), 0x3f80);
-        assert_eq!(encode(1.0 + 3.0 * 2f64.powi(-8), BF16, Rnd::Rn, false), 0x3f82);
-        assert_eq!(encode(1.0 + 2f64.powi(-8), BF16, Rnd::Rp, false), 0x3f81);
-        assert_eq!(encode(-(1.0 + 2f64.powi(-8)), BF16, Rnd::Rm, false), 0xbf81);
+        assert_eq!(encode(1.0 + pow2(-8), BF16, Rnd::Rn, false), 0x3f80);
+        assert_eq!(encode(1.0 + 3.0 * pow2(-8), BF16, Rnd::Rn, false), 0x3f82);
+        assert_eq!(encode(1.0 + pow2(-8), BF16, Rnd::Rp, false), 0x3f81);
+        assert_eq!(encode(-(1.0 + pow2(-8)), BF16, Rnd::Rm, false), 0xbf81);
         assert_eq!(encode(f32::MAX as f64, BF16, Rnd::Rn, false), 0x7f80);
         assert_eq!(encode(f32::MAX as f64, BF16, Rnd::Rz, false), 0x7f7f);
     }
@@ -205,11 +215,11 @@ mod tests {
         assert_eq!(encode(65504.0, F16, Rnd::Rn, false), 0x7bff);
         assert_eq!(encode(65520.0, F16, Rnd::Rn, false), 0x7c00); // the tie rounds to infinity
         assert_eq!(encode(65519.0, F16, Rnd::Rn, false), 0x7bff);
-        assert_eq!(encode(2f64.powi(-24), F16, Rnd::Rn, false), 0x0001);
-        assert_eq!(encode(2f64.powi(-25), F16, Rnd::Rn, false), 0x0000); // tie to even zero
-        assert_eq!(encode(3.0 * 2f64.powi(-26), F16, Rnd::Rn, false), 0x0001);
+        assert_eq!(encode(pow2(-24), F16, Rnd::Rn, false), 0x0001);
+        assert_eq!(encode(pow2(-25), F16, Rnd::Rn, false), 0x0000); // tie to even zero
+        assert_eq!(encode(3.0 * pow2(-26), F16, Rnd::Rn, false), 0x0001);
         assert_eq!(decode(0x3c00, F16), 1.0);
-        assert_eq!(decode(0x0001, F16), 2f64.powi(-24));
+        assert_eq!(decode(0x0001, F16), pow2(-24));
     }
 
     #[test]
@@ -219,7 +229,7 @@ mod tests {
         assert_eq!(encode(-1000.0, E4M3, Rnd::Rn, true), 0xfe);
         assert_eq!(encode(f64::NAN, E4M3, Rnd::Rn, true), 0x7f);
         assert_eq!(decode(0x7f, E4M3).is_nan(), true);
-        assert_eq!(decode(0x01, E4M3), 2f64.powi(-9));
+        assert_eq!(decode(0x01, E4M3), pow2(-9));
         assert_eq!(encode(1.0, E5M2, Rnd::Rn, false), 0x3c);
         assert_eq!(encode(100000.0, E5M2, Rnd::Rn, false), 0x7c);
         assert_eq!(encode(100000.0, E5M2, Rnd::Rn, true), 0x7b);

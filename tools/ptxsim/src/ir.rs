@@ -257,8 +257,12 @@ pub enum IntOp {
     Bfe,
     Bfi,
     Sad,
-    /// `add.cc`/`addc`: carry chains are not used by the project's kernels.
     Dp4a,
+    /// `lop3.b32 d, a, b, c, lut`: any 3-input bitwise function.
+    Lop3,
+    /// Funnel shifts `shf.{l,r}.{wrap,clamp}.b32 d, a, b, c` over the 64-bit value {b, a}.
+    ShfL { wrap: bool },
+    ShfR { wrap: bool },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -352,6 +356,16 @@ pub enum BarKind {
     RedPopc,
     RedAnd,
     RedOr,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TestpKind {
+    Finite,
+    Infinite,
+    Number,
+    NotANumber,
+    Normal,
+    Subnormal,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -459,6 +473,10 @@ pub enum Op {
     Shfl(ShflMode),
     Vote(VoteMode),
     Activemask,
+    /// `elect.sync d|p, membermask`: the lowest member lane is the leader.
+    Elect,
+    /// `testp.{finite,infinite,number,notanumber,normal,subnormal}.type p, a`
+    Testp { test: TestpKind, ty: Ty },
     Redux { op: AtomOp, ty: Ty },
     Match { all: bool, ty: Ty },
     Ldmatrix { num: u32, trans: bool },
@@ -488,7 +506,8 @@ impl Op {
             Op::CpAsync { .. } | Op::CpAsyncCommit | Op::CpAsyncWait(_) => Class::AsyncCopy,
             Op::Bra(_) | Op::Exit | Op::Trap | Op::Nop | Op::Unsupported(_) => Class::Control,
             Op::Bar { .. } | Op::BarWarp | Op::Fence => Class::Sync,
-            Op::Shfl(_) | Op::Vote(_) | Op::Activemask | Op::Redux { .. } | Op::Match { .. } => Class::WarpCollective,
+            Op::Shfl(_) | Op::Vote(_) | Op::Activemask | Op::Elect | Op::Redux { .. } | Op::Match { .. } => Class::WarpCollective,
+            Op::Testp { .. } => Class::Float,
             Op::Mma { .. } => Class::Tensor,
         }
     }

@@ -68,8 +68,14 @@ fn lex(src: &str) -> Result<Vec<Token>, ParseError> {
             out.push(Token { tok: Tok::Num(chars[start..i].iter().collect()), line });
         } else if word_char(c) {
             let start = i;
-            while i < chars.len() && word_char(chars[i]) {
-                i += 1;
+            while i < chars.len() {
+                if word_char(chars[i]) {
+                    i += 1;
+                } else if chars[i] == ':' && chars.get(i + 1) == Some(&':') {
+                    i += 2; // `.L2::cache_hint`, `.shared::cta`
+                } else {
+                    break;
+                }
             }
             out.push(Token { tok: Tok::Word(chars[start..i].iter().collect()), line });
         } else if "{}[]()<>,;:+-|!@=".contains(c) {
@@ -307,7 +313,7 @@ impl Parser {
     }
 
     /// `.space [.align N] [.v2] .type name[<N>|[N]] [= {...}]` after the space word was read.
-    fn decl(&mut self, space: String, line: u32, extern_: bool) -> Result<Vec<VarDecl>, ParseError> {
+    fn decl(&mut self, space: String, line: u32, extern_: bool, single: bool) -> Result<Vec<VarDecl>, ParseError> {
         let mut align = 0u32;
         let mut ty = String::new();
         loop {
@@ -348,7 +354,7 @@ impl Parser {
                 }
             }
             decls.push(d);
-            if !self.eat(',') {
+            if single || !self.eat(',') {
                 break;
             }
         }
@@ -363,7 +369,7 @@ impl Parser {
         while !self.eat(')') {
             let line = self.line();
             let space = self.word()?;
-            params.extend(self.decl(space, line, false)?);
+            params.extend(self.decl(space, line, false, true)?);
             self.eat(',');
         }
         Ok(params)
@@ -399,7 +405,7 @@ impl Parser {
                     body.push(Stmt::Label(w, line));
                 }
                 Tok::Word(w) if matches!(w.as_str(), ".reg" | ".shared" | ".local" | ".const" | ".global" | ".param") => {
-                    for d in self.decl(w, line, false)? {
+                    for d in self.decl(w, line, false, false)? {
                         body.push(Stmt::Decl(d));
                     }
                     self.expect(';')?;
@@ -483,7 +489,7 @@ impl Parser {
                     pending_extern = false;
                 }
                 ".global" | ".const" | ".shared" => {
-                    ast.globals.extend(self.decl(w, line, pending_extern)?);
+                    ast.globals.extend(self.decl(w, line, pending_extern, false)?);
                     self.expect(';')?;
                     pending_extern = false;
                 }

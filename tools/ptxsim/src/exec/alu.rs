@@ -150,6 +150,22 @@ fn int1(op: IntOp, ty: Ty, sat: bool, a: u64, b: u64, c: u64, d: u64) -> Result<
             r
         }
         IntOp::Sad => ((wide(a) - wide(b)).abs() + wide(c)) as u64,
+        IntOp::Lop3 => {
+            let lut = d as u8;
+            let mut r = 0u64;
+            for i in 0..8 {
+                if lut >> i & 1 != 0 {
+                    let pick = |bit: u32, v: u64| if i >> bit & 1 != 0 { v } else { !v };
+                    r |= pick(2, a) & pick(1, b) & pick(0, c);
+                }
+            }
+            r
+        }
+        IntOp::ShfL { wrap } | IntOp::ShfR { wrap } => {
+            let n = if wrap { (c & 31) as u32 } else { (c as u32).min(32) };
+            let v = (b & 0xffff_ffff) << 32 | (a & 0xffff_ffff);
+            return Ok(if matches!(op, IntOp::ShfL { .. }) { (v << n) >> 32 & 0xffff_ffff } else { (v >> n) & 0xffff_ffff });
+        }
         IntOp::Dp4a => {
             // ty encodes signedness: S32 = both signed, S16 = a signed, U16 = b signed, U32 = neither.
             let (sa, sb) = match ty {
@@ -230,11 +246,11 @@ pub(super) fn prmt(w: &mut Warp, inst: &Inst, mode: PrmtMode, exec: u32) {
             PrmtMode::Rc8 => [c & 3; 4],
             PrmtMode::Ecl => {
                 let s = c & 3;
-                [0, 1, 2, 3].map(|i| if i >= s { s } else { i })
+                [0, 1, 2, 3].map(|i: u32| i.max(s))
             }
             PrmtMode::Ecr => {
                 let s = c & 3;
-                [0, 1, 2, 3].map(|i| if i <= s { i } else { s })
+                [0, 1, 2, 3].map(|i: u32| i.min(s))
             }
             PrmtMode::Rc16 => {
                 let s = c & 1;
@@ -477,6 +493,23 @@ pub(super) fn set(w: &mut Warp, inst: &Inst, cmp: Cmp, dty: Ty, ty: Ty, comb: Op
     Ok(())
 }
 
+pub(super) fn testp(w: &mut Warp, inst: &Inst, test: TestpKind, ty: Ty, exec: u32) {
+    for l in lanes(exec) {
+        let v = w.val(&inst.s[0], l);
+        let x = if ty == Ty::F64 { f64::from_bits(v) } else { f32::from_bits(v as u32) as f64 };
+        let normal = if ty == Ty::F64 { x.is_normal() } else { (x as f32).is_normal() };
+        let r = match test {
+            TestpKind::Finite => x.is_finite(),
+            TestpKind::Infinite => x.is_infinite(),
+            TestpKind::Number => !x.is_nan(),
+            TestpKind::NotANumber => x.is_nan(),
+            TestpKind::Normal => normal,
+            TestpKind::Subnormal => x != 0.0 && x.is_finite() && !normal,
+        };
+        w.set(inst.d[0], l, r as u64);
+    }
+}
+
 pub(super) struct CvtSpec {
     pub dty: Ty,
     pub sty: Ty,
@@ -583,7 +616,7 @@ fn cvt1(c: &CvtSpec, a: u64, b: u64) -> Result<u64, String> {
     let mut out = 0u64;
     for e in 0..dn {
         let x = if dn == sn {
-            read_float(sty, (a >> (seb * e)) & ((1u64 << seb) - 1).max(if seb == 64 { u64::MAX } else { 0 }), c.ftz)
+            read_float(sty, if seb >= 64 { a } else { (a >> (seb * e)) & ((1u64 << seb) - 1) }, c.ftz)
         } else if dn == 2 && sn == 1 {
             // cvt.xx2.f32 d, a, b: `a` goes to the upper element, `b` to the lower.
             read_float(sty, if e == 1 { a } else { b }, c.ftz)

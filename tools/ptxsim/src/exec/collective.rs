@@ -53,6 +53,19 @@ pub(super) fn shfl(w: &mut Warp, inst: &Inst, mode: ShflMode, exec: u32, mask: u
     Ok(())
 }
 
+pub(super) fn elect(w: &mut Warp, inst: &Inst, exec: u32) -> Result<(), Fault> {
+    let member = w.val(&inst.s[0], exec.trailing_zeros() as usize) as u32;
+    check_converged(w, "elect.sync", member, exec)?;
+    let leader = exec.trailing_zeros() as u64;
+    for l in lanes(exec) {
+        w.set(inst.d[0], l, leader);
+        if inst.d.len() > 1 {
+            w.set(inst.d[1], l, (l as u64 == leader) as u64);
+        }
+    }
+    Ok(())
+}
+
 pub(super) fn vote(w: &mut Warp, inst: &Inst, mode: VoteMode, exec: u32, _mask: u32) -> Result<(), Fault> {
     if exec == 0 {
         return Ok(());
@@ -158,8 +171,8 @@ pub(super) fn mma(w: &mut Warp, inst: &Inst, shape: MmaShape, [a_ty, b_ty, c_ty,
     if inst.s.len() != a_regs + b_regs + c_regs {
         return warp_fault(format!("mma.sync operand count {} does not match the shape (expected {})", inst.s.len(), a_regs + b_regs + c_regs));
     }
-    let mut a = vec![[0f64; 64]; 16];
-    let mut b = vec![[0f64; 8]; 64];
+    let mut a = [[0f64; 64]; 16];
+    let mut b = [[0f64; 64]; 8];
     let mut c = [[0f64; 8]; 16];
     let mut c_int = [[0i64; 8]; 16];
     for l in 0..32usize {
@@ -173,7 +186,7 @@ pub(super) fn mma(w: &mut Warp, inst: &Inst, shape: MmaShape, [a_ty, b_ty, c_ty,
         for r in 0..b_regs as u32 {
             let v = w.val(&inst.s[a_regs + r as usize], l);
             for e in 0..p {
-                b[(p * t + e + 4 * p * r) as usize][g as usize] = mma_elem(b_ty, v, e);
+                b[g as usize][(p * t + e + 4 * p * r) as usize] = mma_elem(b_ty, v, e);
             }
         }
         for r in 0..c_regs as u32 {
@@ -196,9 +209,13 @@ pub(super) fn mma(w: &mut Warp, inst: &Inst, shape: MmaShape, [a_ty, b_ty, c_ty,
         for j in 0..8 {
             let mut s = c[i][j];
             let mut si = c_int[i][j];
-            for kk in 0..k {
-                s += a[i][kk] * b[kk][j];
-                si += (a[i][kk] * b[kk][j]) as i64;
+            if integer {
+                for kk in 0..k {
+                    si += (a[i][kk] * b[j][kk]) as i64;
+                }
+            } else {
+                // Products of <= 16-bit-mantissa inputs are exact; the sum is kept in f64 and rounded once.
+                s += a[i][..k].iter().zip(&b[j][..k]).map(|(x, y)| x * y).sum::<f64>();
             }
             d[i][j] = s;
             d_int[i][j] = si;

@@ -223,20 +223,27 @@ impl BlockCtx<'_> {
 
     /// Records the warp-wide request for the counters.
     fn count_request(&mut self, w: &Warp, inst: &Inst, space: Space, exec: u32, bytes: u32, write: bool) {
-        let mut global = Vec::new();
-        let mut shared = Vec::new();
+        let mut global = [(0u64, 0u32); 32];
+        let mut shared = [(0u32, 0u32); 32];
+        let (mut ng, mut ns) = (0, 0);
         for l in lanes(exec) {
             match self.resolve(space, Self::addr_of(w, inst, l)) {
-                Loc::Global(a) => global.push((a, bytes)),
-                Loc::Shared(o) => shared.push((o, bytes)),
+                Loc::Global(a) => {
+                    global[ng] = (a, bytes);
+                    ng += 1;
+                }
+                Loc::Shared(o) => {
+                    shared[ns] = (o, bytes);
+                    ns += 1;
+                }
                 _ => {}
             }
         }
-        if !global.is_empty() {
-            self.counters.global_request(&global, write);
+        if ng > 0 {
+            self.counters.global_request(&global[..ng], write);
         }
-        if !shared.is_empty() {
-            self.counters.shared_request(&shared);
+        if ns > 0 {
+            self.counters.shared_request(&shared[..ns]);
         }
     }
 

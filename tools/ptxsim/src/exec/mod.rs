@@ -443,6 +443,8 @@ impl BlockCtx<'_> {
             Op::Shfl(mode) => collective::shfl(w, inst, *mode, exec, mask)?,
             Op::Vote(mode) => collective::vote(w, inst, *mode, exec, mask)?,
             Op::Activemask => lanes(exec).for_each(|l| w.set(inst.d[0], l, mask as u64)),
+            Op::Elect => collective::elect(w, inst, exec)?,
+            Op::Testp { test, ty } => alu::testp(w, inst, *test, *ty, exec),
             Op::Redux { op, ty } => collective::redux(w, inst, *op, *ty, exec, mask)?,
             Op::Match { all, ty } => collective::match_(w, inst, *all, *ty, exec, mask)?,
             Op::Ldmatrix { num, trans } => self.ldmatrix(w, inst, *num, *trans, exec)?,

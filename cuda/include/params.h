@@ -41,7 +41,48 @@ typedef struct RmsNormParams {
 } RmsNormParams;
 
 /* ---- router.cu: fused router softmax + top-k and the per-expert token alignment ------------------------------------ */
-/* (structs of this family go here) */
+
+/* Groups the tokens*k (token, slot) pairs of `topk_ids` by LOCAL expert for the grouped GEMM (the contract of
+ * src/kernels/router.rs): expert_counts [local_experts]; expert_offsets [local_experts + 1] = exclusive prefix sums of
+ * the counts rounded up to tile_m; sorted_pairs [max_padded] = pair index p = t*k + j grouped by local expert, increasing
+ * p inside an expert, padding rows -1; tile_experts [max_padded / tile_m] = local expert of each tile, -1 past the end;
+ * num_padded [1] = expert_offsets[local_experts]. expert_map [experts]: local index or -1 (owned by another GPU). */
+typedef struct MoeAlignParams {
+    const int *topk_ids;
+    const int *expert_map;
+    int *expert_counts;
+    int *expert_offsets;
+    int *sorted_pairs;
+    int *tile_experts;
+    int *num_padded;
+    int pairs;         /* tokens * k */
+    int experts;       /* global expert count, <= 256 */
+    int local_experts; /* 1 ..= experts */
+    int tile_m;        /* power of two, 1 ..= 128 */
+    int max_padded;    /* round_up(pairs + local_experts * (tile_m - 1), tile_m) */
+} MoeAlignParams;
+
+/* logits = hidden . gate^T (f32 accumulation), softmax over all experts in f32, top-k (ties to the lower index),
+ * topk_weights = p / (sum of the k p + 1e-20) * routed_scale; then (same launch) the alignment of `align`.
+ * Grid (dim slices of 256, expert groups of experts_per_block, token groups of 64). Workspace: `partials`
+ * [slices, tokens, experts] f32, `logits` [tokens, experts] f32, `counters` [token_groups + 1] i32 (zero on entry,
+ * left zero on exit, so one workspace serves every replay of a CUDA graph, one launch at a time). */
+typedef struct RouterParams {
+    const bf16 *hidden; /* [tokens, dim] */
+    const bf16 *gate;   /* [experts, dim] */
+    float *partials;
+    float *logits;
+    int *counters;
+    int experts_per_block; /* a multiple of 32 */
+    int *topk_ids;       /* [tokens, k] */
+    float *topk_weights; /* [tokens, k] */
+    int tokens;
+    int dim; /* multiple of 8 */
+    int experts;
+    int k; /* 1 ..= min(8, experts) */
+    float routed_scale;
+    MoeAlignParams align; /* align.topk_ids == topk_ids */
+} RouterParams;
 
 /* ---- moe_gemm.cu: grouped expert GEMMs (bf16, FP8, INT4, NVFP4 weights) -------------------------------------------- */
 /* (structs of this family go here) */
@@ -89,7 +130,71 @@ typedef struct DequantNvfp4Params {
 /* (structs of this family go here) */
 
 /* ---- ops.cu: RoPE, embedding, SwiGLU, dense GEMM, sampling and the other small kernels of a layer ------------------ */
-/* (structs of this family go here) */
+
+/* In place, per token t at position pos = positions[t]: rotates the interleaved pairs of the rope dims (the last
+ * rope_dim of each q head, and k_rope) by pos * inv_freq[i], and multiplies ALL head_dim dims of q by the llama-4 scale
+ * 1 + beta * ln(1 + floor(pos / original_max)). */
+typedef struct RopeParams {
+    bf16 *q;      /* [tokens, heads, head_dim], row stride q_row_stride elements */
+    bf16 *k_rope; /* [tokens, rope_dim], row stride k_row_stride elements (may be null) */
+    const int *positions;
+    const float *inv_freq; /* [rope_dim / 2] */
+    int tokens;
+    int heads;
+    int head_dim;
+    int rope_dim; /* even, <= head_dim; the rope part is the last rope_dim of a head */
+    int q_row_stride;
+    int k_row_stride;
+    float scale_beta;
+    int scale_original_max;
+} RopeParams;
+
+/* out[t, :] = table[ids[t], :]. An id outside [0, vocab) writes a zero row and records the error in status:
+ * status[0] += 1, status[1] = min(status[1], t) (the caller initialises status to {0, INT_MAX}). */
+typedef struct EmbeddingParams {
+    const int *ids;
+    const bf16 *table; /* [vocab, dim] */
+    bf16 *out;         /* [tokens, dim] */
+    int *status;
+    int tokens;
+    int vocab;
+    int dim;
+} EmbeddingParams;
+
+/* out[t, i] = silu(gate[t, i]) * up[t, i] in f32, rounded to bf16. gate and up may be the two halves of one
+ * [tokens, 2*hidden] row (up = gate + hidden, stride 2*hidden). */
+typedef struct SiluMulParams {
+    const bf16 *gate;
+    const bf16 *up;
+    bf16 *out;
+    int tokens;
+    int hidden;
+    int in_row_stride;  /* elements between rows of gate and of up */
+    int out_row_stride; /* elements between rows of out */
+} SiluMulParams;
+
+/* ids[r] = argmax over logits[r, :vocab] (ties to the lower id; NaN never wins). */
+typedef struct ArgmaxParams {
+    const float *logits; /* [rows, vocab], row stride `row_stride` */
+    int *ids;
+    int rows;
+    int vocab;
+    int row_stride;
+} ArgmaxParams;
+
+/* Seeded temperature + top-p sampling, one row per block; the algorithm is in cuda/ops.cu and its CPU twin in
+ * src/reference/sampling.rs. temperature[r] <= 0 means greedy (argmax). */
+typedef struct SampleParams {
+    const float *logits;
+    int *ids;
+    const float *temperature;
+    const float *top_p;
+    const unsigned long long *seeds;
+    const int *steps;
+    int rows;
+    int vocab;
+    int row_stride;
+} SampleParams;
 
 /* ---- vision.cu: patch embedding and the vision tower's own kernels ------------------------------------------------- */
 /* (structs of this family go here) */

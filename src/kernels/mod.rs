@@ -3,6 +3,8 @@
 
 pub mod dequant;
 pub mod norm;
+pub mod ops;
+pub mod router;
 
 use crate::device::KernelModule;
 

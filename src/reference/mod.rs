@@ -6,3 +6,4 @@ pub mod model;
 pub mod moe;
 pub mod norm;
 pub mod rope;
+pub mod sampling;

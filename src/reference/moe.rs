@@ -37,6 +37,56 @@ pub fn route(logits: &[f32], experts: usize, k: usize, routed_scale: f32) -> Rou
     Routing { k, ids, weights }
 }
 
+/// Rows the grouped GEMM may need for `pairs` (token, slot) pairs over `local_experts` experts when every expert's
+/// rows start on a `tile_m` boundary: `(max_padded, max_tiles)` with max_padded = round_up(pairs + local_experts *
+/// (tile_m - 1), tile_m). Buffers sized by this never overflow, whatever the routing.
+pub fn aligned_capacity(pairs: usize, local_experts: usize, tile_m: usize) -> (usize, usize) {
+    let max_padded = (pairs + local_experts * (tile_m - 1)).div_ceil(tile_m) * tile_m;
+    (max_padded, max_padded / tile_m)
+}
+
+/// The (token, slot) pairs grouped by local expert, as the grouped GEMM reads them (see `kernels::router`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Alignment {
+    pub expert_counts: Vec<i32>,
+    pub expert_offsets: Vec<i32>,
+    pub sorted_pairs: Vec<i32>,
+    pub tile_experts: Vec<i32>,
+    pub num_padded: i32,
+}
+
+/// Groups the pairs `p = t * k + j` of `topk_ids` by `expert_map[id]` (-1: owned elsewhere, dropped), increasing `p`
+/// inside an expert, each expert padded with -1 rows to a multiple of `tile_m`; `sorted_pairs` and `tile_experts`
+/// have the capacity of `aligned_capacity`, filled with -1 past the end.
+pub fn align(topk_ids: &[i32], expert_map: &[i32], local_experts: usize, tile_m: usize) -> Alignment {
+    let (max_padded, max_tiles) = aligned_capacity(topk_ids.len(), local_experts, tile_m);
+    let mut lists = vec![Vec::new(); local_experts];
+    for (pair, &id) in topk_ids.iter().enumerate() {
+        if let Some(&local) = expert_map.get(id as usize) {
+            if local >= 0 {
+                lists[local as usize].push(pair as i32);
+            }
+        }
+    }
+    let mut alignment = Alignment {
+        expert_counts: lists.iter().map(|l| l.len() as i32).collect(),
+        expert_offsets: vec![0],
+        sorted_pairs: vec![-1; max_padded],
+        tile_experts: vec![-1; max_tiles],
+        num_padded: 0,
+    };
+    let mut offset = 0usize;
+    for (expert, list) in lists.iter().enumerate() {
+        alignment.sorted_pairs[offset..offset + list.len()].copy_from_slice(list);
+        let end = offset + list.len().div_ceil(tile_m) * tile_m;
+        alignment.tile_experts[offset / tile_m..end / tile_m].fill(expert as i32);
+        offset = end;
+        alignment.expert_offsets.push(offset as i32);
+    }
+    alignment.num_padded = offset as i32;
+    alignment
+}
+
 /// Numerically stable softmax in f32 (max subtracted).
 pub fn softmax(row: &[f32]) -> Vec<f32> {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -108,5 +158,19 @@ mod tests {
         let r = route(&logits, 6, 4, 2.0);
         assert_eq!(r.ids, vec![1, 2, 4, 0]);
         assert!((r.weights.iter().sum::<f32>() - 2.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn alignment_groups_pairs_by_local_expert_on_tile_boundaries() {
+        // 3 tokens, k = 2; global expert 1 is owned elsewhere; global 0 -> local 1, global 2 -> local 0.
+        let ids = [0, 2, 2, 1, 0, 2];
+        let a = align(&ids, &[1, -1, 0], 2, 4);
+        assert_eq!(a.expert_counts, vec![3, 2]);
+        assert_eq!(a.expert_offsets, vec![0, 4, 8]);
+        assert_eq!(a.num_padded, 8);
+        let (max_padded, max_tiles) = aligned_capacity(6, 2, 4);
+        assert_eq!((max_padded, max_tiles), (12, 3));
+        assert_eq!(a.sorted_pairs, vec![1, 2, 5, -1, 0, 4, -1, -1, -1, -1, -1, -1]);
+        assert_eq!(a.tile_experts, vec![0, 1, -1]);
     }
 }

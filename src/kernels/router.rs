@@ -1,0 +1,341 @@
+//! The fused MoE router (`cuda/router.cu`): gate logits, softmax over all experts in f32, top-k with ties to the lower
+//! index, renormalised weights, and the per-expert alignment the grouped GEMM reads, in one launch.
+//!
+//! Alignment contract (what the grouped GEMM codes against), for `pairs = tokens * k` pairs `p = t * k + j`:
+//! - `expert_counts [local_experts]`: pairs routed to each local expert;
+//! - `expert_offsets [local_experts + 1]`: exclusive prefix sums of the counts rounded UP to `tile_m`, so each
+//!   expert's rows start on a tile boundary;
+//! - `sorted_pairs [max_padded]`: the pair indices grouped by local expert, increasing inside an expert
+//!   (deterministic), padding rows -1 (also every row past `num_padded`);
+//! - `tile_experts [max_tiles]`: the local expert of each tile of `tile_m` rows, -1 past the end;
+//! - `num_padded [1]` = `expert_offsets[local_experts]`;
+//!
+//! with `(max_padded, max_tiles)` = [`reference::moe::aligned_capacity`]. Pairs whose expert maps to -1 (owned by
+//! another GPU) appear in no list.
+
+use half::bf16;
+
+use super::modules::ROUTER;
+use super::params::{MoeAlignParams, RouterParams};
+use crate::device::{launch_with, Device, DeviceBuffer, Dim3, Kernel, LaunchConfig};
+use crate::error::{Error, Result};
+use crate::reference::moe::aligned_capacity;
+
+const ROUTER_TOPK: Kernel = Kernel { module: ROUTER, entry: "router_topk" };
+const MOE_ALIGN: Kernel = Kernel { module: ROUTER, entry: "moe_align" };
+
+pub const MAX_EXPERTS: usize = 256;
+pub const MAX_K: usize = 8;
+pub const MAX_TILE_M: usize = 128;
+/// Threads of every router block (`kThreads` in router.cu).
+const THREADS: u32 = 256;
+/// Columns of dim per block (`kSlice`) and tokens per block (`kTokenGroup`).
+const SLICE: usize = 256;
+const TOKEN_GROUP: usize = 64;
+/// Up to this many tokens a block covers 32 experts (more blocks to stream the gate at decode); above it 64 (each
+/// hidden slice staged in shared memory serves twice as many experts).
+const DECODE_TOKENS: usize = 16;
+
+fn experts_per_block(tokens: usize) -> usize {
+    if tokens <= DECODE_TOKENS {
+        32
+    } else {
+        64
+    }
+}
+
+/// Which experts this GPU owns: `map[global] = local index`, or -1 for experts owned by another GPU.
+pub struct ExpertMap {
+    buffer: DeviceBuffer<i32>,
+    experts: usize,
+    local_experts: usize,
+}
+
+impl ExpertMap {
+    /// Every expert is local (single GPU).
+    pub fn identity(device: &Device, experts: usize) -> Result<Self> {
+        let map: Vec<i32> = (0..experts as i32).collect();
+        Self::new(device, &map)
+    }
+
+    /// Checks that the non-negative entries are exactly 0..local_experts, each once, and every other entry is -1.
+    pub fn new(device: &Device, map: &[i32]) -> Result<Self> {
+        let experts = map.len();
+        if experts == 0 || experts > MAX_EXPERTS {
+            return Err(Error::InvalidArgument(format!("expert map of {experts} experts (1..={MAX_EXPERTS})")));
+        }
+        let mut seen = vec![false; experts];
+        for (global, &local) in map.iter().enumerate() {
+            if local == -1 {
+                continue;
+            }
+            let slot = usize::try_from(local).ok().filter(|&l| l < experts);
+            match slot {
+                Some(l) if !seen[l] => seen[l] = true,
+                _ => return Err(Error::InvalidArgument(format!("expert map: expert {global} -> {local} (duplicate or out of range)"))),
+            }
+        }
+        let local_experts = seen.iter().take_while(|&&s| s).count();
+        if local_experts == 0 || seen[local_experts..].iter().any(|&s| s) {
+            return Err(Error::InvalidArgument("expert map: local indices must be 0..n, each once, n >= 1".into()));
+        }
+        Ok(ExpertMap { buffer: DeviceBuffer::from_slice(device, map)?, experts, local_experts })
+    }
+
+    pub fn experts(&self) -> usize {
+        self.experts
+    }
+    pub fn local_experts(&self) -> usize {
+        self.local_experts
+    }
+    pub fn buffer(&self) -> &DeviceBuffer<i32> {
+        &self.buffer
+    }
+}
+
+/// The alignment outputs (see the module documentation for the contract).
+pub struct Alignment {
+    pub expert_counts: DeviceBuffer<i32>,
+    pub expert_offsets: DeviceBuffer<i32>,
+    pub sorted_pairs: DeviceBuffer<i32>,
+    pub tile_experts: DeviceBuffer<i32>,
+    pub num_padded: DeviceBuffer<i32>,
+    pub pairs: usize,
+    pub local_experts: usize,
+    pub tile_m: usize,
+    pub max_padded: usize,
+    pub max_tiles: usize,
+}
+
+impl Alignment {
+    /// Uninitialised outputs for `pairs` pairs (the kernels write every element).
+    pub fn alloc(device: &Device, pairs: usize, local_experts: usize, tile_m: usize) -> Result<Self> {
+        check_tile_m(tile_m)?;
+        let (max_padded, max_tiles) = aligned_capacity(pairs, local_experts, tile_m);
+        if max_padded > i32::MAX as usize {
+            return Err(Error::InvalidArgument(format!("alignment of {pairs} pairs overflows i32")));
+        }
+        Ok(Alignment {
+            expert_counts: DeviceBuffer::alloc(device, local_experts)?,
+            expert_offsets: DeviceBuffer::alloc(device, local_experts + 1)?,
+            sorted_pairs: DeviceBuffer::alloc(device, max_padded)?,
+            tile_experts: DeviceBuffer::alloc(device, max_tiles)?,
+            num_padded: DeviceBuffer::alloc(device, 1)?,
+            pairs,
+            local_experts,
+            tile_m,
+            max_padded,
+            max_tiles,
+        })
+    }
+
+    fn params(&self, topk_ids: &DeviceBuffer<i32>, map: &ExpertMap) -> Result<MoeAlignParams> {
+        if self.local_experts != map.local_experts {
+            return Err(Error::shape("alignment local experts", map.local_experts, self.local_experts));
+        }
+        check_len("alignment topk_ids", topk_ids.len(), self.pairs)?;
+        let (max_padded, max_tiles) = aligned_capacity(self.pairs, self.local_experts, self.tile_m);
+        check_len("alignment sorted_pairs", self.sorted_pairs.len(), max_padded)?;
+        check_len("alignment tile_experts", self.tile_experts.len(), max_tiles)?;
+        check_len("alignment expert_counts", self.expert_counts.len(), self.local_experts)?;
+        check_len("alignment expert_offsets", self.expert_offsets.len(), self.local_experts + 1)?;
+        check_len("alignment num_padded", self.num_padded.len(), 1)?;
+        Ok(MoeAlignParams {
+            topk_ids: topk_ids.ptr(),
+            expert_map: map.buffer.ptr(),
+            expert_counts: self.expert_counts.mut_ptr(),
+            expert_offsets: self.expert_offsets.mut_ptr(),
+            sorted_pairs: self.sorted_pairs.mut_ptr(),
+            tile_experts: self.tile_experts.mut_ptr(),
+            num_padded: self.num_padded.mut_ptr(),
+            pairs: self.pairs as i32,
+            experts: map.experts as i32,
+            local_experts: self.local_experts as i32,
+            tile_m: self.tile_m as i32,
+            max_padded: max_padded as i32,
+        })
+    }
+}
+
+/// What the router produces: `topk_ids [tokens, k]`, `topk_weights [tokens, k]` and the alignment.
+pub struct Routing {
+    pub topk_ids: DeviceBuffer<i32>,
+    pub topk_weights: DeviceBuffer<f32>,
+    pub alignment: Alignment,
+    pub tokens: usize,
+    pub k: usize,
+}
+
+impl Routing {
+    pub fn alloc(device: &Device, tokens: usize, k: usize, local_experts: usize, tile_m: usize) -> Result<Self> {
+        Ok(Routing {
+            topk_ids: DeviceBuffer::alloc(device, tokens * k)?,
+            topk_weights: DeviceBuffer::alloc(device, tokens * k)?,
+            alignment: Alignment::alloc(device, tokens * k, local_experts, tile_m)?,
+            tokens,
+            k,
+        })
+    }
+}
+
+/// Scratch of one router launch: the split-K partial logits [dim / 256, tokens, experts], the f32 logits
+/// [tokens, experts] and the completion counters (zero between launches; the kernel leaves them zero). One launch at
+/// a time per workspace.
+pub struct RouterWorkspace {
+    partials: DeviceBuffer<f32>,
+    logits: DeviceBuffer<f32>,
+    counters: DeviceBuffer<i32>,
+    tokens: usize,
+    experts: usize,
+    dim: usize,
+}
+
+impl RouterWorkspace {
+    pub fn new(device: &Device, tokens: usize, experts: usize, dim: usize) -> Result<Self> {
+        Ok(RouterWorkspace {
+            partials: DeviceBuffer::alloc(device, dim.div_ceil(SLICE) * tokens * experts)?,
+            logits: DeviceBuffer::alloc(device, tokens * experts)?,
+            counters: DeviceBuffer::filled_with_byte(device, tokens.div_ceil(TOKEN_GROUP) + 1, 0)?,
+            tokens,
+            experts,
+            dim,
+        })
+    }
+
+    /// The gate logits of the last launch (f32, [tokens, experts]).
+    pub fn logits(&self) -> &DeviceBuffer<f32> {
+        &self.logits
+    }
+}
+
+/// Router settings of the model.
+#[derive(Clone, Copy, Debug)]
+pub struct RouterConfig {
+    pub k: usize,
+    pub routed_scale: f32,
+    /// Rows per grouped-GEMM tile: a power of two, 1..=128.
+    pub tile_m: usize,
+}
+
+/// Routes `tokens` rows of `hidden [tokens, dim]` through `gate [experts, dim]` and aligns the pairs: allocates the
+/// outputs and a workspace. See [`route_and_align_into`] for the allocation-free form a CUDA graph replays.
+pub fn route_and_align(
+    hidden: &DeviceBuffer<bf16>,
+    gate: &DeviceBuffer<bf16>,
+    tokens: usize,
+    map: &ExpertMap,
+    config: &RouterConfig,
+) -> Result<Routing> {
+    let device = hidden.device();
+    check_config(map.experts, config)?;
+    let workspace = RouterWorkspace::new(device, tokens, map.experts, gate.len() / map.experts)?;
+    let routing = Routing::alloc(device, tokens, config.k, map.local_experts, config.tile_m)?;
+    route_and_align_into(hidden, gate, tokens, map, config, &workspace, &routing)?;
+    Ok(routing)
+}
+
+/// [`route_and_align`] into preallocated outputs and workspace (one launch, no host synchronisation).
+pub fn route_and_align_into(
+    hidden: &DeviceBuffer<bf16>,
+    gate: &DeviceBuffer<bf16>,
+    tokens: usize,
+    map: &ExpertMap,
+    config: &RouterConfig,
+    workspace: &RouterWorkspace,
+    out: &Routing,
+) -> Result<()> {
+    let experts = map.experts;
+    check_config(experts, config)?;
+    if gate.is_empty() || gate.len() % experts != 0 {
+        return Err(Error::shape("router gate elements (experts * dim)", format!("a multiple of {experts}"), gate.len()));
+    }
+    let dim = gate.len() / experts;
+    if dim % 8 != 0 {
+        return Err(Error::InvalidArgument(format!("router: dim {dim} must be a multiple of 8 (16-byte loads)")));
+    }
+    // Grid z (token groups) is limited to 65535; element offsets of hidden and logits to i32.
+    if tokens.div_ceil(TOKEN_GROUP) > 65535 || tokens * experts.max(dim) > i32::MAX as usize {
+        return Err(Error::InvalidArgument(format!("router: {tokens} tokens is too many for one launch")));
+    }
+    check_len("router hidden", hidden.len(), tokens * dim)?;
+    if (workspace.tokens, workspace.experts, workspace.dim) != (tokens, experts, dim) {
+        return Err(Error::shape(
+            "router workspace [tokens, experts, dim]",
+            format!("[{tokens}, {experts}, {dim}]"),
+            format!("[{}, {}, {}]", workspace.tokens, workspace.experts, workspace.dim),
+        ));
+    }
+    if (out.tokens, out.k, out.alignment.tile_m) != (tokens, config.k, config.tile_m) {
+        return Err(Error::shape("router outputs [tokens, k, tile_m]", format!("[{tokens}, {}, {}]", config.k, config.tile_m), format!("[{}, {}, {}]", out.tokens, out.k, out.alignment.tile_m)));
+    }
+    check_len("router topk_ids", out.topk_ids.len(), tokens * config.k)?;
+    check_len("router topk_weights", out.topk_weights.len(), tokens * config.k)?;
+    let align = out.alignment.params(&out.topk_ids, map)?;
+    if tokens == 0 {
+        return launch_align(hidden.device(), align);
+    }
+    let experts_per_block = experts_per_block(tokens);
+    let params = RouterParams {
+        hidden: hidden.ptr(),
+        gate: gate.ptr(),
+        partials: workspace.partials.mut_ptr(),
+        logits: workspace.logits.mut_ptr(),
+        experts_per_block: experts_per_block as i32,
+        counters: workspace.counters.mut_ptr(),
+        topk_ids: out.topk_ids.mut_ptr(),
+        topk_weights: out.topk_weights.mut_ptr(),
+        tokens: tokens as i32,
+        dim: dim as i32,
+        experts: experts as i32,
+        k: config.k as i32,
+        routed_scale: config.routed_scale,
+        align,
+    };
+    let grid = Dim3::xyz(dim.div_ceil(SLICE) as u32, experts.div_ceil(experts_per_block) as u32, tokens.div_ceil(TOKEN_GROUP) as u32);
+    launch_with(hidden.device(), &ROUTER_TOPK, &LaunchConfig { grid, block: Dim3::x(THREADS), shared_bytes: 0 }, &params)
+}
+
+/// The alignment alone, from `topk_ids [tokens * k]` computed elsewhere.
+pub fn moe_align(topk_ids: &DeviceBuffer<i32>, map: &ExpertMap, tile_m: usize) -> Result<Alignment> {
+    let alignment = Alignment::alloc(topk_ids.device(), topk_ids.len(), map.local_experts, tile_m)?;
+    moe_align_into(topk_ids, map, &alignment)?;
+    Ok(alignment)
+}
+
+/// [`moe_align`] into preallocated outputs.
+pub fn moe_align_into(topk_ids: &DeviceBuffer<i32>, map: &ExpertMap, out: &Alignment) -> Result<()> {
+    check_tile_m(out.tile_m)?;
+    launch_align(topk_ids.device(), out.params(topk_ids, map)?)
+}
+
+fn launch_align(device: &Device, params: MoeAlignParams) -> Result<()> {
+    let config = LaunchConfig { grid: Dim3::x(1), block: Dim3::x(THREADS), shared_bytes: 0 };
+    launch_with(device, &MOE_ALIGN, &config, &params)
+}
+
+fn check_config(experts: usize, config: &RouterConfig) -> Result<()> {
+    if experts == 0 || experts > MAX_EXPERTS {
+        return Err(Error::InvalidArgument(format!("router: {experts} experts (1..={MAX_EXPERTS})")));
+    }
+    if config.k == 0 || config.k > MAX_K || config.k > experts {
+        return Err(Error::InvalidArgument(format!("router: k = {} must be in 1..={} and <= {experts} experts", config.k, MAX_K)));
+    }
+    if !config.routed_scale.is_finite() {
+        return Err(Error::InvalidArgument(format!("router: routed_scale {}", config.routed_scale)));
+    }
+    check_tile_m(config.tile_m)
+}
+
+fn check_tile_m(tile_m: usize) -> Result<()> {
+    if !tile_m.is_power_of_two() || tile_m > MAX_TILE_M {
+        return Err(Error::InvalidArgument(format!("tile_m {tile_m} must be a power of two in 1..={MAX_TILE_M}")));
+    }
+    Ok(())
+}
+
+fn check_len(what: &str, len: usize, expected: usize) -> Result<()> {
+    if len != expected {
+        return Err(Error::shape(what, expected, len));
+    }
+    Ok(())
+}

@@ -85,7 +85,60 @@ typedef struct RouterParams {
 } RouterParams;
 
 /* ---- moe_gemm.cu: grouped expert GEMMs (bf16, FP8, INT4, NVFP4 weights) -------------------------------------------- */
-/* (structs of this family go here) */
+
+/* One grouped GEMM launch: for every row of a group (a (token, expert) pair, or a plain row in dense mode),
+ * y[row, n] = sum_k x[src(row), k] * W_e[n, k] for the n of this block, with W_e the row's expert's weights in the
+ * repacked fragment layout (src/quant/repack.rs). Epilogue: optional per-row scale, then either SwiGLU
+ * (act[row, h] = silu(y[gate h]) * y[up h], rows interleaved by the repack) or a plain store, optionally times the
+ * pair's routing weight.
+ *
+ * Grouped mode (sorted_pairs != null): rows are the aligner's padded slots; slot r holds pair sorted_pairs[r]
+ * (-1 = padding), tile r / tile_m belongs to expert tile_experts[...]; *num_padded slots are in use.
+ * Dense mode (sorted_pairs == null): dense_rows rows, slot r = pair r = token r, expert 0. */
+typedef struct MoeGemmParams {
+    const unsigned char *weights;  /* repacked weights; expert e starts at weights + e * expert_stride */
+    const float *row_scales;       /* [experts, rows_padded] multiplier per output row (fp8 per-tensor scale, 1/nvfp4 global), or null */
+    const float *block_scales;     /* fp8 block-128: [experts, rows_padded / 8, k_dim / 128] */
+    const bf16 *group_scales;      /* int4: [experts, rows_padded, k_dim / group] */
+    const unsigned char *group_zeros; /* int4 zero points (same shape), or null for symmetric (zero point 8) */
+    const unsigned char *fp4_scales;  /* nvfp4: e4m3 [experts, rows_padded, k_dim / 16] */
+    const bf16 *x;                 /* input rows, x_stride elements apart */
+    bf16 *out_bf16;                /* bf16 output (SwiGLU act or dense y), out_stride elements per row; or null */
+    float *out_f32;                /* f32 output (per-pair expert output), out_stride elements per row; or null */
+    const int *sorted_pairs;       /* grouped mode: [capacity] pair per slot, -1 = padding; null = dense mode */
+    const int *tile_experts;       /* [capacity / tile_m] local expert per tile, -1 past the end */
+    const int *expert_offsets;     /* [experts + 1] first slot of each expert (multiples of tile_m) */
+    const int *num_padded;         /* [1] slots in use */
+    const float *pair_weights;     /* [pairs] routing weight multiplied into the output, or null */
+    long long expert_stride;       /* bytes of repacked weights per expert */
+    int x_stride;
+    int out_stride;
+    int k_dim;                     /* reduction length (multiple of 64) */
+    int rows_padded;               /* weight rows in the repacked layout (multiple of 128) */
+    int out_cols;                  /* real output columns (SwiGLU: the hidden size) */
+    int dense_rows;                /* dense mode: number of rows */
+    int capacity_tiles;            /* grouped mode: tiles in tile_experts */
+    int top_k;                     /* pair p = token * top_k + j */
+    int tile_m;                    /* the aligner's tile (divides the kernel's pair tile) */
+    int group;                     /* int4 group size along k (multiple of 64) */
+    int swiglu;                    /* 1: SwiGLU epilogue */
+    int in_by_token;               /* 1: input row = pair / top_k (x is [tokens, k_dim]); 0: input row = slot */
+    int out_by_pair;               /* 1: output row = pair; 0: output row = slot */
+} MoeGemmParams;
+
+/* out[t, :] = bf16(shared_out[t, :] + sum_j pair_out[t * top_k + j, :]) over the j whose expert is computed on this
+ * GPU (topk_ids >= 0 and expert_map[id] >= 0), in increasing j: deterministic, no atomics. */
+typedef struct MoeCombineParams {
+    const float *pair_out;         /* [tokens * top_k, dim] f32, routing weight already applied */
+    const float *shared_out;       /* [tokens, dim] f32 or null */
+    const int *topk_ids;           /* [tokens * top_k] global expert ids */
+    const int *expert_map;         /* [experts] global -> local expert, -1 = another GPU; null = all local */
+    bf16 *out;                     /* [tokens, dim] */
+    int tokens;
+    int top_k;
+    int dim;
+    int experts;
+} MoeCombineParams;
 
 /* ---- dequant.cu: standalone FP8 / INT4 / NVFP4 -> bf16 ------------------------------------------------------------- */
 /* Each kernel writes out[rows, cols] bf16 (row-major) from one weight matrix stored exactly as src/quant/matrix.rs

@@ -2,6 +2,7 @@
 //! arguments (typed errors), fills the bindgen parameter struct and launches through any `Backend`.
 
 pub mod dequant;
+pub mod moe;
 pub mod norm;
 pub mod ops;
 pub mod router;

@@ -10,6 +10,7 @@ mod minifloat;
 pub mod fp4;
 pub mod fp8;
 pub mod matrix;
+pub mod repack;
 
 use std::fmt;
 use std::str::FromStr;

@@ -1,0 +1,384 @@
+// Grouped expert GEMM (and the dense GEMM, which is one group) with tensor cores, plus the deterministic MoE combine.
+//
+// Computes, for each row (a (token, expert) pair in grouped mode, a token in dense mode) and each output column n of
+// the row's expert e:  y[row, n] = sum_k x[src(row), k] * W_e[n, k]  with the weights dequantised to bf16 in registers.
+//
+// Operand roles ("swap A/B"): the WEIGHTS are the mma A operand (16 output features fill the M dimension of
+// mma.m16n8k16) and the pairs are the B operand (8 pairs per N fragment). A decode step with 1-8 tokens per expert
+// therefore still issues full-width tensor-core work per weight fragment and the weights stream once; a prefill tile
+// reuses each weight fragment across its NF pair fragments. The same code serves both, with two tile shapes.
+//
+// Tiling: a block of 4 warps owns BM = 4 * MF * 16 output features and BN = NF * 8 pair slots; each warp owns MF
+// 16-row weight tiles and all BN slots. K advances in steps of 64 through a STAGES-deep cp.async ring in shared memory:
+// weights (already in fragment order, copied verbatim: no ldmatrix needed, each lane reads its own 16-byte chunk) and
+// the gathered activations (rows picked by the grouping, XOR-swizzled 16-byte chunks, read with ldmatrix.x4).
+// Dequantisation (fp8 / int4 / nvfp4 -> bf16) happens on the fragment in registers right before mma.sync.
+//
+// Grouping: block y is a tile of tile_m slots; a block whose tile is not the first of a BN-slot group of its expert
+// exits at once, so an expert with up to BN pairs streams its weights exactly once (decode: tile_m 8, BN 32).
+//
+// Bytes (per expert touched): its weights once per BN pairs (bf16 2, fp8 1, 4-bit 0.5 byte per element, plus scales),
+// the pairs' activation rows once per block column, the outputs once. FLOPs: 2 * pairs * K * N.
+#include "params.h"
+#include "common.cuh"
+#include "quant.cuh"
+
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kBK = 64;                 // k per pipeline stage
+constexpr int kStepsPerStage = kBK / 16; // mma k-steps per stage
+constexpr int kXRowBytes = kBK * 2;     // one gathered activation row of a stage (bf16)
+
+enum class Format { Bf16, Fp8, Fp8Block, Int4, Nvfp4 };
+
+// ---- small device helpers ------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t smem_addr(const void *p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void cp_async_16(void *dst, const void *src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void *p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+
+// c += a * b for one 16x8x16 bf16 tile, f32 accumulators.
+__device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t *>(&v);
+}
+
+// ---- weight formats: bytes per 16x64 tile, per-stage scales, fragment dequantisation --------------------------------
+//
+// Fragment layout (src/quant/repack.rs writes it): for each 16-row tile and each 64-k block, lane l owns 16-byte
+// chunks at (chunk * 32 + l) * 16. Within a k-step of 16, lane (g = l / 4, t = l % 4) holds the mma A elements in the
+// order (g, 2t) (g, 2t+1) (g+8, 2t) (g+8, 2t+1) (g, 2t+8) (g, 2t+9) (g+8, 2t+8) (g+8, 2t+9). bf16: one chunk per
+// k-step; fp8: one chunk per two k-steps (8 bytes each); 4-bit: one chunk per stage (4 bytes = 8 nibbles per k-step,
+// low nibble first).
+
+template <Format F> struct WeightFormat;
+
+template <> struct WeightFormat<Format::Bf16> {
+    static constexpr int kTileBytes = 16 * kBK * 2;
+    struct Scales {};
+    __device__ static Scales load_scales(const MoeGemmParams &, int, int, int, int) { return {}; }
+    __device__ static void fragment(const uint32_t *raw, int ks, const Scales &, uint32_t a[4]) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[i] = raw[ks * 4 + i];
+    }
+};
+
+// Per-tensor fp8: e4m3 is a subset of bf16, so the fragment is exact and the scale is applied per row in the epilogue.
+template <> struct WeightFormat<Format::Fp8> {
+    static constexpr int kTileBytes = 16 * kBK;
+    struct Scales {};
+    __device__ static Scales load_scales(const MoeGemmParams &, int, int, int, int) { return {}; }
+    __device__ static void fragment(const uint32_t *raw, int ks, const Scales &, uint32_t a[4]) {
+#pragma unroll
+        for (int w = 0; w < 2; ++w) {
+            float v[4];
+            e4m3x4_to_f32(raw[ks * 2 + w], v);
+            a[2 * w] = pack_bf16x2(v[0], v[1]);
+            a[2 * w + 1] = pack_bf16x2(v[2], v[3]);
+        }
+    }
+};
+
+// fp8 with a scale per 128x128 block: the lane's rows g and g+8 lie in 8-row groups 2*tile and 2*tile+1 (the SwiGLU
+// interleave may draw them from different matrices), one f32 each per 128 k.
+template <> struct WeightFormat<Format::Fp8Block> {
+    static constexpr int kTileBytes = 16 * kBK;
+    struct Scales { float row_g, row_g8; };
+    __device__ static Scales load_scales(const MoeGemmParams &p, int expert, int tile, int kb, int) {
+        const int kblocks = p.k_dim / 128;
+        const float *s = p.block_scales + ((long)expert * (p.rows_padded / 8) + 2 * tile) * kblocks + (kb * kBK) / 128;
+        return {s[0], s[kblocks]};
+    }
+    __device__ static void fragment(const uint32_t *raw, int ks, const Scales &s, uint32_t a[4]) {
+#pragma unroll
+        for (int w = 0; w < 2; ++w) {
+            float v[4];
+            e4m3x4_to_f32(raw[ks * 2 + w], v);
+            a[2 * w] = pack_bf16x2(v[0] * s.row_g, v[1] * s.row_g);
+            a[2 * w + 1] = pack_bf16x2(v[2] * s.row_g8, v[3] * s.row_g8);
+        }
+    }
+};
+
+// int4 group-wise: w = (q - zero) * scale, scale bf16 and zero 0..15 per (row, group); symmetric uses zero 8.
+template <> struct WeightFormat<Format::Int4> {
+    static constexpr int kTileBytes = 16 * kBK / 2;
+    struct Scales { float scale_g, scale_g8, zero_g, zero_g8; };
+    __device__ static Scales load_scales(const MoeGemmParams &p, int expert, int tile, int kb, int g) {
+        const int groups = p.k_dim / p.group;
+        const long row = (long)expert * p.rows_padded + tile * 16 + g;
+        const long at = row * groups + (kb * kBK) / p.group, at8 = at + 8L * groups;
+        Scales s;
+        s.scale_g = __bfloat162float(p.group_scales[at]);
+        s.scale_g8 = __bfloat162float(p.group_scales[at8]);
+        s.zero_g = p.group_zeros ? (float)p.group_zeros[at] : 8.f;
+        s.zero_g8 = p.group_zeros ? (float)p.group_zeros[at8] : 8.f;
+        return s;
+    }
+    __device__ static void fragment(const uint32_t *raw, int ks, const Scales &s, uint32_t a[4]) {
+        float q[8];
+        int4x8_to_f32(raw[ks], 0.f, q);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            // byte j = elements 2j, 2j+1; j = 0, 2 are row g and j = 1, 3 row g+8.
+            const float zero = (j & 1) ? s.zero_g8 : s.zero_g, scale = (j & 1) ? s.scale_g8 : s.scale_g;
+            a[j] = pack_bf16x2((q[2 * j] - zero) * scale, (q[2 * j + 1] - zero) * scale);
+        }
+    }
+};
+
+// NVFP4: w = e2m1 * e4m3 scale per 16 k (exact in bf16); the global divisor is a per-row scale in the epilogue.
+template <> struct WeightFormat<Format::Nvfp4> {
+    static constexpr int kTileBytes = 16 * kBK / 2;
+    struct Scales { uint32_t row_g, row_g8; };  // four e4m3 bytes each: one per k-step of the stage
+    __device__ static Scales load_scales(const MoeGemmParams &p, int expert, int tile, int kb, int g) {
+        const int per_row = p.k_dim / 16;
+        const long row = (long)expert * p.rows_padded + tile * 16 + g;
+        const unsigned char *s = p.fp4_scales + row * per_row + kb * (kBK / 16);
+        return {*reinterpret_cast<const uint32_t *>(s), *reinterpret_cast<const uint32_t *>(s + 8L * per_row)};
+    }
+    __device__ static void fragment(const uint32_t *raw, int ks, const Scales &s, uint32_t a[4]) {
+        const float scale_g = e4m3_to_f32(s.row_g >> (8 * ks)), scale_g8 = e4m3_to_f32(s.row_g8 >> (8 * ks));
+        float v[8];
+        e2m1x8_to_f32(raw[ks], v);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const float scale = (j & 1) ? scale_g8 : scale_g;
+            a[j] = pack_bf16x2(v[2 * j] * scale, v[2 * j + 1] * scale);
+        }
+    }
+};
+
+// ---- the kernel body -------------------------------------------------------------------------------------------------
+
+template <Format F, int MF, int NF, int STAGES>
+__device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
+    using W = WeightFormat<F>;
+    constexpr int BM = kWarps * MF * 16;
+    constexpr int BN = NF * 8;
+    constexpr int kWStage = kWarps * MF * W::kTileBytes;
+    constexpr int kXStage = BN * kXRowBytes;
+    constexpr int kRawWords = W::kTileBytes / 32 / 4;  // per lane per tile per stage
+    static_assert(NF % 2 == 0, "ldmatrix.x4 loads two pair fragments at a time");
+
+    extern __shared__ __align__(128) unsigned char smem[];
+    unsigned char *w_smem = smem;
+    unsigned char *x_smem = smem + STAGES * kWStage;
+    int *slot_pair = reinterpret_cast<int *>(x_smem + STAGES * kXStage);
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t = lane & 3;
+
+    // Which rows (slots) and expert this block computes.
+    int expert, slot_begin, slot_end;
+    if (p.sorted_pairs != nullptr) {
+        const int tile = blockIdx.y;
+        if (tile >= p.capacity_tiles || tile * p.tile_m >= *p.num_padded) return;
+        expert = p.tile_experts[tile];
+        if (expert < 0) return;
+        const int first_slot = p.expert_offsets[expert];
+        slot_begin = tile * p.tile_m;
+        // Only the first tile of each BN-slot group of this expert works; the group shares one pass over the weights.
+        if ((slot_begin - first_slot) % BN != 0) return;
+        slot_end = min(slot_begin + BN, p.expert_offsets[expert + 1]);
+    } else {
+        expert = 0;
+        slot_begin = blockIdx.y * BN;
+        if (slot_begin >= p.dense_rows) return;
+        slot_end = min(slot_begin + BN, p.dense_rows);
+    }
+    const int slots = slot_end - slot_begin;
+    const int active_nf = (slots + 7) / 8;  // pair fragments with at least one slot (uniform over the block)
+
+    for (int s = tid; s < BN; s += kThreads) {
+        int pair = -1;
+        if (s < slots) pair = p.sorted_pairs != nullptr ? p.sorted_pairs[slot_begin + s] : slot_begin + s;
+        slot_pair[s] = pair;
+    }
+    __syncthreads();
+
+    // Padding slots read zeros: written once into every stage, never touched by cp.async.
+    for (int i = tid; i < STAGES * BN * (kXRowBytes / 16); i += kThreads) {
+        const int row = (i / (kXRowBytes / 16)) % BN;
+        if (slot_pair[row] < 0) reinterpret_cast<uint4 *>(x_smem)[i] = make_uint4(0, 0, 0, 0);
+    }
+
+    const int first_tile = blockIdx.x * (BM / 16);
+    const int k_blocks = p.k_dim / kBK;
+    const unsigned char *w_expert = p.weights + (long long)expert * p.expert_stride;
+
+    auto load_stage = [&](int stage, int kb) {
+        unsigned char *w_dst = w_smem + stage * kWStage;
+        constexpr int kChunksPerTile = W::kTileBytes / 16;
+        for (int i = tid; i < kWarps * MF * kChunksPerTile; i += kThreads) {
+            const int tile = i / kChunksPerTile, chunk = i % kChunksPerTile;
+            const unsigned char *src = w_expert + ((long long)(first_tile + tile) * k_blocks + kb) * W::kTileBytes + chunk * 16;
+            cp_async_16(w_dst + tile * W::kTileBytes + chunk * 16, src);
+        }
+        unsigned char *x_dst = x_smem + stage * kXStage;
+        for (int i = tid; i < BN * 8; i += kThreads) {
+            const int row = i >> 3, chunk = i & 7;
+            const int pair = slot_pair[row];
+            if (pair < 0) continue;
+            const long src_row = p.in_by_token ? pair / p.top_k : slot_begin + row;
+            cp_async_16(x_dst + row * kXRowBytes + ((chunk ^ (row & 7)) << 4), p.x + src_row * p.x_stride + kb * kBK + chunk * 8);
+        }
+    };
+
+    float acc[MF][NF][4];
+#pragma unroll
+    for (int m = 0; m < MF; ++m)
+#pragma unroll
+        for (int f = 0; f < NF; ++f)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[m][f][i] = 0.f;
+
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < k_blocks) load_stage(s, s);
+        cp_async_commit();
+    }
+
+    for (int kb = 0; kb < k_blocks; ++kb) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();  // stage kb visible to all; stage (kb - 1) % STAGES no longer read by anyone
+        if (kb + STAGES - 1 < k_blocks) load_stage((kb + STAGES - 1) % STAGES, kb + STAGES - 1);
+        cp_async_commit();
+
+        const int stage = kb % STAGES;
+        const unsigned char *x_stage = x_smem + stage * kXStage;
+#pragma unroll
+        for (int m = 0; m < MF; ++m) {
+            const int tile = warp * MF + m;
+            const typename W::Scales scales = W::load_scales(p, expert, first_tile + tile, kb, g);
+            uint32_t raw[kRawWords];
+            const unsigned char *w_tile = w_smem + stage * kWStage + tile * W::kTileBytes;
+#pragma unroll
+            for (int c = 0; c < kRawWords / 4; ++c) {
+                const uint4 v = *reinterpret_cast<const uint4 *>(w_tile + (c * 32 + lane) * 16);
+                raw[4 * c] = v.x, raw[4 * c + 1] = v.y, raw[4 * c + 2] = v.z, raw[4 * c + 3] = v.w;
+            }
+#pragma unroll
+            for (int ks = 0; ks < kStepsPerStage; ++ks) {
+                uint32_t a[4];
+                W::fragment(raw, ks, scales, a);
+#pragma unroll
+                for (int f = 0; f < NF; f += 2) {
+                    if (f >= active_nf) break;
+                    // Matrices: (frag f, k lo) (f, k hi) (f+1, k lo) (f+1, k hi); lane l addresses row l % 8 of matrix l / 8.
+                    const int row = (f + (lane >> 4)) * 8 + (lane & 7);
+                    const int chunk = 2 * ks + ((lane >> 3) & 1);
+                    uint32_t b[4];
+                    ldmatrix_x4(b, x_stage + row * kXRowBytes + ((chunk ^ (row & 7)) << 4));
+                    mma_bf16(acc[m][f], a, b[0], b[1]);
+                    if (f + 1 < active_nf) mma_bf16(acc[m][f + 1], a, b[2], b[3]);
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();
+
+    // Epilogue. Accumulator c0,c1 = (feature g, slots 2t, 2t+1), c2,c3 = (feature g+8, same slots).
+#pragma unroll
+    for (int m = 0; m < MF; ++m) {
+        const int tile = first_tile + warp * MF + m;
+        const int feature = tile * 16 + g;
+        float scale_g = 1.f, scale_g8 = 1.f;
+        if (p.row_scales != nullptr) {
+            const float *rs = p.row_scales + (long)expert * p.rows_padded;
+            scale_g = rs[feature], scale_g8 = rs[feature + 8];
+        }
+#pragma unroll
+        for (int f = 0; f < NF; ++f) {
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int slot = f * 8 + 2 * t + half;
+                if (slot >= slots) continue;
+                const int pair = slot_pair[slot];
+                if (pair < 0) continue;
+                const float v_g = acc[m][f][half] * scale_g, v_g8 = acc[m][f][2 + half] * scale_g8;
+                if (p.swiglu) {
+                    // The repack interleaves 8 gate rows and the 8 matching up rows in every 16-row tile.
+                    const int h = tile * 8 + g;
+                    if (h < p.out_cols) {
+                        const float act = v_g / (1.f + __expf(-v_g)) * v_g8;
+                        p.out_bf16[(long)(slot_begin + slot) * p.out_stride + h] = __float2bfloat16(act);
+                    }
+                    continue;
+                }
+                const long out_row = p.out_by_pair ? pair : slot_begin + slot;
+                const float weight = p.pair_weights != nullptr ? p.pair_weights[pair] : 1.f;
+                if (p.out_f32 != nullptr) {
+                    float *o = p.out_f32 + out_row * p.out_stride;
+                    if (feature < p.out_cols) o[feature] = v_g * weight;
+                    if (feature + 8 < p.out_cols) o[feature + 8] = v_g8 * weight;
+                } else {
+                    bf16 *o = p.out_bf16 + out_row * p.out_stride;
+                    if (feature < p.out_cols) o[feature] = __float2bfloat16(v_g * weight);
+                    if (feature + 8 < p.out_cols) o[feature + 8] = __float2bfloat16(v_g8 * weight);
+                }
+            }
+        }
+    }
+}
+
+}  // namespace
+
+// Two tile shapes: "small" for decode (BM 64 features, BN 32 slots, 4 stages: many blocks along the features so few
+// pairs still stream the weights at full width) and "tiled" for prefill (BM 128, BN 64, 3 stages).
+#define MOE_GEMM_KERNELS(NAME, FORMAT)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(kThreads) moe_gemm_##NAME##_small(const MoeGemmParams p) {              \
+        grouped_gemm<FORMAT, 1, 4, 4>(p);                                                                                  \
+    }                                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(kThreads) moe_gemm_##NAME##_tiled(const MoeGemmParams p) {              \
+        grouped_gemm<FORMAT, 2, 8, 3>(p);                                                                                  \
+    }
+
+MOE_GEMM_KERNELS(bf16, Format::Bf16)
+MOE_GEMM_KERNELS(fp8, Format::Fp8)
+MOE_GEMM_KERNELS(fp8_block, Format::Fp8Block)
+MOE_GEMM_KERNELS(int4, Format::Int4)
+MOE_GEMM_KERNELS(nvfp4, Format::Nvfp4)
+
+// out[t] = bf16(shared_out[t] + sum_j pair_out[t*k + j]) for the locally computed j, in increasing j.
+// Thread mapping: one block per token, threads stride over the columns 4 at a time (float4).
+// Bytes: reads (k + 1) * dim * 4, writes dim * 2 per token. No atomics: bit-identical across runs.
+extern "C" __global__ void moe_combine(const MoeCombineParams p) {
+    const int token = blockIdx.x;
+    if (token >= p.tokens) return;
+    for (int col = threadIdx.x * 4; col < p.dim; col += blockDim.x * 4) {
+        float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (p.shared_out != nullptr) sum = *reinterpret_cast<const float4 *>(p.shared_out + (long)token * p.dim + col);
+        for (int j = 0; j < p.top_k; ++j) {
+            const int pair = token * p.top_k + j;
+            const int id = p.topk_ids[pair];
+            if (id < 0 || id >= p.experts || (p.expert_map != nullptr && p.expert_map[id] < 0)) continue;
+            const float4 v = *reinterpret_cast<const float4 *>(p.pair_out + (long)pair * p.dim + col);
+            sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
+        }
+        __nv_bfloat162 lo = __floats2bfloat162_rn(sum.x, sum.y), hi = __floats2bfloat162_rn(sum.z, sum.w);
+        uint2 packed = make_uint2(*reinterpret_cast<uint32_t *>(&lo), *reinterpret_cast<uint32_t *>(&hi));
+        *reinterpret_cast<uint2 *>(p.out + (long)token * p.dim + col) = packed;
+    }
+}

@@ -1,0 +1,472 @@
+//! Grouped expert GEMMs and the dense GEMM (`cuda/moe_gemm.cu`): weights uploaded from [`PackedWeights`], the fused
+//! up-projection with SwiGLU, the down-projection times the routing weight, the deterministic combine, and one
+//! function that runs a whole MoE layer from the router's outputs and grouping.
+
+use half::bf16;
+
+use super::modules::MOE_GEMM;
+use super::params::{MoeCombineParams, MoeGemmParams};
+use crate::device::{launch_with, Device, DeviceBuffer, Dim3, Kernel, LaunchConfig};
+use crate::error::{Error, Result};
+use crate::quant::repack::{tile_bytes, PackedWeights};
+use crate::quant::WeightFormat;
+
+const WARPS: usize = 4;
+/// Bytes of one gathered activation row of a 64-k stage.
+const X_ROW_BYTES: usize = 128;
+
+/// The two tile shapes compiled for every format (see `cuda/moe_gemm.cu`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TileShape {
+    /// Decode: 64 features x 32 pair slots, 4 stages.
+    Small,
+    /// Prefill: 128 features x 64 pair slots, 3 stages.
+    Tiled,
+}
+
+impl TileShape {
+    fn weight_tiles_per_warp(self) -> usize {
+        match self {
+            Self::Small => 1,
+            Self::Tiled => 2,
+        }
+    }
+    /// Pair slots per block (BN).
+    fn slots(self) -> usize {
+        match self {
+            Self::Small => 32,
+            Self::Tiled => 64,
+        }
+    }
+    fn stages(self) -> usize {
+        match self {
+            Self::Small => 4,
+            Self::Tiled => 3,
+        }
+    }
+    /// Output features per block (BM).
+    fn features(self) -> usize {
+        WARPS * self.weight_tiles_per_warp() * 16
+    }
+    fn shared_bytes(self, format: WeightFormat) -> usize {
+        let w_stage = WARPS * self.weight_tiles_per_warp() * tile_bytes(format);
+        self.stages() * (w_stage + self.slots() * X_ROW_BYTES) + self.slots() * 4
+    }
+    fn kernel(self, format: WeightFormat) -> Kernel {
+        let entry = match (format, self) {
+            (WeightFormat::Bf16, Self::Small) => "moe_gemm_bf16_small",
+            (WeightFormat::Bf16, Self::Tiled) => "moe_gemm_bf16_tiled",
+            (WeightFormat::Fp8PerTensor, Self::Small) => "moe_gemm_fp8_small",
+            (WeightFormat::Fp8PerTensor, Self::Tiled) => "moe_gemm_fp8_tiled",
+            (WeightFormat::Fp8Block128, Self::Small) => "moe_gemm_fp8_block_small",
+            (WeightFormat::Fp8Block128, Self::Tiled) => "moe_gemm_fp8_block_tiled",
+            (WeightFormat::Int4 { .. }, Self::Small) => "moe_gemm_int4_small",
+            (WeightFormat::Int4 { .. }, Self::Tiled) => "moe_gemm_int4_tiled",
+            (WeightFormat::Nvfp4, Self::Small) => "moe_gemm_nvfp4_small",
+            (WeightFormat::Nvfp4, Self::Tiled) => "moe_gemm_nvfp4_tiled",
+        };
+        Kernel { module: MOE_GEMM, entry }
+    }
+}
+
+/// The aligner's tile for a batch: 8 slots while experts see few pairs on average (decode; the small kernel covers
+/// up to 32 pairs of an expert in one pass over its weights), 64 once they see 32 or more (prefill tiles).
+pub fn moe_tile_m(tokens: usize, k: usize, experts: usize) -> usize {
+    if tokens * k >= 32 * experts.max(1) {
+        64
+    } else {
+        8
+    }
+}
+
+/// Weights of one GEMM (all experts of one projection, or one dense matrix) in device memory.
+pub struct DeviceWeights {
+    pub format: WeightFormat,
+    pub experts: usize,
+    pub out_cols: usize,
+    pub rows_padded: usize,
+    pub k_dim: usize,
+    pub swiglu: bool,
+    pub expert_stride: usize,
+    pub group: usize,
+    pub data: DeviceBuffer<u8>,
+    pub row_scales: Option<DeviceBuffer<f32>>,
+    pub block_scales: Option<DeviceBuffer<f32>>,
+    pub group_scales: Option<DeviceBuffer<bf16>>,
+    pub group_zeros: Option<DeviceBuffer<u8>>,
+    pub fp4_scales: Option<DeviceBuffer<u8>>,
+    /// Weight and scale bytes per expert (the least a GEMM touching the expert must read).
+    pub bytes_per_expert: usize,
+}
+
+fn upload<T: crate::device::DeviceElement>(device: &Device, v: &Option<Vec<T>>) -> Result<Option<DeviceBuffer<T>>> {
+    v.as_ref().map(|v| DeviceBuffer::from_slice(device, v)).transpose()
+}
+
+impl DeviceWeights {
+    pub fn upload(device: &Device, p: &PackedWeights) -> Result<Self> {
+        Ok(DeviceWeights {
+            format: p.format,
+            experts: p.experts,
+            out_cols: p.out_cols,
+            rows_padded: p.rows_padded,
+            k_dim: p.k_dim,
+            swiglu: p.swiglu,
+            expert_stride: p.expert_stride,
+            group: p.group,
+            data: DeviceBuffer::from_slice(device, &p.data)?,
+            row_scales: upload(device, &p.row_scales)?,
+            block_scales: upload(device, &p.block_scales)?,
+            group_scales: upload(device, &p.group_scales)?,
+            group_zeros: upload(device, &p.group_zeros)?,
+            fp4_scales: upload(device, &p.fp4_scales)?,
+            bytes_per_expert: p.bytes_per_expert(),
+        })
+    }
+}
+
+/// The router's grouping of pairs by local expert, on the device (contract: `reference::moe::Alignment`).
+pub struct Grouping<'a> {
+    pub sorted_pairs: &'a DeviceBuffer<i32>,
+    pub tile_experts: &'a DeviceBuffer<i32>,
+    pub expert_offsets: &'a DeviceBuffer<i32>,
+    pub num_padded: &'a DeviceBuffer<i32>,
+    pub tile_m: usize,
+}
+
+impl Grouping<'_> {
+    fn check(&self, local_experts: usize) -> Result<()> {
+        let tiles = self.tile_experts.len();
+        if self.tile_m == 0 || 64 % self.tile_m != 0 {
+            return Err(Error::InvalidArgument(format!("grouping: tile_m {} must divide 64", self.tile_m)));
+        }
+        if self.sorted_pairs.len() != tiles * self.tile_m {
+            return Err(Error::shape("grouping sorted_pairs", tiles * self.tile_m, self.sorted_pairs.len()));
+        }
+        if self.expert_offsets.len() != local_experts + 1 {
+            return Err(Error::shape("grouping expert_offsets", local_experts + 1, self.expert_offsets.len()));
+        }
+        if self.num_padded.len() != 1 {
+            return Err(Error::shape("grouping num_padded", 1, self.num_padded.len()));
+        }
+        Ok(())
+    }
+    fn capacity(&self) -> usize {
+        self.sorted_pairs.len()
+    }
+    fn shape(&self) -> TileShape {
+        if 32 % self.tile_m == 0 {
+            TileShape::Small
+        } else {
+            TileShape::Tiled
+        }
+    }
+}
+
+/// Which rows a launch computes.
+enum Rows<'a> {
+    Grouped { grouping: &'a Grouping<'a>, top_k: usize },
+    Dense { rows: usize },
+}
+
+/// Where a launch writes.
+enum Output<'a> {
+    /// SwiGLU act, bf16 [rows (slots), out_cols].
+    SwiGlu(&'a DeviceBuffer<bf16>),
+    /// Plain bf16 [rows, out_cols].
+    Bf16(&'a DeviceBuffer<bf16>),
+    /// f32 [pairs, out_cols] (indexed by pair), times the routing weight when given.
+    F32ByPair { out: &'a DeviceBuffer<f32>, pair_weights: Option<&'a DeviceBuffer<f32>> },
+}
+
+fn check_len(what: &str, len: usize, expected: usize) -> Result<()> {
+    if len != expected {
+        return Err(Error::shape(what, expected, len));
+    }
+    Ok(())
+}
+
+fn opt_ptr<T: crate::device::DeviceElement, P>(b: Option<&DeviceBuffer<T>>) -> *const P {
+    b.map_or(std::ptr::null(), |b| b.ptr())
+}
+
+fn to_i32(what: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::OutOfRange { what: what.into(), index: v as i64, limit: i32::MAX as i64 })
+}
+
+/// One launch of the grouped GEMM. `x` holds `x_rows` rows of `w.k_dim`; `in_by_token` = rows are picked by pair / k.
+fn launch_gemm(w: &DeviceWeights, x: &DeviceBuffer<bf16>, x_rows: usize, in_by_token: bool, rows: Rows, output: Output) -> Result<()> {
+    check_len("gemm x", x.len(), x_rows * w.k_dim)?;
+    let swiglu = matches!(output, Output::SwiGlu(_));
+    if swiglu != w.swiglu {
+        return Err(Error::InvalidArgument(format!(
+            "gemm: weights packed {} SwiGLU interleave but the launch {} it",
+            if w.swiglu { "with" } else { "without" },
+            if swiglu { "wants" } else { "does not want" }
+        )));
+    }
+    let (shape, grid_y, top_k, grouping) = match rows {
+        Rows::Grouped { grouping, top_k } => {
+            grouping.check(w.experts)?;
+            if top_k == 0 {
+                return Err(Error::InvalidArgument("gemm: top_k 0".into()));
+            }
+            (grouping.shape(), grouping.tile_experts.len(), top_k, Some(grouping))
+        }
+        Rows::Dense { rows } => {
+            if w.experts != 1 {
+                return Err(Error::InvalidArgument(format!("dense gemm: weights hold {} matrices, expected 1", w.experts)));
+            }
+            let shape = if rows <= TileShape::Small.slots() { TileShape::Small } else { TileShape::Tiled };
+            (shape, super::blocks_for(rows, shape.slots()) as usize, 1, None)
+        }
+    };
+    // Rows of the output in slots (grouped) or rows (dense).
+    let out_rows = grouping.map_or(x_rows, |g| g.capacity());
+    let (out_bf16, out_f32, pair_weights, out_by_pair) = match output {
+        Output::SwiGlu(act) => {
+            check_len("gemm SwiGLU act", act.len(), out_rows * w.out_cols)?;
+            (act.mut_ptr(), std::ptr::null_mut(), std::ptr::null(), false)
+        }
+        Output::Bf16(y) => {
+            check_len("gemm y", y.len(), out_rows * w.out_cols)?;
+            (y.mut_ptr(), std::ptr::null_mut(), std::ptr::null(), false)
+        }
+        Output::F32ByPair { out, pair_weights } => {
+            if out.len() % w.out_cols.max(1) != 0 {
+                return Err(Error::shape("gemm pair output", format!("[pairs, {}]", w.out_cols), out.len()));
+            }
+            let pairs = out.len() / w.out_cols;
+            if let Some(pw) = pair_weights {
+                check_len("gemm pair weights", pw.len(), pairs)?;
+            }
+            if grouping.is_none() {
+                check_len("dense gemm f32 y", out.len(), x_rows * w.out_cols)?;
+            }
+            (std::ptr::null_mut(), out.mut_ptr(), opt_ptr(pair_weights), true)
+        }
+    };
+    if grid_y == 0 {
+        return Ok(());
+    }
+    let params = MoeGemmParams {
+        weights: w.data.ptr(),
+        row_scales: opt_ptr(w.row_scales.as_ref()),
+        block_scales: opt_ptr(w.block_scales.as_ref()),
+        group_scales: opt_ptr(w.group_scales.as_ref()),
+        group_zeros: opt_ptr(w.group_zeros.as_ref()),
+        fp4_scales: opt_ptr(w.fp4_scales.as_ref()),
+        x: x.ptr(),
+        out_bf16,
+        out_f32,
+        sorted_pairs: opt_ptr(grouping.map(|g| g.sorted_pairs)),
+        tile_experts: opt_ptr(grouping.map(|g| g.tile_experts)),
+        expert_offsets: opt_ptr(grouping.map(|g| g.expert_offsets)),
+        num_padded: opt_ptr(grouping.map(|g| g.num_padded)),
+        pair_weights,
+        expert_stride: w.expert_stride as i64,
+        x_stride: to_i32("gemm k_dim", w.k_dim)?,
+        out_stride: to_i32("gemm out_cols", w.out_cols)?,
+        k_dim: to_i32("gemm k_dim", w.k_dim)?,
+        rows_padded: to_i32("gemm rows", w.rows_padded)?,
+        out_cols: to_i32("gemm out_cols", w.out_cols)?,
+        dense_rows: to_i32("gemm rows", if grouping.is_none() { x_rows } else { 0 })?,
+        capacity_tiles: to_i32("gemm tiles", grid_y)?,
+        top_k: to_i32("gemm top_k", top_k)?,
+        tile_m: to_i32("gemm tile_m", grouping.map_or(shape.slots(), |g| g.tile_m))?,
+        group: to_i32("gemm group", w.group)?,
+        swiglu: swiglu as i32,
+        in_by_token: in_by_token as i32,
+        out_by_pair: out_by_pair as i32,
+    };
+    let config = LaunchConfig {
+        grid: Dim3::xy((w.rows_padded / shape.features()) as u32, grid_y as u32),
+        block: Dim3::x((WARPS * 32) as u32),
+        shared_bytes: shape.shared_bytes(w.format) as u32,
+    };
+    launch_with(x.device(), &shape.kernel(w.format), &config, &params)
+}
+
+/// Dense `y = x W^T` (bf16 weights or any packed format, one matrix): x [rows, k_dim] -> y [rows, out_cols] bf16.
+pub fn linear(w: &DeviceWeights, x: &DeviceBuffer<bf16>, rows: usize, y: &DeviceBuffer<bf16>) -> Result<()> {
+    launch_gemm(w, x, rows, false, Rows::Dense { rows }, Output::Bf16(y))
+}
+
+/// Up-projection of the routed experts: act[slot] = silu(x W1_e^T) * (x W3_e^T) for every slot of the grouping,
+/// x [tokens, dim], act [capacity, hidden] (padding slots are not written).
+pub fn up_swiglu(w: &DeviceWeights, x: &DeviceBuffer<bf16>, tokens: usize, top_k: usize, grouping: &Grouping, act: &DeviceBuffer<bf16>) -> Result<()> {
+    launch_gemm(w, x, tokens, true, Rows::Grouped { grouping, top_k }, Output::SwiGlu(act))
+}
+
+/// Down-projection: pair_out[p] = weight[p] * act[slot(p)] W2_e^T (f32, [tokens * k, dim]) for every routed pair.
+pub fn down(
+    w: &DeviceWeights,
+    act: &DeviceBuffer<bf16>,
+    grouping: &Grouping,
+    top_k: usize,
+    topk_weights: &DeviceBuffer<f32>,
+    pair_out: &DeviceBuffer<f32>,
+) -> Result<()> {
+    let slots = grouping.capacity();
+    launch_gemm(w, act, slots, false, Rows::Grouped { grouping, top_k }, Output::F32ByPair { out: pair_out, pair_weights: Some(topk_weights) })
+}
+
+/// out[t] = bf16(shared_out[t] + sum_j pair_out[t*k + j]) over the locally computed pairs, in fixed j order.
+#[allow(clippy::too_many_arguments)]
+pub fn combine(
+    pair_out: &DeviceBuffer<f32>,
+    shared_out: Option<&DeviceBuffer<f32>>,
+    topk_ids: &DeviceBuffer<i32>,
+    expert_map: Option<&DeviceBuffer<i32>>,
+    experts: usize,
+    out: &DeviceBuffer<bf16>,
+    tokens: usize,
+    top_k: usize,
+    dim: usize,
+) -> Result<()> {
+    if dim % 4 != 0 || dim == 0 {
+        return Err(Error::InvalidArgument(format!("moe combine: dim {dim} must be a positive multiple of 4")));
+    }
+    check_len("moe combine pair_out", pair_out.len(), tokens * top_k * dim)?;
+    check_len("moe combine topk_ids", topk_ids.len(), tokens * top_k)?;
+    check_len("moe combine out", out.len(), tokens * dim)?;
+    if let Some(s) = shared_out {
+        check_len("moe combine shared_out", s.len(), tokens * dim)?;
+    }
+    if let Some(m) = expert_map {
+        check_len("moe combine expert_map", m.len(), experts)?;
+    }
+    if tokens == 0 {
+        return Ok(());
+    }
+    let params = MoeCombineParams {
+        pair_out: pair_out.ptr(),
+        shared_out: opt_ptr(shared_out),
+        topk_ids: topk_ids.ptr(),
+        expert_map: opt_ptr(expert_map),
+        out: out.mut_ptr(),
+        tokens: to_i32("combine tokens", tokens)?,
+        top_k: to_i32("combine top_k", top_k)?,
+        dim: to_i32("combine dim", dim)?,
+        experts: to_i32("combine experts", experts)?,
+    };
+    let threads = (dim / 4).next_power_of_two().clamp(32, 256) as u32;
+    let config = LaunchConfig { grid: Dim3::x(tokens as u32), block: Dim3::x(threads), shared_bytes: 0 };
+    launch_with(out.device(), &Kernel { module: MOE_GEMM, entry: "moe_combine" }, &config, &params)
+}
+
+/// All weights of one MoE layer on the device, in one format.
+pub struct MoeLayerWeights {
+    /// Routed experts' fused w1/w3 (SwiGLU interleave), [experts] x [2 * hidden (padded), dim].
+    pub gate_up: DeviceWeights,
+    /// Routed experts' w2, [experts] x [dim (padded), hidden].
+    pub down: DeviceWeights,
+    /// The shared expert (one matrix each), or None.
+    pub shared: Option<(DeviceWeights, DeviceWeights)>,
+}
+
+impl MoeLayerWeights {
+    pub fn upload(device: &Device, gate_up: &PackedWeights, down: &PackedWeights, shared: Option<(&PackedWeights, &PackedWeights)>) -> Result<Self> {
+        if !gate_up.swiglu || down.swiglu || gate_up.experts != down.experts {
+            return Err(Error::InvalidArgument("MoeLayerWeights: gate_up must be SwiGLU-packed and match down's expert count".into()));
+        }
+        if gate_up.out_cols != down.k_dim || down.out_cols != gate_up.k_dim {
+            return Err(Error::shape("MoeLayerWeights down", format!("[{}, {}]", gate_up.k_dim, gate_up.out_cols), format!("[{}, {}]", down.out_cols, down.k_dim)));
+        }
+        let shared = match shared {
+            Some((su, sd)) => {
+                if !su.swiglu || su.experts != 1 || sd.experts != 1 || su.k_dim != gate_up.k_dim || sd.out_cols != down.out_cols || su.out_cols != sd.k_dim {
+                    return Err(Error::InvalidArgument("MoeLayerWeights: shared expert shapes do not match the routed experts".into()));
+                }
+                Some((DeviceWeights::upload(device, su)?, DeviceWeights::upload(device, sd)?))
+            }
+            None => None,
+        };
+        Ok(MoeLayerWeights { gate_up: DeviceWeights::upload(device, gate_up)?, down: DeviceWeights::upload(device, down)?, shared })
+    }
+    pub fn dim(&self) -> usize {
+        self.gate_up.k_dim
+    }
+    pub fn hidden(&self) -> usize {
+        self.gate_up.out_cols
+    }
+    pub fn experts(&self) -> usize {
+        self.gate_up.experts
+    }
+}
+
+/// Scratch buffers of a MoE layer for a batch of `tokens` tokens (allocate once, reuse every step: no allocation in a
+/// CUDA graph).
+pub struct MoeWorkspace {
+    pub tokens: usize,
+    pub top_k: usize,
+    /// [capacity, hidden]
+    pub act: DeviceBuffer<bf16>,
+    /// [tokens * k, dim]
+    pub pair_out: DeviceBuffer<f32>,
+    /// [tokens, hidden] and [tokens, dim] for the shared expert.
+    pub shared_act: DeviceBuffer<bf16>,
+    pub shared_out: DeviceBuffer<f32>,
+}
+
+impl MoeWorkspace {
+    /// `capacity` = the grouping's slot count (`reference::moe::max_padded_slots`).
+    pub fn new(device: &Device, weights: &MoeLayerWeights, tokens: usize, top_k: usize, capacity: usize) -> Result<Self> {
+        let (dim, hidden) = (weights.dim(), weights.hidden());
+        Ok(MoeWorkspace {
+            tokens,
+            top_k,
+            act: DeviceBuffer::alloc(device, capacity * hidden)?,
+            pair_out: DeviceBuffer::alloc(device, tokens * top_k * dim)?,
+            shared_act: DeviceBuffer::alloc(device, tokens * hidden)?,
+            shared_out: DeviceBuffer::alloc(device, tokens * dim)?,
+        })
+    }
+}
+
+/// The router's outputs for a batch: global expert ids and renormalised weights [tokens * k], and the expert map
+/// (global -> local, -1 = another GPU; None = all experts local).
+pub struct RoutingBuffers<'a> {
+    pub topk_ids: &'a DeviceBuffer<i32>,
+    pub topk_weights: &'a DeviceBuffer<f32>,
+    pub expert_map: Option<&'a DeviceBuffer<i32>>,
+    /// Global expert count (the range of topk_ids).
+    pub experts: usize,
+    pub top_k: usize,
+}
+
+/// One whole MoE layer: out [tokens, dim] bf16 = shared(x) + sum_j w_j expert_j(x) over the locally owned experts.
+/// Five launches: routed up (+SwiGLU), routed down (x routing weight), shared up, shared down, combine.
+pub fn moe_layer(
+    weights: &MoeLayerWeights,
+    x: &DeviceBuffer<bf16>,
+    tokens: usize,
+    routing: &RoutingBuffers,
+    grouping: &Grouping,
+    workspace: &MoeWorkspace,
+    out: &DeviceBuffer<bf16>,
+) -> Result<()> {
+    let (dim, hidden, k) = (weights.dim(), weights.hidden(), routing.top_k);
+    if tokens != workspace.tokens || k != workspace.top_k {
+        return Err(Error::InvalidArgument(format!(
+            "moe_layer: {tokens} tokens x top-{k} but the workspace holds {} x top-{}",
+            workspace.tokens, workspace.top_k
+        )));
+    }
+    check_len("moe_layer workspace act", workspace.act.len(), grouping.capacity() * hidden)?;
+    check_len("moe_layer topk_weights", routing.topk_weights.len(), tokens * k)?;
+    let pair_out = &workspace.pair_out;
+    check_len("moe_layer pair_out", pair_out.len(), tokens * k * dim)?;
+    up_swiglu(&weights.gate_up, x, tokens, k, grouping, &workspace.act)?;
+    down(&weights.down, &workspace.act, grouping, k, routing.topk_weights, pair_out)?;
+    let shared_out = match &weights.shared {
+        Some((up, dn)) => {
+            check_len("moe_layer shared workspace", workspace.shared_act.len(), tokens * hidden)?;
+            launch_gemm(up, x, tokens, false, Rows::Dense { rows: tokens }, Output::SwiGlu(&workspace.shared_act))?;
+            launch_gemm(dn, &workspace.shared_act, tokens, false, Rows::Dense { rows: tokens }, Output::F32ByPair { out: &workspace.shared_out, pair_weights: None })?;
+            Some(&workspace.shared_out)
+        }
+        None => None,
+    };
+    combine(pair_out, shared_out, routing.topk_ids, routing.expert_map, routing.experts, out, tokens, k, dim)
+}

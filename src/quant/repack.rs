@@ -1,0 +1,462 @@
+//! Repacks checkpoint weights ([out, in] row-major, per expert, or the HF stacked `gate_up_proj` / `down_proj`) into
+//! the layout `cuda/moe_gemm.cu` streams: mma.sync A fragments in lane order, so each lane loads its fragment with one
+//! 16-byte vector and the block copies whole tiles verbatim with cp.async.
+//!
+//! Layout of one expert: 16-row tiles, each split into 64-k blocks; a (tile, k block) occupies `tile_bytes` bytes in
+//! which lane l owns the 16-byte chunks at (chunk * 32 + l) * 16. Inside a k-step of 16, lane (g = l / 4, t = l % 4)
+//! holds the elements (g, 2t) (g, 2t+1) (g+8, 2t) (g+8, 2t+1) (g, 2t+8) (g, 2t+9) (g+8, 2t+8) (g+8, 2t+9)
+//! (tile-relative row, k-step-relative column). bf16: one chunk per k-step (2 bytes an element); fp8: one chunk per
+//! two k-steps (1 byte); 4-bit: one chunk per 64-k block (a nibble, low nibble = earlier element).
+//!
+//! For the fused up-projection the rows of w1 (gate) and w3 (up) are interleaved in groups of 8: tile i holds gate
+//! rows 8i..8i+8 then up rows 8i..8i+8, so the lane that accumulates gate[h] also holds up[h] (SwiGLU in registers).
+//! Rows are padded with zero weights (and zero scales) to a multiple of [`ROW_ALIGN`].
+
+use half::bf16;
+
+use super::matrix::QuantizedMatrix;
+use super::WeightFormat;
+use crate::error::{Error, Result};
+
+/// Weight rows are padded to a multiple of the largest block tile of the kernels (4 warps x 2 tiles x 16 rows).
+pub const ROW_ALIGN: usize = 128;
+/// The reduction dimension must be a multiple of the kernels' k stage.
+pub const K_ALIGN: usize = 64;
+
+/// Bits per weight element in the packed layout (scales excluded).
+pub fn packed_bits(format: WeightFormat) -> usize {
+    match format {
+        WeightFormat::Bf16 => 16,
+        WeightFormat::Fp8PerTensor | WeightFormat::Fp8Block128 => 8,
+        WeightFormat::Int4 { .. } | WeightFormat::Nvfp4 => 4,
+    }
+}
+
+/// Bytes of one 16-row x 64-k tile of the packed layout.
+pub fn tile_bytes(format: WeightFormat) -> usize {
+    16 * K_ALIGN * packed_bits(format) / 8
+}
+
+/// One checkpoint matrix [rows, cols] row-major in one of the formats, borrowed.
+#[derive(Clone, Copy, Debug)]
+pub struct MatrixRef<'a> {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: QuantData<'a>,
+}
+
+/// The storage of a [`MatrixRef`] (shapes as in `src/quant`: e4m3 bytes, nibbles packed low = even column).
+#[derive(Clone, Copy, Debug)]
+pub enum QuantData<'a> {
+    Bf16(&'a [bf16]),
+    Fp8 { data: &'a [u8], scale: f32 },
+    /// `scales` [ceil(rows / 128), ceil(cols / 128)].
+    Fp8Block { data: &'a [u8], scales: &'a [f32] },
+    /// `packed` [rows, cols / 2], `scales` [rows, cols / group], `zeros` (same shape, 0..=15) or symmetric (zero 8).
+    Int4 { packed: &'a [u8], scales: &'a [bf16], zeros: Option<&'a [u8]>, group: usize },
+    /// `packed` [rows, cols / 2], `scales` e4m3 [rows, cols / 16], W = e2m1 * scale / global_scale.
+    Nvfp4 { packed: &'a [u8], scales: &'a [u8], global_scale: f32 },
+}
+
+impl QuantData<'_> {
+    pub fn format(&self) -> WeightFormat {
+        match self {
+            Self::Bf16(_) => WeightFormat::Bf16,
+            Self::Fp8 { .. } => WeightFormat::Fp8PerTensor,
+            Self::Fp8Block { .. } => WeightFormat::Fp8Block128,
+            Self::Int4 { group, zeros, .. } => WeightFormat::Int4 { group: *group, zero_point: zeros.is_some() },
+            Self::Nvfp4 { .. } => WeightFormat::Nvfp4,
+        }
+    }
+}
+
+impl<'a> From<&'a QuantizedMatrix> for MatrixRef<'a> {
+    fn from(m: &'a QuantizedMatrix) -> Self {
+        let (rows, cols) = m.shape();
+        let data = match m {
+            QuantizedMatrix::Bf16 { data, .. } => QuantData::Bf16(data),
+            QuantizedMatrix::Fp8PerTensor(m) => QuantData::Fp8 { data: &m.data, scale: m.scale },
+            QuantizedMatrix::Fp8Block128(m) => QuantData::Fp8Block { data: &m.data, scales: &m.scales },
+            QuantizedMatrix::Int4(m) => QuantData::Int4 { packed: &m.packed, scales: &m.scales, zeros: m.zeros.as_deref(), group: m.group },
+            QuantizedMatrix::Nvfp4(m) => QuantData::Nvfp4 { packed: &m.packed, scales: &m.scales, global_scale: m.global_scale },
+        };
+        MatrixRef { rows, cols, data }
+    }
+}
+
+impl<'a> MatrixRef<'a> {
+    /// Checks every buffer length against the shape.
+    pub fn validate(&self, what: &str) -> Result<()> {
+        let (r, c) = (self.rows, self.cols);
+        let check = |name: &str, got: usize, want: usize| {
+            if got == want {
+                Ok(())
+            } else {
+                Err(Error::shape(format!("{what} {name} ({r}x{c})"), want, got))
+            }
+        };
+        if c % K_ALIGN != 0 || r == 0 {
+            return Err(Error::InvalidArgument(format!("{what}: {r}x{c} needs rows > 0 and columns a multiple of {K_ALIGN}")));
+        }
+        match self.data {
+            QuantData::Bf16(d) => check("data", d.len(), r * c),
+            QuantData::Fp8 { data, scale } => {
+                if !scale.is_finite() {
+                    return Err(Error::InvalidArgument(format!("{what}: fp8 scale {scale}")));
+                }
+                check("data", data.len(), r * c)
+            }
+            QuantData::Fp8Block { data, scales } => {
+                check("data", data.len(), r * c)?;
+                check("block scales", scales.len(), r.div_ceil(128) * c.div_ceil(128))
+            }
+            QuantData::Int4 { packed, scales, zeros, group } => {
+                if group == 0 || group % K_ALIGN != 0 || c % group != 0 {
+                    return Err(Error::InvalidArgument(format!("{what}: int4 group {group} must be a multiple of {K_ALIGN} dividing {c}")));
+                }
+                check("packed", packed.len(), r * c / 2)?;
+                check("scales", scales.len(), r * c / group)?;
+                if let Some(z) = zeros {
+                    check("zeros", z.len(), r * c / group)?;
+                    if z.iter().any(|&v| v > 15) {
+                        return Err(Error::InvalidArgument(format!("{what}: int4 zero points must be 0..=15")));
+                    }
+                }
+                Ok(())
+            }
+            QuantData::Nvfp4 { packed, scales, global_scale } => {
+                if !(global_scale.is_finite() && global_scale != 0.0) {
+                    return Err(Error::InvalidArgument(format!("{what}: nvfp4 global scale {global_scale}")));
+                }
+                check("packed", packed.len(), r * c / 2)?;
+                check("scales", scales.len(), r * c / 16)
+            }
+        }
+    }
+
+    /// The raw code of element (row, col): bf16 bits, an e4m3 byte or a nibble.
+    fn code(&self, row: usize, col: usize) -> u16 {
+        let i = row * self.cols + col;
+        match self.data {
+            QuantData::Bf16(d) => d[i].to_bits(),
+            QuantData::Fp8 { data, .. } | QuantData::Fp8Block { data, .. } => data[i] as u16,
+            QuantData::Int4 { packed, .. } | QuantData::Nvfp4 { packed, .. } => ((packed[i / 2] >> (4 * (i % 2))) & 15) as u16,
+        }
+    }
+
+    /// The per-row multiplier the kernel applies in its epilogue (per-tensor fp8 scale, 1 / nvfp4 global).
+    fn row_scale(&self) -> f32 {
+        match self.data {
+            QuantData::Fp8 { scale, .. } => scale,
+            QuantData::Nvfp4 { global_scale, .. } => 1.0 / global_scale,
+            _ => 1.0,
+        }
+    }
+}
+
+/// One expert's weights (or one dense matrix) in the kernel layout, all experts back to back.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PackedWeights {
+    pub format: WeightFormat,
+    pub experts: usize,
+    /// Real output columns of the GEMM (for SwiGLU: the hidden size, half the packed rows in use).
+    pub out_cols: usize,
+    /// Packed rows per expert (multiple of [`ROW_ALIGN`]).
+    pub rows_padded: usize,
+    /// Reduction length.
+    pub k_dim: usize,
+    /// Rows interleaved as gate/up groups of 8 for the SwiGLU epilogue.
+    pub swiglu: bool,
+    /// Bytes per expert in `data`.
+    pub expert_stride: usize,
+    pub data: Vec<u8>,
+    /// [experts, rows_padded] (Fp8, Nvfp4).
+    pub row_scales: Option<Vec<f32>>,
+    /// [experts, rows_padded / 8, k_dim / 128] (Fp8Block).
+    pub block_scales: Option<Vec<f32>>,
+    /// [experts, rows_padded, k_dim / group] (Int4).
+    pub group_scales: Option<Vec<bf16>>,
+    pub group_zeros: Option<Vec<u8>>,
+    pub group: usize,
+    /// [experts, rows_padded, k_dim / 16] e4m3 (Nvfp4).
+    pub fp4_scales: Option<Vec<u8>>,
+}
+
+impl PackedWeights {
+    /// Bytes of weights and scales for one expert: what a GEMM that touches the expert must read at least once.
+    pub fn bytes_per_expert(&self) -> usize {
+        let per = |len: Option<usize>, size: usize| len.map_or(0, |l| l * size / self.experts);
+        self.expert_stride
+            + per(self.row_scales.as_ref().map(Vec::len), 4)
+            + per(self.block_scales.as_ref().map(Vec::len), 4)
+            + per(self.group_scales.as_ref().map(Vec::len), 2)
+            + per(self.group_zeros.as_ref().map(Vec::len), 1)
+            + per(self.fp4_scales.as_ref().map(Vec::len), 1)
+    }
+}
+
+/// A packed row: which source matrix (0 = the only one / gate, 1 = up) and which of its rows; None = padding.
+type RowSource = Option<(usize, usize)>;
+
+/// Repacks a stack of plain linear layers `y = x W^T` (W [out, in]): the down projections, the shared expert's,
+/// or a single dense matrix (one "expert").
+pub fn repack_linear(experts: &[MatrixRef]) -> Result<PackedWeights> {
+    let first = experts.first().ok_or_else(|| Error::InvalidArgument("repack_linear: no matrices".into()))?;
+    let rows = first.rows;
+    let rows_padded = rows.next_multiple_of(ROW_ALIGN);
+    let sets: Vec<Vec<MatrixRef>> = experts.iter().map(|m| vec![*m]).collect();
+    pack(&sets, rows, rows_padded, false, |r| (r < rows).then_some((0, r)))
+}
+
+/// Repacks the gate (w1) and up (w3) projections of each expert into one fused matrix, rows interleaved in groups
+/// of 8 (see the module comment). `experts[e] = (w1, w3)`, each [hidden, dim].
+pub fn repack_gate_up(experts: &[(MatrixRef, MatrixRef)]) -> Result<PackedWeights> {
+    let (w1, _) = experts.first().ok_or_else(|| Error::InvalidArgument("repack_gate_up: no experts".into()))?;
+    let hidden = w1.rows;
+    if hidden % 8 != 0 {
+        return Err(Error::InvalidArgument(format!("repack_gate_up: hidden {hidden} must be a multiple of 8")));
+    }
+    let rows_padded = (2 * hidden).next_multiple_of(ROW_ALIGN);
+    let sets: Vec<Vec<MatrixRef>> = experts.iter().map(|(a, b)| vec![*a, *b]).collect();
+    pack(&sets, hidden, rows_padded, true, |r| {
+        let (tile, within) = (r / 16, r % 16);
+        let row = tile * 8 + within % 8;
+        (row < hidden).then_some((within / 8, row))
+    })
+}
+
+/// The HF stacked layout `gate_up_proj` [E, 2 * hidden (gate rows then up rows), dim]: the (w1, w3) views of expert e.
+pub fn split_gate_up<'a>(stacked: MatrixRef<'a>, experts: usize, e: usize) -> Result<(MatrixRef<'a>, MatrixRef<'a>)> {
+    if experts == 0 || e >= experts || stacked.rows % (2 * experts) != 0 {
+        return Err(Error::InvalidArgument(format!("split_gate_up: expert {e} of {experts}, {} stacked rows", stacked.rows)));
+    }
+    let hidden = stacked.rows / experts / 2;
+    let gate = slice_rows(stacked, e * 2 * hidden, hidden)?;
+    let up = slice_rows(stacked, e * 2 * hidden + hidden, hidden)?;
+    Ok((gate, up))
+}
+
+/// Rows [first, first + count) of a matrix, as a matrix (block-128 scales need 128-aligned slices).
+pub fn slice_rows<'a>(m: MatrixRef<'a>, first: usize, count: usize) -> Result<MatrixRef<'a>> {
+    if first + count > m.rows {
+        return Err(Error::OutOfRange { what: "slice_rows end".into(), index: (first + count) as i64, limit: m.rows as i64 });
+    }
+    let c = m.cols;
+    let range = |per_row: usize| first * per_row..(first + count) * per_row;
+    let data = match m.data {
+        QuantData::Bf16(d) => QuantData::Bf16(&d[range(c)]),
+        QuantData::Fp8 { data, scale } => QuantData::Fp8 { data: &data[range(c)], scale },
+        QuantData::Fp8Block { data, scales } => {
+            if first % 128 != 0 {
+                return Err(Error::InvalidArgument(format!("slice_rows: block-128 scales need a 128-aligned first row, got {first}")));
+            }
+            let per = c.div_ceil(128);
+            let blocks = first / 128..(first + count).div_ceil(128);
+            QuantData::Fp8Block { data: &data[range(c)], scales: &scales[blocks.start * per..blocks.end * per] }
+        }
+        QuantData::Int4 { packed, scales, zeros, group } => QuantData::Int4 {
+            packed: &packed[range(c / 2)],
+            scales: &scales[range(c / group)],
+            zeros: zeros.map(|z| &z[range(c / group)]),
+            group,
+        },
+        QuantData::Nvfp4 { packed, scales, global_scale } => {
+            QuantData::Nvfp4 { packed: &packed[range(c / 2)], scales: &scales[range(c / 16)], global_scale }
+        }
+    };
+    Ok(MatrixRef { rows: count, cols: c, data })
+}
+
+/// Writes the fragment layout and the format's scale arrays for every expert. `sources[e]` are the expert's source
+/// matrices (same format and shape); `row_source` maps a packed row to (matrix, row) or padding.
+fn pack(
+    sources: &[Vec<MatrixRef>],
+    out_cols: usize,
+    rows_padded: usize,
+    swiglu: bool,
+    row_source: impl Fn(usize) -> RowSource,
+) -> Result<PackedWeights> {
+    let reference = sources[0][0];
+    let format = reference.data.format();
+    let k_dim = reference.cols;
+    let group = match reference.data {
+        QuantData::Int4 { group, .. } => group,
+        _ => 0,
+    };
+    for (e, set) in sources.iter().enumerate() {
+        for (i, m) in set.iter().enumerate() {
+            m.validate(&format!("expert {e} matrix {i}"))?;
+            if m.data.format() != format || m.rows != reference.rows || m.cols != k_dim {
+                return Err(Error::shape(
+                    format!("expert {e} matrix {i}"),
+                    format!("{} {}x{}", format, reference.rows, k_dim),
+                    format!("{} {}x{}", m.data.format(), m.rows, m.cols),
+                ));
+            }
+        }
+    }
+
+    let experts = sources.len();
+    let tiles = rows_padded / 16;
+    let k_blocks = k_dim / K_ALIGN;
+    let tile_bytes = tile_bytes(format);
+    let expert_stride = tiles * k_blocks * tile_bytes;
+    let mut data = vec![0u8; experts * expert_stride];
+    let rows: Vec<RowSource> = (0..rows_padded).map(&row_source).collect();
+
+    for (e, set) in sources.iter().enumerate() {
+        let expert = &mut data[e * expert_stride..(e + 1) * expert_stride];
+        for tile in 0..tiles {
+            for kb in 0..k_blocks {
+                let block = &mut expert[(tile * k_blocks + kb) * tile_bytes..][..tile_bytes];
+                for lane in 0..32 {
+                    let (g, t) = (lane / 4, lane % 4);
+                    for ks in 0..K_ALIGN / 16 {
+                        // The 8 elements of this lane's fragment at k-step ks, in register order.
+                        let elements = [(g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1), (g, 2 * t + 8), (g, 2 * t + 9), (g + 8, 2 * t + 8), (g + 8, 2 * t + 9)];
+                        for (i, &(r, c)) in elements.iter().enumerate() {
+                            let code = match rows[tile * 16 + r] {
+                                Some((m, row)) => set[m].code(row, kb * K_ALIGN + ks * 16 + c),
+                                None => 0,
+                            };
+                            match packed_bits(format) {
+                                16 => {
+                                    let at = (ks * 32 + lane) * 16 + 2 * i;
+                                    block[at..at + 2].copy_from_slice(&code.to_le_bytes());
+                                }
+                                8 => block[((ks / 2) * 32 + lane) * 16 + (ks % 2) * 8 + i] = code as u8,
+                                _ => block[lane * 16 + ks * 4 + i / 2] |= (code as u8) << (4 * (i % 2)),
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    let per_row = |n: usize| experts * rows_padded * n;
+    let mut packed = PackedWeights {
+        format,
+        experts,
+        out_cols,
+        rows_padded,
+        k_dim,
+        swiglu,
+        expert_stride,
+        data,
+        row_scales: None,
+        block_scales: None,
+        group_scales: None,
+        group_zeros: None,
+        group,
+        fp4_scales: None,
+    };
+    match format {
+        WeightFormat::Bf16 => {}
+        WeightFormat::Fp8PerTensor | WeightFormat::Nvfp4 => {
+            let mut s = vec![0f32; per_row(1)];
+            for (e, set) in sources.iter().enumerate() {
+                for (r, src) in rows.iter().enumerate() {
+                    if let Some((m, _)) = src {
+                        s[e * rows_padded + r] = set[*m].row_scale();
+                    }
+                }
+            }
+            packed.row_scales = Some(s);
+        }
+        _ => {}
+    }
+    match format {
+        WeightFormat::Fp8Block128 => {
+            let kblocks = k_dim / 128;
+            if k_dim % 128 != 0 {
+                return Err(Error::InvalidArgument(format!("fp8 block-128: k {k_dim} must be a multiple of 128")));
+            }
+            let groups = rows_padded / 8;
+            let mut s = vec![0f32; experts * groups * kblocks];
+            for (e, set) in sources.iter().enumerate() {
+                for gi in 0..groups {
+                    // The 8 rows of a group come from one matrix and one aligned 8-row run: one 128-row block.
+                    let Some((m, row)) = rows[gi * 8] else { continue };
+                    let QuantData::Fp8Block { scales, .. } = set[m].data else { unreachable!() };
+                    for kb in 0..kblocks {
+                        s[(e * groups + gi) * kblocks + kb] = scales[(row / 128) * k_dim.div_ceil(128) + kb];
+                    }
+                }
+            }
+            packed.block_scales = Some(s);
+        }
+        WeightFormat::Int4 { .. } => {
+            let per = k_dim / group;
+            let mut s = vec![bf16::ZERO; per_row(per)];
+            let mut z = matches!(reference.data, QuantData::Int4 { zeros: Some(_), .. }).then(|| vec![8u8; per_row(per)]);
+            for (e, set) in sources.iter().enumerate() {
+                for (r, src) in rows.iter().enumerate() {
+                    let Some((m, row)) = *src else { continue };
+                    let QuantData::Int4 { scales, zeros, .. } = set[m].data else { unreachable!() };
+                    let at = (e * rows_padded + r) * per;
+                    s[at..at + per].copy_from_slice(&scales[row * per..(row + 1) * per]);
+                    if let (Some(z), Some(zeros)) = (z.as_mut(), zeros) {
+                        z[at..at + per].copy_from_slice(&zeros[row * per..(row + 1) * per]);
+                    }
+                }
+            }
+            packed.group_scales = Some(s);
+            packed.group_zeros = z.take();
+        }
+        WeightFormat::Nvfp4 => {
+            let per = k_dim / 16;
+            let mut s = vec![0u8; per_row(per)];
+            for (e, set) in sources.iter().enumerate() {
+                for (r, src) in rows.iter().enumerate() {
+                    let Some((m, row)) = *src else { continue };
+                    let QuantData::Nvfp4 { scales, .. } = set[m].data else { unreachable!() };
+                    let at = (e * rows_padded + r) * per;
+                    s[at..at + per].copy_from_slice(&scales[row * per..(row + 1) * per]);
+                }
+            }
+            packed.fp4_scales = Some(s);
+        }
+        _ => {}
+    }
+    Ok(packed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fragment layout puts element (row, col) of a bf16 matrix where the kernel's lane reads it.
+    #[test]
+    fn bf16_fragments_land_where_the_lanes_read_them() {
+        let (rows, cols) = (16, 64);
+        let values: Vec<bf16> = (0..rows * cols).map(|i| bf16::from_f32(i as f32)).collect();
+        let p = repack_linear(&[MatrixRef { rows, cols, data: QuantData::Bf16(&values) }]).unwrap();
+        assert_eq!(p.rows_padded, 128);
+        let read = |lane: usize, ks: usize, reg: usize, half: usize| {
+            let at = (ks * 32 + lane) * 16 + reg * 4 + half * 2;
+            bf16::from_bits(u16::from_le_bytes([p.data[at], p.data[at + 1]])).to_f32()
+        };
+        // lane 13: g = 3, t = 1; register 2 holds (g, 2t+8), (g, 2t+9) of k-step 2.
+        let value = |row: usize, col: usize| bf16::from_f32((row * cols + col) as f32).to_f32();
+        assert_eq!(read(13, 2, 2, 0), value(3, 32 + 10));
+        assert_eq!(read(13, 2, 3, 1), value(3 + 8, 32 + 11));
+    }
+
+    #[test]
+    fn gate_and_up_rows_interleave_in_groups_of_eight() {
+        let (hidden, cols) = (16, 64);
+        let gate: Vec<bf16> = (0..hidden * cols).map(|i| bf16::from_f32((i / cols) as f32 + 0.25)).collect();
+        let up: Vec<bf16> = (0..hidden * cols).map(|i| bf16::from_f32(-((i / cols) as f32) - 0.5)).collect();
+        let m = |d| MatrixRef { rows: hidden, cols, data: QuantData::Bf16(d) };
+        let p = repack_gate_up(&[(m(&gate), m(&up))]).unwrap();
+        let first = |tile: usize, lane: usize| {
+            let at = tile * tile_bytes(p.format) + lane * 16;
+            bf16::from_bits(u16::from_le_bytes([p.data[at], p.data[at + 1]])).to_f32()
+        };
+        // Tile 1, lane 4 * 5: row g = 5 of the tile = gate row 13; register 1 is row g + 8 = up row 13.
+        assert_eq!(first(1, 20), 13.25);
+        let at = tile_bytes(p.format) + 20 * 16 + 4;
+        assert_eq!(bf16::from_bits(u16::from_le_bytes([p.data[at], p.data[at + 1]])).to_f32(), -13.5);
+    }
+}

@@ -1,0 +1,279 @@
+//! Grouped expert GEMMs, the dense GEMM and a whole MoE layer against the CPU reference (`moe_block`, `matmul_nt`)
+//! on the DEQUANTISED weights and bf16-rounded inputs, for every weight format, on the interpreter and the GPU.
+
+mod common;
+
+use common::*;
+use half::bf16;
+use proptest::prelude::*;
+use rand::{rngs::StdRng, seq::SliceRandom, Rng};
+use small4::device::{Device, DeviceBuffer};
+use small4::kernels::moe::{self, DeviceWeights, Grouping, MoeLayerWeights, MoeWorkspace, RoutingBuffers};
+use small4::quant::matrix::QuantizedMatrix;
+use small4::quant::repack::{self, MatrixRef};
+use small4::quant::WeightFormat;
+use small4::reference::linear::matmul_nt;
+use small4::reference::moe::{align_pairs, moe_block, ExpertWeights, Routing};
+
+const FORMATS: [WeightFormat; 6] = [
+    WeightFormat::Bf16,
+    WeightFormat::Fp8PerTensor,
+    WeightFormat::Fp8Block128,
+    WeightFormat::Int4 { group: 128, zero_point: false },
+    WeightFormat::Int4 { group: 128, zero_point: true },
+    WeightFormat::Nvfp4,
+];
+
+/// DeepGEMM's agreement measure 1 - 2 sum(xy) / sum(x^2 + y^2): 0 for identical vectors, scale-free.
+fn deepgemm_diff(got: &[f32], want: &[f32]) -> f64 {
+    let (mut xy, mut sq) = (0f64, 0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        xy += g as f64 * w as f64;
+        sq += (g as f64).powi(2) + (w as f64).powi(2);
+    }
+    1.0 - 2.0 * xy / sq.max(f64::MIN_POSITIVE)
+}
+
+/// Every element written (no NaN left from the 0xff poison) and the DeepGEMM measure under `limit`. The kernels round
+/// each weight to bf16 after dequantisation (int4 / fp8-block), the SwiGLU activations to bf16 and the outputs to
+/// bf16, each a relative 2^-9: about 1e-5 of this measure; 1e-4 leaves a margin and still catches any wrong element
+/// of magnitude.
+fn assert_agrees(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    if let Some(i) = got.iter().position(|v| v.is_nan()) {
+        panic!("{what}: element {i} is NaN (never written or computed NaN); reference {}", want[i]);
+    }
+    let diff = deepgemm_diff(got, want);
+    assert!(diff < 1e-4, "{what}: 1 - 2 sum(xy)/sum(x^2+y^2) = {diff:e}");
+    // And no single element far off: within 2% of the largest reference magnitude.
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= 0.02 * scale, "{what}: element {i} = {g}, reference {w} (scale {scale})");
+    }
+}
+
+/// Random weights in [-a, a] with a = 1 / sqrt(cols) (unit-scale outputs), quantised; returns the matrix and its
+/// dequantised values (what the reference multiplies by).
+fn random_matrix(rng: &mut StdRng, format: WeightFormat, rows: usize, cols: usize) -> (QuantizedMatrix, Vec<f32>) {
+    let a = 1.0 / (cols as f32).sqrt();
+    let w: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-a..a)).collect();
+    let q = QuantizedMatrix::quantize(format, &w, rows, cols).unwrap();
+    let deq = q.dequantize();
+    (q, deq)
+}
+
+struct Expert {
+    w1: QuantizedMatrix,
+    w3: QuantizedMatrix,
+    w2: QuantizedMatrix,
+    reference: ExpertWeights,
+}
+
+fn random_expert(rng: &mut StdRng, format: WeightFormat, dim: usize, hidden: usize) -> Expert {
+    let (w1, d1) = random_matrix(rng, format, hidden, dim);
+    let (w3, d3) = random_matrix(rng, format, hidden, dim);
+    let (w2, d2) = random_matrix(rng, format, dim, hidden);
+    Expert { w1, w3, w2, reference: ExpertWeights { w1: d1, w3: d3, w2: d2 } }
+}
+
+fn pack_layer(device: &Device, local: &[&Expert], shared: Option<&Expert>) -> MoeLayerWeights {
+    let gate_up: Vec<(MatrixRef, MatrixRef)> = local.iter().map(|e| ((&e.w1).into(), (&e.w3).into())).collect();
+    let down: Vec<MatrixRef> = local.iter().map(|e| (&e.w2).into()).collect();
+    let gate_up = repack::repack_gate_up(&gate_up).unwrap();
+    let down = repack::repack_linear(&down).unwrap();
+    let shared = shared.map(|s| {
+        (repack::repack_gate_up(&[((&s.w1).into(), (&s.w3).into())]).unwrap(), repack::repack_linear(&[(&s.w2).into()]).unwrap())
+    });
+    MoeLayerWeights::upload(device, &gate_up, &down, shared.as_ref().map(|(a, b)| (a, b))).unwrap()
+}
+
+/// How tokens pick experts in a case.
+#[derive(Clone, Copy, Debug)]
+enum Pick {
+    /// k distinct experts uniformly among all.
+    Uniform,
+    /// Every token's first choice is expert 0 and the rest among experts 1..=k-1 (all tokens on one expert, and
+    /// the remaining experts idle).
+    Concentrated,
+}
+
+#[derive(Clone, Debug)]
+struct Case {
+    tokens: usize,
+    dim: usize,
+    hidden: usize,
+    experts: usize,
+    k: usize,
+    format: WeightFormat,
+    shared: bool,
+    /// Global experts owned by another GPU (expert_map -1).
+    remote: usize,
+    pick: Pick,
+    seed: u64,
+}
+
+fn random_routing(rng: &mut StdRng, case: &Case) -> Routing {
+    let mut ids = Vec::with_capacity(case.tokens * case.k);
+    let mut weights = Vec::with_capacity(case.tokens * case.k);
+    for _ in 0..case.tokens {
+        let chosen: Vec<usize> = match case.pick {
+            Pick::Uniform => {
+                let mut all: Vec<usize> = (0..case.experts).collect();
+                all.shuffle(rng);
+                all.truncate(case.k);
+                all
+            }
+            Pick::Concentrated => (0..case.k).collect(),
+        };
+        let raw: Vec<f32> = (0..case.k).map(|_| rng.random_range(0.1f32..1.0)).collect();
+        let sum: f32 = raw.iter().sum();
+        for (e, w) in chosen.into_iter().zip(raw) {
+            ids.push(e as i32);
+            weights.push(w / sum);
+        }
+    }
+    Routing { k: case.k, ids, weights }
+}
+
+/// Runs one MoE layer on the device (poisoned output and workspaces) and returns (output bits, reference).
+fn run_moe_case(device: &Device, case: &Case) -> (Vec<u16>, Vec<f32>) {
+    let mut rng = rng(case.seed);
+    let (dim, hidden, tokens, k) = (case.dim, case.hidden, case.tokens, case.k);
+    let x = random_bf16(&mut rng, tokens * dim, 1.0);
+    let experts: Vec<Expert> = (0..case.experts).map(|_| random_expert(&mut rng, case.format, dim, hidden)).collect();
+    let shared = case.shared.then(|| random_expert(&mut rng, case.format, dim, hidden));
+    let routing = random_routing(&mut rng, case);
+
+    // The last `remote` global experts live on another GPU.
+    let local_count = case.experts - case.remote;
+    let expert_map: Vec<i32> = (0..case.experts).map(|e| if e < local_count { e as i32 } else { -1 }).collect();
+    let local: Vec<&Expert> = experts[..local_count].iter().collect();
+    let tile_m = moe::moe_tile_m(tokens, k, local_count);
+    let alignment = align_pairs(&routing.ids, Some(&expert_map), local_count, tile_m);
+
+    let weights = pack_layer(device, &local, shared.as_ref());
+    let capacity = alignment.sorted_pairs.len();
+    let workspace = MoeWorkspace::new(device, &weights, tokens, k, capacity).unwrap();
+    let up = |v: &[i32]| DeviceBuffer::from_slice(device, v).unwrap();
+    let (sorted_pairs, tile_experts, expert_offsets) = (up(&alignment.sorted_pairs), up(&alignment.tile_experts), up(&alignment.expert_offsets));
+    let num_padded = up(&[alignment.num_padded]);
+    let grouping = Grouping { sorted_pairs: &sorted_pairs, tile_experts: &tile_experts, expert_offsets: &expert_offsets, num_padded: &num_padded, tile_m };
+    let topk_ids = up(&routing.ids);
+    let topk_weights = DeviceBuffer::from_slice(device, &routing.weights).unwrap();
+    let map = up(&expert_map);
+    let routing_dev = RoutingBuffers { topk_ids: &topk_ids, topk_weights: &topk_weights, expert_map: Some(&map), experts: case.experts, top_k: k };
+    let x_dev = DeviceBuffer::from_slice(device, &x).unwrap();
+    let out = DeviceBuffer::<bf16>::filled_with_byte(device, tokens * dim, 0xff).unwrap();
+    for b in [&workspace.act, &workspace.shared_act] {
+        device.memset(b.addr(), 0xff, b.bytes()).unwrap();
+    }
+    for b in [&workspace.pair_out, &workspace.shared_out] {
+        device.memset(b.addr(), 0xff, b.bytes()).unwrap();
+    }
+    moe::moe_layer(&weights, &x_dev, tokens, &routing_dev, &grouping, &workspace, &out).unwrap();
+    let got = out.to_vec().unwrap();
+
+    let reference_experts: Vec<Option<ExpertWeights>> =
+        experts.iter().enumerate().map(|(e, ex)| (e < local_count).then(|| ex.reference.clone())).collect();
+    let want = moe_block(&to_f32(&x), &routing, &reference_experts, shared.as_ref().map(|s| &s.reference), tokens, dim, hidden);
+    (got.iter().map(|v| v.to_bits()).collect(), want)
+}
+
+fn check_moe_case(device: &Device, case: &Case) -> Vec<u16> {
+    let (bits, want) = run_moe_case(device, case);
+    let got: Vec<f32> = bits.iter().map(|&b| bf16::from_bits(b).to_f32()).collect();
+    assert_agrees(&format!("{case:?}"), &got, &want);
+    bits
+}
+
+fn small_case(tokens: usize, k: usize, experts: usize, format: WeightFormat) -> Case {
+    Case { tokens, dim: 256, hidden: 128, experts, k, format, shared: true, remote: 0, pick: Pick::Uniform, seed: 1 }
+}
+
+/// Random decode-sized batches: tokens 1 / 17 / 33, k 1 / 4 / 8, 8 or 16 experts, some on another GPU, with and
+/// without the shared expert (bf16 weights; the formats have their own test).
+fn moe_layer_matches_reference(device: &Device) {
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig { cases: 6, ..ProptestConfig::default() });
+    let cases = (prop_oneof![Just(1usize), Just(17), Just(33)], prop_oneof![Just(1usize), Just(4), Just(8)], prop_oneof![Just(8usize), Just(16)], any::<bool>(), 0usize..3, any::<u64>());
+    runner
+        .run(&cases, |(tokens, k, experts, shared, remote, seed)| {
+            let case = Case { shared, remote, seed, ..small_case(tokens, k, experts, WeightFormat::Bf16) };
+            check_moe_case(device, &case);
+            Ok(())
+        })
+        .unwrap();
+}
+
+/// Every weight format through the whole layer (17 tokens, top-4 of 8, shared expert, one remote expert).
+fn moe_layer_every_format(device: &Device) {
+    for format in FORMATS {
+        check_moe_case(device, &Case { remote: 1, seed: 2, ..small_case(17, 4, 8, format) });
+    }
+}
+
+/// 222 tokens: the prefill tile (tile_m 64) and its tiled kernel, with 8 experts.
+fn moe_layer_prefill_tiles(device: &Device) {
+    let case = Case { seed: 3, ..small_case(222, 4, 8, WeightFormat::Nvfp4) };
+    assert_eq!(moe::moe_tile_m(222, 4, 8), 64);
+    check_moe_case(device, &case);
+}
+
+/// All tokens on expert 0, experts k.. get nothing; and 128 / 160 experts with tiny dims.
+fn moe_layer_skewed_and_many_experts(device: &Device) {
+    check_moe_case(device, &Case { pick: Pick::Concentrated, seed: 4, ..small_case(33, 4, 16, WeightFormat::Int4 { group: 128, zero_point: true }) });
+    for experts in [128, 160] {
+        let case = Case { dim: 64, hidden: 64, remote: 7, seed: 5, ..small_case(9, 8, experts, WeightFormat::Bf16) };
+        check_moe_case(device, &case);
+    }
+}
+
+fn moe_layer_is_deterministic(device: &Device) {
+    let case = Case { seed: 6, ..small_case(33, 8, 8, WeightFormat::Fp8PerTensor) };
+    assert_eq!(check_moe_case(device, &case), check_moe_case(device, &case));
+}
+
+/// Dense `y = x W^T` through the same kernels (one group): decode rows (small tile) and prefill rows (tiled), an
+/// output width that is not a multiple of the block (320, like wkv_a).
+fn linear_matches_reference(device: &Device) {
+    let (in_dim, out_dim) = (256, 320);
+    let mut rng = rng(7);
+    for (format, rows) in [(WeightFormat::Bf16, 1), (WeightFormat::Bf16, 17), (WeightFormat::Bf16, 70), (WeightFormat::Fp8PerTensor, 33), (WeightFormat::Nvfp4, 5)] {
+        let (w, deq) = random_matrix(&mut rng, format, out_dim, in_dim);
+        let packed = repack::repack_linear(&[(&w).into()]).unwrap();
+        let weights = DeviceWeights::upload(device, &packed).unwrap();
+        let x = random_bf16(&mut rng, rows * in_dim, 1.0);
+        let x_dev = DeviceBuffer::from_slice(device, &x).unwrap();
+        let y = DeviceBuffer::<bf16>::filled_with_byte(device, rows * out_dim, 0xff).unwrap();
+        moe::linear(&weights, &x_dev, rows, &y).unwrap();
+        let want = matmul_nt(&to_f32(&x), &deq, rows, in_dim, out_dim);
+        assert_agrees(&format!("linear {format} rows {rows}"), &to_f32(&y.to_vec().unwrap()), &want);
+    }
+}
+
+fn wrappers_reject_bad_shapes(device: &Device) {
+    let mut rng = rng(8);
+    let (w, _) = random_matrix(&mut rng, WeightFormat::Bf16, 64, 128);
+    let weights = DeviceWeights::upload(device, &repack::repack_linear(&[(&w).into()]).unwrap()).unwrap();
+    let x = DeviceBuffer::<bf16>::alloc(device, 3 * 128).unwrap();
+    let y = DeviceBuffer::<bf16>::alloc(device, 2 * 64).unwrap();
+    let err = moe::linear(&weights, &x, 2, &y).unwrap_err();
+    assert!(matches!(err, small4::Error::Shape { .. }), "{err}");
+    // Columns not a multiple of 64 cannot be packed.
+    let (odd, _) = random_matrix(&mut rng, WeightFormat::Bf16, 64, 96);
+    assert!(matches!(repack::repack_linear(&[(&odd).into()]), Err(small4::Error::InvalidArgument(_))));
+    // A SwiGLU-packed matrix is not a plain linear layer.
+    let (w3, _) = random_matrix(&mut rng, WeightFormat::Bf16, 64, 128);
+    let fused = DeviceWeights::upload(device, &repack::repack_gate_up(&[((&w).into(), (&w3).into())]).unwrap()).unwrap();
+    let y = DeviceBuffer::<bf16>::alloc(device, 3 * 64).unwrap();
+    assert!(matches!(moe::linear(&fused, &x, 3, &y), Err(small4::Error::InvalidArgument(_))));
+}
+
+backend_tests!(
+    moe_layer_matches_reference,
+    moe_layer_every_format,
+    moe_layer_prefill_tiles,
+    moe_layer_skewed_and_many_experts,
+    moe_layer_is_deterministic,
+    linear_matches_reference,
+    wrappers_reject_bad_shapes,
+);

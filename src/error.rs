@@ -24,6 +24,8 @@ pub enum Error {
     Checkpoint(String),
     #[error("tokenizer error: {0}")]
     Tokenizer(String),
+    #[error("unknown sequence {0}")]
+    UnknownSequence(u64),
     #[error("out of KV-cache pages: need {needed}, {free} free")]
     OutOfPages { needed: usize, free: usize },
     #[error("I/O error on {path}: {source}")]

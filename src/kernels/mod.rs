@@ -1,6 +1,7 @@
 //! Safe wrappers over the CUDA kernels: one module per `cuda/*.cu` family. Each wrapper checks shapes and
 //! arguments (typed errors), fills the bindgen parameter struct and launches through any `Backend`.
 
+pub mod attention;
 pub mod dequant;
 pub mod moe;
 pub mod norm;

@@ -1,0 +1,442 @@
+// Paged MLA attention in the absorbed (latent) form: the cache writer, one tensor-core attention tile kernel that
+// serves both decode and chunked prefill (with split-KV), and the deterministic split combine.
+//
+// Why one tile kernel for decode and prefill: in MLA every head reads the SAME cache row (320 values), so the heads of
+// a query token are the M dimension of a matrix product against the cache, exactly like the query tokens of a prefill
+// chunk. A block takes up to 64 query rows, row = (query token, head) flattened token-major, and streams the cache
+// through shared memory once for all of them (FlashMLA does the same with 64 heads per block). Decode with 32 heads:
+// one block of 2 warps holds all 32 heads of a sequence, so each cache byte is read once per KV split.
+//
+// Why W_UK (q_nope -> q_lat) and W_UV (o_lat -> v) stay outside: they are per-head dense products whose weights
+// (2 x 32 x 64..128 x 256 bf16 = 3 MB per layer) would be re-read by every (sequence, split) block if fused here,
+// while as batched GEMMs they are read once per step; the kernel then moves only cache + q + o bytes.
+//
+// Tiling of mla_attention_*: block = 32 * W threads (W = 1..4 warps, 16 query rows per warp), grid = (row tiles,
+// splits, sequences). Q [16W x 320] sits in shared memory (padded rows, conflict-free ldmatrix); the cache streams in
+// tiles of 32 tokens x 320, double-buffered with cp.async (fp8: raw bytes staged, then widened to bf16 in shared
+// memory). Per tile and warp: S = Q K^T with mma.sync m16n8k16 (20 k-steps x 4 n-tiles, B fragments by ldmatrix),
+// online softmax in f32 (exp2, scale folded), O += P V with P re-packed from the S accumulators (no shared memory
+// round trip) and V fragments by ldmatrix.trans; O [16 x 256] f32 lives in registers (128 per thread).
+// Bytes: cache 320 x (2 | 1) per token per split block, q 640 B and o 512 B per row (+ 2 x 1 KiB partials per row and
+// split when split). FLOPs: 2 x rows x tokens x (320 + 256).
+#include "params.h"
+#include "common.cuh"
+#include <cuda_fp8.h>
+
+namespace {
+
+constexpr int kLatent = 256;                     // kv_lora_rank
+constexpr int kRope = 64;                        // qk_rope_head_dim
+constexpr int kWidth = kLatent + kRope;          // cache values per token
+constexpr int kRowStride = kWidth + 8;           // padded shared-memory row (bf16): 656 B, rows 16 B apart in banks
+constexpr int kTileN = 32;                       // cache tokens per pipeline stage
+constexpr int kRowsPerWarp = 16;
+constexpr int kMaxWarps = 4;
+constexpr float kLog2e = 1.4426950408889634f;
+static_assert(kWidth % 16 == 0 && kLatent % 16 == 0, "mma k-steps");
+
+// ---- PTX wrappers ----------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t smem_addr(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void cp_async16(void *dst_smem, const void *src_global) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst_smem)), "l"(src_global));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void *p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void *p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+// c += a (16x16 bf16, row) * b (16x8 bf16, col), f32 accumulators.
+__device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t *>(&v);
+}
+
+// Two e4m3 bytes -> two bf16 (exact: e4m3's 3 mantissa bits and exponent range fit bf16), packed low = first byte.
+__device__ __forceinline__ uint32_t e4m3x2_to_bf16x2(uint16_t two) {
+    __half2_raw h = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)two, __NV_E4M3);
+    const float lo = __half2float(__ushort_as_half(h.x)), hi = __half2float(__ushort_as_half(h.y));
+    return (__float_as_uint(lo) >> 16) | (__float_as_uint(hi) & 0xffff0000u);
+}
+
+// ---- cache layout ----------------------------------------------------------------------------------------------
+
+template <bool kFp8>
+struct CacheElem;
+template <>
+struct CacheElem<false> {
+    using T = bf16;
+    static constexpr int kBytes = 2;
+};
+template <>
+struct CacheElem<true> {
+    using T = fp8e4m3;
+    static constexpr int kBytes = 1;
+};
+
+// Byte offset of token `pos` of block-table row `seq` (the caller has checked pos < kv_len and the table entries).
+__device__ __forceinline__ long cache_token_offset(const int *block_tables, int max_pages, int page_size, int seq, int pos,
+                                                   int elem_bytes) {
+    const int page = block_tables[(long)seq * max_pages + pos / page_size];
+    return ((long)page * page_size + pos % page_size) * kWidth * elem_bytes;
+}
+
+}  // namespace
+
+// ================================================================================================================
+// mla_cache_write: normalise the latent, rotate k_rope, store one token's 320 values into its page slot.
+// Thread mapping: one warp per token (blocks of 4 warps); lane l owns latent values 8l..8l+7 (one 16-byte load) and
+// rope pair l (values 256+2l, 256+2l+1). RMS by warp butterfly. RoPE angle carried as an exact f32 pair (pos *
+// inv_freq reaches 1e6 rad at long context, where one rounded f32 product would be off by ~0.03 rad).
+// Bytes: 640 in (+512 weight, cached) and 640 (bf16) / 320 (fp8) out per token. FLOPs: ~1.2k per token.
+// ================================================================================================================
+template <bool kFp8>
+__device__ __forceinline__ void cache_write(const MlaCacheWriteParams &p) {
+    const int lane = threadIdx.x & 31;
+    const int token = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (token >= p.tokens) return;
+    const bf16 *row = p.kv + (long)token * p.kv_row_stride;
+    const int seq = p.token_seq[token], pos = p.positions[token];
+
+    float c[8], w[8];
+    bf16x8_to_f32(*reinterpret_cast<const uint4 *>(row + lane * 8), c);
+    bf16x8_to_f32(*reinterpret_cast<const uint4 *>(p.norm_weight + lane * 8), w);
+    float sum_sq = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) sum_sq += c[i] * c[i];
+    const float inv_rms = rsqrtf(warp_sum(sum_sq) / (float)kLatent + p.eps);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) c[i] = c[i] * inv_rms * w[i];
+
+    const __nv_bfloat162 pair = *reinterpret_cast<const __nv_bfloat162 *>(row + kLatent + 2 * lane);
+    const float a = __low2float(pair), b = __high2float(pair);
+    // angle = pos * inv_freq exactly, as hi + lo (pos < 2^24 is exact in f32 and fma gives the product's error);
+    // sin/cos of the sum by the addition formulas, each part reduced by sincosf's own exact range reduction.
+    const float pos_f = (float)pos, freq = p.inv_freq[lane];
+    const float hi = pos_f * freq, lo = fmaf(pos_f, freq, -hi);
+    float sin_hi, cos_hi, sin_lo, cos_lo;
+    sincosf(hi, &sin_hi, &cos_hi);
+    sincosf(lo, &sin_lo, &cos_lo);
+    const float s = sin_hi * cos_lo + cos_hi * sin_lo, co = cos_hi * cos_lo - sin_hi * sin_lo;
+    const float ra = a * co - b * s, rb = a * s + b * co;
+
+    using Elem = CacheElem<kFp8>;
+    char *dst = reinterpret_cast<char *>(p.cache) +
+                cache_token_offset(p.block_tables, p.max_pages, p.page_size, seq, pos, Elem::kBytes);
+    if constexpr (kFp8) {
+        uint32_t words[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const __nv_fp8x4_e4m3 q(make_float4(c[4 * i] * p.fp8_inv_scale, c[4 * i + 1] * p.fp8_inv_scale,
+                                                c[4 * i + 2] * p.fp8_inv_scale, c[4 * i + 3] * p.fp8_inv_scale));
+            words[i] = *reinterpret_cast<const uint32_t *>(&q);
+        }
+        *reinterpret_cast<uint2 *>(dst + lane * 8) = make_uint2(words[0], words[1]);
+        const __nv_fp8x2_e4m3 r(make_float2(ra * p.fp8_inv_scale, rb * p.fp8_inv_scale));
+        *reinterpret_cast<__nv_fp8x2_e4m3 *>(dst + kLatent + 2 * lane) = r;
+    } else {
+        bf16 *out = reinterpret_cast<bf16 *>(dst);
+        *reinterpret_cast<uint4 *>(out + lane * 8) = f32x8_to_bf16(c);
+        *reinterpret_cast<__nv_bfloat162 *>(out + kLatent + 2 * lane) = __floats2bfloat162_rn(ra, rb);
+    }
+}
+
+extern "C" __global__ void mla_cache_write_bf16(const MlaCacheWriteParams p) { cache_write<false>(p); }
+extern "C" __global__ void mla_cache_write_fp8(const MlaCacheWriteParams p) { cache_write<true>(p); }
+
+// ================================================================================================================
+// mla_attention: see the file comment. Dynamic shared memory (bytes):
+//   Q [16W][kRowStride] bf16, then 2 stages of [kTileN] cache rows (bf16: padded bf16 rows that the mma reads;
+//   fp8: raw 320-byte rows), then for fp8 one widened bf16 tile [kTileN][kRowStride].
+// ================================================================================================================
+namespace {
+
+// Bytes of one pipeline stage (the host's `attention_shared_bytes` mirrors this layout).
+template <bool kFp8>
+struct TileLayout {
+    static constexpr int kStageBytes = kFp8 ? kTileN * kWidth : kTileN * kRowStride * 2;
+};
+
+// Issues the cp.async loads of cache tokens [tile_start, tile_start + kTileN) into a stage; tokens at or past `end`
+// are zero-filled in shared memory and never read from global memory (their page slots may hold anything).
+// Each warp reads the tile's block-table entries once (lane i: token i) and hands the slot of a token to the lanes
+// that copy its chunks by shuffle: one table request per warp and tile instead of one per 16-byte chunk.
+template <bool kFp8>
+__device__ __forceinline__ void load_cache_tile(const MlaAttentionParams &p, int seq, int tile_start, int end, char *stage) {
+    static_assert(kTileN == 32, "one block-table entry per lane");
+    using Elem = CacheElem<kFp8>;
+    constexpr int kChunks = kWidth * Elem::kBytes / 16;  // 16-byte chunks per token
+    constexpr int kDstRowBytes = kFp8 ? kWidth : kRowStride * 2;
+    const int lane = threadIdx.x & 31;
+    const char *cache = reinterpret_cast<const char *>(p.cache);
+    int my_slot = 0;  // physical slot (page * page_size + offset) of token tile_start + lane
+    if (tile_start + lane < end) {
+        const int pos = tile_start + lane;
+        my_slot = p.block_tables[(long)seq * p.max_pages + pos / p.page_size] * p.page_size + pos % p.page_size;
+    }
+    // Warp-uniform trip count (the shuffle needs every lane), block-strided over the tile's chunks.
+    for (int base = threadIdx.x - lane; base < kTileN * kChunks; base += blockDim.x) {
+        const int idx = base + lane, tok = idx / kChunks, chunk = idx % kChunks;
+        const int slot = __shfl_sync(0xffffffffu, my_slot, tok & 31);
+        if (idx >= kTileN * kChunks) continue;
+        char *dst = stage + tok * kDstRowBytes + chunk * 16;
+        if (tile_start + tok < end) {
+            cp_async16(dst, cache + (long)slot * (kWidth * Elem::kBytes) + chunk * 16);
+        } else {
+            *reinterpret_cast<uint4 *>(dst) = make_uint4(0, 0, 0, 0);
+        }
+    }
+}
+
+// fp8 stage (raw [kTileN][320] bytes) -> bf16 tile [kTileN][kRowStride]; 8 values per thread step.
+__device__ __forceinline__ void widen_fp8_tile(const char *stage, bf16 *wide) {
+    for (int idx = threadIdx.x; idx < kTileN * kWidth / 8; idx += blockDim.x) {
+        const int tok = idx / (kWidth / 8), col = (idx % (kWidth / 8)) * 8;
+        const uint2 raw = *reinterpret_cast<const uint2 *>(stage + tok * kWidth + col);
+        const uint4 out = make_uint4(e4m3x2_to_bf16x2(raw.x & 0xffff), e4m3x2_to_bf16x2(raw.x >> 16),
+                                     e4m3x2_to_bf16x2(raw.y & 0xffff), e4m3x2_to_bf16x2(raw.y >> 16));
+        *reinterpret_cast<uint4 *>(wide + tok * kRowStride + col) = out;
+    }
+}
+
+template <bool kFp8>
+__device__ __forceinline__ void attention_tile(const MlaAttentionParams &p) {
+    extern __shared__ __align__(16) char smem[];
+    const int seq = blockIdx.z, split = blockIdx.y;
+    const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int q_begin = p.q_start[seq], q_count = p.q_start[seq + 1] - q_begin;
+    const int kv_len = p.kv_len[seq], first_pos = kv_len - q_count;
+    const int block_rows = warps * kRowsPerWarp;
+    const int row0 = blockIdx.x * block_rows;  // first (token, head) row of this block within the sequence
+    if (row0 >= q_count * p.heads) return;
+
+    // Keys of this block: its split's range, cut at the last position any of its rows may see (causality).
+    const int last_row = min(row0 + block_rows, q_count * p.heads) - 1;
+    const int split_begin = split * p.tokens_per_split;
+    const int kv_end = min(split_begin + p.tokens_per_split, first_pos + last_row / p.heads + 1);
+    if (split_begin >= kv_end) return;  // no row of this block has a key in this split (the combine skips it)
+
+    bf16 *q_smem = reinterpret_cast<bf16 *>(smem);
+    char *stages = smem + block_rows * kRowStride * 2;
+    bf16 *wide = reinterpret_cast<bf16 *>(stages + 2 * TileLayout<kFp8>::kStageBytes);
+
+    // Q rows [q_lat 256 | q_rope 64] into shared memory (rows past the sequence's queries are zero).
+    for (int idx = threadIdx.x; idx < block_rows * (kWidth / 8); idx += blockDim.x) {
+        const int r = idx / (kWidth / 8), col = (idx % (kWidth / 8)) * 8, row = row0 + r;
+        bf16 *dst = q_smem + r * kRowStride + col;
+        if (row < q_count * p.heads) {
+            const long grow = (long)q_begin * p.heads + row;
+            const bf16 *src = col < kLatent ? p.q_lat + grow * kLatent + col : p.q_rope + grow * kRope + (col - kLatent);
+            cp_async16(dst, src);
+        } else {
+            *reinterpret_cast<uint4 *>(dst) = make_uint4(0, 0, 0, 0);
+        }
+    }
+    const int tiles = (kv_end - split_begin + kTileN - 1) / kTileN;
+    load_cache_tile<kFp8>(p, seq, split_begin, kv_end, stages);
+    cp_async_commit();
+
+    // This thread's two accumulator rows (g and g + 8 of the warp's 16) and the positions they may attend to.
+    const int g = lane >> 2, quad = lane & 3;
+    int row_pos[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int row = row0 + warp * kRowsPerWarp + g + 8 * h;
+        row_pos[h] = row < q_count * p.heads ? first_pos + row / p.heads : -1;  // -1: padding row, sees nothing
+    }
+    const float score_scale = p.score_scale * kLog2e;
+    float o[kLatent / 8][4];
+#pragma unroll
+    for (int n = 0; n < kLatent / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+
+    const bf16 *q_warp = q_smem + warp * kRowsPerWarp * kRowStride;
+    for (int t = 0; t < tiles; ++t) {
+        const int tile_start = split_begin + t * kTileN;
+        if (t + 1 < tiles) {
+            load_cache_tile<kFp8>(p, seq, tile_start + kTileN, kv_end, stages + ((t + 1) & 1) * TileLayout<kFp8>::kStageBytes);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const bf16 *kv;
+        if constexpr (kFp8) {
+            widen_fp8_tile(stages + (t & 1) * TileLayout<kFp8>::kStageBytes, wide);
+            __syncthreads();
+            kv = wide;
+        } else {
+            kv = reinterpret_cast<const bf16 *>(stages + (t & 1) * TileLayout<kFp8>::kStageBytes);
+        }
+
+        // S = Q K^T for the warp's 16 rows x 32 tokens.
+        float s[kTileN / 8][4];
+#pragma unroll
+        for (int n = 0; n < kTileN / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll 4
+        for (int k = 0; k < kWidth / 16; ++k) {
+            uint32_t a[4];
+            ldmatrix_x4(a, q_warp + (lane & 15) * kRowStride + k * 16 + (lane >> 4) * 8);
+#pragma unroll
+            for (int n = 0; n < kTileN / 8; n += 2) {
+                uint32_t b[4];
+                ldmatrix_x4(b, kv + (n * 8 + (lane >> 4) * 8 + (lane & 7)) * kRowStride + k * 16 + ((lane >> 3) & 1) * 8);
+                mma_bf16(s[n], a, b[0], b[1]);
+                mma_bf16(s[n + 1], a, b[2], b[3]);
+            }
+        }
+
+        // Online softmax (log2 domain). Masked keys get -inf; a row that has seen no key yet keeps max -inf and its
+        // exponent base is taken as 0 so nothing becomes NaN.
+        float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int n = 0; n < kTileN / 8; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = tile_start + n * 8 + quad * 2 + (e & 1), h = e >> 1;
+                const bool visible = key < kv_end && key <= row_pos[h];
+                s[n][e] = visible ? s[n][e] * score_scale : -INFINITY;
+                tile_max[h] = fmaxf(tile_max[h], s[n][e]);
+            }
+        }
+        float correction[2], base[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
+            tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
+            const float new_max = fmaxf(row_max[h], tile_max[h]);
+            base[h] = new_max == -INFINITY ? 0.f : new_max;
+            correction[h] = exp2f(row_max[h] - base[h]);
+            row_max[h] = new_max;
+            row_sum[h] *= correction[h];
+        }
+#pragma unroll
+        for (int n = 0; n < kTileN / 8; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                s[n][e] = exp2f(s[n][e] - base[e >> 1]);
+                row_sum[e >> 1] += s[n][e];
+            }
+        }
+#pragma unroll
+        for (int n = 0; n < kLatent / 8; ++n) {
+            o[n][0] *= correction[0];
+            o[n][1] *= correction[0];
+            o[n][2] *= correction[1];
+            o[n][3] *= correction[1];
+        }
+
+        // O += P V over the latent columns; P's A fragments come straight from the S accumulators.
+#pragma unroll
+        for (int k = 0; k < kTileN / 16; ++k) {
+            const uint32_t a[4] = {pack_bf16(s[2 * k][0], s[2 * k][1]), pack_bf16(s[2 * k][2], s[2 * k][3]),
+                                   pack_bf16(s[2 * k + 1][0], s[2 * k + 1][1]), pack_bf16(s[2 * k + 1][2], s[2 * k + 1][3])};
+            const bf16 *v_rows = kv + (k * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * kRowStride + (lane >> 4) * 8;
+#pragma unroll
+            for (int n = 0; n < kLatent / 8; n += 2) {
+                uint32_t b[4];
+                ldmatrix_x4_trans(b, v_rows + n * 8);
+                mma_bf16(o[n], a, b[0], b[1]);
+                mma_bf16(o[n + 1], a, b[2], b[3]);
+            }
+        }
+        __syncthreads();  // the stage just read is refilled by the next iteration's prefetch
+    }
+
+    // Rows of this thread: full sums over the quad, then normalise and store.
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 1);
+        row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 2);
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        // Rows that are padding, or whose position precedes this split, have no key here: nothing to write.
+        if (row_pos[h] < split_begin) continue;
+        const long grow = (long)q_begin * p.heads + row0 + warp * kRowsPerWarp + g + 8 * h;
+        const float factor = p.value_scale / row_sum[h];
+        if (p.num_splits == 1) {
+            bf16 *dst = p.o_lat + grow * kLatent + quad * 2;
+#pragma unroll
+            for (int n = 0; n < kLatent / 8; ++n)
+                *reinterpret_cast<__nv_bfloat162 *>(dst + n * 8) = __floats2bfloat162_rn(o[n][2 * h] * factor, o[n][2 * h + 1] * factor);
+        } else {
+            const long prow = (long)split * p.total_rows + grow;
+            float *dst = p.partial_o + prow * kLatent + quad * 2;
+#pragma unroll
+            for (int n = 0; n < kLatent / 8; ++n)
+                *reinterpret_cast<float2 *>(dst + n * 8) = make_float2(o[n][2 * h] * factor, o[n][2 * h + 1] * factor);
+            if (quad == 0) *reinterpret_cast<float2 *>(p.partial_ml + prow * 2) = make_float2(row_max[h], row_sum[h]);
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(kMaxWarps * 32) mla_attention_bf16(const MlaAttentionParams p) {
+    attention_tile<false>(p);
+}
+extern "C" __global__ void __launch_bounds__(kMaxWarps * 32) mla_attention_fp8(const MlaAttentionParams p) {
+    attention_tile<true>(p);
+}
+
+// ================================================================================================================
+// mla_attention_combine: o_lat[row] = sum_i w_i o_i / sum_i w_i with w_i = l_i 2^(m_i - max_j m_j), over the splits
+// i that hold a key of the row (i * tokens_per_split <= position), in split order: deterministic.
+// Thread mapping: one warp per (token, head) row; lane l owns latent values 4l..4l+3 and 128+4l..128+4l+3 (each
+// warp load is 512 contiguous bytes); lane i reads the (max, sum) of split i (of each group of 32) and passes its
+// weight around by shuffle. grid = (row blocks, sequences).
+// Bytes per row and split: 1 KiB + 8 read; 512 written per row. FLOPs: ~3 per value and split.
+// ================================================================================================================
+extern "C" __global__ void mla_attention_combine(const MlaAttentionParams p) {
+    const int seq = blockIdx.y, lane = threadIdx.x & 31;
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int q_begin = p.q_start[seq], q_count = p.q_start[seq + 1] - q_begin;
+    if (row >= q_count * p.heads) return;
+    const int pos = p.kv_len[seq] - q_count + row / p.heads;
+    const int splits = min(p.num_splits, pos / p.tokens_per_split + 1);
+    const long grow = (long)q_begin * p.heads + row;
+    const float2 *ml = reinterpret_cast<const float2 *>(p.partial_ml);
+
+    float global_max = -INFINITY;
+    for (int i = lane; i < splits; i += 32) global_max = fmaxf(global_max, ml[(long)i * p.total_rows + grow].x);
+    global_max = warp_max(global_max);
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, total = 0.f;
+    for (int base = 0; base < splits; base += 32) {
+        float my_weight = 0.f;
+        if (base + lane < splits) {
+            const float2 split_ml = ml[(long)(base + lane) * p.total_rows + grow];
+            my_weight = split_ml.y * exp2f(split_ml.x - global_max);
+        }
+        total += my_weight;
+        for (int j = 0; j < min(32, splits - base); ++j) {
+            const float weight = __shfl_sync(0xffffffffu, my_weight, j);
+            const float4 *src = reinterpret_cast<const float4 *>(p.partial_o + ((long)(base + j) * p.total_rows + grow) * kLatent);
+            const float4 lo = src[lane], hi = src[32 + lane];
+            acc[0] += weight * lo.x, acc[1] += weight * lo.y, acc[2] += weight * lo.z, acc[3] += weight * lo.w;
+            acc[4] += weight * hi.x, acc[5] += weight * hi.y, acc[6] += weight * hi.z, acc[7] += weight * hi.w;
+        }
+    }
+    const float inv_total = 1.f / warp_sum(total);
+    bf16 *dst = p.o_lat + grow * kLatent;
+    *reinterpret_cast<uint2 *>(dst + 4 * lane) =
+        make_uint2(pack_bf16(acc[0] * inv_total, acc[1] * inv_total), pack_bf16(acc[2] * inv_total, acc[3] * inv_total));
+    *reinterpret_cast<uint2 *>(dst + 128 + 4 * lane) =
+        make_uint2(pack_bf16(acc[4] * inv_total, acc[5] * inv_total), pack_bf16(acc[6] * inv_total, acc[7] * inv_total));
+}

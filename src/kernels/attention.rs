@@ -1,0 +1,415 @@
+//! Paged MLA attention (`cuda/mla_attention.cu`): the cache writer (kv_a_norm + YaRN RoPE fused) and causal latent
+//! attention over a paged cache for decode (one query token per sequence) and chunked prefill (several), split-KV with
+//! a deterministic combine.
+//!
+//! Every index the kernels dereference is validated on the host first: block tables when they are uploaded
+//! (`BlockTables::upload`), query layouts and token positions at each call. A kernel never reads a page slot past
+//! its sequence's length.
+
+use half::bf16;
+
+use super::modules::MLA_ATTENTION;
+use super::params::{MlaAttentionParams, MlaCacheWriteParams};
+use crate::device::{launch_with, Device, DeviceBuffer, Dim3, Kernel, LaunchConfig};
+use crate::error::{Error, Result};
+use crate::model::kv_cache::{BatchTables, CacheDescriptor, CacheDtype};
+
+/// The geometry the kernels are compiled for (`kLatent`, `kRope` in the .cu file).
+pub const KV_LORA_RANK: usize = 256;
+pub const QK_ROPE: usize = 64;
+const WIDTH: usize = KV_LORA_RANK + QK_ROPE;
+
+// Tiling constants of `mla_attention_*`, mirrored from the .cu file to size its dynamic shared memory.
+const TILE_N: usize = 32;
+const ROW_STRIDE: usize = WIDTH + 8;
+const ROWS_PER_WARP: usize = 16;
+const MAX_WARPS: usize = 4;
+/// Warps per block of the cache writer and the combine kernel (one token / one row per warp).
+const WRITE_WARPS: usize = 4;
+const COMBINE_WARPS: usize = 8;
+
+/// H100 SXM streaming multiprocessors, and attention blocks per SM that shared memory allows (~62 KiB each):
+/// the split heuristic aims for this many blocks.
+const TARGET_BLOCKS: usize = 132 * 3;
+/// Shortest KV split the heuristic makes: below this, the 1 KiB per row of f32 partials (written and re-read by the
+/// combine) outweighs the cache bytes of the split for 32 heads.
+const MIN_SPLIT_TOKENS: usize = 256;
+
+const CACHE_WRITE_BF16: Kernel = Kernel { module: MLA_ATTENTION, entry: "mla_cache_write_bf16" };
+const CACHE_WRITE_FP8: Kernel = Kernel { module: MLA_ATTENTION, entry: "mla_cache_write_fp8" };
+const ATTENTION_BF16: Kernel = Kernel { module: MLA_ATTENTION, entry: "mla_attention_bf16" };
+const ATTENTION_FP8: Kernel = Kernel { module: MLA_ATTENTION, entry: "mla_attention_fp8" };
+const COMBINE: Kernel = Kernel { module: MLA_ATTENTION, entry: "mla_attention_combine" };
+
+fn check_geometry(desc: &CacheDescriptor) -> Result<()> {
+    desc.validate()?;
+    if (desc.kv_lora_rank, desc.qk_rope) != (KV_LORA_RANK, QK_ROPE) {
+        return Err(Error::InvalidArgument(format!(
+            "MLA kernels are compiled for latent {KV_LORA_RANK} + rope {QK_ROPE}, cache has {} + {}",
+            desc.kv_lora_rank, desc.qk_rope
+        )));
+    }
+    Ok(())
+}
+
+fn check_len(what: &str, len: usize, expected: usize) -> Result<()> {
+    if len != expected {
+        return Err(Error::shape(what, expected, len));
+    }
+    Ok(())
+}
+
+fn out_of_range(what: &str, index: i64, limit: usize) -> Error {
+    Error::OutOfRange { what: what.into(), index, limit: limit as i64 }
+}
+
+/// One layer's paged latent cache on the device: [num_pages, page_size, 320] elements of the descriptor's dtype.
+pub struct PagedCache {
+    desc: CacheDescriptor,
+    data: DeviceBuffer<u8>,
+}
+
+impl PagedCache {
+    /// Uninitialised pages.
+    pub fn new(device: &Device, desc: CacheDescriptor) -> Result<Self> {
+        check_geometry(&desc)?;
+        Ok(PagedCache { desc, data: DeviceBuffer::alloc(device, desc.total_bytes())? })
+    }
+
+    /// Every byte set to `byte` (0xff: NaN in both bf16 and e4m3, to prove unused slots are never read).
+    pub fn filled_with_byte(device: &Device, desc: CacheDescriptor, byte: u8) -> Result<Self> {
+        check_geometry(&desc)?;
+        Ok(PagedCache { desc, data: DeviceBuffer::filled_with_byte(device, desc.total_bytes(), byte)? })
+    }
+
+    pub fn from_bytes(device: &Device, desc: CacheDescriptor, bytes: &[u8]) -> Result<Self> {
+        check_geometry(&desc)?;
+        check_len("paged cache bytes", bytes.len(), desc.total_bytes())?;
+        Ok(PagedCache { desc, data: DeviceBuffer::from_slice(device, bytes)? })
+    }
+
+    pub fn descriptor(&self) -> &CacheDescriptor {
+        &self.desc
+    }
+    pub fn data(&self) -> &DeviceBuffer<u8> {
+        &self.data
+    }
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        self.data.to_vec()
+    }
+}
+
+/// Block tables and sequence lengths of a batch, checked against a cache geometry and uploaded.
+pub struct BlockTables {
+    host: BatchTables,
+    num_pages: usize,
+    page_size: usize,
+    tables: DeviceBuffer<i32>,
+    lens: DeviceBuffer<i32>,
+}
+
+impl BlockTables {
+    /// Checks that every page a sequence's length covers is a page of the cache (entries past the length may be
+    /// anything: the kernels never read them) and uploads the arrays.
+    pub fn upload(device: &Device, batch: &BatchTables, desc: &CacheDescriptor) -> Result<Self> {
+        check_geometry(desc)?;
+        let num_seqs = batch.seq_lens.len();
+        if batch.max_pages == 0 || batch.max_pages > i32::MAX as usize {
+            return Err(Error::InvalidArgument(format!("block tables with {} pages per row", batch.max_pages)));
+        }
+        check_len("block tables", batch.block_tables.len(), num_seqs * batch.max_pages)?;
+        for (seq, (&len, row)) in batch.seq_lens.iter().zip(batch.block_tables.chunks_exact(batch.max_pages)).enumerate() {
+            let used = desc.pages_for(usize::try_from(len).map_err(|_| out_of_range("sequence length", len as i64, i32::MAX as usize))?);
+            if used > batch.max_pages {
+                return Err(out_of_range(&format!("pages of sequence {seq}"), used as i64, batch.max_pages));
+            }
+            for (slot, &page) in row[..used].iter().enumerate() {
+                if page < 0 || page as usize >= desc.num_pages {
+                    return Err(out_of_range(&format!("block table [{seq}][{slot}]"), page as i64, desc.num_pages));
+                }
+            }
+        }
+        Ok(BlockTables {
+            host: batch.clone(),
+            num_pages: desc.num_pages,
+            page_size: desc.page_size,
+            tables: DeviceBuffer::from_slice(device, &batch.block_tables)?,
+            lens: DeviceBuffer::from_slice(device, &batch.seq_lens)?,
+        })
+    }
+
+    pub fn num_seqs(&self) -> usize {
+        self.host.seq_lens.len()
+    }
+    pub fn seq_lens(&self) -> &[i32] {
+        &self.host.seq_lens
+    }
+
+    fn check_cache(&self, cache: &PagedCache) -> Result<()> {
+        if (self.num_pages, self.page_size) != (cache.desc.num_pages, cache.desc.page_size) {
+            return Err(Error::InvalidArgument(format!(
+                "block tables checked for {} pages of {} tokens, cache has {} of {}",
+                self.num_pages, self.page_size, cache.desc.num_pages, cache.desc.page_size
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// kv_a_norm weight, eps and the YaRN inverse frequencies the cache writer applies.
+pub struct CacheWriteWeights<'a> {
+    /// [256]
+    pub norm_weight: &'a DeviceBuffer<bf16>,
+    pub eps: f32,
+    /// [32]
+    pub inv_freq: &'a DeviceBuffer<f32>,
+}
+
+/// Writes `token_seq.len()` new tokens into their page slots: token t is row t of `kv` (row stride `kv_row_stride`
+/// elements, columns [c 256 | k_rope 64] = the wkv_a_with_mqa output), at position `positions[t]` of the sequence in
+/// block-table row `token_seq[t]`; stores [rms_norm(c) * norm_weight | rope(k_rope, position)] in the cache dtype.
+pub fn mla_cache_write(
+    cache: &PagedCache,
+    tables: &BlockTables,
+    kv: &DeviceBuffer<bf16>,
+    kv_row_stride: usize,
+    weights: &CacheWriteWeights,
+    token_seq: &[i32],
+    positions: &[i32],
+) -> Result<()> {
+    tables.check_cache(cache)?;
+    let tokens = token_seq.len();
+    check_len("cache write positions", positions.len(), tokens)?;
+    check_len("kv_a_norm weight", weights.norm_weight.len(), KV_LORA_RANK)?;
+    check_len("rope inv_freq", weights.inv_freq.len(), QK_ROPE / 2)?;
+    if kv_row_stride < WIDTH || kv_row_stride % 8 != 0 || kv_row_stride > i32::MAX as usize {
+        return Err(Error::InvalidArgument(format!("kv row stride {kv_row_stride}: >= {WIDTH} and a multiple of 8 (16-byte rows)")));
+    }
+    if !(weights.eps.is_finite() && weights.eps >= 0.0) {
+        return Err(Error::InvalidArgument(format!("kv_a_norm eps {}", weights.eps)));
+    }
+    if tokens == 0 {
+        return Ok(());
+    }
+    let kv_needed = (tokens - 1) * kv_row_stride + WIDTH;
+    if kv.len() < kv_needed {
+        return Err(Error::shape("cache write kv (elements)", format!(">= {kv_needed}"), kv.len()));
+    }
+    for (t, (&seq, &pos)) in token_seq.iter().zip(positions).enumerate() {
+        let len = *tables.seq_lens().get(seq as usize).filter(|_| seq >= 0).ok_or_else(|| out_of_range(&format!("sequence of token {t}"), seq as i64, tables.num_seqs()))?;
+        if pos < 0 || pos >= len {
+            return Err(out_of_range(&format!("position of token {t} (sequence {seq})"), pos as i64, len as usize));
+        }
+    }
+    let (kernel, inv_scale) = match cache.desc.dtype {
+        CacheDtype::Bf16 => (CACHE_WRITE_BF16, 1.0),
+        CacheDtype::Fp8E4m3 { scale } => (CACHE_WRITE_FP8, 1.0 / scale),
+    };
+    let device = kv.device();
+    let seq_dev = DeviceBuffer::from_slice(device, token_seq)?;
+    let pos_dev = DeviceBuffer::from_slice(device, positions)?;
+    let params = MlaCacheWriteParams {
+        kv: kv.ptr(),
+        norm_weight: weights.norm_weight.ptr(),
+        inv_freq: weights.inv_freq.ptr(),
+        token_seq: seq_dev.ptr(),
+        positions: pos_dev.ptr(),
+        block_tables: tables.tables.ptr(),
+        cache: cache.data.mut_ptr(),
+        tokens: tokens as i32,
+        kv_row_stride: kv_row_stride as i32,
+        max_pages: tables.host.max_pages as i32,
+        page_size: cache.desc.page_size as i32,
+        eps: weights.eps,
+        fp8_inv_scale: inv_scale,
+    };
+    let config = LaunchConfig { grid: Dim3::x(super::blocks_for(tokens, WRITE_WARPS)), block: Dim3::x(32 * WRITE_WARPS as u32), shared_bytes: 0 };
+    launch_with(device, &kernel, &config, &params)
+}
+
+/// How the attention work is cut: warps per block (16 query rows each), row tiles per sequence, KV splits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionPlan {
+    pub warps: usize,
+    pub row_tiles: usize,
+    pub num_splits: usize,
+    pub tokens_per_split: usize,
+}
+
+impl AttentionPlan {
+    /// `max_rows`: the most (query token, head) rows of one sequence; `max_kv`: the longest sequence.
+    /// `num_splits`: forced split count, or `None` to fill the GPU (see `TARGET_BLOCKS`, `MIN_SPLIT_TOKENS`).
+    pub fn new(num_seqs: usize, max_rows: usize, max_kv: usize, num_splits: Option<usize>) -> Result<Self> {
+        let warps = max_rows.div_ceil(ROWS_PER_WARP).clamp(1, MAX_WARPS);
+        let row_tiles = max_rows.div_ceil(warps * ROWS_PER_WARP).max(1);
+        let max_kv = max_kv.max(1);
+        let wanted = match num_splits {
+            Some(0) => return Err(Error::InvalidArgument("num_splits must be >= 1".into())),
+            Some(n) => n,
+            None => TARGET_BLOCKS.div_ceil(num_seqs.max(1) * row_tiles).min(max_kv.div_ceil(MIN_SPLIT_TOKENS)),
+        };
+        let tokens_per_split = max_kv.div_ceil(wanted.max(1)).div_ceil(TILE_N) * TILE_N;
+        let num_splits = max_kv.div_ceil(tokens_per_split);
+        if num_splits > u16::MAX as usize {
+            return Err(Error::InvalidArgument(format!("{num_splits} KV splits")));
+        }
+        Ok(AttentionPlan { warps, row_tiles, num_splits, tokens_per_split })
+    }
+
+    /// Dynamic shared memory of one attention block (the layout in mla_attention.cu).
+    pub fn shared_bytes(&self, dtype: CacheDtype) -> usize {
+        let q = self.warps * ROWS_PER_WARP * ROW_STRIDE * 2;
+        match dtype {
+            CacheDtype::Bf16 => q + 2 * TILE_N * ROW_STRIDE * 2,
+            CacheDtype::Fp8E4m3 { .. } => q + 2 * TILE_N * WIDTH + TILE_N * ROW_STRIDE * 2,
+        }
+    }
+}
+
+/// Which query tokens belong to which sequence, checked and uploaded once (a decode step reuses it).
+/// `q_start` [num_seqs + 1]: sequence s owns query tokens q_start[s]..q_start[s+1], the last q_count tokens of the
+/// sequence (already written into the cache).
+pub struct QueryLayout {
+    host: Vec<i32>,
+    q_start: DeviceBuffer<i32>,
+}
+
+impl QueryLayout {
+    pub fn upload(device: &Device, q_start: &[i32]) -> Result<Self> {
+        if q_start.first() != Some(&0) {
+            return Err(Error::InvalidArgument(format!("q_start must start with 0, got {:?}", q_start.first())));
+        }
+        if let Some(w) = q_start.windows(2).find(|w| w[1] < w[0]) {
+            return Err(Error::InvalidArgument(format!("q_start decreases: {} then {}", w[0], w[1])));
+        }
+        Ok(QueryLayout { host: q_start.to_vec(), q_start: DeviceBuffer::from_slice(device, q_start)? })
+    }
+
+    /// Decode: one query token per sequence.
+    pub fn decode(device: &Device, num_seqs: usize) -> Result<Self> {
+        let q_start: Vec<i32> = (0..=num_seqs).map(|i| i as i32).collect();
+        Self::upload(device, &q_start)
+    }
+
+    pub fn tokens(&self) -> usize {
+        *self.host.last().unwrap() as usize
+    }
+}
+
+/// The queries of one attention call.
+pub struct Queries<'a> {
+    pub layout: &'a QueryLayout,
+    /// [tokens, heads, 256], W_UK absorbed.
+    pub q_lat: &'a DeviceBuffer<bf16>,
+    /// [tokens, heads, 64], rotated and llama-4 scaled.
+    pub q_rope: &'a DeviceBuffer<bf16>,
+    pub heads: usize,
+}
+
+/// The f32 partial results of split-KV attention; grows on demand and is reused across calls.
+pub struct AttentionScratch {
+    device: Device,
+    /// [rows capacity, 256] and [rows capacity, 2]
+    buffers: Option<(DeviceBuffer<f32>, DeviceBuffer<f32>)>,
+}
+
+impl AttentionScratch {
+    pub fn new(device: &Device) -> Self {
+        AttentionScratch { device: device.clone(), buffers: None }
+    }
+
+    fn ensure(&mut self, rows: usize) -> Result<&(DeviceBuffer<f32>, DeviceBuffer<f32>)> {
+        let rows = rows.max(1);
+        if self.buffers.as_ref().is_none_or(|(_, ml)| ml.len() < rows * 2) {
+            self.buffers = None;
+            self.buffers = Some((DeviceBuffer::alloc(&self.device, rows * KV_LORA_RANK)?, DeviceBuffer::alloc(&self.device, rows * 2)?));
+        }
+        Ok(self.buffers.as_ref().unwrap())
+    }
+}
+
+/// Causal latent attention: `o_lat` [tokens, heads, 256] (bf16). `num_splits`: None picks the split count.
+pub fn mla_attention(
+    cache: &PagedCache,
+    tables: &BlockTables,
+    queries: &Queries,
+    o_lat: &DeviceBuffer<bf16>,
+    softmax_scale: f32,
+    num_splits: Option<usize>,
+    scratch: &mut AttentionScratch,
+) -> Result<AttentionPlan> {
+    tables.check_cache(cache)?;
+    let num_seqs = tables.num_seqs();
+    let (q_start, heads) = (&queries.layout.host, queries.heads);
+    check_len("q_start", q_start.len(), num_seqs + 1)?;
+    if heads == 0 || heads > 1 << 16 {
+        return Err(Error::InvalidArgument(format!("{heads} heads")));
+    }
+    if !(softmax_scale.is_finite() && softmax_scale > 0.0) {
+        return Err(Error::InvalidArgument(format!("softmax scale {softmax_scale}")));
+    }
+    let mut max_q = 0usize;
+    for (s, (w, &kv_len)) in q_start.windows(2).zip(tables.seq_lens()).enumerate() {
+        let q_count = w[1] - w[0];
+        if q_count > kv_len {
+            return Err(out_of_range(&format!("query tokens of sequence {s}"), q_count as i64, kv_len as usize));
+        }
+        max_q = max_q.max(q_count as usize);
+    }
+    let tokens = queries.layout.tokens();
+    let rows = tokens.checked_mul(heads).filter(|&r| r <= i32::MAX as usize).ok_or_else(|| Error::InvalidArgument(format!("{tokens} tokens x {heads} heads")))?;
+    check_len("q_lat", queries.q_lat.len(), rows * KV_LORA_RANK)?;
+    check_len("q_rope", queries.q_rope.len(), rows * QK_ROPE)?;
+    check_len("o_lat", o_lat.len(), rows * KV_LORA_RANK)?;
+    let max_kv = tables.seq_lens().iter().copied().max().unwrap_or(0) as usize;
+    let plan = AttentionPlan::new(num_seqs, max_q * heads, max_kv, num_splits)?;
+    if tokens == 0 {
+        return Ok(plan);
+    }
+    if num_seqs > u16::MAX as usize {
+        return Err(Error::InvalidArgument(format!("{num_seqs} sequences in one launch")));
+    }
+
+    let device = o_lat.device();
+    let (kernel, score_scale, value_scale) = match cache.desc.dtype {
+        CacheDtype::Bf16 => (ATTENTION_BF16, softmax_scale, 1.0),
+        CacheDtype::Fp8E4m3 { scale } => (ATTENTION_FP8, softmax_scale * scale, scale),
+    };
+    // Partials exist only when split (a one-row buffer keeps the pointers valid otherwise).
+    let (partial_o, partial_ml) = scratch.ensure(if plan.num_splits > 1 { plan.num_splits * rows } else { 1 })?;
+    let params = MlaAttentionParams {
+        q_lat: queries.q_lat.ptr(),
+        q_rope: queries.q_rope.ptr(),
+        cache: cache.data.ptr(),
+        block_tables: tables.tables.ptr(),
+        q_start: queries.layout.q_start.ptr(),
+        kv_len: tables.lens.ptr(),
+        o_lat: o_lat.mut_ptr(),
+        partial_o: partial_o.mut_ptr(),
+        partial_ml: partial_ml.mut_ptr(),
+        num_seqs: num_seqs as i32,
+        heads: heads as i32,
+        max_pages: tables.host.max_pages as i32,
+        page_size: cache.desc.page_size as i32,
+        num_splits: plan.num_splits as i32,
+        tokens_per_split: plan.tokens_per_split as i32,
+        total_rows: rows as i32,
+        score_scale,
+        value_scale,
+    };
+    let config = LaunchConfig {
+        grid: Dim3::xyz(plan.row_tiles as u32, plan.num_splits as u32, num_seqs as u32),
+        block: Dim3::x(32 * plan.warps as u32),
+        shared_bytes: plan.shared_bytes(cache.desc.dtype) as u32,
+    };
+    launch_with(device, &kernel, &config, &params)?;
+    if plan.num_splits > 1 {
+        let config = LaunchConfig {
+            grid: Dim3::xy(super::blocks_for(max_q * heads, COMBINE_WARPS), num_seqs as u32),
+            block: Dim3::x(32 * COMBINE_WARPS as u32),
+            shared_bytes: 0,
+        };
+        launch_with(device, &COMBINE, &config, &params)?;
+    }
+    Ok(plan)
+}

@@ -1,0 +1,467 @@
+//! The paged MLA cache on the host side: page allocator, per-sequence block tables, append, fork with copy-on-write
+//! prefix sharing, free; and the arrays the attention kernels read (block tables, sequence lengths).
+//!
+//! This module owns the bookkeeping only: which physical page holds which tokens. The cache memory itself
+//! ([num_pages, page_size, 320] of bf16 or fp8 e4m3) lives on the device (`kernels::attention::PagedCache`).
+//! Every operation either succeeds completely or returns an error and changes nothing.
+
+use std::collections::BTreeMap;
+
+use crate::error::{Error, Result};
+
+/// Largest supported page size (tokens per page).
+pub const MAX_PAGE_SIZE: usize = 256;
+pub const DEFAULT_PAGE_SIZE: usize = 64;
+
+/// Element type of the cache.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum CacheDtype {
+    Bf16,
+    /// FP8 e4m3 with one per-tensor scale: value = e4m3 * scale.
+    Fp8E4m3 { scale: f32 },
+}
+
+impl CacheDtype {
+    pub fn bytes(&self) -> usize {
+        match self {
+            CacheDtype::Bf16 => 2,
+            CacheDtype::Fp8E4m3 { .. } => 1,
+        }
+    }
+}
+
+/// Shape and element type of a paged latent cache (one layer).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CacheDescriptor {
+    pub num_pages: usize,
+    pub page_size: usize,
+    pub kv_lora_rank: usize,
+    pub qk_rope: usize,
+    pub dtype: CacheDtype,
+}
+
+impl CacheDescriptor {
+    /// Mistral Small 4's geometry (latent 256 + rope 64) with the given pages.
+    pub fn mla(num_pages: usize, page_size: usize, dtype: CacheDtype) -> Result<Self> {
+        let desc = CacheDescriptor { num_pages, page_size, kv_lora_rank: 256, qk_rope: 64, dtype };
+        desc.validate()?;
+        Ok(desc)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if !(1..=MAX_PAGE_SIZE).contains(&self.page_size) {
+            return Err(Error::InvalidArgument(format!("page size {} outside 1..={MAX_PAGE_SIZE}", self.page_size)));
+        }
+        if self.num_pages == 0 || self.num_pages.saturating_mul(self.page_size) > i32::MAX as usize {
+            return Err(Error::InvalidArgument(format!("{} pages of {} tokens", self.num_pages, self.page_size)));
+        }
+        if let CacheDtype::Fp8E4m3 { scale } = self.dtype {
+            if !(scale.is_finite() && scale > 0.0) {
+                return Err(Error::InvalidArgument(format!("fp8 cache scale {scale} must be finite and > 0")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Values per token: [latent | rope].
+    pub fn token_width(&self) -> usize {
+        self.kv_lora_rank + self.qk_rope
+    }
+    pub fn token_bytes(&self) -> usize {
+        self.token_width() * self.dtype.bytes()
+    }
+    pub fn page_bytes(&self) -> usize {
+        self.page_size * self.token_bytes()
+    }
+    pub fn total_bytes(&self) -> usize {
+        self.num_pages * self.page_bytes()
+    }
+    /// Pages that hold `tokens` tokens.
+    pub fn pages_for(&self, tokens: usize) -> usize {
+        tokens.div_ceil(self.page_size)
+    }
+
+    /// One stored element as f32 (the dequantised value the attention reference reads).
+    pub fn decode_element(&self, bytes: &[u8]) -> f32 {
+        match self.dtype {
+            CacheDtype::Bf16 => half::bf16::from_le_bytes([bytes[0], bytes[1]]).to_f32(),
+            CacheDtype::Fp8E4m3 { scale } => e4m3_to_f32(bytes[0]) * scale,
+        }
+    }
+}
+
+/// FP8 e4m3 (OCP "fn" variant: no infinities, 0x7f / 0xff are NaN) to f32, exact.
+pub fn e4m3_to_f32(byte: u8) -> f32 {
+    let sign = if byte & 0x80 != 0 { -1.0 } else { 1.0 };
+    let exponent = ((byte >> 3) & 0xf) as i32;
+    let mantissa = (byte & 0x7) as f32;
+    if exponent == 0xf && byte & 0x7 == 0x7 {
+        return f32::NAN;
+    }
+    if exponent == 0 {
+        sign * mantissa / 8.0 * 2f32.powi(-6)
+    } else {
+        sign * (1.0 + mantissa / 8.0) * 2f32.powi(exponent - 7)
+    }
+}
+
+/// A sequence handle. Ids are never reused within one `KvCache`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SeqId(pub u64);
+
+/// A device page copy the engine must issue before writing new tokens (copy-on-write of a shared page).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageCopy {
+    pub src: u32,
+    pub dst: u32,
+}
+
+/// Slots reserved by `append`: positions `first_position..first_position + count` of the sequence, after the
+/// `copies` have been applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppendPlan {
+    pub first_position: usize,
+    pub count: usize,
+    pub copies: Vec<PageCopy>,
+}
+
+/// Block tables and lengths of a batch of sequences, laid out as the kernels read them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchTables {
+    /// [num_seqs, max_pages]; entries past a sequence's last page are -1.
+    pub block_tables: Vec<i32>,
+    /// [num_seqs]
+    pub seq_lens: Vec<i32>,
+    pub max_pages: usize,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Sequence {
+    pages: Vec<u32>,
+    len: usize,
+}
+
+/// Page allocator and block tables.
+#[derive(Clone, Debug)]
+pub struct KvCache {
+    desc: CacheDescriptor,
+    refcounts: Vec<u32>,
+    /// Free pages, popped from the end (deterministic order).
+    free: Vec<u32>,
+    sequences: BTreeMap<SeqId, Sequence>,
+    next_id: u64,
+}
+
+impl KvCache {
+    pub fn new(desc: CacheDescriptor) -> Result<Self> {
+        desc.validate()?;
+        let free = (0..desc.num_pages as u32).rev().collect();
+        Ok(KvCache { desc, refcounts: vec![0; desc.num_pages], free, sequences: BTreeMap::new(), next_id: 0 })
+    }
+
+    pub fn descriptor(&self) -> &CacheDescriptor {
+        &self.desc
+    }
+    pub fn free_pages(&self) -> usize {
+        self.free.len()
+    }
+    /// How many block-table entries (over all sequences) point at `page`.
+    pub fn refcount(&self, page: u32) -> Result<u32> {
+        self.refcounts.get(page as usize).copied().ok_or_else(|| out_of_range("page", page as usize, self.desc.num_pages))
+    }
+
+    /// A new, empty sequence.
+    pub fn add_sequence(&mut self) -> SeqId {
+        let id = SeqId(self.next_id);
+        self.next_id += 1;
+        self.sequences.insert(id, Sequence::default());
+        id
+    }
+
+    pub fn sequence_ids(&self) -> impl Iterator<Item = SeqId> + '_ {
+        self.sequences.keys().copied()
+    }
+
+    fn sequence(&self, id: SeqId) -> Result<&Sequence> {
+        self.sequences.get(&id).ok_or(Error::UnknownSequence(id.0))
+    }
+
+    pub fn len(&self, id: SeqId) -> Result<usize> {
+        Ok(self.sequence(id)?.len)
+    }
+
+    pub fn block_table(&self, id: SeqId) -> Result<&[u32]> {
+        Ok(&self.sequence(id)?.pages)
+    }
+
+    /// The physical slot (page * page_size + offset) of token `position` of a sequence.
+    pub fn slot(&self, id: SeqId, position: usize) -> Result<usize> {
+        let seq = self.sequence(id)?;
+        if position >= seq.len {
+            return Err(out_of_range("token position", position, seq.len));
+        }
+        Ok(seq.pages[position / self.desc.page_size] as usize * self.desc.page_size + position % self.desc.page_size)
+    }
+
+    /// Reserves `count` new token slots at the end of a sequence. When the sequence's last page is shared with
+    /// another sequence and partly filled, it is first replaced by a private copy (returned in `copies`: the engine
+    /// copies the page on the device before writing). Fails with `OutOfPages` and changes nothing when the pages
+    /// needed are not free.
+    pub fn append(&mut self, id: SeqId, count: usize) -> Result<AppendPlan> {
+        let page_size = self.desc.page_size;
+        let seq = self.sequence(id)?;
+        let len = seq.len;
+        let new_len = len.checked_add(count).filter(|&n| n <= i32::MAX as usize).ok_or_else(|| out_of_range("sequence length", len + count.min(i32::MAX as usize), i32::MAX as usize))?;
+        let partial_last = len % page_size != 0;
+        let copy_on_write = count > 0 && partial_last && self.refcounts[*seq.pages.last().unwrap() as usize] > 1;
+        let needed = self.desc.pages_for(new_len) - seq.pages.len() + copy_on_write as usize;
+        if needed > self.free.len() {
+            return Err(Error::OutOfPages { needed, free: self.free.len() });
+        }
+        let mut copies = Vec::new();
+        let mut fresh: Vec<u32> = (0..needed).map(|_| self.free.pop().unwrap()).collect();
+        let seq = self.sequences.get_mut(&id).unwrap();
+        if copy_on_write {
+            let dst = fresh.remove(0);
+            let src = std::mem::replace(seq.pages.last_mut().unwrap(), dst);
+            self.refcounts[src as usize] -= 1;
+            self.refcounts[dst as usize] = 1;
+            copies.push(PageCopy { src, dst });
+        }
+        for page in fresh {
+            self.refcounts[page as usize] = 1;
+            seq.pages.push(page);
+        }
+        seq.len = new_len;
+        Ok(AppendPlan { first_position: len, count, copies })
+    }
+
+    /// A new sequence that shares every page of `parent` (same tokens, same length). Shared pages are copied
+    /// lazily, when either sequence appends into a shared partly filled page.
+    pub fn fork(&mut self, parent: SeqId) -> Result<SeqId> {
+        let child = self.sequence(parent)?.clone();
+        for &page in &child.pages {
+            self.refcounts[page as usize] += 1;
+        }
+        let id = SeqId(self.next_id);
+        self.next_id += 1;
+        self.sequences.insert(id, child);
+        Ok(id)
+    }
+
+    /// Drops a sequence; pages no other sequence references return to the free list.
+    pub fn free(&mut self, id: SeqId) -> Result<()> {
+        let seq = self.sequences.remove(&id).ok_or(Error::UnknownSequence(id.0))?;
+        for &page in seq.pages.iter().rev() {
+            let count = &mut self.refcounts[page as usize];
+            *count -= 1;
+            if *count == 0 {
+                self.free.push(page);
+            }
+        }
+        Ok(())
+    }
+
+    /// Block tables and lengths of `ids`, in that order (rows padded to the longest with -1).
+    pub fn batch_tables(&self, ids: &[SeqId]) -> Result<BatchTables> {
+        let seqs: Vec<&Sequence> = ids.iter().map(|&id| self.sequence(id)).collect::<Result<_>>()?;
+        let max_pages = seqs.iter().map(|s| s.pages.len()).max().unwrap_or(0).max(1);
+        let mut block_tables = vec![-1i32; ids.len() * max_pages];
+        for (row, seq) in block_tables.chunks_exact_mut(max_pages).zip(&seqs) {
+            for (dst, &page) in row.iter_mut().zip(&seq.pages) {
+                *dst = page as i32;
+            }
+        }
+        Ok(BatchTables { block_tables, seq_lens: seqs.iter().map(|s| s.len as i32).collect(), max_pages })
+    }
+}
+
+fn out_of_range(what: &str, index: usize, limit: usize) -> Error {
+    Error::OutOfRange { what: what.into(), index: index as i64, limit: limit as i64 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn cache(pages: usize, page_size: usize) -> KvCache {
+        KvCache::new(CacheDescriptor::mla(pages, page_size, CacheDtype::Bf16).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn descriptor_sizes_and_limits() {
+        let d = CacheDescriptor::mla(10, 64, CacheDtype::Fp8E4m3 { scale: 0.5 }).unwrap();
+        assert_eq!((d.token_width(), d.token_bytes(), d.page_bytes(), d.total_bytes()), (320, 320, 20480, 204800));
+        assert_eq!(CacheDescriptor::mla(1, 1, CacheDtype::Bf16).unwrap().token_bytes(), 640);
+        for bad in [0, 257] {
+            assert!(matches!(CacheDescriptor::mla(4, bad, CacheDtype::Bf16), Err(Error::InvalidArgument(_))));
+        }
+        assert!(CacheDescriptor::mla(0, 16, CacheDtype::Bf16).is_err());
+        assert!(CacheDescriptor::mla(4, 16, CacheDtype::Fp8E4m3 { scale: f32::NAN }).is_err());
+    }
+
+    #[test]
+    fn e4m3_decoding_matches_the_format() {
+        assert_eq!(e4m3_to_f32(0x00), 0.0);
+        assert_eq!(e4m3_to_f32(0x38), 1.0);
+        assert_eq!(e4m3_to_f32(0x7e), 448.0);
+        assert_eq!(e4m3_to_f32(0xfe), -448.0);
+        assert_eq!(e4m3_to_f32(0x01), 2f32.powi(-9));
+        assert_eq!(e4m3_to_f32(0x3c), 1.5);
+        assert!(e4m3_to_f32(0x7f).is_nan() && e4m3_to_f32(0xff).is_nan());
+    }
+
+    #[test]
+    fn append_fork_and_copy_on_write() {
+        let mut kv = cache(8, 4);
+        let a = kv.add_sequence();
+        let plan = kv.append(a, 6).unwrap();
+        assert_eq!((plan.first_position, plan.count, plan.copies.len()), (0, 6, 0));
+        assert_eq!(kv.block_table(a).unwrap(), &[0, 1]);
+        let b = kv.fork(a).unwrap();
+        assert_eq!(kv.refcount(1).unwrap(), 2);
+        // b writes into the shared, partly filled page 1: it gets a private copy first.
+        let plan = kv.append(b, 1).unwrap();
+        assert_eq!(plan.copies, vec![PageCopy { src: 1, dst: 2 }]);
+        assert_eq!(kv.block_table(b).unwrap(), &[0, 2]);
+        assert_eq!((kv.refcount(1).unwrap(), kv.refcount(0).unwrap()), (1, 2));
+        // a now owns page 1 alone: no copy.
+        assert!(kv.append(a, 2).unwrap().copies.is_empty());
+        assert_eq!(kv.slot(a, 7).unwrap(), 4 + 3);
+        assert!(matches!(kv.slot(a, 8), Err(Error::OutOfRange { .. })));
+        kv.free(a).unwrap();
+        kv.free(b).unwrap();
+        assert_eq!(kv.free_pages(), 8);
+        assert!(matches!(kv.free(a), Err(Error::UnknownSequence(_))));
+        assert!(matches!(kv.append(a, 1), Err(Error::UnknownSequence(_))));
+    }
+
+    #[test]
+    fn a_full_shared_page_is_not_copied() {
+        let mut kv = cache(4, 4);
+        let a = kv.add_sequence();
+        kv.append(a, 4).unwrap();
+        let b = kv.fork(a).unwrap();
+        let plan = kv.append(b, 1).unwrap();
+        assert!(plan.copies.is_empty());
+        assert_eq!(kv.block_table(b).unwrap()[0], kv.block_table(a).unwrap()[0]);
+    }
+
+    #[test]
+    fn out_of_pages_changes_nothing() {
+        let mut kv = cache(3, 16);
+        let a = kv.add_sequence();
+        kv.append(a, 20).unwrap();
+        let before = kv.batch_tables(&[a]).unwrap();
+        let err = kv.append(a, 40).unwrap_err();
+        assert!(matches!(err, Error::OutOfPages { needed: 2, free: 1 }), "{err}");
+        assert_eq!(kv.batch_tables(&[a]).unwrap(), before);
+        assert_eq!(kv.free_pages(), 1);
+    }
+
+    #[test]
+    fn batch_tables_pad_with_minus_one() {
+        let mut kv = cache(6, 2);
+        let (a, b) = (kv.add_sequence(), kv.add_sequence());
+        kv.append(a, 5).unwrap();
+        kv.append(b, 1).unwrap();
+        let t = kv.batch_tables(&[b, a]).unwrap();
+        assert_eq!(t.max_pages, 3);
+        assert_eq!(t.seq_lens, vec![1, 5]);
+        assert_eq!(&t.block_tables[..3], &[kv.block_table(b).unwrap()[0] as i32, -1, -1]);
+        assert!(matches!(kv.batch_tables(&[SeqId(99)]), Err(Error::UnknownSequence(99))));
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Add,
+        Append(usize, usize),
+        Fork(usize),
+        Free(usize),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            1 => Just(Op::Add),
+            4 => (any::<usize>(), 0usize..20).prop_map(|(s, n)| Op::Append(s, n)),
+            2 => any::<usize>().prop_map(Op::Fork),
+            1 => any::<usize>().prop_map(Op::Free),
+        ]
+    }
+
+    proptest! {
+        // Random operation sequences against a model that stores a tag per token: every sequence must read back
+        // exactly the tags it wrote through its own block table (writes to shared pages go through the copies),
+        // every page's refcount equals the block-table entries pointing at it, and pages are conserved.
+        #[test]
+        fn random_operations_keep_the_invariants(page_size in 1usize..6, pages in 1usize..24, ops in proptest::collection::vec(op(), 1..60)) {
+            let mut kv = cache(pages, page_size);
+            let mut memory = vec![u64::MAX; pages * page_size];  // tag stored in each physical slot
+            let mut model: Vec<(SeqId, Vec<u64>)> = Vec::new();  // live sequences and their tokens' tags
+            let mut next_tag = 0u64;
+            for op in ops {
+                match op {
+                    Op::Add => model.push((kv.add_sequence(), Vec::new())),
+                    Op::Append(s, n) if !model.is_empty() => {
+                        let i = s % model.len();
+                        let id = model[i].0;
+                        let free_before = kv.free_pages();
+                        match kv.append(id, n) {
+                            Ok(plan) => {
+                                for c in &plan.copies {
+                                    let (src, dst) = (c.src as usize * page_size, c.dst as usize * page_size);
+                                    memory.copy_within(src..src + page_size, dst);
+                                }
+                                prop_assert_eq!(plan.first_position, model[i].1.len());
+                                for pos in plan.first_position..plan.first_position + n {
+                                    memory[kv.slot(id, pos).unwrap()] = next_tag;
+                                    model[i].1.push(next_tag);
+                                    next_tag += 1;
+                                }
+                            }
+                            Err(Error::OutOfPages { needed, free }) => {
+                                prop_assert!(needed > free);
+                                prop_assert_eq!(free, free_before);
+                            }
+                            Err(e) => return Err(TestCaseError::fail(e.to_string())),
+                        }
+                    }
+                    Op::Fork(s) if !model.is_empty() => {
+                        let i = s % model.len();
+                        let child = kv.fork(model[i].0).unwrap();
+                        model.push((child, model[i].1.clone()));
+                    }
+                    Op::Free(s) if !model.is_empty() => {
+                        let (id, _) = model.swap_remove(s % model.len());
+                        kv.free(id).unwrap();
+                    }
+                    _ => {}
+                }
+                // Contents: no sequence sees another's writes.
+                for (id, tags) in &model {
+                    prop_assert_eq!(kv.len(*id).unwrap(), tags.len());
+                    for (pos, &tag) in tags.iter().enumerate() {
+                        prop_assert_eq!(memory[kv.slot(*id, pos).unwrap()], tag);
+                    }
+                }
+                // Ownership: refcounts equal references; the free list holds exactly the unreferenced pages, once.
+                let mut references = vec![0u32; pages];
+                for (id, _) in &model {
+                    for &p in kv.block_table(*id).unwrap() {
+                        references[p as usize] += 1;
+                    }
+                }
+                let mut is_free = vec![false; pages];
+                for &p in &kv.free {
+                    prop_assert!(!is_free[p as usize], "page {} freed twice", p);
+                    is_free[p as usize] = true;
+                }
+                for p in 0..pages {
+                    prop_assert_eq!(kv.refcount(p as u32).unwrap(), references[p]);
+                    prop_assert_eq!(is_free[p], references[p] == 0);
+                }
+            }
+        }
+    }
+}

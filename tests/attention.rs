@@ -1,0 +1,393 @@
+//! Paged MLA attention kernels (cache writer, decode, chunked prefill, split-KV combine) against the CPU reference,
+//! on the interpreter and (when present) the GPU. Caches are checked by gathering their pages on the host into the
+//! contiguous layout `reference::attention::latent_attention` reads.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use half::bf16;
+use proptest::prelude::*;
+use rand::seq::SliceRandom;
+use rand::{rngs::StdRng, Rng};
+use small4::device::{Backend, Device, DeviceBuffer, Kernel, LaunchConfig, LaunchCounters};
+use small4::kernels::attention::{self, AttentionScratch, BlockTables, CacheWriteWeights, PagedCache, Queries, QueryLayout};
+use small4::model::kv_cache::{BatchTables, CacheDescriptor, CacheDtype};
+use small4::reference::attention::{latent_attention, MlaDims};
+use small4::reference::{norm, rope};
+
+const WIDTH: usize = 320;
+const LATENT: usize = 256;
+const ROPE: usize = 64;
+const SOFTMAX_SCALE: f32 = 0.088_388_35; // 1/sqrt(128)
+const FP8_SCALE: f32 = 0.75;
+/// A block-table entry no cache has: sits in every slot past a sequence's pages (never dereferenced).
+const UNUSED_ENTRY: i32 = i32::MAX;
+
+fn dims(heads: usize) -> MlaDims {
+    MlaDims { heads, kv_lora_rank: LATENT, qk_nope: 64, qk_rope: ROPE, v_head: 128 }
+}
+
+fn dtype(fp8: bool) -> CacheDtype {
+    if fp8 {
+        CacheDtype::Fp8E4m3 { scale: FP8_SCALE }
+    } else {
+        CacheDtype::Bf16
+    }
+}
+
+/// Block tables over a shuffled page pool (plus a few pages no sequence owns).
+fn random_tables(rng: &mut StdRng, lens: &[usize], page_size: usize, dtype: CacheDtype) -> (CacheDescriptor, BatchTables) {
+    let pages_of = |len: usize| len.div_ceil(page_size);
+    let used: usize = lens.iter().map(|&l| pages_of(l)).sum();
+    let desc = CacheDescriptor::mla(used + 3, page_size, dtype).unwrap();
+    let mut pool: Vec<i32> = (0..desc.num_pages as i32).collect();
+    pool.shuffle(rng);
+    let max_pages = lens.iter().map(|&l| pages_of(l)).max().unwrap_or(0) + 1;
+    let mut block_tables = vec![UNUSED_ENTRY; lens.len() * max_pages];
+    let mut next = pool.into_iter();
+    for (row, &len) in block_tables.chunks_exact_mut(max_pages).zip(lens) {
+        for entry in &mut row[..pages_of(len)] {
+            *entry = next.next().unwrap();
+        }
+    }
+    (desc, BatchTables { block_tables, seq_lens: lens.iter().map(|&l| l as i32).collect(), max_pages })
+}
+
+fn slot_offset(desc: &CacheDescriptor, tables: &BatchTables, seq: usize, pos: usize) -> usize {
+    let page = tables.block_tables[seq * tables.max_pages + pos / desc.page_size] as usize;
+    (page * desc.page_size + pos % desc.page_size) * desc.token_bytes()
+}
+
+/// A cache image whose used slots hold random values (never 0 or +-1) and every other byte 0xff (NaN bits).
+fn random_cache_bytes(rng: &mut StdRng, desc: &CacheDescriptor, tables: &BatchTables) -> Vec<u8> {
+    let mut bytes = vec![0xffu8; desc.total_bytes()];
+    for (seq, &len) in tables.seq_lens.iter().enumerate() {
+        for pos in 0..len as usize {
+            let at = slot_offset(desc, tables, seq, pos);
+            let token = &mut bytes[at..at + desc.token_bytes()];
+            match desc.dtype {
+                CacheDtype::Bf16 => token.copy_from_slice(bytemuck::cast_slice(&random_bf16(rng, WIDTH, 1.5))),
+                // e4m3 with exponent field <= 7 (|x| < 2), never zero or NaN.
+                CacheDtype::Fp8E4m3 { .. } => token.iter_mut().for_each(|b| *b = rng.random_range(1u8..0x40) | (rng.random::<u8>() & 0x80)),
+            }
+        }
+    }
+    bytes
+}
+
+/// Sequence `seq` of a paged cache image, dequantised into the contiguous [len, 320] f32 layout.
+fn gather(desc: &CacheDescriptor, tables: &BatchTables, bytes: &[u8], seq: usize) -> Vec<f32> {
+    let e = desc.dtype.bytes();
+    (0..tables.seq_lens[seq] as usize)
+        .flat_map(|pos| {
+            let at = slot_offset(desc, tables, seq, pos);
+            (0..WIDTH).map(move |i| desc.decode_element(&bytes[at + i * e..]))
+        })
+        .collect()
+}
+
+struct AttentionCase {
+    lens: Vec<usize>,
+    q_counts: Vec<usize>,
+    heads: usize,
+    page_size: usize,
+    fp8: bool,
+    splits: Option<usize>,
+    seed: u64,
+}
+
+/// Runs one attention call on a random paged cache (poisoned output) and checks it against the reference.
+/// Returns the output bits.
+fn check_attention(device: &Device, case: &AttentionCase) -> Vec<u16> {
+    let mut rng = rng(case.seed);
+    let (desc, tables) = random_tables(&mut rng, &case.lens, case.page_size, dtype(case.fp8));
+    let bytes = random_cache_bytes(&mut rng, &desc, &tables);
+    let tokens: usize = case.q_counts.iter().sum();
+    let h = case.heads;
+    let q_lat = random_bf16(&mut rng, tokens * h * LATENT, 1.0);
+    let q_rope = random_bf16(&mut rng, tokens * h * ROPE, 1.0);
+    let mut q_start = vec![0i32];
+    for &q in &case.q_counts {
+        q_start.push(q_start.last().unwrap() + q as i32);
+    }
+
+    let cache = PagedCache::from_bytes(device, desc, &bytes).unwrap();
+    let block_tables = BlockTables::upload(device, &tables, &desc).unwrap();
+    let q_lat_dev = DeviceBuffer::from_slice(device, &q_lat).unwrap();
+    let q_rope_dev = DeviceBuffer::from_slice(device, &q_rope).unwrap();
+    let o_lat = DeviceBuffer::<bf16>::filled_with_byte(device, tokens * h * LATENT, 0xff).unwrap();
+    let layout = QueryLayout::upload(device, &q_start).unwrap();
+    let queries = Queries { layout: &layout, q_lat: &q_lat_dev, q_rope: &q_rope_dev, heads: h };
+    let mut scratch = AttentionScratch::new(device);
+    attention::mla_attention(&cache, &block_tables, &queries, &o_lat, SOFTMAX_SCALE, case.splits, &mut scratch).unwrap();
+    let got = o_lat.to_vec().unwrap();
+
+    let (q_lat, q_rope) = (to_f32(&q_lat), to_f32(&q_rope));
+    let mut want = Vec::with_capacity(tokens * h * LATENT);
+    for (seq, (&len, &count)) in case.lens.iter().zip(&case.q_counts).enumerate() {
+        let first = q_start[seq] as usize;
+        let positions: Vec<usize> = (len - count..len).collect();
+        let cache_seq = gather(&desc, &tables, &bytes, seq);
+        want.extend(latent_attention(
+            &q_lat[first * h * LATENT..(first + count) * h * LATENT],
+            &q_rope[first * h * ROPE..(first + count) * h * ROPE],
+            &cache_seq,
+            &positions,
+            &dims(h),
+            SOFTMAX_SCALE,
+        ));
+    }
+    // The kernel rounds the probabilities to bf16 for the P.V product (2^-9 relative each, so at most 2^-9 of the
+    // largest cache value) and the output to bf16 (2^-9 relative); values here are below 2.
+    assert_close("o_lat", &to_f32(&got), &want, 2.0 * 2.0 / 512.0, 1.0 / 256.0);
+    got.iter().map(|v| v.to_bits()).collect()
+}
+
+fn decode_matches_reference(device: &Device) {
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig { cases: 10, ..ProptestConfig::default() });
+    let len = prop_oneof![Just(1usize), Just(54), Just(97), 2usize..130];
+    let strategy = (
+        proptest::collection::vec(len, 1..4),
+        prop_oneof![Just(1usize), Just(16), Just(64)],
+        any::<bool>(),
+        prop_oneof![Just(None), Just(Some(1usize)), Just(Some(2)), Just(Some(3))],
+        prop_oneof![Just(4usize), Just(3)],
+        any::<u64>(),
+    );
+    runner
+        .run(&strategy, |(lens, page_size, fp8, splits, heads, seed)| {
+            let q_counts = vec![1; lens.len()];
+            check_attention(device, &AttentionCase { lens, q_counts, heads, page_size, fp8, splits, seed });
+            Ok(())
+        })
+        .unwrap();
+}
+
+fn prefill_matches_reference(device: &Device) {
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig { cases: 8, ..ProptestConfig::default() });
+    // (cached prefix, new tokens) per sequence: the new tokens attend to the prefix and causally to each other.
+    let seq = (prop_oneof![Just(0usize), Just(53), 1usize..80], 1usize..24);
+    let strategy = (
+        proptest::collection::vec(seq, 1..3),
+        prop_oneof![Just(1usize), Just(16), Just(64)],
+        any::<bool>(),
+        prop_oneof![Just(None), Just(Some(2usize))],
+        prop_oneof![Just(4usize), Just(2)],
+        any::<u64>(),
+    );
+    runner
+        .run(&strategy, |(seqs, page_size, fp8, splits, heads, seed)| {
+            let lens = seqs.iter().map(|(prefix, new)| prefix + new).collect();
+            let q_counts = seqs.iter().map(|&(_, new)| new).collect();
+            check_attention(device, &AttentionCase { lens, q_counts, heads, page_size, fp8, splits, seed });
+            Ok(())
+        })
+        .unwrap();
+}
+
+fn long_decode_matches_reference(device: &Device) {
+    for (fp8, splits) in [(false, None), (true, Some(5))] {
+        let case = AttentionCase { lens: vec![333, 97], q_counts: vec![1, 1], heads: 4, page_size: 16, fp8, splits, seed: 11 };
+        check_attention(device, &case);
+    }
+}
+
+fn attention_is_deterministic(device: &Device) {
+    let case = AttentionCase { lens: vec![150, 54], q_counts: vec![3, 1], heads: 4, page_size: 16, fp8: false, splits: Some(3), seed: 5 };
+    assert_eq!(check_attention(device, &case), check_attention(device, &case));
+}
+
+fn cache_writer_matches_reference(device: &Device) {
+    let yarn = rope::YarnParams { theta: 1e4, factor: 128.0, original_max_position: 8192, beta_fast: 32.0, beta_slow: 1.0 };
+    let inv_freq = rope::yarn_inv_freq(ROPE, &yarn);
+    let eps = 1e-6;
+    for (page_size, fp8) in [(1usize, false), (16, true), (64, false), (64, true)] {
+        let mut rng = rng(page_size as u64 + fp8 as u64);
+        let lens = [5usize, 70, 1];
+        let (desc, tables) = random_tables(&mut rng, &lens, page_size, dtype(fp8));
+        // Every token of every sequence, in a shuffled order; kv rows padded (stride 328) like a fused projection.
+        let mut order: Vec<(i32, i32)> = lens.iter().enumerate().flat_map(|(s, &l)| (0..l as i32).map(move |p| (s as i32, p))).collect();
+        order.shuffle(&mut rng);
+        let stride = WIDTH + 8;
+        let kv = random_bf16(&mut rng, order.len() * stride, 3.0);
+        let weight = random_bf16(&mut rng, LATENT, 2.0);
+
+        let cache = PagedCache::filled_with_byte(device, desc, 0xff).unwrap();
+        let block_tables = BlockTables::upload(device, &tables, &desc).unwrap();
+        let kv_dev = DeviceBuffer::from_slice(device, &kv).unwrap();
+        let weight_dev = DeviceBuffer::from_slice(device, &weight).unwrap();
+        let inv_freq_dev = DeviceBuffer::from_slice(device, &inv_freq).unwrap();
+        let weights = CacheWriteWeights { norm_weight: &weight_dev, eps, inv_freq: &inv_freq_dev };
+        let (token_seq, positions): (Vec<i32>, Vec<i32>) = order.iter().copied().unzip();
+        attention::mla_cache_write(&cache, &block_tables, &kv_dev, stride, &weights, &token_seq, &positions).unwrap();
+        let bytes = cache.to_bytes().unwrap();
+
+        let mut written = vec![false; desc.total_bytes()];
+        for (t, &(seq, pos)) in order.iter().enumerate() {
+            let row = to_f32(&kv[t * stride..t * stride + WIDTH]);
+            let mut want = norm::rms_norm(&row[..LATENT], &to_f32(&weight), eps);
+            let mut k_rope = row[LATENT..].to_vec();
+            rope::apply_interleaved(&mut k_rope, &inv_freq, pos as usize);
+            want.extend(k_rope);
+            let at = slot_offset(&desc, &tables, seq as usize, pos as usize);
+            written[at..at + desc.token_bytes()].iter_mut().for_each(|w| *w = true);
+            let got: Vec<f32> = (0..WIDTH).map(|i| desc.decode_element(&bytes[at + i * desc.dtype.bytes()..])).collect();
+            // One rounding to the cache type from an f32 value that may differ from the reference's in the last bits:
+            // bf16 half-ulp 2^-9 relative (plus a margin), e4m3 a full ulp 2^-3 relative or the subnormal step.
+            let (abs, rel) = if fp8 { (FP8_SCALE * 2f32.powi(-9), 0.125) } else { (1e-6, 1.0 / 256.0) };
+            assert_close(&format!("cache row (page size {page_size}, fp8 {fp8}, seq {seq}, pos {pos})"), &got, &want, abs, rel);
+        }
+        assert!(bytes.iter().zip(&written).all(|(&b, &w)| w || b == 0xff), "the writer touched a slot it was not given");
+    }
+}
+
+fn wrappers_reject_bad_input(device: &Device) {
+    let mut rng = rng(3);
+    let (desc, mut tables) = random_tables(&mut rng, &[40, 3], 16, CacheDtype::Bf16);
+    let cache = PagedCache::filled_with_byte(device, desc, 0xff).unwrap();
+    let good = BlockTables::upload(device, &tables, &desc).unwrap();
+    let q = DeviceBuffer::<bf16>::filled_with_byte(device, 2 * 4 * LATENT, 0x11).unwrap();
+    let r = DeviceBuffer::<bf16>::filled_with_byte(device, 2 * 4 * ROPE, 0x11).unwrap();
+    let o = DeviceBuffer::<bf16>::alloc(device, 2 * 4 * LATENT).unwrap();
+
+    // A page index past the pool, inside a sequence's pages: refused before any launch.
+    tables.block_tables[1] = desc.num_pages as i32;
+    let err = BlockTables::upload(device, &tables, &desc).err().unwrap();
+    assert!(matches!(err, small4::Error::OutOfRange { .. }), "{err}");
+    // Wrong q shape (head count), more queries than cached tokens, a bad scale, a decreasing layout.
+    let mut scratch = AttentionScratch::new(device);
+    let decode = QueryLayout::decode(device, 2).unwrap();
+    let attend = |layout: &QueryLayout, heads: usize, cache: &PagedCache, scale: f32, scratch: &mut AttentionScratch| {
+        let queries = Queries { layout, q_lat: &q, q_rope: &r, heads };
+        attention::mla_attention(cache, &good, &queries, &o, scale, None, scratch).unwrap_err()
+    };
+    let err = attend(&decode, 3, &cache, SOFTMAX_SCALE, &mut scratch);
+    assert!(matches!(err, small4::Error::Shape { .. }), "{err}");
+    let err = attend(&QueryLayout::upload(device, &[0, 1, 5]).unwrap(), 4, &cache, SOFTMAX_SCALE, &mut scratch);
+    assert!(matches!(err, small4::Error::OutOfRange { .. }), "{err}");
+    let err = attend(&decode, 4, &cache, f32::NAN, &mut scratch);
+    assert!(matches!(err, small4::Error::InvalidArgument(_)), "{err}");
+    assert!(matches!(QueryLayout::upload(device, &[0, 2, 1]), Err(small4::Error::InvalidArgument(_))));
+    // The cache writer refuses a position past the sequence's length and an unknown sequence.
+    let kv = DeviceBuffer::<bf16>::filled_with_byte(device, WIDTH, 0x11).unwrap();
+    let w = DeviceBuffer::<bf16>::filled_with_byte(device, LATENT, 0x11).unwrap();
+    let f = DeviceBuffer::<f32>::filled_with_byte(device, ROPE / 2, 0x11).unwrap();
+    let weights = CacheWriteWeights { norm_weight: &w, eps: 1e-6, inv_freq: &f };
+    for (seq, pos) in [(1, 3), (2, 0), (0, -1)] {
+        let err = attention::mla_cache_write(&cache, &good, &kv, WIDTH, &weights, &[seq], &[pos]).unwrap_err();
+        assert!(matches!(err, small4::Error::OutOfRange { .. }), "{err}");
+    }
+    // Tables checked for another cache geometry.
+    let other = PagedCache::filled_with_byte(device, CacheDescriptor::mla(desc.num_pages, 64, CacheDtype::Bf16).unwrap(), 0).unwrap();
+    let err = attend(&decode, 4, &other, SOFTMAX_SCALE, &mut scratch);
+    assert!(matches!(err, small4::Error::InvalidArgument(_)), "{err}");
+}
+
+backend_tests!(
+    decode_matches_reference,
+    prefill_matches_reference,
+    long_decode_matches_reference,
+    attention_is_deterministic,
+    cache_writer_matches_reference,
+    wrappers_reject_bad_input
+);
+
+/// A backend that forwards to the interpreter and keeps the counters of every launch (a decode with splits is two
+/// launches; `last_launch_counters` alone would only show the combine).
+struct CountingBackend {
+    inner: Device,
+    launches: Mutex<Vec<LaunchCounters>>,
+}
+
+impl Backend for CountingBackend {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn alloc(&self, bytes: usize) -> small4::Result<u64> {
+        self.inner.alloc(bytes)
+    }
+    fn free(&self, addr: u64) -> small4::Result<()> {
+        self.inner.free(addr)
+    }
+    fn write(&self, addr: u64, data: &[u8]) -> small4::Result<()> {
+        self.inner.write(addr, data)
+    }
+    fn read(&self, addr: u64, out: &mut [u8]) -> small4::Result<()> {
+        self.inner.read(addr, out)
+    }
+    fn memset(&self, addr: u64, byte: u8, bytes: usize) -> small4::Result<()> {
+        self.inner.memset(addr, byte, bytes)
+    }
+    fn launch(&self, kernel: &Kernel, config: &LaunchConfig, params: &[u8]) -> small4::Result<()> {
+        self.inner.launch(kernel, config, params)?;
+        self.launches.lock().unwrap().extend(self.inner.last_launch_counters());
+        Ok(())
+    }
+    fn synchronize(&self) -> small4::Result<()> {
+        self.inner.synchronize()
+    }
+}
+
+/// Traffic of decode at the real head count (32) on the interpreter: sector bytes of the attention launch (and of
+/// the combine when split) over the ideal bytes (cache rows read once + q + o). Prints the table of docs/perf.md.
+/// `cargo test --test attention -- --ignored --nocapture decode_traffic_at_real_heads`
+#[test]
+#[ignore = "traffic measurement at real shapes (slow on the interpreter); numbers go to docs/perf.md"]
+fn decode_traffic_at_real_heads() {
+    let heads = 32;
+    println!("| cache | batch x context | splits | ideal B (cache+q+o) | attention sectors B | combine sectors B | total / ideal | partials B (write+read) | (total - partials) / ideal |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (fp8, lens, splits) in [
+        (false, vec![4096], Some(1)),
+        (false, vec![4096], None),
+        (true, vec![4096], Some(1)),
+        (false, vec![1000, 2500, 1700, 3001], Some(1)),
+        (false, vec![1000, 2500, 1700, 3001], None),
+    ] {
+        let counting = Arc::new(CountingBackend { inner: small4::device::simulator(), launches: Mutex::new(Vec::new()) });
+        let device: Device = counting.clone();
+        let mut rng = rng(1);
+        let (desc, tables) = random_tables(&mut rng, &lens, 64, dtype(fp8));
+        let bytes = random_cache_bytes(&mut rng, &desc, &tables);
+        let batch = lens.len();
+        let cache = PagedCache::from_bytes(&device, desc, &bytes).unwrap();
+        let block_tables = BlockTables::upload(&device, &tables, &desc).unwrap();
+        let q_lat = DeviceBuffer::from_slice(&device, &random_bf16(&mut rng, batch * heads * LATENT, 1.0)).unwrap();
+        let q_rope = DeviceBuffer::from_slice(&device, &random_bf16(&mut rng, batch * heads * ROPE, 1.0)).unwrap();
+        let o_lat = DeviceBuffer::<bf16>::filled_with_byte(&device, batch * heads * LATENT, 0xff).unwrap();
+        counting.launches.lock().unwrap().clear();
+        let layout = QueryLayout::decode(&device, batch).unwrap();
+        let queries = Queries { layout: &layout, q_lat: &q_lat, q_rope: &q_rope, heads };
+        let mut scratch = AttentionScratch::new(&device);
+        let plan = attention::mla_attention(&cache, &block_tables, &queries, &o_lat, SOFTMAX_SCALE, splits, &mut scratch).unwrap();
+        let launches = counting.launches.lock().unwrap().clone();
+        assert!(!launches.is_empty(), "the interpreter reported no counters");
+        let context: usize = lens.iter().sum();
+        let ideal = (context * desc.token_bytes() + batch * heads * (WIDTH + LATENT) * 2) as u64;
+        let attention_bytes = launches[0].sector_bytes();
+        let combine_bytes: u64 = launches[1..].iter().map(|c| c.sector_bytes()).sum();
+        let total = attention_bytes + combine_bytes;
+        // f32 partials (256 values + max + sum per row) of every split that holds keys of a sequence, written by the
+        // attention launch and read back by the combine.
+        let partials: u64 = if plan.num_splits > 1 {
+            lens.iter().map(|&l| (2 * heads * l.div_ceil(plan.tokens_per_split) * (LATENT + 2) * 4) as u64).sum()
+        } else {
+            0
+        };
+        println!(
+            "| {} | {} x {:?} | {} | {} | {} | {} | {:.3} | {} | {:.3} |",
+            if fp8 { "fp8" } else { "bf16" },
+            batch,
+            lens,
+            plan.num_splits,
+            ideal,
+            attention_bytes,
+            combine_bytes,
+            total as f64 / ideal as f64,
+            partials,
+            (total - partials) as f64 / ideal as f64
+        );
+    }
+}

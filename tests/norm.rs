@@ -82,3 +82,17 @@ fn ptxas_reports_no_spills() {
         assert_eq!((k.spill_stores, k.spill_loads), (0, 0), "{}::{} spills", k.module, k.kernel);
     }
 }
+
+/// The interpreter's counters for one fused launch: printed, and every global request is fully coalesced
+/// (the sectors moved carry exactly the bytes the kernel asked for).
+#[test]
+fn rms_norm_counters_on_the_interpreter() {
+    let device = small4::device::simulator();
+    check_rms_norm(&device, 4, 4096, true, 11);
+    let counters = device.last_launch_counters().expect("the interpreter reports counters");
+    eprintln!("{counters}");
+    assert_eq!(counters.kernel, "rms_norm_bf16");
+    let requested = counters.global_bytes_read + counters.global_bytes_written;
+    assert_eq!(counters.traffic_efficiency(requested), 1.0, "{counters}");
+    assert_eq!(counters.shared_bank_conflicts, 0);
+}

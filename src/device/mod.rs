@@ -60,16 +60,23 @@ pub struct LaunchConfig {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct LaunchCounters {
     pub kernel: String,
+    pub blocks: u64,
     /// Warp-level instructions issued, in total and by class.
     pub instructions: u64,
     pub instructions_by_class: Vec<(String, u64)>,
+    /// Instructions counted once per active thread.
+    pub thread_instructions: u64,
     pub global_bytes_read: u64,
     pub global_bytes_written: u64,
     /// Warp-wide global memory requests and the 32-byte sectors they touched.
     pub global_requests: u64,
     pub global_sectors: u64,
+    /// Warp-wide shared-memory requests, and the extra wavefronts bank conflicts cost them.
+    pub shared_requests: u64,
     pub shared_bank_conflicts: u64,
+    /// mma.sync instructions (per warp) and their floating-point operations.
     pub tensor_core_ops: u64,
+    pub tensor_flops: u64,
 }
 
 impl LaunchCounters {
@@ -80,6 +87,28 @@ impl LaunchCounters {
     /// ideal bytes / bytes moved (1.0 = every sector fetched carried only needed data).
     pub fn traffic_efficiency(&self, ideal_bytes: u64) -> f64 {
         ideal_bytes as f64 / self.sector_bytes().max(1) as f64
+    }
+}
+
+impl std::fmt::Display for LaunchCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {} blocks, {} warp instructions (", self.kernel, self.blocks, self.instructions)?;
+        for (i, (class, n)) in self.instructions_by_class.iter().enumerate() {
+            write!(f, "{}{class} {n}", if i > 0 { ", " } else { "" })?;
+        }
+        write!(
+            f,
+            "); global {} B read + {} B written in {} requests / {} sectors ({:.2} sectors per request); shared {} requests, {} bank-conflict wavefronts; {} mma ({} flops)",
+            self.global_bytes_read,
+            self.global_bytes_written,
+            self.global_requests,
+            self.global_sectors,
+            self.global_sectors as f64 / self.global_requests.max(1) as f64,
+            self.shared_requests,
+            self.shared_bank_conflicts,
+            self.tensor_core_ops,
+            self.tensor_flops
+        )
     }
 }
 

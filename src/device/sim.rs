@@ -47,14 +47,18 @@ fn sim_error(e: ptxsim::SimError) -> Error {
 fn launch_counters(c: &ptxsim::Counters) -> LaunchCounters {
     LaunchCounters {
         kernel: c.kernel.clone(),
+        blocks: c.blocks,
         instructions: c.warp_instructions,
         instructions_by_class: c.by_class_named().into_iter().map(|(n, v)| (n.to_string(), v)).collect(),
+        thread_instructions: c.thread_instructions,
         global_bytes_read: c.global_bytes_read,
         global_bytes_written: c.global_bytes_written,
         global_requests: c.global_requests,
         global_sectors: c.global_sectors,
+        shared_requests: c.shared_requests,
         shared_bank_conflicts: c.shared_bank_conflicts,
         tensor_core_ops: c.tensor_ops,
+        tensor_flops: c.tensor_flops,
     }
 }
 

@@ -67,17 +67,25 @@ impl Counters {
     /// Records one warp-wide shared request: bank conflicts are the wavefronts beyond what the bytes need
     /// (128 bytes per wavefront); lanes reading the same 4-byte word share it (broadcast).
     pub(crate) fn shared_request(&mut self, ranges: &[(u32, u32)]) {
-        let mut words: Vec<u32> = Vec::with_capacity(ranges.len() * 4);
+        let mut words = [0u32; 256];
+        let mut n = 0usize;
         let mut bytes = 0u32;
-        for &(a, n) in ranges {
-            bytes += n;
-            words.extend((a / 4)..(a + n.max(1)).div_ceil(4));
+        for &(a, len) in ranges {
+            bytes += len;
+            for w in (a / 4)..(a + len.max(1)).div_ceil(4) {
+                if n < words.len() {
+                    words[n] = w;
+                    n += 1;
+                }
+            }
         }
+        let words = &mut words[..n];
         words.sort_unstable();
-        words.dedup();
         let mut per_bank = [0u32; 32];
-        for w in &words {
-            per_bank[(w % 32) as usize] += 1;
+        for (i, w) in words.iter().enumerate() {
+            if i == 0 || words[i - 1] != *w {
+                per_bank[(w % 32) as usize] += 1;
+            }
         }
         let wavefronts = per_bank.iter().copied().max().unwrap_or(0);
         let ideal = bytes.div_ceil(128).max(1).min(wavefronts.max(1));

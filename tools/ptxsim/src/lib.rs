@@ -88,6 +88,19 @@ impl Module {
     pub fn kernel(&self, name: &str) -> Option<&ir::Kernel> {
         self.kernels.iter().find(|k| k.name == name)
     }
+
+    /// Every instruction the interpreter cannot run, as (kernel, PTX line, opcode): executing one is an error.
+    pub fn unsupported(&self) -> Vec<(String, u32, String)> {
+        let mut out = Vec::new();
+        for k in &self.kernels {
+            for i in &k.code {
+                if let ir::Op::Unsupported(name) = &i.op {
+                    out.push((k.name.clone(), i.line, name.clone()));
+                }
+            }
+        }
+        out
+    }
 }
 
 /// Global memory and kernel launches.

@@ -244,19 +244,13 @@ fn brute_round(x: f64, values: &[(u32, f64)], sign_bit: u32, inf: Option<u32>, m
         Some(v) => sign | v.0,
         None => {
             // Beyond the largest finite value.
-            return if satfinite || inf.is_none() || mode == "rz" || (mode == "rm" && !neg) || (mode == "rp" && neg) {
-                sign | max_bits
-            } else if mode == "rn" {
-                // IEEE: overflow to infinity only from max + half an ulp on.
-                let prev = pos.iter().filter(|v| v.1 < max).map(|v| v.1).fold(0.0, f64::max);
-                if a >= max + (max - prev) / 2.0 {
-                    sign | inf.unwrap()
-                } else {
-                    sign | max_bits
-                }
-            } else {
-                sign | inf.unwrap()
+            let inf = match inf {
+                Some(inf) if !(satfinite || mode == "rz" || (mode == "rm" && !neg) || (mode == "rp" && neg)) => inf,
+                _ => return sign | max_bits,
             };
+            // IEEE: round-to-nearest overflows to infinity only from max + half an ulp on.
+            let prev = pos.iter().filter(|v| v.1 < max).map(|v| v.1).fold(0.0, f64::max);
+            return if mode == "rn" && a < max + (max - prev) / 2.0 { sign | max_bits } else { sign | inf };
         }
     };
     if below.1 == a {
@@ -558,4 +552,77 @@ fn lop3_funnel_shifts_testp_and_elect() {
     let got = run("elect.sync %rd|%pd, -1; selp.u32 %hi, 100, 0, %pd; add.u32 %rd, %rd, %hi; cvt.u64.u32 %d, %rd;", &[(0, 0, 0); 32]);
     assert_eq!(got[0], 100);
     assert!(got[1..].iter().all(|&g| g == 0));
+}
+
+fn run_result(body: &str, cases: &[(u64, u64, u64)]) -> Result<Vec<u64>, ptxsim::SimError> {
+    let module = Module::parse(&kernel(body)).unwrap();
+    let mut m = Machine::new();
+    let col = |f: fn(&(u64, u64, u64)) -> u64| cases.iter().map(f).collect::<Vec<u64>>();
+    let (a, b, c) = (upload(&mut m, &col(|x| x.0)), upload(&mut m, &col(|x| x.1)), upload(&mut m, &col(|x| x.2)));
+    let out = poisoned(&mut m, cases.len() * 8);
+    m.launch(&module, "k", [1, 1, 1], [cases.len() as u32, 1, 1], 0, &Params::new().ptr(out).ptr(a).ptr(b).ptr(c).0)?;
+    Ok(download(&m, out, cases.len()))
+}
+
+#[test]
+fn race_detector_orders_lanes_of_a_warp_by_syncwarp() {
+    // Every lane stores its id, then reads its neighbour's; %pa says whether a __syncwarp separates the two.
+    let body = r#"
+  .shared .align 4 .b8 s[128];
+  .reg .b64 %sa, %sb;
+  .reg .b32 %v, %nb;
+  mov.u64 %sa, s;
+  mul.wide.u32 %sb, %tid, 4;
+  add.s64 %sb, %sa, %sb;
+  st.shared.u32 [%sb], %tid;
+  @%pa bar.warp.sync -1;
+  add.u32 %nb, %tid, 1;
+  and.b32 %nb, %nb, 31;
+  mul.wide.u32 %sb, %nb, 4;
+  add.s64 %sb, %sa, %sb;
+  ld.shared.u32 %v, [%sb];
+  cvt.u64.u32 %d, %v;
+  "#;
+    let got = run_result(body, &[(1, 0, 0); 32]).unwrap();
+    assert_eq!(got, (0..32u64).map(|t| (t + 1) % 32).collect::<Vec<_>>());
+    let e = run_result(body, &[(0, 0, 0); 32]).unwrap_err();
+    assert!(e.message.contains("shared-memory race") && e.message.contains("thread (1, 0, 0) wrote"), "{e}");
+    // Atomics on one word from every lane are not races.
+    let atomic = r#"
+  .shared .align 4 .b8 s[4];
+  .reg .b32 %v;
+  setp.eq.u32 %pd, %tid, 0;
+  @%pd st.shared.u32 [s], 0;
+  bar.sync 0;
+  atom.shared.add.u32 %v, [s], 1;
+  bar.sync 0;
+  ld.shared.u32 %v, [s];
+  cvt.u64.u32 %d, %v;
+  "#;
+    assert_eq!(run_result(atomic, &[(0, 0, 0); 64]).unwrap(), vec![64; 64]);
+}
+
+#[test]
+fn barrier_deadlock_and_divergent_shuffle_are_errors() {
+    // Only even threads reach the barrier while odd ones wait at a second one: neither can complete.
+    let deadlock = r#"
+  and.b32 %hi, %tid, 1;
+  setp.eq.u32 %pd, %hi, 0;
+  @%pd bra EVEN;
+  bar.sync 1;
+  bra.uni END;
+EVEN:
+  bar.sync 0;
+END:
+  "#;
+    let e = run_result(deadlock, &[(0, 0, 0); 64]).unwrap_err();
+    assert!(e.message.contains("deadlock"), "{e}");
+    let divergent = r#"
+  setp.lt.u32 %pd, %tid, 16;
+  @%pd bra SKIP;
+  shfl.sync.bfly.b32 %rd, %tid, 1, 31, -1;
+SKIP:
+  "#;
+    let e = run_result(divergent, &[(0, 0, 0); 32]).unwrap_err();
+    assert!(e.message.contains("member mask 0xffffffff") && e.message.contains("0xffff0000"), "{e}");
 }

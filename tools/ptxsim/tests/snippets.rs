@@ -329,7 +329,7 @@ fn sectors_per_request_measure_coalescing() {
         let input: Vec<f32> = (0..32 * stride).map(|i| i as f32).collect();
         let ind = upload(&mut m, &input);
         let out = poisoned(&mut m, 32 * 4);
-        let c = m.launch(&module, "strided_read", [1, 1, 1], [32, 1, 1], 0, &Params::new().ptr(ind).ptr(out).i32(stride as i32).0).unwrap();
+        let c = m.launch(&module, "strided_read", [1, 1, 1], [32, 1, 1], 0, &Params::new().ptr(ind).ptr(out).i32(stride).0).unwrap();
         // One load request and one store request; the store is always 4 sectors.
         assert_eq!((c.global_requests, c.global_sectors), (2, sectors + 4), "stride {stride}");
         assert_eq!((c.global_bytes_read, c.global_bytes_written), (128, 128));
@@ -370,4 +370,27 @@ fn run_gemm_unchecked(m_: usize, n_: usize, k_: usize) -> (ptxsim::Counters, f64
     let (wall, cpu) = (std::time::Instant::now(), thread_cpu_seconds());
     let c = m.launch(&module, "gemm_bf16", [(n_ / 64) as u32, (m_ / 64) as u32, 1], [128, 1, 1], 0, &p.0).unwrap();
     (c, wall.elapsed().as_secs_f64(), thread_cpu_seconds() - cpu)
+}
+
+#[test]
+fn mma_m16n8k8_f16_with_ldmatrix_x1_and_activemask() {
+    let module = snippets();
+    let mut m = Machine::new();
+    let mut rng = Rng(77);
+    let a: Vec<f16> = (0..16 * 8).map(|_| f16::from_f32(rng.f32(3.0))).collect();
+    let bt: Vec<f16> = (0..8 * 8).map(|_| f16::from_f32(rng.f32(3.0))).collect(); // [n][k]
+    let c: Vec<f32> = (0..16 * 8).map(|_| rng.f32(10.0)).collect();
+    let (ad, bd, cd) = (upload(&mut m, &a), upload(&mut m, &bt), upload(&mut m, &c));
+    let dd = poisoned(&mut m, 16 * 8 * 4);
+    let masks = poisoned(&mut m, 32 * 4);
+    m.launch(&module, "mma_f16_k8", [1, 1, 1], [32, 1, 1], 0, &Params::new().ptr(ad).ptr(bd).ptr(cd).ptr(dd).ptr(masks).0).unwrap();
+    let d = download::<f32>(&m, dd, 16 * 8);
+    for i in 0..16 {
+        for j in 0..8 {
+            let want: f64 = c[i * 8 + j] as f64 + (0..8).map(|k| a[i * 8 + k].to_f64() * bt[j * 8 + k].to_f64()).sum::<f64>();
+            assert!((d[i * 8 + j] as f64 - want).abs() <= 1e-5 * want.abs().max(1.0), "D[{i}][{j}] = {} want {want}", d[i * 8 + j]);
+        }
+    }
+    let got = download::<u32>(&m, masks, 32);
+    assert_eq!(got, (0..32).map(|l| if l % 4 == 0 { 0x1111_1111 } else { 0 }).collect::<Vec<u32>>());
 }

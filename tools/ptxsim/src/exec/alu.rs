@@ -90,7 +90,7 @@ fn int1(op: IntOp, ty: Ty, sat: bool, a: u64, b: u64, c: u64, d: u64) -> Result<
         }
         IntOp::Min => wide(a).min(wide(b)) as u64,
         IntOp::Max => wide(a).max(wide(b)) as u64,
-        IntOp::Abs => wide(a).abs() as u64,
+        IntOp::Abs => wide(a).unsigned_abs() as u64,
         IntOp::Neg => wide(a).wrapping_neg() as u64,
         IntOp::And => a & b,
         IntOp::Or => a | b,

@@ -157,7 +157,7 @@ impl BlockCtx<'_> {
             }
             Loc::Local(o) => {
                 let at = self.local_bounds(w, o, len, lane, "read")?;
-                if w.local_init[at..at + len].iter().any(|&b| b == 0) {
+                if w.local_init[at..at + len].contains(&0) {
                     return fault(lane, format!("read of uninitialised local memory at offset {o:#x}"));
                 }
                 out.copy_from_slice(&w.local[at..at + len]);
@@ -327,6 +327,9 @@ impl BlockCtx<'_> {
     }
 
     pub(super) fn cp_async(&mut self, w: &mut Warp, inst: &Inst, bytes: u32, zfill: bool, exec: u32) -> Result<(), Fault> {
+        if !matches!(bytes, 4 | 8 | 16) {
+            return warp_fault(format!("cp.async of {bytes} bytes (the sizes are 4, 8 and 16)"));
+        }
         let mut ranges = Vec::new();
         for l in lanes(exec) {
             let dst = Self::addr_of(w, inst, l);
@@ -373,31 +376,48 @@ impl BlockCtx<'_> {
         for l in lanes(exec) {
             let tid = w.linear_tid(l) as usize;
             let committed = self.asyncq.committed[tid];
-            let all = std::mem::take(&mut self.asyncq.pending[tid]);
-            let (land, keep): (Vec<AsyncCopy>, Vec<AsyncCopy>) =
-                all.into_iter().partition(|c| if n == u32::MAX { true } else { c.group != UNCOMMITTED && c.group + n < committed });
-            self.asyncq.pending[tid] = keep;
-            for c in land {
-                let mut data = vec![0u8; c.bytes as usize];
-                if c.src_bytes > 0 {
-                    self.read(w, Loc::Global(c.src), l, &mut data[..c.src_bytes as usize])
-                        .map_err(|f| Fault { message: format!("{} (source of the cp.async at PTX line {})", f.message, c.line), ..f })?;
+            // Land in issue order; the queue is taken out and put back so no allocation happens per wait.
+            let mut queue = std::mem::take(&mut self.asyncq.pending[tid]);
+            let mut kept = 0;
+            let mut result = Ok(());
+            for i in 0..queue.len() {
+                let c = queue[i].clone();
+                let lands = n == u32::MAX || (c.group != UNCOMMITTED && c.group + n < committed);
+                if !lands {
+                    queue.swap(kept, i);
+                    kept += 1;
+                } else if result.is_ok() {
+                    result = self.land(w, l, &c);
                 }
-                let off = c.dst as usize;
-                self.shared.pending[off..off + c.bytes as usize].fill(0);
-                self.write(w, Loc::Shared(c.dst), l, &data, true)?;
             }
+            queue.truncate(kept);
+            self.asyncq.pending[tid] = queue;
+            result?;
         }
         Ok(())
     }
 
+    fn land(&mut self, w: &mut Warp, l: usize, c: &AsyncCopy) -> Result<(), Fault> {
+        let mut data = [0u8; 16];
+        let data = &mut data[..c.bytes as usize];
+        if c.src_bytes > 0 {
+            self.read(w, Loc::Global(c.src), l, &mut data[..c.src_bytes as usize])
+                .map_err(|f| Fault { message: format!("{} (source of the cp.async at PTX line {})", f.message, c.line), ..f })?;
+        }
+        let off = c.dst as usize;
+        self.shared.pending[off..off + c.bytes as usize].fill(0);
+        self.write(w, Loc::Shared(c.dst), l, data, true)
+    }
+
+    #[allow(clippy::needless_range_loop)] // matrix m, row r index both the rows and the supplying lane
     pub(super) fn ldmatrix(&mut self, w: &mut Warp, inst: &Inst, num: u32, trans: bool, exec: u32) -> Result<(), Fault> {
         if exec != u32::MAX {
             return warp_fault(format!("ldmatrix needs all 32 lanes of the warp converged (active {exec:#010x})"));
         }
         // rows[m][r] = the 8 b16 elements of row r of matrix m, read from the address lane 8m+r supplies.
         let mut rows = [[[0u16; 8]; 8]; 4];
-        let mut ranges = Vec::new();
+        let mut ranges = [(0u32, 0u32); 32];
+        let mut nr = 0;
         for m in 0..num as usize {
             for r in 0..8 {
                 let lane = m * 8 + r;
@@ -407,7 +427,8 @@ impl BlockCtx<'_> {
                 }
                 let loc = self.resolve(Space::Shared, a);
                 if let Loc::Shared(o) = loc {
-                    ranges.push((o, 16));
+                    ranges[nr] = (o, 16);
+                    nr += 1;
                 }
                 let mut buf = [0u8; 16];
                 self.read(w, loc, lane, &mut buf)?;
@@ -416,7 +437,7 @@ impl BlockCtx<'_> {
                 }
             }
         }
-        self.counters.shared_request(&ranges);
+        self.counters.shared_request(&ranges[..nr]);
         for l in 0..32 {
             let (g, t) = (l / 4, l % 4);
             for m in 0..num as usize {
@@ -427,6 +448,7 @@ impl BlockCtx<'_> {
         Ok(())
     }
 
+    #[allow(clippy::needless_range_loop)]
     pub(super) fn stmatrix(&mut self, w: &mut Warp, inst: &Inst, num: u32, trans: bool, exec: u32) -> Result<(), Fault> {
         if exec != u32::MAX {
             return warp_fault("stmatrix needs all 32 lanes of the warp converged");

@@ -281,6 +281,7 @@ impl BlockCtx<'_> {
     }
 
     /// Runs the whole block to completion.
+    #[allow(clippy::needless_range_loop)] // warps and barriers are indexed while other elements are borrowed
     pub fn run_block(&mut self, warps: &mut [Warp]) -> Result<(), SimError> {
         let mut bars = [BarState::default(); 16];
         let mut steps = 0u64;

@@ -146,7 +146,7 @@ typedef struct MoeCombineParams {
 
 /* dequant_fp8_per_tensor: out = e4m3(data) * tensor_scale.
  * dequant_fp8_block128:   out[r, c] = e4m3(data[r, c]) * block_scales[r / 128, c / 128]
- *                         (block_scales row-major [ceil(rows/128), ceil(cols/128)]; needs cols % 8 == 0). */
+ *                         (block_scales row-major [ceil(rows/128), ceil(cols/128)]; needs cols % 16 == 0). */
 typedef struct DequantFp8Params {
     const fp8e4m3 *data;        /* [rows, cols] */
     const float *block_scales;  /* block kernel only (null for per-tensor) */
@@ -157,7 +157,7 @@ typedef struct DequantFp8Params {
 } DequantFp8Params;
 
 /* dequant_int4: out[r, c] = (q[r, c] - z) * scales[r, c / group], q the nibble of packed[r, c / 2] (low nibble =
- * even column), z = zeros[r, c / group] when zeros is not null, else 8. cols % group == 0, group % 8 == 0. */
+ * even column), z = zeros[r, c / group] when zeros is not null, else 8. cols % group == 0, group % 32 == 0. */
 typedef struct DequantInt4Params {
     const uint8_t *packed;      /* [rows, cols / 2] */
     const bf16 *scales;         /* [rows, cols / group] */

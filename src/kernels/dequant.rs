@@ -16,8 +16,8 @@ const INT4: Kernel = Kernel { module: DEQUANT, entry: "dequant_int4" };
 const NVFP4: Kernel = Kernel { module: DEQUANT, entry: "dequant_nvfp4" };
 
 const THREADS: u32 = 256;
-/// Grid cap of the grid-stride loop: 4 blocks of 256 threads on each of an H100's 132 SMs (what fits at the kernels'
-/// ~46 registers); more blocks would only queue behind these.
+/// Grid cap of the grid-stride loop: 4 blocks of 256 threads on each of an H100's 132 SMs (at the kernels' at most 53
+/// registers, 4 x 256 x 53 = 54k of an SM's 64k registers); more blocks would only queue behind these.
 const MAX_BLOCKS: u32 = 132 * 4;
 /// Outputs per warp tile: 32 lanes x one 16-byte vector of 8-bit (16 elements) or 4-bit (32 elements) codes.
 const fn elements_per_tile(bits: usize) -> usize {
@@ -48,18 +48,26 @@ fn check_matrix(what: &str, out: &DeviceBuffer<bf16>, rows: usize, cols: usize) 
     Ok(elements)
 }
 
-fn launch<P: Copy>(device: &Device, kernel: &Kernel, elements: usize, bits: usize, params: &P) -> Result<()> {
+/// Launches with one warp per tile, at most `max_blocks` blocks (the kernels loop over the rest).
+fn launch<P: Copy>(device: &Device, kernel: &Kernel, elements: usize, bits: usize, max_blocks: u32, params: &P) -> Result<()> {
     if elements == 0 {
         return Ok(());
     }
+    if max_blocks == 0 {
+        return Err(Error::InvalidArgument(format!("{}: max_blocks must be at least 1", kernel.entry)));
+    }
     let tiles = elements.div_ceil(elements_per_tile(bits));
-    let blocks = super::blocks_for(tiles, (THREADS / 32) as usize).clamp(1, MAX_BLOCKS);
+    let blocks = super::blocks_for(tiles, (THREADS / 32) as usize).clamp(1, max_blocks);
     let config = LaunchConfig { grid: Dim3::x(blocks), block: Dim3::x(THREADS), shared_bytes: 0 };
     launch_with(device, kernel, &config, params)
 }
 
 /// `out = e4m3(data) * scale` (the FP8 checkpoint's `qscale_weight`).
 pub fn dequant_fp8_per_tensor(data: &DeviceBuffer<u8>, scale: f32, out: &DeviceBuffer<bf16>, rows: usize, cols: usize) -> Result<()> {
+    fp8_per_tensor(data, scale, out, rows, cols, MAX_BLOCKS)
+}
+
+fn fp8_per_tensor(data: &DeviceBuffer<u8>, scale: f32, out: &DeviceBuffer<bf16>, rows: usize, cols: usize, max_blocks: u32) -> Result<()> {
     let elements = check_matrix("dequant_fp8_per_tensor", out, rows, cols)?;
     check_len("dequant_fp8_per_tensor data", data.len(), elements)?;
     check_scalar("dequant_fp8_per_tensor scale", scale)?;
@@ -71,11 +79,11 @@ pub fn dequant_fp8_per_tensor(data: &DeviceBuffer<u8>, scale: f32, out: &DeviceB
         cols: cols as i32,
         tensor_scale: scale,
     };
-    launch(data.device(), &FP8_PER_TENSOR, elements, 8, &params)
+    launch(data.device(), &FP8_PER_TENSOR, elements, 8, max_blocks, &params)
 }
 
-/// `out[r, c] = e4m3(data[r, c]) * block_scales[r / 128, c / 128]`. The kernel needs `cols % 8 == 0` (every 8-output
-/// chunk in one row); the checkpoints that use block scales have multiples of 128.
+/// `out[r, c] = e4m3(data[r, c]) * block_scales[r / 128, c / 128]`. The kernel needs `cols % 16 == 0` (every 16-code
+/// vector in one row and one block); the checkpoints that use block scales have multiples of 128.
 pub fn dequant_fp8_block128(
     data: &DeviceBuffer<u8>,
     block_scales: &DeviceBuffer<f32>,
@@ -83,9 +91,13 @@ pub fn dequant_fp8_block128(
     rows: usize,
     cols: usize,
 ) -> Result<()> {
+    fp8_block128(data, block_scales, out, rows, cols, MAX_BLOCKS)
+}
+
+fn fp8_block128(data: &DeviceBuffer<u8>, block_scales: &DeviceBuffer<f32>, out: &DeviceBuffer<bf16>, rows: usize, cols: usize, max_blocks: u32) -> Result<()> {
     let elements = check_matrix("dequant_fp8_block128", out, rows, cols)?;
-    if cols % 8 != 0 {
-        return Err(Error::shape("dequant_fp8_block128 columns", "a multiple of 8", cols));
+    if cols % 16 != 0 {
+        return Err(Error::shape("dequant_fp8_block128 columns", "a multiple of 16", cols));
     }
     check_len("dequant_fp8_block128 data", data.len(), elements)?;
     check_len("dequant_fp8_block128 block_scales", block_scales.len(), rows.div_ceil(FP8_BLOCK) * cols.div_ceil(FP8_BLOCK))?;
@@ -97,11 +109,12 @@ pub fn dequant_fp8_block128(
         cols: cols as i32,
         tensor_scale: 0.0,
     };
-    launch(data.device(), &FP8_BLOCK128, elements, 8, &params)
+    launch(data.device(), &FP8_BLOCK128, elements, 8, max_blocks, &params)
 }
 
 /// `out[r, c] = (q - z) * scales[r, c / group]` with z = `zeros[r, c / group]` or 8 without zero points. The kernel
-/// needs `group % 8 == 0` (GPTQ / AWQ groups are 32, 64 or 128) and `cols % group == 0`.
+/// needs `group % 32 == 0` (GPTQ / AWQ groups are 32, 64, 128 or a whole row; a warp tile then spans at most 32
+/// groups) and `cols % group == 0`.
 pub fn dequant_int4(
     packed: &DeviceBuffer<u8>,
     scales: &DeviceBuffer<bf16>,
@@ -111,9 +124,20 @@ pub fn dequant_int4(
     cols: usize,
     group: usize,
 ) -> Result<()> {
+    int4(packed, scales, zeros, out, [rows, cols, group], MAX_BLOCKS)
+}
+
+fn int4(
+    packed: &DeviceBuffer<u8>,
+    scales: &DeviceBuffer<bf16>,
+    zeros: Option<&DeviceBuffer<u8>>,
+    out: &DeviceBuffer<bf16>,
+    [rows, cols, group]: [usize; 3],
+    max_blocks: u32,
+) -> Result<()> {
     let elements = check_matrix("dequant_int4", out, rows, cols)?;
-    if group == 0 || group % 8 != 0 || group > i32::MAX as usize {
-        return Err(Error::InvalidArgument(format!("dequant_int4: group {group} must be a positive multiple of 8")));
+    if group == 0 || group % 32 != 0 || group > i32::MAX as usize {
+        return Err(Error::InvalidArgument(format!("dequant_int4: group {group} must be a positive multiple of 32")));
     }
     if cols % group != 0 {
         return Err(Error::shape("dequant_int4 columns", format!("a multiple of the group {group}"), cols));
@@ -132,7 +156,7 @@ pub fn dequant_int4(
         cols: cols as i32,
         group: group as i32,
     };
-    launch(packed.device(), &INT4, elements, 4, &params)
+    launch(packed.device(), &INT4, elements, 4, max_blocks, &params)
 }
 
 /// `out[r, c] = e2m1(q) * (e4m3(scales[r, c / 16]) / global_scale)`, the NVFP4 checkpoint's arrays as stored.
@@ -144,6 +168,10 @@ pub fn dequant_nvfp4(
     rows: usize,
     cols: usize,
 ) -> Result<()> {
+    nvfp4(packed, scales, global_scale, out, rows, cols, MAX_BLOCKS)
+}
+
+fn nvfp4(packed: &DeviceBuffer<u8>, scales: &DeviceBuffer<u8>, global_scale: f32, out: &DeviceBuffer<bf16>, rows: usize, cols: usize, max_blocks: u32) -> Result<()> {
     let elements = check_matrix("dequant_nvfp4", out, rows, cols)?;
     if cols % NVFP4_BLOCK != 0 {
         return Err(Error::shape("dequant_nvfp4 columns", format!("a multiple of {NVFP4_BLOCK}"), cols));
@@ -159,7 +187,7 @@ pub fn dequant_nvfp4(
         cols: cols as i32,
         global_scale,
     };
-    launch(packed.device(), &NVFP4, elements, 4, &params)
+    launch(packed.device(), &NVFP4, elements, 4, max_blocks, &params)
 }
 
 /// A quantised matrix uploaded to a device: its shape and its arrays as device buffers.
@@ -217,12 +245,18 @@ impl DeviceQuantized {
 
     /// Launches the matching kernel: `out` (`rows * cols` bf16) = the matrix dequantised.
     pub fn dequantize_into(&self, out: &DeviceBuffer<bf16>) -> Result<()> {
+        self.dequantize_into_with_max_blocks(out, MAX_BLOCKS)
+    }
+
+    /// The same with a grid of at most `max_blocks` blocks of 256 threads (each then loops over more tiles): leaves
+    /// SMs to kernels running alongside on other streams. The result does not depend on the grid.
+    pub fn dequantize_into_with_max_blocks(&self, out: &DeviceBuffer<bf16>, max_blocks: u32) -> Result<()> {
         let (rows, cols) = (self.rows, self.cols);
         match &self.arrays {
-            DeviceArrays::Fp8PerTensor { data, scale } => dequant_fp8_per_tensor(data, *scale, out, rows, cols),
-            DeviceArrays::Fp8Block128 { data, block_scales } => dequant_fp8_block128(data, block_scales, out, rows, cols),
-            DeviceArrays::Int4 { packed, scales, zeros, group } => dequant_int4(packed, scales, zeros.as_ref(), out, rows, cols, *group),
-            DeviceArrays::Nvfp4 { packed, scales, global_scale } => dequant_nvfp4(packed, scales, *global_scale, out, rows, cols),
+            DeviceArrays::Fp8PerTensor { data, scale } => fp8_per_tensor(data, *scale, out, rows, cols, max_blocks),
+            DeviceArrays::Fp8Block128 { data, block_scales } => fp8_block128(data, block_scales, out, rows, cols, max_blocks),
+            DeviceArrays::Int4 { packed, scales, zeros, group } => int4(packed, scales, zeros.as_ref(), out, [rows, cols, *group], max_blocks),
+            DeviceArrays::Nvfp4 { packed, scales, global_scale } => nvfp4(packed, scales, *global_scale, out, rows, cols, max_blocks),
         }
     }
 }

@@ -116,7 +116,7 @@ fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
             Attention::Absorbed => AttentionForm::Absorbed,
         },
     };
-    let model = ReferenceModel::new(weights, options);
+    let model = ReferenceModel::new(weights, options)?;
     let prompt: Vec<String> = args.prompt_ids.iter().map(u32::to_string).collect();
     println!("tiny preset (seed {}), {:?}, prompt: {}", args.seed, options, prompt.join(","));
     print!("generated:");
@@ -131,7 +131,7 @@ fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
         stats.prompt_tokens,
         stats.prefill_time.as_secs_f64() * 1e3,
         stats.prefill_tokens_per_s(),
-        stats.generated.len().saturating_sub(1),
+        stats.decode_steps(),
         stats.decode_time.as_secs_f64() * 1e3,
         stats.decode_tokens_per_s(),
     );

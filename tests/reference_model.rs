@@ -19,7 +19,7 @@ fn tiny_weights() -> &'static ReferenceWeights {
 }
 
 fn model(rounding: RoundingMode, attention: AttentionForm) -> ReferenceModel {
-    ReferenceModel::new(tiny_weights().clone(), ForwardOptions { rounding, attention })
+    ReferenceModel::new(tiny_weights().clone(), ForwardOptions { rounding, attention }).unwrap()
 }
 
 /// Logits of `tokens` in one prefill on a cache whose first token is at `start`.
@@ -70,7 +70,7 @@ fn naive_and_absorbed_attention_agree_including_long_context_positions() {
 fn llama4_query_scaling_acts_from_the_original_context_only() {
     let base = model(RoundingMode::F32, AttentionForm::Absorbed);
     let unscaled_config = ModelConfig { llama4_beta: 0.0, ..ModelConfig::tiny() };
-    let unscaled = ReferenceModel::new(ReferenceWeights { config: unscaled_config, ..tiny_weights().clone() }, base.options());
+    let unscaled = ReferenceModel::new(ReferenceWeights { config: unscaled_config, ..tiny_weights().clone() }, base.options()).unwrap();
     // Below 8192 the scale is exactly 1: identical logits.
     assert_eq!(prefill_at(&base, &PROMPT, 1000), prefill_at(&unscaled, &PROMPT, 1000));
     // From 8192 on it sharpens the attention: the logits move.
@@ -161,8 +161,8 @@ fn dense_layers_and_several_shared_experts_run_in_both_forms() {
     let config = ModelConfig { n_layers: 2, first_k_dense_replace: 1, shared_experts: 2, tied_embeddings: true, ..ModelConfig::tiny() };
     let weights = ReferenceWeights::random(&config, 9).unwrap();
     assert_eq!(weights.output, weights.tok_embeddings);
-    let naive = ReferenceModel::new(weights.clone(), ForwardOptions { rounding: RoundingMode::F32, attention: AttentionForm::Naive });
-    let absorbed = ReferenceModel::new(weights, ForwardOptions { rounding: RoundingMode::F32, attention: AttentionForm::Absorbed });
+    let naive = ReferenceModel::new(weights.clone(), ForwardOptions { rounding: RoundingMode::F32, attention: AttentionForm::Naive }).unwrap();
+    let absorbed = ReferenceModel::new(weights, ForwardOptions { rounding: RoundingMode::F32, attention: AttentionForm::Absorbed }).unwrap();
     let want = prefill_at(&naive, &PROMPT[..4], 9000);
     assert_close("dense + 2 shared experts: absorbed vs naive", &prefill_at(&absorbed, &PROMPT[..4], 9000), &want, 2e-4, 2e-4);
 }
@@ -180,6 +180,65 @@ fn bad_inputs_give_typed_errors() {
     assert!(matches!(m.decode(1, &mut wrong), Err(Error::Shape { .. })));
     // Failed calls leave the cache untouched.
     assert!(cache.is_empty() && at_the_end.is_empty() && wrong.is_empty());
-    assert!(matches!(ReferenceWeights::random(&ModelConfig { experts_per_token: 17, ..config }, 1), Err(Error::Config(_))));
+    assert!(matches!(ReferenceWeights::random(&ModelConfig { experts_per_token: 17, ..config.clone() }, 1), Err(Error::Config(_))));
+    // Weights that do not match their configuration (as a checkpoint loader could build) are refused by name.
+    let mut bad = tiny_weights().clone();
+    bad.layers[2].attention.wkv_b.pop();
+    match ReferenceModel::new(bad, m.options()) {
+        Err(Error::Shape { what, .. }) => assert_eq!(what, "layers.2.attention.wkv_b"),
+        other => panic!("expected a shape error, got {:?}", other.err()),
+    }
+    let mut bad = tiny_weights().clone();
+    bad.config = ModelConfig { first_k_dense_replace: 1, ..config };
+    assert!(matches!(ReferenceModel::new(bad, m.options()), Err(Error::Shape { .. })));
 }
 
+
+#[test]
+fn cache_rows_hold_the_normed_latent_then_the_roped_shared_key() {
+    use small4::reference::{linear::matmul_nt, norm::rms_norm, rope};
+    let m = model(RoundingMode::F32, AttentionForm::Absorbed);
+    let (config, w) = (m.config().clone(), tiny_weights());
+    let start = 12_345;
+    let mut cache = ReferenceKvCache::starting_at(&config, start);
+    m.prefill(&PROMPT[..3], &mut cache).unwrap();
+    let (rank, width) = (config.kv_lora_rank, cache.width());
+    assert_eq!(width, 320);
+    assert_eq!(cache.layer(0).len(), 3 * width);
+    // Layer 0 sees the embeddings directly, so its rows follow from the weights alone.
+    let layer = &w.layers[0];
+    let inv_freq = rope::yarn_inv_freq(config.qk_rope, &config.yarn());
+    for (i, &token) in PROMPT[..3].iter().enumerate() {
+        let x = &w.tok_embeddings[token as usize * config.dim..][..config.dim];
+        let h = rms_norm(x, &layer.attention_norm, config.norm_eps);
+        let kv = matmul_nt(&h, &layer.attention.wkv_a_with_mqa, 1, config.dim, width);
+        let mut want = rms_norm(&kv[..rank], &layer.attention.kv_a_norm, config.norm_eps);
+        let mut k_rope = kv[rank..].to_vec();
+        rope::apply_interleaved(&mut k_rope, &inv_freq, start + i);
+        want.extend(k_rope);
+        assert_close(&format!("cache row {i} of layer 0"), &cache.layer(0)[i * width..][..width], &want, 1e-6, 1e-6);
+    }
+}
+
+#[test]
+fn the_cli_generates_with_the_reference_backend_only() {
+    let run = |args: &[&str]| std::process::Command::new(env!("CARGO_BIN_EXE_small4")).args(args).output().unwrap();
+    let seed = SEED.to_string();
+    let out = run(&["generate", "--max-tokens", "3", "--prompt-ids", "1,1010,73", "--seed", &seed]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "generate failed: {stdout} {}", String::from_utf8_lossy(&out.stderr));
+    let generated: Vec<u32> = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("generated:"))
+        .expect("a `generated:` line")
+        .split_whitespace()
+        .map(|t| t.parse().unwrap())
+        .collect();
+    // The CLI's defaults: bf16 activations, absorbed attention.
+    let m = model(RoundingMode::Bf16Activations, AttentionForm::Absorbed);
+    assert_eq!(generated, m.generate_greedy(&[1, 1010, 73], 3, |_| {}).unwrap().generated);
+    assert!(stdout.contains("tokens/s"), "{stdout}");
+    let out = run(&["generate", "--backend", "gpu"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("only `--backend reference`"));
+}

@@ -183,6 +183,69 @@ impl ReferenceWeights {
     }
 }
 
+impl ReferenceWeights {
+    /// Checks every tensor's length against the configuration (weights built elsewhere, e.g. from a checkpoint).
+    pub fn check_shapes(&self) -> Result<()> {
+        let c = &self.config;
+        c.validate()?;
+        let check = |name: String, tensor: &[f32], rows: usize, cols: usize| -> Result<()> {
+            if tensor.len() == rows * cols {
+                Ok(())
+            } else {
+                Err(Error::shape(name, format!("[{rows}, {cols}] = {} values", rows * cols), format!("{} values", tensor.len())))
+            }
+        };
+        let swiglu = |name: &str, e: &ExpertWeights, hidden: usize| -> Result<()> {
+            check(format!("{name}.w1"), &e.w1, hidden, c.dim)?;
+            check(format!("{name}.w3"), &e.w3, hidden, c.dim)?;
+            check(format!("{name}.w2"), &e.w2, c.dim, hidden)
+        };
+        check("tok_embeddings".into(), &self.tok_embeddings, c.vocab, c.dim)?;
+        check("norm".into(), &self.norm, 1, c.dim)?;
+        check("output".into(), &self.output, c.vocab, c.dim)?;
+        if self.layers.len() != c.n_layers {
+            return Err(Error::shape("layers", c.n_layers, self.layers.len()));
+        }
+        for (l, layer) in self.layers.iter().enumerate() {
+            let a = &layer.attention;
+            let at = |name: &str| format!("layers.{l}.attention.{name}");
+            check(format!("layers.{l}.attention_norm"), &layer.attention_norm, 1, c.dim)?;
+            check(format!("layers.{l}.ffn_norm"), &layer.ffn_norm, 1, c.dim)?;
+            check(at("wq_a"), &a.wq_a, c.q_lora_rank, c.dim)?;
+            check(at("q_a_norm"), &a.q_a_norm, 1, c.q_lora_rank)?;
+            check(at("wq_b"), &a.wq_b, c.heads * c.qk_head_dim(), c.q_lora_rank)?;
+            check(at("wkv_a_with_mqa"), &a.wkv_a_with_mqa, c.kv_lora_rank + c.qk_rope, c.dim)?;
+            check(at("kv_a_norm"), &a.kv_a_norm, 1, c.kv_lora_rank)?;
+            check(at("wkv_b"), &a.wkv_b, c.heads * (c.qk_nope + c.v_head), c.kv_lora_rank)?;
+            check(at("wo"), &a.wo, c.dim, c.heads * c.v_head)?;
+            match (&layer.ffn, c.is_moe_layer(l)) {
+                (FeedForward::Dense(e), false) => swiglu(&format!("layers.{l}.feed_forward"), e, c.dense_hidden)?,
+                (FeedForward::Moe(moe), true) => {
+                    check(format!("layers.{l}.gate"), &moe.gate, c.experts, c.dim)?;
+                    if moe.experts.len() != c.experts {
+                        return Err(Error::shape(format!("layers.{l}.experts"), c.experts, moe.experts.len()));
+                    }
+                    for (e, expert) in moe.experts.iter().enumerate() {
+                        if let Some(expert) = expert {
+                            swiglu(&format!("layers.{l}.experts.{e}"), expert, c.expert_hidden)?;
+                        }
+                    }
+                    match (&moe.shared_experts, c.shared_experts) {
+                        (None, 0) => {}
+                        (Some(s), n) if n > 0 => swiglu(&format!("layers.{l}.shared_experts"), s, c.shared_hidden())?,
+                        (s, n) => return Err(Error::shape(format!("layers.{l}.shared_experts"), n, usize::from(s.is_some()))),
+                    }
+                }
+                (_, moe) => {
+                    let want = if moe { "an MoE" } else { "a dense FFN" };
+                    return Err(Error::shape(format!("layers.{l} feed-forward"), want, "the other kind"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The latent KV cache of ONE sequence: per layer, `kv_lora_rank + qk_rope` values per token
 /// ([kv_a_norm(c) | rope(k_rope)]), contiguous in token order.
 #[derive(Clone, Debug)]
@@ -262,9 +325,16 @@ impl GenerationStats {
         self.prompt_tokens as f64 / self.prefill_time.as_secs_f64()
     }
 
-    /// Decode steps are all generated tokens but the first (which the prefill's logits produce).
+    /// Decode steps are all generated tokens but the first (which the prefill's logits produce); 0 without any.
+    pub fn decode_steps(&self) -> usize {
+        self.generated.len().saturating_sub(1)
+    }
+
     pub fn decode_tokens_per_s(&self) -> f64 {
-        self.generated.len().saturating_sub(1) as f64 / self.decode_time.as_secs_f64()
+        match self.decode_steps() {
+            0 => 0.0,
+            steps => steps as f64 / self.decode_time.as_secs_f64(),
+        }
     }
 }
 
@@ -276,9 +346,11 @@ pub struct ReferenceModel {
 }
 
 impl ReferenceModel {
-    pub fn new(weights: ReferenceWeights, options: ForwardOptions) -> Self {
+    /// Fails with a typed error when a weight's shape does not match the configuration.
+    pub fn new(weights: ReferenceWeights, options: ForwardOptions) -> Result<Self> {
+        weights.check_shapes()?;
         let inv_freq = yarn_inv_freq(weights.config.qk_rope, &weights.config.yarn());
-        ReferenceModel { weights, options, inv_freq }
+        Ok(ReferenceModel { weights, options, inv_freq })
     }
 
     pub fn config(&self) -> &ModelConfig {

@@ -1,6 +1,8 @@
 //! The mixture-of-experts block on the CPU: router (softmax over all experts in f32, top-k with ties to the lower
 //! index, renormalisation, routed scale) and SwiGLU experts.
 
+use rayon::prelude::*;
+
 use super::linear::matmul_nt;
 
 /// Top-k choice for each token: `ids[t * k + j]` and `weights[t * k + j]`, best first.
@@ -80,18 +82,19 @@ pub fn moe_block(
         Some(s) => swiglu_expert(x, &s.w1, &s.w3, &s.w2, tokens, dim, hidden),
         None => vec![0.0; tokens * dim],
     };
-    for t in 0..tokens {
+    // Tokens are independent: one task per output row.
+    out.par_chunks_mut(dim.max(1)).enumerate().for_each(|(t, out_row)| {
         let row = &x[t * dim..(t + 1) * dim];
         for j in 0..routing.k {
             let id = routing.ids[t * routing.k + j];
             let Some(Some(e)) = usize::try_from(id).ok().and_then(|i| experts.get(i)) else { continue };
             let y = swiglu_expert(row, &e.w1, &e.w3, &e.w2, 1, dim, hidden);
             let w = routing.weights[t * routing.k + j];
-            for (o, v) in out[t * dim..(t + 1) * dim].iter_mut().zip(&y) {
+            for (o, v) in out_row.iter_mut().zip(&y) {
                 *o += w * v;
             }
         }
-    }
+    });
     out
 }
 

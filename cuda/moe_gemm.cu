@@ -172,13 +172,21 @@ template <> struct WeightFormat<Format::Nvfp4> {
 
 // ---- the kernel body -------------------------------------------------------------------------------------------------
 
-template <Format F, int MF, int NF, int STAGES>
+// Pipeline depth from a shared-memory budget: as many 64-k stages as fit in 96 KiB (2 blocks per SM), 2 to 8. Narrow
+// formats get deeper pipelines, so every format keeps about the same bytes in flight. src/kernels/moe.rs mirrors this.
+constexpr int kStageBudget = 96 * 1024;
+__host__ __device__ constexpr int stages_for(int stage_bytes) {
+    return kStageBudget / stage_bytes < 2 ? 2 : (kStageBudget / stage_bytes > 8 ? 8 : kStageBudget / stage_bytes);
+}
+
+template <Format F, int MF, int NF>
 __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
     using W = WeightFormat<F>;
     constexpr int BM = kWarps * MF * 16;
     constexpr int BN = NF * 8;
     constexpr int kWStage = kWarps * MF * W::kTileBytes;
     constexpr int kXStage = BN * kXRowBytes;
+    constexpr int STAGES = stages_for(kWStage + kXStage);
     constexpr int kRawWords = W::kTileBytes / 32 / 4;  // per lane per tile per stage
     static_assert(NF % 2 == 0, "ldmatrix.x4 loads two pair fragments at a time");
 
@@ -254,7 +262,7 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
 #pragma unroll
             for (int i = 0; i < 4; ++i) acc[m][f][i] = 0.f;
 
-#pragma unroll
+#pragma unroll 1
     for (int s = 0; s < STAGES - 1; ++s) {
         if (s < k_blocks) load_stage(s, s);
         cp_async_commit();
@@ -345,14 +353,15 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
 
 }  // namespace
 
-// Two tile shapes: "small" for decode (BM 64 features, BN 32 slots, 4 stages: many blocks along the features so few
-// pairs still stream the weights at full width) and "tiled" for prefill (BM 128, BN 64, 3 stages).
+// Two tile shapes, both BM 128 features: "small" for decode (BN 32 slots: 1-32 pairs of an expert share one pass over
+// its weights) and "tiled" for prefill (BN 64). BM 128 keeps the activation rows each block re-reads (L2 hits on a
+// GPU) at pairs * 2 / (128 * bytes per weight) of the weight bytes while 4096 features still give 32 blocks an expert.
 #define MOE_GEMM_KERNELS(NAME, FORMAT)                                                                                     \
     extern "C" __global__ void __launch_bounds__(kThreads) moe_gemm_##NAME##_small(const MoeGemmParams p) {              \
-        grouped_gemm<FORMAT, 1, 4, 4>(p);                                                                                  \
+        grouped_gemm<FORMAT, 2, 4>(p);                                                                                     \
     }                                                                                                                      \
     extern "C" __global__ void __launch_bounds__(kThreads) moe_gemm_##NAME##_tiled(const MoeGemmParams p) {              \
-        grouped_gemm<FORMAT, 2, 8, 3>(p);                                                                                  \
+        grouped_gemm<FORMAT, 2, 8>(p);                                                                                     \
     }
 
 MOE_GEMM_KERNELS(bf16, Format::Bf16)

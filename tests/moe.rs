@@ -277,3 +277,56 @@ backend_tests!(
     linear_matches_reference,
     wrappers_reject_bad_shapes,
 );
+
+/// Traffic of the two grouped GEMMs at decode shapes with the model's real sizes (dim 4096, hidden 2048), from the
+/// interpreter's counters: 32-byte sectors moved / ideal bytes (weights and scales of the touched experts read once,
+/// the activations read once, the outputs written once). Slow (minutes): run with
+/// `cargo test --release --test moe decode_traffic_at_real_dims -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn decode_traffic_at_real_dims() {
+    let device = small4::device::simulator();
+    let (dim, hidden, k) = (4096, 2048, 4);
+    println!("| format | tokens | experts touched | kernel | sector bytes | ideal bytes | sectors / ideal |");
+    println!("|---|---|---|---|---|---|---|");
+    for format in [WeightFormat::Bf16, WeightFormat::Nvfp4] {
+        let mut rng = rng(11);
+        let expert = random_expert(&mut rng, format, dim, hidden);
+        for (tokens, experts) in [(1usize, 4usize), (32, 4)] {
+            // Every expert gets the same weights (traffic does not depend on the values); the routing spreads the
+            // tokens' k distinct choices uniformly over the experts present.
+            let local: Vec<&Expert> = (0..experts).map(|_| &expert).collect();
+            let weights = pack_layer(&device, &local, None);
+            let case = Case { tokens, dim, hidden, experts, k, format, shared: false, remote: 0, pick: Pick::Uniform, seed: 12 };
+            let routing = random_routing(&mut rng, &case);
+            let tile_m = moe::moe_tile_m(tokens, k, experts);
+            let alignment = align_pairs(&routing.ids, None, experts, tile_m);
+            let touched = alignment.expert_counts.iter().filter(|&&c| c > 0).count();
+            let up = |v: &[i32]| DeviceBuffer::from_slice(&device, v).unwrap();
+            let (sorted_pairs, tile_experts, expert_offsets) = (up(&alignment.sorted_pairs), up(&alignment.tile_experts), up(&alignment.expert_offsets));
+            let num_padded = up(&[alignment.num_padded]);
+            let grouping = Grouping { sorted_pairs: &sorted_pairs, tile_experts: &tile_experts, expert_offsets: &expert_offsets, num_padded: &num_padded, tile_m };
+            let x = DeviceBuffer::from_slice(&device, &random_bf16(&mut rng, tokens * dim, 1.0)).unwrap();
+            let act = DeviceBuffer::<bf16>::filled_with_byte(&device, alignment.sorted_pairs.len() * hidden, 0xff).unwrap();
+            let pair_out = DeviceBuffer::<f32>::filled_with_byte(&device, tokens * k * dim, 0xff).unwrap();
+            let topk_weights = DeviceBuffer::from_slice(&device, &routing.weights).unwrap();
+            let pairs = tokens * k;
+            // Grouping metadata the kernels read: sorted pairs of the used slots, tile experts, offsets.
+            let grouping_bytes = 4 * (alignment.num_padded as usize * 2 / tile_m.max(1) + alignment.num_padded as usize + 2 * experts);
+
+            moe::up_swiglu(&weights.gate_up, &x, tokens, k, &grouping, &act).unwrap();
+            let up_counters = device.last_launch_counters().unwrap();
+            let up_ideal = touched * weights.gate_up.bytes_per_expert + tokens * dim * 2 + pairs * hidden * 2 + grouping_bytes;
+            moe::down(&weights.down, &act, &grouping, k, &topk_weights, &pair_out).unwrap();
+            let down_counters = device.last_launch_counters().unwrap();
+            let down_ideal = touched * weights.down.bytes_per_expert + pairs * hidden * 2 + pairs * dim * 4 + pairs * 4 + grouping_bytes;
+            for (name, counters, ideal) in [("up + SwiGLU", up_counters, up_ideal), ("down x weight", down_counters, down_ideal)] {
+                println!(
+                    "| {format} | {tokens} | {touched} | {name} | {} | {ideal} | {:.3} |",
+                    counters.sector_bytes(),
+                    counters.sector_bytes() as f64 / ideal as f64
+                );
+            }
+        }
+    }
+}

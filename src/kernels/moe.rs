@@ -18,19 +18,18 @@ const X_ROW_BYTES: usize = 128;
 /// The two tile shapes compiled for every format (see `cuda/moe_gemm.cu`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum TileShape {
-    /// Decode: 64 features x 32 pair slots, 4 stages.
+    /// Decode: 128 features x 32 pair slots.
     Small,
-    /// Prefill: 128 features x 64 pair slots, 3 stages.
+    /// Prefill: 128 features x 64 pair slots.
     Tiled,
 }
 
+/// Weight tiles of 16 rows per warp (both shapes).
+const TILES_PER_WARP: usize = 2;
+/// Shared memory the k pipeline may use (`kStageBudget` in moe_gemm.cu).
+const STAGE_BUDGET: usize = 96 * 1024;
+
 impl TileShape {
-    fn weight_tiles_per_warp(self) -> usize {
-        match self {
-            Self::Small => 1,
-            Self::Tiled => 2,
-        }
-    }
     /// Pair slots per block (BN).
     fn slots(self) -> usize {
         match self {
@@ -38,19 +37,15 @@ impl TileShape {
             Self::Tiled => 64,
         }
     }
-    fn stages(self) -> usize {
-        match self {
-            Self::Small => 4,
-            Self::Tiled => 3,
-        }
-    }
     /// Output features per block (BM).
     fn features(self) -> usize {
-        WARPS * self.weight_tiles_per_warp() * 16
+        WARPS * TILES_PER_WARP * 16
     }
+    /// Pipeline stages: as many as fit the budget, 2 to 8 (`stages_for` in moe_gemm.cu).
     fn shared_bytes(self, format: WeightFormat) -> usize {
-        let w_stage = WARPS * self.weight_tiles_per_warp() * tile_bytes(format);
-        self.stages() * (w_stage + self.slots() * X_ROW_BYTES) + self.slots() * 4
+        let stage = WARPS * TILES_PER_WARP * tile_bytes(format) + self.slots() * X_ROW_BYTES;
+        let stages = (STAGE_BUDGET / stage).clamp(2, 8);
+        stages * stage + self.slots() * 4
     }
     fn kernel(self, format: WeightFormat) -> Kernel {
         let entry = match (format, self) {

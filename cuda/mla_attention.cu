@@ -101,8 +101,8 @@ __device__ __forceinline__ long cache_token_offset(const int *block_tables, int 
 // ================================================================================================================
 // mla_cache_write: normalise the latent, rotate k_rope, store one token's 320 values into its page slot.
 // Thread mapping: one warp per token (blocks of 4 warps); lane l owns latent values 8l..8l+7 (one 16-byte load) and
-// rope pair l (values 256+2l, 256+2l+1). RMS by warp butterfly. RoPE angle carried as an exact f32 pair (pos *
-// inv_freq reaches 1e6 rad at long context, where one rounded f32 product would be off by ~0.03 rad).
+// rope pair l (values 256+2l, 256+2l+1). RMS by warp butterfly. RoPE angles by common.cuh's rope_sincos (exact at
+// long context without f64).
 // Bytes: 640 in (+512 weight, cached) and 640 (bf16) / 320 (fp8) out per token. FLOPs: ~1.2k per token.
 // ================================================================================================================
 template <bool kFp8>
@@ -125,14 +125,8 @@ __device__ __forceinline__ void cache_write(const MlaCacheWriteParams &p) {
 
     const __nv_bfloat162 pair = *reinterpret_cast<const __nv_bfloat162 *>(row + kLatent + 2 * lane);
     const float a = __low2float(pair), b = __high2float(pair);
-    // angle = pos * inv_freq exactly, as hi + lo (pos < 2^24 is exact in f32 and fma gives the product's error);
-    // sin/cos of the sum by the addition formulas, each part reduced by sincosf's own exact range reduction.
-    const float pos_f = (float)pos, freq = p.inv_freq[lane];
-    const float hi = pos_f * freq, lo = fmaf(pos_f, freq, -hi);
-    float sin_hi, cos_hi, sin_lo, cos_lo;
-    sincosf(hi, &sin_hi, &cos_hi);
-    sincosf(lo, &sin_lo, &cos_lo);
-    const float s = sin_hi * cos_lo + cos_hi * sin_lo, co = cos_hi * cos_lo - sin_hi * sin_lo;
+    float s, co;
+    rope_sincos(pos, p.inv_freq[lane], &s, &co);
     const float ra = a * co - b * s, rb = a * s + b * co;
 
     using Elem = CacheElem<kFp8>;
@@ -158,6 +152,16 @@ __device__ __forceinline__ void cache_write(const MlaCacheWriteParams &p) {
 
 extern "C" __global__ void mla_cache_write_bf16(const MlaCacheWriteParams p) { cache_write<false>(p); }
 extern "C" __global__ void mla_cache_write_fp8(const MlaCacheWriteParams p) { cache_write<true>(p); }
+
+// ================================================================================================================
+// mla_copy_pages: one block per page copy, 16-byte vectors strided over the page. Bytes: 2 x page_bytes per copy.
+// ================================================================================================================
+extern "C" __global__ void mla_copy_pages(const MlaCopyPagesParams p) {
+    const int src = p.pairs[2 * blockIdx.x], dst = p.pairs[2 * blockIdx.x + 1];
+    const uint4 *from = reinterpret_cast<const uint4 *>(reinterpret_cast<const char *>(p.cache) + (long)src * p.page_bytes);
+    uint4 *to = reinterpret_cast<uint4 *>(reinterpret_cast<char *>(p.cache) + (long)dst * p.page_bytes);
+    for (int i = threadIdx.x; i < p.page_bytes / 16; i += blockDim.x) to[i] = from[i];
+}
 
 // ================================================================================================================
 // mla_attention: see the file comment. Dynamic shared memory (bytes):

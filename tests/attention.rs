@@ -13,7 +13,7 @@ use rand::seq::SliceRandom;
 use rand::{rngs::StdRng, Rng};
 use small4::device::{Backend, Device, DeviceBuffer, Kernel, LaunchConfig, LaunchCounters};
 use small4::kernels::attention::{self, AttentionScratch, BlockTables, CacheWriteWeights, PagedCache, Queries, QueryLayout};
-use small4::model::kv_cache::{BatchTables, CacheDescriptor, CacheDtype};
+use small4::model::kv_cache::{BatchTables, CacheDescriptor, CacheDtype, KvCache, PageCopy};
 use small4::reference::attention::{latent_attention, MlaDims};
 use small4::reference::{norm, rope};
 
@@ -194,6 +194,15 @@ fn long_decode_matches_reference(device: &Device) {
     }
 }
 
+/// The real head count (32: two warps share every cache tile) and an awkward one (20: a part-empty second warp),
+/// decode and prefill.
+fn many_heads_match_reference(device: &Device) {
+    for (heads, q_counts, splits) in [(32, vec![1, 1], Some(2)), (20, vec![3, 1], None)] {
+        let case = AttentionCase { lens: vec![97, 54], q_counts, heads, page_size: 64, fp8: false, splits, seed: heads as u64 };
+        check_attention(device, &case);
+    }
+}
+
 fn attention_is_deterministic(device: &Device) {
     let case = AttentionCase { lens: vec![150, 54], q_counts: vec![3, 1], heads: 4, page_size: 16, fp8: false, splits: Some(3), seed: 5 };
     assert_eq!(check_attention(device, &case), check_attention(device, &case));
@@ -243,6 +252,60 @@ fn cache_writer_matches_reference(device: &Device) {
     }
 }
 
+/// RoPE at long-context positions (up to ~2^18, where pos * inv_freq is ~2.6e5 rad and one rounded f32 product would
+/// be off by ~0.01 rad): a 262,000-token sequence whose block table maps every page onto a 4-page pool.
+fn cache_writer_rotates_far_positions(device: &Device) {
+    let yarn = rope::YarnParams { theta: 1e4, factor: 128.0, original_max_position: 8192, beta_fast: 32.0, beta_slow: 1.0 };
+    let inv_freq = rope::yarn_inv_freq(ROPE, &yarn);
+    let (page_size, len) = (256usize, 262_000usize);
+    let desc = CacheDescriptor::mla(4, page_size, CacheDtype::Bf16).unwrap();
+    let max_pages = len.div_ceil(page_size);
+    let tables = BatchTables { block_tables: (0..max_pages as i32).map(|p| p % 4).collect(), seq_lens: vec![len as i32], max_pages };
+    // Positions whose (page % 4, offset) slots are distinct.
+    let positions = [261_999i32, 200_003, 131_071, 65_537, 8_197, 3];
+    let mut rng = rng(9);
+    let kv = random_bf16(&mut rng, positions.len() * WIDTH, 3.0);
+    let weight = random_bf16(&mut rng, LATENT, 2.0);
+    let cache = PagedCache::filled_with_byte(device, desc, 0xff).unwrap();
+    let block_tables = BlockTables::upload(device, &tables, &desc).unwrap();
+    let (kv_dev, weight_dev, inv_freq_dev) =
+        (DeviceBuffer::from_slice(device, &kv).unwrap(), DeviceBuffer::from_slice(device, &weight).unwrap(), DeviceBuffer::from_slice(device, &inv_freq).unwrap());
+    let weights = CacheWriteWeights { norm_weight: &weight_dev, eps: 1e-6, inv_freq: &inv_freq_dev };
+    attention::mla_cache_write(&cache, &block_tables, &kv_dev, WIDTH, &weights, &vec![0; positions.len()], &positions).unwrap();
+    let bytes = cache.to_bytes().unwrap();
+    for (t, &pos) in positions.iter().enumerate() {
+        let mut want = to_f32(&kv[t * WIDTH + LATENT..(t + 1) * WIDTH]);
+        rope::apply_interleaved(&mut want, &inv_freq, pos as usize);
+        let at = slot_offset(&desc, &tables, 0, pos as usize) + LATENT * 2;
+        let got: Vec<f32> = (0..ROPE).map(|i| desc.decode_element(&bytes[at + 2 * i..])).collect();
+        // bf16 rounding of values below 3 (2^-8 relative) plus a few f32 ulps of sin/cos.
+        assert_close(&format!("k_rope at position {pos}"), &got, &want, 1e-5, 1.0 / 200.0);
+    }
+}
+
+/// Copy-on-write through the allocator: a forked sequence appends into a shared, partly filled page; the device copy
+/// the allocator asks for must reproduce the page, leaving every other page untouched.
+fn copy_on_write_pages(device: &Device) {
+    let desc = CacheDescriptor::mla(6, 16, CacheDtype::Fp8E4m3 { scale: FP8_SCALE }).unwrap();
+    let mut kv = KvCache::new(desc).unwrap();
+    let parent = kv.add_sequence();
+    kv.append(parent, 20).unwrap();
+    let child = kv.fork(parent).unwrap();
+    let plan = kv.append(child, 3).unwrap();
+    assert_eq!(plan.copies.len(), 1);
+    let mut rng = rng(4);
+    let bytes: Vec<u8> = (0..desc.total_bytes()).map(|_| rng.random()).collect();
+    let cache = PagedCache::from_bytes(device, desc, &bytes).unwrap();
+    cache.copy_pages(&plan.copies).unwrap();
+    let mut want = bytes.clone();
+    let (src, dst, page) = (plan.copies[0].src as usize, plan.copies[0].dst as usize, desc.page_bytes());
+    want.copy_within(src * page..(src + 1) * page, dst * page);
+    assert!(cache.to_bytes().unwrap() == want, "page copy differs");
+    let bad = [PageCopy { src: 0, dst: 1 }, PageCopy { src: 1, dst: 2 }];
+    assert!(matches!(cache.copy_pages(&bad), Err(small4::Error::InvalidArgument(_))));
+    assert!(matches!(cache.copy_pages(&[PageCopy { src: 0, dst: 6 }]), Err(small4::Error::OutOfRange { .. })));
+}
+
 fn wrappers_reject_bad_input(device: &Device) {
     let mut rng = rng(3);
     let (desc, mut tables) = random_tables(&mut rng, &[40, 3], 16, CacheDtype::Bf16);
@@ -289,8 +352,11 @@ backend_tests!(
     decode_matches_reference,
     prefill_matches_reference,
     long_decode_matches_reference,
+    many_heads_match_reference,
     attention_is_deterministic,
     cache_writer_matches_reference,
+    cache_writer_rotates_far_positions,
+    copy_on_write_pages,
     wrappers_reject_bad_input
 );
 

@@ -48,3 +48,18 @@ __device__ __forceinline__ float block_sum(float v) {
     float total = lane < warps ? partial[lane] : 0.f;
     return warp_sum(total);
 }
+
+// sin and cos of the RoPE angle pos * inv_freq, accurate at long context without f64 or sincosf's slow path:
+// pos * f as an exact f32 pair hi + lo (pos < 2^24 is exact in f32; fma gives the product's rounding error), hi
+// reduced by 2 pi with Cody-Waite (2 pi = C1 + C2 to ~2^-48, two fma steps), lo added back, then the hardware
+// approximations on [-pi, pi] (|error| < 1e-6). |angle error| ~3e-7 rad up to position 2^20, where one rounded f32
+// product would be off by ~0.06 rad.
+__device__ __forceinline__ void rope_sincos(int pos, float inv_freq, float *sin_out, float *cos_out) {
+    const float pos_f = (float)pos;
+    const float hi = __fmul_rn(pos_f, inv_freq);
+    const float lo = fmaf(pos_f, inv_freq, -hi);
+    const float turns = rintf(hi * 0.159154943091895336f);  // 1 / (2 pi)
+    float reduced = fmaf(-turns, 6.28318548202514648f, hi);
+    reduced = fmaf(-turns, -1.74845553146951715e-7f, reduced);
+    __sincosf(reduced + lo, sin_out, cos_out);
+}

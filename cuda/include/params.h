@@ -203,6 +203,15 @@ typedef struct MlaCacheWriteParams {
     float fp8_inv_scale;       /* 1 / fp8 scale (fp8 cache only) */
 } MlaCacheWriteParams;
 
+/* mla_copy_pages: cache page pairs[i].dst = page pairs[i].src (copy-on-write of shared prefix pages). The host
+ * guarantees distinct destinations that are no copy's source. */
+typedef struct MlaCopyPagesParams {
+    void *cache;
+    const int *pairs;          /* [copies, 2]: (src, dst) page indices */
+    int copies;
+    int page_bytes;            /* a multiple of 16 */
+} MlaCopyPagesParams;
+
 /* mla_attention_{bf16,fp8} and mla_attention_combine: causal latent attention of the query tokens of `num_seqs`
  * sequences over their paged caches (decode = one query token per sequence; chunked prefill = several).
  * Query token t of sequence s (global token index q_start[s] + t, t < q_count = q_start[s+1] - q_start[s]) sits at

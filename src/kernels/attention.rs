@@ -9,10 +9,10 @@
 use half::bf16;
 
 use super::modules::MLA_ATTENTION;
-use super::params::{MlaAttentionParams, MlaCacheWriteParams};
+use super::params::{MlaAttentionParams, MlaCacheWriteParams, MlaCopyPagesParams};
 use crate::device::{launch_with, Device, DeviceBuffer, Dim3, Kernel, LaunchConfig};
 use crate::error::{Error, Result};
-use crate::model::kv_cache::{BatchTables, CacheDescriptor, CacheDtype};
+use crate::model::kv_cache::{BatchTables, CacheDescriptor, CacheDtype, PageCopy};
 
 /// The geometry the kernels are compiled for (`kLatent`, `kRope` in the .cu file).
 pub const KV_LORA_RANK: usize = 256;
@@ -40,6 +40,7 @@ const CACHE_WRITE_FP8: Kernel = Kernel { module: MLA_ATTENTION, entry: "mla_cach
 const ATTENTION_BF16: Kernel = Kernel { module: MLA_ATTENTION, entry: "mla_attention_bf16" };
 const ATTENTION_FP8: Kernel = Kernel { module: MLA_ATTENTION, entry: "mla_attention_fp8" };
 const COMBINE: Kernel = Kernel { module: MLA_ATTENTION, entry: "mla_attention_combine" };
+const COPY_PAGES: Kernel = Kernel { module: MLA_ATTENTION, entry: "mla_copy_pages" };
 
 fn check_geometry(desc: &CacheDescriptor) -> Result<()> {
     desc.validate()?;
@@ -96,6 +97,41 @@ impl PagedCache {
     }
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         self.data.to_vec()
+    }
+
+    /// Applies the copy-on-write copies `KvCache::append` asked for (`dst` page = `src` page), in one launch.
+    /// Refuses pages outside the cache, a destination written twice and a destination that is another copy's source
+    /// (the copies run in parallel).
+    pub fn copy_pages(&self, copies: &[PageCopy]) -> Result<()> {
+        let num_pages = self.desc.num_pages;
+        let mut role = vec![0u8; num_pages]; // 1: source, 2: destination
+        for (i, c) in copies.iter().enumerate() {
+            for page in [c.src, c.dst] {
+                if page as usize >= num_pages {
+                    return Err(out_of_range(&format!("page of copy {i}"), page as i64, num_pages));
+                }
+            }
+            let (src, dst) = (c.src as usize, c.dst as usize);
+            if role[dst] != 0 || role[src] == 2 || src == dst {
+                return Err(Error::InvalidArgument(format!("page copy {i} ({src} -> {dst}) overlaps another copy")));
+            }
+            role[src] = 1;
+            role[dst] = 2;
+        }
+        if copies.is_empty() {
+            return Ok(());
+        }
+        let device = self.data.device();
+        let pairs: Vec<i32> = copies.iter().flat_map(|c| [c.src as i32, c.dst as i32]).collect();
+        let pairs_dev = DeviceBuffer::from_slice(device, &pairs)?;
+        let params = MlaCopyPagesParams {
+            cache: self.data.mut_ptr(),
+            pairs: pairs_dev.ptr(),
+            copies: copies.len() as i32,
+            page_bytes: self.desc.page_bytes() as i32,
+        };
+        let config = LaunchConfig { grid: Dim3::x(copies.len() as u32), block: Dim3::x(256), shared_bytes: 0 };
+        launch_with(device, &COPY_PAGES, &config, &params)
     }
 }
 
@@ -299,9 +335,9 @@ impl QueryLayout {
 /// The queries of one attention call.
 pub struct Queries<'a> {
     pub layout: &'a QueryLayout,
-    /// [tokens, heads, 256], W_UK absorbed.
+    /// [tokens, heads, 256]: q_nope through W_UK (absorbed), times the llama-4 query scale of the token's position.
     pub q_lat: &'a DeviceBuffer<bf16>,
-    /// [tokens, heads, 64], rotated and llama-4 scaled.
+    /// [tokens, heads, 64]: rotated, times the same llama-4 query scale.
     pub q_rope: &'a DeviceBuffer<bf16>,
     pub heads: usize,
 }

@@ -109,7 +109,8 @@ pub fn e4m3_to_f32(byte: u8) -> f32 {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SeqId(pub u64);
 
-/// A device page copy the engine must issue before writing new tokens (copy-on-write of a shared page).
+/// A device page copy the engine must issue before writing new tokens (copy-on-write of a shared page);
+/// `kernels::attention::PagedCache::copy_pages` runs a batch of them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PageCopy {
     pub src: u32,

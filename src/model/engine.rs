@@ -143,7 +143,7 @@ fn slice_rows(m: &QuantizedMatrix, first: usize, count: usize) -> Result<Quantiz
     })
 }
 
-/// Rows [first, first + count) of a matrix, transposed ([cols, count]).
+/// Rows [first, first + count) of a matrix, transposed ([cols, count]; FP8 block-128: count padded to 128 with zeros).
 fn transposed_rows(m: &QuantizedMatrix, first: usize, count: usize) -> Result<QuantizedMatrix> {
     let (_, cols) = m.shape();
     fn transpose<T: Copy>(data: &[T], first: usize, count: usize, cols: usize) -> Vec<T> {
@@ -157,7 +157,12 @@ fn transposed_rows(m: &QuantizedMatrix, first: usize, count: usize) -> Result<Qu
             let block = one_block_row(first, count)?;
             let per = cols.div_ceil(128);
             let scales = f.scales[block * per..(block + 1) * per].to_vec();
-            QuantizedMatrix::Fp8Block128(Fp8Block128::from_parts(transpose(&f.data, first, count, cols), cols, count, scales)?)
+            // The block-128 GEMM reduces over whole 128-column blocks: zero columns pad the slice (the GEMM then
+            // reads the next `padded - count` input columns too, and multiplies them by zero).
+            let padded = count.next_multiple_of(128);
+            let data: Vec<u8> =
+                transpose(&f.data, first, count, cols).chunks_exact(count).flat_map(|row| row.iter().copied().chain(std::iter::repeat_n(0, padded - count))).collect();
+            QuantizedMatrix::Fp8Block128(Fp8Block128::from_parts(data, cols, padded, scales)?)
         }
         other => return Err(Error::InvalidArgument(format!("attention weights in {:?}: bf16 or FP8 expected", other.format()))),
     })

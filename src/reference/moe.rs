@@ -53,9 +53,19 @@ pub fn silu(x: f32) -> f32 {
 
 /// One SwiGLU expert on `tokens` rows: `w2 (silu(w1 x) * w3 x)`; w1, w3 [hidden, dim], w2 [dim, hidden].
 pub fn swiglu_expert(x: &[f32], w1: &[f32], w3: &[f32], w2: &[f32], tokens: usize, dim: usize, hidden: usize) -> Vec<f32> {
+    swiglu_expert_with(x, w1, w3, w2, tokens, dim, hidden, false)
+}
+
+/// [`swiglu_expert`] with the activation `silu(w1 x) * w3 x` rounded to bf16 when `act_bf16` (the grouped GEMM
+/// stores it in bf16 between the up and the down projection).
+#[allow(clippy::too_many_arguments)]
+pub fn swiglu_expert_with(x: &[f32], w1: &[f32], w3: &[f32], w2: &[f32], tokens: usize, dim: usize, hidden: usize, act_bf16: bool) -> Vec<f32> {
     let gate = matmul_nt(x, w1, tokens, dim, hidden);
     let up = matmul_nt(x, w3, tokens, dim, hidden);
-    let act: Vec<f32> = gate.iter().zip(&up).map(|(&g, &u)| silu(g) * u).collect();
+    let mut act: Vec<f32> = gate.iter().zip(&up).map(|(&g, &u)| silu(g) * u).collect();
+    if act_bf16 {
+        super::linear::round_bf16(&mut act);
+    }
     matmul_nt(&act, w2, tokens, hidden, dim)
 }
 
@@ -78,8 +88,23 @@ pub fn moe_block(
     dim: usize,
     hidden: usize,
 ) -> Vec<f32> {
+    moe_block_with(x, routing, experts, shared, tokens, dim, hidden, false)
+}
+
+/// [`moe_block`] with each expert's SwiGLU activation rounded to bf16 when `act_bf16`.
+#[allow(clippy::too_many_arguments)]
+pub fn moe_block_with(
+    x: &[f32],
+    routing: &Routing,
+    experts: &[Option<ExpertWeights>],
+    shared: Option<&ExpertWeights>,
+    tokens: usize,
+    dim: usize,
+    hidden: usize,
+    act_bf16: bool,
+) -> Vec<f32> {
     let mut out = match shared {
-        Some(s) => swiglu_expert(x, &s.w1, &s.w3, &s.w2, tokens, dim, hidden),
+        Some(s) => swiglu_expert_with(x, &s.w1, &s.w3, &s.w2, tokens, dim, hidden, act_bf16),
         None => vec![0.0; tokens * dim],
     };
     // Tokens are independent: one task per output row.
@@ -88,7 +113,7 @@ pub fn moe_block(
         for j in 0..routing.k {
             let id = routing.ids[t * routing.k + j];
             let Some(Some(e)) = usize::try_from(id).ok().and_then(|i| experts.get(i)) else { continue };
-            let y = swiglu_expert(row, &e.w1, &e.w3, &e.w2, 1, dim, hidden);
+            let y = swiglu_expert_with(row, &e.w1, &e.w3, &e.w2, 1, dim, hidden, act_bf16);
             let w = routing.weights[t * routing.k + j];
             for (o, v) in out_row.iter_mut().zip(&y) {
                 *o += w * v;

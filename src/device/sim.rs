@@ -16,8 +16,12 @@ pub struct SimBackend {
 }
 
 impl SimBackend {
+    /// The shared-memory race detector is on unless the environment sets `PTXSIM_RACE_CHECK=0` (it costs ~10-15%
+    /// on shared-memory-heavy kernels; every other check stays on).
     pub fn new() -> Self {
-        SimBackend { machine: Mutex::new(ptxsim::Machine::new()), modules: Mutex::new(HashMap::new()), last: Mutex::new(None) }
+        let mut machine = ptxsim::Machine::new();
+        machine.race_check = std::env::var("PTXSIM_RACE_CHECK").map_or(true, |v| v != "0");
+        SimBackend { machine: Mutex::new(machine), modules: Mutex::new(HashMap::new()), last: Mutex::new(None) }
     }
 
     fn module(&self, kernel: &Kernel) -> Result<Arc<ptxsim::Module>> {

@@ -86,9 +86,10 @@ pub fn decode(ast: &Ast, data_base: u64) -> Result<Decoded, ParseError> {
             }
         }
     }
+    let funcs: HashMap<&str, &Function> = ast.functions.iter().filter(|f| !f.is_entry).map(|f| (f.name.as_str(), f)).collect();
     let mut kernels = Vec::new();
     for f in ast.functions.iter().filter(|f| f.is_entry) {
-        kernels.push(decode_kernel(f, &symbols, &module_shared)?);
+        kernels.push(decode_kernel(f, &funcs, &symbols, &module_shared)?);
     }
     Ok(Decoded { kernels, vars })
 }
@@ -184,21 +185,48 @@ impl Ctx<'_> {
     }
 }
 
-fn decode_kernel(f: &Function, module_symbols: &HashMap<String, (Space, u64)>, module_shared: &[VarDecl]) -> Result<Kernel, ParseError> {
-    // Labels -> instruction indices.
-    let mut labels = HashMap::new();
-    let mut count = 0u32;
-    for s in &f.body {
-        match s {
-            Stmt::Inst(_) => count += 1,
-            Stmt::Label(l, _) => {
-                labels.insert(l.clone(), count);
-            }
-            _ => {}
-        }
+/// The callee named by a `call` instruction: its operands are `[(rets),] name [, (args)]`.
+fn callee(i: &Instruction) -> Option<&str> {
+    if !i.opcode.starts_with("call") {
+        return None;
     }
+    i.operands.iter().find_map(|o| if let Operand::Name(n, 0) = o { Some(n.as_str()) } else { None })
+}
+
+/// Functions with bodies reachable from `entry`, in discovery order (entry first), and those on a call cycle.
+fn reachable<'a>(entry: &'a Function, funcs: &HashMap<&str, &'a Function>) -> (Vec<&'a Function>, Vec<String>) {
+    fn visit<'a>(f: &'a Function, funcs: &HashMap<&str, &'a Function>, order: &mut Vec<&'a Function>, stack: &mut Vec<String>, cyclic: &mut Vec<String>) {
+        stack.push(f.name.clone());
+        for s in &f.body {
+            let Stmt::Inst(i) = s else { continue };
+            let Some(name) = callee(i) else { continue };
+            let Some(&g) = funcs.get(name) else { continue };
+            if stack.iter().any(|n| n == name) {
+                cyclic.push(name.to_string());
+            } else if !order.iter().any(|o| o.name == name) {
+                order.push(g);
+                visit(g, funcs, order, stack, cyclic);
+            }
+        }
+        stack.pop();
+    }
+    let mut order = vec![entry];
+    let mut cyclic = Vec::new();
+    visit(entry, funcs, &mut order, &mut Vec::new(), &mut cyclic);
+    (order, cyclic)
+}
+
+/// Where a device function's parameters, return values and return address live.
+struct FuncLayout {
+    params: Vec<(u64, u64)>,
+    rets: Vec<(u64, u64)>,
+    ret_reg: u32,
+}
+
+fn decode_kernel(f: &Function, funcs: &HashMap<&str, &Function>, module_symbols: &HashMap<String, (Space, u64)>, module_shared: &[VarDecl]) -> Result<Kernel, ParseError> {
+    let (units, cyclic) = reachable(f, funcs);
     let mut symbols = module_symbols.clone();
-    // Params in declaration order, each aligned.
+    // Kernel params in declaration order, each aligned.
     let mut params = Vec::new();
     let mut param_off = 0u64;
     for p in &f.params {
@@ -212,9 +240,9 @@ fn decode_kernel(f: &Function, module_symbols: &HashMap<String, (Space, u64)>, m
     let mut shared_off = 0u64;
     let mut dynamic_align = 16u64;
     let mut dynamic_names = Vec::new();
-    let body_decls = f.body.iter().filter_map(|s| if let Stmt::Decl(d) = s { Some(d) } else { None });
-    let mut local_off = 0u64;
-    for d in module_shared.iter().chain(body_decls.clone().filter(|d| d.space == ".shared")) {
+    let body_decls = |u: &'_ Function| u.body.iter().filter_map(|s| if let Stmt::Decl(d) = s { Some(d.clone()) } else { None }).collect::<Vec<_>>();
+    let all_shared: Vec<VarDecl> = module_shared.iter().cloned().chain(units.iter().flat_map(|u| body_decls(u)).filter(|d| d.space == ".shared")).collect();
+    for d in &all_shared {
         if d.extern_ || d.array == Some(0) {
             dynamic_align = dynamic_align.max(decl_align(d));
             dynamic_names.push(d.name.clone());
@@ -228,36 +256,101 @@ fn decode_kernel(f: &Function, module_symbols: &HashMap<String, (Space, u64)>, m
     for n in dynamic_names {
         symbols.insert(n, (Space::Shared, dynamic_offset));
     }
-    for d in body_decls.filter(|d| d.space == ".local") {
-        local_off = align_up(local_off, decl_align(d));
-        symbols.insert(d.name.clone(), (Space::Local, local_off));
-        local_off += decl_bytes(d);
+    // Local memory: every unit's `.local` arrays and call-sequence `.param` variables, and each device function's
+    // parameters and return values (calls copy arguments between these per-thread areas).
+    let mut local_off = 0u64;
+    let mut place = |d: &VarDecl| {
+        local_off = align_up(local_off, decl_align(d).max(8));
+        let at = local_off;
+        local_off += decl_bytes(d).max(1);
+        (at, decl_bytes(d))
+    };
+    let mut unit_symbols = Vec::new();
+    let mut layouts: HashMap<String, FuncLayout> = HashMap::new();
+    let mut num_regs = 0u32;
+    for (ui, u) in units.iter().enumerate() {
+        let mut syms = symbols.clone();
+        for d in body_decls(u).iter().filter(|d| d.space == ".local" || d.space == ".param") {
+            syms.insert(d.name.clone(), (Space::Local, place(d).0));
+        }
+        if ui > 0 {
+            let mut layout = FuncLayout { params: Vec::new(), rets: Vec::new(), ret_reg: num_regs };
+            num_regs += 1;
+            for p in &u.params {
+                let (at, bytes) = place(p);
+                syms.insert(p.name.clone(), (Space::Local, at));
+                layout.params.push((at, bytes));
+            }
+            for r in &u.rets {
+                let (at, bytes) = place(r);
+                syms.insert(r.name.clone(), (Space::Local, at));
+                layout.rets.push((at, bytes));
+            }
+            layouts.insert(u.name.clone(), layout);
+        }
+        unit_symbols.push(syms);
     }
 
-    let mut ctx = Ctx { scopes: vec![HashMap::new()], num_regs: 0, symbols, labels: &labels };
-    let mut code = Vec::new();
-    for s in &f.body {
-        match s {
-            Stmt::ScopeOpen => ctx.scopes.push(HashMap::new()),
-            Stmt::ScopeClose => {
-                ctx.scopes.pop();
+    let mut code: Vec<Inst> = Vec::new();
+    let mut unit_start = HashMap::new();
+    for (ui, u) in units.iter().enumerate() {
+        unit_start.insert(u.name.clone(), code.len() as u32);
+        let base = code.len() as u32;
+        // Labels -> instruction indices (a call takes two slots: the call and the copy of its return values).
+        let mut labels = HashMap::new();
+        let mut count = base;
+        for s in &u.body {
+            match s {
+                Stmt::Inst(i) => count += if callee(i).is_some_and(|c| layouts.contains_key(c)) { 2 } else { 1 },
+                Stmt::Label(l, _) => {
+                    labels.insert(l.clone(), count);
+                }
+                _ => {}
             }
-            Stmt::Decl(d) if d.space == ".reg" => match d.range {
-                Some(n) => (0..n).for_each(|i| ctx.declare(format!("{}{}", d.name, i))),
-                None => ctx.declare(d.name.clone()),
-            },
-            Stmt::Decl(d) if d.space == ".shared" || d.space == ".local" => {}
-            Stmt::Decl(d) => return err(d.line, format!("unsupported declaration {} {}", d.space, d.name)),
-            Stmt::Label(..) => {}
-            Stmt::Inst(i) => code.push(decode_inst(&ctx, i)?),
+        }
+        let mut ctx = Ctx { scopes: vec![HashMap::new()], num_regs, symbols: unit_symbols[ui].clone(), labels: &labels };
+        let own = if ui > 0 { layouts.get(&u.name) } else { None };
+        for s in &u.body {
+            match s {
+                Stmt::ScopeOpen => ctx.scopes.push(HashMap::new()),
+                Stmt::ScopeClose => {
+                    ctx.scopes.pop();
+                }
+                Stmt::Decl(d) if d.space == ".reg" => match d.range {
+                    Some(n) => (0..n).for_each(|i| ctx.declare(format!("{}{}", d.name, i))),
+                    None => ctx.declare(d.name.clone()),
+                },
+                Stmt::Decl(d) if matches!(d.space.as_str(), ".shared" | ".local" | ".param") => {}
+                Stmt::Decl(d) => return err(d.line, format!("unsupported declaration {} {}", d.space, d.name)),
+                Stmt::Label(..) => {}
+                Stmt::Inst(i) if i.opcode == "ret" || i.opcode == "ret.uni" => {
+                    let mut inst = decode_inst(&ctx, i)?;
+                    if let Some(l) = own {
+                        inst.op = Op::Return(l.ret_reg);
+                    }
+                    code.push(inst);
+                }
+                Stmt::Inst(i) if callee(i).is_some() => {
+                    let name = callee(i).unwrap_or_default();
+                    code.extend(decode_call(&ctx, i, name, layouts.get(name), cyclic.iter().any(|c| c == name))?);
+                }
+                Stmt::Inst(i) => code.push(decode_inst(&ctx, i)?),
+            }
+        }
+        num_regs = ctx.num_regs;
+        // Falling off the end of a kernel exits; of a device function, returns.
+        let op = own.map_or(Op::Exit, |l| Op::Return(l.ret_reg));
+        code.push(Inst { op, guard: None, d: vec![], s: vec![], addr: None, line: u.line });
+    }
+    for inst in &mut code {
+        if let Op::Call { target, callee, .. } = &mut inst.op {
+            *target = unit_start[callee.as_str()];
         }
     }
-    // Falling off the end of a kernel is an implicit `ret`.
-    code.push(Inst { op: Op::Exit, guard: None, d: vec![], s: vec![], addr: None, line: f.line });
     Ok(Kernel {
         name: f.name.clone(),
         code,
-        num_regs: ctx.num_regs,
+        num_regs,
         params,
         param_bytes: param_off as u32,
         static_shared: shared_off as u32,
@@ -265,6 +358,47 @@ fn decode_kernel(f: &Function, module_symbols: &HashMap<String, (Space, u64)>, m
         dynamic_align: dynamic_align as u32,
         local_bytes: local_off as u32,
     })
+}
+
+/// `call (rets), name, (args)`: a direct call of a device function with a body becomes `Call` (copy the arguments,
+/// jump) plus `CopyLocal` (where the callee returns to: copy its return values to the caller's); `__assertfail`
+/// becomes `AssertFail`; anything else (printf's vprintf, indirect or recursive calls) cannot run.
+fn decode_call(ctx: &Ctx, i: &Instruction, name: &str, layout: Option<&FuncLayout>, recursive: bool) -> Result<Vec<Inst>, ParseError> {
+    let line = i.line;
+    let guard = match &i.guard {
+        Some((p, neg)) => Some((ctx.reg(p).ok_or_else(|| ParseError { line, message: format!("unknown predicate {p}") })?, *neg)),
+        None => None,
+    };
+    let name_pos = i.operands.iter().position(|o| matches!(o, Operand::Name(n, 0) if n == name)).unwrap_or(0);
+    let list = |o: Option<&Operand>| -> Vec<String> {
+        match o {
+            Some(Operand::Vector(v)) => v.iter().filter_map(|x| if let Operand::Name(n, _) = x { Some(n.clone()) } else { None }).collect(),
+            _ => Vec::new(),
+        }
+    };
+    let rets = if name_pos > 0 { list(i.operands.first()) } else { Vec::new() };
+    let args = list(i.operands.get(name_pos + 1));
+    let local = |n: &str| match ctx.symbols.get(n) {
+        Some(&(Space::Local, at)) => Ok(at as u32),
+        _ => err(line, format!("call argument {n} is not a call parameter")),
+    };
+    let inst = |op| Inst { op, guard, d: vec![], s: vec![], addr: None, line };
+    if recursive {
+        return Ok(vec![inst(Op::Unsupported(format!("recursive call to {name}"))), inst(Op::Nop)]);
+    }
+    match (layout, name) {
+        (Some(l), _) => {
+            if args.len() != l.params.len() || rets.len() > l.rets.len() {
+                return err(line, format!("call to {name} with {} arguments and {} results", args.len(), rets.len()));
+            }
+            let copies = args.iter().zip(&l.params).map(|(a, &(at, bytes))| Ok((local(a)?, at as u32, bytes as u32))).collect::<Result<Vec<_>, ParseError>>()?;
+            let back = rets.iter().zip(&l.rets).map(|(r, &(at, bytes))| Ok((at as u32, local(r)?, bytes as u32))).collect::<Result<Vec<_>, ParseError>>()?;
+            Ok(vec![inst(Op::Call { target: 0, callee: name.to_string(), ret_reg: l.ret_reg, copies }), inst(Op::CopyLocal(back))])
+        }
+        (None, "__assertfail") => Ok(vec![inst(Op::AssertFail(args.iter().map(|a| local(a)).collect::<Result<Vec<_>, _>>()?))]),
+        (None, "vprintf") => Ok(vec![inst(Op::Unsupported("call to vprintf (printf is not supported by the interpreter)".into()))]),
+        (None, _) => Ok(vec![inst(Op::Unsupported(format!("call to {name}, which has no body in the module")))]),
+    }
 }
 
 fn rounding(m: &[&str]) -> Rnd {
@@ -283,6 +417,15 @@ fn rounding(m: &[&str]) -> Rnd {
         }
     }
     Rnd::None
+}
+
+/// The space of an access through a symbol: call parameters live in local memory whatever the instruction says.
+fn symbol_space(symbol: Option<Space>, written: Space) -> Space {
+    match symbol {
+        Some(Space::Local) => Space::Local,
+        Some(s) if written == Space::Generic => s,
+        _ => written,
+    }
 }
 
 fn space_of(m: &[&str]) -> Space {
@@ -513,8 +656,7 @@ fn decode_inst(ctx: &Ctx, i: &Instruction) -> Result<Inst, ParseError> {
                 unsupported(&mut inst);
                 return Ok(inst);
             }
-            // dp4a.atype.btype: signedness of a and b; encode as Ty pair via sat flag is not enough, keep both in ty.
-            inst.op = Op::Int { op: IntOp::Dp4a, ty: if tys[0] == Ty::S32 { if tys[1] == Ty::S32 { Ty::S32 } else { Ty::S16 } } else if tys[1] == Ty::S32 { Ty::U16 } else { Ty::U32 }, sat: false };
+            inst.op = Op::Int { op: IntOp::Dp4a { a_signed: tys[0] == Ty::S32, b_signed: tys[1] == Ty::S32 }, ty: Ty::B32, sat: false };
             dst_src(&mut inst, None)?;
         }
         "prmt" => {
@@ -582,14 +724,14 @@ fn decode_inst(ctx: &Ctx, i: &Instruction) -> Result<Inst, ParseError> {
         }
         "ld" | "ldu" => {
             let (a, sym_space) = ctx.addr(ops.get(1).ok_or_else(|| ParseError { line, message: "ld without address".into() })?, line)?;
-            inst.op = Op::Ld { space: sym_space.filter(|_| space_of(m) == Space::Generic).unwrap_or(space_of(m)), ty, vec: vec_of(m), nc: has("nc") || base == "ldu" };
+            inst.op = Op::Ld { space: symbol_space(sym_space, space_of(m)), ty, vec: vec_of(m), nc: has("nc") || base == "ldu" };
             ctx.dst(&ops[0], line, &mut inst.d)?;
             inst.addr = Some(a);
             // An optional cache-policy operand (`.L2::cache_hint`) is not needed to run.
         }
         "st" => {
             let (a, sym_space) = ctx.addr(ops.first().ok_or_else(|| ParseError { line, message: "st without address".into() })?, line)?;
-            inst.op = Op::St { space: sym_space.filter(|_| space_of(m) == Space::Generic).unwrap_or(space_of(m)), ty, vec: vec_of(m) };
+            inst.op = Op::St { space: symbol_space(sym_space, space_of(m)), ty, vec: vec_of(m) };
             ctx.src(ops.get(1).ok_or_else(|| ParseError { line, message: "st without value".into() })?, fty, line, &mut inst.s)?;
             inst.addr = Some(a);
         }
@@ -637,7 +779,7 @@ fn decode_inst(ctx: &Ctx, i: &Instruction) -> Result<Inst, ParseError> {
                 inst.op = Op::CpAsync { bytes, zfill };
             }
         }
-        "bra" | "brx" if base == "bra" => {
+        "bra" => {
             let target = match ops.first() {
                 Some(Operand::Name(l, 0)) => *ctx.labels.get(l).ok_or_else(|| ParseError { line, message: format!("unknown label {l}") })?,
                 _ => return err(line, "bra needs a label"),

@@ -39,27 +39,34 @@ pub fn pow2(e: i32) -> f64 {
     f64::from_bits(((e + 1023) as u64) << 52)
 }
 
-/// Exact value of an encoded number.
+/// Exact value of an encoded number (bit manipulation only: this runs for every element of every conversion).
 #[inline]
 pub fn decode(bits: u32, f: Format) -> f64 {
     if f == BF16 {
         return f32::from_bits(bits << 16) as f64;
     }
-    let sign = if bits & f.sign_bit() != 0 { -1.0 } else { 1.0 };
+    let negative = bits & f.sign_bit() != 0;
     let mag = bits & (f.sign_bit() - 1);
-    if f.nan.is_some() && f.inf.is_none() && mag == f.nan.unwrap() {
+    if f.inf.is_none() && f.nan == Some(mag) {
         return f64::NAN;
     }
     let e = (mag >> f.man_bits) as i32;
-    let man = (mag & ((1 << f.man_bits) - 1)) as f64;
-    if f.inf.is_some() && e == (1 << f.exp_bits) - 1 {
-        return if man == 0.0 { sign * f64::INFINITY } else { f64::NAN };
-    }
-    let scale = pow2;
-    if e == 0 {
-        sign * man * scale(1 - f.bias - f.man_bits as i32)
+    let man = (mag & ((1 << f.man_bits) - 1)) as u64;
+    let v = if f.inf.is_some() && e == (1 << f.exp_bits) - 1 {
+        if man == 0 {
+            f64::INFINITY
+        } else {
+            f64::NAN
+        }
+    } else if e == 0 {
+        man as f64 * pow2(1 - f.bias - f.man_bits as i32)
     } else {
-        sign * (man + (1u64 << f.man_bits) as f64) * scale(e - f.bias - f.man_bits as i32)
+        f64::from_bits((((e - f.bias + 1023) as u64) << 52) | (man << (52 - f.man_bits)))
+    };
+    if negative {
+        -v
+    } else {
+        v
     }
 }
 
@@ -93,14 +100,13 @@ pub fn encode(x: f64, f: Format, mode: Rnd, satfinite: bool) -> u32 {
         return f.nan.unwrap_or(f.max_finite);
     }
     let a = x.abs();
-    let overflow = |sign: u32| -> u32 {
+    let overflow = || -> u32 {
         // Directed roundings toward zero keep the largest finite value (IEEE 754 7.4).
-        let to_max = satfinite
-            || f.inf.is_none()
-            || mode == Rnd::Rz
-            || (mode == Rnd::Rm && sign == 0)
-            || (mode == Rnd::Rp && sign != 0);
-        sign | if to_max { f.max_finite } else { f.inf.unwrap() }
+        let to_max = satfinite || mode == Rnd::Rz || (mode == Rnd::Rm && sign == 0) || (mode == Rnd::Rp && sign != 0);
+        match f.inf {
+            Some(inf) if !to_max => sign | inf,
+            _ => sign | f.max_finite,
+        }
     };
     if a.is_infinite() {
         return match f.inf {
@@ -111,30 +117,31 @@ pub fn encode(x: f64, f: Format, mode: Rnd, satfinite: bool) -> u32 {
     if a == 0.0 {
         return sign;
     }
+    // floor(log2 a) from the f64 exponent field, clamped to the format's smallest normal exponent (below it the
+    // quantum is the subnormal step).
+    let m = f.man_bits as i32;
     let emin = 1 - f.bias;
-    let e = (a.log2().floor() as i32).max(emin);
-    // log2 may be off by one near powers of two: fix the exponent exactly.
-    let e = if e > emin && a < pow2(e) { e - 1 } else if a >= pow2(e + 1) { e + 1 } else { e };
-    let quantum = pow2(e - f.man_bits as i32);
-    let q = round_int(a / quantum, mode, sign != 0);
-    let r = q * quantum;
-    if r == 0.0 {
+    let raw_e = ((a.to_bits() >> 52) & 0x7ff) as i32;
+    let e = if raw_e == 0 { -1023 } else { raw_e - 1023 }.max(emin);
+    // a / quantum is exact (a power-of-two scaling), so the only rounding is round_int's.
+    let q = round_int(a * pow2(m - e), mode, sign != 0);
+    if q == 0.0 {
         return sign;
     }
-    let max = decode(f.max_finite, f);
-    if r > max {
-        return overflow(sign);
-    }
-    // Encode the rounded magnitude.
-    let e2 = (r.log2().floor() as i32).max(emin);
-    let e2 = if e2 > emin && r < pow2(e2) { e2 - 1 } else if r >= pow2(e2 + 1) { e2 + 1 } else { e2 };
-    let bits = if r < pow2(emin) {
-        (r / pow2(emin - f.man_bits as i32)) as u32
+    let full = pow2(m + 1);
+    let (e, q) = if q >= full { (e + 1, q * 0.5) } else { (e, q) };
+    let implicit = pow2(m);
+    let mag = if q < implicit {
+        q as u32 // subnormal (only at e == emin)
     } else {
-        let man = (r / pow2(e2 - f.man_bits as i32)) as u32 - (1 << f.man_bits);
-        (((e2 + f.bias) as u32) << f.man_bits) | man
+        (((e + f.bias) as u32) << f.man_bits) | (q - implicit) as u32
     };
-    sign | bits
+    // Encodings are monotonic in magnitude, so anything above the largest finite encoding overflowed (this also
+    // catches e4m3's S.1111.111 NaN pattern and the infinities).
+    if mag > f.max_finite {
+        return overflow();
+    }
+    sign | mag
 }
 
 /// f32 -> format, rounding exactly (f32 values are exact in f64).

@@ -257,7 +257,8 @@ pub enum IntOp {
     Bfe,
     Bfi,
     Sad,
-    Dp4a,
+    /// `dp4a.atype.btype`: four 8-bit products accumulated into 32 bits.
+    Dp4a { a_signed: bool, b_signed: bool },
     /// `lop3.b32 d, a, b, c, lut`: any 3-input bitwise function.
     Lop3,
     /// Funnel shifts `shf.{l,r}.{wrap,clamp}.b32 d, a, b, c` over the 64-bit value {b, a}.
@@ -483,6 +484,14 @@ pub enum Op {
     /// `stmatrix`
     Stmatrix { num: u32, trans: bool },
     Mma { shape: MmaShape, a: Ty, b: Ty, c: Ty, d: Ty },
+    /// A direct call: copy the arguments (local offset from, to, bytes), save pc + 1 in `ret_reg`, jump to `target`.
+    Call { target: u32, callee: String, ret_reg: u32, copies: Vec<(u32, u32, u32)> },
+    /// Return from a device function to the address in the register.
+    Return(u32),
+    /// Copies between per-thread local areas (a callee's return values to the caller's).
+    CopyLocal(Vec<(u32, u32, u32)>),
+    /// `__assertfail(message, file, line, function, char size)`: the local areas holding its arguments.
+    AssertFail(Vec<u32>),
     /// Instructions with no effect on an interpreter's state (prefetch, createpolicy writes 0, nanosleep, pmevent).
     Nop,
     /// `createpolicy`: the cache policy is opaque to kernels; writes 0.
@@ -504,7 +513,7 @@ impl Op {
             Op::Ld { .. } | Op::St { .. } => Class::OtherMemory,
             Op::Atom { .. } => Class::Atomic,
             Op::CpAsync { .. } | Op::CpAsyncCommit | Op::CpAsyncWait(_) => Class::AsyncCopy,
-            Op::Bra(_) | Op::Exit | Op::Trap | Op::Nop | Op::Unsupported(_) => Class::Control,
+            Op::Bra(_) | Op::Exit | Op::Trap | Op::Nop | Op::Unsupported(_) | Op::Call { .. } | Op::Return(_) | Op::CopyLocal(_) | Op::AssertFail(_) => Class::Control,
             Op::Bar { .. } | Op::BarWarp | Op::Fence => Class::Sync,
             Op::Shfl(_) | Op::Vote(_) | Op::Activemask | Op::Elect | Op::Redux { .. } | Op::Match { .. } => Class::WarpCollective,
             Op::Testp { .. } => Class::Float,

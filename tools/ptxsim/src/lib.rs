@@ -5,6 +5,18 @@
 //! Pipeline: `parser` (text -> syntax tree) -> `decode` (each instruction decoded once into `ir::Inst` with resolved
 //! register indices) -> `exec` (warps of 32 lanes, per-lane register arrays, one instruction for all active lanes in
 //! a tight loop). `Machine` owns global memory and launches kernels synchronously, one block at a time.
+//!
+//! Checks (each an error naming kernel, block, thread and PTX line): out-of-bounds and misaligned accesses in every
+//! state space; kernel reads of bytes nothing wrote (tracked per byte; host writes and memsets initialise, `alloc`
+//! does not); shared-memory races between barriers (per byte: two threads, at least one writing, not ordered by a
+//! block barrier or, within a warp, a `bar.warp.sync`; atomics are exempt); reads of shared bytes an unfinished
+//! `cp.async` will write (copies land at `cp.async.wait_group`/`wait_all`); warp collectives whose member mask is
+//! not the set of converged lanes; barrier deadlocks; device-side asserts (with their message).
+//!
+//! Known limits: no wgmma / TMA / mbarrier / clusters yet (see `memory` for where they fit); no recursion, indirect
+//! calls or printf (clear errors where they would run); mma.sync sums products exactly and rounds once, which can
+//! differ from a GPU's accumulation in the last bit; `.approx` functions are computed to full precision (inside the
+//! ISA's error bounds); registers are not checked for initialisation.
 
 pub mod counters;
 pub mod decode;

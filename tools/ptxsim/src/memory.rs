@@ -8,8 +8,6 @@
 //! wait is reported instead of silently returning stale data. A TMA engine fits the same queue: an entry with a
 //! tensor-map-described source box and an mbarrier address to complete.
 
-use std::collections::BTreeMap;
-
 /// Generic addresses: global allocations live from `GLOBAL_BASE` up; shared and local memory are windows far above.
 pub const GLOBAL_BASE: u64 = 0x1_0000_0000;
 /// Module `.global`/`.const` variables: one 16 MiB window per loaded module.
@@ -29,13 +27,16 @@ pub(crate) struct Allocation {
 }
 
 pub struct GlobalMemory {
-    allocs: BTreeMap<u64, Allocation>,
+    /// Allocations sorted by start address (new ones always lie above the old, module windows below).
+    allocs: Vec<(u64, Allocation)>,
+    /// Index of the allocation the last lookup hit: kernels touch a few buffers many times in a row.
+    last: std::cell::Cell<usize>,
     next: u64,
 }
 
 impl Default for GlobalMemory {
     fn default() -> Self {
-        GlobalMemory { allocs: BTreeMap::new(), next: GLOBAL_BASE }
+        GlobalMemory { allocs: Vec::new(), last: std::cell::Cell::new(0), next: GLOBAL_BASE }
     }
 }
 
@@ -43,38 +44,66 @@ impl GlobalMemory {
     pub fn alloc(&mut self, bytes: usize) -> u64 {
         let addr = self.next;
         self.next = (addr + bytes as u64 + GAP).div_ceil(256) * 256;
-        self.allocs.insert(addr, Allocation { data: vec![0; bytes], init: vec![0; bytes] });
+        self.insert(addr, Allocation { data: vec![0; bytes], init: vec![0; bytes] });
         addr
+    }
+
+    fn insert(&mut self, addr: u64, a: Allocation) {
+        let at = self.allocs.partition_point(|(s, _)| *s < addr);
+        self.allocs.insert(at, (addr, a));
     }
 
     /// Places an allocation at a fixed address (module variables); no-op when present.
     pub fn map_fixed(&mut self, addr: u64, bytes: &[u8]) {
-        self.allocs.entry(addr).or_insert_with(|| Allocation { data: bytes.to_vec(), init: vec![1; bytes.len()] });
+        if self.allocs.binary_search_by_key(&addr, |(s, _)| *s).is_err() {
+            self.insert(addr, Allocation { data: bytes.to_vec(), init: vec![1; bytes.len()] });
+        }
     }
 
     pub fn free(&mut self, addr: u64) -> bool {
-        self.allocs.remove(&addr).is_some()
+        match self.allocs.binary_search_by_key(&addr, |(s, _)| *s) {
+            Ok(i) => {
+                self.allocs.remove(i);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Index of the allocation whose range could hold `addr` (the last one starting at or below it).
+    #[inline]
+    fn index(&self, addr: u64) -> Option<usize> {
+        let last = self.last.get();
+        if let Some((s, a)) = self.allocs.get(last) {
+            if addr >= *s && addr < s + a.data.len() as u64 {
+                return Some(last);
+            }
+        }
+        let i = self.allocs.partition_point(|(s, _)| *s <= addr).checked_sub(1)?;
+        self.last.set(i);
+        Some(i)
     }
 
     /// The allocation holding `[addr, addr+len)` and the offset of `addr` in it.
     #[inline]
     pub(crate) fn find(&self, addr: u64, len: usize) -> Option<(u64, &Allocation, usize)> {
-        let (&start, a) = self.allocs.range(..=addr).next_back()?;
+        let (start, a) = &self.allocs[self.index(addr)?];
         let off = (addr - start) as usize;
-        (off + len <= a.data.len()).then_some((start, a, off))
+        (off + len <= a.data.len()).then_some((*start, a, off))
     }
 
     #[inline]
     pub(crate) fn find_mut(&mut self, addr: u64, len: usize) -> Option<(&mut Allocation, usize)> {
-        let (&start, a) = self.allocs.range_mut(..=addr).next_back()?;
-        let off = (addr - start) as usize;
+        let i = self.index(addr)?;
+        let (start, a) = &mut self.allocs[i];
+        let off = (addr - *start) as usize;
         (off + len <= a.data.len()).then_some((a, off))
     }
 
     /// Describes where an address lies, for error messages.
     pub fn describe(&self, addr: u64) -> String {
-        match self.allocs.range(..=addr).next_back() {
-            Some((&start, a)) => {
+        match self.index(addr).map(|i| &self.allocs[i]) {
+            Some(&(start, ref a)) => {
                 let off = addr - start;
                 if off < a.data.len() as u64 {
                     format!("offset {off} of the {}-byte allocation at {start:#x}", a.data.len())

@@ -148,6 +148,8 @@ pub struct Function {
     pub is_entry: bool,
     pub line: u32,
     pub params: Vec<VarDecl>,
+    /// Return values of a `.func`.
+    pub rets: Vec<VarDecl>,
     pub body: Vec<Stmt>,
 }
 
@@ -255,6 +257,15 @@ fn parse_number(text: &str, neg: bool, line: u32) -> Result<Operand, ParseError>
 impl Parser {
     fn operand(&mut self) -> Result<Operand, ParseError> {
         let line = self.line();
+        if self.eat('(') {
+            // A call's return-value or argument list.
+            let mut items = Vec::new();
+            while !self.eat(')') {
+                items.push(self.operand()?);
+                self.eat(',');
+            }
+            return Ok(Operand::Vector(items));
+        }
         if self.eat('{') {
             let mut items = Vec::new();
             if !self.eat('}') {
@@ -471,9 +482,7 @@ impl Parser {
                 ".extern" => pending_extern = true,
                 ".entry" | ".func" => {
                     let is_entry = w == ".entry";
-                    if !is_entry && self.is_punct('(') {
-                        self.params()?; // return value
-                    }
+                    let rets = if !is_entry && self.is_punct('(') { self.params()? } else { Vec::new() };
                     let name = self.word()?;
                     let params = self.params()?;
                     // Performance directives (.maxntid 128, 1, 1 / .reqntid / .minnctapersm / .noreturn ...).
@@ -485,7 +494,7 @@ impl Parser {
                         continue; // a prototype
                     }
                     let body = self.body()?;
-                    ast.functions.push(Function { name, is_entry, line, params, body });
+                    ast.functions.push(Function { name, is_entry, line, params, rets, body });
                     pending_extern = false;
                 }
                 ".global" | ".const" | ".shared" => {

@@ -626,3 +626,49 @@ SKIP:
     let e = run_result(divergent, &[(0, 0, 0); 32]).unwrap_err();
     assert!(e.message.contains("member mask 0xffffffff") && e.message.contains("0xffff0000"), "{e}");
 }
+
+#[test]
+fn named_barriers_complete_at_their_thread_count() {
+    // Warp 0 produces into shared memory and arrives at a barrier without waiting; warp 1 waits there, then reads.
+    // Round r uses barrier 1 + r (re-arriving at a barrier before its phase completes would complete it early,
+    // on hardware as here).
+    let body = r#"
+  .shared .align 4 .b8 s[256];
+  .reg .b64 %sa;
+  .reg .b32 %lane, %v, %round, %bid;
+  mov.u64 %sa, s;
+  and.b32 %lane, %tid, 31;
+  mul.wide.u32 %off, %lane, 4;
+  add.s64 %sa, %sa, %off;
+  setp.lt.u32 %pd, %tid, 32;
+  mov.u32 %round, 0;
+  mov.u32 %rd, 0;
+ROUND:
+  @!%pd bra CONSUME;
+  mad.lo.u32 %v, %round, 1000, %tid;
+  mul.wide.u32 %off, %round, 128;
+  add.s64 %off, %sa, %off;
+  st.shared.u32 [%off], %v;
+  add.u32 %bid, %round, 1;
+  bar.arrive %bid, 64;
+  bra.uni NEXT;
+CONSUME:
+  add.u32 %bid, %round, 1;
+  bar.sync %bid, 64;
+  mul.wide.u32 %off, %round, 128;
+  add.s64 %off, %sa, %off;
+  ld.shared.u32 %v, [%off];
+  add.u32 %rd, %rd, %v;
+NEXT:
+  add.u32 %round, %round, 1;
+  setp.lt.u32 %pe, %round, 2;
+  @%pe bra ROUND;
+  cvt.u64.u32 %d, %rd;
+  mul.wide.u32 %off, %tid, 8;
+  "#;
+    let got = run_result(body, &[(0, 0, 0); 64]).unwrap();
+    for t in 0..64u64 {
+        let want = if t < 32 { 0 } else { (t - 32) + (1000 + t - 32) };
+        assert_eq!(got[t as usize], want, "thread {t}");
+    }
+}

@@ -394,3 +394,16 @@ fn mma_m16n8k8_f16_with_ldmatrix_x1_and_activemask() {
     let got = download::<u32>(&m, masks, 32);
     assert_eq!(got, (0..32).map(|l| if l % 4 == 0 { 0x1111_1111 } else { 0 }).collect::<Vec<u32>>());
 }
+
+#[test]
+fn device_function_calls_and_asserts() {
+    let module = snippets();
+    let mut m = Machine::new();
+    let out = poisoned(&mut m, 64 * 4);
+    m.launch(&module, "calls", [1, 1, 1], [64, 1, 1], 0, &Params::new().ptr(out).i32(5).0).unwrap();
+    assert_eq!(download::<i32>(&m, out, 64), (0..64).map(|t| if t & 1 == 1 { t * 3 + 5 } else { t }).collect::<Vec<_>>());
+    let e = m.launch(&module, "calls", [1, 1, 1], [64, 1, 1], 0, &Params::new().ptr(out).i32(0).0).unwrap_err();
+    assert!(e.message.contains("device-side assertion failed: n > 0") && e.message.contains("snippets.cu"), "{e}");
+    // printf is reported by name where it would run, not at load.
+    assert!(module.unsupported().iter().any(|(k, _, op)| k == "calls" && op.contains("vprintf")));
+}

@@ -166,14 +166,7 @@ fn int1(op: IntOp, ty: Ty, sat: bool, a: u64, b: u64, c: u64, d: u64) -> Result<
             let v = (b & 0xffff_ffff) << 32 | (a & 0xffff_ffff);
             return Ok(if matches!(op, IntOp::ShfL { .. }) { (v << n) >> 32 & 0xffff_ffff } else { (v >> n) & 0xffff_ffff });
         }
-        IntOp::Dp4a => {
-            // ty encodes signedness: S32 = both signed, S16 = a signed, U16 = b signed, U32 = neither.
-            let (sa, sb) = match ty {
-                Ty::S32 => (true, true),
-                Ty::S16 => (true, false),
-                Ty::U16 => (false, true),
-                _ => (false, false),
-            };
+        IntOp::Dp4a { a_signed: sa, b_signed: sb } => {
             let mut acc = c as u32 as i32 as i64;
             for i in 0..4 {
                 let x = (a >> (8 * i)) as u8;
@@ -216,7 +209,7 @@ pub(super) fn int(w: &mut Warp, inst: &Inst, op: IntOp, ty: Ty, sat: bool, exec:
         _ => {}
     }
     let out_ty = match op {
-        IntOp::MulWide | IntOp::MadWide | IntOp::Popc | IntOp::Clz | IntOp::Bfind | IntOp::Dp4a => Ty::B64,
+        IntOp::MulWide | IntOp::MadWide | IntOp::Popc | IntOp::Clz | IntOp::Bfind | IntOp::Dp4a { .. } => Ty::B64,
         _ => rty,
     };
     for l in lanes(exec) {
@@ -510,6 +503,7 @@ pub(super) fn testp(w: &mut Warp, inst: &Inst, test: TestpKind, ty: Ty, exec: u3
     }
 }
 
+#[derive(Clone, Copy)]
 pub(super) struct CvtSpec {
     pub dty: Ty,
     pub sty: Ty,
@@ -639,12 +633,6 @@ fn cvt1(c: &CvtSpec, a: u64, b: u64) -> Result<u64, String> {
     Ok(out)
 }
 
-impl Clone for CvtSpec {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-impl Copy for CvtSpec {}
 
 pub(super) fn cvt(w: &mut Warp, inst: &Inst, c: &CvtSpec, exec: u32) -> Result<(), String> {
     let d = inst.d[0];

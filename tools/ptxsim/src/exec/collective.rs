@@ -131,19 +131,21 @@ pub(super) fn match_(w: &mut Warp, inst: &Inst, all: bool, ty: Ty, exec: u32, _m
 }
 
 /// Value of element `e` (of `32 / bits` packed in a register) of an mma A/B operand.
-fn mma_elem(ty: Ty, reg: u64, e: u32) -> f64 {
+/// Every supported input type is exact in f32.
+#[inline(always)]
+fn mma_elem(ty: Ty, reg: u64, e: u32) -> f32 {
     let bits = ty.bits();
     let raw = ((reg >> (bits * e)) & ((1u64 << bits) - 1)) as u32;
     match ty {
-        Ty::Bf16 => float::decode(raw, float::BF16),
-        Ty::F16 => float::decode(raw, float::F16),
-        Ty::E4m3 => float::decode(raw, float::E4M3),
-        Ty::E5m2 => float::decode(raw, float::E5M2),
+        Ty::Bf16 => f32::from_bits(raw << 16),
+        Ty::F16 => float::decode(raw, float::F16) as f32,
+        Ty::E4m3 => float::decode(raw, float::E4M3) as f32,
+        Ty::E5m2 => float::decode(raw, float::E5M2) as f32,
         // Tensor cores read only the tf32 bits of an f32 register.
-        Ty::Tf32 => f32::from_bits(raw & 0xffff_e000) as f64,
-        Ty::S8 => raw as u8 as i8 as f64,
-        Ty::U8 => raw as f64,
-        _ => f64::NAN,
+        Ty::Tf32 => f32::from_bits(raw & 0xffff_e000),
+        Ty::S8 => raw as u8 as i8 as f32,
+        Ty::U8 => raw as f32,
+        _ => f32::NAN,
     }
 }
 
@@ -171,8 +173,8 @@ pub(super) fn mma(w: &mut Warp, inst: &Inst, shape: MmaShape, [a_ty, b_ty, c_ty,
     if inst.s.len() != a_regs + b_regs + c_regs {
         return warp_fault(format!("mma.sync operand count {} does not match the shape (expected {})", inst.s.len(), a_regs + b_regs + c_regs));
     }
-    let mut a = [[0f64; 64]; 16];
-    let mut b = [[0f64; 64]; 8];
+    let mut a = [[0f32; 64]; 16];
+    let mut b = [[0f32; 64]; 8];
     let mut c = [[0f64; 8]; 16];
     let mut c_int = [[0i64; 8]; 16];
     for l in 0..32usize {
@@ -211,11 +213,11 @@ pub(super) fn mma(w: &mut Warp, inst: &Inst, shape: MmaShape, [a_ty, b_ty, c_ty,
             let mut si = c_int[i][j];
             if integer {
                 for kk in 0..k {
-                    si += (a[i][kk] * b[j][kk]) as i64;
+                    si += (a[i][kk] * b[j][kk]) as i64; // |products| < 2^15: exact
                 }
             } else {
                 // Products of <= 16-bit-mantissa inputs are exact; the sum is kept in f64 and rounded once.
-                s += a[i][..k].iter().zip(&b[j][..k]).map(|(x, y)| x * y).sum::<f64>();
+                s += a[i][..k].iter().zip(&b[j][..k]).map(|(&x, &y)| x as f64 * y as f64).sum::<f64>();
             }
             d[i][j] = s;
             d_int[i][j] = si;

@@ -504,7 +504,8 @@ fn atom_apply(op: AtomOp, ty: Ty, old: u64, b: u64, c: u64) -> Result<u64, Strin
     let (so, sb) = (ty.ext(old) as i64, ty.ext(b) as i64);
     let (uo, ub) = (ty.mask(old), ty.mask(b));
     Ok(ty.mask(match (op, ty) {
-        (AtomOp::Add, Ty::F32) => f32op(|x, y| x + y),
+        // The ISA: atom.add.f32 flushes subnormal inputs and results to sign-preserving zero.
+        (AtomOp::Add, Ty::F32) => f32op(|x, y| float::ftz32(float::ftz32(x) + float::ftz32(y))),
         (AtomOp::Add, Ty::F64) => (f64::from_bits(old) + f64::from_bits(b)).to_bits(),
         (AtomOp::Add, Ty::F16) => halves(float::F16, 1, |x, y| x + y),
         (AtomOp::Add, Ty::F16x2) => halves(float::F16, 2, |x, y| x + y),

@@ -64,6 +64,8 @@ pub(crate) struct Warp {
     /// Lanes waiting at a barrier; `wait[id]` says which barrier.
     pub blocked: u32,
     pub wait: [u32; 16],
+    /// The phase of barrier `id` these lanes wait for to complete.
+    pub wait_phase: [u32; 16],
     pub tid: [[u32; 3]; 32],
     pub ids: Ids,
     pub clock: u64,
@@ -120,6 +122,18 @@ impl Warp {
         }) as u64
     }
 
+    /// Lets lanes whose barrier phase has completed run again.
+    fn release_completed(&mut self, bars: &[BarState; 16]) {
+        for (id, bar) in bars.iter().enumerate() {
+            if self.wait[id] != 0 && self.wait_phase[id] < bar.phase {
+                self.materialize();
+                self.blocked &= !self.wait[id];
+                self.wait[id] = 0;
+                self.converged = None;
+            }
+        }
+    }
+
     /// Makes `pc` exact for every runnable lane and leaves converged mode.
     fn materialize(&mut self) {
         if let Some(p) = self.converged.take() {
@@ -137,12 +151,18 @@ pub(crate) enum Flow {
     Branch(u32, u32),
     /// These lanes exit.
     Exit(u32),
+    /// These lanes call: save pc + 1 in the register, jump to the target.
+    Call { target: u32, ret_reg: u32, lanes: u32 },
+    /// These lanes return to the address each holds in the register.
+    Return(u32, u32),
     /// These lanes wait at barrier `id` until `expected` threads (None = all live threads) arrived.
     Barrier { id: u32, lanes: u32, expected: Option<u32>, wait: bool },
 }
 
 #[derive(Clone, Copy, Default)]
 struct BarState {
+    /// Completed phases: a barrier with a thread count completes as soon as that many threads arrived.
+    phase: u32,
     arrived: u32,
     expected: Option<u32>,
     /// bar.red accumulation: number of true predicates, and whether any arrival had a false one.
@@ -153,6 +173,8 @@ struct BarState {
 /// Everything one block run touches.
 pub(crate) struct BlockCtx<'a> {
     pub kernel: &'a Kernel,
+    /// `code[i].op.class()`, computed once per launch.
+    pub classes: &'a [Class],
     pub global: &'a mut GlobalMemory,
     pub shared: &'a mut SharedMemory,
     pub shared_size: usize,
@@ -218,7 +240,7 @@ impl BlockCtx<'_> {
             if *steps > STEP_LIMIT {
                 return Err((Fault { lane: None, message: format!("more than {STEP_LIMIT} warp instructions in one block: runaway loop?") }, pc));
             }
-            self.counters.count(inst.op.class(), exec);
+            self.counters.count(self.classes[pc as usize], exec);
             let flow = if exec == 0 && !matches!(inst.op, Op::Bar { .. } | Op::Shfl(_) | Op::Vote(_)) {
                 Flow::Next
             } else {
@@ -239,6 +261,21 @@ impl BlockCtx<'_> {
                         for l in lanes(mask) {
                             w.pc[l] = if taken >> l & 1 != 0 { target } else { pc + 1 };
                         }
+                    }
+                }
+                Flow::Call { target, ret_reg, lanes: calling } => {
+                    for l in lanes(calling) {
+                        w.regs[ret_reg as usize * 32 + l] = pc as u64 + 1;
+                    }
+                    w.materialize();
+                    for l in lanes(mask) {
+                        w.pc[l] = if calling >> l & 1 != 0 { target } else { pc + 1 };
+                    }
+                }
+                Flow::Return(reg, returning) => {
+                    w.materialize();
+                    for l in lanes(mask) {
+                        w.pc[l] = if returning >> l & 1 != 0 { w.regs[reg as usize * 32 + l] as u32 } else { pc + 1 };
                     }
                 }
                 Flow::Exit(exiting) => {
@@ -266,6 +303,14 @@ impl BlockCtx<'_> {
                     if wait {
                         w.blocked |= arriving;
                         w.wait[id as usize] |= arriving;
+                        w.wait_phase[id as usize] = b.phase;
+                    }
+                    if let Some(e) = b.expected.filter(|&e| b.arrived >= e) {
+                        // A counted barrier (named-barrier producer/consumer) completes at this arrival.
+                        b.arrived -= e;
+                        b.phase += 1;
+                        self.shared.barrier();
+                        w.release_completed(&*bars);
                     }
                 }
             }
@@ -287,6 +332,7 @@ impl BlockCtx<'_> {
         let mut steps = 0u64;
         loop {
             for wi in 0..warps.len() {
+                warps[wi].release_completed(&bars);
                 if warps[wi].live & !warps[wi].blocked != 0 {
                     let w = &mut warps[wi];
                     self.run_warp(w, &mut bars, &mut steps).map_err(|(f, pc)| self.error(w, f, pc))?;
@@ -301,8 +347,8 @@ impl BlockCtx<'_> {
             for id in 0..16 {
                 let b = bars[id];
                 let waiting: u32 = warps.iter().map(|w| (w.wait[id] & w.live).count_ones()).sum();
-                if b.arrived == 0 && waiting == 0 {
-                    continue;
+                if (b.arrived == 0 && waiting == 0) || b.expected.is_some() {
+                    continue; // counted barriers complete at the arrival that fills them
                 }
                 let expected = b.expected.unwrap_or(live_threads);
                 if b.arrived >= expected || (b.expected.is_none() && waiting == live_threads) {
@@ -326,10 +372,11 @@ impl BlockCtx<'_> {
                         w.wait[id] = 0;
                         w.converged = None;
                     }
-                    bars[id] = BarState::default();
+                    bars[id] = BarState { phase: b.phase + 1, ..BarState::default() };
                     released = true;
                 }
             }
+            released |= warps.iter().any(|w| (0..16).any(|id| w.wait[id] != 0 && w.wait_phase[id] < bars[id].phase));
             if !released {
                 let w = warps.iter().find(|w| w.blocked & w.live != 0).unwrap_or(&warps[0]);
                 let lane = (w.blocked & w.live).trailing_zeros() as usize;
@@ -421,14 +468,12 @@ impl BlockCtx<'_> {
                 if exec != mask && exec != 0 {
                     return warp_fault("barrier under a predicate that differs between converged lanes");
                 }
-                let red = matches!(kind, BarKind::RedPopc | BarKind::RedAnd | BarKind::RedOr);
                 let l0 = mask.trailing_zeros() as usize;
                 let id = if *id_is_operand { w.val(&inst.s[0], l0) as u32 } else { 0 };
                 if id >= 16 {
                     return warp_fault(format!("barrier id {id} out of range 0..16"));
                 }
                 let expected = if *has_count { Some(w.val(&inst.s[1], l0) as u32) } else { None };
-                let _ = red;
                 if exec == 0 {
                     return Ok(Flow::Next);
                 }
@@ -455,9 +500,62 @@ impl BlockCtx<'_> {
                 self.counters.tensor_ops += 1;
                 self.counters.tensor_flops += 2 * (shape.m * shape.n * shape.k) as u64;
             }
+            Op::Call { target, ret_reg, copies, .. } => {
+                for l in lanes(exec) {
+                    copy_local(w, l, copies);
+                }
+                return Ok(Flow::Call { target: *target, ret_reg: *ret_reg, lanes: exec });
+            }
+            Op::Return(reg) => return Ok(Flow::Return(*reg, exec)),
+            Op::CopyLocal(copies) => {
+                for l in lanes(exec) {
+                    copy_local(w, l, copies);
+                }
+            }
+            Op::AssertFail(args) => {
+                let l = exec.trailing_zeros() as usize;
+                let arg = |i: usize| -> u64 {
+                    let at = l * w.local_bytes + args.get(i).copied().unwrap_or(0) as usize;
+                    let mut b = [0u8; 8];
+                    let n = 8.min(w.local_bytes.saturating_sub(at - l * w.local_bytes));
+                    b[..n].copy_from_slice(&w.local[at..at + n]);
+                    u64::from_le_bytes(b)
+                };
+                let message = self.c_string(arg(0));
+                let file = self.c_string(arg(1));
+                return fault(l, format!("device-side assertion failed: {message} ({file}:{})", arg(2) as u32));
+            }
             Op::Unsupported(name) => return warp_fault(format!("unsupported instruction {name}")),
         }
         Ok(Flow::Next)
+    }
+}
+
+/// Copies (from, to, bytes) between areas of one lane's local memory, with their initialisation.
+fn copy_local(w: &mut Warp, lane: usize, copies: &[(u32, u32, u32)]) {
+    let base = lane * w.local_bytes;
+    for &(from, to, bytes) in copies {
+        let (from, to, n) = (base + from as usize, base + to as usize, bytes as usize);
+        w.local.copy_within(from..from + n, to);
+        w.local_init.copy_within(from..from + n, to);
+    }
+}
+
+impl BlockCtx<'_> {
+    /// A NUL-terminated string in global memory (at most 512 bytes), for assertion messages.
+    fn c_string(&self, addr: u64) -> String {
+        let mut out = Vec::new();
+        for i in 0..512 {
+            let mut b = [0u8];
+            match self.global.find(addr + i, 1) {
+                Some((_, a, off)) if a.data[off] != 0 => {
+                    b[0] = a.data[off];
+                    out.push(b[0]);
+                }
+                _ => break,
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
     }
 }
 
@@ -512,6 +610,7 @@ pub(crate) fn launch(
                 live,
                 blocked: 0,
                 wait: [0; 16],
+                wait_phase: [0; 16],
                 tid,
                 ids: Ids { ctaid: [0; 3], ntid: block, nctaid: grid, dynamic_smem: dynamic_shared_bytes, total_smem: shared_size as u32 },
                 clock: 0,
@@ -522,6 +621,7 @@ pub(crate) fn launch(
         })
         .collect();
     let live_masks: Vec<u32> = warps.iter().map(|w| w.live).collect();
+    let classes: Vec<Class> = kernel.code.iter().map(|i| i.op.class()).collect();
     for bz in 0..grid[2] {
         for by in 0..grid[1] {
             for bx in 0..grid[0] {
@@ -531,12 +631,14 @@ pub(crate) fn launch(
                     w.live = live;
                     w.blocked = 0;
                     w.wait = [0; 16];
+                    w.wait_phase = [0; 16];
                     w.converged = Some(0);
                     w.ids.ctaid = [bx, by, bz];
                     w.local_init.fill(0);
                 }
                 let mut ctx = BlockCtx {
                     kernel,
+                    classes: &classes,
                     global,
                     shared: &mut shared,
                     shared_size,

@@ -419,39 +419,63 @@ mod tests {
         v.abs() * 4.0 * f32::EPSILON
     }
 
+    /// The largest error quantisation may make on element `i` of value `x`: half a step of the element's own grid
+    /// (its format's code spacing at |x| times its scale), plus f32 slack.
+    fn element_bound(matrix: &QuantizedMatrix, i: usize, x: f32) -> f32 {
+        let bound = match matrix {
+            QuantizedMatrix::Bf16 { .. } => x.abs() / 256.0,
+            QuantizedMatrix::Fp8PerTensor(q) => e4m3_half_step(x / q.scale) * q.scale,
+            QuantizedMatrix::Fp8Block128(q) => {
+                let scale = q.scale(i / q.cols, i % q.cols);
+                e4m3_half_step(x / scale) * scale
+            }
+            QuantizedMatrix::Int4(q) => {
+                // Half a step, plus (zero point) the shift of the grid's far end by the bf16 rounding of the scale
+                // (relative 2^-8): at most 15 steps * 2^-8.
+                let scale = q.scales[i / q.group].to_f32();
+                scale * (0.5 + if q.zeros.is_some() { 15.0 / 256.0 } else { 0.0 })
+            }
+            QuantizedMatrix::Nvfp4(q) => {
+                let scale = q.effective_scale(i / NVFP4_BLOCK);
+                e2m1_half_step(x / scale) * scale
+            }
+        };
+        bound + slack(x)
+    }
+
+    /// Quantises a random matrix, checks every element against its bound and returns the relative Frobenius error.
+    fn round_trip(format: WeightFormat, rows: usize, cols: usize, seed: u64) -> f64 {
+        let w = random_matrix(rows, cols, seed);
+        let q = QuantizedMatrix::quantize(format, &w, rows, cols).unwrap();
+        let d = q.dequantize();
+        for (i, (&x, &y)) in w.iter().zip(&d).enumerate() {
+            let bound = element_bound(&q, i, x);
+            assert!((x - y).abs() <= bound, "{format} [{rows}, {cols}] element {i}: {x} -> {y}, bound {bound}");
+        }
+        relative_frobenius(&d, &w)
+    }
+
     const SHAPES: [(usize, usize); 5] = [(1, 128), (17, 256), (130, 384), (3, 4096), (256, 640)];
 
     #[test]
     fn fp8_per_tensor_error_is_half_a_step() {
         for (seed, &(rows, cols)) in SHAPES.iter().enumerate() {
-            let w = random_matrix(rows, cols, seed as u64);
-            let q = Fp8PerTensor::quantize(&w, rows, cols).unwrap();
-            assert_eq!(q.scale, amax(w.iter().copied()) / 448.0);
-            let d = q.dequantize();
-            for (i, (&x, &y)) in w.iter().zip(&d).enumerate() {
-                let bound = e4m3_half_step(x / q.scale) * q.scale + slack(x);
-                assert!((x - y).abs() <= bound, "[{i}] {x} -> {y}, bound {bound}");
-            }
+            let err = round_trip(WeightFormat::Fp8PerTensor, rows, cols, seed as u64);
             // Relative error of e4m3 is at most 2^-4 in the normal range; uniform data sits far below it.
-            assert!(relative_frobenius(&d, &w) < 0.035, "{}", relative_frobenius(&d, &w));
+            assert!(err < 0.035, "{err}");
         }
+        let w = random_matrix(4, 128, 1);
+        assert_eq!(Fp8PerTensor::quantize(&w, 4, 128).unwrap().scale, amax(w.iter().copied()) / 448.0);
     }
 
     #[test]
     fn fp8_block128_error_is_half_a_step_of_each_block() {
         for (seed, &(rows, cols)) in SHAPES.iter().enumerate() {
-            let w = random_matrix(rows, cols, 10 + seed as u64);
-            let q = Fp8Block128::quantize(&w, rows, cols).unwrap();
-            assert_eq!(q.scales.len(), rows.div_ceil(128) * cols.div_ceil(128));
-            let d = q.dequantize();
-            for (i, (&x, &y)) in w.iter().zip(&d).enumerate() {
-                let scale = q.scale(i / cols, i % cols);
-                let bound = e4m3_half_step(x / scale) * scale + slack(x);
-                assert!((x - y).abs() <= bound, "[{i}] {x} -> {y}, bound {bound}");
-            }
-            // Every block's amax maps to 448 exactly (up to the f32 division): the largest code is used.
-            assert!(q.data.iter().any(|&c| c & 0x7f == 0x7e));
-            assert!(relative_frobenius(&d, &w) < 0.035);
+            let err = round_trip(WeightFormat::Fp8Block128, rows, cols, 10 + seed as u64);
+            assert!(err < 0.035, "{err}");
+            // Every block's amax maps to 448 (up to the f32 division): the largest code is used.
+            let w = random_matrix(rows, cols, seed as u64);
+            assert!(Fp8Block128::quantize(&w, rows, cols).unwrap().data.iter().any(|&c| c & 0x7f == 0x7e));
         }
     }
 
@@ -460,20 +484,9 @@ mod tests {
         for zero_point in [false, true] {
             for (seed, &(rows, cols)) in SHAPES.iter().enumerate() {
                 for group in [32, 128] {
-                    let w = random_matrix(rows, cols, 20 + seed as u64);
-                    let q = Int4Grouped::quantize_with(&w, rows, cols, group, zero_point).unwrap();
-                    assert_eq!(q.packed.len(), rows * cols / 2);
-                    let d = q.dequantize();
-                    for (i, (&x, &y)) in w.iter().zip(&d).enumerate() {
-                        let scale = q.scales[i / group].to_f32();
-                        // Half a step, plus (zero point) the shift of the grid's far end by the bf16 rounding of the
-                        // scale (relative 2^-8): at most 15 steps * 2^-8.
-                        let bound = scale * (0.5 + if zero_point { 15.0 / 256.0 } else { 0.0 }) + slack(x);
-                        assert!((x - y).abs() <= bound, "zp {zero_point} g {group} [{i}] {x} -> {y}, bound {bound}");
-                    }
+                    let err = round_trip(WeightFormat::Int4 { group, zero_point }, rows, cols, 20 + seed as u64);
                     // Uniform data over ±amax with steps amax/7: RMS error step/sqrt(12), RMS value amax/sqrt(3) ->
                     // ~1/14 relative; zero points have 15 steps over the same range (~1/15).
-                    let err = relative_frobenius(&d, &w);
                     assert!(err < 0.08, "zp {zero_point} g {group}: {err}");
                 }
             }
@@ -483,19 +496,38 @@ mod tests {
     #[test]
     fn nvfp4_error_is_half_a_step_of_each_block() {
         for (seed, &(rows, cols)) in SHAPES.iter().enumerate() {
+            let err = round_trip(WeightFormat::Nvfp4, rows, cols, 30 + seed as u64);
+            // e2m1 on uniform data: steps of 1/12 to 1/3 of the block amax; measured ~0.09 relative.
+            assert!(err < 0.12, "{err}");
             let w = random_matrix(rows, cols, 30 + seed as u64);
             let q = Nvfp4::quantize(&w, rows, cols).unwrap();
             assert_eq!(q.global_scale, 448.0 * 6.0 / amax(w.iter().copied()));
             assert_eq!((q.packed.len(), q.scales.len()), (rows * cols / 2, rows * cols / 16));
-            let d = q.dequantize();
-            for (i, (&x, &y)) in w.iter().zip(&d).enumerate() {
-                let scale = q.effective_scale(i / 16);
-                let bound = e2m1_half_step(x / scale) * scale + slack(x);
-                assert!((x - y).abs() <= bound, "[{i}] {x} -> {y}, bound {bound}");
-            }
-            // e2m1 on uniform data: steps of 1/12 to 1/3 of the block amax; measured ~0.09 relative.
-            let err = relative_frobenius(&d, &w);
-            assert!(err < 0.12, "{err}");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 48, ..Default::default() })]
+        /// Any format, any legal shape: every element within its bound.
+        #[test]
+        fn every_format_round_trips_within_bounds(
+            format_index in 0usize..7,
+            rows in 1usize..40,
+            units in 1usize..12,
+            seed in proptest::prelude::any::<u64>(),
+        ) {
+            let formats = [
+                (WeightFormat::Bf16, 1),
+                (WeightFormat::Fp8PerTensor, 1),
+                (WeightFormat::Fp8Block128, 1),
+                (WeightFormat::Int4 { group: 32, zero_point: false }, 32),
+                (WeightFormat::Int4 { group: 64, zero_point: true }, 64),
+                (WeightFormat::Int4 { group: 2, zero_point: true }, 2),
+                (WeightFormat::Nvfp4, 16),
+            ];
+            let (format, unit) = formats[format_index];
+            let cols = units * if unit == 1 { 23 } else { unit };
+            round_trip(format, rows, cols, seed);
         }
     }
 

@@ -5,11 +5,13 @@
 // a query token are the M dimension of a matrix product against the cache, exactly like the query tokens of a prefill
 // chunk. A block takes up to 64 query rows, row = (query token, head) flattened token-major, and streams the cache
 // through shared memory once for all of them (FlashMLA does the same with 64 heads per block). Decode with 32 heads:
-// one block of 2 warps holds all 32 heads of a sequence, so each cache byte is read once per KV split.
+// one block of 2 warps holds all 32 heads of a sequence, so each cache byte is read once per KV split (a model with
+// more than 64 heads would need several row tiles, each re-reading the cache).
 //
 // Why W_UK (q_nope -> q_lat) and W_UV (o_lat -> v) stay outside: they are per-head dense products whose weights
-// (2 x 32 x 64..128 x 256 bf16 = 3 MB per layer) would be re-read by every (sequence, split) block if fused here,
-// while as batched GEMMs they are read once per step; the kernel then moves only cache + q + o bytes.
+// (W_UK 32 x 64 x 256 + W_UV 32 x 256 x 128 bf16 = 3 MiB per layer) would be re-read by every (sequence, split)
+// block if fused here, while as batched GEMMs they are read once per step; the kernel then moves only cache + q + o
+// bytes. The llama-4 query scale is already in q_lat and q_rope.
 //
 // Tiling of mla_attention_*: block = 32 * W threads (W = 1..4 warps, 16 query rows per warp), grid = (row tiles,
 // splits, sequences). Q [16W x 320] sits in shared memory (padded rows, conflict-free ldmatrix); the cache streams in

@@ -12,7 +12,7 @@ use proptest::prelude::*;
 use rand::seq::SliceRandom;
 use rand::{rngs::StdRng, Rng};
 use small4::device::{Backend, Device, DeviceBuffer, Kernel, LaunchConfig, LaunchCounters};
-use small4::kernels::attention::{self, AttentionScratch, BlockTables, CacheWriteWeights, PagedCache, Queries, QueryLayout};
+use small4::kernels::attention::{self, AttentionScratch, BlockTables, CacheWriteWeights, PagedCache, Queries, QueryLayout, TokenSlots};
 use small4::model::kv_cache::{BatchTables, CacheDescriptor, CacheDtype, KvCache, PageCopy};
 use small4::reference::attention::{latent_attention, MlaDims};
 use small4::reference::{norm, rope};
@@ -230,7 +230,8 @@ fn cache_writer_matches_reference(device: &Device) {
         let inv_freq_dev = DeviceBuffer::from_slice(device, &inv_freq).unwrap();
         let weights = CacheWriteWeights { norm_weight: &weight_dev, eps, inv_freq: &inv_freq_dev };
         let (token_seq, positions): (Vec<i32>, Vec<i32>) = order.iter().copied().unzip();
-        attention::mla_cache_write(&cache, &block_tables, &kv_dev, stride, &weights, &token_seq, &positions).unwrap();
+        let slots = TokenSlots::upload(device, &token_seq, &positions).unwrap();
+        attention::mla_cache_write(&cache, &block_tables, &kv_dev, stride, &weights, &slots).unwrap();
         let bytes = cache.to_bytes().unwrap();
 
         let mut written = vec![false; desc.total_bytes()];
@@ -271,7 +272,8 @@ fn cache_writer_rotates_far_positions(device: &Device) {
     let (kv_dev, weight_dev, inv_freq_dev) =
         (DeviceBuffer::from_slice(device, &kv).unwrap(), DeviceBuffer::from_slice(device, &weight).unwrap(), DeviceBuffer::from_slice(device, &inv_freq).unwrap());
     let weights = CacheWriteWeights { norm_weight: &weight_dev, eps: 1e-6, inv_freq: &inv_freq_dev };
-    attention::mla_cache_write(&cache, &block_tables, &kv_dev, WIDTH, &weights, &vec![0; positions.len()], &positions).unwrap();
+    let slots = TokenSlots::upload(device, &vec![0; positions.len()], &positions).unwrap();
+    attention::mla_cache_write(&cache, &block_tables, &kv_dev, WIDTH, &weights, &slots).unwrap();
     let bytes = cache.to_bytes().unwrap();
     for (t, &pos) in positions.iter().enumerate() {
         let mut want = to_f32(&kv[t * WIDTH + LATENT..(t + 1) * WIDTH]);
@@ -339,7 +341,8 @@ fn wrappers_reject_bad_input(device: &Device) {
     let f = DeviceBuffer::<f32>::filled_with_byte(device, ROPE / 2, 0x11).unwrap();
     let weights = CacheWriteWeights { norm_weight: &w, eps: 1e-6, inv_freq: &f };
     for (seq, pos) in [(1, 3), (2, 0), (0, -1)] {
-        let err = attention::mla_cache_write(&cache, &good, &kv, WIDTH, &weights, &[seq], &[pos]).unwrap_err();
+        let slots = TokenSlots::upload(device, &[seq], &[pos]).unwrap();
+        let err = attention::mla_cache_write(&cache, &good, &kv, WIDTH, &weights, &slots).unwrap_err();
         assert!(matches!(err, small4::Error::OutOfRange { .. }), "{err}");
     }
     // Tables checked for another cache geometry.

@@ -201,7 +201,32 @@ pub struct CacheWriteWeights<'a> {
     pub inv_freq: &'a DeviceBuffer<f32>,
 }
 
-/// Writes `token_seq.len()` new tokens into their page slots: token t is row t of `kv` (row stride `kv_row_stride`
+/// Where each new token goes: block-table row and position, uploaded once per step (checked against the block
+/// tables at every write).
+pub struct TokenSlots {
+    token_seq: Vec<i32>,
+    positions: Vec<i32>,
+    token_seq_dev: DeviceBuffer<i32>,
+    positions_dev: DeviceBuffer<i32>,
+}
+
+impl TokenSlots {
+    pub fn upload(device: &Device, token_seq: &[i32], positions: &[i32]) -> Result<Self> {
+        check_len("cache write positions", positions.len(), token_seq.len())?;
+        Ok(TokenSlots {
+            token_seq: token_seq.to_vec(),
+            positions: positions.to_vec(),
+            token_seq_dev: DeviceBuffer::from_slice(device, token_seq)?,
+            positions_dev: DeviceBuffer::from_slice(device, positions)?,
+        })
+    }
+
+    pub fn tokens(&self) -> usize {
+        self.token_seq.len()
+    }
+}
+
+/// Writes the `slots.tokens()` new tokens into their page slots: token t is row t of `kv` (row stride `kv_row_stride`
 /// elements, columns [c 256 | k_rope 64] = the wkv_a_with_mqa output), at position `positions[t]` of the sequence in
 /// block-table row `token_seq[t]`; stores [rms_norm(c) * norm_weight | rope(k_rope, position)] in the cache dtype.
 pub fn mla_cache_write(
@@ -210,12 +235,10 @@ pub fn mla_cache_write(
     kv: &DeviceBuffer<bf16>,
     kv_row_stride: usize,
     weights: &CacheWriteWeights,
-    token_seq: &[i32],
-    positions: &[i32],
+    slots: &TokenSlots,
 ) -> Result<()> {
     tables.check_cache(cache)?;
-    let tokens = token_seq.len();
-    check_len("cache write positions", positions.len(), tokens)?;
+    let tokens = slots.tokens();
     check_len("kv_a_norm weight", weights.norm_weight.len(), KV_LORA_RANK)?;
     check_len("rope inv_freq", weights.inv_freq.len(), QK_ROPE / 2)?;
     if kv_row_stride < WIDTH || kv_row_stride % 8 != 0 || kv_row_stride > i32::MAX as usize {
@@ -231,7 +254,7 @@ pub fn mla_cache_write(
     if kv.len() < kv_needed {
         return Err(Error::shape("cache write kv (elements)", format!(">= {kv_needed}"), kv.len()));
     }
-    for (t, (&seq, &pos)) in token_seq.iter().zip(positions).enumerate() {
+    for (t, (&seq, &pos)) in slots.token_seq.iter().zip(&slots.positions).enumerate() {
         let len = *tables.seq_lens().get(seq as usize).filter(|_| seq >= 0).ok_or_else(|| out_of_range(&format!("sequence of token {t}"), seq as i64, tables.num_seqs()))?;
         if pos < 0 || pos >= len {
             return Err(out_of_range(&format!("position of token {t} (sequence {seq})"), pos as i64, len as usize));
@@ -241,15 +264,12 @@ pub fn mla_cache_write(
         CacheDtype::Bf16 => (CACHE_WRITE_BF16, 1.0),
         CacheDtype::Fp8E4m3 { scale } => (CACHE_WRITE_FP8, 1.0 / scale),
     };
-    let device = kv.device();
-    let seq_dev = DeviceBuffer::from_slice(device, token_seq)?;
-    let pos_dev = DeviceBuffer::from_slice(device, positions)?;
     let params = MlaCacheWriteParams {
         kv: kv.ptr(),
         norm_weight: weights.norm_weight.ptr(),
         inv_freq: weights.inv_freq.ptr(),
-        token_seq: seq_dev.ptr(),
-        positions: pos_dev.ptr(),
+        token_seq: slots.token_seq_dev.ptr(),
+        positions: slots.positions_dev.ptr(),
         block_tables: tables.tables.ptr(),
         cache: cache.data.mut_ptr(),
         tokens: tokens as i32,
@@ -260,7 +280,7 @@ pub fn mla_cache_write(
         fp8_inv_scale: inv_scale,
     };
     let config = LaunchConfig { grid: Dim3::x(super::blocks_for(tokens, WRITE_WARPS)), block: Dim3::x(32 * WRITE_WARPS as u32), shared_bytes: 0 };
-    launch_with(device, &kernel, &config, &params)
+    launch_with(kv.device(), &kernel, &config, &params)
 }
 
 /// How the attention work is cut: warps per block (16 query rows each), row tiles per sequence, KV splits.

@@ -22,7 +22,8 @@
 //! Expert parallelism: a rank owns a contiguous share of the experts ([`ExpertShard`]); the router's expert map
 //! drops the other pairs, the per-pair f32 outputs of non-local pairs are zero, and one f32 all-reduce of the
 //! per-pair outputs gives every rank all pairs before the deterministic combine, so any number of ranks computes
-//! bit-identical results to one rank.
+//! bit-identical results to one rank. (The all-reduce is stream-ordered with NCCL; the thread test double copies
+//! through host memory and so synchronises.)
 
 use std::collections::BTreeMap;
 
@@ -31,7 +32,7 @@ use safetensors::Dtype;
 
 use crate::device::collective::Collective;
 use crate::device::{Device, DeviceBuffer};
-use crate::kernels::attention::{self, AttentionScratch, BlockTables, CacheWriteWeights, PagedCache, Queries, QueryLayout};
+use crate::kernels::attention::{self, AttentionScratch, BlockTables, CacheWriteWeights, PagedCache, Queries, QueryLayout, TokenSlots};
 use crate::kernels::moe::{self, DeviceWeights, Grouping, MoeLayerWeights, MoeWorkspace, RowView};
 use crate::kernels::norm;
 use crate::kernels::ops::{self, GatherStatus, QueryScale, SamplingInputs};
@@ -633,6 +634,7 @@ impl Engine {
         let seqs: Vec<SeqId> = batch.iter().map(|(s, _)| *s).collect();
         let tables = BlockTables::upload(&device, &self.kv.batch_tables(&seqs)?, self.kv.descriptor())?;
         let layout = QueryLayout::upload(&device, &q_start)?;
+        let slots = TokenSlots::upload(&device, &token_seq, &positions)?;
         let ws = self.workspace.as_ref().unwrap();
         ws.ids.copy_from(&ids)?;
         ws.positions.copy_from(&positions)?;
@@ -656,7 +658,7 @@ impl Engine {
             moe::linear(&layer.wq_b, &ws.q_a_normed, t, &ws.q)?;
             moe::linear(&layer.wkv_a, &ws.h, t, &ws.kv)?;
             let write = CacheWriteWeights { norm_weight: &layer.kv_a_norm, eps, inv_freq: &m.inv_freq };
-            attention::mla_cache_write(&self.caches[l], &tables, &ws.kv, rank + c.qk_rope, &write, &token_seq, &positions)?;
+            attention::mla_cache_write(&self.caches[l], &tables, &ws.kv, rank + c.qk_rope, &write, &slots)?;
             ops::rope_q_k(&ws.q, heads, qk, None, &ws.positions, &m.inv_freq, query_scale)?;
             // Absorb W_UK into the query; q_rope = the rope half of every head.
             for (h, w_uk) in layer.w_uk.iter().enumerate() {

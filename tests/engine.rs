@@ -79,8 +79,15 @@ fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Request {
 /// position of a prefill, then decode steps over a paged cache whose pages are not contiguous (another sequence
 /// took pages in between), page size 4 so the sequence spans several pages.
 fn one_layer_prefill_and_paged_decode(device: &Device) {
+    // FP8 block-128 attention takes the engine's special paths: W_UK zero-padded to 128 columns, W_UV in 64-row pieces.
+    for format in [WeightFormat::Bf16, WeightFormat::Fp8Block128] {
+        one_layer(device, format);
+    }
+}
+
+fn one_layer(device: &Device, format: WeightFormat) {
     let config = ModelConfig { n_layers: 1, ..ModelConfig::tiny() };
-    let f = fixture(&config, Layout::Native, WeightFormat::Bf16, 5);
+    let f = fixture(&config, Layout::Native, format, 5);
     let model = DeviceModel::load(device, &f.checkpoint, ExpertShard::SINGLE).unwrap();
     let mut engine = Engine::new(model, options(4), None).unwrap();
     let vocab = config.vocab;
@@ -137,8 +144,9 @@ fn native_bf16_fp8_int4(device: &Device) {
 }
 
 fn hf_fp8_fp8_block_nvfp4(device: &Device) {
-    // FP8 block-128 differs more (0.16 at seed 25, 0.2-0.5 at seeds 22/23, tokens equal at all three): not yet
-    // explained; W_UK is zero-padded to 128 columns for this format (see engine.rs), a suspect.
+    // FP8 block-128 differs more over 4 layers (0.16 at seed 25, 0.2-0.5 at seeds 22/23, tokens equal at all three)
+    // though one layer is as close as the other formats (max 0.029 vs 0.020 for fp8 per-tensor, seed 5): router
+    // near-ties suspected, not proven.
     for (format, seed, abs) in [(WeightFormat::Fp8PerTensor, 23, LOGIT_ABS), (WeightFormat::Fp8Block128, 25, 0.25), (WeightFormat::Nvfp4, 25, LOGIT_ABS)] {
         generation_matches_reference(device, hf(), format, seed, abs);
     }
@@ -212,4 +220,5 @@ fn two_expert_parallel_ranks_match_one(device: &Device) {
 }
 
 backend_tests!(one_layer_prefill_and_paged_decode, native_bf16_fp8_int4, hf_fp8_fp8_block_nvfp4, joining_sequences_match_each_alone, two_expert_parallel_ranks_match_one);
+
 

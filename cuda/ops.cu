@@ -205,19 +205,20 @@ __device__ void block_sum_u64(unsigned long long (&v)[kCount]) {
 }
 
 // 2^x for x in [-25, 0] times 2^24, truncated: only IEEE-exact f32 operations (sub, mul, floor, fma) in a fixed
-// order, so src/reference/sampling.rs reproduces every bit on the CPU. Degree-7 Taylor polynomial of 2^f on [0, 1).
+// order, so src/reference/sampling.rs reproduces every bit on the CPU. Degree-7 Taylor polynomial of 2^f on [0, 1)
+// (coefficients (ln 2)^k / k!, written as the shortest decimals of their f32 values, identical in both files).
 __device__ __forceinline__ unsigned fixed_point_weight(float logit, float max, float scale) {
     const float x = __fmul_rn(__fsub_rn(logit, max), scale);
     if (!(x >= -25.f)) return 0;  // also NaN logits
     const float n = floorf(x);
     const float f = __fsub_rn(x, n);
-    float poly = 1.5252733804059840e-5f;
-    poly = fmaf(poly, f, 1.5403530393381609e-4f);
-    poly = fmaf(poly, f, 1.3333558146428443e-3f);
-    poly = fmaf(poly, f, 9.6181291076284772e-3f);
-    poly = fmaf(poly, f, 5.5504108664821580e-2f);
-    poly = fmaf(poly, f, 2.4022650695910071e-1f);
-    poly = fmaf(poly, f, 6.9314718055994531e-1f);
+    float poly = 1.5252734e-5f;
+    poly = fmaf(poly, f, 1.540353e-4f);
+    poly = fmaf(poly, f, 1.3333558e-3f);
+    poly = fmaf(poly, f, 9.618129e-3f);
+    poly = fmaf(poly, f, 5.550411e-2f);
+    poly = fmaf(poly, f, 2.402265e-1f);
+    poly = fmaf(poly, f, 6.931472e-1f);
     poly = fmaf(poly, f, 1.f);
     const float power = __int_as_float(((int)n + kWeightBits + 127) << 23);  // 2^(n + 24), n + 24 >= -1
     return (unsigned)__fmul_rn(poly, power);

@@ -35,6 +35,8 @@ constexpr int kMaxK = 8;
 // tile_experts -> a STABLE scatter in chunks of kThreads pairs: a pair's slot is cursor[e] + (pairs of the same expert
 // in earlier warps of the chunk) + (earlier lanes of its warp with the same expert). Lanes find their peers with 32
 // shuffles (match.any would do, but plain shfl keeps the instruction set small).
+// One block: its time grows with tokens*k / 256 chunks (a few barriers each). Cheap at decode and moderate batches;
+// long prefills (thousands of tokens) would want a multi-block alignment.
 struct AlignShared {
     int local_of[kMaxExperts];
     int counts[kMaxExperts];

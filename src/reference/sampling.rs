@@ -30,13 +30,15 @@ pub fn argmax(row: &[f32]) -> i32 {
 /// The fixed-point weight of a logit (see the module documentation); must match `fixed_point_weight` in cuda/ops.cu.
 pub fn fixed_point_weight(logit: f32, max: f32, scale: f32) -> u32 {
     let x = (logit - max) * scale;
-    if !(x >= -25.0) {
+    // Also catches NaN (a NaN logit, or -inf - -inf).
+    if x.is_nan() || x < -25.0 {
         return 0;
     }
     let n = x.floor();
     let f = x - n;
-    let mut poly: f32 = 1.525_273_380_405_984_0e-5;
-    for c in [1.540_353_039_338_160_9e-4, 1.333_355_814_642_844_3e-3, 9.618_129_107_628_477_2e-3, 5.550_410_866_482_158_0e-2, 2.402_265_069_591_007_1e-1, 6.931_471_805_599_453_1e-1, 1.0f32] {
+    // (ln 2)^k / k! for k = 7 down to 0, the same f32 values as in cuda/ops.cu.
+    let mut poly: f32 = 1.525_273_4e-5;
+    for c in [1.540_353e-4, 1.333_355_8e-3, 9.618_129e-3, 5.550_411e-2, 2.402_265e-1, 6.931_472e-1, 1.0f32] {
         poly = poly.mul_add(f, c);
     }
     let power = f32::from_bits((((n as i32) + WEIGHT_BITS + 127) << 23) as u32);
@@ -65,7 +67,7 @@ pub fn philox_u64(seed: u64, step: u32) -> u64 {
 /// The token `sample_rows` picks for one row.
 pub fn sample(row: &[f32], temperature: f32, top_p: f32, seed: u64, step: i32) -> i32 {
     let greedy = argmax(row);
-    if !(temperature > 0.0) || greedy < 0 {
+    if temperature.is_nan() || temperature <= 0.0 || greedy < 0 {
         return greedy;
     }
     let max = row[greedy as usize];

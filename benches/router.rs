@@ -1,0 +1,57 @@
+//! The fused router (logits + softmax + top-k + alignment, one launch) on a real GPU at the model's shapes
+//! (E = 128, dim = 4096, k = 4) for T = 1, 16 and 256 tokens. Throughput is the ideal bytes (gate + hidden read once,
+//! outputs written once) over the time of a launch plus synchronisation, as GB/s against the H100's 3.35 TB/s.
+//! Without a GPU it prints that it skips, and why: the interpreter's traffic figures are in docs/perf.md instead.
+//!
+//! `cargo bench --bench router`
+
+use criterion::{BenchmarkId, Criterion, Throughput};
+use half::bf16;
+use rand::{Rng, SeedableRng};
+use small4::device::{Device, DeviceBuffer};
+use small4::kernels::router::{self, ExpertMap, RouterConfig};
+
+const EXPERTS: usize = 128;
+const DIM: usize = 4096;
+const CONFIG: RouterConfig = RouterConfig { k: 4, routed_scale: 1.0, tile_m: 16 };
+
+fn random_bf16(rng: &mut rand::rngs::StdRng, len: usize, scale: f32) -> Vec<bf16> {
+    (0..len).map(|_| bf16::from_f32(rng.random_range(-scale..scale))).collect()
+}
+
+fn bench_router(c: &mut Criterion, device: &Device) {
+    let mut group = c.benchmark_group("router_topk");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let gate = DeviceBuffer::from_slice(device, &random_bf16(&mut rng, EXPERTS * DIM, 0.05)).unwrap();
+    let map = ExpertMap::identity(device, EXPERTS).unwrap();
+    for tokens in [1usize, 16, 256] {
+        let hidden = DeviceBuffer::from_slice(device, &random_bf16(&mut rng, tokens * DIM, 2.0)).unwrap();
+        let workspace = router::RouterWorkspace::new(device, tokens, EXPERTS, DIM).unwrap();
+        let routing = router::Routing::alloc(device, tokens, CONFIG.k, EXPERTS, CONFIG.tile_m).unwrap();
+        let a = &routing.alignment;
+        let ideal_bytes = (EXPERTS * DIM + tokens * DIM) * 2
+            + tokens * CONFIG.k * 8
+            + (a.expert_counts.len() + a.expert_offsets.len() + a.sorted_pairs.len() + a.tile_experts.len() + 1) * 4;
+        group.throughput(Throughput::Bytes(ideal_bytes as u64));
+        group.bench_with_input(BenchmarkId::from_parameter(format!("T={tokens}")), &tokens, |b, &tokens| {
+            b.iter(|| {
+                router::route_and_align_into(&hidden, &gate, tokens, &map, &CONFIG, &workspace, &routing).unwrap();
+                device.synchronize().unwrap();
+            })
+        });
+    }
+    group.finish();
+}
+
+fn main() {
+    let device = match small4::device::gpu() {
+        Ok(device) => device,
+        Err(e) => {
+            println!("SKIPPED router bench: needs a real GPU ({e}). The interpreter's traffic figures are in docs/perf.md.");
+            return;
+        }
+    };
+    let mut criterion = Criterion::default().configure_from_args();
+    bench_router(&mut criterion, &device);
+    criterion.final_summary();
+}

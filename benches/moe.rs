@@ -63,7 +63,8 @@ fn bench_format(c: &mut Criterion, device: &Device, format: WeightFormat) {
         }
         let topk_weights: Vec<f32> = (0..tokens * TOP_K).map(|_| 0.25).collect();
         let tile_m = moe::moe_tile_m(tokens, TOP_K, EXPERTS);
-        let alignment = align_pairs(&ids, None, EXPERTS, tile_m);
+        let identity: Vec<i32> = (0..EXPERTS as i32).collect();
+        let alignment = align_pairs(&ids, Some(&identity), EXPERTS, tile_m);
         let touched = alignment.expert_counts.iter().filter(|&&c| c > 0).count();
         let up = |v: &[i32]| DeviceBuffer::from_slice(device, v).unwrap();
         let (sorted_pairs, tile_experts, expert_offsets) = (up(&alignment.sorted_pairs), up(&alignment.tile_experts), up(&alignment.expert_offsets));

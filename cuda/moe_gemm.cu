@@ -106,9 +106,9 @@ template <> struct WeightFormat<Format::Fp8Block> {
     static constexpr int kTileBytes = 16 * kBK;
     struct Scales { float row_g, row_g8; };
     __device__ static Scales load_scales(const MoeGemmParams &p, int expert, int tile, int kb, int) {
-        const int kblocks = p.k_dim / 128;
-        const float *s = p.block_scales + ((long)expert * (p.rows_padded / 8) + 2 * tile) * kblocks + (kb * kBK) / 128;
-        return {s[0], s[kblocks]};
+        const int groups = p.rows_padded / 8;
+        const float *s = p.block_scales + ((long)expert * (p.k_dim / 128) + (kb * kBK) / 128) * groups + 2 * tile;
+        return {s[0], s[1]};
     }
     __device__ static void fragment(const uint32_t *raw, int ks, const Scales &s, uint32_t a[4]) {
 #pragma unroll
@@ -126,9 +126,9 @@ template <> struct WeightFormat<Format::Int4> {
     static constexpr int kTileBytes = 16 * kBK / 2;
     struct Scales { float scale_g, scale_g8, zero_g, zero_g8; };
     __device__ static Scales load_scales(const MoeGemmParams &p, int expert, int tile, int kb, int g) {
-        const int groups = p.k_dim / p.group;
-        const long row = (long)expert * p.rows_padded + tile * 16 + g;
-        const long at = row * groups + (kb * kBK) / p.group, at8 = at + 8L * groups;
+        // Layout [expert, tile, group, 16 rows]: the warp's 16 rows of a group are 32 contiguous bytes.
+        const long at = (((long)expert * (p.rows_padded / 16) + tile) * (p.k_dim / p.group) + (kb * kBK) / p.group) * 16 + g;
+        const long at8 = at + 8;
         Scales s;
         s.scale_g = __bfloat162float(p.group_scales[at]);
         s.scale_g8 = __bfloat162float(p.group_scales[at8]);
@@ -153,10 +153,10 @@ template <> struct WeightFormat<Format::Nvfp4> {
     static constexpr int kTileBytes = 16 * kBK / 2;
     struct Scales { uint32_t row_g, row_g8; };  // four e4m3 bytes each: one per k-step of the stage
     __device__ static Scales load_scales(const MoeGemmParams &p, int expert, int tile, int kb, int g) {
-        const int per_row = p.k_dim / 16;
-        const long row = (long)expert * p.rows_padded + tile * 16 + g;
-        const unsigned char *s = p.fp4_scales + row * per_row + kb * (kBK / 16);
-        return {*reinterpret_cast<const uint32_t *>(s), *reinterpret_cast<const uint32_t *>(s + 8L * per_row)};
+        // Layout [expert, tile, k block, 16 rows, 4 k-steps]: the tile's scales of a stage are 64 contiguous bytes.
+        const unsigned char *s =
+            p.fp4_scales + (((long)expert * (p.rows_padded / 16) + tile) * (p.k_dim / kBK) + kb) * 64 + g * 4;
+        return {*reinterpret_cast<const uint32_t *>(s), *reinterpret_cast<const uint32_t *>(s + 32)};
     }
     __device__ static void fragment(const uint32_t *raw, int ks, const Scales &s, uint32_t a[4]) {
         const float scale_g = e4m3_to_f32(s.row_g >> (8 * ks)), scale_g8 = e4m3_to_f32(s.row_g8 >> (8 * ks));

@@ -227,6 +227,46 @@ fn moe_layer_skewed_and_many_experts(device: &Device) {
     }
 }
 
+/// The whole layer as the engine runs it: the router kernel (softmax + top-k + alignment on the device, with two
+/// experts owned by another GPU), then the expert GEMMs and the combine from the router's own buffers. The reference
+/// uses the device's routing choice (read back), so near-ties between CPU and GPU softmax cannot make it flaky.
+fn router_then_moe_layer_matches_reference(device: &Device) {
+    use small4::kernels::router::{route_and_align, ExpertMap, RouterConfig};
+    let (tokens, dim, hidden, experts, k) = (17, 256, 128, 8, 4);
+    let format = WeightFormat::Int4 { group: 128, zero_point: false };
+    let mut rng = rng(9);
+    let x = random_bf16(&mut rng, tokens * dim, 1.0);
+    let gate = random_bf16(&mut rng, experts * dim, 0.2);
+    let all: Vec<Expert> = (0..experts).map(|_| random_expert(&mut rng, format, dim, hidden)).collect();
+    let shared = random_expert(&mut rng, format, dim, hidden);
+    let map: Vec<i32> = vec![0, 1, -1, 2, 3, -1, 4, 5];
+    let local: Vec<&Expert> = map.iter().zip(&all).filter(|(m, _)| **m >= 0).map(|(_, e)| e).collect();
+
+    let x_dev = DeviceBuffer::from_slice(device, &x).unwrap();
+    let gate_dev = DeviceBuffer::from_slice(device, &gate).unwrap();
+    let expert_map = ExpertMap::new(device, &map).unwrap();
+    let tile_m = moe::moe_tile_m(tokens, k, local.len());
+    let routing = route_and_align(&x_dev, &gate_dev, tokens, &expert_map, &RouterConfig { k, routed_scale: 1.0, tile_m }).unwrap();
+    let grouping = Grouping::from(&routing.alignment);
+    let weights = pack_layer(device, &local, Some(&shared));
+    let workspace = MoeWorkspace::new(device, &weights, tokens, k, routing.alignment.sorted_pairs.len()).unwrap();
+    let routing_dev = RoutingBuffers {
+        topk_ids: &routing.topk_ids,
+        topk_weights: &routing.topk_weights,
+        expert_map: Some(expert_map.buffer()),
+        experts,
+        top_k: k,
+    };
+    let out = DeviceBuffer::<bf16>::filled_with_byte(device, tokens * dim, 0xff).unwrap();
+    moe::moe_layer(&weights, &x_dev, tokens, &routing_dev, &grouping, &workspace, &out).unwrap();
+
+    let chosen = Routing { k, ids: routing.topk_ids.to_vec().unwrap(), weights: routing.topk_weights.to_vec().unwrap() };
+    let reference_experts: Vec<Option<ExpertWeights>> =
+        all.iter().zip(&map).map(|(e, &m)| (m >= 0).then(|| e.reference.clone())).collect();
+    let want = moe_block(&to_f32(&x), &chosen, &reference_experts, Some(&shared.reference), tokens, dim, hidden);
+    assert_agrees("router + moe layer", &to_f32(&out.to_vec().unwrap()), &want);
+}
+
 fn moe_layer_is_deterministic(device: &Device) {
     let case = Case { seed: 6, ..small_case(33, 8, 8, WeightFormat::Fp8PerTensor) };
     assert_eq!(check_moe_case(device, &case), check_moe_case(device, &case));
@@ -274,6 +314,7 @@ backend_tests!(
     moe_layer_prefill_tiles,
     moe_layer_skewed_and_many_experts,
     moe_layer_is_deterministic,
+    router_then_moe_layer_matches_reference,
     linear_matches_reference,
     wrappers_reject_bad_shapes,
 );
@@ -281,15 +322,25 @@ backend_tests!(
 /// Traffic of the two grouped GEMMs at decode shapes with the model's real sizes (dim 4096, hidden 2048), from the
 /// interpreter's counters: 32-byte sectors moved / ideal bytes (weights and scales of the touched experts read once,
 /// the activations read once, the outputs written once). Slow (minutes): run with
-/// `cargo test --release --test moe decode_traffic_at_real_dims -- --ignored --nocapture`.
+/// `cargo test --test moe decode_traffic -- --ignored --nocapture` (one test per format, they run in parallel).
 #[test]
 #[ignore]
-fn decode_traffic_at_real_dims() {
+fn decode_traffic_bf16() {
+    decode_traffic_at_real_dims(WeightFormat::Bf16);
+}
+
+#[test]
+#[ignore]
+fn decode_traffic_nvfp4() {
+    decode_traffic_at_real_dims(WeightFormat::Nvfp4);
+}
+
+/// Prints one Markdown table row per (batch, kernel): `| format | tokens | experts touched | kernel | sector bytes |
+/// ideal bytes | sectors / ideal |`.
+fn decode_traffic_at_real_dims(format: WeightFormat) {
     let device = small4::device::simulator();
     let (dim, hidden, k) = (4096, 2048, 4);
-    println!("| format | tokens | experts touched | kernel | sector bytes | ideal bytes | sectors / ideal |");
-    println!("|---|---|---|---|---|---|---|");
-    for format in [WeightFormat::Bf16, WeightFormat::Nvfp4] {
+    {
         let mut rng = rng(11);
         let expert = random_expert(&mut rng, format, dim, hidden);
         for (tokens, experts) in [(1usize, 4usize), (32, 4)] {
@@ -300,7 +351,8 @@ fn decode_traffic_at_real_dims() {
             let case = Case { tokens, dim, hidden, experts, k, format, shared: false, remote: 0, pick: Pick::Uniform, seed: 12 };
             let routing = random_routing(&mut rng, &case);
             let tile_m = moe::moe_tile_m(tokens, k, experts);
-            let alignment = align_pairs(&routing.ids, None, experts, tile_m);
+            let identity: Vec<i32> = (0..experts as i32).collect();
+            let alignment = align_pairs(&routing.ids, Some(&identity), experts, tile_m);
             let touched = alignment.expert_counts.iter().filter(|&&c| c > 0).count();
             let up = |v: &[i32]| DeviceBuffer::from_slice(&device, v).unwrap();
             let (sorted_pairs, tile_experts, expert_offsets) = (up(&alignment.sorted_pairs), up(&alignment.tile_experts), up(&alignment.expert_offsets));

@@ -98,10 +98,10 @@ typedef struct RouterParams {
 typedef struct MoeGemmParams {
     const unsigned char *weights;  /* repacked weights; expert e starts at weights + e * expert_stride */
     const float *row_scales;       /* [experts, rows_padded] multiplier per output row (fp8 per-tensor scale, 1/nvfp4 global), or null */
-    const float *block_scales;     /* fp8 block-128: [experts, rows_padded / 8, k_dim / 128] */
-    const bf16 *group_scales;      /* int4: [experts, rows_padded, k_dim / group] */
+    const float *block_scales;     /* fp8 block-128: [experts, k_dim / 128, rows_padded / 8] */
+    const bf16 *group_scales;      /* int4: [experts, rows_padded / 16, k_dim / group, 16] */
     const unsigned char *group_zeros; /* int4 zero points (same shape), or null for symmetric (zero point 8) */
-    const unsigned char *fp4_scales;  /* nvfp4: e4m3 [experts, rows_padded, k_dim / 16] */
+    const unsigned char *fp4_scales;  /* nvfp4: e4m3 [experts, rows_padded / 16, k_dim / 64, 16, 4] */
     const bf16 *x;                 /* input rows, x_stride elements apart */
     bf16 *out_bf16;                /* bf16 output (SwiGLU act or dense y), out_stride elements per row; or null */
     float *out_f32;                /* f32 output (per-pair expert output), out_stride elements per row; or null */

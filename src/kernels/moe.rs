@@ -129,6 +129,19 @@ pub struct Grouping<'a> {
     pub tile_m: usize,
 }
 
+impl<'a> From<&'a super::router::Alignment> for Grouping<'a> {
+    /// The router's device alignment (`kernels::router::route_and_align`), consumed as is.
+    fn from(a: &'a super::router::Alignment) -> Self {
+        Grouping {
+            sorted_pairs: &a.sorted_pairs,
+            tile_experts: &a.tile_experts,
+            expert_offsets: &a.expert_offsets,
+            num_padded: &a.num_padded,
+            tile_m: a.tile_m,
+        }
+    }
+}
+
 impl Grouping<'_> {
     fn check(&self, local_experts: usize) -> Result<()> {
         let tiles = self.tile_experts.len();
@@ -298,6 +311,9 @@ fn launch_gemm_view(
     };
     if grid_y == 0 {
         return Ok(());
+    }
+    if grid_y > 65535 {
+        return Err(Error::InvalidArgument(format!("gemm: {grid_y} row tiles exceed the grid's y limit (65535)")));
     }
     let params = MoeGemmParams {
         weights: w.data.ptr(),

@@ -172,13 +172,14 @@ pub struct PackedWeights {
     pub data: Vec<u8>,
     /// [experts, rows_padded] (Fp8, Nvfp4).
     pub row_scales: Option<Vec<f32>>,
-    /// [experts, rows_padded / 8, k_dim / 128] (Fp8Block).
+    /// [experts, k_dim / 128, rows_padded / 8] (Fp8Block128): a tile's two 8-row groups are adjacent.
     pub block_scales: Option<Vec<f32>>,
-    /// [experts, rows_padded, k_dim / group] (Int4).
+    /// [experts, rows_padded / 16, k_dim / group, 16] (Int4): one tile's 16 rows of a group are contiguous, so a
+    /// warp's scale loads touch one sector instead of one per row.
     pub group_scales: Option<Vec<bf16>>,
     pub group_zeros: Option<Vec<u8>>,
     pub group: usize,
-    /// [experts, rows_padded, k_dim / 16] e4m3 (Nvfp4).
+    /// [experts, rows_padded / 16, k_dim / 64, 16 rows, 4] e4m3 (Nvfp4): the scales of one 16x64 tile in 64 bytes.
     pub fp4_scales: Option<Vec<u8>>,
 }
 
@@ -380,7 +381,7 @@ fn pack(
                     let Some((m, row)) = rows[gi * 8] else { continue };
                     let QuantData::Fp8Block { scales, .. } = set[m].data else { unreachable!() };
                     for kb in 0..kblocks {
-                        s[(e * groups + gi) * kblocks + kb] = scales[(row / 128) * k_dim.div_ceil(128) + kb];
+                        s[(e * kblocks + kb) * groups + gi] = scales[(row / 128) * k_dim.div_ceil(128) + kb];
                     }
                 }
             }
@@ -394,10 +395,12 @@ fn pack(
                 for (r, src) in rows.iter().enumerate() {
                     let Some((m, row)) = *src else { continue };
                     let QuantData::Int4 { scales, zeros, .. } = set[m].data else { unreachable!() };
-                    let at = (e * rows_padded + r) * per;
-                    s[at..at + per].copy_from_slice(&scales[row * per..(row + 1) * per]);
-                    if let (Some(z), Some(zeros)) = (z.as_mut(), zeros) {
-                        z[at..at + per].copy_from_slice(&zeros[row * per..(row + 1) * per]);
+                    for gi in 0..per {
+                        let at = ((e * tiles + r / 16) * per + gi) * 16 + r % 16;
+                        s[at] = scales[row * per + gi];
+                        if let (Some(z), Some(zeros)) = (z.as_mut(), zeros) {
+                            z[at] = zeros[row * per + gi];
+                        }
                     }
                 }
             }
@@ -411,8 +414,10 @@ fn pack(
                 for (r, src) in rows.iter().enumerate() {
                     let Some((m, row)) = *src else { continue };
                     let QuantData::Nvfp4 { scales, .. } = set[m].data else { unreachable!() };
-                    let at = (e * rows_padded + r) * per;
-                    s[at..at + per].copy_from_slice(&scales[row * per..(row + 1) * per]);
+                    for kb in 0..k_blocks {
+                        let at = (((e * tiles + r / 16) * k_blocks + kb) * 16 + r % 16) * 4;
+                        s[at..at + 4].copy_from_slice(&scales[row * per + kb * 4..][..4]);
+                    }
                 }
             }
             packed.fp4_scales = Some(s);

@@ -242,6 +242,7 @@ impl<'a> RowView<'a> {
 
 /// One launch of the grouped GEMM. `x` holds `x_rows` rows of `w.k_dim`; `in_by_token` = rows are picked by pair / k.
 fn launch_gemm(w: &DeviceWeights, x: &DeviceBuffer<bf16>, x_rows: usize, in_by_token: bool, rows: Rows, output: Output) -> Result<()> {
+    check_len("gemm x", x.len(), x_rows * w.k_dim)?;
     launch_gemm_view(w, RowView::packed(x, w.k_dim), x_rows, in_by_token, rows, output, None)
 }
 

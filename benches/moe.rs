@@ -14,7 +14,7 @@ use small4::kernels::moe::{self, Grouping, MoeLayerWeights, MoeWorkspace, Routin
 use small4::quant::matrix::QuantizedMatrix;
 use small4::quant::repack::{self, PackedWeights};
 use small4::quant::WeightFormat;
-use small4::reference::moe::align;
+use small4::reference::moe::align_pairs;
 
 const DIM: usize = 4096;
 const HIDDEN: usize = 2048;
@@ -64,7 +64,7 @@ fn bench_format(c: &mut Criterion, device: &Device, format: WeightFormat) {
         let topk_weights: Vec<f32> = (0..tokens * TOP_K).map(|_| 0.25).collect();
         let tile_m = moe::moe_tile_m(tokens, TOP_K, EXPERTS);
         let identity: Vec<i32> = (0..EXPERTS as i32).collect();
-        let alignment = align(&ids, &identity, EXPERTS, tile_m);
+        let alignment = align_pairs(&ids, Some(&identity), EXPERTS, tile_m);
         let touched = alignment.expert_counts.iter().filter(|&&c| c > 0).count();
         let up = |v: &[i32]| DeviceBuffer::from_slice(device, v).unwrap();
         let (sorted_pairs, tile_experts, expert_offsets) = (up(&alignment.sorted_pairs), up(&alignment.tile_experts), up(&alignment.expert_offsets));

@@ -1,12 +1,18 @@
 //! The `small4` command line.
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use small4::model::checkpoint::{Checkpoint, ExpertMatrix, Layout};
+use small4::model::engine::{DeviceModel, Engine, EngineOptions, ExpertShard, Request, Sampling, DEFAULT_EOS};
+use small4::model::synthetic::{load_reference_weights, write_checkpoint, HF_MISTRAL3_PREFIX};
 use small4::model::ModelConfig;
+use small4::quant::WeightFormat;
 use small4::reference::model::{AttentionForm, ForwardOptions, ReferenceModel, ReferenceWeights, RoundingMode};
 use small4::tokenizer::{ChatRequest, SpecialTokenPolicy, Tokenizer};
 
@@ -21,8 +27,11 @@ struct Cli {
 enum Command {
     /// Print what ptxas reported for every kernel (registers, shared memory, spills) for sm_90a.
     Resources,
-    /// Greedy generation with the embedded tiny preset (random weights from a fixed seed).
+    /// Generation with the embedded tiny preset (a seeded random checkpoint, generated into a cache directory and
+    /// loaded through the checkpoint reader) or a checkpoint directory.
     Generate(GenerateArgs),
+    /// Lists a checkpoint's tensors grouped by layer (format, dtype, shape) and the problems found.
+    Inspect { dir: PathBuf },
     /// Memory plans of the full model (default: Mistral Small 4) on one and several GPUs: weights by format,
     /// activation workspace and KV-cache capacity per GPU.
     Plan {
@@ -73,10 +82,36 @@ enum Rounding {
     Bf16,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum LayoutArg {
+    Native,
+    Hf,
+}
+
 #[derive(Args)]
 struct GenerateArgs {
     #[arg(long, value_enum, default_value = "reference")]
     backend: Backend,
+    /// A checkpoint directory (native or HF layout); the embedded tiny preset when absent.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Expert weight format of the generated tiny checkpoint: bf16, fp8, fp8-block, int4, nvfp4.
+    #[arg(long, default_value = "bf16")]
+    format: String,
+    /// File layout of the generated tiny checkpoint.
+    #[arg(long, value_enum, default_value = "native")]
+    layout: LayoutArg,
+    /// Sampling temperature (engine backends); 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Seed of the sampling (engine backends).
+    #[arg(long, default_value_t = 0)]
+    sample_seed: u64,
+    /// Stop token of the engine backends (the reference runs to --max-tokens).
+    #[arg(long, default_value_t = DEFAULT_EOS)]
+    eos: u32,
     /// Prompt token ids, comma separated (the tiny preset's vocabulary is 2048).
     #[arg(long, value_delimiter = ',', default_value = "1,1010,73,1932,500,17,1221,4")]
     prompt_ids: Vec<u32>,
@@ -98,6 +133,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Resources => print!("{}", small4::kernels::KERNEL_RESOURCES_MARKDOWN),
         Command::Generate(args) => generate(&args)?,
+        Command::Inspect { dir } => inspect(&dir)?,
         Command::Plan { config } => plan(config.as_deref())?,
         Command::Tokenize { tokenizer, chat } => tokenize_command(tokenizer.as_deref(), chat.as_deref())?,
         Command::Detokenize { tokenizer, keep_special } => detokenize_command(tokenizer.as_deref(), keep_special)?,
@@ -120,15 +156,81 @@ fn plan(config: Option<&std::path::Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
-    if args.backend != Backend::Reference {
-        bail!("backend {:?} is not implemented yet: only `--backend reference` runs for now", args.backend);
+/// The embedded tiny model: a seeded checkpoint written once into the OS temp directory (regenerated if missing).
+fn tiny_checkpoint(args: &GenerateArgs) -> anyhow::Result<PathBuf> {
+    let format: WeightFormat = args.format.parse()?;
+    let (layout, layout_name) = match args.layout {
+        LayoutArg::Native => (Layout::Native, "native"),
+        LayoutArg::Hf => (Layout::HuggingFace { prefix: HF_MISTRAL3_PREFIX.to_string() }, "hf"),
+    };
+    let dir = std::env::temp_dir().join(format!("small4-tiny-{layout_name}-{format}-seed{}", args.seed));
+    if Checkpoint::open(&dir).is_err() {
+        let weights = ReferenceWeights::random(&ModelConfig::tiny(), args.seed).context("building the tiny preset's weights")?;
+        // Written beside the final directory, then renamed: a killed run never leaves a half checkpoint behind.
+        let partial = dir.with_extension(format!("partial-{}", std::process::id()));
+        write_checkpoint(&partial, &weights, &layout, format, 4 << 20)?;
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::rename(&partial, &dir).with_context(|| format!("moving the checkpoint to {}", dir.display()))?;
     }
+    Ok(dir)
+}
+
+fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
     if args.prompt_ids.is_empty() {
         bail!("--prompt-ids needs at least one token id");
     }
-    let config = ModelConfig::tiny();
-    let weights = ReferenceWeights::random(&config, args.seed).context("building the tiny preset's weights")?;
+    let dir = match &args.model {
+        Some(dir) => dir.clone(),
+        None => tiny_checkpoint(args)?,
+    };
+    let checkpoint = Checkpoint::open(&dir)?;
+    let prompt: Vec<String> = args.prompt_ids.iter().map(u32::to_string).collect();
+    match args.backend {
+        Backend::Reference => generate_reference(args, &checkpoint, &prompt.join(",")),
+        Backend::Sim => generate_engine(args, &small4::device::simulator(), &checkpoint, &prompt.join(",")),
+        Backend::Gpu => generate_engine(args, &small4::device::gpu()?, &checkpoint, &prompt.join(",")),
+    }
+}
+
+fn generate_engine(args: &GenerateArgs, device: &small4::device::Device, checkpoint: &Checkpoint, prompt: &str) -> anyhow::Result<()> {
+    let load = Instant::now();
+    let model = DeviceModel::load(device, checkpoint, ExpertShard::SINGLE)?;
+    let options = EngineOptions { eos: Some(args.eos), page_size: 16, num_pages: (args.prompt_ids.len() + args.max_tokens).div_ceil(16) + 1, ..EngineOptions::default() };
+    let mut engine = Engine::new(model, options, None)?;
+    println!("{} on {} (loaded in {:.2} s), prompt: {prompt}", checkpoint.dir.display(), device.name(), load.elapsed().as_secs_f64());
+    let sampling = if args.temperature > 0.0 { Sampling::Seeded { temperature: args.temperature, top_p: args.top_p, seed: args.sample_seed } } else { Sampling::Greedy };
+    engine.add(Request { prompt: args.prompt_ids.clone(), max_tokens: args.max_tokens, sampling })?;
+    print!("generated:");
+    let (mut prefill, mut decode, mut decoded) = (0.0, 0.0, 0usize);
+    while engine.active() > 0 {
+        let start = Instant::now();
+        let tokens = engine.step()?;
+        let seconds = start.elapsed().as_secs_f64();
+        if prefill == 0.0 {
+            prefill = seconds;
+        } else {
+            decode += seconds;
+            decoded += 1;
+        }
+        for t in tokens {
+            print!(" {}", t.token);
+            let _ = std::io::stdout().flush();
+        }
+    }
+    println!();
+    println!(
+        "prefill: {} tokens in {:.2} ms ({:.2} tokens/s); decode: {decoded} tokens in {:.2} ms ({:.2} tokens/s)",
+        args.prompt_ids.len(),
+        prefill * 1e3,
+        args.prompt_ids.len() as f64 / prefill,
+        decode * 1e3,
+        decoded as f64 / decode.max(f64::MIN_POSITIVE),
+    );
+    Ok(())
+}
+
+fn generate_reference(args: &GenerateArgs, checkpoint: &Checkpoint, prompt: &str) -> anyhow::Result<()> {
+    let weights = load_reference_weights(checkpoint)?;
     let options = ForwardOptions {
         rounding: match args.rounding {
             Rounding::F32 => RoundingMode::F32,
@@ -140,8 +242,7 @@ fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
         },
     };
     let model = ReferenceModel::new(weights, options)?;
-    let prompt: Vec<String> = args.prompt_ids.iter().map(u32::to_string).collect();
-    println!("tiny preset (seed {}), {:?}, prompt: {}", args.seed, options, prompt.join(","));
+    println!("{} on the CPU reference, {:?}, prompt: {prompt}", checkpoint.dir.display(), options);
     print!("generated:");
     let stats = model.generate_greedy(&args.prompt_ids, args.max_tokens, |token| {
         print!(" {token}");
@@ -198,5 +299,85 @@ fn detokenize_command(tokenizer: Option<&Path>, keep_special: bool) -> anyhow::R
     let mut stdout = std::io::stdout();
     stdout.write_all(text.as_bytes())?;
     stdout.flush()?;
+    Ok(())
+}
+
+/// The layer of a stored tensor name (`layers.N.` in either layout), or None for the global tensors.
+fn layer_of(name: &str) -> Option<usize> {
+    let rest = &name[name.find("layers.")? + "layers.".len()..];
+    rest.split('.').next()?.parse().ok()
+}
+
+fn inspect(dir: &Path) -> anyhow::Result<()> {
+    let ck = Checkpoint::open(dir)?;
+    let c = ModelConfig::from_json_str(&ck.config_json.to_string())?;
+    println!("{} ({:?} layout, {} shards): {} layers, dim {}, {} experts", dir.display(), ck.layout, ck.shard_paths().len(), c.n_layers, c.dim, c.experts);
+    let mut groups: BTreeMap<Option<usize>, Vec<String>> = BTreeMap::new();
+    for name in ck.stored_names() {
+        let t = ck.stored(name)?;
+        groups.entry(layer_of(name)).or_default().push(format!("  {name}  {:?} {:?}", t.dtype, t.shape));
+    }
+    for (layer, lines) in &groups {
+        match layer {
+            Some(l) => println!("layer {l}: {} tensors", lines.len()),
+            None => println!("global: {} tensors", lines.len()),
+        }
+        for line in lines {
+            println!("{line}");
+        }
+    }
+    // Every tensor the engine reads, through the same accessors (shape, dtype and scale checks included).
+    let mut problems = Vec::new();
+    let mut formats: BTreeMap<String, usize> = BTreeMap::new();
+    let mut check = |what: String, r: small4::Result<&'static str>| match r {
+        Ok(format) => *formats.entry(format.to_string()).or_default() += 1,
+        Err(e) => problems.push(format!("{what}: {e}")),
+    };
+    use safetensors::Dtype;
+    let plain = |name: &str, shape: &[usize]| ck.plain(name, Dtype::BF16, shape).map(|_| "bf16");
+    check("tok_embeddings".into(), plain("tok_embeddings.weight", &[c.vocab, c.dim]));
+    check("norm".into(), plain("norm.weight", &[c.dim]));
+    if !c.tied_embeddings {
+        check("output".into(), plain("output.weight", &[c.vocab, c.dim]));
+    }
+    let qk = c.qk_head_dim();
+    for l in 0..c.n_layers {
+        let p = format!("layers.{l}");
+        for (name, len) in [("attention_norm", c.dim), ("ffn_norm", c.dim), ("attention.q_a_norm", c.q_lora_rank), ("attention.kv_a_norm", c.kv_lora_rank)] {
+            check(format!("{p}.{name}"), plain(&format!("{p}.{name}.weight"), &[len]));
+        }
+        check(format!("{p}.gate"), plain(&format!("{p}.gate.weight"), &[c.experts, c.dim]));
+        for (name, rows, cols) in [
+            ("wq_a", c.q_lora_rank, c.dim),
+            ("wq_b", c.heads * qk, c.q_lora_rank),
+            ("wkv_a_with_mqa", c.kv_lora_rank + c.qk_rope, c.dim),
+            ("wkv_b", c.heads * (c.qk_nope + c.v_head), c.kv_lora_rank),
+            ("wo", c.dim, c.heads * c.v_head),
+        ] {
+            check(format!("{p}.attention.{name}"), ck.matrix(&format!("{p}.attention.{name}"), rows, cols).map(|m| m.format_name()));
+        }
+        if c.shared_experts > 0 {
+            let h = c.shared_hidden();
+            for (name, rows, cols) in [("w1", h, c.dim), ("w3", h, c.dim), ("w2", c.dim, h)] {
+                check(format!("{p}.shared_experts.{name}"), ck.matrix(&format!("{p}.shared_experts.{name}"), rows, cols).map(|m| m.format_name()));
+            }
+        }
+        for e in 0..c.experts {
+            for which in [ExpertMatrix::W1, ExpertMatrix::W3, ExpertMatrix::W2] {
+                check(format!("{p}.experts.{e}.{which:?}"), ck.expert_matrix(l, e, which, c.dim, c.expert_hidden).map(|m| m.format_name()));
+            }
+        }
+    }
+    let summary: Vec<String> = formats.iter().map(|(f, n)| format!("{n} {f}")).collect();
+    println!("weights read by the engine: {}", summary.join(", "));
+    if problems.is_empty() {
+        println!("problems: none");
+    } else {
+        println!("problems ({}):", problems.len());
+        for p in &problems {
+            println!("  {p}");
+        }
+        bail!("{} problems in {}", problems.len(), dir.display());
+    }
     Ok(())
 }

@@ -13,7 +13,7 @@ use small4::quant::matrix::QuantizedMatrix;
 use small4::quant::repack::{self, MatrixRef};
 use small4::quant::WeightFormat;
 use small4::reference::linear::matmul_nt;
-use small4::reference::moe::{align, moe_block, ExpertWeights, Routing};
+use small4::reference::moe::{align_pairs, moe_block, ExpertWeights, Routing};
 
 const FORMATS: [WeightFormat; 6] = [
     WeightFormat::Bf16,
@@ -154,7 +154,7 @@ fn run_moe_case(device: &Device, case: &Case) -> (Vec<u16>, Vec<f32>) {
     let expert_map: Vec<i32> = (0..case.experts).map(|e| if e < local_count { e as i32 } else { -1 }).collect();
     let local: Vec<&Expert> = experts[..local_count].iter().collect();
     let tile_m = moe::moe_tile_m(tokens, k, local_count);
-    let alignment = align(&routing.ids, &expert_map, local_count, tile_m);
+    let alignment = align_pairs(&routing.ids, Some(&expert_map), local_count, tile_m);
 
     let weights = pack_layer(device, &local, shared.as_ref());
     let capacity = alignment.sorted_pairs.len();
@@ -357,7 +357,7 @@ fn decode_traffic_at_real_dims(format: WeightFormat) {
             let routing = random_routing(&mut rng, &case);
             let tile_m = moe::moe_tile_m(tokens, k, experts);
             let identity: Vec<i32> = (0..experts as i32).collect();
-            let alignment = align(&routing.ids, &identity, experts, tile_m);
+            let alignment = align_pairs(&routing.ids, Some(&identity), experts, tile_m);
             let touched = alignment.expert_counts.iter().filter(|&&c| c > 0).count();
             let up = |v: &[i32]| DeviceBuffer::from_slice(&device, v).unwrap();
             let (sorted_pairs, tile_experts, expert_offsets) = (up(&alignment.sorted_pairs), up(&alignment.tile_experts), up(&alignment.expert_offsets));

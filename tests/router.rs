@@ -11,7 +11,7 @@
 //! - against `route` on the CPU logits, a different id is accepted only at a near tie (the two CPU logits within the
 //!   logit tolerance); inputs are random bf16, so this is rare and the test counts it.
 //!
-//! Weights within 1e-3 (KERNELS.md); alignment lists exactly equal to `reference::moe::align`.
+//! Weights within 1e-3 (KERNELS.md); alignment lists exactly equal to `reference::moe::align_pairs`.
 
 mod common;
 
@@ -167,7 +167,7 @@ fn check(case: &Case, out: &Output) -> usize {
         }
     }
 
-    assert_eq!(out.alignment, reference::align(&out.ids, &case.map, local_count(&case.map), case.config.tile_m), "alignment");
+    assert_eq!(out.alignment, reference::align_pairs(&out.ids, Some(&case.map), local_count(&case.map), case.config.tile_m), "alignment");
     near_ties
 }
 
@@ -276,7 +276,7 @@ fn moe_align_matches_reference(device: &Device) {
             poison_alignment(device, &alignment);
             router::moe_align_into(&ids_dev, &expert_map, &alignment).unwrap();
             let got = read_alignment(&alignment);
-            prop_assert_eq!(got, reference::align(&ids, &map, expert_map.local_experts(), tile_m));
+            prop_assert_eq!(got, reference::align_pairs(&ids, Some(&map), expert_map.local_experts(), tile_m));
             Ok(())
         })
         .unwrap();

@@ -202,9 +202,62 @@ fn to_i32(what: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::OutOfRange { what: what.into(), index: v as i64, limit: i32::MAX as i64 })
 }
 
+/// A strided view of bf16 rows for the dense GEMM: row r starts at element `offset + r * stride`. Lets one launch read
+/// one head's slice of a [tokens, heads, head_dim] tensor or write into one head's columns of another (MLA's per-head
+/// W_UK / W_UV products) without a copy.
+#[derive(Clone, Copy)]
+pub struct RowView<'a> {
+    pub buffer: &'a DeviceBuffer<bf16>,
+    pub offset: usize,
+    pub stride: usize,
+}
+
+impl<'a> RowView<'a> {
+    /// Rows packed back to back (`stride` = the row length).
+    pub fn packed(buffer: &'a DeviceBuffer<bf16>, cols: usize) -> Self {
+        RowView { buffer, offset: 0, stride: cols }
+    }
+
+    /// Checks that `rows` rows of `cols` elements lie inside the buffer; `align` elements of alignment for the start
+    /// and the stride (8 = the 16-byte loads of the GEMM's input).
+    fn check(&self, what: &str, rows: usize, cols: usize, align: usize) -> Result<()> {
+        if self.stride < cols || self.offset % align != 0 || self.stride % align != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "{what}: view offset {} stride {} for rows of {cols} (stride >= cols, both multiples of {align})",
+                self.offset, self.stride
+            )));
+        }
+        let needed = if rows == 0 { 0 } else { self.offset + (rows - 1) * self.stride + cols };
+        if needed > self.buffer.len() {
+            return Err(Error::shape(format!("{what} (elements)"), format!(">= {needed}"), self.buffer.len()));
+        }
+        to_i32(what, self.stride)?;
+        Ok(())
+    }
+
+    fn addr(&self) -> u64 {
+        self.buffer.addr() + 2 * self.offset as u64
+    }
+}
+
 /// One launch of the grouped GEMM. `x` holds `x_rows` rows of `w.k_dim`; `in_by_token` = rows are picked by pair / k.
 fn launch_gemm(w: &DeviceWeights, x: &DeviceBuffer<bf16>, x_rows: usize, in_by_token: bool, rows: Rows, output: Output) -> Result<()> {
     check_len("gemm x", x.len(), x_rows * w.k_dim)?;
+    launch_gemm_view(w, RowView::packed(x, w.k_dim), x_rows, in_by_token, rows, output, None)
+}
+
+/// [`launch_gemm`] over a strided input and, for a dense bf16 output, a strided output view (`out_view`).
+fn launch_gemm_view(
+    w: &DeviceWeights,
+    x_view: RowView,
+    x_rows: usize,
+    in_by_token: bool,
+    rows: Rows,
+    output: Output,
+    out_view: Option<RowView>,
+) -> Result<()> {
+    let x = x_view.buffer;
+    x_view.check("gemm x", x_rows, w.k_dim, 8)?;
     let swiglu = matches!(output, Output::SwiGlu(_));
     if swiglu != w.swiglu {
         return Err(Error::InvalidArgument(format!(
@@ -237,8 +290,11 @@ fn launch_gemm(w: &DeviceWeights, x: &DeviceBuffer<bf16>, x_rows: usize, in_by_t
             (act.mut_ptr(), std::ptr::null_mut(), std::ptr::null(), false)
         }
         Output::Bf16(y) => {
-            check_len("gemm y", y.len(), out_rows * w.out_cols)?;
-            (y.mut_ptr(), std::ptr::null_mut(), std::ptr::null(), false)
+            match &out_view {
+                Some(v) => v.check("gemm y", out_rows, w.out_cols, 1)?,
+                None => check_len("gemm y", y.len(), out_rows * w.out_cols)?,
+            }
+            (out_view.map_or(y.mut_ptr(), |v| v.addr() as *mut _), std::ptr::null_mut(), std::ptr::null(), false)
         }
         Output::F32ByPair { out, pair_weights } => {
             if out.len() % w.out_cols.max(1) != 0 {
@@ -267,7 +323,7 @@ fn launch_gemm(w: &DeviceWeights, x: &DeviceBuffer<bf16>, x_rows: usize, in_by_t
         group_scales: opt_ptr(w.group_scales.as_ref()),
         group_zeros: opt_ptr(w.group_zeros.as_ref()),
         fp4_scales: opt_ptr(w.fp4_scales.as_ref()),
-        x: x.ptr(),
+        x: x_view.addr() as *const _,
         out_bf16,
         out_f32,
         sorted_pairs: opt_ptr(grouping.map(|g| g.sorted_pairs)),
@@ -276,8 +332,8 @@ fn launch_gemm(w: &DeviceWeights, x: &DeviceBuffer<bf16>, x_rows: usize, in_by_t
         num_padded: opt_ptr(grouping.map(|g| g.num_padded)),
         pair_weights,
         expert_stride: w.expert_stride as i64,
-        x_stride: to_i32("gemm k_dim", w.k_dim)?,
-        out_stride: to_i32("gemm out_cols", w.out_cols)?,
+        x_stride: to_i32("gemm x stride", x_view.stride)?,
+        out_stride: to_i32("gemm out stride", out_view.map_or(w.out_cols, |v| v.stride))?,
         k_dim: to_i32("gemm k_dim", w.k_dim)?,
         rows_padded: to_i32("gemm rows", w.rows_padded)?,
         out_cols: to_i32("gemm out_cols", w.out_cols)?,
@@ -301,6 +357,25 @@ fn launch_gemm(w: &DeviceWeights, x: &DeviceBuffer<bf16>, x_rows: usize, in_by_t
 /// Dense `y = x W^T` (bf16 weights or any packed format, one matrix): x [rows, k_dim] -> y [rows, out_cols] bf16.
 pub fn linear(w: &DeviceWeights, x: &DeviceBuffer<bf16>, rows: usize, y: &DeviceBuffer<bf16>) -> Result<()> {
     launch_gemm(w, x, rows, false, Rows::Dense { rows }, Output::Bf16(y))
+}
+
+/// Dense `y = x W^T` over strided views: `rows` rows of `w.k_dim` read from `x`, `w.out_cols` columns written into
+/// `y` (bf16). The input view's offset and stride must be multiples of 8 elements (16-byte loads).
+pub fn linear_view(w: &DeviceWeights, x: RowView, rows: usize, y: RowView) -> Result<()> {
+    launch_gemm_view(w, x, rows, false, Rows::Dense { rows }, Output::Bf16(y.buffer), Some(y))
+}
+
+/// Dense `y = x W^T` with an f32 output [rows, out_cols] (the logits of the output head).
+pub fn linear_f32(w: &DeviceWeights, x: &DeviceBuffer<bf16>, rows: usize, y: &DeviceBuffer<f32>) -> Result<()> {
+    launch_gemm(w, x, rows, false, Rows::Dense { rows }, Output::F32ByPair { out: y, pair_weights: None })
+}
+
+/// The shared expert on every token: `workspace.shared_out` [tokens, dim] f32 = w2(silu(w1 x) * w3 x).
+pub fn shared_expert(shared: &(DeviceWeights, DeviceWeights), x: &DeviceBuffer<bf16>, tokens: usize, workspace: &MoeWorkspace) -> Result<()> {
+    let (up, dn) = shared;
+    check_len("shared expert workspace", workspace.shared_act.len(), tokens * up.out_cols)?;
+    launch_gemm(up, x, tokens, false, Rows::Dense { rows: tokens }, Output::SwiGlu(&workspace.shared_act))?;
+    launch_gemm(dn, &workspace.shared_act, tokens, false, Rows::Dense { rows: tokens }, Output::F32ByPair { out: &workspace.shared_out, pair_weights: None })
 }
 
 /// Up-projection of the routed experts: act[slot] = silu(x W1_e^T) * (x W3_e^T) for every slot of the grouping,
@@ -421,7 +496,7 @@ pub struct MoeWorkspace {
 }
 
 impl MoeWorkspace {
-    /// `capacity` = the grouping's slot count (`reference::moe::aligned_capacity`).
+    /// `capacity` = the grouping's slot count (`reference::moe::max_padded_slots`).
     pub fn new(device: &Device, weights: &MoeLayerWeights, tokens: usize, top_k: usize, capacity: usize) -> Result<Self> {
         let (dim, hidden) = (weights.dim(), weights.hidden());
         Ok(MoeWorkspace {
@@ -471,10 +546,8 @@ pub fn moe_layer(
     up_swiglu(&weights.gate_up, x, tokens, k, grouping, &workspace.act)?;
     down(&weights.down, &workspace.act, grouping, k, routing.topk_weights, pair_out)?;
     let shared_out = match &weights.shared {
-        Some((up, dn)) => {
-            check_len("moe_layer shared workspace", workspace.shared_act.len(), tokens * hidden)?;
-            launch_gemm(up, x, tokens, false, Rows::Dense { rows: tokens }, Output::SwiGlu(&workspace.shared_act))?;
-            launch_gemm(dn, &workspace.shared_act, tokens, false, Rows::Dense { rows: tokens }, Output::F32ByPair { out: &workspace.shared_out, pair_weights: None })?;
+        Some(shared) => {
+            shared_expert(shared, x, tokens, workspace)?;
             Some(&workspace.shared_out)
         }
         None => None,

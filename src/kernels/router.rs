@@ -10,7 +10,7 @@
 //! - `tile_experts [max_tiles]`: the local expert of each tile of `tile_m` rows, -1 past the end;
 //! - `num_padded [1]` = `expert_offsets[local_experts]`;
 //!
-//! with `(max_padded, max_tiles)` = [`reference::moe::aligned_capacity`]. Pairs whose expert maps to -1 (owned by
+//! with `max_padded` = [`reference::moe::max_padded_slots`] and `max_tiles = max_padded / tile_m`. Pairs whose expert maps to -1 (owned by
 //! another GPU) appear in no list.
 
 use half::bf16;
@@ -19,7 +19,7 @@ use super::modules::ROUTER;
 use super::params::{MoeAlignParams, RouterParams};
 use crate::device::{launch_with, Device, DeviceBuffer, Dim3, Kernel, LaunchConfig};
 use crate::error::{Error, Result};
-use crate::reference::moe::aligned_capacity;
+use crate::reference::moe::max_padded_slots;
 
 const ROUTER_TOPK: Kernel = Kernel { module: ROUTER, entry: "router_topk" };
 const MOE_ALIGN: Kernel = Kernel { module: ROUTER, entry: "moe_align" };
@@ -111,7 +111,8 @@ impl Alignment {
     /// Uninitialised outputs for `pairs` pairs (the kernels write every element).
     pub fn alloc(device: &Device, pairs: usize, local_experts: usize, tile_m: usize) -> Result<Self> {
         check_tile_m(tile_m)?;
-        let (max_padded, max_tiles) = aligned_capacity(pairs, local_experts, tile_m);
+        let max_padded = max_padded_slots(pairs, local_experts, tile_m);
+        let max_tiles = max_padded / tile_m;
         if max_padded > i32::MAX as usize {
             return Err(Error::InvalidArgument(format!("alignment of {pairs} pairs overflows i32")));
         }
@@ -134,7 +135,8 @@ impl Alignment {
             return Err(Error::shape("alignment local experts", map.local_experts, self.local_experts));
         }
         check_len("alignment topk_ids", topk_ids.len(), self.pairs)?;
-        let (max_padded, max_tiles) = aligned_capacity(self.pairs, self.local_experts, self.tile_m);
+        let max_padded = max_padded_slots(self.pairs, self.local_experts, self.tile_m);
+        let max_tiles = max_padded / self.tile_m;
         check_len("alignment sorted_pairs", self.sorted_pairs.len(), max_padded)?;
         check_len("alignment tile_experts", self.tile_experts.len(), max_tiles)?;
         check_len("alignment expert_counts", self.expert_counts.len(), self.local_experts)?;

@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod engine;
 pub mod kv_cache;
 pub mod plan;
 pub mod synthetic;

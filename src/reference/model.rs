@@ -17,7 +17,9 @@
 //! wq_a, wq_b (q), wkv_a_with_mqa and wo; q after RoPE and query scaling; the cache rows; the absorbed query `q_lat`
 //! and `o_lat` (absorbed form) or the expanded `k_nope`/`v` (naive form); the attention output of each head
 //! (before wo); the MoE (or dense FFN) block output; the residual stream after each addition. The router logits and
-//! softmax stay f32 (the spec routes in fp32), the expert intermediates stay f32 (`moe_block`), the logits are f32.
+//! softmax stay f32 (the spec routes in fp32), the logits are f32. Each expert's SwiGLU activation
+//! `silu(w1 x) * w3 x` is rounded to bf16 (the grouped GEMM stores it in bf16 between its up and down launches);
+//! the expert outputs are summed in f32.
 //! [`RoundingMode::F32`] rounds nothing but the weights.
 
 use std::time::{Duration, Instant};
@@ -27,7 +29,7 @@ use rayon::prelude::*;
 
 use super::attention::latent_attention;
 use super::linear::{dot, matmul_nt, round_bf16};
-use super::moe::{moe_block, route, router_logits, softmax, swiglu_expert, ExpertWeights};
+use super::moe::{moe_block_with, route, router_logits, softmax, swiglu_expert_with, ExpertWeights};
 use super::norm::rms_norm;
 use super::rope::{apply_interleaved, llama4_query_scale, yarn_inv_freq};
 use crate::model::ModelConfig;
@@ -574,15 +576,16 @@ impl ReferenceModel {
 
     fn feed_forward(&self, h: &[f32], ffn: &FeedForward, tokens: usize) -> Vec<f32> {
         let c = self.config();
+        let act_bf16 = self.options.rounding == RoundingMode::Bf16Activations;
         let mut y = match ffn {
-            FeedForward::Dense(e) => swiglu_expert(h, &e.w1, &e.w3, &e.w2, tokens, c.dim, c.dense_hidden),
+            FeedForward::Dense(e) => swiglu_expert_with(h, &e.w1, &e.w3, &e.w2, tokens, c.dim, c.dense_hidden, act_bf16),
             FeedForward::Moe(moe) => {
                 let logits = router_logits(h, &moe.gate, tokens, c.dim, c.experts);
                 let routing = route(&logits, c.experts, c.experts_per_token, c.routed_scale);
                 // The shared block's width is expert_hidden * shared_experts, so it runs beside moe_block.
-                let mut y = moe_block(h, &routing, &moe.experts, None, tokens, c.dim, c.expert_hidden);
+                let mut y = moe_block_with(h, &routing, &moe.experts, None, tokens, c.dim, c.expert_hidden, act_bf16);
                 if let Some(s) = &moe.shared_experts {
-                    let shared = swiglu_expert(h, &s.w1, &s.w3, &s.w2, tokens, c.dim, c.shared_hidden());
+                    let shared = swiglu_expert_with(h, &s.w1, &s.w3, &s.w2, tokens, c.dim, c.shared_hidden(), act_bf16);
                     y.iter_mut().zip(&shared).for_each(|(a, b)| *a += b);
                 }
                 y

@@ -39,56 +39,6 @@ pub fn route(logits: &[f32], experts: usize, k: usize, routed_scale: f32) -> Rou
     Routing { k, ids, weights }
 }
 
-/// Rows the grouped GEMM may need for `pairs` (token, slot) pairs over `local_experts` experts when every expert's
-/// rows start on a `tile_m` boundary: `(max_padded, max_tiles)` with max_padded = round_up(pairs + local_experts *
-/// (tile_m - 1), tile_m). Buffers sized by this never overflow, whatever the routing.
-pub fn aligned_capacity(pairs: usize, local_experts: usize, tile_m: usize) -> (usize, usize) {
-    let max_padded = (pairs + local_experts * (tile_m - 1)).div_ceil(tile_m) * tile_m;
-    (max_padded, max_padded / tile_m)
-}
-
-/// The (token, slot) pairs grouped by local expert, as the grouped GEMM reads them (see `kernels::router`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Alignment {
-    pub expert_counts: Vec<i32>,
-    pub expert_offsets: Vec<i32>,
-    pub sorted_pairs: Vec<i32>,
-    pub tile_experts: Vec<i32>,
-    pub num_padded: i32,
-}
-
-/// Groups the pairs `p = t * k + j` of `topk_ids` by `expert_map[id]` (-1: owned elsewhere, dropped), increasing `p`
-/// inside an expert, each expert padded with -1 rows to a multiple of `tile_m`; `sorted_pairs` and `tile_experts`
-/// have the capacity of `aligned_capacity`, filled with -1 past the end.
-pub fn align(topk_ids: &[i32], expert_map: &[i32], local_experts: usize, tile_m: usize) -> Alignment {
-    let (max_padded, max_tiles) = aligned_capacity(topk_ids.len(), local_experts, tile_m);
-    let mut lists = vec![Vec::new(); local_experts];
-    for (pair, &id) in topk_ids.iter().enumerate() {
-        if let Some(&local) = expert_map.get(id as usize) {
-            if local >= 0 {
-                lists[local as usize].push(pair as i32);
-            }
-        }
-    }
-    let mut alignment = Alignment {
-        expert_counts: lists.iter().map(|l| l.len() as i32).collect(),
-        expert_offsets: vec![0],
-        sorted_pairs: vec![-1; max_padded],
-        tile_experts: vec![-1; max_tiles],
-        num_padded: 0,
-    };
-    let mut offset = 0usize;
-    for (expert, list) in lists.iter().enumerate() {
-        alignment.sorted_pairs[offset..offset + list.len()].copy_from_slice(list);
-        let end = offset + list.len().div_ceil(tile_m) * tile_m;
-        alignment.tile_experts[offset / tile_m..end / tile_m].fill(expert as i32);
-        offset = end;
-        alignment.expert_offsets.push(offset as i32);
-    }
-    alignment.num_padded = offset as i32;
-    alignment
-}
-
 /// Numerically stable softmax in f32 (max subtracted).
 pub fn softmax(row: &[f32]) -> Vec<f32> {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -103,9 +53,19 @@ pub fn silu(x: f32) -> f32 {
 
 /// One SwiGLU expert on `tokens` rows: `w2 (silu(w1 x) * w3 x)`; w1, w3 [hidden, dim], w2 [dim, hidden].
 pub fn swiglu_expert(x: &[f32], w1: &[f32], w3: &[f32], w2: &[f32], tokens: usize, dim: usize, hidden: usize) -> Vec<f32> {
+    swiglu_expert_with(x, w1, w3, w2, tokens, dim, hidden, false)
+}
+
+/// [`swiglu_expert`] with the activation `silu(w1 x) * w3 x` rounded to bf16 when `act_bf16` (the grouped GEMM
+/// stores it in bf16 between the up and the down projection).
+#[allow(clippy::too_many_arguments)]
+pub fn swiglu_expert_with(x: &[f32], w1: &[f32], w3: &[f32], w2: &[f32], tokens: usize, dim: usize, hidden: usize, act_bf16: bool) -> Vec<f32> {
     let gate = matmul_nt(x, w1, tokens, dim, hidden);
     let up = matmul_nt(x, w3, tokens, dim, hidden);
-    let act: Vec<f32> = gate.iter().zip(&up).map(|(&g, &u)| silu(g) * u).collect();
+    let mut act: Vec<f32> = gate.iter().zip(&up).map(|(&g, &u)| silu(g) * u).collect();
+    if act_bf16 {
+        super::linear::round_bf16(&mut act);
+    }
     matmul_nt(&act, w2, tokens, hidden, dim)
 }
 
@@ -128,8 +88,23 @@ pub fn moe_block(
     dim: usize,
     hidden: usize,
 ) -> Vec<f32> {
+    moe_block_with(x, routing, experts, shared, tokens, dim, hidden, false)
+}
+
+/// [`moe_block`] with each expert's SwiGLU activation rounded to bf16 when `act_bf16`.
+#[allow(clippy::too_many_arguments)]
+pub fn moe_block_with(
+    x: &[f32],
+    routing: &Routing,
+    experts: &[Option<ExpertWeights>],
+    shared: Option<&ExpertWeights>,
+    tokens: usize,
+    dim: usize,
+    hidden: usize,
+    act_bf16: bool,
+) -> Vec<f32> {
     let mut out = match shared {
-        Some(s) => swiglu_expert(x, &s.w1, &s.w3, &s.w2, tokens, dim, hidden),
+        Some(s) => swiglu_expert_with(x, &s.w1, &s.w3, &s.w2, tokens, dim, hidden, act_bf16),
         None => vec![0.0; tokens * dim],
     };
     // Tokens are independent: one task per output row.
@@ -138,7 +113,7 @@ pub fn moe_block(
         for j in 0..routing.k {
             let id = routing.ids[t * routing.k + j];
             let Some(Some(e)) = usize::try_from(id).ok().and_then(|i| experts.get(i)) else { continue };
-            let y = swiglu_expert(row, &e.w1, &e.w3, &e.w2, 1, dim, hidden);
+            let y = swiglu_expert_with(row, &e.w1, &e.w3, &e.w2, 1, dim, hidden, act_bf16);
             let w = routing.weights[t * routing.k + j];
             for (o, v) in out_row.iter_mut().zip(&y) {
                 *o += w * v;
@@ -146,6 +121,70 @@ pub fn moe_block(
         }
     });
     out
+}
+
+/// The grouping of (token, expert) pairs that the grouped GEMM consumes (the router's alignment produces the same on
+/// the device). Pair p = t * k + j. Only locally owned experts appear (`expert_map[id] >= 0`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Alignment {
+    /// [local experts] pairs per local expert.
+    pub expert_counts: Vec<i32>,
+    /// [local experts + 1] first slot of each expert: prefix sums of the counts rounded up to `tile_m`.
+    pub expert_offsets: Vec<i32>,
+    /// [capacity] pairs grouped by local expert, increasing p inside an expert, padding -1.
+    pub sorted_pairs: Vec<i32>,
+    /// [capacity / tile_m] local expert of each tile of `tile_m` slots, -1 past the end.
+    pub tile_experts: Vec<i32>,
+    /// Slots in use (the last offset).
+    pub num_padded: i32,
+}
+
+/// Slots the grouping may need for `pairs` pairs over `local_experts` experts: every non-empty expert wastes at most
+/// tile_m - 1 slots, and at most min(pairs, experts) experts are non-empty. A multiple of `tile_m`.
+pub fn max_padded_slots(pairs: usize, local_experts: usize, tile_m: usize) -> usize {
+    (pairs + pairs.min(local_experts) * (tile_m - 1)).next_multiple_of(tile_m)
+}
+
+/// Groups the pairs of `ids` ([tokens * k] global expert ids) by local expert. `expert_map[global] = local or -1`
+/// (None: identity over `local_experts`); ids < 0 are skipped too. Buffers are sized by [`max_padded_slots`].
+pub fn align_pairs(ids: &[i32], expert_map: Option<&[i32]>, local_experts: usize, tile_m: usize) -> Alignment {
+    assert!(tile_m >= 1, "align_pairs: tile_m 0");
+    let local = |id: i32| -> Option<usize> {
+        let id = usize::try_from(id).ok()?;
+        let l = match expert_map {
+            Some(map) => usize::try_from(*map.get(id)?).ok()?,
+            None => id,
+        };
+        (l < local_experts).then_some(l)
+    };
+    let mut lists = vec![Vec::new(); local_experts];
+    for (p, &id) in ids.iter().enumerate() {
+        if let Some(l) = local(id) {
+            lists[l].push(p as i32);
+        }
+    }
+    let capacity = max_padded_slots(ids.len(), local_experts, tile_m);
+    let mut sorted_pairs = vec![-1; capacity];
+    let mut tile_experts = vec![-1; capacity / tile_m];
+    let mut expert_offsets = vec![0i32; local_experts + 1];
+    let mut slot = 0usize;
+    for (e, list) in lists.iter().enumerate() {
+        expert_offsets[e] = slot as i32;
+        sorted_pairs[slot..slot + list.len()].copy_from_slice(list);
+        let padded = list.len().next_multiple_of(tile_m);
+        for tile in slot / tile_m..(slot + padded) / tile_m {
+            tile_experts[tile] = e as i32;
+        }
+        slot += padded;
+    }
+    expert_offsets[local_experts] = slot as i32;
+    Alignment {
+        expert_counts: lists.iter().map(|l| l.len() as i32).collect(),
+        expert_offsets,
+        sorted_pairs,
+        tile_experts,
+        num_padded: slot as i32,
+    }
 }
 
 #[cfg(test)]
@@ -164,16 +203,18 @@ mod tests {
     }
 
     #[test]
-    fn alignment_groups_pairs_by_local_expert_on_tile_boundaries() {
-        // 3 tokens, k = 2; global expert 1 is owned elsewhere; global 0 -> local 1, global 2 -> local 0.
+    fn alignment_groups_pairs_by_local_expert_with_padding() {
+        // 3 tokens, k 2; global expert 1 lives on another GPU.
         let ids = [0, 2, 2, 1, 0, 2];
-        let a = align(&ids, &[1, -1, 0], 2, 4);
-        assert_eq!(a.expert_counts, vec![3, 2]);
+        let map = [0, -1, 1];
+        let a = align_pairs(&ids, Some(&map), 2, 4);
+        assert_eq!(a.expert_counts, vec![2, 3]);
         assert_eq!(a.expert_offsets, vec![0, 4, 8]);
         assert_eq!(a.num_padded, 8);
-        let (max_padded, max_tiles) = aligned_capacity(6, 2, 4);
-        assert_eq!((max_padded, max_tiles), (12, 3));
-        assert_eq!(a.sorted_pairs, vec![1, 2, 5, -1, 0, 4, -1, -1, -1, -1, -1, -1]);
-        assert_eq!(a.tile_experts, vec![0, 1, -1]);
+        assert_eq!(a.sorted_pairs.len(), max_padded_slots(6, 2, 4));
+        assert_eq!(&a.sorted_pairs[..8], &[0, 4, -1, -1, 1, 2, 5, -1]);
+        assert!(a.sorted_pairs[8..].iter().all(|&p| p == -1));
+        assert_eq!(&a.tile_experts[..2], &[0, 1]);
+        assert!(a.tile_experts[2..].iter().all(|&e| e == -1));
     }
 }

@@ -1,0 +1,707 @@
+//! The forward pass on a device: [`DeviceModel`] (a checkpoint uploaded in the kernels' layouts) and [`Engine`]
+//! (prefill and decode of a batch of sequences over the paged latent cache, continuous batching, greedy or seeded
+//! sampling, EOS). Written in the llm.c manner: [`Engine::forward_device`] is the whole network as a plain list of
+//! kernel calls, one line per step of the architecture (SPEC-model.md), on any `Backend` (GPU or interpreter).
+//!
+//! Precision follows `reference::model` with `RoundingMode::Bf16Activations` and absorbed attention: every tensor
+//! the reference rounds to bf16 is a bf16 buffer here; the router and logits are f32. Two places round more than the
+//! reference: the routed and shared experts' SwiGLU activations are stored in bf16 between the up and down GEMMs
+//! (the reference keeps them f32), and the GEMMs accumulate in a different order. The engine tests bound the
+//! resulting logit differences and require identical greedy tokens.
+//!
+//! Weights: the attention linears, the output head and the shared expert run through the dense path of the
+//! grouped GEMM (`kernels::moe::linear`) in the checkpoint's own format (bf16, or FP8 with the GEMM's FP8 path), so
+//! the device sees exactly the values the reference dequantises; routed experts are repacked per format by
+//! `quant::repack`, one layer at a time while streaming (host memory holds one layer's experts at most).
+//!
+//! MLA's absorbed products are per head: `q_lat_h = q_nope_h . W_UK_h` and `out_h = W_UV_h . o_lat_h` run as one
+//! dense GEMM per head over strided views of `q` / `o_lat` (`kernels::moe::linear_view`); W_UK_h is stored
+//! transposed ([kv_lora_rank, qk_nope]) so both are `y = x W^T`. The rope half of q is extracted into the
+//! contiguous `q_rope` the attention kernel reads by one GEMM with a 64x64 identity (exact in bf16).
+//!
+//! Expert parallelism: a rank owns a contiguous share of the experts ([`ExpertShard`]); the router's expert map
+//! drops the other pairs, the per-pair f32 outputs of non-local pairs are zero, and one f32 all-reduce of the
+//! per-pair outputs gives every rank all pairs before the deterministic combine, so any number of ranks computes
+//! bit-identical results to one rank. (The all-reduce is stream-ordered with NCCL; the thread test double copies
+//! through host memory and so synchronises.)
+
+use std::collections::BTreeMap;
+
+use half::bf16;
+use safetensors::Dtype;
+
+use crate::device::collective::Collective;
+use crate::device::{Device, DeviceBuffer};
+use crate::kernels::attention::{self, AttentionScratch, BlockTables, CacheWriteWeights, PagedCache, Queries, QueryLayout, TokenSlots};
+use crate::kernels::moe::{self, DeviceWeights, Grouping, MoeLayerWeights, MoeWorkspace, RowView};
+use crate::kernels::norm;
+use crate::kernels::ops::{self, GatherStatus, QueryScale, SamplingInputs};
+use crate::kernels::router::{self, ExpertMap, RouterConfig, RouterWorkspace, Routing};
+use crate::model::checkpoint::{Checkpoint, ExpertMatrix};
+use crate::model::kv_cache::{CacheDescriptor, CacheDtype, KvCache, SeqId};
+use crate::model::ModelConfig;
+use crate::quant::repack::{repack_gate_up, repack_linear, MatrixRef};
+use crate::quant::{Fp8Block128, Fp8PerTensor, QuantizedMatrix};
+use crate::reference::rope::yarn_inv_freq;
+use crate::{Error, Result};
+
+/// End of sequence of the Mistral tokenizers (tekken `</s>`).
+pub const DEFAULT_EOS: u32 = 2;
+
+/// Which experts this rank owns: expert e belongs to rank `e * world / experts` (contiguous shares).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExpertShard {
+    pub rank: usize,
+    pub world: usize,
+}
+
+impl ExpertShard {
+    /// One rank owning every expert.
+    pub const SINGLE: ExpertShard = ExpertShard { rank: 0, world: 1 };
+
+    pub fn owns(&self, expert: usize, experts: usize) -> bool {
+        expert * self.world / experts == self.rank
+    }
+
+    /// `map[global] = local index` or -1 (the router's expert map).
+    pub fn expert_map(&self, experts: usize) -> Vec<i32> {
+        let mut next = 0;
+        (0..experts)
+            .map(|e| {
+                if self.owns(e, experts) {
+                    next += 1;
+                    next - 1
+                } else {
+                    -1
+                }
+            })
+            .collect()
+    }
+}
+
+/// The weights of one decoder layer on the device.
+struct DeviceLayer {
+    attention_norm: DeviceBuffer<bf16>,
+    wq_a: DeviceWeights,
+    q_a_norm: DeviceBuffer<bf16>,
+    wq_b: DeviceWeights,
+    wkv_a: DeviceWeights,
+    kv_a_norm: DeviceBuffer<bf16>,
+    /// Per head: W_UK_h transposed, [kv_lora_rank, qk_nope].
+    w_uk: Vec<DeviceWeights>,
+    /// Per head: W_UV_h [v_head, kv_lora_rank] as row pieces (matrix, first output column inside the head).
+    w_uv: Vec<Vec<(DeviceWeights, usize)>>,
+    wo: DeviceWeights,
+    ffn_norm: DeviceBuffer<bf16>,
+    /// Router [experts, dim].
+    gate: DeviceBuffer<bf16>,
+    /// This rank's routed experts and the (replicated) shared expert.
+    moe: MoeLayerWeights,
+}
+
+/// A checkpoint uploaded to a device in the kernels' layouts.
+pub struct DeviceModel {
+    config: ModelConfig,
+    device: Device,
+    shard: ExpertShard,
+    tok_embeddings: DeviceBuffer<bf16>,
+    layers: Vec<DeviceLayer>,
+    norm: DeviceBuffer<bf16>,
+    output: DeviceWeights,
+    inv_freq: DeviceBuffer<f32>,
+    /// 64x64 identity: copies the rope half of every query head into the attention kernel's `q_rope`.
+    rope_identity: DeviceWeights,
+    expert_map: ExpertMap,
+}
+
+fn bf16_values(data: &[u8]) -> Vec<bf16> {
+    bytemuck::pod_collect_to_vec(data)
+}
+
+fn upload_linear(device: &Device, m: &QuantizedMatrix) -> Result<DeviceWeights> {
+    DeviceWeights::upload(device, &repack_linear(&[MatrixRef::from(m)])?)
+}
+
+/// Rows [first, first + count) of a matrix as an owned matrix (FP8 block scales: the rows must lie in one block row).
+fn slice_rows(m: &QuantizedMatrix, first: usize, count: usize) -> Result<QuantizedMatrix> {
+    let (_, cols) = m.shape();
+    Ok(match m {
+        QuantizedMatrix::Bf16 { data, .. } => QuantizedMatrix::Bf16 { data: data[first * cols..(first + count) * cols].to_vec(), rows: count, cols },
+        QuantizedMatrix::Fp8PerTensor(f) => {
+            QuantizedMatrix::Fp8PerTensor(Fp8PerTensor::from_parts(f.data[first * cols..(first + count) * cols].to_vec(), count, cols, f.scale)?)
+        }
+        QuantizedMatrix::Fp8Block128(f) => {
+            let block = one_block_row(first, count)?;
+            let per = cols.div_ceil(128);
+            QuantizedMatrix::Fp8Block128(Fp8Block128::from_parts(
+                f.data[first * cols..(first + count) * cols].to_vec(),
+                count,
+                cols,
+                f.scales[block * per..(block + 1) * per].to_vec(),
+            )?)
+        }
+        other => return Err(Error::InvalidArgument(format!("attention weights in {:?}: bf16 or FP8 expected", other.format()))),
+    })
+}
+
+/// Rows [first, first + count) of a matrix, transposed ([cols, count]; FP8 block-128: count padded to 128 with zeros).
+fn transposed_rows(m: &QuantizedMatrix, first: usize, count: usize) -> Result<QuantizedMatrix> {
+    let (_, cols) = m.shape();
+    fn transpose<T: Copy>(data: &[T], first: usize, count: usize, cols: usize) -> Vec<T> {
+        (0..cols).flat_map(|j| (0..count).map(move |d| (first + d) * cols + j)).map(|i| data[i]).collect()
+    }
+    Ok(match m {
+        QuantizedMatrix::Bf16 { data, .. } => QuantizedMatrix::Bf16 { data: transpose(data, first, count, cols), rows: cols, cols: count },
+        QuantizedMatrix::Fp8PerTensor(f) => QuantizedMatrix::Fp8PerTensor(Fp8PerTensor::from_parts(transpose(&f.data, first, count, cols), cols, count, f.scale)?),
+        QuantizedMatrix::Fp8Block128(f) => {
+            // The transposed slice has one block column; its block rows are the source's block columns.
+            let block = one_block_row(first, count)?;
+            let per = cols.div_ceil(128);
+            let scales = f.scales[block * per..(block + 1) * per].to_vec();
+            // The block-128 GEMM reduces over whole 128-column blocks: zero columns pad the slice (the GEMM then
+            // reads the next `padded - count` input columns too, and multiplies them by zero).
+            let padded = count.next_multiple_of(128);
+            let data: Vec<u8> =
+                transpose(&f.data, first, count, cols).chunks_exact(count).flat_map(|row| row.iter().copied().chain(std::iter::repeat_n(0, padded - count))).collect();
+            QuantizedMatrix::Fp8Block128(Fp8Block128::from_parts(data, cols, padded, scales)?)
+        }
+        other => return Err(Error::InvalidArgument(format!("attention weights in {:?}: bf16 or FP8 expected", other.format()))),
+    })
+}
+
+fn one_block_row(first: usize, count: usize) -> Result<usize> {
+    let block = first / 128;
+    if (first + count - 1) / 128 != block {
+        return Err(Error::InvalidArgument(format!("rows {first}..{} cross a 128-row FP8 scale block", first + count)));
+    }
+    Ok(block)
+}
+
+impl DeviceModel {
+    /// Uploads `checkpoint` to `device`: every layer's weights are read from the mapped files, repacked and uploaded
+    /// before the next layer is touched. `shard` selects the routed experts this rank holds.
+    pub fn load(device: &Device, checkpoint: &Checkpoint, shard: ExpertShard) -> Result<Self> {
+        let c = ModelConfig::from_json_str(&checkpoint.config_json.to_string())?;
+        if shard.world == 0 || shard.rank >= shard.world || shard.world > c.experts {
+            return Err(Error::InvalidArgument(format!("expert shard {shard:?} of {} experts", c.experts)));
+        }
+        if (c.kv_lora_rank, c.qk_rope) != (attention::KV_LORA_RANK, attention::QK_ROPE) || c.first_k_dense_replace != 0 {
+            return Err(Error::Config(format!(
+                "the engine runs MoE layers with latent {} + rope {} (got {} + {}, {} dense layers)",
+                attention::KV_LORA_RANK,
+                attention::QK_ROPE,
+                c.kv_lora_rank,
+                c.qk_rope,
+                c.first_k_dense_replace
+            )));
+        }
+        let plain = |name: &str, len: usize| -> Result<DeviceBuffer<bf16>> {
+            DeviceBuffer::from_slice(device, &bf16_values(checkpoint.plain(name, Dtype::BF16, &[len])?.data))
+        };
+        let matrix = |name: &str, rows: usize, cols: usize| -> Result<QuantizedMatrix> { checkpoint.matrix(name, rows, cols)?.to_quantized(rows, cols) };
+        let (qk, kv_per_head) = (c.qk_head_dim(), c.qk_nope + c.v_head);
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for l in 0..c.n_layers {
+            let p = format!("layers.{l}");
+            let wkv_b = matrix(&format!("{p}.attention.wkv_b"), c.heads * kv_per_head, c.kv_lora_rank)?;
+            let mut w_uk = Vec::with_capacity(c.heads);
+            let mut w_uv = Vec::with_capacity(c.heads);
+            for h in 0..c.heads {
+                w_uk.push(upload_linear(device, &transposed_rows(&wkv_b, h * kv_per_head, c.qk_nope)?)?);
+                // FP8 block scales change every 128 rows and W_UV_h may straddle two blocks: 64-row pieces then.
+                let piece = if matches!(wkv_b, QuantizedMatrix::Fp8Block128(_)) { 64 } else { c.v_head };
+                let first = h * kv_per_head + c.qk_nope;
+                w_uv.push(
+                    (0..c.v_head)
+                        .step_by(piece)
+                        .map(|o| Ok((upload_linear(device, &slice_rows(&wkv_b, first + o, piece.min(c.v_head - o))?)?, o)))
+                        .collect::<Result<_>>()?,
+                );
+            }
+            let owned: Vec<usize> = (0..c.experts).filter(|&e| shard.owns(e, c.experts)).collect();
+            let expert = |e: usize, which| -> Result<QuantizedMatrix> {
+                let (rows, cols) = if which == ExpertMatrix::W2 { (c.dim, c.expert_hidden) } else { (c.expert_hidden, c.dim) };
+                checkpoint.expert_matrix(l, e, which, c.dim, c.expert_hidden)?.to_quantized(rows, cols)
+            };
+            let w13: Vec<(QuantizedMatrix, QuantizedMatrix)> =
+                owned.iter().map(|&e| Ok((expert(e, ExpertMatrix::W1)?, expert(e, ExpertMatrix::W3)?))).collect::<Result<_>>()?;
+            let gate_up = repack_gate_up(&w13.iter().map(|(a, b)| (MatrixRef::from(a), MatrixRef::from(b))).collect::<Vec<_>>())?;
+            drop(w13);
+            let w2: Vec<QuantizedMatrix> = owned.iter().map(|&e| expert(e, ExpertMatrix::W2)).collect::<Result<_>>()?;
+            let down = repack_linear(&w2.iter().map(MatrixRef::from).collect::<Vec<_>>())?;
+            drop(w2);
+            let shared = if c.shared_experts > 0 {
+                let sh = c.shared_hidden();
+                let (s1, s3) = (matrix(&format!("{p}.shared_experts.w1"), sh, c.dim)?, matrix(&format!("{p}.shared_experts.w3"), sh, c.dim)?);
+                let s2 = matrix(&format!("{p}.shared_experts.w2"), c.dim, sh)?;
+                Some((repack_gate_up(&[(MatrixRef::from(&s1), MatrixRef::from(&s3))])?, repack_linear(&[MatrixRef::from(&s2)])?))
+            } else {
+                None
+            };
+            let moe = MoeLayerWeights::upload(device, &gate_up, &down, shared.as_ref().map(|(a, b)| (a, b)))?;
+            layers.push(DeviceLayer {
+                attention_norm: plain(&format!("{p}.attention_norm.weight"), c.dim)?,
+                wq_a: upload_linear(device, &matrix(&format!("{p}.attention.wq_a"), c.q_lora_rank, c.dim)?)?,
+                q_a_norm: plain(&format!("{p}.attention.q_a_norm.weight"), c.q_lora_rank)?,
+                wq_b: upload_linear(device, &matrix(&format!("{p}.attention.wq_b"), c.heads * qk, c.q_lora_rank)?)?,
+                wkv_a: upload_linear(device, &matrix(&format!("{p}.attention.wkv_a_with_mqa"), c.kv_lora_rank + c.qk_rope, c.dim)?)?,
+                kv_a_norm: plain(&format!("{p}.attention.kv_a_norm.weight"), c.kv_lora_rank)?,
+                w_uk,
+                w_uv,
+                wo: upload_linear(device, &matrix(&format!("{p}.attention.wo"), c.dim, c.heads * c.v_head)?)?,
+                ffn_norm: plain(&format!("{p}.ffn_norm.weight"), c.dim)?,
+                gate: DeviceBuffer::from_slice(device, &bf16_values(checkpoint.plain(&format!("{p}.gate.weight"), Dtype::BF16, &[c.experts, c.dim])?.data))?,
+                moe,
+            });
+        }
+        let table = |name: &str| -> Result<Vec<bf16>> { Ok(bf16_values(checkpoint.plain(name, Dtype::BF16, &[c.vocab, c.dim])?.data)) };
+        let embeddings = table("tok_embeddings.weight")?;
+        let output = if c.tied_embeddings { embeddings.clone() } else { table("output.weight")? };
+        let output = upload_linear(device, &QuantizedMatrix::Bf16 { data: output, rows: c.vocab, cols: c.dim })?;
+        let rope = c.qk_rope;
+        let identity: Vec<bf16> = (0..rope * rope).map(|i| if i / rope == i % rope { bf16::ONE } else { bf16::ZERO }).collect();
+        Ok(DeviceModel {
+            tok_embeddings: DeviceBuffer::from_slice(device, &embeddings)?,
+            norm: plain("norm.weight", c.dim)?,
+            output,
+            inv_freq: DeviceBuffer::from_slice(device, &yarn_inv_freq(c.qk_rope, &c.yarn()))?,
+            rope_identity: upload_linear(device, &QuantizedMatrix::Bf16 { data: identity, rows: rope, cols: rope })?,
+            expert_map: ExpertMap::new(device, &shard.expert_map(c.experts))?,
+            layers,
+            device: device.clone(),
+            shard,
+            config: c,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn shard(&self) -> ExpertShard {
+        self.shard
+    }
+}
+
+/// How a request picks its tokens.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Sampling {
+    Greedy,
+    /// Temperature + top-p with a seed: the samples depend on (seed, step) only, not on the batch.
+    Seeded { temperature: f32, top_p: f32, seed: u64 },
+}
+
+/// A generation request.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: Sampling,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RequestId(pub u64);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    Eos,
+    MaxTokens,
+}
+
+/// One generated token of one request.
+#[derive(Clone, Debug)]
+pub struct StepToken {
+    pub id: RequestId,
+    pub token: u32,
+    /// Set on the request's last token (the request has left the batch).
+    pub finished: Option<FinishReason>,
+    /// The f32 logits the token was chosen from, when `EngineOptions::keep_logits`.
+    pub logits: Option<Vec<f32>>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct EngineOptions {
+    /// Tokens per cache page and pages in the pool (shared by all sequences; every layer has its own pages).
+    pub page_size: usize,
+    pub num_pages: usize,
+    pub cache_dtype: CacheDtype,
+    /// Stop token; None generates to `max_tokens`.
+    pub eos: Option<u32>,
+    /// Read back each generated token's logits (tests).
+    pub keep_logits: bool,
+    /// Forced KV split count of the attention (None: the kernel's heuristic).
+    pub attention_splits: Option<usize>,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            page_size: crate::model::kv_cache::DEFAULT_PAGE_SIZE,
+            num_pages: 64,
+            cache_dtype: CacheDtype::Bf16,
+            eos: Some(DEFAULT_EOS),
+            keep_logits: false,
+            attention_splits: None,
+        }
+    }
+}
+
+/// Activations of one forward pass over `tokens` tokens, allocated once per batch size and reused (a CUDA graph
+/// replays over fixed buffers).
+struct Workspace {
+    tokens: usize,
+    ids: DeviceBuffer<i32>,
+    positions: DeviceBuffer<i32>,
+    /// Residual stream, ping-ponged by the fused add + norm: x[0] holds it at the start of every layer.
+    x: [DeviceBuffer<bf16>; 2],
+    /// Normed input of the current block.
+    h: DeviceBuffer<bf16>,
+    q_a: DeviceBuffer<bf16>,
+    q_a_normed: DeviceBuffer<bf16>,
+    /// [tokens, heads, nope + rope]
+    q: DeviceBuffer<bf16>,
+    /// [tokens, latent + rope]: the wkv_a_with_mqa output the cache writer reads.
+    kv: DeviceBuffer<bf16>,
+    q_lat: DeviceBuffer<bf16>,
+    q_rope: DeviceBuffer<bf16>,
+    o_lat: DeviceBuffer<bf16>,
+    /// [tokens, heads * v_head]
+    attn: DeviceBuffer<bf16>,
+    /// [tokens, dim]: wo's output, then the MoE block's.
+    block_out: DeviceBuffer<bf16>,
+    router: RouterWorkspace,
+    routing: Routing,
+    moe: MoeWorkspace,
+    logits: DeviceBuffer<f32>,
+    next: DeviceBuffer<i32>,
+}
+
+impl Workspace {
+    fn new(model: &DeviceModel, tokens: usize) -> Result<Self> {
+        let (c, d) = (&model.config, &model.device);
+        let bf = |len: usize| DeviceBuffer::<bf16>::alloc(d, len);
+        let local = model.expert_map.local_experts();
+        let tile_m = moe::moe_tile_m(tokens, c.experts_per_token, local);
+        let routing = Routing::alloc(d, tokens, c.experts_per_token, local, tile_m)?;
+        let moe = MoeWorkspace::new(d, &model.layers[0].moe, tokens, c.experts_per_token, routing.alignment.max_padded)?;
+        let latent_rows = tokens * c.heads;
+        Ok(Workspace {
+            tokens,
+            ids: DeviceBuffer::alloc(d, tokens)?,
+            positions: DeviceBuffer::alloc(d, tokens)?,
+            x: [bf(tokens * c.dim)?, bf(tokens * c.dim)?],
+            h: bf(tokens * c.dim)?,
+            q_a: bf(tokens * c.q_lora_rank)?,
+            q_a_normed: bf(tokens * c.q_lora_rank)?,
+            q: bf(latent_rows * c.qk_head_dim())?,
+            kv: bf(tokens * (c.kv_lora_rank + c.qk_rope))?,
+            q_lat: bf(latent_rows * c.kv_lora_rank)?,
+            q_rope: bf(latent_rows * c.qk_rope)?,
+            o_lat: bf(latent_rows * c.kv_lora_rank)?,
+            attn: bf(tokens * c.heads * c.v_head)?,
+            block_out: bf(tokens * c.dim)?,
+            router: RouterWorkspace::new(d, tokens, c.experts, c.dim)?,
+            routing,
+            moe,
+            logits: DeviceBuffer::alloc(d, tokens * c.vocab)?,
+            next: DeviceBuffer::alloc(d, tokens)?,
+        })
+    }
+}
+
+/// A request in the batch.
+struct Active {
+    seq: SeqId,
+    request: Request,
+    /// Tokens to feed at the next step: the prompt before the prefill, then the last generated token.
+    pending: Vec<u32>,
+    generated: usize,
+}
+
+/// Prefill and decode over the paged cache for a changing batch of requests.
+pub struct Engine {
+    model: DeviceModel,
+    options: EngineOptions,
+    kv: KvCache,
+    /// One paged cache per layer; all layers share the block tables.
+    caches: Vec<PagedCache>,
+    collective: Option<Box<dyn Collective>>,
+    scratch: AttentionScratch,
+    workspace: Option<Workspace>,
+    gather_status: GatherStatus,
+    active: BTreeMap<RequestId, Active>,
+    next_id: u64,
+}
+
+impl Engine {
+    /// An engine over `model`; `collective` joins the ranks of expert parallelism (every rank runs the same
+    /// requests in the same order).
+    pub fn new(model: DeviceModel, options: EngineOptions, collective: Option<Box<dyn Collective>>) -> Result<Self> {
+        if let Some(col) = &collective {
+            let shard = model.shard;
+            if (col.rank(), col.world_size()) != (shard.rank, shard.world) {
+                return Err(Error::InvalidArgument(format!("collective rank {} of {} but model shard {shard:?}", col.rank(), col.world_size())));
+            }
+        } else if model.shard.world != 1 {
+            return Err(Error::InvalidArgument(format!("model shard {:?} needs a collective", model.shard)));
+        }
+        let desc = CacheDescriptor::mla(options.num_pages, options.page_size, options.cache_dtype)?;
+        let caches = (0..model.config.n_layers).map(|_| PagedCache::new(&model.device, desc)).collect::<Result<_>>()?;
+        Ok(Engine {
+            kv: KvCache::new(desc)?,
+            caches,
+            collective,
+            scratch: AttentionScratch::new(&model.device),
+            workspace: None,
+            gather_status: GatherStatus::new(&model.device)?,
+            active: BTreeMap::new(),
+            next_id: 0,
+            options,
+            model,
+        })
+    }
+
+    pub fn model(&self) -> &DeviceModel {
+        &self.model
+    }
+
+    /// Requests still in the batch.
+    pub fn active(&self) -> usize {
+        self.active.len()
+    }
+
+    /// Adds a request; it joins the batch at the next [`Engine::step`] (its prompt is prefilled there).
+    pub fn add(&mut self, request: Request) -> Result<RequestId> {
+        let vocab = self.model.config.vocab;
+        if request.prompt.is_empty() {
+            return Err(Error::InvalidArgument("empty prompt".into()));
+        }
+        if let Some(&bad) = request.prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::OutOfRange { what: "prompt token id".into(), index: bad as i64, limit: vocab as i64 });
+        }
+        if let Sampling::Seeded { temperature, top_p, .. } = request.sampling {
+            if !(temperature.is_finite() && top_p > 0.0) {
+                return Err(Error::InvalidArgument(format!("sampling temperature {temperature}, top_p {top_p}")));
+            }
+        }
+        let id = RequestId(self.next_id);
+        self.next_id += 1;
+        if request.max_tokens == 0 {
+            return Ok(id);
+        }
+        let seq = self.kv.add_sequence();
+        self.active.insert(id, Active { seq, pending: request.prompt.clone(), request, generated: 0 });
+        Ok(id)
+    }
+
+    /// Drops a request and frees its pages.
+    pub fn cancel(&mut self, id: RequestId) -> Result<()> {
+        let a = self.active.remove(&id).ok_or(Error::UnknownSequence(id.0))?;
+        self.kv.free(a.seq)
+    }
+
+    /// One step of the whole batch: new requests are prefilled and running ones decode one token, in ONE forward
+    /// pass (chunked prefill and decode share the attention kernel). Returns one token per active request;
+    /// finished requests leave the batch.
+    pub fn step(&mut self) -> Result<Vec<StepToken>> {
+        if self.active.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<RequestId> = self.active.keys().copied().collect();
+        let batch: Vec<(SeqId, Vec<u32>)> = ids.iter().map(|id| (self.active[id].seq, self.active[id].pending.clone())).collect();
+        let last_rows = self.forward_device(&batch)?;
+        let ws = self.workspace.as_ref().expect("forward_device leaves a workspace");
+        let rows = ws.tokens;
+        let vocab = self.model.config.vocab;
+        let greedy = ids.iter().all(|id| self.active[id].request.sampling == Sampling::Greedy);
+        if greedy {
+            ops::argmax(&ws.logits, rows, vocab, &ws.next)?;
+        } else {
+            // Every row gets settings; rows that are not a sequence's last token are greedy (and unused).
+            let mut temperature = vec![0.0f32; rows];
+            let mut top_p = vec![1.0f32; rows];
+            let mut seeds = vec![0u64; rows];
+            let mut steps = vec![0i32; rows];
+            for (id, &row) in ids.iter().zip(&last_rows) {
+                let a = &self.active[id];
+                if let Sampling::Seeded { temperature: t, top_p: p, seed } = a.request.sampling {
+                    (temperature[row], top_p[row], seeds[row], steps[row]) = (t, p, seed, a.generated as i32);
+                }
+            }
+            let d = &self.model.device;
+            let inputs = SamplingInputs {
+                temperature: &DeviceBuffer::from_slice(d, &temperature)?,
+                top_p: &DeviceBuffer::from_slice(d, &top_p)?,
+                seeds: &DeviceBuffer::from_slice(d, &seeds)?,
+                steps: &DeviceBuffer::from_slice(d, &steps)?,
+            };
+            ops::sample(&ws.logits, rows, vocab, &inputs, &ws.next)?;
+        }
+        // The step's one synchronisation: the host needs the tokens to stop sequences and feed the next step.
+        let next = ws.next.to_vec()?;
+        self.gather_status.check(&ws.ids, vocab)?;
+        let logits = if self.options.keep_logits { Some(ws.logits.to_vec()?) } else { None };
+        self.gather_status.reset()?;
+        let mut out = Vec::with_capacity(ids.len());
+        for (id, &row) in ids.iter().zip(&last_rows) {
+            let token = u32::try_from(next[row]).map_err(|_| Error::InvalidArgument(format!("no token for request {} (NaN logits)", id.0)))?;
+            let a = self.active.get_mut(id).unwrap();
+            a.generated += 1;
+            a.pending = vec![token];
+            let finished = if self.options.eos == Some(token) {
+                Some(FinishReason::Eos)
+            } else if a.generated >= a.request.max_tokens {
+                Some(FinishReason::MaxTokens)
+            } else {
+                None
+            };
+            if finished.is_some() {
+                let seq = a.seq;
+                self.active.remove(id);
+                self.kv.free(seq)?;
+            }
+            out.push(StepToken { id: *id, token, finished, logits: logits.as_ref().map(|l| l[row * vocab..(row + 1) * vocab].to_vec()) });
+        }
+        Ok(out)
+    }
+
+    /// Runs requests to completion, reporting each token as it comes; returns the tokens of each request.
+    pub fn generate(&mut self, requests: Vec<Request>, mut on_token: impl FnMut(&StepToken)) -> Result<Vec<Vec<u32>>> {
+        let ids: Vec<RequestId> = requests.into_iter().map(|r| self.add(r)).collect::<Result<_>>()?;
+        let mut tokens: BTreeMap<RequestId, Vec<u32>> = ids.iter().map(|&id| (id, Vec::new())).collect();
+        while self.active() > 0 {
+            for t in self.step()? {
+                on_token(&t);
+                if let Some(list) = tokens.get_mut(&t.id) {
+                    list.push(t.token);
+                }
+            }
+        }
+        Ok(ids.iter().map(|id| tokens.remove(id).unwrap_or_default()).collect())
+    }
+
+    /// Appends `tokens` to each sequence's cache and returns the f32 logits of EVERY token, [tokens, vocab],
+    /// in batch order: the layer-level view the tests compare with the reference.
+    pub fn forward_logits(&mut self, batch: &[(SeqId, Vec<u32>)]) -> Result<Vec<f32>> {
+        self.forward_device(batch)?;
+        self.workspace.as_ref().unwrap().logits.to_vec()
+    }
+
+    /// A new empty sequence for [`Engine::forward_logits`].
+    pub fn new_sequence(&mut self) -> SeqId {
+        self.kv.add_sequence()
+    }
+
+    /// The whole network over a batch: each sequence's new tokens follow what its cache holds. Leaves the logits of
+    /// every token in the workspace and returns the row of each sequence's last token.
+    ///
+    /// On a GPU the part after the host bookkeeping (from the uploads of ids/positions/tables to the logits) is what
+    /// a CUDA graph captures for a decode step of a given batch size: every launch reads fixed workspace buffers,
+    /// sizes come from the workspace's fixed capacity, and variable data (ids, positions, block tables, sequence
+    /// lengths, the router's grouping, `num_padded`) lives in device buffers, so nothing inside waits for the host.
+    fn forward_device(&mut self, batch: &[(SeqId, Vec<u32>)]) -> Result<Vec<usize>> {
+        let c = self.model.config.clone();
+        let device = self.model.device.clone();
+        // Host bookkeeping: reserve cache slots, lay out the tokens.
+        let (mut ids, mut positions, mut token_seq, mut q_start) = (Vec::new(), Vec::new(), Vec::new(), vec![0i32]);
+        for (s, (seq, tokens)) in batch.iter().enumerate() {
+            if tokens.is_empty() {
+                return Err(Error::InvalidArgument(format!("sequence {} has no new tokens", seq.0)));
+            }
+            let plan = self.kv.append(*seq, tokens.len())?;
+            if plan.first_position + tokens.len() > c.max_position {
+                return Err(Error::OutOfRange { what: "position".into(), index: (plan.first_position + tokens.len()) as i64, limit: c.max_position as i64 });
+            }
+            if !plan.copies.is_empty() {
+                for cache in &self.caches {
+                    cache.copy_pages(&plan.copies)?;
+                }
+            }
+            ids.extend(tokens.iter().map(|&t| t as i32));
+            positions.extend((0..tokens.len()).map(|j| (plan.first_position + j) as i32));
+            token_seq.extend(std::iter::repeat_n(s as i32, tokens.len()));
+            q_start.push(ids.len() as i32);
+        }
+        let t = ids.len();
+        if self.workspace.as_ref().is_none_or(|w| w.tokens != t) {
+            self.workspace = None;
+            self.workspace = Some(Workspace::new(&self.model, t)?);
+        }
+        let seqs: Vec<SeqId> = batch.iter().map(|(s, _)| *s).collect();
+        let tables = BlockTables::upload(&device, &self.kv.batch_tables(&seqs)?, self.kv.descriptor())?;
+        let layout = QueryLayout::upload(&device, &q_start)?;
+        let slots = TokenSlots::upload(&device, &token_seq, &positions)?;
+        let ws = self.workspace.as_ref().unwrap();
+        ws.ids.copy_from(&ids)?;
+        ws.positions.copy_from(&positions)?;
+
+        // ---- the network ----
+        let m = &self.model;
+        let (dim, heads, eps) = (c.dim, c.heads, c.norm_eps);
+        let (qk, nope, rank, v_head) = (c.qk_head_dim(), c.qk_nope, c.kv_lora_rank, c.v_head);
+        let k = c.experts_per_token;
+        let router_config = RouterConfig { k, routed_scale: c.routed_scale, tile_m: ws.routing.alignment.tile_m };
+        let query_scale = QueryScale { beta: c.llama4_beta, original_max_position: c.llama4_original_max_position };
+        let [x, x_mid] = &ws.x;
+        let view = |b, offset, stride| RowView { buffer: b, offset, stride };
+
+        ops::embedding_gather(&ws.ids, &m.tok_embeddings, dim, x, &self.gather_status)?;
+        norm::rms_norm(x, &m.layers[0].attention_norm, &ws.h, t, eps)?;
+        for (l, layer) in m.layers.iter().enumerate() {
+            // Attention: q = wq_b(q_a_norm(wq_a h)); cache row = [kv_a_norm(c) | rope(k_rope)].
+            moe::linear(&layer.wq_a, &ws.h, t, &ws.q_a)?;
+            norm::rms_norm(&ws.q_a, &layer.q_a_norm, &ws.q_a_normed, t, eps)?;
+            moe::linear(&layer.wq_b, &ws.q_a_normed, t, &ws.q)?;
+            moe::linear(&layer.wkv_a, &ws.h, t, &ws.kv)?;
+            let write = CacheWriteWeights { norm_weight: &layer.kv_a_norm, eps, inv_freq: &m.inv_freq };
+            attention::mla_cache_write(&self.caches[l], &tables, &ws.kv, rank + c.qk_rope, &write, &slots)?;
+            ops::rope_q_k(&ws.q, heads, qk, None, &ws.positions, &m.inv_freq, query_scale)?;
+            // Absorb W_UK into the query; q_rope = the rope half of every head.
+            for (h, w_uk) in layer.w_uk.iter().enumerate() {
+                moe::linear_view(w_uk, view(&ws.q, h * qk, heads * qk), t, view(&ws.q_lat, h * rank, heads * rank))?;
+            }
+            moe::linear_view(&m.rope_identity, view(&ws.q, nope, qk), t * heads, view(&ws.q_rope, 0, c.qk_rope))?;
+            let queries = Queries { layout: &layout, q_lat: &ws.q_lat, q_rope: &ws.q_rope, heads };
+            attention::mla_attention(&self.caches[l], &tables, &queries, &ws.o_lat, c.softmax_scale(), self.options.attention_splits, &mut self.scratch)?;
+            for (h, pieces) in layer.w_uv.iter().enumerate() {
+                for (w_uv, first) in pieces {
+                    moe::linear_view(w_uv, view(&ws.o_lat, h * rank, heads * rank), t, view(&ws.attn, h * v_head + first, heads * v_head))?;
+                }
+            }
+            moe::linear(&layer.wo, &ws.attn, t, &ws.block_out)?;
+            norm::add_rms_norm(&ws.block_out, x, &layer.ffn_norm, x_mid, &ws.h, t, eps)?;
+
+            // Mixture of experts: route, grouped up (SwiGLU), grouped down (x routing weight), shared, combine.
+            router::route_and_align_into(&ws.h, &layer.gate, t, &m.expert_map, &router_config, &ws.router, &ws.routing)?;
+            let a = &ws.routing.alignment;
+            let grouping = Grouping { sorted_pairs: &a.sorted_pairs, tile_experts: &a.tile_experts, expert_offsets: &a.expert_offsets, num_padded: &a.num_padded, tile_m: a.tile_m };
+            if self.collective.is_some() {
+                // Pairs of other ranks' experts stay zero here and arrive by the all-reduce.
+                device.memset(ws.moe.pair_out.addr(), 0, ws.moe.pair_out.bytes())?;
+            }
+            moe::up_swiglu(&layer.moe.gate_up, &ws.h, t, k, &grouping, &ws.moe.act)?;
+            moe::down(&layer.moe.down, &ws.moe.act, &grouping, k, &ws.routing.topk_weights, &ws.moe.pair_out)?;
+            if let Some(col) = &self.collective {
+                col.all_reduce_sum_f32(&ws.moe.pair_out)?;
+            }
+            let shared = match &layer.moe.shared {
+                Some(s) => {
+                    moe::shared_expert(s, &ws.h, t, &ws.moe)?;
+                    Some(&ws.moe.shared_out)
+                }
+                None => None,
+            };
+            moe::combine(&ws.moe.pair_out, shared, &ws.routing.topk_ids, None, c.experts, &ws.block_out, t, k, dim)?;
+            let next_norm = m.layers.get(l + 1).map_or(&m.norm, |next| &next.attention_norm);
+            norm::add_rms_norm(&ws.block_out, x_mid, next_norm, x, &ws.h, t, eps)?;
+        }
+        // ws.h is the final norm's output: the head over every token (prefill rows other than the last are cheap
+        // next to the layers at these sizes; a real server would gather the last rows first).
+        moe::linear_f32(&m.output, &ws.h, t, &ws.logits)?;
+        Ok(q_start[1..].iter().map(|&end| end as usize - 1).collect())
+    }
+}

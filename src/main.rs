@@ -14,7 +14,7 @@ use small4::model::synthetic::{load_reference_weights, write_checkpoint, HF_MIST
 use small4::model::ModelConfig;
 use small4::quant::WeightFormat;
 use small4::reference::model::{AttentionForm, ForwardOptions, ReferenceModel, ReferenceWeights, RoundingMode};
-use small4::tokenizer::{ChatRequest, SpecialTokenPolicy, Tokenizer};
+use small4::tokenizer::{ChatRequest, OutputPrinter, OutputStream, SpecialTokenPolicy, StreamingDecoder, Tokenizer};
 
 #[derive(Parser)]
 #[command(name = "small4", version, about = "Mistral Small 4 on Hopper GPUs: kernels, reference and engine")]
@@ -112,9 +112,28 @@ struct GenerateArgs {
     /// Stop token of the engine backends (the reference runs to --max-tokens).
     #[arg(long, default_value_t = DEFAULT_EOS)]
     eos: u32,
-    /// Prompt token ids, comma separated (the tiny preset's vocabulary is 2048).
-    #[arg(long, value_delimiter = ',', default_value = "1,1010,73,1932,500,17,1221,4")]
-    prompt_ids: Vec<u32>,
+    /// The user message, encoded as a v15 chat prompt by the tokenizer; generated ids are printed as text.
+    /// Default (with no --chat or --prompt-ids): a fixed greeting.
+    #[arg(long)]
+    prompt: Option<String>,
+    /// A chat request (OpenAI/Mistral JSON: messages, tools, reasoning_effort) instead of --prompt.
+    #[arg(long)]
+    chat: Option<PathBuf>,
+    /// A system prompt for --prompt.
+    #[arg(long)]
+    system: Option<String>,
+    /// Reasoning effort written into the prompt's [MODEL_SETTINGS] (the tokenizer's allowed values: none, high).
+    #[arg(long)]
+    reasoning_effort: Option<String>,
+    /// Images for --prompt (needs the vision tower).
+    #[arg(long)]
+    image: Vec<PathBuf>,
+    /// A tekken.json; default: the model directory's own, else the embedded v15 stand-in cut to the model's vocabulary.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Raw prompt token ids, comma separated, instead of text; generated ids are printed as numbers.
+    #[arg(long, value_delimiter = ',')]
+    prompt_ids: Option<Vec<u32>>,
     /// Tokens to generate.
     #[arg(long, default_value_t = 16)]
     max_tokens: usize,
@@ -176,31 +195,148 @@ fn tiny_checkpoint(args: &GenerateArgs) -> anyhow::Result<PathBuf> {
 }
 
 fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
-    if args.prompt_ids.is_empty() {
-        bail!("--prompt-ids needs at least one token id");
-    }
     let dir = match &args.model {
         Some(dir) => dir.clone(),
         None => tiny_checkpoint(args)?,
     };
     let checkpoint = Checkpoint::open(&dir)?;
-    let prompt: Vec<String> = args.prompt_ids.iter().map(u32::to_string).collect();
+    let vocab = ModelConfig::from_json_str(&checkpoint.config_json.to_string())?.vocab;
+    let (prompt_ids, tokenizer) = match &args.prompt_ids {
+        Some(ids) if ids.is_empty() => bail!("--prompt-ids needs at least one token id"),
+        Some(ids) => (ids.clone(), None),
+        None => {
+            let tokenizer = generation_tokenizer(args, &dir, vocab)?;
+            (encode_prompt(args, &tokenizer)?, Some(tokenizer))
+        }
+    };
+    if let Some(&bad) = prompt_ids.iter().find(|&&id| id as usize >= vocab) {
+        bail!("prompt token id {bad} is outside the model's vocabulary of {vocab}");
+    }
+    let mut sink = TokenSink::new(tokenizer.as_ref())?;
+    let shown: Vec<String> = prompt_ids.iter().map(u32::to_string).collect();
+    let prompt = format!("[{}]", shown.join(","));
     match args.backend {
-        Backend::Reference => generate_reference(args, &checkpoint, &prompt.join(",")),
-        Backend::Sim => generate_engine(args, &small4::device::simulator(), &checkpoint, &prompt.join(",")),
-        Backend::Gpu => generate_engine(args, &small4::device::gpu()?, &checkpoint, &prompt.join(",")),
+        Backend::Reference => generate_reference(args, &checkpoint, &prompt_ids, &prompt, &mut sink),
+        Backend::Sim => generate_engine(args, &small4::device::simulator(), &checkpoint, &prompt_ids, &prompt, &mut sink),
+        Backend::Gpu => generate_engine(args, &small4::device::gpu()?, &checkpoint, &prompt_ids, &prompt, &mut sink),
     }
 }
 
-fn generate_engine(args: &GenerateArgs, device: &small4::device::Device, checkpoint: &Checkpoint, prompt: &str) -> anyhow::Result<()> {
+/// The tokenizer for text prompts: `--tokenizer`, the model directory's `tekken.json`, or the embedded v15 stand-in
+/// cut to the model's vocabulary (its 1000 special ids first, then as many BPE ranks as fit).
+fn generation_tokenizer(args: &GenerateArgs, model_dir: &Path, vocab: usize) -> anyhow::Result<Tokenizer> {
+    if let Some(path) = &args.tokenizer {
+        return Ok(Tokenizer::from_file(path)?);
+    }
+    let own = model_dir.join("tekken.json");
+    if own.exists() {
+        return Ok(Tokenizer::from_file(&own)?);
+    }
+    const STAND_IN_SPECIALS: usize = 1000;
+    if vocab <= STAND_IN_SPECIALS + 256 {
+        bail!("a vocabulary of {vocab} leaves no room for the stand-in's {STAND_IN_SPECIALS} special ids and 256 byte tokens: pass --tokenizer or --prompt-ids");
+    }
+    Ok(Tokenizer::stand_in_truncated(vocab, STAND_IN_SPECIALS)?)
+}
+
+/// The v15 chat prompt of `--chat` or `--prompt` (default: a fixed greeting).
+fn encode_prompt(args: &GenerateArgs, tokenizer: &Tokenizer) -> anyhow::Result<Vec<u32>> {
+    if !args.image.is_empty() {
+        bail!("image input needs the vision tower, which small4 does not have yet (issue 7); drop --image");
+    }
+    let request = match &args.chat {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| small4::Error::io(path, e))?;
+            ChatRequest::from_json(&text)?
+        }
+        None => {
+            let prompt = args.prompt.as_deref().unwrap_or(DEFAULT_PROMPT);
+            ChatRequest::single_turn(args.system.as_deref(), prompt, &[], args.reasoning_effort.as_deref())
+        }
+    };
+    Ok(tokenizer.encode_chat(&request)?.ids)
+}
+
+const DEFAULT_PROMPT: &str = "Hello! Which model are you?";
+
+/// Where generated ids go: printed as numbers, or decoded and streamed as text with reasoning, answer and tool calls
+/// apart. A random-weight model may emit ids whose structure is not a valid answer ([/THINK] without [THINK], ...):
+/// then the rest is printed as plain text, with a note, instead of stopping the generation.
+enum TokenSink<'t> {
+    Ids,
+    Structured { stream: OutputStream<'t>, printer: OutputPrinter<std::io::Stdout>, tokenizer: &'t Tokenizer },
+    Plain(StreamingDecoder<'t>),
+}
+
+impl<'t> TokenSink<'t> {
+    fn new(tokenizer: Option<&'t Tokenizer>) -> anyhow::Result<Self> {
+        Ok(match tokenizer {
+            None => TokenSink::Ids,
+            Some(tokenizer) => {
+                TokenSink::Structured { stream: OutputStream::new(tokenizer)?, printer: OutputPrinter::new(std::io::stdout()), tokenizer }
+            }
+        })
+    }
+
+    fn start(&self) {
+        if matches!(self, TokenSink::Ids) {
+            print!("generated:");
+        }
+    }
+
+    fn push(&mut self, id: u32) -> anyhow::Result<()> {
+        match self {
+            TokenSink::Ids => print!(" {id}"),
+            TokenSink::Structured { stream, printer, tokenizer } => match stream.push(id) {
+                Ok(events) => {
+                    for event in &events {
+                        printer.print(event)?;
+                    }
+                }
+                Err(e) => {
+                    let tokenizer: &'t Tokenizer = tokenizer;
+                    println!("\n(the output is not a well-formed answer: {e}; the rest as plain text)");
+                    *self = TokenSink::Plain(StreamingDecoder::new(tokenizer, SpecialTokenPolicy::Ignore));
+                }
+            },
+            TokenSink::Plain(decoder) => print!("{}", decoder.push(id)?),
+        }
+        // Show each token as it comes; a closed stdout only loses the display.
+        let _ = std::io::stdout().flush();
+        Ok(())
+    }
+
+    fn finish(&mut self) -> anyhow::Result<()> {
+        match self {
+            TokenSink::Ids => println!(),
+            TokenSink::Structured { stream, printer, .. } => {
+                for event in stream.finish() {
+                    printer.print(&event)?;
+                }
+                printer.finish()?;
+            }
+            TokenSink::Plain(decoder) => println!("{}", decoder.finish()),
+        }
+        Ok(())
+    }
+}
+
+fn generate_engine(
+    args: &GenerateArgs,
+    device: &small4::device::Device,
+    checkpoint: &Checkpoint,
+    prompt_ids: &[u32],
+    prompt: &str,
+    sink: &mut TokenSink,
+) -> anyhow::Result<()> {
     let load = Instant::now();
     let model = DeviceModel::load(device, checkpoint, ExpertShard::SINGLE)?;
-    let options = EngineOptions { eos: Some(args.eos), page_size: 16, num_pages: (args.prompt_ids.len() + args.max_tokens).div_ceil(16) + 1, ..EngineOptions::default() };
+    let options = EngineOptions { eos: Some(args.eos), page_size: 16, num_pages: (prompt_ids.len() + args.max_tokens).div_ceil(16) + 1, ..EngineOptions::default() };
     let mut engine = Engine::new(model, options, None)?;
     println!("{} on {} (loaded in {:.2} s), prompt: {prompt}", checkpoint.dir.display(), device.name(), load.elapsed().as_secs_f64());
     let sampling = if args.temperature > 0.0 { Sampling::Seeded { temperature: args.temperature, top_p: args.top_p, seed: args.sample_seed } } else { Sampling::Greedy };
-    engine.add(Request { prompt: args.prompt_ids.clone(), max_tokens: args.max_tokens, sampling })?;
-    print!("generated:");
+    engine.add(Request { prompt: prompt_ids.to_vec(), max_tokens: args.max_tokens, sampling })?;
+    sink.start();
     let (mut prefill, mut decode, mut decoded) = (0.0, 0.0, 0usize);
     while engine.active() > 0 {
         let start = Instant::now();
@@ -213,23 +349,22 @@ fn generate_engine(args: &GenerateArgs, device: &small4::device::Device, checkpo
             decoded += 1;
         }
         for t in tokens {
-            print!(" {}", t.token);
-            let _ = std::io::stdout().flush();
+            sink.push(t.token)?;
         }
     }
-    println!();
+    sink.finish()?;
     println!(
         "prefill: {} tokens in {:.2} ms ({:.2} tokens/s); decode: {decoded} tokens in {:.2} ms ({:.2} tokens/s)",
-        args.prompt_ids.len(),
+        prompt_ids.len(),
         prefill * 1e3,
-        args.prompt_ids.len() as f64 / prefill,
+        prompt_ids.len() as f64 / prefill,
         decode * 1e3,
         decoded as f64 / decode.max(f64::MIN_POSITIVE),
     );
     Ok(())
 }
 
-fn generate_reference(args: &GenerateArgs, checkpoint: &Checkpoint, prompt: &str) -> anyhow::Result<()> {
+fn generate_reference(args: &GenerateArgs, checkpoint: &Checkpoint, prompt_ids: &[u32], prompt: &str, sink: &mut TokenSink) -> anyhow::Result<()> {
     let weights = load_reference_weights(checkpoint)?;
     let options = ForwardOptions {
         rounding: match args.rounding {
@@ -243,13 +378,17 @@ fn generate_reference(args: &GenerateArgs, checkpoint: &Checkpoint, prompt: &str
     };
     let model = ReferenceModel::new(weights, options)?;
     println!("{} on the CPU reference, {:?}, prompt: {prompt}", checkpoint.dir.display(), options);
-    print!("generated:");
-    let stats = model.generate_greedy(&args.prompt_ids, args.max_tokens, |token| {
-        print!(" {token}");
-        // Show each token as it comes; a closed stdout only loses the display.
-        let _ = std::io::stdout().flush();
+    sink.start();
+    let mut failure = None;
+    let stats = model.generate_greedy(prompt_ids, args.max_tokens, |token| {
+        if failure.is_none() {
+            failure = sink.push(token).err();
+        }
     })?;
-    println!();
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    sink.finish()?;
     println!(
         "prefill: {} tokens in {:.2} ms ({:.1} tokens/s); decode: {} tokens in {:.2} ms ({:.1} tokens/s)",
         stats.prompt_tokens,

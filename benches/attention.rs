@@ -120,13 +120,7 @@ fn bench_prefill(c: &mut Criterion, device: &Device) {
 }
 
 fn main() {
-    let device = match small4::device::gpu() {
-        Ok(device) => device,
-        Err(e) => {
-            println!("SKIPPED attention bench: needs a real GPU ({e}). The interpreter's traffic figures are in docs/perf.md.");
-            return;
-        }
-    };
+    let Some(device) = small4::device::gpu_or_skip("attention bench") else { return };
     let mut criterion = Criterion::default().configure_from_args();
     bench_decode(&mut criterion, &device);
     bench_prefill(&mut criterion, &device);

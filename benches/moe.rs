@@ -113,21 +113,8 @@ fn bench_format(c: &mut Criterion, device: &Device, format: WeightFormat) {
 }
 
 fn moe_benches(c: &mut Criterion) {
-    let device = match small4::device::gpu() {
-        Ok(device) => device,
-        Err(e) => {
-            println!("SKIPPED benches/moe.rs: needs a real GPU ({e}); nothing was measured");
-            return;
-        }
-    };
-    for format in [
-        WeightFormat::Bf16,
-        WeightFormat::Fp8PerTensor,
-        WeightFormat::Fp8Block128,
-        WeightFormat::Int4 { group: 128, zero_point: false },
-        WeightFormat::Int4 { group: 128, zero_point: true },
-        WeightFormat::Nvfp4,
-    ] {
+    let Some(device) = small4::device::gpu_or_skip("benches/moe.rs") else { return };
+    for format in WeightFormat::ALL {
         bench_format(c, &device, format);
     }
 }

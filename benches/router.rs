@@ -44,13 +44,7 @@ fn bench_router(c: &mut Criterion, device: &Device) {
 }
 
 fn main() {
-    let device = match small4::device::gpu() {
-        Ok(device) => device,
-        Err(e) => {
-            println!("SKIPPED router bench: needs a real GPU ({e}). The interpreter's traffic figures are in docs/perf.md.");
-            return;
-        }
-    };
+    let Some(device) = small4::device::gpu_or_skip("router bench") else { return };
     let mut criterion = Criterion::default().configure_from_args();
     bench_router(&mut criterion, &device);
     criterion.final_summary();

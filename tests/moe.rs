@@ -15,14 +15,7 @@ use small4::quant::WeightFormat;
 use small4::reference::linear::matmul_nt;
 use small4::reference::moe::{align_pairs, moe_block, ExpertWeights, Routing};
 
-const FORMATS: [WeightFormat; 6] = [
-    WeightFormat::Bf16,
-    WeightFormat::Fp8PerTensor,
-    WeightFormat::Fp8Block128,
-    WeightFormat::Int4 { group: 128, zero_point: false },
-    WeightFormat::Int4 { group: 128, zero_point: true },
-    WeightFormat::Nvfp4,
-];
+const FORMATS: [WeightFormat; 6] = WeightFormat::ALL;
 
 /// DeepGEMM's agreement measure 1 - 2 sum(xy) / sum(x^2 + y^2): 0 for identical vectors, scale-free.
 fn deepgemm_diff(got: &[f32], want: &[f32]) -> f64 {

@@ -242,3 +242,26 @@ fn the_cli_generates_with_the_reference_backend_and_reports_no_gpu() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no GPU"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn the_cli_turns_a_text_prompt_into_text() {
+    use small4::tokenizer::{ChatRequest, SpecialTokenPolicy, Tokenizer};
+    let tokenizer = Tokenizer::stand_in_truncated(ModelConfig::tiny().vocab, 1000).unwrap();
+    let ids = tokenizer.encode_chat(&ChatRequest::single_turn(None, "Hi", &[], Some("high"))).unwrap().ids;
+    let seed = SEED.to_string();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_small4"))
+        .args(["generate", "--max-tokens", "6", "--prompt", "Hi", "--reasoning-effort", "high", "--seed", &seed])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "generate failed: {stdout} {}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<&str> = stdout.lines().collect();
+    // The prompt is the v15 chat encoding (settings block with the effort, [INST] ... [/INST]).
+    let shown: Vec<String> = ids.iter().map(u32::to_string).collect();
+    assert!(lines[0].ends_with(&format!("prompt: [{}]", shown.join(","))), "{}", lines[0]);
+    assert!(lines.last().unwrap().starts_with("prefill:"), "{stdout}");
+    // What is printed between is the streamed decoding of the reference's greedy tokens.
+    let generated = model(RoundingMode::Bf16Activations, AttentionForm::Absorbed).generate_greedy(&ids, 6, |_| {}).unwrap().generated;
+    let text = tokenizer.decode(&generated, SpecialTokenPolicy::Ignore).unwrap();
+    assert_eq!(lines[1..lines.len() - 1].join("\n").trim_end(), text.trim_end());
+}

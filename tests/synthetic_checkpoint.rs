@@ -52,14 +52,7 @@ fn check(layout: Layout, format: WeightFormat) {
 
 #[test]
 fn native_layout_every_format() {
-    for format in [
-        WeightFormat::Bf16,
-        WeightFormat::Fp8PerTensor,
-        WeightFormat::Fp8Block128,
-        WeightFormat::INT4_G128,
-        WeightFormat::Int4 { group: 128, zero_point: true },
-        WeightFormat::Nvfp4,
-    ] {
+    for format in WeightFormat::ALL {
         check(Layout::Native, format);
     }
 }

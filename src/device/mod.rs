@@ -142,6 +142,18 @@ pub fn gpu() -> Result<Device> {
     Ok(Arc::new(cuda::CudaBackend::new(0)?))
 }
 
+/// The GPU for a benchmark or another hardware-only tool, or `None` after printing that `what` is skipped and why
+/// (a skip is always said, never silent).
+pub fn gpu_or_skip(what: &str) -> Option<Device> {
+    match gpu() {
+        Ok(device) => Some(device),
+        Err(e) => {
+            println!("SKIPPED {what}: needs a real GPU ({e}); nothing was measured. The interpreter's traffic figures are in docs/perf.md.");
+            None
+        }
+    }
+}
+
 /// The PTX interpreter.
 pub fn simulator() -> Device {
     Arc::new(sim::SimBackend::new())

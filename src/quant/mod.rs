@@ -49,6 +49,16 @@ impl WeightFormat {
     /// The common INT4 layout: group 128, symmetric.
     pub const INT4_G128: WeightFormat = WeightFormat::Int4 { group: INT4_DEFAULT_GROUP, zero_point: false };
 
+    /// Every format the kernels run, INT4 as group 128 symmetric and with zero points.
+    pub const ALL: [WeightFormat; 6] = [
+        WeightFormat::Bf16,
+        WeightFormat::Fp8PerTensor,
+        WeightFormat::Fp8Block128,
+        WeightFormat::INT4_G128,
+        WeightFormat::Int4 { group: INT4_DEFAULT_GROUP, zero_point: true },
+        WeightFormat::Nvfp4,
+    ];
+
     /// Checks that a `[rows, cols]` matrix can be stored in this format.
     pub fn check_shape(&self, rows: usize, cols: usize) -> Result<()> {
         match *self {

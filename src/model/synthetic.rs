@@ -282,15 +282,14 @@ impl MatrixData<'_> {
 /// Loads a checkpoint (any layout, any format) into f32 reference weights, dequantising on the CPU.
 pub fn load_reference_weights(ck: &Checkpoint) -> Result<ReferenceWeights> {
     let c = ModelConfig::from_json_str(&ck.config_json.to_string())?;
-    let plain = |name: &str, len: usize| -> Result<Vec<f32>> {
-        let t = ck.plain(name, Dtype::BF16, &[len])?;
+    // A bf16 tensor stored as is (norms, embedding, router, head), checked against `shape`.
+    let bf16_tensor = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+        let t = ck.plain(name, Dtype::BF16, shape)?;
         Ok(t.data.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect())
     };
+    let plain = |name: &str, len: usize| bf16_tensor(name, &[len]);
     let matrix = |name: &str, rows: usize, cols: usize| -> Result<Vec<f32>> { Ok(ck.matrix(name, rows, cols)?.to_quantized(rows, cols)?.dequantize()) };
-    let embedding = |name: &str| -> Result<Vec<f32>> {
-        let t = ck.plain(name, Dtype::BF16, &[c.vocab, c.dim])?;
-        Ok(t.data.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect())
-    };
+    let embedding = |name: &str| bf16_tensor(name, &[c.vocab, c.dim]);
     let qk = c.qk_nope + c.qk_rope;
     let mut layers = Vec::with_capacity(c.n_layers);
     for l in 0..c.n_layers {
@@ -321,9 +320,8 @@ pub fn load_reference_weights(ck: &Checkpoint) -> Result<ReferenceWeights> {
         } else {
             None
         };
-        let gate = ck.plain(&format!("{p}.gate.weight"), Dtype::BF16, &[c.experts, c.dim])?;
         let moe = MoeWeights {
-            gate: gate.data.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            gate: bf16_tensor(&format!("{p}.gate.weight"), &[c.experts, c.dim])?,
             experts: (0..c.experts).map(|e| expert(e).map(Some)).collect::<Result<_>>()?,
             shared_experts,
         };

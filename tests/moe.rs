@@ -334,7 +334,7 @@ fn decode_traffic_nvfp4() {
 }
 
 /// Prints one Markdown table row per (batch, kernel): `| format | tokens | experts touched | kernel | sector bytes |
-/// ideal bytes | sectors / ideal |`.
+/// distinct sector bytes | ideal bytes | sectors / ideal | distinct / ideal |` (distinct = DRAM if L2 keeps re-reads).
 fn decode_traffic_at_real_dims(format: WeightFormat) {
     let device = small4::device::simulator();
     let (dim, hidden, k) = (4096, 2048, 4);
@@ -372,9 +372,11 @@ fn decode_traffic_at_real_dims(format: WeightFormat) {
             let down_ideal = touched * weights.down.bytes_per_expert + pairs * hidden * 2 + pairs * dim * 4 + pairs * 4 + grouping_bytes;
             for (name, counters, ideal) in [("up + SwiGLU", up_counters, up_ideal), ("down x weight", down_counters, down_ideal)] {
                 println!(
-                    "| {format} | {tokens} | {touched} | {name} | {} | {ideal} | {:.3} |",
+                    "| {format} | {tokens} | {touched} | {name} | {} | {} | {ideal} | {:.3} | {:.3} |",
                     counters.sector_bytes(),
-                    counters.sector_bytes() as f64 / ideal as f64
+                    counters.dram_bytes(),
+                    counters.sector_bytes() as f64 / ideal as f64,
+                    counters.dram_bytes() as f64 / ideal as f64
                 );
             }
         }

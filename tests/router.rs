@@ -341,9 +341,11 @@ fn router_decode_traffic() {
             + tokens * 4 * 8
             + (a.expert_counts.len() + a.expert_offsets.len() + a.sorted_pairs.len() + a.tile_experts.len() + 1) * 4;
         println!(
-            "router_topk T={tokens} E=128 dim=4096 k=4: {} sector bytes, ideal {ideal}, ratio {:.3}, read {} written {}, {} warp instructions",
+            "router_topk T={tokens} E=128 dim=4096 k=4: {} sector bytes, {} distinct, ideal {ideal}, ratio {:.3} (distinct {:.3}), read {} written {}, {} warp instructions",
             counters.sector_bytes(),
+            counters.dram_bytes(),
             counters.sector_bytes() as f64 / ideal as f64,
+            counters.dram_bytes() as f64 / ideal as f64,
             counters.global_bytes_read,
             counters.global_bytes_written,
             counters.instructions

@@ -71,6 +71,9 @@ pub struct LaunchCounters {
     /// Warp-wide global memory requests and the 32-byte sectors they touched.
     pub global_requests: u64,
     pub global_sectors: u64,
+    /// The distinct 32-byte sectors of the launch: its DRAM traffic when L2 keeps what it touched (re-reads of data
+    /// already touched hit L2; `global_sectors` counts them again, as L2 traffic).
+    pub distinct_sectors: u64,
     /// Warp-wide shared-memory requests, and the extra wavefronts bank conflicts cost them.
     pub shared_requests: u64,
     pub shared_bank_conflicts: u64,
@@ -88,6 +91,10 @@ impl LaunchCounters {
     pub fn traffic_efficiency(&self, ideal_bytes: u64) -> f64 {
         ideal_bytes as f64 / self.sector_bytes().max(1) as f64
     }
+    /// Bytes DRAM moves when L2 keeps every sector the launch touched once (each distinct sector once).
+    pub fn dram_bytes(&self) -> u64 {
+        self.distinct_sectors * 32
+    }
 }
 
 impl std::fmt::Display for LaunchCounters {
@@ -98,12 +105,13 @@ impl std::fmt::Display for LaunchCounters {
         }
         write!(
             f,
-            "); global {} B read + {} B written in {} requests / {} sectors ({:.2} sectors per request); shared {} requests, {} bank-conflict wavefronts; {} mma ({} flops)",
+            "); global {} B read + {} B written in {} requests / {} sectors ({:.2} sectors per request, {} distinct); shared {} requests, {} bank-conflict wavefronts; {} mma ({} flops)",
             self.global_bytes_read,
             self.global_bytes_written,
             self.global_requests,
             self.global_sectors,
             self.global_sectors as f64 / self.global_requests.max(1) as f64,
+            self.distinct_sectors,
             self.shared_requests,
             self.shared_bank_conflicts,
             self.tensor_core_ops,

@@ -59,6 +59,7 @@ fn launch_counters(c: &ptxsim::Counters) -> LaunchCounters {
         global_bytes_written: c.global_bytes_written,
         global_requests: c.global_requests,
         global_sectors: c.global_sectors,
+        distinct_sectors: c.distinct_sectors.len(),
         shared_requests: c.shared_requests,
         shared_bank_conflicts: c.shared_bank_conflicts,
         tensor_core_ops: c.tensor_ops,

@@ -1,6 +1,40 @@
 //! Per-launch counters: what a profiler would report about instruction mix and memory traffic.
 
+use std::collections::HashMap;
+
 use crate::ir::Class;
+
+/// The distinct 32-byte sectors a launch touched, as one bit each in 4 KiB pages (128 sectors a page).
+///
+/// Why: `global_sectors` counts every warp request's sectors, i.e. what the SMs ask of L2. A re-read of data the launch
+/// already touched (activation rows that every block column reads again) costs L2 bandwidth, not DRAM bandwidth, as
+/// long as L2 (50 MB on H100) holds it; the distinct sectors are the DRAM traffic under that assumption.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SectorSet {
+    pages: HashMap<u64, u128>,
+}
+
+impl SectorSet {
+    #[inline]
+    pub(crate) fn insert(&mut self, sector: u64) {
+        *self.pages.entry(sector >> 7).or_insert(0) |= 1u128 << (sector & 127);
+    }
+
+    /// Number of distinct sectors.
+    pub fn len(&self) -> u64 {
+        self.pages.values().map(|bits| bits.count_ones() as u64).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pages.is_empty()
+    }
+
+    fn union(&mut self, other: &SectorSet) {
+        for (page, bits) in &other.pages {
+            *self.pages.entry(*page).or_insert(0) |= bits;
+        }
+    }
+}
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Counters {
@@ -16,6 +50,8 @@ pub struct Counters {
     /// Warp-wide global memory requests (loads, stores, atomics, async copies) and the distinct 32-byte sectors each touched.
     pub global_requests: u64,
     pub global_sectors: u64,
+    /// The distinct sectors behind `global_sectors` over the whole launch (DRAM traffic if L2 keeps what was touched).
+    pub distinct_sectors: SectorSet,
     pub shared_requests: u64,
     /// Extra shared-memory wavefronts caused by bank conflicts (0 when every request is conflict-free).
     pub shared_bank_conflicts: u64,
@@ -54,9 +90,15 @@ impl Counters {
         }
         let sectors = &mut sectors[..n];
         sectors.sort_unstable();
-        let distinct = 1 + sectors.windows(2).filter(|w| w[0] != w[1]).count();
+        let mut distinct = 0;
+        for (i, &s) in sectors.iter().enumerate() {
+            if i == 0 || sectors[i - 1] != s {
+                distinct += 1;
+                self.distinct_sectors.insert(s);
+            }
+        }
         self.global_requests += 1;
-        self.global_sectors += if n == 0 { 0 } else { distinct as u64 };
+        self.global_sectors += distinct;
         if write {
             self.global_bytes_written += bytes;
         } else {
@@ -104,6 +146,7 @@ impl Counters {
         self.global_bytes_written += o.global_bytes_written;
         self.global_requests += o.global_requests;
         self.global_sectors += o.global_sectors;
+        self.distinct_sectors.union(&o.distinct_sectors);
         self.shared_requests += o.shared_requests;
         self.shared_bank_conflicts += o.shared_bank_conflicts;
         self.tensor_ops += o.tensor_ops;
@@ -119,12 +162,13 @@ impl std::fmt::Display for Counters {
         }
         writeln!(
             f,
-            "  global: {} B read, {} B written, {} requests, {} sectors ({:.2} sectors/request)",
+            "  global: {} B read, {} B written, {} requests, {} sectors ({:.2} sectors/request), {} distinct sectors",
             self.global_bytes_read,
             self.global_bytes_written,
             self.global_requests,
             self.global_sectors,
-            self.global_sectors as f64 / self.global_requests.max(1) as f64
+            self.global_sectors as f64 / self.global_requests.max(1) as f64,
+            self.distinct_sectors.len()
         )?;
         writeln!(f, "  shared: {} requests, {} bank-conflict wavefronts", self.shared_requests, self.shared_bank_conflicts)?;
         write!(f, "  tensor: {} mma, {} flops", self.tensor_ops, self.tensor_flops)

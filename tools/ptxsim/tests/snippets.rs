@@ -317,6 +317,9 @@ fn tiled_gemm_with_cp_async_ldmatrix_mma_matches_cpu() {
     // Each block reads its A rows (64 x 96) and B rows (64 x 96) once: 2 blocks x 2 x 64 x 96 bf16.
     assert_eq!(c.global_bytes_read, 2 * 2 * 64 * 96 * 2);
     assert_eq!(c.global_bytes_written, 128 * 64 * 4);
+    // Both blocks read the same B rows: counted twice in requests, once in the distinct sectors (A + B + C once).
+    assert_eq!(c.distinct_sectors.len() * 32, (128 * 96 * 2 + 64 * 96 * 2 + 128 * 64 * 4) as u64);
+    assert!(c.global_sectors > c.distinct_sectors.len());
     // Padded shared rows (80 bytes) keep ldmatrix conflict-free.
     assert_eq!(c.shared_bank_conflicts, 0, "{c}");
 }

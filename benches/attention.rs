@@ -2,7 +2,7 @@
 //! decode at batch 1 / 8 / 64 with 4k and 32k tokens of context per sequence (bf16 cache, and fp8 at batch 8), and
 //! one chunked prefill (2048 new tokens over a 2048-token prefix). Decode throughput is the ideal bytes (cache rows
 //! read once + q + o) over the time of the call plus synchronisation; each case also prints GB/s as a fraction of the
-//! H100's 3.35 TB/s. Prefill prints TFLOP/s (2 x rows x visible keys x (320 + 256)).
+//! device's HBM bandwidth (`device::Ceilings`). Prefill prints TFLOP/s (2 x rows x visible keys x (320 + 256)).
 //! Without a GPU it prints that it skips, and why: the interpreter's traffic figures are in docs/perf.md instead.
 //!
 //! `cargo bench --bench attention`
@@ -13,7 +13,7 @@ use criterion::{BenchmarkId, Criterion, Throughput};
 use half::bf16;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use small4::device::{Device, DeviceBuffer};
+use small4::device::{Ceilings, Device, DeviceBuffer};
 use small4::kernels::attention::{self, AttentionScratch, BlockTables, PagedCache, Queries, QueryLayout};
 use small4::model::kv_cache::{BatchTables, CacheDescriptor, CacheDtype};
 
@@ -21,7 +21,6 @@ const HEADS: usize = 32;
 const LATENT: usize = 256;
 const ROPE: usize = 64;
 const PAGE: usize = 64;
-const HBM_BYTES_PER_S: f64 = 3.35e12;
 const SOFTMAX_SCALE: f32 = 0.088_388_35;
 
 fn random_bf16(rng: &mut rand::rngs::StdRng, len: usize) -> Vec<bf16> {
@@ -60,6 +59,7 @@ fn seconds_per_call(device: &Device, iterations: usize, mut call: impl FnMut()) 
 
 fn bench_decode(c: &mut Criterion, device: &Device) {
     let mut group = c.benchmark_group("mla_decode");
+    let ceilings = Ceilings::for_device_name(&device.device_name());
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     let cases = [(1usize, 4096usize, CacheDtype::Bf16), (8, 4096, CacheDtype::Bf16), (64, 4096, CacheDtype::Bf16),
         (1, 32768, CacheDtype::Bf16), (8, 32768, CacheDtype::Bf16), (64, 32768, CacheDtype::Bf16),
@@ -79,7 +79,7 @@ fn bench_decode(c: &mut Criterion, device: &Device) {
         let name = format!("B={batch}/ctx={context}/{}", if dtype == CacheDtype::Bf16 { "bf16" } else { "fp8" });
         let seconds = seconds_per_call(device, 50, &mut call);
         let gbps = ideal as f64 / seconds / 1e9;
-        println!("{name}: {:.1} us, {gbps:.0} GB/s = {:.1}% of 3.35 TB/s", seconds * 1e6, 100.0 * gbps * 1e9 / HBM_BYTES_PER_S);
+        println!("{name}: {:.1} us, {gbps:.0} GB/s = {:.1}% of the {}", seconds * 1e6, 100.0 * gbps * 1e9 / ceilings.hbm_bytes_per_s, ceilings.label);
         group.throughput(Throughput::Bytes(ideal));
         group.bench_function(BenchmarkId::from_parameter(name), |b| {
             b.iter(|| {
@@ -93,6 +93,7 @@ fn bench_decode(c: &mut Criterion, device: &Device) {
 
 fn bench_prefill(c: &mut Criterion, device: &Device) {
     let mut group = c.benchmark_group("mla_prefill");
+    let ceilings = Ceilings::for_device_name(&device.device_name());
     let mut rng = rand::rngs::StdRng::seed_from_u64(2);
     let (prefix, new) = (2048usize, 2048usize);
     let (cache, tables) = setup(device, &[prefix + new], CacheDtype::Bf16, &mut rng);
@@ -109,7 +110,8 @@ fn bench_prefill(c: &mut Criterion, device: &Device) {
         attention::mla_attention(&cache, &tables, &queries, &o_lat, SOFTMAX_SCALE, None, &mut scratch).unwrap();
     };
     let seconds = seconds_per_call(device, 10, &mut call);
-    println!("prefill {new} over {prefix}: {:.1} us, {:.1} TFLOP/s (989 dense bf16 peak)", seconds * 1e6, flops / seconds / 1e12);
+    let tflops = flops / seconds / 1e12;
+    println!("prefill {new} over {prefix}: {:.1} us, {tflops:.1} TFLOP/s = {:.1}% of the {}'s dense bf16 peak", seconds * 1e6, 100.0 * tflops * 1e12 / ceilings.dense_bf16_flops, ceilings.label);
     group.bench_function(BenchmarkId::from_parameter(format!("new={new}/prefix={prefix}")), |b| {
         b.iter(|| {
             call();

@@ -1,7 +1,7 @@
 //! Grouped expert GEMMs on a real GPU: one MoE layer's routed experts (up + SwiGLU, down x routing weight,
 //! combine) with the model's sizes (dim 4096, hidden 2048, 128 experts, top-4) for every weight format, at decode
 //! (1 and 32 tokens) and prefill (2048 tokens). Reports GB/s over the ideal bytes (weights of the touched experts
-//! once + activations) against the H100's 3.35 TB/s, and TFLOP/s against its 989 dense bf16 TFLOP/s.
+//! once + activations) against the device's HBM bandwidth, and TFLOP/s against its dense bf16 rate (`device::Ceilings`).
 //! Without a GPU it prints that it skips and measures nothing. Run: `cargo bench --bench moe`.
 
 use std::time::Duration;
@@ -9,7 +9,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion};
 use half::bf16;
 use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
-use small4::device::{Device, DeviceBuffer};
+use small4::device::{Ceilings, Device, DeviceBuffer};
 use small4::kernels::moe::{self, Grouping, MoeLayerWeights, MoeWorkspace, RoutingBuffers};
 use small4::quant::matrix::QuantizedMatrix;
 use small4::quant::repack::{self, PackedWeights};
@@ -20,8 +20,6 @@ const DIM: usize = 4096;
 const HIDDEN: usize = 2048;
 const EXPERTS: usize = 128;
 const TOP_K: usize = 4;
-const H100_BYTES_PER_S: f64 = 3.35e12;
-const H100_BF16_FLOPS: f64 = 989e12;
 
 /// The same expert's packed weights `experts` times (the values do not change the speed; packing 128 experts
 /// separately would take minutes of CPU).
@@ -52,6 +50,7 @@ fn layer_weights(device: &Device, format: WeightFormat, rng: &mut StdRng) -> Moe
 }
 
 fn bench_format(c: &mut Criterion, device: &Device, format: WeightFormat) {
+    let ceilings = Ceilings::for_device_name(&device.device_name());
     let mut rng = StdRng::seed_from_u64(1);
     let weights = layer_weights(device, format, &mut rng);
     for tokens in [1usize, 32, 2048] {
@@ -101,13 +100,14 @@ fn bench_format(c: &mut Criterion, device: &Device, format: WeightFormat) {
         });
         let seconds = mean.as_secs_f64();
         println!(
-            "{name}: {:.1} us, {:.0} GB/s ({:.0}% of 3.35 TB/s) over {} touched experts, {:.1} TFLOP/s ({:.1}% of 989)",
+            "{name}: {:.1} us, {:.0} GB/s ({:.0}% of {}) over {} touched experts, {:.1} TFLOP/s ({:.1}% of peak)",
             seconds * 1e6,
             ideal_bytes as f64 / seconds / 1e9,
-            100.0 * ideal_bytes as f64 / seconds / H100_BYTES_PER_S,
+            100.0 * ideal_bytes as f64 / seconds / ceilings.hbm_bytes_per_s,
+            ceilings.label,
             touched,
             flops / seconds / 1e12,
-            100.0 * flops / seconds / H100_BF16_FLOPS
+            100.0 * flops / seconds / ceilings.dense_bf16_flops
         );
     }
 }

@@ -142,11 +142,13 @@ template <> struct WeightFormat<Format::Nvfp4> {
 
 // ---- the kernel body -------------------------------------------------------------------------------------------------
 
-// Pipeline depth from a shared-memory budget: as many 64-k stages as fit in 96 KiB (2 blocks per SM), 2 to 8. Narrow
-// formats get deeper pipelines, so every format keeps about the same bytes in flight. src/kernels/moe.rs mirrors this.
+// Pipeline depth from a shared-memory budget: as many 64-k stages as fit in 96 KiB (2 blocks per SM), 2 to 16. Narrow
+// formats get deeper pipelines, so every format keeps about the same bytes in flight (the H200 run showed that one
+// block of 48 KiB in flight per SM reaches only 1.7 TB/s). src/kernels/moe.rs mirrors this.
 constexpr int kStageBudget = 96 * 1024;
+constexpr int kMaxStages = 16;
 __host__ __device__ constexpr int stages_for(int stage_bytes) {
-    return kStageBudget / stage_bytes < 2 ? 2 : (kStageBudget / stage_bytes > 8 ? 8 : kStageBudget / stage_bytes);
+    return kStageBudget / stage_bytes < 2 ? 2 : (kStageBudget / stage_bytes > kMaxStages ? kMaxStages : kStageBudget / stage_bytes);
 }
 
 template <Format F, int MF, int NF>
@@ -323,12 +325,14 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
 
 }  // namespace
 
-// Two tile shapes, both BM 128 features: "small" for decode (BN 32 slots: 1-32 pairs of an expert share one pass over
-// its weights) and "tiled" for prefill (BN 64). BM 128 keeps the activation rows each block re-reads (L2 hits on a
-// GPU) at pairs * 2 / (128 * bytes per weight) of the weight bytes while 4096 features still give 32 blocks an expert.
+// Two tile shapes: "small" for decode (BM 64 features x BN 32 slots: 1-32 pairs of an expert share one pass over its
+// weights) and "tiled" for prefill (BM 128 x BN 64). Decode touches few experts (4 at batch 1), so the small tile
+// halves BM to give each expert 64 blocks of 4096 features (256 blocks at batch 1: two per SM, twice the warps and
+// bytes in flight of BM 128); its re-read activation rows stay small next to the weights at decode batch sizes.
+// BM 128 in prefill keeps those re-reads at pairs * 2 / (128 * bytes per weight) of the weight bytes.
 #define MOE_GEMM_KERNELS(NAME, FORMAT)                                                                                     \
     extern "C" __global__ void __launch_bounds__(kThreads) moe_gemm_##NAME##_small(const MoeGemmParams p) {              \
-        grouped_gemm<FORMAT, 2, 4>(p);                                                                                     \
+        grouped_gemm<FORMAT, 1, 4>(p);                                                                                     \
     }                                                                                                                      \
     extern "C" __global__ void __launch_bounds__(kThreads) moe_gemm_##NAME##_tiled(const MoeGemmParams p) {              \
         grouped_gemm<FORMAT, 2, 8>(p);                                                                                     \

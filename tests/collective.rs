@@ -1,14 +1,14 @@
 //! The collective double: ranks as threads over separate interpreter memories, reduced in rank order.
 
 use half::bf16;
-use small4::device::collective::{simulated_ranks, Collective, ThreadCollective};
+use small4::device::collective::{ranks_like, Collective, ThreadCollective};
 use small4::device::DeviceBuffer;
 
 #[test]
 fn thread_ranks_all_reduce_and_all_gather_like_nccl() {
     let world = 3;
     let ranks = ThreadCollective::group(world).unwrap();
-    let devices = simulated_ranks(world);
+    let devices = ranks_like(&small4::device::simulator(), world).unwrap();
     let results: Vec<(Vec<f32>, Vec<bf16>)> = std::thread::scope(|s| {
         let handles: Vec<_> = ranks
             .into_iter()
@@ -37,7 +37,7 @@ fn thread_ranks_all_reduce_and_all_gather_like_nccl() {
 #[test]
 fn mismatched_gather_output_is_a_shape_error() {
     let ranks = ThreadCollective::group(1).unwrap();
-    let device = &simulated_ranks(1)[0];
+    let device = &small4::device::simulator();
     let send = DeviceBuffer::<bf16>::alloc(device, 4).unwrap();
     let out = DeviceBuffer::<bf16>::alloc(device, 3).unwrap();
     assert!(matches!(ranks[0].all_gather_bf16(&send, &out), Err(small4::Error::Shape { .. })));

@@ -13,7 +13,7 @@ mod common;
 
 use std::time::Instant;
 
-use small4::device::collective::{simulated_ranks, Collective, ThreadCollective};
+use small4::device::collective::{ranks_like, Collective, ThreadCollective};
 use small4::device::Device;
 use small4::model::checkpoint::{Checkpoint, Layout};
 use small4::model::config::ModelConfig;
@@ -185,7 +185,7 @@ fn joining_sequences_match_each_alone(device: &Device) {
     }
 }
 
-/// (d) Expert parallelism: two ranks (two interpreter devices, each holding half of the experts, per-pair MoE
+/// (d) Expert parallelism: two ranks (two devices of the test's kind, each holding half of the experts, per-pair MoE
 /// outputs all-reduced) produce the same tokens and bit-identical logits as one rank.
 fn two_expert_parallel_ranks_match_one(device: &Device) {
     let config = ModelConfig::tiny();
@@ -201,7 +201,7 @@ fn two_expert_parallel_ranks_match_one(device: &Device) {
         let handles: Vec<_> = ThreadCollective::group(2)
             .unwrap()
             .into_iter()
-            .zip(simulated_ranks(2))
+            .zip(ranks_like(device, 2).unwrap())
             .map(|(collective, rank_device)| {
                 let (f, run) = (&f, &run);
                 s.spawn(move || {

@@ -203,7 +203,10 @@ impl Collective for NcclCollective {
     }
 }
 
-/// Devices of a thread group, for tests: `world` interpreter backends (separate memories, as separate GPUs have).
-pub fn simulated_ranks(world: usize) -> Vec<Device> {
-    (0..world).map(|_| super::simulator()).collect()
+/// Devices for the `world` ranks of a thread group, of the same kind as `like`: separate interpreter backends
+/// (separate memories, as separate GPUs have), or on hardware one backend per rank on CUDA device 0. Same-kind
+/// devices keep a comparison with a one-rank run on `like` bit-exact: the interpreter's transcendental functions
+/// are not the GPU's, so mixing kinds would compare rounding, not the sharding.
+pub fn ranks_like(like: &Device, world: usize) -> crate::error::Result<Vec<Device>> {
+    (0..world).map(|_| if like.name() == "sim" { Ok(super::simulator()) } else { super::gpu() }).collect()
 }

@@ -136,4 +136,8 @@ impl Backend for CudaBackend {
     fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(driver_error("synchronize"))
     }
+
+    fn device_name(&self) -> String {
+        CudaBackend::device_name(self).unwrap_or_else(|_| "CUDA device".into())
+    }
 }

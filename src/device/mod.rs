@@ -137,6 +137,10 @@ pub trait Backend: Send + Sync {
     fn launch(&self, kernel: &Kernel, config: &LaunchConfig, params: &[u8]) -> Result<()>;
     /// Waits for all launched work. Errors raised asynchronously by kernels surface here.
     fn synchronize(&self) -> Result<()>;
+    /// What the device is, for reports: the GPU's marketing name on hardware ("NVIDIA H200"), else the backend's name.
+    fn device_name(&self) -> String {
+        self.name().to_string()
+    }
     /// The interpreter's counters of the most recent launch; `None` on hardware.
     fn last_launch_counters(&self) -> Option<LaunchCounters> {
         None
@@ -154,11 +158,50 @@ pub fn gpu() -> Result<Device> {
 /// (a skip is always said, never silent).
 pub fn gpu_or_skip(what: &str) -> Option<Device> {
     match gpu() {
-        Ok(device) => Some(device),
+        Ok(device) => {
+            let name = device.device_name();
+            println!("{what} on {name}: figures against the {}", Ceilings::for_device_name(&name).describe());
+            Some(device)
+        }
         Err(e) => {
             println!("SKIPPED {what}: needs a real GPU ({e}); nothing was measured. The interpreter's traffic figures are in docs/perf.md.");
             None
         }
+    }
+}
+
+/// A GPU's datasheet ceilings, which benchmarks and the planner report against.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ceilings {
+    /// The device they belong to, with "(assumed)" when the name was not recognised.
+    pub label: String,
+    pub hbm_bytes_per_s: f64,
+    pub dense_bf16_flops: f64,
+}
+
+impl Ceilings {
+    /// The H100 SXM: 3.35 TB/s HBM3, 989 dense bf16 TFLOP/s. The project's design target.
+    pub fn h100_sxm() -> Self {
+        Ceilings { label: "H100 SXM".into(), hbm_bytes_per_s: 3.35e12, dense_bf16_flops: 989e12 }
+    }
+
+    /// The ceilings of a device by its reported name (H200: same tensor cores as the H100, 4.8 TB/s HBM3e;
+    /// H100 PCIe: 2.0 TB/s, 756 TFLOP/s). An unknown device is measured against the H100 SXM, labelled as assumed.
+    pub fn for_device_name(name: &str) -> Self {
+        if name.contains("H200") {
+            Ceilings { label: "H200".into(), hbm_bytes_per_s: 4.8e12, dense_bf16_flops: 989e12 }
+        } else if name.contains("H100") && name.contains("PCIe") {
+            Ceilings { label: "H100 PCIe".into(), hbm_bytes_per_s: 2.0e12, dense_bf16_flops: 756e12 }
+        } else if name.contains("H100") {
+            Ceilings::h100_sxm()
+        } else {
+            Ceilings { label: format!("H100 SXM (assumed for {name})"), ..Ceilings::h100_sxm() }
+        }
+    }
+
+    /// "4.80 TB/s and 989 bf16 TFLOP/s of the H200".
+    pub fn describe(&self) -> String {
+        format!("{:.2} TB/s and {:.0} bf16 TFLOP/s of the {}", self.hbm_bytes_per_s / 1e12, self.dense_bf16_flops / 1e12, self.label)
     }
 }
 

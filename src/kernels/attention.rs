@@ -31,9 +31,11 @@ const COMBINE_WARPS: usize = 8;
 /// H100 SXM streaming multiprocessors, and attention blocks per SM that shared memory allows (~62 KiB each):
 /// the split heuristic aims for this many blocks.
 const TARGET_BLOCKS: usize = 132 * 3;
-/// Shortest KV split the heuristic makes: below this, the 1 KiB per row of f32 partials (written and re-read by the
-/// combine) outweighs the cache bytes of the split for 32 heads.
-const MIN_SPLIT_TOKENS: usize = 256;
+/// Shortest KV split the heuristic makes (two 32-token tiles). Each split block walks its tiles one after another,
+/// so at batch 1-8 the split length is the kernel's latency: with 256 (before 2026-12-04) a batch-1 4k-context decode
+/// ran 16 blocks and took 32 us on an H200 (1.7% of HBM). Shorter splits cost 1 KiB of f32 partials per row and split
+/// (32 KiB for 32 heads, written and re-read by the combine), which at these sizes stay in L2.
+const MIN_SPLIT_TOKENS: usize = 64;
 
 const CACHE_WRITE_BF16: Kernel = Kernel { module: MLA_ATTENTION, entry: "mla_cache_write_bf16" };
 const CACHE_WRITE_FP8: Kernel = Kernel { module: MLA_ATTENTION, entry: "mla_cache_write_fp8" };

@@ -18,16 +18,16 @@ const X_ROW_BYTES: usize = 128;
 /// The two tile shapes compiled for every format (see `cuda/moe_gemm.cu`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum TileShape {
-    /// Decode: 128 features x 32 pair slots.
+    /// Decode: 64 features x 32 pair slots.
     Small,
     /// Prefill: 128 features x 64 pair slots.
     Tiled,
 }
 
-/// Weight tiles of 16 rows per warp (both shapes).
-const TILES_PER_WARP: usize = 2;
 /// Shared memory the k pipeline may use (`kStageBudget` in moe_gemm.cu).
 const STAGE_BUDGET: usize = 96 * 1024;
+/// Deepest k pipeline (`kMaxStages` in moe_gemm.cu).
+const MAX_STAGES: usize = 16;
 
 impl TileShape {
     /// Pair slots per block (BN).
@@ -37,14 +37,21 @@ impl TileShape {
             Self::Tiled => 64,
         }
     }
+    /// Weight tiles of 16 rows per warp (MF in moe_gemm.cu).
+    fn tiles_per_warp(self) -> usize {
+        match self {
+            Self::Small => 1,
+            Self::Tiled => 2,
+        }
+    }
     /// Output features per block (BM).
     fn features(self) -> usize {
-        WARPS * TILES_PER_WARP * 16
+        WARPS * self.tiles_per_warp() * 16
     }
-    /// Pipeline stages: as many as fit the budget, 2 to 8 (`stages_for` in moe_gemm.cu).
+    /// Pipeline stages: as many as fit the budget, 2 to `MAX_STAGES` (`stages_for` in moe_gemm.cu).
     fn shared_bytes(self, format: WeightFormat) -> usize {
-        let stage = WARPS * TILES_PER_WARP * tile_bytes(format) + self.slots() * X_ROW_BYTES;
-        let stages = (STAGE_BUDGET / stage).clamp(2, 8);
+        let stage = WARPS * self.tiles_per_warp() * tile_bytes(format) + self.slots() * X_ROW_BYTES;
+        let stages = (STAGE_BUDGET / stage).clamp(2, MAX_STAGES);
         stages * stage + self.slots() * 4
     }
     fn kernel(self, format: WeightFormat) -> Kernel {

@@ -325,14 +325,18 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
 
 }  // namespace
 
-// Two tile shapes: "small" for decode (BM 64 features x BN 32 slots: 1-32 pairs of an expert share one pass over its
-// weights) and "tiled" for prefill (BM 128 x BN 64). Decode touches few experts (4 at batch 1), so the small tile
-// halves BM to give each expert 64 blocks of 4096 features (256 blocks at batch 1: two per SM, twice the warps and
-// bytes in flight of BM 128); its re-read activation rows stay small next to the weights at decode batch sizes.
-// BM 128 in prefill keeps those re-reads at pairs * 2 / (128 * bytes per weight) of the weight bytes.
+// Three tile shapes. "small" for decode (BM 128 features x BN 32 slots: 1-32 pairs of an expert share one pass over
+// its weights) and "tiled" for prefill (BM 128 x BN 64): BM 128 keeps the activation rows each block re-reads (L2 hits
+// on a GPU) at pairs * 2 / (128 * bytes per weight) of the weight bytes. "narrow" (BM 64 x BN 32) is the small tile
+// for grids that BM 128 would leave under two blocks per SM (batch-1 decode touches 4 experts: 128 blocks of BM 128);
+// on an H200 it took a batch-1 bf16 layer from 121 to 86 us, while at batch 32 (thousands of blocks) it was slower
+// than BM 128 (1496 against 1246 us): the host picks it by grid size (src/kernels/moe.rs).
 #define MOE_GEMM_KERNELS(NAME, FORMAT)                                                                                     \
-    extern "C" __global__ void __launch_bounds__(kThreads) moe_gemm_##NAME##_small(const MoeGemmParams p) {              \
+    extern "C" __global__ void __launch_bounds__(kThreads) moe_gemm_##NAME##_narrow(const MoeGemmParams p) {             \
         grouped_gemm<FORMAT, 1, 4>(p);                                                                                     \
+    }                                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(kThreads) moe_gemm_##NAME##_small(const MoeGemmParams p) {              \
+        grouped_gemm<FORMAT, 2, 4>(p);                                                                                     \
     }                                                                                                                      \
     extern "C" __global__ void __launch_bounds__(kThreads) moe_gemm_##NAME##_tiled(const MoeGemmParams p) {              \
         grouped_gemm<FORMAT, 2, 8>(p);                                                                                     \

@@ -288,6 +288,26 @@ fn linear_matches_reference(device: &Device) {
     }
 }
 
+/// Decode rows against an output wide enough (264 blocks of 128 features) that the launcher picks the BM-128 "small"
+/// tile instead of the narrow one every other decode case here runs (src/kernels/moe.rs `TileShape::for_decode`).
+fn linear_wide_output_runs_the_small_tile(device: &Device) {
+    let (in_dim, out_dim) = (64, 264 * 128);
+    let mut rng = rng(9);
+    for (format, rows) in [(WeightFormat::Bf16, 3), (WeightFormat::Nvfp4, 2)] {
+        let (w, deq) = random_matrix(&mut rng, format, out_dim, in_dim);
+        let weights = DeviceWeights::upload(device, &repack::repack_linear(&[(&w).into()]).unwrap()).unwrap();
+        let x = random_bf16(&mut rng, rows * in_dim, 1.0);
+        let x_dev = DeviceBuffer::from_slice(device, &x).unwrap();
+        let y = DeviceBuffer::<bf16>::filled_with_byte(device, rows * out_dim, 0xff).unwrap();
+        moe::linear(&weights, &x_dev, rows, &y).unwrap();
+        if let Some(counters) = device.last_launch_counters() {
+            assert!(counters.kernel.ends_with("_small"), "launched {}", counters.kernel);
+        }
+        let want = matmul_nt(&to_f32(&x), &deq, rows, in_dim, out_dim);
+        assert_agrees(&format!("wide linear {format} rows {rows}"), &to_f32(&y.to_vec().unwrap()), &want);
+    }
+}
+
 fn wrappers_reject_bad_shapes(device: &Device) {
     let mut rng = rng(8);
     let (w, _) = random_matrix(&mut rng, WeightFormat::Bf16, 64, 128);
@@ -307,6 +327,7 @@ fn wrappers_reject_bad_shapes(device: &Device) {
 }
 
 backend_tests!(
+    linear_wide_output_runs_the_small_tile,
     moe_layer_matches_reference,
     moe_layer_every_format,
     moe_layer_prefill_tiles,

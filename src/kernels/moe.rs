@@ -18,11 +18,17 @@ const X_ROW_BYTES: usize = 128;
 /// The two tile shapes compiled for every format (see `cuda/moe_gemm.cu`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum TileShape {
-    /// Decode: 64 features x 32 pair slots.
+    /// Decode on a grid too small to fill the GPU: 64 features x 32 pair slots.
+    Narrow,
+    /// Decode: 128 features x 32 pair slots.
     Small,
     /// Prefill: 128 features x 64 pair slots.
     Tiled,
 }
+
+/// Blocks that give every SM of an H100 or H200 (132) two blocks. A decode grid of BM-128 blocks smaller than this
+/// (batch 1: 4 experts x 32 column blocks) runs the narrow tile instead, which doubles the blocks.
+const FULL_GRID_BLOCKS: usize = 2 * 132;
 
 /// Shared memory the k pipeline may use (`kStageBudget` in moe_gemm.cu).
 const STAGE_BUDGET: usize = 96 * 1024;
@@ -33,15 +39,24 @@ impl TileShape {
     /// Pair slots per block (BN).
     fn slots(self) -> usize {
         match self {
-            Self::Small => 32,
+            Self::Narrow | Self::Small => 32,
             Self::Tiled => 64,
         }
     }
     /// Weight tiles of 16 rows per warp (MF in moe_gemm.cu).
     fn tiles_per_warp(self) -> usize {
         match self {
-            Self::Small => 1,
-            Self::Tiled => 2,
+            Self::Narrow => 1,
+            Self::Small | Self::Tiled => 2,
+        }
+    }
+    /// The small tile, or the narrow one when at most `busy_row_groups` block rows (experts with pairs, or dense row
+    /// groups) of BM-128 blocks over `rows_padded` features would not fill the GPU.
+    fn for_decode(busy_row_groups: usize, rows_padded: usize) -> Self {
+        if busy_row_groups * (rows_padded / Self::Small.features()).max(1) < FULL_GRID_BLOCKS {
+            Self::Narrow
+        } else {
+            Self::Small
         }
     }
     /// Output features per block (BM).
@@ -56,14 +71,19 @@ impl TileShape {
     }
     fn kernel(self, format: WeightFormat) -> Kernel {
         let entry = match (format, self) {
+            (WeightFormat::Bf16, Self::Narrow) => "moe_gemm_bf16_narrow",
             (WeightFormat::Bf16, Self::Small) => "moe_gemm_bf16_small",
             (WeightFormat::Bf16, Self::Tiled) => "moe_gemm_bf16_tiled",
+            (WeightFormat::Fp8PerTensor, Self::Narrow) => "moe_gemm_fp8_narrow",
             (WeightFormat::Fp8PerTensor, Self::Small) => "moe_gemm_fp8_small",
             (WeightFormat::Fp8PerTensor, Self::Tiled) => "moe_gemm_fp8_tiled",
+            (WeightFormat::Fp8Block128, Self::Narrow) => "moe_gemm_fp8_block_narrow",
             (WeightFormat::Fp8Block128, Self::Small) => "moe_gemm_fp8_block_small",
             (WeightFormat::Fp8Block128, Self::Tiled) => "moe_gemm_fp8_block_tiled",
+            (WeightFormat::Int4 { .. }, Self::Narrow) => "moe_gemm_int4_narrow",
             (WeightFormat::Int4 { .. }, Self::Small) => "moe_gemm_int4_small",
             (WeightFormat::Int4 { .. }, Self::Tiled) => "moe_gemm_int4_tiled",
+            (WeightFormat::Nvfp4, Self::Narrow) => "moe_gemm_nvfp4_narrow",
             (WeightFormat::Nvfp4, Self::Small) => "moe_gemm_nvfp4_small",
             (WeightFormat::Nvfp4, Self::Tiled) => "moe_gemm_nvfp4_tiled",
         };
@@ -180,7 +200,8 @@ impl Grouping<'_> {
 
 /// Which rows a launch computes.
 enum Rows<'a> {
-    Grouped { grouping: &'a Grouping<'a>, top_k: usize },
+    /// `pairs`: the (token, expert) pairs routed to this launch's experts, at most (bounds the busy experts).
+    Grouped { grouping: &'a Grouping<'a>, top_k: usize, pairs: usize },
     Dense { rows: usize },
 }
 
@@ -274,18 +295,22 @@ fn launch_gemm_view(
         )));
     }
     let (shape, grid_y, top_k, grouping) = match rows {
-        Rows::Grouped { grouping, top_k } => {
+        Rows::Grouped { grouping, top_k, pairs } => {
             grouping.check(w.experts)?;
             if top_k == 0 {
                 return Err(Error::InvalidArgument("gemm: top_k 0".into()));
             }
-            (grouping.shape(), grouping.tile_experts.len(), top_k, Some(grouping))
+            let shape = match grouping.shape() {
+                TileShape::Tiled => TileShape::Tiled,
+                _ => TileShape::for_decode(pairs.min(w.experts), w.rows_padded),
+            };
+            (shape, grouping.tile_experts.len(), top_k, Some(grouping))
         }
         Rows::Dense { rows } => {
             if w.experts != 1 {
                 return Err(Error::InvalidArgument(format!("dense gemm: weights hold {} matrices, expected 1", w.experts)));
             }
-            let shape = if rows <= TileShape::Small.slots() { TileShape::Small } else { TileShape::Tiled };
+            let shape = if rows <= TileShape::Small.slots() { TileShape::for_decode(1, w.rows_padded) } else { TileShape::Tiled };
             (shape, super::blocks_for(rows, shape.slots()) as usize, 1, None)
         }
     };
@@ -388,7 +413,7 @@ pub fn shared_expert(shared: &(DeviceWeights, DeviceWeights), x: &DeviceBuffer<b
 /// Up-projection of the routed experts: act[slot] = silu(x W1_e^T) * (x W3_e^T) for every slot of the grouping,
 /// x [tokens, dim], act [capacity, hidden] (padding slots are not written).
 pub fn up_swiglu(w: &DeviceWeights, x: &DeviceBuffer<bf16>, tokens: usize, top_k: usize, grouping: &Grouping, act: &DeviceBuffer<bf16>) -> Result<()> {
-    launch_gemm(w, x, tokens, true, Rows::Grouped { grouping, top_k }, Output::SwiGlu(act))
+    launch_gemm(w, x, tokens, true, Rows::Grouped { grouping, top_k, pairs: tokens * top_k }, Output::SwiGlu(act))
 }
 
 /// Down-projection: pair_out[p] = weight[p] * act[slot(p)] W2_e^T (f32, [tokens * k, dim]) for every routed pair.
@@ -401,7 +426,8 @@ pub fn down(
     pair_out: &DeviceBuffer<f32>,
 ) -> Result<()> {
     let slots = grouping.capacity();
-    launch_gemm(w, act, slots, false, Rows::Grouped { grouping, top_k }, Output::F32ByPair { out: pair_out, pair_weights: Some(topk_weights) })
+    let pairs = topk_weights.len();
+    launch_gemm(w, act, slots, false, Rows::Grouped { grouping, top_k, pairs }, Output::F32ByPair { out: pair_out, pair_weights: Some(topk_weights) })
 }
 
 /// out[t] = bf16(shared_out[t] + sum_j pair_out[t*k + j]) over the locally computed pairs, in fixed j order.

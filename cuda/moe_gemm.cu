@@ -142,13 +142,14 @@ template <> struct WeightFormat<Format::Nvfp4> {
 
 // ---- the kernel body -------------------------------------------------------------------------------------------------
 
-// Pipeline depth from a shared-memory budget: as many 64-k stages as fit in 96 KiB (2 blocks per SM), 2 to 16. Narrow
-// formats get deeper pipelines, so every format keeps about the same bytes in flight (the H200 run showed that one
-// block of 48 KiB in flight per SM reaches only 1.7 TB/s). src/kernels/moe.rs mirrors this.
+// Pipeline depth from a shared-memory budget: as many 64-k stages as fit in 96 KiB (2 blocks per SM), 2 to max_stages.
+// Narrow formats get deeper pipelines, so every format keeps about the same bytes in flight. The narrow tile (BM 64,
+// run when the grid is small, so blocks per SM are few anyway) may go to 16 stages; the others stop at 8, because on an
+// H200 4-bit small tiles with 12 stages (96 KiB, 2 blocks per SM) ran batch 32 slower than with 8 (64 KiB, 3 blocks per
+// SM): their dequantisation wants warps more than bytes in flight. src/kernels/moe.rs mirrors this.
 constexpr int kStageBudget = 96 * 1024;
-constexpr int kMaxStages = 16;
-__host__ __device__ constexpr int stages_for(int stage_bytes) {
-    return kStageBudget / stage_bytes < 2 ? 2 : (kStageBudget / stage_bytes > kMaxStages ? kMaxStages : kStageBudget / stage_bytes);
+__host__ __device__ constexpr int stages_for(int stage_bytes, int max_stages) {
+    return kStageBudget / stage_bytes < 2 ? 2 : (kStageBudget / stage_bytes > max_stages ? max_stages : kStageBudget / stage_bytes);
 }
 
 template <Format F, int MF, int NF>
@@ -158,7 +159,7 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
     constexpr int BN = NF * 8;
     constexpr int kWStage = kWarps * MF * W::kTileBytes;
     constexpr int kXStage = BN * kXRowBytes;
-    constexpr int STAGES = stages_for(kWStage + kXStage);
+    constexpr int STAGES = stages_for(kWStage + kXStage, MF == 1 ? 16 : 8);
     constexpr int kRawWords = W::kTileBytes / 32 / 4;  // per lane per tile per stage
     static_assert(NF % 2 == 0, "ldmatrix.x4 loads two pair fragments at a time");
 

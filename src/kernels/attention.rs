@@ -36,6 +36,10 @@ const TARGET_BLOCKS: usize = 132 * 3;
 /// ran 16 blocks and took 32 us on an H200 (1.7% of HBM). Shorter splits cost 1 KiB of f32 partials per row and split
 /// (32 KiB for 32 heads, written and re-read by the combine), which at these sizes stay in L2.
 const MIN_SPLIT_TOKENS: usize = 64;
+/// Most KV splits the heuristic makes: the combine reads every split's partials of a row in one warp, so its time
+/// grows with the split count. On an H200, batch 1 at 32k context ran 52.5 us with 128 splits and 79.9 us with 396
+/// (the combine alone 24.5 us).
+const MAX_SPLITS: usize = 128;
 
 const CACHE_WRITE_BF16: Kernel = Kernel { module: MLA_ATTENTION, entry: "mla_cache_write_bf16" };
 const CACHE_WRITE_FP8: Kernel = Kernel { module: MLA_ATTENTION, entry: "mla_cache_write_fp8" };
@@ -304,7 +308,7 @@ impl AttentionPlan {
         let wanted = match num_splits {
             Some(0) => return Err(Error::InvalidArgument("num_splits must be >= 1".into())),
             Some(n) => n,
-            None => TARGET_BLOCKS.div_ceil(num_seqs.max(1) * row_tiles).min(max_kv.div_ceil(MIN_SPLIT_TOKENS)),
+            None => TARGET_BLOCKS.div_ceil(num_seqs.max(1) * row_tiles).min(max_kv.div_ceil(MIN_SPLIT_TOKENS)).min(MAX_SPLITS),
         };
         let tokens_per_split = max_kv.div_ceil(wanted.max(1)).div_ceil(TILE_N) * TILE_N;
         let num_splits = max_kv.div_ceil(tokens_per_split);

@@ -32,8 +32,6 @@ const FULL_GRID_BLOCKS: usize = 2 * 132;
 
 /// Shared memory the k pipeline may use (`kStageBudget` in moe_gemm.cu).
 const STAGE_BUDGET: usize = 96 * 1024;
-/// Deepest k pipeline (`kMaxStages` in moe_gemm.cu).
-const MAX_STAGES: usize = 16;
 
 impl TileShape {
     /// Pair slots per block (BN).
@@ -63,10 +61,17 @@ impl TileShape {
     fn features(self) -> usize {
         WARPS * self.tiles_per_warp() * 16
     }
-    /// Pipeline stages: as many as fit the budget, 2 to `MAX_STAGES` (`stages_for` in moe_gemm.cu).
+    /// Deepest k pipeline (the `max_stages` of `stages_for` in moe_gemm.cu, which says why).
+    fn max_stages(self) -> usize {
+        match self {
+            Self::Narrow => 16,
+            Self::Small | Self::Tiled => 8,
+        }
+    }
+    /// Pipeline stages: as many as fit the budget, 2 to `max_stages` (`stages_for` in moe_gemm.cu).
     fn shared_bytes(self, format: WeightFormat) -> usize {
         let stage = WARPS * self.tiles_per_warp() * tile_bytes(format) + self.slots() * X_ROW_BYTES;
-        let stages = (STAGE_BUDGET / stage).clamp(2, MAX_STAGES);
+        let stages = (STAGE_BUDGET / stage).clamp(2, self.max_stages());
         stages * stage + self.slots() * 4
     }
     fn kernel(self, format: WeightFormat) -> Kernel {

@@ -13,6 +13,9 @@
 // weights (already in fragment order, copied verbatim: no ldmatrix needed, each lane reads its own 16-byte chunk) and
 // the gathered activations (rows picked by the grouping, XOR-swizzled 16-byte chunks, read with ldmatrix.x4).
 // Dequantisation (fp8 / int4 / nvfp4 -> bf16) happens on the fragment in registers right before mma.sync.
+// W8A8 (moe_gemm_fp8_act_*): per-tensor e4m3 weights and e4m3 activations (quantised beforehand with a static
+// per-tensor scale by moe_quantize_act_e4m3) go straight to mma.sync m16n8k32 e4m3; the epilogue multiplies the weight
+// scale by the activation scale.
 //
 // Grouping: block y is a tile of tile_m slots; a block whose tile is not the first of a BN-slot group of its expert
 // exits at once, so an expert with up to BN pairs streams its weights exactly once (decode: tile_m 8, BN 32).
@@ -30,7 +33,6 @@ constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int kBK = 64;                 // k per pipeline stage
 constexpr int kStepsPerStage = kBK / 16; // mma k-steps per stage
-constexpr int kXRowBytes = kBK * 2;     // one gathered activation row of a stage (bf16)
 
 enum class Format { Bf16, Fp8, Fp8Block, Int4, Nvfp4 };
 
@@ -152,11 +154,36 @@ __host__ __device__ constexpr int stages_for(int stage_bytes, int max_stages) {
     return kStageBudget / stage_bytes < 2 ? 2 : (kStageBudget / stage_bytes > max_stages ? max_stages : kStageBudget / stage_bytes);
 }
 
-template <Format F, int MF, int NF>
+// Activation row chunk c of row r in shared memory: 16-byte chunks XOR-swizzled so that the 8 rows one ldmatrix
+// matrix reads hit 8 different bank groups. bf16 rows of a stage are 128 bytes (8 chunks): chunk ^ (row % 8); e4m3
+// rows are 64 bytes (4 chunks, two rows per 128-byte bank line): chunk ^ ((row / 2) % 4).
+template <bool Fp8Act>
+__device__ __forceinline__ int x_chunk_offset(int row, int chunk) {
+    constexpr int kRowBytes = Fp8Act ? kBK : kBK * 2;
+    return row * kRowBytes + ((Fp8Act ? chunk ^ ((row >> 1) & 3) : chunk ^ (row & 7)) << 4);
+}
+
+// W8A8 (Fp8Act): the e4m3 weights go to mma m16n8k32 as they are. The fragment layout is the fp8 one above, in which
+// lane (g, t) holds, per k-step of 16, the words (g: 2t, 2t+1; g+8: 2t, 2t+1) and (g: 2t+8, 2t+9; g+8: 2t+8, 2t+9);
+// byte permutes regroup two k-steps into the m16n8k32 A registers (row g, row g+8, row g + 16 k, row g+8 + 16 k), so
+// mma column 4t + j of a 32-k step carries weight column pi(4t + j) = 2t + (j % 2) + 8 (j / 2) (+ 16 for the upper
+// 16 columns). The k order of a dot product is free: moe_quantize_act_e4m3 stores the activations in that same
+// permuted order, so the B registers are plain ldmatrix rows of the permuted bytes.
+__device__ __forceinline__ void fp8_weights_to_e4m3_a(const uint32_t w[4], uint32_t a[4]) {
+    a[0] = __byte_perm(w[0], w[1], 0x5410);  // row g:   k 2t, 2t+1, 2t+8, 2t+9
+    a[1] = __byte_perm(w[0], w[1], 0x7632);  // row g+8: the same k
+    a[2] = __byte_perm(w[2], w[3], 0x5410);  // row g:   k + 16
+    a[3] = __byte_perm(w[2], w[3], 0x7632);  // row g+8: k + 16
+}
+
+template <Format F, int MF, int NF, bool Fp8Act = false>
 __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
     using W = WeightFormat<F>;
+    static_assert(!Fp8Act || F == Format::Fp8, "e4m3 activations pair with per-tensor e4m3 weights only");
     constexpr int BM = kWarps * MF * 16;
     constexpr int BN = NF * 8;
+    constexpr int kXRowBytes = Fp8Act ? kBK : kBK * 2;  // one gathered activation row of a stage
+    constexpr int kXChunks = kXRowBytes / 16;
     constexpr int kWStage = kWarps * MF * W::kTileBytes;
     constexpr int kXStage = BN * kXRowBytes;
     constexpr int STAGES = stages_for(kWStage + kXStage, MF == 1 ? 16 : 8);
@@ -200,8 +227,8 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
     __syncthreads();
 
     // Padding slots read zeros: written once into every stage, never touched by cp.async.
-    for (int i = tid; i < STAGES * BN * (kXRowBytes / 16); i += kThreads) {
-        const int row = (i / (kXRowBytes / 16)) % BN;
+    for (int i = tid; i < STAGES * BN * kXChunks; i += kThreads) {
+        const int row = (i / kXChunks) % BN;
         if (slot_pair[row] < 0) reinterpret_cast<uint4 *>(x_smem)[i] = make_uint4(0, 0, 0, 0);
     }
 
@@ -218,12 +245,18 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
             cp_async16(w_dst + tile * W::kTileBytes + chunk * 16, src);
         }
         unsigned char *x_dst = x_smem + stage * kXStage;
-        for (int i = tid; i < BN * 8; i += kThreads) {
-            const int row = i >> 3, chunk = i & 7;
+        for (int i = tid; i < BN * kXChunks; i += kThreads) {
+            const int row = i / kXChunks, chunk = i % kXChunks;
             const int pair = slot_pair[row];
             if (pair < 0) continue;
             const long src_row = p.in_by_token ? pair / p.top_k : slot_begin + row;
-            cp_async16(x_dst + row * kXRowBytes + ((chunk ^ (row & 7)) << 4), p.x + src_row * p.x_stride + kb * kBK + chunk * 8);
+            const void *src;
+            if constexpr (Fp8Act) {
+                src = p.x_e4m3 + src_row * p.x_stride + kb * kBK + chunk * 16;
+            } else {
+                src = p.x + src_row * p.x_stride + kb * kBK + chunk * 8;
+            }
+            cp_async16(x_dst + x_chunk_offset<Fp8Act>(row, chunk), src);
         }
     };
 
@@ -260,10 +293,17 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
                 const uint4 v = *reinterpret_cast<const uint4 *>(w_tile + (c * 32 + lane) * 16);
                 raw[4 * c] = v.x, raw[4 * c + 1] = v.y, raw[4 * c + 2] = v.z, raw[4 * c + 3] = v.w;
             }
+            // A k-step: 16 k of bf16 (m16n8k16) or 32 k of e4m3 (m16n8k32); either way 32 bytes of an activation row,
+            // two 16-byte chunks.
+            constexpr int kSteps = Fp8Act ? kBK / 32 : kStepsPerStage;
 #pragma unroll
-            for (int ks = 0; ks < kStepsPerStage; ++ks) {
+            for (int ks = 0; ks < kSteps; ++ks) {
                 uint32_t a[4];
-                W::fragment(raw, ks, scales, a);
+                if constexpr (Fp8Act) {
+                    fp8_weights_to_e4m3_a(raw + 4 * ks, a);
+                } else {
+                    W::fragment(raw, ks, scales, a);
+                }
 #pragma unroll
                 for (int f = 0; f < NF; f += 2) {
                     if (f >= active_nf) break;
@@ -271,9 +311,14 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
                     const int row = (f + (lane >> 4)) * 8 + (lane & 7);
                     const int chunk = 2 * ks + ((lane >> 3) & 1);
                     uint32_t b[4];
-                    ldmatrix_x4(b, x_stage + row * kXRowBytes + ((chunk ^ (row & 7)) << 4));
-                    mma_bf16(acc[m][f], a, b[0], b[1]);
-                    if (f + 1 < active_nf) mma_bf16(acc[m][f + 1], a, b[2], b[3]);
+                    ldmatrix_x4(b, x_stage + x_chunk_offset<Fp8Act>(row, chunk));
+                    if constexpr (Fp8Act) {
+                        mma_e4m3(acc[m][f], a, b[0], b[1]);
+                        if (f + 1 < active_nf) mma_e4m3(acc[m][f + 1], a, b[2], b[3]);
+                    } else {
+                        mma_bf16(acc[m][f], a, b[0], b[1]);
+                        if (f + 1 < active_nf) mma_bf16(acc[m][f + 1], a, b[2], b[3]);
+                    }
                 }
             }
         }
@@ -289,6 +334,10 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
         if (p.row_scales != nullptr) {
             const float *rs = p.row_scales + (long)expert * p.rows_padded;
             scale_g = rs[feature], scale_g8 = rs[feature + 8];
+        }
+        if constexpr (Fp8Act) {
+            scale_g *= p.act_scale;
+            scale_g8 *= p.act_scale;
         }
 #pragma unroll
         for (int f = 0; f < NF; ++f) {
@@ -348,6 +397,36 @@ MOE_GEMM_KERNELS(fp8, Format::Fp8)
 MOE_GEMM_KERNELS(fp8_block, Format::Fp8Block)
 MOE_GEMM_KERNELS(int4, Format::Int4)
 MOE_GEMM_KERNELS(nvfp4, Format::Nvfp4)
+
+// W8A8: per-tensor e4m3 weights times e4m3 activations (moe_quantize_act_e4m3's layout) on mma m16n8k32, the same
+// three tile shapes. Half the activation bytes of the bf16-activation kernels and no dequantisation in the main loop.
+#define MOE_GEMM_FP8_ACT_KERNEL(SHAPE, MF, NF)                                                                             \
+    extern "C" __global__ void __launch_bounds__(kThreads) moe_gemm_fp8_act_##SHAPE(const MoeGemmParams p) {            \
+        grouped_gemm<Format::Fp8, MF, NF, true>(p);                                                                        \
+    }
+MOE_GEMM_FP8_ACT_KERNEL(narrow, 1, 4)
+MOE_GEMM_FP8_ACT_KERNEL(small, 2, 4)
+MOE_GEMM_FP8_ACT_KERNEL(tiled, 2, 8)
+
+// Activations bf16 -> e4m3 for the W8A8 GEMMs (params.h has the formula and the permuted order). One thread per 4
+// output bytes (q = 0..7 of a 32-column group: columns 16 (q / 4) + 2 (q % 4) + {0, 1, 8, 9}, two bf16x2 loads).
+// Grid-stride over rows * cols / 4 words. Bytes: reads 2, writes 1 per element.
+extern "C" __global__ void moe_quantize_act_e4m3(const MoeQuantizeActParams p) {
+    const int words_per_row = p.cols / 4;
+    const long total = (long)p.rows * words_per_row;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x) {
+        const long row = i / words_per_row;
+        const int word = (int)(i % words_per_row);
+        const int q = word & 7;
+        const int col = (word >> 3) * 32 + 16 * (q >> 2) + 2 * (q & 3);
+        const bf16 *x = p.x + row * p.x_stride + col;
+        const float2 lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(x));
+        const float2 hi = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(x + 8));
+        const uint32_t packed = f32x2_to_e4m3x2(lo.x * p.inv_scale, lo.y * p.inv_scale) |
+                                (f32x2_to_e4m3x2(hi.x * p.inv_scale, hi.y * p.inv_scale) << 16);
+        reinterpret_cast<uint32_t *>(p.out)[i] = packed;
+    }
+}
 
 // out[t] = bf16(shared_out[t] + sum_j pair_out[t*k + j]) for the locally computed j, in increasing j.
 // Thread mapping: one block per token, threads stride over the columns 4 at a time (float4).

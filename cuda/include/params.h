@@ -103,6 +103,8 @@ typedef struct MoeGemmParams {
     const unsigned char *group_zeros; /* int4 zero points (same shape), or null for symmetric (zero point 8) */
     const unsigned char *fp4_scales;  /* nvfp4: e4m3 [experts, rows_padded / 16, k_dim / 64, 16, 4] */
     const bf16 *x;                 /* input rows, x_stride elements apart */
+    const unsigned char *x_e4m3;   /* moe_gemm_fp8_act_* only: e4m3 input rows in the moe_quantize_act_e4m3 layout
+                                      (x_stride bytes apart) instead of x */
     bf16 *out_bf16;                /* bf16 output (SwiGLU act or dense y), out_stride elements per row; or null */
     float *out_f32;                /* f32 output (per-pair expert output), out_stride elements per row; or null */
     const int *sorted_pairs;       /* grouped mode: [capacity] pair per slot, -1 = padding; null = dense mode */
@@ -124,7 +126,21 @@ typedef struct MoeGemmParams {
     int swiglu;                    /* 1: SwiGLU epilogue */
     int in_by_token;               /* 1: input row = pair / top_k (x is [tokens, k_dim]); 0: input row = slot */
     int out_by_pair;               /* 1: output row = pair; 0: output row = slot */
+    float act_scale;               /* moe_gemm_fp8_act_* only: x = e4m3 * act_scale (multiplied into the epilogue) */
 } MoeGemmParams;
+
+/* moe_quantize_act_e4m3: out = e4m3(x * inv_scale) (round to nearest even, saturating to +-448, as
+ * cvt.rn.satfinite.e4m3x2.f32), for rows x cols (cols a multiple of 64), in the B-operand order of the fp8-activation
+ * GEMMs: within every 32 columns, byte c holds column pi(c) = 16 (c / 16) + 2 ((c % 16) / 4) + (c % 2) + 8 ((c / 2) % 2)
+ * (the k order in which the repacked fp8 weight fragments reach mma m16n8k32; see cuda/moe_gemm.cu). */
+typedef struct MoeQuantizeActParams {
+    const bf16 *x;                 /* [rows, x_stride] */
+    unsigned char *out;            /* [rows, cols] */
+    int rows;
+    int cols;
+    int x_stride;                  /* elements between input rows */
+    float inv_scale;               /* 1 / activation scale */
+} MoeQuantizeActParams;
 
 /* out[t, :] = bf16(shared_out[t, :] + sum_j pair_out[t * top_k + j, :]) over the j whose expert is computed on this
  * GPU (topk_ids >= 0 and expert_map[id] >= 0), in increasing j: deterministic, no atomics. */

@@ -26,6 +26,14 @@ __device__ __forceinline__ void e4m3x4_to_f32(uint32_t word, float out[4]) {
     out[3] = hi.y;
 }
 
+// Two f32 -> two e4m3 codes in the low 16 bits (lo = bits 0-7), round to nearest even, saturating to +-448 (NaN ->
+// 0x7f), like src/quant/fp8.rs `f32_to_e4m3`. One cvt.rn.satfinite.e4m3x2.f32 (its first source is the upper byte).
+__device__ __forceinline__ uint32_t f32x2_to_e4m3x2(float lo, float hi) {
+    unsigned short pair;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(pair) : "f"(hi), "f"(lo));
+    return pair;
+}
+
 // One e4m3 code (bits 0-7 of `code`) -> f32, exact.
 __device__ __forceinline__ float e4m3_to_f32(uint32_t code) {
     return __low2float(e4m3x2_to_half2(code & 0xffu));

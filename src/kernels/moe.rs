@@ -5,7 +5,7 @@
 use half::bf16;
 
 use super::modules::MOE_GEMM;
-use super::params::{MoeCombineParams, MoeGemmParams};
+use super::params::{MoeCombineParams, MoeGemmParams, MoeQuantizeActParams};
 use crate::device::{launch_with, Device, DeviceBuffer, Dim3, Kernel, LaunchConfig};
 use crate::error::{Error, Result};
 use crate::quant::repack::{tile_bytes, PackedWeights};
@@ -14,6 +14,8 @@ use crate::quant::WeightFormat;
 const WARPS: usize = 4;
 /// Bytes of one gathered activation row of a 64-k stage.
 const X_ROW_BYTES: usize = 128;
+/// The same for e4m3 activations (the W8A8 kernels).
+const X_ROW_BYTES_E4M3: usize = 64;
 
 /// The two tile shapes compiled for every format (see `cuda/moe_gemm.cu`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,12 +71,23 @@ impl TileShape {
         }
     }
     /// Pipeline stages: as many as fit the budget, 2 to `max_stages` (`stages_for` in moe_gemm.cu).
-    fn shared_bytes(self, format: WeightFormat) -> usize {
-        let stage = WARPS * self.tiles_per_warp() * tile_bytes(format) + self.slots() * X_ROW_BYTES;
+    fn shared_bytes(self, format: WeightFormat, e4m3_input: bool) -> usize {
+        let x_row = if e4m3_input { X_ROW_BYTES_E4M3 } else { X_ROW_BYTES };
+        let stage = WARPS * self.tiles_per_warp() * tile_bytes(format) + self.slots() * x_row;
         let stages = (STAGE_BUDGET / stage).clamp(2, self.max_stages());
         stages * stage + self.slots() * 4
     }
-    fn kernel(self, format: WeightFormat) -> Kernel {
+    /// The kernel for `format` weights with bf16 inputs, or the W8A8 kernel with e4m3 inputs (per-tensor fp8 weights
+    /// only; the launcher checks).
+    fn kernel(self, format: WeightFormat, e4m3_input: bool) -> Kernel {
+        if e4m3_input {
+            let entry = match self {
+                Self::Narrow => "moe_gemm_fp8_act_narrow",
+                Self::Small => "moe_gemm_fp8_act_small",
+                Self::Tiled => "moe_gemm_fp8_act_tiled",
+            };
+            return Kernel { module: MOE_GEMM, entry };
+        }
         let entry = match (format, self) {
             (WeightFormat::Bf16, Self::Narrow) => "moe_gemm_bf16_narrow",
             (WeightFormat::Bf16, Self::Small) => "moe_gemm_bf16_small",
@@ -273,24 +286,62 @@ impl<'a> RowView<'a> {
     }
 }
 
+/// Activations quantised to e4m3 for the W8A8 GEMMs: rows of `cols` bytes, value = e4m3 * `scale`, each 32 columns
+/// in the permuted order [`quantize_act_e4m3`] writes (only the `moe_gemm_fp8_act_*` kernels read it).
+#[derive(Clone, Copy)]
+pub struct E4m3Rows<'a> {
+    pub data: &'a DeviceBuffer<u8>,
+    /// The static per-tensor activation scale the rows were quantised with.
+    pub scale: f32,
+}
+
+/// The input rows of a GEMM launch.
+#[derive(Clone, Copy)]
+enum Input<'a> {
+    Bf16(RowView<'a>),
+    /// Packed rows of `k_dim` bytes (W8A8 kernels).
+    E4m3(E4m3Rows<'a>),
+}
+
+fn check_act_scale(what: &str, scale: f32) -> Result<()> {
+    if !(scale.is_finite() && scale > 0.0) {
+        return Err(Error::InvalidArgument(format!("{what}: activation scale {scale} must be finite and positive")));
+    }
+    Ok(())
+}
+
 /// One launch of the grouped GEMM. `x` holds `x_rows` rows of `w.k_dim`; `in_by_token` = rows are picked by pair / k.
 fn launch_gemm(w: &DeviceWeights, x: &DeviceBuffer<bf16>, x_rows: usize, in_by_token: bool, rows: Rows, output: Output) -> Result<()> {
     check_len("gemm x", x.len(), x_rows * w.k_dim)?;
-    launch_gemm_view(w, RowView::packed(x, w.k_dim), x_rows, in_by_token, rows, output, None)
+    launch_gemm_view(w, Input::Bf16(RowView::packed(x, w.k_dim)), x_rows, in_by_token, rows, output, None)
 }
 
-/// [`launch_gemm`] over a strided input and, for a dense bf16 output, a strided output view (`out_view`).
+/// [`launch_gemm`] over a strided (bf16) or e4m3 input and, for a dense bf16 output, a strided output view
+/// (`out_view`).
 fn launch_gemm_view(
     w: &DeviceWeights,
-    x_view: RowView,
+    input: Input,
     x_rows: usize,
     in_by_token: bool,
     rows: Rows,
     output: Output,
     out_view: Option<RowView>,
 ) -> Result<()> {
-    let x = x_view.buffer;
-    x_view.check("gemm x", x_rows, w.k_dim, 8)?;
+    let e4m3_input = matches!(input, Input::E4m3(_));
+    let (device, x_addr, x_stride) = match input {
+        Input::Bf16(view) => {
+            view.check("gemm x", x_rows, w.k_dim, 8)?;
+            (view.buffer.device(), view.addr(), view.stride)
+        }
+        Input::E4m3(rows) => {
+            if w.format != WeightFormat::Fp8PerTensor {
+                return Err(Error::InvalidArgument(format!("gemm: e4m3 activations need per-tensor fp8 weights, not {}", w.format)));
+            }
+            check_act_scale("gemm e4m3 input", rows.scale)?;
+            check_len("gemm e4m3 x", rows.data.len(), x_rows * w.k_dim)?;
+            (rows.data.device(), rows.data.addr(), w.k_dim)
+        }
+    };
     let swiglu = matches!(output, Output::SwiGlu(_));
     if swiglu != w.swiglu {
         return Err(Error::InvalidArgument(format!(
@@ -360,7 +411,8 @@ fn launch_gemm_view(
         group_scales: opt_ptr(w.group_scales.as_ref()),
         group_zeros: opt_ptr(w.group_zeros.as_ref()),
         fp4_scales: opt_ptr(w.fp4_scales.as_ref()),
-        x: x_view.addr() as *const _,
+        x: if e4m3_input { std::ptr::null() } else { x_addr as *const _ },
+        x_e4m3: if e4m3_input { x_addr as *const _ } else { std::ptr::null() },
         out_bf16,
         out_f32,
         sorted_pairs: opt_ptr(grouping.map(|g| g.sorted_pairs)),
@@ -369,7 +421,7 @@ fn launch_gemm_view(
         num_padded: opt_ptr(grouping.map(|g| g.num_padded)),
         pair_weights,
         expert_stride: w.expert_stride as i64,
-        x_stride: to_i32("gemm x stride", x_view.stride)?,
+        x_stride: to_i32("gemm x stride", x_stride)?,
         out_stride: to_i32("gemm out stride", out_view.map_or(w.out_cols, |v| v.stride))?,
         k_dim: to_i32("gemm k_dim", w.k_dim)?,
         rows_padded: to_i32("gemm rows", w.rows_padded)?,
@@ -382,13 +434,17 @@ fn launch_gemm_view(
         swiglu: swiglu as i32,
         in_by_token: in_by_token as i32,
         out_by_pair: out_by_pair as i32,
+        act_scale: match input {
+            Input::E4m3(rows) => rows.scale,
+            Input::Bf16(_) => 1.0,
+        },
     };
     let config = LaunchConfig {
         grid: Dim3::xy((w.rows_padded / shape.features()) as u32, grid_y as u32),
         block: Dim3::x((WARPS * 32) as u32),
-        shared_bytes: shape.shared_bytes(w.format) as u32,
+        shared_bytes: shape.shared_bytes(w.format, e4m3_input) as u32,
     };
-    launch_with(x.device(), &shape.kernel(w.format), &config, &params)
+    launch_with(device, &shape.kernel(w.format, e4m3_input), &config, &params)
 }
 
 /// Dense `y = x W^T` (bf16 weights or any packed format, one matrix): x [rows, k_dim] -> y [rows, out_cols] bf16.
@@ -399,7 +455,7 @@ pub fn linear(w: &DeviceWeights, x: &DeviceBuffer<bf16>, rows: usize, y: &Device
 /// Dense `y = x W^T` over strided views: `rows` rows of `w.k_dim` read from `x`, `w.out_cols` columns written into
 /// `y` (bf16). The input view's offset and stride must be multiples of 8 elements (16-byte loads).
 pub fn linear_view(w: &DeviceWeights, x: RowView, rows: usize, y: RowView) -> Result<()> {
-    launch_gemm_view(w, x, rows, false, Rows::Dense { rows }, Output::Bf16(y.buffer), Some(y))
+    launch_gemm_view(w, Input::Bf16(x), rows, false, Rows::Dense { rows }, Output::Bf16(y.buffer), Some(y))
 }
 
 /// Dense `y = x W^T` with an f32 output [rows, out_cols] (the logits of the output head).
@@ -433,6 +489,48 @@ pub fn down(
     let slots = grouping.capacity();
     let pairs = topk_weights.len();
     launch_gemm(w, act, slots, false, Rows::Grouped { grouping, top_k, pairs }, Output::F32ByPair { out: pair_out, pair_weights: Some(topk_weights) })
+}
+
+/// W8A8 e4m3 inputs: `out` [rows, cols] = e4m3(x * (1 / scale)) (round to nearest even, saturating to ±448, the
+/// CPU twin is `reference::moe::quantize_act_e4m3`), each 32 columns in the B-operand order of the W8A8 GEMMs
+/// (`MoeQuantizeActParams` in params.h). `cols` a multiple of 64 (the GEMMs' k step), the view's stride even.
+pub fn quantize_act_e4m3(x: RowView, rows: usize, cols: usize, scale: f32, out: &DeviceBuffer<u8>) -> Result<()> {
+    check_act_scale("quantize_act_e4m3", scale)?;
+    if cols == 0 || cols % 64 != 0 {
+        return Err(Error::InvalidArgument(format!("quantize_act_e4m3: cols {cols} must be a positive multiple of 64")));
+    }
+    x.check("quantize_act_e4m3 x", rows, cols, 2)?;
+    check_len("quantize_act_e4m3 out", out.len(), rows * cols)?;
+    let words = rows * cols / 4;
+    if words == 0 {
+        return Ok(());
+    }
+    let params = MoeQuantizeActParams {
+        x: x.addr() as *const _,
+        out: out.mut_ptr(),
+        rows: to_i32("quantize_act_e4m3 rows", rows)?,
+        cols: to_i32("quantize_act_e4m3 cols", cols)?,
+        x_stride: to_i32("quantize_act_e4m3 stride", x.stride)?,
+        inv_scale: 1.0 / scale,
+    };
+    // Grid-stride loop: enough blocks to fill a GPU, no more than the words need.
+    let config = LaunchConfig { grid: Dim3::x(super::blocks_for(words, 256).min(1024)), block: Dim3::x(256), shared_bytes: 0 };
+    launch_with(out.device(), &Kernel { module: MOE_GEMM, entry: "moe_quantize_act_e4m3" }, &config, &params)
+}
+
+/// [`up_swiglu`] in W8A8: `x` the tokens' e4m3 rows ([tokens, dim], from [`quantize_act_e4m3`]), per-tensor fp8
+/// weights.
+pub fn up_swiglu_w8a8(w: &DeviceWeights, x: E4m3Rows, tokens: usize, top_k: usize, grouping: &Grouping, act: &DeviceBuffer<bf16>) -> Result<()> {
+    launch_gemm_view(w, Input::E4m3(x), tokens, true, Rows::Grouped { grouping, top_k, pairs: tokens * top_k }, Output::SwiGlu(act), None)
+}
+
+/// [`down`] in W8A8: `act` the slots' e4m3 rows ([capacity, hidden], from [`quantize_act_e4m3`]), per-tensor fp8
+/// weights.
+pub fn down_w8a8(w: &DeviceWeights, act: E4m3Rows, grouping: &Grouping, top_k: usize, topk_weights: &DeviceBuffer<f32>, pair_out: &DeviceBuffer<f32>) -> Result<()> {
+    let slots = grouping.capacity();
+    let pairs = topk_weights.len();
+    let output = Output::F32ByPair { out: pair_out, pair_weights: Some(topk_weights) };
+    launch_gemm_view(w, Input::E4m3(act), slots, false, Rows::Grouped { grouping, top_k, pairs }, output, None)
 }
 
 /// out[t] = bf16(shared_out[t] + sum_j pair_out[t*k + j]) over the locally computed pairs, in fixed j order.
@@ -487,6 +585,20 @@ pub struct MoeLayerWeights {
     pub down: DeviceWeights,
     /// The shared expert (one matrix each), or None.
     pub shared: Option<(DeviceWeights, DeviceWeights)>,
+    /// W8A8 for the routed experts (per-tensor fp8 weights only): the static activation scales, or None for bf16
+    /// activations. The shared expert keeps bf16 activations.
+    pub fp8_activations: Option<Fp8ActScales>,
+}
+
+/// Static per-tensor activation scales of a W8A8 MoE layer (x = e4m3 * scale): the checkpoint's `qscale_act` of
+/// each routed projection. The checkpoint has one per expert; one quantised copy of a token's row feeds all of its
+/// experts, so the layer takes the largest over the experts (nothing saturates that would not for some expert).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Fp8ActScales {
+    /// Input of the fused w1/w3 (the layer's input x).
+    pub up: f32,
+    /// Input of w2 (the SwiGLU activation).
+    pub down: f32,
 }
 
 impl MoeLayerWeights {
@@ -506,7 +618,24 @@ impl MoeLayerWeights {
             }
             None => None,
         };
-        Ok(MoeLayerWeights { gate_up: DeviceWeights::upload(device, gate_up)?, down: DeviceWeights::upload(device, down)?, shared })
+        Ok(MoeLayerWeights {
+            gate_up: DeviceWeights::upload(device, gate_up)?,
+            down: DeviceWeights::upload(device, down)?,
+            shared,
+            fp8_activations: None,
+        })
+    }
+    /// Runs the routed experts in W8A8 with these activation scales (both projections must hold per-tensor fp8).
+    pub fn with_fp8_activations(mut self, scales: Fp8ActScales) -> Result<Self> {
+        for (what, w) in [("gate_up", &self.gate_up), ("down", &self.down)] {
+            if w.format != WeightFormat::Fp8PerTensor {
+                return Err(Error::InvalidArgument(format!("fp8 activations: {what} weights are {}, not per-tensor fp8", w.format)));
+            }
+        }
+        check_act_scale("fp8 activations (up)", scales.up)?;
+        check_act_scale("fp8 activations (down)", scales.down)?;
+        self.fp8_activations = Some(scales);
+        Ok(self)
     }
     pub fn dim(&self) -> usize {
         self.gate_up.k_dim
@@ -531,6 +660,8 @@ pub struct MoeWorkspace {
     /// [tokens, hidden] and [tokens, dim] for the shared expert.
     pub shared_act: DeviceBuffer<bf16>,
     pub shared_out: DeviceBuffer<f32>,
+    /// W8A8 layers only: the e4m3 copies of the input [tokens, dim] and of `act` [capacity, hidden].
+    pub e4m3: Option<(DeviceBuffer<u8>, DeviceBuffer<u8>)>,
 }
 
 impl MoeWorkspace {
@@ -544,6 +675,10 @@ impl MoeWorkspace {
             pair_out: DeviceBuffer::alloc(device, tokens * top_k * dim)?,
             shared_act: DeviceBuffer::alloc(device, tokens * hidden)?,
             shared_out: DeviceBuffer::alloc(device, tokens * dim)?,
+            e4m3: match weights.fp8_activations {
+                Some(_) => Some((DeviceBuffer::alloc(device, tokens * dim)?, DeviceBuffer::alloc(device, capacity * hidden)?)),
+                None => None,
+            },
         })
     }
 }
@@ -560,7 +695,8 @@ pub struct RoutingBuffers<'a> {
 }
 
 /// One whole MoE layer: out [tokens, dim] bf16 = shared(x) + sum_j w_j expert_j(x) over the locally owned experts.
-/// Five launches: routed up (+SwiGLU), routed down (x routing weight), shared up, shared down, combine.
+/// Five launches: routed up (+SwiGLU), routed down (x routing weight), shared up, shared down, combine; W8A8 layers
+/// (`weights.fp8_activations`) quantise the input and the SwiGLU activation to e4m3 first (two more).
 pub fn moe_layer(
     weights: &MoeLayerWeights,
     x: &DeviceBuffer<bf16>,
@@ -581,8 +717,24 @@ pub fn moe_layer(
     check_len("moe_layer topk_weights", routing.topk_weights.len(), tokens * k)?;
     let pair_out = &workspace.pair_out;
     check_len("moe_layer pair_out", pair_out.len(), tokens * k * dim)?;
-    up_swiglu(&weights.gate_up, x, tokens, k, grouping, &workspace.act)?;
-    down(&weights.down, &workspace.act, grouping, k, routing.topk_weights, pair_out)?;
+    match weights.fp8_activations {
+        Some(scales) => {
+            let Some((x_e4m3, act_e4m3)) = &workspace.e4m3 else {
+                return Err(Error::InvalidArgument("moe_layer: W8A8 weights but the workspace has no e4m3 buffers".into()));
+            };
+            check_len("moe_layer x", x.len(), tokens * dim)?;
+            quantize_act_e4m3(RowView::packed(x, dim), tokens, dim, scales.up, x_e4m3)?;
+            up_swiglu_w8a8(&weights.gate_up, E4m3Rows { data: x_e4m3, scale: scales.up }, tokens, k, grouping, &workspace.act)?;
+            // Padding slots of `act` are never written; their e4m3 copies are never read either.
+            let slots = grouping.capacity();
+            quantize_act_e4m3(RowView::packed(&workspace.act, hidden), slots, hidden, scales.down, act_e4m3)?;
+            down_w8a8(&weights.down, E4m3Rows { data: act_e4m3, scale: scales.down }, grouping, k, routing.topk_weights, pair_out)?;
+        }
+        None => {
+            up_swiglu(&weights.gate_up, x, tokens, k, grouping, &workspace.act)?;
+            down(&weights.down, &workspace.act, grouping, k, routing.topk_weights, pair_out)?;
+        }
+    }
     let shared_out = match &weights.shared {
         Some(shared) => {
             shared_expert(shared, x, tokens, workspace)?;

@@ -8,12 +8,13 @@ use half::bf16;
 use proptest::prelude::*;
 use rand::{rngs::StdRng, seq::SliceRandom, Rng};
 use small4::device::{Device, DeviceBuffer};
-use small4::kernels::moe::{self, DeviceWeights, Grouping, MoeLayerWeights, MoeWorkspace, RoutingBuffers};
+use small4::kernels::moe::{self, DeviceWeights, E4m3Rows, Fp8ActScales, Grouping, MoeLayerWeights, MoeWorkspace, RowView, RoutingBuffers};
 use small4::quant::matrix::QuantizedMatrix;
 use small4::quant::repack::{self, MatrixRef};
 use small4::quant::WeightFormat;
 use small4::reference::linear::matmul_nt;
-use small4::reference::moe::{align_pairs, moe_block, ExpertWeights, Routing};
+use small4::quant::fp8::f32_to_e4m3;
+use small4::reference::moe::{align_pairs, moe_block, moe_block_w8a8, quantize_act_e4m3, ExpertWeights, Routing};
 
 const FORMATS: [WeightFormat; 6] = WeightFormat::ALL;
 
@@ -108,6 +109,10 @@ struct Case {
     remote: usize,
     pick: Pick,
     seed: u64,
+    /// W8A8 routed experts with these activation scales (per-tensor fp8 weights).
+    w8a8: Option<Fp8ActScales>,
+    /// Every fifth pair (p % 5 == 2) gets expert id -1 (no expert: skipped everywhere).
+    unrouted_pairs: bool,
 }
 
 fn random_routing(rng: &mut StdRng, case: &Case) -> Routing {
@@ -140,7 +145,10 @@ fn run_moe_case(device: &Device, case: &Case) -> (Vec<u16>, Vec<f32>) {
     let x = random_bf16(&mut rng, tokens * dim, 1.0);
     let experts: Vec<Expert> = (0..case.experts).map(|_| random_expert(&mut rng, case.format, dim, hidden)).collect();
     let shared = case.shared.then(|| random_expert(&mut rng, case.format, dim, hidden));
-    let routing = random_routing(&mut rng, case);
+    let mut routing = random_routing(&mut rng, case);
+    if case.unrouted_pairs {
+        routing.ids.iter_mut().skip(2).step_by(5).for_each(|id| *id = -1);
+    }
 
     // The last `remote` global experts live on another GPU.
     let local_count = case.experts - case.remote;
@@ -149,7 +157,10 @@ fn run_moe_case(device: &Device, case: &Case) -> (Vec<u16>, Vec<f32>) {
     let tile_m = moe::moe_tile_m(tokens, k, local_count);
     let alignment = align_pairs(&routing.ids, Some(&expert_map), local_count, tile_m);
 
-    let weights = pack_layer(device, &local, shared.as_ref());
+    let mut weights = pack_layer(device, &local, shared.as_ref());
+    if let Some(scales) = case.w8a8 {
+        weights = weights.with_fp8_activations(scales).unwrap();
+    }
     let capacity = alignment.sorted_pairs.len();
     let workspace = MoeWorkspace::new(device, &weights, tokens, k, capacity).unwrap();
     let up = |v: &[i32]| DeviceBuffer::from_slice(device, v).unwrap();
@@ -168,12 +179,20 @@ fn run_moe_case(device: &Device, case: &Case) -> (Vec<u16>, Vec<f32>) {
     for b in [&workspace.pair_out, &workspace.shared_out] {
         device.memset(b.addr(), 0xff, b.bytes()).unwrap();
     }
+    // e4m3 0xff is NaN: a padding row read as data would show.
+    for b in workspace.e4m3.iter().flat_map(|(x, act)| [x, act]) {
+        device.memset(b.addr(), 0xff, b.bytes()).unwrap();
+    }
     moe::moe_layer(&weights, &x_dev, tokens, &routing_dev, &grouping, &workspace, &out).unwrap();
     let got = out.to_vec().unwrap();
 
     let reference_experts: Vec<Option<ExpertWeights>> =
         experts.iter().enumerate().map(|(e, ex)| (e < local_count).then(|| ex.reference.clone())).collect();
-    let want = moe_block(&to_f32(&x), &routing, &reference_experts, shared.as_ref().map(|s| &s.reference), tokens, dim, hidden);
+    let shared_reference = shared.as_ref().map(|s| &s.reference);
+    let want = match case.w8a8 {
+        Some(s) => moe_block_w8a8(&to_f32(&x), &routing, &reference_experts, shared_reference, tokens, dim, hidden, (s.up, s.down)),
+        None => moe_block(&to_f32(&x), &routing, &reference_experts, shared_reference, tokens, dim, hidden),
+    };
     (got.iter().map(|v| v.to_bits()).collect(), want)
 }
 
@@ -185,7 +204,7 @@ fn check_moe_case(device: &Device, case: &Case) -> Vec<u16> {
 }
 
 fn small_case(tokens: usize, k: usize, experts: usize, format: WeightFormat) -> Case {
-    Case { tokens, dim: 256, hidden: 128, experts, k, format, shared: true, remote: 0, pick: Pick::Uniform, seed: 1 }
+    Case { tokens, dim: 256, hidden: 128, experts, k, format, shared: true, remote: 0, pick: Pick::Uniform, seed: 1, w8a8: None, unrouted_pairs: false }
 }
 
 /// Random decode-sized batches: tokens 1 / 17 / 33, k 1 / 4 / 8, 8 or 16 experts, some on another GPU, with and
@@ -308,6 +327,105 @@ fn linear_wide_output_runs_the_small_tile(device: &Device) {
     }
 }
 
+/// Activation scales for the W8A8 cases: inputs are uniform in [-1, 1] and the quarter above 0.75 in magnitude
+/// saturates (448 * scale = 0.75), so the saturation rule is exercised; the SwiGLU activations (about 0.1 at these
+/// sizes) use the e4m3 range up to 0.5.
+const W8A8_SCALES: Fp8ActScales = Fp8ActScales { up: 0.75 / 448.0, down: 0.5 / 448.0 };
+
+fn w8a8_case(tokens: usize, k: usize) -> Case {
+    Case { remote: 1, w8a8: Some(W8A8_SCALES), unrouted_pairs: true, seed: 21, ..small_case(tokens, k, 8, WeightFormat::Fp8PerTensor) }
+}
+
+/// W8A8 routed experts (e4m3 weights and activations on mma m16n8k32) against the reference that quantises the
+/// activations the same way: 1 / 17 / 33 tokens, top-1 and top-4 of 8 experts (one on another GPU, idle experts,
+/// every fifth pair with expert id -1), the shared expert in bf16; poisoned outputs and workspaces.
+fn moe_layer_w8a8_matches_reference(device: &Device) {
+    for tokens in [1, 17, 33] {
+        for k in [1, 4] {
+            check_moe_case(device, &w8a8_case(tokens, k));
+        }
+    }
+}
+
+/// W8A8 through the other two tiles: 70 tokens x top-4 of 8 (tile_m 64: the tiled kernel), and 128 experts whose
+/// gate_up grid (3 blocks of 128 features each) passes the narrow threshold (the small kernel), all tokens on the
+/// first experts.
+fn moe_layer_w8a8_prefill_and_small_tiles(device: &Device) {
+    assert_eq!(moe::moe_tile_m(70, 4, 8), 64);
+    check_moe_case(device, &w8a8_case(70, 4));
+    let many = Case { dim: 64, hidden: 192, experts: 128, remote: 0, pick: Pick::Concentrated, ..w8a8_case(33, 8) };
+    check_moe_case(device, &many);
+}
+
+fn moe_layer_w8a8_is_deterministic(device: &Device) {
+    let case = Case { seed: 22, ..w8a8_case(33, 4) };
+    assert_eq!(check_moe_case(device, &case), check_moe_case(device, &case));
+}
+
+/// The device quantiser picks exactly the reference's e4m3 codes (ties to even, saturation, the sign of zero) and
+/// stores each 32 columns in the GEMMs' B-operand order pi(c) = 16 (c / 16) + 2 ((c % 16) / 4) + c % 2 + 8 ((c / 2) % 2),
+/// reading a strided input view.
+fn activation_quantiser_matches_reference(device: &Device) {
+    let (rows, cols, stride, scale) = (3, 128, 136, 0.25f32);
+    let mut rng = rng(23);
+    let mut x: Vec<bf16> = random_bf16(&mut rng, rows * stride, 200.0);
+    // Exact halfway points between e4m3 neighbours (ties to even; the last between the subnormals 2^-9 and 2^-8),
+    // saturation, zeros of both signs.
+    for (i, v) in [1.0625f32, 1.1875, -1.0625, 449.0, -1e30, 0.0, -0.0, 0.0029296875].iter().enumerate() {
+        x[i] = bf16::from_f32(v * scale);
+    }
+    let x_dev = DeviceBuffer::from_slice(device, &x).unwrap();
+    let out = DeviceBuffer::<u8>::filled_with_byte(device, rows * cols, 0xff).unwrap();
+    moe::quantize_act_e4m3(RowView { buffer: &x_dev, offset: 0, stride }, rows, cols, scale, &out).unwrap();
+    let got = out.to_vec().unwrap();
+    let inv_scale = 1.0 / scale;
+    for r in 0..rows {
+        for c in 0..cols {
+            let (group, within) = (c / 32, c % 32);
+            let col = group * 32 + 16 * (within / 16) + 2 * ((within % 16) / 4) + within % 2 + 8 * ((within / 2) % 2);
+            let want = f32_to_e4m3(x[r * stride + col].to_f32() * inv_scale);
+            assert_eq!(got[r * cols + c], want, "row {r} byte {c} (column {col})");
+        }
+    }
+    // The reference's values are these codes times the scale.
+    let first = quantize_act_e4m3(&to_f32(&x[..8]), scale);
+    assert_eq!(first, [1.0f32, 1.25, -1.0, 448.0, -448.0, 0.0, 0.0, 0.00390625].map(|v| v * scale));
+}
+
+/// Bad W8A8 inputs get typed errors: non-fp8 weights, scales that are not finite and positive, wrong lengths, column
+/// counts the GEMMs cannot step through.
+fn w8a8_wrappers_reject_bad_inputs(device: &Device) {
+    let mut rng = rng(24);
+    let (dim, hidden) = (128, 64);
+    let bf16_expert = random_expert(&mut rng, WeightFormat::Bf16, dim, hidden);
+    let bf16_layer = pack_layer(device, &[&bf16_expert], None);
+    assert!(matches!(pack_layer(device, &[&bf16_expert], None).with_fp8_activations(W8A8_SCALES), Err(small4::Error::InvalidArgument(_))));
+    let fp8_expert = random_expert(&mut rng, WeightFormat::Fp8PerTensor, dim, hidden);
+    for bad in [0.0, -1.0, f32::NAN, f32::INFINITY] {
+        let layer = pack_layer(device, &[&fp8_expert], None);
+        let err = layer.with_fp8_activations(Fp8ActScales { up: bad, down: 1.0 }).err().expect("scale rejected");
+        assert!(matches!(err, small4::Error::InvalidArgument(_)), "{err}");
+    }
+    let x = DeviceBuffer::<bf16>::alloc(device, 2 * dim).unwrap();
+    let q = DeviceBuffer::<u8>::alloc(device, 2 * dim).unwrap();
+    assert!(matches!(moe::quantize_act_e4m3(RowView::packed(&x, dim), 2, 96, 1.0, &q), Err(small4::Error::InvalidArgument(_))));
+    assert!(matches!(moe::quantize_act_e4m3(RowView::packed(&x, dim), 3, dim, 1.0, &q), Err(small4::Error::Shape { .. })));
+    assert!(matches!(moe::quantize_act_e4m3(RowView::packed(&x, dim), 2, dim, 0.0, &q), Err(small4::Error::InvalidArgument(_))));
+    // e4m3 rows into a GEMM whose weights are not per-tensor fp8, and a too-short e4m3 input.
+    let up = |v: &[i32]| DeviceBuffer::from_slice(device, v).unwrap();
+    let alignment = align_pairs(&[0, 0], None, 1, 8);
+    let (sorted_pairs, tile_experts, expert_offsets) = (up(&alignment.sorted_pairs), up(&alignment.tile_experts), up(&alignment.expert_offsets));
+    let num_padded = up(&[alignment.num_padded]);
+    let grouping = Grouping { sorted_pairs: &sorted_pairs, tile_experts: &tile_experts, expert_offsets: &expert_offsets, num_padded: &num_padded, tile_m: 8 };
+    let act = DeviceBuffer::<bf16>::alloc(device, alignment.sorted_pairs.len() * hidden).unwrap();
+    let rows = E4m3Rows { data: &q, scale: 1.0 };
+    let err = moe::up_swiglu_w8a8(&bf16_layer.gate_up, rows, 2, 1, &grouping, &act).unwrap_err();
+    assert!(matches!(err, small4::Error::InvalidArgument(_)), "{err}");
+    let fp8_layer = pack_layer(device, &[&fp8_expert], None);
+    let err = moe::up_swiglu_w8a8(&fp8_layer.gate_up, rows, 3, 1, &grouping, &act).unwrap_err();
+    assert!(matches!(err, small4::Error::Shape { .. }), "{err}");
+}
+
 fn wrappers_reject_bad_shapes(device: &Device) {
     let mut rng = rng(8);
     let (w, _) = random_matrix(&mut rng, WeightFormat::Bf16, 64, 128);
@@ -336,6 +454,11 @@ backend_tests!(
     router_then_moe_layer_matches_reference,
     linear_matches_reference,
     wrappers_reject_bad_shapes,
+    moe_layer_w8a8_matches_reference,
+    moe_layer_w8a8_prefill_and_small_tiles,
+    moe_layer_w8a8_is_deterministic,
+    activation_quantiser_matches_reference,
+    w8a8_wrappers_reject_bad_inputs,
 );
 
 /// Traffic of the two grouped GEMMs at decode shapes with the model's real sizes (dim 4096, hidden 2048), from the
@@ -367,7 +490,7 @@ fn decode_traffic_at_real_dims(format: WeightFormat) {
             // tokens' k distinct choices uniformly over the experts present.
             let local: Vec<&Expert> = (0..experts).map(|_| &expert).collect();
             let weights = pack_layer(&device, &local, None);
-            let case = Case { tokens, dim, hidden, experts, k, format, shared: false, remote: 0, pick: Pick::Uniform, seed: 12 };
+            let case = Case { tokens, dim, hidden, experts, k, format, shared: false, remote: 0, pick: Pick::Uniform, seed: 12, w8a8: None, unrouted_pairs: false };
             let routing = random_routing(&mut rng, &case);
             let tile_m = moe::moe_tile_m(tokens, k, experts);
             let identity: Vec<i32> = (0..experts as i32).collect();

@@ -4,6 +4,7 @@
 use rayon::prelude::*;
 
 use super::linear::matmul_nt;
+use crate::quant::fp8::{e4m3_to_f32, f32_to_e4m3};
 
 /// Top-k choice for each token: `ids[t * k + j]` and `weights[t * k + j]`, best first.
 #[derive(Clone, Debug, PartialEq)]
@@ -103,17 +104,29 @@ pub fn moe_block_with(
     hidden: usize,
     act_bf16: bool,
 ) -> Vec<f32> {
-    let mut out = match shared {
-        Some(s) => swiglu_expert_with(x, &s.w1, &s.w3, &s.w2, tokens, dim, hidden, act_bf16),
-        None => vec![0.0; tokens * dim],
-    };
+    let shared_out = shared.map(|s| swiglu_expert_with(x, &s.w1, &s.w3, &s.w2, tokens, dim, hidden, act_bf16));
+    routed_sum(x, routing, experts, shared_out, tokens, dim, |row, e| swiglu_expert_with(row, &e.w1, &e.w3, &e.w2, 1, dim, hidden, act_bf16))
+}
+
+/// `shared_out` (or zeros) + sum_k w_k * expert(x row, expert_k) per token, over the owned experts (ids < 0 and
+/// `None` experts skipped).
+fn routed_sum(
+    x: &[f32],
+    routing: &Routing,
+    experts: &[Option<ExpertWeights>],
+    shared_out: Option<Vec<f32>>,
+    tokens: usize,
+    dim: usize,
+    expert: impl Fn(&[f32], &ExpertWeights) -> Vec<f32> + Sync,
+) -> Vec<f32> {
+    let mut out = shared_out.unwrap_or_else(|| vec![0.0; tokens * dim]);
     // Tokens are independent: one task per output row.
     out.par_chunks_mut(dim.max(1)).enumerate().for_each(|(t, out_row)| {
         let row = &x[t * dim..(t + 1) * dim];
         for j in 0..routing.k {
             let id = routing.ids[t * routing.k + j];
             let Some(Some(e)) = usize::try_from(id).ok().and_then(|i| experts.get(i)) else { continue };
-            let y = swiglu_expert_with(row, &e.w1, &e.w3, &e.w2, 1, dim, hidden, act_bf16);
+            let y = expert(row, e);
             let w = routing.weights[t * routing.k + j];
             for (o, v) in out_row.iter_mut().zip(&y) {
                 *o += w * v;
@@ -121,6 +134,43 @@ pub fn moe_block_with(
         }
     });
     out
+}
+
+/// W8A8 activations: `e4m3(x * (1 / scale)) * scale` per element, e4m3 rounding to nearest even and saturating to
+/// ±448 (`f32_to_e4m3`, the rule of PTX `cvt.rn.satfinite.e4m3x2.f32`). The reciprocal is taken once in f32 and
+/// multiplied, as the device's quantiser (`kernels::moe::quantize_act_e4m3`) does, so both pick the same codes.
+pub fn quantize_act_e4m3(x: &[f32], scale: f32) -> Vec<f32> {
+    let inv_scale = 1.0 / scale;
+    x.iter().map(|&v| e4m3_to_f32(f32_to_e4m3(v * inv_scale)) * scale).collect()
+}
+
+/// One SwiGLU expert in W8A8 on `tokens` rows: the input quantised with `scales.0` ([`quantize_act_e4m3`]), the
+/// activation `silu(w1 x) * w3 x` rounded to bf16 (the GEMM stores it so) and quantised with `scales.1`. The weights
+/// are the dequantised fp8 values; products of e4m3 values are exact in f32.
+pub fn swiglu_expert_w8a8(x: &[f32], e: &ExpertWeights, tokens: usize, dim: usize, hidden: usize, scales: (f32, f32)) -> Vec<f32> {
+    let xq = quantize_act_e4m3(x, scales.0);
+    let gate = matmul_nt(&xq, &e.w1, tokens, dim, hidden);
+    let up = matmul_nt(&xq, &e.w3, tokens, dim, hidden);
+    let mut act: Vec<f32> = gate.iter().zip(&up).map(|(&g, &u)| silu(g) * u).collect();
+    super::linear::round_bf16(&mut act);
+    matmul_nt(&quantize_act_e4m3(&act, scales.1), &e.w2, tokens, hidden, dim)
+}
+
+/// [`moe_block`] with the routed experts in W8A8 ([`swiglu_expert_w8a8`], `scales` = (up input, down input)); the
+/// shared expert keeps bf16 activations, as `kernels::moe::moe_layer` runs it.
+#[allow(clippy::too_many_arguments)]
+pub fn moe_block_w8a8(
+    x: &[f32],
+    routing: &Routing,
+    experts: &[Option<ExpertWeights>],
+    shared: Option<&ExpertWeights>,
+    tokens: usize,
+    dim: usize,
+    hidden: usize,
+    scales: (f32, f32),
+) -> Vec<f32> {
+    let shared_out = shared.map(|s| swiglu_expert(x, &s.w1, &s.w3, &s.w2, tokens, dim, hidden));
+    routed_sum(x, routing, experts, shared_out, tokens, dim, |row, e| swiglu_expert_w8a8(row, e, 1, dim, hidden, scales))
 }
 
 /// The grouping of (token, expert) pairs that the grouped GEMM consumes (the router's alignment produces the same on
@@ -216,5 +266,14 @@ mod tests {
         assert!(a.sorted_pairs[8..].iter().all(|&p| p == -1));
         assert_eq!(&a.tile_experts[..2], &[0, 1]);
         assert!(a.tile_experts[2..].iter().all(|&e| e == -1));
+    }
+
+    #[test]
+    fn activation_quantiser_rounds_to_nearest_even_and_saturates() {
+        // Scale 2: 3.25 / 2 = 1.625 is exact in e4m3; 1.0625 * 2 lies halfway between 1.0 and 1.125 (even: 1.0);
+        // 1.1875 * 2 halfway between 1.125 and 1.25 (even: 1.25); 1000 saturates at 448 * 2; NaN stays NaN.
+        let got = quantize_act_e4m3(&[3.25, 2.125, 2.375, 1000.0, -1000.0, 0.0, f32::NAN], 2.0);
+        assert_eq!(&got[..6], &[3.25, 2.0, 2.5, 896.0, -896.0, 0.0]);
+        assert!(got[6].is_nan());
     }
 }

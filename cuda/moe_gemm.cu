@@ -416,6 +416,7 @@ extern "C" __global__ void moe_quantize_act_e4m3(const MoeQuantizeActParams p) {
     const long total = (long)p.rows * words_per_row;
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x) {
         const long row = i / words_per_row;
+        if (p.sorted_pairs != nullptr && (row >= *p.num_padded || p.sorted_pairs[row] < 0)) continue;
         const int word = (int)(i % words_per_row);
         const int q = word & 7;
         const int col = (word >> 3) * 32 + 16 * (q >> 2) + 2 * (q & 3);

@@ -146,6 +146,10 @@ struct GenerateArgs {
     /// Activation rounding of the reference forward pass (bf16: where the GPU path stores bf16).
     #[arg(long, value_enum, default_value = "bf16")]
     rounding: Rounding,
+    /// Routed experts in W8A8 (e4m3 activations with the checkpoint's static scales, `qscale_act`): needs
+    /// per-tensor FP8 experts with activation scales (the generated tiny checkpoint has them with --format fp8).
+    #[arg(long)]
+    fp8_activations: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -331,7 +335,13 @@ fn generate_engine(
 ) -> anyhow::Result<()> {
     let load = Instant::now();
     let model = DeviceModel::load(device, checkpoint, ExpertShard::SINGLE)?;
-    let options = EngineOptions { eos: Some(args.eos), page_size: 16, num_pages: (prompt_ids.len() + args.max_tokens).div_ceil(16) + 1, ..EngineOptions::default() };
+    let options = EngineOptions {
+        eos: Some(args.eos),
+        page_size: 16,
+        num_pages: (prompt_ids.len() + args.max_tokens).div_ceil(16) + 1,
+        fp8_activations: args.fp8_activations,
+        ..EngineOptions::default()
+    };
     let mut engine = Engine::new(model, options, None)?;
     println!("{} on {} (loaded in {:.2} s), prompt: {prompt}", checkpoint.dir.display(), device.name(), load.elapsed().as_secs_f64());
     let sampling = if args.temperature > 0.0 { Sampling::Seeded { temperature: args.temperature, top_p: args.top_p, seed: args.sample_seed } } else { Sampling::Greedy };
@@ -375,6 +385,7 @@ fn generate_reference(args: &GenerateArgs, checkpoint: &Checkpoint, prompt_ids: 
             Attention::Naive => AttentionForm::Naive,
             Attention::Absorbed => AttentionForm::Absorbed,
         },
+        fp8_activations: args.fp8_activations,
     };
     let model = ReferenceModel::new(weights, options)?;
     println!("{} on the CPU reference, {:?}, prompt: {prompt}", checkpoint.dir.display(), options);

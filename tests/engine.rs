@@ -32,11 +32,16 @@ struct Fixture {
 }
 
 fn fixture(config: &ModelConfig, layout: Layout, format: WeightFormat, seed: u64) -> Fixture {
+    fixture_with(config, layout, format, seed, ForwardOptions::default())
+}
+
+/// [`fixture`] with the reference run under `forward`.
+fn fixture_with(config: &ModelConfig, layout: Layout, format: WeightFormat, seed: u64, forward: ForwardOptions) -> Fixture {
     let weights = ReferenceWeights::random(config, seed).unwrap();
     let dir = tempfile::tempdir().unwrap();
     write_checkpoint(dir.path(), &weights, &layout, format, 1 << 20).unwrap();
     let checkpoint = Checkpoint::open(dir.path()).unwrap();
-    let reference = ReferenceModel::new(load_reference_weights(&checkpoint).unwrap(), ForwardOptions::default()).unwrap();
+    let reference = ReferenceModel::new(load_reference_weights(&checkpoint).unwrap(), forward).unwrap();
     Fixture { _dir: dir, checkpoint, reference }
 }
 
@@ -81,15 +86,27 @@ fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Request {
 fn one_layer_prefill_and_paged_decode(device: &Device) {
     // FP8 block-128 attention takes the engine's special paths: W_UK zero-padded to 128 columns, W_UV in 64-row pieces.
     for format in [WeightFormat::Bf16, WeightFormat::Fp8Block128] {
-        one_layer(device, format);
+        one_layer(device, format, false);
     }
 }
 
-fn one_layer(device: &Device, format: WeightFormat) {
+/// (a) in W8A8 (`EngineOptions::fp8_activations`): per-tensor FP8 experts with the synthetic checkpoint's activation
+/// scales, against the reference that quantises the routed experts' activations the same way; and the typed error
+/// when the checkpoint has no activation scales (bf16 experts).
+fn one_layer_fp8_activations(device: &Device) {
+    one_layer(device, WeightFormat::Fp8PerTensor, true);
     let config = ModelConfig { n_layers: 1, ..ModelConfig::tiny() };
-    let f = fixture(&config, Layout::Native, format, 5);
+    let f = fixture(&config, Layout::Native, WeightFormat::Bf16, 5);
     let model = DeviceModel::load(device, &f.checkpoint, ExpertShard::SINGLE).unwrap();
-    let mut engine = Engine::new(model, options(4), None).unwrap();
+    let err = Engine::new(model, EngineOptions { fp8_activations: true, ..options(4) }, None).err().expect("bf16 experts have no W8A8");
+    assert!(matches!(err, small4::Error::InvalidArgument(_)), "{err}");
+}
+
+fn one_layer(device: &Device, format: WeightFormat, fp8_activations: bool) {
+    let config = ModelConfig { n_layers: 1, ..ModelConfig::tiny() };
+    let f = fixture_with(&config, Layout::Native, format, 5, ForwardOptions { fp8_activations, ..ForwardOptions::default() });
+    let model = DeviceModel::load(device, &f.checkpoint, ExpertShard::SINGLE).unwrap();
+    let mut engine = Engine::new(model, EngineOptions { fp8_activations, ..options(4) }, None).unwrap();
     let vocab = config.vocab;
     let other = engine.new_sequence();
     let seq = engine.new_sequence();
@@ -219,6 +236,6 @@ fn two_expert_parallel_ranks_match_one(device: &Device) {
     assert_eq!(one.iter().map(|(t, _)| *t).collect::<Vec<_>>(), reference_greedy(&f.reference, &tokens, 4).0);
 }
 
-backend_tests!(one_layer_prefill_and_paged_decode, native_bf16_fp8_int4, hf_fp8_fp8_block_nvfp4, joining_sequences_match_each_alone, two_expert_parallel_ranks_match_one);
+backend_tests!(one_layer_prefill_and_paged_decode, one_layer_fp8_activations, native_bf16_fp8_int4, hf_fp8_fp8_block_nvfp4, joining_sequences_match_each_alone, two_expert_parallel_ranks_match_one);
 
 

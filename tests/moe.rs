@@ -158,9 +158,7 @@ fn run_moe_case(device: &Device, case: &Case) -> (Vec<u16>, Vec<f32>) {
     let alignment = align_pairs(&routing.ids, Some(&expert_map), local_count, tile_m);
 
     let mut weights = pack_layer(device, &local, shared.as_ref());
-    if let Some(scales) = case.w8a8 {
-        weights = weights.with_fp8_activations(scales).unwrap();
-    }
+    weights.set_fp8_activations(case.w8a8).unwrap();
     let capacity = alignment.sorted_pairs.len();
     let workspace = MoeWorkspace::new(device, &weights, tokens, k, capacity).unwrap();
     let up = |v: &[i32]| DeviceBuffer::from_slice(device, v).unwrap();
@@ -398,14 +396,15 @@ fn w8a8_wrappers_reject_bad_inputs(device: &Device) {
     let mut rng = rng(24);
     let (dim, hidden) = (128, 64);
     let bf16_expert = random_expert(&mut rng, WeightFormat::Bf16, dim, hidden);
-    let bf16_layer = pack_layer(device, &[&bf16_expert], None);
-    assert!(matches!(pack_layer(device, &[&bf16_expert], None).with_fp8_activations(W8A8_SCALES), Err(small4::Error::InvalidArgument(_))));
+    let mut bf16_layer = pack_layer(device, &[&bf16_expert], None);
+    assert!(matches!(bf16_layer.set_fp8_activations(Some(W8A8_SCALES)), Err(small4::Error::InvalidArgument(_))));
     let fp8_expert = random_expert(&mut rng, WeightFormat::Fp8PerTensor, dim, hidden);
+    let mut fp8_layer = pack_layer(device, &[&fp8_expert], None);
     for bad in [0.0, -1.0, f32::NAN, f32::INFINITY] {
-        let layer = pack_layer(device, &[&fp8_expert], None);
-        let err = layer.with_fp8_activations(Fp8ActScales { up: bad, down: 1.0 }).err().expect("scale rejected");
+        let err = fp8_layer.set_fp8_activations(Some(Fp8ActScales { up: bad, down: 1.0 })).unwrap_err();
         assert!(matches!(err, small4::Error::InvalidArgument(_)), "{err}");
     }
+    assert_eq!(fp8_layer.fp8_activations, None);
     let x = DeviceBuffer::<bf16>::alloc(device, 2 * dim).unwrap();
     let q = DeviceBuffer::<u8>::alloc(device, 2 * dim).unwrap();
     assert!(matches!(moe::quantize_act_e4m3(RowView::packed(&x, dim), 2, 96, 1.0, &q), Err(small4::Error::InvalidArgument(_))));
@@ -421,7 +420,6 @@ fn w8a8_wrappers_reject_bad_inputs(device: &Device) {
     let rows = E4m3Rows { data: &q, scale: 1.0 };
     let err = moe::up_swiglu_w8a8(&bf16_layer.gate_up, rows, 2, 1, &grouping, &act).unwrap_err();
     assert!(matches!(err, small4::Error::InvalidArgument(_)), "{err}");
-    let fp8_layer = pack_layer(device, &[&fp8_expert], None);
     let err = moe::up_swiglu_w8a8(&fp8_layer.gate_up, rows, 3, 1, &grouping, &act).unwrap_err();
     assert!(matches!(err, small4::Error::Shape { .. }), "{err}");
 }

@@ -136,6 +136,9 @@ typedef struct MoeGemmParams {
 typedef struct MoeQuantizeActParams {
     const bf16 *x;                 /* [rows, x_stride] */
     unsigned char *out;            /* [rows, cols] */
+    const int *sorted_pairs;       /* rows are a grouping's slots: only slots r < *num_padded with sorted_pairs[r] >= 0
+                                      are read and written (padding slots hold nothing); null = every row */
+    const int *num_padded;
     int rows;
     int cols;
     int x_stride;                  /* elements between input rows */

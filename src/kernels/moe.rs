@@ -495,6 +495,17 @@ pub fn down(
 /// CPU twin is `reference::moe::quantize_act_e4m3`), each 32 columns in the B-operand order of the W8A8 GEMMs
 /// (`MoeQuantizeActParams` in params.h). `cols` a multiple of 64 (the GEMMs' k step), the view's stride even.
 pub fn quantize_act_e4m3(x: RowView, rows: usize, cols: usize, scale: f32, out: &DeviceBuffer<u8>) -> Result<()> {
+    launch_quantize_act(x, rows, cols, scale, out, None)
+}
+
+/// [`quantize_act_e4m3`] of the slots of `grouping` (rows = its capacity): padding slots are neither read nor written.
+fn quantize_slots_e4m3(x: &DeviceBuffer<bf16>, cols: usize, grouping: &Grouping, scale: f32, out: &DeviceBuffer<u8>) -> Result<()> {
+    let rows = grouping.capacity();
+    check_len("quantize slots x", x.len(), rows * cols)?;
+    launch_quantize_act(RowView::packed(x, cols), rows, cols, scale, out, Some(grouping))
+}
+
+fn launch_quantize_act(x: RowView, rows: usize, cols: usize, scale: f32, out: &DeviceBuffer<u8>, slots: Option<&Grouping>) -> Result<()> {
     check_act_scale("quantize_act_e4m3", scale)?;
     if cols == 0 || cols % 64 != 0 {
         return Err(Error::InvalidArgument(format!("quantize_act_e4m3: cols {cols} must be a positive multiple of 64")));
@@ -508,6 +519,8 @@ pub fn quantize_act_e4m3(x: RowView, rows: usize, cols: usize, scale: f32, out: 
     let params = MoeQuantizeActParams {
         x: x.addr() as *const _,
         out: out.mut_ptr(),
+        sorted_pairs: opt_ptr(slots.map(|g| g.sorted_pairs)),
+        num_padded: opt_ptr(slots.map(|g| g.num_padded)),
         rows: to_i32("quantize_act_e4m3 rows", rows)?,
         cols: to_i32("quantize_act_e4m3 cols", cols)?,
         x_stride: to_i32("quantize_act_e4m3 stride", x.stride)?,
@@ -625,17 +638,20 @@ impl MoeLayerWeights {
             fp8_activations: None,
         })
     }
-    /// Runs the routed experts in W8A8 with these activation scales (both projections must hold per-tensor fp8).
-    pub fn with_fp8_activations(mut self, scales: Fp8ActScales) -> Result<Self> {
-        for (what, w) in [("gate_up", &self.gate_up), ("down", &self.down)] {
-            if w.format != WeightFormat::Fp8PerTensor {
-                return Err(Error::InvalidArgument(format!("fp8 activations: {what} weights are {}, not per-tensor fp8", w.format)));
+    /// Runs the routed experts in W8A8 with these activation scales (both projections must hold per-tensor fp8), or
+    /// with bf16 activations (None). Workspaces are sized by it: make them after.
+    pub fn set_fp8_activations(&mut self, scales: Option<Fp8ActScales>) -> Result<()> {
+        if let Some(scales) = scales {
+            for (what, w) in [("gate_up", &self.gate_up), ("down", &self.down)] {
+                if w.format != WeightFormat::Fp8PerTensor {
+                    return Err(Error::InvalidArgument(format!("fp8 activations: {what} weights are {}, not per-tensor fp8", w.format)));
+                }
             }
+            check_act_scale("fp8 activations (up)", scales.up)?;
+            check_act_scale("fp8 activations (down)", scales.down)?;
         }
-        check_act_scale("fp8 activations (up)", scales.up)?;
-        check_act_scale("fp8 activations (down)", scales.down)?;
-        self.fp8_activations = Some(scales);
-        Ok(self)
+        self.fp8_activations = scales;
+        Ok(())
     }
     pub fn dim(&self) -> usize {
         self.gate_up.k_dim
@@ -694,6 +710,35 @@ pub struct RoutingBuffers<'a> {
     pub top_k: usize,
 }
 
+/// The routed experts of a layer: `workspace.pair_out` [tokens * k, dim] = routing weight x expert(x) for every pair of
+/// the grouping, through `workspace.act` (up + SwiGLU, then down); in W8A8 when `weights.fp8_activations`, with the
+/// input and the activation quantised to e4m3 into `workspace.e4m3` first.
+pub fn routed_experts(
+    weights: &MoeLayerWeights,
+    x: &DeviceBuffer<bf16>,
+    tokens: usize,
+    top_k: usize,
+    grouping: &Grouping,
+    topk_weights: &DeviceBuffer<f32>,
+    workspace: &MoeWorkspace,
+) -> Result<()> {
+    let (dim, hidden) = (weights.dim(), weights.hidden());
+    check_len("routed experts workspace act", workspace.act.len(), grouping.capacity() * hidden)?;
+    let (act, pair_out) = (&workspace.act, &workspace.pair_out);
+    let Some(scales) = weights.fp8_activations else {
+        up_swiglu(&weights.gate_up, x, tokens, top_k, grouping, act)?;
+        return down(&weights.down, act, grouping, top_k, topk_weights, pair_out);
+    };
+    let Some((x_e4m3, act_e4m3)) = &workspace.e4m3 else {
+        return Err(Error::InvalidArgument("routed experts: W8A8 weights but the workspace has no e4m3 buffers (made before?)".into()));
+    };
+    check_len("routed experts x", x.len(), tokens * dim)?;
+    quantize_act_e4m3(RowView::packed(x, dim), tokens, dim, scales.up, x_e4m3)?;
+    up_swiglu_w8a8(&weights.gate_up, E4m3Rows { data: x_e4m3, scale: scales.up }, tokens, top_k, grouping, act)?;
+    quantize_slots_e4m3(act, hidden, grouping, scales.down, act_e4m3)?;
+    down_w8a8(&weights.down, E4m3Rows { data: act_e4m3, scale: scales.down }, grouping, top_k, topk_weights, pair_out)
+}
+
 /// One whole MoE layer: out [tokens, dim] bf16 = shared(x) + sum_j w_j expert_j(x) over the locally owned experts.
 /// Five launches: routed up (+SwiGLU), routed down (x routing weight), shared up, shared down, combine; W8A8 layers
 /// (`weights.fp8_activations`) quantise the input and the SwiGLU activation to e4m3 first (two more).
@@ -706,35 +751,17 @@ pub fn moe_layer(
     workspace: &MoeWorkspace,
     out: &DeviceBuffer<bf16>,
 ) -> Result<()> {
-    let (dim, hidden, k) = (weights.dim(), weights.hidden(), routing.top_k);
+    let (dim, k) = (weights.dim(), routing.top_k);
     if tokens != workspace.tokens || k != workspace.top_k {
         return Err(Error::InvalidArgument(format!(
             "moe_layer: {tokens} tokens x top-{k} but the workspace holds {} x top-{}",
             workspace.tokens, workspace.top_k
         )));
     }
-    check_len("moe_layer workspace act", workspace.act.len(), grouping.capacity() * hidden)?;
     check_len("moe_layer topk_weights", routing.topk_weights.len(), tokens * k)?;
     let pair_out = &workspace.pair_out;
     check_len("moe_layer pair_out", pair_out.len(), tokens * k * dim)?;
-    match weights.fp8_activations {
-        Some(scales) => {
-            let Some((x_e4m3, act_e4m3)) = &workspace.e4m3 else {
-                return Err(Error::InvalidArgument("moe_layer: W8A8 weights but the workspace has no e4m3 buffers".into()));
-            };
-            check_len("moe_layer x", x.len(), tokens * dim)?;
-            quantize_act_e4m3(RowView::packed(x, dim), tokens, dim, scales.up, x_e4m3)?;
-            up_swiglu_w8a8(&weights.gate_up, E4m3Rows { data: x_e4m3, scale: scales.up }, tokens, k, grouping, &workspace.act)?;
-            // Padding slots of `act` are never written; their e4m3 copies are never read either.
-            let slots = grouping.capacity();
-            quantize_act_e4m3(RowView::packed(&workspace.act, hidden), slots, hidden, scales.down, act_e4m3)?;
-            down_w8a8(&weights.down, E4m3Rows { data: act_e4m3, scale: scales.down }, grouping, k, routing.topk_weights, pair_out)?;
-        }
-        None => {
-            up_swiglu(&weights.gate_up, x, tokens, k, grouping, &workspace.act)?;
-            down(&weights.down, &workspace.act, grouping, k, routing.topk_weights, pair_out)?;
-        }
-    }
+    routed_experts(weights, x, tokens, k, grouping, routing.topk_weights, workspace)?;
     let shared_out = match &weights.shared {
         Some(shared) => {
             shared_expert(shared, x, tokens, workspace)?;

@@ -246,6 +246,24 @@ impl Checkpoint {
         }
     }
 
+    /// The static activation scales (`qscale_act`) of layer `layer`'s routed experts, for W8A8: (the largest over the
+    /// experts' w1 and w3, the largest over their w2). One quantised copy of a token's row feeds all of its experts,
+    /// so one scale per projection (the largest: nothing saturates that would not for some expert). None unless every
+    /// expert matrix is per-tensor FP8 with an activation scale.
+    pub fn expert_activation_scales(&self, layer: usize, experts: usize, dim: usize, hidden: usize) -> Result<Option<(f32, f32)>> {
+        let (mut up, mut down) = (0f32, 0f32);
+        for e in 0..experts {
+            for which in [ExpertMatrix::W1, ExpertMatrix::W3, ExpertMatrix::W2] {
+                let MatrixData::Fp8PerTensor { activation_scale: Some(scale), .. } = self.expert_matrix(layer, e, which, dim, hidden)? else {
+                    return Ok(None);
+                };
+                let max = if which == ExpertMatrix::W2 { &mut down } else { &mut up };
+                *max = max.max(scale);
+            }
+        }
+        Ok(Some((up, down)))
+    }
+
     /// Reads a matrix stored under `base` (`base` itself, or `base.weight`, `base.weight_packed`, ...).
     fn matrix_at(&self, base: &str, rows: usize, cols: usize, stacked: Option<StackedSlice>) -> Result<MatrixData<'_>> {
         // HF stores the stacked experts without a `.weight` suffix; everything else has one.

@@ -33,7 +33,7 @@ use safetensors::Dtype;
 use crate::device::collective::Collective;
 use crate::device::{Device, DeviceBuffer};
 use crate::kernels::attention::{self, AttentionScratch, BlockTables, CacheWriteWeights, PagedCache, Queries, QueryLayout, TokenSlots};
-use crate::kernels::moe::{self, DeviceWeights, Grouping, MoeLayerWeights, MoeWorkspace, RowView};
+use crate::kernels::moe::{self, DeviceWeights, Fp8ActScales, Grouping, MoeLayerWeights, MoeWorkspace, RowView};
 use crate::kernels::norm;
 use crate::kernels::ops::{self, GatherStatus, QueryScale, SamplingInputs};
 use crate::kernels::router::{self, ExpertMap, RouterConfig, RouterWorkspace, Routing};
@@ -97,6 +97,9 @@ struct DeviceLayer {
     gate: DeviceBuffer<bf16>,
     /// This rank's routed experts and the (replicated) shared expert.
     moe: MoeLayerWeights,
+    /// The routed experts' static activation scales (per-tensor FP8 checkpoints with `qscale_act`), for
+    /// `EngineOptions::fp8_activations`.
+    fp8_act_scales: Option<Fp8ActScales>,
 }
 
 /// A checkpoint uploaded to a device in the kernels' layouts.
@@ -252,6 +255,9 @@ impl DeviceModel {
                 ffn_norm: plain(&format!("{p}.ffn_norm.weight"), c.dim)?,
                 gate: DeviceBuffer::from_slice(device, &bf16_values(checkpoint.plain(&format!("{p}.gate.weight"), Dtype::BF16, &[c.experts, c.dim])?.data))?,
                 moe,
+                fp8_act_scales: checkpoint
+                    .expert_activation_scales(l, c.experts, c.dim, c.expert_hidden)?
+                    .map(|(up, down)| Fp8ActScales { up, down }),
             });
         }
         let table = |name: &str| -> Result<Vec<bf16>> { Ok(bf16_values(checkpoint.plain(name, Dtype::BF16, &[c.vocab, c.dim])?.data)) };
@@ -335,6 +341,9 @@ pub struct EngineOptions {
     pub keep_logits: bool,
     /// Forced KV split count of the attention (None: the kernel's heuristic).
     pub attention_splits: Option<usize>,
+    /// Routed experts in W8A8: e4m3 activations with the checkpoint's static scales (`qscale_act`) on the e4m3
+    /// tensor cores. Needs per-tensor FP8 experts with activation scales; the shared expert stays bf16.
+    pub fp8_activations: bool,
 }
 
 impl Default for EngineOptions {
@@ -346,6 +355,7 @@ impl Default for EngineOptions {
             eos: Some(DEFAULT_EOS),
             keep_logits: false,
             attention_splits: None,
+            fp8_activations: false,
         }
     }
 }
@@ -440,7 +450,7 @@ pub struct Engine {
 impl Engine {
     /// An engine over `model`; `collective` joins the ranks of expert parallelism (every rank runs the same
     /// requests in the same order).
-    pub fn new(model: DeviceModel, options: EngineOptions, collective: Option<Box<dyn Collective>>) -> Result<Self> {
+    pub fn new(mut model: DeviceModel, options: EngineOptions, collective: Option<Box<dyn Collective>>) -> Result<Self> {
         if let Some(col) = &collective {
             let shard = model.shard;
             if (col.rank(), col.world_size()) != (shard.rank, shard.world) {
@@ -448,6 +458,18 @@ impl Engine {
             }
         } else if model.shard.world != 1 {
             return Err(Error::InvalidArgument(format!("model shard {:?} needs a collective", model.shard)));
+        }
+        for (l, layer) in model.layers.iter_mut().enumerate() {
+            let scales = match (options.fp8_activations, layer.fp8_act_scales) {
+                (false, _) => None,
+                (true, Some(scales)) => Some(scales),
+                (true, None) => {
+                    return Err(Error::InvalidArgument(format!(
+                        "fp8 activations: layer {l}'s routed experts are not per-tensor FP8 with activation scales (qscale_act)"
+                    )))
+                }
+            };
+            layer.moe.set_fp8_activations(scales)?;
         }
         let desc = CacheDescriptor::mla(options.num_pages, options.page_size, options.cache_dtype)?;
         let caches = (0..model.config.n_layers).map(|_| PagedCache::new(&model.device, desc)).collect::<Result<_>>()?;
@@ -683,8 +705,7 @@ impl Engine {
                 // Pairs of other ranks' experts stay zero here and arrive by the all-reduce.
                 device.memset(ws.moe.pair_out.addr(), 0, ws.moe.pair_out.bytes())?;
             }
-            moe::up_swiglu(&layer.moe.gate_up, &ws.h, t, k, &grouping, &ws.moe.act)?;
-            moe::down(&layer.moe.down, &ws.moe.act, &grouping, k, &ws.routing.topk_weights, &ws.moe.pair_out)?;
+            moe::routed_experts(&layer.moe, &ws.h, t, k, &grouping, &ws.routing.topk_weights, &ws.moe)?;
             if let Some(col) = &self.collective {
                 col.all_reduce_sum_f32(&ws.moe.pair_out)?;
             }

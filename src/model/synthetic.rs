@@ -76,6 +76,12 @@ fn f32_scalar(v: f32) -> OwnedTensor {
     OwnedTensor { dtype: Dtype::F32, shape: vec![], data: v.to_le_bytes().to_vec() }
 }
 
+/// The static activation scale (`qscale_act`, x = e4m3 * scale) written beside every per-tensor FP8 matrix, as the
+/// published checkpoint has one. The writer sees no activations to calibrate on: 1/64 spans |x| up to 7 (RMS-normed
+/// inputs times norm weights near 1) with normal e4m3 values down to 2^-12, below the SwiGLU activations of the tiny
+/// preset.
+pub const SYNTHETIC_ACT_SCALE: f32 = 1.0 / 64.0;
+
 /// The stored tensors of one quantised matrix, keyed by suffix (`weight`, `qscale_weight`, ...), native names.
 fn matrix_tensors(m: &QuantizedMatrix) -> Vec<(&'static str, OwnedTensor)> {
     let (rows, cols) = m.shape();
@@ -86,6 +92,7 @@ fn matrix_tensors(m: &QuantizedMatrix) -> Vec<(&'static str, OwnedTensor)> {
         QuantizedMatrix::Fp8PerTensor(q) => vec![
             ("weight", OwnedTensor { dtype: Dtype::F8_E4M3, shape: vec![rows, cols], data: q.data.clone() }),
             ("qscale_weight", f32_scalar(q.scale)),
+            ("qscale_act", f32_scalar(SYNTHETIC_ACT_SCALE)),
         ],
         QuantizedMatrix::Fp8Block128(q) => vec![
             ("weight", OwnedTensor { dtype: Dtype::F8_E4M3, shape: vec![rows, cols], data: q.data.clone() }),
@@ -321,6 +328,7 @@ pub fn load_reference_weights(ck: &Checkpoint) -> Result<ReferenceWeights> {
             None
         };
         let moe = MoeWeights {
+            fp8_act_scales: ck.expert_activation_scales(l, c.experts, c.dim, c.expert_hidden)?,
             gate: bf16_tensor(&format!("{p}.gate.weight"), &[c.experts, c.dim])?,
             experts: (0..c.experts).map(|e| expert(e).map(Some)).collect::<Result<_>>()?,
             shared_experts,

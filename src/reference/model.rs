@@ -29,7 +29,7 @@ use rayon::prelude::*;
 
 use super::attention::latent_attention;
 use super::linear::{dot, matmul_nt, round_bf16};
-use super::moe::{moe_block_with, route, router_logits, softmax, swiglu_expert_with, ExpertWeights};
+use super::moe::{moe_block_w8a8, moe_block_with, route, router_logits, softmax, swiglu_expert_with, ExpertWeights};
 use super::norm::rms_norm;
 use super::rope::{apply_interleaved, llama4_query_scale, yarn_inv_freq};
 use crate::model::ModelConfig;
@@ -79,6 +79,9 @@ pub struct MoeWeights {
     pub experts: Vec<Option<ExpertWeights>>,
     /// The shared experts as one SwiGLU of `expert_hidden * shared_experts`; `None` without shared experts.
     pub shared_experts: Option<ExpertWeights>,
+    /// Static activation scales of the routed experts (up input, down input) from a per-tensor FP8 checkpoint
+    /// (`Checkpoint::expert_activation_scales`); used when `ForwardOptions::fp8_activations`.
+    pub fp8_act_scales: Option<(f32, f32)>,
 }
 
 /// The feed-forward block of one layer.
@@ -171,6 +174,7 @@ impl ReferenceWeights {
                         gate: init.linear(c.experts, dim),
                         experts: (0..c.experts).map(|_| Some(init.swiglu(dim, c.expert_hidden))).collect(),
                         shared_experts: (c.shared_experts > 0).then(|| init.swiglu(dim, c.shared_hidden())),
+                        fp8_act_scales: None,
                     })
                 } else {
                     FeedForward::Dense(init.swiglu(dim, c.dense_hidden))
@@ -304,12 +308,15 @@ impl ReferenceKvCache {
 pub struct ForwardOptions {
     pub rounding: RoundingMode,
     pub attention: AttentionForm,
+    /// Routed experts in W8A8 (`moe_block_w8a8`) with each layer's `MoeWeights::fp8_act_scales`, as the engine's
+    /// `EngineOptions::fp8_activations` runs them.
+    pub fp8_activations: bool,
 }
 
 impl Default for ForwardOptions {
     /// What the GPU decode path computes: bf16 activations, absorbed attention.
     fn default() -> Self {
-        ForwardOptions { rounding: RoundingMode::Bf16Activations, attention: AttentionForm::Absorbed }
+        ForwardOptions { rounding: RoundingMode::Bf16Activations, attention: AttentionForm::Absorbed, fp8_activations: false }
     }
 }
 
@@ -351,6 +358,12 @@ impl ReferenceModel {
     /// Fails with a typed error when a weight's shape does not match the configuration.
     pub fn new(weights: ReferenceWeights, options: ForwardOptions) -> Result<Self> {
         weights.check_shapes()?;
+        if options.fp8_activations {
+            let missing = weights.layers.iter().position(|l| matches!(&l.ffn, FeedForward::Moe(m) if m.fp8_act_scales.is_none()));
+            if let Some(layer) = missing {
+                return Err(Error::InvalidArgument(format!("fp8 activations: MoE layer {layer} has no activation scales")));
+            }
+        }
         let inv_freq = yarn_inv_freq(weights.config.qk_rope, &weights.config.yarn());
         Ok(ReferenceModel { weights, options, inv_freq })
     }
@@ -583,7 +596,10 @@ impl ReferenceModel {
                 let logits = router_logits(h, &moe.gate, tokens, c.dim, c.experts);
                 let routing = route(&logits, c.experts, c.experts_per_token, c.routed_scale);
                 // The shared block's width is expert_hidden * shared_experts, so it runs beside moe_block.
-                let mut y = moe_block_with(h, &routing, &moe.experts, None, tokens, c.dim, c.expert_hidden, act_bf16);
+                let mut y = match moe.fp8_act_scales.filter(|_| self.options.fp8_activations) {
+                    Some(scales) => moe_block_w8a8(h, &routing, &moe.experts, None, tokens, c.dim, c.expert_hidden, scales),
+                    None => moe_block_with(h, &routing, &moe.experts, None, tokens, c.dim, c.expert_hidden, act_bf16),
+                };
                 if let Some(s) = &moe.shared_experts {
                     let shared = swiglu_expert_with(h, &s.w1, &s.w3, &s.w2, tokens, c.dim, c.shared_hidden(), act_bf16);
                     y.iter_mut().zip(&shared).for_each(|(a, b)| *a += b);

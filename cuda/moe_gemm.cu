@@ -246,7 +246,7 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
         }
         unsigned char *x_dst = x_smem + stage * kXStage;
         for (int i = tid; i < BN * kXChunks; i += kThreads) {
-            const int row = i / kXChunks, chunk = i % kXChunks;
+            const int row = i >> (kXChunks == 8 ? 3 : 2), chunk = i & (kXChunks - 1);
             const int pair = slot_pair[row];
             if (pair < 0) continue;
             const long src_row = p.in_by_token ? pair / p.top_k : slot_begin + row;

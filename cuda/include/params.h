@@ -103,8 +103,6 @@ typedef struct MoeGemmParams {
     const unsigned char *group_zeros; /* int4 zero points (same shape), or null for symmetric (zero point 8) */
     const unsigned char *fp4_scales;  /* nvfp4: e4m3 [experts, rows_padded / 16, k_dim / 64, 16, 4] */
     const bf16 *x;                 /* input rows, x_stride elements apart */
-    const unsigned char *x_e4m3;   /* moe_gemm_fp8_act_* only: e4m3 input rows in the moe_quantize_act_e4m3 layout
-                                      (x_stride bytes apart) instead of x */
     bf16 *out_bf16;                /* bf16 output (SwiGLU act or dense y), out_stride elements per row; or null */
     float *out_f32;                /* f32 output (per-pair expert output), out_stride elements per row; or null */
     const int *sorted_pairs;       /* grouped mode: [capacity] pair per slot, -1 = padding; null = dense mode */
@@ -127,6 +125,9 @@ typedef struct MoeGemmParams {
     int in_by_token;               /* 1: input row = pair / top_k (x is [tokens, k_dim]); 0: input row = slot */
     int out_by_pair;               /* 1: output row = pair; 0: output row = slot */
     float act_scale;               /* moe_gemm_fp8_act_* only: x = e4m3 * act_scale (multiplied into the epilogue) */
+    const unsigned char *x_e4m3;   /* moe_gemm_fp8_act_* only: e4m3 input rows in the moe_quantize_act_e4m3 layout
+                                      (x_stride bytes apart) instead of x; last, so the other
+                                      kernels see the fields above where they were */
 } MoeGemmParams;
 
 /* moe_quantize_act_e4m3: out = e4m3(x * inv_scale) (round to nearest even, saturating to +-448, as

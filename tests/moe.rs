@@ -475,9 +475,28 @@ fn decode_traffic_nvfp4() {
     decode_traffic_at_real_dims(WeightFormat::Nvfp4);
 }
 
+#[test]
+#[ignore]
+fn decode_traffic_fp8() {
+    decode_traffic_at_real_dims(WeightFormat::Fp8PerTensor);
+}
+
+/// The W8A8 kernels (per-tensor fp8 weights, e4m3 activations); the activation quantiser's launches are not counted.
+#[test]
+#[ignore]
+fn decode_traffic_fp8_w8a8() {
+    decode_traffic_at_real_dims_with(WeightFormat::Fp8PerTensor, Some(W8A8_SCALES));
+}
+
 /// Prints one Markdown table row per (batch, kernel): `| format | tokens | experts touched | kernel | sector bytes |
 /// distinct sector bytes | ideal bytes | sectors / ideal | distinct / ideal |` (distinct = DRAM if L2 keeps re-reads).
 fn decode_traffic_at_real_dims(format: WeightFormat) {
+    decode_traffic_at_real_dims_with(format, None);
+}
+
+/// [`decode_traffic_at_real_dims`], with e4m3 activations (the W8A8 kernels, 1 byte per activation element) when
+/// `w8a8` holds scales.
+fn decode_traffic_at_real_dims_with(format: WeightFormat, w8a8: Option<Fp8ActScales>) {
     let device = small4::device::simulator();
     let (dim, hidden, k) = (4096, 2048, 4);
     {
@@ -506,12 +525,31 @@ fn decode_traffic_at_real_dims(format: WeightFormat) {
             // Grouping metadata the kernels read: sorted pairs of the used slots, tile experts, offsets.
             let grouping_bytes = 4 * (alignment.num_padded as usize * 2 / tile_m.max(1) + alignment.num_padded as usize + 2 * experts);
 
-            moe::up_swiglu(&weights.gate_up, &x, tokens, k, &grouping, &act).unwrap();
+            // Bytes per input activation element the GEMMs read.
+            let in_bytes = if w8a8.is_some() { 1 } else { 2 };
+            match w8a8 {
+                Some(scales) => {
+                    let x_e4m3 = DeviceBuffer::<u8>::alloc(&device, tokens * dim).unwrap();
+                    moe::quantize_act_e4m3(RowView::packed(&x, dim), tokens, dim, scales.up, &x_e4m3).unwrap();
+                    moe::up_swiglu_w8a8(&weights.gate_up, E4m3Rows { data: &x_e4m3, scale: scales.up }, tokens, k, &grouping, &act).unwrap();
+                }
+                None => moe::up_swiglu(&weights.gate_up, &x, tokens, k, &grouping, &act).unwrap(),
+            }
             let up_counters = device.last_launch_counters().unwrap();
-            let up_ideal = touched * weights.gate_up.bytes_per_expert + tokens * dim * 2 + pairs * hidden * 2 + grouping_bytes;
-            moe::down(&weights.down, &act, &grouping, k, &topk_weights, &pair_out).unwrap();
+            let up_ideal = touched * weights.gate_up.bytes_per_expert + tokens * dim * in_bytes + pairs * hidden * 2 + grouping_bytes;
+            match w8a8 {
+                Some(scales) => {
+                    let slots = alignment.sorted_pairs.len();
+                    let act_e4m3 = DeviceBuffer::<u8>::alloc(&device, slots * hidden).unwrap();
+                    moe::quantize_act_e4m3(RowView::packed(&act, hidden), slots, hidden, scales.down, &act_e4m3).unwrap();
+                    let rows = E4m3Rows { data: &act_e4m3, scale: scales.down };
+                    moe::down_w8a8(&weights.down, rows, &grouping, k, &topk_weights, &pair_out).unwrap();
+                }
+                None => moe::down(&weights.down, &act, &grouping, k, &topk_weights, &pair_out).unwrap(),
+            }
             let down_counters = device.last_launch_counters().unwrap();
-            let down_ideal = touched * weights.down.bytes_per_expert + pairs * hidden * 2 + pairs * dim * 4 + pairs * 4 + grouping_bytes;
+            let down_ideal = touched * weights.down.bytes_per_expert + pairs * hidden * in_bytes + pairs * dim * 4 + pairs * 4 + grouping_bytes;
+            let format = if w8a8.is_some() { format!("{format} W8A8") } else { format.to_string() };
             for (name, counters, ideal) in [("up + SwiGLU", up_counters, up_ideal), ("down x weight", down_counters, down_ideal)] {
                 println!(
                     "| {format} | {tokens} | {touched} | {name} | {} | {} | {ideal} | {:.3} | {:.3} |",

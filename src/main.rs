@@ -330,7 +330,14 @@ fn generate_engine(
     sink: &mut TokenSink,
 ) -> anyhow::Result<()> {
     let load = Instant::now();
-    let model = DeviceModel::load(device, checkpoint, ExpertShard::SINGLE)?;
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template("loading {bar:30} {pos}/{len} layers {elapsed}").expect("a valid progress template"),
+    );
+    let model = DeviceModel::load_with_progress(device, checkpoint, ExpertShard::SINGLE, |p| {
+        bar.set_length(p.total as u64);
+        bar.set_position(p.done as u64);
+    })?;
+    bar.finish_and_clear();
     let options = EngineOptions { eos: Some(args.eos), page_size: 16, num_pages: (prompt_ids.len() + args.max_tokens).div_ceil(16) + 1, ..EngineOptions::default() };
     let mut engine = Engine::new(model, options, None)?;
     println!("{} on {} (loaded in {:.2} s), prompt: {prompt}", checkpoint.dir.display(), device.name(), load.elapsed().as_secs_f64());

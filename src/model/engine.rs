@@ -177,10 +177,23 @@ fn one_block_row(first: usize, count: usize) -> Result<usize> {
     Ok(block)
 }
 
+/// Loading progress in steps: one per decoder layer, then one for the embeddings and the output head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadProgress {
+    pub done: usize,
+    pub total: usize,
+}
+
 impl DeviceModel {
     /// Uploads `checkpoint` to `device`: every layer's weights are read from the mapped files, repacked and uploaded
     /// before the next layer is touched. `shard` selects the routed experts this rank holds.
     pub fn load(device: &Device, checkpoint: &Checkpoint, shard: ExpertShard) -> Result<Self> {
+        Self::load_with_progress(device, checkpoint, shard, |_| {})
+    }
+
+    /// [`DeviceModel::load`], reporting after each uploaded layer (and once more after the embeddings and head), so a
+    /// caller can draw a progress bar over the minutes a full checkpoint takes.
+    pub fn load_with_progress(device: &Device, checkpoint: &Checkpoint, shard: ExpertShard, mut on_progress: impl FnMut(LoadProgress)) -> Result<Self> {
         let c = ModelConfig::from_json_str(&checkpoint.config_json.to_string())?;
         if shard.world == 0 || shard.rank >= shard.world || shard.world > c.experts {
             return Err(Error::InvalidArgument(format!("expert shard {shard:?} of {} experts", c.experts)));
@@ -253,6 +266,7 @@ impl DeviceModel {
                 gate: DeviceBuffer::from_slice(device, &bf16_values(checkpoint.plain(&format!("{p}.gate.weight"), Dtype::BF16, &[c.experts, c.dim])?.data))?,
                 moe,
             });
+            on_progress(LoadProgress { done: l + 1, total: c.n_layers + 1 });
         }
         let table = |name: &str| -> Result<Vec<bf16>> { Ok(bf16_values(checkpoint.plain(name, Dtype::BF16, &[c.vocab, c.dim])?.data)) };
         let embeddings = table("tok_embeddings.weight")?;
@@ -260,8 +274,10 @@ impl DeviceModel {
         let output = upload_linear(device, &QuantizedMatrix::Bf16 { data: output, rows: c.vocab, cols: c.dim })?;
         let rope = c.qk_rope;
         let identity: Vec<bf16> = (0..rope * rope).map(|i| if i / rope == i % rope { bf16::ONE } else { bf16::ZERO }).collect();
+        let tok_embeddings = DeviceBuffer::from_slice(device, &embeddings)?;
+        on_progress(LoadProgress { done: c.n_layers + 1, total: c.n_layers + 1 });
         Ok(DeviceModel {
-            tok_embeddings: DeviceBuffer::from_slice(device, &embeddings)?,
+            tok_embeddings,
             norm: plain("norm.weight", c.dim)?,
             output,
             inv_freq: DeviceBuffer::from_slice(device, &yarn_inv_freq(c.qk_rope, &c.yarn()))?,
@@ -376,8 +392,40 @@ struct Workspace {
     router: RouterWorkspace,
     routing: Routing,
     moe: MoeWorkspace,
+}
+
+/// Which rows the output head runs over.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum HeadRows {
+    /// Each sequence's last token (a step: only those rows are sampled).
+    Last,
+    /// Every token (`Engine::forward_logits`, for the tests' comparison with the reference).
+    All,
+}
+
+/// The output head's rows and results: `rows` rows of the final norm's output gathered in batch order, their f32
+/// logits and the chosen ids. Sized by the rows (sequences in a step), not by the tokens: a 2048-token prefill of one
+/// sequence computes one row of logits (131072 x 4 bytes), not 2048 of them (1 GiB at the model's vocabulary).
+struct Head {
+    rows: usize,
+    /// Row of the final norm's output each head row reads.
+    source_rows: DeviceBuffer<i32>,
+    h: DeviceBuffer<bf16>,
     logits: DeviceBuffer<f32>,
     next: DeviceBuffer<i32>,
+}
+
+impl Head {
+    fn new(model: &DeviceModel, rows: usize) -> Result<Self> {
+        let (c, d) = (&model.config, &model.device);
+        Ok(Head {
+            rows,
+            source_rows: DeviceBuffer::alloc(d, rows)?,
+            h: DeviceBuffer::alloc(d, rows * c.dim)?,
+            logits: DeviceBuffer::alloc(d, rows * c.vocab)?,
+            next: DeviceBuffer::alloc(d, rows)?,
+        })
+    }
 }
 
 impl Workspace {
@@ -407,8 +455,6 @@ impl Workspace {
             router: RouterWorkspace::new(d, tokens, c.experts, c.dim)?,
             routing,
             moe,
-            logits: DeviceBuffer::alloc(d, tokens * c.vocab)?,
-            next: DeviceBuffer::alloc(d, tokens)?,
         })
     }
 }
@@ -432,6 +478,7 @@ pub struct Engine {
     collective: Option<Box<dyn Collective>>,
     scratch: AttentionScratch,
     workspace: Option<Workspace>,
+    head: Option<Head>,
     gather_status: GatherStatus,
     active: BTreeMap<RequestId, Active>,
     next_id: u64,
@@ -457,6 +504,7 @@ impl Engine {
             collective,
             scratch: AttentionScratch::new(&model.device),
             workspace: None,
+            head: None,
             gather_status: GatherStatus::new(&model.device)?,
             active: BTreeMap::new(),
             next_id: 0,
@@ -513,20 +561,21 @@ impl Engine {
         }
         let ids: Vec<RequestId> = self.active.keys().copied().collect();
         let batch: Vec<(SeqId, Vec<u32>)> = ids.iter().map(|id| (self.active[id].seq, self.active[id].pending.clone())).collect();
-        let last_rows = self.forward_device(&batch)?;
+        self.forward_device(&batch, HeadRows::Last)?;
         let ws = self.workspace.as_ref().expect("forward_device leaves a workspace");
-        let rows = ws.tokens;
+        let head = self.head.as_ref().expect("forward_device leaves the head's rows");
+        // Head row i is request i's last token.
+        let rows = head.rows;
         let vocab = self.model.config.vocab;
         let greedy = ids.iter().all(|id| self.active[id].request.sampling == Sampling::Greedy);
         if greedy {
-            ops::argmax(&ws.logits, rows, vocab, &ws.next)?;
+            ops::argmax(&head.logits, rows, vocab, &head.next)?;
         } else {
-            // Every row gets settings; rows that are not a sequence's last token are greedy (and unused).
             let mut temperature = vec![0.0f32; rows];
             let mut top_p = vec![1.0f32; rows];
             let mut seeds = vec![0u64; rows];
             let mut steps = vec![0i32; rows];
-            for (id, &row) in ids.iter().zip(&last_rows) {
+            for (row, id) in ids.iter().enumerate() {
                 let a = &self.active[id];
                 if let Sampling::Seeded { temperature: t, top_p: p, seed } = a.request.sampling {
                     (temperature[row], top_p[row], seeds[row], steps[row]) = (t, p, seed, a.generated as i32);
@@ -539,15 +588,15 @@ impl Engine {
                 seeds: &DeviceBuffer::from_slice(d, &seeds)?,
                 steps: &DeviceBuffer::from_slice(d, &steps)?,
             };
-            ops::sample(&ws.logits, rows, vocab, &inputs, &ws.next)?;
+            ops::sample(&head.logits, rows, vocab, &inputs, &head.next)?;
         }
         // The step's one synchronisation: the host needs the tokens to stop sequences and feed the next step.
-        let next = ws.next.to_vec()?;
+        let next = head.next.to_vec()?;
         self.gather_status.check(&ws.ids, vocab)?;
-        let logits = if self.options.keep_logits { Some(ws.logits.to_vec()?) } else { None };
+        let logits = if self.options.keep_logits { Some(head.logits.to_vec()?) } else { None };
         self.gather_status.reset()?;
         let mut out = Vec::with_capacity(ids.len());
-        for (id, &row) in ids.iter().zip(&last_rows) {
+        for (row, id) in ids.iter().enumerate() {
             let token = u32::try_from(next[row]).map_err(|_| Error::InvalidArgument(format!("no token for request {} (NaN logits)", id.0)))?;
             let a = self.active.get_mut(id).unwrap();
             a.generated += 1;
@@ -587,8 +636,8 @@ impl Engine {
     /// Appends `tokens` to each sequence's cache and returns the f32 logits of EVERY token, [tokens, vocab],
     /// in batch order: the layer-level view the tests compare with the reference.
     pub fn forward_logits(&mut self, batch: &[(SeqId, Vec<u32>)]) -> Result<Vec<f32>> {
-        self.forward_device(batch)?;
-        self.workspace.as_ref().unwrap().logits.to_vec()
+        self.forward_device(batch, HeadRows::All)?;
+        self.head.as_ref().expect("forward_device leaves the head's rows").logits.to_vec()
     }
 
     /// A new empty sequence for [`Engine::forward_logits`].
@@ -596,14 +645,14 @@ impl Engine {
         self.kv.add_sequence()
     }
 
-    /// The whole network over a batch: each sequence's new tokens follow what its cache holds. Leaves the logits of
-    /// every token in the workspace and returns the row of each sequence's last token.
+    /// The whole network over a batch: each sequence's new tokens follow what its cache holds. Leaves in `self.head`
+    /// the logits of each sequence's last token (`HeadRows::Last`, in batch order) or of every token (`All`).
     ///
     /// On a GPU the part after the host bookkeeping (from the uploads of ids/positions/tables to the logits) is what
     /// a CUDA graph captures for a decode step of a given batch size: every launch reads fixed workspace buffers,
     /// sizes come from the workspace's fixed capacity, and variable data (ids, positions, block tables, sequence
     /// lengths, the router's grouping, `num_padded`) lives in device buffers, so nothing inside waits for the host.
-    fn forward_device(&mut self, batch: &[(SeqId, Vec<u32>)]) -> Result<Vec<usize>> {
+    fn forward_device(&mut self, batch: &[(SeqId, Vec<u32>)], head_rows: HeadRows) -> Result<()> {
         let c = self.model.config.clone();
         let device = self.model.device.clone();
         // Host bookkeeping: reserve cache slots, lay out the tokens.
@@ -635,6 +684,16 @@ impl Engine {
         let tables = BlockTables::upload(&device, &self.kv.batch_tables(&seqs)?, self.kv.descriptor())?;
         let layout = QueryLayout::upload(&device, &q_start)?;
         let slots = TokenSlots::upload(&device, &token_seq, &positions)?;
+        let source_rows: Vec<i32> = match head_rows {
+            HeadRows::Last => q_start[1..].iter().map(|&end| end - 1).collect(),
+            HeadRows::All => (0..t as i32).collect(),
+        };
+        if self.head.as_ref().is_none_or(|h| h.rows != source_rows.len()) {
+            self.head = None;
+            self.head = Some(Head::new(&self.model, source_rows.len())?);
+        }
+        let head = self.head.as_ref().unwrap();
+        head.source_rows.copy_from(&source_rows)?;
         let ws = self.workspace.as_ref().unwrap();
         ws.ids.copy_from(&ids)?;
         ws.positions.copy_from(&positions)?;
@@ -699,9 +758,9 @@ impl Engine {
             let next_norm = m.layers.get(l + 1).map_or(&m.norm, |next| &next.attention_norm);
             norm::add_rms_norm(&ws.block_out, x_mid, next_norm, x, &ws.h, t, eps)?;
         }
-        // ws.h is the final norm's output: the head over every token (prefill rows other than the last are cheap
-        // next to the layers at these sizes; a real server would gather the last rows first).
-        moe::linear_f32(&m.output, &ws.h, t, &ws.logits)?;
-        Ok(q_start[1..].iter().map(|&end| end as usize - 1).collect())
+        // ws.h is the final norm's output: gather the head's rows (host-computed, always in range), then the head.
+        ops::embedding_gather(&head.source_rows, &ws.h, dim, &head.h, &self.gather_status)?;
+        moe::linear_f32(&m.output, &head.h, head.rows, &head.logits)?;
+        Ok(())
     }
 }

@@ -73,13 +73,16 @@ fn sizes_are_rounded_up_to_whole_blocks_within_the_maximum_and_match_the_token_g
         let tokens = image_token_ids(encoder, size).unwrap();
         assert_eq!(tokens.iter().filter(|&&t| img(t)).count(), (tower.width / 28) * (tower.height / 28), "{w}x{h}: one [IMG] per 28x28 block");
     }
-    // A decoded image that needs a resize: a constant colour stays that colour (the filter's weights sum to one).
-    let flat = image::RgbImage::from_pixel(100, 30, image::Rgb([30, 60, 90]));
-    let pixels = decode_pixels(&png(&image::DynamicImage::ImageRgb8(flat)), "flat", &config()).unwrap();
-    assert_eq!((pixels.width, pixels.height), (112, 56));
-    let plane = 112 * 56;
-    for c in 0..3 {
-        assert!(pixels.data[c * plane..][..plane].iter().all(|&v| v == normalised([30, 60, 90][c], c)), "channel {c}");
+    // Decoded images that need a resize, up to whole blocks and down to the maximum: a constant colour stays that
+    // colour (the filter's weights sum to one). 1600x40 fits to 1540x38 (38.5 rounds to even), then 55x2 blocks.
+    for ((w, h), want) in [((100, 30), (112, 56)), ((1600, 40), (1540, 56))] {
+        let flat = image::RgbImage::from_pixel(w, h, image::Rgb([30, 60, 90]));
+        let pixels = decode_pixels(&png(&image::DynamicImage::ImageRgb8(flat)), "flat", &config()).unwrap();
+        assert_eq!((pixels.width, pixels.height), want);
+        let plane = want.0 * want.1;
+        for c in 0..3 {
+            assert!(pixels.data[c * plane..][..plane].iter().all(|&v| v == normalised([30, 60, 90][c], c)), "{w}x{h} channel {c}");
+        }
     }
 }
 

@@ -207,6 +207,9 @@ fn two_images_of_different_sizes_in_one_prompt_drive_the_output() {
     assert!(matches!(m.forward_with_images(&ids, &images[..1], &mut m.new_cache()), Err(Error::Shape { .. })));
     let text_model = ReferenceModel::new(ReferenceWeights { vision: None, ..tiny_weights().clone() }, m.options()).unwrap();
     assert!(matches!(text_model.forward_with_images(&ids, &images, &mut text_model.new_cache()), Err(Error::Config(_))));
+    let text_config = ModelConfig { vision: None, ..ModelConfig::tiny() };
+    let text_only_config = ReferenceModel::new(ReferenceWeights { vision: None, config: text_config, ..tiny_weights().clone() }, m.options()).unwrap();
+    assert!(matches!(text_only_config.forward_with_images(&ids, &images, &mut text_only_config.new_cache()), Err(Error::Config(_))));
 }
 
 #[test]
@@ -270,6 +273,23 @@ fn the_cli_generates_from_a_png_and_a_jpeg_on_the_reference() {
     let generated = m.generate_greedy_with_images(&ids, &images, 4, |_| {}).unwrap().generated;
     let text = tokenizer.decode(&generated, SpecialTokenPolicy::Ignore).unwrap();
     assert_eq!(lines[1..lines.len() - 1].join("\n").trim_end(), text.trim_end());
+
+    // A chat request names its images in image_url chunks: the same prompt and the same output.
+    let chat = dir.path().join("chat.json");
+    let request = serde_json::json!({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": urls[0]}, {"type": "image_url", "image_url": {"url": format!("file://{}", urls[1])}},
+        {"type": "text", "text": "Describe."}]}]});
+    std::fs::write(&chat, request.to_string()).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_small4"))
+        .args(["generate", "--max-tokens", "4", "--seed", &seed, "--chat", chat.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let chat_stdout = String::from_utf8_lossy(&out.stdout);
+    let chat_lines: Vec<&str> = chat_stdout.lines().collect();
+    // Same prompt ids, same generated text (the last line is timings).
+    assert_eq!(chat_lines[0].rsplit_once("prompt: ").unwrap().1, lines[0].rsplit_once("prompt: ").unwrap().1);
+    assert_eq!(chat_lines[1..chat_lines.len() - 1], lines[1..lines.len() - 1], "--chat with image_url chunks");
 
     // The engine backends have no tower yet; unreadable images are named.
     let out = run(&["--backend", "sim"]);

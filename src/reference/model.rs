@@ -414,7 +414,7 @@ impl ReferenceModel {
     pub fn encode_images(&self, images: &[PixelImage]) -> Result<Vec<Vec<f32>>> {
         let c = self.config();
         let (Some(config), Some(weights)) = (&c.vision, &self.weights.vision) else {
-            return Err(Error::Config("this model has no vision tower (its configuration or checkpoint has none)".into()));
+            return Err(no_vision_tower());
         };
         let tower = VisionTower { weights, config, text_dim: c.dim, round_bf16: self.options.rounding == RoundingMode::Bf16Activations };
         tower.encode(images)
@@ -447,10 +447,11 @@ impl ReferenceModel {
         let dim = c.dim;
         let mut x: Vec<f32> = tokens.iter().flat_map(|&t| &self.weights.tok_embeddings[t as usize * dim..][..dim]).copied().collect();
         if !images.is_empty() {
-            let features = self.encode_images(images)?;
-            let image_token = c.vision.as_ref().map_or(0, |v| v.image_token_id);
+            let v = c.vision.as_ref().ok_or_else(no_vision_tower)?;
+            let image_token = v.image_token_id;
             let slots: Vec<usize> = tokens.iter().enumerate().filter(|(_, &t)| t == image_token).map(|(i, _)| i).collect();
-            let rows: usize = features.iter().map(|f| f.len() / dim).sum();
+            // Checked before the tower runs: each image fills one [IMG] per merged patch.
+            let rows: usize = images.iter().map(|image| image.feature_count(v)).sum();
             if slots.len() != rows {
                 return Err(Error::shape(
                     format!("[IMG] tokens (id {image_token}) of the prompt for {} images", images.len()),
@@ -458,6 +459,7 @@ impl ReferenceModel {
                     slots.len(),
                 ));
             }
+            let features = self.encode_images(images)?;
             for (&slot, row) in slots.iter().zip(features.iter().flat_map(|f| f.chunks_exact(dim))) {
                 x[slot * dim..][..dim].copy_from_slice(row);
             }
@@ -668,6 +670,10 @@ impl ReferenceModel {
         self.store_bf16(&mut y);
         y
     }
+}
+
+fn no_vision_tower() -> Error {
+    Error::Config("this model has no vision tower (its configuration or checkpoint has none)".into())
 }
 
 /// Index of the largest logit, the lower index among equals.

@@ -127,8 +127,10 @@ pub const MAX_IMAGE_FILE_BYTES: u64 = 64 << 20;
 /// Images with a side above this are refused before they are decoded.
 pub const MAX_IMAGE_SIDE: usize = 16384;
 
-/// The Pixtral normalisation (CLIP's mean and std), per RGB channel.
+/// The Pixtral normalisation (CLIP's mean and std), per RGB channel, with the spec's digits.
+#[allow(clippy::excessive_precision)]
 pub const PIXTRAL_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+#[allow(clippy::excessive_precision)]
 pub const PIXTRAL_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 
 /// The tower's input of the image an `image_url` names (a file path, `file://` allowed, or a base64 data URL), as

@@ -28,6 +28,10 @@ pub enum Error {
     UnknownSequence(u64),
     #[error("out of KV-cache pages: need {needed}, {free} free")]
     OutOfPages { needed: usize, free: usize },
+    #[error("image {path} cannot be read: {reason}")]
+    ImageUnreadable { path: String, reason: String },
+    #[error("image {path} is too large: {what}")]
+    ImageTooLarge { path: String, what: String },
     #[error("I/O error on {path}: {source}")]
     Io { path: String, source: std::io::Error },
     #[error("JSON error in {what}: {source}")]

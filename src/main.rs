@@ -14,7 +14,9 @@ use small4::model::synthetic::{load_reference_weights, write_checkpoint, HF_MIST
 use small4::model::ModelConfig;
 use small4::quant::WeightFormat;
 use small4::reference::model::{AttentionForm, ForwardOptions, ReferenceModel, ReferenceWeights, RoundingMode};
-use small4::tokenizer::{ChatRequest, OutputPrinter, OutputStream, SpecialTokenPolicy, StreamingDecoder, Tokenizer};
+use small4::reference::vision::PixelImage;
+use small4::tokenizer::image::load_pixels_from_url;
+use small4::tokenizer::{ChatRequest, EncodedPrompt, OutputPrinter, OutputStream, SpecialTokenPolicy, StreamingDecoder, Tokenizer};
 
 #[derive(Parser)]
 #[command(name = "small4", version, about = "Mistral Small 4 on Hopper GPUs: kernels, reference and engine")]
@@ -109,6 +111,9 @@ struct GenerateArgs {
     /// Seed of the sampling (engine backends).
     #[arg(long, default_value_t = 0)]
     sample_seed: u64,
+    /// Engine backends: run every decode step eagerly instead of replaying captured graphs.
+    #[arg(long)]
+    eager: bool,
     /// Stop token of the engine backends (the reference runs to --max-tokens).
     #[arg(long, default_value_t = DEFAULT_EOS)]
     eos: u32,
@@ -125,7 +130,7 @@ struct GenerateArgs {
     /// Reasoning effort written into the prompt's [MODEL_SETTINGS] (the tokenizer's allowed values: none, high).
     #[arg(long)]
     reasoning_effort: Option<String>,
-    /// Images for --prompt (needs the vision tower).
+    /// PNG or JPEG images for --prompt (repeatable), placed before the text; the reference backend only.
     #[arg(long)]
     image: Vec<PathBuf>,
     /// A tekken.json; default: the model directory's own, else the embedded v15 stand-in cut to the model's vocabulary.
@@ -186,7 +191,8 @@ fn tiny_checkpoint(args: &GenerateArgs) -> anyhow::Result<PathBuf> {
         LayoutArg::Native => (Layout::Native, "native"),
         LayoutArg::Hf => (Layout::HuggingFace { prefix: HF_MISTRAL3_PREFIX.to_string() }, "hf"),
     };
-    let dir = std::env::temp_dir().join(format!("small4-tiny-{layout_name}-{format}-seed{}", args.seed));
+    // v2: the preset has a vision tower (a cache written before it has none).
+    let dir = std::env::temp_dir().join(format!("small4-tiny-v2-{layout_name}-{format}-seed{}", args.seed));
     if Checkpoint::open(&dir).is_err() {
         let weights = ReferenceWeights::random(&ModelConfig::tiny(), args.seed).context("building the tiny preset's weights")?;
         // Written beside the final directory, then renamed: a killed run never leaves a half checkpoint behind.
@@ -205,14 +211,31 @@ fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
     };
     let checkpoint = Checkpoint::open(&dir)?;
     let vocab = ModelConfig::from_json_str(&checkpoint.config_json.to_string())?.vocab;
-    let (prompt_ids, tokenizer) = match &args.prompt_ids {
+    let (prompt_ids, tokenizer, images) = match &args.prompt_ids {
+        Some(_) if !args.image.is_empty() => bail!("--image goes with a text prompt (--prompt or --chat), not --prompt-ids"),
         Some(ids) if ids.is_empty() => bail!("--prompt-ids needs at least one token id"),
-        Some(ids) => (ids.clone(), None),
+        Some(ids) => (ids.clone(), None, Vec::new()),
         None => {
             let tokenizer = generation_tokenizer(args, &dir, vocab)?;
-            (encode_prompt(args, &tokenizer)?, Some(tokenizer))
+            let prompt = encode_prompt(args, &tokenizer)?;
+            let images = match (prompt.images.is_empty(), tokenizer.image_encoder()) {
+                (true, _) => Vec::new(),
+                (false, Some(encoder)) => prompt
+                    .images
+                    .iter()
+                    .map(|image| load_pixels_from_url(&image.url, &encoder.config))
+                    .collect::<small4::Result<Vec<_>>>()?,
+                (false, None) => bail!("the tokenizer has no image configuration"),
+            };
+            (prompt.ids, Some(tokenizer), images)
         }
     };
+    if !images.is_empty() && args.backend != Backend::Reference {
+        return Err(small4::Error::InvalidArgument(
+            "images run on the CPU reference backend only (--backend reference): the CUDA engine has no vision tower kernels yet".into(),
+        )
+        .into());
+    }
     if let Some(&bad) = prompt_ids.iter().find(|&&id| id as usize >= vocab) {
         bail!("prompt token id {bad} is outside the model's vocabulary of {vocab}");
     }
@@ -220,7 +243,7 @@ fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
     let shown: Vec<String> = prompt_ids.iter().map(u32::to_string).collect();
     let prompt = format!("[{}]", shown.join(","));
     match args.backend {
-        Backend::Reference => generate_reference(args, &checkpoint, &prompt_ids, &prompt, &mut sink),
+        Backend::Reference => generate_reference(args, &checkpoint, &prompt_ids, &images, &prompt, &mut sink),
         Backend::Sim => generate_engine(args, &small4::device::simulator(), &checkpoint, &prompt_ids, &prompt, &mut sink),
         Backend::Gpu => generate_engine(args, &small4::device::gpu()?, &checkpoint, &prompt_ids, &prompt, &mut sink),
     }
@@ -243,22 +266,21 @@ fn generation_tokenizer(args: &GenerateArgs, model_dir: &Path, vocab: usize) -> 
     Ok(Tokenizer::stand_in_truncated(vocab, STAND_IN_SPECIALS)?)
 }
 
-/// The v15 chat prompt of `--chat` or `--prompt` (default: a fixed greeting).
-fn encode_prompt(args: &GenerateArgs, tokenizer: &Tokenizer) -> anyhow::Result<Vec<u32>> {
-    if !args.image.is_empty() {
-        bail!("image input needs the vision tower, which small4 does not have yet (issue 7); drop --image");
-    }
+/// The v15 chat prompt of `--chat` or `--prompt` (default: a fixed greeting), `--image`s before the text.
+fn encode_prompt(args: &GenerateArgs, tokenizer: &Tokenizer) -> anyhow::Result<EncodedPrompt> {
     let request = match &args.chat {
+        Some(_) if !args.image.is_empty() => bail!("--image goes with --prompt; a --chat request names its images itself (image_url chunks)"),
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|e| small4::Error::io(path, e))?;
             ChatRequest::from_json(&text)?
         }
         None => {
             let prompt = args.prompt.as_deref().unwrap_or(DEFAULT_PROMPT);
-            ChatRequest::single_turn(args.system.as_deref(), prompt, &[], args.reasoning_effort.as_deref())
+            let images: Vec<String> = args.image.iter().map(|p| p.display().to_string()).collect();
+            ChatRequest::single_turn(args.system.as_deref(), prompt, &images, args.reasoning_effort.as_deref())
         }
     };
-    Ok(tokenizer.encode_chat(&request)?.ids)
+    Ok(tokenizer.encode_chat(&request)?)
 }
 
 const DEFAULT_PROMPT: &str = "Hello! Which model are you?";
@@ -334,11 +356,19 @@ fn generate_engine(
     sink: &mut TokenSink,
 ) -> anyhow::Result<()> {
     let load = Instant::now();
-    let model = DeviceModel::load(device, checkpoint, ExpertShard::SINGLE)?;
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template("loading {bar:30} {pos}/{len} layers {elapsed}").expect("a valid progress template"),
+    );
+    let model = DeviceModel::load_with_progress(device, checkpoint, ExpertShard::SINGLE, |p| {
+        bar.set_length(p.total as u64);
+        bar.set_position(p.done as u64);
+    })?;
+    bar.finish_and_clear();
     let options = EngineOptions {
         eos: Some(args.eos),
         page_size: 16,
         num_pages: (prompt_ids.len() + args.max_tokens).div_ceil(16) + 1,
+        graphs: !args.eager,
         fp8_activations: args.fp8_activations,
         ..EngineOptions::default()
     };
@@ -374,7 +404,14 @@ fn generate_engine(
     Ok(())
 }
 
-fn generate_reference(args: &GenerateArgs, checkpoint: &Checkpoint, prompt_ids: &[u32], prompt: &str, sink: &mut TokenSink) -> anyhow::Result<()> {
+fn generate_reference(
+    args: &GenerateArgs,
+    checkpoint: &Checkpoint,
+    prompt_ids: &[u32],
+    images: &[PixelImage],
+    prompt: &str,
+    sink: &mut TokenSink,
+) -> anyhow::Result<()> {
     let weights = load_reference_weights(checkpoint)?;
     let options = ForwardOptions {
         rounding: match args.rounding {
@@ -391,7 +428,7 @@ fn generate_reference(args: &GenerateArgs, checkpoint: &Checkpoint, prompt_ids: 
     println!("{} on the CPU reference, {:?}, prompt: {prompt}", checkpoint.dir.display(), options);
     sink.start();
     let mut failure = None;
-    let stats = model.generate_greedy(prompt_ids, args.max_tokens, |token| {
+    let stats = model.generate_greedy_with_images(prompt_ids, images, args.max_tokens, |token| {
         if failure.is_none() {
             failure = sink.push(token).err();
         }
@@ -452,8 +489,11 @@ fn detokenize_command(tokenizer: Option<&Path>, keep_special: bool) -> anyhow::R
     Ok(())
 }
 
-/// The layer of a stored tensor name (`layers.N.` in either layout), or None for the global tensors.
+/// The text layer of a stored tensor name (`layers.N.` in either layout), or None for the global and vision tensors.
 fn layer_of(name: &str) -> Option<usize> {
+    if name.contains("vision") {
+        return None;
+    }
     let rest = &name[name.find("layers.")? + "layers.".len()..];
     rest.split('.').next()?.parse().ok()
 }
@@ -517,6 +557,9 @@ fn inspect(dir: &Path) -> anyhow::Result<()> {
                 check(format!("{p}.experts.{e}.{which:?}"), ck.expert_matrix(l, e, which, c.dim, c.expert_hidden).map(|m| m.format_name()));
             }
         }
+    }
+    if let Some(v) = &c.vision {
+        check("vision tower and projector".into(), ck.vision_weights(v, c.dim).map(|_| "vision tower (reference backend)"));
     }
     let summary: Vec<String> = formats.iter().map(|(f, n)| format!("{n} {f}")).collect();
     println!("weights read by the engine: {}", summary.join(", "));

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{result, sys, CudaContext, CudaStream};
 
-use super::{Backend, Kernel, LaunchConfig};
+use super::{Backend, Graph, Kernel, LaunchConfig};
 use crate::error::{Error, Result};
 
 pub struct CudaBackend {
@@ -16,6 +16,20 @@ pub struct CudaBackend {
     context: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     functions: Mutex<HashMap<(&'static str, &'static str), FunctionHandle>>,
+    /// While a graph capture is open: the stream it records (the legacy default stream cannot be captured).
+    capture: Mutex<Option<Arc<CudaStream>>>,
+}
+
+/// An instantiated CUDA graph; destroyed with the `Graph` that owns it.
+struct GraphExec(sys::CUgraphExec);
+// SAFETY: an executable graph handle may be launched from any thread with its context current.
+unsafe impl Send for GraphExec {}
+unsafe impl Sync for GraphExec {}
+impl Drop for GraphExec {
+    fn drop(&mut self) {
+        // SAFETY: created by `instantiate`, destroyed once.
+        let _ = unsafe { result::graph::exec_destroy(self.0) };
+    }
 }
 
 /// A loaded kernel; CUfunction is a driver handle valid for the context's lifetime.
@@ -39,7 +53,7 @@ impl CudaBackend {
             .map_err(|_| Error::NoGpu("the CUDA driver could not be initialised".into()))?
             .map_err(|e| Error::NoGpu(format!("CUDA device {ordinal}: {e:?}")))?;
         let stream = context.default_stream();
-        Ok(CudaBackend { ordinal, context, stream, functions: Mutex::new(HashMap::new()) })
+        Ok(CudaBackend { ordinal, context, stream, functions: Mutex::new(HashMap::new()), capture: Mutex::new(None) })
     }
 
     pub fn ordinal(&self) -> usize {
@@ -53,6 +67,14 @@ impl CudaBackend {
 
     pub fn device_name(&self) -> Result<String> {
         self.context.name().map_err(driver_error("device name"))
+    }
+
+    /// Host operations are refused while a capture is open (the captured step must only launch kernels).
+    fn not_capturing(&self, what: &str) -> Result<()> {
+        if self.capture.lock().unwrap().is_some() {
+            return Err(Error::InvalidArgument(format!("{what} inside a graph capture: a captured step may only launch kernels")));
+        }
+        Ok(())
     }
 
     fn function(&self, kernel: &Kernel) -> Result<sys::CUfunction> {
@@ -81,30 +103,35 @@ impl Backend for CudaBackend {
     }
 
     fn alloc(&self, bytes: usize) -> Result<u64> {
+        self.not_capturing("alloc")?;
         self.context.bind_to_thread().map_err(driver_error("bind context"))?;
         // SAFETY: plain allocation; freed by `free`.
         unsafe { result::malloc_sync(bytes) }.map_err(driver_error("cuMemAlloc"))
     }
 
     fn free(&self, addr: u64) -> Result<()> {
+        self.not_capturing("free")?;
         self.context.bind_to_thread().map_err(driver_error("bind context"))?;
         self.stream.synchronize().map_err(driver_error("synchronize before free"))?;
         unsafe { result::free_sync(addr) }.map_err(driver_error("cuMemFree"))
     }
 
     fn write(&self, addr: u64, data: &[u8]) -> Result<()> {
+        self.not_capturing("a copy to the device")?;
         self.context.bind_to_thread().map_err(driver_error("bind context"))?;
         self.stream.synchronize().map_err(driver_error("synchronize before copy"))?;
         unsafe { result::memcpy_htod_sync(addr, data) }.map_err(driver_error("copy to device"))
     }
 
     fn read(&self, addr: u64, out: &mut [u8]) -> Result<()> {
+        self.not_capturing("a copy to the host")?;
         self.context.bind_to_thread().map_err(driver_error("bind context"))?;
         self.stream.synchronize().map_err(driver_error("synchronize before copy"))?;
         unsafe { result::memcpy_dtoh_sync(out, addr) }.map_err(driver_error("copy to host"))
     }
 
     fn memset(&self, addr: u64, byte: u8, bytes: usize) -> Result<()> {
+        self.not_capturing("memset")?;
         self.context.bind_to_thread().map_err(driver_error("bind context"))?;
         self.stream.synchronize().map_err(driver_error("synchronize before memset"))?;
         unsafe { result::memset_d8_sync(addr, byte, bytes) }.map_err(driver_error("memset"))
@@ -124,17 +151,54 @@ impl Backend for CudaBackend {
             .map_err(driver_error("set max dynamic shared memory"))?;
         }
         let (g, b) = (config.grid, config.block);
-        // The kernel's single parameter is the struct; the driver copies `params.len()` bytes from this pointer.
+        // The kernel's single parameter is the struct; the driver copies `params.len()` bytes from this pointer
+        // (into the graph's node too, when capturing).
         let mut storage = params.to_vec();
         let mut args = [storage.as_mut_ptr().cast::<c_void>()];
-        unsafe {
-            result::launch_kernel(function, (g.x, g.y, g.z), (b.x, b.y, b.z), config.shared_bytes, self.stream.cu_stream(), &mut args)
-        }
+        let stream = self.capture.lock().unwrap().as_ref().map_or(self.stream.cu_stream(), |s| s.cu_stream());
+        unsafe { result::launch_kernel(function, (g.x, g.y, g.z), (b.x, b.y, b.z), config.shared_bytes, stream, &mut args) }
         .map_err(driver_error(&format!("launch {}::{}", kernel.module.name, kernel.entry)))
     }
 
     fn synchronize(&self) -> Result<()> {
+        self.not_capturing("synchronize")?;
         self.stream.synchronize().map_err(driver_error("synchronize"))
+    }
+
+    fn begin_capture(&self) -> Result<()> {
+        let mut capture = self.capture.lock().unwrap();
+        if capture.is_some() {
+            return Err(Error::InvalidArgument("begin_capture: a capture is already open".into()));
+        }
+        self.context.bind_to_thread().map_err(driver_error("bind context"))?;
+        // Work before the capture (uploads of the step's inputs) is finished first: the graph has no dependency on it.
+        self.stream.synchronize().map_err(driver_error("synchronize before capture"))?;
+        let stream = self.context.new_stream().map_err(driver_error("capture stream"))?;
+        // Relaxed: kernel loading (cuModuleLoadData) and attribute calls stay legal while recording.
+        unsafe { result::stream::begin_capture(stream.cu_stream(), sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED) }
+            .map_err(driver_error("cuStreamBeginCapture"))?;
+        *capture = Some(stream);
+        Ok(())
+    }
+
+    fn end_capture(&self) -> Result<Graph> {
+        let stream = self.capture.lock().unwrap().take().ok_or_else(|| Error::InvalidArgument("end_capture without begin_capture".into()))?;
+        let graph = unsafe { result::stream::end_capture(stream.cu_stream()) }.map_err(driver_error("cuStreamEndCapture"))?;
+        let mut nodes = 0usize;
+        // SAFETY: counting nodes only (a null array asks for the count).
+        unsafe { sys::cuGraphGetNodes(graph, std::ptr::null_mut(), &mut nodes) }.result().map_err(driver_error("cuGraphGetNodes"))?;
+        let exec = unsafe { result::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) };
+        // SAFETY: the graph was created by the capture; the executable copy is independent of it.
+        let _ = unsafe { result::graph::destroy(graph) };
+        let exec = exec.map_err(driver_error("cuGraphInstantiate"))?;
+        Ok(Graph::new(Box::new(GraphExec(exec)), nodes))
+    }
+
+    fn replay(&self, graph: &Graph) -> Result<()> {
+        self.not_capturing("a graph replay")?;
+        let exec = graph.inner.downcast_ref::<GraphExec>().ok_or_else(|| Error::InvalidArgument("replay: a graph recorded by another backend".into()))?;
+        self.context.bind_to_thread().map_err(driver_error("bind context"))?;
+        unsafe { result::graph::launch(exec.0, self.stream.cu_stream()) }.map_err(driver_error("cuGraphLaunch"))
     }
 
     fn device_name(&self) -> String {

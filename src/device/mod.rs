@@ -137,6 +137,21 @@ pub trait Backend: Send + Sync {
     fn launch(&self, kernel: &Kernel, config: &LaunchConfig, params: &[u8]) -> Result<()>;
     /// Waits for all launched work. Errors raised asynchronously by kernels surface here.
     fn synchronize(&self) -> Result<()>;
+    /// Starts recording: until [`Backend::end_capture`], `launch` records the launch into a graph instead of running
+    /// it, and every host operation (alloc, free, read, write, memset, synchronize) is an error, so a captured step
+    /// provably reads only fixed device buffers.
+    /// A backend without graphs keeps this default, and callers run their steps eagerly.
+    fn begin_capture(&self) -> Result<()> {
+        Err(Error::InvalidArgument(format!("the {} backend cannot capture graphs", self.name())))
+    }
+    /// Ends the recording begun by `begin_capture` and returns it, ready to replay.
+    fn end_capture(&self) -> Result<Graph> {
+        Err(Error::InvalidArgument(format!("the {} backend cannot capture graphs", self.name())))
+    }
+    /// Runs a recorded graph again: the same kernels, grids and parameters (so the same buffers), in order.
+    fn replay(&self, _graph: &Graph) -> Result<()> {
+        Err(Error::InvalidArgument(format!("the {} backend cannot replay graphs", self.name())))
+    }
     /// What the device is, for reports: the GPU's marketing name on hardware ("NVIDIA H200"), else the backend's name.
     fn device_name(&self) -> String {
         self.name().to_string()
@@ -167,6 +182,25 @@ pub fn gpu_or_skip(what: &str) -> Option<Device> {
             println!("SKIPPED {what}: needs a real GPU ({e}); nothing was measured. The interpreter's traffic figures are in docs/perf.md.");
             None
         }
+    }
+}
+
+/// A recorded sequence of launches (`Backend::begin_capture` .. `end_capture`): a CUDA graph on a GPU, the list of
+/// launches on the interpreter. Replaying it reruns the launches with their recorded parameters, so every buffer
+/// they name must outlive it and hold the step's inputs before each replay.
+pub struct Graph {
+    /// The backend's own handle (an instantiated CUDA graph, or the interpreter's launch list).
+    pub(crate) inner: Box<dyn std::any::Any + Send + Sync>,
+    launches: usize,
+}
+
+impl Graph {
+    pub(crate) fn new(inner: Box<dyn std::any::Any + Send + Sync>, launches: usize) -> Self {
+        Graph { inner, launches }
+    }
+    /// Kernel launches recorded.
+    pub fn launches(&self) -> usize {
+        self.launches
     }
 }
 

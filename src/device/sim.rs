@@ -5,11 +5,13 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use super::{Backend, Kernel, LaunchConfig, LaunchCounters};
+use super::{Backend, Graph, Kernel, LaunchConfig, LaunchCounters};
 use crate::error::{Error, Result};
 
 pub struct SimBackend {
     machine: Mutex<ptxsim::Machine>,
+    /// The launches recorded since `begin_capture`, while a capture is open.
+    capture: Mutex<Option<Vec<RecordedLaunch>>>,
     /// Parsed modules by `KernelModule::name` (parsing a module happens once per backend).
     modules: Mutex<HashMap<&'static str, Arc<ptxsim::Module>>>,
     last: Mutex<Option<LaunchCounters>>,
@@ -21,7 +23,29 @@ impl SimBackend {
     pub fn new() -> Self {
         let mut machine = ptxsim::Machine::new();
         machine.race_check = std::env::var("PTXSIM_RACE_CHECK").map_or(true, |v| v != "0");
-        SimBackend { machine: Mutex::new(machine), modules: Mutex::new(HashMap::new()), last: Mutex::new(None) }
+        SimBackend { machine: Mutex::new(machine), capture: Mutex::new(None), modules: Mutex::new(HashMap::new()), last: Mutex::new(None) }
+    }
+
+    /// A host operation is refused while a capture is open: a CUDA graph could not contain it, and a step that needs
+    /// one is not replayable.
+    fn not_capturing(&self, what: &str) -> Result<()> {
+        if self.capture.lock().unwrap().is_some() {
+            return Err(Error::InvalidArgument(format!("{what} inside a graph capture: a captured step may only launch kernels")));
+        }
+        Ok(())
+    }
+
+    fn run(&self, kernel: &Kernel, config: &LaunchConfig, params: &[u8]) -> Result<()> {
+        let module = self.module(kernel)?;
+        let (g, b) = (config.grid, config.block);
+        let counters = self
+            .machine
+            .lock()
+            .unwrap()
+            .launch(&module, kernel.entry, [g.x, g.y, g.z], [b.x, b.y, b.z], config.shared_bytes, params)
+            .map_err(sim_error)?;
+        *self.last.lock().unwrap() = Some(launch_counters(&counters));
+        Ok(())
     }
 
     fn module(&self, kernel: &Kernel) -> Result<Arc<ptxsim::Module>> {
@@ -35,6 +59,13 @@ impl SimBackend {
         cache.insert(kernel.module.name, module.clone());
         Ok(module)
     }
+}
+
+/// One launch of a recorded graph: what `Backend::launch` was given.
+struct RecordedLaunch {
+    kernel: Kernel,
+    config: LaunchConfig,
+    params: Vec<u8>,
 }
 
 impl Default for SimBackend {
@@ -72,33 +103,57 @@ impl Backend for SimBackend {
         "sim"
     }
     fn alloc(&self, bytes: usize) -> Result<u64> {
+        self.not_capturing("alloc")?;
         Ok(self.machine.lock().unwrap().alloc(bytes))
     }
     fn free(&self, addr: u64) -> Result<()> {
+        self.not_capturing("free")?;
         self.machine.lock().unwrap().free(addr).map_err(sim_error)
     }
     fn write(&self, addr: u64, data: &[u8]) -> Result<()> {
+        self.not_capturing("a copy to the device")?;
         self.machine.lock().unwrap().write(addr, data).map_err(sim_error)
     }
     fn read(&self, addr: u64, out: &mut [u8]) -> Result<()> {
+        self.not_capturing("a copy to the host")?;
         self.machine.lock().unwrap().read(addr, out).map_err(sim_error)
     }
     fn memset(&self, addr: u64, byte: u8, bytes: usize) -> Result<()> {
+        self.not_capturing("memset")?;
         self.machine.lock().unwrap().memset(addr, byte, bytes).map_err(sim_error)
     }
     fn launch(&self, kernel: &Kernel, config: &LaunchConfig, params: &[u8]) -> Result<()> {
-        let module = self.module(kernel)?;
-        let (g, b) = (config.grid, config.block);
-        let counters = self
-            .machine
-            .lock()
-            .unwrap()
-            .launch(&module, kernel.entry, [g.x, g.y, g.z], [b.x, b.y, b.z], config.shared_bytes, params)
-            .map_err(sim_error)?;
-        *self.last.lock().unwrap() = Some(launch_counters(&counters));
+        if let Some(recorded) = self.capture.lock().unwrap().as_mut() {
+            // Parse now, as the first real launch would: a bad module fails the capture, not a later replay.
+            self.module(kernel)?;
+            recorded.push(RecordedLaunch { kernel: *kernel, config: *config, params: params.to_vec() });
+            return Ok(());
+        }
+        self.run(kernel, config, params)
+    }
+    fn begin_capture(&self) -> Result<()> {
+        let mut capture = self.capture.lock().unwrap();
+        if capture.is_some() {
+            return Err(Error::InvalidArgument("begin_capture: a capture is already open".into()));
+        }
+        *capture = Some(Vec::new());
+        Ok(())
+    }
+    fn end_capture(&self) -> Result<Graph> {
+        let recorded = self.capture.lock().unwrap().take().ok_or_else(|| Error::InvalidArgument("end_capture without begin_capture".into()))?;
+        let launches = recorded.len();
+        Ok(Graph::new(Box::new(recorded), launches))
+    }
+    fn replay(&self, graph: &Graph) -> Result<()> {
+        self.not_capturing("a graph replay")?;
+        let recorded = graph.inner.downcast_ref::<Vec<RecordedLaunch>>().ok_or_else(|| Error::InvalidArgument("replay: a graph recorded by another backend".into()))?;
+        for launch in recorded {
+            self.run(&launch.kernel, &launch.config, &launch.params)?;
+        }
         Ok(())
     }
     fn synchronize(&self) -> Result<()> {
+        self.not_capturing("synchronize")?;
         Ok(())
     }
     fn last_launch_counters(&self) -> Option<LaunchCounters> {

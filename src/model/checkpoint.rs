@@ -341,6 +341,54 @@ impl Checkpoint {
     }
 }
 
+impl Checkpoint {
+    /// The vision tower and projector in f32, by native name in either layout. HF stores the tower's `wq`/`wk` rows
+    /// permuted for rotate-half RoPE; they come back in the native interleaved order.
+    pub fn vision_weights(&self, v: &crate::model::VisionConfig, text_dim: usize) -> Result<crate::reference::vision::VisionWeights> {
+        use crate::reference::vision::{permute_rows_from_hf, VisionLayerWeights, VisionWeights};
+        let plain = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+            let t = self.plain(name, Dtype::BF16, shape)?;
+            Ok(t.data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect())
+        };
+        let matrix = |base: &str, rows: usize, cols: usize| -> Result<Vec<f32>> { Ok(self.matrix(base, rows, cols)?.to_quantized(rows, cols)?.dequantize()) };
+        let rope_rows = |w: Vec<f32>| match self.layout {
+            Layout::Native => w,
+            Layout::HuggingFace { .. } => permute_rows_from_hf(&w, v.head_dim, v.hidden),
+        };
+        let (h, p, m) = (v.hidden, v.patch_size, v.spatial_merge_size);
+        let layers = (0..v.n_layers)
+            .map(|l| {
+                let at = vision_layer_prefix(l);
+                Ok(VisionLayerWeights {
+                    attention_norm: plain(&format!("{at}.attention_norm.weight"), &[h])?,
+                    wq: rope_rows(matrix(&format!("{at}.attention.wq"), h, h)?),
+                    wk: rope_rows(matrix(&format!("{at}.attention.wk"), h, h)?),
+                    wv: matrix(&format!("{at}.attention.wv"), h, h)?,
+                    wo: matrix(&format!("{at}.attention.wo"), h, h)?,
+                    ffn_norm: plain(&format!("{at}.ffn_norm.weight"), &[h])?,
+                    w1: matrix(&format!("{at}.feed_forward.w1"), v.intermediate, h)?,
+                    w3: matrix(&format!("{at}.feed_forward.w3"), v.intermediate, h)?,
+                    w2: matrix(&format!("{at}.feed_forward.w2"), h, v.intermediate)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        let bias = |name: &str| v.adapter_bias.then(|| plain(name, &[text_dim])).transpose();
+        let weights = VisionWeights {
+            patch_conv: plain("vision_encoder.patch_conv.weight", &[h, v.num_channels, p, p])?,
+            ln_pre: plain("vision_encoder.ln_pre.weight", &[h])?,
+            layers,
+            pre_mm_projector_norm: plain("pre_mm_projector_norm.weight", &[h])?,
+            merging_layer: matrix("patch_merger.merging_layer", h, h * m * m)?,
+            w_in: matrix("vision_language_adapter.w_in", text_dim, h)?,
+            w_in_bias: bias("vision_language_adapter.w_in.bias")?,
+            w_out: matrix("vision_language_adapter.w_out", text_dim, text_dim)?,
+            w_out_bias: bias("vision_language_adapter.w_out.bias")?,
+        };
+        weights.check_shapes(v, text_dim)?;
+        Ok(weights)
+    }
+}
+
 #[derive(Clone, Copy)]
 struct StackedSlice {
     expert: usize,
@@ -380,6 +428,9 @@ fn per_expert_scalar(t: &StoredTensor<'_>, expert: usize) -> Result<f32> {
 
 /// The HF name of a native tensor name (non-expert tensors; experts are stacked, see `expert_matrix`).
 pub fn hf_name(native: &str, prefix: &str) -> String {
+    if let Some(name) = hf_vision_name(native, prefix) {
+        return name;
+    }
     const TOP: &[(&str, &str)] = &[("tok_embeddings.weight", "embed_tokens.weight"), ("norm.weight", "norm.weight")];
     if native.starts_with("output.") {
         return native.replacen("output.", "lm_head.", 1);
@@ -412,6 +463,42 @@ pub fn hf_name(native: &str, prefix: &str) -> String {
         }
     }
     format!("{prefix}{native}")
+}
+
+/// The HF name of a vision tensor (transformers' mistral3 converter): the tower under `vision_tower.`, the norm,
+/// patch merger and adapter under `multi_modal_projector.`, both beside the `language_model.` of `prefix`.
+fn hf_vision_name(native: &str, prefix: &str) -> Option<String> {
+    let root = prefix.strip_suffix("language_model.").unwrap_or("");
+    const PROJECTOR: &[(&str, &str)] = &[
+        ("pre_mm_projector_norm.", "multi_modal_projector.norm."),
+        ("patch_merger.", "multi_modal_projector.patch_merger."),
+        ("vision_language_adapter.w_in.", "multi_modal_projector.linear_1."),
+        ("vision_language_adapter.w_out.", "multi_modal_projector.linear_2."),
+    ];
+    if let Some((n, hf)) = PROJECTOR.iter().find(|(n, _)| native.starts_with(n)) {
+        return Some(format!("{root}{hf}{}", &native[n.len()..]));
+    }
+    let tail = native.strip_prefix("vision_encoder.")?;
+    const LAYER: &[(&str, &str)] = &[
+        ("attention.wq.", "attention.q_proj."),
+        ("attention.wk.", "attention.k_proj."),
+        ("attention.wv.", "attention.v_proj."),
+        ("attention.wo.", "attention.o_proj."),
+        ("feed_forward.w1.", "feed_forward.gate_proj."),
+        ("feed_forward.w2.", "feed_forward.down_proj."),
+        ("feed_forward.w3.", "feed_forward.up_proj."),
+    ];
+    if let Some((layer, rest)) = tail.strip_prefix("transformer.layers.").and_then(|r| r.split_once('.')) {
+        if let Some((n, hf)) = LAYER.iter().find(|(n, _)| rest.starts_with(n)) {
+            return Some(format!("{root}vision_tower.transformer.layers.{layer}.{hf}{}", &rest[n.len()..]));
+        }
+    }
+    Some(format!("{root}vision_tower.{tail}"))
+}
+
+/// The native name prefix of the vision tower's layer `l`.
+pub fn vision_layer_prefix(l: usize) -> String {
+    format!("vision_encoder.transformer.layers.{l}")
 }
 
 /// Native FP8 suffixes have HF twins.

@@ -170,7 +170,9 @@ impl ModelConfig {
             shared_experts: 1,
             dense_hidden: 512,
             vocab: 2048,
-            vision: None,
+            // A small tower of the real geometry per head (64) and the real patch, merge and image size, so the
+            // tokenizer's image grid holds for it.
+            vision: Some(VisionConfig { hidden: 128, n_layers: 2, heads: 2, head_dim: 64, intermediate: 256, ..Self::mistral_small_4().vision.unwrap() }),
             ..Self::mistral_small_4()
         }
     }

@@ -31,7 +31,7 @@ use half::bf16;
 use safetensors::Dtype;
 
 use crate::device::collective::Collective;
-use crate::device::{Device, DeviceBuffer};
+use crate::device::{Device, DeviceBuffer, Graph};
 use crate::kernels::attention::{self, AttentionScratch, BlockTables, CacheWriteWeights, PagedCache, Queries, QueryLayout, TokenSlots};
 use crate::kernels::moe::{self, DeviceWeights, Fp8ActScales, Grouping, MoeLayerWeights, MoeWorkspace, RowView};
 use crate::kernels::norm;
@@ -180,10 +180,23 @@ fn one_block_row(first: usize, count: usize) -> Result<usize> {
     Ok(block)
 }
 
+/// Loading progress in steps: one per decoder layer, then one for the embeddings and the output head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadProgress {
+    pub done: usize,
+    pub total: usize,
+}
+
 impl DeviceModel {
     /// Uploads `checkpoint` to `device`: every layer's weights are read from the mapped files, repacked and uploaded
     /// before the next layer is touched. `shard` selects the routed experts this rank holds.
     pub fn load(device: &Device, checkpoint: &Checkpoint, shard: ExpertShard) -> Result<Self> {
+        Self::load_with_progress(device, checkpoint, shard, |_| {})
+    }
+
+    /// [`DeviceModel::load`], reporting after each uploaded layer (and once more after the embeddings and head), so a
+    /// caller can draw a progress bar over the minutes a full checkpoint takes.
+    pub fn load_with_progress(device: &Device, checkpoint: &Checkpoint, shard: ExpertShard, mut on_progress: impl FnMut(LoadProgress)) -> Result<Self> {
         let c = ModelConfig::from_json_str(&checkpoint.config_json.to_string())?;
         if shard.world == 0 || shard.rank >= shard.world || shard.world > c.experts {
             return Err(Error::InvalidArgument(format!("expert shard {shard:?} of {} experts", c.experts)));
@@ -259,6 +272,7 @@ impl DeviceModel {
                     .expert_activation_scales(l, c.experts, c.dim, c.expert_hidden)?
                     .map(|(up, down)| Fp8ActScales { up, down }),
             });
+            on_progress(LoadProgress { done: l + 1, total: c.n_layers + 1 });
         }
         let table = |name: &str| -> Result<Vec<bf16>> { Ok(bf16_values(checkpoint.plain(name, Dtype::BF16, &[c.vocab, c.dim])?.data)) };
         let embeddings = table("tok_embeddings.weight")?;
@@ -266,8 +280,10 @@ impl DeviceModel {
         let output = upload_linear(device, &QuantizedMatrix::Bf16 { data: output, rows: c.vocab, cols: c.dim })?;
         let rope = c.qk_rope;
         let identity: Vec<bf16> = (0..rope * rope).map(|i| if i / rope == i % rope { bf16::ONE } else { bf16::ZERO }).collect();
+        let tok_embeddings = DeviceBuffer::from_slice(device, &embeddings)?;
+        on_progress(LoadProgress { done: c.n_layers + 1, total: c.n_layers + 1 });
         Ok(DeviceModel {
-            tok_embeddings: DeviceBuffer::from_slice(device, &embeddings)?,
+            tok_embeddings,
             norm: plain("norm.weight", c.dim)?,
             output,
             inv_freq: DeviceBuffer::from_slice(device, &yarn_inv_freq(c.qk_rope, &c.yarn()))?,
@@ -341,6 +357,11 @@ pub struct EngineOptions {
     pub keep_logits: bool,
     /// Forced KV split count of the attention (None: the kernel's heuristic).
     pub attention_splits: Option<usize>,
+    /// Replay decode steps (every request adding one token) as captured graphs: a CUDA graph on a GPU (one launch
+    /// for the whole network instead of ~25 per layer), the recorded launch list on the interpreter. One graph per
+    /// (batch size, block-table capacity in pages, a power of two); the first step of a shape runs eagerly, the next
+    /// one captures. Off, or on a backend without graphs, or with a collective, every step runs eagerly.
+    pub graphs: bool,
     /// Routed experts in W8A8: e4m3 activations with the checkpoint's static scales (`qscale_act`) on the e4m3
     /// tensor cores. Needs per-tensor FP8 experts with activation scales; the shared expert stays bf16.
     pub fp8_activations: bool,
@@ -355,6 +376,7 @@ impl Default for EngineOptions {
             eos: Some(DEFAULT_EOS),
             keep_logits: false,
             attention_splits: None,
+            graphs: true,
             fp8_activations: false,
         }
     }
@@ -386,8 +408,40 @@ struct Workspace {
     router: RouterWorkspace,
     routing: Routing,
     moe: MoeWorkspace,
+}
+
+/// Which rows the output head runs over.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum HeadRows {
+    /// Each sequence's last token (a step: only those rows are sampled).
+    Last,
+    /// Every token (`Engine::forward_logits`, for the tests' comparison with the reference).
+    All,
+}
+
+/// The output head's rows and results: `rows` rows of the final norm's output gathered in batch order, their f32
+/// logits and the chosen ids. Sized by the rows (sequences in a step), not by the tokens: a 2048-token prefill of one
+/// sequence computes one row of logits (131072 x 4 bytes), not 2048 of them (1 GiB at the model's vocabulary).
+struct Head {
+    rows: usize,
+    /// Row of the final norm's output each head row reads.
+    source_rows: DeviceBuffer<i32>,
+    h: DeviceBuffer<bf16>,
     logits: DeviceBuffer<f32>,
     next: DeviceBuffer<i32>,
+}
+
+impl Head {
+    fn new(model: &DeviceModel, rows: usize) -> Result<Self> {
+        let (c, d) = (&model.config, &model.device);
+        Ok(Head {
+            rows,
+            source_rows: DeviceBuffer::alloc(d, rows)?,
+            h: DeviceBuffer::alloc(d, rows * c.dim)?,
+            logits: DeviceBuffer::alloc(d, rows * c.vocab)?,
+            next: DeviceBuffer::alloc(d, rows)?,
+        })
+    }
 }
 
 impl Workspace {
@@ -417,10 +471,51 @@ impl Workspace {
             router: RouterWorkspace::new(d, tokens, c.experts, c.dim)?,
             routing,
             moe,
-            logits: DeviceBuffer::alloc(d, tokens * c.vocab)?,
-            next: DeviceBuffer::alloc(d, tokens)?,
         })
     }
+}
+
+/// The buffers of a decode step of one shape, fixed so that a captured graph can replay over them: the step's
+/// inputs are written into them before every run, and nothing in the network allocates or reads back.
+struct DecodeGraph {
+    workspace: Workspace,
+    head: Head,
+    tables: BlockTables,
+    layout: QueryLayout,
+    slots: TokenSlots,
+    scratch: AttentionScratch,
+    /// Eager runs so far; the graph is recorded at the shape's second step (the first sizes everything).
+    eager_runs: usize,
+    graph: Option<Graph>,
+}
+
+/// A step's tokens laid out by the host: ids, positions, each token's batch row, and the first token of each
+/// sequence (`q_start`, one entry more than sequences).
+struct StepLayout {
+    ids: Vec<i32>,
+    positions: Vec<i32>,
+    token_seq: Vec<i32>,
+    q_start: Vec<i32>,
+}
+
+/// What the network reads besides a step's buffers: the weights, the caches and the options. Its `run` only
+/// launches kernels (no allocation, no copy), so a decode step's run can be captured as a graph.
+struct Network<'a> {
+    model: &'a DeviceModel,
+    caches: &'a [PagedCache],
+    options: &'a EngineOptions,
+    collective: Option<&'a dyn Collective>,
+    gather_status: &'a GatherStatus,
+}
+
+/// The shape a decode graph serves: sequences in the batch, pages per block-table row (a power of two).
+type DecodeShape = (usize, usize);
+
+/// Where the last step's outputs are.
+#[derive(Clone, Copy)]
+enum LastStep {
+    Eager,
+    Decode(DecodeShape),
 }
 
 /// A request in the batch.
@@ -442,6 +537,11 @@ pub struct Engine {
     collective: Option<Box<dyn Collective>>,
     scratch: AttentionScratch,
     workspace: Option<Workspace>,
+    head: Option<Head>,
+    decode_graphs: BTreeMap<DecodeShape, DecodeGraph>,
+    /// Whether the backend captured a graph when first asked (false after a refusal: eager from then on).
+    graphs_supported: bool,
+    last_step: LastStep,
     gather_status: GatherStatus,
     active: BTreeMap<RequestId, Active>,
     next_id: u64,
@@ -479,6 +579,10 @@ impl Engine {
             collective,
             scratch: AttentionScratch::new(&model.device),
             workspace: None,
+            head: None,
+            decode_graphs: BTreeMap::new(),
+            graphs_supported: true,
+            last_step: LastStep::Eager,
             gather_status: GatherStatus::new(&model.device)?,
             active: BTreeMap::new(),
             next_id: 0,
@@ -489,6 +593,11 @@ impl Engine {
 
     pub fn model(&self) -> &DeviceModel {
         &self.model
+    }
+
+    /// Decode graphs captured so far (one per batch size and block-table capacity; see `EngineOptions::graphs`).
+    pub fn captured_graphs(&self) -> usize {
+        self.decode_graphs.values().filter(|g| g.graph.is_some()).count()
     }
 
     /// Requests still in the batch.
@@ -535,20 +644,25 @@ impl Engine {
         }
         let ids: Vec<RequestId> = self.active.keys().copied().collect();
         let batch: Vec<(SeqId, Vec<u32>)> = ids.iter().map(|id| (self.active[id].seq, self.active[id].pending.clone())).collect();
-        let last_rows = self.forward_device(&batch)?;
-        let ws = self.workspace.as_ref().expect("forward_device leaves a workspace");
-        let rows = ws.tokens;
+        let decode_only = batch.iter().all(|(_, tokens)| tokens.len() == 1);
+        if decode_only && self.options.graphs && self.graphs_supported && self.collective.is_none() {
+            self.decode_with_graph(&batch)?;
+        } else {
+            self.forward_device(&batch, HeadRows::Last)?;
+        }
+        let (ws, head) = self.last_outputs();
+        // Head row i is request i's last token.
+        let rows = head.rows;
         let vocab = self.model.config.vocab;
         let greedy = ids.iter().all(|id| self.active[id].request.sampling == Sampling::Greedy);
         if greedy {
-            ops::argmax(&ws.logits, rows, vocab, &ws.next)?;
+            ops::argmax(&head.logits, rows, vocab, &head.next)?;
         } else {
-            // Every row gets settings; rows that are not a sequence's last token are greedy (and unused).
             let mut temperature = vec![0.0f32; rows];
             let mut top_p = vec![1.0f32; rows];
             let mut seeds = vec![0u64; rows];
             let mut steps = vec![0i32; rows];
-            for (id, &row) in ids.iter().zip(&last_rows) {
+            for (row, id) in ids.iter().enumerate() {
                 let a = &self.active[id];
                 if let Sampling::Seeded { temperature: t, top_p: p, seed } = a.request.sampling {
                     (temperature[row], top_p[row], seeds[row], steps[row]) = (t, p, seed, a.generated as i32);
@@ -561,15 +675,15 @@ impl Engine {
                 seeds: &DeviceBuffer::from_slice(d, &seeds)?,
                 steps: &DeviceBuffer::from_slice(d, &steps)?,
             };
-            ops::sample(&ws.logits, rows, vocab, &inputs, &ws.next)?;
+            ops::sample(&head.logits, rows, vocab, &inputs, &head.next)?;
         }
         // The step's one synchronisation: the host needs the tokens to stop sequences and feed the next step.
-        let next = ws.next.to_vec()?;
+        let next = head.next.to_vec()?;
         self.gather_status.check(&ws.ids, vocab)?;
-        let logits = if self.options.keep_logits { Some(ws.logits.to_vec()?) } else { None };
+        let logits = if self.options.keep_logits { Some(head.logits.to_vec()?) } else { None };
         self.gather_status.reset()?;
         let mut out = Vec::with_capacity(ids.len());
-        for (id, &row) in ids.iter().zip(&last_rows) {
+        for (row, id) in ids.iter().enumerate() {
             let token = u32::try_from(next[row]).map_err(|_| Error::InvalidArgument(format!("no token for request {} (NaN logits)", id.0)))?;
             let a = self.active.get_mut(id).unwrap();
             a.generated += 1;
@@ -609,8 +723,8 @@ impl Engine {
     /// Appends `tokens` to each sequence's cache and returns the f32 logits of EVERY token, [tokens, vocab],
     /// in batch order: the layer-level view the tests compare with the reference.
     pub fn forward_logits(&mut self, batch: &[(SeqId, Vec<u32>)]) -> Result<Vec<f32>> {
-        self.forward_device(batch)?;
-        self.workspace.as_ref().unwrap().logits.to_vec()
+        self.forward_device(batch, HeadRows::All)?;
+        self.head.as_ref().expect("forward_device leaves the head's rows").logits.to_vec()
     }
 
     /// A new empty sequence for [`Engine::forward_logits`].
@@ -618,51 +732,148 @@ impl Engine {
         self.kv.add_sequence()
     }
 
-    /// The whole network over a batch: each sequence's new tokens follow what its cache holds. Leaves the logits of
-    /// every token in the workspace and returns the row of each sequence's last token.
-    ///
-    /// On a GPU the part after the host bookkeeping (from the uploads of ids/positions/tables to the logits) is what
-    /// a CUDA graph captures for a decode step of a given batch size: every launch reads fixed workspace buffers,
-    /// sizes come from the workspace's fixed capacity, and variable data (ids, positions, block tables, sequence
-    /// lengths, the router's grouping, `num_padded`) lives in device buffers, so nothing inside waits for the host.
-    fn forward_device(&mut self, batch: &[(SeqId, Vec<u32>)]) -> Result<Vec<usize>> {
-        let c = self.model.config.clone();
-        let device = self.model.device.clone();
-        // Host bookkeeping: reserve cache slots, lay out the tokens.
-        let (mut ids, mut positions, mut token_seq, mut q_start) = (Vec::new(), Vec::new(), Vec::new(), vec![0i32]);
+    /// The workspace and head rows of the last forward pass.
+    fn last_outputs(&self) -> (&Workspace, &Head) {
+        match self.last_step {
+            LastStep::Eager => (self.workspace.as_ref().expect("a forward pass ran"), self.head.as_ref().expect("a forward pass ran")),
+            LastStep::Decode(shape) => {
+                let g = &self.decode_graphs[&shape];
+                (&g.workspace, &g.head)
+            }
+        }
+    }
+
+    /// Reserves each sequence's cache slots for its new tokens (copying shared pages first) and lays the tokens out:
+    /// ids, positions, each token's batch row, and the first token of each sequence (`q_start`, one entry more).
+    fn lay_out(&mut self, batch: &[(SeqId, Vec<u32>)]) -> Result<StepLayout> {
+        let max_position = self.model.config.max_position;
+        let mut out = StepLayout { ids: Vec::new(), positions: Vec::new(), token_seq: Vec::new(), q_start: vec![0] };
         for (s, (seq, tokens)) in batch.iter().enumerate() {
             if tokens.is_empty() {
                 return Err(Error::InvalidArgument(format!("sequence {} has no new tokens", seq.0)));
             }
             let plan = self.kv.append(*seq, tokens.len())?;
-            if plan.first_position + tokens.len() > c.max_position {
-                return Err(Error::OutOfRange { what: "position".into(), index: (plan.first_position + tokens.len()) as i64, limit: c.max_position as i64 });
+            if plan.first_position + tokens.len() > max_position {
+                return Err(Error::OutOfRange { what: "position".into(), index: (plan.first_position + tokens.len()) as i64, limit: max_position as i64 });
             }
             if !plan.copies.is_empty() {
                 for cache in &self.caches {
                     cache.copy_pages(&plan.copies)?;
                 }
             }
-            ids.extend(tokens.iter().map(|&t| t as i32));
-            positions.extend((0..tokens.len()).map(|j| (plan.first_position + j) as i32));
-            token_seq.extend(std::iter::repeat_n(s as i32, tokens.len()));
-            q_start.push(ids.len() as i32);
+            out.ids.extend(tokens.iter().map(|&t| t as i32));
+            out.positions.extend((0..tokens.len()).map(|j| (plan.first_position + j) as i32));
+            out.token_seq.extend(std::iter::repeat_n(s as i32, tokens.len()));
+            out.q_start.push(out.ids.len() as i32);
         }
-        let t = ids.len();
+        Ok(out)
+    }
+
+    /// A decode step (one new token per sequence) through the graph of its shape: the inputs are written into the
+    /// shape's fixed buffers, then the recorded network is replayed (or, the first time, run eagerly; the second
+    /// time, captured and replayed).
+    fn decode_with_graph(&mut self, batch: &[(SeqId, Vec<u32>)]) -> Result<()> {
+        let layout = self.lay_out(batch)?;
+        let seqs: Vec<SeqId> = batch.iter().map(|(s, _)| *s).collect();
+        let mut tables = self.kv.batch_tables(&seqs)?;
+        // Rows padded to a power of two of pages: one graph serves every length up to that capacity.
+        let pages = tables.max_pages.next_power_of_two();
+        tables.block_tables = tables.block_tables.chunks_exact(tables.max_pages).flat_map(|row| row.iter().copied().chain(std::iter::repeat_n(-1, pages - row.len()))).collect();
+        tables.max_pages = pages;
+        let shape = (batch.len(), pages);
+        if !self.decode_graphs.contains_key(&shape) {
+            let d = &self.model.device;
+            let graph = DecodeGraph {
+                workspace: Workspace::new(&self.model, batch.len())?,
+                head: Head::new(&self.model, batch.len())?,
+                tables: BlockTables::upload_for_capacity(d, &tables, self.kv.descriptor())?,
+                layout: QueryLayout::decode(d, batch.len())?,
+                slots: TokenSlots::upload(d, &layout.token_seq, &layout.positions)?,
+                scratch: AttentionScratch::new(d),
+                eager_runs: 0,
+                graph: None,
+            };
+            // Decode: head row s is sequence s's only token.
+            graph.head.source_rows.copy_from(&(0..batch.len() as i32).collect::<Vec<_>>())?;
+            self.decode_graphs.insert(shape, graph);
+        }
+        let g = self.decode_graphs.get_mut(&shape).unwrap();
+        g.tables.update(&tables)?;
+        g.slots.update(&layout.token_seq, &layout.positions)?;
+        g.workspace.ids.copy_from(&layout.ids)?;
+        g.workspace.positions.copy_from(&layout.positions)?;
+        self.last_step = LastStep::Decode(shape);
+        let device = self.model.device.clone();
+        let net = Network { model: &self.model, caches: &self.caches, options: &self.options, collective: None, gather_status: &self.gather_status };
+        if let Some(graph) = &g.graph {
+            return device.replay(graph);
+        }
+        if g.eager_runs == 0 {
+            // First step of this shape: sizes the attention scratch and loads every kernel.
+            g.eager_runs += 1;
+            return net.run(&g.workspace, &g.head, &g.tables, &g.layout, &g.slots, &mut g.scratch);
+        }
+        if device.begin_capture().is_err() {
+            // A backend without graphs: this and every later step run eagerly.
+            self.graphs_supported = false;
+            return net.run(&g.workspace, &g.head, &g.tables, &g.layout, &g.slots, &mut g.scratch);
+        }
+        let ran = net.run(&g.workspace, &g.head, &g.tables, &g.layout, &g.slots, &mut g.scratch);
+        // The capture is closed whatever happened inside it.
+        let graph = device.end_capture();
+        ran?;
+        let graph = graph?;
+        device.replay(&graph)?;
+        g.graph = Some(graph);
+        Ok(())
+    }
+
+    /// The whole network over a batch: each sequence's new tokens follow what its cache holds. Leaves in `self.head`
+    /// the logits of each sequence's last token (`HeadRows::Last`, in batch order) or of every token (`All`).
+    ///
+    /// On a GPU the part after the host bookkeeping (from the uploads of ids/positions/tables to the logits) is what
+    /// a CUDA graph captures for a decode step of a given batch size: every launch reads fixed workspace buffers,
+    /// sizes come from the workspace's fixed capacity, and variable data (ids, positions, block tables, sequence
+    /// lengths, the router's grouping, `num_padded`) lives in device buffers, so nothing inside waits for the host.
+    fn forward_device(&mut self, batch: &[(SeqId, Vec<u32>)], head_rows: HeadRows) -> Result<()> {
+        let device = self.model.device.clone();
+        let layout = self.lay_out(batch)?;
+        let t = layout.ids.len();
         if self.workspace.as_ref().is_none_or(|w| w.tokens != t) {
             self.workspace = None;
             self.workspace = Some(Workspace::new(&self.model, t)?);
         }
+        let source_rows: Vec<i32> = match head_rows {
+            HeadRows::Last => layout.q_start[1..].iter().map(|&end| end - 1).collect(),
+            HeadRows::All => (0..t as i32).collect(),
+        };
+        if self.head.as_ref().is_none_or(|h| h.rows != source_rows.len()) {
+            self.head = None;
+            self.head = Some(Head::new(&self.model, source_rows.len())?);
+        }
+        let head = self.head.as_ref().unwrap();
+        head.source_rows.copy_from(&source_rows)?;
         let seqs: Vec<SeqId> = batch.iter().map(|(s, _)| *s).collect();
         let tables = BlockTables::upload(&device, &self.kv.batch_tables(&seqs)?, self.kv.descriptor())?;
-        let layout = QueryLayout::upload(&device, &q_start)?;
-        let slots = TokenSlots::upload(&device, &token_seq, &positions)?;
+        let q_layout = QueryLayout::upload(&device, &layout.q_start)?;
+        let slots = TokenSlots::upload(&device, &layout.token_seq, &layout.positions)?;
         let ws = self.workspace.as_ref().unwrap();
-        ws.ids.copy_from(&ids)?;
-        ws.positions.copy_from(&positions)?;
+        ws.ids.copy_from(&layout.ids)?;
+        ws.positions.copy_from(&layout.positions)?;
+        self.last_step = LastStep::Eager;
+        let net = Network { model: &self.model, caches: &self.caches, options: &self.options, collective: self.collective.as_deref(), gather_status: &self.gather_status };
+        net.run(ws, head, &tables, &q_layout, &slots, &mut self.scratch)
+    }
+}
 
-        // ---- the network ----
-        let m = &self.model;
+impl Network<'_> {
+    /// The whole network over the tokens of `ws` (ids and positions already written): embedding, the layers, the
+    /// final norm and the output head over `head`'s rows. Launches kernels only.
+    fn run(&self, ws: &Workspace, head: &Head, tables: &BlockTables, layout: &QueryLayout, slots: &TokenSlots, scratch: &mut AttentionScratch) -> Result<()> {
+        let c = &self.model.config;
+        let device = &self.model.device;
+        let t = ws.tokens;
+        let m = self.model;
         let (dim, heads, eps) = (c.dim, c.heads, c.norm_eps);
         let (qk, nope, rank, v_head) = (c.qk_head_dim(), c.qk_nope, c.kv_lora_rank, c.v_head);
         let k = c.experts_per_token;
@@ -671,7 +882,7 @@ impl Engine {
         let [x, x_mid] = &ws.x;
         let view = |b, offset, stride| RowView { buffer: b, offset, stride };
 
-        ops::embedding_gather(&ws.ids, &m.tok_embeddings, dim, x, &self.gather_status)?;
+        ops::embedding_gather(&ws.ids, &m.tok_embeddings, dim, x, self.gather_status)?;
         norm::rms_norm(x, &m.layers[0].attention_norm, &ws.h, t, eps)?;
         for (l, layer) in m.layers.iter().enumerate() {
             // Attention: q = wq_b(q_a_norm(wq_a h)); cache row = [kv_a_norm(c) | rope(k_rope)].
@@ -680,15 +891,15 @@ impl Engine {
             moe::linear(&layer.wq_b, &ws.q_a_normed, t, &ws.q)?;
             moe::linear(&layer.wkv_a, &ws.h, t, &ws.kv)?;
             let write = CacheWriteWeights { norm_weight: &layer.kv_a_norm, eps, inv_freq: &m.inv_freq };
-            attention::mla_cache_write(&self.caches[l], &tables, &ws.kv, rank + c.qk_rope, &write, &slots)?;
+            attention::mla_cache_write(&self.caches[l], tables, &ws.kv, rank + c.qk_rope, &write, slots)?;
             ops::rope_q_k(&ws.q, heads, qk, None, &ws.positions, &m.inv_freq, query_scale)?;
             // Absorb W_UK into the query; q_rope = the rope half of every head.
             for (h, w_uk) in layer.w_uk.iter().enumerate() {
                 moe::linear_view(w_uk, view(&ws.q, h * qk, heads * qk), t, view(&ws.q_lat, h * rank, heads * rank))?;
             }
             moe::linear_view(&m.rope_identity, view(&ws.q, nope, qk), t * heads, view(&ws.q_rope, 0, c.qk_rope))?;
-            let queries = Queries { layout: &layout, q_lat: &ws.q_lat, q_rope: &ws.q_rope, heads };
-            attention::mla_attention(&self.caches[l], &tables, &queries, &ws.o_lat, c.softmax_scale(), self.options.attention_splits, &mut self.scratch)?;
+            let queries = Queries { layout, q_lat: &ws.q_lat, q_rope: &ws.q_rope, heads };
+            attention::mla_attention(&self.caches[l], tables, &queries, &ws.o_lat, c.softmax_scale(), self.options.attention_splits, scratch)?;
             for (h, pieces) in layer.w_uv.iter().enumerate() {
                 for (w_uv, first) in pieces {
                     moe::linear_view(w_uv, view(&ws.o_lat, h * rank, heads * rank), t, view(&ws.attn, h * v_head + first, heads * v_head))?;
@@ -720,9 +931,9 @@ impl Engine {
             let next_norm = m.layers.get(l + 1).map_or(&m.norm, |next| &next.attention_norm);
             norm::add_rms_norm(&ws.block_out, x_mid, next_norm, x, &ws.h, t, eps)?;
         }
-        // ws.h is the final norm's output: the head over every token (prefill rows other than the last are cheap
-        // next to the layers at these sizes; a real server would gather the last rows first).
-        moe::linear_f32(&m.output, &ws.h, t, &ws.logits)?;
-        Ok(q_start[1..].iter().map(|&end| end as usize - 1).collect())
+        // ws.h is the final norm's output: gather the head's rows (host-computed, always in range), then the head.
+        ops::embedding_gather(&head.source_rows, &ws.h, dim, &head.h, self.gather_status)?;
+        moe::linear_f32(&m.output, &head.h, head.rows, &head.logits)?;
+        Ok(())
     }
 }

@@ -3,7 +3,8 @@
 //! it back through the same loading code a real checkpoint goes through.
 //!
 //! What is quantised follows the published releases: experts (routed and shared) in the chosen format; the
-//! attention linears FP8 when the format is FP8, bf16 otherwise; embedding, norms, router and head always bf16.
+//! attention linears FP8 when the format is FP8, bf16 otherwise; embedding, norms, router, head, vision tower and
+//! projector always bf16.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -12,12 +13,13 @@ use half::bf16;
 use safetensors::Dtype;
 use serde_json::json;
 
-use super::checkpoint::{hf_name, write_shards, Checkpoint, ExpertMatrix, Layout, MatrixData, OwnedTensor};
-use super::config::ModelConfig;
+use super::checkpoint::{hf_name, vision_layer_prefix, write_shards, Checkpoint, ExpertMatrix, Layout, MatrixData, OwnedTensor};
+use super::config::{ModelConfig, VisionConfig};
 use crate::error::{Error, Result};
 use crate::quant::{Fp8Block128, Fp8PerTensor, Int4Grouped, Nvfp4, QuantizedMatrix, WeightFormat};
 use crate::reference::model::{AttentionWeights, FeedForward, LayerWeights, MoeWeights, ReferenceWeights};
 use crate::reference::moe::ExpertWeights;
+use crate::reference::vision::{permute_rows_to_hf, VisionWeights};
 
 /// The prefix of a mistral3 (text + vision) HF checkpoint's text weights.
 pub const HF_MISTRAL3_PREFIX: &str = "model.language_model.";
@@ -30,9 +32,9 @@ pub fn attention_format(expert_format: WeightFormat) -> WeightFormat {
     }
 }
 
-/// `params.json` of a configuration (text model; the keys `ModelConfig` parses).
+/// `params.json` of a configuration (the keys `ModelConfig` parses), with `vision_encoder` when it has a tower.
 pub fn params_json(c: &ModelConfig) -> serde_json::Value {
-    json!({
+    let mut params = json!({
         "dim": c.dim, "n_layers": c.n_layers, "head_dim": c.qk_nope + c.qk_rope, "hidden_dim": c.dense_hidden,
         "n_heads": c.heads, "n_kv_heads": c.heads, "norm_eps": c.norm_eps, "vocab_size": c.vocab, "rope_theta": c.rope_theta,
         "tied_embeddings": c.tied_embeddings, "q_lora_rank": c.q_lora_rank, "kv_lora_rank": c.kv_lora_rank,
@@ -43,12 +45,23 @@ pub fn params_json(c: &ModelConfig) -> serde_json::Value {
         "yarn": { "factor": c.yarn_factor, "original_max_position_embeddings": c.yarn_original_max_position,
                   "beta": c.yarn_beta_fast, "alpha": c.yarn_beta_slow, "apply_scale": false },
         "llama_4_scaling": { "beta": c.llama4_beta, "original_max_position_embeddings": c.llama4_original_max_position },
-    })
+    });
+    if let Some(v) = &c.vision {
+        params["vision_encoder"] = json!({
+            "hidden_size": v.hidden, "num_hidden_layers": v.n_layers, "num_attention_heads": v.heads, "head_dim": v.head_dim,
+            "intermediate_size": v.intermediate, "patch_size": v.patch_size, "num_channels": v.num_channels,
+            "image_size": v.image_size, "max_image_size": v.image_size, "rope_theta": v.rope_theta, "norm_eps": v.norm_eps,
+            "spatial_merge_size": v.spatial_merge_size, "image_token_id": v.image_token_id,
+            "image_break_token_id": v.image_break_token_id, "image_end_token_id": v.image_end_token_id,
+            "adapter_bias": v.adapter_bias, "mm_projector_id": "patch_merge", "add_pre_mm_projector_layer_norm": true,
+        });
+    }
+    params
 }
 
 /// HF `config.json` (mistral3 wrapper with a mistral4 `text_config`).
 pub fn hf_config_json(c: &ModelConfig) -> serde_json::Value {
-    json!({
+    let mut config = json!({
         "model_type": "mistral3",
         "architectures": ["Mistral3ForConditionalGeneration"],
         "text_config": {
@@ -64,7 +77,21 @@ pub fn hf_config_json(c: &ModelConfig) -> serde_json::Value {
                 "original_max_position_embeddings": c.yarn_original_max_position, "beta_fast": c.yarn_beta_fast,
                 "beta_slow": c.yarn_beta_slow, "mscale_all_dim": 1.0, "llama_4_scaling_beta": c.llama4_beta },
         }
-    })
+    });
+    if let Some(v) = &c.vision {
+        config["vision_config"] = json!({
+            "model_type": "pixtral", "hidden_size": v.hidden, "num_hidden_layers": v.n_layers, "num_attention_heads": v.heads,
+            "head_dim": v.head_dim, "intermediate_size": v.intermediate, "patch_size": v.patch_size,
+            "num_channels": v.num_channels, "image_size": v.image_size, "rope_theta": v.rope_theta,
+            "rms_norm_eps": v.norm_eps, "hidden_act": "silu",
+        });
+        config["spatial_merge_size"] = v.spatial_merge_size.into();
+        config["image_token_index"] = v.image_token_id.into();
+        config["multimodal_projector_bias"] = v.adapter_bias.into();
+        config["projector_hidden_act"] = "gelu".into();
+        config["vision_feature_layer"] = (-1).into();
+    }
+    config
 }
 
 fn bf16_tensor(values: &[f32], shape: &[usize]) -> OwnedTensor {
@@ -193,6 +220,9 @@ pub fn write_checkpoint(dir: &Path, weights: &ReferenceWeights, layout: &Layout,
             .collect::<Result<_>>()?;
         write_experts(&mut set, layout, l, &experts, c, format)?;
     }
+    if let (Some(v), Some(w)) = (&c.vision, &weights.vision) {
+        write_vision(&mut set, v, w, c.dim);
+    }
     let (config_name, config) = match layout {
         Layout::Native => ("params.json", params_json(c)),
         Layout::HuggingFace { .. } => ("config.json", hf_config_json(c)),
@@ -202,6 +232,37 @@ pub fn write_checkpoint(dir: &Path, weights: &ReferenceWeights, layout: &Layout,
     std::fs::write(&config_path, serde_json::to_string_pretty(&config).unwrap()).map_err(|e| Error::io(&config_path, e))?;
     write_shards(dir, layout, &set.tensors, shard_bytes)?;
     Ok(())
+}
+
+/// The tower and projector, bf16 in every release. HF stores the tower's `wq`/`wk` rows permuted for rotate-half
+/// RoPE, as transformers' converter writes them.
+fn write_vision(set: &mut TensorSet, v: &VisionConfig, w: &VisionWeights, text_dim: usize) {
+    let (h, p, m) = (v.hidden, v.patch_size, v.spatial_merge_size);
+    let hf = matches!(set.layout, Layout::HuggingFace { .. });
+    let rope_rows = |values: &[f32]| if hf { permute_rows_to_hf(values, v.head_dim, h) } else { values.to_vec() };
+    set.plain("vision_encoder.patch_conv.weight", &w.patch_conv, &[h, v.num_channels, p, p]);
+    set.plain("vision_encoder.ln_pre.weight", &w.ln_pre, &[h]);
+    for (l, layer) in w.layers.iter().enumerate() {
+        let at = vision_layer_prefix(l);
+        set.plain(&format!("{at}.attention_norm.weight"), &layer.attention_norm, &[h]);
+        set.plain(&format!("{at}.ffn_norm.weight"), &layer.ffn_norm, &[h]);
+        set.plain(&format!("{at}.attention.wq.weight"), &rope_rows(&layer.wq), &[h, h]);
+        set.plain(&format!("{at}.attention.wk.weight"), &rope_rows(&layer.wk), &[h, h]);
+        set.plain(&format!("{at}.attention.wv.weight"), &layer.wv, &[h, h]);
+        set.plain(&format!("{at}.attention.wo.weight"), &layer.wo, &[h, h]);
+        set.plain(&format!("{at}.feed_forward.w1.weight"), &layer.w1, &[v.intermediate, h]);
+        set.plain(&format!("{at}.feed_forward.w3.weight"), &layer.w3, &[v.intermediate, h]);
+        set.plain(&format!("{at}.feed_forward.w2.weight"), &layer.w2, &[h, v.intermediate]);
+    }
+    set.plain("pre_mm_projector_norm.weight", &w.pre_mm_projector_norm, &[h]);
+    set.plain("patch_merger.merging_layer.weight", &w.merging_layer, &[h, h * m * m]);
+    set.plain("vision_language_adapter.w_in.weight", &w.w_in, &[text_dim, h]);
+    set.plain("vision_language_adapter.w_out.weight", &w.w_out, &[text_dim, text_dim]);
+    for (name, bias) in [("w_in", &w.w_in_bias), ("w_out", &w.w_out_bias)] {
+        if let Some(b) = bias {
+            set.plain(&format!("vision_language_adapter.{name}.bias"), b, &[text_dim]);
+        }
+    }
 }
 
 /// Native: one tensor set per expert. HF: bf16 and FP8 per-tensor experts STACKED as transformers stores them
@@ -342,5 +403,6 @@ pub fn load_reference_weights(ck: &Checkpoint) -> Result<ReferenceWeights> {
     }
     let tok_embeddings = embedding("tok_embeddings.weight")?;
     let output = if c.tied_embeddings { tok_embeddings.clone() } else { embedding("output.weight")? };
-    Ok(ReferenceWeights { norm: plain("norm.weight", c.dim)?, tok_embeddings, output, layers, config: c })
+    let vision = c.vision.as_ref().map(|v| ck.vision_weights(v, c.dim)).transpose()?;
+    Ok(ReferenceWeights { norm: plain("norm.weight", c.dim)?, tok_embeddings, output, layers, vision, config: c })
 }

@@ -7,3 +7,4 @@ pub mod moe;
 pub mod norm;
 pub mod rope;
 pub mod sampling;
+pub mod vision;

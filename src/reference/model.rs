@@ -32,7 +32,8 @@ use super::linear::{dot, matmul_nt, round_bf16};
 use super::moe::{moe_block_w8a8, moe_block_with, route, router_logits, softmax, swiglu_expert_with, ExpertWeights};
 use super::norm::rms_norm;
 use super::rope::{apply_interleaved, llama4_query_scale, yarn_inv_freq};
-use crate::model::ModelConfig;
+use super::vision::{PixelImage, VisionLayerWeights, VisionTower, VisionWeights};
+use crate::model::{ModelConfig, VisionConfig};
 use crate::{Error, Result};
 
 /// Where activations are rounded to bf16 (see the module documentation for the exact points).
@@ -111,6 +112,8 @@ pub struct ReferenceWeights {
     pub norm: Vec<f32>,
     /// Output head [vocab, dim] (a copy of the embedding when tied).
     pub output: Vec<f32>,
+    /// The vision tower and projector; `None` for a text-only model or when the tower was not loaded.
+    pub vision: Option<VisionWeights>,
 }
 
 /// Seeded normal values rounded to bf16.
@@ -146,6 +149,29 @@ impl WeightInit {
 
     fn swiglu(&mut self, dim: usize, hidden: usize) -> ExpertWeights {
         ExpertWeights { w1: self.linear(hidden, dim), w3: self.linear(hidden, dim), w2: self.linear(dim, hidden) }
+    }
+
+    /// A tower and projector of the same scales. The adapter's biases, when configured, are small normals.
+    fn vision(&mut self, v: &VisionConfig, text_dim: usize) -> VisionWeights {
+        let (h, merged) = (v.hidden, v.hidden * v.spatial_merge_size * v.spatial_merge_size);
+        let patch_conv = self.linear(h, v.num_channels * v.patch_size * v.patch_size);
+        let ln_pre = self.norm(h);
+        let layers = (0..v.n_layers)
+            .map(|_| {
+                let attention_norm = self.norm(h);
+                let (wq, wk, wv, wo) = (self.linear(h, h), self.linear(h, h), self.linear(h, h), self.linear(h, h));
+                let ffn_norm = self.norm(h);
+                let ffn = self.swiglu(h, v.intermediate);
+                VisionLayerWeights { attention_norm, wq, wk, wv, wo, ffn_norm, w1: ffn.w1, w3: ffn.w3, w2: ffn.w2 }
+            })
+            .collect();
+        let pre_mm_projector_norm = self.norm(h);
+        let merging_layer = self.linear(h, merged);
+        let w_in = self.linear(text_dim, h);
+        let w_in_bias = v.adapter_bias.then(|| self.normal(text_dim, 0.1));
+        let w_out = self.linear(text_dim, text_dim);
+        let w_out_bias = v.adapter_bias.then(|| self.normal(text_dim, 0.1));
+        VisionWeights { patch_conv, ln_pre, layers, pre_mm_projector_norm, merging_layer, w_in, w_in_bias, w_out, w_out_bias }
     }
 }
 
@@ -185,7 +211,9 @@ impl ReferenceWeights {
         let tok_embeddings = init.normal(c.vocab * dim, 1.0);
         let norm = init.norm(dim);
         let output = if c.tied_embeddings { tok_embeddings.clone() } else { init.linear(c.vocab, dim) };
-        Ok(ReferenceWeights { config: c.clone(), tok_embeddings, layers, norm, output })
+        // Drawn after the text weights, so a tower does not change them.
+        let vision = c.vision.as_ref().map(|v| init.vision(v, dim));
+        Ok(ReferenceWeights { config: c.clone(), tok_embeddings, layers, norm, output, vision })
     }
 }
 
@@ -209,6 +237,11 @@ impl ReferenceWeights {
         check("tok_embeddings".into(), &self.tok_embeddings, c.vocab, c.dim)?;
         check("norm".into(), &self.norm, 1, c.dim)?;
         check("output".into(), &self.output, c.vocab, c.dim)?;
+        match (&self.vision, &c.vision) {
+            (Some(w), Some(v)) => w.check_shapes(v, c.dim)?,
+            (Some(_), None) => return Err(Error::Config("vision weights given to a configuration without a vision tower".into())),
+            (None, _) => {}
+        }
         if self.layers.len() != c.n_layers {
             return Err(Error::shape("layers", c.n_layers, self.layers.len()));
         }
@@ -386,6 +419,25 @@ impl ReferenceModel {
 
     /// Runs `tokens` after what `cache` holds, appends their cache rows, and returns their logits [tokens, vocab].
     pub fn forward(&self, tokens: &[u32], cache: &mut ReferenceKvCache) -> Result<Vec<f32>> {
+        self.forward_with_images(tokens, &[], cache)
+    }
+
+    /// The features of `images` in the text width, one [IMG]-count x dim block per image (the vision tower and
+    /// projector of [`super::vision`]).
+    pub fn encode_images(&self, images: &[PixelImage]) -> Result<Vec<Vec<f32>>> {
+        let c = self.config();
+        let (Some(config), Some(weights)) = (&c.vision, &self.weights.vision) else {
+            return Err(no_vision_tower());
+        };
+        let tower = VisionTower { weights, config, text_dim: c.dim, round_bf16: self.options.rounding == RoundingMode::Bf16Activations };
+        tower.encode(images)
+    }
+
+    /// [`Self::forward`] where the `[IMG]` tokens take the features of `images`, in order: image `i`'s features
+    /// replace the embeddings of its `feature_count` `[IMG]` tokens (`[IMG_BREAK]` / `[IMG_END]` stay text
+    /// tokens). Positions stay 1-D: every token, image or text, takes the next position. Without images the
+    /// `[IMG]` tokens embed as any token.
+    pub fn forward_with_images(&self, tokens: &[u32], images: &[PixelImage], cache: &mut ReferenceKvCache) -> Result<Vec<f32>> {
         let c = self.config();
         if tokens.is_empty() {
             return Err(Error::InvalidArgument("forward: no tokens".into()));
@@ -407,6 +459,24 @@ impl ReferenceModel {
 
         let dim = c.dim;
         let mut x: Vec<f32> = tokens.iter().flat_map(|&t| &self.weights.tok_embeddings[t as usize * dim..][..dim]).copied().collect();
+        if !images.is_empty() {
+            let v = c.vision.as_ref().ok_or_else(no_vision_tower)?;
+            let image_token = v.image_token_id;
+            let slots: Vec<usize> = tokens.iter().enumerate().filter(|(_, &t)| t == image_token).map(|(i, _)| i).collect();
+            // Checked before the tower runs: each image fills one [IMG] per merged patch.
+            let rows: usize = images.iter().map(|image| image.feature_count(v)).sum();
+            if slots.len() != rows {
+                return Err(Error::shape(
+                    format!("[IMG] tokens (id {image_token}) of the prompt for {} images", images.len()),
+                    format!("{rows} (the images' merged patch grids)"),
+                    slots.len(),
+                ));
+            }
+            let features = self.encode_images(images)?;
+            for (&slot, row) in slots.iter().zip(features.iter().flat_map(|f| f.chunks_exact(dim))) {
+                x[slot * dim..][..dim].copy_from_slice(row);
+            }
+        }
         for (layer, w) in self.weights.layers.iter().enumerate() {
             let h = self.norm(&x, &w.attention_norm);
             let attn = self.attention(&h, &w.attention, &mut cache.layers[layer], cache.tokens, cache.start_position);
@@ -431,7 +501,13 @@ impl ReferenceModel {
     }
 
     /// Greedy decoding: prefill `prompt`, then `max_tokens` tokens, each reported to `on_token` as it comes.
-    pub fn generate_greedy(&self, prompt: &[u32], max_tokens: usize, mut on_token: impl FnMut(u32)) -> Result<GenerationStats> {
+    pub fn generate_greedy(&self, prompt: &[u32], max_tokens: usize, on_token: impl FnMut(u32)) -> Result<GenerationStats> {
+        self.generate_greedy_with_images(prompt, &[], max_tokens, on_token)
+    }
+
+    /// [`Self::generate_greedy`] with the prompt's `[IMG]` tokens taking the features of `images` (see
+    /// [`Self::forward_with_images`]).
+    pub fn generate_greedy_with_images(&self, prompt: &[u32], images: &[PixelImage], max_tokens: usize, mut on_token: impl FnMut(u32)) -> Result<GenerationStats> {
         let vocab = self.config().vocab;
         let mut cache = self.new_cache();
         let mut stats = GenerationStats { prompt_tokens: prompt.len(), generated: Vec::with_capacity(max_tokens), prefill_time: Duration::ZERO, decode_time: Duration::ZERO };
@@ -439,7 +515,7 @@ impl ReferenceModel {
             return Ok(stats);
         }
         let start = Instant::now();
-        let logits = self.prefill(prompt, &mut cache)?;
+        let logits = self.forward_with_images(prompt, images, &mut cache)?;
         stats.prefill_time = start.elapsed();
         let mut next = argmax(&logits[logits.len() - vocab..]);
         stats.generated.push(next);
@@ -610,6 +686,10 @@ impl ReferenceModel {
         self.store_bf16(&mut y);
         y
     }
+}
+
+fn no_vision_tower() -> Error {
+    Error::Config("this model has no vision tower (its configuration or checkpoint has none)".into())
 }
 
 /// Index of the largest logit, the lower index among equals.

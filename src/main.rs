@@ -191,8 +191,9 @@ fn tiny_checkpoint(args: &GenerateArgs) -> anyhow::Result<PathBuf> {
         LayoutArg::Native => (Layout::Native, "native"),
         LayoutArg::Hf => (Layout::HuggingFace { prefix: HF_MISTRAL3_PREFIX.to_string() }, "hf"),
     };
-    // v2: the preset has a vision tower (a cache written before it has none).
-    let dir = std::env::temp_dir().join(format!("small4-tiny-v2-{layout_name}-{format}-seed{}", args.seed));
+    // v2: the preset has a vision tower (a cache written before it has none). v3: per-tensor FP8 matrices carry
+    // activation scales (qscale_act, for --fp8-activations).
+    let dir = std::env::temp_dir().join(format!("small4-tiny-v3-{layout_name}-{format}-seed{}", args.seed));
     if Checkpoint::open(&dir).is_err() {
         let weights = ReferenceWeights::random(&ModelConfig::tiny(), args.seed).context("building the tiny preset's weights")?;
         // Written beside the final directory, then renamed: a killed run never leaves a half checkpoint behind.

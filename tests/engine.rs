@@ -91,10 +91,11 @@ fn one_layer_prefill_and_paged_decode(device: &Device) {
 }
 
 /// (a) in W8A8 (`EngineOptions::fp8_activations`): per-tensor FP8 experts with the synthetic checkpoint's activation
-/// scales, against the reference that quantises the routed experts' activations the same way; and the typed error
-/// when the checkpoint has no activation scales (bf16 experts).
+/// scales, against the reference that quantises the routed experts' activations the same way; (e) in W8A8 (the
+/// quantiser launches are graph-safe); and the typed error when the checkpoint has no activation scales (bf16 experts).
 fn one_layer_fp8_activations(device: &Device) {
     one_layer(device, WeightFormat::Fp8PerTensor, true);
+    graphs_equal_eager_steps(device, WeightFormat::Fp8PerTensor, true);
     let config = ModelConfig { n_layers: 1, ..ModelConfig::tiny() };
     let f = fixture(&config, Layout::Native, WeightFormat::Bf16, 5);
     let model = DeviceModel::load(device, &f.checkpoint, ExpertShard::SINGLE).unwrap();
@@ -242,12 +243,17 @@ fn two_expert_parallel_ranks_match_one(device: &Device) {
 /// second graph, replayed for its last steps). On the interpreter the graph is the recorded launch list, and any host
 /// copy inside the capture is an error, so this also proves the step is graph-safe.
 fn decode_graphs_equal_eager_steps(device: &Device) {
+    graphs_equal_eager_steps(device, WeightFormat::Bf16, false);
+}
+
+/// [`decode_graphs_equal_eager_steps`] for `format` experts, in W8A8 when `fp8_activations`.
+fn graphs_equal_eager_steps(device: &Device, format: WeightFormat, fp8_activations: bool) {
     let config = ModelConfig { n_layers: 2, ..ModelConfig::tiny() };
-    let f = fixture(&config, Layout::Native, WeightFormat::Bf16, 23);
+    let f = fixture(&config, Layout::Native, format, 23);
     let requests = || vec![greedy(prompt(3, 1, config.vocab), 12), greedy(prompt(2, 2, config.vocab), 6)];
     let run = |graphs: bool| {
         let model = DeviceModel::load(device, &f.checkpoint, ExpertShard::SINGLE).unwrap();
-        let mut engine = Engine::new(model, EngineOptions { graphs, ..options(2) }, None).unwrap();
+        let mut engine = Engine::new(model, EngineOptions { graphs, fp8_activations, ..options(2) }, None).unwrap();
         let mut steps = Vec::new();
         let tokens = engine.generate(requests(), |t| steps.push((t.id, t.token, t.logits.clone().unwrap()))).unwrap();
         (tokens, steps, engine.captured_graphs())

@@ -5,15 +5,15 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use small4::model::checkpoint::{Checkpoint, ExpertMatrix, Layout};
 use small4::model::engine::{DeviceModel, Engine, EngineOptions, ExpertShard, Request, Sampling, DEFAULT_EOS};
-use small4::model::synthetic::{load_reference_weights, write_checkpoint, HF_MISTRAL3_PREFIX};
+use small4::model::synthetic::{load_reference_weights, HF_MISTRAL3_PREFIX};
 use small4::model::ModelConfig;
 use small4::quant::WeightFormat;
-use small4::reference::model::{AttentionForm, ForwardOptions, ReferenceModel, ReferenceWeights, RoundingMode};
+use small4::reference::model::{AttentionForm, ForwardOptions, ReferenceModel, RoundingMode};
 use small4::tokenizer::{ChatRequest, OutputPrinter, OutputStream, SpecialTokenPolicy, StreamingDecoder, Tokenizer};
 
 #[derive(Parser)]
@@ -138,7 +138,7 @@ struct GenerateArgs {
     #[arg(long, default_value_t = 16)]
     max_tokens: usize,
     /// Seed of the tiny preset's random weights.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = small4::model::synthetic::DEFAULT_TINY_SEED)]
     seed: u64,
     /// Attention form of the reference forward pass.
     #[arg(long, value_enum, default_value = "absorbed")]
@@ -175,23 +175,14 @@ fn plan(config: Option<&std::path::Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The embedded tiny model: a seeded checkpoint written once into the OS temp directory (regenerated if missing).
+/// The embedded tiny model in the format and layout asked for.
 fn tiny_checkpoint(args: &GenerateArgs) -> anyhow::Result<PathBuf> {
     let format: WeightFormat = args.format.parse()?;
-    let (layout, layout_name) = match args.layout {
-        LayoutArg::Native => (Layout::Native, "native"),
-        LayoutArg::Hf => (Layout::HuggingFace { prefix: HF_MISTRAL3_PREFIX.to_string() }, "hf"),
+    let layout = match args.layout {
+        LayoutArg::Native => Layout::Native,
+        LayoutArg::Hf => Layout::HuggingFace { prefix: HF_MISTRAL3_PREFIX.to_string() },
     };
-    let dir = std::env::temp_dir().join(format!("small4-tiny-{layout_name}-{format}-seed{}", args.seed));
-    if Checkpoint::open(&dir).is_err() {
-        let weights = ReferenceWeights::random(&ModelConfig::tiny(), args.seed).context("building the tiny preset's weights")?;
-        // Written beside the final directory, then renamed: a killed run never leaves a half checkpoint behind.
-        let partial = dir.with_extension(format!("partial-{}", std::process::id()));
-        write_checkpoint(&partial, &weights, &layout, format, 4 << 20)?;
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::rename(&partial, &dir).with_context(|| format!("moving the checkpoint to {}", dir.display()))?;
-    }
-    Ok(dir)
+    Ok(small4::model::synthetic::tiny_checkpoint(format, &layout, args.seed)?)
 }
 
 fn generate(args: &GenerateArgs) -> anyhow::Result<()> {

@@ -171,11 +171,13 @@ pub fn simulator() -> Device {
 pub trait DeviceElement: bytemuck::Pod + Send + Sync {}
 impl<T: bytemuck::Pod + Send + Sync> DeviceElement for T {}
 
-/// Owned, typed device memory of `len` elements. Frees itself on drop.
+/// Typed device memory of `len` elements: owned (frees itself on drop) or borrowed from the caller
+/// ([`DeviceBuffer::from_raw_borrowed`], never freed here).
 pub struct DeviceBuffer<T: DeviceElement> {
     device: Device,
     addr: u64,
     len: usize,
+    owned: bool,
     _element: PhantomData<T>,
 }
 
@@ -185,7 +187,24 @@ impl<T: DeviceElement> DeviceBuffer<T> {
         let bytes = len.checked_mul(size_of::<T>()).ok_or_else(|| Error::InvalidArgument(format!("{len} elements overflow")))?;
         // Zero-length buffers still get a distinct address so kernels can be passed a valid pointer.
         let addr = device.alloc(bytes.max(1))?;
-        Ok(DeviceBuffer { device: device.clone(), addr, len, _element: PhantomData })
+        Ok(DeviceBuffer { device: device.clone(), addr, len, owned: true, _element: PhantomData })
+    }
+
+    /// Views `len` elements at `addr`, memory the caller allocated on `device` (a runtime's own buffers, the C ABI's
+    /// raw pointers), as a buffer the kernel wrappers accept. Dropping it leaves the memory alone.
+    ///
+    /// # Safety
+    /// `addr` must be the start of at least `len * size_of::<T>()` bytes of `device` memory, aligned for `T`, that
+    /// stay allocated while the view (or any launch reading it) is in use.
+    pub unsafe fn from_raw_borrowed(device: &Device, addr: u64, len: usize) -> Result<Self> {
+        if addr == 0 {
+            return Err(Error::InvalidArgument("a null device address".into()));
+        }
+        if addr % align_of::<T>() as u64 != 0 {
+            return Err(Error::InvalidArgument(format!("device address {addr:#x} is not aligned to {} bytes", align_of::<T>())));
+        }
+        len.checked_mul(size_of::<T>()).ok_or_else(|| Error::InvalidArgument(format!("{len} elements overflow")))?;
+        Ok(DeviceBuffer { device: device.clone(), addr, len, owned: false, _element: PhantomData })
     }
 
     pub fn from_slice(device: &Device, data: &[T]) -> Result<Self> {
@@ -243,7 +262,9 @@ impl<T: DeviceElement> DeviceBuffer<T> {
 impl<T: DeviceElement> Drop for DeviceBuffer<T> {
     fn drop(&mut self) {
         // A failed free cannot be reported from drop; the backends log nothing and leak at worst.
-        let _ = self.device.free(self.addr);
+        if self.owned {
+            let _ = self.device.free(self.addr);
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod engine;
+pub mod generator;
 pub mod kv_cache;
 pub mod plan;
 pub mod synthetic;

@@ -418,7 +418,12 @@ impl ReferenceModel {
     }
 
     /// Greedy decoding: prefill `prompt`, then `max_tokens` tokens, each reported to `on_token` as it comes.
-    pub fn generate_greedy(&self, prompt: &[u32], max_tokens: usize, mut on_token: impl FnMut(u32)) -> Result<GenerationStats> {
+    pub fn generate_greedy(&self, prompt: &[u32], max_tokens: usize, on_token: impl FnMut(u32)) -> Result<GenerationStats> {
+        self.generate_greedy_until(prompt, max_tokens, None, on_token)
+    }
+
+    /// [`ReferenceModel::generate_greedy`] that also stops after `eos` (which is reported and kept) when given.
+    pub fn generate_greedy_until(&self, prompt: &[u32], max_tokens: usize, eos: Option<u32>, mut on_token: impl FnMut(u32)) -> Result<GenerationStats> {
         let vocab = self.config().vocab;
         let mut cache = self.new_cache();
         let mut stats = GenerationStats { prompt_tokens: prompt.len(), generated: Vec::with_capacity(max_tokens), prefill_time: Duration::ZERO, decode_time: Duration::ZERO };
@@ -432,7 +437,7 @@ impl ReferenceModel {
         stats.generated.push(next);
         on_token(next);
         let start = Instant::now();
-        while stats.generated.len() < max_tokens {
+        while stats.generated.len() < max_tokens && Some(next) != eos {
             next = argmax(&self.decode(next, &mut cache)?);
             stats.generated.push(next);
             on_token(next);

@@ -1,0 +1,152 @@
+//! One generation interface over every backend: the CPU reference or the engine on the PTX interpreter or a GPU,
+//! opened from a checkpoint directory. What the C ABI's generator and the examples run; `small4 generate` computes
+//! the same tokens.
+
+use super::checkpoint::Checkpoint;
+use super::config::ModelConfig;
+use super::engine::{DeviceModel, Engine, EngineOptions, ExpertShard, Request, Sampling, DEFAULT_EOS};
+use super::synthetic::load_reference_weights;
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::reference::model::{ForwardOptions, ReferenceModel};
+
+/// Where a [`Generator`] computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GenerationBackend {
+    /// The CPU reference forward pass (f32 over the bf16 weights, bf16 activations, absorbed attention): greedy only.
+    Reference,
+    /// The engine's CUDA kernels on the PTX interpreter (a few tokens a second for the tiny model).
+    Sim,
+    /// The engine on CUDA device 0 (`Error::NoGpu` without one).
+    Gpu,
+}
+
+/// How a [`Generator`] is set up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GeneratorOptions {
+    pub backend: GenerationBackend,
+    /// Stop token (kept as the last generated token); `None` generates to `max_tokens`.
+    pub eos: Option<u32>,
+    /// The engine's KV cache holds this many tokens of one request (prompt + generated).
+    pub max_context: usize,
+}
+
+impl Default for GeneratorOptions {
+    fn default() -> Self {
+        GeneratorOptions { backend: GenerationBackend::Reference, eos: Some(DEFAULT_EOS), max_context: 1024 }
+    }
+}
+
+/// Tokens per KV-cache page of the engine (what `small4 generate` uses).
+const PAGE_SIZE: usize = 16;
+
+enum Model {
+    Reference(ReferenceModel),
+    Engine(Box<Engine>),
+}
+
+/// A loaded model that turns prompts into generated token ids.
+///
+/// ```
+/// use small4::model::checkpoint::{Checkpoint, Layout};
+/// use small4::model::engine::Sampling;
+/// use small4::model::generator::{GenerationBackend, Generator, GeneratorOptions};
+/// use small4::model::synthetic::{tiny_checkpoint, DEFAULT_TINY_SEED};
+/// use small4::quant::WeightFormat;
+///
+/// let checkpoint = Checkpoint::open(tiny_checkpoint(WeightFormat::Bf16, &Layout::Native, DEFAULT_TINY_SEED)?)?;
+/// let options = GeneratorOptions { backend: GenerationBackend::Reference, eos: None, ..GeneratorOptions::default() };
+/// let mut generator = Generator::open(&checkpoint, &options)?;
+/// let tokens = generator.generate(&[5, 17, 300, 41], 3, Sampling::Greedy, |_| {})?;
+/// assert_eq!(tokens.len(), 3);
+/// # Ok::<(), small4::Error>(())
+/// ```
+pub struct Generator {
+    model: Model,
+    options: GeneratorOptions,
+}
+
+impl Generator {
+    /// Loads `checkpoint` for `options.backend` (the engine backends upload it to the device).
+    pub fn open(checkpoint: &Checkpoint, options: &GeneratorOptions) -> Result<Self> {
+        let device = match options.backend {
+            GenerationBackend::Reference => {
+                let model = ReferenceModel::new(load_reference_weights(checkpoint)?, ForwardOptions::default())?;
+                return Ok(Generator { model: Model::Reference(model), options: *options });
+            }
+            GenerationBackend::Sim => crate::device::simulator(),
+            GenerationBackend::Gpu => crate::device::gpu()?,
+        };
+        Self::open_engine(&device, checkpoint, options)
+    }
+
+    fn open_engine(device: &Device, checkpoint: &Checkpoint, options: &GeneratorOptions) -> Result<Self> {
+        if options.max_context == 0 {
+            return Err(Error::InvalidArgument("a generator needs max_context >= 1".into()));
+        }
+        let model = DeviceModel::load(device, checkpoint, ExpertShard::SINGLE)?;
+        // One page more than the context needs: a sequence's last page may start mid-way.
+        let engine_options = EngineOptions { eos: options.eos, page_size: PAGE_SIZE, num_pages: options.max_context.div_ceil(PAGE_SIZE) + 1, ..EngineOptions::default() };
+        let engine = Engine::new(model, engine_options, None)?;
+        Ok(Generator { model: Model::Engine(Box::new(engine)), options: *options })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        match &self.model {
+            Model::Reference(m) => m.config(),
+            Model::Engine(e) => e.model().config(),
+        }
+    }
+
+    /// The options it was opened with.
+    pub fn options(&self) -> &GeneratorOptions {
+        &self.options
+    }
+
+    /// Prefills `prompt` and generates up to `max_tokens` tokens (fewer after the eos token), reporting each to
+    /// `on_token` as it comes; returns them all. The reference backend samples greedily only.
+    pub fn generate(&mut self, prompt: &[u32], max_tokens: usize, sampling: Sampling, mut on_token: impl FnMut(u32)) -> Result<Vec<u32>> {
+        let vocab = self.config().vocab;
+        if prompt.is_empty() {
+            return Err(Error::InvalidArgument("empty prompt".into()));
+        }
+        if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::OutOfRange { what: "prompt token id".into(), index: bad as i64, limit: vocab as i64 });
+        }
+        if prompt.len() + max_tokens > self.options.max_context {
+            return Err(Error::InvalidArgument(format!(
+                "{} prompt + {max_tokens} generated tokens exceed the generator's max_context of {}",
+                prompt.len(),
+                self.options.max_context
+            )));
+        }
+        match &mut self.model {
+            Model::Reference(model) => {
+                if sampling != Sampling::Greedy {
+                    return Err(Error::InvalidArgument("the reference backend samples greedily only".into()));
+                }
+                Ok(model.generate_greedy_until(prompt, max_tokens, self.options.eos, on_token)?.generated)
+            }
+            Model::Engine(engine) => {
+                let id = engine.add(Request { prompt: prompt.to_vec(), max_tokens, sampling })?;
+                let mut tokens = Vec::with_capacity(max_tokens);
+                while engine.active() > 0 {
+                    let step = match engine.step() {
+                        Ok(step) => step,
+                        Err(e) => {
+                            // Leave the engine empty for the next call.
+                            let _ = engine.cancel(id);
+                            return Err(e);
+                        }
+                    };
+                    for t in step.into_iter().filter(|t| t.id == id) {
+                        on_token(t.token);
+                        tokens.push(t.token);
+                    }
+                }
+                Ok(tokens)
+            }
+        }
+    }
+}

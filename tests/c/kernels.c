@@ -1,0 +1,236 @@
+/* Runs kernels of the C ABI on buffers this program owns (linked against the static library): RMSNorm, the fused
+ * add + RMSNorm, SwiGLU, argmax and the MoE router, on the PTX interpreter (the same calls take cudaMalloc'd
+ * addresses on a GPU device), each checked against a plain C computation, plus the errors of bad calls. Prints one
+ * "ok NAME" line per check and exits 0 when all pass. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "small4.h"
+
+static Small4Device *device;
+
+static uint16_t to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    u += 0x7fff + ((u >> 16) & 1); /* round to nearest even */
+    return (uint16_t)(u >> 16);
+}
+
+static float from_bf16(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+#define CHECK(call)                                                                                       \
+    do {                                                                                                  \
+        Small4Status status_ = (call);                                                                    \
+        if (status_ != SMALL4_STATUS_OK) {                                                                \
+            fprintf(stderr, "%s:%d: %s failed with status %d: %s\n", __FILE__, __LINE__, #call, (int)status_, \
+                    small4_last_error());                                                                 \
+            exit(1);                                                                                      \
+        }                                                                                                 \
+    } while (0)
+
+/* Device memory holding a copy of `bytes` bytes of `data` (uninitialised when data is NULL). */
+static uint64_t upload(const void *data, size_t bytes) {
+    uint64_t addr = 0;
+    CHECK(small4_device_alloc(device, bytes, &addr));
+    if (data) CHECK(small4_device_write(device, addr, data, bytes));
+    return addr;
+}
+
+static void expect_close(const char *what, const float *got, const float *want, size_t n, float tolerance) {
+    for (size_t i = 0; i < n; i++) {
+        if (!(fabsf(got[i] - want[i]) <= tolerance * (1.0f + fabsf(want[i])))) {
+            fprintf(stderr, "%s[%zu] = %g, want %g\n", what, i, got[i], want[i]);
+            exit(1);
+        }
+    }
+    printf("ok %s\n", what);
+}
+
+static void rms_norms(void) {
+    enum { ROWS = 3, COLS = 256 };
+    static uint16_t x[ROWS * COLS], residual[ROWS * COLS], weight[COLS], out[ROWS * COLS], sum[ROWS * COLS];
+    static float got[ROWS * COLS], want[ROWS * COLS], got_sum[ROWS * COLS], want_sum[ROWS * COLS];
+    const float eps = 1e-6f;
+    for (int i = 0; i < ROWS * COLS; i++) {
+        x[i] = to_bf16((float)((i * 37) % 101 - 50) / 25.0f);
+        residual[i] = to_bf16((float)((i * 11) % 23 - 11) / 8.0f);
+    }
+    for (int c = 0; c < COLS; c++) weight[c] = to_bf16(0.5f + (float)(c % 7) / 8.0f);
+    uint64_t x_dev = upload(x, sizeof x), residual_dev = upload(residual, sizeof residual);
+    uint64_t weight_dev = upload(weight, sizeof weight), out_dev = upload(NULL, sizeof out), sum_dev = upload(NULL, sizeof sum);
+
+    CHECK(small4_rms_norm(device, x_dev, weight_dev, out_dev, ROWS, COLS, eps));
+    CHECK(small4_device_read(device, out, out_dev, sizeof out));
+    for (int r = 0; r < ROWS; r++) {
+        double mean_sq = 0;
+        for (int c = 0; c < COLS; c++) mean_sq += (double)from_bf16(x[r * COLS + c]) * from_bf16(x[r * COLS + c]);
+        double inv_rms = 1.0 / sqrt(mean_sq / COLS + eps);
+        for (int c = 0; c < COLS; c++) {
+            want[r * COLS + c] = (float)(from_bf16(x[r * COLS + c]) * inv_rms) * from_bf16(weight[c]);
+            got[r * COLS + c] = from_bf16(out[r * COLS + c]);
+        }
+    }
+    expect_close("rms_norm", got, want, ROWS * COLS, 1.0f / 128.0f);
+
+    CHECK(small4_add_rms_norm(device, x_dev, residual_dev, weight_dev, sum_dev, out_dev, ROWS, COLS, eps));
+    CHECK(small4_device_read(device, sum, sum_dev, sizeof sum));
+    CHECK(small4_device_read(device, out, out_dev, sizeof out));
+    for (int r = 0; r < ROWS; r++) {
+        double mean_sq = 0;
+        for (int c = 0; c < COLS; c++) {
+            float h = from_bf16(to_bf16(from_bf16(x[r * COLS + c]) + from_bf16(residual[r * COLS + c])));
+            want_sum[r * COLS + c] = h;
+            got_sum[r * COLS + c] = from_bf16(sum[r * COLS + c]);
+            mean_sq += (double)h * h;
+        }
+        double inv_rms = 1.0 / sqrt(mean_sq / COLS + eps);
+        for (int c = 0; c < COLS; c++) {
+            want[r * COLS + c] = (float)(want_sum[r * COLS + c] * inv_rms) * from_bf16(weight[c]);
+            got[r * COLS + c] = from_bf16(out[r * COLS + c]);
+        }
+    }
+    expect_close("add_rms_norm residual", got_sum, want_sum, ROWS * COLS, 0.0f);
+    expect_close("add_rms_norm", got, want, ROWS * COLS, 1.0f / 128.0f);
+
+    /* Bad calls: a typed status and a message, the buffers untouched. */
+    Small4Status status = small4_rms_norm(device, x_dev, weight_dev, out_dev, ROWS, COLS, NAN);
+    if (status != SMALL4_STATUS_INVALID_ARGUMENT || strstr(small4_last_error(), "eps") == NULL) {
+        fprintf(stderr, "rms_norm with eps NaN: status %d, %s\n", (int)status, small4_last_error());
+        exit(1);
+    }
+    status = small4_rms_norm(NULL, x_dev, weight_dev, out_dev, ROWS, COLS, eps);
+    if (status != SMALL4_STATUS_INVALID_ARGUMENT) {
+        fprintf(stderr, "rms_norm without a device: status %d\n", (int)status);
+        exit(1);
+    }
+    status = small4_rms_norm(device, 0, weight_dev, out_dev, ROWS, COLS, eps);
+    if (status != SMALL4_STATUS_INVALID_ARGUMENT) {
+        fprintf(stderr, "rms_norm of a null address: status %d\n", (int)status);
+        exit(1);
+    }
+    printf("ok rms_norm errors\n");
+    CHECK(small4_device_release(device, x_dev));
+    CHECK(small4_device_release(device, residual_dev));
+    CHECK(small4_device_release(device, weight_dev));
+    CHECK(small4_device_release(device, out_dev));
+    CHECK(small4_device_release(device, sum_dev));
+}
+
+static void silu_mul_and_argmax(void) {
+    enum { TOKENS = 4, HIDDEN = 64, VOCAB = 1000 };
+    static uint16_t gate_up[TOKENS * 2 * HIDDEN], out[TOKENS * HIDDEN];
+    static float got[TOKENS * HIDDEN], want[TOKENS * HIDDEN], logits[TOKENS * VOCAB];
+    for (int i = 0; i < TOKENS * 2 * HIDDEN; i++) gate_up[i] = to_bf16((float)((i * 29) % 61 - 30) / 10.0f);
+    uint64_t gate_up_dev = upload(gate_up, sizeof gate_up), out_dev = upload(NULL, sizeof out);
+    CHECK(small4_silu_mul(device, gate_up_dev, out_dev, TOKENS, HIDDEN));
+    CHECK(small4_device_read(device, out, out_dev, sizeof out));
+    for (int t = 0; t < TOKENS; t++) {
+        for (int h = 0; h < HIDDEN; h++) {
+            float g = from_bf16(gate_up[t * 2 * HIDDEN + h]), u = from_bf16(gate_up[t * 2 * HIDDEN + HIDDEN + h]);
+            want[t * HIDDEN + h] = g / (1.0f + expf(-g)) * u;
+            got[t * HIDDEN + h] = from_bf16(out[t * HIDDEN + h]);
+        }
+    }
+    expect_close("silu_mul", got, want, TOKENS * HIDDEN, 1.0f / 64.0f);
+
+    int32_t want_ids[TOKENS], got_ids[TOKENS];
+    for (int t = 0; t < TOKENS; t++) {
+        for (int v = 0; v < VOCAB; v++) logits[t * VOCAB + v] = sinf((float)(v * (t + 3)));
+        want_ids[t] = 0;
+        for (int v = 1; v < VOCAB; v++)
+            if (logits[t * VOCAB + v] > logits[t * VOCAB + want_ids[t]]) want_ids[t] = v;
+    }
+    uint64_t logits_dev = upload(logits, sizeof logits), ids_dev = upload(NULL, sizeof got_ids);
+    CHECK(small4_argmax(device, logits_dev, TOKENS, VOCAB, ids_dev));
+    CHECK(small4_device_read(device, got_ids, ids_dev, sizeof got_ids));
+    if (memcmp(got_ids, want_ids, sizeof got_ids) != 0) {
+        fprintf(stderr, "argmax: got %d %d %d %d, want %d %d %d %d\n", got_ids[0], got_ids[1], got_ids[2], got_ids[3],
+                want_ids[0], want_ids[1], want_ids[2], want_ids[3]);
+        exit(1);
+    }
+    printf("ok argmax\n");
+    CHECK(small4_device_release(device, gate_up_dev));
+    CHECK(small4_device_release(device, out_dev));
+    CHECK(small4_device_release(device, logits_dev));
+    CHECK(small4_device_release(device, ids_dev));
+}
+
+static void router(void) {
+    enum { TOKENS = 3, DIM = 256, EXPERTS = 16, K = 4 };
+    const float routed_scale = 2.5f;
+    static uint16_t hidden[TOKENS * DIM], gate[EXPERTS * DIM];
+    float logits[TOKENS * EXPERTS], want_weights[TOKENS * K], got_weights[TOKENS * K];
+    int32_t want_ids[TOKENS * K], got_ids[TOKENS * K];
+    /* Every expert's gate row is constant, a distinct value (7e mod 16 permutes the experts); odd tokens flip the
+     * order: the top k are far from any tie. */
+    for (int t = 0; t < TOKENS; t++)
+        for (int d = 0; d < DIM; d++) hidden[t * DIM + d] = to_bf16((t % 2 ? -1.0f : 1.0f) * (1.0f + (float)t / 8.0f) / 16.0f);
+    for (int e = 0; e < EXPERTS; e++)
+        for (int d = 0; d < DIM; d++) gate[e * DIM + d] = to_bf16((float)((e * 7) % 16 - 8) / 64.0f);
+    for (int t = 0; t < TOKENS; t++) {
+        float max = -INFINITY, total = 0, probs[EXPERTS];
+        for (int e = 0; e < EXPERTS; e++) {
+            float dot = 0;
+            for (int d = 0; d < DIM; d++) dot += from_bf16(hidden[t * DIM + d]) * from_bf16(gate[e * DIM + d]);
+            logits[t * EXPERTS + e] = dot;
+            if (dot > max) max = dot;
+        }
+        for (int e = 0; e < EXPERTS; e++) total += probs[e] = expf(logits[t * EXPERTS + e] - max);
+        float chosen = 0;
+        for (int j = 0; j < K; j++) {
+            int best = -1;
+            for (int e = 0; e < EXPERTS; e++) {
+                int taken = 0;
+                for (int i = 0; i < j; i++) taken |= want_ids[t * K + i] == e;
+                if (!taken && (best < 0 || probs[e] > probs[best])) best = e;
+            }
+            want_ids[t * K + j] = best;
+            chosen += probs[best] / total;
+        }
+        for (int j = 0; j < K; j++) want_weights[t * K + j] = probs[want_ids[t * K + j]] / total / chosen * routed_scale;
+    }
+    uint64_t hidden_dev = upload(hidden, sizeof hidden), gate_dev = upload(gate, sizeof gate);
+    uint64_t ids_dev = upload(NULL, sizeof got_ids), weights_dev = upload(NULL, sizeof got_weights);
+    CHECK(small4_router_topk(device, hidden_dev, gate_dev, TOKENS, DIM, EXPERTS, K, routed_scale, ids_dev, weights_dev));
+    CHECK(small4_device_read(device, got_ids, ids_dev, sizeof got_ids));
+    CHECK(small4_device_read(device, got_weights, weights_dev, sizeof got_weights));
+    for (int i = 0; i < TOKENS * K; i++) {
+        if (got_ids[i] != want_ids[i]) {
+            fprintf(stderr, "router topk_ids[%d] = %d, want %d\n", i, got_ids[i], want_ids[i]);
+            exit(1);
+        }
+    }
+    printf("ok router topk_ids\n");
+    expect_close("router topk_weights", got_weights, want_weights, TOKENS * K, 1e-4f);
+    Small4Status status = small4_router_topk(device, hidden_dev, gate_dev, TOKENS, DIM, EXPERTS, EXPERTS + 1, routed_scale, ids_dev, weights_dev);
+    if (status != SMALL4_STATUS_INVALID_ARGUMENT) {
+        fprintf(stderr, "router with k > experts: status %d\n", (int)status);
+        exit(1);
+    }
+    printf("ok router errors\n");
+    CHECK(small4_device_release(device, hidden_dev));
+    CHECK(small4_device_release(device, gate_dev));
+    CHECK(small4_device_release(device, ids_dev));
+    CHECK(small4_device_release(device, weights_dev));
+}
+
+int main(void) {
+    if (small4_abi_version() != SMALL4_ABI_VERSION) {
+        fprintf(stderr, "small4.h is ABI %u but the library is ABI %u\n", (unsigned)SMALL4_ABI_VERSION, small4_abi_version());
+        return 1;
+    }
+    CHECK(small4_device_open_sim(&device));
+    rms_norms();
+    silu_mul_and_argmax();
+    router();
+    small4_device_free(device);
+    printf("all kernels ok\n");
+    return 0;
+}

@@ -48,6 +48,10 @@ typedef struct Small4Device Small4Device;
 // A loaded model that generates token ids.
 typedef struct Small4Generator Small4Generator;
 
+// The weights of one MoE layer on a device, packed into the grouped GEMM's layout (made by
+// [`small4_moe_layer_open_bf16`]).
+typedef struct Small4MoeLayer Small4MoeLayer;
+
 // How a generator is set up; start from [`small4_generator_options_default`].
 typedef struct Small4GeneratorOptions {
   // A [`Small4Backend`] value (an integer here, so that a wrong value is an error rather than undefined
@@ -223,6 +227,50 @@ enum Small4Status small4_router_topk(const struct Small4Device *device,
                                      float routed_scale,
                                      uint64_t topk_ids,
                                      uint64_t topk_weights);
+
+// Packs and uploads one MoE layer with bf16 weights (bf16 bit patterns as `uint16_t`, as stored [out, in]):
+// `w1` (gate) and `w3` (up) `[experts, hidden, dim]`, `w2` (down) `[experts, dim, hidden]`, and the shared expert's
+// `shared_w1`, `shared_w3` `[hidden, dim]` and `shared_w2` `[dim, hidden]`, all three null for a layer without one.
+// `dim` and `hidden` must be multiples of 64.
+//
+// # Safety
+// `device` must be null or live; the weight pointers null or holding the sizes above (host memory); `out` null or
+// writable.
+enum Small4Status small4_moe_layer_open_bf16(const struct Small4Device *device,
+                                             size_t experts,
+                                             size_t dim,
+                                             size_t hidden,
+                                             const uint16_t *w1,
+                                             const uint16_t *w3,
+                                             const uint16_t *w2,
+                                             const uint16_t *shared_w1,
+                                             const uint16_t *shared_w3,
+                                             const uint16_t *shared_w2,
+                                             struct Small4MoeLayer **out);
+
+// Releases a MoE layer (null is ignored).
+//
+// # Safety
+// `layer` must be null or a handle from [`small4_moe_layer_open_bf16`], not used afterwards, and its device still
+// open.
+void small4_moe_layer_free(struct Small4MoeLayer *layer);
+
+// One MoE layer over `tokens` rows already routed (by [`small4_router_topk`] or the caller):
+// `out[t] = shared(x[t]) + sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t])`, SwiGLU experts, f32
+// accumulation, bf16 activations. `x`, `out`: `[tokens, dim]` bf16; `topk_ids` `[tokens, k]` int32 (each in
+// `0..experts`); `topk_weights` `[tokens, k]` f32. Scratch is allocated on the device for the call (synchronises).
+//
+// # Safety
+// `device` and `layer` must be null or live (the layer opened on this device); the addresses must hold the sizes
+// above on that device.
+enum Small4Status small4_moe_layer_forward(const struct Small4Device *device,
+                                           const struct Small4MoeLayer *layer,
+                                           uint64_t x,
+                                           size_t tokens,
+                                           uint64_t topk_ids,
+                                           uint64_t topk_weights,
+                                           size_t k,
+                                           uint64_t out);
 
 // The defaults: the reference backend, eos = small4's default stop token, a context of 1024 tokens.
 struct Small4GeneratorOptions small4_generator_options_default(void);

@@ -21,7 +21,9 @@ use std::path::PathBuf;
 
 use half::bf16;
 use small4::device::{Device, DeviceBuffer, DeviceElement};
-use small4::kernels::router::{route_and_align_into, Alignment, ExpertMap, RouterConfig, RouterWorkspace, Routing};
+use small4::kernels::moe::{moe_layer, moe_tile_m, Grouping, MoeLayerWeights, MoeWorkspace, RoutingBuffers};
+use small4::kernels::router::{moe_align, route_and_align_into, Alignment, ExpertMap, RouterConfig, RouterWorkspace, Routing};
+use small4::quant::repack::{repack_gate_up, repack_linear, MatrixRef, PackedWeights, QuantData};
 use small4::model::checkpoint::{Checkpoint, Layout};
 use small4::model::engine::Sampling;
 use small4::model::generator::{GenerationBackend, Generator, GeneratorOptions};
@@ -441,6 +443,129 @@ pub unsafe extern "C" fn small4_router_topk(
         };
         let workspace = RouterWorkspace::new(device, tokens, experts, dim)?;
         route_and_align_into(&hidden, &gate, tokens, &map, &config, &workspace, &routing)?;
+        // The scratch is freed when this returns: the launches reading it must be done by then.
+        device.synchronize()
+    })
+}
+
+/// The weights of one MoE layer on a device, packed into the grouped GEMM's layout (made by
+/// [`small4_moe_layer_open_bf16`]).
+pub struct Small4MoeLayer {
+    weights: MoeLayerWeights,
+}
+
+/// `experts` matrices of `[rows, cols]` bf16 (bit patterns as `uint16_t`), stacked, from the host, packed for the
+/// grouped GEMM: SwiGLU-interleaved gate/up pairs when `up` is given.
+///
+/// # Safety
+/// `first` (and `up`) must be null or hold `experts * rows * cols` values.
+unsafe fn pack(experts: usize, rows: usize, cols: usize, first: *const u16, up: Option<*const u16>, what: &str) -> Result<PackedWeights> {
+    let per_expert = elements(rows, cols, what)?;
+    let total = elements(experts, per_expert, what)?;
+    // bf16 is a transparent u16.
+    let stacked = |ptr: *const u16| unsafe { slice(ptr.cast::<bf16>(), total, what) };
+    fn matrices(data: &[bf16], rows: usize, cols: usize) -> Vec<MatrixRef<'_>> {
+        data.chunks_exact((rows * cols).max(1)).map(|m| MatrixRef { rows, cols, data: QuantData::Bf16(m) }).collect()
+    }
+    let first = stacked(first)?;
+    match up {
+        None => repack_linear(&matrices(first, rows, cols)),
+        Some(up) => {
+            let up = stacked(up)?;
+            let pairs: Vec<(MatrixRef, MatrixRef)> = matrices(first, rows, cols).into_iter().zip(matrices(up, rows, cols)).collect();
+            repack_gate_up(&pairs)
+        }
+    }
+}
+
+/// Packs and uploads one MoE layer with bf16 weights (bf16 bit patterns as `uint16_t`, as stored [out, in]):
+/// `w1` (gate) and `w3` (up) `[experts, hidden, dim]`, `w2` (down) `[experts, dim, hidden]`, and the shared expert's
+/// `shared_w1`, `shared_w3` `[hidden, dim]` and `shared_w2` `[dim, hidden]`, all three null for a layer without one.
+/// `dim` and `hidden` must be multiples of 64.
+///
+/// # Safety
+/// `device` must be null or live; the weight pointers null or holding the sizes above (host memory); `out` null or
+/// writable.
+#[no_mangle]
+pub unsafe extern "C" fn small4_moe_layer_open_bf16(
+    device: *const Small4Device,
+    experts: usize,
+    dim: usize,
+    hidden: usize,
+    w1: *const u16,
+    w3: *const u16,
+    w2: *const u16,
+    shared_w1: *const u16,
+    shared_w3: *const u16,
+    shared_w2: *const u16,
+    out: *mut *mut Small4MoeLayer,
+) -> Small4Status {
+    call(|| {
+        let device = unsafe { self::device(device) }?;
+        unsafe { reference_mut(out, "the output handle") }?;
+        if experts == 0 || experts > small4::kernels::router::MAX_EXPERTS {
+            return Err(Error::InvalidArgument(format!("{experts} experts (1..={})", small4::kernels::router::MAX_EXPERTS)));
+        }
+        let gate_up = unsafe { pack(experts, hidden, dim, w1, Some(w3), "w1/w3") }?;
+        let down = unsafe { pack(experts, dim, hidden, w2, None, "w2") }?;
+        let shared = match (shared_w1.is_null(), shared_w3.is_null(), shared_w2.is_null()) {
+            (true, true, true) => None,
+            (false, false, false) => Some((unsafe { pack(1, hidden, dim, shared_w1, Some(shared_w3), "shared w1/w3") }?, unsafe { pack(1, dim, hidden, shared_w2, None, "shared w2") }?)),
+            _ => return Err(Error::InvalidArgument("the shared expert needs all of shared_w1, shared_w3 and shared_w2, or none".into())),
+        };
+        let weights = MoeLayerWeights::upload(device, &gate_up, &down, shared.as_ref().map(|(u, d)| (u, d)))?;
+        unsafe { store(out, Small4MoeLayer { weights }) }
+    })
+}
+
+/// Releases a MoE layer (null is ignored).
+///
+/// # Safety
+/// `layer` must be null or a handle from [`small4_moe_layer_open_bf16`], not used afterwards, and its device still
+/// open.
+#[no_mangle]
+pub unsafe extern "C" fn small4_moe_layer_free(layer: *mut Small4MoeLayer) {
+    if !layer.is_null() {
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(layer) })));
+    }
+}
+
+/// One MoE layer over `tokens` rows already routed (by [`small4_router_topk`] or the caller):
+/// `out[t] = shared(x[t]) + sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t])`, SwiGLU experts, f32
+/// accumulation, bf16 activations. `x`, `out`: `[tokens, dim]` bf16; `topk_ids` `[tokens, k]` int32 (each in
+/// `0..experts`); `topk_weights` `[tokens, k]` f32. Scratch is allocated on the device for the call (synchronises).
+///
+/// # Safety
+/// `device` and `layer` must be null or live (the layer opened on this device); the addresses must hold the sizes
+/// above on that device.
+#[no_mangle]
+pub unsafe extern "C" fn small4_moe_layer_forward(
+    device: *const Small4Device,
+    layer: *const Small4MoeLayer,
+    x: u64,
+    tokens: usize,
+    topk_ids: u64,
+    topk_weights: u64,
+    k: usize,
+    out: u64,
+) -> Small4Status {
+    call(|| {
+        let device = unsafe { self::device(device) }?;
+        let weights = &unsafe { reference(layer, "the MoE layer handle") }?.weights;
+        let (dim, experts) = (weights.dim(), weights.experts());
+        if k == 0 || k > experts {
+            return Err(Error::InvalidArgument(format!("moe layer: k = {k} must be in 1..={experts}")));
+        }
+        let pairs = elements(tokens, k, "moe layer pairs")?;
+        let x = unsafe { borrowed::<bf16>(device, x, elements(tokens, dim, "moe layer x")?) }?;
+        let out = unsafe { borrowed::<bf16>(device, out, elements(tokens, dim, "moe layer out")?) }?;
+        let topk_ids = unsafe { borrowed::<i32>(device, topk_ids, pairs) }?;
+        let topk_weights = unsafe { borrowed::<f32>(device, topk_weights, pairs) }?;
+        let map = ExpertMap::identity(device, experts)?;
+        let alignment = moe_align(&topk_ids, &map, moe_tile_m(tokens, k, experts))?;
+        let workspace = MoeWorkspace::new(device, weights, tokens, k, alignment.sorted_pairs.len())?;
+        let routing = RoutingBuffers { topk_ids: &topk_ids, topk_weights: &topk_weights, expert_map: None, experts, top_k: k };
+        moe_layer(weights, &x, tokens, &routing, &Grouping::from(&alignment), &workspace, &out)?;
         // The scratch is freed when this returns: the launches reading it must be done by then.
         device.synchronize()
     })

@@ -35,7 +35,8 @@ fn compile_c(source: &str, output: &str, libraries: &[String]) -> PathBuf {
     command.args(["-std=c99", "-Wall", "-Wextra", "-Werror", "-o"]).arg(&exe).arg("-I").arg(repo_root().join("include")).arg(repo_root().join(source));
     command.args(libraries);
     let result = command.output().unwrap();
-    assert!(result.status.success(), "compiling {source}: {command:?}\n{}", String::from_utf8_lossy(&result.stderr));
+    let shown: Vec<_> = std::iter::once(command.get_program()).chain(command.get_args()).map(|a| a.to_string_lossy()).collect();
+    assert!(result.status.success(), "compiling {source}: {}\n{}", shown.join(" "), String::from_utf8_lossy(&result.stderr));
     exe
 }
 
@@ -89,7 +90,7 @@ fn a_c_program_runs_kernels_on_its_own_buffers_through_the_static_library() {
     libraries.extend(["-lgcc_s", "-lutil", "-lrt", "-lpthread", "-lm", "-ldl", "-lc"].map(String::from));
     let exe = compile_c("tests/c/kernels.c", "kernels", &libraries);
     let stdout = run(&exe, &[]);
-    for check in ["ok rms_norm", "ok add_rms_norm", "ok rms_norm errors", "ok silu_mul", "ok argmax", "ok router topk_ids", "ok router topk_weights", "ok router errors", "all kernels ok"] {
+    for check in ["ok rms_norm", "ok add_rms_norm", "ok rms_norm errors", "ok silu_mul", "ok argmax", "ok router topk_ids", "ok router topk_weights", "ok router errors", "ok moe_layer", "ok moe_layer errors", "all kernels ok"] {
         assert!(stdout.lines().any(|l| l == check), "`{check}` missing from:\n{stdout}");
     }
 }

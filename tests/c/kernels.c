@@ -1,5 +1,5 @@
 /* Runs kernels of the C ABI on buffers this program owns (linked against the static library): RMSNorm, the fused
- * add + RMSNorm, SwiGLU, argmax and the MoE router, on the PTX interpreter (the same calls take cudaMalloc'd
+ * add + RMSNorm, SwiGLU, argmax, the MoE router and a whole MoE layer, on the PTX interpreter (the same calls take cudaMalloc'd
  * addresses on a GPU device), each checked against a plain C computation, plus the errors of bad calls. Prints one
  * "ok NAME" line per check and exits 0 when all pass. */
 #include <math.h>
@@ -221,6 +221,85 @@ static void router(void) {
     CHECK(small4_device_release(device, weights_dev));
 }
 
+/* A deterministic value in [-scale, scale) from an index (a small LCG hash). */
+static float pattern(unsigned i, float scale) {
+    unsigned h = i * 1103515245u + 12345u;
+    return ((float)((h >> 8) % 2048) / 1024.0f - 1.0f) * scale;
+}
+
+/* y[rows] = w[rows, cols] @ x[cols], w in bf16. */
+static void matvec(const uint16_t *w, const float *x, int rows, int cols, float *y) {
+    for (int r = 0; r < rows; r++) {
+        float sum = 0;
+        for (int c = 0; c < cols; c++) sum += from_bf16(w[r * cols + c]) * x[c];
+        y[r] = sum;
+    }
+}
+
+/* One SwiGLU expert: w2 @ bf16(silu(w1 @ x) * (w3 @ x)), added to y with weight `scale`. */
+static void expert(const uint16_t *w1, const uint16_t *w3, const uint16_t *w2, const float *x, int dim, int hidden, float scale, float *y) {
+    float gate[256], up[256], act[256], down[256];
+    matvec(w1, x, hidden, dim, gate);
+    matvec(w3, x, hidden, dim, up);
+    for (int h = 0; h < hidden; h++) act[h] = from_bf16(to_bf16(gate[h] / (1.0f + expf(-gate[h])) * up[h]));
+    matvec(w2, act, dim, hidden, down);
+    for (int d = 0; d < dim; d++) y[d] += scale * down[d];
+}
+
+static void moe_layer(void) {
+    enum { TOKENS = 5, DIM = 64, HIDDEN = 128, EXPERTS = 4, K = 2 };
+    static uint16_t w1[EXPERTS * HIDDEN * DIM], w3[EXPERTS * HIDDEN * DIM], w2[EXPERTS * DIM * HIDDEN];
+    static uint16_t shared_w1[HIDDEN * DIM], shared_w3[HIDDEN * DIM], shared_w2[DIM * HIDDEN];
+    static uint16_t x[TOKENS * DIM], out[TOKENS * DIM];
+    static float got[TOKENS * DIM], want[TOKENS * DIM], x_f[DIM];
+    int32_t ids[TOKENS * K];
+    float weights[TOKENS * K];
+    for (unsigned i = 0; i < EXPERTS * HIDDEN * DIM; i++) {
+        w1[i] = to_bf16(pattern(i, 0.25f));
+        w3[i] = to_bf16(pattern(i + 7919u * 1000u, 0.25f));
+        w2[i] = to_bf16(pattern(i + 7919u * 2000u, 0.25f));
+    }
+    for (unsigned i = 0; i < HIDDEN * DIM; i++) {
+        shared_w1[i] = to_bf16(pattern(i + 7919u * 3000u, 0.25f));
+        shared_w3[i] = to_bf16(pattern(i + 7919u * 4000u, 0.25f));
+        shared_w2[i] = to_bf16(pattern(i + 7919u * 5000u, 0.25f));
+    }
+    for (unsigned i = 0; i < TOKENS * DIM; i++) x[i] = to_bf16(pattern(i + 7919u * 6000u, 1.0f));
+    for (int t = 0; t < TOKENS; t++) {
+        ids[t * K] = t % EXPERTS;
+        ids[t * K + 1] = (t + 1) % EXPERTS;
+        weights[t * K] = 0.625f;
+        weights[t * K + 1] = 0.375f;
+        for (int d = 0; d < DIM; d++) x_f[d] = from_bf16(x[t * DIM + d]);
+        float *y = &want[t * DIM];
+        for (int d = 0; d < DIM; d++) y[d] = 0;
+        expert(shared_w1, shared_w3, shared_w2, x_f, DIM, HIDDEN, 1.0f, y);
+        for (int j = 0; j < K; j++) {
+            size_t e = (size_t)ids[t * K + j];
+            expert(&w1[e * HIDDEN * DIM], &w3[e * HIDDEN * DIM], &w2[e * DIM * HIDDEN], x_f, DIM, HIDDEN, weights[t * K + j], y);
+        }
+    }
+    Small4MoeLayer *layer = NULL;
+    CHECK(small4_moe_layer_open_bf16(device, EXPERTS, DIM, HIDDEN, w1, w3, w2, shared_w1, shared_w3, shared_w2, &layer));
+    uint64_t x_dev = upload(x, sizeof x), ids_dev = upload(ids, sizeof ids), weights_dev = upload(weights, sizeof weights);
+    uint64_t out_dev = upload(NULL, sizeof out);
+    CHECK(small4_moe_layer_forward(device, layer, x_dev, TOKENS, ids_dev, weights_dev, K, out_dev));
+    CHECK(small4_device_read(device, out, out_dev, sizeof out));
+    for (int i = 0; i < TOKENS * DIM; i++) got[i] = from_bf16(out[i]);
+    expect_close("moe_layer", got, want, TOKENS * DIM, 1e-2f);
+    Small4Status status = small4_moe_layer_open_bf16(device, EXPERTS, DIM, HIDDEN, w1, w3, w2, shared_w1, NULL, shared_w2, &layer);
+    if (status != SMALL4_STATUS_INVALID_ARGUMENT) {
+        fprintf(stderr, "a MoE layer with half a shared expert: status %d\n", (int)status);
+        exit(1);
+    }
+    printf("ok moe_layer errors\n");
+    small4_moe_layer_free(layer);
+    CHECK(small4_device_release(device, x_dev));
+    CHECK(small4_device_release(device, ids_dev));
+    CHECK(small4_device_release(device, weights_dev));
+    CHECK(small4_device_release(device, out_dev));
+}
+
 int main(void) {
     if (small4_abi_version() != SMALL4_ABI_VERSION) {
         fprintf(stderr, "small4.h is ABI %u but the library is ABI %u\n", (unsigned)SMALL4_ABI_VERSION, small4_abi_version());
@@ -230,6 +309,7 @@ int main(void) {
     rms_norms();
     silu_mul_and_argmax();
     router();
+    moe_layer();
     small4_device_free(device);
     printf("all kernels ok\n");
     return 0;

@@ -1,6 +1,6 @@
 //! The forward pass on a device: [`DeviceModel`] (a checkpoint uploaded in the kernels' layouts) and [`Engine`]
 //! (prefill and decode of a batch of sequences over the paged latent cache, continuous batching, greedy or seeded
-//! sampling, EOS). Written in the llm.c manner: [`Engine::forward_device`] is the whole network as a plain list of
+//! sampling, EOS). Written in the llm.c manner: `Engine::forward_device` is the whole network as a plain list of
 //! kernel calls, one line per step of the architecture (SPEC-model.md), on any `Backend` (GPU or interpreter).
 //!
 //! Precision follows `reference::model` with `RoundingMode::Bf16Activations` and absorbed attention: every tensor

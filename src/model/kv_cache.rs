@@ -131,7 +131,7 @@ pub struct AppendPlan {
 pub struct BatchTables {
     /// [num_seqs, max_pages]; entries past a sequence's last page are -1.
     pub block_tables: Vec<i32>,
-    /// [num_seqs]
+    /// `[num_seqs]`
     pub seq_lens: Vec<i32>,
     pub max_pages: usize,
 }

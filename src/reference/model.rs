@@ -56,13 +56,13 @@ pub enum AttentionForm {
 pub struct AttentionWeights {
     /// [q_lora_rank, dim]
     pub wq_a: Vec<f32>,
-    /// [q_lora_rank]
+    /// `[q_lora_rank]`
     pub q_a_norm: Vec<f32>,
     /// [heads * (qk_nope + qk_rope), q_lora_rank]
     pub wq_b: Vec<f32>,
     /// [kv_lora_rank + qk_rope, dim]
     pub wkv_a_with_mqa: Vec<f32>,
-    /// [kv_lora_rank]
+    /// `[kv_lora_rank]`
     pub kv_a_norm: Vec<f32>,
     /// [heads * (qk_nope + v_head), kv_lora_rank]: per head qk_nope rows of W_UK then v_head rows of W_UV.
     pub wkv_b: Vec<f32>,
@@ -104,7 +104,7 @@ pub struct ReferenceWeights {
     /// [vocab, dim]
     pub tok_embeddings: Vec<f32>,
     pub layers: Vec<LayerWeights>,
-    /// Final norm [dim].
+    /// Final norm `[dim]`.
     pub norm: Vec<f32>,
     /// Output head [vocab, dim] (a copy of the embedding when tied).
     pub output: Vec<f32>,
@@ -412,7 +412,7 @@ impl ReferenceModel {
         self.forward(prompt, cache)
     }
 
-    /// One decode step; returns the logits [vocab] of the next token.
+    /// One decode step; returns the logits `[vocab]` of the next token.
     pub fn decode(&self, token: u32, cache: &mut ReferenceKvCache) -> Result<Vec<f32>> {
         self.forward(&[token], cache)
     }

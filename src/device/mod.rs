@@ -196,6 +196,22 @@ impl<T: DeviceElement> DeviceBuffer<T> {
     /// # Safety
     /// `addr` must be the start of at least `len * size_of::<T>()` bytes of `device` memory, aligned for `T`, that
     /// stay allocated while the view (or any launch reading it) is in use.
+    ///
+    /// ```
+    /// use small4::device::{simulator, DeviceBuffer};
+    ///
+    /// let device = simulator();
+    /// let addr = device.alloc(4 * size_of::<f32>())?; // memory the caller owns
+    /// // SAFETY: `addr` holds 4 f32 on `device` until it is freed below.
+    /// let view = unsafe { DeviceBuffer::<f32>::from_raw_borrowed(&device, addr, 4)? };
+    /// view.copy_from(&[1.0, 2.0, 3.0, 4.0])?;
+    /// drop(view); // leaves the memory alone
+    /// let mut bytes = [0u8; 16];
+    /// device.read(addr, &mut bytes)?;
+    /// assert_eq!(bytes[4..8], 2.0f32.to_ne_bytes());
+    /// device.free(addr)?;
+    /// # Ok::<(), small4::Error>(())
+    /// ```
     pub unsafe fn from_raw_borrowed(device: &Device, addr: u64, len: usize) -> Result<Self> {
         if addr == 0 {
             return Err(Error::InvalidArgument("a null device address".into()));

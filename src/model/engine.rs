@@ -423,6 +423,20 @@ struct Active {
 }
 
 /// Prefill and decode over the paged cache for a changing batch of requests.
+///
+/// ```no_run
+/// use small4::model::checkpoint::Checkpoint;
+/// use small4::model::engine::{DeviceModel, Engine, EngineOptions, ExpertShard, Request, Sampling};
+///
+/// let device = small4::device::gpu()?;
+/// let model = DeviceModel::load(&device, &Checkpoint::open("/models/Mistral-Small-4")?, ExpertShard::SINGLE)?;
+/// let mut engine = Engine::new(model, EngineOptions::default(), None)?;
+/// let tokens = engine.generate(vec![Request { prompt: vec![1, 22177], max_tokens: 16, sampling: Sampling::Greedy }], |_| {})?;
+/// println!("{:?}", tokens[0]);
+/// # Ok::<(), small4::Error>(())
+/// ```
+/// It runs on the interpreter as well (`small4::device::simulator()`): [`crate::model::generator::Generator`] shows it
+/// with the tiny model.
 pub struct Engine {
     model: DeviceModel,
     options: EngineOptions,

@@ -29,7 +29,7 @@ pub fn generate_tokens(backend: GenerationBackend, model: Option<PathBuf>, promp
         None => tiny_checkpoint(WeightFormat::Bf16, &Layout::Native, DEFAULT_TINY_SEED)?,
     };
     let checkpoint = Checkpoint::open(&dir)?;
-    let options = GeneratorOptions { backend, eos: None, max_context: prompt.len() + max_tokens };
+    let options = GeneratorOptions { backend, eos: None, max_context: prompt.len() + max_tokens, ..GeneratorOptions::default() };
     let mut generator = Generator::open(&checkpoint, &options)?;
     generator.generate(prompt, max_tokens, Sampling::Greedy, |_| {})
 }

@@ -9,11 +9,12 @@ use anyhow::bail;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use small4::model::checkpoint::{Checkpoint, ExpertMatrix, Layout};
-use small4::model::engine::{DeviceModel, Engine, EngineOptions, ExpertShard, Request, Sampling, DEFAULT_EOS};
-use small4::model::synthetic::{load_reference_weights, HF_MISTRAL3_PREFIX};
+use small4::model::engine::{Sampling, DEFAULT_EOS};
+use small4::model::generator::{GenerationBackend, Generator, GeneratorOptions};
+use small4::model::synthetic::HF_MISTRAL3_PREFIX;
 use small4::model::ModelConfig;
 use small4::quant::WeightFormat;
-use small4::reference::model::{AttentionForm, ForwardOptions, ReferenceModel, RoundingMode};
+use small4::reference::model::{AttentionForm, ForwardOptions, RoundingMode};
 use small4::tokenizer::{ChatRequest, OutputPrinter, OutputStream, SpecialTokenPolicy, StreamingDecoder, Tokenizer};
 
 #[derive(Parser)]
@@ -206,11 +207,7 @@ fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
     let mut sink = TokenSink::new(tokenizer.as_ref())?;
     let shown: Vec<String> = prompt_ids.iter().map(u32::to_string).collect();
     let prompt = format!("[{}]", shown.join(","));
-    match args.backend {
-        Backend::Reference => generate_reference(args, &checkpoint, &prompt_ids, &prompt, &mut sink),
-        Backend::Sim => generate_engine(args, &small4::device::simulator(), &checkpoint, &prompt_ids, &prompt, &mut sink),
-        Backend::Gpu => generate_engine(args, &small4::device::gpu()?, &checkpoint, &prompt_ids, &prompt, &mut sink),
-    }
+    generate_tokens(args, &checkpoint, &prompt_ids, &prompt, &mut sink)
 }
 
 /// The tokenizer for text prompts: `--tokenizer`, the model directory's `tekken.json`, or the embedded v15 stand-in
@@ -312,52 +309,15 @@ impl<'t> TokenSink<'t> {
     }
 }
 
-fn generate_engine(
-    args: &GenerateArgs,
-    device: &small4::device::Device,
-    checkpoint: &Checkpoint,
-    prompt_ids: &[u32],
-    prompt: &str,
-    sink: &mut TokenSink,
-) -> anyhow::Result<()> {
-    let load = Instant::now();
-    let model = DeviceModel::load(device, checkpoint, ExpertShard::SINGLE)?;
-    let options = EngineOptions { eos: Some(args.eos), page_size: 16, num_pages: (prompt_ids.len() + args.max_tokens).div_ceil(16) + 1, ..EngineOptions::default() };
-    let mut engine = Engine::new(model, options, None)?;
-    println!("{} on {} (loaded in {:.2} s), prompt: {prompt}", checkpoint.dir.display(), device.name(), load.elapsed().as_secs_f64());
-    let sampling = if args.temperature > 0.0 { Sampling::Seeded { temperature: args.temperature, top_p: args.top_p, seed: args.sample_seed } } else { Sampling::Greedy };
-    engine.add(Request { prompt: prompt_ids.to_vec(), max_tokens: args.max_tokens, sampling })?;
-    sink.start();
-    let (mut prefill, mut decode, mut decoded) = (0.0, 0.0, 0usize);
-    while engine.active() > 0 {
-        let start = Instant::now();
-        let tokens = engine.step()?;
-        let seconds = start.elapsed().as_secs_f64();
-        if prefill == 0.0 {
-            prefill = seconds;
-        } else {
-            decode += seconds;
-            decoded += 1;
-        }
-        for t in tokens {
-            sink.push(t.token)?;
-        }
-    }
-    sink.finish()?;
-    println!(
-        "prefill: {} tokens in {:.2} ms ({:.2} tokens/s); decode: {decoded} tokens in {:.2} ms ({:.2} tokens/s)",
-        prompt_ids.len(),
-        prefill * 1e3,
-        prompt_ids.len() as f64 / prefill,
-        decode * 1e3,
-        decoded as f64 / decode.max(f64::MIN_POSITIVE),
-    );
-    Ok(())
-}
-
-fn generate_reference(args: &GenerateArgs, checkpoint: &Checkpoint, prompt_ids: &[u32], prompt: &str, sink: &mut TokenSink) -> anyhow::Result<()> {
-    let weights = load_reference_weights(checkpoint)?;
-    let options = ForwardOptions {
+/// Generation through the library's `Generator` (what the C ABI and the examples run), printed as it comes, with the
+/// prefill and decode rates.
+fn generate_tokens(args: &GenerateArgs, checkpoint: &Checkpoint, prompt_ids: &[u32], prompt: &str, sink: &mut TokenSink) -> anyhow::Result<()> {
+    let backend = match args.backend {
+        Backend::Reference => GenerationBackend::Reference,
+        Backend::Sim => GenerationBackend::Sim,
+        Backend::Gpu => GenerationBackend::Gpu,
+    };
+    let reference = ForwardOptions {
         rounding: match args.rounding {
             Rounding::F32 => RoundingMode::F32,
             Rounding::Bf16 => RoundingMode::Bf16Activations,
@@ -367,11 +327,24 @@ fn generate_reference(args: &GenerateArgs, checkpoint: &Checkpoint, prompt_ids: 
             Attention::Absorbed => AttentionForm::Absorbed,
         },
     };
-    let model = ReferenceModel::new(weights, options)?;
-    println!("{} on the CPU reference, {:?}, prompt: {prompt}", checkpoint.dir.display(), options);
+    // The reference runs to --max-tokens; the engine stops at --eos.
+    let eos = (backend != GenerationBackend::Reference).then_some(args.eos);
+    let options = GeneratorOptions { backend, eos, max_context: prompt_ids.len() + args.max_tokens, reference };
+    let load = Instant::now();
+    let mut generator = Generator::open(checkpoint, &options)?;
+    match generator.device() {
+        None => println!("{} on the CPU reference, {reference:?}, prompt: {prompt}", checkpoint.dir.display()),
+        Some(device) => println!("{} on {} (loaded in {:.2} s), prompt: {prompt}", checkpoint.dir.display(), device.name(), load.elapsed().as_secs_f64()),
+    }
+    let sampling = if args.temperature > 0.0 { Sampling::Seeded { temperature: args.temperature, top_p: args.top_p, seed: args.sample_seed } } else { Sampling::Greedy };
     sink.start();
-    let mut failure = None;
-    let stats = model.generate_greedy(prompt_ids, args.max_tokens, |token| {
+    let start = Instant::now();
+    let (mut first, mut last, mut count, mut failure) = (None, start, 0usize, None);
+    generator.generate(prompt_ids, args.max_tokens, sampling, |token| {
+        let now = Instant::now();
+        first.get_or_insert(now);
+        last = now;
+        count += 1;
         if failure.is_none() {
             failure = sink.push(token).err();
         }
@@ -380,14 +353,17 @@ fn generate_reference(args: &GenerateArgs, checkpoint: &Checkpoint, prompt_ids: 
         return Err(e);
     }
     sink.finish()?;
+    // The first token comes from the prefill's logits; every later one is a decode step.
+    let prefill = first.map_or(0.0, |t| (t - start).as_secs_f64());
+    let decode = first.map_or(0.0, |t| (last - t).as_secs_f64());
+    let decoded = count.saturating_sub(1);
     println!(
-        "prefill: {} tokens in {:.2} ms ({:.1} tokens/s); decode: {} tokens in {:.2} ms ({:.1} tokens/s)",
-        stats.prompt_tokens,
-        stats.prefill_time.as_secs_f64() * 1e3,
-        stats.prefill_tokens_per_s(),
-        stats.decode_steps(),
-        stats.decode_time.as_secs_f64() * 1e3,
-        stats.decode_tokens_per_s(),
+        "prefill: {} tokens in {:.2} ms ({:.1} tokens/s); decode: {decoded} tokens in {:.2} ms ({:.1} tokens/s)",
+        prompt_ids.len(),
+        prefill * 1e3,
+        prompt_ids.len() as f64 / prefill.max(f64::MIN_POSITIVE),
+        decode * 1e3,
+        if decoded == 0 { 0.0 } else { decoded as f64 / decode.max(f64::MIN_POSITIVE) },
     );
     Ok(())
 }

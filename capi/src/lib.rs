@@ -672,6 +672,8 @@ pub unsafe extern "C" fn small4_generator_open(dir: *const c_char, options: *con
                 eos => Some(u32::try_from(eos).map_err(|_| Error::InvalidArgument(format!("eos token {eos}")))?),
             },
             max_context: options.max_context,
+            // What `small4 generate` uses: bf16 activations, absorbed attention.
+            ..GeneratorOptions::default()
         };
         // Check the output slot before the (slow) load.
         unsafe { reference_mut(out, "the output handle") }?;

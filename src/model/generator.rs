@@ -13,7 +13,8 @@ use crate::reference::model::{ForwardOptions, ReferenceModel};
 /// Where a [`Generator`] computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GenerationBackend {
-    /// The CPU reference forward pass (f32 over the bf16 weights, bf16 activations, absorbed attention): greedy only.
+    /// The CPU reference forward pass (f32 over the bf16 weights; `GeneratorOptions::reference` sets its rounding and
+    /// attention form): greedy only.
     Reference,
     /// The engine's CUDA kernels on the PTX interpreter (a few tokens a second for the tiny model).
     Sim,
@@ -27,13 +28,15 @@ pub struct GeneratorOptions {
     pub backend: GenerationBackend,
     /// Stop token (kept as the last generated token); `None` generates to `max_tokens`.
     pub eos: Option<u32>,
-    /// The engine's KV cache holds this many tokens of one request (prompt + generated).
+    /// The engine's KV cache holds this many tokens of one request (prompt + generated); no request may be longer.
     pub max_context: usize,
+    /// Activation rounding and attention form of the reference backend.
+    pub reference: ForwardOptions,
 }
 
 impl Default for GeneratorOptions {
     fn default() -> Self {
-        GeneratorOptions { backend: GenerationBackend::Reference, eos: Some(DEFAULT_EOS), max_context: 1024 }
+        GeneratorOptions { backend: GenerationBackend::Reference, eos: Some(DEFAULT_EOS), max_context: 1024, reference: ForwardOptions::default() }
     }
 }
 
@@ -71,7 +74,7 @@ impl Generator {
     pub fn open(checkpoint: &Checkpoint, options: &GeneratorOptions) -> Result<Self> {
         let device = match options.backend {
             GenerationBackend::Reference => {
-                let model = ReferenceModel::new(load_reference_weights(checkpoint)?, ForwardOptions::default())?;
+                let model = ReferenceModel::new(load_reference_weights(checkpoint)?, options.reference)?;
                 return Ok(Generator { model: Model::Reference(model), options: *options });
             }
             GenerationBackend::Sim => crate::device::simulator(),
@@ -96,6 +99,14 @@ impl Generator {
         match &self.model {
             Model::Reference(m) => m.config(),
             Model::Engine(e) => e.model().config(),
+        }
+    }
+
+    /// The device of the engine backends (`None` on the reference).
+    pub fn device(&self) -> Option<&Device> {
+        match &self.model {
+            Model::Reference(_) => None,
+            Model::Engine(e) => Some(e.model().device()),
         }
     }
 

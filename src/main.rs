@@ -327,6 +327,9 @@ fn generate_tokens(args: &GenerateArgs, checkpoint: &Checkpoint, prompt_ids: &[u
             Attention::Absorbed => AttentionForm::Absorbed,
         },
     };
+    if backend == GenerationBackend::Reference && args.temperature > 0.0 {
+        bail!("--temperature needs an engine backend (--backend sim or gpu): the reference samples greedily only");
+    }
     // The reference runs to --max-tokens; the engine stops at --eos.
     let eos = (backend != GenerationBackend::Reference).then_some(args.eos);
     let options = GeneratorOptions { backend, eos, max_context: prompt_ids.len() + args.max_tokens, reference };

@@ -80,10 +80,11 @@ impl Generator {
             GenerationBackend::Sim => crate::device::simulator(),
             GenerationBackend::Gpu => crate::device::gpu()?,
         };
-        Self::open_engine(&device, checkpoint, options)
+        Self::engine_on(&device, checkpoint, options)
     }
 
-    fn open_engine(device: &Device, checkpoint: &Checkpoint, options: &GeneratorOptions) -> Result<Self> {
+    /// The engine on a device the caller chose (`options.backend` is not consulted).
+    pub fn engine_on(device: &Device, checkpoint: &Checkpoint, options: &GeneratorOptions) -> Result<Self> {
         if options.max_context == 0 {
             return Err(Error::InvalidArgument("a generator needs max_context >= 1".into()));
         }

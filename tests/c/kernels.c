@@ -1,7 +1,7 @@
 /* Runs kernels of the C ABI on buffers this program owns (linked against the static library): RMSNorm, the fused
- * add + RMSNorm, SwiGLU, argmax, the MoE router and a whole MoE layer, on the PTX interpreter (the same calls take cudaMalloc'd
- * addresses on a GPU device), each checked against a plain C computation, plus the errors of bad calls. Prints one
- * "ok NAME" line per check and exits 0 when all pass. */
+ * add + RMSNorm, SwiGLU, argmax, the MoE router and a whole MoE layer, on the PTX interpreter and, when there is
+ * one, on GPU 0 (where the addresses are what cudaMalloc returns), each checked against a plain C computation, plus
+ * the errors of bad calls. Prints one "ok NAME" line per check and exits 0 when all pass. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -300,17 +300,34 @@ static void moe_layer(void) {
     CHECK(small4_device_release(device, out_dev));
 }
 
+/* Every check on one device. */
+static void run_all(void) {
+    rms_norms();
+    silu_mul_and_argmax();
+    router();
+    moe_layer();
+}
+
 int main(void) {
     if (small4_abi_version() != SMALL4_ABI_VERSION) {
         fprintf(stderr, "small4.h is ABI %u but the library is ABI %u\n", (unsigned)SMALL4_ABI_VERSION, small4_abi_version());
         return 1;
     }
     CHECK(small4_device_open_sim(&device));
-    rms_norms();
-    silu_mul_and_argmax();
-    router();
-    moe_layer();
+    run_all();
     small4_device_free(device);
+    /* The same calls on CUDA device 0 (small4's own stream) when there is one; a missing GPU is a status, said. */
+    Small4Status status = small4_device_open_gpu(0, NULL, &device);
+    if (status == SMALL4_STATUS_OK) {
+        printf("on the GPU:\n");
+        run_all();
+        small4_device_free(device);
+    } else if (status == SMALL4_STATUS_NO_GPU) {
+        printf("SKIPPED the GPU run: %s\n", small4_last_error());
+    } else {
+        fprintf(stderr, "small4_device_open_gpu: status %d: %s\n", (int)status, small4_last_error());
+        return 1;
+    }
     printf("all kernels ok\n");
     return 0;
 }

@@ -13,20 +13,35 @@
 
 // What a call returned. `Ok` is 0; the others mirror `small4::Error`'s variants.
 typedef enum Small4Status {
+  // Success.
   SMALL4_STATUS_OK = 0,
+  // No CUDA driver or no GPU (`Error::NoGpu`).
   SMALL4_STATUS_NO_GPU = 1,
+  // The CUDA driver failed (`Error::Cuda`).
   SMALL4_STATUS_CUDA = 2,
+  // The PTX interpreter reported a fault: out of bounds, uninitialised read, race (`Error::Simulator`).
   SMALL4_STATUS_SIMULATOR = 3,
+  // A size or shape does not match (`Error::Shape`).
   SMALL4_STATUS_SHAPE = 4,
+  // A bad argument: null pointer, zero size, unaligned address, value out of its domain (`Error::InvalidArgument`).
   SMALL4_STATUS_INVALID_ARGUMENT = 5,
+  // A dtype the call does not know (`Error::UnknownDtype`).
   SMALL4_STATUS_UNKNOWN_DTYPE = 6,
+  // An index (a token id, an expert) out of range (`Error::OutOfRange`).
   SMALL4_STATUS_OUT_OF_RANGE = 7,
+  // A model configuration is invalid (`Error::Config`).
   SMALL4_STATUS_CONFIG = 8,
+  // A checkpoint is missing or malformed (`Error::Checkpoint`).
   SMALL4_STATUS_CHECKPOINT = 9,
+  // The tokenizer failed (`Error::Tokenizer`).
   SMALL4_STATUS_TOKENIZER = 10,
+  // An unknown sequence (`Error::UnknownSequence`).
   SMALL4_STATUS_UNKNOWN_SEQUENCE = 11,
+  // The KV cache has no free pages left (`Error::OutOfPages`).
   SMALL4_STATUS_OUT_OF_PAGES = 12,
+  // A file could not be read or written (`Error::Io`).
   SMALL4_STATUS_IO = 13,
+  // A JSON file is malformed (`Error::Json`).
   SMALL4_STATUS_JSON = 14,
   // A bug inside small4 (a panic, caught at the boundary); the message says where.
   SMALL4_STATUS_PANIC = 99,
@@ -66,8 +81,11 @@ typedef struct Small4GeneratorOptions {
 // How tokens are picked: `temperature` 0 is greedy; above 0, temperature + top-p sampling that depends only on
 // (`seed`, step).
 typedef struct Small4Sampling {
+  // Softmax temperature; 0: greedy.
   float temperature;
+  // Nucleus: sample among the most likely tokens whose probabilities add up to `top_p` (0 < top_p <= 1).
   float top_p;
+  // Seed of the samples.
   uint64_t seed;
 } Small4Sampling;
 

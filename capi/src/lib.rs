@@ -14,6 +14,8 @@
 //!
 //! The ABI is versioned by [`SMALL4_ABI_VERSION`]: see docs/capi.md.
 
+#![warn(missing_docs)]
+
 use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -39,20 +41,35 @@ pub const SMALL4_ABI_VERSION: u32 = 1;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Small4Status {
+    /// Success.
     Ok = 0,
+    /// No CUDA driver or no GPU (`Error::NoGpu`).
     NoGpu = 1,
+    /// The CUDA driver failed (`Error::Cuda`).
     Cuda = 2,
+    /// The PTX interpreter reported a fault: out of bounds, uninitialised read, race (`Error::Simulator`).
     Simulator = 3,
+    /// A size or shape does not match (`Error::Shape`).
     Shape = 4,
+    /// A bad argument: null pointer, zero size, unaligned address, value out of its domain (`Error::InvalidArgument`).
     InvalidArgument = 5,
+    /// A dtype the call does not know (`Error::UnknownDtype`).
     UnknownDtype = 6,
+    /// An index (a token id, an expert) out of range (`Error::OutOfRange`).
     OutOfRange = 7,
+    /// A model configuration is invalid (`Error::Config`).
     Config = 8,
+    /// A checkpoint is missing or malformed (`Error::Checkpoint`).
     Checkpoint = 9,
+    /// The tokenizer failed (`Error::Tokenizer`).
     Tokenizer = 10,
+    /// An unknown sequence (`Error::UnknownSequence`).
     UnknownSequence = 11,
+    /// The KV cache has no free pages left (`Error::OutOfPages`).
     OutOfPages = 12,
+    /// A file could not be read or written (`Error::Io`).
     Io = 13,
+    /// A JSON file is malformed (`Error::Json`).
     Json = 14,
     /// A bug inside small4 (a panic, caught at the boundary); the message says where.
     Panic = 99,
@@ -604,8 +621,11 @@ pub struct Small4GeneratorOptions {
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct Small4Sampling {
+    /// Softmax temperature; 0: greedy.
     pub temperature: f32,
+    /// Nucleus: sample among the most likely tokens whose probabilities add up to `top_p` (0 < top_p <= 1).
     pub top_p: f32,
+    /// Seed of the samples.
     pub seed: u64,
 }
 

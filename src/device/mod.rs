@@ -123,7 +123,19 @@ impl std::fmt::Display for LaunchCounters {
 /// A device: memory, kernel launches, synchronisation. Object safe; used as `Device = Arc<dyn Backend>`.
 ///
 /// Addresses are plain `u64` device addresses (what a kernel's pointer holds). Memory returned by `alloc` is
-/// uninitialised: the interpreter reports any read of it before a write.
+/// uninitialised: the interpreter reports any kernel read of it before a write.
+///
+/// ```
+/// let device = small4::device::simulator(); // or small4::device::gpu()?
+/// let addr = device.alloc(8)?;
+/// let mut back = [0u8; 8];
+/// device.write(addr, b"small4!!")?;
+/// device.read(addr, &mut back)?;
+/// assert_eq!(&back, b"small4!!");
+/// device.free(addr)?;
+/// assert!(device.free(addr).is_err()); // a double free is an error, not UB
+/// # Ok::<(), small4::Error>(())
+/// ```
 pub trait Backend: Send + Sync {
     /// "cuda" or "sim".
     fn name(&self) -> &'static str;

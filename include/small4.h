@@ -246,6 +246,61 @@ enum Small4Status small4_router_topk(const struct Small4Device *device,
                                      uint64_t topk_ids,
                                      uint64_t topk_weights);
 
+// FP8 e4m3 dequantisation with one scale: `out = e4m3(data) * scale`. `data`: `[rows, cols]` bytes; `out`:
+// `[rows, cols]` bf16.
+//
+// # Safety
+// `device` must be null or live; the addresses must hold the sizes above on that device.
+enum Small4Status small4_dequant_fp8(const struct Small4Device *device,
+                                     uint64_t data,
+                                     float scale,
+                                     uint64_t out,
+                                     size_t rows,
+                                     size_t cols);
+
+// FP8 e4m3 dequantisation with 128x128 block scales: `out[r, c] = e4m3(data[r, c]) * block_scales[r / 128, c / 128]`.
+// `data`: `[rows, cols]` bytes (`cols` a multiple of 16); `block_scales`: `[ceil(rows / 128), ceil(cols / 128)]`
+// f32; `out`: `[rows, cols]` bf16.
+//
+// # Safety
+// `device` must be null or live; the addresses must hold the sizes above on that device.
+enum Small4Status small4_dequant_fp8_block128(const struct Small4Device *device,
+                                              uint64_t data,
+                                              uint64_t block_scales,
+                                              uint64_t out,
+                                              size_t rows,
+                                              size_t cols);
+
+// INT4 grouped dequantisation: `out[r, c] = (q - z) * scales[r, c / group]`, `q` the nibble of column `c` in
+// `packed` (`[rows, cols / 2]` bytes, the even column in the low nibble), `z` = `zeros[r, c / group]` (bytes 0..=15)
+// or 8 when `zeros` is 0 (symmetric). `scales`: `[rows, cols / group]` bf16; `group` a multiple of 32 dividing
+// `cols`; `out`: `[rows, cols]` bf16.
+//
+// # Safety
+// `device` must be null or live; the addresses must hold the sizes above on that device.
+enum Small4Status small4_dequant_int4(const struct Small4Device *device,
+                                      uint64_t packed,
+                                      uint64_t scales,
+                                      uint64_t zeros,
+                                      uint64_t out,
+                                      size_t rows,
+                                      size_t cols,
+                                      size_t group);
+
+// NVFP4 dequantisation: `out[r, c] = e2m1(q) * e4m3(scales[r, c / 16]) / global_scale`, `q` the nibble of column
+// `c` in `packed` (`[rows, cols / 2]` bytes, the even column in the low nibble); `scales`: `[rows, cols / 16]`
+// e4m3 bytes; `cols` a multiple of 16; `out`: `[rows, cols]` bf16.
+//
+// # Safety
+// `device` must be null or live; the addresses must hold the sizes above on that device.
+enum Small4Status small4_dequant_nvfp4(const struct Small4Device *device,
+                                       uint64_t packed,
+                                       uint64_t scales,
+                                       float global_scale,
+                                       uint64_t out,
+                                       size_t rows,
+                                       size_t cols);
+
 // Packs and uploads one MoE layer with bf16 weights (bf16 bit patterns as `uint16_t`, as stored [out, in]):
 // `w1` (gate) and `w3` (up) `[experts, hidden, dim]`, `w2` (down) `[experts, dim, hidden]`, and the shared expert's
 // `shared_w1`, `shared_w3` `[hidden, dim]` and `shared_w2` `[dim, hidden]`, all three null for a layer without one.

@@ -465,6 +465,87 @@ pub unsafe extern "C" fn small4_router_topk(
     })
 }
 
+/// FP8 e4m3 dequantisation with one scale: `out = e4m3(data) * scale`. `data`: `[rows, cols]` bytes; `out`:
+/// `[rows, cols]` bf16.
+///
+/// # Safety
+/// `device` must be null or live; the addresses must hold the sizes above on that device.
+#[no_mangle]
+pub unsafe extern "C" fn small4_dequant_fp8(device: *const Small4Device, data: u64, scale: f32, out: u64, rows: usize, cols: usize) -> Small4Status {
+    call(|| {
+        let device = unsafe { self::device(device) }?;
+        let n = elements(rows, cols, "dequant_fp8")?;
+        let (data, out) = unsafe { (borrowed::<u8>(device, data, n)?, borrowed::<bf16>(device, out, n)?) };
+        small4::kernels::dequant::dequant_fp8_per_tensor(&data, scale, &out, rows, cols)
+    })
+}
+
+/// FP8 e4m3 dequantisation with 128x128 block scales: `out[r, c] = e4m3(data[r, c]) * block_scales[r / 128, c / 128]`.
+/// `data`: `[rows, cols]` bytes (`cols` a multiple of 16); `block_scales`: `[ceil(rows / 128), ceil(cols / 128)]`
+/// f32; `out`: `[rows, cols]` bf16.
+///
+/// # Safety
+/// `device` must be null or live; the addresses must hold the sizes above on that device.
+#[no_mangle]
+pub unsafe extern "C" fn small4_dequant_fp8_block128(device: *const Small4Device, data: u64, block_scales: u64, out: u64, rows: usize, cols: usize) -> Small4Status {
+    call(|| {
+        let device = unsafe { self::device(device) }?;
+        let n = elements(rows, cols, "dequant_fp8_block128")?;
+        let (data, out) = unsafe { (borrowed::<u8>(device, data, n)?, borrowed::<bf16>(device, out, n)?) };
+        let scales = unsafe { borrowed::<f32>(device, block_scales, elements(rows.div_ceil(128), cols.div_ceil(128), "block scales")?) }?;
+        small4::kernels::dequant::dequant_fp8_block128(&data, &scales, &out, rows, cols)
+    })
+}
+
+/// INT4 grouped dequantisation: `out[r, c] = (q - z) * scales[r, c / group]`, `q` the nibble of column `c` in
+/// `packed` (`[rows, cols / 2]` bytes, the even column in the low nibble), `z` = `zeros[r, c / group]` (bytes 0..=15)
+/// or 8 when `zeros` is 0 (symmetric). `scales`: `[rows, cols / group]` bf16; `group` a multiple of 32 dividing
+/// `cols`; `out`: `[rows, cols]` bf16.
+///
+/// # Safety
+/// `device` must be null or live; the addresses must hold the sizes above on that device.
+#[no_mangle]
+pub unsafe extern "C" fn small4_dequant_int4(
+    device: *const Small4Device,
+    packed: u64,
+    scales: u64,
+    zeros: u64,
+    out: u64,
+    rows: usize,
+    cols: usize,
+    group: usize,
+) -> Small4Status {
+    call(|| {
+        let device = unsafe { self::device(device) }?;
+        let n = elements(rows, cols, "dequant_int4")?;
+        if group == 0 || cols % group != 0 {
+            return Err(Error::InvalidArgument(format!("dequant_int4: group {group} must divide the {cols} columns")));
+        }
+        let groups = n / group;
+        let (packed, out) = unsafe { (borrowed::<u8>(device, packed, n / 2)?, borrowed::<bf16>(device, out, n)?) };
+        let scales = unsafe { borrowed::<bf16>(device, scales, groups) }?;
+        let zeros = if zeros == 0 { None } else { Some(unsafe { borrowed::<u8>(device, zeros, groups) }?) };
+        small4::kernels::dequant::dequant_int4(&packed, &scales, zeros.as_ref(), &out, rows, cols, group)
+    })
+}
+
+/// NVFP4 dequantisation: `out[r, c] = e2m1(q) * e4m3(scales[r, c / 16]) / global_scale`, `q` the nibble of column
+/// `c` in `packed` (`[rows, cols / 2]` bytes, the even column in the low nibble); `scales`: `[rows, cols / 16]`
+/// e4m3 bytes; `cols` a multiple of 16; `out`: `[rows, cols]` bf16.
+///
+/// # Safety
+/// `device` must be null or live; the addresses must hold the sizes above on that device.
+#[no_mangle]
+pub unsafe extern "C" fn small4_dequant_nvfp4(device: *const Small4Device, packed: u64, scales: u64, global_scale: f32, out: u64, rows: usize, cols: usize) -> Small4Status {
+    call(|| {
+        let device = unsafe { self::device(device) }?;
+        let n = elements(rows, cols, "dequant_nvfp4")?;
+        let (packed, out) = unsafe { (borrowed::<u8>(device, packed, n / 2)?, borrowed::<bf16>(device, out, n)?) };
+        let scales = unsafe { borrowed::<u8>(device, scales, n / 16) }?;
+        small4::kernels::dequant::dequant_nvfp4(&packed, &scales, global_scale, &out, rows, cols)
+    })
+}
+
 /// The weights of one MoE layer on a device, packed into the grouped GEMM's layout (made by
 /// [`small4_moe_layer_open_bf16`]).
 pub struct Small4MoeLayer {

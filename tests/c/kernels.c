@@ -1,7 +1,8 @@
 /* Runs kernels of the C ABI on buffers this program owns (linked against the static library): RMSNorm, the fused
- * add + RMSNorm, SwiGLU, argmax, the MoE router and a whole MoE layer, on the PTX interpreter and, when there is
- * one, on GPU 0 (where the addresses are what cudaMalloc returns), each checked against a plain C computation, plus
- * the errors of bad calls. Prints one "ok NAME" line per check and exits 0 when all pass. */
+ * add + RMSNorm, SwiGLU, argmax, the MoE router, a whole MoE layer and the dequantisation of every weight format,
+ * on the PTX interpreter and, when there is one, on GPU 0 (where the addresses are what cudaMalloc returns), each
+ * checked against a plain C computation, plus the errors of bad calls. Prints one "ok NAME" line per check and exits
+ * 0 when all pass. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -300,12 +301,101 @@ static void moe_layer(void) {
     CHECK(small4_device_release(device, out_dev));
 }
 
+/* FP8 e4m3 (no infinities; 0x7f and 0xff are NaN, never generated here). */
+static float e4m3(uint8_t b) {
+    int exponent = (b >> 3) & 15, mantissa = b & 7;
+    float magnitude = exponent == 0 ? ldexpf((float)mantissa / 8.0f, -6) : ldexpf(1.0f + (float)mantissa / 8.0f, exponent - 7);
+    return b & 0x80 ? -magnitude : magnitude;
+}
+
+/* FP4 e2m1. */
+static float e2m1(uint8_t nibble) {
+    static const float magnitudes[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+    return nibble & 8 ? -magnitudes[nibble & 7] : magnitudes[nibble & 7];
+}
+
+static uint8_t fp8_code(unsigned i) {
+    uint8_t code = (uint8_t)((i * 37u + 11u) & 0xff);
+    return (code & 0x7f) == 0x7f ? 0x3c : code; /* no NaN */
+}
+
+static void dequant(void) {
+    enum { ROWS = 130, COLS = 256, GROUP = 64 };
+    static uint8_t codes[ROWS * COLS], packed[ROWS * COLS / 2], zeros[ROWS * COLS / GROUP], fp4_scales[ROWS * COLS / 16];
+    static uint16_t out[ROWS * COLS], int4_scales[ROWS * COLS / GROUP];
+    static float got[ROWS * COLS], want[ROWS * COLS];
+    float block_scales[2 * 2] = {0.5f, 2.0f, 0.25f, 4.0f};
+    const float scale = 0.0375f, global_scale = 448.0f;
+    for (unsigned i = 0; i < ROWS * COLS; i++) codes[i] = fp8_code(i);
+    for (unsigned i = 0; i < ROWS * COLS / 2; i++) packed[i] = (uint8_t)((i * 29u + 3u) & 0xff);
+    for (unsigned i = 0; i < ROWS * COLS / GROUP; i++) {
+        zeros[i] = (uint8_t)(i % 16);
+        int4_scales[i] = to_bf16(0.01f * (float)(1 + i % 13));
+    }
+    for (unsigned i = 0; i < ROWS * COLS / 16; i++) fp4_scales[i] = (uint8_t)(0x30 + i % 24); /* positive e4m3 */
+    uint64_t codes_dev = upload(codes, sizeof codes), packed_dev = upload(packed, sizeof packed);
+    uint64_t zeros_dev = upload(zeros, sizeof zeros), int4_scales_dev = upload(int4_scales, sizeof int4_scales);
+    uint64_t fp4_scales_dev = upload(fp4_scales, sizeof fp4_scales), block_scales_dev = upload(block_scales, sizeof block_scales);
+    uint64_t out_dev = upload(NULL, sizeof out);
+
+    CHECK(small4_dequant_fp8(device, codes_dev, scale, out_dev, ROWS, COLS));
+    CHECK(small4_device_read(device, out, out_dev, sizeof out));
+    for (int i = 0; i < ROWS * COLS; i++) {
+        want[i] = e4m3(codes[i]) * scale;
+        got[i] = from_bf16(out[i]);
+    }
+    expect_close("dequant_fp8", got, want, ROWS * COLS, 1.0f / 128.0f);
+
+    CHECK(small4_dequant_fp8_block128(device, codes_dev, block_scales_dev, out_dev, ROWS, COLS));
+    CHECK(small4_device_read(device, out, out_dev, sizeof out));
+    for (int r = 0; r < ROWS; r++)
+        for (int c = 0; c < COLS; c++) {
+            want[r * COLS + c] = e4m3(codes[r * COLS + c]) * block_scales[(r / 128) * 2 + c / 128];
+            got[r * COLS + c] = from_bf16(out[r * COLS + c]);
+        }
+    expect_close("dequant_fp8_block128", got, want, ROWS * COLS, 1.0f / 128.0f);
+
+    for (int with_zeros = 0; with_zeros < 2; with_zeros++) {
+        CHECK(small4_dequant_int4(device, packed_dev, int4_scales_dev, with_zeros ? zeros_dev : 0, out_dev, ROWS, COLS, GROUP));
+        CHECK(small4_device_read(device, out, out_dev, sizeof out));
+        for (int r = 0; r < ROWS; r++)
+            for (int c = 0; c < COLS; c++) {
+                int i = r * COLS + c, g = i / GROUP;
+                int q = (packed[i / 2] >> (c % 2 ? 4 : 0)) & 15;
+                want[i] = (float)(q - (with_zeros ? zeros[g] : 8)) * from_bf16(int4_scales[g]);
+                got[i] = from_bf16(out[i]);
+            }
+        expect_close(with_zeros ? "dequant_int4 zero points" : "dequant_int4", got, want, ROWS * COLS, 1.0f / 128.0f);
+    }
+
+    CHECK(small4_dequant_nvfp4(device, packed_dev, fp4_scales_dev, global_scale, out_dev, ROWS, COLS));
+    CHECK(small4_device_read(device, out, out_dev, sizeof out));
+    for (int r = 0; r < ROWS; r++)
+        for (int c = 0; c < COLS; c++) {
+            int i = r * COLS + c;
+            uint8_t q = (uint8_t)((packed[i / 2] >> (c % 2 ? 4 : 0)) & 15);
+            want[i] = e2m1(q) * (e4m3(fp4_scales[i / 16]) / global_scale);
+            got[i] = from_bf16(out[i]);
+        }
+    expect_close("dequant_nvfp4", got, want, ROWS * COLS, 1.0f / 128.0f);
+
+    Small4Status status = small4_dequant_int4(device, packed_dev, int4_scales_dev, 0, out_dev, ROWS, COLS, 48);
+    if (status != SMALL4_STATUS_INVALID_ARGUMENT) {
+        fprintf(stderr, "dequant_int4 with a group of 48: status %d\n", (int)status);
+        exit(1);
+    }
+    printf("ok dequant errors\n");
+    uint64_t buffers[] = {codes_dev, packed_dev, zeros_dev, int4_scales_dev, fp4_scales_dev, block_scales_dev, out_dev};
+    for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) CHECK(small4_device_release(device, buffers[i]));
+}
+
 /* Every check on one device. */
 static void run_all(void) {
     rms_norms();
     silu_mul_and_argmax();
     router();
     moe_layer();
+    dequant();
 }
 
 int main(void) {

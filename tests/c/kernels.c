@@ -1,8 +1,8 @@
 /* Runs kernels of the C ABI on buffers this program owns (linked against the static library): RMSNorm, the fused
- * add + RMSNorm, SwiGLU, argmax, the MoE router, a whole MoE layer and the dequantisation of every weight format,
- * on the PTX interpreter and, when there is one, on GPU 0 (where the addresses are what cudaMalloc returns), each
- * checked against a plain C computation, plus the errors of bad calls. Prints one "ok NAME" line per check and exits
- * 0 when all pass. */
+ * add + RMSNorm, SwiGLU, argmax, embedding gather, the MoE router, a whole MoE layer and the dequantisation of every
+ * weight format, on the PTX interpreter and, when there is one, on GPU 0 (where the addresses are what cudaMalloc
+ * returns), each checked against a plain C computation, plus the errors of bad calls. Prints one "ok NAME" line per
+ * check and exits 0 when all pass. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -389,6 +389,33 @@ static void dequant(void) {
     for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) CHECK(small4_device_release(device, buffers[i]));
 }
 
+static void embedding_gather(void) {
+    enum { TOKENS = 3, VOCAB = 10, DIM = 64 };
+    static uint16_t table[VOCAB * DIM], out[TOKENS * DIM];
+    static float got[TOKENS * DIM], want[TOKENS * DIM];
+    int32_t ids[TOKENS] = {7, 0, 7}, bad_ids[TOKENS] = {1, VOCAB, 2};
+    for (int i = 0; i < VOCAB * DIM; i++) table[i] = to_bf16(pattern((unsigned)i, 2.0f));
+    uint64_t table_dev = upload(table, sizeof table), ids_dev = upload(ids, sizeof ids), out_dev = upload(NULL, sizeof out);
+    CHECK(small4_embedding_gather(device, ids_dev, TOKENS, table_dev, VOCAB, DIM, out_dev));
+    CHECK(small4_device_read(device, out, out_dev, sizeof out));
+    for (int t = 0; t < TOKENS; t++)
+        for (int d = 0; d < DIM; d++) {
+            want[t * DIM + d] = from_bf16(table[ids[t] * DIM + d]);
+            got[t * DIM + d] = from_bf16(out[t * DIM + d]);
+        }
+    expect_close("embedding_gather", got, want, TOKENS * DIM, 0.0f);
+    CHECK(small4_device_write(device, ids_dev, bad_ids, sizeof bad_ids));
+    Small4Status status = small4_embedding_gather(device, ids_dev, TOKENS, table_dev, VOCAB, DIM, out_dev);
+    if (status != SMALL4_STATUS_OUT_OF_RANGE) {
+        fprintf(stderr, "embedding_gather of id %d in a vocabulary of %d: status %d\n", VOCAB, VOCAB, (int)status);
+        exit(1);
+    }
+    printf("ok embedding_gather errors\n");
+    CHECK(small4_device_release(device, table_dev));
+    CHECK(small4_device_release(device, ids_dev));
+    CHECK(small4_device_release(device, out_dev));
+}
+
 /* Every check on one device. */
 static void run_all(void) {
     rms_norms();
@@ -396,6 +423,7 @@ static void run_all(void) {
     router();
     moe_layer();
     dequant();
+    embedding_gather();
 }
 
 int main(void) {

@@ -81,6 +81,9 @@ fn a_c_program_generates_the_tokens_of_the_cli_through_the_shared_library() {
     // reference in depth; this is the same path through the C ABI).
     let stdout = run(&exe, &generate_args("sim", MAX_TOKENS));
     assert_eq!(generated_ids(&stdout), want, "the C program on the interpreter vs `small4 generate`");
+    // The program checked that one seed gives one sequence; here, that the sequence came out whole.
+    let seeded = stdout.lines().find_map(|l| l.strip_prefix("seeded:")).unwrap_or_else(|| panic!("no `seeded:` line in {stdout}"));
+    assert_eq!(seeded.split_whitespace().count(), MAX_TOKENS, "{stdout}");
 }
 
 #[test]

@@ -67,6 +67,27 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < generated; i++) printf(" %u", tokens[i]);
     printf("\n");
 
+    /* Seeded sampling: the same seed gives the same tokens (the engine backends); the reference refuses it. */
+    Small4Sampling sampling = {1.5f, 0.95f, 11};
+    uint32_t *again = malloc((max_tokens ? max_tokens : 1) * sizeof *again);
+    size_t generated_again = 0;
+    status = small4_generate(generator, prompt, prompt_len, max_tokens, &sampling, tokens, &generated);
+    if (options.backend == SMALL4_BACKEND_REFERENCE) {
+        if (status != SMALL4_STATUS_INVALID_ARGUMENT) return fail("seeded sampling on the reference (expected INVALID_ARGUMENT)", status);
+    } else {
+        if (status != SMALL4_STATUS_OK) return fail("small4_generate (seeded)", status);
+        status = small4_generate(generator, prompt, prompt_len, max_tokens, &sampling, again, &generated_again);
+        if (status != SMALL4_STATUS_OK) return fail("small4_generate (seeded, again)", status);
+        if (generated != generated_again || memcmp(tokens, again, generated * sizeof *tokens) != 0) {
+            fprintf(stderr, "the same seed gave different tokens\n");
+            return 1;
+        }
+        printf("seeded:");
+        for (size_t i = 0; i < generated; i++) printf(" %u", tokens[i]);
+        printf("\n");
+    }
+    free(again);
+
     small4_generator_free(generator);
     free(prompt);
     free(tokens);

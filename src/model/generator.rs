@@ -44,7 +44,7 @@ impl Default for GeneratorOptions {
 const PAGE_SIZE: usize = 16;
 
 enum Model {
-    Reference(ReferenceModel),
+    Reference(Box<ReferenceModel>),
     Engine(Box<Engine>),
 }
 
@@ -75,7 +75,7 @@ impl Generator {
         let device = match options.backend {
             GenerationBackend::Reference => {
                 let model = ReferenceModel::new(load_reference_weights(checkpoint)?, options.reference)?;
-                return Ok(Generator { model: Model::Reference(model), options: *options });
+                return Ok(Generator { model: Model::Reference(Box::new(model)), options: *options });
             }
             GenerationBackend::Sim => crate::device::simulator(),
             GenerationBackend::Gpu => crate::device::gpu()?,

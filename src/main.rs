@@ -127,7 +127,7 @@ struct GenerateArgs {
     /// Reasoning effort written into the prompt's [MODEL_SETTINGS] (the tokenizer's allowed values: none, high).
     #[arg(long)]
     reasoning_effort: Option<String>,
-    /// PNG or JPEG images for --prompt (repeatable), placed before the text; the reference backend only.
+    /// PNG or JPEG images for --prompt (repeatable), placed before the text.
     #[arg(long)]
     image: Vec<PathBuf>,
     /// A tekken.json; default: the model directory's own, else the embedded v15 stand-in cut to the model's vocabulary.
@@ -223,12 +223,6 @@ fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
             (prompt.ids, Some(tokenizer), images)
         }
     };
-    if !images.is_empty() && args.backend != Backend::Reference {
-        return Err(small4::Error::InvalidArgument(
-            "images run on the CPU reference backend only (--backend reference): the CUDA engine has no vision tower kernels yet".into(),
-        )
-        .into());
-    }
     if let Some(&bad) = prompt_ids.iter().find(|&&id| id as usize >= vocab) {
         bail!("prompt token id {bad} is outside the model's vocabulary of {vocab}");
     }
@@ -237,8 +231,8 @@ fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
     let prompt = format!("[{}]", shown.join(","));
     match args.backend {
         Backend::Reference => generate_reference(args, &checkpoint, &prompt_ids, &images, &prompt, &mut sink),
-        Backend::Sim => generate_engine(args, &small4::device::simulator(), &checkpoint, &prompt_ids, &prompt, &mut sink),
-        Backend::Gpu => generate_engine(args, &small4::device::gpu()?, &checkpoint, &prompt_ids, &prompt, &mut sink),
+        Backend::Sim => generate_engine(args, &small4::device::simulator(), &checkpoint, &prompt_ids, &images, &prompt, &mut sink),
+        Backend::Gpu => generate_engine(args, &small4::device::gpu()?, &checkpoint, &prompt_ids, &images, &prompt, &mut sink),
     }
 }
 
@@ -345,6 +339,7 @@ fn generate_engine(
     device: &small4::device::Device,
     checkpoint: &Checkpoint,
     prompt_ids: &[u32],
+    images: &[PixelImage],
     prompt: &str,
     sink: &mut TokenSink,
 ) -> anyhow::Result<()> {
@@ -361,7 +356,7 @@ fn generate_engine(
     let mut engine = Engine::new(model, options, None)?;
     println!("{} on {} (loaded in {:.2} s), prompt: {prompt}", checkpoint.dir.display(), device.name(), load.elapsed().as_secs_f64());
     let sampling = if args.temperature > 0.0 { Sampling::Seeded { temperature: args.temperature, top_p: args.top_p, seed: args.sample_seed } } else { Sampling::Greedy };
-    engine.add(Request { prompt: prompt_ids.to_vec(), max_tokens: args.max_tokens, sampling })?;
+    engine.add_with_images(Request { prompt: prompt_ids.to_vec(), max_tokens: args.max_tokens, sampling }, images.to_vec())?;
     sink.start();
     let (mut prefill, mut decode, mut decoded) = (0.0, 0.0, 0usize);
     while engine.active() > 0 {

@@ -37,12 +37,15 @@ use crate::kernels::moe::{self, DeviceWeights, Grouping, MoeLayerWeights, MoeWor
 use crate::kernels::norm;
 use crate::kernels::ops::{self, GatherStatus, QueryScale, SamplingInputs};
 use crate::kernels::router::{self, ExpertMap, RouterConfig, RouterWorkspace, Routing};
+use crate::kernels::vision::{self as vision_kernels, RowTargets};
 use crate::model::checkpoint::{Checkpoint, ExpertMatrix};
 use crate::model::kv_cache::{CacheDescriptor, CacheDtype, KvCache, SeqId};
+use crate::model::vision::DeviceVisionTower;
 use crate::model::ModelConfig;
 use crate::quant::repack::{repack_gate_up, repack_linear, MatrixRef};
 use crate::quant::{Fp8Block128, Fp8PerTensor, QuantizedMatrix};
 use crate::reference::rope::yarn_inv_freq;
+use crate::reference::vision::{check_image, PixelImage};
 use crate::{Error, Result};
 
 /// End of sequence of the Mistral tokenizers (tekken `</s>`).
@@ -112,6 +115,8 @@ pub struct DeviceModel {
     /// 64x64 identity: copies the rope half of every query head into the attention kernel's `q_rope`.
     rope_identity: DeviceWeights,
     expert_map: ExpertMap,
+    /// The vision tower and projector, when the configuration has one.
+    vision: Option<DeviceVisionTower>,
 }
 
 fn bf16_values(data: &[u8]) -> Vec<bf16> {
@@ -275,6 +280,7 @@ impl DeviceModel {
         let rope = c.qk_rope;
         let identity: Vec<bf16> = (0..rope * rope).map(|i| if i / rope == i % rope { bf16::ONE } else { bf16::ZERO }).collect();
         let tok_embeddings = DeviceBuffer::from_slice(device, &embeddings)?;
+        let vision = if c.vision.is_some() { Some(DeviceVisionTower::load(device, checkpoint, &c)?) } else { None };
         on_progress(LoadProgress { done: c.n_layers + 1, total: c.n_layers + 1 });
         Ok(DeviceModel {
             tok_embeddings,
@@ -283,6 +289,7 @@ impl DeviceModel {
             inv_freq: DeviceBuffer::from_slice(device, &yarn_inv_freq(c.qk_rope, &c.yarn()))?,
             rope_identity: upload_linear(device, &QuantizedMatrix::Bf16 { data: identity, rows: rope, cols: rope })?,
             expert_map: ExpertMap::new(device, &shard.expert_map(c.experts))?,
+            vision,
             layers,
             device: device.clone(),
             shard,
@@ -300,6 +307,11 @@ impl DeviceModel {
 
     pub fn shard(&self) -> ExpertShard {
         self.shard
+    }
+
+    /// The vision tower, when the model has one.
+    pub fn vision(&self) -> Option<&DeviceVisionTower> {
+        self.vision.as_ref()
     }
 }
 
@@ -463,6 +475,8 @@ impl Workspace {
 struct Active {
     seq: SeqId,
     request: Request,
+    /// The images whose features replace the prompt's `[IMG]` embeddings at the prefill.
+    images: Vec<PixelImage>,
     /// Tokens to feed at the next step: the prompt before the prefill, then the last generated token.
     pending: Vec<u32>,
     generated: usize,
@@ -524,6 +538,29 @@ impl Engine {
 
     /// Adds a request; it joins the batch at the next [`Engine::step`] (its prompt is prefilled there).
     pub fn add(&mut self, request: Request) -> Result<RequestId> {
+        self.add_with_images(request, Vec::new())
+    }
+
+    /// [`Engine::add`] for a multimodal prompt: the `[IMG]` tokens of the prompt take the features of `images`, in
+    /// order (one `[IMG]` per merged patch of each image; `[IMG_BREAK]` / `[IMG_END]` stay text tokens). Positions
+    /// stay 1-D, as in `ReferenceModel::forward_with_images`.
+    pub fn add_with_images(&mut self, request: Request, images: Vec<PixelImage>) -> Result<RequestId> {
+        if !images.is_empty() {
+            let tower = self.model.vision.as_ref().ok_or_else(|| Error::Config("images given to a model without a vision tower".into()))?;
+            let v = tower.config();
+            for (i, image) in images.iter().enumerate() {
+                check_image(v, i, image)?;
+            }
+            let slots = request.prompt.iter().filter(|&&t| t == v.image_token_id).count();
+            let rows = tower.feature_rows(&images);
+            if slots != rows {
+                return Err(Error::shape(
+                    format!("[IMG] tokens (id {}) of the prompt for {} images", v.image_token_id, images.len()),
+                    format!("{rows} (the images' merged patch grids)"),
+                    slots,
+                ));
+            }
+        }
         let vocab = self.model.config.vocab;
         if request.prompt.is_empty() {
             return Err(Error::InvalidArgument("empty prompt".into()));
@@ -542,7 +579,7 @@ impl Engine {
             return Ok(id);
         }
         let seq = self.kv.add_sequence();
-        self.active.insert(id, Active { seq, pending: request.prompt.clone(), request, generated: 0 });
+        self.active.insert(id, Active { seq, pending: request.prompt.clone(), request, images, generated: 0 });
         Ok(id)
     }
 
@@ -561,7 +598,15 @@ impl Engine {
         }
         let ids: Vec<RequestId> = self.active.keys().copied().collect();
         let batch: Vec<(SeqId, Vec<u32>)> = ids.iter().map(|id| (self.active[id].seq, self.active[id].pending.clone())).collect();
-        self.forward_device(&batch, HeadRows::Last)?;
+        // A request's images enter at its prefill (its first step) and are dropped after it.
+        let images: Vec<Vec<PixelImage>> =
+            ids.iter().map(|id| if self.active[id].generated == 0 { self.active[id].images.clone() } else { Vec::new() }).collect();
+        self.forward_device(&batch, &images, HeadRows::Last)?;
+        for id in &ids {
+            if let Some(a) = self.active.get_mut(id) {
+                a.images = Vec::new();
+            }
+        }
         let ws = self.workspace.as_ref().expect("forward_device leaves a workspace");
         let head = self.head.as_ref().expect("forward_device leaves the head's rows");
         // Head row i is request i's last token.
@@ -636,7 +681,7 @@ impl Engine {
     /// Appends `tokens` to each sequence's cache and returns the f32 logits of EVERY token, [tokens, vocab],
     /// in batch order: the layer-level view the tests compare with the reference.
     pub fn forward_logits(&mut self, batch: &[(SeqId, Vec<u32>)]) -> Result<Vec<f32>> {
-        self.forward_device(batch, HeadRows::All)?;
+        self.forward_device(batch, &vec![Vec::new(); batch.len()], HeadRows::All)?;
         self.head.as_ref().expect("forward_device leaves the head's rows").logits.to_vec()
     }
 
@@ -652,7 +697,7 @@ impl Engine {
     /// a CUDA graph captures for a decode step of a given batch size: every launch reads fixed workspace buffers,
     /// sizes come from the workspace's fixed capacity, and variable data (ids, positions, block tables, sequence
     /// lengths, the router's grouping, `num_padded`) lives in device buffers, so nothing inside waits for the host.
-    fn forward_device(&mut self, batch: &[(SeqId, Vec<u32>)], head_rows: HeadRows) -> Result<()> {
+    fn forward_device(&mut self, batch: &[(SeqId, Vec<u32>)], images: &[Vec<PixelImage>], head_rows: HeadRows) -> Result<()> {
         let c = self.model.config.clone();
         let device = self.model.device.clone();
         // Host bookkeeping: reserve cache slots, lay out the tokens.
@@ -709,6 +754,24 @@ impl Engine {
         let view = |b, offset, stride| RowView { buffer: b, offset, stride };
 
         ops::embedding_gather(&ws.ids, &m.tok_embeddings, dim, x, &self.gather_status)?;
+        if images.iter().any(|i| !i.is_empty()) {
+            // The vision tower over every image of the batch, its features over the [IMG] embeddings.
+            let tower = m.vision.as_ref().ok_or_else(|| Error::Config("images given to a model without a vision tower".into()))?;
+            let image_token = tower.config().image_token_id;
+            let (mut slots, mut all) = (Vec::new(), Vec::new());
+            for (s, ((_, tokens), seq_images)) in batch.iter().zip(images).enumerate() {
+                if !seq_images.is_empty() {
+                    let first = q_start[s] as usize;
+                    slots.extend(tokens.iter().enumerate().filter(|(_, &tok)| tok == image_token).map(|(j, _)| first + j));
+                    all.extend(seq_images.iter().cloned());
+                }
+            }
+            if slots.len() != tower.feature_rows(&all) {
+                return Err(Error::shape("[IMG] tokens of the batch", tower.feature_rows(&all), slots.len()));
+            }
+            let features = tower.encode(&all)?;
+            vision_kernels::scatter_rows(&features, dim, &RowTargets::upload(&device, &slots, t)?, x)?;
+        }
         norm::rms_norm(x, &m.layers[0].attention_norm, &ws.h, t, eps)?;
         for (l, layer) in m.layers.iter().enumerate() {
             // Attention: q = wq_b(q_a_norm(wq_a h)); cache row = [kv_a_norm(c) | rope(k_rope)].

@@ -6,5 +6,6 @@ pub mod engine;
 pub mod kv_cache;
 pub mod plan;
 pub mod synthetic;
+pub mod vision;
 
 pub use config::{ModelConfig, VisionConfig};

@@ -539,7 +539,7 @@ fn inspect(dir: &Path) -> anyhow::Result<()> {
         }
     }
     if let Some(v) = &c.vision {
-        check("vision tower and projector".into(), ck.vision_weights(v, c.dim).map(|_| "vision tower (reference backend)"));
+        check("vision tower and projector".into(), ck.vision_weights(v, c.dim).map(|_| "vision tower"));
     }
     let summary: Vec<String> = formats.iter().map(|(f, n)| format!("{n} {f}")).collect();
     println!("weights read by the engine: {}", summary.join(", "));

@@ -111,6 +111,9 @@ struct GenerateArgs {
     /// Seed of the sampling (engine backends).
     #[arg(long, default_value_t = 0)]
     sample_seed: u64,
+    /// Engine backends: run every decode step eagerly instead of replaying captured graphs.
+    #[arg(long)]
+    eager: bool,
     /// Stop token of the engine backends (the reference runs to --max-tokens).
     #[arg(long, default_value_t = DEFAULT_EOS)]
     eos: u32,
@@ -352,7 +355,7 @@ fn generate_engine(
         bar.set_position(p.done as u64);
     })?;
     bar.finish_and_clear();
-    let options = EngineOptions { eos: Some(args.eos), page_size: 16, num_pages: (prompt_ids.len() + args.max_tokens).div_ceil(16) + 1, ..EngineOptions::default() };
+    let options = EngineOptions { eos: Some(args.eos), page_size: 16, num_pages: (prompt_ids.len() + args.max_tokens).div_ceil(16) + 1, graphs: !args.eager, ..EngineOptions::default() };
     let mut engine = Engine::new(model, options, None)?;
     println!("{} on {} (loaded in {:.2} s), prompt: {prompt}", checkpoint.dir.display(), device.name(), load.elapsed().as_secs_f64());
     let sampling = if args.temperature > 0.0 { Sampling::Seeded { temperature: args.temperature, top_p: args.top_p, seed: args.sample_seed } } else { Sampling::Greedy };

@@ -126,7 +126,7 @@ impl Backend for SimBackend {
         if let Some(recorded) = self.capture.lock().unwrap().as_mut() {
             // Parse now, as the first real launch would: a bad module fails the capture, not a later replay.
             self.module(kernel)?;
-            recorded.push(RecordedLaunch { kernel: kernel.clone(), config: *config, params: params.to_vec() });
+            recorded.push(RecordedLaunch { kernel: *kernel, config: *config, params: params.to_vec() });
             return Ok(());
         }
         self.run(kernel, config, params)

@@ -148,12 +148,52 @@ pub struct BlockTables {
     page_size: usize,
     tables: DeviceBuffer<i32>,
     lens: DeviceBuffer<i32>,
+    /// Attention plans its KV splits for `max_pages` full pages instead of the longest sequence, so one plan (one
+    /// captured graph) serves every length up to that capacity; splits past a sequence's end exit at once.
+    plan_for_capacity: bool,
 }
 
 impl BlockTables {
     /// Checks that every page a sequence's length covers is a page of the cache (entries past the length may be
     /// anything: the kernels never read them) and uploads the arrays.
     pub fn upload(device: &Device, batch: &BatchTables, desc: &CacheDescriptor) -> Result<Self> {
+        Self::check(batch, desc)?;
+        Ok(BlockTables {
+            host: batch.clone(),
+            num_pages: desc.num_pages,
+            page_size: desc.page_size,
+            tables: DeviceBuffer::from_slice(device, &batch.block_tables)?,
+            lens: DeviceBuffer::from_slice(device, &batch.seq_lens)?,
+            plan_for_capacity: false,
+        })
+    }
+
+    /// [`BlockTables::upload`] for a captured decode step: attention is planned for `batch.max_pages` full pages
+    /// (not the current lengths), and [`BlockTables::update`] later rewrites the same device arrays.
+    pub fn upload_for_capacity(device: &Device, batch: &BatchTables, desc: &CacheDescriptor) -> Result<Self> {
+        Ok(BlockTables { plan_for_capacity: true, ..Self::upload(device, batch, desc)? })
+    }
+
+    /// Checks `batch` and writes it into the existing device arrays (same sequences and pages per row), so launches
+    /// recorded with these tables read the new values.
+    pub fn update(&mut self, batch: &BatchTables) -> Result<()> {
+        if (batch.seq_lens.len(), batch.max_pages) != (self.host.seq_lens.len(), self.host.max_pages) {
+            return Err(Error::shape(
+                "block tables update [sequences, pages per row]",
+                format!("[{}, {}]", self.host.seq_lens.len(), self.host.max_pages),
+                format!("[{}, {}]", batch.seq_lens.len(), batch.max_pages),
+            ));
+        }
+        // The checks read the geometry only; the dtype is irrelevant to them.
+        let desc = CacheDescriptor::mla(self.num_pages, self.page_size, CacheDtype::Bf16)?;
+        Self::check(batch, &desc)?;
+        self.tables.copy_from(&batch.block_tables)?;
+        self.lens.copy_from(&batch.seq_lens)?;
+        self.host = batch.clone();
+        Ok(())
+    }
+
+    fn check(batch: &BatchTables, desc: &CacheDescriptor) -> Result<()> {
         check_geometry(desc)?;
         let num_seqs = batch.seq_lens.len();
         if batch.max_pages == 0 || batch.max_pages > i32::MAX as usize {
@@ -171,13 +211,7 @@ impl BlockTables {
                 }
             }
         }
-        Ok(BlockTables {
-            host: batch.clone(),
-            num_pages: desc.num_pages,
-            page_size: desc.page_size,
-            tables: DeviceBuffer::from_slice(device, &batch.block_tables)?,
-            lens: DeviceBuffer::from_slice(device, &batch.seq_lens)?,
-        })
+        Ok(())
     }
 
     pub fn num_seqs(&self) -> usize {
@@ -229,6 +263,17 @@ impl TokenSlots {
 
     pub fn tokens(&self) -> usize {
         self.token_seq.len()
+    }
+
+    /// Writes new slots into the existing device arrays (same token count), for a replayed step.
+    pub fn update(&mut self, token_seq: &[i32], positions: &[i32]) -> Result<()> {
+        check_len("cache write sequences", token_seq.len(), self.token_seq.len())?;
+        check_len("cache write positions", positions.len(), self.positions.len())?;
+        self.token_seq_dev.copy_from(token_seq)?;
+        self.positions_dev.copy_from(positions)?;
+        self.token_seq = token_seq.to_vec();
+        self.positions = positions.to_vec();
+        Ok(())
     }
 }
 
@@ -423,7 +468,11 @@ pub fn mla_attention(
     check_len("q_lat", queries.q_lat.len(), rows * KV_LORA_RANK)?;
     check_len("q_rope", queries.q_rope.len(), rows * QK_ROPE)?;
     check_len("o_lat", o_lat.len(), rows * KV_LORA_RANK)?;
-    let max_kv = tables.seq_lens().iter().copied().max().unwrap_or(0) as usize;
+    let max_kv = if tables.plan_for_capacity {
+        tables.host.max_pages * tables.page_size
+    } else {
+        tables.seq_lens().iter().copied().max().unwrap_or(0) as usize
+    };
     let plan = AttentionPlan::new(num_seqs, max_q * heads, max_kv, num_splits)?;
     if tokens == 0 {
         return Ok(plan);

@@ -31,7 +31,7 @@ use half::bf16;
 use safetensors::Dtype;
 
 use crate::device::collective::Collective;
-use crate::device::{Device, DeviceBuffer};
+use crate::device::{Device, DeviceBuffer, Graph};
 use crate::kernels::attention::{self, AttentionScratch, BlockTables, CacheWriteWeights, PagedCache, Queries, QueryLayout, TokenSlots};
 use crate::kernels::moe::{self, DeviceWeights, Grouping, MoeLayerWeights, MoeWorkspace, RowView};
 use crate::kernels::norm;
@@ -363,6 +363,11 @@ pub struct EngineOptions {
     pub keep_logits: bool,
     /// Forced KV split count of the attention (None: the kernel's heuristic).
     pub attention_splits: Option<usize>,
+    /// Replay decode steps (every request adding one token) as captured graphs: a CUDA graph on a GPU (one launch
+    /// for the whole network instead of ~25 per layer), the recorded launch list on the interpreter. One graph per
+    /// (batch size, block-table capacity in pages, a power of two); the first step of a shape runs eagerly, the next
+    /// one captures. Off, or on a backend without graphs, or with a collective, every step runs eagerly.
+    pub graphs: bool,
 }
 
 impl Default for EngineOptions {
@@ -374,6 +379,7 @@ impl Default for EngineOptions {
             eos: Some(DEFAULT_EOS),
             keep_logits: false,
             attention_splits: None,
+            graphs: true,
         }
     }
 }
@@ -471,6 +477,55 @@ impl Workspace {
     }
 }
 
+/// The buffers of a decode step of one shape, fixed so that a captured graph can replay over them: the step's
+/// inputs are written into them before every run, and nothing in the network allocates or reads back.
+struct DecodeGraph {
+    workspace: Workspace,
+    head: Head,
+    tables: BlockTables,
+    layout: QueryLayout,
+    slots: TokenSlots,
+    scratch: AttentionScratch,
+    /// Eager runs so far; the graph is recorded at the shape's second step (the first sizes everything).
+    eager_runs: usize,
+    graph: Option<Graph>,
+}
+
+/// A step's tokens laid out by the host: ids, positions, each token's batch row, and the first token of each
+/// sequence (`q_start`, one entry more than sequences).
+struct StepLayout {
+    ids: Vec<i32>,
+    positions: Vec<i32>,
+    token_seq: Vec<i32>,
+    q_start: Vec<i32>,
+}
+
+/// What the network reads besides a step's buffers: the weights, the caches and the options. Its `run` only
+/// launches kernels (no allocation, no copy), so a decode step's run can be captured as a graph.
+struct Network<'a> {
+    model: &'a DeviceModel,
+    caches: &'a [PagedCache],
+    options: &'a EngineOptions,
+    collective: Option<&'a dyn Collective>,
+    gather_status: &'a GatherStatus,
+}
+
+/// A prefill's image features and the `[IMG]` rows of the step they replace after the embedding gather.
+struct ImageRows<'a> {
+    features: &'a DeviceBuffer<bf16>,
+    rows: &'a RowTargets,
+}
+
+/// The shape a decode graph serves: sequences in the batch, pages per block-table row (a power of two).
+type DecodeShape = (usize, usize);
+
+/// Where the last step's outputs are.
+#[derive(Clone, Copy)]
+enum LastStep {
+    Eager,
+    Decode(DecodeShape),
+}
+
 /// A request in the batch.
 struct Active {
     seq: SeqId,
@@ -493,6 +548,10 @@ pub struct Engine {
     scratch: AttentionScratch,
     workspace: Option<Workspace>,
     head: Option<Head>,
+    decode_graphs: BTreeMap<DecodeShape, DecodeGraph>,
+    /// Whether the backend captured a graph when first asked (false after a refusal: eager from then on).
+    graphs_supported: bool,
+    last_step: LastStep,
     gather_status: GatherStatus,
     active: BTreeMap<RequestId, Active>,
     next_id: u64,
@@ -519,6 +578,9 @@ impl Engine {
             scratch: AttentionScratch::new(&model.device),
             workspace: None,
             head: None,
+            decode_graphs: BTreeMap::new(),
+            graphs_supported: true,
+            last_step: LastStep::Eager,
             gather_status: GatherStatus::new(&model.device)?,
             active: BTreeMap::new(),
             next_id: 0,
@@ -529,6 +591,11 @@ impl Engine {
 
     pub fn model(&self) -> &DeviceModel {
         &self.model
+    }
+
+    /// Decode graphs captured so far (one per batch size and block-table capacity; see `EngineOptions::graphs`).
+    pub fn captured_graphs(&self) -> usize {
+        self.decode_graphs.values().filter(|g| g.graph.is_some()).count()
     }
 
     /// Requests still in the batch.
@@ -600,15 +667,15 @@ impl Engine {
         let batch: Vec<(SeqId, Vec<u32>)> = ids.iter().map(|id| (self.active[id].seq, self.active[id].pending.clone())).collect();
         // A request's images enter at its prefill (its first step) and are dropped after it.
         let images: Vec<Vec<PixelImage>> =
-            ids.iter().map(|id| if self.active[id].generated == 0 { self.active[id].images.clone() } else { Vec::new() }).collect();
-        self.forward_device(&batch, &images, HeadRows::Last)?;
-        for id in &ids {
-            if let Some(a) = self.active.get_mut(id) {
-                a.images = Vec::new();
-            }
+            ids.iter().map(|id| if self.active[id].generated == 0 { std::mem::take(&mut self.active.get_mut(id).unwrap().images) } else { Vec::new() }).collect();
+        let with_images = images.iter().any(|i| !i.is_empty());
+        let decode_only = batch.iter().all(|(_, tokens)| tokens.len() == 1);
+        if decode_only && !with_images && self.options.graphs && self.graphs_supported && self.collective.is_none() {
+            self.decode_with_graph(&batch)?;
+        } else {
+            self.forward_device(&batch, &images, HeadRows::Last)?;
         }
-        let ws = self.workspace.as_ref().expect("forward_device leaves a workspace");
-        let head = self.head.as_ref().expect("forward_device leaves the head's rows");
+        let (ws, head) = self.last_outputs();
         // Head row i is request i's last token.
         let rows = head.rows;
         let vocab = self.model.config.vocab;
@@ -690,6 +757,102 @@ impl Engine {
         self.kv.add_sequence()
     }
 
+    /// The workspace and head rows of the last forward pass.
+    fn last_outputs(&self) -> (&Workspace, &Head) {
+        match self.last_step {
+            LastStep::Eager => (self.workspace.as_ref().expect("a forward pass ran"), self.head.as_ref().expect("a forward pass ran")),
+            LastStep::Decode(shape) => {
+                let g = &self.decode_graphs[&shape];
+                (&g.workspace, &g.head)
+            }
+        }
+    }
+
+    /// Reserves each sequence's cache slots for its new tokens (copying shared pages first) and lays the tokens out:
+    /// ids, positions, each token's batch row, and the first token of each sequence (`q_start`, one entry more).
+    fn lay_out(&mut self, batch: &[(SeqId, Vec<u32>)]) -> Result<StepLayout> {
+        let max_position = self.model.config.max_position;
+        let mut out = StepLayout { ids: Vec::new(), positions: Vec::new(), token_seq: Vec::new(), q_start: vec![0] };
+        for (s, (seq, tokens)) in batch.iter().enumerate() {
+            if tokens.is_empty() {
+                return Err(Error::InvalidArgument(format!("sequence {} has no new tokens", seq.0)));
+            }
+            let plan = self.kv.append(*seq, tokens.len())?;
+            if plan.first_position + tokens.len() > max_position {
+                return Err(Error::OutOfRange { what: "position".into(), index: (plan.first_position + tokens.len()) as i64, limit: max_position as i64 });
+            }
+            if !plan.copies.is_empty() {
+                for cache in &self.caches {
+                    cache.copy_pages(&plan.copies)?;
+                }
+            }
+            out.ids.extend(tokens.iter().map(|&t| t as i32));
+            out.positions.extend((0..tokens.len()).map(|j| (plan.first_position + j) as i32));
+            out.token_seq.extend(std::iter::repeat_n(s as i32, tokens.len()));
+            out.q_start.push(out.ids.len() as i32);
+        }
+        Ok(out)
+    }
+
+    /// A decode step (one new token per sequence) through the graph of its shape: the inputs are written into the
+    /// shape's fixed buffers, then the recorded network is replayed (or, the first time, run eagerly; the second
+    /// time, captured and replayed).
+    fn decode_with_graph(&mut self, batch: &[(SeqId, Vec<u32>)]) -> Result<()> {
+        let layout = self.lay_out(batch)?;
+        let seqs: Vec<SeqId> = batch.iter().map(|(s, _)| *s).collect();
+        let mut tables = self.kv.batch_tables(&seqs)?;
+        // Rows padded to a power of two of pages: one graph serves every length up to that capacity.
+        let pages = tables.max_pages.next_power_of_two();
+        tables.block_tables = tables.block_tables.chunks_exact(tables.max_pages).flat_map(|row| row.iter().copied().chain(std::iter::repeat_n(-1, pages - row.len()))).collect();
+        tables.max_pages = pages;
+        let shape = (batch.len(), pages);
+        if !self.decode_graphs.contains_key(&shape) {
+            let d = &self.model.device;
+            let graph = DecodeGraph {
+                workspace: Workspace::new(&self.model, batch.len())?,
+                head: Head::new(&self.model, batch.len())?,
+                tables: BlockTables::upload_for_capacity(d, &tables, self.kv.descriptor())?,
+                layout: QueryLayout::decode(d, batch.len())?,
+                slots: TokenSlots::upload(d, &layout.token_seq, &layout.positions)?,
+                scratch: AttentionScratch::new(d),
+                eager_runs: 0,
+                graph: None,
+            };
+            // Decode: head row s is sequence s's only token.
+            graph.head.source_rows.copy_from(&(0..batch.len() as i32).collect::<Vec<_>>())?;
+            self.decode_graphs.insert(shape, graph);
+        }
+        let g = self.decode_graphs.get_mut(&shape).unwrap();
+        g.tables.update(&tables)?;
+        g.slots.update(&layout.token_seq, &layout.positions)?;
+        g.workspace.ids.copy_from(&layout.ids)?;
+        g.workspace.positions.copy_from(&layout.positions)?;
+        self.last_step = LastStep::Decode(shape);
+        let device = self.model.device.clone();
+        let net = Network { model: &self.model, caches: &self.caches, options: &self.options, collective: None, gather_status: &self.gather_status };
+        if let Some(graph) = &g.graph {
+            return device.replay(graph);
+        }
+        if g.eager_runs == 0 {
+            // First step of this shape: sizes the attention scratch and loads every kernel.
+            g.eager_runs += 1;
+            return net.run(&g.workspace, &g.head, &g.tables, &g.layout, &g.slots, &mut g.scratch, None);
+        }
+        if device.begin_capture().is_err() {
+            // A backend without graphs: this and every later step run eagerly.
+            self.graphs_supported = false;
+            return net.run(&g.workspace, &g.head, &g.tables, &g.layout, &g.slots, &mut g.scratch, None);
+        }
+        let ran = net.run(&g.workspace, &g.head, &g.tables, &g.layout, &g.slots, &mut g.scratch, None);
+        // The capture is closed whatever happened inside it.
+        let graph = device.end_capture();
+        ran?;
+        let graph = graph?;
+        device.replay(&graph)?;
+        g.graph = Some(graph);
+        Ok(())
+    }
+
     /// The whole network over a batch: each sequence's new tokens follow what its cache holds. Leaves in `self.head`
     /// the logits of each sequence's last token (`HeadRows::Last`, in batch order) or of every token (`All`).
     ///
@@ -698,39 +861,15 @@ impl Engine {
     /// sizes come from the workspace's fixed capacity, and variable data (ids, positions, block tables, sequence
     /// lengths, the router's grouping, `num_padded`) lives in device buffers, so nothing inside waits for the host.
     fn forward_device(&mut self, batch: &[(SeqId, Vec<u32>)], images: &[Vec<PixelImage>], head_rows: HeadRows) -> Result<()> {
-        let c = self.model.config.clone();
         let device = self.model.device.clone();
-        // Host bookkeeping: reserve cache slots, lay out the tokens.
-        let (mut ids, mut positions, mut token_seq, mut q_start) = (Vec::new(), Vec::new(), Vec::new(), vec![0i32]);
-        for (s, (seq, tokens)) in batch.iter().enumerate() {
-            if tokens.is_empty() {
-                return Err(Error::InvalidArgument(format!("sequence {} has no new tokens", seq.0)));
-            }
-            let plan = self.kv.append(*seq, tokens.len())?;
-            if plan.first_position + tokens.len() > c.max_position {
-                return Err(Error::OutOfRange { what: "position".into(), index: (plan.first_position + tokens.len()) as i64, limit: c.max_position as i64 });
-            }
-            if !plan.copies.is_empty() {
-                for cache in &self.caches {
-                    cache.copy_pages(&plan.copies)?;
-                }
-            }
-            ids.extend(tokens.iter().map(|&t| t as i32));
-            positions.extend((0..tokens.len()).map(|j| (plan.first_position + j) as i32));
-            token_seq.extend(std::iter::repeat_n(s as i32, tokens.len()));
-            q_start.push(ids.len() as i32);
-        }
-        let t = ids.len();
+        let layout = self.lay_out(batch)?;
+        let t = layout.ids.len();
         if self.workspace.as_ref().is_none_or(|w| w.tokens != t) {
             self.workspace = None;
             self.workspace = Some(Workspace::new(&self.model, t)?);
         }
-        let seqs: Vec<SeqId> = batch.iter().map(|(s, _)| *s).collect();
-        let tables = BlockTables::upload(&device, &self.kv.batch_tables(&seqs)?, self.kv.descriptor())?;
-        let layout = QueryLayout::upload(&device, &q_start)?;
-        let slots = TokenSlots::upload(&device, &token_seq, &positions)?;
         let source_rows: Vec<i32> = match head_rows {
-            HeadRows::Last => q_start[1..].iter().map(|&end| end - 1).collect(),
+            HeadRows::Last => layout.q_start[1..].iter().map(|&end| end - 1).collect(),
             HeadRows::All => (0..t as i32).collect(),
         };
         if self.head.as_ref().is_none_or(|h| h.rows != source_rows.len()) {
@@ -739,12 +878,60 @@ impl Engine {
         }
         let head = self.head.as_ref().unwrap();
         head.source_rows.copy_from(&source_rows)?;
+        let seqs: Vec<SeqId> = batch.iter().map(|(s, _)| *s).collect();
+        let tables = BlockTables::upload(&device, &self.kv.batch_tables(&seqs)?, self.kv.descriptor())?;
+        let q_layout = QueryLayout::upload(&device, &layout.q_start)?;
+        let slots = TokenSlots::upload(&device, &layout.token_seq, &layout.positions)?;
         let ws = self.workspace.as_ref().unwrap();
-        ws.ids.copy_from(&ids)?;
-        ws.positions.copy_from(&positions)?;
+        ws.ids.copy_from(&layout.ids)?;
+        ws.positions.copy_from(&layout.positions)?;
+        self.last_step = LastStep::Eager;
+        let image_rows = self.encode_images(batch, images, &layout.q_start, t)?;
+        let net = Network { model: &self.model, caches: &self.caches, options: &self.options, collective: self.collective.as_deref(), gather_status: &self.gather_status };
+        net.run(ws, head, &tables, &q_layout, &slots, &mut self.scratch, image_rows.as_ref().map(|(features, rows)| ImageRows { features, rows }).as_ref())
+    }
 
-        // ---- the network ----
-        let m = &self.model;
+    /// The vision tower over every image of the batch (`images[s]` belong to sequence `s`, whose tokens start at
+    /// `q_start[s]`): the features and the `[IMG]` rows of the step's `tokens` they replace. None without images.
+    fn encode_images(&self, batch: &[(SeqId, Vec<u32>)], images: &[Vec<PixelImage>], q_start: &[i32], tokens: usize) -> Result<Option<(DeviceBuffer<bf16>, RowTargets)>> {
+        if images.iter().all(|i| i.is_empty()) {
+            return Ok(None);
+        }
+        let tower = self.model.vision.as_ref().ok_or_else(|| Error::Config("images given to a model without a vision tower".into()))?;
+        let image_token = tower.config().image_token_id;
+        let (mut slots, mut all) = (Vec::new(), Vec::new());
+        for (s, ((_, seq_tokens), seq_images)) in batch.iter().zip(images).enumerate() {
+            if !seq_images.is_empty() {
+                let first = q_start[s] as usize;
+                slots.extend(seq_tokens.iter().enumerate().filter(|(_, &tok)| tok == image_token).map(|(j, _)| first + j));
+                all.extend(seq_images.iter().cloned());
+            }
+        }
+        if slots.len() != tower.feature_rows(&all) {
+            return Err(Error::shape("[IMG] tokens of the batch", tower.feature_rows(&all), slots.len()));
+        }
+        Ok(Some((tower.encode(&all)?, RowTargets::upload(&self.model.device, &slots, tokens)?)))
+    }
+}
+
+impl Network<'_> {
+    /// The whole network over the tokens of `ws` (ids and positions already written): embedding, the layers, the
+    /// final norm and the output head over `head`'s rows. Launches kernels only.
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        ws: &Workspace,
+        head: &Head,
+        tables: &BlockTables,
+        layout: &QueryLayout,
+        slots: &TokenSlots,
+        scratch: &mut AttentionScratch,
+        images: Option<&ImageRows>,
+    ) -> Result<()> {
+        let c = &self.model.config;
+        let device = &self.model.device;
+        let t = ws.tokens;
+        let m = self.model;
         let (dim, heads, eps) = (c.dim, c.heads, c.norm_eps);
         let (qk, nope, rank, v_head) = (c.qk_head_dim(), c.qk_nope, c.kv_lora_rank, c.v_head);
         let k = c.experts_per_token;
@@ -753,24 +940,9 @@ impl Engine {
         let [x, x_mid] = &ws.x;
         let view = |b, offset, stride| RowView { buffer: b, offset, stride };
 
-        ops::embedding_gather(&ws.ids, &m.tok_embeddings, dim, x, &self.gather_status)?;
-        if images.iter().any(|i| !i.is_empty()) {
-            // The vision tower over every image of the batch, its features over the [IMG] embeddings.
-            let tower = m.vision.as_ref().ok_or_else(|| Error::Config("images given to a model without a vision tower".into()))?;
-            let image_token = tower.config().image_token_id;
-            let (mut slots, mut all) = (Vec::new(), Vec::new());
-            for (s, ((_, tokens), seq_images)) in batch.iter().zip(images).enumerate() {
-                if !seq_images.is_empty() {
-                    let first = q_start[s] as usize;
-                    slots.extend(tokens.iter().enumerate().filter(|(_, &tok)| tok == image_token).map(|(j, _)| first + j));
-                    all.extend(seq_images.iter().cloned());
-                }
-            }
-            if slots.len() != tower.feature_rows(&all) {
-                return Err(Error::shape("[IMG] tokens of the batch", tower.feature_rows(&all), slots.len()));
-            }
-            let features = tower.encode(&all)?;
-            vision_kernels::scatter_rows(&features, dim, &RowTargets::upload(&device, &slots, t)?, x)?;
+        ops::embedding_gather(&ws.ids, &m.tok_embeddings, dim, x, self.gather_status)?;
+        if let Some(images) = images {
+            vision_kernels::scatter_rows(images.features, dim, images.rows, x)?;
         }
         norm::rms_norm(x, &m.layers[0].attention_norm, &ws.h, t, eps)?;
         for (l, layer) in m.layers.iter().enumerate() {
@@ -780,15 +952,15 @@ impl Engine {
             moe::linear(&layer.wq_b, &ws.q_a_normed, t, &ws.q)?;
             moe::linear(&layer.wkv_a, &ws.h, t, &ws.kv)?;
             let write = CacheWriteWeights { norm_weight: &layer.kv_a_norm, eps, inv_freq: &m.inv_freq };
-            attention::mla_cache_write(&self.caches[l], &tables, &ws.kv, rank + c.qk_rope, &write, &slots)?;
+            attention::mla_cache_write(&self.caches[l], tables, &ws.kv, rank + c.qk_rope, &write, slots)?;
             ops::rope_q_k(&ws.q, heads, qk, None, &ws.positions, &m.inv_freq, query_scale)?;
             // Absorb W_UK into the query; q_rope = the rope half of every head.
             for (h, w_uk) in layer.w_uk.iter().enumerate() {
                 moe::linear_view(w_uk, view(&ws.q, h * qk, heads * qk), t, view(&ws.q_lat, h * rank, heads * rank))?;
             }
             moe::linear_view(&m.rope_identity, view(&ws.q, nope, qk), t * heads, view(&ws.q_rope, 0, c.qk_rope))?;
-            let queries = Queries { layout: &layout, q_lat: &ws.q_lat, q_rope: &ws.q_rope, heads };
-            attention::mla_attention(&self.caches[l], &tables, &queries, &ws.o_lat, c.softmax_scale(), self.options.attention_splits, &mut self.scratch)?;
+            let queries = Queries { layout, q_lat: &ws.q_lat, q_rope: &ws.q_rope, heads };
+            attention::mla_attention(&self.caches[l], tables, &queries, &ws.o_lat, c.softmax_scale(), self.options.attention_splits, scratch)?;
             for (h, pieces) in layer.w_uv.iter().enumerate() {
                 for (w_uv, first) in pieces {
                     moe::linear_view(w_uv, view(&ws.o_lat, h * rank, heads * rank), t, view(&ws.attn, h * v_head + first, heads * v_head))?;
@@ -822,7 +994,7 @@ impl Engine {
             norm::add_rms_norm(&ws.block_out, x_mid, next_norm, x, &ws.h, t, eps)?;
         }
         // ws.h is the final norm's output: gather the head's rows (host-computed, always in range), then the head.
-        ops::embedding_gather(&head.source_rows, &ws.h, dim, &head.h, &self.gather_status)?;
+        ops::embedding_gather(&head.source_rows, &ws.h, dim, &head.h, self.gather_status)?;
         moe::linear_f32(&m.output, &head.h, head.rows, &head.logits)?;
         Ok(())
     }

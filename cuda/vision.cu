@@ -4,6 +4,7 @@
 // moe_gemm.cu, its norms on norm.cu and its SwiGLU on ops.cu's silu_mul.
 #include "params.h"
 #include "common.cuh"
+#include "mma.cuh"
 
 // ---- patch_im2col ------------------------------------------------------------------------------------------------
 // One block per patch of one image, threads over the k_padded columns of its row (the conv weight's [c, ky, kx]
@@ -52,102 +53,151 @@ extern "C" __global__ void __launch_bounds__(256) rope_2d(const Rope2dParams p) 
 }
 
 // ---- vision_attention --------------------------------------------------------------------------------------------
-// Block-diagonal bidirectional attention for head_dim 64. Grid (query tiles of 32 tokens, heads); 128 threads, four
-// per query, each owning 16 of the 64 dims (partial dot products summed by two shuffles). Keys stream through shared
-// memory in tiles of 32 over the union of the tile's segments; a query skips keys outside its own segment. Online
-// softmax in f32 (base 2, scale folded into q), output normalised and rounded to bf16 once.
-// Bytes: q and out once; k and v once per query tile. FLOPs: 4 * 64 per (query, key) pair of a segment.
+// Block-diagonal bidirectional attention for head_dim 64 on the tensor cores (flash-attention style). Grid (query
+// tiles of 64 tokens, heads); 4 warps, each owning 16 queries. The query tile stays in registers as mma A fragments;
+// keys and values stream through shared memory in tiles of 64 over the union of the tile's segments (the keys from
+// the first query's segment start to the last query's segment end). S = Q K^T (mma.sync m16n8k16, f32 accumulators),
+// keys outside a query's own segment masked to -inf, online softmax in f32 (base 2, scale folded in), P rounded to
+// bf16 as the A operand of O += P V (the normaliser sums the rounded P, so each output is a convex combination of
+// the values with the weights the product used), output normalised and rounded to bf16 once.
+// Shared rows are padded to 72 elements (144 bytes) so the 8 rows of an ldmatrix fall in distinct banks.
+// Bytes: q and out once; k and v once per query tile. FLOPs: 4 * 64 per (query, key) pair of the tile's key range.
 namespace {
 constexpr int kHeadDim = 64;
-constexpr int kQueries = 32;
-constexpr int kKeys = 32;
-constexpr int kThreadsPerQuery = 4;
-constexpr int kDimsPerThread = kHeadDim / kThreadsPerQuery;
+constexpr int kQueries = 64;
+constexpr int kKeys = 64;
+constexpr int kStride = kHeadDim + 8;
 constexpr float kLog2E = 1.4426950408889634f;
+
+// rows [first, first + valid) of a [tokens, row_stride] tensor (64 columns from `src`) into a 64-row tile; zeros past
+// `valid` (masked keys must meet finite values: 0 * NaN would poison the output).
+__device__ __forceinline__ void load_tile(bf16 (*tile)[kStride], const bf16 *src, long row_stride, int first, int valid) {
+    for (int c = threadIdx.x; c < 64 * (kHeadDim / 8); c += blockDim.x) {
+        const int r = c / (kHeadDim / 8), d = (c % (kHeadDim / 8)) * 8;
+        const uint4 v = r < valid ? *reinterpret_cast<const uint4 *>(src + (first + r) * row_stride + d) : make_uint4(0, 0, 0, 0);
+        *reinterpret_cast<uint4 *>(&tile[r][d]) = v;
+    }
+}
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(kQueries * kThreadsPerQuery) vision_attention(const VisionAttentionParams p) {
-    __shared__ float keys[kKeys][kHeadDim];
-    __shared__ float values[kKeys][kHeadDim];
+extern "C" __global__ void __launch_bounds__(128) vision_attention(const VisionAttentionParams p) {
+    __shared__ __align__(16) bf16 q_tile[kQueries][kStride];
+    __shared__ __align__(16) bf16 k_tile[kKeys][kStride];
+    __shared__ __align__(16) bf16 v_tile[kKeys][kStride];
     const int head = blockIdx.y;
     const int first_query = blockIdx.x * kQueries;
-    const int last_query = min(first_query + kQueries, p.tokens) - 1;
-    const int query = first_query + threadIdx.x / kThreadsPerQuery;
-    const int part = threadIdx.x % kThreadsPerQuery;
-    const bool active = query < p.tokens;
+    const int queries = min(kQueries, p.tokens - first_query);
     const long row_stride = (long)p.heads * kHeadDim;
-    const int dim0 = part * kDimsPerThread;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
 
-    float q[kDimsPerThread], acc[kDimsPerThread];
-    const float q_scale = p.scale * kLog2E;
+    load_tile(q_tile, p.q + head * kHeadDim, row_stride, first_query, queries);
+    __syncthreads();
+    uint32_t qa[4][4];  // A fragments of the warp's 16 queries, one per 16-dim k-step
 #pragma unroll
-    for (int d = 0; d < kDimsPerThread; d += 8) {
-        float chunk[8];
-        if (active) {
-            bf16x8_to_f32(*reinterpret_cast<const uint4 *>(p.q + query * row_stride + head * kHeadDim + dim0 + d), chunk);
-        } else {
+    for (int kk = 0; kk < 4; ++kk) ldmatrix_x4(qa[kk], &q_tile[warp * 16 + ((lane / 8) & 1) * 8 + lane % 8][kk * 16 + (lane / 16) * 8]);
+
+    // This thread's rows: g and g + 8 of the warp's 16. Rows past the last token attend to nothing.
+    int row_start[2], row_end[2];
 #pragma unroll
-            for (int i = 0; i < 8; ++i) chunk[i] = 0.f;
-        }
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            q[d + i] = chunk[i] * q_scale;
-            acc[d + i] = 0.f;
-        }
+    for (int h = 0; h < 2; ++h) {
+        const int query = first_query + warp * 16 + g + 8 * h;
+        row_start[h] = query < p.tokens ? p.segment_start[query] : 0;
+        row_end[h] = query < p.tokens ? p.segment_end[query] : 0;
     }
-    const int my_start = active ? p.segment_start[query] : 0;
-    const int my_end = active ? p.segment_end[query] : 0;
     // Segments are contiguous and in token order: the tile's keys span from its first query's segment to its last's.
     const int key_begin = p.segment_start[first_query];
-    const int key_end = p.segment_end[last_query];
+    const int key_end = p.segment_end[first_query + queries - 1];
+    const float scale = p.scale * kLog2E;
 
-    float running_max = -INFINITY, denominator = 0.f;
+    float o[8][4];
+#pragma unroll
+    for (int nb = 0; nb < 8; ++nb) o[nb][0] = o[nb][1] = o[nb][2] = o[nb][3] = 0.f;
+    float running_max[2] = {-INFINITY, -INFINITY}, denominator[2] = {0.f, 0.f};
+
     for (int tile = key_begin; tile < key_end; tile += kKeys) {
-        __syncthreads();  // the previous tile's keys are no longer read
-        for (int chunk = threadIdx.x; chunk < kKeys * kHeadDim / 8; chunk += blockDim.x) {
-            const int j = chunk / (kHeadDim / 8), d = (chunk % (kHeadDim / 8)) * 8;
-            float kv[8], vv[8];
-            if (tile + j < key_end) {
-                const long offset = (tile + j) * row_stride + head * kHeadDim + d;
-                bf16x8_to_f32(*reinterpret_cast<const uint4 *>(p.k + offset), kv);
-                bf16x8_to_f32(*reinterpret_cast<const uint4 *>(p.v + offset), vv);
-            } else {
+        __syncthreads();  // the previous tile is no longer read
+        const int count = min(kKeys, key_end - tile);
+        load_tile(k_tile, p.k + head * kHeadDim, row_stride, tile, count);
+        load_tile(v_tile, p.v + head * kHeadDim, row_stride, tile, count);
+        __syncthreads();
+
+        // S [16 queries, 64 keys] of this warp: 8 blocks of 8 keys.
+        float s[8][4];
 #pragma unroll
-                for (int i = 0; i < 8; ++i) kv[i] = vv[i] = 0.f;
-            }
+        for (int nb = 0; nb < 8; ++nb) {
+            s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.f;
 #pragma unroll
-            for (int i = 0; i < 8; ++i) {
-                keys[j][d + i] = kv[i];
-                values[j][d + i] = vv[i];
+            for (int half = 0; half < 2; ++half) {
+                uint32_t b[4];
+                ldmatrix_x4(b, &k_tile[nb * 8 + lane % 8][half * 32 + (lane / 8) * 8]);
+                mma_bf16(s[nb], qa[2 * half], b[0], b[1]);
+                mma_bf16(s[nb], qa[2 * half + 1], b[2], b[3]);
             }
         }
-        __syncthreads();
-        const int count = min(kKeys, key_end - tile);
-        for (int j = 0; j < count; ++j) {
-            float score = 0.f;
+        float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-            for (int d = 0; d < kDimsPerThread; ++d) score = fmaf(q[d], keys[j][dim0 + d], score);
-            score += __shfl_xor_sync(0xffffffffu, score, 1);
-            score += __shfl_xor_sync(0xffffffffu, score, 2);
-            const int key = tile + j;
-            if (key < my_start || key >= my_end) continue;  // another image (the same for a query's four threads)
-            const float new_max = fmaxf(running_max, score);
-            const float correction = exp2f(running_max - new_max);
-            const float weight = exp2f(score - new_max);
-            denominator = denominator * correction + weight;
+        for (int nb = 0; nb < 8; ++nb) {
 #pragma unroll
-            for (int d = 0; d < kDimsPerThread; ++d) acc[d] = fmaf(weight, values[j][dim0 + d], acc[d] * correction);
-            running_max = new_max;
+            for (int e = 0; e < 4; ++e) {
+                const int h = e / 2, key = tile + nb * 8 + 2 * t + (e & 1);
+                const float v = key >= row_start[h] && key < row_end[h] ? s[nb][e] * scale : -INFINITY;
+                s[nb][e] = v;
+                tile_max[h] = fmaxf(tile_max[h], v);
+            }
+        }
+        float base[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
+            tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
+            const float new_max = fmaxf(running_max[h], tile_max[h]);
+            base[h] = new_max == -INFINITY ? 0.f : new_max;  // a row with no key yet: every weight is 0
+            const float correction = exp2f(running_max[h] - base[h]);
+            denominator[h] *= correction;
+#pragma unroll
+            for (int nb = 0; nb < 8; ++nb) {
+                o[nb][2 * h] *= correction;
+                o[nb][2 * h + 1] *= correction;
+            }
+            running_max[h] = new_max;
+        }
+        // P as bf16 A fragments: key k-step kk covers the S blocks 2kk (cols 0-7) and 2kk + 1 (cols 8-15).
+        uint32_t pa[4][4];
+#pragma unroll
+        for (int nb = 0; nb < 8; ++nb) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const __nv_bfloat162 pair = __floats2bfloat162_rn(exp2f(s[nb][2 * h] - base[h]), exp2f(s[nb][2 * h + 1] - base[h]));
+                const float2 rounded = __bfloat1622float2(pair);
+                denominator[h] += rounded.x + rounded.y;
+                pa[nb / 2][(nb % 2) * 2 + h] = *reinterpret_cast<const uint32_t *>(&pair);
+            }
+        }
+        // O [16 queries, 64 dims] += P V: 4 key k-steps x 4 pairs of 8-dim blocks.
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+#pragma unroll
+            for (int db = 0; db < 4; ++db) {
+                uint32_t b[4];
+                ldmatrix_x4_trans(b, &v_tile[kk * 16 + ((lane / 8) & 1) * 8 + lane % 8][db * 16 + (lane / 16) * 8]);
+                mma_bf16(o[2 * db], pa[kk], b[0], b[1]);
+                mma_bf16(o[2 * db + 1], pa[kk], b[2], b[3]);
+            }
         }
     }
-    if (!active) return;
-    const float inverse = denominator > 0.f ? 1.f / denominator : 0.f;
 #pragma unroll
-    for (int d = 0; d < kDimsPerThread; d += 8) {
-        float chunk[8];
+    for (int h = 0; h < 2; ++h) {
+        float total = denominator[h];
+        total += __shfl_xor_sync(0xffffffffu, total, 1);
+        total += __shfl_xor_sync(0xffffffffu, total, 2);
+        const int query = first_query + warp * 16 + g + 8 * h;
+        if (query >= p.tokens) continue;
+        const float inverse = total > 0.f ? 1.f / total : 0.f;
 #pragma unroll
-        for (int i = 0; i < 8; ++i) chunk[i] = acc[d + i] * inverse;
-        *reinterpret_cast<uint4 *>(p.out + query * row_stride + head * kHeadDim + dim0 + d) = f32x8_to_bf16(chunk);
+        for (int nb = 0; nb < 8; ++nb) {
+            *reinterpret_cast<__nv_bfloat162 *>(p.out + query * row_stride + head * kHeadDim + nb * 8 + 2 * t) =
+                __floats2bfloat162_rn(o[nb][2 * h] * inverse, o[nb][2 * h + 1] * inverse);
+        }
     }
 }
 

@@ -85,10 +85,12 @@ fn rope_2d_matches_the_reference(device: &Device) {
 }
 
 fn block_diagonal_attention_matches_the_reference(device: &Device) {
-    // Three images; the 40-token one spans two query tiles and shares its first and last tiles with the others.
+    // Three images over three 64-query tiles: the 145-token one spans all three and three 64-key tiles (the online
+    // softmax rescales across key tiles), shares its first and last query tiles with the others, and the last tile
+    // is partial.
     let (heads, head_dim) = (2, 64);
-    let segments = [0..5, 5..45, 45..62];
-    let tokens = 62;
+    let segments = [0..5, 5..150, 150..170];
+    let tokens = 170;
     let mut r = rng(4);
     let [q, k, v] = [0, 1, 2].map(|_| random_bf16(&mut r, tokens * heads * head_dim, 1.5));
     let out = poisoned(device, tokens * heads * head_dim);

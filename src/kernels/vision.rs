@@ -22,7 +22,7 @@ const SCATTER_ROWS: Kernel = Kernel { module: VISION, entry: "scatter_rows" };
 /// The head size `vision_attention` is written for (the tower's, SPEC-model.md).
 pub const ATTENTION_HEAD_DIM: usize = 64;
 /// Queries per block of `vision_attention`.
-const ATTENTION_QUERIES: usize = 32;
+const ATTENTION_QUERIES: usize = 64;
 const THREADS: usize = 256;
 
 fn check_len(what: &str, len: usize, expected: usize) -> Result<()> {
@@ -188,7 +188,7 @@ pub fn vision_attention(
     };
     let config = LaunchConfig {
         grid: Dim3::xy(super::blocks_for(tokens, ATTENTION_QUERIES), heads as u32),
-        block: Dim3::x((ATTENTION_QUERIES * 4) as u32),
+        block: Dim3::x(128),
         shared_bytes: 0,
     };
     launch_with(q.device(), &VISION_ATTENTION, &config, &params)

@@ -92,28 +92,34 @@ template <> struct WeightFormat<Format::Fp8Block> {
 };
 
 // int4 group-wise: w = (q - zero) * scale, scale bf16 and zero 0..15 per (row, group); symmetric uses zero 8.
+// Dequantised in bf16x2 arithmetic, two weights per instruction: a byte's nibbles OR'd into 0x4300 give the bf16
+// pair (128 + lo, 128 + hi) exactly; subtracting (128 + zero) is exact too (integers below 256), and one multiply by
+// the bf16 scale rounds once: the same bits as (q - zero) * scale in f32 rounded to bf16 (that product is exact in
+// f32), in about half the instructions of the f32 route (the H200 run found the 4-bit GEMMs instruction-bound).
 template <> struct WeightFormat<Format::Int4> {
     static constexpr int kTileBytes = 16 * kBK / 2;
-    struct Scales { float scale_g, scale_g8, zero_g, zero_g8; };
+    struct Scales { uint32_t bias_g, bias_g8, scale_g, scale_g8; };  // bf16 pairs: 128 + zero, scale
     __device__ static Scales load_scales(const MoeGemmParams &p, int expert, int tile, int kb, int g) {
         // Layout [expert, tile, group, 16 rows]: the warp's 16 rows of a group are 32 contiguous bytes.
         const long at = (((long)expert * (p.rows_padded / 16) + tile) * (p.k_dim / p.group) + (kb * kBK) / p.group) * 16 + g;
         const long at8 = at + 8;
-        Scales s;
-        s.scale_g = __bfloat162float(p.group_scales[at]);
-        s.scale_g8 = __bfloat162float(p.group_scales[at8]);
-        s.zero_g = p.group_zeros ? (float)p.group_zeros[at] : 8.f;
-        s.zero_g8 = p.group_zeros ? (float)p.group_zeros[at8] : 8.f;
-        return s;
+        const float zero_g = p.group_zeros ? (float)p.group_zeros[at] : 8.f;
+        const float zero_g8 = p.group_zeros ? (float)p.group_zeros[at8] : 8.f;
+        const float scale_g = __bfloat162float(p.group_scales[at]), scale_g8 = __bfloat162float(p.group_scales[at8]);
+        return {pack_bf16x2(128.f + zero_g, 128.f + zero_g), pack_bf16x2(128.f + zero_g8, 128.f + zero_g8),
+                pack_bf16x2(scale_g, scale_g), pack_bf16x2(scale_g8, scale_g8)};
     }
     __device__ static void fragment(const uint32_t *raw, int ks, const Scales &s, uint32_t a[4]) {
-        float q[8];
-        int4x8_to_f32(raw[ks], 0.f, q);
+        const uint32_t word = raw[ks];
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-            // byte j = elements 2j, 2j+1; j = 0, 2 are row g and j = 1, 3 row g+8.
-            const float zero = (j & 1) ? s.zero_g8 : s.zero_g, scale = (j & 1) ? s.scale_g8 : s.scale_g;
-            a[j] = pack_bf16x2((q[2 * j] - zero) * scale, (q[2 * j + 1] - zero) * scale);
+            // byte j = elements 2j (low nibble), 2j+1; j = 0, 2 are row g and j = 1, 3 row g+8.
+            const uint32_t byte = word >> (8 * j);
+            const uint32_t biased = (byte & 0xfu) | ((byte & 0xf0u) << 12) | 0x43004300u;
+            const uint32_t bias = (j & 1) ? s.bias_g8 : s.bias_g, scale = (j & 1) ? s.scale_g8 : s.scale_g;
+            uint32_t centred;
+            asm("sub.rn.bf16x2 %0, %1, %2;" : "=r"(centred) : "r"(biased), "r"(bias));
+            asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(a[j]) : "r"(centred), "r"(scale));
         }
     }
 };

@@ -5,15 +5,16 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use small4::model::checkpoint::{Checkpoint, ExpertMatrix, Layout};
-use small4::model::engine::{DeviceModel, Engine, EngineOptions, ExpertShard, Request, Sampling, DEFAULT_EOS};
-use small4::model::synthetic::{load_reference_weights, write_checkpoint, HF_MISTRAL3_PREFIX};
+use small4::model::engine::{Sampling, DEFAULT_EOS};
+use small4::model::generator::{GenerationBackend, Generator, GeneratorOptions};
+use small4::model::synthetic::HF_MISTRAL3_PREFIX;
 use small4::model::ModelConfig;
 use small4::quant::WeightFormat;
-use small4::reference::model::{AttentionForm, ForwardOptions, ReferenceModel, ReferenceWeights, RoundingMode};
+use small4::reference::model::{AttentionForm, ForwardOptions, RoundingMode};
 use small4::reference::vision::PixelImage;
 use small4::tokenizer::image::load_pixels_from_url;
 use small4::tokenizer::{ChatRequest, EncodedPrompt, OutputPrinter, OutputStream, SpecialTokenPolicy, StreamingDecoder, Tokenizer};
@@ -143,7 +144,7 @@ struct GenerateArgs {
     #[arg(long, default_value_t = 16)]
     max_tokens: usize,
     /// Seed of the tiny preset's random weights.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = small4::model::synthetic::DEFAULT_TINY_SEED)]
     seed: u64,
     /// Attention form of the reference forward pass.
     #[arg(long, value_enum, default_value = "absorbed")]
@@ -180,24 +181,14 @@ fn plan(config: Option<&std::path::Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The embedded tiny model: a seeded checkpoint written once into the OS temp directory (regenerated if missing).
+/// The embedded tiny model in the format and layout asked for.
 fn tiny_checkpoint(args: &GenerateArgs) -> anyhow::Result<PathBuf> {
     let format: WeightFormat = args.format.parse()?;
-    let (layout, layout_name) = match args.layout {
-        LayoutArg::Native => (Layout::Native, "native"),
-        LayoutArg::Hf => (Layout::HuggingFace { prefix: HF_MISTRAL3_PREFIX.to_string() }, "hf"),
+    let layout = match args.layout {
+        LayoutArg::Native => Layout::Native,
+        LayoutArg::Hf => Layout::HuggingFace { prefix: HF_MISTRAL3_PREFIX.to_string() },
     };
-    // v2: the preset has a vision tower (a cache written before it has none).
-    let dir = std::env::temp_dir().join(format!("small4-tiny-v2-{layout_name}-{format}-seed{}", args.seed));
-    if Checkpoint::open(&dir).is_err() {
-        let weights = ReferenceWeights::random(&ModelConfig::tiny(), args.seed).context("building the tiny preset's weights")?;
-        // Written beside the final directory, then renamed: a killed run never leaves a half checkpoint behind.
-        let partial = dir.with_extension(format!("partial-{}", std::process::id()));
-        write_checkpoint(&partial, &weights, &layout, format, 4 << 20)?;
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::rename(&partial, &dir).with_context(|| format!("moving the checkpoint to {}", dir.display()))?;
-    }
-    Ok(dir)
+    Ok(small4::model::synthetic::tiny_checkpoint(format, &layout, args.seed)?)
 }
 
 fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
@@ -232,11 +223,7 @@ fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
     let mut sink = TokenSink::new(tokenizer.as_ref())?;
     let shown: Vec<String> = prompt_ids.iter().map(u32::to_string).collect();
     let prompt = format!("[{}]", shown.join(","));
-    match args.backend {
-        Backend::Reference => generate_reference(args, &checkpoint, &prompt_ids, &images, &prompt, &mut sink),
-        Backend::Sim => generate_engine(args, &small4::device::simulator(), &checkpoint, &prompt_ids, &images, &prompt, &mut sink),
-        Backend::Gpu => generate_engine(args, &small4::device::gpu()?, &checkpoint, &prompt_ids, &images, &prompt, &mut sink),
-    }
+    generate_tokens(args, &checkpoint, &prompt_ids, &images, &prompt, &mut sink)
 }
 
 /// The tokenizer for text prompts: `--tokenizer`, the model directory's `tekken.json`, or the embedded v15 stand-in
@@ -337,67 +324,15 @@ impl<'t> TokenSink<'t> {
     }
 }
 
-fn generate_engine(
-    args: &GenerateArgs,
-    device: &small4::device::Device,
-    checkpoint: &Checkpoint,
-    prompt_ids: &[u32],
-    images: &[PixelImage],
-    prompt: &str,
-    sink: &mut TokenSink,
-) -> anyhow::Result<()> {
-    let load = Instant::now();
-    let bar = indicatif::ProgressBar::new(0).with_style(
-        indicatif::ProgressStyle::with_template("loading {bar:30} {pos}/{len} layers {elapsed}").expect("a valid progress template"),
-    );
-    let model = DeviceModel::load_with_progress(device, checkpoint, ExpertShard::SINGLE, |p| {
-        bar.set_length(p.total as u64);
-        bar.set_position(p.done as u64);
-    })?;
-    bar.finish_and_clear();
-    let options = EngineOptions { eos: Some(args.eos), page_size: 16, num_pages: (prompt_ids.len() + args.max_tokens).div_ceil(16) + 1, graphs: !args.eager, ..EngineOptions::default() };
-    let mut engine = Engine::new(model, options, None)?;
-    println!("{} on {} (loaded in {:.2} s), prompt: {prompt}", checkpoint.dir.display(), device.name(), load.elapsed().as_secs_f64());
-    let sampling = if args.temperature > 0.0 { Sampling::Seeded { temperature: args.temperature, top_p: args.top_p, seed: args.sample_seed } } else { Sampling::Greedy };
-    engine.add_with_images(Request { prompt: prompt_ids.to_vec(), max_tokens: args.max_tokens, sampling }, images.to_vec())?;
-    sink.start();
-    let (mut prefill, mut decode, mut decoded) = (0.0, 0.0, 0usize);
-    while engine.active() > 0 {
-        let start = Instant::now();
-        let tokens = engine.step()?;
-        let seconds = start.elapsed().as_secs_f64();
-        if prefill == 0.0 {
-            prefill = seconds;
-        } else {
-            decode += seconds;
-            decoded += 1;
-        }
-        for t in tokens {
-            sink.push(t.token)?;
-        }
-    }
-    sink.finish()?;
-    println!(
-        "prefill: {} tokens in {:.2} ms ({:.2} tokens/s); decode: {decoded} tokens in {:.2} ms ({:.2} tokens/s)",
-        prompt_ids.len(),
-        prefill * 1e3,
-        prompt_ids.len() as f64 / prefill,
-        decode * 1e3,
-        decoded as f64 / decode.max(f64::MIN_POSITIVE),
-    );
-    Ok(())
-}
-
-fn generate_reference(
-    args: &GenerateArgs,
-    checkpoint: &Checkpoint,
-    prompt_ids: &[u32],
-    images: &[PixelImage],
-    prompt: &str,
-    sink: &mut TokenSink,
-) -> anyhow::Result<()> {
-    let weights = load_reference_weights(checkpoint)?;
-    let options = ForwardOptions {
+/// Generation through the library's `Generator` (what the C ABI and the examples run), printed as it comes, with the
+/// prefill and decode rates.
+fn generate_tokens(args: &GenerateArgs, checkpoint: &Checkpoint, prompt_ids: &[u32], images: &[PixelImage], prompt: &str, sink: &mut TokenSink) -> anyhow::Result<()> {
+    let backend = match args.backend {
+        Backend::Reference => GenerationBackend::Reference,
+        Backend::Sim => GenerationBackend::Sim,
+        Backend::Gpu => GenerationBackend::Gpu,
+    };
+    let reference = ForwardOptions {
         rounding: match args.rounding {
             Rounding::F32 => RoundingMode::F32,
             Rounding::Bf16 => RoundingMode::Bf16Activations,
@@ -407,11 +342,34 @@ fn generate_reference(
             Attention::Absorbed => AttentionForm::Absorbed,
         },
     };
-    let model = ReferenceModel::new(weights, options)?;
-    println!("{} on the CPU reference, {:?}, prompt: {prompt}", checkpoint.dir.display(), options);
+    if backend == GenerationBackend::Reference && args.temperature > 0.0 {
+        bail!("--temperature needs an engine backend (--backend sim or gpu): the reference samples greedily only");
+    }
+    // The reference runs to --max-tokens; the engine stops at --eos.
+    let eos = (backend != GenerationBackend::Reference).then_some(args.eos);
+    let options = GeneratorOptions { backend, eos, max_context: prompt_ids.len() + args.max_tokens, reference, graphs: !args.eager };
+    let load = Instant::now();
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template("loading {bar:30} {pos}/{len} layers {elapsed}").expect("a valid progress template"),
+    );
+    let mut generator = Generator::open_with_progress(checkpoint, &options, |p| {
+        bar.set_length(p.total as u64);
+        bar.set_position(p.done as u64);
+    })?;
+    bar.finish_and_clear();
+    match generator.device() {
+        None => println!("{} on the CPU reference, {reference:?}, prompt: {prompt}", checkpoint.dir.display()),
+        Some(device) => println!("{} on {} (loaded in {:.2} s), prompt: {prompt}", checkpoint.dir.display(), device.name(), load.elapsed().as_secs_f64()),
+    }
+    let sampling = if args.temperature > 0.0 { Sampling::Seeded { temperature: args.temperature, top_p: args.top_p, seed: args.sample_seed } } else { Sampling::Greedy };
     sink.start();
-    let mut failure = None;
-    let stats = model.generate_greedy_with_images(prompt_ids, images, args.max_tokens, |token| {
+    let start = Instant::now();
+    let (mut first, mut last, mut count, mut failure) = (None, start, 0usize, None);
+    generator.generate_with_images(prompt_ids, images, args.max_tokens, sampling, |token| {
+        let now = Instant::now();
+        first.get_or_insert(now);
+        last = now;
+        count += 1;
         if failure.is_none() {
             failure = sink.push(token).err();
         }
@@ -420,14 +378,17 @@ fn generate_reference(
         return Err(e);
     }
     sink.finish()?;
+    // The first token comes from the prefill's logits; every later one is a decode step.
+    let prefill = first.map_or(0.0, |t| (t - start).as_secs_f64());
+    let decode = first.map_or(0.0, |t| (last - t).as_secs_f64());
+    let decoded = count.saturating_sub(1);
     println!(
-        "prefill: {} tokens in {:.2} ms ({:.1} tokens/s); decode: {} tokens in {:.2} ms ({:.1} tokens/s)",
-        stats.prompt_tokens,
-        stats.prefill_time.as_secs_f64() * 1e3,
-        stats.prefill_tokens_per_s(),
-        stats.decode_steps(),
-        stats.decode_time.as_secs_f64() * 1e3,
-        stats.decode_tokens_per_s(),
+        "prefill: {} tokens in {:.2} ms ({:.1} tokens/s); decode: {decoded} tokens in {:.2} ms ({:.1} tokens/s)",
+        prompt_ids.len(),
+        prefill * 1e3,
+        prompt_ids.len() as f64 / prefill.max(f64::MIN_POSITIVE),
+        decode * 1e3,
+        if decoded == 0 { 0.0 } else { decoded as f64 / decode.max(f64::MIN_POSITIVE) },
     );
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! The CUDA driver backend (cudarc, loaded dynamically: nothing CUDA is needed to build, and a machine without a
 //! driver gets `Error::NoGpu`). Modules are loaded from the embedded sm_90a cubin, falling back to the PTX for
-//! drivers that can JIT it. All work goes to one stream, so a decode step can later be captured as a CUDA graph.
+//! drivers that can JIT it. All work goes to one stream; a decode step is captured on a side stream as a CUDA graph
+//! and replayed on it.
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
@@ -44,6 +45,25 @@ fn driver_error(what: &str) -> impl Fn(result::DriverError) -> Error + '_ {
 
 impl CudaBackend {
     pub fn new(ordinal: usize) -> Result<Self> {
+        let context = Self::context(ordinal)?;
+        let stream = context.default_stream();
+        Ok(CudaBackend { ordinal, context, stream, functions: Mutex::new(HashMap::new()), capture: Mutex::new(None) })
+    }
+
+    /// A backend whose launches, copies and synchronisations all go to `cu_stream`, a stream of device `ordinal`'s
+    /// primary context owned by the caller (a runtime's own stream, as the C ABI receives it).
+    ///
+    /// # Safety
+    /// `cu_stream` must be a valid stream of that primary context and outlive the backend; the caller orders its own
+    /// work on the stream with the backend's.
+    pub unsafe fn on_borrowed_stream(ordinal: usize, cu_stream: sys::CUstream) -> Result<Self> {
+        let context = Self::context(ordinal)?;
+        // SAFETY: forwarded from this function's contract.
+        let stream = unsafe { context.wrap_borrowed_stream(cu_stream) };
+        Ok(CudaBackend { ordinal, context, stream, functions: Mutex::new(HashMap::new()), capture: Mutex::new(None) })
+    }
+
+    fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
         // SAFETY: only tries to dlopen the driver library.
         if !unsafe { sys::is_culib_present() } {
             return Err(Error::NoGpu("the CUDA driver library (libcuda.so) was not found".into()));
@@ -52,8 +72,7 @@ impl CudaBackend {
         let context = std::panic::catch_unwind(|| CudaContext::new(ordinal))
             .map_err(|_| Error::NoGpu("the CUDA driver could not be initialised".into()))?
             .map_err(|e| Error::NoGpu(format!("CUDA device {ordinal}: {e:?}")))?;
-        let stream = context.default_stream();
-        Ok(CudaBackend { ordinal, context, stream, functions: Mutex::new(HashMap::new()), capture: Mutex::new(None) })
+        Ok(context)
     }
 
     pub fn ordinal(&self) -> usize {

@@ -123,7 +123,19 @@ impl std::fmt::Display for LaunchCounters {
 /// A device: memory, kernel launches, synchronisation. Object safe; used as `Device = Arc<dyn Backend>`.
 ///
 /// Addresses are plain `u64` device addresses (what a kernel's pointer holds). Memory returned by `alloc` is
-/// uninitialised: the interpreter reports any read of it before a write.
+/// uninitialised: the interpreter reports any kernel read of it before a write.
+///
+/// ```
+/// let device = small4::device::simulator(); // or small4::device::gpu()?
+/// let addr = device.alloc(8)?;
+/// let mut back = [0u8; 8];
+/// device.write(addr, b"small4!!")?;
+/// device.read(addr, &mut back)?;
+/// assert_eq!(&back, b"small4!!");
+/// device.free(addr)?;
+/// assert!(device.free(addr).is_err()); // a double free is an error, not UB
+/// # Ok::<(), small4::Error>(())
+/// ```
 pub trait Backend: Send + Sync {
     /// "cuda" or "sim".
     fn name(&self) -> &'static str;
@@ -248,11 +260,13 @@ pub fn simulator() -> Device {
 pub trait DeviceElement: bytemuck::Pod + Send + Sync {}
 impl<T: bytemuck::Pod + Send + Sync> DeviceElement for T {}
 
-/// Owned, typed device memory of `len` elements. Frees itself on drop.
+/// Typed device memory of `len` elements: owned (frees itself on drop) or borrowed from the caller
+/// ([`DeviceBuffer::from_raw_borrowed`], never freed here).
 pub struct DeviceBuffer<T: DeviceElement> {
     device: Device,
     addr: u64,
     len: usize,
+    owned: bool,
     _element: PhantomData<T>,
 }
 
@@ -262,7 +276,40 @@ impl<T: DeviceElement> DeviceBuffer<T> {
         let bytes = len.checked_mul(size_of::<T>()).ok_or_else(|| Error::InvalidArgument(format!("{len} elements overflow")))?;
         // Zero-length buffers still get a distinct address so kernels can be passed a valid pointer.
         let addr = device.alloc(bytes.max(1))?;
-        Ok(DeviceBuffer { device: device.clone(), addr, len, _element: PhantomData })
+        Ok(DeviceBuffer { device: device.clone(), addr, len, owned: true, _element: PhantomData })
+    }
+
+    /// Views `len` elements at `addr`, memory the caller allocated on `device` (a runtime's own buffers, the C ABI's
+    /// raw pointers), as a buffer the kernel wrappers accept. Dropping it leaves the memory alone.
+    ///
+    /// # Safety
+    /// `addr` must be the start of at least `len * size_of::<T>()` bytes of `device` memory, aligned for `T`, that
+    /// stay allocated while the view (or any launch reading it) is in use.
+    ///
+    /// ```
+    /// use small4::device::{simulator, DeviceBuffer};
+    ///
+    /// let device = simulator();
+    /// let addr = device.alloc(4 * size_of::<f32>())?; // memory the caller owns
+    /// // SAFETY: `addr` holds 4 f32 on `device` until it is freed below.
+    /// let view = unsafe { DeviceBuffer::<f32>::from_raw_borrowed(&device, addr, 4)? };
+    /// view.copy_from(&[1.0, 2.0, 3.0, 4.0])?;
+    /// drop(view); // leaves the memory alone
+    /// let mut bytes = [0u8; 16];
+    /// device.read(addr, &mut bytes)?;
+    /// assert_eq!(bytes[4..8], 2.0f32.to_ne_bytes());
+    /// device.free(addr)?;
+    /// # Ok::<(), small4::Error>(())
+    /// ```
+    pub unsafe fn from_raw_borrowed(device: &Device, addr: u64, len: usize) -> Result<Self> {
+        if addr == 0 {
+            return Err(Error::InvalidArgument("a null device address".into()));
+        }
+        if addr % align_of::<T>() as u64 != 0 {
+            return Err(Error::InvalidArgument(format!("device address {addr:#x} is not aligned to {} bytes", align_of::<T>())));
+        }
+        len.checked_mul(size_of::<T>()).ok_or_else(|| Error::InvalidArgument(format!("{len} elements overflow")))?;
+        Ok(DeviceBuffer { device: device.clone(), addr, len, owned: false, _element: PhantomData })
     }
 
     pub fn from_slice(device: &Device, data: &[T]) -> Result<Self> {
@@ -320,7 +367,9 @@ impl<T: DeviceElement> DeviceBuffer<T> {
 impl<T: DeviceElement> Drop for DeviceBuffer<T> {
     fn drop(&mut self) {
         // A failed free cannot be reported from drop; the backends log nothing and leak at worst.
-        let _ = self.device.free(self.addr);
+        if self.owned {
+            let _ = self.device.free(self.addr);
+        }
     }
 }
 

@@ -234,10 +234,10 @@ impl BlockTables {
 
 /// kv_a_norm weight, eps and the YaRN inverse frequencies the cache writer applies.
 pub struct CacheWriteWeights<'a> {
-    /// [256]
+    /// `[256]`
     pub norm_weight: &'a DeviceBuffer<bf16>,
     pub eps: f32,
-    /// [32]
+    /// `[32]`
     pub inv_freq: &'a DeviceBuffer<f32>,
 }
 
@@ -374,7 +374,7 @@ impl AttentionPlan {
 }
 
 /// Which query tokens belong to which sequence, checked and uploaded once (a decode step reuses it).
-/// `q_start` [num_seqs + 1]: sequence s owns query tokens q_start[s]..q_start[s+1], the last q_count tokens of the
+/// `q_start [num_seqs + 1]`: sequence s owns query tokens `q_start[s]..q_start[s+1]`, the last q_count tokens of the
 /// sequence (already written into the cache).
 pub struct QueryLayout {
     host: Vec<i32>,

@@ -421,13 +421,13 @@ pub fn shared_expert(shared: &(DeviceWeights, DeviceWeights), x: &DeviceBuffer<b
     launch_gemm(dn, &workspace.shared_act, tokens, false, Rows::Dense { rows: tokens }, Output::F32ByPair { out: &workspace.shared_out, pair_weights: None })
 }
 
-/// Up-projection of the routed experts: act[slot] = silu(x W1_e^T) * (x W3_e^T) for every slot of the grouping,
+/// Up-projection of the routed experts: `act[slot] = silu(x W1_e^T) * (x W3_e^T)` for every slot of the grouping,
 /// x [tokens, dim], act [capacity, hidden] (padding slots are not written).
 pub fn up_swiglu(w: &DeviceWeights, x: &DeviceBuffer<bf16>, tokens: usize, top_k: usize, grouping: &Grouping, act: &DeviceBuffer<bf16>) -> Result<()> {
     launch_gemm(w, x, tokens, true, Rows::Grouped { grouping, top_k, pairs: tokens * top_k }, Output::SwiGlu(act))
 }
 
-/// Down-projection: pair_out[p] = weight[p] * act[slot(p)] W2_e^T (f32, [tokens * k, dim]) for every routed pair.
+/// Down-projection: `pair_out[p] = weight[p] * act[slot(p)] W2_e^T` (f32, `[tokens * k, dim]`) for every routed pair.
 pub fn down(
     w: &DeviceWeights,
     act: &DeviceBuffer<bf16>,
@@ -441,7 +441,7 @@ pub fn down(
     launch_gemm(w, act, slots, false, Rows::Grouped { grouping, top_k, pairs }, Output::F32ByPair { out: pair_out, pair_weights: Some(topk_weights) })
 }
 
-/// out[t] = bf16(shared_out[t] + sum_j pair_out[t*k + j]) over the locally computed pairs, in fixed j order.
+/// `out[t] = bf16(shared_out[t] + sum_j pair_out[t*k + j])` over the locally computed pairs, in fixed j order.
 #[allow(clippy::too_many_arguments)]
 pub fn combine(
     pair_out: &DeviceBuffer<f32>,
@@ -487,9 +487,9 @@ pub fn combine(
 
 /// All weights of one MoE layer on the device, in one format.
 pub struct MoeLayerWeights {
-    /// Routed experts' fused w1/w3 (SwiGLU interleave), [experts] x [2 * hidden (padded), dim].
+    /// Routed experts' fused w1/w3 (SwiGLU interleave), `[experts] x [2 * hidden (padded), dim]`.
     pub gate_up: DeviceWeights,
-    /// Routed experts' w2, [experts] x [dim (padded), hidden].
+    /// Routed experts' w2, `[experts] x [dim (padded), hidden]`.
     pub down: DeviceWeights,
     /// The shared expert (one matrix each), or None.
     pub shared: Option<(DeviceWeights, DeviceWeights)>,

@@ -22,6 +22,20 @@ fn check_len(what: &str, len: usize, expected: usize) -> Result<()> {
 }
 
 /// `out[r] = x[r] * rsqrt(mean(x[r]^2) + eps) * weight` for `rows` rows of `weight.len()` columns.
+///
+/// ```
+/// use half::bf16;
+/// use small4::device::{simulator, DeviceBuffer};
+///
+/// let device = simulator(); // the PTX interpreter; `small4::device::gpu()?` on a GPU
+/// let x: Vec<bf16> = [3.0f32, 4.0].iter().map(|&v| bf16::from_f32(v)).collect();
+/// let weight = DeviceBuffer::from_slice(&device, &[bf16::ONE; 2])?;
+/// let (x, out) = (DeviceBuffer::from_slice(&device, &x)?, DeviceBuffer::<bf16>::alloc(&device, 2)?);
+/// small4::kernels::norm::rms_norm(&x, &weight, &out, 1, 0.0)?;
+/// let out: Vec<f32> = out.to_vec()?.iter().map(|v| v.to_f32()).collect();
+/// assert!((out[0] - 3.0 / 12.5f32.sqrt()).abs() < 1e-2);
+/// # Ok::<(), small4::Error>(())
+/// ```
 pub fn rms_norm(x: &DeviceBuffer<bf16>, weight: &DeviceBuffer<bf16>, out: &DeviceBuffer<bf16>, rows: usize, eps: f32) -> Result<()> {
     launch(x, weight, out, None, rows, eps)
 }

@@ -118,6 +118,19 @@ const HF_CONFIG: &str = "config.json";
 
 impl Checkpoint {
     /// Opens a checkpoint directory: detects the layout, maps every shard and reads their headers (not the data).
+    ///
+    /// ```
+    /// use small4::model::checkpoint::{Checkpoint, Layout};
+    /// use small4::model::{synthetic, Config};
+    ///
+    /// let dir = synthetic::tiny_checkpoint(small4::quant::WeightFormat::Bf16, &Layout::Native, synthetic::DEFAULT_TINY_SEED)?;
+    /// let checkpoint = Checkpoint::open(&dir)?;
+    /// assert_eq!(checkpoint.layout, Layout::Native);
+    /// let config = Config::from_json_str(&checkpoint.config_json.to_string())?;
+    /// assert!(checkpoint.stored_names().len() > 10 * config.n_layers);
+    /// assert!(Checkpoint::open(dir.join("missing")).is_err()); // a typed error, not a panic
+    /// # Ok::<(), small4::Error>(())
+    /// ```
     pub fn open(dir: impl AsRef<Path>) -> Result<Checkpoint> {
         let dir = dir.as_ref().to_path_buf();
         let (config_name, native) = if dir.join(NATIVE_CONFIG).exists() {

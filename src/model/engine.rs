@@ -1,6 +1,6 @@
 //! The forward pass on a device: [`DeviceModel`] (a checkpoint uploaded in the kernels' layouts) and [`Engine`]
 //! (prefill and decode of a batch of sequences over the paged latent cache, continuous batching, greedy or seeded
-//! sampling, EOS). Written in the llm.c manner: [`Engine::forward_device`] is the whole network as a plain list of
+//! sampling, EOS). Written in the llm.c manner: `Engine::forward_device` is the whole network as a plain list of
 //! kernel calls, one line per step of the architecture (SPEC-model.md), on any `Backend` (GPU or interpreter).
 //!
 //! Precision follows `reference::model` with `RoundingMode::Bf16Activations` and absorbed attention: every tensor
@@ -538,6 +538,20 @@ struct Active {
 }
 
 /// Prefill and decode over the paged cache for a changing batch of requests.
+///
+/// ```no_run
+/// use small4::model::checkpoint::Checkpoint;
+/// use small4::model::engine::{DeviceModel, Engine, EngineOptions, ExpertShard, Request, Sampling};
+///
+/// let device = small4::device::gpu()?;
+/// let model = DeviceModel::load(&device, &Checkpoint::open("/models/Mistral-Small-4")?, ExpertShard::SINGLE)?;
+/// let mut engine = Engine::new(model, EngineOptions::default(), None)?;
+/// let tokens = engine.generate(vec![Request { prompt: vec![1, 22177], max_tokens: 16, sampling: Sampling::Greedy }], |_| {})?;
+/// println!("{:?}", tokens[0]);
+/// # Ok::<(), small4::Error>(())
+/// ```
+/// It runs on the interpreter as well (`small4::device::simulator()`): [`crate::model::generator::Generator`] shows it
+/// with the tiny model.
 pub struct Engine {
     model: DeviceModel,
     options: EngineOptions,

@@ -131,7 +131,7 @@ pub struct AppendPlan {
 pub struct BatchTables {
     /// [num_seqs, max_pages]; entries past a sequence's last page are -1.
     pub block_tables: Vec<i32>,
-    /// [num_seqs]
+    /// `[num_seqs]`
     pub seq_lens: Vec<i32>,
     pub max_pages: usize,
 }
@@ -143,6 +143,19 @@ struct Sequence {
 }
 
 /// Page allocator and block tables.
+///
+/// ```
+/// use small4::model::kv_cache::{CacheDescriptor, CacheDtype, KvCache};
+///
+/// let mut cache = KvCache::new(CacheDescriptor::mla(4, 16, CacheDtype::Bf16)?)?;
+/// let seq = cache.add_sequence();
+/// cache.append(seq, 20)?; // two pages of 16 tokens
+/// assert_eq!((cache.len(seq)?, cache.free_pages()), (20, 2));
+/// assert!(cache.append(seq, 64).is_err()); // OutOfPages, nothing changed
+/// cache.free(seq)?;
+/// assert_eq!(cache.free_pages(), 4);
+/// # Ok::<(), small4::Error>(())
+/// ```
 #[derive(Clone, Debug)]
 pub struct KvCache {
     desc: CacheDescriptor,

@@ -3,9 +3,16 @@
 pub mod checkpoint;
 pub mod config;
 pub mod engine;
+pub mod generator;
 pub mod kv_cache;
 pub mod plan;
 pub mod synthetic;
 pub mod vision;
 
+pub use checkpoint::Checkpoint;
+/// The model configuration under the name the public API gives it (`small4::model::Config`).
+pub use config::ModelConfig as Config;
 pub use config::{ModelConfig, VisionConfig};
+pub use engine::Engine;
+pub use generator::Generator;
+pub use kv_cache::KvCache;

@@ -126,6 +126,21 @@ pub fn standard_plans(config: &ModelConfig) -> Result<Vec<MemoryPlan>> {
     ])
 }
 
+/// The memory plan of `config` on `world` GPUs of one kind: routed experts split evenly between the GPUs (expert
+/// parallelism), the rest replicated; weights in `formats`, activations and KV cache sized for `workload`.
+///
+/// ```
+/// use small4::model::plan::{plan, FormatChoice, GpuSpec, Workload};
+/// use small4::model::Config;
+/// use small4::quant::WeightFormat;
+///
+/// let config = Config::mistral_small_4();
+/// let fp8 = FormatChoice::all(WeightFormat::Fp8PerTensor);
+/// let two = plan(&config, "2x H200", GpuSpec::H200, 2, fp8, Workload::default())?;
+/// assert!(two.fits(256 * 1024)); // a full 256k context fits
+/// assert!(plan(&config, "3 GPUs", GpuSpec::H200, 3, fp8, Workload::default()).is_err()); // 128 experts, 3 GPUs
+/// # Ok::<(), small4::Error>(())
+/// ```
 pub fn plan(config: &ModelConfig, name: &str, gpu: GpuSpec, world: usize, formats: FormatChoice, workload: Workload) -> Result<MemoryPlan> {
     if world == 0 || config.experts % world != 0 || config.heads % world != 0 {
         return Err(Error::Config(format!(

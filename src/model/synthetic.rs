@@ -7,7 +7,7 @@
 //! projector always bf16.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use half::bf16;
 use safetensors::Dtype;
@@ -23,6 +23,46 @@ use crate::reference::vision::{permute_rows_to_hf, VisionWeights};
 
 /// The prefix of a mistral3 (text + vision) HF checkpoint's text weights.
 pub const HF_MISTRAL3_PREFIX: &str = "model.language_model.";
+
+/// The seed of the tiny preset's random weights that `small4 generate` uses unless told otherwise.
+pub const DEFAULT_TINY_SEED: u64 = 4;
+
+/// The embedded tiny model as `small4 generate` runs it: the tiny preset's seeded random weights written once, in
+/// `layout` with experts in `format`, into the OS temp directory (regenerated when missing or unreadable), and the
+/// directory returned. A killed run never leaves a half checkpoint behind: it is written beside the final directory,
+/// then renamed.
+///
+/// ```
+/// use small4::model::checkpoint::{Checkpoint, Layout};
+/// use small4::model::synthetic::{tiny_checkpoint, DEFAULT_TINY_SEED};
+/// use small4::quant::WeightFormat;
+///
+/// let dir = tiny_checkpoint(WeightFormat::Bf16, &Layout::Native, DEFAULT_TINY_SEED)?;
+/// assert!(Checkpoint::open(&dir).is_ok());
+/// # Ok::<(), small4::Error>(())
+/// ```
+pub fn tiny_checkpoint(format: WeightFormat, layout: &Layout, seed: u64) -> Result<PathBuf> {
+    let layout_name = match layout {
+        Layout::Native => "native",
+        Layout::HuggingFace { .. } => "hf",
+    };
+    // v2: the preset has a vision tower (a cache written before it has none).
+    let dir = std::env::temp_dir().join(format!("small4-tiny-v2-{layout_name}-{format}-seed{seed}"));
+    if Checkpoint::open(&dir).is_err() {
+        let weights = ReferenceWeights::random(&ModelConfig::tiny(), seed)?;
+        let partial = dir.with_extension(format!("partial-{}-{:?}", std::process::id(), std::thread::current().id()).replace(['(', ')'], ""));
+        write_checkpoint(&partial, &weights, layout, format, 4 << 20)?;
+        // Another process may have finished the same directory meanwhile: then its copy is as good as ours.
+        let _ = std::fs::remove_dir_all(&dir);
+        if let Err(e) = std::fs::rename(&partial, &dir) {
+            let _ = std::fs::remove_dir_all(&partial);
+            if Checkpoint::open(&dir).is_err() {
+                return Err(Error::io(&dir, e));
+            }
+        }
+    }
+    Ok(dir)
+}
 
 /// Which format the attention linears take for a given expert format.
 pub fn attention_format(expert_format: WeightFormat) -> WeightFormat {

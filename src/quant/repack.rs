@@ -9,7 +9,7 @@
 //! two k-steps (1 byte); 4-bit: one chunk per 64-k block (a nibble, low nibble = earlier element).
 //!
 //! For the fused up-projection the rows of w1 (gate) and w3 (up) are interleaved in groups of 8: tile i holds gate
-//! rows 8i..8i+8 then up rows 8i..8i+8, so the lane that accumulates gate[h] also holds up[h] (SwiGLU in registers).
+//! rows 8i..8i+8 then up rows 8i..8i+8, so the lane that accumulates `gate[h]` also holds `up[h]` (SwiGLU in registers).
 //! Rows are padded with zero weights (and zero scales) to a multiple of [`ROW_ALIGN`].
 
 use half::bf16;

@@ -27,7 +27,7 @@ impl MlaDims {
 
 /// Causal latent attention.
 /// `q_lat` [q_tokens, heads, kv_lora_rank], `q_rope` [q_tokens, heads, qk_rope], `cache` [kv_tokens, cache_width],
-/// `q_positions[i]`: the cache index of query i (it attends to cache rows 0..=q_positions[i]).
+/// `q_positions[i]`: the cache index of query i (it attends to cache rows `0..=q_positions[i]`).
 /// Returns `o_lat` [q_tokens, heads, kv_lora_rank].
 pub fn latent_attention(q_lat: &[f32], q_rope: &[f32], cache: &[f32], q_positions: &[usize], dims: &MlaDims, scale: f32) -> Vec<f32> {
     let (h, r, p, w) = (dims.heads, dims.kv_lora_rank, dims.qk_rope, dims.cache_width());

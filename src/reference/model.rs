@@ -57,13 +57,13 @@ pub enum AttentionForm {
 pub struct AttentionWeights {
     /// [q_lora_rank, dim]
     pub wq_a: Vec<f32>,
-    /// [q_lora_rank]
+    /// `[q_lora_rank]`
     pub q_a_norm: Vec<f32>,
     /// [heads * (qk_nope + qk_rope), q_lora_rank]
     pub wq_b: Vec<f32>,
     /// [kv_lora_rank + qk_rope, dim]
     pub wkv_a_with_mqa: Vec<f32>,
-    /// [kv_lora_rank]
+    /// `[kv_lora_rank]`
     pub kv_a_norm: Vec<f32>,
     /// [heads * (qk_nope + v_head), kv_lora_rank]: per head qk_nope rows of W_UK then v_head rows of W_UV.
     pub wkv_b: Vec<f32>,
@@ -105,7 +105,7 @@ pub struct ReferenceWeights {
     /// [vocab, dim]
     pub tok_embeddings: Vec<f32>,
     pub layers: Vec<LayerWeights>,
-    /// Final norm [dim].
+    /// Final norm `[dim]`.
     pub norm: Vec<f32>,
     /// Output head [vocab, dim] (a copy of the embedding when tied).
     pub output: Vec<f32>,
@@ -482,19 +482,36 @@ impl ReferenceModel {
         self.forward(prompt, cache)
     }
 
-    /// One decode step; returns the logits [vocab] of the next token.
+    /// One decode step; returns the logits `[vocab]` of the next token.
     pub fn decode(&self, token: u32, cache: &mut ReferenceKvCache) -> Result<Vec<f32>> {
         self.forward(&[token], cache)
     }
 
     /// Greedy decoding: prefill `prompt`, then `max_tokens` tokens, each reported to `on_token` as it comes.
     pub fn generate_greedy(&self, prompt: &[u32], max_tokens: usize, on_token: impl FnMut(u32)) -> Result<GenerationStats> {
-        self.generate_greedy_with_images(prompt, &[], max_tokens, on_token)
+        self.generate_greedy_images_until(prompt, &[], max_tokens, None, on_token)
     }
 
     /// [`Self::generate_greedy`] with the prompt's `[IMG]` tokens taking the features of `images` (see
     /// [`Self::forward_with_images`]).
-    pub fn generate_greedy_with_images(&self, prompt: &[u32], images: &[PixelImage], max_tokens: usize, mut on_token: impl FnMut(u32)) -> Result<GenerationStats> {
+    pub fn generate_greedy_with_images(&self, prompt: &[u32], images: &[PixelImage], max_tokens: usize, on_token: impl FnMut(u32)) -> Result<GenerationStats> {
+        self.generate_greedy_images_until(prompt, images, max_tokens, None, on_token)
+    }
+
+    /// [`ReferenceModel::generate_greedy`] that also stops after `eos` (which is reported and kept) when given.
+    pub fn generate_greedy_until(&self, prompt: &[u32], max_tokens: usize, eos: Option<u32>, on_token: impl FnMut(u32)) -> Result<GenerationStats> {
+        self.generate_greedy_images_until(prompt, &[], max_tokens, eos, on_token)
+    }
+
+    /// Greedy generation with images (may be none) that stops after `max_tokens` or after `eos` when given.
+    pub fn generate_greedy_images_until(
+        &self,
+        prompt: &[u32],
+        images: &[PixelImage],
+        max_tokens: usize,
+        eos: Option<u32>,
+        mut on_token: impl FnMut(u32),
+    ) -> Result<GenerationStats> {
         let vocab = self.config().vocab;
         let mut cache = self.new_cache();
         let mut stats = GenerationStats { prompt_tokens: prompt.len(), generated: Vec::with_capacity(max_tokens), prefill_time: Duration::ZERO, decode_time: Duration::ZERO };
@@ -508,7 +525,7 @@ impl ReferenceModel {
         stats.generated.push(next);
         on_token(next);
         let start = Instant::now();
-        while stats.generated.len() < max_tokens {
+        while stats.generated.len() < max_tokens && Some(next) != eos {
             next = argmax(&self.decode(next, &mut cache)?);
             stats.generated.push(next);
             on_token(next);

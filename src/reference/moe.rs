@@ -131,7 +131,7 @@ pub struct Alignment {
     pub expert_counts: Vec<i32>,
     /// [local experts + 1] first slot of each expert: prefix sums of the counts rounded up to `tile_m`.
     pub expert_offsets: Vec<i32>,
-    /// [capacity] pairs grouped by local expert, increasing p inside an expert, padding -1.
+    /// `[capacity]` pairs grouped by local expert, increasing p inside an expert, padding -1.
     pub sorted_pairs: Vec<i32>,
     /// [capacity / tile_m] local expert of each tile of `tile_m` slots, -1 past the end.
     pub tile_experts: Vec<i32>,

@@ -27,19 +27,19 @@ use super::rope::apply_interleaved;
 use crate::model::VisionConfig;
 use crate::{Error, Result};
 
-/// One transformer block of the tower, f32, stored [out, in] in the NATIVE row order (interleaved RoPE pairs).
+/// One transformer block of the tower, f32, stored `[out, in]` in the NATIVE row order (interleaved RoPE pairs).
 #[derive(Clone, Debug)]
 pub struct VisionLayerWeights {
-    /// [hidden]
+    /// `[hidden]`
     pub attention_norm: Vec<f32>,
-    /// [hidden, hidden] each.
+    /// `[hidden, hidden]` each.
     pub wq: Vec<f32>,
     pub wk: Vec<f32>,
     pub wv: Vec<f32>,
     pub wo: Vec<f32>,
-    /// [hidden]
+    /// `[hidden]`
     pub ffn_norm: Vec<f32>,
-    /// [intermediate, hidden] (gate), [intermediate, hidden] (up), [hidden, intermediate] (down).
+    /// `[intermediate, hidden]` (gate), `[intermediate, hidden]` (up), `[hidden, intermediate]` (down).
     pub w1: Vec<f32>,
     pub w3: Vec<f32>,
     pub w2: Vec<f32>,
@@ -48,20 +48,20 @@ pub struct VisionLayerWeights {
 /// The tower and the projector.
 #[derive(Clone, Debug)]
 pub struct VisionWeights {
-    /// [hidden, channels * patch * patch]: the conv weight [hidden, channels, patch, patch] flattened.
+    /// `[hidden, channels * patch * patch]`: the conv weight `[hidden, channels, patch, patch]` flattened.
     pub patch_conv: Vec<f32>,
-    /// [hidden]
+    /// `[hidden]`
     pub ln_pre: Vec<f32>,
     pub layers: Vec<VisionLayerWeights>,
-    /// [hidden]
+    /// `[hidden]`
     pub pre_mm_projector_norm: Vec<f32>,
     /// [hidden, hidden * merge^2], input in `[c, di, dj]` order.
     pub merging_layer: Vec<f32>,
-    /// [text_dim, hidden]
+    /// `[text_dim, hidden]`
     pub w_in: Vec<f32>,
-    /// [text_dim] with `adapter_bias`.
+    /// `[text_dim]` with `adapter_bias`.
     pub w_in_bias: Option<Vec<f32>>,
-    /// [text_dim, text_dim]
+    /// `[text_dim, text_dim]`
     pub w_out: Vec<f32>,
     pub w_out_bias: Option<Vec<f32>>,
 }
@@ -147,7 +147,7 @@ pub fn apply_rope_2d(head: &mut [f32], inv_freq: &(Vec<f32>, Vec<f32>), row: usi
     apply_interleaved(second, &inv_freq.1, col);
 }
 
-/// The patches of an image unfolded for the conv: [rows * cols, channels * patch * patch], `[c, ky, kx]` order.
+/// The patches of an image unfolded for the conv: `[rows * cols, channels * patch * patch]`, `[c, ky, kx]` order.
 pub fn unfold_patches(image: &PixelImage, patch: usize) -> Vec<f32> {
     let (rows, cols) = image.patch_grid(patch);
     let (w, c) = (image.width, image.channels);
@@ -165,7 +165,7 @@ pub fn unfold_patches(image: &PixelImage, patch: usize) -> Vec<f32> {
     out
 }
 
-/// The patch merger's input: each `merge x merge` block of a [rows, cols, hidden] grid as one row of
+/// The patch merger's input: each `merge x merge` block of a `[rows, cols, hidden]` grid as one row of
 /// `hidden * merge^2` values in `[c, di, dj]` order; blocks row-major. [rows/merge * cols/merge, hidden * merge^2].
 pub fn merge_patches(x: &[f32], rows: usize, cols: usize, hidden: usize, merge: usize) -> Vec<f32> {
     let width = hidden * merge * merge;
@@ -191,7 +191,7 @@ pub fn gelu(x: f32) -> f32 {
 }
 
 /// Bidirectional attention within each segment (block-diagonal across images).
-/// `q`, `k`, `v` [tokens, heads * head_dim]; `segments` the token ranges of the images, covering all tokens.
+/// `q`, `k`, `v` `[tokens, heads * head_dim]`; `segments` the token ranges of the images, covering all tokens.
 pub fn block_diagonal_attention(q: &[f32], k: &[f32], v: &[f32], segments: &[std::ops::Range<usize>], heads: usize, head_dim: usize) -> Vec<f32> {
     let width = heads * head_dim;
     let scale = 1.0 / (head_dim as f32).sqrt();
@@ -266,7 +266,7 @@ impl VisionTower<'_> {
         self.store(x);
     }
 
-    /// The text-width features of each image: [feature_count, text_dim] per image, in `[IMG]` order.
+    /// The text-width features of each image: `[feature_count, text_dim]` per image, in `[IMG]` order.
     pub fn encode(&self, images: &[PixelImage]) -> Result<Vec<Vec<f32>>> {
         let v = self.config;
         self.weights.check_shapes(v, self.text_dim)?;
@@ -328,7 +328,7 @@ impl VisionTower<'_> {
 
 /// HF's converter permutes the rows of each head of the tower's `wq` and `wk` from interleaved pairs
 /// `(2i, 2i+1)` to halves `(i, head_dim/2 + i)` (transformers' Pixtral uses rotate-half RoPE):
-/// `hf[h, t * head_dim/2 + i] = native[h, 2i + t]`. This is that permutation of a [heads * head_dim, cols] matrix.
+/// `hf[h, t * head_dim/2 + i] = native[h, 2i + t]`. This is that permutation of a `[heads * head_dim, cols]` matrix.
 pub fn permute_rows_to_hf(w: &[f32], head_dim: usize, cols: usize) -> Vec<f32> {
     permute_rows(w, head_dim, cols, false)
 }

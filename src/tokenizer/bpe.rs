@@ -25,7 +25,7 @@ const LOOKAHEAD_ALTERNATIVE: &str = r"|\s+(?!\S)";
 
 /// Splits text into the pieces that are encoded separately.
 pub enum Splitter {
-    /// [`TEKKEN_PATTERN`] without its `\s+(?!\S)` alternative, in the `regex` crate. Without it, a run of whitespace
+    /// `TEKKEN_PATTERN` without its `\s+(?!\S)` alternative, in the `regex` crate. Without it, a run of whitespace
     /// that no earlier alternative takes (so it has no line break) is matched whole by `\s+`; the lookahead would
     /// have left its last character to the next piece when the run has two or more characters and text follows.
     Tekken(regex::Regex),

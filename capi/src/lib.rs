@@ -1,0 +1,848 @@
+//! The C ABI of small4 (`include/small4.h`, generated from this file by cbindgen): the generator (open a checkpoint
+//! on the CPU reference, the PTX interpreter or a GPU, and generate token ids) and the kernels over raw device
+//! addresses of the caller's own buffers, launched on the caller's CUDA stream.
+//!
+//! Conventions of every function:
+//! - it returns a [`Small4Status`]; [`Small4Status::Ok`] is 0, every other value mirrors a `small4::Error` variant
+//!   (plus [`Small4Status::Panic`] for a bug inside small4), and [`small4_last_error`] gives the message of the
+//!   calling thread's last failure;
+//! - no panic crosses the boundary (each call runs under `catch_unwind`), and a null handle or pointer is an
+//!   [`Small4Status::InvalidArgument`], never a crash;
+//! - handles are opaque, created by `*_open` and released by `*_free` (which accept null);
+//! - device memory is named by its `uint64_t` device address: on a GPU a `CUdeviceptr` (what `cudaMalloc` returns,
+//!   cast), on the interpreter an address from [`small4_device_alloc`].
+//!
+//! The ABI is versioned by [`SMALL4_ABI_VERSION`]: see docs/capi.md.
+
+#![warn(missing_docs)]
+
+use std::cell::RefCell;
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+
+use half::bf16;
+use small4::device::{Device, DeviceBuffer, DeviceElement};
+use small4::kernels::moe::{moe_layer, moe_tile_m, Grouping, MoeLayerWeights, MoeWorkspace, RoutingBuffers};
+use small4::kernels::router::{moe_align, route_and_align_into, Alignment, ExpertMap, RouterConfig, RouterWorkspace, Routing};
+use small4::quant::repack::{repack_gate_up, repack_linear, MatrixRef, PackedWeights, QuantData};
+use small4::model::checkpoint::{Checkpoint, Layout};
+use small4::model::engine::Sampling;
+use small4::model::generator::{GenerationBackend, Generator, GeneratorOptions};
+use small4::quant::WeightFormat;
+use small4::{Error, Result};
+
+/// The version of this C ABI. It changes whenever a declaration of `small4.h` changes incompatibly (a function's
+/// signature or meaning, a struct's layout, an enum's values); additions keep it. Compare it with
+/// [`small4_abi_version`] at run time to detect a header/library mismatch.
+pub const SMALL4_ABI_VERSION: u32 = 1;
+
+/// What a call returned. `Ok` is 0; the others mirror `small4::Error`'s variants.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Small4Status {
+    /// Success.
+    Ok = 0,
+    /// No CUDA driver or no GPU (`Error::NoGpu`).
+    NoGpu = 1,
+    /// The CUDA driver failed (`Error::Cuda`).
+    Cuda = 2,
+    /// The PTX interpreter reported a fault: out of bounds, uninitialised read, race (`Error::Simulator`).
+    Simulator = 3,
+    /// A size or shape does not match (`Error::Shape`).
+    Shape = 4,
+    /// A bad argument: null pointer, zero size, unaligned address, value out of its domain (`Error::InvalidArgument`).
+    InvalidArgument = 5,
+    /// A dtype the call does not know (`Error::UnknownDtype`).
+    UnknownDtype = 6,
+    /// An index (a token id, an expert) out of range (`Error::OutOfRange`).
+    OutOfRange = 7,
+    /// A model configuration is invalid (`Error::Config`).
+    Config = 8,
+    /// A checkpoint is missing or malformed (`Error::Checkpoint`).
+    Checkpoint = 9,
+    /// The tokenizer failed (`Error::Tokenizer`).
+    Tokenizer = 10,
+    /// An unknown sequence (`Error::UnknownSequence`).
+    UnknownSequence = 11,
+    /// The KV cache has no free pages left (`Error::OutOfPages`).
+    OutOfPages = 12,
+    /// A file could not be read or written (`Error::Io`).
+    Io = 13,
+    /// A JSON file is malformed (`Error::Json`).
+    Json = 14,
+    /// An image could not be decoded (`Error::ImageUnreadable`).
+    ImageUnreadable = 15,
+    /// An image file or side is over the limits (`Error::ImageTooLarge`).
+    ImageTooLarge = 16,
+    /// A bug inside small4 (a panic, caught at the boundary); the message says where.
+    Panic = 99,
+}
+
+impl From<&Error> for Small4Status {
+    fn from(e: &Error) -> Self {
+        match e {
+            Error::NoGpu(_) => Small4Status::NoGpu,
+            Error::Cuda(_) => Small4Status::Cuda,
+            Error::Simulator(_) => Small4Status::Simulator,
+            Error::Shape { .. } => Small4Status::Shape,
+            Error::InvalidArgument(_) => Small4Status::InvalidArgument,
+            Error::UnknownDtype(_) => Small4Status::UnknownDtype,
+            Error::OutOfRange { .. } => Small4Status::OutOfRange,
+            Error::Config(_) => Small4Status::Config,
+            Error::Checkpoint(_) => Small4Status::Checkpoint,
+            Error::Tokenizer(_) => Small4Status::Tokenizer,
+            Error::UnknownSequence(_) => Small4Status::UnknownSequence,
+            Error::OutOfPages { .. } => Small4Status::OutOfPages,
+            Error::Io { .. } => Small4Status::Io,
+            Error::Json { .. } => Small4Status::Json,
+            Error::ImageUnreadable { .. } => Small4Status::ImageUnreadable,
+            Error::ImageTooLarge { .. } => Small4Status::ImageTooLarge,
+        }
+    }
+}
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn set_last_error(message: String) {
+    // A message with an interior NUL is cut there rather than lost.
+    let message = CString::new(message).unwrap_or_else(|e| {
+        let end = e.nul_position();
+        CString::new(&e.into_vec()[..end]).unwrap_or_default()
+    });
+    LAST_ERROR.with(|last| *last.borrow_mut() = message);
+}
+
+/// Runs one ABI call: its error becomes a status and the thread's last-error message, a panic becomes
+/// [`Small4Status::Panic`].
+fn call(body: impl FnOnce() -> Result<()>) -> Small4Status {
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(Ok(())) => Small4Status::Ok,
+        Ok(Err(e)) => {
+            set_last_error(e.to_string());
+            Small4Status::from(&e)
+        }
+        Err(panic) => {
+            let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned());
+            set_last_error(format!("internal error (a bug in small4): {}", what.unwrap_or_else(|| "a panic".into())));
+            Small4Status::Panic
+        }
+    }
+}
+
+fn null(what: &str) -> Error {
+    Error::InvalidArgument(format!("{what} is a null pointer"))
+}
+
+/// `&T` from a caller's pointer, or a typed error when it is null.
+///
+/// # Safety
+/// A non-null `ptr` must point to a valid `T` for the call's duration.
+unsafe fn reference<'a, T>(ptr: *const T, what: &str) -> Result<&'a T> {
+    unsafe { ptr.as_ref() }.ok_or_else(|| null(what))
+}
+
+/// # Safety
+/// A non-null `ptr` must point to a valid, writable `T` not aliased for the call's duration.
+unsafe fn reference_mut<'a, T>(ptr: *mut T, what: &str) -> Result<&'a mut T> {
+    unsafe { ptr.as_mut() }.ok_or_else(|| null(what))
+}
+
+/// A slice from a caller's pointer and length (a null pointer is allowed only with length 0).
+///
+/// # Safety
+/// A non-null `ptr` must point to `len` valid elements for the call's duration.
+unsafe fn slice<'a, T>(ptr: *const T, len: usize, what: &str) -> Result<&'a [T]> {
+    if len == 0 {
+        return Ok(&[]);
+    }
+    if ptr.is_null() {
+        return Err(null(what));
+    }
+    Ok(unsafe { std::slice::from_raw_parts(ptr, len) })
+}
+
+/// # Safety
+/// As [`slice`], and the elements must be writable and not aliased.
+unsafe fn slice_mut<'a, T>(ptr: *mut T, len: usize, what: &str) -> Result<&'a mut [T]> {
+    if len == 0 {
+        return Ok(&mut []);
+    }
+    if ptr.is_null() {
+        return Err(null(what));
+    }
+    Ok(unsafe { std::slice::from_raw_parts_mut(ptr, len) })
+}
+
+/// # Safety
+/// A non-null `ptr` must be a NUL-terminated string.
+unsafe fn string<'a>(ptr: *const c_char, what: &str) -> Result<&'a str> {
+    if ptr.is_null() {
+        return Err(null(what));
+    }
+    unsafe { CStr::from_ptr(ptr) }.to_str().map_err(|_| Error::InvalidArgument(format!("{what} is not UTF-8")))
+}
+
+/// Stores a new handle in `*out` (after checking `out` before any work is done).
+///
+/// # Safety
+/// A non-null `out` must be writable.
+unsafe fn store<T>(out: *mut *mut T, value: T) -> Result<()> {
+    let slot = unsafe { reference_mut(out, "the output handle") }?;
+    *slot = Box::into_raw(Box::new(value));
+    Ok(())
+}
+
+fn elements(a: usize, b: usize, what: &str) -> Result<usize> {
+    a.checked_mul(b).ok_or_else(|| Error::InvalidArgument(format!("{what}: {a} x {b} elements overflow")))
+}
+
+/// The version of the library that was loaded: compare with the header's [`SMALL4_ABI_VERSION`].
+#[no_mangle]
+pub extern "C" fn small4_abi_version() -> u32 {
+    SMALL4_ABI_VERSION
+}
+
+/// The message of the calling thread's last failed call (empty when none failed yet). The string stays valid until
+/// the thread's next failing call.
+#[no_mangle]
+pub extern "C" fn small4_last_error() -> *const c_char {
+    LAST_ERROR.with(|last| last.borrow().as_ptr())
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Devices and their memory
+
+/// A device the kernels launch on: the PTX interpreter, or a GPU bound to one CUDA stream.
+pub struct Small4Device {
+    device: Device,
+}
+
+/// Opens the PTX interpreter: it runs the kernels' exact PTX on the CPU with memory checks. Its device memory comes
+/// from [`small4_device_alloc`].
+///
+/// # Safety
+/// `out` must be null or writable.
+#[no_mangle]
+pub unsafe extern "C" fn small4_device_open_sim(out: *mut *mut Small4Device) -> Small4Status {
+    call(|| unsafe { store(out, Small4Device { device: small4::device::simulator() }) })
+}
+
+/// Opens CUDA device `ordinal` with every launch, copy and synchronisation on `cu_stream` (a `CUstream` or
+/// `cudaStream_t` of the device's primary context, which the runtime API uses); null means a stream of small4's own.
+/// Without a driver or a GPU: [`Small4Status::NoGpu`].
+///
+/// # Safety
+/// A non-null `cu_stream` must be a valid stream of that context and outlive the device handle; `out` must be null
+/// or writable.
+#[no_mangle]
+pub unsafe extern "C" fn small4_device_open_gpu(ordinal: u32, cu_stream: *mut c_void, out: *mut *mut Small4Device) -> Small4Status {
+    call(|| {
+        let backend = if cu_stream.is_null() {
+            small4::device::cuda::CudaBackend::new(ordinal as usize)?
+        } else {
+            // SAFETY: forwarded from this function's contract.
+            unsafe { small4::device::cuda::CudaBackend::on_borrowed_stream(ordinal as usize, cu_stream.cast()) }?
+        };
+        unsafe { store(out, Small4Device { device: std::sync::Arc::new(backend) }) }
+    })
+}
+
+/// Releases a device handle (null is ignored). Memory from [`small4_device_alloc`] must be freed before.
+///
+/// # Safety
+/// `device` must be null or a handle from a `small4_device_open_*` call, not used afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn small4_device_free(device: *mut Small4Device) {
+    if !device.is_null() {
+        // Dropping the backend runs no user code that could panic across the boundary except the driver's teardown,
+        // which is caught here like every other call.
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(device) })));
+    }
+}
+
+/// # Safety
+/// A non-null `device` must be a live handle.
+unsafe fn device<'a>(device: *const Small4Device) -> Result<&'a Device> {
+    Ok(&unsafe { reference(device, "the device handle") }?.device)
+}
+
+/// Allocates `bytes` of device memory (uninitialised: the interpreter reports reads before writes) and stores its
+/// address in `*addr`.
+///
+/// # Safety
+/// `device` must be null or live; `addr` null or writable.
+#[no_mangle]
+pub unsafe extern "C" fn small4_device_alloc(device: *const Small4Device, bytes: usize, addr: *mut u64) -> Small4Status {
+    call(|| {
+        let device = unsafe { self::device(device) }?;
+        let out = unsafe { reference_mut(addr, "addr") }?;
+        *out = device.alloc(bytes.max(1))?;
+        Ok(())
+    })
+}
+
+/// Frees memory from [`small4_device_alloc`]; any other address is an error, not undefined behaviour.
+///
+/// # Safety
+/// `device` must be null or live.
+#[no_mangle]
+pub unsafe extern "C" fn small4_device_release(device: *const Small4Device, addr: u64) -> Small4Status {
+    call(|| unsafe { self::device(device) }?.free(addr))
+}
+
+/// Copies `bytes` from host memory `src` to device address `dst` (after the device's queued work).
+///
+/// # Safety
+/// `device` must be null or live; `src` null or `bytes` readable bytes; `dst` device memory of `bytes` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn small4_device_write(device: *const Small4Device, dst: u64, src: *const c_void, bytes: usize) -> Small4Status {
+    call(|| {
+        let device = unsafe { self::device(device) }?;
+        device.write(dst, unsafe { slice(src.cast::<u8>(), bytes, "src") }?)
+    })
+}
+
+/// Copies `bytes` from device address `src` to host memory `dst` (after the device's queued work).
+///
+/// # Safety
+/// `device` must be null or live; `dst` null or `bytes` writable bytes; `src` device memory of `bytes` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn small4_device_read(device: *const Small4Device, dst: *mut c_void, src: u64, bytes: usize) -> Small4Status {
+    call(|| {
+        let device = unsafe { self::device(device) }?;
+        device.read(src, unsafe { slice_mut(dst.cast::<u8>(), bytes, "dst") }?)
+    })
+}
+
+/// Waits for the device's queued work; errors kernels raised asynchronously surface here.
+///
+/// # Safety
+/// `device` must be null or live.
+#[no_mangle]
+pub unsafe extern "C" fn small4_device_synchronize(device: *const Small4Device) -> Small4Status {
+    call(|| unsafe { self::device(device) }?.synchronize())
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Kernels over raw device addresses
+
+/// A view of `len` elements of the caller's device memory at `addr`.
+///
+/// # Safety
+/// `addr` must hold `len` elements of `T` on `device` for the duration of the call.
+unsafe fn borrowed<T: DeviceElement>(device: &Device, addr: u64, len: usize) -> Result<DeviceBuffer<T>> {
+    // SAFETY: forwarded from the calling ABI function's contract.
+    unsafe { DeviceBuffer::from_raw_borrowed(device, addr, len) }
+}
+
+/// RMSNorm of `rows` bf16 rows of `cols` columns: `out = x * rsqrt(mean(x^2) + eps) * weight` (f32 accumulation).
+/// `x`, `out`: `[rows, cols]` bf16; `weight`: `[cols]` bf16.
+///
+/// # Safety
+/// `device` must be null or live; the addresses must hold the sizes above on that device.
+#[no_mangle]
+pub unsafe extern "C" fn small4_rms_norm(device: *const Small4Device, x: u64, weight: u64, out: u64, rows: usize, cols: usize, eps: f32) -> Small4Status {
+    call(|| {
+        let device = unsafe { self::device(device) }?;
+        let n = elements(rows, cols, "rms_norm")?;
+        let (x, out) = unsafe { (borrowed::<bf16>(device, x, n)?, borrowed::<bf16>(device, out, n)?) };
+        let weight = unsafe { borrowed::<bf16>(device, weight, cols) }?;
+        small4::kernels::norm::rms_norm(&x, &weight, &out, rows, eps)
+    })
+}
+
+/// The decoder's fused step: `residual_out = x + residual` (rounded to bf16), then `out = rms_norm(residual_out)`.
+/// `x`, `residual`, `residual_out`, `out`: `[rows, cols]` bf16; `weight`: `[cols]` bf16.
+///
+/// # Safety
+/// `device` must be null or live; the addresses must hold the sizes above on that device.
+#[no_mangle]
+pub unsafe extern "C" fn small4_add_rms_norm(
+    device: *const Small4Device,
+    x: u64,
+    residual: u64,
+    weight: u64,
+    residual_out: u64,
+    out: u64,
+    rows: usize,
+    cols: usize,
+    eps: f32,
+) -> Small4Status {
+    call(|| {
+        let device = unsafe { self::device(device) }?;
+        let n = elements(rows, cols, "add_rms_norm")?;
+        let rows_of = |addr| unsafe { borrowed::<bf16>(device, addr, n) };
+        let (x, residual, residual_out, out) = (rows_of(x)?, rows_of(residual)?, rows_of(residual_out)?, rows_of(out)?);
+        let weight = unsafe { borrowed::<bf16>(device, weight, cols) }?;
+        small4::kernels::norm::add_rms_norm(&x, &residual, &weight, &residual_out, &out, rows, eps)
+    })
+}
+
+/// SwiGLU: `out[t] = silu(gate_up[t, :hidden]) * gate_up[t, hidden:]`. `gate_up`: `[tokens, 2 * hidden]` bf16;
+/// `out`: `[tokens, hidden]` bf16.
+///
+/// # Safety
+/// `device` must be null or live; the addresses must hold the sizes above on that device.
+#[no_mangle]
+pub unsafe extern "C" fn small4_silu_mul(device: *const Small4Device, gate_up: u64, out: u64, tokens: usize, hidden: usize) -> Small4Status {
+    call(|| {
+        let device = unsafe { self::device(device) }?;
+        let n = elements(tokens, hidden, "silu_mul")?;
+        let gate_up = unsafe { borrowed::<bf16>(device, gate_up, elements(n, 2, "silu_mul")?) }?;
+        let out = unsafe { borrowed::<bf16>(device, out, n) }?;
+        small4::kernels::ops::silu_mul(&gate_up, &out, tokens, hidden)
+    })
+}
+
+/// Embedding lookup: `out[t] = table[ids[t]]`. `ids`: `[tokens]` int32; `table`: `[vocab, dim]` bf16; `out`:
+/// `[tokens, dim]` bf16. An id outside `0..vocab` is [`Small4Status::OutOfRange`] (the table is never read out of
+/// bounds). Synchronises the device to check the ids.
+///
+/// # Safety
+/// `device` must be null or live; the addresses must hold the sizes above on that device.
+#[no_mangle]
+pub unsafe extern "C" fn small4_embedding_gather(device: *const Small4Device, ids: u64, tokens: usize, table: u64, vocab: usize, dim: usize, out: u64) -> Small4Status {
+    call(|| {
+        let device = unsafe { self::device(device) }?;
+        let ids = unsafe { borrowed::<i32>(device, ids, tokens) }?;
+        let table = unsafe { borrowed::<bf16>(device, table, elements(vocab, dim, "embedding table")?) }?;
+        let out = unsafe { borrowed::<bf16>(device, out, elements(tokens, dim, "embedding out")?) }?;
+        small4::kernels::ops::embedding_gather_checked(&ids, &table, dim, &out)
+    })
+}
+
+/// Greedy sampling: `ids[r] = argmax(logits[r])` (ties to the lower id). `logits`: `[rows, vocab]` f32; `ids`:
+/// `[rows]` int32.
+///
+/// # Safety
+/// `device` must be null or live; the addresses must hold the sizes above on that device.
+#[no_mangle]
+pub unsafe extern "C" fn small4_argmax(device: *const Small4Device, logits: u64, rows: usize, vocab: usize, ids: u64) -> Small4Status {
+    call(|| {
+        let device = unsafe { self::device(device) }?;
+        let logits = unsafe { borrowed::<f32>(device, logits, elements(rows, vocab, "argmax logits")?) }?;
+        let ids = unsafe { borrowed::<i32>(device, ids, rows) }?;
+        small4::kernels::ops::argmax(&logits, rows, vocab, &ids)
+    })
+}
+
+/// The MoE router of `tokens` rows: gate logits `hidden @ gate^T`, softmax over all `experts` in f32, top-`k` (ties
+/// to the lower index), weights renormalised over the k and scaled by `routed_scale`. `hidden`: `[tokens, dim]`
+/// bf16; `gate`: `[experts, dim]` bf16; outputs `topk_ids`: `[tokens, k]` int32 and `topk_weights`: `[tokens, k]`
+/// f32. Scratch is allocated on the device for the call.
+///
+/// # Safety
+/// `device` must be null or live; the addresses must hold the sizes above on that device.
+#[no_mangle]
+pub unsafe extern "C" fn small4_router_topk(
+    device: *const Small4Device,
+    hidden: u64,
+    gate: u64,
+    tokens: usize,
+    dim: usize,
+    experts: usize,
+    k: usize,
+    routed_scale: f32,
+    topk_ids: u64,
+    topk_weights: u64,
+) -> Small4Status {
+    call(|| {
+        let device = unsafe { self::device(device) }?;
+        let hidden = unsafe { borrowed::<bf16>(device, hidden, elements(tokens, dim, "router hidden")?) }?;
+        let gate = unsafe { borrowed::<bf16>(device, gate, elements(experts, dim, "router gate")?) }?;
+        let pairs = elements(tokens, k, "router top-k")?;
+        let map = ExpertMap::identity(device, experts)?;
+        // The smallest tile: the alignment the router also writes is scratch here.
+        let config = RouterConfig { k, routed_scale, tile_m: 1 };
+        let routing = Routing {
+            topk_ids: unsafe { borrowed::<i32>(device, topk_ids, pairs) }?,
+            topk_weights: unsafe { borrowed::<f32>(device, topk_weights, pairs) }?,
+            alignment: Alignment::alloc(device, pairs, experts, config.tile_m)?,
+            tokens,
+            k,
+        };
+        let workspace = RouterWorkspace::new(device, tokens, experts, dim)?;
+        route_and_align_into(&hidden, &gate, tokens, &map, &config, &workspace, &routing)?;
+        // The scratch is freed when this returns: the launches reading it must be done by then.
+        device.synchronize()
+    })
+}
+
+/// FP8 e4m3 dequantisation with one scale: `out = e4m3(data) * scale`. `data`: `[rows, cols]` bytes; `out`:
+/// `[rows, cols]` bf16.
+///
+/// # Safety
+/// `device` must be null or live; the addresses must hold the sizes above on that device.
+#[no_mangle]
+pub unsafe extern "C" fn small4_dequant_fp8(device: *const Small4Device, data: u64, scale: f32, out: u64, rows: usize, cols: usize) -> Small4Status {
+    call(|| {
+        let device = unsafe { self::device(device) }?;
+        let n = elements(rows, cols, "dequant_fp8")?;
+        let (data, out) = unsafe { (borrowed::<u8>(device, data, n)?, borrowed::<bf16>(device, out, n)?) };
+        small4::kernels::dequant::dequant_fp8_per_tensor(&data, scale, &out, rows, cols)
+    })
+}
+
+/// FP8 e4m3 dequantisation with 128x128 block scales: `out[r, c] = e4m3(data[r, c]) * block_scales[r / 128, c / 128]`.
+/// `data`: `[rows, cols]` bytes (`cols` a multiple of 16); `block_scales`: `[ceil(rows / 128), ceil(cols / 128)]`
+/// f32; `out`: `[rows, cols]` bf16.
+///
+/// # Safety
+/// `device` must be null or live; the addresses must hold the sizes above on that device.
+#[no_mangle]
+pub unsafe extern "C" fn small4_dequant_fp8_block128(device: *const Small4Device, data: u64, block_scales: u64, out: u64, rows: usize, cols: usize) -> Small4Status {
+    call(|| {
+        let device = unsafe { self::device(device) }?;
+        let n = elements(rows, cols, "dequant_fp8_block128")?;
+        let (data, out) = unsafe { (borrowed::<u8>(device, data, n)?, borrowed::<bf16>(device, out, n)?) };
+        let scales = unsafe { borrowed::<f32>(device, block_scales, elements(rows.div_ceil(128), cols.div_ceil(128), "block scales")?) }?;
+        small4::kernels::dequant::dequant_fp8_block128(&data, &scales, &out, rows, cols)
+    })
+}
+
+/// INT4 grouped dequantisation: `out[r, c] = (q - z) * scales[r, c / group]`, `q` the nibble of column `c` in
+/// `packed` (`[rows, cols / 2]` bytes, the even column in the low nibble), `z` = `zeros[r, c / group]` (bytes 0..=15)
+/// or 8 when `zeros` is 0 (symmetric). `scales`: `[rows, cols / group]` bf16; `group` a multiple of 32 dividing
+/// `cols`; `out`: `[rows, cols]` bf16.
+///
+/// # Safety
+/// `device` must be null or live; the addresses must hold the sizes above on that device.
+#[no_mangle]
+pub unsafe extern "C" fn small4_dequant_int4(
+    device: *const Small4Device,
+    packed: u64,
+    scales: u64,
+    zeros: u64,
+    out: u64,
+    rows: usize,
+    cols: usize,
+    group: usize,
+) -> Small4Status {
+    call(|| {
+        let device = unsafe { self::device(device) }?;
+        let n = elements(rows, cols, "dequant_int4")?;
+        if group == 0 || cols % group != 0 {
+            return Err(Error::InvalidArgument(format!("dequant_int4: group {group} must divide the {cols} columns")));
+        }
+        let groups = n / group;
+        let (packed, out) = unsafe { (borrowed::<u8>(device, packed, n / 2)?, borrowed::<bf16>(device, out, n)?) };
+        let scales = unsafe { borrowed::<bf16>(device, scales, groups) }?;
+        let zeros = if zeros == 0 { None } else { Some(unsafe { borrowed::<u8>(device, zeros, groups) }?) };
+        small4::kernels::dequant::dequant_int4(&packed, &scales, zeros.as_ref(), &out, rows, cols, group)
+    })
+}
+
+/// NVFP4 dequantisation: `out[r, c] = e2m1(q) * e4m3(scales[r, c / 16]) / global_scale`, `q` the nibble of column
+/// `c` in `packed` (`[rows, cols / 2]` bytes, the even column in the low nibble); `scales`: `[rows, cols / 16]`
+/// e4m3 bytes; `cols` a multiple of 16; `out`: `[rows, cols]` bf16.
+///
+/// # Safety
+/// `device` must be null or live; the addresses must hold the sizes above on that device.
+#[no_mangle]
+pub unsafe extern "C" fn small4_dequant_nvfp4(device: *const Small4Device, packed: u64, scales: u64, global_scale: f32, out: u64, rows: usize, cols: usize) -> Small4Status {
+    call(|| {
+        let device = unsafe { self::device(device) }?;
+        let n = elements(rows, cols, "dequant_nvfp4")?;
+        let (packed, out) = unsafe { (borrowed::<u8>(device, packed, n / 2)?, borrowed::<bf16>(device, out, n)?) };
+        let scales = unsafe { borrowed::<u8>(device, scales, n / 16) }?;
+        small4::kernels::dequant::dequant_nvfp4(&packed, &scales, global_scale, &out, rows, cols)
+    })
+}
+
+/// The weights of one MoE layer on a device, packed into the grouped GEMM's layout (made by
+/// [`small4_moe_layer_open_bf16`]).
+pub struct Small4MoeLayer {
+    weights: MoeLayerWeights,
+}
+
+/// `experts` matrices of `[rows, cols]` bf16 (bit patterns as `uint16_t`), stacked, from the host, packed for the
+/// grouped GEMM: SwiGLU-interleaved gate/up pairs when `up` is given.
+///
+/// # Safety
+/// `first` (and `up`) must be null or hold `experts * rows * cols` values.
+unsafe fn pack(experts: usize, rows: usize, cols: usize, first: *const u16, up: Option<*const u16>, what: &str) -> Result<PackedWeights> {
+    let per_expert = elements(rows, cols, what)?;
+    let total = elements(experts, per_expert, what)?;
+    // bf16 is a transparent u16.
+    let stacked = |ptr: *const u16| unsafe { slice(ptr.cast::<bf16>(), total, what) };
+    fn matrices(data: &[bf16], rows: usize, cols: usize) -> Vec<MatrixRef<'_>> {
+        data.chunks_exact((rows * cols).max(1)).map(|m| MatrixRef { rows, cols, data: QuantData::Bf16(m) }).collect()
+    }
+    let first = stacked(first)?;
+    match up {
+        None => repack_linear(&matrices(first, rows, cols)),
+        Some(up) => {
+            let up = stacked(up)?;
+            let pairs: Vec<(MatrixRef, MatrixRef)> = matrices(first, rows, cols).into_iter().zip(matrices(up, rows, cols)).collect();
+            repack_gate_up(&pairs)
+        }
+    }
+}
+
+/// Packs and uploads one MoE layer with bf16 weights (bf16 bit patterns as `uint16_t`, as stored [out, in]):
+/// `w1` (gate) and `w3` (up) `[experts, hidden, dim]`, `w2` (down) `[experts, dim, hidden]`, and the shared expert's
+/// `shared_w1`, `shared_w3` `[hidden, dim]` and `shared_w2` `[dim, hidden]`, all three null for a layer without one.
+/// `dim` and `hidden` must be multiples of 64.
+///
+/// # Safety
+/// `device` must be null or live; the weight pointers null or holding the sizes above (host memory); `out` null or
+/// writable.
+#[no_mangle]
+pub unsafe extern "C" fn small4_moe_layer_open_bf16(
+    device: *const Small4Device,
+    experts: usize,
+    dim: usize,
+    hidden: usize,
+    w1: *const u16,
+    w3: *const u16,
+    w2: *const u16,
+    shared_w1: *const u16,
+    shared_w3: *const u16,
+    shared_w2: *const u16,
+    out: *mut *mut Small4MoeLayer,
+) -> Small4Status {
+    call(|| {
+        let device = unsafe { self::device(device) }?;
+        unsafe { reference_mut(out, "the output handle") }?;
+        if experts == 0 || experts > small4::kernels::router::MAX_EXPERTS {
+            return Err(Error::InvalidArgument(format!("{experts} experts (1..={})", small4::kernels::router::MAX_EXPERTS)));
+        }
+        let gate_up = unsafe { pack(experts, hidden, dim, w1, Some(w3), "w1/w3") }?;
+        let down = unsafe { pack(experts, dim, hidden, w2, None, "w2") }?;
+        let shared = match (shared_w1.is_null(), shared_w3.is_null(), shared_w2.is_null()) {
+            (true, true, true) => None,
+            (false, false, false) => Some((unsafe { pack(1, hidden, dim, shared_w1, Some(shared_w3), "shared w1/w3") }?, unsafe { pack(1, dim, hidden, shared_w2, None, "shared w2") }?)),
+            _ => return Err(Error::InvalidArgument("the shared expert needs all of shared_w1, shared_w3 and shared_w2, or none".into())),
+        };
+        let weights = MoeLayerWeights::upload(device, &gate_up, &down, shared.as_ref().map(|(u, d)| (u, d)))?;
+        unsafe { store(out, Small4MoeLayer { weights }) }
+    })
+}
+
+/// Releases a MoE layer (null is ignored).
+///
+/// # Safety
+/// `layer` must be null or a handle from [`small4_moe_layer_open_bf16`], not used afterwards, and its device still
+/// open.
+#[no_mangle]
+pub unsafe extern "C" fn small4_moe_layer_free(layer: *mut Small4MoeLayer) {
+    if !layer.is_null() {
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(layer) })));
+    }
+}
+
+/// One MoE layer over `tokens` rows already routed (by [`small4_router_topk`] or the caller):
+/// `out[t] = shared(x[t]) + sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t])`, SwiGLU experts, f32
+/// accumulation, bf16 activations. `x`, `out`: `[tokens, dim]` bf16; `topk_ids` `[tokens, k]` int32 (each in
+/// `0..experts`); `topk_weights` `[tokens, k]` f32. Scratch is allocated on the device for the call (synchronises).
+///
+/// # Safety
+/// `device` and `layer` must be null or live (the layer opened on this device); the addresses must hold the sizes
+/// above on that device.
+#[no_mangle]
+pub unsafe extern "C" fn small4_moe_layer_forward(
+    device: *const Small4Device,
+    layer: *const Small4MoeLayer,
+    x: u64,
+    tokens: usize,
+    topk_ids: u64,
+    topk_weights: u64,
+    k: usize,
+    out: u64,
+) -> Small4Status {
+    call(|| {
+        let device = unsafe { self::device(device) }?;
+        let weights = &unsafe { reference(layer, "the MoE layer handle") }?.weights;
+        let (dim, experts) = (weights.dim(), weights.experts());
+        if k == 0 || k > experts {
+            return Err(Error::InvalidArgument(format!("moe layer: k = {k} must be in 1..={experts}")));
+        }
+        let pairs = elements(tokens, k, "moe layer pairs")?;
+        let x = unsafe { borrowed::<bf16>(device, x, elements(tokens, dim, "moe layer x")?) }?;
+        let out = unsafe { borrowed::<bf16>(device, out, elements(tokens, dim, "moe layer out")?) }?;
+        let topk_ids = unsafe { borrowed::<i32>(device, topk_ids, pairs) }?;
+        let topk_weights = unsafe { borrowed::<f32>(device, topk_weights, pairs) }?;
+        let map = ExpertMap::identity(device, experts)?;
+        let alignment = moe_align(&topk_ids, &map, moe_tile_m(tokens, k, experts))?;
+        let workspace = MoeWorkspace::new(device, weights, tokens, k, alignment.sorted_pairs.len())?;
+        let routing = RoutingBuffers { topk_ids: &topk_ids, topk_weights: &topk_weights, expert_map: None, experts, top_k: k };
+        moe_layer(weights, &x, tokens, &routing, &Grouping::from(&alignment), &workspace, &out)?;
+        // The scratch is freed when this returns: the launches reading it must be done by then.
+        device.synchronize()
+    })
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The generator
+
+/// Where a generator computes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Small4Backend {
+    /// The CPU reference forward pass (greedy only).
+    Reference = 0,
+    /// The engine's CUDA kernels on the PTX interpreter.
+    Sim = 1,
+    /// The engine on CUDA device 0.
+    Gpu = 2,
+}
+
+/// How a generator is set up; start from [`small4_generator_options_default`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Small4GeneratorOptions {
+    /// A [`Small4Backend`] value (an integer here, so that a wrong value is an error rather than undefined
+    /// behaviour).
+    pub backend: u32,
+    /// Stop token (kept as the last generated token); negative: none, generate to `max_tokens`.
+    pub eos: i64,
+    /// Tokens of one request (prompt + generated) the engine's KV cache holds.
+    pub max_context: usize,
+}
+
+/// How tokens are picked: `temperature` 0 is greedy; above 0, temperature + top-p sampling that depends only on
+/// (`seed`, step).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Small4Sampling {
+    /// Softmax temperature; 0: greedy.
+    pub temperature: f32,
+    /// Nucleus: sample among the most likely tokens whose probabilities add up to `top_p` (0 < top_p <= 1).
+    pub top_p: f32,
+    /// Seed of the samples.
+    pub seed: u64,
+}
+
+/// A loaded model that generates token ids.
+pub struct Small4Generator {
+    generator: Generator,
+}
+
+/// The defaults: the reference backend, eos = small4's default stop token, a context of 1024 tokens.
+#[no_mangle]
+pub extern "C" fn small4_generator_options_default() -> Small4GeneratorOptions {
+    let defaults = GeneratorOptions::default();
+    Small4GeneratorOptions { backend: Small4Backend::Reference as u32, eos: defaults.eos.map_or(-1, i64::from), max_context: defaults.max_context }
+}
+
+/// Writes (once; later calls reuse it) the tiny model that `small4 generate` runs, experts in `format` ("bf16",
+/// "fp8", "fp8-block", "int4", "nvfp4"; null: "bf16") with the random weights of `seed` (`small4 generate`'s
+/// default is 4), and copies its directory, NUL-terminated, into `path[0..capacity]`. `*path_len` receives the
+/// length without the NUL; when `capacity` is too small nothing is copied and the call fails with
+/// [`Small4Status::InvalidArgument`], `*path_len` still set.
+///
+/// # Safety
+/// `format` must be null or a NUL-terminated string; `path` null or `capacity` writable bytes; `path_len` writable.
+#[no_mangle]
+pub unsafe extern "C" fn small4_tiny_checkpoint(format: *const c_char, seed: u64, path: *mut c_char, capacity: usize, path_len: *mut usize) -> Small4Status {
+    call(|| {
+        let path_len = unsafe { reference_mut(path_len, "path_len") }?;
+        let format: WeightFormat = if format.is_null() { WeightFormat::Bf16 } else { unsafe { string(format, "format") }?.parse()? };
+        let dir = small4::model::synthetic::tiny_checkpoint(format, &Layout::Native, seed)?;
+        let dir = dir.to_str().ok_or_else(|| Error::InvalidArgument(format!("the checkpoint path {} is not UTF-8", dir.display())))?;
+        *path_len = dir.len();
+        if capacity <= dir.len() {
+            return Err(Error::InvalidArgument(format!("a path buffer of {capacity} bytes cannot hold the {} bytes of {dir} and its NUL", dir.len())));
+        }
+        let out = unsafe { slice_mut(path.cast::<u8>(), capacity, "path") }?;
+        out[..dir.len()].copy_from_slice(dir.as_bytes());
+        out[dir.len()] = 0;
+        Ok(())
+    })
+}
+
+/// Opens the checkpoint directory `dir` (native or HF layout, any weight format) on `options->backend` (null
+/// options: the defaults).
+///
+/// # Safety
+/// `dir` must be null or a NUL-terminated string; `options` null or valid; `out` null or writable.
+#[no_mangle]
+pub unsafe extern "C" fn small4_generator_open(dir: *const c_char, options: *const Small4GeneratorOptions, out: *mut *mut Small4Generator) -> Small4Status {
+    call(|| {
+        let dir = PathBuf::from(unsafe { string(dir, "dir") }?);
+        let options = match unsafe { options.as_ref() } {
+            Some(o) => *o,
+            None => small4_generator_options_default(),
+        };
+        let options = GeneratorOptions {
+            backend: match options.backend {
+                b if b == Small4Backend::Reference as u32 => GenerationBackend::Reference,
+                b if b == Small4Backend::Sim as u32 => GenerationBackend::Sim,
+                b if b == Small4Backend::Gpu as u32 => GenerationBackend::Gpu,
+                b => return Err(Error::InvalidArgument(format!("backend {b} is not a Small4Backend"))),
+            },
+            eos: match options.eos {
+                eos if eos < 0 => None,
+                eos => Some(u32::try_from(eos).map_err(|_| Error::InvalidArgument(format!("eos token {eos}")))?),
+            },
+            max_context: options.max_context,
+            // What `small4 generate` uses: bf16 activations, absorbed attention.
+            ..GeneratorOptions::default()
+        };
+        // Check the output slot before the (slow) load.
+        unsafe { reference_mut(out, "the output handle") }?;
+        let generator = Generator::open(&Checkpoint::open(&dir)?, &options)?;
+        unsafe { store(out, Small4Generator { generator }) }
+    })
+}
+
+/// Releases a generator (null is ignored).
+///
+/// # Safety
+/// `generator` must be null or a handle from [`small4_generator_open`], not used afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn small4_generator_free(generator: *mut Small4Generator) {
+    if !generator.is_null() {
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(generator) })));
+    }
+}
+
+/// The size of the model's vocabulary (token ids are below it).
+///
+/// # Safety
+/// `generator` must be null or live; `vocab` null or writable.
+#[no_mangle]
+pub unsafe extern "C" fn small4_generator_vocab(generator: *const Small4Generator, vocab: *mut usize) -> Small4Status {
+    call(|| {
+        let generator = unsafe { reference(generator, "the generator handle") }?;
+        *unsafe { reference_mut(vocab, "vocab") }? = generator.generator.config().vocab;
+        Ok(())
+    })
+}
+
+/// Prefills `prompt[0..prompt_len]` and generates up to `max_tokens` token ids into `tokens[0..max_tokens]`
+/// (fewer after the eos token); `*generated` receives how many. `sampling` null: greedy.
+///
+/// # Safety
+/// `generator` must be null or live and not used by another thread during the call; `prompt` null or `prompt_len`
+/// readable ids; `tokens` null or `max_tokens` writable ids; `sampling` null or valid; `generated` writable.
+#[no_mangle]
+pub unsafe extern "C" fn small4_generate(
+    generator: *mut Small4Generator,
+    prompt: *const u32,
+    prompt_len: usize,
+    max_tokens: usize,
+    sampling: *const Small4Sampling,
+    tokens: *mut u32,
+    generated: *mut usize,
+) -> Small4Status {
+    call(|| {
+        let generator = unsafe { reference_mut(generator, "the generator handle") }?;
+        let prompt = unsafe { slice(prompt, prompt_len, "prompt") }?;
+        let tokens = unsafe { slice_mut(tokens, max_tokens, "tokens") }?;
+        let generated = unsafe { reference_mut(generated, "generated") }?;
+        *generated = 0;
+        let sampling = match unsafe { sampling.as_ref() } {
+            None => Sampling::Greedy,
+            Some(s) if s.temperature == 0.0 => Sampling::Greedy,
+            Some(s) => Sampling::Seeded { temperature: s.temperature, top_p: s.top_p, seed: s.seed },
+        };
+        let ids = generator.generator.generate(prompt, max_tokens, sampling, |_| {})?;
+        tokens[..ids.len()].copy_from_slice(&ids);
+        *generated = ids.len();
+        Ok(())
+    })
+}

@@ -1,0 +1,451 @@
+/* Runs kernels of the C ABI on buffers this program owns (linked against the static library): RMSNorm, the fused
+ * add + RMSNorm, SwiGLU, argmax, embedding gather, the MoE router, a whole MoE layer and the dequantisation of every
+ * weight format, on the PTX interpreter and, when there is one, on GPU 0 (where the addresses are what cudaMalloc
+ * returns), each checked against a plain C computation, plus the errors of bad calls. Prints one "ok NAME" line per
+ * check and exits 0 when all pass. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "small4.h"
+
+static Small4Device *device;
+
+static uint16_t to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    u += 0x7fff + ((u >> 16) & 1); /* round to nearest even */
+    return (uint16_t)(u >> 16);
+}
+
+static float from_bf16(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+#define CHECK(call)                                                                                       \
+    do {                                                                                                  \
+        Small4Status status_ = (call);                                                                    \
+        if (status_ != SMALL4_STATUS_OK) {                                                                \
+            fprintf(stderr, "%s:%d: %s failed with status %d: %s\n", __FILE__, __LINE__, #call, (int)status_, \
+                    small4_last_error());                                                                 \
+            exit(1);                                                                                      \
+        }                                                                                                 \
+    } while (0)
+
+/* Device memory holding a copy of `bytes` bytes of `data` (uninitialised when data is NULL). */
+static uint64_t upload(const void *data, size_t bytes) {
+    uint64_t addr = 0;
+    CHECK(small4_device_alloc(device, bytes, &addr));
+    if (data) CHECK(small4_device_write(device, addr, data, bytes));
+    return addr;
+}
+
+static void expect_close(const char *what, const float *got, const float *want, size_t n, float tolerance) {
+    for (size_t i = 0; i < n; i++) {
+        if (!(fabsf(got[i] - want[i]) <= tolerance * (1.0f + fabsf(want[i])))) {
+            fprintf(stderr, "%s[%zu] = %g, want %g\n", what, i, got[i], want[i]);
+            exit(1);
+        }
+    }
+    printf("ok %s\n", what);
+}
+
+static void rms_norms(void) {
+    enum { ROWS = 3, COLS = 256 };
+    static uint16_t x[ROWS * COLS], residual[ROWS * COLS], weight[COLS], out[ROWS * COLS], sum[ROWS * COLS];
+    static float got[ROWS * COLS], want[ROWS * COLS], got_sum[ROWS * COLS], want_sum[ROWS * COLS];
+    const float eps = 1e-6f;
+    for (int i = 0; i < ROWS * COLS; i++) {
+        x[i] = to_bf16((float)((i * 37) % 101 - 50) / 25.0f);
+        residual[i] = to_bf16((float)((i * 11) % 23 - 11) / 8.0f);
+    }
+    for (int c = 0; c < COLS; c++) weight[c] = to_bf16(0.5f + (float)(c % 7) / 8.0f);
+    uint64_t x_dev = upload(x, sizeof x), residual_dev = upload(residual, sizeof residual);
+    uint64_t weight_dev = upload(weight, sizeof weight), out_dev = upload(NULL, sizeof out), sum_dev = upload(NULL, sizeof sum);
+
+    CHECK(small4_rms_norm(device, x_dev, weight_dev, out_dev, ROWS, COLS, eps));
+    CHECK(small4_device_read(device, out, out_dev, sizeof out));
+    for (int r = 0; r < ROWS; r++) {
+        double mean_sq = 0;
+        for (int c = 0; c < COLS; c++) mean_sq += (double)from_bf16(x[r * COLS + c]) * from_bf16(x[r * COLS + c]);
+        double inv_rms = 1.0 / sqrt(mean_sq / COLS + eps);
+        for (int c = 0; c < COLS; c++) {
+            want[r * COLS + c] = (float)(from_bf16(x[r * COLS + c]) * inv_rms) * from_bf16(weight[c]);
+            got[r * COLS + c] = from_bf16(out[r * COLS + c]);
+        }
+    }
+    expect_close("rms_norm", got, want, ROWS * COLS, 1.0f / 128.0f);
+
+    CHECK(small4_add_rms_norm(device, x_dev, residual_dev, weight_dev, sum_dev, out_dev, ROWS, COLS, eps));
+    CHECK(small4_device_read(device, sum, sum_dev, sizeof sum));
+    CHECK(small4_device_read(device, out, out_dev, sizeof out));
+    for (int r = 0; r < ROWS; r++) {
+        double mean_sq = 0;
+        for (int c = 0; c < COLS; c++) {
+            float h = from_bf16(to_bf16(from_bf16(x[r * COLS + c]) + from_bf16(residual[r * COLS + c])));
+            want_sum[r * COLS + c] = h;
+            got_sum[r * COLS + c] = from_bf16(sum[r * COLS + c]);
+            mean_sq += (double)h * h;
+        }
+        double inv_rms = 1.0 / sqrt(mean_sq / COLS + eps);
+        for (int c = 0; c < COLS; c++) {
+            want[r * COLS + c] = (float)(want_sum[r * COLS + c] * inv_rms) * from_bf16(weight[c]);
+            got[r * COLS + c] = from_bf16(out[r * COLS + c]);
+        }
+    }
+    expect_close("add_rms_norm residual", got_sum, want_sum, ROWS * COLS, 0.0f);
+    expect_close("add_rms_norm", got, want, ROWS * COLS, 1.0f / 128.0f);
+
+    /* Bad calls: a typed status and a message, the buffers untouched. */
+    Small4Status status = small4_rms_norm(device, x_dev, weight_dev, out_dev, ROWS, COLS, NAN);
+    if (status != SMALL4_STATUS_INVALID_ARGUMENT || strstr(small4_last_error(), "eps") == NULL) {
+        fprintf(stderr, "rms_norm with eps NaN: status %d, %s\n", (int)status, small4_last_error());
+        exit(1);
+    }
+    status = small4_rms_norm(NULL, x_dev, weight_dev, out_dev, ROWS, COLS, eps);
+    if (status != SMALL4_STATUS_INVALID_ARGUMENT) {
+        fprintf(stderr, "rms_norm without a device: status %d\n", (int)status);
+        exit(1);
+    }
+    status = small4_rms_norm(device, 0, weight_dev, out_dev, ROWS, COLS, eps);
+    if (status != SMALL4_STATUS_INVALID_ARGUMENT) {
+        fprintf(stderr, "rms_norm of a null address: status %d\n", (int)status);
+        exit(1);
+    }
+    printf("ok rms_norm errors\n");
+    CHECK(small4_device_release(device, x_dev));
+    CHECK(small4_device_release(device, residual_dev));
+    CHECK(small4_device_release(device, weight_dev));
+    CHECK(small4_device_release(device, out_dev));
+    CHECK(small4_device_release(device, sum_dev));
+}
+
+static void silu_mul_and_argmax(void) {
+    enum { TOKENS = 4, HIDDEN = 64, VOCAB = 1000 };
+    static uint16_t gate_up[TOKENS * 2 * HIDDEN], out[TOKENS * HIDDEN];
+    static float got[TOKENS * HIDDEN], want[TOKENS * HIDDEN], logits[TOKENS * VOCAB];
+    for (int i = 0; i < TOKENS * 2 * HIDDEN; i++) gate_up[i] = to_bf16((float)((i * 29) % 61 - 30) / 10.0f);
+    uint64_t gate_up_dev = upload(gate_up, sizeof gate_up), out_dev = upload(NULL, sizeof out);
+    CHECK(small4_silu_mul(device, gate_up_dev, out_dev, TOKENS, HIDDEN));
+    CHECK(small4_device_read(device, out, out_dev, sizeof out));
+    for (int t = 0; t < TOKENS; t++) {
+        for (int h = 0; h < HIDDEN; h++) {
+            float g = from_bf16(gate_up[t * 2 * HIDDEN + h]), u = from_bf16(gate_up[t * 2 * HIDDEN + HIDDEN + h]);
+            want[t * HIDDEN + h] = g / (1.0f + expf(-g)) * u;
+            got[t * HIDDEN + h] = from_bf16(out[t * HIDDEN + h]);
+        }
+    }
+    expect_close("silu_mul", got, want, TOKENS * HIDDEN, 1.0f / 64.0f);
+
+    int32_t want_ids[TOKENS], got_ids[TOKENS];
+    for (int t = 0; t < TOKENS; t++) {
+        for (int v = 0; v < VOCAB; v++) logits[t * VOCAB + v] = sinf((float)(v * (t + 3)));
+        want_ids[t] = 0;
+        for (int v = 1; v < VOCAB; v++)
+            if (logits[t * VOCAB + v] > logits[t * VOCAB + want_ids[t]]) want_ids[t] = v;
+    }
+    uint64_t logits_dev = upload(logits, sizeof logits), ids_dev = upload(NULL, sizeof got_ids);
+    CHECK(small4_argmax(device, logits_dev, TOKENS, VOCAB, ids_dev));
+    CHECK(small4_device_read(device, got_ids, ids_dev, sizeof got_ids));
+    if (memcmp(got_ids, want_ids, sizeof got_ids) != 0) {
+        fprintf(stderr, "argmax: got %d %d %d %d, want %d %d %d %d\n", got_ids[0], got_ids[1], got_ids[2], got_ids[3],
+                want_ids[0], want_ids[1], want_ids[2], want_ids[3]);
+        exit(1);
+    }
+    printf("ok argmax\n");
+    CHECK(small4_device_release(device, gate_up_dev));
+    CHECK(small4_device_release(device, out_dev));
+    CHECK(small4_device_release(device, logits_dev));
+    CHECK(small4_device_release(device, ids_dev));
+}
+
+static void router(void) {
+    enum { TOKENS = 3, DIM = 256, EXPERTS = 16, K = 4 };
+    const float routed_scale = 2.5f;
+    static uint16_t hidden[TOKENS * DIM], gate[EXPERTS * DIM];
+    float logits[TOKENS * EXPERTS], want_weights[TOKENS * K], got_weights[TOKENS * K];
+    int32_t want_ids[TOKENS * K], got_ids[TOKENS * K];
+    /* Every expert's gate row is constant, a distinct value (7e mod 16 permutes the experts); odd tokens flip the
+     * order: the top k are far from any tie. */
+    for (int t = 0; t < TOKENS; t++)
+        for (int d = 0; d < DIM; d++) hidden[t * DIM + d] = to_bf16((t % 2 ? -1.0f : 1.0f) * (1.0f + (float)t / 8.0f) / 16.0f);
+    for (int e = 0; e < EXPERTS; e++)
+        for (int d = 0; d < DIM; d++) gate[e * DIM + d] = to_bf16((float)((e * 7) % 16 - 8) / 64.0f);
+    for (int t = 0; t < TOKENS; t++) {
+        float max = -INFINITY, total = 0, probs[EXPERTS];
+        for (int e = 0; e < EXPERTS; e++) {
+            float dot = 0;
+            for (int d = 0; d < DIM; d++) dot += from_bf16(hidden[t * DIM + d]) * from_bf16(gate[e * DIM + d]);
+            logits[t * EXPERTS + e] = dot;
+            if (dot > max) max = dot;
+        }
+        for (int e = 0; e < EXPERTS; e++) total += probs[e] = expf(logits[t * EXPERTS + e] - max);
+        float chosen = 0;
+        for (int j = 0; j < K; j++) {
+            int best = -1;
+            for (int e = 0; e < EXPERTS; e++) {
+                int taken = 0;
+                for (int i = 0; i < j; i++) taken |= want_ids[t * K + i] == e;
+                if (!taken && (best < 0 || probs[e] > probs[best])) best = e;
+            }
+            want_ids[t * K + j] = best;
+            chosen += probs[best] / total;
+        }
+        for (int j = 0; j < K; j++) want_weights[t * K + j] = probs[want_ids[t * K + j]] / total / chosen * routed_scale;
+    }
+    uint64_t hidden_dev = upload(hidden, sizeof hidden), gate_dev = upload(gate, sizeof gate);
+    uint64_t ids_dev = upload(NULL, sizeof got_ids), weights_dev = upload(NULL, sizeof got_weights);
+    CHECK(small4_router_topk(device, hidden_dev, gate_dev, TOKENS, DIM, EXPERTS, K, routed_scale, ids_dev, weights_dev));
+    CHECK(small4_device_read(device, got_ids, ids_dev, sizeof got_ids));
+    CHECK(small4_device_read(device, got_weights, weights_dev, sizeof got_weights));
+    for (int i = 0; i < TOKENS * K; i++) {
+        if (got_ids[i] != want_ids[i]) {
+            fprintf(stderr, "router topk_ids[%d] = %d, want %d\n", i, got_ids[i], want_ids[i]);
+            exit(1);
+        }
+    }
+    printf("ok router topk_ids\n");
+    expect_close("router topk_weights", got_weights, want_weights, TOKENS * K, 1e-4f);
+    Small4Status status = small4_router_topk(device, hidden_dev, gate_dev, TOKENS, DIM, EXPERTS, EXPERTS + 1, routed_scale, ids_dev, weights_dev);
+    if (status != SMALL4_STATUS_INVALID_ARGUMENT) {
+        fprintf(stderr, "router with k > experts: status %d\n", (int)status);
+        exit(1);
+    }
+    printf("ok router errors\n");
+    CHECK(small4_device_release(device, hidden_dev));
+    CHECK(small4_device_release(device, gate_dev));
+    CHECK(small4_device_release(device, ids_dev));
+    CHECK(small4_device_release(device, weights_dev));
+}
+
+/* A deterministic value in [-scale, scale) from an index (a small LCG hash). */
+static float pattern(unsigned i, float scale) {
+    unsigned h = i * 1103515245u + 12345u;
+    return ((float)((h >> 8) % 2048) / 1024.0f - 1.0f) * scale;
+}
+
+/* y[rows] = w[rows, cols] @ x[cols], w in bf16. */
+static void matvec(const uint16_t *w, const float *x, int rows, int cols, float *y) {
+    for (int r = 0; r < rows; r++) {
+        float sum = 0;
+        for (int c = 0; c < cols; c++) sum += from_bf16(w[r * cols + c]) * x[c];
+        y[r] = sum;
+    }
+}
+
+/* One SwiGLU expert: w2 @ bf16(silu(w1 @ x) * (w3 @ x)), added to y with weight `scale`. */
+static void expert(const uint16_t *w1, const uint16_t *w3, const uint16_t *w2, const float *x, int dim, int hidden, float scale, float *y) {
+    float gate[256], up[256], act[256], down[256];
+    matvec(w1, x, hidden, dim, gate);
+    matvec(w3, x, hidden, dim, up);
+    for (int h = 0; h < hidden; h++) act[h] = from_bf16(to_bf16(gate[h] / (1.0f + expf(-gate[h])) * up[h]));
+    matvec(w2, act, dim, hidden, down);
+    for (int d = 0; d < dim; d++) y[d] += scale * down[d];
+}
+
+static void moe_layer(void) {
+    enum { TOKENS = 5, DIM = 64, HIDDEN = 128, EXPERTS = 4, K = 2 };
+    static uint16_t w1[EXPERTS * HIDDEN * DIM], w3[EXPERTS * HIDDEN * DIM], w2[EXPERTS * DIM * HIDDEN];
+    static uint16_t shared_w1[HIDDEN * DIM], shared_w3[HIDDEN * DIM], shared_w2[DIM * HIDDEN];
+    static uint16_t x[TOKENS * DIM], out[TOKENS * DIM];
+    static float got[TOKENS * DIM], want[TOKENS * DIM], x_f[DIM];
+    int32_t ids[TOKENS * K];
+    float weights[TOKENS * K];
+    for (unsigned i = 0; i < EXPERTS * HIDDEN * DIM; i++) {
+        w1[i] = to_bf16(pattern(i, 0.25f));
+        w3[i] = to_bf16(pattern(i + 7919u * 1000u, 0.25f));
+        w2[i] = to_bf16(pattern(i + 7919u * 2000u, 0.25f));
+    }
+    for (unsigned i = 0; i < HIDDEN * DIM; i++) {
+        shared_w1[i] = to_bf16(pattern(i + 7919u * 3000u, 0.25f));
+        shared_w3[i] = to_bf16(pattern(i + 7919u * 4000u, 0.25f));
+        shared_w2[i] = to_bf16(pattern(i + 7919u * 5000u, 0.25f));
+    }
+    for (unsigned i = 0; i < TOKENS * DIM; i++) x[i] = to_bf16(pattern(i + 7919u * 6000u, 1.0f));
+    for (int t = 0; t < TOKENS; t++) {
+        ids[t * K] = t % EXPERTS;
+        ids[t * K + 1] = (t + 1) % EXPERTS;
+        weights[t * K] = 0.625f;
+        weights[t * K + 1] = 0.375f;
+        for (int d = 0; d < DIM; d++) x_f[d] = from_bf16(x[t * DIM + d]);
+        float *y = &want[t * DIM];
+        for (int d = 0; d < DIM; d++) y[d] = 0;
+        expert(shared_w1, shared_w3, shared_w2, x_f, DIM, HIDDEN, 1.0f, y);
+        for (int j = 0; j < K; j++) {
+            size_t e = (size_t)ids[t * K + j];
+            expert(&w1[e * HIDDEN * DIM], &w3[e * HIDDEN * DIM], &w2[e * DIM * HIDDEN], x_f, DIM, HIDDEN, weights[t * K + j], y);
+        }
+    }
+    Small4MoeLayer *layer = NULL;
+    CHECK(small4_moe_layer_open_bf16(device, EXPERTS, DIM, HIDDEN, w1, w3, w2, shared_w1, shared_w3, shared_w2, &layer));
+    uint64_t x_dev = upload(x, sizeof x), ids_dev = upload(ids, sizeof ids), weights_dev = upload(weights, sizeof weights);
+    uint64_t out_dev = upload(NULL, sizeof out);
+    CHECK(small4_moe_layer_forward(device, layer, x_dev, TOKENS, ids_dev, weights_dev, K, out_dev));
+    CHECK(small4_device_read(device, out, out_dev, sizeof out));
+    for (int i = 0; i < TOKENS * DIM; i++) got[i] = from_bf16(out[i]);
+    expect_close("moe_layer", got, want, TOKENS * DIM, 1e-2f);
+    Small4Status status = small4_moe_layer_open_bf16(device, EXPERTS, DIM, HIDDEN, w1, w3, w2, shared_w1, NULL, shared_w2, &layer);
+    if (status != SMALL4_STATUS_INVALID_ARGUMENT) {
+        fprintf(stderr, "a MoE layer with half a shared expert: status %d\n", (int)status);
+        exit(1);
+    }
+    printf("ok moe_layer errors\n");
+    small4_moe_layer_free(layer);
+    CHECK(small4_device_release(device, x_dev));
+    CHECK(small4_device_release(device, ids_dev));
+    CHECK(small4_device_release(device, weights_dev));
+    CHECK(small4_device_release(device, out_dev));
+}
+
+/* FP8 e4m3 (no infinities; 0x7f and 0xff are NaN, never generated here). */
+static float e4m3(uint8_t b) {
+    int exponent = (b >> 3) & 15, mantissa = b & 7;
+    float magnitude = exponent == 0 ? ldexpf((float)mantissa / 8.0f, -6) : ldexpf(1.0f + (float)mantissa / 8.0f, exponent - 7);
+    return b & 0x80 ? -magnitude : magnitude;
+}
+
+/* FP4 e2m1. */
+static float e2m1(uint8_t nibble) {
+    static const float magnitudes[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+    return nibble & 8 ? -magnitudes[nibble & 7] : magnitudes[nibble & 7];
+}
+
+static uint8_t fp8_code(unsigned i) {
+    uint8_t code = (uint8_t)((i * 37u + 11u) & 0xff);
+    return (code & 0x7f) == 0x7f ? 0x3c : code; /* no NaN */
+}
+
+static void dequant(void) {
+    enum { ROWS = 130, COLS = 256, GROUP = 64 };
+    static uint8_t codes[ROWS * COLS], packed[ROWS * COLS / 2], zeros[ROWS * COLS / GROUP], fp4_scales[ROWS * COLS / 16];
+    static uint16_t out[ROWS * COLS], int4_scales[ROWS * COLS / GROUP];
+    static float got[ROWS * COLS], want[ROWS * COLS];
+    float block_scales[2 * 2] = {0.5f, 2.0f, 0.25f, 4.0f};
+    const float scale = 0.0375f, global_scale = 448.0f;
+    for (unsigned i = 0; i < ROWS * COLS; i++) codes[i] = fp8_code(i);
+    for (unsigned i = 0; i < ROWS * COLS / 2; i++) packed[i] = (uint8_t)((i * 29u + 3u) & 0xff);
+    for (unsigned i = 0; i < ROWS * COLS / GROUP; i++) {
+        zeros[i] = (uint8_t)(i % 16);
+        int4_scales[i] = to_bf16(0.01f * (float)(1 + i % 13));
+    }
+    for (unsigned i = 0; i < ROWS * COLS / 16; i++) fp4_scales[i] = (uint8_t)(0x30 + i % 24); /* positive e4m3 */
+    uint64_t codes_dev = upload(codes, sizeof codes), packed_dev = upload(packed, sizeof packed);
+    uint64_t zeros_dev = upload(zeros, sizeof zeros), int4_scales_dev = upload(int4_scales, sizeof int4_scales);
+    uint64_t fp4_scales_dev = upload(fp4_scales, sizeof fp4_scales), block_scales_dev = upload(block_scales, sizeof block_scales);
+    uint64_t out_dev = upload(NULL, sizeof out);
+
+    CHECK(small4_dequant_fp8(device, codes_dev, scale, out_dev, ROWS, COLS));
+    CHECK(small4_device_read(device, out, out_dev, sizeof out));
+    for (int i = 0; i < ROWS * COLS; i++) {
+        want[i] = e4m3(codes[i]) * scale;
+        got[i] = from_bf16(out[i]);
+    }
+    expect_close("dequant_fp8", got, want, ROWS * COLS, 1.0f / 128.0f);
+
+    CHECK(small4_dequant_fp8_block128(device, codes_dev, block_scales_dev, out_dev, ROWS, COLS));
+    CHECK(small4_device_read(device, out, out_dev, sizeof out));
+    for (int r = 0; r < ROWS; r++)
+        for (int c = 0; c < COLS; c++) {
+            want[r * COLS + c] = e4m3(codes[r * COLS + c]) * block_scales[(r / 128) * 2 + c / 128];
+            got[r * COLS + c] = from_bf16(out[r * COLS + c]);
+        }
+    expect_close("dequant_fp8_block128", got, want, ROWS * COLS, 1.0f / 128.0f);
+
+    for (int with_zeros = 0; with_zeros < 2; with_zeros++) {
+        CHECK(small4_dequant_int4(device, packed_dev, int4_scales_dev, with_zeros ? zeros_dev : 0, out_dev, ROWS, COLS, GROUP));
+        CHECK(small4_device_read(device, out, out_dev, sizeof out));
+        for (int r = 0; r < ROWS; r++)
+            for (int c = 0; c < COLS; c++) {
+                int i = r * COLS + c, g = i / GROUP;
+                int q = (packed[i / 2] >> (c % 2 ? 4 : 0)) & 15;
+                want[i] = (float)(q - (with_zeros ? zeros[g] : 8)) * from_bf16(int4_scales[g]);
+                got[i] = from_bf16(out[i]);
+            }
+        expect_close(with_zeros ? "dequant_int4 zero points" : "dequant_int4", got, want, ROWS * COLS, 1.0f / 128.0f);
+    }
+
+    CHECK(small4_dequant_nvfp4(device, packed_dev, fp4_scales_dev, global_scale, out_dev, ROWS, COLS));
+    CHECK(small4_device_read(device, out, out_dev, sizeof out));
+    for (int r = 0; r < ROWS; r++)
+        for (int c = 0; c < COLS; c++) {
+            int i = r * COLS + c;
+            uint8_t q = (uint8_t)((packed[i / 2] >> (c % 2 ? 4 : 0)) & 15);
+            want[i] = e2m1(q) * (e4m3(fp4_scales[i / 16]) / global_scale);
+            got[i] = from_bf16(out[i]);
+        }
+    expect_close("dequant_nvfp4", got, want, ROWS * COLS, 1.0f / 128.0f);
+
+    Small4Status status = small4_dequant_int4(device, packed_dev, int4_scales_dev, 0, out_dev, ROWS, COLS, 48);
+    if (status != SMALL4_STATUS_INVALID_ARGUMENT) {
+        fprintf(stderr, "dequant_int4 with a group of 48: status %d\n", (int)status);
+        exit(1);
+    }
+    printf("ok dequant errors\n");
+    uint64_t buffers[] = {codes_dev, packed_dev, zeros_dev, int4_scales_dev, fp4_scales_dev, block_scales_dev, out_dev};
+    for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) CHECK(small4_device_release(device, buffers[i]));
+}
+
+static void embedding_gather(void) {
+    enum { TOKENS = 3, VOCAB = 10, DIM = 64 };
+    static uint16_t table[VOCAB * DIM], out[TOKENS * DIM];
+    static float got[TOKENS * DIM], want[TOKENS * DIM];
+    int32_t ids[TOKENS] = {7, 0, 7}, bad_ids[TOKENS] = {1, VOCAB, 2};
+    for (int i = 0; i < VOCAB * DIM; i++) table[i] = to_bf16(pattern((unsigned)i, 2.0f));
+    uint64_t table_dev = upload(table, sizeof table), ids_dev = upload(ids, sizeof ids), out_dev = upload(NULL, sizeof out);
+    CHECK(small4_embedding_gather(device, ids_dev, TOKENS, table_dev, VOCAB, DIM, out_dev));
+    CHECK(small4_device_read(device, out, out_dev, sizeof out));
+    for (int t = 0; t < TOKENS; t++)
+        for (int d = 0; d < DIM; d++) {
+            want[t * DIM + d] = from_bf16(table[ids[t] * DIM + d]);
+            got[t * DIM + d] = from_bf16(out[t * DIM + d]);
+        }
+    expect_close("embedding_gather", got, want, TOKENS * DIM, 0.0f);
+    CHECK(small4_device_write(device, ids_dev, bad_ids, sizeof bad_ids));
+    Small4Status status = small4_embedding_gather(device, ids_dev, TOKENS, table_dev, VOCAB, DIM, out_dev);
+    if (status != SMALL4_STATUS_OUT_OF_RANGE) {
+        fprintf(stderr, "embedding_gather of id %d in a vocabulary of %d: status %d\n", VOCAB, VOCAB, (int)status);
+        exit(1);
+    }
+    printf("ok embedding_gather errors\n");
+    CHECK(small4_device_release(device, table_dev));
+    CHECK(small4_device_release(device, ids_dev));
+    CHECK(small4_device_release(device, out_dev));
+}
+
+/* Every check on one device. */
+static void run_all(void) {
+    rms_norms();
+    silu_mul_and_argmax();
+    router();
+    moe_layer();
+    dequant();
+    embedding_gather();
+}
+
+int main(void) {
+    if (small4_abi_version() != SMALL4_ABI_VERSION) {
+        fprintf(stderr, "small4.h is ABI %u but the library is ABI %u\n", (unsigned)SMALL4_ABI_VERSION, small4_abi_version());
+        return 1;
+    }
+    CHECK(small4_device_open_sim(&device));
+    run_all();
+    small4_device_free(device);
+    /* The same calls on CUDA device 0 (small4's own stream) when there is one; a missing GPU is a status, said. */
+    Small4Status status = small4_device_open_gpu(0, NULL, &device);
+    if (status == SMALL4_STATUS_OK) {
+        printf("on the GPU:\n");
+        run_all();
+        small4_device_free(device);
+    } else if (status == SMALL4_STATUS_NO_GPU) {
+        printf("SKIPPED the GPU run: %s\n", small4_last_error());
+    } else {
+        fprintf(stderr, "small4_device_open_gpu: status %d: %s\n", (int)status, small4_last_error());
+        return 1;
+    }
+    printf("all kernels ok\n");
+    return 0;
+}

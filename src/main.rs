@@ -131,7 +131,7 @@ struct GenerateArgs {
     /// Reasoning effort written into the prompt's [MODEL_SETTINGS] (the tokenizer's allowed values: none, high).
     #[arg(long)]
     reasoning_effort: Option<String>,
-    /// PNG or JPEG images for --prompt (repeatable), placed before the text; the reference backend only.
+    /// PNG or JPEG images for --prompt (repeatable), placed before the text.
     #[arg(long)]
     image: Vec<PathBuf>,
     /// A tekken.json; default: the model directory's own, else the embedded v15 stand-in cut to the model's vocabulary.
@@ -221,12 +221,6 @@ fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
             (prompt.ids, Some(tokenizer), images)
         }
     };
-    if !images.is_empty() && args.backend != Backend::Reference {
-        return Err(small4::Error::InvalidArgument(
-            "images run on the CPU reference backend only (--backend reference): the CUDA engine has no vision tower kernels yet".into(),
-        )
-        .into());
-    }
     if let Some(&bad) = prompt_ids.iter().find(|&&id| id as usize >= vocab) {
         bail!("prompt token id {bad} is outside the model's vocabulary of {vocab}");
     }
@@ -514,7 +508,7 @@ fn inspect(dir: &Path) -> anyhow::Result<()> {
         }
     }
     if let Some(v) = &c.vision {
-        check("vision tower and projector".into(), ck.vision_weights(v, c.dim).map(|_| "vision tower (reference backend)"));
+        check("vision tower and projector".into(), ck.vision_weights(v, c.dim).map(|_| "vision tower"));
     }
     let summary: Vec<String> = formats.iter().map(|(f, n)| format!("{n} {f}")).collect();
     println!("weights read by the engine: {}", summary.join(", "));

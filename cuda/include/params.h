@@ -326,6 +326,74 @@ typedef struct SampleParams {
 } SampleParams;
 
 /* ---- vision.cu: patch embedding and the vision tower's own kernels ------------------------------------------------- */
-/* (structs of this family go here) */
+
+/* out[patch, k] = pixels[c, gy * patch + ky, gx * patch + kx] of one image (f32, CHW) for k = (c * patch + ky) * patch
+ * + kx < channels * patch^2, zero up to k_padded: the unfolded patches of the patch conv, rows in row-major grid order. */
+typedef struct PatchIm2colParams {
+    const float *pixels;
+    bf16 *out;
+    int channels;
+    int height;
+    int width;
+    int patch;
+    int k_padded;
+} PatchIm2colParams;
+
+/* In place 2D RoPE on interleaved pairs of each head of q and k [tokens, heads * head_dim]: pair j < head_dim / 4 turns
+ * by grid_rows[t] * inv_freq_rows[j], pair head_dim / 4 + j by grid_cols[t] * inv_freq_cols[j]. k may be null. */
+typedef struct Rope2dParams {
+    bf16 *q;
+    bf16 *k;
+    const int *grid_rows;
+    const int *grid_cols;
+    const float *inv_freq_rows;
+    const float *inv_freq_cols;
+    int tokens;
+    int heads;
+    int head_dim;
+} Rope2dParams;
+
+/* Bidirectional attention inside segments (block-diagonal): token t attends to the keys [segment_start[t],
+ * segment_end[t]). q, k, v, out [tokens, heads * 64] bf16; probabilities exp(scale * q.k) normalised in f32. */
+typedef struct VisionAttentionParams {
+    const bf16 *q;
+    const bf16 *k;
+    const bf16 *v;
+    bf16 *out;
+    const int *segment_start;
+    const int *segment_end;
+    int tokens;
+    int heads;
+    float scale;
+} VisionAttentionParams;
+
+/* In place x[r, c] = act(x[r, c] + bias[c]) for [rows, cols] bf16; bias may be null; act 0 = identity, 1 = exact erf
+ * GELU. */
+typedef struct BiasActParams {
+    bf16 *x;
+    const bf16 *bias;
+    int rows;
+    int cols;
+    int gelu;
+} BiasActParams;
+
+/* The patch merger's unfold: out[r, c * group + s] = x[sources[r * group + s], c] for out [rows, hidden * group]. */
+typedef struct PatchMergeParams {
+    const bf16 *x;
+    const int *sources;
+    bf16 *out;
+    int rows;
+    int hidden;
+    int group;
+} PatchMergeParams;
+
+/* out[rows[i], :] = src[i, :] for i < count (rows of `cols` bf16); out has out_rows rows (indices checked on the host). */
+typedef struct ScatterRowsParams {
+    const bf16 *src;
+    const int *rows;
+    bf16 *out;
+    int count;
+    int cols;
+} ScatterRowsParams;
 
 #endif /* SMALL4_PARAMS_H */

@@ -7,6 +7,7 @@ pub mod moe;
 pub mod norm;
 pub mod ops;
 pub mod router;
+pub mod vision;
 
 use crate::device::KernelModule;
 

@@ -458,6 +458,12 @@ pub fn linear_view(w: &DeviceWeights, x: RowView, rows: usize, y: RowView) -> Re
     launch_gemm_view(w, Input::Bf16(x), rows, false, Rows::Dense { rows }, Output::Bf16(y.buffer), Some(y))
 }
 
+/// Dense SwiGLU `act = silu(x W1^T) * (x W3^T)` from gate/up weights packed by `repack_gate_up` (one matrix pair):
+/// x [rows, k_dim] -> act [rows, hidden] bf16, the gate and up values kept in f32 registers (a dense FFN's up half).
+pub fn linear_swiglu(w: &DeviceWeights, x: &DeviceBuffer<bf16>, rows: usize, act: &DeviceBuffer<bf16>) -> Result<()> {
+    launch_gemm(w, x, rows, false, Rows::Dense { rows }, Output::SwiGlu(act))
+}
+
 /// Dense `y = x W^T` with an f32 output [rows, out_cols] (the logits of the output head).
 pub fn linear_f32(w: &DeviceWeights, x: &DeviceBuffer<bf16>, rows: usize, y: &DeviceBuffer<f32>) -> Result<()> {
     launch_gemm(w, x, rows, false, Rows::Dense { rows }, Output::F32ByPair { out: y, pair_weights: None })

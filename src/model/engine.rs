@@ -37,12 +37,15 @@ use crate::kernels::moe::{self, DeviceWeights, Fp8ActScales, Grouping, MoeLayerW
 use crate::kernels::norm;
 use crate::kernels::ops::{self, GatherStatus, QueryScale, SamplingInputs};
 use crate::kernels::router::{self, ExpertMap, RouterConfig, RouterWorkspace, Routing};
+use crate::kernels::vision::{self as vision_kernels, RowTargets};
 use crate::model::checkpoint::{Checkpoint, ExpertMatrix};
 use crate::model::kv_cache::{CacheDescriptor, CacheDtype, KvCache, SeqId};
+use crate::model::vision::DeviceVisionTower;
 use crate::model::ModelConfig;
 use crate::quant::repack::{repack_gate_up, repack_linear, MatrixRef};
 use crate::quant::{Fp8Block128, Fp8PerTensor, QuantizedMatrix};
 use crate::reference::rope::yarn_inv_freq;
+use crate::reference::vision::{check_image, PixelImage};
 use crate::{Error, Result};
 
 /// End of sequence of the Mistral tokenizers (tekken `</s>`).
@@ -115,6 +118,8 @@ pub struct DeviceModel {
     /// 64x64 identity: copies the rope half of every query head into the attention kernel's `q_rope`.
     rope_identity: DeviceWeights,
     expert_map: ExpertMap,
+    /// The vision tower and projector, when the configuration has one.
+    vision: Option<DeviceVisionTower>,
 }
 
 fn bf16_values(data: &[u8]) -> Vec<bf16> {
@@ -281,6 +286,7 @@ impl DeviceModel {
         let rope = c.qk_rope;
         let identity: Vec<bf16> = (0..rope * rope).map(|i| if i / rope == i % rope { bf16::ONE } else { bf16::ZERO }).collect();
         let tok_embeddings = DeviceBuffer::from_slice(device, &embeddings)?;
+        let vision = if c.vision.is_some() { Some(DeviceVisionTower::load(device, checkpoint, &c)?) } else { None };
         on_progress(LoadProgress { done: c.n_layers + 1, total: c.n_layers + 1 });
         Ok(DeviceModel {
             tok_embeddings,
@@ -289,6 +295,7 @@ impl DeviceModel {
             inv_freq: DeviceBuffer::from_slice(device, &yarn_inv_freq(c.qk_rope, &c.yarn()))?,
             rope_identity: upload_linear(device, &QuantizedMatrix::Bf16 { data: identity, rows: rope, cols: rope })?,
             expert_map: ExpertMap::new(device, &shard.expert_map(c.experts))?,
+            vision,
             layers,
             device: device.clone(),
             shard,
@@ -306,6 +313,11 @@ impl DeviceModel {
 
     pub fn shard(&self) -> ExpertShard {
         self.shard
+    }
+
+    /// The vision tower, when the model has one.
+    pub fn vision(&self) -> Option<&DeviceVisionTower> {
+        self.vision.as_ref()
     }
 }
 
@@ -508,6 +520,12 @@ struct Network<'a> {
     gather_status: &'a GatherStatus,
 }
 
+/// A prefill's image features and the `[IMG]` rows of the step they replace after the embedding gather.
+struct ImageRows<'a> {
+    features: &'a DeviceBuffer<bf16>,
+    rows: &'a RowTargets,
+}
+
 /// The shape a decode graph serves: sequences in the batch, pages per block-table row (a power of two).
 type DecodeShape = (usize, usize);
 
@@ -522,6 +540,8 @@ enum LastStep {
 struct Active {
     seq: SeqId,
     request: Request,
+    /// The images whose features replace the prompt's `[IMG]` embeddings at the prefill.
+    images: Vec<PixelImage>,
     /// Tokens to feed at the next step: the prompt before the prefill, then the last generated token.
     pending: Vec<u32>,
     generated: usize,
@@ -621,6 +641,29 @@ impl Engine {
 
     /// Adds a request; it joins the batch at the next [`Engine::step`] (its prompt is prefilled there).
     pub fn add(&mut self, request: Request) -> Result<RequestId> {
+        self.add_with_images(request, Vec::new())
+    }
+
+    /// [`Engine::add`] for a multimodal prompt: the `[IMG]` tokens of the prompt take the features of `images`, in
+    /// order (one `[IMG]` per merged patch of each image; `[IMG_BREAK]` / `[IMG_END]` stay text tokens). Positions
+    /// stay 1-D, as in `ReferenceModel::forward_with_images`.
+    pub fn add_with_images(&mut self, request: Request, images: Vec<PixelImage>) -> Result<RequestId> {
+        if !images.is_empty() {
+            let tower = self.model.vision.as_ref().ok_or_else(|| Error::Config("images given to a model without a vision tower".into()))?;
+            let v = tower.config();
+            for (i, image) in images.iter().enumerate() {
+                check_image(v, i, image)?;
+            }
+            let slots = request.prompt.iter().filter(|&&t| t == v.image_token_id).count();
+            let rows = tower.feature_rows(&images);
+            if slots != rows {
+                return Err(Error::shape(
+                    format!("[IMG] tokens (id {}) of the prompt for {} images", v.image_token_id, images.len()),
+                    format!("{rows} (the images' merged patch grids)"),
+                    slots,
+                ));
+            }
+        }
         let vocab = self.model.config.vocab;
         if request.prompt.is_empty() {
             return Err(Error::InvalidArgument("empty prompt".into()));
@@ -639,7 +682,7 @@ impl Engine {
             return Ok(id);
         }
         let seq = self.kv.add_sequence();
-        self.active.insert(id, Active { seq, pending: request.prompt.clone(), request, generated: 0 });
+        self.active.insert(id, Active { seq, pending: request.prompt.clone(), request, images, generated: 0 });
         Ok(id)
     }
 
@@ -658,11 +701,15 @@ impl Engine {
         }
         let ids: Vec<RequestId> = self.active.keys().copied().collect();
         let batch: Vec<(SeqId, Vec<u32>)> = ids.iter().map(|id| (self.active[id].seq, self.active[id].pending.clone())).collect();
+        // A request's images enter at its prefill (its first step) and are dropped after it.
+        let images: Vec<Vec<PixelImage>> =
+            ids.iter().map(|id| if self.active[id].generated == 0 { std::mem::take(&mut self.active.get_mut(id).unwrap().images) } else { Vec::new() }).collect();
+        let with_images = images.iter().any(|i| !i.is_empty());
         let decode_only = batch.iter().all(|(_, tokens)| tokens.len() == 1);
-        if decode_only && self.options.graphs && self.graphs_supported && self.collective.is_none() {
+        if decode_only && !with_images && self.options.graphs && self.graphs_supported && self.collective.is_none() {
             self.decode_with_graph(&batch)?;
         } else {
-            self.forward_device(&batch, HeadRows::Last)?;
+            self.forward_device(&batch, &images, HeadRows::Last)?;
         }
         let (ws, head) = self.last_outputs();
         // Head row i is request i's last token.
@@ -737,7 +784,7 @@ impl Engine {
     /// Appends `tokens` to each sequence's cache and returns the f32 logits of EVERY token, [tokens, vocab],
     /// in batch order: the layer-level view the tests compare with the reference.
     pub fn forward_logits(&mut self, batch: &[(SeqId, Vec<u32>)]) -> Result<Vec<f32>> {
-        self.forward_device(batch, HeadRows::All)?;
+        self.forward_device(batch, &vec![Vec::new(); batch.len()], HeadRows::All)?;
         self.head.as_ref().expect("forward_device leaves the head's rows").logits.to_vec()
     }
 
@@ -825,14 +872,14 @@ impl Engine {
         if g.eager_runs == 0 {
             // First step of this shape: sizes the attention scratch and loads every kernel.
             g.eager_runs += 1;
-            return net.run(&g.workspace, &g.head, &g.tables, &g.layout, &g.slots, &mut g.scratch);
+            return net.run(&g.workspace, &g.head, &g.tables, &g.layout, &g.slots, &mut g.scratch, None);
         }
         if device.begin_capture().is_err() {
             // A backend without graphs: this and every later step run eagerly.
             self.graphs_supported = false;
-            return net.run(&g.workspace, &g.head, &g.tables, &g.layout, &g.slots, &mut g.scratch);
+            return net.run(&g.workspace, &g.head, &g.tables, &g.layout, &g.slots, &mut g.scratch, None);
         }
-        let ran = net.run(&g.workspace, &g.head, &g.tables, &g.layout, &g.slots, &mut g.scratch);
+        let ran = net.run(&g.workspace, &g.head, &g.tables, &g.layout, &g.slots, &mut g.scratch, None);
         // The capture is closed whatever happened inside it.
         let graph = device.end_capture();
         ran?;
@@ -849,7 +896,7 @@ impl Engine {
     /// a CUDA graph captures for a decode step of a given batch size: every launch reads fixed workspace buffers,
     /// sizes come from the workspace's fixed capacity, and variable data (ids, positions, block tables, sequence
     /// lengths, the router's grouping, `num_padded`) lives in device buffers, so nothing inside waits for the host.
-    fn forward_device(&mut self, batch: &[(SeqId, Vec<u32>)], head_rows: HeadRows) -> Result<()> {
+    fn forward_device(&mut self, batch: &[(SeqId, Vec<u32>)], images: &[Vec<PixelImage>], head_rows: HeadRows) -> Result<()> {
         let device = self.model.device.clone();
         let layout = self.lay_out(batch)?;
         let t = layout.ids.len();
@@ -875,15 +922,48 @@ impl Engine {
         ws.ids.copy_from(&layout.ids)?;
         ws.positions.copy_from(&layout.positions)?;
         self.last_step = LastStep::Eager;
+        let image_rows = self.encode_images(batch, images, &layout.q_start, t)?;
         let net = Network { model: &self.model, caches: &self.caches, options: &self.options, collective: self.collective.as_deref(), gather_status: &self.gather_status };
-        net.run(ws, head, &tables, &q_layout, &slots, &mut self.scratch)
+        net.run(ws, head, &tables, &q_layout, &slots, &mut self.scratch, image_rows.as_ref().map(|(features, rows)| ImageRows { features, rows }).as_ref())
+    }
+
+    /// The vision tower over every image of the batch (`images[s]` belong to sequence `s`, whose tokens start at
+    /// `q_start[s]`): the features and the `[IMG]` rows of the step's `tokens` they replace. None without images.
+    fn encode_images(&self, batch: &[(SeqId, Vec<u32>)], images: &[Vec<PixelImage>], q_start: &[i32], tokens: usize) -> Result<Option<(DeviceBuffer<bf16>, RowTargets)>> {
+        if images.iter().all(|i| i.is_empty()) {
+            return Ok(None);
+        }
+        let tower = self.model.vision.as_ref().ok_or_else(|| Error::Config("images given to a model without a vision tower".into()))?;
+        let image_token = tower.config().image_token_id;
+        let (mut slots, mut all) = (Vec::new(), Vec::new());
+        for (s, ((_, seq_tokens), seq_images)) in batch.iter().zip(images).enumerate() {
+            if !seq_images.is_empty() {
+                let first = q_start[s] as usize;
+                slots.extend(seq_tokens.iter().enumerate().filter(|(_, &tok)| tok == image_token).map(|(j, _)| first + j));
+                all.extend(seq_images.iter().cloned());
+            }
+        }
+        if slots.len() != tower.feature_rows(&all) {
+            return Err(Error::shape("[IMG] tokens of the batch", tower.feature_rows(&all), slots.len()));
+        }
+        Ok(Some((tower.encode(&all)?, RowTargets::upload(&self.model.device, &slots, tokens)?)))
     }
 }
 
 impl Network<'_> {
     /// The whole network over the tokens of `ws` (ids and positions already written): embedding, the layers, the
     /// final norm and the output head over `head`'s rows. Launches kernels only.
-    fn run(&self, ws: &Workspace, head: &Head, tables: &BlockTables, layout: &QueryLayout, slots: &TokenSlots, scratch: &mut AttentionScratch) -> Result<()> {
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        ws: &Workspace,
+        head: &Head,
+        tables: &BlockTables,
+        layout: &QueryLayout,
+        slots: &TokenSlots,
+        scratch: &mut AttentionScratch,
+        images: Option<&ImageRows>,
+    ) -> Result<()> {
         let c = &self.model.config;
         let device = &self.model.device;
         let t = ws.tokens;
@@ -897,6 +977,9 @@ impl Network<'_> {
         let view = |b, offset, stride| RowView { buffer: b, offset, stride };
 
         ops::embedding_gather(&ws.ids, &m.tok_embeddings, dim, x, self.gather_status)?;
+        if let Some(images) = images {
+            vision_kernels::scatter_rows(images.features, dim, images.rows, x)?;
+        }
         norm::rms_norm(x, &m.layers[0].attention_norm, &ws.h, t, eps)?;
         for (l, layer) in m.layers.iter().enumerate() {
             // Attention: q = wq_b(q_a_norm(wq_a h)); cache row = [kv_a_norm(c) | rope(k_rope)].

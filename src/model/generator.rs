@@ -144,8 +144,8 @@ impl Generator {
         self.generate_with_images(prompt, &[], max_tokens, sampling, on_token)
     }
 
-    /// [`Generator::generate`] with the prompt's `[IMG]` tokens taking the features of `images` (the vision tower
-    /// runs on the reference backend; the engine backends refuse images with a typed error until its kernels exist).
+    /// [`Generator::generate`] with the prompt's `[IMG]` tokens taking the features of `images` (the vision tower runs
+    /// on the CPU on the reference backend, on the kernels on the engine backends).
     pub fn generate_with_images(
         &mut self,
         prompt: &[u32],
@@ -175,11 +175,8 @@ impl Generator {
                 }
                 Ok(model.generate_greedy_images_until(prompt, images, max_tokens, self.options.eos, on_token)?.generated)
             }
-            Model::Engine(_) if !images.is_empty() => Err(Error::InvalidArgument(
-                "images run on the CPU reference backend only (--backend reference): the CUDA engine has no vision tower kernels yet".into(),
-            )),
             Model::Engine(engine) => {
-                let id = engine.add(Request { prompt: prompt.to_vec(), max_tokens, sampling })?;
+                let id = engine.add_with_images(Request { prompt: prompt.to_vec(), max_tokens, sampling }, images.to_vec())?;
                 let mut tokens = Vec::with_capacity(max_tokens);
                 while engine.active() > 0 {
                     let step = match engine.step() {

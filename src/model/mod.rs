@@ -7,6 +7,7 @@ pub mod generator;
 pub mod kv_cache;
 pub mod plan;
 pub mod synthetic;
+pub mod vision;
 
 pub use checkpoint::Checkpoint;
 /// The model configuration under the name the public API gives it (`small4::model::Config`).

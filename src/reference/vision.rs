@@ -211,6 +211,25 @@ pub fn block_diagonal_attention(q: &[f32], k: &[f32], v: &[f32], segments: &[std
     out
 }
 
+/// Checks one image (`index` for the message) against the tower's configuration: channels, sides positive multiples
+/// of `patch * merge` and at most `image_size`, pixel count.
+pub fn check_image(v: &VisionConfig, index: usize, image: &PixelImage) -> Result<()> {
+    let block = v.patch_size * v.spatial_merge_size;
+    if image.channels != v.num_channels {
+        return Err(Error::shape(format!("image {index} channels"), v.num_channels, image.channels));
+    }
+    if image.width == 0 || image.height == 0 || image.width % block != 0 || image.height % block != 0 {
+        return Err(Error::shape(format!("image {index} size"), format!("sides positive multiples of {block}"), format!("{}x{}", image.width, image.height)));
+    }
+    if image.width.max(image.height) > v.image_size.next_multiple_of(block) {
+        return Err(Error::shape(format!("image {index} size"), format!("sides at most {}", v.image_size), format!("{}x{}", image.width, image.height)));
+    }
+    if image.data.len() != image.channels * image.width * image.height {
+        return Err(Error::shape(format!("image {index} pixels"), image.channels * image.width * image.height, image.data.len()));
+    }
+    Ok(())
+}
+
 /// The vision tower and projector with its configuration and the text width it projects into.
 pub struct VisionTower<'a> {
     pub weights: &'a VisionWeights,
@@ -247,31 +266,12 @@ impl VisionTower<'_> {
         self.store(x);
     }
 
-    /// Checks one image against the configuration.
-    fn check_image(&self, index: usize, image: &PixelImage) -> Result<()> {
-        let v = self.config;
-        let block = v.patch_size * v.spatial_merge_size;
-        if image.channels != v.num_channels {
-            return Err(Error::shape(format!("image {index} channels"), v.num_channels, image.channels));
-        }
-        if image.width == 0 || image.height == 0 || image.width % block != 0 || image.height % block != 0 {
-            return Err(Error::shape(format!("image {index} size"), format!("sides positive multiples of {block}"), format!("{}x{}", image.width, image.height)));
-        }
-        if image.width.max(image.height) > v.image_size.next_multiple_of(block) {
-            return Err(Error::shape(format!("image {index} size"), format!("sides at most {}", v.image_size), format!("{}x{}", image.width, image.height)));
-        }
-        if image.data.len() != image.channels * image.width * image.height {
-            return Err(Error::shape(format!("image {index} pixels"), image.channels * image.width * image.height, image.data.len()));
-        }
-        Ok(())
-    }
-
     /// The text-width features of each image: `[feature_count, text_dim]` per image, in `[IMG]` order.
     pub fn encode(&self, images: &[PixelImage]) -> Result<Vec<Vec<f32>>> {
         let v = self.config;
         self.weights.check_shapes(v, self.text_dim)?;
         for (i, image) in images.iter().enumerate() {
-            self.check_image(i, image)?;
+            check_image(v, i, image)?;
         }
         let (hidden, p, m) = (v.hidden, v.patch_size, v.spatial_merge_size);
         let conv_in = v.num_channels * p * p;

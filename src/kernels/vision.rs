@@ -1,0 +1,328 @@
+//! The vision tower's own kernels (`cuda/vision.cu`): the patch embedding's unfold, 2D RoPE, block-diagonal
+//! attention, bias + exact GELU, the patch merger's unfold and the scatter of image features into the `[IMG]` rows.
+//! Index tables the kernels read without bounds checks ([`TokenSegments`], [`MergeSources`], [`RowTargets`]) are
+//! built and validated on the host, so a kernel can never read or write outside its buffers.
+
+use std::ops::Range;
+
+use half::bf16;
+
+use super::modules::VISION;
+use super::params::{BiasActParams, PatchIm2colParams, PatchMergeParams, Rope2dParams, ScatterRowsParams, VisionAttentionParams};
+use crate::device::{launch_with, Device, DeviceBuffer, Dim3, Kernel, LaunchConfig};
+use crate::error::{Error, Result};
+
+const PATCH_IM2COL: Kernel = Kernel { module: VISION, entry: "patch_im2col" };
+const ROPE_2D: Kernel = Kernel { module: VISION, entry: "rope_2d" };
+const VISION_ATTENTION: Kernel = Kernel { module: VISION, entry: "vision_attention" };
+const BIAS_ACT: Kernel = Kernel { module: VISION, entry: "bias_act" };
+const PATCH_MERGE: Kernel = Kernel { module: VISION, entry: "patch_merge" };
+const SCATTER_ROWS: Kernel = Kernel { module: VISION, entry: "scatter_rows" };
+
+/// The head size `vision_attention` is written for (the tower's, SPEC-model.md).
+pub const ATTENTION_HEAD_DIM: usize = 64;
+/// Queries per block of `vision_attention`.
+const ATTENTION_QUERIES: usize = 64;
+const THREADS: usize = 256;
+
+fn check_len(what: &str, len: usize, expected: usize) -> Result<()> {
+    if len != expected {
+        return Err(Error::shape(what, expected, len));
+    }
+    Ok(())
+}
+
+fn to_i32(what: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::OutOfRange { what: what.into(), index: v as i64, limit: i32::MAX as i64 })
+}
+
+fn elementwise_grid(elements: usize) -> Result<LaunchConfig> {
+    let blocks = super::blocks_for(elements, THREADS);
+    if blocks as usize > i32::MAX as usize {
+        return Err(Error::InvalidArgument(format!("{elements} elements exceed one grid")));
+    }
+    Ok(LaunchConfig { grid: Dim3::x(blocks), block: Dim3::x(THREADS as u32), shared_bytes: 0 })
+}
+
+/// One image's pixels on the device: `channels` planes of `height x width` f32 (CHW, normalised).
+pub struct DeviceImage<'a> {
+    pub pixels: &'a DeviceBuffer<f32>,
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+/// Writes the unfolded patches of `image` into rows `first_row..` of `out [rows, k_padded]` (bf16): row `gy * cols +
+/// gx` holds the `[c, ky, kx]` values of patch (gy, gx), then zeros up to `k_padded` (the GEMM's k is a multiple of 64).
+pub fn patch_im2col(image: &DeviceImage, patch: usize, out: &DeviceBuffer<bf16>, first_row: usize, k_padded: usize) -> Result<()> {
+    let (c, h, w) = (image.channels, image.height, image.width);
+    if patch == 0 || h == 0 || w == 0 || h % patch != 0 || w % patch != 0 {
+        return Err(Error::shape("patch_im2col image size", format!("sides positive multiples of {patch}"), format!("{w}x{h}")));
+    }
+    check_len("patch_im2col pixels", image.pixels.len(), c * h * w)?;
+    if k_padded < c * patch * patch {
+        return Err(Error::InvalidArgument(format!("patch_im2col: k_padded {k_padded} < {} values per patch", c * patch * patch)));
+    }
+    let patches = (h / patch) * (w / patch);
+    if out.len() % k_padded != 0 || (first_row + patches) * k_padded > out.len() {
+        return Err(Error::shape("patch_im2col out (elements)", format!("rows of {k_padded} holding rows {first_row}..{}", first_row + patches), out.len()));
+    }
+    to_i32("patch_im2col pixels", image.pixels.len())?;
+    let params = PatchIm2colParams {
+        pixels: image.pixels.ptr(),
+        out: (out.addr() + 2 * (first_row * k_padded) as u64) as *mut _,
+        channels: to_i32("channels", c)?,
+        height: to_i32("height", h)?,
+        width: to_i32("width", w)?,
+        patch: to_i32("patch", patch)?,
+        k_padded: to_i32("k_padded", k_padded)?,
+    };
+    let config = LaunchConfig { grid: Dim3::x(patches as u32), block: Dim3::x(THREADS as u32), shared_bytes: 0 };
+    launch_with(out.device(), &PATCH_IM2COL, &config, &params)
+}
+
+/// The grid position of every token and the 2D RoPE frequencies (`reference::vision::rope_2d_inv_freq`).
+pub struct GridPositions<'a> {
+    pub rows: &'a DeviceBuffer<i32>,
+    pub cols: &'a DeviceBuffer<i32>,
+    pub inv_freq_rows: &'a DeviceBuffer<f32>,
+    pub inv_freq_cols: &'a DeviceBuffer<f32>,
+}
+
+/// Rotates, in place, every head of `q` (and `k`) `[tokens, heads * head_dim]` by the token's grid position: the
+/// first `head_dim / 4` interleaved pairs by its row, the rest by its column. Positions must be >= 0.
+pub fn rope_2d(q: &DeviceBuffer<bf16>, k: Option<&DeviceBuffer<bf16>>, heads: usize, head_dim: usize, positions: &GridPositions) -> Result<()> {
+    let tokens = positions.rows.len();
+    if head_dim == 0 || head_dim % 4 != 0 {
+        return Err(Error::InvalidArgument(format!("rope_2d: head_dim {head_dim} must be a positive multiple of 4")));
+    }
+    check_len("rope_2d grid cols", positions.cols.len(), tokens)?;
+    check_len("rope_2d row frequencies", positions.inv_freq_rows.len(), head_dim / 4)?;
+    check_len("rope_2d column frequencies", positions.inv_freq_cols.len(), head_dim / 4)?;
+    check_len("rope_2d q", q.len(), tokens * heads * head_dim)?;
+    if let Some(k) = k {
+        check_len("rope_2d k", k.len(), tokens * heads * head_dim)?;
+    }
+    to_i32("rope_2d elements", q.len())?;
+    if tokens == 0 || heads == 0 {
+        return Ok(());
+    }
+    let params = Rope2dParams {
+        q: q.mut_ptr(),
+        k: k.map_or(std::ptr::null_mut(), |k| k.mut_ptr()),
+        grid_rows: positions.rows.ptr(),
+        grid_cols: positions.cols.ptr(),
+        inv_freq_rows: positions.inv_freq_rows.ptr(),
+        inv_freq_cols: positions.inv_freq_cols.ptr(),
+        tokens: tokens as i32,
+        heads: to_i32("heads", heads)?,
+        head_dim: head_dim as i32,
+    };
+    let config = LaunchConfig { grid: Dim3::x(tokens as u32), block: Dim3::x(THREADS as u32), shared_bytes: 0 };
+    launch_with(q.device(), &ROPE_2D, &config, &params)
+}
+
+/// Which keys each token attends to: the token range of its image. Built from the images' contiguous ranges.
+pub struct TokenSegments {
+    start: DeviceBuffer<i32>,
+    end: DeviceBuffer<i32>,
+}
+
+impl TokenSegments {
+    /// `segments` must be non-empty ranges that follow each other from token 0 (image after image).
+    pub fn upload(device: &Device, segments: &[Range<usize>]) -> Result<Self> {
+        let mut next = 0;
+        let (mut start, mut end) = (Vec::new(), Vec::new());
+        for (i, s) in segments.iter().enumerate() {
+            if s.start != next || s.is_empty() {
+                return Err(Error::InvalidArgument(format!("segment {i} = {s:?}: segments must be non-empty and follow each other from 0 (next {next})")));
+            }
+            next = s.end;
+            start.extend(std::iter::repeat_n(to_i32("segment start", s.start)?, s.len()));
+            end.extend(std::iter::repeat_n(to_i32("segment end", s.end)?, s.len()));
+        }
+        Ok(TokenSegments { start: DeviceBuffer::from_slice(device, &start)?, end: DeviceBuffer::from_slice(device, &end)? })
+    }
+
+    pub fn tokens(&self) -> usize {
+        self.start.len()
+    }
+}
+
+/// Bidirectional attention of `q`, `k`, `v` `[tokens, heads * 64]` within each token's segment (block-diagonal over
+/// the images), softmax scale `scale`, into `out` (same shape, bf16).
+pub fn vision_attention(
+    q: &DeviceBuffer<bf16>,
+    k: &DeviceBuffer<bf16>,
+    v: &DeviceBuffer<bf16>,
+    out: &DeviceBuffer<bf16>,
+    segments: &TokenSegments,
+    heads: usize,
+    scale: f32,
+) -> Result<()> {
+    let tokens = segments.tokens();
+    let len = tokens * heads * ATTENTION_HEAD_DIM;
+    for (what, b) in [("vision attention q", q), ("vision attention k", k), ("vision attention v", v), ("vision attention out", out)] {
+        check_len(what, b.len(), len)?;
+    }
+    if !scale.is_finite() {
+        return Err(Error::InvalidArgument(format!("vision attention: scale {scale}")));
+    }
+    to_i32("vision attention elements", len)?;
+    if heads > 65535 {
+        return Err(Error::InvalidArgument(format!("vision attention: {heads} heads (grid y <= 65535)")));
+    }
+    if tokens == 0 || heads == 0 {
+        return Ok(());
+    }
+    let params = VisionAttentionParams {
+        q: q.ptr(),
+        k: k.ptr(),
+        v: v.ptr(),
+        out: out.mut_ptr(),
+        segment_start: segments.start.ptr(),
+        segment_end: segments.end.ptr(),
+        tokens: tokens as i32,
+        heads: heads as i32,
+        scale,
+    };
+    let config = LaunchConfig {
+        grid: Dim3::xy(super::blocks_for(tokens, ATTENTION_QUERIES), heads as u32),
+        block: Dim3::x(128),
+        shared_bytes: 0,
+    };
+    launch_with(q.device(), &VISION_ATTENTION, &config, &params)
+}
+
+/// The activation of [`bias_act`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    Identity,
+    /// Exact GELU `x (1 + erf(x / sqrt 2)) / 2`.
+    Gelu,
+}
+
+/// In place `x = act(x + bias)` for `x [rows, cols]`, `bias [cols]` optional.
+pub fn bias_act(x: &DeviceBuffer<bf16>, rows: usize, cols: usize, bias: Option<&DeviceBuffer<bf16>>, activation: Activation) -> Result<()> {
+    check_len("bias_act x", x.len(), rows * cols)?;
+    if let Some(b) = bias {
+        check_len("bias_act bias", b.len(), cols)?;
+    }
+    if x.is_empty() {
+        return Ok(());
+    }
+    let params = BiasActParams {
+        x: x.mut_ptr(),
+        bias: bias.map_or(std::ptr::null(), |b| b.ptr()),
+        rows: to_i32("bias_act rows", rows)?,
+        cols: to_i32("bias_act cols", cols)?,
+        gelu: (activation == Activation::Gelu) as i32,
+    };
+    to_i32("bias_act elements", x.len())?;
+    launch_with(x.device(), &BIAS_ACT, &elementwise_grid(x.len())?, &params)
+}
+
+/// Which patch feeds each slot of each merged row: `group = merge^2` token indices per merged row, `[di, dj]` order,
+/// merged rows in row-major order of each image's merged grid, images one after the other.
+pub struct MergeSources {
+    sources: DeviceBuffer<i32>,
+    group: usize,
+    tokens: usize,
+}
+
+impl MergeSources {
+    /// The sources for images with patch grids `grids` (rows, cols), whose tokens follow each other in row-major
+    /// order; both sides must be multiples of `merge`.
+    pub fn upload(device: &Device, grids: &[(usize, usize)], merge: usize) -> Result<Self> {
+        if merge == 0 {
+            return Err(Error::InvalidArgument("patch merge size 0".into()));
+        }
+        let mut sources = Vec::new();
+        let mut first = 0;
+        for (i, &(rows, cols)) in grids.iter().enumerate() {
+            if rows % merge != 0 || cols % merge != 0 {
+                return Err(Error::shape(format!("image {i} patch grid"), format!("sides multiples of {merge}"), format!("{rows}x{cols}")));
+            }
+            for by in 0..rows / merge {
+                for bx in 0..cols / merge {
+                    for di in 0..merge {
+                        for dj in 0..merge {
+                            sources.push(to_i32("merge source", first + (by * merge + di) * cols + bx * merge + dj)?);
+                        }
+                    }
+                }
+            }
+            first += rows * cols;
+        }
+        Ok(MergeSources { sources: DeviceBuffer::from_slice(device, &sources)?, group: merge * merge, tokens: first })
+    }
+
+    /// Merged rows.
+    pub fn rows(&self) -> usize {
+        self.sources.len() / self.group
+    }
+}
+
+/// The patch merger's unfold: `out [merged rows, hidden * group]` from `x [tokens, hidden]`, each row its group of
+/// patches channel-major (`out[r, c * group + s] = x[source s of r, c]`, torch's unfold order).
+pub fn patch_merge(x: &DeviceBuffer<bf16>, hidden: usize, sources: &MergeSources, out: &DeviceBuffer<bf16>) -> Result<()> {
+    check_len("patch_merge x", x.len(), sources.tokens * hidden)?;
+    check_len("patch_merge out", out.len(), sources.rows() * hidden * sources.group)?;
+    if out.is_empty() {
+        return Ok(());
+    }
+    to_i32("patch_merge elements", out.len())?;
+    let params = PatchMergeParams {
+        x: x.ptr(),
+        sources: sources.sources.ptr(),
+        out: out.mut_ptr(),
+        rows: sources.rows() as i32,
+        hidden: hidden as i32,
+        group: sources.group as i32,
+    };
+    launch_with(x.device(), &PATCH_MERGE, &elementwise_grid(out.len())?, &params)
+}
+
+/// Distinct destination rows for [`scatter_rows`], each below `limit`.
+pub struct RowTargets {
+    rows: DeviceBuffer<i32>,
+    limit: usize,
+}
+
+impl RowTargets {
+    pub fn upload(device: &Device, rows: &[usize], limit: usize) -> Result<Self> {
+        let mut seen = std::collections::HashSet::new();
+        for &r in rows {
+            if r >= limit {
+                return Err(Error::OutOfRange { what: "scatter target row".into(), index: r as i64, limit: limit as i64 });
+            }
+            if !seen.insert(r) {
+                return Err(Error::InvalidArgument(format!("scatter target row {r} appears twice")));
+            }
+        }
+        let rows: Vec<i32> = rows.iter().map(|&r| to_i32("scatter target row", r)).collect::<Result<_>>()?;
+        Ok(RowTargets { rows: DeviceBuffer::from_slice(device, &rows)?, limit })
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+}
+
+/// `out[targets[i], :] = src[i, :]` for `src [targets.len(), cols]` and `out [targets' limit, cols]`; other rows of
+/// `out` keep their values (image features over the `[IMG]` embeddings).
+pub fn scatter_rows(src: &DeviceBuffer<bf16>, cols: usize, targets: &RowTargets, out: &DeviceBuffer<bf16>) -> Result<()> {
+    check_len("scatter_rows src", src.len(), targets.len() * cols)?;
+    check_len("scatter_rows out", out.len(), targets.limit * cols)?;
+    to_i32("scatter_rows out elements", out.len())?;
+    if targets.is_empty() || cols == 0 {
+        return Ok(());
+    }
+    let params = ScatterRowsParams { src: src.ptr(), rows: targets.rows.ptr(), out: out.mut_ptr(), count: targets.len() as i32, cols: cols as i32 };
+    let config = LaunchConfig { grid: Dim3::x(targets.len() as u32), block: Dim3::x(THREADS as u32), shared_bytes: 0 };
+    launch_with(src.device(), &SCATTER_ROWS, &config, &params)
+}

@@ -422,7 +422,7 @@ impl ReferenceModel {
         self.forward_with_images(tokens, &[], cache)
     }
 
-    /// The features of `images` in the text width, one [IMG]-count x dim block per image (the vision tower and
+    /// The features of `images` in the text width, one `[IMG]`-count x dim block per image (the vision tower and
     /// projector of [`super::vision`]).
     pub fn encode_images(&self, images: &[PixelImage]) -> Result<Vec<Vec<f32>>> {
         let c = self.config();

@@ -5,9 +5,10 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use small4::model::bench::{bench_engine, BenchOptions};
 use small4::model::checkpoint::{Checkpoint, ExpertMatrix, Layout};
 use small4::model::engine::{Sampling, DEFAULT_EOS};
 use small4::model::generator::{GenerationBackend, Generator, GeneratorOptions};
@@ -30,6 +31,9 @@ struct Cli {
 enum Command {
     /// Print what ptxas reported for every kernel (registers, shared memory, spills) for sm_90a.
     Resources,
+    /// End-to-end engine benchmark: a batch of random prompts prefilled together, then timed decode steps
+    /// (prefill and decode tokens/s, decode step mean/p50/p90). Per-kernel figures: `cargo bench`.
+    Bench(BenchArgs),
     /// Generation with the embedded tiny preset (a seeded random checkpoint, generated into a cache directory and
     /// loaded through the checkpoint reader) or a checkpoint directory.
     Generate(GenerateArgs),
@@ -91,10 +95,17 @@ enum LayoutArg {
     Hf,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum EngineBackend {
+    /// The CUDA engine on a GPU.
+    Gpu,
+    /// The CUDA engine on the PTX interpreter (slow: for checking the command, not for numbers).
+    Sim,
+}
+
+/// Which checkpoint a command runs: a directory, or the embedded tiny preset generated in a format and layout.
 #[derive(Args)]
-struct GenerateArgs {
-    #[arg(long, value_enum, default_value = "reference")]
-    backend: Backend,
+struct ModelArgs {
     /// A checkpoint directory (native or HF layout); the embedded tiny preset when absent.
     #[arg(long)]
     model: Option<PathBuf>,
@@ -104,6 +115,43 @@ struct GenerateArgs {
     /// File layout of the generated tiny checkpoint.
     #[arg(long, value_enum, default_value = "native")]
     layout: LayoutArg,
+    /// Seed of the tiny preset's random weights.
+    #[arg(long, default_value_t = small4::model::synthetic::DEFAULT_TINY_SEED)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[arg(long, value_enum, default_value = "gpu")]
+    backend: EngineBackend,
+    #[command(flatten)]
+    checkpoint: ModelArgs,
+    /// Sequences decoded together.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Prompt tokens of each sequence (seeded random ids).
+    #[arg(long, default_value_t = 128)]
+    prompt_len: usize,
+    /// Timed decode steps.
+    #[arg(long, default_value_t = 32)]
+    decode_steps: usize,
+    /// Untimed decode steps before them (graph capture, warm-up).
+    #[arg(long, default_value_t = 2)]
+    warmup_steps: usize,
+    /// Run every decode step eagerly instead of replaying captured graphs.
+    #[arg(long)]
+    eager: bool,
+    /// Routed experts in W8A8 (needs per-tensor FP8 experts with activation scales: --format fp8 for the preset).
+    #[arg(long)]
+    fp8_activations: bool,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[arg(long, value_enum, default_value = "reference")]
+    backend: Backend,
+    #[command(flatten)]
+    checkpoint: ModelArgs,
     /// Sampling temperature (engine backends); 0 = greedy.
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
@@ -143,9 +191,6 @@ struct GenerateArgs {
     /// Tokens to generate.
     #[arg(long, default_value_t = 16)]
     max_tokens: usize,
-    /// Seed of the tiny preset's random weights.
-    #[arg(long, default_value_t = small4::model::synthetic::DEFAULT_TINY_SEED)]
-    seed: u64,
     /// Attention form of the reference forward pass.
     #[arg(long, value_enum, default_value = "absorbed")]
     attention: Attention,
@@ -161,6 +206,7 @@ struct GenerateArgs {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Resources => print!("{}", small4::kernels::KERNEL_RESOURCES_MARKDOWN),
+        Command::Bench(args) => bench(&args)?,
         Command::Generate(args) => generate(&args)?,
         Command::Inspect { dir } => inspect(&dir)?,
         Command::Plan { config } => plan(config.as_deref())?,
@@ -185,8 +231,11 @@ fn plan(config: Option<&std::path::Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The embedded tiny model in the format and layout asked for.
-fn tiny_checkpoint(args: &GenerateArgs) -> anyhow::Result<PathBuf> {
+/// The checkpoint directory asked for: `--model`, else the embedded tiny preset in the format and layout asked for.
+fn checkpoint_dir(args: &ModelArgs) -> anyhow::Result<PathBuf> {
+    if let Some(dir) = &args.model {
+        return Ok(dir.clone());
+    }
     let format: WeightFormat = args.format.parse()?;
     let layout = match args.layout {
         LayoutArg::Native => Layout::Native,
@@ -195,11 +244,29 @@ fn tiny_checkpoint(args: &GenerateArgs) -> anyhow::Result<PathBuf> {
     Ok(small4::model::synthetic::tiny_checkpoint(format, &layout, args.seed)?)
 }
 
-fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
-    let dir = match &args.model {
-        Some(dir) => dir.clone(),
-        None => tiny_checkpoint(args)?,
+fn bench(args: &BenchArgs) -> anyhow::Result<()> {
+    let device = match args.backend {
+        EngineBackend::Gpu => small4::device::gpu().context("small4 bench --backend gpu (--backend sim runs it on the PTX interpreter)")?,
+        EngineBackend::Sim => small4::device::simulator(),
     };
+    let dir = checkpoint_dir(&args.checkpoint)?;
+    let checkpoint = Checkpoint::open(&dir)?;
+    let options = BenchOptions {
+        batch: args.batch,
+        prompt_len: args.prompt_len,
+        decode_steps: args.decode_steps,
+        warmup_steps: args.warmup_steps,
+        graphs: !args.eager,
+        fp8_activations: args.fp8_activations,
+        seed: 0,
+    };
+    println!("{}", dir.display());
+    println!("{}", bench_engine(&device, &checkpoint, options)?);
+    Ok(())
+}
+
+fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
+    let dir = checkpoint_dir(&args.checkpoint)?;
     let checkpoint = Checkpoint::open(&dir)?;
     let vocab = ModelConfig::from_json_str(&checkpoint.config_json.to_string())?.vocab;
     let (prompt_ids, tokenizer, images) = match &args.prompt_ids {

@@ -1,5 +1,6 @@
 //! The model: configuration, checkpoints, KV cache, engine.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod engine;

@@ -1,0 +1,65 @@
+//! The engine benchmark (`small4 bench`) on the interpreter: the steps it times, graphs or not, and its errors.
+
+use small4::device::simulator;
+use small4::model::bench::{bench_engine, BenchOptions};
+use small4::model::checkpoint::{Checkpoint, Layout};
+use small4::model::synthetic::{tiny_checkpoint, DEFAULT_TINY_SEED};
+use small4::quant::WeightFormat;
+use small4::Error;
+
+fn tiny() -> Checkpoint {
+    Checkpoint::open(tiny_checkpoint(WeightFormat::Bf16, &Layout::Native, DEFAULT_TINY_SEED).unwrap()).unwrap()
+}
+
+#[test]
+fn the_benchmark_times_the_prefill_and_each_decode_step() {
+    let options = BenchOptions { batch: 2, prompt_len: 3, decode_steps: 3, warmup_steps: 1, graphs: true, ..BenchOptions::default() };
+    let report = bench_engine(&simulator(), &tiny(), options).unwrap();
+    assert_eq!(report.device, "sim");
+    assert_eq!(report.decode_steps.len(), 3);
+    // The warm-up step runs eagerly, the first timed one captures, the rest replay: one graph for batch 2.
+    assert_eq!(report.captured_graphs, 1);
+    assert!(report.prefill.as_nanos() > 0 && report.decode_steps.iter().all(|d| d.as_nanos() > 0));
+    let min = report.decode_step_quantile(0.0);
+    let max = report.decode_step_quantile(1.0);
+    assert!(min <= report.decode_step_mean() && report.decode_step_mean() <= max);
+    assert_eq!(min, *report.decode_steps.iter().min().unwrap());
+    assert_eq!(max, *report.decode_steps.iter().max().unwrap());
+    let expected_rate = 2.0 / report.decode_step_mean().as_secs_f64();
+    assert!((report.decode_tokens_per_s() - expected_rate).abs() < 1e-9 * expected_rate);
+    assert!((report.prefill_tokens_per_s() - 6.0 / report.prefill.as_secs_f64()).abs() < 1e-6);
+    let shown = report.to_string();
+    assert!(shown.contains("batch 2 x prompt 3 tokens, 3 decode steps timed after 1 warm-up; decode replays 1 captured graph(s)"), "{shown}");
+}
+
+#[test]
+fn an_eager_benchmark_captures_no_graph() {
+    let options = BenchOptions { batch: 1, prompt_len: 2, decode_steps: 2, warmup_steps: 0, graphs: false, ..BenchOptions::default() };
+    let report = bench_engine(&simulator(), &tiny(), options).unwrap();
+    assert_eq!(report.captured_graphs, 0);
+    assert!(report.to_string().contains("decode eager"));
+}
+
+#[test]
+fn an_empty_benchmark_is_a_typed_error() {
+    for options in [
+        BenchOptions { batch: 0, ..BenchOptions::default() },
+        BenchOptions { prompt_len: 0, ..BenchOptions::default() },
+        BenchOptions { decode_steps: 0, ..BenchOptions::default() },
+    ] {
+        assert!(matches!(bench_engine(&simulator(), &tiny(), options), Err(Error::InvalidArgument(_))));
+    }
+}
+
+#[test]
+fn the_cli_benchmarks_the_tiny_model_on_the_interpreter() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_small4"))
+        .args(["bench", "--backend", "sim", "--batch", "1", "--prompt-len", "2", "--decode-steps", "1", "--warmup-steps", "0"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("device: sim"), "{stdout}");
+    assert!(stdout.contains("prefill: ") && stdout.contains("tokens/s"), "{stdout}");
+    assert!(stdout.contains("decode step: mean "), "{stdout}");
+}

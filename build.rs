@@ -200,7 +200,7 @@ fn parse_ptxas_report(text: &str) -> Vec<KernelResources> {
                 k.shared_bytes = line
                     .split(',')
                     .find(|p| p.contains("smem"))
-                    .map(|p| first_number(p))
+                    .map(first_number)
                     .unwrap_or(0);
             }
         }

@@ -31,7 +31,7 @@ fn bench_attention(c: &mut Criterion, device: &Device) {
         };
         let (q, k, v) = (buffer(&mut rng), buffer(&mut rng), buffer(&mut rng));
         let out = DeviceBuffer::<bf16>::alloc(device, len).unwrap();
-        let segments = TokenSegments::upload(device, &[0..tokens]).unwrap();
+        let segments = TokenSegments::upload(device, std::slice::from_ref(&(0..tokens))).unwrap();
         group.throughput(Throughput::Elements((4 * 64 * heads * tokens * tokens) as u64));
         group.bench_with_input(BenchmarkId::from_parameter(format!("T={tokens}")), &tokens, |b, _| {
             b.iter_custom(|iters| {

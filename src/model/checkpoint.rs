@@ -340,7 +340,7 @@ impl Checkpoint {
             Dtype::BF16 => {
                 let groups = *scale.shape.get(1).unwrap_or(&0);
                 if scale.shape.len() != 2 || groups == 0 || cols % groups != 0 {
-                    return Err(Error::shape(format!("{}", scale.name), format!("[{rows}, {cols}/group]"), format!("{:?}", scale.shape)));
+                    return Err(Error::shape(scale.name.to_string(), format!("[{rows}, {cols}/group]"), format!("{:?}", scale.shape)));
                 }
                 scale.expect(&[Dtype::BF16], &[rows, groups])?;
                 let zeros = suffix("weight_zero_point")?;

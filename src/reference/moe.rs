@@ -222,9 +222,7 @@ pub fn align_pairs(ids: &[i32], expert_map: Option<&[i32]>, local_experts: usize
         expert_offsets[e] = slot as i32;
         sorted_pairs[slot..slot + list.len()].copy_from_slice(list);
         let padded = list.len().next_multiple_of(tile_m);
-        for tile in slot / tile_m..(slot + padded) / tile_m {
-            tile_experts[tile] = e as i32;
-        }
+        tile_experts[slot / tile_m..(slot + padded) / tile_m].fill(e as i32);
         slot += padded;
     }
     expert_offsets[local_experts] = slot as i32;

@@ -61,6 +61,14 @@ typedef enum Small4Backend {
   SMALL4_BACKEND_GPU = 2,
 } Small4Backend;
 
+// Element type of a paged MLA cache.
+typedef enum Small4CacheDtype {
+  // bf16 values.
+  SMALL4_CACHE_DTYPE_BF16 = 0,
+  // FP8 e4m3 codes; a cached value is `code * fp8_scale`.
+  SMALL4_CACHE_DTYPE_FP8_E4M3 = 1,
+} Small4CacheDtype;
+
 // A device the kernels launch on: the PTX interpreter, or a GPU bound to one CUDA stream.
 typedef struct Small4Device Small4Device;
 
@@ -70,6 +78,35 @@ typedef struct Small4Generator Small4Generator;
 // The weights of one MoE layer on a device, packed into the grouped GEMM's layout (made by
 // [`small4_moe_layer_open_bf16`]).
 typedef struct Small4MoeLayer Small4MoeLayer;
+
+// One layer's paged latent cache in the caller's device memory: `[num_pages, page_size, 320]` elements, each token
+// `[normalised latent 256 | rotated k_rope 64]` (Mistral Small 4's geometry; the kernels are built for it).
+typedef struct Small4MlaCache {
+  // Device address of the pages.
+  uint64_t pages;
+  // Pages in the pool.
+  size_t num_pages;
+  // Tokens per page.
+  size_t page_size;
+  // A [`Small4CacheDtype`] value (an integer, so that a wrong value is an error rather than undefined behaviour).
+  uint32_t dtype;
+  // FP8 caches: the scale of the codes (finite, > 0); ignored for bf16.
+  float fp8_scale;
+} Small4MlaCache;
+
+// Which pages hold which sequence (host memory, checked before any launch: every page a sequence's length covers
+// must be a page of the cache).
+typedef struct Small4MlaBatch {
+  // Sequences.
+  size_t num_seqs;
+  // Block-table columns.
+  size_t max_pages;
+  // `[num_seqs, max_pages]` int32: the page of each block of each sequence (entries past its length are never
+  // read; -1 by convention).
+  const int32_t *block_tables;
+  // `[num_seqs]` int32: tokens in the cache of each sequence.
+  const int32_t *seq_lens;
+} Small4MlaBatch;
 
 // How a generator is set up; start from [`small4_generator_options_default`].
 typedef struct Small4GeneratorOptions {
@@ -348,6 +385,49 @@ enum Small4Status small4_moe_layer_forward(const struct Small4Device *device,
                                            uint64_t topk_weights,
                                            size_t k,
                                            uint64_t out);
+
+// Writes `tokens` new tokens into their cache slots: token t is row t of `kv` (`kv_row_stride` bf16 elements a row,
+// columns `[latent 256 | k_rope 64]`, the kv_a projection's output), stored at position `positions[t]` of sequence
+// `token_seq[t]` as `[rms_norm(latent) * norm_weight | rope(k_rope, position)]` (RoPE on interleaved pairs: pair l
+// is values 2l, 2l+1 and turns by `position * inv_freq[l]`). `norm_weight`: `[256]` bf16 and `inv_freq`: `[32]` f32
+// on the device; `token_seq`, `positions`: `[tokens]` int32 in host memory, each position inside its sequence's
+// length. Synchronises before returning.
+//
+// # Safety
+// `device` must be null or live; `cache` and `batch` as [`Small4MlaCache`] and [`Small4MlaBatch`] say; the addresses
+// and host arrays must hold the sizes above.
+enum Small4Status small4_mla_cache_write(const struct Small4Device *device,
+                                         const struct Small4MlaCache *cache,
+                                         const struct Small4MlaBatch *batch,
+                                         uint64_t kv,
+                                         size_t kv_row_stride,
+                                         size_t tokens,
+                                         uint64_t norm_weight,
+                                         float eps,
+                                         uint64_t inv_freq,
+                                         const int32_t *token_seq,
+                                         const int32_t *positions);
+
+// Causal latent attention of `heads` query heads over the paged cache, for decode (one query token a sequence)
+// and chunked prefill (several): sequence s owns query tokens `q_start[s]..q_start[s+1]` (host `[num_seqs + 1]`
+// int32, starting at 0), which are its last tokens, already in the cache. Per query row (token, head):
+// `o_lat = softmax(softmax_scale * (q_lat . latent_j + q_rope . k_rope_j)) @ latent_j` over the cached tokens j the
+// row may see. `q_lat`, `o_lat`: `[tokens, heads, 256]` bf16 (q_nope already through W_UK); `q_rope`:
+// `[tokens, heads, 64]` bf16, rotated. Split-KV with a deterministic combine; scratch is allocated for the call
+// (synchronises).
+//
+// # Safety
+// `device` must be null or live; `cache` and `batch` as [`Small4MlaCache`] and [`Small4MlaBatch`] say; `q_start`
+// must hold `num_seqs + 1` values; the addresses must hold the sizes above on that device.
+enum Small4Status small4_mla_attention(const struct Small4Device *device,
+                                       const struct Small4MlaCache *cache,
+                                       const struct Small4MlaBatch *batch,
+                                       const int32_t *q_start,
+                                       size_t heads,
+                                       uint64_t q_lat,
+                                       uint64_t q_rope,
+                                       uint64_t o_lat,
+                                       float softmax_scale);
 
 // The defaults: the reference backend, eos = small4's default stop token, a context of 1024 tokens.
 struct Small4GeneratorOptions small4_generator_options_default(void);

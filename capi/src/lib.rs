@@ -23,11 +23,15 @@ use std::path::PathBuf;
 
 use half::bf16;
 use small4::device::{Device, DeviceBuffer, DeviceElement};
+use small4::kernels::attention::{
+    mla_attention, mla_cache_write, AttentionScratch, BlockTables, CacheWriteWeights, PagedCache, Queries, QueryLayout, TokenSlots, KV_LORA_RANK, QK_ROPE,
+};
 use small4::kernels::moe::{moe_layer, moe_tile_m, Grouping, MoeLayerWeights, MoeWorkspace, RoutingBuffers};
 use small4::kernels::router::{moe_align, route_and_align_into, Alignment, ExpertMap, RouterConfig, RouterWorkspace, Routing};
 use small4::quant::repack::{repack_gate_up, repack_linear, MatrixRef, PackedWeights, QuantData};
 use small4::model::checkpoint::{Checkpoint, Layout};
 use small4::model::engine::Sampling;
+use small4::model::kv_cache::{BatchTables, CacheDescriptor, CacheDtype};
 use small4::model::generator::{GenerationBackend, Generator, GeneratorOptions};
 use small4::quant::WeightFormat;
 use small4::{Error, Result};
@@ -671,6 +675,153 @@ pub unsafe extern "C" fn small4_moe_layer_forward(
         let routing = RoutingBuffers { topk_ids: &topk_ids, topk_weights: &topk_weights, expert_map: None, experts, top_k: k };
         moe_layer(weights, &x, tokens, &routing, &Grouping::from(&alignment), &workspace, &out)?;
         // The scratch is freed when this returns: the launches reading it must be done by then.
+        device.synchronize()
+    })
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// MLA attention over a paged latent cache
+
+/// Element type of a paged MLA cache.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Small4CacheDtype {
+    /// bf16 values.
+    Bf16 = 0,
+    /// FP8 e4m3 codes; a cached value is `code * fp8_scale`.
+    Fp8E4m3 = 1,
+}
+
+/// One layer's paged latent cache in the caller's device memory: `[num_pages, page_size, 320]` elements, each token
+/// `[normalised latent 256 | rotated k_rope 64]` (Mistral Small 4's geometry; the kernels are built for it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Small4MlaCache {
+    /// Device address of the pages.
+    pub pages: u64,
+    /// Pages in the pool.
+    pub num_pages: usize,
+    /// Tokens per page.
+    pub page_size: usize,
+    /// A [`Small4CacheDtype`] value (an integer, so that a wrong value is an error rather than undefined behaviour).
+    pub dtype: u32,
+    /// FP8 caches: the scale of the codes (finite, > 0); ignored for bf16.
+    pub fp8_scale: f32,
+}
+
+/// Which pages hold which sequence (host memory, checked before any launch: every page a sequence's length covers
+/// must be a page of the cache).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Small4MlaBatch {
+    /// Sequences.
+    pub num_seqs: usize,
+    /// Block-table columns.
+    pub max_pages: usize,
+    /// `[num_seqs, max_pages]` int32: the page of each block of each sequence (entries past its length are never
+    /// read; -1 by convention).
+    pub block_tables: *const i32,
+    /// `[num_seqs]` int32: tokens in the cache of each sequence.
+    pub seq_lens: *const i32,
+}
+
+/// The cache descriptor and borrowed pages of `cache`, and the checked, uploaded block tables of `batch`.
+///
+/// # Safety
+/// `cache` and `batch` must be null or valid; `cache.pages` must hold the whole pool on `device`; the batch's arrays
+/// must hold the sizes [`Small4MlaBatch`] gives.
+unsafe fn paged_cache(device: &Device, cache: *const Small4MlaCache, batch: *const Small4MlaBatch) -> Result<(PagedCache, BlockTables)> {
+    let cache = unsafe { reference(cache, "the MLA cache") }?;
+    let batch = unsafe { reference(batch, "the MLA batch") }?;
+    let dtype = match cache.dtype {
+        0 => CacheDtype::Bf16,
+        1 => CacheDtype::Fp8E4m3 { scale: cache.fp8_scale },
+        other => return Err(Error::UnknownDtype(format!("MLA cache dtype {other} (0: bf16, 1: fp8 e4m3)"))),
+    };
+    let desc = CacheDescriptor::mla(cache.num_pages, cache.page_size, dtype)?;
+    let pages = unsafe { borrowed::<u8>(device, cache.pages, desc.total_bytes()) }?;
+    let tables = BatchTables {
+        block_tables: unsafe { slice(batch.block_tables, elements(batch.num_seqs, batch.max_pages, "MLA block tables")?, "block_tables") }?.to_vec(),
+        seq_lens: unsafe { slice(batch.seq_lens, batch.num_seqs, "seq_lens") }?.to_vec(),
+        max_pages: batch.max_pages,
+    };
+    let tables = BlockTables::upload(device, &tables, &desc)?;
+    Ok((PagedCache::from_buffer(desc, pages)?, tables))
+}
+
+/// Writes `tokens` new tokens into their cache slots: token t is row t of `kv` (`kv_row_stride` bf16 elements a row,
+/// columns `[latent 256 | k_rope 64]`, the kv_a projection's output), stored at position `positions[t]` of sequence
+/// `token_seq[t]` as `[rms_norm(latent) * norm_weight | rope(k_rope, position)]` (RoPE on interleaved pairs: pair l
+/// is values 2l, 2l+1 and turns by `position * inv_freq[l]`). `norm_weight`: `[256]` bf16 and `inv_freq`: `[32]` f32
+/// on the device; `token_seq`, `positions`: `[tokens]` int32 in host memory, each position inside its sequence's
+/// length. Synchronises before returning.
+///
+/// # Safety
+/// `device` must be null or live; `cache` and `batch` as [`Small4MlaCache`] and [`Small4MlaBatch`] say; the addresses
+/// and host arrays must hold the sizes above.
+#[no_mangle]
+pub unsafe extern "C" fn small4_mla_cache_write(
+    device: *const Small4Device,
+    cache: *const Small4MlaCache,
+    batch: *const Small4MlaBatch,
+    kv: u64,
+    kv_row_stride: usize,
+    tokens: usize,
+    norm_weight: u64,
+    eps: f32,
+    inv_freq: u64,
+    token_seq: *const i32,
+    positions: *const i32,
+) -> Small4Status {
+    call(|| {
+        let device = unsafe { self::device(device) }?;
+        let (cache, tables) = unsafe { paged_cache(device, cache, batch) }?;
+        let kv_len = if tokens == 0 { 0 } else { elements(tokens - 1, kv_row_stride, "cache write kv")? + KV_LORA_RANK + QK_ROPE };
+        let kv = unsafe { borrowed::<bf16>(device, kv, kv_len) }?;
+        let norm_weight = unsafe { borrowed::<bf16>(device, norm_weight, KV_LORA_RANK) }?;
+        let inv_freq = unsafe { borrowed::<f32>(device, inv_freq, QK_ROPE / 2) }?;
+        let slots = TokenSlots::upload(device, unsafe { slice(token_seq, tokens, "token_seq") }?, unsafe { slice(positions, tokens, "positions") }?)?;
+        mla_cache_write(&cache, &tables, &kv, kv_row_stride, &CacheWriteWeights { norm_weight: &norm_weight, eps, inv_freq: &inv_freq }, &slots)?;
+        // The uploaded tables and slots are freed when this returns: the launch reading them must be done by then.
+        device.synchronize()
+    })
+}
+
+/// Causal latent attention of `heads` query heads over the paged cache, for decode (one query token a sequence)
+/// and chunked prefill (several): sequence s owns query tokens `q_start[s]..q_start[s+1]` (host `[num_seqs + 1]`
+/// int32, starting at 0), which are its last tokens, already in the cache. Per query row (token, head):
+/// `o_lat = softmax(softmax_scale * (q_lat . latent_j + q_rope . k_rope_j)) @ latent_j` over the cached tokens j the
+/// row may see. `q_lat`, `o_lat`: `[tokens, heads, 256]` bf16 (q_nope already through W_UK); `q_rope`:
+/// `[tokens, heads, 64]` bf16, rotated. Split-KV with a deterministic combine; scratch is allocated for the call
+/// (synchronises).
+///
+/// # Safety
+/// `device` must be null or live; `cache` and `batch` as [`Small4MlaCache`] and [`Small4MlaBatch`] say; `q_start`
+/// must hold `num_seqs + 1` values; the addresses must hold the sizes above on that device.
+#[no_mangle]
+pub unsafe extern "C" fn small4_mla_attention(
+    device: *const Small4Device,
+    cache: *const Small4MlaCache,
+    batch: *const Small4MlaBatch,
+    q_start: *const i32,
+    heads: usize,
+    q_lat: u64,
+    q_rope: u64,
+    o_lat: u64,
+    softmax_scale: f32,
+) -> Small4Status {
+    call(|| {
+        let device = unsafe { self::device(device) }?;
+        let (cache, tables) = unsafe { paged_cache(device, cache, batch) }?;
+        let layout = QueryLayout::upload(device, unsafe { slice(q_start, tables.num_seqs() + 1, "q_start") }?)?;
+        let rows = elements(layout.tokens(), heads, "attention rows")?;
+        let q_lat = unsafe { borrowed::<bf16>(device, q_lat, elements(rows, KV_LORA_RANK, "q_lat")?) }?;
+        let q_rope = unsafe { borrowed::<bf16>(device, q_rope, elements(rows, QK_ROPE, "q_rope")?) }?;
+        let o_lat = unsafe { borrowed::<bf16>(device, o_lat, elements(rows, KV_LORA_RANK, "o_lat")?) }?;
+        let queries = Queries { layout: &layout, q_lat: &q_lat, q_rope: &q_rope, heads };
+        let mut scratch = AttentionScratch::new(device);
+        mla_attention(&cache, &tables, &queries, &o_lat, softmax_scale, None, &mut scratch)?;
+        // The scratch and the uploaded tables are freed when this returns: the launches must be done by then.
         device.synchronize()
     })
 }

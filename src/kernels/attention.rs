@@ -95,6 +95,14 @@ impl PagedCache {
         Ok(PagedCache { desc, data: DeviceBuffer::from_slice(device, bytes)? })
     }
 
+    /// Pages in memory the caller already holds (e.g. a runtime's own cache through the C ABI): `data` must be
+    /// exactly `desc.total_bytes()` long.
+    pub fn from_buffer(desc: CacheDescriptor, data: DeviceBuffer<u8>) -> Result<Self> {
+        check_geometry(&desc)?;
+        check_len("paged cache bytes", data.len(), desc.total_bytes())?;
+        Ok(PagedCache { desc, data })
+    }
+
     pub fn descriptor(&self) -> &CacheDescriptor {
         &self.desc
     }

@@ -1,8 +1,8 @@
 /* Runs kernels of the C ABI on buffers this program owns (linked against the static library): RMSNorm, the fused
- * add + RMSNorm, SwiGLU, argmax, embedding gather, the MoE router, a whole MoE layer and the dequantisation of every
- * weight format, on the PTX interpreter and, when there is one, on GPU 0 (where the addresses are what cudaMalloc
- * returns), each checked against a plain C computation, plus the errors of bad calls. Prints one "ok NAME" line per
- * check and exits 0 when all pass. */
+ * add + RMSNorm, SwiGLU, argmax, embedding gather, the MoE router, a whole MoE layer, the dequantisation of every
+ * weight format, and the MLA cache writer and attention over a paged cache, on the PTX interpreter and, when there is
+ * one, on GPU 0 (where the addresses are what cudaMalloc returns), each checked against a plain C computation, plus
+ * the errors of bad calls. Prints one "ok NAME" line per check and exits 0 when all pass. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -416,6 +416,106 @@ static void embedding_gather(void) {
     CHECK(small4_device_release(device, out_dev));
 }
 
+/* MLA over a paged cache the program owns: the cache writer (latent RMSNorm, RoPE of k_rope) checked value by value,
+ * then attention of two sequences with 2 and 1 query tokens (a chunked prefill and a decode) against a plain C
+ * softmax over the cached values, then the errors of a page outside the pool and an unknown dtype. */
+enum { MLA_LATENT = 256, MLA_ROPE = 64, MLA_WIDTH = 320, MLA_PAGE = 4, MLA_PAGES = 6, MLA_HEADS = 2 };
+
+static void mla_attention(void) {
+    enum { SEQS = 2, MAX_PAGES = 2, TOKENS = 9, Q_TOKENS = 3, ROWS = Q_TOKENS * MLA_HEADS };
+    const int32_t block_tables[SEQS * MAX_PAGES] = {4, 1, 2, -1}, seq_lens[SEQS] = {6, 3};
+    int32_t token_seq[TOKENS], positions[TOKENS];
+    static uint16_t kv[TOKENS * MLA_WIDTH], norm_weight[MLA_LATENT], cache[MLA_PAGES * MLA_PAGE * MLA_WIDTH];
+    static uint16_t q_lat[ROWS * MLA_LATENT], q_rope[ROWS * MLA_ROPE], o_lat[ROWS * MLA_LATENT];
+    static float inv_freq[MLA_ROPE / 2], got[TOKENS * MLA_WIDTH], want[TOKENS * MLA_WIDTH];
+    static float got_o[ROWS * MLA_LATENT], want_o[ROWS * MLA_LATENT];
+    const float eps = 1e-6f, softmax_scale = 0.0625f;
+    for (int t = 0; t < TOKENS; t++) {
+        token_seq[t] = t < 6 ? 0 : 1;
+        positions[t] = t < 6 ? t : t - 6;
+    }
+    for (int i = 0; i < TOKENS * MLA_WIDTH; i++) kv[i] = to_bf16(pattern((unsigned)i, 1.5f));
+    for (int c = 0; c < MLA_LATENT; c++) norm_weight[c] = to_bf16(0.75f + (float)(c % 5) / 8.0f);
+    for (int l = 0; l < MLA_ROPE / 2; l++) inv_freq[l] = powf(10000.0f, -(float)l / (MLA_ROPE / 2));
+    for (int i = 0; i < ROWS * MLA_LATENT; i++) q_lat[i] = to_bf16(pattern((unsigned)i + 7u, 1.0f));
+    for (int i = 0; i < ROWS * MLA_ROPE; i++) q_rope[i] = to_bf16(pattern((unsigned)i + 13u, 1.0f));
+    uint64_t cache_dev = upload(NULL, sizeof cache), kv_dev = upload(kv, sizeof kv);
+    uint64_t norm_dev = upload(norm_weight, sizeof norm_weight), freq_dev = upload(inv_freq, sizeof inv_freq);
+    uint64_t q_lat_dev = upload(q_lat, sizeof q_lat), q_rope_dev = upload(q_rope, sizeof q_rope), o_dev = upload(NULL, sizeof o_lat);
+    Small4MlaCache mla_cache = {cache_dev, MLA_PAGES, MLA_PAGE, SMALL4_CACHE_DTYPE_BF16, 1.0f};
+    Small4MlaBatch batch = {SEQS, MAX_PAGES, block_tables, seq_lens};
+
+    CHECK(small4_mla_cache_write(device, &mla_cache, &batch, kv_dev, MLA_WIDTH, TOKENS, norm_dev, eps, freq_dev, token_seq, positions));
+    CHECK(small4_device_read(device, cache, cache_dev, sizeof cache));
+    /* The cache slot of token t: its sequence's page for the position, then the row in the page. */
+    const uint16_t *slot[TOKENS];
+    for (int t = 0; t < TOKENS; t++) {
+        int page = block_tables[token_seq[t] * MAX_PAGES + positions[t] / MLA_PAGE];
+        slot[t] = cache + ((size_t)page * MLA_PAGE + (size_t)(positions[t] % MLA_PAGE)) * MLA_WIDTH;
+        const uint16_t *row = kv + t * MLA_WIDTH;
+        double mean_sq = 0;
+        for (int c = 0; c < MLA_LATENT; c++) mean_sq += (double)from_bf16(row[c]) * from_bf16(row[c]);
+        double inv_rms = 1.0 / sqrt(mean_sq / MLA_LATENT + eps);
+        for (int c = 0; c < MLA_LATENT; c++) want[t * MLA_WIDTH + c] = (float)(from_bf16(row[c]) * inv_rms) * from_bf16(norm_weight[c]);
+        for (int l = 0; l < MLA_ROPE / 2; l++) {
+            double angle = (double)positions[t] * inv_freq[l];
+            float a = from_bf16(row[MLA_LATENT + 2 * l]), b = from_bf16(row[MLA_LATENT + 2 * l + 1]);
+            want[t * MLA_WIDTH + MLA_LATENT + 2 * l] = (float)(a * cos(angle) - b * sin(angle));
+            want[t * MLA_WIDTH + MLA_LATENT + 2 * l + 1] = (float)(a * sin(angle) + b * cos(angle));
+        }
+        for (int c = 0; c < MLA_WIDTH; c++) got[t * MLA_WIDTH + c] = from_bf16(slot[t][c]);
+    }
+    expect_close("mla_cache_write", got, want, TOKENS * MLA_WIDTH, 1.0f / 128.0f);
+
+    /* Sequence 0 queries its last two tokens (positions 4 and 5), sequence 1 its last (position 2). */
+    const int32_t q_start[SEQS + 1] = {0, 2, 3};
+    CHECK(small4_mla_attention(device, &mla_cache, &batch, q_start, MLA_HEADS, q_lat_dev, q_rope_dev, o_dev, softmax_scale));
+    CHECK(small4_device_read(device, o_lat, o_dev, sizeof o_lat));
+    for (int q = 0; q < Q_TOKENS; q++) {
+        int seq = q < 2 ? 0 : 1, first_token = seq == 0 ? 0 : 6, count = q_start[seq + 1] - q_start[seq];
+        int position = seq_lens[seq] - count + (q - q_start[seq]);
+        for (int h = 0; h < MLA_HEADS; h++) {
+            int r = q * MLA_HEADS + h;
+            double scores[6], max_score = -1e30, total = 0;
+            for (int j = 0; j <= position; j++) {
+                const uint16_t *cached = slot[first_token + j];
+                double dot = 0;
+                for (int c = 0; c < MLA_LATENT; c++) dot += (double)from_bf16(q_lat[r * MLA_LATENT + c]) * from_bf16(cached[c]);
+                for (int c = 0; c < MLA_ROPE; c++) dot += (double)from_bf16(q_rope[r * MLA_ROPE + c]) * from_bf16(cached[MLA_LATENT + c]);
+                scores[j] = dot * softmax_scale;
+                if (scores[j] > max_score) max_score = scores[j];
+            }
+            for (int j = 0; j <= position; j++) total += (scores[j] = exp(scores[j] - max_score));
+            for (int c = 0; c < MLA_LATENT; c++) {
+                double o = 0;
+                for (int j = 0; j <= position; j++) o += scores[j] / total * from_bf16(slot[first_token + j][c]);
+                want_o[r * MLA_LATENT + c] = (float)o;
+                got_o[r * MLA_LATENT + c] = from_bf16(o_lat[r * MLA_LATENT + c]);
+            }
+        }
+    }
+    expect_close("mla_attention", got_o, want_o, ROWS * MLA_LATENT, 1.0f / 64.0f);
+
+    /* A page outside the pool is refused before any launch; so is an unknown cache dtype. */
+    const int32_t bad_tables[SEQS * MAX_PAGES] = {4, MLA_PAGES, 2, -1};
+    Small4MlaBatch bad_batch = {SEQS, MAX_PAGES, bad_tables, seq_lens};
+    Small4Status status = small4_mla_attention(device, &mla_cache, &bad_batch, q_start, MLA_HEADS, q_lat_dev, q_rope_dev, o_dev, softmax_scale);
+    if (status != SMALL4_STATUS_OUT_OF_RANGE) {
+        fprintf(stderr, "mla_attention with page %d of %d: status %d: %s\n", MLA_PAGES, MLA_PAGES, (int)status, small4_last_error());
+        exit(1);
+    }
+    Small4MlaCache bad_cache = mla_cache;
+    bad_cache.dtype = 7;
+    status = small4_mla_attention(device, &bad_cache, &batch, q_start, MLA_HEADS, q_lat_dev, q_rope_dev, o_dev, softmax_scale);
+    if (status != SMALL4_STATUS_UNKNOWN_DTYPE) {
+        fprintf(stderr, "mla_attention with cache dtype 7: status %d: %s\n", (int)status, small4_last_error());
+        exit(1);
+    }
+    printf("ok mla errors\n");
+    uint64_t buffers[] = {cache_dev, kv_dev, norm_dev, freq_dev, q_lat_dev, q_rope_dev, o_dev};
+    for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) CHECK(small4_device_release(device, buffers[i]));
+}
+
 /* Every check on one device. */
 static void run_all(void) {
     rms_norms();
@@ -424,6 +524,7 @@ static void run_all(void) {
     moe_layer();
     dequant();
     embedding_gather();
+    mla_attention();
 }
 
 int main(void) {

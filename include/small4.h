@@ -244,6 +244,30 @@ enum Small4Status small4_silu_mul(const struct Small4Device *device,
                                   size_t tokens,
                                   size_t hidden);
 
+// RoPE in place, on interleaved pairs (pair i of a head is its values `head_dim - rope_dim + 2i`, `+ 2i + 1`, turned
+// by `positions[t] * inv_freq[i]`): the last `rope_dim` values of every head of `q` (`[tokens, heads, head_dim]`
+// bf16), then all of q times the llama-4 query scale `1 + scale_beta * ln(1 + floor(position / original_max_position))`;
+// and, when `k` is not 0, the `rope_dim` values at `k_offset` of each `k_row_stride`-element bf16 row of `k` (e.g.
+// the k_rope inside the kv_a projection's output: offset 256, stride 320). `positions`: `[tokens]` int32 (>= 0);
+// `inv_freq`: `[rope_dim / 2]` f32 (the YaRN frequencies). head_dim, rope_dim, k_offset and k_row_stride are
+// multiples of 8.
+//
+// # Safety
+// `device` must be null or live; the addresses must hold the sizes above on that device.
+enum Small4Status small4_rope_q_k(const struct Small4Device *device,
+                                  uint64_t q,
+                                  size_t tokens,
+                                  size_t heads,
+                                  size_t head_dim,
+                                  uint64_t k,
+                                  size_t k_offset,
+                                  size_t k_row_stride,
+                                  uint64_t positions,
+                                  uint64_t inv_freq,
+                                  size_t rope_dim,
+                                  float scale_beta,
+                                  size_t original_max_position);
+
 // Embedding lookup: `out[t] = table[ids[t]]`. `ids`: `[tokens]` int32; `table`: `[vocab, dim]` bf16; `out`:
 // `[tokens, dim]` bf16. An id outside `0..vocab` is [`Small4Status::OutOfRange`] (the table is never read out of
 // bounds). Synchronises the device to check the ids.

@@ -26,6 +26,7 @@ use small4::device::{Device, DeviceBuffer, DeviceElement};
 use small4::kernels::attention::{
     mla_attention, mla_cache_write, AttentionScratch, BlockTables, CacheWriteWeights, PagedCache, Queries, QueryLayout, TokenSlots, KV_LORA_RANK, QK_ROPE,
 };
+use small4::kernels::ops::{rope_q_k, KRope, QueryScale};
 use small4::kernels::moe::{moe_layer, moe_tile_m, Grouping, MoeLayerWeights, MoeWorkspace, RoutingBuffers};
 use small4::kernels::router::{moe_align, route_and_align_into, Alignment, ExpertMap, RouterConfig, RouterWorkspace, Routing};
 use small4::quant::repack::{repack_gate_up, repack_linear, MatrixRef, PackedWeights, QuantData};
@@ -398,6 +399,46 @@ pub unsafe extern "C" fn small4_silu_mul(device: *const Small4Device, gate_up: u
         let gate_up = unsafe { borrowed::<bf16>(device, gate_up, elements(n, 2, "silu_mul")?) }?;
         let out = unsafe { borrowed::<bf16>(device, out, n) }?;
         small4::kernels::ops::silu_mul(&gate_up, &out, tokens, hidden)
+    })
+}
+
+/// RoPE in place, on interleaved pairs (pair i of a head is its values `head_dim - rope_dim + 2i`, `+ 2i + 1`, turned
+/// by `positions[t] * inv_freq[i]`): the last `rope_dim` values of every head of `q` (`[tokens, heads, head_dim]`
+/// bf16), then all of q times the llama-4 query scale `1 + scale_beta * ln(1 + floor(position / original_max_position))`;
+/// and, when `k` is not 0, the `rope_dim` values at `k_offset` of each `k_row_stride`-element bf16 row of `k` (e.g.
+/// the k_rope inside the kv_a projection's output: offset 256, stride 320). `positions`: `[tokens]` int32 (>= 0);
+/// `inv_freq`: `[rope_dim / 2]` f32 (the YaRN frequencies). head_dim, rope_dim, k_offset and k_row_stride are
+/// multiples of 8.
+///
+/// # Safety
+/// `device` must be null or live; the addresses must hold the sizes above on that device.
+#[no_mangle]
+pub unsafe extern "C" fn small4_rope_q_k(
+    device: *const Small4Device,
+    q: u64,
+    tokens: usize,
+    heads: usize,
+    head_dim: usize,
+    k: u64,
+    k_offset: usize,
+    k_row_stride: usize,
+    positions: u64,
+    inv_freq: u64,
+    rope_dim: usize,
+    scale_beta: f32,
+    original_max_position: usize,
+) -> Small4Status {
+    call(|| {
+        let device = unsafe { self::device(device) }?;
+        if rope_dim % 2 != 0 {
+            return Err(Error::InvalidArgument(format!("rope_dim {rope_dim} is odd")));
+        }
+        let q = unsafe { borrowed::<bf16>(device, q, elements(elements(tokens, heads, "rope q")?, head_dim, "rope q")?) }?;
+        let k = if k == 0 { None } else { Some(unsafe { borrowed::<bf16>(device, k, elements(tokens, k_row_stride, "rope k")?) }?) };
+        let positions = unsafe { borrowed::<i32>(device, positions, tokens) }?;
+        let inv_freq = unsafe { borrowed::<f32>(device, inv_freq, rope_dim / 2) }?;
+        let k = k.as_ref().map(|buffer| KRope { buffer, offset: k_offset, row_stride: k_row_stride });
+        rope_q_k(&q, heads, head_dim, k, &positions, &inv_freq, QueryScale { beta: scale_beta, original_max_position })
     })
 }
 

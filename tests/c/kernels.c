@@ -1,6 +1,6 @@
 /* Runs kernels of the C ABI on buffers this program owns (linked against the static library): RMSNorm, the fused
  * add + RMSNorm, SwiGLU, argmax, embedding gather, the MoE router, a whole MoE layer, the dequantisation of every
- * weight format, and the MLA cache writer and attention over a paged cache, on the PTX interpreter and, when there is
+ * weight format, RoPE, and the MLA cache writer and attention over a paged cache, on the PTX interpreter and, when there is
  * one, on GPU 0 (where the addresses are what cudaMalloc returns), each checked against a plain C computation, plus
  * the errors of bad calls. Prints one "ok NAME" line per check and exits 0 when all pass. */
 #include <math.h>
@@ -416,6 +416,59 @@ static void embedding_gather(void) {
     CHECK(small4_device_release(device, out_dev));
 }
 
+/* RoPE of q (every head's last ROPE_DIM values, then the llama-4 query scale on all of q) and of k_rope inside wider
+ * rows (the other values of those rows untouched). */
+static void rope(void) {
+    enum { TOKENS = 3, HEADS = 2, HEAD_DIM = 24, ROPE_DIM = 16, K_OFFSET = 8, K_STRIDE = 32 };
+    const int32_t positions[TOKENS] = {0, 5, 70};
+    const float beta = 0.1f;
+    const int original_max = 64;
+    static uint16_t q[TOKENS * HEADS * HEAD_DIM], k[TOKENS * K_STRIDE], q_out[TOKENS * HEADS * HEAD_DIM], k_out[TOKENS * K_STRIDE];
+    static float inv_freq[ROPE_DIM / 2], got[TOKENS * HEADS * HEAD_DIM], want[TOKENS * HEADS * HEAD_DIM];
+    static float got_k[TOKENS * K_STRIDE], want_k[TOKENS * K_STRIDE];
+    for (int i = 0; i < TOKENS * HEADS * HEAD_DIM; i++) q[i] = to_bf16(pattern((unsigned)i + 101u, 2.0f));
+    for (int i = 0; i < TOKENS * K_STRIDE; i++) k[i] = to_bf16(pattern((unsigned)i + 202u, 2.0f));
+    for (int i = 0; i < ROPE_DIM / 2; i++) inv_freq[i] = powf(10000.0f, -(float)i / (ROPE_DIM / 2));
+    uint64_t q_dev = upload(q, sizeof q), k_dev = upload(k, sizeof k);
+    uint64_t positions_dev = upload(positions, sizeof positions), freq_dev = upload(inv_freq, sizeof inv_freq);
+    CHECK(small4_rope_q_k(device, q_dev, TOKENS, HEADS, HEAD_DIM, k_dev, K_OFFSET, K_STRIDE, positions_dev, freq_dev, ROPE_DIM, beta, original_max));
+    CHECK(small4_device_read(device, q_out, q_dev, sizeof q_out));
+    CHECK(small4_device_read(device, k_out, k_dev, sizeof k_out));
+    for (int t = 0; t < TOKENS; t++) {
+        double scale = 1.0 + beta * log(1.0 + (double)(positions[t] / original_max));
+        for (int h = 0; h < HEADS; h++) {
+            const int base = (t * HEADS + h) * HEAD_DIM;
+            for (int d = 0; d < HEAD_DIM - ROPE_DIM; d++) want[base + d] = (float)(from_bf16(q[base + d]) * scale);
+            for (int i = 0; i < ROPE_DIM / 2; i++) {
+                int at = base + HEAD_DIM - ROPE_DIM + 2 * i;
+                double angle = (double)positions[t] * inv_freq[i], a = from_bf16(q[at]), b = from_bf16(q[at + 1]);
+                want[at] = (float)((a * cos(angle) - b * sin(angle)) * scale);
+                want[at + 1] = (float)((a * sin(angle) + b * cos(angle)) * scale);
+            }
+        }
+        for (int c = 0; c < K_STRIDE; c++) want_k[t * K_STRIDE + c] = from_bf16(k[t * K_STRIDE + c]);
+        for (int i = 0; i < ROPE_DIM / 2; i++) {
+            int at = t * K_STRIDE + K_OFFSET + 2 * i;
+            double angle = (double)positions[t] * inv_freq[i], a = from_bf16(k[at]), b = from_bf16(k[at + 1]);
+            want_k[at] = (float)(a * cos(angle) - b * sin(angle));
+            want_k[at + 1] = (float)(a * sin(angle) + b * cos(angle));
+        }
+    }
+    for (int i = 0; i < TOKENS * HEADS * HEAD_DIM; i++) got[i] = from_bf16(q_out[i]);
+    for (int i = 0; i < TOKENS * K_STRIDE; i++) got_k[i] = from_bf16(k_out[i]);
+    expect_close("rope q", got, want, TOKENS * HEADS * HEAD_DIM, 1.0f / 128.0f);
+    expect_close("rope k", got_k, want_k, TOKENS * K_STRIDE, 1.0f / 128.0f);
+
+    Small4Status status = small4_rope_q_k(device, q_dev, TOKENS, HEADS, HEAD_DIM, k_dev, 4, K_STRIDE, positions_dev, freq_dev, ROPE_DIM, beta, original_max);
+    if (status != SMALL4_STATUS_INVALID_ARGUMENT) {
+        fprintf(stderr, "rope with k at offset 4: status %d\n", (int)status);
+        exit(1);
+    }
+    printf("ok rope errors\n");
+    uint64_t buffers[] = {q_dev, k_dev, positions_dev, freq_dev};
+    for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) CHECK(small4_device_release(device, buffers[i]));
+}
+
 /* MLA over a paged cache the program owns: the cache writer (latent RMSNorm, RoPE of k_rope) checked value by value,
  * then attention of two sequences with 2 and 1 query tokens (a chunked prefill and a decode) against a plain C
  * softmax over the cached values, then the errors of a page outside the pool and an unknown dtype. */
@@ -524,6 +577,7 @@ static void run_all(void) {
     moe_layer();
     dequant();
     embedding_gather();
+    rope();
     mla_attention();
 }
 

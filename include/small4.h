@@ -293,6 +293,25 @@ enum Small4Status small4_argmax(const struct Small4Device *device,
                                 size_t vocab,
                                 uint64_t ids);
 
+// Seeded temperature + top-p sampling: `ids[r]` is drawn from `softmax(logits[r] / temperature[r])` restricted to
+// its nucleus (the most likely tokens whose probabilities reach `top_p[r]`), with integer arithmetic throughout, so
+// a row's token depends only on its logits, settings, `seeds[r]` and `steps[r]` (bit-reproducible on every
+// device; `small4::reference::sampling` computes the same token). A row with `temperature[r] <= 0` is greedy.
+// `logits`: `[rows, vocab]` f32; `temperature`, `top_p`: `[rows]` f32; `seeds`: `[rows]` uint64; `steps`: `[rows]`
+// int32; `ids`: `[rows]` int32 (all on the device, so a captured graph replays with new values).
+//
+// # Safety
+// `device` must be null or live; the addresses must hold the sizes above on that device.
+enum Small4Status small4_sample(const struct Small4Device *device,
+                                uint64_t logits,
+                                size_t rows,
+                                size_t vocab,
+                                uint64_t temperature,
+                                uint64_t top_p,
+                                uint64_t seeds,
+                                uint64_t steps,
+                                uint64_t ids);
+
 // The MoE router of `tokens` rows: gate logits `hidden @ gate^T`, softmax over all `experts` in f32, top-`k` (ties
 // to the lower index), weights renormalised over the k and scaled by `routed_scale`. `hidden`: `[tokens, dim]`
 // bf16; `gate`: `[experts, dim]` bf16; outputs `topk_ids`: `[tokens, k]` int32 and `topk_weights`: `[tokens, k]`

@@ -26,7 +26,7 @@ use small4::device::{Device, DeviceBuffer, DeviceElement};
 use small4::kernels::attention::{
     mla_attention, mla_cache_write, AttentionScratch, BlockTables, CacheWriteWeights, PagedCache, Queries, QueryLayout, TokenSlots, KV_LORA_RANK, QK_ROPE,
 };
-use small4::kernels::ops::{rope_q_k, KRope, QueryScale};
+use small4::kernels::ops::{rope_q_k, sample, KRope, QueryScale, SamplingInputs};
 use small4::kernels::moe::{moe_layer, moe_tile_m, Grouping, MoeLayerWeights, MoeWorkspace, RoutingBuffers};
 use small4::kernels::router::{moe_align, route_and_align_into, Alignment, ExpertMap, RouterConfig, RouterWorkspace, Routing};
 use small4::quant::repack::{repack_gate_up, repack_linear, MatrixRef, PackedWeights, QuantData};
@@ -471,6 +471,39 @@ pub unsafe extern "C" fn small4_argmax(device: *const Small4Device, logits: u64,
         let logits = unsafe { borrowed::<f32>(device, logits, elements(rows, vocab, "argmax logits")?) }?;
         let ids = unsafe { borrowed::<i32>(device, ids, rows) }?;
         small4::kernels::ops::argmax(&logits, rows, vocab, &ids)
+    })
+}
+
+/// Seeded temperature + top-p sampling: `ids[r]` is drawn from `softmax(logits[r] / temperature[r])` restricted to
+/// its nucleus (the most likely tokens whose probabilities reach `top_p[r]`), with integer arithmetic throughout, so
+/// a row's token depends only on its logits, settings, `seeds[r]` and `steps[r]` (bit-reproducible on every
+/// device; `small4::reference::sampling` computes the same token). A row with `temperature[r] <= 0` is greedy.
+/// `logits`: `[rows, vocab]` f32; `temperature`, `top_p`: `[rows]` f32; `seeds`: `[rows]` uint64; `steps`: `[rows]`
+/// int32; `ids`: `[rows]` int32 (all on the device, so a captured graph replays with new values).
+///
+/// # Safety
+/// `device` must be null or live; the addresses must hold the sizes above on that device.
+#[no_mangle]
+pub unsafe extern "C" fn small4_sample(
+    device: *const Small4Device,
+    logits: u64,
+    rows: usize,
+    vocab: usize,
+    temperature: u64,
+    top_p: u64,
+    seeds: u64,
+    steps: u64,
+    ids: u64,
+) -> Small4Status {
+    call(|| {
+        let device = unsafe { self::device(device) }?;
+        let logits = unsafe { borrowed::<f32>(device, logits, elements(rows, vocab, "sample logits")?) }?;
+        let per_row = |addr| unsafe { borrowed::<f32>(device, addr, rows) };
+        let (temperature, top_p) = (per_row(temperature)?, per_row(top_p)?);
+        let seeds = unsafe { borrowed::<u64>(device, seeds, rows) }?;
+        let steps = unsafe { borrowed::<i32>(device, steps, rows) }?;
+        let ids = unsafe { borrowed::<i32>(device, ids, rows) }?;
+        sample(&logits, rows, vocab, &SamplingInputs { temperature: &temperature, top_p: &top_p, seeds: &seeds, steps: &steps }, &ids)
     })
 }
 

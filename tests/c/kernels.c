@@ -1,8 +1,9 @@
 /* Runs kernels of the C ABI on buffers this program owns (linked against the static library): RMSNorm, the fused
- * add + RMSNorm, SwiGLU, argmax, embedding gather, the MoE router, a whole MoE layer, the dequantisation of every
- * weight format, RoPE, and the MLA cache writer and attention over a paged cache, on the PTX interpreter and, when there is
- * one, on GPU 0 (where the addresses are what cudaMalloc returns), each checked against a plain C computation, plus
- * the errors of bad calls. Prints one "ok NAME" line per check and exits 0 when all pass. */
+ * add + RMSNorm, SwiGLU, argmax, embedding gather, seeded sampling, the MoE router, a whole MoE layer, the
+ * dequantisation of every weight format, RoPE, and the MLA cache writer and attention over a paged cache, on the PTX
+ * interpreter and, when there is one, on GPU 0 (where the addresses are what cudaMalloc returns), each checked
+ * against a plain C computation, plus the errors of bad calls. Prints one "ok NAME" line per check and exits 0 when
+ * all pass. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -416,6 +417,78 @@ static void embedding_gather(void) {
     CHECK(small4_device_release(device, out_dev));
 }
 
+/* Seeded sampling: greedy rows equal the argmax, a tiny top-p keeps only the top token, a row's token depends on its
+ * logits, settings, seed and step only (same in another row and in a second call), every token lies in its row's
+ * nucleus, and different seeds draw different tokens. */
+static void sampling(void) {
+    enum { ROWS = 4, VOCAB = 1000, SEEDS = 32 };
+    static float logits[ROWS * VOCAB], temperature[ROWS] = {0.0f, 1.0f, 0.8f, 0.8f}, top_p[ROWS] = {1.0f, 1e-7f, 0.9f, 0.9f};
+    uint64_t seeds[ROWS] = {1, 2, 7, 7};
+    int32_t steps[ROWS] = {0, 0, 3, 3}, ids[ROWS], again[ROWS];
+    for (int i = 0; i < 3 * VOCAB; i++) logits[i] = pattern((unsigned)i + 303u, 4.0f);
+    memcpy(logits + 3 * VOCAB, logits + 2 * VOCAB, VOCAB * sizeof(float)); /* row 3 repeats row 2 */
+    uint64_t logits_dev = upload(logits, sizeof logits), temperature_dev = upload(temperature, sizeof temperature);
+    uint64_t top_p_dev = upload(top_p, sizeof top_p), seeds_dev = upload(seeds, sizeof seeds), steps_dev = upload(steps, sizeof steps);
+    uint64_t ids_dev = upload(NULL, sizeof ids);
+    CHECK(small4_sample(device, logits_dev, ROWS, VOCAB, temperature_dev, top_p_dev, seeds_dev, steps_dev, ids_dev));
+    CHECK(small4_device_read(device, ids, ids_dev, sizeof ids));
+    CHECK(small4_sample(device, logits_dev, ROWS, VOCAB, temperature_dev, top_p_dev, seeds_dev, steps_dev, ids_dev));
+    CHECK(small4_device_read(device, again, ids_dev, sizeof again));
+    for (int r = 0; r < 2; r++) {
+        int best = 0;
+        for (int v = 1; v < VOCAB; v++)
+            if (logits[r * VOCAB + v] > logits[r * VOCAB + best]) best = v;
+        if (ids[r] != best) {
+            fprintf(stderr, "sample row %d (%s): %d, argmax %d\n", r, r == 0 ? "greedy" : "top_p 1e-7", ids[r], best);
+            exit(1);
+        }
+    }
+    if (ids[2] != ids[3] || memcmp(ids, again, sizeof ids) != 0) {
+        fprintf(stderr, "sample not reproducible: %d %d %d %d then %d %d %d %d\n", ids[0], ids[1], ids[2], ids[3], again[0], again[1], again[2], again[3]);
+        exit(1);
+    }
+    /* The nucleus of row 2: the mass of the tokens more likely than the drawn one stays below top_p. */
+    double max_logit = -1e30, total = 0, above = 0;
+    for (int v = 0; v < VOCAB; v++)
+        if (logits[2 * VOCAB + v] > max_logit) max_logit = logits[2 * VOCAB + v];
+    for (int v = 0; v < VOCAB; v++) total += exp((logits[2 * VOCAB + v] - max_logit) / temperature[2]);
+    int distinct = 0;
+    static int seen[VOCAB];
+    memset(seen, 0, sizeof seen);
+    for (int seed = 0; seed < SEEDS; seed++) {
+        uint64_t row_seed[ROWS] = {1, 2, (uint64_t)seed * 7919u + 1u, 7};
+        CHECK(small4_device_write(device, seeds_dev, row_seed, sizeof row_seed));
+        CHECK(small4_sample(device, logits_dev, ROWS, VOCAB, temperature_dev, top_p_dev, seeds_dev, steps_dev, ids_dev));
+        CHECK(small4_device_read(device, again, ids_dev, sizeof again));
+        int id = again[2];
+        if (id < 0 || id >= VOCAB) {
+            fprintf(stderr, "sample: id %d outside the vocabulary\n", id);
+            exit(1);
+        }
+        above = 0;
+        for (int v = 0; v < VOCAB; v++)
+            if (logits[2 * VOCAB + v] > logits[2 * VOCAB + id]) above += exp((logits[2 * VOCAB + v] - max_logit) / temperature[2]);
+        if (above / total >= 0.9 + 1e-4) {
+            fprintf(stderr, "sample: token %d outside the 0.9 nucleus (mass above it %g)\n", id, above / total);
+            exit(1);
+        }
+        if (!seen[id]++) distinct++;
+    }
+    if (distinct < 4) {
+        fprintf(stderr, "sample: %d seeds drew only %d distinct tokens\n", SEEDS, distinct);
+        exit(1);
+    }
+    printf("ok sample\n");
+    Small4Status status = small4_sample(device, logits_dev, ROWS, VOCAB, 0, top_p_dev, seeds_dev, steps_dev, ids_dev);
+    if (status != SMALL4_STATUS_INVALID_ARGUMENT) {
+        fprintf(stderr, "sample without temperatures: status %d\n", (int)status);
+        exit(1);
+    }
+    printf("ok sample errors\n");
+    uint64_t buffers[] = {logits_dev, temperature_dev, top_p_dev, seeds_dev, steps_dev, ids_dev};
+    for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) CHECK(small4_device_release(device, buffers[i]));
+}
+
 /* RoPE of q (every head's last ROPE_DIM values, then the llama-4 query scale on all of q) and of k_rope inside wider
  * rows (the other values of those rows untouched). */
 static void rope(void) {
@@ -577,6 +650,7 @@ static void run_all(void) {
     moe_layer();
     dequant();
     embedding_gather();
+    sampling();
     rope();
     mla_attention();
 }

@@ -69,6 +69,22 @@ typedef enum Small4CacheDtype {
   SMALL4_CACHE_DTYPE_FP8_E4M3 = 1,
 } Small4CacheDtype;
 
+// How a checkpoint stores a set of expert matrices (the `format` of [`Small4ExpertMatrices`]).
+typedef enum Small4WeightFormat {
+  // bf16 values.
+  SMALL4_WEIGHT_FORMAT_BF16 = 0,
+  // FP8 e4m3 codes with one f32 scale a matrix (the published checkpoint's `qscale_weight`).
+  SMALL4_WEIGHT_FORMAT_FP8 = 1,
+  // FP8 e4m3 codes with an f32 scale per 128x128 block.
+  SMALL4_WEIGHT_FORMAT_FP8_BLOCK128 = 2,
+  // INT4, two a byte (low nibble = even column), a bf16 scale per `group` columns of a row, symmetric (zero 8) or
+  // with 4-bit zero points.
+  SMALL4_WEIGHT_FORMAT_INT4 = 3,
+  // NVFP4: e2m1, two a byte (low nibble = even column), an e4m3 scale per 16 columns, an f32 global divisor a
+  // matrix: `w = e2m1 * scale / global_scale`.
+  SMALL4_WEIGHT_FORMAT_NVFP4 = 4,
+} Small4WeightFormat;
+
 // A device the kernels launch on: the PTX interpreter, or a GPU bound to one CUDA stream.
 typedef struct Small4Device Small4Device;
 
@@ -78,6 +94,24 @@ typedef struct Small4Generator Small4Generator;
 // The weights of one MoE layer on a device, packed into the grouped GEMM's layout (made by
 // [`small4_moe_layer_open_bf16`]).
 typedef struct Small4MoeLayer Small4MoeLayer;
+
+// `experts` matrices of one role (`[rows, cols]` each, as stored `[out, in]`), stacked, in host memory.
+typedef struct Small4ExpertMatrices {
+  // A [`Small4WeightFormat`] value (an integer, so that a wrong value is an error rather than undefined behaviour).
+  uint32_t format;
+  // BF16: `[experts, rows, cols]` bf16; FP8, FP8_BLOCK128: `[experts, rows, cols]` e4m3 bytes; INT4, NVFP4:
+  // `[experts, rows, cols / 2]` bytes.
+  const void *data;
+  // FP8: `[experts]` f32; FP8_BLOCK128: `[experts, ceil(rows / 128), ceil(cols / 128)]` f32; INT4:
+  // `[experts, rows, cols / group]` bf16; NVFP4: `[experts, rows, cols / 16]` e4m3 bytes. BF16: unused.
+  const void *scales;
+  // INT4: `[experts, rows, cols / group]` zero points in 0..=15, or null for symmetric. Other formats: unused.
+  const uint8_t *zeros;
+  // INT4: columns per scale (a multiple of 64 dividing cols). Other formats: unused.
+  size_t group;
+  // NVFP4: `[experts]` f32 global scales. Other formats: unused.
+  const float *global_scales;
+} Small4ExpertMatrices;
 
 // One layer's paged latent cache in the caller's device memory: `[num_pages, page_size, 320]` elements, each token
 // `[normalised latent 256 | rotated k_rope 64]` (Mistral Small 4's geometry; the kernels are built for it).
@@ -385,10 +419,30 @@ enum Small4Status small4_dequant_nvfp4(const struct Small4Device *device,
                                        size_t rows,
                                        size_t cols);
 
-// Packs and uploads one MoE layer with bf16 weights (bf16 bit patterns as `uint16_t`, as stored [out, in]):
-// `w1` (gate) and `w3` (up) `[experts, hidden, dim]`, `w2` (down) `[experts, dim, hidden]`, and the shared expert's
-// `shared_w1`, `shared_w3` `[hidden, dim]` and `shared_w2` `[dim, hidden]`, all three null for a layer without one.
-// `dim` and `hidden` must be multiples of 64.
+// Packs and uploads one MoE layer in any checkpoint format ([`Small4ExpertMatrices`], host memory): `w1` (gate) and
+// `w3` (up) `[experts, hidden, dim]`, `w2` (down) `[experts, dim, hidden]`, and the shared expert's `shared_w1`,
+// `shared_w3` `[hidden, dim]` and `shared_w2` `[dim, hidden]` (each a set of one matrix, in its own format), all
+// three null for a layer without one. The weights are dequantised inside the grouped GEMM. `dim` and `hidden` must be
+// multiples of 64.
+//
+// # Safety
+// `device` must be null or live; each matrix set null or valid as [`Small4ExpertMatrices`] says; `out` null or
+// writable.
+enum Small4Status small4_moe_layer_open(const struct Small4Device *device,
+                                        size_t experts,
+                                        size_t dim,
+                                        size_t hidden,
+                                        const struct Small4ExpertMatrices *w1,
+                                        const struct Small4ExpertMatrices *w3,
+                                        const struct Small4ExpertMatrices *w2,
+                                        const struct Small4ExpertMatrices *shared_w1,
+                                        const struct Small4ExpertMatrices *shared_w3,
+                                        const struct Small4ExpertMatrices *shared_w2,
+                                        struct Small4MoeLayer **out);
+
+// [`small4_moe_layer_open`] with every matrix in bf16 (bit patterns as `uint16_t`): `w1`, `w3`
+// `[experts, hidden, dim]`, `w2` `[experts, dim, hidden]`, the shared expert's `[hidden, dim]`, `[hidden, dim]`,
+// `[dim, hidden]` or all three null.
 //
 // # Safety
 // `device` must be null or live; the weight pointers null or holding the sizes above (host memory); `out` null or

@@ -636,34 +636,166 @@ pub struct Small4MoeLayer {
     weights: MoeLayerWeights,
 }
 
-/// `experts` matrices of `[rows, cols]` bf16 (bit patterns as `uint16_t`), stacked, from the host, packed for the
-/// grouped GEMM: SwiGLU-interleaved gate/up pairs when `up` is given.
-///
-/// # Safety
-/// `first` (and `up`) must be null or hold `experts * rows * cols` values.
-unsafe fn pack(experts: usize, rows: usize, cols: usize, first: *const u16, up: Option<*const u16>, what: &str) -> Result<PackedWeights> {
-    let per_expert = elements(rows, cols, what)?;
-    let total = elements(experts, per_expert, what)?;
-    // bf16 is a transparent u16.
-    let stacked = |ptr: *const u16| unsafe { slice(ptr.cast::<bf16>(), total, what) };
-    fn matrices(data: &[bf16], rows: usize, cols: usize) -> Vec<MatrixRef<'_>> {
-        data.chunks_exact((rows * cols).max(1)).map(|m| MatrixRef { rows, cols, data: QuantData::Bf16(m) }).collect()
-    }
-    let first = stacked(first)?;
-    match up {
-        None => repack_linear(&matrices(first, rows, cols)),
-        Some(up) => {
-            let up = stacked(up)?;
-            let pairs: Vec<(MatrixRef, MatrixRef)> = matrices(first, rows, cols).into_iter().zip(matrices(up, rows, cols)).collect();
-            repack_gate_up(&pairs)
-        }
-    }
+/// How a checkpoint stores a set of expert matrices (the `format` of [`Small4ExpertMatrices`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Small4WeightFormat {
+    /// bf16 values.
+    Bf16 = 0,
+    /// FP8 e4m3 codes with one f32 scale a matrix (the published checkpoint's `qscale_weight`).
+    Fp8 = 1,
+    /// FP8 e4m3 codes with an f32 scale per 128x128 block.
+    Fp8Block128 = 2,
+    /// INT4, two a byte (low nibble = even column), a bf16 scale per `group` columns of a row, symmetric (zero 8) or
+    /// with 4-bit zero points.
+    Int4 = 3,
+    /// NVFP4: e2m1, two a byte (low nibble = even column), an e4m3 scale per 16 columns, an f32 global divisor a
+    /// matrix: `w = e2m1 * scale / global_scale`.
+    Nvfp4 = 4,
 }
 
-/// Packs and uploads one MoE layer with bf16 weights (bf16 bit patterns as `uint16_t`, as stored [out, in]):
-/// `w1` (gate) and `w3` (up) `[experts, hidden, dim]`, `w2` (down) `[experts, dim, hidden]`, and the shared expert's
-/// `shared_w1`, `shared_w3` `[hidden, dim]` and `shared_w2` `[dim, hidden]`, all three null for a layer without one.
-/// `dim` and `hidden` must be multiples of 64.
+/// `experts` matrices of one role (`[rows, cols]` each, as stored `[out, in]`), stacked, in host memory.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Small4ExpertMatrices {
+    /// A [`Small4WeightFormat`] value (an integer, so that a wrong value is an error rather than undefined behaviour).
+    pub format: u32,
+    /// BF16: `[experts, rows, cols]` bf16; FP8, FP8_BLOCK128: `[experts, rows, cols]` e4m3 bytes; INT4, NVFP4:
+    /// `[experts, rows, cols / 2]` bytes.
+    pub data: *const c_void,
+    /// FP8: `[experts]` f32; FP8_BLOCK128: `[experts, ceil(rows / 128), ceil(cols / 128)]` f32; INT4:
+    /// `[experts, rows, cols / group]` bf16; NVFP4: `[experts, rows, cols / 16]` e4m3 bytes. BF16: unused.
+    pub scales: *const c_void,
+    /// INT4: `[experts, rows, cols / group]` zero points in 0..=15, or null for symmetric. Other formats: unused.
+    pub zeros: *const u8,
+    /// INT4: columns per scale (a multiple of 64 dividing cols). Other formats: unused.
+    pub group: usize,
+    /// NVFP4: `[experts]` f32 global scales. Other formats: unused.
+    pub global_scales: *const f32,
+}
+
+/// One [`MatrixRef`] per expert over the caller's stacked arrays, every length taken from the shape.
+///
+/// # Safety
+/// The pointers of `m` that its format uses must hold the sizes [`Small4ExpertMatrices`] gives.
+unsafe fn expert_matrices<'a>(m: &Small4ExpertMatrices, experts: usize, rows: usize, cols: usize, what: &str) -> Result<Vec<MatrixRef<'a>>> {
+    let values = elements(rows, cols, what)?;
+    /// `len` elements of `T` a matrix, stacked. A pointer misaligned for `T` is an error, not undefined behaviour.
+    ///
+    /// # Safety
+    /// A non-null `ptr` must hold `experts * len` elements of `T`.
+    unsafe fn per_expert<'a, T>(ptr: *const c_void, experts: usize, len: usize, what: &str) -> Result<Vec<&'a [T]>> {
+        if ptr.cast::<T>().align_offset(std::mem::align_of::<T>()) != 0 {
+            return Err(Error::InvalidArgument(format!("{what} is not aligned to {} bytes", std::mem::align_of::<T>())));
+        }
+        let all = unsafe { slice(ptr.cast::<T>(), elements(experts, len, what)?, what) }?;
+        Ok(all.chunks_exact(len.max(1)).collect())
+    }
+    let name = |field: &str| format!("{what} {field}");
+    // SAFETY: the caller's contract covers every pointer of `m` that its format uses.
+    let data: Vec<QuantData<'a>> = unsafe {
+        match m.format {
+        0 => per_expert::<bf16>(m.data, experts, values, &name("data"))?.into_iter().map(QuantData::Bf16).collect(),
+        1 => {
+            let scales = per_expert::<f32>(m.scales, experts, 1, &name("scales"))?;
+            per_expert::<u8>(m.data, experts, values, &name("data"))?.into_iter().zip(scales).map(|(data, s)| QuantData::Fp8 { data, scale: s[0] }).collect()
+        }
+        2 => {
+            let blocks = elements(rows.div_ceil(128), cols.div_ceil(128), what)?;
+            let scales = per_expert::<f32>(m.scales, experts, blocks, &name("block scales"))?;
+            per_expert::<u8>(m.data, experts, values, &name("data"))?.into_iter().zip(scales).map(|(data, scales)| QuantData::Fp8Block { data, scales }).collect()
+        }
+        3 => {
+            if m.group == 0 || cols % m.group != 0 {
+                return Err(Error::InvalidArgument(format!("{what}: int4 group {} must divide {cols} columns", m.group)));
+            }
+            let groups = values / m.group;
+            let scales = per_expert::<bf16>(m.scales, experts, groups, &name("scales"))?;
+            let zeros: Vec<Option<&[u8]>> =
+                if m.zeros.is_null() { vec![None; experts] } else { per_expert::<u8>(m.zeros.cast(), experts, groups, &name("zeros"))?.into_iter().map(Some).collect() };
+            let packed = per_expert::<u8>(m.data, experts, values / 2, &name("data"))?;
+            packed.into_iter().zip(scales).zip(zeros).map(|((packed, scales), zeros)| QuantData::Int4 { packed, scales, zeros, group: m.group }).collect()
+        }
+        4 => {
+            let global = per_expert::<f32>(m.global_scales.cast(), experts, 1, &name("global scales"))?;
+            let scales = per_expert::<u8>(m.scales, experts, values / 16, &name("scales"))?;
+            let packed = per_expert::<u8>(m.data, experts, values / 2, &name("data"))?;
+            packed.into_iter().zip(scales).zip(global).map(|((packed, scales), g)| QuantData::Nvfp4 { packed, scales, global_scale: g[0] }).collect()
+        }
+        other => return Err(Error::UnknownDtype(format!("{what}: weight format {other} (0 bf16, 1 fp8, 2 fp8 block128, 3 int4, 4 nvfp4)"))),
+    }
+    };
+    let matrices: Vec<MatrixRef<'a>> = data.into_iter().map(|data| MatrixRef { rows, cols, data }).collect();
+    for (e, matrix) in matrices.iter().enumerate() {
+        matrix.validate(&format!("{what} of expert {e}"))?;
+    }
+    Ok(matrices)
+}
+
+/// The gate/up pair (SwiGLU-interleaved) and the down matrices of `experts` experts, packed for the grouped GEMM.
+///
+/// # Safety
+/// As [`expert_matrices`] for each of `w1`, `w3` and `w2` (non-null).
+unsafe fn pack_experts(
+    experts: usize,
+    dim: usize,
+    hidden: usize,
+    w1: &Small4ExpertMatrices,
+    w3: &Small4ExpertMatrices,
+    w2: &Small4ExpertMatrices,
+    what: &str,
+) -> Result<(PackedWeights, PackedWeights)> {
+    let gate = unsafe { expert_matrices(w1, experts, hidden, dim, &format!("{what}w1")) }?;
+    let up = unsafe { expert_matrices(w3, experts, hidden, dim, &format!("{what}w3")) }?;
+    let down = unsafe { expert_matrices(w2, experts, dim, hidden, &format!("{what}w2")) }?;
+    let pairs: Vec<(MatrixRef, MatrixRef)> = gate.into_iter().zip(up).collect();
+    Ok((repack_gate_up(&pairs)?, repack_linear(&down)?))
+}
+
+/// Packs and uploads one MoE layer in any checkpoint format ([`Small4ExpertMatrices`], host memory): `w1` (gate) and
+/// `w3` (up) `[experts, hidden, dim]`, `w2` (down) `[experts, dim, hidden]`, and the shared expert's `shared_w1`,
+/// `shared_w3` `[hidden, dim]` and `shared_w2` `[dim, hidden]` (each a set of one matrix, in its own format), all
+/// three null for a layer without one. The weights are dequantised inside the grouped GEMM. `dim` and `hidden` must be
+/// multiples of 64.
+///
+/// # Safety
+/// `device` must be null or live; each matrix set null or valid as [`Small4ExpertMatrices`] says; `out` null or
+/// writable.
+#[no_mangle]
+pub unsafe extern "C" fn small4_moe_layer_open(
+    device: *const Small4Device,
+    experts: usize,
+    dim: usize,
+    hidden: usize,
+    w1: *const Small4ExpertMatrices,
+    w3: *const Small4ExpertMatrices,
+    w2: *const Small4ExpertMatrices,
+    shared_w1: *const Small4ExpertMatrices,
+    shared_w3: *const Small4ExpertMatrices,
+    shared_w2: *const Small4ExpertMatrices,
+    out: *mut *mut Small4MoeLayer,
+) -> Small4Status {
+    call(|| {
+        let device = unsafe { self::device(device) }?;
+        unsafe { reference_mut(out, "the output handle") }?;
+        if experts == 0 || experts > small4::kernels::router::MAX_EXPERTS {
+            return Err(Error::InvalidArgument(format!("{experts} experts (1..={})", small4::kernels::router::MAX_EXPERTS)));
+        }
+        let (w1, w3, w2) = unsafe { (reference(w1, "w1")?, reference(w3, "w3")?, reference(w2, "w2")?) };
+        let (gate_up, down) = unsafe { pack_experts(experts, dim, hidden, w1, w3, w2, "") }?;
+        let shared = match unsafe { (shared_w1.as_ref(), shared_w3.as_ref(), shared_w2.as_ref()) } {
+            (None, None, None) => None,
+            (Some(w1), Some(w3), Some(w2)) => Some(unsafe { pack_experts(1, dim, hidden, w1, w3, w2, "shared ") }?),
+            _ => return Err(Error::InvalidArgument("the shared expert needs all of shared_w1, shared_w3 and shared_w2, or none".into())),
+        };
+        let weights = MoeLayerWeights::upload(device, &gate_up, &down, shared.as_ref().map(|(u, d)| (u, d)))?;
+        unsafe { store(out, Small4MoeLayer { weights }) }
+    })
+}
+
+/// [`small4_moe_layer_open`] with every matrix in bf16 (bit patterns as `uint16_t`): `w1`, `w3`
+/// `[experts, hidden, dim]`, `w2` `[experts, dim, hidden]`, the shared expert's `[hidden, dim]`, `[hidden, dim]`,
+/// `[dim, hidden]` or all three null.
 ///
 /// # Safety
 /// `device` must be null or live; the weight pointers null or holding the sizes above (host memory); `out` null or
@@ -682,22 +814,18 @@ pub unsafe extern "C" fn small4_moe_layer_open_bf16(
     shared_w2: *const u16,
     out: *mut *mut Small4MoeLayer,
 ) -> Small4Status {
-    call(|| {
-        let device = unsafe { self::device(device) }?;
-        unsafe { reference_mut(out, "the output handle") }?;
-        if experts == 0 || experts > small4::kernels::router::MAX_EXPERTS {
-            return Err(Error::InvalidArgument(format!("{experts} experts (1..={})", small4::kernels::router::MAX_EXPERTS)));
-        }
-        let gate_up = unsafe { pack(experts, hidden, dim, w1, Some(w3), "w1/w3") }?;
-        let down = unsafe { pack(experts, dim, hidden, w2, None, "w2") }?;
-        let shared = match (shared_w1.is_null(), shared_w3.is_null(), shared_w2.is_null()) {
-            (true, true, true) => None,
-            (false, false, false) => Some((unsafe { pack(1, hidden, dim, shared_w1, Some(shared_w3), "shared w1/w3") }?, unsafe { pack(1, dim, hidden, shared_w2, None, "shared w2") }?)),
-            _ => return Err(Error::InvalidArgument("the shared expert needs all of shared_w1, shared_w3 and shared_w2, or none".into())),
-        };
-        let weights = MoeLayerWeights::upload(device, &gate_up, &down, shared.as_ref().map(|(u, d)| (u, d)))?;
-        unsafe { store(out, Small4MoeLayer { weights }) }
-    })
+    let bf16_set = |data: *const u16| Small4ExpertMatrices {
+        format: Small4WeightFormat::Bf16 as u32,
+        data: data.cast(),
+        scales: std::ptr::null(),
+        zeros: std::ptr::null(),
+        group: 0,
+        global_scales: std::ptr::null(),
+    };
+    let [w1, w3, w2, shared_w1, shared_w3, shared_w2] = [w1, w3, w2, shared_w1, shared_w3, shared_w2].map(bf16_set);
+    // A null shared matrix stays a null set, so that "no shared expert" keeps its meaning.
+    let set_or_null = |set: &Small4ExpertMatrices| if set.data.is_null() { std::ptr::null() } else { set as *const _ };
+    unsafe { small4_moe_layer_open(device, experts, dim, hidden, &w1, &w3, &w2, set_or_null(&shared_w1), set_or_null(&shared_w3), set_or_null(&shared_w2), out) }
 }
 
 /// Releases a MoE layer (null is ignored).

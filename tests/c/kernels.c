@@ -229,17 +229,17 @@ static float pattern(unsigned i, float scale) {
     return ((float)((h >> 8) % 2048) / 1024.0f - 1.0f) * scale;
 }
 
-/* y[rows] = w[rows, cols] @ x[cols], w in bf16. */
-static void matvec(const uint16_t *w, const float *x, int rows, int cols, float *y) {
+/* y[rows] = w[rows, cols] @ x[cols]. */
+static void matvec(const float *w, const float *x, int rows, int cols, float *y) {
     for (int r = 0; r < rows; r++) {
         float sum = 0;
-        for (int c = 0; c < cols; c++) sum += from_bf16(w[r * cols + c]) * x[c];
+        for (int c = 0; c < cols; c++) sum += w[r * cols + c] * x[c];
         y[r] = sum;
     }
 }
 
 /* One SwiGLU expert: w2 @ bf16(silu(w1 @ x) * (w3 @ x)), added to y with weight `scale`. */
-static void expert(const uint16_t *w1, const uint16_t *w3, const uint16_t *w2, const float *x, int dim, int hidden, float scale, float *y) {
+static void expert(const float *w1, const float *w3, const float *w2, const float *x, int dim, int hidden, float scale, float *y) {
     float gate[256], up[256], act[256], down[256];
     matvec(w1, x, hidden, dim, gate);
     matvec(w3, x, hidden, dim, up);
@@ -248,58 +248,75 @@ static void expert(const uint16_t *w1, const uint16_t *w3, const uint16_t *w2, c
     for (int d = 0; d < dim; d++) y[d] += scale * down[d];
 }
 
+static void bf16_to_f32(const uint16_t *in, float *out, size_t n) {
+    for (size_t i = 0; i < n; i++) out[i] = from_bf16(in[i]);
+}
+
+enum { MOE_TOKENS = 5, MOE_DIM = 128, MOE_HIDDEN = 128, MOE_EXPERTS = 4, MOE_K = 2, MOE_MATRIX = MOE_HIDDEN * MOE_DIM };
+
+/* The routing of the MoE tests (token t: experts t and t + 1 with weights 0.625 and 0.375), its input rows, and the
+ * layer's output by the plain C computation over float weights (the shared expert's first when given). */
+static void moe_reference(const uint16_t *x, const float *w1, const float *w3, const float *w2, const float *shared, int32_t *ids, float *weights, float *want) {
+    float x_f[MOE_DIM];
+    for (int t = 0; t < MOE_TOKENS; t++) {
+        ids[t * MOE_K] = t % MOE_EXPERTS;
+        ids[t * MOE_K + 1] = (t + 1) % MOE_EXPERTS;
+        weights[t * MOE_K] = 0.625f;
+        weights[t * MOE_K + 1] = 0.375f;
+        bf16_to_f32(&x[t * MOE_DIM], x_f, MOE_DIM);
+        float *y = &want[t * MOE_DIM];
+        for (int d = 0; d < MOE_DIM; d++) y[d] = 0;
+        if (shared) expert(shared, shared + MOE_MATRIX, shared + 2 * MOE_MATRIX, x_f, MOE_DIM, MOE_HIDDEN, 1.0f, y);
+        for (int j = 0; j < MOE_K; j++) {
+            size_t e = (size_t)ids[t * MOE_K + j];
+            expert(&w1[e * MOE_MATRIX], &w3[e * MOE_MATRIX], &w2[e * MOE_MATRIX], x_f, MOE_DIM, MOE_HIDDEN, weights[t * MOE_K + j], y);
+        }
+    }
+}
+
+/* Runs an opened layer on `x` with the routing of moe_reference and checks it against `want`. */
+static void moe_forward_check(const char *what, Small4MoeLayer *layer, const uint16_t *x, const int32_t *ids, const float *weights, const float *want) {
+    static uint16_t out[MOE_TOKENS * MOE_DIM];
+    static float got[MOE_TOKENS * MOE_DIM];
+    uint64_t x_dev = upload(x, MOE_TOKENS * MOE_DIM * sizeof(uint16_t)), ids_dev = upload(ids, MOE_TOKENS * MOE_K * sizeof(int32_t));
+    uint64_t weights_dev = upload(weights, MOE_TOKENS * MOE_K * sizeof(float)), out_dev = upload(NULL, sizeof out);
+    CHECK(small4_moe_layer_forward(device, layer, x_dev, MOE_TOKENS, ids_dev, weights_dev, MOE_K, out_dev));
+    CHECK(small4_device_read(device, out, out_dev, sizeof out));
+    bf16_to_f32(out, got, MOE_TOKENS * MOE_DIM);
+    expect_close(what, got, want, MOE_TOKENS * MOE_DIM, 1e-2f);
+    uint64_t buffers[] = {x_dev, ids_dev, weights_dev, out_dev};
+    for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) CHECK(small4_device_release(device, buffers[i]));
+}
+
 static void moe_layer(void) {
-    enum { TOKENS = 5, DIM = 64, HIDDEN = 128, EXPERTS = 4, K = 2 };
-    static uint16_t w1[EXPERTS * HIDDEN * DIM], w3[EXPERTS * HIDDEN * DIM], w2[EXPERTS * DIM * HIDDEN];
-    static uint16_t shared_w1[HIDDEN * DIM], shared_w3[HIDDEN * DIM], shared_w2[DIM * HIDDEN];
-    static uint16_t x[TOKENS * DIM], out[TOKENS * DIM];
-    static float got[TOKENS * DIM], want[TOKENS * DIM], x_f[DIM];
-    int32_t ids[TOKENS * K];
-    float weights[TOKENS * K];
-    for (unsigned i = 0; i < EXPERTS * HIDDEN * DIM; i++) {
+    static uint16_t w1[MOE_EXPERTS * MOE_MATRIX], w3[MOE_EXPERTS * MOE_MATRIX], w2[MOE_EXPERTS * MOE_MATRIX], shared[3 * MOE_MATRIX];
+    static uint16_t x[MOE_TOKENS * MOE_DIM];
+    static float w1_f[MOE_EXPERTS * MOE_MATRIX], w3_f[MOE_EXPERTS * MOE_MATRIX], w2_f[MOE_EXPERTS * MOE_MATRIX], shared_f[3 * MOE_MATRIX];
+    static float want[MOE_TOKENS * MOE_DIM];
+    int32_t ids[MOE_TOKENS * MOE_K];
+    float weights[MOE_TOKENS * MOE_K];
+    for (unsigned i = 0; i < MOE_EXPERTS * MOE_MATRIX; i++) {
         w1[i] = to_bf16(pattern(i, 0.25f));
         w3[i] = to_bf16(pattern(i + 7919u * 1000u, 0.25f));
         w2[i] = to_bf16(pattern(i + 7919u * 2000u, 0.25f));
     }
-    for (unsigned i = 0; i < HIDDEN * DIM; i++) {
-        shared_w1[i] = to_bf16(pattern(i + 7919u * 3000u, 0.25f));
-        shared_w3[i] = to_bf16(pattern(i + 7919u * 4000u, 0.25f));
-        shared_w2[i] = to_bf16(pattern(i + 7919u * 5000u, 0.25f));
-    }
-    for (unsigned i = 0; i < TOKENS * DIM; i++) x[i] = to_bf16(pattern(i + 7919u * 6000u, 1.0f));
-    for (int t = 0; t < TOKENS; t++) {
-        ids[t * K] = t % EXPERTS;
-        ids[t * K + 1] = (t + 1) % EXPERTS;
-        weights[t * K] = 0.625f;
-        weights[t * K + 1] = 0.375f;
-        for (int d = 0; d < DIM; d++) x_f[d] = from_bf16(x[t * DIM + d]);
-        float *y = &want[t * DIM];
-        for (int d = 0; d < DIM; d++) y[d] = 0;
-        expert(shared_w1, shared_w3, shared_w2, x_f, DIM, HIDDEN, 1.0f, y);
-        for (int j = 0; j < K; j++) {
-            size_t e = (size_t)ids[t * K + j];
-            expert(&w1[e * HIDDEN * DIM], &w3[e * HIDDEN * DIM], &w2[e * DIM * HIDDEN], x_f, DIM, HIDDEN, weights[t * K + j], y);
-        }
-    }
+    for (unsigned i = 0; i < 3 * MOE_MATRIX; i++) shared[i] = to_bf16(pattern(i + 7919u * 3000u, 0.25f));
+    for (unsigned i = 0; i < MOE_TOKENS * MOE_DIM; i++) x[i] = to_bf16(pattern(i + 7919u * 6000u, 1.0f));
+    bf16_to_f32(w1, w1_f, MOE_EXPERTS * MOE_MATRIX);
+    bf16_to_f32(w3, w3_f, MOE_EXPERTS * MOE_MATRIX);
+    bf16_to_f32(w2, w2_f, MOE_EXPERTS * MOE_MATRIX);
+    bf16_to_f32(shared, shared_f, 3 * MOE_MATRIX);
+    moe_reference(x, w1_f, w3_f, w2_f, shared_f, ids, weights, want);
     Small4MoeLayer *layer = NULL;
-    CHECK(small4_moe_layer_open_bf16(device, EXPERTS, DIM, HIDDEN, w1, w3, w2, shared_w1, shared_w3, shared_w2, &layer));
-    uint64_t x_dev = upload(x, sizeof x), ids_dev = upload(ids, sizeof ids), weights_dev = upload(weights, sizeof weights);
-    uint64_t out_dev = upload(NULL, sizeof out);
-    CHECK(small4_moe_layer_forward(device, layer, x_dev, TOKENS, ids_dev, weights_dev, K, out_dev));
-    CHECK(small4_device_read(device, out, out_dev, sizeof out));
-    for (int i = 0; i < TOKENS * DIM; i++) got[i] = from_bf16(out[i]);
-    expect_close("moe_layer", got, want, TOKENS * DIM, 1e-2f);
-    Small4Status status = small4_moe_layer_open_bf16(device, EXPERTS, DIM, HIDDEN, w1, w3, w2, shared_w1, NULL, shared_w2, &layer);
+    CHECK(small4_moe_layer_open_bf16(device, MOE_EXPERTS, MOE_DIM, MOE_HIDDEN, w1, w3, w2, shared, shared + MOE_MATRIX, shared + 2 * MOE_MATRIX, &layer));
+    moe_forward_check("moe_layer", layer, x, ids, weights, want);
+    small4_moe_layer_free(layer);
+    Small4Status status = small4_moe_layer_open_bf16(device, MOE_EXPERTS, MOE_DIM, MOE_HIDDEN, w1, w3, w2, shared, NULL, shared + 2 * MOE_MATRIX, &layer);
     if (status != SMALL4_STATUS_INVALID_ARGUMENT) {
         fprintf(stderr, "a MoE layer with half a shared expert: status %d\n", (int)status);
         exit(1);
     }
     printf("ok moe_layer errors\n");
-    small4_moe_layer_free(layer);
-    CHECK(small4_device_release(device, x_dev));
-    CHECK(small4_device_release(device, ids_dev));
-    CHECK(small4_device_release(device, weights_dev));
-    CHECK(small4_device_release(device, out_dev));
 }
 
 /* FP8 e4m3 (no infinities; 0x7f and 0xff are NaN, never generated here). */
@@ -388,6 +405,108 @@ static void dequant(void) {
     printf("ok dequant errors\n");
     uint64_t buffers[] = {codes_dev, packed_dev, zeros_dev, int4_scales_dev, fp4_scales_dev, block_scales_dev, out_dev};
     for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) CHECK(small4_device_release(device, buffers[i]));
+}
+
+/* One role's matrices (`experts` of [rows, cols]) in `format`, with codes drawn from `seed`, and their values as the
+ * GEMM sees them (dequantised, rounded to bf16) in `values`. The storage arrays are large enough for the biggest set. */
+typedef struct {
+    uint8_t data[MOE_EXPERTS * MOE_MATRIX];
+    uint8_t scales[MOE_EXPERTS * MOE_MATRIX / 16];
+    uint8_t zeros[MOE_EXPERTS * MOE_MATRIX / 64];
+    float per_matrix[MOE_EXPERTS];
+    Small4ExpertMatrices set;
+} QuantSet;
+
+static void quantise_set(QuantSet *q, uint32_t format, int experts, int rows, int cols, unsigned seed, float *values) {
+    const int n = rows * cols, group = 64;
+    memset(&q->set, 0, sizeof q->set);
+    q->set.format = format;
+    q->set.data = q->data;
+    for (int e = 0; e < experts; e++) {
+        for (int i = 0; i < n; i++) {
+            unsigned at = (unsigned)(e * n + i) * 2654435761u + seed;
+            int c = i % cols, g = (e * n + i) / group;
+            float w = 0;
+            if (format == SMALL4_WEIGHT_FORMAT_FP8 || format == SMALL4_WEIGHT_FORMAT_FP8_BLOCK128) {
+                /* Exponents up to 7 (|code| <= 1.875) and a sign: weights of a few hundredths after the scale. */
+                uint8_t code = (uint8_t)(((at >> 8) & 0x3f) | ((at >> 20) & 0x80));
+                q->data[e * n + i] = code;
+                q->per_matrix[e] = 0.04f + 0.01f * (float)e;
+                w = e4m3(code) * q->per_matrix[e];
+            } else {
+                uint8_t nibble = (uint8_t)((at >> 12) & 15);
+                uint8_t *byte = &q->data[(e * n + i) / 2];
+                *byte = (uint8_t)(c % 2 ? (*byte & 0x0f) | (nibble << 4) : (*byte & 0xf0) | nibble);
+                if (format == SMALL4_WEIGHT_FORMAT_INT4) {
+                    uint16_t *scales = (uint16_t *)q->scales;
+                    scales[g] = to_bf16(0.004f * (float)(1 + g % 7));
+                    q->zeros[g] = (uint8_t)(g % 16);
+                    w = (float)((int)nibble - q->zeros[g]) * from_bf16(scales[g]);
+                } else {
+                    q->scales[(e * n + i) / 16] = (uint8_t)(0x28 + ((e * n + i) / 16) % 8); /* e4m3 0.25 .. 0.47 */
+                    q->per_matrix[e] = 8.0f + (float)e;
+                    w = e2m1(nibble) * (e4m3(q->scales[(e * n + i) / 16]) / q->per_matrix[e]);
+                }
+            }
+            values[e * n + i] = from_bf16(to_bf16(w));
+        }
+    }
+    if (format == SMALL4_WEIGHT_FORMAT_FP8) q->set.scales = q->per_matrix;
+    if (format == SMALL4_WEIGHT_FORMAT_FP8_BLOCK128) q->set.scales = q->per_matrix; /* one 128x128 block a matrix here */
+    if (format == SMALL4_WEIGHT_FORMAT_INT4) {
+        q->set.scales = q->scales;
+        q->set.zeros = q->zeros;
+        q->set.group = group;
+    }
+    if (format == SMALL4_WEIGHT_FORMAT_NVFP4) {
+        q->set.scales = q->scales;
+        q->set.global_scales = q->per_matrix;
+    }
+}
+
+/* A MoE layer in every quantised checkpoint format (the shared expert in the same format), through
+ * small4_moe_layer_open, against the C computation over the dequantised weights. */
+static void moe_layer_quantised(void) {
+    static QuantSet w1, w3, w2, shared_w1, shared_w3, shared_w2;
+    static float w1_f[MOE_EXPERTS * MOE_MATRIX], w3_f[MOE_EXPERTS * MOE_MATRIX], w2_f[MOE_EXPERTS * MOE_MATRIX], shared_f[3 * MOE_MATRIX];
+    static uint16_t x[MOE_TOKENS * MOE_DIM];
+    static float want[MOE_TOKENS * MOE_DIM];
+    int32_t ids[MOE_TOKENS * MOE_K];
+    float weights[MOE_TOKENS * MOE_K];
+    const uint32_t formats[] = {SMALL4_WEIGHT_FORMAT_FP8, SMALL4_WEIGHT_FORMAT_FP8_BLOCK128, SMALL4_WEIGHT_FORMAT_INT4, SMALL4_WEIGHT_FORMAT_NVFP4};
+    const char *names[] = {"moe_layer fp8", "moe_layer fp8_block128", "moe_layer int4 zero points", "moe_layer nvfp4"};
+    for (unsigned i = 0; i < MOE_TOKENS * MOE_DIM; i++) x[i] = to_bf16(pattern(i + 7919u * 7000u, 1.0f));
+    for (size_t f = 0; f < sizeof formats / sizeof formats[0]; f++) {
+        quantise_set(&w1, formats[f], MOE_EXPERTS, MOE_HIDDEN, MOE_DIM, 11u, w1_f);
+        quantise_set(&w3, formats[f], MOE_EXPERTS, MOE_HIDDEN, MOE_DIM, 22u, w3_f);
+        quantise_set(&w2, formats[f], MOE_EXPERTS, MOE_DIM, MOE_HIDDEN, 33u, w2_f);
+        quantise_set(&shared_w1, formats[f], 1, MOE_HIDDEN, MOE_DIM, 44u, shared_f);
+        quantise_set(&shared_w3, formats[f], 1, MOE_HIDDEN, MOE_DIM, 55u, shared_f + MOE_MATRIX);
+        quantise_set(&shared_w2, formats[f], 1, MOE_DIM, MOE_HIDDEN, 66u, shared_f + 2 * MOE_MATRIX);
+        moe_reference(x, w1_f, w3_f, w2_f, shared_f, ids, weights, want);
+        Small4MoeLayer *layer = NULL;
+        CHECK(small4_moe_layer_open(device, MOE_EXPERTS, MOE_DIM, MOE_HIDDEN, &w1.set, &w3.set, &w2.set, &shared_w1.set, &shared_w3.set, &shared_w2.set, &layer));
+        moe_forward_check(names[f], layer, x, ids, weights, want);
+        small4_moe_layer_free(layer);
+    }
+    /* An unknown format and an INT4 group that does not divide the columns are refused. */
+    Small4ExpertMatrices bad = w1.set;
+    bad.format = 9;
+    Small4MoeLayer *layer = NULL;
+    Small4Status status = small4_moe_layer_open(device, MOE_EXPERTS, MOE_DIM, MOE_HIDDEN, &bad, &w3.set, &w2.set, NULL, NULL, NULL, &layer);
+    if (status != SMALL4_STATUS_UNKNOWN_DTYPE) {
+        fprintf(stderr, "a MoE layer in format 9: status %d: %s\n", (int)status, small4_last_error());
+        exit(1);
+    }
+    quantise_set(&w1, SMALL4_WEIGHT_FORMAT_INT4, MOE_EXPERTS, MOE_HIDDEN, MOE_DIM, 11u, w1_f);
+    bad = w1.set;
+    bad.group = 48;
+    status = small4_moe_layer_open(device, MOE_EXPERTS, MOE_DIM, MOE_HIDDEN, &bad, &w3.set, &w2.set, NULL, NULL, NULL, &layer);
+    if (status != SMALL4_STATUS_INVALID_ARGUMENT) {
+        fprintf(stderr, "a MoE layer with an int4 group of 48: status %d: %s\n", (int)status, small4_last_error());
+        exit(1);
+    }
+    printf("ok moe_layer quantised errors\n");
 }
 
 static void embedding_gather(void) {
@@ -648,6 +767,7 @@ static void run_all(void) {
     silu_mul_and_argmax();
     router();
     moe_layer();
+    moe_layer_quantised();
     dequant();
     embedding_gather();
     sampling();

@@ -295,8 +295,9 @@ fn tensor_parallel_matches_one(device: &Device, layout: Layout, format: WeightFo
     assert_eq!(one_tokens, reference_greedy(&f.reference, &tokens, steps).0, "{format:?}: one rank vs the reference");
 }
 
-/// Tensor parallelism needs the ranks to divide the heads: 4 heads over 3 ranks is a typed error at load time (3
-/// ranks divide nothing wrong for the 16 experts' shares, so the heads are what fails), not a panic.
+/// Tensor parallelism needs the ranks to divide the heads: 4 heads over 3 ranks is a typed error at load time, not a
+/// panic. (3 ranks are a valid expert split of the 16 experts, whose shares may be uneven, so the heads are what
+/// fails; the same shard with replicated attention loads.)
 fn uneven_head_split_is_an_error(device: &Device) {
     let config = ModelConfig { n_layers: 1, ..ModelConfig::tiny() };
     assert_eq!(config.heads % 3, 1, "the check needs a head count that 3 ranks cannot split");

@@ -1,5 +1,6 @@
 //! Plan a multi-GPU layout: where the full Mistral Small 4's weights go on 2 H200s with FP8 weights (experts split
-//! between the GPUs, expert parallelism) and how many KV-cache tokens each GPU keeps room for.
+//! between the GPUs, expert parallelism; attention heads split, tensor parallelism) and how many KV-cache tokens each
+//! GPU keeps room for.
 //!
 //! ```sh
 //! cargo run --example plan            # 2x H200, FP8

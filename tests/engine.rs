@@ -17,7 +17,7 @@ use small4::device::collective::{ranks_like, Collective, ThreadCollective};
 use small4::device::Device;
 use small4::model::checkpoint::{Checkpoint, Layout};
 use small4::model::config::ModelConfig;
-use small4::model::engine::{DeviceModel, Engine, EngineOptions, ExpertShard, Request, Sampling, StepToken};
+use small4::model::engine::{DeviceModel, Engine, EngineOptions, Shard, Request, Sampling, StepToken};
 use small4::model::synthetic::{load_reference_weights, write_checkpoint, HF_MISTRAL3_PREFIX};
 use small4::quant::WeightFormat;
 use small4::reference::model::{argmax, ForwardOptions, ReferenceModel, ReferenceWeights};
@@ -98,7 +98,7 @@ fn one_layer_fp8_activations(device: &Device) {
     graphs_equal_eager_steps(device, WeightFormat::Fp8PerTensor, true);
     let config = ModelConfig { n_layers: 1, ..ModelConfig::tiny() };
     let f = fixture(&config, Layout::Native, WeightFormat::Bf16, 5);
-    let model = DeviceModel::load(device, &f.checkpoint, ExpertShard::SINGLE).unwrap();
+    let model = DeviceModel::load(device, &f.checkpoint, Shard::SINGLE).unwrap();
     let err = Engine::new(model, EngineOptions { fp8_activations: true, ..options(4) }, None).err().expect("bf16 experts have no W8A8");
     assert!(matches!(err, small4::Error::InvalidArgument(_)), "{err}");
 }
@@ -106,7 +106,7 @@ fn one_layer_fp8_activations(device: &Device) {
 fn one_layer(device: &Device, format: WeightFormat, fp8_activations: bool) {
     let config = ModelConfig { n_layers: 1, ..ModelConfig::tiny() };
     let f = fixture_with(&config, Layout::Native, format, 5, ForwardOptions { fp8_activations, ..ForwardOptions::default() });
-    let model = DeviceModel::load(device, &f.checkpoint, ExpertShard::SINGLE).unwrap();
+    let model = DeviceModel::load(device, &f.checkpoint, Shard::SINGLE).unwrap();
     let mut engine = Engine::new(model, EngineOptions { fp8_activations, ..options(4) }, None).unwrap();
     let vocab = config.vocab;
     let other = engine.new_sequence();
@@ -134,7 +134,7 @@ fn generation_matches_reference(device: &Device, layout: Layout, format: WeightF
     let config = ModelConfig::tiny();
     let f = fixture(&config, layout.clone(), format, seed);
     let start = Instant::now();
-    let model = DeviceModel::load(device, &f.checkpoint, ExpertShard::SINGLE).unwrap();
+    let model = DeviceModel::load(device, &f.checkpoint, Shard::SINGLE).unwrap();
     let mut engine = Engine::new(model, options(16), None).unwrap();
     let tokens = prompt(6, 7, config.vocab);
     let (want_tokens, want_logits) = reference_greedy(&f.reference, &tokens, 9);
@@ -175,7 +175,7 @@ fn hf_fp8_fp8_block_nvfp4(device: &Device) {
 fn joining_sequences_match_each_alone(device: &Device) {
     let config = ModelConfig::tiny();
     let f = fixture(&config, Layout::Native, WeightFormat::Nvfp4, 33);
-    let model = DeviceModel::load(device, &f.checkpoint, ExpertShard::SINGLE).unwrap();
+    let model = DeviceModel::load(device, &f.checkpoint, Shard::SINGLE).unwrap();
     let mut engine = Engine::new(model, options(8), None).unwrap();
     let prompts = [prompt(9, 1, config.vocab), prompt(3, 2, config.vocab), prompt(1, 3, config.vocab)];
     let max_tokens = [5, 4, 3];
@@ -195,7 +195,7 @@ fn joining_sequences_match_each_alone(device: &Device) {
         step += 1;
     }
     // Alone: the first sequence on its own engine run; every sequence against the reference.
-    let mut alone = Engine::new(DeviceModel::load(device, &f.checkpoint, ExpertShard::SINGLE).unwrap(), options(8), None).unwrap();
+    let mut alone = Engine::new(DeviceModel::load(device, &f.checkpoint, Shard::SINGLE).unwrap(), options(8), None).unwrap();
     let first_alone = alone.generate(vec![greedy(prompts[0].clone(), max_tokens[0])], |_| {}).unwrap();
     assert_eq!(tokens[0], first_alone[0], "sequence 0 in the batch vs alone");
     for (i, p) in prompts.iter().enumerate() {
@@ -214,7 +214,7 @@ fn two_expert_parallel_ranks_match_one(device: &Device) {
         engine.generate(vec![greedy(tokens.clone(), 4)], |t| out.push((t.token, t.logits.clone().unwrap()))).unwrap();
         out
     };
-    let one = run(&mut Engine::new(DeviceModel::load(device, &f.checkpoint, ExpertShard::SINGLE).unwrap(), options(16), None).unwrap());
+    let one = run(&mut Engine::new(DeviceModel::load(device, &f.checkpoint, Shard::SINGLE).unwrap(), options(16), None).unwrap());
     let ranks: Vec<Vec<(u32, Vec<f32>)>> = std::thread::scope(|s| {
         let handles: Vec<_> = ThreadCollective::group(2)
             .unwrap()
@@ -223,7 +223,7 @@ fn two_expert_parallel_ranks_match_one(device: &Device) {
             .map(|(collective, rank_device)| {
                 let (f, run) = (&f, &run);
                 s.spawn(move || {
-                    let shard = ExpertShard { rank: collective.rank(), world: 2 };
+                    let shard = Shard::expert_parallel(collective.rank(), 2);
                     let model = DeviceModel::load(&rank_device, &f.checkpoint, shard).unwrap();
                     run(&mut Engine::new(model, options(16), Some(Box::new(collective))).unwrap())
                 })
@@ -235,6 +235,78 @@ fn two_expert_parallel_ranks_match_one(device: &Device) {
         assert_eq!(got, &one, "rank {rank} of 2 vs one rank");
     }
     assert_eq!(one.iter().map(|(t, _)| *t).collect::<Vec<_>>(), reference_greedy(&f.reference, &tokens, 4).0);
+}
+
+/// (d') Tensor parallelism of attention with expert parallelism of the experts: two ranks, each computing half of the
+/// query heads (its rows of wq_b, its W_UK / W_UV, its input columns of wo; latent and cache replicated) and owning
+/// half of the experts, give the same greedy tokens as one rank over a prefill and 5 decode steps. The wo partial
+/// sums are added by an all-reduce in another order than one GEMM adds them, so logits are compared within the
+/// engine's logit tolerance (not bit for bit as for expert parallelism alone). Formats: bf16 attention (INT4
+/// experts) and FP8 block-128 attention, whose wo slice keeps a part of the source's scale grid.
+fn two_tensor_parallel_ranks_match_one(device: &Device) {
+    for (layout, format, seed) in [(hf(), WeightFormat::INT4_G128, 44), (Layout::Native, WeightFormat::Fp8Block128, 25)] {
+        tensor_parallel_matches_one(device, layout, format, seed);
+    }
+}
+
+fn tensor_parallel_matches_one(device: &Device, layout: Layout, format: WeightFormat, seed: u64) {
+    let config = ModelConfig::tiny();
+    let f = fixture(&config, layout, format, seed);
+    let tokens = prompt(5, 4, config.vocab);
+    let steps = 6;
+    let run = |engine: &mut Engine| {
+        let mut out = Vec::new();
+        engine.generate(vec![greedy(tokens.clone(), steps)], |t| out.push((t.token, t.logits.clone().unwrap()))).unwrap();
+        out
+    };
+    let one = run(&mut Engine::new(DeviceModel::load(device, &f.checkpoint, Shard::SINGLE).unwrap(), options(16), None).unwrap());
+    let ranks: Vec<Vec<(u32, Vec<f32>)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = ThreadCollective::group(2)
+            .unwrap()
+            .into_iter()
+            .zip(ranks_like(device, 2).unwrap())
+            .map(|(collective, rank_device)| {
+                let (f, run) = (&f, &run);
+                s.spawn(move || {
+                    let rank = collective.rank();
+                    let model = DeviceModel::load(&rank_device, &f.checkpoint, Shard::tensor_parallel(rank, 2)).unwrap();
+                    let per_rank = config.heads / 2;
+                    assert_eq!(model.heads(), rank * per_rank..(rank + 1) * per_rank, "rank {rank}'s heads");
+                    run(&mut Engine::new(model, options(16), Some(Box::new(collective))).unwrap())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let one_tokens: Vec<u32> = one.iter().map(|(t, _)| *t).collect();
+    for (rank, got) in ranks.iter().enumerate() {
+        let mut worst = 0f32;
+        for (step, ((got_token, got_logits), (want_token, want_logits))) in got.iter().zip(&one).enumerate() {
+            worst = worst.max(check_logits(&format!("{format:?} TP rank {rank} of 2, step {step}, vs one rank"), got_logits, want_logits));
+            if got_token != want_token {
+                break;
+            }
+        }
+        assert_eq!(got.iter().map(|(t, _)| *t).collect::<Vec<_>>(), one_tokens, "{format:?}: rank {rank} of 2 (tensor parallel) vs one rank");
+        eprintln!("{format:?}: TP rank {rank} of 2: {steps} tokens equal to one rank's, max logit diff {worst:.5}");
+    }
+    // Both ranks hold the same all-reduced attention and MoE outputs, so they agree with each other bit for bit.
+    assert!(ranks[0] == ranks[1], "{format:?}: the two tensor-parallel ranks differ");
+    assert_eq!(one_tokens, reference_greedy(&f.reference, &tokens, steps).0, "{format:?}: one rank vs the reference");
+}
+
+/// Tensor parallelism needs the ranks to divide the heads: 4 heads over 3 ranks is a typed error at load time, not a
+/// panic. (3 ranks are a valid expert split of the 16 experts, whose shares may be uneven, so the heads are what
+/// fails; the same shard with replicated attention loads.)
+fn uneven_head_split_is_an_error(device: &Device) {
+    let config = ModelConfig { n_layers: 1, ..ModelConfig::tiny() };
+    assert_eq!(config.heads % 3, 1, "the check needs a head count that 3 ranks cannot split");
+    let f = fixture(&config, Layout::Native, WeightFormat::Bf16, 5);
+    let err = DeviceModel::load(device, &f.checkpoint, Shard::tensor_parallel(1, 3)).err().expect("4 heads over 3 ranks");
+    assert!(matches!(&err, small4::Error::InvalidArgument(msg) if msg.contains("heads")), "{err}");
+    // The same 3 ranks with replicated attention (expert parallelism only) load.
+    let model = DeviceModel::load(device, &f.checkpoint, Shard::expert_parallel(1, 3)).unwrap();
+    assert_eq!(model.heads(), 0..config.heads);
 }
 
 /// (e) Decode steps replayed from captured graphs equal the same steps run eagerly, bit for bit. Page size 2: with
@@ -252,7 +324,7 @@ fn graphs_equal_eager_steps(device: &Device, format: WeightFormat, fp8_activatio
     let f = fixture(&config, Layout::Native, format, 23);
     let requests = || vec![greedy(prompt(3, 1, config.vocab), 12), greedy(prompt(2, 2, config.vocab), 6)];
     let run = |graphs: bool| {
-        let model = DeviceModel::load(device, &f.checkpoint, ExpertShard::SINGLE).unwrap();
+        let model = DeviceModel::load(device, &f.checkpoint, Shard::SINGLE).unwrap();
         let mut engine = Engine::new(model, EngineOptions { graphs, fp8_activations, ..options(2) }, None).unwrap();
         let mut steps = Vec::new();
         let tokens = engine.generate(requests(), |t| steps.push((t.id, t.token, t.logits.clone().unwrap()))).unwrap();
@@ -266,6 +338,6 @@ fn graphs_equal_eager_steps(device: &Device, format: WeightFormat, fp8_activatio
     assert!(graph_steps == eager_steps, "a replayed step's logits differ from the eager step's");
 }
 
-backend_tests!(decode_graphs_equal_eager_steps, one_layer_prefill_and_paged_decode, one_layer_fp8_activations, native_bf16_fp8_int4, hf_fp8_fp8_block_nvfp4, joining_sequences_match_each_alone, two_expert_parallel_ranks_match_one);
+backend_tests!(decode_graphs_equal_eager_steps, one_layer_prefill_and_paged_decode, one_layer_fp8_activations, native_bf16_fp8_int4, hf_fp8_fp8_block_nvfp4, joining_sequences_match_each_alone, two_expert_parallel_ranks_match_one, two_tensor_parallel_ranks_match_one, uneven_head_split_is_an_error);
 
 

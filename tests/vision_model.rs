@@ -11,7 +11,7 @@ mod common;
 use small4::device::Device;
 use small4::model::checkpoint::{Checkpoint, Layout};
 use small4::model::config::ModelConfig;
-use small4::model::engine::{DeviceModel, Engine, EngineOptions, ExpertShard, Request, Sampling};
+use small4::model::engine::{DeviceModel, Engine, EngineOptions, Shard, Request, Sampling};
 use small4::model::synthetic::{load_reference_weights, write_checkpoint};
 use small4::model::vision::DeviceVisionTower;
 use small4::quant::WeightFormat;
@@ -99,7 +99,7 @@ fn two_images_through_the_tiny_model(device: &Device) {
     let prompt = multimodal_prompt(&images, &c);
     let tokens = 3;
 
-    let model = DeviceModel::load(device, &checkpoint, ExpertShard::SINGLE).unwrap();
+    let model = DeviceModel::load(device, &checkpoint, Shard::SINGLE).unwrap();
     // The tower inside the loaded model computes the reference's features.
     let tower = model.vision().expect("the tiny model has a vision tower");
     let got = tower.encode_to_host(&images).unwrap();

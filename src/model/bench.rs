@@ -12,7 +12,7 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 
 use crate::device::Device;
 use crate::model::checkpoint::Checkpoint;
-use crate::model::engine::{DeviceModel, Engine, EngineOptions, ExpertShard, Request, Sampling};
+use crate::model::engine::{DeviceModel, Engine, EngineOptions, Shard, Request, Sampling};
 use crate::model::kv_cache::DEFAULT_PAGE_SIZE;
 use crate::{Error, Result};
 
@@ -119,7 +119,7 @@ pub fn bench_engine(device: &Device, checkpoint: &Checkpoint, options: BenchOpti
         )));
     }
     let load_start = Instant::now();
-    let model = DeviceModel::load(device, checkpoint, ExpertShard::SINGLE)?;
+    let model = DeviceModel::load(device, checkpoint, Shard::SINGLE)?;
     let load = load_start.elapsed();
     let vocab = model.config().vocab;
     // The prefill samples one token, then warm-up and timed steps one each.

@@ -19,11 +19,19 @@
 //! transposed ([kv_lora_rank, qk_nope]) so both are `y = x W^T`. The rope half of q is extracted into the
 //! contiguous `q_rope` the attention kernel reads by one GEMM with a 64x64 identity (exact in bf16).
 //!
-//! Expert parallelism: a rank owns a contiguous share of the experts ([`ExpertShard`]); the router's expert map
+//! Expert parallelism: a rank owns a contiguous share of the experts ([`Shard`]); the router's expert map
 //! drops the other pairs, the per-pair f32 outputs of non-local pairs are zero, and one f32 all-reduce of the
 //! per-pair outputs gives every rank all pairs before the deterministic combine, so any number of ranks computes
 //! bit-identical results to one rank. (The all-reduce is stream-ordered with NCCL; the thread test double copies
 //! through host memory and so synchronises.)
+//!
+//! Tensor parallelism of attention ([`AttentionSplit::TensorParallel`], as vLLM splits MLA): a rank also owns a
+//! contiguous share of the query heads, i.e. its heads' rows of `wq_b`, their W_UK / W_UV (from `wkv_b`) and their
+//! input columns of `wo`. The latent path (`wq_a`, `wkv_a_with_mqa`, the norms, the rope'd k_pe) and the paged latent
+//! cache stay whole on every rank: MLA's latent is shared by all heads, so it cannot be split by head. Each rank runs
+//! the attention on its heads and its `wo` slice into an f32 partial sum, one f32 all-reduce adds the partials, and
+//! the sum is rounded to bf16 once (where one rank rounds its whole `wo` output). The partials are added in another
+//! order than one GEMM adds them, so results may differ from one rank in the last bits of the attention output.
 
 use std::collections::BTreeMap;
 
@@ -51,18 +59,40 @@ use crate::{Error, Result};
 /// End of sequence of the Mistral tokenizers (tekken `</s>`).
 pub const DEFAULT_EOS: u32 = 2;
 
-/// Which experts this rank owns: expert e belongs to rank `e * world / experts` (contiguous shares).
+/// How the ranks of a multi-GPU run divide the attention.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ExpertShard {
-    pub rank: usize,
-    pub world: usize,
+pub enum AttentionSplit {
+    /// Every rank holds every head and computes the whole attention (expert parallelism only).
+    Replicated,
+    /// Each rank holds `heads / world` query heads (contiguous) and the matching input columns of `wo`; the `wo`
+    /// partial sums are all-reduced. The latent projections and the latent KV cache are replicated.
+    TensorParallel,
 }
 
-impl ExpertShard {
-    /// One rank owning every expert.
-    pub const SINGLE: ExpertShard = ExpertShard { rank: 0, world: 1 };
+/// What one rank of `world` holds: a contiguous share of the routed experts (expert `e` belongs to rank
+/// `e * world / experts`), and either every query head or a contiguous share of them (`attention`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    pub rank: usize,
+    pub world: usize,
+    pub attention: AttentionSplit,
+}
 
-    pub fn owns(&self, expert: usize, experts: usize) -> bool {
+impl Shard {
+    /// One rank owning every expert and every head.
+    pub const SINGLE: Shard = Shard { rank: 0, world: 1, attention: AttentionSplit::Replicated };
+
+    /// Expert parallelism only: a share of the experts, the whole attention on every rank.
+    pub const fn expert_parallel(rank: usize, world: usize) -> Shard {
+        Shard { rank, world, attention: AttentionSplit::Replicated }
+    }
+
+    /// Expert parallelism of the experts and tensor parallelism of the attention heads over the same ranks.
+    pub const fn tensor_parallel(rank: usize, world: usize) -> Shard {
+        Shard { rank, world, attention: AttentionSplit::TensorParallel }
+    }
+
+    pub fn owns_expert(&self, expert: usize, experts: usize) -> bool {
         expert * self.world / experts == self.rank
     }
 
@@ -71,7 +101,7 @@ impl ExpertShard {
         let mut next = 0;
         (0..experts)
             .map(|e| {
-                if self.owns(e, experts) {
+                if self.owns_expert(e, experts) {
                     next += 1;
                     next - 1
                 } else {
@@ -80,6 +110,27 @@ impl ExpertShard {
             })
             .collect()
     }
+
+    /// The query heads this rank computes, of the model's `heads`: all of them when the attention is replicated, the
+    /// rank's contiguous `heads / world` under tensor parallelism (an error unless `world` divides `heads`: uneven
+    /// shares would give the ranks different GEMM shapes and the plans assume even ones).
+    pub fn heads(&self, heads: usize) -> Result<std::ops::Range<usize>> {
+        match self.attention {
+            AttentionSplit::Replicated => Ok(0..heads),
+            AttentionSplit::TensorParallel => {
+                if self.world == 0 || heads % self.world != 0 {
+                    return Err(Error::InvalidArgument(format!("tensor-parallel attention: {heads} heads do not split evenly over {} ranks", self.world)));
+                }
+                let per_rank = heads / self.world;
+                Ok(self.rank * per_rank..(self.rank + 1) * per_rank)
+            }
+        }
+    }
+
+    /// Whether this rank's `wo` output is a partial sum that the ranks must add (tensor parallelism over 2+ ranks).
+    fn partial_attention_output(&self) -> bool {
+        self.attention == AttentionSplit::TensorParallel && self.world > 1
+    }
 }
 
 /// The weights of one decoder layer on the device.
@@ -87,13 +138,15 @@ struct DeviceLayer {
     attention_norm: DeviceBuffer<bf16>,
     wq_a: DeviceWeights,
     q_a_norm: DeviceBuffer<bf16>,
+    /// The rank's heads' rows, [local heads * (nope + rope), q_lora_rank].
     wq_b: DeviceWeights,
     wkv_a: DeviceWeights,
     kv_a_norm: DeviceBuffer<bf16>,
-    /// Per head: W_UK_h transposed, [kv_lora_rank, qk_nope].
+    /// Per local head: W_UK_h transposed, [kv_lora_rank, qk_nope].
     w_uk: Vec<DeviceWeights>,
-    /// Per head: W_UV_h [v_head, kv_lora_rank] as row pieces (matrix, first output column inside the head).
+    /// Per local head: W_UV_h [v_head, kv_lora_rank] as row pieces (matrix, first output column inside the head).
     w_uv: Vec<Vec<(DeviceWeights, usize)>>,
+    /// The local heads' input columns, [dim, local heads * v_head].
     wo: DeviceWeights,
     ffn_norm: DeviceBuffer<bf16>,
     /// Router [experts, dim].
@@ -109,7 +162,9 @@ struct DeviceLayer {
 pub struct DeviceModel {
     config: ModelConfig,
     device: Device,
-    shard: ExpertShard,
+    shard: Shard,
+    /// The query heads this rank computes (`Shard::heads`).
+    heads: std::ops::Range<usize>,
     tok_embeddings: DeviceBuffer<bf16>,
     layers: Vec<DeviceLayer>,
     norm: DeviceBuffer<bf16>,
@@ -130,7 +185,8 @@ fn upload_linear(device: &Device, m: &QuantizedMatrix) -> Result<DeviceWeights> 
     DeviceWeights::upload(device, &repack_linear(&[MatrixRef::from(m)])?)
 }
 
-/// Rows [first, first + count) of a matrix as an owned matrix (FP8 block scales: the rows must lie in one block row).
+/// Rows [first, first + count) of a matrix as an owned matrix (FP8 block scales: the rows must start a block row
+/// or lie in one block row, so that the slice's block grid is a part of the source's).
 fn slice_rows(m: &QuantizedMatrix, first: usize, count: usize) -> Result<QuantizedMatrix> {
     let (_, cols) = m.shape();
     Ok(match m {
@@ -139,13 +195,13 @@ fn slice_rows(m: &QuantizedMatrix, first: usize, count: usize) -> Result<Quantiz
             QuantizedMatrix::Fp8PerTensor(Fp8PerTensor::from_parts(f.data[first * cols..(first + count) * cols].to_vec(), count, cols, f.scale)?)
         }
         QuantizedMatrix::Fp8Block128(f) => {
-            let block = one_block_row(first, count)?;
+            let blocks = scale_blocks(first, count, "rows")?;
             let per = cols.div_ceil(128);
             QuantizedMatrix::Fp8Block128(Fp8Block128::from_parts(
                 f.data[first * cols..(first + count) * cols].to_vec(),
                 count,
                 cols,
-                f.scales[block * per..(block + 1) * per].to_vec(),
+                f.scales[blocks.start * per..blocks.end * per].to_vec(),
             )?)
         }
         other => return Err(Error::InvalidArgument(format!("attention weights in {:?}: bf16 or FP8 expected", other.format()))),
@@ -177,6 +233,38 @@ fn transposed_rows(m: &QuantizedMatrix, first: usize, count: usize) -> Result<Qu
     })
 }
 
+/// Columns [first, first + count) of a matrix as an owned matrix (FP8 block scales: the columns must start a block
+/// column or lie in one): a tensor-parallel rank's input columns of `wo`.
+fn slice_cols(m: &QuantizedMatrix, first: usize, count: usize) -> Result<QuantizedMatrix> {
+    let (rows, cols) = m.shape();
+    fn columns<T: Copy>(data: &[T], rows: usize, cols: usize, first: usize, count: usize) -> Vec<T> {
+        (0..rows).flat_map(|r| data[r * cols + first..r * cols + first + count].iter().copied()).collect()
+    }
+    Ok(match m {
+        QuantizedMatrix::Bf16 { data, .. } => QuantizedMatrix::Bf16 { data: columns(data, rows, cols, first, count), rows, cols: count },
+        QuantizedMatrix::Fp8PerTensor(f) => QuantizedMatrix::Fp8PerTensor(Fp8PerTensor::from_parts(columns(&f.data, rows, cols, first, count), rows, count, f.scale)?),
+        QuantizedMatrix::Fp8Block128(f) => {
+            let blocks = scale_blocks(first, count, "columns")?;
+            let scales = columns(&f.scales, rows.div_ceil(128), cols.div_ceil(128), blocks.start, blocks.len());
+            QuantizedMatrix::Fp8Block128(Fp8Block128::from_parts(columns(&f.data, rows, cols, first, count), rows, count, scales)?)
+        }
+        other => return Err(Error::InvalidArgument(format!("attention weights in {:?}: bf16 or FP8 expected", other.format()))),
+    })
+}
+
+/// The 128-wide FP8 scale blocks that rows (or columns) [first, first + count) use, when the slice's own blocks are
+/// those: it starts at a block boundary, or it lies inside one block.
+fn scale_blocks(first: usize, count: usize, what: &str) -> Result<std::ops::Range<usize>> {
+    if first % 128 == 0 {
+        return Ok(first / 128..(first + count).div_ceil(128));
+    }
+    let block = first / 128;
+    if (first + count - 1) / 128 != block {
+        return Err(Error::InvalidArgument(format!("{what} {first}..{} of an FP8 block-128 matrix straddle a scale block without starting one", first + count)));
+    }
+    Ok(block..block + 1)
+}
+
 fn one_block_row(first: usize, count: usize) -> Result<usize> {
     let block = first / 128;
     if (first + count - 1) / 128 != block {
@@ -195,17 +283,18 @@ pub struct LoadProgress {
 impl DeviceModel {
     /// Uploads `checkpoint` to `device`: every layer's weights are read from the mapped files, repacked and uploaded
     /// before the next layer is touched. `shard` selects the routed experts this rank holds.
-    pub fn load(device: &Device, checkpoint: &Checkpoint, shard: ExpertShard) -> Result<Self> {
+    pub fn load(device: &Device, checkpoint: &Checkpoint, shard: Shard) -> Result<Self> {
         Self::load_with_progress(device, checkpoint, shard, |_| {})
     }
 
     /// [`DeviceModel::load`], reporting after each uploaded layer (and once more after the embeddings and head), so a
     /// caller can draw a progress bar over the minutes a full checkpoint takes.
-    pub fn load_with_progress(device: &Device, checkpoint: &Checkpoint, shard: ExpertShard, mut on_progress: impl FnMut(LoadProgress)) -> Result<Self> {
+    pub fn load_with_progress(device: &Device, checkpoint: &Checkpoint, shard: Shard, mut on_progress: impl FnMut(LoadProgress)) -> Result<Self> {
         let c = ModelConfig::from_json_str(&checkpoint.config_json.to_string())?;
         if shard.world == 0 || shard.rank >= shard.world || shard.world > c.experts {
-            return Err(Error::InvalidArgument(format!("expert shard {shard:?} of {} experts", c.experts)));
+            return Err(Error::InvalidArgument(format!("shard {shard:?} of {} experts", c.experts)));
         }
+        let heads = shard.heads(c.heads)?;
         if (c.kv_lora_rank, c.qk_rope) != (attention::KV_LORA_RANK, attention::QK_ROPE) || c.first_k_dense_replace != 0 {
             return Err(Error::Config(format!(
                 "the engine runs MoE layers with latent {} + rope {} (got {} + {}, {} dense layers)",
@@ -225,9 +314,9 @@ impl DeviceModel {
         for l in 0..c.n_layers {
             let p = format!("layers.{l}");
             let wkv_b = matrix(&format!("{p}.attention.wkv_b"), c.heads * kv_per_head, c.kv_lora_rank)?;
-            let mut w_uk = Vec::with_capacity(c.heads);
-            let mut w_uv = Vec::with_capacity(c.heads);
-            for h in 0..c.heads {
+            let mut w_uk = Vec::with_capacity(heads.len());
+            let mut w_uv = Vec::with_capacity(heads.len());
+            for h in heads.clone() {
                 w_uk.push(upload_linear(device, &transposed_rows(&wkv_b, h * kv_per_head, c.qk_nope)?)?);
                 // FP8 block scales change every 128 rows and W_UV_h may straddle two blocks: 64-row pieces then.
                 let piece = if matches!(wkv_b, QuantizedMatrix::Fp8Block128(_)) { 64 } else { c.v_head };
@@ -239,7 +328,14 @@ impl DeviceModel {
                         .collect::<Result<_>>()?,
                 );
             }
-            let owned: Vec<usize> = (0..c.experts).filter(|&e| shard.owns(e, c.experts)).collect();
+            drop(wkv_b);
+            // The local heads' rows of wq_b and input columns of wo; a rank with every head uploads them whole.
+            let all_heads = heads.len() == c.heads;
+            let wq_b = matrix(&format!("{p}.attention.wq_b"), c.heads * qk, c.q_lora_rank)?;
+            let wq_b = upload_linear(device, &if all_heads { wq_b } else { slice_rows(&wq_b, heads.start * qk, heads.len() * qk)? })?;
+            let wo = matrix(&format!("{p}.attention.wo"), c.dim, c.heads * c.v_head)?;
+            let wo = upload_linear(device, &if all_heads { wo } else { slice_cols(&wo, heads.start * c.v_head, heads.len() * c.v_head)? })?;
+            let owned: Vec<usize> = (0..c.experts).filter(|&e| shard.owns_expert(e, c.experts)).collect();
             let expert = |e: usize, which| -> Result<QuantizedMatrix> {
                 let (rows, cols) = if which == ExpertMatrix::W2 { (c.dim, c.expert_hidden) } else { (c.expert_hidden, c.dim) };
                 checkpoint.expert_matrix(l, e, which, c.dim, c.expert_hidden)?.to_quantized(rows, cols)
@@ -264,12 +360,12 @@ impl DeviceModel {
                 attention_norm: plain(&format!("{p}.attention_norm.weight"), c.dim)?,
                 wq_a: upload_linear(device, &matrix(&format!("{p}.attention.wq_a"), c.q_lora_rank, c.dim)?)?,
                 q_a_norm: plain(&format!("{p}.attention.q_a_norm.weight"), c.q_lora_rank)?,
-                wq_b: upload_linear(device, &matrix(&format!("{p}.attention.wq_b"), c.heads * qk, c.q_lora_rank)?)?,
+                wq_b,
                 wkv_a: upload_linear(device, &matrix(&format!("{p}.attention.wkv_a_with_mqa"), c.kv_lora_rank + c.qk_rope, c.dim)?)?,
                 kv_a_norm: plain(&format!("{p}.attention.kv_a_norm.weight"), c.kv_lora_rank)?,
                 w_uk,
                 w_uv,
-                wo: upload_linear(device, &matrix(&format!("{p}.attention.wo"), c.dim, c.heads * c.v_head)?)?,
+                wo,
                 ffn_norm: plain(&format!("{p}.ffn_norm.weight"), c.dim)?,
                 gate: DeviceBuffer::from_slice(device, &bf16_values(checkpoint.plain(&format!("{p}.gate.weight"), Dtype::BF16, &[c.experts, c.dim])?.data))?,
                 moe,
@@ -299,6 +395,7 @@ impl DeviceModel {
             layers,
             device: device.clone(),
             shard,
+            heads,
             config: c,
         })
     }
@@ -311,8 +408,13 @@ impl DeviceModel {
         &self.device
     }
 
-    pub fn shard(&self) -> ExpertShard {
+    pub fn shard(&self) -> Shard {
         self.shard
+    }
+
+    /// The query heads this rank computes (all of them unless the attention is tensor-parallel).
+    pub fn heads(&self) -> std::ops::Range<usize> {
+        self.heads.clone()
     }
 
     /// The vision tower, when the model has one.
@@ -406,20 +508,32 @@ struct Workspace {
     h: DeviceBuffer<bf16>,
     q_a: DeviceBuffer<bf16>,
     q_a_normed: DeviceBuffer<bf16>,
-    /// [tokens, heads, nope + rope]
+    /// `[tokens, local heads, nope + rope]`
     q: DeviceBuffer<bf16>,
     /// [tokens, latent + rope]: the wkv_a_with_mqa output the cache writer reads.
     kv: DeviceBuffer<bf16>,
     q_lat: DeviceBuffer<bf16>,
     q_rope: DeviceBuffer<bf16>,
     o_lat: DeviceBuffer<bf16>,
-    /// [tokens, heads * v_head]
+    /// `[tokens, local heads * v_head]`
     attn: DeviceBuffer<bf16>,
-    /// [tokens, dim]: wo's output, then the MoE block's.
+    /// `[tokens, dim]`: wo's output, then the MoE block's.
     block_out: DeviceBuffer<bf16>,
+    /// Tensor-parallel attention over 2+ ranks: where the partial `wo` outputs are summed.
+    attention_sum: Option<AttentionSum>,
     router: RouterWorkspace,
     routing: Routing,
     moe: MoeWorkspace,
+}
+
+/// The f32 buffer a tensor-parallel rank's `wo` writes its partial sum into, all-reduced across the ranks, and the
+/// ids that let the MoE combine kernel round it to bf16: with one "pair" per token and expert 0 valid, the combine
+/// computes `out[t] = bf16(sum[t])`, the single rounding one rank applies to its whole `wo` output.
+struct AttentionSum {
+    /// `[tokens, dim]`
+    sum: DeviceBuffer<f32>,
+    /// `[tokens]` zeros.
+    one_pair_ids: DeviceBuffer<i32>,
 }
 
 /// Which rows the output head runs over.
@@ -464,7 +578,13 @@ impl Workspace {
         let tile_m = moe::moe_tile_m(tokens, c.experts_per_token, local);
         let routing = Routing::alloc(d, tokens, c.experts_per_token, local, tile_m)?;
         let moe = MoeWorkspace::new(d, &model.layers[0].moe, tokens, c.experts_per_token, routing.alignment.max_padded)?;
-        let latent_rows = tokens * c.heads;
+        let heads = model.heads.len();
+        let latent_rows = tokens * heads;
+        let attention_sum = if model.shard.partial_attention_output() {
+            Some(AttentionSum { sum: DeviceBuffer::alloc(d, tokens * c.dim)?, one_pair_ids: DeviceBuffer::from_slice(d, &vec![0i32; tokens])? })
+        } else {
+            None
+        };
         Ok(Workspace {
             tokens,
             ids: DeviceBuffer::alloc(d, tokens)?,
@@ -478,8 +598,9 @@ impl Workspace {
             q_lat: bf(latent_rows * c.kv_lora_rank)?,
             q_rope: bf(latent_rows * c.qk_rope)?,
             o_lat: bf(latent_rows * c.kv_lora_rank)?,
-            attn: bf(tokens * c.heads * c.v_head)?,
+            attn: bf(tokens * heads * c.v_head)?,
             block_out: bf(tokens * c.dim)?,
+            attention_sum,
             router: RouterWorkspace::new(d, tokens, c.experts, c.dim)?,
             routing,
             moe,
@@ -551,10 +672,10 @@ struct Active {
 ///
 /// ```no_run
 /// use small4::model::checkpoint::Checkpoint;
-/// use small4::model::engine::{DeviceModel, Engine, EngineOptions, ExpertShard, Request, Sampling};
+/// use small4::model::engine::{DeviceModel, Engine, EngineOptions, Shard, Request, Sampling};
 ///
 /// let device = small4::device::gpu()?;
-/// let model = DeviceModel::load(&device, &Checkpoint::open("/models/Mistral-Small-4")?, ExpertShard::SINGLE)?;
+/// let model = DeviceModel::load(&device, &Checkpoint::open("/models/Mistral-Small-4")?, Shard::SINGLE)?;
 /// let mut engine = Engine::new(model, EngineOptions::default(), None)?;
 /// let tokens = engine.generate(vec![Request { prompt: vec![1, 22177], max_tokens: 16, sampling: Sampling::Greedy }], |_| {})?;
 /// println!("{:?}", tokens[0]);
@@ -582,8 +703,8 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// An engine over `model`; `collective` joins the ranks of expert parallelism (every rank runs the same
-    /// requests in the same order).
+    /// An engine over `model`; `collective` joins the ranks of expert (and tensor) parallelism (every rank runs the
+    /// same requests in the same order).
     pub fn new(mut model: DeviceModel, options: EngineOptions, collective: Option<Box<dyn Collective>>) -> Result<Self> {
         if let Some(col) = &collective {
             let shard = model.shard;
@@ -968,7 +1089,8 @@ impl Network<'_> {
         let device = &self.model.device;
         let t = ws.tokens;
         let m = self.model;
-        let (dim, heads, eps) = (c.dim, c.heads, c.norm_eps);
+        // This rank's query heads: every tensor that is per head below holds only these.
+        let (dim, heads, eps) = (c.dim, m.heads.len(), c.norm_eps);
         let (qk, nope, rank, v_head) = (c.qk_head_dim(), c.qk_nope, c.kv_lora_rank, c.v_head);
         let k = c.experts_per_token;
         let router_config = RouterConfig { k, routed_scale: c.routed_scale, tile_m: ws.routing.alignment.tile_m };
@@ -1002,7 +1124,17 @@ impl Network<'_> {
                     moe::linear_view(w_uv, view(&ws.o_lat, h * rank, heads * rank), t, view(&ws.attn, h * v_head + first, heads * v_head))?;
                 }
             }
-            moe::linear(&layer.wo, &ws.attn, t, &ws.block_out)?;
+            match &ws.attention_sum {
+                None => moe::linear(&layer.wo, &ws.attn, t, &ws.block_out)?,
+                Some(partial) => {
+                    // Tensor parallelism: this rank's heads give a partial sum of wo's output; the ranks add theirs
+                    // in f32 and round once, as one rank rounds its whole output.
+                    let col = self.collective.ok_or_else(|| Error::InvalidArgument("tensor-parallel attention needs the ranks' collective".into()))?;
+                    moe::linear_f32(&layer.wo, &ws.attn, t, &partial.sum)?;
+                    col.all_reduce_sum_f32(&partial.sum)?;
+                    moe::combine(&partial.sum, None, &partial.one_pair_ids, None, 1, &ws.block_out, t, 1, dim)?;
+                }
+            }
             norm::add_rms_norm(&ws.block_out, x, &layer.ffn_norm, x_mid, &ws.h, t, eps)?;
 
             // Mixture of experts: route, grouped up (SwiGLU), grouped down (x routing weight), shared, combine.

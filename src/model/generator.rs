@@ -4,7 +4,7 @@
 
 use super::checkpoint::Checkpoint;
 use super::config::ModelConfig;
-use super::engine::{DeviceModel, Engine, EngineOptions, ExpertShard, LoadProgress, Request, Sampling, DEFAULT_EOS};
+use super::engine::{DeviceModel, Engine, EngineOptions, Shard, LoadProgress, Request, Sampling, DEFAULT_EOS};
 use super::synthetic::load_reference_weights;
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -103,7 +103,7 @@ impl Generator {
         if options.max_context == 0 {
             return Err(Error::InvalidArgument("a generator needs max_context >= 1".into()));
         }
-        let model = DeviceModel::load_with_progress(device, checkpoint, ExpertShard::SINGLE, on_progress)?;
+        let model = DeviceModel::load_with_progress(device, checkpoint, Shard::SINGLE, on_progress)?;
         // One page more than the context needs: a sequence's last page may start mid-way.
         let engine_options = EngineOptions {
             eos: options.eos,

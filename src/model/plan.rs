@@ -127,7 +127,9 @@ pub fn standard_plans(config: &ModelConfig) -> Result<Vec<MemoryPlan>> {
 }
 
 /// The memory plan of `config` on `world` GPUs of one kind: routed experts split evenly between the GPUs (expert
-/// parallelism), the rest replicated; weights in `formats`, activations and KV cache sized for `workload`.
+/// parallelism), attention heads split evenly (tensor parallelism, `engine::Shard::tensor_parallel`), embedding and
+/// head split over the vocabulary, the rest replicated (module docs); weights in `formats`, activations and KV cache
+/// sized for `workload`.
 ///
 /// ```
 /// use small4::model::plan::{plan, FormatChoice, GpuSpec, Workload};

@@ -203,6 +203,33 @@ fn joining_sequences_match_each_alone(device: &Device) {
     }
 }
 
+/// Runs `run` on `world` ranks at once, as threads: rank r loads `shard(r)` of `checkpoint` on a device of the test's
+/// kind and joins a thread collective. Returns each rank's result in rank order.
+fn on_ranks<T: Send>(
+    device: &Device,
+    checkpoint: &Checkpoint,
+    world: usize,
+    shard: impl Fn(usize) -> Shard + Sync,
+    run: impl Fn(usize, Engine) -> T + Sync,
+) -> Vec<T> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = ThreadCollective::group(world)
+            .unwrap()
+            .into_iter()
+            .zip(ranks_like(device, world).unwrap())
+            .map(|(collective, rank_device)| {
+                let (shard, run) = (&shard, &run);
+                s.spawn(move || {
+                    let rank = collective.rank();
+                    let model = DeviceModel::load(&rank_device, checkpoint, shard(rank)).unwrap();
+                    run(rank, Engine::new(model, options(16), Some(Box::new(collective))).unwrap())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 /// (d) Expert parallelism: two ranks (two devices of the test's kind, each holding half of the experts, per-pair MoE
 /// outputs all-reduced) produce the same tokens and bit-identical logits as one rank.
 fn two_expert_parallel_ranks_match_one(device: &Device) {
@@ -215,22 +242,7 @@ fn two_expert_parallel_ranks_match_one(device: &Device) {
         out
     };
     let one = run(&mut Engine::new(DeviceModel::load(device, &f.checkpoint, Shard::SINGLE).unwrap(), options(16), None).unwrap());
-    let ranks: Vec<Vec<(u32, Vec<f32>)>> = std::thread::scope(|s| {
-        let handles: Vec<_> = ThreadCollective::group(2)
-            .unwrap()
-            .into_iter()
-            .zip(ranks_like(device, 2).unwrap())
-            .map(|(collective, rank_device)| {
-                let (f, run) = (&f, &run);
-                s.spawn(move || {
-                    let shard = Shard::expert_parallel(collective.rank(), 2);
-                    let model = DeviceModel::load(&rank_device, &f.checkpoint, shard).unwrap();
-                    run(&mut Engine::new(model, options(16), Some(Box::new(collective))).unwrap())
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let ranks = on_ranks(device, &f.checkpoint, 2, |rank| Shard::expert_parallel(rank, 2), |_, mut engine| run(&mut engine));
     for (rank, got) in ranks.iter().enumerate() {
         assert_eq!(got, &one, "rank {rank} of 2 vs one rank");
     }
@@ -260,23 +272,10 @@ fn tensor_parallel_matches_one(device: &Device, layout: Layout, format: WeightFo
         out
     };
     let one = run(&mut Engine::new(DeviceModel::load(device, &f.checkpoint, Shard::SINGLE).unwrap(), options(16), None).unwrap());
-    let ranks: Vec<Vec<(u32, Vec<f32>)>> = std::thread::scope(|s| {
-        let handles: Vec<_> = ThreadCollective::group(2)
-            .unwrap()
-            .into_iter()
-            .zip(ranks_like(device, 2).unwrap())
-            .map(|(collective, rank_device)| {
-                let (f, run) = (&f, &run);
-                s.spawn(move || {
-                    let rank = collective.rank();
-                    let model = DeviceModel::load(&rank_device, &f.checkpoint, Shard::tensor_parallel(rank, 2)).unwrap();
-                    let per_rank = config.heads / 2;
-                    assert_eq!(model.heads(), rank * per_rank..(rank + 1) * per_rank, "rank {rank}'s heads");
-                    run(&mut Engine::new(model, options(16), Some(Box::new(collective))).unwrap())
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    let ranks = on_ranks(device, &f.checkpoint, 2, |rank| Shard::tensor_parallel(rank, 2), |rank, mut engine| {
+        let per_rank = config.heads / 2;
+        assert_eq!(engine.model().heads(), rank * per_rank..(rank + 1) * per_rank, "rank {rank}'s heads");
+        run(&mut engine)
     });
     let one_tokens: Vec<u32> = one.iter().map(|(t, _)| *t).collect();
     for (rank, got) in ranks.iter().enumerate() {

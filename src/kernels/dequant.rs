@@ -122,8 +122,8 @@ fn fp8_block128(data: &DeviceBuffer<u8>, block_scales: &DeviceBuffer<f32>, out: 
 /// needs `group % 32 == 0` (GPTQ / AWQ groups are 32, 64, 128 or a whole row; a warp tile then spans at most 32
 /// groups) and `cols % group == 0`.
 ///
-/// `packed [rows, cols / 2]` u8 (low nibble = even column), `scales [rows, cols / group]` bf16, `zeros` (same shape, one
-/// u8 in `0..=15` per group) as in `quant::Int4Grouped`. `Error::InvalidArgument` for a bad `group` or a dimension
+/// `packed [rows, cols / 2]` u8 (low nibble = even column), `scales [rows, cols / group]` bf16, `zeros` (same shape,
+/// one u8 in `0..=15` per group) as in `quant::Int4Grouped`. `Error::InvalidArgument` for a bad `group` or a dimension
 /// above `i32`; `Error::Shape` for `cols % group != 0` or a buffer of the wrong length.
 ///
 /// ```

@@ -672,9 +672,8 @@ pub struct Fp8ActScales {
 
 impl MoeLayerWeights {
     /// Uploads the routed experts' `gate_up` (SwiGLU-packed) and `down`, and the optional shared expert, with bf16
-    /// activations. `Error::InvalidArgument` when the packing, the expert counts or the shared expert's shapes do not fit
-    /// together, `Error::Shape`
-    /// when `down` is not `[dim, hidden]` for `gate_up`'s `[hidden, dim]`.
+    /// activations. `Error::InvalidArgument` when the packing, the expert counts or the shared expert's shapes do not
+    /// fit together, `Error::Shape` when `down` is not `[dim, hidden]` for `gate_up`'s `[hidden, dim]`.
     pub fn upload(device: &Device, gate_up: &PackedWeights, down: &PackedWeights, shared: Option<(&PackedWeights, &PackedWeights)>) -> Result<Self> {
         if !gate_up.swiglu || down.swiglu || gate_up.experts != down.experts {
             return Err(Error::InvalidArgument("MoeLayerWeights: gate_up must be SwiGLU-packed and match down's expert count".into()));
@@ -780,8 +779,8 @@ pub struct RoutingBuffers<'a> {
     pub top_k: usize,
 }
 
-/// The routed experts of a layer: `workspace.pair_out` `[tokens * k, dim]` = routing weight x expert(x) for every pair of
-/// the grouping, through `workspace.act` (up + SwiGLU, then down); in W8A8 when `weights.fp8_activations`, with the
+/// The routed experts of a layer: `workspace.pair_out` `[tokens * k, dim]` = routing weight x expert(x) for every pair
+/// of the grouping, through `workspace.act` (up + SwiGLU, then down); in W8A8 when `weights.fp8_activations`, with the
 /// input and the activation quantised to e4m3 into `workspace.e4m3` first.
 ///
 /// Errors as [`up_swiglu`] and [`down`]; `Error::InvalidArgument` for a W8A8 layer whose workspace has no e4m3

@@ -189,12 +189,14 @@ pub fn embedding_gather(ids: &DeviceBuffer<i32>, table: &DeviceBuffer<bf16>, dim
 /// let ids = DeviceBuffer::from_slice(&device, &[2i32, 0])?;
 /// let out = DeviceBuffer::<bf16>::alloc(&device, 2 * 8)?;
 /// small4::kernels::ops::embedding_gather_checked(&ids, &table, 8, &out)?;
-/// let out: Vec<f32> = out.to_vec()?.iter().map(|v| v.to_f32()).collect();
-/// assert_eq!((out[0], out[7], out[8], out[15]), (3.0, 3.0, 1.0, 1.0));
+/// let got: Vec<f32> = out.to_vec()?.iter().map(|v| v.to_f32()).collect();
+/// assert_eq!((got[0], got[7], got[8], got[15]), (3.0, 3.0, 1.0, 1.0));
 ///
 /// let bad = DeviceBuffer::from_slice(&device, &[1i32, 3])?; // 3 is outside the vocabulary
 /// let err = small4::kernels::ops::embedding_gather_checked(&bad, &table, 8, &out).unwrap_err();
 /// assert!(matches!(err, small4::Error::OutOfRange { index: 3, limit: 3, .. }), "{err}");
+/// let got: Vec<f32> = out.to_vec()?.iter().map(|v| v.to_f32()).collect();
+/// assert_eq!((got[0], got[8], got[15]), (2.0, 0.0, 0.0)); // the bad id's row is zeros
 /// # Ok::<(), small4::Error>(())
 /// ```
 pub fn embedding_gather_checked(ids: &DeviceBuffer<i32>, table: &DeviceBuffer<bf16>, dim: usize, out: &DeviceBuffer<bf16>) -> Result<()> {

@@ -6,6 +6,7 @@
 
 pub mod device;
 pub mod error;
+#[warn(missing_docs)]
 pub mod kernels;
 pub mod model;
 pub mod quant;

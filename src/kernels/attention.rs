@@ -14,8 +14,9 @@ use crate::device::{launch_with, Device, DeviceBuffer, Dim3, Kernel, LaunchConfi
 use crate::error::{Error, Result};
 use crate::model::kv_cache::{BatchTables, CacheDescriptor, CacheDtype, PageCopy};
 
-/// The geometry the kernels are compiled for (`kLatent`, `kRope` in the .cu file).
+/// The geometry the kernels are compiled for (`kLatent`, `kRope` in the .cu file): latent width of a cache row.
 pub const KV_LORA_RANK: usize = 256;
+/// Rotary (positional) width of a cache row and of each head's `q_rope`; a row holds `KV_LORA_RANK + QK_ROPE` values.
 pub const QK_ROPE: usize = 64;
 const WIDTH: usize = KV_LORA_RANK + QK_ROPE;
 
@@ -70,7 +71,10 @@ fn out_of_range(what: &str, index: i64, limit: usize) -> Error {
     Error::OutOfRange { what: what.into(), index, limit: limit as i64 }
 }
 
-/// One layer's paged latent cache on the device: [num_pages, page_size, 320] elements of the descriptor's dtype.
+/// One layer's paged latent cache on the device: `[num_pages, page_size, 320]` elements of the descriptor's dtype.
+///
+/// Every constructor returns `Error::InvalidArgument` for a descriptor that fails `CacheDescriptor::validate` or
+/// another geometry than [`KV_LORA_RANK`] + [`QK_ROPE`].
 pub struct PagedCache {
     desc: CacheDescriptor,
     data: DeviceBuffer<u8>,
@@ -89,6 +93,8 @@ impl PagedCache {
         Ok(PagedCache { desc, data: DeviceBuffer::filled_with_byte(device, desc.total_bytes(), byte)? })
     }
 
+    /// Pages copied from host `bytes` (e.g. a cache saved with [`PagedCache::to_bytes`]): `Error::Shape` unless
+    /// `bytes` is exactly `desc.total_bytes()` long.
     pub fn from_bytes(device: &Device, desc: CacheDescriptor, bytes: &[u8]) -> Result<Self> {
         check_geometry(&desc)?;
         check_len("paged cache bytes", bytes.len(), desc.total_bytes())?;
@@ -103,19 +109,22 @@ impl PagedCache {
         Ok(PagedCache { desc, data })
     }
 
+    /// The geometry and dtype the cache was made with.
     pub fn descriptor(&self) -> &CacheDescriptor {
         &self.desc
     }
+    /// The raw pages, `desc.total_bytes()` bytes.
     pub fn data(&self) -> &DeviceBuffer<u8> {
         &self.data
     }
+    /// Copies every page to the host (synchronises).
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         self.data.to_vec()
     }
 
     /// Applies the copy-on-write copies `KvCache::append` asked for (`dst` page = `src` page), in one launch.
     /// Refuses pages outside the cache, a destination written twice and a destination that is another copy's source
-    /// (the copies run in parallel).
+    /// (the copies run in parallel): `Error::OutOfRange` and `Error::InvalidArgument` respectively.
     pub fn copy_pages(&self, copies: &[PageCopy]) -> Result<()> {
         let num_pages = self.desc.num_pages;
         let mut role = vec![0u8; num_pages]; // 1: source, 2: destination
@@ -164,6 +173,10 @@ pub struct BlockTables {
 impl BlockTables {
     /// Checks that every page a sequence's length covers is a page of the cache (entries past the length may be
     /// anything: the kernels never read them) and uploads the arrays.
+    ///
+    /// `Error::OutOfRange` for a negative length, a sequence longer than its row's `max_pages` pages, or a page
+    /// outside the cache; `Error::InvalidArgument` for `max_pages` of 0 (or above `i32`) or a bad descriptor;
+    /// `Error::Shape` when `block_tables` is not `[sequences, max_pages]`.
     pub fn upload(device: &Device, batch: &BatchTables, desc: &CacheDescriptor) -> Result<Self> {
         Self::check(batch, desc)?;
         Ok(BlockTables {
@@ -183,7 +196,8 @@ impl BlockTables {
     }
 
     /// Checks `batch` and writes it into the existing device arrays (same sequences and pages per row), so launches
-    /// recorded with these tables read the new values.
+    /// recorded with these tables read the new values. `Error::Shape` for another sequence count or `max_pages`,
+    /// and the errors of [`BlockTables::upload`].
     pub fn update(&mut self, batch: &BatchTables) -> Result<()> {
         if (batch.seq_lens.len(), batch.max_pages) != (self.host.seq_lens.len(), self.host.max_pages) {
             return Err(Error::shape(
@@ -222,9 +236,11 @@ impl BlockTables {
         Ok(())
     }
 
+    /// Sequences in the batch (rows of the block table).
     pub fn num_seqs(&self) -> usize {
         self.host.seq_lens.len()
     }
+    /// Tokens in each sequence's cache, new tokens included (the host copy of what the kernels read).
     pub fn seq_lens(&self) -> &[i32] {
         &self.host.seq_lens
     }
@@ -242,10 +258,11 @@ impl BlockTables {
 
 /// kv_a_norm weight, eps and the YaRN inverse frequencies the cache writer applies.
 pub struct CacheWriteWeights<'a> {
-    /// `[256]`
+    /// `[256]` bf16: the `kv_a_norm` RMSNorm weight of the layer.
     pub norm_weight: &'a DeviceBuffer<bf16>,
+    /// The RMSNorm epsilon (finite, >= 0).
     pub eps: f32,
-    /// `[32]`
+    /// `[32]` f32: the YaRN inverse frequencies of the 32 rotated pairs (`reference::rope::yarn_inv_freq`).
     pub inv_freq: &'a DeviceBuffer<f32>,
 }
 
@@ -259,6 +276,8 @@ pub struct TokenSlots {
 }
 
 impl TokenSlots {
+    /// Token t goes to position `positions[t]` of the sequence in block-table row `token_seq[t]`. `Error::Shape`
+    /// when the two slices differ in length (their values are checked at each [`mla_cache_write`]).
     pub fn upload(device: &Device, token_seq: &[i32], positions: &[i32]) -> Result<Self> {
         check_len("cache write positions", positions.len(), token_seq.len())?;
         Ok(TokenSlots {
@@ -269,11 +288,12 @@ impl TokenSlots {
         })
     }
 
+    /// New tokens per write.
     pub fn tokens(&self) -> usize {
         self.token_seq.len()
     }
 
-    /// Writes new slots into the existing device arrays (same token count), for a replayed step.
+    /// Writes new slots into the existing device arrays (same token count, else `Error::Shape`), for a replayed step.
     pub fn update(&mut self, token_seq: &[i32], positions: &[i32]) -> Result<()> {
         check_len("cache write sequences", token_seq.len(), self.token_seq.len())?;
         check_len("cache write positions", positions.len(), self.positions.len())?;
@@ -286,8 +306,12 @@ impl TokenSlots {
 }
 
 /// Writes the `slots.tokens()` new tokens into their page slots: token t is row t of `kv` (row stride `kv_row_stride`
-/// elements, columns [c 256 | k_rope 64] = the wkv_a_with_mqa output), at position `positions[t]` of the sequence in
-/// block-table row `token_seq[t]`; stores [rms_norm(c) * norm_weight | rope(k_rope, position)] in the cache dtype.
+/// elements, columns `[c 256 | k_rope 64]` = the wkv_a_with_mqa output), at position `positions[t]` of the sequence in
+/// block-table row `token_seq[t]`; stores `[rms_norm(c) * norm_weight | rope(k_rope, position)]` in the cache dtype.
+///
+/// `Error::InvalidArgument` when the tables were checked for another cache geometry, `kv_row_stride` is below 320 or
+/// not a multiple of 8, or `eps` is negative or not finite; `Error::Shape` for weights of the wrong length or a `kv`
+/// too short; `Error::OutOfRange` for a token whose sequence row or position is outside the tables' lengths.
 pub fn mla_cache_write(
     cache: &PagedCache,
     tables: &BlockTables,
@@ -345,15 +369,20 @@ pub fn mla_cache_write(
 /// How the attention work is cut: warps per block (16 query rows each), row tiles per sequence, KV splits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttentionPlan {
+    /// Warps per block, 1 to 4; each covers 16 (query token, head) rows.
     pub warps: usize,
+    /// Blocks along the query rows of one sequence (grid x).
     pub row_tiles: usize,
+    /// KV splits per sequence (grid y); above 1 a combine kernel merges the f32 partials.
     pub num_splits: usize,
+    /// Cache tokens per split, a multiple of the 32-token tile.
     pub tokens_per_split: usize,
 }
 
 impl AttentionPlan {
     /// `max_rows`: the most (query token, head) rows of one sequence; `max_kv`: the longest sequence.
     /// `num_splits`: forced split count, or `None` to fill the GPU (see `TARGET_BLOCKS`, `MIN_SPLIT_TOKENS`).
+    /// `Error::InvalidArgument` for `Some(0)` or a plan of more than 65535 splits.
     pub fn new(num_seqs: usize, max_rows: usize, max_kv: usize, num_splits: Option<usize>) -> Result<Self> {
         let warps = max_rows.div_ceil(ROWS_PER_WARP).clamp(1, MAX_WARPS);
         let row_tiles = max_rows.div_ceil(warps * ROWS_PER_WARP).max(1);
@@ -390,6 +419,7 @@ pub struct QueryLayout {
 }
 
 impl QueryLayout {
+    /// Checks `q_start` and uploads it: `Error::InvalidArgument` unless it starts at 0 and never decreases.
     pub fn upload(device: &Device, q_start: &[i32]) -> Result<Self> {
         if q_start.first() != Some(&0) {
             return Err(Error::InvalidArgument(format!("q_start must start with 0, got {:?}", q_start.first())));
@@ -406,6 +436,7 @@ impl QueryLayout {
         Self::upload(device, &q_start)
     }
 
+    /// Query tokens of the whole batch (`q_start`'s last entry).
     pub fn tokens(&self) -> usize {
         *self.host.last().unwrap() as usize
     }
@@ -413,22 +444,25 @@ impl QueryLayout {
 
 /// The queries of one attention call.
 pub struct Queries<'a> {
+    /// Which query tokens belong to which sequence.
     pub layout: &'a QueryLayout,
-    /// [tokens, heads, 256]: q_nope through W_UK (absorbed), times the llama-4 query scale of the token's position.
+    /// `[tokens, heads, 256]`: q_nope through W_UK (absorbed), times the llama-4 query scale of the token's position.
     pub q_lat: &'a DeviceBuffer<bf16>,
-    /// [tokens, heads, 64]: rotated, times the same llama-4 query scale.
+    /// `[tokens, heads, 64]`: rotated, times the same llama-4 query scale.
     pub q_rope: &'a DeviceBuffer<bf16>,
+    /// Query heads (all share the one latent KV head), `1..=65536`.
     pub heads: usize,
 }
 
 /// The f32 partial results of split-KV attention; grows on demand and is reused across calls.
 pub struct AttentionScratch {
     device: Device,
-    /// [rows capacity, 256] and [rows capacity, 2]
+    /// `[rows capacity, 256]` and `[rows capacity, 2]`
     buffers: Option<(DeviceBuffer<f32>, DeviceBuffer<f32>)>,
 }
 
 impl AttentionScratch {
+    /// Empty scratch on `device`; the first split launch allocates it.
     pub fn new(device: &Device) -> Self {
         AttentionScratch { device: device.clone(), buffers: None }
     }
@@ -443,7 +477,13 @@ impl AttentionScratch {
     }
 }
 
-/// Causal latent attention: `o_lat` [tokens, heads, 256] (bf16). `num_splits`: None picks the split count.
+/// Causal latent attention: `o_lat` `[tokens, heads, 256]` (bf16). `num_splits`: None picks the split count.
+/// Returns the plan it launched.
+///
+/// `Error::InvalidArgument` when the tables were checked for another cache geometry, `heads` is 0 or above 65536,
+/// `softmax_scale` is not finite and positive, or the batch is too large for one launch; `Error::Shape` when the
+/// layout does not cover `tables.num_seqs()` sequences or `q_lat`, `q_rope`, `o_lat` have the wrong length;
+/// `Error::OutOfRange` when a sequence has more query tokens than cached tokens.
 pub fn mla_attention(
     cache: &PagedCache,
     tables: &BlockTables,

@@ -62,7 +62,10 @@ fn launch<P: Copy>(device: &Device, kernel: &Kernel, elements: usize, bits: usiz
     launch_with(device, kernel, &config, params)
 }
 
-/// `out = e4m3(data) * scale` (the FP8 checkpoint's `qscale_weight`).
+/// `out = e4m3(data) * scale` (the FP8 checkpoint's `qscale_weight`): `data [rows, cols]` e4m3 codes, `out` bf16.
+///
+/// `Error::Shape` when `data` or `out` does not hold `rows * cols` elements; `Error::InvalidArgument` when `scale` is
+/// not finite and positive or a dimension exceeds `i32`.
 pub fn dequant_fp8_per_tensor(data: &DeviceBuffer<u8>, scale: f32, out: &DeviceBuffer<bf16>, rows: usize, cols: usize) -> Result<()> {
     fp8_per_tensor(data, scale, out, rows, cols, MAX_BLOCKS)
 }
@@ -84,6 +87,9 @@ fn fp8_per_tensor(data: &DeviceBuffer<u8>, scale: f32, out: &DeviceBuffer<bf16>,
 
 /// `out[r, c] = e4m3(data[r, c]) * block_scales[r / 128, c / 128]`. The kernel needs `cols % 16 == 0` (every 16-code
 /// vector in one row and one block); the checkpoints that use block scales have multiples of 128.
+///
+/// `block_scales` f32 row-major `[ceil(rows / 128), ceil(cols / 128)]`. `Error::Shape` for `cols % 16 != 0` or a
+/// buffer of the wrong length; `Error::InvalidArgument` when a dimension exceeds `i32`.
 pub fn dequant_fp8_block128(
     data: &DeviceBuffer<u8>,
     block_scales: &DeviceBuffer<f32>,
@@ -115,6 +121,29 @@ fn fp8_block128(data: &DeviceBuffer<u8>, block_scales: &DeviceBuffer<f32>, out: 
 /// `out[r, c] = (q - z) * scales[r, c / group]` with z = `zeros[r, c / group]` or 8 without zero points. The kernel
 /// needs `group % 32 == 0` (GPTQ / AWQ groups are 32, 64, 128 or a whole row; a warp tile then spans at most 32
 /// groups) and `cols % group == 0`.
+///
+/// `packed [rows, cols / 2]` u8 (low nibble = even column), `scales [rows, cols / group]` bf16, `zeros` (same shape,
+/// one u8 in `0..=15` per group) as in `quant::Int4Grouped`. `Error::InvalidArgument` for a bad `group` or a dimension
+/// above `i32`; `Error::Shape` for `cols % group != 0` or a buffer of the wrong length.
+///
+/// ```
+/// use half::bf16;
+/// use small4::device::{simulator, DeviceBuffer};
+///
+/// let device = simulator();
+/// // One row of 32 columns, one group, symmetric (zero point 8), scale 0.25. Byte 0 holds column 0 (low nibble,
+/// // code 15) and column 1 (high nibble, code 0); every other code is 8, i.e. zero.
+/// let mut packed = vec![0x88u8; 16];
+/// packed[0] = 0x0f;
+/// let packed = DeviceBuffer::from_slice(&device, &packed)?;
+/// let scales = DeviceBuffer::from_slice(&device, &[bf16::from_f32(0.25)])?;
+/// let out = DeviceBuffer::<bf16>::alloc(&device, 32)?;
+/// small4::kernels::dequant::dequant_int4(&packed, &scales, None, &out, 1, 32, 32)?;
+/// let out: Vec<f32> = out.to_vec()?.iter().map(|v| v.to_f32()).collect();
+/// assert_eq!(&out[..3], &[1.75, -2.0, 0.0]); // (15 - 8) * 0.25, (0 - 8) * 0.25, (8 - 8) * 0.25
+/// assert!(out[2..].iter().all(|&v| v == 0.0));
+/// # Ok::<(), small4::Error>(())
+/// ```
 pub fn dequant_int4(
     packed: &DeviceBuffer<u8>,
     scales: &DeviceBuffer<bf16>,
@@ -160,6 +189,10 @@ fn int4(
 }
 
 /// `out[r, c] = e2m1(q) * (e4m3(scales[r, c / 16]) / global_scale)`, the NVFP4 checkpoint's arrays as stored.
+///
+/// `packed [rows, cols / 2]` u8 (low nibble = even column), `scales [rows, cols / 16]` e4m3 bytes, `out` bf16.
+/// `Error::Shape` for `cols % 16 != 0` or a buffer of the wrong length; `Error::InvalidArgument` when `global_scale` is
+/// not finite and positive or a dimension exceeds `i32`.
 pub fn dequant_nvfp4(
     packed: &DeviceBuffer<u8>,
     scales: &DeviceBuffer<u8>,
@@ -192,17 +225,50 @@ fn nvfp4(packed: &DeviceBuffer<u8>, scales: &DeviceBuffer<u8>, global_scale: f32
 
 /// A quantised matrix uploaded to a device: its shape and its arrays as device buffers.
 pub struct DeviceQuantized {
+    /// Rows of the matrix (output features).
     pub rows: usize,
+    /// Columns of the matrix (the reduction dimension).
     pub cols: usize,
+    /// The format's arrays.
     pub arrays: DeviceArrays,
 }
 
 /// The device copies of the arrays of each format (same names and layouts as in `crate::quant`).
 pub enum DeviceArrays {
-    Fp8PerTensor { data: DeviceBuffer<u8>, scale: f32 },
-    Fp8Block128 { data: DeviceBuffer<u8>, block_scales: DeviceBuffer<f32> },
-    Int4 { packed: DeviceBuffer<u8>, scales: DeviceBuffer<bf16>, zeros: Option<DeviceBuffer<u8>>, group: usize },
-    Nvfp4 { packed: DeviceBuffer<u8>, scales: DeviceBuffer<u8>, global_scale: f32 },
+    /// `quant::Fp8PerTensor`: read by [`dequant_fp8_per_tensor`].
+    Fp8PerTensor {
+        /// `[rows, cols]` e4m3 codes.
+        data: DeviceBuffer<u8>,
+        /// The f32 multiplier of every code.
+        scale: f32,
+    },
+    /// `quant::Fp8Block128`: read by [`dequant_fp8_block128`].
+    Fp8Block128 {
+        /// `[rows, cols]` e4m3 codes.
+        data: DeviceBuffer<u8>,
+        /// `[ceil(rows / 128), ceil(cols / 128)]` f32, one per 128x128 block.
+        block_scales: DeviceBuffer<f32>,
+    },
+    /// `quant::Int4Grouped`: read by [`dequant_int4`].
+    Int4 {
+        /// `[rows, cols / 2]`, two 4-bit codes a byte, the low nibble the even column.
+        packed: DeviceBuffer<u8>,
+        /// `[rows, cols / group]` bf16.
+        scales: DeviceBuffer<bf16>,
+        /// `[rows, cols / group]` zero points in `0..=15`, or None for symmetric (zero point 8).
+        zeros: Option<DeviceBuffer<u8>>,
+        /// Columns per scale: a multiple of 32 dividing `cols`.
+        group: usize,
+    },
+    /// `quant::Nvfp4`: read by [`dequant_nvfp4`].
+    Nvfp4 {
+        /// `[rows, cols / 2]` e2m1 codes, the low nibble the even column.
+        packed: DeviceBuffer<u8>,
+        /// `[rows, cols / 16]` e4m3 block scales (`weight_scale`).
+        scales: DeviceBuffer<u8>,
+        /// The f32 divisor of every block scale (`weight_global_scale`).
+        global_scale: f32,
+    },
 }
 
 impl DeviceQuantized {
@@ -243,13 +309,15 @@ impl DeviceQuantized {
         }
     }
 
-    /// Launches the matching kernel: `out` (`rows * cols` bf16) = the matrix dequantised.
+    /// Launches the matching kernel: `out` (`rows * cols` bf16) = the matrix dequantised. Errors as the matching
+    /// `dequant_*` function.
     pub fn dequantize_into(&self, out: &DeviceBuffer<bf16>) -> Result<()> {
         self.dequantize_into_with_max_blocks(out, MAX_BLOCKS)
     }
 
     /// The same with a grid of at most `max_blocks` blocks of 256 threads (each then loops over more tiles): leaves
     /// SMs to kernels running alongside on other streams. The result does not depend on the grid.
+    /// `Error::InvalidArgument` for `max_blocks == 0` (on a non-empty matrix).
     pub fn dequantize_into_with_max_blocks(&self, out: &DeviceBuffer<bf16>, max_blocks: u32) -> Result<()> {
         let (rows, cols) = (self.rows, self.cols);
         match &self.arrays {

@@ -120,20 +120,36 @@ pub fn moe_tile_m(tokens: usize, k: usize, experts: usize) -> usize {
 }
 
 /// Weights of one GEMM (all experts of one projection, or one dense matrix) in device memory.
+///
+/// The fields mirror [`PackedWeights`] (whose documentation gives each array's tile layout), uploaded as is.
 pub struct DeviceWeights {
+    /// The storage format of `data`, which selects the kernel.
     pub format: WeightFormat,
+    /// Matrices back to back in `data` (1 for a dense matrix).
     pub experts: usize,
+    /// Real output columns of the GEMM (for SwiGLU: the hidden size, half the packed rows in use).
     pub out_cols: usize,
+    /// Packed rows per expert (a multiple of `quant::repack::ROW_ALIGN`).
     pub rows_padded: usize,
+    /// Reduction length (the input row's width).
     pub k_dim: usize,
+    /// Rows interleaved as gate/up groups for the SwiGLU epilogue ([`up_swiglu`], [`linear_swiglu`]).
     pub swiglu: bool,
+    /// Bytes per expert in `data`.
     pub expert_stride: usize,
+    /// INT4 group size along k (unused by the other formats).
     pub group: usize,
+    /// The packed weight tiles of every expert.
     pub data: DeviceBuffer<u8>,
+    /// `[experts, rows_padded]` f32 epilogue multipliers (per-tensor FP8 scale, 1 / NVFP4 global scale).
     pub row_scales: Option<DeviceBuffer<f32>>,
+    /// FP8 128x128 block scales, f32, in the tile order of `PackedWeights::block_scales`.
     pub block_scales: Option<DeviceBuffer<f32>>,
+    /// INT4 group scales, bf16, in the tile order of `PackedWeights::group_scales`.
     pub group_scales: Option<DeviceBuffer<bf16>>,
+    /// INT4 zero points (u8 in `0..=15`, same layout as `group_scales`), None for symmetric INT4.
     pub group_zeros: Option<DeviceBuffer<u8>>,
+    /// NVFP4 e4m3 block scales in the tile order of `PackedWeights::fp4_scales`.
     pub fp4_scales: Option<DeviceBuffer<u8>>,
     /// Weight and scale bytes per expert (the least a GEMM touching the expert must read).
     pub bytes_per_expert: usize,
@@ -144,6 +160,7 @@ fn upload<T: crate::device::DeviceElement>(device: &Device, v: &Option<Vec<T>>) 
 }
 
 impl DeviceWeights {
+    /// Copies the packed arrays to `device` (no checks beyond the allocation's).
     pub fn upload(device: &Device, p: &PackedWeights) -> Result<Self> {
         Ok(DeviceWeights {
             format: p.format,
@@ -166,11 +183,20 @@ impl DeviceWeights {
 }
 
 /// The router's grouping of pairs by local expert, on the device (contract: `reference::moe::Alignment`).
+///
+/// The launchers check it against the weights: `Error::InvalidArgument` when `tile_m` does not divide 64,
+/// `Error::Shape` when `sorted_pairs` is not `tile_experts.len() * tile_m` long, `expert_offsets` not
+/// `local experts + 1` or `num_padded` not 1.
 pub struct Grouping<'a> {
+    /// `[capacity]` i32: the pair in each slot, -1 for padding.
     pub sorted_pairs: &'a DeviceBuffer<i32>,
+    /// `[capacity / tile_m]` i32: the local expert of each tile, -1 past the end.
     pub tile_experts: &'a DeviceBuffer<i32>,
+    /// `[local experts + 1]` i32: first slot of each expert.
     pub expert_offsets: &'a DeviceBuffer<i32>,
+    /// `[1]` i32: slots in use.
     pub num_padded: &'a DeviceBuffer<i32>,
+    /// Slots per tile: a divisor of 32 picks the decode tiles (32 slots a block), 64 the prefill tile.
     pub tile_m: usize,
 }
 
@@ -249,12 +275,15 @@ fn to_i32(what: &str, v: usize) -> Result<i32> {
 }
 
 /// A strided view of bf16 rows for the dense GEMM: row r starts at element `offset + r * stride`. Lets one launch read
-/// one head's slice of a [tokens, heads, head_dim] tensor or write into one head's columns of another (MLA's per-head
+/// one head's slice of a `[tokens, heads, head_dim]` tensor or write into one head's columns of another (MLA's per-head
 /// W_UK / W_UV products) without a copy.
 #[derive(Clone, Copy)]
 pub struct RowView<'a> {
+    /// The whole tensor.
     pub buffer: &'a DeviceBuffer<bf16>,
+    /// Element index of row 0's first value.
     pub offset: usize,
+    /// Elements from one row's start to the next (at least the row length).
     pub stride: usize,
 }
 
@@ -290,6 +319,7 @@ impl<'a> RowView<'a> {
 /// in the permuted order [`quantize_act_e4m3`] writes (only the `moe_gemm_fp8_act_*` kernels read it).
 #[derive(Clone, Copy)]
 pub struct E4m3Rows<'a> {
+    /// `[rows, cols]` e4m3 codes.
     pub data: &'a DeviceBuffer<u8>,
     /// The static per-tensor activation scale the rows were quantised with.
     pub scale: f32,
@@ -447,29 +477,36 @@ fn launch_gemm_view(
     launch_with(device, &shape.kernel(w.format, e4m3_input), &config, &params)
 }
 
-/// Dense `y = x W^T` (bf16 weights or any packed format, one matrix): x [rows, k_dim] -> y [rows, out_cols] bf16.
+/// Dense `y = x W^T` (bf16 weights or any packed format, one matrix): x `[rows, k_dim]` -> y `[rows, out_cols]` bf16,
+/// f32 accumulation.
+///
+/// `Error::InvalidArgument` when `w` holds more than one matrix or is SwiGLU-packed, or the row tiles exceed the
+/// grid; `Error::Shape` when `x` or `y` has the wrong length; `Error::OutOfRange` for a dimension above `i32`.
 pub fn linear(w: &DeviceWeights, x: &DeviceBuffer<bf16>, rows: usize, y: &DeviceBuffer<bf16>) -> Result<()> {
     launch_gemm(w, x, rows, false, Rows::Dense { rows }, Output::Bf16(y))
 }
 
 /// Dense `y = x W^T` over strided views: `rows` rows of `w.k_dim` read from `x`, `w.out_cols` columns written into
 /// `y` (bf16). The input view's offset and stride must be multiples of 8 elements (16-byte loads).
+/// Errors as [`linear`], a misaligned or too short view being `Error::InvalidArgument` / `Error::Shape`.
 pub fn linear_view(w: &DeviceWeights, x: RowView, rows: usize, y: RowView) -> Result<()> {
     launch_gemm_view(w, Input::Bf16(x), rows, false, Rows::Dense { rows }, Output::Bf16(y.buffer), Some(y))
 }
 
 /// Dense SwiGLU `act = silu(x W1^T) * (x W3^T)` from gate/up weights packed by `repack_gate_up` (one matrix pair):
-/// x [rows, k_dim] -> act [rows, hidden] bf16, the gate and up values kept in f32 registers (a dense FFN's up half).
+/// x `[rows, k_dim]` -> act `[rows, hidden]` bf16, the gate and up values kept in f32 registers (a dense FFN's up
+/// half). Errors as [`linear`], the weights having to be SwiGLU-packed.
 pub fn linear_swiglu(w: &DeviceWeights, x: &DeviceBuffer<bf16>, rows: usize, act: &DeviceBuffer<bf16>) -> Result<()> {
     launch_gemm(w, x, rows, false, Rows::Dense { rows }, Output::SwiGlu(act))
 }
 
-/// Dense `y = x W^T` with an f32 output [rows, out_cols] (the logits of the output head).
+/// Dense `y = x W^T` with an f32 output `[rows, out_cols]` (the logits of the output head). Errors as [`linear`].
 pub fn linear_f32(w: &DeviceWeights, x: &DeviceBuffer<bf16>, rows: usize, y: &DeviceBuffer<f32>) -> Result<()> {
     launch_gemm(w, x, rows, false, Rows::Dense { rows }, Output::F32ByPair { out: y, pair_weights: None })
 }
 
-/// The shared expert on every token: `workspace.shared_out` [tokens, dim] f32 = w2(silu(w1 x) * w3 x).
+/// The shared expert on every token: `workspace.shared_out` `[tokens, dim]` f32 = w2(silu(w1 x) * w3 x), through
+/// `workspace.shared_act`. `shared` = (SwiGLU-packed w1/w3, w2). Errors as [`linear`].
 pub fn shared_expert(shared: &(DeviceWeights, DeviceWeights), x: &DeviceBuffer<bf16>, tokens: usize, workspace: &MoeWorkspace) -> Result<()> {
     let (up, dn) = shared;
     check_len("shared expert workspace", workspace.shared_act.len(), tokens * up.out_cols)?;
@@ -478,12 +515,17 @@ pub fn shared_expert(shared: &(DeviceWeights, DeviceWeights), x: &DeviceBuffer<b
 }
 
 /// Up-projection of the routed experts: `act[slot] = silu(x W1_e^T) * (x W3_e^T)` for every slot of the grouping,
-/// x [tokens, dim], act [capacity, hidden] (padding slots are not written).
+/// x `[tokens, dim]`, act `[capacity, hidden]` (padding slots are not written).
+///
+/// `Error::InvalidArgument` when `w` is not SwiGLU-packed or `top_k` is 0, the errors of a bad [`Grouping`], and
+/// `Error::Shape` for `x` or `act` of the wrong length.
 pub fn up_swiglu(w: &DeviceWeights, x: &DeviceBuffer<bf16>, tokens: usize, top_k: usize, grouping: &Grouping, act: &DeviceBuffer<bf16>) -> Result<()> {
     launch_gemm(w, x, tokens, true, Rows::Grouped { grouping, top_k, pairs: tokens * top_k }, Output::SwiGlu(act))
 }
 
 /// Down-projection: `pair_out[p] = weight[p] * act[slot(p)] W2_e^T` (f32, `[tokens * k, dim]`) for every routed pair.
+/// Pairs owned by another GPU are not written. Errors as [`up_swiglu`] (with `w` not SwiGLU-packed), and
+/// `Error::Shape` when `topk_weights` is not one weight per row of `pair_out`.
 pub fn down(
     w: &DeviceWeights,
     act: &DeviceBuffer<bf16>,
@@ -500,6 +542,9 @@ pub fn down(
 /// W8A8 e4m3 inputs: `out` [rows, cols] = e4m3(x * (1 / scale)) (round to nearest even, saturating to ±448, the
 /// CPU twin is `reference::moe::quantize_act_e4m3`), each 32 columns in the B-operand order of the W8A8 GEMMs
 /// (`MoeQuantizeActParams` in params.h). `cols` a multiple of 64 (the GEMMs' k step), the view's stride even.
+///
+/// `Error::InvalidArgument` for a bad `scale` (not finite and positive), `cols`, or view; `Error::Shape` when `out`
+/// does not hold `rows * cols` bytes or the view is too short.
 pub fn quantize_act_e4m3(x: RowView, rows: usize, cols: usize, scale: f32, out: &DeviceBuffer<u8>) -> Result<()> {
     launch_quantize_act(x, rows, cols, scale, out, None)
 }
@@ -537,14 +582,14 @@ fn launch_quantize_act(x: RowView, rows: usize, cols: usize, scale: f32, out: &D
     launch_with(out.device(), &Kernel { module: MOE_GEMM, entry: "moe_quantize_act_e4m3" }, &config, &params)
 }
 
-/// [`up_swiglu`] in W8A8: `x` the tokens' e4m3 rows ([tokens, dim], from [`quantize_act_e4m3`]), per-tensor fp8
-/// weights.
+/// [`up_swiglu`] in W8A8: `x` the tokens' e4m3 rows (`[tokens, dim]`, from [`quantize_act_e4m3`]), per-tensor fp8
+/// weights (else `Error::InvalidArgument`).
 pub fn up_swiglu_w8a8(w: &DeviceWeights, x: E4m3Rows, tokens: usize, top_k: usize, grouping: &Grouping, act: &DeviceBuffer<bf16>) -> Result<()> {
     launch_gemm_view(w, Input::E4m3(x), tokens, true, Rows::Grouped { grouping, top_k, pairs: tokens * top_k }, Output::SwiGlu(act), None)
 }
 
-/// [`down`] in W8A8: `act` the slots' e4m3 rows ([capacity, hidden], from [`quantize_act_e4m3`]), per-tensor fp8
-/// weights.
+/// [`down`] in W8A8: `act` the slots' e4m3 rows (`[capacity, hidden]`, from [`quantize_act_e4m3`]), per-tensor fp8
+/// weights (else `Error::InvalidArgument`).
 pub fn down_w8a8(w: &DeviceWeights, act: E4m3Rows, grouping: &Grouping, top_k: usize, topk_weights: &DeviceBuffer<f32>, pair_out: &DeviceBuffer<f32>) -> Result<()> {
     let slots = grouping.capacity();
     let pairs = topk_weights.len();
@@ -553,6 +598,11 @@ pub fn down_w8a8(w: &DeviceWeights, act: E4m3Rows, grouping: &Grouping, top_k: u
 }
 
 /// `out[t] = bf16(shared_out[t] + sum_j pair_out[t*k + j])` over the locally computed pairs, in fixed j order.
+///
+/// `pair_out [tokens * top_k, dim]` f32, `shared_out [tokens, dim]` f32, `topk_ids [tokens * top_k]` global ids,
+/// `expert_map [experts]` (global -> local or -1; None: all local), `out [tokens, dim]` bf16.
+/// `Error::InvalidArgument` when `dim` is not a positive multiple of 4; `Error::Shape` for a buffer of the wrong
+/// length; `Error::OutOfRange` for a size above `i32`.
 #[allow(clippy::too_many_arguments)]
 pub fn combine(
     pair_out: &DeviceBuffer<f32>,
@@ -602,7 +652,7 @@ pub struct MoeLayerWeights {
     pub gate_up: DeviceWeights,
     /// Routed experts' w2, `[experts] x [dim (padded), hidden]`.
     pub down: DeviceWeights,
-    /// The shared expert (one matrix each), or None.
+    /// The shared expert (one matrix each: SwiGLU-packed w1/w3, then w2), or None.
     pub shared: Option<(DeviceWeights, DeviceWeights)>,
     /// W8A8 for the routed experts (per-tensor fp8 weights only): the static activation scales, or None for bf16
     /// activations. The shared expert keeps bf16 activations.
@@ -621,6 +671,9 @@ pub struct Fp8ActScales {
 }
 
 impl MoeLayerWeights {
+    /// Uploads the routed experts' `gate_up` (SwiGLU-packed) and `down`, and the optional shared expert, with bf16
+    /// activations. `Error::InvalidArgument` when the packing, the expert counts or the shared expert's shapes do not
+    /// fit together, `Error::Shape` when `down` is not `[dim, hidden]` for `gate_up`'s `[hidden, dim]`.
     pub fn upload(device: &Device, gate_up: &PackedWeights, down: &PackedWeights, shared: Option<(&PackedWeights, &PackedWeights)>) -> Result<Self> {
         if !gate_up.swiglu || down.swiglu || gate_up.experts != down.experts {
             return Err(Error::InvalidArgument("MoeLayerWeights: gate_up must be SwiGLU-packed and match down's expert count".into()));
@@ -659,12 +712,15 @@ impl MoeLayerWeights {
         self.fp8_activations = scales;
         Ok(())
     }
+    /// Model width: the layer's input and output row length.
     pub fn dim(&self) -> usize {
         self.gate_up.k_dim
     }
+    /// Expert hidden size (the SwiGLU activation's row length).
     pub fn hidden(&self) -> usize {
         self.gate_up.out_cols
     }
+    /// Routed experts held (the local ones under expert parallelism).
     pub fn experts(&self) -> usize {
         self.gate_up.experts
     }
@@ -673,16 +729,19 @@ impl MoeLayerWeights {
 /// Scratch buffers of a MoE layer for a batch of `tokens` tokens (allocate once, reuse every step: no allocation in a
 /// CUDA graph).
 pub struct MoeWorkspace {
+    /// Tokens of the batch it was made for ([`moe_layer`] requires the same).
     pub tokens: usize,
+    /// Experts per token it was made for.
     pub top_k: usize,
-    /// [capacity, hidden]
+    /// `[capacity, hidden]` bf16: the routed experts' SwiGLU activations, one row per slot of the grouping.
     pub act: DeviceBuffer<bf16>,
-    /// [tokens * k, dim]
+    /// `[tokens * k, dim]` f32: each pair's down-projection times its routing weight.
     pub pair_out: DeviceBuffer<f32>,
-    /// [tokens, hidden] and [tokens, dim] for the shared expert.
+    /// `[tokens, hidden]` bf16: the shared expert's SwiGLU activation.
     pub shared_act: DeviceBuffer<bf16>,
+    /// `[tokens, dim]` f32: the shared expert's output.
     pub shared_out: DeviceBuffer<f32>,
-    /// W8A8 layers only: the e4m3 copies of the input [tokens, dim] and of `act` [capacity, hidden].
+    /// W8A8 layers only: the e4m3 copies of the input `[tokens, dim]` and of `act` `[capacity, hidden]`.
     pub e4m3: Option<(DeviceBuffer<u8>, DeviceBuffer<u8>)>,
 }
 
@@ -705,20 +764,27 @@ impl MoeWorkspace {
     }
 }
 
-/// The router's outputs for a batch: global expert ids and renormalised weights [tokens * k], and the expert map
+/// The router's outputs for a batch: global expert ids and renormalised weights `[tokens * k]`, and the expert map
 /// (global -> local, -1 = another GPU; None = all experts local).
 pub struct RoutingBuffers<'a> {
+    /// `[tokens * k]` i32 global expert ids (`router::Routing::topk_ids`).
     pub topk_ids: &'a DeviceBuffer<i32>,
+    /// `[tokens * k]` f32 routing weights (`router::Routing::topk_weights`).
     pub topk_weights: &'a DeviceBuffer<f32>,
+    /// `[experts]` i32, global -> local or -1 (`router::ExpertMap::buffer`); None when all experts are local.
     pub expert_map: Option<&'a DeviceBuffer<i32>>,
     /// Global expert count (the range of topk_ids).
     pub experts: usize,
+    /// Experts per token (`k`).
     pub top_k: usize,
 }
 
-/// The routed experts of a layer: `workspace.pair_out` [tokens * k, dim] = routing weight x expert(x) for every pair of
-/// the grouping, through `workspace.act` (up + SwiGLU, then down); in W8A8 when `weights.fp8_activations`, with the
+/// The routed experts of a layer: `workspace.pair_out` `[tokens * k, dim]` = routing weight x expert(x) for every pair
+/// of the grouping, through `workspace.act` (up + SwiGLU, then down); in W8A8 when `weights.fp8_activations`, with the
 /// input and the activation quantised to e4m3 into `workspace.e4m3` first.
+///
+/// Errors as [`up_swiglu`] and [`down`]; `Error::InvalidArgument` for a W8A8 layer whose workspace has no e4m3
+/// buffers (made before [`MoeLayerWeights::set_fp8_activations`]).
 pub fn routed_experts(
     weights: &MoeLayerWeights,
     x: &DeviceBuffer<bf16>,
@@ -745,9 +811,12 @@ pub fn routed_experts(
     down_w8a8(&weights.down, E4m3Rows { data: act_e4m3, scale: scales.down }, grouping, top_k, topk_weights, pair_out)
 }
 
-/// One whole MoE layer: out [tokens, dim] bf16 = shared(x) + sum_j w_j expert_j(x) over the locally owned experts.
+/// One whole MoE layer: out `[tokens, dim]` bf16 = shared(x) + sum_j w_j expert_j(x) over the locally owned experts.
 /// Five launches: routed up (+SwiGLU), routed down (x routing weight), shared up, shared down, combine; W8A8 layers
 /// (`weights.fp8_activations`) quantise the input and the SwiGLU activation to e4m3 first (two more).
+///
+/// `Error::InvalidArgument` when `workspace` was made for another token count or `top_k`; otherwise the errors of
+/// [`routed_experts`], [`shared_expert`] and [`combine`].
 pub fn moe_layer(
     weights: &MoeLayerWeights,
     x: &DeviceBuffer<bf16>,

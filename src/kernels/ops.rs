@@ -34,7 +34,9 @@ fn check_i32(what: &str, value: usize) -> Result<()> {
 /// The llama-4 query scaling `1 + beta * ln(1 + floor(pos / original_max))`.
 #[derive(Clone, Copy, Debug)]
 pub struct QueryScale {
+    /// `beta` of the formula (the model config's `llama4_beta`); 0 leaves q unscaled. Must be finite.
     pub beta: f32,
+    /// The divisor of the position (the config's `llama4_original_max_position`); must be in `1..=i32::MAX`.
     pub original_max_position: usize,
 }
 
@@ -42,14 +44,22 @@ pub struct QueryScale {
 /// 320 outputs of `wkv_a_with_mqa`: offset 256, stride 320).
 #[derive(Clone, Copy)]
 pub struct KRope<'a> {
+    /// `[tokens, row_stride]` bf16, rotated in place.
     pub buffer: &'a DeviceBuffer<bf16>,
+    /// Element offset of the rope values inside a row (a multiple of 8).
     pub offset: usize,
+    /// Elements per token row (a multiple of 8, at least `offset + rope_dim`).
     pub row_stride: usize,
 }
 
 /// Rotates, in place, the last `rope_dim` dims of each head of `q [tokens, heads, head_dim]` and the `rope_dim` values
 /// of `k` (interleaved pairs, angle `positions[t] * inv_freq[i]`), and multiplies all of q by the query scale.
 /// `inv_freq` comes from `reference::rope::yarn_inv_freq`. Positions must be >= 0.
+///
+/// `q` must hold `positions.len() * heads * head_dim` elements and `k.buffer` `positions.len() * k.row_stride`
+/// (`Error::Shape`). `Error::InvalidArgument` when `head_dim` or `rope_dim = 2 * inv_freq.len()` is not a multiple of
+/// 8, `rope_dim` is 0 or above `head_dim` or [`MAX_ROPE_DIM`], the query scale is invalid, `k`'s offset or stride is
+/// misaligned or too short, or an element count exceeds `i32`.
 #[allow(clippy::too_many_arguments)]
 pub fn rope_q_k(
     q: &DeviceBuffer<bf16>,
@@ -111,6 +121,7 @@ pub struct GatherStatus {
 }
 
 impl GatherStatus {
+    /// A cleared record (no out-of-range id seen) on `device`: two `i32` (count, first offending position).
     pub fn new(device: &Device) -> Result<Self> {
         Ok(GatherStatus { buffer: DeviceBuffer::from_slice(device, &[0, i32::MAX])? })
     }
@@ -134,6 +145,10 @@ impl GatherStatus {
 
 /// `out[t] = table[ids[t]]` for `table [vocab, dim]`; ids outside `0..vocab` produce zero rows and are recorded in
 /// `status` (the table is never read out of bounds).
+///
+/// `ids [tokens]`, `table [vocab, dim]` and `out [tokens, dim]` bf16. `Error::Shape` when `dim` is 0 or does not
+/// divide `table.len()`, or `out` does not hold `tokens * dim` elements; `Error::InvalidArgument` when `vocab` or
+/// `dim` exceeds `i32`. Bad ids are no error here: [`GatherStatus::check`] reports them.
 pub fn embedding_gather(ids: &DeviceBuffer<i32>, table: &DeviceBuffer<bf16>, dim: usize, out: &DeviceBuffer<bf16>, status: &GatherStatus) -> Result<()> {
     if dim == 0 || table.len() % dim != 0 {
         return Err(Error::shape("embedding table elements (vocab * dim)", format!("a multiple of {dim}"), table.len()));
@@ -159,6 +174,31 @@ pub fn embedding_gather(ids: &DeviceBuffer<i32>, table: &DeviceBuffer<bf16>, dim
 }
 
 /// [`embedding_gather`] followed by a synchronisation and the status check (for callers outside a CUDA graph).
+///
+/// Returns the errors of [`embedding_gather`], and `Error::OutOfRange` naming the first id outside `0..vocab` (its
+/// row of `out` is then zero).
+///
+/// ```
+/// use half::bf16;
+/// use small4::device::{simulator, DeviceBuffer};
+///
+/// let device = simulator();
+/// // A vocabulary of 3 rows of dim 8: row v holds the value v + 1 in every column.
+/// let table: Vec<bf16> = (0..3 * 8).map(|i| bf16::from_f32((i / 8 + 1) as f32)).collect();
+/// let table = DeviceBuffer::from_slice(&device, &table)?;
+/// let ids = DeviceBuffer::from_slice(&device, &[2i32, 0])?;
+/// let out = DeviceBuffer::<bf16>::alloc(&device, 2 * 8)?;
+/// small4::kernels::ops::embedding_gather_checked(&ids, &table, 8, &out)?;
+/// let got: Vec<f32> = out.to_vec()?.iter().map(|v| v.to_f32()).collect();
+/// assert_eq!((got[0], got[7], got[8], got[15]), (3.0, 3.0, 1.0, 1.0));
+///
+/// let bad = DeviceBuffer::from_slice(&device, &[1i32, 3])?; // 3 is outside the vocabulary
+/// let err = small4::kernels::ops::embedding_gather_checked(&bad, &table, 8, &out).unwrap_err();
+/// assert!(matches!(err, small4::Error::OutOfRange { index: 3, limit: 3, .. }), "{err}");
+/// let got: Vec<f32> = out.to_vec()?.iter().map(|v| v.to_f32()).collect();
+/// assert_eq!((got[0], got[8], got[15]), (2.0, 0.0, 0.0)); // the bad id's row is zeros
+/// # Ok::<(), small4::Error>(())
+/// ```
 pub fn embedding_gather_checked(ids: &DeviceBuffer<i32>, table: &DeviceBuffer<bf16>, dim: usize, out: &DeviceBuffer<bf16>) -> Result<()> {
     let status = GatherStatus::new(ids.device())?;
     embedding_gather(ids, table, dim, out, &status)?;
@@ -166,6 +206,26 @@ pub fn embedding_gather_checked(ids: &DeviceBuffer<i32>, table: &DeviceBuffer<bf
 }
 
 /// `out [tokens, hidden] = silu(gate) * up` from one `[tokens, 2 * hidden]` tensor holding gate then up in each row.
+///
+/// bf16 in and out, f32 arithmetic. `Error::Shape` when `gate_up` or `out` has the wrong length;
+/// `Error::InvalidArgument` above 65535 tokens or `i32` elements.
+///
+/// ```
+/// use half::bf16;
+/// use small4::device::{simulator, DeviceBuffer};
+///
+/// let device = simulator();
+/// // One token, hidden 2: gate = [0, 2], up = [5, 3].
+/// let gate_up: Vec<bf16> = [0.0f32, 2.0, 5.0, 3.0].iter().map(|&v| bf16::from_f32(v)).collect();
+/// let gate_up = DeviceBuffer::from_slice(&device, &gate_up)?;
+/// let out = DeviceBuffer::<bf16>::alloc(&device, 2)?;
+/// small4::kernels::ops::silu_mul(&gate_up, &out, 1, 2)?;
+/// let out: Vec<f32> = out.to_vec()?.iter().map(|v| v.to_f32()).collect();
+/// let silu2 = 2.0 / (1.0 + (-2.0f32).exp()); // silu(x) = x * sigmoid(x) = 1.7616
+/// assert_eq!(out[0], 0.0); // silu(0) * 5
+/// assert!((out[1] - silu2 * 3.0).abs() < 0.03, "{}", out[1]); // 5.285, within bf16 rounding
+/// # Ok::<(), small4::Error>(())
+/// ```
 pub fn silu_mul(gate_up: &DeviceBuffer<bf16>, out: &DeviceBuffer<bf16>, tokens: usize, hidden: usize) -> Result<()> {
     check_len("silu_mul gate|up", gate_up.len(), tokens * 2 * hidden)?;
     let up = (gate_up.addr() + 2 * hidden as u64) as *const _;
@@ -173,6 +233,8 @@ pub fn silu_mul(gate_up: &DeviceBuffer<bf16>, out: &DeviceBuffer<bf16>, tokens: 
 }
 
 /// `out [tokens, hidden] = silu(gate) * up` from two `[tokens, hidden]` tensors.
+///
+/// The same computation and errors as [`silu_mul`], the gate and up halves in separate buffers.
 pub fn silu_mul_pair(gate: &DeviceBuffer<bf16>, up: &DeviceBuffer<bf16>, out: &DeviceBuffer<bf16>, tokens: usize, hidden: usize) -> Result<()> {
     check_len("silu_mul gate", gate.len(), tokens * hidden)?;
     check_len("silu_mul up", up.len(), tokens * hidden)?;
@@ -230,6 +292,22 @@ fn check_logits(logits: &DeviceBuffer<f32>, rows: usize, vocab: usize, ids: &Dev
 
 /// `ids[r] = argmax(logits[r, :])` for `logits [rows, vocab]`: ties to the lower id, NaN ignored, -1 for a row with
 /// no number.
+///
+/// `Error::InvalidArgument` when `vocab` is 0 or the sizes exceed `i32`; `Error::Shape` when `logits` does not hold
+/// `rows * vocab` values or `ids` `rows`.
+///
+/// ```
+/// use small4::device::{simulator, DeviceBuffer};
+///
+/// let device = simulator();
+/// let logits = [0.5f32, 2.0, -1.0, 2.0, /* row 1: */ f32::NAN, -3.0, -2.5, -7.0];
+/// let logits = DeviceBuffer::from_slice(&device, &logits)?;
+/// let ids = DeviceBuffer::<i32>::alloc(&device, 2)?;
+/// small4::kernels::ops::argmax(&logits, 2, 4, &ids)?;
+/// // Row 0: the tie between ids 1 and 3 goes to 1. Row 1: the NaN is skipped.
+/// assert_eq!(ids.to_vec()?, vec![1, 2]);
+/// # Ok::<(), small4::Error>(())
+/// ```
 pub fn argmax(logits: &DeviceBuffer<f32>, rows: usize, vocab: usize, ids: &DeviceBuffer<i32>) -> Result<()> {
     check_logits(logits, rows, vocab, ids)?;
     if rows == 0 {
@@ -248,11 +326,15 @@ pub struct SamplingInputs<'a> {
     pub top_p: &'a DeviceBuffer<f32>,
     /// The request's seed: its samples depend on (seed, step) only, not on its row in the batch.
     pub seeds: &'a DeviceBuffer<u64>,
+    /// The request's step (its count of tokens generated so far): with the seed, what keys the random draw.
     pub steps: &'a DeviceBuffer<i32>,
 }
 
 /// Seeded temperature + top-p sampling of `logits [rows, vocab]` into `ids [rows]`; the algorithm is documented on
 /// `sample_rows` in cuda/ops.cu and reproduced exactly by `reference::sampling::sample`.
+///
+/// Every buffer of `inputs` holds one value per row. Errors as [`argmax`], plus `Error::Shape` for an input of the
+/// wrong length.
 pub fn sample(logits: &DeviceBuffer<f32>, rows: usize, vocab: usize, inputs: &SamplingInputs, ids: &DeviceBuffer<i32>) -> Result<()> {
     check_logits(logits, rows, vocab, ids)?;
     check_len("temperature", inputs.temperature.len(), rows)?;

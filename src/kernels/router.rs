@@ -24,8 +24,11 @@ use crate::reference::moe::max_padded_slots;
 const ROUTER_TOPK: Kernel = Kernel { module: ROUTER, entry: "router_topk" };
 const MOE_ALIGN: Kernel = Kernel { module: ROUTER, entry: "moe_align" };
 
+/// Most experts (global, the gate's rows) one router launch and one [`ExpertMap`] handle.
 pub const MAX_EXPERTS: usize = 256;
+/// Most experts per token (`kMaxK` in router.cu).
 pub const MAX_K: usize = 8;
+/// Largest alignment tile (`tile_m`): rows of a grouped-GEMM tile.
 pub const MAX_TILE_M: usize = 128;
 /// Threads of every router block (`kThreads` in router.cu).
 const THREADS: u32 = 256;
@@ -54,13 +57,15 @@ pub struct ExpertMap {
 }
 
 impl ExpertMap {
-    /// Every expert is local (single GPU).
+    /// Every expert is local (single GPU): `map[e] = e`. Errors as [`ExpertMap::new`].
     pub fn identity(device: &Device, experts: usize) -> Result<Self> {
         let map: Vec<i32> = (0..experts as i32).collect();
         Self::new(device, &map)
     }
 
     /// Checks that the non-negative entries are exactly 0..local_experts, each once, and every other entry is -1.
+    /// `Error::InvalidArgument` otherwise, or for an empty map, a map of more than [`MAX_EXPERTS`] entries or one with
+    /// no local expert.
     pub fn new(device: &Device, map: &[i32]) -> Result<Self> {
         let experts = map.len();
         if experts == 0 || experts > MAX_EXPERTS {
@@ -84,12 +89,15 @@ impl ExpertMap {
         Ok(ExpertMap { buffer: DeviceBuffer::from_slice(device, map)?, experts, local_experts })
     }
 
+    /// Global expert count (the map's length, the gate's rows).
     pub fn experts(&self) -> usize {
         self.experts
     }
+    /// Experts this GPU owns (the non-negative entries).
     pub fn local_experts(&self) -> usize {
         self.local_experts
     }
+    /// The map on the device, `[experts]` i32 (the `expert_map` that `moe::combine` takes to skip other GPUs' pairs).
     pub fn buffer(&self) -> &DeviceBuffer<i32> {
         &self.buffer
     }
@@ -97,20 +105,31 @@ impl ExpertMap {
 
 /// The alignment outputs (see the module documentation for the contract).
 pub struct Alignment {
+    /// `[local_experts]` i32: pairs routed to each local expert.
     pub expert_counts: DeviceBuffer<i32>,
+    /// `[local_experts + 1]` i32: first slot of each local expert's rows, tile-aligned; the last entry = `num_padded`.
     pub expert_offsets: DeviceBuffer<i32>,
+    /// `[max_padded]` i32: the pair index in each slot, -1 for padding.
     pub sorted_pairs: DeviceBuffer<i32>,
+    /// `[max_tiles]` i32: the local expert of each tile of `tile_m` slots, -1 past the last used tile.
     pub tile_experts: DeviceBuffer<i32>,
+    /// `[1]` i32: slots in use (a multiple of `tile_m`).
     pub num_padded: DeviceBuffer<i32>,
+    /// Pairs aligned: `tokens * k`.
     pub pairs: usize,
+    /// Experts of the [`ExpertMap`] this alignment is for.
     pub local_experts: usize,
+    /// Slots per tile: a power of two, at most [`MAX_TILE_M`].
     pub tile_m: usize,
+    /// Slot capacity, `reference::moe::max_padded_slots(pairs, local_experts, tile_m)`.
     pub max_padded: usize,
+    /// Tile capacity, `max_padded / tile_m`.
     pub max_tiles: usize,
 }
 
 impl Alignment {
-    /// Uninitialised outputs for `pairs` pairs (the kernels write every element).
+    /// Uninitialised outputs for `pairs` pairs (the kernels write every element). `Error::InvalidArgument` when
+    /// `tile_m` is not a power of two up to [`MAX_TILE_M`] or the slot count overflows `i32`.
     pub fn alloc(device: &Device, pairs: usize, local_experts: usize, tile_m: usize) -> Result<Self> {
         check_tile_m(tile_m)?;
         let max_padded = max_padded_slots(pairs, local_experts, tile_m);
@@ -163,14 +182,21 @@ impl Alignment {
 
 /// What the router produces: `topk_ids [tokens, k]`, `topk_weights [tokens, k]` and the alignment.
 pub struct Routing {
+    /// `[tokens, k]` i32: global expert ids of each token, by decreasing probability (ties to the lower id).
     pub topk_ids: DeviceBuffer<i32>,
+    /// `[tokens, k]` f32: the chosen softmax probabilities renormalised to sum to 1, times `routed_scale`.
     pub topk_weights: DeviceBuffer<f32>,
+    /// The pairs grouped by local expert (the module documentation gives the contract).
     pub alignment: Alignment,
+    /// Tokens routed.
     pub tokens: usize,
+    /// Experts per token.
     pub k: usize,
 }
 
 impl Routing {
+    /// Uninitialised outputs for `tokens` tokens of `k` experts each, aligned over `local_experts` in tiles of
+    /// `tile_m`. Errors as [`Alignment::alloc`].
     pub fn alloc(device: &Device, tokens: usize, k: usize, local_experts: usize, tile_m: usize) -> Result<Self> {
         Ok(Routing {
             topk_ids: DeviceBuffer::alloc(device, tokens * k)?,
@@ -182,8 +208,8 @@ impl Routing {
     }
 }
 
-/// Scratch of one router launch: the split-K partial logits [dim / 256, tokens, experts], the f32 logits
-/// [tokens, experts] and the completion counters (zero between launches; the kernel leaves them zero). One launch at
+/// Scratch of one router launch: the split-K partial logits `[dim / 256, tokens, experts]`, the f32 logits
+/// `[tokens, experts]` and the completion counters (zero between launches; the kernel leaves them zero). One launch at
 /// a time per workspace.
 pub struct RouterWorkspace {
     partials: DeviceBuffer<f32>,
@@ -195,6 +221,8 @@ pub struct RouterWorkspace {
 }
 
 impl RouterWorkspace {
+    /// Scratch for launches of exactly `tokens` tokens over a `[experts, dim]` gate ([`route_and_align_into`] checks
+    /// the match), the counters zeroed.
     pub fn new(device: &Device, tokens: usize, experts: usize, dim: usize) -> Result<Self> {
         Ok(RouterWorkspace {
             partials: DeviceBuffer::alloc(device, dim.div_ceil(SLICE) * tokens * experts)?,
@@ -206,7 +234,7 @@ impl RouterWorkspace {
         })
     }
 
-    /// The gate logits of the last launch (f32, [tokens, experts]).
+    /// The gate logits of the last launch (f32, `[tokens, experts]`).
     pub fn logits(&self) -> &DeviceBuffer<f32> {
         &self.logits
     }
@@ -215,7 +243,9 @@ impl RouterWorkspace {
 /// Router settings of the model.
 #[derive(Clone, Copy, Debug)]
 pub struct RouterConfig {
+    /// Experts per token: `1..=MAX_K` and at most the expert count.
     pub k: usize,
+    /// Factor on the renormalised weights (the config's `routed_scale`; must be finite).
     pub routed_scale: f32,
     /// Rows per grouped-GEMM tile: a power of two, 1..=128.
     pub tile_m: usize,
@@ -223,6 +253,44 @@ pub struct RouterConfig {
 
 /// Routes `tokens` rows of `hidden [tokens, dim]` through `gate [experts, dim]` and aligns the pairs: allocates the
 /// outputs and a workspace. See [`route_and_align_into`] for the allocation-free form a CUDA graph replays.
+///
+/// `hidden` and `gate` are bf16; the logits are accumulated in f32. `Error::InvalidArgument` for a bad config (`k`,
+/// `routed_scale`, `tile_m`), a `dim` that is not a multiple of 8 or too many tokens for one launch; `Error::Shape`
+/// when `gate` is not `[experts, dim]` for the map's expert count or `hidden` is not `[tokens, dim]`.
+///
+/// ```
+/// use half::bf16;
+/// use small4::device::{simulator, DeviceBuffer};
+/// use small4::kernels::router::{route_and_align, ExpertMap, RouterConfig};
+///
+/// let device = simulator();
+/// // One token, dim 8, four experts. hidden = e_0, so expert e's logit is gate[e, 0]: [1, 3, 2, 0].
+/// let mut hidden = vec![bf16::ZERO; 8];
+/// hidden[0] = bf16::ONE;
+/// let mut gate = vec![bf16::ZERO; 4 * 8];
+/// for (e, logit) in [1.0f32, 3.0, 2.0, 0.0].into_iter().enumerate() {
+///     gate[e * 8] = bf16::from_f32(logit);
+/// }
+/// let (hidden, gate) = (DeviceBuffer::from_slice(&device, &hidden)?, DeviceBuffer::from_slice(&device, &gate)?);
+/// let map = ExpertMap::identity(&device, 4)?;
+/// let config = RouterConfig { k: 2, routed_scale: 1.0, tile_m: 8 };
+/// let routing = route_and_align(&hidden, &gate, 1, &map, &config)?;
+///
+/// assert_eq!(routing.topk_ids.to_vec()?, vec![1, 2]);
+/// // Renormalised over the two chosen: e^3 / (e^3 + e^2) and e^2 / (e^3 + e^2).
+/// let w = routing.topk_weights.to_vec()?;
+/// let w1 = 1.0 / (1.0 + (-1.0f32).exp());
+/// assert!((w[0] - w1).abs() < 1e-4 && (w[1] - (1.0 - w1)).abs() < 1e-4, "{w:?}");
+/// // Pair 0 (expert 1) fills tile 0, pair 1 (expert 2) tile 1; each tile padded to 8 slots.
+/// let a = &routing.alignment;
+/// assert_eq!(a.expert_counts.to_vec()?, vec![0, 1, 1, 0]);
+/// assert_eq!(a.expert_offsets.to_vec()?, vec![0, 0, 8, 16, 16]);
+/// assert_eq!(a.num_padded.to_vec()?, vec![16]);
+/// assert_eq!(a.tile_experts.to_vec()?, vec![1, 2]);
+/// let sorted = a.sorted_pairs.to_vec()?;
+/// assert_eq!((sorted[0], sorted[1], sorted[8], sorted[15]), (0, -1, 1, -1));
+/// # Ok::<(), small4::Error>(())
+/// ```
 pub fn route_and_align(
     hidden: &DeviceBuffer<bf16>,
     gate: &DeviceBuffer<bf16>,
@@ -239,6 +307,9 @@ pub fn route_and_align(
 }
 
 /// [`route_and_align`] into preallocated outputs and workspace (one launch, no host synchronisation).
+///
+/// Errors as [`route_and_align`], and `Error::Shape` when `workspace` was made for other `[tokens, experts, dim]`,
+/// `out` for another `[tokens, k, tile_m]`, or `out.alignment` for another local expert count.
 pub fn route_and_align_into(
     hidden: &DeviceBuffer<bf16>,
     gate: &DeviceBuffer<bf16>,
@@ -299,7 +370,8 @@ pub fn route_and_align_into(
     launch_with(hidden.device(), &ROUTER_TOPK, &LaunchConfig { grid, block: Dim3::x(THREADS), shared_bytes: 0 }, &params)
 }
 
-/// The alignment alone, from `topk_ids [tokens * k]` computed elsewhere.
+/// The alignment alone, from `topk_ids [tokens * k]` computed elsewhere (global ids; those the map sends to -1 are
+/// left out). `Error::InvalidArgument` for a bad `tile_m`.
 pub fn moe_align(topk_ids: &DeviceBuffer<i32>, map: &ExpertMap, tile_m: usize) -> Result<Alignment> {
     let alignment = Alignment::alloc(topk_ids.device(), topk_ids.len(), map.local_experts, tile_m)?;
     moe_align_into(topk_ids, map, &alignment)?;

@@ -46,14 +46,22 @@ fn elementwise_grid(elements: usize) -> Result<LaunchConfig> {
 
 /// One image's pixels on the device: `channels` planes of `height x width` f32 (CHW, normalised).
 pub struct DeviceImage<'a> {
+    /// `[channels, height, width]` f32.
     pub pixels: &'a DeviceBuffer<f32>,
+    /// Colour planes (3 for RGB).
     pub channels: usize,
+    /// Rows of pixels: a positive multiple of the patch size.
     pub height: usize,
+    /// Columns of pixels: a positive multiple of the patch size.
     pub width: usize,
 }
 
 /// Writes the unfolded patches of `image` into rows `first_row..` of `out [rows, k_padded]` (bf16): row `gy * cols +
 /// gx` holds the `[c, ky, kx]` values of patch (gy, gx), then zeros up to `k_padded` (the GEMM's k is a multiple of 64).
+///
+/// `Error::Shape` when a side is not a positive multiple of `patch`, `pixels` is not `[channels, height, width]` or
+/// `out` cannot hold the rows; `Error::InvalidArgument` when `k_padded` is below `channels * patch^2`;
+/// `Error::OutOfRange` for a size above `i32`.
 pub fn patch_im2col(image: &DeviceImage, patch: usize, out: &DeviceBuffer<bf16>, first_row: usize, k_padded: usize) -> Result<()> {
     let (c, h, w) = (image.channels, image.height, image.width);
     if patch == 0 || h == 0 || w == 0 || h % patch != 0 || w % patch != 0 {
@@ -83,14 +91,21 @@ pub fn patch_im2col(image: &DeviceImage, patch: usize, out: &DeviceBuffer<bf16>,
 
 /// The grid position of every token and the 2D RoPE frequencies (`reference::vision::rope_2d_inv_freq`).
 pub struct GridPositions<'a> {
+    /// `[tokens]` i32: each token's patch row in its image.
     pub rows: &'a DeviceBuffer<i32>,
+    /// `[tokens]` i32: each token's patch column.
     pub cols: &'a DeviceBuffer<i32>,
+    /// `[head_dim / 4]` f32: frequencies of the pairs rotated by the row.
     pub inv_freq_rows: &'a DeviceBuffer<f32>,
+    /// `[head_dim / 4]` f32: frequencies of the pairs rotated by the column.
     pub inv_freq_cols: &'a DeviceBuffer<f32>,
 }
 
 /// Rotates, in place, every head of `q` (and `k`) `[tokens, heads * head_dim]` by the token's grid position: the
 /// first `head_dim / 4` interleaved pairs by its row, the rest by its column. Positions must be >= 0.
+///
+/// `Error::InvalidArgument` when `head_dim` is not a positive multiple of 4; `Error::Shape` for a buffer of the wrong
+/// length (tokens = `positions.rows.len()`); `Error::OutOfRange` for a size above `i32`.
 pub fn rope_2d(q: &DeviceBuffer<bf16>, k: Option<&DeviceBuffer<bf16>>, heads: usize, head_dim: usize, positions: &GridPositions) -> Result<()> {
     let tokens = positions.rows.len();
     if head_dim == 0 || head_dim % 4 != 0 {
@@ -129,7 +144,8 @@ pub struct TokenSegments {
 }
 
 impl TokenSegments {
-    /// `segments` must be non-empty ranges that follow each other from token 0 (image after image).
+    /// `segments` must be non-empty ranges that follow each other from token 0 (image after image), else
+    /// `Error::InvalidArgument`.
     pub fn upload(device: &Device, segments: &[Range<usize>]) -> Result<Self> {
         let mut next = 0;
         let (mut start, mut end) = (Vec::new(), Vec::new());
@@ -144,6 +160,7 @@ impl TokenSegments {
         Ok(TokenSegments { start: DeviceBuffer::from_slice(device, &start)?, end: DeviceBuffer::from_slice(device, &end)? })
     }
 
+    /// Tokens covered (the end of the last segment).
     pub fn tokens(&self) -> usize {
         self.start.len()
     }
@@ -151,6 +168,9 @@ impl TokenSegments {
 
 /// Bidirectional attention of `q`, `k`, `v` `[tokens, heads * 64]` within each token's segment (block-diagonal over
 /// the images), softmax scale `scale`, into `out` (same shape, bf16).
+///
+/// `Error::Shape` when a buffer is not `[segments.tokens(), heads * 64]`; `Error::InvalidArgument` for a scale that is
+/// not finite or more than 65535 heads; `Error::OutOfRange` for a size above `i32`.
 pub fn vision_attention(
     q: &DeviceBuffer<bf16>,
     k: &DeviceBuffer<bf16>,
@@ -197,12 +217,14 @@ pub fn vision_attention(
 /// The activation of [`bias_act`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {
+    /// No activation: the bias add alone.
     Identity,
     /// Exact GELU `x (1 + erf(x / sqrt 2)) / 2`.
     Gelu,
 }
 
-/// In place `x = act(x + bias)` for `x [rows, cols]`, `bias [cols]` optional.
+/// In place `x = act(x + bias)` for `x [rows, cols]`, `bias [cols]` optional (bf16). `Error::Shape` for a buffer
+/// of the wrong length, `Error::OutOfRange` for a size above `i32`.
 pub fn bias_act(x: &DeviceBuffer<bf16>, rows: usize, cols: usize, bias: Option<&DeviceBuffer<bf16>>, activation: Activation) -> Result<()> {
     check_len("bias_act x", x.len(), rows * cols)?;
     if let Some(b) = bias {
@@ -232,7 +254,7 @@ pub struct MergeSources {
 
 impl MergeSources {
     /// The sources for images with patch grids `grids` (rows, cols), whose tokens follow each other in row-major
-    /// order; both sides must be multiples of `merge`.
+    /// order; both sides must be multiples of `merge` (`Error::Shape`), `merge` positive (`Error::InvalidArgument`).
     pub fn upload(device: &Device, grids: &[(usize, usize)], merge: usize) -> Result<Self> {
         if merge == 0 {
             return Err(Error::InvalidArgument("patch merge size 0".into()));
@@ -265,6 +287,7 @@ impl MergeSources {
 
 /// The patch merger's unfold: `out [merged rows, hidden * group]` from `x [tokens, hidden]`, each row its group of
 /// patches channel-major (`out[r, c * group + s] = x[source s of r, c]`, torch's unfold order).
+/// `Error::Shape` for a buffer of the wrong length, `Error::OutOfRange` for a size above `i32`.
 pub fn patch_merge(x: &DeviceBuffer<bf16>, hidden: usize, sources: &MergeSources, out: &DeviceBuffer<bf16>) -> Result<()> {
     check_len("patch_merge x", x.len(), sources.tokens * hidden)?;
     check_len("patch_merge out", out.len(), sources.rows() * hidden * sources.group)?;
@@ -290,6 +313,8 @@ pub struct RowTargets {
 }
 
 impl RowTargets {
+    /// Checks and uploads the target rows: `Error::OutOfRange` for a row at or above `limit` (the destination's row
+    /// count), `Error::InvalidArgument` for a row given twice.
     pub fn upload(device: &Device, rows: &[usize], limit: usize) -> Result<Self> {
         let mut seen = std::collections::HashSet::new();
         for &r in rows {
@@ -304,17 +329,20 @@ impl RowTargets {
         Ok(RowTargets { rows: DeviceBuffer::from_slice(device, &rows)?, limit })
     }
 
+    /// Rows to scatter.
     pub fn len(&self) -> usize {
         self.rows.len()
     }
 
+    /// No rows to scatter.
     pub fn is_empty(&self) -> bool {
         self.rows.is_empty()
     }
 }
 
 /// `out[targets[i], :] = src[i, :]` for `src [targets.len(), cols]` and `out [targets' limit, cols]`; other rows of
-/// `out` keep their values (image features over the `[IMG]` embeddings).
+/// `out` keep their values (image features over the `[IMG]` embeddings). `Error::Shape` for a buffer of the wrong
+/// length, `Error::OutOfRange` for a size above `i32`.
 pub fn scatter_rows(src: &DeviceBuffer<bf16>, cols: usize, targets: &RowTargets, out: &DeviceBuffer<bf16>) -> Result<()> {
     check_len("scatter_rows src", src.len(), targets.len() * cols)?;
     check_len("scatter_rows out", out.len(), targets.limit * cols)?;

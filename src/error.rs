@@ -69,7 +69,8 @@ pub enum Error {
     /// range, or a plan that does not fit the configuration).
     #[error("configuration error: {0}")]
     Config(String),
-    /// A checkpoint directory is malformed: no config file, a missing tensor, or a tensor of the wrong dtype or shape.
+    /// A checkpoint directory is malformed: no config file, a missing or duplicated tensor, a tensor of the wrong
+    /// dtype, a truncated shard. (A tensor of the wrong shape is an [`Error::Shape`].)
     #[error("checkpoint error: {0}")]
     Checkpoint(String),
     /// The tokenizer failed (vocabulary file, chat template, encoding or decoding); see

@@ -139,11 +139,11 @@ impl MatrixData<'_> {
 /// Which matrix of a SwiGLU expert.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExpertMatrix {
-    /// gate projection [hidden, dim]
+    /// gate projection `[hidden, dim]`
     W1,
-    /// down projection [dim, hidden]
+    /// down projection `[dim, hidden]`
     W2,
-    /// up projection [hidden, dim]
+    /// up projection `[hidden, dim]`
     W3,
 }
 
@@ -274,7 +274,7 @@ impl Checkpoint {
     }
 
     /// One expert's matrix. Native checkpoints store each expert alone; HF checkpoints stack all experts
-    /// (`mlp.experts.gate_up_proj` [E, 2*hidden, dim] gate rows first, `mlp.experts.down_proj` [E, dim, hidden]).
+    /// (`mlp.experts.gate_up_proj` `[E, 2*hidden, dim]` gate rows first, `mlp.experts.down_proj` `[E, dim, hidden]`).
     pub fn expert_matrix(&self, layer: usize, expert: usize, which: ExpertMatrix, dim: usize, hidden: usize) -> Result<MatrixData<'_>> {
         let (rows, cols) = match which {
             ExpertMatrix::W1 | ExpertMatrix::W3 => (hidden, dim),

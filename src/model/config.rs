@@ -269,8 +269,8 @@ impl ModelConfig {
 
     /// Parses a native `params.json` (has `dim`) or a HF `config.json` (has `text_config` or `hidden_size`).
     /// `Error::Config` naming the key for invalid JSON, a missing or mistyped key, an unsupported feature (YaRN
-    /// `apply_scale`, GQA, group-limited routing, non-interleaved RoPE, a non-yarn rope type, a non-mistral4 text model)
-    /// or values [`ModelConfig::validate`] rejects.
+    /// `apply_scale`, GQA, group-limited routing, non-interleaved RoPE, a non-yarn rope type, a non-mistral4 text
+    /// model) or values [`ModelConfig::validate`] rejects.
     pub fn from_json_str(text: &str) -> Result<Self> {
         let value: Value = serde_json::from_str(text).map_err(|e| Error::Config(format!("not valid JSON: {e}")))?;
         let Value::Object(root) = &value else {

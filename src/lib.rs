@@ -4,10 +4,13 @@
 //! module per `cuda/*.cu` family), `reference` (the CPU oracle in f32), `quant` (weight formats), `model`
 //! (configuration, checkpoints, KV cache, engine), `tokenizer` (tekken and the v15 chat prompt).
 
+#[warn(missing_docs)]
 pub mod device;
+#[warn(missing_docs)]
 pub mod error;
 #[warn(missing_docs)]
 pub mod kernels;
+#[warn(missing_docs)]
 pub mod model;
 pub mod quant;
 pub mod reference;

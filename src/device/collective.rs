@@ -16,7 +16,9 @@ use crate::error::{Error, Result};
 
 /// Element types that can be summed across ranks.
 pub trait ReduceElement: DeviceElement {
+    /// The type's name in error messages ("f32", "bf16").
     const NAME: &'static str;
+    /// The sum of two elements as a reduction computes it (bf16 adds in f32 and rounds once).
     fn add(a: Self, b: Self) -> Self;
 }
 
@@ -34,13 +36,20 @@ impl ReduceElement for bf16 {
     }
 }
 
+/// The collective operations between the ranks of one group, each rank holding one `Collective`. Every rank must
+/// call the same operations in the same order with buffers of the same length; a call returns once this rank's
+/// result is in place (the thread double) or enqueued on its stream (NCCL).
 pub trait Collective: Send + Sync {
+    /// This rank's index in the group, `0..world_size()`.
     fn rank(&self) -> usize;
+    /// Ranks in the group.
     fn world_size(&self) -> usize;
     /// In place: every rank's `buffer` becomes the element-wise sum over ranks.
     fn all_reduce_sum_f32(&self, buffer: &DeviceBuffer<f32>) -> Result<()>;
+    /// The bf16 form of [`Collective::all_reduce_sum_f32`].
     fn all_reduce_sum_bf16(&self, buffer: &DeviceBuffer<bf16>) -> Result<()>;
-    /// `out` (world_size * send.len() elements) receives every rank's `send`, in rank order.
+    /// `out` (`world_size * send.len()` elements) receives every rank's `send`, in rank order; `Error::Shape` when
+    /// `out` has another length.
     fn all_gather_bf16(&self, send: &DeviceBuffer<bf16>, out: &DeviceBuffer<bf16>) -> Result<()>;
 }
 
@@ -52,6 +61,33 @@ struct Hub {
 
 /// One rank of a group of threads. Create the group with `ThreadCollective::group(n)` and move each rank to its
 /// own thread; every rank must call the same collectives in the same order (as with NCCL).
+///
+/// Two ranks, each with its own interpreter device, summing a buffer:
+///
+/// ```
+/// use small4::device::collective::{Collective, ThreadCollective};
+/// use small4::device::{simulator, DeviceBuffer};
+///
+/// let ranks = ThreadCollective::group(2)?;
+/// let sums = std::thread::scope(|scope| {
+///     let handles: Vec<_> = ranks
+///         .into_iter()
+///         .map(|rank| {
+///             scope.spawn(move || {
+///                 let device = simulator();
+///                 let r = rank.rank() as f32;
+///                 let buffer = DeviceBuffer::from_slice(&device, &[1.0 + r, 10.0 * r, -r])?;
+///                 rank.all_reduce_sum_f32(&buffer)?;
+///                 buffer.to_vec()
+///             })
+///         })
+///         .collect();
+///     handles.into_iter().map(|h| h.join().unwrap()).collect::<Result<Vec<_>, small4::Error>>()
+/// })?;
+/// // rank 0 holds [1, 0, 0], rank 1 holds [2, 10, -1]: both end with the sum
+/// assert_eq!(sums, vec![vec![3.0, 10.0, -1.0]; 2]);
+/// # Ok::<(), small4::Error>(())
+/// ```
 pub struct ThreadCollective {
     rank: usize,
     world: usize,
@@ -59,6 +95,7 @@ pub struct ThreadCollective {
 }
 
 impl ThreadCollective {
+    /// The `world` ranks of a new group, in rank order. `Error::InvalidArgument` when `world` is 0.
     pub fn group(world: usize) -> Result<Vec<ThreadCollective>> {
         if world == 0 {
             return Err(Error::InvalidArgument("a collective group needs at least one rank".into()));

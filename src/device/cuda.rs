@@ -12,6 +12,8 @@ use cudarc::driver::{result, sys, CudaContext, CudaStream};
 use super::{Backend, Graph, Kernel, LaunchConfig};
 use crate::error::{Error, Result};
 
+/// One CUDA device driven through the driver API: its primary context, one stream for all work, and the kernels
+/// loaded so far (each module is loaded on the first launch of one of its kernels).
 pub struct CudaBackend {
     ordinal: usize,
     context: Arc<CudaContext>,
@@ -44,6 +46,8 @@ fn driver_error(what: &str) -> impl Fn(result::DriverError) -> Error + '_ {
 }
 
 impl CudaBackend {
+    /// The backend of CUDA device `ordinal` (0-based), on its primary context's default stream. `Error::NoGpu` when
+    /// the driver library is missing or cannot be initialised, or the device does not exist.
     pub fn new(ordinal: usize) -> Result<Self> {
         let context = Self::context(ordinal)?;
         let stream = context.default_stream();
@@ -75,6 +79,7 @@ impl CudaBackend {
         Ok(context)
     }
 
+    /// The CUDA device ordinal this backend drives.
     pub fn ordinal(&self) -> usize {
         self.ordinal
     }
@@ -84,6 +89,7 @@ impl CudaBackend {
         self.stream.cu_stream()
     }
 
+    /// The GPU's name as the driver reports it ("NVIDIA H200"); `Error::Cuda` when the driver call fails.
     pub fn device_name(&self) -> Result<String> {
         self.context.name().map_err(driver_error("device name"))
     }

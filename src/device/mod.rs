@@ -14,43 +14,60 @@ use crate::error::{Error, Result};
 /// A compiled `cuda/*.cu` file: its PTX (for the interpreter and for JIT on newer drivers) and its sm_90a cubin.
 #[derive(Clone, Copy, Debug)]
 pub struct KernelModule {
+    /// The module's name (the `.cu` file's stem); backends cache loaded modules under it.
     pub name: &'static str,
+    /// The PTX text build.rs produced: what the interpreter runs and what a driver JIT-compiles when the cubin does
+    /// not load.
     pub ptx: &'static str,
+    /// The sm_90a cubin the CUDA backend loads first.
     pub cubin: &'static [u8],
 }
 
 /// One `__global__` entry point of a module.
 #[derive(Clone, Copy, Debug)]
 pub struct Kernel {
+    /// The module that defines it.
     pub module: KernelModule,
+    /// The entry point's (unmangled, `extern "C"`) name in the module.
     pub entry: &'static str,
 }
 
+/// A grid size in blocks or a block size in threads, as CUDA's `dim3`; unused dimensions are 1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Dim3 {
+    /// Extent along x (`blockIdx.x` / `threadIdx.x`).
     pub x: u32,
+    /// Extent along y.
     pub y: u32,
+    /// Extent along z.
     pub z: u32,
 }
 
 impl Dim3 {
+    /// One-dimensional: `(x, 1, 1)`.
     pub const fn x(x: u32) -> Self {
         Dim3 { x, y: 1, z: 1 }
     }
+    /// Two-dimensional: `(x, y, 1)`.
     pub const fn xy(x: u32, y: u32) -> Self {
         Dim3 { x, y, z: 1 }
     }
+    /// Three-dimensional: `(x, y, z)`.
     pub const fn xyz(x: u32, y: u32, z: u32) -> Self {
         Dim3 { x, y, z }
     }
+    /// The total count, `x * y * z` (blocks of a grid or threads of a block), without overflow.
     pub fn count(&self) -> u64 {
         self.x as u64 * self.y as u64 * self.z as u64
     }
 }
 
+/// The launch geometry of one kernel launch.
 #[derive(Clone, Copy, Debug)]
 pub struct LaunchConfig {
+    /// Blocks in the grid.
     pub grid: Dim3,
+    /// Threads per block.
     pub block: Dim3,
     /// Dynamic shared memory in bytes (`extern __shared__`).
     pub shared_bytes: u32,
@@ -59,26 +76,34 @@ pub struct LaunchConfig {
 /// What the interpreter measured during one launch (a real GPU reports none).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct LaunchCounters {
+    /// The kernel's entry name.
     pub kernel: String,
+    /// Blocks the launch ran (the grid's count).
     pub blocks: u64,
     /// Warp-level instructions issued, in total and by class.
     pub instructions: u64,
+    /// `instructions` split by the interpreter's instruction classes (name, count).
     pub instructions_by_class: Vec<(String, u64)>,
     /// Instructions counted once per active thread.
     pub thread_instructions: u64,
+    /// Bytes the lanes' global loads asked for (not what the bus moved: see `global_sectors`).
     pub global_bytes_read: u64,
+    /// Bytes the lanes' global stores wrote.
     pub global_bytes_written: u64,
     /// Warp-wide global memory requests and the 32-byte sectors they touched.
     pub global_requests: u64,
+    /// The distinct 32-byte sectors each global request touched, summed over requests (L2 traffic).
     pub global_sectors: u64,
     /// The distinct 32-byte sectors of the launch: its DRAM traffic when L2 keeps what it touched (re-reads of data
     /// already touched hit L2; `global_sectors` counts them again, as L2 traffic).
     pub distinct_sectors: u64,
     /// Warp-wide shared-memory requests, and the extra wavefronts bank conflicts cost them.
     pub shared_requests: u64,
+    /// Extra shared-memory wavefronts bank conflicts cost (0 = conflict-free).
     pub shared_bank_conflicts: u64,
     /// mma.sync instructions (per warp) and their floating-point operations.
     pub tensor_core_ops: u64,
+    /// Floating-point operations of those mma.sync instructions (`2 * m * n * k` each).
     pub tensor_flops: u64,
 }
 
@@ -139,11 +164,15 @@ impl std::fmt::Display for LaunchCounters {
 pub trait Backend: Send + Sync {
     /// "cuda" or "sim".
     fn name(&self) -> &'static str;
+    /// Allocates `bytes` of uninitialised device memory and returns its address. Refused inside a graph capture.
     fn alloc(&self, bytes: usize) -> Result<u64>;
     /// Frees memory from `alloc`. Freeing an address twice or one not from `alloc` is an error, not UB.
     fn free(&self, addr: u64) -> Result<()>;
+    /// Copies `data` from the host to device memory at `addr`, after all launched work has finished.
     fn write(&self, addr: u64, data: &[u8]) -> Result<()>;
+    /// Copies `out.len()` bytes of device memory at `addr` to the host, after all launched work has finished.
     fn read(&self, addr: u64, out: &mut [u8]) -> Result<()>;
+    /// Sets `bytes` bytes of device memory at `addr` to `byte`.
     fn memset(&self, addr: u64, byte: u8, bytes: usize) -> Result<()>;
     /// Launches `kernel` with its single by-value parameter struct given as raw bytes.
     fn launch(&self, kernel: &Kernel, config: &LaunchConfig, params: &[u8]) -> Result<()>;
@@ -174,6 +203,7 @@ pub trait Backend: Send + Sync {
     }
 }
 
+/// A shared handle on a backend: what kernel wrappers, buffers and the engine hold.
 pub type Device = Arc<dyn Backend>;
 
 /// The CUDA device 0 when a driver and a GPU are present, else `Error::NoGpu` (never a panic).
@@ -221,7 +251,9 @@ impl Graph {
 pub struct Ceilings {
     /// The device they belong to, with "(assumed)" when the name was not recognised.
     pub label: String,
+    /// Peak HBM bandwidth, bytes per second.
     pub hbm_bytes_per_s: f64,
+    /// Peak dense (no sparsity) bf16 tensor-core throughput, floating-point operations per second.
     pub dense_bf16_flops: f64,
 }
 
@@ -251,7 +283,7 @@ impl Ceilings {
     }
 }
 
-/// The PTX interpreter.
+/// A fresh PTX interpreter backend, with its own memory (see [`sim::SimBackend::new`] for its checks). Never fails.
 pub fn simulator() -> Device {
     Arc::new(sim::SimBackend::new())
 }
@@ -271,7 +303,8 @@ pub struct DeviceBuffer<T: DeviceElement> {
 }
 
 impl<T: DeviceElement> DeviceBuffer<T> {
-    /// Uninitialised memory for `len` elements.
+    /// Uninitialised memory for `len` elements (`len` 0 still gets a distinct address). `Error::InvalidArgument` when
+    /// `len * size_of::<T>()` overflows.
     pub fn alloc(device: &Device, len: usize) -> Result<Self> {
         let bytes = len.checked_mul(size_of::<T>()).ok_or_else(|| Error::InvalidArgument(format!("{len} elements overflow")))?;
         // Zero-length buffers still get a distinct address so kernels can be passed a valid pointer.
@@ -312,6 +345,7 @@ impl<T: DeviceElement> DeviceBuffer<T> {
         Ok(DeviceBuffer { device: device.clone(), addr, len, owned: false, _element: PhantomData })
     }
 
+    /// A new buffer on `device` holding a copy of `data`.
     pub fn from_slice(device: &Device, data: &[T]) -> Result<Self> {
         let buffer = Self::alloc(device, data.len())?;
         buffer.copy_from(data)?;
@@ -325,6 +359,7 @@ impl<T: DeviceElement> DeviceBuffer<T> {
         Ok(buffer)
     }
 
+    /// Overwrites the whole buffer with `data`; `Error::Shape` unless `data.len()` equals [`DeviceBuffer::len`].
     pub fn copy_from(&self, data: &[T]) -> Result<()> {
         if data.len() != self.len {
             return Err(Error::shape("DeviceBuffer::copy_from", self.len, data.len()));
@@ -332,6 +367,7 @@ impl<T: DeviceElement> DeviceBuffer<T> {
         self.device.write(self.addr, bytemuck::cast_slice(data))
     }
 
+    /// The buffer's contents on the host, after synchronising the device (so kernel errors surface here).
     pub fn to_vec(&self) -> Result<Vec<T>> {
         let mut out = vec![T::zeroed(); self.len];
         self.device.synchronize()?;
@@ -339,12 +375,15 @@ impl<T: DeviceElement> DeviceBuffer<T> {
         Ok(out)
     }
 
+    /// Elements, not bytes.
     pub fn len(&self) -> usize {
         self.len
     }
+    /// Whether the buffer holds no elements (it still has a distinct, valid address).
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+    /// Size in bytes: `len * size_of::<T>()`.
     pub fn bytes(&self) -> usize {
         self.len * size_of::<T>()
     }
@@ -356,9 +395,11 @@ impl<T: DeviceElement> DeviceBuffer<T> {
     pub fn ptr<P>(&self) -> *const P {
         self.addr as *const P
     }
+    /// The device address as a mutable pointer, for an output field of a parameter struct.
     pub fn mut_ptr<P>(&self) -> *mut P {
         self.addr as *mut P
     }
+    /// The device the memory lives on.
     pub fn device(&self) -> &Device {
         &self.device
     }

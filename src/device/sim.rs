@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex};
 use super::{Backend, Graph, Kernel, LaunchConfig, LaunchCounters};
 use crate::error::{Error, Result};
 
+/// The PTX interpreter as a [`Backend`]: one simulated device memory, modules parsed on first use, and the counters of
+/// the last launch ([`Backend::last_launch_counters`]). Graph capture records launches and replays them in order.
 pub struct SimBackend {
     machine: Mutex<ptxsim::Machine>,
     /// The launches recorded since `begin_capture`, while a capture is open.

@@ -16,7 +16,8 @@ use crate::model::engine::{DeviceModel, Engine, EngineOptions, Shard, Request, S
 use crate::model::kv_cache::DEFAULT_PAGE_SIZE;
 use crate::{Error, Result};
 
-/// The shape of a benchmark run.
+/// The shape of a benchmark run. The default: batch 1, 128 prompt tokens, 32 timed decode steps after 2 warm-up
+/// ones, graphs on, bf16 activations, seed 0.
 #[derive(Clone, Copy, Debug)]
 pub struct BenchOptions {
     /// Sequences decoded together.
@@ -31,6 +32,7 @@ pub struct BenchOptions {
     pub graphs: bool,
     /// Routed experts in W8A8 (`EngineOptions::fp8_activations`).
     pub fp8_activations: bool,
+    /// Seed of the random prompts.
     pub seed: u64,
 }
 
@@ -43,7 +45,9 @@ impl Default for BenchOptions {
 /// What one run measured.
 #[derive(Clone, Debug)]
 pub struct BenchReport {
+    /// The device's name ([`crate::device::Backend::device_name`]).
     pub device: String,
+    /// The options it ran with.
     pub options: BenchOptions,
     /// Loading and repacking the checkpoint onto the device.
     pub load: Duration,
@@ -56,6 +60,7 @@ pub struct BenchReport {
 }
 
 impl BenchReport {
+    /// Prompt tokens prefilled per second: `batch * prompt_len` over the prefill step's time.
     pub fn prefill_tokens_per_s(&self) -> f64 {
         (self.options.batch * self.options.prompt_len) as f64 / self.prefill.as_secs_f64()
     }
@@ -110,7 +115,30 @@ impl fmt::Display for BenchReport {
 }
 
 /// Loads `checkpoint` on `device` and runs the benchmark: one prefill of the batch, `warmup_steps` untimed decode
-/// steps, then `decode_steps` timed ones. The stop token is off, so every sequence runs the whole way.
+/// steps, then `decode_steps` timed ones. The stop token is off, so every sequence runs the whole way. The KV cache
+/// is sized to the run exactly (pages of `DEFAULT_PAGE_SIZE` tokens for prompt and generated tokens, per sequence).
+///
+/// `Error::InvalidArgument` when `batch`, `prompt_len` or `decode_steps` is 0; the load's and the engine's errors
+/// otherwise.
+///
+/// On the interpreter with the tiny model (a smoke test: the times are the interpreter's, not a GPU's):
+///
+/// ```
+/// use small4::model::bench::{bench_engine, BenchOptions};
+/// use small4::model::checkpoint::{Checkpoint, Layout};
+/// use small4::model::synthetic::{tiny_checkpoint, DEFAULT_TINY_SEED};
+/// use small4::quant::WeightFormat;
+///
+/// let device = small4::device::simulator();
+/// let checkpoint = Checkpoint::open(tiny_checkpoint(WeightFormat::Bf16, &Layout::Native, DEFAULT_TINY_SEED)?)?;
+/// let options = BenchOptions { batch: 1, prompt_len: 2, decode_steps: 1, warmup_steps: 0, ..BenchOptions::default() };
+/// let report = bench_engine(&device, &checkpoint, options)?;
+/// assert_eq!(report.device, "sim");
+/// assert_eq!(report.decode_steps.len(), 1);
+/// assert_eq!(report.captured_graphs, 0); // a shape's first decode step runs eagerly
+/// assert!(bench_engine(&device, &checkpoint, BenchOptions { decode_steps: 0, ..options }).is_err());
+/// # Ok::<(), small4::Error>(())
+/// ```
 pub fn bench_engine(device: &Device, checkpoint: &Checkpoint, options: BenchOptions) -> Result<BenchReport> {
     if options.batch == 0 || options.prompt_len == 0 || options.decode_steps == 0 {
         return Err(Error::InvalidArgument(format!(

@@ -22,7 +22,11 @@ pub enum Layout {
     /// `params.json` + `consolidated*.safetensors`.
     Native,
     /// `config.json` + `model*.safetensors`; `prefix` is `model.language_model.` (mistral3) or `model.` (text-only).
-    HuggingFace { prefix: String },
+    HuggingFace {
+        /// What precedes a text tensor's HF name, chosen when opening by whether any stored name starts with
+        /// `model.language_model.`.
+        prefix: String,
+    },
 }
 
 /// One mapped `.safetensors` file with its parsed header.
@@ -36,9 +40,13 @@ struct Shard {
 /// A tensor as stored: dtype, shape and its bytes inside the mapped file.
 #[derive(Clone, Copy, Debug)]
 pub struct StoredTensor<'a> {
+    /// The stored name (HF names in an HF checkpoint).
     pub name: &'a str,
+    /// The safetensors dtype as stored.
     pub dtype: Dtype,
+    /// Dimensions as stored, outermost first.
     pub shape: &'a [usize],
+    /// The raw little-endian bytes, borrowed from the mapped shard.
     pub data: &'a [u8],
 }
 
@@ -65,22 +73,58 @@ impl StoredTensor<'_> {
     }
 }
 
-/// A weight matrix [rows = out, cols = in] in its checkpoint format, borrowing the mapped bytes.
+/// A weight matrix `[rows = out, cols = in]` in its checkpoint format, borrowing the mapped bytes.
 #[derive(Clone, Debug)]
 pub enum MatrixData<'a> {
-    Bf16 { data: &'a [u8] },
+    /// Plain bf16, row-major.
+    Bf16 {
+        /// `[rows, cols]` bf16, little-endian.
+        data: &'a [u8],
+    },
     /// W = e4m3 * scale (`qscale_weight`); `activation_scale` is the static input scale when present.
-    Fp8PerTensor { data: &'a [u8], scale: f32, activation_scale: Option<f32> },
-    /// DeepSeek style: `scales` [ceil(rows/128), ceil(cols/128)] F32, W = e4m3 * scale of the block.
-    Fp8Block128 { data: &'a [u8], scales: &'a [u8] },
-    /// `packed` [rows, cols/2] (low nibble = even column), `scales` BF16 [rows, cols/group], optional zero points
-    /// U8 [rows, cols/group] (0..=15); W = (q - 8) * s, or (q - z) * s.
-    Int4 { packed: &'a [u8], scales: &'a [u8], zeros: Option<&'a [u8]>, group: usize },
-    /// `packed` [rows, cols/2], `scales` e4m3 [rows, cols/16], W = e2m1 * scale / global_scale.
-    Nvfp4 { packed: &'a [u8], scales: &'a [u8], global_scale: f32, input_global_scale: Option<f32> },
+    Fp8PerTensor {
+        /// `[rows, cols]` e4m3 bytes.
+        data: &'a [u8],
+        /// The matrix's dequantisation scale (`qscale_weight`).
+        scale: f32,
+        /// The static activation scale (`qscale_act`) for W8A8, when the checkpoint has one.
+        activation_scale: Option<f32>,
+    },
+    /// DeepSeek style: `scales` `[ceil(rows/128), ceil(cols/128)]` F32, W = e4m3 * scale of the block.
+    Fp8Block128 {
+        /// `[rows, cols]` e4m3 bytes.
+        data: &'a [u8],
+        /// One f32 per 128x128 block, little-endian.
+        scales: &'a [u8],
+    },
+    /// `packed` `[rows, cols/2]` (low nibble = even column), `scales` BF16 `[rows, cols/group]`, optional zero points
+    /// U8 `[rows, cols/group]` (0..=15); W = (q - 8) * s, or (q - z) * s.
+    Int4 {
+        /// Two 4-bit values per byte.
+        packed: &'a [u8],
+        /// One bf16 scale per group of a row.
+        scales: &'a [u8],
+        /// One u8 zero point per group of a row; `None`: symmetric (zero point 8).
+        zeros: Option<&'a [u8]>,
+        /// Columns per scale group.
+        group: usize,
+    },
+    /// `packed` `[rows, cols/2]`, `scales` e4m3 `[rows, cols/16]`, W = e2m1 * scale / global_scale.
+    Nvfp4 {
+        /// Two e2m1 values per byte (low nibble = even column).
+        packed: &'a [u8],
+        /// One e4m3 scale per 16 columns of a row.
+        scales: &'a [u8],
+        /// The divisor of every block scale (`weight_global_scale`).
+        global_scale: f32,
+        /// The activations' global scale (`input_global_scale`), when the checkpoint has one.
+        input_global_scale: Option<f32>,
+    },
 }
 
 impl MatrixData<'_> {
+    /// The format's short name, as error messages and reports give it: "bf16", "fp8", "fp8-block128", "int4",
+    /// "nvfp4".
     pub fn format_name(&self) -> &'static str {
         match self {
             MatrixData::Bf16 { .. } => "bf16",
@@ -95,16 +139,20 @@ impl MatrixData<'_> {
 /// Which matrix of a SwiGLU expert.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExpertMatrix {
-    /// gate projection [hidden, dim]
+    /// gate projection `[hidden, dim]`
     W1,
-    /// down projection [dim, hidden]
+    /// down projection `[dim, hidden]`
     W2,
-    /// up projection [hidden, dim]
+    /// up projection `[hidden, dim]`
     W3,
 }
 
+/// An open checkpoint directory: its configuration and every shard memory-mapped, tensors read on demand by name
+/// (see [`Checkpoint::open`]).
 pub struct Checkpoint {
+    /// The directory it was opened from.
     pub dir: PathBuf,
+    /// The file layout detected when opening.
     pub layout: Layout,
     /// The raw `params.json` or `config.json`; `ModelConfig` parses it.
     pub config_json: serde_json::Value,
@@ -118,6 +166,8 @@ const HF_CONFIG: &str = "config.json";
 
 impl Checkpoint {
     /// Opens a checkpoint directory: detects the layout, maps every shard and reads their headers (not the data).
+    /// `Error::Checkpoint` when the directory has neither `params.json` nor `config.json`, or a tensor appears in two
+    /// shards or a shard is malformed; `Error::Io` / `Error::Json` when the config cannot be read or parsed.
     ///
     /// ```
     /// use small4::model::checkpoint::{Checkpoint, Layout};
@@ -177,11 +227,12 @@ impl Checkpoint {
         names
     }
 
+    /// The mapped `.safetensors` files, in the order they were opened.
     pub fn shard_paths(&self) -> Vec<&Path> {
         self.shards.iter().map(|s| s.path.as_path()).collect()
     }
 
-    /// A tensor by its STORED name.
+    /// A tensor by its STORED name; `Error::Checkpoint` when no shard has it.
     pub fn stored(&self, name: &str) -> Result<StoredTensor<'_>> {
         self.stored_opt(name)?.ok_or_else(|| Error::Checkpoint(format!("missing tensor {name} in {}", self.dir.display())))
     }
@@ -207,7 +258,8 @@ impl Checkpoint {
         }
     }
 
-    /// A plain (bf16 or f32) tensor by native name, e.g. `norm.weight`, checked against `shape`.
+    /// A plain (bf16 or f32) tensor by native name, e.g. `norm.weight`, checked against `shape`: `Error::Checkpoint`
+    /// when missing or of another dtype, `Error::Shape` when of another shape.
     pub fn plain(&self, native: &str, dtype: Dtype, shape: &[usize]) -> Result<StoredTensor<'_>> {
         let t = self.stored(&self.stored_name(native))?;
         t.expect(&[dtype], shape)?;
@@ -222,7 +274,7 @@ impl Checkpoint {
     }
 
     /// One expert's matrix. Native checkpoints store each expert alone; HF checkpoints stack all experts
-    /// (`mlp.experts.gate_up_proj` [E, 2*hidden, dim] gate rows first, `mlp.experts.down_proj` [E, dim, hidden]).
+    /// (`mlp.experts.gate_up_proj` `[E, 2*hidden, dim]` gate rows first, `mlp.experts.down_proj` `[E, dim, hidden]`).
     pub fn expert_matrix(&self, layer: usize, expert: usize, which: ExpertMatrix, dim: usize, hidden: usize) -> Result<MatrixData<'_>> {
         let (rows, cols) = match which {
             ExpertMatrix::W1 | ExpertMatrix::W3 => (hidden, dim),
@@ -587,8 +639,11 @@ fn map_shard(path: &Path) -> Result<Shard> {
 /// A tensor to write: dtype, shape, little-endian bytes.
 #[derive(Clone, Debug)]
 pub struct OwnedTensor {
+    /// The safetensors dtype to store.
     pub dtype: Dtype,
+    /// Dimensions, outermost first.
     pub shape: Vec<usize>,
+    /// `shape`'s product times the dtype's size in bytes, little-endian.
     pub data: Vec<u8>,
 }
 

@@ -16,71 +16,149 @@ use crate::reference::rope::YarnParams;
 use crate::{Error, Result};
 
 /// The vision tower (Pixtral style) and its projector into the text model.
+///
+/// Read from params.json's `vision_encoder` object, or from config.json's `vision_config` (the tower) and root (the
+/// projector and image token); the key names below are params.json's, then config.json's where they differ.
 #[derive(Clone, Debug, PartialEq)]
 pub struct VisionConfig {
+    /// Tower width: `hidden_size`.
     pub hidden: usize,
+    /// Tower layers: `num_hidden_layers`.
     pub n_layers: usize,
+    /// Attention heads per tower layer: `num_attention_heads`.
     pub heads: usize,
+    /// Per-head width: `head_dim`, default `hidden / heads`. A multiple of 4 (2D RoPE).
     pub head_dim: usize,
+    /// Width of each tower layer's SwiGLU FFN: `intermediate_size`.
     pub intermediate: usize,
+    /// Side of a square patch in pixels: `patch_size` (14 for Pixtral).
     pub patch_size: usize,
+    /// Input channels: `num_channels`, default 3 (RGB).
     pub num_channels: usize,
+    /// Largest image side in pixels the tower is configured for: `image_size`.
     pub image_size: usize,
+    /// 2D RoPE base of the tower: `rope_theta`.
     pub rope_theta: f32,
+    /// RMSNorm epsilon of the tower: `norm_eps` / `rms_norm_eps`, default 1e-5 (Pixtral's).
     pub norm_eps: f32,
-    /// Patches merged per side by the patch merger (2 -> 2x2 unfold).
+    /// Patches merged per side by the patch merger (2 -> 2x2 unfold): `spatial_merge_size` (config.json: at the
+    /// root), default 1.
     pub spatial_merge_size: usize,
+    /// The `[IMG]` placeholder token each merged patch replaces: `image_token_id` / root `image_token_index`,
+    /// default 10.
     pub image_token_id: u32,
+    /// The `[IMG_BREAK]` token ending each row of patches: `image_break_token_id` (config.json has none: 12).
     pub image_break_token_id: u32,
+    /// The `[IMG_END]` token ending an image: `image_end_token_id` (config.json has none: 13).
     pub image_end_token_id: u32,
+    /// Whether the two adapter linears have biases: `adapter_bias` / root `multimodal_projector_bias`, default false.
     pub adapter_bias: bool,
 }
 
 /// The text decoder (and optional vision tower) of a Mistral Small 4 style model.
+///
+/// Each field names the key it is read from: params.json's first, then config.json's (`text_config`, or the root of
+/// a text-only mistral4) where it differs. Parsing validates the result ([`ModelConfig::validate`]).
+///
+/// ```
+/// use small4::model::ModelConfig;
+///
+/// let params = r#"{
+///     "dim": 256, "n_layers": 4, "n_heads": 4, "norm_eps": 1e-06, "vocab_size": 2048, "rope_theta": 10000.0,
+///     "q_lora_rank": 128, "kv_lora_rank": 256, "qk_nope_head_dim": 64, "qk_rope_head_dim": 64, "v_head_dim": 128,
+///     "max_position_embeddings": 1048576,
+///     "moe": {"num_experts": 16, "num_experts_per_tok": 4, "expert_hidden_dim": 128, "num_shared_experts": 1},
+///     "yarn": {"factor": 128.0, "original_max_position_embeddings": 8192, "beta": 32.0, "alpha": 1.0},
+///     "llama_4_scaling": {"beta": 0.1, "original_max_position_embeddings": 8192}
+/// }"#;
+/// let config = ModelConfig::from_json_str(params)?;
+/// assert_eq!((config.dim, config.n_layers, config.heads, config.vocab), (256, 4, 4, 2048));
+/// assert_eq!((config.experts, config.experts_per_token, config.shared_hidden()), (16, 4, 128));
+/// assert_eq!(config.routed_scale, 1.0); // absent: the default
+/// assert_eq!(config.first_k_dense_replace, 0); // every layer is MoE
+/// assert!(config.vision.is_none()); // no `vision_encoder`
+/// assert_eq!(config.softmax_scale(), 1.0 / 128f32.sqrt());
+///
+/// // top-k above the expert count is refused with a typed error
+/// let bad = params.replace(r#""num_experts_per_tok": 4"#, r#""num_experts_per_tok": 17"#);
+/// assert!(matches!(ModelConfig::from_json_str(&bad), Err(small4::Error::Config(_))));
+/// # Ok::<(), small4::Error>(())
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
+    /// Model width (residual stream): `dim` / `hidden_size`.
     pub dim: usize,
+    /// Decoder layers: `n_layers` / `num_hidden_layers`.
     pub n_layers: usize,
+    /// Attention heads: `n_heads` / `num_attention_heads` (a KV head count, if given, must equal it: MLA has no GQA).
     pub heads: usize,
+    /// Rank of the query's low-rank compression (`wq_a` output width): `q_lora_rank`.
     pub q_lora_rank: usize,
+    /// Rank of the compressed KV latent, the width cached per token besides the rope key: `kv_lora_rank`.
     pub kv_lora_rank: usize,
+    /// Per-head query/key dimensions without RoPE: `qk_nope_head_dim`.
     pub qk_nope: usize,
+    /// Per-head query/key dimensions with RoPE (shared across heads for the key): `qk_rope_head_dim`. Even.
     pub qk_rope: usize,
+    /// Per-head value dimension: `v_head_dim`.
     pub v_head: usize,
+    /// Vocabulary size (embedding and head rows): `vocab_size`. Fits 32-bit token ids.
     pub vocab: usize,
+    /// RMSNorm epsilon of the text model: `norm_eps` / `rms_norm_eps`.
     pub norm_eps: f32,
-    /// Routed experts per MoE layer.
+    /// Routed experts per MoE layer: `moe.num_experts` / `n_routed_experts`.
     pub experts: usize,
-    /// Routed experts chosen per token (top-k).
+    /// Routed experts chosen per token (top-k): `moe.num_experts_per_tok` / `num_experts_per_tok`.
     pub experts_per_token: usize,
     /// Hidden size of each routed expert; a shared expert block has `expert_hidden * shared_experts`.
+    /// `moe.expert_hidden_dim` / `moe_intermediate_size`.
     pub expert_hidden: usize,
+    /// Shared experts, run for every token: `moe.num_shared_experts` / `n_shared_experts`, default 0.
     pub shared_experts: usize,
+    /// Factor on the routed experts' weighted sum: `moe.routed_scale` / `routed_scaling_factor`, default 1.0.
     pub routed_scale: f32,
     /// The first `first_k_dense_replace` layers use a dense SwiGLU FFN of `dense_hidden` instead of the MoE.
+    /// `moe.first_k_dense_replace` / `first_k_dense_replace`, default 0.
     pub first_k_dense_replace: usize,
+    /// Hidden size of the dense FFN layers: `hidden_dim` / `intermediate_size` (required only when there are dense
+    /// layers, else default 0).
     pub dense_hidden: usize,
+    /// RoPE base: `rope_theta` (config.json: in `rope_parameters`, or at the top level beside `rope_scaling`).
     pub rope_theta: f32,
+    /// YaRN context-extension factor: `yarn.factor` / `rope_parameters.factor`.
     pub yarn_factor: f32,
+    /// The context YaRN extends from: `yarn.original_max_position_embeddings` / the same key in `rope_parameters`.
     pub yarn_original_max_position: usize,
+    /// YaRN's fast boundary: `yarn.beta` / `rope_parameters.beta_fast`.
     pub yarn_beta_fast: f32,
+    /// YaRN's slow boundary: `yarn.alpha` / `rope_parameters.beta_slow`.
     pub yarn_beta_slow: f32,
+    /// Beta of the llama-4 query scaling, queries times `1 + beta * ln(1 + floor(pos / original_max))`:
+    /// `llama_4_scaling.beta` / `rope_parameters.llama_4_scaling_beta`, default 0 (off) in config.json.
     pub llama4_beta: f32,
+    /// `original_max` of the llama-4 query scaling, in tokens: `llama_4_scaling.original_max_position_embeddings`
+    /// (config.json: YaRN's original context).
     pub llama4_original_max_position: usize,
+    /// Longest context in tokens: `max_position_embeddings`.
     pub max_position: usize,
+    /// Whether the output head is the embedding table: `tied_embeddings` / `tie_word_embeddings`, default false.
     pub tied_embeddings: bool,
+    /// The vision tower: params.json `vision_encoder` / config.json `vision_config`; `None` for a text-only model.
     pub vision: Option<VisionConfig>,
 }
 
 /// Parameter counts of the text model, per component.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ParamCounts {
+    /// The token embedding table, `vocab * dim`.
     pub embedding: u64,
     /// wq_a, wq_b, wkv_a_with_mqa, wkv_b, wo of every layer (their q_a_norm / kv_a_norm are in `norms`).
     pub attention: u64,
     /// Router gates.
     pub router: u64,
+    /// Every routed expert's w1, w2, w3 in every MoE layer.
     pub routed_experts: u64,
+    /// The shared-expert blocks of every MoE layer.
     pub shared_experts: u64,
     /// Dense FFNs of the first `first_k_dense_replace` layers.
     pub dense_ffn: u64,
@@ -91,6 +169,7 @@ pub struct ParamCounts {
 }
 
 impl ParamCounts {
+    /// The sum over components: the text model's parameter count (the vision tower is not included).
     pub fn total(&self) -> u64 {
         self.embedding + self.attention + self.router + self.routed_experts + self.shared_experts + self.dense_ffn + self.norms + self.head
     }
@@ -177,7 +256,8 @@ impl ModelConfig {
         }
     }
 
-    /// Reads `params.json` or `config.json` (the layout is recognised from the keys).
+    /// Reads `params.json` or `config.json` (the layout is recognised from the keys). `Error::Io` when the file
+    /// cannot be read; otherwise as [`ModelConfig::from_json_str`], with the path prefixed to `Error::Config` messages.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
@@ -188,6 +268,9 @@ impl ModelConfig {
     }
 
     /// Parses a native `params.json` (has `dim`) or a HF `config.json` (has `text_config` or `hidden_size`).
+    /// `Error::Config` naming the key for invalid JSON, a missing or mistyped key, an unsupported feature (YaRN
+    /// `apply_scale`, GQA, group-limited routing, non-interleaved RoPE, a non-yarn rope type, a non-mistral4 text
+    /// model) or values [`ModelConfig::validate`] rejects.
     pub fn from_json_str(text: &str) -> Result<Self> {
         let value: Value = serde_json::from_str(text).map_err(|e| Error::Config(format!("not valid JSON: {e}")))?;
         let Value::Object(root) = &value else {
@@ -345,7 +428,9 @@ impl ModelConfig {
         })
     }
 
-    /// Rejects values the forward pass cannot run with.
+    /// Rejects values the forward pass cannot run with, as `Error::Config`: zero sizes, top-k above the expert count,
+    /// odd `qk_rope`, more dense layers than layers, non-positive or non-finite eps / scale / theta, YaRN betas out of
+    /// order, a vocabulary beyond 32-bit ids, and an invalid vision tower.
     pub fn validate(&self) -> Result<()> {
         let positive = [
             ("dim", self.dim),
@@ -409,6 +494,7 @@ impl ModelConfig {
         Ok(())
     }
 
+    /// The attention dimensions the MLA kernels and reference take.
     pub fn mla_dims(&self) -> MlaDims {
         MlaDims { heads: self.heads, kv_lora_rank: self.kv_lora_rank, qk_nope: self.qk_nope, qk_rope: self.qk_rope, v_head: self.v_head }
     }
@@ -423,6 +509,7 @@ impl ModelConfig {
         1.0 / (self.qk_head_dim() as f32).sqrt()
     }
 
+    /// The YaRN RoPE parameters (theta, factor, original context, betas) the cos/sin tables are built from.
     pub fn yarn(&self) -> YarnParams {
         YarnParams {
             theta: self.rope_theta,
@@ -539,6 +626,8 @@ impl VisionConfig {
         })
     }
 
+    /// Rejects a tower the kernels cannot run, as `Error::Config`: zero sizes, `heads * head_dim != hidden`, a
+    /// `head_dim` not a multiple of 4, a non-positive or non-finite `norm_eps`.
     pub fn validate(&self) -> Result<()> {
         for (name, value) in [
             ("vision hidden", self.hidden),

@@ -73,8 +73,11 @@ pub enum AttentionSplit {
 /// `e * world / experts`), and either every query head or a contiguous share of them (`attention`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Shard {
+    /// This rank's index, `0..world`.
     pub rank: usize,
+    /// Ranks (GPUs) in the run; 1 for a single device.
     pub world: usize,
+    /// Whether the attention heads are replicated on every rank or split over them.
     pub attention: AttentionSplit,
 }
 
@@ -92,6 +95,7 @@ impl Shard {
         Shard { rank, world, attention: AttentionSplit::TensorParallel }
     }
 
+    /// Whether routed expert `expert` (of `experts`) belongs to this rank: `expert * world / experts == rank`.
     pub fn owns_expert(&self, expert: usize, experts: usize) -> bool {
         expert * self.world / experts == self.rank
     }
@@ -276,13 +280,20 @@ fn one_block_row(first: usize, count: usize) -> Result<usize> {
 /// Loading progress in steps: one per decoder layer, then one for the embeddings and the output head.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LoadProgress {
+    /// Steps finished so far, `1..=total`.
     pub done: usize,
+    /// Steps of the whole load: decoder layers + 1.
     pub total: usize,
 }
 
 impl DeviceModel {
     /// Uploads `checkpoint` to `device`: every layer's weights are read from the mapped files, repacked and uploaded
     /// before the next layer is touched. `shard` selects the routed experts this rank holds.
+    ///
+    /// Errors: `Error::InvalidArgument` for a shard outside `0..world` or with more ranks than experts, or heads that
+    /// do not split evenly; `Error::Config` for a configuration the kernels do not run (a latent other than 256, a
+    /// rope width other than 64, dense layers); `Error::Checkpoint` / `Error::UnknownDtype` for missing or
+    /// unloadable tensors.
     pub fn load(device: &Device, checkpoint: &Checkpoint, shard: Shard) -> Result<Self> {
         Self::load_with_progress(device, checkpoint, shard, |_| {})
     }
@@ -400,14 +411,17 @@ impl DeviceModel {
         })
     }
 
+    /// The configuration parsed from the checkpoint.
     pub fn config(&self) -> &ModelConfig {
         &self.config
     }
 
+    /// The device the weights live on.
     pub fn device(&self) -> &Device {
         &self.device
     }
 
+    /// The share of the experts and heads this rank loaded.
     pub fn shard(&self) -> Shard {
         self.shard
     }
@@ -426,32 +440,49 @@ impl DeviceModel {
 /// How a request picks its tokens.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Sampling {
+    /// The highest logit (the lowest id among ties).
     Greedy,
     /// Temperature + top-p with a seed: the samples depend on (seed, step) only, not on the batch.
-    Seeded { temperature: f32, top_p: f32, seed: u64 },
+    Seeded {
+        /// Divides the logits before the softmax; finite, and at or below 0 it picks greedily.
+        temperature: f32,
+        /// Probability mass of the most likely tokens kept (nucleus), above 0; 1 or more keeps every token.
+        top_p: f32,
+        /// The request's seed.
+        seed: u64,
+    },
 }
 
 /// A generation request.
 #[derive(Clone, Debug)]
 pub struct Request {
+    /// Prompt token ids, non-empty and below the vocabulary size.
     pub prompt: Vec<u32>,
+    /// Tokens to generate at most (0: the request finishes at once, with no tokens).
     pub max_tokens: usize,
+    /// How each token is picked.
     pub sampling: Sampling,
 }
 
+/// An engine's handle on a request, assigned by [`Engine::add`] in increasing order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RequestId(pub u64);
 
+/// Why a request left the batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FinishReason {
+    /// It generated the stop token (`EngineOptions::eos`), which is its last token.
     Eos,
+    /// It generated `Request::max_tokens` tokens.
     MaxTokens,
 }
 
 /// One generated token of one request.
 #[derive(Clone, Debug)]
 pub struct StepToken {
+    /// The request it belongs to.
     pub id: RequestId,
+    /// The token id.
     pub token: u32,
     /// Set on the request's last token (the request has left the batch).
     pub finished: Option<FinishReason>,
@@ -459,11 +490,15 @@ pub struct StepToken {
     pub logits: Option<Vec<f32>>,
 }
 
+/// How an [`Engine`] sizes its cache and runs its steps. The default: pages of `DEFAULT_PAGE_SIZE` tokens, 64 pages,
+/// a bf16 cache, [`DEFAULT_EOS`] as the stop token, graphs on, no logits read back, bf16 activations.
 #[derive(Clone, Copy, Debug)]
 pub struct EngineOptions {
     /// Tokens per cache page and pages in the pool (shared by all sequences; every layer has its own pages).
     pub page_size: usize,
+    /// Pages in the pool: the cache holds at most `num_pages * page_size` tokens over all sequences.
     pub num_pages: usize,
+    /// Element type of the latent KV cache.
     pub cache_dtype: CacheDtype,
     /// Stop token; None generates to `max_tokens`.
     pub eos: Option<u32>,
@@ -704,7 +739,9 @@ pub struct Engine {
 
 impl Engine {
     /// An engine over `model`; `collective` joins the ranks of expert (and tensor) parallelism (every rank runs the
-    /// same requests in the same order).
+    /// same requests in the same order). `Error::InvalidArgument` when the collective's rank and world differ from
+    /// the model's shard (or a multi-rank shard has none), or `fp8_activations` is asked of experts without static
+    /// FP8 activation scales; errors of the cache descriptor for a bad page size or count.
     pub fn new(mut model: DeviceModel, options: EngineOptions, collective: Option<Box<dyn Collective>>) -> Result<Self> {
         if let Some(col) = &collective {
             let shard = model.shard;
@@ -746,6 +783,7 @@ impl Engine {
         })
     }
 
+    /// The model the engine runs.
     pub fn model(&self) -> &DeviceModel {
         &self.model
     }
@@ -761,6 +799,8 @@ impl Engine {
     }
 
     /// Adds a request; it joins the batch at the next [`Engine::step`] (its prompt is prefilled there).
+    /// `Error::InvalidArgument` for an empty prompt or a seeded sampling with a non-finite temperature or a top-p not
+    /// above 0; `Error::OutOfRange` for a token id at or above the vocabulary size.
     pub fn add(&mut self, request: Request) -> Result<RequestId> {
         self.add_with_images(request, Vec::new())
     }
@@ -902,7 +942,7 @@ impl Engine {
         Ok(ids.iter().map(|id| tokens.remove(id).unwrap_or_default()).collect())
     }
 
-    /// Appends `tokens` to each sequence's cache and returns the f32 logits of EVERY token, [tokens, vocab],
+    /// Appends `tokens` to each sequence's cache and returns the f32 logits of EVERY token, `[tokens, vocab]`,
     /// in batch order: the layer-level view the tests compare with the reference.
     pub fn forward_logits(&mut self, batch: &[(SeqId, Vec<u32>)]) -> Result<Vec<f32>> {
         self.forward_device(batch, &vec![Vec::new(); batch.len()], HeadRows::All)?;

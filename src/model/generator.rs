@@ -26,6 +26,7 @@ pub enum GenerationBackend {
 /// How a [`Generator`] is set up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GeneratorOptions {
+    /// Where it computes; default the CPU reference.
     pub backend: GenerationBackend,
     /// Stop token (kept as the last generated token); `None` generates to `max_tokens`.
     pub eos: Option<u32>,
@@ -140,6 +141,10 @@ impl Generator {
 
     /// Prefills `prompt` and generates up to `max_tokens` tokens (fewer after the eos token), reporting each to
     /// `on_token` as it comes; returns them all. The reference backend samples greedily only.
+    ///
+    /// Errors: `Error::InvalidArgument` for an empty prompt, a prompt plus `max_tokens` beyond
+    /// `GeneratorOptions::max_context`, or seeded sampling on the reference; `Error::OutOfRange` for a token id at or
+    /// above the vocabulary size.
     pub fn generate(&mut self, prompt: &[u32], max_tokens: usize, sampling: Sampling, on_token: impl FnMut(u32)) -> Result<Vec<u32>> {
         self.generate_with_images(prompt, &[], max_tokens, sampling, on_token)
     }

@@ -2,7 +2,7 @@
 //! prefix sharing, free; and the arrays the attention kernels read (block tables, sequence lengths).
 //!
 //! This module owns the bookkeeping only: which physical page holds which tokens. The cache memory itself
-//! ([num_pages, page_size, 320] of bf16 or fp8 e4m3) lives on the device (`kernels::attention::PagedCache`).
+//! (`[num_pages, page_size, 320]` of bf16 or fp8 e4m3) lives on the device (`kernels::attention::PagedCache`).
 //! Every operation either succeeds completely or returns an error and changes nothing.
 
 use std::collections::BTreeMap;
@@ -11,17 +11,23 @@ use crate::error::{Error, Result};
 
 /// Largest supported page size (tokens per page).
 pub const MAX_PAGE_SIZE: usize = 256;
+/// The engine's default page size in tokens (`EngineOptions::default`, `small4 bench`).
 pub const DEFAULT_PAGE_SIZE: usize = 64;
 
 /// Element type of the cache.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum CacheDtype {
+    /// bf16, 2 bytes per value.
     Bf16,
     /// FP8 e4m3 with one per-tensor scale: value = e4m3 * scale.
-    Fp8E4m3 { scale: f32 },
+    Fp8E4m3 {
+        /// The dequantisation scale; finite and above 0.
+        scale: f32,
+    },
 }
 
 impl CacheDtype {
+    /// Bytes per stored value: 2 for bf16, 1 for e4m3.
     pub fn bytes(&self) -> usize {
         match self {
             CacheDtype::Bf16 => 2,
@@ -33,21 +39,28 @@ impl CacheDtype {
 /// Shape and element type of a paged latent cache (one layer).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct CacheDescriptor {
+    /// Pages in the pool (each layer has its own pool of this many).
     pub num_pages: usize,
+    /// Tokens per page, `1..=MAX_PAGE_SIZE`.
     pub page_size: usize,
+    /// Latent values per token (256 for Mistral Small 4).
     pub kv_lora_rank: usize,
+    /// Rope-key values per token after the latent (64).
     pub qk_rope: usize,
+    /// Element type of the stored values.
     pub dtype: CacheDtype,
 }
 
 impl CacheDescriptor {
-    /// Mistral Small 4's geometry (latent 256 + rope 64) with the given pages.
+    /// Mistral Small 4's geometry (latent 256 + rope 64) with the given pages; errors as [`CacheDescriptor::validate`].
     pub fn mla(num_pages: usize, page_size: usize, dtype: CacheDtype) -> Result<Self> {
         let desc = CacheDescriptor { num_pages, page_size, kv_lora_rank: 256, qk_rope: 64, dtype };
         desc.validate()?;
         Ok(desc)
     }
 
+    /// `Error::InvalidArgument` for a page size outside `1..=MAX_PAGE_SIZE`, no pages, more than `i32::MAX` token
+    /// slots in all (the kernels index slots in 32 bits), or an fp8 scale that is not finite and positive.
     pub fn validate(&self) -> Result<()> {
         if !(1..=MAX_PAGE_SIZE).contains(&self.page_size) {
             return Err(Error::InvalidArgument(format!("page size {} outside 1..={MAX_PAGE_SIZE}", self.page_size)));
@@ -63,16 +76,19 @@ impl CacheDescriptor {
         Ok(())
     }
 
-    /// Values per token: [latent | rope].
+    /// Values per token: `[latent | rope]`.
     pub fn token_width(&self) -> usize {
         self.kv_lora_rank + self.qk_rope
     }
+    /// Bytes per token of one layer.
     pub fn token_bytes(&self) -> usize {
         self.token_width() * self.dtype.bytes()
     }
+    /// Bytes per page of one layer.
     pub fn page_bytes(&self) -> usize {
         self.page_size * self.token_bytes()
     }
+    /// Bytes of the whole pool of one layer.
     pub fn total_bytes(&self) -> usize {
         self.num_pages * self.page_bytes()
     }
@@ -113,7 +129,9 @@ pub struct SeqId(pub u64);
 /// `kernels::attention::PagedCache::copy_pages` runs a batch of them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PageCopy {
+    /// The shared page to copy from.
     pub src: u32,
+    /// The fresh private page that replaces it in the appending sequence's block table.
     pub dst: u32,
 }
 
@@ -121,18 +139,22 @@ pub struct PageCopy {
 /// `copies` have been applied.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AppendPlan {
+    /// Position of the first reserved token (the sequence's length before the append).
     pub first_position: usize,
+    /// Tokens reserved.
     pub count: usize,
+    /// Page copies to run on the device before writing the new tokens (at most one).
     pub copies: Vec<PageCopy>,
 }
 
 /// Block tables and lengths of a batch of sequences, laid out as the kernels read them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BatchTables {
-    /// [num_seqs, max_pages]; entries past a sequence's last page are -1.
+    /// `[num_seqs, max_pages]`; entries past a sequence's last page are -1.
     pub block_tables: Vec<i32>,
-    /// `[num_seqs]`
+    /// `[num_seqs]`: tokens in each sequence.
     pub seq_lens: Vec<i32>,
+    /// Row length of `block_tables`: the most pages any of the sequences has, at least 1.
     pub max_pages: usize,
 }
 
@@ -167,19 +189,22 @@ pub struct KvCache {
 }
 
 impl KvCache {
+    /// An empty cache with every page of `desc` free; errors as [`CacheDescriptor::validate`].
     pub fn new(desc: CacheDescriptor) -> Result<Self> {
         desc.validate()?;
         let free = (0..desc.num_pages as u32).rev().collect();
         Ok(KvCache { desc, refcounts: vec![0; desc.num_pages], free, sequences: BTreeMap::new(), next_id: 0 })
     }
 
+    /// The geometry it was created with.
     pub fn descriptor(&self) -> &CacheDescriptor {
         &self.desc
     }
+    /// Pages no sequence references.
     pub fn free_pages(&self) -> usize {
         self.free.len()
     }
-    /// How many block-table entries (over all sequences) point at `page`.
+    /// How many block-table entries (over all sequences) point at `page`; `Error::OutOfRange` past the last page.
     pub fn refcount(&self, page: u32) -> Result<u32> {
         self.refcounts.get(page as usize).copied().ok_or_else(|| out_of_range("page", page as usize, self.desc.num_pages))
     }
@@ -192,6 +217,7 @@ impl KvCache {
         id
     }
 
+    /// The live sequences, in increasing id order.
     pub fn sequence_ids(&self) -> impl Iterator<Item = SeqId> + '_ {
         self.sequences.keys().copied()
     }
@@ -200,15 +226,18 @@ impl KvCache {
         self.sequences.get(&id).ok_or(Error::UnknownSequence(id.0))
     }
 
+    /// Tokens the sequence holds; `Error::UnknownSequence` for an id not live in this cache.
     pub fn len(&self, id: SeqId) -> Result<usize> {
         Ok(self.sequence(id)?.len)
     }
 
+    /// The sequence's pages in token order; `Error::UnknownSequence` for an id not live in this cache.
     pub fn block_table(&self, id: SeqId) -> Result<&[u32]> {
         Ok(&self.sequence(id)?.pages)
     }
 
-    /// The physical slot (page * page_size + offset) of token `position` of a sequence.
+    /// The physical slot (page * page_size + offset) of token `position` of a sequence. `Error::UnknownSequence`
+    /// for an id not live here, `Error::OutOfRange` for a position at or past its length.
     pub fn slot(&self, id: SeqId, position: usize) -> Result<usize> {
         let seq = self.sequence(id)?;
         if position >= seq.len {
@@ -220,7 +249,8 @@ impl KvCache {
     /// Reserves `count` new token slots at the end of a sequence. When the sequence's last page is shared with
     /// another sequence and partly filled, it is first replaced by a private copy (returned in `copies`: the engine
     /// copies the page on the device before writing). Fails with `OutOfPages` and changes nothing when the pages
-    /// needed are not free.
+    /// needed are not free. `Error::UnknownSequence` for an id not live here, `Error::OutOfRange` when the length
+    /// would pass `i32::MAX`.
     pub fn append(&mut self, id: SeqId, count: usize) -> Result<AppendPlan> {
         let page_size = self.desc.page_size;
         let seq = self.sequence(id)?;
@@ -251,7 +281,8 @@ impl KvCache {
     }
 
     /// A new sequence that shares every page of `parent` (same tokens, same length). Shared pages are copied
-    /// lazily, when either sequence appends into a shared partly filled page.
+    /// lazily, when either sequence appends into a shared partly filled page. `Error::UnknownSequence` for a parent
+    /// not live here.
     pub fn fork(&mut self, parent: SeqId) -> Result<SeqId> {
         let child = self.sequence(parent)?.clone();
         for &page in &child.pages {
@@ -263,7 +294,8 @@ impl KvCache {
         Ok(id)
     }
 
-    /// Drops a sequence; pages no other sequence references return to the free list.
+    /// Drops a sequence; pages no other sequence references return to the free list. `Error::UnknownSequence` for
+    /// an id not live here (freeing twice included).
     pub fn free(&mut self, id: SeqId) -> Result<()> {
         let seq = self.sequences.remove(&id).ok_or(Error::UnknownSequence(id.0))?;
         for &page in seq.pages.iter().rev() {
@@ -277,6 +309,7 @@ impl KvCache {
     }
 
     /// Block tables and lengths of `ids`, in that order (rows padded to the longest with -1).
+    /// `Error::UnknownSequence` if any id is not live here.
     pub fn batch_tables(&self, ids: &[SeqId]) -> Result<BatchTables> {
         let seqs: Vec<&Sequence> = ids.iter().map(|&id| self.sequence(id)).collect::<Result<_>>()?;
         let max_pages = seqs.iter().map(|s| s.pages.len()).max().unwrap_or(0).max(1);

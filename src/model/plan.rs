@@ -17,7 +17,9 @@ use crate::quant::WeightFormat;
 /// A GPU model's usable memory as the driver reports it (nvidia-smi totals).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct GpuSpec {
+    /// The model's name in plans ("H100 80GB").
     pub name: &'static str,
+    /// Total device memory in bytes, as the driver reports it.
     pub memory_bytes: u64,
 }
 
@@ -35,14 +37,18 @@ pub const RUNTIME_RESERVE_BYTES: u64 = 1 << 30;
 /// How each class of weight is stored.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct FormatChoice {
+    /// Format of the routed experts' w1, w2, w3 (and of the dense FFNs, if any).
     pub routed_experts: WeightFormat,
+    /// Format of the shared experts.
     pub shared_experts: WeightFormat,
+    /// Format of the attention linears (wq_a, wq_b, wkv_a_with_mqa, wkv_b, wo).
     pub attention: WeightFormat,
     /// Embedding, output head, router, norms and vision tower are bf16 in every published release.
     pub rest: WeightFormat,
 }
 
 impl FormatChoice {
+    /// Experts and attention in `format`, the rest bf16.
     pub const fn all(format: WeightFormat) -> Self {
         FormatChoice { routed_experts: format, shared_experts: format, attention: format, rest: WeightFormat::Bf16 }
     }
@@ -75,31 +81,44 @@ impl Default for Workload {
     }
 }
 
+/// One GPU's share of a [`MemoryPlan`], in bytes.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GpuPlan {
+    /// The GPU's rank, `0..world`.
     pub rank: usize,
     /// (component, format, bytes) on this GPU.
     pub weights: Vec<(&'static str, WeightFormat, u64)>,
+    /// Peak activation workspace: one prefill chunk through one layer plus the decode batch's f32 logits.
     pub activation_bytes: u64,
+    /// KV-cache bytes one token takes over all layers (the latent + rope key, `kv_bytes_per_value` each).
     pub kv_bytes_per_token: u64,
     /// Memory left for the KV cache after weights, activations and the runtime reserve (0 when it does not fit).
     pub kv_budget_bytes: u64,
+    /// Tokens the KV budget holds, over all sequences: `kv_budget_bytes / kv_bytes_per_token`.
     pub kv_capacity_tokens: u64,
 }
 
 impl GpuPlan {
+    /// Bytes of all the weights on this GPU.
     pub fn weight_bytes(&self) -> u64 {
         self.weights.iter().map(|w| w.2).sum()
     }
 }
 
+/// The memory plan of a model on `world` GPUs of one kind (see [`plan`]); `Display` prints it as `small4 plan` does.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MemoryPlan {
+    /// The plan's title ("2x H200, FP8").
     pub name: String,
+    /// The GPU every rank runs on.
     pub gpu: GpuSpec,
+    /// GPUs in the plan.
     pub world: usize,
+    /// How the weights are stored.
     pub formats: FormatChoice,
+    /// What the activations are sized for.
     pub workload: Workload,
+    /// Each GPU's share, in rank order.
     pub gpus: Vec<GpuPlan>,
 }
 
@@ -109,6 +128,7 @@ impl MemoryPlan {
         self.gpus.iter().all(|g| g.kv_capacity_tokens >= min_context_tokens)
     }
 
+    /// Weight bytes summed over the GPUs (replicated weights count once per GPU).
     pub fn total_weight_bytes(&self) -> u64 {
         self.gpus.iter().map(GpuPlan::weight_bytes).sum()
     }
@@ -129,7 +149,8 @@ pub fn standard_plans(config: &ModelConfig) -> Result<Vec<MemoryPlan>> {
 /// The memory plan of `config` on `world` GPUs of one kind: routed experts split evenly between the GPUs (expert
 /// parallelism), attention heads split evenly (tensor parallelism, `engine::Shard::tensor_parallel`), embedding and
 /// head split over the vocabulary, the rest replicated (module docs); weights in `formats`, activations and KV cache
-/// sized for `workload`.
+/// sized for `workload`. `Error::Config` unless `world` is positive and divides both the experts and the heads;
+/// errors of `WeightFormat::matrix_bytes` for a dimension the format cannot store.
 ///
 /// ```
 /// use small4::model::plan::{plan, FormatChoice, GpuSpec, Workload};

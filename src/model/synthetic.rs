@@ -221,7 +221,10 @@ impl TensorSet<'_> {
     }
 }
 
-/// Writes `weights` as a checkpoint directory in `layout` with experts in `format`. Returns the shard paths.
+/// Writes `weights` as a checkpoint directory in `layout` with experts in `format` (attention in
+/// [`attention_format`], the rest bf16): the config file, shards of at most `shard_bytes` (a tensor larger than that
+/// gets a shard of its own) and the index. Errors of quantisation for a matrix the format cannot store, and
+/// `Error::Io` / `Error::Checkpoint` when writing fails.
 pub fn write_checkpoint(dir: &Path, weights: &ReferenceWeights, layout: &Layout, format: WeightFormat, shard_bytes: usize) -> Result<()> {
     let c = &weights.config;
     let attn_format = attention_format(format);

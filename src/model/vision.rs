@@ -124,6 +124,7 @@ impl DeviceVisionTower {
         })
     }
 
+    /// The tower's configuration.
     pub fn config(&self) -> &VisionConfig {
         &self.config
     }

@@ -45,6 +45,12 @@ static uint64_t upload(const void *data, size_t bytes) {
     return addr;
 }
 
+/* Releases device buffers from `upload`. */
+static void release_all(const uint64_t *addrs, size_t count) {
+    for (size_t i = 0; i < count; i++) CHECK(small4_device_release(device, addrs[i]));
+}
+#define RELEASE_ALL(...) release_all((const uint64_t[]){__VA_ARGS__}, sizeof((const uint64_t[]){__VA_ARGS__}) / sizeof(uint64_t))
+
 static void expect_close(const char *what, const float *got, const float *want, size_t n, float tolerance) {
     for (size_t i = 0; i < n; i++) {
         if (!(fabsf(got[i] - want[i]) <= tolerance * (1.0f + fabsf(want[i])))) {
@@ -53,6 +59,14 @@ static void expect_close(const char *what, const float *got, const float *want, 
         }
     }
     printf("ok %s\n", what);
+}
+
+/* Exits unless a bad call returned `want`, the status of its typed error. */
+static void expect_status(const char *what, Small4Status got, Small4Status want) {
+    if (got != want) {
+        fprintf(stderr, "%s: status %d, want %d: %s\n", what, (int)got, (int)want, small4_last_error());
+        exit(1);
+    }
 }
 
 static void rms_norms(void) {
@@ -102,27 +116,15 @@ static void rms_norms(void) {
     expect_close("add_rms_norm", got, want, ROWS * COLS, 1.0f / 128.0f);
 
     /* Bad calls: a typed status and a message, the buffers untouched. */
-    Small4Status status = small4_rms_norm(device, x_dev, weight_dev, out_dev, ROWS, COLS, NAN);
-    if (status != SMALL4_STATUS_INVALID_ARGUMENT || strstr(small4_last_error(), "eps") == NULL) {
-        fprintf(stderr, "rms_norm with eps NaN: status %d, %s\n", (int)status, small4_last_error());
+    expect_status("rms_norm with eps NaN", small4_rms_norm(device, x_dev, weight_dev, out_dev, ROWS, COLS, NAN), SMALL4_STATUS_INVALID_ARGUMENT);
+    if (strstr(small4_last_error(), "eps") == NULL) {
+        fprintf(stderr, "rms_norm with eps NaN: the message does not name eps: %s\n", small4_last_error());
         exit(1);
     }
-    status = small4_rms_norm(NULL, x_dev, weight_dev, out_dev, ROWS, COLS, eps);
-    if (status != SMALL4_STATUS_INVALID_ARGUMENT) {
-        fprintf(stderr, "rms_norm without a device: status %d\n", (int)status);
-        exit(1);
-    }
-    status = small4_rms_norm(device, 0, weight_dev, out_dev, ROWS, COLS, eps);
-    if (status != SMALL4_STATUS_INVALID_ARGUMENT) {
-        fprintf(stderr, "rms_norm of a null address: status %d\n", (int)status);
-        exit(1);
-    }
+    expect_status("rms_norm without a device", small4_rms_norm(NULL, x_dev, weight_dev, out_dev, ROWS, COLS, eps), SMALL4_STATUS_INVALID_ARGUMENT);
+    expect_status("rms_norm of a null address", small4_rms_norm(device, 0, weight_dev, out_dev, ROWS, COLS, eps), SMALL4_STATUS_INVALID_ARGUMENT);
     printf("ok rms_norm errors\n");
-    CHECK(small4_device_release(device, x_dev));
-    CHECK(small4_device_release(device, residual_dev));
-    CHECK(small4_device_release(device, weight_dev));
-    CHECK(small4_device_release(device, out_dev));
-    CHECK(small4_device_release(device, sum_dev));
+    RELEASE_ALL(x_dev, residual_dev, weight_dev, out_dev, sum_dev);
 }
 
 static void silu_mul_and_argmax(void) {
@@ -158,10 +160,7 @@ static void silu_mul_and_argmax(void) {
         exit(1);
     }
     printf("ok argmax\n");
-    CHECK(small4_device_release(device, gate_up_dev));
-    CHECK(small4_device_release(device, out_dev));
-    CHECK(small4_device_release(device, logits_dev));
-    CHECK(small4_device_release(device, ids_dev));
+    RELEASE_ALL(gate_up_dev, out_dev, logits_dev, ids_dev);
 }
 
 static void router(void) {
@@ -211,16 +210,9 @@ static void router(void) {
     }
     printf("ok router topk_ids\n");
     expect_close("router topk_weights", got_weights, want_weights, TOKENS * K, 1e-4f);
-    Small4Status status = small4_router_topk(device, hidden_dev, gate_dev, TOKENS, DIM, EXPERTS, EXPERTS + 1, routed_scale, ids_dev, weights_dev);
-    if (status != SMALL4_STATUS_INVALID_ARGUMENT) {
-        fprintf(stderr, "router with k > experts: status %d\n", (int)status);
-        exit(1);
-    }
+    expect_status("router with k > experts", small4_router_topk(device, hidden_dev, gate_dev, TOKENS, DIM, EXPERTS, EXPERTS + 1, routed_scale, ids_dev, weights_dev), SMALL4_STATUS_INVALID_ARGUMENT);
     printf("ok router errors\n");
-    CHECK(small4_device_release(device, hidden_dev));
-    CHECK(small4_device_release(device, gate_dev));
-    CHECK(small4_device_release(device, ids_dev));
-    CHECK(small4_device_release(device, weights_dev));
+    RELEASE_ALL(hidden_dev, gate_dev, ids_dev, weights_dev);
 }
 
 /* A deterministic value in [-scale, scale) from an index (a small LCG hash). */
@@ -284,8 +276,7 @@ static void moe_forward_check(const char *what, Small4MoeLayer *layer, const uin
     CHECK(small4_device_read(device, out, out_dev, sizeof out));
     bf16_to_f32(out, got, MOE_TOKENS * MOE_DIM);
     expect_close(what, got, want, MOE_TOKENS * MOE_DIM, 1e-2f);
-    uint64_t buffers[] = {x_dev, ids_dev, weights_dev, out_dev};
-    for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) CHECK(small4_device_release(device, buffers[i]));
+    RELEASE_ALL(x_dev, ids_dev, weights_dev, out_dev);
 }
 
 static void moe_layer(void) {
@@ -311,11 +302,7 @@ static void moe_layer(void) {
     CHECK(small4_moe_layer_open_bf16(device, MOE_EXPERTS, MOE_DIM, MOE_HIDDEN, w1, w3, w2, shared, shared + MOE_MATRIX, shared + 2 * MOE_MATRIX, &layer));
     moe_forward_check("moe_layer", layer, x, ids, weights, want);
     small4_moe_layer_free(layer);
-    Small4Status status = small4_moe_layer_open_bf16(device, MOE_EXPERTS, MOE_DIM, MOE_HIDDEN, w1, w3, w2, shared, NULL, shared + 2 * MOE_MATRIX, &layer);
-    if (status != SMALL4_STATUS_INVALID_ARGUMENT) {
-        fprintf(stderr, "a MoE layer with half a shared expert: status %d\n", (int)status);
-        exit(1);
-    }
+    expect_status("a MoE layer with half a shared expert", small4_moe_layer_open_bf16(device, MOE_EXPERTS, MOE_DIM, MOE_HIDDEN, w1, w3, w2, shared, NULL, shared + 2 * MOE_MATRIX, &layer), SMALL4_STATUS_INVALID_ARGUMENT);
     printf("ok moe_layer errors\n");
 }
 
@@ -397,14 +384,9 @@ static void dequant(void) {
         }
     expect_close("dequant_nvfp4", got, want, ROWS * COLS, 1.0f / 128.0f);
 
-    Small4Status status = small4_dequant_int4(device, packed_dev, int4_scales_dev, 0, out_dev, ROWS, COLS, 48);
-    if (status != SMALL4_STATUS_INVALID_ARGUMENT) {
-        fprintf(stderr, "dequant_int4 with a group of 48: status %d\n", (int)status);
-        exit(1);
-    }
+    expect_status("dequant_int4 with a group of 48", small4_dequant_int4(device, packed_dev, int4_scales_dev, 0, out_dev, ROWS, COLS, 48), SMALL4_STATUS_INVALID_ARGUMENT);
     printf("ok dequant errors\n");
-    uint64_t buffers[] = {codes_dev, packed_dev, zeros_dev, int4_scales_dev, fp4_scales_dev, block_scales_dev, out_dev};
-    for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) CHECK(small4_device_release(device, buffers[i]));
+    RELEASE_ALL(codes_dev, packed_dev, zeros_dev, int4_scales_dev, fp4_scales_dev, block_scales_dev, out_dev);
 }
 
 /* One role's matrices (`experts` of [rows, cols]) in `format`, with codes drawn from `seed`, and their values as the
@@ -493,19 +475,11 @@ static void moe_layer_quantised(void) {
     Small4ExpertMatrices bad = w1.set;
     bad.format = 9;
     Small4MoeLayer *layer = NULL;
-    Small4Status status = small4_moe_layer_open(device, MOE_EXPERTS, MOE_DIM, MOE_HIDDEN, &bad, &w3.set, &w2.set, NULL, NULL, NULL, &layer);
-    if (status != SMALL4_STATUS_UNKNOWN_DTYPE) {
-        fprintf(stderr, "a MoE layer in format 9: status %d: %s\n", (int)status, small4_last_error());
-        exit(1);
-    }
+    expect_status("a MoE layer in format 9", small4_moe_layer_open(device, MOE_EXPERTS, MOE_DIM, MOE_HIDDEN, &bad, &w3.set, &w2.set, NULL, NULL, NULL, &layer), SMALL4_STATUS_UNKNOWN_DTYPE);
     quantise_set(&w1, SMALL4_WEIGHT_FORMAT_INT4, MOE_EXPERTS, MOE_HIDDEN, MOE_DIM, 11u, w1_f);
     bad = w1.set;
     bad.group = 48;
-    status = small4_moe_layer_open(device, MOE_EXPERTS, MOE_DIM, MOE_HIDDEN, &bad, &w3.set, &w2.set, NULL, NULL, NULL, &layer);
-    if (status != SMALL4_STATUS_INVALID_ARGUMENT) {
-        fprintf(stderr, "a MoE layer with an int4 group of 48: status %d: %s\n", (int)status, small4_last_error());
-        exit(1);
-    }
+    expect_status("a MoE layer with an int4 group of 48", small4_moe_layer_open(device, MOE_EXPERTS, MOE_DIM, MOE_HIDDEN, &bad, &w3.set, &w2.set, NULL, NULL, NULL, &layer), SMALL4_STATUS_INVALID_ARGUMENT);
     printf("ok moe_layer quantised errors\n");
 }
 
@@ -525,15 +499,9 @@ static void embedding_gather(void) {
         }
     expect_close("embedding_gather", got, want, TOKENS * DIM, 0.0f);
     CHECK(small4_device_write(device, ids_dev, bad_ids, sizeof bad_ids));
-    Small4Status status = small4_embedding_gather(device, ids_dev, TOKENS, table_dev, VOCAB, DIM, out_dev);
-    if (status != SMALL4_STATUS_OUT_OF_RANGE) {
-        fprintf(stderr, "embedding_gather of id %d in a vocabulary of %d: status %d\n", VOCAB, VOCAB, (int)status);
-        exit(1);
-    }
+    expect_status("embedding_gather of an id past the vocabulary", small4_embedding_gather(device, ids_dev, TOKENS, table_dev, VOCAB, DIM, out_dev), SMALL4_STATUS_OUT_OF_RANGE);
     printf("ok embedding_gather errors\n");
-    CHECK(small4_device_release(device, table_dev));
-    CHECK(small4_device_release(device, ids_dev));
-    CHECK(small4_device_release(device, out_dev));
+    RELEASE_ALL(table_dev, ids_dev, out_dev);
 }
 
 /* Seeded sampling: greedy rows equal the argmax, a tiny top-p keeps only the top token, a row's token depends on its
@@ -598,14 +566,19 @@ static void sampling(void) {
         exit(1);
     }
     printf("ok sample\n");
-    Small4Status status = small4_sample(device, logits_dev, ROWS, VOCAB, 0, top_p_dev, seeds_dev, steps_dev, ids_dev);
-    if (status != SMALL4_STATUS_INVALID_ARGUMENT) {
-        fprintf(stderr, "sample without temperatures: status %d\n", (int)status);
-        exit(1);
-    }
+    expect_status("sample without temperatures", small4_sample(device, logits_dev, ROWS, VOCAB, 0, top_p_dev, seeds_dev, steps_dev, ids_dev), SMALL4_STATUS_INVALID_ARGUMENT);
     printf("ok sample errors\n");
-    uint64_t buffers[] = {logits_dev, temperature_dev, top_p_dev, seeds_dev, steps_dev, ids_dev};
-    for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) CHECK(small4_device_release(device, buffers[i]));
+    RELEASE_ALL(logits_dev, temperature_dev, top_p_dev, seeds_dev, steps_dev, ids_dev);
+}
+
+/* RoPE on interleaved pairs, in double: pair i of the bf16 values `in` turned by `position * inv_freq[i]`, times
+ * `scale`, into `out`. */
+static void rope_pairs(const uint16_t *in, int pairs, int position, const float *inv_freq, double scale, float *out) {
+    for (int i = 0; i < pairs; i++) {
+        double angle = (double)position * inv_freq[i], a = from_bf16(in[2 * i]), b = from_bf16(in[2 * i + 1]);
+        out[2 * i] = (float)((a * cos(angle) - b * sin(angle)) * scale);
+        out[2 * i + 1] = (float)((a * sin(angle) + b * cos(angle)) * scale);
+    }
 }
 
 /* RoPE of q (every head's last ROPE_DIM values, then the llama-4 query scale on all of q) and of k_rope inside wider
@@ -631,34 +604,20 @@ static void rope(void) {
         for (int h = 0; h < HEADS; h++) {
             const int base = (t * HEADS + h) * HEAD_DIM;
             for (int d = 0; d < HEAD_DIM - ROPE_DIM; d++) want[base + d] = (float)(from_bf16(q[base + d]) * scale);
-            for (int i = 0; i < ROPE_DIM / 2; i++) {
-                int at = base + HEAD_DIM - ROPE_DIM + 2 * i;
-                double angle = (double)positions[t] * inv_freq[i], a = from_bf16(q[at]), b = from_bf16(q[at + 1]);
-                want[at] = (float)((a * cos(angle) - b * sin(angle)) * scale);
-                want[at + 1] = (float)((a * sin(angle) + b * cos(angle)) * scale);
-            }
+            const int at = base + HEAD_DIM - ROPE_DIM;
+            rope_pairs(&q[at], ROPE_DIM / 2, positions[t], inv_freq, scale, &want[at]);
         }
         for (int c = 0; c < K_STRIDE; c++) want_k[t * K_STRIDE + c] = from_bf16(k[t * K_STRIDE + c]);
-        for (int i = 0; i < ROPE_DIM / 2; i++) {
-            int at = t * K_STRIDE + K_OFFSET + 2 * i;
-            double angle = (double)positions[t] * inv_freq[i], a = from_bf16(k[at]), b = from_bf16(k[at + 1]);
-            want_k[at] = (float)(a * cos(angle) - b * sin(angle));
-            want_k[at + 1] = (float)(a * sin(angle) + b * cos(angle));
-        }
+        rope_pairs(&k[t * K_STRIDE + K_OFFSET], ROPE_DIM / 2, positions[t], inv_freq, 1.0, &want_k[t * K_STRIDE + K_OFFSET]);
     }
     for (int i = 0; i < TOKENS * HEADS * HEAD_DIM; i++) got[i] = from_bf16(q_out[i]);
     for (int i = 0; i < TOKENS * K_STRIDE; i++) got_k[i] = from_bf16(k_out[i]);
     expect_close("rope q", got, want, TOKENS * HEADS * HEAD_DIM, 1.0f / 128.0f);
     expect_close("rope k", got_k, want_k, TOKENS * K_STRIDE, 1.0f / 128.0f);
 
-    Small4Status status = small4_rope_q_k(device, q_dev, TOKENS, HEADS, HEAD_DIM, k_dev, 4, K_STRIDE, positions_dev, freq_dev, ROPE_DIM, beta, original_max);
-    if (status != SMALL4_STATUS_INVALID_ARGUMENT) {
-        fprintf(stderr, "rope with k at offset 4: status %d\n", (int)status);
-        exit(1);
-    }
+    expect_status("rope with k at offset 4", small4_rope_q_k(device, q_dev, TOKENS, HEADS, HEAD_DIM, k_dev, 4, K_STRIDE, positions_dev, freq_dev, ROPE_DIM, beta, original_max), SMALL4_STATUS_INVALID_ARGUMENT);
     printf("ok rope errors\n");
-    uint64_t buffers[] = {q_dev, k_dev, positions_dev, freq_dev};
-    for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) CHECK(small4_device_release(device, buffers[i]));
+    RELEASE_ALL(q_dev, k_dev, positions_dev, freq_dev);
 }
 
 /* MLA over a paged cache the program owns: the cache writer (latent RMSNorm, RoPE of k_rope) checked value by value,
@@ -702,12 +661,7 @@ static void mla_attention(void) {
         for (int c = 0; c < MLA_LATENT; c++) mean_sq += (double)from_bf16(row[c]) * from_bf16(row[c]);
         double inv_rms = 1.0 / sqrt(mean_sq / MLA_LATENT + eps);
         for (int c = 0; c < MLA_LATENT; c++) want[t * MLA_WIDTH + c] = (float)(from_bf16(row[c]) * inv_rms) * from_bf16(norm_weight[c]);
-        for (int l = 0; l < MLA_ROPE / 2; l++) {
-            double angle = (double)positions[t] * inv_freq[l];
-            float a = from_bf16(row[MLA_LATENT + 2 * l]), b = from_bf16(row[MLA_LATENT + 2 * l + 1]);
-            want[t * MLA_WIDTH + MLA_LATENT + 2 * l] = (float)(a * cos(angle) - b * sin(angle));
-            want[t * MLA_WIDTH + MLA_LATENT + 2 * l + 1] = (float)(a * sin(angle) + b * cos(angle));
-        }
+        rope_pairs(&row[MLA_LATENT], MLA_ROPE / 2, positions[t], inv_freq, 1.0, &want[t * MLA_WIDTH + MLA_LATENT]);
         for (int c = 0; c < MLA_WIDTH; c++) got[t * MLA_WIDTH + c] = from_bf16(slot[t][c]);
     }
     expect_close("mla_cache_write", got, want, TOKENS * MLA_WIDTH, 1.0f / 128.0f);
@@ -744,21 +698,12 @@ static void mla_attention(void) {
     /* A page outside the pool is refused before any launch; so is an unknown cache dtype. */
     const int32_t bad_tables[SEQS * MAX_PAGES] = {4, MLA_PAGES, 2, -1};
     Small4MlaBatch bad_batch = {SEQS, MAX_PAGES, bad_tables, seq_lens};
-    Small4Status status = small4_mla_attention(device, &mla_cache, &bad_batch, q_start, MLA_HEADS, q_lat_dev, q_rope_dev, o_dev, softmax_scale);
-    if (status != SMALL4_STATUS_OUT_OF_RANGE) {
-        fprintf(stderr, "mla_attention with page %d of %d: status %d: %s\n", MLA_PAGES, MLA_PAGES, (int)status, small4_last_error());
-        exit(1);
-    }
+    expect_status("mla_attention with a page outside the pool", small4_mla_attention(device, &mla_cache, &bad_batch, q_start, MLA_HEADS, q_lat_dev, q_rope_dev, o_dev, softmax_scale), SMALL4_STATUS_OUT_OF_RANGE);
     Small4MlaCache bad_cache = mla_cache;
     bad_cache.dtype = 7;
-    status = small4_mla_attention(device, &bad_cache, &batch, q_start, MLA_HEADS, q_lat_dev, q_rope_dev, o_dev, softmax_scale);
-    if (status != SMALL4_STATUS_UNKNOWN_DTYPE) {
-        fprintf(stderr, "mla_attention with cache dtype 7: status %d: %s\n", (int)status, small4_last_error());
-        exit(1);
-    }
+    expect_status("mla_attention with cache dtype 7", small4_mla_attention(device, &bad_cache, &batch, q_start, MLA_HEADS, q_lat_dev, q_rope_dev, o_dev, softmax_scale), SMALL4_STATUS_UNKNOWN_DTYPE);
     printf("ok mla errors\n");
-    uint64_t buffers[] = {cache_dev, kv_dev, norm_dev, freq_dev, q_lat_dev, q_rope_dev, o_dev};
-    for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) CHECK(small4_device_release(device, buffers[i]));
+    RELEASE_ALL(cache_dev, kv_dev, norm_dev, freq_dev, q_lat_dev, q_rope_dev, o_dev);
 }
 
 /* Every check on one device. */

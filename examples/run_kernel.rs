@@ -23,7 +23,7 @@ pub fn rms_norm_on(device: &Device, x: &[f32], weight: &[f32], eps: f32) -> Resu
     let x_dev = DeviceBuffer::from_slice(device, &x_bf16)?;
     let weight_dev = DeviceBuffer::from_slice(device, &weight_bf16)?;
     let out_dev = DeviceBuffer::<bf16>::alloc(device, x.len())?;
-    small4::kernels::norm::rms_norm(&x_dev, &weight_dev, &out_dev, rows, eps)?;
+    small4::kernels::norm::rms_norm(x_dev.view([rows, cols])?, weight_dev.as_vector(), out_dev.view([rows, cols])?, eps)?;
     let out: Vec<f32> = out_dev.to_vec()?.iter().map(|v| v.to_f32()).collect();
     // The reference on the same bf16 inputs.
     let x_in: Vec<f32> = x_bf16.iter().map(|v| v.to_f32()).collect();

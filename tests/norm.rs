@@ -24,11 +24,12 @@ fn check_rms_norm(device: &Device, rows: usize, cols: usize, fused: bool, seed: 
     let (h, want_h) = if fused {
         let r_dev = DeviceBuffer::from_slice(device, &residual).unwrap();
         let h_dev = DeviceBuffer::<bf16>::filled_with_byte(device, rows * cols, 0xff).unwrap();
-        norm::add_rms_norm(&x_dev, &r_dev, &w_dev, &h_dev, &out, rows, eps).unwrap();
+        let shape = [rows, cols];
+        norm::add_rms_norm(x_dev.view(shape).unwrap(), r_dev.view(shape).unwrap(), w_dev.as_vector(), h_dev.view(shape).unwrap(), out.view(shape).unwrap(), eps).unwrap();
         let want: Vec<f32> = x.iter().zip(&residual).map(|(a, b)| bf16::from_f32(a.to_f32() + b.to_f32()).to_f32()).collect();
         (to_f32(&h_dev.to_vec().unwrap()), want)
     } else {
-        norm::rms_norm(&x_dev, &w_dev, &out, rows, eps).unwrap();
+        norm::rms_norm(x_dev.view([rows, cols]).unwrap(), w_dev.as_vector(), out.view([rows, cols]).unwrap(), eps).unwrap();
         (to_f32(&x), to_f32(&x))
     };
     assert_close("residual sum", &h, &want_h, 0.0, 0.0);
@@ -59,9 +60,18 @@ fn rms_norm_rejects_bad_shapes(device: &Device) {
     let x = DeviceBuffer::<bf16>::alloc(device, 10).unwrap();
     let w = DeviceBuffer::<bf16>::alloc(device, 4).unwrap();
     let out = DeviceBuffer::<bf16>::alloc(device, 8).unwrap();
-    let err = norm::rms_norm(&x, &w, &out, 2, 1e-6).unwrap_err();
+    // A weight of 4 for rows of 5, an output of the wrong shape, a view past the buffer's end.
+    let err = norm::rms_norm(x.view([2, 5]).unwrap(), w.as_vector(), out.view([2, 4]).unwrap(), 1e-6).unwrap_err();
     assert!(matches!(err, small4::Error::Shape { .. }), "{err}");
-    let err = norm::rms_norm(&out, &w, &out, 2, f32::NAN).unwrap_err();
+    let err = norm::rms_norm(x.view([2, 4]).unwrap(), w.as_vector(), out.view([1, 4]).unwrap(), 1e-6).unwrap_err();
+    assert!(matches!(err, small4::Error::Shape { .. }), "{err}");
+    assert!(matches!(out.view([3, 4]), Err(small4::Error::Shape { .. })));
+    // A view one element off the 16-byte boundary the vector loads need.
+    let shifted = small4::kernels::TensorView::strided(&x, 1, [1, 8], 8).unwrap();
+    let out8 = out.view([1, 8]).unwrap();
+    let err = norm::rms_norm(shifted, x.view([8]).unwrap(), out8, 1e-6).unwrap_err();
+    assert!(matches!(err, small4::Error::InvalidArgument(_)), "{err}");
+    let err = norm::rms_norm(out.view([2, 4]).unwrap(), w.as_vector(), out.view([2, 4]).unwrap(), f32::NAN).unwrap_err();
     assert!(matches!(err, small4::Error::InvalidArgument(_)), "{err}");
 }
 

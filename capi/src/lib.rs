@@ -355,7 +355,7 @@ pub unsafe extern "C" fn small4_rms_norm(device: *const Small4Device, x: u64, we
         let n = elements(rows, cols, "rms_norm")?;
         let (x, out) = unsafe { (borrowed::<bf16>(device, x, n)?, borrowed::<bf16>(device, out, n)?) };
         let weight = unsafe { borrowed::<bf16>(device, weight, cols) }?;
-        small4::kernels::norm::rms_norm(&x, &weight, &out, rows, eps)
+        small4::kernels::norm::rms_norm(x.view([rows, cols])?, weight.as_vector(), out.view([rows, cols])?, eps)
     })
 }
 
@@ -382,7 +382,8 @@ pub unsafe extern "C" fn small4_add_rms_norm(
         let rows_of = |addr| unsafe { borrowed::<bf16>(device, addr, n) };
         let (x, residual, residual_out, out) = (rows_of(x)?, rows_of(residual)?, rows_of(residual_out)?, rows_of(out)?);
         let weight = unsafe { borrowed::<bf16>(device, weight, cols) }?;
-        small4::kernels::norm::add_rms_norm(&x, &residual, &weight, &residual_out, &out, rows, eps)
+        let shape = [rows, cols];
+        small4::kernels::norm::add_rms_norm(x.view(shape)?, residual.view(shape)?, weight.as_vector(), residual_out.view(shape)?, out.view(shape)?, eps)
     })
 }
 

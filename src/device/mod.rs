@@ -288,9 +288,36 @@ pub fn simulator() -> Device {
     Arc::new(sim::SimBackend::new())
 }
 
-/// Element types a buffer may hold: plain bytes with no padding.
-pub trait DeviceElement: bytemuck::Pod + Send + Sync {}
-impl<T: bytemuck::Pod + Send + Sync> DeviceElement for T {}
+/// The element type of a buffer or tensor view, as kernels and error messages name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    /// bfloat16.
+    Bf16,
+    /// IEEE half.
+    F16,
+    /// IEEE single.
+    F32,
+    /// Signed 32-bit integers (token ids, positions, expert ids, block tables).
+    I32,
+    /// Unsigned 32-bit integers.
+    U32,
+    /// Unsigned 64-bit integers (sampling seeds).
+    U64,
+    /// Bytes: FP8 e4m3 codes, packed 4-bit pairs, e4m3 block scales, a paged cache's raw pages.
+    U8,
+    /// Unsigned 16-bit integers (raw bf16/f16 bits).
+    U16,
+}
+
+/// Element types a buffer may hold: plain bytes with no padding, each with its [`DType`].
+pub trait DeviceElement: bytemuck::Pod + Send + Sync {
+    /// What the element is.
+    const DTYPE: DType;
+}
+macro_rules! device_elements {
+    ($($t:ty => $d:ident),*) => { $(impl DeviceElement for $t { const DTYPE: DType = DType::$d; })* };
+}
+device_elements!(half::bf16 => Bf16, half::f16 => F16, f32 => F32, i32 => I32, u32 => U32, u64 => U64, u8 => U8, u16 => U16);
 
 /// Typed device memory of `len` elements: owned (frees itself on drop) or borrowed from the caller
 /// ([`DeviceBuffer::from_raw_borrowed`], never freed here).

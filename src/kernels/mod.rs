@@ -12,7 +12,10 @@ pub mod moe;
 pub mod norm;
 pub mod ops;
 pub mod router;
+pub mod tensor;
 pub mod vision;
+
+pub use tensor::{DType, Matrix, TensorView, Vector};
 
 use crate::device::KernelModule;
 

@@ -1142,11 +1142,11 @@ impl Network<'_> {
         if let Some(images) = images {
             vision_kernels::scatter_rows(images.features, dim, images.rows, x)?;
         }
-        norm::rms_norm(x, &m.layers[0].attention_norm, &ws.h, t, eps)?;
+        norm::rms_norm(x.view([t, dim])?, m.layers[0].attention_norm.as_vector(), ws.h.view([t, dim])?, eps)?;
         for (l, layer) in m.layers.iter().enumerate() {
             // Attention: q = wq_b(q_a_norm(wq_a h)); cache row = [kv_a_norm(c) | rope(k_rope)].
             moe::linear(&layer.wq_a, &ws.h, t, &ws.q_a)?;
-            norm::rms_norm(&ws.q_a, &layer.q_a_norm, &ws.q_a_normed, t, eps)?;
+            norm::rms_norm(ws.q_a.view([t, layer.q_a_norm.len()])?, layer.q_a_norm.as_vector(), ws.q_a_normed.view([t, layer.q_a_norm.len()])?, eps)?;
             moe::linear(&layer.wq_b, &ws.q_a_normed, t, &ws.q)?;
             moe::linear(&layer.wkv_a, &ws.h, t, &ws.kv)?;
             let write = CacheWriteWeights { norm_weight: &layer.kv_a_norm, eps, inv_freq: &m.inv_freq };
@@ -1175,7 +1175,7 @@ impl Network<'_> {
                     moe::combine(&partial.sum, None, &partial.one_pair_ids, None, 1, &ws.block_out, t, 1, dim)?;
                 }
             }
-            norm::add_rms_norm(&ws.block_out, x, &layer.ffn_norm, x_mid, &ws.h, t, eps)?;
+            norm::add_rms_norm(ws.block_out.view([t, dim])?, x.view([t, dim])?, layer.ffn_norm.as_vector(), x_mid.view([t, dim])?, ws.h.view([t, dim])?, eps)?;
 
             // Mixture of experts: route, grouped up (SwiGLU), grouped down (x routing weight), shared, combine.
             router::route_and_align_into(&ws.h, &layer.gate, t, &m.expert_map, &router_config, &ws.router, &ws.routing)?;
@@ -1198,7 +1198,7 @@ impl Network<'_> {
             };
             moe::combine(&ws.moe.pair_out, shared, &ws.routing.topk_ids, None, c.experts, &ws.block_out, t, k, dim)?;
             let next_norm = m.layers.get(l + 1).map_or(&m.norm, |next| &next.attention_norm);
-            norm::add_rms_norm(&ws.block_out, x_mid, next_norm, x, &ws.h, t, eps)?;
+            norm::add_rms_norm(ws.block_out.view([t, dim])?, x_mid.view([t, dim])?, next_norm.as_vector(), x.view([t, dim])?, ws.h.view([t, dim])?, eps)?;
         }
         // ws.h is the final norm's output: gather the head's rows (host-computed, always in range), then the head.
         ops::embedding_gather(&head.source_rows, &ws.h, dim, &head.h, self.gather_status)?;

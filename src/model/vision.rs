@@ -182,9 +182,9 @@ impl DeviceVisionTower {
         let (x, x_mid, h) = (bf(t * hidden)?, bf(t * hidden)?, bf(t * hidden)?);
         let (q, k, vv, attn, block_out) = (bf(t * hidden)?, bf(t * hidden)?, bf(t * hidden)?, bf(t * hidden)?, bf(t * hidden)?);
         let act = bf(t * v.intermediate)?;
-        norm::rms_norm(&embedded, &self.ln_pre, &x, t, eps)?;
+        norm::rms_norm(embedded.view([t, hidden])?, self.ln_pre.as_vector(), x.view([t, hidden])?, eps)?;
         let first_norm = self.layers.first().map_or(&self.pre_mm_projector_norm, |l| &l.attention_norm);
-        norm::rms_norm(&x, first_norm, &h, t, eps)?;
+        norm::rms_norm(x.view([t, hidden])?, first_norm.as_vector(), h.view([t, hidden])?, eps)?;
         for (l, layer) in self.layers.iter().enumerate() {
             // x += wo(attention(rope2d(wq h), rope2d(wk h), wv h)); h = ffn_norm(x)
             moe::linear(&layer.wq, &h, t, &q)?;
@@ -193,12 +193,12 @@ impl DeviceVisionTower {
             vision::rope_2d(&q, Some(&k), v.heads, v.head_dim, &positions)?;
             vision::vision_attention(&q, &k, &vv, &attn, &segments, v.heads, 1.0 / (v.head_dim as f32).sqrt())?;
             moe::linear(&layer.wo, &attn, t, &block_out)?;
-            norm::add_rms_norm(&block_out, &x, &layer.ffn_norm, &x_mid, &h, t, eps)?;
+            norm::add_rms_norm(block_out.view([t, hidden])?, x.view([t, hidden])?, layer.ffn_norm.as_vector(), x_mid.view([t, hidden])?, h.view([t, hidden])?, eps)?;
             // x += w2(silu(w1 h) * w3 h); h = the next layer's attention_norm(x), or the projector's norm.
             moe::linear_swiglu(&layer.w13, &h, t, &act)?;
             moe::linear(&layer.w2, &act, t, &block_out)?;
             let next_norm = self.layers.get(l + 1).map_or(&self.pre_mm_projector_norm, |next| &next.attention_norm);
-            norm::add_rms_norm(&block_out, &x_mid, next_norm, &x, &h, t, eps)?;
+            norm::add_rms_norm(block_out.view([t, hidden])?, x_mid.view([t, hidden])?, next_norm.as_vector(), x.view([t, hidden])?, h.view([t, hidden])?, eps)?;
         }
 
         // Projector: 2x2 patch merger, then w_out(gelu(w_in x + b_in)) + b_out.

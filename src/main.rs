@@ -15,8 +15,7 @@ use small4::model::generator::{GenerationBackend, Generator, GeneratorOptions};
 use small4::model::synthetic::HF_MISTRAL3_PREFIX;
 use small4::model::ModelConfig;
 use small4::quant::WeightFormat;
-use small4::reference::model::{AttentionForm, ForwardOptions, RoundingMode};
-use small4::reference::vision::PixelImage;
+use small4::model::{AttentionForm, ForwardOptions, PixelImage, RoundingMode};
 use small4::tokenizer::image::load_pixels_from_url;
 use small4::tokenizer::{ChatRequest, EncodedPrompt, OutputPrinter, OutputStream, SpecialTokenPolicy, StreamingDecoder, Tokenizer};
 

@@ -10,7 +10,7 @@
 //! - `tile_experts [max_tiles]`: the local expert of each tile of `tile_m` rows, -1 past the end;
 //! - `num_padded [1]` = `expert_offsets[local_experts]`;
 //!
-//! with `max_padded` = [`crate::reference::moe::max_padded_slots`] and `max_tiles = max_padded / tile_m`. Pairs whose expert maps to -1 (owned by
+//! with `max_padded` = [`max_padded_slots`] and `max_tiles = max_padded / tile_m`. Pairs whose expert maps to -1 (owned by
 //! another GPU) appear in no list.
 
 use half::bf16;
@@ -19,7 +19,7 @@ use super::modules::ROUTER;
 use super::params::{MoeAlignParams, RouterParams};
 use crate::device::{launch_with, Device, DeviceBuffer, Dim3, Kernel, LaunchConfig};
 use crate::error::{Error, Result};
-use crate::reference::moe::max_padded_slots;
+pub use crate::reference::moe::max_padded_slots;
 
 const ROUTER_TOPK: Kernel = Kernel { module: ROUTER, entry: "router_topk" };
 const MOE_ALIGN: Kernel = Kernel { module: ROUTER, entry: "moe_align" };

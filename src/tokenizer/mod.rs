@@ -2,17 +2,24 @@
 //!
 //! - [`Tokenizer`]: loads a `tekken.json` (section 1), encodes text (section 2) and decodes ids (section 3).
 //!   The `tekken` crate parses the file and supplies the version, special-token names, image grids and
-//!   `model_settings_builder`; the BPE itself is ours ([`bpe`]) because the crate's is slow and its decode rejects
+//!   `model_settings_builder`; the BPE itself is ours (`bpe.rs`) because the crate's is slow and its decode rejects
 //!   what the spec decodes lossily (measured in docs/perf.md, "Tokenizer throughput").
 //! - [`chat`]: the OpenAI/Mistral-shaped chat request and the v15 instruct encoder (section 5) with typed validation
 //!   errors; [`image`] reads an image's size from its header for the `[IMG]` grid (section 6).
 //! - [`output`]: the incremental UTF-8-safe detokeniser and the parser of generated ids into reasoning, answer and
 //!   tool calls.
 
+// The BPE and the Python-style JSON of the prompt template are internals (public with the `internals` feature, for
+// this repository's benches); the tokenizer, the chat prompt, images and output parsing are the API.
+#[cfg(feature = "internals")]
+#[doc(hidden)]
 pub mod bpe;
+#[cfg(not(feature = "internals"))]
+#[allow(dead_code, unreachable_pub)]
+mod bpe;
 pub mod chat;
 pub mod image;
-pub mod json;
+mod json;
 pub mod output;
 mod vocab;
 

@@ -1,14 +1,43 @@
 //! FP4 e2m1 (OCP MX / NVFP4 element type): sign, 2 exponent bits (bias 1), 1 mantissa bit; no infinities, no NaN.
 //! The 8 magnitudes are 0, 0.5, 1, 1.5, 2, 3, 4, 6. Codes are nibbles (0..=15); packed two per byte with the LOW
 //! nibble holding the even column, as in the NVFP4 checkpoint's `weight_packed`.
+//!
+//! ```
+//! use small4::quant::fp4::{e2m1_to_f32, f32_to_e2m1, pack_e2m1_pair, E2M1_MAX};
+//!
+//! // All 8 magnitudes round-trip; the sign is bit 3.
+//! for x in [0.0f32, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0] {
+//!     assert_eq!(e2m1_to_f32(f32_to_e2m1(x)), x);
+//!     assert_eq!(f32_to_e2m1(-x), f32_to_e2m1(x) | 8);
+//! }
+//! // Ties go to the even code (5 is halfway between 4 = code 6 and 6 = code 7), larger values saturate.
+//! assert_eq!(e2m1_to_f32(f32_to_e2m1(5.0)), 4.0);
+//! assert_eq!(e2m1_to_f32(f32_to_e2m1(100.0)), E2M1_MAX);
+//! // No NaN in e2m1: NaN becomes +0.
+//! assert_eq!(f32_to_e2m1(f32::NAN), 0);
+//!
+//! // Two codes a byte, the even column in the low nibble.
+//! let byte = pack_e2m1_pair(f32_to_e2m1(1.5), f32_to_e2m1(-4.0));
+//! assert_eq!(byte, 0xe3);
+//! assert_eq!((e2m1_to_f32(byte & 0xf), e2m1_to_f32(byte >> 4)), (1.5, -4.0));
+//! ```
 
 use super::minifloat::Minifloat;
 
 const E2M1: Minifloat = Minifloat { exp_bits: 2, man_bits: 1, bias: 1 };
+/// Largest e2m1 magnitude, the divisor of NVFP4 block scales (see the module example).
 pub const E2M1_MAX: f32 = 6.0;
 const E2M1_MAX_CODE: u32 = 7;
 
 /// The value of the low nibble of `code` (the high bits are ignored).
+///
+/// ```
+/// use small4::quant::e2m1_to_f32;
+///
+/// assert_eq!(e2m1_to_f32(0x5), 3.0);
+/// assert_eq!(e2m1_to_f32(0xd), -3.0);
+/// assert_eq!(e2m1_to_f32(0xa5), 3.0); // only the low nibble counts
+/// ```
 pub fn e2m1_to_f32(code: u8) -> f32 {
     let value = E2M1.decode_magnitude(code as u32 & 7) as f32;
     if code & 8 != 0 {
@@ -20,6 +49,14 @@ pub fn e2m1_to_f32(code: u8) -> f32 {
 
 /// Round to nearest even, saturating to ±6 (infinities included). e2m1 has no NaN: NaN encodes as +0 (code 0), the
 /// choice that keeps a corrupted weight from contributing anything rather than a full-scale ±6.
+///
+/// ```
+/// use small4::quant::f32_to_e2m1;
+///
+/// assert_eq!(f32_to_e2m1(0.75), 2); // tie between 0.5 (code 1) and 1 (code 2): the even code
+/// assert_eq!(f32_to_e2m1(-f32::INFINITY), 15); // -6
+/// assert_eq!(f32_to_e2m1(-0.1), 8); // -0
+/// ```
 pub fn f32_to_e2m1(x: f32) -> u8 {
     if x.is_nan() {
         return 0;
@@ -30,6 +67,12 @@ pub fn f32_to_e2m1(x: f32) -> u8 {
 }
 
 /// Two e2m1 codes in one byte: `even` in the low nibble, `odd` in the high one.
+///
+/// ```
+/// use small4::quant::pack_e2m1_pair;
+///
+/// assert_eq!(pack_e2m1_pair(0x3, 0xe), 0xe3);
+/// ```
 pub fn pack_e2m1_pair(even: u8, odd: u8) -> u8 {
     (even & 0xf) | (odd << 4)
 }

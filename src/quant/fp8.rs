@@ -3,6 +3,28 @@
 //! e4m3fn: bias 7, no infinities, 0x7f / 0xff are NaN, largest finite 448 (0x7e). Encoding rounds to nearest even and
 //! saturates like PTX `cvt.rn.satfinite.e4m3x2.f32`: anything beyond ±448 (infinities included) becomes ±448, NaN
 //! becomes 0x7f. e5m2: bias 15, IEEE-like: 0x7c is infinity, 0x7d..0x7f NaN, largest finite 57344 (0x7b).
+//!
+//! ```
+//! use small4::quant::fp8::{e4m3_to_f32, e5m2_to_f32, f32_to_e4m3, f32_to_e5m2, f32_to_e5m2_satfinite};
+//! use small4::quant::fp8::{E4M3_MAX, E4M3_NAN, E5M2_MAX, E5M2_NAN};
+//!
+//! // Representable values round-trip exactly; 1.0 is exponent 7 (the bias), mantissa 0.
+//! assert_eq!(f32_to_e4m3(1.0), 0x38);
+//! assert_eq!(e4m3_to_f32(f32_to_e4m3(-2.75)), -2.75);
+//! // e4m3 has 3 mantissa bits: 1.0625 is a tie between 1 and 1.125 and goes to the even code, 1.
+//! assert_eq!(e4m3_to_f32(f32_to_e4m3(1.0625)), 1.0);
+//! // e4m3 saturates; NaN has its own code.
+//! assert_eq!(e4m3_to_f32(f32_to_e4m3(1e6)), E4M3_MAX);
+//! assert_eq!(f32_to_e4m3(f32::NAN), E4M3_NAN);
+//! assert!(e4m3_to_f32(E4M3_NAN).is_nan());
+//!
+//! // e5m2 follows IEEE: overflow is infinity, unless asked to saturate as the PTX `satfinite` conversion does.
+//! assert_eq!(e5m2_to_f32(f32_to_e5m2(1e6)), f32::INFINITY);
+//! assert_eq!(e5m2_to_f32(f32_to_e5m2_satfinite(1e6)), E5M2_MAX);
+//! assert_eq!(e5m2_to_f32(f32_to_e5m2(-0.375)), -0.375);
+//! assert!(e5m2_to_f32(f32_to_e5m2(f32::NAN)).is_nan());
+//! assert_eq!(f32_to_e5m2(f32::NAN), E5M2_NAN);
+//! ```
 
 use super::minifloat::Minifloat;
 
@@ -10,10 +32,21 @@ const E4M3: Minifloat = Minifloat { exp_bits: 4, man_bits: 3, bias: 7 };
 const E5M2: Minifloat = Minifloat { exp_bits: 5, man_bits: 2, bias: 15 };
 
 /// Largest finite e4m3 value, the divisor of per-tensor and per-block FP8 scales.
+///
+/// ```
+/// use small4::quant::{Fp8PerTensor, E4M3_MAX};
+///
+/// // The per-tensor scale maps the largest |weight| onto E4M3_MAX.
+/// let m = Fp8PerTensor::quantize(&[0.5, -2.0, 1.0, 0.0], 2, 2)?;
+/// assert_eq!(m.scale, 2.0 / E4M3_MAX);
+/// # Ok::<(), small4::Error>(())
+/// ```
 pub const E4M3_MAX: f32 = 448.0;
+/// Largest finite e5m2 value (code 0x7b); see the module example.
 pub const E5M2_MAX: f32 = 57344.0;
 /// The canonical NaN codes the encoders produce (positive sign).
 pub const E4M3_NAN: u8 = 0x7f;
+/// The canonical e5m2 NaN code (see [`E4M3_NAN`]).
 pub const E5M2_NAN: u8 = 0x7f;
 const E4M3_MAX_CODE: u32 = 0x7e;
 const E5M2_MAX_CODE: u32 = 0x7b;
@@ -27,6 +60,16 @@ fn sign_of(x: f32, format: Minifloat) -> u32 {
     }
 }
 
+/// The value of an e4m3fn code: 0x7f and 0xff are NaN, everything else finite (±448 at most).
+///
+/// ```
+/// use small4::quant::fp8::e4m3_to_f32;
+///
+/// assert_eq!(e4m3_to_f32(0x7e), 448.0);
+/// assert_eq!(e4m3_to_f32(0x01), 2f32.powi(-9)); // the smallest subnormal
+/// assert_eq!(e4m3_to_f32(0xb8), -1.0);
+/// assert!(e4m3_to_f32(0xff).is_nan());
+/// ```
 pub fn e4m3_to_f32(code: u8) -> f32 {
     let magnitude = code as u32 & E4M3.magnitude_mask();
     if magnitude == 0x7f {
@@ -41,6 +84,15 @@ pub fn e4m3_to_f32(code: u8) -> f32 {
 }
 
 /// Round to nearest even, saturating to ±448; NaN -> 0x7f; -0.0 and negative values that round to zero -> 0x80.
+///
+/// ```
+/// use small4::quant::fp8::f32_to_e4m3;
+///
+/// assert_eq!(f32_to_e4m3(448.0), 0x7e);
+/// assert_eq!(f32_to_e4m3(f32::NEG_INFINITY), 0xfe); // saturates to -448
+/// assert_eq!(f32_to_e4m3(432.0), 0x7e); // midpoint of 416 (0x7d) and 448 (0x7e): the even code
+/// assert_eq!(f32_to_e4m3(-1e-9), 0x80); // underflow keeps its sign
+/// ```
 pub fn f32_to_e4m3(x: f32) -> u8 {
     if x.is_nan() {
         return E4M3_NAN;
@@ -49,6 +101,16 @@ pub fn f32_to_e4m3(x: f32) -> u8 {
     (sign_of(x, E4M3) | magnitude) as u8
 }
 
+/// The value of an e5m2 code: 0x7c / 0xfc are ±infinity, 0x7d..=0x7f (either sign) NaN.
+///
+/// ```
+/// use small4::quant::fp8::e5m2_to_f32;
+///
+/// assert_eq!(e5m2_to_f32(0x3c), 1.0);
+/// assert_eq!(e5m2_to_f32(0x7b), 57344.0);
+/// assert_eq!(e5m2_to_f32(0xfc), f32::NEG_INFINITY);
+/// assert!(e5m2_to_f32(0x7d).is_nan());
+/// ```
 pub fn e5m2_to_f32(code: u8) -> f32 {
     let magnitude = code as u32 & E5M2.magnitude_mask();
     let value = match magnitude {
@@ -65,6 +127,14 @@ pub fn e5m2_to_f32(code: u8) -> f32 {
 
 /// IEEE behaviour: round to nearest even, overflow (from 61440 up, the midpoint past 57344) and infinities -> ±inf,
 /// NaN -> 0x7f.
+///
+/// ```
+/// use small4::quant::fp8::f32_to_e5m2;
+///
+/// assert_eq!(f32_to_e5m2(61439.0), 0x7b); // below the midpoint past 57344: the largest finite code
+/// assert_eq!(f32_to_e5m2(61440.0), 0x7c); // at it: infinity
+/// assert_eq!(f32_to_e5m2(-1.0), 0xbc);
+/// ```
 pub fn f32_to_e5m2(x: f32) -> u8 {
     if x.is_nan() {
         return E5M2_NAN;
@@ -74,6 +144,14 @@ pub fn f32_to_e5m2(x: f32) -> u8 {
 }
 
 /// Like PTX `cvt.rn.satfinite.e5m2x2.f32`: overflow and infinities saturate to ±57344, NaN -> 0x7f.
+///
+/// ```
+/// use small4::quant::fp8::f32_to_e5m2_satfinite;
+///
+/// assert_eq!(f32_to_e5m2_satfinite(f32::INFINITY), 0x7b);
+/// assert_eq!(f32_to_e5m2_satfinite(-1e9), 0xfb);
+/// assert_eq!(f32_to_e5m2_satfinite(1.0), 0x3c); // in range it agrees with f32_to_e5m2
+/// ```
 pub fn f32_to_e5m2_satfinite(x: f32) -> u8 {
     if x.is_nan() {
         return E5M2_NAN;

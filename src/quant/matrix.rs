@@ -7,6 +7,29 @@
 //! - `Int4Grouped`:  `(q - z) * f32(scale)` with z = 8 (symmetric) or the group's zero point (exact in f32)
 //! - `Nvfp4`:        `e2m1(q) * (e4m3(block_scale) / global_scale)`: the block's effective scale is one f32 division,
 //!   then one f32 multiplication per element (what a kernel does once per 16 elements, then per element).
+//!
+//! Each type can be made two ways: `quantize` from f32 weights (what the synthetic checkpoints and the tests do) or
+//! `from_parts` from the arrays a checkpoint stores, with every length and scale checked. A checkpoint's arrays
+//! give back exactly the matrix they came from:
+//!
+//! ```
+//! use small4::quant::{Int4Grouped, QuantizedMatrix, WeightFormat};
+//!
+//! let (rows, cols) = (2, 64);
+//! let weights: Vec<f32> = (0..rows * cols).map(|i| (i as f32 - 64.0) / 32.0).collect();
+//! let q = Int4Grouped::quantize_with(&weights, rows, cols, 32, true)?;
+//!
+//! // What a checkpoint stores: packed nibbles, one bf16 scale and one zero point per group of 32.
+//! assert_eq!((q.packed.len(), q.scales.len()), (rows * cols / 2, rows * cols / 32));
+//! let stored = Int4Grouped::from_parts(q.packed.clone(), rows, cols, 32, q.scales.clone(), q.zeros.clone())?;
+//! assert_eq!(stored, q);
+//!
+//! // The enum wraps any format for code that does not care which.
+//! let any = QuantizedMatrix::Int4(stored);
+//! assert_eq!(any.format(), WeightFormat::Int4 { group: 32, zero_point: true });
+//! assert_eq!(any.dequantize(), q.dequantize());
+//! # Ok::<(), small4::Error>(())
+//! ```
 
 use half::bf16;
 use rayon::prelude::*;
@@ -54,6 +77,24 @@ fn check_scale(what: &str, scale: f32) -> Result<()> {
 }
 
 /// FP8 e4m3 with one f32 scale: `W = e4m3(data) * scale` (the published checkpoint's `qscale_weight`).
+///
+/// ```
+/// use small4::quant::{f32_to_e4m3, Fp8PerTensor};
+///
+/// // From f32 weights: scale = amax / 448, so the largest weight lands on the largest code.
+/// let m = Fp8PerTensor::quantize(&[4.48, -1.12, 0.0, 2.24], 2, 2)?;
+/// assert_eq!(m.data[0], f32_to_e4m3(448.0));
+/// let back = m.dequantize();
+/// assert!((back[0] - 4.48).abs() < 1e-6 && (back[1] + 1.12).abs() < 1e-6 && back[2] == 0.0);
+///
+/// // From a checkpoint's arrays: codes and the `qscale_weight` scalar.
+/// let stored = Fp8PerTensor::from_parts(vec![f32_to_e4m3(1.0), f32_to_e4m3(-0.5)], 1, 2, 0.25)?;
+/// assert_eq!(stored.dequantize(), [0.25, -0.125]);
+/// // A scale must be finite and positive, and the data must fill the shape.
+/// assert!(Fp8PerTensor::from_parts(vec![0; 2], 1, 2, 0.0).is_err());
+/// assert!(Fp8PerTensor::from_parts(vec![0; 3], 1, 2, 1.0).is_err());
+/// # Ok::<(), small4::Error>(())
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct Fp8PerTensor {
     pub data: Vec<u8>,
@@ -85,6 +126,28 @@ impl Fp8PerTensor {
 
 /// FP8 e4m3 with an f32 scale per 128x128 block (DeepSeek style): `W[r, c] = e4m3(data[r, c]) * scales[r/128, c/128]`,
 /// `scales` row-major `[ceil(rows/128), ceil(cols/128)]`.
+///
+/// ```
+/// use small4::quant::{Fp8Block128, E4M3_MAX};
+///
+/// // [2, 130]: two block columns, the second only 2 wide; its weights are 100 times smaller.
+/// let (rows, cols) = (2, 130);
+/// let weights: Vec<f32> = (0..rows * cols).map(|i| if i % cols < 128 { 1.0 } else { 0.01 }).collect();
+/// let m = Fp8Block128::quantize(&weights, rows, cols)?;
+/// assert_eq!(Fp8Block128::scale_cols(cols), 2);
+/// assert_eq!(m.scales, [1.0 / E4M3_MAX, 0.01 / E4M3_MAX]);
+/// // The scale of any element is its block's.
+/// assert_eq!(m.scale(1, 129), 0.01 / E4M3_MAX);
+/// // Each block is scaled on its own, so the small weights keep their precision.
+/// let back = m.dequantize();
+/// assert!((back[129] - 0.01).abs() < 1e-6);
+///
+/// // From a checkpoint: codes and one scale per block (here one block).
+/// let stored = Fp8Block128::from_parts(m.data[..128].to_vec(), 1, 128, vec![0.5])?;
+/// assert_eq!(stored.dequantize()[0], E4M3_MAX * 0.5);
+/// assert!(Fp8Block128::from_parts(vec![0; 128], 1, 128, vec![0.5, 0.5]).is_err()); // too many scales
+/// # Ok::<(), small4::Error>(())
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct Fp8Block128 {
     pub data: Vec<u8>,
@@ -150,6 +213,34 @@ impl Fp8Block128 {
 /// INT4 group-wise along K (GPTQ / AWQ style). `packed` is `[rows, cols/2]` with the LOW nibble holding the even
 /// column; `scales` is `[rows, cols/group]`; `zeros` (when present) one unpacked u8 in 0..=15 per group, same shape.
 /// Symmetric: `W = (q - 8) * scale`; with zero points: `W = (q - z) * scale`.
+///
+/// ```
+/// use half::bf16;
+/// use small4::quant::matrix::INT4_SYMMETRIC_ZERO;
+/// use small4::quant::{Int4Grouped, WeightFormat};
+///
+/// // Symmetric, group 128: the scale is amax / 7, so -7..=7 times the scale are exact.
+/// let weights: Vec<f32> = (0..128).map(|i| (i % 15) as f32 - 7.0).collect();
+/// let m = Int4Grouped::quantize(&weights, 1, 128)?;
+/// assert_eq!(m.format(), WeightFormat::INT4_G128);
+/// assert_eq!(m.scales, [bf16::from_f32(1.0)]);
+/// assert_eq!(m.code(0), INT4_SYMMETRIC_ZERO - 7); // -7
+/// assert_eq!(m.code(7), INT4_SYMMETRIC_ZERO); // 0
+/// assert_eq!(m.dequantize(), weights);
+///
+/// // With zero points the range need not be centred: 0..=15 in steps of 1 is exact with zero point 0.
+/// let ramp: Vec<f32> = (0..16).map(|i| i as f32).collect();
+/// let m = Int4Grouped::quantize_with(&ramp, 1, 16, 16, true)?;
+/// assert_eq!(m.zeros.as_deref(), Some(&[0u8][..]));
+/// assert_eq!(m.dequantize(), ramp);
+///
+/// // From a checkpoint's arrays: codes 9 and 6 (low nibble first) around the zero 8, scale 0.5.
+/// let stored = Int4Grouped::from_parts(vec![0x69], 1, 2, 2, vec![bf16::from_f32(0.5)], None)?;
+/// assert_eq!(stored.dequantize(), [0.5, -1.0]);
+/// // Zero points are nibbles.
+/// assert!(Int4Grouped::from_parts(vec![0x69], 1, 2, 2, vec![bf16::ONE], Some(vec![16])).is_err());
+/// # Ok::<(), small4::Error>(())
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct Int4Grouped {
     pub packed: Vec<u8>,
@@ -160,7 +251,7 @@ pub struct Int4Grouped {
     pub zeros: Option<Vec<u8>>,
 }
 
-/// The implicit zero of symmetric INT4: codes 0..=15 stand for -8..=7.
+/// The implicit zero of symmetric INT4: codes 0..=15 stand for -8..=7 (see [`Int4Grouped`]'s example).
 pub const INT4_SYMMETRIC_ZERO: u8 = 8;
 
 impl Int4Grouped {
@@ -237,6 +328,24 @@ impl Int4Grouped {
 /// NVFP4 exactly as the checkpoint stores it: `packed` e2m1 `[rows, cols/2]` (low nibble = even column), `scales`
 /// e4m3 bytes `[rows, cols/16]` (`weight_scale`), `global_scale` f32 (`weight_global_scale`) used as a DIVISOR:
 /// `W = e2m1 * (e4m3(scale) / global_scale)`.
+///
+/// ```
+/// use small4::quant::{f32_to_e4m3, Nvfp4};
+///
+/// // 6 is the largest e2m1 value: a block of 6s gets the effective scale 1 and dequantises exactly.
+/// let weights = vec![6.0f32; 32];
+/// let m = Nvfp4::quantize(&weights, 1, 32)?;
+/// assert_eq!(m.global_scale, 448.0); // 448 * 6 / amax
+/// assert_eq!(m.effective_scale(0), 1.0);
+/// assert_eq!(m.dequantize(), weights);
+///
+/// // From a checkpoint's arrays: e2m1 codes 2 (= 1.0) and 5 (= 3.0), block scale e4m3(8), global scale 4.
+/// let stored = Nvfp4::from_parts(vec![0x52; 8], 1, 16, vec![f32_to_e4m3(8.0)], 4.0)?;
+/// assert_eq!(stored.effective_scale(0), 2.0);
+/// assert_eq!(&stored.dequantize()[..2], &[2.0, 6.0]);
+/// assert!(Nvfp4::from_parts(vec![0x52; 8], 1, 16, vec![0x38], 0.0).is_err()); // the divisor must be > 0
+/// # Ok::<(), small4::Error>(())
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct Nvfp4 {
     pub packed: Vec<u8>,
@@ -297,6 +406,21 @@ impl Nvfp4 {
 }
 
 /// A weight matrix in any of the formats.
+///
+/// ```
+/// use small4::quant::{QuantizedMatrix, WeightFormat};
+///
+/// // 0.875 / 448 = 2^-9 is exact, so these weights come back exactly.
+/// let weights = vec![0.875f32; 4 * 64];
+/// let m = QuantizedMatrix::quantize(WeightFormat::Fp8Block128, &weights, 4, 64)?;
+/// assert!(matches!(m, QuantizedMatrix::Fp8Block128(_)));
+/// assert_eq!((m.format(), m.shape()), (WeightFormat::Fp8Block128, (4, 64)));
+/// assert_eq!(m.bytes(), 4 * 64 + 4); // e4m3 codes and one f32 block scale
+/// assert_eq!(m.dequantize(), weights);
+/// // Non-finite weights cannot be quantised.
+/// assert!(QuantizedMatrix::quantize(WeightFormat::Bf16, &[f32::NAN], 1, 1).is_err());
+/// # Ok::<(), small4::Error>(())
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub enum QuantizedMatrix {
     Bf16 { data: Vec<bf16>, rows: usize, cols: usize },

@@ -4,6 +4,39 @@
 //! Each quantised matrix type (`matrix.rs`) holds exactly the arrays a checkpoint (or the kernels) store, and its
 //! `dequantize()` is THE definition of the format's value: the CUDA dequantisation kernels are tested bit-exact
 //! against it (after rounding to bf16).
+//!
+//! # A tour
+//!
+//! Quantise one small matrix into every format the kernels run, check that the arrays take exactly the bytes the
+//! memory planner reserves for the format, and that dequantising gives the weights back within the format's
+//! precision:
+//!
+//! ```
+//! use small4::quant::{QuantizedMatrix, WeightFormat};
+//!
+//! // [rows = 2, cols = 128]: 128 columns is one INT4 group and eight NVFP4 blocks.
+//! let (rows, cols) = (2, 128);
+//! let weights: Vec<f32> = (0..rows * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0).collect();
+//!
+//! for format in WeightFormat::ALL {
+//!     let matrix = QuantizedMatrix::quantize(format, &weights, rows, cols)?;
+//!     assert_eq!(matrix.format(), format);
+//!     assert_eq!(matrix.shape(), (rows, cols));
+//!     assert_eq!(matrix.bytes(), format.matrix_bytes(rows, cols)?);
+//!
+//!     // The worst error is half a step of the format at the largest weight (amax = 50/64): 3 mantissa bits
+//!     // (e4m3) give amax/16; e2m1's top step (4 to 6, in units of amax/6) gives amax/6, INT4's amax/14.
+//!     let back = matrix.dequantize();
+//!     let worst = weights.iter().zip(&back).map(|(w, b)| (w - b).abs()).fold(0.0f32, f32::max);
+//!     let amax = 50.0 / 64.0;
+//!     let bound = if format.bits_per_weight() < 8.0 { amax / 6.0 } else { amax / 16.0 };
+//!     assert!(worst < bound, "{format}: error {worst}");
+//!
+//!     // Every format has a canonical name that parses back.
+//!     assert_eq!(format.to_string().parse::<WeightFormat>()?, format);
+//! }
+//! # Ok::<(), small4::Error>(())
+//! ```
 
 mod minifloat;
 
@@ -24,10 +57,37 @@ pub use fp8::{e4m3_to_f32, e5m2_to_f32, f32_to_e4m3, f32_to_e5m2, f32_to_e5m2_sa
 pub use matrix::{Fp8Block128, Fp8PerTensor, Int4Grouped, Nvfp4, QuantizedMatrix};
 
 /// Edge of the square FP8 scale blocks (DeepSeek / DeepGEMM layout).
+///
+/// ```
+/// use small4::quant::{Fp8Block128, FP8_BLOCK};
+///
+/// // One scale per FP8_BLOCK x FP8_BLOCK block: a 300-column matrix has 3 block columns (the last one ragged).
+/// assert_eq!(Fp8Block128::scale_cols(300), 300usize.div_ceil(FP8_BLOCK));
+/// assert_eq!(Fp8Block128::scale_cols(FP8_BLOCK), 1);
+/// ```
 pub const FP8_BLOCK: usize = 128;
 /// Default INT4 group along K (GPTQ / AWQ).
+///
+/// ```
+/// use small4::quant::{WeightFormat, INT4_DEFAULT_GROUP};
+///
+/// // Plain "int4" means this group, symmetric.
+/// assert_eq!("int4".parse::<WeightFormat>()?, WeightFormat::Int4 { group: INT4_DEFAULT_GROUP, zero_point: false });
+/// # Ok::<(), small4::Error>(())
+/// ```
 pub const INT4_DEFAULT_GROUP: usize = 128;
 /// NVFP4 elements per e4m3 block scale, along K.
+///
+/// ```
+/// use small4::quant::{Nvfp4, NVFP4_BLOCK};
+///
+/// let weights = vec![0.5f32; 4 * 32];
+/// let m = Nvfp4::quantize(&weights, 4, 32)?;
+/// // Two nibbles a byte, one e4m3 scale byte per block of NVFP4_BLOCK.
+/// assert_eq!(m.packed.len(), 4 * 32 / 2);
+/// assert_eq!(m.scales.len(), 4 * 32 / NVFP4_BLOCK);
+/// # Ok::<(), small4::Error>(())
+/// ```
 pub const NVFP4_BLOCK: usize = 16;
 
 /// How a weight matrix is stored.
@@ -47,9 +107,23 @@ pub enum WeightFormat {
 
 impl WeightFormat {
     /// The common INT4 layout: group 128, symmetric.
+    ///
+    /// ```
+    /// use small4::quant::WeightFormat;
+    ///
+    /// assert_eq!(WeightFormat::INT4_G128.to_string(), "int4-g128");
+    /// assert_eq!(WeightFormat::INT4_G128.bits_per_weight(), 4.0 + 16.0 / 128.0);
+    /// ```
     pub const INT4_G128: WeightFormat = WeightFormat::Int4 { group: INT4_DEFAULT_GROUP, zero_point: false };
 
     /// Every format the kernels run, INT4 as group 128 symmetric and with zero points.
+    ///
+    /// ```
+    /// use small4::quant::WeightFormat;
+    ///
+    /// let names: Vec<String> = WeightFormat::ALL.iter().map(|f| f.to_string()).collect();
+    /// assert_eq!(names, ["bf16", "fp8", "fp8-block128", "int4-g128", "int4-g128-zp", "nvfp4"]);
+    /// ```
     pub const ALL: [WeightFormat; 6] = [
         WeightFormat::Bf16,
         WeightFormat::Fp8PerTensor,
@@ -60,6 +134,18 @@ impl WeightFormat {
     ];
 
     /// Checks that a `[rows, cols]` matrix can be stored in this format.
+    ///
+    /// ```
+    /// use small4::quant::WeightFormat;
+    /// use small4::Error;
+    ///
+    /// assert!(WeightFormat::INT4_G128.check_shape(4, 256).is_ok());
+    /// // INT4 columns come in whole groups, NVFP4 columns in whole 16-blocks.
+    /// assert!(matches!(WeightFormat::INT4_G128.check_shape(4, 100), Err(Error::Shape { .. })));
+    /// assert!(matches!(WeightFormat::Nvfp4.check_shape(4, 24), Err(Error::Shape { .. })));
+    /// // bf16 and FP8 take any shape, ragged FP8 blocks included.
+    /// assert!(WeightFormat::Fp8Block128.check_shape(129, 130).is_ok());
+    /// ```
     pub fn check_shape(&self, rows: usize, cols: usize) -> Result<()> {
         match *self {
             WeightFormat::Int4 { group, .. } => {
@@ -79,6 +165,21 @@ impl WeightFormat {
 
     /// Exact bytes of a `[rows, cols]` matrix in this format, scales and zero points included (what the memory
     /// planner reserves). Activation scales (`qscale_act`, `input_global_scale`) are not part of the weight.
+    ///
+    /// ```
+    /// use small4::quant::WeightFormat;
+    ///
+    /// // One expert's w1 of Small 4: [2048, 4096].
+    /// let (n, k) = (2048, 4096);
+    /// assert_eq!(WeightFormat::Bf16.matrix_bytes(n, k)?, 2 * n * k);
+    /// assert_eq!(WeightFormat::Fp8PerTensor.matrix_bytes(n, k)?, n * k + 4); // + one f32 scale
+    /// assert_eq!(WeightFormat::Fp8Block128.matrix_bytes(n, k)?, n * k + 4 * (n / 128) * (k / 128));
+    /// assert_eq!(WeightFormat::INT4_G128.matrix_bytes(n, k)?, n * k / 2 + 2 * n * (k / 128)); // + bf16 scales
+    /// assert_eq!(WeightFormat::Nvfp4.matrix_bytes(n, k)?, n * k / 2 + n * k / 16 + 4);
+    /// // A shape the format cannot hold is an error, not a guess.
+    /// assert!(WeightFormat::Nvfp4.matrix_bytes(n, 24).is_err());
+    /// # Ok::<(), small4::Error>(())
+    /// ```
     pub fn matrix_bytes(&self, rows: usize, cols: usize) -> Result<usize> {
         self.check_shape(rows, cols)?;
         let elements = rows * cols;
@@ -95,6 +196,15 @@ impl WeightFormat {
     }
 
     /// Average storage per weight in bits for a large matrix (scales amortised; per-tensor scalars ignored).
+    ///
+    /// ```
+    /// use small4::quant::WeightFormat;
+    ///
+    /// assert_eq!(WeightFormat::Bf16.bits_per_weight(), 16.0);
+    /// assert_eq!(WeightFormat::Nvfp4.bits_per_weight(), 4.5); // an 8-bit scale per 16 elements
+    /// let zp = WeightFormat::Int4 { group: 128, zero_point: true };
+    /// assert_eq!(zp.bits_per_weight(), 4.0 + 24.0 / 128.0); // bf16 scale + u8 zero per group
+    /// ```
     pub fn bits_per_weight(&self) -> f64 {
         match *self {
             WeightFormat::Bf16 => 16.0,
@@ -162,10 +272,19 @@ fn parse_int4(name: &str) -> Option<WeightFormat> {
 }
 
 /// f32 -> bf16, round to nearest even (what every kernel's output rounding does).
+///
+/// ```
+/// use small4::quant::{bf16_to_f32, to_bf16};
+///
+/// // bf16 keeps 8 significant bits: 1 + 2^-8 is a tie between 1 and 1 + 2^-7 and goes to the even one, 1.
+/// let rounded = to_bf16(&[1.5, 1.0 + 1.0 / 256.0, -3.0]);
+/// assert_eq!(bf16_to_f32(&rounded), [1.5, 1.0, -3.0]);
+/// ```
 pub fn to_bf16(values: &[f32]) -> Vec<bf16> {
     values.iter().map(|&v| bf16::from_f32(v)).collect()
 }
 
+/// bf16 -> f32, exact (every bf16 is an f32). See [`to_bf16`] for an example.
 pub fn bf16_to_f32(values: &[bf16]) -> Vec<f32> {
     values.iter().map(|v| v.to_f32()).collect()
 }

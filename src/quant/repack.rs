@@ -11,6 +11,40 @@
 //! For the fused up-projection the rows of w1 (gate) and w3 (up) are interleaved in groups of 8: tile i holds gate
 //! rows 8i..8i+8 then up rows 8i..8i+8, so the lane that accumulates `gate[h]` also holds `up[h]` (SwiGLU in registers).
 //! Rows are padded with zero weights (and zero scales) to a multiple of [`ROW_ALIGN`].
+//!
+//! # Example
+//!
+//! Two bf16 experts of `[16, 64]` whose element `(r, c)` has the bit pattern `r * 64 + c`, so that the packed bytes
+//! show where each element went:
+//!
+//! ```
+//! use half::bf16;
+//! use small4::quant::repack::{repack_linear, tile_bytes, MatrixRef, QuantData, K_ALIGN, ROW_ALIGN};
+//! use small4::quant::WeightFormat;
+//!
+//! let (rows, cols) = (16, 64);
+//! let w: Vec<bf16> = (0..rows * cols).map(|i| bf16::from_bits(i as u16)).collect();
+//! let expert = MatrixRef { rows, cols, data: QuantData::Bf16(&w) };
+//! let packed = repack_linear(&[expert, expert])?;
+//!
+//! // Rows padded to ROW_ALIGN: 8 tiles of 16 rows, one k block of K_ALIGN, per expert.
+//! assert_eq!((packed.experts, packed.out_cols, packed.rows_padded, packed.k_dim), (2, 16, ROW_ALIGN, 64));
+//! let tiles = ROW_ALIGN / 16;
+//! assert_eq!(packed.expert_stride, tiles * (cols / K_ALIGN) * tile_bytes(WeightFormat::Bf16));
+//! assert_eq!(packed.data.len(), 2 * packed.expert_stride);
+//! assert_eq!(packed.bytes_per_expert(), packed.expert_stride); // bf16 has no scales
+//!
+//! // Lane 0's first 16-byte chunk: its mma A fragment of k-step 0, elements (0,0) (0,1) (8,0) (8,1) (0,8) (0,9)
+//! // (8,8) (8,9); lane 1's chunk follows with the columns 2 and 3 (+8).
+//! let element = |at: usize| u16::from_le_bytes([packed.data[2 * at], packed.data[2 * at + 1]]);
+//! let code = |r: u16, c: u16| r * 64 + c;
+//! let lane0: Vec<u16> = (0..8).map(element).collect();
+//! assert_eq!(lane0, [code(0, 0), code(0, 1), code(8, 0), code(8, 1), code(0, 8), code(0, 9), code(8, 8), code(8, 9)]);
+//! assert_eq!(element(8), code(0, 2));
+//! // The padding rows are zero.
+//! assert!(packed.data[tile_bytes(WeightFormat::Bf16)..packed.expert_stride].iter().all(|&b| b == 0));
+//! # Ok::<(), small4::Error>(())
+//! ```
 
 use half::bf16;
 
@@ -19,11 +53,29 @@ use super::WeightFormat;
 use crate::error::{Error, Result};
 
 /// Weight rows are padded to a multiple of the largest block tile of the kernels (4 warps x 2 tiles x 16 rows).
+/// See the module example.
 pub const ROW_ALIGN: usize = 128;
 /// The reduction dimension must be a multiple of the kernels' k stage.
+///
+/// ```
+/// use half::bf16;
+/// use small4::quant::repack::{MatrixRef, QuantData, K_ALIGN};
+///
+/// let w = vec![bf16::ZERO; 2 * K_ALIGN];
+/// assert!(MatrixRef { rows: 1, cols: 2 * K_ALIGN, data: QuantData::Bf16(&w) }.validate("w").is_ok());
+/// assert!(MatrixRef { rows: 2, cols: K_ALIGN / 2, data: QuantData::Bf16(&w[..K_ALIGN]) }.validate("w").is_err());
+/// ```
 pub const K_ALIGN: usize = 64;
 
 /// Bits per weight element in the packed layout (scales excluded).
+///
+/// ```
+/// use small4::quant::repack::packed_bits;
+/// use small4::quant::WeightFormat;
+///
+/// let bits: Vec<usize> = WeightFormat::ALL.iter().map(|&f| packed_bits(f)).collect();
+/// assert_eq!(bits, [16, 8, 8, 4, 4, 4]);
+/// ```
 pub fn packed_bits(format: WeightFormat) -> usize {
     match format {
         WeightFormat::Bf16 => 16,
@@ -33,11 +85,41 @@ pub fn packed_bits(format: WeightFormat) -> usize {
 }
 
 /// Bytes of one 16-row x 64-k tile of the packed layout.
+///
+/// ```
+/// use small4::quant::repack::tile_bytes;
+/// use small4::quant::WeightFormat;
+///
+/// // 32 lanes x 16-byte chunks: 4 chunks a lane for bf16, 2 for fp8, 1 for the 4-bit formats.
+/// assert_eq!(tile_bytes(WeightFormat::Bf16), 4 * 32 * 16);
+/// assert_eq!(tile_bytes(WeightFormat::Fp8Block128), 2 * 32 * 16);
+/// assert_eq!(tile_bytes(WeightFormat::Nvfp4), 32 * 16);
+/// ```
 pub fn tile_bytes(format: WeightFormat) -> usize {
     16 * K_ALIGN * packed_bits(format) / 8
 }
 
 /// One checkpoint matrix [rows, cols] row-major in one of the formats, borrowed.
+///
+/// Made by hand from a checkpoint's arrays, or borrowed from a [`QuantizedMatrix`]:
+///
+/// ```
+/// use small4::quant::repack::{MatrixRef, QuantData};
+/// use small4::quant::{QuantizedMatrix, WeightFormat};
+///
+/// let q = QuantizedMatrix::quantize(WeightFormat::Nvfp4, &vec![1.0f32; 2 * 64], 2, 64)?;
+/// let m = MatrixRef::from(&q);
+/// assert_eq!((m.rows, m.cols), (2, 64));
+/// assert!(matches!(m.data, QuantData::Nvfp4 { .. }));
+/// assert_eq!(m.data.format(), WeightFormat::Nvfp4);
+/// m.validate("w1")?;
+///
+/// // validate checks every array against the shape: here one scale byte is missing.
+/// let QuantData::Nvfp4 { packed, scales, global_scale } = m.data else { unreachable!() };
+/// let short = MatrixRef { data: QuantData::Nvfp4 { packed, scales: &scales[1..], global_scale }, ..m };
+/// assert!(short.validate("w1").is_err());
+/// # Ok::<(), small4::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug)]
 pub struct MatrixRef<'a> {
     pub rows: usize,
@@ -59,6 +141,7 @@ pub enum QuantData<'a> {
 }
 
 impl QuantData<'_> {
+    /// The format of this storage (see [`MatrixRef`]'s example).
     pub fn format(&self) -> WeightFormat {
         match self {
             Self::Bf16(_) => WeightFormat::Bf16,
@@ -85,7 +168,8 @@ impl<'a> From<&'a QuantizedMatrix> for MatrixRef<'a> {
 }
 
 impl<'a> MatrixRef<'a> {
-    /// Checks every buffer length against the shape.
+    /// Checks every buffer length against the shape (and the repacker's own limits: columns a multiple of
+    /// [`K_ALIGN`], INT4 groups a multiple of it; see [`MatrixRef`]'s example). `what` names the matrix in errors.
     pub fn validate(&self, what: &str) -> Result<()> {
         let (r, c) = (self.rows, self.cols);
         let check = |name: &str, got: usize, want: usize| {
@@ -155,6 +239,25 @@ impl<'a> MatrixRef<'a> {
 }
 
 /// One expert's weights (or one dense matrix) in the kernel layout, all experts back to back.
+///
+/// Which scale array is present depends on the format:
+///
+/// ```
+/// use small4::quant::repack::{repack_linear, MatrixRef, PackedWeights, ROW_ALIGN};
+/// use small4::quant::{QuantizedMatrix, WeightFormat};
+///
+/// let q = QuantizedMatrix::quantize(WeightFormat::Fp8PerTensor, &vec![0.5f32; 8 * 64], 8, 64)?;
+/// let packed: PackedWeights = repack_linear(&[MatrixRef::from(&q)])?;
+/// assert_eq!((packed.format, packed.experts, packed.k_dim), (WeightFormat::Fp8PerTensor, 1, 64));
+/// // Per-tensor FP8: the scale is applied per output row in the epilogue, padding rows get 0.
+/// let row_scales = packed.row_scales.as_ref().unwrap();
+/// assert_eq!(row_scales.len(), ROW_ALIGN);
+/// assert!(row_scales[..8].iter().all(|&s| s == 0.5 / 448.0) && row_scales[8..].iter().all(|&s| s == 0.0));
+/// assert!(packed.block_scales.is_none() && packed.group_scales.is_none() && packed.fp4_scales.is_none());
+/// // What one expert costs to read: the codes (1 byte each, padded rows included) and its row scales.
+/// assert_eq!(packed.bytes_per_expert(), ROW_ALIGN * 64 + 4 * ROW_ALIGN);
+/// # Ok::<(), small4::Error>(())
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct PackedWeights {
     pub format: WeightFormat,
@@ -200,7 +303,20 @@ impl PackedWeights {
 type RowSource = Option<(usize, usize)>;
 
 /// Repacks a stack of plain linear layers `y = x W^T` (W [out, in]): the down projections, the shared expert's,
-/// or a single dense matrix (one "expert").
+/// or a single dense matrix (one "expert"). See the module example; every expert must have the first one's format
+/// and shape.
+///
+/// ```
+/// use half::bf16;
+/// use small4::quant::repack::{repack_linear, MatrixRef, QuantData};
+///
+/// let a = vec![bf16::ONE; 16 * 64];
+/// let b = vec![bf16::ONE; 32 * 64];
+/// let m = |rows, data| MatrixRef { rows, cols: 64, data: QuantData::Bf16(data) };
+/// assert!(repack_linear(&[m(16, &a)]).is_ok());
+/// assert!(repack_linear(&[m(16, &a), m(32, &b)]).is_err()); // shapes differ
+/// assert!(repack_linear(&[]).is_err());
+/// ```
 pub fn repack_linear(experts: &[MatrixRef]) -> Result<PackedWeights> {
     let first = experts.first().ok_or_else(|| Error::InvalidArgument("repack_linear: no matrices".into()))?;
     let rows = first.rows;
@@ -211,6 +327,23 @@ pub fn repack_linear(experts: &[MatrixRef]) -> Result<PackedWeights> {
 
 /// Repacks the gate (w1) and up (w3) projections of each expert into one fused matrix, rows interleaved in groups
 /// of 8 (see the module comment). `experts[e] = (w1, w3)`, each [hidden, dim].
+///
+/// ```
+/// use half::bf16;
+/// use small4::quant::repack::{repack_gate_up, MatrixRef, QuantData, ROW_ALIGN};
+///
+/// // hidden 8, dim 64: gate elements have the bit pattern 1, up elements 2.
+/// let (gate, up) = (vec![bf16::from_bits(1); 8 * 64], vec![bf16::from_bits(2); 8 * 64]);
+/// let m = |data| MatrixRef { rows: 8, cols: 64, data: QuantData::Bf16(data) };
+/// let packed = repack_gate_up(&[(m(&gate), m(&up))])?;
+/// assert!(packed.swiglu);
+/// assert_eq!((packed.out_cols, packed.rows_padded), (8, ROW_ALIGN));
+///
+/// // Tile 0 = gate rows 0..8 then up rows 0..8: lane 0's fragment holds rows 0 and 8, so gate[0] and up[0].
+/// let element = |at: usize| u16::from_le_bytes([packed.data[2 * at], packed.data[2 * at + 1]]);
+/// assert_eq!([element(0), element(1), element(2), element(3)], [1, 1, 2, 2]);
+/// # Ok::<(), small4::Error>(())
+/// ```
 pub fn repack_gate_up(experts: &[(MatrixRef, MatrixRef)]) -> Result<PackedWeights> {
     let (w1, _) = experts.first().ok_or_else(|| Error::InvalidArgument("repack_gate_up: no experts".into()))?;
     let hidden = w1.rows;
@@ -227,6 +360,25 @@ pub fn repack_gate_up(experts: &[(MatrixRef, MatrixRef)]) -> Result<PackedWeight
 }
 
 /// The HF stacked layout `gate_up_proj` [E, 2 * hidden (gate rows then up rows), dim]: the (w1, w3) views of expert e.
+///
+/// ```
+/// use half::bf16;
+/// use small4::quant::repack::{split_gate_up, MatrixRef, QuantData};
+///
+/// // 2 experts, hidden 8, dim 64: row r of the stack holds the bit pattern r.
+/// let stacked: Vec<bf16> = (0..32 * 64).map(|i| bf16::from_bits((i / 64) as u16)).collect();
+/// let stack = MatrixRef { rows: 32, cols: 64, data: QuantData::Bf16(&stacked) };
+/// let (w1, w3) = split_gate_up(stack, 2, 1)?;
+/// let first_row = |m: MatrixRef| match m.data {
+///     QuantData::Bf16(d) => d[0].to_bits(),
+///     _ => unreachable!(),
+/// };
+/// // Expert 1's gate is stack rows 16..24, its up rows 24..32.
+/// assert_eq!((w1.rows, first_row(w1)), (8, 16));
+/// assert_eq!((w3.rows, first_row(w3)), (8, 24));
+/// assert!(split_gate_up(stack, 2, 2).is_err()); // no expert 2
+/// # Ok::<(), small4::Error>(())
+/// ```
 pub fn split_gate_up<'a>(stacked: MatrixRef<'a>, experts: usize, e: usize) -> Result<(MatrixRef<'a>, MatrixRef<'a>)> {
     if experts == 0 || e >= experts || stacked.rows % (2 * experts) != 0 {
         return Err(Error::InvalidArgument(format!("split_gate_up: expert {e} of {experts}, {} stacked rows", stacked.rows)));
@@ -238,6 +390,19 @@ pub fn split_gate_up<'a>(stacked: MatrixRef<'a>, experts: usize, e: usize) -> Re
 }
 
 /// Rows [first, first + count) of a matrix, as a matrix (block-128 scales need 128-aligned slices).
+///
+/// ```
+/// use small4::quant::repack::{slice_rows, MatrixRef, QuantData};
+/// use small4::quant::{QuantizedMatrix, WeightFormat};
+///
+/// let weights: Vec<f32> = (0..4 * 64).map(|i| (i / 64) as f32).collect(); // row r holds r
+/// let q = QuantizedMatrix::quantize(WeightFormat::Int4 { group: 64, zero_point: false }, &weights, 4, 64)?;
+/// let rows = slice_rows(MatrixRef::from(&q), 2, 2)?;
+/// let QuantData::Int4 { packed, scales, .. } = rows.data else { unreachable!() };
+/// assert_eq!((rows.rows, packed.len(), scales.len()), (2, 2 * 32, 2)); // one group per row
+/// assert!(slice_rows(MatrixRef::from(&q), 3, 2).is_err()); // past the end
+/// # Ok::<(), small4::Error>(())
+/// ```
 pub fn slice_rows<'a>(m: MatrixRef<'a>, first: usize, count: usize) -> Result<MatrixRef<'a>> {
     if first + count > m.rows {
         return Err(Error::OutOfRange { what: "slice_rows end".into(), index: (first + count) as i64, limit: m.rows as i64 });

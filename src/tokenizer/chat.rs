@@ -4,6 +4,25 @@
 //!
 //! `<s>[SYSTEM_PROMPT]s[/SYSTEM_PROMPT][AVAILABLE_TOOLS]T[/AVAILABLE_TOOLS][MODEL_SETTINGS]{..}[/MODEL_SETTINGS]`
 //! `[INST]u[/INST][THINK]t[/THINK]a</s>[INST]u2[/INST]`
+//!
+//! # Example
+//!
+//! The worked example of section 8: one user message, the stand-in tokenizer's default reasoning effort.
+//!
+//! ```
+//! use small4::tokenizer::{ChatRequest, SpecialTokenPolicy, Tokenizer};
+//!
+//! let t = Tokenizer::stand_in()?;
+//! let request = ChatRequest::from_json(r#"{"model": "small4", "messages": [{"role": "user", "content": "Hi"}]}"#)?;
+//! let prompt = t.encode_chat(&request)?;
+//! assert_eq!(prompt.ids, [1, 36, 19227, 80277, 1302, 13196, 1609, 1449, 2811, 1429, 17670, 46005, 37, 3, 37133, 4]);
+//! assert!(prompt.images.is_empty());
+//! assert_eq!(
+//!     t.decode(&prompt.ids, SpecialTokenPolicy::Keep)?,
+//!     r#"<s>[MODEL_SETTINGS]{"reasoning_effort": "none"}[/MODEL_SETTINGS][INST]Hi[/INST]"#
+//! );
+//! # Ok::<(), small4::Error>(())
+//! ```
 
 use serde::{Deserialize, Serialize};
 use tekken::config::TokenizerVersion;
@@ -16,6 +35,58 @@ use super::{Tokenizer, TokenizerError};
 use crate::Result;
 
 /// A chat completion request. Fields other than these (`model`, `temperature`, ...) are accepted and ignored.
+///
+/// Built in code rather than parsed: a system prompt, an earlier turn with its reasoning, and a question about an
+/// image (the image's size comes from the caller here, so no file is needed).
+///
+/// ```
+/// use small4::tokenizer::chat::{Chunk, Content, ImageUrl, Message, PromptImage};
+/// use small4::tokenizer::{ChatRequest, EncodedPrompt, ImageSize, SpecialTokenPolicy, Tokenizer};
+///
+/// let t = Tokenizer::stand_in()?;
+/// let text = |s: &str| Content::Text(s.to_string());
+/// let request = ChatRequest {
+///     messages: vec![
+///         Message::System { content: text("Be brief.") },
+///         Message::User { content: text("Think hard.") },
+///         Message::Assistant {
+///             content: Some(Content::Chunks(vec![
+///                 Chunk::Thinking { thinking: "ok".into(), closed: true },
+///                 Chunk::Text { text: "Yes".into() },
+///             ])),
+///             tool_calls: None,
+///             prefix: false,
+///         },
+///         Message::User {
+///             content: Content::Chunks(vec![
+///                 Chunk::Text { text: "What is this?".into() },
+///                 Chunk::ImageUrl { image_url: ImageUrl::Object { url: "photo.png".into() } },
+///             ]),
+///         },
+///     ],
+///     tools: None,
+///     reasoning_effort: Some("high".into()),
+/// };
+/// let EncodedPrompt { ids, images } = t.encode_chat_with(&request, &mut |url| {
+///     assert_eq!(url, "photo.png");
+///     Ok(ImageSize { width: 56, height: 28 })
+/// })?;
+///
+/// // The image, moved before the text, is a 2 x 1 grid of [IMG] tokens closed by [IMG_END].
+/// let [PromptImage { url, size, ids: range }] = &images[..] else { panic!("one image") };
+/// assert_eq!((url.as_str(), *size), ("photo.png", ImageSize { width: 56, height: 28 }));
+/// assert_eq!(ids[range.clone()], [t.special_id("[IMG]")?, t.special_id("[IMG]")?, t.special_id("[IMG_END]")?]);
+/// assert_eq!(
+///     t.decode(&ids, SpecialTokenPolicy::Keep)?,
+///     concat!(
+///         "<s>[SYSTEM_PROMPT]Be brief.[/SYSTEM_PROMPT]",
+///         r#"[MODEL_SETTINGS]{"reasoning_effort": "high"}[/MODEL_SETTINGS]"#,
+///         "[INST]Think hard.[/INST][THINK]ok[/THINK]Yes</s>",
+///         "[INST][IMG][IMG][IMG_END]What is this?[/INST]",
+///     )
+/// );
+/// # Ok::<(), small4::Error>(())
+/// ```
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ChatRequest {
     pub messages: Vec<Message>,
@@ -26,6 +97,7 @@ pub struct ChatRequest {
     pub reasoning_effort: Option<String>,
 }
 
+/// One message of the conversation, tagged by its `role` in JSON (see [`ChatRequest`] for an example).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "role", rename_all = "lowercase")]
 pub enum Message {
@@ -54,6 +126,31 @@ pub enum Message {
 }
 
 /// A message's content: a string or a list of chunks.
+///
+/// ```
+/// use small4::tokenizer::chat::{Chunk, Content, ImageUrl, Message};
+/// use small4::tokenizer::ChatRequest;
+///
+/// // Both JSON shapes of content, and both shapes of image_url.
+/// let request = ChatRequest::from_json(
+///     r#"{"messages": [{"role": "user", "content": [
+///         {"type": "image_url", "image_url": "a.png"},
+///         {"type": "image_url", "image_url": {"url": "b.png"}},
+///         {"type": "text", "text": "Compare."}]}]}"#,
+/// )?;
+/// let Message::User { content: Content::Chunks(chunks) } = &request.messages[0] else { panic!("user chunks") };
+/// let urls: Vec<&str> = chunks
+///     .iter()
+///     .filter_map(|c| match c {
+///         Chunk::ImageUrl { image_url } => Some(image_url.url()),
+///         _ => None,
+///     })
+///     .collect();
+/// assert_eq!(urls, ["a.png", "b.png"]);
+/// assert_eq!(chunks[0], Chunk::ImageUrl { image_url: ImageUrl::Url("a.png".into()) });
+/// assert_eq!(chunks[2], Chunk::Text { text: "Compare.".into() });
+/// # Ok::<(), small4::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Content {
@@ -61,6 +158,8 @@ pub enum Content {
     Chunks(Vec<Chunk>),
 }
 
+/// One piece of a [`Content::Chunks`] list, tagged by its `type` in JSON (see [`Content`] for an example). A
+/// `thinking` chunk is only allowed in assistant messages; `closed: false` leaves its `[THINK]` open.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Chunk {
@@ -90,6 +189,7 @@ pub enum ImageUrl {
 }
 
 impl ImageUrl {
+    /// The URL, whichever shape it came in (see [`Content`] for an example).
     pub fn url(&self) -> &str {
         match self {
             ImageUrl::Url(url) | ImageUrl::Object { url } => url,
@@ -97,6 +197,43 @@ impl ImageUrl {
     }
 }
 
+/// A tool call of an assistant message (earlier turns of a tool-using conversation).
+///
+/// ```
+/// use small4::tokenizer::chat::{Arguments, Content, Function, FunctionCall, Message, ToolCall};
+/// use small4::tokenizer::{ChatRequest, SpecialTokenPolicy, Tokenizer};
+///
+/// let t = Tokenizer::stand_in()?;
+/// // The tools, as a client sends them (their JSON schema is kept as given).
+/// let mut request = ChatRequest::from_json(
+///     r#"{"tools": [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+///         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}],
+///         "messages": [{"role": "user", "content": "Weather in Paris?"}]}"#,
+/// )?;
+/// let tool = &request.tools.as_ref().unwrap()[0];
+/// let Function { name, description, .. } = &tool.function;
+/// assert_eq!((tool.kind.as_str(), name.as_str(), description.as_str()), ("function", "get_weather", "Weather in a city"));
+///
+/// // The model's call and the tool's answer, appended in code.
+/// let call = ToolCall {
+///     id: Some("call00001".into()),
+///     function: FunctionCall { name: "get_weather".into(), arguments: Arguments::Text(r#"{"city":"Paris"}"#.into()) },
+/// };
+/// request.messages.push(Message::Assistant { content: None, tool_calls: Some(vec![call]), prefix: false });
+/// request.messages.push(Message::Tool {
+///     content: Content::Text("21 C".into()),
+///     tool_call_id: Some("call00001".into()),
+///     name: None,
+/// });
+///
+/// let prompt = t.decode(&t.encode_chat(&request)?.ids, SpecialTokenPolicy::Keep)?;
+/// assert!(prompt.starts_with(r#"<s>[AVAILABLE_TOOLS][{"type": "function", "function": {"name": "get_weather""#));
+/// // The arguments are re-serialised as Python's json.dumps writes them; the call id is not part of a v15 prompt.
+/// assert!(prompt.ends_with(
+///     r#"[INST]Weather in Paris?[/INST][TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}</s>[TOOL_RESULTS]21 C[/TOOL_RESULTS]"#
+/// ));
+/// # Ok::<(), small4::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ToolCall {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -104,6 +241,7 @@ pub struct ToolCall {
     pub function: FunctionCall,
 }
 
+/// The function a [`ToolCall`] calls and its arguments.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FunctionCall {
     pub name: String,
@@ -112,6 +250,22 @@ pub struct FunctionCall {
     pub arguments: Arguments,
 }
 
+/// Call arguments as the request gave them: a JSON string (OpenAI) or a JSON value (Mistral). Both encode the same.
+///
+/// ```
+/// use small4::tokenizer::chat::{Arguments, Message};
+/// use small4::tokenizer::ChatRequest;
+///
+/// let request = ChatRequest::from_json(
+///     r#"{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
+///         {"id": "a1", "function": {"name": "f", "arguments": "{\"n\": 1}"}},
+///         {"id": "a2", "function": {"name": "f", "arguments": {"n": 1}}}]}]}"#,
+/// )?;
+/// let Message::Assistant { tool_calls: Some(calls), .. } = &request.messages[1] else { panic!("a tool call") };
+/// assert_eq!(calls[0].function.arguments, Arguments::Text(r#"{"n": 1}"#.into()));
+/// assert!(matches!(calls[1].function.arguments, Arguments::Json(_)));
+/// # Ok::<(), small4::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Arguments {
@@ -125,6 +279,7 @@ impl Default for Arguments {
     }
 }
 
+/// A tool the model may call (`"type": "function"`), listed in `[AVAILABLE_TOOLS]`; see [`ToolCall`] for an example.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Tool {
     #[serde(rename = "type", default = "function_type")]
@@ -136,6 +291,7 @@ fn function_type() -> String {
     "function".into()
 }
 
+/// A tool's function: its name, description and JSON-schema parameters (kept in the request's key order).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Function {
     pub name: String,
@@ -145,6 +301,28 @@ pub struct Function {
 }
 
 /// Why a request cannot be encoded (mistral-common's validator and normaliser rules).
+///
+/// It reaches the caller as `Error::Tokenizer(TokenizerError::InvalidRequest(..))`:
+///
+/// ```
+/// use small4::tokenizer::chat::RequestError;
+/// use small4::tokenizer::{ChatRequest, Tokenizer, TokenizerError};
+/// use small4::Error;
+///
+/// let t = Tokenizer::stand_in()?;
+/// let error = |request: &ChatRequest| match t.encode_chat(request) {
+///     Err(Error::Tokenizer(TokenizerError::InvalidRequest(e))) => e,
+///     other => panic!("expected a request error, got {other:?}"),
+/// };
+/// assert_eq!(error(&ChatRequest::default()), RequestError::Empty);
+/// let medium = ChatRequest::single_turn(None, "Hi", &[], Some("medium"));
+/// assert!(matches!(error(&medium), RequestError::InvalidReasoningEffort { value, .. } if value == "medium"));
+/// let ends_with_assistant = ChatRequest::from_json(
+///     r#"{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}"#,
+/// )?;
+/// assert_eq!(error(&ends_with_assistant), RequestError::LastMessage("assistant"));
+/// # Ok::<(), small4::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RequestError {
     #[error("the conversation has no message")]
@@ -179,14 +357,15 @@ pub enum RequestError {
     NoImageSupport,
 }
 
-/// The ids of an encoded prompt and where its images are.
+/// The ids of an encoded prompt and where its images are (see [`ChatRequest`] for an example).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EncodedPrompt {
     pub ids: Vec<u32>,
     pub images: Vec<PromptImage>,
 }
 
-/// One image of a prompt: its source, its size and the range of its `[IMG]..[IMG_END]` ids in `ids`.
+/// One image of a prompt: its source, its size and the range of its `[IMG]..[IMG_END]` ids in `ids` (see
+/// [`ChatRequest`] for an example).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PromptImage {
     pub url: String,
@@ -195,13 +374,31 @@ pub struct PromptImage {
 }
 
 impl ChatRequest {
-    /// Parses a request from JSON.
+    /// Parses a request from JSON (see the module example); malformed JSON is an `Error::Json`.
+    ///
+    /// ```
+    /// use small4::tokenizer::ChatRequest;
+    ///
+    /// assert!(matches!(ChatRequest::from_json("{\"messages\": 3}"), Err(small4::Error::Json { .. })));
+    /// ```
     pub fn from_json(text: &str) -> Result<ChatRequest> {
         serde_json::from_str(text).map_err(|e| crate::Error::Json { what: "chat request".into(), source: e })
     }
 
     /// A one-turn request as the `generate` command builds it: an optional system prompt, then one user message with
     /// the images first and the text after (the order mistral-common puts a [text, image] pair in).
+    ///
+    /// ```
+    /// use small4::tokenizer::ChatRequest;
+    ///
+    /// let request = ChatRequest::single_turn(Some("Be brief."), "Describe.", &["cat.png".to_string()], Some("high"));
+    /// let same = ChatRequest::from_json(
+    ///     r#"{"reasoning_effort": "high", "messages": [{"role": "system", "content": "Be brief."},
+    ///         {"role": "user", "content": [{"type": "image_url", "image_url": "cat.png"}, {"type": "text", "text": "Describe."}]}]}"#,
+    /// )?;
+    /// assert_eq!(request, same);
+    /// # Ok::<(), small4::Error>(())
+    /// ```
     pub fn single_turn(system: Option<&str>, prompt: &str, images: &[String], reasoning_effort: Option<&str>) -> Self {
         let mut messages = Vec::new();
         if let Some(system) = system {
@@ -555,12 +752,42 @@ fn normalize(messages: &[Message]) -> Vec<Turn> {
 }
 
 impl Tokenizer {
-    /// Encodes a chat request as a v15 prompt; image sizes are read from the files or data URLs.
+    /// Encodes a chat request as a v15 prompt; image sizes are read from the files or data URLs (only the header is
+    /// read: see [`ImageSize::from_url`]). Needs a v15 tokenizer.
+    ///
+    /// ```
+    /// use small4::tokenizer::{ChatRequest, ImageSize, Tokenizer, TokenizerError, TEKKEN_240911_PATH};
+    ///
+    /// // A PNG header is enough to size the image: signature, IHDR length and tag, width 56, height 56.
+    /// let mut png = b"\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR".to_vec();
+    /// png.extend(56u32.to_be_bytes());
+    /// png.extend(56u32.to_be_bytes());
+    /// let path = std::env::temp_dir().join(format!("small4-doc-encode-chat-{}.png", std::process::id()));
+    /// std::fs::write(&path, &png)?;
+    ///
+    /// let t = Tokenizer::stand_in()?;
+    /// let request = ChatRequest::single_turn(None, "What is it?", &[path.display().to_string()], None);
+    /// let prompt = t.encode_chat(&request)?;
+    /// std::fs::remove_file(&path)?;
+    /// // 56 x 56 pixels: 2 x 2 tokens of 28 x 28, rows ended by [IMG_BREAK], the last by [IMG_END].
+    /// let [img, brk, end] = ["[IMG]", "[IMG_BREAK]", "[IMG_END]"].map(|s| t.special_id(s).unwrap());
+    /// assert_eq!(prompt.images[0].size, ImageSize { width: 56, height: 56 });
+    /// assert_eq!(prompt.ids[prompt.images[0].ids.clone()], [img, img, brk, img, img, end]);
+    ///
+    /// // The published tekken_240911.json is v3: it has no v15 chat template.
+    /// let v3 = Tokenizer::from_file(TEKKEN_240911_PATH)?;
+    /// assert!(matches!(
+    ///     v3.encode_chat(&request),
+    ///     Err(small4::Error::Tokenizer(TokenizerError::UnsupportedVersion { .. }))
+    /// ));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn encode_chat(&self, request: &ChatRequest) -> Result<EncodedPrompt> {
         self.encode_chat_with(request, &mut |url| ImageSize::from_url(url))
     }
 
-    /// As [`Tokenizer::encode_chat`], with the caller telling the size of each image URL.
+    /// As [`Tokenizer::encode_chat`], with the caller telling the size of each image URL (see [`ChatRequest`] for an
+    /// example).
     pub fn encode_chat_with(
         &self,
         request: &ChatRequest,

@@ -8,6 +8,31 @@
 //!   errors; [`image`] reads an image's size from its header for the `[IMG]` grid (section 6).
 //! - [`output`]: the incremental UTF-8-safe detokeniser and the parser of generated ids into reasoning, answer and
 //!   tool calls.
+//!
+//! # Example
+//!
+//! A request in, a prompt's ids out; the ids a model generates back into reasoning and answer:
+//!
+//! ```
+//! use small4::tokenizer::{parse_output, ChatRequest, Tokenizer};
+//!
+//! // The v15 stand-in of the Small 4 tokenizer is built in; `Tokenizer::from_model_dir` loads a model's own file.
+//! let t = Tokenizer::stand_in()?;
+//! let request = ChatRequest::single_turn(Some("Be brief."), "Hi", &[], Some("high"));
+//! let prompt = t.encode_chat(&request)?;
+//! assert_eq!(prompt.ids[0], t.bos_id());
+//! assert_eq!(prompt.ids.last(), Some(&t.special_id("[/INST]")?));
+//!
+//! // What a model might answer (encoded here for the example).
+//! let mut generated = vec![t.special_id("[THINK]")?];
+//! t.encode_into("A greeting.", &mut generated);
+//! generated.push(t.special_id("[/THINK]")?);
+//! t.encode_into("Hello!", &mut generated);
+//! generated.push(t.eos_id());
+//! let output = parse_output(&t, &generated)?;
+//! assert_eq!((output.reasoning.as_deref(), output.answer.as_str()), (Some("A greeting."), "Hello!"));
+//! # Ok::<(), small4::Error>(())
+//! ```
 
 // The BPE and the Python-style JSON of the prompt template are internals (public with the `internals` feature, for
 // this repository's benches); the tokenizer, the chat prompt, images and output parsing are the API.
@@ -30,6 +55,23 @@ pub use tekken::special_tokens::SpecialTokenPolicy;
 pub use vocab::{embedded_stand_in_json, Token, Tokenizer, TEKKEN_240911_PATH};
 
 /// Everything that can go wrong in this module; wrapped into [`crate::Error::Tokenizer`].
+///
+/// ```
+/// use small4::tokenizer::{SpecialTokenPolicy, Tokenizer, TokenizerError};
+/// use small4::Error;
+///
+/// let t = Tokenizer::stand_in_truncated(512, 64)?;
+/// match t.decode(&[600], SpecialTokenPolicy::Ignore) {
+///     Err(Error::Tokenizer(TokenizerError::IdOutOfRange { id, vocab_size })) => assert_eq!((id, vocab_size), (600, 512)),
+///     other => panic!("expected IdOutOfRange, got {other:?}"),
+/// }
+/// assert!(matches!(
+///     t.decode(&[t.bos_id()], SpecialTokenPolicy::Raise),
+///     Err(Error::Tokenizer(TokenizerError::SpecialTokenInText(1)))
+/// ));
+/// assert!(matches!(t.special_id("[NOPE]"), Err(Error::Tokenizer(TokenizerError::MissingSpecialToken(_)))));
+/// # Ok::<(), small4::Error>(())
+/// ```
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
     /// The tokenizer file is not valid JSON or not the tekken layout.

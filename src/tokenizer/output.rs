@@ -1,5 +1,43 @@
 //! The output side: incremental detokenisation for streaming and the parser of generated ids (SPEC-tokenizer.md
 //! section 5, "Output"): `[THINK]reasoning[/THINK]`?, answer text and/or `[TOOL_CALLS]name[ARGS]{json}`..., `</s>`.
+//!
+//! # Example
+//!
+//! Generated ids (made here by encoding the pieces a model would generate), parsed whole, then streamed to a printer
+//! as they would arrive:
+//!
+//! ```
+//! use small4::tokenizer::{parse_output, OutputPrinter, OutputStream, Tokenizer};
+//!
+//! let t = Tokenizer::stand_in()?;
+//! let mut ids = vec![t.special_id("[THINK]")?];
+//! t.encode_into("Sunny, says the forecast.", &mut ids);
+//! ids.push(t.special_id("[/THINK]")?);
+//! t.encode_into("It is sunny.", &mut ids);
+//! ids.push(t.eos_id());
+//!
+//! let parsed = parse_output(&t, &ids)?;
+//! assert_eq!(parsed.reasoning.as_deref(), Some("Sunny, says the forecast."));
+//! assert!(parsed.reasoning_closed && parsed.finished);
+//! assert_eq!(parsed.answer, "It is sunny.");
+//! assert!(parsed.tool_calls.is_empty());
+//!
+//! let mut stream = OutputStream::new(&t)?;
+//! let mut printer = OutputPrinter::new(Vec::new());
+//! for &id in &ids {
+//!     for event in stream.push(id)? {
+//!         printer.print(&event)?;
+//!     }
+//! }
+//! assert!(stream.finished());
+//! for event in stream.finish() {
+//!     printer.print(&event)?;
+//! }
+//! printer.finish()?;
+//! let printed = String::from_utf8(printer.into_inner()).unwrap();
+//! assert_eq!(printed, "[reasoning]\nSunny, says the forecast.\n[answer]\nIt is sunny.\n");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use std::io::Write;
 
@@ -11,6 +49,26 @@ use crate::Result;
 
 /// Turns ids into text one at a time. A character split across tokens is returned once its last byte arrives; the
 /// concatenation of everything returned (plus [`StreamingDecoder::finish`]) equals [`Tokenizer::decode`] of all ids.
+///
+/// ```
+/// use small4::tokenizer::{SpecialTokenPolicy, StreamingDecoder, Tokenizer};
+///
+/// let t = Tokenizer::stand_in()?;
+/// // "€" as its three bytes, one id each (ordinary id = byte + 1000 for the byte ranks).
+/// let euro: Vec<u32> = "€".bytes().map(|b| t.num_special_tokens() as u32 + b as u32).collect();
+/// let mut decoder = StreamingDecoder::new(&t, SpecialTokenPolicy::Keep);
+/// assert_eq!(decoder.push(euro[0])?, "");
+/// assert_eq!(decoder.push(euro[1])?, "");
+/// assert_eq!(decoder.push(euro[2])?, "€"); // complete at its last byte
+/// assert_eq!(decoder.push(t.eos_id())?, "</s>"); // kept, by the policy
+///
+/// // A character cut off at the end is flushed as U+FFFD.
+/// decoder.push(euro[0])?;
+/// assert_eq!(decoder.finish(), "\u{fffd}");
+/// // An id outside the vocabulary is an error.
+/// assert!(decoder.push(t.vocab_size() as u32).is_err());
+/// # Ok::<(), small4::Error>(())
+/// ```
 pub struct StreamingDecoder<'t> {
     tokenizer: &'t Tokenizer,
     policy: SpecialTokenPolicy,
@@ -18,6 +76,7 @@ pub struct StreamingDecoder<'t> {
 }
 
 impl<'t> StreamingDecoder<'t> {
+    /// A decoder with nothing pending; `policy` says what special ids become (as in [`Tokenizer::decode`]).
     pub fn new(tokenizer: &'t Tokenizer, policy: SpecialTokenPolicy) -> Self {
         StreamingDecoder { tokenizer, policy, pending: Vec::new() }
     }
@@ -83,6 +142,27 @@ impl<'t> StreamingDecoder<'t> {
 }
 
 /// One generated tool call: `[TOOL_CALLS]name[ARGS]arguments`.
+///
+/// ```
+/// use small4::tokenizer::{parse_output, Tokenizer};
+///
+/// let t = Tokenizer::stand_in()?;
+/// let mut ids = Vec::new();
+/// for (name, arguments) in [("get_weather", r#"{"city": "Paris"}"#), ("now", "not json")] {
+///     ids.push(t.special_id("[TOOL_CALLS]")?);
+///     t.encode_into(name, &mut ids);
+///     ids.push(t.special_id("[ARGS]")?);
+///     t.encode_into(arguments, &mut ids);
+/// }
+/// ids.push(t.eos_id());
+///
+/// let calls = parse_output(&t, &ids)?.tool_calls;
+/// assert_eq!((calls[0].name.as_str(), calls[0].arguments.as_str()), ("get_weather", r#"{"city": "Paris"}"#));
+/// // As JSON: arguments parsed when they are JSON, else kept as a string.
+/// assert_eq!(calls[0].to_json(), serde_json::json!({"name": "get_weather", "arguments": {"city": "Paris"}}));
+/// assert_eq!(calls[1].to_json(), serde_json::json!({"name": "now", "arguments": "not json"}));
+/// # Ok::<(), small4::Error>(())
+/// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ToolCallOutput {
     pub name: String,
@@ -100,6 +180,27 @@ impl ToolCallOutput {
 }
 
 /// What a generated id adds, for printing as generation goes.
+///
+/// ```
+/// use small4::tokenizer::{OutputEvent, OutputStream, Tokenizer};
+///
+/// let t = Tokenizer::stand_in()?;
+/// // The id of a one-character text (one byte: one ordinary id).
+/// let id = |c: &str| t.encode(c, false, false)[0];
+/// let mut stream = OutputStream::new(&t)?;
+/// assert!(stream.push(t.special_id("[THINK]")?)?.is_empty());
+/// assert_eq!(stream.push(id("H"))?, [OutputEvent::Reasoning("H".into())]);
+/// assert_eq!(stream.push(t.special_id("[/THINK]")?)?, [OutputEvent::ReasoningEnd]);
+/// assert_eq!(stream.push(id("Y"))?, [OutputEvent::Answer("Y".into())]);
+/// // A tool call is whole only when it ends: here at </s>.
+/// for next in [t.special_id("[TOOL_CALLS]")?, id("f"), t.special_id("[ARGS]")?, id("{"), id("}")] {
+///     assert!(stream.push(next)?.is_empty());
+/// }
+/// let events = stream.push(t.eos_id())?;
+/// assert!(matches!(&events[..], [OutputEvent::ToolCall(call)] if call.name == "f" && call.arguments == "{}"));
+/// assert!(stream.finished());
+/// # Ok::<(), small4::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OutputEvent {
     Reasoning(String),
@@ -138,6 +239,8 @@ struct Ids {
 }
 
 impl<'t> OutputStream<'t> {
+    /// A stream in the answer channel. Needs the v15 control tokens (`[TOOL_CALLS]`, `[ARGS]`, `[THINK]`,
+    /// `[/THINK]`): a tokenizer without them is an error. See [`OutputEvent`] for an example.
     pub fn new(tokenizer: &'t Tokenizer) -> Result<Self> {
         let id = |token: SpecialTokens| tokenizer.special_id(token.as_str());
         Ok(OutputStream {
@@ -212,7 +315,7 @@ impl<'t> OutputStream<'t> {
     }
 }
 
-/// Generated ids split into their parts.
+/// Generated ids split into their parts, by [`parse_output`] (see the module example).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ParsedOutput {
     /// The text of the `[THINK]` blocks, if there was one.
@@ -226,6 +329,24 @@ pub struct ParsedOutput {
 }
 
 /// Parses a complete list of generated ids (the same rules as [`OutputStream`], which it runs).
+///
+/// ```
+/// use small4::tokenizer::{parse_output, ParsedOutput, Tokenizer};
+///
+/// let t = Tokenizer::stand_in()?;
+/// // Just </s>: an empty answer, finished.
+/// assert_eq!(parse_output(&t, &[t.eos_id()])?, ParsedOutput { finished: true, ..ParsedOutput::default() });
+/// // Cut off by the token limit inside the reasoning: no </s>, an unclosed [THINK].
+/// let mut ids = vec![t.special_id("[THINK]")?];
+/// t.encode_into("Let me", &mut ids);
+/// let parsed = parse_output(&t, &ids)?;
+/// assert_eq!(parsed.reasoning.as_deref(), Some("Let me"));
+/// assert!(!parsed.reasoning_closed && !parsed.finished);
+/// assert_eq!(parsed.answer, "");
+/// // [/THINK] with no [THINK] before it does not parse.
+/// assert!(parse_output(&t, &[t.special_id("[/THINK]")?]).is_err());
+/// # Ok::<(), small4::Error>(())
+/// ```
 pub fn parse_output(tokenizer: &Tokenizer, ids: &[u32]) -> Result<ParsedOutput> {
     let mut stream = OutputStream::new(tokenizer)?;
     let mut parsed = ParsedOutput::default();
@@ -254,17 +375,31 @@ pub fn parse_output(tokenizer: &Tokenizer, ids: &[u32]) -> Result<ParsedOutput> 
 }
 
 /// Prints a generation as it streams: reasoning apart from the answer (under a `[reasoning]` / `[answer]` header),
-/// tool calls as one JSON object per line.
+/// tool calls as one JSON object per line. A plain answer (no reasoning before it) is printed without a header.
+///
+/// ```
+/// use small4::tokenizer::{OutputEvent, OutputPrinter, ToolCallOutput};
+///
+/// let mut printer = OutputPrinter::new(Vec::new());
+/// printer.print(&OutputEvent::Answer("Let me check.".into()))?;
+/// printer.print(&OutputEvent::ToolCall(ToolCallOutput { name: "now".into(), arguments: "{}".into() }))?;
+/// printer.finish()?;
+/// let printed = String::from_utf8(printer.into_inner()).unwrap();
+/// assert_eq!(printed, "Let me check.\n[tool calls]\n{\"arguments\":{},\"name\":\"now\"}\n\n");
+/// # Ok::<(), std::io::Error>(())
+/// ```
 pub struct OutputPrinter<W: Write> {
     out: W,
     section: Option<&'static str>,
 }
 
 impl<W: Write> OutputPrinter<W> {
+    /// A printer writing to `out`, nothing printed yet.
     pub fn new(out: W) -> Self {
         OutputPrinter { out, section: None }
     }
 
+    /// Prints one event (opening its section first if it changed) and flushes.
     pub fn print(&mut self, event: &OutputEvent) -> std::io::Result<()> {
         match event {
             OutputEvent::Reasoning(text) => {
@@ -287,6 +422,7 @@ impl<W: Write> OutputPrinter<W> {
         self.out.flush()
     }
 
+    /// The writer back, e.g. the `Vec<u8>` printed into.
     pub fn into_inner(self) -> W {
         self.out
     }

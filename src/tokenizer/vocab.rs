@@ -14,14 +14,73 @@ use super::TokenizerError;
 use crate::Result;
 
 /// Path of the provisioned `tekken_240911.json` (build.rs installs and checks it; valid on the machine that built).
+///
+/// The file as published is a v3 tokenizer; [`Tokenizer::stand_in_from_json`] makes the v15 stand-in of it.
+///
+/// ```
+/// use small4::tokenizer::{Tokenizer, TEKKEN_240911_PATH};
+///
+/// let t = Tokenizer::from_file(TEKKEN_240911_PATH)?;
+/// assert_eq!(t.version().as_str(), "v3");
+/// assert_eq!(t.vocab_size(), 131072);
+/// assert_eq!(t.encode("Hello, world!", false, false), [22177, 1044, 4304, 1033]);
+/// # Ok::<(), small4::Error>(())
+/// ```
 pub const TEKKEN_240911_PATH: &str = env!("SMALL4_TEKKEN_240911");
 
 /// The embedded `tekken_240911.json` reduced to `config` and the used ranks (see build.rs for why).
+///
+/// It is a `tekken.json` document in its own right, the same BPE as the full file:
+///
+/// ```
+/// use small4::tokenizer::{embedded_stand_in_json, Tokenizer};
+///
+/// let t = Tokenizer::from_json(embedded_stand_in_json())?;
+/// assert_eq!((t.version().as_str(), t.vocab_size()), ("v3", 131072));
+/// assert_eq!(t.encode("Hello, world!", false, false), [22177, 1044, 4304, 1033]);
+/// # Ok::<(), small4::Error>(())
+/// ```
 pub fn embedded_stand_in_json() -> &'static [u8] {
     include_bytes!(concat!(env!("OUT_DIR"), "/tekken_240911_embedded.json"))
 }
 
 /// A loaded tekken tokenizer: special ids `0..num_special`, BPE rank `r` is id `r + num_special`.
+///
+/// The v15 stand-in of the Small 4 tokenizer needs no file: it is built from the embedded vocabulary.
+///
+/// ```
+/// use small4::tokenizer::{SpecialTokenPolicy, Token, Tokenizer};
+///
+/// let t = Tokenizer::stand_in()?;
+/// assert_eq!(t.version().as_str(), "v15");
+/// assert_eq!((t.vocab_size(), t.num_special_tokens()), (131072, 1000));
+/// assert_eq!((t.bos_id(), t.eos_id()), (1, 2));
+///
+/// // Text: ordinary ids (BPE rank + 1000), optionally between <s> and </s>.
+/// let ids = t.encode("Hello, world!", true, true);
+/// assert_eq!(ids, [1, 22177, 1044, 4304, 1033, 2]);
+/// assert_eq!(t.decode(&ids, SpecialTokenPolicy::Ignore)?, "Hello, world!");
+/// assert_eq!(t.decode(&ids, SpecialTokenPolicy::Keep)?, "<s>Hello, world!</s>");
+///
+/// // Special tokens are found by their string; typed in text they are plain bytes.
+/// let think = t.special_id("[THINK]")?;
+/// assert_eq!(think, 34);
+/// assert!(t.is_special(think) && !t.is_special(1044));
+/// assert!(t.encode("[THINK]", false, false).iter().all(|&id| !t.is_special(id)));
+/// assert_eq!(t.token(think)?, Token::Special("[THINK]"));
+/// assert_eq!(t.token(1044)?, Token::Bytes(b","));
+///
+/// // Appending to a prompt under construction.
+/// let mut prompt = vec![t.bos_id(), t.special_id("[INST]")?];
+/// t.encode_into("Hello, world!", &mut prompt);
+/// assert_eq!(&prompt[2..], &ids[1..5]);
+///
+/// // The stand-in knows images (patches of 14 pixels, merged 2 x 2) and the reasoning-effort setting.
+/// assert_eq!(t.image_encoder().map(|e| e.config.image_patch_size), Some(14));
+/// let effort = t.model_settings_builder().and_then(|b| b.reasoning_effort.as_ref());
+/// assert_eq!(effort.map(|e| e.values.len()), Some(2)); // none, high
+/// # Ok::<(), small4::Error>(())
+/// ```
 pub struct Tokenizer {
     version: TokenizerVersion,
     num_special: u32,
@@ -77,23 +136,51 @@ fn filler(rank: usize) -> SpecialTokenInfo {
 }
 
 impl Tokenizer {
-    /// Loads a `tekken.json` from disk with its own sizes.
+    /// Loads a `tekken.json` from disk with its own sizes. See [`TEKKEN_240911_PATH`] for an example; a missing file
+    /// is an [`Error::Io`](crate::Error::Io):
+    ///
+    /// ```
+    /// use small4::tokenizer::Tokenizer;
+    ///
+    /// assert!(matches!(Tokenizer::from_file("/nonexistent/tekken.json"), Err(small4::Error::Io { .. })));
+    /// ```
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let bytes = std::fs::read(path.as_ref()).map_err(|e| crate::Error::io(path.as_ref(), e))?;
         Self::from_json(&bytes)
     }
 
     /// Loads the `tekken.json` of a model directory (the file Mistral ships beside the weights).
+    ///
+    /// ```
+    /// use small4::tokenizer::{embedded_stand_in_json, Tokenizer};
+    ///
+    /// let dir = std::env::temp_dir().join(format!("small4-doc-model-dir-{}", std::process::id()));
+    /// std::fs::create_dir_all(&dir)?;
+    /// std::fs::write(dir.join("tekken.json"), embedded_stand_in_json())?;
+    /// let t = Tokenizer::from_model_dir(&dir)?;
+    /// assert_eq!(t.encode("Hello, world!", false, false), [22177, 1044, 4304, 1033]);
+    /// std::fs::remove_dir_all(&dir)?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn from_model_dir(dir: impl AsRef<Path>) -> Result<Self> {
         Self::from_file(dir.as_ref().join("tekken.json"))
     }
 
-    /// Loads a `tekken.json` document with its own sizes.
+    /// Loads a `tekken.json` document with its own sizes (see [`embedded_stand_in_json`] for an example). A document
+    /// that does not parse or is inconsistent is a typed error:
+    ///
+    /// ```
+    /// use small4::tokenizer::{Tokenizer, TokenizerError};
+    /// use small4::Error;
+    ///
+    /// assert!(matches!(Tokenizer::from_json(b"[1, 2, 3]"), Err(Error::Tokenizer(TokenizerError::Parse(_)))));
+    /// ```
     pub fn from_json(bytes: &[u8]) -> Result<Self> {
         Self::from_model_data(parse_model_data(bytes)?, None)
     }
 
-    /// The v15 stand-in of section 7 from the embedded `tekken_240911.json`: needs no file at run time.
+    /// The v15 stand-in of section 7 from the embedded `tekken_240911.json`: needs no file at run time. See
+    /// [`Tokenizer`] for a tour.
     pub fn stand_in() -> Result<Self> {
         Self::stand_in_from_json(embedded_stand_in_json(), None)
     }
@@ -102,11 +189,39 @@ impl Tokenizer {
     /// `[/MODEL_SETTINGS]` = 37 exists) and `vocab_size` ids in all, the BPE truncated to its first
     /// `vocab_size - num_special` ranks (tekken allows this: merges beyond the cut are never made). For example
     /// (512, 64): 448 ranks, the 256 bytes and the first 192 merges, and every text still encodes and decodes exactly.
+    ///
+    /// ```
+    /// use small4::tokenizer::{SpecialTokenPolicy, Tokenizer};
+    ///
+    /// let t = Tokenizer::stand_in_truncated(512, 64)?;
+    /// assert_eq!((t.vocab_size(), t.num_special_tokens()), (512, 64));
+    /// let text = "Grüße, 世界!";
+    /// let ids = t.encode(text, false, false);
+    /// assert!(ids.iter().all(|&id| (64..512).contains(&id)));
+    /// assert_eq!(t.decode(&ids, SpecialTokenPolicy::Raise)?, text);
+    /// // The v15 control tokens keep their ids.
+    /// assert_eq!(t.special_id("[/MODEL_SETTINGS]")?, 37);
+    /// // With fewer than 38 special ids the v15 control tokens past the cut are gone.
+    /// let cut = Tokenizer::stand_in_truncated(512, 30)?;
+    /// assert!(cut.special_id("[/MODEL_SETTINGS]").is_err());
+    /// # Ok::<(), small4::Error>(())
+    /// ```
     pub fn stand_in_truncated(vocab_size: usize, num_special: usize) -> Result<Self> {
         Self::stand_in_from_json(embedded_stand_in_json(), Some((vocab_size, num_special)))
     }
 
     /// The v15 stand-in built from a `tekken_240911.json` document (the embedded one or the original file).
+    ///
+    /// ```
+    /// use small4::tokenizer::{Tokenizer, TEKKEN_240911_PATH};
+    ///
+    /// // From the original file: the same tokenizer as `Tokenizer::stand_in()`.
+    /// let t = Tokenizer::stand_in_from_json(&std::fs::read(TEKKEN_240911_PATH)?, None)?;
+    /// assert_eq!((t.version().as_str(), t.vocab_size()), ("v15", 131072));
+    /// assert_eq!(t.special_id("[MODEL_SETTINGS]")?, 36);
+    /// assert_eq!(t.encode("Hello, world!", false, false), [22177, 1044, 4304, 1033]);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn stand_in_from_json(bytes: &[u8], sizes: Option<(usize, usize)>) -> Result<Self> {
         let mut data = parse_model_data(bytes)?;
         let num_special = data.config.default_num_special_tokens;
@@ -134,6 +249,18 @@ impl Tokenizer {
 
     /// Builds the tokenizer from a parsed file. `sizes = Some((vocab_size, num_special))` overrides the file's
     /// `default_vocab_size` and `default_num_special_tokens` (truncation, as tekken's `vocab_size` argument).
+    ///
+    /// ```
+    /// use small4::tokenizer::{embedded_stand_in_json, Tokenizer};
+    ///
+    /// // The parsed file (the `tekken` crate's type), cut to its 1000 special ids and the first 300 ranks.
+    /// let data: tekken::config::ModelData = serde_json::from_slice(embedded_stand_in_json()).expect("the file parses");
+    /// let t = Tokenizer::from_model_data(data, Some((1300, 1000)))?;
+    /// assert_eq!(t.vocab_size(), 1300);
+    /// assert_eq!(t.special_id("[INST]")?, 3); // a v3 file lists no specials: the 20 of the old layout
+    /// assert!(t.encode("Hello, world!", false, false).iter().all(|&id| id < 1300));
+    /// # Ok::<(), small4::Error>(())
+    /// ```
     pub fn from_model_data(data: ModelData, sizes: Option<(usize, usize)>) -> Result<Self> {
         let version = TokenizerVersion::from_string(&data.config.version)
             .ok_or_else(|| TokenizerError::UnknownVersion(data.config.version.clone()))?;
@@ -244,6 +371,7 @@ impl Tokenizer {
         })
     }
 
+    /// The file's format version (`v15` for Small 4); the chat encoder needs v15.
     pub fn version(&self) -> TokenizerVersion {
         self.version
     }
@@ -253,14 +381,17 @@ impl Tokenizer {
         self.num_special as usize + self.bpe.num_ranks()
     }
 
+    /// Number of special ids; the ordinary ids start here.
     pub fn num_special_tokens(&self) -> usize {
         self.num_special as usize
     }
 
+    /// The id of `<s>`.
     pub fn bos_id(&self) -> u32 {
         self.bos
     }
 
+    /// The id of `</s>`.
     pub fn eos_id(&self) -> u32 {
         self.eos
     }
@@ -270,14 +401,17 @@ impl Tokenizer {
         self.special_ids.get(token).copied().ok_or_else(|| TokenizerError::MissingSpecialToken(token.to_string()).into())
     }
 
+    /// Whether `id` is a special (control) id rather than BPE bytes.
     pub fn is_special(&self, id: u32) -> bool {
         id < self.num_special
     }
 
+    /// The `[IMG]` grid layout, when the file has an image config (see [`image_token_ids`](super::image::image_token_ids)).
     pub fn image_encoder(&self) -> Option<&ImageEncoder> {
         self.image.as_ref()
     }
 
+    /// The file's `model_settings_builder` (the allowed `reasoning_effort` values and default), v15 only.
     pub fn model_settings_builder(&self) -> Option<&ModelSettingsBuilder> {
         self.model_settings.as_ref()
     }
@@ -335,7 +469,7 @@ impl Tokenizer {
     }
 }
 
-/// One id's meaning.
+/// One id's meaning, from [`Tokenizer::token`] (see [`Tokenizer`] for an example).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Token<'a> {
     Special(&'a str),

@@ -112,6 +112,7 @@ impl Fp8PerTensor {
         Ok(Fp8PerTensor { data, rows, cols, scale })
     }
 
+    /// From a checkpoint's arrays: e4m3 codes `[rows, cols]` and the scale (finite, positive).
     pub fn from_parts(data: Vec<u8>, rows: usize, cols: usize, scale: f32) -> Result<Self> {
         WeightFormat::Fp8PerTensor.check_shape(rows, cols)?;
         check_len("fp8 data", data.len(), rows * cols)?;
@@ -119,6 +120,7 @@ impl Fp8PerTensor {
         Ok(Fp8PerTensor { data, rows, cols, scale })
     }
 
+    /// The f32 weights, row-major `[rows, cols]`.
     pub fn dequantize(&self) -> Vec<f32> {
         self.data.par_iter().map(|&q| e4m3_to_f32(q) * self.scale).collect()
     }
@@ -157,6 +159,7 @@ pub struct Fp8Block128 {
 }
 
 impl Fp8Block128 {
+    /// Block columns of the scale array for `cols` columns (the last block may be ragged).
     pub fn scale_cols(cols: usize) -> usize {
         cols.div_ceil(FP8_BLOCK)
     }
@@ -186,6 +189,7 @@ impl Fp8Block128 {
         Ok(Fp8Block128 { data, rows, cols, scales })
     }
 
+    /// From a checkpoint's arrays: e4m3 codes `[rows, cols]` and the block scales (finite, positive).
     pub fn from_parts(data: Vec<u8>, rows: usize, cols: usize, scales: Vec<f32>) -> Result<Self> {
         WeightFormat::Fp8Block128.check_shape(rows, cols)?;
         check_len("fp8 block data", data.len(), rows * cols)?;
@@ -194,10 +198,12 @@ impl Fp8Block128 {
         Ok(Fp8Block128 { data, rows, cols, scales })
     }
 
+    /// The scale of element `(row, col)`: its block's.
     pub fn scale(&self, row: usize, col: usize) -> f32 {
         self.scales[(row / FP8_BLOCK) * Self::scale_cols(self.cols) + col / FP8_BLOCK]
     }
 
+    /// The f32 weights, row-major `[rows, cols]` (the formula of the module doc).
     pub fn dequantize(&self) -> Vec<f32> {
         if self.cols == 0 {
             return Vec::new();
@@ -290,6 +296,8 @@ impl Int4Grouped {
         Ok(Int4Grouped { packed, rows, cols, group, scales, zeros })
     }
 
+    /// From a checkpoint's arrays: packed nibbles, per-group scales and, for the asymmetric layout, zero points
+    /// (each at most 15).
     pub fn from_parts(packed: Vec<u8>, rows: usize, cols: usize, group: usize, scales: Vec<bf16>, zeros: Option<Vec<u8>>) -> Result<Self> {
         WeightFormat::Int4 { group, zero_point: zeros.is_some() }.check_shape(rows, cols)?;
         let groups = rows * cols / group;
@@ -304,6 +312,7 @@ impl Int4Grouped {
         Ok(Int4Grouped { packed, rows, cols, group, scales, zeros })
     }
 
+    /// `Int4 { group, zero_point }` of this matrix.
     pub fn format(&self) -> WeightFormat {
         WeightFormat::Int4 { group: self.group, zero_point: self.zeros.is_some() }
     }
@@ -313,6 +322,7 @@ impl Int4Grouped {
         (self.packed[index / 2] >> (4 * (index % 2))) & 0xf
     }
 
+    /// The f32 weights, row-major `[rows, cols]` (the formula of the module doc).
     pub fn dequantize(&self) -> Vec<f32> {
         (0..self.rows * self.cols)
             .into_par_iter()
@@ -380,6 +390,8 @@ impl Nvfp4 {
         Ok(Nvfp4 { packed, rows, cols, scales, global_scale })
     }
 
+    /// From a checkpoint's arrays: `weight_packed`, `weight_scale` (e4m3 bytes) and `weight_global_scale` (finite,
+    /// positive).
     pub fn from_parts(packed: Vec<u8>, rows: usize, cols: usize, scales: Vec<u8>, global_scale: f32) -> Result<Self> {
         WeightFormat::Nvfp4.check_shape(rows, cols)?;
         check_len("nvfp4 packed", packed.len(), rows * cols / 2)?;
@@ -393,6 +405,7 @@ impl Nvfp4 {
         e4m3_to_f32(self.scales[block]) / self.global_scale
     }
 
+    /// The f32 weights, row-major `[rows, cols]` (the formula of the module doc).
     pub fn dequantize(&self) -> Vec<f32> {
         self.packed
             .par_chunks(NVFP4_BLOCK / 2)
@@ -431,6 +444,8 @@ pub enum QuantizedMatrix {
 }
 
 impl QuantizedMatrix {
+    /// Quantises `[rows, cols]` f32 weights into `format` with that format's quantiser (INT4 with its group and
+    /// zero-point choice).
     pub fn quantize(format: WeightFormat, weights: &[f32], rows: usize, cols: usize) -> Result<Self> {
         Ok(match format {
             WeightFormat::Bf16 => {
@@ -446,6 +461,7 @@ impl QuantizedMatrix {
         })
     }
 
+    /// The format this matrix is stored in.
     pub fn format(&self) -> WeightFormat {
         match self {
             QuantizedMatrix::Bf16 { .. } => WeightFormat::Bf16,
@@ -478,6 +494,7 @@ impl QuantizedMatrix {
         }
     }
 
+    /// The f32 weights, row-major `[rows, cols]` (the formula of the module doc).
     pub fn dequantize(&self) -> Vec<f32> {
         match self {
             QuantizedMatrix::Bf16 { data, .. } => super::bf16_to_f32(data),

@@ -62,7 +62,9 @@ pub use vocab::{embedded_stand_in_json, Token, Tokenizer, TEKKEN_240911_PATH};
 ///
 /// let t = Tokenizer::stand_in_truncated(512, 64)?;
 /// match t.decode(&[600], SpecialTokenPolicy::Ignore) {
-///     Err(Error::Tokenizer(TokenizerError::IdOutOfRange { id, vocab_size })) => assert_eq!((id, vocab_size), (600, 512)),
+///     Err(Error::Tokenizer(TokenizerError::IdOutOfRange { id, vocab_size })) => {
+///         assert_eq!((id, vocab_size), (600, 512))
+///     }
 ///     other => panic!("expected IdOutOfRange, got {other:?}"),
 /// }
 /// assert!(matches!(

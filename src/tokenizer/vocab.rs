@@ -254,7 +254,8 @@ impl Tokenizer {
     /// use small4::tokenizer::{embedded_stand_in_json, Tokenizer};
     ///
     /// // The parsed file (the `tekken` crate's type), cut to its 1000 special ids and the first 300 ranks.
-    /// let data: tekken::config::ModelData = serde_json::from_slice(embedded_stand_in_json()).expect("the file parses");
+    /// let data: tekken::config::ModelData =
+    ///     serde_json::from_slice(embedded_stand_in_json()).expect("the file parses");
     /// let t = Tokenizer::from_model_data(data, Some((1300, 1000)))?;
     /// assert_eq!(t.vocab_size(), 1300);
     /// assert_eq!(t.special_id("[INST]")?, 3); // a v3 file lists no specials: the 20 of the old layout
@@ -406,7 +407,8 @@ impl Tokenizer {
         id < self.num_special
     }
 
-    /// The `[IMG]` grid layout, when the file has an image config (see [`image_token_ids`](super::image::image_token_ids)).
+    /// The `[IMG]` grid layout, when the file has an image config (see
+    /// [`image_token_ids`](super::image::image_token_ids)).
     pub fn image_encoder(&self) -> Option<&ImageEncoder> {
         self.image.as_ref()
     }

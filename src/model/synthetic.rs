@@ -26,6 +26,7 @@
 //!
 //! let native = Checkpoint::open(tiny_checkpoint(WeightFormat::Fp8PerTensor, &Layout::Native, DEFAULT_TINY_SEED)?)?;
 //! let weights = load_reference_weights(&native)?; // dequantised to f32 on the CPU
+//! assert!(native.expert_activation_scales(0, tiny.experts, tiny.dim, tiny.expert_hidden)?.is_some()); // W8A8-ready
 //!
 //! let dir = std::env::temp_dir().join(format!("small4-synthetic-doc-{}", std::process::id()));
 //! let hf = Layout::HuggingFace { prefix: HF_MISTRAL3_PREFIX.into() };

@@ -6,7 +6,7 @@
 //!
 //! ```
 //! use small4::model::checkpoint::{Checkpoint, Layout};
-//! use small4::model::engine::{LoadProgress, Sampling};
+//! use small4::model::engine::Sampling;
 //! use small4::model::generator::{GenerationBackend, Generator, GeneratorOptions};
 //! use small4::model::synthetic::{tiny_checkpoint, DEFAULT_TINY_SEED};
 //! use small4::model::PixelImage;
@@ -31,17 +31,35 @@
 //! let mut engine = Generator::engine_on(&device, &checkpoint, &options)?;
 //! assert_eq!(engine.device().map(|d| d.name()), Some("sim"));
 //! let mut streamed = Vec::new();
-//! let tokens = engine.generate_with_images(&prompt, &[image], 2, Sampling::Greedy, |t| streamed.push(t))?;
-//! assert_eq!(tokens, streamed);
+//! let tokens = engine.generate_with_images(&prompt, &[image], 1, Sampling::Greedy, |t| streamed.push(t))?;
+//! assert_eq!((tokens.len(), tokens), (1, streamed));
 //! assert!(engine.generate(&[1; 32], 1, Sampling::Greedy, |_| {}).is_err()); // 33 tokens > max_context
+//! assert_eq!(engine.options().backend, GenerationBackend::Reference); // engine_on does not consult it
+//! # Ok::<(), small4::Error>(())
+//! ```
 //!
-//! // Opening an engine backend reports the upload step by step, ending at `total`.
-//! let sim = GeneratorOptions { backend: GenerationBackend::Sim, ..options };
+//! An engine backend opened with [`Generator::open_with_progress`] reports the upload step by step (a closure such
+//! as `|p: LoadProgress| eprintln!("{}/{}", p.done, p.total)`), one step per layer and a last one for the embeddings
+//! and the head; `GenerationBackend::Gpu` opens CUDA device 0 and is `Error::NoGpu` without one:
+//!
+//! ```
+//! # use small4::model::checkpoint::{Checkpoint, Layout};
+//! # use small4::model::synthetic::{tiny_checkpoint, DEFAULT_TINY_SEED};
+//! # use small4::quant::WeightFormat;
+//! use small4::model::engine::LoadProgress;
+//! use small4::model::generator::{GenerationBackend, Generator, GeneratorOptions};
+//!
+//! let checkpoint = Checkpoint::open(tiny_checkpoint(WeightFormat::Bf16, &Layout::Native, DEFAULT_TINY_SEED)?)?;
+//! let options = GeneratorOptions { backend: GenerationBackend::Gpu, ..GeneratorOptions::default() };
 //! let mut steps: Vec<LoadProgress> = Vec::new();
-//! let on_sim = Generator::open_with_progress(&checkpoint, &sim, |p| steps.push(p))?;
-//! let total = on_sim.config().n_layers + 1; // each layer, then the embeddings and head
-//! assert_eq!(steps.last(), Some(&LoadProgress { done: total, total }));
-//! assert_eq!(on_sim.options().backend, GenerationBackend::Sim);
+//! match Generator::open_with_progress(&checkpoint, &options, |p| steps.push(p)) {
+//!     Ok(on_gpu) => {
+//!         let total = on_gpu.config().n_layers + 1;
+//!         assert_eq!(steps.last(), Some(&LoadProgress { done: total, total }));
+//!     }
+//!     Err(small4::Error::NoGpu(_)) => assert!(steps.is_empty()), // nothing was uploaded
+//!     Err(other) => return Err(other),
+//! }
 //! # Ok::<(), small4::Error>(())
 //! ```
 

@@ -133,6 +133,23 @@ impl Error {
     }
 
     /// An [`Error::Io`] naming the path the failed operation was on.
+    ///
+    /// For `map_err` on a `std::io` call: the error keeps the OS error as its source and says which path it hit.
+    ///
+    /// ```
+    /// use small4::Error;
+    ///
+    /// let path = std::env::temp_dir().join("small4-no-such-dir").join("params.json");
+    /// let err = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e)).unwrap_err();
+    /// match &err {
+    ///     Error::Io { path: p, source } => {
+    ///         assert_eq!(p, &path.display().to_string());
+    ///         assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+    ///     }
+    ///     other => panic!("expected an I/O error, got {other}"),
+    /// }
+    /// assert!(err.to_string().starts_with("I/O error on "));
+    /// ```
     pub fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
         Error::Io { path: path.as_ref().display().to_string(), source }
     }

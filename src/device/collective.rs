@@ -15,6 +15,17 @@ use super::{Device, DeviceBuffer, DeviceElement};
 use crate::error::{Error, Result};
 
 /// Element types that can be summed across ranks.
+///
+/// ```
+/// use half::bf16;
+/// use small4::device::collective::ReduceElement;
+///
+/// assert_eq!(<f32 as ReduceElement>::add(1.5, 2.25), 3.75);
+/// // bf16 adds in f32 and rounds once: 256 + 1 is not a bf16 (8 mantissa bits), so it rounds to even, 256.
+/// let sum = <bf16 as ReduceElement>::add(bf16::from_f32(256.0), bf16::from_f32(1.0));
+/// assert_eq!(sum.to_f32(), 256.0);
+/// assert_eq!((<f32 as ReduceElement>::NAME, <bf16 as ReduceElement>::NAME), ("f32", "bf16"));
+/// ```
 pub trait ReduceElement: DeviceElement {
     /// The type's name in error messages ("f32", "bf16").
     const NAME: &'static str;
@@ -156,6 +167,32 @@ impl Collective for ThreadCollective {
 }
 
 /// NCCL over several CUDA devices driven from one process. Each rank enqueues on its device's stream.
+///
+/// It needs GPUs and libnccl: on a machine without them (this one) the example takes the `NoGpu` path.
+///
+/// ```
+/// use std::sync::Arc;
+/// use half::bf16;
+/// use small4::device::collective::{Collective, NcclCollective};
+/// use small4::device::cuda::CudaBackend;
+/// use small4::device::{Device, DeviceBuffer};
+/// use small4::Error;
+///
+/// let ranks = CudaBackend::new(0).map(Arc::new).and_then(|gpu| Ok((NcclCollective::for_devices(&[gpu.clone()])?, gpu)));
+/// match ranks {
+///     Ok((ranks, gpu)) => {
+///         // One rank: the all-reduce sums over itself, so the buffer is unchanged.
+///         assert_eq!((ranks.len(), ranks[0].rank(), ranks[0].world_size()), (1, 0, 1));
+///         let device: Device = gpu;
+///         let buffer = DeviceBuffer::from_slice(&device, &[bf16::from_f32(2.0); 4])?;
+///         ranks[0].all_reduce_sum_bf16(&buffer)?;
+///         assert_eq!(buffer.to_vec()?, vec![bf16::from_f32(2.0); 4]);
+///     }
+///     Err(Error::NoGpu(_)) => {} // no driver, no GPU or no libnccl
+///     Err(other) => return Err(other),
+/// }
+/// # Ok::<(), small4::Error>(())
+/// ```
 pub struct NcclCollective {
     rank: usize,
     world: usize,
@@ -244,6 +281,35 @@ impl Collective for NcclCollective {
 /// (separate memories, as separate GPUs have), or on hardware one backend per rank on CUDA device 0. Same-kind
 /// devices keep a comparison with a one-rank run on `like` bit-exact: the interpreter's transcendental functions
 /// are not the GPU's, so mixing kinds would compare rounding, not the sharding.
+///
+/// ```
+/// use half::bf16;
+/// use small4::device::collective::{ranks_like, Collective, ThreadCollective};
+/// use small4::device::{simulator, DeviceBuffer};
+///
+/// let devices = ranks_like(&simulator(), 2)?;
+/// assert!(devices.iter().all(|d| d.name() == "sim"));
+/// // Each rank sends two values; all_gather gives every rank all four, in rank order.
+/// let gathered = std::thread::scope(|scope| {
+///     let handles: Vec<_> = ThreadCollective::group(2)?
+///         .into_iter()
+///         .zip(&devices)
+///         .map(|(rank, device)| {
+///             scope.spawn(move || {
+///                 let r = rank.rank() as f32;
+///                 let send = DeviceBuffer::from_slice(device, &[bf16::from_f32(r), bf16::from_f32(r + 0.5)])?;
+///                 let out = DeviceBuffer::<bf16>::alloc(device, 2 * rank.world_size())?;
+///                 rank.all_gather_bf16(&send, &out)?;
+///                 out.to_vec()
+///             })
+///         })
+///         .collect();
+///     handles.into_iter().map(|h| h.join().unwrap()).collect::<Result<Vec<_>, small4::Error>>()
+/// })?;
+/// let expected: Vec<bf16> = [0.0, 0.5, 1.0, 1.5].map(bf16::from_f32).to_vec();
+/// assert_eq!(gathered, vec![expected.clone(), expected]);
+/// # Ok::<(), small4::Error>(())
+/// ```
 pub fn ranks_like(like: &Device, world: usize) -> crate::error::Result<Vec<Device>> {
     (0..world).map(|_| if like.name() == "sim" { Ok(super::simulator()) } else { super::gpu() }).collect()
 }

@@ -14,6 +14,33 @@ use crate::error::{Error, Result};
 
 /// One CUDA device driven through the driver API: its primary context, one stream for all work, and the kernels
 /// loaded so far (each module is loaded on the first launch of one of its kernels).
+///
+/// Without a driver or GPU (as on the machine that runs these examples) construction is `Error::NoGpu`; with one,
+/// the example checks the accessors and borrows the backend's own stream for a second backend:
+///
+/// ```
+/// use std::sync::Arc;
+/// use small4::device::cuda::CudaBackend;
+/// use small4::device::{Device, DeviceBuffer};
+/// use small4::Error;
+///
+/// match CudaBackend::new(0) {
+///     Ok(gpu) => {
+///         assert_eq!(gpu.ordinal(), 0);
+///         assert!(gpu.device_name()?.starts_with("NVIDIA"));
+///         // SAFETY: the stream belongs to device 0's primary context, and `gpu` (its owner) outlives `borrowed`.
+///         let borrowed = unsafe { CudaBackend::on_borrowed_stream(0, gpu.cu_stream())? };
+///         assert_eq!(borrowed.cu_stream(), gpu.cu_stream());
+///         let device: Device = Arc::new(borrowed);
+///         let buffer = DeviceBuffer::from_slice(&device, &[7u32; 3])?;
+///         assert_eq!(buffer.to_vec()?, vec![7; 3]);
+///     }
+///     Err(Error::NoGpu(why)) => assert!(!why.is_empty()),
+///     Err(other) => return Err(other),
+/// }
+/// assert!(matches!(CudaBackend::new(1 << 20), Err(Error::NoGpu(_)))); // no such device anywhere
+/// # Ok::<(), small4::Error>(())
+/// ```
 pub struct CudaBackend {
     ordinal: usize,
     context: Arc<CudaContext>,

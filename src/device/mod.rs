@@ -1,6 +1,122 @@
 //! The device layer: one `Backend` trait that every kernel wrapper launches through, with two implementations,
 //! the CUDA driver (`cuda::CudaBackend`, the real GPU) and the PTX interpreter (`sim::SimBackend`, runs the same
 //! compiled PTX on the CPU). Buffers are typed, own their device memory and free it on drop.
+//!
+//! A tour: a hand-written PTX kernel (adds 1 to `n` floats) launched through the public launch path, the interpreter's
+//! counters of that launch, and a recorded graph replayed. The crate's own kernels are launched the same way by the
+//! `kernels` wrappers, with their PTX from build.rs.
+//!
+//! ```
+//! use small4::device::{launch_with, simulator, DType, DeviceBuffer, DeviceElement, Dim3, Graph, Kernel, KernelModule,
+//!     LaunchConfig, LaunchCounters};
+//!
+//! const PTX: &str = r#"
+//! .version 8.0
+//! .target sm_90a
+//! .address_size 64
+//! .visible .entry add_one(.param .align 8 .b8 add_one_param_0[16])
+//! {
+//!     .reg .pred %p<2>;
+//!     .reg .b32 %r<6>;
+//!     .reg .f32 %f<3>;
+//!     .reg .b64 %rd<5>;
+//!     ld.param.u64 %rd1, [add_one_param_0];
+//!     ld.param.u32 %r1, [add_one_param_0+8];
+//!     mov.u32 %r2, %ctaid.x;
+//!     mov.u32 %r3, %ntid.x;
+//!     mov.u32 %r4, %tid.x;
+//!     mad.lo.s32 %r5, %r2, %r3, %r4;
+//!     setp.ge.u32 %p1, %r5, %r1;
+//!     @%p1 bra DONE;
+//!     cvta.to.global.u64 %rd2, %rd1;
+//!     mul.wide.u32 %rd3, %r5, 4;
+//!     add.s64 %rd4, %rd2, %rd3;
+//!     ld.global.f32 %f1, [%rd4];
+//!     add.f32 %f2, %f1, 0f3F800000;
+//!     st.global.f32 [%rd4], %f2;
+//! DONE:
+//!     ret;
+//! }
+//! "#;
+//! // The interpreter runs the PTX; a GPU would load the cubin first (none here, so this module is interpreter-only).
+//! const MODULE: KernelModule = KernelModule { name: "doc_add_one", ptx: PTX, cubin: &[] };
+//! const ADD_ONE: Kernel = Kernel { module: MODULE, entry: "add_one" };
+//!
+//! /// The kernel's by-value parameter struct, laid out as its 16-byte `.param` (explicit padding: every byte is set).
+//! #[repr(C)]
+//! #[derive(Clone, Copy)]
+//! struct Params {
+//!     data: *mut f32,
+//!     n: u32,
+//!     _pad: u32,
+//! }
+//!
+//! let device = simulator();
+//! assert_eq!(<f32 as DeviceElement>::DTYPE, DType::F32);
+//! let data = DeviceBuffer::from_slice(&device, &[0.5f32; 64])?;
+//! assert_eq!((data.len(), data.bytes(), data.is_empty()), (64, 256, false));
+//! assert_eq!(data.ptr::<f32>() as u64, data.addr());
+//!
+//! // 64 threads as 2 blocks of 32 (one warp each).
+//! let config = LaunchConfig { grid: Dim3::x(2), block: Dim3::x(32), shared_bytes: 0 };
+//! assert_eq!((config.grid.count(), Dim3::xy(4, 8).count(), Dim3::xyz(2, 3, 4).count()), (2, 32, 24));
+//! let params = Params { data: data.mut_ptr(), n: 64, _pad: 0 };
+//! launch_with(&device, &ADD_ONE, &config, &params)?;
+//! assert_eq!(data.to_vec()?, vec![1.5; 64]);
+//!
+//! // What the interpreter measured: each warp loads and stores 128 contiguous bytes (4 sectors of 32 bytes).
+//! let counters: LaunchCounters = device.last_launch_counters().expect("the interpreter counts every launch");
+//! assert_eq!((counters.kernel.as_str(), counters.blocks), ("add_one", 2));
+//! assert_eq!((counters.global_bytes_read, counters.global_bytes_written), (256, 256));
+//! assert_eq!(counters.sector_bytes(), 512); // loads and stores, 2 warps x 2 requests x 4 sectors
+//! assert_eq!(counters.traffic_efficiency(512), 1.0); // no sector carried bytes nobody asked for
+//! assert_eq!(counters.dram_bytes(), 256); // the 8 distinct sectors, read and written back once
+//!
+//! // Record the launch once, replay it twice: the same kernel on the same buffer, no host work in between.
+//! device.begin_capture()?;
+//! launch_with(&device, &ADD_ONE, &config, &params)?;
+//! assert!(device.alloc(4).is_err()); // host operations are refused while capturing
+//! let graph: Graph = device.end_capture()?;
+//! assert_eq!(graph.launches(), 1);
+//! assert_eq!(data.to_vec()?, vec![1.5; 64]); // capturing ran nothing
+//! device.replay(&graph)?;
+//! device.replay(&graph)?;
+//! assert_eq!(data.to_vec()?, vec![3.5; 64]);
+//!
+//! // A launch that would fault on a GPU is a typed error here: 65 threads over 64 floats reads past the buffer.
+//! let poisoned = DeviceBuffer::<f32>::filled_with_byte(&device, 64, 0xff)?; // 0xffffffff: NaN
+//! assert!(poisoned.to_vec()?.iter().all(|v| v.is_nan()));
+//! let past_end = Params { data: poisoned.mut_ptr(), n: 65, _pad: 0 };
+//! let wide = LaunchConfig { grid: Dim3::x(3), ..config };
+//! assert!(matches!(launch_with(&device, &ADD_ONE, &wide, &past_end), Err(small4::Error::Simulator(_))));
+//! # Ok::<(), small4::Error>(())
+//! ```
+//!
+//! Hardware: [`gpu`] is `Error::NoGpu` on a machine without a driver or GPU (never a panic), and [`Ceilings`] are
+//! the datasheet figures benchmarks report against.
+//!
+//! ```
+//! use small4::device::{gpu, gpu_or_skip, Backend, Ceilings, Device};
+//!
+//! match gpu() {
+//!     Ok(device) => assert_eq!(device.name(), "cuda"),
+//!     Err(small4::Error::NoGpu(why)) => assert!(!why.is_empty()), // this machine: says why, e.g. no libcuda.so
+//!     Err(other) => panic!("gpu() fails only with NoGpu, got {other}"),
+//! }
+//! // A hardware-only tool says it skipped (on stdout) and gets None, rather than failing.
+//! let device: Option<Device> = gpu_or_skip("the doc example's benchmark");
+//! assert_eq!(device.is_some(), gpu().is_ok());
+//!
+//! let h100 = Ceilings::h100_sxm();
+//! assert_eq!(h100.hbm_bytes_per_s, 3.35e12);
+//! let h200 = Ceilings::for_device_name("NVIDIA H200");
+//! assert_eq!((h200.hbm_bytes_per_s, h200.dense_bf16_flops), (4.8e12, h100.dense_bf16_flops));
+//! assert_eq!(h200.describe(), "4.80 TB/s and 989 bf16 TFLOP/s of the H200");
+//! // An unknown device is measured against the H100 SXM, and the label says it was assumed.
+//! let other = Ceilings::for_device_name("sim");
+//! assert_eq!(other.hbm_bytes_per_s, h100.hbm_bytes_per_s);
+//! assert!(other.label.contains("assumed"));
+//! ```
 
 pub mod collective;
 pub mod cuda;

@@ -10,6 +10,27 @@ use crate::error::{Error, Result};
 
 /// The PTX interpreter as a [`Backend`]: one simulated device memory, modules parsed on first use, and the counters of
 /// the last launch ([`Backend::last_launch_counters`]). Graph capture records launches and replays them in order.
+///
+/// [`crate::device::simulator`] is the usual way to get one, already shared as a [`super::Device`]:
+///
+/// ```
+/// use std::sync::Arc;
+/// use small4::device::sim::SimBackend;
+/// use small4::device::{Backend, Device, DeviceBuffer};
+///
+/// let device: Device = Arc::new(SimBackend::new());
+/// assert_eq!((device.name(), device.device_name()), ("sim", "sim".to_string()));
+/// assert!(device.last_launch_counters().is_none()); // nothing launched yet
+///
+/// // Each backend is its own device memory: a buffer of one is unknown to another.
+/// let buffer = DeviceBuffer::from_slice(&device, &[1u32, 2, 3])?;
+/// let other = SimBackend::default();
+/// let mut bytes = [0u8; 12];
+/// assert!(other.read(buffer.addr(), &mut bytes).is_err());
+/// device.read(buffer.addr(), &mut bytes)?;
+/// assert_eq!(bytes[4..8], 2u32.to_ne_bytes());
+/// # Ok::<(), small4::Error>(())
+/// ```
 pub struct SimBackend {
     machine: Mutex<ptxsim::Machine>,
     /// The launches recorded since `begin_capture`, while a capture is open.

@@ -33,6 +33,24 @@ mod params {
 }
 
 /// What ptxas reported for one kernel compiled for sm_90a (one row of [`KERNEL_RESOURCES`]).
+///
+/// The table answers occupancy questions without a GPU (registers and shared memory per block) and is the same data
+/// as [`KERNEL_RESOURCES_MARKDOWN`]:
+///
+/// ```
+/// use small4::kernels::{KernelResources, KERNEL_RESOURCES, KERNEL_RESOURCES_MARKDOWN};
+///
+/// let rms: &KernelResources = KERNEL_RESOURCES.iter().find(|k| k.kernel == "rms_norm_bf16").expect("a norm kernel");
+/// assert_eq!(rms.module, "norm");
+/// assert!(rms.registers > 0 && rms.registers <= 255); // sm_90's per-thread limit
+/// // Sorted by module, then kernel; and no kernel spills registers to local memory.
+/// assert!(KERNEL_RESOURCES.windows(2).all(|w| (w[0].module, w[0].kernel) < (w[1].module, w[1].kernel)));
+/// assert!(KERNEL_RESOURCES.iter().all(|k| k.spill_stores == 0 && k.spill_loads == 0));
+/// // The Markdown table: a header, a rule, then one row per kernel.
+/// assert_eq!(KERNEL_RESOURCES_MARKDOWN.lines().count(), 2 + KERNEL_RESOURCES.len());
+/// let row = format!("| {} | {} | {} |", rms.module, rms.kernel, rms.registers);
+/// assert!(KERNEL_RESOURCES_MARKDOWN.lines().any(|l| l.starts_with(&row)));
+/// ```
 #[derive(Clone, Copy, Debug)]
 pub struct KernelResources {
     /// The kernel family: the `cuda/*.cu` file stem, e.g. `"moe_gemm"`.

@@ -43,6 +43,30 @@ impl Default for BenchOptions {
 }
 
 /// What one run measured.
+///
+/// The figures derive from the recorded times; a report built by hand (as a test of a report consumer would):
+///
+/// ```
+/// use std::time::Duration;
+/// use small4::model::bench::{BenchOptions, BenchReport};
+///
+/// let ms = Duration::from_millis;
+/// let report = BenchReport {
+///     device: "sim".into(),
+///     options: BenchOptions { batch: 4, prompt_len: 100, ..BenchOptions::default() },
+///     load: Duration::from_secs(1),
+///     prefill: ms(200),
+///     decode_steps: vec![ms(30), ms(10), ms(20), ms(40)],
+///     captured_graphs: 1,
+/// };
+/// assert_eq!(report.prefill_tokens_per_s(), 4.0 * 100.0 / 0.2); // batch * prompt_len / prefill
+/// assert_eq!(report.decode_step_mean(), ms(25));
+/// assert_eq!(report.decode_step_quantile(0.5), ms(20)); // nearest rank: the 2nd of 4 sorted steps
+/// assert_eq!(report.decode_step_quantile(0.0), ms(10)); // the fastest step
+/// assert_eq!(report.decode_step_quantile(1.0), ms(40)); // the slowest
+/// assert_eq!(report.decode_tokens_per_s(), 4.0 / 0.025); // one token per sequence per step
+/// assert!(report.to_string().contains("replays 1 captured graph(s)"));
+/// ```
 #[derive(Clone, Debug)]
 pub struct BenchReport {
     /// The device's name ([`crate::device::Backend::device_name`]).

@@ -5,6 +5,88 @@
 //! rest of the crate sees one naming. Weight matrices come back as `MatrixData`, zero-copy views into the mapped
 //! files in their checkpoint format (bf16, FP8 per-tensor, FP8 block-128, INT4 grouped, NVFP4): the loader repacks
 //! them into the kernels' layouts while streaming to the device, so host memory never holds the whole model.
+//!
+//! A tour of an HF checkpoint (the tiny preset with FP8 experts): native names in, stored names and format-typed
+//! views out.
+//!
+//! ```
+//! use safetensors::Dtype;
+//! use small4::model::checkpoint::{hf_name, vision_layer_prefix, Checkpoint, ExpertMatrix, Layout, MatrixData, StoredTensor};
+//! use small4::model::synthetic::{tiny_checkpoint, DEFAULT_TINY_SEED, HF_MISTRAL3_PREFIX, SYNTHETIC_ACT_SCALE};
+//! use small4::model::ModelConfig;
+//! use small4::quant::WeightFormat;
+//!
+//! let hf = Layout::HuggingFace { prefix: HF_MISTRAL3_PREFIX.into() };
+//! let ck = Checkpoint::open(tiny_checkpoint(WeightFormat::Fp8PerTensor, &hf, DEFAULT_TINY_SEED)?)?;
+//! let c = ModelConfig::tiny();
+//! assert_eq!(ck.layout, hf);
+//! assert!(!ck.shard_paths().is_empty());
+//!
+//! // Native names are translated to the layout's stored names.
+//! let stored = ck.stored_name("layers.0.attention.wq_a.weight");
+//! assert_eq!(stored, "model.language_model.layers.0.self_attn.q_a_proj.weight");
+//! assert_eq!(stored, hf_name("layers.0.attention.wq_a.weight", HF_MISTRAL3_PREFIX));
+//! assert_eq!(hf_name("output.weight", HF_MISTRAL3_PREFIX), "lm_head.weight");
+//! let wq = format!("{}.attention.wq.weight", vision_layer_prefix(1));
+//! assert_eq!(wq, "vision_encoder.transformer.layers.1.attention.wq.weight");
+//! assert_eq!(hf_name(&wq, HF_MISTRAL3_PREFIX), "model.vision_tower.transformer.layers.1.attention.q_proj.weight");
+//!
+//! // A plain tensor, checked against the dtype and shape the caller expects.
+//! let norm: StoredTensor = ck.plain("norm.weight", Dtype::BF16, &[c.dim])?;
+//! assert_eq!((norm.name, norm.shape, norm.data.len()), ("model.language_model.norm.weight", &[c.dim][..], 2 * c.dim));
+//! assert_eq!(ck.stored("model.language_model.norm.weight")?.data, norm.data);
+//! assert!(matches!(ck.plain("norm.weight", Dtype::BF16, &[c.dim + 1]), Err(small4::Error::Shape { .. })));
+//! assert!(ck.stored("no.such.tensor").is_err());
+//!
+//! // Matrices come back in their stored format: FP8 attention (and experts, stacked in the HF layout).
+//! let wq_a = ck.matrix("layers.0.attention.wq_a", c.q_lora_rank, c.dim)?;
+//! assert_eq!(wq_a.format_name(), "fp8");
+//! let w2 = ck.expert_matrix(0, 3, ExpertMatrix::W2, c.dim, c.expert_hidden)?; // [dim, hidden]
+//! let MatrixData::Fp8PerTensor { data, .. } = &w2 else { panic!("FP8 experts, got {}", w2.format_name()) };
+//! assert_eq!(data.len(), c.dim * c.expert_hidden);
+//! // Attention keeps the writer's static activation scale; the stacked HF experts written here carry none, so
+//! // there are no expert activation scales for W8A8 (a native FP8 checkpoint has them).
+//! assert!(matches!(wq_a, MatrixData::Fp8PerTensor { activation_scale: Some(s), .. } if s == SYNTHETIC_ACT_SCALE));
+//! assert_eq!(ck.expert_activation_scales(0, c.experts, c.dim, c.expert_hidden)?, None);
+//!
+//! // The vision tower, in f32 and in the native (interleaved RoPE) row order.
+//! let tower = c.vision.as_ref().unwrap();
+//! let vision = ck.vision_weights(tower, c.dim)?;
+//! assert_eq!(vision.layers.len(), tower.n_layers);
+//! assert_eq!(vision.patch_conv.len(), tower.hidden * tower.num_channels * tower.patch_size * tower.patch_size);
+//! # Ok::<(), small4::Error>(())
+//! ```
+//!
+//! Writing: [`write_shards`] splits named tensors into shards and writes the index; a config file beside them makes
+//! a directory [`Checkpoint::open`] reads.
+//!
+//! ```
+//! use std::collections::BTreeMap;
+//! use safetensors::Dtype;
+//! use small4::model::checkpoint::{write_shards, Checkpoint, Layout, OwnedTensor};
+//! use small4::model::{synthetic, ModelConfig};
+//! use small4::Error;
+//!
+//! let dir = std::env::temp_dir().join(format!("small4-shards-doc-{}", std::process::id()));
+//! let tensor = |values: &[f32]| OwnedTensor {
+//!     dtype: Dtype::F32,
+//!     shape: vec![values.len()],
+//!     data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+//! };
+//! let tensors = BTreeMap::from([("a.weight".to_string(), tensor(&[1.0, 2.0])), ("b.weight".to_string(), tensor(&[3.0; 4]))]);
+//! let shards = write_shards(&dir, &Layout::Native, &tensors, 8)?; // 8 bytes a shard: "a" fills one, "b" gets its own
+//! assert_eq!(shards.len(), 2);
+//! let params = dir.join("params.json");
+//! std::fs::write(&params, synthetic::params_json(&ModelConfig::tiny()).to_string()).map_err(|e| Error::io(&params, e))?;
+//!
+//! let ck = Checkpoint::open(&dir)?;
+//! assert_eq!(ck.shard_paths(), shards.iter().map(|p| p.as_path()).collect::<Vec<_>>());
+//! assert_eq!(ck.stored_names(), vec!["a.weight", "b.weight"]);
+//! let b = ck.plain("b.weight", Dtype::F32, &[4])?;
+//! assert_eq!(b.data, tensors["b.weight"].data.as_slice());
+//! std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+//! # Ok::<(), small4::Error>(())
+//! ```
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;

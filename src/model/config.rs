@@ -6,6 +6,56 @@
 //! (params.json `yarn.apply_scale = false`). Hugging Face's `Mistral4` applies `(0.1 ln(factor) + 1)^2` to the scale
 //! whenever `rope_parameters.mscale_all_dim` is present (its converter always writes 1.0): that is not what the model
 //! was trained with, so this loader IGNORES `mscale_all_dim`, `mscale` and `attention_factor` (SPEC-model.md).
+//!
+//! The presets, what they derive, and a configuration read back from a file:
+//!
+//! ```
+//! use small4::model::config::{ActiveParams, ParamCounts};
+//! use small4::model::{synthetic, ModelConfig, VisionConfig};
+//!
+//! let big = ModelConfig::mistral_small_4();
+//! big.validate()?;
+//! assert_eq!(big.qk_head_dim(), 64 + 64);
+//! let mla = big.mla_dims(); // what the attention kernels are specialised on
+//! assert_eq!((mla.heads, mla.kv_lora_rank, mla.qk_rope, mla.v_head), (32, 256, 64, 128));
+//! assert!((0..big.n_layers).all(|l| big.is_moe_layer(l))); // first_k_dense_replace = 0
+//!
+//! // About 119B parameters in all, about 6.6B read per token (4 of 128 experts).
+//! let counts: ParamCounts = big.param_counts();
+//! assert_eq!(counts.total(), counts.embedding + counts.attention + counts.router + counts.routed_experts
+//!     + counts.shared_experts + counts.dense_ffn + counts.norms + counts.head);
+//! assert_eq!(counts.total() / 1_000_000_000, 118); // 118.x B: the text model alone
+//! let active: ActiveParams = big.active_params();
+//! assert_eq!(active.with_embedding_and_head - active.core, 2 * 131_072 * 4096); // embedding + untied head
+//! assert_eq!(active.with_embedding_and_head / 100_000_000, 66);
+//! assert!(big.vision_param_count() > 400_000_000); // the tower and projector come on top
+//!
+//! // The tiny preset: same head geometry, a few layers, a small tower.
+//! let mut tiny = ModelConfig::tiny();
+//! let tower: &VisionConfig = tiny.vision.as_ref().unwrap();
+//! tower.validate()?;
+//! assert_eq!(tiny.vision_param_count(), tower.param_count(tiny.dim));
+//! // A dense first layer: its FFN is counted as dense, not as experts.
+//! tiny.first_k_dense_replace = 1;
+//! assert!(!tiny.is_moe_layer(0) && tiny.is_moe_layer(1));
+//! assert_eq!(tiny.param_counts().dense_ffn, 3 * 256 * 512);
+//!
+//! // validate() catches what the kernels cannot run, on the text model and on the tower.
+//! assert!(ModelConfig { qk_rope: 63, ..ModelConfig::tiny() }.validate().is_err()); // RoPE rotates pairs
+//! let bad_tower = VisionConfig { head_dim: 30, ..tower.clone() }; // 2 heads x 30 != hidden 128
+//! assert!(bad_tower.validate().is_err());
+//!
+//! // from_file reads params.json (or config.json) and names the file in its errors.
+//! use small4::Error;
+//! let dir = std::env::temp_dir().join(format!("small4-config-doc-{}", std::process::id()));
+//! std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+//! let path = dir.join("params.json");
+//! std::fs::write(&path, synthetic::params_json(&ModelConfig::tiny()).to_string()).map_err(|e| Error::io(&path, e))?;
+//! assert_eq!(ModelConfig::from_file(&path)?, ModelConfig::tiny());
+//! assert!(matches!(ModelConfig::from_file(dir.join("missing.json")), Err(Error::Io { .. })));
+//! std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+//! # Ok::<(), small4::Error>(())
+//! ```
 
 use std::path::Path;
 

@@ -1,6 +1,67 @@
 //! One generation interface over every backend: the CPU reference or the engine on the PTX interpreter or a GPU,
 //! opened from a checkpoint directory. What the C ABI's generator and the examples run; `small4 generate` computes
 //! the same tokens.
+//!
+//! The same tiny checkpoint on the CPU reference and on the interpreter, with an image in the prompt:
+//!
+//! ```
+//! use small4::model::checkpoint::{Checkpoint, Layout};
+//! use small4::model::engine::Sampling;
+//! use small4::model::generator::{GenerationBackend, Generator, GeneratorOptions};
+//! use small4::model::synthetic::{tiny_checkpoint, DEFAULT_TINY_SEED};
+//! use small4::model::PixelImage;
+//! use small4::quant::WeightFormat;
+//!
+//! let checkpoint = Checkpoint::open(tiny_checkpoint(WeightFormat::Bf16, &Layout::Native, DEFAULT_TINY_SEED)?)?;
+//! let options = GeneratorOptions { eos: None, max_context: 32, ..GeneratorOptions::default() };
+//!
+//! // The reference backend uploads nothing, so it reports no progress and has no device.
+//! let mut reference = Generator::open_with_progress(&checkpoint, &options, |_| unreachable!())?;
+//! assert!(reference.device().is_none());
+//! let vision = reference.config().vision.clone().expect("the tiny preset has a tower");
+//!
+//! // A 28x28 image is 2x2 patches of 14, merged 2x2 into one feature: one [IMG], then [IMG_END].
+//! let image = PixelImage { width: 28, height: 28, channels: 3, data: vec![0.25; 3 * 28 * 28] };
+//! let prompt = [1, vision.image_token_id, vision.image_end_token_id, 300];
+//! let tokens = reference.generate_with_images(&prompt, &[image.clone()], 2, Sampling::Greedy, |_| {})?;
+//! assert_eq!(tokens.len(), 2);
+//!
+//! // The engine on a device the caller chose (here the interpreter), streaming the tokens as they come.
+//! let device = small4::device::simulator();
+//! let mut engine = Generator::engine_on(&device, &checkpoint, &options)?;
+//! assert_eq!(engine.device().map(|d| d.name()), Some("sim"));
+//! let mut streamed = Vec::new();
+//! let tokens = engine.generate_with_images(&prompt, &[image], 1, Sampling::Greedy, |t| streamed.push(t))?;
+//! assert_eq!((tokens.len(), tokens), (1, streamed));
+//! assert!(engine.generate(&[1; 32], 1, Sampling::Greedy, |_| {}).is_err()); // 33 tokens > max_context
+//! assert_eq!(engine.options().backend, GenerationBackend::Reference); // engine_on does not consult it
+//! # Ok::<(), small4::Error>(())
+//! ```
+//!
+//! An engine backend opened with [`Generator::open_with_progress`] reports the upload step by step (a closure such
+//! as `|p: LoadProgress| eprintln!("{}/{}", p.done, p.total)`), one step per layer and a last one for the embeddings
+//! and the head; `GenerationBackend::Gpu` opens CUDA device 0 and is `Error::NoGpu` without one:
+//!
+//! ```
+//! # use small4::model::checkpoint::{Checkpoint, Layout};
+//! # use small4::model::synthetic::{tiny_checkpoint, DEFAULT_TINY_SEED};
+//! # use small4::quant::WeightFormat;
+//! use small4::model::engine::LoadProgress;
+//! use small4::model::generator::{GenerationBackend, Generator, GeneratorOptions};
+//!
+//! let checkpoint = Checkpoint::open(tiny_checkpoint(WeightFormat::Bf16, &Layout::Native, DEFAULT_TINY_SEED)?)?;
+//! let options = GeneratorOptions { backend: GenerationBackend::Gpu, ..GeneratorOptions::default() };
+//! let mut steps: Vec<LoadProgress> = Vec::new();
+//! match Generator::open_with_progress(&checkpoint, &options, |p| steps.push(p)) {
+//!     Ok(on_gpu) => {
+//!         let total = on_gpu.config().n_layers + 1;
+//!         assert_eq!(steps.last(), Some(&LoadProgress { done: total, total }));
+//!     }
+//!     Err(small4::Error::NoGpu(_)) => assert!(steps.is_empty()), // nothing was uploaded
+//!     Err(other) => return Err(other),
+//! }
+//! # Ok::<(), small4::Error>(())
+//! ```
 
 use super::checkpoint::Checkpoint;
 use super::config::ModelConfig;

@@ -4,6 +4,76 @@
 //! This module owns the bookkeeping only: which physical page holds which tokens. The cache memory itself
 //! (`[num_pages, page_size, 320]` of bf16 or fp8 e4m3) lives on the device (`kernels::attention::PagedCache`).
 //! Every operation either succeeds completely or returns an error and changes nothing.
+//!
+//! A tour: two sequences share a prefix through `fork`, and the first append into the shared, partly filled page
+//! makes the appender's private copy (a [`PageCopy`] the engine runs on the device before writing).
+//!
+//! ```
+//! use small4::model::kv_cache::{AppendPlan, BatchTables, CacheDescriptor, CacheDtype, KvCache, PageCopy, SeqId};
+//!
+//! // 4 pages of 16 tokens; each token is 256 latent + 64 rope values of bf16.
+//! let mut cache = KvCache::new(CacheDescriptor::mla(4, 16, CacheDtype::Bf16)?)?;
+//! assert_eq!(cache.descriptor().page_size, 16);
+//!
+//! let parent = cache.add_sequence();
+//! let plan: AppendPlan = cache.append(parent, 20)?; // a full page and 4 tokens of a second
+//! assert_eq!((plan.first_position, plan.count, plan.copies.len()), (0, 20, 0));
+//! assert_eq!(cache.block_table(parent)?, &[0, 1]); // free pages are handed out in a fixed order
+//!
+//! let child: SeqId = cache.fork(parent)?; // shares both pages: nothing is copied yet
+//! assert_eq!((cache.refcount(0)?, cache.refcount(1)?), (2, 2));
+//! assert_eq!(cache.sequence_ids().collect::<Vec<_>>(), vec![parent, child]);
+//!
+//! // The child appends into page 1, still the parent's too: it gets page 2 as a copy of page 1 first.
+//! let plan = cache.append(child, 1)?;
+//! assert_eq!(plan.first_position, 20);
+//! assert_eq!(plan.copies, vec![PageCopy { src: 1, dst: 2 }]);
+//! assert_eq!(cache.block_table(child)?, &[0, 2]);
+//! assert_eq!((cache.refcount(0)?, cache.refcount(1)?, cache.refcount(2)?), (2, 1, 1));
+//! // Token 20 of the child lives in page 2 at offset 4.
+//! assert_eq!(cache.slot(child, 20)?, 2 * 16 + 4);
+//! assert!(cache.slot(child, 21).is_err()); // past its length
+//!
+//! // What the attention kernels read for a batch of both: rows padded to the longest with -1.
+//! let tables: BatchTables = cache.batch_tables(&[parent, child])?;
+//! assert_eq!(tables.max_pages, 2);
+//! assert_eq!(tables.block_tables, vec![0, 1, 0, 2]);
+//! assert_eq!(tables.seq_lens, vec![20, 21]);
+//!
+//! cache.free(parent)?; // page 0 is still the child's; page 1 was the parent's alone
+//! assert_eq!(cache.free_pages(), 2);
+//! cache.free(child)?;
+//! assert_eq!(cache.free_pages(), 4);
+//! assert!(cache.free(child).is_err()); // UnknownSequence: freeing twice is an error
+//! # Ok::<(), small4::Error>(())
+//! ```
+//!
+//! Sizes come from the [`CacheDescriptor`], and fp8 pages hold e4m3 codes times one scale:
+//!
+//! ```
+//! use small4::model::kv_cache::{e4m3_to_f32, CacheDescriptor, CacheDtype, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
+//!
+//! let desc = CacheDescriptor::mla(8, DEFAULT_PAGE_SIZE, CacheDtype::Bf16)?;
+//! assert_eq!(desc.token_width(), 256 + 64);
+//! assert_eq!(desc.token_bytes(), 320 * 2);
+//! assert_eq!(desc.page_bytes(), DEFAULT_PAGE_SIZE * 640);
+//! assert_eq!(desc.total_bytes(), 8 * desc.page_bytes());
+//! assert_eq!(desc.pages_for(DEFAULT_PAGE_SIZE + 1), 2);
+//! assert_eq!(desc.decode_element(&half::bf16::from_f32(1.5).to_le_bytes()), 1.5);
+//!
+//! // validate() refuses what the kernels cannot index: pages past MAX_PAGE_SIZE, a non-positive fp8 scale.
+//! assert!(CacheDescriptor::mla(8, MAX_PAGE_SIZE + 1, CacheDtype::Bf16).is_err());
+//! let bad = CacheDescriptor { dtype: CacheDtype::Fp8E4m3 { scale: 0.0 }, ..desc };
+//! assert!(bad.validate().is_err());
+//!
+//! let fp8 = CacheDescriptor::mla(8, 16, CacheDtype::Fp8E4m3 { scale: 0.5 })?;
+//! assert_eq!(fp8.token_bytes(), 320); // one byte per value
+//! assert_eq!(e4m3_to_f32(0x38), 1.0); // exponent 7 (the bias), mantissa 0
+//! assert_eq!(fp8.decode_element(&[0x38]), 0.5); // times the scale
+//! assert_eq!(e4m3_to_f32(0xc0), -2.0);
+//! assert!(e4m3_to_f32(0x7f).is_nan()); // the "fn" variant: no infinities, 0x7f is NaN
+//! # Ok::<(), small4::Error>(())
+//! ```
 
 use std::collections::BTreeMap;
 

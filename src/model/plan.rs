@@ -7,6 +7,40 @@
 //! wkv_a_with_mqa replicated, as MLA needs the whole latent on every rank); embedding and output head split over
 //! the vocabulary; norms, router, shared expert and vision tower replicated. The MLA latent cache is per token, not
 //! per head, so every GPU holds the full 320 values per token per layer.
+//!
+//! The plans `small4 plan` prints, and what one GPU's share adds up to:
+//!
+//! ```
+//! use small4::model::plan::{standard_plans, FormatChoice, GpuPlan, GpuSpec, MemoryPlan, RUNTIME_RESERVE_BYTES};
+//! use small4::model::Config;
+//! use small4::quant::WeightFormat;
+//!
+//! let plans: Vec<MemoryPlan> = standard_plans(&Config::mistral_small_4())?;
+//! assert_eq!(plans.len(), 5);
+//! let nvfp4 = &plans[0];
+//! assert_eq!((nvfp4.gpu, nvfp4.world, nvfp4.formats), (GpuSpec::H100_80GB, 1, FormatChoice::NVFP4_EXPERTS));
+//!
+//! // One GPU's memory: weights, activation workspace, the runtime reserve, and the rest for the KV cache.
+//! let gpu: &GpuPlan = &nvfp4.gpus[0];
+//! let used = gpu.weight_bytes() + gpu.activation_bytes + RUNTIME_RESERVE_BYTES;
+//! assert_eq!(used + gpu.kv_budget_bytes, GpuSpec::H100_80GB.memory_bytes);
+//! assert_eq!(gpu.kv_capacity_tokens, gpu.kv_budget_bytes / gpu.kv_bytes_per_token);
+//! assert_eq!(gpu.kv_bytes_per_token, 36 * 320 * 2); // 36 layers of 320 bf16 values
+//! assert_eq!(nvfp4.total_weight_bytes(), gpu.weight_bytes()); // one GPU
+//!
+//! // INT4 with a bf16 scale per 128 weights (4.125 bits) stores experts smaller than NVFP4 (4.5 bits).
+//! let int4 = &plans[1];
+//! assert_eq!(int4.formats, FormatChoice::INT4_EXPERTS);
+//! assert!(int4.total_weight_bytes() < nvfp4.total_weight_bytes());
+//!
+//! // Eight GPUs: experts and heads split, but replicated weights count once per GPU in the total.
+//! let bf16 = &plans[4];
+//! assert_eq!((bf16.world, bf16.formats), (8, FormatChoice::all(WeightFormat::Bf16)));
+//! assert_eq!(bf16.total_weight_bytes(), bf16.gpus.iter().map(GpuPlan::weight_bytes).sum::<u64>());
+//! assert!(bf16.total_weight_bytes() > bf16.gpus[0].weight_bytes() * 7);
+//! assert!(nvfp4.to_string().contains("KV cache"));
+//! # Ok::<(), small4::Error>(())
+//! ```
 
 use std::fmt;
 

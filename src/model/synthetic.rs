@@ -5,6 +5,46 @@
 //! What is quantised follows the published releases: experts (routed and shared) in the chosen format; the
 //! attention linears FP8 when the format is FP8, bf16 otherwise; embedding, norms, router, head, vision tower and
 //! projector always bf16.
+//!
+//! A round trip: the tiny preset's FP8 checkpoint read back to f32 weights, rewritten in the Hugging Face layout,
+//! and opened again; both config files parse back to the preset.
+//!
+//! ```
+//! use small4::model::checkpoint::{Checkpoint, Layout, MatrixData};
+//! use small4::model::synthetic::{attention_format, hf_config_json, load_reference_weights, params_json, tiny_checkpoint,
+//!     write_checkpoint, DEFAULT_TINY_SEED, HF_MISTRAL3_PREFIX, SYNTHETIC_ACT_SCALE};
+//! use small4::model::ModelConfig;
+//! use small4::quant::WeightFormat;
+//!
+//! let tiny = ModelConfig::tiny();
+//! assert_eq!(ModelConfig::from_json_str(&params_json(&tiny).to_string())?, tiny);
+//! assert_eq!(ModelConfig::from_json_str(&hf_config_json(&tiny).to_string())?, tiny);
+//!
+//! // FP8 releases store attention in FP8 too; every other expert format leaves attention bf16.
+//! assert_eq!(attention_format(WeightFormat::Fp8PerTensor), WeightFormat::Fp8PerTensor);
+//! assert_eq!(attention_format(WeightFormat::Nvfp4), WeightFormat::Bf16);
+//!
+//! let native = Checkpoint::open(tiny_checkpoint(WeightFormat::Fp8PerTensor, &Layout::Native, DEFAULT_TINY_SEED)?)?;
+//! let weights = load_reference_weights(&native)?; // dequantised to f32 on the CPU
+//! assert!(native.expert_activation_scales(0, tiny.experts, tiny.dim, tiny.expert_hidden)?.is_some()); // W8A8-ready
+//!
+//! let dir = std::env::temp_dir().join(format!("small4-synthetic-doc-{}", std::process::id()));
+//! let hf = Layout::HuggingFace { prefix: HF_MISTRAL3_PREFIX.into() };
+//! write_checkpoint(&dir, &weights, &hf, WeightFormat::Fp8PerTensor, 1 << 20)?; // shards of at most 1 MiB
+//! let reopened = Checkpoint::open(&dir)?;
+//! assert_eq!(reopened.layout, hf);
+//! assert!(reopened.shard_paths().len() > 1);
+//!
+//! // wq_a [q_lora_rank 128, dim 256], FP8 with the writer's static activation scale beside it.
+//! let wq_a = reopened.matrix("layers.0.attention.wq_a", 128, 256)?;
+//! assert_eq!(wq_a.format_name(), "fp8");
+//! assert!(matches!(wq_a, MatrixData::Fp8PerTensor { activation_scale: Some(s), .. } if s == SYNTHETIC_ACT_SCALE));
+//! // Rewriting FP8 values as FP8 keeps them: the two checkpoints dequantise to the same matrix.
+//! let before = native.matrix("layers.0.attention.wq_a", 128, 256)?.to_quantized(128, 256)?.dequantize();
+//! assert_eq!(wq_a.to_quantized(128, 256)?.dequantize(), before);
+//! std::fs::remove_dir_all(&dir).map_err(|e| small4::Error::io(&dir, e))?;
+//! # Ok::<(), small4::Error>(())
+//! ```
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -1154,7 +1154,7 @@ impl Network<'_> {
             // Absorb W_UK into the query; q_rope = the rope half of every head.
             let (q, q_lat) = (ws.q.view([t, heads * qk])?, ws.q_lat.view([t, heads * rank])?);
             for (h, w_uk) in layer.w_uk.iter().enumerate() {
-                moe::linear(w_uk, q.columns(h * qk..h * qk + nope)?, q_lat.columns(h * rank..(h + 1) * rank)?)?;
+                moe::linear(w_uk, q.columns(h * qk..h * qk + w_uk.k_dim)?, q_lat.columns(h * rank..h * rank + w_uk.out_cols)?)?;
             }
             moe::linear(&m.rope_identity, ws.q.view([t * heads, qk])?.columns(nope..qk)?, ws.q_rope.view([t * heads, c.qk_rope])?)?;
             let queries = Queries { layout, q_lat: &ws.q_lat, q_rope: &ws.q_rope, heads };
@@ -1163,7 +1163,7 @@ impl Network<'_> {
             for (h, pieces) in layer.w_uv.iter().enumerate() {
                 for (w_uv, first) in pieces {
                     let col = h * v_head + first;
-                    moe::linear(w_uv, o_lat.columns(h * rank..(h + 1) * rank)?, attn.columns(col..col + w_uv.out_cols)?)?;
+                    moe::linear(w_uv, o_lat.columns(h * rank..h * rank + w_uv.k_dim)?, attn.columns(col..col + w_uv.out_cols)?)?;
                 }
             }
             match &ws.attention_sum {

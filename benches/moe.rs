@@ -71,7 +71,8 @@ fn bench_format(c: &mut Criterion, device: &Device, format: WeightFormat) {
         let grouping = Grouping { sorted_pairs: &sorted_pairs, tile_experts: &tile_experts, expert_offsets: &expert_offsets, num_padded: &num_padded, tile_m };
         let topk_ids = up(&ids);
         let topk_w = DeviceBuffer::from_slice(device, &topk_weights).unwrap();
-        let routing = RoutingBuffers { topk_ids: &topk_ids, topk_weights: &topk_w, expert_map: None, experts: EXPERTS, top_k: TOP_K };
+        let (topk_ids, topk_w) = (topk_ids.view([tokens, TOP_K]).unwrap(), topk_w.view([tokens, TOP_K]).unwrap());
+        let routing = RoutingBuffers { topk_ids, topk_weights: topk_w, expert_map: None, experts: EXPERTS };
         let x_host: Vec<bf16> = (0..tokens * DIM).map(|_| bf16::from_f32(rng.random_range(-1.0f32..1.0))).collect();
         let x = DeviceBuffer::from_slice(device, &x_host).unwrap();
         let workspace = MoeWorkspace::new(device, &weights, tokens, TOP_K, alignment.sorted_pairs.len()).unwrap();
@@ -90,7 +91,7 @@ fn bench_format(c: &mut Criterion, device: &Device, format: WeightFormat) {
                 device.synchronize().unwrap();
                 let start = std::time::Instant::now();
                 for _ in 0..iters {
-                    moe::moe_layer(&weights, &x, tokens, &routing, &grouping, &workspace, &out).unwrap();
+                    moe::moe_layer(&weights, x.view([tokens, DIM]).unwrap(), &routing, &grouping, &workspace, out.view([tokens, DIM]).unwrap()).unwrap();
                 }
                 device.synchronize().unwrap();
                 let elapsed = start.elapsed();

@@ -36,12 +36,13 @@ fn bench_router(c: &mut Criterion, device: &Device) {
         group.throughput(Throughput::Bytes(ideal_bytes as u64));
         // Launches back to back, one synchronisation per batch of iterations: the kernel's time as a decode step
         // (one CUDA graph, no host round trip) sees it, not a launch plus a host synchronisation each.
-        group.bench_with_input(BenchmarkId::from_parameter(format!("T={tokens}")), &tokens, |b, &tokens| {
+        let (hidden, gate) = (hidden.view([tokens, DIM]).unwrap(), gate.view([EXPERTS, DIM]).unwrap());
+        group.bench_with_input(BenchmarkId::from_parameter(format!("T={tokens}")), &tokens, |b, _| {
             b.iter_custom(|iters| {
                 device.synchronize().unwrap();
                 let start = std::time::Instant::now();
                 for _ in 0..iters {
-                    router::route_and_align_into(&hidden, &gate, tokens, &map, &CONFIG, &workspace, &routing).unwrap();
+                    router::route_and_align_into(hidden, gate, &map, &CONFIG, &workspace, &routing).unwrap();
                 }
                 device.synchronize().unwrap();
                 start.elapsed()

@@ -8,7 +8,7 @@ use half::bf16;
 use proptest::prelude::*;
 use rand::{rngs::StdRng, seq::SliceRandom, Rng};
 use small4::device::{Device, DeviceBuffer};
-use small4::kernels::moe::{self, DeviceWeights, E4m3Rows, Fp8ActScales, Grouping, MoeLayerWeights, MoeWorkspace, RowView, RoutingBuffers};
+use small4::kernels::moe::{self, DeviceWeights, E4m3Rows, Fp8ActScales, Grouping, MoeLayerWeights, MoeWorkspace, RoutingBuffers};
 use small4::quant::matrix::QuantizedMatrix;
 use small4::quant::repack::{self, MatrixRef};
 use small4::quant::WeightFormat;
@@ -168,7 +168,12 @@ fn run_moe_case(device: &Device, case: &Case) -> (Vec<u16>, Vec<f32>) {
     let topk_ids = up(&routing.ids);
     let topk_weights = DeviceBuffer::from_slice(device, &routing.weights).unwrap();
     let map = up(&expert_map);
-    let routing_dev = RoutingBuffers { topk_ids: &topk_ids, topk_weights: &topk_weights, expert_map: Some(&map), experts: case.experts, top_k: k };
+    let routing_dev = RoutingBuffers {
+        topk_ids: topk_ids.view([tokens, k]).unwrap(),
+        topk_weights: topk_weights.view([tokens, k]).unwrap(),
+        expert_map: Some(map.as_vector()),
+        experts: case.experts,
+    };
     let x_dev = DeviceBuffer::from_slice(device, &x).unwrap();
     let out = DeviceBuffer::<bf16>::filled_with_byte(device, tokens * dim, 0xff).unwrap();
     for b in [&workspace.act, &workspace.shared_act] {
@@ -181,7 +186,7 @@ fn run_moe_case(device: &Device, case: &Case) -> (Vec<u16>, Vec<f32>) {
     for b in workspace.e4m3.iter().flat_map(|(x, act)| [x, act]) {
         device.memset(b.addr(), 0xff, b.bytes()).unwrap();
     }
-    moe::moe_layer(&weights, &x_dev, tokens, &routing_dev, &grouping, &workspace, &out).unwrap();
+    moe::moe_layer(&weights, x_dev.view([tokens, dim]).unwrap(), &routing_dev, &grouping, &workspace, out.view([tokens, dim]).unwrap()).unwrap();
     let got = out.to_vec().unwrap();
 
     let reference_experts: Vec<Option<ExpertWeights>> =
@@ -261,19 +266,18 @@ fn router_then_moe_layer_matches_reference(device: &Device) {
     let gate_dev = DeviceBuffer::from_slice(device, &gate).unwrap();
     let expert_map = ExpertMap::new(device, &map).unwrap();
     let tile_m = moe::moe_tile_m(tokens, k, local.len());
-    let routing = route_and_align(&x_dev, &gate_dev, tokens, &expert_map, &RouterConfig { k, routed_scale: 1.0, tile_m }).unwrap();
+    let routing = route_and_align(x_dev.view([tokens, dim]).unwrap(), gate_dev.view([experts, dim]).unwrap(), &expert_map, &RouterConfig { k, routed_scale: 1.0, tile_m }).unwrap();
     let grouping = Grouping::from(&routing.alignment);
     let weights = pack_layer(device, &local, Some(&shared));
     let workspace = MoeWorkspace::new(device, &weights, tokens, k, routing.alignment.sorted_pairs.len()).unwrap();
     let routing_dev = RoutingBuffers {
-        topk_ids: &routing.topk_ids,
-        topk_weights: &routing.topk_weights,
-        expert_map: Some(expert_map.buffer()),
+        topk_ids: routing.topk_ids.view([tokens, k]).unwrap(),
+        topk_weights: routing.topk_weights.view([tokens, k]).unwrap(),
+        expert_map: Some(expert_map.buffer().as_vector()),
         experts,
-        top_k: k,
     };
     let out = DeviceBuffer::<bf16>::filled_with_byte(device, tokens * dim, 0xff).unwrap();
-    moe::moe_layer(&weights, &x_dev, tokens, &routing_dev, &grouping, &workspace, &out).unwrap();
+    moe::moe_layer(&weights, x_dev.view([tokens, dim]).unwrap(), &routing_dev, &grouping, &workspace, out.view([tokens, dim]).unwrap()).unwrap();
 
     let chosen = Routing { k, ids: routing.topk_ids.to_vec().unwrap(), weights: routing.topk_weights.to_vec().unwrap() };
     let reference_experts: Vec<Option<ExpertWeights>> =
@@ -299,7 +303,7 @@ fn linear_matches_reference(device: &Device) {
         let x = random_bf16(&mut rng, rows * in_dim, 1.0);
         let x_dev = DeviceBuffer::from_slice(device, &x).unwrap();
         let y = DeviceBuffer::<bf16>::filled_with_byte(device, rows * out_dim, 0xff).unwrap();
-        moe::linear(&weights, &x_dev, rows, &y).unwrap();
+        moe::linear(&weights, x_dev.view([rows, in_dim]).unwrap(), y.view([rows, out_dim]).unwrap()).unwrap();
         let want = matmul_nt(&to_f32(&x), &deq, rows, in_dim, out_dim);
         assert_agrees(&format!("linear {format} rows {rows}"), &to_f32(&y.to_vec().unwrap()), &want);
     }
@@ -316,7 +320,7 @@ fn linear_wide_output_runs_the_small_tile(device: &Device) {
         let x = random_bf16(&mut rng, rows * in_dim, 1.0);
         let x_dev = DeviceBuffer::from_slice(device, &x).unwrap();
         let y = DeviceBuffer::<bf16>::filled_with_byte(device, rows * out_dim, 0xff).unwrap();
-        moe::linear(&weights, &x_dev, rows, &y).unwrap();
+        moe::linear(&weights, x_dev.view([rows, in_dim]).unwrap(), y.view([rows, out_dim]).unwrap()).unwrap();
         if let Some(counters) = device.last_launch_counters() {
             assert!(counters.kernel.ends_with("_small"), "launched {}", counters.kernel);
         }
@@ -374,7 +378,8 @@ fn activation_quantiser_matches_reference(device: &Device) {
     }
     let x_dev = DeviceBuffer::from_slice(device, &x).unwrap();
     let out = DeviceBuffer::<u8>::filled_with_byte(device, rows * cols, 0xff).unwrap();
-    moe::quantize_act_e4m3(RowView { buffer: &x_dev, offset: 0, stride }, rows, cols, scale, &out).unwrap();
+    let x_rows = x_dev.view([rows, stride]).unwrap().columns(0..cols).unwrap();
+    moe::quantize_act_e4m3(x_rows, scale, out.view([rows, cols]).unwrap()).unwrap();
     let got = out.to_vec().unwrap();
     let inv_scale = 1.0 / scale;
     for r in 0..rows {
@@ -407,21 +412,39 @@ fn w8a8_wrappers_reject_bad_inputs(device: &Device) {
     assert_eq!(fp8_layer.fp8_activations, None);
     let x = DeviceBuffer::<bf16>::alloc(device, 2 * dim).unwrap();
     let q = DeviceBuffer::<u8>::alloc(device, 2 * dim).unwrap();
-    assert!(matches!(moe::quantize_act_e4m3(RowView::packed(&x, dim), 2, 96, 1.0, &q), Err(small4::Error::InvalidArgument(_))));
-    assert!(matches!(moe::quantize_act_e4m3(RowView::packed(&x, dim), 3, dim, 1.0, &q), Err(small4::Error::Shape { .. })));
-    assert!(matches!(moe::quantize_act_e4m3(RowView::packed(&x, dim), 2, dim, 0.0, &q), Err(small4::Error::InvalidArgument(_))));
+    let (x_rows, q_rows) = (x.view([2, dim]).unwrap(), q.view([2, dim]).unwrap());
+    let cols_96 = x.view([2, dim]).unwrap().columns(0..96).unwrap();
+    assert!(matches!(moe::quantize_act_e4m3(cols_96, 1.0, q.view([2, 96]).unwrap()), Err(small4::Error::InvalidArgument(_))));
+    assert!(matches!(x.view([3, dim]), Err(small4::Error::Shape { .. })));
+    assert!(matches!(moe::quantize_act_e4m3(x_rows, 1.0, q.view([1, dim]).unwrap()), Err(small4::Error::Shape { .. })));
+    assert!(matches!(moe::quantize_act_e4m3(x_rows, 0.0, q_rows), Err(small4::Error::InvalidArgument(_))));
+    // The kernel loads bf16 pairs: a view starting on an odd element is refused; the output has no stride.
+    let odd = small4::kernels::TensorView::strided(&x, 1, [1, 64], 64).unwrap();
+    assert!(matches!(moe::quantize_act_e4m3(odd, 1.0, q.view([1, 64]).unwrap()), Err(small4::Error::InvalidArgument(_))));
+    let q_strided = q.view([2, dim]).unwrap().columns(0..64).unwrap();
+    assert!(matches!(moe::quantize_act_e4m3(cols_96.columns(0..64).unwrap(), 1.0, q_strided), Err(small4::Error::InvalidArgument(_))));
     // e4m3 rows into a GEMM whose weights are not per-tensor fp8, and a too-short e4m3 input.
     let up = |v: &[i32]| DeviceBuffer::from_slice(device, v).unwrap();
     let alignment = align_pairs(&[0, 0], None, 1, 8);
     let (sorted_pairs, tile_experts, expert_offsets) = (up(&alignment.sorted_pairs), up(&alignment.tile_experts), up(&alignment.expert_offsets));
     let num_padded = up(&[alignment.num_padded]);
     let grouping = Grouping { sorted_pairs: &sorted_pairs, tile_experts: &tile_experts, expert_offsets: &expert_offsets, num_padded: &num_padded, tile_m: 8 };
-    let act = DeviceBuffer::<bf16>::alloc(device, alignment.sorted_pairs.len() * hidden).unwrap();
-    let rows = E4m3Rows { data: &q, scale: 1.0 };
-    let err = moe::up_swiglu_w8a8(&bf16_layer.gate_up, rows, 2, 1, &grouping, &act).unwrap_err();
+    let act_buffer = DeviceBuffer::<bf16>::alloc(device, alignment.sorted_pairs.len() * hidden).unwrap();
+    let act = act_buffer.view([alignment.sorted_pairs.len(), hidden]).unwrap();
+    let rows = E4m3Rows { data: q_rows, scale: 1.0 };
+    let err = moe::up_swiglu_w8a8(&bf16_layer.gate_up, rows, 1, &grouping, act).unwrap_err();
     assert!(matches!(err, small4::Error::InvalidArgument(_)), "{err}");
-    let err = moe::up_swiglu_w8a8(&fp8_layer.gate_up, rows, 3, 1, &grouping, &act).unwrap_err();
+    // Rows of 64 e4m3 codes for weights of k = 128; an activation with one slot too few.
+    let short = E4m3Rows { data: q.view([4, dim / 2]).unwrap(), scale: 1.0 };
+    let err = moe::up_swiglu_w8a8(&fp8_layer.gate_up, short, 1, &grouping, act).unwrap_err();
     assert!(matches!(err, small4::Error::Shape { .. }), "{err}");
+    let few_slots = act_buffer.view([alignment.sorted_pairs.len() - 1, hidden]).unwrap();
+    let err = moe::up_swiglu_w8a8(&fp8_layer.gate_up, rows, 1, &grouping, few_slots).unwrap_err();
+    assert!(matches!(err, small4::Error::Shape { .. }), "{err}");
+    // The GEMM loads 16 e4m3 codes at a time: rows 8 bytes into the buffer are refused.
+    let shifted = E4m3Rows { data: small4::kernels::TensorView::strided(&q, 8, [1, dim], dim).unwrap(), scale: 1.0 };
+    let err = moe::up_swiglu_w8a8(&fp8_layer.gate_up, shifted, 1, &grouping, act).unwrap_err();
+    assert!(matches!(err, small4::Error::InvalidArgument(_)), "{err}");
 }
 
 fn wrappers_reject_bad_shapes(device: &Device) {
@@ -430,8 +453,20 @@ fn wrappers_reject_bad_shapes(device: &Device) {
     let weights = DeviceWeights::upload(device, &repack::repack_linear(&[(&w).into()]).unwrap()).unwrap();
     let x = DeviceBuffer::<bf16>::alloc(device, 3 * 128).unwrap();
     let y = DeviceBuffer::<bf16>::alloc(device, 2 * 64).unwrap();
-    let err = moe::linear(&weights, &x, 2, &y).unwrap_err();
+    // An output with fewer rows than the input, an input of the wrong width, an output of the wrong width.
+    let err = moe::linear(&weights, x.view([3, 128]).unwrap(), y.view([2, 64]).unwrap()).unwrap_err();
     assert!(matches!(err, small4::Error::Shape { .. }), "{err}");
+    let err = moe::linear(&weights, x.view([2, 192]).unwrap(), y.view([2, 64]).unwrap()).unwrap_err();
+    assert!(matches!(err, small4::Error::Shape { .. }), "{err}");
+    let err = moe::linear(&weights, x.view([2, 128]).unwrap(), y.view([4, 32]).unwrap()).unwrap_err();
+    assert!(matches!(err, small4::Error::Shape { .. }), "{err}");
+    // The 16-byte loads of x: a start 4 elements in, or a row stride of 132, is refused.
+    let shifted = small4::kernels::TensorView::strided(&x, 4, [2, 128], 128).unwrap();
+    let err = moe::linear(&weights, shifted, y.view([2, 64]).unwrap()).unwrap_err();
+    assert!(matches!(err, small4::Error::InvalidArgument(_)), "{err}");
+    let odd_stride = small4::kernels::TensorView::strided(&x, 0, [2, 128], 132).unwrap();
+    let err = moe::linear(&weights, odd_stride, y.view([2, 64]).unwrap()).unwrap_err();
+    assert!(matches!(err, small4::Error::InvalidArgument(_)), "{err}");
     // Columns not a multiple of 64 cannot be packed.
     let (odd, _) = random_matrix(&mut rng, WeightFormat::Bf16, 64, 96);
     assert!(matches!(repack::repack_linear(&[(&odd).into()]), Err(small4::Error::InvalidArgument(_))));
@@ -439,7 +474,7 @@ fn wrappers_reject_bad_shapes(device: &Device) {
     let (w3, _) = random_matrix(&mut rng, WeightFormat::Bf16, 64, 128);
     let fused = DeviceWeights::upload(device, &repack::repack_gate_up(&[((&w).into(), (&w3).into())]).unwrap()).unwrap();
     let y = DeviceBuffer::<bf16>::alloc(device, 3 * 64).unwrap();
-    assert!(matches!(moe::linear(&fused, &x, 3, &y), Err(small4::Error::InvalidArgument(_))));
+    assert!(matches!(moe::linear(&fused, x.view([3, 128]).unwrap(), y.view([3, 64]).unwrap()), Err(small4::Error::InvalidArgument(_))));
 }
 
 backend_tests!(
@@ -522,6 +557,8 @@ fn decode_traffic_at_real_dims_with(format: WeightFormat, w8a8: Option<Fp8ActSca
             let pair_out = DeviceBuffer::<f32>::filled_with_byte(&device, tokens * k * dim, 0xff).unwrap();
             let topk_weights = DeviceBuffer::from_slice(&device, &routing.weights).unwrap();
             let pairs = tokens * k;
+            let act_rows = act.view([alignment.sorted_pairs.len(), hidden]).unwrap();
+            let (topk_weights, pair_out) = (topk_weights.view([tokens, k]).unwrap(), pair_out.view([pairs, dim]).unwrap());
             // Grouping metadata the kernels read: sorted pairs of the used slots, tile experts, offsets.
             let grouping_bytes = 4 * (alignment.num_padded as usize * 2 / tile_m.max(1) + alignment.num_padded as usize + 2 * experts);
 
@@ -530,10 +567,11 @@ fn decode_traffic_at_real_dims_with(format: WeightFormat, w8a8: Option<Fp8ActSca
             match w8a8 {
                 Some(scales) => {
                     let x_e4m3 = DeviceBuffer::<u8>::alloc(&device, tokens * dim).unwrap();
-                    moe::quantize_act_e4m3(RowView::packed(&x, dim), tokens, dim, scales.up, &x_e4m3).unwrap();
-                    moe::up_swiglu_w8a8(&weights.gate_up, E4m3Rows { data: &x_e4m3, scale: scales.up }, tokens, k, &grouping, &act).unwrap();
+                    let x_e4m3 = x_e4m3.view([tokens, dim]).unwrap();
+                    moe::quantize_act_e4m3(x.view([tokens, dim]).unwrap(), scales.up, x_e4m3).unwrap();
+                    moe::up_swiglu_w8a8(&weights.gate_up, E4m3Rows { data: x_e4m3, scale: scales.up }, k, &grouping, act_rows).unwrap();
                 }
-                None => moe::up_swiglu(&weights.gate_up, &x, tokens, k, &grouping, &act).unwrap(),
+                None => moe::up_swiglu(&weights.gate_up, x.view([tokens, dim]).unwrap(), k, &grouping, act_rows).unwrap(),
             }
             let up_counters = device.last_launch_counters().unwrap();
             let up_ideal = touched * weights.gate_up.bytes_per_expert + tokens * dim * in_bytes + pairs * hidden * 2 + grouping_bytes;
@@ -541,11 +579,12 @@ fn decode_traffic_at_real_dims_with(format: WeightFormat, w8a8: Option<Fp8ActSca
                 Some(scales) => {
                     let slots = alignment.sorted_pairs.len();
                     let act_e4m3 = DeviceBuffer::<u8>::alloc(&device, slots * hidden).unwrap();
-                    moe::quantize_act_e4m3(RowView::packed(&act, hidden), slots, hidden, scales.down, &act_e4m3).unwrap();
-                    let rows = E4m3Rows { data: &act_e4m3, scale: scales.down };
-                    moe::down_w8a8(&weights.down, rows, &grouping, k, &topk_weights, &pair_out).unwrap();
+                    let act_e4m3 = act_e4m3.view([slots, hidden]).unwrap();
+                    moe::quantize_act_e4m3(act_rows, scales.down, act_e4m3).unwrap();
+                    let rows = E4m3Rows { data: act_e4m3, scale: scales.down };
+                    moe::down_w8a8(&weights.down, rows, &grouping, topk_weights, pair_out).unwrap();
                 }
-                None => moe::down(&weights.down, &act, &grouping, k, &topk_weights, &pair_out).unwrap(),
+                None => moe::down(&weights.down, act_rows, &grouping, topk_weights, pair_out).unwrap(),
             }
             let down_counters = device.last_launch_counters().unwrap();
             let down_ideal = touched * weights.down.bytes_per_expert + pairs * hidden * in_bytes + pairs * dim * 4 + pairs * 4 + grouping_bytes;

@@ -106,7 +106,7 @@ fn run(device: &Device, case: &Case) -> Output {
     let workspace = router::RouterWorkspace::new(device, case.tokens, case.experts, case.dim).unwrap();
     let routing = router::Routing::alloc(device, case.tokens, case.config.k, map.local_experts(), case.config.tile_m).unwrap();
     poison(device, &routing);
-    router::route_and_align_into(&hidden, &gate, case.tokens, &map, &case.config, &workspace, &routing).unwrap();
+    router::route_and_align_into(hidden.view([case.tokens, case.dim]).unwrap(), gate.view([case.experts, case.dim]).unwrap(), &map, &case.config, &workspace, &routing).unwrap();
     Output {
         ids: routing.topk_ids.to_vec().unwrap(),
         weights: routing.topk_weights.to_vec().unwrap(),
@@ -274,7 +274,7 @@ fn moe_align_matches_reference(device: &Device) {
             let expert_map = ExpertMap::new(device, &map).unwrap();
             let alignment = router::Alignment::alloc(device, pairs, expert_map.local_experts(), tile_m).unwrap();
             poison_alignment(device, &alignment);
-            router::moe_align_into(&ids_dev, &expert_map, &alignment).unwrap();
+            router::moe_align_into(ids_dev.view([pairs, 1]).unwrap(), &expert_map, &alignment).unwrap();
             let got = read_alignment(&alignment);
             prop_assert_eq!(got, reference::align_pairs(&ids, Some(&map), expert_map.local_experts(), tile_m));
             Ok(())
@@ -288,7 +288,7 @@ fn router_rejects_bad_arguments(device: &Device) {
     let gate = DeviceBuffer::<bf16>::alloc(device, experts * dim).unwrap();
     let map = ExpertMap::identity(device, experts).unwrap();
     let invalid = |config: RouterConfig| {
-        let err = router::route_and_align(&hidden, &gate, 2, &map, &config).err().expect("must fail");
+        let err = router::route_and_align(hidden.view([2, dim]).unwrap(), gate.view([experts, dim]).unwrap(), &map, &config).err().expect("must fail");
         assert!(matches!(err, small4::Error::InvalidArgument(_)), "{err}");
     };
     invalid(RouterConfig { k: 9, routed_scale: 1.0, tile_m: 16 });
@@ -297,13 +297,28 @@ fn router_rejects_bad_arguments(device: &Device) {
     invalid(RouterConfig { k: 4, routed_scale: 1.0, tile_m: 256 });
     let few = ExpertMap::identity(device, 3).unwrap();
     let small_gate = DeviceBuffer::<bf16>::alloc(device, 3 * dim).unwrap();
-    let err = router::route_and_align(&hidden, &small_gate, 2, &few, &RouterConfig { k: 4, routed_scale: 1.0, tile_m: 1 }).err().unwrap();
+    let config = RouterConfig { k: 4, routed_scale: 1.0, tile_m: 1 };
+    let (hidden_rows, gate_rows) = (hidden.view([2, dim]).unwrap(), gate.view([experts, dim]).unwrap());
+    let err = router::route_and_align(hidden_rows, small_gate.view([3, dim]).unwrap(), &few, &config).err().unwrap();
     assert!(matches!(err, small4::Error::InvalidArgument(_)), "k > experts: {err}");
-    let err = router::route_and_align(&hidden, &gate, 3, &map, &RouterConfig { k: 4, routed_scale: 1.0, tile_m: 1 }).err().unwrap();
-    assert!(matches!(err, small4::Error::Shape { .. }), "hidden of 2 tokens for 3: {err}");
+    // Views past the buffer, rows of the wrong width, a gate of the wrong expert count, outputs for other tokens.
+    assert!(matches!(hidden.view([3, dim]), Err(small4::Error::Shape { .. })), "hidden of 2 tokens for 3");
+    let err = router::route_and_align(hidden.view([4, dim / 2]).unwrap(), gate_rows, &map, &config).err().unwrap();
+    assert!(matches!(err, small4::Error::Shape { .. }), "hidden rows of {} for dim {dim}: {err}", dim / 2);
+    let err = router::route_and_align(hidden_rows, gate.view([experts / 2, dim]).unwrap(), &map, &config).err().unwrap();
+    assert!(matches!(err, small4::Error::Shape { .. }), "gate of {} experts for {experts}: {err}", experts / 2);
+    let workspace = router::RouterWorkspace::new(device, 3, experts, dim).unwrap();
+    let routing = router::Routing::alloc(device, 3, config.k, experts, config.tile_m).unwrap();
+    let err = router::route_and_align_into(hidden_rows, gate_rows, &map, &config, &workspace, &routing).unwrap_err();
+    assert!(matches!(err, small4::Error::Shape { .. }), "2 tokens into outputs for 3: {err}");
     let odd_gate = DeviceBuffer::<bf16>::alloc(device, experts * 60).unwrap();
-    let err = router::route_and_align(&hidden, &odd_gate, 2, &map, &RouterConfig { k: 4, routed_scale: 1.0, tile_m: 1 }).err().unwrap();
+    let err = router::route_and_align(hidden.view([2, 60]).unwrap(), odd_gate.view([experts, 60]).unwrap(), &map, &config).err().unwrap();
     assert!(matches!(err, small4::Error::InvalidArgument(_)), "dim 60 is not a multiple of 8: {err}");
+    // The kernel takes no row stride: every other row of a wider tensor is refused, not misread.
+    let wide = DeviceBuffer::<bf16>::alloc(device, 2 * 2 * dim).unwrap();
+    let strided = wide.view([2, 2 * dim]).unwrap().columns(0..dim).unwrap();
+    let err = router::route_and_align(strided, gate_rows, &map, &config).err().unwrap();
+    assert!(matches!(err, small4::Error::InvalidArgument(_)), "strided hidden: {err}");
     for bad in [vec![0, 0, 1], vec![-1, -1], vec![0, 2, -1], vec![1, -2, 0], vec![0; 257]] {
         assert!(matches!(ExpertMap::new(device, &bad), Err(small4::Error::InvalidArgument(_))), "{bad:?}");
     }
@@ -333,7 +348,7 @@ fn router_decode_traffic() {
         let map = ExpertMap::new(&device, &case.map).unwrap();
         let workspace = router::RouterWorkspace::new(&device, tokens, 128, 4096).unwrap();
         let routing = router::Routing::alloc(&device, tokens, 4, 128, 16).unwrap();
-        router::route_and_align_into(&hidden, &gate, tokens, &map, &case.config, &workspace, &routing).unwrap();
+        router::route_and_align_into(hidden.view([tokens, 4096]).unwrap(), gate.view([128, 4096]).unwrap(), &map, &case.config, &workspace, &routing).unwrap();
         let counters = device.last_launch_counters().expect("the interpreter reports counters");
         // Ideal: gate and hidden read once, ids + weights written, the alignment written.
         let a = &routing.alignment;

@@ -544,7 +544,7 @@ pub unsafe extern "C" fn small4_router_topk(
             k,
         };
         let workspace = RouterWorkspace::new(device, tokens, experts, dim)?;
-        route_and_align_into(&hidden, &gate, tokens, &map, &config, &workspace, &routing)?;
+        route_and_align_into(hidden.view([tokens, dim])?, gate.view([experts, dim])?, &map, &config, &workspace, &routing)?;
         // The scratch is freed when this returns: the launches reading it must be done by then.
         device.synchronize()
     })
@@ -873,10 +873,10 @@ pub unsafe extern "C" fn small4_moe_layer_forward(
         let topk_ids = unsafe { borrowed::<i32>(device, topk_ids, pairs) }?;
         let topk_weights = unsafe { borrowed::<f32>(device, topk_weights, pairs) }?;
         let map = ExpertMap::identity(device, experts)?;
-        let alignment = moe_align(&topk_ids, &map, moe_tile_m(tokens, k, experts))?;
+        let alignment = moe_align(topk_ids.view([tokens, k])?, &map, moe_tile_m(tokens, k, experts))?;
         let workspace = MoeWorkspace::new(device, weights, tokens, k, alignment.sorted_pairs.len())?;
-        let routing = RoutingBuffers { topk_ids: &topk_ids, topk_weights: &topk_weights, expert_map: None, experts, top_k: k };
-        moe_layer(weights, &x, tokens, &routing, &Grouping::from(&alignment), &workspace, &out)?;
+        let routing = RoutingBuffers { topk_ids: topk_ids.view([tokens, k])?, topk_weights: topk_weights.view([tokens, k])?, expert_map: None, experts };
+        moe_layer(weights, x.view([tokens, dim])?, &routing, &Grouping::from(&alignment), &workspace, out.view([tokens, dim])?)?;
         // The scratch is freed when this returns: the launches reading it must be done by then.
         device.synchronize()
     })

@@ -6,6 +6,7 @@ use half::bf16;
 
 use super::modules::MOE_GEMM;
 use super::params::{MoeCombineParams, MoeGemmParams, MoeQuantizeActParams};
+use super::{Matrix, TensorView, Vector};
 use crate::device::{launch_with, Device, DeviceBuffer, Dim3, Kernel, LaunchConfig};
 use crate::error::{Error, Result};
 use crate::quant::repack::{tile_bytes, PackedWeights};
@@ -249,14 +250,23 @@ enum Rows<'a> {
     Dense { rows: usize },
 }
 
-/// Where a launch writes.
+/// Where a launch writes. Every output's rows may be strided: the kernel takes `out_stride`.
 enum Output<'a> {
     /// SwiGLU act, bf16 [rows (slots), out_cols].
-    SwiGlu(&'a DeviceBuffer<bf16>),
+    SwiGlu(Matrix<'a, bf16>),
     /// Plain bf16 [rows, out_cols].
-    Bf16(&'a DeviceBuffer<bf16>),
-    /// f32 [pairs, out_cols] (indexed by pair), times the routing weight when given.
-    F32ByPair { out: &'a DeviceBuffer<f32>, pair_weights: Option<&'a DeviceBuffer<f32>> },
+    Bf16(Matrix<'a, bf16>),
+    /// f32 [pairs, out_cols] (indexed by pair), times the routing weight when given (`[tokens, k]`, one per pair).
+    F32ByPair { out: Matrix<'a, f32>, pair_weights: Option<Matrix<'a, f32>> },
+}
+
+impl Output<'_> {
+    fn row_stride(&self) -> usize {
+        match self {
+            Output::SwiGlu(v) | Output::Bf16(v) => v.row_stride(),
+            Output::F32ByPair { out, .. } => out.row_stride(),
+        }
+    }
 }
 
 fn check_len(what: &str, len: usize, expected: usize) -> Result<()> {
@@ -270,57 +280,30 @@ fn opt_ptr<T: crate::device::DeviceElement, P>(b: Option<&DeviceBuffer<T>>) -> *
     b.map_or(std::ptr::null(), |b| b.ptr())
 }
 
+fn opt_view_ptr<T: crate::device::DeviceElement, P, const N: usize>(v: Option<TensorView<T, N>>) -> *const P {
+    v.map_or(std::ptr::null(), |v| v.ptr())
+}
+
 fn to_i32(what: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::OutOfRange { what: what.into(), index: v as i64, limit: i32::MAX as i64 })
 }
 
-/// A strided view of bf16 rows for the dense GEMM: row r starts at element `offset + r * stride`. Lets one launch read
-/// one head's slice of a `[tokens, heads, head_dim]` tensor or write into one head's columns of another (MLA's per-head
-/// W_UK / W_UV products) without a copy.
-#[derive(Clone, Copy)]
-pub struct RowView<'a> {
-    /// The whole tensor.
-    pub buffer: &'a DeviceBuffer<bf16>,
-    /// Element index of row 0's first value.
-    pub offset: usize,
-    /// Elements from one row's start to the next (at least the row length).
-    pub stride: usize,
-}
-
-impl<'a> RowView<'a> {
-    /// Rows packed back to back (`stride` = the row length).
-    pub fn packed(buffer: &'a DeviceBuffer<bf16>, cols: usize) -> Self {
-        RowView { buffer, offset: 0, stride: cols }
+/// `Error::InvalidArgument` naming `what` unless the view's row stride is a multiple of `elements` (with a start on
+/// the matching boundary, every row of a vector-loaded input then starts on one).
+fn expect_stride_multiple<T: crate::device::DeviceElement>(what: &str, view: &Matrix<T>, elements: usize) -> Result<()> {
+    if view.row_stride() % elements != 0 {
+        return Err(Error::InvalidArgument(format!("{what}: row stride {} of {view:?} must be a multiple of {elements}", view.row_stride())));
     }
-
-    /// Checks that `rows` rows of `cols` elements lie inside the buffer; `align` elements of alignment for the start
-    /// and the stride (8 = the 16-byte loads of the GEMM's input).
-    fn check(&self, what: &str, rows: usize, cols: usize, align: usize) -> Result<()> {
-        if self.stride < cols || self.offset % align != 0 || self.stride % align != 0 {
-            return Err(Error::InvalidArgument(format!(
-                "{what}: view offset {} stride {} for rows of {cols} (stride >= cols, both multiples of {align})",
-                self.offset, self.stride
-            )));
-        }
-        let needed = if rows == 0 { 0 } else { self.offset + (rows - 1) * self.stride + cols };
-        if needed > self.buffer.len() {
-            return Err(Error::shape(format!("{what} (elements)"), format!(">= {needed}"), self.buffer.len()));
-        }
-        to_i32(what, self.stride)?;
-        Ok(())
-    }
-
-    fn addr(&self) -> u64 {
-        self.buffer.addr() + 2 * self.offset as u64
-    }
+    Ok(())
 }
 
 /// Activations quantised to e4m3 for the W8A8 GEMMs: rows of `cols` bytes, value = e4m3 * `scale`, each 32 columns
-/// in the permuted order [`quantize_act_e4m3`] writes (only the `moe_gemm_fp8_act_*` kernels read it).
+/// in the permuted order [`quantize_act_e4m3`] writes (only the `moe_gemm_fp8_act_*` kernels read it). The rows may
+/// be strided (the GEMM loads 16 bytes at a time: the start and the stride must be multiples of 16).
 #[derive(Clone, Copy)]
 pub struct E4m3Rows<'a> {
     /// `[rows, cols]` e4m3 codes.
-    pub data: &'a DeviceBuffer<u8>,
+    pub data: Matrix<'a, u8>,
     /// The static per-tensor activation scale the rows were quantised with.
     pub scale: f32,
 }
@@ -328,8 +311,8 @@ pub struct E4m3Rows<'a> {
 /// The input rows of a GEMM launch.
 #[derive(Clone, Copy)]
 enum Input<'a> {
-    Bf16(RowView<'a>),
-    /// Packed rows of `k_dim` bytes (W8A8 kernels).
+    Bf16(Matrix<'a, bf16>),
+    /// e4m3 rows of `k_dim` bytes (W8A8 kernels).
     E4m3(E4m3Rows<'a>),
 }
 
@@ -340,36 +323,27 @@ fn check_act_scale(what: &str, scale: f32) -> Result<()> {
     Ok(())
 }
 
-/// One launch of the grouped GEMM. `x` holds `x_rows` rows of `w.k_dim`; `in_by_token` = rows are picked by pair / k.
-fn launch_gemm(w: &DeviceWeights, x: &DeviceBuffer<bf16>, x_rows: usize, in_by_token: bool, rows: Rows, output: Output) -> Result<()> {
-    check_len("gemm x", x.len(), x_rows * w.k_dim)?;
-    launch_gemm_view(w, Input::Bf16(RowView::packed(x, w.k_dim)), x_rows, in_by_token, rows, output, None)
-}
-
-/// [`launch_gemm`] over a strided (bf16) or e4m3 input and, for a dense bf16 output, a strided output view
-/// (`out_view`).
-fn launch_gemm_view(
-    w: &DeviceWeights,
-    input: Input,
-    x_rows: usize,
-    in_by_token: bool,
-    rows: Rows,
-    output: Output,
-    out_view: Option<RowView>,
-) -> Result<()> {
+/// One launch of the grouped or dense GEMM. The input holds `x_rows` rows of `w.k_dim`; `in_by_token` = rows are
+/// picked by pair / k. Input and output rows may be strided (the kernel takes both strides); the input's 16-byte
+/// loads need its start and stride on 16 bytes.
+fn launch_gemm(w: &DeviceWeights, input: Input, x_rows: usize, in_by_token: bool, rows: Rows, output: Output) -> Result<()> {
     let e4m3_input = matches!(input, Input::E4m3(_));
     let (device, x_addr, x_stride) = match input {
-        Input::Bf16(view) => {
-            view.check("gemm x", x_rows, w.k_dim, 8)?;
-            (view.buffer.device(), view.addr(), view.stride)
+        Input::Bf16(x) => {
+            x.expect_dims("gemm x", [x_rows, w.k_dim])?;
+            x.expect_aligned("gemm x", 16)?;
+            expect_stride_multiple("gemm x", &x, 8)?;
+            (x.device(), x.addr(), x.row_stride())
         }
         Input::E4m3(rows) => {
             if w.format != WeightFormat::Fp8PerTensor {
                 return Err(Error::InvalidArgument(format!("gemm: e4m3 activations need per-tensor fp8 weights, not {}", w.format)));
             }
             check_act_scale("gemm e4m3 input", rows.scale)?;
-            check_len("gemm e4m3 x", rows.data.len(), x_rows * w.k_dim)?;
-            (rows.data.device(), rows.data.addr(), w.k_dim)
+            rows.data.expect_dims("gemm e4m3 x", [x_rows, w.k_dim])?;
+            rows.data.expect_aligned("gemm e4m3 x", 16)?;
+            expect_stride_multiple("gemm e4m3 x", &rows.data, 16)?;
+            (rows.data.device(), rows.data.addr(), rows.data.row_stride())
         }
     };
     let swiglu = matches!(output, Output::SwiGlu(_));
@@ -402,30 +376,28 @@ fn launch_gemm_view(
     };
     // Rows of the output in slots (grouped) or rows (dense).
     let out_rows = grouping.map_or(x_rows, |g| g.capacity());
+    let out_stride = output.row_stride();
     let (out_bf16, out_f32, pair_weights, out_by_pair) = match output {
         Output::SwiGlu(act) => {
-            check_len("gemm SwiGLU act", act.len(), out_rows * w.out_cols)?;
+            act.expect_dims("gemm SwiGLU act", [out_rows, w.out_cols])?;
             (act.mut_ptr(), std::ptr::null_mut(), std::ptr::null(), false)
         }
         Output::Bf16(y) => {
-            match &out_view {
-                Some(v) => v.check("gemm y", out_rows, w.out_cols, 1)?,
-                None => check_len("gemm y", y.len(), out_rows * w.out_cols)?,
-            }
-            (out_view.map_or(y.mut_ptr(), |v| v.addr() as *mut _), std::ptr::null_mut(), std::ptr::null(), false)
+            y.expect_dims("gemm y", [out_rows, w.out_cols])?;
+            (y.mut_ptr(), std::ptr::null_mut(), std::ptr::null(), false)
         }
         Output::F32ByPair { out, pair_weights } => {
-            if out.len() % w.out_cols.max(1) != 0 {
-                return Err(Error::shape("gemm pair output", format!("[pairs, {}]", w.out_cols), out.len()));
-            }
-            let pairs = out.len() / w.out_cols;
+            let [pairs, _] = out.dims();
+            out.expect_dims("gemm pair output", [pairs, w.out_cols])?;
             if let Some(pw) = pair_weights {
+                // The kernel reads weight[pair] with pair = token * k + j: one packed weight per output row.
                 check_len("gemm pair weights", pw.len(), pairs)?;
+                pw.expect_packed("gemm pair weights")?;
             }
             if grouping.is_none() {
-                check_len("dense gemm f32 y", out.len(), x_rows * w.out_cols)?;
+                out.expect_dims("dense gemm f32 y", [x_rows, w.out_cols])?;
             }
-            (std::ptr::null_mut(), out.mut_ptr(), opt_ptr(pair_weights), true)
+            (std::ptr::null_mut(), out.mut_ptr(), opt_view_ptr(pair_weights), true)
         }
     };
     if grid_y == 0 {
@@ -452,7 +424,7 @@ fn launch_gemm_view(
         pair_weights,
         expert_stride: w.expert_stride as i64,
         x_stride: to_i32("gemm x stride", x_stride)?,
-        out_stride: to_i32("gemm out stride", out_view.map_or(w.out_cols, |v| v.stride))?,
+        out_stride: to_i32("gemm out stride", out_stride)?,
         k_dim: to_i32("gemm k_dim", w.k_dim)?,
         rows_padded: to_i32("gemm rows", w.rows_padded)?,
         out_cols: to_i32("gemm out_cols", w.out_cols)?,
@@ -480,101 +452,153 @@ fn launch_gemm_view(
 /// Dense `y = x W^T` (bf16 weights or any packed format, one matrix): x `[rows, k_dim]` -> y `[rows, out_cols]` bf16,
 /// f32 accumulation.
 ///
-/// `Error::InvalidArgument` when `w` holds more than one matrix or is SwiGLU-packed, or the row tiles exceed the
-/// grid; `Error::Shape` when `x` or `y` has the wrong length; `Error::OutOfRange` for a dimension above `i32`.
-pub fn linear(w: &DeviceWeights, x: &DeviceBuffer<bf16>, rows: usize, y: &DeviceBuffer<bf16>) -> Result<()> {
-    launch_gemm(w, x, rows, false, Rows::Dense { rows }, Output::Bf16(y))
-}
-
-/// Dense `y = x W^T` over strided views: `rows` rows of `w.k_dim` read from `x`, `w.out_cols` columns written into
-/// `y` (bf16). The input view's offset and stride must be multiples of 8 elements (16-byte loads).
-/// Errors as [`linear`], a misaligned or too short view being `Error::InvalidArgument` / `Error::Shape`.
-pub fn linear_view(w: &DeviceWeights, x: RowView, rows: usize, y: RowView) -> Result<()> {
-    launch_gemm_view(w, Input::Bf16(x), rows, false, Rows::Dense { rows }, Output::Bf16(y.buffer), Some(y))
+/// Both views may have strided rows: one launch reads one head's slice of a `[tokens, heads, head_dim]` tensor or
+/// writes into one head's columns of another (`.columns(..)`), without a copy. `x` must start on 16 bytes with a row
+/// stride that is a multiple of 8 (the kernel's 16-byte loads).
+///
+/// `Error::InvalidArgument` when `w` holds more than one matrix or is SwiGLU-packed, `x` is misaligned, or the row
+/// tiles exceed the grid; `Error::Shape` when `x` is not `[rows, k_dim]` or `y` not `[rows, out_cols]`;
+/// `Error::OutOfRange` for a dimension above `i32`.
+///
+/// ```
+/// use half::bf16;
+/// use small4::device::{simulator, DeviceBuffer};
+/// use small4::kernels::moe::{self, DeviceWeights};
+/// use small4::quant::{repack::repack_linear, QuantizedMatrix, WeightFormat};
+///
+/// let device = simulator(); // the PTX interpreter; `small4::device::gpu()?` on a GPU
+/// // W [2, 64]: y0 = x0, y1 = 2 x1.
+/// let mut w = vec![0.0f32; 2 * 64];
+/// (w[0], w[64 + 1]) = (1.0, 2.0);
+/// let w = QuantizedMatrix::quantize(WeightFormat::Bf16, &w, 2, 64)?;
+/// let w = DeviceWeights::upload(&device, &repack_linear(&[(&w).into()])?)?;
+/// // Three rows x = [r, 1, 0, ..].
+/// let x: Vec<bf16> = (0..3 * 64).map(|i| bf16::from_f32(match i % 64 { 0 => (i / 64) as f32, 1 => 1.0, _ => 0.0 })).collect();
+/// let x = DeviceBuffer::from_slice(&device, &x)?;
+/// // Written into the last two columns of rows of four.
+/// let y = DeviceBuffer::from_slice(&device, &[bf16::ZERO; 3 * 4])?;
+/// moe::linear(&w, x.view([3, 64])?, y.view([3, 4])?.columns(2..4)?)?;
+/// let got: Vec<f32> = y.to_vec()?.iter().map(|v| v.to_f32()).collect();
+/// assert_eq!(got, [0.0, 0.0, 0.0, 2.0, 0.0, 0.0, 1.0, 2.0, 0.0, 0.0, 2.0, 2.0]);
+/// // An output with fewer rows than the input is a typed error, not a short write:
+/// let err = moe::linear(&w, x.view([3, 64])?, y.view([2, 2])?);
+/// assert!(matches!(err, Err(small4::Error::Shape { .. })));
+/// # Ok::<(), small4::Error>(())
+/// ```
+pub fn linear(w: &DeviceWeights, x: Matrix<bf16>, y: Matrix<bf16>) -> Result<()> {
+    let [rows, _] = x.dims();
+    launch_gemm(w, Input::Bf16(x), rows, false, Rows::Dense { rows }, Output::Bf16(y))
 }
 
 /// Dense SwiGLU `act = silu(x W1^T) * (x W3^T)` from gate/up weights packed by `repack_gate_up` (one matrix pair):
 /// x `[rows, k_dim]` -> act `[rows, hidden]` bf16, the gate and up values kept in f32 registers (a dense FFN's up
 /// half). Errors as [`linear`], the weights having to be SwiGLU-packed.
-pub fn linear_swiglu(w: &DeviceWeights, x: &DeviceBuffer<bf16>, rows: usize, act: &DeviceBuffer<bf16>) -> Result<()> {
-    launch_gemm(w, x, rows, false, Rows::Dense { rows }, Output::SwiGlu(act))
+pub fn linear_swiglu(w: &DeviceWeights, x: Matrix<bf16>, act: Matrix<bf16>) -> Result<()> {
+    let [rows, _] = x.dims();
+    launch_gemm(w, Input::Bf16(x), rows, false, Rows::Dense { rows }, Output::SwiGlu(act))
 }
 
 /// Dense `y = x W^T` with an f32 output `[rows, out_cols]` (the logits of the output head). Errors as [`linear`].
-pub fn linear_f32(w: &DeviceWeights, x: &DeviceBuffer<bf16>, rows: usize, y: &DeviceBuffer<f32>) -> Result<()> {
-    launch_gemm(w, x, rows, false, Rows::Dense { rows }, Output::F32ByPair { out: y, pair_weights: None })
+pub fn linear_f32(w: &DeviceWeights, x: Matrix<bf16>, y: Matrix<f32>) -> Result<()> {
+    let [rows, _] = x.dims();
+    launch_gemm(w, Input::Bf16(x), rows, false, Rows::Dense { rows }, Output::F32ByPair { out: y, pair_weights: None })
 }
 
-/// The shared expert on every token: `workspace.shared_out` `[tokens, dim]` f32 = w2(silu(w1 x) * w3 x), through
-/// `workspace.shared_act`. `shared` = (SwiGLU-packed w1/w3, w2). Errors as [`linear`].
-pub fn shared_expert(shared: &(DeviceWeights, DeviceWeights), x: &DeviceBuffer<bf16>, tokens: usize, workspace: &MoeWorkspace) -> Result<()> {
+/// The shared expert on every token of `x [tokens, dim]`: `workspace.shared_out` `[tokens, dim]` f32 =
+/// w2(silu(w1 x) * w3 x), through `workspace.shared_act`. `shared` = (SwiGLU-packed w1/w3, w2). Errors as
+/// [`linear`], and `Error::Shape` when the workspace was made for another token count.
+pub fn shared_expert(shared: &(DeviceWeights, DeviceWeights), x: Matrix<bf16>, workspace: &MoeWorkspace) -> Result<()> {
     let (up, dn) = shared;
+    let [tokens, _] = x.dims();
     check_len("shared expert workspace", workspace.shared_act.len(), tokens * up.out_cols)?;
-    launch_gemm(up, x, tokens, false, Rows::Dense { rows: tokens }, Output::SwiGlu(&workspace.shared_act))?;
-    launch_gemm(dn, &workspace.shared_act, tokens, false, Rows::Dense { rows: tokens }, Output::F32ByPair { out: &workspace.shared_out, pair_weights: None })
+    check_len("shared expert workspace out", workspace.shared_out.len(), tokens * dn.out_cols)?;
+    let act = workspace.shared_act.view([tokens, up.out_cols])?;
+    linear_swiglu(up, x, act)?;
+    linear_f32(dn, act, workspace.shared_out.view([tokens, dn.out_cols])?)
 }
 
 /// Up-projection of the routed experts: `act[slot] = silu(x W1_e^T) * (x W3_e^T)` for every slot of the grouping,
-/// x `[tokens, dim]`, act `[capacity, hidden]` (padding slots are not written).
+/// x `[tokens, dim]`, act `[capacity, hidden]` (padding slots are not written). Both may have strided rows (`x` as
+/// for [`linear`]).
 ///
-/// `Error::InvalidArgument` when `w` is not SwiGLU-packed or `top_k` is 0, the errors of a bad [`Grouping`], and
-/// `Error::Shape` for `x` or `act` of the wrong length.
-pub fn up_swiglu(w: &DeviceWeights, x: &DeviceBuffer<bf16>, tokens: usize, top_k: usize, grouping: &Grouping, act: &DeviceBuffer<bf16>) -> Result<()> {
-    launch_gemm(w, x, tokens, true, Rows::Grouped { grouping, top_k, pairs: tokens * top_k }, Output::SwiGlu(act))
+/// `Error::InvalidArgument` when `w` is not SwiGLU-packed, `top_k` is 0 or `x` is misaligned, the errors of a bad
+/// [`Grouping`], and `Error::Shape` when `x` is not `[tokens, dim]` or `act` not `[capacity, hidden]`.
+pub fn up_swiglu(w: &DeviceWeights, x: Matrix<bf16>, top_k: usize, grouping: &Grouping, act: Matrix<bf16>) -> Result<()> {
+    let [tokens, _] = x.dims();
+    launch_gemm(w, Input::Bf16(x), tokens, true, Rows::Grouped { grouping, top_k, pairs: tokens * top_k }, Output::SwiGlu(act))
 }
 
-/// Down-projection: `pair_out[p] = weight[p] * act[slot(p)] W2_e^T` (f32, `[tokens * k, dim]`) for every routed pair.
-/// Pairs owned by another GPU are not written. Errors as [`up_swiglu`] (with `w` not SwiGLU-packed), and
-/// `Error::Shape` when `topk_weights` is not one weight per row of `pair_out`.
-pub fn down(
-    w: &DeviceWeights,
-    act: &DeviceBuffer<bf16>,
-    grouping: &Grouping,
-    top_k: usize,
-    topk_weights: &DeviceBuffer<f32>,
-    pair_out: &DeviceBuffer<f32>,
-) -> Result<()> {
+/// Down-projection: `pair_out[p] = weight[p] * act[slot(p)] W2_e^T` (f32, `[tokens * k, dim]`) for every routed pair,
+/// `act` `[capacity, hidden]`, `topk_weights` `[tokens, k]` (packed; k is read off it). Pairs owned by another GPU
+/// are not written. Errors as [`up_swiglu`] (with `w` not SwiGLU-packed), and `Error::Shape` when `pair_out` is not
+/// one row per weight of `topk_weights`.
+pub fn down(w: &DeviceWeights, act: Matrix<bf16>, grouping: &Grouping, topk_weights: Matrix<f32>, pair_out: Matrix<f32>) -> Result<()> {
     let slots = grouping.capacity();
+    let [_, top_k] = topk_weights.dims();
     let pairs = topk_weights.len();
-    launch_gemm(w, act, slots, false, Rows::Grouped { grouping, top_k, pairs }, Output::F32ByPair { out: pair_out, pair_weights: Some(topk_weights) })
+    let output = Output::F32ByPair { out: pair_out, pair_weights: Some(topk_weights) };
+    launch_gemm(w, Input::Bf16(act), slots, false, Rows::Grouped { grouping, top_k, pairs }, output)
 }
 
 /// W8A8 e4m3 inputs: `out` [rows, cols] = e4m3(x * (1 / scale)) (round to nearest even, saturating to ±448, the
 /// CPU twin is `reference::moe::quantize_act_e4m3`), each 32 columns in the B-operand order of the W8A8 GEMMs
-/// (`MoeQuantizeActParams` in params.h). `cols` a multiple of 64 (the GEMMs' k step), the view's stride even.
+/// (`MoeQuantizeActParams` in params.h), for `x [rows, cols]`. `cols` a multiple of 64 (the GEMMs' k step); `x` may
+/// have strided rows (an even stride from a 4-byte boundary: the kernel loads bf16 pairs); `out` is packed.
 ///
-/// `Error::InvalidArgument` for a bad `scale` (not finite and positive), `cols`, or view; `Error::Shape` when `out`
-/// does not hold `rows * cols` bytes or the view is too short.
-pub fn quantize_act_e4m3(x: RowView, rows: usize, cols: usize, scale: f32, out: &DeviceBuffer<u8>) -> Result<()> {
-    launch_quantize_act(x, rows, cols, scale, out, None)
+/// `Error::InvalidArgument` for a bad `scale` (not finite and positive), `cols`, or a misaligned or strided view;
+/// `Error::Shape` when `out` is not `[rows, cols]`.
+///
+/// ```
+/// use half::bf16;
+/// use small4::device::{simulator, DeviceBuffer};
+///
+/// let device = simulator();
+/// // One row of 64 values 0.5 at scale 1/4: each is 2.0 in e4m3 (code 0x40).
+/// let x = DeviceBuffer::from_slice(&device, &[bf16::from_f32(0.5); 64])?;
+/// let out = DeviceBuffer::<u8>::alloc(&device, 64)?;
+/// small4::kernels::moe::quantize_act_e4m3(x.view([1, 64])?, 0.25, out.view([1, 64])?)?;
+/// assert_eq!(out.to_vec()?, vec![0x40; 64]);
+/// // Rows of 32 columns cannot feed the GEMMs' 64-column k steps:
+/// let err = small4::kernels::moe::quantize_act_e4m3(x.view([2, 32])?, 1.0, out.view([2, 32])?);
+/// assert!(matches!(err, Err(small4::Error::InvalidArgument(_))));
+/// # Ok::<(), small4::Error>(())
+/// ```
+pub fn quantize_act_e4m3(x: Matrix<bf16>, scale: f32, out: Matrix<u8>) -> Result<()> {
+    launch_quantize_act(x, scale, out, None)
 }
 
-/// [`quantize_act_e4m3`] of the slots of `grouping` (rows = its capacity): padding slots are neither read nor written.
-fn quantize_slots_e4m3(x: &DeviceBuffer<bf16>, cols: usize, grouping: &Grouping, scale: f32, out: &DeviceBuffer<u8>) -> Result<()> {
-    let rows = grouping.capacity();
-    check_len("quantize slots x", x.len(), rows * cols)?;
-    launch_quantize_act(RowView::packed(x, cols), rows, cols, scale, out, Some(grouping))
+/// [`quantize_act_e4m3`] of the slots of `grouping` (`x` `[capacity, cols]`): padding slots are neither read nor
+/// written.
+fn quantize_slots_e4m3(x: Matrix<bf16>, grouping: &Grouping, scale: f32, out: Matrix<u8>) -> Result<()> {
+    let [_, cols] = x.dims();
+    x.expect_dims("quantize slots x", [grouping.capacity(), cols])?;
+    launch_quantize_act(x, scale, out, Some(grouping))
 }
 
-fn launch_quantize_act(x: RowView, rows: usize, cols: usize, scale: f32, out: &DeviceBuffer<u8>, slots: Option<&Grouping>) -> Result<()> {
+fn launch_quantize_act(x: Matrix<bf16>, scale: f32, out: Matrix<u8>, slots: Option<&Grouping>) -> Result<()> {
     check_act_scale("quantize_act_e4m3", scale)?;
+    let [rows, cols] = x.dims();
     if cols == 0 || cols % 64 != 0 {
         return Err(Error::InvalidArgument(format!("quantize_act_e4m3: cols {cols} must be a positive multiple of 64")));
     }
-    x.check("quantize_act_e4m3 x", rows, cols, 2)?;
-    check_len("quantize_act_e4m3 out", out.len(), rows * cols)?;
+    // bf16x2 loads of x, 4-byte stores of out (which has no stride).
+    x.expect_aligned("quantize_act_e4m3 x", 4)?;
+    expect_stride_multiple("quantize_act_e4m3 x", &x, 2)?;
+    out.expect_dims("quantize_act_e4m3 out", [rows, cols])?;
+    out.expect_packed("quantize_act_e4m3 out")?;
+    out.expect_aligned("quantize_act_e4m3 out", 4)?;
     let words = rows * cols / 4;
     if words == 0 {
         return Ok(());
     }
     let params = MoeQuantizeActParams {
-        x: x.addr() as *const _,
+        x: x.ptr(),
         out: out.mut_ptr(),
         sorted_pairs: opt_ptr(slots.map(|g| g.sorted_pairs)),
         num_padded: opt_ptr(slots.map(|g| g.num_padded)),
         rows: to_i32("quantize_act_e4m3 rows", rows)?,
         cols: to_i32("quantize_act_e4m3 cols", cols)?,
-        x_stride: to_i32("quantize_act_e4m3 stride", x.stride)?,
+        x_stride: to_i32("quantize_act_e4m3 stride", x.row_stride())?,
         inv_scale: 1.0 / scale,
     };
     // Grid-stride loop: enough blocks to fill a GPU, no more than the words need.
@@ -584,57 +608,84 @@ fn launch_quantize_act(x: RowView, rows: usize, cols: usize, scale: f32, out: &D
 
 /// [`up_swiglu`] in W8A8: `x` the tokens' e4m3 rows (`[tokens, dim]`, from [`quantize_act_e4m3`]), per-tensor fp8
 /// weights (else `Error::InvalidArgument`).
-pub fn up_swiglu_w8a8(w: &DeviceWeights, x: E4m3Rows, tokens: usize, top_k: usize, grouping: &Grouping, act: &DeviceBuffer<bf16>) -> Result<()> {
-    launch_gemm_view(w, Input::E4m3(x), tokens, true, Rows::Grouped { grouping, top_k, pairs: tokens * top_k }, Output::SwiGlu(act), None)
+pub fn up_swiglu_w8a8(w: &DeviceWeights, x: E4m3Rows, top_k: usize, grouping: &Grouping, act: Matrix<bf16>) -> Result<()> {
+    let [tokens, _] = x.data.dims();
+    launch_gemm(w, Input::E4m3(x), tokens, true, Rows::Grouped { grouping, top_k, pairs: tokens * top_k }, Output::SwiGlu(act))
 }
 
 /// [`down`] in W8A8: `act` the slots' e4m3 rows (`[capacity, hidden]`, from [`quantize_act_e4m3`]), per-tensor fp8
 /// weights (else `Error::InvalidArgument`).
-pub fn down_w8a8(w: &DeviceWeights, act: E4m3Rows, grouping: &Grouping, top_k: usize, topk_weights: &DeviceBuffer<f32>, pair_out: &DeviceBuffer<f32>) -> Result<()> {
+pub fn down_w8a8(w: &DeviceWeights, act: E4m3Rows, grouping: &Grouping, topk_weights: Matrix<f32>, pair_out: Matrix<f32>) -> Result<()> {
     let slots = grouping.capacity();
+    let [_, top_k] = topk_weights.dims();
     let pairs = topk_weights.len();
     let output = Output::F32ByPair { out: pair_out, pair_weights: Some(topk_weights) };
-    launch_gemm_view(w, Input::E4m3(act), slots, false, Rows::Grouped { grouping, top_k, pairs }, output, None)
+    launch_gemm(w, Input::E4m3(act), slots, false, Rows::Grouped { grouping, top_k, pairs }, output)
 }
 
 /// `out[t] = bf16(shared_out[t] + sum_j pair_out[t*k + j])` over the locally computed pairs, in fixed j order.
 ///
-/// `pair_out [tokens * top_k, dim]` f32, `shared_out [tokens, dim]` f32, `topk_ids [tokens * top_k]` global ids,
-/// `expert_map [experts]` (global -> local or -1; None: all local), `out [tokens, dim]` bf16.
-/// `Error::InvalidArgument` when `dim` is not a positive multiple of 4; `Error::Shape` for a buffer of the wrong
-/// length; `Error::OutOfRange` for a size above `i32`.
-#[allow(clippy::too_many_arguments)]
+/// `out [tokens, dim]` bf16, `topk_ids [tokens, k]` global ids, `pair_out [tokens * k, dim]` f32,
+/// `shared_out [tokens, dim]` f32, `expert_map [experts]` (global -> local or -1; None: all local); every view packed
+/// (the kernel takes no strides). `Error::InvalidArgument` when `dim` is not a positive multiple of 4 or a view is
+/// strided or misaligned; `Error::Shape` for a view of the wrong dims; `Error::OutOfRange` for a size above `i32`.
+///
+/// ```
+/// use half::bf16;
+/// use small4::device::{simulator, DeviceBuffer};
+///
+/// let device = simulator();
+/// // One token, k = 2, dim 4: expert 3 is not one of the 2 experts, so its pair is skipped.
+/// let pair_out = DeviceBuffer::from_slice(&device, &[1.0f32, 2.0, 3.0, 4.0, 100.0, 100.0, 100.0, 100.0])?;
+/// let ids = DeviceBuffer::from_slice(&device, &[1i32, 3])?;
+/// let out = DeviceBuffer::<bf16>::alloc(&device, 4)?;
+/// small4::kernels::moe::combine(pair_out.view([2, 4])?, None, ids.view([1, 2])?, None, 2, out.view([1, 4])?)?;
+/// assert_eq!(out.to_vec()?.iter().map(|v| v.to_f32()).collect::<Vec<_>>(), [1.0, 2.0, 3.0, 4.0]);
+/// // pair_out must hold one row per (token, expert) pair:
+/// let err = small4::kernels::moe::combine(pair_out.view([1, 4])?, None, ids.view([1, 2])?, None, 2, out.view([1, 4])?);
+/// assert!(matches!(err, Err(small4::Error::Shape { .. })));
+/// # Ok::<(), small4::Error>(())
+/// ```
 pub fn combine(
-    pair_out: &DeviceBuffer<f32>,
-    shared_out: Option<&DeviceBuffer<f32>>,
-    topk_ids: &DeviceBuffer<i32>,
-    expert_map: Option<&DeviceBuffer<i32>>,
+    pair_out: Matrix<f32>,
+    shared_out: Option<Matrix<f32>>,
+    topk_ids: Matrix<i32>,
+    expert_map: Option<Vector<i32>>,
     experts: usize,
-    out: &DeviceBuffer<bf16>,
-    tokens: usize,
-    top_k: usize,
-    dim: usize,
+    out: Matrix<bf16>,
 ) -> Result<()> {
+    let [tokens, dim] = out.dims();
+    let [_, top_k] = topk_ids.dims();
     if dim % 4 != 0 || dim == 0 {
         return Err(Error::InvalidArgument(format!("moe combine: dim {dim} must be a positive multiple of 4")));
     }
-    check_len("moe combine pair_out", pair_out.len(), tokens * top_k * dim)?;
-    check_len("moe combine topk_ids", topk_ids.len(), tokens * top_k)?;
-    check_len("moe combine out", out.len(), tokens * dim)?;
+    pair_out.expect_dims("moe combine pair_out", [tokens * top_k, dim])?;
+    topk_ids.expect_dims("moe combine topk_ids", [tokens, top_k])?;
     if let Some(s) = shared_out {
-        check_len("moe combine shared_out", s.len(), tokens * dim)?;
+        s.expect_dims("moe combine shared_out", [tokens, dim])?;
     }
     if let Some(m) = expert_map {
-        check_len("moe combine expert_map", m.len(), experts)?;
+        m.expect_dims("moe combine expert_map", [experts])?;
+        m.expect_packed("moe combine expert_map")?;
     }
+    // Rows of dim back to back, read as float4 and written as 4 bf16 at a time.
+    for (what, view) in [("moe combine pair_out", Some(pair_out)), ("moe combine shared_out", shared_out)] {
+        if let Some(v) = view {
+            v.expect_packed(what)?;
+            v.expect_aligned(what, 16)?;
+        }
+    }
+    topk_ids.expect_packed("moe combine topk_ids")?;
+    out.expect_packed("moe combine out")?;
+    out.expect_aligned("moe combine out", 8)?;
     if tokens == 0 {
         return Ok(());
     }
     let params = MoeCombineParams {
         pair_out: pair_out.ptr(),
-        shared_out: opt_ptr(shared_out),
+        shared_out: opt_view_ptr(shared_out),
         topk_ids: topk_ids.ptr(),
-        expert_map: opt_ptr(expert_map),
+        expert_map: opt_view_ptr(expert_map),
         out: out.mut_ptr(),
         tokens: to_i32("combine tokens", tokens)?,
         top_k: to_i32("combine top_k", top_k)?,
@@ -764,85 +815,120 @@ impl MoeWorkspace {
     }
 }
 
-/// The router's outputs for a batch: global expert ids and renormalised weights `[tokens * k]`, and the expert map
+/// The router's outputs for a batch: global expert ids and renormalised weights `[tokens, k]`, and the expert map
 /// (global -> local, -1 = another GPU; None = all experts local).
+#[derive(Clone, Copy)]
 pub struct RoutingBuffers<'a> {
-    /// `[tokens * k]` i32 global expert ids (`router::Routing::topk_ids`).
-    pub topk_ids: &'a DeviceBuffer<i32>,
-    /// `[tokens * k]` f32 routing weights (`router::Routing::topk_weights`).
-    pub topk_weights: &'a DeviceBuffer<f32>,
+    /// `[tokens, k]` i32 global expert ids (`router::Routing::topk_ids`); k is read off it.
+    pub topk_ids: Matrix<'a, i32>,
+    /// `[tokens, k]` f32 routing weights (`router::Routing::topk_weights`).
+    pub topk_weights: Matrix<'a, f32>,
     /// `[experts]` i32, global -> local or -1 (`router::ExpertMap::buffer`); None when all experts are local.
-    pub expert_map: Option<&'a DeviceBuffer<i32>>,
+    pub expert_map: Option<Vector<'a, i32>>,
     /// Global expert count (the range of topk_ids).
     pub experts: usize,
-    /// Experts per token (`k`).
-    pub top_k: usize,
 }
 
 /// The routed experts of a layer: `workspace.pair_out` `[tokens * k, dim]` = routing weight x expert(x) for every pair
 /// of the grouping, through `workspace.act` (up + SwiGLU, then down); in W8A8 when `weights.fp8_activations`, with the
-/// input and the activation quantised to e4m3 into `workspace.e4m3` first.
+/// input and the activation quantised to e4m3 into `workspace.e4m3` first. `x` is `[tokens, dim]`, `topk_weights`
+/// `[tokens, k]`.
 ///
-/// Errors as [`up_swiglu`] and [`down`]; `Error::InvalidArgument` for a W8A8 layer whose workspace has no e4m3
-/// buffers (made before [`MoeLayerWeights::set_fp8_activations`]).
-pub fn routed_experts(
-    weights: &MoeLayerWeights,
-    x: &DeviceBuffer<bf16>,
-    tokens: usize,
-    top_k: usize,
-    grouping: &Grouping,
-    topk_weights: &DeviceBuffer<f32>,
-    workspace: &MoeWorkspace,
-) -> Result<()> {
+/// Errors as [`up_swiglu`] and [`down`]; `Error::Shape` when `topk_weights` is not `[tokens, k]` or the workspace
+/// was made for another batch; `Error::InvalidArgument` for a W8A8 layer whose workspace has no e4m3 buffers (made
+/// before [`MoeLayerWeights::set_fp8_activations`]).
+pub fn routed_experts(weights: &MoeLayerWeights, x: Matrix<bf16>, grouping: &Grouping, topk_weights: Matrix<f32>, workspace: &MoeWorkspace) -> Result<()> {
     let (dim, hidden) = (weights.dim(), weights.hidden());
+    let [tokens, _] = x.dims();
+    let [_, top_k] = topk_weights.dims();
+    topk_weights.expect_dims("routed experts topk_weights", [tokens, top_k])?;
     check_len("routed experts workspace act", workspace.act.len(), grouping.capacity() * hidden)?;
-    let (act, pair_out) = (&workspace.act, &workspace.pair_out);
+    check_len("routed experts workspace pair_out", workspace.pair_out.len(), tokens * top_k * dim)?;
+    let act = workspace.act.view([grouping.capacity(), hidden])?;
+    let pair_out = workspace.pair_out.view([tokens * top_k, dim])?;
     let Some(scales) = weights.fp8_activations else {
-        up_swiglu(&weights.gate_up, x, tokens, top_k, grouping, act)?;
-        return down(&weights.down, act, grouping, top_k, topk_weights, pair_out);
+        up_swiglu(&weights.gate_up, x, top_k, grouping, act)?;
+        return down(&weights.down, act, grouping, topk_weights, pair_out);
     };
     let Some((x_e4m3, act_e4m3)) = &workspace.e4m3 else {
         return Err(Error::InvalidArgument("routed experts: W8A8 weights but the workspace has no e4m3 buffers (made before?)".into()));
     };
-    check_len("routed experts x", x.len(), tokens * dim)?;
-    quantize_act_e4m3(RowView::packed(x, dim), tokens, dim, scales.up, x_e4m3)?;
-    up_swiglu_w8a8(&weights.gate_up, E4m3Rows { data: x_e4m3, scale: scales.up }, tokens, top_k, grouping, act)?;
-    quantize_slots_e4m3(act, hidden, grouping, scales.down, act_e4m3)?;
-    down_w8a8(&weights.down, E4m3Rows { data: act_e4m3, scale: scales.down }, grouping, top_k, topk_weights, pair_out)
+    x.expect_dims("routed experts x", [tokens, dim])?;
+    let x_e4m3 = x_e4m3.view([tokens, dim])?;
+    let act_e4m3 = act_e4m3.view([grouping.capacity(), hidden])?;
+    quantize_act_e4m3(x, scales.up, x_e4m3)?;
+    up_swiglu_w8a8(&weights.gate_up, E4m3Rows { data: x_e4m3, scale: scales.up }, top_k, grouping, act)?;
+    quantize_slots_e4m3(act, grouping, scales.down, act_e4m3)?;
+    down_w8a8(&weights.down, E4m3Rows { data: act_e4m3, scale: scales.down }, grouping, topk_weights, pair_out)
 }
 
-/// One whole MoE layer: out `[tokens, dim]` bf16 = shared(x) + sum_j w_j expert_j(x) over the locally owned experts.
-/// Five launches: routed up (+SwiGLU), routed down (x routing weight), shared up, shared down, combine; W8A8 layers
-/// (`weights.fp8_activations`) quantise the input and the SwiGLU activation to e4m3 first (two more).
+/// One whole MoE layer: out `[tokens, dim]` bf16 = shared(x) + sum_j w_j expert_j(x) over the locally owned experts,
+/// for `x [tokens, dim]` (the token count is read off it). Five launches: routed up (+SwiGLU), routed down (x routing
+/// weight), shared up, shared down, combine; W8A8 layers (`weights.fp8_activations`) quantise the input and the
+/// SwiGLU activation to e4m3 first (two more).
 ///
-/// `Error::InvalidArgument` when `workspace` was made for another token count or `top_k`; otherwise the errors of
-/// [`routed_experts`], [`shared_expert`] and [`combine`].
-pub fn moe_layer(
-    weights: &MoeLayerWeights,
-    x: &DeviceBuffer<bf16>,
-    tokens: usize,
-    routing: &RoutingBuffers,
-    grouping: &Grouping,
-    workspace: &MoeWorkspace,
-    out: &DeviceBuffer<bf16>,
-) -> Result<()> {
-    let (dim, k) = (weights.dim(), routing.top_k);
+/// `Error::InvalidArgument` when `workspace` was made for another token count or `top_k`; `Error::Shape` when
+/// `routing.topk_weights` is not `[tokens, k]`; otherwise the errors of [`routed_experts`], [`shared_expert`] and
+/// [`combine`].
+///
+/// ```
+/// use half::bf16;
+/// use small4::device::{simulator, DeviceBuffer};
+/// use small4::kernels::moe::{self, Grouping, MoeLayerWeights, MoeWorkspace, RoutingBuffers};
+/// use small4::kernels::router::{moe_align, ExpertMap};
+/// use small4::quant::{repack, QuantizedMatrix, WeightFormat};
+///
+/// let device = simulator();
+/// let (dim, hidden) = (64, 64);
+/// // One expert: act_0 = silu(x_0) * x_0, out_0 = act_0; every other weight 0.
+/// let one_hot = |rows: usize, cols: usize| {
+///     let mut w = vec![0.0f32; rows * cols];
+///     w[0] = 1.0;
+///     QuantizedMatrix::quantize(WeightFormat::Bf16, &w, rows, cols)
+/// };
+/// let (w1, w3, w2) = (one_hot(hidden, dim)?, one_hot(hidden, dim)?, one_hot(dim, hidden)?);
+/// let gate_up = repack::repack_gate_up(&[((&w1).into(), (&w3).into())])?;
+/// let weights = MoeLayerWeights::upload(&device, &gate_up, &repack::repack_linear(&[(&w2).into()])?, None)?;
+/// // Two tokens, x_0 = 1 and 2, both routed to expert 0 with weight 1.
+/// let mut x = vec![bf16::ZERO; 2 * dim];
+/// (x[0], x[dim]) = (bf16::ONE, bf16::from_f32(2.0));
+/// let x = DeviceBuffer::from_slice(&device, &x)?;
+/// let (ids, topk_weights) = (DeviceBuffer::from_slice(&device, &[0i32, 0])?, DeviceBuffer::from_slice(&device, &[1.0f32, 1.0])?);
+/// let alignment = moe_align(ids.view([2, 1])?, &ExpertMap::identity(&device, 1)?, moe::moe_tile_m(2, 1, 1))?;
+/// let workspace = MoeWorkspace::new(&device, &weights, 2, 1, alignment.max_padded)?;
+/// let routing = RoutingBuffers { topk_ids: ids.view([2, 1])?, topk_weights: topk_weights.view([2, 1])?, expert_map: None, experts: 1 };
+/// let out = DeviceBuffer::<bf16>::alloc(&device, 2 * dim)?;
+/// moe::moe_layer(&weights, x.view([2, dim])?, &routing, &Grouping::from(&alignment), &workspace, out.view([2, dim])?)?;
+/// let got = out.to_vec()?;
+/// let silu = |v: f32| v / (1.0 + (-v).exp());
+/// assert!((got[0].to_f32() - silu(1.0)).abs() < 1e-2 && (got[dim].to_f32() - 2.0 * silu(2.0)).abs() < 2e-2);
+/// assert!(got[1..dim].iter().all(|v| v.to_f32() == 0.0));
+/// // One token against a workspace made for two is a typed error:
+/// let one = RoutingBuffers { topk_ids: ids.view([1, 1])?, topk_weights: topk_weights.view([1, 1])?, ..routing };
+/// let err = moe::moe_layer(&weights, x.view([1, dim])?, &one, &Grouping::from(&alignment), &workspace, out.view([1, dim])?);
+/// assert!(matches!(err, Err(small4::Error::InvalidArgument(_))));
+/// # Ok::<(), small4::Error>(())
+/// ```
+pub fn moe_layer(weights: &MoeLayerWeights, x: Matrix<bf16>, routing: &RoutingBuffers, grouping: &Grouping, workspace: &MoeWorkspace, out: Matrix<bf16>) -> Result<()> {
+    let dim = weights.dim();
+    let [tokens, _] = x.dims();
+    let [_, k] = routing.topk_ids.dims();
     if tokens != workspace.tokens || k != workspace.top_k {
         return Err(Error::InvalidArgument(format!(
             "moe_layer: {tokens} tokens x top-{k} but the workspace holds {} x top-{}",
             workspace.tokens, workspace.top_k
         )));
     }
-    check_len("moe_layer topk_weights", routing.topk_weights.len(), tokens * k)?;
-    let pair_out = &workspace.pair_out;
-    check_len("moe_layer pair_out", pair_out.len(), tokens * k * dim)?;
-    routed_experts(weights, x, tokens, k, grouping, routing.topk_weights, workspace)?;
+    routing.topk_weights.expect_dims("moe_layer topk_weights", [tokens, k])?;
+    check_len("moe_layer pair_out", workspace.pair_out.len(), tokens * k * dim)?;
+    routed_experts(weights, x, grouping, routing.topk_weights, workspace)?;
     let shared_out = match &weights.shared {
         Some(shared) => {
-            shared_expert(shared, x, tokens, workspace)?;
-            Some(&workspace.shared_out)
+            shared_expert(shared, x, workspace)?;
+            Some(workspace.shared_out.view([tokens, dim])?)
         }
         None => None,
     };
-    combine(pair_out, shared_out, routing.topk_ids, routing.expert_map, routing.experts, out, tokens, k, dim)
+    let pair_out = workspace.pair_out.view([tokens * k, dim])?;
+    combine(pair_out, shared_out, routing.topk_ids, routing.expert_map, routing.experts, out)
 }

@@ -17,6 +17,7 @@ use half::bf16;
 
 use super::modules::ROUTER;
 use super::params::{MoeAlignParams, RouterParams};
+use super::Matrix;
 use crate::device::{launch_with, Device, DeviceBuffer, Dim3, Kernel, LaunchConfig};
 use crate::error::{Error, Result};
 pub use crate::reference::moe::max_padded_slots;
@@ -151,11 +152,13 @@ impl Alignment {
         })
     }
 
-    fn params(&self, topk_ids: &DeviceBuffer<i32>, map: &ExpertMap) -> Result<MoeAlignParams> {
+    fn params(&self, topk_ids: Matrix<i32>, map: &ExpertMap) -> Result<MoeAlignParams> {
         if self.local_experts != map.local_experts {
             return Err(Error::shape("alignment local experts", map.local_experts, self.local_experts));
         }
+        // The kernel reads pair p = t * k + j at topk_ids[p]: the ids must be packed.
         check_len("alignment topk_ids", topk_ids.len(), self.pairs)?;
+        topk_ids.expect_packed("alignment topk_ids")?;
         let max_padded = max_padded_slots(self.pairs, self.local_experts, self.tile_m);
         let max_tiles = max_padded / self.tile_m;
         check_len("alignment sorted_pairs", self.sorted_pairs.len(), max_padded)?;
@@ -251,12 +254,13 @@ pub struct RouterConfig {
     pub tile_m: usize,
 }
 
-/// Routes `tokens` rows of `hidden [tokens, dim]` through `gate [experts, dim]` and aligns the pairs: allocates the
+/// Routes every row of `hidden [tokens, dim]` through `gate [experts, dim]` and aligns the pairs: allocates the
 /// outputs and a workspace. See [`route_and_align_into`] for the allocation-free form a CUDA graph replays.
 ///
-/// `hidden` and `gate` are bf16; the logits are accumulated in f32. `Error::InvalidArgument` for a bad config (`k`,
-/// `routed_scale`, `tile_m`), a `dim` that is not a multiple of 8 or too many tokens for one launch; `Error::Shape`
-/// when `gate` is not `[experts, dim]` for the map's expert count or `hidden` is not `[tokens, dim]`.
+/// `hidden` and `gate` are bf16, packed and 16-byte aligned (the kernel takes no stride and loads 8 values at a
+/// time); the logits are accumulated in f32. `Error::InvalidArgument` for a bad config (`k`, `routed_scale`,
+/// `tile_m`), a `dim` that is not a multiple of 8, a strided or misaligned view or too many tokens for one launch;
+/// `Error::Shape` when `gate` is not `[experts, dim]` for the map's expert count or `hidden` is not `[tokens, dim]`.
 ///
 /// ```
 /// use half::bf16;
@@ -274,7 +278,7 @@ pub struct RouterConfig {
 /// let (hidden, gate) = (DeviceBuffer::from_slice(&device, &hidden)?, DeviceBuffer::from_slice(&device, &gate)?);
 /// let map = ExpertMap::identity(&device, 4)?;
 /// let config = RouterConfig { k: 2, routed_scale: 1.0, tile_m: 8 };
-/// let routing = route_and_align(&hidden, &gate, 1, &map, &config)?;
+/// let routing = route_and_align(hidden.view([1, 8])?, gate.view([4, 8])?, &map, &config)?;
 ///
 /// assert_eq!(routing.topk_ids.to_vec()?, vec![1, 2]);
 /// // Renormalised over the two chosen: e^3 / (e^3 + e^2) and e^2 / (e^3 + e^2).
@@ -289,20 +293,19 @@ pub struct RouterConfig {
 /// assert_eq!(a.tile_experts.to_vec()?, vec![1, 2]);
 /// let sorted = a.sorted_pairs.to_vec()?;
 /// assert_eq!((sorted[0], sorted[1], sorted[8], sorted[15]), (0, -1, 1, -1));
+/// // A gate of 2 experts for a map of 4 is a typed error:
+/// let err = route_and_align(hidden.view([1, 8])?, gate.view([2, 8])?, &map, &config);
+/// assert!(matches!(err, Err(small4::Error::Shape { .. })));
 /// # Ok::<(), small4::Error>(())
 /// ```
-pub fn route_and_align(
-    hidden: &DeviceBuffer<bf16>,
-    gate: &DeviceBuffer<bf16>,
-    tokens: usize,
-    map: &ExpertMap,
-    config: &RouterConfig,
-) -> Result<Routing> {
+pub fn route_and_align(hidden: Matrix<bf16>, gate: Matrix<bf16>, map: &ExpertMap, config: &RouterConfig) -> Result<Routing> {
     let device = hidden.device();
+    let [tokens, _] = hidden.dims();
+    let [_, dim] = gate.dims();
     check_config(map.experts, config)?;
-    let workspace = RouterWorkspace::new(device, tokens, map.experts, gate.len() / map.experts)?;
+    let workspace = RouterWorkspace::new(device, tokens, map.experts, dim)?;
     let routing = Routing::alloc(device, tokens, config.k, map.local_experts, config.tile_m)?;
-    route_and_align_into(hidden, gate, tokens, map, config, &workspace, &routing)?;
+    route_and_align_into(hidden, gate, map, config, &workspace, &routing)?;
     Ok(routing)
 }
 
@@ -311,9 +314,8 @@ pub fn route_and_align(
 /// Errors as [`route_and_align`], and `Error::Shape` when `workspace` was made for other `[tokens, experts, dim]`,
 /// `out` for another `[tokens, k, tile_m]`, or `out.alignment` for another local expert count.
 pub fn route_and_align_into(
-    hidden: &DeviceBuffer<bf16>,
-    gate: &DeviceBuffer<bf16>,
-    tokens: usize,
+    hidden: Matrix<bf16>,
+    gate: Matrix<bf16>,
     map: &ExpertMap,
     config: &RouterConfig,
     workspace: &RouterWorkspace,
@@ -321,10 +323,12 @@ pub fn route_and_align_into(
 ) -> Result<()> {
     let experts = map.experts;
     check_config(experts, config)?;
-    if gate.is_empty() || gate.len() % experts != 0 {
-        return Err(Error::shape("router gate elements (experts * dim)", format!("a multiple of {experts}"), gate.len()));
+    let [tokens, _] = hidden.dims();
+    let [_, dim] = gate.dims();
+    if dim == 0 {
+        return Err(Error::shape("router gate dim", "> 0", 0));
     }
-    let dim = gate.len() / experts;
+    gate.expect_dims("router gate [experts, dim]", [experts, dim])?;
     if dim % 8 != 0 {
         return Err(Error::InvalidArgument(format!("router: dim {dim} must be a multiple of 8 (16-byte loads)")));
     }
@@ -332,7 +336,12 @@ pub fn route_and_align_into(
     if tokens.div_ceil(TOKEN_GROUP) > 65535 || tokens * experts.max(dim) > i32::MAX as usize {
         return Err(Error::InvalidArgument(format!("router: {tokens} tokens is too many for one launch")));
     }
-    check_len("router hidden", hidden.len(), tokens * dim)?;
+    hidden.expect_dims("router hidden", [tokens, dim])?;
+    // Rows of dim back to back (the kernel takes no stride), each loaded 8 values at a time.
+    for (what, view) in [("router hidden", hidden), ("router gate", gate)] {
+        view.expect_packed(what)?;
+        view.expect_aligned(what, 16)?;
+    }
     if (workspace.tokens, workspace.experts, workspace.dim) != (tokens, experts, dim) {
         return Err(Error::shape(
             "router workspace [tokens, experts, dim]",
@@ -345,7 +354,7 @@ pub fn route_and_align_into(
     }
     check_len("router topk_ids", out.topk_ids.len(), tokens * config.k)?;
     check_len("router topk_weights", out.topk_weights.len(), tokens * config.k)?;
-    let align = out.alignment.params(&out.topk_ids, map)?;
+    let align = out.alignment.params(out.topk_ids.view([tokens, config.k])?, map)?;
     if tokens == 0 {
         return launch_align(hidden.device(), align);
     }
@@ -370,16 +379,31 @@ pub fn route_and_align_into(
     launch_with(hidden.device(), &ROUTER_TOPK, &LaunchConfig { grid, block: Dim3::x(THREADS), shared_bytes: 0 }, &params)
 }
 
-/// The alignment alone, from `topk_ids [tokens * k]` computed elsewhere (global ids; those the map sends to -1 are
-/// left out). `Error::InvalidArgument` for a bad `tile_m`.
-pub fn moe_align(topk_ids: &DeviceBuffer<i32>, map: &ExpertMap, tile_m: usize) -> Result<Alignment> {
+/// The alignment alone, from `topk_ids [tokens, k]` computed elsewhere (global ids; those the map sends to -1 are
+/// left out). `Error::InvalidArgument` for a bad `tile_m` or strided ids (the kernel reads them packed).
+///
+/// ```
+/// use small4::device::{simulator, DeviceBuffer};
+/// use small4::kernels::router::{moe_align, ExpertMap};
+///
+/// let device = simulator();
+/// // Two tokens of two experts each over three experts, tiles of 2 slots.
+/// let ids = DeviceBuffer::from_slice(&device, &[2i32, 0, 2, 1])?;
+/// let a = moe_align(ids.view([2, 2])?, &ExpertMap::identity(&device, 3)?, 2)?;
+/// assert_eq!(a.expert_counts.to_vec()?, vec![1, 1, 2]);
+/// assert_eq!(a.expert_offsets.to_vec()?, vec![0, 2, 4, 6]);
+/// // A tile of 3 slots is a typed error:
+/// assert!(matches!(moe_align(ids.view([2, 2])?, &ExpertMap::identity(&device, 3)?, 3), Err(small4::Error::InvalidArgument(_))));
+/// # Ok::<(), small4::Error>(())
+/// ```
+pub fn moe_align(topk_ids: Matrix<i32>, map: &ExpertMap, tile_m: usize) -> Result<Alignment> {
     let alignment = Alignment::alloc(topk_ids.device(), topk_ids.len(), map.local_experts, tile_m)?;
     moe_align_into(topk_ids, map, &alignment)?;
     Ok(alignment)
 }
 
-/// [`moe_align`] into preallocated outputs.
-pub fn moe_align_into(topk_ids: &DeviceBuffer<i32>, map: &ExpertMap, out: &Alignment) -> Result<()> {
+/// [`moe_align`] into preallocated outputs: `Error::Shape` when `out` was made for another pair count or map.
+pub fn moe_align_into(topk_ids: Matrix<i32>, map: &ExpertMap, out: &Alignment) -> Result<()> {
     check_tile_m(out.tile_m)?;
     launch_align(topk_ids.device(), out.params(topk_ids, map)?)
 }

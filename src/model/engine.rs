@@ -15,7 +15,7 @@
 //! `quant::repack`, one layer at a time while streaming (host memory holds one layer's experts at most).
 //!
 //! MLA's absorbed products are per head: `q_lat_h = q_nope_h . W_UK_h` and `out_h = W_UV_h . o_lat_h` run as one
-//! dense GEMM per head over strided views of `q` / `o_lat` (`kernels::moe::linear_view`); W_UK_h is stored
+//! dense GEMM per head over column views of `q` / `o_lat` (`kernels::moe::linear`); W_UK_h is stored
 //! transposed ([kv_lora_rank, qk_nope]) so both are `y = x W^T`. The rope half of q is extracted into the
 //! contiguous `q_rope` the attention kernel reads by one GEMM with a 64x64 identity (exact in bf16).
 //!
@@ -41,7 +41,7 @@ use safetensors::Dtype;
 use crate::device::collective::Collective;
 use crate::device::{Device, DeviceBuffer, Graph};
 use crate::kernels::attention::{self, AttentionScratch, BlockTables, CacheWriteWeights, PagedCache, Queries, QueryLayout, TokenSlots};
-use crate::kernels::moe::{self, DeviceWeights, Fp8ActScales, Grouping, MoeLayerWeights, MoeWorkspace, RowView};
+use crate::kernels::moe::{self, DeviceWeights, Fp8ActScales, Grouping, MoeLayerWeights, MoeWorkspace};
 use crate::kernels::norm;
 use crate::kernels::ops::{self, GatherStatus, QueryScale, SamplingInputs};
 use crate::kernels::router::{self, ExpertMap, RouterConfig, RouterWorkspace, Routing};
@@ -1136,7 +1136,6 @@ impl Network<'_> {
         let router_config = RouterConfig { k, routed_scale: c.routed_scale, tile_m: ws.routing.alignment.tile_m };
         let query_scale = QueryScale { beta: c.llama4_beta, original_max_position: c.llama4_original_max_position };
         let [x, x_mid] = &ws.x;
-        let view = |b, offset, stride| RowView { buffer: b, offset, stride };
 
         ops::embedding_gather(&ws.ids, &m.tok_embeddings, dim, x, self.gather_status)?;
         if let Some(images) = images {
@@ -1145,64 +1144,67 @@ impl Network<'_> {
         norm::rms_norm(x.view([t, dim])?, m.layers[0].attention_norm.as_vector(), ws.h.view([t, dim])?, eps)?;
         for (l, layer) in m.layers.iter().enumerate() {
             // Attention: q = wq_b(q_a_norm(wq_a h)); cache row = [kv_a_norm(c) | rope(k_rope)].
-            moe::linear(&layer.wq_a, &ws.h, t, &ws.q_a)?;
+            moe::linear(&layer.wq_a, ws.h.view([t, dim])?, ws.q_a.view([t, c.q_lora_rank])?)?;
             norm::rms_norm(ws.q_a.view([t, layer.q_a_norm.len()])?, layer.q_a_norm.as_vector(), ws.q_a_normed.view([t, layer.q_a_norm.len()])?, eps)?;
-            moe::linear(&layer.wq_b, &ws.q_a_normed, t, &ws.q)?;
-            moe::linear(&layer.wkv_a, &ws.h, t, &ws.kv)?;
+            moe::linear(&layer.wq_b, ws.q_a_normed.view([t, c.q_lora_rank])?, ws.q.view([t, heads * qk])?)?;
+            moe::linear(&layer.wkv_a, ws.h.view([t, dim])?, ws.kv.view([t, rank + c.qk_rope])?)?;
             let write = CacheWriteWeights { norm_weight: &layer.kv_a_norm, eps, inv_freq: &m.inv_freq };
             attention::mla_cache_write(&self.caches[l], tables, &ws.kv, rank + c.qk_rope, &write, slots)?;
             ops::rope_q_k(&ws.q, heads, qk, None, &ws.positions, &m.inv_freq, query_scale)?;
             // Absorb W_UK into the query; q_rope = the rope half of every head.
+            let (q, q_lat) = (ws.q.view([t, heads * qk])?, ws.q_lat.view([t, heads * rank])?);
             for (h, w_uk) in layer.w_uk.iter().enumerate() {
-                moe::linear_view(w_uk, view(&ws.q, h * qk, heads * qk), t, view(&ws.q_lat, h * rank, heads * rank))?;
+                moe::linear(w_uk, q.columns(h * qk..h * qk + w_uk.k_dim)?, q_lat.columns(h * rank..h * rank + w_uk.out_cols)?)?;
             }
-            moe::linear_view(&m.rope_identity, view(&ws.q, nope, qk), t * heads, view(&ws.q_rope, 0, c.qk_rope))?;
+            moe::linear(&m.rope_identity, ws.q.view([t * heads, qk])?.columns(nope..qk)?, ws.q_rope.view([t * heads, c.qk_rope])?)?;
             let queries = Queries { layout, q_lat: &ws.q_lat, q_rope: &ws.q_rope, heads };
             attention::mla_attention(&self.caches[l], tables, &queries, &ws.o_lat, c.softmax_scale(), self.options.attention_splits, scratch)?;
+            let (o_lat, attn) = (ws.o_lat.view([t, heads * rank])?, ws.attn.view([t, heads * v_head])?);
             for (h, pieces) in layer.w_uv.iter().enumerate() {
                 for (w_uv, first) in pieces {
-                    moe::linear_view(w_uv, view(&ws.o_lat, h * rank, heads * rank), t, view(&ws.attn, h * v_head + first, heads * v_head))?;
+                    let col = h * v_head + first;
+                    moe::linear(w_uv, o_lat.columns(h * rank..h * rank + w_uv.k_dim)?, attn.columns(col..col + w_uv.out_cols)?)?;
                 }
             }
             match &ws.attention_sum {
-                None => moe::linear(&layer.wo, &ws.attn, t, &ws.block_out)?,
+                None => moe::linear(&layer.wo, attn, ws.block_out.view([t, dim])?)?,
                 Some(partial) => {
                     // Tensor parallelism: this rank's heads give a partial sum of wo's output; the ranks add theirs
                     // in f32 and round once, as one rank rounds its whole output.
                     let col = self.collective.ok_or_else(|| Error::InvalidArgument("tensor-parallel attention needs the ranks' collective".into()))?;
-                    moe::linear_f32(&layer.wo, &ws.attn, t, &partial.sum)?;
+                    moe::linear_f32(&layer.wo, attn, partial.sum.view([t, dim])?)?;
                     col.all_reduce_sum_f32(&partial.sum)?;
-                    moe::combine(&partial.sum, None, &partial.one_pair_ids, None, 1, &ws.block_out, t, 1, dim)?;
+                    moe::combine(partial.sum.view([t, dim])?, None, partial.one_pair_ids.view([t, 1])?, None, 1, ws.block_out.view([t, dim])?)?;
                 }
             }
             norm::add_rms_norm(ws.block_out.view([t, dim])?, x.view([t, dim])?, layer.ffn_norm.as_vector(), x_mid.view([t, dim])?, ws.h.view([t, dim])?, eps)?;
 
             // Mixture of experts: route, grouped up (SwiGLU), grouped down (x routing weight), shared, combine.
-            router::route_and_align_into(&ws.h, &layer.gate, t, &m.expert_map, &router_config, &ws.router, &ws.routing)?;
+            router::route_and_align_into(ws.h.view([t, dim])?, layer.gate.view([c.experts, dim])?, &m.expert_map, &router_config, &ws.router, &ws.routing)?;
             let a = &ws.routing.alignment;
             let grouping = Grouping { sorted_pairs: &a.sorted_pairs, tile_experts: &a.tile_experts, expert_offsets: &a.expert_offsets, num_padded: &a.num_padded, tile_m: a.tile_m };
             if self.collective.is_some() {
                 // Pairs of other ranks' experts stay zero here and arrive by the all-reduce.
                 device.memset(ws.moe.pair_out.addr(), 0, ws.moe.pair_out.bytes())?;
             }
-            moe::routed_experts(&layer.moe, &ws.h, t, k, &grouping, &ws.routing.topk_weights, &ws.moe)?;
+            moe::routed_experts(&layer.moe, ws.h.view([t, dim])?, &grouping, ws.routing.topk_weights.view([t, k])?, &ws.moe)?;
             if let Some(col) = &self.collective {
                 col.all_reduce_sum_f32(&ws.moe.pair_out)?;
             }
             let shared = match &layer.moe.shared {
                 Some(s) => {
-                    moe::shared_expert(s, &ws.h, t, &ws.moe)?;
-                    Some(&ws.moe.shared_out)
+                    moe::shared_expert(s, ws.h.view([t, dim])?, &ws.moe)?;
+                    Some(ws.moe.shared_out.view([t, dim])?)
                 }
                 None => None,
             };
-            moe::combine(&ws.moe.pair_out, shared, &ws.routing.topk_ids, None, c.experts, &ws.block_out, t, k, dim)?;
+            moe::combine(ws.moe.pair_out.view([t * k, dim])?, shared, ws.routing.topk_ids.view([t, k])?, None, c.experts, ws.block_out.view([t, dim])?)?;
             let next_norm = m.layers.get(l + 1).map_or(&m.norm, |next| &next.attention_norm);
             norm::add_rms_norm(ws.block_out.view([t, dim])?, x_mid.view([t, dim])?, next_norm.as_vector(), x.view([t, dim])?, ws.h.view([t, dim])?, eps)?;
         }
         // ws.h is the final norm's output: gather the head's rows (host-computed, always in range), then the head.
         ops::embedding_gather(&head.source_rows, &ws.h, dim, &head.h, self.gather_status)?;
-        moe::linear_f32(&m.output, &head.h, head.rows, &head.logits)?;
+        moe::linear_f32(&m.output, head.h.view([head.rows, dim])?, head.logits.view([head.rows, c.vocab])?)?;
         Ok(())
     }
 }

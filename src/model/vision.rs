@@ -176,7 +176,7 @@ impl DeviceVisionTower {
             first_row += rows * cols;
         }
         let embedded = bf(t * hidden)?;
-        moe::linear(&self.patch_conv, &patches, t, &embedded)?;
+        moe::linear(&self.patch_conv, patches.view([t, self.conv_k])?, embedded.view([t, hidden])?)?;
         drop(patches);
 
         let (x, x_mid, h) = (bf(t * hidden)?, bf(t * hidden)?, bf(t * hidden)?);
@@ -187,16 +187,17 @@ impl DeviceVisionTower {
         norm::rms_norm(x.view([t, hidden])?, first_norm.as_vector(), h.view([t, hidden])?, eps)?;
         for (l, layer) in self.layers.iter().enumerate() {
             // x += wo(attention(rope2d(wq h), rope2d(wk h), wv h)); h = ffn_norm(x)
-            moe::linear(&layer.wq, &h, t, &q)?;
-            moe::linear(&layer.wk, &h, t, &k)?;
-            moe::linear(&layer.wv, &h, t, &vv)?;
+            let normed = h.view([t, hidden])?;
+            moe::linear(&layer.wq, normed, q.view([t, hidden])?)?;
+            moe::linear(&layer.wk, normed, k.view([t, hidden])?)?;
+            moe::linear(&layer.wv, normed, vv.view([t, hidden])?)?;
             vision::rope_2d(&q, Some(&k), v.heads, v.head_dim, &positions)?;
             vision::vision_attention(&q, &k, &vv, &attn, &segments, v.heads, 1.0 / (v.head_dim as f32).sqrt())?;
-            moe::linear(&layer.wo, &attn, t, &block_out)?;
+            moe::linear(&layer.wo, attn.view([t, hidden])?, block_out.view([t, hidden])?)?;
             norm::add_rms_norm(block_out.view([t, hidden])?, x.view([t, hidden])?, layer.ffn_norm.as_vector(), x_mid.view([t, hidden])?, h.view([t, hidden])?, eps)?;
             // x += w2(silu(w1 h) * w3 h); h = the next layer's attention_norm(x), or the projector's norm.
-            moe::linear_swiglu(&layer.w13, &h, t, &act)?;
-            moe::linear(&layer.w2, &act, t, &block_out)?;
+            moe::linear_swiglu(&layer.w13, h.view([t, hidden])?, act.view([t, v.intermediate])?)?;
+            moe::linear(&layer.w2, act.view([t, v.intermediate])?, block_out.view([t, hidden])?)?;
             let next_norm = self.layers.get(l + 1).map_or(&self.pre_mm_projector_norm, |next| &next.attention_norm);
             norm::add_rms_norm(block_out.view([t, hidden])?, x_mid.view([t, hidden])?, next_norm.as_vector(), x.view([t, hidden])?, h.view([t, hidden])?, eps)?;
         }
@@ -207,12 +208,12 @@ impl DeviceVisionTower {
         let merged_in = bf(rows * hidden * m2)?;
         vision::patch_merge(&h, hidden, &merge_sources, &merged_in)?;
         let merged = bf(rows * hidden)?;
-        moe::linear(&self.merging_layer, &merged_in, rows, &merged)?;
+        moe::linear(&self.merging_layer, merged_in.view([rows, hidden * m2])?, merged.view([rows, hidden])?)?;
         let adapted = bf(rows * self.text_dim)?;
-        moe::linear(&self.w_in, &merged, rows, &adapted)?;
+        moe::linear(&self.w_in, merged.view([rows, hidden])?, adapted.view([rows, self.text_dim])?)?;
         vision::bias_act(&adapted, rows, self.text_dim, self.w_in_bias.as_ref(), Activation::Gelu)?;
         let features = bf(rows * self.text_dim)?;
-        moe::linear(&self.w_out, &adapted, rows, &features)?;
+        moe::linear(&self.w_out, adapted.view([rows, self.text_dim])?, features.view([rows, self.text_dim])?)?;
         if let Some(b) = &self.w_out_bias {
             vision::bias_act(&features, rows, self.text_dim, Some(b), Activation::Identity)?;
         }

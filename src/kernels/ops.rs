@@ -62,10 +62,10 @@ pub struct QueryScale {
 /// let k = kv.view([1, 16])?.columns(8..16)?;
 /// rope_q_k(q.view([1, 1, 8])?, Some(k), positions.as_vector(), inv_freq.as_vector(), unscaled)?;
 /// let (cos, sin) = (1.0f32.cos(), 1.0f32.sin());
-/// let q: Vec<f32> = q.to_vec()?.iter().map(|v| v.to_f32()).collect();
-/// assert!((q[0] - (cos - sin)).abs() < 1e-2 && (q[1] - (sin + cos)).abs() < 1e-2 && q[2] == 1.0);
-/// let kv: Vec<f32> = kv.to_vec()?.iter().map(|v| v.to_f32()).collect();
-/// assert!(kv[..8].iter().all(|&v| v == 1.0) && (kv[8] - (cos - sin)).abs() < 1e-2); // only the rope columns turn
+/// let got_q: Vec<f32> = q.to_vec()?.iter().map(|v| v.to_f32()).collect();
+/// assert!((got_q[0] - (cos - sin)).abs() < 1e-2 && (got_q[1] - (sin + cos)).abs() < 1e-2 && got_q[2] == 1.0);
+/// let got_kv: Vec<f32> = kv.to_vec()?.iter().map(|v| v.to_f32()).collect();
+/// assert!(got_kv[..8].iter().all(|&v| v == 1.0) && (got_kv[8] - (cos - sin)).abs() < 1e-2); // only the rope columns turn
 /// // Positions for two tokens with a q of one token: a typed error.
 /// let two = DeviceBuffer::from_slice(&device, &[1i32, 2])?;
 /// let err = rope_q_k(q.view([1, 1, 8])?, None, two.as_vector(), inv_freq.as_vector(), unscaled);

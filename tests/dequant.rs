@@ -8,6 +8,7 @@ use half::bf16;
 use proptest::prelude::*;
 use small4::device::{Device, DeviceBuffer};
 use small4::kernels::dequant::{self, DeviceQuantized};
+use small4::kernels::TensorView;
 use small4::quant::{QuantizedMatrix, WeightFormat};
 
 /// Random weights (bf16-representable, never 0 or ±1) whose magnitude changes from row to row and every 128
@@ -25,7 +26,7 @@ fn check_format(device: &Device, format: WeightFormat, rows: usize, cols: usize,
     let want: Vec<u16> = matrix.dequantize().iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
     let on_device = DeviceQuantized::upload(device, &matrix).unwrap();
     let out = DeviceBuffer::<bf16>::filled_with_byte(device, rows * cols, 0xff).unwrap();
-    on_device.dequantize_into(&out).unwrap();
+    on_device.dequantize_into(out.view([rows, cols]).unwrap()).unwrap();
     let got: Vec<u16> = out.to_vec().unwrap().iter().map(|v| v.to_bits()).collect();
     for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
         // The reference is never NaN, so a left-over 0xffff poison fails here too.
@@ -89,12 +90,14 @@ fn dequant_grid_stride_loop_gives_the_same_bits(device: &Device) {
         let on_device = DeviceQuantized::upload(device, &matrix).unwrap();
         for max_blocks in [1, 2] {
             let out = DeviceBuffer::<bf16>::filled_with_byte(device, rows * cols, 0xff).unwrap();
-            on_device.dequantize_into_with_max_blocks(&out, max_blocks).unwrap();
+            on_device.dequantize_into_with_max_blocks(out.view([rows, cols]).unwrap(), max_blocks).unwrap();
             let got: Vec<u16> = out.to_vec().unwrap().iter().map(|v| v.to_bits()).collect();
             assert!(got == want, "{format} with {max_blocks} blocks differs from the CPU");
         }
         let out = DeviceBuffer::<bf16>::alloc(device, rows * cols).unwrap();
-        assert!(matches!(on_device.dequantize_into_with_max_blocks(&out, 0), Err(small4::Error::InvalidArgument(_))));
+        assert!(matches!(on_device.dequantize_into_with_max_blocks(out.view([rows, cols]).unwrap(), 0), Err(small4::Error::InvalidArgument(_))));
+        // An output of the transposed shape.
+        assert!(matches!(on_device.dequantize_into(out.view([cols, rows]).unwrap()), Err(small4::Error::Shape { .. })));
     }
 }
 
@@ -103,25 +106,38 @@ fn dequant_rejects_bad_arguments(device: &Device) {
     let out = DeviceBuffer::<bf16>::alloc(device, 64).unwrap();
     let shape = |r: small4::Result<()>| assert!(matches!(r, Err(small4::Error::Shape { .. })), "{r:?}");
     let invalid = |r: small4::Result<()>| assert!(matches!(r, Err(small4::Error::InvalidArgument(_))), "{r:?}");
-    shape(dequant::dequant_fp8_per_tensor(&bytes, 0.5, &out, 2, 16));
-    invalid(dequant::dequant_fp8_per_tensor(&bytes, f32::NAN, &out, 4, 16));
-    let scales = DeviceBuffer::<f32>::alloc(device, 1).unwrap();
-    shape(dequant::dequant_fp8_block128(&bytes, &scales, &out, 8, 8));
-    let two_scales = DeviceBuffer::<f32>::alloc(device, 2).unwrap();
-    shape(dequant::dequant_fp8_block128(&bytes, &two_scales, &out, 4, 16));
+    let view = |dims: [usize; 2]| bytes.view(dims).unwrap();
+    let out_of = |dims: [usize; 2]| out.view(dims).unwrap();
+    // FP8: codes of 2 x 32 for an output of 2 x 16; a NaN scale; 8 columns (not a multiple of 16); 2 block scales
+    // for the single block of 4 x 16.
+    shape(dequant::dequant_fp8_per_tensor(view([2, 32]), 0.5, out_of([2, 16])));
+    invalid(dequant::dequant_fp8_per_tensor(view([4, 16]), f32::NAN, out_of([4, 16])));
+    let scales = DeviceBuffer::<f32>::alloc(device, 2).unwrap();
+    shape(dequant::dequant_fp8_block128(view([8, 8]), scales.view([1, 1]).unwrap(), out_of([8, 8])));
+    shape(dequant::dequant_fp8_block128(view([4, 16]), scales.view([1, 2]).unwrap(), out_of([4, 16])));
+    // INT4: a group of 8; 16 columns with a group of 32; packed codes viewed unpacked ([rows, cols] bytes); 3 zero
+    // points for the 2 groups of 2 x 32.
     let packed = DeviceBuffer::<u8>::alloc(device, 32).unwrap();
     let int4_scales = DeviceBuffer::<bf16>::alloc(device, 8).unwrap();
-    invalid(dequant::dequant_int4(&packed, &int4_scales, None, &out, 8, 8, 8));
-    shape(dequant::dequant_int4(&packed, &int4_scales, None, &out, 4, 16, 32));
+    invalid(dequant::dequant_int4(packed.view([8, 4]).unwrap(), int4_scales.view([8, 1]).unwrap(), None, out_of([8, 8]), 8));
+    shape(dequant::dequant_int4(packed.view([4, 8]).unwrap(), int4_scales.view([4, 1]).unwrap(), None, out_of([4, 16]), 32));
+    shape(dequant::dequant_int4(packed.view([1, 32]).unwrap(), int4_scales.view([1, 1]).unwrap(), None, out_of([1, 32]), 32));
     let zeros = DeviceBuffer::<u8>::alloc(device, 3).unwrap();
-    let two_int4_scales = DeviceBuffer::<bf16>::alloc(device, 2).unwrap();
-    shape(dequant::dequant_int4(&packed, &two_int4_scales, Some(&zeros), &out, 2, 32, 32));
-    let nv_scales = DeviceBuffer::<u8>::alloc(device, 4).unwrap();
-    shape(dequant::dequant_nvfp4(&packed, &nv_scales, 2.0, &out, 8, 8));
-    invalid(dequant::dequant_nvfp4(&packed, &nv_scales, 0.0, &out, 4, 16));
+    shape(dequant::dequant_int4(packed.view([2, 16]).unwrap(), int4_scales.view([2, 1]).unwrap(), Some(zeros.view([3, 1]).unwrap()), out_of([2, 32]), 32));
+    // NVFP4: 8 columns; a global scale of 0; scales one byte off the 2-byte pairs the kernel loads.
+    let nv_scales = DeviceBuffer::<u8>::alloc(device, 5).unwrap();
+    shape(dequant::dequant_nvfp4(packed.view([8, 4]).unwrap(), nv_scales.view([8, 0]).unwrap(), 2.0, out_of([8, 8])));
+    invalid(dequant::dequant_nvfp4(packed.view([4, 8]).unwrap(), nv_scales.view([4, 1]).unwrap(), 0.0, out_of([4, 16])));
+    let odd_scales = TensorView::strided(&nv_scales, 1, [4, 1], 1).unwrap();
+    invalid(dequant::dequant_nvfp4(packed.view([4, 8]).unwrap(), odd_scales, 2.0, out_of([4, 16])));
+    // Views the flat kernels cannot take: an output one element off 16 bytes, strided codes.
+    let shifted_out = TensorView::strided(&out, 1, [2, 16], 16).unwrap();
+    invalid(dequant::dequant_fp8_per_tensor(view([2, 16]), 0.5, shifted_out));
+    let strided_codes = TensorView::strided(&bytes, 0, [2, 16], 32).unwrap();
+    invalid(dequant::dequant_fp8_per_tensor(strided_codes, 0.5, out_of([2, 16])));
     // Empty matrices launch nothing and succeed.
     let (empty_bytes, empty_out) = (DeviceBuffer::<u8>::alloc(device, 0).unwrap(), DeviceBuffer::<bf16>::alloc(device, 0).unwrap());
-    dequant::dequant_nvfp4(&empty_bytes, &empty_bytes, 2.0, &empty_out, 0, 16).unwrap();
+    dequant::dequant_nvfp4(empty_bytes.view([0, 8]).unwrap(), empty_bytes.view([0, 1]).unwrap(), 2.0, empty_out.view([0, 16]).unwrap()).unwrap();
 }
 
 /// Runs `matrix` through its kernel and compares with the CPU bit for bit; where the CPU gives NaN (an e4m3 NaN code
@@ -130,7 +146,7 @@ fn check_matrix_exact(device: &Device, matrix: &QuantizedMatrix) {
     let (rows, cols) = matrix.shape();
     let want = matrix.dequantize();
     let out = DeviceBuffer::<bf16>::filled_with_byte(device, rows * cols, 0xff).unwrap();
-    DeviceQuantized::upload(device, matrix).unwrap().dequantize_into(&out).unwrap();
+    DeviceQuantized::upload(device, matrix).unwrap().dequantize_into(out.view([rows, cols]).unwrap()).unwrap();
     for (i, (g, &w)) in out.to_vec().unwrap().iter().zip(&want).enumerate() {
         if w.is_nan() {
             assert!(g.is_nan(), "{} element {i}: got {g}, want NaN", matrix.format());
@@ -193,7 +209,7 @@ fn check_traffic(rows: usize, cols: usize) {
         let matrix = QuantizedMatrix::quantize(format, &weights, rows, cols).unwrap();
         let on_device = DeviceQuantized::upload(&device, &matrix).unwrap();
         let started = std::time::Instant::now();
-        on_device.dequantize_into(&out).unwrap();
+        on_device.dequantize_into(out.view([rows, cols]).unwrap()).unwrap();
         device.synchronize().unwrap();
         let seconds = started.elapsed().as_secs_f64();
         let counters = device.last_launch_counters().expect("the interpreter counts traffic");

@@ -8,7 +8,8 @@ use half::bf16;
 use proptest::prelude::*;
 use rand::Rng;
 use small4::device::{Device, DeviceBuffer};
-use small4::kernels::ops::{self, GatherStatus, KRope, QueryScale, SamplingInputs};
+use small4::kernels::ops::{self, GatherStatus, QueryScale, SamplingInputs};
+use small4::kernels::TensorView;
 use small4::reference::{moe::silu, rope, sampling};
 
 const YARN: rope::YarnParams = rope::YarnParams { theta: 1e4, factor: 128.0, original_max_position: 8192, beta_fast: 32.0, beta_slow: 1.0 };
@@ -42,8 +43,9 @@ fn check_rope(device: &Device, tokens: usize, heads: usize, head_dim: usize, rop
     let k_dev = DeviceBuffer::from_slice(device, &k).unwrap();
     let pos_dev = DeviceBuffer::from_slice(device, &positions).unwrap();
     let freq_dev = DeviceBuffer::from_slice(device, &inv_freq).unwrap();
-    let k_arg = with_k.then_some(KRope { buffer: &k_dev, offset: k_offset, row_stride: k_stride });
-    ops::rope_q_k(&q_dev, heads, head_dim, k_arg, &pos_dev, &freq_dev, SCALE).unwrap();
+    let k_rows = k_dev.view([tokens, k_stride]).unwrap();
+    let k_arg = with_k.then(|| k_rows.columns(k_offset..k_offset + rope_dim).unwrap());
+    ops::rope_q_k(q_dev.view([tokens, heads, head_dim]).unwrap(), k_arg, pos_dev.as_vector(), freq_dev.as_vector(), SCALE).unwrap();
 
     let mut want_q = to_f32(&q);
     let mut want_k = to_f32(&k);
@@ -102,13 +104,20 @@ fn rope_rejects_bad_arguments(device: &Device) {
     let odd_freq = DeviceBuffer::from_slice(device, &[1.0f32; 3]).unwrap();
     let k = DeviceBuffer::<bf16>::alloc(device, 2 * 320).unwrap();
     let invalid = |r: small4::Result<()>| assert!(matches!(r, Err(small4::Error::InvalidArgument(_))), "{r:?}");
-    invalid(ops::rope_q_k(&q, 4, 128, None, &pos, &odd_freq, SCALE));
-    invalid(ops::rope_q_k(&q, 4, 128, None, &pos, &freq, QueryScale { beta: 0.1, original_max_position: 0 }));
-    invalid(ops::rope_q_k(&q, 4, 128, Some(KRope { buffer: &k, offset: 260, row_stride: 320 }), &pos, &freq, SCALE));
-    let r = ops::rope_q_k(&q, 3, 128, None, &pos, &freq, SCALE);
-    assert!(matches!(r, Err(small4::Error::Shape { .. })), "{r:?}");
-    let r = ops::rope_q_k(&q, 4, 128, Some(KRope { buffer: &k, offset: 256, row_stride: 328 }), &pos, &freq, SCALE);
-    assert!(matches!(r, Err(small4::Error::Shape { .. })), "{r:?}");
+    let shape = |r: small4::Result<()>| assert!(matches!(r, Err(small4::Error::Shape { .. })), "{r:?}");
+    let (q_view, pos, freq, odd_freq) = (q.view([2, 4, 128]).unwrap(), pos.as_vector(), freq.as_vector(), odd_freq.as_vector());
+    let k_rows = k.view([2, 320]).unwrap();
+    invalid(ops::rope_q_k(q_view, None, pos, odd_freq, SCALE));
+    invalid(ops::rope_q_k(q_view, None, pos, freq, QueryScale { beta: 0.1, original_max_position: 0 }));
+    // k values 4 elements off the 16-byte boundary the kernel's vectors need; a row stride that breaks it per row.
+    invalid(ops::rope_q_k(q_view, Some(k_rows.columns(252..316).unwrap()), pos, freq, SCALE));
+    invalid(ops::rope_q_k(q_view, Some(TensorView::strided(&k, 256, [2, 64], 316).unwrap()), pos, freq, SCALE));
+    // q and positions of different token counts; q rows 4 elements apart (the kernel's vectors need 8).
+    shape(ops::rope_q_k(q.view([1, 4, 128]).unwrap(), None, pos, freq, SCALE));
+    invalid(ops::rope_q_k(TensorView::strided(&q, 0, [2, 4, 64], 260).unwrap(), None, pos, freq, SCALE));
+    // k with fewer rope values than inv_freq turns, or fewer rows than tokens.
+    shape(ops::rope_q_k(q_view, Some(k_rows.columns(256..312).unwrap()), pos, freq, SCALE));
+    shape(ops::rope_q_k(q_view, Some(k_rows.rows(0..1).unwrap().columns(256..320).unwrap()), pos, freq, SCALE));
 }
 
 // ---- embedding -----------------------------------------------------------------------------------------------------
@@ -120,7 +129,7 @@ fn gather(device: &Device, tokens: usize, vocab: usize, dim: usize, seed: u64) -
     let ids_dev = DeviceBuffer::from_slice(device, &ids).unwrap();
     let table_dev = DeviceBuffer::from_slice(device, &table).unwrap();
     let out = DeviceBuffer::<bf16>::filled_with_byte(device, tokens * dim, 0xff).unwrap();
-    ops::embedding_gather_checked(&ids_dev, &table_dev, dim, &out).unwrap();
+    ops::embedding_gather_checked(ids_dev.as_vector(), table_dev.view([vocab, dim]).unwrap(), out.view([tokens, dim]).unwrap()).unwrap();
     let want: Vec<u16> = ids.iter().flat_map(|&id| bits(&table[id as usize * dim..(id as usize + 1) * dim])).collect();
     let got = bits(&out.to_vec().unwrap());
     assert_eq!(got, want, "tokens {tokens} vocab {vocab} dim {dim}");
@@ -150,8 +159,9 @@ fn embedding_reports_out_of_range_ids(device: &Device) {
     let table_dev = DeviceBuffer::from_slice(device, &table).unwrap();
     let out = DeviceBuffer::<bf16>::filled_with_byte(device, ids.len() * dim, 0xff).unwrap();
     let status = GatherStatus::new(device).unwrap();
-    ops::embedding_gather(&ids_dev, &table_dev, dim, &out, &status).unwrap();
-    match status.check(&ids_dev, vocab) {
+    let (ids_view, table_view) = (ids_dev.as_vector(), table_dev.view([vocab, dim]).unwrap());
+    ops::embedding_gather(ids_view, table_view, out.view([ids.len(), dim]).unwrap(), &status).unwrap();
+    match status.check(ids_view, vocab) {
         Err(small4::Error::OutOfRange { index, limit, what }) => {
             assert_eq!((index, limit), (40, vocab as i64));
             assert!(what.contains("position 2") && what.contains("3 out of range"), "{what}");
@@ -168,9 +178,21 @@ fn embedding_reports_out_of_range_ids(device: &Device) {
         }
     }
     status.reset().unwrap();
-    assert!(status.check(&ids_dev, vocab).is_ok());
-    let err = ops::embedding_gather(&ids_dev, &table_dev, 15, &out, &status).unwrap_err();
+    assert!(status.check(ids_view, vocab).is_ok());
+    // An output of rows narrower than the table's, a table of no columns, a strided table (the kernel has no stride).
+    let err = ops::embedding_gather(ids_view, table_view, out.view([ids.len(), 15]).unwrap(), &status).unwrap_err();
     assert!(matches!(err, small4::Error::Shape { .. }), "{err}");
+    let err = ops::embedding_gather(ids_view, table_dev.view([vocab, 0]).unwrap(), out.view([ids.len(), 0]).unwrap(), &status).unwrap_err();
+    assert!(matches!(err, small4::Error::Shape { .. }), "{err}");
+    let err = ops::embedding_gather(ids_view, table_view.columns(0..8).unwrap(), out.view([ids.len(), 8]).unwrap(), &status).unwrap_err();
+    assert!(matches!(err, small4::Error::InvalidArgument(_)), "{err}");
+    // The record names the id of the view's own position 2, also for a view that starts inside its buffer.
+    let shifted = TensorView::strided(&ids_dev, 1, [4], 1).unwrap(); // ids 39, 40, -1, 7
+    ops::embedding_gather(shifted, table_view, out.view([4, dim]).unwrap(), &status).unwrap();
+    match status.check(shifted, vocab) {
+        Err(small4::Error::OutOfRange { index, .. }) => assert_eq!(index, 40),
+        other => panic!("expected OutOfRange, got {other:?}"),
+    }
 }
 
 // ---- silu_mul ------------------------------------------------------------------------------------------------------
@@ -187,12 +209,13 @@ fn check_silu_mul(device: &Device, tokens: usize, hidden: usize, fused: bool, se
     };
     if fused {
         let dev = DeviceBuffer::from_slice(device, &gate_up).unwrap();
-        ops::silu_mul(&dev, &out, tokens, hidden).unwrap();
+        ops::silu_mul(dev.view([tokens, 2 * hidden]).unwrap(), out.view([tokens, hidden]).unwrap()).unwrap();
     } else {
         let to_bf16 = |v: &[f32]| v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>();
         let g = DeviceBuffer::from_slice(device, &to_bf16(&gate)).unwrap();
         let u = DeviceBuffer::from_slice(device, &to_bf16(&up)).unwrap();
-        ops::silu_mul_pair(&g, &u, &out, tokens, hidden).unwrap();
+        let shape = [tokens, hidden];
+        ops::silu_mul_pair(g.view(shape).unwrap(), u.view(shape).unwrap(), out.view(shape).unwrap()).unwrap();
     }
     let want: Vec<f32> = gate.iter().zip(&up).map(|(&g, &u)| silu(g) * u).collect();
     let got = out.to_vec().unwrap();
@@ -237,7 +260,7 @@ fn run_argmax(device: &Device, logits: &[f32], rows: usize, vocab: usize) -> Vec
     let dev = DeviceBuffer::from_slice(device, logits).unwrap();
     // 0x7f7f7f7f: no id, and not the -1 of a row without numbers.
     let ids = DeviceBuffer::<i32>::filled_with_byte(device, rows, 0x7f).unwrap();
-    ops::argmax(&dev, rows, vocab, &ids).unwrap();
+    ops::argmax(dev.view([rows, vocab]).unwrap(), ids.as_vector()).unwrap();
     ids.to_vec().unwrap()
 }
 
@@ -285,8 +308,8 @@ fn run_sample(device: &Device, case: &SampleCase) -> Vec<i32> {
     let seeds = DeviceBuffer::from_slice(device, &case.seeds).unwrap();
     let steps = DeviceBuffer::from_slice(device, &case.steps).unwrap();
     let ids = DeviceBuffer::<i32>::filled_with_byte(device, case.rows, 0x7f).unwrap();
-    let inputs = SamplingInputs { temperature: &temperature, top_p: &top_p, seeds: &seeds, steps: &steps };
-    ops::sample(&logits, case.rows, case.vocab, &inputs, &ids).unwrap();
+    let inputs = SamplingInputs { temperature: temperature.as_vector(), top_p: top_p.as_vector(), seeds: seeds.as_vector(), steps: steps.as_vector() };
+    ops::sample(logits.view([case.rows, case.vocab]).unwrap(), &inputs, ids.as_vector()).unwrap();
     ids.to_vec().unwrap()
 }
 
@@ -381,15 +404,27 @@ fn sampling_frequencies_follow_probabilities(device: &Device) {
 fn sampling_rejects_bad_shapes(device: &Device) {
     let logits = DeviceBuffer::<f32>::alloc(device, 10).unwrap();
     let ids = DeviceBuffer::<i32>::alloc(device, 2).unwrap();
-    let r = ops::argmax(&logits, 2, 4, &ids);
+    // 3 rows of logits for 2 ids; rows of no logit; ids 2 apart (the kernel writes them packed).
+    let r = ops::argmax(logits.view([3, 3]).unwrap(), ids.as_vector());
     assert!(matches!(r, Err(small4::Error::Shape { .. })), "{r:?}");
-    let r = ops::argmax(&logits, 2, 0, &ids);
+    let r = ops::argmax(logits.view([2, 0]).unwrap(), ids.as_vector());
     assert!(matches!(r, Err(small4::Error::InvalidArgument(_))), "{r:?}");
+    let four_ids = DeviceBuffer::<i32>::alloc(device, 4).unwrap();
+    let r = ops::argmax(logits.view([2, 5]).unwrap(), TensorView::strided(&four_ids, 0, [2], 2).unwrap());
+    assert!(matches!(r, Err(small4::Error::InvalidArgument(_))), "{r:?}");
+    // Strided logits rows are fine: the kernel takes the stride.
+    let (strided, packed) = (TensorView::strided(&logits, 0, [2, 3], 5).unwrap(), DeviceBuffer::from_slice(device, &[1.0f32, 3.0, 2.0]).unwrap());
+    logits.copy_from(&[0.0, 1.0, 5.0, 9.0, 9.0, 4.0, 3.0, 2.0, 9.0, 9.0]).unwrap();
+    ops::argmax(strided, ids.as_vector()).unwrap();
+    assert_eq!(ids.to_vec().unwrap(), vec![2, 0]);
+    ops::argmax(packed.view([1, 3]).unwrap(), ids.view([1]).unwrap()).unwrap();
+    assert_eq!(ids.to_vec().unwrap()[0], 1);
+    // A temperature for 1 row of 2.
     let t = DeviceBuffer::<f32>::alloc(device, 1).unwrap();
     let s = DeviceBuffer::<u64>::alloc(device, 2).unwrap();
     let st = DeviceBuffer::<i32>::alloc(device, 2).unwrap();
-    let inputs = SamplingInputs { temperature: &t, top_p: &t, seeds: &s, steps: &st };
-    let r = ops::sample(&logits, 2, 5, &inputs, &ids);
+    let inputs = SamplingInputs { temperature: t.as_vector(), top_p: t.as_vector(), seeds: s.as_vector(), steps: st.as_vector() };
+    let r = ops::sample(logits.view([2, 5]).unwrap(), &inputs, ids.as_vector());
     assert!(matches!(r, Err(small4::Error::Shape { .. })), "{r:?}");
 }
 

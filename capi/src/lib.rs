@@ -26,7 +26,7 @@ use small4::device::{Device, DeviceBuffer, DeviceElement};
 use small4::kernels::attention::{
     mla_attention, mla_cache_write, AttentionScratch, BlockTables, CacheWriteWeights, PagedCache, Queries, QueryLayout, TokenSlots, KV_LORA_RANK, QK_ROPE,
 };
-use small4::kernels::ops::{rope_q_k, sample, KRope, QueryScale, SamplingInputs};
+use small4::kernels::ops::{rope_q_k, sample, QueryScale, SamplingInputs};
 use small4::kernels::moe::{moe_layer, moe_tile_m, Grouping, MoeLayerWeights, MoeWorkspace, RoutingBuffers};
 use small4::kernels::router::{moe_align, route_and_align_into, Alignment, ExpertMap, RouterConfig, RouterWorkspace, Routing};
 use small4::quant::repack::{repack_gate_up, repack_linear, MatrixRef, PackedWeights, QuantData};
@@ -399,7 +399,7 @@ pub unsafe extern "C" fn small4_silu_mul(device: *const Small4Device, gate_up: u
         let n = elements(tokens, hidden, "silu_mul")?;
         let gate_up = unsafe { borrowed::<bf16>(device, gate_up, elements(n, 2, "silu_mul")?) }?;
         let out = unsafe { borrowed::<bf16>(device, out, n) }?;
-        small4::kernels::ops::silu_mul(&gate_up, &out, tokens, hidden)
+        small4::kernels::ops::silu_mul(gate_up.view([tokens, elements(2, hidden, "silu_mul")?])?, out.view([tokens, hidden])?)
     })
 }
 
@@ -438,8 +438,16 @@ pub unsafe extern "C" fn small4_rope_q_k(
         let k = if k == 0 { None } else { Some(unsafe { borrowed::<bf16>(device, k, elements(tokens, k_row_stride, "rope k")?) }?) };
         let positions = unsafe { borrowed::<i32>(device, positions, tokens) }?;
         let inv_freq = unsafe { borrowed::<f32>(device, inv_freq, rope_dim / 2) }?;
-        let k = k.as_ref().map(|buffer| KRope { buffer, offset: k_offset, row_stride: k_row_stride });
-        rope_q_k(&q, heads, head_dim, k, &positions, &inv_freq, QueryScale { beta: scale_beta, original_max_position })
+        // The rope values of each k row: rope_dim columns at k_offset of rows k_row_stride apart.
+        let k = match &k {
+            Some(_) if k_offset + rope_dim > k_row_stride => {
+                return Err(Error::InvalidArgument(format!("rope k: offset {k_offset} + rope_dim {rope_dim} exceeds the row stride {k_row_stride}")))
+            }
+            Some(rows) => Some(small4::kernels::TensorView::strided(rows, k_offset, [tokens, rope_dim], k_row_stride)?),
+            None => None,
+        };
+        let scale = QueryScale { beta: scale_beta, original_max_position };
+        rope_q_k(q.view([tokens, heads, head_dim])?, k, positions.as_vector(), inv_freq.as_vector(), scale)
     })
 }
 
@@ -456,7 +464,7 @@ pub unsafe extern "C" fn small4_embedding_gather(device: *const Small4Device, id
         let ids = unsafe { borrowed::<i32>(device, ids, tokens) }?;
         let table = unsafe { borrowed::<bf16>(device, table, elements(vocab, dim, "embedding table")?) }?;
         let out = unsafe { borrowed::<bf16>(device, out, elements(tokens, dim, "embedding out")?) }?;
-        small4::kernels::ops::embedding_gather_checked(&ids, &table, dim, &out)
+        small4::kernels::ops::embedding_gather_checked(ids.as_vector(), table.view([vocab, dim])?, out.view([tokens, dim])?)
     })
 }
 
@@ -471,7 +479,7 @@ pub unsafe extern "C" fn small4_argmax(device: *const Small4Device, logits: u64,
         let device = unsafe { self::device(device) }?;
         let logits = unsafe { borrowed::<f32>(device, logits, elements(rows, vocab, "argmax logits")?) }?;
         let ids = unsafe { borrowed::<i32>(device, ids, rows) }?;
-        small4::kernels::ops::argmax(&logits, rows, vocab, &ids)
+        small4::kernels::ops::argmax(logits.view([rows, vocab])?, ids.as_vector())
     })
 }
 
@@ -504,7 +512,8 @@ pub unsafe extern "C" fn small4_sample(
         let seeds = unsafe { borrowed::<u64>(device, seeds, rows) }?;
         let steps = unsafe { borrowed::<i32>(device, steps, rows) }?;
         let ids = unsafe { borrowed::<i32>(device, ids, rows) }?;
-        sample(&logits, rows, vocab, &SamplingInputs { temperature: &temperature, top_p: &top_p, seeds: &seeds, steps: &steps }, &ids)
+        let inputs = SamplingInputs { temperature: temperature.as_vector(), top_p: top_p.as_vector(), seeds: seeds.as_vector(), steps: steps.as_vector() };
+        sample(logits.view([rows, vocab])?, &inputs, ids.as_vector())
     })
 }
 
@@ -561,7 +570,7 @@ pub unsafe extern "C" fn small4_dequant_fp8(device: *const Small4Device, data: u
         let device = unsafe { self::device(device) }?;
         let n = elements(rows, cols, "dequant_fp8")?;
         let (data, out) = unsafe { (borrowed::<u8>(device, data, n)?, borrowed::<bf16>(device, out, n)?) };
-        small4::kernels::dequant::dequant_fp8_per_tensor(&data, scale, &out, rows, cols)
+        small4::kernels::dequant::dequant_fp8_per_tensor(data.view([rows, cols])?, scale, out.view([rows, cols])?)
     })
 }
 
@@ -578,7 +587,8 @@ pub unsafe extern "C" fn small4_dequant_fp8_block128(device: *const Small4Device
         let n = elements(rows, cols, "dequant_fp8_block128")?;
         let (data, out) = unsafe { (borrowed::<u8>(device, data, n)?, borrowed::<bf16>(device, out, n)?) };
         let scales = unsafe { borrowed::<f32>(device, block_scales, elements(rows.div_ceil(128), cols.div_ceil(128), "block scales")?) }?;
-        small4::kernels::dequant::dequant_fp8_block128(&data, &scales, &out, rows, cols)
+        let scale_dims = [rows.div_ceil(128), cols.div_ceil(128)];
+        small4::kernels::dequant::dequant_fp8_block128(data.view([rows, cols])?, scales.view(scale_dims)?, out.view([rows, cols])?)
     })
 }
 
@@ -610,7 +620,8 @@ pub unsafe extern "C" fn small4_dequant_int4(
         let (packed, out) = unsafe { (borrowed::<u8>(device, packed, n / 2)?, borrowed::<bf16>(device, out, n)?) };
         let scales = unsafe { borrowed::<bf16>(device, scales, groups) }?;
         let zeros = if zeros == 0 { None } else { Some(unsafe { borrowed::<u8>(device, zeros, groups) }?) };
-        small4::kernels::dequant::dequant_int4(&packed, &scales, zeros.as_ref(), &out, rows, cols, group)
+        let zeros = zeros.as_ref().map(|z| z.view([rows, cols / group])).transpose()?;
+        small4::kernels::dequant::dequant_int4(packed.view([rows, cols / 2])?, scales.view([rows, cols / group])?, zeros, out.view([rows, cols])?, group)
     })
 }
 
@@ -627,7 +638,7 @@ pub unsafe extern "C" fn small4_dequant_nvfp4(device: *const Small4Device, packe
         let n = elements(rows, cols, "dequant_nvfp4")?;
         let (packed, out) = unsafe { (borrowed::<u8>(device, packed, n / 2)?, borrowed::<bf16>(device, out, n)?) };
         let scales = unsafe { borrowed::<u8>(device, scales, n / 16) }?;
-        small4::kernels::dequant::dequant_nvfp4(&packed, &scales, global_scale, &out, rows, cols)
+        small4::kernels::dequant::dequant_nvfp4(packed.view([rows, cols / 2])?, scales.view([rows, cols / 16])?, global_scale, out.view([rows, cols])?)
     })
 }
 

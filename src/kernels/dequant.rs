@@ -6,7 +6,8 @@ use half::bf16;
 
 use super::modules::DEQUANT;
 use super::params::{DequantFp8Params, DequantInt4Params, DequantNvfp4Params};
-use crate::device::{launch_with, Device, DeviceBuffer, Dim3, Kernel, LaunchConfig};
+use super::Matrix;
+use crate::device::{launch_with, Device, DeviceBuffer, DeviceElement, Dim3, Kernel, LaunchConfig};
 use crate::error::{Error, Result};
 use crate::quant::{QuantizedMatrix, WeightFormat, FP8_BLOCK, NVFP4_BLOCK};
 
@@ -24,13 +25,6 @@ const fn elements_per_tile(bits: usize) -> usize {
     32 * 128 / bits
 }
 
-fn check_len(what: &str, len: usize, expected: usize) -> Result<()> {
-    if len != expected {
-        return Err(Error::shape(what, expected, len));
-    }
-    Ok(())
-}
-
 fn check_scalar(what: &str, value: f32) -> Result<()> {
     if !(value.is_finite() && value > 0.0) {
         return Err(Error::InvalidArgument(format!("{what} must be finite and positive, got {value}")));
@@ -38,14 +32,31 @@ fn check_scalar(what: &str, value: f32) -> Result<()> {
     Ok(())
 }
 
-/// Common checks: dimensions fit the kernels' `int`s and `out` has `rows * cols` elements. Returns the element count.
-fn check_matrix(what: &str, out: &DeviceBuffer<bf16>, rows: usize, cols: usize) -> Result<usize> {
+/// Common checks of `out [rows, cols]`: the dimensions fit the kernels' `int`s, and the kernels' flat 16-byte stores
+/// need it packed and on 16 bytes. Returns `[rows, cols, elements]`.
+fn check_out(what: &str, out: Matrix<bf16>) -> Result<[usize; 3]> {
+    let [rows, cols] = out.dims();
     if rows > i32::MAX as usize || cols > i32::MAX as usize {
         return Err(Error::InvalidArgument(format!("{what}: {rows} x {cols} exceeds the kernels' 32-bit dimensions")));
     }
-    let elements = rows.checked_mul(cols).ok_or_else(|| Error::InvalidArgument(format!("{what}: {rows} x {cols} overflows")))?;
-    check_len(&format!("{what} out"), out.len(), elements)?;
-    Ok(elements)
+    out.expect_packed(&format!("{what} out"))?;
+    out.expect_aligned(&format!("{what} out"), 16)?;
+    Ok([rows, cols, out.len()])
+}
+
+/// An array of codes the kernels read flat with 16-byte loads: `Error::Shape` unless of `dims`, `InvalidArgument`
+/// unless packed and on 16 bytes.
+fn check_codes(what: &str, codes: Matrix<u8>, dims: [usize; 2]) -> Result<()> {
+    codes.expect_dims(what, dims)?;
+    codes.expect_packed(what)?;
+    codes.expect_aligned(what, 16)
+}
+
+/// A per-block or per-group array the kernels index flat: `Error::Shape` unless of `dims`, `InvalidArgument` unless
+/// packed.
+fn check_scales<T: DeviceElement>(what: &str, scales: Matrix<T>, dims: [usize; 2]) -> Result<()> {
+    scales.expect_dims(what, dims)?;
+    scales.expect_packed(what)
 }
 
 /// Launches with one warp per tile, at most `max_blocks` blocks (the kernels loop over the rest).
@@ -62,17 +73,38 @@ fn launch<P: Copy>(device: &Device, kernel: &Kernel, elements: usize, bits: usiz
     launch_with(device, kernel, &config, params)
 }
 
-/// `out = e4m3(data) * scale` (the FP8 checkpoint's `qscale_weight`): `data [rows, cols]` e4m3 codes, `out` bf16.
+/// `out = e4m3(data) * scale` (the FP8 checkpoint's `qscale_weight`): `data [rows, cols]` e4m3 codes, `out [rows,
+/// cols]` bf16, both packed.
 ///
-/// `Error::Shape` when `data` or `out` does not hold `rows * cols` elements; `Error::InvalidArgument` when `scale` is
-/// not finite and positive or a dimension exceeds `i32`.
-pub fn dequant_fp8_per_tensor(data: &DeviceBuffer<u8>, scale: f32, out: &DeviceBuffer<bf16>, rows: usize, cols: usize) -> Result<()> {
-    fp8_per_tensor(data, scale, out, rows, cols, MAX_BLOCKS)
+/// `Error::Shape` when `data` is not of `out`'s dims; `Error::InvalidArgument` when `scale` is not finite and
+/// positive, a dimension exceeds `i32`, or a view is strided or does not start on 16 bytes.
+///
+/// ```
+/// use half::bf16;
+/// use small4::device::{simulator, DeviceBuffer};
+/// use small4::kernels::dequant::dequant_fp8_per_tensor;
+///
+/// let device = simulator();
+/// // e4m3 codes 0x38 = 1.0, 0x40 = 2.0, 0xb8 = -1.0, then zeros: one row of 16.
+/// let mut codes = vec![0u8; 16];
+/// codes[..3].copy_from_slice(&[0x38, 0x40, 0xb8]);
+/// let data = DeviceBuffer::from_slice(&device, &codes)?;
+/// let out = DeviceBuffer::<bf16>::alloc(&device, 16)?;
+/// dequant_fp8_per_tensor(data.view([1, 16])?, 0.5, out.view([1, 16])?)?;
+/// let got: Vec<f32> = out.to_vec()?.iter().map(|v| v.to_f32()).collect();
+/// assert_eq!(&got[..4], &[0.5, 1.0, -0.5, 0.0]);
+/// // Codes for 2 rows of 8 into an output of 1 row of 16: a typed error.
+/// let err = dequant_fp8_per_tensor(data.view([2, 8])?, 0.5, out.view([1, 16])?);
+/// assert!(matches!(err, Err(small4::Error::Shape { .. })));
+/// # Ok::<(), small4::Error>(())
+/// ```
+pub fn dequant_fp8_per_tensor(data: Matrix<u8>, scale: f32, out: Matrix<bf16>) -> Result<()> {
+    fp8_per_tensor(data, scale, out, MAX_BLOCKS)
 }
 
-fn fp8_per_tensor(data: &DeviceBuffer<u8>, scale: f32, out: &DeviceBuffer<bf16>, rows: usize, cols: usize, max_blocks: u32) -> Result<()> {
-    let elements = check_matrix("dequant_fp8_per_tensor", out, rows, cols)?;
-    check_len("dequant_fp8_per_tensor data", data.len(), elements)?;
+fn fp8_per_tensor(data: Matrix<u8>, scale: f32, out: Matrix<bf16>, max_blocks: u32) -> Result<()> {
+    let [rows, cols, elements] = check_out("dequant_fp8_per_tensor", out)?;
+    check_codes("dequant_fp8_per_tensor data", data, [rows, cols])?;
     check_scalar("dequant_fp8_per_tensor scale", scale)?;
     let params = DequantFp8Params {
         data: data.ptr(),
@@ -88,25 +120,38 @@ fn fp8_per_tensor(data: &DeviceBuffer<u8>, scale: f32, out: &DeviceBuffer<bf16>,
 /// `out[r, c] = e4m3(data[r, c]) * block_scales[r / 128, c / 128]`. The kernel needs `cols % 16 == 0` (every 16-code
 /// vector in one row and one block); the checkpoints that use block scales have multiples of 128.
 ///
-/// `block_scales` f32 row-major `[ceil(rows / 128), ceil(cols / 128)]`. `Error::Shape` for `cols % 16 != 0` or a
-/// buffer of the wrong length; `Error::InvalidArgument` when a dimension exceeds `i32`.
-pub fn dequant_fp8_block128(
-    data: &DeviceBuffer<u8>,
-    block_scales: &DeviceBuffer<f32>,
-    out: &DeviceBuffer<bf16>,
-    rows: usize,
-    cols: usize,
-) -> Result<()> {
-    fp8_block128(data, block_scales, out, rows, cols, MAX_BLOCKS)
+/// `data [rows, cols]` e4m3 codes, `block_scales [ceil(rows / 128), ceil(cols / 128)]` f32, `out [rows, cols]` bf16,
+/// all packed. `Error::Shape` for `cols % 16 != 0` or an input of other dims; `Error::InvalidArgument` when a
+/// dimension exceeds `i32` or a view is strided or misaligned (`data`, `out`: 16 bytes).
+///
+/// ```
+/// use half::bf16;
+/// use small4::device::{simulator, DeviceBuffer};
+/// use small4::kernels::dequant::dequant_fp8_block128;
+///
+/// let device = simulator();
+/// // 2 rows of 16 codes 0x38 (1.0), one 128x128 block whose scale is 3.
+/// let data = DeviceBuffer::from_slice(&device, &[0x38u8; 32])?;
+/// let scales = DeviceBuffer::from_slice(&device, &[3.0f32, 5.0])?;
+/// let out = DeviceBuffer::<bf16>::alloc(&device, 32)?;
+/// dequant_fp8_block128(data.view([2, 16])?, scales.view([1, 1])?, out.view([2, 16])?)?;
+/// assert!(out.to_vec()?.iter().all(|v| v.to_f32() == 3.0));
+/// // Two scales for a single block: a typed error.
+/// let err = dequant_fp8_block128(data.view([2, 16])?, scales.view([1, 2])?, out.view([2, 16])?);
+/// assert!(matches!(err, Err(small4::Error::Shape { .. })));
+/// # Ok::<(), small4::Error>(())
+/// ```
+pub fn dequant_fp8_block128(data: Matrix<u8>, block_scales: Matrix<f32>, out: Matrix<bf16>) -> Result<()> {
+    fp8_block128(data, block_scales, out, MAX_BLOCKS)
 }
 
-fn fp8_block128(data: &DeviceBuffer<u8>, block_scales: &DeviceBuffer<f32>, out: &DeviceBuffer<bf16>, rows: usize, cols: usize, max_blocks: u32) -> Result<()> {
-    let elements = check_matrix("dequant_fp8_block128", out, rows, cols)?;
+fn fp8_block128(data: Matrix<u8>, block_scales: Matrix<f32>, out: Matrix<bf16>, max_blocks: u32) -> Result<()> {
+    let [rows, cols, elements] = check_out("dequant_fp8_block128", out)?;
     if cols % 16 != 0 {
         return Err(Error::shape("dequant_fp8_block128 columns", "a multiple of 16", cols));
     }
-    check_len("dequant_fp8_block128 data", data.len(), elements)?;
-    check_len("dequant_fp8_block128 block_scales", block_scales.len(), rows.div_ceil(FP8_BLOCK) * cols.div_ceil(FP8_BLOCK))?;
+    check_codes("dequant_fp8_block128 data", data, [rows, cols])?;
+    check_scales("dequant_fp8_block128 block_scales", block_scales, [rows.div_ceil(FP8_BLOCK), cols.div_ceil(FP8_BLOCK)])?;
     let params = DequantFp8Params {
         data: data.ptr(),
         block_scales: block_scales.ptr(),
@@ -122,9 +167,10 @@ fn fp8_block128(data: &DeviceBuffer<u8>, block_scales: &DeviceBuffer<f32>, out: 
 /// needs `group % 32 == 0` (GPTQ / AWQ groups are 32, 64, 128 or a whole row; a warp tile then spans at most 32
 /// groups) and `cols % group == 0`.
 ///
-/// `packed [rows, cols / 2]` u8 (low nibble = even column), `scales [rows, cols / group]` bf16, `zeros` (same shape,
-/// one u8 in `0..=15` per group) as in `quant::Int4Grouped`. `Error::InvalidArgument` for a bad `group` or a dimension
-/// above `i32`; `Error::Shape` for `cols % group != 0` or a buffer of the wrong length.
+/// `packed [rows, cols / 2]` u8 (low nibble = even column), `scales [rows, cols / group]` bf16, `zeros` (same dims,
+/// one u8 in `0..=15` per group) as in `quant::Int4Grouped`, `out [rows, cols]` bf16, all packed.
+/// `Error::InvalidArgument` for a bad `group`, a dimension above `i32`, or a strided or misaligned view (`packed`,
+/// `out`: 16 bytes); `Error::Shape` for `cols % group != 0` or an input of other dims.
 ///
 /// ```
 /// use half::bf16;
@@ -138,43 +184,31 @@ fn fp8_block128(data: &DeviceBuffer<u8>, block_scales: &DeviceBuffer<f32>, out: 
 /// let packed = DeviceBuffer::from_slice(&device, &packed)?;
 /// let scales = DeviceBuffer::from_slice(&device, &[bf16::from_f32(0.25)])?;
 /// let out = DeviceBuffer::<bf16>::alloc(&device, 32)?;
-/// small4::kernels::dequant::dequant_int4(&packed, &scales, None, &out, 1, 32, 32)?;
-/// let out: Vec<f32> = out.to_vec()?.iter().map(|v| v.to_f32()).collect();
-/// assert_eq!(&out[..3], &[1.75, -2.0, 0.0]); // (15 - 8) * 0.25, (0 - 8) * 0.25, (8 - 8) * 0.25
-/// assert!(out[2..].iter().all(|&v| v == 0.0));
+/// small4::kernels::dequant::dequant_int4(packed.view([1, 16])?, scales.view([1, 1])?, None, out.view([1, 32])?, 32)?;
+/// let got: Vec<f32> = out.to_vec()?.iter().map(|v| v.to_f32()).collect();
+/// assert_eq!(&got[..3], &[1.75, -2.0, 0.0]); // (15 - 8) * 0.25, (0 - 8) * 0.25, (8 - 8) * 0.25
+/// assert!(got[2..].iter().all(|&v| v == 0.0));
+/// // The 16 bytes viewed as 2 rows for an output of 1: a typed error.
+/// let err = small4::kernels::dequant::dequant_int4(packed.view([2, 8])?, scales.view([1, 1])?, None, out.view([1, 32])?, 32);
+/// assert!(matches!(err, Err(small4::Error::Shape { .. })));
 /// # Ok::<(), small4::Error>(())
 /// ```
-pub fn dequant_int4(
-    packed: &DeviceBuffer<u8>,
-    scales: &DeviceBuffer<bf16>,
-    zeros: Option<&DeviceBuffer<u8>>,
-    out: &DeviceBuffer<bf16>,
-    rows: usize,
-    cols: usize,
-    group: usize,
-) -> Result<()> {
-    int4(packed, scales, zeros, out, [rows, cols, group], MAX_BLOCKS)
+pub fn dequant_int4(packed: Matrix<u8>, scales: Matrix<bf16>, zeros: Option<Matrix<u8>>, out: Matrix<bf16>, group: usize) -> Result<()> {
+    int4(packed, scales, zeros, out, group, MAX_BLOCKS)
 }
 
-fn int4(
-    packed: &DeviceBuffer<u8>,
-    scales: &DeviceBuffer<bf16>,
-    zeros: Option<&DeviceBuffer<u8>>,
-    out: &DeviceBuffer<bf16>,
-    [rows, cols, group]: [usize; 3],
-    max_blocks: u32,
-) -> Result<()> {
-    let elements = check_matrix("dequant_int4", out, rows, cols)?;
+fn int4(packed: Matrix<u8>, scales: Matrix<bf16>, zeros: Option<Matrix<u8>>, out: Matrix<bf16>, group: usize, max_blocks: u32) -> Result<()> {
+    let [rows, cols, elements] = check_out("dequant_int4", out)?;
     if group == 0 || group % 32 != 0 || group > i32::MAX as usize {
         return Err(Error::InvalidArgument(format!("dequant_int4: group {group} must be a positive multiple of 32")));
     }
     if cols % group != 0 {
         return Err(Error::shape("dequant_int4 columns", format!("a multiple of the group {group}"), cols));
     }
-    check_len("dequant_int4 packed", packed.len(), elements / 2)?;
-    check_len("dequant_int4 scales", scales.len(), elements / group)?;
+    check_codes("dequant_int4 packed", packed, [rows, cols / 2])?;
+    check_scales("dequant_int4 scales", scales, [rows, cols / group])?;
     if let Some(zeros) = zeros {
-        check_len("dequant_int4 zeros", zeros.len(), elements / group)?;
+        check_scales("dequant_int4 zeros", zeros, [rows, cols / group])?;
     }
     let params = DequantInt4Params {
         packed: packed.ptr(),
@@ -190,27 +224,44 @@ fn int4(
 
 /// `out[r, c] = e2m1(q) * (e4m3(scales[r, c / 16]) / global_scale)`, the NVFP4 checkpoint's arrays as stored.
 ///
-/// `packed [rows, cols / 2]` u8 (low nibble = even column), `scales [rows, cols / 16]` e4m3 bytes, `out` bf16.
-/// `Error::Shape` for `cols % 16 != 0` or a buffer of the wrong length; `Error::InvalidArgument` when `global_scale` is
-/// not finite and positive or a dimension exceeds `i32`.
-pub fn dequant_nvfp4(
-    packed: &DeviceBuffer<u8>,
-    scales: &DeviceBuffer<u8>,
-    global_scale: f32,
-    out: &DeviceBuffer<bf16>,
-    rows: usize,
-    cols: usize,
-) -> Result<()> {
-    nvfp4(packed, scales, global_scale, out, rows, cols, MAX_BLOCKS)
+/// `packed [rows, cols / 2]` u8 (low nibble = even column), `scales [rows, cols / 16]` e4m3 bytes, `out [rows, cols]`
+/// bf16, all packed. `Error::Shape` for `cols % 16 != 0` or an input of other dims; `Error::InvalidArgument` when
+/// `global_scale` is not finite and positive, a dimension exceeds `i32`, or a view is strided or misaligned
+/// (`packed`, `out`: 16 bytes; `scales`: 2, the kernel reads them in pairs).
+///
+/// ```
+/// use half::bf16;
+/// use small4::device::{simulator, DeviceBuffer};
+/// use small4::kernels::dequant::dequant_nvfp4;
+///
+/// let device = simulator();
+/// // One row of 16: byte 0 holds column 0 (low nibble, e2m1 code 2 = 1.0) and column 1 (high nibble, code 7 = 6.0);
+/// // the other codes are 0. Block scale e4m3 0x38 = 1.0, divided by the global scale 2.
+/// let mut codes = vec![0u8; 8];
+/// codes[0] = 0x72;
+/// let packed = DeviceBuffer::from_slice(&device, &codes)?;
+/// let scales = DeviceBuffer::from_slice(&device, &[0x38u8, 0x38])?;
+/// let out = DeviceBuffer::<bf16>::alloc(&device, 16)?;
+/// dequant_nvfp4(packed.view([1, 8])?, scales.view([1, 1])?, 2.0, out.view([1, 16])?)?;
+/// let got: Vec<f32> = out.to_vec()?.iter().map(|v| v.to_f32()).collect();
+/// assert_eq!(&got[..3], &[0.5, 3.0, 0.0]);
+/// // Two block scales for one block of 16: a typed error.
+/// let err = dequant_nvfp4(packed.view([1, 8])?, scales.view([1, 2])?, 2.0, out.view([1, 16])?);
+/// assert!(matches!(err, Err(small4::Error::Shape { .. })));
+/// # Ok::<(), small4::Error>(())
+/// ```
+pub fn dequant_nvfp4(packed: Matrix<u8>, scales: Matrix<u8>, global_scale: f32, out: Matrix<bf16>) -> Result<()> {
+    nvfp4(packed, scales, global_scale, out, MAX_BLOCKS)
 }
 
-fn nvfp4(packed: &DeviceBuffer<u8>, scales: &DeviceBuffer<u8>, global_scale: f32, out: &DeviceBuffer<bf16>, rows: usize, cols: usize, max_blocks: u32) -> Result<()> {
-    let elements = check_matrix("dequant_nvfp4", out, rows, cols)?;
+fn nvfp4(packed: Matrix<u8>, scales: Matrix<u8>, global_scale: f32, out: Matrix<bf16>, max_blocks: u32) -> Result<()> {
+    let [rows, cols, elements] = check_out("dequant_nvfp4", out)?;
     if cols % NVFP4_BLOCK != 0 {
         return Err(Error::shape("dequant_nvfp4 columns", format!("a multiple of {NVFP4_BLOCK}"), cols));
     }
-    check_len("dequant_nvfp4 packed", packed.len(), elements / 2)?;
-    check_len("dequant_nvfp4 scales", scales.len(), elements / NVFP4_BLOCK)?;
+    check_codes("dequant_nvfp4 packed", packed, [rows, cols / 2])?;
+    check_scales("dequant_nvfp4 scales", scales, [rows, cols / NVFP4_BLOCK])?;
+    scales.expect_aligned("dequant_nvfp4 scales", 2)?;
     check_scalar("dequant_nvfp4 global_scale", global_scale)?;
     let params = DequantNvfp4Params {
         packed: packed.ptr(),
@@ -309,22 +360,53 @@ impl DeviceQuantized {
         }
     }
 
-    /// Launches the matching kernel: `out` (`rows * cols` bf16) = the matrix dequantised. Errors as the matching
-    /// `dequant_*` function.
-    pub fn dequantize_into(&self, out: &DeviceBuffer<bf16>) -> Result<()> {
+    /// Launches the matching kernel: `out [rows, cols]` (packed bf16) = the matrix dequantised. `Error::Shape` when
+    /// `out` is not `[rows, cols]`; otherwise errors as the matching `dequant_*` function.
+    ///
+    /// ```
+    /// use half::bf16;
+    /// use small4::device::{simulator, DeviceBuffer};
+    /// use small4::kernels::dequant::DeviceQuantized;
+    /// use small4::quant::{QuantizedMatrix, WeightFormat};
+    ///
+    /// let device = simulator();
+    /// let weights: Vec<f32> = (0..2 * 32).map(|i| (i as f32 - 31.5) / 8.0).collect();
+    /// let matrix = QuantizedMatrix::quantize(WeightFormat::Nvfp4, &weights, 2, 32)?;
+    /// let on_device = DeviceQuantized::upload(&device, &matrix)?;
+    /// let out = DeviceBuffer::<bf16>::alloc(&device, 2 * 32)?;
+    /// on_device.dequantize_into(out.view([2, 32])?)?;
+    /// let want: Vec<bf16> = matrix.dequantize().iter().map(|&v| bf16::from_f32(v)).collect();
+    /// assert_eq!(out.to_vec()?, want); // bit for bit the CPU's values, rounded to bf16
+    /// // The transposed shape is a typed error, not a scrambled matrix.
+    /// assert!(matches!(on_device.dequantize_into(out.view([32, 2])?), Err(small4::Error::Shape { .. })));
+    /// # Ok::<(), small4::Error>(())
+    /// ```
+    pub fn dequantize_into(&self, out: Matrix<bf16>) -> Result<()> {
         self.dequantize_into_with_max_blocks(out, MAX_BLOCKS)
     }
 
     /// The same with a grid of at most `max_blocks` blocks of 256 threads (each then loops over more tiles): leaves
     /// SMs to kernels running alongside on other streams. The result does not depend on the grid.
     /// `Error::InvalidArgument` for `max_blocks == 0` (on a non-empty matrix).
-    pub fn dequantize_into_with_max_blocks(&self, out: &DeviceBuffer<bf16>, max_blocks: u32) -> Result<()> {
+    pub fn dequantize_into_with_max_blocks(&self, out: Matrix<bf16>, max_blocks: u32) -> Result<()> {
         let (rows, cols) = (self.rows, self.cols);
+        out.expect_dims("dequantize_into out", [rows, cols])?;
+        // The arrays hold exactly the matching `crate::quant` arrays (upload copied them), so these views fit.
         match &self.arrays {
-            DeviceArrays::Fp8PerTensor { data, scale } => fp8_per_tensor(data, *scale, out, rows, cols, max_blocks),
-            DeviceArrays::Fp8Block128 { data, block_scales } => fp8_block128(data, block_scales, out, rows, cols, max_blocks),
-            DeviceArrays::Int4 { packed, scales, zeros, group } => int4(packed, scales, zeros.as_ref(), out, [rows, cols, *group], max_blocks),
-            DeviceArrays::Nvfp4 { packed, scales, global_scale } => nvfp4(packed, scales, *global_scale, out, rows, cols, max_blocks),
+            DeviceArrays::Fp8PerTensor { data, scale } => fp8_per_tensor(data.view([rows, cols])?, *scale, out, max_blocks),
+            DeviceArrays::Fp8Block128 { data, block_scales } => {
+                let scale_dims = [rows.div_ceil(FP8_BLOCK), cols.div_ceil(FP8_BLOCK)];
+                fp8_block128(data.view([rows, cols])?, block_scales.view(scale_dims)?, out, max_blocks)
+            }
+            DeviceArrays::Int4 { packed, scales, zeros, group } => {
+                // A group of 0 never comes from upload; the kernel wrapper reports it (rather than dividing by it here).
+                let groups = cols.checked_div(*group).unwrap_or(0);
+                let zeros = zeros.as_ref().map(|z| z.view([rows, groups])).transpose()?;
+                int4(packed.view([rows, cols / 2])?, scales.view([rows, groups])?, zeros, out, *group, max_blocks)
+            }
+            DeviceArrays::Nvfp4 { packed, scales, global_scale } => {
+                nvfp4(packed.view([rows, cols / 2])?, scales.view([rows, cols / NVFP4_BLOCK])?, *global_scale, out, max_blocks)
+            }
         }
     }
 }

@@ -5,6 +5,7 @@ use half::bf16;
 
 use super::modules::OPS;
 use super::params::{ArgmaxParams, EmbeddingParams, RopeParams, SampleParams, SiluMulParams};
+use super::{Matrix, TensorView, Vector};
 use crate::device::{launch_with, Device, DeviceBuffer, Dim3, Kernel, LaunchConfig};
 use crate::error::{Error, Result};
 
@@ -16,13 +17,6 @@ const SAMPLE_ROWS: Kernel = Kernel { module: OPS, entry: "sample_rows" };
 
 /// Largest rope_dim the kernel's shared cos/sin table holds.
 pub const MAX_ROPE_DIM: usize = 256;
-
-fn check_len(what: &str, len: usize, expected: usize) -> Result<()> {
-    if len != expected {
-        return Err(Error::shape(what, expected, len));
-    }
-    Ok(())
-}
 
 fn check_i32(what: &str, value: usize) -> Result<()> {
     if value > i32::MAX as usize {
@@ -40,38 +34,47 @@ pub struct QueryScale {
     pub original_max_position: usize,
 }
 
-/// k_rope inside a wider row: `row_stride` elements per token, the rope values at `offset` (e.g. the last 64 of the
-/// 320 outputs of `wkv_a_with_mqa`: offset 256, stride 320).
-#[derive(Clone, Copy)]
-pub struct KRope<'a> {
-    /// `[tokens, row_stride]` bf16, rotated in place.
-    pub buffer: &'a DeviceBuffer<bf16>,
-    /// Element offset of the rope values inside a row (a multiple of 8).
-    pub offset: usize,
-    /// Elements per token row (a multiple of 8, at least `offset + rope_dim`).
-    pub row_stride: usize,
-}
-
 /// Rotates, in place, the last `rope_dim` dims of each head of `q [tokens, heads, head_dim]` and the `rope_dim` values
-/// of `k` (interleaved pairs, angle `positions[t] * inv_freq[i]`), and multiplies all of q by the query scale.
-/// `inv_freq` comes from `reference::rope::yarn_inv_freq`. Positions must be >= 0.
+/// of each row of `k [tokens, rope_dim]` (interleaved pairs, angle `positions[t] * inv_freq[i]`), and multiplies all of
+/// q by the query scale. `inv_freq [rope_dim / 2]` comes from `reference::rope::yarn_inv_freq`; `positions [tokens]`
+/// must be >= 0.
 ///
-/// `q` must hold `positions.len() * heads * head_dim` elements and `k.buffer` `positions.len() * k.row_stride`
-/// (`Error::Shape`). `Error::InvalidArgument` when `head_dim` or `rope_dim = 2 * inv_freq.len()` is not a multiple of
-/// 8, `rope_dim` is 0 or above `head_dim` or [`MAX_ROPE_DIM`], the query scale is invalid, `k`'s offset or stride is
-/// misaligned or too short, or an element count exceeds `i32`.
-#[allow(clippy::too_many_arguments)]
-pub fn rope_q_k(
-    q: &DeviceBuffer<bf16>,
-    heads: usize,
-    head_dim: usize,
-    k: Option<KRope>,
-    positions: &DeviceBuffer<i32>,
-    inv_freq: &DeviceBuffer<f32>,
-    scale: QueryScale,
-) -> Result<()> {
+/// `k` is usually the rope columns of a wider row, e.g. the last 64 of the 320 outputs of `wkv_a_with_mqa`:
+/// `kv.columns(256..320)?`. The rows of `q` and `k` may be strided (a multiple of 8 elements apart).
+///
+/// `Error::Shape` when `positions` is not `[tokens]` or `k` not `[tokens, rope_dim]`. `Error::InvalidArgument` when
+/// `head_dim` or `rope_dim = 2 * inv_freq.len()` is not a multiple of 8, `rope_dim` is 0 or above `head_dim` or
+/// [`MAX_ROPE_DIM`], the query scale is invalid, `q` or `k` does not start on 16 bytes or has a row stride that is not
+/// a multiple of 8, `positions` or `inv_freq` is strided, or an element count exceeds `i32`.
+///
+/// ```
+/// use half::bf16;
+/// use small4::device::{simulator, DeviceBuffer};
+/// use small4::kernels::ops::{rope_q_k, QueryScale};
+///
+/// let device = simulator();
+/// // One token at position 1, one head of 8 dims, all of them rope (4 pairs); k: the last 8 values of a 16-wide row.
+/// let q = DeviceBuffer::from_slice(&device, &[bf16::ONE; 8])?;
+/// let kv = DeviceBuffer::from_slice(&device, &[bf16::ONE; 16])?;
+/// let positions = DeviceBuffer::from_slice(&device, &[1i32])?;
+/// let inv_freq = DeviceBuffer::from_slice(&device, &[1.0f32, 0.0, 0.0, 0.0])?; // pair 0 turns by 1 rad, the rest not
+/// let unscaled = QueryScale { beta: 0.0, original_max_position: 8192 };
+/// let k = kv.view([1, 16])?.columns(8..16)?;
+/// rope_q_k(q.view([1, 1, 8])?, Some(k), positions.as_vector(), inv_freq.as_vector(), unscaled)?;
+/// let (cos, sin) = (1.0f32.cos(), 1.0f32.sin());
+/// let got_q: Vec<f32> = q.to_vec()?.iter().map(|v| v.to_f32()).collect();
+/// assert!((got_q[0] - (cos - sin)).abs() < 1e-2 && (got_q[1] - (sin + cos)).abs() < 1e-2 && got_q[2] == 1.0);
+/// let got_kv: Vec<f32> = kv.to_vec()?.iter().map(|v| v.to_f32()).collect();
+/// assert!(got_kv[..8].iter().all(|&v| v == 1.0) && (got_kv[8] - (cos - sin)).abs() < 1e-2); // only the rope columns turn
+/// // Positions for two tokens with a q of one token: a typed error.
+/// let two = DeviceBuffer::from_slice(&device, &[1i32, 2])?;
+/// let err = rope_q_k(q.view([1, 1, 8])?, None, two.as_vector(), inv_freq.as_vector(), unscaled);
+/// assert!(matches!(err, Err(small4::Error::Shape { .. })));
+/// # Ok::<(), small4::Error>(())
+/// ```
+pub fn rope_q_k(q: TensorView<bf16, 3>, k: Option<Matrix<bf16>>, positions: Vector<i32>, inv_freq: Vector<f32>, scale: QueryScale) -> Result<()> {
+    let [tokens, heads, head_dim] = q.dims();
     let rope_dim = 2 * inv_freq.len();
-    let tokens = positions.len();
     if head_dim % 8 != 0 || rope_dim % 8 != 0 || rope_dim == 0 || rope_dim > head_dim || rope_dim > MAX_ROPE_DIM {
         return Err(Error::InvalidArgument(format!(
             "rope: head_dim {head_dim} and rope_dim {rope_dim} must be multiples of 8 with 0 < rope_dim <= min(head_dim, {MAX_ROPE_DIM})"
@@ -80,38 +83,49 @@ pub fn rope_q_k(
     if scale.original_max_position == 0 || !scale.beta.is_finite() {
         return Err(Error::InvalidArgument(format!("rope: query scale {scale:?}")));
     }
-    check_len("rope q", q.len(), tokens * heads * head_dim)?;
+    positions.expect_dims("rope positions", [tokens])?;
+    positions.expect_packed("rope positions")?;
+    inv_freq.expect_packed("rope inv_freq")?;
+    // The kernel moves 8 bf16 (16 bytes) at a time: every row must start on 16 bytes, which holds for all rows when
+    // it holds for the first and the stride is a multiple of 8.
+    check_row_vectors("rope q", q.row_stride())?;
+    q.expect_aligned("rope q", 16)?;
     check_i32("rope q elements", q.len())?;
+    check_i32("rope q row stride", q.row_stride())?;
     check_i32("rope original_max_position", scale.original_max_position)?;
     if let Some(k) = &k {
-        if k.offset % 8 != 0 || k.row_stride % 8 != 0 || k.row_stride < k.offset + rope_dim {
-            return Err(Error::InvalidArgument(format!(
-                "rope k: offset {} and row stride {} must be multiples of 8 holding {rope_dim} values",
-                k.offset, k.row_stride
-            )));
-        }
-        check_len("rope k rows * row_stride", k.buffer.len(), tokens * k.row_stride)?;
-        check_i32("rope k elements", k.buffer.len())?;
+        k.expect_dims("rope k", [tokens, rope_dim])?;
+        check_row_vectors("rope k", k.row_stride())?;
+        k.expect_aligned("rope k", 16)?;
+        check_i32("rope k row stride", k.row_stride())?;
     }
     if tokens == 0 {
         return Ok(());
     }
     let params = RopeParams {
         q: q.mut_ptr(),
-        k_rope: k.map_or(std::ptr::null_mut(), |k| (k.buffer.addr() + 2 * k.offset as u64) as *mut _),
+        k_rope: k.map_or(std::ptr::null_mut(), |k| k.mut_ptr()),
         positions: positions.ptr(),
         inv_freq: inv_freq.ptr(),
         tokens: tokens as i32,
         heads: heads as i32,
         head_dim: head_dim as i32,
         rope_dim: rope_dim as i32,
-        q_row_stride: (heads * head_dim) as i32,
-        k_row_stride: k.map_or(0, |k| k.row_stride as i32),
+        q_row_stride: q.row_stride() as i32,
+        k_row_stride: k.map_or(0, |k| k.row_stride() as i32),
         scale_beta: scale.beta,
         scale_original_max: scale.original_max_position as i32,
     };
     let config = LaunchConfig { grid: Dim3::x(tokens as u32), block: Dim3::x(256), shared_bytes: 0 };
     launch_with(q.device(), &ROPE_Q_K, &config, &params)
+}
+
+/// `Error::InvalidArgument` unless rows `row_stride` elements apart all keep the 16-byte alignment of the first.
+fn check_row_vectors(what: &str, row_stride: usize) -> Result<()> {
+    if row_stride % 8 != 0 {
+        return Err(Error::InvalidArgument(format!("{what}: row stride {row_stride} must be a multiple of 8 (16-byte vectors)")));
+    }
+    Ok(())
 }
 
 /// Where `embedding_gather` reports ids outside the vocabulary without a host synchronisation: a count and the first
@@ -131,14 +145,17 @@ impl GatherStatus {
         self.buffer.copy_from(&[0, i32::MAX])
     }
 
-    /// `Error::OutOfRange` naming the first out-of-range id when any gather since the last reset met one.
-    pub fn check(&self, ids: &DeviceBuffer<i32>, vocab: usize) -> Result<()> {
+    /// `Error::OutOfRange` naming the first out-of-range id when any gather since the last reset met one; `ids` are
+    /// the ids of that gather, `vocab` its table's rows.
+    pub fn check(&self, ids: Vector<i32>, vocab: usize) -> Result<()> {
         let status = self.buffer.to_vec()?;
         if status[0] == 0 {
             return Ok(());
         }
         let token = status[1] as usize;
-        let id = ids.to_vec()?.get(token).copied().unwrap_or(-1);
+        // The view may start inside its buffer: element `token` is at offset + token * stride.
+        let id = if token < ids.len() { ids.buffer().to_vec()?.get(ids.offset() + token * ids.row_stride()).copied() } else { None };
+        let id = id.unwrap_or(-1);
         Err(Error::OutOfRange { what: format!("token id at position {token} ({} out of range)", status[0]), index: id as i64, limit: vocab as i64 })
     }
 }
@@ -146,17 +163,22 @@ impl GatherStatus {
 /// `out[t] = table[ids[t]]` for `table [vocab, dim]`; ids outside `0..vocab` produce zero rows and are recorded in
 /// `status` (the table is never read out of bounds).
 ///
-/// `ids [tokens]`, `table [vocab, dim]` and `out [tokens, dim]` bf16. `Error::Shape` when `dim` is 0 or does not
-/// divide `table.len()`, or `out` does not hold `tokens * dim` elements; `Error::InvalidArgument` when `vocab` or
-/// `dim` exceeds `i32`. Bad ids are no error here: [`GatherStatus::check`] reports them.
-pub fn embedding_gather(ids: &DeviceBuffer<i32>, table: &DeviceBuffer<bf16>, dim: usize, out: &DeviceBuffer<bf16>, status: &GatherStatus) -> Result<()> {
-    if dim == 0 || table.len() % dim != 0 {
-        return Err(Error::shape("embedding table elements (vocab * dim)", format!("a multiple of {dim}"), table.len()));
+/// `ids [tokens]`, `table [vocab, dim]` and `out [tokens, dim]` bf16, all packed (the kernel takes no strides).
+/// `Error::Shape` when `dim` is 0 or `out` is not `[tokens, dim]`; `Error::InvalidArgument` when `vocab`, `dim` or
+/// `tokens` exceeds `i32` or a view is strided. Bad ids are no error here: [`GatherStatus::check`] reports them.
+pub fn embedding_gather(ids: Vector<i32>, table: Matrix<bf16>, out: Matrix<bf16>, status: &GatherStatus) -> Result<()> {
+    let [tokens] = ids.dims();
+    let [vocab, dim] = table.dims();
+    if dim == 0 {
+        return Err(Error::shape("embedding table dim", "at least 1", dim));
     }
-    let tokens = ids.len();
-    check_len("embedding out", out.len(), tokens * dim)?;
-    check_i32("embedding vocab", table.len() / dim)?;
+    out.expect_dims("embedding out", [tokens, dim])?;
+    ids.expect_packed("embedding ids")?;
+    table.expect_packed("embedding table")?;
+    out.expect_packed("embedding out")?;
+    check_i32("embedding vocab", vocab)?;
     check_i32("embedding dim", dim)?;
+    check_i32("embedding tokens", tokens)?;
     if tokens == 0 {
         return Ok(());
     }
@@ -166,7 +188,7 @@ pub fn embedding_gather(ids: &DeviceBuffer<i32>, table: &DeviceBuffer<bf16>, dim
         out: out.mut_ptr(),
         status: status.buffer.mut_ptr(),
         tokens: tokens as i32,
-        vocab: (table.len() / dim) as i32,
+        vocab: vocab as i32,
         dim: dim as i32,
     };
     let config = LaunchConfig { grid: Dim3::x(tokens as u32), block: Dim3::x(threads_for_row(dim / 8, 256)), shared_bytes: 0 };
@@ -188,27 +210,34 @@ pub fn embedding_gather(ids: &DeviceBuffer<i32>, table: &DeviceBuffer<bf16>, dim
 /// let table = DeviceBuffer::from_slice(&device, &table)?;
 /// let ids = DeviceBuffer::from_slice(&device, &[2i32, 0])?;
 /// let out = DeviceBuffer::<bf16>::alloc(&device, 2 * 8)?;
-/// small4::kernels::ops::embedding_gather_checked(&ids, &table, 8, &out)?;
+/// small4::kernels::ops::embedding_gather_checked(ids.as_vector(), table.view([3, 8])?, out.view([2, 8])?)?;
 /// let got: Vec<f32> = out.to_vec()?.iter().map(|v| v.to_f32()).collect();
 /// assert_eq!((got[0], got[7], got[8], got[15]), (3.0, 3.0, 1.0, 1.0));
 ///
 /// let bad = DeviceBuffer::from_slice(&device, &[1i32, 3])?; // 3 is outside the vocabulary
-/// let err = small4::kernels::ops::embedding_gather_checked(&bad, &table, 8, &out).unwrap_err();
+/// let err = small4::kernels::ops::embedding_gather_checked(bad.as_vector(), table.view([3, 8])?, out.view([2, 8])?).unwrap_err();
 /// assert!(matches!(err, small4::Error::OutOfRange { index: 3, limit: 3, .. }), "{err}");
 /// let got: Vec<f32> = out.to_vec()?.iter().map(|v| v.to_f32()).collect();
 /// assert_eq!((got[0], got[8], got[15]), (2.0, 0.0, 0.0)); // the bad id's row is zeros
+///
+/// // An output of one row for two ids: a typed error before any launch.
+/// let err = small4::kernels::ops::embedding_gather_checked(ids.as_vector(), table.view([3, 8])?, out.view([1, 8])?);
+/// assert!(matches!(err, Err(small4::Error::Shape { .. })));
 /// # Ok::<(), small4::Error>(())
 /// ```
-pub fn embedding_gather_checked(ids: &DeviceBuffer<i32>, table: &DeviceBuffer<bf16>, dim: usize, out: &DeviceBuffer<bf16>) -> Result<()> {
+pub fn embedding_gather_checked(ids: Vector<i32>, table: Matrix<bf16>, out: Matrix<bf16>) -> Result<()> {
     let status = GatherStatus::new(ids.device())?;
-    embedding_gather(ids, table, dim, out, &status)?;
-    status.check(ids, table.len() / dim.max(1))
+    embedding_gather(ids, table, out, &status)?;
+    let [vocab, _] = table.dims();
+    status.check(ids, vocab)
 }
 
-/// `out [tokens, hidden] = silu(gate) * up` from one `[tokens, 2 * hidden]` tensor holding gate then up in each row.
+/// `out [tokens, hidden] = silu(gate) * up` from one `gate_up [tokens, 2 * hidden]` tensor holding gate then up in
+/// each row.
 ///
-/// bf16 in and out, f32 arithmetic. `Error::Shape` when `gate_up` or `out` has the wrong length;
-/// `Error::InvalidArgument` above 65535 tokens or `i32` elements.
+/// bf16 in and out, f32 arithmetic; the rows of `gate_up` and `out` may be strided. `Error::Shape` when `gate_up` has
+/// an odd column count or `out` is not `[tokens, hidden]`; `Error::InvalidArgument` above 65535 tokens or `i32`
+/// elements.
 ///
 /// ```
 /// use half::bf16;
@@ -219,57 +248,63 @@ pub fn embedding_gather_checked(ids: &DeviceBuffer<i32>, table: &DeviceBuffer<bf
 /// let gate_up: Vec<bf16> = [0.0f32, 2.0, 5.0, 3.0].iter().map(|&v| bf16::from_f32(v)).collect();
 /// let gate_up = DeviceBuffer::from_slice(&device, &gate_up)?;
 /// let out = DeviceBuffer::<bf16>::alloc(&device, 2)?;
-/// small4::kernels::ops::silu_mul(&gate_up, &out, 1, 2)?;
-/// let out: Vec<f32> = out.to_vec()?.iter().map(|v| v.to_f32()).collect();
+/// small4::kernels::ops::silu_mul(gate_up.view([1, 4])?, out.view([1, 2])?)?;
+/// let got: Vec<f32> = out.to_vec()?.iter().map(|v| v.to_f32()).collect();
 /// let silu2 = 2.0 / (1.0 + (-2.0f32).exp()); // silu(x) = x * sigmoid(x) = 1.7616
-/// assert_eq!(out[0], 0.0); // silu(0) * 5
-/// assert!((out[1] - silu2 * 3.0).abs() < 0.03, "{}", out[1]); // 5.285, within bf16 rounding
+/// assert_eq!(got[0], 0.0); // silu(0) * 5
+/// assert!((got[1] - silu2 * 3.0).abs() < 0.03, "{}", got[1]); // 5.285, within bf16 rounding
+/// // An output as wide as gate_up: a typed error.
+/// let err = small4::kernels::ops::silu_mul(gate_up.view([1, 2])?, out.view([1, 2])?);
+/// assert!(matches!(err, Err(small4::Error::Shape { .. })));
 /// # Ok::<(), small4::Error>(())
 /// ```
-pub fn silu_mul(gate_up: &DeviceBuffer<bf16>, out: &DeviceBuffer<bf16>, tokens: usize, hidden: usize) -> Result<()> {
-    check_len("silu_mul gate|up", gate_up.len(), tokens * 2 * hidden)?;
-    let up = (gate_up.addr() + 2 * hidden as u64) as *const _;
-    launch_silu_mul(gate_up, gate_up.ptr(), up, 2 * hidden, out, tokens, hidden)
+pub fn silu_mul(gate_up: Matrix<bf16>, out: Matrix<bf16>) -> Result<()> {
+    let [_, width] = gate_up.dims();
+    if width % 2 != 0 {
+        return Err(Error::shape("silu_mul gate|up columns", "an even count (gate then up)", width));
+    }
+    let hidden = width / 2;
+    launch_silu_mul(gate_up.columns(0..hidden)?, gate_up.columns(hidden..width)?, out)
 }
 
 /// `out [tokens, hidden] = silu(gate) * up` from two `[tokens, hidden]` tensors.
 ///
-/// The same computation and errors as [`silu_mul`], the gate and up halves in separate buffers.
-pub fn silu_mul_pair(gate: &DeviceBuffer<bf16>, up: &DeviceBuffer<bf16>, out: &DeviceBuffer<bf16>, tokens: usize, hidden: usize) -> Result<()> {
-    check_len("silu_mul gate", gate.len(), tokens * hidden)?;
-    check_len("silu_mul up", up.len(), tokens * hidden)?;
-    launch_silu_mul(gate, gate.ptr(), up.ptr(), hidden, out, tokens, hidden)
+/// The same computation and errors as [`silu_mul`], the gate and up halves in separate views (`Error::Shape` when
+/// `up` is not of `gate`'s dims); the kernel takes one input stride, so `Error::InvalidArgument` when their row
+/// strides differ.
+pub fn silu_mul_pair(gate: Matrix<bf16>, up: Matrix<bf16>, out: Matrix<bf16>) -> Result<()> {
+    up.expect_dims("silu_mul up", gate.dims())?;
+    launch_silu_mul(gate, up, out)
 }
 
-fn launch_silu_mul(
-    anchor: &DeviceBuffer<bf16>,
-    gate: *const u16,
-    up: *const u16,
-    in_row_stride: usize,
-    out: &DeviceBuffer<bf16>,
-    tokens: usize,
-    hidden: usize,
-) -> Result<()> {
-    check_len("silu_mul out", out.len(), tokens * hidden)?;
+fn launch_silu_mul(gate: Matrix<bf16>, up: Matrix<bf16>, out: Matrix<bf16>) -> Result<()> {
+    let [tokens, hidden] = gate.dims();
+    out.expect_dims("silu_mul out", [tokens, hidden])?;
+    if gate.row_stride() != up.row_stride() {
+        return Err(Error::InvalidArgument(format!("silu_mul: gate {gate:?} and up {up:?} must have the same row stride")));
+    }
     check_i32("silu_mul elements", tokens * 2 * hidden)?;
+    check_i32("silu_mul input row stride", gate.row_stride())?;
+    check_i32("silu_mul output row stride", out.row_stride())?;
     if tokens > 65535 {
         return Err(Error::InvalidArgument(format!("silu_mul: {tokens} tokens (grid rows <= 65535)")));
     }
     if tokens == 0 || hidden == 0 {
         return Ok(());
     }
+    // The kernel checks the 16-byte alignment of the rows itself and falls back to single elements.
     let params = SiluMulParams {
-        gate,
-        up,
+        gate: gate.ptr(),
+        up: up.ptr(),
         out: out.mut_ptr(),
         tokens: tokens as i32,
         hidden: hidden as i32,
-        in_row_stride: in_row_stride as i32,
-        out_row_stride: hidden as i32,
+        in_row_stride: gate.row_stride() as i32,
+        out_row_stride: out.row_stride() as i32,
     };
     let threads = 256;
     let grid = Dim3::xy(super::blocks_for(hidden, 8 * threads), tokens as u32);
-    launch_with(anchor.device(), &SILU_MUL, &LaunchConfig { grid, block: Dim3::x(threads as u32), shared_bytes: 0 }, &params)
+    launch_with(gate.device(), &SILU_MUL, &LaunchConfig { grid, block: Dim3::x(threads as u32), shared_bytes: 0 }, &params)
 }
 
 /// A multiple of 32 threads, enough for `items` strided items, at most `max`.
@@ -277,24 +312,27 @@ fn threads_for_row(items: usize, max: usize) -> u32 {
     items.next_power_of_two().clamp(32, max) as u32
 }
 
-fn check_logits(logits: &DeviceBuffer<f32>, rows: usize, vocab: usize, ids: &DeviceBuffer<i32>) -> Result<()> {
+/// Checks `logits [rows, vocab]` (rows may be strided) against `ids [rows]`; returns `[rows, vocab]`.
+fn check_logits(logits: Matrix<f32>, ids: Vector<i32>) -> Result<[usize; 2]> {
+    let [rows, vocab] = logits.dims();
     if vocab == 0 {
         return Err(Error::InvalidArgument("sampling over an empty vocabulary".into()));
     }
-    check_len("logits", logits.len(), rows * vocab)?;
-    check_len("sampled ids", ids.len(), rows)?;
+    ids.expect_dims("sampled ids", [rows])?;
+    ids.expect_packed("sampled ids")?;
     check_i32("logits elements", logits.len())?;
+    check_i32("logits row stride", logits.row_stride())?;
     if rows > i32::MAX as usize {
         return Err(Error::InvalidArgument(format!("{rows} rows")));
     }
-    Ok(())
+    Ok([rows, vocab])
 }
 
-/// `ids[r] = argmax(logits[r, :])` for `logits [rows, vocab]`: ties to the lower id, NaN ignored, -1 for a row with
-/// no number.
+/// `ids[r] = argmax(logits[r, :])` for `logits [rows, vocab]` (rows may be strided), `ids [rows]`: ties to the lower
+/// id, NaN ignored, -1 for a row with no number.
 ///
-/// `Error::InvalidArgument` when `vocab` is 0 or the sizes exceed `i32`; `Error::Shape` when `logits` does not hold
-/// `rows * vocab` values or `ids` `rows`.
+/// `Error::InvalidArgument` when `vocab` is 0, the sizes exceed `i32` or `ids` is strided; `Error::Shape` when `ids`
+/// is not `[rows]`.
 ///
 /// ```
 /// use small4::device::{simulator, DeviceBuffer};
@@ -303,44 +341,72 @@ fn check_logits(logits: &DeviceBuffer<f32>, rows: usize, vocab: usize, ids: &Dev
 /// let logits = [0.5f32, 2.0, -1.0, 2.0, /* row 1: */ f32::NAN, -3.0, -2.5, -7.0];
 /// let logits = DeviceBuffer::from_slice(&device, &logits)?;
 /// let ids = DeviceBuffer::<i32>::alloc(&device, 2)?;
-/// small4::kernels::ops::argmax(&logits, 2, 4, &ids)?;
+/// small4::kernels::ops::argmax(logits.view([2, 4])?, ids.as_vector())?;
 /// // Row 0: the tie between ids 1 and 3 goes to 1. Row 1: the NaN is skipped.
 /// assert_eq!(ids.to_vec()?, vec![1, 2]);
+/// // One id for each of 4 rows of 2 does not fit in 2 ids: a typed error.
+/// let err = small4::kernels::ops::argmax(logits.view([4, 2])?, ids.as_vector());
+/// assert!(matches!(err, Err(small4::Error::Shape { .. })));
 /// # Ok::<(), small4::Error>(())
 /// ```
-pub fn argmax(logits: &DeviceBuffer<f32>, rows: usize, vocab: usize, ids: &DeviceBuffer<i32>) -> Result<()> {
-    check_logits(logits, rows, vocab, ids)?;
+pub fn argmax(logits: Matrix<f32>, ids: Vector<i32>) -> Result<()> {
+    let [rows, vocab] = check_logits(logits, ids)?;
     if rows == 0 {
         return Ok(());
     }
-    let params = ArgmaxParams { logits: logits.ptr(), ids: ids.mut_ptr(), rows: rows as i32, vocab: vocab as i32, row_stride: vocab as i32 };
+    let params = ArgmaxParams { logits: logits.ptr(), ids: ids.mut_ptr(), rows: rows as i32, vocab: vocab as i32, row_stride: logits.row_stride() as i32 };
     let config = LaunchConfig { grid: Dim3::x(rows as u32), block: Dim3::x(threads_for_row(vocab.div_ceil(4), 1024)), shared_bytes: 0 };
     launch_with(logits.device(), &ARGMAX_ROWS, &config, &params)
 }
 
-/// Per-row sampling settings, on the device so that a CUDA graph replays with new values.
+/// Per-row sampling settings, on the device so that a CUDA graph replays with new values: each a packed `[rows]`.
+#[derive(Clone, Copy)]
 pub struct SamplingInputs<'a> {
     /// <= 0: greedy.
-    pub temperature: &'a DeviceBuffer<f32>,
+    pub temperature: Vector<'a, f32>,
     /// In (0, 1], used as floor(top_p * 2^24) / 2^24; values >= 1 (or NaN) keep every token.
-    pub top_p: &'a DeviceBuffer<f32>,
+    pub top_p: Vector<'a, f32>,
     /// The request's seed: its samples depend on (seed, step) only, not on its row in the batch.
-    pub seeds: &'a DeviceBuffer<u64>,
+    pub seeds: Vector<'a, u64>,
     /// The request's step (its count of tokens generated so far): with the seed, what keys the random draw.
-    pub steps: &'a DeviceBuffer<i32>,
+    pub steps: Vector<'a, i32>,
 }
 
 /// Seeded temperature + top-p sampling of `logits [rows, vocab]` into `ids [rows]`; the algorithm is documented on
 /// `sample_rows` in cuda/ops.cu and reproduced exactly by `reference::sampling::sample`.
 ///
-/// Every buffer of `inputs` holds one value per row. Errors as [`argmax`], plus `Error::Shape` for an input of the
-/// wrong length.
-pub fn sample(logits: &DeviceBuffer<f32>, rows: usize, vocab: usize, inputs: &SamplingInputs, ids: &DeviceBuffer<i32>) -> Result<()> {
-    check_logits(logits, rows, vocab, ids)?;
-    check_len("temperature", inputs.temperature.len(), rows)?;
-    check_len("top_p", inputs.top_p.len(), rows)?;
-    check_len("seeds", inputs.seeds.len(), rows)?;
-    check_len("steps", inputs.steps.len(), rows)?;
+/// Every view of `inputs` is `[rows]`. Errors as [`argmax`], plus `Error::Shape` for an input of other dims and
+/// `Error::InvalidArgument` for a strided one.
+///
+/// ```
+/// use small4::device::{simulator, DeviceBuffer};
+/// use small4::kernels::ops::{sample, SamplingInputs};
+///
+/// let device = simulator();
+/// let logits = DeviceBuffer::from_slice(&device, &[0.0f32, 9.0, 1.0, /* row 1: */ 2.0, 0.0, 1.0])?;
+/// // Row 0 greedy (temperature 0), row 1 with top_p so small that only its most likely id stays.
+/// let temperature = DeviceBuffer::from_slice(&device, &[0.0f32, 1.0])?;
+/// let top_p = DeviceBuffer::from_slice(&device, &[1.0f32, 1e-6])?;
+/// let (seeds, steps) = (DeviceBuffer::from_slice(&device, &[7u64, 8])?, DeviceBuffer::from_slice(&device, &[0i32, 3])?);
+/// let inputs = SamplingInputs { temperature: temperature.as_vector(), top_p: top_p.as_vector(), seeds: seeds.as_vector(), steps: steps.as_vector() };
+/// let ids = DeviceBuffer::<i32>::alloc(&device, 2)?;
+/// sample(logits.view([2, 3])?, &inputs, ids.as_vector())?;
+/// assert_eq!(ids.to_vec()?, vec![1, 0]);
+/// // Settings for 2 rows with logits of 1 row: a typed error.
+/// let err = sample(logits.view([1, 3])?, &inputs, ids.view([1])?);
+/// assert!(matches!(err, Err(small4::Error::Shape { .. })));
+/// # Ok::<(), small4::Error>(())
+/// ```
+pub fn sample(logits: Matrix<f32>, inputs: &SamplingInputs, ids: Vector<i32>) -> Result<()> {
+    let [rows, vocab] = check_logits(logits, ids)?;
+    inputs.temperature.expect_dims("temperature", [rows])?;
+    inputs.top_p.expect_dims("top_p", [rows])?;
+    inputs.seeds.expect_dims("seeds", [rows])?;
+    inputs.steps.expect_dims("steps", [rows])?;
+    inputs.temperature.expect_packed("temperature")?;
+    inputs.top_p.expect_packed("top_p")?;
+    inputs.seeds.expect_packed("seeds")?;
+    inputs.steps.expect_packed("steps")?;
     if rows == 0 {
         return Ok(());
     }
@@ -353,7 +419,7 @@ pub fn sample(logits: &DeviceBuffer<f32>, rows: usize, vocab: usize, inputs: &Sa
         steps: inputs.steps.ptr(),
         rows: rows as i32,
         vocab: vocab as i32,
-        row_stride: vocab as i32,
+        row_stride: logits.row_stride() as i32,
     };
     let config = LaunchConfig { grid: Dim3::x(rows as u32), block: Dim3::x(threads_for_row(vocab.div_ceil(4), 512)), shared_bytes: 0 };
     launch_with(logits.device(), &SAMPLE_ROWS, &config, &params)

@@ -878,7 +878,7 @@ impl Engine {
         let vocab = self.model.config.vocab;
         let greedy = ids.iter().all(|id| self.active[id].request.sampling == Sampling::Greedy);
         if greedy {
-            ops::argmax(&head.logits, rows, vocab, &head.next)?;
+            ops::argmax(head.logits.view([rows, vocab])?, head.next.as_vector())?;
         } else {
             let mut temperature = vec![0.0f32; rows];
             let mut top_p = vec![1.0f32; rows];
@@ -891,17 +891,14 @@ impl Engine {
                 }
             }
             let d = &self.model.device;
-            let inputs = SamplingInputs {
-                temperature: &DeviceBuffer::from_slice(d, &temperature)?,
-                top_p: &DeviceBuffer::from_slice(d, &top_p)?,
-                seeds: &DeviceBuffer::from_slice(d, &seeds)?,
-                steps: &DeviceBuffer::from_slice(d, &steps)?,
-            };
-            ops::sample(&head.logits, rows, vocab, &inputs, &head.next)?;
+            let (temperature, top_p) = (DeviceBuffer::from_slice(d, &temperature)?, DeviceBuffer::from_slice(d, &top_p)?);
+            let (seeds, steps) = (DeviceBuffer::from_slice(d, &seeds)?, DeviceBuffer::from_slice(d, &steps)?);
+            let inputs = SamplingInputs { temperature: temperature.as_vector(), top_p: top_p.as_vector(), seeds: seeds.as_vector(), steps: steps.as_vector() };
+            ops::sample(head.logits.view([rows, vocab])?, &inputs, head.next.as_vector())?;
         }
         // The step's one synchronisation: the host needs the tokens to stop sequences and feed the next step.
         let next = head.next.to_vec()?;
-        self.gather_status.check(&ws.ids, vocab)?;
+        self.gather_status.check(ws.ids.as_vector(), vocab)?;
         let logits = if self.options.keep_logits { Some(head.logits.to_vec()?) } else { None };
         self.gather_status.reset()?;
         let mut out = Vec::with_capacity(ids.len());
@@ -1137,7 +1134,7 @@ impl Network<'_> {
         let query_scale = QueryScale { beta: c.llama4_beta, original_max_position: c.llama4_original_max_position };
         let [x, x_mid] = &ws.x;
 
-        ops::embedding_gather(&ws.ids, &m.tok_embeddings, dim, x, self.gather_status)?;
+        ops::embedding_gather(ws.ids.view([t])?, m.tok_embeddings.view([c.vocab, dim])?, x.view([t, dim])?, self.gather_status)?;
         if let Some(images) = images {
             vision_kernels::scatter_rows(images.features, dim, images.rows, x)?;
         }
@@ -1150,7 +1147,7 @@ impl Network<'_> {
             moe::linear(&layer.wkv_a, ws.h.view([t, dim])?, ws.kv.view([t, rank + c.qk_rope])?)?;
             let write = CacheWriteWeights { norm_weight: &layer.kv_a_norm, eps, inv_freq: &m.inv_freq };
             attention::mla_cache_write(&self.caches[l], tables, &ws.kv, rank + c.qk_rope, &write, slots)?;
-            ops::rope_q_k(&ws.q, heads, qk, None, &ws.positions, &m.inv_freq, query_scale)?;
+            ops::rope_q_k(ws.q.view([t, heads, qk])?, None, ws.positions.view([t])?, m.inv_freq.as_vector(), query_scale)?;
             // Absorb W_UK into the query; q_rope = the rope half of every head.
             let (q, q_lat) = (ws.q.view([t, heads * qk])?, ws.q_lat.view([t, heads * rank])?);
             for (h, w_uk) in layer.w_uk.iter().enumerate() {
@@ -1203,7 +1200,7 @@ impl Network<'_> {
             norm::add_rms_norm(ws.block_out.view([t, dim])?, x_mid.view([t, dim])?, next_norm.as_vector(), x.view([t, dim])?, ws.h.view([t, dim])?, eps)?;
         }
         // ws.h is the final norm's output: gather the head's rows (host-computed, always in range), then the head.
-        ops::embedding_gather(&head.source_rows, &ws.h, dim, &head.h, self.gather_status)?;
+        ops::embedding_gather(head.source_rows.as_vector(), ws.h.view([t, dim])?, head.h.view([head.rows, dim])?, self.gather_status)?;
         moe::linear_f32(&m.output, head.h.view([head.rows, dim])?, head.logits.view([head.rows, c.vocab])?)?;
         Ok(())
     }

@@ -1140,7 +1140,7 @@ impl Network<'_> {
 
         ops::embedding_gather(&ws.ids, &m.tok_embeddings, dim, x, self.gather_status)?;
         if let Some(images) = images {
-            vision_kernels::scatter_rows(images.features, dim, images.rows, x)?;
+            vision_kernels::scatter_rows(images.features.view([images.rows.len(), dim])?, images.rows, x.view([t, dim])?)?;
         }
         norm::rms_norm(x.view([t, dim])?, m.layers[0].attention_norm.as_vector(), ws.h.view([t, dim])?, eps)?;
         for (l, layer) in m.layers.iter().enumerate() {
@@ -1149,16 +1149,16 @@ impl Network<'_> {
             norm::rms_norm(ws.q_a.view([t, layer.q_a_norm.len()])?, layer.q_a_norm.as_vector(), ws.q_a_normed.view([t, layer.q_a_norm.len()])?, eps)?;
             moe::linear(&layer.wq_b, &ws.q_a_normed, t, &ws.q)?;
             moe::linear(&layer.wkv_a, &ws.h, t, &ws.kv)?;
-            let write = CacheWriteWeights { norm_weight: &layer.kv_a_norm, eps, inv_freq: &m.inv_freq };
-            attention::mla_cache_write(&self.caches[l], tables, &ws.kv, rank + c.qk_rope, &write, slots)?;
+            let write = CacheWriteWeights { norm_weight: layer.kv_a_norm.as_vector(), eps, inv_freq: m.inv_freq.as_vector() };
+            attention::mla_cache_write(&self.caches[l], tables, ws.kv.view([t, rank + c.qk_rope])?, &write, slots)?;
             ops::rope_q_k(&ws.q, heads, qk, None, &ws.positions, &m.inv_freq, query_scale)?;
             // Absorb W_UK into the query; q_rope = the rope half of every head.
             for (h, w_uk) in layer.w_uk.iter().enumerate() {
                 moe::linear_view(w_uk, view(&ws.q, h * qk, heads * qk), t, view(&ws.q_lat, h * rank, heads * rank))?;
             }
             moe::linear_view(&m.rope_identity, view(&ws.q, nope, qk), t * heads, view(&ws.q_rope, 0, c.qk_rope))?;
-            let queries = Queries { layout, q_lat: &ws.q_lat, q_rope: &ws.q_rope, heads };
-            attention::mla_attention(&self.caches[l], tables, &queries, &ws.o_lat, c.softmax_scale(), self.options.attention_splits, scratch)?;
+            let queries = Queries { layout, q_lat: ws.q_lat.view([t, heads, rank])?, q_rope: ws.q_rope.view([t, heads, c.qk_rope])? };
+            attention::mla_attention(&self.caches[l], tables, &queries, ws.o_lat.view([t, heads, rank])?, c.softmax_scale(), self.options.attention_splits, scratch)?;
             for (h, pieces) in layer.w_uv.iter().enumerate() {
                 for (w_uv, first) in pieces {
                     moe::linear_view(w_uv, view(&ws.o_lat, h * rank, heads * rank), t, view(&ws.attn, h * v_head + first, heads * v_head))?;

@@ -70,11 +70,12 @@ fn bench_decode(c: &mut Criterion, device: &Device) {
         let q_rope = DeviceBuffer::from_slice(device, &random_bf16(&mut rng, batch * HEADS * ROPE)).unwrap();
         let o_lat = DeviceBuffer::<bf16>::alloc(device, batch * HEADS * LATENT).unwrap();
         let layout = QueryLayout::decode(device, batch).unwrap();
-        let queries = Queries { layout: &layout, q_lat: &q_lat, q_rope: &q_rope, heads: HEADS };
+        let queries = Queries { layout: &layout, q_lat: q_lat.view([batch, HEADS, LATENT]).unwrap(), q_rope: q_rope.view([batch, HEADS, ROPE]).unwrap() };
+        let o_lat = o_lat.view([batch, HEADS, LATENT]).unwrap();
         let mut scratch = AttentionScratch::new(device);
         let ideal = (batch * context * cache.descriptor().token_bytes() + batch * HEADS * (LATENT + ROPE + LATENT) * 2) as u64;
         let mut call = || {
-            attention::mla_attention(&cache, &tables, &queries, &o_lat, SOFTMAX_SCALE, None, &mut scratch).unwrap();
+            attention::mla_attention(&cache, &tables, &queries, o_lat, SOFTMAX_SCALE, None, &mut scratch).unwrap();
         };
         let name = format!("B={batch}/ctx={context}/{}", if dtype == CacheDtype::Bf16 { "bf16" } else { "fp8" });
         let seconds = seconds_per_call(device, 50, &mut call);
@@ -101,13 +102,14 @@ fn bench_prefill(c: &mut Criterion, device: &Device) {
     let q_rope = DeviceBuffer::from_slice(device, &random_bf16(&mut rng, new * HEADS * ROPE)).unwrap();
     let o_lat = DeviceBuffer::<bf16>::alloc(device, new * HEADS * LATENT).unwrap();
     let layout = QueryLayout::upload(device, &[0, new as i32]).unwrap();
-    let queries = Queries { layout: &layout, q_lat: &q_lat, q_rope: &q_rope, heads: HEADS };
+    let queries = Queries { layout: &layout, q_lat: q_lat.view([new, HEADS, LATENT]).unwrap(), q_rope: q_rope.view([new, HEADS, ROPE]).unwrap() };
+    let o_lat = o_lat.view([new, HEADS, LATENT]).unwrap();
     let mut scratch = AttentionScratch::new(device);
     // Query t sees prefix + t + 1 keys.
     let visible: usize = (0..new).map(|t| prefix + t + 1).sum();
     let flops = 2.0 * HEADS as f64 * visible as f64 * (LATENT + ROPE + LATENT) as f64;
     let mut call = || {
-        attention::mla_attention(&cache, &tables, &queries, &o_lat, SOFTMAX_SCALE, None, &mut scratch).unwrap();
+        attention::mla_attention(&cache, &tables, &queries, o_lat, SOFTMAX_SCALE, None, &mut scratch).unwrap();
     };
     let seconds = seconds_per_call(device, 10, &mut call);
     let tflops = flops / seconds / 1e12;

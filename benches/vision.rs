@@ -32,13 +32,14 @@ fn bench_attention(c: &mut Criterion, device: &Device) {
         let (q, k, v) = (buffer(&mut rng), buffer(&mut rng), buffer(&mut rng));
         let out = DeviceBuffer::<bf16>::alloc(device, len).unwrap();
         let segments = TokenSegments::upload(device, std::slice::from_ref(&(0..tokens))).unwrap();
+        let [q, k, v, out] = [&q, &k, &v, &out].map(|b| b.view([tokens, heads, 64]).unwrap());
         group.throughput(Throughput::Elements((4 * 64 * heads * tokens * tokens) as u64));
         group.bench_with_input(BenchmarkId::from_parameter(format!("T={tokens}")), &tokens, |b, _| {
             b.iter_custom(|iters| {
                 device.synchronize().unwrap();
                 let start = std::time::Instant::now();
                 for _ in 0..iters {
-                    vision_attention(&q, &k, &v, &out, &segments, heads, 0.125).unwrap();
+                    vision_attention(q, k, v, out, &segments, 0.125).unwrap();
                 }
                 device.synchronize().unwrap();
                 start.elapsed()

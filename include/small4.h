@@ -51,6 +51,14 @@ typedef enum Small4Status {
   SMALL4_STATUS_PANIC = 99,
 } Small4Status;
 
+// The activation of [`small4_bias_act`].
+typedef enum Small4Activation {
+  // The bias add alone.
+  SMALL4_ACTIVATION_IDENTITY = 0,
+  // Exact GELU `x (1 + erf(x / sqrt 2)) / 2`.
+  SMALL4_ACTIVATION_GELU = 1,
+} Small4Activation;
+
 // Where a generator computes.
 typedef enum Small4Backend {
   // The CPU reference forward pass (greedy only).
@@ -525,6 +533,104 @@ enum Small4Status small4_mla_attention(const struct Small4Device *device,
                                        uint64_t q_rope,
                                        uint64_t o_lat,
                                        float softmax_scale);
+
+// Patch unfold (im2col) of one image for the patch embedding's GEMM: `pixels` `[channels, height, width]` f32 (CHW)
+// into `out` `[patches, k_padded]` bf16, `patches = (height / patch) * (width / patch)`; row `gy * (width / patch) +
+// gx` holds the `[c, ky, kx]` values of patch (gy, gx), then zeros up to `k_padded`. Several images fill one GEMM
+// input when `out` points at each image's first row. Both sides must be positive multiples of `patch`
+// ([`Small4Status::Shape`] otherwise), `k_padded` at least `channels * patch^2`.
+//
+// # Safety
+// `device` must be null or live; the addresses must hold the sizes above on that device.
+enum Small4Status small4_patch_im2col(const struct Small4Device *device,
+                                      uint64_t pixels,
+                                      size_t channels,
+                                      size_t height,
+                                      size_t width,
+                                      size_t patch,
+                                      uint64_t out,
+                                      size_t k_padded);
+
+// 2D RoPE in place on every head of `q` and, when `k` is not 0, `k` (`[tokens, heads, head_dim]` bf16, head_dim a
+// multiple of 4): interleaved pair i of a head (values 2i, 2i + 1) turns by `grid_rows[t] * inv_freq_rows[i]` for
+// `i < head_dim / 4`, else by `grid_cols[t] * inv_freq_cols[i - head_dim / 4]`. `grid_rows`, `grid_cols`: `[tokens]`
+// int32 (>= 0, the token's patch row and column in its image); `inv_freq_rows`, `inv_freq_cols`: `[head_dim / 4]`
+// f32, all on the device.
+//
+// # Safety
+// `device` must be null or live; the addresses must hold the sizes above on that device.
+enum Small4Status small4_rope_2d(const struct Small4Device *device,
+                                 uint64_t q,
+                                 uint64_t k,
+                                 size_t tokens,
+                                 size_t heads,
+                                 size_t head_dim,
+                                 uint64_t grid_rows,
+                                 uint64_t grid_cols,
+                                 uint64_t inv_freq_rows,
+                                 uint64_t inv_freq_cols);
+
+// Block-diagonal bidirectional attention of the vision tower: `q`, `k`, `v`, `out` `[tokens, heads, 64]` bf16, the
+// tokens cut into `num_segments` images of `segment_lens` tokens each (host `[num_segments]`, each > 0, tokens = their
+// sum); a token attends to the keys of its own image only: `out = softmax(scale * q . k_j) @ v_j`.
+//
+// # Safety
+// `device` must be null or live; `segment_lens` must hold `num_segments` values; the addresses must hold the sizes
+// above on that device.
+enum Small4Status small4_vision_attention(const struct Small4Device *device,
+                                          uint64_t q,
+                                          uint64_t k,
+                                          uint64_t v,
+                                          uint64_t out,
+                                          size_t heads,
+                                          const size_t *segment_lens,
+                                          size_t num_segments,
+                                          float scale);
+
+// In place `x = act(x + bias)`: `x` `[rows, cols]` bf16, `bias` `[cols]` bf16 or 0 for none, `activation` a
+// [`Small4Activation`] value (another one is [`Small4Status::InvalidArgument`]).
+//
+// # Safety
+// `device` must be null or live; the addresses must hold the sizes above on that device.
+enum Small4Status small4_bias_act(const struct Small4Device *device,
+                                  uint64_t x,
+                                  size_t rows,
+                                  size_t cols,
+                                  uint64_t bias,
+                                  uint32_t activation);
+
+// The patch merger's unfold: the tokens of `images` images, image i a `grids[2 i] x grids[2 i + 1]` (rows x cols)
+// patch grid in row-major order, one after the other in `x` `[tokens, hidden]` bf16, into `out` `[merged rows,
+// hidden * merge^2]` bf16: one row per `merge x merge` block of patches (blocks in row-major order of each image,
+// images in order), `out[r, c * merge^2 + di * merge + dj]` = channel c of the block's patch (di, dj) (torch's unfold
+// order). Grid sides must be multiples of `merge` ([`Small4Status::Shape`]), `merge` positive.
+//
+// # Safety
+// `device` must be null or live; `grids` must hold `2 * images` values; the addresses must hold the sizes above on
+// that device.
+enum Small4Status small4_patch_merge(const struct Small4Device *device,
+                                     uint64_t x,
+                                     size_t hidden,
+                                     const size_t *grids,
+                                     size_t images,
+                                     size_t merge,
+                                     uint64_t out);
+
+// Row scatter (image features over the `[IMG]` embeddings): `out[targets[i], :] = src[i, :]` for `src` `[count,
+// cols]` and `out` `[out_rows, cols]` bf16; other rows of `out` keep their values. `targets`: host `[count]`, distinct
+// and below `out_rows` ([`Small4Status::OutOfRange`] and [`Small4Status::InvalidArgument`] otherwise, before any
+// launch).
+//
+// # Safety
+// `device` must be null or live; `targets` must hold `count` values; the addresses must hold the sizes above on
+// that device.
+enum Small4Status small4_scatter_rows(const struct Small4Device *device,
+                                      uint64_t src,
+                                      size_t cols,
+                                      const size_t *targets,
+                                      size_t count,
+                                      uint64_t out,
+                                      size_t out_rows);
 
 // The defaults: the reference backend, eos = small4's default stop token, a context of 1024 tokens.
 struct Small4GeneratorOptions small4_generator_options_default(void);

@@ -119,9 +119,9 @@ fn check_attention(device: &Device, case: &AttentionCase) -> Vec<u16> {
     let q_rope_dev = DeviceBuffer::from_slice(device, &q_rope).unwrap();
     let o_lat = DeviceBuffer::<bf16>::filled_with_byte(device, tokens * h * LATENT, 0xff).unwrap();
     let layout = QueryLayout::upload(device, &q_start).unwrap();
-    let queries = Queries { layout: &layout, q_lat: &q_lat_dev, q_rope: &q_rope_dev, heads: h };
+    let queries = Queries { layout: &layout, q_lat: q_lat_dev.view([tokens, h, LATENT]).unwrap(), q_rope: q_rope_dev.view([tokens, h, ROPE]).unwrap() };
     let mut scratch = AttentionScratch::new(device);
-    attention::mla_attention(&cache, &block_tables, &queries, &o_lat, SOFTMAX_SCALE, case.splits, &mut scratch).unwrap();
+    attention::mla_attention(&cache, &block_tables, &queries, o_lat.view([tokens, h, LATENT]).unwrap(), SOFTMAX_SCALE, case.splits, &mut scratch).unwrap();
     let got = o_lat.to_vec().unwrap();
 
     let (q_lat, q_rope) = (to_f32(&q_lat), to_f32(&q_rope));
@@ -228,10 +228,11 @@ fn cache_writer_matches_reference(device: &Device) {
         let kv_dev = DeviceBuffer::from_slice(device, &kv).unwrap();
         let weight_dev = DeviceBuffer::from_slice(device, &weight).unwrap();
         let inv_freq_dev = DeviceBuffer::from_slice(device, &inv_freq).unwrap();
-        let weights = CacheWriteWeights { norm_weight: &weight_dev, eps, inv_freq: &inv_freq_dev };
+        let weights = CacheWriteWeights { norm_weight: weight_dev.as_vector(), eps, inv_freq: inv_freq_dev.as_vector() };
         let (token_seq, positions): (Vec<i32>, Vec<i32>) = order.iter().copied().unzip();
         let slots = TokenSlots::upload(device, &token_seq, &positions).unwrap();
-        attention::mla_cache_write(&cache, &block_tables, &kv_dev, stride, &weights, &slots).unwrap();
+        let kv_rows = kv_dev.view([order.len(), stride]).unwrap().columns(0..WIDTH).unwrap();
+        attention::mla_cache_write(&cache, &block_tables, kv_rows, &weights, &slots).unwrap();
         let bytes = cache.to_bytes().unwrap();
 
         let mut written = vec![false; desc.total_bytes()];
@@ -271,9 +272,9 @@ fn cache_writer_rotates_far_positions(device: &Device) {
     let block_tables = BlockTables::upload(device, &tables, &desc).unwrap();
     let (kv_dev, weight_dev, inv_freq_dev) =
         (DeviceBuffer::from_slice(device, &kv).unwrap(), DeviceBuffer::from_slice(device, &weight).unwrap(), DeviceBuffer::from_slice(device, &inv_freq).unwrap());
-    let weights = CacheWriteWeights { norm_weight: &weight_dev, eps: 1e-6, inv_freq: &inv_freq_dev };
+    let weights = CacheWriteWeights { norm_weight: weight_dev.as_vector(), eps: 1e-6, inv_freq: inv_freq_dev.as_vector() };
     let slots = TokenSlots::upload(device, &vec![0; positions.len()], &positions).unwrap();
-    attention::mla_cache_write(&cache, &block_tables, &kv_dev, WIDTH, &weights, &slots).unwrap();
+    attention::mla_cache_write(&cache, &block_tables, kv_dev.view([positions.len(), WIDTH]).unwrap(), &weights, &slots).unwrap();
     let bytes = cache.to_bytes().unwrap();
     for (t, &pos) in positions.iter().enumerate() {
         let mut want = to_f32(&kv[t * WIDTH + LATENT..(t + 1) * WIDTH]);
@@ -321,33 +322,58 @@ fn wrappers_reject_bad_input(device: &Device) {
     tables.block_tables[1] = desc.num_pages as i32;
     let err = BlockTables::upload(device, &tables, &desc).err().unwrap();
     assert!(matches!(err, small4::Error::OutOfRange { .. }), "{err}");
-    // Wrong q shape (head count), more queries than cached tokens, a bad scale, a decreasing layout.
+    // Views whose head counts disagree (q_rope, o_lat), more queries than cached tokens, a bad scale, a decreasing
+    // layout.
     let mut scratch = AttentionScratch::new(device);
     let decode = QueryLayout::decode(device, 2).unwrap();
-    let attend = |layout: &QueryLayout, heads: usize, cache: &PagedCache, scale: f32, scratch: &mut AttentionScratch| {
-        let queries = Queries { layout, q_lat: &q, q_rope: &r, heads };
-        attention::mla_attention(cache, &good, &queries, &o, scale, None, scratch).unwrap_err()
+    let attend = |layout: &QueryLayout, [q_heads, rope_heads, o_heads]: [usize; 3], cache: &PagedCache, scale: f32, scratch: &mut AttentionScratch| {
+        let queries = Queries { layout, q_lat: q.view([2, q_heads, LATENT]).unwrap(), q_rope: r.view([2, rope_heads, ROPE]).unwrap() };
+        attention::mla_attention(cache, &good, &queries, o.view([2, o_heads, LATENT]).unwrap(), scale, None, scratch).unwrap_err()
     };
-    let err = attend(&decode, 3, &cache, SOFTMAX_SCALE, &mut scratch);
+    let err = attend(&decode, [3, 4, 3], &cache, SOFTMAX_SCALE, &mut scratch);
     assert!(matches!(err, small4::Error::Shape { .. }), "{err}");
-    let err = attend(&QueryLayout::upload(device, &[0, 1, 5]).unwrap(), 4, &cache, SOFTMAX_SCALE, &mut scratch);
+    let err = attend(&decode, [4, 4, 3], &cache, SOFTMAX_SCALE, &mut scratch);
+    assert!(matches!(err, small4::Error::Shape { .. }), "{err}");
+    let err = attend(&QueryLayout::upload(device, &[0, 1, 5]).unwrap(), [4, 4, 4], &cache, SOFTMAX_SCALE, &mut scratch);
     assert!(matches!(err, small4::Error::OutOfRange { .. }), "{err}");
-    let err = attend(&decode, 4, &cache, f32::NAN, &mut scratch);
+    let err = attend(&decode, [4, 4, 4], &cache, f32::NAN, &mut scratch);
+    assert!(matches!(err, small4::Error::InvalidArgument(_)), "{err}");
+    // Query rows one head apart are not the packed [tokens, heads, 256] the kernel indexes.
+    let strided_q = small4::kernels::TensorView::strided(&q, 0, [2, 3, LATENT], 4 * LATENT).unwrap();
+    let queries = Queries { layout: &decode, q_lat: strided_q, q_rope: r.view([2, 3, ROPE]).unwrap() };
+    let err = attention::mla_attention(&cache, &good, &queries, o.view([2, 3, LATENT]).unwrap(), SOFTMAX_SCALE, None, &mut scratch).unwrap_err();
     assert!(matches!(err, small4::Error::InvalidArgument(_)), "{err}");
     assert!(matches!(QueryLayout::upload(device, &[0, 2, 1]), Err(small4::Error::InvalidArgument(_))));
     // The cache writer refuses a position past the sequence's length and an unknown sequence.
-    let kv = DeviceBuffer::<bf16>::filled_with_byte(device, WIDTH, 0x11).unwrap();
+    let kv = DeviceBuffer::<bf16>::filled_with_byte(device, 2 * WIDTH + 8, 0x11).unwrap();
     let w = DeviceBuffer::<bf16>::filled_with_byte(device, LATENT, 0x11).unwrap();
     let f = DeviceBuffer::<f32>::filled_with_byte(device, ROPE / 2, 0x11).unwrap();
-    let weights = CacheWriteWeights { norm_weight: &w, eps: 1e-6, inv_freq: &f };
+    let weights = CacheWriteWeights { norm_weight: w.as_vector(), eps: 1e-6, inv_freq: f.as_vector() };
     for (seq, pos) in [(1, 3), (2, 0), (0, -1)] {
         let slots = TokenSlots::upload(device, &[seq], &[pos]).unwrap();
-        let err = attention::mla_cache_write(&cache, &good, &kv, WIDTH, &weights, &slots).unwrap_err();
+        let err = attention::mla_cache_write(&cache, &good, kv.view([1, WIDTH]).unwrap(), &weights, &slots).unwrap_err();
         assert!(matches!(err, small4::Error::OutOfRange { .. }), "{err}");
     }
+    // ... and kv rows without the rope part, two rows for one token, rows 324 apart (not 16 bytes), a row that starts
+    // 8 bytes in, a norm weight of the wrong length.
+    let slots = TokenSlots::upload(device, &[0], &[0]).unwrap();
+    let write = |kv, weights: &CacheWriteWeights| attention::mla_cache_write(&cache, &good, kv, weights, &slots).unwrap_err();
+    let err = write(kv.view([1, LATENT]).unwrap(), &weights);
+    assert!(matches!(err, small4::Error::Shape { .. }), "{err}");
+    let err = write(kv.view([2, WIDTH]).unwrap(), &weights);
+    assert!(matches!(err, small4::Error::Shape { .. }), "{err}");
+    let two_slots = TokenSlots::upload(device, &[0, 0], &[0, 1]).unwrap();
+    let odd_stride = small4::kernels::TensorView::strided(&kv, 0, [2, WIDTH], WIDTH + 4).unwrap();
+    let err = attention::mla_cache_write(&cache, &good, odd_stride, &weights, &two_slots).unwrap_err();
+    assert!(matches!(err, small4::Error::InvalidArgument(_)), "{err}");
+    let err = write(small4::kernels::TensorView::strided(&kv, 4, [1, WIDTH], WIDTH).unwrap(), &weights);
+    assert!(matches!(err, small4::Error::InvalidArgument(_)), "{err}");
+    let short_weight = CacheWriteWeights { norm_weight: w.view([LATENT - 8]).unwrap(), ..weights };
+    let err = write(kv.view([1, WIDTH]).unwrap(), &short_weight);
+    assert!(matches!(err, small4::Error::Shape { .. }), "{err}");
     // Tables checked for another cache geometry.
     let other = PagedCache::filled_with_byte(device, CacheDescriptor::mla(desc.num_pages, 64, CacheDtype::Bf16).unwrap(), 0).unwrap();
-    let err = attend(&decode, 4, &other, SOFTMAX_SCALE, &mut scratch);
+    let err = attend(&decode, [4, 4, 4], &other, SOFTMAX_SCALE, &mut scratch);
     assert!(matches!(err, small4::Error::InvalidArgument(_)), "{err}");
 }
 
@@ -428,9 +454,9 @@ fn decode_traffic_at_real_heads() {
         let o_lat = DeviceBuffer::<bf16>::filled_with_byte(&device, batch * heads * LATENT, 0xff).unwrap();
         counting.launches.lock().unwrap().clear();
         let layout = QueryLayout::decode(&device, batch).unwrap();
-        let queries = Queries { layout: &layout, q_lat: &q_lat, q_rope: &q_rope, heads };
+        let queries = Queries { layout: &layout, q_lat: q_lat.view([batch, heads, LATENT]).unwrap(), q_rope: q_rope.view([batch, heads, ROPE]).unwrap() };
         let mut scratch = AttentionScratch::new(&device);
-        let plan = attention::mla_attention(&cache, &block_tables, &queries, &o_lat, SOFTMAX_SCALE, splits, &mut scratch).unwrap();
+        let plan = attention::mla_attention(&cache, &block_tables, &queries, o_lat.view([batch, heads, LATENT]).unwrap(), SOFTMAX_SCALE, splits, &mut scratch).unwrap();
         let launches = counting.launches.lock().unwrap().clone();
         assert!(!launches.is_empty(), "the interpreter reported no counters");
         let context: usize = lens.iter().sum();

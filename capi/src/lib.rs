@@ -990,12 +990,18 @@ pub unsafe extern "C" fn small4_mla_cache_write(
     call(|| {
         let device = unsafe { self::device(device) }?;
         let (cache, tables) = unsafe { paged_cache(device, cache, batch) }?;
-        let kv_len = if tokens == 0 { 0 } else { elements(tokens - 1, kv_row_stride, "cache write kv")? + KV_LORA_RANK + QK_ROPE };
+        let width = KV_LORA_RANK + QK_ROPE;
+        // A view of one row ignores its stride; the C contract still asks for rows at least 320 apart.
+        if kv_row_stride < width {
+            return Err(Error::InvalidArgument(format!("kv row stride {kv_row_stride} is shorter than a row of {width}")));
+        }
+        let kv_len = if tokens == 0 { 0 } else { elements(tokens - 1, kv_row_stride, "cache write kv")? + width };
         let kv = unsafe { borrowed::<bf16>(device, kv, kv_len) }?;
         let norm_weight = unsafe { borrowed::<bf16>(device, norm_weight, KV_LORA_RANK) }?;
         let inv_freq = unsafe { borrowed::<f32>(device, inv_freq, QK_ROPE / 2) }?;
         let slots = TokenSlots::upload(device, unsafe { slice(token_seq, tokens, "token_seq") }?, unsafe { slice(positions, tokens, "positions") }?)?;
-        mla_cache_write(&cache, &tables, &kv, kv_row_stride, &CacheWriteWeights { norm_weight: &norm_weight, eps, inv_freq: &inv_freq }, &slots)?;
+        let kv = small4::kernels::TensorView::strided(&kv, 0, [tokens, width], kv_row_stride)?;
+        mla_cache_write(&cache, &tables, kv, &CacheWriteWeights { norm_weight: norm_weight.as_vector(), eps, inv_freq: inv_freq.as_vector() }, &slots)?;
         // The uploaded tables and slots are freed when this returns: the launch reading them must be done by then.
         device.synchronize()
     })
@@ -1032,10 +1038,192 @@ pub unsafe extern "C" fn small4_mla_attention(
         let q_lat = unsafe { borrowed::<bf16>(device, q_lat, elements(rows, KV_LORA_RANK, "q_lat")?) }?;
         let q_rope = unsafe { borrowed::<bf16>(device, q_rope, elements(rows, QK_ROPE, "q_rope")?) }?;
         let o_lat = unsafe { borrowed::<bf16>(device, o_lat, elements(rows, KV_LORA_RANK, "o_lat")?) }?;
-        let queries = Queries { layout: &layout, q_lat: &q_lat, q_rope: &q_rope, heads };
+        let tokens = layout.tokens();
+        let queries = Queries { layout: &layout, q_lat: q_lat.view([tokens, heads, KV_LORA_RANK])?, q_rope: q_rope.view([tokens, heads, QK_ROPE])? };
         let mut scratch = AttentionScratch::new(device);
-        mla_attention(&cache, &tables, &queries, &o_lat, softmax_scale, None, &mut scratch)?;
+        mla_attention(&cache, &tables, &queries, o_lat.view([tokens, heads, KV_LORA_RANK])?, softmax_scale, None, &mut scratch)?;
         // The scratch and the uploaded tables are freed when this returns: the launches must be done by then.
+        device.synchronize()
+    })
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The vision tower's kernels
+
+/// The activation of [`small4_bias_act`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Small4Activation {
+    /// The bias add alone.
+    Identity = 0,
+    /// Exact GELU `x (1 + erf(x / sqrt 2)) / 2`.
+    Gelu = 1,
+}
+
+/// Patch unfold (im2col) of one image for the patch embedding's GEMM: `pixels` `[channels, height, width]` f32 (CHW)
+/// into `out` `[patches, k_padded]` bf16, `patches = (height / patch) * (width / patch)`; row `gy * (width / patch) +
+/// gx` holds the `[c, ky, kx]` values of patch (gy, gx), then zeros up to `k_padded`. Several images fill one GEMM
+/// input when `out` points at each image's first row. Both sides must be positive multiples of `patch`
+/// ([`Small4Status::Shape`] otherwise), `k_padded` at least `channels * patch^2`.
+///
+/// # Safety
+/// `device` must be null or live; the addresses must hold the sizes above on that device.
+#[no_mangle]
+pub unsafe extern "C" fn small4_patch_im2col(
+    device: *const Small4Device,
+    pixels: u64,
+    channels: usize,
+    height: usize,
+    width: usize,
+    patch: usize,
+    out: u64,
+    k_padded: usize,
+) -> Small4Status {
+    call(|| {
+        let device = unsafe { self::device(device) }?;
+        // A patch of 0 or sides that are not multiples of it are the kernel's Shape error; borrow no rows for them.
+        let patches = if patch == 0 || height % patch != 0 || width % patch != 0 { 0 } else { elements(height / patch, width / patch, "patch_im2col patches")? };
+        let pixels = unsafe { borrowed::<f32>(device, pixels, elements(elements(channels, height, "patch_im2col pixels")?, width, "patch_im2col pixels")?) }?;
+        let out = unsafe { borrowed::<bf16>(device, out, elements(patches, k_padded, "patch_im2col out")?) }?;
+        small4::kernels::vision::patch_im2col(pixels.view([channels, height, width])?, patch, out.view([patches, k_padded])?)
+    })
+}
+
+/// 2D RoPE in place on every head of `q` and, when `k` is not 0, `k` (`[tokens, heads, head_dim]` bf16, head_dim a
+/// multiple of 4): interleaved pair i of a head (values 2i, 2i + 1) turns by `grid_rows[t] * inv_freq_rows[i]` for
+/// `i < head_dim / 4`, else by `grid_cols[t] * inv_freq_cols[i - head_dim / 4]`. `grid_rows`, `grid_cols`: `[tokens]`
+/// int32 (>= 0, the token's patch row and column in its image); `inv_freq_rows`, `inv_freq_cols`: `[head_dim / 4]`
+/// f32, all on the device.
+///
+/// # Safety
+/// `device` must be null or live; the addresses must hold the sizes above on that device.
+#[no_mangle]
+pub unsafe extern "C" fn small4_rope_2d(
+    device: *const Small4Device,
+    q: u64,
+    k: u64,
+    tokens: usize,
+    heads: usize,
+    head_dim: usize,
+    grid_rows: u64,
+    grid_cols: u64,
+    inv_freq_rows: u64,
+    inv_freq_cols: u64,
+) -> Small4Status {
+    call(|| {
+        let device = unsafe { self::device(device) }?;
+        let n = elements(elements(tokens, heads, "rope_2d")?, head_dim, "rope_2d")?;
+        let q = unsafe { borrowed::<bf16>(device, q, n) }?;
+        let k = if k == 0 { None } else { Some(unsafe { borrowed::<bf16>(device, k, n) }?) };
+        let (rows, cols) = unsafe { (borrowed::<i32>(device, grid_rows, tokens)?, borrowed::<i32>(device, grid_cols, tokens)?) };
+        let freq = |addr| unsafe { borrowed::<f32>(device, addr, head_dim / 4) };
+        let (inv_freq_rows, inv_freq_cols) = (freq(inv_freq_rows)?, freq(inv_freq_cols)?);
+        let positions = small4::kernels::vision::GridPositions { rows: &rows, cols: &cols, inv_freq_rows: &inv_freq_rows, inv_freq_cols: &inv_freq_cols };
+        let shape = [tokens, heads, head_dim];
+        small4::kernels::vision::rope_2d(q.view(shape)?, k.as_ref().map(|k| k.view(shape)).transpose()?, &positions)
+    })
+}
+
+/// Block-diagonal bidirectional attention of the vision tower: `q`, `k`, `v`, `out` `[tokens, heads, 64]` bf16, the
+/// tokens cut into `num_segments` images of `segment_lens` tokens each (host `[num_segments]`, each > 0, tokens = their
+/// sum); a token attends to the keys of its own image only: `out = softmax(scale * q . k_j) @ v_j`.
+///
+/// # Safety
+/// `device` must be null or live; `segment_lens` must hold `num_segments` values; the addresses must hold the sizes
+/// above on that device.
+#[no_mangle]
+pub unsafe extern "C" fn small4_vision_attention(
+    device: *const Small4Device,
+    q: u64,
+    k: u64,
+    v: u64,
+    out: u64,
+    heads: usize,
+    segment_lens: *const usize,
+    num_segments: usize,
+    scale: f32,
+) -> Small4Status {
+    call(|| {
+        let device = unsafe { self::device(device) }?;
+        let mut segments = Vec::with_capacity(num_segments);
+        for &len in unsafe { slice(segment_lens, num_segments, "segment_lens") }? {
+            let start = segments.last().map_or(0, |s: &std::ops::Range<usize>| s.end);
+            let end = start.checked_add(len).ok_or_else(|| Error::InvalidArgument("segment lengths overflow".into()))?;
+            segments.push(start..end);
+        }
+        let segments = small4::kernels::vision::TokenSegments::upload(device, &segments)?;
+        let shape = [segments.tokens(), heads, small4::kernels::vision::ATTENTION_HEAD_DIM];
+        let n = elements(elements(shape[0], heads, "vision attention")?, shape[2], "vision attention")?;
+        let [q, k, v, out] = [q, k, v, out].map(|addr| unsafe { borrowed::<bf16>(device, addr, n) });
+        let (q, k, v, out) = (q?, k?, v?, out?);
+        small4::kernels::vision::vision_attention(q.view(shape)?, k.view(shape)?, v.view(shape)?, out.view(shape)?, &segments, scale)?;
+        // The uploaded segment table is freed when this returns: the launch reading it must be done by then.
+        device.synchronize()
+    })
+}
+
+/// In place `x = act(x + bias)`: `x` `[rows, cols]` bf16, `bias` `[cols]` bf16 or 0 for none, `activation` a
+/// [`Small4Activation`] value (another one is [`Small4Status::InvalidArgument`]).
+///
+/// # Safety
+/// `device` must be null or live; the addresses must hold the sizes above on that device.
+#[no_mangle]
+pub unsafe extern "C" fn small4_bias_act(device: *const Small4Device, x: u64, rows: usize, cols: usize, bias: u64, activation: u32) -> Small4Status {
+    call(|| {
+        let device = unsafe { self::device(device) }?;
+        let activation = match activation {
+            0 => small4::kernels::vision::Activation::Identity,
+            1 => small4::kernels::vision::Activation::Gelu,
+            other => return Err(Error::InvalidArgument(format!("activation {other} (0: identity, 1: gelu)"))),
+        };
+        let x = unsafe { borrowed::<bf16>(device, x, elements(rows, cols, "bias_act x")?) }?;
+        let bias = if bias == 0 { None } else { Some(unsafe { borrowed::<bf16>(device, bias, cols) }?) };
+        small4::kernels::vision::bias_act(x.view([rows, cols])?, bias.as_ref().map(|b| b.as_vector()), activation)
+    })
+}
+
+/// The patch merger's unfold: the tokens of `images` images, image i a `grids[2 i] x grids[2 i + 1]` (rows x cols)
+/// patch grid in row-major order, one after the other in `x` `[tokens, hidden]` bf16, into `out` `[merged rows,
+/// hidden * merge^2]` bf16: one row per `merge x merge` block of patches (blocks in row-major order of each image,
+/// images in order), `out[r, c * merge^2 + di * merge + dj]` = channel c of the block's patch (di, dj) (torch's unfold
+/// order). Grid sides must be multiples of `merge` ([`Small4Status::Shape`]), `merge` positive.
+///
+/// # Safety
+/// `device` must be null or live; `grids` must hold `2 * images` values; the addresses must hold the sizes above on
+/// that device.
+#[no_mangle]
+pub unsafe extern "C" fn small4_patch_merge(device: *const Small4Device, x: u64, hidden: usize, grids: *const usize, images: usize, merge: usize, out: u64) -> Small4Status {
+    call(|| {
+        let device = unsafe { self::device(device) }?;
+        let grids: Vec<(usize, usize)> = unsafe { slice(grids, elements(images, 2, "patch_merge grids")?, "grids") }?.chunks_exact(2).map(|g| (g[0], g[1])).collect();
+        let sources = small4::kernels::vision::MergeSources::upload(device, &grids, merge)?;
+        let tokens = grids.iter().try_fold(0usize, |sum, &(rows, cols)| elements(rows, cols, "patch_merge grid").and_then(|n| sum.checked_add(n).ok_or_else(|| Error::InvalidArgument("patch_merge tokens overflow".into()))))?;
+        let width = elements(hidden, merge * merge, "patch_merge out")?;
+        let x = unsafe { borrowed::<bf16>(device, x, elements(tokens, hidden, "patch_merge x")?) }?;
+        let out = unsafe { borrowed::<bf16>(device, out, elements(sources.rows(), width, "patch_merge out")?) }?;
+        small4::kernels::vision::patch_merge(x.view([tokens, hidden])?, &sources, out.view([sources.rows(), width])?)?;
+        // The uploaded source table is freed when this returns: the launch reading it must be done by then.
+        device.synchronize()
+    })
+}
+
+/// Row scatter (image features over the `[IMG]` embeddings): `out[targets[i], :] = src[i, :]` for `src` `[count,
+/// cols]` and `out` `[out_rows, cols]` bf16; other rows of `out` keep their values. `targets`: host `[count]`, distinct
+/// and below `out_rows` ([`Small4Status::OutOfRange`] and [`Small4Status::InvalidArgument`] otherwise, before any
+/// launch).
+///
+/// # Safety
+/// `device` must be null or live; `targets` must hold `count` values; the addresses must hold the sizes above on
+/// that device.
+#[no_mangle]
+pub unsafe extern "C" fn small4_scatter_rows(device: *const Small4Device, src: u64, cols: usize, targets: *const usize, count: usize, out: u64, out_rows: usize) -> Small4Status {
+    call(|| {
+        let device = unsafe { self::device(device) }?;
+        let targets = small4::kernels::vision::RowTargets::upload(device, unsafe { slice(targets, count, "targets") }?, out_rows)?;
+        let src = unsafe { borrowed::<bf16>(device, src, elements(count, cols, "scatter_rows src")?) }?;
+        let out = unsafe { borrowed::<bf16>(device, out, elements(out_rows, cols, "scatter_rows out")?) }?;
+        small4::kernels::vision::scatter_rows(src.view([count, cols])?, &targets, out.view([out_rows, cols])?)?;
+        // The uploaded targets are freed when this returns: the launch reading them must be done by then.
         device.synchronize()
     })
 }

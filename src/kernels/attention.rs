@@ -10,6 +10,7 @@ use half::bf16;
 
 use super::modules::MLA_ATTENTION;
 use super::params::{MlaAttentionParams, MlaCacheWriteParams, MlaCopyPagesParams};
+use super::{Matrix, TensorView, Vector};
 use crate::device::{launch_with, Device, DeviceBuffer, Dim3, Kernel, LaunchConfig};
 use crate::error::{Error, Result};
 use crate::model::kv_cache::{BatchTables, CacheDescriptor, CacheDtype, PageCopy};
@@ -259,11 +260,11 @@ impl BlockTables {
 /// kv_a_norm weight, eps and the YaRN inverse frequencies the cache writer applies.
 pub struct CacheWriteWeights<'a> {
     /// `[256]` bf16: the `kv_a_norm` RMSNorm weight of the layer.
-    pub norm_weight: &'a DeviceBuffer<bf16>,
+    pub norm_weight: Vector<'a, bf16>,
     /// The RMSNorm epsilon (finite, >= 0).
     pub eps: f32,
     /// `[32]` f32: the YaRN inverse frequencies of the 32 rotated pairs (`reference::rope::yarn_inv_freq`).
-    pub inv_freq: &'a DeviceBuffer<f32>,
+    pub inv_freq: Vector<'a, f32>,
 }
 
 /// Where each new token goes: block-table row and position, uploaded once per step (checked against the block
@@ -305,37 +306,58 @@ impl TokenSlots {
     }
 }
 
-/// Writes the `slots.tokens()` new tokens into their page slots: token t is row t of `kv` (row stride `kv_row_stride`
-/// elements, columns `[c 256 | k_rope 64]` = the wkv_a_with_mqa output), at position `positions[t]` of the sequence in
-/// block-table row `token_seq[t]`; stores `[rms_norm(c) * norm_weight | rope(k_rope, position)]` in the cache dtype.
+/// Writes the `slots.tokens()` new tokens into their page slots: token t is row t of `kv [tokens, 320]` (columns
+/// `[c 256 | k_rope 64]`; the rows may be strided, e.g. the first 320 columns of the wkv_a_with_mqa output), at
+/// position `positions[t]` of the sequence in block-table row `token_seq[t]`; stores `[rms_norm(c) * norm_weight |
+/// rope(k_rope, position)]` in the cache dtype.
 ///
-/// `Error::InvalidArgument` when the tables were checked for another cache geometry, `kv_row_stride` is below 320 or
-/// not a multiple of 8, or `eps` is negative or not finite; `Error::Shape` for weights of the wrong length or a `kv`
-/// too short; `Error::OutOfRange` for a token whose sequence row or position is outside the tables' lengths.
-pub fn mla_cache_write(
-    cache: &PagedCache,
-    tables: &BlockTables,
-    kv: &DeviceBuffer<bf16>,
-    kv_row_stride: usize,
-    weights: &CacheWriteWeights,
-    slots: &TokenSlots,
-) -> Result<()> {
+/// `Error::InvalidArgument` when the tables were checked for another cache geometry, `kv`'s row stride is not a
+/// multiple of 8 or a view is not on 16 bytes (the kernel loads rows of 8), or `eps` is negative or not finite;
+/// `Error::Shape` for weights of the wrong length or a `kv` that is not `[slots.tokens(), 320]`;
+/// `Error::OutOfRange` for a token whose sequence row or position is outside the tables' lengths.
+///
+/// ```
+/// use half::bf16;
+/// use small4::device::{simulator, DeviceBuffer};
+/// use small4::kernels::attention::{mla_cache_write, BlockTables, CacheWriteWeights, PagedCache, TokenSlots};
+/// use small4::model::kv_cache::{BatchTables, CacheDescriptor, CacheDtype};
+///
+/// let device = simulator();
+/// let desc = CacheDescriptor::mla(1, 16, CacheDtype::Bf16)?; // one page of 16 tokens
+/// let cache = PagedCache::filled_with_byte(&device, desc, 0)?;
+/// let tables = BlockTables::upload(&device, &BatchTables { block_tables: vec![0], seq_lens: vec![1], max_pages: 1 }, &desc)?;
+/// // One token: c all ones (normalised to ones), k_rope zero (rotated to zero); rows of 384 of which 320 are kv.
+/// let mut row = vec![bf16::ONE; 256];
+/// row.resize(384, bf16::ZERO);
+/// let kv = DeviceBuffer::from_slice(&device, &row)?;
+/// let (norm_weight, inv_freq) = (DeviceBuffer::from_slice(&device, &[bf16::ONE; 256])?, DeviceBuffer::from_slice(&device, &[1.0f32; 32])?);
+/// let weights = CacheWriteWeights { norm_weight: norm_weight.as_vector(), eps: 0.0, inv_freq: inv_freq.as_vector() };
+/// let slots = TokenSlots::upload(&device, &[0], &[0])?; // sequence 0, position 0
+/// mla_cache_write(&cache, &tables, kv.view([1, 384])?.columns(0..320)?, &weights, &slots)?;
+/// let first: Vec<bf16> = cache.to_bytes()?[..2 * 320].chunks(2).map(|b| bf16::from_le_bytes([b[0], b[1]])).collect();
+/// assert_eq!(first, row[..320]);
+/// // A kv of 256 columns (the rope part missing) is a typed error:
+/// let err = mla_cache_write(&cache, &tables, kv.view([1, 384])?.columns(0..256)?, &weights, &slots);
+/// assert!(matches!(err, Err(small4::Error::Shape { .. })));
+/// # Ok::<(), small4::Error>(())
+/// ```
+pub fn mla_cache_write(cache: &PagedCache, tables: &BlockTables, kv: Matrix<bf16>, weights: &CacheWriteWeights, slots: &TokenSlots) -> Result<()> {
     tables.check_cache(cache)?;
     let tokens = slots.tokens();
-    check_len("kv_a_norm weight", weights.norm_weight.len(), KV_LORA_RANK)?;
-    check_len("rope inv_freq", weights.inv_freq.len(), QK_ROPE / 2)?;
-    if kv_row_stride < WIDTH || kv_row_stride % 8 != 0 || kv_row_stride > i32::MAX as usize {
-        return Err(Error::InvalidArgument(format!("kv row stride {kv_row_stride}: >= {WIDTH} and a multiple of 8 (16-byte rows)")));
+    weights.norm_weight.expect_dims("kv_a_norm weight", [KV_LORA_RANK])?;
+    weights.inv_freq.expect_dims("rope inv_freq", [QK_ROPE / 2])?;
+    kv.expect_dims("cache write kv", [tokens, WIDTH])?;
+    let kv_row_stride = kv.row_stride();
+    if kv_row_stride % 8 != 0 || kv_row_stride > i32::MAX as usize {
+        return Err(Error::InvalidArgument(format!("kv row stride {kv_row_stride}: a multiple of 8 (16-byte rows) within i32")));
     }
+    kv.expect_aligned("cache write kv", 16)?;
+    weights.norm_weight.expect_aligned("kv_a_norm weight", 16)?;
     if !(weights.eps.is_finite() && weights.eps >= 0.0) {
         return Err(Error::InvalidArgument(format!("kv_a_norm eps {}", weights.eps)));
     }
     if tokens == 0 {
         return Ok(());
-    }
-    let kv_needed = (tokens - 1) * kv_row_stride + WIDTH;
-    if kv.len() < kv_needed {
-        return Err(Error::shape("cache write kv (elements)", format!(">= {kv_needed}"), kv.len()));
     }
     for (t, (&seq, &pos)) in slots.token_seq.iter().zip(&slots.positions).enumerate() {
         let len = *tables.seq_lens().get(seq as usize).filter(|_| seq >= 0).ok_or_else(|| out_of_range(&format!("sequence of token {t}"), seq as i64, tables.num_seqs()))?;
@@ -447,11 +469,10 @@ pub struct Queries<'a> {
     /// Which query tokens belong to which sequence.
     pub layout: &'a QueryLayout,
     /// `[tokens, heads, 256]`: q_nope through W_UK (absorbed), times the llama-4 query scale of the token's position.
-    pub q_lat: &'a DeviceBuffer<bf16>,
+    /// Its `heads` (all sharing the one latent KV head, `1..=65536`) is the call's head count.
+    pub q_lat: TensorView<'a, bf16, 3>,
     /// `[tokens, heads, 64]`: rotated, times the same llama-4 query scale.
-    pub q_rope: &'a DeviceBuffer<bf16>,
-    /// Query heads (all share the one latent KV head), `1..=65536`.
-    pub heads: usize,
+    pub q_rope: TensorView<'a, bf16, 3>,
 }
 
 /// The f32 partial results of split-KV attention; grows on demand and is reused across calls.
@@ -477,25 +498,53 @@ impl AttentionScratch {
     }
 }
 
-/// Causal latent attention: `o_lat` `[tokens, heads, 256]` (bf16). `num_splits`: None picks the split count.
-/// Returns the plan it launched.
+/// Causal latent attention into `o_lat [tokens, heads, 256]` (bf16), the shape of `queries.q_lat`. `num_splits`: None
+/// picks the split count. Returns the plan it launched.
 ///
 /// `Error::InvalidArgument` when the tables were checked for another cache geometry, `heads` is 0 or above 65536,
-/// `softmax_scale` is not finite and positive, or the batch is too large for one launch; `Error::Shape` when the
-/// layout does not cover `tables.num_seqs()` sequences or `q_lat`, `q_rope`, `o_lat` have the wrong length;
-/// `Error::OutOfRange` when a sequence has more query tokens than cached tokens.
+/// `softmax_scale` is not finite and positive, a view is not packed or not aligned (the kernels move 16 bytes of a
+/// query and 8 of an output at a time), or the batch is too large for one launch; `Error::Shape` when the layout does
+/// not cover `tables.num_seqs()` sequences or `q_lat`, `q_rope`, `o_lat` are not `[layout.tokens(), heads, 256 /
+/// 64 / 256]`; `Error::OutOfRange` when a sequence has more query tokens than cached tokens.
+///
+/// ```
+/// use half::bf16;
+/// use small4::device::{simulator, DeviceBuffer};
+/// use small4::kernels::attention::{mla_attention, AttentionScratch, BlockTables, PagedCache, Queries, QueryLayout};
+/// use small4::model::kv_cache::{BatchTables, CacheDescriptor, CacheDtype};
+///
+/// let device = simulator();
+/// // One cached token whose latent is all 0.5: any query attends to it alone, so o_lat is that latent.
+/// let desc = CacheDescriptor::mla(1, 16, CacheDtype::Bf16)?;
+/// let row: Vec<u8> = (0..320).flat_map(|_| bf16::from_f32(0.5).to_le_bytes()).collect();
+/// let mut bytes = vec![0u8; desc.total_bytes()];
+/// bytes[..row.len()].copy_from_slice(&row);
+/// let cache = PagedCache::from_bytes(&device, desc, &bytes)?;
+/// let tables = BlockTables::upload(&device, &BatchTables { block_tables: vec![0], seq_lens: vec![1], max_pages: 1 }, &desc)?;
+/// let layout = QueryLayout::decode(&device, 1)?; // one query token, two heads
+/// let (q_lat, q_rope) = (DeviceBuffer::from_slice(&device, &[bf16::ONE; 2 * 256])?, DeviceBuffer::from_slice(&device, &[bf16::ONE; 2 * 64])?);
+/// let queries = Queries { layout: &layout, q_lat: q_lat.view([1, 2, 256])?, q_rope: q_rope.view([1, 2, 64])? };
+/// let o_lat = DeviceBuffer::<bf16>::alloc(&device, 2 * 256)?;
+/// let mut scratch = AttentionScratch::new(&device);
+/// mla_attention(&cache, &tables, &queries, o_lat.view([1, 2, 256])?, 0.1, None, &mut scratch)?;
+/// assert!(o_lat.to_vec()?.iter().all(|&v| v == bf16::from_f32(0.5)));
+/// // An output for one head of the two is a typed error:
+/// let err = mla_attention(&cache, &tables, &queries, o_lat.view([1, 1, 256])?, 0.1, None, &mut scratch);
+/// assert!(matches!(err, Err(small4::Error::Shape { .. })));
+/// # Ok::<(), small4::Error>(())
+/// ```
 pub fn mla_attention(
     cache: &PagedCache,
     tables: &BlockTables,
     queries: &Queries,
-    o_lat: &DeviceBuffer<bf16>,
+    o_lat: TensorView<bf16, 3>,
     softmax_scale: f32,
     num_splits: Option<usize>,
     scratch: &mut AttentionScratch,
 ) -> Result<AttentionPlan> {
     tables.check_cache(cache)?;
     let num_seqs = tables.num_seqs();
-    let (q_start, heads) = (&queries.layout.host, queries.heads);
+    let (q_start, heads) = (&queries.layout.host, queries.q_lat.dims()[1]);
     check_len("q_start", q_start.len(), num_seqs + 1)?;
     if heads == 0 || heads > 1 << 16 {
         return Err(Error::InvalidArgument(format!("{heads} heads")));
@@ -513,9 +562,13 @@ pub fn mla_attention(
     }
     let tokens = queries.layout.tokens();
     let rows = tokens.checked_mul(heads).filter(|&r| r <= i32::MAX as usize).ok_or_else(|| Error::InvalidArgument(format!("{tokens} tokens x {heads} heads")))?;
-    check_len("q_lat", queries.q_lat.len(), rows * KV_LORA_RANK)?;
-    check_len("q_rope", queries.q_rope.len(), rows * QK_ROPE)?;
-    check_len("o_lat", o_lat.len(), rows * KV_LORA_RANK)?;
+    // The kernels index every tensor as packed [rows, width] rows; q goes through 16-byte async copies, o_lat out in
+    // 8-byte stores.
+    for (what, view, width, align) in [("q_lat", queries.q_lat, KV_LORA_RANK, 16), ("q_rope", queries.q_rope, QK_ROPE, 16), ("o_lat", o_lat, KV_LORA_RANK, 8)] {
+        view.expect_dims(what, [tokens, heads, width])?;
+        view.expect_packed(what)?;
+        view.expect_aligned(what, align)?;
+    }
     let max_kv = if tables.plan_for_capacity {
         tables.host.max_pages * tables.page_size
     } else {

@@ -9,6 +9,7 @@ use half::bf16;
 
 use super::modules::VISION;
 use super::params::{BiasActParams, PatchIm2colParams, PatchMergeParams, Rope2dParams, ScatterRowsParams, VisionAttentionParams};
+use super::{Matrix, TensorView, Vector};
 use crate::device::{launch_with, Device, DeviceBuffer, Dim3, Kernel, LaunchConfig};
 use crate::error::{Error, Result};
 
@@ -44,41 +45,49 @@ fn elementwise_grid(elements: usize) -> Result<LaunchConfig> {
     Ok(LaunchConfig { grid: Dim3::x(blocks), block: Dim3::x(THREADS as u32), shared_bytes: 0 })
 }
 
-/// One image's pixels on the device: `channels` planes of `height x width` f32 (CHW, normalised).
-pub struct DeviceImage<'a> {
-    /// `[channels, height, width]` f32.
-    pub pixels: &'a DeviceBuffer<f32>,
-    /// Colour planes (3 for RGB).
-    pub channels: usize,
-    /// Rows of pixels: a positive multiple of the patch size.
-    pub height: usize,
-    /// Columns of pixels: a positive multiple of the patch size.
-    pub width: usize,
-}
-
-/// Writes the unfolded patches of `image` into rows `first_row..` of `out [rows, k_padded]` (bf16): row `gy * cols +
-/// gx` holds the `[c, ky, kx]` values of patch (gy, gx), then zeros up to `k_padded` (the GEMM's k is a multiple of 64).
+/// Writes the unfolded patches of the image `pixels [channels, height, width]` (f32, CHW, normalised) into `out
+/// [patches, k_padded]` (bf16): row `gy * (width / patch) + gx` holds the `[c, ky, kx]` values of patch (gy, gx),
+/// then zeros up to `k_padded` (the GEMM's k is a multiple of 64). Several images fill one GEMM input through
+/// `out.rows(first..first + patches)`.
 ///
-/// `Error::Shape` when a side is not a positive multiple of `patch`, `pixels` is not `[channels, height, width]` or
-/// `out` cannot hold the rows; `Error::InvalidArgument` when `k_padded` is below `channels * patch^2`;
-/// `Error::OutOfRange` for a size above `i32`.
-pub fn patch_im2col(image: &DeviceImage, patch: usize, out: &DeviceBuffer<bf16>, first_row: usize, k_padded: usize) -> Result<()> {
-    let (c, h, w) = (image.channels, image.height, image.width);
+/// `Error::Shape` when a side is not a positive multiple of `patch` or `out` is not `[patches, k_padded]`;
+/// `Error::InvalidArgument` when `k_padded` is below `channels * patch^2` or a view is not packed (the kernel takes
+/// no strides); `Error::OutOfRange` for a size above `i32`.
+///
+/// ```
+/// use half::bf16;
+/// use small4::device::{simulator, DeviceBuffer};
+/// use small4::kernels::vision::patch_im2col;
+///
+/// let device = simulator();
+/// // One channel of 2x4 pixels, patches of 2: two patches of 4 values, padded to rows of 8.
+/// let pixels = DeviceBuffer::from_slice(&device, &[0.0f32, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])?;
+/// let out = DeviceBuffer::<bf16>::alloc(&device, 2 * 8)?;
+/// patch_im2col(pixels.view([1, 2, 4])?, 2, out.view([2, 8])?)?;
+/// let got: Vec<f32> = out.to_vec()?.iter().map(|v| v.to_f32()).collect();
+/// assert_eq!(got, [0.0, 1.0, 4.0, 5.0, 0.0, 0.0, 0.0, 0.0, 2.0, 3.0, 6.0, 7.0, 0.0, 0.0, 0.0, 0.0]);
+/// // An output with room for one patch only is a typed error:
+/// let err = patch_im2col(pixels.view([1, 2, 4])?, 2, out.view([1, 8])?);
+/// assert!(matches!(err, Err(small4::Error::Shape { .. })));
+/// # Ok::<(), small4::Error>(())
+/// ```
+pub fn patch_im2col(pixels: TensorView<f32, 3>, patch: usize, out: Matrix<bf16>) -> Result<()> {
+    let [c, h, w] = pixels.dims();
     if patch == 0 || h == 0 || w == 0 || h % patch != 0 || w % patch != 0 {
         return Err(Error::shape("patch_im2col image size", format!("sides positive multiples of {patch}"), format!("{w}x{h}")));
     }
-    check_len("patch_im2col pixels", image.pixels.len(), c * h * w)?;
+    let k_padded = out.dims()[1];
     if k_padded < c * patch * patch {
         return Err(Error::InvalidArgument(format!("patch_im2col: k_padded {k_padded} < {} values per patch", c * patch * patch)));
     }
     let patches = (h / patch) * (w / patch);
-    if out.len() % k_padded != 0 || (first_row + patches) * k_padded > out.len() {
-        return Err(Error::shape("patch_im2col out (elements)", format!("rows of {k_padded} holding rows {first_row}..{}", first_row + patches), out.len()));
-    }
-    to_i32("patch_im2col pixels", image.pixels.len())?;
+    out.expect_dims("patch_im2col out", [patches, k_padded])?;
+    pixels.expect_packed("patch_im2col pixels")?;
+    out.expect_packed("patch_im2col out")?;
+    to_i32("patch_im2col pixels", pixels.len())?;
     let params = PatchIm2colParams {
-        pixels: image.pixels.ptr(),
-        out: (out.addr() + 2 * (first_row * k_padded) as u64) as *mut _,
+        pixels: pixels.ptr(),
+        out: out.mut_ptr(),
         channels: to_i32("channels", c)?,
         height: to_i32("height", h)?,
         width: to_i32("width", w)?,
@@ -101,22 +110,44 @@ pub struct GridPositions<'a> {
     pub inv_freq_cols: &'a DeviceBuffer<f32>,
 }
 
-/// Rotates, in place, every head of `q` (and `k`) `[tokens, heads * head_dim]` by the token's grid position: the
+/// Rotates, in place, every head of `q` (and `k`) `[tokens, heads, head_dim]` by the token's grid position: the
 /// first `head_dim / 4` interleaved pairs by its row, the rest by its column. Positions must be >= 0.
 ///
-/// `Error::InvalidArgument` when `head_dim` is not a positive multiple of 4; `Error::Shape` for a buffer of the wrong
-/// length (tokens = `positions.rows.len()`); `Error::OutOfRange` for a size above `i32`.
-pub fn rope_2d(q: &DeviceBuffer<bf16>, k: Option<&DeviceBuffer<bf16>>, heads: usize, head_dim: usize, positions: &GridPositions) -> Result<()> {
-    let tokens = positions.rows.len();
+/// `Error::InvalidArgument` when `head_dim` is not a positive multiple of 4 or a view is not packed (or not on 4
+/// bytes: the kernel moves pairs); `Error::Shape` when `k` is not `q`'s shape or `positions` does not hold `tokens`
+/// rows and columns and `head_dim / 4` frequencies each; `Error::OutOfRange` for a size above `i32`.
+///
+/// ```
+/// use half::bf16;
+/// use small4::device::{simulator, DeviceBuffer};
+/// use small4::kernels::vision::{rope_2d, GridPositions};
+///
+/// let device = simulator();
+/// // One token at grid (1, 0), one head of 4: the first pair turns by the row (angle 1), the second stays.
+/// let q = DeviceBuffer::from_slice(&device, &[bf16::ONE, bf16::ZERO, bf16::ONE, bf16::ZERO])?;
+/// let (rows, cols) = (DeviceBuffer::from_slice(&device, &[1i32])?, DeviceBuffer::from_slice(&device, &[0i32])?);
+/// let freq = DeviceBuffer::from_slice(&device, &[1.0f32])?;
+/// let positions = GridPositions { rows: &rows, cols: &cols, inv_freq_rows: &freq, inv_freq_cols: &freq };
+/// rope_2d(q.view([1, 1, 4])?, None, &positions)?;
+/// let got: Vec<f32> = q.to_vec()?.iter().map(|v| v.to_f32()).collect();
+/// assert!((got[0] - 1f32.cos()).abs() < 1e-2 && (got[1] - 1f32.sin()).abs() < 1e-2 && got[2..] == [1.0, 0.0]);
+/// // Heads of 2 values cannot hold a row pair and a column pair: a typed error.
+/// assert!(matches!(rope_2d(q.view([1, 2, 2])?, None, &positions), Err(small4::Error::InvalidArgument(_))));
+/// # Ok::<(), small4::Error>(())
+/// ```
+pub fn rope_2d(q: TensorView<bf16, 3>, k: Option<TensorView<bf16, 3>>, positions: &GridPositions) -> Result<()> {
+    let [tokens, heads, head_dim] = q.dims();
     if head_dim == 0 || head_dim % 4 != 0 {
         return Err(Error::InvalidArgument(format!("rope_2d: head_dim {head_dim} must be a positive multiple of 4")));
     }
+    check_len("rope_2d grid rows", positions.rows.len(), tokens)?;
     check_len("rope_2d grid cols", positions.cols.len(), tokens)?;
     check_len("rope_2d row frequencies", positions.inv_freq_rows.len(), head_dim / 4)?;
     check_len("rope_2d column frequencies", positions.inv_freq_cols.len(), head_dim / 4)?;
-    check_len("rope_2d q", q.len(), tokens * heads * head_dim)?;
-    if let Some(k) = k {
-        check_len("rope_2d k", k.len(), tokens * heads * head_dim)?;
+    for (what, view) in std::iter::once(("rope_2d q", q)).chain(k.map(|k| ("rope_2d k", k))) {
+        view.expect_dims(what, [tokens, heads, head_dim])?;
+        view.expect_packed(what)?;
+        view.expect_aligned(what, 4)?;
     }
     to_i32("rope_2d elements", q.len())?;
     if tokens == 0 || heads == 0 {
@@ -166,29 +197,51 @@ impl TokenSegments {
     }
 }
 
-/// Bidirectional attention of `q`, `k`, `v` `[tokens, heads * 64]` within each token's segment (block-diagonal over
+/// Bidirectional attention of `q`, `k`, `v` `[tokens, heads, 64]` within each token's segment (block-diagonal over
 /// the images), softmax scale `scale`, into `out` (same shape, bf16).
 ///
-/// `Error::Shape` when a buffer is not `[segments.tokens(), heads * 64]`; `Error::InvalidArgument` for a scale that is
-/// not finite or more than 65535 heads; `Error::OutOfRange` for a size above `i32`.
+/// `Error::Shape` when a view is not `[segments.tokens(), heads, 64]`; `Error::InvalidArgument` for a scale that is
+/// not finite, more than 65535 heads, or a view that is not packed or not on 16 bytes (the kernel loads rows of 8);
+/// `Error::OutOfRange` for a size above `i32`.
+///
+/// ```
+/// use half::bf16;
+/// use small4::device::{simulator, DeviceBuffer};
+/// use small4::kernels::vision::{vision_attention, TokenSegments};
+///
+/// let device = simulator();
+/// // Two images of one token each, one head: each token attends only to itself, so out = v.
+/// let v: Vec<bf16> = (0..2 * 64).map(|i| bf16::from_f32(i as f32 / 64.0)).collect();
+/// let (qk, v) = (DeviceBuffer::from_slice(&device, &[bf16::ONE; 2 * 64])?, DeviceBuffer::from_slice(&device, &v)?);
+/// let out = DeviceBuffer::<bf16>::alloc(&device, 2 * 64)?;
+/// let segments = TokenSegments::upload(&device, &[0..1, 1..2])?;
+/// let shape = [2, 1, 64];
+/// vision_attention(qk.view(shape)?, qk.view(shape)?, v.view(shape)?, out.view(shape)?, &segments, 0.125)?;
+/// assert_eq!(out.to_vec()?, v.to_vec()?);
+/// // An output for one token only is a typed error:
+/// let err = vision_attention(qk.view(shape)?, qk.view(shape)?, v.view(shape)?, out.view([1, 1, 64])?, &segments, 0.125);
+/// assert!(matches!(err, Err(small4::Error::Shape { .. })));
+/// # Ok::<(), small4::Error>(())
+/// ```
 pub fn vision_attention(
-    q: &DeviceBuffer<bf16>,
-    k: &DeviceBuffer<bf16>,
-    v: &DeviceBuffer<bf16>,
-    out: &DeviceBuffer<bf16>,
+    q: TensorView<bf16, 3>,
+    k: TensorView<bf16, 3>,
+    v: TensorView<bf16, 3>,
+    out: TensorView<bf16, 3>,
     segments: &TokenSegments,
-    heads: usize,
     scale: f32,
 ) -> Result<()> {
     let tokens = segments.tokens();
-    let len = tokens * heads * ATTENTION_HEAD_DIM;
-    for (what, b) in [("vision attention q", q), ("vision attention k", k), ("vision attention v", v), ("vision attention out", out)] {
-        check_len(what, b.len(), len)?;
+    let heads = q.dims()[1];
+    for (what, view) in [("vision attention q", q), ("vision attention k", k), ("vision attention v", v), ("vision attention out", out)] {
+        view.expect_dims(what, [tokens, heads, ATTENTION_HEAD_DIM])?;
+        view.expect_packed(what)?;
+        view.expect_aligned(what, 16)?;
     }
     if !scale.is_finite() {
         return Err(Error::InvalidArgument(format!("vision attention: scale {scale}")));
     }
-    to_i32("vision attention elements", len)?;
+    to_i32("vision attention elements", q.len())?;
     if heads > 65535 {
         return Err(Error::InvalidArgument(format!("vision attention: {heads} heads (grid y <= 65535)")));
     }
@@ -223,13 +276,32 @@ pub enum Activation {
     Gelu,
 }
 
-/// In place `x = act(x + bias)` for `x [rows, cols]`, `bias [cols]` optional (bf16). `Error::Shape` for a buffer
-/// of the wrong length, `Error::OutOfRange` for a size above `i32`.
-pub fn bias_act(x: &DeviceBuffer<bf16>, rows: usize, cols: usize, bias: Option<&DeviceBuffer<bf16>>, activation: Activation) -> Result<()> {
-    check_len("bias_act x", x.len(), rows * cols)?;
+/// In place `x = act(x + bias)` for `x [rows, cols]`, `bias [cols]` optional (bf16).
+///
+/// `Error::Shape` when `bias` is not `[cols]`, `Error::InvalidArgument` when `x` is not packed (the kernel walks it as
+/// one run of elements), `Error::OutOfRange` for a size above `i32`.
+///
+/// ```
+/// use half::bf16;
+/// use small4::device::{simulator, DeviceBuffer};
+/// use small4::kernels::vision::{bias_act, Activation};
+///
+/// let device = simulator();
+/// let x = DeviceBuffer::from_slice(&device, &[bf16::ONE; 4])?;
+/// let bias = DeviceBuffer::from_slice(&device, &[bf16::from_f32(-1.0), bf16::ONE])?;
+/// bias_act(x.view([2, 2])?, Some(bias.as_vector()), Activation::Identity)?;
+/// assert_eq!(x.to_vec()?, [bf16::ZERO, bf16::from_f32(2.0), bf16::ZERO, bf16::from_f32(2.0)]);
+/// // A bias for rows of 2 on rows of 4 is a typed error:
+/// let err = bias_act(x.view([1, 4])?, Some(bias.as_vector()), Activation::Gelu);
+/// assert!(matches!(err, Err(small4::Error::Shape { .. })));
+/// # Ok::<(), small4::Error>(())
+/// ```
+pub fn bias_act(x: Matrix<bf16>, bias: Option<Vector<bf16>>, activation: Activation) -> Result<()> {
+    let [rows, cols] = x.dims();
     if let Some(b) = bias {
-        check_len("bias_act bias", b.len(), cols)?;
+        b.expect_dims("bias_act bias", [cols])?;
     }
+    x.expect_packed("bias_act x")?;
     if x.is_empty() {
         return Ok(());
     }
@@ -287,10 +359,33 @@ impl MergeSources {
 
 /// The patch merger's unfold: `out [merged rows, hidden * group]` from `x [tokens, hidden]`, each row its group of
 /// patches channel-major (`out[r, c * group + s] = x[source s of r, c]`, torch's unfold order).
-/// `Error::Shape` for a buffer of the wrong length, `Error::OutOfRange` for a size above `i32`.
-pub fn patch_merge(x: &DeviceBuffer<bf16>, hidden: usize, sources: &MergeSources, out: &DeviceBuffer<bf16>) -> Result<()> {
-    check_len("patch_merge x", x.len(), sources.tokens * hidden)?;
-    check_len("patch_merge out", out.len(), sources.rows() * hidden * sources.group)?;
+///
+/// `Error::Shape` when `x` does not have the sources' token count or `out` is not `[sources.rows(), hidden *
+/// group]`; `Error::InvalidArgument` for a view that is not packed; `Error::OutOfRange` for a size above `i32`.
+///
+/// ```
+/// use half::bf16;
+/// use small4::device::{simulator, DeviceBuffer};
+/// use small4::kernels::vision::{patch_merge, MergeSources};
+///
+/// let device = simulator();
+/// // A 2x2 patch grid of hidden 1 merges into one row: the patches in [di, dj] order.
+/// let x: Vec<bf16> = (0..4).map(|i| bf16::from_f32(i as f32)).collect();
+/// let x = DeviceBuffer::from_slice(&device, &x)?;
+/// let sources = MergeSources::upload(&device, &[(2, 2)], 2)?;
+/// let out = DeviceBuffer::<bf16>::alloc(&device, 4)?;
+/// patch_merge(x.view([4, 1])?, &sources, out.view([1, 4])?)?;
+/// assert_eq!(out.to_vec()?, x.to_vec()?);
+/// // Three tokens for a four-token grid is a typed error:
+/// assert!(matches!(patch_merge(x.view([3, 1])?, &sources, out.view([1, 4])?), Err(small4::Error::Shape { .. })));
+/// # Ok::<(), small4::Error>(())
+/// ```
+pub fn patch_merge(x: Matrix<bf16>, sources: &MergeSources, out: Matrix<bf16>) -> Result<()> {
+    let hidden = x.dims()[1];
+    x.expect_dims("patch_merge x", [sources.tokens, hidden])?;
+    out.expect_dims("patch_merge out", [sources.rows(), hidden * sources.group])?;
+    x.expect_packed("patch_merge x")?;
+    out.expect_packed("patch_merge out")?;
     if out.is_empty() {
         return Ok(());
     }
@@ -341,11 +436,32 @@ impl RowTargets {
 }
 
 /// `out[targets[i], :] = src[i, :]` for `src [targets.len(), cols]` and `out [targets' limit, cols]`; other rows of
-/// `out` keep their values (image features over the `[IMG]` embeddings). `Error::Shape` for a buffer of the wrong
-/// length, `Error::OutOfRange` for a size above `i32`.
-pub fn scatter_rows(src: &DeviceBuffer<bf16>, cols: usize, targets: &RowTargets, out: &DeviceBuffer<bf16>) -> Result<()> {
-    check_len("scatter_rows src", src.len(), targets.len() * cols)?;
-    check_len("scatter_rows out", out.len(), targets.limit * cols)?;
+/// `out` keep their values (image features over the `[IMG]` embeddings).
+///
+/// `Error::Shape` when `src` does not have one row per target or `out` is not `[limit, cols]`;
+/// `Error::InvalidArgument` for a view that is not packed; `Error::OutOfRange` for a size above `i32`.
+///
+/// ```
+/// use half::bf16;
+/// use small4::device::{simulator, DeviceBuffer};
+/// use small4::kernels::vision::{scatter_rows, RowTargets};
+///
+/// let device = simulator();
+/// let src = DeviceBuffer::from_slice(&device, &[bf16::ONE; 2])?;
+/// let out = DeviceBuffer::from_slice(&device, &[bf16::ZERO; 6])?;
+/// let targets = RowTargets::upload(&device, &[2], 3)?; // row 2 of 3
+/// scatter_rows(src.view([1, 2])?, &targets, out.view([3, 2])?)?;
+/// assert_eq!(out.to_vec()?, [bf16::ZERO, bf16::ZERO, bf16::ZERO, bf16::ZERO, bf16::ONE, bf16::ONE]);
+/// // An output of two rows for targets checked against three is a typed error:
+/// assert!(matches!(scatter_rows(src.view([1, 2])?, &targets, out.view([2, 2])?), Err(small4::Error::Shape { .. })));
+/// # Ok::<(), small4::Error>(())
+/// ```
+pub fn scatter_rows(src: Matrix<bf16>, targets: &RowTargets, out: Matrix<bf16>) -> Result<()> {
+    let cols = src.dims()[1];
+    src.expect_dims("scatter_rows src", [targets.len(), cols])?;
+    out.expect_dims("scatter_rows out", [targets.limit, cols])?;
+    src.expect_packed("scatter_rows src")?;
+    out.expect_packed("scatter_rows out")?;
     to_i32("scatter_rows out elements", out.len())?;
     if targets.is_empty() || cols == 0 {
         return Ok(());

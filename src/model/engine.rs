@@ -1136,7 +1136,7 @@ impl Network<'_> {
 
         ops::embedding_gather(ws.ids.view([t])?, m.tok_embeddings.view([c.vocab, dim])?, x.view([t, dim])?, self.gather_status)?;
         if let Some(images) = images {
-            vision_kernels::scatter_rows(images.features, dim, images.rows, x)?;
+            vision_kernels::scatter_rows(images.features.view([images.rows.len(), dim])?, images.rows, x.view([t, dim])?)?;
         }
         norm::rms_norm(x.view([t, dim])?, m.layers[0].attention_norm.as_vector(), ws.h.view([t, dim])?, eps)?;
         for (l, layer) in m.layers.iter().enumerate() {
@@ -1145,8 +1145,8 @@ impl Network<'_> {
             norm::rms_norm(ws.q_a.view([t, layer.q_a_norm.len()])?, layer.q_a_norm.as_vector(), ws.q_a_normed.view([t, layer.q_a_norm.len()])?, eps)?;
             moe::linear(&layer.wq_b, ws.q_a_normed.view([t, c.q_lora_rank])?, ws.q.view([t, heads * qk])?)?;
             moe::linear(&layer.wkv_a, ws.h.view([t, dim])?, ws.kv.view([t, rank + c.qk_rope])?)?;
-            let write = CacheWriteWeights { norm_weight: &layer.kv_a_norm, eps, inv_freq: &m.inv_freq };
-            attention::mla_cache_write(&self.caches[l], tables, &ws.kv, rank + c.qk_rope, &write, slots)?;
+            let write = CacheWriteWeights { norm_weight: layer.kv_a_norm.as_vector(), eps, inv_freq: m.inv_freq.as_vector() };
+            attention::mla_cache_write(&self.caches[l], tables, ws.kv.view([t, rank + c.qk_rope])?, &write, slots)?;
             ops::rope_q_k(ws.q.view([t, heads, qk])?, None, ws.positions.view([t])?, m.inv_freq.as_vector(), query_scale)?;
             // Absorb W_UK into the query; q_rope = the rope half of every head.
             let (q, q_lat) = (ws.q.view([t, heads * qk])?, ws.q_lat.view([t, heads * rank])?);
@@ -1154,8 +1154,8 @@ impl Network<'_> {
                 moe::linear(w_uk, q.columns(h * qk..h * qk + w_uk.k_dim)?, q_lat.columns(h * rank..h * rank + w_uk.out_cols)?)?;
             }
             moe::linear(&m.rope_identity, ws.q.view([t * heads, qk])?.columns(nope..qk)?, ws.q_rope.view([t * heads, c.qk_rope])?)?;
-            let queries = Queries { layout, q_lat: &ws.q_lat, q_rope: &ws.q_rope, heads };
-            attention::mla_attention(&self.caches[l], tables, &queries, &ws.o_lat, c.softmax_scale(), self.options.attention_splits, scratch)?;
+            let queries = Queries { layout, q_lat: ws.q_lat.view([t, heads, rank])?, q_rope: ws.q_rope.view([t, heads, c.qk_rope])? };
+            attention::mla_attention(&self.caches[l], tables, &queries, ws.o_lat.view([t, heads, rank])?, c.softmax_scale(), self.options.attention_splits, scratch)?;
             let (o_lat, attn) = (ws.o_lat.view([t, heads * rank])?, ws.attn.view([t, heads * v_head])?);
             for (h, pieces) in layer.w_uv.iter().enumerate() {
                 for (w_uv, first) in pieces {

@@ -11,7 +11,7 @@ use half::bf16;
 use crate::device::{Device, DeviceBuffer};
 use crate::kernels::moe::{self, DeviceWeights};
 use crate::kernels::norm;
-use crate::kernels::vision::{self, Activation, DeviceImage, GridPositions, MergeSources, TokenSegments, ATTENTION_HEAD_DIM};
+use crate::kernels::vision::{self, Activation, GridPositions, MergeSources, TokenSegments, ATTENTION_HEAD_DIM};
 use crate::model::checkpoint::Checkpoint;
 use crate::model::{ModelConfig, VisionConfig};
 use crate::quant::repack::{repack_gate_up, repack_linear, MatrixRef, K_ALIGN};
@@ -171,8 +171,8 @@ impl DeviceVisionTower {
         let mut first_row = 0;
         for (image, &(rows, cols)) in images.iter().zip(&grids) {
             let pixels = DeviceBuffer::from_slice(d, &image.data)?;
-            let device_image = DeviceImage { pixels: &pixels, channels: image.channels, height: image.height, width: image.width };
-            vision::patch_im2col(&device_image, p, &patches, first_row, self.conv_k)?;
+            let rows_of_image = patches.view([t, self.conv_k])?.rows(first_row..first_row + rows * cols)?;
+            vision::patch_im2col(pixels.view([image.channels, image.height, image.width])?, p, rows_of_image)?;
             first_row += rows * cols;
         }
         let embedded = bf(t * hidden)?;
@@ -191,8 +191,9 @@ impl DeviceVisionTower {
             moe::linear(&layer.wq, normed, q.view([t, hidden])?)?;
             moe::linear(&layer.wk, normed, k.view([t, hidden])?)?;
             moe::linear(&layer.wv, normed, vv.view([t, hidden])?)?;
-            vision::rope_2d(&q, Some(&k), v.heads, v.head_dim, &positions)?;
-            vision::vision_attention(&q, &k, &vv, &attn, &segments, v.heads, 1.0 / (v.head_dim as f32).sqrt())?;
+            let heads_shape = [t, v.heads, v.head_dim];
+            vision::rope_2d(q.view(heads_shape)?, Some(k.view(heads_shape)?), &positions)?;
+            vision::vision_attention(q.view(heads_shape)?, k.view(heads_shape)?, vv.view(heads_shape)?, attn.view(heads_shape)?, &segments, 1.0 / (v.head_dim as f32).sqrt())?;
             moe::linear(&layer.wo, attn.view([t, hidden])?, block_out.view([t, hidden])?)?;
             norm::add_rms_norm(block_out.view([t, hidden])?, x.view([t, hidden])?, layer.ffn_norm.as_vector(), x_mid.view([t, hidden])?, h.view([t, hidden])?, eps)?;
             // x += w2(silu(w1 h) * w3 h); h = the next layer's attention_norm(x), or the projector's norm.
@@ -206,16 +207,16 @@ impl DeviceVisionTower {
         let rows = merge_sources.rows();
         let m2 = v.spatial_merge_size * v.spatial_merge_size;
         let merged_in = bf(rows * hidden * m2)?;
-        vision::patch_merge(&h, hidden, &merge_sources, &merged_in)?;
+        vision::patch_merge(h.view([t, hidden])?, &merge_sources, merged_in.view([rows, hidden * m2])?)?;
         let merged = bf(rows * hidden)?;
         moe::linear(&self.merging_layer, merged_in.view([rows, hidden * m2])?, merged.view([rows, hidden])?)?;
         let adapted = bf(rows * self.text_dim)?;
         moe::linear(&self.w_in, merged.view([rows, hidden])?, adapted.view([rows, self.text_dim])?)?;
-        vision::bias_act(&adapted, rows, self.text_dim, self.w_in_bias.as_ref(), Activation::Gelu)?;
+        vision::bias_act(adapted.view([rows, self.text_dim])?, self.w_in_bias.as_ref().map(|b| b.as_vector()), Activation::Gelu)?;
         let features = bf(rows * self.text_dim)?;
         moe::linear(&self.w_out, adapted.view([rows, self.text_dim])?, features.view([rows, self.text_dim])?)?;
         if let Some(b) = &self.w_out_bias {
-            vision::bias_act(&features, rows, self.text_dim, Some(b), Activation::Identity)?;
+            vision::bias_act(features.view([rows, self.text_dim])?, Some(b.as_vector()), Activation::Identity)?;
         }
         Ok(features)
     }

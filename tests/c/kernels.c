@@ -1,9 +1,9 @@
 /* Runs kernels of the C ABI on buffers this program owns (linked against the static library): RMSNorm, the fused
  * add + RMSNorm, SwiGLU, argmax, embedding gather, seeded sampling, the MoE router, a whole MoE layer, the
- * dequantisation of every weight format, RoPE, and the MLA cache writer and attention over a paged cache, on the PTX
- * interpreter and, when there is one, on GPU 0 (where the addresses are what cudaMalloc returns), each checked
- * against a plain C computation, plus the errors of bad calls. Prints one "ok NAME" line per check and exits 0 when
- * all pass. */
+ * dequantisation of every weight format, RoPE, the MLA cache writer and attention over a paged cache, and the vision
+ * tower's kernels, on the PTX interpreter and, when there is one, on GPU 0 (where the addresses are what cudaMalloc
+ * returns), each checked against a plain C computation, plus the errors of bad calls. Prints one "ok NAME" line per
+ * check and exits 0 when all pass. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -706,6 +706,170 @@ static void mla_attention(void) {
     RELEASE_ALL(cache_dev, kv_dev, norm_dev, freq_dev, q_lat_dev, q_rope_dev, o_dev);
 }
 
+/* The vision tower's kernels: the patch unfold, 2D RoPE, block-diagonal attention over two images, bias + GELU, the
+ * patch merger's unfold and the row scatter, each against plain C, then one bad call each. */
+static void vision(void) {
+    /* Patch unfold: a 3-channel 4x6 image in patches of 2 (6 patches of 12 values), rows padded to 16. */
+    enum { CH = 3, IMG_H = 4, IMG_W = 6, PATCH = 2, PATCHES = (IMG_H / PATCH) * (IMG_W / PATCH), K_PADDED = 16 };
+    static float pixels[CH * IMG_H * IMG_W], got[PATCHES * K_PADDED], want[PATCHES * K_PADDED];
+    static uint16_t unfolded[PATCHES * K_PADDED];
+    for (int i = 0; i < CH * IMG_H * IMG_W; i++) pixels[i] = from_bf16(to_bf16(pattern((unsigned)i + 101u, 2.0f)));
+    uint64_t pixels_dev = upload(pixels, sizeof pixels), unfolded_dev = upload(NULL, sizeof unfolded);
+    CHECK(small4_patch_im2col(device, pixels_dev, CH, IMG_H, IMG_W, PATCH, unfolded_dev, K_PADDED));
+    CHECK(small4_device_read(device, unfolded, unfolded_dev, sizeof unfolded));
+    for (int gy = 0; gy < IMG_H / PATCH; gy++) {
+        for (int gx = 0; gx < IMG_W / PATCH; gx++) {
+            float *row = want + (gy * (IMG_W / PATCH) + gx) * K_PADDED;
+            for (int k = 0; k < K_PADDED; k++) row[k] = 0.0f;
+            for (int c = 0; c < CH; c++)
+                for (int ky = 0; ky < PATCH; ky++)
+                    for (int kx = 0; kx < PATCH; kx++) row[(c * PATCH + ky) * PATCH + kx] = pixels[(c * IMG_H + gy * PATCH + ky) * IMG_W + gx * PATCH + kx];
+        }
+    }
+    for (int i = 0; i < PATCHES * K_PADDED; i++) got[i] = from_bf16(unfolded[i]);
+    expect_close("patch_im2col", got, want, PATCHES * K_PADDED, 0.0f);
+
+    /* 2D RoPE of q and k: three tokens of two heads of 8 (the first two pairs turn by the grid row, the last two by
+     * the column). */
+    enum { R_TOKENS = 3, R_HEADS = 2, R_DIM = 8, R_QUARTER = R_DIM / 4, R_LEN = R_TOKENS * R_HEADS * R_DIM };
+    const int32_t grid_rows[R_TOKENS] = {0, 3, 40}, grid_cols[R_TOKENS] = {1, 0, 17};
+    const float freq_rows[R_QUARTER] = {1.0f, 0.01f}, freq_cols[R_QUARTER] = {0.5f, 0.001f};
+    static uint16_t rq[R_LEN], rk[R_LEN], rq_out[R_LEN], rk_out[R_LEN];
+    static float got_q[R_LEN], want_q[R_LEN], got_k[R_LEN], want_k[R_LEN];
+    for (int i = 0; i < R_LEN; i++) {
+        rq[i] = to_bf16(pattern((unsigned)i + 211u, 1.5f));
+        rk[i] = to_bf16(pattern((unsigned)i + 307u, 1.5f));
+    }
+    uint64_t rq_dev = upload(rq, sizeof rq), rk_dev = upload(rk, sizeof rk);
+    uint64_t rows_dev = upload(grid_rows, sizeof grid_rows), cols_dev = upload(grid_cols, sizeof grid_cols);
+    uint64_t freq_rows_dev = upload(freq_rows, sizeof freq_rows), freq_cols_dev = upload(freq_cols, sizeof freq_cols);
+    CHECK(small4_rope_2d(device, rq_dev, rk_dev, R_TOKENS, R_HEADS, R_DIM, rows_dev, cols_dev, freq_rows_dev, freq_cols_dev));
+    CHECK(small4_device_read(device, rq_out, rq_dev, sizeof rq_out));
+    CHECK(small4_device_read(device, rk_out, rk_dev, sizeof rk_out));
+    for (int t = 0; t < R_TOKENS; t++) {
+        for (int h = 0; h < R_HEADS; h++) {
+            const int base = (t * R_HEADS + h) * R_DIM, cols_at = base + 2 * R_QUARTER;
+            rope_pairs(&rq[base], R_QUARTER, grid_rows[t], freq_rows, 1.0, &want_q[base]);
+            rope_pairs(&rq[cols_at], R_QUARTER, grid_cols[t], freq_cols, 1.0, &want_q[cols_at]);
+            rope_pairs(&rk[base], R_QUARTER, grid_rows[t], freq_rows, 1.0, &want_k[base]);
+            rope_pairs(&rk[cols_at], R_QUARTER, grid_cols[t], freq_cols, 1.0, &want_k[cols_at]);
+        }
+    }
+    for (int i = 0; i < R_LEN; i++) {
+        got_q[i] = from_bf16(rq_out[i]);
+        got_k[i] = from_bf16(rk_out[i]);
+    }
+    expect_close("rope_2d q", got_q, want_q, R_LEN, 1.0f / 128.0f);
+    expect_close("rope_2d k", got_k, want_k, R_LEN, 1.0f / 128.0f);
+
+    /* Attention of two heads over two images of 3 and 2 tokens: a token sees the keys of its own image only. */
+    enum { A_TOKENS = 5, A_HEADS = 2, A_DIM = 64, A_LEN = A_TOKENS * A_HEADS * A_DIM };
+    const size_t segment_lens[2] = {3, 2};
+    const float scale = 0.125f;
+    static uint16_t aq[A_LEN], ak[A_LEN], av[A_LEN], a_out[A_LEN];
+    static float got_a[A_LEN], want_a[A_LEN];
+    for (int i = 0; i < A_LEN; i++) {
+        aq[i] = to_bf16(pattern((unsigned)i + 401u, 1.0f));
+        ak[i] = to_bf16(pattern((unsigned)i + 503u, 1.0f));
+        av[i] = to_bf16(pattern((unsigned)i + 607u, 1.0f));
+    }
+    uint64_t aq_dev = upload(aq, sizeof aq), ak_dev = upload(ak, sizeof ak), av_dev = upload(av, sizeof av), a_out_dev = upload(NULL, sizeof a_out);
+    CHECK(small4_vision_attention(device, aq_dev, ak_dev, av_dev, a_out_dev, A_HEADS, segment_lens, 2, scale));
+    CHECK(small4_device_read(device, a_out, a_out_dev, sizeof a_out));
+    for (int t = 0; t < A_TOKENS; t++) {
+        const int first = t < 3 ? 0 : 3, end = t < 3 ? 3 : 5;
+        for (int h = 0; h < A_HEADS; h++) {
+            double scores[3], max_score = -1e30, total = 0;
+            for (int j = first; j < end; j++) {
+                double dot = 0;
+                for (int d = 0; d < A_DIM; d++) dot += (double)from_bf16(aq[(t * A_HEADS + h) * A_DIM + d]) * from_bf16(ak[(j * A_HEADS + h) * A_DIM + d]);
+                scores[j - first] = dot * scale;
+                if (scores[j - first] > max_score) max_score = scores[j - first];
+            }
+            for (int j = first; j < end; j++) total += (scores[j - first] = exp(scores[j - first] - max_score));
+            for (int d = 0; d < A_DIM; d++) {
+                double o = 0;
+                for (int j = first; j < end; j++) o += scores[j - first] / total * from_bf16(av[(j * A_HEADS + h) * A_DIM + d]);
+                want_a[(t * A_HEADS + h) * A_DIM + d] = (float)o;
+            }
+        }
+    }
+    for (int i = 0; i < A_LEN; i++) got_a[i] = from_bf16(a_out[i]);
+    expect_close("vision_attention", got_a, want_a, A_LEN, 1.0f / 64.0f);
+
+    /* Bias + exact GELU on three rows of 8. */
+    enum { B_ROWS = 3, B_COLS = 8 };
+    static uint16_t bx[B_ROWS * B_COLS], bias[B_COLS], bx_out[B_ROWS * B_COLS];
+    static float got_b[B_ROWS * B_COLS], want_b[B_ROWS * B_COLS];
+    for (int i = 0; i < B_ROWS * B_COLS; i++) bx[i] = to_bf16(pattern((unsigned)i + 709u, 3.0f));
+    for (int c = 0; c < B_COLS; c++) bias[c] = to_bf16(pattern((unsigned)c + 811u, 1.0f));
+    uint64_t bx_dev = upload(bx, sizeof bx), bias_dev = upload(bias, sizeof bias);
+    CHECK(small4_bias_act(device, bx_dev, B_ROWS, B_COLS, bias_dev, SMALL4_ACTIVATION_GELU));
+    CHECK(small4_device_read(device, bx_out, bx_dev, sizeof bx_out));
+    for (int i = 0; i < B_ROWS * B_COLS; i++) {
+        double v = (double)from_bf16(bx[i]) + from_bf16(bias[i % B_COLS]);
+        want_b[i] = (float)(0.5 * v * (1.0 + erf(v / sqrt(2.0))));
+        got_b[i] = from_bf16(bx_out[i]);
+    }
+    expect_close("bias_act", got_b, want_b, B_ROWS * B_COLS, 1.0f / 128.0f);
+
+    /* Patch merge (2x2) of a 2x4 and a 2x2 patch grid, hidden 3: three merged rows of 12. */
+    enum { M_HIDDEN = 3, M_MERGE = 2, M_GROUP = M_MERGE * M_MERGE, M_TOKENS = 8 + 4, M_ROWS = 3, M_WIDTH = M_HIDDEN * M_GROUP };
+    const size_t grids[2 * 2] = {2, 4, 2, 2};
+    static uint16_t mx[M_TOKENS * M_HIDDEN], merged[M_ROWS * M_WIDTH];
+    static float got_m[M_ROWS * M_WIDTH], want_m[M_ROWS * M_WIDTH];
+    for (int i = 0; i < M_TOKENS * M_HIDDEN; i++) mx[i] = to_bf16(pattern((unsigned)i + 911u, 2.0f));
+    uint64_t mx_dev = upload(mx, sizeof mx), merged_dev = upload(NULL, sizeof merged);
+    CHECK(small4_patch_merge(device, mx_dev, M_HIDDEN, grids, 2, M_MERGE, merged_dev));
+    CHECK(small4_device_read(device, merged, merged_dev, sizeof merged));
+    int r = 0, first_token = 0;
+    for (int image = 0; image < 2; image++) {
+        const int rows = (int)grids[2 * image], cols = (int)grids[2 * image + 1];
+        for (int by = 0; by < rows / M_MERGE; by++) {
+            for (int bx_ = 0; bx_ < cols / M_MERGE; bx_++, r++) {
+                for (int di = 0; di < M_MERGE; di++) {
+                    for (int dj = 0; dj < M_MERGE; dj++) {
+                        const int token = first_token + (by * M_MERGE + di) * cols + bx_ * M_MERGE + dj;
+                        for (int c = 0; c < M_HIDDEN; c++) want_m[r * M_WIDTH + c * M_GROUP + di * M_MERGE + dj] = from_bf16(mx[token * M_HIDDEN + c]);
+                    }
+                }
+            }
+        }
+        first_token += rows * cols;
+    }
+    for (int i = 0; i < M_ROWS * M_WIDTH; i++) got_m[i] = from_bf16(merged[i]);
+    expect_close("patch_merge", got_m, want_m, M_ROWS * M_WIDTH, 0.0f);
+
+    /* Scatter two rows of 4 into rows 3 and 0 of five; rows 1, 2 and 4 keep their values. */
+    enum { S_ROWS = 5, S_COLS = 4, S_COUNT = 2 };
+    const size_t targets[S_COUNT] = {3, 0};
+    static uint16_t src[S_COUNT * S_COLS], base[S_ROWS * S_COLS], scattered[S_ROWS * S_COLS];
+    static float got_s[S_ROWS * S_COLS], want_s[S_ROWS * S_COLS];
+    for (int i = 0; i < S_COUNT * S_COLS; i++) src[i] = to_bf16(pattern((unsigned)i + 1013u, 1.0f));
+    for (int i = 0; i < S_ROWS * S_COLS; i++) want_s[i] = from_bf16(base[i] = to_bf16(pattern((unsigned)i + 1117u, 1.0f)));
+    for (int i = 0; i < S_COUNT; i++)
+        for (int c = 0; c < S_COLS; c++) want_s[targets[i] * S_COLS + c] = from_bf16(src[i * S_COLS + c]);
+    uint64_t src_dev = upload(src, sizeof src), scattered_dev = upload(base, sizeof base);
+    CHECK(small4_scatter_rows(device, src_dev, S_COLS, targets, S_COUNT, scattered_dev, S_ROWS));
+    CHECK(small4_device_read(device, scattered, scattered_dev, sizeof scattered));
+    for (int i = 0; i < S_ROWS * S_COLS; i++) got_s[i] = from_bf16(scattered[i]);
+    expect_close("scatter_rows", got_s, want_s, S_ROWS * S_COLS, 0.0f);
+
+    /* One bad call each: a side that is not a multiple of the patch, heads of 6 (not a multiple of 4), an empty image,
+     * an unknown activation, a grid side that is not a multiple of the merge, a target row past the output. */
+    expect_status("patch_im2col of width 5", small4_patch_im2col(device, pixels_dev, CH, IMG_H, 5, PATCH, unfolded_dev, K_PADDED), SMALL4_STATUS_SHAPE);
+    expect_status("rope_2d with heads of 6", small4_rope_2d(device, rq_dev, 0, R_TOKENS, R_HEADS, 6, rows_dev, cols_dev, freq_rows_dev, freq_cols_dev), SMALL4_STATUS_INVALID_ARGUMENT);
+    const size_t empty_image[2] = {3, 0};
+    expect_status("vision_attention with an empty image", small4_vision_attention(device, aq_dev, ak_dev, av_dev, a_out_dev, A_HEADS, empty_image, 2, scale), SMALL4_STATUS_INVALID_ARGUMENT);
+    expect_status("bias_act with activation 2", small4_bias_act(device, bx_dev, B_ROWS, B_COLS, bias_dev, 2), SMALL4_STATUS_INVALID_ARGUMENT);
+    const size_t odd_grid[2] = {3, 4};
+    expect_status("patch_merge of a 3x4 grid", small4_patch_merge(device, mx_dev, M_HIDDEN, odd_grid, 1, M_MERGE, merged_dev), SMALL4_STATUS_SHAPE);
+    const size_t past_end[S_COUNT] = {3, S_ROWS};
+    expect_status("scatter_rows to row 5 of 5", small4_scatter_rows(device, src_dev, S_COLS, past_end, S_COUNT, scattered_dev, S_ROWS), SMALL4_STATUS_OUT_OF_RANGE);
+    printf("ok vision errors\n");
+    RELEASE_ALL(pixels_dev, unfolded_dev, rq_dev, rk_dev, rows_dev, cols_dev, freq_rows_dev, freq_cols_dev, aq_dev, ak_dev, av_dev, a_out_dev, bx_dev, bias_dev, mx_dev, merged_dev, src_dev, scattered_dev);
+}
+
 /* Every check on one device. */
 static void run_all(void) {
     rms_norms();
@@ -718,6 +882,7 @@ static void run_all(void) {
     sampling();
     rope();
     mla_attention();
+    vision();
 }
 
 int main(void) {

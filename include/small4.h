@@ -491,6 +491,20 @@ enum Small4Status small4_moe_layer_forward(const struct Small4Device *device,
                                            size_t k,
                                            uint64_t out);
 
+// Runs the layer's routed experts in W8A8 from now on: each projection's input quantised to e4m3 with a static
+// per-tensor scale (`up_scale` for the layer input of w1/w3, `down_scale` for the SwiGLU activation of w2; the
+// checkpoint's `qscale_act`), then e4m3 x e4m3 on the tensor cores. Both 0: back to bf16 activations. The shared
+// expert keeps bf16 activations.
+//
+// `SMALL4_STATUS_INVALID_ARGUMENT` when the routed experts are not per-tensor FP8 (`SMALL4_WEIGHT_FORMAT_FP8`) or a
+// scale is negative, zero (but not both) or not finite; the layer is unchanged then.
+//
+// # Safety
+// `layer` must be null or a live handle from `small4_moe_layer_open*`, not used by another call at the same time.
+enum Small4Status small4_moe_layer_set_fp8_activations(struct Small4MoeLayer *layer,
+                                                       float up_scale,
+                                                       float down_scale);
+
 // Writes `tokens` new tokens into their cache slots: token t is row t of `kv` (`kv_row_stride` bf16 elements a row,
 // columns `[latent 256 | k_rope 64]`, the kv_a projection's output), stored at position `positions[t]` of sequence
 // `token_seq[t]` as `[rms_norm(latent) * norm_weight | rope(k_rope, position)]` (RoPE on interleaved pairs: pair l

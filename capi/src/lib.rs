@@ -27,7 +27,7 @@ use small4::kernels::attention::{
     mla_attention, mla_cache_write, AttentionScratch, BlockTables, CacheWriteWeights, PagedCache, Queries, QueryLayout, TokenSlots, KV_LORA_RANK, QK_ROPE,
 };
 use small4::kernels::ops::{rope_q_k, sample, QueryScale, SamplingInputs};
-use small4::kernels::moe::{moe_layer, moe_tile_m, Grouping, MoeLayerWeights, MoeWorkspace, RoutingBuffers};
+use small4::kernels::moe::{moe_layer, moe_tile_m, Fp8ActScales, Grouping, MoeLayerWeights, MoeWorkspace, RoutingBuffers};
 use small4::kernels::router::{moe_align, route_and_align_into, Alignment, ExpertMap, RouterConfig, RouterWorkspace, Routing};
 use small4::quant::repack::{repack_gate_up, repack_linear, MatrixRef, PackedWeights, QuantData};
 use small4::model::checkpoint::{Checkpoint, Layout};
@@ -890,6 +890,25 @@ pub unsafe extern "C" fn small4_moe_layer_forward(
         moe_layer(weights, x.view([tokens, dim])?, &routing, &Grouping::from(&alignment), &workspace, out.view([tokens, dim])?)?;
         // The scratch is freed when this returns: the launches reading it must be done by then.
         device.synchronize()
+    })
+}
+
+/// Runs the layer's routed experts in W8A8 from now on: each projection's input quantised to e4m3 with a static
+/// per-tensor scale (`up_scale` for the layer input of w1/w3, `down_scale` for the SwiGLU activation of w2; the
+/// checkpoint's `qscale_act`), then e4m3 x e4m3 on the tensor cores. Both 0: back to bf16 activations. The shared
+/// expert keeps bf16 activations.
+///
+/// `SMALL4_STATUS_INVALID_ARGUMENT` when the routed experts are not per-tensor FP8 (`SMALL4_WEIGHT_FORMAT_FP8`) or a
+/// scale is negative, zero (but not both) or not finite; the layer is unchanged then.
+///
+/// # Safety
+/// `layer` must be null or a live handle from `small4_moe_layer_open*`, not used by another call at the same time.
+#[no_mangle]
+pub unsafe extern "C" fn small4_moe_layer_set_fp8_activations(layer: *mut Small4MoeLayer, up_scale: f32, down_scale: f32) -> Small4Status {
+    call(|| {
+        let layer = unsafe { reference_mut(layer, "the MoE layer handle") }?;
+        let scales = if up_scale == 0.0 && down_scale == 0.0 { None } else { Some(Fp8ActScales { up: up_scale, down: down_scale }) };
+        layer.weights.set_fp8_activations(scales)
     })
 }
 

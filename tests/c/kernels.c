@@ -230,12 +230,33 @@ static void matvec(const float *w, const float *x, int rows, int cols, float *y)
     }
 }
 
-/* One SwiGLU expert: w2 @ bf16(silu(w1 @ x) * (w3 @ x)), added to y with weight `scale`. */
-static void expert(const float *w1, const float *w3, const float *w2, const float *x, int dim, int hidden, float scale, float *y) {
-    float gate[256], up[256], act[256], down[256];
-    matvec(w1, x, hidden, dim, gate);
-    matvec(w3, x, hidden, dim, up);
+/* v rounded to the nearest e4m3 value, ties to even, saturating at +-448 (what cvt.rn.satfinite.e4m3x2 does). */
+static float round_e4m3(float v) {
+    float a = fminf(fabsf(v), 448.0f);
+    int e;
+    frexpf(a, &e); /* a = m * 2^e, m in [0.5, 1): the leading bit is 2^(e - 1) */
+    int exponent = e - 1 < -6 ? -6 : e - 1; /* below 2^-6 the subnormal spacing 2^-9 */
+    float step = ldexpf(1.0f, exponent - 3); /* 3 mantissa bits */
+    return copysignf(rintf(a / step) * step, v);
+}
+
+/* W8A8: `x` as the kernels see it after quantisation to e4m3 with the static `scale` (x * (1 / scale) rounded, times
+ * scale); a scale of 0 leaves bf16 activations alone. */
+static void quantise_act(float *x, int n, float scale) {
+    if (scale == 0.0f) return;
+    for (int i = 0; i < n; i++) x[i] = round_e4m3(x[i] * (1.0f / scale)) * scale;
+}
+
+/* One SwiGLU expert: w2 @ bf16(silu(w1 @ x) * (w3 @ x)), added to y with weight `scale`. With `act_scales` (W8A8),
+ * the inputs of w1/w3 and of w2 are first quantised to e4m3 with act_scales[0] and act_scales[1]. */
+static void expert(const float *w1, const float *w3, const float *w2, const float *x, int dim, int hidden, float scale, const float *act_scales, float *y) {
+    float xq[256], gate[256], up[256], act[256], down[256];
+    for (int d = 0; d < dim; d++) xq[d] = x[d];
+    if (act_scales) quantise_act(xq, dim, act_scales[0]);
+    matvec(w1, xq, hidden, dim, gate);
+    matvec(w3, xq, hidden, dim, up);
     for (int h = 0; h < hidden; h++) act[h] = from_bf16(to_bf16(gate[h] / (1.0f + expf(-gate[h])) * up[h]));
+    if (act_scales) quantise_act(act, hidden, act_scales[1]);
     matvec(w2, act, dim, hidden, down);
     for (int d = 0; d < dim; d++) y[d] += scale * down[d];
 }
@@ -247,8 +268,9 @@ static void bf16_to_f32(const uint16_t *in, float *out, size_t n) {
 enum { MOE_TOKENS = 5, MOE_DIM = 128, MOE_HIDDEN = 128, MOE_EXPERTS = 4, MOE_K = 2, MOE_MATRIX = MOE_HIDDEN * MOE_DIM };
 
 /* The routing of the MoE tests (token t: experts t and t + 1 with weights 0.625 and 0.375), its input rows, and the
- * layer's output by the plain C computation over float weights (the shared expert's first when given). */
-static void moe_reference(const uint16_t *x, const float *w1, const float *w3, const float *w2, const float *shared, int32_t *ids, float *weights, float *want) {
+ * layer's output by the plain C computation over float weights (the shared expert's first when given, always with
+ * bf16 activations; the routed experts in W8A8 when `act_scales` is given). */
+static void moe_reference(const uint16_t *x, const float *w1, const float *w3, const float *w2, const float *shared, const float *act_scales, int32_t *ids, float *weights, float *want) {
     float x_f[MOE_DIM];
     for (int t = 0; t < MOE_TOKENS; t++) {
         ids[t * MOE_K] = t % MOE_EXPERTS;
@@ -258,10 +280,10 @@ static void moe_reference(const uint16_t *x, const float *w1, const float *w3, c
         bf16_to_f32(&x[t * MOE_DIM], x_f, MOE_DIM);
         float *y = &want[t * MOE_DIM];
         for (int d = 0; d < MOE_DIM; d++) y[d] = 0;
-        if (shared) expert(shared, shared + MOE_MATRIX, shared + 2 * MOE_MATRIX, x_f, MOE_DIM, MOE_HIDDEN, 1.0f, y);
+        if (shared) expert(shared, shared + MOE_MATRIX, shared + 2 * MOE_MATRIX, x_f, MOE_DIM, MOE_HIDDEN, 1.0f, NULL, y);
         for (int j = 0; j < MOE_K; j++) {
             size_t e = (size_t)ids[t * MOE_K + j];
-            expert(&w1[e * MOE_MATRIX], &w3[e * MOE_MATRIX], &w2[e * MOE_MATRIX], x_f, MOE_DIM, MOE_HIDDEN, weights[t * MOE_K + j], y);
+            expert(&w1[e * MOE_MATRIX], &w3[e * MOE_MATRIX], &w2[e * MOE_MATRIX], x_f, MOE_DIM, MOE_HIDDEN, weights[t * MOE_K + j], act_scales, y);
         }
     }
 }
@@ -297,7 +319,7 @@ static void moe_layer(void) {
     bf16_to_f32(w3, w3_f, MOE_EXPERTS * MOE_MATRIX);
     bf16_to_f32(w2, w2_f, MOE_EXPERTS * MOE_MATRIX);
     bf16_to_f32(shared, shared_f, 3 * MOE_MATRIX);
-    moe_reference(x, w1_f, w3_f, w2_f, shared_f, ids, weights, want);
+    moe_reference(x, w1_f, w3_f, w2_f, shared_f, NULL, ids, weights, want);
     Small4MoeLayer *layer = NULL;
     CHECK(small4_moe_layer_open_bf16(device, MOE_EXPERTS, MOE_DIM, MOE_HIDDEN, w1, w3, w2, shared, shared + MOE_MATRIX, shared + 2 * MOE_MATRIX, &layer));
     moe_forward_check("moe_layer", layer, x, ids, weights, want);
@@ -465,10 +487,24 @@ static void moe_layer_quantised(void) {
         quantise_set(&shared_w1, formats[f], 1, MOE_HIDDEN, MOE_DIM, 44u, shared_f);
         quantise_set(&shared_w3, formats[f], 1, MOE_HIDDEN, MOE_DIM, 55u, shared_f + MOE_MATRIX);
         quantise_set(&shared_w2, formats[f], 1, MOE_DIM, MOE_HIDDEN, 66u, shared_f + 2 * MOE_MATRIX);
-        moe_reference(x, w1_f, w3_f, w2_f, shared_f, ids, weights, want);
+        moe_reference(x, w1_f, w3_f, w2_f, shared_f, NULL, ids, weights, want);
         Small4MoeLayer *layer = NULL;
         CHECK(small4_moe_layer_open(device, MOE_EXPERTS, MOE_DIM, MOE_HIDDEN, &w1.set, &w3.set, &w2.set, &shared_w1.set, &shared_w3.set, &shared_w2.set, &layer));
         moe_forward_check(names[f], layer, x, ids, weights, want);
+        if (formats[f] == SMALL4_WEIGHT_FORMAT_FP8) {
+            /* W8A8: the same layer with e4m3 activations at static scales, against the C computation with the inputs
+             * of both projections rounded to e4m3; then back to bf16 activations. */
+            const float act_scales[2] = {1.0f / 64.0f, 1.0f / 32.0f};
+            static float want_w8a8[MOE_TOKENS * MOE_DIM];
+            moe_reference(x, w1_f, w3_f, w2_f, shared_f, act_scales, ids, weights, want_w8a8);
+            CHECK(small4_moe_layer_set_fp8_activations(layer, act_scales[0], act_scales[1]));
+            moe_forward_check("moe_layer fp8 w8a8", layer, x, ids, weights, want_w8a8);
+            expect_status("fp8 activations with a negative scale", small4_moe_layer_set_fp8_activations(layer, -1.0f, act_scales[1]), SMALL4_STATUS_INVALID_ARGUMENT);
+            CHECK(small4_moe_layer_set_fp8_activations(layer, 0.0f, 0.0f));
+            moe_forward_check("moe_layer fp8 back to bf16 activations", layer, x, ids, weights, want);
+        } else {
+            expect_status("fp8 activations on experts not in per-tensor fp8", small4_moe_layer_set_fp8_activations(layer, 1.0f, 1.0f), SMALL4_STATUS_INVALID_ARGUMENT);
+        }
         small4_moe_layer_free(layer);
     }
     /* An unknown format and an INT4 group that does not divide the columns are refused. */

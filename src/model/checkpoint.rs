@@ -94,7 +94,9 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 use safetensors::tensor::{Metadata, TensorInfo};
-use safetensors::Dtype;
+/// The element type of a stored tensor, as the safetensors header names it (re-exported: [`StoredTensor::dtype`] and
+/// [`OwnedTensor`] carry it, so a dependent needs no `safetensors` dependency of its own).
+pub use safetensors::Dtype;
 
 use crate::error::{Error, Result};
 

@@ -76,6 +76,29 @@ fn out_of_range(what: &str, index: i64, limit: usize) -> Error {
 ///
 /// Every constructor returns `Error::InvalidArgument` for a descriptor that fails `CacheDescriptor::validate` or
 /// another geometry than [`KV_LORA_RANK`] + [`QK_ROPE`].
+///
+/// ```
+/// use small4::device::{simulator, DeviceBuffer};
+/// use small4::kernels::attention::{PagedCache, KV_LORA_RANK, QK_ROPE};
+/// use small4::model::kv_cache::{CacheDescriptor, CacheDtype, PageCopy};
+///
+/// let device = simulator();
+/// // Two pages of 16 tokens; a bf16 row holds the latent and the rope part.
+/// let desc = CacheDescriptor::mla(2, 16, CacheDtype::Bf16)?;
+/// assert_eq!(desc.page_bytes(), 16 * (KV_LORA_RANK + QK_ROPE) * 2);
+/// // Pages the caller already holds: page 0 all 7s, page 1 zeros.
+/// let mut bytes = vec![0u8; desc.total_bytes()];
+/// bytes[..desc.page_bytes()].fill(7);
+/// let cache = PagedCache::from_buffer(desc, DeviceBuffer::from_slice(&device, &bytes)?)?;
+/// // Copy-on-write: page 1 becomes a copy of page 0.
+/// cache.copy_pages(&[PageCopy { src: 0, dst: 1 }])?;
+/// assert!(cache.to_bytes()?.iter().all(|&b| b == 7));
+/// // A copy to a page the cache does not have, and a buffer of the wrong size, are typed errors:
+/// assert!(matches!(cache.copy_pages(&[PageCopy { src: 0, dst: 2 }]), Err(small4::Error::OutOfRange { .. })));
+/// let short = DeviceBuffer::<u8>::alloc(&device, desc.page_bytes())?;
+/// assert!(matches!(PagedCache::from_buffer(desc, short), Err(small4::Error::Shape { .. })));
+/// # Ok::<(), small4::Error>(())
+/// ```
 pub struct PagedCache {
     desc: CacheDescriptor,
     data: DeviceBuffer<u8>,
@@ -160,6 +183,28 @@ impl PagedCache {
 }
 
 /// Block tables and sequence lengths of a batch, checked against a cache geometry and uploaded.
+///
+/// ```
+/// use small4::device::simulator;
+/// use small4::kernels::attention::BlockTables;
+/// use small4::model::kv_cache::{BatchTables, CacheDescriptor, CacheDtype};
+///
+/// let device = simulator();
+/// let desc = CacheDescriptor::mla(4, 16, CacheDtype::Bf16)?; // four pages of 16 tokens
+/// // Two sequences of up to two pages: 17 tokens on pages 0 and 1, 3 tokens on page 2 (its second entry unused).
+/// let batch = BatchTables { block_tables: vec![0, 1, 2, -1], seq_lens: vec![17, 3], max_pages: 2 };
+/// // For a captured decode step: planned for full rows, then updated in place every step.
+/// let mut tables = BlockTables::upload_for_capacity(&device, &batch, &desc)?;
+/// assert_eq!((tables.num_seqs(), tables.seq_lens()), (2, &[17, 3][..]));
+/// tables.update(&BatchTables { seq_lens: vec![18, 4], ..batch.clone() })?;
+/// assert_eq!(tables.seq_lens(), &[18, 4]);
+/// // 33 tokens need a third page, more than a row holds; one sequence instead of two changes the shape:
+/// let long = BatchTables { seq_lens: vec![33, 4], ..batch.clone() };
+/// assert!(matches!(tables.update(&long), Err(small4::Error::OutOfRange { .. })));
+/// let one = BatchTables { block_tables: vec![0, 1], seq_lens: vec![5], max_pages: 2 };
+/// assert!(matches!(tables.update(&one), Err(small4::Error::Shape { .. })));
+/// # Ok::<(), small4::Error>(())
+/// ```
 pub struct BlockTables {
     host: BatchTables,
     num_pages: usize,
@@ -295,6 +340,18 @@ impl TokenSlots {
     }
 
     /// Writes new slots into the existing device arrays (same token count, else `Error::Shape`), for a replayed step.
+    ///
+    /// ```
+    /// use small4::kernels::attention::TokenSlots;
+    ///
+    /// let device = small4::device::simulator();
+    /// // Two decode tokens: sequence 0 at position 17, sequence 1 at position 3; one step later, 18 and 4.
+    /// let mut slots = TokenSlots::upload(&device, &[0, 1], &[17, 3])?;
+    /// slots.update(&[0, 1], &[18, 4])?;
+    /// assert_eq!(slots.tokens(), 2);
+    /// assert!(matches!(slots.update(&[0], &[18]), Err(small4::Error::Shape { .. }))); // another token count
+    /// # Ok::<(), small4::Error>(())
+    /// ```
     pub fn update(&mut self, token_seq: &[i32], positions: &[i32]) -> Result<()> {
         check_len("cache write sequences", token_seq.len(), self.token_seq.len())?;
         check_len("cache write positions", positions.len(), self.positions.len())?;
@@ -389,6 +446,20 @@ pub fn mla_cache_write(cache: &PagedCache, tables: &BlockTables, kv: Matrix<bf16
 }
 
 /// How the attention work is cut: warps per block (16 query rows each), row tiles per sequence, KV splits.
+///
+/// ```
+/// use small4::kernels::attention::AttentionPlan;
+/// use small4::model::kv_cache::CacheDtype;
+///
+/// // One sequence of 32 (token, head) rows over 100 cache tokens, forced into 2 KV splits: two warps of 16 rows,
+/// // each split 50 tokens rounded up to the 32-token tile.
+/// let plan = AttentionPlan::new(1, 32, 100, Some(2))?;
+/// assert_eq!(plan, AttentionPlan { warps: 2, row_tiles: 1, num_splits: 2, tokens_per_split: 64 });
+/// // Shared memory: the queries (2 warps x 16 rows) and two 32-token bf16 tiles, rows of 320 padded to 328.
+/// assert_eq!(plan.shared_bytes(CacheDtype::Bf16), (2 * 16 + 2 * 32) * 328 * 2);
+/// assert!(matches!(AttentionPlan::new(1, 32, 100, Some(0)), Err(small4::Error::InvalidArgument(_))));
+/// # Ok::<(), small4::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttentionPlan {
     /// Warps per block, 1 to 4; each covers 16 (query token, head) rows.

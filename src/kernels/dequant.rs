@@ -388,6 +388,30 @@ impl DeviceQuantized {
     /// The same with a grid of at most `max_blocks` blocks of 256 threads (each then loops over more tiles): leaves
     /// SMs to kernels running alongside on other streams. The result does not depend on the grid.
     /// `Error::InvalidArgument` for `max_blocks == 0` (on a non-empty matrix).
+    ///
+    /// ```
+    /// use half::bf16;
+    /// use small4::device::{simulator, DeviceBuffer};
+    /// use small4::kernels::dequant::{DeviceArrays, DeviceQuantized};
+    /// use small4::quant::{QuantizedMatrix, WeightFormat};
+    ///
+    /// let device = simulator();
+    /// let weights: Vec<f32> = (0..4 * 64).map(|i| ((i % 17) as f32 - 8.0) / 4.0).collect();
+    /// let matrix = QuantizedMatrix::quantize(WeightFormat::Fp8PerTensor, &weights, 4, 64)?;
+    /// let on_device = DeviceQuantized::upload(&device, &matrix)?;
+    /// // Per-tensor FP8 on the device: one byte a weight and one f32 scale.
+    /// let DeviceArrays::Fp8PerTensor { data, scale } = &on_device.arrays else { unreachable!() };
+    /// assert_eq!((data.len(), on_device.bytes()), (4 * 64, 4 * 64 + 4));
+    /// assert!(*scale > 0.0);
+    /// // One block looping over every tile gives the same matrix as the full grid.
+    /// let (one, full) = (DeviceBuffer::<bf16>::alloc(&device, 4 * 64)?, DeviceBuffer::<bf16>::alloc(&device, 4 * 64)?);
+    /// on_device.dequantize_into_with_max_blocks(one.view([4, 64])?, 1)?;
+    /// on_device.dequantize_into(full.view([4, 64])?)?;
+    /// let want: Vec<bf16> = matrix.dequantize().iter().map(|&v| bf16::from_f32(v)).collect();
+    /// assert_eq!((one.to_vec()?, full.to_vec()?), (want.clone(), want));
+    /// assert!(matches!(on_device.dequantize_into_with_max_blocks(one.view([4, 64])?, 0), Err(small4::Error::InvalidArgument(_))));
+    /// # Ok::<(), small4::Error>(())
+    /// ```
     pub fn dequantize_into_with_max_blocks(&self, out: Matrix<bf16>, max_blocks: u32) -> Result<()> {
         let (rows, cols) = (self.rows, self.cols);
         out.expect_dims("dequantize_into out", [rows, cols])?;

@@ -493,6 +493,43 @@ pub fn linear(w: &DeviceWeights, x: Matrix<bf16>, y: Matrix<bf16>) -> Result<()>
 /// Dense SwiGLU `act = silu(x W1^T) * (x W3^T)` from gate/up weights packed by `repack_gate_up` (one matrix pair):
 /// x `[rows, k_dim]` -> act `[rows, hidden]` bf16, the gate and up values kept in f32 registers (a dense FFN's up
 /// half). Errors as [`linear`], the weights having to be SwiGLU-packed.
+///
+/// ```
+/// use half::bf16;
+/// use small4::device::{simulator, DeviceBuffer};
+/// use small4::kernels::moe::{self, DeviceWeights};
+/// use small4::quant::{repack, QuantizedMatrix, WeightFormat};
+///
+/// let device = simulator();
+/// let dim = 64;
+/// // w1 = w3 = e_0 e_0^T (hidden 64): act_0 = silu(x_0) * x_0, every other column 0.
+/// let mut one_hot = vec![0.0f32; 64 * dim];
+/// one_hot[0] = 1.0;
+/// let w1 = QuantizedMatrix::quantize(WeightFormat::Bf16, &one_hot, 64, dim)?;
+/// let gate_up = DeviceWeights::upload(&device, &repack::repack_gate_up(&[((&w1).into(), (&w1).into())])?)?;
+/// let mut x = vec![bf16::ZERO; dim];
+/// x[0] = bf16::from_f32(2.0);
+/// let x = DeviceBuffer::from_slice(&device, &x)?;
+/// let act = DeviceBuffer::<bf16>::alloc(&device, 64)?;
+/// moe::linear_swiglu(&gate_up, x.view([1, dim])?, act.view([1, 64])?)?;
+/// let act = act.to_vec()?;
+/// let silu = |v: f32| v / (1.0 + (-v).exp());
+/// assert!((act[0].to_f32() - 2.0 * silu(2.0)).abs() < 2e-2 && act[1..].iter().all(|v| v.to_f32() == 0.0));
+///
+/// // An output head with f32 logits: head[r, 0] = r + 1, so logits = (r + 1) * x_0.
+/// let mut head = vec![0.0f32; 3 * dim];
+/// (0..3).for_each(|r| head[r * dim] = (r + 1) as f32);
+/// let head = QuantizedMatrix::quantize(WeightFormat::Bf16, &head, 3, dim)?;
+/// let head = DeviceWeights::upload(&device, &repack::repack_linear(&[(&head).into()])?)?;
+/// let logits = DeviceBuffer::<f32>::alloc(&device, 3)?;
+/// moe::linear_f32(&head, x.view([1, dim])?, logits.view([1, 3])?)?;
+/// assert_eq!(logits.to_vec()?, vec![2.0, 4.0, 6.0]);
+/// // Plain weights are not SwiGLU-packed: a typed error.
+/// let out = DeviceBuffer::<bf16>::alloc(&device, 3)?;
+/// let err = moe::linear_swiglu(&head, x.view([1, dim])?, out.view([1, 3])?);
+/// assert!(matches!(err, Err(small4::Error::InvalidArgument(_))));
+/// # Ok::<(), small4::Error>(())
+/// ```
 pub fn linear_swiglu(w: &DeviceWeights, x: Matrix<bf16>, act: Matrix<bf16>) -> Result<()> {
     let [rows, _] = x.dims();
     launch_gemm(w, Input::Bf16(x), rows, false, Rows::Dense { rows }, Output::SwiGlu(act))
@@ -523,6 +560,55 @@ pub fn shared_expert(shared: &(DeviceWeights, DeviceWeights), x: Matrix<bf16>, w
 ///
 /// `Error::InvalidArgument` when `w` is not SwiGLU-packed, `top_k` is 0 or `x` is misaligned, the errors of a bad
 /// [`Grouping`], and `Error::Shape` when `x` is not `[tokens, dim]` or `act` not `[capacity, hidden]`.
+///
+/// The layer's steps one by one ([`moe_layer`] runs them together): the routed up- and down-projections, and the
+/// shared expert.
+///
+/// ```
+/// use half::bf16;
+/// use small4::device::{simulator, DeviceBuffer};
+/// use small4::kernels::moe::{self, Grouping, MoeLayerWeights, MoeWorkspace};
+/// use small4::kernels::router::{moe_align, ExpertMap};
+/// use small4::quant::{repack, QuantizedMatrix, WeightFormat};
+///
+/// let device = simulator();
+/// let (dim, hidden) = (64, 64);
+/// // One expert with w1 = w3 = w2 = e_0 e_0^T: act_0 = silu(x_0) * x_0, out_0 = act_0. The same as shared expert.
+/// let mut one_hot = vec![0.0f32; 64 * 64];
+/// one_hot[0] = 1.0;
+/// let w = QuantizedMatrix::quantize(WeightFormat::Bf16, &one_hot, 64, 64)?;
+/// let gate_up = repack::repack_gate_up(&[((&w).into(), (&w).into())])?;
+/// let down = repack::repack_linear(&[(&w).into()])?;
+/// let weights = MoeLayerWeights::upload(&device, &gate_up, &down, Some((&gate_up, &down)))?;
+/// // Two tokens (x_0 = 1 and 2), both routed to expert 0, with routing weights 0.5 and 1.
+/// let mut x = vec![bf16::ZERO; 2 * dim];
+/// (x[0], x[dim]) = (bf16::ONE, bf16::from_f32(2.0));
+/// let x = DeviceBuffer::from_slice(&device, &x)?;
+/// let (ids, topk_weights) = (DeviceBuffer::from_slice(&device, &[0i32, 0])?, DeviceBuffer::from_slice(&device, &[0.5f32, 1.0])?);
+/// let alignment = moe_align(ids.view([2, 1])?, &ExpertMap::identity(&device, 1)?, moe::moe_tile_m(2, 1, 1))?;
+/// let (grouping, capacity) = (Grouping::from(&alignment), alignment.max_padded);
+///
+/// let act = DeviceBuffer::<bf16>::alloc(&device, capacity * hidden)?;
+/// moe::up_swiglu(&weights.gate_up, x.view([2, dim])?, 1, &grouping, act.view([capacity, hidden])?)?;
+/// let pair_out = DeviceBuffer::<f32>::alloc(&device, 2 * dim)?;
+/// moe::down(&weights.down, act.view([capacity, hidden])?, &grouping, topk_weights.view([2, 1])?, pair_out.view([2, dim])?)?;
+/// let silu = |v: f32| v / (1.0 + (-v).exp());
+/// let got = pair_out.to_vec()?;
+/// assert!((got[0] - 0.5 * silu(1.0)).abs() < 1e-2 && (got[dim] - 2.0 * silu(2.0)).abs() < 2e-2, "{got:?}");
+///
+/// // The shared expert sees every token, unweighted, into the workspace.
+/// let workspace = MoeWorkspace::new(&device, &weights, 2, 1, capacity)?;
+/// let shared = weights.shared.as_ref().expect("uploaded with a shared expert");
+/// moe::shared_expert(shared, x.view([2, dim])?, &workspace)?;
+/// let got = workspace.shared_out.to_vec()?;
+/// assert!((got[0] - silu(1.0)).abs() < 1e-2 && (got[dim] - 2.0 * silu(2.0)).abs() < 2e-2, "{got:?}");
+/// // One token against a workspace made for two is a typed error:
+/// assert!(matches!(moe::shared_expert(shared, x.view([1, dim])?, &workspace), Err(small4::Error::Shape { .. })));
+/// // So is an act buffer smaller than the grouping's capacity:
+/// let err = moe::up_swiglu(&weights.gate_up, x.view([2, dim])?, 1, &grouping, act.view([capacity - 1, hidden])?);
+/// assert!(matches!(err, Err(small4::Error::Shape { .. })));
+/// # Ok::<(), small4::Error>(())
+/// ```
 pub fn up_swiglu(w: &DeviceWeights, x: Matrix<bf16>, top_k: usize, grouping: &Grouping, act: Matrix<bf16>) -> Result<()> {
     let [tokens, _] = x.dims();
     launch_gemm(w, Input::Bf16(x), tokens, true, Rows::Grouped { grouping, top_k, pairs: tokens * top_k }, Output::SwiGlu(act))
@@ -608,6 +694,65 @@ fn launch_quantize_act(x: Matrix<bf16>, scale: f32, out: Matrix<u8>, slots: Opti
 
 /// [`up_swiglu`] in W8A8: `x` the tokens' e4m3 rows (`[tokens, dim]`, from [`quantize_act_e4m3`]), per-tensor fp8
 /// weights (else `Error::InvalidArgument`).
+///
+/// A W8A8 layer step by step: per-tensor FP8 weights, static activation scales ([`Fp8ActScales`]), the inputs
+/// quantised with [`quantize_act_e4m3`] and passed as [`E4m3Rows`]; then [`down_w8a8`] on the quantised activation.
+///
+/// ```
+/// use half::bf16;
+/// use small4::device::{simulator, DeviceBuffer};
+/// use small4::kernels::moe::{self, E4m3Rows, Fp8ActScales, Grouping, MoeLayerWeights};
+/// use small4::kernels::router::{moe_align, ExpertMap};
+/// use small4::quant::{repack, QuantizedMatrix, WeightFormat};
+///
+/// let device = simulator();
+/// let (dim, hidden) = (64, 64);
+/// // One expert, w1 = w3 = w2 = e_0 e_0^T in per-tensor FP8 (1.0 is exact in e4m3 times its scale).
+/// let mut one_hot = vec![0.0f32; 64 * 64];
+/// one_hot[0] = 1.0;
+/// let w = QuantizedMatrix::quantize(WeightFormat::Fp8PerTensor, &one_hot, 64, 64)?;
+/// let gate_up = repack::repack_gate_up(&[((&w).into(), (&w).into())])?;
+/// let mut weights = MoeLayerWeights::upload(&device, &gate_up, &repack::repack_linear(&[(&w).into()])?, None)?;
+/// // Activations up to 8 in magnitude: 1/64 puts them well inside e4m3's range (448).
+/// let scales = Fp8ActScales { up: 1.0 / 64.0, down: 1.0 / 64.0 };
+/// weights.set_fp8_activations(Some(scales))?;
+/// assert_eq!(weights.fp8_activations, Some(scales));
+/// assert!(weights.set_fp8_activations(Some(Fp8ActScales { up: 0.0, ..scales })).is_err()); // scales must be > 0
+///
+/// // Two tokens (x_0 = 1 and 2) routed to expert 0 with weight 1.
+/// let mut x = vec![bf16::ZERO; 2 * dim];
+/// (x[0], x[dim]) = (bf16::ONE, bf16::from_f32(2.0));
+/// let x = DeviceBuffer::from_slice(&device, &x)?;
+/// let (ids, topk_weights) = (DeviceBuffer::from_slice(&device, &[0i32, 0])?, DeviceBuffer::from_slice(&device, &[1.0f32; 2])?);
+/// let alignment = moe_align(ids.view([2, 1])?, &ExpertMap::identity(&device, 1)?, moe::moe_tile_m(2, 1, 1))?;
+/// let (grouping, capacity) = (Grouping::from(&alignment), alignment.max_padded);
+///
+/// let x8 = DeviceBuffer::<u8>::alloc(&device, 2 * dim)?;
+/// moe::quantize_act_e4m3(x.view([2, dim])?, scales.up, x8.view([2, dim])?)?;
+/// let act = DeviceBuffer::from_slice(&device, &vec![bf16::ZERO; capacity * hidden])?; // padding slots stay 0
+/// let x_rows = E4m3Rows { data: x8.view([2, dim])?, scale: scales.up };
+/// moe::up_swiglu_w8a8(&weights.gate_up, x_rows, 1, &grouping, act.view([capacity, hidden])?)?;
+/// let act8 = DeviceBuffer::<u8>::alloc(&device, capacity * hidden)?;
+/// moe::quantize_act_e4m3(act.view([capacity, hidden])?, scales.down, act8.view([capacity, hidden])?)?;
+/// let act_rows = E4m3Rows { data: act8.view([capacity, hidden])?, scale: scales.down };
+/// let pair_out = DeviceBuffer::<f32>::alloc(&device, 2 * dim)?;
+/// moe::down_w8a8(&weights.down, act_rows, &grouping, topk_weights.view([2, 1])?, pair_out.view([2, dim])?)?;
+/// // silu(x) * x, within e4m3's rounding of the activation (3 mantissa bits: about 6%).
+/// let silu = |v: f32| v / (1.0 + (-v).exp());
+/// let got = pair_out.to_vec()?;
+/// for (t, x0) in [(0, 1.0f32), (1, 2.0)] {
+///     let want = x0 * silu(x0);
+///     assert!((got[t * dim] - want).abs() < 0.07 * want, "{got:?}");
+/// }
+/// // bf16 weights have no W8A8 kernel: a typed error.
+/// let bf16_w = QuantizedMatrix::quantize(WeightFormat::Bf16, &one_hot, 64, 64)?;
+/// let bf16_up = repack::repack_gate_up(&[((&bf16_w).into(), (&bf16_w).into())])?;
+/// let mut plain = MoeLayerWeights::upload(&device, &bf16_up, &repack::repack_linear(&[(&bf16_w).into()])?, None)?;
+/// assert!(matches!(plain.set_fp8_activations(Some(scales)), Err(small4::Error::InvalidArgument(_))));
+/// let err = moe::up_swiglu_w8a8(&plain.gate_up, x_rows, 1, &grouping, act.view([capacity, hidden])?);
+/// assert!(matches!(err, Err(small4::Error::InvalidArgument(_))));
+/// # Ok::<(), small4::Error>(())
+/// ```
 pub fn up_swiglu_w8a8(w: &DeviceWeights, x: E4m3Rows, top_k: usize, grouping: &Grouping, act: Matrix<bf16>) -> Result<()> {
     let [tokens, _] = x.data.dims();
     launch_gemm(w, Input::E4m3(x), tokens, true, Rows::Grouped { grouping, top_k, pairs: tokens * top_k }, Output::SwiGlu(act))

@@ -43,6 +43,28 @@ pub fn rms_norm(x: Matrix<bf16>, weight: Vector<bf16>, out: Matrix<bf16>, eps: f
 /// The decoder's fused step: `h = x + residual` (written to `residual_out`, rounded to bf16), then `out = rms_norm(h)`.
 ///
 /// All four row tensors are `[rows, cols]` (`Error::Shape` otherwise); errors as [`rms_norm`].
+///
+/// ```
+/// use half::bf16;
+/// use small4::device::{simulator, DeviceBuffer};
+/// use small4::kernels::norm::add_rms_norm;
+///
+/// let device = simulator();
+/// let to_bf16 = |v: &[f32]| v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>();
+/// // One row of 2: x + residual = [3, 4], weight [1, 2].
+/// let (x, residual) = (DeviceBuffer::from_slice(&device, &to_bf16(&[1.0, 1.0]))?, DeviceBuffer::from_slice(&device, &to_bf16(&[2.0, 3.0]))?);
+/// let weight = DeviceBuffer::from_slice(&device, &to_bf16(&[1.0, 2.0]))?;
+/// let (h, out) = (DeviceBuffer::<bf16>::alloc(&device, 2)?, DeviceBuffer::<bf16>::alloc(&device, 2)?);
+/// add_rms_norm(x.view([1, 2])?, residual.view([1, 2])?, weight.as_vector(), h.view([1, 2])?, out.view([1, 2])?, 1e-6)?;
+/// assert_eq!(h.to_vec()?, to_bf16(&[3.0, 4.0])); // the sum, the next layer's residual
+/// let rms = (12.5f32 + 1e-6).sqrt(); // sqrt(mean(3^2, 4^2))
+/// let got: Vec<f32> = out.to_vec()?.iter().map(|v| v.to_f32()).collect();
+/// assert!((got[0] - 3.0 / rms).abs() < 1e-2 && (got[1] - 2.0 * 4.0 / rms).abs() < 2e-2, "{got:?}");
+/// // A residual of another shape is a typed error:
+/// let err = add_rms_norm(x.view([1, 2])?, residual.view([2, 1])?, weight.as_vector(), h.view([1, 2])?, out.view([1, 2])?, 1e-6);
+/// assert!(matches!(err, Err(small4::Error::Shape { .. })));
+/// # Ok::<(), small4::Error>(())
+/// ```
 pub fn add_rms_norm(x: Matrix<bf16>, residual: Matrix<bf16>, weight: Vector<bf16>, residual_out: Matrix<bf16>, out: Matrix<bf16>, eps: f32) -> Result<()> {
     launch(x, weight, out, Some((residual, residual_out)), eps)
 }

@@ -70,6 +70,11 @@ pub struct QueryScale {
 /// let two = DeviceBuffer::from_slice(&device, &[1i32, 2])?;
 /// let err = rope_q_k(q.view([1, 1, 8])?, None, two.as_vector(), inv_freq.as_vector(), unscaled);
 /// assert!(matches!(err, Err(small4::Error::Shape { .. })));
+/// // A rope part wider than the kernel's cos/sin table (MAX_ROPE_DIM) is refused, even in a head wide enough:
+/// let wide = small4::kernels::ops::MAX_ROPE_DIM + 8;
+/// let (q_wide, freq_wide) = (DeviceBuffer::from_slice(&device, &vec![bf16::ONE; wide])?, DeviceBuffer::from_slice(&device, &vec![1.0f32; wide / 2])?);
+/// let err = rope_q_k(q_wide.view([1, 1, wide])?, None, positions.as_vector(), freq_wide.as_vector(), unscaled);
+/// assert!(matches!(err, Err(small4::Error::InvalidArgument(_))));
 /// # Ok::<(), small4::Error>(())
 /// ```
 pub fn rope_q_k(q: TensorView<bf16, 3>, k: Option<Matrix<bf16>>, positions: Vector<i32>, inv_freq: Vector<f32>, scale: QueryScale) -> Result<()> {
@@ -130,6 +135,32 @@ fn check_row_vectors(what: &str, row_stride: usize) -> Result<()> {
 
 /// Where `embedding_gather` reports ids outside the vocabulary without a host synchronisation: a count and the first
 /// offending token. [`GatherStatus::check`] reads it back (after the caller's own synchronisation point).
+///
+/// ```
+/// use half::bf16;
+/// use small4::device::{simulator, DeviceBuffer};
+/// use small4::kernels::ops::{embedding_gather, GatherStatus};
+///
+/// let device = simulator();
+/// // A vocabulary of 2 rows of dim 8: row v is all v + 1.
+/// let table: Vec<bf16> = (0..2 * 8).map(|i| bf16::from_f32((i / 8 + 1) as f32)).collect();
+/// let table = DeviceBuffer::from_slice(&device, &table)?;
+/// let out = DeviceBuffer::<bf16>::alloc(&device, 2 * 8)?;
+/// let status = GatherStatus::new(&device)?; // made once, reused every step
+/// let bad = DeviceBuffer::from_slice(&device, &[1i32, 5])?; // 5 is outside the vocabulary
+/// embedding_gather(bad.as_vector(), table.view([2, 8])?, out.view([2, 8])?, &status)?; // no error yet: no sync
+/// let got: Vec<f32> = out.to_vec()?.iter().map(|v| v.to_f32()).collect();
+/// assert_eq!((got[0], got[8]), (2.0, 0.0)); // the bad id's row is zeros
+/// let err = status.check(bad.as_vector(), 2).unwrap_err();
+/// assert!(matches!(err, small4::Error::OutOfRange { index: 5, limit: 2, .. }), "{err}");
+/// // The record stays set until reset; a good gather then checks clean.
+/// status.reset()?;
+/// let good = DeviceBuffer::from_slice(&device, &[0i32, 1])?;
+/// embedding_gather(good.as_vector(), table.view([2, 8])?, out.view([2, 8])?, &status)?;
+/// status.check(good.as_vector(), 2)?;
+/// assert_eq!(out.to_vec()?[8].to_f32(), 2.0);
+/// # Ok::<(), small4::Error>(())
+/// ```
 pub struct GatherStatus {
     buffer: DeviceBuffer<i32>,
 }
@@ -272,6 +303,28 @@ pub fn silu_mul(gate_up: Matrix<bf16>, out: Matrix<bf16>) -> Result<()> {
 /// The same computation and errors as [`silu_mul`], the gate and up halves in separate views (`Error::Shape` when
 /// `up` is not of `gate`'s dims); the kernel takes one input stride, so `Error::InvalidArgument` when their row
 /// strides differ.
+///
+/// ```
+/// use half::bf16;
+/// use small4::device::{simulator, DeviceBuffer};
+/// use small4::kernels::ops::silu_mul_pair;
+///
+/// let device = simulator();
+/// // Two tokens, hidden 2, gate and up in separate tensors.
+/// let to_bf16 = |v: &[f32]| v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>();
+/// let gate = DeviceBuffer::from_slice(&device, &to_bf16(&[0.0, 1.0, -1.0, 2.0]))?;
+/// let up = DeviceBuffer::from_slice(&device, &to_bf16(&[4.0, 2.0, 1.0, 0.5]))?;
+/// let out = DeviceBuffer::<bf16>::alloc(&device, 4)?;
+/// silu_mul_pair(gate.view([2, 2])?, up.view([2, 2])?, out.view([2, 2])?)?;
+/// let silu = |x: f32| x / (1.0 + (-x).exp());
+/// let want = [silu(0.0) * 4.0, silu(1.0) * 2.0, silu(-1.0) * 1.0, silu(2.0) * 0.5];
+/// let got: Vec<f32> = out.to_vec()?.iter().map(|v| v.to_f32()).collect();
+/// assert!(got.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-2), "{got:?}");
+/// // An up tensor of another shape is a typed error:
+/// let err = silu_mul_pair(gate.view([2, 2])?, up.view([1, 4])?, out.view([2, 2])?);
+/// assert!(matches!(err, Err(small4::Error::Shape { .. })));
+/// # Ok::<(), small4::Error>(())
+/// ```
 pub fn silu_mul_pair(gate: Matrix<bf16>, up: Matrix<bf16>, out: Matrix<bf16>) -> Result<()> {
     up.expect_dims("silu_mul up", gate.dims())?;
     launch_silu_mul(gate, up, out)

@@ -313,6 +313,47 @@ pub fn route_and_align(hidden: Matrix<bf16>, gate: Matrix<bf16>, map: &ExpertMap
 ///
 /// Errors as [`route_and_align`], and `Error::Shape` when `workspace` was made for other `[tokens, experts, dim]`,
 /// `out` for another `[tokens, k, tile_m]`, or `out.alignment` for another local expert count.
+///
+/// ```
+/// use half::bf16;
+/// use small4::device::{simulator, DeviceBuffer};
+/// use small4::kernels::router::{route_and_align_into, ExpertMap, RouterConfig, RouterWorkspace, Routing, MAX_K};
+///
+/// let device = simulator();
+/// // Two tokens, dim 8, three experts; expert 2 lives on another GPU (map entry -1).
+/// let map = ExpertMap::new(&device, &[0, 1, -1])?;
+/// assert_eq!((map.experts(), map.local_experts()), (3, 2));
+/// // Token t's hidden is e_t; gate column 0 = [1, 0, 5], column 1 = [0, 2, 1].
+/// let mut hidden = vec![bf16::ZERO; 2 * 8];
+/// (hidden[0], hidden[8 + 1]) = (bf16::ONE, bf16::ONE);
+/// let mut gate = vec![bf16::ZERO; 3 * 8];
+/// for (e, (c0, c1)) in [(1.0f32, 0.0f32), (0.0, 2.0), (5.0, 1.0)].into_iter().enumerate() {
+///     (gate[e * 8], gate[e * 8 + 1]) = (bf16::from_f32(c0), bf16::from_f32(c1));
+/// }
+/// let (hidden, gate) = (DeviceBuffer::from_slice(&device, &hidden)?, DeviceBuffer::from_slice(&device, &gate)?);
+/// // Allocated once (a CUDA graph replays the launch with the same buffers).
+/// let config = RouterConfig { k: 1, routed_scale: 2.0, tile_m: 4 };
+/// let workspace = RouterWorkspace::new(&device, 2, 3, 8)?;
+/// let routing = Routing::alloc(&device, 2, config.k, map.local_experts(), config.tile_m)?;
+/// route_and_align_into(hidden.view([2, 8])?, gate.view([3, 8])?, &map, &config, &workspace, &routing)?;
+/// // The logits of the launch: token t's row is gate column t.
+/// assert_eq!(workspace.logits().to_vec()?, vec![1.0, 0.0, 5.0, 0.0, 2.0, 1.0]);
+/// // Top-1 over all three experts: expert 2 for token 0, expert 1 for token 1; one expert renormalises to 1, times 2.
+/// assert_eq!(routing.topk_ids.to_vec()?, vec![2, 1]);
+/// assert_eq!(routing.topk_weights.to_vec()?, vec![2.0, 2.0]);
+/// // Expert 2 is not local, so only pair 1 is aligned (to local expert 1).
+/// assert_eq!(routing.alignment.expert_counts.to_vec()?, vec![0, 1]);
+/// assert_eq!(routing.alignment.num_padded.to_vec()?, vec![4]);
+/// // A workspace made for one token is a typed error for two:
+/// let small = RouterWorkspace::new(&device, 1, 3, 8)?;
+/// let err = route_and_align_into(hidden.view([2, 8])?, gate.view([3, 8])?, &map, &config, &small, &routing);
+/// assert!(matches!(err, Err(small4::Error::Shape { .. })));
+/// // So is a k above MAX_K:
+/// let wide = RouterConfig { k: MAX_K + 1, ..config };
+/// let err = route_and_align_into(hidden.view([2, 8])?, gate.view([3, 8])?, &map, &wide, &workspace, &routing);
+/// assert!(matches!(err, Err(small4::Error::InvalidArgument(_))));
+/// # Ok::<(), small4::Error>(())
+/// ```
 pub fn route_and_align_into(
     hidden: Matrix<bf16>,
     gate: Matrix<bf16>,
@@ -403,6 +444,30 @@ pub fn moe_align(topk_ids: Matrix<i32>, map: &ExpertMap, tile_m: usize) -> Resul
 }
 
 /// [`moe_align`] into preallocated outputs: `Error::Shape` when `out` was made for another pair count or map.
+///
+/// ```
+/// use small4::device::{simulator, DeviceBuffer};
+/// use small4::kernels::router::{moe_align_into, max_padded_slots, Alignment, ExpertMap, MAX_EXPERTS, MAX_TILE_M};
+///
+/// let device = simulator();
+/// let map = ExpertMap::identity(&device, 2)?;
+/// // Three pairs (three tokens, k = 1) over two experts, tiles of 4 slots.
+/// let out = Alignment::alloc(&device, 3, map.local_experts(), 4)?;
+/// assert_eq!((out.max_padded, out.max_tiles), (max_padded_slots(3, 2, 4), out.max_padded / 4));
+/// let ids = DeviceBuffer::from_slice(&device, &[1i32, 0, 1])?;
+/// moe_align_into(ids.view([3, 1])?, &map, &out)?;
+/// assert_eq!(out.expert_counts.to_vec()?, vec![1, 2]);
+/// assert_eq!(out.expert_offsets.to_vec()?, vec![0, 4, 8]);
+/// let sorted = out.sorted_pairs.to_vec()?;
+/// assert_eq!(&sorted[..8], &[1, -1, -1, -1, 0, 2, -1, -1]); // pairs of expert 0, then expert 1, increasing
+/// // Outputs made for another pair count are a typed error:
+/// let err = moe_align_into(ids.view([1, 1])?, &map, &out);
+/// assert!(matches!(err, Err(small4::Error::Shape { .. })));
+/// // The limits: maps of at most MAX_EXPERTS experts, tiles of at most MAX_TILE_M slots.
+/// assert!(ExpertMap::identity(&device, MAX_EXPERTS + 1).is_err());
+/// assert!(Alignment::alloc(&device, 3, 2, 2 * MAX_TILE_M).is_err());
+/// # Ok::<(), small4::Error>(())
+/// ```
 pub fn moe_align_into(topk_ids: Matrix<i32>, map: &ExpertMap, out: &Alignment) -> Result<()> {
     check_tile_m(out.tile_m)?;
     launch_align(topk_ids.device(), out.params(topk_ids, map)?)

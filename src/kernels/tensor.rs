@@ -35,6 +35,37 @@ pub use crate::device::DType;
 
 /// A borrowed, shaped, typed view of device memory: `N` dims, element `i0, i1, ..` at
 /// `offset + i0 * row_stride + (i1 * dims[2] + i2) ...` of the buffer.
+///
+/// ```
+/// use small4::device::{simulator, DeviceBuffer};
+/// use small4::kernels::{Matrix, TensorView, Vector};
+///
+/// let device = simulator();
+/// let buffer = DeviceBuffer::<f32>::alloc(&device, 2 * 3 * 4)?;
+/// // Head 1 of a [2 tokens, 3 heads, 4] tensor: rows 12 apart, starting 4 in.
+/// let head: Matrix<f32> = TensorView::strided(&buffer, 4, [2, 4], 12)?;
+/// assert_eq!((head.row_len(), head.row_stride(), head.is_packed()), (4, 12, false));
+/// assert!(TensorView::strided(&buffer, 4, [2, 4], 3).is_err()); // a stride shorter than a row
+/// assert!(TensorView::strided(&buffer, 16, [2, 4], 12).is_err()); // past the end of the buffer
+///
+/// // The checks a kernel makes on its arguments, each naming the argument in its error:
+/// head.expect_dims("head", [2, 4])?;
+/// assert!(matches!(head.expect_dims("head", [4, 2]), Err(small4::Error::Shape { .. })));
+/// assert!(matches!(head.expect_packed("head"), Err(small4::Error::InvalidArgument(_))));
+/// head.expect_aligned("head", 16)?; // 4 f32 in: 16 bytes past a buffer start
+/// assert!(head.expect_aligned("head", 32).is_err());
+/// head.expect_device("head", &device)?;
+/// assert!(head.expect_device("head", &simulator()).is_err()); // another simulator instance
+///
+/// // Packed views reshape freely; as_matrix merges the inner dims and keeps the rows.
+/// let tokens = buffer.view([2, 3, 4])?;
+/// let flat: Vector<f32> = tokens.reshape([24])?;
+/// assert_eq!(flat.dims(), [24]);
+/// assert_eq!(tokens.as_matrix().dims(), [2, 12]);
+/// assert!(tokens.reshape([5, 5]).is_err()); // 25 elements, not 24
+/// assert!(head.reshape([8]).is_err()); // strided rows have no flat form
+/// # Ok::<(), small4::Error>(())
+/// ```
 pub struct TensorView<'a, T: DeviceElement, const N: usize> {
     buffer: &'a DeviceBuffer<T>,
     offset: usize,

@@ -207,19 +207,24 @@ impl TokenSegments {
 /// ```
 /// use half::bf16;
 /// use small4::device::{simulator, DeviceBuffer};
-/// use small4::kernels::vision::{vision_attention, TokenSegments};
+/// use small4::kernels::vision::{vision_attention, TokenSegments, ATTENTION_HEAD_DIM};
 ///
 /// let device = simulator();
+/// assert_eq!(ATTENTION_HEAD_DIM, 64); // the only head size the kernel takes
 /// // Two images of one token each, one head: each token attends only to itself, so out = v.
 /// let v: Vec<bf16> = (0..2 * 64).map(|i| bf16::from_f32(i as f32 / 64.0)).collect();
 /// let (qk, v) = (DeviceBuffer::from_slice(&device, &[bf16::ONE; 2 * 64])?, DeviceBuffer::from_slice(&device, &v)?);
 /// let out = DeviceBuffer::<bf16>::alloc(&device, 2 * 64)?;
 /// let segments = TokenSegments::upload(&device, &[0..1, 1..2])?;
-/// let shape = [2, 1, 64];
+/// let shape = [2, 1, ATTENTION_HEAD_DIM];
 /// vision_attention(qk.view(shape)?, qk.view(shape)?, v.view(shape)?, out.view(shape)?, &segments, 0.125)?;
 /// assert_eq!(out.to_vec()?, v.to_vec()?);
 /// // An output for one token only is a typed error:
 /// let err = vision_attention(qk.view(shape)?, qk.view(shape)?, v.view(shape)?, out.view([1, 1, 64])?, &segments, 0.125);
+/// assert!(matches!(err, Err(small4::Error::Shape { .. })));
+/// // So are heads of 32 (two per token here): the kernel is written for ATTENTION_HEAD_DIM.
+/// let halves = [2, 2, ATTENTION_HEAD_DIM / 2];
+/// let err = vision_attention(qk.view(halves)?, qk.view(halves)?, v.view(halves)?, out.view(halves)?, &segments, 0.125);
 /// assert!(matches!(err, Err(small4::Error::Shape { .. })));
 /// # Ok::<(), small4::Error>(())
 /// ```

@@ -32,6 +32,64 @@
 //! the attention on its heads and its `wo` slice into an f32 partial sum, one f32 all-reduce adds the partials, and
 //! the sum is rounded to bf16 once (where one rank rounds its whole `wo` output). The partials are added in another
 //! order than one GEMM adds them, so results may differ from one rank in the last bits of the attention output.
+//!
+//! A tour on the interpreter with the tiny checkpoint: load with progress, the layer-level logits of a sequence, then
+//! requests through the batch (text to completion; one with an image, cancelled).
+//!
+//! ```
+//! use small4::model::checkpoint::{Checkpoint, Layout};
+//! use small4::model::engine::{DeviceModel, Engine, EngineOptions, FinishReason, LoadProgress, Request, RequestId, Sampling, Shard, StepToken, DEFAULT_EOS};
+//! use small4::model::synthetic::{tiny_checkpoint, DEFAULT_TINY_SEED};
+//! use small4::model::PixelImage;
+//! use small4::quant::WeightFormat;
+//!
+//! let checkpoint = Checkpoint::open(tiny_checkpoint(WeightFormat::Bf16, &Layout::Native, DEFAULT_TINY_SEED)?)?;
+//! let device = small4::device::simulator();
+//! let mut progress = Vec::new();
+//! let model = DeviceModel::load_with_progress(&device, &checkpoint, Shard::SINGLE, |p| progress.push(p))?;
+//! let (layers, vocab) = (model.config().n_layers, model.config().vocab);
+//! // One report per decoder layer, then one for the embeddings and the head.
+//! assert_eq!(progress.len(), layers + 1);
+//! assert_eq!(progress.last(), Some(&LoadProgress { done: layers + 1, total: layers + 1 }));
+//! let v = model.vision().expect("the tiny preset has a vision tower").config().clone();
+//!
+//! // The default stops at </s>; no stop token here, so every request runs to max_tokens.
+//! assert_eq!(EngineOptions::default().eos, Some(DEFAULT_EOS));
+//! let mut engine = Engine::new(model, EngineOptions { eos: None, ..EngineOptions::default() }, None)?;
+//!
+//! // Layer-level view: the logits of every token of a sequence, [tokens, vocab].
+//! let seq = engine.new_sequence();
+//! let logits = engine.forward_logits(&[(seq, vec![1, 300, 301])])?;
+//! assert_eq!(logits.len(), 3 * vocab);
+//! let last = &logits[2 * vocab..];
+//! let greedy = (0..vocab).fold(0, |best, i| if last[i] > last[best] { i } else { best }) as u32;
+//!
+//! // The same prompt as a request: its first greedy token is the argmax of those last logits.
+//! let text = engine.add(Request { prompt: vec![1, 300, 301], max_tokens: 2, sampling: Sampling::Greedy })?;
+//! let first: Vec<StepToken> = engine.step()?;
+//! assert_eq!((first.len(), first[0].id, first[0].token, first[0].finished), (1, text, greedy, None));
+//!
+//! // A 28x28 image is one merged feature: the prompt holds one [IMG] for it (its features replace that embedding at
+//! // the request's prefill; `generator::Generator` runs one through).
+//! let image = PixelImage { width: 28, height: 28, channels: 3, data: vec![0.25; 3 * 28 * 28] };
+//! let prompt = vec![1, v.image_token_id, v.image_end_token_id, 300];
+//! let pictured = engine.add_with_images(Request { prompt, max_tokens: 1, sampling: Sampling::Greedy }, vec![image.clone()])?;
+//! assert_eq!((text, pictured, engine.active()), (RequestId(0), RequestId(1), 2)); // handles in increasing order
+//! // An image with no [IMG] slot in the prompt is a typed error, and the request is not added:
+//! let no_slot = Request { prompt: vec![1, 300], max_tokens: 1, sampling: Sampling::Greedy };
+//! assert!(matches!(engine.add_with_images(no_slot, vec![image]), Err(small4::Error::Shape { .. })));
+//! // A cancelled request leaves at once (its pages freed); cancelling it again is an error.
+//! engine.cancel(pictured)?;
+//! assert!(engine.cancel(pictured).is_err());
+//! assert_eq!(engine.active(), 1);
+//!
+//! // The text request's second token is its last.
+//! let second = engine.step()?;
+//! assert_eq!((second.len(), second[0].id, second[0].finished), (1, text, Some(FinishReason::MaxTokens)));
+//! assert!((second[0].token as usize) < vocab && second[0].logits.is_none()); // keep_logits is off
+//! assert_eq!(engine.active(), 0);
+//! # Ok::<(), small4::Error>(())
+//! ```
 
 use std::collections::BTreeMap;
 
@@ -71,6 +129,23 @@ pub enum AttentionSplit {
 
 /// What one rank of `world` holds: a contiguous share of the routed experts (expert `e` belongs to rank
 /// `e * world / experts`), and either every query head or a contiguous share of them (`attention`).
+///
+/// ```
+/// use small4::model::engine::{AttentionSplit, Shard};
+///
+/// // Rank 1 of 2 with the heads split: experts 4..8 of 8 and heads 16..32 of 32.
+/// let rank1 = Shard::tensor_parallel(1, 2);
+/// assert_eq!(rank1.attention, AttentionSplit::TensorParallel);
+/// assert!(!rank1.owns_expert(3, 8) && rank1.owns_expert(4, 8) && rank1.owns_expert(7, 8));
+/// assert_eq!(rank1.expert_map(8), vec![-1, -1, -1, -1, 0, 1, 2, 3]);
+/// assert_eq!(rank1.heads(32)?, 16..32);
+/// assert!(matches!(rank1.heads(3), Err(small4::Error::InvalidArgument(_)))); // 3 heads do not split over 2 ranks
+/// // Expert parallelism only: the same experts, every head.
+/// let ep = Shard::expert_parallel(1, 2);
+/// assert_eq!((ep.attention, ep.heads(32)?), (AttentionSplit::Replicated, 0..32));
+/// assert!((0..8).all(|e| Shard::SINGLE.owns_expert(e, 8)));
+/// # Ok::<(), small4::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Shard {
     /// This rank's index, `0..world`.

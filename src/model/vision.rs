@@ -45,6 +45,32 @@ struct DeviceVisionLayer {
 }
 
 /// The tower and projector uploaded in the kernels' layouts.
+///
+/// ```
+/// use small4::model::checkpoint::{Checkpoint, Layout};
+/// use small4::model::synthetic::{tiny_checkpoint, DEFAULT_TINY_SEED};
+/// use small4::model::vision::DeviceVisionTower;
+/// use small4::model::{ModelConfig, PixelImage};
+/// use small4::quant::WeightFormat;
+///
+/// let checkpoint = Checkpoint::open(tiny_checkpoint(WeightFormat::Bf16, &Layout::Native, DEFAULT_TINY_SEED)?)?;
+/// let config = ModelConfig::from_json_str(&checkpoint.config_json.to_string())?;
+/// let tower = DeviceVisionTower::load(&small4::device::simulator(), &checkpoint, &config)?;
+/// // Patches of 14 merged 2x2: a 28x28 image is one feature row, a 28-wide, 56-high one two.
+/// let square = PixelImage { width: 28, height: 28, channels: 3, data: vec![0.25; 3 * 28 * 28] };
+/// let tall = PixelImage { width: 28, height: 56, channels: 3, data: (0..3 * 56 * 28).map(|i| (i % 7) as f32 / 7.0).collect() };
+/// let images = [square.clone(), tall];
+/// assert_eq!(tower.feature_rows(&images), 3);
+/// // Per image: [feature rows, text dim] f32, the split of `encode`'s one bf16 buffer.
+/// let per_image = tower.encode_to_host(&images)?;
+/// assert_eq!(per_image.iter().map(Vec::len).collect::<Vec<_>>(), [config.dim, 2 * config.dim]);
+/// let all: Vec<f32> = tower.encode(&images)?.to_vec()?.iter().map(|v| v.to_f32()).collect();
+/// assert_eq!(all, per_image.concat());
+/// assert!(all.iter().all(|v| v.is_finite()));
+/// // No image at all is a typed error:
+/// assert!(matches!(tower.encode_to_host(&[]), Err(small4::Error::InvalidArgument(_))));
+/// # Ok::<(), small4::Error>(())
+/// ```
 pub struct DeviceVisionTower {
     config: VisionConfig,
     text_dim: usize,

@@ -14,7 +14,9 @@ pub mod error;
 pub mod kernels;
 #[warn(missing_docs)]
 pub mod model;
+#[warn(missing_docs)]
 pub mod quant;
+#[warn(missing_docs)]
 pub mod tokenizer;
 
 /// The CPU oracle in f32: every kernel's and the whole model's reference. Outside the versioned API: private, public

@@ -97,9 +97,13 @@ fn check_scale(what: &str, scale: f32) -> Result<()> {
 /// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct Fp8PerTensor {
+    /// e4m3 codes, row-major `[rows, cols]`, one byte per weight.
     pub data: Vec<u8>,
+    /// Rows: output features N.
     pub rows: usize,
+    /// Columns: input features K.
     pub cols: usize,
+    /// The f32 multiplier of every code (finite, positive): `W = e4m3(data) * scale`.
     pub scale: f32,
 }
 
@@ -152,9 +156,13 @@ impl Fp8PerTensor {
 /// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct Fp8Block128 {
+    /// e4m3 codes, row-major `[rows, cols]`, one byte per weight.
     pub data: Vec<u8>,
+    /// Rows: output features N (any count; the last block row may be ragged).
     pub rows: usize,
+    /// Columns: input features K (any count; the last block column may be ragged).
     pub cols: usize,
+    /// `[ceil(rows / 128), ceil(cols / 128)]` row-major f32 scales (finite, positive), one per 128x128 block.
     pub scales: Vec<f32>,
 }
 
@@ -249,11 +257,18 @@ impl Fp8Block128 {
 /// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct Int4Grouped {
+    /// `[rows, cols / 2]` bytes, two 4-bit codes (0..=15) each: the low nibble holds the even column.
     pub packed: Vec<u8>,
+    /// Rows: output features N.
     pub rows: usize,
+    /// Columns: input features K, a multiple of `group`.
     pub cols: usize,
+    /// Weights per group along a row (even, at least 2; usually [`INT4_DEFAULT_GROUP`]).
     pub group: usize,
+    /// `[rows, cols / group]` bf16 scales, one per group of a row.
     pub scales: Vec<bf16>,
+    /// `[rows, cols / group]` zero points (one unpacked u8 in 0..=15 per group) for the asymmetric layout; `None`
+    /// for symmetric, where the zero is [`INT4_SYMMETRIC_ZERO`].
     pub zeros: Option<Vec<u8>>,
 }
 
@@ -358,10 +373,15 @@ impl Int4Grouped {
 /// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct Nvfp4 {
+    /// `[rows, cols / 2]` bytes, two e2m1 codes each (`weight_packed`): the low nibble holds the even column.
     pub packed: Vec<u8>,
+    /// Rows: output features N.
     pub rows: usize,
+    /// Columns: input features K, a multiple of [`NVFP4_BLOCK`].
     pub cols: usize,
+    /// `[rows, cols / 16]` e4m3 bytes (`weight_scale`), one per block of 16 consecutive weights of a row.
     pub scales: Vec<u8>,
+    /// The tensor's f32 divisor of every block scale (`weight_global_scale`, finite, positive).
     pub global_scale: f32,
 }
 
@@ -436,10 +456,22 @@ impl Nvfp4 {
 /// ```
 #[derive(Clone, Debug, PartialEq)]
 pub enum QuantizedMatrix {
-    Bf16 { data: Vec<bf16>, rows: usize, cols: usize },
+    /// Unquantised bf16 weights.
+    Bf16 {
+        /// The weights, row-major `[rows, cols]`.
+        data: Vec<bf16>,
+        /// Rows: output features N.
+        rows: usize,
+        /// Columns: input features K.
+        cols: usize,
+    },
+    /// FP8 e4m3 with one per-tensor f32 scale.
     Fp8PerTensor(Fp8PerTensor),
+    /// FP8 e4m3 with one f32 scale per 128x128 block.
     Fp8Block128(Fp8Block128),
+    /// INT4 with a bf16 scale (and optionally a zero point) per group along K.
     Int4(Int4Grouped),
+    /// NVFP4: e2m1 with an e4m3 scale per 16 along K and an f32 global divisor.
     Nvfp4(Nvfp4),
 }
 

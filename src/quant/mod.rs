@@ -93,6 +93,7 @@ pub const NVFP4_BLOCK: usize = 16;
 /// How a weight matrix is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum WeightFormat {
+    /// Unquantised bf16, 2 bytes a weight.
     Bf16,
     /// e4m3 with one f32 scale for the whole tensor (the published FP8 checkpoint's `qscale_weight`).
     Fp8PerTensor,
@@ -100,7 +101,12 @@ pub enum WeightFormat {
     Fp8Block128,
     /// 4-bit integers in groups of `group` along K with a bf16 scale each; `zero_point` adds a u8 zero per group
     /// (asymmetric), otherwise the zero is 8 (symmetric).
-    Int4 { group: usize, zero_point: bool },
+    Int4 {
+        /// Weights per group along K (even, at least 2; [`INT4_DEFAULT_GROUP`] by default).
+        group: usize,
+        /// Whether each group stores its own u8 zero point (asymmetric) instead of the fixed zero 8.
+        zero_point: bool,
+    },
     /// e2m1 with an e4m3 scale per 16 along K and an f32 global divisor.
     Nvfp4,
 }

@@ -122,22 +122,53 @@ pub fn tile_bytes(format: WeightFormat) -> usize {
 /// ```
 #[derive(Clone, Copy, Debug)]
 pub struct MatrixRef<'a> {
+    /// Rows: output features N (more than 0).
     pub rows: usize,
+    /// Columns: input features K (a multiple of [`K_ALIGN`] to be repacked).
     pub cols: usize,
+    /// The format and its arrays, their lengths given by `rows` and `cols`.
     pub data: QuantData<'a>,
 }
 
 /// The storage of a [`MatrixRef`] (shapes as in `src/quant`: e4m3 bytes, nibbles packed low = even column).
 #[derive(Clone, Copy, Debug)]
 pub enum QuantData<'a> {
+    /// bf16 weights `[rows, cols]`.
     Bf16(&'a [bf16]),
-    Fp8 { data: &'a [u8], scale: f32 },
+    /// FP8 e4m3 with one per-tensor scale: W = e4m3(data) * scale.
+    Fp8 {
+        /// e4m3 codes `[rows, cols]`.
+        data: &'a [u8],
+        /// The f32 multiplier of every code (finite).
+        scale: f32,
+    },
     /// `scales` [ceil(rows / 128), ceil(cols / 128)].
-    Fp8Block { data: &'a [u8], scales: &'a [f32] },
+    Fp8Block {
+        /// e4m3 codes `[rows, cols]`.
+        data: &'a [u8],
+        /// `[ceil(rows / 128), ceil(cols / 128)]` row-major f32 scales, one per 128x128 block.
+        scales: &'a [f32],
+    },
     /// `packed` [rows, cols / 2], `scales` [rows, cols / group], `zeros` (same shape, 0..=15) or symmetric (zero 8).
-    Int4 { packed: &'a [u8], scales: &'a [bf16], zeros: Option<&'a [u8]>, group: usize },
+    Int4 {
+        /// `[rows, cols / 2]` bytes of two 4-bit codes, the low nibble holding the even column.
+        packed: &'a [u8],
+        /// `[rows, cols / group]` bf16 scales, one per group of a row.
+        scales: &'a [bf16],
+        /// `[rows, cols / group]` zero points in 0..=15, or `None` for symmetric (zero 8).
+        zeros: Option<&'a [u8]>,
+        /// Weights per group along K (a multiple of [`K_ALIGN`] dividing `cols` to be repacked).
+        group: usize,
+    },
     /// `packed` [rows, cols / 2], `scales` e4m3 [rows, cols / 16], W = e2m1 * scale / global_scale.
-    Nvfp4 { packed: &'a [u8], scales: &'a [u8], global_scale: f32 },
+    Nvfp4 {
+        /// `[rows, cols / 2]` bytes of two e2m1 codes, the low nibble holding the even column.
+        packed: &'a [u8],
+        /// `[rows, cols / 16]` e4m3 bytes, one per block of 16 weights of a row.
+        scales: &'a [u8],
+        /// The f32 divisor of every block scale (finite, non-zero).
+        global_scale: f32,
+    },
 }
 
 impl QuantData<'_> {
@@ -260,7 +291,9 @@ impl<'a> MatrixRef<'a> {
 /// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct PackedWeights {
+    /// The weight format of every expert (all experts share it).
     pub format: WeightFormat,
+    /// Experts (matrices) stored back to back; 1 for a dense matrix.
     pub experts: usize,
     /// Real output columns of the GEMM (for SwiGLU: the hidden size, half the packed rows in use).
     pub out_cols: usize,
@@ -272,6 +305,8 @@ pub struct PackedWeights {
     pub swiglu: bool,
     /// Bytes per expert in `data`.
     pub expert_stride: usize,
+    /// `[experts, expert_stride]` bytes: each expert's 16-row x 64-k tiles of codes in mma fragment lane order (the
+    /// module doc), padding rows zero.
     pub data: Vec<u8>,
     /// [experts, rows_padded] (Fp8, Nvfp4).
     pub row_scales: Option<Vec<f32>>,
@@ -280,7 +315,10 @@ pub struct PackedWeights {
     /// [experts, rows_padded / 16, k_dim / group, 16] (Int4): one tile's 16 rows of a group are contiguous, so a
     /// warp's scale loads touch one sector instead of one per row.
     pub group_scales: Option<Vec<bf16>>,
+    /// [experts, rows_padded / 16, k_dim / group, 16] zero points in 0..=15, laid out as `group_scales` (Int4 with
+    /// zero points; padding rows hold 8).
     pub group_zeros: Option<Vec<u8>>,
+    /// INT4 weights per group along K; 0 for the other formats.
     pub group: usize,
     /// [experts, rows_padded / 16, k_dim / 64, 16 rows, 4] e4m3 (Nvfp4): the scales of one 16x64 tile in 64 bytes.
     pub fp4_scales: Option<Vec<u8>>,

@@ -89,7 +89,10 @@ use crate::Result;
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ChatRequest {
+    /// The conversation, oldest first (at least one message; the order rules are [`RequestError`]'s).
     pub messages: Vec<Message>,
+    /// The tools the model may call, listed in `[AVAILABLE_TOOLS]` before the first user message; `None` or empty
+    /// lists none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tools: Option<Vec<Tool>>,
     /// One of the tokenizer file's allowed values (Small 4: `none` or `high`); unset means the file's default.
@@ -101,25 +104,36 @@ pub struct ChatRequest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "role", rename_all = "lowercase")]
 pub enum Message {
+    /// `"role": "system"`: a system prompt, encoded in `[SYSTEM_PROMPT]..[/SYSTEM_PROMPT]`.
     System {
+        /// The system prompt (text only).
         content: Content,
     },
+    /// `"role": "user"`: a user turn, encoded in `[INST]..[/INST]` (consecutive user messages are merged).
     User {
+        /// The user's text and images.
         content: Content,
     },
+    /// `"role": "assistant"`: a model turn (reasoning, answer, tool calls), closed by `</s>` unless `prefix`.
     Assistant {
+        /// The answer text, with `thinking` chunks for reasoning; may be `None` when the turn only calls tools.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         content: Option<Content>,
+        /// The tools this turn called, each encoded `[TOOL_CALLS]name[ARGS]arguments` after the content.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         tool_calls: Option<Vec<ToolCall>>,
         /// The message is the start of the answer to continue (only as the last message).
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         prefix: bool,
     },
+    /// `"role": "tool"`: a tool's result, encoded in `[TOOL_RESULTS]..[/TOOL_RESULTS]`.
     Tool {
+        /// What the tool returned (text and images).
         content: Content,
+        /// The `id` of the call of the preceding assistant message this answers (required: non-empty, not `null`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         tool_call_id: Option<String>,
+        /// The called function's name (optional, `[a-zA-Z0-9_-]{1,64}` when given; not part of the prompt).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         name: Option<String>,
     },
@@ -154,7 +168,9 @@ pub enum Message {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Content {
+    /// A plain string: `"content": "..."`.
     Text(String),
+    /// A list of typed chunks: `"content": [{"type": ...}, ...]`.
     Chunks(Vec<Chunk>),
 }
 
@@ -163,14 +179,21 @@ pub enum Content {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Chunk {
+    /// `{"type": "text", "text": ...}`: text.
     Text {
+        /// The text.
         text: String,
     },
+    /// `{"type": "image_url", "image_url": ...}`: an image, encoded as its `[IMG]` grid (user and tool messages).
     ImageUrl {
+        /// Where the image is: a file path or a data URL, in either JSON shape.
         image_url: ImageUrl,
     },
+    /// `{"type": "thinking", "thinking": ...}`: reasoning of an assistant message, encoded in `[THINK]..[/THINK]`.
     Thinking {
+        /// The reasoning text.
         thinking: String,
+        /// Whether `[/THINK]` closes the block (`true` when absent); `false` leaves it open for the model to go on.
         #[serde(default = "closed_by_default")]
         closed: bool,
     },
@@ -184,8 +207,13 @@ fn closed_by_default() -> bool {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum ImageUrl {
+    /// The Mistral shape: the URL itself as a string.
     Url(String),
-    Object { url: String },
+    /// The OpenAI shape: `{"url": URL}`.
+    Object {
+        /// The file path or data URL.
+        url: String,
+    },
 }
 
 impl ImageUrl {
@@ -238,14 +266,18 @@ impl ImageUrl {
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ToolCall {
+    /// The call's id, quoted by the tool message that answers it as `tool_call_id` (required: non-empty, not
+    /// `null`, unique within the message; not part of a v15 prompt).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// The function called and its arguments.
     pub function: FunctionCall,
 }
 
 /// The function a [`ToolCall`] calls and its arguments.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FunctionCall {
+    /// The called function's name, `[a-zA-Z0-9_-]{1,64}`.
     pub name: String,
     /// A JSON string (OpenAI) or a JSON object (Mistral).
     #[serde(default)]
@@ -271,7 +303,9 @@ pub struct FunctionCall {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Arguments {
+    /// The arguments as a JSON text (OpenAI); empty means `{}`, text that is not JSON is encoded as a JSON string.
     Text(String),
+    /// The arguments as a JSON value (Mistral), object keys in the request's order.
     Json(PyJson),
 }
 
@@ -284,8 +318,10 @@ impl Default for Arguments {
 /// A tool the model may call (`"type": "function"`), listed in `[AVAILABLE_TOOLS]`; see [`ToolCall`] for an example.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Tool {
+    /// The tool's `type` in JSON, `"function"` when absent.
     #[serde(rename = "type", default = "function_type")]
     pub kind: String,
+    /// The function the model may call.
     pub function: Function,
 }
 
@@ -296,9 +332,12 @@ fn function_type() -> String {
 /// A tool's function: its name, description and JSON-schema parameters (kept in the request's key order).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Function {
+    /// The function's name, as the model will call it.
     pub name: String,
+    /// What the function does, for the model (empty when absent).
     #[serde(default)]
     pub description: String,
+    /// The JSON schema of the arguments, kept as given (key order included).
     pub parameters: PyJson,
 }
 
@@ -327,34 +366,66 @@ pub struct Function {
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RequestError {
+    /// The request has no message.
     #[error("the conversation has no message")]
     Empty,
+    /// The only message is neither user nor system; holds its role.
     #[error("a conversation of one message must be a user or system message, got {0}")]
     LoneMessage(&'static str),
+    /// A message whose role cannot follow the one before (tool after system or user, system after assistant or
+    /// tool).
     #[error("role {role} cannot follow role {after}")]
-    UnexpectedRole { role: &'static str, after: &'static str },
+    UnexpectedRole {
+        /// The offending message's role.
+        role: &'static str,
+        /// The role of the message before it.
+        after: &'static str,
+    },
+    /// The last of several messages is not user, tool or assistant with `prefix: true`; holds its role.
     #[error("the last message must be user or tool, or assistant with prefix=true; got {0}")]
     LastMessage(&'static str),
+    /// An assistant message with `prefix: true` is not the last message.
     #[error("an assistant message with prefix=true must be the last message")]
     PrefixNotLast,
+    /// An assistant turn (consecutive assistant messages merged) has neither content nor tool calls.
     #[error("an assistant message needs content or tool calls")]
     EmptyAssistant,
+    /// A chunk type the role does not accept (system: text; user, tool: text, image_url; assistant: text,
+    /// thinking).
     #[error("a {role} message cannot contain a {chunk} chunk")]
-    ChunkNotAllowed { role: &'static str, chunk: &'static str },
+    ChunkNotAllowed {
+        /// The message's role.
+        role: &'static str,
+        /// The chunk's type: `text`, `image_url` or `thinking`.
+        chunk: &'static str,
+    },
+    /// A tool call or tool message without a valid id (absent, empty or `null`); holds the message's index.
     #[error("tool call id must be a non-empty string other than 'null' (message {0})")]
     MissingToolCallId(usize),
+    /// A function name (of a tool call or a tool message) outside `[a-zA-Z0-9_-]{1,64}`; holds the name.
     #[error("function name {0:?} must match [a-zA-Z0-9_-]{{1,64}}")]
     InvalidFunctionName(String),
+    /// Two tool calls of one assistant message share this id.
     #[error("tool call id {0:?} appears twice in one assistant message")]
     DuplicateToolCallId(String),
+    /// A tool message answers this id, which no call of the preceding assistant message has.
     #[error("tool result for id {0:?} answers no pending tool call")]
     UnexpectedToolResult(String),
+    /// Two tool messages answer this same call id.
     #[error("tool result for id {0:?} is given twice")]
     DuplicateToolResult(String),
+    /// An assistant message comes before every call of the previous assistant message has its result.
     #[error("not the same number of tool calls and tool results")]
     ToolResultsMismatch,
+    /// `reasoning_effort` is not one of the tokenizer file's allowed values.
     #[error("reasoning_effort {value:?} is not allowed; allowed: {allowed}")]
-    InvalidReasoningEffort { value: String, allowed: String },
+    InvalidReasoningEffort {
+        /// The requested value.
+        value: String,
+        /// The allowed values, `|`-separated (Small 4: `none|high`).
+        allowed: String,
+    },
+    /// The request has an image but the tokenizer file has no image config.
     #[error("images need a tokenizer with an image config")]
     NoImageSupport,
 }
@@ -362,7 +433,9 @@ pub enum RequestError {
 /// The ids of an encoded prompt and where its images are (see [`ChatRequest`] for an example).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EncodedPrompt {
+    /// The prompt's token ids, `<s>` first.
     pub ids: Vec<u32>,
+    /// The prompt's images, in the order their ids appear in `ids`.
     pub images: Vec<PromptImage>,
 }
 
@@ -370,8 +443,11 @@ pub struct EncodedPrompt {
 /// [`ChatRequest`] for an example).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PromptImage {
+    /// The image's URL as the request gave it (a file path or a data URL).
     pub url: String,
+    /// Its size in pixels, which sets its `[IMG]` grid.
     pub size: ImageSize,
+    /// The positions of its `[IMG]`..`[IMG_END]` ids in [`EncodedPrompt`]'s `ids`.
     pub ids: std::ops::Range<usize>,
 }
 

@@ -45,7 +45,9 @@ use super::TokenizerError;
 /// Width and height in pixels (see the module example).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ImageSize {
+    /// Width in pixels.
     pub width: usize,
+    /// Height in pixels.
     pub height: usize,
 }
 

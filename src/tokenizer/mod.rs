@@ -82,20 +82,39 @@ pub enum TokenizerError {
     /// The file parses but is inconsistent (vocab too short, ranks out of order, bad base64, ...).
     #[error("invalid tekken.json: {0}")]
     InvalidFile(String),
+    /// The file's `config.version` is none of the known versions; holds it.
     #[error("unknown tokenizer version {0:?} (known: v3, v7, v11, v13, v15)")]
     UnknownVersion(String),
+    /// An id at or beyond the vocabulary size.
     #[error("token id {id} is out of range (vocabulary of {vocab_size})")]
-    IdOutOfRange { id: u32, vocab_size: usize },
+    IdOutOfRange {
+        /// The offending id.
+        id: u32,
+        /// The vocabulary size: special and ordinary ids together.
+        vocab_size: usize,
+    },
+    /// A special token the operation needs is not in this tokenizer; holds its string (e.g. `[THINK]`).
     #[error("special token {0:?} is not in this tokenizer")]
     MissingSpecialToken(String),
+    /// A special id met while decoding with [`SpecialTokenPolicy::Raise`]; holds the id.
     #[error("special token id {0} met while decoding with policy `raise`")]
     SpecialTokenInText(u32),
+    /// The chat encoder was given a tokenizer of another version than v15.
     #[error("this tokenizer is {found}, the chat encoder needs {needed}")]
-    UnsupportedVersion { found: String, needed: String },
+    UnsupportedVersion {
+        /// This tokenizer's version (e.g. `v13`).
+        found: String,
+        /// The version the chat encoder needs (`v15`).
+        needed: String,
+    },
+    /// The chat request breaks a validation rule (see [`chat::RequestError`]).
     #[error("invalid chat request: {0}")]
     InvalidRequest(#[from] chat::RequestError),
+    /// An image could not be read or sized (bad data URL, unreadable file, not a PNG or JPEG, truncated header) or
+    /// its `[IMG]` grid not built; holds why.
     #[error("image: {0}")]
     Image(String),
+    /// Generated ids break the `[THINK]` structure (a nested `[THINK]`, a `[/THINK]` without one); holds why.
     #[error("generated ids do not parse: {0}")]
     InvalidOutput(String),
 }

@@ -165,6 +165,7 @@ impl<'t> StreamingDecoder<'t> {
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ToolCallOutput {
+    /// The function's name: the text between `[TOOL_CALLS]` and `[ARGS]`.
     pub name: String,
     /// The argument text as generated (normally a JSON object).
     pub arguments: String,
@@ -203,9 +204,11 @@ impl ToolCallOutput {
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OutputEvent {
+    /// A piece of reasoning text (inside a `[THINK]` block).
     Reasoning(String),
     /// `[/THINK]`: the reasoning is over.
     ReasoningEnd,
+    /// A piece of answer text (outside `[THINK]` blocks, before the first `[TOOL_CALLS]`).
     Answer(String),
     /// A tool call, whole: emitted at the next `[TOOL_CALLS]`, at `</s>` or at [`OutputStream::finish`].
     ToolCall(ToolCallOutput),
@@ -322,7 +325,10 @@ pub struct ParsedOutput {
     pub reasoning: Option<String>,
     /// Whether the last `[THINK]` block was closed by `[/THINK]`.
     pub reasoning_closed: bool,
+    /// The answer text: what was generated outside `[THINK]` blocks and before the first `[TOOL_CALLS]`, special
+    /// ids dropped.
     pub answer: String,
+    /// The tool calls, in the order generated (empty when there was no `[TOOL_CALLS]`).
     pub tool_calls: Vec<ToolCallOutput>,
     /// The last id is `</s>`: generation ended by itself.
     pub finished: bool,

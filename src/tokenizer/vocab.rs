@@ -474,7 +474,9 @@ impl Tokenizer {
 /// One id's meaning, from [`Tokenizer::token`] (see [`Tokenizer`] for an example).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Token<'a> {
+    /// A special (control) id, below the tokenizer's count of special ids: its string, e.g. `[INST]`.
     Special(&'a str),
+    /// An ordinary id: its bytes (not necessarily whole UTF-8 characters).
     Bytes(&'a [u8]),
 }
 

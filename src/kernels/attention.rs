@@ -12,6 +12,7 @@ use super::modules::MLA_ATTENTION;
 use super::params::{MlaAttentionParams, MlaCacheWriteParams, MlaCopyPagesParams};
 use super::{Matrix, TensorView, Vector};
 use crate::device::{launch_with, Device, DeviceBuffer, Dim3, Kernel, LaunchConfig};
+use super::check_len;
 use crate::error::{Error, Result};
 use crate::model::kv_cache::{BatchTables, CacheDescriptor, CacheDtype, PageCopy};
 
@@ -57,13 +58,6 @@ fn check_geometry(desc: &CacheDescriptor) -> Result<()> {
             "MLA kernels are compiled for latent {KV_LORA_RANK} + rope {QK_ROPE}, cache has {} + {}",
             desc.kv_lora_rank, desc.qk_rope
         )));
-    }
-    Ok(())
-}
-
-fn check_len(what: &str, len: usize, expected: usize) -> Result<()> {
-    if len != expected {
-        return Err(Error::shape(what, expected, len));
     }
     Ok(())
 }
@@ -405,10 +399,11 @@ pub fn mla_cache_write(cache: &PagedCache, tables: &BlockTables, kv: Matrix<bf16
     weights.inv_freq.expect_dims("rope inv_freq", [QK_ROPE / 2])?;
     kv.expect_dims("cache write kv", [tokens, WIDTH])?;
     let kv_row_stride = kv.row_stride();
-    if kv_row_stride % 8 != 0 || kv_row_stride > i32::MAX as usize {
-        return Err(Error::InvalidArgument(format!("kv row stride {kv_row_stride}: a multiple of 8 (16-byte rows) within i32")));
+    if kv_row_stride > i32::MAX as usize {
+        return Err(Error::InvalidArgument(format!("kv row stride {kv_row_stride} exceeds i32")));
     }
-    kv.expect_aligned("cache write kv", 16)?;
+    // 16-byte loads of every row.
+    kv.expect_rows_aligned("cache write kv", 16)?;
     weights.norm_weight.expect_aligned("kv_a_norm weight", 16)?;
     if !(weights.eps.is_finite() && weights.eps >= 0.0) {
         return Err(Error::InvalidArgument(format!("kv_a_norm eps {}", weights.eps)));

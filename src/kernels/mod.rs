@@ -85,6 +85,19 @@ pub use resources::KERNEL_RESOURCES;
 /// The resource table as Markdown (the same text build.rs leaves in OUT_DIR/kernel_resources.md).
 pub const KERNEL_RESOURCES_MARKDOWN: &str = include_str!(concat!(env!("OUT_DIR"), "/kernel_resources.md"));
 
+/// `Error::Shape` naming `what` unless a buffer holds exactly `expected` elements.
+pub(crate) fn check_len(what: &str, len: usize, expected: usize) -> crate::error::Result<()> {
+    if len != expected {
+        return Err(crate::error::Error::shape(what, expected, len));
+    }
+    Ok(())
+}
+
+/// `v` as a kernel's `int` parameter; `Error::OutOfRange` naming `what` above `i32::MAX`.
+pub(crate) fn to_i32(what: &str, v: usize) -> crate::error::Result<i32> {
+    i32::try_from(v).map_err(|_| crate::error::Error::OutOfRange { what: what.into(), index: v as i64, limit: i32::MAX as i64 })
+}
+
 /// Ceiling division for grid sizes.
 pub(crate) fn blocks_for(items: usize, per_block: usize) -> u32 {
     items.div_ceil(per_block) as u32

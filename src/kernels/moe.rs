@@ -8,6 +8,7 @@ use super::modules::MOE_GEMM;
 use super::params::{MoeCombineParams, MoeGemmParams, MoeQuantizeActParams};
 use super::{Matrix, TensorView, Vector};
 use crate::device::{launch_with, Device, DeviceBuffer, Dim3, Kernel, LaunchConfig};
+use super::{check_len, to_i32};
 use crate::error::{Error, Result};
 use crate::quant::repack::{tile_bytes, PackedWeights};
 use crate::quant::WeightFormat;
@@ -269,32 +270,12 @@ impl Output<'_> {
     }
 }
 
-fn check_len(what: &str, len: usize, expected: usize) -> Result<()> {
-    if len != expected {
-        return Err(Error::shape(what, expected, len));
-    }
-    Ok(())
-}
-
 fn opt_ptr<T: crate::device::DeviceElement, P>(b: Option<&DeviceBuffer<T>>) -> *const P {
     b.map_or(std::ptr::null(), |b| b.ptr())
 }
 
 fn opt_view_ptr<T: crate::device::DeviceElement, P, const N: usize>(v: Option<TensorView<T, N>>) -> *const P {
     v.map_or(std::ptr::null(), |v| v.ptr())
-}
-
-fn to_i32(what: &str, v: usize) -> Result<i32> {
-    i32::try_from(v).map_err(|_| Error::OutOfRange { what: what.into(), index: v as i64, limit: i32::MAX as i64 })
-}
-
-/// `Error::InvalidArgument` naming `what` unless the view's row stride is a multiple of `elements` (with a start on
-/// the matching boundary, every row of a vector-loaded input then starts on one).
-fn expect_stride_multiple<T: crate::device::DeviceElement>(what: &str, view: &Matrix<T>, elements: usize) -> Result<()> {
-    if view.row_stride() % elements != 0 {
-        return Err(Error::InvalidArgument(format!("{what}: row stride {} of {view:?} must be a multiple of {elements}", view.row_stride())));
-    }
-    Ok(())
 }
 
 /// Activations quantised to e4m3 for the W8A8 GEMMs: rows of `cols` bytes, value = e4m3 * `scale`, each 32 columns
@@ -331,8 +312,7 @@ fn launch_gemm(w: &DeviceWeights, input: Input, x_rows: usize, in_by_token: bool
     let (device, x_addr, x_stride) = match input {
         Input::Bf16(x) => {
             x.expect_dims("gemm x", [x_rows, w.k_dim])?;
-            x.expect_aligned("gemm x", 16)?;
-            expect_stride_multiple("gemm x", &x, 8)?;
+            x.expect_rows_aligned("gemm x", 16)?;
             (x.device(), x.addr(), x.row_stride())
         }
         Input::E4m3(rows) => {
@@ -341,8 +321,7 @@ fn launch_gemm(w: &DeviceWeights, input: Input, x_rows: usize, in_by_token: bool
             }
             check_act_scale("gemm e4m3 input", rows.scale)?;
             rows.data.expect_dims("gemm e4m3 x", [x_rows, w.k_dim])?;
-            rows.data.expect_aligned("gemm e4m3 x", 16)?;
-            expect_stride_multiple("gemm e4m3 x", &rows.data, 16)?;
+            rows.data.expect_rows_aligned("gemm e4m3 x", 16)?;
             (rows.data.device(), rows.data.addr(), rows.data.row_stride())
         }
     };
@@ -668,8 +647,7 @@ fn launch_quantize_act(x: Matrix<bf16>, scale: f32, out: Matrix<u8>, slots: Opti
         return Err(Error::InvalidArgument(format!("quantize_act_e4m3: cols {cols} must be a positive multiple of 64")));
     }
     // bf16x2 loads of x, 4-byte stores of out (which has no stride).
-    x.expect_aligned("quantize_act_e4m3 x", 4)?;
-    expect_stride_multiple("quantize_act_e4m3 x", &x, 2)?;
+    x.expect_rows_aligned("quantize_act_e4m3 x", 4)?;
     out.expect_dims("quantize_act_e4m3 out", [rows, cols])?;
     out.expect_packed("quantize_act_e4m3 out")?;
     out.expect_aligned("quantize_act_e4m3 out", 4)?;

@@ -91,17 +91,14 @@ pub fn rope_q_k(q: TensorView<bf16, 3>, k: Option<Matrix<bf16>>, positions: Vect
     positions.expect_dims("rope positions", [tokens])?;
     positions.expect_packed("rope positions")?;
     inv_freq.expect_packed("rope inv_freq")?;
-    // The kernel moves 8 bf16 (16 bytes) at a time: every row must start on 16 bytes, which holds for all rows when
-    // it holds for the first and the stride is a multiple of 8.
-    check_row_vectors("rope q", q.row_stride())?;
-    q.expect_aligned("rope q", 16)?;
+    // The kernel moves 8 bf16 (16 bytes) at a time: every row must start on 16 bytes.
+    q.expect_rows_aligned("rope q", 16)?;
     check_i32("rope q elements", q.len())?;
     check_i32("rope q row stride", q.row_stride())?;
     check_i32("rope original_max_position", scale.original_max_position)?;
     if let Some(k) = &k {
         k.expect_dims("rope k", [tokens, rope_dim])?;
-        check_row_vectors("rope k", k.row_stride())?;
-        k.expect_aligned("rope k", 16)?;
+        k.expect_rows_aligned("rope k", 16)?;
         check_i32("rope k row stride", k.row_stride())?;
     }
     if tokens == 0 {
@@ -126,13 +123,6 @@ pub fn rope_q_k(q: TensorView<bf16, 3>, k: Option<Matrix<bf16>>, positions: Vect
 }
 
 /// `Error::InvalidArgument` unless rows `row_stride` elements apart all keep the 16-byte alignment of the first.
-fn check_row_vectors(what: &str, row_stride: usize) -> Result<()> {
-    if row_stride % 8 != 0 {
-        return Err(Error::InvalidArgument(format!("{what}: row stride {row_stride} must be a multiple of 8 (16-byte vectors)")));
-    }
-    Ok(())
-}
-
 /// Where `embedding_gather` reports ids outside the vocabulary without a host synchronisation: a count and the first
 /// offending token. [`GatherStatus::check`] reads it back (after the caller's own synchronisation point).
 ///

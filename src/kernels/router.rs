@@ -19,6 +19,7 @@ use super::modules::ROUTER;
 use super::params::{MoeAlignParams, RouterParams};
 use super::Matrix;
 use crate::device::{launch_with, Device, DeviceBuffer, Dim3, Kernel, LaunchConfig};
+use super::check_len;
 use crate::error::{Error, Result};
 pub use crate::reference::moe::max_padded_slots;
 
@@ -498,9 +499,3 @@ fn check_tile_m(tile_m: usize) -> Result<()> {
     Ok(())
 }
 
-fn check_len(what: &str, len: usize, expected: usize) -> Result<()> {
-    if len != expected {
-        return Err(Error::shape(what, expected, len));
-    }
-    Ok(())
-}

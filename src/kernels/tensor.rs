@@ -201,6 +201,16 @@ impl<'a, T: DeviceElement, const N: usize> TensorView<'a, T, N> {
         Ok(())
     }
 
+    /// `Error::InvalidArgument` naming `what` unless every row starts on a multiple of `bytes`: the first value's
+    /// address and the row stride in bytes both are (a kernel that vector-loads each row of a strided view).
+    pub fn expect_rows_aligned(&self, what: &str, bytes: usize) -> Result<()> {
+        self.expect_aligned(what, bytes)?;
+        if (self.row_stride * size_of::<T>()) % bytes != 0 {
+            return Err(Error::InvalidArgument(format!("{what}: row stride {} of {self:?} must be a multiple of {bytes} bytes", self.row_stride)));
+        }
+        Ok(())
+    }
+
     /// `Error::InvalidArgument` naming `what` unless the view is on `device` (the same backend instance).
     pub fn expect_device(&self, what: &str, device: &Device) -> Result<()> {
         if !std::sync::Arc::ptr_eq(self.device(), device) {

@@ -11,6 +11,7 @@ use super::modules::VISION;
 use super::params::{BiasActParams, PatchIm2colParams, PatchMergeParams, Rope2dParams, ScatterRowsParams, VisionAttentionParams};
 use super::{Matrix, TensorView, Vector};
 use crate::device::{launch_with, Device, DeviceBuffer, Dim3, Kernel, LaunchConfig};
+use super::{check_len, to_i32};
 use crate::error::{Error, Result};
 
 const PATCH_IM2COL: Kernel = Kernel { module: VISION, entry: "patch_im2col" };
@@ -25,17 +26,6 @@ pub const ATTENTION_HEAD_DIM: usize = 64;
 /// Queries per block of `vision_attention`.
 const ATTENTION_QUERIES: usize = 64;
 const THREADS: usize = 256;
-
-fn check_len(what: &str, len: usize, expected: usize) -> Result<()> {
-    if len != expected {
-        return Err(Error::shape(what, expected, len));
-    }
-    Ok(())
-}
-
-fn to_i32(what: &str, v: usize) -> Result<i32> {
-    i32::try_from(v).map_err(|_| Error::OutOfRange { what: what.into(), index: v as i64, limit: i32::MAX as i64 })
-}
 
 fn elementwise_grid(elements: usize) -> Result<LaunchConfig> {
     let blocks = super::blocks_for(elements, THREADS);

@@ -94,16 +94,86 @@ pub fn decode(ast: &Ast, data_base: u64) -> Result<Decoded, ParseError> {
     Ok(Decoded { kernels, vars })
 }
 
+/// Labels of one function, scoped like registers: PTX labels declared inside a `{ }` block are visible only in that
+/// block and the blocks nested in it (inline asm repeats `LAB_WAIT:` / `DONE:` in every expansion of a wait loop).
+#[derive(Default)]
+struct Labels {
+    /// Per block (0 = the function body): its enclosing block and its labels -> instruction index.
+    blocks: Vec<(usize, HashMap<String, u32>)>,
+}
+
+impl Labels {
+    /// Numbers the blocks in order of their `{` and places each label in its block; a label declared twice in one
+    /// block is an error. Instruction indices start at `base`; a call takes two slots (call + copy of its results).
+    fn collect(body: &[Stmt], base: u32, slots: impl Fn(&Instruction) -> u32) -> Result<Labels, ParseError> {
+        let mut labels = Labels { blocks: vec![(0, HashMap::new())] };
+        let mut open = vec![0usize];
+        let mut count = base;
+        for s in body {
+            let current = *open.last().expect("function block");
+            match s {
+                Stmt::Inst(i) => count += slots(i),
+                Stmt::Label(l, line) => {
+                    if labels.blocks[current].1.insert(l.clone(), count).is_some() {
+                        return err(*line, format!("label {l} declared twice in the same {{ }} block"));
+                    }
+                }
+                Stmt::ScopeOpen => {
+                    labels.blocks.push((current, HashMap::new()));
+                    open.push(labels.blocks.len() - 1);
+                }
+                Stmt::ScopeClose => {
+                    open.pop();
+                }
+                Stmt::Decl(_) => {}
+            }
+        }
+        Ok(labels)
+    }
+
+    /// The label visible from `block`: its own, else the innermost enclosing block's.
+    fn get(&self, mut block: usize, name: &str) -> Option<u32> {
+        loop {
+            if let Some(&at) = self.blocks[block].1.get(name) {
+                return Some(at);
+            }
+            if block == 0 {
+                return None;
+            }
+            block = self.blocks[block].0;
+        }
+    }
+}
+
 struct Ctx<'a> {
     scopes: Vec<HashMap<String, u32>>,
     num_regs: u32,
     symbols: HashMap<String, (Space, u64)>,
-    labels: &'a HashMap<String, u32>,
+    labels: &'a Labels,
+    /// Index in `labels.blocks` of the block being decoded, and the count of blocks opened so far.
+    block: usize,
+    blocks_opened: usize,
+    /// Blocks currently open, innermost last.
+    open_blocks: Vec<usize>,
 }
 
 impl Ctx<'_> {
     fn reg(&self, name: &str) -> Option<u32> {
         self.scopes.iter().rev().find_map(|s| s.get(name).copied())
+    }
+    fn label(&self, name: &str) -> Option<u32> {
+        self.labels.get(self.block, name)
+    }
+    fn open_block(&mut self) {
+        self.blocks_opened += 1;
+        self.open_blocks.push(self.blocks_opened);
+        self.block = self.blocks_opened;
+        self.scopes.push(HashMap::new());
+    }
+    fn close_block(&mut self) {
+        self.open_blocks.pop();
+        self.block = self.open_blocks.last().copied().unwrap_or(0);
+        self.scopes.pop();
     }
     fn declare(&mut self, name: String) {
         let id = self.num_regs;
@@ -139,7 +209,7 @@ impl Ctx<'_> {
                     out.push(Src::Special(s));
                 } else if let Some(&(_, a)) = self.symbols.get(n) {
                     out.push(Src::Imm(a.wrapping_add(*off as u64)));
-                } else if let Some(&l) = self.labels.get(n) {
+                } else if let Some(l) = self.label(n) {
                     out.push(Src::Imm(l as u64));
                 } else {
                     return err(line, format!("unknown name {n}"));
@@ -297,25 +367,21 @@ fn decode_kernel(f: &Function, funcs: &HashMap<&str, &Function>, module_symbols:
         unit_start.insert(u.name.clone(), code.len() as u32);
         let base = code.len() as u32;
         // Labels -> instruction indices (a call takes two slots: the call and the copy of its return values).
-        let mut labels = HashMap::new();
-        let mut count = base;
-        for s in &u.body {
-            match s {
-                Stmt::Inst(i) => count += if callee(i).is_some_and(|c| layouts.contains_key(c)) { 2 } else { 1 },
-                Stmt::Label(l, _) => {
-                    labels.insert(l.clone(), count);
-                }
-                _ => {}
-            }
-        }
-        let mut ctx = Ctx { scopes: vec![HashMap::new()], num_regs, symbols: unit_symbols[ui].clone(), labels: &labels };
+        let labels = Labels::collect(&u.body, base, |i| if callee(i).is_some_and(|c| layouts.contains_key(c)) { 2 } else { 1 })?;
+        let mut ctx = Ctx {
+            scopes: vec![HashMap::new()],
+            num_regs,
+            symbols: unit_symbols[ui].clone(),
+            labels: &labels,
+            block: 0,
+            blocks_opened: 0,
+            open_blocks: vec![0],
+        };
         let own = if ui > 0 { layouts.get(&u.name) } else { None };
         for s in &u.body {
             match s {
-                Stmt::ScopeOpen => ctx.scopes.push(HashMap::new()),
-                Stmt::ScopeClose => {
-                    ctx.scopes.pop();
-                }
+                Stmt::ScopeOpen => ctx.open_block(),
+                Stmt::ScopeClose => ctx.close_block(),
                 Stmt::Decl(d) if d.space == ".reg" => match d.range {
                     Some(n) => (0..n).for_each(|i| ctx.declare(format!("{}{}", d.name, i))),
                     None => ctx.declare(d.name.clone()),
@@ -781,7 +847,7 @@ fn decode_inst(ctx: &Ctx, i: &Instruction) -> Result<Inst, ParseError> {
         }
         "bra" => {
             let target = match ops.first() {
-                Some(Operand::Name(l, 0)) => *ctx.labels.get(l).ok_or_else(|| ParseError { line, message: format!("unknown label {l}") })?,
+                Some(Operand::Name(l, 0)) => ctx.label(l).ok_or_else(|| ParseError { line, message: format!("unknown label {l} (not declared in this {{ }} block or an enclosing one)") })?,
                 _ => return err(line, "bra needs a label"),
             };
             inst.op = Op::Bra(target);

@@ -186,7 +186,8 @@ impl Ctx<'_> {
             Operand::Sink => out.push(None),
             Operand::Name(n, 0) => out.push(Some(self.reg(n).ok_or_else(|| ParseError { line, message: format!("unknown register {n}") })?)),
             Operand::Pair(a, b) => {
-                self.dst(&Operand::Name(a.clone(), 0), line, out)?;
+                // `elect.sync _|p`: the first result may be the `_` sink.
+                self.dst(&if a == "_" { Operand::Sink } else { Operand::Name(a.clone(), 0) }, line, out)?;
                 self.dst(&Operand::Name(b.clone(), 0), line, out)?;
             }
             Operand::Vector(v) => {
@@ -467,6 +468,64 @@ fn decode_call(ctx: &Ctx, i: &Instruction, name: &str, layout: Option<&FuncLayou
     }
 }
 
+/// `mbarrier.*` in every spelling nvcc 13, libcu++ and CUTLASS emit (`.shared`, `.shared::cta`, `.shared::cluster`,
+/// generic addresses; `.release/.acquire/.relaxed`, `.cta/.cluster` are accepted and have no further effect).
+fn decode_mbarrier(ctx: &Ctx, i: &Instruction, inst: &mut Inst, m: &[&str]) -> Result<(), ParseError> {
+    let line = i.line;
+    let has = |x: &str| m.contains(&x);
+    let ops = &i.operands;
+    let op = match m.first().copied() {
+        Some("init") => MbarOp::Init,
+        Some("inval") => MbarOp::Inval,
+        Some("arrive") | Some("arrive_drop") => MbarOp::Arrive { expect_tx: has("expect_tx"), no_complete: has("noComplete"), drop: m[0] == "arrive_drop" },
+        Some("expect_tx") => MbarOp::ExpectTx,
+        Some("complete_tx") => MbarOp::CompleteTx,
+        Some("test_wait") | Some("try_wait") => MbarOp::Wait { parity: has("parity") },
+        Some("pending_count") => MbarOp::PendingCount,
+        _ => {
+            inst.op = Op::Unsupported(i.opcode.clone());
+            return Ok(());
+        }
+    };
+    inst.op = Op::Mbar(op);
+    if op == MbarOp::PendingCount {
+        ctx.dst(ops.first().ok_or_else(|| ParseError { line, message: "mbarrier.pending_count needs operands".into() })?, line, &mut inst.d)?;
+        return ops.get(1).map_or(err(line, "mbarrier.pending_count needs a state"), |o| ctx.src(o, None, line, &mut inst.s));
+    }
+    // Init, inval, expect_tx and complete_tx start with the address; arrive and the waits with a destination.
+    let addr_at = match op {
+        MbarOp::Init | MbarOp::Inval | MbarOp::ExpectTx | MbarOp::CompleteTx => 0,
+        _ => 1,
+    };
+    if addr_at == 1 {
+        ctx.dst(ops.first().ok_or_else(|| ParseError { line, message: format!("{} needs operands", i.opcode) })?, line, &mut inst.d)?;
+    }
+    let (a, sym_space) = ctx.addr(ops.get(addr_at).ok_or_else(|| ParseError { line, message: format!("{} needs an address", i.opcode) })?, line)?;
+    let space = symbol_space(sym_space, space_of(m));
+    if !matches!(space, Space::Shared | Space::Generic) {
+        return err(line, format!("{}: an mbarrier lives in shared memory", i.opcode));
+    }
+    inst.addr = Some(a);
+    for o in &ops[addr_at + 1..] {
+        ctx.src(o, None, line, &mut inst.s)?;
+    }
+    // `s[0]` says how to read the address: 1 = a shared-window offset, 0 = generic (resolved at run time).
+    inst.s.insert(0, Src::Imm((space == Space::Shared) as u64));
+    let want = match op {
+        MbarOp::Init | MbarOp::ExpectTx | MbarOp::CompleteTx => 1..=1,
+        MbarOp::Inval => 0..=0,
+        MbarOp::Arrive { expect_tx: true, .. } => 1..=2,
+        MbarOp::Arrive { no_complete: true, .. } => 1..=1,
+        MbarOp::Arrive { .. } => 0..=1,
+        MbarOp::Wait { .. } => 1..=2,
+        MbarOp::PendingCount => 1..=1,
+    };
+    if !want.contains(&(inst.s.len() - 1)) {
+        return err(line, format!("{}: wrong number of operands", i.opcode));
+    }
+    Ok(())
+}
+
 fn rounding(m: &[&str]) -> Rnd {
     for x in m {
         match *x {
@@ -498,7 +557,8 @@ fn space_of(m: &[&str]) -> Space {
     for x in m {
         match *x {
             "global" => return Space::Global,
-            "shared" | "shared::cta" => return Space::Shared,
+            // `.shared::cluster` addresses of a cluster of one CTA are this CTA's shared offsets (mapa is the identity).
+            "shared" | "shared::cta" | "shared::cluster" => return Space::Shared,
             "local" => return Space::Local,
             "param" | "param::entry" | "param::func" => return Space::Param,
             "const" => return Space::Const,
@@ -854,6 +914,22 @@ fn decode_inst(ctx: &Ctx, i: &Instruction) -> Result<Inst, ParseError> {
         }
         "ret" | "exit" => inst.op = Op::Exit,
         "trap" | "brkpt" => inst.op = Op::Trap,
+        "barrier" if has("cluster") => {
+            inst.op = if has("arrive") { Op::ClusterArrive } else { Op::ClusterWait };
+        }
+        "mbarrier" => decode_mbarrier(ctx, i, &mut inst, m)?,
+        "setmaxnreg" => match ops.first() {
+            Some(Operand::Int(n)) if has("inc") || has("dec") => inst.op = Op::SetMaxNReg(*n as u32),
+            _ => return err(line, format!("{} needs .inc/.dec and an immediate register count", i.opcode)),
+        },
+        "mapa" => {
+            inst.op = Op::Mapa;
+            dst_src(&mut inst, None)?;
+        }
+        "getctarank" => {
+            inst.op = Op::GetCtaRank;
+            dst_src(&mut inst, None)?;
+        }
         "bar" | "barrier" if has("warp") => {
             inst.op = Op::BarWarp;
             for o in ops {
@@ -884,7 +960,10 @@ fn decode_inst(ctx: &Ctx, i: &Instruction) -> Result<Inst, ParseError> {
                 inst.op = Op::Bar { kind, id_is_operand: !ops.is_empty(), has_count: ops.len() > 1 };
             }
         }
-        "membar" | "fence" => inst.op = if has("proxy") && has("tensormap") { Op::Unsupported(i.opcode.clone()) } else { Op::Fence },
+        // Memory and proxy fences (`fence.proxy.async`, `fence.proxy.tensormap::generic.{release,acquire}`,
+        // `fence.mbarrier_init.release.cluster`) order nothing an interpreter has to delay: accesses happen in program
+        // order and async copies land when waited for.
+        "membar" | "fence" => inst.op = Op::Fence,
         "shfl" => {
             let mode = match m.get(1).copied() {
                 Some("up") => ShflMode::Up,

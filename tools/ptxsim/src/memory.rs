@@ -159,9 +159,22 @@ struct Access {
     read_tid: u32,
     read_epoch: u32,
     read_warp_epoch: u32,
-    /// Warp of all readers in this epoch, or `MANY_WARPS`.
+    /// Warp of all readers in this epoch, or `MANY_WARPS` (then `SharedMemory::read_sets` has one entry per warp).
     read_warp: u32,
     read_many: bool,
+    /// The accessing warp's own vector-clock component at the access (see `SharedMemory::vc`).
+    write_clock: u32,
+    read_clock: u32,
+}
+
+/// The reads of one byte by one warp in the current epoch, kept once several warps read it and mbarriers are in use.
+#[derive(Clone, Copy)]
+struct WarpRead {
+    warp: u32,
+    clock: u32,
+    warp_epoch: u32,
+    tid: u32,
+    many_lanes: bool,
 }
 
 const MANY_WARPS: u32 = u32::MAX;
@@ -186,6 +199,15 @@ pub struct SharedMemory {
     /// Per warp: changes at every `bar.warp.sync`, ordering accesses of lanes of that warp.
     pub warp_epoch: Vec<u32>,
     next_warp_epoch: u32,
+    /// Happens-before between warps that synchronise only through mbarriers: `vc[w][v]` is the latest clock of warp
+    /// `v` that warp `w` is ordered after (own component `vc[w][w]` starts at 1 and grows at every release). An access
+    /// by warp `v` at clock `c` is ordered before warp `w`'s accesses once `vc[w][v] >= c`. This extends the epoch
+    /// rule: barriers still order everything before them; the clocks only add order inside an epoch.
+    pub vc: Vec<Vec<u32>>,
+    /// Set by the first `mbarrier.init` of the block: only then are per-warp read sets kept (they cost a map entry
+    /// per byte that several warps read, which kernels without mbarriers never need).
+    pub hb_active: bool,
+    read_sets: std::collections::HashMap<u32, (u32, Vec<WarpRead>)>,
 }
 
 impl SharedMemory {
@@ -199,6 +221,27 @@ impl SharedMemory {
             epoch: 0,
             warp_epoch: vec![0; warps],
             next_warp_epoch: 1,
+            vc: Self::fresh_clocks(warps),
+            hb_active: false,
+            read_sets: std::collections::HashMap::new(),
+        }
+    }
+
+    fn fresh_clocks(warps: usize) -> Vec<Vec<u32>> {
+        (0..warps).map(|w| (0..warps).map(|v| (v == w) as u32).collect()).collect()
+    }
+
+    /// A release by warp `w` (mbarrier arrive): returns the clock it publishes and starts a new clock interval.
+    pub fn release(&mut self, w: usize) -> Vec<u32> {
+        let published = self.vc[w].clone();
+        self.vc[w][w] += 1;
+        published
+    }
+
+    /// An acquire by warp `w` (a successful mbarrier wait): orders it after everything `clock` covers.
+    pub fn acquire(&mut self, w: usize, clock: &[u32]) {
+        for (mine, &c) in self.vc[w].iter_mut().zip(clock) {
+            *mine = (*mine).max(c);
         }
     }
 
@@ -206,11 +249,14 @@ impl SharedMemory {
     pub fn reset(&mut self) {
         self.init.fill(0);
         self.pending.fill(0);
+        self.vc = Self::fresh_clocks(self.vc.len());
+        self.hb_active = false;
         self.barrier();
     }
 
     pub fn barrier(&mut self) {
         self.epoch += 1;
+        self.read_sets.clear();
     }
 
     pub fn warp_sync(&mut self, warp: usize) {
@@ -219,8 +265,45 @@ impl SharedMemory {
     }
 
     #[inline]
-    fn ordered(&self, other_tid: u32, other_epoch: u32, other_warp_epoch: u32, tid: u32) -> bool {
-        other_epoch != self.epoch || other_tid == tid || (other_tid / 32 == tid / 32 && other_warp_epoch != self.warp_epoch[(tid / 32) as usize])
+    fn ordered(&self, other_tid: u32, other_epoch: u32, other_warp_epoch: u32, other_clock: u32, tid: u32) -> bool {
+        other_epoch != self.epoch
+            || other_tid == tid
+            || (other_tid / 32 == tid / 32 && other_warp_epoch != self.warp_epoch[(tid / 32) as usize])
+            || self.clock_ordered(other_tid / 32, other_clock, tid / 32)
+    }
+
+    /// Whether warp `other`'s access at `clock` happens before warp `me`'s accesses through mbarrier edges.
+    #[inline]
+    fn clock_ordered(&self, other: u32, clock: u32, me: u32) -> bool {
+        other != me && self.vc[me as usize][other as usize] >= clock
+    }
+
+    /// Writer check against the reads of a byte that several warps read: the first unordered reader's tid.
+    fn unordered_reader(&self, i: usize, tid: u32, we: u32) -> Option<u32> {
+        let warp = tid / 32;
+        let (epoch, reads) = self.read_sets.get(&(i as u32))?;
+        if *epoch != self.epoch {
+            return None;
+        }
+        reads.iter().find(|r| if r.warp == warp { !(r.warp_epoch != we || (!r.many_lanes && r.tid == tid)) } else { !self.clock_ordered(r.warp, r.clock, warp) }).map(|r| r.tid)
+    }
+
+    /// Adds a read to the per-warp read set of byte `i` (used once several warps read it while mbarriers exist).
+    fn add_read(&mut self, i: usize, first: Option<WarpRead>, read: WarpRead) {
+        let epoch = self.epoch;
+        let entry = self.read_sets.entry(i as u32).or_insert_with(|| (epoch, Vec::new()));
+        if entry.0 != epoch {
+            *entry = (epoch, Vec::new());
+        }
+        for r in first.into_iter().chain(std::iter::once(read)) {
+            match entry.1.iter_mut().find(|e| e.warp == r.warp) {
+                Some(e) => {
+                    e.many_lanes |= e.tid != r.tid || r.many_lanes;
+                    *e = WarpRead { many_lanes: e.many_lanes, ..r };
+                }
+                None => entry.1.push(r),
+            }
+        }
     }
 
     /// Records a plain access by thread `tid` (linear id in the block) and reports the first conflicting byte.
@@ -230,39 +313,58 @@ impl SharedMemory {
         }
         let warp = tid / 32;
         let we = self.warp_epoch[warp as usize];
+        let clock = self.vc[warp as usize][warp as usize];
         for i in off..off + len {
             let a = self.access[i];
-            if a.write_epoch == self.epoch && !self.ordered(a.write_tid, a.write_epoch, a.write_warp_epoch, tid) {
+            if a.write_epoch == self.epoch && !self.ordered(a.write_tid, a.write_epoch, a.write_warp_epoch, a.write_clock, tid) {
                 return Some(Race { offset: i as u32, other_tid: a.write_tid, other_wrote: true });
             }
-            let rec = &mut self.access[i];
             if write {
                 if a.read_epoch == self.epoch {
-                    let readers_ordered = if a.read_many {
-                        a.read_warp == warp && a.read_warp_epoch != we
+                    let readers_ordered = if a.read_many && a.read_warp == MANY_WARPS {
+                        match self.unordered_reader(i, tid, we) {
+                            Some(other) => return Some(Race { offset: i as u32, other_tid: other, other_wrote: false }),
+                            None => self.hb_active && self.read_sets.contains_key(&(i as u32)),
+                        }
+                    } else if a.read_many {
+                        (a.read_warp == warp && a.read_warp_epoch != we) || self.clock_ordered(a.read_warp, a.read_clock, warp)
                     } else {
-                        a.read_tid == tid || (a.read_tid / 32 == warp && a.read_warp_epoch != we)
+                        a.read_tid == tid || (a.read_tid / 32 == warp && a.read_warp_epoch != we) || self.clock_ordered(a.read_tid / 32, a.read_clock, warp)
                     };
                     if !readers_ordered {
                         return Some(Race { offset: i as u32, other_tid: a.read_tid, other_wrote: false });
                     }
                 }
+                let rec = &mut self.access[i];
                 rec.write_tid = tid;
                 rec.write_epoch = self.epoch;
                 rec.write_warp_epoch = we;
+                rec.write_clock = clock;
             } else if a.read_epoch != self.epoch {
+                let rec = &mut self.access[i];
                 rec.read_tid = tid;
                 rec.read_epoch = self.epoch;
                 rec.read_warp_epoch = we;
                 rec.read_warp = warp;
                 rec.read_many = false;
+                rec.read_clock = clock;
             } else if a.read_tid != tid || a.read_many {
+                let new_warp = a.read_warp != warp;
+                if self.hb_active && (new_warp || a.read_warp == MANY_WARPS) {
+                    // Several warps read this byte: keep each warp's latest read so a writer ordered after all of them
+                    // by mbarriers is not reported.
+                    let first = (a.read_warp != MANY_WARPS)
+                        .then_some(WarpRead { warp: a.read_warp, clock: a.read_clock, warp_epoch: a.read_warp_epoch, tid: a.read_tid, many_lanes: a.read_many });
+                    self.add_read(i, first, WarpRead { warp, clock, warp_epoch: we, tid, many_lanes: false });
+                }
+                let rec = &mut self.access[i];
                 rec.read_many = true;
-                if rec.read_warp != warp {
+                if new_warp {
                     rec.read_warp = MANY_WARPS;
                 }
                 rec.read_tid = tid;
                 rec.read_warp_epoch = we;
+                rec.read_clock = clock;
             }
         }
         None

@@ -306,11 +306,11 @@ impl Parser {
         match self.next()? {
             Tok::Num(n) => parse_number(&n, neg, line),
             Tok::Word(w) if !neg => {
-                if w == "_" {
-                    return Ok(Operand::Sink);
-                }
                 if self.eat('|') {
                     return Ok(Operand::Pair(w, self.word()?));
+                }
+                if w == "_" {
+                    return Ok(Operand::Sink);
                 }
                 let mut offset = 0;
                 if self.is_punct('+') {

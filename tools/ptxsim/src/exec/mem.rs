@@ -108,7 +108,7 @@ impl BlockCtx<'_> {
     }
 
     #[inline]
-    fn addr_of(w: &Warp, inst: &Inst, lane: usize) -> u64 {
+    pub(super) fn addr_of(w: &Warp, inst: &Inst, lane: usize) -> u64 {
         let a = inst.addr.expect("memory instruction has an address");
         a.base.map_or(0, |r| w.regs[r as usize * 32 + lane]).wrapping_add(a.offset as u64)
     }
@@ -150,6 +150,7 @@ impl BlockCtx<'_> {
                 if let Some(i) = self.shared.init[off..off + len].iter().position(|&b| b == 0) {
                     return fault(lane, format!("read of uninitialised shared memory at offset {:#x}", off + i));
                 }
+                self.check_not_mbarrier(off, len, lane, "read")?;
                 if let Some(r) = self.shared.track(off, len, w.linear_tid(lane), false) {
                     return fault(lane, self.race_message(&r, false));
                 }
@@ -188,6 +189,7 @@ impl BlockCtx<'_> {
                 if self.shared.pending[off..off + len].iter().any(|&p| p != 0) {
                     return fault(lane, format!("write to shared offset {off:#x} while a cp.async to it is in flight (missing cp.async.wait_group)"));
                 }
+                self.check_not_mbarrier(off, len, lane, "write")?;
                 if track {
                     if let Some(r) = self.shared.track(off, len, w.linear_tid(lane), true) {
                         return fault(lane, self.race_message(&r, true));
@@ -206,14 +208,26 @@ impl BlockCtx<'_> {
         Ok(())
     }
 
-    fn thread_name(&self, linear: u32) -> String {
+    /// Only mbarrier instructions may touch an initialised mbarrier (PTX ISA §9.7.13.15.1).
+    #[inline]
+    fn check_not_mbarrier(&self, off: usize, len: usize, lane: usize, what: &str) -> Result<(), Fault> {
+        if self.mbars.map.is_empty() {
+            return Ok(());
+        }
+        match self.mbars.overlapping(off, len) {
+            Some(at) => fault(lane, format!("plain {what} of {len} bytes at shared offset {off:#x} touches the initialised mbarrier at {at:#x} (only mbarrier instructions may access it until mbarrier.inval)")),
+            None => Ok(()),
+        }
+    }
+
+    pub(super) fn thread_name(&self, linear: u32) -> String {
         let [x, y, _] = self.ntid;
         format!("thread ({}, {}, {})", linear % x, linear / x % y, linear / (x * y))
     }
 
     fn race_message(&self, r: &Race, writing: bool) -> String {
         format!(
-            "shared-memory race at offset {:#x}: this thread {} the byte that {} {} since the last barrier (missing bar.sync / __syncthreads, or __syncwarp within a warp)",
+            "shared-memory race at offset {:#x}: this thread {} the byte that {} {} since the last barrier (missing bar.sync / __syncthreads, __syncwarp within a warp, or an mbarrier arrive -> wait pair ordering the two)",
             r.offset,
             if writing { "writes" } else { "reads" },
             self.thread_name(r.other_tid),

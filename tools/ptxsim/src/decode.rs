@@ -526,6 +526,117 @@ fn decode_mbarrier(ctx: &Ctx, i: &Instruction, inst: &mut Inst, m: &[&str]) -> R
     Ok(())
 }
 
+/// An address operand as two sources (base register or 0, offset), for instructions with several addresses. A
+/// symbol becomes its generic address (param and shared symbols are offsets into their windows).
+fn addr_sources(ctx: &Ctx, op: &Operand, line: u32, out: &mut Vec<Src>) -> Result<(), ParseError> {
+    let (base, offset) = match op {
+        Operand::Mem(b, off) => (b.clone(), *off),
+        Operand::Tensor(b, _) => (Some(b.clone()), 0),
+        other => return err(line, format!("expected an address, found {other:?}")),
+    };
+    match base {
+        Some(n) => match ctx.reg(&n) {
+            Some(r) => out.extend([Src::Reg(r), Src::Imm(offset as u64)]),
+            None => {
+                let &(space, a) = ctx.symbols.get(&n).ok_or_else(|| ParseError { line, message: format!("unknown address base {n}") })?;
+                let window = match space {
+                    Space::Param => crate::memory::PARAM_WINDOW,
+                    Space::Shared => crate::memory::SHARED_WINDOW,
+                    _ => 0,
+                };
+                out.extend([Src::Imm(0), Src::Imm(window.wrapping_add(a).wrapping_add(offset as u64))]);
+            }
+        },
+        None => out.extend([Src::Imm(0), Src::Imm(offset as u64)]),
+    }
+    Ok(())
+}
+
+/// `cp.async.bulk{.tensor}` copies, their groups and prefetches (PTX ISA §9.7.9.25). Supported: tile-mode tensor
+/// loads (with the mbarrier completion, multicast to a cluster of one CTA) and stores (bulk_group), and the
+/// non-tensor global<->shared copies; im2col modes, reductions and shared::cluster<-shared::cta copies are not.
+fn decode_bulk(ctx: &Ctx, i: &Instruction, inst: &mut Inst, m: &[&str]) -> Result<(), ParseError> {
+    let line = i.line;
+    let has = |x: &str| m.contains(&x);
+    let ops = &i.operands;
+    if has("commit_group") {
+        inst.op = Op::BulkCommit;
+        return Ok(());
+    }
+    if has("wait_group") {
+        let n = match ops.first() {
+            Some(Operand::Int(n)) => *n as u32,
+            _ => return err(line, "cp.async.bulk.wait_group needs an immediate"),
+        };
+        inst.op = Op::BulkWait { n, read: has("read") };
+        return Ok(());
+    }
+    if has("prefetch") {
+        inst.op = Op::Nop; // an L2 prefetch has no effect an interpreter can observe
+        return Ok(());
+    }
+    // The destination space comes first: `.shared::*.global` loads, `.global.shared::cta` stores.
+    let first_space = m.iter().find(|x| x.starts_with("shared") || **x == "global").copied();
+    let load = first_space.is_some_and(|x| x.starts_with("shared"));
+    let spaces = m.iter().filter(|x| x.starts_with("shared") || **x == "global").count();
+    if spaces != 2 || m.iter().any(|x| x.starts_with("im2col") || x.starts_with("gather") || x.starts_with("scatter")) || (load && m.iter().filter(|x| x.starts_with("shared")).count() > 1) {
+        inst.op = Op::Unsupported(i.opcode.clone());
+        return Ok(());
+    }
+    let operand = |k: usize| ops.get(k).ok_or_else(|| ParseError { line, message: format!("{}: missing operand {}", i.opcode, k + 1) });
+    if has("tensor") {
+        let dims = m.iter().find_map(|x| x.strip_suffix('d').and_then(|d| d.parse::<u32>().ok())).filter(|d| (1..=5).contains(d));
+        let Some(dims) = dims else { return err(line, format!("{}: needs a dimension .1d .. .5d", i.opcode)) };
+        let (map_at, other_at) = if load { (1, 0) } else { (0, 1) };
+        let Operand::Tensor(_, coords) = operand(map_at)? else { return err(line, format!("{}: expected [tensorMap, {{coordinates}}]", i.opcode)) };
+        if coords.len() != dims as usize {
+            return err(line, format!("{}: {} coordinates for a {dims}d copy", i.opcode, coords.len()));
+        }
+        inst.addr = Some(ctx.addr(operand(other_at)?, line)?.0);
+        addr_sources(ctx, operand(map_at)?, line, &mut inst.s)?;
+        for c in coords {
+            ctx.src(c, None, line, &mut inst.s)?;
+        }
+        if load {
+            if !has("mbarrier::complete_tx::bytes") {
+                return err(line, format!("{}: a tensor load completes on an mbarrier", i.opcode));
+            }
+            addr_sources(ctx, operand(2)?, line, &mut inst.s)?;
+            if has("multicast::cluster") {
+                ctx.src(operand(3)?, None, line, &mut inst.s)?; // ctaMask
+            }
+            inst.op = Op::TmaLoad { dims };
+        } else {
+            if !has("bulk_group") {
+                return err(line, format!("{}: a tensor store completes through bulk_group", i.opcode));
+            }
+            inst.op = Op::TmaStore { dims };
+        }
+    } else if load {
+        if !has("mbarrier::complete_tx::bytes") {
+            return err(line, format!("{}: a bulk load completes on an mbarrier", i.opcode));
+        }
+        inst.addr = Some(ctx.addr(operand(0)?, line)?.0);
+        addr_sources(ctx, operand(1)?, line, &mut inst.s)?;
+        ctx.src(operand(2)?, None, line, &mut inst.s)?;
+        addr_sources(ctx, operand(3)?, line, &mut inst.s)?;
+        if has("multicast::cluster") {
+            ctx.src(operand(4)?, None, line, &mut inst.s)?;
+        }
+        inst.op = Op::BulkLoad;
+    } else {
+        if !has("bulk_group") {
+            inst.op = Op::Unsupported(i.opcode.clone());
+            return Ok(());
+        }
+        inst.addr = Some(ctx.addr(operand(1)?, line)?.0);
+        addr_sources(ctx, operand(0)?, line, &mut inst.s)?;
+        ctx.src(operand(2)?, None, line, &mut inst.s)?;
+        inst.op = Op::BulkStore;
+    }
+    Ok(())
+}
+
 fn rounding(m: &[&str]) -> Rnd {
     for x in m {
         match *x {
@@ -876,6 +987,7 @@ fn decode_inst(ctx: &Ctx, i: &Instruction) -> Result<Inst, ParseError> {
             }
             inst.addr = Some(a);
         }
+        "cp" if m.first() == Some(&"async") && has("bulk") => decode_bulk(ctx, i, &mut inst, m)?,
         "cp" if m.first() == Some(&"async") && !has("bulk") && !has("mbarrier") => {
             if has("commit_group") {
                 inst.op = Op::CpAsyncCommit;

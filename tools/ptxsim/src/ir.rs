@@ -518,6 +518,21 @@ pub enum Op {
     Mapa,
     /// `getctarank{.shared::cluster}.{u32,u64} d, a`: the cluster rank owning `a` (always 0).
     GetCtaRank,
+    /// `cp.async.bulk.tensor.Nd.shared::{cluster,cta}.global{.tile}.mbarrier::complete_tx::bytes [dst], [map, {c..}],
+    /// [mbar]`: `addr` = dst; `s` = map address (base, offset), the `dims` coordinates, mbarrier (base, offset).
+    TmaLoad { dims: u32 },
+    /// `cp.async.bulk.tensor.Nd.global.shared::cta{.tile}.bulk_group [map, {c..}], [src]`: `addr` = src; `s` = map
+    /// address (base, offset), the coordinates.
+    TmaStore { dims: u32 },
+    /// `cp.async.bulk.shared::{cluster,cta}.global.mbarrier::complete_tx::bytes [dst], [src], size, [mbar]`:
+    /// `addr` = dst; `s` = src (base, offset), size, mbarrier (base, offset).
+    BulkLoad,
+    /// `cp.async.bulk.global.shared::cta.bulk_group [dst], [src], size`: `addr` = src; `s` = dst (base, offset), size.
+    BulkStore,
+    /// `cp.async.bulk.commit_group`
+    BulkCommit,
+    /// `cp.async.bulk.wait_group{.read} n`
+    BulkWait { n: u32, read: bool },
     /// `barrier.cluster.arrive{.release|.relaxed}{.aligned}`
     ClusterArrive,
     /// `barrier.cluster.wait{.acquire}{.aligned}`
@@ -559,6 +574,7 @@ impl Op {
             Op::Ld { .. } | Op::St { .. } => Class::OtherMemory,
             Op::Atom { .. } => Class::Atomic,
             Op::CpAsync { .. } | Op::CpAsyncCommit | Op::CpAsyncWait(_) => Class::AsyncCopy,
+            Op::TmaLoad { .. } | Op::TmaStore { .. } | Op::BulkLoad | Op::BulkStore | Op::BulkCommit | Op::BulkWait { .. } => Class::AsyncCopy,
             Op::Bra(_) | Op::Exit | Op::Trap | Op::Nop | Op::Unsupported(_) | Op::Call { .. } | Op::Return(_) | Op::CopyLocal(_) | Op::AssertFail(_) => Class::Control,
             Op::Bar { .. } | Op::BarWarp | Op::Fence | Op::Mbar(_) | Op::ClusterArrive | Op::ClusterWait | Op::SetMaxNReg(_) => Class::Sync,
             Op::Mapa | Op::GetCtaRank => Class::Move,

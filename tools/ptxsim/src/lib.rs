@@ -25,6 +25,7 @@ pub mod float;
 pub mod ir;
 pub mod memory;
 pub mod parser;
+pub mod tensor_map;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

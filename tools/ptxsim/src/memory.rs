@@ -308,12 +308,18 @@ impl SharedMemory {
 
     /// Records a plain access by thread `tid` (linear id in the block) and reports the first conflicting byte.
     pub fn track(&mut self, off: usize, len: usize, tid: u32, write: bool) -> Option<Race> {
+        let clock = self.vc[(tid / 32) as usize][(tid / 32) as usize];
+        self.track_at(off, len, tid, write, clock)
+    }
+
+    /// `track` for an access made at an earlier clock of the thread's warp: the landing of an async copy is attributed
+    /// to its issuing thread at the issue (a waiter that acquired the issue's release is ordered after it).
+    pub fn track_at(&mut self, off: usize, len: usize, tid: u32, write: bool, clock: u32) -> Option<Race> {
         if !self.race_check {
             return None;
         }
         let warp = tid / 32;
         let we = self.warp_epoch[warp as usize];
-        let clock = self.vc[warp as usize][warp as usize];
         for i in off..off + len {
             let a = self.access[i];
             if a.write_epoch == self.epoch && !self.ordered(a.write_tid, a.write_epoch, a.write_warp_epoch, a.write_clock, tid) {

@@ -68,7 +68,14 @@ impl Mbarriers {
 }
 
 impl Mbar {
-    fn complete_if_done(&mut self) -> bool {
+    /// Joins a releasing clock (an arrive's, or an async copy's at its issue) into the current phase.
+    pub(super) fn join_release(&mut self, clock: &[u32]) {
+        for (r, &v) in self.release.iter_mut().zip(clock) {
+            *r = (*r).max(v);
+        }
+    }
+
+    pub(super) fn complete_if_done(&mut self) -> bool {
         if self.pending != 0 || self.tx != 0 {
             return false;
         }
@@ -80,6 +87,22 @@ impl Mbar {
         }
         true
     }
+}
+
+/// Whether a wait with `operand` (a parity bit, or a state from `mbarrier.arrive`) sees its phase complete, and the
+/// completed-phase count that releases it otherwise.
+fn wait_outcome(b: &Mbar, parity: bool, operand: u64, off: u32) -> Result<(bool, u32), String> {
+    if parity {
+        return Ok(((b.phase & 1) != (operand & 1) as u32, b.phase + 1));
+    }
+    if operand >> 63 == 0 {
+        return Err(format!("mbarrier wait with state {operand:#x}, which no mbarrier.arrive returned"));
+    }
+    let sp = (operand >> 32) as u32 & 0x7fff_ffff;
+    if sp > b.phase || sp + 1 < b.phase {
+        return Err(format!("mbarrier wait with the state of phase {sp}; the barrier at shared offset {off:#x} is in phase {} (a state is valid for the current or the preceding phase only)", b.phase));
+    }
+    Ok((sp < b.phase, sp + 1))
 }
 
 impl BlockCtx<'_> {
@@ -191,9 +214,7 @@ impl BlockCtx<'_> {
                             let pending_before = b.pending;
                             b.pending -= count;
                             if let Some(c) = &published {
-                                for (r, &v) in b.release.iter_mut().zip(c) {
-                                    *r = (*r).max(v);
-                                }
+                                b.join_release(c);
                             }
                             let state = 1u64 << 63 | (b.phase as u64) << 32 | pending_before as u64;
                             if b.complete_if_done() && no_complete {
@@ -211,18 +232,15 @@ impl BlockCtx<'_> {
                         }
                         MbarOp::Wait { parity } => {
                             let v = w.val(&inst.s[1], l);
-                            let (done, target) = if parity {
-                                ((b.phase & 1) != (v & 1) as u32, b.phase + 1)
-                            } else {
-                                if v >> 63 == 0 {
-                                    return fault(l, format!("mbarrier wait with state {v:#x}, which no mbarrier.arrive returned"));
-                                }
-                                let sp = (v >> 32) as u32 & 0x7fff_ffff;
-                                if sp > b.phase || sp + 1 < b.phase {
-                                    return fault(l, format!("mbarrier wait with the state of phase {sp}; the barrier at shared offset {off:#x} is in phase {} (a state is valid for the current or the preceding phase only)", b.phase));
-                                }
-                                (sp < b.phase, sp + 1)
-                            };
+                            let (mut done, mut target) = wait_outcome(b, parity, v, off).map_err(|m| Fault { lane: Some(l), message: m })?;
+                            if !done && self.bulk.loads.iter().any(|ld| ld.mbar == off) {
+                                // The phase is incomplete: the TMA / bulk copies completing on this barrier land now
+                                // (in issue order), then the wait looks again.
+                                self.land_loads(Some(off))?;
+                                let b = self.mbars.map.get(&off).expect("landing keeps the barrier");
+                                (done, target) = wait_outcome(b, parity, v, off).map_err(|m| Fault { lane: Some(l), message: m })?;
+                            }
+                            let b = self.mbars.map.get_mut(&off).expect("checked above");
                             if done {
                                 b.waited = true;
                                 let acq = acquired.get_or_insert_with(|| vec![0; nwarps]);
@@ -244,6 +262,9 @@ impl BlockCtx<'_> {
         }
         if let Some(acq) = acquired {
             self.shared.acquire(w.index as usize, &acq);
+            // Clocks are per warp, so lanes of one warp are ordered like after a __syncwarp: a successful wait
+            // orders the warp's earlier accesses (and the copies its lanes issued) before its later ones.
+            self.shared.warp_sync(w.index as usize);
         }
         Ok(if blocked == 0 { Flow::Next } else { Flow::MbarBlock(blocked) })
     }

@@ -27,7 +27,10 @@ struct AsyncCopy {
     line: u32,
 }
 
-const UNCOMMITTED: u32 = u32::MAX;
+pub(super) const UNCOMMITTED: u32 = u32::MAX;
+/// `SharedMemory::pending` marks: bytes a `cp.async` will write, bytes a TMA / bulk copy will write.
+pub(super) const PENDING_CP_ASYNC: u8 = 1;
+pub(super) const PENDING_BULK: u8 = 2;
 
 /// The async proxy's queue of copies not yet landed in shared memory, per thread of the block.
 pub(crate) struct AsyncQueue {
@@ -144,7 +147,10 @@ impl BlockCtx<'_> {
             },
             Loc::Shared(o) => {
                 let off = self.shared_bounds(o, len, lane, "read")?;
-                if self.shared.pending[off..off + len].iter().any(|&p| p != 0) {
+                if let Some(&kind) = self.shared.pending[off..off + len].iter().find(|&&p| p != 0) {
+                    if kind == PENDING_BULK {
+                        return fault(lane, format!("read of shared offset {off:#x} ({len} bytes) before the TMA / bulk copy writing it landed: wait on its mbarrier phase (try_wait/test_wait) before the read"));
+                    }
                     return fault(lane, format!("read of shared offset {off:#x} ({len} bytes) that an in-flight cp.async will write: missing cp.async.wait_group/wait_all before the read"));
                 }
                 if let Some(i) = self.shared.init[off..off + len].iter().position(|&b| b == 0) {
@@ -186,7 +192,10 @@ impl BlockCtx<'_> {
             },
             Loc::Shared(o) => {
                 let off = self.shared_bounds(o, len, lane, "write")?;
-                if self.shared.pending[off..off + len].iter().any(|&p| p != 0) {
+                if let Some(&kind) = self.shared.pending[off..off + len].iter().find(|&&p| p != 0) {
+                    if kind == PENDING_BULK {
+                        return fault(lane, format!("write to shared offset {off:#x} while a TMA / bulk copy to it is in flight (wait on its mbarrier phase first)"));
+                    }
                     return fault(lane, format!("write to shared offset {off:#x} while a cp.async to it is in flight (missing cp.async.wait_group)"));
                 }
                 self.check_not_mbarrier(off, len, lane, "write")?;
@@ -363,7 +372,7 @@ impl BlockCtx<'_> {
             if src_bytes > 0 {
                 ranges.push((src, src_bytes));
             }
-            self.shared.pending[off..off + bytes as usize].fill(1);
+            self.shared.pending[off..off + bytes as usize].fill(PENDING_CP_ASYNC);
             let tid = w.linear_tid(l) as usize;
             self.asyncq.pending[tid].push(AsyncCopy { group: UNCOMMITTED, dst, src, bytes, src_bytes, line: inst.line });
         }

@@ -7,6 +7,7 @@ mod alu;
 mod collective;
 mod mbarrier;
 mod mem;
+mod tma;
 
 use crate::counters::Counters;
 use crate::ir::*;
@@ -15,6 +16,7 @@ use crate::{Module, SimError, Site};
 
 pub(crate) use mbarrier::Mbarriers;
 pub(crate) use mem::AsyncQueue;
+pub(crate) use tma::BulkQueue;
 
 /// Barrier slots: ids 0..16 of `bar`/`barrier`, then the cluster barrier (`barrier.cluster`, one CTA per cluster).
 const NUM_BARRIERS: usize = 17;
@@ -218,6 +220,7 @@ pub(crate) struct BlockCtx<'a> {
     pub counters: &'a mut Counters,
     pub asyncq: &'a mut AsyncQueue,
     pub mbars: &'a mut Mbarriers,
+    pub bulk: &'a mut BulkQueue,
     pub ntid: [u32; 3],
 }
 
@@ -281,7 +284,7 @@ impl BlockCtx<'_> {
             let flow = if exec == 0 && !matches!(inst.op, Op::Bar { .. } | Op::Shfl(_) | Op::Vote(_)) {
                 Flow::Next
             } else {
-                self.exec(w, inst, exec, mask).map_err(|f| (f, pc))?
+                self.exec(w, inst, pc, exec, mask).map_err(|f| (f, pc))?
             };
             match flow {
                 Flow::Next => self.advance(w, pc, mask),
@@ -402,7 +405,7 @@ impl BlockCtx<'_> {
             }
             let live_threads: u32 = warps.iter().map(|w| w.live.count_ones()).sum();
             if live_threads == 0 {
-                return Ok(());
+                return self.flush_stores(warps).map_err(|(f, wi)| self.error(&warps[wi], f, 0));
             }
             // Complete every barrier whose arrivals are all in.
             let mut released = false;
@@ -442,6 +445,16 @@ impl BlockCtx<'_> {
             }
             released |= warps.iter().any(|w| (0..NUM_BARRIERS).any(|id| w.wait[id] != 0 && w.wait_phase[id] < bars[id].phase));
             released |= warps.iter().any(|w| lanes(w.mbar_blocked).any(|l| self.mbars.map.get(&w.mbar_wait[l].0).is_none_or(|b| b.phase >= w.mbar_wait[l].1)));
+            if !released && !self.bulk.loads.is_empty() {
+                // Nothing can run: the async copies in flight land now.
+                let site = self.first_load_site();
+                if let Err(f) = self.land_loads(None) {
+                    let (tid, pc) = site.unwrap_or((0, 0));
+                    let w = &warps[(tid / 32) as usize];
+                    return Err(self.error(w, Fault { lane: Some((tid % 32) as usize), ..f }, pc));
+                }
+                continue;
+            }
             if !released && warps.iter().any(|w| w.mbar_blocked != 0) && false_round != Some(self.mbars.version) {
                 // Nothing can run: every blocked mbarrier wait returns false once (a try_wait timeout / test_wait poll).
                 false_round = Some(self.mbars.version);
@@ -503,8 +516,8 @@ impl BlockCtx<'_> {
         }
     }
 
-    /// Executes one instruction for the lanes in `exec` (guard passed); `mask` is every lane at this PC.
-    fn exec(&mut self, w: &mut Warp, inst: &Inst, exec: u32, mask: u32) -> Result<Flow, Fault> {
+    /// Executes one instruction (at `pc`) for the lanes in `exec` (guard passed); `mask` is every lane at this PC.
+    fn exec(&mut self, w: &mut Warp, inst: &Inst, pc: u32, exec: u32, mask: u32) -> Result<Flow, Fault> {
         match &inst.op {
             Op::Mov(ty) => {
                 let ty = *ty;
@@ -613,6 +626,12 @@ impl BlockCtx<'_> {
                 }
             }
             Op::GetCtaRank => lanes(exec).for_each(|l| w.set(inst.d[0], l, 0)),
+            Op::TmaLoad { dims } => self.tma_load(w, inst, pc, *dims, exec)?,
+            Op::TmaStore { dims } => self.tma_store(w, inst, *dims, exec)?,
+            Op::BulkLoad => self.bulk_load(w, inst, pc, exec)?,
+            Op::BulkStore => self.bulk_store(w, inst, exec)?,
+            Op::BulkCommit => self.bulk_commit(w, exec),
+            Op::BulkWait { n, read: _ } => self.bulk_wait(w, *n, exec)?,
             Op::ClusterArrive => return Ok(Flow::Barrier { id: CLUSTER_BARRIER as u32, lanes: exec, expected: None, wait: false }),
             Op::ClusterWait => return Ok(Flow::ClusterWait(exec)),
             Op::Testp { test, ty } => alu::testp(w, inst, *test, *ty, exec),
@@ -767,6 +786,7 @@ pub(crate) fn launch(
                     w.local_init.fill(0);
                 }
                 let mut mbars = Mbarriers::default();
+                let mut bulk = BulkQueue::new(threads as usize);
                 let mut ctx = BlockCtx {
                     kernel,
                     classes: &classes,
@@ -777,6 +797,7 @@ pub(crate) fn launch(
                     counters: &mut counters,
                     asyncq: &mut asyncq,
                     mbars: &mut mbars,
+                    bulk: &mut bulk,
                     ntid: block,
                 };
                 ctx.run_block(&mut warps)?;

@@ -8,15 +8,42 @@
 //!
 //! Checks (each an error naming kernel, block, thread and PTX line): out-of-bounds and misaligned accesses in every
 //! state space; kernel reads of bytes nothing wrote (tracked per byte; host writes and memsets initialise, `alloc`
-//! does not); shared-memory races between barriers (per byte: two threads, at least one writing, not ordered by a
-//! block barrier or, within a warp, a `bar.warp.sync`; atomics are exempt); reads of shared bytes an unfinished
-//! `cp.async` will write (copies land at `cp.async.wait_group`/`wait_all`); warp collectives whose member mask is
-//! not the set of converged lanes; barrier deadlocks; device-side asserts (with their message).
+//! does not); shared-memory races (per byte: two threads, at least one writing, not ordered by a block barrier,
+//! within a warp a `bar.warp.sync`, or between warps an mbarrier arrive -> wait edge; atomics are exempt); reads of
+//! shared bytes an unfinished `cp.async`, TMA or bulk copy will write; warp collectives whose member mask is not the
+//! set of converged lanes; barrier and mbarrier deadlocks; device-side asserts (with their message).
 //!
-//! Known limits: no wgmma / TMA / mbarrier / clusters yet (see `memory` for where they fit); no recursion, indirect
-//! calls or printf (clear errors where they would run); mma.sync sums products exactly and rounds once, which can
-//! differ from a GPU's accumulation in the last bit; `.approx` functions are computed to full precision (inside the
-//! ISA's error bounds); registers are not checked for initialisation.
+//! sm_90a asynchronous PTX (../shared/HOPPER-ASYNC.md has the semantics and sources):
+//! - Labels are scoped to their `{ }` block (inline asm repeats `LAB_WAIT:`/`DONE:` in every expansion).
+//! - mbarriers: `init`, `inval`, `arrive` (with a count, `.expect_tx`, `.noComplete`, `arrive_drop`), `expect_tx`,
+//!   `complete_tx`, `test_wait`/`try_wait` with a parity or a state, `pending_count`, in the `.shared`,
+//!   `.shared::cta`, `.shared::cluster` and generic spellings. Waits block their lanes until the phase completes, so
+//!   spin loops let other warps run; when no warp can run, every blocked wait returns false once before a deadlock
+//!   is reported with each waited-on barrier's phase, missing arrivals and outstanding transaction bytes. Checks:
+//!   init twice, use before init (or not ordered after it), plain accesses to a barrier's bytes, over-arrival,
+//!   `.noComplete` completing, an arrive on the next phase before any wait saw the previous one complete, states
+//!   from a wrong phase, transaction counts beyond 2^20 - 1. Race detection between warps uses warp vector clocks:
+//!   an arrive (or an async copy's issue) releases, the phase completion publishes, a successful wait acquires;
+//!   within a warp a successful wait orders the lanes like a `__syncwarp`.
+//! - TMA (module `tensor_map` for the host side): `cp.async.bulk.tensor` 1-5d tile loads (element strides,
+//!   out-of-bounds zero fill, 32/64/128-byte swizzle, `.multicast::cluster` with mask 1) completing on an mbarrier,
+//!   tile stores (clipped at the tensor's end; negative coordinates are an error), non-tensor `cp.async.bulk` in both
+//!   directions, `cp.async.bulk.commit_group` / `wait_group{.read}`, `prefetch.tensormap` and the bulk prefetches.
+//!   Loads read their source at issue and land when a thread waits on their barrier's incomplete phase (or when no
+//!   warp can run); stores read their source at issue and write global memory at the `wait_group` that retires them.
+//! - Clusters of one CTA: `mapa` / `getctarank` (rank 0), `.shared::cluster` addresses, `barrier.cluster.arrive` /
+//!   `wait`, `%cluster_*` / `%clusterid` / `%is_explicit_cluster`; `fence.proxy.async`, `fence.proxy.tensormap`,
+//!   `fence.mbarrier_init` (ordering no-ops here), `elect.sync` (lowest lane), `setmaxnreg` (checked: 24..=256, a
+//!   multiple of 8, whole warp), `griddepcontrol` (launches are sequential).
+//!
+//! Known limits: no wgmma yet; no clusters of more than one CTA (multicast, distributed shared memory); no
+//! `cp.async.mbarrier.arrive`, `tensormap.replace` / `tensormap.cp_fenceproxy`, im2col TMA modes, TMA reductions,
+//! interleaved or TFLOAT32 / NaN-filled tensor maps; generic-proxy writes read by the async proxy without
+//! `fence.proxy.async` and overwrites of a bulk store's source before its `wait_group.read` are not detected (the
+//! copies read their sources at issue); `barrier.cluster` arrival phases are tracked per warp (the `.aligned` form);
+//! no recursion, indirect calls or printf (clear errors where they would run); mma.sync sums products exactly and
+//! rounds once, which can differ from a GPU's accumulation in the last bit; `.approx` functions are computed to full
+//! precision (inside the ISA's error bounds); registers are not checked for initialisation.
 
 pub mod counters;
 pub mod decode;

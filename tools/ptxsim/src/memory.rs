@@ -1,12 +1,10 @@
 //! Memory spaces: global allocations with per-byte initialisation tracking, per-block shared memory with a race
 //! detector and pending-async-copy marks, and the generic address windows.
 //!
-//! Async copies: writes made by the async proxy (today `cp.async`; later Hopper TMA bulk copies, whose completion
-//! will decrement an mbarrier's transaction count, and wgmma reading shared operands) are queued per block in
-//! `exec::AsyncQueue` and land in shared memory only when the program waits for them (`cp.async.wait_group` now; an
-//! mbarrier phase completion later). While queued, their destination bytes are marked `pending`, so a read before the
-//! wait is reported instead of silently returning stale data. A TMA engine fits the same queue: an entry with a
-//! tensor-map-described source box and an mbarrier address to complete.
+//! Async copies: writes made by the async proxy (`cp.async`, TMA and bulk copies) are queued per block (`exec`'s
+//! `AsyncQueue` and `BulkQueue`) and land in shared memory only when the program waits for them (`cp.async.wait_group`,
+//! or an mbarrier wait on the phase the copy completes). While queued, their destination bytes are marked `pending`,
+//! so a read before the wait is reported instead of silently returning stale data.
 
 /// Generic addresses: global allocations live from `GLOBAL_BASE` up; shared and local memory are windows far above.
 pub const GLOBAL_BASE: u64 = 0x1_0000_0000;

@@ -637,6 +637,69 @@ fn decode_bulk(ctx: &Ctx, i: &Instruction, inst: &mut Inst, m: &[&str]) -> Resul
     Ok(())
 }
 
+/// `wgmma.*` (PTX ISA §9.7.15). Supported: m64nNk16 with f16/bf16 inputs, f32 (or f16 for f16 inputs)
+/// accumulators, A from a descriptor or registers; other input types (tf32, fp8, int8) and `.sp` decode as
+/// unsupported.
+fn decode_wgmma(ctx: &Ctx, i: &Instruction, inst: &mut Inst, m: &[&str]) -> Result<(), ParseError> {
+    let line = i.line;
+    let ops = &i.operands;
+    match m.first().copied() {
+        Some("fence") => inst.op = Op::WgmmaFence,
+        Some("commit_group") => inst.op = Op::WgmmaCommit,
+        Some("wait_group") => match ops.first() {
+            Some(Operand::Int(n)) => inst.op = Op::WgmmaWait(*n as u32),
+            _ => return err(line, "wgmma.wait_group needs an immediate"),
+        },
+        Some("mma_async") => {
+            let shape = m.iter().find_map(|x| {
+                let (n, k) = x.strip_prefix("m64n")?.split_once('k')?;
+                Some((n.parse::<u32>().ok()?, k.parse::<u32>().ok()?))
+            });
+            let tys: Vec<Ty> = m.iter().filter_map(|x| Ty::parse(x)).collect();
+            let Some((n, k)) = shape else { return err(line, format!("{}: no m64nNkK shape", i.opcode)) };
+            let supported = !m.contains(&"sp")
+                && k == 16
+                && tys.len() == 3
+                && tys[1] == tys[2]
+                && matches!(tys[1], Ty::F16 | Ty::Bf16)
+                && (tys[0] == Ty::F32 || (tys[0] == Ty::F16 && tys[1] == Ty::F16));
+            if !supported {
+                inst.op = Op::Unsupported(i.opcode.clone());
+                return Ok(());
+            }
+            if n % 8 != 0 || !(8..=256).contains(&n) {
+                return err(line, format!("{}: N must be a multiple of 8 in 8..=256", i.opcode));
+            }
+            let a_in_regs = matches!(ops.get(1), Some(Operand::Vector(_)));
+            let want_ops = if a_in_regs { 7 } else { 8 };
+            if ops.len() != want_ops {
+                return err(line, format!("{}: expected {want_ops} operands, found {}", i.opcode, ops.len()));
+            }
+            let d_regs = if tys[0] == Ty::F32 { n / 2 } else { n / 4 };
+            ctx.dst(&ops[0], line, &mut inst.d)?;
+            if inst.d.len() != d_regs as usize || inst.d.contains(&None) {
+                return err(line, format!("{}: the accumulator takes {d_regs} registers", i.opcode));
+            }
+            for o in &ops[1..4] {
+                ctx.src(o, None, line, &mut inst.s)?;
+            }
+            if a_in_regs && inst.s.len() != 6 {
+                return err(line, format!("{}: A in registers takes 4 registers", i.opcode));
+            }
+            let imm = |k: usize, allowed: &[i64]| match ops.get(k) {
+                Some(Operand::Int(v)) if allowed.contains(v) => Ok(*v),
+                other => err(line, format!("{}: operand {} must be one of {allowed:?}, found {other:?}", i.opcode, k + 1)),
+            };
+            let neg_a = imm(4, &[1, -1])? == -1;
+            let neg_b = imm(5, &[1, -1])? == -1;
+            let (trans_a, trans_b) = if a_in_regs { (false, imm(6, &[0, 1])? == 1) } else { (imm(6, &[0, 1])? == 1, imm(7, &[0, 1])? == 1) };
+            inst.op = Op::Wgmma(WgmmaSpec { n, d_ty: tys[0], ab_ty: tys[1], a_in_regs, neg_a, neg_b, trans_a, trans_b });
+        }
+        _ => inst.op = Op::Unsupported(i.opcode.clone()),
+    }
+    Ok(())
+}
+
 fn rounding(m: &[&str]) -> Rnd {
     for x in m {
         match *x {
@@ -1142,6 +1205,7 @@ fn decode_inst(ctx: &Ctx, i: &Instruction) -> Result<Inst, ParseError> {
                 ctx.src(&ops[1], None, line, &mut inst.s)?;
             }
         }
+        "wgmma" => decode_wgmma(ctx, i, &mut inst, m)?,
         "mma" => {
             let shape = m.iter().find_map(|x| {
                 let rest = x.strip_prefix('m')?;

@@ -414,6 +414,25 @@ pub enum MbarOp {
     PendingCount,
 }
 
+/// `wgmma.mma_async.sync.aligned.m64nNk16.dtype.atype.btype` (PTX ISA §9.7.15.5.2): the immediates, fixed at decode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WgmmaSpec {
+    /// N: 8..=256 in steps of 8 (M is 64, K 16).
+    pub n: u32,
+    /// Accumulator type (f32, or f16 with f16 inputs).
+    pub d_ty: Ty,
+    /// Input type of A and B (f16 or bf16).
+    pub ab_ty: Ty,
+    /// A in four registers per thread (the RS form) instead of a shared-memory descriptor.
+    pub a_in_regs: bool,
+    /// `imm-scale-a` / `imm-scale-b` = -1.
+    pub neg_a: bool,
+    pub neg_b: bool,
+    /// `imm-trans-a` / `imm-trans-b` = 1: the operand is M- / N-major in shared memory instead of K-major.
+    pub trans_a: bool,
+    pub trans_b: bool,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MmaShape {
     pub m: u32,
@@ -533,6 +552,15 @@ pub enum Op {
     BulkCommit,
     /// `cp.async.bulk.wait_group{.read} n`
     BulkWait { n: u32, read: bool },
+    /// `wgmma.mma_async`: `d` = the accumulator registers; `s` = A (one descriptor, or four registers), the B
+    /// descriptor, scale-d.
+    Wgmma(WgmmaSpec),
+    /// `wgmma.fence.sync.aligned`
+    WgmmaFence,
+    /// `wgmma.commit_group.sync.aligned`
+    WgmmaCommit,
+    /// `wgmma.wait_group.sync.aligned n`
+    WgmmaWait(u32),
     /// `barrier.cluster.arrive{.release|.relaxed}{.aligned}`
     ClusterArrive,
     /// `barrier.cluster.wait{.acquire}{.aligned}`
@@ -580,7 +608,8 @@ impl Op {
             Op::Mapa | Op::GetCtaRank => Class::Move,
             Op::Shfl(_) | Op::Vote(_) | Op::Activemask | Op::Elect | Op::Redux { .. } | Op::Match { .. } => Class::WarpCollective,
             Op::Testp { .. } => Class::Float,
-            Op::Mma { .. } => Class::Tensor,
+            Op::Mma { .. } | Op::Wgmma(_) => Class::Tensor,
+            Op::WgmmaFence | Op::WgmmaCommit | Op::WgmmaWait(_) => Class::Sync,
         }
     }
 }

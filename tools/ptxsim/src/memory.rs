@@ -188,8 +188,11 @@ pub struct Race {
 pub struct SharedMemory {
     pub data: Vec<u8>,
     pub init: Vec<u8>,
-    /// Bytes that a queued async copy will write.
+    /// Bytes that a queued async copy will write (`exec`'s PENDING_* kinds).
     pub pending: Vec<u8>,
+    /// Per byte: how many unretired wgmma.mma_async read it, and the total over all bytes (0: nothing to check).
+    pub async_readers: Vec<u16>,
+    pub async_read_bytes: usize,
     access: Vec<Access>,
     pub race_check: bool,
     /// Increments at every block start and barrier: accesses from an older epoch are ordered before this one.
@@ -214,6 +217,8 @@ impl SharedMemory {
             data: vec![0; bytes],
             init: vec![0; bytes],
             pending: vec![0; bytes],
+            async_readers: vec![0; bytes],
+            async_read_bytes: 0,
             access: if race_check { vec![Access::default(); bytes] } else { Vec::new() },
             race_check,
             epoch: 0,
@@ -247,6 +252,8 @@ impl SharedMemory {
     pub fn reset(&mut self) {
         self.init.fill(0);
         self.pending.fill(0);
+        self.async_readers.fill(0);
+        self.async_read_bytes = 0;
         self.vc = Self::fresh_clocks(self.vc.len());
         self.hb_active = false;
         self.barrier();

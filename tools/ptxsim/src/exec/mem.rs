@@ -199,6 +199,7 @@ impl BlockCtx<'_> {
                     return fault(lane, format!("write to shared offset {off:#x} while a cp.async to it is in flight (missing cp.async.wait_group)"));
                 }
                 self.check_not_mbarrier(off, len, lane, "write")?;
+                self.check_no_async_readers(off, len, lane)?;
                 if track {
                     if let Some(r) = self.shared.track(off, len, w.linear_tid(lane), true) {
                         return fault(lane, self.race_message(&r, true));
@@ -215,6 +216,18 @@ impl BlockCtx<'_> {
             Loc::Param(o) => return fault(lane, format!("write to the param space at offset {o}: kernel parameters are read-only")),
         }
         Ok(())
+    }
+
+    /// A shared byte an unretired wgmma reads may not be overwritten (the buffer is released too early).
+    #[inline]
+    pub(super) fn check_no_async_readers(&self, off: usize, len: usize, lane: usize) -> Result<(), Fault> {
+        if self.shared.async_read_bytes == 0 {
+            return Ok(());
+        }
+        match self.shared.async_readers[off..off + len].iter().position(|&c| c > 0) {
+            Some(i) => fault(lane, format!("write to shared offset {:#x}, which an unretired wgmma.mma_async still reads: the buffer is reused before the wgmma.wait_group that retires that wgmma", off + i)),
+            None => Ok(()),
+        }
     }
 
     /// Only mbarrier instructions may touch an initialised mbarrier (PTX ISA §9.7.13.15.1).

@@ -8,6 +8,7 @@ mod collective;
 mod mbarrier;
 mod mem;
 mod tma;
+mod wgmma;
 
 use crate::counters::Counters;
 use crate::ir::*;
@@ -17,6 +18,7 @@ use crate::{Module, SimError, Site};
 pub(crate) use mbarrier::Mbarriers;
 pub(crate) use mem::AsyncQueue;
 pub(crate) use tma::BulkQueue;
+pub(crate) use wgmma::WgState;
 
 /// Barrier slots: ids 0..16 of `bar`/`barrier`, then the cluster barrier (`barrier.cluster`, one CTA per cluster).
 const NUM_BARRIERS: usize = 17;
@@ -195,6 +197,8 @@ pub(crate) enum Flow {
     MbarBlock(u32),
     /// These lanes wait until the cluster barrier phase of their warp's last arrive completes.
     ClusterWait(u32),
+    /// These lanes wait in a `wgmma.wait_group` for the rest of their warpgroup (re-run it when released).
+    WgBlock(u32),
 }
 
 #[derive(Clone, Copy, Default)]
@@ -221,6 +225,8 @@ pub(crate) struct BlockCtx<'a> {
     pub asyncq: &'a mut AsyncQueue,
     pub mbars: &'a mut Mbarriers,
     pub bulk: &'a mut BulkQueue,
+    /// wgmma state per warp.
+    pub wg: &'a mut Vec<WgState>,
     pub ntid: [u32; 3],
 }
 
@@ -281,6 +287,13 @@ impl BlockCtx<'_> {
                 return Err((Fault { lane: None, message: format!("more than {STEP_LIMIT} warp instructions in one block: runaway loop?") }, pc));
             }
             self.counters.count(self.classes[pc as usize], exec);
+            if self.wg[w.index as usize].inflight_total > 0 && exec != 0 && !matches!(inst.op, Op::Wgmma(_) | Op::WgmmaFence | Op::WgmmaCommit | Op::WgmmaWait(_)) {
+                if let Some(r) = self.wg[w.index as usize].touched(inst) {
+                    let line = self.wg[w.index as usize].oldest_line;
+                    let message = format!("register #{r} of an unfinished wgmma.mma_async (in flight since PTX line {line}) accessed before the wgmma.wait_group that retires it");
+                    return Err((Fault { lane: None, message }, pc));
+                }
+            }
             let flow = if exec == 0 && !matches!(inst.op, Op::Bar { .. } | Op::Shfl(_) | Op::Vote(_)) {
                 Flow::Next
             } else {
@@ -320,6 +333,7 @@ impl BlockCtx<'_> {
                 }
                 Flow::Exit(exiting) => {
                     w.live &= !exiting;
+                    self.wg[w.index as usize].exited = w.live == 0;
                     self.advance(w, pc, mask & !exiting);
                 }
                 Flow::Barrier { id, lanes: arriving, expected, wait } => {
@@ -364,6 +378,13 @@ impl BlockCtx<'_> {
                     w.blocked |= blocked;
                     w.mbar_blocked |= blocked;
                 }
+                Flow::WgBlock(blocked) => {
+                    w.materialize();
+                    for l in lanes(mask) {
+                        w.pc[l] = if blocked >> l & 1 != 0 { pc } else { pc + 1 };
+                    }
+                    w.blocked |= blocked;
+                }
                 Flow::ClusterWait(waiting) => {
                     w.materialize();
                     for l in lanes(mask) {
@@ -398,6 +419,13 @@ impl BlockCtx<'_> {
             for wi in 0..warps.len() {
                 warps[wi].release_completed(&bars);
                 warps[wi].release_mbarrier_waits(self.mbars);
+                if self.wg[wi].blocked != 0 && WgState::wait_ready(self.wg, wi) {
+                    let w = &mut warps[wi];
+                    w.materialize();
+                    w.blocked &= !self.wg[wi].blocked;
+                    w.converged = None;
+                    self.wg[wi].blocked = 0;
+                }
                 if warps[wi].live & !warps[wi].blocked != 0 {
                     let w = &mut warps[wi];
                     self.run_warp(w, &mut bars, &mut steps).map_err(|(f, pc)| self.error(w, f, pc))?;
@@ -444,6 +472,7 @@ impl BlockCtx<'_> {
                 }
             }
             released |= warps.iter().any(|w| (0..NUM_BARRIERS).any(|id| w.wait[id] != 0 && w.wait_phase[id] < bars[id].phase));
+            released |= (0..warps.len()).any(|wi| self.wg[wi].blocked != 0 && WgState::wait_ready(self.wg, wi));
             released |= warps.iter().any(|w| lanes(w.mbar_blocked).any(|l| self.mbars.map.get(&w.mbar_wait[l].0).is_none_or(|b| b.phase >= w.mbar_wait[l].1)));
             if !released && !self.bulk.loads.is_empty() {
                 // Nothing can run: the async copies in flight land now.
@@ -493,7 +522,15 @@ impl BlockCtx<'_> {
                 }
             }
         }
-        let bar_waiting: u32 = warps.iter().map(|w| (w.blocked & !w.mbar_blocked & w.live).count_ones()).sum();
+        for w in warps {
+            let wg_lanes = self.wg[w.index as usize].blocked & w.live;
+            if wg_lanes != 0 {
+                let lane = wg_lanes.trailing_zeros() as usize;
+                first.get_or_insert((w, lane, w.pc[lane]));
+                parts.push(format!("warp {} waits at wgmma.wait_group (PTX line {}) for the other warps of its warpgroup to commit their wgmma groups", w.index, self.kernel.code[w.pc[lane] as usize].line));
+            }
+        }
+        let bar_waiting: u32 = warps.iter().map(|w| (w.blocked & !w.mbar_blocked & !self.wg[w.index as usize].blocked & w.live).count_ones()).sum();
         if bar_waiting > 0 {
             let arrived: u32 = bars.iter().map(|b| b.arrived).sum();
             parts.push(format!("{arrived} of {live_threads} live threads wait at a barrier that can never complete"));
@@ -626,6 +663,10 @@ impl BlockCtx<'_> {
                 }
             }
             Op::GetCtaRank => lanes(exec).for_each(|l| w.set(inst.d[0], l, 0)),
+            Op::Wgmma(spec) => self.wgmma(w, inst, *spec, exec)?,
+            Op::WgmmaFence => {}
+            Op::WgmmaCommit => self.wgmma_commit(w),
+            Op::WgmmaWait(n) => return self.wgmma_wait(w, *n, exec),
             Op::TmaLoad { dims } => self.tma_load(w, inst, pc, *dims, exec)?,
             Op::TmaStore { dims } => self.tma_store(w, inst, *dims, exec)?,
             Op::BulkLoad => self.bulk_load(w, inst, pc, exec)?,
@@ -787,6 +828,7 @@ pub(crate) fn launch(
                 }
                 let mut mbars = Mbarriers::default();
                 let mut bulk = BulkQueue::new(threads as usize);
+                let mut wg: Vec<WgState> = (0..nwarps).map(|_| WgState::default()).collect();
                 let mut ctx = BlockCtx {
                     kernel,
                     classes: &classes,
@@ -798,6 +840,7 @@ pub(crate) fn launch(
                     asyncq: &mut asyncq,
                     mbars: &mut mbars,
                     bulk: &mut bulk,
+                    wg: &mut wg,
                     ntid: block,
                 };
                 ctx.run_block(&mut warps)?;

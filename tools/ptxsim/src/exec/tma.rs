@@ -128,6 +128,7 @@ impl BlockCtx<'_> {
                 return fault(l, format!("async copy into shared offset {d:#x}, which an unfinished async copy already writes"));
             }
             self.check_not_mbarrier_bytes(r.start, eb as usize, l)?;
+            self.check_no_async_readers(r.start, eb as usize, l)?;
             self.shared.pending[r].fill(PENDING_BULK);
         }
         let clock = self.shared.release(w.index as usize);

@@ -82,3 +82,70 @@ fn nvcc_wgmma_probe_matches_the_h100() {
         }
     }
 }
+
+fn a_val(m: usize, k: usize) -> f32 {
+    ((m * 7 + k * 3) % 9) as f32 - 4.0
+}
+fn b_val(k: usize, n: usize) -> f32 {
+    ((k * 5 + n * 11) % 7) as f32 - 3.0
+}
+
+/// Runs a wgmma probe with `params` built by `setup`, compares with the H100 dump, and checks the dump is A * B.
+fn wgmma_variant(kernel: &str, golden: &[u8], k: usize, setup: impl Fn(&mut Machine, u64) -> Vec<u8>) {
+    let module = module();
+    let golden: Vec<f32> = words(golden).into_iter().map(f32::from_bits).collect();
+    let mut m = Machine::new();
+    let out = poisoned(&mut m, 128 * 32 * 4);
+    let params = setup(&mut m, out);
+    m.launch(&module, kernel, [1, 1, 1], [128, 1, 1], 0, &params).unwrap_or_else(|e| panic!("{kernel}: {e}"));
+    assert_eq!(download::<f32>(&m, out, 128 * 32), golden, "{kernel}");
+    for t in 0..128usize {
+        let (w, l) = (t / 32, t % 32);
+        let (g, q) = (l / 4, l % 4);
+        for i in 0..32usize {
+            let (row, col) = (16 * w + g + 8 * ((i >> 1) & 1), 8 * (i >> 2) + 2 * q + (i & 1));
+            let want: f32 = (0..k).map(|kk| a_val(row, kk) * b_val(kk, col)).sum();
+            assert_eq!(golden[t * 32 + i], want, "{kernel}: thread {t} element {i}");
+        }
+    }
+}
+
+fn bf16_matrix(rows: usize, cols: usize, f: impl Fn(usize, usize) -> f32) -> Vec<bf16> {
+    (0..rows * cols).map(|i| bf16::from_f32(f(i / cols, i % cols))).collect()
+}
+
+#[test]
+fn nvcc_wgmma_transposed_b_matches_the_h100() {
+    wgmma_variant("wgmma_trans_b_probe", include_bytes!("fixtures/hopper_gpu_wgmma_trans_b.bin"), 64, |m, out| {
+        let a = upload(m, &bf16_matrix(64, 64, a_val));
+        let bt = upload(m, &bf16_matrix(64, 64, b_val)); // row k holds B[k][0..64]: N-major
+        let map = |g| encode_tiled(DataType::Bfloat16 as u32, 2, g, &[64, 64], &[128], &[64, 64], &[1, 1], 0, 3, 0, 0).unwrap();
+        let mut params = map(a).to_vec();
+        params.extend_from_slice(&map(bt));
+        params.extend_from_slice(&out.to_le_bytes());
+        params
+    });
+}
+
+#[test]
+fn nvcc_wgmma_a_in_registers_with_32b_swizzled_b_matches_the_h100() {
+    wgmma_variant("wgmma_rs_probe", include_bytes!("fixtures/hopper_gpu_wgmma_rs.bin"), 16, |m, out| {
+        let a = upload(m, &bf16_matrix(64, 16, a_val));
+        let b = upload(m, &bf16_matrix(64, 16, |n, k| b_val(k, n))); // row n holds B[0..16][n]: K-major
+        let map = encode_tiled(DataType::Bfloat16 as u32, 2, b, &[16, 64], &[32], &[16, 64], &[1, 1], 0, 1, 0, 0).unwrap();
+        let mut params = a.to_le_bytes().to_vec();
+        params.resize(128, 0);
+        params.extend_from_slice(&map);
+        params.extend_from_slice(&out.to_le_bytes());
+        params
+    });
+}
+
+#[test]
+fn nvcc_elect_picks_the_lane_the_h100_picks() {
+    let module = module();
+    let mut m = Machine::new();
+    let out = poisoned(&mut m, 64 * 4);
+    m.launch(&module, "elect_probe", [1, 1, 1], [32, 1, 1], 0, &out.to_le_bytes()).unwrap();
+    assert_eq!(download::<u32>(&m, out, 64), words(include_bytes!("fixtures/hopper_gpu_elect.bin")));
+}

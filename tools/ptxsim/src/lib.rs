@@ -31,12 +31,27 @@
 //!   directions, `cp.async.bulk.commit_group` / `wait_group{.read}`, `prefetch.tensormap` and the bulk prefetches.
 //!   Loads read their source at issue and land when a thread waits on their barrier's incomplete phase (or when no
 //!   warp can run); stores read their source at issue and write global memory at the `wait_group` that retires them.
+//! - wgmma: `wgmma.mma_async` m64nNk16 (N = 8..256) with f16/bf16 inputs and f32 (or f16) accumulators, A from a
+//!   shared-memory descriptor or registers, B from a descriptor, K-major or transposed, without swizzle or with the
+//!   32/64/128-byte swizzle (the absolute-address XOR TMA uses, so descriptor K-advances inside a swizzle row work),
+//!   scale-d, negated inputs; `wgmma.fence`, `commit_group`, `wait_group` (completing for the whole warpgroup: a wait
+//!   blocks until the other three warps have committed as many groups). Each warp computes its 16 rows at issue;
+//!   its D/A registers and the shared bytes it read stay in flight until the retiring wait: touching such a register,
+//!   or overwriting such a byte (store, atomic, TMA), is an error.
+//! - Checked against an H100 (tests/hopper_nvcc.rs, dumps from fixtures/hopper.cu): TMA tile loads in all four
+//!   swizzle modes with out-of-bounds boxes (whose complete_tx counts the whole box, out-of-bounds bytes included),
+//!   wgmma with 128-byte-swizzled K-major operands and K-advance, a transposed B, A in registers with a 32-byte-
+//!   swizzled B (the accumulator and A fragment layouts), and the lane `elect.sync` picks: all bit for bit.
 //! - Clusters of one CTA: `mapa` / `getctarank` (rank 0), `.shared::cluster` addresses, `barrier.cluster.arrive` /
 //!   `wait`, `%cluster_*` / `%clusterid` / `%is_explicit_cluster`; `fence.proxy.async`, `fence.proxy.tensormap`,
 //!   `fence.mbarrier_init` (ordering no-ops here), `elect.sync` (lowest lane), `setmaxnreg` (checked: 24..=256, a
 //!   multiple of 8, whole warp), `griddepcontrol` (launches are sequential).
 //!
-//! Known limits: no wgmma yet; no clusters of more than one CTA (multicast, distributed shared memory); no
+//! Known limits: wgmma with tf32, fp8 or int8 inputs and sparse wgmma are not supported yet (they decode as
+//! unsupported); wgmma sums exactly and rounds once, where the hardware truncates to 25 fraction bits
+//! (HOPPER-ASYNC.md §1.6), so results can differ in the last bit (small-integer data agrees exactly); registers
+//! written since the last `wgmma.fence` are not checked; a non-zero descriptor base offset is an error; no clusters of
+//! more than one CTA (multicast, distributed shared memory); no
 //! `cp.async.mbarrier.arrive`, `tensormap.replace` / `tensormap.cp_fenceproxy`, im2col TMA modes, TMA reductions,
 //! interleaved or TFLOAT32 / NaN-filled tensor maps; generic-proxy writes read by the async proxy without
 //! `fence.proxy.async` and overwrites of a bulk store's source before its `wait_group.read` are not detected (the

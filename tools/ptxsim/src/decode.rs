@@ -1135,9 +1135,10 @@ fn decode_inst(ctx: &Ctx, i: &Instruction) -> Result<Inst, ParseError> {
                 inst.op = Op::Bar { kind, id_is_operand: !ops.is_empty(), has_count: ops.len() > 1 };
             }
         }
-        // Memory and proxy fences (`fence.proxy.async`, `fence.proxy.tensormap::generic.{release,acquire}`,
-        // `fence.mbarrier_init.release.cluster`) order nothing an interpreter has to delay: accesses happen in program
-        // order and async copies land when waited for.
+        // Memory fences, `fence.proxy.tensormap::generic.{release,acquire}` and `fence.mbarrier_init.release.cluster`
+        // order nothing an interpreter has to delay: accesses happen in program order and async copies land when waited
+        // for. (`fence.proxy.async` is recorded for the proxy check above.)
+        "fence" if has("proxy") && m.iter().any(|x| x.starts_with("async")) => inst.op = Op::ProxyFence,
         "membar" | "fence" => inst.op = Op::Fence,
         "shfl" => {
             let mode = match m.get(1).copied() {

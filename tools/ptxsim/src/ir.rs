@@ -524,6 +524,9 @@ pub enum Op {
     Bar { kind: BarKind, id_is_operand: bool, has_count: bool },
     BarWarp,
     Fence,
+    /// `fence.proxy.async{.space}` (and the `async::generic` forms): orders this thread's generic-proxy accesses
+    /// with later async-proxy ones (wgmma operands, TMA / bulk store sources).
+    ProxyFence,
     Shfl(ShflMode),
     Vote(VoteMode),
     Activemask,
@@ -604,7 +607,7 @@ impl Op {
             Op::CpAsync { .. } | Op::CpAsyncCommit | Op::CpAsyncWait(_) => Class::AsyncCopy,
             Op::TmaLoad { .. } | Op::TmaStore { .. } | Op::BulkLoad | Op::BulkStore | Op::BulkCommit | Op::BulkWait { .. } => Class::AsyncCopy,
             Op::Bra(_) | Op::Exit | Op::Trap | Op::Nop | Op::Unsupported(_) | Op::Call { .. } | Op::Return(_) | Op::CopyLocal(_) | Op::AssertFail(_) => Class::Control,
-            Op::Bar { .. } | Op::BarWarp | Op::Fence | Op::Mbar(_) | Op::ClusterArrive | Op::ClusterWait | Op::SetMaxNReg(_) => Class::Sync,
+            Op::Bar { .. } | Op::BarWarp | Op::Fence | Op::ProxyFence | Op::Mbar(_) | Op::ClusterArrive | Op::ClusterWait | Op::SetMaxNReg(_) => Class::Sync,
             Op::Mapa | Op::GetCtaRank => Class::Move,
             Op::Shfl(_) | Op::Vote(_) | Op::Activemask | Op::Elect | Op::Redux { .. } | Op::Match { .. } => Class::WarpCollective,
             Op::Testp { .. } => Class::Float,

@@ -42,6 +42,9 @@
 //!   swizzle modes with out-of-bounds boxes (whose complete_tx counts the whole box, out-of-bounds bytes included),
 //!   wgmma with 128-byte-swizzled K-major operands and K-advance, a transposed B, A in registers with a 32-byte-
 //!   swizzled B (the accumulator and A fragment layouts), and the lane `elect.sync` picks: all bit for bit.
+//! - Proxy fences: an async-proxy read (wgmma operand, TMA or bulk store source) of shared bytes last written by a
+//!   generic-proxy store (st, atom, cp.async) is an error unless the writer, or the issuing thread, executed
+//!   `fence.proxy.async` after the write. Bytes a TMA / bulk copy wrote need no fence.
 //! - Clusters of one CTA: `mapa` / `getctarank` (rank 0), `.shared::cluster` addresses, `barrier.cluster.arrive` /
 //!   `wait`, `%cluster_*` / `%clusterid` / `%is_explicit_cluster`; `fence.proxy.async`, `fence.proxy.tensormap`,
 //!   `fence.mbarrier_init` (ordering no-ops here), `elect.sync` (lowest lane), `setmaxnreg` (checked: 24..=256, a
@@ -53,9 +56,10 @@
 //! written since the last `wgmma.fence` are not checked; a non-zero descriptor base offset is an error; no clusters of
 //! more than one CTA (multicast, distributed shared memory); no
 //! `cp.async.mbarrier.arrive`, `tensormap.replace` / `tensormap.cp_fenceproxy`, im2col TMA modes, TMA reductions,
-//! interleaved or TFLOAT32 / NaN-filled tensor maps; generic-proxy writes read by the async proxy without
-//! `fence.proxy.async` and overwrites of a bulk store's source before its `wait_group.read` are not detected (the
-//! copies read their sources at issue); `barrier.cluster` arrival phases are tracked per warp (the `.aligned` form);
+//! interleaved or TFLOAT32 / NaN-filled tensor maps; overwrites of a bulk store's source before its
+//! `wait_group.read` are not detected (stores read their sources at issue); the proxy-fence check orders a
+//! generic write and a `fence.proxy.async` by execution order, not happens-before (the race detector orders the
+//! threads); `barrier.cluster` arrival phases are tracked per warp (the `.aligned` form);
 //! no recursion, indirect calls or printf (clear errors where they would run); mma.sync sums products exactly and
 //! rounds once, which can differ from a GPU's accumulation in the last bit; `.approx` functions are computed to full
 //! precision (inside the ISA's error bounds); registers are not checked for initialisation.

@@ -209,6 +209,12 @@ pub struct SharedMemory {
     /// per byte that several warps read, which kernels without mbarriers never need).
     pub hb_active: bool,
     read_sets: std::collections::HashMap<u32, (u32, Vec<WarpRead>)>,
+    /// Proxy fences: per byte (event, thread) of its last generic-proxy write (event 0: written by the async proxy),
+    /// per thread the event of its last `fence.proxy.async`; `events` numbers both. Not reset between blocks: a byte
+    /// a block reads was written in that block (else the initialisation check fails first).
+    generic_writes: Vec<(u32, u32)>,
+    proxy_fences: Vec<u32>,
+    events: u32,
 }
 
 impl SharedMemory {
@@ -227,7 +233,42 @@ impl SharedMemory {
             vc: Self::fresh_clocks(warps),
             hb_active: false,
             read_sets: std::collections::HashMap::new(),
+            generic_writes: vec![(0, 0); bytes],
+            proxy_fences: vec![0; warps * 32],
+            events: 0,
         }
+    }
+
+    fn next_event(&mut self) -> u32 {
+        self.events += 1;
+        self.events
+    }
+
+    /// A write by the generic proxy (st, atom, cp.async landing) of thread `tid`.
+    pub fn generic_write(&mut self, off: usize, len: usize, tid: u32) {
+        let e = self.next_event();
+        self.generic_writes[off..off + len].fill((e, tid));
+    }
+
+    /// A write by the async proxy (a TMA / bulk copy landing): the async proxy may read it without a fence.
+    pub fn async_write(&mut self, off: usize, len: usize) {
+        self.generic_writes[off..off + len].fill((0, 0));
+    }
+
+    /// `fence.proxy.async` by thread `tid`.
+    pub fn proxy_fence(&mut self, tid: u32) {
+        let e = self.next_event();
+        self.proxy_fences[tid as usize] = e;
+    }
+
+    /// The first byte of `[off, off + len)` whose generic write no `fence.proxy.async` separates from an async-proxy
+    /// read issued by `issuer`: neither the writer nor the issuer fenced after the write (PTX ISA §9.7.13.4.2; the
+    /// usual pattern is: every writer fences, then a barrier, then one thread issues). Returns (offset, writer).
+    pub fn unfenced_generic_write(&self, off: usize, len: usize, issuer: u32) -> Option<(u32, u32)> {
+        (off..off + len).find_map(|i| {
+            let (e, writer) = self.generic_writes[i];
+            (e != 0 && self.proxy_fences[writer as usize] < e && self.proxy_fences[issuer as usize] < e).then_some((i as u32, writer))
+        })
     }
 
     fn fresh_clocks(warps: usize) -> Vec<Vec<u32>> {

@@ -1,8 +1,8 @@
 //! TMA on the interpreter: the tensor-map encoder's driver rules, tile loads of rank 1..5 with element strides,
 //! out-of-bounds zero fill and every swizzle mode (checked against the PTX ISA §5.5.7 swizzle tables, written here
 //! independently of the interpreter's XOR), tile stores with clipping, non-tensor bulk copies and bulk groups, and
-//! the checks: reading a TMA destination before its mbarrier phase completed, and a transaction count that never
-//! completes.
+//! the checks: reading a TMA destination before its mbarrier phase completed, a transaction count that never
+//! completes, and a TMA store of generic stores without fence.proxy.async.
 
 mod common;
 
@@ -253,6 +253,13 @@ fn tile_store_clips_at_the_tensor_end_and_refuses_negative_coordinates() {
     }
     let e = failure(launch(&src, &t, &[-1, 4], 0, 256, 0));
     assert!(e.message.contains("TMA store with coordinate 0 = -1"), "{e}");
+    // Without fence.proxy.async the generic stores are not visible to the TMA engine (async proxy) ...
+    let unfenced = src.replace("fence.proxy.async.shared::cta;", "");
+    let e = failure(launch(&unfenced, &t, &[16, 4], 0, 256, 0));
+    assert!(e.message.contains("the TMA store (async proxy) reads shared offset") && e.message.contains("no fence.proxy.async"), "{e}");
+    // ... unless the issuing thread fences after the barrier that orders the writes before it.
+    let issuer_fences = unfenced.replace("@%p cp.async.bulk.tensor.2d.global", "@%p fence.proxy.async;\n  @%p cp.async.bulk.tensor.2d.global");
+    launch(&issuer_fences, &t, &[16, 4], 0, 256, 0).unwrap_or_else(|e| panic!("{e}"));
 }
 
 #[test]

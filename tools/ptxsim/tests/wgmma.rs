@@ -2,7 +2,7 @@
 //! (K-major, and N-major B with imm-trans-b), the K-advance of the descriptor's start address inside a swizzle row
 //! (the DeepGEMM / fast.cu recipe), A from registers, f16 and f32 accumulators, scale-d and negated inputs; and the
 //! hazard checks: overwriting a wgmma's shared operand or touching its registers before the wait_group that
-//! retires it. Small-integer data, so every accumulation order gives the same exact result.
+//! retires it, and a generic store read by the wgmma without fence.proxy.async. Small-integer data, so every accumulation order gives the same exact result.
 
 mod common;
 
@@ -89,8 +89,8 @@ fn operand(layout: Layout, mn: u32, k: u32, base: u64, buf: u32, ks: u32, f16_in
     }
 }
 
-/// The kernel: TMA both operands, wait, K/16 wgmmas (descriptors from `in`), commit, `{between}`, wait, store D.
-fn source(c: &Case, between: &str) -> String {
+/// The kernel: TMA both operands, wait, `{before}`, K/16 wgmmas (descriptors from `in`), commit, `{between}`, wait, store D.
+fn source(c: &Case, before: &str, between: &str) -> String {
     let d_regs = if c.f16_acc { c.n / 4 } else { c.n / 2 };
     let dlist = (0..d_regs).map(|i| format!("%d{i}")).collect::<Vec<_>>().join(", ");
     let (ty_d, ty_ab) = (if c.f16_acc { "f16" } else { "f32" }, if c.f16_inputs { "f16" } else { "bf16" });
@@ -150,6 +150,7 @@ fn source(c: &Case, between: &str) -> String {
   @%p cp.async.bulk.tensor.{da}d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%dsta], [%ma, {ca}], [%bar];
   @%p cp.async.bulk.tensor.{db}d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%dstb], [%mb, {cb}], [%bar];
   {{ .reg .pred P1; LAB_WAIT: mbarrier.try_wait.parity.shared::cta.b64 P1, [%bar], 0; @P1 bra DONE; bra LAB_WAIT; DONE: }}
+  {before}
   wgmma.fence.sync.aligned;
 {steps}  wgmma.commit_group.sync.aligned;
   {between}
@@ -168,9 +169,9 @@ fn source(c: &Case, between: &str) -> String {
 }
 
 /// Runs a case; returns D as [64][n] f32.
-fn run_case(c: &Case, between: &str) -> Result<Vec<Vec<f32>>, SimError> {
+fn run_case(c: &Case, before: &str, between: &str) -> Result<Vec<Vec<f32>>, SimError> {
     let (n, k) = (c.n, c.k);
-    let src = source(c, between);
+    let src = source(c, before, between);
     let module = Module::parse(&src).unwrap_or_else(|e| panic!("{e}\n{src}"));
     let mut m = Machine::new();
     let a_global: Vec<u16> = (0..64).flat_map(|r| (0..k).map(move |kk| (r, kk))).map(|(r, kk)| bits16(a_val(r, kk), c.f16_inputs)).collect();
@@ -230,7 +231,7 @@ fn run_case(c: &Case, between: &str) -> Result<Vec<Vec<f32>>, SimError> {
 }
 
 fn check(c: Case) {
-    let d = run_case(&c, "").unwrap_or_else(|e| panic!("{e}"));
+    let d = run_case(&c, "", "").unwrap_or_else(|e| panic!("{e}"));
     let sign = if c.neg_b { -1.0 } else { 1.0 };
     for m in 0..64 {
         for n in 0..c.n {
@@ -271,12 +272,20 @@ fn wgmma_transposed_b_and_a_from_registers() {
 fn planted_wgmma_hazards_are_reported() {
     let c = case(64, 16, Layout::KMajor(Swizzle::B32), Layout::KMajor(Swizzle::B32));
     // Thread 0 overwrites part of B while the wgmma that reads it is not retired.
-    let e = run_case(&c, "@%p st.shared.u16 [sb+64], %z;").unwrap_err();
+    let e = run_case(&c, "", "@%p st.shared.u16 [sb+64], %z;").unwrap_err();
     assert!(e.message.contains("which an unretired wgmma.mma_async still reads"), "{e}");
     // Reading an accumulator register before the wait_group.
-    let e = run_case(&c, "mov.b32 %t, %d3;").unwrap_err();
+    let e = run_case(&c, "", "mov.b32 %t, %d3;").unwrap_err();
     assert!(e.message.contains("of an unfinished wgmma.mma_async") && e.message.contains("before the wgmma.wait_group"), "{e}");
     // After the wait, both are fine.
-    let d = run_case(&c, "wgmma.wait_group.sync.aligned 0;\n  mov.b32 %t, %d3;\n  @%p st.shared.u16 [sb+64], %z;").unwrap();
+    let d = run_case(&c, "", "wgmma.wait_group.sync.aligned 0;\n  mov.b32 %t, %d3;\n  @%p st.shared.u16 [sb+64], %z;").unwrap();
     assert_eq!(d[0][0], (0..16).map(|k| a_val(0, k) * b_val(k, 0)).sum::<f32>());
+    // Thread 0 rewrites an element of B (the same value) with a generic store: without fence.proxy.async the wgmma
+    // (async proxy) may not see it. With the fence (and the barrier that orders it before the other warps' wgmmas),
+    // the product is unchanged.
+    let rewrite = "{ .reg .b16 %h; @%p ld.shared.u16 %h, [sb+64]; @%p st.shared.u16 [sb+64], %h; }";
+    let e = run_case(&c, &format!("{rewrite} bar.sync 0;"), "").unwrap_err();
+    assert!(e.message.contains("wgmma.mma_async (async proxy) reads shared offset 0x2040") && e.message.contains("no fence.proxy.async"), "{e}");
+    let d = run_case(&c, &format!("{rewrite} fence.proxy.async.shared::cta; bar.sync 0;"), "").unwrap();
+    assert_eq!(d[63][63], (0..16).map(|k| a_val(63, k) * b_val(k, 63)).sum::<f32>());
 }

@@ -207,6 +207,7 @@ impl BlockCtx<'_> {
                 }
                 self.shared.data[off..off + len].copy_from_slice(data);
                 self.shared.init[off..off + len].fill(1);
+                self.shared.generic_write(off, len, w.linear_tid(lane));
             }
             Loc::Local(o) => {
                 let at = self.local_bounds(w, o, len, lane, "write")?;
@@ -226,6 +227,21 @@ impl BlockCtx<'_> {
         }
         match self.shared.async_readers[off..off + len].iter().position(|&c| c > 0) {
             Some(i) => fault(lane, format!("write to shared offset {:#x}, which an unretired wgmma.mma_async still reads: the buffer is reused before the wgmma.wait_group that retires that wgmma", off + i)),
+            None => Ok(()),
+        }
+    }
+
+    /// An async-proxy read (wgmma operand, TMA / bulk store source) of bytes written by generic stores needs a
+    /// `fence.proxy.async` between the two.
+    pub(super) fn check_proxy_fenced(&self, off: usize, len: usize, issuer: u32, lane: usize, reader: &str) -> Result<(), Fault> {
+        match self.shared.unfenced_generic_write(off, len, issuer) {
+            Some((at, writer)) => fault(
+                lane,
+                format!(
+                    "{reader} (async proxy) reads shared offset {at:#x}, which {} wrote with a generic-proxy store and no fence.proxy.async since (the writer, or this thread after it is ordered after the write, must execute fence.proxy.async)",
+                    self.thread_name(writer)
+                ),
+            ),
             None => Ok(()),
         }
     }

@@ -638,6 +638,7 @@ impl BlockCtx<'_> {
                 self.shared.warp_sync(w.index as usize);
             }
             Op::Fence | Op::Nop => {}
+            Op::ProxyFence => lanes(exec).for_each(|l| self.shared.proxy_fence(w.linear_tid(l))),
             Op::CreatePolicy => lanes(exec).for_each(|l| w.set(inst.d[0], l, 0)),
             Op::Shfl(mode) => collective::shfl(w, inst, *mode, exec, mask)?,
             Op::Vote(mode) => collective::vote(w, inst, *mode, exec, mask)?,

@@ -249,6 +249,7 @@ impl BlockCtx<'_> {
             }
             self.shared.data[off..off + eb].copy_from_slice(&ld.data[k * eb..(k + 1) * eb]);
             self.shared.init[off..off + eb].fill(1);
+            self.shared.async_write(off, eb);
         }
         let Some(b) = self.mbars.map.get_mut(&ld.mbar) else {
             return warp_fault(format!("the mbarrier at shared offset {:#x} of the async copy issued at PTX line {} was invalidated before the copy completed", ld.mbar, ld.line));
@@ -284,6 +285,7 @@ impl BlockCtx<'_> {
                 let Some(a) = dst else { continue };
                 let off = swizzle_offset(src + lin, map.swizzle);
                 self.read(w, Loc::Shared(off), l, &mut buf[..eb]).map_err(|f| Fault { message: format!("{} (TMA store source)", f.message), ..f })?;
+                self.check_proxy_fenced(off as usize, eb, w.linear_tid(l), l, "the TMA store")?;
                 store.writes.push((a, eb as u32));
                 store.data.extend_from_slice(&buf[..eb]);
             }
@@ -303,6 +305,7 @@ impl BlockCtx<'_> {
             }
             let mut data = vec![0u8; size as usize];
             self.read(w, Loc::Shared(src), l, &mut data).map_err(|f| Fault { message: format!("{} (cp.async.bulk source)", f.message), ..f })?;
+            self.check_proxy_fenced(src as usize, size as usize, w.linear_tid(l), l, "the bulk store")?;
             self.counters.global_bytes_written += size as u64;
             self.bulk.stores[w.linear_tid(l) as usize].push(PendingStore { group: UNCOMMITTED, writes: vec![(dst, size)], data, line: inst.line });
         }

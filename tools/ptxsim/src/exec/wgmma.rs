@@ -121,6 +121,7 @@ impl BlockCtx<'_> {
         let off = desc.element(mn, k, k_major);
         let mut b = [0u8; 2];
         self.read(w, Loc::Shared(off), 0, &mut b).map_err(|f| Fault { message: format!("{} (wgmma operand element ({mn}, {k}))", f.message), ..f })?;
+        self.check_proxy_fenced(off as usize, 2, w.linear_tid(0), 0, "wgmma.mma_async")?;
         read.push(off);
         Ok(decode16(ty, u16::from_le_bytes(b) as u32))
     }

@@ -37,7 +37,8 @@
 //!   scale-d, negated inputs; `wgmma.fence`, `commit_group`, `wait_group` (completing for the whole warpgroup: a wait
 //!   blocks until the other three warps have committed as many groups). Each warp computes its 16 rows at issue;
 //!   its D/A registers and the shared bytes it read stay in flight until the retiring wait: touching such a register,
-//!   or overwriting such a byte (store, atomic, TMA), is an error.
+//!   or overwriting such a byte (store, atomic, TMA), is an error. A wgmma before any `wgmma.fence`, or using a
+//!   register another instruction wrote after the last fence, is an error too (`Machine::wgmma_fence_check`).
 //! - Checked against an H100 (tests/hopper_nvcc.rs, dumps from fixtures/hopper.cu): TMA tile loads in all four
 //!   swizzle modes with out-of-bounds boxes (whose complete_tx counts the whole box, out-of-bounds bytes included),
 //!   wgmma with 128-byte-swizzled K-major operands and K-advance, a transposed B, A in registers with a 32-byte-
@@ -53,7 +54,7 @@
 //! Known limits: wgmma with tf32, fp8 or int8 inputs and sparse wgmma are not supported yet (they decode as
 //! unsupported); wgmma sums exactly and rounds once, where the hardware truncates to 25 fraction bits
 //! (HOPPER-ASYNC.md §1.6), so results can differ in the last bit (small-integer data agrees exactly); registers
-//! written since the last `wgmma.fence` are not checked; a non-zero descriptor base offset is an error; no clusters of
+//! the `.aligned` rule (all four warps issue the same wgmma with the same descriptors) is not checked; a non-zero descriptor base offset is an error; no clusters of
 //! more than one CTA (multicast, distributed shared memory); no
 //! `cp.async.mbarrier.arrive`, `tensormap.replace` / `tensormap.cp_fenceproxy`, im2col TMA modes, TMA reductions,
 //! interleaved or TFLOAT32 / NaN-filled tensor maps; overwrites of a bulk store's source before its
@@ -167,6 +168,9 @@ pub struct Machine {
     global: GlobalMemory,
     /// Shared-memory race detection (on by default).
     pub race_check: bool,
+    /// Report a wgmma whose accumulator or A registers another instruction wrote after the last `wgmma.fence` (on by
+    /// default; ptxas accepts such code but serialises the wgmmas, warning C7515).
+    pub wgmma_fence_check: bool,
 }
 
 impl Default for Machine {
@@ -177,7 +181,7 @@ impl Default for Machine {
 
 impl Machine {
     pub fn new() -> Machine {
-        Machine { global: GlobalMemory::default(), race_check: true }
+        Machine { global: GlobalMemory::default(), race_check: true, wgmma_fence_check: true }
     }
 
     /// Uninitialised device memory: a kernel reading it before anything wrote it is an error.
@@ -229,6 +233,7 @@ impl Machine {
         dynamic_shared_bytes: u32,
         params: &[u8],
     ) -> Result<Counters, SimError> {
-        exec::launch(&mut self.global, module, entry, grid, block, dynamic_shared_bytes, params, self.race_check)
+        let checks = exec::Checks { race: self.race_check, wgmma_fence: self.wgmma_fence_check };
+        exec::launch(&mut self.global, module, entry, grid, block, dynamic_shared_bytes, params, checks)
     }
 }

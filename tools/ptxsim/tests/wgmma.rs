@@ -2,7 +2,7 @@
 //! (K-major, and N-major B with imm-trans-b), the K-advance of the descriptor's start address inside a swizzle row
 //! (the DeepGEMM / fast.cu recipe), A from registers, f16 and f32 accumulators, scale-d and negated inputs; and the
 //! hazard checks: overwriting a wgmma's shared operand or touching its registers before the wait_group that
-//! retires it, and a generic store read by the wgmma without fence.proxy.async. Small-integer data, so every accumulation order gives the same exact result.
+//! retires it, a generic store read by the wgmma without fence.proxy.async, and a missing wgmma.fence. Small-integer data, so every accumulation order gives the same exact result.
 
 mod common;
 
@@ -104,7 +104,7 @@ fn source(c: &Case, before: &str, between: &str) -> String {
         steps += &format!("  ld.global.u64 %da, [%in+{}];\n  ld.global.u64 %db, [%in+{}];\n", 16 * ks, 16 * ks + 8);
         if c.a_in_regs {
             steps += &format!(
-                "  mul.wide.u32 %off, %tid, 16;\n  add.s64 %g, %in, %off;\n  ld.global.v4.u32 {{{a}}}, [%g+{}];\n  \
+                "  mul.wide.u32 %off, %tid, 16;\n  add.s64 %g, %in, %off;\n  ld.global.v4.u32 {{{a}}}, [%g+{}];\n  wgmma.fence.sync.aligned;\n  \
                  wgmma.mma_async.sync.aligned.m64n{}k16.{ty_d}.{ty_ab}.{ty_ab} {{{dlist}}}, {{{a}}}, %db, {scale_d}, 1, {neg_b}, {trans_b};\n",
                 64 + 2048 * ks,
                 c.n,
@@ -170,10 +170,15 @@ fn source(c: &Case, before: &str, between: &str) -> String {
 
 /// Runs a case; returns D as [64][n] f32.
 fn run_case(c: &Case, before: &str, between: &str) -> Result<Vec<Vec<f32>>, SimError> {
+    run_source(c, &source(c, before, between), true)
+}
+
+/// Runs the kernel `src` made for case `c`; returns D as [64][n] f32.
+fn run_source(c: &Case, src: &str, wgmma_fence_check: bool) -> Result<Vec<Vec<f32>>, SimError> {
     let (n, k) = (c.n, c.k);
-    let src = source(c, before, between);
-    let module = Module::parse(&src).unwrap_or_else(|e| panic!("{e}\n{src}"));
+    let module = Module::parse(src).unwrap_or_else(|e| panic!("{e}\n{src}"));
     let mut m = Machine::new();
+    m.wgmma_fence_check = wgmma_fence_check;
     let a_global: Vec<u16> = (0..64).flat_map(|r| (0..k).map(move |kk| (r, kk))).map(|(r, kk)| bits16(a_val(r, kk), c.f16_inputs)).collect();
     let b_global: Vec<u16> = if c.b == Layout::MnMajor128 {
         (0..k).flat_map(|kk| (0..n).map(move |nn| (kk, nn))).map(|(kk, nn)| bits16(b_val(kk, nn), c.f16_inputs)).collect()
@@ -288,4 +293,11 @@ fn planted_wgmma_hazards_are_reported() {
     assert!(e.message.contains("wgmma.mma_async (async proxy) reads shared offset 0x2040") && e.message.contains("no fence.proxy.async"), "{e}");
     let d = run_case(&c, &format!("{rewrite} fence.proxy.async.shared::cta; bar.sync 0;"), "").unwrap();
     assert_eq!(d[63][63], (0..16).map(|k| a_val(63, k) * b_val(k, 63)).sum::<f32>());
+    // An accumulator written after the fence (the C7515 pattern), and a wgmma with no fence at all.
+    let late_write = source(&c, "", "").replace("wgmma.fence.sync.aligned;\n", "wgmma.fence.sync.aligned;\n  mov.f32 %d1, 0f00000000;\n");
+    let e = run_source(&c, &late_write, true).unwrap_err();
+    assert!(e.message.contains("written by another instruction after the last wgmma.fence"), "{e}");
+    assert_eq!(run_source(&c, &late_write, false).unwrap()[5][5], (0..16).map(|k| a_val(5, k) * b_val(k, 5)).sum::<f32>());
+    let e = run_source(&c, &source(&c, "", "").replace("wgmma.fence.sync.aligned;\n", ""), true).unwrap_err();
+    assert!(e.message.contains("before any wgmma.fence"), "{e}");
 }

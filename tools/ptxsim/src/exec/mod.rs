@@ -227,6 +227,7 @@ pub(crate) struct BlockCtx<'a> {
     pub bulk: &'a mut BulkQueue,
     /// wgmma state per warp.
     pub wg: &'a mut Vec<WgState>,
+    pub wgmma_fence_check: bool,
     pub ntid: [u32; 3],
 }
 
@@ -287,12 +288,13 @@ impl BlockCtx<'_> {
                 return Err((Fault { lane: None, message: format!("more than {STEP_LIMIT} warp instructions in one block: runaway loop?") }, pc));
             }
             self.counters.count(self.classes[pc as usize], exec);
-            if self.wg[w.index as usize].inflight_total > 0 && exec != 0 && !matches!(inst.op, Op::Wgmma(_) | Op::WgmmaFence | Op::WgmmaCommit | Op::WgmmaWait(_)) {
-                if let Some(r) = self.wg[w.index as usize].touched(inst) {
-                    let line = self.wg[w.index as usize].oldest_line;
-                    let message = format!("register #{r} of an unfinished wgmma.mma_async (in flight since PTX line {line}) accessed before the wgmma.wait_group that retires it");
+            let st = &mut self.wg[w.index as usize];
+            if (st.inflight_total > 0 || st.tracking) && exec != 0 && !matches!(inst.op, Op::Wgmma(_) | Op::WgmmaFence | Op::WgmmaCommit | Op::WgmmaWait(_)) {
+                if let Some(r) = st.touched(inst) {
+                    let message = format!("register #{r} of an unfinished wgmma.mma_async (in flight since PTX line {}) accessed before the wgmma.wait_group that retires it", st.oldest_line);
                     return Err((Fault { lane: None, message }, pc));
                 }
+                st.mark_written(inst);
             }
             let flow = if exec == 0 && !matches!(inst.op, Op::Bar { .. } | Op::Shfl(_) | Op::Vote(_)) {
                 Flow::Next
@@ -665,7 +667,7 @@ impl BlockCtx<'_> {
             }
             Op::GetCtaRank => lanes(exec).for_each(|l| w.set(inst.d[0], l, 0)),
             Op::Wgmma(spec) => self.wgmma(w, inst, *spec, exec)?,
-            Op::WgmmaFence => {}
+            Op::WgmmaFence => self.wg[w.index as usize].fence(self.kernel.num_regs),
             Op::WgmmaCommit => self.wgmma_commit(w),
             Op::WgmmaWait(n) => return self.wgmma_wait(w, *n, exec),
             Op::TmaLoad { dims } => self.tma_load(w, inst, pc, *dims, exec)?,
@@ -745,6 +747,13 @@ impl BlockCtx<'_> {
     }
 }
 
+/// The optional checks of a launch.
+#[derive(Clone, Copy)]
+pub(crate) struct Checks {
+    pub race: bool,
+    pub wgmma_fence: bool,
+}
+
 /// Launches `entry` of `module`; see `Machine::launch`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn launch(
@@ -755,7 +764,7 @@ pub(crate) fn launch(
     block: [u32; 3],
     dynamic_shared_bytes: u32,
     params: &[u8],
-    race_check: bool,
+    checks: Checks,
 ) -> Result<Counters, SimError> {
     let kernel = module.kernel(entry).ok_or_else(|| SimError::host(format!("no kernel named {entry} in the module (have {:?})", module.entries())))?;
     let threads = block.iter().map(|&d| d as u64).product::<u64>();
@@ -773,7 +782,7 @@ pub(crate) fn launch(
         return Err(SimError::host(format!("kernel {entry} needs {shared_size} bytes of shared memory; the limit is 227 KiB")));
     }
     let nwarps = threads.div_ceil(32) as usize;
-    let mut shared = SharedMemory::new(shared_size, nwarps, race_check);
+    let mut shared = SharedMemory::new(shared_size, nwarps, checks.race);
     let mut counters = Counters { kernel: kernel.name.clone(), ..Counters::default() };
     let mut asyncq = AsyncQueue::new(threads as usize);
     let local_bytes = kernel.local_bytes as usize;
@@ -842,6 +851,7 @@ pub(crate) fn launch(
                     mbars: &mut mbars,
                     bulk: &mut bulk,
                     wg: &mut wg,
+                    wgmma_fence_check: checks.wgmma_fence,
                     ntid: block,
                 };
                 ctx.run_block(&mut warps)?;

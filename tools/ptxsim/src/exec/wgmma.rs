@@ -45,9 +45,29 @@ pub(crate) struct WgState {
     pub oldest_line: u32,
     /// The warp has exited (a wait does not wait for it).
     pub exited: bool,
+    /// A `wgmma.fence` has run: from then on, registers written by other instructions are marked in `written`
+    /// until the next fence.
+    pub tracking: bool,
+    written: Vec<bool>,
 }
 
 impl WgState {
+    /// `wgmma.fence`: later wgmmas may use every register written so far.
+    pub fn fence(&mut self, num_regs: u32) {
+        self.tracking = true;
+        self.written.clear();
+        self.written.resize(num_regs as usize, false);
+    }
+
+    /// Marks the destination registers of a non-wgmma instruction executed after a fence.
+    pub fn mark_written(&mut self, inst: &Inst) {
+        if self.tracking {
+            for &r in inst.d.iter().flatten() {
+                self.written[r as usize] = true;
+            }
+        }
+    }
+
     /// Whether the warpgroup of warp `wi` has caught up with this warp's blocked wait.
     pub fn wait_ready(all: &[WgState], wi: usize) -> bool {
         let target = all[wi].wait_target;
@@ -134,6 +154,19 @@ impl BlockCtx<'_> {
         let group_first = w.index / 4 * 4;
         if threads < (group_first + 4) * 32 {
             return warp_fault(format!("wgmma.mma_async in warp {}: the block's {threads} threads do not fill its warpgroup (warps {group_first}..{})", w.index, group_first + 3));
+        }
+        if self.wgmma_fence_check {
+            let st = &self.wg[w.index as usize];
+            if !st.tracking {
+                return warp_fault("wgmma.mma_async before any wgmma.fence in this warp (PTX ISA §9.7.15.7.1: the fence must precede the first wgmma)");
+            }
+            let a_regs = if spec.a_in_regs { &inst.s[..4] } else { &[] };
+            let used = inst.d.iter().flatten().copied().chain(a_regs.iter().filter_map(|s| if let Src::Reg(r) = s { Some(*r) } else { None }));
+            if let Some(r) = used.into_iter().find(|&r| st.written[r as usize]) {
+                return warp_fault(format!(
+                    "register #{r}, an accumulator or A fragment of this wgmma.mma_async, was written by another instruction after the last wgmma.fence: missing wgmma.fence (ptxas would serialise the wgmmas, warning C7515; Machine::wgmma_fence_check turns this check off)"
+                ));
+            }
         }
         let wr = w.index % 4;
         let n = spec.n as usize;

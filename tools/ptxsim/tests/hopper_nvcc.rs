@@ -149,3 +149,44 @@ fn nvcc_elect_picks_the_lane_the_h100_picks() {
     m.launch(&module, "elect_probe", [1, 1, 1], [32, 1, 1], 0, &out.to_le_bytes()).unwrap();
     assert_eq!(download::<u32>(&m, out, 64), words(include_bytes!("fixtures/hopper_gpu_elect.bin")));
 }
+
+#[test]
+fn nvcc_warp_specialised_tma_wgmma_pipeline() {
+    // Producer warpgroup + consumer warpgroup over a 2-stage ring of 4 k-tiles: every stage is reused, so the TMA
+    // overwrite is ordered after the consumer's wait_group and empty-barrier arrive only through the barriers.
+    let counters = ws_gemm(false).unwrap_or_else(|e| panic!("{e}"));
+    // 4 k-tiles x 4 k-steps x 4 warps.
+    assert_eq!(counters.tensor_ops, 64);
+    // The planted bug: the stage is released before the wait_group. The other three consumer warps' wgmma reads are
+    // then not ordered before the producer's next TMA into that stage, in whatever order the warps run.
+    let e = ws_gemm(true).unwrap_err();
+    assert!(e.message.contains("the async copy issued at PTX line") && e.message.contains("read without being ordered before the copy's issue"), "{e}");
+}
+
+/// Runs ws_gemm (K = 256) and checks C when it succeeds.
+fn ws_gemm(early_release: bool) -> Result<ptxsim::Counters, ptxsim::SimError> {
+    let module = module();
+    let k = 256usize;
+    let mut m = Machine::new();
+    let a = upload(&mut m, &bf16_matrix(64, k, a_val));
+    let b = upload(&mut m, &bf16_matrix(64, k, |n, kk| b_val(kk, n)));
+    let out = poisoned(&mut m, 128 * 32 * 4);
+    let map = |g| encode_tiled(DataType::Bfloat16 as u32, 2, g, &[k as u64, 64], &[2 * k as u64], &[64, 64], &[1, 1], 0, 3, 0, 0).unwrap();
+    let mut params = map(a).to_vec();
+    params.extend_from_slice(&map(b));
+    params.extend_from_slice(&out.to_le_bytes());
+    params.extend_from_slice(&((k / 64) as i32).to_le_bytes());
+    params.extend_from_slice(&(early_release as i32).to_le_bytes());
+    let counters = m.launch(&module, "ws_gemm", [1, 1, 1], [256, 1, 1], 32768, &params)?;
+    let got: Vec<f32> = download(&m, out, 128 * 32);
+    for t in 0..128usize {
+        let (w, l) = (t / 32, t % 32);
+        let (g, q) = (l / 4, l % 4);
+        for i in 0..32usize {
+            let (row, col) = (16 * w + g + 8 * ((i >> 1) & 1), 8 * (i >> 2) + 2 * q + (i & 1));
+            let want: f32 = (0..k).map(|kk| a_val(row, kk) * b_val(kk, col)).sum();
+            assert_eq!(got[t * 32 + i], want, "thread {t} element {i}");
+        }
+    }
+    Ok(counters)
+}

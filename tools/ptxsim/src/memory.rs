@@ -210,8 +210,7 @@ pub struct SharedMemory {
     pub hb_active: bool,
     read_sets: std::collections::HashMap<u32, (u32, Vec<WarpRead>)>,
     /// Proxy fences: per byte (event, thread) of its last generic-proxy write (event 0: written by the async proxy),
-    /// per thread the event of its last `fence.proxy.async`; `events` numbers both. Not reset between blocks: a byte
-    /// a block reads was written in that block (else the initialisation check fails first).
+    /// per thread the event of its last `fence.proxy.async`; `events` numbers both, from 0 at every block.
     generic_writes: Vec<(u32, u32)>,
     proxy_fences: Vec<u32>,
     events: u32,
@@ -240,7 +239,8 @@ impl SharedMemory {
     }
 
     fn next_event(&mut self) -> u32 {
-        self.events += 1;
+        // 2^32 shared writes in one block are far beyond what the interpreter runs; wrapping keeps it panic-free.
+        self.events = self.events.wrapping_add(1);
         self.events
     }
 
@@ -295,6 +295,9 @@ impl SharedMemory {
         self.pending.fill(0);
         self.async_readers.fill(0);
         self.async_read_bytes = 0;
+        self.generic_writes.fill((0, 0));
+        self.proxy_fences.fill(0);
+        self.events = 0;
         self.vc = Self::fresh_clocks(self.vc.len());
         self.hb_active = false;
         self.barrier();

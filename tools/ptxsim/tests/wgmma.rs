@@ -300,4 +300,8 @@ fn planted_wgmma_hazards_are_reported() {
     assert_eq!(run_source(&c, &late_write, false).unwrap()[5][5], (0..16).map(|k| a_val(5, k) * b_val(k, 5)).sum::<f32>());
     let e = run_source(&c, &source(&c, "", "").replace("wgmma.fence.sync.aligned;\n", ""), true).unwrap_err();
     assert!(e.message.contains("before any wgmma.fence"), "{e}");
+    // A descriptor that differs between lanes.
+    let skewed = source(&c, "", "").replace("  wgmma.fence.sync.aligned;\n", "  wgmma.fence.sync.aligned;\n  @%p add.s64 %da, %da, 2;\n").replace("  ld.global.u64 %da, [%in+0];\n", "");
+    let e = run_source(&c, &skewed.replacen("wgmma.fence.sync.aligned;", "ld.global.u64 %da, [%in+0];\n  wgmma.fence.sync.aligned;", 1), true).unwrap_err();
+    assert!(e.message.contains("differs between lanes 0 and 1"), "{e}");
 }

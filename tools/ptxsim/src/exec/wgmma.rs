@@ -168,6 +168,14 @@ impl BlockCtx<'_> {
                 ));
             }
         }
+        // Descriptors and scale-d are warp-uniform operands (PTX ISA §9.7.15.5.2): the lanes must agree.
+        let uniform: &[usize] = if spec.a_in_regs { &[4, 5] } else { &[0, 1, 2] };
+        for &at in uniform {
+            let v0 = w.val(&inst.s[at], 0);
+            if let Some(l) = (1..32).find(|&l| w.val(&inst.s[at], l) != v0) {
+                return warp_fault(format!("wgmma.mma_async operand {} differs between lanes 0 and {l} ({v0:#x} vs {:#x}): descriptors and scale-d must be the same in every lane", at + 2, w.val(&inst.s[at], l)));
+            }
+        }
         let wr = w.index % 4;
         let n = spec.n as usize;
         let ty = spec.ab_ty;

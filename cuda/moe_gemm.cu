@@ -17,6 +17,9 @@
 // per-tensor scale by moe_quantize_act_e4m3) go straight to mma.sync m16n8k32 e4m3; the epilogue multiplies the weight
 // scale by the activation scale.
 //
+// Batched dense mode (grid z = heads): matrix z of the weights times head z's slice of every input row, written to
+// head z's slice of every output row (the per-head W_UK / W_UV products of MLA in one launch instead of one per head).
+//
 // Grouping: block y is a tile of tile_m slots; a block whose tile is not the first of a BN-slot group of its expert
 // exits at once, so an expert with up to BN pairs streams its weights exactly once (decode: tile_m 8, BN 32).
 //
@@ -217,7 +220,8 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
         if ((slot_begin - first_slot) % BN != 0) return;
         slot_end = min(slot_begin + BN, p.expert_offsets[expert + 1]);
     } else {
-        expert = 0;
+        // Dense mode; a batched launch (grid z > 1) runs matrix z of the weights on head z's input and output columns.
+        expert = blockIdx.z;
         slot_begin = blockIdx.y * BN;
         if (slot_begin >= p.dense_rows) return;
         slot_end = min(slot_begin + BN, p.dense_rows);
@@ -241,6 +245,9 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
     const int first_tile = blockIdx.x * (BM / 16);
     const int k_blocks = p.k_dim / kBK;
     const unsigned char *w_expert = p.weights + (long long)expert * p.expert_stride;
+    const bf16 *x_in = p.x + (long)blockIdx.z * p.x_batch_stride;
+    bf16 *out_bf16 = p.out_bf16 + (long)blockIdx.z * p.out_batch_stride;
+    float *out_f32 = p.out_f32 + (long)blockIdx.z * p.out_batch_stride;
 
     auto load_stage = [&](int stage, int kb) {
         unsigned char *w_dst = w_smem + stage * kWStage;
@@ -260,7 +267,7 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
             if constexpr (Fp8Act) {
                 src = p.x_e4m3 + src_row * p.x_stride + kb * kBK + chunk * 16;
             } else {
-                src = p.x + src_row * p.x_stride + kb * kBK + chunk * 8;
+                src = x_in + src_row * p.x_stride + kb * kBK + chunk * 8;
             }
             cp_async16(x_dst + x_chunk_offset<Fp8Act>(row, chunk), src);
         }
@@ -359,18 +366,18 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
                     const int h = tile * 8 + g;
                     if (h < p.out_cols) {
                         const float act = v_g / (1.f + __expf(-v_g)) * v_g8;
-                        p.out_bf16[(long)(slot_begin + slot) * p.out_stride + h] = __float2bfloat16(act);
+                        out_bf16[(long)(slot_begin + slot) * p.out_stride + h] = __float2bfloat16(act);
                     }
                     continue;
                 }
                 const long out_row = p.out_by_pair ? pair : slot_begin + slot;
                 const float weight = p.pair_weights != nullptr ? p.pair_weights[pair] : 1.f;
                 if (p.out_f32 != nullptr) {
-                    float *o = p.out_f32 + out_row * p.out_stride;
+                    float *o = out_f32 + out_row * p.out_stride;
                     if (feature < p.out_cols) o[feature] = v_g * weight;
                     if (feature + 8 < p.out_cols) o[feature + 8] = v_g8 * weight;
                 } else {
-                    bf16 *o = p.out_bf16 + out_row * p.out_stride;
+                    bf16 *o = out_bf16 + out_row * p.out_stride;
                     if (feature < p.out_cols) o[feature] = __float2bfloat16(v_g * weight);
                     if (feature + 8 < p.out_cols) o[feature + 8] = __float2bfloat16(v_g8 * weight);
                 }

@@ -329,6 +329,61 @@ fn linear_wide_output_runs_the_small_tile(device: &Device) {
     }
 }
 
+/// MLA's per-head products in one batched launch (`linear_per_head`) at the real geometry: 32 heads, W_UK reading
+/// the 64 nope values of 128-wide query heads into 256 latents, W_UV reading 256 latents into 128 values; decode
+/// (1 and 3 rows) and prefill (40 rows) tiles, every format the attention weights come in plus a 4-bit one. Each head
+/// is checked against its own reference product, so a head reading its neighbour's columns or weights fails.
+fn linear_per_head_matches_reference(device: &Device) {
+    let heads = 32;
+    let mut rng = rng(13);
+    for (format, rows, (k_dim, head_in, out_cols)) in [
+        (WeightFormat::Bf16, 1, (64, 128, 256)),
+        (WeightFormat::Fp8PerTensor, 3, (64, 128, 256)),
+        (WeightFormat::Bf16, 40, (256, 256, 128)),
+        (WeightFormat::Fp8Block128, 1, (256, 256, 128)),
+        (WeightFormat::Nvfp4, 3, (256, 256, 128)),
+    ] {
+        let mats: Vec<(QuantizedMatrix, Vec<f32>)> = (0..heads).map(|_| random_matrix(&mut rng, format, out_cols, k_dim)).collect();
+        let packed = repack::repack_linear(&mats.iter().map(|(q, _)| q.into()).collect::<Vec<MatrixRef>>()).unwrap();
+        let weights = DeviceWeights::upload(device, &packed).unwrap();
+        let x = random_bf16(&mut rng, rows * heads * head_in, 1.0);
+        let x_dev = DeviceBuffer::from_slice(device, &x).unwrap();
+        let y = DeviceBuffer::<bf16>::filled_with_byte(device, rows * heads * out_cols, 0xff).unwrap();
+        moe::linear_per_head(&weights, x_dev.view([rows, heads, head_in]).unwrap(), y.view([rows, heads, out_cols]).unwrap()).unwrap();
+        let got = to_f32(&y.to_vec().unwrap());
+        for (h, (_, deq)) in mats.iter().enumerate() {
+            let x_h: Vec<f32> = (0..rows).flat_map(|r| to_f32(&x[(r * heads + h) * head_in..][..k_dim])).collect();
+            let want = matmul_nt(&x_h, deq, rows, k_dim, out_cols);
+            let got_h: Vec<f32> = (0..rows).flat_map(|r| got[(r * heads + h) * out_cols..][..out_cols].to_vec()).collect();
+            assert_agrees(&format!("linear_per_head {format} rows {rows} head {h}"), &got_h, &want);
+        }
+    }
+}
+
+/// Two matrices stacked by rows (`repack_row_concat`: MLA's wq_a over wkv_a_with_mqa, 1024 + 320 rows at the real
+/// size, here 128 + 320) give, in one GEMM, the columns of both products; FP8 per-tensor keeps each part's scale and
+/// FP8 block-128 each part's block scales (also for 64-row pieces, as W_UV's).
+fn row_concat_linear_matches_both_parts(device: &Device) {
+    let in_dim = 256;
+    let mut rng = rng(14);
+    for (format, parts) in [(WeightFormat::Bf16, [128, 320]), (WeightFormat::Fp8PerTensor, [128, 320]), (WeightFormat::Fp8Block128, [64, 64]), (WeightFormat::Int4 { group: 128, zero_point: false }, [128, 320])] {
+        let (a, da) = random_matrix(&mut rng, format, parts[0], in_dim);
+        let (b, db) = random_matrix(&mut rng, format, parts[1], in_dim);
+        let packed = repack::repack_row_concat(&[vec![(&a).into(), (&b).into()]]).unwrap();
+        let weights = DeviceWeights::upload(device, &packed).unwrap();
+        let rows = 2;
+        let out = parts[0] + parts[1];
+        let x = random_bf16(&mut rng, rows * in_dim, 1.0);
+        let x_dev = DeviceBuffer::from_slice(device, &x).unwrap();
+        let y = DeviceBuffer::<bf16>::filled_with_byte(device, rows * out, 0xff).unwrap();
+        moe::linear(&weights, x_dev.view([rows, in_dim]).unwrap(), y.view([rows, out]).unwrap()).unwrap();
+        let got = to_f32(&y.to_vec().unwrap());
+        let (want_a, want_b) = (matmul_nt(&to_f32(&x), &da, rows, in_dim, parts[0]), matmul_nt(&to_f32(&x), &db, rows, in_dim, parts[1]));
+        let want: Vec<f32> = (0..rows).flat_map(|r| want_a[r * parts[0]..][..parts[0]].iter().chain(&want_b[r * parts[1]..][..parts[1]]).copied().collect::<Vec<_>>()).collect();
+        assert_agrees(&format!("row concat {format} {parts:?}"), &got, &want);
+    }
+}
+
 /// Activation scales for the W8A8 cases: inputs are uniform in [-1, 1] and the quarter above 0.75 in magnitude
 /// saturates (448 * scale = 0.75), so the saturation rule is exercised; the SwiGLU activations (about 0.1 at these
 /// sizes) use the e4m3 range up to 0.5.
@@ -479,6 +534,8 @@ fn wrappers_reject_bad_shapes(device: &Device) {
 
 backend_tests!(
     linear_wide_output_runs_the_small_tile,
+    linear_per_head_matches_reference,
+    row_concat_linear_matches_both_parts,
     moe_layer_matches_reference,
     moe_layer_every_format,
     moe_layer_prefill_tiles,

@@ -117,6 +117,8 @@ typedef struct MoeGemmParams {
     int rows_padded;               /* weight rows in the repacked layout (multiple of 128) */
     int out_cols;                  /* real output columns (SwiGLU: the hidden size) */
     int dense_rows;                /* dense mode: number of rows */
+    int x_batch_stride;            /* batched dense mode (grid z > 1): elements from head z's input to head z+1's */
+    int out_batch_stride;          /* the same for the output; 0 when not batched */
     int capacity_tiles;            /* grouped mode: tiles in tile_experts */
     int top_k;                     /* pair p = token * top_k + j */
     int tile_m;                    /* the aligner's tile (divides the kernel's pair tile) */
@@ -239,7 +241,7 @@ typedef struct MlaCopyPagesParams {
  * o_lat[token, head] = softmax_j((q_lat . c_j + q_rope . k_rope_j) * softmax_scale) . c_j. */
 typedef struct MlaAttentionParams {
     const bf16 *q_lat;         /* [tokens, heads, 256] (W_UK already absorbed) */
-    const bf16 *q_rope;        /* [tokens, heads, 64] (already rotated and scaled) */
+    const bf16 *q_rope;        /* [tokens * heads, 64], rows q_rope_stride elements apart (already rotated and scaled) */
     const void *cache;         /* [num_pages, page_size, 320] bf16 or fp8 e4m3 */
     const int *block_tables;   /* [num_seqs, max_pages] */
     const int *q_start;        /* [num_seqs + 1], non-decreasing, q_start[0] = 0 */
@@ -254,6 +256,7 @@ typedef struct MlaAttentionParams {
     int num_splits;            /* KV splits per sequence; 1 = no combine step, o_lat written directly */
     int tokens_per_split;      /* multiple of the kernel's KV tile (32) */
     int total_rows;            /* tokens * heads */
+    int q_rope_stride;         /* elements between q_rope rows (64 when packed; a query head's width when read in place) */
     float score_scale;         /* softmax scale * fp8 scale (1 for bf16) */
     float value_scale;         /* fp8 scale (1 for bf16) */
 } MlaAttentionParams;

@@ -537,8 +537,10 @@ pub struct Queries<'a> {
     /// `[tokens, heads, 256]`: q_nope through W_UK (absorbed), times the llama-4 query scale of the token's position.
     /// Its `heads` (all sharing the one latent KV head, `1..=65536`) is the call's head count.
     pub q_lat: TensorView<'a, bf16, 3>,
-    /// `[tokens, heads, 64]`: rotated, times the same llama-4 query scale.
-    pub q_rope: TensorView<'a, bf16, 3>,
+    /// `[tokens * heads, 64]` (row `t * heads + h`): rotated, times the same llama-4 query scale. Its rows may be
+    /// strided (a multiple of 8 elements apart): the rope columns of `[tokens, heads, nope + 64]` query heads are read
+    /// where the RoPE kernel left them, with no copy.
+    pub q_rope: Matrix<'a, bf16>,
 }
 
 /// The f32 partial results of split-KV attention; grows on demand and is reused across calls.
@@ -589,7 +591,7 @@ impl AttentionScratch {
 /// let tables = BlockTables::upload(&device, &BatchTables { block_tables: vec![0], seq_lens: vec![1], max_pages: 1 }, &desc)?;
 /// let layout = QueryLayout::decode(&device, 1)?; // one query token, two heads
 /// let (q_lat, q_rope) = (DeviceBuffer::from_slice(&device, &[bf16::ONE; 2 * 256])?, DeviceBuffer::from_slice(&device, &[bf16::ONE; 2 * 64])?);
-/// let queries = Queries { layout: &layout, q_lat: q_lat.view([1, 2, 256])?, q_rope: q_rope.view([1, 2, 64])? };
+/// let queries = Queries { layout: &layout, q_lat: q_lat.view([1, 2, 256])?, q_rope: q_rope.view([2, 64])? };
 /// let o_lat = DeviceBuffer::<bf16>::alloc(&device, 2 * 256)?;
 /// let mut scratch = AttentionScratch::new(&device);
 /// mla_attention(&cache, &tables, &queries, o_lat.view([1, 2, 256])?, 0.1, None, &mut scratch)?;
@@ -630,11 +632,14 @@ pub fn mla_attention(
     let rows = tokens.checked_mul(heads).filter(|&r| r <= i32::MAX as usize).ok_or_else(|| Error::InvalidArgument(format!("{tokens} tokens x {heads} heads")))?;
     // The kernels index every tensor as packed [rows, width] rows; q goes through 16-byte async copies, o_lat out in
     // 8-byte stores.
-    for (what, view, width, align) in [("q_lat", queries.q_lat, KV_LORA_RANK, 16), ("q_rope", queries.q_rope, QK_ROPE, 16), ("o_lat", o_lat, KV_LORA_RANK, 8)] {
+    for (what, view, width, align) in [("q_lat", queries.q_lat, KV_LORA_RANK, 16), ("o_lat", o_lat, KV_LORA_RANK, 8)] {
         view.expect_dims(what, [tokens, heads, width])?;
         view.expect_packed(what)?;
         view.expect_aligned(what, align)?;
     }
+    queries.q_rope.expect_dims("q_rope", [rows, QK_ROPE])?;
+    queries.q_rope.expect_rows_aligned("q_rope", 16)?;
+    let q_rope_stride = super::to_i32("q_rope row stride", queries.q_rope.row_stride())?;
     let max_kv = if tables.plan_for_capacity {
         tables.host.max_pages * tables.page_size
     } else {
@@ -658,6 +663,7 @@ pub fn mla_attention(
     let params = MlaAttentionParams {
         q_lat: queries.q_lat.ptr(),
         q_rope: queries.q_rope.ptr(),
+        q_rope_stride,
         cache: cache.data.ptr(),
         block_tables: tables.tables.ptr(),
         q_start: queries.layout.q_start.ptr(),

@@ -248,7 +248,15 @@ impl Grouping<'_> {
 enum Rows<'a> {
     /// `pairs`: the (token, expert) pairs routed to this launch's experts, at most (bounds the busy experts).
     Grouped { grouping: &'a Grouping<'a>, top_k: usize, pairs: usize },
-    Dense { rows: usize },
+    /// `heads` matrices (1: a plain dense GEMM), head h reading its input `x_head_stride` and writing its output
+    /// `out_head_stride` elements after head h - 1's.
+    Dense { rows: usize, heads: usize, x_head_stride: usize, out_head_stride: usize },
+}
+
+impl Rows<'_> {
+    fn dense(rows: usize) -> Self {
+        Rows::Dense { rows, heads: 1, x_head_stride: 0, out_head_stride: 0 }
+    }
 }
 
 /// Where a launch writes. Every output's rows may be strided: the kernel takes `out_stride`.
@@ -333,6 +341,10 @@ fn launch_gemm(w: &DeviceWeights, input: Input, x_rows: usize, in_by_token: bool
             if swiglu { "wants" } else { "does not want" }
         )));
     }
+    let (heads, x_head_stride, out_head_stride) = match rows {
+        Rows::Dense { heads, x_head_stride, out_head_stride, .. } => (heads, x_head_stride, out_head_stride),
+        Rows::Grouped { .. } => (1, 0, 0),
+    };
     let (shape, grid_y, top_k, grouping) = match rows {
         Rows::Grouped { grouping, top_k, pairs } => {
             grouping.check(w.experts)?;
@@ -345,9 +357,9 @@ fn launch_gemm(w: &DeviceWeights, input: Input, x_rows: usize, in_by_token: bool
             };
             (shape, grouping.tile_experts.len(), top_k, Some(grouping))
         }
-        Rows::Dense { rows } => {
-            if w.experts != 1 {
-                return Err(Error::InvalidArgument(format!("dense gemm: weights hold {} matrices, expected 1", w.experts)));
+        Rows::Dense { rows, heads, .. } => {
+            if w.experts != heads {
+                return Err(Error::InvalidArgument(format!("dense gemm: weights hold {} matrices, expected {heads}", w.experts)));
             }
             let shape = if rows <= TileShape::Small.slots() { TileShape::for_decode(1, w.rows_padded) } else { TileShape::Tiled };
             (shape, super::blocks_for(rows, shape.slots()) as usize, 1, None)
@@ -408,6 +420,8 @@ fn launch_gemm(w: &DeviceWeights, input: Input, x_rows: usize, in_by_token: bool
         rows_padded: to_i32("gemm rows", w.rows_padded)?,
         out_cols: to_i32("gemm out_cols", w.out_cols)?,
         dense_rows: to_i32("gemm rows", if grouping.is_none() { x_rows } else { 0 })?,
+        x_batch_stride: to_i32("gemm x head stride", x_head_stride)?,
+        out_batch_stride: to_i32("gemm out head stride", out_head_stride)?,
         capacity_tiles: to_i32("gemm tiles", grid_y)?,
         top_k: to_i32("gemm top_k", top_k)?,
         tile_m: to_i32("gemm tile_m", grouping.map_or(shape.slots(), |g| g.tile_m))?,
@@ -421,7 +435,7 @@ fn launch_gemm(w: &DeviceWeights, input: Input, x_rows: usize, in_by_token: bool
         },
     };
     let config = LaunchConfig {
-        grid: Dim3::xy((w.rows_padded / shape.features()) as u32, grid_y as u32),
+        grid: Dim3::xyz((w.rows_padded / shape.features()) as u32, grid_y as u32, heads as u32),
         block: Dim3::x((WARPS * 32) as u32),
         shared_bytes: shape.shared_bytes(w.format, e4m3_input) as u32,
     };
@@ -466,7 +480,61 @@ fn launch_gemm(w: &DeviceWeights, input: Input, x_rows: usize, in_by_token: bool
 /// ```
 pub fn linear(w: &DeviceWeights, x: Matrix<bf16>, y: Matrix<bf16>) -> Result<()> {
     let [rows, _] = x.dims();
-    launch_gemm(w, Input::Bf16(x), rows, false, Rows::Dense { rows }, Output::Bf16(y))
+    launch_gemm(w, Input::Bf16(x), rows, false, Rows::dense(rows), Output::Bf16(y))
+}
+
+/// Per-head dense products in one launch: `y[r, h, ..out_cols] = x[r, h, ..k_dim] W_h^T` for every head h, with `w`
+/// holding one matrix per head (`repack_linear` of the heads' matrices, in head order). x is `[rows, heads, head_in]`
+/// and the GEMM reads the first `k_dim` values of each head (the nope part of a query head, `k_dim <= head_in`); y is
+/// `[rows, heads, out_cols]`. Both may have strided rows. MLA's absorbed products (W_UK on the queries, W_UV on the
+/// attention's latent output) run through it: one launch for all heads instead of one per head.
+///
+/// `Error::InvalidArgument` when `w` does not hold one matrix per head, is SwiGLU-packed, a head's input does not
+/// start on 16 bytes, or `k_dim > head_in`; `Error::Shape` when y is not `[rows, heads, out_cols]`; the errors of
+/// [`linear`] otherwise.
+///
+/// ```
+/// use half::bf16;
+/// use small4::device::{simulator, DeviceBuffer};
+/// use small4::kernels::moe::{self, DeviceWeights};
+/// use small4::quant::{repack::{repack_linear, MatrixRef}, QuantizedMatrix, WeightFormat};
+///
+/// let device = simulator();
+/// // Two heads with W_h [2, 64]: head 0 gives (x0, x1), head 1 gives (2 x0, 3 x1).
+/// let head = |a: f32, b: f32| {
+///     let mut w = vec![0.0f32; 2 * 64];
+///     (w[0], w[64 + 1]) = (a, b);
+///     QuantizedMatrix::quantize(WeightFormat::Bf16, &w, 2, 64)
+/// };
+/// let (h0, h1) = (head(1.0, 1.0)?, head(2.0, 3.0)?);
+/// let w = DeviceWeights::upload(&device, &repack_linear(&[MatrixRef::from(&h0), MatrixRef::from(&h1)])?)?;
+/// // One row, two heads of 72 values (the GEMM reads the first 64 of each): head h holds x = (h + 1, 1, 0, ..).
+/// let x: Vec<bf16> = (0..2 * 72).map(|i| bf16::from_f32(match i % 72 { 0 => (i / 72 + 1) as f32, 1 => 1.0, _ => 0.0 })).collect();
+/// let x = DeviceBuffer::from_slice(&device, &x)?;
+/// let y = DeviceBuffer::<bf16>::alloc(&device, 4)?;
+/// moe::linear_per_head(&w, x.view([1, 2, 72])?, y.view([1, 2, 2])?)?;
+/// let got: Vec<f32> = y.to_vec()?.iter().map(|v| v.to_f32()).collect();
+/// assert_eq!(got, [1.0, 1.0, 4.0, 3.0]);
+/// // One matrix for three heads is a typed error:
+/// let x3 = DeviceBuffer::<bf16>::alloc(&device, 3 * 72)?;
+/// let y3 = DeviceBuffer::<bf16>::alloc(&device, 6)?;
+/// assert!(matches!(moe::linear_per_head(&w, x3.view([1, 3, 72])?, y3.view([1, 3, 2])?), Err(small4::Error::InvalidArgument(_))));
+/// # Ok::<(), small4::Error>(())
+/// ```
+pub fn linear_per_head(w: &DeviceWeights, x: TensorView<bf16, 3>, y: TensorView<bf16, 3>) -> Result<()> {
+    let [rows, heads, head_in] = x.dims();
+    if heads == 0 || heads > 65535 {
+        return Err(Error::InvalidArgument(format!("linear_per_head: {heads} heads (1 to 65535)")));
+    }
+    if w.k_dim > head_in || head_in % 8 != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "linear_per_head: heads of {head_in} inputs (a multiple of 8) cannot feed a reduction of {}",
+            w.k_dim
+        )));
+    }
+    y.expect_dims("linear_per_head y", [rows, heads, w.out_cols])?;
+    let dense = Rows::Dense { rows, heads, x_head_stride: head_in, out_head_stride: w.out_cols };
+    launch_gemm(w, Input::Bf16(x.as_matrix().columns(0..w.k_dim)?), rows, false, dense, Output::Bf16(y.as_matrix().columns(0..w.out_cols)?))
 }
 
 /// Dense SwiGLU `act = silu(x W1^T) * (x W3^T)` from gate/up weights packed by `repack_gate_up` (one matrix pair):
@@ -511,13 +579,13 @@ pub fn linear(w: &DeviceWeights, x: Matrix<bf16>, y: Matrix<bf16>) -> Result<()>
 /// ```
 pub fn linear_swiglu(w: &DeviceWeights, x: Matrix<bf16>, act: Matrix<bf16>) -> Result<()> {
     let [rows, _] = x.dims();
-    launch_gemm(w, Input::Bf16(x), rows, false, Rows::Dense { rows }, Output::SwiGlu(act))
+    launch_gemm(w, Input::Bf16(x), rows, false, Rows::dense(rows), Output::SwiGlu(act))
 }
 
 /// Dense `y = x W^T` with an f32 output `[rows, out_cols]` (the logits of the output head). Errors as [`linear`].
 pub fn linear_f32(w: &DeviceWeights, x: Matrix<bf16>, y: Matrix<f32>) -> Result<()> {
     let [rows, _] = x.dims();
-    launch_gemm(w, Input::Bf16(x), rows, false, Rows::Dense { rows }, Output::F32ByPair { out: y, pair_weights: None })
+    launch_gemm(w, Input::Bf16(x), rows, false, Rows::dense(rows), Output::F32ByPair { out: y, pair_weights: None })
 }
 
 /// The shared expert on every token of `x [tokens, dim]`: `workspace.shared_out` `[tokens, dim]` f32 =

@@ -38,6 +38,16 @@ typedef struct RmsNormParams {
     int x_row_stride;
     int out_row_stride;
     float eps;
+    /* moe_combine_add_rms_norm only: x is not read; row r's block output is instead the MoE combine
+     * bf16(shared_out[r] + sum_j pair_out[r * top_k + j]) over the pairs whose expert topk_ids[r * top_k + j] is in
+     * [0, experts) and local (expert_map[id] >= 0, or no map), j increasing: moe_combine's sum, bit for bit. pair_out
+     * and shared_out are packed f32 rows of cols (shared_out may be null). */
+    const float *pair_out;
+    const float *shared_out;
+    const int *topk_ids;
+    const int *expert_map;
+    int top_k;
+    int experts;
 } RmsNormParams;
 
 /* ---- router.cu: fused router softmax + top-k and the per-expert token alignment ------------------------------------ */
@@ -313,6 +323,17 @@ typedef struct ArgmaxParams {
     int vocab;
     int row_stride;
 } ArgmaxParams;
+
+/* After a decode step, for each row r: ids[r] = next[r]; positions[r], cache_positions[r] and seq_lens[r] += 1 (the
+ * last two may be null). Rows are sequences; each array is packed [rows]. */
+typedef struct DecodeAdvanceParams {
+    const int *next;      /* the sampled tokens */
+    int *ids;             /* the next step's input ids */
+    int *positions;       /* the next step's token positions (RoPE) */
+    int *cache_positions; /* the cache writer's positions (TokenSlots), or null */
+    int *seq_lens;        /* the block tables' sequence lengths (BlockTables), or null */
+    int rows;
+} DecodeAdvanceParams;
 
 /* Seeded temperature + top-p sampling, one row per block; the algorithm is in cuda/ops.cu and its CPU twin in
  * src/reference/sampling.rs. temperature[r] <= 0 means greedy (argmax). */

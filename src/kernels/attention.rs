@@ -255,6 +255,31 @@ impl BlockTables {
         Ok(())
     }
 
+    /// The tables and lengths the device arrays hold.
+    pub(crate) fn host(&self) -> &BatchTables {
+        &self.host
+    }
+
+    /// The device's sequence lengths, for a kernel that advances them (`ops::decode_advance`).
+    pub(crate) fn device_lens(&self) -> Result<Vector<'_, i32>> {
+        self.lens.view([self.host.seq_lens.len()])
+    }
+
+    /// Whether every sequence's row has a page for one more token (what `lengths_advanced` needs).
+    pub(crate) fn lengths_can_advance(&self) -> bool {
+        let row_tokens = (self.host.max_pages * self.page_size) as i64;
+        self.host.seq_lens.iter().zip(self.host.block_tables.chunks_exact(self.host.max_pages)).all(|(&len, row)| {
+            let len = len as i64;
+            len < row_tokens && len < i32::MAX as i64 && row[len as usize / self.page_size] >= 0
+        })
+    }
+
+    /// Records that a kernel added one token to every sequence's device length (`ops::decode_advance`), which the
+    /// caller checked with `lengths_can_advance`: the host copy follows.
+    pub(crate) fn lengths_advanced(&mut self) {
+        self.host.seq_lens.iter_mut().for_each(|len| *len += 1);
+    }
+
     fn check(batch: &BatchTables, desc: &CacheDescriptor) -> Result<()> {
         check_geometry(desc)?;
         let num_seqs = batch.seq_lens.len();
@@ -331,6 +356,21 @@ impl TokenSlots {
     /// New tokens per write.
     pub fn tokens(&self) -> usize {
         self.token_seq.len()
+    }
+
+    /// The host copies of the sequence rows and positions the device arrays hold.
+    pub(crate) fn host(&self) -> (&[i32], &[i32]) {
+        (&self.token_seq, &self.positions)
+    }
+
+    /// The device's positions, for a kernel that advances them (`ops::decode_advance`).
+    pub(crate) fn device_positions(&self) -> Result<Vector<'_, i32>> {
+        self.positions_dev.view([self.positions.len()])
+    }
+
+    /// Records that a kernel added 1 to every device position (`ops::decode_advance`).
+    pub(crate) fn positions_advanced(&mut self) {
+        self.positions.iter_mut().for_each(|p| *p += 1);
     }
 
     /// Writes new slots into the existing device arrays (same token count, else `Error::Shape`), for a replayed step.

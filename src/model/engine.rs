@@ -604,6 +604,9 @@ impl Default for EngineOptions {
     }
 }
 
+/// Tokens of pages a decoding sequence takes ahead when its pages are full (fewer when its request ends sooner).
+const DECODE_RESERVE_TOKENS: usize = 1024;
+
 /// Activations of one forward pass over `tokens` tokens, allocated once per batch size and reused (a CUDA graph
 /// replays over fixed buffers).
 struct Workspace {
@@ -725,6 +728,9 @@ struct DecodeGraph {
     /// Eager runs so far; the graph is recorded at the shape's second step (the first sizes everything).
     eager_runs: usize,
     graph: Option<Graph>,
+    /// The ids the workspace holds for the next step when a `decode_advance` wrote them there (the tokens sampled
+    /// last step, in batch order): a step whose ids are these uploads nothing.
+    ids_on_device: Option<Vec<i32>>,
 }
 
 /// A step's tokens laid out by the host: ids, positions, each token's batch row, and the first token of each
@@ -938,11 +944,13 @@ impl Engine {
         let with_images = images.iter().any(|i| !i.is_empty());
         let decode_only = batch.iter().all(|(_, tokens)| tokens.len() == 1);
         if decode_only && !with_images && self.options.graphs && self.graphs_supported && self.collective.is_none() {
-            self.decode_with_graph(&batch)?;
+            // Tokens each request may still add after this step: the pages taken ahead for them.
+            let ahead: Vec<usize> = ids.iter().map(|id| self.active[id].request.max_tokens.saturating_sub(self.active[id].generated + 1)).collect();
+            self.decode_with_graph(&batch, &ahead)?;
         } else {
             self.forward_device(&batch, &images, HeadRows::Last)?;
         }
-        let (ws, head) = self.last_outputs();
+        let (_, head) = self.last_outputs();
         // Head row i is request i's last token.
         let rows = head.rows;
         let vocab = self.model.config.vocab;
@@ -966,14 +974,26 @@ impl Engine {
             let inputs = SamplingInputs { temperature: temperature.as_vector(), top_p: top_p.as_vector(), seeds: seeds.as_vector(), steps: steps.as_vector() };
             ops::sample(head.logits.view([rows, vocab])?, &inputs, head.next.as_vector())?;
         }
+        let advanced = self.advance_decode_inputs()?;
+        let (ws, head) = self.last_outputs();
         // The step's one synchronisation: the host needs the tokens to stop sequences and feed the next step.
         let next = head.next.to_vec()?;
-        self.gather_status.check(ws.ids.as_vector(), vocab)?;
+        if !advanced {
+            // A decode step's ids are the tokens sampled before (checked below, as every prompt id was by `add`), so
+            // only other steps read the embedding gather's status back.
+            self.gather_status.check(ws.ids.as_vector(), vocab)?;
+            self.gather_status.reset()?;
+        }
         let logits = if self.options.keep_logits { Some(head.logits.to_vec()?) } else { None };
-        self.gather_status.reset()?;
+        if let (true, LastStep::Decode(shape)) = (advanced, self.last_step) {
+            self.decode_graphs.get_mut(&shape).unwrap().ids_on_device = Some(next.clone());
+        }
         let mut out = Vec::with_capacity(ids.len());
         for (row, id) in ids.iter().enumerate() {
-            let token = u32::try_from(next[row]).map_err(|_| Error::InvalidArgument(format!("no token for request {} (NaN logits)", id.0)))?;
+            let token = u32::try_from(next[row])
+                .ok()
+                .filter(|&t| (t as usize) < vocab)
+                .ok_or_else(|| Error::InvalidArgument(format!("no token for request {} (NaN logits: sampled {})", id.0, next[row])))?;
             let a = self.active.get_mut(id).unwrap();
             a.generated += 1;
             a.pending = vec![token];
@@ -992,6 +1012,22 @@ impl Engine {
             out.push(StepToken { id: *id, token, finished, logits: logits.as_ref().map(|l| l[row * vocab..(row + 1) * vocab].to_vec()) });
         }
         Ok(out)
+    }
+
+    /// After a graph-replayed decode step and its sampling: the shape's input buffers advance on the device to the
+    /// next step's (ids = the sampled tokens, positions and lengths + 1), so the next step of the same batch uploads
+    /// nothing. False (nothing launched) after any other step, or when a sequence has no page for another token (the
+    /// next step then uploads its new table row).
+    fn advance_decode_inputs(&mut self) -> Result<bool> {
+        let LastStep::Decode(shape) = self.last_step else { return Ok(false) };
+        let g = self.decode_graphs.get_mut(&shape).unwrap();
+        if !g.tables.lengths_can_advance() {
+            return Ok(false);
+        }
+        ops::decode_advance(g.head.next.as_vector(), g.workspace.ids.as_vector(), g.workspace.positions.as_vector(), Some(g.slots.device_positions()?), Some(g.tables.device_lens()?))?;
+        g.tables.lengths_advanced();
+        g.slots.positions_advanced();
+        Ok(true)
     }
 
     /// Runs requests to completion, reporting each token as it comes; returns the tokens of each request.
@@ -1061,9 +1097,18 @@ impl Engine {
     /// A decode step (one new token per sequence) through the graph of its shape: the inputs are written into the
     /// shape's fixed buffers, then the recorded network is replayed (or, the first time, run eagerly; the second
     /// time, captured and replayed).
-    fn decode_with_graph(&mut self, batch: &[(SeqId, Vec<u32>)]) -> Result<()> {
+    ///
+    /// `ahead[i]`: tokens sequence i may still add after this one. When its pages are full, pages for up to
+    /// `DECODE_RESERVE_TOKENS` of them are taken now (after this step's own slots, so the step never fails for
+    /// them), so that its block-table row, and with it the replayed graph's inputs, stays the same for many steps.
+    fn decode_with_graph(&mut self, batch: &[(SeqId, Vec<u32>)], ahead: &[usize]) -> Result<()> {
         let layout = self.lay_out(batch)?;
         let seqs: Vec<SeqId> = batch.iter().map(|(s, _)| *s).collect();
+        for (&seq, &more) in seqs.iter().zip(ahead) {
+            if more > 0 && self.kv.capacity(seq)? <= self.kv.len(seq)? {
+                self.kv.reserve(seq, more.min(DECODE_RESERVE_TOKENS))?;
+            }
+        }
         let mut tables = self.kv.batch_tables(&seqs)?;
         // Rows padded to a power of two of pages: one graph serves every length up to that capacity.
         let pages = tables.max_pages.next_power_of_two();
@@ -1081,16 +1126,22 @@ impl Engine {
                 scratch: AttentionScratch::new(d),
                 eager_runs: 0,
                 graph: None,
+                ids_on_device: None,
             };
             // Decode: head row s is sequence s's only token.
             graph.head.source_rows.copy_from(&(0..batch.len() as i32).collect::<Vec<_>>())?;
             self.decode_graphs.insert(shape, graph);
         }
         let g = self.decode_graphs.get_mut(&shape).unwrap();
-        g.tables.update(&tables)?;
-        g.slots.update(&layout.token_seq, &layout.positions)?;
-        g.workspace.ids.copy_from(&layout.ids)?;
-        g.workspace.positions.copy_from(&layout.positions)?;
+        // In steady decode the device already holds this step's inputs (`decode_advance` after the last step wrote
+        // them): nothing is uploaded. Anything else (another batch, a new page in a table row) is written here.
+        let on_device = g.ids_on_device.take().is_some_and(|ids| ids == layout.ids);
+        if !(on_device && g.tables.host() == &tables && g.slots.host() == (&layout.token_seq[..], &layout.positions[..])) {
+            g.tables.update(&tables)?;
+            g.slots.update(&layout.token_seq, &layout.positions)?;
+            g.workspace.ids.copy_from(&layout.ids)?;
+            g.workspace.positions.copy_from(&layout.positions)?;
+        }
         self.last_step = LastStep::Decode(shape);
         let device = self.model.device.clone();
         let net = Network { model: &self.model, caches: &self.caches, options: &self.options, collective: None, gather_status: &self.gather_status };
@@ -1257,9 +1308,10 @@ impl Network<'_> {
                 }
                 None => None,
             };
-            moe::combine(ws.moe.pair_out.view([t * k, dim])?, shared, ws.routing.topk_ids.view([t, k])?, None, c.experts, ws.block_out.view([t, dim])?)?;
+            // Combine the pairs, add the residual and norm for the next block, in one launch.
+            let pairs = norm::MoePairs { pair_out: ws.moe.pair_out.view([t * k, dim])?, shared_out: shared, topk_ids: ws.routing.topk_ids.view([t, k])?, expert_map: None, experts: c.experts };
             let next_norm = m.layers.get(l + 1).map_or(&m.norm, |next| &next.attention_norm);
-            norm::add_rms_norm(ws.block_out.view([t, dim])?, x_mid.view([t, dim])?, next_norm.as_vector(), x.view([t, dim])?, ws.h.view([t, dim])?, eps)?;
+            norm::moe_combine_add_rms_norm(&pairs, x_mid.view([t, dim])?, next_norm.as_vector(), x.view([t, dim])?, ws.h.view([t, dim])?, eps)?;
         }
         // ws.h is the final norm's output: gather the head's rows (host-computed, always in range), then the head.
         ops::embedding_gather(head.source_rows.as_vector(), ws.h.view([t, dim])?, head.h.view([head.rows, dim])?, self.gather_status)?;

@@ -384,6 +384,55 @@ fn row_concat_linear_matches_both_parts(device: &Device) {
     }
 }
 
+/// The shared expert in the routed experts' launches (`routed_and_shared_experts`: 2 launches) gives bit for bit the
+/// pair outputs and shared output of the four launches apart (`routed_experts` then `shared_expert`), for every
+/// format, at decode (narrow tile) and prefill (tiled) sizes, with a remote expert and unrouted pairs.
+fn shared_expert_in_routed_launches_equals_apart(device: &Device) {
+    for (format, tokens) in FORMATS.iter().map(|&f| (f, 3)).chain([(WeightFormat::Bf16, 70), (WeightFormat::Nvfp4, 70)]) {
+        let (dim, hidden, k, experts) = (256, 128, 4, 8);
+        let mut rng = rng(41);
+        let x = random_bf16(&mut rng, tokens * dim, 1.0);
+        let all: Vec<Expert> = (0..experts).map(|_| random_expert(&mut rng, format, dim, hidden)).collect();
+        let shared = random_expert(&mut rng, format, dim, hidden);
+        let case = Case { remote: 1, unrouted_pairs: true, ..small_case(tokens, k, experts, format) };
+        let mut routing = random_routing(&mut rng, &case);
+        routing.ids.iter_mut().skip(2).step_by(5).for_each(|id| *id = -1);
+        let local_count = experts - 1;
+        let expert_map: Vec<i32> = (0..experts).map(|e| if e < local_count { e as i32 } else { -1 }).collect();
+        let local: Vec<&Expert> = all[..local_count].iter().collect();
+        let tile_m = moe::moe_tile_m(tokens, k, local_count);
+        let alignment = align_pairs(&routing.ids, Some(&expert_map), local_count, tile_m);
+        let weights = pack_layer(device, &local, Some(&shared));
+        let workspace = MoeWorkspace::new(device, &weights, tokens, k, alignment.sorted_pairs.len()).unwrap();
+        let up = |v: &[i32]| DeviceBuffer::from_slice(device, v).unwrap();
+        let (sorted_pairs, tile_experts, expert_offsets) = (up(&alignment.sorted_pairs), up(&alignment.tile_experts), up(&alignment.expert_offsets));
+        let num_padded = up(&[alignment.num_padded]);
+        let grouping = Grouping { sorted_pairs: &sorted_pairs, tile_experts: &tile_experts, expert_offsets: &expert_offsets, num_padded: &num_padded, tile_m };
+        let topk_weights = DeviceBuffer::from_slice(device, &routing.weights).unwrap();
+        let x_dev = DeviceBuffer::from_slice(device, &x).unwrap();
+        let run = |fused: bool| {
+            for b in [&workspace.pair_out, &workspace.shared_out] {
+                device.memset(b.addr(), 0xff, b.bytes()).unwrap();
+            }
+            let (xv, wv) = (x_dev.view([tokens, dim]).unwrap(), topk_weights.view([tokens, k]).unwrap());
+            if fused {
+                moe::routed_and_shared_experts(&weights, xv, &grouping, wv, &workspace).unwrap();
+            } else {
+                moe::routed_experts(&weights, xv, &grouping, wv, &workspace).unwrap();
+                moe::shared_expert(weights.shared.as_ref().unwrap(), xv, &workspace).unwrap();
+            }
+            let pairs: Vec<u32> = workspace.pair_out.to_vec().unwrap().iter().map(|v| v.to_bits()).collect();
+            let shared_out: Vec<u32> = workspace.shared_out.to_vec().unwrap().iter().map(|v| v.to_bits()).collect();
+            (pairs, shared_out)
+        };
+        let (apart, fused) = (run(false), run(true));
+        assert_eq!(fused.1, apart.1, "{format} tokens {tokens}: shared output");
+        // Pairs the grouping never writes (remote or unrouted) stay poisoned in both runs: compare every word.
+        assert_eq!(fused.0, apart.0, "{format} tokens {tokens}: pair outputs");
+        assert!(fused.1.iter().all(|&b| !f32::from_bits(b).is_nan()), "{format}: a shared output left unwritten");
+    }
+}
+
 /// Activation scales for the W8A8 cases: inputs are uniform in [-1, 1] and the quarter above 0.75 in magnitude
 /// saturates (448 * scale = 0.75), so the saturation rule is exercised; the SwiGLU activations (about 0.1 at these
 /// sizes) use the e4m3 range up to 0.5.
@@ -536,6 +585,7 @@ backend_tests!(
     linear_wide_output_runs_the_small_tile,
     linear_per_head_matches_reference,
     row_concat_linear_matches_both_parts,
+    shared_expert_in_routed_launches_equals_apart,
     moe_layer_matches_reference,
     moe_layer_every_format,
     moe_layer_prefill_tiles,

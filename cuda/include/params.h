@@ -105,6 +105,24 @@ typedef struct RouterParams {
  * Grouped mode (sorted_pairs != null): rows are the aligner's padded slots; slot r holds pair sorted_pairs[r]
  * (-1 = padding), tile r / tile_m belongs to expert tile_experts[...]; *num_padded slots are in use.
  * Dense mode (sorted_pairs == null): dense_rows rows, slot r = pair r = token r, expert 0. */
+/* A dense GEMM run by the same launch as a grouped one: the shared expert beside the routed experts. One matrix in
+ * the grouped weights' format and packed shape (its own arrays), its own input and output rows; the blocks past the
+ * grouped tiles (blockIdx.y >= capacity_tiles) compute it. rows = 0: none. */
+typedef struct MoeDenseTail {
+    const unsigned char *weights;
+    const float *row_scales;
+    const float *block_scales;
+    const bf16 *group_scales;
+    const unsigned char *group_zeros;
+    const unsigned char *fp4_scales;
+    const bf16 *x;                 /* [rows, x_stride] */
+    bf16 *out_bf16;                /* SwiGLU: act [rows, out_stride]; or null */
+    float *out_f32;                /* plain: [rows, out_stride] f32, unweighted; or null */
+    int rows;
+    int x_stride;
+    int out_stride;
+} MoeDenseTail;
+
 typedef struct MoeGemmParams {
     const unsigned char *weights;  /* repacked weights; expert e starts at weights + e * expert_stride */
     const float *row_scales;       /* [experts, rows_padded] multiplier per output row (fp8 per-tensor scale, 1/nvfp4 global), or null */
@@ -136,6 +154,7 @@ typedef struct MoeGemmParams {
     int swiglu;                    /* 1: SwiGLU epilogue */
     int in_by_token;               /* 1: input row = pair / top_k (x is [tokens, k_dim]); 0: input row = slot */
     int out_by_pair;               /* 1: output row = pair; 0: output row = slot */
+    MoeDenseTail tail;             /* grouped mode only: a dense GEMM in the same launch (the shared expert) */
     float act_scale;               /* moe_gemm_fp8_act_* only: x = e4m3 * act_scale (multiplied into the epilogue) */
     const unsigned char *x_e4m3;   /* moe_gemm_fp8_act_* only: e4m3 input rows in the moe_quantize_act_e4m3 layout
                                       (x_stride bytes apart) instead of x; last, so the other

@@ -5,7 +5,7 @@
 use half::bf16;
 
 use super::modules::MOE_GEMM;
-use super::params::{MoeCombineParams, MoeGemmParams, MoeQuantizeActParams};
+use super::params::{MoeCombineParams, MoeDenseTail, MoeGemmParams, MoeQuantizeActParams};
 use super::{Matrix, TensorView, Vector};
 use crate::device::{launch_with, Device, DeviceBuffer, Dim3, Kernel, LaunchConfig};
 use super::{check_len, to_i32};
@@ -247,10 +247,27 @@ impl Grouping<'_> {
 /// Which rows a launch computes.
 enum Rows<'a> {
     /// `pairs`: the (token, expert) pairs routed to this launch's experts, at most (bounds the busy experts).
-    Grouped { grouping: &'a Grouping<'a>, top_k: usize, pairs: usize },
+    /// `tail`: a dense GEMM in the same launch (the shared expert), in blocks after the grouped tiles.
+    Grouped { grouping: &'a Grouping<'a>, top_k: usize, pairs: usize, tail: Option<DenseTail<'a>> },
     /// `heads` matrices (1: a plain dense GEMM), head h reading its input `x_head_stride` and writing its output
     /// `out_head_stride` elements after head h - 1's.
     Dense { rows: usize, heads: usize, x_head_stride: usize, out_head_stride: usize },
+}
+
+/// A dense GEMM run by a grouped launch's extra blocks: one matrix of the grouped weights' format and packed shape,
+/// its input rows and its output (SwiGLU act for an up-projection, unweighted f32 rows for a down-projection, as the
+/// grouped output is).
+#[derive(Clone, Copy)]
+struct DenseTail<'a> {
+    w: &'a DeviceWeights,
+    x: Matrix<'a, bf16>,
+    out: TailOutput<'a>,
+}
+
+#[derive(Clone, Copy)]
+enum TailOutput<'a> {
+    SwiGlu(Matrix<'a, bf16>),
+    F32(Matrix<'a, f32>),
 }
 
 impl Rows<'_> {
@@ -346,15 +363,15 @@ fn launch_gemm(w: &DeviceWeights, input: Input, x_rows: usize, in_by_token: bool
         Rows::Grouped { .. } => (1, 0, 0),
     };
     let (shape, grid_y, top_k, grouping) = match rows {
-        Rows::Grouped { grouping, top_k, pairs } => {
+        Rows::Grouped { grouping, top_k, pairs, tail } => {
             grouping.check(w.experts)?;
             if top_k == 0 {
                 return Err(Error::InvalidArgument("gemm: top_k 0".into()));
             }
-            let shape = match grouping.shape() {
-                TileShape::Tiled => TileShape::Tiled,
-                _ => TileShape::for_decode(pairs.min(w.experts), w.rows_padded),
-            };
+            let shape = grouped_tile_shape(grouping, pairs.min(w.experts) + tail.is_some() as usize, w.rows_padded);
+            if tail.is_some() && shape != TileShape::Narrow {
+                return Err(Error::InvalidArgument(format!("gemm: a dense tail runs with the narrow decode tile only, not {shape:?}")));
+            }
             (shape, grouping.tile_experts.len(), top_k, Some(grouping))
         }
         Rows::Dense { rows, heads, .. } => {
@@ -391,6 +408,13 @@ fn launch_gemm(w: &DeviceWeights, input: Input, x_rows: usize, in_by_token: bool
             (std::ptr::null_mut(), out.mut_ptr(), opt_view_ptr(pair_weights), true)
         }
     };
+    let tail = match rows {
+        Rows::Grouped { tail: Some(tail), .. } => Some(check_tail(w, e4m3_input, &output, &tail)?),
+        _ => None,
+    };
+    // The grouped tiles, then the tail's row blocks.
+    let tiles = grid_y;
+    let grid_y = tiles + tail.as_ref().map_or(0, |t| super::blocks_for(t.rows as usize, shape.slots()) as usize);
     if grid_y == 0 {
         return Ok(());
     }
@@ -422,13 +446,27 @@ fn launch_gemm(w: &DeviceWeights, input: Input, x_rows: usize, in_by_token: bool
         dense_rows: to_i32("gemm rows", if grouping.is_none() { x_rows } else { 0 })?,
         x_batch_stride: to_i32("gemm x head stride", x_head_stride)?,
         out_batch_stride: to_i32("gemm out head stride", out_head_stride)?,
-        capacity_tiles: to_i32("gemm tiles", grid_y)?,
+        capacity_tiles: to_i32("gemm tiles", tiles)?,
         top_k: to_i32("gemm top_k", top_k)?,
         tile_m: to_i32("gemm tile_m", grouping.map_or(shape.slots(), |g| g.tile_m))?,
         group: to_i32("gemm group", w.group)?,
         swiglu: swiglu as i32,
         in_by_token: in_by_token as i32,
         out_by_pair: out_by_pair as i32,
+        tail: tail.unwrap_or(MoeDenseTail {
+            weights: std::ptr::null(),
+            row_scales: std::ptr::null(),
+            block_scales: std::ptr::null(),
+            group_scales: std::ptr::null(),
+            group_zeros: std::ptr::null(),
+            fp4_scales: std::ptr::null(),
+            x: std::ptr::null(),
+            out_bf16: std::ptr::null_mut(),
+            out_f32: std::ptr::null_mut(),
+            rows: 0,
+            x_stride: 0,
+            out_stride: 0,
+        }),
         act_scale: match input {
             Input::E4m3(rows) => rows.scale,
             Input::Bf16(_) => 1.0,
@@ -440,6 +478,57 @@ fn launch_gemm(w: &DeviceWeights, input: Input, x_rows: usize, in_by_token: bool
         shared_bytes: shape.shared_bytes(w.format, e4m3_input) as u32,
     };
     launch_with(device, &shape.kernel(w.format, e4m3_input), &config, &params)
+}
+
+/// The tile a grouped launch runs: the aligner's prefill tile, or the decode tile for `busy` busy experts (plus a
+/// dense tail) over `rows_padded` features.
+fn grouped_tile_shape(grouping: &Grouping, busy: usize, rows_padded: usize) -> TileShape {
+    match grouping.shape() {
+        TileShape::Tiled => TileShape::Tiled,
+        _ => TileShape::for_decode(busy, rows_padded),
+    }
+}
+
+/// Checks a dense tail against the grouped launch it rides in and gives its kernel parameters.
+fn check_tail(w: &DeviceWeights, e4m3_input: bool, output: &Output, tail: &DenseTail) -> Result<MoeDenseTail> {
+    let t = tail.w;
+    if e4m3_input {
+        return Err(Error::InvalidArgument("gemm: a dense tail needs bf16 activations (W8A8 runs the shared expert apart)".into()));
+    }
+    if t.experts != 1 || (t.format, t.rows_padded, t.k_dim, t.out_cols, t.swiglu, t.group) != (w.format, w.rows_padded, w.k_dim, w.out_cols, w.swiglu, w.group) {
+        return Err(Error::InvalidArgument(format!(
+            "gemm tail: one {} matrix of [{}, {}] packed as the grouped weights expected, got {} x {} [{}, {}]",
+            w.format, w.out_cols, w.k_dim, t.experts, t.format, t.out_cols, t.k_dim
+        )));
+    }
+    let [rows, _] = tail.x.dims();
+    tail.x.expect_dims("gemm tail x", [rows, w.k_dim])?;
+    tail.x.expect_rows_aligned("gemm tail x", 16)?;
+    let (out_bf16, out_f32, out_stride) = match (output, tail.out) {
+        (Output::SwiGlu(_), TailOutput::SwiGlu(act)) => {
+            act.expect_dims("gemm tail act", [rows, w.out_cols])?;
+            (act.mut_ptr(), std::ptr::null_mut(), act.row_stride())
+        }
+        (Output::F32ByPair { .. }, TailOutput::F32(out)) => {
+            out.expect_dims("gemm tail out", [rows, w.out_cols])?;
+            (std::ptr::null_mut(), out.mut_ptr(), out.row_stride())
+        }
+        _ => return Err(Error::InvalidArgument("gemm tail: its output must be of the grouped output's kind".into())),
+    };
+    Ok(MoeDenseTail {
+        weights: t.data.ptr(),
+        row_scales: opt_ptr(t.row_scales.as_ref()),
+        block_scales: opt_ptr(t.block_scales.as_ref()),
+        group_scales: opt_ptr(t.group_scales.as_ref()),
+        group_zeros: opt_ptr(t.group_zeros.as_ref()),
+        fp4_scales: opt_ptr(t.fp4_scales.as_ref()),
+        x: tail.x.ptr(),
+        out_bf16,
+        out_f32,
+        rows: to_i32("gemm tail rows", rows)?,
+        x_stride: to_i32("gemm tail x stride", tail.x.row_stride())?,
+        out_stride: to_i32("gemm tail out stride", out_stride)?,
+    })
 }
 
 /// Dense `y = x W^T` (bf16 weights or any packed format, one matrix): x `[rows, k_dim]` -> y `[rows, out_cols]` bf16,
@@ -658,7 +747,7 @@ pub fn shared_expert(shared: &(DeviceWeights, DeviceWeights), x: Matrix<bf16>, w
 /// ```
 pub fn up_swiglu(w: &DeviceWeights, x: Matrix<bf16>, top_k: usize, grouping: &Grouping, act: Matrix<bf16>) -> Result<()> {
     let [tokens, _] = x.dims();
-    launch_gemm(w, Input::Bf16(x), tokens, true, Rows::Grouped { grouping, top_k, pairs: tokens * top_k }, Output::SwiGlu(act))
+    launch_gemm(w, Input::Bf16(x), tokens, true, Rows::Grouped { grouping, top_k, pairs: tokens * top_k, tail: None }, Output::SwiGlu(act))
 }
 
 /// Down-projection: `pair_out[p] = weight[p] * act[slot(p)] W2_e^T` (f32, `[tokens * k, dim]`) for every routed pair,
@@ -670,7 +759,7 @@ pub fn down(w: &DeviceWeights, act: Matrix<bf16>, grouping: &Grouping, topk_weig
     let [_, top_k] = topk_weights.dims();
     let pairs = topk_weights.len();
     let output = Output::F32ByPair { out: pair_out, pair_weights: Some(topk_weights) };
-    launch_gemm(w, Input::Bf16(act), slots, false, Rows::Grouped { grouping, top_k, pairs }, output)
+    launch_gemm(w, Input::Bf16(act), slots, false, Rows::Grouped { grouping, top_k, pairs, tail: None }, output)
 }
 
 /// W8A8 e4m3 inputs: `out` [rows, cols] = e4m3(x * (1 / scale)) (round to nearest even, saturating to ±448, the
@@ -801,7 +890,7 @@ fn launch_quantize_act(x: Matrix<bf16>, scale: f32, out: Matrix<u8>, slots: Opti
 /// ```
 pub fn up_swiglu_w8a8(w: &DeviceWeights, x: E4m3Rows, top_k: usize, grouping: &Grouping, act: Matrix<bf16>) -> Result<()> {
     let [tokens, _] = x.data.dims();
-    launch_gemm(w, Input::E4m3(x), tokens, true, Rows::Grouped { grouping, top_k, pairs: tokens * top_k }, Output::SwiGlu(act))
+    launch_gemm(w, Input::E4m3(x), tokens, true, Rows::Grouped { grouping, top_k, pairs: tokens * top_k, tail: None }, Output::SwiGlu(act))
 }
 
 /// [`down`] in W8A8: `act` the slots' e4m3 rows (`[capacity, hidden]`, from [`quantize_act_e4m3`]), per-tensor fp8
@@ -811,7 +900,7 @@ pub fn down_w8a8(w: &DeviceWeights, act: E4m3Rows, grouping: &Grouping, topk_wei
     let [_, top_k] = topk_weights.dims();
     let pairs = topk_weights.len();
     let output = Output::F32ByPair { out: pair_out, pair_weights: Some(topk_weights) };
-    launch_gemm(w, Input::E4m3(act), slots, false, Rows::Grouped { grouping, top_k, pairs }, output)
+    launch_gemm(w, Input::E4m3(act), slots, false, Rows::Grouped { grouping, top_k, pairs, tail: None }, output)
 }
 
 /// `out[t] = bf16(shared_out[t] + sum_j pair_out[t*k + j])` over the locally computed pairs, in fixed j order.
@@ -1053,9 +1142,82 @@ pub fn routed_experts(weights: &MoeLayerWeights, x: Matrix<bf16>, grouping: &Gro
     down_w8a8(&weights.down, E4m3Rows { data: act_e4m3, scale: scales.down }, grouping, topk_weights, pair_out)
 }
 
+/// The routed experts and the shared expert of a layer: `workspace.pair_out` as [`routed_experts`] writes it and
+/// `workspace.shared_out` as [`shared_expert`] does, bit for bit. When the shared expert is packed like the routed
+/// experts (same format and shape), the activations are bf16 and the launches run the narrow decode tile (small
+/// batches: the single-stream case), it rides in the routed launches' extra blocks: two launches for the whole step
+/// instead of four. Otherwise it runs apart, and without a shared expert this is [`routed_experts`].
+///
+/// Errors as [`routed_experts`] and [`shared_expert`].
+///
+/// ```
+/// use half::bf16;
+/// use small4::device::{simulator, DeviceBuffer};
+/// use small4::kernels::moe::{self, Grouping, MoeLayerWeights, MoeWorkspace};
+/// use small4::kernels::router::{moe_align, ExpertMap};
+/// use small4::quant::{repack, QuantizedMatrix, WeightFormat};
+///
+/// let device = simulator();
+/// // One routed expert (w = e_0 e_0^T) and a shared one twice as large (2 e_0 e_0^T), dim = hidden = 64.
+/// let one_hot = |v: f32| {
+///     let mut w = vec![0.0f32; 64 * 64];
+///     w[0] = v;
+///     QuantizedMatrix::quantize(WeightFormat::Bf16, &w, 64, 64)
+/// };
+/// let (routed, shared) = (one_hot(1.0)?, one_hot(2.0)?);
+/// let pack = |w: &QuantizedMatrix| -> small4::Result<_> { Ok((repack::repack_gate_up(&[(w.into(), w.into())])?, repack::repack_linear(&[w.into()])?)) };
+/// let ((ru, rd), (su, sd)) = (pack(&routed)?, pack(&shared)?);
+/// let weights = MoeLayerWeights::upload(&device, &ru, &rd, Some((&su, &sd)))?;
+/// // One token, x_0 = 1, routed to expert 0 with weight 0.5.
+/// let mut x = vec![bf16::ZERO; 64];
+/// x[0] = bf16::ONE;
+/// let x = DeviceBuffer::from_slice(&device, &x)?;
+/// let (ids, topk_weights) = (DeviceBuffer::from_slice(&device, &[0i32])?, DeviceBuffer::from_slice(&device, &[0.5f32])?);
+/// let alignment = moe_align(ids.view([1, 1])?, &ExpertMap::identity(&device, 1)?, moe::moe_tile_m(1, 1, 1))?;
+/// let workspace = MoeWorkspace::new(&device, &weights, 1, 1, alignment.max_padded)?;
+/// moe::routed_and_shared_experts(&weights, x.view([1, 64])?, &Grouping::from(&alignment), topk_weights.view([1, 1])?, &workspace)?;
+/// let silu = |v: f32| v / (1.0 + (-v).exp());
+/// // Routed: 0.5 * silu(1) * 1; shared: 2 * silu(2) * 2 (w1 = w3 = w2 = 2 e_0 e_0^T).
+/// let (routed_out, shared_out) = (workspace.pair_out.to_vec()?[0], workspace.shared_out.to_vec()?[0]);
+/// assert!((routed_out - 0.5 * silu(1.0)).abs() < 1e-2 && (shared_out - 4.0 * silu(2.0)).abs() < 5e-2, "{routed_out} {shared_out}");
+/// # Ok::<(), small4::Error>(())
+/// ```
+pub fn routed_and_shared_experts(weights: &MoeLayerWeights, x: Matrix<bf16>, grouping: &Grouping, topk_weights: Matrix<f32>, workspace: &MoeWorkspace) -> Result<()> {
+    let Some(shared) = &weights.shared else {
+        return routed_experts(weights, x, grouping, topk_weights, workspace);
+    };
+    let (up, dn) = shared;
+    let same_packing = |a: &DeviceWeights, b: &DeviceWeights| (a.format, a.rows_padded, a.k_dim, a.out_cols, a.group) == (b.format, b.rows_padded, b.k_dim, b.out_cols, b.group);
+    let [tokens, _] = x.dims();
+    let [_, top_k] = topk_weights.dims();
+    // The tail rides only in the narrow decode tile (the kernel's wider tiles have no registers for it).
+    let busy = (tokens * top_k).min(weights.experts()) + 1;
+    let narrow = [&weights.gate_up, &weights.down].iter().all(|w| grouped_tile_shape(grouping, busy, w.rows_padded) == TileShape::Narrow);
+    if weights.fp8_activations.is_some() || !narrow || !same_packing(up, &weights.gate_up) || !same_packing(dn, &weights.down) {
+        routed_experts(weights, x, grouping, topk_weights, workspace)?;
+        return shared_expert(shared, x, workspace);
+    }
+    let (dim, hidden) = (weights.dim(), weights.hidden());
+    topk_weights.expect_dims("routed experts topk_weights", [tokens, top_k])?;
+    check_len("routed experts workspace act", workspace.act.len(), grouping.capacity() * hidden)?;
+    check_len("routed experts workspace pair_out", workspace.pair_out.len(), tokens * top_k * dim)?;
+    check_len("shared expert workspace", workspace.shared_act.len(), tokens * hidden)?;
+    check_len("shared expert workspace out", workspace.shared_out.len(), tokens * dim)?;
+    let act = workspace.act.view([grouping.capacity(), hidden])?;
+    let shared_act = workspace.shared_act.view([tokens, hidden])?;
+    let up_tail = DenseTail { w: up, x, out: TailOutput::SwiGlu(shared_act) };
+    let rows = Rows::Grouped { grouping, top_k, pairs: tokens * top_k, tail: Some(up_tail) };
+    launch_gemm(&weights.gate_up, Input::Bf16(x), tokens, true, rows, Output::SwiGlu(act))?;
+    let down_tail = DenseTail { w: dn, x: shared_act, out: TailOutput::F32(workspace.shared_out.view([tokens, dim])?) };
+    let rows = Rows::Grouped { grouping, top_k, pairs: tokens * top_k, tail: Some(down_tail) };
+    let output = Output::F32ByPair { out: workspace.pair_out.view([tokens * top_k, dim])?, pair_weights: Some(topk_weights) };
+    launch_gemm(&weights.down, Input::Bf16(act), grouping.capacity(), false, rows, output)
+}
+
 /// One whole MoE layer: out `[tokens, dim]` bf16 = shared(x) + sum_j w_j expert_j(x) over the locally owned experts,
-/// for `x [tokens, dim]` (the token count is read off it). Five launches: routed up (+SwiGLU), routed down (x routing
-/// weight), shared up, shared down, combine; W8A8 layers (`weights.fp8_activations`) quantise the input and the
+/// for `x [tokens, dim]` (the token count is read off it). Three launches: routed up (+SwiGLU) with the shared
+/// expert's up, routed down (x routing weight) with the shared expert's down, combine (five when the shared expert is
+/// packed apart, see [`routed_and_shared_experts`]); W8A8 layers (`weights.fp8_activations`) quantise the input and the
 /// SwiGLU activation to e4m3 first (two more).
 ///
 /// `Error::InvalidArgument` when `workspace` was made for another token count or `top_k`; `Error::Shape` when
@@ -1112,12 +1274,9 @@ pub fn moe_layer(weights: &MoeLayerWeights, x: Matrix<bf16>, routing: &RoutingBu
     }
     routing.topk_weights.expect_dims("moe_layer topk_weights", [tokens, k])?;
     check_len("moe_layer pair_out", workspace.pair_out.len(), tokens * k * dim)?;
-    routed_experts(weights, x, grouping, routing.topk_weights, workspace)?;
+    routed_and_shared_experts(weights, x, grouping, routing.topk_weights, workspace)?;
     let shared_out = match &weights.shared {
-        Some(shared) => {
-            shared_expert(shared, x, workspace)?;
-            Some(workspace.shared_out.view([tokens, dim])?)
-        }
+        Some(_) => Some(workspace.shared_out.view([tokens, dim])?),
         None => None,
     };
     let pair_out = workspace.pair_out.view([tokens * k, dim])?;

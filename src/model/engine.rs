@@ -580,7 +580,7 @@ pub struct EngineOptions {
     /// Forced KV split count of the attention (None: the kernel's heuristic).
     pub attention_splits: Option<usize>,
     /// Replay decode steps (every request adding one token) as captured graphs: a CUDA graph on a GPU (one launch
-    /// for the whole network instead of ~25 per layer), the recorded launch list on the interpreter. One graph per
+    /// for the whole network instead of 14 per layer), the recorded launch list on the interpreter. One graph per
     /// (batch size, block-table capacity in pages, a power of two); the first step of a shape runs eagerly, the next
     /// one captures. Off, or on a backend without graphs, or with a collective, every step runs eagerly.
     pub graphs: bool,
@@ -1297,15 +1297,21 @@ impl Network<'_> {
                 // Pairs of other ranks' experts stay zero here and arrive by the all-reduce.
                 device.memset(ws.moe.pair_out.addr(), 0, ws.moe.pair_out.bytes())?;
             }
-            moe::routed_experts(&layer.moe, ws.h.view([t, dim])?, &grouping, ws.routing.topk_weights.view([t, k])?, &ws.moe)?;
-            if let Some(col) = &self.collective {
-                col.all_reduce_sum_f32(&ws.moe.pair_out)?;
+            let (h, topk_weights) = (ws.h.view([t, dim])?, ws.routing.topk_weights.view([t, k])?);
+            match &self.collective {
+                // One GPU: the shared expert rides in the routed experts' two launches.
+                None => moe::routed_and_shared_experts(&layer.moe, h, &grouping, topk_weights, &ws.moe)?,
+                // Several: the routed pairs are summed over the ranks, the (replicated) shared expert is not.
+                Some(col) => {
+                    moe::routed_experts(&layer.moe, h, &grouping, topk_weights, &ws.moe)?;
+                    col.all_reduce_sum_f32(&ws.moe.pair_out)?;
+                    if let Some(s) = &layer.moe.shared {
+                        moe::shared_expert(s, h, &ws.moe)?;
+                    }
+                }
             }
             let shared = match &layer.moe.shared {
-                Some(s) => {
-                    moe::shared_expert(s, ws.h.view([t, dim])?, &ws.moe)?;
-                    Some(ws.moe.shared_out.view([t, dim])?)
-                }
+                Some(_) => Some(ws.moe.shared_out.view([t, dim])?),
                 None => None,
             };
             // Combine the pairs, add the residual and norm for the next block, in one launch.

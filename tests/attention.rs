@@ -419,6 +419,9 @@ impl Backend for CountingBackend {
     fn memset(&self, addr: u64, byte: u8, bytes: usize) -> small4::Result<()> {
         self.inner.memset(addr, byte, bytes)
     }
+    fn copy(&self, dst: u64, src: u64, bytes: usize) -> small4::Result<()> {
+        self.inner.copy(dst, src, bytes)
+    }
     fn launch(&self, kernel: &Kernel, config: &LaunchConfig, params: &[u8]) -> small4::Result<()> {
         self.inner.launch(kernel, config, params)?;
         self.launches.lock().unwrap().extend(self.inner.last_launch_counters());

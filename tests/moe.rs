@@ -433,6 +433,38 @@ fn shared_expert_in_routed_launches_equals_apart(device: &Device) {
     }
 }
 
+/// Device-side stacking and row concatenation of packed weights (what the synthetic model uses to assemble W_UK /
+/// W_UV / wq_a + wkv_a on the device) give exactly the arrays of the host repack, for every format.
+fn device_stack_and_concat_equal_host_repack(device: &Device) {
+    fn same(what: &str, a: &DeviceWeights, b: &DeviceWeights) {
+        assert_eq!((a.format, a.experts, a.out_cols, a.rows_padded, a.k_dim, a.expert_stride, a.group, a.bytes_per_expert), (b.format, b.experts, b.out_cols, b.rows_padded, b.k_dim, b.expert_stride, b.group, b.bytes_per_expert), "{what}: shape");
+        assert_eq!(a.data.to_vec().unwrap(), b.data.to_vec().unwrap(), "{what}: data");
+        let opt = |x: &Option<DeviceBuffer<f32>>| x.as_ref().map(|b| b.to_vec().unwrap());
+        assert_eq!(opt(&a.row_scales), opt(&b.row_scales), "{what}: row scales");
+        assert_eq!(opt(&a.block_scales), opt(&b.block_scales), "{what}: block scales");
+        assert_eq!(a.group_scales.as_ref().map(|b| b.to_vec().unwrap()), b.group_scales.as_ref().map(|b| b.to_vec().unwrap()), "{what}: group scales");
+        assert_eq!(a.group_zeros.as_ref().map(|b| b.to_vec().unwrap()), b.group_zeros.as_ref().map(|b| b.to_vec().unwrap()), "{what}: zero points");
+        assert_eq!(a.fp4_scales.as_ref().map(|b| b.to_vec().unwrap()), b.fp4_scales.as_ref().map(|b| b.to_vec().unwrap()), "{what}: fp4 scales");
+    }
+    let mut rng = rng(43);
+    let formats = FORMATS.iter().copied().chain([WeightFormat::Int4 { group: 128, zero_point: true }]);
+    for format in formats {
+        let k = 256;
+        let (a, _) = random_matrix(&mut rng, format, 128, k);
+        let (b, _) = random_matrix(&mut rng, format, 40, k);
+        let one = |q: &QuantizedMatrix| DeviceWeights::upload(device, &repack::repack_linear(&[q.into()]).unwrap()).unwrap();
+        let (da, db) = (one(&a), one(&b));
+        let host = DeviceWeights::upload(device, &repack::repack_row_concat(&[vec![(&a).into(), (&b).into()]]).unwrap()).unwrap();
+        same(&format!("{format} concat"), &DeviceWeights::concat_rows(&[&da, &db]).unwrap(), &host);
+        let (c, _) = random_matrix(&mut rng, format, 128, k);
+        let host = DeviceWeights::upload(device, &repack::repack_linear(&[(&a).into(), (&c).into()]).unwrap()).unwrap();
+        same(&format!("{format} stack"), &DeviceWeights::stack(&[&da, &one(&c)]).unwrap(), &host);
+        // Parts of different shapes do not stack; a first part of a partial tile does not concatenate.
+        assert!(matches!(DeviceWeights::stack(&[&da, &db]), Err(small4::Error::InvalidArgument(_))));
+        assert!(matches!(DeviceWeights::concat_rows(&[&db, &da]), Err(small4::Error::InvalidArgument(_))));
+    }
+}
+
 /// Activation scales for the W8A8 cases: inputs are uniform in [-1, 1] and the quarter above 0.75 in magnitude
 /// saturates (448 * scale = 0.75), so the saturation rule is exercised; the SwiGLU activations (about 0.1 at these
 /// sizes) use the e4m3 range up to 0.5.
@@ -586,6 +618,7 @@ backend_tests!(
     linear_per_head_matches_reference,
     row_concat_linear_matches_both_parts,
     shared_expert_in_routed_launches_equals_apart,
+    device_stack_and_concat_equal_host_repack,
     moe_layer_matches_reference,
     moe_layer_every_format,
     moe_layer_prefill_tiles,

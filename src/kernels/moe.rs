@@ -184,6 +184,181 @@ impl DeviceWeights {
     }
 }
 
+/// One array of packed weights (data or a scale array), for the device-side stacking and concatenation below.
+fn array_parts<'a, T: crate::device::DeviceElement>(parts: &'a [&DeviceWeights], array: impl Fn(&'a DeviceWeights) -> &'a Option<DeviceBuffer<T>>) -> Result<Option<Vec<&'a DeviceBuffer<T>>>> {
+    let present: Vec<&DeviceBuffer<T>> = parts.iter().filter_map(|p| array(p).as_ref()).collect();
+    match present.len() {
+        0 => Ok(None),
+        n if n == parts.len() => Ok(Some(present)),
+        _ => Err(Error::InvalidArgument("packed weights: the parts do not carry the same scale arrays".into())),
+    }
+}
+
+impl DeviceWeights {
+    /// Matrices of the same format and packed shape stacked as the experts of one weight set, on the device: what
+    /// `repack_linear` (or `repack_gate_up`) of all their matrices uploads, without a host copy (the per-head W_UK /
+    /// W_UV of MLA generated head by head on the device, then stacked for [`linear_per_head`]).
+    ///
+    /// `Error::InvalidArgument` for no parts or parts of different formats, packings or shapes.
+    ///
+    /// ```
+    /// use small4::device::simulator;
+    /// use small4::kernels::moe::DeviceWeights;
+    /// use small4::quant::{repack::{repack_linear, MatrixRef}, QuantizedMatrix, WeightFormat};
+    ///
+    /// let device = simulator();
+    /// let m = |v: f32| QuantizedMatrix::quantize(WeightFormat::Fp8PerTensor, &vec![v; 16 * 64], 16, 64);
+    /// let (a, b) = (m(0.5)?, m(-2.0)?);
+    /// let one = |q: &QuantizedMatrix| DeviceWeights::upload(&device, &repack_linear(&[MatrixRef::from(q)])?);
+    /// let stacked = DeviceWeights::stack(&[&one(&a)?, &one(&b)?])?;
+    /// let both = DeviceWeights::upload(&device, &repack_linear(&[MatrixRef::from(&a), MatrixRef::from(&b)])?)?;
+    /// assert_eq!(stacked.experts, 2);
+    /// assert_eq!(stacked.data.to_vec()?, both.data.to_vec()?);
+    /// assert_eq!(stacked.row_scales.as_ref().unwrap().to_vec()?, both.row_scales.as_ref().unwrap().to_vec()?);
+    /// # Ok::<(), small4::Error>(())
+    /// ```
+    pub fn stack(parts: &[&DeviceWeights]) -> Result<Self> {
+        let first = *parts.first().ok_or_else(|| Error::InvalidArgument("DeviceWeights::stack: no parts".into()))?;
+        let shape = |w: &DeviceWeights| (w.format, w.out_cols, w.rows_padded, w.k_dim, w.swiglu, w.group, w.expert_stride / w.experts.max(1));
+        if let Some(other) = parts.iter().find(|p| shape(p) != shape(first) || p.experts != 1) {
+            return Err(Error::InvalidArgument(format!(
+                "DeviceWeights::stack: parts of one matrix each, all {} [{}, {}]; got {} x {} [{}, {}]",
+                first.format, first.out_cols, first.k_dim, other.experts, other.format, other.out_cols, other.k_dim
+            )));
+        }
+        fn concat<T: crate::device::DeviceElement>(parts: Option<Vec<&DeviceBuffer<T>>>) -> Result<Option<DeviceBuffer<T>>> {
+            let Some(parts) = parts else { return Ok(None) };
+            let out = DeviceBuffer::<T>::alloc(parts[0].device(), parts.iter().map(|p| p.len()).sum())?;
+            let mut at = 0;
+            for p in parts {
+                out.copy_within_device(at, p, 0, p.len())?;
+                at += p.len();
+            }
+            Ok(Some(out))
+        }
+        Ok(DeviceWeights {
+            format: first.format,
+            experts: parts.len(),
+            out_cols: first.out_cols,
+            rows_padded: first.rows_padded,
+            k_dim: first.k_dim,
+            swiglu: first.swiglu,
+            expert_stride: first.expert_stride,
+            group: first.group,
+            data: concat(Some(parts.iter().map(|p| &p.data).collect()))?.expect("data is always present"),
+            row_scales: concat(array_parts(parts, |p| &p.row_scales)?)?,
+            block_scales: concat(array_parts(parts, |p| &p.block_scales)?)?,
+            group_scales: concat(array_parts(parts, |p| &p.group_scales)?)?,
+            group_zeros: concat(array_parts(parts, |p| &p.group_zeros)?)?,
+            fp4_scales: concat(array_parts(parts, |p| &p.fp4_scales)?)?,
+            bytes_per_expert: first.bytes_per_expert,
+        })
+    }
+
+    /// The rows of several matrices (one each, same format and reduction length) one after another as one matrix, on
+    /// the device: what `repack_row_concat` of their matrices uploads. Every part but the last must have whole
+    /// 16-row tiles (`Error::InvalidArgument` otherwise, or for SwiGLU-packed parts, different formats or lengths).
+    ///
+    /// ```
+    /// use small4::device::simulator;
+    /// use small4::kernels::moe::DeviceWeights;
+    /// use small4::quant::{repack::{repack_linear, repack_row_concat, MatrixRef}, QuantizedMatrix, WeightFormat};
+    ///
+    /// let device = simulator();
+    /// let w = |rows: usize, v: f32| QuantizedMatrix::quantize(WeightFormat::Fp8Block128, &vec![v; rows * 128], rows, 128);
+    /// let (a, b) = (w(64, 0.5)?, w(40, 3.0)?);
+    /// let one = |q: &QuantizedMatrix| DeviceWeights::upload(&device, &repack_linear(&[MatrixRef::from(q)])?);
+    /// let joined = DeviceWeights::concat_rows(&[&one(&a)?, &one(&b)?])?;
+    /// let host = DeviceWeights::upload(&device, &repack_row_concat(&[vec![MatrixRef::from(&a), MatrixRef::from(&b)]])?)?;
+    /// assert_eq!((joined.out_cols, joined.rows_padded), (104, 128));
+    /// assert_eq!(joined.data.to_vec()?, host.data.to_vec()?);
+    /// assert_eq!(joined.block_scales.as_ref().unwrap().to_vec()?, host.block_scales.as_ref().unwrap().to_vec()?);
+    /// # Ok::<(), small4::Error>(())
+    /// ```
+    pub fn concat_rows(parts: &[&DeviceWeights]) -> Result<Self> {
+        let first = *parts.first().ok_or_else(|| Error::InvalidArgument("DeviceWeights::concat_rows: no parts".into()))?;
+        let last = parts.len() - 1;
+        for (i, p) in parts.iter().enumerate() {
+            if p.experts != 1 || p.swiglu || (p.format, p.k_dim, p.group) != (first.format, first.k_dim, first.group) || (i < last && p.out_cols % 16 != 0) {
+                return Err(Error::InvalidArgument(format!(
+                    "DeviceWeights::concat_rows: part {i} ({} x {} [{}, {}]) does not continue {} [.., {}] (one plain matrix each, whole 16-row tiles but the last)",
+                    p.experts, p.format, p.out_cols, p.k_dim, first.format, first.k_dim
+                )));
+            }
+        }
+        let device = first.data.device();
+        let rows: usize = parts.iter().map(|p| p.out_cols).sum();
+        let rows_padded = rows.next_multiple_of(crate::quant::repack::ROW_ALIGN);
+        let tiles = |rows: usize| rows.div_ceil(16);
+        // Each array is a sequence of runs per "outer" index (k block for block scales, else one run): a part gives
+        // the leading units that hold its rows, the rest of the run is padding.
+        fn join<T: crate::device::DeviceElement>(
+            device: &Device,
+            parts: Option<Vec<&DeviceBuffer<T>>>,
+            outer: usize,
+            units: &[(usize, usize)],
+            total_units: usize,
+            unit_len: usize,
+            pad: u8,
+        ) -> Result<Option<DeviceBuffer<T>>> {
+            let Some(parts) = parts else { return Ok(None) };
+            let out = DeviceBuffer::<T>::filled_with_byte(device, outer * total_units * unit_len, pad)?;
+            for o in 0..outer {
+                let mut at = o * total_units * unit_len;
+                for (p, &(used, part_units)) in parts.iter().zip(units) {
+                    out.copy_within_device(at, p, o * part_units * unit_len, used * unit_len)?;
+                    at += used * unit_len;
+                }
+            }
+            Ok(Some(out))
+        }
+        let tile_span = first.data.len() / (first.rows_padded / 16);
+        let tile_units: Vec<(usize, usize)> = parts.iter().map(|p| (tiles(p.out_cols), p.rows_padded / 16)).collect();
+        let row_units: Vec<(usize, usize)> = parts.iter().map(|p| (p.out_cols, p.rows_padded)).collect();
+        let group_units: Vec<(usize, usize)> = parts.iter().map(|p| (p.out_cols.div_ceil(8), p.rows_padded / 8)).collect();
+        let per_tile = |len: Option<usize>| len.map_or(0, |l| l / (first.rows_padded / 16));
+        let (scale_span, zero_span, fp4_span) = (
+            per_tile(first.group_scales.as_ref().map(|b| b.len())),
+            per_tile(first.group_zeros.as_ref().map(|b| b.len())),
+            per_tile(first.fp4_scales.as_ref().map(|b| b.len())),
+        );
+        let padded_tiles = rows_padded / 16;
+        let data = join(device, Some(parts.iter().map(|p| &p.data).collect()), 1, &tile_units, padded_tiles, tile_span, 0)?.expect("data is always present");
+        let block_kb = first.block_scales.as_ref().map_or(0, |b| b.len() / (first.rows_padded / 8));
+        Ok(DeviceWeights {
+            format: first.format,
+            experts: 1,
+            out_cols: rows,
+            rows_padded,
+            k_dim: first.k_dim,
+            swiglu: false,
+            expert_stride: data.len(),
+            group: first.group,
+            row_scales: join(device, array_parts(parts, |p| &p.row_scales)?, 1, &row_units, rows_padded, 1, 0)?,
+            block_scales: join(device, array_parts(parts, |p| &p.block_scales)?, block_kb, &group_units, rows_padded / 8, 1, 0)?,
+            group_scales: join(device, array_parts(parts, |p| &p.group_scales)?, 1, &tile_units, padded_tiles, scale_span, 0)?,
+            // Padding rows' INT4 zero points are 8, as repack writes them.
+            group_zeros: join(device, array_parts(parts, |p| &p.group_zeros)?, 1, &tile_units, padded_tiles, zero_span, 8)?,
+            fp4_scales: join(device, array_parts(parts, |p| &p.fp4_scales)?, 1, &tile_units, padded_tiles, fp4_span, 0)?,
+            bytes_per_expert: 0,
+            data,
+        }
+        .with_bytes_per_expert())
+    }
+
+    /// Sets `bytes_per_expert` from the arrays held.
+    fn with_bytes_per_expert(mut self) -> Self {
+        let per = |len: Option<usize>, size: usize| len.map_or(0, |l| l * size / self.experts);
+        self.bytes_per_expert = self.expert_stride
+            + per(self.row_scales.as_ref().map(|b| b.len()), 4)
+            + per(self.block_scales.as_ref().map(|b| b.len()), 4)
+            + per(self.group_scales.as_ref().map(|b| b.len()), 2)
+            + per(self.group_zeros.as_ref().map(|b| b.len()), 1)
+            + per(self.fp4_scales.as_ref().map(|b| b.len()), 1);
+        self
+    }
+}
+
 /// The router's grouping of pairs by local expert, on the device (contract: `reference::moe::Alignment`).
 ///
 /// The launchers check it against the weights: `Error::InvalidArgument` when `tile_m` does not divide 64,

@@ -143,6 +143,9 @@ struct BenchArgs {
     /// Routed experts in W8A8 (needs per-tensor FP8 experts with activation scales: --format fp8 for the preset).
     #[arg(long)]
     fp8_activations: bool,
+    /// Step token budget of chunked prefill (default: the whole batch's prompts in one step).
+    #[arg(long)]
+    prefill_chunk: Option<usize>,
 }
 
 #[derive(Args)]
@@ -200,6 +203,9 @@ struct GenerateArgs {
     /// per-tensor FP8 experts with activation scales (the generated tiny checkpoint has them with --format fp8).
     #[arg(long)]
     fp8_activations: bool,
+    /// Engine backends: the step token budget of chunked prefill (a longer prompt is prefilled over several steps).
+    #[arg(long, default_value_t = small4::model::engine::DEFAULT_PREFILL_CHUNK)]
+    prefill_chunk: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -257,6 +263,7 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         warmup_steps: args.warmup_steps,
         graphs: !args.eager,
         fp8_activations: args.fp8_activations,
+        prefill_chunk: args.prefill_chunk,
         seed: 0,
     };
     println!("{}", dir.display());
@@ -418,7 +425,7 @@ fn generate_tokens(args: &GenerateArgs, checkpoint: &Checkpoint, prompt_ids: &[u
     }
     // The reference runs to --max-tokens; the engine stops at --eos.
     let eos = (backend != GenerationBackend::Reference).then_some(args.eos);
-    let options = GeneratorOptions { backend, eos, max_context: prompt_ids.len() + args.max_tokens, reference, graphs: !args.eager, fp8_activations: args.fp8_activations };
+    let options = GeneratorOptions { backend, eos, max_context: prompt_ids.len() + args.max_tokens, reference, graphs: !args.eager, fp8_activations: args.fp8_activations, prefill_chunk: args.prefill_chunk };
     let load = Instant::now();
     let bar = indicatif::ProgressBar::new(0).with_style(
         indicatif::ProgressStyle::with_template("loading {bar:30} {pos}/{len} layers {elapsed}").expect("a valid progress template"),

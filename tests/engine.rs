@@ -337,6 +337,154 @@ fn graphs_equal_eager_steps(device: &Device, format: WeightFormat, fp8_activatio
     assert!(graph_steps == eager_steps, "a replayed step's logits differ from the eager step's");
 }
 
-backend_tests!(decode_graphs_equal_eager_steps, one_layer_prefill_and_paged_decode, one_layer_fp8_activations, native_bf16_fp8_int4, hf_fp8_fp8_block_nvfp4, joining_sequences_match_each_alone, two_expert_parallel_ranks_match_one, two_tensor_parallel_ranks_match_one, uneven_head_split_is_an_error);
+/// A backend that forwards to another and keeps the most device memory live at once (the workspace's size test).
+struct PeakMemory {
+    inner: Device,
+    live: std::sync::Mutex<(std::collections::HashMap<u64, usize>, usize, usize)>,
+}
+
+impl small4::device::Backend for PeakMemory {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn alloc(&self, bytes: usize) -> small4::Result<u64> {
+        let addr = self.inner.alloc(bytes)?;
+        let mut live = self.live.lock().unwrap();
+        live.0.insert(addr, bytes);
+        live.1 += bytes;
+        live.2 = live.2.max(live.1);
+        Ok(addr)
+    }
+    fn free(&self, addr: u64) -> small4::Result<()> {
+        self.inner.free(addr)?;
+        let mut live = self.live.lock().unwrap();
+        let bytes = live.0.remove(&addr).unwrap_or(0);
+        live.1 -= bytes;
+        Ok(())
+    }
+    fn write(&self, addr: u64, data: &[u8]) -> small4::Result<()> {
+        self.inner.write(addr, data)
+    }
+    fn read(&self, addr: u64, out: &mut [u8]) -> small4::Result<()> {
+        self.inner.read(addr, out)
+    }
+    fn memset(&self, addr: u64, byte: u8, bytes: usize) -> small4::Result<()> {
+        self.inner.memset(addr, byte, bytes)
+    }
+    fn copy(&self, dst: u64, src: u64, bytes: usize) -> small4::Result<()> {
+        self.inner.copy(dst, src, bytes)
+    }
+    fn launch(&self, kernel: &small4::device::Kernel, config: &small4::device::LaunchConfig, params: &[u8]) -> small4::Result<()> {
+        self.inner.launch(kernel, config, params)
+    }
+    fn synchronize(&self) -> small4::Result<()> {
+        self.inner.synchronize()
+    }
+}
+
+/// Chunked prefill (issue 18): prompts of 5 and 9 chunks (budget 4 tokens a step) beside another sequence's decode
+/// tokens give the tokens and logits of one-shot prefill and the reference's tokens; the device memory in use at
+/// its peak is the same for a prompt twice as long (the workspace follows the budget, not the prompt).
+fn chunked_prefill_matches_one_shot(device: &Device) {
+    let config = ModelConfig { n_layers: 2, ..ModelConfig::tiny() };
+    let f = fixture(&config, Layout::Native, WeightFormat::Bf16, 51);
+    let (long, short) = (prompt(18, 5, config.vocab), prompt(3, 6, config.vocab));
+    // Runs both requests step by step; also returns the largest activation workspace (in tokens) of the run.
+    let run = |device: &Device, chunk: usize, long: &[u32]| {
+        let model = DeviceModel::load(device, &f.checkpoint, Shard::SINGLE).unwrap();
+        let mut engine = Engine::new(model, EngineOptions { prefill_chunk: chunk, ..options(4) }, None).unwrap();
+        let ids = [engine.add(greedy(short.clone(), 6)).unwrap(), engine.add(greedy(long.to_vec(), 3)).unwrap()];
+        let (mut steps, mut tokens, mut workspace) = (Vec::new(), vec![Vec::new(); 2], 0);
+        while engine.active() > 0 {
+            for t in engine.step().unwrap() {
+                tokens[ids.iter().position(|&id| id == t.id).unwrap()].push(t.token);
+                steps.push((t.id, t.token, t.logits.clone().unwrap()));
+            }
+            workspace = workspace.max(engine.workspace_tokens());
+        }
+        (tokens, steps, workspace)
+    };
+    let (one_shot, one_shot_steps, one_shot_workspace) = run(device, 1 << 20, &long);
+    let (chunked, chunked_steps, chunked_workspace) = run(device, 4, &long);
+    assert_eq!((one_shot_workspace, chunked_workspace), (21, 4), "workspace tokens: one-shot prefill, chunks of 4");
+    assert_eq!(chunked, one_shot, "chunked prefill changed the tokens");
+    // Each request's tokens come with the logits of one-shot prefill (the requests interleave differently: the short
+    // one decodes while the long one is still being prefilled).
+    for id in one_shot_steps.iter().map(|(id, _, _)| *id).collect::<std::collections::BTreeSet<_>>() {
+        let of = |steps: &[(small4::model::engine::RequestId, u32, Vec<f32>)]| steps.iter().filter(|(i, _, _)| *i == id).map(|(_, t, l)| (*t, l.clone())).collect::<Vec<_>>();
+        let (got, want) = (of(&chunked_steps), of(&one_shot_steps));
+        assert_eq!(got.len(), want.len());
+        for (n, ((gt, gl), (wt, wl))) in got.iter().zip(&want).enumerate() {
+            assert_eq!(gt, wt, "request {} token {n}", id.0);
+            check_logits(&format!("request {} token {n}: chunked vs one-shot", id.0), gl, wl);
+        }
+    }
+    assert_eq!(chunked[1], reference_greedy(&f.reference, &long, 3).0, "chunked long prompt vs the reference");
+    assert_eq!(chunked[0], reference_greedy(&f.reference, &short, 6).0, "short prompt vs the reference");
+    // Peak device memory for a prompt twice as long: with chunks the workspace stays at the budget (4 tokens), and only
+    // what follows the context grows (block-table rows, the attention's split partials); one-shot prefill grows by a
+    // workspace of 18 more tokens on top.
+    let peak = |chunk: usize, long: &[u32]| {
+        let counting = std::sync::Arc::new(PeakMemory { inner: device.clone(), live: Default::default() });
+        let as_device: Device = counting.clone();
+        let (_, _, workspace) = run(&as_device, chunk, long);
+        let peak = counting.live.lock().unwrap().2;
+        (peak, workspace)
+    };
+    let doubled: Vec<u32> = long.iter().chain(&long).copied().collect();
+    let ((chunked_18, w18), (chunked_36, w36)) = (peak(4, &long), peak(4, &doubled));
+    let ((one_shot_18, _), (one_shot_36, _)) = (peak(1 << 20, &long), peak(1 << 20, &doubled));
+    assert_eq!((w18, w36), (4, 4), "chunked workspace tokens for 18- and 36-token prompts");
+    let (chunked_growth, one_shot_growth) = (chunked_36 - chunked_18, one_shot_36 - one_shot_18);
+    println!("peak device memory: chunks of 4: {chunked_18} B -> {chunked_36} B; one-shot: {one_shot_18} B -> {one_shot_36} B");
+    assert!(chunked_growth < one_shot_growth / 4, "chunked growth {chunked_growth} B against one-shot growth {one_shot_growth} B");
+}
+
+/// A step that fails in the middle of a batch (the second sequence passes the model's last position after the first
+/// sequence's token was appended) changes nothing: the first sequence, retried without the failing one, continues
+/// exactly as it does alone. Requests wait for pages (admission) instead of failing, and a prompt the whole pool
+/// cannot hold is refused when added. The decode-graph cache keeps at most `max_decode_graphs` graphs.
+fn failed_steps_change_nothing(device: &Device) {
+    let config = ModelConfig { n_layers: 1, max_position: 8, ..ModelConfig::tiny() };
+    let f = fixture(&config, Layout::Native, WeightFormat::Bf16, 52);
+    let engine = |opts: EngineOptions| Engine::new(DeviceModel::load(device, &f.checkpoint, Shard::SINGLE).unwrap(), opts, None).unwrap();
+    let (a, b) = (prompt(2, 1, config.vocab), prompt(6, 2, config.vocab));
+    let alone = engine(options(2)).generate(vec![greedy(a.clone(), 5)], |_| {}).unwrap().remove(0);
+    let mut e = engine(options(2));
+    let ida = e.add(greedy(a.clone(), 5)).unwrap();
+    let idb = e.add(greedy(b, 5)).unwrap();
+    let mut got = Vec::new();
+    let err = loop {
+        match e.step() {
+            Ok(tokens) => got.extend(tokens.iter().filter(|t| t.id == ida).map(|t| t.token)),
+            Err(err) => break err,
+        }
+    };
+    assert!(matches!(err, small4::Error::OutOfRange { .. }), "{err}");
+    // The same step fails again (nothing was half applied), then runs once the failing request is cancelled.
+    assert!(matches!(e.step(), Err(small4::Error::OutOfRange { .. })));
+    e.cancel(idb).unwrap();
+    while e.active() > 0 {
+        got.extend(e.step().unwrap().iter().map(|t| t.token));
+    }
+    assert_eq!(got, alone, "the first sequence after the failed steps vs alone");
+
+    // Admission: a pool of 4 pages of 2 tokens holds one of these requests at a time; the second waits, then runs.
+    let small_pool = EngineOptions { num_pages: 4, ..options(2) };
+    let mut e = engine(small_pool);
+    let both = e.generate(vec![greedy(prompt(4, 3, config.vocab), 3), greedy(prompt(5, 4, config.vocab), 3)], |_| {}).unwrap();
+    let first_alone = engine(small_pool).generate(vec![greedy(prompt(4, 3, config.vocab), 3)], |_| {}).unwrap();
+    assert_eq!(both[0], first_alone[0]);
+    assert_eq!(both[1].len(), 3);
+    let err = engine(small_pool).add(greedy(prompt(8, 5, config.vocab), 1)).unwrap_err();
+    assert!(matches!(err, small4::Error::OutOfPages { .. }), "{err}");
+
+    // A bounded graph cache: two batch sizes, one graph kept.
+    let mut e = engine(EngineOptions { max_decode_graphs: 1, ..options(2) });
+    e.generate(vec![greedy(prompt(2, 6, config.vocab), 6), greedy(prompt(2, 7, config.vocab), 3)], |_| {}).unwrap();
+    assert!(e.captured_graphs() <= 1, "{} graphs kept", e.captured_graphs());
+}
+
+backend_tests!(chunked_prefill_matches_one_shot, failed_steps_change_nothing, decode_graphs_equal_eager_steps, one_layer_prefill_and_paged_decode, one_layer_fp8_activations, native_bf16_fp8_int4, hf_fp8_fp8_block_nvfp4, joining_sequences_match_each_alone, two_expert_parallel_ranks_match_one, two_tensor_parallel_ranks_match_one, uneven_head_split_is_an_error);
 
 

@@ -32,13 +32,16 @@ pub struct BenchOptions {
     pub graphs: bool,
     /// Routed experts in W8A8 (`EngineOptions::fp8_activations`).
     pub fp8_activations: bool,
+    /// The step token budget of chunked prefill (`EngineOptions::prefill_chunk`); None: the whole batch's prompts in
+    /// one prefill step.
+    pub prefill_chunk: Option<usize>,
     /// Seed of the random prompts.
     pub seed: u64,
 }
 
 impl Default for BenchOptions {
     fn default() -> Self {
-        BenchOptions { batch: 1, prompt_len: 128, decode_steps: 32, warmup_steps: 2, graphs: true, fp8_activations: false, seed: 0 }
+        BenchOptions { batch: 1, prompt_len: 128, decode_steps: 32, warmup_steps: 2, graphs: true, fp8_activations: false, prefill_chunk: None, seed: 0 }
     }
 }
 
@@ -183,6 +186,7 @@ pub fn bench_engine(device: &Device, checkpoint: &Checkpoint, options: BenchOpti
         eos: None,
         graphs: options.graphs,
         fp8_activations: options.fp8_activations,
+        prefill_chunk: options.prefill_chunk.unwrap_or(options.batch * options.prompt_len),
         ..EngineOptions::default()
     };
     let mut engine = Engine::new(model, engine_options, None)?;
@@ -200,7 +204,17 @@ pub fn bench_engine(device: &Device, checkpoint: &Checkpoint, options: BenchOpti
         }
         Ok(elapsed)
     };
-    let prefill = timed_step(&mut engine)?;
+    // The prefill: the steps until every sequence has its first token (one step unless the prompts are chunked).
+    let start = Instant::now();
+    let mut first_tokens = 0;
+    while first_tokens < options.batch {
+        let tokens = engine.step()?;
+        if tokens.is_empty() && engine.active() == 0 {
+            return Err(Error::InvalidArgument("the benchmark's sequences ended during the prefill".into()));
+        }
+        first_tokens += tokens.len();
+    }
+    let prefill = start.elapsed();
     for _ in 0..options.warmup_steps {
         timed_step(&mut engine)?;
     }

@@ -587,7 +587,17 @@ pub struct EngineOptions {
     /// Routed experts in W8A8: e4m3 activations with the checkpoint's static scales (`qscale_act`) on the e4m3
     /// tensor cores. Needs per-tensor FP8 experts with activation scales; the shared expert stays bf16.
     pub fp8_activations: bool,
+    /// Token budget of a step (chunked prefill): decode tokens first, then prompt chunks fill what is left, so a
+    /// long prompt is prefilled over several steps beside the other sequences' decode tokens and the activation
+    /// workspace is sized by this budget, never by a prompt. A prompt with images is prefilled in one step.
+    pub prefill_chunk: usize,
+    /// Decode graphs kept (one per batch size and table capacity); the least recently used is dropped past this.
+    pub max_decode_graphs: usize,
 }
+
+/// The default step token budget: 2048 tokens keep a prefill step's GEMMs on the tensor cores' efficient side on
+/// an H100 while its activations stay small (a 2048-token step's MoE pair outputs are 128 MiB).
+pub const DEFAULT_PREFILL_CHUNK: usize = 2048;
 
 impl Default for EngineOptions {
     fn default() -> Self {
@@ -600,6 +610,8 @@ impl Default for EngineOptions {
             attention_splits: None,
             graphs: true,
             fp8_activations: false,
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
+            max_decode_graphs: 8,
         }
     }
 }
@@ -731,6 +743,16 @@ struct DecodeGraph {
     /// The ids the workspace holds for the next step when a `decode_advance` wrote them there (the tokens sampled
     /// last step, in batch order): a step whose ids are these uploads nothing.
     ids_on_device: Option<Vec<i32>>,
+    /// The engine's step count when the graph last ran (the least recently used graph is dropped first).
+    last_used: u64,
+}
+
+/// One request's part of a step: the tokens fed, and whether the step samples its next token (a decode token, or
+/// the chunk that ends its prompt).
+struct Scheduled {
+    id: RequestId,
+    tokens: Vec<u32>,
+    samples: bool,
 }
 
 /// A step's tokens laid out by the host: ids, positions, each token's batch row, and the first token of each
@@ -811,6 +833,8 @@ pub struct Engine {
     gather_status: GatherStatus,
     active: BTreeMap<RequestId, Active>,
     next_id: u64,
+    /// Steps run so far.
+    steps: u64,
 }
 
 impl Engine {
@@ -839,6 +863,12 @@ impl Engine {
             };
             layer.moe.set_fp8_activations(scales)?;
         }
+        if options.prefill_chunk == 0 || options.max_decode_graphs == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "engine options: prefill_chunk {} and max_decode_graphs {} must be at least 1",
+                options.prefill_chunk, options.max_decode_graphs
+            )));
+        }
         let desc = CacheDescriptor::mla(options.num_pages, options.page_size, options.cache_dtype)?;
         let caches = (0..model.config.n_layers).map(|_| PagedCache::new(&model.device, desc)).collect::<Result<_>>()?;
         Ok(Engine {
@@ -854,6 +884,7 @@ impl Engine {
             gather_status: GatherStatus::new(&model.device)?,
             active: BTreeMap::new(),
             next_id: 0,
+            steps: 0,
             options,
             model,
         })
@@ -867,6 +898,14 @@ impl Engine {
     /// Decode graphs captured so far (one per batch size and block-table capacity; see `EngineOptions::graphs`).
     pub fn captured_graphs(&self) -> usize {
         self.decode_graphs.values().filter(|g| g.graph.is_some()).count()
+    }
+
+    /// The most tokens any allocated activation workspace holds (the eager step's, and each decode graph's batch):
+    /// with chunked prefill at most `EngineOptions::prefill_chunk` (or the decode batch, if larger), whatever the
+    /// prompts' lengths.
+    pub fn workspace_tokens(&self) -> usize {
+        let eager = self.workspace.as_ref().map_or(0, |w| w.tokens);
+        self.decode_graphs.values().map(|g| g.workspace.tokens).chain([eager]).max().unwrap_or(0)
     }
 
     /// Requests still in the batch.
@@ -913,6 +952,12 @@ impl Engine {
                 return Err(Error::InvalidArgument(format!("sampling temperature {temperature}, top_p {top_p}")));
             }
         }
+        // Admission: a prompt the whole page pool cannot hold (with the slot of its first token) never runs.
+        let desc = self.kv.descriptor();
+        let needed = desc.pages_for(request.prompt.len() + 1);
+        if request.max_tokens > 0 && needed > desc.num_pages {
+            return Err(Error::OutOfPages { needed, free: desc.num_pages });
+        }
         let id = RequestId(self.next_id);
         self.next_id += 1;
         if request.max_tokens == 0 {
@@ -936,13 +981,61 @@ impl Engine {
         if self.active.is_empty() {
             return Ok(Vec::new());
         }
-        let ids: Vec<RequestId> = self.active.keys().copied().collect();
-        let batch: Vec<(SeqId, Vec<u32>)> = ids.iter().map(|id| (self.active[id].seq, self.active[id].pending.clone())).collect();
-        // A request's images enter at its prefill (its first step) and are dropped after it.
-        let images: Vec<Vec<PixelImage>> =
-            ids.iter().map(|id| if self.active[id].generated == 0 { std::mem::take(&mut self.active.get_mut(id).unwrap().images) } else { Vec::new() }).collect();
+        let plan = self.schedule()?;
+        // A step is all or nothing: on any error the cache's tables and lengths go back to what they were (device rows
+        // written past them are never read, and are overwritten by the retry), and no request changes.
+        let kv_before = self.kv.clone();
+        let result = self.run_step(&plan);
+        if result.is_err() {
+            self.kv = kv_before;
+            for g in self.decode_graphs.values_mut() {
+                g.ids_on_device = None;
+            }
+        }
+        self.steps += 1;
+        result
+    }
+
+    /// Which requests run this step and with which tokens, within the token budget (`EngineOptions::prefill_chunk`)
+    /// and the free pages: decode tokens first (one each), then prompt chunks in request order. A request whose
+    /// tokens would need more pages than are free waits for a later step (admission); when none can run at all,
+    /// `Error::OutOfPages` (nothing changed). A prompt with images goes in whole (its image rows are one step's).
+    fn schedule(&self) -> Result<Vec<Scheduled>> {
+        let budget = self.options.prefill_chunk.max(1);
+        let (mut used, mut free) = (0usize, self.kv.free_pages());
+        let mut plan = Vec::new();
+        let mut short = None;
+        let decoding = |a: &Active| a.generated > 0;
+        for pass in [true, false] {
+            for (&id, a) in self.active.iter().filter(|(_, a)| decoding(a) == pass) {
+                let take = if pass || !a.images.is_empty() { a.pending.len() } else { a.pending.len().min(budget.saturating_sub(used)) };
+                if take == 0 {
+                    continue;
+                }
+                let needed = self.kv.pages_needed(a.seq, take)?;
+                if needed > free {
+                    short.get_or_insert(Error::OutOfPages { needed, free });
+                    continue;
+                }
+                free -= needed;
+                used += take;
+                plan.push(Scheduled { id, tokens: a.pending[..take].to_vec(), samples: take == a.pending.len() });
+            }
+        }
+        match (plan.is_empty(), short) {
+            (true, Some(err)) => Err(err),
+            _ => Ok(plan),
+        }
+    }
+
+    /// Runs one scheduled step and applies its results; changes no request when it fails (`step` restores the cache).
+    fn run_step(&mut self, plan: &[Scheduled]) -> Result<Vec<StepToken>> {
+        let ids: Vec<RequestId> = plan.iter().map(|p| p.id).collect();
+        let batch: Vec<(SeqId, Vec<u32>)> = plan.iter().map(|p| (self.active[&p.id].seq, p.tokens.clone())).collect();
+        // A request's images enter at its prefill (its first step); they are dropped once that step succeeded.
+        let images: Vec<Vec<PixelImage>> = ids.iter().map(|id| if self.active[id].generated == 0 { self.active[id].images.clone() } else { Vec::new() }).collect();
         let with_images = images.iter().any(|i| !i.is_empty());
-        let decode_only = batch.iter().all(|(_, tokens)| tokens.len() == 1);
+        let decode_only = batch.iter().all(|(_, tokens)| tokens.len() == 1) && plan.iter().all(|p| p.samples);
         if decode_only && !with_images && self.options.graphs && self.graphs_supported && self.collective.is_none() {
             // Tokens each request may still add after this step: the pages taken ahead for them.
             let ahead: Vec<usize> = ids.iter().map(|id| self.active[id].request.max_tokens.saturating_sub(self.active[id].generated + 1)).collect();
@@ -985,16 +1078,32 @@ impl Engine {
             self.gather_status.reset()?;
         }
         let logits = if self.options.keep_logits { Some(head.logits.to_vec()?) } else { None };
+        // Every sampled token is checked before any request changes.
+        let mut tokens = Vec::with_capacity(plan.len());
+        for (row, p) in plan.iter().enumerate() {
+            let token = match p.samples {
+                false => None,
+                true => Some(
+                    u32::try_from(next[row])
+                        .ok()
+                        .filter(|&t| (t as usize) < vocab)
+                        .ok_or_else(|| Error::InvalidArgument(format!("no token for request {} (NaN logits: sampled {})", p.id.0, next[row])))?,
+                ),
+            };
+            tokens.push(token);
+        }
         if let (true, LastStep::Decode(shape)) = (advanced, self.last_step) {
             self.decode_graphs.get_mut(&shape).unwrap().ids_on_device = Some(next.clone());
         }
         let mut out = Vec::with_capacity(ids.len());
-        for (row, id) in ids.iter().enumerate() {
-            let token = u32::try_from(next[row])
-                .ok()
-                .filter(|&t| (t as usize) < vocab)
-                .ok_or_else(|| Error::InvalidArgument(format!("no token for request {} (NaN logits: sampled {})", id.0, next[row])))?;
-            let a = self.active.get_mut(id).unwrap();
+        for (row, (p, token)) in plan.iter().zip(tokens).enumerate() {
+            let a = self.active.get_mut(&p.id).unwrap();
+            a.images.clear();
+            let Some(token) = token else {
+                // A prompt chunk that does not end the prompt: the rest waits for the next steps.
+                a.pending.drain(..p.tokens.len());
+                continue;
+            };
             a.generated += 1;
             a.pending = vec![token];
             let finished = if self.options.eos == Some(token) {
@@ -1006,10 +1115,10 @@ impl Engine {
             };
             if finished.is_some() {
                 let seq = a.seq;
-                self.active.remove(id);
+                self.active.remove(&p.id);
                 self.kv.free(seq)?;
             }
-            out.push(StepToken { id: *id, token, finished, logits: logits.as_ref().map(|l| l[row * vocab..(row + 1) * vocab].to_vec()) });
+            out.push(StepToken { id: p.id, token, finished, logits: logits.as_ref().map(|l| l[row * vocab..(row + 1) * vocab].to_vec()) });
         }
         Ok(out)
     }
@@ -1127,12 +1236,19 @@ impl Engine {
                 eager_runs: 0,
                 graph: None,
                 ids_on_device: None,
+                last_used: self.steps,
             };
+            // A bounded cache: the least recently used shape goes first.
+            while self.decode_graphs.len() >= self.options.max_decode_graphs.max(1) {
+                let Some(oldest) = self.decode_graphs.iter().min_by_key(|(_, g)| g.last_used).map(|(shape, _)| *shape) else { break };
+                self.decode_graphs.remove(&oldest);
+            }
             // Decode: head row s is sequence s's only token.
             graph.head.source_rows.copy_from(&(0..batch.len() as i32).collect::<Vec<_>>())?;
             self.decode_graphs.insert(shape, graph);
         }
         let g = self.decode_graphs.get_mut(&shape).unwrap();
+        g.last_used = self.steps;
         // In steady decode the device already holds this step's inputs (`decode_advance` after the last step wrote
         // them): nothing is uploaded. Anything else (another batch, a new page in a table row) is written here.
         let on_device = g.ids_on_device.take().is_some_and(|ids| ids == layout.ids);

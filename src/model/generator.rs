@@ -100,11 +100,21 @@ pub struct GeneratorOptions {
     /// Routed experts in W8A8 on every backend (`EngineOptions::fp8_activations`, `ForwardOptions::fp8_activations`):
     /// needs per-tensor FP8 experts with activation scales.
     pub fp8_activations: bool,
+    /// Engine backends: the step token budget of chunked prefill (`EngineOptions::prefill_chunk`).
+    pub prefill_chunk: usize,
 }
 
 impl Default for GeneratorOptions {
     fn default() -> Self {
-        GeneratorOptions { backend: GenerationBackend::Reference, eos: Some(DEFAULT_EOS), max_context: 1024, reference: ForwardOptions::default(), graphs: true, fp8_activations: false }
+        GeneratorOptions {
+            backend: GenerationBackend::Reference,
+            eos: Some(DEFAULT_EOS),
+            max_context: 1024,
+            reference: ForwardOptions::default(),
+            graphs: true,
+            fp8_activations: false,
+            prefill_chunk: crate::model::engine::DEFAULT_PREFILL_CHUNK,
+        }
     }
 }
 
@@ -173,6 +183,7 @@ impl Generator {
             num_pages: options.max_context.div_ceil(PAGE_SIZE) + 1,
             graphs: options.graphs,
             fp8_activations: options.fp8_activations,
+            prefill_chunk: options.prefill_chunk,
             ..EngineOptions::default()
         };
         let engine = Engine::new(model, engine_options, None)?;

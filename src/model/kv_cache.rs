@@ -301,6 +301,28 @@ impl KvCache {
         Ok(self.sequence(id)?.len)
     }
 
+    /// Free pages `append(id, count)` would take (a copy-on-write of a shared partial page included), without taking
+    /// them; `Error::UnknownSequence` for an id not live here.
+    ///
+    /// ```
+    /// use small4::model::kv_cache::{CacheDescriptor, CacheDtype, KvCache};
+    ///
+    /// let mut cache = KvCache::new(CacheDescriptor::mla(8, 16, CacheDtype::Bf16)?)?;
+    /// let seq = cache.add_sequence();
+    /// assert_eq!(cache.pages_needed(seq, 20)?, 2);
+    /// cache.append(seq, 20)?;
+    /// assert_eq!((cache.pages_needed(seq, 12)?, cache.pages_needed(seq, 13)?), (0, 1)); // 12 fit the second page
+    /// let child = cache.fork(seq)?; // shares the partly filled second page
+    /// assert_eq!(cache.pages_needed(child, 1)?, 1); // its copy
+    /// # Ok::<(), small4::Error>(())
+    /// ```
+    pub fn pages_needed(&self, id: SeqId, count: usize) -> Result<usize> {
+        let seq = self.sequence(id)?;
+        let page_size = self.desc.page_size;
+        let cow = count > 0 && seq.len % page_size != 0 && self.refcounts[seq.pages[seq.len / page_size] as usize] > 1;
+        Ok(self.desc.pages_for(seq.len.saturating_add(count)).saturating_sub(seq.pages.len()) + cow as usize)
+    }
+
     /// Positions the sequence's pages hold (its length plus what `reserve` took ahead); `Error::UnknownSequence`
     /// for an id not live here.
     pub fn capacity(&self, id: SeqId) -> Result<usize> {

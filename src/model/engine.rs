@@ -613,6 +613,45 @@ impl DeviceModel {
     pub fn vision(&self) -> Option<&DeviceVisionTower> {
         self.vision.as_ref()
     }
+
+    /// The device address of every weight buffer of the text model with the kernel family that reads it, for
+    /// profilers that attribute a launch to a family by the weights it is passed (`model::bench`). Families:
+    /// `attention_projections` (wq_a, wq_b, wkv_a, wo), `absorption` (W_UK, W_UV, the rope copy), `routing` (the
+    /// router), `routed_experts`, `shared_expert`, `head`; norm weights are `norms_and_small_ops`.
+    ///
+    /// ```
+    /// use small4::model::engine::DeviceModel;
+    /// use small4::model::synth::SyntheticModel;
+    /// use small4::model::ModelConfig;
+    ///
+    /// let synthetic = SyntheticModel::new(ModelConfig { n_layers: 1, ..ModelConfig::tiny() }, small4::quant::WeightFormat::Bf16, 1)?;
+    /// let model = DeviceModel::synthetic(&small4::device::simulator(), &synthetic)?;
+    /// let families = model.weight_families();
+    /// assert_eq!(families.iter().filter(|(_, f)| *f == "head").count(), 1);
+    /// assert_eq!(families.iter().filter(|(_, f)| *f == "attention_projections").count(), 4);
+    /// # Ok::<(), small4::Error>(())
+    /// ```
+    pub fn weight_families(&self) -> Vec<(u64, &'static str)> {
+        let mut out = vec![(self.output.data.addr(), "head"), (self.rope_identity.data.addr(), "absorption"), (self.norm.addr(), "norms_and_small_ops")];
+        for layer in &self.layers {
+            for w in [&layer.wq_a, &layer.wq_b, &layer.wkv_a, &layer.wo] {
+                out.push((w.data.addr(), "attention_projections"));
+            }
+            out.extend(layer.w_uk.iter().map(|w| (w.data.addr(), "absorption")));
+            out.extend(layer.w_uv.iter().flatten().map(|(w, _)| (w.data.addr(), "absorption")));
+            out.push((layer.gate.addr(), "routing"));
+            out.push((layer.moe.gate_up.data.addr(), "routed_experts"));
+            out.push((layer.moe.down.data.addr(), "routed_experts"));
+            if let Some((up, down)) = &layer.moe.shared {
+                out.push((up.data.addr(), "shared_expert"));
+                out.push((down.data.addr(), "shared_expert"));
+            }
+            for n in [&layer.attention_norm, &layer.q_a_norm, &layer.kv_a_norm, &layer.ffn_norm] {
+                out.push((n.addr(), "norms_and_small_ops"));
+            }
+        }
+        out
+    }
 }
 
 /// How a request picks its tokens.

@@ -362,7 +362,21 @@ pub struct SyntheticModel {
 /// # Ok::<(), small4::Error>(())
 /// ```
 pub fn shrunk_real_preset(layers: Option<usize>, experts: Option<usize>) -> Result<ModelConfig> {
-    let mut c = ModelConfig::mistral_small_4();
+    shrink(ModelConfig::mistral_small_4(), layers, experts)
+}
+
+/// Any configuration with its layer and routed-expert counts overridden (each when `Some`) and its vision tower
+/// dropped; errors as [`shrunk_real_preset`].
+///
+/// ```
+/// use small4::model::synth::shrink;
+/// use small4::model::ModelConfig;
+///
+/// let c = shrink(ModelConfig::tiny(), Some(1), None)?;
+/// assert_eq!((c.n_layers, c.experts, c.dim), (1, 16, 256));
+/// # Ok::<(), small4::Error>(())
+/// ```
+pub fn shrink(mut c: ModelConfig, layers: Option<usize>, experts: Option<usize>) -> Result<ModelConfig> {
     c.vision = None;
     if let Some(l) = layers {
         c.n_layers = l;

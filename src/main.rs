@@ -146,6 +146,31 @@ struct BenchArgs {
     /// Step token budget of chunked prefill (default: the whole batch's prompts in one step).
     #[arg(long)]
     prefill_chunk: Option<usize>,
+    /// Benchmark a synthetic model generated on the device (no checkpoint; experts in --format, --seed): the real
+    /// preset's per-layer dimensions unless --preset tiny.
+    #[arg(long)]
+    synthetic: bool,
+    /// Synthetic model: decoder layers (default: the preset's).
+    #[arg(long, requires = "synthetic")]
+    layers: Option<usize>,
+    /// Synthetic model: routed experts per layer, at least 4 (default: the preset's).
+    #[arg(long, requires = "synthetic")]
+    experts: Option<usize>,
+    /// Synthetic model: the preset whose dimensions it has.
+    #[arg(long, value_enum, default_value = "real")]
+    preset: PresetArg,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// A built-in configuration.
+#[derive(Clone, Copy, ValueEnum)]
+enum PresetArg {
+    /// Mistral Small 4 (dim 4096, 36 layers, 128 experts, vocabulary 131072).
+    Real,
+    /// The tiny test model (dim 256, 4 layers, 16 experts, vocabulary 2048).
+    Tiny,
 }
 
 #[derive(Args)]
@@ -254,8 +279,6 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         EngineBackend::Gpu => small4::device::gpu().context("small4 bench --backend gpu (--backend sim runs it on the PTX interpreter)")?,
         EngineBackend::Sim => small4::device::simulator(),
     };
-    let dir = checkpoint_dir(&args.checkpoint)?;
-    let checkpoint = Checkpoint::open(&dir)?;
     let options = BenchOptions {
         batch: args.batch,
         prompt_len: args.prompt_len,
@@ -266,8 +289,25 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         prefill_chunk: args.prefill_chunk,
         seed: 0,
     };
-    println!("{}", dir.display());
-    println!("{}", bench_engine(&device, &checkpoint, options)?);
+    let report = if args.synthetic {
+        let preset = match args.preset {
+            PresetArg::Real => ModelConfig::mistral_small_4(),
+            PresetArg::Tiny => ModelConfig::tiny(),
+        };
+        let config = small4::model::synth::shrink(preset, args.layers, args.experts)?;
+        let model = small4::model::synth::SyntheticModel::new(config, args.checkpoint.format.parse()?, args.checkpoint.seed)?;
+        println!("synthetic model (seed {})", model.seed);
+        small4::model::bench::bench_synthetic(&device, &model, options)?
+    } else {
+        let dir = checkpoint_dir(&args.checkpoint)?;
+        let checkpoint = Checkpoint::open(&dir)?;
+        println!("{}", dir.display());
+        bench_engine(&device, &checkpoint, options)?
+    };
+    println!("{report}");
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report.to_json())?).with_context(|| format!("writing {}", path.display()))?;
+    }
     Ok(())
 }
 

@@ -63,3 +63,49 @@ fn the_cli_benchmarks_the_tiny_model_on_the_interpreter() {
     assert!(stdout.contains("prefill: ") && stdout.contains("tokens/s"), "{stdout}");
     assert!(stdout.contains("decode step: mean "), "{stdout}");
 }
+
+/// `small4 bench --synthetic` on the interpreter (the tiny preset's dimensions, one layer, 4 experts, nvfp4): the JSON
+/// report has every key of the decode issue, with the counts of a decode step and no GPU kernel times.
+#[test]
+fn the_cli_benchmarks_a_synthetic_model_and_writes_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_small4"))
+        .args(["bench", "--backend", "sim", "--synthetic", "--preset", "tiny", "--layers", "1", "--experts", "4", "--format", "nvfp4"])
+        .args(["--prompt-len", "3", "--decode-steps", "2", "--warmup-steps", "2", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("kernel launches") && stdout.contains("routed_experts"), "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for key in [
+        "layers",
+        "experts",
+        "format",
+        "backend",
+        "launches_per_decode_step",
+        "host_syncs_per_decode_step",
+        "decode_ms_per_step",
+        "decode_tokens_per_s",
+        "prefill_tokens_per_s",
+        "kernel_us_per_decode_step",
+        "launches_per_family",
+    ] {
+        assert!(report.get(key).is_some(), "missing {key} in {report}");
+    }
+    assert_eq!((report["layers"].as_u64(), report["experts"].as_u64()), (Some(1), Some(4)));
+    assert_eq!((report["format"].as_str(), report["backend"].as_str()), (Some("nvfp4"), Some("sim")));
+    assert!(report["kernel_us_per_decode_step"].is_null());
+    // The timed steps replay the captured graph: its launches are counted, and the step reads its tokens back.
+    assert_eq!(report["captured_graphs"].as_u64(), Some(1));
+    assert!(report["launches_per_decode_step"].as_u64().unwrap() > 10);
+    assert!(report["host_syncs_per_decode_step"].as_u64().unwrap() >= 1);
+    let families = report["launches_per_family"].as_object().unwrap();
+    for family in ["attention_projections", "absorption", "mla", "routing", "routed_experts", "shared_expert", "norms_and_small_ops", "head", "sampling"] {
+        let launches = families.get(family).and_then(|v| v.as_u64()).unwrap_or(0);
+        // The eager profiling step runs no sampling kernel (forward_logits returns the logits).
+        assert_eq!(launches > 0, family != "sampling", "{family}: {launches} launches in {report}");
+    }
+}

@@ -219,6 +219,36 @@ impl Backend for CudaBackend {
         .map_err(driver_error(&format!("launch {}::{}", kernel.module.name, kernel.entry)))
     }
 
+    fn launch_timed(&self, kernel: &Kernel, config: &LaunchConfig, params: &[u8]) -> Result<Option<f64>> {
+        self.not_capturing("a timed launch")?;
+        self.context.bind_to_thread().map_err(driver_error("bind context"))?;
+        let flags = sys::CUevent_flags::CU_EVENT_DEFAULT;
+        let start = result::event::create(flags).map_err(driver_error("cuEventCreate"))?;
+        let end = match result::event::create(flags) {
+            Ok(end) => end,
+            Err(e) => {
+                // SAFETY: created above, used by nothing else.
+                let _ = unsafe { result::event::destroy(start) };
+                return Err(driver_error("cuEventCreate")(e));
+            }
+        };
+        let stream = self.stream.cu_stream();
+        // SAFETY: both events belong to this context and are destroyed below, after the end event completed.
+        let timed = unsafe {
+            result::event::record(start, stream)
+                .map_err(driver_error("cuEventRecord"))
+                .and_then(|_| self.launch(kernel, config, params))
+                .and_then(|_| result::event::record(end, stream).map_err(driver_error("cuEventRecord")))
+                .and_then(|_| result::event::synchronize(end).map_err(driver_error("cuEventSynchronize")))
+                .and_then(|_| result::event::elapsed(start, end).map_err(driver_error("cuEventElapsedTime")))
+        };
+        unsafe {
+            let _ = result::event::destroy(start);
+            let _ = result::event::destroy(end);
+        }
+        Ok(Some(timed? as f64 * 1e3))
+    }
+
     fn synchronize(&self) -> Result<()> {
         self.not_capturing("synchronize")?;
         self.stream.synchronize().map_err(driver_error("synchronize"))

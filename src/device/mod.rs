@@ -319,10 +319,183 @@ pub trait Backend: Send + Sync {
     fn last_launch_counters(&self) -> Option<LaunchCounters> {
         None
     }
+    /// Launches like [`Backend::launch`], waits for the kernel and returns its device time in microseconds, measured
+    /// with events recorded around it on the stream; `None` (after an ordinary launch) where the backend cannot time
+    /// kernels (the interpreter). For profiling eager steps only: it synchronises, so it is refused inside a capture.
+    fn launch_timed(&self, kernel: &Kernel, config: &LaunchConfig, params: &[u8]) -> Result<Option<f64>> {
+        self.launch(kernel, config, params)?;
+        Ok(None)
+    }
 }
 
 /// A shared handle on a backend: what kernel wrappers, buffers and the engine hold.
 pub type Device = Arc<dyn Backend>;
+
+/// What an [`Instrumented`] device counted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Kernel launches, those a replayed graph runs included ([`Graph::launches`] each replay).
+    pub launches: u64,
+    /// Blocking host round trips: each host-to-device write, memset and `synchronize`, and each device-to-host read
+    /// that waits (a read right after a synchronize or another read, with no launch between, waits for nothing new
+    /// and is part of the same round trip: `DeviceBuffer::to_vec` is one).
+    pub host_syncs: u64,
+}
+
+/// One launch an [`Instrumented`] device recorded.
+#[derive(Clone, Debug)]
+pub struct LaunchRecord {
+    /// The kernel's entry name.
+    pub kernel: &'static str,
+    /// The parameter struct's bytes as launched (pointers in it are device addresses).
+    pub params: Vec<u8>,
+    /// Its device time in microseconds when recorded with timing on a backend that times kernels.
+    pub micros: Option<f64>,
+}
+
+#[derive(Default)]
+struct InstrumentState {
+    counts: Counts,
+    /// The host has waited for every launch so far (no launch since the last synchronising call).
+    waited: bool,
+    /// Some while recording: the launches, and whether to time them.
+    records: Option<(Vec<LaunchRecord>, bool)>,
+}
+
+/// A device that counts what runs on it (kernel launches and host round trips) and can record or time each launch,
+/// wrapping any backend: what `small4 bench` reports per decode step.
+///
+/// ```
+/// use small4::device::{simulator, Counts, Device, DeviceBuffer, Instrumented};
+///
+/// let counted = Instrumented::wrap(simulator());
+/// let device: Device = counted.clone();
+/// let buffer = DeviceBuffer::from_slice(&device, &[1.0f32, 2.0])?; // one write
+/// assert_eq!(buffer.to_vec()?, [1.0, 2.0]); // a synchronize and its read: one round trip
+/// assert_eq!(counted.counts(), Counts { launches: 0, host_syncs: 2 });
+/// counted.reset();
+/// assert_eq!(counted.counts(), Counts::default());
+/// # Ok::<(), small4::Error>(())
+/// ```
+pub struct Instrumented {
+    inner: Device,
+    state: std::sync::Mutex<InstrumentState>,
+}
+
+impl Instrumented {
+    /// Wraps `inner`; everything is delegated to it.
+    pub fn wrap(inner: Device) -> Arc<Instrumented> {
+        Arc::new(Instrumented { inner, state: std::sync::Mutex::new(InstrumentState::default()) })
+    }
+
+    /// The counts since creation or the last [`Instrumented::reset`].
+    pub fn counts(&self) -> Counts {
+        self.state.lock().unwrap().counts
+    }
+
+    /// Zeroes the counts.
+    pub fn reset(&self) {
+        self.state.lock().unwrap().counts = Counts::default();
+    }
+
+    /// Records every launch from now on (entry and parameters), timing each with [`Backend::launch_timed`] when
+    /// `timed` (each timed launch waits for its kernel). Replaces an earlier recording.
+    pub fn start_recording(&self, timed: bool) {
+        self.state.lock().unwrap().records = Some((Vec::new(), timed));
+    }
+
+    /// Stops recording and returns the launches recorded (empty when none was started).
+    pub fn take_records(&self) -> Vec<LaunchRecord> {
+        self.state.lock().unwrap().records.take().map(|(r, _)| r).unwrap_or_default()
+    }
+
+    fn host_sync(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.counts.host_syncs += 1;
+        s.waited = true;
+    }
+}
+
+impl Backend for Instrumented {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn alloc(&self, bytes: usize) -> Result<u64> {
+        self.inner.alloc(bytes)
+    }
+    fn free(&self, addr: u64) -> Result<()> {
+        self.inner.free(addr)
+    }
+    fn write(&self, addr: u64, data: &[u8]) -> Result<()> {
+        self.host_sync();
+        self.inner.write(addr, data)
+    }
+    fn read(&self, addr: u64, out: &mut [u8]) -> Result<()> {
+        {
+            let mut s = self.state.lock().unwrap();
+            if !s.waited {
+                s.counts.host_syncs += 1;
+                s.waited = true;
+            }
+        }
+        self.inner.read(addr, out)
+    }
+    fn memset(&self, addr: u64, byte: u8, bytes: usize) -> Result<()> {
+        self.host_sync();
+        self.inner.memset(addr, byte, bytes)
+    }
+    fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        // The CUDA backend's device copy waits for the stream: a round trip like a memset.
+        self.host_sync();
+        self.inner.copy(dst, src, bytes)
+    }
+    fn launch(&self, kernel: &Kernel, config: &LaunchConfig, params: &[u8]) -> Result<()> {
+        let timed = {
+            let mut s = self.state.lock().unwrap();
+            s.counts.launches += 1;
+            s.waited = false;
+            s.records.as_ref().map(|(_, timed)| *timed)
+        };
+        let micros = match timed {
+            Some(true) => self.inner.launch_timed(kernel, config, params)?,
+            _ => {
+                self.inner.launch(kernel, config, params)?;
+                None
+            }
+        };
+        if let Some((records, _)) = self.state.lock().unwrap().records.as_mut() {
+            records.push(LaunchRecord { kernel: kernel.entry, params: params.to_vec(), micros });
+        }
+        Ok(())
+    }
+    fn synchronize(&self) -> Result<()> {
+        self.host_sync();
+        self.inner.synchronize()
+    }
+    fn begin_capture(&self) -> Result<()> {
+        self.inner.begin_capture()
+    }
+    fn end_capture(&self) -> Result<Graph> {
+        self.inner.end_capture()
+    }
+    fn replay(&self, graph: &Graph) -> Result<()> {
+        {
+            let mut s = self.state.lock().unwrap();
+            s.counts.launches += graph.launches() as u64;
+            s.waited = false;
+        }
+        self.inner.replay(graph)
+    }
+    fn device_name(&self) -> String {
+        self.inner.device_name()
+    }
+    fn last_launch_counters(&self) -> Option<LaunchCounters> {
+        self.inner.last_launch_counters()
+    }
+    fn launch_timed(&self, kernel: &Kernel, config: &LaunchConfig, params: &[u8]) -> Result<Option<f64>> {
+        self.inner.launch_timed(kernel, config, params)
+    }
+}
 
 /// The CUDA device 0 when a driver and a GPU are present, else `Error::NoGpu` (never a panic).
 pub fn gpu() -> Result<Device> {

@@ -4,17 +4,35 @@
 //! The numbers are wall-clock times of [`Engine::step`], which ends with the step's one synchronisation (the host reads
 //! the sampled tokens), so each is the device time of the step plus its launch overhead. They are what a server would
 //! see; the per-kernel figures against the GPU's ceilings come from the criterion benches (`cargo bench`).
+//!
+//! The device is wrapped in [`Instrumented`], which counts the kernel launches (those of a replayed graph included)
+//! and the blocking host round trips of the last timed decode step. After the timed steps one more decode step of the
+//! batch runs eagerly (through `Engine::forward_logits` on fresh sequences prefilled with the same prompts) with every
+//! launch recorded: each launch is attributed to a kernel family, by its name (MLA, routing, sampling) or by the
+//! weights it is passed ([`DeviceModel::weight_families`]), else to the norms and small ops; on a GPU each launch of
+//! that step is timed with events (`kernel_us_per_decode_step`; absent on the interpreter). The profiling step reads
+//! its logits back, which the engine's own decode step does not; its per-family times are the kernels' alone.
+//!
+//! [`bench_synthetic`] runs the same on a synthetic model generated on the device (`small4 bench --synthetic`): the
+//! full-size model without a checkpoint.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::time::{Duration, Instant};
 
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-use crate::device::Device;
-use crate::model::checkpoint::Checkpoint;
+use crate::device::{Device, Instrumented, LaunchRecord};
+use crate::model::checkpoint::{Checkpoint, ExpertMatrix};
 use crate::model::engine::{DeviceModel, Engine, EngineOptions, Shard, Request, Sampling};
 use crate::model::kv_cache::DEFAULT_PAGE_SIZE;
+use crate::model::synth::SyntheticModel;
 use crate::{Error, Result};
+
+/// The kernel families of a decode step, in the order reports list them (the JSON keys of
+/// `kernel_us_per_decode_step` and `launches_per_family`).
+pub const FAMILIES: [&str; 9] =
+    ["attention_projections", "absorption", "mla", "routing", "routed_experts", "shared_expert", "norms_and_small_ops", "head", "sampling"];
 
 /// The shape of a benchmark run. The default: batch 1, 128 prompt tokens, 32 timed decode steps after 2 warm-up
 /// ones, graphs on, bf16 activations, seed 0.
@@ -56,11 +74,19 @@ impl Default for BenchOptions {
 /// let ms = Duration::from_millis;
 /// let report = BenchReport {
 ///     device: "sim".into(),
+///     backend: "sim".into(),
+///     layers: 4,
+///     experts: 16,
+///     format: "bf16".into(),
 ///     options: BenchOptions { batch: 4, prompt_len: 100, ..BenchOptions::default() },
 ///     load: Duration::from_secs(1),
 ///     prefill: ms(200),
 ///     decode_steps: vec![ms(30), ms(10), ms(20), ms(40)],
 ///     captured_graphs: 1,
+///     launches_per_decode_step: 300,
+///     host_syncs_per_decode_step: 5,
+///     launches_per_family: Default::default(),
+///     kernel_us_per_decode_step: None,
 /// };
 /// assert_eq!(report.prefill_tokens_per_s(), 4.0 * 100.0 / 0.2); // batch * prompt_len / prefill
 /// assert_eq!(report.decode_step_mean(), ms(25));
@@ -69,11 +95,21 @@ impl Default for BenchOptions {
 /// assert_eq!(report.decode_step_quantile(1.0), ms(40)); // the slowest
 /// assert_eq!(report.decode_tokens_per_s(), 4.0 / 0.025); // one token per sequence per step
 /// assert!(report.to_string().contains("replays 1 captured graph(s)"));
+/// assert_eq!(report.to_json()["decode_ms_per_step"], 25.0);
+/// assert!(report.to_json()["kernel_us_per_decode_step"].is_null()); // not timed on the interpreter
 /// ```
 #[derive(Clone, Debug)]
 pub struct BenchReport {
     /// The device's name ([`crate::device::Backend::device_name`]).
     pub device: String,
+    /// The backend: "cuda" or "sim" ([`crate::device::Backend::name`]).
+    pub backend: String,
+    /// Decoder layers of the model.
+    pub layers: usize,
+    /// Routed experts per layer.
+    pub experts: usize,
+    /// The experts' weight format ("bf16", "fp8", "fp8-block128", "int4", "nvfp4").
+    pub format: String,
     /// The options it ran with.
     pub options: BenchOptions,
     /// Loading and repacking the checkpoint onto the device.
@@ -84,6 +120,15 @@ pub struct BenchReport {
     pub decode_steps: Vec<Duration>,
     /// Decode graphs the engine holds at the end (0: every step ran eagerly).
     pub captured_graphs: usize,
+    /// Kernel launches of the last timed decode step (a replayed graph's count as its launches).
+    pub launches_per_decode_step: u64,
+    /// Blocking host round trips of the last timed decode step ([`crate::device::Counts::host_syncs`]).
+    pub host_syncs_per_decode_step: u64,
+    /// Launches of the eager profiling decode step by family ([`FAMILIES`]).
+    pub launches_per_family: BTreeMap<String, u64>,
+    /// Device time of the eager profiling decode step by family, microseconds; `None` where the backend cannot time
+    /// kernels (the interpreter).
+    pub kernel_us_per_decode_step: Option<BTreeMap<String, f64>>,
 }
 
 impl BenchReport {
@@ -109,13 +154,43 @@ impl BenchReport {
     pub fn decode_tokens_per_s(&self) -> f64 {
         self.options.batch as f64 / self.decode_step_mean().as_secs_f64()
     }
+
+    /// The report as the JSON object of `small4 bench --json` (keys fixed by the decode issue: `layers`,
+    /// `experts`, `format`, `backend`, `launches_per_decode_step`, `host_syncs_per_decode_step`,
+    /// `decode_ms_per_step`, `decode_tokens_per_s`, `prefill_tokens_per_s`, `kernel_us_per_decode_step` (null
+    /// when not timed), and more).
+    pub fn to_json(&self) -> serde_json::Value {
+        let o = &self.options;
+        serde_json::json!({
+            "layers": self.layers,
+            "experts": self.experts,
+            "format": self.format,
+            "backend": self.backend,
+            "device": self.device,
+            "batch": o.batch,
+            "prompt_len": o.prompt_len,
+            "decode_steps": o.decode_steps,
+            "graphs": o.graphs,
+            "captured_graphs": self.captured_graphs,
+            "load_s": self.load.as_secs_f64(),
+            "launches_per_decode_step": self.launches_per_decode_step,
+            "host_syncs_per_decode_step": self.host_syncs_per_decode_step,
+            "decode_ms_per_step": self.decode_step_mean().as_secs_f64() * 1e3,
+            "decode_ms_p50": self.decode_step_quantile(0.5).as_secs_f64() * 1e3,
+            "decode_tokens_per_s": self.decode_tokens_per_s(),
+            "prefill_tokens_per_s": self.prefill_tokens_per_s(),
+            "launches_per_family": self.launches_per_family,
+            "kernel_us_per_decode_step": self.kernel_us_per_decode_step,
+        })
+    }
 }
 
 impl fmt::Display for BenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let o = &self.options;
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
-        writeln!(f, "device: {}", self.device)?;
+        writeln!(f, "device: {} ({} backend)", self.device, self.backend)?;
+        writeln!(f, "model: {} layers, {} experts, {} experts", self.layers, self.experts, self.format)?;
         writeln!(
             f,
             "batch {} x prompt {} tokens, {} decode steps timed after {} warm-up; decode {}{}",
@@ -137,7 +212,19 @@ impl fmt::Display for BenchReport {
             ms(self.decode_step_quantile(0.0)),
             self.decode_tokens_per_s(),
             self.decode_tokens_per_s() / o.batch as f64,
-        )
+        )?;
+        write!(f, "\nper decode step: {} kernel launches, {} host round trips", self.launches_per_decode_step, self.host_syncs_per_decode_step)?;
+        for family in FAMILIES {
+            let launches = self.launches_per_family.get(family).copied().unwrap_or(0);
+            match self.kernel_us_per_decode_step.as_ref().and_then(|t| t.get(family)) {
+                Some(us) => write!(f, "\n  {family:<22} {launches:>5} launches {us:>10.1} us")?,
+                None => write!(f, "\n  {family:<22} {launches:>5} launches")?,
+            }
+        }
+        if let Some(times) = &self.kernel_us_per_decode_step {
+            write!(f, "\n  {:<22} {:>5} launches {:>10.1} us (eager profiling step)", "total", self.launches_per_family.values().sum::<u64>(), times.values().sum::<f64>())?;
+        }
+        Ok(())
     }
 }
 
@@ -167,22 +254,86 @@ impl fmt::Display for BenchReport {
 /// # Ok::<(), small4::Error>(())
 /// ```
 pub fn bench_engine(device: &Device, checkpoint: &Checkpoint, options: BenchOptions) -> Result<BenchReport> {
+    check_options(&options)?;
+    let counted = Instrumented::wrap(device.clone());
+    let on: Device = counted.clone();
+    let load_start = Instant::now();
+    let model = DeviceModel::load(&on, checkpoint, Shard::SINGLE)?;
+    let load = load_start.elapsed();
+    let c = model.config();
+    let format = checkpoint.expert_matrix(0, 0, ExpertMatrix::W1, c.dim, c.expert_hidden)?.format_name().to_string();
+    run(&counted, model, load, format, options)
+}
+
+/// [`bench_engine`] on a synthetic model generated on `device` (`DeviceModel::synthetic`, no checkpoint): the
+/// load time is the generation's.
+///
+/// ```
+/// use small4::model::bench::{bench_synthetic, BenchOptions, FAMILIES};
+/// use small4::model::synth::SyntheticModel;
+/// use small4::model::ModelConfig;
+/// use small4::quant::WeightFormat;
+///
+/// let model = SyntheticModel::new(ModelConfig { n_layers: 1, ..ModelConfig::tiny() }, WeightFormat::Nvfp4, 1)?;
+/// let options = BenchOptions { batch: 1, prompt_len: 2, decode_steps: 1, warmup_steps: 0, ..BenchOptions::default() };
+/// let report = bench_synthetic(&small4::device::simulator(), &model, options)?;
+/// assert_eq!((report.layers, report.experts, report.format.as_str(), report.backend.as_str()), (1, 16, "nvfp4", "sim"));
+/// assert!(report.launches_per_decode_step > 0 && report.host_syncs_per_decode_step > 0);
+/// assert!(report.launches_per_family.keys().all(|k| FAMILIES.contains(&k.as_str())));
+/// # Ok::<(), small4::Error>(())
+/// ```
+pub fn bench_synthetic(device: &Device, model: &SyntheticModel, options: BenchOptions) -> Result<BenchReport> {
+    check_options(&options)?;
+    let counted = Instrumented::wrap(device.clone());
+    let on: Device = counted.clone();
+    let load_start = Instant::now();
+    let device_model = DeviceModel::synthetic(&on, model)?;
+    on.synchronize()?;
+    let load = load_start.elapsed();
+    run(&counted, device_model, load, model.format.to_string(), options)
+}
+
+fn check_options(options: &BenchOptions) -> Result<()> {
     if options.batch == 0 || options.prompt_len == 0 || options.decode_steps == 0 {
         return Err(Error::InvalidArgument(format!(
             "a benchmark needs at least one sequence, one prompt token and one decode step (batch {}, prompt {}, steps {})",
             options.batch, options.prompt_len, options.decode_steps
         )));
     }
-    let load_start = Instant::now();
-    let model = DeviceModel::load(device, checkpoint, Shard::SINGLE)?;
-    let load = load_start.elapsed();
-    let vocab = model.config().vocab;
+    Ok(())
+}
+
+/// The family of one recorded launch: by kernel name, else by the weights among its parameters, else small ops.
+fn family_of(record: &LaunchRecord, weights: &BTreeMap<u64, &'static str>) -> &'static str {
+    let name = record.kernel;
+    if name.starts_with("mla_") {
+        return "mla";
+    }
+    if name.starts_with("router") || name == "moe_align" {
+        return "routing";
+    }
+    if name.starts_with("sample") || name.starts_with("argmax") {
+        return "sampling";
+    }
+    // Pointers in a #[repr(C)] parameter struct are 8-byte aligned.
+    record
+        .params
+        .chunks_exact(8)
+        .find_map(|word| weights.get(&u64::from_le_bytes(word.try_into().unwrap())).copied())
+        .unwrap_or("norms_and_small_ops")
+}
+
+fn run(counted: &Instrumented, model: DeviceModel, load: Duration, format: String, options: BenchOptions) -> Result<BenchReport> {
+    let (vocab, layers, experts) = (model.config().vocab, model.config().n_layers, model.config().experts);
+    let weights: BTreeMap<u64, &'static str> = model.weight_families().into_iter().collect();
+    let device = model.device().clone();
     // The prefill samples one token, then warm-up and timed steps one each.
     let max_tokens = 1 + options.warmup_steps + options.decode_steps;
     let pages_per_sequence = (options.prompt_len + max_tokens).div_ceil(DEFAULT_PAGE_SIZE);
     let engine_options = EngineOptions {
         page_size: DEFAULT_PAGE_SIZE,
-        num_pages: options.batch * pages_per_sequence,
+        // The requests, then the profiling step's sequences (prompt + one token each).
+        num_pages: options.batch * (pages_per_sequence + (options.prompt_len + 1).div_ceil(DEFAULT_PAGE_SIZE)),
         eos: None,
         graphs: options.graphs,
         fp8_activations: options.fp8_activations,
@@ -191,9 +342,9 @@ pub fn bench_engine(device: &Device, checkpoint: &Checkpoint, options: BenchOpti
     };
     let mut engine = Engine::new(model, engine_options, None)?;
     let mut rng = StdRng::seed_from_u64(options.seed);
-    for _ in 0..options.batch {
-        let prompt = (0..options.prompt_len).map(|_| rng.random_range(0..vocab as u32)).collect();
-        engine.add(Request { prompt, max_tokens, sampling: Sampling::Greedy })?;
+    let prompts: Vec<Vec<u32>> = (0..options.batch).map(|_| (0..options.prompt_len).map(|_| rng.random_range(0..vocab as u32)).collect()).collect();
+    for prompt in &prompts {
+        engine.add(Request { prompt: prompt.clone(), max_tokens, sampling: Sampling::Greedy })?;
     }
     let timed_step = |engine: &mut Engine| -> Result<Duration> {
         let start = Instant::now();
@@ -218,7 +369,48 @@ pub fn bench_engine(device: &Device, checkpoint: &Checkpoint, options: BenchOpti
     for _ in 0..options.warmup_steps {
         timed_step(&mut engine)?;
     }
-    let decode_steps = (0..options.decode_steps).map(|_| timed_step(&mut engine)).collect::<Result<Vec<_>>>()?;
+    let mut decode_steps = Vec::with_capacity(options.decode_steps);
+    for _ in 0..options.decode_steps {
+        counted.reset();
+        decode_steps.push(timed_step(&mut engine)?);
+    }
+    let step_counts = counted.counts();
     let captured_graphs = engine.captured_graphs();
-    Ok(BenchReport { device: device.device_name(), options, load, prefill, decode_steps, captured_graphs })
+
+    // The eager profiling step: fresh sequences with the same prompts, then one token each, every launch recorded.
+    let seqs: Vec<_> = prompts.iter().map(|p| (engine.new_sequence(), p.clone())).collect();
+    engine.forward_logits(&seqs)?;
+    let next: Vec<_> = seqs.iter().map(|(s, p)| (*s, vec![p[0]])).collect();
+    device.synchronize()?;
+    counted.start_recording(true);
+    let profiled = engine.forward_logits(&next);
+    let records = counted.take_records();
+    profiled?;
+    let mut launches_per_family = BTreeMap::new();
+    let mut times: BTreeMap<String, f64> = BTreeMap::new();
+    let mut timed = !records.is_empty();
+    for record in &records {
+        let family = family_of(record, &weights).to_string();
+        *launches_per_family.entry(family.clone()).or_insert(0u64) += 1;
+        match record.micros {
+            Some(us) => *times.entry(family).or_insert(0.0) += us,
+            None => timed = false,
+        }
+    }
+    Ok(BenchReport {
+        device: device.device_name(),
+        backend: device.name().to_string(),
+        layers,
+        experts,
+        format,
+        options,
+        load,
+        prefill,
+        decode_steps,
+        captured_graphs,
+        launches_per_decode_step: step_counts.launches,
+        host_syncs_per_decode_step: step_counts.host_syncs,
+        launches_per_family,
+        kernel_us_per_decode_step: timed.then_some(times),
+    })
 }

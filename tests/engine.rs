@@ -86,15 +86,17 @@ fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Request {
 fn one_layer_prefill_and_paged_decode(device: &Device) {
     // FP8 block-128 attention takes the engine's special paths: W_UK zero-padded to 128 columns, W_UV in 64-row pieces.
     for format in [WeightFormat::Bf16, WeightFormat::Fp8Block128] {
-        one_layer(device, format, false);
+        one_layer(device, Layout::Native, format, false);
     }
 }
 
 /// (a) in W8A8 (`EngineOptions::fp8_activations`): per-tensor FP8 experts with the synthetic checkpoint's activation
-/// scales, against the reference that quantises the routed experts' activations the same way; (e) in W8A8 (the
-/// quantiser launches are graph-safe); and the typed error when the checkpoint has no activation scales (bf16 experts).
+/// scales, against the reference that quantises the routed experts' activations the same way, in both layouts (HF
+/// stacks carry one activation scale per expert); (e) in W8A8 (the quantiser launches are graph-safe); and the typed
+/// error when the checkpoint has no activation scales (bf16 experts).
 fn one_layer_fp8_activations(device: &Device) {
-    one_layer(device, WeightFormat::Fp8PerTensor, true);
+    one_layer(device, Layout::Native, WeightFormat::Fp8PerTensor, true);
+    one_layer(device, hf(), WeightFormat::Fp8PerTensor, true);
     graphs_equal_eager_steps(device, WeightFormat::Fp8PerTensor, true);
     let config = ModelConfig { n_layers: 1, ..ModelConfig::tiny() };
     let f = fixture(&config, Layout::Native, WeightFormat::Bf16, 5);
@@ -103,9 +105,9 @@ fn one_layer_fp8_activations(device: &Device) {
     assert!(matches!(err, small4::Error::InvalidArgument(_)), "{err}");
 }
 
-fn one_layer(device: &Device, format: WeightFormat, fp8_activations: bool) {
+fn one_layer(device: &Device, layout: Layout, format: WeightFormat, fp8_activations: bool) {
     let config = ModelConfig { n_layers: 1, ..ModelConfig::tiny() };
-    let f = fixture_with(&config, Layout::Native, format, 5, ForwardOptions { fp8_activations, ..ForwardOptions::default() });
+    let f = fixture_with(&config, layout, format, 5, ForwardOptions { fp8_activations, ..ForwardOptions::default() });
     let model = DeviceModel::load(device, &f.checkpoint, Shard::SINGLE).unwrap();
     let mut engine = Engine::new(model, EngineOptions { fp8_activations, ..options(4) }, None).unwrap();
     let vocab = config.vocab;
@@ -308,6 +310,34 @@ fn uneven_head_split_is_an_error(device: &Device) {
     assert_eq!(model.heads(), 0..config.heads);
 }
 
+/// Requests are checked before they join the batch: sampling settings, max_tokens, the model's positions and `[IMG]`
+/// tokens without images are typed errors, nothing joins and no request id is spent.
+fn bad_requests_are_refused_before_they_join(device: &Device) {
+    use small4::model::engine::RequestId;
+    use small4::Error;
+    let config = ModelConfig { n_layers: 1, ..ModelConfig::tiny() };
+    let f = fixture(&config, Layout::Native, WeightFormat::Bf16, 5);
+    let mut engine = Engine::new(DeviceModel::load(device, &f.checkpoint, Shard::SINGLE).unwrap(), options(4), None).unwrap();
+    let image_token = config.vision.as_ref().unwrap().image_token_id;
+    let seeded = |temperature, top_p| Sampling::Seeded { temperature, top_p, seed: 3 };
+    let bad = [
+        Request { prompt: vec![1, 300], max_tokens: 2, sampling: seeded(0.7, 5.0) },
+        Request { prompt: vec![1, 300], max_tokens: 2, sampling: seeded(f32::NAN, 0.9) },
+        Request { prompt: vec![1, 300], max_tokens: 2, sampling: seeded(-0.5, 0.9) },
+        greedy(vec![1, 300], 0),
+        greedy(vec![1, 300], config.max_position - 1),
+        greedy(vec![1, image_token, 300], 2),
+    ];
+    for request in bad {
+        let what = format!("{request:?}");
+        let err = engine.add(request).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_) | Error::OutOfRange { .. }), "{what}: {err}");
+        assert_eq!(engine.active(), 0, "{what} joined the batch");
+    }
+    assert_eq!(engine.add(greedy(vec![1, 300], 1)).unwrap(), RequestId(0));
+    assert_eq!(engine.step().unwrap().len(), 1);
+}
+
 /// (e) Decode steps replayed from captured graphs equal the same steps run eagerly, bit for bit. Page size 2: with
 /// two sequences the block-table capacity goes 2 -> 4 pages (the 4-page shape is captured at its second step and
 /// replayed while the sequences grow within it); then one sequence leaves and the other goes on alone at 8 pages (a
@@ -337,6 +367,6 @@ fn graphs_equal_eager_steps(device: &Device, format: WeightFormat, fp8_activatio
     assert!(graph_steps == eager_steps, "a replayed step's logits differ from the eager step's");
 }
 
-backend_tests!(decode_graphs_equal_eager_steps, one_layer_prefill_and_paged_decode, one_layer_fp8_activations, native_bf16_fp8_int4, hf_fp8_fp8_block_nvfp4, joining_sequences_match_each_alone, two_expert_parallel_ranks_match_one, two_tensor_parallel_ranks_match_one, uneven_head_split_is_an_error);
+backend_tests!(bad_requests_are_refused_before_they_join, decode_graphs_equal_eager_steps, one_layer_prefill_and_paged_decode, one_layer_fp8_activations, native_bf16_fp8_int4, hf_fp8_fp8_block_nvfp4, joining_sequences_match_each_alone, two_expert_parallel_ranks_match_one, two_tensor_parallel_ranks_match_one, uneven_head_split_is_an_error);
 
 

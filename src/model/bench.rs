@@ -138,6 +138,24 @@ impl fmt::Display for BenchReport {
     }
 }
 
+/// Shortest time a rate is computed over: below it the clock's resolution dominates and the figure means nothing.
+pub const MIN_RATE_TIME: Duration = Duration::from_micros(1);
+
+/// `tokens` per second over `elapsed`, or `None` when the figure would mean nothing: no tokens, or less time than
+/// [`MIN_RATE_TIME`]. What `small4 generate` and the bench report print their rates with.
+///
+/// ```
+/// use std::time::Duration;
+/// use small4::model::bench::tokens_per_s;
+///
+/// assert_eq!(tokens_per_s(50, Duration::from_millis(100)), Some(500.0));
+/// assert_eq!(tokens_per_s(0, Duration::from_millis(100)), None); // nothing was generated
+/// assert_eq!(tokens_per_s(3, Duration::ZERO), None); // not a rate of 3 / 1e-308
+/// ```
+pub fn tokens_per_s(tokens: usize, elapsed: Duration) -> Option<f64> {
+    (tokens > 0 && elapsed >= MIN_RATE_TIME).then(|| tokens as f64 / elapsed.as_secs_f64())
+}
+
 /// Loads `checkpoint` on `device` and runs the benchmark: one prefill of the batch, `warmup_steps` untimed decode
 /// steps, then `decode_steps` timed ones. The stop token is off, so every sequence runs the whole way. The KV cache
 /// is sized to the run exactly (pages of `DEFAULT_PAGE_SIZE` tokens for prompt and generated tokens, per sequence).
@@ -174,6 +192,8 @@ pub fn bench_engine(device: &Device, checkpoint: &Checkpoint, options: BenchOpti
     let model = DeviceModel::load(device, checkpoint, Shard::SINGLE)?;
     let load = load_start.elapsed();
     let vocab = model.config().vocab;
+    // Text tokens only: an [IMG] token takes an image (the engine refuses one without).
+    let image_token = model.config().vision.as_ref().map(|v| v.image_token_id);
     // The prefill samples one token, then warm-up and timed steps one each.
     let max_tokens = 1 + options.warmup_steps + options.decode_steps;
     let pages_per_sequence = (options.prompt_len + max_tokens).div_ceil(DEFAULT_PAGE_SIZE);
@@ -188,7 +208,7 @@ pub fn bench_engine(device: &Device, checkpoint: &Checkpoint, options: BenchOpti
     let mut engine = Engine::new(model, engine_options, None)?;
     let mut rng = StdRng::seed_from_u64(options.seed);
     for _ in 0..options.batch {
-        let prompt = (0..options.prompt_len).map(|_| rng.random_range(0..vocab as u32)).collect();
+        let prompt = std::iter::repeat_with(|| rng.random_range(0..vocab as u32)).filter(|&t| Some(t) != image_token).take(options.prompt_len).collect();
         engine.add(Request { prompt, max_tokens, sampling: Sampling::Greedy })?;
     }
     let timed_step = |engine: &mut Engine| -> Result<Duration> {

@@ -32,7 +32,7 @@ use super::linear::{dot, matmul_nt, round_bf16};
 use super::moe::{moe_block_w8a8, moe_block_with, route, router_logits, softmax, swiglu_expert_with, ExpertWeights};
 use super::norm::rms_norm;
 use super::rope::{apply_interleaved, llama4_query_scale, yarn_inv_freq};
-use super::vision::{PixelImage, VisionLayerWeights, VisionTower, VisionWeights};
+use super::vision::{check_image_slots, PixelImage, VisionLayerWeights, VisionTower, VisionWeights};
 use crate::model::{ModelConfig, VisionConfig};
 use crate::{Error, Result};
 
@@ -436,7 +436,8 @@ impl ReferenceModel {
     /// [`Self::forward`] where the `[IMG]` tokens take the features of `images`, in order: image `i`'s features
     /// replace the embeddings of its `feature_count` `[IMG]` tokens (`[IMG_BREAK]` / `[IMG_END]` stay text
     /// tokens). Positions stay 1-D: every token, image or text, takes the next position. Without images the
-    /// `[IMG]` tokens embed as any token.
+    /// `[IMG]` tokens embed as any token (a decode step feeding back a generated `[IMG]`); the generation entry points
+    /// refuse a prompt with `[IMG]` tokens and no images (`check_image_slots`).
     pub fn forward_with_images(&self, tokens: &[u32], images: &[PixelImage], cache: &mut ReferenceKvCache) -> Result<Vec<f32>> {
         let c = self.config();
         if tokens.is_empty() {
@@ -460,18 +461,10 @@ impl ReferenceModel {
         let dim = c.dim;
         let mut x: Vec<f32> = tokens.iter().flat_map(|&t| &self.weights.tok_embeddings[t as usize * dim..][..dim]).copied().collect();
         if !images.is_empty() {
-            let v = c.vision.as_ref().ok_or_else(no_vision_tower)?;
-            let image_token = v.image_token_id;
-            let slots: Vec<usize> = tokens.iter().enumerate().filter(|(_, &t)| t == image_token).map(|(i, _)| i).collect();
             // Checked before the tower runs: each image fills one [IMG] per merged patch.
-            let rows: usize = images.iter().map(|image| image.feature_count(v)).sum();
-            if slots.len() != rows {
-                return Err(Error::shape(
-                    format!("[IMG] tokens (id {image_token}) of the prompt for {} images", images.len()),
-                    format!("{rows} (the images' merged patch grids)"),
-                    slots.len(),
-                ));
-            }
+            check_image_slots(c.vision.as_ref(), tokens, images)?;
+            let image_token = c.vision.as_ref().ok_or_else(no_vision_tower)?.image_token_id;
+            let slots: Vec<usize> = tokens.iter().enumerate().filter(|(_, &t)| t == image_token).map(|(i, _)| i).collect();
             let features = self.encode_images(images)?;
             for (&slot, row) in slots.iter().zip(features.iter().flat_map(|f| f.chunks_exact(dim))) {
                 x[slot * dim..][..dim].copy_from_slice(row);
@@ -526,6 +519,9 @@ impl ReferenceModel {
         mut on_token: impl FnMut(u32),
     ) -> Result<GenerationStats> {
         let vocab = self.config().vocab;
+        // The prompt's [IMG] tokens must match the images (none without images): a decode step may feed a generated
+        // [IMG] back as text, a prompt may not.
+        check_image_slots(self.config().vision.as_ref(), prompt, images)?;
         let mut cache = self.new_cache();
         let mut stats = GenerationStats { prompt_tokens: prompt.len(), generated: Vec::with_capacity(max_tokens), prefill_time: Duration::ZERO, decode_time: Duration::ZERO };
         if max_tokens == 0 {

@@ -1,13 +1,20 @@
 //! The engine (every kernel of the model in sequence, on the device) against the CPU reference
 //! (`ReferenceModel` over the same checkpoint, bf16 activations, absorbed attention).
 //!
-//! Logit tolerance: |engine - reference| <= 0.08 + 0.03 |reference| per logit. Measured on one layer: the engine
-//! differs from the bf16 reference by rms 0.004, as much as the bf16 reference differs from the f32 one (rms 0.005):
-//! the kernels round at the same points but in other places of their own (the attention's probabilities, summation
-//! orders), so the two bf16 rounding chains are independent; over 4 layers the largest logit difference is ~0.05.
-//! A router near-tie (4th and 5th expert within that noise) flips an expert choice and moves logits by ~0.5: greedy
-//! tokens and this tolerance hold for the fixed seeds below, which were picked from 21..=25 where no such tie occurs
-//! (seeds 21/22/24 give flips for some formats; a flip is a property of the random weights, not of a format).
+//! Logit tolerance: |engine - reference| <= 0.08 + 0.03 |reference| per logit (FP8 block-128 over 4 layers: see
+//! `hf_fp8_fp8_block_nvfp4`). The reference multiplies the weights the kernels multiply (`dequantize_for_gemm`:
+//! bf16-rounded for fp8 block-128 and int4), so what remains is the engine's own rounding: measured on one layer, the engine differs from the bf16
+//! reference by rms 0.004, as much as the bf16 reference differs from the f32 one (rms 0.005): the kernels round at
+//! the same points but in other places of their own (the attention's probabilities, summation orders), so the two bf16
+//! rounding chains are independent; over 4 layers the largest logit difference is ~0.05.
+//!
+//! A router near-tie (4th and 5th expert within that noise) flips an expert choice and moves logits by ~0.5. Two bf16
+//! chains of the reference (f32 vs bf16 activations) differ in their 4th/5th router-logit gaps by up to 0.025, while
+//! the tiny preset's 4 layers x 15 tokens meet gaps under 0.003 at most seeds, so excluding tied positions would leave
+//! little to compare; the honest fix is teacher-forcing the reference with the engine's routing (as tests/moe.rs does
+//! for one layer), which needs the engine to expose its routing. Until then the whole-model tests keep the fixed seeds
+//! below, picked from 21..=25 where no flip occurs (seeds 21/22/24 give flips for some formats), and a failure names
+//! the smallest router margin it read (`ReferenceKvCache::router_margins`), so a near-tie is told from a kernel error.
 
 mod common;
 
@@ -64,6 +71,12 @@ fn prompt(len: usize, salt: u32, vocab: usize) -> Vec<u32> {
 
 /// The reference's greedy tokens and the logits each was chosen from.
 fn reference_greedy(reference: &ReferenceModel, prompt: &[u32], tokens: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
+    let (tokens, logits, _) = reference_greedy_with_margins(reference, prompt, tokens);
+    (tokens, logits)
+}
+
+/// [`reference_greedy`] with the router margin of every token it ran (prompt, then each fed-back token).
+fn reference_greedy_with_margins(reference: &ReferenceModel, prompt: &[u32], tokens: usize) -> (Vec<u32>, Vec<Vec<f32>>, Vec<f32>) {
     let vocab = reference.config().vocab;
     let mut cache = reference.new_cache();
     let all = reference.prefill(prompt, &mut cache).unwrap();
@@ -73,7 +86,7 @@ fn reference_greedy(reference: &ReferenceModel, prompt: &[u32], tokens: usize) -
         logits.push(reference.decode(*out.last().unwrap(), &mut cache).unwrap());
         out.push(argmax(logits.last().unwrap()));
     }
-    (out, logits)
+    (out, logits, cache.router_margins().to_vec())
 }
 
 fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Request {
@@ -139,21 +152,24 @@ fn generation_matches_reference(device: &Device, layout: Layout, format: WeightF
     let model = DeviceModel::load(device, &f.checkpoint, Shard::SINGLE).unwrap();
     let mut engine = Engine::new(model, options(16), None).unwrap();
     let tokens = prompt(6, 7, config.vocab);
-    let (want_tokens, want_logits) = reference_greedy(&f.reference, &tokens, 9);
+    let prompt_len = tokens.len();
+    let (want_tokens, want_logits, margins) = reference_greedy_with_margins(&f.reference, &tokens, 9);
+    // Step i's logits read positions 0..=prompt_len - 1 + i: the smallest router margin among them.
+    let margin_to = |step: usize| margins[..prompt_len + step].iter().copied().fold(f32::INFINITY, f32::min);
     let mut got: Vec<StepToken> = Vec::new();
     engine.generate(vec![greedy(tokens, 9)], |t| got.push(t.clone())).unwrap();
     let got_tokens: Vec<u32> = got.iter().map(|t| t.token).collect();
     // Logits first (each step's inputs are equal up to the first differing token), then the tokens.
     let mut worst = 0f32;
     for (step, (t, want)) in got.iter().zip(&want_logits).enumerate() {
-        let what = format!("{layout:?} {format:?} step {step}");
+        let what = format!("{layout:?} {format:?} step {step} (smallest router margin so far {:.4})", margin_to(step));
         common::assert_close(&what, t.logits.as_ref().unwrap(), want, logit_abs, LOGIT_REL);
         worst = worst.max(t.logits.as_ref().unwrap().iter().zip(want).map(|(g, w)| (g - w).abs()).fold(0.0, f32::max));
         if t.token != want_tokens[step] {
             break;
         }
     }
-    assert_eq!(got_tokens, want_tokens, "{layout:?} {format:?}: greedy tokens");
+    assert_eq!(got_tokens, want_tokens, "{layout:?} {format:?}: greedy tokens (smallest router margin {:.4})", margin_to(8));
     eprintln!("{layout:?} {format:?}: 9 tokens equal, max logit diff {worst:.4}, {:.1} s", start.elapsed().as_secs_f64());
 }
 
@@ -164,9 +180,11 @@ fn native_bf16_fp8_int4(device: &Device) {
 }
 
 fn hf_fp8_fp8_block_nvfp4(device: &Device) {
-    // FP8 block-128 differs more over 4 layers (0.16 at seed 25, 0.2-0.5 at seeds 22/23, tokens equal at all three)
-    // though one layer is as close as the other formats (max 0.029 vs 0.020 for fp8 per-tensor, seed 5): router
-    // near-ties suspected, not proven.
+    // FP8 block-128 still differs more over 4 layers: with the reference on the same bf16-rounded weights its largest
+    // difference is 0.10 over the 9 steps of seed 25 (0.16 with f32 weights in the reference; tokens equal), first
+    // over 0.08 at step 2 where the smallest router margin read is 0.0095 (a near-tie is possible, not shown), while one
+    // layer is as close as the other formats (max 0.029 vs 0.020 for fp8 per-tensor, seed 5). Its own attention paths
+    // (W_UK zero-padded to 128 columns, W_UV in 64-row pieces) are suspected, not proven: it keeps 0.25 until then.
     for (format, seed, abs) in [(WeightFormat::Fp8PerTensor, 23, LOGIT_ABS), (WeightFormat::Fp8Block128, 25, 0.25), (WeightFormat::Nvfp4, 25, LOGIT_ABS)] {
         generation_matches_reference(device, hf(), format, seed, abs);
     }

@@ -33,10 +33,10 @@ fn deepgemm_diff(got: &[f32], want: &[f32]) -> f64 {
     1.0 - 2.0 * xy / sq
 }
 
-/// Every element written (no NaN left from the 0xff poison) and the DeepGEMM measure under `limit`. The kernels round
-/// each weight to bf16 after dequantisation (int4 / fp8-block), the SwiGLU activations to bf16 and the outputs to
-/// bf16, each a relative 2^-9: about 1e-5 of this measure; 1e-4 leaves a margin and still catches any wrong element
-/// of magnitude.
+/// Every element written (no NaN left from the 0xff poison) and the DeepGEMM measure under `limit`. The reference
+/// multiplies the same bf16-rounded weights as the kernels (`dequantize_for_gemm`); the kernels round the SwiGLU
+/// activations and the outputs to bf16 and sum in another order, each a relative 2^-9: about 1e-5 of this measure;
+/// 1e-4 leaves a margin and still catches any wrong element of magnitude.
 fn assert_agrees(what: &str, got: &[f32], want: &[f32]) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     if let Some(i) = got.iter().position(|v| v.is_nan()) {
@@ -52,12 +52,12 @@ fn assert_agrees(what: &str, got: &[f32], want: &[f32]) {
 }
 
 /// Random weights in [-a, a] with a = 1 / sqrt(cols) (unit-scale outputs), quantised; returns the matrix and its
-/// dequantised values (what the reference multiplies by).
+/// values as the GEMM kernels multiply them (what the reference multiplies by: `dequantize_for_gemm`).
 fn random_matrix(rng: &mut StdRng, format: WeightFormat, rows: usize, cols: usize) -> (QuantizedMatrix, Vec<f32>) {
     let a = 1.0 / (cols as f32).sqrt();
     let w: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-a..a)).collect();
     let q = QuantizedMatrix::quantize(format, &w, rows, cols).unwrap();
-    let deq = q.dequantize();
+    let deq = q.dequantize_for_gemm();
     (q, deq)
 }
 

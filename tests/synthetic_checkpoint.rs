@@ -8,7 +8,7 @@ use small4::quant::{QuantizedMatrix, WeightFormat};
 use small4::reference::model::{FeedForward, ReferenceWeights};
 
 fn quantized(format: WeightFormat, values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    QuantizedMatrix::quantize(format, values, rows, cols).unwrap().dequantize()
+    QuantizedMatrix::quantize(format, values, rows, cols).unwrap().dequantize_for_gemm()
 }
 
 fn check(layout: Layout, format: WeightFormat) {
@@ -125,7 +125,7 @@ fn an_hf_checkpoint_without_vision_weights_loads_text_only() {
     let v = config.vision.as_ref().unwrap();
     let image = PixelImage { width: 28, height: 28, channels: 3, data: vec![0.25; 3 * 28 * 28] };
     let pictured = [1, v.image_token_id, v.image_end_token_id, 300];
-    let err = text_model.generate_greedy_with_images(&pictured, &[image.clone()], 1, |_| {}).unwrap_err();
+    let err = text_model.generate_greedy_with_images(&pictured, std::slice::from_ref(&image), 1, |_| {}).unwrap_err();
     assert!(matches!(err, small4::Error::Config(_)), "{err}");
     let err = full.generate_greedy(&pictured, 1, |_| {}).unwrap_err();
     assert!(matches!(&err, small4::Error::InvalidArgument(msg) if msg.contains("[IMG]")), "{err}");

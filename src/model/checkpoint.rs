@@ -622,7 +622,7 @@ impl Checkpoint {
             let t = self.plain(name, Dtype::BF16, shape)?;
             Ok(t.data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect())
         };
-        let matrix = |base: &str, rows: usize, cols: usize| -> Result<Vec<f32>> { Ok(self.matrix(base, rows, cols)?.to_quantized(rows, cols)?.dequantize()) };
+        let matrix = |base: &str, rows: usize, cols: usize| -> Result<Vec<f32>> { Ok(self.matrix(base, rows, cols)?.to_quantized(rows, cols)?.dequantize_for_gemm()) };
         let rope_rows = |w: Vec<f32>| match self.layout {
             Layout::Native => w,
             Layout::HuggingFace { .. } => permute_rows_from_hf(&w, v.head_dim, v.hidden),

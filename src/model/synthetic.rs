@@ -435,7 +435,8 @@ impl MatrixData<'_> {
     }
 }
 
-/// Loads a checkpoint (any layout, any format) into f32 reference weights, dequantising on the CPU.
+/// Loads a checkpoint (any layout, any format) into f32 reference weights, dequantising on the CPU to the values the
+/// GEMM kernels multiply (`QuantizedMatrix::dequantize_for_gemm`).
 pub fn load_reference_weights(ck: &Checkpoint) -> Result<ReferenceWeights> {
     let c = ck.model_config()?;
     // A bf16 tensor stored as is (norms, embedding, router, head), checked against `shape`.
@@ -444,7 +445,9 @@ pub fn load_reference_weights(ck: &Checkpoint) -> Result<ReferenceWeights> {
         Ok(t.data.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect())
     };
     let plain = |name: &str, len: usize| bf16_tensor(name, &[len]);
-    let matrix = |name: &str, rows: usize, cols: usize| -> Result<Vec<f32>> { Ok(ck.matrix(name, rows, cols)?.to_quantized(rows, cols)?.dequantize()) };
+    // Dequantised as the GEMM kernels see them (bf16-rounded for fp8 block-128 and int4), so the reference and the
+    // engine multiply the same weights.
+    let matrix = |name: &str, rows: usize, cols: usize| -> Result<Vec<f32>> { Ok(ck.matrix(name, rows, cols)?.to_quantized(rows, cols)?.dequantize_for_gemm()) };
     let embedding = |name: &str| bf16_tensor(name, &[c.vocab, c.dim]);
     let qk = c.qk_nope + c.qk_rope;
     let mut layers = Vec::with_capacity(c.n_layers);
@@ -462,7 +465,7 @@ pub fn load_reference_weights(ck: &Checkpoint) -> Result<ReferenceWeights> {
         let expert = |e: usize| -> Result<ExpertWeights> {
             let get = |which| -> Result<Vec<f32>> {
                 let (rows, cols) = if which == ExpertMatrix::W2 { (c.dim, c.expert_hidden) } else { (c.expert_hidden, c.dim) };
-                Ok(ck.expert_matrix(l, e, which, c.dim, c.expert_hidden)?.to_quantized(rows, cols)?.dequantize())
+                Ok(ck.expert_matrix(l, e, which, c.dim, c.expert_hidden)?.to_quantized(rows, cols)?.dequantize_for_gemm())
             };
             Ok(ExpertWeights { w1: get(ExpertMatrix::W1)?, w3: get(ExpertMatrix::W3)?, w2: get(ExpertMatrix::W2)? })
         };

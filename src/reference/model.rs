@@ -29,7 +29,7 @@ use rayon::prelude::*;
 
 use super::attention::latent_attention;
 use super::linear::{dot, matmul_nt, round_bf16};
-use super::moe::{moe_block_w8a8, moe_block_with, route, router_logits, softmax, swiglu_expert_with, ExpertWeights};
+use super::moe::{moe_block_w8a8, moe_block_with, route, router_logits, routing_margin, softmax, swiglu_expert_with, ExpertWeights};
 use super::norm::rms_norm;
 use super::rope::{apply_interleaved, llama4_query_scale, yarn_inv_freq};
 use super::vision::{check_image_slots, PixelImage, VisionLayerWeights, VisionTower, VisionWeights};
@@ -293,6 +293,8 @@ pub struct ReferenceKvCache {
     start_position: usize,
     tokens: usize,
     layers: Vec<Vec<f32>>,
+    /// Per cached token, the smallest `routing_margin` over the MoE layers.
+    router_margins: Vec<f32>,
 }
 
 impl ReferenceKvCache {
@@ -309,6 +311,7 @@ impl ReferenceKvCache {
             start_position,
             tokens: 0,
             layers: vec![Vec::new(); config.n_layers],
+            router_margins: Vec::new(),
         }
     }
 
@@ -324,6 +327,13 @@ impl ReferenceKvCache {
     /// The position the next token will get.
     pub fn next_position(&self) -> usize {
         self.start_position + self.tokens
+    }
+
+    /// Per cached token, in order: the smallest gap over the MoE layers between its k-th and (k+1)-th router logits
+    /// (`moe::routing_margin`; infinite without MoE layers). Where it is within a computation's noise, that
+    /// computation may route the token to other experts.
+    pub fn router_margins(&self) -> &[f32] {
+        &self.router_margins
     }
 
     /// The rows of layer `layer`: [len, width].
@@ -470,15 +480,17 @@ impl ReferenceModel {
                 x[slot * dim..][..dim].copy_from_slice(row);
             }
         }
+        let mut margins = vec![f32::INFINITY; tokens.len()];
         for (layer, w) in self.weights.layers.iter().enumerate() {
             let h = self.norm(&x, &w.attention_norm);
             let attn = self.attention(&h, &w.attention, &mut cache.layers[layer], cache.tokens, cache.start_position);
             self.residual_add(&mut x, &attn);
             let h = self.norm(&x, &w.ffn_norm);
-            let ffn = self.feed_forward(&h, &w.ffn, tokens.len());
+            let ffn = self.feed_forward(&h, &w.ffn, tokens.len(), &mut margins);
             self.residual_add(&mut x, &ffn);
         }
         cache.tokens += tokens.len();
+        cache.router_margins.extend(margins);
         let h = self.norm(&x, &self.weights.norm);
         Ok(matmul_nt(&h, &self.weights.output, tokens.len(), dim, c.vocab))
     }
@@ -676,7 +688,8 @@ impl ReferenceModel {
         out
     }
 
-    fn feed_forward(&self, h: &[f32], ffn: &FeedForward, tokens: usize) -> Vec<f32> {
+    /// The feed-forward block; lowers each token's entry of `margins` to its routing margin in this layer.
+    fn feed_forward(&self, h: &[f32], ffn: &FeedForward, tokens: usize, margins: &mut [f32]) -> Vec<f32> {
         let c = self.config();
         let act_bf16 = self.options.rounding == RoundingMode::Bf16Activations;
         let mut y = match ffn {
@@ -684,6 +697,9 @@ impl ReferenceModel {
             FeedForward::Moe(moe) => {
                 let logits = router_logits(h, &moe.gate, tokens, c.dim, c.experts);
                 let routing = route(&logits, c.experts, c.experts_per_token, c.routed_scale);
+                for (margin, row) in margins.iter_mut().zip(logits.chunks_exact(c.experts)) {
+                    *margin = margin.min(routing_margin(row, c.experts_per_token));
+                }
                 // The shared block's width is expert_hidden * shared_experts, so it runs beside moe_block.
                 let mut y = match moe.fp8_act_scales.filter(|_| self.options.fp8_activations) {
                     Some(scales) => moe_block_w8a8(h, &routing, &moe.experts, None, tokens, c.dim, c.expert_hidden, scales),

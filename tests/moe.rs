@@ -309,6 +309,39 @@ fn linear_matches_reference(device: &Device) {
     }
 }
 
+/// The real model's reduction lengths (K = 2048: the experts' down projection; K = 4096: dim, their up projection),
+/// where the K loop runs 32 and 64 stages through the cp.async pipeline ring and wraps it many times, for every weight
+/// format and both row paths of the launcher (1 decode row: the narrow tile; 70 rows: the prefill tile).
+fn linear_at_real_reduction_lengths(device: &Device) {
+    let out_dim = 128;
+    let mut rng = rng(10);
+    for in_dim in [2048, 4096] {
+        for format in FORMATS {
+            let (w, deq) = random_matrix(&mut rng, format, out_dim, in_dim);
+            let weights = DeviceWeights::upload(device, &repack::repack_linear(&[(&w).into()]).unwrap()).unwrap();
+            for rows in [1, 70] {
+                let x = random_bf16(&mut rng, rows * in_dim, 1.0);
+                let x_dev = DeviceBuffer::from_slice(device, &x).unwrap();
+                let y = DeviceBuffer::<bf16>::filled_with_byte(device, rows * out_dim, 0xff).unwrap();
+                moe::linear(&weights, x_dev.view([rows, in_dim]).unwrap(), y.view([rows, out_dim]).unwrap()).unwrap();
+                let want = matmul_nt(&to_f32(&x), &deq, rows, in_dim, out_dim);
+                assert_agrees(&format!("linear {format} K {in_dim} rows {rows}"), &to_f32(&y.to_vec().unwrap()), &want);
+            }
+        }
+    }
+}
+
+/// The grouped expert GEMMs at the model's real sizes (up + SwiGLU at K = dim 4096, down at K = hidden 2048) for
+/// every format, and in W8A8: one expert holding both tokens' pairs (the weights of more experts would only repeat
+/// the same K loop at interpreter cost).
+fn moe_layer_at_real_reduction_lengths(device: &Device) {
+    for format in FORMATS {
+        let case = Case { dim: 4096, hidden: 2048, shared: false, remote: 0, seed: 13, ..small_case(2, 1, 1, format) };
+        check_moe_case(device, &case);
+    }
+    check_moe_case(device, &Case { dim: 4096, hidden: 2048, experts: 1, k: 1, remote: 0, shared: false, unrouted_pairs: false, ..w8a8_case(2, 1) });
+}
+
 /// Decode rows against an output wide enough (264 blocks of 128 features) that the launcher picks the BM-128 "small"
 /// tile instead of the narrow one every other decode case here runs (src/kernels/moe.rs `TileShape::for_decode`).
 fn linear_wide_output_runs_the_small_tile(device: &Device) {
@@ -478,6 +511,8 @@ fn wrappers_reject_bad_shapes(device: &Device) {
 }
 
 backend_tests!(
+    moe_layer_at_real_reduction_lengths,
+    linear_at_real_reduction_lengths,
     linear_wide_output_runs_the_small_tile,
     moe_layer_matches_reference,
     moe_layer_every_format,

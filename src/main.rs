@@ -3,14 +3,14 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use small4::model::bench::{bench_engine, BenchOptions};
+use small4::model::bench::{bench_engine, tokens_per_s, BenchOptions};
 use small4::model::checkpoint::{Checkpoint, ExpertMatrix, Layout};
-use small4::model::engine::{Sampling, DEFAULT_EOS};
+use small4::model::engine::{Request, Sampling, DEFAULT_EOS};
 use small4::model::generator::{GenerationBackend, Generator, GeneratorOptions};
 use small4::model::synthetic::HF_MISTRAL3_PREFIX;
 use small4::model::ModelConfig;
@@ -179,9 +179,10 @@ struct GenerateArgs {
     backend: Backend,
     #[command(flatten)]
     checkpoint: ModelArgs,
-    /// Sampling temperature (engine backends); 0 = greedy.
+    /// Sampling temperature (engine backends), finite and at least 0; 0 = greedy.
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
+    /// Nucleus sampling: the probability mass of the most likely tokens kept, in (0, 1] (1 keeps every token).
     #[arg(long, default_value_t = 1.0)]
     top_p: f32,
     /// Seed of the sampling (engine backends).
@@ -215,7 +216,7 @@ struct GenerateArgs {
     /// Raw prompt token ids, comma separated, instead of text; generated ids are printed as numbers.
     #[arg(long, value_delimiter = ',')]
     prompt_ids: Option<Vec<u32>>,
-    /// Tokens to generate.
+    /// Tokens to generate: at least 1, and the prompt plus these within the model's positions (max_position).
     #[arg(long, default_value_t = 16)]
     max_tokens: usize,
     /// Attention form of the reference forward pass.
@@ -314,7 +315,10 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
 fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
     let dir = checkpoint_dir(&args.checkpoint)?;
     let checkpoint = Checkpoint::open(&dir)?;
-    let vocab = ModelConfig::from_json_str(&checkpoint.config_json.to_string())?.vocab;
+    if let Some(notice) = checkpoint.text_only_notice() {
+        eprintln!("{notice}");
+    }
+    let vocab = checkpoint.model_config()?.vocab;
     let (prompt_ids, tokenizer, images) = match &args.prompt_ids {
         Some(_) if !args.image.is_empty() => bail!("--image goes with a text prompt (--prompt or --chat), not --prompt-ids"),
         Some(ids) if ids.is_empty() => bail!("--prompt-ids needs at least one token id"),
@@ -334,9 +338,6 @@ fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
             (prompt.ids, Some(tokenizer), images)
         }
     };
-    if let Some(&bad) = prompt_ids.iter().find(|&&id| id as usize >= vocab) {
-        bail!("prompt token id {bad} is outside the model's vocabulary of {vocab}");
-    }
     let mut sink = TokenSink::new(tokenizer.as_ref())?;
     let shown: Vec<String> = prompt_ids.iter().map(u32::to_string).collect();
     let prompt = format!("[{}]", shown.join(","));
@@ -460,7 +461,13 @@ fn generate_tokens(args: &GenerateArgs, checkpoint: &Checkpoint, prompt_ids: &[u
         },
         fp8_activations: false,
     };
-    if backend == GenerationBackend::Reference && args.temperature > 0.0 {
+    // Every setting is checked before the model loads, --top-p even when greedy: `--top-p 5` is a mistake whatever
+    // the temperature.
+    let seeded = Sampling::Seeded { temperature: args.temperature, top_p: args.top_p, seed: args.sample_seed };
+    seeded.validate()?;
+    let sampling = if args.temperature > 0.0 { seeded } else { Sampling::Greedy };
+    Request { prompt: prompt_ids.to_vec(), max_tokens: args.max_tokens, sampling }.validate(&checkpoint.model_config()?)?;
+    if backend == GenerationBackend::Reference && sampling != Sampling::Greedy {
         bail!("--temperature needs an engine backend (--backend sim or gpu): the reference samples greedily only");
     }
     // The reference runs to --max-tokens; the engine stops at --eos.
@@ -479,7 +486,6 @@ fn generate_tokens(args: &GenerateArgs, checkpoint: &Checkpoint, prompt_ids: &[u
         None => println!("{} on the CPU reference, {reference:?}, prompt: {prompt}", checkpoint.dir.display()),
         Some(device) => println!("{} on {} (loaded in {:.2} s), prompt: {prompt}", checkpoint.dir.display(), device.name(), load.elapsed().as_secs_f64()),
     }
-    let sampling = if args.temperature > 0.0 { Sampling::Seeded { temperature: args.temperature, top_p: args.top_p, seed: args.sample_seed } } else { Sampling::Greedy };
     sink.start();
     let start = Instant::now();
     let (mut first, mut last, mut count, mut failure) = (None, start, 0usize, None);
@@ -496,17 +502,19 @@ fn generate_tokens(args: &GenerateArgs, checkpoint: &Checkpoint, prompt_ids: &[u
         return Err(e);
     }
     sink.finish()?;
-    // The first token comes from the prefill's logits; every later one is a decode step.
-    let prefill = first.map_or(0.0, |t| (t - start).as_secs_f64());
-    let decode = first.map_or(0.0, |t| (last - t).as_secs_f64());
+    // The first token comes from the prefill's logits; every later one is a decode step. A rate is printed only
+    // when it means something (tokens over a measurable time).
+    let prefill = first.map_or(Duration::ZERO, |t| t - start);
+    let decode = first.map_or(Duration::ZERO, |t| last - t);
     let decoded = count.saturating_sub(1);
+    let rate = |tokens: usize, time: Duration| tokens_per_s(tokens, time).map_or_else(|| "no rate".to_string(), |r| format!("{r:.1} tokens/s"));
     println!(
-        "prefill: {} tokens in {:.2} ms ({:.1} tokens/s); decode: {decoded} tokens in {:.2} ms ({:.1} tokens/s)",
+        "prefill: {} tokens in {:.2} ms ({}); decode: {decoded} tokens in {:.2} ms ({})",
         prompt_ids.len(),
-        prefill * 1e3,
-        prompt_ids.len() as f64 / prefill.max(f64::MIN_POSITIVE),
-        decode * 1e3,
-        if decoded == 0 { 0.0 } else { decoded as f64 / decode.max(f64::MIN_POSITIVE) },
+        prefill.as_secs_f64() * 1e3,
+        rate(prompt_ids.len(), prefill),
+        decode.as_secs_f64() * 1e3,
+        rate(decoded, decode),
     );
     Ok(())
 }
@@ -560,10 +568,22 @@ fn layer_of(name: &str) -> Option<usize> {
     rest.split('.').next()?.parse().ok()
 }
 
+/// `small4 inspect`: the tensors by layer, then every problem found (malformed shards, a config the engine cannot
+/// run, tensors missing or of the wrong dtype or shape), all of them rather than the first.
 fn inspect(dir: &Path) -> anyhow::Result<()> {
-    let ck = Checkpoint::open(dir)?;
-    let c = ModelConfig::from_json_str(&ck.config_json.to_string())?;
-    println!("{} ({:?} layout, {} shards): {} layers, dim {}, {} experts", dir.display(), ck.layout, ck.shard_paths().len(), c.n_layers, c.dim, c.experts);
+    let (ck, shard_problems) = Checkpoint::open_listing_problems(dir)?;
+    let mut problems: Vec<String> = shard_problems.iter().map(ToString::to_string).collect();
+    let config = ck.model_config();
+    match &config {
+        Ok(c) => println!("{} ({:?} layout, {} shards): {} layers, dim {}, {} experts", dir.display(), ck.layout, ck.shard_paths().len(), c.n_layers, c.dim, c.experts),
+        Err(e) => {
+            println!("{} ({:?} layout, {} shards)", dir.display(), ck.layout, ck.shard_paths().len());
+            problems.push(format!("config: {e}"));
+        }
+    }
+    if let Some(notice) = ck.text_only_notice() {
+        println!("{notice}");
+    }
     let mut groups: BTreeMap<Option<usize>, Vec<String>> = BTreeMap::new();
     for name in ck.stored_names() {
         let t = ck.stored(name)?;
@@ -579,49 +599,50 @@ fn inspect(dir: &Path) -> anyhow::Result<()> {
         }
     }
     // Every tensor the engine reads, through the same accessors (shape, dtype and scale checks included).
-    let mut problems = Vec::new();
     let mut formats: BTreeMap<String, usize> = BTreeMap::new();
     let mut check = |what: String, r: small4::Result<&'static str>| match r {
         Ok(format) => *formats.entry(format.to_string()).or_default() += 1,
         Err(e) => problems.push(format!("{what}: {e}")),
     };
-    use safetensors::Dtype;
-    let plain = |name: &str, shape: &[usize]| ck.plain(name, Dtype::BF16, shape).map(|_| "bf16");
-    check("tok_embeddings".into(), plain("tok_embeddings.weight", &[c.vocab, c.dim]));
-    check("norm".into(), plain("norm.weight", &[c.dim]));
-    if !c.tied_embeddings {
-        check("output".into(), plain("output.weight", &[c.vocab, c.dim]));
-    }
-    let qk = c.qk_head_dim();
-    for l in 0..c.n_layers {
-        let p = format!("layers.{l}");
-        for (name, len) in [("attention_norm", c.dim), ("ffn_norm", c.dim), ("attention.q_a_norm", c.q_lora_rank), ("attention.kv_a_norm", c.kv_lora_rank)] {
-            check(format!("{p}.{name}"), plain(&format!("{p}.{name}.weight"), &[len]));
+    if let Ok(c) = &config {
+        use safetensors::Dtype;
+        let plain = |name: &str, shape: &[usize]| ck.plain(name, Dtype::BF16, shape).map(|_| "bf16");
+        check("tok_embeddings".into(), plain("tok_embeddings.weight", &[c.vocab, c.dim]));
+        check("norm".into(), plain("norm.weight", &[c.dim]));
+        if !c.tied_embeddings {
+            check("output".into(), plain("output.weight", &[c.vocab, c.dim]));
         }
-        check(format!("{p}.gate"), plain(&format!("{p}.gate.weight"), &[c.experts, c.dim]));
-        for (name, rows, cols) in [
-            ("wq_a", c.q_lora_rank, c.dim),
-            ("wq_b", c.heads * qk, c.q_lora_rank),
-            ("wkv_a_with_mqa", c.kv_lora_rank + c.qk_rope, c.dim),
-            ("wkv_b", c.heads * (c.qk_nope + c.v_head), c.kv_lora_rank),
-            ("wo", c.dim, c.heads * c.v_head),
-        ] {
-            check(format!("{p}.attention.{name}"), ck.matrix(&format!("{p}.attention.{name}"), rows, cols).map(|m| m.format_name()));
-        }
-        if c.shared_experts > 0 {
-            let h = c.shared_hidden();
-            for (name, rows, cols) in [("w1", h, c.dim), ("w3", h, c.dim), ("w2", c.dim, h)] {
-                check(format!("{p}.shared_experts.{name}"), ck.matrix(&format!("{p}.shared_experts.{name}"), rows, cols).map(|m| m.format_name()));
+        let qk = c.qk_head_dim();
+        for l in 0..c.n_layers {
+            let p = format!("layers.{l}");
+            for (name, len) in [("attention_norm", c.dim), ("ffn_norm", c.dim), ("attention.q_a_norm", c.q_lora_rank), ("attention.kv_a_norm", c.kv_lora_rank)] {
+                check(format!("{p}.{name}"), plain(&format!("{p}.{name}.weight"), &[len]));
+            }
+            check(format!("{p}.gate"), plain(&format!("{p}.gate.weight"), &[c.experts, c.dim]));
+            for (name, rows, cols) in [
+                ("wq_a", c.q_lora_rank, c.dim),
+                ("wq_b", c.heads * qk, c.q_lora_rank),
+                ("wkv_a_with_mqa", c.kv_lora_rank + c.qk_rope, c.dim),
+                ("wkv_b", c.heads * (c.qk_nope + c.v_head), c.kv_lora_rank),
+                ("wo", c.dim, c.heads * c.v_head),
+            ] {
+                check(format!("{p}.attention.{name}"), ck.matrix(&format!("{p}.attention.{name}"), rows, cols).map(|m| m.format_name()));
+            }
+            if c.shared_experts > 0 {
+                let h = c.shared_hidden();
+                for (name, rows, cols) in [("w1", h, c.dim), ("w3", h, c.dim), ("w2", c.dim, h)] {
+                    check(format!("{p}.shared_experts.{name}"), ck.matrix(&format!("{p}.shared_experts.{name}"), rows, cols).map(|m| m.format_name()));
+                }
+            }
+            for e in 0..c.experts {
+                for which in [ExpertMatrix::W1, ExpertMatrix::W3, ExpertMatrix::W2] {
+                    check(format!("{p}.experts.{e}.{which:?}"), ck.expert_matrix(l, e, which, c.dim, c.expert_hidden).map(|m| m.format_name()));
+                }
             }
         }
-        for e in 0..c.experts {
-            for which in [ExpertMatrix::W1, ExpertMatrix::W3, ExpertMatrix::W2] {
-                check(format!("{p}.experts.{e}.{which:?}"), ck.expert_matrix(l, e, which, c.dim, c.expert_hidden).map(|m| m.format_name()));
-            }
+        if let Some(v) = &c.vision {
+            check("vision tower and projector".into(), ck.vision_weights(v, c.dim).map(|_| "vision tower"));
         }
-    }
-    if let Some(v) = &c.vision {
-        check("vision tower and projector".into(), ck.vision_weights(v, c.dim).map(|_| "vision tower"));
     }
     let summary: Vec<String> = formats.iter().map(|(f, n)| format!("{n} {f}")).collect();
     println!("weights read by the engine: {}", summary.join(", "));

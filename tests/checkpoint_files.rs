@@ -148,3 +148,70 @@ fn broken_checkpoints_give_clear_errors() {
     std::fs::write(empty.path().join("params.json"), "{dim: ").unwrap();
     assert!(matches!(Checkpoint::open(empty.path()), Err(Error::Json { .. })));
 }
+
+/// Stacked HF FP8 experts: expert e's static activation scale is entry e of `{stack}_activation_scale` (`[E]`, or
+/// `[E, 1, 1]` as some exporters keep it); W8A8 takes the largest per projection. A scale tensor of another shape is
+/// a checkpoint error, not a silent read.
+#[test]
+fn hf_stacked_fp8_experts_read_per_expert_activation_scales() {
+    let (experts, dim, hidden) = (3, 8, 4);
+    let prefix = "model.language_model.";
+    let base = format!("{prefix}layers.0.mlp.experts");
+    let vector = |values: &[f32], shape: &[usize]| OwnedTensor { dtype: Dtype::F32, shape: shape.to_vec(), data: values.iter().flat_map(|v| v.to_le_bytes()).collect() };
+    let mut t = BTreeMap::new();
+    t.insert(format!("{base}.gate_up_proj"), tensor(Dtype::F8_E4M3, &[experts, 2 * hidden, dim], 1));
+    t.insert(format!("{base}.down_proj"), tensor(Dtype::F8_E4M3, &[experts, dim, hidden], 2));
+    t.insert(format!("{base}.gate_up_proj_scale_inv"), vector(&[0.5, 0.25, 0.125], &[experts, 1, 1]));
+    t.insert(format!("{base}.down_proj_scale_inv"), vector(&[1.0, 2.0, 4.0], &[experts, 1, 1]));
+    t.insert(format!("{base}.gate_up_proj_activation_scale"), vector(&[0.01, 0.03, 0.02], &[experts]));
+    t.insert(format!("{base}.down_proj_activation_scale"), vector(&[0.5, 0.7, 0.6], &[experts, 1, 1]));
+    let layout = Layout::HuggingFace { prefix: prefix.into() };
+    let dir = write_dir(&layout, &t, 1 << 20);
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    let scales = |which| match ck.expert_matrix(0, 1, which, dim, hidden).unwrap() {
+        MatrixData::Fp8PerTensor { scale, activation_scale, .. } => (scale, activation_scale),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(scales(ExpertMatrix::W1), (0.25, Some(0.03)));
+    assert_eq!(scales(ExpertMatrix::W3), (0.25, Some(0.03)));
+    assert_eq!(scales(ExpertMatrix::W2), (2.0, Some(0.7)));
+    assert_eq!(ck.expert_activation_scales(0, experts, dim, hidden).unwrap(), Some((0.03, 0.7)));
+    drop(ck);
+
+    t.insert(format!("{base}.down_proj_activation_scale"), vector(&[0.5, 0.7, 0.6, 0.1], &[2, 2]));
+    let dir = write_dir(&layout, &t, 1 << 20);
+    let err = Checkpoint::open(dir.path()).unwrap().expert_matrix(0, 1, ExpertMatrix::W2, dim, hidden).unwrap_err();
+    assert!(matches!(&err, Error::Checkpoint(msg) if msg.contains("down_proj_activation_scale")), "{err}");
+}
+
+/// `small4 inspect` lists every problem it finds: two truncated shards and the tensors they held, all in one report,
+/// where opening the checkpoint stops at the first.
+#[test]
+fn inspect_lists_every_problem() {
+    use small4::model::config::ModelConfig;
+    use small4::model::synthetic::write_checkpoint;
+    use small4::quant::WeightFormat;
+    use small4::reference::model::ReferenceWeights;
+    let config = ModelConfig { n_layers: 2, ..ModelConfig::tiny() };
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(dir.path(), &ReferenceWeights::random(&config, 1).unwrap(), &Layout::Native, WeightFormat::Bf16, 256 << 10).unwrap();
+    let shards: Vec<_> = Checkpoint::open(dir.path()).unwrap().shard_paths().iter().map(|p| p.to_path_buf()).collect();
+    assert!(shards.len() >= 4, "{} shards", shards.len());
+    let broken = [&shards[1], &shards[shards.len() - 2]];
+    for shard in broken {
+        let bytes = std::fs::read(shard).unwrap();
+        std::fs::write(shard, &bytes[..bytes.len() - 3]).unwrap();
+    }
+    assert!(Checkpoint::open(dir.path()).is_err());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_small4")).arg("inspect").arg(dir.path()).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    let problems: Vec<&str> = stdout.lines().skip_while(|l| !l.starts_with("problems (")).skip(1).collect();
+    for shard in broken {
+        let name = shard.file_name().unwrap().to_str().unwrap();
+        assert!(problems.iter().any(|p| p.contains(name) && p.contains("truncated")), "{name} not listed: {stdout}");
+    }
+    // The tensors of the broken shards are missing for the engine, each listed.
+    assert!(problems.iter().filter(|p| p.contains("missing tensor")).count() >= 2, "{stdout}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("{} problems", problems.len())), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -1,13 +1,20 @@
 //! The engine (every kernel of the model in sequence, on the device) against the CPU reference
 //! (`ReferenceModel` over the same checkpoint, bf16 activations, absorbed attention).
 //!
-//! Logit tolerance: |engine - reference| <= 0.08 + 0.03 |reference| per logit. Measured on one layer: the engine
-//! differs from the bf16 reference by rms 0.004, as much as the bf16 reference differs from the f32 one (rms 0.005):
-//! the kernels round at the same points but in other places of their own (the attention's probabilities, summation
-//! orders), so the two bf16 rounding chains are independent; over 4 layers the largest logit difference is ~0.05.
-//! A router near-tie (4th and 5th expert within that noise) flips an expert choice and moves logits by ~0.5: greedy
-//! tokens and this tolerance hold for the fixed seeds below, which were picked from 21..=25 where no such tie occurs
-//! (seeds 21/22/24 give flips for some formats; a flip is a property of the random weights, not of a format).
+//! Logit tolerance: |engine - reference| <= 0.08 + 0.03 |reference| per logit (FP8 block-128 over 4 layers: see
+//! `hf_fp8_fp8_block_nvfp4`). The reference multiplies the weights the kernels multiply (`dequantize_for_gemm`:
+//! bf16-rounded for fp8 block-128 and int4), so what remains is the engine's own rounding: measured on one layer, the engine differs from the bf16
+//! reference by rms 0.004, as much as the bf16 reference differs from the f32 one (rms 0.005): the kernels round at
+//! the same points but in other places of their own (the attention's probabilities, summation orders), so the two bf16
+//! rounding chains are independent; over 4 layers the largest logit difference is ~0.05.
+//!
+//! A router near-tie (4th and 5th expert within that noise) flips an expert choice and moves logits by ~0.5. Two bf16
+//! chains of the reference (f32 vs bf16 activations) differ in their 4th/5th router-logit gaps by up to 0.025, while
+//! the tiny preset's 4 layers x 15 tokens meet gaps under 0.003 at most seeds, so excluding tied positions would leave
+//! little to compare; the honest fix is teacher-forcing the reference with the engine's routing (as tests/moe.rs does
+//! for one layer), which needs the engine to expose its routing. Until then the whole-model tests keep the fixed seeds
+//! below, picked from 21..=25 where no flip occurs (seeds 21/22/24 give flips for some formats), and a failure names
+//! the smallest router margin it read (`ReferenceKvCache::router_margins`), so a near-tie is told from a kernel error.
 
 mod common;
 
@@ -64,6 +71,12 @@ fn prompt(len: usize, salt: u32, vocab: usize) -> Vec<u32> {
 
 /// The reference's greedy tokens and the logits each was chosen from.
 fn reference_greedy(reference: &ReferenceModel, prompt: &[u32], tokens: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
+    let (tokens, logits, _) = reference_greedy_with_margins(reference, prompt, tokens);
+    (tokens, logits)
+}
+
+/// [`reference_greedy`] with the router margin of every token it ran (prompt, then each fed-back token).
+fn reference_greedy_with_margins(reference: &ReferenceModel, prompt: &[u32], tokens: usize) -> (Vec<u32>, Vec<Vec<f32>>, Vec<f32>) {
     let vocab = reference.config().vocab;
     let mut cache = reference.new_cache();
     let all = reference.prefill(prompt, &mut cache).unwrap();
@@ -73,7 +86,7 @@ fn reference_greedy(reference: &ReferenceModel, prompt: &[u32], tokens: usize) -
         logits.push(reference.decode(*out.last().unwrap(), &mut cache).unwrap());
         out.push(argmax(logits.last().unwrap()));
     }
-    (out, logits)
+    (out, logits, cache.router_margins().to_vec())
 }
 
 fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Request {
@@ -86,15 +99,17 @@ fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Request {
 fn one_layer_prefill_and_paged_decode(device: &Device) {
     // FP8 block-128 attention takes the engine's special paths: W_UK zero-padded to 128 columns, W_UV in 64-row pieces.
     for format in [WeightFormat::Bf16, WeightFormat::Fp8Block128] {
-        one_layer(device, format, false);
+        one_layer(device, Layout::Native, format, false);
     }
 }
 
 /// (a) in W8A8 (`EngineOptions::fp8_activations`): per-tensor FP8 experts with the synthetic checkpoint's activation
-/// scales, against the reference that quantises the routed experts' activations the same way; (e) in W8A8 (the
-/// quantiser launches are graph-safe); and the typed error when the checkpoint has no activation scales (bf16 experts).
+/// scales, against the reference that quantises the routed experts' activations the same way, in both layouts (HF
+/// stacks carry one activation scale per expert); (e) in W8A8 (the quantiser launches are graph-safe); and the typed
+/// error when the checkpoint has no activation scales (bf16 experts).
 fn one_layer_fp8_activations(device: &Device) {
-    one_layer(device, WeightFormat::Fp8PerTensor, true);
+    one_layer(device, Layout::Native, WeightFormat::Fp8PerTensor, true);
+    one_layer(device, hf(), WeightFormat::Fp8PerTensor, true);
     graphs_equal_eager_steps(device, WeightFormat::Fp8PerTensor, true);
     let config = ModelConfig { n_layers: 1, ..ModelConfig::tiny() };
     let f = fixture(&config, Layout::Native, WeightFormat::Bf16, 5);
@@ -103,9 +118,9 @@ fn one_layer_fp8_activations(device: &Device) {
     assert!(matches!(err, small4::Error::InvalidArgument(_)), "{err}");
 }
 
-fn one_layer(device: &Device, format: WeightFormat, fp8_activations: bool) {
+fn one_layer(device: &Device, layout: Layout, format: WeightFormat, fp8_activations: bool) {
     let config = ModelConfig { n_layers: 1, ..ModelConfig::tiny() };
-    let f = fixture_with(&config, Layout::Native, format, 5, ForwardOptions { fp8_activations, ..ForwardOptions::default() });
+    let f = fixture_with(&config, layout, format, 5, ForwardOptions { fp8_activations, ..ForwardOptions::default() });
     let model = DeviceModel::load(device, &f.checkpoint, Shard::SINGLE).unwrap();
     let mut engine = Engine::new(model, EngineOptions { fp8_activations, ..options(4) }, None).unwrap();
     let vocab = config.vocab;
@@ -137,21 +152,24 @@ fn generation_matches_reference(device: &Device, layout: Layout, format: WeightF
     let model = DeviceModel::load(device, &f.checkpoint, Shard::SINGLE).unwrap();
     let mut engine = Engine::new(model, options(16), None).unwrap();
     let tokens = prompt(6, 7, config.vocab);
-    let (want_tokens, want_logits) = reference_greedy(&f.reference, &tokens, 9);
+    let prompt_len = tokens.len();
+    let (want_tokens, want_logits, margins) = reference_greedy_with_margins(&f.reference, &tokens, 9);
+    // Step i's logits read positions 0..=prompt_len - 1 + i: the smallest router margin among them.
+    let margin_to = |step: usize| margins[..prompt_len + step].iter().copied().fold(f32::INFINITY, f32::min);
     let mut got: Vec<StepToken> = Vec::new();
     engine.generate(vec![greedy(tokens, 9)], |t| got.push(t.clone())).unwrap();
     let got_tokens: Vec<u32> = got.iter().map(|t| t.token).collect();
     // Logits first (each step's inputs are equal up to the first differing token), then the tokens.
     let mut worst = 0f32;
     for (step, (t, want)) in got.iter().zip(&want_logits).enumerate() {
-        let what = format!("{layout:?} {format:?} step {step}");
+        let what = format!("{layout:?} {format:?} step {step} (smallest router margin so far {:.4})", margin_to(step));
         common::assert_close(&what, t.logits.as_ref().unwrap(), want, logit_abs, LOGIT_REL);
         worst = worst.max(t.logits.as_ref().unwrap().iter().zip(want).map(|(g, w)| (g - w).abs()).fold(0.0, f32::max));
         if t.token != want_tokens[step] {
             break;
         }
     }
-    assert_eq!(got_tokens, want_tokens, "{layout:?} {format:?}: greedy tokens");
+    assert_eq!(got_tokens, want_tokens, "{layout:?} {format:?}: greedy tokens (smallest router margin {:.4})", margin_to(8));
     eprintln!("{layout:?} {format:?}: 9 tokens equal, max logit diff {worst:.4}, {:.1} s", start.elapsed().as_secs_f64());
 }
 
@@ -162,9 +180,11 @@ fn native_bf16_fp8_int4(device: &Device) {
 }
 
 fn hf_fp8_fp8_block_nvfp4(device: &Device) {
-    // FP8 block-128 differs more over 4 layers (0.16 at seed 25, 0.2-0.5 at seeds 22/23, tokens equal at all three)
-    // though one layer is as close as the other formats (max 0.029 vs 0.020 for fp8 per-tensor, seed 5): router
-    // near-ties suspected, not proven.
+    // FP8 block-128 still differs more over 4 layers: with the reference on the same bf16-rounded weights its largest
+    // difference is 0.10 over the 9 steps of seed 25 (0.16 with f32 weights in the reference; tokens equal), first
+    // over 0.08 at step 2 where the smallest router margin read is 0.0095 (a near-tie is possible, not shown), while one
+    // layer is as close as the other formats (max 0.029 vs 0.020 for fp8 per-tensor, seed 5). Its own attention paths
+    // (W_UK zero-padded to 128 columns, W_UV in 64-row pieces) are suspected, not proven: it keeps 0.25 until then.
     for (format, seed, abs) in [(WeightFormat::Fp8PerTensor, 23, LOGIT_ABS), (WeightFormat::Fp8Block128, 25, 0.25), (WeightFormat::Nvfp4, 25, LOGIT_ABS)] {
         generation_matches_reference(device, hf(), format, seed, abs);
     }
@@ -308,6 +328,34 @@ fn uneven_head_split_is_an_error(device: &Device) {
     assert_eq!(model.heads(), 0..config.heads);
 }
 
+/// Requests are checked before they join the batch: sampling settings, max_tokens, the model's positions and `[IMG]`
+/// tokens without images are typed errors, nothing joins and no request id is spent.
+fn bad_requests_are_refused_before_they_join(device: &Device) {
+    use small4::model::engine::RequestId;
+    use small4::Error;
+    let config = ModelConfig { n_layers: 1, ..ModelConfig::tiny() };
+    let f = fixture(&config, Layout::Native, WeightFormat::Bf16, 5);
+    let mut engine = Engine::new(DeviceModel::load(device, &f.checkpoint, Shard::SINGLE).unwrap(), options(4), None).unwrap();
+    let image_token = config.vision.as_ref().unwrap().image_token_id;
+    let seeded = |temperature, top_p| Sampling::Seeded { temperature, top_p, seed: 3 };
+    let bad = [
+        Request { prompt: vec![1, 300], max_tokens: 2, sampling: seeded(0.7, 5.0) },
+        Request { prompt: vec![1, 300], max_tokens: 2, sampling: seeded(f32::NAN, 0.9) },
+        Request { prompt: vec![1, 300], max_tokens: 2, sampling: seeded(-0.5, 0.9) },
+        greedy(vec![1, 300], 0),
+        greedy(vec![1, 300], config.max_position - 1),
+        greedy(vec![1, image_token, 300], 2),
+    ];
+    for request in bad {
+        let what = format!("{request:?}");
+        let err = engine.add(request).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_) | Error::OutOfRange { .. }), "{what}: {err}");
+        assert_eq!(engine.active(), 0, "{what} joined the batch");
+    }
+    assert_eq!(engine.add(greedy(vec![1, 300], 1)).unwrap(), RequestId(0));
+    assert_eq!(engine.step().unwrap().len(), 1);
+}
+
 /// (e) Decode steps replayed from captured graphs equal the same steps run eagerly, bit for bit. Page size 2: with
 /// two sequences the block-table capacity goes 2 -> 4 pages (the 4-page shape is captured at its second step and
 /// replayed while the sequences grow within it); then one sequence leaves and the other goes on alone at 8 pages (a
@@ -440,34 +488,83 @@ fn chunked_prefill_matches_one_shot(device: &Device) {
     assert!(chunked_growth < one_shot_growth / 4, "chunked growth {chunked_growth} B against one-shot growth {one_shot_growth} B");
 }
 
-/// A step that fails in the middle of a batch (the second sequence passes the model's last position after the first
-/// sequence's token was appended) changes nothing: the first sequence, retried without the failing one, continues
-/// exactly as it does alone. Requests wait for pages (admission) instead of failing, and a prompt the whole pool
-/// cannot hold is refused when added. The decode-graph cache keeps at most `max_decode_graphs` graphs.
-fn failed_steps_change_nothing(device: &Device) {
-    let config = ModelConfig { n_layers: 1, max_position: 8, ..ModelConfig::tiny() };
-    let f = fixture(&config, Layout::Native, WeightFormat::Bf16, 52);
-    let engine = |opts: EngineOptions| Engine::new(DeviceModel::load(device, &f.checkpoint, Shard::SINGLE).unwrap(), opts, None).unwrap();
-    let (a, b) = (prompt(2, 1, config.vocab), prompt(6, 2, config.vocab));
-    let alone = engine(options(2)).generate(vec![greedy(a.clone(), 5)], |_| {}).unwrap().remove(0);
-    let mut e = engine(options(2));
-    let ida = e.add(greedy(a.clone(), 5)).unwrap();
-    let idb = e.add(greedy(b, 5)).unwrap();
-    let mut got = Vec::new();
-    let err = loop {
-        match e.step() {
-            Ok(tokens) => got.extend(tokens.iter().filter(|t| t.id == ida).map(|t| t.token)),
-            Err(err) => break err,
-        }
-    };
-    assert!(matches!(err, small4::Error::OutOfRange { .. }), "{err}");
-    // The same step fails again (nothing was half applied), then runs once the failing request is cancelled.
-    assert!(matches!(e.step(), Err(small4::Error::OutOfRange { .. })));
-    e.cancel(idb).unwrap();
-    while e.active() > 0 {
-        got.extend(e.step().unwrap().iter().map(|t| t.token));
+/// A backend that forwards to another and fails one chosen launch (fault injection).
+struct FailingLaunch {
+    inner: Device,
+    launches: std::sync::atomic::AtomicUsize,
+    fail_at: std::sync::atomic::AtomicUsize,
+}
+
+impl small4::device::Backend for FailingLaunch {
+    fn name(&self) -> &'static str {
+        self.inner.name()
     }
-    assert_eq!(got, alone, "the first sequence after the failed steps vs alone");
+    fn alloc(&self, bytes: usize) -> small4::Result<u64> {
+        self.inner.alloc(bytes)
+    }
+    fn free(&self, addr: u64) -> small4::Result<()> {
+        self.inner.free(addr)
+    }
+    fn write(&self, addr: u64, data: &[u8]) -> small4::Result<()> {
+        self.inner.write(addr, data)
+    }
+    fn read(&self, addr: u64, out: &mut [u8]) -> small4::Result<()> {
+        self.inner.read(addr, out)
+    }
+    fn memset(&self, addr: u64, byte: u8, bytes: usize) -> small4::Result<()> {
+        self.inner.memset(addr, byte, bytes)
+    }
+    fn copy(&self, dst: u64, src: u64, bytes: usize) -> small4::Result<()> {
+        self.inner.copy(dst, src, bytes)
+    }
+    fn launch(&self, kernel: &small4::device::Kernel, config: &small4::device::LaunchConfig, params: &[u8]) -> small4::Result<()> {
+        use std::sync::atomic::Ordering;
+        if self.launches.fetch_add(1, Ordering::SeqCst) == self.fail_at.load(Ordering::SeqCst) {
+            return Err(small4::Error::InvalidArgument(format!("injected failure of {}", kernel.entry)));
+        }
+        self.inner.launch(kernel, config, params)
+    }
+    fn synchronize(&self) -> small4::Result<()> {
+        self.inner.synchronize()
+    }
+}
+
+/// A step that fails in the middle of a batch's forward pass (an injected launch failure, after every sequence's
+/// slots were taken) changes nothing: retried, the batch continues exactly as a run without the failure (prefill and
+/// decode steps, a chunked prompt among them). Requests wait for pages (admission) instead of failing, and a prompt
+/// the whole pool cannot hold is refused when added. The decode-graph cache keeps at most `max_decode_graphs` graphs.
+fn failed_steps_change_nothing(device: &Device) {
+    let config = ModelConfig { n_layers: 1, ..ModelConfig::tiny() };
+    let f = fixture(&config, Layout::Native, WeightFormat::Bf16, 52);
+    let engine_on = |device: &Device, opts: EngineOptions| Engine::new(DeviceModel::load(device, &f.checkpoint, Shard::SINGLE).unwrap(), opts, None).unwrap();
+    let engine = |opts: EngineOptions| engine_on(device, opts);
+    let requests = || vec![greedy(prompt(2, 1, config.vocab), 5), greedy(prompt(7, 2, config.vocab), 4)];
+    let chunked = EngineOptions { prefill_chunk: 4, ..options(2) };
+    let clean = engine(chunked).generate(requests(), |_| {}).unwrap();
+    let failing = std::sync::Arc::new(FailingLaunch { inner: device.clone(), launches: Default::default(), fail_at: usize::MAX.into() });
+    let as_device: Device = failing.clone();
+    let mut e = engine_on(&as_device, chunked);
+    let ids: Vec<_> = requests().into_iter().map(|r| e.add(r).unwrap()).collect();
+    let mut tokens = vec![Vec::new(); ids.len()];
+    let mut failures = 0;
+    while e.active() > 0 {
+        // Every other step fails once, its 7th launch from now (inside the first layer), then is retried.
+        use std::sync::atomic::Ordering;
+        let now = failing.launches.load(Ordering::SeqCst);
+        failing.fail_at.store(if tokens[0].len() % 2 == 0 { now + 7 } else { usize::MAX }, Ordering::SeqCst);
+        match e.step() {
+            Ok(out) => out.iter().for_each(|t| tokens[ids.iter().position(|&id| id == t.id).unwrap()].push(t.token)),
+            Err(err) => {
+                assert!(err.to_string().contains("injected"), "{err}");
+                failures += 1;
+                failing.fail_at.store(usize::MAX, Ordering::SeqCst);
+                let out = e.step().unwrap();
+                out.iter().for_each(|t| tokens[ids.iter().position(|&id| id == t.id).unwrap()].push(t.token));
+            }
+        }
+    }
+    assert!(failures >= 3, "only {failures} steps failed");
+    assert_eq!(tokens, clean, "the batch after failed steps vs a run without failures");
 
     // Admission: a pool of 4 pages of 2 tokens holds one of these requests at a time; the second waits, then runs.
     let small_pool = EngineOptions { num_pages: 4, ..options(2) };
@@ -485,6 +582,6 @@ fn failed_steps_change_nothing(device: &Device) {
     assert!(e.captured_graphs() <= 1, "{} graphs kept", e.captured_graphs());
 }
 
-backend_tests!(chunked_prefill_matches_one_shot, failed_steps_change_nothing, decode_graphs_equal_eager_steps, one_layer_prefill_and_paged_decode, one_layer_fp8_activations, native_bf16_fp8_int4, hf_fp8_fp8_block_nvfp4, joining_sequences_match_each_alone, two_expert_parallel_ranks_match_one, two_tensor_parallel_ranks_match_one, uneven_head_split_is_an_error);
+backend_tests!(bad_requests_are_refused_before_they_join, chunked_prefill_matches_one_shot, failed_steps_change_nothing, decode_graphs_equal_eager_steps, one_layer_prefill_and_paged_decode, one_layer_fp8_activations, native_bf16_fp8_int4, hf_fp8_fp8_block_nvfp4, joining_sequences_match_each_alone, two_expert_parallel_ranks_match_one, two_tensor_parallel_ranks_match_one, uneven_head_split_is_an_error);
 
 

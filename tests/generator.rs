@@ -38,6 +38,52 @@ fn bad_requests_are_typed_errors_and_leave_the_generator_usable() {
     assert_eq!(generator.generate(&PROMPT, 2, Sampling::Greedy, |_| {}).unwrap().len(), 2);
 }
 
+/// Sampling settings, lengths and `[IMG]` tokens are checked before anything runs, with the same typed errors on every
+/// backend (`Request::validate`, `check_image_slots`); the reference backend's own refusal of seeded sampling comes
+/// after them.
+#[test]
+fn settings_lengths_and_image_tokens_are_checked_first() {
+    let mut generator = reference(None);
+    let seeded = |temperature, top_p| Sampling::Seeded { temperature, top_p, seed: 1 };
+    for (sampling, what) in [(seeded(f32::NAN, 0.9), "temperature"), (seeded(-1.0, 0.9), "temperature"), (seeded(0.7, 5.0), "top_p"), (seeded(0.7, 0.0), "top_p")] {
+        let err = generator.generate(&PROMPT, 2, sampling, |_| {}).unwrap_err();
+        assert!(matches!(&err, Error::InvalidArgument(msg) if msg.contains(what)), "{sampling:?}: {err}");
+    }
+    let err = generator.generate(&PROMPT, 0, Sampling::Greedy, |_| {}).unwrap_err();
+    assert!(matches!(&err, Error::InvalidArgument(msg) if msg.contains("max_tokens")), "{err}");
+    let err = generator.generate(&PROMPT, usize::MAX, Sampling::Greedy, |_| {}).unwrap_err();
+    assert!(matches!(err, Error::OutOfRange { .. }), "{err}");
+    let image_token = generator.config().vision.as_ref().expect("the tiny preset has a tower").image_token_id;
+    let err = generator.generate(&[1, image_token, 300], 2, Sampling::Greedy, |_| {}).unwrap_err();
+    assert!(matches!(&err, Error::InvalidArgument(msg) if msg.contains("[IMG]")), "{err}");
+    assert_eq!(generator.generate(&PROMPT, 2, Sampling::Greedy, |_| {}).unwrap().len(), 2);
+}
+
+/// The CLI refuses bad settings with the library's typed errors before it loads anything, and prints a rate only when
+/// it means something: one generated token is the prefill's, so there is no decode rate.
+#[test]
+fn the_cli_refuses_bad_settings_and_prints_only_meaningful_rates() {
+    let run = |args: &[&str]| std::process::Command::new(env!("CARGO_BIN_EXE_small4")).args(args).output().unwrap();
+    let ids = ["--prompt-ids", "1,300,41"];
+    for (args, what) in [
+        (&["--top-p", "5"][..], "top_p 5"),
+        (&["--top-p", "0"][..], "top_p 0"),
+        (&["--temperature", "NaN"][..], "temperature NaN"),
+        (&["--temperature=-1"][..], "temperature -1"),
+        (&["--max-tokens", "0"][..], "max_tokens is 0"),
+        (&["--max-tokens", "18446744073709551615"][..], "position of the last generated token"),
+    ] {
+        let out = run(&[&["generate"][..], &ids, args].concat());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(what), "{args:?}: {stderr}");
+    }
+    let out = run(&[&["generate", "--max-tokens", "1"][..], &ids].concat());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
+    let rates = stdout.lines().last().unwrap();
+    assert!(rates.starts_with("prefill: 3 tokens in ") && rates.contains("tokens/s); decode: 0 tokens in ") && rates.ends_with("(no rate)"), "{rates}");
+}
+
 #[test]
 fn generation_stops_after_the_eos_token_and_keeps_it() {
     let all = reference(None).generate(&PROMPT, 6, Sampling::Greedy, |_| {}).unwrap();

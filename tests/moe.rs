@@ -33,10 +33,10 @@ fn deepgemm_diff(got: &[f32], want: &[f32]) -> f64 {
     1.0 - 2.0 * xy / sq
 }
 
-/// Every element written (no NaN left from the 0xff poison) and the DeepGEMM measure under `limit`. The kernels round
-/// each weight to bf16 after dequantisation (int4 / fp8-block), the SwiGLU activations to bf16 and the outputs to
-/// bf16, each a relative 2^-9: about 1e-5 of this measure; 1e-4 leaves a margin and still catches any wrong element
-/// of magnitude.
+/// Every element written (no NaN left from the 0xff poison) and the DeepGEMM measure under `limit`. The reference
+/// multiplies the same bf16-rounded weights as the kernels (`dequantize_for_gemm`); the kernels round the SwiGLU
+/// activations and the outputs to bf16 and sum in another order, each a relative 2^-9: about 1e-5 of this measure;
+/// 1e-4 leaves a margin and still catches any wrong element of magnitude.
 fn assert_agrees(what: &str, got: &[f32], want: &[f32]) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     if let Some(i) = got.iter().position(|v| v.is_nan()) {
@@ -52,12 +52,12 @@ fn assert_agrees(what: &str, got: &[f32], want: &[f32]) {
 }
 
 /// Random weights in [-a, a] with a = 1 / sqrt(cols) (unit-scale outputs), quantised; returns the matrix and its
-/// dequantised values (what the reference multiplies by).
+/// values as the GEMM kernels multiply them (what the reference multiplies by: `dequantize_for_gemm`).
 fn random_matrix(rng: &mut StdRng, format: WeightFormat, rows: usize, cols: usize) -> (QuantizedMatrix, Vec<f32>) {
     let a = 1.0 / (cols as f32).sqrt();
     let w: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-a..a)).collect();
     let q = QuantizedMatrix::quantize(format, &w, rows, cols).unwrap();
-    let deq = q.dequantize();
+    let deq = q.dequantize_for_gemm();
     (q, deq)
 }
 
@@ -307,6 +307,39 @@ fn linear_matches_reference(device: &Device) {
         let want = matmul_nt(&to_f32(&x), &deq, rows, in_dim, out_dim);
         assert_agrees(&format!("linear {format} rows {rows}"), &to_f32(&y.to_vec().unwrap()), &want);
     }
+}
+
+/// The real model's reduction lengths (K = 2048: the experts' down projection; K = 4096: dim, their up projection),
+/// where the K loop runs 32 and 64 stages through the cp.async pipeline ring and wraps it many times, for every weight
+/// format and both row paths of the launcher (1 decode row: the narrow tile; 70 rows: the prefill tile).
+fn linear_at_real_reduction_lengths(device: &Device) {
+    let out_dim = 128;
+    let mut rng = rng(10);
+    for in_dim in [2048, 4096] {
+        for format in FORMATS {
+            let (w, deq) = random_matrix(&mut rng, format, out_dim, in_dim);
+            let weights = DeviceWeights::upload(device, &repack::repack_linear(&[(&w).into()]).unwrap()).unwrap();
+            for rows in [1, 70] {
+                let x = random_bf16(&mut rng, rows * in_dim, 1.0);
+                let x_dev = DeviceBuffer::from_slice(device, &x).unwrap();
+                let y = DeviceBuffer::<bf16>::filled_with_byte(device, rows * out_dim, 0xff).unwrap();
+                moe::linear(&weights, x_dev.view([rows, in_dim]).unwrap(), y.view([rows, out_dim]).unwrap()).unwrap();
+                let want = matmul_nt(&to_f32(&x), &deq, rows, in_dim, out_dim);
+                assert_agrees(&format!("linear {format} K {in_dim} rows {rows}"), &to_f32(&y.to_vec().unwrap()), &want);
+            }
+        }
+    }
+}
+
+/// The grouped expert GEMMs at the model's real sizes (up + SwiGLU at K = dim 4096, down at K = hidden 2048) for
+/// every format, and in W8A8: one expert holding both tokens' pairs (the weights of more experts would only repeat
+/// the same K loop at interpreter cost).
+fn moe_layer_at_real_reduction_lengths(device: &Device) {
+    for format in FORMATS {
+        let case = Case { dim: 4096, hidden: 2048, shared: false, remote: 0, seed: 13, ..small_case(2, 1, 1, format) };
+        check_moe_case(device, &case);
+    }
+    check_moe_case(device, &Case { dim: 4096, hidden: 2048, experts: 1, k: 1, remote: 0, shared: false, unrouted_pairs: false, ..w8a8_case(2, 1) });
 }
 
 /// Decode rows against an output wide enough (264 blocks of 128 features) that the launcher picks the BM-128 "small"
@@ -614,6 +647,8 @@ fn wrappers_reject_bad_shapes(device: &Device) {
 }
 
 backend_tests!(
+    moe_layer_at_real_reduction_lengths,
+    linear_at_real_reduction_lengths,
     linear_wide_output_runs_the_small_tile,
     linear_per_head_matches_reference,
     row_concat_linear_matches_both_parts,

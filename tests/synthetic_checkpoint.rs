@@ -8,7 +8,7 @@ use small4::quant::{QuantizedMatrix, WeightFormat};
 use small4::reference::model::{FeedForward, ReferenceWeights};
 
 fn quantized(format: WeightFormat, values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    QuantizedMatrix::quantize(format, values, rows, cols).unwrap().dequantize()
+    QuantizedMatrix::quantize(format, values, rows, cols).unwrap().dequantize_for_gemm()
 }
 
 fn check(layout: Layout, format: WeightFormat) {
@@ -93,4 +93,71 @@ fn a_missing_tensor_names_itself() {
     small4::model::checkpoint::write_shards(dir.path(), &Layout::Native, &tensors, 64 << 20).unwrap();
     let err = load_reference_weights(&Checkpoint::open(dir.path()).unwrap()).unwrap_err();
     assert!(err.to_string().contains("layers.2.experts.5.w3.weight_global_scale"), "{err}");
+}
+
+/// An HF checkpoint whose config.json describes a vision tower but whose shards hold none of its weights (a text-only
+/// export) loads as a text model with a notice, on the reference and the engine; it generates the same text as the
+/// checkpoint with the tower, and refuses images. `small4 inspect` prints the notice and finds no problem.
+#[test]
+fn an_hf_checkpoint_without_vision_weights_loads_text_only() {
+    use small4::model::engine::{DeviceModel, Shard};
+    use small4::model::PixelImage;
+    use small4::reference::model::{ForwardOptions, ReferenceModel};
+
+    let config = ModelConfig::tiny();
+    let hf = Layout::HuggingFace { prefix: HF_MISTRAL3_PREFIX.to_string() };
+    let weights = ReferenceWeights::random(&config, 7).unwrap();
+    let (with_tower, text_only) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    write_checkpoint(with_tower.path(), &weights, &hf, WeightFormat::Bf16, 4 << 20).unwrap();
+    write_checkpoint(text_only.path(), &ReferenceWeights { vision: None, ..weights }, &hf, WeightFormat::Bf16, 4 << 20).unwrap();
+
+    let ck = Checkpoint::open(text_only.path()).unwrap();
+    assert!(ModelConfig::from_json_str(&ck.config_json.to_string()).unwrap().vision.is_some(), "config.json keeps its vision_config");
+    assert!(ck.text_only_notice().unwrap().contains("loaded as text-only"));
+    let loaded = load_reference_weights(&ck).unwrap();
+    assert!(loaded.config.vision.is_none() && loaded.vision.is_none());
+    let text_model = ReferenceModel::new(loaded, ForwardOptions::default()).unwrap();
+    let full = ReferenceModel::new(load_reference_weights(&Checkpoint::open(with_tower.path()).unwrap()).unwrap(), ForwardOptions::default()).unwrap();
+    let prompt = [1, 300, 41, 977];
+    assert_eq!(text_model.generate_greedy(&prompt, 3, |_| {}).unwrap().generated, full.generate_greedy(&prompt, 3, |_| {}).unwrap().generated);
+
+    // Images need the tower this checkpoint does not have; with the tower, [IMG] tokens need their images.
+    let v = config.vision.as_ref().unwrap();
+    let image = PixelImage { width: 28, height: 28, channels: 3, data: vec![0.25; 3 * 28 * 28] };
+    let pictured = [1, v.image_token_id, v.image_end_token_id, 300];
+    let err = text_model.generate_greedy_with_images(&pictured, std::slice::from_ref(&image), 1, |_| {}).unwrap_err();
+    assert!(matches!(err, small4::Error::Config(_)), "{err}");
+    let err = full.generate_greedy(&pictured, 1, |_| {}).unwrap_err();
+    assert!(matches!(&err, small4::Error::InvalidArgument(msg) if msg.contains("[IMG]")), "{err}");
+    assert_eq!(full.generate_greedy_with_images(&pictured, &[image], 1, |_| {}).unwrap().generated.len(), 1);
+
+    let model = DeviceModel::load(&small4::device::simulator(), &ck, Shard::SINGLE).unwrap();
+    assert!(model.vision().is_none() && model.config().vision.is_none());
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_small4")).arg("inspect").arg(text_only.path()).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("loaded as text-only") && stdout.contains("problems: none"), "{stdout}");
+}
+
+/// HF-layout FP8 experts carry their static activation scales as one f32 per expert beside each stack
+/// (`experts.gate_up_proj_activation_scale`, `experts.down_proj_activation_scale`); the writer stores them and the
+/// reader gives them to W8A8, as for a native checkpoint.
+#[test]
+fn hf_fp8_experts_carry_activation_scales() {
+    use small4::model::synthetic::SYNTHETIC_ACT_SCALE;
+    let config = ModelConfig { n_layers: 1, ..ModelConfig::tiny() };
+    let hf = Layout::HuggingFace { prefix: HF_MISTRAL3_PREFIX.to_string() };
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(dir.path(), &ReferenceWeights::random(&config, 3).unwrap(), &hf, WeightFormat::Fp8PerTensor, 4 << 20).unwrap();
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    let stack = format!("{HF_MISTRAL3_PREFIX}layers.0.mlp.experts");
+    for name in ["gate_up_proj_activation_scale", "down_proj_activation_scale"] {
+        let t = ck.stored(&format!("{stack}.{name}")).unwrap();
+        assert_eq!((t.dtype, t.shape), (safetensors::Dtype::F32, &[config.experts][..]), "{name}");
+    }
+    let (c, want) = (&config, Some((SYNTHETIC_ACT_SCALE, SYNTHETIC_ACT_SCALE)));
+    assert_eq!(ck.expert_activation_scales(0, c.experts, c.dim, c.expert_hidden).unwrap(), want);
+    let FeedForward::Moe(moe) = &load_reference_weights(&ck).unwrap().layers[0].ffn else { panic!("a MoE layer") };
+    assert_eq!(moe.fp8_act_scales, want, "the reference's W8A8 scales");
 }

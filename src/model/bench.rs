@@ -228,6 +228,24 @@ impl fmt::Display for BenchReport {
     }
 }
 
+/// Shortest time a rate is computed over: below it the clock's resolution dominates and the figure means nothing.
+pub const MIN_RATE_TIME: Duration = Duration::from_micros(1);
+
+/// `tokens` per second over `elapsed`, or `None` when the figure would mean nothing: no tokens, or less time than
+/// [`MIN_RATE_TIME`]. What `small4 generate` and the bench report print their rates with.
+///
+/// ```
+/// use std::time::Duration;
+/// use small4::model::bench::tokens_per_s;
+///
+/// assert_eq!(tokens_per_s(50, Duration::from_millis(100)), Some(500.0));
+/// assert_eq!(tokens_per_s(0, Duration::from_millis(100)), None); // nothing was generated
+/// assert_eq!(tokens_per_s(3, Duration::ZERO), None); // not a rate of 3 / 1e-308
+/// ```
+pub fn tokens_per_s(tokens: usize, elapsed: Duration) -> Option<f64> {
+    (tokens > 0 && elapsed >= MIN_RATE_TIME).then(|| tokens as f64 / elapsed.as_secs_f64())
+}
+
 /// Loads `checkpoint` on `device` and runs the benchmark: one prefill of the batch, `warmup_steps` untimed decode
 /// steps, then `decode_steps` timed ones. The stop token is off, so every sequence runs the whole way. The KV cache
 /// is sized to the run exactly (pages of `DEFAULT_PAGE_SIZE` tokens for prompt and generated tokens, per sequence).
@@ -325,6 +343,7 @@ fn family_of(record: &LaunchRecord, weights: &BTreeMap<u64, &'static str>) -> &'
 
 fn run(counted: &Instrumented, model: DeviceModel, load: Duration, format: String, options: BenchOptions) -> Result<BenchReport> {
     let (vocab, layers, experts) = (model.config().vocab, model.config().n_layers, model.config().experts);
+    let model_image_token = model.config().vision.as_ref().map(|v| v.image_token_id);
     let weights: BTreeMap<u64, &'static str> = model.weight_families().into_iter().collect();
     let device = model.device().clone();
     // The prefill samples one token, then warm-up and timed steps one each.
@@ -342,7 +361,11 @@ fn run(counted: &Instrumented, model: DeviceModel, load: Duration, format: Strin
     };
     let mut engine = Engine::new(model, engine_options, None)?;
     let mut rng = StdRng::seed_from_u64(options.seed);
-    let prompts: Vec<Vec<u32>> = (0..options.batch).map(|_| (0..options.prompt_len).map(|_| rng.random_range(0..vocab as u32)).collect()).collect();
+    // Text tokens only: an [IMG] token takes an image (the engine refuses one without).
+    let image_token = model_image_token;
+    let prompts: Vec<Vec<u32>> = (0..options.batch)
+        .map(|_| std::iter::repeat_with(|| rng.random_range(0..vocab as u32)).filter(|&t| Some(t) != image_token).take(options.prompt_len).collect())
+        .collect();
     for prompt in &prompts {
         engine.add(Request { prompt: prompt.clone(), max_tokens, sampling: Sampling::Greedy })?;
     }

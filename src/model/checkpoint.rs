@@ -44,10 +44,11 @@
 //! let w2 = ck.expert_matrix(0, 3, ExpertMatrix::W2, c.dim, c.expert_hidden)?; // [dim, hidden]
 //! let MatrixData::Fp8PerTensor { data, .. } = &w2 else { panic!("FP8 experts, got {}", w2.format_name()) };
 //! assert_eq!(data.len(), c.dim * c.expert_hidden);
-//! // Attention keeps the writer's static activation scale; the stacked HF experts written here carry none, so
-//! // there are no expert activation scales for W8A8 (a native FP8 checkpoint has them).
+//! // Attention keeps the writer's static activation scale, and so do the stacked HF experts (one f32 per expert in
+//! // `experts.gate_up_proj_activation_scale` / `experts.down_proj_activation_scale`): W8A8 runs on them.
 //! assert!(matches!(wq_a, MatrixData::Fp8PerTensor { activation_scale: Some(s), .. } if s == SYNTHETIC_ACT_SCALE));
-//! assert_eq!(ck.expert_activation_scales(0, c.experts, c.dim, c.expert_hidden)?, None);
+//! assert!(matches!(w2, MatrixData::Fp8PerTensor { activation_scale: Some(s), .. } if s == SYNTHETIC_ACT_SCALE));
+//! assert_eq!(ck.expert_activation_scales(0, c.experts, c.dim, c.expert_hidden)?, Some((SYNTHETIC_ACT_SCALE, SYNTHETIC_ACT_SCALE)));
 //!
 //! // The vision tower, in f32 and in the native (interleaved RoPE) row order.
 //! let tower = c.vision.as_ref().unwrap();
@@ -99,6 +100,7 @@ use safetensors::tensor::{Metadata, TensorInfo};
 pub use safetensors::Dtype;
 
 use crate::error::{Error, Result};
+use crate::model::ModelConfig;
 
 /// Which file layout a checkpoint directory uses.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -266,6 +268,41 @@ impl Checkpoint {
     /// # Ok::<(), small4::Error>(())
     /// ```
     pub fn open(dir: impl AsRef<Path>) -> Result<Checkpoint> {
+        let (checkpoint, problems) = Self::open_listing_problems(dir)?;
+        match problems.into_iter().next() {
+            Some(first) => Err(first),
+            None => Ok(checkpoint),
+        }
+    }
+
+    /// [`Checkpoint::open`] that goes on past what is wrong with the shards, for `small4 inspect`: returns the
+    /// checkpoint of every shard that could be read, and every problem found on the way (a missing, truncated or
+    /// malformed shard, an unreadable index, a tensor in two shards: the second copy is dropped). Only a directory
+    /// without a readable config file is an error.
+    ///
+    /// ```
+    /// use std::collections::BTreeMap;
+    /// use small4::model::checkpoint::{write_shards, Checkpoint, Dtype, Layout, OwnedTensor};
+    ///
+    /// let dir = std::env::temp_dir().join(format!("small4-listing-doc-{}", std::process::id()));
+    /// let tensor = |v: f32| OwnedTensor { dtype: Dtype::F32, shape: vec![1], data: v.to_le_bytes().to_vec() };
+    /// let tensors = BTreeMap::from([("a".to_string(), tensor(1.0)), ("b".to_string(), tensor(2.0)), ("c".to_string(), tensor(3.0))]);
+    /// let shards = write_shards(&dir, &Layout::Native, &tensors, 4)?; // one tensor a shard
+    /// std::fs::write(dir.join("params.json"), "{}").unwrap();
+    /// // Two shards cut short: `open` stops at the first, the listing names both and keeps the third.
+    /// for shard in &shards[..2] {
+    ///     let bytes = std::fs::read(shard).unwrap();
+    ///     std::fs::write(shard, &bytes[..bytes.len() - 1]).unwrap();
+    /// }
+    /// assert!(matches!(Checkpoint::open(&dir), Err(small4::Error::Checkpoint(_))));
+    /// let (partial, problems) = Checkpoint::open_listing_problems(&dir)?;
+    /// assert_eq!(problems.len(), 2);
+    /// assert!(problems.iter().all(|p| p.to_string().contains("truncated")), "{problems:?}");
+    /// assert_eq!(partial.stored_names(), vec!["c"]);
+    /// std::fs::remove_dir_all(&dir).unwrap();
+    /// # Ok::<(), small4::Error>(())
+    /// ```
+    pub fn open_listing_problems(dir: impl AsRef<Path>) -> Result<(Checkpoint, Vec<Error>)> {
         let dir = dir.as_ref().to_path_buf();
         let (config_name, native) = if dir.join(NATIVE_CONFIG).exists() {
             (NATIVE_CONFIG, true)
@@ -279,19 +316,31 @@ impl Checkpoint {
         let config_json: serde_json::Value =
             serde_json::from_str(&text).map_err(|source| Error::Json { what: config_path.display().to_string(), source })?;
 
-        let shard_paths = shard_files(&dir, native)?;
+        let mut problems = Vec::new();
+        let shard_paths = shard_files(&dir, native).unwrap_or_else(|e| {
+            problems.push(e);
+            Vec::new()
+        });
         let mut shards: Vec<Shard> = Vec::with_capacity(shard_paths.len());
         let mut index = HashMap::new();
         for path in shard_paths {
-            let shard = map_shard(&path)?;
-            for name in shard.tensors.keys() {
-                if let Some(previous) = index.insert(name.clone(), shards.len()) {
-                    return Err(Error::Checkpoint(format!(
-                        "tensor {name} appears in both {} and {}",
-                        shards[previous].path.display(),
-                        path.display()
-                    )));
+            let mut shard = match map_shard(&path) {
+                Ok(shard) => shard,
+                Err(e) => {
+                    problems.push(e);
+                    continue;
                 }
+            };
+            shard.tensors.retain(|name, _| match index.get(name) {
+                Some(&previous) => {
+                    let first: &Shard = &shards[previous];
+                    problems.push(Error::Checkpoint(format!("tensor {name} appears in both {} and {}", first.path.display(), path.display())));
+                    false
+                }
+                None => true,
+            });
+            for name in shard.tensors.keys() {
+                index.insert(name.clone(), shards.len());
             }
             shards.push(shard);
         }
@@ -301,7 +350,74 @@ impl Checkpoint {
             let prefix = if index.keys().any(|k| k.starts_with("model.language_model.")) { "model.language_model." } else { "model." };
             Layout::HuggingFace { prefix: prefix.to_string() }
         };
-        Ok(Checkpoint { dir, layout, config_json, shards, index })
+        Ok((Checkpoint { dir, layout, config_json, shards, index }, problems))
+    }
+
+    /// The model configuration of the config file ([`ModelConfig::from_json_str`]) as the loaders use it: a vision
+    /// section whose weights the shards do not hold at all is dropped, so the model loads text-only
+    /// ([`Checkpoint::text_only_notice`] says so). Some vision weights but not all is a malformed checkpoint: the
+    /// vision section stays and loading it names the missing tensor.
+    ///
+    /// A text-only copy of the tiny HF checkpoint (every tensor but the tower's and the projector's, the same
+    /// config.json):
+    ///
+    /// ```
+    /// use std::collections::BTreeMap;
+    /// use small4::model::checkpoint::{write_shards, Checkpoint, Layout, OwnedTensor};
+    /// use small4::model::synthetic::{tiny_checkpoint, DEFAULT_TINY_SEED, HF_MISTRAL3_PREFIX};
+    /// use small4::model::ModelConfig;
+    /// use small4::quant::WeightFormat;
+    ///
+    /// let hf = Layout::HuggingFace { prefix: HF_MISTRAL3_PREFIX.into() };
+    /// let full = Checkpoint::open(tiny_checkpoint(WeightFormat::Bf16, &hf, DEFAULT_TINY_SEED)?)?;
+    /// let text: BTreeMap<String, OwnedTensor> = full
+    ///     .stored_names()
+    ///     .into_iter()
+    ///     .filter(|name| !name.starts_with("model.vision_tower.") && !name.starts_with("model.multi_modal_projector."))
+    ///     .map(|name| {
+    ///         let t = full.stored(name).unwrap();
+    ///         (name.to_string(), OwnedTensor { dtype: t.dtype, shape: t.shape.to_vec(), data: t.data.to_vec() })
+    ///     })
+    ///     .collect();
+    /// let dir = std::env::temp_dir().join(format!("small4-text-only-doc-{}", std::process::id()));
+    /// write_shards(&dir, &hf, &text, 1 << 20)?;
+    /// std::fs::copy(full.dir.join("config.json"), dir.join("config.json")).unwrap();
+    ///
+    /// let ck = Checkpoint::open(&dir)?;
+    /// assert!(ModelConfig::from_json_str(&ck.config_json.to_string())?.vision.is_some()); // the file describes a tower
+    /// assert!(ck.model_config()?.vision.is_none()); // that the shards do not hold: text-only
+    /// assert!(ck.text_only_notice().unwrap().contains("text-only"));
+    /// assert!(full.model_config()?.vision.is_some() && full.text_only_notice().is_none());
+    /// std::fs::remove_dir_all(&dir).unwrap();
+    /// # Ok::<(), small4::Error>(())
+    /// ```
+    pub fn model_config(&self) -> Result<ModelConfig> {
+        let mut config = ModelConfig::from_json_str(&self.config_json.to_string())?;
+        if config.vision.is_some() && !self.has_vision_weights() {
+            config.vision = None;
+        }
+        Ok(config)
+    }
+
+    /// A line for the user when the config file describes a vision tower but the shards hold none of its weights
+    /// (a text-only export of a multimodal model): the model loads text-only and images are refused. `small4 generate`
+    /// and `small4 inspect` print it. None for a checkpoint that holds its tower, or has none
+    /// ([`Checkpoint::model_config`] has an example of both).
+    pub fn text_only_notice(&self) -> Option<String> {
+        let config = ModelConfig::from_json_str(&self.config_json.to_string()).ok()?;
+        (config.vision.is_some() && !self.has_vision_weights()).then(|| {
+            format!("notice: {} describes a vision tower but holds none of its weights: loaded as text-only (images are refused)", self.dir.display())
+        })
+    }
+
+    /// Whether any stored tensor belongs to the vision tower or its projector (either layout's names).
+    fn has_vision_weights(&self) -> bool {
+        const VISION_ROOTS: &[&str] =
+            &["vision_encoder.", "pre_mm_projector_norm.", "patch_merger.", "vision_language_adapter.", "vision_tower.", "multi_modal_projector."];
+        self.index.keys().any(|name| {
+            let name = name.strip_prefix("model.").unwrap_or(name);
+            VISION_ROOTS.iter().any(|root| name.starts_with(root))
+        })
     }
 
     /// Every stored tensor name, sorted.
@@ -358,7 +474,9 @@ impl Checkpoint {
     }
 
     /// One expert's matrix. Native checkpoints store each expert alone; HF checkpoints stack all experts
-    /// (`mlp.experts.gate_up_proj` `[E, 2*hidden, dim]` gate rows first, `mlp.experts.down_proj` `[E, dim, hidden]`).
+    /// (`mlp.experts.gate_up_proj` `[E, 2*hidden, dim]` gate rows first, `mlp.experts.down_proj` `[E, dim, hidden]`;
+    /// FP8 stacks carry `{stack}_scale_inv` `[E, 1, 1]` and optionally the static activation scales
+    /// `{stack}_activation_scale` `[E]`).
     pub fn expert_matrix(&self, layer: usize, expert: usize, which: ExpertMatrix, dim: usize, hidden: usize) -> Result<MatrixData<'_>> {
         let (rows, cols) = match which {
             ExpertMatrix::W1 | ExpertMatrix::W3 => (hidden, dim),
@@ -436,7 +554,12 @@ impl Checkpoint {
                             Some(st) if scale.shape.len() == 3 => per_expert_scalar(&scale, st.expert)?,
                             _ => scale.scalar_f32()?,
                         };
-                        let act = suffix("activation_scale")?.map(|t| t.scalar_f32()).transpose()?;
+                        // Static activation scales: a scalar beside a matrix, one f32 per expert beside a stack
+                        // (`experts.gate_up_proj_activation_scale`, transformers' fine-grained FP8 layout).
+                        let act = match stacked {
+                            Some(st) => stacked_scale("activation_scale")?.map(|t| per_expert_vector(&t, st.expert)).transpose()?,
+                            None => suffix("activation_scale")?.map(|t| t.scalar_f32()).transpose()?,
+                        };
                         Ok(MatrixData::Fp8PerTensor { data, scale: value, activation_scale: act })
                     } else {
                         Err(Error::Checkpoint(format!("FP8 tensor {} has no scale (qscale_weight / weight_scale_inv)", w.name)))
@@ -499,7 +622,7 @@ impl Checkpoint {
             let t = self.plain(name, Dtype::BF16, shape)?;
             Ok(t.data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect())
         };
-        let matrix = |base: &str, rows: usize, cols: usize| -> Result<Vec<f32>> { Ok(self.matrix(base, rows, cols)?.to_quantized(rows, cols)?.dequantize()) };
+        let matrix = |base: &str, rows: usize, cols: usize| -> Result<Vec<f32>> { Ok(self.matrix(base, rows, cols)?.to_quantized(rows, cols)?.dequantize_for_gemm()) };
         let rope_rows = |w: Vec<f32>| match self.layout {
             Layout::Native => w,
             Layout::HuggingFace { .. } => permute_rows_from_hf(&w, v.head_dim, v.hidden),
@@ -571,6 +694,15 @@ fn matrix_bytes<'a>(t: &StoredTensor<'a>, elem_bits: usize, rows: usize, cols: u
 fn per_expert_scalar(t: &StoredTensor<'_>, expert: usize) -> Result<f32> {
     if t.dtype != Dtype::F32 || t.shape.len() != 3 || t.shape[1] != 1 || t.shape[2] != 1 || expert >= t.shape[0] {
         return Err(Error::Checkpoint(format!("{} should be F32 [E,1,1] covering expert {expert}, found {:?} {:?}", t.name, t.dtype, t.shape)));
+    }
+    Ok(f32::from_le_bytes(t.data[expert * 4..expert * 4 + 4].try_into().unwrap()))
+}
+
+/// Expert `expert`'s value of a per-expert f32 vector: `[E]`, or `[E, 1]` / `[E, 1, 1]` as some exporters keep it.
+fn per_expert_vector(t: &StoredTensor<'_>, expert: usize) -> Result<f32> {
+    let experts = t.shape.first().copied().unwrap_or(0);
+    if t.dtype != Dtype::F32 || t.shape.is_empty() || t.shape[1..].iter().any(|&d| d != 1) || expert >= experts {
+        return Err(Error::Checkpoint(format!("{} should be F32 [E] (one value per expert) covering expert {expert}, found {:?} {:?}", t.name, t.dtype, t.shape)));
     }
     Ok(f32::from_le_bytes(t.data[expert * 4..expert * 4 + 4].try_into().unwrap()))
 }

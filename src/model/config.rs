@@ -649,6 +649,8 @@ impl VisionConfig {
 
     /// HF keeps the tower in `vision_config` and the projector and image token at the root. The break and end token
     /// ids live in the processor files, not config.json: they default to tekken's `[IMG_BREAK]` 12 and `[IMG_END]` 13.
+    /// The tower's RoPE base is `vision_config.rope_theta` or `vision_config.rope_parameters.rope_theta`; a
+    /// `hidden_act` other than `silu` or a `vision_feature_layer` other than -1 is an `Error::Config`.
     fn from_hf(v: &Obj, root: &Obj) -> Result<Self> {
         let hidden = v.usize("hidden_size")?;
         let heads = v.usize("num_attention_heads")?;
@@ -657,6 +659,38 @@ impl VisionConfig {
                 return Err(root.bad("projector_hidden_act", format!("{act:?}: only \"gelu\" is supported")));
             }
         }
+        // Settings the tower does not implement are refused, not computed as something else.
+        if let Some(act) = v.opt_str("hidden_act")? {
+            if act != "silu" {
+                return Err(v.bad("hidden_act", format!("{act:?}: only \"silu\" is supported (the tower's SwiGLU feed-forward)")));
+            }
+        }
+        match root.get("vision_feature_layer") {
+            None => {}
+            Some(Value::Number(n)) if n.as_i64() == Some(-1) => {}
+            Some(other) => return Err(root.bad("vision_feature_layer", format!("{other}: only -1 (the last layer's output) is supported"))),
+        }
+        // transformers < 5 writes `rope_theta` in the tower's config; 5.x and its Mistral4 converter only
+        // `rope_parameters: {rope_theta, rope_type: "axial"}` (Pixtral's 2D RoPE either way).
+        let rope_theta = match (v.opt_f32("rope_theta")?, v.opt_obj("rope_parameters")?) {
+            (theta, Some(rope)) => {
+                if let Some(kind) = rope.opt_str("rope_type")? {
+                    if kind != "axial" && kind != "default" {
+                        return Err(rope.bad("rope_type", format!("{kind:?}: the tower's RoPE is 2D (\"axial\")")));
+                    }
+                }
+                match (theta, rope.opt_f32("rope_theta")?) {
+                    (Some(top), Some(inner)) if top != inner => {
+                        return Err(rope.bad("rope_theta", format!("{inner} differs from vision_config.rope_theta {top}")));
+                    }
+                    (_, Some(inner)) => inner,
+                    (Some(top), None) => top,
+                    (None, None) => return Err(rope.missing("rope_theta")),
+                }
+            }
+            (Some(theta), None) => theta,
+            (None, None) => return Err(v.missing("rope_theta")),
+        };
         Ok(VisionConfig {
             hidden,
             n_layers: v.usize("num_hidden_layers")?,
@@ -666,7 +700,7 @@ impl VisionConfig {
             patch_size: v.usize("patch_size")?,
             num_channels: v.opt_usize("num_channels")?.unwrap_or(3),
             image_size: v.usize("image_size")?,
-            rope_theta: v.f32("rope_theta")?,
+            rope_theta,
             norm_eps: v.opt_f32("rms_norm_eps")?.unwrap_or(PIXTRAL_NORM_EPS),
             spatial_merge_size: root.opt_usize("spatial_merge_size")?.unwrap_or(1),
             image_token_id: root.opt_u32("image_token_index")?.unwrap_or(10),
@@ -967,6 +1001,53 @@ mod tests {
             map.insert("rope_theta".into(), 10000.0.into());
         });
         assert_eq!(ModelConfig::from_json_str(&legacy).unwrap(), want);
+    }
+
+    /// transformers 5.x (and its Mistral4 converter) keep the tower's RoPE base only in `rope_parameters`, with
+    /// `rope_type: "axial"`; both forms give the same tower, and a disagreement between them is refused.
+    #[test]
+    fn vision_rope_theta_is_read_in_both_forms() {
+        let nested = edited(CONFIG_JSON, |v| {
+            let tower = v["vision_config"].as_object_mut().unwrap();
+            let theta = tower.remove("rope_theta").unwrap();
+            tower.insert("rope_parameters".into(), serde_json::json!({"rope_theta": theta, "rope_type": "axial"}));
+        });
+        assert_eq!(ModelConfig::from_json_str(&nested).unwrap(), ModelConfig::mistral_small_4());
+        let both = edited(CONFIG_JSON, |v| v["vision_config"]["rope_parameters"] = serde_json::json!({"rope_theta": 10000.0, "rope_type": "axial"}));
+        assert_eq!(ModelConfig::from_json_str(&both).unwrap(), ModelConfig::mistral_small_4());
+        let other = ModelConfig::from_json_str(&edited(&nested, |v| v["vision_config"]["rope_parameters"]["rope_theta"] = 500.0.into())).unwrap();
+        assert_eq!(other.vision.unwrap().rope_theta, 500.0);
+        let cases: Vec<(String, &str)> = vec![
+            (edited(&both, |v| v["vision_config"]["rope_parameters"]["rope_theta"] = 20000.0.into()), "differs from vision_config.rope_theta"),
+            (edited(&nested, |v| v["vision_config"]["rope_parameters"]["rope_type"] = "yarn".into()), "`vision_config.rope_parameters.rope_type`"),
+            (edited(&nested, |v| { v["vision_config"]["rope_parameters"].as_object_mut().unwrap().remove("rope_theta"); }), "`vision_config.rope_parameters.rope_theta`: missing"),
+            (edited(CONFIG_JSON, |v| { v["vision_config"].as_object_mut().unwrap().remove("rope_theta"); }), "`vision_config.rope_theta`: missing"),
+        ];
+        for (text, needle) in cases {
+            let msg = config_error(&text);
+            assert!(msg.contains(needle), "{msg:?} should mention {needle:?}");
+        }
+    }
+
+    /// A vision activation or feature layer the tower does not implement is refused, not computed as silu / the last
+    /// layer.
+    #[test]
+    fn unsupported_vision_settings_are_refused() {
+        let cases: Vec<(String, &str)> = vec![
+            (edited(CONFIG_JSON, |v| v["vision_config"]["hidden_act"] = "gelu".into()), "`vision_config.hidden_act`: \"gelu\""),
+            (edited(CONFIG_JSON, |v| v["vision_feature_layer"] = (-2).into()), "`vision_feature_layer`: -2"),
+            (edited(CONFIG_JSON, |v| v["vision_feature_layer"] = serde_json::json!([-1, -3])), "`vision_feature_layer`: [-1,-3]"),
+        ];
+        for (text, needle) in cases {
+            let msg = config_error(&text);
+            assert!(msg.contains(needle), "{msg:?} should mention {needle:?}");
+        }
+        // The supported values, and their absence, parse.
+        let absent = edited(CONFIG_JSON, |v| {
+            v.as_object_mut().unwrap().remove("vision_feature_layer");
+            v["vision_config"].as_object_mut().unwrap().remove("hidden_act");
+        });
+        assert_eq!(ModelConfig::from_json_str(&absent).unwrap(), ModelConfig::mistral_small_4());
     }
 
     #[test]

@@ -113,7 +113,7 @@ use crate::model::ModelConfig;
 use crate::quant::repack::{repack_gate_up, repack_linear, repack_row_concat, MatrixRef};
 use crate::quant::{Fp8Block128, Fp8PerTensor, QuantizedMatrix, WeightFormat};
 use crate::reference::rope::yarn_inv_freq;
-use crate::reference::vision::{check_image, PixelImage};
+use crate::reference::vision::{check_image_slots, PixelImage};
 use crate::{Error, Result};
 
 /// End of sequence of the Mistral tokenizers (tekken `</s>`).
@@ -393,7 +393,7 @@ impl DeviceModel {
     /// [`DeviceModel::load`], reporting after each uploaded layer (and once more after the embeddings and head), so a
     /// caller can draw a progress bar over the minutes a full checkpoint takes.
     pub fn load_with_progress(device: &Device, checkpoint: &Checkpoint, shard: Shard, mut on_progress: impl FnMut(LoadProgress)) -> Result<Self> {
-        let c = ModelConfig::from_json_str(&checkpoint.config_json.to_string())?;
+        let c = checkpoint.model_config()?;
         if shard.world == 0 || shard.rank >= shard.world || shard.world > c.experts {
             return Err(Error::InvalidArgument(format!("shard {shard:?} of {} experts", c.experts)));
         }
@@ -657,13 +657,39 @@ pub enum Sampling {
     Greedy,
     /// Temperature + top-p with a seed: the samples depend on (seed, step) only, not on the batch.
     Seeded {
-        /// Divides the logits before the softmax; finite, and at or below 0 it picks greedily.
+        /// Divides the logits before the softmax; finite and at least 0 (0 picks greedily).
         temperature: f32,
-        /// Probability mass of the most likely tokens kept (nucleus), above 0; 1 or more keeps every token.
+        /// Probability mass of the most likely tokens kept (nucleus), in (0, 1]; 1 keeps every token.
         top_p: f32,
         /// The request's seed.
         seed: u64,
     },
+}
+
+impl Sampling {
+    /// Checks the settings: `Error::InvalidArgument` for a temperature that is not finite or is below 0, or a top-p
+    /// outside (0, 1] (NaN included). [`Engine::add`] and `small4 generate` refuse such settings with this error.
+    ///
+    /// ```
+    /// use small4::model::engine::Sampling;
+    ///
+    /// let seeded = |temperature, top_p| Sampling::Seeded { temperature, top_p, seed: 7 };
+    /// assert!(Sampling::Greedy.validate().is_ok());
+    /// assert!(seeded(0.7, 0.9).validate().is_ok() && seeded(0.0, 1.0).validate().is_ok());
+    /// for bad in [seeded(f32::NAN, 1.0), seeded(f32::INFINITY, 1.0), seeded(-0.5, 1.0), seeded(1.0, 0.0), seeded(1.0, 5.0), seeded(1.0, f32::NAN)] {
+    ///     assert!(matches!(bad.validate(), Err(small4::Error::InvalidArgument(_))), "{bad:?}");
+    /// }
+    /// ```
+    pub fn validate(&self) -> Result<()> {
+        let Sampling::Seeded { temperature, top_p, .. } = *self else { return Ok(()) };
+        if !(temperature.is_finite() && temperature >= 0.0) {
+            return Err(Error::InvalidArgument(format!("sampling temperature {temperature}: must be finite and at least 0")));
+        }
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(Error::InvalidArgument(format!("sampling top_p {top_p}: must be in (0, 1]")));
+        }
+        Ok(())
+    }
 }
 
 /// A generation request.
@@ -671,10 +697,59 @@ pub enum Sampling {
 pub struct Request {
     /// Prompt token ids, non-empty and below the vocabulary size.
     pub prompt: Vec<u32>,
-    /// Tokens to generate at most (0: the request finishes at once, with no tokens).
+    /// Tokens to generate at most: at least 1, and the prompt plus these must fit the model's positions
+    /// (`ModelConfig::max_position`).
     pub max_tokens: usize,
     /// How each token is picked.
     pub sampling: Sampling,
+}
+
+impl Request {
+    /// Checks the request against a model before anything runs: `Error::InvalidArgument` for an empty prompt,
+    /// `max_tokens` 0 or invalid sampling settings ([`Sampling::validate`]); `Error::OutOfRange` for a token id at or
+    /// above the vocabulary size, or a last generated token whose position would reach `config.max_position` (the
+    /// prompt's tokens take positions `0..prompt.len()`, the generated ones the next `max_tokens`).
+    ///
+    /// ```
+    /// use small4::model::engine::{Request, Sampling};
+    /// use small4::model::ModelConfig;
+    /// use small4::Error;
+    ///
+    /// let config = ModelConfig::tiny();
+    /// let request = |prompt: Vec<u32>, max_tokens| Request { prompt, max_tokens, sampling: Sampling::Greedy };
+    /// request(vec![1, 300], 16).validate(&config)?;
+    /// assert!(matches!(request(vec![], 16).validate(&config), Err(Error::InvalidArgument(_))));
+    /// assert!(matches!(request(vec![1, 300], 0).validate(&config), Err(Error::InvalidArgument(_))));
+    /// assert!(matches!(request(vec![1, config.vocab as u32], 1).validate(&config), Err(Error::OutOfRange { .. })));
+    /// // The last position the request may reach is max_position - 1.
+    /// request(vec![1, 300], config.max_position - 2).validate(&config)?;
+    /// match request(vec![1, 300], config.max_position - 1).validate(&config) {
+    ///     Err(Error::OutOfRange { index, limit, .. }) => assert_eq!((index, limit), (config.max_position as i64, config.max_position as i64)),
+    ///     other => panic!("expected OutOfRange, got {other:?}"),
+    /// }
+    /// assert!(request(vec![1, 300], usize::MAX).validate(&config).is_err()); // no overflow
+    /// # Ok::<(), small4::Error>(())
+    /// ```
+    pub fn validate(&self, config: &ModelConfig) -> Result<()> {
+        if self.prompt.is_empty() {
+            return Err(Error::InvalidArgument("empty prompt".into()));
+        }
+        if self.max_tokens == 0 {
+            return Err(Error::InvalidArgument("max_tokens is 0: a request generates at least one token".into()));
+        }
+        if let Some(&bad) = self.prompt.iter().find(|&&t| t as usize >= config.vocab) {
+            return Err(Error::OutOfRange { what: "prompt token id".into(), index: bad as i64, limit: config.vocab as i64 });
+        }
+        let last_position = (self.prompt.len() - 1).saturating_add(self.max_tokens);
+        if last_position >= config.max_position {
+            return Err(Error::OutOfRange {
+                what: format!("position of the last generated token ({} prompt + {} generated tokens)", self.prompt.len(), self.max_tokens),
+                index: i64::try_from(last_position).unwrap_or(i64::MAX),
+                limit: config.max_position as i64,
+            });
+        }
+        self.sampling.validate()
+    }
 }
 
 /// An engine's handle on a request, assigned by [`Engine::add`] in increasing order.
@@ -1054,55 +1129,29 @@ impl Engine {
     }
 
     /// Adds a request; it joins the batch at the next [`Engine::step`] (its prompt is prefilled there).
-    /// `Error::InvalidArgument` for an empty prompt or a seeded sampling with a non-finite temperature or a top-p not
-    /// above 0; `Error::OutOfRange` for a token id at or above the vocabulary size.
+    /// The request is checked first ([`Request::validate`]: `Error::InvalidArgument` for an empty prompt, `max_tokens`
+    /// 0 or invalid sampling settings, `Error::OutOfRange` for a token id at or above the vocabulary size or a
+    /// request that would pass the model's last position), and so are its `[IMG]` tokens: a prompt holding any is
+    /// `Error::InvalidArgument` here (they take images: [`Engine::add_with_images`]).
     pub fn add(&mut self, request: Request) -> Result<RequestId> {
         self.add_with_images(request, Vec::new())
     }
 
     /// [`Engine::add`] for a multimodal prompt: the `[IMG]` tokens of the prompt take the features of `images`, in
     /// order (one `[IMG]` per merged patch of each image; `[IMG_BREAK]` / `[IMG_END]` stay text tokens). Positions
-    /// stay 1-D, as in `ReferenceModel::forward_with_images`.
+    /// stay 1-D, as in `ReferenceModel::forward_with_images`. The `[IMG]` count must match the images
+    /// (`Error::Shape`), images need a vision tower (`Error::Config`).
     pub fn add_with_images(&mut self, request: Request, images: Vec<PixelImage>) -> Result<RequestId> {
-        if !images.is_empty() {
-            let tower = self.model.vision.as_ref().ok_or_else(|| Error::Config("images given to a model without a vision tower".into()))?;
-            let v = tower.config();
-            for (i, image) in images.iter().enumerate() {
-                check_image(v, i, image)?;
-            }
-            let slots = request.prompt.iter().filter(|&&t| t == v.image_token_id).count();
-            let rows = tower.feature_rows(&images);
-            if slots != rows {
-                return Err(Error::shape(
-                    format!("[IMG] tokens (id {}) of the prompt for {} images", v.image_token_id, images.len()),
-                    format!("{rows} (the images' merged patch grids)"),
-                    slots,
-                ));
-            }
-        }
-        let vocab = self.model.config.vocab;
-        if request.prompt.is_empty() {
-            return Err(Error::InvalidArgument("empty prompt".into()));
-        }
-        if let Some(&bad) = request.prompt.iter().find(|&&t| t as usize >= vocab) {
-            return Err(Error::OutOfRange { what: "prompt token id".into(), index: bad as i64, limit: vocab as i64 });
-        }
-        if let Sampling::Seeded { temperature, top_p, .. } = request.sampling {
-            if !(temperature.is_finite() && top_p > 0.0) {
-                return Err(Error::InvalidArgument(format!("sampling temperature {temperature}, top_p {top_p}")));
-            }
-        }
+        request.validate(&self.model.config)?;
+        check_image_slots(self.model.vision.as_ref().map(|tower| tower.config()), &request.prompt, &images)?;
         // Admission: a prompt the whole page pool cannot hold (with the slot of its first token) never runs.
         let desc = self.kv.descriptor();
         let needed = desc.pages_for(request.prompt.len() + 1);
-        if request.max_tokens > 0 && needed > desc.num_pages {
+        if needed > desc.num_pages {
             return Err(Error::OutOfPages { needed, free: desc.num_pages });
         }
         let id = RequestId(self.next_id);
         self.next_id += 1;
-        if request.max_tokens == 0 {
-            return Ok(id);
-        }
         let seq = self.kv.add_sequence();
         self.active.insert(id, Active { seq, pending: request.prompt.clone(), request, images, generated: 0 });
         Ok(id)

@@ -70,7 +70,7 @@ use super::synthetic::load_reference_weights;
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::reference::model::{ForwardOptions, ReferenceModel};
-use crate::reference::vision::PixelImage;
+use crate::reference::vision::{check_image_slots, PixelImage};
 
 /// Where a [`Generator`] computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -214,15 +214,18 @@ impl Generator {
     /// Prefills `prompt` and generates up to `max_tokens` tokens (fewer after the eos token), reporting each to
     /// `on_token` as it comes; returns them all. The reference backend samples greedily only.
     ///
-    /// Errors: `Error::InvalidArgument` for an empty prompt, a prompt plus `max_tokens` beyond
-    /// `GeneratorOptions::max_context`, or seeded sampling on the reference; `Error::OutOfRange` for a token id at or
-    /// above the vocabulary size.
+    /// Errors, before anything runs: those of `Request::validate` (`Error::InvalidArgument` for an empty prompt,
+    /// `max_tokens` 0, a temperature not finite or below 0, a top-p outside (0, 1]; `Error::OutOfRange` for a token id
+    /// at or above the vocabulary size or a request past the model's last position), `Error::InvalidArgument` for a
+    /// prompt plus `max_tokens` beyond `GeneratorOptions::max_context`, `[IMG]` tokens without images (see
+    /// [`Generator::generate_with_images`]) or seeded sampling on the reference.
     pub fn generate(&mut self, prompt: &[u32], max_tokens: usize, sampling: Sampling, on_token: impl FnMut(u32)) -> Result<Vec<u32>> {
         self.generate_with_images(prompt, &[], max_tokens, sampling, on_token)
     }
 
     /// [`Generator::generate`] with the prompt's `[IMG]` tokens taking the features of `images` (the vision tower runs
-    /// on the CPU on the reference backend, on the kernels on the engine backends).
+    /// on the CPU on the reference backend, on the kernels on the engine backends). The prompt holds one `[IMG]` per
+    /// merged patch of each image and none without images (`Error::Shape` / `Error::InvalidArgument` otherwise).
     pub fn generate_with_images(
         &mut self,
         prompt: &[u32],
@@ -231,13 +234,9 @@ impl Generator {
         sampling: Sampling,
         mut on_token: impl FnMut(u32),
     ) -> Result<Vec<u32>> {
-        let vocab = self.config().vocab;
-        if prompt.is_empty() {
-            return Err(Error::InvalidArgument("empty prompt".into()));
-        }
-        if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
-            return Err(Error::OutOfRange { what: "prompt token id".into(), index: bad as i64, limit: vocab as i64 });
-        }
+        let request = Request { prompt: prompt.to_vec(), max_tokens, sampling };
+        request.validate(self.config())?;
+        check_image_slots(self.config().vision.as_ref(), prompt, images)?;
         if prompt.len() + max_tokens > self.options.max_context {
             return Err(Error::InvalidArgument(format!(
                 "{} prompt + {max_tokens} generated tokens exceed the generator's max_context of {}",
@@ -253,7 +252,7 @@ impl Generator {
                 Ok(model.generate_greedy_images_until(prompt, images, max_tokens, self.options.eos, on_token)?.generated)
             }
             Model::Engine(engine) => {
-                let id = engine.add_with_images(Request { prompt: prompt.to_vec(), max_tokens, sampling }, images.to_vec())?;
+                let id = engine.add_with_images(request, images.to_vec())?;
                 let mut tokens = Vec::with_capacity(max_tokens);
                 while engine.active() > 0 {
                     let step = match engine.step() {

@@ -87,8 +87,8 @@ pub fn tiny_checkpoint(format: WeightFormat, layout: &Layout, seed: u64) -> Resu
         Layout::HuggingFace { .. } => "hf",
     };
     // v2: the preset has a vision tower (a cache written before it has none). v3: per-tensor FP8 matrices carry
-    // activation scales (qscale_act, for W8A8).
-    let dir = std::env::temp_dir().join(format!("small4-tiny-v3-{layout_name}-{format}-seed{seed}"));
+    // activation scales (qscale_act, for W8A8). v4: so do the HF layout's stacked FP8 experts.
+    let dir = std::env::temp_dir().join(format!("small4-tiny-v4-{layout_name}-{format}-seed{seed}"));
     if Checkpoint::open(&dir).is_err() {
         let weights = ReferenceWeights::random(&ModelConfig::tiny(), seed)?;
         let partial = dir.with_extension(format!("partial-{}-{:?}", std::process::id(), std::thread::current().id()).replace(['(', ')'], ""));
@@ -351,7 +351,7 @@ fn write_vision(set: &mut TensorSet, v: &VisionConfig, w: &VisionWeights, text_d
 
 /// Native: one tensor set per expert. HF: bf16 and FP8 per-tensor experts STACKED as transformers stores them
 /// (`gate_up_proj` [E, 2*hidden, dim] gate rows first, `down_proj` [E, dim, hidden], FP8 scales [E,1,1] shared by gate
-/// and up); other formats per expert (`mlp.experts.N.{gate,up,down}_proj`), as compressed-tensors stores them.
+/// and up, static activation scales [E]); other formats per expert (`mlp.experts.N.{gate,up,down}_proj`), as compressed-tensors stores them.
 fn write_experts(set: &mut TensorSet, layout: &Layout, l: usize, experts: &[&ExpertWeights], c: &ModelConfig, format: WeightFormat) -> Result<()> {
     let (dim, h) = (c.dim, c.expert_hidden);
     let Layout::HuggingFace { prefix } = layout else {
@@ -391,6 +391,10 @@ fn write_experts(set: &mut TensorSet, layout: &Layout, l: usize, experts: &[&Exp
                 let scale = |data| OwnedTensor { dtype: Dtype::F32, shape: vec![n, 1, 1], data };
                 set.tensors.insert(format!("{base}.gate_up_proj_scale_inv"), scale(gate_up_scales));
                 set.tensors.insert(format!("{base}.down_proj_scale_inv"), scale(down_scales));
+                // The static activation scales for W8A8, one f32 per expert (transformers' fine-grained FP8 layout).
+                let activation = || OwnedTensor { dtype: Dtype::F32, shape: vec![n], data: SYNTHETIC_ACT_SCALE.to_le_bytes().repeat(n) };
+                set.tensors.insert(format!("{base}.gate_up_proj_activation_scale"), activation());
+                set.tensors.insert(format!("{base}.down_proj_activation_scale"), activation());
             }
         }
         _ => {
@@ -431,16 +435,19 @@ impl MatrixData<'_> {
     }
 }
 
-/// Loads a checkpoint (any layout, any format) into f32 reference weights, dequantising on the CPU.
+/// Loads a checkpoint (any layout, any format) into f32 reference weights, dequantising on the CPU to the values the
+/// GEMM kernels multiply (`QuantizedMatrix::dequantize_for_gemm`).
 pub fn load_reference_weights(ck: &Checkpoint) -> Result<ReferenceWeights> {
-    let c = ModelConfig::from_json_str(&ck.config_json.to_string())?;
+    let c = ck.model_config()?;
     // A bf16 tensor stored as is (norms, embedding, router, head), checked against `shape`.
     let bf16_tensor = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
         let t = ck.plain(name, Dtype::BF16, shape)?;
         Ok(t.data.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect())
     };
     let plain = |name: &str, len: usize| bf16_tensor(name, &[len]);
-    let matrix = |name: &str, rows: usize, cols: usize| -> Result<Vec<f32>> { Ok(ck.matrix(name, rows, cols)?.to_quantized(rows, cols)?.dequantize()) };
+    // Dequantised as the GEMM kernels see them (bf16-rounded for fp8 block-128 and int4), so the reference and the
+    // engine multiply the same weights.
+    let matrix = |name: &str, rows: usize, cols: usize| -> Result<Vec<f32>> { Ok(ck.matrix(name, rows, cols)?.to_quantized(rows, cols)?.dequantize_for_gemm()) };
     let embedding = |name: &str| bf16_tensor(name, &[c.vocab, c.dim]);
     let qk = c.qk_nope + c.qk_rope;
     let mut layers = Vec::with_capacity(c.n_layers);
@@ -458,7 +465,7 @@ pub fn load_reference_weights(ck: &Checkpoint) -> Result<ReferenceWeights> {
         let expert = |e: usize| -> Result<ExpertWeights> {
             let get = |which| -> Result<Vec<f32>> {
                 let (rows, cols) = if which == ExpertMatrix::W2 { (c.dim, c.expert_hidden) } else { (c.expert_hidden, c.dim) };
-                Ok(ck.expert_matrix(l, e, which, c.dim, c.expert_hidden)?.to_quantized(rows, cols)?.dequantize())
+                Ok(ck.expert_matrix(l, e, which, c.dim, c.expert_hidden)?.to_quantized(rows, cols)?.dequantize_for_gemm())
             };
             Ok(ExpertWeights { w1: get(ExpertMatrix::W1)?, w3: get(ExpertMatrix::W3)?, w2: get(ExpertMatrix::W2)? })
         };

@@ -526,6 +526,33 @@ impl QuantizedMatrix {
         }
     }
 
+    /// The weights as the grouped GEMM (`cuda/moe_gemm.cu`, every dense and expert linear) multiplies them, row-major
+    /// `[rows, cols]`: what a CPU reference must use so that only the kernel's own error is measured (KERNELS.md: the
+    /// same rounded inputs). FP8 block-128 and INT4 are dequantised to bf16 in registers before the bf16 MMA
+    /// (`bf16(e4m3 * block_scale)`, `bf16((q - z) * scale)`), so their values are [`Self::dequantize`] rounded to
+    /// bf16. bf16 weights are exact; per-tensor FP8 and NVFP4 feed the exact codes (e4m3; e2m1 x e4m3 block scale,
+    /// exact in bf16) and apply the per-tensor scale / global divisor to the f32 sums in the epilogue, so they are
+    /// [`Self::dequantize`] unrounded.
+    ///
+    /// ```
+    /// use half::bf16;
+    /// use small4::quant::{Int4Grouped, QuantizedMatrix};
+    ///
+    /// // Codes 15 and 0 (q - 8 = 7 and -8) with the scale 1 + 2^-7: 7 * 1.0078125 = 7.0546875 needs 10 significant
+    /// // bits, so the kernel's bf16 product is 7.0625; -8.0625 is exact either way.
+    /// let m = QuantizedMatrix::Int4(Int4Grouped::from_parts(vec![0x0f], 1, 2, 2, vec![bf16::from_f32(1.0078125)], None)?);
+    /// assert_eq!(m.dequantize(), [7.0546875, -8.0625]);
+    /// assert_eq!(m.dequantize_for_gemm(), [7.0625, -8.0625]);
+    /// # Ok::<(), small4::Error>(())
+    /// ```
+    pub fn dequantize_for_gemm(&self) -> Vec<f32> {
+        let mut values = self.dequantize();
+        if matches!(self, QuantizedMatrix::Fp8Block128(_) | QuantizedMatrix::Int4(_)) {
+            values.par_iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32());
+        }
+        values
+    }
+
     /// The f32 weights, row-major `[rows, cols]` (the formula of the module doc).
     pub fn dequantize(&self) -> Vec<f32> {
         match self {

@@ -29,10 +29,10 @@ use rayon::prelude::*;
 
 use super::attention::latent_attention;
 use super::linear::{dot, matmul_nt, round_bf16};
-use super::moe::{moe_block_w8a8, moe_block_with, route, router_logits, softmax, swiglu_expert_with, ExpertWeights};
+use super::moe::{moe_block_w8a8, moe_block_with, route, router_logits, routing_margin, softmax, swiglu_expert_with, ExpertWeights};
 use super::norm::rms_norm;
 use super::rope::{apply_interleaved, llama4_query_scale, yarn_inv_freq};
-use super::vision::{PixelImage, VisionLayerWeights, VisionTower, VisionWeights};
+use super::vision::{check_image_slots, PixelImage, VisionLayerWeights, VisionTower, VisionWeights};
 use crate::model::{ModelConfig, VisionConfig};
 use crate::{Error, Result};
 
@@ -293,6 +293,8 @@ pub struct ReferenceKvCache {
     start_position: usize,
     tokens: usize,
     layers: Vec<Vec<f32>>,
+    /// Per cached token, the smallest `routing_margin` over the MoE layers.
+    router_margins: Vec<f32>,
 }
 
 impl ReferenceKvCache {
@@ -309,6 +311,7 @@ impl ReferenceKvCache {
             start_position,
             tokens: 0,
             layers: vec![Vec::new(); config.n_layers],
+            router_margins: Vec::new(),
         }
     }
 
@@ -324,6 +327,13 @@ impl ReferenceKvCache {
     /// The position the next token will get.
     pub fn next_position(&self) -> usize {
         self.start_position + self.tokens
+    }
+
+    /// Per cached token, in order: the smallest gap over the MoE layers between its k-th and (k+1)-th router logits
+    /// (`moe::routing_margin`; infinite without MoE layers). Where it is within a computation's noise, that
+    /// computation may route the token to other experts.
+    pub fn router_margins(&self) -> &[f32] {
+        &self.router_margins
     }
 
     /// The rows of layer `layer`: [len, width].
@@ -436,7 +446,8 @@ impl ReferenceModel {
     /// [`Self::forward`] where the `[IMG]` tokens take the features of `images`, in order: image `i`'s features
     /// replace the embeddings of its `feature_count` `[IMG]` tokens (`[IMG_BREAK]` / `[IMG_END]` stay text
     /// tokens). Positions stay 1-D: every token, image or text, takes the next position. Without images the
-    /// `[IMG]` tokens embed as any token.
+    /// `[IMG]` tokens embed as any token (a decode step feeding back a generated `[IMG]`); the generation entry points
+    /// refuse a prompt with `[IMG]` tokens and no images (`check_image_slots`).
     pub fn forward_with_images(&self, tokens: &[u32], images: &[PixelImage], cache: &mut ReferenceKvCache) -> Result<Vec<f32>> {
         let c = self.config();
         if tokens.is_empty() {
@@ -460,32 +471,26 @@ impl ReferenceModel {
         let dim = c.dim;
         let mut x: Vec<f32> = tokens.iter().flat_map(|&t| &self.weights.tok_embeddings[t as usize * dim..][..dim]).copied().collect();
         if !images.is_empty() {
-            let v = c.vision.as_ref().ok_or_else(no_vision_tower)?;
-            let image_token = v.image_token_id;
-            let slots: Vec<usize> = tokens.iter().enumerate().filter(|(_, &t)| t == image_token).map(|(i, _)| i).collect();
             // Checked before the tower runs: each image fills one [IMG] per merged patch.
-            let rows: usize = images.iter().map(|image| image.feature_count(v)).sum();
-            if slots.len() != rows {
-                return Err(Error::shape(
-                    format!("[IMG] tokens (id {image_token}) of the prompt for {} images", images.len()),
-                    format!("{rows} (the images' merged patch grids)"),
-                    slots.len(),
-                ));
-            }
+            check_image_slots(c.vision.as_ref(), tokens, images)?;
+            let image_token = c.vision.as_ref().ok_or_else(no_vision_tower)?.image_token_id;
+            let slots: Vec<usize> = tokens.iter().enumerate().filter(|(_, &t)| t == image_token).map(|(i, _)| i).collect();
             let features = self.encode_images(images)?;
             for (&slot, row) in slots.iter().zip(features.iter().flat_map(|f| f.chunks_exact(dim))) {
                 x[slot * dim..][..dim].copy_from_slice(row);
             }
         }
+        let mut margins = vec![f32::INFINITY; tokens.len()];
         for (layer, w) in self.weights.layers.iter().enumerate() {
             let h = self.norm(&x, &w.attention_norm);
             let attn = self.attention(&h, &w.attention, &mut cache.layers[layer], cache.tokens, cache.start_position);
             self.residual_add(&mut x, &attn);
             let h = self.norm(&x, &w.ffn_norm);
-            let ffn = self.feed_forward(&h, &w.ffn, tokens.len());
+            let ffn = self.feed_forward(&h, &w.ffn, tokens.len(), &mut margins);
             self.residual_add(&mut x, &ffn);
         }
         cache.tokens += tokens.len();
+        cache.router_margins.extend(margins);
         let h = self.norm(&x, &self.weights.norm);
         Ok(matmul_nt(&h, &self.weights.output, tokens.len(), dim, c.vocab))
     }
@@ -526,6 +531,9 @@ impl ReferenceModel {
         mut on_token: impl FnMut(u32),
     ) -> Result<GenerationStats> {
         let vocab = self.config().vocab;
+        // The prompt's [IMG] tokens must match the images (none without images): a decode step may feed a generated
+        // [IMG] back as text, a prompt may not.
+        check_image_slots(self.config().vision.as_ref(), prompt, images)?;
         let mut cache = self.new_cache();
         let mut stats = GenerationStats { prompt_tokens: prompt.len(), generated: Vec::with_capacity(max_tokens), prefill_time: Duration::ZERO, decode_time: Duration::ZERO };
         if max_tokens == 0 {
@@ -680,7 +688,8 @@ impl ReferenceModel {
         out
     }
 
-    fn feed_forward(&self, h: &[f32], ffn: &FeedForward, tokens: usize) -> Vec<f32> {
+    /// The feed-forward block; lowers each token's entry of `margins` to its routing margin in this layer.
+    fn feed_forward(&self, h: &[f32], ffn: &FeedForward, tokens: usize, margins: &mut [f32]) -> Vec<f32> {
         let c = self.config();
         let act_bf16 = self.options.rounding == RoundingMode::Bf16Activations;
         let mut y = match ffn {
@@ -688,6 +697,9 @@ impl ReferenceModel {
             FeedForward::Moe(moe) => {
                 let logits = router_logits(h, &moe.gate, tokens, c.dim, c.experts);
                 let routing = route(&logits, c.experts, c.experts_per_token, c.routed_scale);
+                for (margin, row) in margins.iter_mut().zip(logits.chunks_exact(c.experts)) {
+                    *margin = margin.min(routing_margin(row, c.experts_per_token));
+                }
                 // The shared block's width is expert_hidden * shared_experts, so it runs beside moe_block.
                 let mut y = match moe.fp8_act_scales.filter(|_| self.options.fp8_activations) {
                     Some(scales) => moe_block_w8a8(h, &routing, &moe.experts, None, tokens, c.dim, c.expert_hidden, scales),

@@ -40,6 +40,18 @@ pub fn route(logits: &[f32], experts: usize, k: usize, routed_scale: f32) -> Rou
     Routing { k, ids, weights }
 }
 
+/// How far a token's routing is from a different choice of experts: the gap between its `k`-th and `(k+1)`-th largest
+/// router logits (infinite when every expert is chosen). A computation whose router logits differ from these by less
+/// than half the gap picks the same experts; the engine tests exclude positions whose gap is within their noise.
+pub fn routing_margin(logits_row: &[f32], k: usize) -> f32 {
+    if k >= logits_row.len() {
+        return f32::INFINITY;
+    }
+    let mut sorted = logits_row.to_vec();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    sorted[k - 1] - sorted[k]
+}
+
 /// Numerically stable softmax in f32 (max subtracted).
 pub fn softmax(row: &[f32]) -> Vec<f32> {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);

@@ -230,6 +230,42 @@ pub fn check_image(v: &VisionConfig, index: usize, image: &PixelImage) -> Result
     Ok(())
 }
 
+/// Checks that a prompt's `[IMG]` tokens match its images: one `[IMG]` per merged patch of each image
+/// ([`PixelImage::feature_count`]), none without images. `vision` is the model's tower (`None`: a text-only model, for
+/// which `[IMG]` has no meaning and any token passes, but images are refused). Checked before anything runs, so a
+/// prompt whose `[IMG]` tokens would silently embed as text is a typed error: `InvalidArgument` for `[IMG]` tokens
+/// without images, `Shape` for a count that does not match the images, `Config` for images given to a text-only model.
+pub fn check_image_slots(vision: Option<&VisionConfig>, prompt: &[u32], images: &[PixelImage]) -> Result<()> {
+    let Some(v) = vision else {
+        if images.is_empty() {
+            return Ok(());
+        }
+        return Err(Error::Config("images given to a model without a vision tower (its configuration or checkpoint has none)".into()));
+    };
+    let slots = prompt.iter().filter(|&&t| t == v.image_token_id).count();
+    if images.is_empty() {
+        if slots > 0 {
+            return Err(Error::InvalidArgument(format!(
+                "the prompt holds {slots} [IMG] tokens (id {}) but no images were given: they would embed as text",
+                v.image_token_id
+            )));
+        }
+        return Ok(());
+    }
+    for (i, image) in images.iter().enumerate() {
+        check_image(v, i, image)?;
+    }
+    let rows: usize = images.iter().map(|image| image.feature_count(v)).sum();
+    if slots != rows {
+        return Err(Error::shape(
+            format!("[IMG] tokens (id {}) of the prompt for {} images", v.image_token_id, images.len()),
+            format!("{rows} (the images' merged patch grids)"),
+            slots,
+        ));
+    }
+    Ok(())
+}
+
 /// The vision tower and projector with its configuration and the text width it projects into.
 pub struct VisionTower<'a> {
     pub weights: &'a VisionWeights,

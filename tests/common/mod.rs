@@ -5,7 +5,8 @@ use half::bf16;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 /// Instantiates each `fn name(device: &Device)` twice: `sim::name` on the PTX interpreter (always runs) and
-/// `gpu::name` on CUDA device 0, which says that it skips, and why, when the machine has no GPU.
+/// `gpu::name` on CUDA device 0. Without a GPU the gpu twin skips and says so ([`gpu_skipped`]); with
+/// `SMALL4_REQUIRE_GPU` set (the GPU machine's run) a missing GPU fails it instead.
 #[macro_export]
 macro_rules! backend_tests {
     ($($name:ident),* $(,)?) => {
@@ -16,11 +17,28 @@ macro_rules! backend_tests {
             $( #[test] fn $name() {
                 match small4::device::gpu() {
                     Ok(device) => super::$name(&device),
-                    Err(e) => eprintln!("SKIPPED gpu::{}: needs a real GPU ({e}); the sim:: twin ran the same PTX", stringify!($name)),
+                    Err(e) => $crate::common::gpu_skipped(concat!(module_path!(), "::", stringify!($name)), &e),
                 }
             } )*
         }
     };
+}
+
+/// A gpu:: twin without a GPU: fails when `SMALL4_REQUIRE_GPU` is set, otherwise writes one `SKIPPED` line with the
+/// reason and a running count of this test binary's skips. The line goes to the process's stderr directly, not
+/// through `eprintln!`, which libtest captures and hides for passing tests: a skipped twin would otherwise read as
+/// a plain `ok`.
+pub fn gpu_skipped(test: &str, reason: &small4::Error) {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static SKIPPED: AtomicUsize = AtomicUsize::new(0);
+    if std::env::var_os("SMALL4_REQUIRE_GPU").is_some() {
+        panic!("{test}: SMALL4_REQUIRE_GPU is set but there is no usable GPU ({reason})");
+    }
+    let count = SKIPPED.fetch_add(1, Ordering::Relaxed) + 1;
+    let line = format!("SKIPPED {test} (gpu twin {count} skipped in this binary): needs a real GPU ({reason}); the sim:: twin ran the same PTX\n");
+    // One write of the whole line, so parallel tests do not interleave within it; a closed stderr only loses it.
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
 
 /// Random bf16 values in [-scale, scale], never exactly zero or one (KERNELS.md: never test on zeros or ones).

@@ -396,4 +396,47 @@ typedef struct ScatterRowsParams {
     int cols;
 } ScatterRowsParams;
 
+/* ---- synth.cu: counter-based synthetic weights (the contract is the module doc of src/model/synth.rs) ------------ */
+
+/* synth_plain: out[i] = value of element i of the tensor with `key`, i < n, bf16:
+ * kind 0 (a bf16 linear or table): (2 * (int8)byte(i) + 1) * unit; kind 1 (a norm weight): 1 + ((byte(i) & 15) - 8) / 128. */
+typedef struct SynthPlainParams {
+    bf16 *out;
+    uint64_t key;
+    int64_t n;
+    float unit;
+    int kind;
+} SynthPlainParams;
+
+/* synth_packed_codes / synth_packed_scales: synthetic matrices written straight into the packed layout of
+ * src/quant/repack.rs (PackedWeights) for `experts` experts. Packed row r of an expert comes from source matrix m, row
+ * `row` (linear: m = 0, row = r; swiglu: tiles of 8 gate rows then 8 up rows, m = 0 gate, 1 up); rows >= `rows` are
+ * padding (zero codes, zero scales, zero point 8). Element (row, k) of a source is element
+ * src = base + row * row_stride + k * col_stride of the checkpoint tensor [*, src_cols] whose key is
+ * keys[expert * mats + m] (a view: the whole tensor, a row slice or a transposed row slice); k >= k_valid is zero.
+ * format: 0 bf16, 1 fp8 per tensor, 2 fp8 block-128, 3 int4, 4 nvfp4. */
+typedef struct SynthPackedParams {
+    uint8_t *data;             /* [experts, tiles, k_dim / 64, tile bytes] */
+    float *row_scales;         /* [experts, rows_padded]: fp8 per tensor (unit), nvfp4 (unit = 1 / global) */
+    float *block_scales;       /* [experts, k_dim / 128, rows_padded / 8] */
+    bf16 *group_scales;        /* [experts, rows_padded / 16, k_dim / group, 16] */
+    uint8_t *group_zeros;      /* same layout, null for symmetric int4 */
+    uint8_t *fp4_scales;       /* [experts, rows_padded / 16, k_dim / 64, 16, 4] */
+    const uint64_t *keys;      /* [experts, mats] */
+    int64_t base;
+    int64_t row_stride;
+    int64_t col_stride;
+    int64_t src_cols;
+    int experts;
+    int mats;                  /* 1 (linear) or 2 (gate/up interleave) */
+    int rows;                  /* source rows per matrix */
+    int rows_padded;           /* multiple of 128 */
+    int k_dim;                 /* multiple of 64 */
+    int k_valid;
+    int format;
+    int group;                 /* int4 group (multiple of 64) */
+    int scale_array;           /* synth_packed_scales: 0 row_scales, 1 block_scales, 2 group scales + zeros, 3 fp4_scales */
+    float unit;
+} SynthPackedParams;
+
 #endif /* SMALL4_PARAMS_H */

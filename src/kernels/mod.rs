@@ -12,6 +12,7 @@ pub mod moe;
 pub mod norm;
 pub mod ops;
 pub mod router;
+pub mod synth;
 pub mod tensor;
 pub mod vision;
 

@@ -103,13 +103,15 @@ use crate::kernels::moe::{self, DeviceWeights, Fp8ActScales, Grouping, MoeLayerW
 use crate::kernels::norm;
 use crate::kernels::ops::{self, GatherStatus, QueryScale, SamplingInputs};
 use crate::kernels::router::{self, ExpertMap, RouterConfig, RouterWorkspace, Routing};
+use crate::kernels::synth;
 use crate::kernels::vision::{self as vision_kernels, RowTargets};
 use crate::model::checkpoint::{Checkpoint, ExpertMatrix};
 use crate::model::kv_cache::{CacheDescriptor, CacheDtype, KvCache, SeqId};
+use crate::model::synth::{SyntheticModel, TensorKind, TensorSpec};
 use crate::model::vision::DeviceVisionTower;
 use crate::model::ModelConfig;
 use crate::quant::repack::{repack_gate_up, repack_linear, MatrixRef};
-use crate::quant::{Fp8Block128, Fp8PerTensor, QuantizedMatrix};
+use crate::quant::{Fp8Block128, Fp8PerTensor, QuantizedMatrix, WeightFormat};
 use crate::reference::rope::yarn_inv_freq;
 use crate::reference::vision::{check_image, PixelImage};
 use crate::{Error, Result};
@@ -260,6 +262,12 @@ fn bf16_values(data: &[u8]) -> Vec<bf16> {
     bytemuck::pod_collect_to_vec(data)
 }
 
+/// The rope x rope identity that copies the rope half of every query head into `q_rope`.
+fn rope_identity(device: &Device, rope: usize) -> Result<DeviceWeights> {
+    let identity: Vec<bf16> = (0..rope * rope).map(|i| if i / rope == i % rope { bf16::ONE } else { bf16::ZERO }).collect();
+    upload_linear(device, &QuantizedMatrix::Bf16 { data: identity, rows: rope, cols: rope })
+}
+
 fn upload_linear(device: &Device, m: &QuantizedMatrix) -> Result<DeviceWeights> {
     DeviceWeights::upload(device, &repack_linear(&[MatrixRef::from(m)])?)
 }
@@ -352,6 +360,22 @@ fn one_block_row(first: usize, count: usize) -> Result<usize> {
     Ok(block)
 }
 
+/// `Error::Config` for a configuration the kernels do not run (a latent other than 256, a rope width other than 64,
+/// dense layers).
+fn check_engine_config(c: &ModelConfig) -> Result<()> {
+    if (c.kv_lora_rank, c.qk_rope) != (attention::KV_LORA_RANK, attention::QK_ROPE) || c.first_k_dense_replace != 0 {
+        return Err(Error::Config(format!(
+            "the engine runs MoE layers with latent {} + rope {} (got {} + {}, {} dense layers)",
+            attention::KV_LORA_RANK,
+            attention::QK_ROPE,
+            c.kv_lora_rank,
+            c.qk_rope,
+            c.first_k_dense_replace
+        )));
+    }
+    Ok(())
+}
+
 /// Loading progress in steps: one per decoder layer, then one for the embeddings and the output head.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LoadProgress {
@@ -381,16 +405,7 @@ impl DeviceModel {
             return Err(Error::InvalidArgument(format!("shard {shard:?} of {} experts", c.experts)));
         }
         let heads = shard.heads(c.heads)?;
-        if (c.kv_lora_rank, c.qk_rope) != (attention::KV_LORA_RANK, attention::QK_ROPE) || c.first_k_dense_replace != 0 {
-            return Err(Error::Config(format!(
-                "the engine runs MoE layers with latent {} + rope {} (got {} + {}, {} dense layers)",
-                attention::KV_LORA_RANK,
-                attention::QK_ROPE,
-                c.kv_lora_rank,
-                c.qk_rope,
-                c.first_k_dense_replace
-            )));
-        }
+        check_engine_config(&c)?;
         let plain = |name: &str, len: usize| -> Result<DeviceBuffer<bf16>> {
             DeviceBuffer::from_slice(device, &bf16_values(checkpoint.plain(name, Dtype::BF16, &[len])?.data))
         };
@@ -465,8 +480,6 @@ impl DeviceModel {
         let embeddings = table("tok_embeddings.weight")?;
         let output = if c.tied_embeddings { embeddings.clone() } else { table("output.weight")? };
         let output = upload_linear(device, &QuantizedMatrix::Bf16 { data: output, rows: c.vocab, cols: c.dim })?;
-        let rope = c.qk_rope;
-        let identity: Vec<bf16> = (0..rope * rope).map(|i| if i / rope == i % rope { bf16::ONE } else { bf16::ZERO }).collect();
         let tok_embeddings = DeviceBuffer::from_slice(device, &embeddings)?;
         let vision = if c.vision.is_some() { Some(DeviceVisionTower::load(device, checkpoint, &c)?) } else { None };
         on_progress(LoadProgress { done: c.n_layers + 1, total: c.n_layers + 1 });
@@ -475,13 +488,103 @@ impl DeviceModel {
             norm: plain("norm.weight", c.dim)?,
             output,
             inv_freq: DeviceBuffer::from_slice(device, &yarn_inv_freq(c.qk_rope, &c.yarn()))?,
-            rope_identity: upload_linear(device, &QuantizedMatrix::Bf16 { data: identity, rows: rope, cols: rope })?,
+            rope_identity: rope_identity(device, c.qk_rope)?,
             expert_map: ExpertMap::new(device, &shard.expert_map(c.experts))?,
             vision,
             layers,
             device: device.clone(),
             shard,
             heads,
+            config: c,
+        })
+    }
+
+    /// Builds the model of a [`SyntheticModel`] on `device` (one rank, every expert and head) with the device
+    /// generator of `kernels::synth`: every weight is written by a kernel straight into the layout [`DeviceModel::load`]
+    /// gives it (the same W_UK / W_UV views of `wkv_b`, the same packing), no weight crosses from the host, and the
+    /// values are exactly those of `SyntheticModel::reference_weights`. So the full-size model needs no checkpoint and
+    /// no host memory for its weights.
+    ///
+    /// Errors: `Error::Config` as [`DeviceModel::load`]; the device's allocation errors when the model does not fit.
+    ///
+    /// ```
+    /// use small4::model::engine::{DeviceModel, Engine, EngineOptions};
+    /// use small4::model::synth::SyntheticModel;
+    /// use small4::model::ModelConfig;
+    /// use small4::quant::WeightFormat;
+    ///
+    /// let synthetic = SyntheticModel::new(ModelConfig { n_layers: 1, ..ModelConfig::tiny() }, WeightFormat::Nvfp4, 1)?;
+    /// let model = DeviceModel::synthetic(&small4::device::simulator(), &synthetic)?;
+    /// assert_eq!(model.config(), &synthetic.config);
+    /// let mut engine = Engine::new(model, EngineOptions::default(), None)?;
+    /// let seq = engine.new_sequence();
+    /// assert_eq!(engine.forward_logits(&[(seq, vec![1, 2])])?.len(), 2 * synthetic.config.vocab);
+    /// # Ok::<(), small4::Error>(())
+    /// ```
+    pub fn synthetic(device: &Device, model: &SyntheticModel) -> Result<Self> {
+        let c = model.config.clone();
+        check_engine_config(&c)?;
+        let shard = Shard::SINGLE;
+        let plain = |name: &str| synth::plain(device, &model.spec(name)?);
+        let linear = |name: &str| synth::packed(device, &[model.spec(name)?], synth::View::Whole);
+        let swiglu = |base: &str| -> Result<(TensorSpec, TensorSpec)> { Ok((model.spec(&format!("{base}.w1"))?, model.spec(&format!("{base}.w3"))?)) };
+        let kv_per_head = c.qk_nope + c.v_head;
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for l in 0..c.n_layers {
+            let p = format!("layers.{l}");
+            // W_UK_h (transposed) and W_UV_h (in 64-row pieces for FP8 block scales) as views of wkv_b, as `load` cuts them.
+            let wkv_b = [model.spec(&format!("{p}.attention.wkv_b"))?];
+            let block_scaled = matches!(wkv_b[0].kind, TensorKind::Matrix { format: WeightFormat::Fp8Block128, .. });
+            let piece = if block_scaled { 64 } else { c.v_head };
+            let mut w_uk = Vec::with_capacity(c.heads);
+            let mut w_uv = Vec::with_capacity(c.heads);
+            for h in 0..c.heads {
+                w_uk.push(synth::packed(device, &wkv_b, synth::View::TransposedRows { first: h * kv_per_head, count: c.qk_nope })?);
+                let first = h * kv_per_head + c.qk_nope;
+                w_uv.push(
+                    (0..c.v_head)
+                        .step_by(piece)
+                        .map(|o| Ok((synth::packed(device, &wkv_b, synth::View::Rows { first: first + o, count: piece.min(c.v_head - o) })?, o)))
+                        .collect::<Result<_>>()?,
+                );
+            }
+            let pairs: Vec<(TensorSpec, TensorSpec)> = (0..c.experts).map(|e| swiglu(&format!("{p}.experts.{e}"))).collect::<Result<_>>()?;
+            let w2: Vec<TensorSpec> = (0..c.experts).map(|e| model.spec(&format!("{p}.experts.{e}.w2"))).collect::<Result<_>>()?;
+            let shared = if c.shared_experts > 0 {
+                Some((synth::packed_gate_up(device, &[swiglu(&format!("{p}.shared_experts"))?])?, linear(&format!("{p}.shared_experts.w2"))?))
+            } else {
+                None
+            };
+            let moe = MoeLayerWeights { gate_up: synth::packed_gate_up(device, &pairs)?, down: synth::packed(device, &w2, synth::View::Whole)?, shared, fp8_activations: None };
+            layers.push(DeviceLayer {
+                attention_norm: plain(&format!("{p}.attention_norm.weight"))?,
+                wq_a: linear(&format!("{p}.attention.wq_a"))?,
+                q_a_norm: plain(&format!("{p}.attention.q_a_norm.weight"))?,
+                wq_b: linear(&format!("{p}.attention.wq_b"))?,
+                wkv_a: linear(&format!("{p}.attention.wkv_a_with_mqa"))?,
+                kv_a_norm: plain(&format!("{p}.attention.kv_a_norm.weight"))?,
+                w_uk,
+                w_uv,
+                wo: linear(&format!("{p}.attention.wo"))?,
+                ffn_norm: plain(&format!("{p}.ffn_norm.weight"))?,
+                gate: plain(&format!("{p}.gate.weight"))?,
+                moe,
+                fp8_act_scales: None,
+            });
+        }
+        Ok(DeviceModel {
+            tok_embeddings: plain("tok_embeddings.weight")?,
+            norm: plain("norm.weight")?,
+            // A tied head is the embedding's spec (SyntheticModel::spec), so the same values.
+            output: linear("output.weight")?,
+            inv_freq: DeviceBuffer::from_slice(device, &yarn_inv_freq(c.qk_rope, &c.yarn()))?,
+            rope_identity: rope_identity(device, c.qk_rope)?,
+            expert_map: ExpertMap::new(device, &shard.expert_map(c.experts))?,
+            vision: None,
+            layers,
+            device: device.clone(),
+            shard,
+            heads: 0..c.heads,
             config: c,
         })
     }

@@ -7,6 +7,7 @@ pub mod engine;
 pub mod generator;
 pub mod kv_cache;
 pub mod plan;
+pub mod synth;
 pub mod synthetic;
 pub mod vision;
 

@@ -130,3 +130,14 @@ fn block_products_equal_the_product_over_the_whole_dequantised_matrix() {
     assert_eq!((expert.native_name(), expert.shape(&c)), ("layers.2.experts.5.w2".to_string(), (c.dim, c.expert_hidden)));
     assert_eq!(Weight::KvaNorm(1).native_name(), "layers.1.attention.kv_a_norm.weight");
 }
+
+#[test]
+fn the_synthetic_source_streams_the_in_memory_synthetic_weights_bit_for_bit() {
+    use small4::model::synth::SyntheticModel;
+    for format in WeightFormat::ALL {
+        let synthetic = SyntheticModel::new(ModelConfig::tiny(), format, 3).unwrap();
+        let want = logits(&ReferenceModel::new(synthetic.reference_weights().unwrap(), ForwardOptions::default()).unwrap());
+        let got = logits(&ReferenceModel::new(synthetic, ForwardOptions::default()).unwrap());
+        assert!(got == want, "{format}: streaming synthetic logits differ from the in-memory ones");
+    }
+}

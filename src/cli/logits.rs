@@ -59,14 +59,8 @@ pub struct CompareArgs {
 /// `small4 logits`.
 pub fn logits_command(args: &LogitsArgs) -> anyhow::Result<()> {
     let format: WeightFormat = args.checkpoint.format.parse()?;
-    let synthetic = match args.synthetic {
-        true => Some(SyntheticModel::new(shrunk_real_preset(args.layers, args.experts)?, format, args.checkpoint.seed)?),
-        false => None,
-    };
-    let checkpoint = match &synthetic {
-        Some(_) => None,
-        None => Some(Checkpoint::open(checkpoint_dir(&args.checkpoint)?)?),
-    };
+    let synthetic = args.synthetic.then(|| SyntheticModel::new(shrunk_real_preset(args.layers, args.experts)?, format, args.checkpoint.seed)).transpose()?;
+    let checkpoint = if synthetic.is_none() { Some(Checkpoint::open(checkpoint_dir(&args.checkpoint)?)?) } else { None };
     let (source, name) = match (&synthetic, &checkpoint) {
         (Some(model), _) => (LogitsSource::Synthetic(model), format!("the synthetic real preset ({format}, seed {})", model.seed)),
         (None, Some(checkpoint)) => (LogitsSource::Checkpoint(checkpoint), checkpoint.dir.display().to_string()),

@@ -283,13 +283,13 @@ impl Comparison {
         let mut violations = Vec::new();
         if let Some(limit) = tolerances.max_abs {
             let got = self.max_abs();
-            if !(got <= limit) {
+            if got.is_nan() || got > limit {
                 violations.push(format!("max |a-b| {got:e} > {limit:e}"));
             }
         }
         if let Some(limit) = tolerances.min_argmax_agree {
             let got = self.argmax_agreement();
-            if !(got >= limit) {
+            if got < limit {
                 violations.push(format!("argmax agreement {got:.4} < {limit}"));
             }
         }

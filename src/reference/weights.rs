@@ -250,7 +250,7 @@ pub trait WeightSource: Sync {
     }
 }
 
-fn expert_part<'a>(e: &'a ExpertWeights, which: ExpertMatrix) -> &'a [f32] {
+fn expert_part(e: &ExpertWeights, which: ExpertMatrix) -> &[f32] {
     match which {
         ExpertMatrix::W1 => &e.w1,
         ExpertMatrix::W2 => &e.w2,

@@ -29,7 +29,7 @@
 //! let mut moved = back.values.clone();
 //! moved[3 * back.vocab] += 0.5;
 //! let diff = compare(&run.logits, &Logits::new(moved, back.vocab)?)?;
-//! assert_eq!(diff.max_abs(), 0.5);
+//! assert!((diff.max_abs() - 0.5).abs() < 1e-6); // up to the rounding of the moved logit
 //! assert!(diff.positions[3].kl > 0.0 && diff.positions[0].kl == 0.0);
 //! assert_eq!(diff.violations(&Tolerances { max_abs: Some(0.1), min_argmax_agree: None }).len(), 1);
 //! std::fs::remove_file(&path).map_err(|e| small4::Error::io(&path, e))?;

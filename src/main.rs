@@ -19,6 +19,8 @@ use small4::model::{AttentionForm, ForwardOptions, PixelImage, RoundingMode};
 use small4::tokenizer::image::load_pixels_from_url;
 use small4::tokenizer::{ChatRequest, EncodedPrompt, OutputPrinter, OutputStream, SpecialTokenPolicy, StreamingDecoder, Tokenizer};
 
+mod cli;
+
 #[derive(Parser)]
 #[command(name = "small4", version, about = "Mistral Small 4 on Hopper GPUs: kernels, reference and engine")]
 struct Cli {
@@ -36,6 +38,12 @@ enum Command {
     /// Generation with the embedded tiny preset (a seeded random checkpoint, generated into a cache directory and
     /// loaded through the checkpoint reader) or a checkpoint directory.
     Generate(GenerateArgs),
+    /// Writes the f32 logits [tokens, vocab] of a prompt (and of --greedy continued tokens) as a NumPy .npy file,
+    /// from the streaming CPU reference or the engine, for a checkpoint or the full-size synthetic model.
+    Logits(cli::logits::LogitsArgs),
+    /// Compares two logits .npy files per position (max and mean |a-b|, argmax agreement, KL divergence); exits
+    /// non-zero beyond --max-abs / --min-argmax-agree.
+    Compare(cli::logits::CompareArgs),
     /// Lists a checkpoint's tensors grouped by layer (format, dtype, shape) and the problems found.
     Inspect { dir: PathBuf },
     /// Memory plans of the full model (default: Mistral Small 4) on one and several GPUs: weights by format,
@@ -239,6 +247,8 @@ fn main() -> anyhow::Result<()> {
         Command::Resources => print!("{}", small4::kernels::KERNEL_RESOURCES_MARKDOWN),
         Command::Bench(args) => bench(&args)?,
         Command::Generate(args) => generate(&args)?,
+        Command::Logits(args) => cli::logits::logits_command(&args)?,
+        Command::Compare(args) => cli::logits::compare_command(&args)?,
         Command::Inspect { dir } => inspect(&dir)?,
         Command::Plan { config } => plan(config.as_deref())?,
         Command::Tokenize { tokenizer, chat } => tokenize_command(tokenizer.as_deref(), chat.as_deref())?,

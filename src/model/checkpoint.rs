@@ -222,6 +222,74 @@ impl MatrixData<'_> {
     }
 }
 
+impl<'a> MatrixData<'a> {
+    /// Rows `rows` of a `[_, cols]` matrix as a view of the same format, borrowing the same bytes: what the CPU
+    /// reference dequantises one block of rows at a time. FP8 block-128 scales change every 128 rows, so such a
+    /// slice must start on a multiple of 128 (`Error::InvalidArgument` otherwise); `Error::OutOfRange` when the rows
+    /// run past the data.
+    ///
+    /// ```
+    /// use small4::model::checkpoint::MatrixData;
+    /// use small4::quant::{QuantizedMatrix, WeightFormat};
+    ///
+    /// let weights: Vec<f32> = (0..4 * 32).map(|i| (i / 32) as f32).collect(); // row r holds r
+    /// let q = QuantizedMatrix::quantize(WeightFormat::Nvfp4, &weights, 4, 32)?;
+    /// let view = MatrixData::from(&q);
+    /// let rows = view.slice_rows(1..3, 32)?.to_quantized(2, 32)?.dequantize();
+    /// assert_eq!(rows, q.dequantize()[32..3 * 32]);
+    /// assert!(view.slice_rows(3..5, 32).is_err()); // past the end
+    /// # Ok::<(), small4::Error>(())
+    /// ```
+    pub fn slice_rows(&self, rows: std::ops::Range<usize>, cols: usize) -> Result<MatrixData<'a>> {
+        let (first, end) = (rows.start, rows.end.max(rows.start));
+        // The bytes of `per_row` bytes a row for these rows, checked against the stored length.
+        let part = |data: &'a [u8], per_row: usize| -> Result<&'a [u8]> {
+            data.get(first * per_row..end * per_row)
+                .ok_or_else(|| Error::OutOfRange { what: "matrix row".into(), index: end as i64 - 1, limit: (data.len() / per_row.max(1)) as i64 })
+        };
+        Ok(match *self {
+            MatrixData::Bf16 { data } => MatrixData::Bf16 { data: part(data, 2 * cols)? },
+            MatrixData::Fp8PerTensor { data, scale, activation_scale } => MatrixData::Fp8PerTensor { data: part(data, cols)?, scale, activation_scale },
+            MatrixData::Fp8Block128 { data, scales } => {
+                if first % 128 != 0 {
+                    return Err(Error::InvalidArgument(format!("fp8 block-128 rows from {first}: a slice starts on a 128-row block")));
+                }
+                let block_bytes = 4 * cols.div_ceil(128);
+                let blocks = scales
+                    .get(first / 128 * block_bytes..end.div_ceil(128) * block_bytes)
+                    .ok_or_else(|| Error::OutOfRange { what: "fp8 block-128 scale row".into(), index: end.div_ceil(128) as i64 - 1, limit: (scales.len() / block_bytes.max(1)) as i64 })?;
+                MatrixData::Fp8Block128 { data: part(data, cols)?, scales: blocks }
+            }
+            MatrixData::Int4 { packed, scales, zeros, group } => {
+                let groups = cols / group.max(1);
+                MatrixData::Int4 { packed: part(packed, cols / 2)?, scales: part(scales, 2 * groups)?, zeros: zeros.map(|z| part(z, groups)).transpose()?, group }
+            }
+            MatrixData::Nvfp4 { packed, scales, global_scale, input_global_scale } => {
+                MatrixData::Nvfp4 { packed: part(packed, cols / 2)?, scales: part(scales, cols / 16)?, global_scale, input_global_scale }
+            }
+        })
+    }
+}
+
+/// A quantised matrix seen as checkpoint data (no activation scales): the CPU reference reads generated matrices
+/// through the same views as mapped ones.
+impl<'a> From<&'a crate::quant::QuantizedMatrix> for MatrixData<'a> {
+    fn from(m: &'a crate::quant::QuantizedMatrix) -> Self {
+        use crate::quant::QuantizedMatrix;
+        match m {
+            QuantizedMatrix::Bf16 { data, .. } => MatrixData::Bf16 { data: bytemuck::cast_slice(data) },
+            QuantizedMatrix::Fp8PerTensor(q) => MatrixData::Fp8PerTensor { data: &q.data, scale: q.scale, activation_scale: None },
+            QuantizedMatrix::Fp8Block128(q) => MatrixData::Fp8Block128 { data: &q.data, scales: bytemuck::cast_slice(&q.scales) },
+            QuantizedMatrix::Int4(q) => {
+                MatrixData::Int4 { packed: &q.packed, scales: bytemuck::cast_slice(&q.scales), zeros: q.zeros.as_deref(), group: q.group }
+            }
+            QuantizedMatrix::Nvfp4(q) => {
+                MatrixData::Nvfp4 { packed: &q.packed, scales: &q.scales, global_scale: q.global_scale, input_global_scale: None }
+            }
+        }
+    }
+}
+
 /// Which matrix of a SwiGLU expert.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExpertMatrix {

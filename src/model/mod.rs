@@ -6,6 +6,7 @@ pub mod config;
 pub mod engine;
 pub mod generator;
 pub mod kv_cache;
+pub mod logits;
 pub mod plan;
 pub mod synth;
 pub mod synthetic;

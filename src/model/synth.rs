@@ -557,7 +557,7 @@ impl SyntheticModel {
         let c = &self.config;
         let f32s = |v: Vec<bf16>| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
         let vector = |name: &str, len: usize| -> Result<Vec<f32>> { Ok(f32s(self.vector(name, len)?)) };
-        let matrix = |name: &str, rows: usize, cols: usize| -> Result<Vec<f32>> { Ok(self.matrix(name, rows, cols)?.dequantize()) };
+        let matrix = |name: &str, rows: usize, cols: usize| -> Result<Vec<f32>> { Ok(self.matrix(name, rows, cols)?.dequantize_for_gemm()) };
         let swiglu = |base: &str, hidden: usize| -> Result<ExpertWeights> {
             Ok(ExpertWeights {
                 w1: matrix(&format!("{base}.w1"), hidden, c.dim)?,

@@ -8,3 +8,4 @@ pub mod norm;
 pub mod rope;
 pub mod sampling;
 pub mod vision;
+pub mod weights;

@@ -24,15 +24,19 @@
 
 use std::time::{Duration, Instant};
 
+use std::collections::BTreeMap;
+
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rayon::prelude::*;
 
 use super::attention::latent_attention;
-use super::linear::{dot, matmul_nt, round_bf16};
-use super::moe::{moe_block_w8a8, moe_block_with, route, router_logits, routing_margin, softmax, swiglu_expert_with, ExpertWeights};
+use super::linear::{dot, round_bf16};
+use super::moe::{route, routing_margin, softmax, swiglu_by, ExpertWeights, Routing};
 use super::norm::rms_norm;
 use super::rope::{apply_interleaved, llama4_query_scale, yarn_inv_freq};
 use super::vision::{check_image_slots, PixelImage, VisionLayerWeights, VisionTower, VisionWeights};
+use super::weights::{Weight, WeightMatrix, WeightSource};
+use crate::model::checkpoint::ExpertMatrix;
 use crate::model::{ModelConfig, VisionConfig};
 use crate::{Error, Result};
 
@@ -390,32 +394,41 @@ impl GenerationStats {
     }
 }
 
-/// The reference model: weights, precomputed RoPE frequencies, and the forward options.
-pub struct ReferenceModel {
-    weights: ReferenceWeights,
+/// The reference model: a weight source (in memory, a checkpoint read in place, or a generated model; see
+/// [`super::weights`]), precomputed RoPE frequencies, and the forward options. One forward pass for every source:
+/// it reads one layer's weights at a time, and of the routed experts only those some token routes to.
+pub struct ReferenceModel<W: WeightSource = ReferenceWeights> {
+    weights: W,
     options: ForwardOptions,
     inv_freq: Vec<f32>,
+    /// Per layer, the W8A8 activation scales of the routed experts (filled when `options.fp8_activations`).
+    fp8_act_scales: Vec<Option<(f32, f32)>>,
 }
 
-impl ReferenceModel {
-    /// Fails with a typed error when a weight's shape does not match the configuration.
-    pub fn new(weights: ReferenceWeights, options: ForwardOptions) -> Result<Self> {
-        weights.check_shapes()?;
+impl<W: WeightSource> ReferenceModel<W> {
+    /// Fails with a typed error when the source's checks fail (the in-memory weights: a weight's shape does not
+    /// match the configuration) or, with `fp8_activations`, when an MoE layer has no activation scales.
+    pub fn new(weights: W, options: ForwardOptions) -> Result<Self> {
+        weights.check()?;
+        let c = weights.config();
+        let mut fp8_act_scales = vec![None; c.n_layers];
         if options.fp8_activations {
-            let missing = weights.layers.iter().position(|l| matches!(&l.ffn, FeedForward::Moe(m) if m.fp8_act_scales.is_none()));
-            if let Some(layer) = missing {
-                return Err(Error::InvalidArgument(format!("fp8 activations: MoE layer {layer} has no activation scales")));
+            for (layer, scales) in fp8_act_scales.iter_mut().enumerate().filter(|(l, _)| c.is_moe_layer(*l)) {
+                *scales = weights.expert_activation_scales(layer)?;
+                if scales.is_none() {
+                    return Err(Error::InvalidArgument(format!("fp8 activations: MoE layer {layer} has no activation scales")));
+                }
             }
         }
-        let inv_freq = yarn_inv_freq(weights.config.qk_rope, &weights.config.yarn());
-        Ok(ReferenceModel { weights, options, inv_freq })
+        let inv_freq = yarn_inv_freq(c.qk_rope, &c.yarn());
+        Ok(ReferenceModel { weights, options, inv_freq, fp8_act_scales })
     }
 
     pub fn config(&self) -> &ModelConfig {
-        &self.weights.config
+        self.weights.config()
     }
 
-    pub fn weights(&self) -> &ReferenceWeights {
+    pub fn weights(&self) -> &W {
         &self.weights
     }
 
@@ -436,10 +449,10 @@ impl ReferenceModel {
     /// projector of [`super::vision`]).
     pub fn encode_images(&self, images: &[PixelImage]) -> Result<Vec<Vec<f32>>> {
         let c = self.config();
-        let (Some(config), Some(weights)) = (&c.vision, &self.weights.vision) else {
+        let (Some(config), Some(weights)) = (&c.vision, self.weights.vision()?) else {
             return Err(no_vision_tower());
         };
-        let tower = VisionTower { weights, config, text_dim: c.dim, round_bf16: self.options.rounding == RoundingMode::Bf16Activations };
+        let tower = VisionTower { weights: &weights, config, text_dim: c.dim, round_bf16: self.options.rounding == RoundingMode::Bf16Activations };
         tower.encode(images)
     }
 
@@ -447,7 +460,8 @@ impl ReferenceModel {
     /// replace the embeddings of its `feature_count` `[IMG]` tokens (`[IMG_BREAK]` / `[IMG_END]` stay text
     /// tokens). Positions stay 1-D: every token, image or text, takes the next position. Without images the
     /// `[IMG]` tokens embed as any token (a decode step feeding back a generated `[IMG]`); the generation entry points
-    /// refuse a prompt with `[IMG]` tokens and no images (`check_image_slots`).
+    /// refuse a prompt with `[IMG]` tokens and no images (`check_image_slots`). A weight that cannot be read fails
+    /// the pass and leaves `cache` as it was.
     pub fn forward_with_images(&self, tokens: &[u32], images: &[PixelImage], cache: &mut ReferenceKvCache) -> Result<Vec<f32>> {
         let c = self.config();
         if tokens.is_empty() {
@@ -467,9 +481,25 @@ impl ReferenceModel {
         if last_position >= c.max_position {
             return Err(Error::OutOfRange { what: "position".into(), index: last_position as i64, limit: c.max_position as i64 });
         }
+        let cached_rows: Vec<usize> = cache.layers.iter().map(Vec::len).collect();
+        let logits = self.run_layers(tokens, images, cache);
+        match logits {
+            Ok(_) => cache.tokens += tokens.len(),
+            Err(_) => cache.layers.iter_mut().zip(cached_rows).for_each(|(rows, len)| rows.truncate(len)),
+        }
+        logits
+    }
 
+    /// The body of [`Self::forward_with_images`] after its checks: embeddings, the layers, the head.
+    fn run_layers(&self, tokens: &[u32], images: &[PixelImage], cache: &mut ReferenceKvCache) -> Result<Vec<f32>> {
+        let c = self.config();
         let dim = c.dim;
-        let mut x: Vec<f32> = tokens.iter().flat_map(|&t| &self.weights.tok_embeddings[t as usize * dim..][..dim]).copied().collect();
+        let embeddings = self.weights.matrix(Weight::TokEmbeddings)?;
+        let mut x = Vec::with_capacity(tokens.len() * dim);
+        for &t in tokens {
+            x.extend_from_slice(&embeddings.rows_f32(t as usize..t as usize + 1)?);
+        }
+        drop(embeddings);
         if !images.is_empty() {
             // Checked before the tower runs: each image fills one [IMG] per merged patch.
             check_image_slots(c.vision.as_ref(), tokens, images)?;
@@ -481,18 +511,18 @@ impl ReferenceModel {
             }
         }
         let mut margins = vec![f32::INFINITY; tokens.len()];
-        for (layer, w) in self.weights.layers.iter().enumerate() {
-            let h = self.norm(&x, &w.attention_norm);
-            let attn = self.attention(&h, &w.attention, &mut cache.layers[layer], cache.tokens, cache.start_position);
+        for layer in 0..c.n_layers {
+            let h = self.norm(&x, &self.weights.vector(Weight::AttentionNorm(layer))?);
+            let attn = self.attention(&h, layer, &mut cache.layers[layer], cache.tokens, cache.start_position)?;
             self.residual_add(&mut x, &attn);
-            let h = self.norm(&x, &w.ffn_norm);
-            let ffn = self.feed_forward(&h, &w.ffn, tokens.len(), &mut margins);
+            let h = self.norm(&x, &self.weights.vector(Weight::FfnNorm(layer))?);
+            let ffn = self.feed_forward(&h, layer, tokens.len(), &mut margins)?;
             self.residual_add(&mut x, &ffn);
         }
-        cache.tokens += tokens.len();
+        let h = self.norm(&x, &self.weights.vector(Weight::Norm)?);
+        let logits = self.weights.matrix(Weight::Output)?.matmul(&h)?;
         cache.router_margins.extend(margins);
-        let h = self.norm(&x, &self.weights.norm);
-        Ok(matmul_nt(&h, &self.weights.output, tokens.len(), dim, c.vocab))
+        Ok(logits)
     }
 
     /// The prompt in one pass; returns the logits of every prompt position.
@@ -567,10 +597,11 @@ impl ReferenceModel {
         y
     }
 
-    fn linear(&self, x: &[f32], w: &[f32], in_dim: usize, out_dim: usize) -> Vec<f32> {
-        let mut y = matmul_nt(x, w, x.len() / in_dim, in_dim, out_dim);
+    /// `x W^T` stored as the GPU path stores a linear layer's output.
+    fn linear(&self, x: &[f32], w: &WeightMatrix) -> Result<Vec<f32>> {
+        let mut y = w.matmul(x)?;
         self.store_bf16(&mut y);
-        y
+        Ok(y)
     }
 
     fn residual_add(&self, x: &mut [f32], delta: &[f32]) {
@@ -580,10 +611,11 @@ impl ReferenceModel {
         self.store_bf16(x);
     }
 
-    /// MLA attention of the new tokens `h` [T, dim]; appends their rows to `cache_rows` (which holds `cached`
-    /// tokens, the first at `start_position`). Returns wo's output [T, dim].
-    fn attention(&self, h: &[f32], w: &AttentionWeights, cache_rows: &mut Vec<f32>, cached: usize, start_position: usize) -> Vec<f32> {
+    /// MLA attention of the new tokens `h` [T, dim] in `layer`; appends their rows to `cache_rows` (which holds
+    /// `cached` tokens, the first at `start_position`). Returns wo's output [T, dim].
+    fn attention(&self, h: &[f32], layer: usize, cache_rows: &mut Vec<f32>, cached: usize, start_position: usize) -> Result<Vec<f32>> {
         let c = self.config();
+        let w = &self.weights;
         let dims = c.mla_dims();
         let (heads, nope, rope, rank, width) = (c.heads, c.qk_nope, c.qk_rope, c.kv_lora_rank, dims.cache_width());
         let qk = nope + rope;
@@ -591,9 +623,9 @@ impl ReferenceModel {
         let positions: Vec<usize> = (0..t).map(|i| start_position + cached + i).collect();
 
         // Query: wq_b(q_a_norm(wq_a h)), then RoPE on the rope part and the llama-4 scale on all of it.
-        let q_a = self.linear(h, &w.wq_a, c.dim, c.q_lora_rank);
-        let q_a = self.norm(&q_a, &w.q_a_norm);
-        let mut q = self.linear(&q_a, &w.wq_b, c.q_lora_rank, heads * qk);
+        let q_a = self.linear(h, &w.matrix(Weight::WqA(layer))?)?;
+        let q_a = self.norm(&q_a, &w.vector(Weight::QaNorm(layer))?);
+        let mut q = self.linear(&q_a, &w.matrix(Weight::WqB(layer))?)?;
         q.par_chunks_mut(heads * qk).zip(&positions).for_each(|(q_token, &pos)| {
             let scale = llama4_query_scale(pos, c.llama4_beta, c.llama4_original_max_position);
             for q_head in q_token.chunks_exact_mut(qk) {
@@ -604,9 +636,10 @@ impl ReferenceModel {
         self.store_bf16(&mut q);
 
         // Cache rows: [kv_a_norm(c) | rope(k_rope)].
-        let kv = self.linear(h, &w.wkv_a_with_mqa, c.dim, width);
+        let kv = self.linear(h, &w.matrix(Weight::WkvA(layer))?)?;
+        let kv_a_norm = w.vector(Weight::KvaNorm(layer))?;
         for (row, &pos) in kv.chunks_exact(width).zip(&positions) {
-            let mut latent = self.norm(&row[..rank], &w.kv_a_norm);
+            let mut latent = self.norm(&row[..rank], &kv_a_norm);
             let mut k_rope = row[rank..].to_vec();
             apply_interleaved(&mut k_rope, &self.inv_freq, pos);
             latent.extend_from_slice(&k_rope);
@@ -615,23 +648,25 @@ impl ReferenceModel {
         }
         let query_rows: Vec<usize> = (cached..cached + t).collect();
 
+        let wkv_b = w.matrix(Weight::WkvB(layer))?;
         let mut out = match self.options.attention {
-            AttentionForm::Naive => self.naive_attention(&q, &w.wkv_b, cache_rows, &query_rows),
-            AttentionForm::Absorbed => self.absorbed_attention(&q, &w.wkv_b, cache_rows, &query_rows),
+            AttentionForm::Naive => self.naive_attention(&q, &wkv_b, cache_rows, &query_rows)?,
+            AttentionForm::Absorbed => self.absorbed_attention(&q, &wkv_b.to_f32()?, cache_rows, &query_rows),
         };
+        drop(wkv_b);
         self.store_bf16(&mut out);
-        self.linear(&out, &w.wo, heads * c.v_head, c.dim)
+        self.linear(&out, &w.matrix(Weight::Wo(layer))?)
     }
 
     /// Expands `k_nope` and `v` of every cached token per head with wkv_b, then standard causal attention.
     /// `q` [T, heads, nope + rope] (roped and scaled); returns [T, heads * v_head].
-    fn naive_attention(&self, q: &[f32], wkv_b: &[f32], cache_rows: &[f32], query_rows: &[usize]) -> Vec<f32> {
+    fn naive_attention(&self, q: &[f32], wkv_b: &WeightMatrix, cache_rows: &[f32], query_rows: &[usize]) -> Result<Vec<f32>> {
         let c = self.config();
         let (heads, nope, rope, rank, v_head) = (c.heads, c.qk_nope, c.qk_rope, c.kv_lora_rank, c.v_head);
         let (qk, kv_per_head, width) = (nope + rope, nope + v_head, rank + rope);
         let latents: Vec<f32> = cache_rows.chunks_exact(width).flat_map(|row| &row[..rank]).copied().collect();
         // [kv_tokens, heads, nope + v_head]
-        let kv = self.linear(&latents, wkv_b, rank, heads * kv_per_head);
+        let kv = self.linear(&latents, wkv_b)?;
         let scale = c.softmax_scale();
         let mut out = vec![0.0f32; query_rows.len() * heads * v_head];
         out.par_chunks_mut(v_head).enumerate().for_each(|(index, o)| {
@@ -651,7 +686,7 @@ impl ReferenceModel {
                 }
             }
         });
-        out
+        Ok(out)
     }
 
     /// Absorbed form: `q_lat = q_nope . W_UK` per head, latent attention over the cache, `out = W_UV . o_lat`.
@@ -688,32 +723,75 @@ impl ReferenceModel {
         out
     }
 
-    /// The feed-forward block; lowers each token's entry of `margins` to its routing margin in this layer.
-    fn feed_forward(&self, h: &[f32], ffn: &FeedForward, tokens: usize, margins: &mut [f32]) -> Vec<f32> {
+    /// The feed-forward block of `layer` on `h` [tokens, dim]: the dense SwiGLU, or the router, the routed experts
+    /// and the shared experts; lowers each token's entry of `margins` to its routing margin in this layer.
+    fn feed_forward(&self, h: &[f32], layer: usize, tokens: usize, margins: &mut [f32]) -> Result<Vec<f32>> {
         let c = self.config();
         let act_bf16 = self.options.rounding == RoundingMode::Bf16Activations;
-        let mut y = match ffn {
-            FeedForward::Dense(e) => swiglu_expert_with(h, &e.w1, &e.w3, &e.w2, tokens, c.dim, c.dense_hidden, act_bf16),
-            FeedForward::Moe(moe) => {
-                let logits = router_logits(h, &moe.gate, tokens, c.dim, c.experts);
-                let routing = route(&logits, c.experts, c.experts_per_token, c.routed_scale);
-                for (margin, row) in margins.iter_mut().zip(logits.chunks_exact(c.experts)) {
-                    *margin = margin.min(routing_margin(row, c.experts_per_token));
-                }
-                // The shared block's width is expert_hidden * shared_experts, so it runs beside moe_block.
-                let mut y = match moe.fp8_act_scales.filter(|_| self.options.fp8_activations) {
-                    Some(scales) => moe_block_w8a8(h, &routing, &moe.experts, None, tokens, c.dim, c.expert_hidden, scales),
-                    None => moe_block_with(h, &routing, &moe.experts, None, tokens, c.dim, c.expert_hidden, act_bf16),
-                };
-                if let Some(s) = &moe.shared_experts {
-                    let shared = swiglu_expert_with(h, &s.w1, &s.w3, &s.w2, tokens, c.dim, c.shared_hidden(), act_bf16);
-                    y.iter_mut().zip(&shared).for_each(|(a, b)| *a += b);
-                }
-                y
+        let mut y = if c.is_moe_layer(layer) {
+            let logits = self.weights.matrix(Weight::Router(layer))?.matmul(h)?;
+            let routing = route(&logits, c.experts, c.experts_per_token, c.routed_scale);
+            for (margin, row) in margins.iter_mut().zip(logits.chunks_exact(c.experts)) {
+                *margin = margin.min(routing_margin(row, c.experts_per_token));
             }
+            let scales = self.fp8_act_scales[layer].filter(|_| self.options.fp8_activations);
+            let mut y = self.routed_experts(h, layer, &routing, tokens, act_bf16, scales)?;
+            // The shared block's width is expert_hidden * shared_experts, so it runs beside the routed experts.
+            if c.shared_experts > 0 {
+                let shared = self.swiglu(h, act_bf16, None, |which| Weight::SharedExperts(layer, which))?;
+                y.iter_mut().zip(&shared).for_each(|(a, b)| *a += b);
+            }
+            y
+        } else {
+            self.swiglu(h, act_bf16, None, |which| Weight::DenseFfn(layer, which))?
         };
         self.store_bf16(&mut y);
-        y
+        Ok(y)
+    }
+
+    /// The SwiGLU of `x` over the three matrices `weight(W1 | W3 | W2)` of the source ([`swiglu_by`]).
+    fn swiglu(&self, x: &[f32], act_bf16: bool, act_scales: Option<(f32, f32)>, weight: impl Fn(ExpertMatrix) -> Weight) -> Result<Vec<f32>> {
+        swiglu_by(x, act_bf16, act_scales, |which, input| self.weights.matrix(weight(which))?.matmul(input))
+    }
+
+    /// `sum_k w_k * expert_k(x)` per token, each expert's weights read once for all the tokens routed to it (experts
+    /// in parallel) and the contributions added per token in routing order, as `moe::moe_block_with` adds them.
+    /// Experts no token routes to are not touched; absent experts (`WeightSource::has_expert`) are skipped.
+    fn routed_experts(&self, h: &[f32], layer: usize, routing: &Routing, tokens: usize, act_bf16: bool, act_scales: Option<(f32, f32)>) -> Result<Vec<f32>> {
+        let (dim, k) = (self.config().dim, routing.k);
+        // Pair p = t * k + j, grouped by expert in increasing p.
+        let mut pairs_of: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for (p, &id) in routing.ids.iter().enumerate() {
+            if let Ok(expert) = usize::try_from(id) {
+                if self.weights.has_expert(layer, expert) {
+                    pairs_of.entry(expert).or_default().push(p);
+                }
+            }
+        }
+        let outputs: Vec<(Vec<usize>, Vec<f32>)> = pairs_of
+            .into_par_iter()
+            .map(|(expert, pairs)| {
+                let x: Vec<f32> = pairs.iter().flat_map(|&p| &h[p / k * dim..][..dim]).copied().collect();
+                let y = self.swiglu(&x, act_bf16, act_scales, |which| Weight::Expert { layer, expert, which })?;
+                Ok((pairs, y))
+            })
+            .collect::<Result<_>>()?;
+        let mut pair_rows: Vec<Option<&[f32]>> = vec![None; tokens * k];
+        for (pairs, y) in &outputs {
+            for (&p, row) in pairs.iter().zip(y.chunks_exact(dim)) {
+                pair_rows[p] = Some(row);
+            }
+        }
+        let mut out = vec![0.0f32; tokens * dim];
+        for (p, row) in pair_rows.iter().enumerate() {
+            if let Some(row) = row {
+                let w = routing.weights[p];
+                for (o, v) in out[p / k * dim..][..dim].iter_mut().zip(*row) {
+                    *o += w * v;
+                }
+            }
+        }
+        Ok(out)
     }
 }
 

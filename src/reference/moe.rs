@@ -1,9 +1,12 @@
 //! The mixture-of-experts block on the CPU: router (softmax over all experts in f32, top-k with ties to the lower
 //! index, renormalisation, routed scale) and SwiGLU experts.
 
+use std::convert::Infallible;
+
 use rayon::prelude::*;
 
 use super::linear::matmul_nt;
+use crate::model::checkpoint::ExpertMatrix;
 use crate::quant::fp8::{e4m3_to_f32, f32_to_e4m3};
 
 /// Top-k choice for each token: `ids[t * k + j]` and `weights[t * k + j]`, best first.
@@ -73,13 +76,50 @@ pub fn swiglu_expert(x: &[f32], w1: &[f32], w3: &[f32], w2: &[f32], tokens: usiz
 /// stores it in bf16 between the up and the down projection).
 #[allow(clippy::too_many_arguments)]
 pub fn swiglu_expert_with(x: &[f32], w1: &[f32], w3: &[f32], w2: &[f32], tokens: usize, dim: usize, hidden: usize, act_bf16: bool) -> Vec<f32> {
-    let gate = matmul_nt(x, w1, tokens, dim, hidden);
-    let up = matmul_nt(x, w3, tokens, dim, hidden);
+    swiglu_by(x, act_bf16, None, f32_projection([w1, w3, w2], tokens, dim, hidden)).unwrap_or_else(|never| match never {})
+}
+
+/// `project` of [`swiglu_by`] over f32 matrices `[w1, w3, w2]` (w1, w3 [hidden, dim], w2 [dim, hidden]).
+fn f32_projection<'a>(w: [&'a [f32]; 3], tokens: usize, dim: usize, hidden: usize) -> impl FnMut(ExpertMatrix, &[f32]) -> Result<Vec<f32>, Infallible> + 'a {
+    move |which, input| {
+        Ok(match which {
+            ExpertMatrix::W1 => matmul_nt(input, w[0], tokens, dim, hidden),
+            ExpertMatrix::W3 => matmul_nt(input, w[1], tokens, dim, hidden),
+            ExpertMatrix::W2 => matmul_nt(input, w[2], tokens, hidden, dim),
+        })
+    }
+}
+
+/// The SwiGLU `w2 (silu(w1 x) * w3 x)` of the rows `x`, where `project(which, input)` returns `input . W^T` for the
+/// expert's matrix `which` (from f32 slices, or from weights dequantised block by block as the streaming reference
+/// reads them): the one place the expert's arithmetic is written. The activation is rounded to bf16 when `act_bf16`.
+/// With W8A8 `act_scales` (up input, down input) the up projections read `x` quantised with the first
+/// ([`quantize_act_e4m3`]), the activation is rounded to bf16 (the GEMM stores it so, whatever `act_bf16`) and the
+/// down projection reads it quantised with the second.
+pub fn swiglu_by<E>(
+    x: &[f32],
+    act_bf16: bool,
+    act_scales: Option<(f32, f32)>,
+    mut project: impl FnMut(ExpertMatrix, &[f32]) -> Result<Vec<f32>, E>,
+) -> Result<Vec<f32>, E> {
+    let quantized;
+    let input = match act_scales {
+        Some((up_scale, _)) => {
+            quantized = quantize_act_e4m3(x, up_scale);
+            &quantized
+        }
+        None => x,
+    };
+    let gate = project(ExpertMatrix::W1, input)?;
+    let up = project(ExpertMatrix::W3, input)?;
     let mut act: Vec<f32> = gate.iter().zip(&up).map(|(&g, &u)| silu(g) * u).collect();
-    if act_bf16 {
+    if act_bf16 || act_scales.is_some() {
         super::linear::round_bf16(&mut act);
     }
-    matmul_nt(&act, w2, tokens, hidden, dim)
+    match act_scales {
+        Some((_, down_scale)) => project(ExpertMatrix::W2, &quantize_act_e4m3(&act, down_scale)),
+        None => project(ExpertMatrix::W2, &act),
+    }
 }
 
 /// The weights of one SwiGLU expert, f32, as stored [out, in].
@@ -160,12 +200,7 @@ pub fn quantize_act_e4m3(x: &[f32], scale: f32) -> Vec<f32> {
 /// activation `silu(w1 x) * w3 x` rounded to bf16 (the GEMM stores it so) and quantised with `scales.1`. The weights
 /// are the dequantised fp8 values; products of e4m3 values are exact in f32.
 pub fn swiglu_expert_w8a8(x: &[f32], e: &ExpertWeights, tokens: usize, dim: usize, hidden: usize, scales: (f32, f32)) -> Vec<f32> {
-    let xq = quantize_act_e4m3(x, scales.0);
-    let gate = matmul_nt(&xq, &e.w1, tokens, dim, hidden);
-    let up = matmul_nt(&xq, &e.w3, tokens, dim, hidden);
-    let mut act: Vec<f32> = gate.iter().zip(&up).map(|(&g, &u)| silu(g) * u).collect();
-    super::linear::round_bf16(&mut act);
-    matmul_nt(&quantize_act_e4m3(&act, scales.1), &e.w2, tokens, hidden, dim)
+    swiglu_by(x, true, Some(scales), f32_projection([&e.w1, &e.w3, &e.w2], tokens, dim, hidden)).unwrap_or_else(|never| match never {})
 }
 
 /// [`moe_block`] with the routed experts in W8A8 ([`swiglu_expert_w8a8`], `scales` = (up input, down input)); the

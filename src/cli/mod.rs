@@ -1,0 +1,3 @@
+//! Commands of the `small4` binary that live outside main.rs.
+
+pub mod logits;

@@ -25,10 +25,12 @@ pub mod float;
 pub mod ir;
 pub mod memory;
 pub mod parser;
+pub mod timing;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-pub use counters::Counters;
+pub use counters::{BlockSample, Counters};
+pub use timing::{Gpu, Model, Prediction, Profile};
 use memory::GlobalMemory;
 
 /// A PTX syntax or decoding error, naming the source line.
@@ -120,6 +122,10 @@ pub struct Machine {
     global: GlobalMemory,
     /// Shared-memory race detection (on by default).
     pub race_check: bool,
+    /// Run at most this many blocks of each launch, evenly spaced over the grid (None: every block). For timing
+    /// estimates of launches too large to interpret whole: the counters then cover `Counters::blocks_run` blocks, and
+    /// blocks not run write nothing (their outputs stay as they were).
+    pub block_sample: Option<u64>,
 }
 
 impl Default for Machine {
@@ -130,7 +136,7 @@ impl Default for Machine {
 
 impl Machine {
     pub fn new() -> Machine {
-        Machine { global: GlobalMemory::default(), race_check: true }
+        Machine { global: GlobalMemory::default(), race_check: true, block_sample: None }
     }
 
     /// Uninitialised device memory: a kernel reading it before anything wrote it is an error.
@@ -182,6 +188,6 @@ impl Machine {
         dynamic_shared_bytes: u32,
         params: &[u8],
     ) -> Result<Counters, SimError> {
-        exec::launch(&mut self.global, module, entry, grid, block, dynamic_shared_bytes, params, self.race_check)
+        exec::launch(&mut self.global, module, entry, grid, block, dynamic_shared_bytes, params, self.race_check, self.block_sample)
     }
 }

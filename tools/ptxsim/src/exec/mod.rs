@@ -241,6 +241,15 @@ impl BlockCtx<'_> {
                 return Err((Fault { lane: None, message: format!("more than {STEP_LIMIT} warp instructions in one block: runaway loop?") }, pc));
             }
             self.counters.count(self.classes[pc as usize], exec);
+            match inst.op {
+                Op::Bar { .. } => self.counters.block_barriers += 1,
+                Op::CpAsyncWait(n) => {
+                    self.counters.async_waits += 1;
+                    // wait_all (u32::MAX) leaves no group in flight.
+                    self.counters.async_groups_left_in_flight += if n == u32::MAX { 0 } else { n as u64 };
+                }
+                _ => {}
+            }
             let flow = if exec == 0 && !matches!(inst.op, Op::Bar { .. } | Op::Shfl(_) | Op::Vote(_)) {
                 Flow::Next
             } else {
@@ -570,6 +579,7 @@ pub(crate) fn launch(
     dynamic_shared_bytes: u32,
     params: &[u8],
     race_check: bool,
+    block_sample: Option<u64>,
 ) -> Result<Counters, SimError> {
     let kernel = module.kernel(entry).ok_or_else(|| SimError::host(format!("no kernel named {entry} in the module (have {:?})", module.entries())))?;
     let threads = block.iter().map(|&d| d as u64).product::<u64>();
@@ -589,6 +599,10 @@ pub(crate) fn launch(
     let nwarps = threads.div_ceil(32) as usize;
     let mut shared = SharedMemory::new(shared_size, nwarps, race_check);
     let mut counters = Counters { kernel: kernel.name.clone(), ..Counters::default() };
+    counters.block_threads = threads as u32;
+    counters.shared_bytes = shared_size as u32;
+    let total_blocks = grid.iter().map(|&g| g as u64).product::<u64>();
+    let sample = crate::counters::BlockSample::new(total_blocks, block_sample);
     let mut asyncq = AsyncQueue::new(threads as usize);
     let local_bytes = kernel.local_bytes as usize;
     let mut warps: Vec<Warp> = (0..nwarps)
@@ -625,6 +639,9 @@ pub(crate) fn launch(
     for bz in 0..grid[2] {
         for by in 0..grid[1] {
             for bx in 0..grid[0] {
+                if !sample.runs((bz as u64 * grid[1] as u64 + by as u64) * grid[0] as u64 + bx as u64) {
+                    continue;
+                }
                 shared.reset();
                 asyncq.reset();
                 for (w, &live) in warps.iter_mut().zip(&live_masks) {
@@ -648,9 +665,11 @@ pub(crate) fn launch(
                     ntid: block,
                 };
                 ctx.run_block(&mut warps)?;
+                counters.end_block();
             }
         }
     }
-    counters.blocks = grid.iter().map(|&g| g as u64).product();
+    counters.blocks = total_blocks;
+    counters.blocks_run = sample.count();
     Ok(counters)
 }

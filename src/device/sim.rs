@@ -90,8 +90,9 @@ impl SimBackend {
     }
 
     /// Interprets at most `blocks` blocks of each launch, evenly spaced over its grid (None: every block), for timing
-    /// estimates of launches too large to interpret whole. Blocks not run write nothing, so outputs are incomplete
-    /// (and a later kernel reading them may fault on uninitialised bytes): for timing only. Counters cover the
+    /// estimates of launches too large to interpret whole. Blocks not run write nothing, so outputs are incomplete:
+    /// for timing only (memory allocated while sampling comes zeroed, so a later kernel reading what an unsampled
+    /// block would have written reads zeros, not uninitialised bytes). Counters cover the
     /// sampled blocks (`LaunchCounters::blocks_run`); the prediction scales them to the grid.
     ///
     /// ```
@@ -228,7 +229,14 @@ impl Backend for SimBackend {
     }
     fn alloc(&self, bytes: usize) -> Result<u64> {
         self.not_capturing("alloc")?;
-        Ok(self.machine.lock().unwrap().alloc(bytes))
+        let mut machine = self.machine.lock().unwrap();
+        let addr = machine.alloc(bytes);
+        if machine.block_sample.is_some() {
+            // Blocks not run write nothing: a later kernel reading their outputs would hit uninitialised bytes. While
+            // sampling (timing only), memory comes zeroed, i.e. initialised.
+            machine.memset(addr, 0, bytes).map_err(sim_error)?;
+        }
+        Ok(addr)
     }
     fn free(&self, addr: u64) -> Result<()> {
         self.not_capturing("free")?;

@@ -101,6 +101,13 @@ pub struct Counters {
     pub block_distinct_sectors: u64,
     /// The sectors of the block being run (empty once a launch returns).
     pub block_sectors: SectorSet,
+    /// Each warp's dependent-latency chain in the block being run (`timing::CHAIN_CYCLES` summed over the
+    /// instructions it issued; emptied by `end_block`).
+    pub block_warp_chain: Vec<u64>,
+    /// The longest warp chain of any block, and the longest warp chain of each block summed over blocks (cycles):
+    /// the critical path of a block is at least its longest warp's chain of dependent instructions.
+    pub chain_cycles_max: u64,
+    pub chain_cycles_sum: u64,
     pub shared_requests: u64,
     /// Extra shared-memory wavefronts caused by bank conflicts (0 when every request is conflict-free).
     pub shared_bank_conflicts: u64,
@@ -111,7 +118,12 @@ pub struct Counters {
 
 impl Counters {
     #[inline(always)]
-    pub(crate) fn count(&mut self, class: Class, exec: u32) {
+    pub(crate) fn count(&mut self, class: Class, exec: u32, warp: u32) {
+        let warp = warp as usize;
+        if warp >= self.block_warp_chain.len() {
+            self.block_warp_chain.resize(warp + 1, 0);
+        }
+        self.block_warp_chain[warp] += crate::timing::CHAIN_CYCLES[class as usize];
         self.warp_instructions += 1;
         self.thread_instructions += exec.count_ones() as u64;
         self.by_class[class as usize] += 1;
@@ -189,10 +201,16 @@ impl Counters {
     pub(crate) fn end_block(&mut self) {
         self.block_distinct_sectors += self.block_sectors.len();
         self.block_sectors.pages.clear();
+        let longest = self.block_warp_chain.iter().copied().max().unwrap_or(0);
+        self.chain_cycles_max = self.chain_cycles_max.max(longest);
+        self.chain_cycles_sum += longest;
+        self.block_warp_chain.iter_mut().for_each(|c| *c = 0);
     }
 
     pub fn merge(&mut self, o: &Counters) {
         self.block_distinct_sectors += o.block_distinct_sectors;
+        self.chain_cycles_max = self.chain_cycles_max.max(o.chain_cycles_max);
+        self.chain_cycles_sum += o.chain_cycles_sum;
         self.blocks += o.blocks;
         self.blocks_run += o.blocks_run;
         self.block_barriers += o.block_barriers;

@@ -13,6 +13,9 @@
 //! - **Issue** (the computation warp parallelism, CWP): warp instructions of the busiest SM over 4 schedulers, each
 //!   issuing at most one instruction a cycle, or fewer when its warps are too few to cover the class-weighted
 //!   dependent latency of the instruction mix (`Class` latencies in [`LATENCY_CYCLES`]).
+//! - **Critical path**: a block lasts at least its longest warp's chain of dependent instructions
+//!   ([`CHAIN_CYCLES`] summed over what the warp issued, over an ILP factor); the busiest SM runs its blocks in rounds
+//!   of the resident count, the last round holding the grid's longest block (a last-block reduction's serial tail).
 //! - **Tensor cores** (`mma.sync` FLOPs of the busiest SM at the dense rate times the `mma.sync` efficiency) and
 //!   **shared memory** (one wavefront per cycle per SM, bank conflicts included).
 //!
@@ -115,6 +118,12 @@ pub const LATENCY_CYCLES: [f64; Class::ALL.len()] = [
     30.0, // tensor (mma.sync, ldmatrix counted as shared)
 ];
 
+/// Cycles one instruction of each class adds to its warp's chain of dependent instructions (`Counters::
+/// chain_cycles_max`): [`LATENCY_CYCLES`], except that a global load or atomic waits for memory (an L2 hit on
+/// Hopper: ~260 cycles, Luo et al. 2024; misses cost more, hits of a reused line less) and a barrier for the
+/// block's other warps (~20 cycles when they are there). Integers, so the counter stays exact.
+pub const CHAIN_CYCLES: [u64; Class::ALL.len()] = [4, 4, 6, 2, 4, 260, 30, 4, 260, 1, 20, 24, 30];
+
 /// The model's free parameters, fitted on the H200 calibration set (`small4 calibrate`): few, each physical.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Model {
@@ -133,6 +142,13 @@ pub struct Model {
     pub max_bytes_in_flight_per_sm: f64,
     /// Fraction of a DRAM latency each block barrier exposes (the pipeline drains there).
     pub barrier_exposure: f64,
+    /// Instruction-level parallelism of a warp's dependent chain: the chain (every instruction waiting for the one
+    /// before) is divided by this (prior: 1.5-3, the independent instructions nvcc interleaves).
+    pub chain_ilp: f64,
+    /// One host synchronisation (`cuStreamSynchronize` after a launch, for benches that time launch + sync): the
+    /// median difference between the H200 router figures timed with and without it (20.6 - 12.1, 28.8 - 20.1,
+    /// 70.5 - 61.6 µs: 8.5, 8.7, 8.9). Not part of a launch's time; `small4 calibrate` adds it to such rows.
+    pub host_sync_s: f64,
 }
 
 impl Model {
@@ -144,6 +160,8 @@ impl Model {
         mma_sync_efficiency: 0.6,
         max_bytes_in_flight_per_sm: 64.0 * 1024.0,
         barrier_exposure: 0.1,
+        chain_ilp: 2.0,
+        host_sync_s: 8.7e-6,
     };
 }
 
@@ -171,6 +189,9 @@ pub struct Profile {
     pub block_barriers: u64,
     pub async_waits: u64,
     pub async_groups_left_in_flight: u64,
+    /// The longest warp chain of any block and the sum over blocks of each block's longest (cycles).
+    pub chain_cycles_max: u64,
+    pub chain_cycles_sum: u64,
 }
 
 impl Profile {
@@ -193,6 +214,8 @@ impl Profile {
             block_barriers: c.block_barriers,
             async_waits: c.async_waits,
             async_groups_left_in_flight: c.async_groups_left_in_flight,
+            chain_cycles_max: c.chain_cycles_max,
+            chain_cycles_sum: c.chain_cycles_sum,
         }
     }
 }
@@ -208,6 +231,8 @@ pub struct Prediction {
     pub issue_s: f64,
     pub tensor_s: f64,
     pub shared_s: f64,
+    /// The critical path of dependent instructions (longest warp chains, `CHAIN_CYCLES`).
+    pub chain_s: f64,
     /// Launch overhead, first-load latency per wave and barrier drains: the terms added to the largest rate.
     pub exposed_s: f64,
     /// The achievable DRAM bandwidth (memory parallelism and efficiency), bytes per second.
@@ -219,9 +244,9 @@ impl Prediction {
     pub fn micros(&self) -> f64 {
         self.seconds * 1e6
     }
-    /// The term that set the time: "dram", "l2", "issue", "tensor", "shared" or "latency".
+    /// The term that set the time: "dram", "l2", "issue", "tensor", "shared", "chain" or "latency".
     pub fn bound(&self) -> &'static str {
-        let terms = [(self.dram_s, "dram"), (self.l2_s, "l2"), (self.issue_s, "issue"), (self.tensor_s, "tensor"), (self.shared_s, "shared")];
+        let terms = [(self.dram_s, "dram"), (self.l2_s, "l2"), (self.issue_s, "issue"), (self.tensor_s, "tensor"), (self.shared_s, "shared"), (self.chain_s, "chain")];
         let (t, name) = terms.into_iter().fold((0.0, "latency"), |a, b| if b.0 > a.0 { b } else { a });
         if t < self.exposed_s {
             "latency"
@@ -284,7 +309,12 @@ pub fn predict(c: &Profile, gpu: &Gpu, model: &Model) -> Prediction {
     let barriers_per_warp = per_block(c.block_barriers) / warps_per_block;
     let barrier_s = (blocks_on_sm / resident as f64) * barriers_per_warp * model.barrier_exposure * latency_s;
     let exposed_s = model.launch_s + waves as f64 * latency_s + barrier_s;
-    let busy = dram_s.max(l2_s).max(issue_s).max(tensor_s).max(shared_s);
+    // Critical path: the busiest SM runs its blocks in rounds of `resident`; each round lasts at least its longest
+    // warp chain, and the last round holds the grid's longest block (e.g. a last-block reduction's serial tail).
+    let rounds = (blocks_on_sm / resident as f64).ceil();
+    let mean_chain = c.chain_cycles_sum as f64 / run;
+    let chain_s = ((rounds - 1.0).max(0.0) * mean_chain + c.chain_cycles_max as f64) / model.chain_ilp * cycle;
+    let busy = dram_s.max(l2_s).max(issue_s).max(tensor_s).max(shared_s).max(chain_s);
     Prediction {
         seconds: busy + exposed_s,
         blocks_per_sm: bps,
@@ -294,6 +324,7 @@ pub fn predict(c: &Profile, gpu: &Gpu, model: &Model) -> Prediction {
         issue_s,
         tensor_s,
         shared_s,
+        chain_s,
         exposed_s,
         dram_bytes_per_s: dram_bw,
     }

@@ -240,7 +240,7 @@ impl BlockCtx<'_> {
             if *steps > STEP_LIMIT {
                 return Err((Fault { lane: None, message: format!("more than {STEP_LIMIT} warp instructions in one block: runaway loop?") }, pc));
             }
-            self.counters.count(self.classes[pc as usize], exec);
+            self.counters.count(self.classes[pc as usize], exec, w.index);
             match inst.op {
                 Op::Bar { .. } => self.counters.block_barriers += 1,
                 Op::CpAsyncWait(n) => {

@@ -142,11 +142,16 @@ pub struct Options {
     pub only: Vec<String>,
     /// Also search the model's free parameters for the best fit and report them.
     pub fit: bool,
+    /// Print each launch's model terms under its row.
+    pub terms: bool,
+    /// A file of recorded launch profiles: read when it exists (no interpreter run for the calls it holds), written
+    /// otherwise. For iterating on the model; delete it after changing a kernel.
+    pub profiles: Option<std::path::PathBuf>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { sample_blocks: 16, only: Vec::new(), fit: false }
+        Options { sample_blocks: 16, only: Vec::new(), fit: false, terms: false, profiles: None }
     }
 }
 
@@ -237,7 +242,10 @@ pub fn run(options: &Options, out: &mut dyn Write) -> Result<(Vec<Outcome>, Summ
     let sim = Arc::new(SimBackend::new());
     sim.set_target_gpu(Some(TargetGpu::H200));
     let device: Device = sim.clone();
-    let mut calls: HashMap<String, Vec<LaunchCounters>> = HashMap::new();
+    let mut calls: HashMap<String, Vec<LaunchCounters>> = match &options.profiles {
+        Some(path) if path.exists() => load_profiles(path)?,
+        _ => HashMap::new(),
+    };
     let mut moe_weights: Option<(WeightFormat, MoeLayerWeights)> = None;
     let io = |e: std::io::Error| Error::Io { path: "stdout".into(), source: e };
     writeln!(out, "| row | measured (H200) | predicted | ratio | bound | what |").map_err(io)?;
@@ -272,7 +280,34 @@ pub fn run(options: &Options, out: &mut dyn Write) -> Result<(Vec<Outcome>, Summ
             launch_summary(&launches)
         )
         .map_err(io)?;
+        if options.terms {
+            for l in &launches {
+                let p = l.predict(&TargetGpu::H200, &TimingModel::FITTED);
+                writeln!(
+                    out,
+                    "|  | {} | {:.1} µs | bps {} waves {} | dram {:.1} ({:.0} GB/s) l2 {:.1} issue {:.1} tensor {:.1} shared {:.1} chain {:.1} exposed {:.1} µs |",
+                    l.kernel,
+                    p.micros(),
+                    p.blocks_per_sm,
+                    p.waves,
+                    p.dram_s * 1e6,
+                    p.dram_bytes_per_s / 1e9,
+                    p.l2_s * 1e6,
+                    p.issue_s * 1e6,
+                    p.tensor_s * 1e6,
+                    p.shared_s * 1e6,
+                    p.chain_s * 1e6,
+                    p.exposed_s * 1e6
+                )
+                .map_err(io)?;
+            }
+        }
         outcomes.push(Outcome { row: row.clone(), launches, predicted_us });
+    }
+    if let Some(path) = &options.profiles {
+        if !path.exists() {
+            save_profiles(path, &calls)?;
+        }
     }
     let pairs: Vec<(&Row, f64)> = outcomes.iter().map(|o| (&o.row, o.predicted_us)).collect();
     let summary = summarize(&pairs);
@@ -285,6 +320,81 @@ pub fn run(options: &Options, out: &mut dyn Write) -> Result<(Vec<Outcome>, Summ
     Ok((outcomes, summary))
 }
 
+/// The fields of a saved launch profile, in order.
+fn profile_fields(p: &crate::device::TimingProfile) -> Vec<u64> {
+    let mut v = vec![p.blocks, p.blocks_run, p.block_threads as u64, p.registers as u64, p.shared_bytes as u64, p.warp_instructions];
+    v.extend_from_slice(&p.by_class);
+    v.extend_from_slice(&[
+        p.global_sectors,
+        p.distinct_sectors,
+        p.block_distinct_sectors,
+        p.shared_requests,
+        p.shared_bank_conflicts,
+        p.tensor_flops,
+        p.block_barriers,
+        p.async_waits,
+        p.async_groups_left_in_flight,
+        p.chain_cycles_max,
+        p.chain_globals_max,
+        p.chain_cycles_sum,
+        p.chain_globals_sum,
+    ]);
+    v
+}
+
+fn save_profiles(path: &std::path::Path, calls: &HashMap<String, Vec<LaunchCounters>>) -> Result<()> {
+    let mut text = String::new();
+    for (key, launches) in calls {
+        for l in launches {
+            let nums: Vec<String> = profile_fields(&l.timing).iter().map(u64::to_string).collect();
+            text += &format!("{key}\t{}\t{}\t{}\n", l.kernel, l.family, nums.join("\t"));
+        }
+    }
+    std::fs::write(path, text).map_err(|e| Error::io(path, e))
+}
+
+fn load_profiles(path: &std::path::Path) -> Result<HashMap<String, Vec<LaunchCounters>>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let bad = |n: usize| Error::InvalidArgument(format!("{}: line {} is not a saved launch profile", path.display(), n + 1));
+    let mut calls: HashMap<String, Vec<LaunchCounters>> = HashMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let f: Vec<&str> = line.split('\t').collect();
+        let nums: Vec<u64> = f.get(3..).ok_or_else(|| bad(n))?.iter().map(|x| x.parse().map_err(|_| bad(n))).collect::<Result<_>>()?;
+        let classes = crate::device::TimingProfile::default().by_class.len();
+        if nums.len() != 6 + classes + 13 {
+            return Err(bad(n));
+        }
+        let c = &nums[6 + classes..];
+        let mut by_class = [0u64; ptxsim::ir::Class::ALL.len()];
+        by_class.copy_from_slice(&nums[6..6 + classes]);
+        let timing = crate::device::TimingProfile {
+            blocks: nums[0],
+            blocks_run: nums[1],
+            block_threads: nums[2] as u32,
+            registers: nums[3] as u32,
+            shared_bytes: nums[4] as u32,
+            warp_instructions: nums[5],
+            by_class,
+            global_sectors: c[0],
+            distinct_sectors: c[1],
+            block_distinct_sectors: c[2],
+            shared_requests: c[3],
+            shared_bank_conflicts: c[4],
+            tensor_flops: c[5],
+            block_barriers: c[6],
+            async_waits: c[7],
+            async_groups_left_in_flight: c[8],
+            chain_cycles_max: c[9],
+            chain_globals_max: c[10],
+            chain_cycles_sum: c[11],
+            chain_globals_sum: c[12],
+        };
+        let launch = LaunchCounters { kernel: f[1].to_string(), family: f[2].to_string(), blocks: timing.blocks, blocks_run: timing.blocks_run, timing, ..LaunchCounters::default() };
+        calls.entry(f[0].to_string()).or_default().push(launch);
+    }
+    Ok(calls)
+}
+
 /// Launch kernels with their grids and sampled blocks, e.g. `moe_gemm_bf16_narrow 256 (16 run)`.
 fn launch_summary(launches: &[LaunchCounters]) -> String {
     launches
@@ -294,28 +404,35 @@ fn launch_summary(launches: &[LaunchCounters]) -> String {
         .join(", ")
 }
 
-/// Searches the free parameters (launch overhead, DRAM latency, mma.sync efficiency, barrier exposure, chain ILP) on a
-/// grid for
+/// Searches the free parameters (launch overhead, DRAM latency, mma.sync efficiency, barrier exposure, chain ILP,
+/// bytes in flight per SM, chain cost of a global load) on a grid for
 /// the least mean |log(predicted / measured)| over the rows; the measured and datasheet parameters stay fixed.
 fn fit(outcomes: &[Outcome]) -> (TimingModel, Summary) {
     let mut best = (f64::INFINITY, TimingModel::FITTED);
-    for launch_us in [1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0] {
-        for latency in [400.0, 500.0, 600.0, 700.0, 800.0, 1000.0, 1200.0] {
-            for mma in [0.3, 0.4, 0.5, 0.6, 0.7, 0.8] {
-                for barrier in [0.0, 0.05, 0.1, 0.2, 0.4] {
-                    for ilp in [1.0, 1.5, 2.0, 3.0, 4.0] {
-                        let model = TimingModel {
-                            launch_s: launch_us * 1e-6,
-                            dram_latency_cycles: latency,
-                            mma_sync_efficiency: mma,
-                            barrier_exposure: barrier,
-                            chain_ilp: ilp,
-                            ..TimingModel::FITTED
-                        };
-                        let cost = outcomes.iter().map(|o| (predict_row(&o.row, &o.launches, &model) / o.row.measured_us).ln().abs()).sum::<f64>()
-                            / outcomes.len().max(1) as f64;
-                        if cost < best.0 {
-                            best = (cost, model);
+    let cost = |model: &TimingModel| {
+        outcomes.iter().map(|o| (predict_row(&o.row, &o.launches, model) / o.row.measured_us).ln().abs()).sum::<f64>() / outcomes.len().max(1) as f64
+    };
+    // Each parameter over its physically plausible range only (see `ptxsim::timing::Model` for the priors).
+    for launch_us in [2.0, 2.5, 3.0, 3.5, 4.0] {
+        for latency in [500.0, 600.0, 700.0, 800.0, 1000.0] {
+            for mma in [0.5, 0.6, 0.7, 0.8] {
+                for barrier in [0.0, 0.1, 0.2, 0.4] {
+                    for (ilp, in_flight_kib) in [1.0, 1.5, 2.0, 3.0].into_iter().flat_map(|i| [8.0, 16.0, 32.0, 64.0].map(|f| (i, f))) {
+                        for global in [60.0, 130.0, 260.0] {
+                            let model = TimingModel {
+                                chain_global_cycles: global,
+                                launch_s: launch_us * 1e-6,
+                                dram_latency_cycles: latency,
+                                mma_sync_efficiency: mma,
+                                barrier_exposure: barrier,
+                                chain_ilp: ilp,
+                                max_bytes_in_flight_per_sm: in_flight_kib * 1024.0,
+                                ..TimingModel::FITTED
+                            };
+                            let c = cost(&model);
+                            if c < best.0 {
+                                best = (c, model);
+                            }
                         }
                     }
                 }

@@ -42,6 +42,12 @@ enum Command {
         /// Also grid-search the model's free parameters and print the best fit.
         #[arg(long)]
         fit: bool,
+        /// Print each launch's model terms (DRAM, L2, issue, tensor, shared, chain, exposed latency).
+        #[arg(long)]
+        terms: bool,
+        /// Launch profiles file: read if present (skips the interpreter), else written (for model iteration).
+        #[arg(long)]
+        profiles: Option<PathBuf>,
     },
     /// End-to-end engine benchmark: a batch of random prompts prefilled together, then timed decode steps
     /// (prefill and decode tokens/s, decode step mean/p50/p90). Per-kernel figures: `cargo bench`.
@@ -218,8 +224,8 @@ struct GenerateArgs {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Resources => print!("{}", small4::kernels::KERNEL_RESOURCES_MARKDOWN),
-        Command::Calibrate { sample_blocks, only, fit } => {
-            small4::calibrate::run(&small4::calibrate::Options { sample_blocks, only, fit }, &mut std::io::stdout())?;
+        Command::Calibrate { sample_blocks, only, fit, terms, profiles } => {
+            small4::calibrate::run(&small4::calibrate::Options { sample_blocks, only, fit, terms, profiles }, &mut std::io::stdout())?;
         }
         Command::Bench(args) => bench(&args)?,
         Command::Generate(args) => generate(&args)?,

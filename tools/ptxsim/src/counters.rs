@@ -101,13 +101,16 @@ pub struct Counters {
     pub block_distinct_sectors: u64,
     /// The sectors of the block being run (empty once a launch returns).
     pub block_sectors: SectorSet,
-    /// Each warp's dependent-latency chain in the block being run (`timing::CHAIN_CYCLES` summed over the
-    /// instructions it issued; emptied by `end_block`).
-    pub block_warp_chain: Vec<u64>,
-    /// The longest warp chain of any block, and the longest warp chain of each block summed over blocks (cycles):
-    /// the critical path of a block is at least its longest warp's chain of dependent instructions.
+    /// Each warp's dependent-latency chain in the block being run: (`timing::CHAIN_CYCLES` summed over the
+    /// instructions it issued other than global memory and atomics, and the count of those), emptied by `end_block`.
+    pub block_warp_chain: Vec<(u64, u64)>,
+    /// The longest warp chain of any block (its non-memory cycles and global operations), and the longest warp chain
+    /// of each block summed over blocks: a block lasts at least its longest warp's chain of dependent instructions.
+    /// "Longest" weighs a global operation as `timing::CHAIN_GLOBAL_CYCLES`; the model may weigh it otherwise.
     pub chain_cycles_max: u64,
+    pub chain_globals_max: u64,
     pub chain_cycles_sum: u64,
+    pub chain_globals_sum: u64,
     pub shared_requests: u64,
     /// Extra shared-memory wavefronts caused by bank conflicts (0 when every request is conflict-free).
     pub shared_bank_conflicts: u64,
@@ -121,9 +124,14 @@ impl Counters {
     pub(crate) fn count(&mut self, class: Class, exec: u32, warp: u32) {
         let warp = warp as usize;
         if warp >= self.block_warp_chain.len() {
-            self.block_warp_chain.resize(warp + 1, 0);
+            self.block_warp_chain.resize(warp + 1, (0, 0));
         }
-        self.block_warp_chain[warp] += crate::timing::CHAIN_CYCLES[class as usize];
+        let chain = &mut self.block_warp_chain[warp];
+        if matches!(class, Class::GlobalMemory | Class::Atomic) {
+            chain.1 += 1;
+        } else {
+            chain.0 += crate::timing::CHAIN_CYCLES[class as usize];
+        }
         self.warp_instructions += 1;
         self.thread_instructions += exec.count_ones() as u64;
         self.by_class[class as usize] += 1;
@@ -201,16 +209,24 @@ impl Counters {
     pub(crate) fn end_block(&mut self) {
         self.block_distinct_sectors += self.block_sectors.len();
         self.block_sectors.pages.clear();
-        let longest = self.block_warp_chain.iter().copied().max().unwrap_or(0);
-        self.chain_cycles_max = self.chain_cycles_max.max(longest);
-        self.chain_cycles_sum += longest;
-        self.block_warp_chain.iter_mut().for_each(|c| *c = 0);
+        let weight = |c: &(u64, u64)| c.0 + c.1 * crate::timing::CHAIN_GLOBAL_CYCLES;
+        let longest = self.block_warp_chain.iter().copied().max_by_key(weight).unwrap_or((0, 0));
+        if weight(&longest) > weight(&(self.chain_cycles_max, self.chain_globals_max)) {
+            (self.chain_cycles_max, self.chain_globals_max) = longest;
+        }
+        self.chain_cycles_sum += longest.0;
+        self.chain_globals_sum += longest.1;
+        self.block_warp_chain.iter_mut().for_each(|c| *c = (0, 0));
     }
 
     pub fn merge(&mut self, o: &Counters) {
         self.block_distinct_sectors += o.block_distinct_sectors;
-        self.chain_cycles_max = self.chain_cycles_max.max(o.chain_cycles_max);
+        let weight = |c: u64, g: u64| c + g * crate::timing::CHAIN_GLOBAL_CYCLES;
+        if weight(o.chain_cycles_max, o.chain_globals_max) > weight(self.chain_cycles_max, self.chain_globals_max) {
+            (self.chain_cycles_max, self.chain_globals_max) = (o.chain_cycles_max, o.chain_globals_max);
+        }
         self.chain_cycles_sum += o.chain_cycles_sum;
+        self.chain_globals_sum += o.chain_globals_sum;
         self.blocks += o.blocks;
         self.blocks_run += o.blocks_run;
         self.block_barriers += o.block_barriers;

@@ -11,8 +11,8 @@
 //!   by what one SM can keep outstanding (the memory warp parallelism, MWP).
 //! - **L2**: every warp request's sectors (`global_sectors`, re-reads included) over the L2 bandwidth.
 //! - **Issue** (the computation warp parallelism, CWP): warp instructions of the busiest SM over 4 schedulers, each
-//!   issuing at most one instruction a cycle, or fewer when its warps are too few to cover the class-weighted
-//!   dependent latency of the instruction mix (`Class` latencies in [`LATENCY_CYCLES`]).
+//!   issuing at most one instruction a cycle, or fewer when its warps (times the ILP of each) are too few to cover
+//!   the class-weighted dependent latency of the instruction mix (`Class` latencies in [`LATENCY_CYCLES`]).
 //! - **Critical path**: a block lasts at least its longest warp's chain of dependent instructions
 //!   ([`CHAIN_CYCLES`] summed over what the warp issued, over an ILP factor); the busiest SM runs its blocks in rounds
 //!   of the resident count, the last round holding the grid's longest block (a last-block reduction's serial tail).
@@ -119,10 +119,14 @@ pub const LATENCY_CYCLES: [f64; Class::ALL.len()] = [
 ];
 
 /// Cycles one instruction of each class adds to its warp's chain of dependent instructions (`Counters::
-/// chain_cycles_max`): [`LATENCY_CYCLES`], except that a global load or atomic waits for memory (an L2 hit on
-/// Hopper: ~260 cycles, Luo et al. 2024; misses cost more, hits of a reused line less) and a barrier for the
-/// block's other warps (~20 cycles when they are there). Integers, so the counter stays exact.
-pub const CHAIN_CYCLES: [u64; Class::ALL.len()] = [4, 4, 6, 2, 4, 260, 30, 4, 260, 1, 20, 24, 30];
+/// chain_cycles_max`): [`LATENCY_CYCLES`], except that a barrier waits for the block's other warps (~20 cycles when
+/// they are there). Global loads and atomics are counted apart (`chain_globals_max`) and weighed by the model's
+/// `chain_global_cycles`. Integers, so the counter stays exact.
+pub const CHAIN_CYCLES: [u64; Class::ALL.len()] = [4, 4, 6, 2, 4, 0, 30, 4, 0, 1, 20, 24, 30];
+
+/// The weight of one global operation when the counters pick a block's longest warp chain: an L2 hit's latency on
+/// Hopper (~260 cycles, Luo et al. 2024).
+pub const CHAIN_GLOBAL_CYCLES: u64 = 260;
 
 /// The model's free parameters, fitted on the H200 calibration set (`small4 calibrate`): few, each physical.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -142,6 +146,9 @@ pub struct Model {
     pub max_bytes_in_flight_per_sm: f64,
     /// Fraction of a DRAM latency each block barrier exposes (the pipeline drains there).
     pub barrier_exposure: f64,
+    /// Cycles a global load or atomic adds to its warp's chain (prior: up to an L2 hit's ~260 cycles when each load
+    /// waits for the one before; less when a loop's loads are independent and overlap).
+    pub chain_global_cycles: f64,
     /// Instruction-level parallelism of a warp's dependent chain: the chain (every instruction waiting for the one
     /// before) is divided by this (prior: 1.5-3, the independent instructions nvcc interleaves).
     pub chain_ilp: f64,
@@ -161,6 +168,7 @@ impl Model {
         max_bytes_in_flight_per_sm: 64.0 * 1024.0,
         barrier_exposure: 0.1,
         chain_ilp: 2.0,
+        chain_global_cycles: 260.0,
         host_sync_s: 8.7e-6,
     };
 }
@@ -189,9 +197,12 @@ pub struct Profile {
     pub block_barriers: u64,
     pub async_waits: u64,
     pub async_groups_left_in_flight: u64,
-    /// The longest warp chain of any block and the sum over blocks of each block's longest (cycles).
+    /// The longest warp chain of any block and the sum over blocks of each block's longest: non-memory cycles and
+    /// global operations (`Counters::chain_cycles_max` and the rest).
     pub chain_cycles_max: u64,
+    pub chain_globals_max: u64,
     pub chain_cycles_sum: u64,
+    pub chain_globals_sum: u64,
 }
 
 impl Profile {
@@ -215,7 +226,9 @@ impl Profile {
             async_waits: c.async_waits,
             async_groups_left_in_flight: c.async_groups_left_in_flight,
             chain_cycles_max: c.chain_cycles_max,
+            chain_globals_max: c.chain_globals_max,
             chain_cycles_sum: c.chain_cycles_sum,
+            chain_globals_sum: c.chain_globals_sum,
         }
     }
 }
@@ -301,7 +314,7 @@ pub fn predict(c: &Profile, gpu: &Gpu, model: &Model) -> Prediction {
     let instr = c.warp_instructions as f64;
     let mean_latency = if instr > 0.0 { c.by_class.iter().zip(LATENCY_CYCLES).map(|(&n, l)| n as f64 * l).sum::<f64>() / instr } else { 1.0 };
     let warps_per_scheduler = warps_per_block * resident as f64 / 4.0;
-    let issue_rate = 4.0 * (warps_per_scheduler / mean_latency).min(1.0);
+    let issue_rate = 4.0 * (warps_per_scheduler * model.chain_ilp / mean_latency).min(1.0);
     let issue_s = blocks_on_sm * per_block(c.warp_instructions) / issue_rate * cycle;
     let tensor_s = blocks_on_sm * per_block(c.tensor_flops) / (gpu.tensor_flops_per_sm_cycle * model.mma_sync_efficiency) * cycle;
     let shared_s = blocks_on_sm * per_block(c.shared_requests + c.shared_bank_conflicts) * cycle;
@@ -312,8 +325,9 @@ pub fn predict(c: &Profile, gpu: &Gpu, model: &Model) -> Prediction {
     // Critical path: the busiest SM runs its blocks in rounds of `resident`; each round lasts at least its longest
     // warp chain, and the last round holds the grid's longest block (e.g. a last-block reduction's serial tail).
     let rounds = (blocks_on_sm / resident as f64).ceil();
-    let mean_chain = c.chain_cycles_sum as f64 / run;
-    let chain_s = ((rounds - 1.0).max(0.0) * mean_chain + c.chain_cycles_max as f64) / model.chain_ilp * cycle;
+    let mean_chain = (c.chain_cycles_sum as f64 + c.chain_globals_sum as f64 * model.chain_global_cycles) / run;
+    let max_chain = c.chain_cycles_max as f64 + c.chain_globals_max as f64 * model.chain_global_cycles;
+    let chain_s = ((rounds - 1.0).max(0.0) * mean_chain + max_chain) / model.chain_ilp * cycle;
     let busy = dram_s.max(l2_s).max(issue_s).max(tensor_s).max(shared_s).max(chain_s);
     Prediction {
         seconds: busy + exposed_s,

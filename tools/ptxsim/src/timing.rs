@@ -159,14 +159,17 @@ pub struct Model {
 }
 
 impl Model {
-    /// The fitted values (see docs/perf.md, "Timing model", for the calibration run).
+    /// The fitted values: `small4 calibrate --fit` over the 60 predicted H200 rows, each free parameter searched over
+    /// its plausible range only (launch 2-4 µs, latency 500-1000 cycles, mma.sync 0.5-0.8, barrier 0-0.4, ILP 1-3,
+    /// 8-64 KiB in flight, 60-260 cycles a global load in a chain), least mean plus worst |log(predicted /
+    /// measured)|. See docs/perf.md, "Timing model".
     pub const FITTED: Model = Model {
-        launch_s: 2.5e-6,
-        dram_latency_cycles: 700.0,
+        launch_s: 3.0e-6,
+        dram_latency_cycles: 1000.0,
         dram_efficiency: 0.885,
-        mma_sync_efficiency: 0.6,
-        max_bytes_in_flight_per_sm: 64.0 * 1024.0,
-        barrier_exposure: 0.1,
+        mma_sync_efficiency: 0.5,
+        max_bytes_in_flight_per_sm: 32.0 * 1024.0,
+        barrier_exposure: 0.4,
         chain_ilp: 2.0,
         chain_global_cycles: 260.0,
         host_sync_s: 8.7e-6,

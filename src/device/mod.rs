@@ -292,7 +292,14 @@ impl std::fmt::Display for LaunchCounters {
             self.shared_bank_conflicts,
             self.tensor_core_ops,
             self.tensor_flops
-        )
+        )?;
+        if self.blocks_run < self.blocks {
+            write!(f, "; {} of {} blocks interpreted (sampled)", self.blocks_run, self.blocks)?;
+        }
+        match (self.predicted_us, self.predicted_gpu) {
+            (Some(us), Some(gpu)) => write!(f, "; predicted {us:.1} us on {gpu}"),
+            _ => Ok(()),
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! Predicted GPU time of one launch from what the interpreter counted: an analytical model in the spirit of the
 //! MWP-CWP model (Hong and Kim, ISCA 2009), not a cycle-by-cycle simulator.
 //!
-//! The launch is the maximum of four rates, plus the costs that do not overlap:
+//! The launch is the maximum of six rates, plus the costs that do not overlap:
 //!
 //! - **DRAM**: the launch's distinct 32-byte sectors (`Counters::distinct_sectors`: what L2 does not keep from a
 //!   second read) over the achievable bandwidth. That bandwidth is the datasheet figure times the copy efficiency, or

@@ -70,7 +70,7 @@ fn bench_decode(c: &mut Criterion, device: &Device) {
         let q_rope = DeviceBuffer::from_slice(device, &random_bf16(&mut rng, batch * HEADS * ROPE)).unwrap();
         let o_lat = DeviceBuffer::<bf16>::alloc(device, batch * HEADS * LATENT).unwrap();
         let layout = QueryLayout::decode(device, batch).unwrap();
-        let queries = Queries { layout: &layout, q_lat: q_lat.view([batch, HEADS, LATENT]).unwrap(), q_rope: q_rope.view([batch, HEADS, ROPE]).unwrap() };
+        let queries = Queries { layout: &layout, q_lat: q_lat.view([batch, HEADS, LATENT]).unwrap(), q_rope: q_rope.view([batch * HEADS, ROPE]).unwrap() };
         let o_lat = o_lat.view([batch, HEADS, LATENT]).unwrap();
         let mut scratch = AttentionScratch::new(device);
         let ideal = (batch * context * cache.descriptor().token_bytes() + batch * HEADS * (LATENT + ROPE + LATENT) * 2) as u64;
@@ -102,7 +102,7 @@ fn bench_prefill(c: &mut Criterion, device: &Device) {
     let q_rope = DeviceBuffer::from_slice(device, &random_bf16(&mut rng, new * HEADS * ROPE)).unwrap();
     let o_lat = DeviceBuffer::<bf16>::alloc(device, new * HEADS * LATENT).unwrap();
     let layout = QueryLayout::upload(device, &[0, new as i32]).unwrap();
-    let queries = Queries { layout: &layout, q_lat: q_lat.view([new, HEADS, LATENT]).unwrap(), q_rope: q_rope.view([new, HEADS, ROPE]).unwrap() };
+    let queries = Queries { layout: &layout, q_lat: q_lat.view([new, HEADS, LATENT]).unwrap(), q_rope: q_rope.view([new * HEADS, ROPE]).unwrap() };
     let o_lat = o_lat.view([new, HEADS, LATENT]).unwrap();
     let mut scratch = AttentionScratch::new(device);
     // Query t sees prefix + t + 1 keys.

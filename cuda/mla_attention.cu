@@ -216,7 +216,7 @@ __device__ __forceinline__ void attention_tile(const MlaAttentionParams &p) {
         bf16 *dst = q_smem + r * kRowStride + col;
         if (row < q_count * p.heads) {
             const long grow = (long)q_begin * p.heads + row;
-            const bf16 *src = col < kLatent ? p.q_lat + grow * kLatent + col : p.q_rope + grow * kRope + (col - kLatent);
+            const bf16 *src = col < kLatent ? p.q_lat + grow * kLatent + col : p.q_rope + (long)grow * p.q_rope_stride + (col - kLatent);
             cp_async16(dst, src);
         } else {
             *reinterpret_cast<uint4 *>(dst) = make_uint4(0, 0, 0, 0);

@@ -17,6 +17,9 @@
 // per-tensor scale by moe_quantize_act_e4m3) go straight to mma.sync m16n8k32 e4m3; the epilogue multiplies the weight
 // scale by the activation scale.
 //
+// Batched dense mode (grid z = heads): matrix z of the weights times head z's slice of every input row, written to
+// head z's slice of every output row (the per-head W_UK / W_UV products of MLA in one launch instead of one per head).
+//
 // Grouping: block y is a tile of tile_m slots; a block whose tile is not the first of a BN-slot group of its expert
 // exits at once, so an expert with up to BN pairs streams its weights exactly once (decode: tile_m 8, BN 32).
 //
@@ -36,6 +39,11 @@ constexpr int kStepsPerStage = kBK / 16; // mma k-steps per stage
 
 enum class Format { Bf16, Fp8, Fp8Block, Int4, Nvfp4 };
 
+// The grouped GEMM's field or its dense tail's, chosen by value: `tail ? p.tail.f : p.f` on the fields themselves
+// may become a select of their addresses, which copies the kernel parameters to local memory (a "spill").
+template <typename T>
+__device__ __forceinline__ T pick(bool tail, T tail_value, T value) { return tail ? tail_value : value; }
+
 // ---- weight formats: bytes per 16x64 tile, per-stage scales, fragment dequantisation --------------------------------
 //
 // Fragment layout (src/quant/repack.rs writes it): for each 16-row tile and each 64-k block, lane l owns 16-byte
@@ -49,7 +57,7 @@ template <Format F> struct WeightFormat;
 template <> struct WeightFormat<Format::Bf16> {
     static constexpr int kTileBytes = 16 * kBK * 2;
     struct Scales {};
-    __device__ static Scales load_scales(const MoeGemmParams &, int, int, int, int) { return {}; }
+    __device__ static Scales load_scales(const MoeGemmParams &, bool, int, int, int, int) { return {}; }
     __device__ static void fragment(const uint32_t *raw, int ks, const Scales &, uint32_t a[4]) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) a[i] = raw[ks * 4 + i];
@@ -60,7 +68,7 @@ template <> struct WeightFormat<Format::Bf16> {
 template <> struct WeightFormat<Format::Fp8> {
     static constexpr int kTileBytes = 16 * kBK;
     struct Scales {};
-    __device__ static Scales load_scales(const MoeGemmParams &, int, int, int, int) { return {}; }
+    __device__ static Scales load_scales(const MoeGemmParams &, bool, int, int, int, int) { return {}; }
     __device__ static void fragment(const uint32_t *raw, int ks, const Scales &, uint32_t a[4]) {
 #pragma unroll
         for (int w = 0; w < 2; ++w) {
@@ -77,9 +85,9 @@ template <> struct WeightFormat<Format::Fp8> {
 template <> struct WeightFormat<Format::Fp8Block> {
     static constexpr int kTileBytes = 16 * kBK;
     struct Scales { float row_g, row_g8; };
-    __device__ static Scales load_scales(const MoeGemmParams &p, int expert, int tile, int kb, int) {
+    __device__ static Scales load_scales(const MoeGemmParams &p, bool tail, int expert, int tile, int kb, int) {
         const int groups = p.rows_padded / 8;
-        const float *s = p.block_scales + ((long)expert * (p.k_dim / 128) + (kb * kBK) / 128) * groups + 2 * tile;
+        const float *s = pick(tail, p.tail.block_scales, p.block_scales) + ((long)expert * (p.k_dim / 128) + (kb * kBK) / 128) * groups + 2 * tile;
         return {s[0], s[1]};
     }
     __device__ static void fragment(const uint32_t *raw, int ks, const Scales &s, uint32_t a[4]) {
@@ -101,13 +109,15 @@ template <> struct WeightFormat<Format::Fp8Block> {
 template <> struct WeightFormat<Format::Int4> {
     static constexpr int kTileBytes = 16 * kBK / 2;
     struct Scales { uint32_t bias_g, bias_g8, scale_g, scale_g8; };  // bf16 pairs: 128 + zero, scale
-    __device__ static Scales load_scales(const MoeGemmParams &p, int expert, int tile, int kb, int g) {
+    __device__ static Scales load_scales(const MoeGemmParams &p, bool tail, int expert, int tile, int kb, int g) {
         // Layout [expert, tile, group, 16 rows]: the warp's 16 rows of a group are 32 contiguous bytes.
         const long at = (((long)expert * (p.rows_padded / 16) + tile) * (p.k_dim / p.group) + (kb * kBK) / p.group) * 16 + g;
         const long at8 = at + 8;
-        const float zero_g = p.group_zeros ? (float)p.group_zeros[at] : 8.f;
-        const float zero_g8 = p.group_zeros ? (float)p.group_zeros[at8] : 8.f;
-        const float scale_g = __bfloat162float(p.group_scales[at]), scale_g8 = __bfloat162float(p.group_scales[at8]);
+        const unsigned char *zeros = pick(tail, p.tail.group_zeros, p.group_zeros);
+        const bf16 *scales = pick(tail, p.tail.group_scales, p.group_scales);
+        const float zero_g = zeros ? (float)zeros[at] : 8.f;
+        const float zero_g8 = zeros ? (float)zeros[at8] : 8.f;
+        const float scale_g = __bfloat162float(scales[at]), scale_g8 = __bfloat162float(scales[at8]);
         return {pack_bf16x2(128.f + zero_g, 128.f + zero_g), pack_bf16x2(128.f + zero_g8, 128.f + zero_g8),
                 pack_bf16x2(scale_g, scale_g), pack_bf16x2(scale_g8, scale_g8)};
     }
@@ -130,10 +140,10 @@ template <> struct WeightFormat<Format::Int4> {
 template <> struct WeightFormat<Format::Nvfp4> {
     static constexpr int kTileBytes = 16 * kBK / 2;
     struct Scales { uint32_t row_g, row_g8; };  // four e4m3 bytes each: one per k-step of the stage
-    __device__ static Scales load_scales(const MoeGemmParams &p, int expert, int tile, int kb, int g) {
+    __device__ static Scales load_scales(const MoeGemmParams &p, bool tail, int expert, int tile, int kb, int g) {
         // Layout [expert, tile, k block, 16 rows, 4 k-steps]: the tile's scales of a stage are 64 contiguous bytes.
         const unsigned char *s =
-            p.fp4_scales + (((long)expert * (p.rows_padded / 16) + tile) * (p.k_dim / kBK) + kb) * 64 + g * 4;
+            pick(tail, p.tail.fp4_scales, p.fp4_scales) + (((long)expert * (p.rows_padded / 16) + tile) * (p.k_dim / kBK) + kb) * 64 + g * 4;
         return {*reinterpret_cast<const uint32_t *>(s), *reinterpret_cast<const uint32_t *>(s + 32)};
     }
     __device__ static void fragment(const uint32_t *raw, int ks, const Scales &s, uint32_t a[4]) {
@@ -204,9 +214,20 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
 
-    // Which rows (slots) and expert this block computes.
+    // Which rows (slots) and expert this block computes. Grouped launches may carry a dense tail (the shared expert):
+    // its blocks come after the grouped tiles and compute rows of its own matrix, input and output.
+    // Only the narrow decode tile carries a tail (batch-1 decode, where launches matter most); the wider tiles have no
+    // registers to spare for it (they spill), and the W8A8 kernels run the shared expert apart with bf16 activations:
+    // for those the host launches the shared expert on its own.
+    constexpr bool kTail = !Fp8Act && MF == 1;
+    const bool tail = kTail && p.sorted_pairs != nullptr && (int)blockIdx.y >= p.capacity_tiles;
     int expert, slot_begin, slot_end;
-    if (p.sorted_pairs != nullptr) {
+    if (tail) {
+        expert = 0;
+        slot_begin = (blockIdx.y - p.capacity_tiles) * BN;
+        if (slot_begin >= p.tail.rows) return;
+        slot_end = min(slot_begin + BN, p.tail.rows);
+    } else if (p.sorted_pairs != nullptr) {
         const int tile = blockIdx.y;
         if (tile >= p.capacity_tiles || tile * p.tile_m >= *p.num_padded) return;
         expert = p.tile_experts[tile];
@@ -217,7 +238,8 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
         if ((slot_begin - first_slot) % BN != 0) return;
         slot_end = min(slot_begin + BN, p.expert_offsets[expert + 1]);
     } else {
-        expert = 0;
+        // Dense mode; a batched launch (grid z > 1) runs matrix z of the weights on head z's input and output columns.
+        expert = blockIdx.z;
         slot_begin = blockIdx.y * BN;
         if (slot_begin >= p.dense_rows) return;
         slot_end = min(slot_begin + BN, p.dense_rows);
@@ -227,7 +249,7 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
 
     for (int s = tid; s < BN; s += kThreads) {
         int pair = -1;
-        if (s < slots) pair = p.sorted_pairs != nullptr ? p.sorted_pairs[slot_begin + s] : slot_begin + s;
+        if (s < slots) pair = p.sorted_pairs != nullptr && !tail ? p.sorted_pairs[slot_begin + s] : slot_begin + s;
         slot_pair[s] = pair;
     }
     __syncthreads();
@@ -240,7 +262,7 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
 
     const int first_tile = blockIdx.x * (BM / 16);
     const int k_blocks = p.k_dim / kBK;
-    const unsigned char *w_expert = p.weights + (long long)expert * p.expert_stride;
+    const unsigned char *w_expert = pick(tail, p.tail.weights, p.weights + (long long)expert * p.expert_stride);
 
     auto load_stage = [&](int stage, int kb) {
         unsigned char *w_dst = w_smem + stage * kWStage;
@@ -255,12 +277,15 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
             const int row = i >> (kXChunks == 8 ? 3 : 2), chunk = i & (kXChunks - 1);
             const int pair = slot_pair[row];
             if (pair < 0) continue;
-            const long src_row = p.in_by_token ? pair / p.top_k : slot_begin + row;
+            const long src_row = p.in_by_token && !tail ? pair / p.top_k : slot_begin + row;
             const void *src;
             if constexpr (Fp8Act) {
                 src = p.x_e4m3 + src_row * p.x_stride + kb * kBK + chunk * 16;
+            } else if (tail) {
+                src = p.tail.x + src_row * p.tail.x_stride + kb * kBK + chunk * 8;
             } else {
-                src = p.x + src_row * p.x_stride + kb * kBK + chunk * 8;
+                // A batched launch reads head z's columns.
+                src = p.x + (long)blockIdx.z * p.x_batch_stride + src_row * p.x_stride + kb * kBK + chunk * 8;
             }
             cp_async16(x_dst + x_chunk_offset<Fp8Act>(row, chunk), src);
         }
@@ -291,7 +316,7 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
 #pragma unroll
         for (int m = 0; m < MF; ++m) {
             const int tile = warp * MF + m;
-            const typename W::Scales scales = W::load_scales(p, expert, first_tile + tile, kb, g);
+            const typename W::Scales scales = W::load_scales(p, tail, expert, first_tile + tile, kb, g);
             uint32_t raw[kRawWords];
             const unsigned char *w_tile = w_smem + stage * kWStage + tile * W::kTileBytes;
 #pragma unroll
@@ -331,14 +356,19 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
     }
     cp_async_wait<0>();
 
-    // Epilogue. Accumulator c0,c1 = (feature g, slots 2t, 2t+1), c2,c3 = (feature g+8, same slots).
+    // Epilogue. Accumulator c0,c1 = (feature g, slots 2t, 2t+1), c2,c3 = (feature g+8, same slots). One of the two
+    // outputs is null; a batched launch offsets the other one to head z's columns; a tail writes its own rows.
+    const int out_stride = pick(tail, p.tail.out_stride, p.out_stride);
+    bf16 *const out_bf16 = pick<bf16 *>(tail, p.tail.out_bf16, p.out_bf16 ? p.out_bf16 + (long)blockIdx.z * p.out_batch_stride : nullptr);
+    float *const out_f32 = pick<float *>(tail, p.tail.out_f32, p.out_f32 ? p.out_f32 + (long)blockIdx.z * p.out_batch_stride : nullptr);
 #pragma unroll
     for (int m = 0; m < MF; ++m) {
         const int tile = first_tile + warp * MF + m;
         const int feature = tile * 16 + g;
         float scale_g = 1.f, scale_g8 = 1.f;
-        if (p.row_scales != nullptr) {
-            const float *rs = p.row_scales + (long)expert * p.rows_padded;
+        const float *row_scales = pick(tail, p.tail.row_scales, p.row_scales);
+        if (row_scales != nullptr) {
+            const float *rs = row_scales + (long)expert * p.rows_padded;
             scale_g = rs[feature], scale_g8 = rs[feature + 8];
         }
         if constexpr (Fp8Act) {
@@ -359,18 +389,19 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
                     const int h = tile * 8 + g;
                     if (h < p.out_cols) {
                         const float act = v_g / (1.f + __expf(-v_g)) * v_g8;
-                        p.out_bf16[(long)(slot_begin + slot) * p.out_stride + h] = __float2bfloat16(act);
+                        out_bf16[(long)(slot_begin + slot) * out_stride + h] = __float2bfloat16(act);
                     }
                     continue;
                 }
-                const long out_row = p.out_by_pair ? pair : slot_begin + slot;
-                const float weight = p.pair_weights != nullptr ? p.pair_weights[pair] : 1.f;
-                if (p.out_f32 != nullptr) {
-                    float *o = p.out_f32 + out_row * p.out_stride;
+                // The tail's rows are its own (unweighted: the shared expert has no routing weight).
+                const long out_row = p.out_by_pair && !tail ? pair : slot_begin + slot;
+                const float weight = p.pair_weights != nullptr && !tail ? p.pair_weights[pair] : 1.f;
+                if (out_f32 != nullptr) {
+                    float *o = out_f32 + out_row * out_stride;
                     if (feature < p.out_cols) o[feature] = v_g * weight;
                     if (feature + 8 < p.out_cols) o[feature + 8] = v_g8 * weight;
                 } else {
-                    bf16 *o = p.out_bf16 + out_row * p.out_stride;
+                    bf16 *o = out_bf16 + out_row * out_stride;
                     if (feature < p.out_cols) o[feature] = __float2bfloat16(v_g * weight);
                     if (feature + 8 < p.out_cols) o[feature + 8] = __float2bfloat16(v_g8 * weight);
                 }

@@ -355,3 +355,16 @@ extern "C" __global__ void __launch_bounds__(512) sample_rows(const SampleParams
     __syncthreads();
     if (threadIdx.x == 0) p.ids[blockIdx.x] = chosen;
 }
+
+// A decode step's inputs for the next step, advanced on the device so that a replayed graph needs no upload: for each
+// sequence row r, ids[r] = next[r] (the token just sampled), and positions[r], cache_positions[r], seq_lens[r] each
+// + 1 (the new token's position, the cache writer's copy of it, the attention's kv length). One thread per row.
+// Bytes: 4 read + 4 written for ids, 8 per counter, per row.
+extern "C" __global__ void decode_advance(const DecodeAdvanceParams p) {
+    const int r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= p.rows) return;
+    p.ids[r] = p.next[r];
+    p.positions[r] += 1;
+    if (p.cache_positions != nullptr) p.cache_positions[r] += 1;
+    if (p.seq_lens != nullptr) p.seq_lens[r] += 1;
+}

@@ -674,7 +674,7 @@ fn replay_mla(sim: &SimBackend, device: &Device, spec: &Spec) -> Result<Vec<Laun
     let q_rope = DeviceBuffer::from_slice(device, &random_bf16(&mut rng, rows * MLA_HEADS * MLA_ROPE, 1.0))?;
     let o_lat = DeviceBuffer::<bf16>::alloc(device, rows * MLA_HEADS * MLA_LATENT)?;
     let layout = if spec.family == "mla_prefill" { QueryLayout::upload(device, &q_start)? } else { QueryLayout::decode(device, batch)? };
-    let queries = Queries { layout: &layout, q_lat: q_lat.view([rows, MLA_HEADS, MLA_LATENT])?, q_rope: q_rope.view([rows, MLA_HEADS, MLA_ROPE])? };
+    let queries = Queries { layout: &layout, q_lat: q_lat.view([rows, MLA_HEADS, MLA_LATENT])?, q_rope: q_rope.view([rows * MLA_HEADS, MLA_ROPE])? };
     let mut scratch = AttentionScratch::new(device);
     sim.record_launches(true);
     attention::mla_attention(&cache, &tables, &queries, o_lat.view([rows, MLA_HEADS, MLA_LATENT])?, 0.088_388_35, splits, &mut scratch)?;

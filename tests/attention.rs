@@ -116,10 +116,14 @@ fn check_attention(device: &Device, case: &AttentionCase) -> Vec<u16> {
     let cache = PagedCache::from_bytes(device, desc, &bytes).unwrap();
     let block_tables = BlockTables::upload(device, &tables, &desc).unwrap();
     let q_lat_dev = DeviceBuffer::from_slice(device, &q_lat).unwrap();
-    let q_rope_dev = DeviceBuffer::from_slice(device, &q_rope).unwrap();
+    // Odd seeds read q_rope in place from wider rows (the rope columns of [nope 64 | rope 64] query heads, as the
+    // engine passes them), the other columns NaN; even seeds from packed rows.
+    let rope_stride = if case.seed % 2 == 1 { 2 * ROPE } else { ROPE };
+    let wide: Vec<bf16> = (0..tokens * h * rope_stride).map(|i| if i % rope_stride < rope_stride - ROPE { bf16::NAN } else { q_rope[i / rope_stride * ROPE + i % rope_stride - (rope_stride - ROPE)] }).collect();
+    let q_rope_dev = DeviceBuffer::from_slice(device, &wide).unwrap();
     let o_lat = DeviceBuffer::<bf16>::filled_with_byte(device, tokens * h * LATENT, 0xff).unwrap();
     let layout = QueryLayout::upload(device, &q_start).unwrap();
-    let queries = Queries { layout: &layout, q_lat: q_lat_dev.view([tokens, h, LATENT]).unwrap(), q_rope: q_rope_dev.view([tokens, h, ROPE]).unwrap() };
+    let queries = Queries { layout: &layout, q_lat: q_lat_dev.view([tokens, h, LATENT]).unwrap(), q_rope: q_rope_dev.view([tokens * h, rope_stride]).unwrap().columns(rope_stride - ROPE..rope_stride).unwrap() };
     let mut scratch = AttentionScratch::new(device);
     attention::mla_attention(&cache, &block_tables, &queries, o_lat.view([tokens, h, LATENT]).unwrap(), SOFTMAX_SCALE, case.splits, &mut scratch).unwrap();
     let got = o_lat.to_vec().unwrap();
@@ -327,7 +331,7 @@ fn wrappers_reject_bad_input(device: &Device) {
     let mut scratch = AttentionScratch::new(device);
     let decode = QueryLayout::decode(device, 2).unwrap();
     let attend = |layout: &QueryLayout, [q_heads, rope_heads, o_heads]: [usize; 3], cache: &PagedCache, scale: f32, scratch: &mut AttentionScratch| {
-        let queries = Queries { layout, q_lat: q.view([2, q_heads, LATENT]).unwrap(), q_rope: r.view([2, rope_heads, ROPE]).unwrap() };
+        let queries = Queries { layout, q_lat: q.view([2, q_heads, LATENT]).unwrap(), q_rope: r.view([2 * rope_heads, ROPE]).unwrap() };
         attention::mla_attention(cache, &good, &queries, o.view([2, o_heads, LATENT]).unwrap(), scale, None, scratch).unwrap_err()
     };
     let err = attend(&decode, [3, 4, 3], &cache, SOFTMAX_SCALE, &mut scratch);
@@ -340,7 +344,7 @@ fn wrappers_reject_bad_input(device: &Device) {
     assert!(matches!(err, small4::Error::InvalidArgument(_)), "{err}");
     // Query rows one head apart are not the packed [tokens, heads, 256] the kernel indexes.
     let strided_q = small4::kernels::TensorView::strided(&q, 0, [2, 3, LATENT], 4 * LATENT).unwrap();
-    let queries = Queries { layout: &decode, q_lat: strided_q, q_rope: r.view([2, 3, ROPE]).unwrap() };
+    let queries = Queries { layout: &decode, q_lat: strided_q, q_rope: r.view([2 * 3, ROPE]).unwrap() };
     let err = attention::mla_attention(&cache, &good, &queries, o.view([2, 3, LATENT]).unwrap(), SOFTMAX_SCALE, None, &mut scratch).unwrap_err();
     assert!(matches!(err, small4::Error::InvalidArgument(_)), "{err}");
     assert!(matches!(QueryLayout::upload(device, &[0, 2, 1]), Err(small4::Error::InvalidArgument(_))));
@@ -415,6 +419,9 @@ impl Backend for CountingBackend {
     fn memset(&self, addr: u64, byte: u8, bytes: usize) -> small4::Result<()> {
         self.inner.memset(addr, byte, bytes)
     }
+    fn copy(&self, dst: u64, src: u64, bytes: usize) -> small4::Result<()> {
+        self.inner.copy(dst, src, bytes)
+    }
     fn launch(&self, kernel: &Kernel, config: &LaunchConfig, params: &[u8]) -> small4::Result<()> {
         self.inner.launch(kernel, config, params)?;
         self.launches.lock().unwrap().extend(self.inner.last_launch_counters());
@@ -454,7 +461,7 @@ fn decode_traffic_at_real_heads() {
         let o_lat = DeviceBuffer::<bf16>::filled_with_byte(&device, batch * heads * LATENT, 0xff).unwrap();
         counting.launches.lock().unwrap().clear();
         let layout = QueryLayout::decode(&device, batch).unwrap();
-        let queries = Queries { layout: &layout, q_lat: q_lat.view([batch, heads, LATENT]).unwrap(), q_rope: q_rope.view([batch, heads, ROPE]).unwrap() };
+        let queries = Queries { layout: &layout, q_lat: q_lat.view([batch, heads, LATENT]).unwrap(), q_rope: q_rope.view([batch * heads, ROPE]).unwrap() };
         let mut scratch = AttentionScratch::new(&device);
         let plan = attention::mla_attention(&cache, &block_tables, &queries, o_lat.view([batch, heads, LATENT]).unwrap(), SOFTMAX_SCALE, splits, &mut scratch).unwrap();
         let launches = counting.launches.lock().unwrap().clone();

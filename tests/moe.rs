@@ -329,6 +329,142 @@ fn linear_wide_output_runs_the_small_tile(device: &Device) {
     }
 }
 
+/// MLA's per-head products in one batched launch (`linear_per_head`) at the real geometry: 32 heads, W_UK reading
+/// the 64 nope values of 128-wide query heads into 256 latents, W_UV reading 256 latents into 128 values; decode
+/// (1 and 3 rows) and prefill (40 rows) tiles, every format the attention weights come in plus a 4-bit one. Each head
+/// is checked against its own reference product, so a head reading its neighbour's columns or weights fails.
+fn linear_per_head_matches_reference(device: &Device) {
+    let heads = 32;
+    let mut rng = rng(13);
+    for (format, rows, (k_dim, head_in, out_cols)) in [
+        (WeightFormat::Bf16, 1, (64, 128, 256)),
+        (WeightFormat::Fp8PerTensor, 3, (64, 128, 256)),
+        (WeightFormat::Bf16, 40, (256, 256, 128)),
+        (WeightFormat::Fp8Block128, 1, (256, 256, 128)),
+        (WeightFormat::Nvfp4, 3, (256, 256, 128)),
+    ] {
+        let mats: Vec<(QuantizedMatrix, Vec<f32>)> = (0..heads).map(|_| random_matrix(&mut rng, format, out_cols, k_dim)).collect();
+        let packed = repack::repack_linear(&mats.iter().map(|(q, _)| q.into()).collect::<Vec<MatrixRef>>()).unwrap();
+        let weights = DeviceWeights::upload(device, &packed).unwrap();
+        let x = random_bf16(&mut rng, rows * heads * head_in, 1.0);
+        let x_dev = DeviceBuffer::from_slice(device, &x).unwrap();
+        let y = DeviceBuffer::<bf16>::filled_with_byte(device, rows * heads * out_cols, 0xff).unwrap();
+        moe::linear_per_head(&weights, x_dev.view([rows, heads, head_in]).unwrap(), y.view([rows, heads, out_cols]).unwrap()).unwrap();
+        let got = to_f32(&y.to_vec().unwrap());
+        for (h, (_, deq)) in mats.iter().enumerate() {
+            let x_h: Vec<f32> = (0..rows).flat_map(|r| to_f32(&x[(r * heads + h) * head_in..][..k_dim])).collect();
+            let want = matmul_nt(&x_h, deq, rows, k_dim, out_cols);
+            let got_h: Vec<f32> = (0..rows).flat_map(|r| got[(r * heads + h) * out_cols..][..out_cols].to_vec()).collect();
+            assert_agrees(&format!("linear_per_head {format} rows {rows} head {h}"), &got_h, &want);
+        }
+    }
+}
+
+/// Two matrices stacked by rows (`repack_row_concat`: MLA's wq_a over wkv_a_with_mqa, 1024 + 320 rows at the real
+/// size, here 128 + 320) give, in one GEMM, the columns of both products; FP8 per-tensor keeps each part's scale and
+/// FP8 block-128 each part's block scales (also for 64-row pieces, as W_UV's).
+fn row_concat_linear_matches_both_parts(device: &Device) {
+    let in_dim = 256;
+    let mut rng = rng(14);
+    for (format, parts) in [(WeightFormat::Bf16, [128, 320]), (WeightFormat::Fp8PerTensor, [128, 320]), (WeightFormat::Fp8Block128, [64, 64]), (WeightFormat::Int4 { group: 128, zero_point: false }, [128, 320])] {
+        let (a, da) = random_matrix(&mut rng, format, parts[0], in_dim);
+        let (b, db) = random_matrix(&mut rng, format, parts[1], in_dim);
+        let packed = repack::repack_row_concat(&[vec![(&a).into(), (&b).into()]]).unwrap();
+        let weights = DeviceWeights::upload(device, &packed).unwrap();
+        let rows = 2;
+        let out = parts[0] + parts[1];
+        let x = random_bf16(&mut rng, rows * in_dim, 1.0);
+        let x_dev = DeviceBuffer::from_slice(device, &x).unwrap();
+        let y = DeviceBuffer::<bf16>::filled_with_byte(device, rows * out, 0xff).unwrap();
+        moe::linear(&weights, x_dev.view([rows, in_dim]).unwrap(), y.view([rows, out]).unwrap()).unwrap();
+        let got = to_f32(&y.to_vec().unwrap());
+        let (want_a, want_b) = (matmul_nt(&to_f32(&x), &da, rows, in_dim, parts[0]), matmul_nt(&to_f32(&x), &db, rows, in_dim, parts[1]));
+        let want: Vec<f32> = (0..rows).flat_map(|r| want_a[r * parts[0]..][..parts[0]].iter().chain(&want_b[r * parts[1]..][..parts[1]]).copied().collect::<Vec<_>>()).collect();
+        assert_agrees(&format!("row concat {format} {parts:?}"), &got, &want);
+    }
+}
+
+/// The shared expert in the routed experts' launches (`routed_and_shared_experts`: 2 launches) gives bit for bit the
+/// pair outputs and shared output of the four launches apart (`routed_experts` then `shared_expert`), for every
+/// format, at decode (narrow tile) and prefill (tiled) sizes, with a remote expert and unrouted pairs.
+fn shared_expert_in_routed_launches_equals_apart(device: &Device) {
+    for (format, tokens) in FORMATS.iter().map(|&f| (f, 3)).chain([(WeightFormat::Bf16, 70), (WeightFormat::Nvfp4, 70)]) {
+        let (dim, hidden, k, experts) = (256, 128, 4, 8);
+        let mut rng = rng(41);
+        let x = random_bf16(&mut rng, tokens * dim, 1.0);
+        let all: Vec<Expert> = (0..experts).map(|_| random_expert(&mut rng, format, dim, hidden)).collect();
+        let shared = random_expert(&mut rng, format, dim, hidden);
+        let case = Case { remote: 1, unrouted_pairs: true, ..small_case(tokens, k, experts, format) };
+        let mut routing = random_routing(&mut rng, &case);
+        routing.ids.iter_mut().skip(2).step_by(5).for_each(|id| *id = -1);
+        let local_count = experts - 1;
+        let expert_map: Vec<i32> = (0..experts).map(|e| if e < local_count { e as i32 } else { -1 }).collect();
+        let local: Vec<&Expert> = all[..local_count].iter().collect();
+        let tile_m = moe::moe_tile_m(tokens, k, local_count);
+        let alignment = align_pairs(&routing.ids, Some(&expert_map), local_count, tile_m);
+        let weights = pack_layer(device, &local, Some(&shared));
+        let workspace = MoeWorkspace::new(device, &weights, tokens, k, alignment.sorted_pairs.len()).unwrap();
+        let up = |v: &[i32]| DeviceBuffer::from_slice(device, v).unwrap();
+        let (sorted_pairs, tile_experts, expert_offsets) = (up(&alignment.sorted_pairs), up(&alignment.tile_experts), up(&alignment.expert_offsets));
+        let num_padded = up(&[alignment.num_padded]);
+        let grouping = Grouping { sorted_pairs: &sorted_pairs, tile_experts: &tile_experts, expert_offsets: &expert_offsets, num_padded: &num_padded, tile_m };
+        let topk_weights = DeviceBuffer::from_slice(device, &routing.weights).unwrap();
+        let x_dev = DeviceBuffer::from_slice(device, &x).unwrap();
+        let run = |fused: bool| {
+            for b in [&workspace.pair_out, &workspace.shared_out] {
+                device.memset(b.addr(), 0xff, b.bytes()).unwrap();
+            }
+            let (xv, wv) = (x_dev.view([tokens, dim]).unwrap(), topk_weights.view([tokens, k]).unwrap());
+            if fused {
+                moe::routed_and_shared_experts(&weights, xv, &grouping, wv, &workspace).unwrap();
+            } else {
+                moe::routed_experts(&weights, xv, &grouping, wv, &workspace).unwrap();
+                moe::shared_expert(weights.shared.as_ref().unwrap(), xv, &workspace).unwrap();
+            }
+            let pairs: Vec<u32> = workspace.pair_out.to_vec().unwrap().iter().map(|v| v.to_bits()).collect();
+            let shared_out: Vec<u32> = workspace.shared_out.to_vec().unwrap().iter().map(|v| v.to_bits()).collect();
+            (pairs, shared_out)
+        };
+        let (apart, fused) = (run(false), run(true));
+        assert_eq!(fused.1, apart.1, "{format} tokens {tokens}: shared output");
+        // Pairs the grouping never writes (remote or unrouted) stay poisoned in both runs: compare every word.
+        assert_eq!(fused.0, apart.0, "{format} tokens {tokens}: pair outputs");
+        assert!(fused.1.iter().all(|&b| !f32::from_bits(b).is_nan()), "{format}: a shared output left unwritten");
+    }
+}
+
+/// Device-side stacking and row concatenation of packed weights (what the synthetic model uses to assemble W_UK /
+/// W_UV / wq_a + wkv_a on the device) give exactly the arrays of the host repack, for every format.
+fn device_stack_and_concat_equal_host_repack(device: &Device) {
+    fn same(what: &str, a: &DeviceWeights, b: &DeviceWeights) {
+        assert_eq!((a.format, a.experts, a.out_cols, a.rows_padded, a.k_dim, a.expert_stride, a.group, a.bytes_per_expert), (b.format, b.experts, b.out_cols, b.rows_padded, b.k_dim, b.expert_stride, b.group, b.bytes_per_expert), "{what}: shape");
+        assert_eq!(a.data.to_vec().unwrap(), b.data.to_vec().unwrap(), "{what}: data");
+        let opt = |x: &Option<DeviceBuffer<f32>>| x.as_ref().map(|b| b.to_vec().unwrap());
+        assert_eq!(opt(&a.row_scales), opt(&b.row_scales), "{what}: row scales");
+        assert_eq!(opt(&a.block_scales), opt(&b.block_scales), "{what}: block scales");
+        assert_eq!(a.group_scales.as_ref().map(|b| b.to_vec().unwrap()), b.group_scales.as_ref().map(|b| b.to_vec().unwrap()), "{what}: group scales");
+        assert_eq!(a.group_zeros.as_ref().map(|b| b.to_vec().unwrap()), b.group_zeros.as_ref().map(|b| b.to_vec().unwrap()), "{what}: zero points");
+        assert_eq!(a.fp4_scales.as_ref().map(|b| b.to_vec().unwrap()), b.fp4_scales.as_ref().map(|b| b.to_vec().unwrap()), "{what}: fp4 scales");
+    }
+    let mut rng = rng(43);
+    let formats = FORMATS.iter().copied().chain([WeightFormat::Int4 { group: 128, zero_point: true }]);
+    for format in formats {
+        let k = 256;
+        let (a, _) = random_matrix(&mut rng, format, 128, k);
+        let (b, _) = random_matrix(&mut rng, format, 40, k);
+        let one = |q: &QuantizedMatrix| DeviceWeights::upload(device, &repack::repack_linear(&[q.into()]).unwrap()).unwrap();
+        let (da, db) = (one(&a), one(&b));
+        let host = DeviceWeights::upload(device, &repack::repack_row_concat(&[vec![(&a).into(), (&b).into()]]).unwrap()).unwrap();
+        same(&format!("{format} concat"), &DeviceWeights::concat_rows(&[&da, &db]).unwrap(), &host);
+        let (c, _) = random_matrix(&mut rng, format, 128, k);
+        let host = DeviceWeights::upload(device, &repack::repack_linear(&[(&a).into(), (&c).into()]).unwrap()).unwrap();
+        same(&format!("{format} stack"), &DeviceWeights::stack(&[&da, &one(&c)]).unwrap(), &host);
+        // Parts of different shapes do not stack; a first part of a partial tile does not concatenate.
+        assert!(matches!(DeviceWeights::stack(&[&da, &db]), Err(small4::Error::InvalidArgument(_))));
+        assert!(matches!(DeviceWeights::concat_rows(&[&db, &da]), Err(small4::Error::InvalidArgument(_))));
+    }
+}
+
 /// Activation scales for the W8A8 cases: inputs are uniform in [-1, 1] and the quarter above 0.75 in magnitude
 /// saturates (448 * scale = 0.75), so the saturation rule is exercised; the SwiGLU activations (about 0.1 at these
 /// sizes) use the e4m3 range up to 0.5.
@@ -479,6 +615,10 @@ fn wrappers_reject_bad_shapes(device: &Device) {
 
 backend_tests!(
     linear_wide_output_runs_the_small_tile,
+    linear_per_head_matches_reference,
+    row_concat_linear_matches_both_parts,
+    shared_expert_in_routed_launches_equals_apart,
+    device_stack_and_concat_equal_host_repack,
     moe_layer_matches_reference,
     moe_layer_every_format,
     moe_layer_prefill_tiles,

@@ -75,7 +75,46 @@ fn rms_norm_rejects_bad_shapes(device: &Device) {
     assert!(matches!(err, small4::Error::InvalidArgument(_)), "{err}");
 }
 
-backend_tests!(rms_norm_matches_reference, rms_norm_is_deterministic, rms_norm_rejects_bad_shapes);
+/// The fused end of a MoE layer equals its two launches (moe::combine, then add_rms_norm) bit for bit, at the real
+/// width (4096) and an odd one, with and without the shared expert, with pairs skipped (an id past the experts, a
+/// remote expert of the map, an id of -1), and its typed errors.
+fn moe_combine_add_rms_norm_equals_combine_then_add_norm(device: &Device) {
+    let mut rng = rng(31);
+    for (rows, cols, k, shared) in [(1usize, 4096usize, 4usize, true), (3, 4096, 4, false), (2, 72, 2, true)] {
+        let experts = 8;
+        let pair_out: Vec<f32> = to_f32(&random_bf16(&mut rng, rows * k * cols, 0.5));
+        let shared_out: Vec<f32> = to_f32(&random_bf16(&mut rng, rows * cols, 0.5));
+        let residual = random_bf16(&mut rng, rows * cols, 2.0);
+        let weight = random_bf16(&mut rng, cols, 1.5);
+        // Every 3rd pair skipped one way or another: expert 5 is remote in the map, 9 is past the experts, -1 none.
+        let ids: Vec<i32> = (0..rows * k).map(|i| match i % 6 { 1 => 5, 3 => 9, 5 => -1, _ => (i % experts) as i32 }).collect();
+        let map: Vec<i32> = (0..experts as i32).map(|e| if e == 5 { -1 } else { e }).collect();
+        let d = |v: &[f32]| DeviceBuffer::from_slice(device, v).unwrap();
+        let (pair_dev, shared_dev) = (d(&pair_out), d(&shared_out));
+        let (ids_dev, map_dev) = (DeviceBuffer::from_slice(device, &ids).unwrap(), DeviceBuffer::from_slice(device, &map).unwrap());
+        let (r_dev, w_dev) = (DeviceBuffer::from_slice(device, &residual).unwrap(), DeviceBuffer::from_slice(device, &weight).unwrap());
+        let poisoned = || DeviceBuffer::<bf16>::filled_with_byte(device, rows * cols, 0xff).unwrap();
+        let shape = [rows, cols];
+        let shared_view = shared.then(|| shared_dev.view(shape).unwrap());
+        // Two launches.
+        let (block, h_two, out_two) = (poisoned(), poisoned(), poisoned());
+        small4::kernels::moe::combine(pair_dev.view([rows * k, cols]).unwrap(), shared_view, ids_dev.view([rows, k]).unwrap(), Some(map_dev.as_vector()), experts, block.view(shape).unwrap()).unwrap();
+        norm::add_rms_norm(block.view(shape).unwrap(), r_dev.view(shape).unwrap(), w_dev.as_vector(), h_two.view(shape).unwrap(), out_two.view(shape).unwrap(), 1e-5).unwrap();
+        // One.
+        let (h_one, out_one) = (poisoned(), poisoned());
+        let pairs = norm::MoePairs { pair_out: pair_dev.view([rows * k, cols]).unwrap(), shared_out: shared_view, topk_ids: ids_dev.view([rows, k]).unwrap(), expert_map: Some(map_dev.as_vector()), experts };
+        norm::moe_combine_add_rms_norm(&pairs, r_dev.view(shape).unwrap(), w_dev.as_vector(), h_one.view(shape).unwrap(), out_one.view(shape).unwrap(), 1e-5).unwrap();
+        let bits = |b: &DeviceBuffer<bf16>| b.to_vec().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&h_one), bits(&h_two), "residual, rows {rows} cols {cols} shared {shared}");
+        assert_eq!(bits(&out_one), bits(&out_two), "normed, rows {rows} cols {cols} shared {shared}");
+        // The pairs must cover k per row: one row too few is a typed error.
+        let short = norm::MoePairs { pair_out: pair_dev.view([rows * k - 1, cols]).unwrap(), ..pairs };
+        let err = norm::moe_combine_add_rms_norm(&short, r_dev.view(shape).unwrap(), w_dev.as_vector(), h_one.view(shape).unwrap(), out_one.view(shape).unwrap(), 1e-5).unwrap_err();
+        assert!(matches!(err, small4::Error::Shape { .. }), "{err}");
+    }
+}
+
+backend_tests!(rms_norm_matches_reference, rms_norm_is_deterministic, rms_norm_rejects_bad_shapes, moe_combine_add_rms_norm_equals_combine_then_add_norm);
 
 #[test]
 fn no_gpu_is_a_typed_error_not_a_panic() {

@@ -1058,7 +1058,7 @@ pub unsafe extern "C" fn small4_mla_attention(
         let q_rope = unsafe { borrowed::<bf16>(device, q_rope, elements(rows, QK_ROPE, "q_rope")?) }?;
         let o_lat = unsafe { borrowed::<bf16>(device, o_lat, elements(rows, KV_LORA_RANK, "o_lat")?) }?;
         let tokens = layout.tokens();
-        let queries = Queries { layout: &layout, q_lat: q_lat.view([tokens, heads, KV_LORA_RANK])?, q_rope: q_rope.view([tokens, heads, QK_ROPE])? };
+        let queries = Queries { layout: &layout, q_lat: q_lat.view([tokens, heads, KV_LORA_RANK])?, q_rope: q_rope.view([tokens * heads, QK_ROPE])? };
         let mut scratch = AttentionScratch::new(device);
         mla_attention(&cache, &tables, &queries, o_lat.view([tokens, heads, KV_LORA_RANK])?, softmax_scale, None, &mut scratch)?;
         // The scratch and the uploaded tables are freed when this returns: the launches must be done by then.

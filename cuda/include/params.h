@@ -38,6 +38,16 @@ typedef struct RmsNormParams {
     int x_row_stride;
     int out_row_stride;
     float eps;
+    /* moe_combine_add_rms_norm only: x is not read; row r's block output is instead the MoE combine
+     * bf16(shared_out[r] + sum_j pair_out[r * top_k + j]) over the pairs whose expert topk_ids[r * top_k + j] is in
+     * [0, experts) and local (expert_map[id] >= 0, or no map), j increasing: moe_combine's sum, bit for bit. pair_out
+     * and shared_out are packed f32 rows of cols (shared_out may be null). */
+    const float *pair_out;
+    const float *shared_out;
+    const int *topk_ids;
+    const int *expert_map;
+    int top_k;
+    int experts;
 } RmsNormParams;
 
 /* ---- router.cu: fused router softmax + top-k and the per-expert token alignment ------------------------------------ */
@@ -95,6 +105,24 @@ typedef struct RouterParams {
  * Grouped mode (sorted_pairs != null): rows are the aligner's padded slots; slot r holds pair sorted_pairs[r]
  * (-1 = padding), tile r / tile_m belongs to expert tile_experts[...]; *num_padded slots are in use.
  * Dense mode (sorted_pairs == null): dense_rows rows, slot r = pair r = token r, expert 0. */
+/* A dense GEMM run by the same launch as a grouped one: the shared expert beside the routed experts. One matrix in
+ * the grouped weights' format and packed shape (its own arrays), its own input and output rows; the blocks past the
+ * grouped tiles (blockIdx.y >= capacity_tiles) compute it. rows = 0: none. */
+typedef struct MoeDenseTail {
+    const unsigned char *weights;
+    const float *row_scales;
+    const float *block_scales;
+    const bf16 *group_scales;
+    const unsigned char *group_zeros;
+    const unsigned char *fp4_scales;
+    const bf16 *x;                 /* [rows, x_stride] */
+    bf16 *out_bf16;                /* SwiGLU: act [rows, out_stride]; or null */
+    float *out_f32;                /* plain: [rows, out_stride] f32, unweighted; or null */
+    int rows;
+    int x_stride;
+    int out_stride;
+} MoeDenseTail;
+
 typedef struct MoeGemmParams {
     const unsigned char *weights;  /* repacked weights; expert e starts at weights + e * expert_stride */
     const float *row_scales;       /* [experts, rows_padded] multiplier per output row (fp8 per-tensor scale, 1/nvfp4 global), or null */
@@ -117,6 +145,8 @@ typedef struct MoeGemmParams {
     int rows_padded;               /* weight rows in the repacked layout (multiple of 128) */
     int out_cols;                  /* real output columns (SwiGLU: the hidden size) */
     int dense_rows;                /* dense mode: number of rows */
+    int x_batch_stride;            /* batched dense mode (grid z > 1): elements from head z's input to head z+1's */
+    int out_batch_stride;          /* the same for the output; 0 when not batched */
     int capacity_tiles;            /* grouped mode: tiles in tile_experts */
     int top_k;                     /* pair p = token * top_k + j */
     int tile_m;                    /* the aligner's tile (divides the kernel's pair tile) */
@@ -124,6 +154,7 @@ typedef struct MoeGemmParams {
     int swiglu;                    /* 1: SwiGLU epilogue */
     int in_by_token;               /* 1: input row = pair / top_k (x is [tokens, k_dim]); 0: input row = slot */
     int out_by_pair;               /* 1: output row = pair; 0: output row = slot */
+    MoeDenseTail tail;             /* grouped mode only: a dense GEMM in the same launch (the shared expert) */
     float act_scale;               /* moe_gemm_fp8_act_* only: x = e4m3 * act_scale (multiplied into the epilogue) */
     const unsigned char *x_e4m3;   /* moe_gemm_fp8_act_* only: e4m3 input rows in the moe_quantize_act_e4m3 layout
                                       (x_stride bytes apart) instead of x; last, so the other
@@ -239,7 +270,7 @@ typedef struct MlaCopyPagesParams {
  * o_lat[token, head] = softmax_j((q_lat . c_j + q_rope . k_rope_j) * softmax_scale) . c_j. */
 typedef struct MlaAttentionParams {
     const bf16 *q_lat;         /* [tokens, heads, 256] (W_UK already absorbed) */
-    const bf16 *q_rope;        /* [tokens, heads, 64] (already rotated and scaled) */
+    const bf16 *q_rope;        /* [tokens * heads, 64], rows q_rope_stride elements apart (already rotated and scaled) */
     const void *cache;         /* [num_pages, page_size, 320] bf16 or fp8 e4m3 */
     const int *block_tables;   /* [num_seqs, max_pages] */
     const int *q_start;        /* [num_seqs + 1], non-decreasing, q_start[0] = 0 */
@@ -254,6 +285,7 @@ typedef struct MlaAttentionParams {
     int num_splits;            /* KV splits per sequence; 1 = no combine step, o_lat written directly */
     int tokens_per_split;      /* multiple of the kernel's KV tile (32) */
     int total_rows;            /* tokens * heads */
+    int q_rope_stride;         /* elements between q_rope rows (64 when packed; a query head's width when read in place) */
     float score_scale;         /* softmax scale * fp8 scale (1 for bf16) */
     float value_scale;         /* fp8 scale (1 for bf16) */
 } MlaAttentionParams;
@@ -310,6 +342,17 @@ typedef struct ArgmaxParams {
     int vocab;
     int row_stride;
 } ArgmaxParams;
+
+/* After a decode step, for each row r: ids[r] = next[r]; positions[r], cache_positions[r] and seq_lens[r] += 1 (the
+ * last two may be null). Rows are sequences; each array is packed [rows]. */
+typedef struct DecodeAdvanceParams {
+    const int *next;      /* the sampled tokens */
+    int *ids;             /* the next step's input ids */
+    int *positions;       /* the next step's token positions (RoPE) */
+    int *cache_positions; /* the cache writer's positions (TokenSlots), or null */
+    int *seq_lens;        /* the block tables' sequence lengths (BlockTables), or null */
+    int rows;
+} DecodeAdvanceParams;
 
 /* Seeded temperature + top-p sampling, one row per block; the algorithm is in cuda/ops.cu and its CPU twin in
  * src/reference/sampling.rs. temperature[r] <= 0 means greedy (argmax). */

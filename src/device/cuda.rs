@@ -189,6 +189,13 @@ impl Backend for CudaBackend {
         unsafe { result::memset_d8_sync(addr, byte, bytes) }.map_err(driver_error("memset"))
     }
 
+    fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        self.not_capturing("a device copy")?;
+        self.context.bind_to_thread().map_err(driver_error("bind context"))?;
+        self.stream.synchronize().map_err(driver_error("synchronize before copy"))?;
+        unsafe { result::memcpy_dtod_sync(dst, src, bytes) }.map_err(driver_error("copy on the device"))
+    }
+
     fn launch(&self, kernel: &Kernel, config: &LaunchConfig, params: &[u8]) -> Result<()> {
         let function = self.function(kernel)?;
         if config.shared_bytes > 48 * 1024 {

@@ -332,6 +332,8 @@ pub trait Backend: Send + Sync {
     fn read(&self, addr: u64, out: &mut [u8]) -> Result<()>;
     /// Sets `bytes` bytes of device memory at `addr` to `byte`.
     fn memset(&self, addr: u64, byte: u8, bytes: usize) -> Result<()>;
+    /// Copies `bytes` bytes of device memory from `src` to `dst` (the ranges must not overlap), on the device.
+    fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<()>;
     /// Launches `kernel` with its single by-value parameter struct given as raw bytes.
     fn launch(&self, kernel: &Kernel, config: &LaunchConfig, params: &[u8]) -> Result<()>;
     /// Waits for all launched work. Errors raised asynchronously by kernels surface here.
@@ -550,6 +552,41 @@ impl<T: DeviceElement> DeviceBuffer<T> {
             return Err(Error::shape("DeviceBuffer::copy_from", self.len, data.len()));
         }
         self.device.write(self.addr, bytemuck::cast_slice(data))
+    }
+
+    /// Copies `len` elements of `src` starting at element `src_offset` into this buffer at element `dst_offset`, on
+    /// the device (no host round trip). `Error::Shape` when either range passes its buffer's end;
+    /// `Error::InvalidArgument` when the buffers live on different devices or the ranges overlap.
+    ///
+    /// ```
+    /// use small4::device::{simulator, DeviceBuffer};
+    ///
+    /// let device = simulator();
+    /// let (src, dst) = (DeviceBuffer::from_slice(&device, &[1u16, 2, 3, 4])?, DeviceBuffer::from_slice(&device, &[0u16; 6])?);
+    /// dst.copy_within_device(1, &src, 2, 2)?;
+    /// assert_eq!(dst.to_vec()?, vec![0, 3, 4, 0, 0, 0]);
+    /// assert!(dst.copy_within_device(5, &src, 0, 2).is_err()); // past dst's end
+    /// # Ok::<(), small4::Error>(())
+    /// ```
+    pub fn copy_within_device(&self, dst_offset: usize, src: &DeviceBuffer<T>, src_offset: usize, len: usize) -> Result<()> {
+        if !Arc::ptr_eq(&self.device, &src.device) {
+            return Err(Error::InvalidArgument("copy_within_device: the buffers are on different devices".into()));
+        }
+        for (what, offset, buffer_len) in [("destination", dst_offset, self.len), ("source", src_offset, src.len)] {
+            if offset.checked_add(len).is_none_or(|end| end > buffer_len) {
+                return Err(Error::shape(format!("copy_within_device {what} [{offset}, {offset} + {len})"), format!("<= {buffer_len}"), offset.saturating_add(len)));
+            }
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let size = std::mem::size_of::<T>() as u64;
+        let (dst, src_addr) = (self.addr + dst_offset as u64 * size, src.addr + src_offset as u64 * size);
+        let bytes = len as u64 * size;
+        if dst < src_addr + bytes && src_addr < dst + bytes {
+            return Err(Error::InvalidArgument("copy_within_device: overlapping ranges".into()));
+        }
+        self.device.copy(dst, src_addr, bytes as usize)
     }
 
     /// The buffer's contents on the host, after synchronising the device (so kernel errors surface here).

@@ -254,6 +254,13 @@ impl Backend for SimBackend {
         self.not_capturing("memset")?;
         self.machine.lock().unwrap().memset(addr, byte, bytes).map_err(sim_error)
     }
+    fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        self.not_capturing("a device copy")?;
+        let mut machine = self.machine.lock().unwrap();
+        let mut staging = vec![0u8; bytes];
+        machine.read(src, &mut staging).map_err(sim_error)?;
+        machine.write(dst, &staging).map_err(sim_error)
+    }
     fn launch(&self, kernel: &Kernel, config: &LaunchConfig, params: &[u8]) -> Result<()> {
         if let Some(recorded) = self.capture.lock().unwrap().as_mut() {
             // Parse now, as the first real launch would: a bad module fails the capture, not a later replay.

@@ -255,6 +255,31 @@ impl BlockTables {
         Ok(())
     }
 
+    /// The tables and lengths the device arrays hold.
+    pub(crate) fn host(&self) -> &BatchTables {
+        &self.host
+    }
+
+    /// The device's sequence lengths, for a kernel that advances them (`ops::decode_advance`).
+    pub(crate) fn device_lens(&self) -> Result<Vector<'_, i32>> {
+        self.lens.view([self.host.seq_lens.len()])
+    }
+
+    /// Whether every sequence's row has a page for one more token (what `lengths_advanced` needs).
+    pub(crate) fn lengths_can_advance(&self) -> bool {
+        let row_tokens = (self.host.max_pages * self.page_size) as i64;
+        self.host.seq_lens.iter().zip(self.host.block_tables.chunks_exact(self.host.max_pages)).all(|(&len, row)| {
+            let len = len as i64;
+            len < row_tokens && len < i32::MAX as i64 && row[len as usize / self.page_size] >= 0
+        })
+    }
+
+    /// Records that a kernel added one token to every sequence's device length (`ops::decode_advance`), which the
+    /// caller checked with `lengths_can_advance`: the host copy follows.
+    pub(crate) fn lengths_advanced(&mut self) {
+        self.host.seq_lens.iter_mut().for_each(|len| *len += 1);
+    }
+
     fn check(batch: &BatchTables, desc: &CacheDescriptor) -> Result<()> {
         check_geometry(desc)?;
         let num_seqs = batch.seq_lens.len();
@@ -331,6 +356,21 @@ impl TokenSlots {
     /// New tokens per write.
     pub fn tokens(&self) -> usize {
         self.token_seq.len()
+    }
+
+    /// The host copies of the sequence rows and positions the device arrays hold.
+    pub(crate) fn host(&self) -> (&[i32], &[i32]) {
+        (&self.token_seq, &self.positions)
+    }
+
+    /// The device's positions, for a kernel that advances them (`ops::decode_advance`).
+    pub(crate) fn device_positions(&self) -> Result<Vector<'_, i32>> {
+        self.positions_dev.view([self.positions.len()])
+    }
+
+    /// Records that a kernel added 1 to every device position (`ops::decode_advance`).
+    pub(crate) fn positions_advanced(&mut self) {
+        self.positions.iter_mut().for_each(|p| *p += 1);
     }
 
     /// Writes new slots into the existing device arrays (same token count, else `Error::Shape`), for a replayed step.
@@ -537,8 +577,10 @@ pub struct Queries<'a> {
     /// `[tokens, heads, 256]`: q_nope through W_UK (absorbed), times the llama-4 query scale of the token's position.
     /// Its `heads` (all sharing the one latent KV head, `1..=65536`) is the call's head count.
     pub q_lat: TensorView<'a, bf16, 3>,
-    /// `[tokens, heads, 64]`: rotated, times the same llama-4 query scale.
-    pub q_rope: TensorView<'a, bf16, 3>,
+    /// `[tokens * heads, 64]` (row `t * heads + h`): rotated, times the same llama-4 query scale. Its rows may be
+    /// strided (a multiple of 8 elements apart): the rope columns of `[tokens, heads, nope + 64]` query heads are read
+    /// where the RoPE kernel left them, with no copy.
+    pub q_rope: Matrix<'a, bf16>,
 }
 
 /// The f32 partial results of split-KV attention; grows on demand and is reused across calls.
@@ -589,7 +631,7 @@ impl AttentionScratch {
 /// let tables = BlockTables::upload(&device, &BatchTables { block_tables: vec![0], seq_lens: vec![1], max_pages: 1 }, &desc)?;
 /// let layout = QueryLayout::decode(&device, 1)?; // one query token, two heads
 /// let (q_lat, q_rope) = (DeviceBuffer::from_slice(&device, &[bf16::ONE; 2 * 256])?, DeviceBuffer::from_slice(&device, &[bf16::ONE; 2 * 64])?);
-/// let queries = Queries { layout: &layout, q_lat: q_lat.view([1, 2, 256])?, q_rope: q_rope.view([1, 2, 64])? };
+/// let queries = Queries { layout: &layout, q_lat: q_lat.view([1, 2, 256])?, q_rope: q_rope.view([2, 64])? };
 /// let o_lat = DeviceBuffer::<bf16>::alloc(&device, 2 * 256)?;
 /// let mut scratch = AttentionScratch::new(&device);
 /// mla_attention(&cache, &tables, &queries, o_lat.view([1, 2, 256])?, 0.1, None, &mut scratch)?;
@@ -630,11 +672,14 @@ pub fn mla_attention(
     let rows = tokens.checked_mul(heads).filter(|&r| r <= i32::MAX as usize).ok_or_else(|| Error::InvalidArgument(format!("{tokens} tokens x {heads} heads")))?;
     // The kernels index every tensor as packed [rows, width] rows; q goes through 16-byte async copies, o_lat out in
     // 8-byte stores.
-    for (what, view, width, align) in [("q_lat", queries.q_lat, KV_LORA_RANK, 16), ("q_rope", queries.q_rope, QK_ROPE, 16), ("o_lat", o_lat, KV_LORA_RANK, 8)] {
+    for (what, view, width, align) in [("q_lat", queries.q_lat, KV_LORA_RANK, 16), ("o_lat", o_lat, KV_LORA_RANK, 8)] {
         view.expect_dims(what, [tokens, heads, width])?;
         view.expect_packed(what)?;
         view.expect_aligned(what, align)?;
     }
+    queries.q_rope.expect_dims("q_rope", [rows, QK_ROPE])?;
+    queries.q_rope.expect_rows_aligned("q_rope", 16)?;
+    let q_rope_stride = super::to_i32("q_rope row stride", queries.q_rope.row_stride())?;
     let max_kv = if tables.plan_for_capacity {
         tables.host.max_pages * tables.page_size
     } else {
@@ -658,6 +703,7 @@ pub fn mla_attention(
     let params = MlaAttentionParams {
         q_lat: queries.q_lat.ptr(),
         q_rope: queries.q_rope.ptr(),
+        q_rope_stride,
         cache: cache.data.ptr(),
         block_tables: tables.tables.ptr(),
         q_start: queries.layout.q_start.ptr(),

@@ -5,7 +5,7 @@
 use half::bf16;
 
 use super::modules::MOE_GEMM;
-use super::params::{MoeCombineParams, MoeGemmParams, MoeQuantizeActParams};
+use super::params::{MoeCombineParams, MoeDenseTail, MoeGemmParams, MoeQuantizeActParams};
 use super::{Matrix, TensorView, Vector};
 use crate::device::{launch_with, Device, DeviceBuffer, Dim3, Kernel, LaunchConfig};
 use super::{check_len, to_i32};
@@ -193,6 +193,181 @@ impl DeviceWeights {
     }
 }
 
+/// One array of packed weights (data or a scale array), for the device-side stacking and concatenation below.
+fn array_parts<'a, T: crate::device::DeviceElement>(parts: &'a [&DeviceWeights], array: impl Fn(&'a DeviceWeights) -> &'a Option<DeviceBuffer<T>>) -> Result<Option<Vec<&'a DeviceBuffer<T>>>> {
+    let present: Vec<&DeviceBuffer<T>> = parts.iter().filter_map(|p| array(p).as_ref()).collect();
+    match present.len() {
+        0 => Ok(None),
+        n if n == parts.len() => Ok(Some(present)),
+        _ => Err(Error::InvalidArgument("packed weights: the parts do not carry the same scale arrays".into())),
+    }
+}
+
+impl DeviceWeights {
+    /// Matrices of the same format and packed shape stacked as the experts of one weight set, on the device: what
+    /// `repack_linear` (or `repack_gate_up`) of all their matrices uploads, without a host copy (the per-head W_UK /
+    /// W_UV of MLA generated head by head on the device, then stacked for [`linear_per_head`]).
+    ///
+    /// `Error::InvalidArgument` for no parts or parts of different formats, packings or shapes.
+    ///
+    /// ```
+    /// use small4::device::simulator;
+    /// use small4::kernels::moe::DeviceWeights;
+    /// use small4::quant::{repack::{repack_linear, MatrixRef}, QuantizedMatrix, WeightFormat};
+    ///
+    /// let device = simulator();
+    /// let m = |v: f32| QuantizedMatrix::quantize(WeightFormat::Fp8PerTensor, &vec![v; 16 * 64], 16, 64);
+    /// let (a, b) = (m(0.5)?, m(-2.0)?);
+    /// let one = |q: &QuantizedMatrix| DeviceWeights::upload(&device, &repack_linear(&[MatrixRef::from(q)])?);
+    /// let stacked = DeviceWeights::stack(&[&one(&a)?, &one(&b)?])?;
+    /// let both = DeviceWeights::upload(&device, &repack_linear(&[MatrixRef::from(&a), MatrixRef::from(&b)])?)?;
+    /// assert_eq!(stacked.experts, 2);
+    /// assert_eq!(stacked.data.to_vec()?, both.data.to_vec()?);
+    /// assert_eq!(stacked.row_scales.as_ref().unwrap().to_vec()?, both.row_scales.as_ref().unwrap().to_vec()?);
+    /// # Ok::<(), small4::Error>(())
+    /// ```
+    pub fn stack(parts: &[&DeviceWeights]) -> Result<Self> {
+        let first = *parts.first().ok_or_else(|| Error::InvalidArgument("DeviceWeights::stack: no parts".into()))?;
+        let shape = |w: &DeviceWeights| (w.format, w.out_cols, w.rows_padded, w.k_dim, w.swiglu, w.group, w.expert_stride / w.experts.max(1));
+        if let Some(other) = parts.iter().find(|p| shape(p) != shape(first) || p.experts != 1) {
+            return Err(Error::InvalidArgument(format!(
+                "DeviceWeights::stack: parts of one matrix each, all {} [{}, {}]; got {} x {} [{}, {}]",
+                first.format, first.out_cols, first.k_dim, other.experts, other.format, other.out_cols, other.k_dim
+            )));
+        }
+        fn concat<T: crate::device::DeviceElement>(parts: Option<Vec<&DeviceBuffer<T>>>) -> Result<Option<DeviceBuffer<T>>> {
+            let Some(parts) = parts else { return Ok(None) };
+            let out = DeviceBuffer::<T>::alloc(parts[0].device(), parts.iter().map(|p| p.len()).sum())?;
+            let mut at = 0;
+            for p in parts {
+                out.copy_within_device(at, p, 0, p.len())?;
+                at += p.len();
+            }
+            Ok(Some(out))
+        }
+        Ok(DeviceWeights {
+            format: first.format,
+            experts: parts.len(),
+            out_cols: first.out_cols,
+            rows_padded: first.rows_padded,
+            k_dim: first.k_dim,
+            swiglu: first.swiglu,
+            expert_stride: first.expert_stride,
+            group: first.group,
+            data: concat(Some(parts.iter().map(|p| &p.data).collect()))?.expect("data is always present"),
+            row_scales: concat(array_parts(parts, |p| &p.row_scales)?)?,
+            block_scales: concat(array_parts(parts, |p| &p.block_scales)?)?,
+            group_scales: concat(array_parts(parts, |p| &p.group_scales)?)?,
+            group_zeros: concat(array_parts(parts, |p| &p.group_zeros)?)?,
+            fp4_scales: concat(array_parts(parts, |p| &p.fp4_scales)?)?,
+            bytes_per_expert: first.bytes_per_expert,
+        })
+    }
+
+    /// The rows of several matrices (one each, same format and reduction length) one after another as one matrix, on
+    /// the device: what `repack_row_concat` of their matrices uploads. Every part but the last must have whole
+    /// 16-row tiles (`Error::InvalidArgument` otherwise, or for SwiGLU-packed parts, different formats or lengths).
+    ///
+    /// ```
+    /// use small4::device::simulator;
+    /// use small4::kernels::moe::DeviceWeights;
+    /// use small4::quant::{repack::{repack_linear, repack_row_concat, MatrixRef}, QuantizedMatrix, WeightFormat};
+    ///
+    /// let device = simulator();
+    /// let w = |rows: usize, v: f32| QuantizedMatrix::quantize(WeightFormat::Fp8Block128, &vec![v; rows * 128], rows, 128);
+    /// let (a, b) = (w(64, 0.5)?, w(40, 3.0)?);
+    /// let one = |q: &QuantizedMatrix| DeviceWeights::upload(&device, &repack_linear(&[MatrixRef::from(q)])?);
+    /// let joined = DeviceWeights::concat_rows(&[&one(&a)?, &one(&b)?])?;
+    /// let host = DeviceWeights::upload(&device, &repack_row_concat(&[vec![MatrixRef::from(&a), MatrixRef::from(&b)]])?)?;
+    /// assert_eq!((joined.out_cols, joined.rows_padded), (104, 128));
+    /// assert_eq!(joined.data.to_vec()?, host.data.to_vec()?);
+    /// assert_eq!(joined.block_scales.as_ref().unwrap().to_vec()?, host.block_scales.as_ref().unwrap().to_vec()?);
+    /// # Ok::<(), small4::Error>(())
+    /// ```
+    pub fn concat_rows(parts: &[&DeviceWeights]) -> Result<Self> {
+        let first = *parts.first().ok_or_else(|| Error::InvalidArgument("DeviceWeights::concat_rows: no parts".into()))?;
+        let last = parts.len() - 1;
+        for (i, p) in parts.iter().enumerate() {
+            if p.experts != 1 || p.swiglu || (p.format, p.k_dim, p.group) != (first.format, first.k_dim, first.group) || (i < last && p.out_cols % 16 != 0) {
+                return Err(Error::InvalidArgument(format!(
+                    "DeviceWeights::concat_rows: part {i} ({} x {} [{}, {}]) does not continue {} [.., {}] (one plain matrix each, whole 16-row tiles but the last)",
+                    p.experts, p.format, p.out_cols, p.k_dim, first.format, first.k_dim
+                )));
+            }
+        }
+        let device = first.data.device();
+        let rows: usize = parts.iter().map(|p| p.out_cols).sum();
+        let rows_padded = rows.next_multiple_of(crate::quant::repack::ROW_ALIGN);
+        let tiles = |rows: usize| rows.div_ceil(16);
+        // Each array is a sequence of runs per "outer" index (k block for block scales, else one run): a part gives
+        // the leading units that hold its rows, the rest of the run is padding.
+        fn join<T: crate::device::DeviceElement>(
+            device: &Device,
+            parts: Option<Vec<&DeviceBuffer<T>>>,
+            outer: usize,
+            units: &[(usize, usize)],
+            total_units: usize,
+            unit_len: usize,
+            pad: u8,
+        ) -> Result<Option<DeviceBuffer<T>>> {
+            let Some(parts) = parts else { return Ok(None) };
+            let out = DeviceBuffer::<T>::filled_with_byte(device, outer * total_units * unit_len, pad)?;
+            for o in 0..outer {
+                let mut at = o * total_units * unit_len;
+                for (p, &(used, part_units)) in parts.iter().zip(units) {
+                    out.copy_within_device(at, p, o * part_units * unit_len, used * unit_len)?;
+                    at += used * unit_len;
+                }
+            }
+            Ok(Some(out))
+        }
+        let tile_span = first.data.len() / (first.rows_padded / 16);
+        let tile_units: Vec<(usize, usize)> = parts.iter().map(|p| (tiles(p.out_cols), p.rows_padded / 16)).collect();
+        let row_units: Vec<(usize, usize)> = parts.iter().map(|p| (p.out_cols, p.rows_padded)).collect();
+        let group_units: Vec<(usize, usize)> = parts.iter().map(|p| (p.out_cols.div_ceil(8), p.rows_padded / 8)).collect();
+        let per_tile = |len: Option<usize>| len.map_or(0, |l| l / (first.rows_padded / 16));
+        let (scale_span, zero_span, fp4_span) = (
+            per_tile(first.group_scales.as_ref().map(|b| b.len())),
+            per_tile(first.group_zeros.as_ref().map(|b| b.len())),
+            per_tile(first.fp4_scales.as_ref().map(|b| b.len())),
+        );
+        let padded_tiles = rows_padded / 16;
+        let data = join(device, Some(parts.iter().map(|p| &p.data).collect()), 1, &tile_units, padded_tiles, tile_span, 0)?.expect("data is always present");
+        let block_kb = first.block_scales.as_ref().map_or(0, |b| b.len() / (first.rows_padded / 8));
+        Ok(DeviceWeights {
+            format: first.format,
+            experts: 1,
+            out_cols: rows,
+            rows_padded,
+            k_dim: first.k_dim,
+            swiglu: false,
+            expert_stride: data.len(),
+            group: first.group,
+            row_scales: join(device, array_parts(parts, |p| &p.row_scales)?, 1, &row_units, rows_padded, 1, 0)?,
+            block_scales: join(device, array_parts(parts, |p| &p.block_scales)?, block_kb, &group_units, rows_padded / 8, 1, 0)?,
+            group_scales: join(device, array_parts(parts, |p| &p.group_scales)?, 1, &tile_units, padded_tiles, scale_span, 0)?,
+            // Padding rows' INT4 zero points are 8, as repack writes them.
+            group_zeros: join(device, array_parts(parts, |p| &p.group_zeros)?, 1, &tile_units, padded_tiles, zero_span, 8)?,
+            fp4_scales: join(device, array_parts(parts, |p| &p.fp4_scales)?, 1, &tile_units, padded_tiles, fp4_span, 0)?,
+            bytes_per_expert: 0,
+            data,
+        }
+        .with_bytes_per_expert())
+    }
+
+    /// Sets `bytes_per_expert` from the arrays held.
+    fn with_bytes_per_expert(mut self) -> Self {
+        let per = |len: Option<usize>, size: usize| len.map_or(0, |l| l * size / self.experts);
+        self.bytes_per_expert = self.expert_stride
+            + per(self.row_scales.as_ref().map(|b| b.len()), 4)
+            + per(self.block_scales.as_ref().map(|b| b.len()), 4)
+            + per(self.group_scales.as_ref().map(|b| b.len()), 2)
+            + per(self.group_zeros.as_ref().map(|b| b.len()), 1)
+            + per(self.fp4_scales.as_ref().map(|b| b.len()), 1);
+        self
+    }
+}
+
 /// The router's grouping of pairs by local expert, on the device (contract: `reference::moe::Alignment`).
 ///
 /// The launchers check it against the weights: `Error::InvalidArgument` when `tile_m` does not divide 64,
@@ -256,8 +431,33 @@ impl Grouping<'_> {
 /// Which rows a launch computes.
 enum Rows<'a> {
     /// `pairs`: the (token, expert) pairs routed to this launch's experts, at most (bounds the busy experts).
-    Grouped { grouping: &'a Grouping<'a>, top_k: usize, pairs: usize },
-    Dense { rows: usize },
+    /// `tail`: a dense GEMM in the same launch (the shared expert), in blocks after the grouped tiles.
+    Grouped { grouping: &'a Grouping<'a>, top_k: usize, pairs: usize, tail: Option<DenseTail<'a>> },
+    /// `heads` matrices (1: a plain dense GEMM), head h reading its input `x_head_stride` and writing its output
+    /// `out_head_stride` elements after head h - 1's.
+    Dense { rows: usize, heads: usize, x_head_stride: usize, out_head_stride: usize },
+}
+
+/// A dense GEMM run by a grouped launch's extra blocks: one matrix of the grouped weights' format and packed shape,
+/// its input rows and its output (SwiGLU act for an up-projection, unweighted f32 rows for a down-projection, as the
+/// grouped output is).
+#[derive(Clone, Copy)]
+struct DenseTail<'a> {
+    w: &'a DeviceWeights,
+    x: Matrix<'a, bf16>,
+    out: TailOutput<'a>,
+}
+
+#[derive(Clone, Copy)]
+enum TailOutput<'a> {
+    SwiGlu(Matrix<'a, bf16>),
+    F32(Matrix<'a, f32>),
+}
+
+impl Rows<'_> {
+    fn dense(rows: usize) -> Self {
+        Rows::Dense { rows, heads: 1, x_head_stride: 0, out_head_stride: 0 }
+    }
 }
 
 /// Where a launch writes. Every output's rows may be strided: the kernel takes `out_stride`.
@@ -342,21 +542,25 @@ fn launch_gemm(w: &DeviceWeights, input: Input, x_rows: usize, in_by_token: bool
             if swiglu { "wants" } else { "does not want" }
         )));
     }
+    let (heads, x_head_stride, out_head_stride) = match rows {
+        Rows::Dense { heads, x_head_stride, out_head_stride, .. } => (heads, x_head_stride, out_head_stride),
+        Rows::Grouped { .. } => (1, 0, 0),
+    };
     let (shape, grid_y, top_k, grouping) = match rows {
-        Rows::Grouped { grouping, top_k, pairs } => {
+        Rows::Grouped { grouping, top_k, pairs, tail } => {
             grouping.check(w.experts)?;
             if top_k == 0 {
                 return Err(Error::InvalidArgument("gemm: top_k 0".into()));
             }
-            let shape = match grouping.shape() {
-                TileShape::Tiled => TileShape::Tiled,
-                _ => TileShape::for_decode(pairs.min(w.experts), w.rows_padded),
-            };
+            let shape = grouped_tile_shape(grouping, pairs.min(w.experts) + tail.is_some() as usize, w.rows_padded);
+            if tail.is_some() && shape != TileShape::Narrow {
+                return Err(Error::InvalidArgument(format!("gemm: a dense tail runs with the narrow decode tile only, not {shape:?}")));
+            }
             (shape, grouping.tile_experts.len(), top_k, Some(grouping))
         }
-        Rows::Dense { rows } => {
-            if w.experts != 1 {
-                return Err(Error::InvalidArgument(format!("dense gemm: weights hold {} matrices, expected 1", w.experts)));
+        Rows::Dense { rows, heads, .. } => {
+            if w.experts != heads {
+                return Err(Error::InvalidArgument(format!("dense gemm: weights hold {} matrices, expected {heads}", w.experts)));
             }
             let shape = if rows <= TileShape::Small.slots() { TileShape::for_decode(1, w.rows_padded) } else { TileShape::Tiled };
             (shape, super::blocks_for(rows, shape.slots()) as usize, 1, None)
@@ -388,6 +592,13 @@ fn launch_gemm(w: &DeviceWeights, input: Input, x_rows: usize, in_by_token: bool
             (std::ptr::null_mut(), out.mut_ptr(), opt_view_ptr(pair_weights), true)
         }
     };
+    let tail = match rows {
+        Rows::Grouped { tail: Some(tail), .. } => Some(check_tail(w, e4m3_input, &output, &tail)?),
+        _ => None,
+    };
+    // The grouped tiles, then the tail's row blocks.
+    let tiles = grid_y;
+    let grid_y = tiles + tail.as_ref().map_or(0, |t| super::blocks_for(t.rows as usize, shape.slots()) as usize);
     if grid_y == 0 {
         return Ok(());
     }
@@ -417,24 +628,91 @@ fn launch_gemm(w: &DeviceWeights, input: Input, x_rows: usize, in_by_token: bool
         rows_padded: to_i32("gemm rows", w.rows_padded)?,
         out_cols: to_i32("gemm out_cols", w.out_cols)?,
         dense_rows: to_i32("gemm rows", if grouping.is_none() { x_rows } else { 0 })?,
-        capacity_tiles: to_i32("gemm tiles", grid_y)?,
+        x_batch_stride: to_i32("gemm x head stride", x_head_stride)?,
+        out_batch_stride: to_i32("gemm out head stride", out_head_stride)?,
+        capacity_tiles: to_i32("gemm tiles", tiles)?,
         top_k: to_i32("gemm top_k", top_k)?,
         tile_m: to_i32("gemm tile_m", grouping.map_or(shape.slots(), |g| g.tile_m))?,
         group: to_i32("gemm group", w.group)?,
         swiglu: swiglu as i32,
         in_by_token: in_by_token as i32,
         out_by_pair: out_by_pair as i32,
+        tail: tail.unwrap_or(MoeDenseTail {
+            weights: std::ptr::null(),
+            row_scales: std::ptr::null(),
+            block_scales: std::ptr::null(),
+            group_scales: std::ptr::null(),
+            group_zeros: std::ptr::null(),
+            fp4_scales: std::ptr::null(),
+            x: std::ptr::null(),
+            out_bf16: std::ptr::null_mut(),
+            out_f32: std::ptr::null_mut(),
+            rows: 0,
+            x_stride: 0,
+            out_stride: 0,
+        }),
         act_scale: match input {
             Input::E4m3(rows) => rows.scale,
             Input::Bf16(_) => 1.0,
         },
     };
     let config = LaunchConfig {
-        grid: Dim3::xy((w.rows_padded / shape.features()) as u32, grid_y as u32),
+        grid: Dim3::xyz((w.rows_padded / shape.features()) as u32, grid_y as u32, heads as u32),
         block: Dim3::x((WARPS * 32) as u32),
         shared_bytes: shape.shared_bytes(w.format, e4m3_input) as u32,
     };
     launch_with(device, &shape.kernel(w.format, e4m3_input), &config, &params)
+}
+
+/// The tile a grouped launch runs: the aligner's prefill tile, or the decode tile for `busy` busy experts (plus a
+/// dense tail) over `rows_padded` features.
+fn grouped_tile_shape(grouping: &Grouping, busy: usize, rows_padded: usize) -> TileShape {
+    match grouping.shape() {
+        TileShape::Tiled => TileShape::Tiled,
+        _ => TileShape::for_decode(busy, rows_padded),
+    }
+}
+
+/// Checks a dense tail against the grouped launch it rides in and gives its kernel parameters.
+fn check_tail(w: &DeviceWeights, e4m3_input: bool, output: &Output, tail: &DenseTail) -> Result<MoeDenseTail> {
+    let t = tail.w;
+    if e4m3_input {
+        return Err(Error::InvalidArgument("gemm: a dense tail needs bf16 activations (W8A8 runs the shared expert apart)".into()));
+    }
+    if t.experts != 1 || (t.format, t.rows_padded, t.k_dim, t.out_cols, t.swiglu, t.group) != (w.format, w.rows_padded, w.k_dim, w.out_cols, w.swiglu, w.group) {
+        return Err(Error::InvalidArgument(format!(
+            "gemm tail: one {} matrix of [{}, {}] packed as the grouped weights expected, got {} x {} [{}, {}]",
+            w.format, w.out_cols, w.k_dim, t.experts, t.format, t.out_cols, t.k_dim
+        )));
+    }
+    let [rows, _] = tail.x.dims();
+    tail.x.expect_dims("gemm tail x", [rows, w.k_dim])?;
+    tail.x.expect_rows_aligned("gemm tail x", 16)?;
+    let (out_bf16, out_f32, out_stride) = match (output, tail.out) {
+        (Output::SwiGlu(_), TailOutput::SwiGlu(act)) => {
+            act.expect_dims("gemm tail act", [rows, w.out_cols])?;
+            (act.mut_ptr(), std::ptr::null_mut(), act.row_stride())
+        }
+        (Output::F32ByPair { .. }, TailOutput::F32(out)) => {
+            out.expect_dims("gemm tail out", [rows, w.out_cols])?;
+            (std::ptr::null_mut(), out.mut_ptr(), out.row_stride())
+        }
+        _ => return Err(Error::InvalidArgument("gemm tail: its output must be of the grouped output's kind".into())),
+    };
+    Ok(MoeDenseTail {
+        weights: t.data.ptr(),
+        row_scales: opt_ptr(t.row_scales.as_ref()),
+        block_scales: opt_ptr(t.block_scales.as_ref()),
+        group_scales: opt_ptr(t.group_scales.as_ref()),
+        group_zeros: opt_ptr(t.group_zeros.as_ref()),
+        fp4_scales: opt_ptr(t.fp4_scales.as_ref()),
+        x: tail.x.ptr(),
+        out_bf16,
+        out_f32,
+        rows: to_i32("gemm tail rows", rows)?,
+        x_stride: to_i32("gemm tail x stride", tail.x.row_stride())?,
+        out_stride: to_i32("gemm tail out stride", out_stride)?,
+    })
 }
 
 /// Dense `y = x W^T` (bf16 weights or any packed format, one matrix): x `[rows, k_dim]` -> y `[rows, out_cols]` bf16,
@@ -475,7 +753,61 @@ fn launch_gemm(w: &DeviceWeights, input: Input, x_rows: usize, in_by_token: bool
 /// ```
 pub fn linear(w: &DeviceWeights, x: Matrix<bf16>, y: Matrix<bf16>) -> Result<()> {
     let [rows, _] = x.dims();
-    launch_gemm(w, Input::Bf16(x), rows, false, Rows::Dense { rows }, Output::Bf16(y))
+    launch_gemm(w, Input::Bf16(x), rows, false, Rows::dense(rows), Output::Bf16(y))
+}
+
+/// Per-head dense products in one launch: `y[r, h, ..out_cols] = x[r, h, ..k_dim] W_h^T` for every head h, with `w`
+/// holding one matrix per head (`repack_linear` of the heads' matrices, in head order). x is `[rows, heads, head_in]`
+/// and the GEMM reads the first `k_dim` values of each head (the nope part of a query head, `k_dim <= head_in`); y is
+/// `[rows, heads, out_cols]`. Both may have strided rows. MLA's absorbed products (W_UK on the queries, W_UV on the
+/// attention's latent output) run through it: one launch for all heads instead of one per head.
+///
+/// `Error::InvalidArgument` when `w` does not hold one matrix per head, is SwiGLU-packed, a head's input does not
+/// start on 16 bytes, or `k_dim > head_in`; `Error::Shape` when y is not `[rows, heads, out_cols]`; the errors of
+/// [`linear`] otherwise.
+///
+/// ```
+/// use half::bf16;
+/// use small4::device::{simulator, DeviceBuffer};
+/// use small4::kernels::moe::{self, DeviceWeights};
+/// use small4::quant::{repack::{repack_linear, MatrixRef}, QuantizedMatrix, WeightFormat};
+///
+/// let device = simulator();
+/// // Two heads with W_h [2, 64]: head 0 gives (x0, x1), head 1 gives (2 x0, 3 x1).
+/// let head = |a: f32, b: f32| {
+///     let mut w = vec![0.0f32; 2 * 64];
+///     (w[0], w[64 + 1]) = (a, b);
+///     QuantizedMatrix::quantize(WeightFormat::Bf16, &w, 2, 64)
+/// };
+/// let (h0, h1) = (head(1.0, 1.0)?, head(2.0, 3.0)?);
+/// let w = DeviceWeights::upload(&device, &repack_linear(&[MatrixRef::from(&h0), MatrixRef::from(&h1)])?)?;
+/// // One row, two heads of 72 values (the GEMM reads the first 64 of each): head h holds x = (h + 1, 1, 0, ..).
+/// let x: Vec<bf16> = (0..2 * 72).map(|i| bf16::from_f32(match i % 72 { 0 => (i / 72 + 1) as f32, 1 => 1.0, _ => 0.0 })).collect();
+/// let x = DeviceBuffer::from_slice(&device, &x)?;
+/// let y = DeviceBuffer::<bf16>::alloc(&device, 4)?;
+/// moe::linear_per_head(&w, x.view([1, 2, 72])?, y.view([1, 2, 2])?)?;
+/// let got: Vec<f32> = y.to_vec()?.iter().map(|v| v.to_f32()).collect();
+/// assert_eq!(got, [1.0, 1.0, 4.0, 3.0]);
+/// // One matrix for three heads is a typed error:
+/// let x3 = DeviceBuffer::<bf16>::alloc(&device, 3 * 72)?;
+/// let y3 = DeviceBuffer::<bf16>::alloc(&device, 6)?;
+/// assert!(matches!(moe::linear_per_head(&w, x3.view([1, 3, 72])?, y3.view([1, 3, 2])?), Err(small4::Error::InvalidArgument(_))));
+/// # Ok::<(), small4::Error>(())
+/// ```
+pub fn linear_per_head(w: &DeviceWeights, x: TensorView<bf16, 3>, y: TensorView<bf16, 3>) -> Result<()> {
+    let [rows, heads, head_in] = x.dims();
+    if heads == 0 || heads > 65535 {
+        return Err(Error::InvalidArgument(format!("linear_per_head: {heads} heads (1 to 65535)")));
+    }
+    if w.k_dim > head_in || head_in % 8 != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "linear_per_head: heads of {head_in} inputs (a multiple of 8) cannot feed a reduction of {}",
+            w.k_dim
+        )));
+    }
+    y.expect_dims("linear_per_head y", [rows, heads, w.out_cols])?;
+    let dense = Rows::Dense { rows, heads, x_head_stride: head_in, out_head_stride: w.out_cols };
+    launch_gemm(w, Input::Bf16(x.as_matrix().columns(0..w.k_dim)?), rows, false, dense, Output::Bf16(y.as_matrix().columns(0..w.out_cols)?))
 }
 
 /// Dense SwiGLU `act = silu(x W1^T) * (x W3^T)` from gate/up weights packed by `repack_gate_up` (one matrix pair):
@@ -520,13 +852,13 @@ pub fn linear(w: &DeviceWeights, x: Matrix<bf16>, y: Matrix<bf16>) -> Result<()>
 /// ```
 pub fn linear_swiglu(w: &DeviceWeights, x: Matrix<bf16>, act: Matrix<bf16>) -> Result<()> {
     let [rows, _] = x.dims();
-    launch_gemm(w, Input::Bf16(x), rows, false, Rows::Dense { rows }, Output::SwiGlu(act))
+    launch_gemm(w, Input::Bf16(x), rows, false, Rows::dense(rows), Output::SwiGlu(act))
 }
 
 /// Dense `y = x W^T` with an f32 output `[rows, out_cols]` (the logits of the output head). Errors as [`linear`].
 pub fn linear_f32(w: &DeviceWeights, x: Matrix<bf16>, y: Matrix<f32>) -> Result<()> {
     let [rows, _] = x.dims();
-    launch_gemm(w, Input::Bf16(x), rows, false, Rows::Dense { rows }, Output::F32ByPair { out: y, pair_weights: None })
+    launch_gemm(w, Input::Bf16(x), rows, false, Rows::dense(rows), Output::F32ByPair { out: y, pair_weights: None })
 }
 
 /// The shared expert on every token of `x [tokens, dim]`: `workspace.shared_out` `[tokens, dim]` f32 =
@@ -599,7 +931,7 @@ pub fn shared_expert(shared: &(DeviceWeights, DeviceWeights), x: Matrix<bf16>, w
 /// ```
 pub fn up_swiglu(w: &DeviceWeights, x: Matrix<bf16>, top_k: usize, grouping: &Grouping, act: Matrix<bf16>) -> Result<()> {
     let [tokens, _] = x.dims();
-    launch_gemm(w, Input::Bf16(x), tokens, true, Rows::Grouped { grouping, top_k, pairs: tokens * top_k }, Output::SwiGlu(act))
+    launch_gemm(w, Input::Bf16(x), tokens, true, Rows::Grouped { grouping, top_k, pairs: tokens * top_k, tail: None }, Output::SwiGlu(act))
 }
 
 /// Down-projection: `pair_out[p] = weight[p] * act[slot(p)] W2_e^T` (f32, `[tokens * k, dim]`) for every routed pair,
@@ -611,7 +943,7 @@ pub fn down(w: &DeviceWeights, act: Matrix<bf16>, grouping: &Grouping, topk_weig
     let [_, top_k] = topk_weights.dims();
     let pairs = topk_weights.len();
     let output = Output::F32ByPair { out: pair_out, pair_weights: Some(topk_weights) };
-    launch_gemm(w, Input::Bf16(act), slots, false, Rows::Grouped { grouping, top_k, pairs }, output)
+    launch_gemm(w, Input::Bf16(act), slots, false, Rows::Grouped { grouping, top_k, pairs, tail: None }, output)
 }
 
 /// W8A8 e4m3 inputs: `out` [rows, cols] = e4m3(x * (1 / scale)) (round to nearest even, saturating to ±448, the
@@ -742,7 +1074,7 @@ fn launch_quantize_act(x: Matrix<bf16>, scale: f32, out: Matrix<u8>, slots: Opti
 /// ```
 pub fn up_swiglu_w8a8(w: &DeviceWeights, x: E4m3Rows, top_k: usize, grouping: &Grouping, act: Matrix<bf16>) -> Result<()> {
     let [tokens, _] = x.data.dims();
-    launch_gemm(w, Input::E4m3(x), tokens, true, Rows::Grouped { grouping, top_k, pairs: tokens * top_k }, Output::SwiGlu(act))
+    launch_gemm(w, Input::E4m3(x), tokens, true, Rows::Grouped { grouping, top_k, pairs: tokens * top_k, tail: None }, Output::SwiGlu(act))
 }
 
 /// [`down`] in W8A8: `act` the slots' e4m3 rows (`[capacity, hidden]`, from [`quantize_act_e4m3`]), per-tensor fp8
@@ -752,7 +1084,7 @@ pub fn down_w8a8(w: &DeviceWeights, act: E4m3Rows, grouping: &Grouping, topk_wei
     let [_, top_k] = topk_weights.dims();
     let pairs = topk_weights.len();
     let output = Output::F32ByPair { out: pair_out, pair_weights: Some(topk_weights) };
-    launch_gemm(w, Input::E4m3(act), slots, false, Rows::Grouped { grouping, top_k, pairs }, output)
+    launch_gemm(w, Input::E4m3(act), slots, false, Rows::Grouped { grouping, top_k, pairs, tail: None }, output)
 }
 
 /// `out[t] = bf16(shared_out[t] + sum_j pair_out[t*k + j])` over the locally computed pairs, in fixed j order.
@@ -994,9 +1326,82 @@ pub fn routed_experts(weights: &MoeLayerWeights, x: Matrix<bf16>, grouping: &Gro
     down_w8a8(&weights.down, E4m3Rows { data: act_e4m3, scale: scales.down }, grouping, topk_weights, pair_out)
 }
 
+/// The routed experts and the shared expert of a layer: `workspace.pair_out` as [`routed_experts`] writes it and
+/// `workspace.shared_out` as [`shared_expert`] does, bit for bit. When the shared expert is packed like the routed
+/// experts (same format and shape), the activations are bf16 and the launches run the narrow decode tile (small
+/// batches: the single-stream case), it rides in the routed launches' extra blocks: two launches for the whole step
+/// instead of four. Otherwise it runs apart, and without a shared expert this is [`routed_experts`].
+///
+/// Errors as [`routed_experts`] and [`shared_expert`].
+///
+/// ```
+/// use half::bf16;
+/// use small4::device::{simulator, DeviceBuffer};
+/// use small4::kernels::moe::{self, Grouping, MoeLayerWeights, MoeWorkspace};
+/// use small4::kernels::router::{moe_align, ExpertMap};
+/// use small4::quant::{repack, QuantizedMatrix, WeightFormat};
+///
+/// let device = simulator();
+/// // One routed expert (w = e_0 e_0^T) and a shared one twice as large (2 e_0 e_0^T), dim = hidden = 64.
+/// let one_hot = |v: f32| {
+///     let mut w = vec![0.0f32; 64 * 64];
+///     w[0] = v;
+///     QuantizedMatrix::quantize(WeightFormat::Bf16, &w, 64, 64)
+/// };
+/// let (routed, shared) = (one_hot(1.0)?, one_hot(2.0)?);
+/// let pack = |w: &QuantizedMatrix| -> small4::Result<_> { Ok((repack::repack_gate_up(&[(w.into(), w.into())])?, repack::repack_linear(&[w.into()])?)) };
+/// let ((ru, rd), (su, sd)) = (pack(&routed)?, pack(&shared)?);
+/// let weights = MoeLayerWeights::upload(&device, &ru, &rd, Some((&su, &sd)))?;
+/// // One token, x_0 = 1, routed to expert 0 with weight 0.5.
+/// let mut x = vec![bf16::ZERO; 64];
+/// x[0] = bf16::ONE;
+/// let x = DeviceBuffer::from_slice(&device, &x)?;
+/// let (ids, topk_weights) = (DeviceBuffer::from_slice(&device, &[0i32])?, DeviceBuffer::from_slice(&device, &[0.5f32])?);
+/// let alignment = moe_align(ids.view([1, 1])?, &ExpertMap::identity(&device, 1)?, moe::moe_tile_m(1, 1, 1))?;
+/// let workspace = MoeWorkspace::new(&device, &weights, 1, 1, alignment.max_padded)?;
+/// moe::routed_and_shared_experts(&weights, x.view([1, 64])?, &Grouping::from(&alignment), topk_weights.view([1, 1])?, &workspace)?;
+/// let silu = |v: f32| v / (1.0 + (-v).exp());
+/// // Routed: 0.5 * silu(1) * 1; shared: 2 * silu(2) * 2 (w1 = w3 = w2 = 2 e_0 e_0^T).
+/// let (routed_out, shared_out) = (workspace.pair_out.to_vec()?[0], workspace.shared_out.to_vec()?[0]);
+/// assert!((routed_out - 0.5 * silu(1.0)).abs() < 1e-2 && (shared_out - 4.0 * silu(2.0)).abs() < 5e-2, "{routed_out} {shared_out}");
+/// # Ok::<(), small4::Error>(())
+/// ```
+pub fn routed_and_shared_experts(weights: &MoeLayerWeights, x: Matrix<bf16>, grouping: &Grouping, topk_weights: Matrix<f32>, workspace: &MoeWorkspace) -> Result<()> {
+    let Some(shared) = &weights.shared else {
+        return routed_experts(weights, x, grouping, topk_weights, workspace);
+    };
+    let (up, dn) = shared;
+    let same_packing = |a: &DeviceWeights, b: &DeviceWeights| (a.format, a.rows_padded, a.k_dim, a.out_cols, a.group) == (b.format, b.rows_padded, b.k_dim, b.out_cols, b.group);
+    let [tokens, _] = x.dims();
+    let [_, top_k] = topk_weights.dims();
+    // The tail rides only in the narrow decode tile (the kernel's wider tiles have no registers for it).
+    let busy = (tokens * top_k).min(weights.experts()) + 1;
+    let narrow = [&weights.gate_up, &weights.down].iter().all(|w| grouped_tile_shape(grouping, busy, w.rows_padded) == TileShape::Narrow);
+    if weights.fp8_activations.is_some() || !narrow || !same_packing(up, &weights.gate_up) || !same_packing(dn, &weights.down) {
+        routed_experts(weights, x, grouping, topk_weights, workspace)?;
+        return shared_expert(shared, x, workspace);
+    }
+    let (dim, hidden) = (weights.dim(), weights.hidden());
+    topk_weights.expect_dims("routed experts topk_weights", [tokens, top_k])?;
+    check_len("routed experts workspace act", workspace.act.len(), grouping.capacity() * hidden)?;
+    check_len("routed experts workspace pair_out", workspace.pair_out.len(), tokens * top_k * dim)?;
+    check_len("shared expert workspace", workspace.shared_act.len(), tokens * hidden)?;
+    check_len("shared expert workspace out", workspace.shared_out.len(), tokens * dim)?;
+    let act = workspace.act.view([grouping.capacity(), hidden])?;
+    let shared_act = workspace.shared_act.view([tokens, hidden])?;
+    let up_tail = DenseTail { w: up, x, out: TailOutput::SwiGlu(shared_act) };
+    let rows = Rows::Grouped { grouping, top_k, pairs: tokens * top_k, tail: Some(up_tail) };
+    launch_gemm(&weights.gate_up, Input::Bf16(x), tokens, true, rows, Output::SwiGlu(act))?;
+    let down_tail = DenseTail { w: dn, x: shared_act, out: TailOutput::F32(workspace.shared_out.view([tokens, dim])?) };
+    let rows = Rows::Grouped { grouping, top_k, pairs: tokens * top_k, tail: Some(down_tail) };
+    let output = Output::F32ByPair { out: workspace.pair_out.view([tokens * top_k, dim])?, pair_weights: Some(topk_weights) };
+    launch_gemm(&weights.down, Input::Bf16(act), grouping.capacity(), false, rows, output)
+}
+
 /// One whole MoE layer: out `[tokens, dim]` bf16 = shared(x) + sum_j w_j expert_j(x) over the locally owned experts,
-/// for `x [tokens, dim]` (the token count is read off it). Five launches: routed up (+SwiGLU), routed down (x routing
-/// weight), shared up, shared down, combine; W8A8 layers (`weights.fp8_activations`) quantise the input and the
+/// for `x [tokens, dim]` (the token count is read off it). Three launches: routed up (+SwiGLU) with the shared
+/// expert's up, routed down (x routing weight) with the shared expert's down, combine (five when the shared expert is
+/// packed apart, see [`routed_and_shared_experts`]); W8A8 layers (`weights.fp8_activations`) quantise the input and the
 /// SwiGLU activation to e4m3 first (two more).
 ///
 /// `Error::InvalidArgument` when `workspace` was made for another token count or `top_k`; `Error::Shape` when
@@ -1053,12 +1458,9 @@ pub fn moe_layer(weights: &MoeLayerWeights, x: Matrix<bf16>, routing: &RoutingBu
     }
     routing.topk_weights.expect_dims("moe_layer topk_weights", [tokens, k])?;
     check_len("moe_layer pair_out", workspace.pair_out.len(), tokens * k * dim)?;
-    routed_experts(weights, x, grouping, routing.topk_weights, workspace)?;
+    routed_and_shared_experts(weights, x, grouping, routing.topk_weights, workspace)?;
     let shared_out = match &weights.shared {
-        Some(shared) => {
-            shared_expert(shared, x, workspace)?;
-            Some(workspace.shared_out.view([tokens, dim])?)
-        }
+        Some(_) => Some(workspace.shared_out.view([tokens, dim])?),
         None => None,
     };
     let pair_out = workspace.pair_out.view([tokens * k, dim])?;

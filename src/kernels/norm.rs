@@ -9,6 +9,7 @@ use crate::device::{launch_with, Dim3, Kernel, LaunchConfig};
 use crate::error::{Error, Result};
 
 const RMS_NORM: Kernel = Kernel { module: NORM, entry: "rms_norm_bf16" };
+const MOE_COMBINE_ADD_RMS_NORM: Kernel = Kernel { module: NORM, entry: "moe_combine_add_rms_norm" };
 
 /// Threads per row: one 16-byte vector per thread covers 4096 columns in two steps.
 fn threads_for(cols: usize) -> u32 {
@@ -37,7 +38,7 @@ fn threads_for(cols: usize) -> u32 {
 /// # Ok::<(), small4::Error>(())
 /// ```
 pub fn rms_norm(x: Matrix<bf16>, weight: Vector<bf16>, out: Matrix<bf16>, eps: f32) -> Result<()> {
-    launch(x, weight, out, None, eps)
+    launch(x, weight, out, None, None, eps)
 }
 
 /// The decoder's fused step: `h = x + residual` (written to `residual_out`, rounded to bf16), then `out = rms_norm(h)`.
@@ -66,10 +67,76 @@ pub fn rms_norm(x: Matrix<bf16>, weight: Vector<bf16>, out: Matrix<bf16>, eps: f
 /// # Ok::<(), small4::Error>(())
 /// ```
 pub fn add_rms_norm(x: Matrix<bf16>, residual: Matrix<bf16>, weight: Vector<bf16>, residual_out: Matrix<bf16>, out: Matrix<bf16>, eps: f32) -> Result<()> {
-    launch(x, weight, out, Some((residual, residual_out)), eps)
+    launch(x, weight, out, Some((residual, residual_out)), None, eps)
 }
 
-fn launch(x: Matrix<bf16>, weight: Vector<bf16>, out: Matrix<bf16>, residual: Option<(Matrix<bf16>, Matrix<bf16>)>, eps: f32) -> Result<()> {
+/// A MoE block's output as its per-pair rows, combined as [`crate::kernels::moe::combine`] combines them.
+#[derive(Clone, Copy)]
+pub struct MoePairs<'a> {
+    /// `[tokens * k, cols]` f32: each (token, expert) pair's weighted expert output (`MoeWorkspace::pair_out`).
+    pub pair_out: Matrix<'a, f32>,
+    /// `[tokens, cols]` f32: the shared expert's output, or None.
+    pub shared_out: Option<Matrix<'a, f32>>,
+    /// `[tokens, k]`: each pair's global expert id; pairs outside `0..experts` or not local are skipped.
+    pub topk_ids: Matrix<'a, i32>,
+    /// `[experts]` global -> local expert (-1: another GPU's), or None when every expert is local.
+    pub expert_map: Option<Vector<'a, i32>>,
+    /// Global expert count.
+    pub experts: usize,
+}
+
+/// The end of a MoE layer in one launch: `h = combine(pairs) + residual` (the combine rounded to bf16 as
+/// [`crate::kernels::moe::combine`] writes it, the sum rounded to bf16 into `residual_out`), then
+/// `out = rms_norm(h) * weight`: bit for bit what `moe::combine` followed by [`add_rms_norm`] computes.
+///
+/// Errors as [`add_rms_norm`], and `Error::Shape` when the pairs are not `[rows * k, cols]` / `[rows, cols]` /
+/// `[rows, k]`; `Error::InvalidArgument` when they are strided or `cols` is not a multiple of 8.
+///
+/// ```
+/// use half::bf16;
+/// use small4::device::{simulator, DeviceBuffer};
+/// use small4::kernels::norm::{moe_combine_add_rms_norm, MoePairs};
+///
+/// let device = simulator();
+/// // One token, k = 2, 8 columns: the pairs hold 1 and 2 everywhere, no shared expert; the residual is 1.
+/// let pair_out = DeviceBuffer::from_slice(&device, &[[1.0f32; 8], [2.0; 8]].concat())?;
+/// let ids = DeviceBuffer::from_slice(&device, &[0i32, 1])?;
+/// let residual = DeviceBuffer::from_slice(&device, &[bf16::ONE; 8])?;
+/// let (h, out) = (DeviceBuffer::<bf16>::alloc(&device, 8)?, DeviceBuffer::<bf16>::alloc(&device, 8)?);
+/// let weight = DeviceBuffer::from_slice(&device, &[bf16::from_f32(0.5); 8])?;
+/// let pairs = MoePairs { pair_out: pair_out.view([2, 8])?, shared_out: None, topk_ids: ids.view([1, 2])?, expert_map: None, experts: 2 };
+/// moe_combine_add_rms_norm(&pairs, residual.view([1, 8])?, weight.as_vector(), h.view([1, 8])?, out.view([1, 8])?, 0.0)?;
+/// // h = 1 + 2 + 1 = 4 in every column; rms_norm(h) = 1, times the weight 0.5.
+/// assert!(h.to_vec()?.iter().all(|v| v.to_f32() == 4.0) && out.to_vec()?.iter().all(|v| v.to_f32() == 0.5));
+/// # Ok::<(), small4::Error>(())
+/// ```
+pub fn moe_combine_add_rms_norm(pairs: &MoePairs, residual: Matrix<bf16>, weight: Vector<bf16>, residual_out: Matrix<bf16>, out: Matrix<bf16>, eps: f32) -> Result<()> {
+    let [rows, cols] = residual.dims();
+    let [_, top_k] = pairs.topk_ids.dims();
+    if cols % 8 != 0 {
+        return Err(Error::InvalidArgument(format!("moe_combine_add_rms_norm: {cols} columns (a multiple of 8)")));
+    }
+    pairs.pair_out.expect_dims("moe_combine_add_rms_norm pair_out", [rows * top_k, cols])?;
+    pairs.topk_ids.expect_dims("moe_combine_add_rms_norm topk_ids", [rows, top_k])?;
+    pairs.pair_out.expect_packed("moe_combine_add_rms_norm pair_out")?;
+    pairs.topk_ids.expect_packed("moe_combine_add_rms_norm topk_ids")?;
+    pairs.pair_out.expect_aligned("moe_combine_add_rms_norm pair_out", 16)?;
+    if let Some(s) = pairs.shared_out {
+        s.expect_dims("moe_combine_add_rms_norm shared_out", [rows, cols])?;
+        s.expect_packed("moe_combine_add_rms_norm shared_out")?;
+        s.expect_aligned("moe_combine_add_rms_norm shared_out", 16)?;
+    }
+    if let Some(m) = pairs.expert_map {
+        m.expect_dims("moe_combine_add_rms_norm expert_map", [pairs.experts])?;
+        m.expect_packed("moe_combine_add_rms_norm expert_map")?;
+    }
+    super::to_i32("moe_combine_add_rms_norm top_k", top_k)?;
+    super::to_i32("moe_combine_add_rms_norm experts", pairs.experts)?;
+    super::to_i32("moe_combine_add_rms_norm pairs", pairs.pair_out.len())?;
+    launch(residual, weight, out, Some((residual, residual_out)), Some(pairs), eps)
+}
+
+fn launch(x: Matrix<bf16>, weight: Vector<bf16>, out: Matrix<bf16>, residual: Option<(Matrix<bf16>, Matrix<bf16>)>, pairs: Option<&MoePairs>, eps: f32) -> Result<()> {
     let [rows, cols] = x.dims();
     if cols == 0 || cols > i32::MAX as usize || rows > i32::MAX as usize || x.row_stride() > i32::MAX as usize || out.row_stride() > i32::MAX as usize {
         return Err(Error::InvalidArgument(format!("rms_norm: {x:?} (rows and cols within i32, cols > 0)")));
@@ -112,7 +179,14 @@ fn launch(x: Matrix<bf16>, weight: Vector<bf16>, out: Matrix<bf16>, residual: Op
         x_row_stride: x.row_stride() as i32,
         out_row_stride: out.row_stride() as i32,
         eps,
+        pair_out: pairs.map_or(std::ptr::null(), |m| m.pair_out.ptr()),
+        shared_out: pairs.and_then(|m| m.shared_out).map_or(std::ptr::null(), |v| v.ptr()),
+        topk_ids: pairs.map_or(std::ptr::null(), |m| m.topk_ids.ptr()),
+        expert_map: pairs.and_then(|m| m.expert_map).map_or(std::ptr::null(), |v| v.ptr()),
+        top_k: pairs.map_or(0, |m| m.topk_ids.dims()[1] as i32),
+        experts: pairs.map_or(0, |m| m.experts as i32),
     };
     let config = LaunchConfig { grid: Dim3::x(rows as u32), block: Dim3::x(threads_for(cols)), shared_bytes: 0 };
-    launch_with(x.device(), &RMS_NORM, &config, &params)
+    let kernel = if pairs.is_some() { &MOE_COMBINE_ADD_RMS_NORM } else { &RMS_NORM };
+    launch_with(x.device(), kernel, &config, &params)
 }

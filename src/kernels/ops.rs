@@ -4,7 +4,7 @@
 use half::bf16;
 
 use super::modules::OPS;
-use super::params::{ArgmaxParams, EmbeddingParams, RopeParams, SampleParams, SiluMulParams};
+use super::params::{ArgmaxParams, DecodeAdvanceParams, EmbeddingParams, RopeParams, SampleParams, SiluMulParams};
 use super::{Matrix, TensorView, Vector};
 use crate::device::{launch_with, Device, DeviceBuffer, Dim3, Kernel, LaunchConfig};
 use crate::error::{Error, Result};
@@ -14,6 +14,7 @@ const EMBEDDING_GATHER: Kernel = Kernel { module: OPS, entry: "embedding_gather"
 const SILU_MUL: Kernel = Kernel { module: OPS, entry: "silu_mul" };
 const ARGMAX_ROWS: Kernel = Kernel { module: OPS, entry: "argmax_rows" };
 const SAMPLE_ROWS: Kernel = Kernel { module: OPS, entry: "sample_rows" };
+const DECODE_ADVANCE: Kernel = Kernel { module: OPS, entry: "decode_advance" };
 
 /// Largest rope_dim the kernel's shared cos/sin table holds.
 pub const MAX_ROPE_DIM: usize = 256;
@@ -400,6 +401,50 @@ pub fn argmax(logits: Matrix<f32>, ids: Vector<i32>) -> Result<()> {
     let params = ArgmaxParams { logits: logits.ptr(), ids: ids.mut_ptr(), rows: rows as i32, vocab: vocab as i32, row_stride: logits.row_stride() as i32 };
     let config = LaunchConfig { grid: Dim3::x(rows as u32), block: Dim3::x(threads_for_row(vocab.div_ceil(4), 1024)), shared_bytes: 0 };
     launch_with(logits.device(), &ARGMAX_ROWS, &config, &params)
+}
+
+/// The next decode step's inputs, advanced on the device from this step's sampled tokens (`next [rows]`, one
+/// sequence per row): `ids = next`, and `positions`, `cache_positions` and `seq_lens` each + 1. A graph replaying
+/// decode steps then needs no upload between steps: the host only reads the sampled tokens. All views packed
+/// `[rows]`; `cache_positions` (a `TokenSlots`' copy) and `seq_lens` (a `BlockTables`' lengths) may be absent.
+///
+/// `Error::Shape` when a view is not `[rows]`; `Error::InvalidArgument` when one is strided or `rows` exceeds `i32`.
+///
+/// ```
+/// use small4::device::{simulator, DeviceBuffer};
+///
+/// let device = simulator();
+/// let next = DeviceBuffer::from_slice(&device, &[7i32, 9])?;
+/// let (ids, positions, lens) = (DeviceBuffer::from_slice(&device, &[1i32, 2])?, DeviceBuffer::from_slice(&device, &[10i32, 3])?, DeviceBuffer::from_slice(&device, &[11i32, 4])?);
+/// small4::kernels::ops::decode_advance(next.as_vector(), ids.as_vector(), positions.as_vector(), None, Some(lens.as_vector()))?;
+/// assert_eq!((ids.to_vec()?, positions.to_vec()?, lens.to_vec()?), (vec![7, 9], vec![11, 4], vec![12, 5]));
+/// // Three positions for two tokens: a typed error, nothing written.
+/// let three = DeviceBuffer::from_slice(&device, &[0i32; 3])?;
+/// assert!(matches!(small4::kernels::ops::decode_advance(next.as_vector(), ids.as_vector(), three.as_vector(), None, None), Err(small4::Error::Shape { .. })));
+/// # Ok::<(), small4::Error>(())
+/// ```
+pub fn decode_advance(next: Vector<i32>, ids: Vector<i32>, positions: Vector<i32>, cache_positions: Option<Vector<i32>>, seq_lens: Option<Vector<i32>>) -> Result<()> {
+    let [rows] = next.dims();
+    check_i32("decode rows", rows)?;
+    for (what, view) in [("decode next", Some(next)), ("decode ids", Some(ids)), ("decode positions", Some(positions)), ("decode cache positions", cache_positions), ("decode seq lens", seq_lens)] {
+        if let Some(v) = view {
+            v.expect_dims(what, [rows])?;
+            v.expect_packed(what)?;
+        }
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    let params = DecodeAdvanceParams {
+        next: next.ptr(),
+        ids: ids.mut_ptr(),
+        positions: positions.mut_ptr(),
+        cache_positions: cache_positions.map_or(std::ptr::null_mut(), |v| v.mut_ptr()),
+        seq_lens: seq_lens.map_or(std::ptr::null_mut(), |v| v.mut_ptr()),
+        rows: rows as i32,
+    };
+    let config = LaunchConfig { grid: Dim3::x(super::blocks_for(rows, 128)), block: Dim3::x(128), shared_bytes: 0 };
+    launch_with(next.device(), &DECODE_ADVANCE, &config, &params)
 }
 
 /// Per-row sampling settings, on the device so that a CUDA graph replays with new values: each a packed `[rows]`.

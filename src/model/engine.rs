@@ -14,10 +14,10 @@
 //! the device sees exactly the values the reference dequantises; routed experts are repacked per format by
 //! `quant::repack`, one layer at a time while streaming (host memory holds one layer's experts at most).
 //!
-//! MLA's absorbed products are per head: `q_lat_h = q_nope_h . W_UK_h` and `out_h = W_UV_h . o_lat_h` run as one
-//! dense GEMM per head over column views of `q` / `o_lat` (`kernels::moe::linear`); W_UK_h is stored
-//! transposed ([kv_lora_rank, qk_nope]) so both are `y = x W^T`. The rope half of q is extracted into the
-//! contiguous `q_rope` the attention kernel reads by one GEMM with a 64x64 identity (exact in bf16).
+//! MLA's absorbed products are per head: `q_lat_h = q_nope_h . W_UK_h` and `out_h = W_UV_h . o_lat_h`, each one
+//! batched launch for all heads (`kernels::moe::linear_per_head`: the heads' matrices stacked, grid z = head); W_UK_h
+//! is stored transposed ([kv_lora_rank, qk_nope]) so both are `y = x W^T`. The attention kernel reads the rope half
+//! of each query head in place (a strided `q_rope`), where the RoPE kernel rotated it.
 //!
 //! Expert parallelism: a rank owns a contiguous share of the experts ([`Shard`]); the router's expert map
 //! drops the other pairs, the per-pair f32 outputs of non-local pairs are zero, and one f32 all-reduce of the
@@ -108,7 +108,7 @@ use crate::model::checkpoint::{Checkpoint, ExpertMatrix};
 use crate::model::kv_cache::{CacheDescriptor, CacheDtype, KvCache, SeqId};
 use crate::model::vision::DeviceVisionTower;
 use crate::model::ModelConfig;
-use crate::quant::repack::{repack_gate_up, repack_linear, MatrixRef};
+use crate::quant::repack::{repack_gate_up, repack_linear, repack_row_concat, MatrixRef};
 use crate::quant::{Fp8Block128, Fp8PerTensor, QuantizedMatrix};
 use crate::reference::rope::yarn_inv_freq;
 use crate::reference::vision::{check_image, PixelImage};
@@ -215,16 +215,17 @@ impl Shard {
 /// The weights of one decoder layer on the device.
 struct DeviceLayer {
     attention_norm: DeviceBuffer<bf16>,
-    wq_a: DeviceWeights,
+    /// `wq_a` and `wkv_a_with_mqa` stacked ([q_lora_rank + kv_lora_rank + rope, dim]): both read the normed input,
+    /// so one GEMM computes `[q_a | kv]`.
+    wqkv_a: DeviceWeights,
     q_a_norm: DeviceBuffer<bf16>,
     /// The rank's heads' rows, [local heads * (nope + rope), q_lora_rank].
     wq_b: DeviceWeights,
-    wkv_a: DeviceWeights,
     kv_a_norm: DeviceBuffer<bf16>,
-    /// Per local head: W_UK_h transposed, [kv_lora_rank, qk_nope].
-    w_uk: Vec<DeviceWeights>,
-    /// Per local head: W_UV_h [v_head, kv_lora_rank] as row pieces (matrix, first output column inside the head).
-    w_uv: Vec<Vec<(DeviceWeights, usize)>>,
+    /// The local heads' W_UK_h transposed, [kv_lora_rank, qk_nope] each, one matrix per head (`linear_per_head`).
+    w_uk: DeviceWeights,
+    /// The local heads' W_UV_h [v_head, kv_lora_rank], one matrix per head.
+    w_uv: DeviceWeights,
     /// The local heads' input columns, [dim, local heads * v_head].
     wo: DeviceWeights,
     ffn_norm: DeviceBuffer<bf16>,
@@ -249,8 +250,6 @@ pub struct DeviceModel {
     norm: DeviceBuffer<bf16>,
     output: DeviceWeights,
     inv_freq: DeviceBuffer<f32>,
-    /// 64x64 identity: copies the rope half of every query head into the attention kernel's `q_rope`.
-    rope_identity: DeviceWeights,
     expert_map: ExpertMap,
     /// The vision tower and projector, when the configuration has one.
     vision: Option<DeviceVisionTower>,
@@ -400,20 +399,19 @@ impl DeviceModel {
         for l in 0..c.n_layers {
             let p = format!("layers.{l}");
             let wkv_b = matrix(&format!("{p}.attention.wkv_b"), c.heads * kv_per_head, c.kv_lora_rank)?;
-            let mut w_uk = Vec::with_capacity(heads.len());
-            let mut w_uv = Vec::with_capacity(heads.len());
-            for h in heads.clone() {
-                w_uk.push(upload_linear(device, &transposed_rows(&wkv_b, h * kv_per_head, c.qk_nope)?)?);
-                // FP8 block scales change every 128 rows and W_UV_h may straddle two blocks: 64-row pieces then.
-                let piece = if matches!(wkv_b, QuantizedMatrix::Fp8Block128(_)) { 64 } else { c.v_head };
-                let first = h * kv_per_head + c.qk_nope;
-                w_uv.push(
-                    (0..c.v_head)
-                        .step_by(piece)
-                        .map(|o| Ok((upload_linear(device, &slice_rows(&wkv_b, first + o, piece.min(c.v_head - o))?)?, o)))
-                        .collect::<Result<_>>()?,
-                );
-            }
+            // One matrix per local head, stacked as the "experts" of a batched GEMM: W_UK_h transposed, and W_UV_h
+            // (FP8 block scales change every 128 rows and W_UV_h may straddle two blocks: 64-row pieces then, each
+            // with its own scales, packed back into one matrix).
+            let uk: Vec<QuantizedMatrix> = heads.clone().map(|h| transposed_rows(&wkv_b, h * kv_per_head, c.qk_nope)).collect::<Result<_>>()?;
+            let w_uk = DeviceWeights::upload(device, &repack_linear(&uk.iter().map(MatrixRef::from).collect::<Vec<_>>())?)?;
+            drop(uk);
+            let piece = if matches!(wkv_b, QuantizedMatrix::Fp8Block128(_)) { 64 } else { c.v_head };
+            let uv: Vec<Vec<QuantizedMatrix>> = heads
+                .clone()
+                .map(|h| (0..c.v_head).step_by(piece).map(|o| slice_rows(&wkv_b, h * kv_per_head + c.qk_nope + o, piece.min(c.v_head - o))).collect())
+                .collect::<Result<_>>()?;
+            let uv_parts: Vec<Vec<MatrixRef>> = uv.iter().map(|pieces| pieces.iter().map(MatrixRef::from).collect()).collect();
+            let w_uv = DeviceWeights::upload(device, &repack_row_concat(&uv_parts)?)?;
             drop(wkv_b);
             // The local heads' rows of wq_b and input columns of wo; a rank with every head uploads them whole.
             let all_heads = heads.len() == c.heads;
@@ -444,10 +442,13 @@ impl DeviceModel {
             let moe = MoeLayerWeights::upload(device, &gate_up, &down, shared.as_ref().map(|(a, b)| (a, b)))?;
             layers.push(DeviceLayer {
                 attention_norm: plain(&format!("{p}.attention_norm.weight"), c.dim)?,
-                wq_a: upload_linear(device, &matrix(&format!("{p}.attention.wq_a"), c.q_lora_rank, c.dim)?)?,
+                wqkv_a: {
+                    let wq_a = matrix(&format!("{p}.attention.wq_a"), c.q_lora_rank, c.dim)?;
+                    let wkv_a = matrix(&format!("{p}.attention.wkv_a_with_mqa"), c.kv_lora_rank + c.qk_rope, c.dim)?;
+                    DeviceWeights::upload(device, &repack_row_concat(&[vec![MatrixRef::from(&wq_a), MatrixRef::from(&wkv_a)]])?)?
+                },
                 q_a_norm: plain(&format!("{p}.attention.q_a_norm.weight"), c.q_lora_rank)?,
                 wq_b,
-                wkv_a: upload_linear(device, &matrix(&format!("{p}.attention.wkv_a_with_mqa"), c.kv_lora_rank + c.qk_rope, c.dim)?)?,
                 kv_a_norm: plain(&format!("{p}.attention.kv_a_norm.weight"), c.kv_lora_rank)?,
                 w_uk,
                 w_uv,
@@ -465,8 +466,6 @@ impl DeviceModel {
         let embeddings = table("tok_embeddings.weight")?;
         let output = if c.tied_embeddings { embeddings.clone() } else { table("output.weight")? };
         let output = upload_linear(device, &QuantizedMatrix::Bf16 { data: output, rows: c.vocab, cols: c.dim })?;
-        let rope = c.qk_rope;
-        let identity: Vec<bf16> = (0..rope * rope).map(|i| if i / rope == i % rope { bf16::ONE } else { bf16::ZERO }).collect();
         let tok_embeddings = DeviceBuffer::from_slice(device, &embeddings)?;
         let vision = if c.vision.is_some() { Some(DeviceVisionTower::load(device, checkpoint, &c)?) } else { None };
         on_progress(LoadProgress { done: c.n_layers + 1, total: c.n_layers + 1 });
@@ -475,7 +474,6 @@ impl DeviceModel {
             norm: plain("norm.weight", c.dim)?,
             output,
             inv_freq: DeviceBuffer::from_slice(device, &yarn_inv_freq(c.qk_rope, &c.yarn()))?,
-            rope_identity: upload_linear(device, &QuantizedMatrix::Bf16 { data: identity, rows: rope, cols: rope })?,
             expert_map: ExpertMap::new(device, &shard.expert_map(c.experts))?,
             vision,
             layers,
@@ -582,7 +580,7 @@ pub struct EngineOptions {
     /// Forced KV split count of the attention (None: the kernel's heuristic).
     pub attention_splits: Option<usize>,
     /// Replay decode steps (every request adding one token) as captured graphs: a CUDA graph on a GPU (one launch
-    /// for the whole network instead of ~25 per layer), the recorded launch list on the interpreter. One graph per
+    /// for the whole network instead of 14 per layer), the recorded launch list on the interpreter. One graph per
     /// (batch size, block-table capacity in pages, a power of two); the first step of a shape runs eagerly, the next
     /// one captures. Off, or on a backend without graphs, or with a collective, every step runs eagerly.
     pub graphs: bool,
@@ -606,6 +604,9 @@ impl Default for EngineOptions {
     }
 }
 
+/// Tokens of pages a decoding sequence takes ahead when its pages are full (fewer when its request ends sooner).
+const DECODE_RESERVE_TOKENS: usize = 1024;
+
 /// Activations of one forward pass over `tokens` tokens, allocated once per batch size and reused (a CUDA graph
 /// replays over fixed buffers).
 struct Workspace {
@@ -616,14 +617,13 @@ struct Workspace {
     x: [DeviceBuffer<bf16>; 2],
     /// Normed input of the current block.
     h: DeviceBuffer<bf16>,
-    q_a: DeviceBuffer<bf16>,
+    /// `[tokens, q_lora_rank + kv_lora_rank + rope]`: `[q_a | kv]`, the stacked GEMM's output; the cache writer
+    /// reads the kv columns (the wkv_a_with_mqa output).
+    qkv_a: DeviceBuffer<bf16>,
     q_a_normed: DeviceBuffer<bf16>,
     /// `[tokens, local heads, nope + rope]`
     q: DeviceBuffer<bf16>,
-    /// [tokens, latent + rope]: the wkv_a_with_mqa output the cache writer reads.
-    kv: DeviceBuffer<bf16>,
     q_lat: DeviceBuffer<bf16>,
-    q_rope: DeviceBuffer<bf16>,
     o_lat: DeviceBuffer<bf16>,
     /// `[tokens, local heads * v_head]`
     attn: DeviceBuffer<bf16>,
@@ -701,12 +701,10 @@ impl Workspace {
             positions: DeviceBuffer::alloc(d, tokens)?,
             x: [bf(tokens * c.dim)?, bf(tokens * c.dim)?],
             h: bf(tokens * c.dim)?,
-            q_a: bf(tokens * c.q_lora_rank)?,
+            qkv_a: bf(tokens * (c.q_lora_rank + c.kv_lora_rank + c.qk_rope))?,
             q_a_normed: bf(tokens * c.q_lora_rank)?,
             q: bf(latent_rows * c.qk_head_dim())?,
-            kv: bf(tokens * (c.kv_lora_rank + c.qk_rope))?,
             q_lat: bf(latent_rows * c.kv_lora_rank)?,
-            q_rope: bf(latent_rows * c.qk_rope)?,
             o_lat: bf(latent_rows * c.kv_lora_rank)?,
             attn: bf(tokens * heads * c.v_head)?,
             block_out: bf(tokens * c.dim)?,
@@ -730,6 +728,9 @@ struct DecodeGraph {
     /// Eager runs so far; the graph is recorded at the shape's second step (the first sizes everything).
     eager_runs: usize,
     graph: Option<Graph>,
+    /// The ids the workspace holds for the next step when a `decode_advance` wrote them there (the tokens sampled
+    /// last step, in batch order): a step whose ids are these uploads nothing.
+    ids_on_device: Option<Vec<i32>>,
 }
 
 /// A step's tokens laid out by the host: ids, positions, each token's batch row, and the first token of each
@@ -943,11 +944,13 @@ impl Engine {
         let with_images = images.iter().any(|i| !i.is_empty());
         let decode_only = batch.iter().all(|(_, tokens)| tokens.len() == 1);
         if decode_only && !with_images && self.options.graphs && self.graphs_supported && self.collective.is_none() {
-            self.decode_with_graph(&batch)?;
+            // Tokens each request may still add after this step: the pages taken ahead for them.
+            let ahead: Vec<usize> = ids.iter().map(|id| self.active[id].request.max_tokens.saturating_sub(self.active[id].generated + 1)).collect();
+            self.decode_with_graph(&batch, &ahead)?;
         } else {
             self.forward_device(&batch, &images, HeadRows::Last)?;
         }
-        let (ws, head) = self.last_outputs();
+        let (_, head) = self.last_outputs();
         // Head row i is request i's last token.
         let rows = head.rows;
         let vocab = self.model.config.vocab;
@@ -971,14 +974,26 @@ impl Engine {
             let inputs = SamplingInputs { temperature: temperature.as_vector(), top_p: top_p.as_vector(), seeds: seeds.as_vector(), steps: steps.as_vector() };
             ops::sample(head.logits.view([rows, vocab])?, &inputs, head.next.as_vector())?;
         }
+        let advanced = self.advance_decode_inputs()?;
+        let (ws, head) = self.last_outputs();
         // The step's one synchronisation: the host needs the tokens to stop sequences and feed the next step.
         let next = head.next.to_vec()?;
-        self.gather_status.check(ws.ids.as_vector(), vocab)?;
+        if !advanced {
+            // A decode step's ids are the tokens sampled before (checked below, as every prompt id was by `add`), so
+            // only other steps read the embedding gather's status back.
+            self.gather_status.check(ws.ids.as_vector(), vocab)?;
+            self.gather_status.reset()?;
+        }
         let logits = if self.options.keep_logits { Some(head.logits.to_vec()?) } else { None };
-        self.gather_status.reset()?;
+        if let (true, LastStep::Decode(shape)) = (advanced, self.last_step) {
+            self.decode_graphs.get_mut(&shape).unwrap().ids_on_device = Some(next.clone());
+        }
         let mut out = Vec::with_capacity(ids.len());
         for (row, id) in ids.iter().enumerate() {
-            let token = u32::try_from(next[row]).map_err(|_| Error::InvalidArgument(format!("no token for request {} (NaN logits)", id.0)))?;
+            let token = u32::try_from(next[row])
+                .ok()
+                .filter(|&t| (t as usize) < vocab)
+                .ok_or_else(|| Error::InvalidArgument(format!("no token for request {} (NaN logits: sampled {})", id.0, next[row])))?;
             let a = self.active.get_mut(id).unwrap();
             a.generated += 1;
             a.pending = vec![token];
@@ -997,6 +1012,22 @@ impl Engine {
             out.push(StepToken { id: *id, token, finished, logits: logits.as_ref().map(|l| l[row * vocab..(row + 1) * vocab].to_vec()) });
         }
         Ok(out)
+    }
+
+    /// After a graph-replayed decode step and its sampling: the shape's input buffers advance on the device to the
+    /// next step's (ids = the sampled tokens, positions and lengths + 1), so the next step of the same batch uploads
+    /// nothing. False (nothing launched) after any other step, or when a sequence has no page for another token (the
+    /// next step then uploads its new table row).
+    fn advance_decode_inputs(&mut self) -> Result<bool> {
+        let LastStep::Decode(shape) = self.last_step else { return Ok(false) };
+        let g = self.decode_graphs.get_mut(&shape).unwrap();
+        if !g.tables.lengths_can_advance() {
+            return Ok(false);
+        }
+        ops::decode_advance(g.head.next.as_vector(), g.workspace.ids.as_vector(), g.workspace.positions.as_vector(), Some(g.slots.device_positions()?), Some(g.tables.device_lens()?))?;
+        g.tables.lengths_advanced();
+        g.slots.positions_advanced();
+        Ok(true)
     }
 
     /// Runs requests to completion, reporting each token as it comes; returns the tokens of each request.
@@ -1066,9 +1097,18 @@ impl Engine {
     /// A decode step (one new token per sequence) through the graph of its shape: the inputs are written into the
     /// shape's fixed buffers, then the recorded network is replayed (or, the first time, run eagerly; the second
     /// time, captured and replayed).
-    fn decode_with_graph(&mut self, batch: &[(SeqId, Vec<u32>)]) -> Result<()> {
+    ///
+    /// `ahead[i]`: tokens sequence i may still add after this one. When its pages are full, pages for up to
+    /// `DECODE_RESERVE_TOKENS` of them are taken now (after this step's own slots, so the step never fails for
+    /// them), so that its block-table row, and with it the replayed graph's inputs, stays the same for many steps.
+    fn decode_with_graph(&mut self, batch: &[(SeqId, Vec<u32>)], ahead: &[usize]) -> Result<()> {
         let layout = self.lay_out(batch)?;
         let seqs: Vec<SeqId> = batch.iter().map(|(s, _)| *s).collect();
+        for (&seq, &more) in seqs.iter().zip(ahead) {
+            if more > 0 && self.kv.capacity(seq)? <= self.kv.len(seq)? {
+                self.kv.reserve(seq, more.min(DECODE_RESERVE_TOKENS))?;
+            }
+        }
         let mut tables = self.kv.batch_tables(&seqs)?;
         // Rows padded to a power of two of pages: one graph serves every length up to that capacity.
         let pages = tables.max_pages.next_power_of_two();
@@ -1086,16 +1126,22 @@ impl Engine {
                 scratch: AttentionScratch::new(d),
                 eager_runs: 0,
                 graph: None,
+                ids_on_device: None,
             };
             // Decode: head row s is sequence s's only token.
             graph.head.source_rows.copy_from(&(0..batch.len() as i32).collect::<Vec<_>>())?;
             self.decode_graphs.insert(shape, graph);
         }
         let g = self.decode_graphs.get_mut(&shape).unwrap();
-        g.tables.update(&tables)?;
-        g.slots.update(&layout.token_seq, &layout.positions)?;
-        g.workspace.ids.copy_from(&layout.ids)?;
-        g.workspace.positions.copy_from(&layout.positions)?;
+        // In steady decode the device already holds this step's inputs (`decode_advance` after the last step wrote
+        // them): nothing is uploaded. Anything else (another batch, a new page in a table row) is written here.
+        let on_device = g.ids_on_device.take().is_some_and(|ids| ids == layout.ids);
+        if !(on_device && g.tables.host() == &tables && g.slots.host() == (&layout.token_seq[..], &layout.positions[..])) {
+            g.tables.update(&tables)?;
+            g.slots.update(&layout.token_seq, &layout.positions)?;
+            g.workspace.ids.copy_from(&layout.ids)?;
+            g.workspace.positions.copy_from(&layout.positions)?;
+        }
         self.last_step = LastStep::Decode(shape);
         let device = self.model.device.clone();
         let net = Network { model: &self.model, caches: &self.caches, options: &self.options, collective: None, gather_status: &self.gather_status };
@@ -1216,28 +1262,20 @@ impl Network<'_> {
         norm::rms_norm(x.view([t, dim])?, m.layers[0].attention_norm.as_vector(), ws.h.view([t, dim])?, eps)?;
         for (l, layer) in m.layers.iter().enumerate() {
             // Attention: q = wq_b(q_a_norm(wq_a h)); cache row = [kv_a_norm(c) | rope(k_rope)].
-            moe::linear(&layer.wq_a, ws.h.view([t, dim])?, ws.q_a.view([t, c.q_lora_rank])?)?;
-            norm::rms_norm(ws.q_a.view([t, layer.q_a_norm.len()])?, layer.q_a_norm.as_vector(), ws.q_a_normed.view([t, layer.q_a_norm.len()])?, eps)?;
+            let qkv_a = ws.qkv_a.view([t, c.q_lora_rank + rank + c.qk_rope])?;
+            let (q_a, kv) = (qkv_a.columns(0..c.q_lora_rank)?, qkv_a.columns(c.q_lora_rank..c.q_lora_rank + rank + c.qk_rope)?);
+            moe::linear(&layer.wqkv_a, ws.h.view([t, dim])?, qkv_a)?;
+            norm::rms_norm(q_a, layer.q_a_norm.as_vector(), ws.q_a_normed.view([t, c.q_lora_rank])?, eps)?;
             moe::linear(&layer.wq_b, ws.q_a_normed.view([t, c.q_lora_rank])?, ws.q.view([t, heads * qk])?)?;
-            moe::linear(&layer.wkv_a, ws.h.view([t, dim])?, ws.kv.view([t, rank + c.qk_rope])?)?;
             let write = CacheWriteWeights { norm_weight: layer.kv_a_norm.as_vector(), eps, inv_freq: m.inv_freq.as_vector() };
-            attention::mla_cache_write(&self.caches[l], tables, ws.kv.view([t, rank + c.qk_rope])?, &write, slots)?;
+            attention::mla_cache_write(&self.caches[l], tables, kv, &write, slots)?;
             ops::rope_q_k(ws.q.view([t, heads, qk])?, None, ws.positions.view([t])?, m.inv_freq.as_vector(), query_scale)?;
-            // Absorb W_UK into the query; q_rope = the rope half of every head.
-            let (q, q_lat) = (ws.q.view([t, heads * qk])?, ws.q_lat.view([t, heads * rank])?);
-            for (h, w_uk) in layer.w_uk.iter().enumerate() {
-                moe::linear(w_uk, q.columns(h * qk..h * qk + w_uk.k_dim)?, q_lat.columns(h * rank..h * rank + w_uk.out_cols)?)?;
-            }
-            moe::linear(&m.rope_identity, ws.q.view([t * heads, qk])?.columns(nope..qk)?, ws.q_rope.view([t * heads, c.qk_rope])?)?;
-            let queries = Queries { layout, q_lat: ws.q_lat.view([t, heads, rank])?, q_rope: ws.q_rope.view([t, heads, c.qk_rope])? };
+            // Absorb W_UK into the query (all heads in one launch); the attention reads each head's rope half in place.
+            moe::linear_per_head(&layer.w_uk, ws.q.view([t, heads, qk])?, ws.q_lat.view([t, heads, rank])?)?;
+            let queries = Queries { layout, q_lat: ws.q_lat.view([t, heads, rank])?, q_rope: ws.q.view([t * heads, qk])?.columns(nope..qk)? };
             attention::mla_attention(&self.caches[l], tables, &queries, ws.o_lat.view([t, heads, rank])?, c.softmax_scale(), self.options.attention_splits, scratch)?;
-            let (o_lat, attn) = (ws.o_lat.view([t, heads * rank])?, ws.attn.view([t, heads * v_head])?);
-            for (h, pieces) in layer.w_uv.iter().enumerate() {
-                for (w_uv, first) in pieces {
-                    let col = h * v_head + first;
-                    moe::linear(w_uv, o_lat.columns(h * rank..h * rank + w_uv.k_dim)?, attn.columns(col..col + w_uv.out_cols)?)?;
-                }
-            }
+            let attn = ws.attn.view([t, heads * v_head])?;
+            moe::linear_per_head(&layer.w_uv, ws.o_lat.view([t, heads, rank])?, ws.attn.view([t, heads, v_head])?)?;
             match &ws.attention_sum {
                 None => moe::linear(&layer.wo, attn, ws.block_out.view([t, dim])?)?,
                 Some(partial) => {
@@ -1259,20 +1297,27 @@ impl Network<'_> {
                 // Pairs of other ranks' experts stay zero here and arrive by the all-reduce.
                 device.memset(ws.moe.pair_out.addr(), 0, ws.moe.pair_out.bytes())?;
             }
-            moe::routed_experts(&layer.moe, ws.h.view([t, dim])?, &grouping, ws.routing.topk_weights.view([t, k])?, &ws.moe)?;
-            if let Some(col) = &self.collective {
-                col.all_reduce_sum_f32(&ws.moe.pair_out)?;
+            let (h, topk_weights) = (ws.h.view([t, dim])?, ws.routing.topk_weights.view([t, k])?);
+            match &self.collective {
+                // One GPU: the shared expert rides in the routed experts' two launches.
+                None => moe::routed_and_shared_experts(&layer.moe, h, &grouping, topk_weights, &ws.moe)?,
+                // Several: the routed pairs are summed over the ranks, the (replicated) shared expert is not.
+                Some(col) => {
+                    moe::routed_experts(&layer.moe, h, &grouping, topk_weights, &ws.moe)?;
+                    col.all_reduce_sum_f32(&ws.moe.pair_out)?;
+                    if let Some(s) = &layer.moe.shared {
+                        moe::shared_expert(s, h, &ws.moe)?;
+                    }
+                }
             }
             let shared = match &layer.moe.shared {
-                Some(s) => {
-                    moe::shared_expert(s, ws.h.view([t, dim])?, &ws.moe)?;
-                    Some(ws.moe.shared_out.view([t, dim])?)
-                }
+                Some(_) => Some(ws.moe.shared_out.view([t, dim])?),
                 None => None,
             };
-            moe::combine(ws.moe.pair_out.view([t * k, dim])?, shared, ws.routing.topk_ids.view([t, k])?, None, c.experts, ws.block_out.view([t, dim])?)?;
+            // Combine the pairs, add the residual and norm for the next block, in one launch.
+            let pairs = norm::MoePairs { pair_out: ws.moe.pair_out.view([t * k, dim])?, shared_out: shared, topk_ids: ws.routing.topk_ids.view([t, k])?, expert_map: None, experts: c.experts };
             let next_norm = m.layers.get(l + 1).map_or(&m.norm, |next| &next.attention_norm);
-            norm::add_rms_norm(ws.block_out.view([t, dim])?, x_mid.view([t, dim])?, next_norm.as_vector(), x.view([t, dim])?, ws.h.view([t, dim])?, eps)?;
+            norm::moe_combine_add_rms_norm(&pairs, x_mid.view([t, dim])?, next_norm.as_vector(), x.view([t, dim])?, ws.h.view([t, dim])?, eps)?;
         }
         // ws.h is the final norm's output: gather the head's rows (host-computed, always in range), then the head.
         ops::embedding_gather(head.source_rows.as_vector(), ws.h.view([t, dim])?, head.h.view([head.rows, dim])?, self.gather_status)?;

@@ -301,6 +301,12 @@ impl KvCache {
         Ok(self.sequence(id)?.len)
     }
 
+    /// Positions the sequence's pages hold (its length plus what `reserve` took ahead); `Error::UnknownSequence`
+    /// for an id not live here.
+    pub fn capacity(&self, id: SeqId) -> Result<usize> {
+        Ok(self.sequence(id)?.pages.len() * self.desc.page_size)
+    }
+
     /// The sequence's pages in token order; `Error::UnknownSequence` for an id not live in this cache.
     pub fn block_table(&self, id: SeqId) -> Result<&[u32]> {
         Ok(&self.sequence(id)?.pages)
@@ -326,9 +332,11 @@ impl KvCache {
         let seq = self.sequence(id)?;
         let len = seq.len;
         let new_len = len.checked_add(count).filter(|&n| n <= i32::MAX as usize).ok_or_else(|| out_of_range("sequence length", len + count.min(i32::MAX as usize), i32::MAX as usize))?;
-        let partial_last = len % page_size != 0;
-        let copy_on_write = count > 0 && partial_last && self.refcounts[*seq.pages.last().unwrap() as usize] > 1;
-        let needed = self.desc.pages_for(new_len) - seq.pages.len() + copy_on_write as usize;
+        // The page that position `len` falls in, when it is partly filled (it exists: it holds position len - 1).
+        let partial = (len % page_size != 0).then_some(len / page_size);
+        let copy_on_write = count > 0 && partial.is_some_and(|p| self.refcounts[seq.pages[p] as usize] > 1);
+        // Pages reserved ahead (`reserve`) already cover some or all of the new positions.
+        let needed = self.desc.pages_for(new_len).saturating_sub(seq.pages.len()) + copy_on_write as usize;
         if needed > self.free.len() {
             return Err(Error::OutOfPages { needed, free: self.free.len() });
         }
@@ -337,7 +345,7 @@ impl KvCache {
         let seq = self.sequences.get_mut(&id).unwrap();
         if copy_on_write {
             let dst = fresh.remove(0);
-            let src = std::mem::replace(seq.pages.last_mut().unwrap(), dst);
+            let src = std::mem::replace(&mut seq.pages[partial.unwrap()], dst);
             self.refcounts[src as usize] -= 1;
             self.refcounts[dst as usize] = 1;
             copies.push(PageCopy { src, dst });
@@ -350,11 +358,44 @@ impl KvCache {
         Ok(AppendPlan { first_position: len, count, copies })
     }
 
+    /// Pages for `tokens` more positions after the sequence's length, taken now (as many as the free pages allow)
+    /// so that the next appends need none: a decode step's block-table row then stays the same for many steps and a
+    /// replayed graph needs no table upload. The length does not change; `free` returns reserved pages with the
+    /// rest. Returns the pages taken. `Error::UnknownSequence` for an id not live here.
+    ///
+    /// ```
+    /// use small4::model::kv_cache::{CacheDescriptor, CacheDtype, KvCache};
+    ///
+    /// let mut cache = KvCache::new(CacheDescriptor::mla(8, 16, CacheDtype::Bf16)?)?;
+    /// let seq = cache.add_sequence();
+    /// cache.append(seq, 10)?; // one page
+    /// assert_eq!(cache.reserve(seq, 40)?, 3); // positions 10..50 need pages 1, 2 and 3
+    /// let table = cache.block_table(seq)?.to_vec();
+    /// cache.append(seq, 40)?; // takes no page: the table is unchanged
+    /// assert_eq!((cache.block_table(seq)?, cache.len(seq)?, cache.free_pages()), (&table[..], 50, 4));
+    /// assert_eq!(cache.reserve(seq, 1000)?, 4); // only 4 pages are free: all of them
+    /// cache.free(seq)?;
+    /// assert_eq!(cache.free_pages(), 8);
+    /// # Ok::<(), small4::Error>(())
+    /// ```
+    pub fn reserve(&mut self, id: SeqId, tokens: usize) -> Result<usize> {
+        let seq = self.sequence(id)?;
+        let want = self.desc.pages_for(seq.len.saturating_add(tokens).min(i32::MAX as usize)).saturating_sub(seq.pages.len()).min(self.free.len());
+        let fresh: Vec<u32> = (0..want).map(|_| self.free.pop().unwrap()).collect();
+        for &page in &fresh {
+            self.refcounts[page as usize] = 1;
+        }
+        self.sequences.get_mut(&id).unwrap().pages.extend(fresh);
+        Ok(want)
+    }
+
     /// A new sequence that shares every page of `parent` (same tokens, same length). Shared pages are copied
     /// lazily, when either sequence appends into a shared partly filled page. `Error::UnknownSequence` for a parent
     /// not live here.
     pub fn fork(&mut self, parent: SeqId) -> Result<SeqId> {
-        let child = self.sequence(parent)?.clone();
+        let mut child = self.sequence(parent)?.clone();
+        // Pages the parent reserved past its length hold nothing yet: the child reserves its own.
+        child.pages.truncate(self.desc.pages_for(child.len));
         for &page in &child.pages {
             self.refcounts[page as usize] += 1;
         }

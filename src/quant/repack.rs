@@ -360,7 +360,7 @@ pub fn repack_linear(experts: &[MatrixRef]) -> Result<PackedWeights> {
     let rows = first.rows;
     let rows_padded = rows.next_multiple_of(ROW_ALIGN);
     let sets: Vec<Vec<MatrixRef>> = experts.iter().map(|m| vec![*m]).collect();
-    pack(&sets, rows, rows_padded, false, |r| (r < rows).then_some((0, r)))
+    pack(&sets, true, rows, rows_padded, false, |r| (r < rows).then_some((0, r)))
 }
 
 /// Repacks the gate (w1) and up (w3) projections of each expert into one fused matrix, rows interleaved in groups
@@ -390,10 +390,52 @@ pub fn repack_gate_up(experts: &[(MatrixRef, MatrixRef)]) -> Result<PackedWeight
     }
     let rows_padded = (2 * hidden).next_multiple_of(ROW_ALIGN);
     let sets: Vec<Vec<MatrixRef>> = experts.iter().map(|(a, b)| vec![*a, *b]).collect();
-    pack(&sets, hidden, rows_padded, true, |r| {
+    pack(&sets, true, hidden, rows_padded, true, |r| {
         let (tile, within) = (r / 16, r % 16);
         let row = tile * 8 + within % 8;
         (row < hidden).then_some((within / 8, row))
+    })
+}
+
+/// Repacks matrices whose rows are stacked: each `experts[e]` is a list of parts (same format and columns), packed
+/// as one matrix holding part 0's rows, then part 1's, and so on. Every expert must list parts of the same row
+/// counts, and each part but the last a multiple of 16 rows (whole 16-row tiles; FP8 block-128 keeps every 8-row
+/// scale group inside one part). It fuses two projections of the same input into one GEMM (MLA's `wq_a` and
+/// `wkv_a_with_mqa`) and assembles a matrix from row pieces that carry their own block scales (a head's W_UV rows
+/// of an FP8 block-128 `wkv_b`, which straddle two scale blocks).
+///
+/// ```
+/// use half::bf16;
+/// use small4::quant::repack::{repack_linear, repack_row_concat, MatrixRef, QuantData};
+///
+/// // [16, 64] of 1s above [8, 64] of 2s is the [24, 64] matrix of both.
+/// let (a, b) = (vec![bf16::ONE; 16 * 64], vec![bf16::from_f32(2.0); 8 * 64]);
+/// let m = |rows, data| MatrixRef { rows, cols: 64, data: QuantData::Bf16(data) };
+/// let both: Vec<bf16> = a.iter().chain(&b).copied().collect();
+/// assert_eq!(repack_row_concat(&[vec![m(16, &a), m(8, &b)]])?, repack_linear(&[m(24, &both)])?);
+/// // A first part of 8 rows would split a 16-row tile between two parts:
+/// assert!(repack_row_concat(&[vec![m(8, &b), m(16, &a)]]).is_err());
+/// # Ok::<(), small4::Error>(())
+/// ```
+pub fn repack_row_concat(experts: &[Vec<MatrixRef>]) -> Result<PackedWeights> {
+    let first = experts.first().filter(|parts| !parts.is_empty()).ok_or_else(|| Error::InvalidArgument("repack_row_concat: no matrices".into()))?;
+    let counts: Vec<usize> = first.iter().map(|m| m.rows).collect();
+    if counts[..counts.len() - 1].iter().any(|r| r % 16 != 0) {
+        return Err(Error::InvalidArgument(format!("repack_row_concat: parts of {counts:?} rows; every part but the last needs whole 16-row tiles")));
+    }
+    for (e, parts) in experts.iter().enumerate() {
+        let rows: Vec<usize> = parts.iter().map(|m| m.rows).collect();
+        if rows != counts {
+            return Err(Error::shape(format!("repack_row_concat expert {e} parts"), format!("{counts:?} rows"), format!("{rows:?} rows")));
+        }
+    }
+    let rows: usize = counts.iter().sum();
+    let starts: Vec<usize> = counts.iter().scan(0, |at, &n| Some(std::mem::replace(at, *at + n))).collect();
+    pack(experts, false, rows, rows.next_multiple_of(ROW_ALIGN), false, |r| {
+        (r < rows).then(|| {
+            let part = starts.partition_point(|&s| s <= r) - 1;
+            (part, r - starts[part])
+        })
     })
 }
 
@@ -472,9 +514,11 @@ pub fn slice_rows<'a>(m: MatrixRef<'a>, first: usize, count: usize) -> Result<Ma
 }
 
 /// Writes the fragment layout and the format's scale arrays for every expert. `sources[e]` are the expert's source
-/// matrices (same format and shape); `row_source` maps a packed row to (matrix, row) or padding.
+/// matrices (same format and columns; the same rows too when `same_rows`); `row_source` maps a packed row to
+/// (matrix, row) or padding.
 fn pack(
     sources: &[Vec<MatrixRef>],
+    same_rows: bool,
     out_cols: usize,
     rows_padded: usize,
     swiglu: bool,
@@ -490,7 +534,7 @@ fn pack(
     for (e, set) in sources.iter().enumerate() {
         for (i, m) in set.iter().enumerate() {
             m.validate(&format!("expert {e} matrix {i}"))?;
-            if m.data.format() != format || m.rows != reference.rows || m.cols != k_dim {
+            if m.data.format() != format || m.cols != k_dim || (same_rows && m.rows != reference.rows) {
                 return Err(Error::shape(
                     format!("expert {e} matrix {i}"),
                     format!("{} {}x{}", format, reference.rows, k_dim),

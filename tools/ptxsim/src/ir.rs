@@ -149,6 +149,13 @@ pub enum SReg {
     TotalSmemSize,
     ClusterCtaRank,
     ClusterNCtaRank,
+    /// `%cluster_ctaid.d` (0: clusters have one CTA), `%cluster_nctaid.d` (1), `%clusterid.d` (= `%ctaid`),
+    /// `%nclusterid.d` (= `%nctaid`), `%is_explicit_cluster` (0).
+    ClusterCtaid(u8),
+    ClusterNctaid(u8),
+    ClusterId(u8),
+    NClusterId(u8),
+    IsExplicitCluster,
 }
 
 impl SReg {
@@ -166,6 +173,10 @@ impl SReg {
                 "%ntid" => SReg::Ntid(d),
                 "%ctaid" => SReg::Ctaid(d),
                 "%nctaid" => SReg::Nctaid(d),
+                "%cluster_ctaid" => SReg::ClusterCtaid(d),
+                "%cluster_nctaid" => SReg::ClusterNctaid(d),
+                "%clusterid" => SReg::ClusterId(d),
+                "%nclusterid" => SReg::NClusterId(d),
                 _ => return None,
             });
         }
@@ -188,6 +199,7 @@ impl SReg {
             "%total_smem_size" => SReg::TotalSmemSize,
             "%cluster_ctarank" => SReg::ClusterCtaRank,
             "%cluster_nctarank" => SReg::ClusterNCtaRank,
+            "%is_explicit_cluster" => SReg::IsExplicitCluster,
             _ => return None,
         })
     }
@@ -380,6 +392,47 @@ pub enum PrmtMode {
     Rc16,
 }
 
+/// mbarrier operations (PTX ISA §9.7.13.15). The barrier's address is `Inst::addr`; `Inst::s[0]` is 1 when that
+/// address is a shared-window offset and 0 when it is generic, then come the count, transaction bytes, state or parity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MbarOp {
+    /// `mbarrier.init [a], count`
+    Init,
+    /// `mbarrier.inval [a]`
+    Inval,
+    /// `mbarrier.arrive{.expect_tx}{.noComplete} state|_, [a]{, txCount}{, count}`; `drop` is `arrive_drop`
+    /// (the expected count shrinks for every later phase).
+    Arrive { expect_tx: bool, no_complete: bool, drop: bool },
+    /// `mbarrier.expect_tx [a], txCount`
+    ExpectTx,
+    /// `mbarrier.complete_tx [a], txCount`
+    CompleteTx,
+    /// `mbarrier.test_wait` / `try_wait` (`{.parity}`): `p, [a], state|parity{, timeHint}`. Both block the lanes in
+    /// the interpreter until the phase completes (a legal outcome of a poll loop), so spin loops let other warps run.
+    Wait { parity: bool },
+    /// `mbarrier.pending_count.b64 count, state`
+    PendingCount,
+}
+
+/// `wgmma.mma_async.sync.aligned.m64nNk16.dtype.atype.btype` (PTX ISA §9.7.15.5.2): the immediates, fixed at decode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WgmmaSpec {
+    /// N: 8..=256 in steps of 8 (M is 64, K 16).
+    pub n: u32,
+    /// Accumulator type (f32, or f16 with f16 inputs).
+    pub d_ty: Ty,
+    /// Input type of A and B (f16 or bf16).
+    pub ab_ty: Ty,
+    /// A in four registers per thread (the RS form) instead of a shared-memory descriptor.
+    pub a_in_regs: bool,
+    /// `imm-scale-a` / `imm-scale-b` = -1.
+    pub neg_a: bool,
+    pub neg_b: bool,
+    /// `imm-trans-a` / `imm-trans-b` = 1: the operand is M- / N-major in shared memory instead of K-major.
+    pub trans_a: bool,
+    pub trans_b: bool,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MmaShape {
     pub m: u32,
@@ -471,11 +524,50 @@ pub enum Op {
     Bar { kind: BarKind, id_is_operand: bool, has_count: bool },
     BarWarp,
     Fence,
+    /// `fence.proxy.async{.space}` (and the `async::generic` forms): orders this thread's generic-proxy accesses
+    /// with later async-proxy ones (wgmma operands, TMA / bulk store sources).
+    ProxyFence,
     Shfl(ShflMode),
     Vote(VoteMode),
     Activemask,
     /// `elect.sync d|p, membermask`: the lowest member lane is the leader.
     Elect,
+    /// An mbarrier operation on a barrier in this CTA's shared memory (`.shared::cluster` forms: cluster of one CTA).
+    Mbar(MbarOp),
+    /// `setmaxnreg.{inc,dec}.sync.aligned.u32 n`: no effect on an interpreter beyond its checks.
+    SetMaxNReg(u32),
+    /// `mapa{.shared::cluster}.{u32,u64} d, a, rank`: the address of `a` in CTA `rank` of the cluster (one CTA).
+    Mapa,
+    /// `getctarank{.shared::cluster}.{u32,u64} d, a`: the cluster rank owning `a` (always 0).
+    GetCtaRank,
+    /// `cp.async.bulk.tensor.Nd.shared::{cluster,cta}.global{.tile}.mbarrier::complete_tx::bytes [dst], [map, {c..}],
+    /// [mbar]`: `addr` = dst; `s` = map address (base, offset), the `dims` coordinates, mbarrier (base, offset).
+    TmaLoad { dims: u32 },
+    /// `cp.async.bulk.tensor.Nd.global.shared::cta{.tile}.bulk_group [map, {c..}], [src]`: `addr` = src; `s` = map
+    /// address (base, offset), the coordinates.
+    TmaStore { dims: u32 },
+    /// `cp.async.bulk.shared::{cluster,cta}.global.mbarrier::complete_tx::bytes [dst], [src], size, [mbar]`:
+    /// `addr` = dst; `s` = src (base, offset), size, mbarrier (base, offset).
+    BulkLoad,
+    /// `cp.async.bulk.global.shared::cta.bulk_group [dst], [src], size`: `addr` = src; `s` = dst (base, offset), size.
+    BulkStore,
+    /// `cp.async.bulk.commit_group`
+    BulkCommit,
+    /// `cp.async.bulk.wait_group{.read} n`
+    BulkWait { n: u32, read: bool },
+    /// `wgmma.mma_async`: `d` = the accumulator registers; `s` = A (one descriptor, or four registers), the B
+    /// descriptor, scale-d.
+    Wgmma(WgmmaSpec),
+    /// `wgmma.fence.sync.aligned`
+    WgmmaFence,
+    /// `wgmma.commit_group.sync.aligned`
+    WgmmaCommit,
+    /// `wgmma.wait_group.sync.aligned n`
+    WgmmaWait(u32),
+    /// `barrier.cluster.arrive{.release|.relaxed}{.aligned}`
+    ClusterArrive,
+    /// `barrier.cluster.wait{.acquire}{.aligned}`
+    ClusterWait,
     /// `testp.{finite,infinite,number,notanumber,normal,subnormal}.type p, a`
     Testp { test: TestpKind, ty: Ty },
     Redux { op: AtomOp, ty: Ty },
@@ -513,11 +605,14 @@ impl Op {
             Op::Ld { .. } | Op::St { .. } => Class::OtherMemory,
             Op::Atom { .. } => Class::Atomic,
             Op::CpAsync { .. } | Op::CpAsyncCommit | Op::CpAsyncWait(_) => Class::AsyncCopy,
+            Op::TmaLoad { .. } | Op::TmaStore { .. } | Op::BulkLoad | Op::BulkStore | Op::BulkCommit | Op::BulkWait { .. } => Class::AsyncCopy,
             Op::Bra(_) | Op::Exit | Op::Trap | Op::Nop | Op::Unsupported(_) | Op::Call { .. } | Op::Return(_) | Op::CopyLocal(_) | Op::AssertFail(_) => Class::Control,
-            Op::Bar { .. } | Op::BarWarp | Op::Fence => Class::Sync,
+            Op::Bar { .. } | Op::BarWarp | Op::Fence | Op::ProxyFence | Op::Mbar(_) | Op::ClusterArrive | Op::ClusterWait | Op::SetMaxNReg(_) => Class::Sync,
+            Op::Mapa | Op::GetCtaRank => Class::Move,
             Op::Shfl(_) | Op::Vote(_) | Op::Activemask | Op::Elect | Op::Redux { .. } | Op::Match { .. } => Class::WarpCollective,
             Op::Testp { .. } => Class::Float,
-            Op::Mma { .. } => Class::Tensor,
+            Op::Mma { .. } | Op::Wgmma(_) => Class::Tensor,
+            Op::WgmmaFence | Op::WgmmaCommit | Op::WgmmaWait(_) => Class::Sync,
         }
     }
 }

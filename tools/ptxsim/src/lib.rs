@@ -8,15 +8,62 @@
 //!
 //! Checks (each an error naming kernel, block, thread and PTX line): out-of-bounds and misaligned accesses in every
 //! state space; kernel reads of bytes nothing wrote (tracked per byte; host writes and memsets initialise, `alloc`
-//! does not); shared-memory races between barriers (per byte: two threads, at least one writing, not ordered by a
-//! block barrier or, within a warp, a `bar.warp.sync`; atomics are exempt); reads of shared bytes an unfinished
-//! `cp.async` will write (copies land at `cp.async.wait_group`/`wait_all`); warp collectives whose member mask is
-//! not the set of converged lanes; barrier deadlocks; device-side asserts (with their message).
+//! does not); shared-memory races (per byte: two threads, at least one writing, not ordered by a block barrier,
+//! within a warp a `bar.warp.sync`, or between warps an mbarrier arrive -> wait edge; atomics are exempt); reads of
+//! shared bytes an unfinished `cp.async`, TMA or bulk copy will write; warp collectives whose member mask is not the
+//! set of converged lanes; barrier and mbarrier deadlocks; device-side asserts (with their message).
 //!
-//! Known limits: no wgmma / TMA / mbarrier / clusters yet (see `memory` for where they fit); no recursion, indirect
-//! calls or printf (clear errors where they would run); mma.sync sums products exactly and rounds once, which can
-//! differ from a GPU's accumulation in the last bit; `.approx` functions are computed to full precision (inside the
-//! ISA's error bounds); registers are not checked for initialisation.
+//! sm_90a asynchronous PTX (../shared/HOPPER-ASYNC.md has the semantics and sources):
+//! - Labels are scoped to their `{ }` block (inline asm repeats `LAB_WAIT:`/`DONE:` in every expansion).
+//! - mbarriers: `init`, `inval`, `arrive` (with a count, `.expect_tx`, `.noComplete`, `arrive_drop`), `expect_tx`,
+//!   `complete_tx`, `test_wait`/`try_wait` with a parity or a state, `pending_count`, in the `.shared`,
+//!   `.shared::cta`, `.shared::cluster` and generic spellings. Waits block their lanes until the phase completes, so
+//!   spin loops let other warps run; when no warp can run, every blocked wait returns false once before a deadlock
+//!   is reported with each waited-on barrier's phase, missing arrivals and outstanding transaction bytes. Checks:
+//!   init twice, use before init (or not ordered after it), plain accesses to a barrier's bytes, over-arrival,
+//!   `.noComplete` completing, an arrive on the next phase before any wait saw the previous one complete, states
+//!   from a wrong phase, transaction counts beyond 2^20 - 1. Race detection between warps uses warp vector clocks:
+//!   an arrive (or an async copy's issue) releases, the phase completion publishes, a successful wait acquires;
+//!   within a warp a successful wait orders the lanes like a `__syncwarp`.
+//! - TMA (module `tensor_map` for the host side): `cp.async.bulk.tensor` 1-5d tile loads (element strides,
+//!   out-of-bounds zero fill, 32/64/128-byte swizzle, `.multicast::cluster` with mask 1) completing on an mbarrier,
+//!   tile stores (clipped at the tensor's end; negative coordinates are an error), non-tensor `cp.async.bulk` in both
+//!   directions, `cp.async.bulk.commit_group` / `wait_group{.read}`, `prefetch.tensormap` and the bulk prefetches.
+//!   Loads read their source at issue and land when a thread waits on their barrier's incomplete phase (or when no
+//!   warp can run); stores read their source at issue and write global memory at the `wait_group` that retires them.
+//! - wgmma: `wgmma.mma_async` m64nNk16 (N = 8..256) with f16/bf16 inputs and f32 (or f16) accumulators, A from a
+//!   shared-memory descriptor or registers, B from a descriptor, K-major or transposed, without swizzle or with the
+//!   32/64/128-byte swizzle (the absolute-address XOR TMA uses, so descriptor K-advances inside a swizzle row work),
+//!   scale-d, negated inputs; `wgmma.fence`, `commit_group`, `wait_group` (completing for the whole warpgroup: a wait
+//!   blocks until the other three warps have committed as many groups). Each warp computes its 16 rows at issue;
+//!   its D/A registers and the shared bytes it read stay in flight until the retiring wait: touching such a register,
+//!   or overwriting such a byte (store, atomic, TMA), is an error. A wgmma before any `wgmma.fence`, or using a
+//!   register another instruction wrote after the last fence, is an error too (`Machine::wgmma_fence_check`).
+//! - Checked against an H100 (tests/hopper_nvcc.rs, dumps from fixtures/hopper.cu): TMA tile loads in all four
+//!   swizzle modes with out-of-bounds boxes (whose complete_tx counts the whole box, out-of-bounds bytes included),
+//!   wgmma with 128-byte-swizzled K-major operands and K-advance, a transposed B, A in registers with a 32-byte-
+//!   swizzled B (the accumulator and A fragment layouts), and the lane `elect.sync` picks: all bit for bit.
+//! - Proxy fences: an async-proxy read (wgmma operand, TMA or bulk store source) of shared bytes last written by a
+//!   generic-proxy store (st, atom, cp.async) is an error unless the writer, or the issuing thread, executed
+//!   `fence.proxy.async` after the write. Bytes a TMA / bulk copy wrote need no fence.
+//! - Clusters of one CTA: `mapa` / `getctarank` (rank 0), `.shared::cluster` addresses, `barrier.cluster.arrive` /
+//!   `wait`, `%cluster_*` / `%clusterid` / `%is_explicit_cluster`; `fence.proxy.async`, `fence.proxy.tensormap`,
+//!   `fence.mbarrier_init` (ordering no-ops here), `elect.sync` (lowest lane), `setmaxnreg` (checked: 24..=256, a
+//!   multiple of 8, whole warp), `griddepcontrol` (launches are sequential).
+//!
+//! Known limits: wgmma with tf32, fp8 or int8 inputs and sparse wgmma are not supported yet (they decode as
+//! unsupported); wgmma sums exactly and rounds once, where the hardware truncates to 25 fraction bits
+//! (HOPPER-ASYNC.md §1.6), so results can differ in the last bit (small-integer data agrees exactly); registers
+//! the `.aligned` rule (all four warps issue the same wgmma with the same descriptors) is not checked; a non-zero descriptor base offset is an error; no clusters of
+//! more than one CTA (multicast, distributed shared memory); no
+//! `cp.async.mbarrier.arrive`, `tensormap.replace` / `tensormap.cp_fenceproxy`, im2col TMA modes, TMA reductions,
+//! interleaved or TFLOAT32 / NaN-filled tensor maps; overwrites of a bulk store's source before its
+//! `wait_group.read` are not detected (stores read their sources at issue); the proxy-fence check orders a
+//! generic write and a `fence.proxy.async` by execution order, not happens-before (the race detector orders the
+//! threads); `barrier.cluster` arrival phases are tracked per warp (the `.aligned` form);
+//! no recursion, indirect calls or printf (clear errors where they would run); mma.sync sums products exactly and
+//! rounds once, which can differ from a GPU's accumulation in the last bit; `.approx` functions are computed to full
+//! precision (inside the ISA's error bounds); registers are not checked for initialisation.
 
 pub mod counters;
 pub mod decode;
@@ -25,6 +72,7 @@ pub mod float;
 pub mod ir;
 pub mod memory;
 pub mod parser;
+pub mod tensor_map;
 pub mod timing;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -126,6 +174,9 @@ pub struct Machine {
     /// estimates of launches too large to interpret whole: the counters then cover `Counters::blocks_run` blocks, and
     /// blocks not run write nothing (their outputs stay as they were).
     pub block_sample: Option<u64>,
+    /// Report a wgmma whose accumulator or A registers another instruction wrote after the last `wgmma.fence` (on by
+    /// default; ptxas accepts such code but serialises the wgmmas, warning C7515).
+    pub wgmma_fence_check: bool,
 }
 
 impl Default for Machine {
@@ -136,7 +187,7 @@ impl Default for Machine {
 
 impl Machine {
     pub fn new() -> Machine {
-        Machine { global: GlobalMemory::default(), race_check: true, block_sample: None }
+        Machine { global: GlobalMemory::default(), race_check: true, block_sample: None, wgmma_fence_check: true }
     }
 
     /// Uninitialised device memory: a kernel reading it before anything wrote it is an error.
@@ -188,6 +239,7 @@ impl Machine {
         dynamic_shared_bytes: u32,
         params: &[u8],
     ) -> Result<Counters, SimError> {
-        exec::launch(&mut self.global, module, entry, grid, block, dynamic_shared_bytes, params, self.race_check, self.block_sample)
+        let checks = exec::Checks { race: self.race_check, wgmma_fence: self.wgmma_fence_check };
+        exec::launch(&mut self.global, module, entry, grid, block, dynamic_shared_bytes, params, checks, self.block_sample)
     }
 }

@@ -1,12 +1,10 @@
 //! Memory spaces: global allocations with per-byte initialisation tracking, per-block shared memory with a race
 //! detector and pending-async-copy marks, and the generic address windows.
 //!
-//! Async copies: writes made by the async proxy (today `cp.async`; later Hopper TMA bulk copies, whose completion
-//! will decrement an mbarrier's transaction count, and wgmma reading shared operands) are queued per block in
-//! `exec::AsyncQueue` and land in shared memory only when the program waits for them (`cp.async.wait_group` now; an
-//! mbarrier phase completion later). While queued, their destination bytes are marked `pending`, so a read before the
-//! wait is reported instead of silently returning stale data. A TMA engine fits the same queue: an entry with a
-//! tensor-map-described source box and an mbarrier address to complete.
+//! Async copies: writes made by the async proxy (`cp.async`, TMA and bulk copies) are queued per block (`exec`'s
+//! `AsyncQueue` and `BulkQueue`) and land in shared memory only when the program waits for them (`cp.async.wait_group`,
+//! or an mbarrier wait on the phase the copy completes). While queued, their destination bytes are marked `pending`,
+//! so a read before the wait is reported instead of silently returning stale data.
 
 /// Generic addresses: global allocations live from `GLOBAL_BASE` up; shared and local memory are windows far above.
 pub const GLOBAL_BASE: u64 = 0x1_0000_0000;
@@ -159,9 +157,22 @@ struct Access {
     read_tid: u32,
     read_epoch: u32,
     read_warp_epoch: u32,
-    /// Warp of all readers in this epoch, or `MANY_WARPS`.
+    /// Warp of all readers in this epoch, or `MANY_WARPS` (then `SharedMemory::read_sets` has one entry per warp).
     read_warp: u32,
     read_many: bool,
+    /// The accessing warp's own vector-clock component at the access (see `SharedMemory::vc`).
+    write_clock: u32,
+    read_clock: u32,
+}
+
+/// The reads of one byte by one warp in the current epoch, kept once several warps read it and mbarriers are in use.
+#[derive(Clone, Copy)]
+struct WarpRead {
+    warp: u32,
+    clock: u32,
+    warp_epoch: u32,
+    tid: u32,
+    many_lanes: bool,
 }
 
 const MANY_WARPS: u32 = u32::MAX;
@@ -177,8 +188,11 @@ pub struct Race {
 pub struct SharedMemory {
     pub data: Vec<u8>,
     pub init: Vec<u8>,
-    /// Bytes that a queued async copy will write.
+    /// Bytes that a queued async copy will write (`exec`'s PENDING_* kinds).
     pub pending: Vec<u8>,
+    /// Per byte: how many unretired wgmma.mma_async read it, and the total over all bytes (0: nothing to check).
+    pub async_readers: Vec<u16>,
+    pub async_read_bytes: usize,
     access: Vec<Access>,
     pub race_check: bool,
     /// Increments at every block start and barrier: accesses from an older epoch are ordered before this one.
@@ -186,6 +200,20 @@ pub struct SharedMemory {
     /// Per warp: changes at every `bar.warp.sync`, ordering accesses of lanes of that warp.
     pub warp_epoch: Vec<u32>,
     next_warp_epoch: u32,
+    /// Happens-before between warps that synchronise only through mbarriers: `vc[w][v]` is the latest clock of warp
+    /// `v` that warp `w` is ordered after (own component `vc[w][w]` starts at 1 and grows at every release). An access
+    /// by warp `v` at clock `c` is ordered before warp `w`'s accesses once `vc[w][v] >= c`. This extends the epoch
+    /// rule: barriers still order everything before them; the clocks only add order inside an epoch.
+    pub vc: Vec<Vec<u32>>,
+    /// Set by the first `mbarrier.init` of the block: only then are per-warp read sets kept (they cost a map entry
+    /// per byte that several warps read, which kernels without mbarriers never need).
+    pub hb_active: bool,
+    read_sets: std::collections::HashMap<u32, (u32, Vec<WarpRead>)>,
+    /// Proxy fences: per byte (event, thread) of its last generic-proxy write (event 0: written by the async proxy),
+    /// per thread the event of its last `fence.proxy.async`; `events` numbers both, from 0 at every block.
+    generic_writes: Vec<(u32, u32)>,
+    proxy_fences: Vec<u32>,
+    events: u32,
 }
 
 impl SharedMemory {
@@ -194,11 +222,70 @@ impl SharedMemory {
             data: vec![0; bytes],
             init: vec![0; bytes],
             pending: vec![0; bytes],
+            async_readers: vec![0; bytes],
+            async_read_bytes: 0,
             access: if race_check { vec![Access::default(); bytes] } else { Vec::new() },
             race_check,
             epoch: 0,
             warp_epoch: vec![0; warps],
             next_warp_epoch: 1,
+            vc: Self::fresh_clocks(warps),
+            hb_active: false,
+            read_sets: std::collections::HashMap::new(),
+            generic_writes: vec![(0, 0); bytes],
+            proxy_fences: vec![0; warps * 32],
+            events: 0,
+        }
+    }
+
+    fn next_event(&mut self) -> u32 {
+        // 2^32 shared writes in one block are far beyond what the interpreter runs; wrapping keeps it panic-free.
+        self.events = self.events.wrapping_add(1);
+        self.events
+    }
+
+    /// A write by the generic proxy (st, atom, cp.async landing) of thread `tid`.
+    pub fn generic_write(&mut self, off: usize, len: usize, tid: u32) {
+        let e = self.next_event();
+        self.generic_writes[off..off + len].fill((e, tid));
+    }
+
+    /// A write by the async proxy (a TMA / bulk copy landing): the async proxy may read it without a fence.
+    pub fn async_write(&mut self, off: usize, len: usize) {
+        self.generic_writes[off..off + len].fill((0, 0));
+    }
+
+    /// `fence.proxy.async` by thread `tid`.
+    pub fn proxy_fence(&mut self, tid: u32) {
+        let e = self.next_event();
+        self.proxy_fences[tid as usize] = e;
+    }
+
+    /// The first byte of `[off, off + len)` whose generic write no `fence.proxy.async` separates from an async-proxy
+    /// read issued by `issuer`: neither the writer nor the issuer fenced after the write (PTX ISA §9.7.13.4.2; the
+    /// usual pattern is: every writer fences, then a barrier, then one thread issues). Returns (offset, writer).
+    pub fn unfenced_generic_write(&self, off: usize, len: usize, issuer: u32) -> Option<(u32, u32)> {
+        (off..off + len).find_map(|i| {
+            let (e, writer) = self.generic_writes[i];
+            (e != 0 && self.proxy_fences[writer as usize] < e && self.proxy_fences[issuer as usize] < e).then_some((i as u32, writer))
+        })
+    }
+
+    fn fresh_clocks(warps: usize) -> Vec<Vec<u32>> {
+        (0..warps).map(|w| (0..warps).map(|v| (v == w) as u32).collect()).collect()
+    }
+
+    /// A release by warp `w` (mbarrier arrive): returns the clock it publishes and starts a new clock interval.
+    pub fn release(&mut self, w: usize) -> Vec<u32> {
+        let published = self.vc[w].clone();
+        self.vc[w][w] += 1;
+        published
+    }
+
+    /// An acquire by warp `w` (a successful mbarrier wait): orders it after everything `clock` covers.
+    pub fn acquire(&mut self, w: usize, clock: &[u32]) {
+        for (mine, &c) in self.vc[w].iter_mut().zip(clock) {
+            *mine = (*mine).max(c);
         }
     }
 
@@ -206,11 +293,19 @@ impl SharedMemory {
     pub fn reset(&mut self) {
         self.init.fill(0);
         self.pending.fill(0);
+        self.async_readers.fill(0);
+        self.async_read_bytes = 0;
+        self.generic_writes.fill((0, 0));
+        self.proxy_fences.fill(0);
+        self.events = 0;
+        self.vc = Self::fresh_clocks(self.vc.len());
+        self.hb_active = false;
         self.barrier();
     }
 
     pub fn barrier(&mut self) {
         self.epoch += 1;
+        self.read_sets.clear();
     }
 
     pub fn warp_sync(&mut self, warp: usize) {
@@ -219,12 +314,56 @@ impl SharedMemory {
     }
 
     #[inline]
-    fn ordered(&self, other_tid: u32, other_epoch: u32, other_warp_epoch: u32, tid: u32) -> bool {
-        other_epoch != self.epoch || other_tid == tid || (other_tid / 32 == tid / 32 && other_warp_epoch != self.warp_epoch[(tid / 32) as usize])
+    fn ordered(&self, other_tid: u32, other_epoch: u32, other_warp_epoch: u32, other_clock: u32, tid: u32) -> bool {
+        other_epoch != self.epoch
+            || other_tid == tid
+            || (other_tid / 32 == tid / 32 && other_warp_epoch != self.warp_epoch[(tid / 32) as usize])
+            || self.clock_ordered(other_tid / 32, other_clock, tid / 32)
+    }
+
+    /// Whether warp `other`'s access at `clock` happens before warp `me`'s accesses through mbarrier edges.
+    #[inline]
+    fn clock_ordered(&self, other: u32, clock: u32, me: u32) -> bool {
+        other != me && self.vc[me as usize][other as usize] >= clock
+    }
+
+    /// Writer check against the reads of a byte that several warps read: the first unordered reader's tid.
+    fn unordered_reader(&self, i: usize, tid: u32, we: u32) -> Option<u32> {
+        let warp = tid / 32;
+        let (epoch, reads) = self.read_sets.get(&(i as u32))?;
+        if *epoch != self.epoch {
+            return None;
+        }
+        reads.iter().find(|r| if r.warp == warp { !(r.warp_epoch != we || (!r.many_lanes && r.tid == tid)) } else { !self.clock_ordered(r.warp, r.clock, warp) }).map(|r| r.tid)
+    }
+
+    /// Adds a read to the per-warp read set of byte `i` (used once several warps read it while mbarriers exist).
+    fn add_read(&mut self, i: usize, first: Option<WarpRead>, read: WarpRead) {
+        let epoch = self.epoch;
+        let entry = self.read_sets.entry(i as u32).or_insert_with(|| (epoch, Vec::new()));
+        if entry.0 != epoch {
+            *entry = (epoch, Vec::new());
+        }
+        for r in first.into_iter().chain(std::iter::once(read)) {
+            match entry.1.iter_mut().find(|e| e.warp == r.warp) {
+                Some(e) => {
+                    e.many_lanes |= e.tid != r.tid || r.many_lanes;
+                    *e = WarpRead { many_lanes: e.many_lanes, ..r };
+                }
+                None => entry.1.push(r),
+            }
+        }
     }
 
     /// Records a plain access by thread `tid` (linear id in the block) and reports the first conflicting byte.
     pub fn track(&mut self, off: usize, len: usize, tid: u32, write: bool) -> Option<Race> {
+        let clock = self.vc[(tid / 32) as usize][(tid / 32) as usize];
+        self.track_at(off, len, tid, write, clock)
+    }
+
+    /// `track` for an access made at an earlier clock of the thread's warp: the landing of an async copy is attributed
+    /// to its issuing thread at the issue (a waiter that acquired the issue's release is ordered after it).
+    pub fn track_at(&mut self, off: usize, len: usize, tid: u32, write: bool, clock: u32) -> Option<Race> {
         if !self.race_check {
             return None;
         }
@@ -232,37 +371,55 @@ impl SharedMemory {
         let we = self.warp_epoch[warp as usize];
         for i in off..off + len {
             let a = self.access[i];
-            if a.write_epoch == self.epoch && !self.ordered(a.write_tid, a.write_epoch, a.write_warp_epoch, tid) {
+            if a.write_epoch == self.epoch && !self.ordered(a.write_tid, a.write_epoch, a.write_warp_epoch, a.write_clock, tid) {
                 return Some(Race { offset: i as u32, other_tid: a.write_tid, other_wrote: true });
             }
-            let rec = &mut self.access[i];
             if write {
                 if a.read_epoch == self.epoch {
-                    let readers_ordered = if a.read_many {
-                        a.read_warp == warp && a.read_warp_epoch != we
+                    let readers_ordered = if a.read_many && a.read_warp == MANY_WARPS {
+                        match self.unordered_reader(i, tid, we) {
+                            Some(other) => return Some(Race { offset: i as u32, other_tid: other, other_wrote: false }),
+                            None => self.hb_active && self.read_sets.contains_key(&(i as u32)),
+                        }
+                    } else if a.read_many {
+                        (a.read_warp == warp && a.read_warp_epoch != we) || self.clock_ordered(a.read_warp, a.read_clock, warp)
                     } else {
-                        a.read_tid == tid || (a.read_tid / 32 == warp && a.read_warp_epoch != we)
+                        a.read_tid == tid || (a.read_tid / 32 == warp && a.read_warp_epoch != we) || self.clock_ordered(a.read_tid / 32, a.read_clock, warp)
                     };
                     if !readers_ordered {
                         return Some(Race { offset: i as u32, other_tid: a.read_tid, other_wrote: false });
                     }
                 }
+                let rec = &mut self.access[i];
                 rec.write_tid = tid;
                 rec.write_epoch = self.epoch;
                 rec.write_warp_epoch = we;
+                rec.write_clock = clock;
             } else if a.read_epoch != self.epoch {
+                let rec = &mut self.access[i];
                 rec.read_tid = tid;
                 rec.read_epoch = self.epoch;
                 rec.read_warp_epoch = we;
                 rec.read_warp = warp;
                 rec.read_many = false;
+                rec.read_clock = clock;
             } else if a.read_tid != tid || a.read_many {
+                let new_warp = a.read_warp != warp;
+                if self.hb_active && (new_warp || a.read_warp == MANY_WARPS) {
+                    // Several warps read this byte: keep each warp's latest read so a writer ordered after all of them
+                    // by mbarriers is not reported.
+                    let first = (a.read_warp != MANY_WARPS)
+                        .then_some(WarpRead { warp: a.read_warp, clock: a.read_clock, warp_epoch: a.read_warp_epoch, tid: a.read_tid, many_lanes: a.read_many });
+                    self.add_read(i, first, WarpRead { warp, clock, warp_epoch: we, tid, many_lanes: false });
+                }
+                let rec = &mut self.access[i];
                 rec.read_many = true;
-                if rec.read_warp != warp {
+                if new_warp {
                     rec.read_warp = MANY_WARPS;
                 }
                 rec.read_tid = tid;
                 rec.read_warp_epoch = we;
+                rec.read_clock = clock;
             }
         }
         None

@@ -106,6 +106,8 @@ pub enum Operand {
     Vector(Vec<Operand>),
     /// `[base+offset]`; base is a register or a symbol, or none for an absolute address.
     Mem(Option<String>, i64),
+    /// `[tensorMap, {c0, ..}]`: a tensor map address (register or symbol) and the coordinates (TMA).
+    Tensor(String, Vec<Operand>),
 }
 
 #[derive(Clone, Debug)]
@@ -284,6 +286,15 @@ impl Parser {
             let mut offset = 0i64;
             if let Some(Tok::Word(_)) = self.peek() {
                 base = Some(self.word()?);
+                if self.eat(',') {
+                    // `[tensorMap, {c0, c1, ..}]`: a TMA operand.
+                    let coords = match self.operand()? {
+                        Operand::Vector(v) => v,
+                        other => return err(line, format!("expected {{coordinates}} in a tensor operand, found {other:?}")),
+                    };
+                    self.expect(']')?;
+                    return Ok(Operand::Tensor(base.unwrap_or_default(), coords));
+                }
             } else {
                 offset = self.number()?;
             }
@@ -306,11 +317,11 @@ impl Parser {
         match self.next()? {
             Tok::Num(n) => parse_number(&n, neg, line),
             Tok::Word(w) if !neg => {
-                if w == "_" {
-                    return Ok(Operand::Sink);
-                }
                 if self.eat('|') {
                     return Ok(Operand::Pair(w, self.word()?));
+                }
+                if w == "_" {
+                    return Ok(Operand::Sink);
                 }
                 let mut offset = 0;
                 if self.is_punct('+') {

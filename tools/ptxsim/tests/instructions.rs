@@ -525,13 +525,13 @@ DONE:
 
 #[test]
 fn unsupported_instruction_names_itself_and_its_line() {
-    let src = kernel("wgmma.fence.sync.aligned;");
+    let src = kernel("tensormap.replace.tile.global_address.shared::cta.b1024.b64 [%addr], %a;");
     let module = Module::parse(&src).unwrap();
     let mut m = Machine::new();
     let buf = upload(&mut m, &[0u64; 1]);
     let e = m.launch(&module, "k", [1, 1, 1], [1, 1, 1], 0, &Params::new().ptr(buf).ptr(buf).ptr(buf).ptr(buf).0).unwrap_err();
-    let line = src.lines().position(|l| l.contains("wgmma")).unwrap() as u32 + 1;
-    assert!(e.message.contains("unsupported instruction wgmma.fence.sync.aligned"), "{e}");
+    let line = src.lines().position(|l| l.contains("tensormap")).unwrap() as u32 + 1;
+    assert!(e.message.contains("unsupported instruction tensormap.replace.tile.global_address.shared::cta.b1024.b64"), "{e}");
     assert_eq!(e.site.unwrap().line, line);
 }
 

@@ -27,7 +27,10 @@ struct AsyncCopy {
     line: u32,
 }
 
-const UNCOMMITTED: u32 = u32::MAX;
+pub(super) const UNCOMMITTED: u32 = u32::MAX;
+/// `SharedMemory::pending` marks: bytes a `cp.async` will write, bytes a TMA / bulk copy will write.
+pub(super) const PENDING_CP_ASYNC: u8 = 1;
+pub(super) const PENDING_BULK: u8 = 2;
 
 /// The async proxy's queue of copies not yet landed in shared memory, per thread of the block.
 pub(crate) struct AsyncQueue {
@@ -108,7 +111,7 @@ impl BlockCtx<'_> {
     }
 
     #[inline]
-    fn addr_of(w: &Warp, inst: &Inst, lane: usize) -> u64 {
+    pub(super) fn addr_of(w: &Warp, inst: &Inst, lane: usize) -> u64 {
         let a = inst.addr.expect("memory instruction has an address");
         a.base.map_or(0, |r| w.regs[r as usize * 32 + lane]).wrapping_add(a.offset as u64)
     }
@@ -144,12 +147,16 @@ impl BlockCtx<'_> {
             },
             Loc::Shared(o) => {
                 let off = self.shared_bounds(o, len, lane, "read")?;
-                if self.shared.pending[off..off + len].iter().any(|&p| p != 0) {
+                if let Some(&kind) = self.shared.pending[off..off + len].iter().find(|&&p| p != 0) {
+                    if kind == PENDING_BULK {
+                        return fault(lane, format!("read of shared offset {off:#x} ({len} bytes) before the TMA / bulk copy writing it landed: wait on its mbarrier phase (try_wait/test_wait) before the read"));
+                    }
                     return fault(lane, format!("read of shared offset {off:#x} ({len} bytes) that an in-flight cp.async will write: missing cp.async.wait_group/wait_all before the read"));
                 }
                 if let Some(i) = self.shared.init[off..off + len].iter().position(|&b| b == 0) {
                     return fault(lane, format!("read of uninitialised shared memory at offset {:#x}", off + i));
                 }
+                self.check_not_mbarrier(off, len, lane, "read")?;
                 if let Some(r) = self.shared.track(off, len, w.linear_tid(lane), false) {
                     return fault(lane, self.race_message(&r, false));
                 }
@@ -185,9 +192,14 @@ impl BlockCtx<'_> {
             },
             Loc::Shared(o) => {
                 let off = self.shared_bounds(o, len, lane, "write")?;
-                if self.shared.pending[off..off + len].iter().any(|&p| p != 0) {
+                if let Some(&kind) = self.shared.pending[off..off + len].iter().find(|&&p| p != 0) {
+                    if kind == PENDING_BULK {
+                        return fault(lane, format!("write to shared offset {off:#x} while a TMA / bulk copy to it is in flight (wait on its mbarrier phase first)"));
+                    }
                     return fault(lane, format!("write to shared offset {off:#x} while a cp.async to it is in flight (missing cp.async.wait_group)"));
                 }
+                self.check_not_mbarrier(off, len, lane, "write")?;
+                self.check_no_async_readers(off, len, lane)?;
                 if track {
                     if let Some(r) = self.shared.track(off, len, w.linear_tid(lane), true) {
                         return fault(lane, self.race_message(&r, true));
@@ -195,6 +207,7 @@ impl BlockCtx<'_> {
                 }
                 self.shared.data[off..off + len].copy_from_slice(data);
                 self.shared.init[off..off + len].fill(1);
+                self.shared.generic_write(off, len, w.linear_tid(lane));
             }
             Loc::Local(o) => {
                 let at = self.local_bounds(w, o, len, lane, "write")?;
@@ -206,14 +219,53 @@ impl BlockCtx<'_> {
         Ok(())
     }
 
-    fn thread_name(&self, linear: u32) -> String {
+    /// A shared byte an unretired wgmma reads may not be overwritten (the buffer is released too early).
+    #[inline]
+    pub(super) fn check_no_async_readers(&self, off: usize, len: usize, lane: usize) -> Result<(), Fault> {
+        if self.shared.async_read_bytes == 0 {
+            return Ok(());
+        }
+        match self.shared.async_readers[off..off + len].iter().position(|&c| c > 0) {
+            Some(i) => fault(lane, format!("write to shared offset {:#x}, which an unretired wgmma.mma_async still reads: the buffer is reused before the wgmma.wait_group that retires that wgmma", off + i)),
+            None => Ok(()),
+        }
+    }
+
+    /// An async-proxy read (wgmma operand, TMA / bulk store source) of bytes written by generic stores needs a
+    /// `fence.proxy.async` between the two.
+    pub(super) fn check_proxy_fenced(&self, off: usize, len: usize, issuer: u32, lane: usize, reader: &str) -> Result<(), Fault> {
+        match self.shared.unfenced_generic_write(off, len, issuer) {
+            Some((at, writer)) => fault(
+                lane,
+                format!(
+                    "{reader} (async proxy) reads shared offset {at:#x}, which {} wrote with a generic-proxy store and no fence.proxy.async since (the writer, or this thread after it is ordered after the write, must execute fence.proxy.async)",
+                    self.thread_name(writer)
+                ),
+            ),
+            None => Ok(()),
+        }
+    }
+
+    /// Only mbarrier instructions may touch an initialised mbarrier (PTX ISA §9.7.13.15.1).
+    #[inline]
+    fn check_not_mbarrier(&self, off: usize, len: usize, lane: usize, what: &str) -> Result<(), Fault> {
+        if self.mbars.map.is_empty() {
+            return Ok(());
+        }
+        match self.mbars.overlapping(off, len) {
+            Some(at) => fault(lane, format!("plain {what} of {len} bytes at shared offset {off:#x} touches the initialised mbarrier at {at:#x} (only mbarrier instructions may access it until mbarrier.inval)")),
+            None => Ok(()),
+        }
+    }
+
+    pub(super) fn thread_name(&self, linear: u32) -> String {
         let [x, y, _] = self.ntid;
         format!("thread ({}, {}, {})", linear % x, linear / x % y, linear / (x * y))
     }
 
     fn race_message(&self, r: &Race, writing: bool) -> String {
         format!(
-            "shared-memory race at offset {:#x}: this thread {} the byte that {} {} since the last barrier (missing bar.sync / __syncthreads, or __syncwarp within a warp)",
+            "shared-memory race at offset {:#x}: this thread {} the byte that {} {} since the last barrier (missing bar.sync / __syncthreads, __syncwarp within a warp, or an mbarrier arrive -> wait pair ordering the two)",
             r.offset,
             if writing { "writes" } else { "reads" },
             self.thread_name(r.other_tid),
@@ -349,7 +401,7 @@ impl BlockCtx<'_> {
             if src_bytes > 0 {
                 ranges.push((src, src_bytes));
             }
-            self.shared.pending[off..off + bytes as usize].fill(1);
+            self.shared.pending[off..off + bytes as usize].fill(PENDING_CP_ASYNC);
             let tid = w.linear_tid(l) as usize;
             self.asyncq.pending[tid].push(AsyncCopy { group: UNCOMMITTED, dst, src, bytes, src_bytes, line: inst.line });
         }

@@ -5,14 +5,24 @@
 
 mod alu;
 mod collective;
+mod mbarrier;
 mod mem;
+mod tma;
+mod wgmma;
 
 use crate::counters::Counters;
 use crate::ir::*;
 use crate::memory::{GlobalMemory, SharedMemory};
 use crate::{Module, SimError, Site};
 
+pub(crate) use mbarrier::Mbarriers;
 pub(crate) use mem::AsyncQueue;
+pub(crate) use tma::BulkQueue;
+pub(crate) use wgmma::WgState;
+
+/// Barrier slots: ids 0..16 of `bar`/`barrier`, then the cluster barrier (`barrier.cluster`, one CTA per cluster).
+const NUM_BARRIERS: usize = 17;
+const CLUSTER_BARRIER: usize = 16;
 
 /// Iterates the set bits of a lane mask.
 #[inline(always)]
@@ -63,9 +73,14 @@ pub(crate) struct Warp {
     pub live: u32,
     /// Lanes waiting at a barrier; `wait[id]` says which barrier.
     pub blocked: u32,
-    pub wait: [u32; 16],
+    pub wait: [u32; NUM_BARRIERS],
     /// The phase of barrier `id` these lanes wait for to complete.
-    pub wait_phase: [u32; 16],
+    pub wait_phase: [u32; NUM_BARRIERS],
+    /// The phase of the cluster barrier this warp's last `barrier.cluster.arrive` counted in.
+    pub cluster_arrive_phase: u32,
+    /// Lanes blocked in an mbarrier wait (also in `blocked`), each on (barrier offset, phase count that releases it).
+    pub mbar_blocked: u32,
+    pub mbar_wait: [(u32, u32); 32],
     pub tid: [[u32; 3]; 32],
     pub ids: Ids,
     pub clock: u64,
@@ -108,8 +123,10 @@ impl Warp {
             SReg::LaneId => lane as u32,
             SReg::WarpId => self.index,
             SReg::NWarpId => (self.ids.ntid[0] * self.ids.ntid[1] * self.ids.ntid[2]).div_ceil(32),
-            SReg::SmId | SReg::GridId | SReg::ClusterCtaRank => 0,
-            SReg::NSmId | SReg::ClusterNCtaRank => 1,
+            SReg::SmId | SReg::GridId | SReg::ClusterCtaRank | SReg::ClusterCtaid(_) | SReg::IsExplicitCluster => 0,
+            SReg::NSmId | SReg::ClusterNCtaRank | SReg::ClusterNctaid(_) => 1,
+            SReg::ClusterId(d) => self.ids.ctaid[d as usize],
+            SReg::NClusterId(d) => self.ids.nctaid[d as usize],
             SReg::LaneMaskEq => 1 << lane,
             SReg::LaneMaskLt => lt(lane as u32),
             SReg::LaneMaskLe => lt(lane as u32 + 1),
@@ -123,7 +140,7 @@ impl Warp {
     }
 
     /// Lets lanes whose barrier phase has completed run again.
-    fn release_completed(&mut self, bars: &[BarState; 16]) {
+    fn release_completed(&mut self, bars: &[BarState; NUM_BARRIERS]) {
         for (id, bar) in bars.iter().enumerate() {
             if self.wait[id] != 0 && self.wait_phase[id] < bar.phase {
                 self.materialize();
@@ -132,6 +149,25 @@ impl Warp {
                 self.converged = None;
             }
         }
+    }
+
+    /// Lets lanes whose mbarrier phase has completed re-run their wait (which then returns true); true if any.
+    fn release_mbarrier_waits(&mut self, mbars: &Mbarriers) -> bool {
+        let mut ready = 0u32;
+        for l in lanes(self.mbar_blocked) {
+            let (off, target) = self.mbar_wait[l];
+            // A barrier invalidated meanwhile: re-running the wait reports it.
+            if mbars.map.get(&off).is_none_or(|b| b.phase >= target) {
+                ready |= 1 << l;
+            }
+        }
+        if ready != 0 {
+            self.materialize();
+            self.blocked &= !ready;
+            self.mbar_blocked &= !ready;
+            self.converged = None;
+        }
+        ready != 0
     }
 
     /// Makes `pc` exact for every runnable lane and leaves converged mode.
@@ -157,6 +193,12 @@ pub(crate) enum Flow {
     Return(u32, u32),
     /// These lanes wait at barrier `id` until `expected` threads (None = all live threads) arrived.
     Barrier { id: u32, lanes: u32, expected: Option<u32>, wait: bool },
+    /// These lanes wait in an mbarrier wait (their `mbar_wait` is set) and re-run it when released.
+    MbarBlock(u32),
+    /// These lanes wait until the cluster barrier phase of their warp's last arrive completes.
+    ClusterWait(u32),
+    /// These lanes wait in a `wgmma.wait_group` for the rest of their warpgroup (re-run it when released).
+    WgBlock(u32),
 }
 
 #[derive(Clone, Copy, Default)]
@@ -181,6 +223,11 @@ pub(crate) struct BlockCtx<'a> {
     pub params: &'a [u8],
     pub counters: &'a mut Counters,
     pub asyncq: &'a mut AsyncQueue,
+    pub mbars: &'a mut Mbarriers,
+    pub bulk: &'a mut BulkQueue,
+    /// wgmma state per warp.
+    pub wg: &'a mut Vec<WgState>,
+    pub wgmma_fence_check: bool,
     pub ntid: [u32; 3],
 }
 
@@ -206,7 +253,7 @@ const STEP_LIMIT: u64 = 1 << 34;
 
 impl BlockCtx<'_> {
     /// Runs one warp until all its lanes have exited or wait at a barrier.
-    fn run_warp(&mut self, w: &mut Warp, bars: &mut [BarState; 16], steps: &mut u64) -> Result<(), (Fault, u32)> {
+    fn run_warp(&mut self, w: &mut Warp, bars: &mut [BarState; NUM_BARRIERS], steps: &mut u64) -> Result<(), (Fault, u32)> {
         let kernel: &Kernel = self.kernel;
         let code = &kernel.code;
         loop {
@@ -250,10 +297,18 @@ impl BlockCtx<'_> {
                 }
                 _ => {}
             }
+            let st = &mut self.wg[w.index as usize];
+            if (st.inflight_total > 0 || st.tracking) && exec != 0 && !matches!(inst.op, Op::Wgmma(_) | Op::WgmmaFence | Op::WgmmaCommit | Op::WgmmaWait(_)) {
+                if let Some(r) = st.touched(inst) {
+                    let message = format!("register #{r} of an unfinished wgmma.mma_async (in flight since PTX line {}) accessed before the wgmma.wait_group that retires it", st.oldest_line);
+                    return Err((Fault { lane: None, message }, pc));
+                }
+                st.mark_written(inst);
+            }
             let flow = if exec == 0 && !matches!(inst.op, Op::Bar { .. } | Op::Shfl(_) | Op::Vote(_)) {
                 Flow::Next
             } else {
-                self.exec(w, inst, exec, mask).map_err(|f| (f, pc))?
+                self.exec(w, inst, pc, exec, mask).map_err(|f| (f, pc))?
             };
             match flow {
                 Flow::Next => self.advance(w, pc, mask),
@@ -289,6 +344,7 @@ impl BlockCtx<'_> {
                 }
                 Flow::Exit(exiting) => {
                     w.live &= !exiting;
+                    self.wg[w.index as usize].exited = w.live == 0;
                     self.advance(w, pc, mask & !exiting);
                 }
                 Flow::Barrier { id, lanes: arriving, expected, wait } => {
@@ -313,13 +369,42 @@ impl BlockCtx<'_> {
                         w.blocked |= arriving;
                         w.wait[id as usize] |= arriving;
                         w.wait_phase[id as usize] = b.phase;
+                    } else if id as usize == CLUSTER_BARRIER {
+                        w.cluster_arrive_phase = b.phase;
                     }
                     if let Some(e) = b.expected.filter(|&e| b.arrived >= e) {
                         // A counted barrier (named-barrier producer/consumer) completes at this arrival.
                         b.arrived -= e;
                         b.phase += 1;
                         self.shared.barrier();
+                        self.mbars.version += 1;
                         w.release_completed(&*bars);
+                    }
+                }
+                Flow::MbarBlock(blocked) => {
+                    w.materialize();
+                    for l in lanes(mask) {
+                        w.pc[l] = if blocked >> l & 1 != 0 { pc } else { pc + 1 };
+                    }
+                    w.blocked |= blocked;
+                    w.mbar_blocked |= blocked;
+                }
+                Flow::WgBlock(blocked) => {
+                    w.materialize();
+                    for l in lanes(mask) {
+                        w.pc[l] = if blocked >> l & 1 != 0 { pc } else { pc + 1 };
+                    }
+                    w.blocked |= blocked;
+                }
+                Flow::ClusterWait(waiting) => {
+                    w.materialize();
+                    for l in lanes(mask) {
+                        w.pc[l] = pc + 1;
+                    }
+                    if bars[CLUSTER_BARRIER].phase <= w.cluster_arrive_phase {
+                        w.blocked |= waiting;
+                        w.wait[CLUSTER_BARRIER] |= waiting;
+                        w.wait_phase[CLUSTER_BARRIER] = w.cluster_arrive_phase;
                     }
                 }
             }
@@ -337,11 +422,21 @@ impl BlockCtx<'_> {
     /// Runs the whole block to completion.
     #[allow(clippy::needless_range_loop)] // warps and barriers are indexed while other elements are borrowed
     pub fn run_block(&mut self, warps: &mut [Warp]) -> Result<(), SimError> {
-        let mut bars = [BarState::default(); 16];
+        let mut bars = [BarState::default(); NUM_BARRIERS];
         let mut steps = 0u64;
+        // The mbarrier state version at the last round that gave every blocked wait a false result.
+        let mut false_round: Option<u64> = None;
         loop {
             for wi in 0..warps.len() {
                 warps[wi].release_completed(&bars);
+                warps[wi].release_mbarrier_waits(self.mbars);
+                if self.wg[wi].blocked != 0 && WgState::wait_ready(self.wg, wi) {
+                    let w = &mut warps[wi];
+                    w.materialize();
+                    w.blocked &= !self.wg[wi].blocked;
+                    w.converged = None;
+                    self.wg[wi].blocked = 0;
+                }
                 if warps[wi].live & !warps[wi].blocked != 0 {
                     let w = &mut warps[wi];
                     self.run_warp(w, &mut bars, &mut steps).map_err(|(f, pc)| self.error(w, f, pc))?;
@@ -349,19 +444,21 @@ impl BlockCtx<'_> {
             }
             let live_threads: u32 = warps.iter().map(|w| w.live.count_ones()).sum();
             if live_threads == 0 {
-                return Ok(());
+                return self.flush_stores(warps).map_err(|(f, wi)| self.error(&warps[wi], f, 0));
             }
             // Complete every barrier whose arrivals are all in.
             let mut released = false;
-            for id in 0..16 {
+            for id in 0..NUM_BARRIERS {
                 let b = bars[id];
                 let waiting: u32 = warps.iter().map(|w| (w.wait[id] & w.live).count_ones()).sum();
                 if (b.arrived == 0 && waiting == 0) || b.expected.is_some() {
                     continue; // counted barriers complete at the arrival that fills them
                 }
                 let expected = b.expected.unwrap_or(live_threads);
-                if b.arrived >= expected || (b.expected.is_none() && waiting == live_threads) {
+                // barrier.cluster waits do not arrive: only the arrivals complete it.
+                if b.arrived >= expected || (b.expected.is_none() && waiting == live_threads && id != CLUSTER_BARRIER) {
                     self.shared.barrier();
+                    self.mbars.version += 1;
                     for w in warps.iter_mut() {
                         let lanes_waiting = w.wait[id];
                         // bar.red: deliver the reduction to every waiting thread's destination.
@@ -385,19 +482,77 @@ impl BlockCtx<'_> {
                     released = true;
                 }
             }
-            released |= warps.iter().any(|w| (0..16).any(|id| w.wait[id] != 0 && w.wait_phase[id] < bars[id].phase));
+            released |= warps.iter().any(|w| (0..NUM_BARRIERS).any(|id| w.wait[id] != 0 && w.wait_phase[id] < bars[id].phase));
+            released |= (0..warps.len()).any(|wi| self.wg[wi].blocked != 0 && WgState::wait_ready(self.wg, wi));
+            released |= warps.iter().any(|w| lanes(w.mbar_blocked).any(|l| self.mbars.map.get(&w.mbar_wait[l].0).is_none_or(|b| b.phase >= w.mbar_wait[l].1)));
+            if !released && !self.bulk.loads.is_empty() {
+                // Nothing can run: the async copies in flight land now.
+                let site = self.first_load_site();
+                if let Err(f) = self.land_loads(None) {
+                    let (tid, pc) = site.unwrap_or((0, 0));
+                    let w = &warps[(tid / 32) as usize];
+                    return Err(self.error(w, Fault { lane: Some((tid % 32) as usize), ..f }, pc));
+                }
+                continue;
+            }
+            if !released && warps.iter().any(|w| w.mbar_blocked != 0) && false_round != Some(self.mbars.version) {
+                // Nothing can run: every blocked mbarrier wait returns false once (a try_wait timeout / test_wait poll).
+                false_round = Some(self.mbars.version);
+                for w in warps.iter_mut() {
+                    w.materialize();
+                    for l in lanes(w.mbar_blocked) {
+                        let inst = &self.kernel.code[w.pc[l] as usize];
+                        w.set(inst.d[0], l, 0);
+                        w.pc[l] += 1;
+                    }
+                    w.blocked &= !w.mbar_blocked;
+                    w.mbar_blocked = 0;
+                    w.converged = None;
+                }
+                continue;
+            }
             if !released {
-                let w = warps.iter().find(|w| w.blocked & w.live != 0).unwrap_or(&warps[0]);
-                let lane = (w.blocked & w.live).trailing_zeros() as usize;
-                let pc = w.pc[lane.min(31)].saturating_sub(1);
-                let arrived: u32 = bars.iter().map(|b| b.arrived).sum();
-                return Err(self.error(
-                    w,
-                    Fault { lane: Some(lane.min(31)), message: format!("deadlock: {arrived} of {live_threads} live threads wait at a barrier that can never complete") },
-                    pc,
-                ));
+                return Err(self.deadlock(warps, &bars, live_threads));
             }
         }
+    }
+
+    /// The deadlock report: every mbarrier some warp waits on (with its counts), and the block barriers' arrivals.
+    fn deadlock(&self, warps: &[Warp], bars: &[BarState; NUM_BARRIERS], live_threads: u32) -> SimError {
+        let mut parts = Vec::new();
+        let mut first = None;
+        for w in warps {
+            let mut seen = Vec::new();
+            for l in lanes(w.mbar_blocked & w.live) {
+                let off = w.mbar_wait[l].0;
+                first.get_or_insert((w, l, w.pc[l]));
+                if !seen.contains(&off) {
+                    seen.push(off);
+                    let line = self.kernel.code[w.pc[l] as usize].line;
+                    parts.push(format!("warp {} waits at PTX line {line} on the {}", w.index, self.mbars.describe(off)));
+                }
+            }
+        }
+        for w in warps {
+            let wg_lanes = self.wg[w.index as usize].blocked & w.live;
+            if wg_lanes != 0 {
+                let lane = wg_lanes.trailing_zeros() as usize;
+                first.get_or_insert((w, lane, w.pc[lane]));
+                parts.push(format!("warp {} waits at wgmma.wait_group (PTX line {}) for the other warps of its warpgroup to commit their wgmma groups", w.index, self.kernel.code[w.pc[lane] as usize].line));
+            }
+        }
+        let bar_waiting: u32 = warps.iter().map(|w| (w.blocked & !w.mbar_blocked & !self.wg[w.index as usize].blocked & w.live).count_ones()).sum();
+        if bar_waiting > 0 {
+            let arrived: u32 = bars.iter().map(|b| b.arrived).sum();
+            parts.push(format!("{arrived} of {live_threads} live threads wait at a barrier that can never complete"));
+            if first.is_none() {
+                let w = warps.iter().find(|w| w.blocked & w.live != 0).unwrap_or(&warps[0]);
+                let lane = ((w.blocked & w.live).trailing_zeros() as usize).min(31);
+                first = Some((w, lane, w.pc[lane].saturating_sub(1)));
+            }
+        }
+        let (w, lane, pc) = first.unwrap_or((&warps[0], 0, 0));
+        self.error(w, Fault { lane: Some(lane), message: format!("deadlock: {}", parts.join("; ")) }, pc)
     }
 
     pub fn error(&self, w: &Warp, f: Fault, pc: u32) -> SimError {
@@ -409,8 +564,8 @@ impl BlockCtx<'_> {
         }
     }
 
-    /// Executes one instruction for the lanes in `exec` (guard passed); `mask` is every lane at this PC.
-    fn exec(&mut self, w: &mut Warp, inst: &Inst, exec: u32, mask: u32) -> Result<Flow, Fault> {
+    /// Executes one instruction (at `pc`) for the lanes in `exec` (guard passed); `mask` is every lane at this PC.
+    fn exec(&mut self, w: &mut Warp, inst: &Inst, pc: u32, exec: u32, mask: u32) -> Result<Flow, Fault> {
         match &inst.op {
             Op::Mov(ty) => {
                 let ty = *ty;
@@ -494,11 +649,44 @@ impl BlockCtx<'_> {
                 self.shared.warp_sync(w.index as usize);
             }
             Op::Fence | Op::Nop => {}
+            Op::ProxyFence => lanes(exec).for_each(|l| self.shared.proxy_fence(w.linear_tid(l))),
             Op::CreatePolicy => lanes(exec).for_each(|l| w.set(inst.d[0], l, 0)),
             Op::Shfl(mode) => collective::shfl(w, inst, *mode, exec, mask)?,
             Op::Vote(mode) => collective::vote(w, inst, *mode, exec, mask)?,
             Op::Activemask => lanes(exec).for_each(|l| w.set(inst.d[0], l, mask as u64)),
             Op::Elect => collective::elect(w, inst, exec)?,
+            Op::Mbar(op) => return self.mbarrier(w, inst, *op, exec),
+            Op::SetMaxNReg(n) => {
+                if !(24..=256).contains(n) || n % 8 != 0 {
+                    return warp_fault(format!("setmaxnreg register count {n} (must be a multiple of 8 in 24..=256)"));
+                }
+                if exec != w.live {
+                    return warp_fault(format!("setmaxnreg.sync.aligned needs every live lane of the warp converged (active {exec:#010x}, live {:#010x})", w.live));
+                }
+            }
+            Op::Mapa => {
+                for l in lanes(exec) {
+                    let rank = w.val(&inst.s[1], l);
+                    if rank != 0 {
+                        return fault(l, format!("mapa to cluster rank {rank}: clusters have one CTA in the interpreter"));
+                    }
+                    let a = w.val(&inst.s[0], l);
+                    w.set(inst.d[0], l, a);
+                }
+            }
+            Op::GetCtaRank => lanes(exec).for_each(|l| w.set(inst.d[0], l, 0)),
+            Op::Wgmma(spec) => self.wgmma(w, inst, *spec, exec)?,
+            Op::WgmmaFence => self.wg[w.index as usize].fence(self.kernel.num_regs),
+            Op::WgmmaCommit => self.wgmma_commit(w),
+            Op::WgmmaWait(n) => return self.wgmma_wait(w, *n, exec),
+            Op::TmaLoad { dims } => self.tma_load(w, inst, pc, *dims, exec)?,
+            Op::TmaStore { dims } => self.tma_store(w, inst, *dims, exec)?,
+            Op::BulkLoad => self.bulk_load(w, inst, pc, exec)?,
+            Op::BulkStore => self.bulk_store(w, inst, exec)?,
+            Op::BulkCommit => self.bulk_commit(w, exec),
+            Op::BulkWait { n, read: _ } => self.bulk_wait(w, *n, exec)?,
+            Op::ClusterArrive => return Ok(Flow::Barrier { id: CLUSTER_BARRIER as u32, lanes: exec, expected: None, wait: false }),
+            Op::ClusterWait => return Ok(Flow::ClusterWait(exec)),
             Op::Testp { test, ty } => alu::testp(w, inst, *test, *ty, exec),
             Op::Redux { op, ty } => collective::redux(w, inst, *op, *ty, exec, mask)?,
             Op::Match { all, ty } => collective::match_(w, inst, *all, *ty, exec, mask)?,
@@ -568,6 +756,13 @@ impl BlockCtx<'_> {
     }
 }
 
+/// The optional checks of a launch.
+#[derive(Clone, Copy)]
+pub(crate) struct Checks {
+    pub race: bool,
+    pub wgmma_fence: bool,
+}
+
 /// Launches `entry` of `module`; see `Machine::launch`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn launch(
@@ -578,7 +773,7 @@ pub(crate) fn launch(
     block: [u32; 3],
     dynamic_shared_bytes: u32,
     params: &[u8],
-    race_check: bool,
+    checks: Checks,
     block_sample: Option<u64>,
 ) -> Result<Counters, SimError> {
     let kernel = module.kernel(entry).ok_or_else(|| SimError::host(format!("no kernel named {entry} in the module (have {:?})", module.entries())))?;
@@ -597,7 +792,7 @@ pub(crate) fn launch(
         return Err(SimError::host(format!("kernel {entry} needs {shared_size} bytes of shared memory; the limit is 227 KiB")));
     }
     let nwarps = threads.div_ceil(32) as usize;
-    let mut shared = SharedMemory::new(shared_size, nwarps, race_check);
+    let mut shared = SharedMemory::new(shared_size, nwarps, checks.race);
     let mut counters = Counters { kernel: kernel.name.clone(), ..Counters::default() };
     counters.block_threads = threads as u32;
     counters.shared_bytes = shared_size as u32;
@@ -623,8 +818,11 @@ pub(crate) fn launch(
                 converged: Some(0),
                 live,
                 blocked: 0,
-                wait: [0; 16],
-                wait_phase: [0; 16],
+                wait: [0; NUM_BARRIERS],
+                wait_phase: [0; NUM_BARRIERS],
+                cluster_arrive_phase: 0,
+                mbar_blocked: 0,
+                mbar_wait: [(0, 0); 32],
                 tid,
                 ids: Ids { ctaid: [0; 3], ntid: block, nctaid: grid, dynamic_smem: dynamic_shared_bytes, total_smem: shared_size as u32 },
                 clock: 0,
@@ -647,12 +845,17 @@ pub(crate) fn launch(
                 for (w, &live) in warps.iter_mut().zip(&live_masks) {
                     w.live = live;
                     w.blocked = 0;
-                    w.wait = [0; 16];
-                    w.wait_phase = [0; 16];
+                    w.wait = [0; NUM_BARRIERS];
+                    w.wait_phase = [0; NUM_BARRIERS];
+                    w.cluster_arrive_phase = 0;
+                    w.mbar_blocked = 0;
                     w.converged = Some(0);
                     w.ids.ctaid = [bx, by, bz];
                     w.local_init.fill(0);
                 }
+                let mut mbars = Mbarriers::default();
+                let mut bulk = BulkQueue::new(threads as usize);
+                let mut wg: Vec<WgState> = (0..nwarps).map(|_| WgState::default()).collect();
                 let mut ctx = BlockCtx {
                     kernel,
                     classes: &classes,
@@ -662,6 +865,10 @@ pub(crate) fn launch(
                     params,
                     counters: &mut counters,
                     asyncq: &mut asyncq,
+                    mbars: &mut mbars,
+                    bulk: &mut bulk,
+                    wg: &mut wg,
+                    wgmma_fence_check: checks.wgmma_fence,
                     ntid: block,
                 };
                 ctx.run_block(&mut warps)?;

@@ -7,6 +7,8 @@
 //! `internals` feature).
 
 #[warn(missing_docs)]
+pub mod calibrate;
+#[warn(missing_docs)]
 pub mod device;
 #[warn(missing_docs)]
 pub mod error;

@@ -32,6 +32,25 @@ struct Cli {
 enum Command {
     /// Print what ptxas reported for every kernel (registers, shared memory, spills) for sm_90a.
     Resources,
+    /// The timing model against the stored H200 measurements: replays every stored shape on the PTX interpreter
+    /// (sampling blocks of large launches), prints predicted against measured per row, ends with the summary line.
+    Calibrate {
+        /// Most blocks interpreted per launch; larger launches are sampled and scaled.
+        #[arg(long, default_value_t = 16)]
+        sample_blocks: u64,
+        /// Only rows whose id contains this (repeatable).
+        #[arg(long)]
+        only: Vec<String>,
+        /// Also grid-search the model's free parameters and print the best fit.
+        #[arg(long)]
+        fit: bool,
+        /// Print each launch's model terms (DRAM, L2, issue, tensor, shared, chain, exposed latency).
+        #[arg(long)]
+        terms: bool,
+        /// Launch profiles file: read if present (skips the interpreter), else written (for model iteration).
+        #[arg(long)]
+        profiles: Option<PathBuf>,
+    },
     /// End-to-end engine benchmark: a batch of random prompts prefilled together, then timed decode steps
     /// (prefill and decode tokens/s, decode step mean/p50/p90). Per-kernel figures: `cargo bench`.
     Bench(BenchArgs),
@@ -245,6 +264,9 @@ struct GenerateArgs {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Resources => print!("{}", small4::kernels::KERNEL_RESOURCES_MARKDOWN),
+        Command::Calibrate { sample_blocks, only, fit, terms, profiles } => {
+            small4::calibrate::run(&small4::calibrate::Options { sample_blocks, only, fit, terms, profiles }, &mut std::io::stdout())?;
+        }
         Command::Bench(args) => bench(&args)?,
         Command::Generate(args) => generate(&args)?,
         Command::Logits(args) => cli::logits::logits_command(&args)?,

@@ -221,7 +221,28 @@ pub struct LaunchCounters {
     pub tensor_core_ops: u64,
     /// Floating-point operations of those mma.sync instructions (`2 * m * n * k` each).
     pub tensor_flops: u64,
+    /// The kernel family: the module's name (the `cuda/*.cu` file stem, e.g. `"moe_gemm"`).
+    pub family: String,
+    /// Blocks actually interpreted: `blocks` unless the backend samples blocks (`SimBackend::set_block_sample`), in
+    /// which case every other count covers only these.
+    pub blocks_run: u64,
+    /// What the timing model reads of this launch ([`TimingProfile`]: counts, launch shape, ptxas registers).
+    pub timing: TimingProfile,
+    /// Predicted time of this launch on the backend's target GPU, in microseconds, with that GPU's name
+    /// (`SimBackend::set_target_gpu`; default H100 SXM). See [`LaunchCounters::predict`] for another GPU.
+    pub predicted_us: Option<f64>,
+    /// The GPU `predicted_us` is for.
+    pub predicted_gpu: Option<&'static str>,
 }
+
+/// The timing model's inputs for one launch (re-exported from the interpreter: `ptxsim::timing::Profile`).
+pub use ptxsim::timing::Profile as TimingProfile;
+/// A GPU the timing model knows (H100 SXM, H100 PCIe, H200), re-exported from `ptxsim::timing::Gpu`.
+pub use ptxsim::timing::Gpu as TargetGpu;
+/// The timing model's fitted parameters (`ptxsim::timing::Model`; `TimingModel::FITTED` is the calibrated set).
+pub use ptxsim::timing::Model as TimingModel;
+/// A predicted launch time and its terms (`ptxsim::timing::Prediction`).
+pub use ptxsim::timing::Prediction as TimingPrediction;
 
 impl LaunchCounters {
     /// Bytes that crossed the memory bus, counted in 32-byte sectors as DRAM/L2 sees them.
@@ -235,6 +256,20 @@ impl LaunchCounters {
     /// Bytes DRAM moves when L2 keeps every sector the launch touched once (each distinct sector once).
     pub fn dram_bytes(&self) -> u64 {
         self.distinct_sectors * 32
+    }
+    /// The timing model's prediction of this launch on `gpu` with `model` (the analytical model of
+    /// `ptxsim::timing`, calibrated by `small4 calibrate`).
+    ///
+    /// ```
+    /// use small4::device::{LaunchCounters, TargetGpu, TimingModel};
+    ///
+    /// let mut counters = LaunchCounters::default();
+    /// (counters.timing.blocks, counters.timing.blocks_run, counters.timing.block_threads) = (1, 1, 32);
+    /// let p = counters.predict(&TargetGpu::H100_SXM, &TimingModel::FITTED);
+    /// assert!(p.micros() >= TimingModel::FITTED.launch_s * 1e6); // an empty launch costs its overhead
+    /// ```
+    pub fn predict(&self, gpu: &TargetGpu, model: &TimingModel) -> TimingPrediction {
+        ptxsim::timing::predict(&self.timing, gpu, model)
     }
 }
 
@@ -257,7 +292,14 @@ impl std::fmt::Display for LaunchCounters {
             self.shared_bank_conflicts,
             self.tensor_core_ops,
             self.tensor_flops
-        )
+        )?;
+        if self.blocks_run < self.blocks {
+            write!(f, "; {} of {} blocks interpreted (sampled)", self.blocks_run, self.blocks)?;
+        }
+        match (self.predicted_us, self.predicted_gpu) {
+            (Some(us), Some(gpu)) => write!(f, "; predicted {us:.1} us on {gpu}"),
+            _ => Ok(()),
+        }
     }
 }
 

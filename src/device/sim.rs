@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use super::{Backend, Graph, Kernel, LaunchConfig, LaunchCounters};
+use super::{Backend, Graph, Kernel, LaunchConfig, LaunchCounters, TargetGpu, TimingModel, TimingProfile};
 use crate::error::{Error, Result};
 
 /// The PTX interpreter as a [`Backend`]: one simulated device memory, modules parsed on first use, and the counters of
@@ -38,7 +38,15 @@ pub struct SimBackend {
     /// Parsed modules by `KernelModule::name` (parsing a module happens once per backend).
     modules: Mutex<HashMap<&'static str, Arc<ptxsim::Module>>>,
     last: Mutex<Option<LaunchCounters>>,
+    /// The GPU whose time `LaunchCounters::predicted_us` predicts (None: no prediction).
+    target: Mutex<Option<TargetGpu>>,
+    /// Every launch's counters since `record_launches(true)`, while recording.
+    recorded: Mutex<Option<Vec<LaunchCounters>>>,
 }
+
+/// Registers per thread assumed for a kernel the ptxas table does not list (a module built outside build.rs, such
+/// as a doc example's): a small kernel's typical count, which leaves occupancy limited by threads, not registers.
+const UNLISTED_KERNEL_REGISTERS: u32 = 32;
 
 impl SimBackend {
     /// The shared-memory race detector is on unless the environment sets `PTXSIM_RACE_CHECK=0` (it costs ~10-15%
@@ -46,7 +54,87 @@ impl SimBackend {
     pub fn new() -> Self {
         let mut machine = ptxsim::Machine::new();
         machine.race_check = std::env::var("PTXSIM_RACE_CHECK").map_or(true, |v| v != "0");
-        SimBackend { machine: Mutex::new(machine), capture: Mutex::new(None), modules: Mutex::new(HashMap::new()), last: Mutex::new(None) }
+        let target = match std::env::var("SMALL4_PREDICT_GPU") {
+            Ok(name) => TargetGpu::by_name(&name),
+            Err(_) => Some(TargetGpu::H100_SXM),
+        };
+        SimBackend {
+            machine: Mutex::new(machine),
+            capture: Mutex::new(None),
+            modules: Mutex::new(HashMap::new()),
+            last: Mutex::new(None),
+            target: Mutex::new(target),
+            recorded: Mutex::new(None),
+        }
+    }
+
+    /// Sets the GPU whose time each launch's `LaunchCounters::predicted_us` predicts (None: no prediction). The
+    /// default is H100 SXM, or the GPU named by the environment's `SMALL4_PREDICT_GPU` (`h100-sxm`, `h100-pcie`,
+    /// `h200`; an unknown name turns prediction off).
+    ///
+    /// ```
+    /// use small4::device::sim::SimBackend;
+    /// use small4::device::TargetGpu;
+    ///
+    /// let sim = SimBackend::new();
+    /// sim.set_target_gpu(TargetGpu::by_name("h200"));
+    /// assert_eq!(sim.target_gpu().map(|g| g.name), Some("h200"));
+    /// ```
+    pub fn set_target_gpu(&self, gpu: Option<TargetGpu>) {
+        *self.target.lock().unwrap() = gpu;
+    }
+
+    /// The GPU predictions are made for.
+    pub fn target_gpu(&self) -> Option<TargetGpu> {
+        *self.target.lock().unwrap()
+    }
+
+    /// Interprets at most `blocks` blocks of each launch, evenly spaced over its grid (None: every block), for timing
+    /// estimates of launches too large to interpret whole. Blocks not run write nothing, so outputs are incomplete:
+    /// for timing only (memory allocated while sampling comes zeroed, so a later kernel reading what an unsampled
+    /// block would have written reads zeros, not uninitialised bytes). Counters cover the
+    /// sampled blocks (`LaunchCounters::blocks_run`); the prediction scales them to the grid.
+    ///
+    /// ```
+    /// use small4::device::sim::SimBackend;
+    ///
+    /// let sim = SimBackend::new();
+    /// sim.set_block_sample(Some(16));
+    /// sim.set_block_sample(None); // back to whole launches
+    /// ```
+    pub fn set_block_sample(&self, blocks: Option<u64>) {
+        self.machine.lock().unwrap().block_sample = blocks;
+    }
+
+    /// Starts (true) or stops (false) keeping every launch's counters; [`SimBackend::take_recorded`] hands them over.
+    /// A bench sums `predicted_us` over them, by `family` or `kernel`.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use small4::device::sim::SimBackend;
+    /// use small4::device::{Device, DeviceBuffer};
+    /// use small4::kernels::ops;
+    /// use half::bf16;
+    ///
+    /// let sim = Arc::new(SimBackend::new());
+    /// let device: Device = sim.clone();
+    /// sim.record_launches(true);
+    /// let gate_up = DeviceBuffer::from_slice(&device, &[bf16::ONE; 128])?;
+    /// let out = DeviceBuffer::<bf16>::alloc(&device, 64)?;
+    /// ops::silu_mul(gate_up.view([1, 128])?, out.view([1, 64])?)?;
+    /// let launches = sim.take_recorded();
+    /// assert_eq!(launches.len(), 1);
+    /// assert_eq!((launches[0].family.as_str(), launches[0].kernel.as_str()), ("ops", "silu_mul"));
+    /// assert!(launches[0].predicted_us.is_some_and(|us| us > 0.0 && us.is_finite()));
+    /// # Ok::<(), small4::Error>(())
+    /// ```
+    pub fn record_launches(&self, on: bool) {
+        *self.recorded.lock().unwrap() = on.then(Vec::new);
+    }
+
+    /// The launches recorded since `record_launches(true)` or the last call (recording goes on).
+    pub fn take_recorded(&self) -> Vec<LaunchCounters> {
+        self.recorded.lock().unwrap().as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     /// A host operation is refused while a capture is open: a CUDA graph could not contain it, and a step that needs
@@ -67,7 +155,15 @@ impl SimBackend {
             .unwrap()
             .launch(&module, kernel.entry, [g.x, g.y, g.z], [b.x, b.y, b.z], config.shared_bytes, params)
             .map_err(sim_error)?;
-        *self.last.lock().unwrap() = Some(launch_counters(&counters));
+        let mut launch = launch_counters(&counters, kernel.module.name);
+        if let Some(gpu) = self.target_gpu() {
+            launch.predicted_us = Some(launch.predict(&gpu, &TimingModel::FITTED).micros());
+            launch.predicted_gpu = Some(gpu.name);
+        }
+        if let Some(log) = self.recorded.lock().unwrap().as_mut() {
+            log.push(launch.clone());
+        }
+        *self.last.lock().unwrap() = Some(launch);
         Ok(())
     }
 
@@ -102,8 +198,14 @@ fn sim_error(e: ptxsim::SimError) -> Error {
 }
 
 /// The interpreter's counters in the device layer's backend-neutral form.
-fn launch_counters(c: &ptxsim::Counters) -> LaunchCounters {
+fn launch_counters(c: &ptxsim::Counters, family: &str) -> LaunchCounters {
+    let registers = crate::kernels::KERNEL_RESOURCES.iter().find(|k| k.kernel == c.kernel).map_or(UNLISTED_KERNEL_REGISTERS, |k| k.registers);
     LaunchCounters {
+        family: family.to_string(),
+        blocks_run: c.blocks_run,
+        timing: TimingProfile::new(c, registers),
+        predicted_us: None,
+        predicted_gpu: None,
         kernel: c.kernel.clone(),
         blocks: c.blocks,
         instructions: c.warp_instructions,
@@ -127,7 +229,14 @@ impl Backend for SimBackend {
     }
     fn alloc(&self, bytes: usize) -> Result<u64> {
         self.not_capturing("alloc")?;
-        Ok(self.machine.lock().unwrap().alloc(bytes))
+        let mut machine = self.machine.lock().unwrap();
+        let addr = machine.alloc(bytes);
+        if machine.block_sample.is_some() {
+            // Blocks not run write nothing: a later kernel reading their outputs would hit uninitialised bytes. While
+            // sampling (timing only), memory comes zeroed, i.e. initialised.
+            machine.memset(addr, 0, bytes).map_err(sim_error)?;
+        }
+        Ok(addr)
     }
     fn free(&self, addr: u64) -> Result<()> {
         self.not_capturing("free")?;

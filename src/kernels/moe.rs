@@ -34,6 +34,12 @@ enum TileShape {
 /// (batch 1: 4 experts x 32 column blocks) runs the narrow tile instead, which doubles the blocks.
 const FULL_GRID_BLOCKS: usize = 2 * 132;
 
+thread_local! {
+    /// `small4 calibrate` only: forces the decode tile (true: narrow BM 64, false: small BM 128) to replay the
+    /// configurations the H200 measured before the current choice (`calibrate::replay`). None: `for_decode` decides.
+    pub(crate) static DECODE_TILE_OVERRIDE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
 /// Shared memory the k pipeline may use (`kStageBudget` in moe_gemm.cu).
 const STAGE_BUDGET: usize = 96 * 1024;
 
@@ -55,6 +61,9 @@ impl TileShape {
     /// The small tile, or the narrow one when at most `busy_row_groups` block rows (experts with pairs, or dense row
     /// groups) of BM-128 blocks over `rows_padded` features would not fill the GPU.
     fn for_decode(busy_row_groups: usize, rows_padded: usize) -> Self {
+        if let Some(narrow) = DECODE_TILE_OVERRIDE.get() {
+            return if narrow { Self::Narrow } else { Self::Small };
+        }
         if busy_row_groups * (rows_padded / Self::Small.features()).max(1) < FULL_GRID_BLOCKS {
             Self::Narrow
         } else {

@@ -43,7 +43,16 @@ const TOKEN_GROUP: usize = 64;
 /// from 16 to 64 tokens; the extra hidden-slice reads are L2 hits (ncu: 1.38 MB of DRAM read at T=32, ideal 1.31 MB).
 const DECODE_TOKENS: usize = TOKEN_GROUP;
 
+thread_local! {
+    /// `small4 calibrate` only: forces the experts a block covers, to replay the configuration the H200 measured
+    /// before the current choice. None: `experts_per_block` decides.
+    pub(crate) static EXPERTS_PER_BLOCK_OVERRIDE: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
 fn experts_per_block(tokens: usize) -> usize {
+    if let Some(n) = EXPERTS_PER_BLOCK_OVERRIDE.get() {
+        return n;
+    }
     if tokens <= DECODE_TOKENS {
         32
     } else {

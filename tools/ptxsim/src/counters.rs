@@ -16,7 +16,8 @@ pub struct SectorSet {
 
 impl SectorSet {
     #[inline]
-    pub(crate) fn insert(&mut self, sector: u64) {
+    /// Adds one sector (its address divided by 32).
+    pub fn insert(&mut self, sector: u64) {
         *self.pages.entry(sector >> 7).or_insert(0) |= 1u128 << (sector & 127);
     }
 
@@ -36,10 +37,53 @@ impl SectorSet {
     }
 }
 
+/// Which blocks of a launch run when `Machine::block_sample` limits them: `n` blocks evenly spaced over the linear
+/// block index (block `floor(i * total / n)` for i in 0..n), so every part of the grid (e.g. the padded tail tiles
+/// of a grouped GEMM that exit early) is represented in proportion.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlockSample {
+    total: u64,
+    n: u64,
+}
+
+impl BlockSample {
+    /// Every block when `limit` is None or at least `total`.
+    pub fn new(total: u64, limit: Option<u64>) -> Self {
+        BlockSample { total, n: limit.map_or(total, |l| l.clamp(1, total.max(1))).min(total) }
+    }
+
+    /// Whether the block with this linear index runs.
+    pub fn runs(&self, linear: u64) -> bool {
+        if self.n == self.total {
+            return true;
+        }
+        // i = ceil(linear * n / total) is the only candidate sample whose block index can equal `linear`.
+        let i = (linear * self.n).div_ceil(self.total);
+        i < self.n && i * self.total / self.n == linear
+    }
+
+    /// Blocks that run.
+    pub fn count(&self) -> u64 {
+        self.n
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Counters {
     pub kernel: String,
+    /// Blocks of the grid, and the blocks actually interpreted (fewer under `Machine::block_sample`; every other
+    /// counter covers only those).
     pub blocks: u64,
+    pub blocks_run: u64,
+    /// Threads per block and shared memory per block (static + dynamic bytes) of the launch.
+    pub block_threads: u32,
+    pub shared_bytes: u32,
+    /// Block barriers executed (`bar.sync` / `barrier.sync` and their reductions), per warp.
+    pub block_barriers: u64,
+    /// `cp.async.wait_group` / `wait_all` executed, per warp: where a pipelined warp waits for its copies.
+    pub async_waits: u64,
+    /// Sum over those waits of the copy groups each leaves in flight (N of `wait_group N`): the pipeline depth.
+    pub async_groups_left_in_flight: u64,
     /// Instructions issued per warp (one per converged group of lanes), and per active thread.
     pub warp_instructions: u64,
     pub thread_instructions: u64,
@@ -52,6 +96,21 @@ pub struct Counters {
     pub global_sectors: u64,
     /// The distinct sectors behind `global_sectors` over the whole launch (DRAM traffic if L2 keeps what was touched).
     pub distinct_sectors: SectorSet,
+    /// Each block's distinct sectors, summed over blocks: the DRAM traffic if L2 kept nothing between blocks. For a
+    /// sampled launch (whose sampled blocks lie far apart) this is the figure that scales to the grid.
+    pub block_distinct_sectors: u64,
+    /// The sectors of the block being run (empty once a launch returns).
+    pub block_sectors: SectorSet,
+    /// Each warp's dependent-latency chain in the block being run: (`timing::CHAIN_CYCLES` summed over the
+    /// instructions it issued other than global memory and atomics, and the count of those), emptied by `end_block`.
+    pub block_warp_chain: Vec<(u64, u64)>,
+    /// The longest warp chain of any block (its non-memory cycles and global operations), and the longest warp chain
+    /// of each block summed over blocks: a block lasts at least its longest warp's chain of dependent instructions.
+    /// "Longest" weighs a global operation as `timing::CHAIN_GLOBAL_CYCLES`; the model may weigh it otherwise.
+    pub chain_cycles_max: u64,
+    pub chain_globals_max: u64,
+    pub chain_cycles_sum: u64,
+    pub chain_globals_sum: u64,
     pub shared_requests: u64,
     /// Extra shared-memory wavefronts caused by bank conflicts (0 when every request is conflict-free).
     pub shared_bank_conflicts: u64,
@@ -62,7 +121,17 @@ pub struct Counters {
 
 impl Counters {
     #[inline(always)]
-    pub(crate) fn count(&mut self, class: Class, exec: u32) {
+    pub(crate) fn count(&mut self, class: Class, exec: u32, warp: u32) {
+        let warp = warp as usize;
+        if warp >= self.block_warp_chain.len() {
+            self.block_warp_chain.resize(warp + 1, (0, 0));
+        }
+        let chain = &mut self.block_warp_chain[warp];
+        if matches!(class, Class::GlobalMemory | Class::Atomic) {
+            chain.1 += 1;
+        } else {
+            chain.0 += crate::timing::CHAIN_CYCLES[class as usize];
+        }
         self.warp_instructions += 1;
         self.thread_instructions += exec.count_ones() as u64;
         self.by_class[class as usize] += 1;
@@ -95,6 +164,7 @@ impl Counters {
             if i == 0 || sectors[i - 1] != s {
                 distinct += 1;
                 self.distinct_sectors.insert(s);
+                self.block_sectors.insert(s);
             }
         }
         self.global_requests += 1;
@@ -135,8 +205,35 @@ impl Counters {
         self.shared_bank_conflicts += wavefronts.saturating_sub(ideal) as u64;
     }
 
+    /// Closes a block: its distinct sectors join `block_distinct_sectors`.
+    pub(crate) fn end_block(&mut self) {
+        self.block_distinct_sectors += self.block_sectors.len();
+        self.block_sectors.pages.clear();
+        let weight = |c: &(u64, u64)| c.0 + c.1 * crate::timing::CHAIN_GLOBAL_CYCLES;
+        let longest = self.block_warp_chain.iter().copied().max_by_key(weight).unwrap_or((0, 0));
+        if weight(&longest) > weight(&(self.chain_cycles_max, self.chain_globals_max)) {
+            (self.chain_cycles_max, self.chain_globals_max) = longest;
+        }
+        self.chain_cycles_sum += longest.0;
+        self.chain_globals_sum += longest.1;
+        self.block_warp_chain.iter_mut().for_each(|c| *c = (0, 0));
+    }
+
     pub fn merge(&mut self, o: &Counters) {
+        self.block_distinct_sectors += o.block_distinct_sectors;
+        let weight = |c: u64, g: u64| c + g * crate::timing::CHAIN_GLOBAL_CYCLES;
+        if weight(o.chain_cycles_max, o.chain_globals_max) > weight(self.chain_cycles_max, self.chain_globals_max) {
+            (self.chain_cycles_max, self.chain_globals_max) = (o.chain_cycles_max, o.chain_globals_max);
+        }
+        self.chain_cycles_sum += o.chain_cycles_sum;
+        self.chain_globals_sum += o.chain_globals_sum;
         self.blocks += o.blocks;
+        self.blocks_run += o.blocks_run;
+        self.block_barriers += o.block_barriers;
+        self.async_waits += o.async_waits;
+        self.async_groups_left_in_flight += o.async_groups_left_in_flight;
+        self.block_threads = self.block_threads.max(o.block_threads);
+        self.shared_bytes = self.shared_bytes.max(o.shared_bytes);
         self.warp_instructions += o.warp_instructions;
         self.thread_instructions += o.thread_instructions;
         for (a, b) in self.by_class.iter_mut().zip(o.by_class) {
@@ -156,6 +253,9 @@ impl Counters {
 
 impl std::fmt::Display for Counters {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.blocks_run != self.blocks {
+            writeln!(f, "sampled: {} of {} blocks interpreted (the counters below cover those)", self.blocks_run, self.blocks)?;
+        }
         writeln!(f, "kernel {}: {} blocks, {} warp instructions ({} thread instructions)", self.kernel, self.blocks, self.warp_instructions, self.thread_instructions)?;
         for (name, n) in self.by_class_named() {
             writeln!(f, "  {name:>26}: {n}")?;
@@ -172,5 +272,21 @@ impl std::fmt::Display for Counters {
         )?;
         writeln!(f, "  shared: {} requests, {} bank-conflict wavefronts", self.shared_requests, self.shared_bank_conflicts)?;
         write!(f, "  tensor: {} mma, {} flops", self.tensor_ops, self.tensor_flops)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BlockSample;
+
+    #[test]
+    fn block_sample_runs_exactly_n_evenly_spaced_blocks() {
+        for (total, limit) in [(1u64, Some(4u64)), (10, Some(3)), (256, Some(16)), (257, Some(16)), (5, None), (1000, Some(999))] {
+            let s = BlockSample::new(total, limit);
+            let run: Vec<u64> = (0..total).filter(|&b| s.runs(b)).collect();
+            let want: Vec<u64> = (0..s.count()).map(|i| i * total / s.count()).collect();
+            assert_eq!(run, want, "total {total}, limit {limit:?}");
+            assert_eq!(s.count(), limit.map_or(total, |l| l.min(total)));
+        }
     }
 }

@@ -73,10 +73,12 @@ pub mod ir;
 pub mod memory;
 pub mod parser;
 pub mod tensor_map;
+pub mod timing;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-pub use counters::Counters;
+pub use counters::{BlockSample, Counters};
+pub use timing::{Gpu, Model, Prediction, Profile};
 use memory::GlobalMemory;
 
 /// A PTX syntax or decoding error, naming the source line.
@@ -168,6 +170,10 @@ pub struct Machine {
     global: GlobalMemory,
     /// Shared-memory race detection (on by default).
     pub race_check: bool,
+    /// Run at most this many blocks of each launch, evenly spaced over the grid (None: every block). For timing
+    /// estimates of launches too large to interpret whole: the counters then cover `Counters::blocks_run` blocks, and
+    /// blocks not run write nothing (their outputs stay as they were).
+    pub block_sample: Option<u64>,
     /// Report a wgmma whose accumulator or A registers another instruction wrote after the last `wgmma.fence` (on by
     /// default; ptxas accepts such code but serialises the wgmmas, warning C7515).
     pub wgmma_fence_check: bool,
@@ -181,7 +187,7 @@ impl Default for Machine {
 
 impl Machine {
     pub fn new() -> Machine {
-        Machine { global: GlobalMemory::default(), race_check: true, wgmma_fence_check: true }
+        Machine { global: GlobalMemory::default(), race_check: true, block_sample: None, wgmma_fence_check: true }
     }
 
     /// Uninitialised device memory: a kernel reading it before anything wrote it is an error.
@@ -234,6 +240,6 @@ impl Machine {
         params: &[u8],
     ) -> Result<Counters, SimError> {
         let checks = exec::Checks { race: self.race_check, wgmma_fence: self.wgmma_fence_check };
-        exec::launch(&mut self.global, module, entry, grid, block, dynamic_shared_bytes, params, checks)
+        exec::launch(&mut self.global, module, entry, grid, block, dynamic_shared_bytes, params, checks, self.block_sample)
     }
 }

@@ -287,7 +287,16 @@ impl BlockCtx<'_> {
             if *steps > STEP_LIMIT {
                 return Err((Fault { lane: None, message: format!("more than {STEP_LIMIT} warp instructions in one block: runaway loop?") }, pc));
             }
-            self.counters.count(self.classes[pc as usize], exec);
+            self.counters.count(self.classes[pc as usize], exec, w.index);
+            match inst.op {
+                Op::Bar { .. } => self.counters.block_barriers += 1,
+                Op::CpAsyncWait(n) => {
+                    self.counters.async_waits += 1;
+                    // wait_all (u32::MAX) leaves no group in flight.
+                    self.counters.async_groups_left_in_flight += if n == u32::MAX { 0 } else { n as u64 };
+                }
+                _ => {}
+            }
             let st = &mut self.wg[w.index as usize];
             if (st.inflight_total > 0 || st.tracking) && exec != 0 && !matches!(inst.op, Op::Wgmma(_) | Op::WgmmaFence | Op::WgmmaCommit | Op::WgmmaWait(_)) {
                 if let Some(r) = st.touched(inst) {
@@ -765,6 +774,7 @@ pub(crate) fn launch(
     dynamic_shared_bytes: u32,
     params: &[u8],
     checks: Checks,
+    block_sample: Option<u64>,
 ) -> Result<Counters, SimError> {
     let kernel = module.kernel(entry).ok_or_else(|| SimError::host(format!("no kernel named {entry} in the module (have {:?})", module.entries())))?;
     let threads = block.iter().map(|&d| d as u64).product::<u64>();
@@ -784,6 +794,10 @@ pub(crate) fn launch(
     let nwarps = threads.div_ceil(32) as usize;
     let mut shared = SharedMemory::new(shared_size, nwarps, checks.race);
     let mut counters = Counters { kernel: kernel.name.clone(), ..Counters::default() };
+    counters.block_threads = threads as u32;
+    counters.shared_bytes = shared_size as u32;
+    let total_blocks = grid.iter().map(|&g| g as u64).product::<u64>();
+    let sample = crate::counters::BlockSample::new(total_blocks, block_sample);
     let mut asyncq = AsyncQueue::new(threads as usize);
     let local_bytes = kernel.local_bytes as usize;
     let mut warps: Vec<Warp> = (0..nwarps)
@@ -823,6 +837,9 @@ pub(crate) fn launch(
     for bz in 0..grid[2] {
         for by in 0..grid[1] {
             for bx in 0..grid[0] {
+                if !sample.runs((bz as u64 * grid[1] as u64 + by as u64) * grid[0] as u64 + bx as u64) {
+                    continue;
+                }
                 shared.reset();
                 asyncq.reset();
                 for (w, &live) in warps.iter_mut().zip(&live_masks) {
@@ -855,9 +872,11 @@ pub(crate) fn launch(
                     ntid: block,
                 };
                 ctx.run_block(&mut warps)?;
+                counters.end_block();
             }
         }
     }
-    counters.blocks = grid.iter().map(|&g| g as u64).product();
+    counters.blocks = total_blocks;
+    counters.blocks_run = sample.count();
     Ok(counters)
 }

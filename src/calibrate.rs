@@ -1,0 +1,698 @@
+//! `small4 calibrate`: the timing model (`ptxsim::timing`, [`crate::device::LaunchCounters::predict`]) against the
+//! H200 measurements stored in `data/calibration/h200.tsv`.
+//!
+//! Every row with a runnable configuration (`run`) is replayed on the PTX interpreter at its measured shape: the same
+//! kernels, grids and pipelines as the GPU ran, with the launches' counters recorded and each launch predicted on
+//! the H200. A row's prediction is the sum over its call's launches (back-to-back benches include each launch's
+//! overhead; `with-sync` rows add one host synchronisation; `ncu` rows are kernel durations, without the launch
+//! overhead, of the launches named by `kernel=`).
+//!
+//! Launches too large to interpret whole are sampled: at most `sample_blocks` blocks of a launch run, evenly spaced
+//! over the grid, and the model scales their counts to the grid (`SimBackend::set_block_sample`). The router is never
+//! sampled (its last block of a token group does the top-k and alignment, which a sample would miss). To fit the
+//! interpreter's memory, MoE weights are one expert's tiles aliased by all 128 experts (expert stride 0; scales
+//! replicated) and a 64-sequence MLA batch at 32k context shares one sequence's cache pages: both only in sampled
+//! launches, whose DRAM estimate counts each sampled block's own sectors, so the aliasing does not hide traffic.
+//!
+//! The summary line: `calibration: median abs error P%, worst ratio R, N rows, D/M before-after pairs in the right
+//! direction` (abs error = |predicted - measured| / measured; worst ratio = the largest of predicted / measured and
+//! its inverse; a pair is in the right direction when the prediction orders its two rows as the GPU did).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::Arc;
+
+use half::bf16;
+use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
+
+use crate::device::sim::SimBackend;
+use crate::device::{Device, DeviceBuffer, LaunchCounters, TargetGpu, TimingModel};
+use crate::error::{Error, Result};
+use crate::kernels::attention::{self, AttentionScratch, BlockTables, PagedCache, Queries, QueryLayout};
+use crate::kernels::moe::{self, Grouping, MoeLayerWeights, MoeWorkspace, RoutingBuffers};
+use crate::kernels::router::{self, ExpertMap, RouterConfig};
+use crate::kernels::vision::{vision_attention, TokenSegments};
+use crate::model::kv_cache::{BatchTables, CacheDescriptor, CacheDtype};
+use crate::quant::matrix::QuantizedMatrix;
+use crate::quant::repack::{self, PackedWeights};
+use crate::quant::WeightFormat;
+
+/// The stored H200 measurements (`data/calibration/h200.tsv`), as measured, with their sources.
+pub const H200_DATA: &str = include_str!("../data/calibration/h200.tsv");
+
+/// How a row's figure was timed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    /// Launches back to back, one synchronisation per batch: each launch's overhead is in the figure.
+    BackToBack,
+    /// One host synchronisation after every call.
+    WithSync,
+    /// Nsight Compute kernel duration: no launch overhead.
+    Ncu,
+}
+
+/// One stored measurement.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Row {
+    /// Unique name, e.g. `moe-bf16-t1-bm64`.
+    pub id: String,
+    /// What ran, in words.
+    pub what: String,
+    /// The H200's figure, microseconds.
+    pub measured_us: f64,
+    /// How it was timed.
+    pub method: Method,
+    /// Which code state the figure belongs to (current, before a change, superseded).
+    pub code_state: String,
+    /// The configuration the interpreter replays (`router tokens=32`, `moe format=bf16 tokens=1 tile=narrow`, ...);
+    /// None when the measured code is no longer in the tree.
+    pub run: Option<String>,
+    /// `(pair name, true for the "after" row)` when the row is one side of a before/after pair.
+    pub pair: Option<(String, bool)>,
+    /// Command and document the figure comes from.
+    pub source: String,
+}
+
+/// Parses the TSV (header line `id\twhat\t...`, `#` comments).
+///
+/// ```
+/// use small4::calibrate::{parse_rows, H200_DATA, Method};
+///
+/// let rows = parse_rows(H200_DATA)?;
+/// assert!(rows.len() >= 40);
+/// let router = rows.iter().find(|r| r.id == "router-t1").expect("stored");
+/// assert_eq!((router.measured_us, router.method), (12.1, Method::BackToBack));
+/// assert!(parse_rows("id\twhat\nx\ty\n").is_err()); // a short row is a typed error
+/// # Ok::<(), small4::Error>(())
+/// ```
+pub fn parse_rows(text: &str) -> Result<Vec<Row>> {
+    let bad = |line: usize, why: String| Error::InvalidArgument(format!("calibration data line {}: {why}", line + 1));
+    let mut rows = Vec::new();
+    let mut header_seen = false;
+    for (n, line) in text.lines().enumerate() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        if !header_seen {
+            header_seen = true;
+            continue;
+        }
+        let f: Vec<&str> = line.split('\t').collect();
+        if f.len() != 8 {
+            return Err(bad(n, format!("{} fields, expected 8", f.len())));
+        }
+        let measured_us = f[2].parse::<f64>().map_err(|e| bad(n, format!("measured_us {:?}: {e}", f[2])))?;
+        let method = match f[3] {
+            "back-to-back" => Method::BackToBack,
+            "with-sync" => Method::WithSync,
+            "ncu" => Method::Ncu,
+            other => return Err(bad(n, format!("unknown method {other:?}"))),
+        };
+        let pair = match f[6] {
+            "" => None,
+            p => match p.rsplit_once(':') {
+                Some((name, "before")) => Some((name.to_string(), false)),
+                Some((name, "after")) => Some((name.to_string(), true)),
+                _ => return Err(bad(n, format!("pair {p:?} is not NAME:before or NAME:after"))),
+            },
+        };
+        rows.push(Row {
+            id: f[0].to_string(),
+            what: f[1].to_string(),
+            measured_us,
+            method,
+            code_state: f[4].to_string(),
+            run: (f[5] != "-").then(|| f[5].to_string()),
+            pair,
+            source: f[7].to_string(),
+        });
+    }
+    if !header_seen {
+        return Err(Error::InvalidArgument("calibration data: no header line".into()));
+    }
+    Ok(rows)
+}
+
+/// What `small4 calibrate` runs.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Most blocks interpreted per launch (sampled launches scale to their grid).
+    pub sample_blocks: u64,
+    /// Only rows whose id contains one of these (empty: every row).
+    pub only: Vec<String>,
+    /// Also search the model's free parameters for the best fit and report them.
+    pub fit: bool,
+    /// Print each launch's model terms under its row.
+    pub terms: bool,
+    /// A file of recorded launch profiles: read when it exists (no interpreter run for the calls it holds), written
+    /// otherwise. For iterating on the model; delete it after changing a kernel.
+    pub profiles: Option<std::path::PathBuf>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { sample_blocks: 16, only: Vec::new(), fit: false, terms: false, profiles: None }
+    }
+}
+
+/// One row's outcome.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outcome {
+    /// The stored measurement.
+    pub row: Row,
+    /// Its call's launches on the interpreter (those the row's `kernel=` selects).
+    pub launches: Vec<LaunchCounters>,
+    /// The prediction, microseconds.
+    pub predicted_us: f64,
+}
+
+/// The figures of the summary line.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Summary {
+    /// Median of |predicted - measured| / measured, percent.
+    pub median_abs_error_pct: f64,
+    /// Largest max(predicted / measured, measured / predicted).
+    pub worst_ratio: f64,
+    /// Rows predicted.
+    pub rows: usize,
+    /// Before/after pairs the prediction orders as the GPU did, and pairs with both rows predicted.
+    pub pairs_right: usize,
+    /// Pairs with both rows predicted.
+    pub pairs: usize,
+}
+
+impl std::fmt::Display for Summary {
+    /// The exact summary line.
+    ///
+    /// ```
+    /// use small4::calibrate::Summary;
+    ///
+    /// let s = Summary { median_abs_error_pct: 12.34, worst_ratio: 1.9, rows: 40, pairs_right: 9, pairs: 10 };
+    /// assert_eq!(s.to_string(), "calibration: median abs error 12.3%, worst ratio 1.90, 40 rows, 9/10 before-after pairs in the right direction");
+    /// ```
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "calibration: median abs error {:.1}%, worst ratio {:.2}, {} rows, {}/{} before-after pairs in the right direction",
+            self.median_abs_error_pct, self.worst_ratio, self.rows, self.pairs_right, self.pairs
+        )
+    }
+}
+
+/// A row's prediction under `model` from its launches.
+pub fn predict_row(row: &Row, launches: &[LaunchCounters], model: &TimingModel) -> f64 {
+    let gpu = TargetGpu::H200;
+    let sum: f64 = launches.iter().map(|l| l.predict(&gpu, model).seconds).sum();
+    let seconds = match row.method {
+        Method::BackToBack => sum,
+        Method::WithSync => sum + model.host_sync_s,
+        Method::Ncu => sum - model.launch_s * launches.len() as f64,
+    };
+    seconds * 1e6
+}
+
+/// The summary of predictions `(row, predicted_us)`.
+pub fn summarize(outcomes: &[(&Row, f64)]) -> Summary {
+    let mut errors: Vec<f64> = outcomes.iter().map(|(r, p)| (p - r.measured_us).abs() / r.measured_us * 100.0).collect();
+    errors.sort_by(f64::total_cmp);
+    let median = match errors.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => errors[n / 2],
+        n => (errors[n / 2 - 1] + errors[n / 2]) / 2.0,
+    };
+    let worst = outcomes.iter().map(|(r, p)| (p / r.measured_us).max(r.measured_us / p)).fold(1.0, f64::max);
+    let mut sides: HashMap<&str, [Option<(f64, f64)>; 2]> = HashMap::new();
+    for (r, p) in outcomes {
+        if let Some((name, after)) = &r.pair {
+            sides.entry(name.as_str()).or_default()[*after as usize] = Some((r.measured_us, *p));
+        }
+    }
+    let complete: Vec<_> = sides.values().filter_map(|s| Some((s[0]?, s[1]?))).collect();
+    let right = complete.iter().filter(|((mb, pb), (ma, pa))| (ma - mb).signum() == (pa - pb).signum()).count();
+    Summary { median_abs_error_pct: median, worst_ratio: worst, rows: outcomes.len(), pairs_right: right, pairs: complete.len() }
+}
+
+/// Runs the calibration: replays the selected rows on the interpreter, prints predicted against measured per row
+/// and ends with the summary line (see the module documentation). Returns the outcomes and the summary.
+///
+/// `Error::InvalidArgument` for a malformed `run` configuration; interpreter faults as `Error::Simulator`.
+pub fn run(options: &Options, out: &mut dyn Write) -> Result<(Vec<Outcome>, Summary)> {
+    let rows = parse_rows(H200_DATA)?;
+    let selected: Vec<&Row> = rows.iter().filter(|r| options.only.is_empty() || options.only.iter().any(|o| r.id.contains(o.as_str()))).collect();
+    let sim = Arc::new(SimBackend::new());
+    sim.set_target_gpu(Some(TargetGpu::H200));
+    let device: Device = sim.clone();
+    let mut calls: HashMap<String, Vec<LaunchCounters>> = match &options.profiles {
+        Some(path) if path.exists() => load_profiles(path)?,
+        _ => HashMap::new(),
+    };
+    let mut moe_weights: Option<(WeightFormat, MoeLayerWeights)> = None;
+    let io = |e: std::io::Error| Error::Io { path: "stdout".into(), source: e };
+    writeln!(out, "| row | measured (H200) | predicted | ratio | bound | what |").map_err(io)?;
+    writeln!(out, "|---|---|---|---|---|---|").map_err(io)?;
+    let mut outcomes = Vec::new();
+    for row in selected {
+        let Some(run) = &row.run else {
+            writeln!(out, "| {} | {} µs | not predicted | | | {} ({}) |", row.id, row.measured_us, row.what, row.code_state).map_err(io)?;
+            continue;
+        };
+        let spec = Spec::parse(run)?;
+        let key = spec.call_key();
+        if !calls.contains_key(&key) {
+            let launches = replay(&sim, &device, &spec, options.sample_blocks, &mut moe_weights)?;
+            calls.insert(key.clone(), launches);
+        }
+        let launches = spec.select(&calls[&key])?;
+        let predicted_us = predict_row(row, &launches, &TimingModel::FITTED);
+        let bound = launches
+            .iter()
+            .map(|l| l.predict(&TargetGpu::H200, &TimingModel::FITTED))
+            .max_by(|a, b| a.seconds.total_cmp(&b.seconds))
+            .map_or("-", |p| p.bound());
+        writeln!(
+            out,
+            "| {} | {:.1} µs | {:.1} µs | {:.2} | {} | {} |",
+            row.id,
+            row.measured_us,
+            predicted_us,
+            predicted_us / row.measured_us,
+            bound,
+            launch_summary(&launches)
+        )
+        .map_err(io)?;
+        if options.terms {
+            for l in &launches {
+                let p = l.predict(&TargetGpu::H200, &TimingModel::FITTED);
+                writeln!(
+                    out,
+                    "|  | {} | {:.1} µs | bps {} waves {} | dram {:.1} ({:.0} GB/s) l2 {:.1} issue {:.1} tensor {:.1} shared {:.1} chain {:.1} exposed {:.1} µs |",
+                    l.kernel,
+                    p.micros(),
+                    p.blocks_per_sm,
+                    p.waves,
+                    p.dram_s * 1e6,
+                    p.dram_bytes_per_s / 1e9,
+                    p.l2_s * 1e6,
+                    p.issue_s * 1e6,
+                    p.tensor_s * 1e6,
+                    p.shared_s * 1e6,
+                    p.chain_s * 1e6,
+                    p.exposed_s * 1e6
+                )
+                .map_err(io)?;
+            }
+        }
+        outcomes.push(Outcome { row: row.clone(), launches, predicted_us });
+    }
+    if let Some(path) = &options.profiles {
+        if !path.exists() {
+            save_profiles(path, &calls)?;
+        }
+    }
+    let pairs: Vec<(&Row, f64)> = outcomes.iter().map(|o| (&o.row, o.predicted_us)).collect();
+    let summary = summarize(&pairs);
+    if options.fit {
+        let (model, fitted) = fit(&outcomes);
+        writeln!(out, "fit: {model:?}").map_err(io)?;
+        writeln!(out, "fit: {fitted}").map_err(io)?;
+        for o in &outcomes {
+            let ratio = predict_row(&o.row, &o.launches, &model) / o.row.measured_us;
+            if !(0.6..=1.0 / 0.6).contains(&ratio) {
+                writeln!(out, "fit: {} predicted / measured {ratio:.2}", o.row.id).map_err(io)?;
+            }
+        }
+    }
+    writeln!(out, "{summary}").map_err(io)?;
+    Ok((outcomes, summary))
+}
+
+/// The fields of a saved launch profile, in order.
+fn profile_fields(p: &crate::device::TimingProfile) -> Vec<u64> {
+    let mut v = vec![p.blocks, p.blocks_run, p.block_threads as u64, p.registers as u64, p.shared_bytes as u64, p.warp_instructions];
+    v.extend_from_slice(&p.by_class);
+    v.extend_from_slice(&[
+        p.global_sectors,
+        p.distinct_sectors,
+        p.block_distinct_sectors,
+        p.shared_requests,
+        p.shared_bank_conflicts,
+        p.tensor_flops,
+        p.block_barriers,
+        p.async_waits,
+        p.async_groups_left_in_flight,
+        p.chain_cycles_max,
+        p.chain_globals_max,
+        p.chain_cycles_sum,
+        p.chain_globals_sum,
+    ]);
+    v
+}
+
+fn save_profiles(path: &std::path::Path, calls: &HashMap<String, Vec<LaunchCounters>>) -> Result<()> {
+    let mut text = String::new();
+    for (key, launches) in calls {
+        for l in launches {
+            let nums: Vec<String> = profile_fields(&l.timing).iter().map(u64::to_string).collect();
+            text += &format!("{key}\t{}\t{}\t{}\n", l.kernel, l.family, nums.join("\t"));
+        }
+    }
+    std::fs::write(path, text).map_err(|e| Error::io(path, e))
+}
+
+fn load_profiles(path: &std::path::Path) -> Result<HashMap<String, Vec<LaunchCounters>>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let bad = |n: usize| Error::InvalidArgument(format!("{}: line {} is not a saved launch profile", path.display(), n + 1));
+    let mut calls: HashMap<String, Vec<LaunchCounters>> = HashMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let f: Vec<&str> = line.split('\t').collect();
+        let nums: Vec<u64> = f.get(3..).ok_or_else(|| bad(n))?.iter().map(|x| x.parse().map_err(|_| bad(n))).collect::<Result<_>>()?;
+        let classes = crate::device::TimingProfile::default().by_class.len();
+        if nums.len() != 6 + classes + 13 {
+            return Err(bad(n));
+        }
+        let c = &nums[6 + classes..];
+        let mut by_class = [0u64; ptxsim::ir::Class::ALL.len()];
+        by_class.copy_from_slice(&nums[6..6 + classes]);
+        let timing = crate::device::TimingProfile {
+            blocks: nums[0],
+            blocks_run: nums[1],
+            block_threads: nums[2] as u32,
+            registers: nums[3] as u32,
+            shared_bytes: nums[4] as u32,
+            warp_instructions: nums[5],
+            by_class,
+            global_sectors: c[0],
+            distinct_sectors: c[1],
+            block_distinct_sectors: c[2],
+            shared_requests: c[3],
+            shared_bank_conflicts: c[4],
+            tensor_flops: c[5],
+            block_barriers: c[6],
+            async_waits: c[7],
+            async_groups_left_in_flight: c[8],
+            chain_cycles_max: c[9],
+            chain_globals_max: c[10],
+            chain_cycles_sum: c[11],
+            chain_globals_sum: c[12],
+        };
+        let launch = LaunchCounters { kernel: f[1].to_string(), family: f[2].to_string(), blocks: timing.blocks, blocks_run: timing.blocks_run, timing, ..LaunchCounters::default() };
+        calls.entry(f[0].to_string()).or_default().push(launch);
+    }
+    Ok(calls)
+}
+
+/// Launch kernels with their grids and sampled blocks, e.g. `moe_gemm_bf16_narrow 256 (16 run)`.
+fn launch_summary(launches: &[LaunchCounters]) -> String {
+    launches
+        .iter()
+        .map(|l| if l.blocks_run < l.blocks { format!("{} {} ({} run)", l.kernel, l.blocks, l.blocks_run) } else { format!("{} {}", l.kernel, l.blocks) })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Searches the free parameters (launch overhead, DRAM latency, mma.sync efficiency, barrier exposure, chain ILP,
+/// bytes in flight per SM, chain cost of a global load) on a grid for
+/// the least mean |log(predicted / measured)| over the rows plus the worst row's; the measured and datasheet parameters stay fixed.
+fn fit(outcomes: &[Outcome]) -> (TimingModel, Summary) {
+    let mut best = (f64::INFINITY, TimingModel::FITTED);
+    // Mean |log ratio| plus the worst one: the goal bounds both the typical and the worst row.
+    let cost = |model: &TimingModel| {
+        let logs: Vec<f64> = outcomes.iter().map(|o| (predict_row(&o.row, &o.launches, model) / o.row.measured_us).ln().abs()).collect();
+        logs.iter().sum::<f64>() / logs.len().max(1) as f64 + logs.iter().copied().fold(0.0, f64::max)
+    };
+    // Each parameter over its physically plausible range only (see `ptxsim::timing::Model` for the priors).
+    for launch_us in [2.0, 2.5, 3.0, 3.5, 4.0] {
+        for latency in [500.0, 600.0, 700.0, 800.0, 1000.0] {
+            for mma in [0.5, 0.6, 0.7, 0.8] {
+                for barrier in [0.0, 0.1, 0.2, 0.4] {
+                    for (ilp, in_flight_kib) in [1.0, 1.5, 2.0, 3.0].into_iter().flat_map(|i| [8.0, 16.0, 32.0, 64.0].map(|f| (i, f))) {
+                        for global in [60.0, 130.0, 260.0] {
+                            let model = TimingModel {
+                                chain_global_cycles: global,
+                                launch_s: launch_us * 1e-6,
+                                dram_latency_cycles: latency,
+                                mma_sync_efficiency: mma,
+                                barrier_exposure: barrier,
+                                chain_ilp: ilp,
+                                max_bytes_in_flight_per_sm: in_flight_kib * 1024.0,
+                                ..TimingModel::FITTED
+                            };
+                            let c = cost(&model);
+                            if c < best.0 {
+                                best = (c, model);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let rows: Vec<(&Row, f64)> = outcomes.iter().map(|o| (&o.row, predict_row(&o.row, &o.launches, &best.1))).collect();
+    (best.1, summarize(&rows))
+}
+
+/// A parsed `run` configuration.
+#[derive(Clone, Debug, PartialEq)]
+struct Spec {
+    family: String,
+    args: Vec<(String, String)>,
+}
+
+impl Spec {
+    fn parse(run: &str) -> Result<Spec> {
+        let mut words = run.split_whitespace();
+        let family = words.next().ok_or_else(|| Error::InvalidArgument("calibration run: empty".into()))?.to_string();
+        let args = words
+            .map(|w| w.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| Error::InvalidArgument(format!("calibration run {run:?}: {w:?} is not key=value"))))
+            .collect::<Result<_>>()?;
+        Ok(Spec { family, args })
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        self.args.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    fn usize(&self, key: &str) -> Result<usize> {
+        let v = self.get(key).ok_or_else(|| Error::InvalidArgument(format!("calibration run {}: no {key}=", self.family)))?;
+        v.parse().map_err(|e| Error::InvalidArgument(format!("calibration run {}: {key}={v}: {e}", self.family)))
+    }
+
+    /// The call the row times (its configuration without the `kernel=` selection).
+    fn call_key(&self) -> String {
+        let mut key = self.family.clone();
+        for (k, v) in self.args.iter().filter(|(k, _)| k != "kernel") {
+            key += &format!(" {k}={v}");
+        }
+        key
+    }
+
+    /// The launches the row counts: all, or `kernel=NAME` (every launch of it) / `kernel=NAME#i` (its i-th, from 1).
+    fn select(&self, launches: &[LaunchCounters]) -> Result<Vec<LaunchCounters>> {
+        let Some(sel) = self.get("kernel") else { return Ok(launches.to_vec()) };
+        let (name, index) = match sel.split_once('#') {
+            Some((n, i)) => (n, Some(i.parse::<usize>().map_err(|e| Error::InvalidArgument(format!("kernel={sel}: {e}")))?)),
+            None => (sel, None),
+        };
+        let of_kernel: Vec<&LaunchCounters> = launches.iter().filter(|l| l.kernel == name).collect();
+        let picked: Vec<LaunchCounters> = match index {
+            Some(i) => of_kernel.get(i.wrapping_sub(1)).map(|l| vec![(*l).clone()]).unwrap_or_default(),
+            None => of_kernel.into_iter().cloned().collect(),
+        };
+        if picked.is_empty() {
+            let ran: Vec<&str> = launches.iter().map(|l| l.kernel.as_str()).collect();
+            return Err(Error::InvalidArgument(format!("calibration run {}: no launch {sel} (the call ran {ran:?})", self.call_key())));
+        }
+        Ok(picked)
+    }
+}
+
+/// Runs one configuration on the interpreter and returns its launches.
+fn replay(sim: &SimBackend, device: &Device, spec: &Spec, sample_blocks: u64, moe_weights: &mut Option<(WeightFormat, MoeLayerWeights)>) -> Result<Vec<LaunchCounters>> {
+    let sampled = spec.family != "router";
+    sim.set_block_sample(sampled.then_some(sample_blocks));
+    let result = match spec.family.as_str() {
+        "router" => replay_router(sim, device, spec),
+        "moe" => replay_moe(sim, device, spec, moe_weights),
+        "mla" | "mla_prefill" => replay_mla(sim, device, spec),
+        "vision_attention" => replay_vision(sim, device, spec),
+        other => Err(Error::InvalidArgument(format!("calibration run: unknown family {other:?}"))),
+    };
+    sim.set_block_sample(None);
+    sim.record_launches(false);
+    moe::DECODE_TILE_OVERRIDE.set(None);
+    router::EXPERTS_PER_BLOCK_OVERRIDE.set(None);
+    result
+}
+
+fn random_bf16(rng: &mut StdRng, len: usize, scale: f32) -> Vec<bf16> {
+    (0..len).map(|_| bf16::from_f32(rng.random_range(-scale..scale))).collect()
+}
+
+/// `benches/router.rs`: E = 128, dim 4096, k = 4, tile_m 16.
+fn replay_router(sim: &SimBackend, device: &Device, spec: &Spec) -> Result<Vec<LaunchCounters>> {
+    const EXPERTS: usize = 128;
+    const DIM: usize = 4096;
+    let config = RouterConfig { k: 4, routed_scale: 1.0, tile_m: 16 };
+    let tokens = spec.usize("tokens")?;
+    if spec.get("experts_per_block").is_some() {
+        router::EXPERTS_PER_BLOCK_OVERRIDE.set(Some(spec.usize("experts_per_block")?));
+    }
+    let mut rng = StdRng::seed_from_u64(1);
+    let gate = DeviceBuffer::from_slice(device, &random_bf16(&mut rng, EXPERTS * DIM, 0.05))?;
+    let map = ExpertMap::identity(device, EXPERTS)?;
+    let hidden = DeviceBuffer::from_slice(device, &random_bf16(&mut rng, tokens * DIM, 2.0))?;
+    let workspace = router::RouterWorkspace::new(device, tokens, EXPERTS, DIM)?;
+    let routing = router::Routing::alloc(device, tokens, config.k, EXPERTS, config.tile_m)?;
+    sim.record_launches(true);
+    router::route_and_align_into(hidden.view([tokens, DIM])?, gate.view([EXPERTS, DIM])?, &map, &config, &workspace, &routing)?;
+    Ok(sim.take_recorded())
+}
+
+const MOE_DIM: usize = 4096;
+const MOE_HIDDEN: usize = 2048;
+const MOE_EXPERTS: usize = 128;
+const MOE_TOP_K: usize = 4;
+
+/// One expert's packed weights standing for `experts` experts: tiles aliased (expert stride 0), scales replicated
+/// (the kernels index them by expert). Only sampled launches read it (see the module documentation).
+fn aliased(p: &PackedWeights, experts: usize) -> PackedWeights {
+    PackedWeights {
+        experts,
+        row_scales: p.row_scales.as_ref().map(|v| v.repeat(experts)),
+        block_scales: p.block_scales.as_ref().map(|v| v.repeat(experts)),
+        group_scales: p.group_scales.as_ref().map(|v| v.repeat(experts)),
+        group_zeros: p.group_zeros.as_ref().map(|v| v.repeat(experts)),
+        fp4_scales: p.fp4_scales.as_ref().map(|v| v.repeat(experts)),
+        ..p.clone()
+    }
+}
+
+fn moe_layer_weights(device: &Device, format: WeightFormat) -> Result<MoeLayerWeights> {
+    let mut rng = StdRng::seed_from_u64(1);
+    let mut matrix = |rows: usize, cols: usize| {
+        let a = 1.0 / (cols as f32).sqrt();
+        let w: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-a..a)).collect();
+        QuantizedMatrix::quantize(format, &w, rows, cols)
+    };
+    let (w1, w3, w2) = (matrix(MOE_HIDDEN, MOE_DIM)?, matrix(MOE_HIDDEN, MOE_DIM)?, matrix(MOE_DIM, MOE_HIDDEN)?);
+    let gate_up = repack::repack_gate_up(&[((&w1).into(), (&w3).into())])?;
+    let down = repack::repack_linear(&[(&w2).into()])?;
+    let mut weights = MoeLayerWeights::upload(device, &aliased(&gate_up, MOE_EXPERTS), &aliased(&down, MOE_EXPERTS), None)?;
+    for w in [&mut weights.gate_up, &mut weights.down] {
+        w.expert_stride = 0;
+    }
+    Ok(weights)
+}
+
+/// `benches/moe.rs`: dim 4096, hidden 2048, 128 experts, top-4 of random distinct experts per token.
+fn replay_moe(sim: &SimBackend, device: &Device, spec: &Spec, cache: &mut Option<(WeightFormat, MoeLayerWeights)>) -> Result<Vec<LaunchCounters>> {
+    let format: WeightFormat = spec.get("format").ok_or_else(|| Error::InvalidArgument("calibration moe run: no format=".into()))?.parse()?;
+    let tokens = spec.usize("tokens")?;
+    match spec.get("tile") {
+        None => {}
+        Some("narrow") => moe::DECODE_TILE_OVERRIDE.set(Some(true)),
+        Some("small") => moe::DECODE_TILE_OVERRIDE.set(Some(false)),
+        Some(other) => return Err(Error::InvalidArgument(format!("calibration moe run: tile={other} (narrow or small)"))),
+    }
+    if cache.as_ref().map(|(f, _)| *f) != Some(format) {
+        *cache = None; // free the previous format's weights first
+        *cache = Some((format, moe_layer_weights(device, format)?));
+    }
+    let weights = &cache.as_ref().expect("just filled").1;
+    let mut rng = StdRng::seed_from_u64(1);
+    let mut ids = Vec::with_capacity(tokens * MOE_TOP_K);
+    for _ in 0..tokens {
+        let mut all: Vec<i32> = (0..MOE_EXPERTS as i32).collect();
+        all.shuffle(&mut rng);
+        ids.extend_from_slice(&all[..MOE_TOP_K]);
+    }
+    let tile_m = moe::moe_tile_m(tokens, MOE_TOP_K, MOE_EXPERTS);
+    let identity: Vec<i32> = (0..MOE_EXPERTS as i32).collect();
+    let alignment = crate::reference::moe::align_pairs(&ids, Some(&identity), MOE_EXPERTS, tile_m);
+    let up = |v: &[i32]| DeviceBuffer::from_slice(device, v);
+    let (sorted_pairs, tile_experts, expert_offsets) = (up(&alignment.sorted_pairs)?, up(&alignment.tile_experts)?, up(&alignment.expert_offsets)?);
+    let num_padded = up(&[alignment.num_padded])?;
+    let grouping = Grouping { sorted_pairs: &sorted_pairs, tile_experts: &tile_experts, expert_offsets: &expert_offsets, num_padded: &num_padded, tile_m };
+    let topk_ids = up(&ids)?;
+    let topk_w = DeviceBuffer::from_slice(device, &vec![0.25f32; tokens * MOE_TOP_K])?;
+    let routing = RoutingBuffers { topk_ids: topk_ids.view([tokens, MOE_TOP_K])?, topk_weights: topk_w.view([tokens, MOE_TOP_K])?, expert_map: None, experts: MOE_EXPERTS };
+    let x = DeviceBuffer::from_slice(device, &random_bf16(&mut rng, tokens * MOE_DIM, 1.0))?;
+    let workspace = MoeWorkspace::new(device, weights, tokens, MOE_TOP_K, alignment.sorted_pairs.len())?;
+    let out = DeviceBuffer::<bf16>::alloc(device, tokens * MOE_DIM)?;
+    sim.record_launches(true);
+    moe::moe_layer(weights, x.view([tokens, MOE_DIM])?, &routing, &grouping, &workspace, out.view([tokens, MOE_DIM])?)?;
+    Ok(sim.take_recorded())
+}
+
+const MLA_HEADS: usize = 32;
+const MLA_LATENT: usize = 256;
+const MLA_ROPE: usize = 64;
+const MLA_PAGE: usize = 64;
+/// Above this many cache bytes the sequences of a batch share one sequence's pages (sampled launches only).
+const MLA_ALIAS_BYTES: usize = 256 << 20;
+
+/// `benches/attention.rs`: 32 heads, page 64, shuffled page pool; `mla batch= ctx= dtype= splits=` (decode) or
+/// `mla_prefill new= prefix=`.
+fn replay_mla(sim: &SimBackend, device: &Device, spec: &Spec) -> Result<Vec<LaunchCounters>> {
+    let mut rng = StdRng::seed_from_u64(1);
+    let (batch, lens, rows, q_start, splits, dtype) = if spec.family == "mla_prefill" {
+        let (new, prefix) = (spec.usize("new")?, spec.usize("prefix")?);
+        (1, vec![prefix + new], new, vec![0, new as i32], None, CacheDtype::Bf16)
+    } else {
+        let (batch, ctx) = (spec.usize("batch")?, spec.usize("ctx")?);
+        let dtype = match spec.get("dtype") {
+            Some("bf16") | None => CacheDtype::Bf16,
+            Some("fp8") => CacheDtype::Fp8E4m3 { scale: 0.5 },
+            Some(other) => return Err(Error::InvalidArgument(format!("calibration mla run: dtype={other}"))),
+        };
+        (batch, vec![ctx; batch], batch, (0..=batch as i32).collect(), Some(spec.usize("splits")?), dtype)
+    };
+    let pages_of = |len: usize| len.div_ceil(MLA_PAGE);
+    let max_pages = lens.iter().map(|&l| pages_of(l)).max().unwrap_or(0);
+    let probe = CacheDescriptor::mla(1, MLA_PAGE, dtype)?;
+    let all_pages: usize = lens.iter().map(|&l| pages_of(l)).sum();
+    let alias = all_pages * MLA_PAGE * probe.token_bytes() > MLA_ALIAS_BYTES;
+    let pool_pages = if alias { max_pages } else { all_pages };
+    let desc = CacheDescriptor::mla(pool_pages, MLA_PAGE, dtype)?;
+    let mut pool: Vec<i32> = (0..pool_pages as i32).collect();
+    pool.shuffle(&mut rng);
+    let mut block_tables = vec![-1; lens.len() * max_pages];
+    let mut next = 0usize;
+    for (row, &len) in block_tables.chunks_exact_mut(max_pages).zip(&lens) {
+        if alias {
+            next = 0;
+        }
+        for e in &mut row[..pages_of(len)] {
+            *e = pool[next];
+            next += 1;
+        }
+    }
+    let tables = BatchTables { block_tables, seq_lens: lens.iter().map(|&l| l as i32).collect(), max_pages };
+    let cache = PagedCache::filled_with_byte(device, desc, 0x3c)?;
+    let tables = BlockTables::upload(device, &tables, &desc)?;
+    let q_lat = DeviceBuffer::from_slice(device, &random_bf16(&mut rng, rows * MLA_HEADS * MLA_LATENT, 1.0))?;
+    let q_rope = DeviceBuffer::from_slice(device, &random_bf16(&mut rng, rows * MLA_HEADS * MLA_ROPE, 1.0))?;
+    let o_lat = DeviceBuffer::<bf16>::alloc(device, rows * MLA_HEADS * MLA_LATENT)?;
+    let layout = if spec.family == "mla_prefill" { QueryLayout::upload(device, &q_start)? } else { QueryLayout::decode(device, batch)? };
+    let queries = Queries { layout: &layout, q_lat: q_lat.view([rows, MLA_HEADS, MLA_LATENT])?, q_rope: q_rope.view([rows * MLA_HEADS, MLA_ROPE])? };
+    let mut scratch = AttentionScratch::new(device);
+    sim.record_launches(true);
+    attention::mla_attention(&cache, &tables, &queries, o_lat.view([rows, MLA_HEADS, MLA_LATENT])?, 0.088_388_35, splits, &mut scratch)?;
+    Ok(sim.take_recorded())
+}
+
+/// `benches/vision.rs`: one image of `tokens` patches, 16 heads of 64.
+fn replay_vision(sim: &SimBackend, device: &Device, spec: &Spec) -> Result<Vec<LaunchCounters>> {
+    const HEADS: usize = 16;
+    let tokens = spec.usize("tokens")?;
+    let mut rng = StdRng::seed_from_u64(1);
+    let len = tokens * HEADS * 64;
+    let q = DeviceBuffer::from_slice(device, &random_bf16(&mut rng, len, 1.0))?;
+    let k = DeviceBuffer::from_slice(device, &random_bf16(&mut rng, len, 1.0))?;
+    let v = DeviceBuffer::from_slice(device, &random_bf16(&mut rng, len, 1.0))?;
+    let out = DeviceBuffer::<bf16>::alloc(device, len)?;
+    let segments = TokenSegments::upload(device, std::slice::from_ref(&(0..tokens)))?;
+    sim.record_launches(true);
+    vision_attention(q.view([tokens, HEADS, 64])?, k.view([tokens, HEADS, 64])?, v.view([tokens, HEADS, 64])?, out.view([tokens, HEADS, 64])?, &segments, 0.125)?;
+    Ok(sim.take_recorded())
+}

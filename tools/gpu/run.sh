@@ -267,15 +267,16 @@ run_tests() {
         echo "==> tests/$t ${twin}::" >>"$log"
         run_logged "$deadline" "$part" "${cmd[@]}"
         cat "$part" >>"$log"
-        # libtest's summary line, and the skip lines: backend_tests! prints "SKIPPED gpu::NAME: needs a real GPU (...)"
-        # and device::gpu_or_skip "SKIPPED WHAT: needs a real GPU (...)". Any upper-case SKIPPED outside libtest's
-        # own "test NAME ... ok" lines counts, so a reworded reason still fails the run.
+        # libtest's summary line, and the skip lines: a gpu:: twin without a GPU prints "SKIPPED gpu::NAME ...: needs
+        # a real GPU (...)" (backend_tests! in tests/common) and device::gpu_or_skip "SKIPPED WHAT: needs a real GPU".
+        # Every line holding an upper-case SKIPPED counts (test names are snake case, so none is a name), wherever it
+        # lands: in --show-output's captured output, or on stderr mid-line after libtest's "test NAME ... ".
         local summary passed failed ignored skipped
         summary=$(grep -E '^test result: ' "$part" | tail -1 || true)
         passed=$(sed -nE 's/.* ([0-9]+) passed.*/\1/p' <<<"$summary"); passed=${passed:-0}
         failed=$(sed -nE 's/.* ([0-9]+) failed.*/\1/p' <<<"$summary"); failed=${failed:-0}
         ignored=$(sed -nE 's/.* ([0-9]+) ignored.*/\1/p' <<<"$summary"); ignored=${ignored:-0}
-        skipped=$(grep -v '^test ' "$part" | grep -c 'SKIPPED' || true)
+        skipped=$(grep -c 'SKIPPED' "$part" || true)
         printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' tests "$t" "$run_rc" "$run_seconds" "$passed" "$failed" "$ignored" \
             "$skipped" "$part" "${cmd[*]}" >>"$records"
         local verdict=ok

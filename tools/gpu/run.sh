@@ -23,7 +23,8 @@ usage: tools/gpu/run.sh [--backend gpu|sim] [--out DIR] [--steps LIST] [--tests 
   --steps LIST       comma-separated subset of tests,synthetic,benches (default: all three, in that order).
   --tests LIST       comma-separated test files (default: every tests/*.rs that instantiates backend_tests!).
   --formats LIST     comma-separated synthetic formats among nvfp4,int4,bf16,fp8 (default: all four).
-  --budget SECONDS   total time for every step, the build or unpack included (default 480: 8 minutes).
+  --budget SECONDS   total time for every step, the build or unpack included (default 480: 8 minutes; sim: 7200,
+                     with no cap per step).
   --bin DIR          run the binaries staged in DIR (DIR/small4, DIR/tests/NAME, DIR/benches/NAME) instead.
   --use-pack         use the carried .gpu-bin/bin.tar.xz even where cargo is present (rehearses the GPU path).
   --build-only       build with cargo, stage, and pack .gpu-bin/ to carry to a GPU machine; run nothing else.
@@ -37,7 +38,7 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$repo"
 
 backend=gpu out_dir="" steps="tests,synthetic,benches" test_list="" formats="nvfp4,int4,bf16,fp8" budget=480 bin_dir="" use_pack=0 build_only=0
-dry_run=0 allow_stale=0 offline=0
+dry_run=0 allow_stale=0 offline=0 budget_given=0
 original_args=("$@")
 while [[ $# -gt 0 ]]; do
     case $1 in
@@ -46,7 +47,7 @@ while [[ $# -gt 0 ]]; do
         --steps) steps=${2:?--steps needs a list}; shift 2 ;;
         --tests) test_list=${2:?--tests needs a list}; shift 2 ;;
         --formats) formats=${2:?--formats needs a list}; shift 2 ;;
-        --budget) budget=${2:?--budget needs seconds}; shift 2 ;;
+        --budget) budget=${2:?--budget needs seconds} budget_given=1; shift 2 ;;
         --bin) bin_dir=${2:?--bin needs a directory}; shift 2 ;;
         --use-pack) use_pack=1; shift ;;
         --build-only) build_only=1; shift ;;
@@ -86,6 +87,11 @@ bench_args_sim=("${bench_args_gpu[@]}" --test)
 # Step caps in seconds (a step also never runs past the total budget): the synthetic model is the headline figure,
 # so it runs before the open-ended benches, which get what is left.
 declare -A step_cap=([tests]=150 [synthetic]=200 [benches]=400)
+# The interpreter is no GPU: a rehearsal's steps have no caps of their own, and its budget is two hours unless given.
+if [[ $backend == sim ]]; then
+    ((budget_given)) || budget=7200
+    step_cap=([tests]=$budget [synthetic]=$budget [benches]=$budget)
+fi
 
 if [[ -n $test_list ]]; then
     read -r -a test_targets <<<"${test_list//,/ }"

@@ -40,19 +40,14 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=cuda");
 
-    let toolchain_dir = env::var_os("SMALL4_TOOLCHAIN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| manifest_dir.join(".toolchain"));
+    let toolchain_dir = env::var_os("SMALL4_TOOLCHAIN_DIR").map(PathBuf::from).unwrap_or_else(|| manifest_dir.join(".toolchain"));
     let toolchain = Toolchain::find_or_provision(&toolchain_dir);
     provision_tekken_240911(&toolchain_dir, &out_dir);
 
     let cuda_dir = manifest_dir.join("cuda");
     let include_dir = cuda_dir.join("include");
-    let mut sources: Vec<PathBuf> = fs::read_dir(&cuda_dir)
-        .expect("cuda/ directory")
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "cu"))
-        .collect();
+    let mut sources: Vec<PathBuf> =
+        fs::read_dir(&cuda_dir).expect("cuda/ directory").map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "cu")).collect();
     sources.sort();
     for entry in fs::read_dir(&include_dir).expect("cuda/include directory") {
         println!("cargo:rerun-if-changed={}", entry.unwrap().path().display());
@@ -105,10 +100,7 @@ impl Toolchain {
         println!("cargo:warning=small4: using nvcc at {}", nvcc.display());
         // Wheel layout keeps cccl (nv/target) apart from the runtime headers.
         let root = nvcc.parent().and_then(|b| b.parent()).unwrap().to_path_buf();
-        let includes = [root.join("include"), root.join("include").join("cccl"), root.join("cccl")]
-            .into_iter()
-            .filter(|p| p.exists())
-            .collect();
+        let includes = [root.join("include"), root.join("include").join("cccl"), root.join("cccl")].into_iter().filter(|p| p.exists()).collect();
 
         let libclang_dir = if env::var_os("LIBCLANG_PATH").is_some() || system_libclang_present() {
             None
@@ -125,12 +117,8 @@ impl Toolchain {
     }
 
     fn base_args(&self, include_dir: &Path) -> Vec<String> {
-        let mut args = vec![
-            "-O3".to_string(),
-            "-std=c++17".to_string(),
-            format!("-gencode=arch={PTX_ARCH},code={GPU_ARCH}"),
-            format!("-I{}", include_dir.display()),
-        ];
+        let mut args =
+            vec!["-O3".to_string(), "-std=c++17".to_string(), format!("-gencode=arch={PTX_ARCH},code={GPU_ARCH}"), format!("-I{}", include_dir.display())];
         args.extend(self.includes.iter().map(|p| format!("-I{}", p.display())));
         args
     }
@@ -146,10 +134,7 @@ impl Toolchain {
 
         let ptxas = self.nvcc.with_file_name("ptxas");
         let mut cmd = Command::new(&ptxas);
-        cmd.args([&format!("-arch={GPU_ARCH}"), "-O3", "-v", "--warn-on-spills", "--warning-as-error"])
-            .arg(&ptx)
-            .arg("-o")
-            .arg(&cubin);
+        cmd.args([&format!("-arch={GPU_ARCH}"), "-O3", "-v", "--warn-on-spills", "--warning-as-error"]).arg(&ptx).arg("-o").arg(&cubin);
         let report = run_checked(&mut cmd, &format!("ptxas {}", ptx.display()));
         CompiledModule { name, ptx, cubin, resources: parse_ptxas_report(&report) }
     }
@@ -179,10 +164,7 @@ fn parse_ptxas_report(text: &str) -> Vec<KernelResources> {
     let mut kernels: BTreeMap<String, KernelResources> = BTreeMap::new();
     let mut current: Option<String> = None;
     let number_before = |line: &str, unit: &str| -> u32 {
-        line.split(',')
-            .find(|part| part.contains(unit))
-            .and_then(|part| part.split_whitespace().rev().find_map(|w| w.parse().ok()))
-            .unwrap_or(0)
+        line.split(',').find(|part| part.contains(unit)).and_then(|part| part.split_whitespace().rev().find_map(|w| w.parse().ok())).unwrap_or(0)
     };
     for line in text.lines() {
         if let Some(rest) = line.split("Compiling entry function '").nth(1) {
@@ -197,11 +179,7 @@ fn parse_ptxas_report(text: &str) -> Vec<KernelResources> {
             } else if line.contains("Used") && line.contains("registers") {
                 k.registers = first_number(line.split("Used").nth(1).unwrap());
                 k.barriers = number_before(line, "barriers");
-                k.shared_bytes = line
-                    .split(',')
-                    .find(|p| p.contains("smem"))
-                    .map(first_number)
-                    .unwrap_or(0);
+                k.shared_bytes = line.split(',').find(|p| p.contains("smem")).map(first_number).unwrap_or(0);
             }
         }
     }
@@ -226,8 +204,7 @@ fn write_kernel_constants(modules: &[CompiledModule], out_dir: &Path) {
         .unwrap();
     }
     let names: Vec<String> = modules.iter().map(|m| m.name.to_uppercase()).collect();
-    writeln!(src, "/// Every module, in file-name order.\npub const ALL_MODULES: &[KernelModule] = &[{}];", names.join(", "))
-        .unwrap();
+    writeln!(src, "/// Every module, in file-name order.\npub const ALL_MODULES: &[KernelModule] = &[{}];", names.join(", ")).unwrap();
     fs::write(out_dir.join("kernels.rs"), src).unwrap();
 }
 
@@ -312,10 +289,8 @@ fn provision_tekken_240911(toolchain_dir: &Path, out_dir: &Path) {
     let mut doc: serde_json::Value = serde_json::from_slice(&bytes).expect("tekken_240911.json parses (checksum ok)");
     let config = &doc["config"];
     let used = config["default_vocab_size"].as_u64().unwrap() - config["default_num_special_tokens"].as_u64().unwrap();
-    let vocab: Vec<serde_json::Value> = doc["vocab"].as_array().unwrap()[..used as usize]
-        .iter()
-        .map(|t| serde_json::json!({ "rank": t["rank"], "token_bytes": t["token_bytes"] }))
-        .collect();
+    let vocab: Vec<serde_json::Value> =
+        doc["vocab"].as_array().unwrap()[..used as usize].iter().map(|t| serde_json::json!({ "rank": t["rank"], "token_bytes": t["token_bytes"] })).collect();
     doc["vocab"] = serde_json::Value::Array(vocab);
     fs::write(&embedded, serde_json::to_vec(&doc).unwrap()).unwrap();
 }
@@ -333,9 +308,7 @@ fn pip_install(target: &Path, specs: &[String], what: &str) {
     println!("cargo:warning=small4: provisioning {what} into {} ({})", target.display(), specs.join(" "));
     fs::create_dir_all(target).unwrap();
     let mut cmd = Command::new(python());
-    cmd.args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps", "--upgrade", "--target"])
-        .arg(target)
-        .args(specs);
+    cmd.args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps", "--upgrade", "--target"]).arg(target).args(specs);
     run_checked(&mut cmd, &format!("pip install {}", specs.join(" ")));
 }
 

@@ -61,9 +61,15 @@ fn bench_decode(c: &mut Criterion, device: &Device) {
     let mut group = c.benchmark_group("mla_decode");
     let ceilings = Ceilings::for_device_name(&device.device_name());
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-    let cases = [(1usize, 4096usize, CacheDtype::Bf16), (8, 4096, CacheDtype::Bf16), (64, 4096, CacheDtype::Bf16),
-        (1, 32768, CacheDtype::Bf16), (8, 32768, CacheDtype::Bf16), (64, 32768, CacheDtype::Bf16),
-        (8, 32768, CacheDtype::Fp8E4m3 { scale: 0.5 })];
+    let cases = [
+        (1usize, 4096usize, CacheDtype::Bf16),
+        (8, 4096, CacheDtype::Bf16),
+        (64, 4096, CacheDtype::Bf16),
+        (1, 32768, CacheDtype::Bf16),
+        (8, 32768, CacheDtype::Bf16),
+        (64, 32768, CacheDtype::Bf16),
+        (8, 32768, CacheDtype::Fp8E4m3 { scale: 0.5 }),
+    ];
     for (batch, context, dtype) in cases {
         let (cache, tables) = setup(device, &vec![context; batch], dtype, &mut rng);
         let q_lat = DeviceBuffer::from_slice(device, &random_bf16(&mut rng, batch * HEADS * LATENT)).unwrap();
@@ -113,7 +119,12 @@ fn bench_prefill(c: &mut Criterion, device: &Device) {
     };
     let seconds = seconds_per_call(device, 10, &mut call);
     let tflops = flops / seconds / 1e12;
-    println!("prefill {new} over {prefix}: {:.1} us, {tflops:.1} TFLOP/s = {:.1}% of the {}'s dense bf16 peak", seconds * 1e6, 100.0 * tflops * 1e12 / ceilings.dense_bf16_flops, ceilings.label);
+    println!(
+        "prefill {new} over {prefix}: {:.1} us, {tflops:.1} TFLOP/s = {:.1}% of the {}'s dense bf16 peak",
+        seconds * 1e6,
+        100.0 * tflops * 1e12 / ceilings.dense_bf16_flops,
+        ceilings.label
+    );
     group.bench_function(BenchmarkId::from_parameter(format!("new={new}/prefix={prefix}")), |b| {
         b.iter(|| {
             call();

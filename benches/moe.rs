@@ -79,10 +79,8 @@ fn bench_format(c: &mut Criterion, device: &Device, format: WeightFormat) {
         let out = DeviceBuffer::<bf16>::alloc(device, tokens * DIM).unwrap();
 
         let pairs = tokens * TOP_K;
-        let ideal_bytes = touched * (weights.gate_up.bytes_per_expert + weights.down.bytes_per_expert)
-            + tokens * DIM * 2 * 2
-            + pairs * HIDDEN * 2 * 2
-            + pairs * DIM * 4 * 2;
+        let ideal_bytes =
+            touched * (weights.gate_up.bytes_per_expert + weights.down.bytes_per_expert) + tokens * DIM * 2 * 2 + pairs * HIDDEN * 2 * 2 + pairs * DIM * 4 * 2;
         let flops = 2.0 * pairs as f64 * (DIM * 2 * HIDDEN + HIDDEN * DIM) as f64;
         let name = format!("moe_layer/{format}/tokens_{tokens}");
         let mut mean = Duration::ZERO;

@@ -10,10 +10,49 @@ use small4::tokenizer::{Tokenizer, TEKKEN_240911_PATH};
 /// code, accented Latin, Cyrillic, CJK, emoji, and runs of spaces and newlines.
 fn mixed_text(bytes: usize) -> String {
     const WORDS: &[&str] = &[
-        "the", "model", "tokenizer", "reasoning", "Mistral", "Small", "expert", "attention", "weights", "between",
-        "naïve", "café", "Übergröße", "déjà", "привет", "мир", "模型", "推理", "東京", "😀", "🚀", "fn", "main()",
-        "{", "}", "=>", "let", "x", "=", "vec![1,", "2];", "//", "comment", "https://example.com/a?b=c", "#include",
-        "<stdio.h>", "\"quoted\"", "(parenthesised)", "e.g.", "U.S.", "3.14159", "2026-11-23", "1,234,567",
+        "the",
+        "model",
+        "tokenizer",
+        "reasoning",
+        "Mistral",
+        "Small",
+        "expert",
+        "attention",
+        "weights",
+        "between",
+        "naïve",
+        "café",
+        "Übergröße",
+        "déjà",
+        "привет",
+        "мир",
+        "模型",
+        "推理",
+        "東京",
+        "😀",
+        "🚀",
+        "fn",
+        "main()",
+        "{",
+        "}",
+        "=>",
+        "let",
+        "x",
+        "=",
+        "vec![1,",
+        "2];",
+        "//",
+        "comment",
+        "https://example.com/a?b=c",
+        "#include",
+        "<stdio.h>",
+        "\"quoted\"",
+        "(parenthesised)",
+        "e.g.",
+        "U.S.",
+        "3.14159",
+        "2026-11-23",
+        "1,234,567",
     ];
     let mut rng = StdRng::seed_from_u64(0x5eed);
     let mut text = String::with_capacity(bytes + 64);
@@ -63,9 +102,7 @@ fn encode_throughput(c: &mut Criterion) {
         let word: String = "abcdefghij".chars().cycle().take(len).collect();
         group.throughput(Throughput::Bytes(len as u64));
         group.bench_with_input(BenchmarkId::new("small4", len), &word, |b, w| b.iter(|| ours.encode(w, false, false)));
-        group.bench_with_input(BenchmarkId::new("tekken_crate", len), &word, |b, w| {
-            b.iter(|| crate_alone.encode(w, false, false).unwrap())
-        });
+        group.bench_with_input(BenchmarkId::new("tekken_crate", len), &word, |b, w| b.iter(|| crate_alone.encode(w, false, false).unwrap()));
     }
     group.finish();
 }

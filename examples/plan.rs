@@ -27,7 +27,12 @@ fn main() -> Result<()> {
     let plan = fp8_plan(gpus)?;
     println!("{plan}");
     for gpu in &plan.gpus {
-        println!("GPU {}: {:.1} GiB of weights, room for {} KV-cache tokens", gpu.rank, gpu.weight_bytes() as f64 / (1u64 << 30) as f64, gpu.kv_capacity_tokens);
+        println!(
+            "GPU {}: {:.1} GiB of weights, room for {} KV-cache tokens",
+            gpu.rank,
+            gpu.weight_bytes() as f64 / (1u64 << 30) as f64,
+            gpu.kv_capacity_tokens
+        );
     }
     Ok(())
 }

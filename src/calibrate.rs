@@ -395,7 +395,14 @@ fn load_profiles(path: &std::path::Path) -> Result<HashMap<String, Vec<LaunchCou
             chain_cycles_sum: c[11],
             chain_globals_sum: c[12],
         };
-        let launch = LaunchCounters { kernel: f[1].to_string(), family: f[2].to_string(), blocks: timing.blocks, blocks_run: timing.blocks_run, timing, ..LaunchCounters::default() };
+        let launch = LaunchCounters {
+            kernel: f[1].to_string(),
+            family: f[2].to_string(),
+            blocks: timing.blocks,
+            blocks_run: timing.blocks_run,
+            timing,
+            ..LaunchCounters::default()
+        };
         calls.entry(f[0].to_string()).or_default().push(launch);
     }
     Ok(calls)
@@ -463,7 +470,11 @@ impl Spec {
         let mut words = run.split_whitespace();
         let family = words.next().ok_or_else(|| Error::InvalidArgument("calibration run: empty".into()))?.to_string();
         let args = words
-            .map(|w| w.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| Error::InvalidArgument(format!("calibration run {run:?}: {w:?} is not key=value"))))
+            .map(|w| {
+                w.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .ok_or_else(|| Error::InvalidArgument(format!("calibration run {run:?}: {w:?} is not key=value")))
+            })
             .collect::<Result<_>>()?;
         Ok(Spec { family, args })
     }
@@ -507,7 +518,13 @@ impl Spec {
 }
 
 /// Runs one configuration on the interpreter and returns its launches.
-fn replay(sim: &SimBackend, device: &Device, spec: &Spec, sample_blocks: u64, moe_weights: &mut Option<(WeightFormat, MoeLayerWeights)>) -> Result<Vec<LaunchCounters>> {
+fn replay(
+    sim: &SimBackend,
+    device: &Device,
+    spec: &Spec,
+    sample_blocks: u64,
+    moe_weights: &mut Option<(WeightFormat, MoeLayerWeights)>,
+) -> Result<Vec<LaunchCounters>> {
     let sampled = spec.family != "router";
     sim.set_block_sample(sampled.then_some(sample_blocks));
     let result = match spec.family.as_str() {
@@ -615,7 +632,12 @@ fn replay_moe(sim: &SimBackend, device: &Device, spec: &Spec, cache: &mut Option
     let grouping = Grouping { sorted_pairs: &sorted_pairs, tile_experts: &tile_experts, expert_offsets: &expert_offsets, num_padded: &num_padded, tile_m };
     let topk_ids = up(&ids)?;
     let topk_w = DeviceBuffer::from_slice(device, &vec![0.25f32; tokens * MOE_TOP_K])?;
-    let routing = RoutingBuffers { topk_ids: topk_ids.view([tokens, MOE_TOP_K])?, topk_weights: topk_w.view([tokens, MOE_TOP_K])?, expert_map: None, experts: MOE_EXPERTS };
+    let routing = RoutingBuffers {
+        topk_ids: topk_ids.view([tokens, MOE_TOP_K])?,
+        topk_weights: topk_w.view([tokens, MOE_TOP_K])?,
+        expert_map: None,
+        experts: MOE_EXPERTS,
+    };
     let x = DeviceBuffer::from_slice(device, &random_bf16(&mut rng, tokens * MOE_DIM, 1.0))?;
     let workspace = MoeWorkspace::new(device, weights, tokens, MOE_TOP_K, alignment.sorted_pairs.len())?;
     let out = DeviceBuffer::<bf16>::alloc(device, tokens * MOE_DIM)?;
@@ -693,6 +715,13 @@ fn replay_vision(sim: &SimBackend, device: &Device, spec: &Spec) -> Result<Vec<L
     let out = DeviceBuffer::<bf16>::alloc(device, len)?;
     let segments = TokenSegments::upload(device, std::slice::from_ref(&(0..tokens)))?;
     sim.record_launches(true);
-    vision_attention(q.view([tokens, HEADS, 64])?, k.view([tokens, HEADS, 64])?, v.view([tokens, HEADS, 64])?, out.view([tokens, HEADS, 64])?, &segments, 0.125)?;
+    vision_attention(
+        q.view([tokens, HEADS, 64])?,
+        k.view([tokens, HEADS, 64])?,
+        v.view([tokens, HEADS, 64])?,
+        out.view([tokens, HEADS, 64])?,
+        &segments,
+        0.125,
+    )?;
     Ok(sim.take_recorded())
 }

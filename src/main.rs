@@ -14,8 +14,8 @@ use small4::model::engine::{Request, Sampling, DEFAULT_EOS};
 use small4::model::generator::{GenerationBackend, Generator, GeneratorOptions};
 use small4::model::synthetic::HF_MISTRAL3_PREFIX;
 use small4::model::ModelConfig;
-use small4::quant::WeightFormat;
 use small4::model::{AttentionForm, ForwardOptions, PixelImage, RoundingMode};
+use small4::quant::WeightFormat;
 use small4::tokenizer::image::load_pixels_from_url;
 use small4::tokenizer::{ChatRequest, EncodedPrompt, OutputPrinter, OutputStream, SpecialTokenPolicy, StreamingDecoder, Tokenizer};
 
@@ -360,11 +360,9 @@ fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
             let prompt = encode_prompt(args, &tokenizer)?;
             let images = match (prompt.images.is_empty(), tokenizer.image_encoder()) {
                 (true, _) => Vec::new(),
-                (false, Some(encoder)) => prompt
-                    .images
-                    .iter()
-                    .map(|image| load_pixels_from_url(&image.url, &encoder.config))
-                    .collect::<small4::Result<Vec<_>>>()?,
+                (false, Some(encoder)) => {
+                    prompt.images.iter().map(|image| load_pixels_from_url(&image.url, &encoder.config)).collect::<small4::Result<Vec<_>>>()?
+                }
                 (false, None) => bail!("the tokenizer has no image configuration"),
             };
             (prompt.ids, Some(tokenizer), images)
@@ -388,7 +386,9 @@ fn generation_tokenizer(args: &GenerateArgs, model_dir: &Path, vocab: usize) -> 
     }
     const STAND_IN_SPECIALS: usize = 1000;
     if vocab <= STAND_IN_SPECIALS + 256 {
-        bail!("a vocabulary of {vocab} leaves no room for the stand-in's {STAND_IN_SPECIALS} special ids and 256 byte tokens: pass --tokenizer or --prompt-ids");
+        bail!(
+            "a vocabulary of {vocab} leaves no room for the stand-in's {STAND_IN_SPECIALS} special ids and 256 byte tokens: pass --tokenizer or --prompt-ids"
+        );
     }
     Ok(Tokenizer::stand_in_truncated(vocab, STAND_IN_SPECIALS)?)
 }
@@ -425,9 +425,7 @@ impl<'t> TokenSink<'t> {
     fn new(tokenizer: Option<&'t Tokenizer>) -> anyhow::Result<Self> {
         Ok(match tokenizer {
             None => TokenSink::Ids,
-            Some(tokenizer) => {
-                TokenSink::Structured { stream: OutputStream::new(tokenizer)?, printer: OutputPrinter::new(std::io::stdout()), tokenizer }
-            }
+            Some(tokenizer) => TokenSink::Structured { stream: OutputStream::new(tokenizer)?, printer: OutputPrinter::new(std::io::stdout()), tokenizer },
         })
     }
 
@@ -476,7 +474,14 @@ impl<'t> TokenSink<'t> {
 
 /// Generation through the library's `Generator` (what the C ABI and the examples run), printed as it comes, with the
 /// prefill and decode rates.
-fn generate_tokens(args: &GenerateArgs, checkpoint: &Checkpoint, prompt_ids: &[u32], images: &[PixelImage], prompt: &str, sink: &mut TokenSink) -> anyhow::Result<()> {
+fn generate_tokens(
+    args: &GenerateArgs,
+    checkpoint: &Checkpoint,
+    prompt_ids: &[u32],
+    images: &[PixelImage],
+    prompt: &str,
+    sink: &mut TokenSink,
+) -> anyhow::Result<()> {
     let backend = match args.backend {
         Backend::Reference => GenerationBackend::Reference,
         Backend::Sim => GenerationBackend::Sim,
@@ -504,11 +509,18 @@ fn generate_tokens(args: &GenerateArgs, checkpoint: &Checkpoint, prompt_ids: &[u
     }
     // The reference runs to --max-tokens; the engine stops at --eos.
     let eos = (backend != GenerationBackend::Reference).then_some(args.eos);
-    let options = GeneratorOptions { backend, eos, max_context: prompt_ids.len() + args.max_tokens, reference, graphs: !args.eager, fp8_activations: args.fp8_activations, prefill_chunk: args.prefill_chunk };
+    let options = GeneratorOptions {
+        backend,
+        eos,
+        max_context: prompt_ids.len() + args.max_tokens,
+        reference,
+        graphs: !args.eager,
+        fp8_activations: args.fp8_activations,
+        prefill_chunk: args.prefill_chunk,
+    };
     let load = Instant::now();
-    let bar = indicatif::ProgressBar::new(0).with_style(
-        indicatif::ProgressStyle::with_template("loading {bar:30} {pos}/{len} layers {elapsed}").expect("a valid progress template"),
-    );
+    let bar = indicatif::ProgressBar::new(0)
+        .with_style(indicatif::ProgressStyle::with_template("loading {bar:30} {pos}/{len} layers {elapsed}").expect("a valid progress template"));
     let mut generator = Generator::open_with_progress(checkpoint, &options, |p| {
         bar.set_length(p.total as u64);
         bar.set_position(p.done as u64);
@@ -581,8 +593,7 @@ fn detokenize_command(tokenizer: Option<&Path>, keep_special: bool) -> anyhow::R
     let tokenizer = load_tokenizer(tokenizer)?;
     let mut input = String::new();
     std::io::stdin().read_to_string(&mut input)?;
-    let ids: Vec<u32> = serde_json::from_str(&input)
-        .map_err(|e| small4::Error::Json { what: "token id array on stdin".into(), source: e })?;
+    let ids: Vec<u32> = serde_json::from_str(&input).map_err(|e| small4::Error::Json { what: "token id array on stdin".into(), source: e })?;
     let policy = if keep_special { SpecialTokenPolicy::Keep } else { SpecialTokenPolicy::Ignore };
     let text = tokenizer.decode(&ids, policy)?;
     let mut stdout = std::io::stdout();
@@ -607,7 +618,15 @@ fn inspect(dir: &Path) -> anyhow::Result<()> {
     let mut problems: Vec<String> = shard_problems.iter().map(ToString::to_string).collect();
     let config = ck.model_config();
     match &config {
-        Ok(c) => println!("{} ({:?} layout, {} shards): {} layers, dim {}, {} experts", dir.display(), ck.layout, ck.shard_paths().len(), c.n_layers, c.dim, c.experts),
+        Ok(c) => println!(
+            "{} ({:?} layout, {} shards): {} layers, dim {}, {} experts",
+            dir.display(),
+            ck.layout,
+            ck.shard_paths().len(),
+            c.n_layers,
+            c.dim,
+            c.experts
+        ),
         Err(e) => {
             println!("{} ({:?} layout, {} shards)", dir.display(), ck.layout, ck.shard_paths().len());
             problems.push(format!("config: {e}"));
@@ -647,7 +666,8 @@ fn inspect(dir: &Path) -> anyhow::Result<()> {
         let qk = c.qk_head_dim();
         for l in 0..c.n_layers {
             let p = format!("layers.{l}");
-            for (name, len) in [("attention_norm", c.dim), ("ffn_norm", c.dim), ("attention.q_a_norm", c.q_lora_rank), ("attention.kv_a_norm", c.kv_lora_rank)] {
+            for (name, len) in [("attention_norm", c.dim), ("ffn_norm", c.dim), ("attention.q_a_norm", c.q_lora_rank), ("attention.kv_a_norm", c.kv_lora_rank)]
+            {
                 check(format!("{p}.{name}"), plain(&format!("{p}.{name}.weight"), &[len]));
             }
             check(format!("{p}.gate"), plain(&format!("{p}.gate.weight"), &[c.experts, c.dim]));

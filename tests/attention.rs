@@ -119,11 +119,17 @@ fn check_attention(device: &Device, case: &AttentionCase) -> Vec<u16> {
     // Odd seeds read q_rope in place from wider rows (the rope columns of [nope 64 | rope 64] query heads, as the
     // engine passes them), the other columns NaN; even seeds from packed rows.
     let rope_stride = if case.seed % 2 == 1 { 2 * ROPE } else { ROPE };
-    let wide: Vec<bf16> = (0..tokens * h * rope_stride).map(|i| if i % rope_stride < rope_stride - ROPE { bf16::NAN } else { q_rope[i / rope_stride * ROPE + i % rope_stride - (rope_stride - ROPE)] }).collect();
+    let wide: Vec<bf16> = (0..tokens * h * rope_stride)
+        .map(|i| if i % rope_stride < rope_stride - ROPE { bf16::NAN } else { q_rope[i / rope_stride * ROPE + i % rope_stride - (rope_stride - ROPE)] })
+        .collect();
     let q_rope_dev = DeviceBuffer::from_slice(device, &wide).unwrap();
     let o_lat = DeviceBuffer::<bf16>::filled_with_byte(device, tokens * h * LATENT, 0xff).unwrap();
     let layout = QueryLayout::upload(device, &q_start).unwrap();
-    let queries = Queries { layout: &layout, q_lat: q_lat_dev.view([tokens, h, LATENT]).unwrap(), q_rope: q_rope_dev.view([tokens * h, rope_stride]).unwrap().columns(rope_stride - ROPE..rope_stride).unwrap() };
+    let queries = Queries {
+        layout: &layout,
+        q_lat: q_lat_dev.view([tokens, h, LATENT]).unwrap(),
+        q_rope: q_rope_dev.view([tokens * h, rope_stride]).unwrap().columns(rope_stride - ROPE..rope_stride).unwrap(),
+    };
     let mut scratch = AttentionScratch::new(device);
     attention::mla_attention(&cache, &block_tables, &queries, o_lat.view([tokens, h, LATENT]).unwrap(), SOFTMAX_SCALE, case.splits, &mut scratch).unwrap();
     let got = o_lat.to_vec().unwrap();
@@ -274,8 +280,11 @@ fn cache_writer_rotates_far_positions(device: &Device) {
     let weight = random_bf16(&mut rng, LATENT, 2.0);
     let cache = PagedCache::filled_with_byte(device, desc, 0xff).unwrap();
     let block_tables = BlockTables::upload(device, &tables, &desc).unwrap();
-    let (kv_dev, weight_dev, inv_freq_dev) =
-        (DeviceBuffer::from_slice(device, &kv).unwrap(), DeviceBuffer::from_slice(device, &weight).unwrap(), DeviceBuffer::from_slice(device, &inv_freq).unwrap());
+    let (kv_dev, weight_dev, inv_freq_dev) = (
+        DeviceBuffer::from_slice(device, &kv).unwrap(),
+        DeviceBuffer::from_slice(device, &weight).unwrap(),
+        DeviceBuffer::from_slice(device, &inv_freq).unwrap(),
+    );
     let weights = CacheWriteWeights { norm_weight: weight_dev.as_vector(), eps: 1e-6, inv_freq: inv_freq_dev.as_vector() };
     let slots = TokenSlots::upload(device, &vec![0; positions.len()], &positions).unwrap();
     attention::mla_cache_write(&cache, &block_tables, kv_dev.view([positions.len(), WIDTH]).unwrap(), &weights, &slots).unwrap();
@@ -463,7 +472,8 @@ fn decode_traffic_at_real_heads() {
         let layout = QueryLayout::decode(&device, batch).unwrap();
         let queries = Queries { layout: &layout, q_lat: q_lat.view([batch, heads, LATENT]).unwrap(), q_rope: q_rope.view([batch * heads, ROPE]).unwrap() };
         let mut scratch = AttentionScratch::new(&device);
-        let plan = attention::mla_attention(&cache, &block_tables, &queries, o_lat.view([batch, heads, LATENT]).unwrap(), SOFTMAX_SCALE, splits, &mut scratch).unwrap();
+        let plan = attention::mla_attention(&cache, &block_tables, &queries, o_lat.view([batch, heads, LATENT]).unwrap(), SOFTMAX_SCALE, splits, &mut scratch)
+            .unwrap();
         let launches = counting.launches.lock().unwrap().clone();
         assert!(!launches.is_empty(), "the interpreter reported no counters");
         let context: usize = lens.iter().sum();
@@ -473,11 +483,8 @@ fn decode_traffic_at_real_heads() {
         let total = attention_bytes + combine_bytes;
         // f32 partials (256 values + max + sum per row) of every split that holds keys of a sequence, written by the
         // attention launch and read back by the combine.
-        let partials: u64 = if plan.num_splits > 1 {
-            lens.iter().map(|&l| (2 * heads * l.div_ceil(plan.tokens_per_split) * (LATENT + 2) * 4) as u64).sum()
-        } else {
-            0
-        };
+        let partials: u64 =
+            if plan.num_splits > 1 { lens.iter().map(|&l| (2 * heads * l.div_ceil(plan.tokens_per_split) * (LATENT + 2) * 4) as u64).sum() } else { 0 };
         println!(
             "| {} | {} x {:?} | {} | {} | {} | {} | {:.3} | {} | {:.3} |",
             if fp8 { "fp8" } else { "bf16" },

@@ -47,7 +47,16 @@ fn calibration_subset_prints_rows_and_the_summary_line() {
 
 #[test]
 fn a_bad_configuration_is_a_typed_error() {
-    assert!(matches!(parse_rows("id\twhat\tmeasured_us\tmethod\tcode_state\trun\tpair\tsource\nx\ty\tfast\tncu\tnow\t-\t\tz\n"), Err(small4::Error::InvalidArgument(_))));
-    assert!(matches!(parse_rows("id\twhat\tmeasured_us\tmethod\tcode_state\trun\tpair\tsource\nx\ty\t1\tstopwatch\tnow\t-\t\tz\n"), Err(small4::Error::InvalidArgument(_))));
-    assert!(matches!(parse_rows("id\twhat\tmeasured_us\tmethod\tcode_state\trun\tpair\tsource\nx\ty\t1\tncu\tnow\t-\tp:during\tz\n"), Err(small4::Error::InvalidArgument(_))));
+    assert!(matches!(
+        parse_rows("id\twhat\tmeasured_us\tmethod\tcode_state\trun\tpair\tsource\nx\ty\tfast\tncu\tnow\t-\t\tz\n"),
+        Err(small4::Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        parse_rows("id\twhat\tmeasured_us\tmethod\tcode_state\trun\tpair\tsource\nx\ty\t1\tstopwatch\tnow\t-\t\tz\n"),
+        Err(small4::Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        parse_rows("id\twhat\tmeasured_us\tmethod\tcode_state\trun\tpair\tsource\nx\ty\t1\tncu\tnow\t-\tp:during\tz\n"),
+        Err(small4::Error::InvalidArgument(_))
+    ));
 }

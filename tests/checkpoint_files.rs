@@ -157,7 +157,8 @@ fn hf_stacked_fp8_experts_read_per_expert_activation_scales() {
     let (experts, dim, hidden) = (3, 8, 4);
     let prefix = "model.language_model.";
     let base = format!("{prefix}layers.0.mlp.experts");
-    let vector = |values: &[f32], shape: &[usize]| OwnedTensor { dtype: Dtype::F32, shape: shape.to_vec(), data: values.iter().flat_map(|v| v.to_le_bytes()).collect() };
+    let vector =
+        |values: &[f32], shape: &[usize]| OwnedTensor { dtype: Dtype::F32, shape: shape.to_vec(), data: values.iter().flat_map(|v| v.to_le_bytes()).collect() };
     let mut t = BTreeMap::new();
     t.insert(format!("{base}.gate_up_proj"), tensor(Dtype::F8_E4M3, &[experts, 2 * hidden, dim], 1));
     t.insert(format!("{base}.down_proj"), tensor(Dtype::F8_E4M3, &[experts, dim, hidden], 2));

@@ -24,7 +24,7 @@ use small4::device::collective::{ranks_like, Collective, ThreadCollective};
 use small4::device::Device;
 use small4::model::checkpoint::{Checkpoint, Layout};
 use small4::model::config::ModelConfig;
-use small4::model::engine::{DeviceModel, Engine, EngineOptions, Shard, Request, Sampling, StepToken};
+use small4::model::engine::{DeviceModel, Engine, EngineOptions, Request, Sampling, Shard, StepToken};
 use small4::model::synthetic::{load_reference_weights, write_checkpoint, HF_MISTRAL3_PREFIX};
 use small4::quant::WeightFormat;
 use small4::reference::model::{argmax, ForwardOptions, ReferenceModel, ReferenceWeights};
@@ -292,11 +292,17 @@ fn tensor_parallel_matches_one(device: &Device, layout: Layout, format: WeightFo
         out
     };
     let one = run(&mut Engine::new(DeviceModel::load(device, &f.checkpoint, Shard::SINGLE).unwrap(), options(16), None).unwrap());
-    let ranks = on_ranks(device, &f.checkpoint, 2, |rank| Shard::tensor_parallel(rank, 2), |rank, mut engine| {
-        let per_rank = config.heads / 2;
-        assert_eq!(engine.model().heads(), rank * per_rank..(rank + 1) * per_rank, "rank {rank}'s heads");
-        run(&mut engine)
-    });
+    let ranks = on_ranks(
+        device,
+        &f.checkpoint,
+        2,
+        |rank| Shard::tensor_parallel(rank, 2),
+        |rank, mut engine| {
+            let per_rank = config.heads / 2;
+            assert_eq!(engine.model().heads(), rank * per_rank..(rank + 1) * per_rank, "rank {rank}'s heads");
+            run(&mut engine)
+        },
+    );
     let one_tokens: Vec<u32> = one.iter().map(|(t, _)| *t).collect();
     for (rank, got) in ranks.iter().enumerate() {
         let mut worst = 0f32;
@@ -459,7 +465,9 @@ fn chunked_prefill_matches_one_shot(device: &Device) {
     // Each request's tokens come with the logits of one-shot prefill (the requests interleave differently: the short
     // one decodes while the long one is still being prefilled).
     for id in one_shot_steps.iter().map(|(id, _, _)| *id).collect::<std::collections::BTreeSet<_>>() {
-        let of = |steps: &[(small4::model::engine::RequestId, u32, Vec<f32>)]| steps.iter().filter(|(i, _, _)| *i == id).map(|(_, t, l)| (*t, l.clone())).collect::<Vec<_>>();
+        let of = |steps: &[(small4::model::engine::RequestId, u32, Vec<f32>)]| {
+            steps.iter().filter(|(i, _, _)| *i == id).map(|(_, t, l)| (*t, l.clone())).collect::<Vec<_>>()
+        };
         let (got, want) = (of(&chunked_steps), of(&one_shot_steps));
         assert_eq!(got.len(), want.len());
         for (n, ((gt, gl), (wt, wl))) in got.iter().zip(&want).enumerate() {
@@ -582,6 +590,17 @@ fn failed_steps_change_nothing(device: &Device) {
     assert!(e.captured_graphs() <= 1, "{} graphs kept", e.captured_graphs());
 }
 
-backend_tests!(bad_requests_are_refused_before_they_join, chunked_prefill_matches_one_shot, failed_steps_change_nothing, decode_graphs_equal_eager_steps, one_layer_prefill_and_paged_decode, one_layer_fp8_activations, native_bf16_fp8_int4, hf_fp8_fp8_block_nvfp4, joining_sequences_match_each_alone, two_expert_parallel_ranks_match_one, two_tensor_parallel_ranks_match_one, uneven_head_split_is_an_error);
-
-
+backend_tests!(
+    bad_requests_are_refused_before_they_join,
+    chunked_prefill_matches_one_shot,
+    failed_steps_change_nothing,
+    decode_graphs_equal_eager_steps,
+    one_layer_prefill_and_paged_decode,
+    one_layer_fp8_activations,
+    native_bf16_fp8_int4,
+    hf_fp8_fp8_block_nvfp4,
+    joining_sequences_match_each_alone,
+    two_expert_parallel_ranks_match_one,
+    two_tensor_parallel_ranks_match_one,
+    uneven_head_split_is_an_error
+);

@@ -45,7 +45,9 @@ fn bad_requests_are_typed_errors_and_leave_the_generator_usable() {
 fn settings_lengths_and_image_tokens_are_checked_first() {
     let mut generator = reference(None);
     let seeded = |temperature, top_p| Sampling::Seeded { temperature, top_p, seed: 1 };
-    for (sampling, what) in [(seeded(f32::NAN, 0.9), "temperature"), (seeded(-1.0, 0.9), "temperature"), (seeded(0.7, 5.0), "top_p"), (seeded(0.7, 0.0), "top_p")] {
+    for (sampling, what) in
+        [(seeded(f32::NAN, 0.9), "temperature"), (seeded(-1.0, 0.9), "temperature"), (seeded(0.7, 5.0), "top_p"), (seeded(0.7, 0.0), "top_p")]
+    {
         let err = generator.generate(&PROMPT, 2, sampling, |_| {}).unwrap_err();
         assert!(matches!(&err, Error::InvalidArgument(msg) if msg.contains(what)), "{sampling:?}: {err}");
     }

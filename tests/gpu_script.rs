@@ -70,7 +70,10 @@ fn assert_dated_heading(section: &str, device: Option<&str>) {
     let first = section.lines().next().unwrap_or_default();
     let rest = first.strip_prefix("## GPU run ").unwrap_or_else(|| panic!("heading: {first}"));
     let (date, time) = (&rest[..10], &rest[11..16]);
-    assert!(date.len() == 10 && date.as_bytes()[4] == b'-' && date.as_bytes()[7] == b'-' && date.replace('-', "").bytes().all(|b| b.is_ascii_digit()), "date in {first}");
+    assert!(
+        date.len() == 10 && date.as_bytes()[4] == b'-' && date.as_bytes()[7] == b'-' && date.replace('-', "").bytes().all(|b| b.is_ascii_digit()),
+        "date in {first}"
+    );
     assert!(time.as_bytes()[2] == b':' && time.replace(':', "").bytes().all(|b| b.is_ascii_digit()), "time in {first}");
     let named = rest[16..].strip_prefix(" UTC (").and_then(|r| r.strip_suffix(')')).unwrap_or_else(|| panic!("device in {first}"));
     assert!(!named.is_empty() && device.is_none_or(|d| d == named), "device in {first}");
@@ -94,7 +97,9 @@ fn dry_run_prints_every_gpu_command_and_writes_the_section() {
             assert!(text.contains(&format!("/tests/{name} gpu:: --show-output")), "no gpu:: command for tests/{name}:\n{text}");
         }
     }
-    for synthetic in ["--synthetic --format nvfp4 --prompt-len", "--synthetic --format int4 --prompt-len", "--format bf16 --experts 32", "--format fp8 --experts 64"] {
+    for synthetic in
+        ["--synthetic --format nvfp4 --prompt-len", "--synthetic --format int4 --prompt-len", "--format bf16 --experts 32", "--format fp8 --experts 64"]
+    {
         assert!(text.contains(&format!("small4 bench --backend gpu {synthetic}")) || text.contains(synthetic), "no '{synthetic}' run:\n{text}");
     }
     for bench in ["attention", "moe", "router", "tokenizer", "vision"] {

@@ -4,8 +4,7 @@
 
 use base64::Engine as _;
 use small4::tokenizer::image::{
-    decode_pixels, image_token_ids, load_pixels, load_pixels_from_url, tower_input_size, MAX_IMAGE_FILE_BYTES, MAX_IMAGE_SIDE, PIXTRAL_MEAN,
-    PIXTRAL_STD,
+    decode_pixels, image_token_ids, load_pixels, load_pixels_from_url, tower_input_size, MAX_IMAGE_FILE_BYTES, MAX_IMAGE_SIDE, PIXTRAL_MEAN, PIXTRAL_STD,
 };
 use small4::tokenizer::{ImageSize, Tokenizer};
 use small4::Error;

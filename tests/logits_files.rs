@@ -56,7 +56,10 @@ fn reference_and_sim_logits_files_compare_within_tolerance_and_a_perturbed_file_
     // One logit moved by 1: max |a-b| fails, and so does the argmax agreement when the argmax moves.
     let mut moved = written.clone();
     let row = 2 * moved.vocab;
-    let runner_up = (0..moved.vocab).filter(|&i| i as u32 != small4::reference::model::argmax(written.row(2))).max_by(|&a, &b| written.row(2)[a].total_cmp(&written.row(2)[b])).unwrap();
+    let runner_up = (0..moved.vocab)
+        .filter(|&i| i as u32 != small4::reference::model::argmax(written.row(2)))
+        .max_by(|&a, &b| written.row(2)[a].total_cmp(&written.row(2)[b]))
+        .unwrap();
     moved.values[row + runner_up] += 1000.0;
     let perturbed = path(dir.path(), "perturbed.npy");
     moved.write_npy(Path::new(&perturbed)).unwrap();
@@ -132,7 +135,12 @@ fn the_synthetic_real_preset_runs_on_the_reference_from_the_command_line() {
     assert_eq!((logits.positions(), logits.vocab), (2, 131072));
     assert!(logits.values.iter().all(|v| v.is_finite()));
     // The same through the library, bit for bit.
-    let model = small4::model::synth::SyntheticModel::new(small4::model::synth::shrunk_real_preset(Some(1), Some(4)).unwrap(), WeightFormat::Fp8PerTensor, DEFAULT_TINY_SEED).unwrap();
+    let model = small4::model::synth::SyntheticModel::new(
+        small4::model::synth::shrunk_real_preset(Some(1), Some(4)).unwrap(),
+        WeightFormat::Fp8PerTensor,
+        DEFAULT_TINY_SEED,
+    )
+    .unwrap();
     let again = run_logits(&LogitsSource::Synthetic(&model), &LogitsBackend::Reference(ForwardOptions::default()), &[1, 2], 0).unwrap();
     assert_eq!(again.logits, logits);
 }

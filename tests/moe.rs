@@ -9,11 +9,11 @@ use proptest::prelude::*;
 use rand::{rngs::StdRng, seq::SliceRandom, Rng};
 use small4::device::{Device, DeviceBuffer};
 use small4::kernels::moe::{self, DeviceWeights, E4m3Rows, Fp8ActScales, Grouping, MoeLayerWeights, MoeWorkspace, RoutingBuffers};
+use small4::quant::fp8::f32_to_e4m3;
 use small4::quant::matrix::QuantizedMatrix;
 use small4::quant::repack::{self, MatrixRef};
 use small4::quant::WeightFormat;
 use small4::reference::linear::matmul_nt;
-use small4::quant::fp8::f32_to_e4m3;
 use small4::reference::moe::{align_pairs, moe_block, moe_block_w8a8, quantize_act_e4m3, ExpertWeights, Routing};
 
 const FORMATS: [WeightFormat; 6] = WeightFormat::ALL;
@@ -80,9 +80,7 @@ fn pack_layer(device: &Device, local: &[&Expert], shared: Option<&Expert>) -> Mo
     let down: Vec<MatrixRef> = local.iter().map(|e| (&e.w2).into()).collect();
     let gate_up = repack::repack_gate_up(&gate_up).unwrap();
     let down = repack::repack_linear(&down).unwrap();
-    let shared = shared.map(|s| {
-        (repack::repack_gate_up(&[((&s.w1).into(), (&s.w3).into())]).unwrap(), repack::repack_linear(&[(&s.w2).into()]).unwrap())
-    });
+    let shared = shared.map(|s| (repack::repack_gate_up(&[((&s.w1).into(), (&s.w3).into())]).unwrap(), repack::repack_linear(&[(&s.w2).into()]).unwrap()));
     MoeLayerWeights::upload(device, &gate_up, &down, shared.as_ref().map(|(a, b)| (a, b))).unwrap()
 }
 
@@ -189,8 +187,7 @@ fn run_moe_case(device: &Device, case: &Case) -> (Vec<u16>, Vec<f32>) {
     moe::moe_layer(&weights, x_dev.view([tokens, dim]).unwrap(), &routing_dev, &grouping, &workspace, out.view([tokens, dim]).unwrap()).unwrap();
     let got = out.to_vec().unwrap();
 
-    let reference_experts: Vec<Option<ExpertWeights>> =
-        experts.iter().enumerate().map(|(e, ex)| (e < local_count).then(|| ex.reference.clone())).collect();
+    let reference_experts: Vec<Option<ExpertWeights>> = experts.iter().enumerate().map(|(e, ex)| (e < local_count).then(|| ex.reference.clone())).collect();
     let shared_reference = shared.as_ref().map(|s| &s.reference);
     let want = match case.w8a8 {
         Some(s) => moe_block_w8a8(&to_f32(&x), &routing, &reference_experts, shared_reference, tokens, dim, hidden, (s.up, s.down)),
@@ -214,7 +211,14 @@ fn small_case(tokens: usize, k: usize, experts: usize, format: WeightFormat) -> 
 /// without the shared expert (bf16 weights; the formats have their own test).
 fn moe_layer_matches_reference(device: &Device) {
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig { cases: 6, ..ProptestConfig::default() });
-    let cases = (prop_oneof![Just(1usize), Just(17), Just(33)], prop_oneof![Just(1usize), Just(4), Just(8)], prop_oneof![Just(8usize), Just(16)], any::<bool>(), 0usize..3, any::<u64>());
+    let cases = (
+        prop_oneof![Just(1usize), Just(17), Just(33)],
+        prop_oneof![Just(1usize), Just(4), Just(8)],
+        prop_oneof![Just(8usize), Just(16)],
+        any::<bool>(),
+        0usize..3,
+        any::<u64>(),
+    );
     runner
         .run(&cases, |(tokens, k, experts, shared, remote, seed)| {
             let case = Case { shared, remote, seed, ..small_case(tokens, k, experts, WeightFormat::Bf16) };
@@ -266,7 +270,13 @@ fn router_then_moe_layer_matches_reference(device: &Device) {
     let gate_dev = DeviceBuffer::from_slice(device, &gate).unwrap();
     let expert_map = ExpertMap::new(device, &map).unwrap();
     let tile_m = moe::moe_tile_m(tokens, k, local.len());
-    let routing = route_and_align(x_dev.view([tokens, dim]).unwrap(), gate_dev.view([experts, dim]).unwrap(), &expert_map, &RouterConfig { k, routed_scale: 1.0, tile_m }).unwrap();
+    let routing = route_and_align(
+        x_dev.view([tokens, dim]).unwrap(),
+        gate_dev.view([experts, dim]).unwrap(),
+        &expert_map,
+        &RouterConfig { k, routed_scale: 1.0, tile_m },
+    )
+    .unwrap();
     let grouping = Grouping::from(&routing.alignment);
     let weights = pack_layer(device, &local, Some(&shared));
     let workspace = MoeWorkspace::new(device, &weights, tokens, k, routing.alignment.sorted_pairs.len()).unwrap();
@@ -280,8 +290,7 @@ fn router_then_moe_layer_matches_reference(device: &Device) {
     moe::moe_layer(&weights, x_dev.view([tokens, dim]).unwrap(), &routing_dev, &grouping, &workspace, out.view([tokens, dim]).unwrap()).unwrap();
 
     let chosen = Routing { k, ids: routing.topk_ids.to_vec().unwrap(), weights: routing.topk_weights.to_vec().unwrap() };
-    let reference_experts: Vec<Option<ExpertWeights>> =
-        all.iter().zip(&map).map(|(e, &m)| (m >= 0).then(|| e.reference.clone())).collect();
+    let reference_experts: Vec<Option<ExpertWeights>> = all.iter().zip(&map).map(|(e, &m)| (m >= 0).then(|| e.reference.clone())).collect();
     let want = moe_block(&to_f32(&x), &chosen, &reference_experts, Some(&shared.reference), tokens, dim, hidden);
     assert_agrees("router + moe layer", &to_f32(&out.to_vec().unwrap()), &want);
 }
@@ -296,7 +305,9 @@ fn moe_layer_is_deterministic(device: &Device) {
 fn linear_matches_reference(device: &Device) {
     let (in_dim, out_dim) = (256, 320);
     let mut rng = rng(7);
-    for (format, rows) in [(WeightFormat::Bf16, 1), (WeightFormat::Bf16, 17), (WeightFormat::Bf16, 70), (WeightFormat::Fp8PerTensor, 33), (WeightFormat::Nvfp4, 5)] {
+    for (format, rows) in
+        [(WeightFormat::Bf16, 1), (WeightFormat::Bf16, 17), (WeightFormat::Bf16, 70), (WeightFormat::Fp8PerTensor, 33), (WeightFormat::Nvfp4, 5)]
+    {
         let (w, deq) = random_matrix(&mut rng, format, out_dim, in_dim);
         let packed = repack::repack_linear(&[(&w).into()]).unwrap();
         let weights = DeviceWeights::upload(device, &packed).unwrap();
@@ -399,7 +410,12 @@ fn linear_per_head_matches_reference(device: &Device) {
 fn row_concat_linear_matches_both_parts(device: &Device) {
     let in_dim = 256;
     let mut rng = rng(14);
-    for (format, parts) in [(WeightFormat::Bf16, [128, 320]), (WeightFormat::Fp8PerTensor, [128, 320]), (WeightFormat::Fp8Block128, [64, 64]), (WeightFormat::Int4 { group: 128, zero_point: false }, [128, 320])] {
+    for (format, parts) in [
+        (WeightFormat::Bf16, [128, 320]),
+        (WeightFormat::Fp8PerTensor, [128, 320]),
+        (WeightFormat::Fp8Block128, [64, 64]),
+        (WeightFormat::Int4 { group: 128, zero_point: false }, [128, 320]),
+    ] {
         let (a, da) = random_matrix(&mut rng, format, parts[0], in_dim);
         let (b, db) = random_matrix(&mut rng, format, parts[1], in_dim);
         let packed = repack::repack_row_concat(&[vec![(&a).into(), (&b).into()]]).unwrap();
@@ -412,7 +428,8 @@ fn row_concat_linear_matches_both_parts(device: &Device) {
         moe::linear(&weights, x_dev.view([rows, in_dim]).unwrap(), y.view([rows, out]).unwrap()).unwrap();
         let got = to_f32(&y.to_vec().unwrap());
         let (want_a, want_b) = (matmul_nt(&to_f32(&x), &da, rows, in_dim, parts[0]), matmul_nt(&to_f32(&x), &db, rows, in_dim, parts[1]));
-        let want: Vec<f32> = (0..rows).flat_map(|r| want_a[r * parts[0]..][..parts[0]].iter().chain(&want_b[r * parts[1]..][..parts[1]]).copied().collect::<Vec<_>>()).collect();
+        let want: Vec<f32> =
+            (0..rows).flat_map(|r| want_a[r * parts[0]..][..parts[0]].iter().chain(&want_b[r * parts[1]..][..parts[1]]).copied().collect::<Vec<_>>()).collect();
         assert_agrees(&format!("row concat {format} {parts:?}"), &got, &want);
     }
 }
@@ -470,7 +487,11 @@ fn shared_expert_in_routed_launches_equals_apart(device: &Device) {
 /// W_UV / wq_a + wkv_a on the device) give exactly the arrays of the host repack, for every format.
 fn device_stack_and_concat_equal_host_repack(device: &Device) {
     fn same(what: &str, a: &DeviceWeights, b: &DeviceWeights) {
-        assert_eq!((a.format, a.experts, a.out_cols, a.rows_padded, a.k_dim, a.expert_stride, a.group, a.bytes_per_expert), (b.format, b.experts, b.out_cols, b.rows_padded, b.k_dim, b.expert_stride, b.group, b.bytes_per_expert), "{what}: shape");
+        assert_eq!(
+            (a.format, a.experts, a.out_cols, a.rows_padded, a.k_dim, a.expert_stride, a.group, a.bytes_per_expert),
+            (b.format, b.experts, b.out_cols, b.rows_padded, b.k_dim, b.expert_stride, b.group, b.bytes_per_expert),
+            "{what}: shape"
+        );
         assert_eq!(a.data.to_vec().unwrap(), b.data.to_vec().unwrap(), "{what}: data");
         let opt = |x: &Option<DeviceBuffer<f32>>| x.as_ref().map(|b| b.to_vec().unwrap());
         assert_eq!(opt(&a.row_scales), opt(&b.row_scales), "{what}: row scales");
@@ -717,7 +738,8 @@ fn decode_traffic_at_real_dims_with(format: WeightFormat, w8a8: Option<Fp8ActSca
             // tokens' k distinct choices uniformly over the experts present.
             let local: Vec<&Expert> = (0..experts).map(|_| &expert).collect();
             let weights = pack_layer(&device, &local, None);
-            let case = Case { tokens, dim, hidden, experts, k, format, shared: false, remote: 0, pick: Pick::Uniform, seed: 12, w8a8: None, unrouted_pairs: false };
+            let case =
+                Case { tokens, dim, hidden, experts, k, format, shared: false, remote: 0, pick: Pick::Uniform, seed: 12, w8a8: None, unrouted_pairs: false };
             let routing = random_routing(&mut rng, &case);
             let tile_m = moe::moe_tile_m(tokens, k, experts);
             let identity: Vec<i32> = (0..experts as i32).collect();
@@ -726,7 +748,8 @@ fn decode_traffic_at_real_dims_with(format: WeightFormat, w8a8: Option<Fp8ActSca
             let up = |v: &[i32]| DeviceBuffer::from_slice(&device, v).unwrap();
             let (sorted_pairs, tile_experts, expert_offsets) = (up(&alignment.sorted_pairs), up(&alignment.tile_experts), up(&alignment.expert_offsets));
             let num_padded = up(&[alignment.num_padded]);
-            let grouping = Grouping { sorted_pairs: &sorted_pairs, tile_experts: &tile_experts, expert_offsets: &expert_offsets, num_padded: &num_padded, tile_m };
+            let grouping =
+                Grouping { sorted_pairs: &sorted_pairs, tile_experts: &tile_experts, expert_offsets: &expert_offsets, num_padded: &num_padded, tile_m };
             let x = DeviceBuffer::from_slice(&device, &random_bf16(&mut rng, tokens * dim, 1.0)).unwrap();
             let act = DeviceBuffer::<bf16>::filled_with_byte(&device, alignment.sorted_pairs.len() * hidden, 0xff).unwrap();
             let pair_out = DeviceBuffer::<f32>::filled_with_byte(&device, tokens * k * dim, 0xff).unwrap();

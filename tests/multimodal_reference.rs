@@ -11,9 +11,7 @@ use small4::quant::WeightFormat;
 use small4::reference::linear::matmul_nt;
 use small4::reference::model::{AttentionForm, ForwardOptions, ReferenceModel, ReferenceWeights, RoundingMode};
 use small4::reference::moe::softmax;
-use small4::reference::vision::{
-    apply_rope_2d, block_diagonal_attention, merge_patches, rope_2d_inv_freq, unfold_patches, PixelImage, VisionTower,
-};
+use small4::reference::vision::{apply_rope_2d, block_diagonal_attention, merge_patches, rope_2d_inv_freq, unfold_patches, PixelImage, VisionTower};
 use small4::tokenizer::image::load_pixels;
 use small4::tokenizer::{ChatRequest, SpecialTokenPolicy, Tokenizer};
 use small4::Error;
@@ -126,7 +124,11 @@ fn block_diagonal_attention_equals_masked_full_attention() {
                 .map(|j| {
                     let same = segments.iter().any(|s| s.contains(&i) && s.contains(&j));
                     let dot: f32 = (0..head_dim).map(|e| q[i * width + h * head_dim + e] * k[j * width + h * head_dim + e]).sum();
-                    if same { dot / (head_dim as f32).sqrt() } else { f32::NEG_INFINITY }
+                    if same {
+                        dot / (head_dim as f32).sqrt()
+                    } else {
+                        f32::NEG_INFINITY
+                    }
                 })
                 .collect();
             let probs = softmax(&scores);
@@ -236,7 +238,8 @@ fn vision_weights_round_trip_through_both_checkpoint_layouts() {
         assert_eq!(got.layers[1].wq, want.layers[1].wq, "{layout:?} wq back in native row order");
         assert_eq!(got.layers[0].wk, want.layers[0].wk);
         assert_eq!((&got.patch_conv, &got.merging_layer, &got.w_out), (&want.patch_conv, &want.merging_layer, &want.w_out));
-        let m = ReferenceModel::new(loaded, ForwardOptions { rounding: RoundingMode::F32, attention: AttentionForm::Absorbed, fp8_activations: false }).unwrap();
+        let m =
+            ReferenceModel::new(loaded, ForwardOptions { rounding: RoundingMode::F32, attention: AttentionForm::Absorbed, fp8_activations: false }).unwrap();
         assert_eq!(m.encode_images(&images).unwrap(), reference, "{layout:?}");
     }
     assert_ne!(stored_wq[0], stored_wq[1], "HF stores wq permuted for rotate-half RoPE");

@@ -25,7 +25,15 @@ fn check_rms_norm(device: &Device, rows: usize, cols: usize, fused: bool, seed: 
         let r_dev = DeviceBuffer::from_slice(device, &residual).unwrap();
         let h_dev = DeviceBuffer::<bf16>::filled_with_byte(device, rows * cols, 0xff).unwrap();
         let shape = [rows, cols];
-        norm::add_rms_norm(x_dev.view(shape).unwrap(), r_dev.view(shape).unwrap(), w_dev.as_vector(), h_dev.view(shape).unwrap(), out.view(shape).unwrap(), eps).unwrap();
+        norm::add_rms_norm(
+            x_dev.view(shape).unwrap(),
+            r_dev.view(shape).unwrap(),
+            w_dev.as_vector(),
+            h_dev.view(shape).unwrap(),
+            out.view(shape).unwrap(),
+            eps,
+        )
+        .unwrap();
         let want: Vec<f32> = x.iter().zip(&residual).map(|(a, b)| bf16::from_f32(a.to_f32() + b.to_f32()).to_f32()).collect();
         (to_f32(&h_dev.to_vec().unwrap()), want)
     } else {
@@ -87,7 +95,14 @@ fn moe_combine_add_rms_norm_equals_combine_then_add_norm(device: &Device) {
         let residual = random_bf16(&mut rng, rows * cols, 2.0);
         let weight = random_bf16(&mut rng, cols, 1.5);
         // Every 3rd pair skipped one way or another: expert 5 is remote in the map, 9 is past the experts, -1 none.
-        let ids: Vec<i32> = (0..rows * k).map(|i| match i % 6 { 1 => 5, 3 => 9, 5 => -1, _ => (i % experts) as i32 }).collect();
+        let ids: Vec<i32> = (0..rows * k)
+            .map(|i| match i % 6 {
+                1 => 5,
+                3 => 9,
+                5 => -1,
+                _ => (i % experts) as i32,
+            })
+            .collect();
         let map: Vec<i32> = (0..experts as i32).map(|e| if e == 5 { -1 } else { e }).collect();
         let d = |v: &[f32]| DeviceBuffer::from_slice(device, v).unwrap();
         let (pair_dev, shared_dev) = (d(&pair_out), d(&shared_out));
@@ -98,18 +113,49 @@ fn moe_combine_add_rms_norm_equals_combine_then_add_norm(device: &Device) {
         let shared_view = shared.then(|| shared_dev.view(shape).unwrap());
         // Two launches.
         let (block, h_two, out_two) = (poisoned(), poisoned(), poisoned());
-        small4::kernels::moe::combine(pair_dev.view([rows * k, cols]).unwrap(), shared_view, ids_dev.view([rows, k]).unwrap(), Some(map_dev.as_vector()), experts, block.view(shape).unwrap()).unwrap();
-        norm::add_rms_norm(block.view(shape).unwrap(), r_dev.view(shape).unwrap(), w_dev.as_vector(), h_two.view(shape).unwrap(), out_two.view(shape).unwrap(), 1e-5).unwrap();
+        small4::kernels::moe::combine(
+            pair_dev.view([rows * k, cols]).unwrap(),
+            shared_view,
+            ids_dev.view([rows, k]).unwrap(),
+            Some(map_dev.as_vector()),
+            experts,
+            block.view(shape).unwrap(),
+        )
+        .unwrap();
+        norm::add_rms_norm(
+            block.view(shape).unwrap(),
+            r_dev.view(shape).unwrap(),
+            w_dev.as_vector(),
+            h_two.view(shape).unwrap(),
+            out_two.view(shape).unwrap(),
+            1e-5,
+        )
+        .unwrap();
         // One.
         let (h_one, out_one) = (poisoned(), poisoned());
-        let pairs = norm::MoePairs { pair_out: pair_dev.view([rows * k, cols]).unwrap(), shared_out: shared_view, topk_ids: ids_dev.view([rows, k]).unwrap(), expert_map: Some(map_dev.as_vector()), experts };
-        norm::moe_combine_add_rms_norm(&pairs, r_dev.view(shape).unwrap(), w_dev.as_vector(), h_one.view(shape).unwrap(), out_one.view(shape).unwrap(), 1e-5).unwrap();
+        let pairs = norm::MoePairs {
+            pair_out: pair_dev.view([rows * k, cols]).unwrap(),
+            shared_out: shared_view,
+            topk_ids: ids_dev.view([rows, k]).unwrap(),
+            expert_map: Some(map_dev.as_vector()),
+            experts,
+        };
+        norm::moe_combine_add_rms_norm(&pairs, r_dev.view(shape).unwrap(), w_dev.as_vector(), h_one.view(shape).unwrap(), out_one.view(shape).unwrap(), 1e-5)
+            .unwrap();
         let bits = |b: &DeviceBuffer<bf16>| b.to_vec().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&h_one), bits(&h_two), "residual, rows {rows} cols {cols} shared {shared}");
         assert_eq!(bits(&out_one), bits(&out_two), "normed, rows {rows} cols {cols} shared {shared}");
         // The pairs must cover k per row: one row too few is a typed error.
         let short = norm::MoePairs { pair_out: pair_dev.view([rows * k - 1, cols]).unwrap(), ..pairs };
-        let err = norm::moe_combine_add_rms_norm(&short, r_dev.view(shape).unwrap(), w_dev.as_vector(), h_one.view(shape).unwrap(), out_one.view(shape).unwrap(), 1e-5).unwrap_err();
+        let err = norm::moe_combine_add_rms_norm(
+            &short,
+            r_dev.view(shape).unwrap(),
+            w_dev.as_vector(),
+            h_one.view(shape).unwrap(),
+            out_one.view(shape).unwrap(),
+            1e-5,
+        )
+        .unwrap_err();
         assert!(matches!(err, small4::Error::Shape { .. }), "{err}");
     }
 }

@@ -139,7 +139,12 @@ fn gather(device: &Device, tokens: usize, vocab: usize, dim: usize, seed: u64) -
 fn embedding_matches_reference(device: &Device) {
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig { cases: 10, ..ProptestConfig::default() });
     // dim 13 and 20 take the element-wise path (rows not 16-byte aligned), the others 16-byte vectors.
-    let shapes = (prop_oneof![Just(1usize), Just(17), Just(33), Just(222), 1usize..9], prop_oneof![Just(1usize), Just(5), Just(1000)], prop_oneof![Just(8usize), Just(13), Just(20), Just(72), Just(4096)], any::<u64>());
+    let shapes = (
+        prop_oneof![Just(1usize), Just(17), Just(33), Just(222), 1usize..9],
+        prop_oneof![Just(1usize), Just(5), Just(1000)],
+        prop_oneof![Just(8usize), Just(13), Just(20), Just(72), Just(4096)],
+        any::<u64>(),
+    );
     runner
         .run(&shapes, |(tokens, vocab, dim, seed)| {
             let tokens = if dim == 4096 { tokens.min(17) } else { tokens };
@@ -226,7 +231,12 @@ fn check_silu_mul(device: &Device, tokens: usize, hidden: usize, fused: bool, se
 
 fn silu_mul_matches_reference(device: &Device) {
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig { cases: 12, ..ProptestConfig::default() });
-    let shapes = (prop_oneof![Just(1usize), Just(17), Just(33), 1usize..8], prop_oneof![Just(8usize), Just(13), Just(1000), Just(2048), Just(2056)], any::<bool>(), any::<u64>());
+    let shapes = (
+        prop_oneof![Just(1usize), Just(17), Just(33), 1usize..8],
+        prop_oneof![Just(8usize), Just(13), Just(1000), Just(2048), Just(2056)],
+        any::<bool>(),
+        any::<u64>(),
+    );
     runner
         .run(&shapes, |(tokens, hidden, fused, seed)| {
             check_silu_mul(device, tokens, hidden, fused, seed);

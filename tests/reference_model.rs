@@ -161,8 +161,10 @@ fn dense_layers_and_several_shared_experts_run_in_both_forms() {
     let config = ModelConfig { n_layers: 2, first_k_dense_replace: 1, shared_experts: 2, tied_embeddings: true, ..ModelConfig::tiny() };
     let weights = ReferenceWeights::random(&config, 9).unwrap();
     assert_eq!(weights.output, weights.tok_embeddings);
-    let naive = ReferenceModel::new(weights.clone(), ForwardOptions { rounding: RoundingMode::F32, attention: AttentionForm::Naive, fp8_activations: false }).unwrap();
-    let absorbed = ReferenceModel::new(weights, ForwardOptions { rounding: RoundingMode::F32, attention: AttentionForm::Absorbed, fp8_activations: false }).unwrap();
+    let naive =
+        ReferenceModel::new(weights.clone(), ForwardOptions { rounding: RoundingMode::F32, attention: AttentionForm::Naive, fp8_activations: false }).unwrap();
+    let absorbed =
+        ReferenceModel::new(weights, ForwardOptions { rounding: RoundingMode::F32, attention: AttentionForm::Absorbed, fp8_activations: false }).unwrap();
     let want = prefill_at(&naive, &PROMPT[..4], 9000);
     assert_close("dense + 2 shared experts: absorbed vs naive", &prefill_at(&absorbed, &PROMPT[..4], 9000), &want, 2e-4, 2e-4);
 }
@@ -192,7 +194,6 @@ fn bad_inputs_give_typed_errors() {
     bad.config = ModelConfig { first_k_dense_replace: 1, ..config };
     assert!(matches!(ReferenceModel::new(bad, m.options()), Err(Error::Shape { .. })));
 }
-
 
 #[test]
 fn cache_rows_hold_the_normed_latent_then_the_roped_shared_key() {
@@ -227,13 +228,8 @@ fn the_cli_generates_with_the_reference_backend_and_reports_no_gpu() {
     let out = run(&["generate", "--max-tokens", "3", "--prompt-ids", "1,1010,73", "--seed", &seed]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "generate failed: {stdout} {}", String::from_utf8_lossy(&out.stderr));
-    let generated: Vec<u32> = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("generated:"))
-        .expect("a `generated:` line")
-        .split_whitespace()
-        .map(|t| t.parse().unwrap())
-        .collect();
+    let generated: Vec<u32> =
+        stdout.lines().find_map(|l| l.strip_prefix("generated:")).expect("a `generated:` line").split_whitespace().map(|t| t.parse().unwrap()).collect();
     // The CLI's defaults: bf16 activations, absorbed attention.
     let m = model(RoundingMode::Bf16Activations, AttentionForm::Absorbed);
     assert_eq!(generated, m.generate_greedy(&[1, 1010, 73], 3, |_| {}).unwrap().generated);

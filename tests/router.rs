@@ -106,7 +106,15 @@ fn run(device: &Device, case: &Case) -> Output {
     let workspace = router::RouterWorkspace::new(device, case.tokens, case.experts, case.dim).unwrap();
     let routing = router::Routing::alloc(device, case.tokens, case.config.k, map.local_experts(), case.config.tile_m).unwrap();
     poison(device, &routing);
-    router::route_and_align_into(hidden.view([case.tokens, case.dim]).unwrap(), gate.view([case.experts, case.dim]).unwrap(), &map, &case.config, &workspace, &routing).unwrap();
+    router::route_and_align_into(
+        hidden.view([case.tokens, case.dim]).unwrap(),
+        gate.view([case.experts, case.dim]).unwrap(),
+        &map,
+        &case.config,
+        &workspace,
+        &routing,
+    )
+    .unwrap();
     Output {
         ids: routing.topk_ids.to_vec().unwrap(),
         weights: routing.topk_weights.to_vec().unwrap(),
@@ -365,11 +373,14 @@ fn router_decode_traffic() {
             counters.global_bytes_written,
             counters.instructions
         );
-        check(&case, &Output {
-            ids: routing.topk_ids.to_vec().unwrap(),
-            weights: routing.topk_weights.to_vec().unwrap(),
-            logits: workspace.logits().to_vec().unwrap(),
-            alignment: read_alignment(&routing.alignment),
-        });
+        check(
+            &case,
+            &Output {
+                ids: routing.topk_ids.to_vec().unwrap(),
+                weights: routing.topk_weights.to_vec().unwrap(),
+                logits: workspace.logits().to_vec().unwrap(),
+                alignment: read_alignment(&routing.alignment),
+            },
+        );
     }
 }

@@ -13,8 +13,8 @@ use small4::kernels::moe::DeviceWeights;
 use small4::kernels::synth::{packed, packed_gate_up, plain, View};
 use small4::model::checkpoint::{Checkpoint, Layout};
 use small4::model::engine::{DeviceModel, Engine, EngineOptions, Request, Sampling, Shard, StepToken};
-use small4::model::synthetic::write_checkpoint;
 use small4::model::synth::{tensor_key, SyntheticModel, TensorKind, TensorSpec};
+use small4::model::synthetic::write_checkpoint;
 use small4::model::ModelConfig;
 use small4::quant::repack::{repack_gate_up, repack_linear, MatrixRef, PackedWeights};
 use small4::quant::{QuantizedMatrix, WeightFormat};
@@ -103,7 +103,13 @@ fn wkv_b_views_match_load(device: &Device) {
                     (Ok(s), _) => repack_linear(&[s]).unwrap(),
                     (Err(_), QuantizedMatrix::Fp8Block128(f)) => {
                         let block = row / 128;
-                        let part = small4::quant::Fp8Block128::from_parts(f.data[row * cols..(row + 64) * cols].to_vec(), 64, cols, f.scales[block * 2..block * 2 + 2].to_vec()).unwrap();
+                        let part = small4::quant::Fp8Block128::from_parts(
+                            f.data[row * cols..(row + 64) * cols].to_vec(),
+                            64,
+                            cols,
+                            f.scales[block * 2..block * 2 + 2].to_vec(),
+                        )
+                        .unwrap();
                         repack_linear(&[MatrixRef::from(&QuantizedMatrix::Fp8Block128(part))]).unwrap()
                     }
                     (Err(e), _) => panic!("{e}"),
@@ -191,5 +197,10 @@ fn synthetic_model_equals_loaded_checkpoint(device: &Device) {
     assert_eq!(run(DeviceModel::synthetic(device, &synthetic).unwrap()), loaded);
 }
 
-backend_tests!(packed_layouts_match_repack, wkv_b_views_match_load, plain_arrays_match_cpu, synthetic_model_matches_reference, synthetic_model_equals_loaded_checkpoint);
-
+backend_tests!(
+    packed_layouts_match_repack,
+    wkv_b_views_match_load,
+    plain_arrays_match_cpu,
+    synthetic_model_matches_reference,
+    synthetic_model_equals_loaded_checkpoint
+);

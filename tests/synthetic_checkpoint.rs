@@ -77,10 +77,7 @@ fn a_missing_tensor_names_itself() {
     for name in ck.stored_names() {
         if name != "layers.2.experts.5.w3.weight_global_scale" {
             let t = ck.stored(name).unwrap();
-            tensors.insert(
-                name.to_string(),
-                small4::model::checkpoint::OwnedTensor { dtype: t.dtype, shape: t.shape.to_vec(), data: t.data.to_vec() },
-            );
+            tensors.insert(name.to_string(), small4::model::checkpoint::OwnedTensor { dtype: t.dtype, shape: t.shape.to_vec(), data: t.data.to_vec() });
         }
     }
     drop(ck);

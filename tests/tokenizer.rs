@@ -7,10 +7,7 @@ use std::sync::OnceLock;
 use base64::Engine as _;
 use proptest::prelude::*;
 use small4::tokenizer::chat::{ChatRequest, RequestError};
-use small4::tokenizer::{
-    parse_output, OutputEvent, OutputStream, SpecialTokenPolicy, StreamingDecoder, Tokenizer, TokenizerError,
-    TEKKEN_240911_PATH,
-};
+use small4::tokenizer::{parse_output, OutputEvent, OutputStream, SpecialTokenPolicy, StreamingDecoder, Tokenizer, TokenizerError, TEKKEN_240911_PATH};
 use small4::Error;
 
 fn tekken_240911() -> &'static Tokenizer {
@@ -39,12 +36,13 @@ fn text(s: &str) -> Vec<u32> {
 
 fn chat(json: &str) -> small4::Result<Vec<u32>> {
     let request = ChatRequest::from_json(json)?;
-    stand_in().encode_chat_with(&request, &mut |url| {
-        // Tests name images by their size: "WxH.png".
-        let (w, h) = url.trim_end_matches(".png").split_once('x').expect("test image urls are WxH.png");
-        Ok(small4::tokenizer::ImageSize { width: w.parse().unwrap(), height: h.parse().unwrap() })
-    })
-    .map(|p| p.ids)
+    stand_in()
+        .encode_chat_with(&request, &mut |url| {
+            // Tests name images by their size: "WxH.png".
+            let (w, h) = url.trim_end_matches(".png").split_once('x').expect("test image urls are WxH.png");
+            Ok(small4::tokenizer::ImageSize { width: w.parse().unwrap(), height: h.parse().unwrap() })
+        })
+        .map(|p| p.ids)
 }
 
 fn request_error(json: &str) -> RequestError {
@@ -56,8 +54,7 @@ fn request_error(json: &str) -> RequestError {
 
 /// `[MODEL_SETTINGS]{"reasoning_effort": "<effort>"}[/MODEL_SETTINGS]`
 fn settings(effort: &str) -> Vec<u32> {
-    [vec![sp("[MODEL_SETTINGS]")], text(&format!("{{\"reasoning_effort\": \"{effort}\"}}")), vec![sp("[/MODEL_SETTINGS]")]]
-        .concat()
+    [vec![sp("[MODEL_SETTINGS]")], text(&format!("{{\"reasoning_effort\": \"{effort}\"}}")), vec![sp("[/MODEL_SETTINGS]")]].concat()
 }
 
 fn inst(s: &str) -> Vec<u32> {
@@ -96,8 +93,8 @@ fn worked_example_history_with_thinking() {
     assert_eq!(
         ids,
         [
-            1, 17, 5934, 13426, 1046, 18, 36, 19227, 80277, 1302, 13196, 1609, 1449, 2811, 1429, 24871, 46005, 37, 3,
-            99565, 5132, 1046, 4, 34, 1662, 35, 16860, 2, 3, 37133, 4
+            1, 17, 5934, 13426, 1046, 18, 36, 19227, 80277, 1302, 13196, 1609, 1449, 2811, 1429, 24871, 46005, 37, 3, 99565, 5132, 1046, 4, 34, 1662, 35,
+            16860, 2, 3, 37133, 4
         ]
     );
 }
@@ -138,10 +135,7 @@ fn decode_policies_and_lossy_runs() {
     ids.push(2);
     assert_eq!(t.decode(&ids, SpecialTokenPolicy::Ignore).unwrap(), "Hi");
     assert_eq!(t.decode(&ids, SpecialTokenPolicy::Keep).unwrap(), "<s>Hi</s>");
-    assert!(matches!(
-        t.decode(&ids, SpecialTokenPolicy::Raise),
-        Err(Error::Tokenizer(TokenizerError::SpecialTokenInText(1)))
-    ));
+    assert!(matches!(t.decode(&ids, SpecialTokenPolicy::Raise), Err(Error::Tokenizer(TokenizerError::SpecialTokenInText(1)))));
     // A special id inside a character: each run is decoded alone, lossily: the lead byte gives one U+FFFD and each
     // stray continuation byte one more (as Python's errors="replace").
     let euro: Vec<u32> = "€".bytes().map(|b| 1000 + b as u32).collect();
@@ -155,10 +149,7 @@ fn out_of_range_id_is_a_typed_error() {
     for t in [stand_in(), tiny()] {
         let limit = t.vocab_size() as u32;
         for id in [limit, limit + 1, u32::MAX] {
-            assert!(matches!(
-                t.decode(&[id], SpecialTokenPolicy::Ignore),
-                Err(Error::Tokenizer(TokenizerError::IdOutOfRange { .. }))
-            ));
+            assert!(matches!(t.decode(&[id], SpecialTokenPolicy::Ignore), Err(Error::Tokenizer(TokenizerError::IdOutOfRange { .. }))));
             assert!(StreamingDecoder::new(t, SpecialTokenPolicy::Ignore).push(id).is_err());
         }
     }
@@ -241,10 +232,7 @@ fn corrupt_files_are_typed_errors() {
 #[test]
 fn chat_needs_v15() {
     let request = ChatRequest::from_json(r#"{"messages": [{"role": "user", "content": "Hi"}]}"#).unwrap();
-    assert!(matches!(
-        tekken_240911().encode_chat(&request),
-        Err(Error::Tokenizer(TokenizerError::UnsupportedVersion { .. }))
-    ));
+    assert!(matches!(tekken_240911().encode_chat(&request), Err(Error::Tokenizer(TokenizerError::UnsupportedVersion { .. }))));
 }
 
 #[test]
@@ -264,14 +252,8 @@ fn truncated_vocab_for_small_models() {
     // Too few special ids for the v15 prompt: typed error, never a panic.
     let small = Tokenizer::stand_in_truncated(400, 30).unwrap();
     assert!(matches!(small.encode_chat(&request), Err(Error::Tokenizer(TokenizerError::MissingSpecialToken(_)))));
-    assert!(matches!(
-        Tokenizer::stand_in_truncated(100, 64),
-        Err(Error::Tokenizer(TokenizerError::InvalidFile(_)))
-    ));
-    assert!(matches!(
-        Tokenizer::stand_in_truncated(200_000, 1000),
-        Err(Error::Tokenizer(TokenizerError::InvalidFile(_)))
-    ));
+    assert!(matches!(Tokenizer::stand_in_truncated(100, 64), Err(Error::Tokenizer(TokenizerError::InvalidFile(_)))));
+    assert!(matches!(Tokenizer::stand_in_truncated(200_000, 1000), Err(Error::Tokenizer(TokenizerError::InvalidFile(_)))));
 }
 
 // ---- section 5: prompt shapes, ids assembled from the spec -----------------------------------------------------
@@ -320,18 +302,7 @@ fn assistant_history_and_continuation() {
                 {"type": "text", "text": "b "}]}]}"#,
     )
     .unwrap();
-    let expected = [
-        vec![1],
-        settings("none"),
-        inst("q"),
-        text("a"),
-        vec![2],
-        inst("r"),
-        vec![sp("[THINK]")],
-        text("hm"),
-        text("b "),
-    ]
-    .concat();
+    let expected = [vec![1], settings("none"), inst("q"), text("a"), vec![2], inst("r"), vec![sp("[THINK]")], text("hm"), text("b ")].concat();
     assert_eq!(ids, expected);
 }
 
@@ -467,14 +438,8 @@ fn every_validation_error() {
         (r#"{"messages": []}"#, Empty),
         (r#"{"messages": [{"role": "assistant", "content": "a"}]}"#, LoneMessage("assistant")),
         (r#"{"messages": [{"role": "tool", "tool_call_id": "x", "content": "a"}]}"#, LoneMessage("tool")),
-        (
-            r#"{"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}"#,
-            LastMessage("assistant"),
-        ),
-        (
-            r#"{"messages": [{"role": "user", "content": "u"}, {"role": "system", "content": "s"}]}"#,
-            LastMessage("system"),
-        ),
+        (r#"{"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}"#, LastMessage("assistant")),
+        (r#"{"messages": [{"role": "user", "content": "u"}, {"role": "system", "content": "s"}]}"#, LastMessage("system")),
         (
             r#"{"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"},
                {"role": "system", "content": "s"}, {"role": "user", "content": "u"}]}"#,
@@ -504,10 +469,7 @@ fn every_validation_error() {
                {"role": "user", "content": "u"}]}"#,
             ChunkNotAllowed { role: "system", chunk: "image_url" },
         ),
-        (
-            r#"{"messages": [{"role": "user", "content": [{"type": "thinking", "thinking": "t"}]}]}"#,
-            ChunkNotAllowed { role: "user", chunk: "thinking" },
-        ),
+        (r#"{"messages": [{"role": "user", "content": [{"type": "thinking", "thinking": "t"}]}]}"#, ChunkNotAllowed { role: "user", chunk: "thinking" }),
         (
             r#"{"messages": [{"role": "user", "content": "u"},
                {"role": "assistant", "content": [{"type": "image_url", "image_url": "1x1.png"}]}, {"role": "user", "content": "u"}]}"#,
@@ -587,10 +549,13 @@ fn every_validation_error() {
             (0..1000)
                 .map(|rank| tekken::special_tokens::SpecialTokenInfo {
                     rank,
-                    token_str: stand_in().token(rank as u32).map(|t| match t {
-                        small4::tokenizer::Token::Special(s) => s.to_string(),
-                        small4::tokenizer::Token::Bytes(_) => unreachable!(),
-                    }).unwrap(),
+                    token_str: stand_in()
+                        .token(rank as u32)
+                        .map(|t| match t {
+                            small4::tokenizer::Token::Special(s) => s.to_string(),
+                            small4::tokenizer::Token::Bytes(_) => unreachable!(),
+                        })
+                        .unwrap(),
                     is_control: true,
                 })
                 .collect(),
@@ -599,10 +564,7 @@ fn every_validation_error() {
         data.model_settings_builder = stand_in().model_settings_builder().cloned();
         Tokenizer::from_model_data(data, None).unwrap()
     };
-    assert!(matches!(
-        no_images.encode_chat(&request),
-        Err(Error::Tokenizer(TokenizerError::InvalidRequest(RequestError::NoImageSupport)))
-    ));
+    assert!(matches!(no_images.encode_chat(&request), Err(Error::Tokenizer(TokenizerError::InvalidRequest(RequestError::NoImageSupport)))));
     // Malformed JSON requests are JSON errors, not panics.
     assert!(matches!(ChatRequest::from_json(r#"{"messages": [{"role": "robot"}]}"#), Err(Error::Json { .. })));
 }
@@ -665,10 +627,7 @@ fn streaming_prints_characters_when_whole() {
         events.extend(stream.push(id).unwrap());
     }
     events.extend(stream.finish());
-    assert_eq!(
-        events,
-        [OutputEvent::Reasoning("€".into()), OutputEvent::ReasoningEnd, OutputEvent::Answer("ok".into())]
-    );
+    assert_eq!(events, [OutputEvent::Reasoning("€".into()), OutputEvent::ReasoningEnd, OutputEvent::Answer("ok".into())]);
     assert!(stream.finished());
 }
 

@@ -6,8 +6,7 @@ mod common;
 use half::bf16;
 use small4::device::{Device, DeviceBuffer};
 use small4::kernels::vision::{
-    bias_act, patch_im2col, patch_merge, rope_2d, scatter_rows, vision_attention, Activation, GridPositions, MergeSources, RowTargets,
-    TokenSegments,
+    bias_act, patch_im2col, patch_merge, rope_2d, scatter_rows, vision_attention, Activation, GridPositions, MergeSources, RowTargets, TokenSegments,
 };
 use small4::reference::vision::{apply_rope_2d, block_diagonal_attention, gelu, merge_patches, rope_2d_inv_freq, unfold_patches, PixelImage};
 use small4::Error;
@@ -48,7 +47,12 @@ fn patch_unfold_is_the_references_with_zero_padding(device: &Device) {
     // Pixels that are bf16 values: the unfold moves them exactly.
     let want: Vec<f32> = [&a, &b]
         .iter()
-        .flat_map(|img| unfold_patches(img, p).chunks(3 * p * p).flat_map(|row| row.iter().copied().chain(std::iter::repeat_n(0.0, k_padded - 3 * p * p))).collect::<Vec<_>>())
+        .flat_map(|img| {
+            unfold_patches(img, p)
+                .chunks(3 * p * p)
+                .flat_map(|row| row.iter().copied().chain(std::iter::repeat_n(0.0, k_padded - 3 * p * p)))
+                .collect::<Vec<_>>()
+        })
         .collect();
     assert_eq!(got, want);
     // A side that is not a multiple of the patch, a pixel view past its buffer, an output with room for fewer
@@ -106,7 +110,8 @@ fn block_diagonal_attention_matches_the_reference(device: &Device) {
     let scale = 1.0 / (head_dim as f32).sqrt();
     let shape = [tokens, heads, head_dim];
     let [q_dev, k_dev, v_dev] = [&q, &k, &v].map(|x| upload(device, x));
-    vision_attention(q_dev.view(shape).unwrap(), k_dev.view(shape).unwrap(), v_dev.view(shape).unwrap(), out.view(shape).unwrap(), &token_segments, scale).unwrap();
+    vision_attention(q_dev.view(shape).unwrap(), k_dev.view(shape).unwrap(), v_dev.view(shape).unwrap(), out.view(shape).unwrap(), &token_segments, scale)
+        .unwrap();
     let want = block_diagonal_attention(&to_f32(&q), &to_f32(&k), &to_f32(&v), &segments, heads, head_dim);
     // Outputs are averages of values below 1.5: f32 softmax, one bf16 rounding.
     assert_close("vision attention", &read(&out), &want, 2e-3, 8e-3);
@@ -117,7 +122,10 @@ fn block_diagonal_attention_matches_the_reference(device: &Device) {
     let short = q_dev.view([10, heads, head_dim]).unwrap();
     assert!(matches!(vision_attention(short, short, short, out.view(shape).unwrap(), &token_segments, scale), Err(Error::Shape { .. })));
     let one_head = out.view([tokens, 1, head_dim]).unwrap();
-    assert!(matches!(vision_attention(q_dev.view(shape).unwrap(), k_dev.view(shape).unwrap(), v_dev.view(shape).unwrap(), one_head, &token_segments, scale), Err(Error::Shape { .. })));
+    assert!(matches!(
+        vision_attention(q_dev.view(shape).unwrap(), k_dev.view(shape).unwrap(), v_dev.view(shape).unwrap(), one_head, &token_segments, scale),
+        Err(Error::Shape { .. })
+    ));
     let narrow = q_dev.view([tokens, 2 * heads, 32]).unwrap();
     assert!(matches!(vision_attention(narrow, narrow, narrow, narrow, &token_segments, scale), Err(Error::Shape { .. })));
 }

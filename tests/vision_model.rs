@@ -11,7 +11,7 @@ mod common;
 use small4::device::Device;
 use small4::model::checkpoint::{Checkpoint, Layout};
 use small4::model::config::ModelConfig;
-use small4::model::engine::{DeviceModel, Engine, EngineOptions, Shard, Request, Sampling};
+use small4::model::engine::{DeviceModel, Engine, EngineOptions, Request, Sampling, Shard};
 use small4::model::synthetic::{load_reference_weights, write_checkpoint};
 use small4::model::vision::DeviceVisionTower;
 use small4::quant::WeightFormat;

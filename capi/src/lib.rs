@@ -26,14 +26,14 @@ use small4::device::{Device, DeviceBuffer, DeviceElement};
 use small4::kernels::attention::{
     mla_attention, mla_cache_write, AttentionScratch, BlockTables, CacheWriteWeights, PagedCache, Queries, QueryLayout, TokenSlots, KV_LORA_RANK, QK_ROPE,
 };
-use small4::kernels::ops::{rope_q_k, sample, QueryScale, SamplingInputs};
 use small4::kernels::moe::{moe_layer, moe_tile_m, Fp8ActScales, Grouping, MoeLayerWeights, MoeWorkspace, RoutingBuffers};
+use small4::kernels::ops::{rope_q_k, sample, QueryScale, SamplingInputs};
 use small4::kernels::router::{moe_align, route_and_align_into, Alignment, ExpertMap, RouterConfig, RouterWorkspace, Routing};
-use small4::quant::repack::{repack_gate_up, repack_linear, MatrixRef, PackedWeights, QuantData};
 use small4::model::checkpoint::{Checkpoint, Layout};
 use small4::model::engine::Sampling;
-use small4::model::kv_cache::{BatchTables, CacheDescriptor, CacheDtype};
 use small4::model::generator::{GenerationBackend, Generator, GeneratorOptions};
+use small4::model::kv_cache::{BatchTables, CacheDescriptor, CacheDtype};
+use small4::quant::repack::{repack_gate_up, repack_linear, MatrixRef, PackedWeights, QuantData};
 use small4::quant::WeightFormat;
 use small4::{Error, Result};
 
@@ -458,7 +458,15 @@ pub unsafe extern "C" fn small4_rope_q_k(
 /// # Safety
 /// `device` must be null or live; the addresses must hold the sizes above on that device.
 #[no_mangle]
-pub unsafe extern "C" fn small4_embedding_gather(device: *const Small4Device, ids: u64, tokens: usize, table: u64, vocab: usize, dim: usize, out: u64) -> Small4Status {
+pub unsafe extern "C" fn small4_embedding_gather(
+    device: *const Small4Device,
+    ids: u64,
+    tokens: usize,
+    table: u64,
+    vocab: usize,
+    dim: usize,
+    out: u64,
+) -> Small4Status {
     call(|| {
         let device = unsafe { self::device(device) }?;
         let ids = unsafe { borrowed::<i32>(device, ids, tokens) }?;
@@ -581,7 +589,14 @@ pub unsafe extern "C" fn small4_dequant_fp8(device: *const Small4Device, data: u
 /// # Safety
 /// `device` must be null or live; the addresses must hold the sizes above on that device.
 #[no_mangle]
-pub unsafe extern "C" fn small4_dequant_fp8_block128(device: *const Small4Device, data: u64, block_scales: u64, out: u64, rows: usize, cols: usize) -> Small4Status {
+pub unsafe extern "C" fn small4_dequant_fp8_block128(
+    device: *const Small4Device,
+    data: u64,
+    block_scales: u64,
+    out: u64,
+    rows: usize,
+    cols: usize,
+) -> Small4Status {
     call(|| {
         let device = unsafe { self::device(device) }?;
         let n = elements(rows, cols, "dequant_fp8_block128")?;
@@ -632,7 +647,15 @@ pub unsafe extern "C" fn small4_dequant_int4(
 /// # Safety
 /// `device` must be null or live; the addresses must hold the sizes above on that device.
 #[no_mangle]
-pub unsafe extern "C" fn small4_dequant_nvfp4(device: *const Small4Device, packed: u64, scales: u64, global_scale: f32, out: u64, rows: usize, cols: usize) -> Small4Status {
+pub unsafe extern "C" fn small4_dequant_nvfp4(
+    device: *const Small4Device,
+    packed: u64,
+    scales: u64,
+    global_scale: f32,
+    out: u64,
+    rows: usize,
+    cols: usize,
+) -> Small4Status {
     call(|| {
         let device = unsafe { self::device(device) }?;
         let n = elements(rows, cols, "dequant_nvfp4")?;
@@ -707,35 +730,46 @@ unsafe fn expert_matrices<'a>(m: &Small4ExpertMatrices, experts: usize, rows: us
     // SAFETY: the caller's contract covers every pointer of `m` that its format uses.
     let data: Vec<QuantData<'a>> = unsafe {
         match m.format {
-        0 => per_expert::<bf16>(m.data, experts, values, &name("data"))?.into_iter().map(QuantData::Bf16).collect(),
-        1 => {
-            let scales = per_expert::<f32>(m.scales, experts, 1, &name("scales"))?;
-            per_expert::<u8>(m.data, experts, values, &name("data"))?.into_iter().zip(scales).map(|(data, s)| QuantData::Fp8 { data, scale: s[0] }).collect()
-        }
-        2 => {
-            let blocks = elements(rows.div_ceil(128), cols.div_ceil(128), what)?;
-            let scales = per_expert::<f32>(m.scales, experts, blocks, &name("block scales"))?;
-            per_expert::<u8>(m.data, experts, values, &name("data"))?.into_iter().zip(scales).map(|(data, scales)| QuantData::Fp8Block { data, scales }).collect()
-        }
-        3 => {
-            if m.group == 0 || cols % m.group != 0 {
-                return Err(Error::InvalidArgument(format!("{what}: int4 group {} must divide {cols} columns", m.group)));
+            0 => per_expert::<bf16>(m.data, experts, values, &name("data"))?.into_iter().map(QuantData::Bf16).collect(),
+            1 => {
+                let scales = per_expert::<f32>(m.scales, experts, 1, &name("scales"))?;
+                per_expert::<u8>(m.data, experts, values, &name("data"))?
+                    .into_iter()
+                    .zip(scales)
+                    .map(|(data, s)| QuantData::Fp8 { data, scale: s[0] })
+                    .collect()
             }
-            let groups = values / m.group;
-            let scales = per_expert::<bf16>(m.scales, experts, groups, &name("scales"))?;
-            let zeros: Vec<Option<&[u8]>> =
-                if m.zeros.is_null() { vec![None; experts] } else { per_expert::<u8>(m.zeros.cast(), experts, groups, &name("zeros"))?.into_iter().map(Some).collect() };
-            let packed = per_expert::<u8>(m.data, experts, values / 2, &name("data"))?;
-            packed.into_iter().zip(scales).zip(zeros).map(|((packed, scales), zeros)| QuantData::Int4 { packed, scales, zeros, group: m.group }).collect()
+            2 => {
+                let blocks = elements(rows.div_ceil(128), cols.div_ceil(128), what)?;
+                let scales = per_expert::<f32>(m.scales, experts, blocks, &name("block scales"))?;
+                per_expert::<u8>(m.data, experts, values, &name("data"))?
+                    .into_iter()
+                    .zip(scales)
+                    .map(|(data, scales)| QuantData::Fp8Block { data, scales })
+                    .collect()
+            }
+            3 => {
+                if m.group == 0 || cols % m.group != 0 {
+                    return Err(Error::InvalidArgument(format!("{what}: int4 group {} must divide {cols} columns", m.group)));
+                }
+                let groups = values / m.group;
+                let scales = per_expert::<bf16>(m.scales, experts, groups, &name("scales"))?;
+                let zeros: Vec<Option<&[u8]>> = if m.zeros.is_null() {
+                    vec![None; experts]
+                } else {
+                    per_expert::<u8>(m.zeros.cast(), experts, groups, &name("zeros"))?.into_iter().map(Some).collect()
+                };
+                let packed = per_expert::<u8>(m.data, experts, values / 2, &name("data"))?;
+                packed.into_iter().zip(scales).zip(zeros).map(|((packed, scales), zeros)| QuantData::Int4 { packed, scales, zeros, group: m.group }).collect()
+            }
+            4 => {
+                let global = per_expert::<f32>(m.global_scales.cast(), experts, 1, &name("global scales"))?;
+                let scales = per_expert::<u8>(m.scales, experts, values / 16, &name("scales"))?;
+                let packed = per_expert::<u8>(m.data, experts, values / 2, &name("data"))?;
+                packed.into_iter().zip(scales).zip(global).map(|((packed, scales), g)| QuantData::Nvfp4 { packed, scales, global_scale: g[0] }).collect()
+            }
+            other => return Err(Error::UnknownDtype(format!("{what}: weight format {other} (0 bf16, 1 fp8, 2 fp8 block128, 3 int4, 4 nvfp4)"))),
         }
-        4 => {
-            let global = per_expert::<f32>(m.global_scales.cast(), experts, 1, &name("global scales"))?;
-            let scales = per_expert::<u8>(m.scales, experts, values / 16, &name("scales"))?;
-            let packed = per_expert::<u8>(m.data, experts, values / 2, &name("data"))?;
-            packed.into_iter().zip(scales).zip(global).map(|((packed, scales), g)| QuantData::Nvfp4 { packed, scales, global_scale: g[0] }).collect()
-        }
-        other => return Err(Error::UnknownDtype(format!("{what}: weight format {other} (0 bf16, 1 fp8, 2 fp8 block128, 3 int4, 4 nvfp4)"))),
-    }
     };
     let matrices: Vec<MatrixRef<'a>> = data.into_iter().map(|data| MatrixRef { rows, cols, data }).collect();
     for (e, matrix) in matrices.iter().enumerate() {
@@ -837,7 +871,9 @@ pub unsafe extern "C" fn small4_moe_layer_open_bf16(
     let [w1, w3, w2, shared_w1, shared_w3, shared_w2] = [w1, w3, w2, shared_w1, shared_w3, shared_w2].map(bf16_set);
     // A null shared matrix stays a null set, so that "no shared expert" keeps its meaning.
     let set_or_null = |set: &Small4ExpertMatrices| if set.data.is_null() { std::ptr::null() } else { set as *const _ };
-    unsafe { small4_moe_layer_open(device, experts, dim, hidden, &w1, &w3, &w2, set_or_null(&shared_w1), set_or_null(&shared_w3), set_or_null(&shared_w2), out) }
+    unsafe {
+        small4_moe_layer_open(device, experts, dim, hidden, &w1, &w3, &w2, set_or_null(&shared_w1), set_or_null(&shared_w3), set_or_null(&shared_w2), out)
+    }
 }
 
 /// Releases a MoE layer (null is ignored).
@@ -1101,7 +1137,8 @@ pub unsafe extern "C" fn small4_patch_im2col(
     call(|| {
         let device = unsafe { self::device(device) }?;
         // A patch of 0 or sides that are not multiples of it are the kernel's Shape error; borrow no rows for them.
-        let patches = if patch == 0 || height % patch != 0 || width % patch != 0 { 0 } else { elements(height / patch, width / patch, "patch_im2col patches")? };
+        let patches =
+            if patch == 0 || height % patch != 0 || width % patch != 0 { 0 } else { elements(height / patch, width / patch, "patch_im2col patches")? };
         let pixels = unsafe { borrowed::<f32>(device, pixels, elements(elements(channels, height, "patch_im2col pixels")?, width, "patch_im2col pixels")?) }?;
         let out = unsafe { borrowed::<bf16>(device, out, elements(patches, k_padded, "patch_im2col out")?) }?;
         small4::kernels::vision::patch_im2col(pixels.view([channels, height, width])?, patch, out.view([patches, k_padded])?)
@@ -1211,12 +1248,24 @@ pub unsafe extern "C" fn small4_bias_act(device: *const Small4Device, x: u64, ro
 /// `device` must be null or live; `grids` must hold `2 * images` values; the addresses must hold the sizes above on
 /// that device.
 #[no_mangle]
-pub unsafe extern "C" fn small4_patch_merge(device: *const Small4Device, x: u64, hidden: usize, grids: *const usize, images: usize, merge: usize, out: u64) -> Small4Status {
+pub unsafe extern "C" fn small4_patch_merge(
+    device: *const Small4Device,
+    x: u64,
+    hidden: usize,
+    grids: *const usize,
+    images: usize,
+    merge: usize,
+    out: u64,
+) -> Small4Status {
     call(|| {
         let device = unsafe { self::device(device) }?;
-        let grids: Vec<(usize, usize)> = unsafe { slice(grids, elements(images, 2, "patch_merge grids")?, "grids") }?.chunks_exact(2).map(|g| (g[0], g[1])).collect();
+        let grids: Vec<(usize, usize)> =
+            unsafe { slice(grids, elements(images, 2, "patch_merge grids")?, "grids") }?.chunks_exact(2).map(|g| (g[0], g[1])).collect();
         let sources = small4::kernels::vision::MergeSources::upload(device, &grids, merge)?;
-        let tokens = grids.iter().try_fold(0usize, |sum, &(rows, cols)| elements(rows, cols, "patch_merge grid").and_then(|n| sum.checked_add(n).ok_or_else(|| Error::InvalidArgument("patch_merge tokens overflow".into()))))?;
+        let tokens = grids.iter().try_fold(0usize, |sum, &(rows, cols)| {
+            elements(rows, cols, "patch_merge grid")
+                .and_then(|n| sum.checked_add(n).ok_or_else(|| Error::InvalidArgument("patch_merge tokens overflow".into())))
+        })?;
         let width = elements(hidden, merge * merge, "patch_merge out")?;
         let x = unsafe { borrowed::<bf16>(device, x, elements(tokens, hidden, "patch_merge x")?) }?;
         let out = unsafe { borrowed::<bf16>(device, out, elements(sources.rows(), width, "patch_merge out")?) }?;
@@ -1235,7 +1284,15 @@ pub unsafe extern "C" fn small4_patch_merge(device: *const Small4Device, x: u64,
 /// `device` must be null or live; `targets` must hold `count` values; the addresses must hold the sizes above on
 /// that device.
 #[no_mangle]
-pub unsafe extern "C" fn small4_scatter_rows(device: *const Small4Device, src: u64, cols: usize, targets: *const usize, count: usize, out: u64, out_rows: usize) -> Small4Status {
+pub unsafe extern "C" fn small4_scatter_rows(
+    device: *const Small4Device,
+    src: u64,
+    cols: usize,
+    targets: *const usize,
+    count: usize,
+    out: u64,
+    out_rows: usize,
+) -> Small4Status {
     call(|| {
         let device = unsafe { self::device(device) }?;
         let targets = small4::kernels::vision::RowTargets::upload(device, unsafe { slice(targets, count, "targets") }?, out_rows)?;

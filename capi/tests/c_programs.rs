@@ -94,7 +94,50 @@ fn a_c_program_runs_kernels_on_its_own_buffers_through_the_static_library() {
     let exe = compile_c("tests/c/kernels.c", "kernels", &libraries);
     let stdout = run(&exe, &[]);
     assert!(stdout.contains("on the GPU:") || stdout.contains("SKIPPED the GPU run: no GPU"), "{stdout}");
-    for check in ["ok rms_norm", "ok add_rms_norm", "ok rms_norm errors", "ok silu_mul", "ok argmax", "ok router topk_ids", "ok router topk_weights", "ok router errors", "ok moe_layer", "ok moe_layer errors", "ok moe_layer fp8", "ok moe_layer fp8 w8a8", "ok moe_layer fp8 back to bf16 activations", "ok moe_layer fp8_block128", "ok moe_layer int4 zero points", "ok moe_layer nvfp4", "ok moe_layer quantised errors", "ok dequant_fp8", "ok dequant_fp8_block128", "ok dequant_int4", "ok dequant_int4 zero points", "ok dequant_nvfp4", "ok dequant errors", "ok embedding_gather", "ok embedding_gather errors", "ok sample", "ok sample errors", "ok rope q", "ok rope k", "ok rope errors", "ok mla_cache_write", "ok mla_attention", "ok mla errors", "ok patch_im2col", "ok rope_2d q", "ok rope_2d k", "ok vision_attention", "ok bias_act", "ok patch_merge", "ok scatter_rows", "ok vision errors", "all kernels ok"] {
+    for check in [
+        "ok rms_norm",
+        "ok add_rms_norm",
+        "ok rms_norm errors",
+        "ok silu_mul",
+        "ok argmax",
+        "ok router topk_ids",
+        "ok router topk_weights",
+        "ok router errors",
+        "ok moe_layer",
+        "ok moe_layer errors",
+        "ok moe_layer fp8",
+        "ok moe_layer fp8 w8a8",
+        "ok moe_layer fp8 back to bf16 activations",
+        "ok moe_layer fp8_block128",
+        "ok moe_layer int4 zero points",
+        "ok moe_layer nvfp4",
+        "ok moe_layer quantised errors",
+        "ok dequant_fp8",
+        "ok dequant_fp8_block128",
+        "ok dequant_int4",
+        "ok dequant_int4 zero points",
+        "ok dequant_nvfp4",
+        "ok dequant errors",
+        "ok embedding_gather",
+        "ok embedding_gather errors",
+        "ok sample",
+        "ok sample errors",
+        "ok rope q",
+        "ok rope k",
+        "ok rope errors",
+        "ok mla_cache_write",
+        "ok mla_attention",
+        "ok mla errors",
+        "ok patch_im2col",
+        "ok rope_2d q",
+        "ok rope_2d k",
+        "ok vision_attention",
+        "ok bias_act",
+        "ok patch_merge",
+        "ok scatter_rows",
+        "ok vision errors",
+        "all kernels ok",
+    ] {
         assert!(stdout.lines().any(|l| l == check), "`{check}` missing from:\n{stdout}");
     }
 }

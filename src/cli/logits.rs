@@ -70,7 +70,9 @@ pub fn logits_command(args: &LogitsArgs) -> anyhow::Result<()> {
     let backend = match args.backend {
         Backend::Reference => LogitsBackend::Reference(ForwardOptions::default()),
         Backend::Sim => LogitsBackend::Engine(small4::device::simulator()),
-        Backend::Gpu => LogitsBackend::Engine(small4::device::gpu().context("small4 logits --backend gpu (--backend sim runs the engine on the PTX interpreter)")?),
+        Backend::Gpu => {
+            LogitsBackend::Engine(small4::device::gpu().context("small4 logits --backend gpu (--backend sim runs the engine on the PTX interpreter)")?)
+        }
     };
     let start = Instant::now();
     let run = run_logits(&source, &backend, &args.prompt_ids, args.greedy)?;

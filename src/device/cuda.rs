@@ -138,12 +138,11 @@ impl CudaBackend {
         // SAFETY: cubin and PTX images are valid, NUL-terminated where needed, and outlive the load call.
         let module = unsafe { result::module::load_data(kernel.module.cubin.as_ptr().cast()) }.or_else(|_| {
             let ptx = CString::new(kernel.module.ptx).map_err(|e| Error::Cuda(e.to_string()))?;
-            unsafe { result::module::load_data(ptx.as_ptr().cast()) }
-                .map_err(driver_error(&format!("load module {}", kernel.module.name)))
+            unsafe { result::module::load_data(ptx.as_ptr().cast()) }.map_err(driver_error(&format!("load module {}", kernel.module.name)))
         })?;
         let entry = CString::new(kernel.entry).map_err(|e| Error::Cuda(e.to_string()))?;
-        let function = unsafe { result::module::get_function(module, entry) }
-            .map_err(driver_error(&format!("kernel {}::{}", kernel.module.name, kernel.entry)))?;
+        let function =
+            unsafe { result::module::get_function(module, entry) }.map_err(driver_error(&format!("kernel {}::{}", kernel.module.name, kernel.entry)))?;
         cache.insert((kernel.module.name, kernel.entry), FunctionHandle(function));
         Ok(function)
     }
@@ -216,7 +215,7 @@ impl Backend for CudaBackend {
         let mut args = [storage.as_mut_ptr().cast::<c_void>()];
         let stream = self.capture.lock().unwrap().as_ref().map_or(self.stream.cu_stream(), |s| s.cu_stream());
         unsafe { result::launch_kernel(function, (g.x, g.y, g.z), (b.x, b.y, b.z), config.shared_bytes, stream, &mut args) }
-        .map_err(driver_error(&format!("launch {}::{}", kernel.module.name, kernel.entry)))
+            .map_err(driver_error(&format!("launch {}::{}", kernel.module.name, kernel.entry)))
     }
 
     fn launch_timed(&self, kernel: &Kernel, config: &LaunchConfig, params: &[u8]) -> Result<Option<f64>> {

@@ -235,14 +235,14 @@ pub struct LaunchCounters {
     pub predicted_gpu: Option<&'static str>,
 }
 
-/// The timing model's inputs for one launch (re-exported from the interpreter: `ptxsim::timing::Profile`).
-pub use ptxsim::timing::Profile as TimingProfile;
 /// A GPU the timing model knows (H100 SXM, H100 PCIe, H200), re-exported from `ptxsim::timing::Gpu`.
 pub use ptxsim::timing::Gpu as TargetGpu;
 /// The timing model's fitted parameters (`ptxsim::timing::Model`; `TimingModel::FITTED` is the calibrated set).
 pub use ptxsim::timing::Model as TimingModel;
 /// A predicted launch time and its terms (`ptxsim::timing::Prediction`).
 pub use ptxsim::timing::Prediction as TimingPrediction;
+/// The timing model's inputs for one launch (re-exported from the interpreter: `ptxsim::timing::Profile`).
+pub use ptxsim::timing::Profile as TimingProfile;
 
 impl LaunchCounters {
     /// Bytes that crossed the memory bus, counted in 32-byte sectors as DRAM/L2 sees them.
@@ -747,7 +747,11 @@ impl<T: DeviceElement> DeviceBuffer<T> {
         }
         for (what, offset, buffer_len) in [("destination", dst_offset, self.len), ("source", src_offset, src.len)] {
             if offset.checked_add(len).is_none_or(|end| end > buffer_len) {
-                return Err(Error::shape(format!("copy_within_device {what} [{offset}, {offset} + {len})"), format!("<= {buffer_len}"), offset.saturating_add(len)));
+                return Err(Error::shape(
+                    format!("copy_within_device {what} [{offset}, {offset} + {len})"),
+                    format!("<= {buffer_len}"),
+                    offset.saturating_add(len),
+                ));
             }
         }
         if len == 0 {

@@ -149,12 +149,8 @@ impl SimBackend {
     fn run(&self, kernel: &Kernel, config: &LaunchConfig, params: &[u8]) -> Result<()> {
         let module = self.module(kernel)?;
         let (g, b) = (config.grid, config.block);
-        let counters = self
-            .machine
-            .lock()
-            .unwrap()
-            .launch(&module, kernel.entry, [g.x, g.y, g.z], [b.x, b.y, b.z], config.shared_bytes, params)
-            .map_err(sim_error)?;
+        let counters =
+            self.machine.lock().unwrap().launch(&module, kernel.entry, [g.x, g.y, g.z], [b.x, b.y, b.z], config.shared_bytes, params).map_err(sim_error)?;
         let mut launch = launch_counters(&counters, kernel.module.name);
         if let Some(gpu) = self.target_gpu() {
             launch.predicted_us = Some(launch.predict(&gpu, &TimingModel::FITTED).micros());
@@ -172,9 +168,7 @@ impl SimBackend {
         if let Some(m) = cache.get(kernel.module.name) {
             return Ok(m.clone());
         }
-        let module = Arc::new(
-            ptxsim::Module::parse(kernel.module.ptx).map_err(|e| Error::Simulator(format!("parsing module {}: {e}", kernel.module.name)))?,
-        );
+        let module = Arc::new(ptxsim::Module::parse(kernel.module.ptx).map_err(|e| Error::Simulator(format!("parsing module {}: {e}", kernel.module.name)))?);
         cache.insert(kernel.module.name, module.clone());
         Ok(module)
     }
@@ -285,7 +279,8 @@ impl Backend for SimBackend {
     }
     fn replay(&self, graph: &Graph) -> Result<()> {
         self.not_capturing("a graph replay")?;
-        let recorded = graph.inner.downcast_ref::<Vec<RecordedLaunch>>().ok_or_else(|| Error::InvalidArgument("replay: a graph recorded by another backend".into()))?;
+        let recorded =
+            graph.inner.downcast_ref::<Vec<RecordedLaunch>>().ok_or_else(|| Error::InvalidArgument("replay: a graph recorded by another backend".into()))?;
         for launch in recorded {
             self.run(&launch.kernel, &launch.config, &launch.params)?;
         }

@@ -8,11 +8,11 @@
 
 use half::bf16;
 
+use super::check_len;
 use super::modules::MLA_ATTENTION;
 use super::params::{MlaAttentionParams, MlaCacheWriteParams, MlaCopyPagesParams};
 use super::{Matrix, TensorView, Vector};
 use crate::device::{launch_with, Device, DeviceBuffer, Dim3, Kernel, LaunchConfig};
-use super::check_len;
 use crate::error::{Error, Result};
 use crate::model::kv_cache::{BatchTables, CacheDescriptor, CacheDtype, PageCopy};
 
@@ -165,12 +165,8 @@ impl PagedCache {
         let device = self.data.device();
         let pairs: Vec<i32> = copies.iter().flat_map(|c| [c.src as i32, c.dst as i32]).collect();
         let pairs_dev = DeviceBuffer::from_slice(device, &pairs)?;
-        let params = MlaCopyPagesParams {
-            cache: self.data.mut_ptr(),
-            pairs: pairs_dev.ptr(),
-            copies: copies.len() as i32,
-            page_bytes: self.desc.page_bytes() as i32,
-        };
+        let params =
+            MlaCopyPagesParams { cache: self.data.mut_ptr(), pairs: pairs_dev.ptr(), copies: copies.len() as i32, page_bytes: self.desc.page_bytes() as i32 };
         let config = LaunchConfig { grid: Dim3::x(copies.len() as u32), block: Dim3::x(256), shared_bytes: 0 };
         launch_with(device, &COPY_PAGES, &config, &params)
     }
@@ -452,7 +448,11 @@ pub fn mla_cache_write(cache: &PagedCache, tables: &BlockTables, kv: Matrix<bf16
         return Ok(());
     }
     for (t, (&seq, &pos)) in slots.token_seq.iter().zip(&slots.positions).enumerate() {
-        let len = *tables.seq_lens().get(seq as usize).filter(|_| seq >= 0).ok_or_else(|| out_of_range(&format!("sequence of token {t}"), seq as i64, tables.num_seqs()))?;
+        let len = *tables
+            .seq_lens()
+            .get(seq as usize)
+            .filter(|_| seq >= 0)
+            .ok_or_else(|| out_of_range(&format!("sequence of token {t}"), seq as i64, tables.num_seqs()))?;
         if pos < 0 || pos >= len {
             return Err(out_of_range(&format!("position of token {t} (sequence {seq})"), pos as i64, len as usize));
         }
@@ -669,7 +669,8 @@ pub fn mla_attention(
         max_q = max_q.max(q_count as usize);
     }
     let tokens = queries.layout.tokens();
-    let rows = tokens.checked_mul(heads).filter(|&r| r <= i32::MAX as usize).ok_or_else(|| Error::InvalidArgument(format!("{tokens} tokens x {heads} heads")))?;
+    let rows =
+        tokens.checked_mul(heads).filter(|&r| r <= i32::MAX as usize).ok_or_else(|| Error::InvalidArgument(format!("{tokens} tokens x {heads} heads")))?;
     // The kernels index every tensor as packed [rows, width] rows; q goes through 16-byte async copies, o_lat out in
     // 8-byte stores.
     for (what, view, width, align) in [("q_lat", queries.q_lat, KV_LORA_RANK, 16), ("o_lat", o_lat, KV_LORA_RANK, 8)] {
@@ -680,11 +681,8 @@ pub fn mla_attention(
     queries.q_rope.expect_dims("q_rope", [rows, QK_ROPE])?;
     queries.q_rope.expect_rows_aligned("q_rope", 16)?;
     let q_rope_stride = super::to_i32("q_rope row stride", queries.q_rope.row_stride())?;
-    let max_kv = if tables.plan_for_capacity {
-        tables.host.max_pages * tables.page_size
-    } else {
-        tables.seq_lens().iter().copied().max().unwrap_or(0) as usize
-    };
+    let max_kv =
+        if tables.plan_for_capacity { tables.host.max_pages * tables.page_size } else { tables.seq_lens().iter().copied().max().unwrap_or(0) as usize };
     let plan = AttentionPlan::new(num_seqs, max_q * heads, max_kv, num_splits)?;
     if tokens == 0 {
         return Ok(plan);

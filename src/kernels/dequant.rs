@@ -106,14 +106,8 @@ fn fp8_per_tensor(data: Matrix<u8>, scale: f32, out: Matrix<bf16>, max_blocks: u
     let [rows, cols, elements] = check_out("dequant_fp8_per_tensor", out)?;
     check_codes("dequant_fp8_per_tensor data", data, [rows, cols])?;
     check_scalar("dequant_fp8_per_tensor scale", scale)?;
-    let params = DequantFp8Params {
-        data: data.ptr(),
-        block_scales: std::ptr::null(),
-        out: out.mut_ptr(),
-        rows: rows as i32,
-        cols: cols as i32,
-        tensor_scale: scale,
-    };
+    let params =
+        DequantFp8Params { data: data.ptr(), block_scales: std::ptr::null(), out: out.mut_ptr(), rows: rows as i32, cols: cols as i32, tensor_scale: scale };
     launch(data.device(), &FP8_PER_TENSOR, elements, 8, max_blocks, &params)
 }
 
@@ -152,14 +146,8 @@ fn fp8_block128(data: Matrix<u8>, block_scales: Matrix<f32>, out: Matrix<bf16>, 
     }
     check_codes("dequant_fp8_block128 data", data, [rows, cols])?;
     check_scales("dequant_fp8_block128 block_scales", block_scales, [rows.div_ceil(FP8_BLOCK), cols.div_ceil(FP8_BLOCK)])?;
-    let params = DequantFp8Params {
-        data: data.ptr(),
-        block_scales: block_scales.ptr(),
-        out: out.mut_ptr(),
-        rows: rows as i32,
-        cols: cols as i32,
-        tensor_scale: 0.0,
-    };
+    let params =
+        DequantFp8Params { data: data.ptr(), block_scales: block_scales.ptr(), out: out.mut_ptr(), rows: rows as i32, cols: cols as i32, tensor_scale: 0.0 };
     launch(data.device(), &FP8_BLOCK128, elements, 8, max_blocks, &params)
 }
 
@@ -263,14 +251,7 @@ fn nvfp4(packed: Matrix<u8>, scales: Matrix<u8>, global_scale: f32, out: Matrix<
     check_scales("dequant_nvfp4 scales", scales, [rows, cols / NVFP4_BLOCK])?;
     scales.expect_aligned("dequant_nvfp4 scales", 2)?;
     check_scalar("dequant_nvfp4 global_scale", global_scale)?;
-    let params = DequantNvfp4Params {
-        packed: packed.ptr(),
-        scales: scales.ptr(),
-        out: out.mut_ptr(),
-        rows: rows as i32,
-        cols: cols as i32,
-        global_scale,
-    };
+    let params = DequantNvfp4Params { packed: packed.ptr(), scales: scales.ptr(), out: out.mut_ptr(), rows: rows as i32, cols: cols as i32, global_scale };
     launch(packed.device(), &NVFP4, elements, 4, max_blocks, &params)
 }
 
@@ -327,14 +308,11 @@ impl DeviceQuantized {
     pub fn upload(device: &Device, matrix: &QuantizedMatrix) -> Result<Self> {
         let (rows, cols) = matrix.shape();
         let arrays = match matrix {
-            QuantizedMatrix::Bf16 { .. } => {
-                return Err(Error::InvalidArgument(format!("{} weights need no dequantisation", WeightFormat::Bf16)))
-            }
+            QuantizedMatrix::Bf16 { .. } => return Err(Error::InvalidArgument(format!("{} weights need no dequantisation", WeightFormat::Bf16))),
             QuantizedMatrix::Fp8PerTensor(m) => DeviceArrays::Fp8PerTensor { data: DeviceBuffer::from_slice(device, &m.data)?, scale: m.scale },
-            QuantizedMatrix::Fp8Block128(m) => DeviceArrays::Fp8Block128 {
-                data: DeviceBuffer::from_slice(device, &m.data)?,
-                block_scales: DeviceBuffer::from_slice(device, &m.scales)?,
-            },
+            QuantizedMatrix::Fp8Block128(m) => {
+                DeviceArrays::Fp8Block128 { data: DeviceBuffer::from_slice(device, &m.data)?, block_scales: DeviceBuffer::from_slice(device, &m.scales)? }
+            }
             QuantizedMatrix::Int4(m) => DeviceArrays::Int4 {
                 packed: DeviceBuffer::from_slice(device, &m.packed)?,
                 scales: DeviceBuffer::from_slice(device, &m.scales)?,

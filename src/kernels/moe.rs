@@ -6,9 +6,9 @@ use half::bf16;
 
 use super::modules::MOE_GEMM;
 use super::params::{MoeCombineParams, MoeDenseTail, MoeGemmParams, MoeQuantizeActParams};
+use super::{check_len, to_i32};
 use super::{Matrix, TensorView, Vector};
 use crate::device::{launch_with, Device, DeviceBuffer, Dim3, Kernel, LaunchConfig};
-use super::{check_len, to_i32};
 use crate::error::{Error, Result};
 use crate::quant::repack::{tile_bytes, PackedWeights};
 use crate::quant::WeightFormat;
@@ -194,7 +194,10 @@ impl DeviceWeights {
 }
 
 /// One array of packed weights (data or a scale array), for the device-side stacking and concatenation below.
-fn array_parts<'a, T: crate::device::DeviceElement>(parts: &'a [&DeviceWeights], array: impl Fn(&'a DeviceWeights) -> &'a Option<DeviceBuffer<T>>) -> Result<Option<Vec<&'a DeviceBuffer<T>>>> {
+fn array_parts<'a, T: crate::device::DeviceElement>(
+    parts: &'a [&DeviceWeights],
+    array: impl Fn(&'a DeviceWeights) -> &'a Option<DeviceBuffer<T>>,
+) -> Result<Option<Vec<&'a DeviceBuffer<T>>>> {
     let present: Vec<&DeviceBuffer<T>> = parts.iter().filter_map(|p| array(p).as_ref()).collect();
     match present.len() {
         0 => Ok(None),
@@ -679,7 +682,8 @@ fn check_tail(w: &DeviceWeights, e4m3_input: bool, output: &Output, tail: &Dense
     if e4m3_input {
         return Err(Error::InvalidArgument("gemm: a dense tail needs bf16 activations (W8A8 runs the shared expert apart)".into()));
     }
-    if t.experts != 1 || (t.format, t.rows_padded, t.k_dim, t.out_cols, t.swiglu, t.group) != (w.format, w.rows_padded, w.k_dim, w.out_cols, w.swiglu, w.group) {
+    if t.experts != 1 || (t.format, t.rows_padded, t.k_dim, t.out_cols, t.swiglu, t.group) != (w.format, w.rows_padded, w.k_dim, w.out_cols, w.swiglu, w.group)
+    {
         return Err(Error::InvalidArgument(format!(
             "gemm tail: one {} matrix of [{}, {}] packed as the grouped weights expected, got {} x {} [{}, {}]",
             w.format, w.out_cols, w.k_dim, t.experts, t.format, t.out_cols, t.k_dim
@@ -800,10 +804,7 @@ pub fn linear_per_head(w: &DeviceWeights, x: TensorView<bf16, 3>, y: TensorView<
         return Err(Error::InvalidArgument(format!("linear_per_head: {heads} heads (1 to 65535)")));
     }
     if w.k_dim > head_in || head_in % 8 != 0 {
-        return Err(Error::InvalidArgument(format!(
-            "linear_per_head: heads of {head_in} inputs (a multiple of 8) cannot feed a reduction of {}",
-            w.k_dim
-        )));
+        return Err(Error::InvalidArgument(format!("linear_per_head: heads of {head_in} inputs (a multiple of 8) cannot feed a reduction of {}", w.k_dim)));
     }
     y.expect_dims("linear_per_head y", [rows, heads, w.out_cols])?;
     let dense = Rows::Dense { rows, heads, x_head_stride: head_in, out_head_stride: w.out_cols };
@@ -1194,7 +1195,11 @@ impl MoeLayerWeights {
             return Err(Error::InvalidArgument("MoeLayerWeights: gate_up must be SwiGLU-packed and match down's expert count".into()));
         }
         if gate_up.out_cols != down.k_dim || down.out_cols != gate_up.k_dim {
-            return Err(Error::shape("MoeLayerWeights down", format!("[{}, {}]", gate_up.k_dim, gate_up.out_cols), format!("[{}, {}]", down.out_cols, down.k_dim)));
+            return Err(Error::shape(
+                "MoeLayerWeights down",
+                format!("[{}, {}]", gate_up.k_dim, gate_up.out_cols),
+                format!("[{}, {}]", down.out_cols, down.k_dim),
+            ));
         }
         let shared = match shared {
             Some((su, sd)) => {
@@ -1205,12 +1210,7 @@ impl MoeLayerWeights {
             }
             None => None,
         };
-        Ok(MoeLayerWeights {
-            gate_up: DeviceWeights::upload(device, gate_up)?,
-            down: DeviceWeights::upload(device, down)?,
-            shared,
-            fp8_activations: None,
-        })
+        Ok(MoeLayerWeights { gate_up: DeviceWeights::upload(device, gate_up)?, down: DeviceWeights::upload(device, down)?, shared, fp8_activations: None })
     }
     /// Runs the routed experts in W8A8 with these activation scales (both projections must hold per-tensor fp8), or
     /// with bf16 activations (None). Workspaces are sized by it: make them after.
@@ -1366,12 +1366,20 @@ pub fn routed_experts(weights: &MoeLayerWeights, x: Matrix<bf16>, grouping: &Gro
 /// assert!((routed_out - 0.5 * silu(1.0)).abs() < 1e-2 && (shared_out - 4.0 * silu(2.0)).abs() < 5e-2, "{routed_out} {shared_out}");
 /// # Ok::<(), small4::Error>(())
 /// ```
-pub fn routed_and_shared_experts(weights: &MoeLayerWeights, x: Matrix<bf16>, grouping: &Grouping, topk_weights: Matrix<f32>, workspace: &MoeWorkspace) -> Result<()> {
+pub fn routed_and_shared_experts(
+    weights: &MoeLayerWeights,
+    x: Matrix<bf16>,
+    grouping: &Grouping,
+    topk_weights: Matrix<f32>,
+    workspace: &MoeWorkspace,
+) -> Result<()> {
     let Some(shared) = &weights.shared else {
         return routed_experts(weights, x, grouping, topk_weights, workspace);
     };
     let (up, dn) = shared;
-    let same_packing = |a: &DeviceWeights, b: &DeviceWeights| (a.format, a.rows_padded, a.k_dim, a.out_cols, a.group) == (b.format, b.rows_padded, b.k_dim, b.out_cols, b.group);
+    let same_packing = |a: &DeviceWeights, b: &DeviceWeights| {
+        (a.format, a.rows_padded, a.k_dim, a.out_cols, a.group) == (b.format, b.rows_padded, b.k_dim, b.out_cols, b.group)
+    };
     let [tokens, _] = x.dims();
     let [_, top_k] = topk_weights.dims();
     // The tail rides only in the narrow decode tile (the kernel's wider tiles have no registers for it).
@@ -1446,7 +1454,14 @@ pub fn routed_and_shared_experts(weights: &MoeLayerWeights, x: Matrix<bf16>, gro
 /// assert!(matches!(err, Err(small4::Error::InvalidArgument(_))));
 /// # Ok::<(), small4::Error>(())
 /// ```
-pub fn moe_layer(weights: &MoeLayerWeights, x: Matrix<bf16>, routing: &RoutingBuffers, grouping: &Grouping, workspace: &MoeWorkspace, out: Matrix<bf16>) -> Result<()> {
+pub fn moe_layer(
+    weights: &MoeLayerWeights,
+    x: Matrix<bf16>,
+    routing: &RoutingBuffers,
+    grouping: &Grouping,
+    workspace: &MoeWorkspace,
+    out: Matrix<bf16>,
+) -> Result<()> {
     let dim = weights.dim();
     let [tokens, _] = x.dims();
     let [_, k] = routing.topk_ids.dims();

@@ -110,7 +110,14 @@ pub struct MoePairs<'a> {
 /// assert!(h.to_vec()?.iter().all(|v| v.to_f32() == 4.0) && out.to_vec()?.iter().all(|v| v.to_f32() == 0.5));
 /// # Ok::<(), small4::Error>(())
 /// ```
-pub fn moe_combine_add_rms_norm(pairs: &MoePairs, residual: Matrix<bf16>, weight: Vector<bf16>, residual_out: Matrix<bf16>, out: Matrix<bf16>, eps: f32) -> Result<()> {
+pub fn moe_combine_add_rms_norm(
+    pairs: &MoePairs,
+    residual: Matrix<bf16>,
+    weight: Vector<bf16>,
+    residual_out: Matrix<bf16>,
+    out: Matrix<bf16>,
+    eps: f32,
+) -> Result<()> {
     let [rows, cols] = residual.dims();
     let [_, top_k] = pairs.topk_ids.dims();
     if cols % 8 != 0 {
@@ -136,7 +143,14 @@ pub fn moe_combine_add_rms_norm(pairs: &MoePairs, residual: Matrix<bf16>, weight
     launch(residual, weight, out, Some((residual, residual_out)), Some(pairs), eps)
 }
 
-fn launch(x: Matrix<bf16>, weight: Vector<bf16>, out: Matrix<bf16>, residual: Option<(Matrix<bf16>, Matrix<bf16>)>, pairs: Option<&MoePairs>, eps: f32) -> Result<()> {
+fn launch(
+    x: Matrix<bf16>,
+    weight: Vector<bf16>,
+    out: Matrix<bf16>,
+    residual: Option<(Matrix<bf16>, Matrix<bf16>)>,
+    pairs: Option<&MoePairs>,
+    eps: f32,
+) -> Result<()> {
     let [rows, cols] = x.dims();
     if cols == 0 || cols > i32::MAX as usize || rows > i32::MAX as usize || x.row_stride() > i32::MAX as usize || out.row_stride() > i32::MAX as usize {
         return Err(Error::InvalidArgument(format!("rms_norm: {x:?} (rows and cols within i32, cols > 0)")));

@@ -423,10 +423,22 @@ pub fn argmax(logits: Matrix<f32>, ids: Vector<i32>) -> Result<()> {
 /// assert!(matches!(small4::kernels::ops::decode_advance(next.as_vector(), ids.as_vector(), three.as_vector(), None, None), Err(small4::Error::Shape { .. })));
 /// # Ok::<(), small4::Error>(())
 /// ```
-pub fn decode_advance(next: Vector<i32>, ids: Vector<i32>, positions: Vector<i32>, cache_positions: Option<Vector<i32>>, seq_lens: Option<Vector<i32>>) -> Result<()> {
+pub fn decode_advance(
+    next: Vector<i32>,
+    ids: Vector<i32>,
+    positions: Vector<i32>,
+    cache_positions: Option<Vector<i32>>,
+    seq_lens: Option<Vector<i32>>,
+) -> Result<()> {
     let [rows] = next.dims();
     check_i32("decode rows", rows)?;
-    for (what, view) in [("decode next", Some(next)), ("decode ids", Some(ids)), ("decode positions", Some(positions)), ("decode cache positions", cache_positions), ("decode seq lens", seq_lens)] {
+    for (what, view) in [
+        ("decode next", Some(next)),
+        ("decode ids", Some(ids)),
+        ("decode positions", Some(positions)),
+        ("decode cache positions", cache_positions),
+        ("decode seq lens", seq_lens),
+    ] {
         if let Some(v) = view {
             v.expect_dims(what, [rows])?;
             v.expect_packed(what)?;

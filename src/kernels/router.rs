@@ -15,11 +15,11 @@
 
 use half::bf16;
 
+use super::check_len;
 use super::modules::ROUTER;
 use super::params::{MoeAlignParams, RouterParams};
 use super::Matrix;
 use crate::device::{launch_with, Device, DeviceBuffer, Dim3, Kernel, LaunchConfig};
-use super::check_len;
 use crate::error::{Error, Result};
 pub use crate::reference::moe::max_padded_slots;
 
@@ -401,7 +401,11 @@ pub fn route_and_align_into(
         ));
     }
     if (out.tokens, out.k, out.alignment.tile_m) != (tokens, config.k, config.tile_m) {
-        return Err(Error::shape("router outputs [tokens, k, tile_m]", format!("[{tokens}, {}, {}]", config.k, config.tile_m), format!("[{}, {}, {}]", out.tokens, out.k, out.alignment.tile_m)));
+        return Err(Error::shape(
+            "router outputs [tokens, k, tile_m]",
+            format!("[{tokens}, {}, {}]", config.k, config.tile_m),
+            format!("[{}, {}, {}]", out.tokens, out.k, out.alignment.tile_m),
+        ));
     }
     check_len("router topk_ids", out.topk_ids.len(), tokens * config.k)?;
     check_len("router topk_weights", out.topk_weights.len(), tokens * config.k)?;
@@ -507,4 +511,3 @@ fn check_tile_m(tile_m: usize) -> Result<()> {
     }
     Ok(())
 }
-

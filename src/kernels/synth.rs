@@ -28,8 +28,8 @@
 
 use half::bf16;
 
-use super::moe::DeviceWeights;
 use super::modules::SYNTH;
+use super::moe::DeviceWeights;
 use super::params::{SynthPackedParams, SynthPlainParams};
 use super::to_i32;
 use crate::device::{launch_with, Device, DeviceBuffer, Dim3, Kernel, LaunchConfig};
@@ -134,7 +134,11 @@ fn common_kind(specs: &[&TensorSpec]) -> Result<(WeightFormat, f32)> {
     };
     for s in specs {
         if (s.rows, s.cols, s.kind) != (first.rows, first.cols, first.kind) {
-            return Err(Error::shape("synth packed matrix", format!("{format} [{}, {}]", first.rows, first.cols), format!("{:?} [{}, {}]", s.kind, s.rows, s.cols)));
+            return Err(Error::shape(
+                "synth packed matrix",
+                format!("{format} [{}, {}]", first.rows, first.cols),
+                format!("{:?} [{}, {}]", s.kind, s.rows, s.cols),
+            ));
         }
     }
     format.check_shape(first.rows, first.cols)?;
@@ -169,14 +173,28 @@ pub fn packed_gate_up(device: &Device, pairs: &[(TensorSpec, TensorSpec)]) -> Re
 }
 
 #[allow(clippy::too_many_arguments)]
-fn generate(device: &Device, keys: &[u64], mats: usize, format: WeightFormat, unit: f32, src_cols: usize, src: &Source, out_cols: usize, swiglu: bool) -> Result<DeviceWeights> {
+fn generate(
+    device: &Device,
+    keys: &[u64],
+    mats: usize,
+    format: WeightFormat,
+    unit: f32,
+    src_cols: usize,
+    src: &Source,
+    out_cols: usize,
+    swiglu: bool,
+) -> Result<DeviceWeights> {
     let experts = keys.len() / mats;
     let k_dim = src.k_dim;
     let group = match format {
         WeightFormat::Int4 { group, .. } => group,
         _ => 0,
     };
-    if k_dim == 0 || k_dim % K_ALIGN != 0 || (group > 0 && (group % K_ALIGN != 0 || k_dim % group != 0)) || (format == WeightFormat::Fp8Block128 && k_dim % 128 != 0) {
+    if k_dim == 0
+        || k_dim % K_ALIGN != 0
+        || (group > 0 && (group % K_ALIGN != 0 || k_dim % group != 0))
+        || (format == WeightFormat::Fp8Block128 && k_dim % 128 != 0)
+    {
         return Err(Error::InvalidArgument(format!("synth packed: {format} with a reduction length of {k_dim}")));
     }
     let rows_padded = (if swiglu { 2 * out_cols } else { out_cols }).next_multiple_of(ROW_ALIGN);
@@ -187,9 +205,11 @@ fn generate(device: &Device, keys: &[u64], mats: usize, format: WeightFormat, un
     let device_keys = DeviceBuffer::from_slice(device, keys)?;
     let per_row = |n: usize| experts * rows_padded * n;
     let row_scales = matches!(format, WeightFormat::Fp8PerTensor | WeightFormat::Nvfp4).then(|| DeviceBuffer::<f32>::alloc(device, per_row(1))).transpose()?;
-    let block_scales = (format == WeightFormat::Fp8Block128).then(|| DeviceBuffer::<f32>::alloc(device, experts * (k_dim / 128) * (rows_padded / 8))).transpose()?;
+    let block_scales =
+        (format == WeightFormat::Fp8Block128).then(|| DeviceBuffer::<f32>::alloc(device, experts * (k_dim / 128) * (rows_padded / 8))).transpose()?;
     let group_scales = (group > 0).then(|| DeviceBuffer::<bf16>::alloc(device, per_row(k_dim / group.max(1)))).transpose()?;
-    let group_zeros = matches!(format, WeightFormat::Int4 { zero_point: true, .. }).then(|| DeviceBuffer::<u8>::alloc(device, per_row(k_dim / group.max(1)))).transpose()?;
+    let group_zeros =
+        matches!(format, WeightFormat::Int4 { zero_point: true, .. }).then(|| DeviceBuffer::<u8>::alloc(device, per_row(k_dim / group.max(1)))).transpose()?;
     let fp4_scales = (format == WeightFormat::Nvfp4).then(|| DeviceBuffer::<u8>::alloc(device, per_row(k_dim / 16))).transpose()?;
     let format_code = match format {
         WeightFormat::Bf16 => 0,
@@ -234,7 +254,13 @@ fn generate(device: &Device, keys: &[u64], mats: usize, format: WeightFormat, un
             launch(device, &SCALES, len, &params)?;
         }
     }
-    let scale_bytes = [row_scales.as_ref().map_or(0, |b| b.bytes()), block_scales.as_ref().map_or(0, |b| b.bytes()), group_scales.as_ref().map_or(0, |b| b.bytes()), group_zeros.as_ref().map_or(0, |b| b.bytes()), fp4_scales.as_ref().map_or(0, |b| b.bytes())];
+    let scale_bytes = [
+        row_scales.as_ref().map_or(0, |b| b.bytes()),
+        block_scales.as_ref().map_or(0, |b| b.bytes()),
+        group_scales.as_ref().map_or(0, |b| b.bytes()),
+        group_zeros.as_ref().map_or(0, |b| b.bytes()),
+        fp4_scales.as_ref().map_or(0, |b| b.bytes()),
+    ];
     // The keys are read by the launches above: keep them alive until the device has run them.
     device.synchronize()?;
     drop(device_keys);

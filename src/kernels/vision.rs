@@ -9,9 +9,9 @@ use half::bf16;
 
 use super::modules::VISION;
 use super::params::{BiasActParams, PatchIm2colParams, PatchMergeParams, Rope2dParams, ScatterRowsParams, VisionAttentionParams};
+use super::{check_len, to_i32};
 use super::{Matrix, TensorView, Vector};
 use crate::device::{launch_with, Device, DeviceBuffer, Dim3, Kernel, LaunchConfig};
-use super::{check_len, to_i32};
 use crate::error::{Error, Result};
 
 const PATCH_IM2COL: Kernel = Kernel { module: VISION, entry: "patch_im2col" };
@@ -254,11 +254,7 @@ pub fn vision_attention(
         heads: heads as i32,
         scale,
     };
-    let config = LaunchConfig {
-        grid: Dim3::xy(super::blocks_for(tokens, ATTENTION_QUERIES), heads as u32),
-        block: Dim3::x(128),
-        shared_bytes: 0,
-    };
+    let config = LaunchConfig { grid: Dim3::xy(super::blocks_for(tokens, ATTENTION_QUERIES), heads as u32), block: Dim3::x(128), shared_bytes: 0 };
     launch_with(q.device(), &VISION_ATTENTION, &config, &params)
 }
 

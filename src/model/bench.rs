@@ -24,7 +24,7 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 
 use crate::device::{Device, Instrumented, LaunchRecord};
 use crate::model::checkpoint::{Checkpoint, ExpertMatrix};
-use crate::model::engine::{DeviceModel, Engine, EngineOptions, Shard, Request, Sampling};
+use crate::model::engine::{DeviceModel, Engine, EngineOptions, Request, Sampling, Shard};
 use crate::model::kv_cache::DEFAULT_PAGE_SIZE;
 use crate::model::synth::SyntheticModel;
 use crate::{Error, Result};
@@ -222,7 +222,13 @@ impl fmt::Display for BenchReport {
             }
         }
         if let Some(times) = &self.kernel_us_per_decode_step {
-            write!(f, "\n  {:<22} {:>5} launches {:>10.1} us (eager profiling step)", "total", self.launches_per_family.values().sum::<u64>(), times.values().sum::<f64>())?;
+            write!(
+                f,
+                "\n  {:<22} {:>5} launches {:>10.1} us (eager profiling step)",
+                "total",
+                self.launches_per_family.values().sum::<u64>(),
+                times.values().sum::<f64>()
+            )?;
         }
         Ok(())
     }
@@ -334,11 +340,7 @@ fn family_of(record: &LaunchRecord, weights: &BTreeMap<u64, &'static str>) -> &'
         return "sampling";
     }
     // Pointers in a #[repr(C)] parameter struct are 8-byte aligned.
-    record
-        .params
-        .chunks_exact(8)
-        .find_map(|word| weights.get(&u64::from_le_bytes(word.try_into().unwrap())).copied())
-        .unwrap_or("norms_and_small_ops")
+    record.params.chunks_exact(8).find_map(|word| weights.get(&u64::from_le_bytes(word.try_into().unwrap())).copied()).unwrap_or("norms_and_small_ops")
 }
 
 fn run(counted: &Instrumented, model: DeviceModel, load: Duration, format: String, options: BenchOptions) -> Result<BenchReport> {

@@ -150,10 +150,7 @@ impl StoredTensor<'_> {
     /// An F32 scalar stored with shape `[]` or `[1]` (both occur in the published checkpoints).
     fn scalar_f32(&self) -> Result<f32> {
         if self.dtype != Dtype::F32 || self.shape.iter().product::<usize>() != 1 || self.shape.len() > 1 {
-            return Err(Error::Checkpoint(format!(
-                "tensor {} should be an F32 scalar ([] or [1]), found {:?} {:?}",
-                self.name, self.dtype, self.shape
-            )));
+            return Err(Error::Checkpoint(format!("tensor {} should be an F32 scalar ([] or [1]), found {:?} {:?}", self.name, self.dtype, self.shape)));
         }
         Ok(f32::from_le_bytes(self.data[..4].try_into().unwrap()))
     }
@@ -244,8 +241,11 @@ impl<'a> MatrixData<'a> {
         let (first, end) = (rows.start, rows.end.max(rows.start));
         // The bytes of `per_row` bytes a row for these rows, checked against the stored length.
         let part = |data: &'a [u8], per_row: usize| -> Result<&'a [u8]> {
-            data.get(first * per_row..end * per_row)
-                .ok_or_else(|| Error::OutOfRange { what: "matrix row".into(), index: end as i64 - 1, limit: (data.len() / per_row.max(1)) as i64 })
+            data.get(first * per_row..end * per_row).ok_or_else(|| Error::OutOfRange {
+                what: "matrix row".into(),
+                index: end as i64 - 1,
+                limit: (data.len() / per_row.max(1)) as i64,
+            })
         };
         Ok(match *self {
             MatrixData::Bf16 { data } => MatrixData::Bf16 { data: part(data, 2 * cols)? },
@@ -255,14 +255,21 @@ impl<'a> MatrixData<'a> {
                     return Err(Error::InvalidArgument(format!("fp8 block-128 rows from {first}: a slice starts on a 128-row block")));
                 }
                 let block_bytes = 4 * cols.div_ceil(128);
-                let blocks = scales
-                    .get(first / 128 * block_bytes..end.div_ceil(128) * block_bytes)
-                    .ok_or_else(|| Error::OutOfRange { what: "fp8 block-128 scale row".into(), index: end.div_ceil(128) as i64 - 1, limit: (scales.len() / block_bytes.max(1)) as i64 })?;
+                let blocks = scales.get(first / 128 * block_bytes..end.div_ceil(128) * block_bytes).ok_or_else(|| Error::OutOfRange {
+                    what: "fp8 block-128 scale row".into(),
+                    index: end.div_ceil(128) as i64 - 1,
+                    limit: (scales.len() / block_bytes.max(1)) as i64,
+                })?;
                 MatrixData::Fp8Block128 { data: part(data, cols)?, scales: blocks }
             }
             MatrixData::Int4 { packed, scales, zeros, group } => {
                 let groups = cols / group.max(1);
-                MatrixData::Int4 { packed: part(packed, cols / 2)?, scales: part(scales, 2 * groups)?, zeros: zeros.map(|z| part(z, groups)).transpose()?, group }
+                MatrixData::Int4 {
+                    packed: part(packed, cols / 2)?,
+                    scales: part(scales, 2 * groups)?,
+                    zeros: zeros.map(|z| part(z, groups)).transpose()?,
+                    group,
+                }
             }
             MatrixData::Nvfp4 { packed, scales, global_scale, input_global_scale } => {
                 MatrixData::Nvfp4 { packed: part(packed, cols / 2)?, scales: part(scales, cols / 16)?, global_scale, input_global_scale }
@@ -283,9 +290,7 @@ impl<'a> From<&'a crate::quant::QuantizedMatrix> for MatrixData<'a> {
             QuantizedMatrix::Int4(q) => {
                 MatrixData::Int4 { packed: &q.packed, scales: bytemuck::cast_slice(&q.scales), zeros: q.zeros.as_deref(), group: q.group }
             }
-            QuantizedMatrix::Nvfp4(q) => {
-                MatrixData::Nvfp4 { packed: &q.packed, scales: &q.scales, global_scale: q.global_scale, input_global_scale: None }
-            }
+            QuantizedMatrix::Nvfp4(q) => MatrixData::Nvfp4 { packed: &q.packed, scales: &q.scales, global_scale: q.global_scale, input_global_scale: None },
         }
     }
 }
@@ -381,8 +386,7 @@ impl Checkpoint {
         };
         let config_path = dir.join(config_name);
         let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
-        let config_json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|source| Error::Json { what: config_path.display().to_string(), source })?;
+        let config_json: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json { what: config_path.display().to_string(), source })?;
 
         let mut problems = Vec::new();
         let shard_paths = shard_files(&dir, native).unwrap_or_else(|e| {
@@ -473,9 +477,8 @@ impl Checkpoint {
     /// ([`Checkpoint::model_config`] has an example of both).
     pub fn text_only_notice(&self) -> Option<String> {
         let config = ModelConfig::from_json_str(&self.config_json.to_string()).ok()?;
-        (config.vision.is_some() && !self.has_vision_weights()).then(|| {
-            format!("notice: {} describes a vision tower but holds none of its weights: loaded as text-only (images are refused)", self.dir.display())
-        })
+        (config.vision.is_some() && !self.has_vision_weights())
+            .then(|| format!("notice: {} describes a vision tower but holds none of its weights: loaded as text-only (images are refused)", self.dir.display()))
     }
 
     /// Whether any stored tensor belongs to the vision tower or its projector (either layout's names).
@@ -510,12 +513,7 @@ impl Checkpoint {
         let shard = &self.shards[i];
         let (key, info) = shard.tensors.get_key_value(name).unwrap();
         let (start, end) = info.data_offsets;
-        Ok(Some(StoredTensor {
-            name: key,
-            dtype: info.dtype,
-            shape: &info.shape,
-            data: &shard.map[shard.data_start + start..shard.data_start + end],
-        }))
+        Ok(Some(StoredTensor { name: key, dtype: info.dtype, shape: &info.shape, data: &shard.map[shard.data_start + start..shard.data_start + end] }))
     }
 
     /// The stored name of a native tensor name (without the `.weight`-style suffix handling).
@@ -636,8 +634,8 @@ impl Checkpoint {
                 other => Err(Error::UnknownDtype(format!("{other:?} for weight {}", w.name))),
             };
         }
-        let packed = suffix("weight_packed")?
-            .ok_or_else(|| Error::Checkpoint(format!("missing tensor {base}.weight (or .weight_packed) in {}", self.dir.display())))?;
+        let packed =
+            suffix("weight_packed")?.ok_or_else(|| Error::Checkpoint(format!("missing tensor {base}.weight (or .weight_packed) in {}", self.dir.display())))?;
         if packed.dtype != Dtype::U8 {
             return Err(Error::UnknownDtype(format!("{:?} for packed weight {}", packed.dtype, packed.name)));
         }
@@ -655,9 +653,8 @@ impl Checkpoint {
                     return Err(Error::shape(format!("{base}: NVFP4 columns"), "a multiple of 16", cols));
                 }
                 scale.expect(&[Dtype::F8_E4M3], &[rows, cols / 16])?;
-                let global = suffix("weight_global_scale")?
-                    .ok_or_else(|| Error::Checkpoint(format!("missing tensor {base}.weight_global_scale")))?
-                    .scalar_f32()?;
+                let global =
+                    suffix("weight_global_scale")?.ok_or_else(|| Error::Checkpoint(format!("missing tensor {base}.weight_global_scale")))?.scalar_f32()?;
                 if !(global.is_finite() && global > 0.0) {
                     return Err(Error::Checkpoint(format!("{base}.weight_global_scale is {global}, must be finite and > 0")));
                 }
@@ -690,7 +687,8 @@ impl Checkpoint {
             let t = self.plain(name, Dtype::BF16, shape)?;
             Ok(t.data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect())
         };
-        let matrix = |base: &str, rows: usize, cols: usize| -> Result<Vec<f32>> { Ok(self.matrix(base, rows, cols)?.to_quantized(rows, cols)?.dequantize_for_gemm()) };
+        let matrix =
+            |base: &str, rows: usize, cols: usize| -> Result<Vec<f32>> { Ok(self.matrix(base, rows, cols)?.to_quantized(rows, cols)?.dequantize_for_gemm()) };
         let rope_rows = |w: Vec<f32>| match self.layout {
             Layout::Native => w,
             Layout::HuggingFace { .. } => permute_rows_from_hf(&w, v.head_dim, v.hidden),
@@ -770,7 +768,10 @@ fn per_expert_scalar(t: &StoredTensor<'_>, expert: usize) -> Result<f32> {
 fn per_expert_vector(t: &StoredTensor<'_>, expert: usize) -> Result<f32> {
     let experts = t.shape.first().copied().unwrap_or(0);
     if t.dtype != Dtype::F32 || t.shape.is_empty() || t.shape[1..].iter().any(|&d| d != 1) || expert >= experts {
-        return Err(Error::Checkpoint(format!("{} should be F32 [E] (one value per expert) covering expert {expert}, found {:?} {:?}", t.name, t.dtype, t.shape)));
+        return Err(Error::Checkpoint(format!(
+            "{} should be F32 [E] (one value per expert) covering expert {expert}, found {:?} {:?}",
+            t.name, t.dtype, t.shape
+        )));
     }
     Ok(f32::from_le_bytes(t.data[expert * 4..expert * 4 + 4].try_into().unwrap()))
 }
@@ -864,8 +865,7 @@ fn shard_files(dir: &Path, native: bool) -> Result<Vec<PathBuf>> {
     let index_path = dir.join(index_name);
     if index_path.exists() {
         let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
-        let value: serde_json::Value =
-            serde_json::from_str(&text).map_err(|source| Error::Json { what: index_path.display().to_string(), source })?;
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json { what: index_path.display().to_string(), source })?;
         let map = value
             .get("weight_map")
             .and_then(|m| m.as_object())
@@ -897,15 +897,12 @@ fn map_shard(path: &Path) -> Result<Shard> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     // SAFETY: the file is opened read-only; a checkpoint modified while mapped is outside our contract.
     let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    let (header_len, metadata): (usize, Metadata) = safetensors::SafeTensors::read_metadata(&map)
-        .map_err(|e| match e {
-            safetensors::SafeTensorError::MetadataIncompleteBuffer => Error::Checkpoint(format!(
-                "{} is truncated: its header describes more data than the file's {} bytes",
-                path.display(),
-                map.len()
-            )),
-            other => Error::Checkpoint(format!("{}: bad safetensors header: {other:?}", path.display())),
-        })?;
+    let (header_len, metadata): (usize, Metadata) = safetensors::SafeTensors::read_metadata(&map).map_err(|e| match e {
+        safetensors::SafeTensorError::MetadataIncompleteBuffer => {
+            Error::Checkpoint(format!("{} is truncated: its header describes more data than the file's {} bytes", path.display(), map.len()))
+        }
+        other => Error::Checkpoint(format!("{}: bad safetensors header: {other:?}", path.display())),
+    })?;
     let data_start = 8 + header_len;
     let expected = data_start + metadata.data_len();
     if map.len() != expected {
@@ -973,8 +970,7 @@ pub fn write_shards(dir: &Path, layout: &Layout, tensors: &BTreeMap<String, Owne
         for (name, _) in &group {
             weight_map.insert((*name).clone(), serde_json::Value::String(file.clone()));
         }
-        safetensors::serialize_to_file(group, None, &path)
-            .map_err(|e| Error::Checkpoint(format!("writing {}: {e:?}", path.display())))?;
+        safetensors::serialize_to_file(group, None, &path).map_err(|e| Error::Checkpoint(format!("writing {}: {e:?}", path.display())))?;
         paths.push(path);
     }
     let total: usize = tensors.values().map(|t| t.data.len()).sum();

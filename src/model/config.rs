@@ -331,9 +331,7 @@ impl ModelConfig {
         } else if root.contains_key("text_config") || root.contains_key("hidden_size") {
             Self::from_hf(&Obj::root(root, "config.json"))?
         } else {
-            return Err(Error::Config(
-                "neither a native params.json (no `dim`) nor a HF config.json (no `text_config` / `hidden_size`)".into(),
-            ));
+            return Err(Error::Config("neither a native params.json (no `dim`) nor a HF config.json (no `text_config` / `hidden_size`)".into()));
         };
         config.validate()?;
         Ok(config)
@@ -456,11 +454,7 @@ impl ModelConfig {
             shared_experts: t.opt_usize("n_shared_experts")?.unwrap_or(0),
             routed_scale: t.opt_f32("routed_scaling_factor")?.unwrap_or(1.0),
             first_k_dense_replace,
-            dense_hidden: if first_k_dense_replace > 0 {
-                t.usize("intermediate_size")?
-            } else {
-                t.opt_usize("intermediate_size")?.unwrap_or(0)
-            },
+            dense_hidden: if first_k_dense_replace > 0 { t.usize("intermediate_size")? } else { t.opt_usize("intermediate_size")?.unwrap_or(0) },
             rope_theta,
             yarn_factor: rope.f32("factor")?,
             yarn_original_max_position: yarn_original,
@@ -582,8 +576,7 @@ impl ModelConfig {
 
     fn attention_matrices_per_layer(&self) -> u64 {
         let (d, h) = (self.dim as u64, self.heads as u64);
-        let (q, kv, nope, rope, v) =
-            (self.q_lora_rank as u64, self.kv_lora_rank as u64, self.qk_nope as u64, self.qk_rope as u64, self.v_head as u64);
+        let (q, kv, nope, rope, v) = (self.q_lora_rank as u64, self.kv_lora_rank as u64, self.qk_nope as u64, self.qk_rope as u64, self.v_head as u64);
         q * d + h * (nope + rope) * q + (kv + rope) * d + h * (nope + v) * kv + d * h * v
     }
 
@@ -1020,8 +1013,18 @@ mod tests {
         let cases: Vec<(String, &str)> = vec![
             (edited(&both, |v| v["vision_config"]["rope_parameters"]["rope_theta"] = 20000.0.into()), "differs from vision_config.rope_theta"),
             (edited(&nested, |v| v["vision_config"]["rope_parameters"]["rope_type"] = "yarn".into()), "`vision_config.rope_parameters.rope_type`"),
-            (edited(&nested, |v| { v["vision_config"]["rope_parameters"].as_object_mut().unwrap().remove("rope_theta"); }), "`vision_config.rope_parameters.rope_theta`: missing"),
-            (edited(CONFIG_JSON, |v| { v["vision_config"].as_object_mut().unwrap().remove("rope_theta"); }), "`vision_config.rope_theta`: missing"),
+            (
+                edited(&nested, |v| {
+                    v["vision_config"]["rope_parameters"].as_object_mut().unwrap().remove("rope_theta");
+                }),
+                "`vision_config.rope_parameters.rope_theta`: missing",
+            ),
+            (
+                edited(CONFIG_JSON, |v| {
+                    v["vision_config"].as_object_mut().unwrap().remove("rope_theta");
+                }),
+                "`vision_config.rope_theta`: missing",
+            ),
         ];
         for (text, needle) in cases {
             let msg = config_error(&text);
@@ -1056,12 +1059,23 @@ mod tests {
             ("{ not json".into(), "not valid JSON"),
             ("[1, 2]".into(), "must be a JSON object"),
             (r#"{"layers": 3}"#.into(), "neither a native params.json"),
-            (edited(PARAMS_JSON, |v| { v["moe"].as_object_mut().unwrap().remove("num_experts"); }), "`moe.num_experts`: missing"),
+            (
+                edited(PARAMS_JSON, |v| {
+                    v["moe"].as_object_mut().unwrap().remove("num_experts");
+                }),
+                "`moe.num_experts`: missing",
+            ),
             (edited(PARAMS_JSON, |v| v["dim"] = "4096".into()), "`dim`: expected a non-negative integer"),
             (edited(PARAMS_JSON, |v| v["n_layers"] = (-3).into()), "`n_layers`: expected a non-negative integer"),
             (edited(PARAMS_JSON, |v| v["norm_eps"] = true.into()), "`norm_eps`: expected a number"),
             (edited(PARAMS_JSON, |v| v["moe"]["num_experts_per_tok"] = 129.into()), "exceeds the 128 experts"),
-            (edited(PARAMS_JSON, |v| { v["qk_rope_head_dim"] = 63.into(); v["head_dim"] = 127.into(); }), "must be even"),
+            (
+                edited(PARAMS_JSON, |v| {
+                    v["qk_rope_head_dim"] = 63.into();
+                    v["head_dim"] = 127.into();
+                }),
+                "must be even",
+            ),
             (edited(PARAMS_JSON, |v| v["head_dim"] = 96.into()), "`head_dim`: 96 is not"),
             (edited(PARAMS_JSON, |v| v["n_kv_heads"] = 8.into()), "MLA has no GQA"),
             (edited(PARAMS_JSON, |v| v["yarn"]["apply_scale"] = true.into()), "`yarn.apply_scale`"),

@@ -296,7 +296,9 @@ fn transposed_rows(m: &QuantizedMatrix, first: usize, count: usize) -> Result<Qu
     }
     Ok(match m {
         QuantizedMatrix::Bf16 { data, .. } => QuantizedMatrix::Bf16 { data: transpose(data, first, count, cols), rows: cols, cols: count },
-        QuantizedMatrix::Fp8PerTensor(f) => QuantizedMatrix::Fp8PerTensor(Fp8PerTensor::from_parts(transpose(&f.data, first, count, cols), cols, count, f.scale)?),
+        QuantizedMatrix::Fp8PerTensor(f) => {
+            QuantizedMatrix::Fp8PerTensor(Fp8PerTensor::from_parts(transpose(&f.data, first, count, cols), cols, count, f.scale)?)
+        }
         QuantizedMatrix::Fp8Block128(f) => {
             // The transposed slice has one block column; its block rows are the source's block columns.
             let block = one_block_row(first, count)?;
@@ -305,8 +307,10 @@ fn transposed_rows(m: &QuantizedMatrix, first: usize, count: usize) -> Result<Qu
             // The block-128 GEMM reduces over whole 128-column blocks: zero columns pad the slice (the GEMM then
             // reads the next `padded - count` input columns too, and multiplies them by zero).
             let padded = count.next_multiple_of(128);
-            let data: Vec<u8> =
-                transpose(&f.data, first, count, cols).chunks_exact(count).flat_map(|row| row.iter().copied().chain(std::iter::repeat_n(0, padded - count))).collect();
+            let data: Vec<u8> = transpose(&f.data, first, count, cols)
+                .chunks_exact(count)
+                .flat_map(|row| row.iter().copied().chain(std::iter::repeat_n(0, padded - count)))
+                .collect();
             QuantizedMatrix::Fp8Block128(Fp8Block128::from_parts(data, cols, padded, scales)?)
         }
         other => return Err(Error::InvalidArgument(format!("attention weights in {:?}: bf16 or FP8 expected", other.format()))),
@@ -322,7 +326,9 @@ fn slice_cols(m: &QuantizedMatrix, first: usize, count: usize) -> Result<Quantiz
     }
     Ok(match m {
         QuantizedMatrix::Bf16 { data, .. } => QuantizedMatrix::Bf16 { data: columns(data, rows, cols, first, count), rows, cols: count },
-        QuantizedMatrix::Fp8PerTensor(f) => QuantizedMatrix::Fp8PerTensor(Fp8PerTensor::from_parts(columns(&f.data, rows, cols, first, count), rows, count, f.scale)?),
+        QuantizedMatrix::Fp8PerTensor(f) => {
+            QuantizedMatrix::Fp8PerTensor(Fp8PerTensor::from_parts(columns(&f.data, rows, cols, first, count), rows, count, f.scale)?)
+        }
         QuantizedMatrix::Fp8Block128(f) => {
             let blocks = scale_blocks(first, count, "columns")?;
             let scales = columns(&f.scales, rows.div_ceil(128), cols.div_ceil(128), blocks.start, blocks.len());
@@ -340,7 +346,10 @@ fn scale_blocks(first: usize, count: usize, what: &str) -> Result<std::ops::Rang
     }
     let block = first / 128;
     if (first + count - 1) / 128 != block {
-        return Err(Error::InvalidArgument(format!("{what} {first}..{} of an FP8 block-128 matrix straddle a scale block without starting one", first + count)));
+        return Err(Error::InvalidArgument(format!(
+            "{what} {first}..{} of an FP8 block-128 matrix straddle a scale block without starting one",
+            first + count
+        )));
     }
     Ok(block..block + 1)
 }
@@ -465,9 +474,7 @@ impl DeviceModel {
                 ffn_norm: plain(&format!("{p}.ffn_norm.weight"), c.dim)?,
                 gate: DeviceBuffer::from_slice(device, &bf16_values(checkpoint.plain(&format!("{p}.gate.weight"), Dtype::BF16, &[c.experts, c.dim])?.data))?,
                 moe,
-                fp8_act_scales: checkpoint
-                    .expert_activation_scales(l, c.experts, c.dim, c.expert_hidden)?
-                    .map(|(up, down)| Fp8ActScales { up, down }),
+                fp8_act_scales: checkpoint.expert_activation_scales(l, c.experts, c.dim, c.expert_hidden)?.map(|(up, down)| Fp8ActScales { up, down }),
             });
             on_progress(LoadProgress { done: l + 1, total: c.n_layers + 1 });
         }
@@ -551,7 +558,12 @@ impl DeviceModel {
             } else {
                 None
             };
-            let moe = MoeLayerWeights { gate_up: synth::packed_gate_up(device, &pairs)?, down: synth::packed(device, &w2, synth::View::Whole)?, shared, fp8_activations: None };
+            let moe = MoeLayerWeights {
+                gate_up: synth::packed_gate_up(device, &pairs)?,
+                down: synth::packed(device, &w2, synth::View::Whole)?,
+                shared,
+                fp8_activations: None,
+            };
             layers.push(DeviceLayer {
                 attention_norm: plain(&format!("{p}.attention_norm.weight"))?,
                 wqkv_a: DeviceWeights::concat_rows(&[&linear(&format!("{p}.attention.wq_a"))?, &linear(&format!("{p}.attention.wkv_a_with_mqa"))?])?,
@@ -1222,7 +1234,8 @@ impl Engine {
         let ids: Vec<RequestId> = plan.iter().map(|p| p.id).collect();
         let batch: Vec<(SeqId, Vec<u32>)> = plan.iter().map(|p| (self.active[&p.id].seq, p.tokens.clone())).collect();
         // A request's images enter at its prefill (its first step); they are dropped once that step succeeded.
-        let images: Vec<Vec<PixelImage>> = ids.iter().map(|id| if self.active[id].generated == 0 { self.active[id].images.clone() } else { Vec::new() }).collect();
+        let images: Vec<Vec<PixelImage>> =
+            ids.iter().map(|id| if self.active[id].generated == 0 { self.active[id].images.clone() } else { Vec::new() }).collect();
         let with_images = images.iter().any(|i| !i.is_empty());
         let decode_only = batch.iter().all(|(_, tokens)| tokens.len() == 1) && plan.iter().all(|p| p.samples);
         if decode_only && !with_images && self.options.graphs && self.graphs_supported && self.collective.is_none() {
@@ -1322,7 +1335,13 @@ impl Engine {
         if !g.tables.lengths_can_advance() {
             return Ok(false);
         }
-        ops::decode_advance(g.head.next.as_vector(), g.workspace.ids.as_vector(), g.workspace.positions.as_vector(), Some(g.slots.device_positions()?), Some(g.tables.device_lens()?))?;
+        ops::decode_advance(
+            g.head.next.as_vector(),
+            g.workspace.ids.as_vector(),
+            g.workspace.positions.as_vector(),
+            Some(g.slots.device_positions()?),
+            Some(g.tables.device_lens()?),
+        )?;
         g.tables.lengths_advanced();
         g.slots.positions_advanced();
         Ok(true)
@@ -1410,7 +1429,8 @@ impl Engine {
         let mut tables = self.kv.batch_tables(&seqs)?;
         // Rows padded to a power of two of pages: one graph serves every length up to that capacity.
         let pages = tables.max_pages.next_power_of_two();
-        tables.block_tables = tables.block_tables.chunks_exact(tables.max_pages).flat_map(|row| row.iter().copied().chain(std::iter::repeat_n(-1, pages - row.len()))).collect();
+        tables.block_tables =
+            tables.block_tables.chunks_exact(tables.max_pages).flat_map(|row| row.iter().copied().chain(std::iter::repeat_n(-1, pages - row.len()))).collect();
         tables.max_pages = pages;
         let shape = (batch.len(), pages);
         if !self.decode_graphs.contains_key(&shape) {
@@ -1507,13 +1527,25 @@ impl Engine {
         ws.positions.copy_from(&layout.positions)?;
         self.last_step = LastStep::Eager;
         let image_rows = self.encode_images(batch, images, &layout.q_start, t)?;
-        let net = Network { model: &self.model, caches: &self.caches, options: &self.options, collective: self.collective.as_deref(), gather_status: &self.gather_status };
+        let net = Network {
+            model: &self.model,
+            caches: &self.caches,
+            options: &self.options,
+            collective: self.collective.as_deref(),
+            gather_status: &self.gather_status,
+        };
         net.run(ws, head, &tables, &q_layout, &slots, &mut self.scratch, image_rows.as_ref().map(|(features, rows)| ImageRows { features, rows }).as_ref())
     }
 
     /// The vision tower over every image of the batch (`images[s]` belong to sequence `s`, whose tokens start at
     /// `q_start[s]`): the features and the `[IMG]` rows of the step's `tokens` they replace. None without images.
-    fn encode_images(&self, batch: &[(SeqId, Vec<u32>)], images: &[Vec<PixelImage>], q_start: &[i32], tokens: usize) -> Result<Option<(DeviceBuffer<bf16>, RowTargets)>> {
+    fn encode_images(
+        &self,
+        batch: &[(SeqId, Vec<u32>)],
+        images: &[Vec<PixelImage>],
+        q_start: &[i32],
+        tokens: usize,
+    ) -> Result<Option<(DeviceBuffer<bf16>, RowTargets)>> {
         if images.iter().all(|i| i.is_empty()) {
             return Ok(None);
         }
@@ -1578,7 +1610,15 @@ impl Network<'_> {
             // Absorb W_UK into the query (all heads in one launch); the attention reads each head's rope half in place.
             moe::linear_per_head(&layer.w_uk, ws.q.view([t, heads, qk])?, ws.q_lat.view([t, heads, rank])?)?;
             let queries = Queries { layout, q_lat: ws.q_lat.view([t, heads, rank])?, q_rope: ws.q.view([t * heads, qk])?.columns(nope..qk)? };
-            attention::mla_attention(&self.caches[l], tables, &queries, ws.o_lat.view([t, heads, rank])?, c.softmax_scale(), self.options.attention_splits, scratch)?;
+            attention::mla_attention(
+                &self.caches[l],
+                tables,
+                &queries,
+                ws.o_lat.view([t, heads, rank])?,
+                c.softmax_scale(),
+                self.options.attention_splits,
+                scratch,
+            )?;
             let attn = ws.attn.view([t, heads * v_head])?;
             moe::linear_per_head(&layer.w_uv, ws.o_lat.view([t, heads, rank])?, ws.attn.view([t, heads, v_head])?)?;
             match &ws.attention_sum {
@@ -1597,7 +1637,13 @@ impl Network<'_> {
             // Mixture of experts: route, grouped up (SwiGLU), grouped down (x routing weight), shared, combine.
             router::route_and_align_into(ws.h.view([t, dim])?, layer.gate.view([c.experts, dim])?, &m.expert_map, &router_config, &ws.router, &ws.routing)?;
             let a = &ws.routing.alignment;
-            let grouping = Grouping { sorted_pairs: &a.sorted_pairs, tile_experts: &a.tile_experts, expert_offsets: &a.expert_offsets, num_padded: &a.num_padded, tile_m: a.tile_m };
+            let grouping = Grouping {
+                sorted_pairs: &a.sorted_pairs,
+                tile_experts: &a.tile_experts,
+                expert_offsets: &a.expert_offsets,
+                num_padded: &a.num_padded,
+                tile_m: a.tile_m,
+            };
             if self.collective.is_some() {
                 // Pairs of other ranks' experts stay zero here and arrive by the all-reduce.
                 device.memset(ws.moe.pair_out.addr(), 0, ws.moe.pair_out.bytes())?;
@@ -1620,7 +1666,13 @@ impl Network<'_> {
                 None => None,
             };
             // Combine the pairs, add the residual and norm for the next block, in one launch.
-            let pairs = norm::MoePairs { pair_out: ws.moe.pair_out.view([t * k, dim])?, shared_out: shared, topk_ids: ws.routing.topk_ids.view([t, k])?, expert_map: None, experts: c.experts };
+            let pairs = norm::MoePairs {
+                pair_out: ws.moe.pair_out.view([t * k, dim])?,
+                shared_out: shared,
+                topk_ids: ws.routing.topk_ids.view([t, k])?,
+                expert_map: None,
+                experts: c.experts,
+            };
             let next_norm = m.layers.get(l + 1).map_or(&m.norm, |next| &next.attention_norm);
             norm::moe_combine_add_rms_norm(&pairs, x_mid.view([t, dim])?, next_norm.as_vector(), x.view([t, dim])?, ws.h.view([t, dim])?, eps)?;
         }

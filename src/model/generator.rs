@@ -65,7 +65,7 @@
 
 use super::checkpoint::Checkpoint;
 use super::config::ModelConfig;
-use super::engine::{DeviceModel, Engine, EngineOptions, Shard, LoadProgress, Request, Sampling, DEFAULT_EOS};
+use super::engine::{DeviceModel, Engine, EngineOptions, LoadProgress, Request, Sampling, Shard, DEFAULT_EOS};
 use super::synthetic::load_reference_weights;
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -157,7 +157,8 @@ impl Generator {
     pub fn open_with_progress(checkpoint: &Checkpoint, options: &GeneratorOptions, on_progress: impl FnMut(LoadProgress)) -> Result<Self> {
         let device = match options.backend {
             GenerationBackend::Reference => {
-                let model = ReferenceModel::new(load_reference_weights(checkpoint)?, ForwardOptions { fp8_activations: options.fp8_activations, ..options.reference })?;
+                let model =
+                    ReferenceModel::new(load_reference_weights(checkpoint)?, ForwardOptions { fp8_activations: options.fp8_activations, ..options.reference })?;
                 return Ok(Generator { model: Model::Reference(Box::new(model)), options: *options });
             }
             GenerationBackend::Sim => crate::device::simulator(),

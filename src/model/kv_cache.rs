@@ -353,7 +353,10 @@ impl KvCache {
         let page_size = self.desc.page_size;
         let seq = self.sequence(id)?;
         let len = seq.len;
-        let new_len = len.checked_add(count).filter(|&n| n <= i32::MAX as usize).ok_or_else(|| out_of_range("sequence length", len + count.min(i32::MAX as usize), i32::MAX as usize))?;
+        let new_len = len
+            .checked_add(count)
+            .filter(|&n| n <= i32::MAX as usize)
+            .ok_or_else(|| out_of_range("sequence length", len + count.min(i32::MAX as usize), i32::MAX as usize))?;
         // The page that position `len` falls in, when it is partly filled (it exists: it holds position len - 1).
         let partial = (len % page_size != 0).then_some(len / page_size);
         let copy_on_write = count > 0 && partial.is_some_and(|p| self.refcounts[seq.pages[p] as usize] > 1);

@@ -154,7 +154,9 @@ pub fn run_logits(source: &LogitsSource, backend: &LogitsBackend, prompt: &[u32]
         (LogitsBackend::Reference(options), LogitsSource::Checkpoint(checkpoint)) => {
             reference_logits(ReferenceModel::new(CheckpointWeights::new(checkpoint)?, *options)?, prompt, greedy)
         }
-        (LogitsBackend::Reference(options), LogitsSource::Synthetic(model)) => reference_logits(ReferenceModel::new((*model).clone(), *options)?, prompt, greedy),
+        (LogitsBackend::Reference(options), LogitsSource::Synthetic(model)) => {
+            reference_logits(ReferenceModel::new((*model).clone(), *options)?, prompt, greedy)
+        }
         (LogitsBackend::Engine(device), source) => {
             let model = match source {
                 LogitsSource::Checkpoint(checkpoint) => DeviceModel::load(device, checkpoint, Shard::SINGLE)?,
@@ -301,7 +303,11 @@ impl fmt::Display for Comparison {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, p) in self.positions.iter().enumerate() {
             let agree = if p.argmax_a == p.argmax_b { "agree" } else { "DIFFER" };
-            writeln!(f, "position {i}: max |a-b| {:.6e}, mean |a-b| {:.6e}, argmax {} / {} ({agree}), KL {:.6e}", p.max_abs, p.mean_abs, p.argmax_a, p.argmax_b, p.kl)?;
+            writeln!(
+                f,
+                "position {i}: max |a-b| {:.6e}, mean |a-b| {:.6e}, argmax {} / {} ({agree}), KL {:.6e}",
+                p.max_abs, p.mean_abs, p.argmax_a, p.argmax_b, p.kl
+            )?;
         }
         write!(
             f,

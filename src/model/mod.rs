@@ -12,15 +12,15 @@ pub mod synth;
 pub mod synthetic;
 pub mod vision;
 
-pub use checkpoint::Checkpoint;
-/// The model configuration under the name the public API gives it (`small4::model::Config`).
-pub use config::ModelConfig as Config;
-pub use config::{ModelConfig, VisionConfig};
-pub use engine::Engine;
 /// The reference forward pass's settings, as [`generator::GeneratorOptions::reference`] takes them.
 pub use crate::reference::model::{AttentionForm, ForwardOptions, RoundingMode};
 /// An image as the engine and the generator take it: RGB pixels normalised for the vision encoder (made by
 /// [`crate::tokenizer::image::load_pixels`]).
 pub use crate::reference::vision::PixelImage;
+pub use checkpoint::Checkpoint;
+/// The model configuration under the name the public API gives it (`small4::model::Config`).
+pub use config::ModelConfig as Config;
+pub use config::{ModelConfig, VisionConfig};
+pub use engine::Engine;
 pub use generator::Generator;
 pub use kv_cache::KvCache;

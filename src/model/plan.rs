@@ -200,14 +200,9 @@ pub fn standard_plans(config: &ModelConfig) -> Result<Vec<MemoryPlan>> {
 /// ```
 pub fn plan(config: &ModelConfig, name: &str, gpu: GpuSpec, world: usize, formats: FormatChoice, workload: Workload) -> Result<MemoryPlan> {
     if world == 0 || config.experts % world != 0 || config.heads % world != 0 {
-        return Err(Error::Config(format!(
-            "{world} GPUs must divide the {} experts and {} heads evenly",
-            config.experts, config.heads
-        )));
+        return Err(Error::Config(format!("{world} GPUs must divide the {} experts and {} heads evenly", config.experts, config.heads)));
     }
-    let gpus = (0..world)
-        .map(|rank| gpu_plan(config, gpu, world, rank, &formats, &workload))
-        .collect::<Result<Vec<_>>>()?;
+    let gpus = (0..world).map(|rank| gpu_plan(config, gpu, world, rank, &formats, &workload)).collect::<Result<Vec<_>>>()?;
     Ok(MemoryPlan { name: name.to_string(), gpu, world, formats, workload, gpus })
 }
 
@@ -223,9 +218,7 @@ fn gpu_plan(c: &ModelConfig, gpu: GpuSpec, world: usize, rank: usize, f: &Format
         + bytes(f.attention, c.kv_lora_rank + c.qk_rope, c.dim)?
         + bytes(f.attention, heads_here * (c.qk_nope + c.v_head), c.kv_lora_rank)?
         + bytes(f.attention, c.dim, heads_here * c.v_head)?;
-    let expert = |format: WeightFormat, hidden: usize| -> Result<u64> {
-        Ok(2 * bytes(format, hidden, c.dim)? + bytes(format, c.dim, hidden)?)
-    };
+    let expert = |format: WeightFormat, hidden: usize| -> Result<u64> { Ok(2 * bytes(format, hidden, c.dim)? + bytes(format, c.dim, hidden)?) };
     let moe_layers = (0..c.n_layers).filter(|&l| c.is_moe_layer(l)).count() as u64;
     let dense_layers = layers - moe_layers;
     let routed = moe_layers * (c.experts / world) as u64 * expert(f.routed_experts, c.expert_hidden)?;

@@ -206,11 +206,7 @@ fn matrix_tensors(m: &QuantizedMatrix) -> Vec<(&'static str, OwnedTensor)> {
             ("weight", OwnedTensor { dtype: Dtype::F8_E4M3, shape: vec![rows, cols], data: q.data.clone() }),
             (
                 "weight_scale_inv",
-                OwnedTensor {
-                    dtype: Dtype::F32,
-                    shape: vec![rows.div_ceil(128), cols.div_ceil(128)],
-                    data: bytemuck::cast_slice(&q.scales).to_vec(),
-                },
+                OwnedTensor { dtype: Dtype::F32, shape: vec![rows.div_ceil(128), cols.div_ceil(128)], data: bytemuck::cast_slice(&q.scales).to_vec() },
             ),
         ],
         QuantizedMatrix::Int4(q) => {
@@ -297,11 +293,8 @@ pub fn write_checkpoint(dir: &Path, weights: &ReferenceWeights, layout: &Layout,
             set.matrix(&format!("{p}.shared_experts.w3"), format, &s.w3, h, c.dim)?;
             set.matrix(&format!("{p}.shared_experts.w2"), format, &s.w2, c.dim, h)?;
         }
-        let experts: Vec<&ExpertWeights> = moe
-            .experts
-            .iter()
-            .map(|e| e.as_ref().ok_or_else(|| Error::Config("a checkpoint holds every expert".into())))
-            .collect::<Result<_>>()?;
+        let experts: Vec<&ExpertWeights> =
+            moe.experts.iter().map(|e| e.as_ref().ok_or_else(|| Error::Config("a checkpoint holds every expert".into()))).collect::<Result<_>>()?;
         write_experts(&mut set, layout, l, &experts, c, format)?;
     }
     if let (Some(v), Some(w)) = (&c.vision, &weights.vision) {
@@ -447,7 +440,8 @@ pub fn load_reference_weights(ck: &Checkpoint) -> Result<ReferenceWeights> {
     let plain = |name: &str, len: usize| bf16_tensor(name, &[len]);
     // Dequantised as the GEMM kernels see them (bf16-rounded for fp8 block-128 and int4), so the reference and the
     // engine multiply the same weights.
-    let matrix = |name: &str, rows: usize, cols: usize| -> Result<Vec<f32>> { Ok(ck.matrix(name, rows, cols)?.to_quantized(rows, cols)?.dequantize_for_gemm()) };
+    let matrix =
+        |name: &str, rows: usize, cols: usize| -> Result<Vec<f32>> { Ok(ck.matrix(name, rows, cols)?.to_quantized(rows, cols)?.dequantize_for_gemm()) };
     let embedding = |name: &str| bf16_tensor(name, &[c.vocab, c.dim]);
     let qk = c.qk_nope + c.qk_rope;
     let mut layers = Vec::with_capacity(c.n_layers);

@@ -110,7 +110,8 @@ impl DeviceVisionTower {
         let (h, m2) = (v.hidden, v.spatial_merge_size * v.spatial_merge_size);
         let conv_in = v.num_channels * v.patch_size * v.patch_size;
         let conv_k = conv_in.next_multiple_of(K_ALIGN);
-        let padded_conv: Vec<f32> = w.patch_conv.chunks_exact(conv_in).flat_map(|row| row.iter().copied().chain(std::iter::repeat_n(0.0, conv_k - conv_in))).collect();
+        let padded_conv: Vec<f32> =
+            w.patch_conv.chunks_exact(conv_in).flat_map(|row| row.iter().copied().chain(std::iter::repeat_n(0.0, conv_k - conv_in))).collect();
         let layers = w
             .layers
             .iter()
@@ -219,9 +220,23 @@ impl DeviceVisionTower {
             moe::linear(&layer.wv, normed, vv.view([t, hidden])?)?;
             let heads_shape = [t, v.heads, v.head_dim];
             vision::rope_2d(q.view(heads_shape)?, Some(k.view(heads_shape)?), &positions)?;
-            vision::vision_attention(q.view(heads_shape)?, k.view(heads_shape)?, vv.view(heads_shape)?, attn.view(heads_shape)?, &segments, 1.0 / (v.head_dim as f32).sqrt())?;
+            vision::vision_attention(
+                q.view(heads_shape)?,
+                k.view(heads_shape)?,
+                vv.view(heads_shape)?,
+                attn.view(heads_shape)?,
+                &segments,
+                1.0 / (v.head_dim as f32).sqrt(),
+            )?;
             moe::linear(&layer.wo, attn.view([t, hidden])?, block_out.view([t, hidden])?)?;
-            norm::add_rms_norm(block_out.view([t, hidden])?, x.view([t, hidden])?, layer.ffn_norm.as_vector(), x_mid.view([t, hidden])?, h.view([t, hidden])?, eps)?;
+            norm::add_rms_norm(
+                block_out.view([t, hidden])?,
+                x.view([t, hidden])?,
+                layer.ffn_norm.as_vector(),
+                x_mid.view([t, hidden])?,
+                h.view([t, hidden])?,
+                eps,
+            )?;
             // x += w2(silu(w1 h) * w3 h); h = the next layer's attention_norm(x), or the projector's norm.
             moe::linear_swiglu(&layer.w13, h.view([t, hidden])?, act.view([t, v.intermediate])?)?;
             moe::linear(&layer.w2, act.view([t, v.intermediate])?, block_out.view([t, hidden])?)?;

@@ -486,9 +486,7 @@ impl QuantizedMatrix {
             }
             WeightFormat::Fp8PerTensor => QuantizedMatrix::Fp8PerTensor(Fp8PerTensor::quantize(weights, rows, cols)?),
             WeightFormat::Fp8Block128 => QuantizedMatrix::Fp8Block128(Fp8Block128::quantize(weights, rows, cols)?),
-            WeightFormat::Int4 { group, zero_point } => {
-                QuantizedMatrix::Int4(Int4Grouped::quantize_with(weights, rows, cols, group, zero_point)?)
-            }
+            WeightFormat::Int4 { group, zero_point } => QuantizedMatrix::Int4(Int4Grouped::quantize_with(weights, rows, cols, group, zero_point)?),
             WeightFormat::Nvfp4 => QuantizedMatrix::Nvfp4(Nvfp4::quantize(weights, rows, cols)?),
         })
     }

@@ -500,15 +500,10 @@ pub fn slice_rows<'a>(m: MatrixRef<'a>, first: usize, count: usize) -> Result<Ma
             let blocks = first / 128..(first + count).div_ceil(128);
             QuantData::Fp8Block { data: &data[range(c)], scales: &scales[blocks.start * per..blocks.end * per] }
         }
-        QuantData::Int4 { packed, scales, zeros, group } => QuantData::Int4 {
-            packed: &packed[range(c / 2)],
-            scales: &scales[range(c / group)],
-            zeros: zeros.map(|z| &z[range(c / group)]),
-            group,
-        },
-        QuantData::Nvfp4 { packed, scales, global_scale } => {
-            QuantData::Nvfp4 { packed: &packed[range(c / 2)], scales: &scales[range(c / 16)], global_scale }
+        QuantData::Int4 { packed, scales, zeros, group } => {
+            QuantData::Int4 { packed: &packed[range(c / 2)], scales: &scales[range(c / group)], zeros: zeros.map(|z| &z[range(c / group)]), group }
         }
+        QuantData::Nvfp4 { packed, scales, global_scale } => QuantData::Nvfp4 { packed: &packed[range(c / 2)], scales: &scales[range(c / 16)], global_scale },
     };
     Ok(MatrixRef { rows: count, cols: c, data })
 }
@@ -561,7 +556,16 @@ fn pack(
                     let (g, t) = (lane / 4, lane % 4);
                     for ks in 0..K_ALIGN / 16 {
                         // The 8 elements of this lane's fragment at k-step ks, in register order.
-                        let elements = [(g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1), (g, 2 * t + 8), (g, 2 * t + 9), (g + 8, 2 * t + 8), (g + 8, 2 * t + 9)];
+                        let elements = [
+                            (g, 2 * t),
+                            (g, 2 * t + 1),
+                            (g + 8, 2 * t),
+                            (g + 8, 2 * t + 1),
+                            (g, 2 * t + 8),
+                            (g, 2 * t + 9),
+                            (g + 8, 2 * t + 8),
+                            (g + 8, 2 * t + 9),
+                        ];
                         for (i, &(r, c)) in elements.iter().enumerate() {
                             let code = match rows[tile * 16 + r] {
                                 Some((m, row)) => set[m].code(row, kb * K_ALIGN + ks * 16 + c),

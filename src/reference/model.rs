@@ -565,7 +565,12 @@ impl<W: WeightSource> ReferenceModel<W> {
         // [IMG] back as text, a prompt may not.
         check_image_slots(self.config().vision.as_ref(), prompt, images)?;
         let mut cache = self.new_cache();
-        let mut stats = GenerationStats { prompt_tokens: prompt.len(), generated: Vec::with_capacity(max_tokens), prefill_time: Duration::ZERO, decode_time: Duration::ZERO };
+        let mut stats = GenerationStats {
+            prompt_tokens: prompt.len(),
+            generated: Vec::with_capacity(max_tokens),
+            prefill_time: Duration::ZERO,
+            decode_time: Duration::ZERO,
+        };
         if max_tokens == 0 {
             return Ok(stats);
         }

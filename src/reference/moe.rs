@@ -273,13 +273,7 @@ pub fn align_pairs(ids: &[i32], expert_map: Option<&[i32]>, local_experts: usize
         slot += padded;
     }
     expert_offsets[local_experts] = slot as i32;
-    Alignment {
-        expert_counts: lists.iter().map(|l| l.len() as i32).collect(),
-        expert_offsets,
-        sorted_pairs,
-        tile_experts,
-        num_padded: slot as i32,
-    }
+    Alignment { expert_counts: lists.iter().map(|l| l.len() as i32).collect(), expert_offsets, sorted_pairs, tile_experts, num_padded: slot as i32 }
 }
 
 #[cfg(test)]

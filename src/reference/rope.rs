@@ -17,9 +17,8 @@ pub fn yarn_inv_freq(rope_dim: usize, p: &YarnParams) -> Vec<f32> {
     let half = rope_dim / 2;
     let base = p.theta as f64;
     // The dimension index at which a wavelength makes `rotations` turns over the original context.
-    let correction_dim = |rotations: f64| -> f64 {
-        rope_dim as f64 * (p.original_max_position as f64 / (rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * base.ln())
-    };
+    let correction_dim =
+        |rotations: f64| -> f64 { rope_dim as f64 * (p.original_max_position as f64 / (rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * base.ln()) };
     let low = correction_dim(p.beta_fast as f64).floor().max(0.0);
     let high = correction_dim(p.beta_slow as f64).ceil().min(rope_dim as f64 - 1.0);
     let high = if low == high { high + 0.001 } else { high };

@@ -45,9 +45,7 @@ impl Splitter {
 
     /// The pattern in fancy-regex, whatever it is.
     pub fn general(pattern: &str) -> Result<Splitter, TokenizerError> {
-        fancy_regex::Regex::new(pattern)
-            .map(Splitter::General)
-            .map_err(|e| TokenizerError::InvalidFile(format!("config.pattern does not compile: {e}")))
+        fancy_regex::Regex::new(pattern).map(Splitter::General).map_err(|e| TokenizerError::InvalidFile(format!("config.pattern does not compile: {e}")))
     }
 
     /// Calls `piece` with each piece of `text`, in order; the pieces cover the text.
@@ -113,10 +111,7 @@ impl Bpe {
     pub fn new(pattern: &str, pieces: Vec<Vec<u8>>) -> Result<Self, TokenizerError> {
         let splitter = Splitter::new(pattern)?;
         if pieces.len() < 256 {
-            return Err(TokenizerError::InvalidFile(format!(
-                "{} BPE ranks, at least the 256 single bytes are needed",
-                pieces.len()
-            )));
+            return Err(TokenizerError::InvalidFile(format!("{} BPE ranks, at least the 256 single bytes are needed", pieces.len())));
         }
         let mut ranks = FxHashMap::with_capacity_and_hasher(pieces.len(), Default::default());
         let mut piece_bytes = Vec::new();

@@ -486,8 +486,7 @@ impl ChatRequest {
         let content = if images.is_empty() {
             Content::Text(prompt.to_string())
         } else {
-            let mut chunks: Vec<Chunk> =
-                images.iter().map(|url| Chunk::ImageUrl { image_url: ImageUrl::Url(url.clone()) }).collect();
+            let mut chunks: Vec<Chunk> = images.iter().map(|url| Chunk::ImageUrl { image_url: ImageUrl::Url(url.clone()) }).collect();
             chunks.push(Chunk::Text { text: prompt.to_string() });
             Content::Chunks(chunks)
         };
@@ -686,8 +685,16 @@ enum Turn {
     System(Vec<Part>),
     User(Vec<Part>),
     /// `text_only` content is a plain string: it loses trailing spaces.
-    Assistant { parts: Vec<Part>, text_only: bool, calls: Vec<(String, String)>, prefix: bool },
-    Tool { parts: Vec<Part>, call_id: String },
+    Assistant {
+        parts: Vec<Part>,
+        text_only: bool,
+        calls: Vec<(String, String)>,
+        prefix: bool,
+    },
+    Tool {
+        parts: Vec<Part>,
+        call_id: String,
+    },
 }
 
 /// mistral-common's `_aggregate_content_chunks_impl`: text of different messages joined by `\n\n`, text chunks of one
@@ -728,9 +735,7 @@ fn aggregate(contents: &[&Content]) -> Vec<Part> {
                             first_of_message = false;
                             parts.push(match other {
                                 Chunk::ImageUrl { image_url } => Part::Image(image_url.url().to_string()),
-                                Chunk::Thinking { thinking, closed } => {
-                                    Part::Thinking { text: thinking.clone(), closed: *closed }
-                                }
+                                Chunk::Thinking { thinking, closed } => Part::Thinking { text: thinking.clone(), closed: *closed },
                                 Chunk::Text { .. } => unreachable!("text chunks are handled above"),
                             });
                         }
@@ -867,17 +872,9 @@ impl Tokenizer {
 
     /// As [`Tokenizer::encode_chat`], with the caller telling the size of each image URL (see [`ChatRequest`] for an
     /// example).
-    pub fn encode_chat_with(
-        &self,
-        request: &ChatRequest,
-        image_size: &mut dyn FnMut(&str) -> Result<ImageSize, TokenizerError>,
-    ) -> Result<EncodedPrompt> {
+    pub fn encode_chat_with(&self, request: &ChatRequest, image_size: &mut dyn FnMut(&str) -> Result<ImageSize, TokenizerError>) -> Result<EncodedPrompt> {
         if self.version() != TokenizerVersion::V15 {
-            return Err(TokenizerError::UnsupportedVersion {
-                found: self.version().as_str().to_string(),
-                needed: "v15".to_string(),
-            }
-            .into());
+            return Err(TokenizerError::UnsupportedVersion { found: self.version().as_str().to_string(), needed: "v15".to_string() }.into());
         }
         let ids = PromptIds::resolve(self)?;
         validate(&request.messages)?;
@@ -963,17 +960,10 @@ impl Tokenizer {
             Some(value) => Some(serde_json::from_value(serde_json::Value::String(value.to_string())).map_err(|_| reject(value))?),
         };
         let settings = builder.build_settings(effort).map_err(|_| reject(requested.unwrap_or("unset")))?;
-        Ok(settings.reasoning_effort.map(|effort| {
-            PyJson::Object(vec![("reasoning_effort".into(), PyJson::Str(effort_name(effort)))]).dumps()
-        }))
+        Ok(settings.reasoning_effort.map(|effort| PyJson::Object(vec![("reasoning_effort".into(), PyJson::Str(effort_name(effort)))]).dumps()))
     }
 
-    fn encode_parts(
-        &self,
-        parts: &[Part],
-        prompt: &mut EncodedPrompt,
-        image_size: &mut dyn FnMut(&str) -> Result<ImageSize, TokenizerError>,
-    ) -> Result<()> {
+    fn encode_parts(&self, parts: &[Part], prompt: &mut EncodedPrompt, image_size: &mut dyn FnMut(&str) -> Result<ImageSize, TokenizerError>) -> Result<()> {
         for part in parts {
             match part {
                 Part::Text(text) => self.encode_into(text, &mut prompt.ids),
@@ -1001,10 +991,7 @@ fn effort_name(effort: ReasoningEffort) -> String {
 /// mistral-common puts an image that ends an otherwise all-text user message first.
 fn image_first(parts: &[Part]) -> Vec<Part> {
     let mut parts = parts.to_vec();
-    if parts.len() >= 2
-        && matches!(parts.last(), Some(Part::Image(_)))
-        && parts[..parts.len() - 1].iter().all(|p| matches!(p, Part::Text(_)))
-    {
+    if parts.len() >= 2 && matches!(parts.last(), Some(Part::Image(_))) && parts[..parts.len() - 1].iter().all(|p| matches!(p, Part::Text(_))) {
         parts.rotate_right(1);
     }
     parts

@@ -79,18 +79,14 @@ impl ImageSize {
     /// ```
     pub fn from_url(url: &str) -> Result<ImageSize, TokenizerError> {
         if let Some(rest) = url.strip_prefix("data:") {
-            let (_, payload) = rest
-                .split_once(";base64,")
-                .ok_or_else(|| TokenizerError::Image("a data URL must be base64 (`data:image/png;base64,...`)".into()))?;
-            let bytes = base64::engine::general_purpose::STANDARD
-                .decode(payload.trim())
-                .map_err(|e| TokenizerError::Image(format!("data URL is not base64: {e}")))?;
+            let (_, payload) =
+                rest.split_once(";base64,").ok_or_else(|| TokenizerError::Image("a data URL must be base64 (`data:image/png;base64,...`)".into()))?;
+            let bytes =
+                base64::engine::general_purpose::STANDARD.decode(payload.trim()).map_err(|e| TokenizerError::Image(format!("data URL is not base64: {e}")))?;
             return ImageSize::from_header(&bytes);
         }
         if url.starts_with("http://") || url.starts_with("https://") {
-            return Err(TokenizerError::Image(format!(
-                "{url}: remote images are not fetched; pass a file path or a data URL"
-            )));
+            return Err(TokenizerError::Image(format!("{url}: remote images are not fetched; pass a file path or a data URL")));
         }
         ImageSize::from_file(url.strip_prefix("file://").unwrap_or(url))
     }

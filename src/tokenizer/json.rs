@@ -208,8 +208,7 @@ mod tests {
 
     #[test]
     fn dumps_like_python() {
-        let v = PyJson::parse(r#"{"b": [1, 2.5, 1e20, 1.0, -0.0001, 1e-7], "a": "é\n\"\u0001", "c": null, "d": true}"#)
-            .unwrap();
+        let v = PyJson::parse(r#"{"b": [1, 2.5, 1e20, 1.0, -0.0001, 1e-7], "a": "é\n\"\u0001", "c": null, "d": true}"#).unwrap();
         assert_eq!(v.dumps(), r#"{"b": [1, 2.5, 1e+20, 1.0, -0.0001, 1e-07], "a": "é\n\"\u0001", "c": null, "d": true}"#);
     }
 

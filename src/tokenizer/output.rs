@@ -174,8 +174,7 @@ pub struct ToolCallOutput {
 impl ToolCallOutput {
     /// `{"name": ..., "arguments": ...}` with the arguments parsed when they are JSON, else kept as a string.
     pub fn to_json(&self) -> serde_json::Value {
-        let arguments = serde_json::from_str(&self.arguments)
-            .unwrap_or_else(|_| serde_json::Value::String(self.arguments.clone()));
+        let arguments = serde_json::from_str(&self.arguments).unwrap_or_else(|_| serde_json::Value::String(self.arguments.clone()));
         serde_json::json!({ "name": self.name, "arguments": arguments })
     }
 }

@@ -225,11 +225,7 @@ impl Tokenizer {
     pub fn stand_in_from_json(bytes: &[u8], sizes: Option<(usize, usize)>) -> Result<Self> {
         let mut data = parse_model_data(bytes)?;
         let num_special = data.config.default_num_special_tokens;
-        let mut specials: Vec<SpecialTokenInfo> = DEPRECATED_SPECIALS
-            .iter()
-            .enumerate()
-            .map(|(rank, token)| special(rank, token.as_str()))
-            .collect();
+        let mut specials: Vec<SpecialTokenInfo> = DEPRECATED_SPECIALS.iter().enumerate().map(|(rank, token)| special(rank, token.as_str())).collect();
         specials.extend((specials.len()..num_special).map(filler));
         for (id, token) in STAND_IN_EXTRA_SPECIALS {
             specials[id as usize] = special(id as usize, token.as_str());
@@ -239,10 +235,8 @@ impl Tokenizer {
         data.image = Some(ImageConfig { image_patch_size: 14, max_image_size: 1540, spatial_merge_size: 2 });
         data.multimodal = None;
         data.model_settings_builder = Some(
-            serde_json::from_str(
-                r#"{"reasoning_effort":{"type":"enum","accepts_none":true,"default":"none","values":["none","high"]}}"#,
-            )
-            .expect("the stand-in's model_settings_builder is valid JSON"),
+            serde_json::from_str(r#"{"reasoning_effort":{"type":"enum","accepts_none":true,"default":"none","values":["none","high"]}}"#)
+                .expect("the stand-in's model_settings_builder is valid JSON"),
         );
         Self::from_model_data(data, sizes)
     }
@@ -263,14 +257,10 @@ impl Tokenizer {
     /// # Ok::<(), small4::Error>(())
     /// ```
     pub fn from_model_data(data: ModelData, sizes: Option<(usize, usize)>) -> Result<Self> {
-        let version = TokenizerVersion::from_string(&data.config.version)
-            .ok_or_else(|| TokenizerError::UnknownVersion(data.config.version.clone()))?;
-        let (vocab_size, num_special) =
-            sizes.unwrap_or((data.config.default_vocab_size, data.config.default_num_special_tokens));
+        let version = TokenizerVersion::from_string(&data.config.version).ok_or_else(|| TokenizerError::UnknownVersion(data.config.version.clone()))?;
+        let (vocab_size, num_special) = sizes.unwrap_or((data.config.default_vocab_size, data.config.default_num_special_tokens));
         if num_special < DEPRECATED_SPECIALS.len() || vocab_size < num_special + 256 {
-            return Err(invalid(format!(
-                "vocab_size {vocab_size} with {num_special} special tokens: need at least 20 special ids and 256 byte ranks"
-            )));
+            return Err(invalid(format!("vocab_size {vocab_size} with {num_special} special tokens: need at least 20 special ids and 256 byte ranks")));
         }
         if num_special > u32::MAX as usize / 2 || vocab_size > u32::MAX as usize / 2 {
             return Err(invalid(format!("vocab_size {vocab_size} does not fit token ids")));
@@ -285,9 +275,7 @@ impl Tokenizer {
 
         let listed = match data.special_tokens {
             Some(list) => list,
-            None if version.requires_explicit_special_tokens() => {
-                return Err(invalid(format!("version {} must list its special_tokens", version.as_str())))
-            }
+            None if version.requires_explicit_special_tokens() => return Err(invalid(format!("version {} must list its special_tokens", version.as_str()))),
             None => DEPRECATED_SPECIALS.iter().enumerate().map(|(rank, t)| special(rank, t.as_str())).collect(),
         };
         let mut specials = Vec::with_capacity(num_special);
@@ -317,18 +305,13 @@ impl Tokenizer {
             if token.rank != position {
                 return Err(invalid(format!("vocab[{position}] has rank {}", token.rank)));
             }
-            let bytes = engine
-                .decode(&token.token_bytes)
-                .map_err(|e| invalid(format!("vocab[{position}].token_bytes is not base64: {e}")))?;
+            let bytes = engine.decode(&token.token_bytes).map_err(|e| invalid(format!("vocab[{position}].token_bytes is not base64: {e}")))?;
             pieces.push(bytes);
         }
         let bpe = Bpe::new(&data.config.pattern, pieces)?;
 
         let lookup = |token: SpecialTokens| -> Result<u32> {
-            special_ids
-                .get(token.as_str())
-                .copied()
-                .ok_or_else(|| TokenizerError::MissingSpecialToken(token.as_str().to_string()).into())
+            special_ids.get(token.as_str()).copied().ok_or_else(|| TokenizerError::MissingSpecialToken(token.as_str().to_string()).into())
         };
         let bos = lookup(SpecialTokens::Bos)?;
         let eos = lookup(SpecialTokens::Eos)?;
@@ -343,11 +326,8 @@ impl Tokenizer {
         let image = match image_config {
             Some(config) => {
                 config.validate().map_err(|e| invalid(e.to_string()))?;
-                let ids = SpecialImageIds {
-                    img: lookup(SpecialTokens::Img)?,
-                    img_break: lookup(SpecialTokens::ImgBreak)?,
-                    img_end: lookup(SpecialTokens::ImgEnd)?,
-                };
+                let ids =
+                    SpecialImageIds { img: lookup(SpecialTokens::Img)?, img_break: lookup(SpecialTokens::ImgBreak)?, img_end: lookup(SpecialTokens::ImgEnd)? };
                 Some(ImageEncoder::new(config, ids))
             }
             None => None,
@@ -359,17 +339,7 @@ impl Tokenizer {
             builder.validate().map_err(|e| invalid(e.to_string()))?;
         }
 
-        Ok(Tokenizer {
-            version,
-            num_special: num_special as u32,
-            specials,
-            special_ids,
-            bpe,
-            bos,
-            eos,
-            image,
-            model_settings: data.model_settings_builder,
-        })
+        Ok(Tokenizer { version, num_special: num_special as u32, specials, special_ids, bpe, bos, eos, image, model_settings: data.model_settings_builder })
     }
 
     /// The file's format version (`v15` for Small 4); the chat encoder needs v15.
@@ -441,10 +411,7 @@ impl Tokenizer {
         if id < self.num_special {
             return Ok(Token::Special(&self.specials[id as usize].token_str));
         }
-        self.bpe
-            .piece(id - self.num_special)
-            .map(Token::Bytes)
-            .ok_or_else(|| TokenizerError::IdOutOfRange { id, vocab_size: self.vocab_size() }.into())
+        self.bpe.piece(id - self.num_special).map(Token::Bytes).ok_or_else(|| TokenizerError::IdOutOfRange { id, vocab_size: self.vocab_size() }.into())
     }
 
     /// Decodes ids (section 3): each maximal run of ordinary ids is decoded alone, lossily; special ids follow

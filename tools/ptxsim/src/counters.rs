@@ -256,7 +256,11 @@ impl std::fmt::Display for Counters {
         if self.blocks_run != self.blocks {
             writeln!(f, "sampled: {} of {} blocks interpreted (the counters below cover those)", self.blocks_run, self.blocks)?;
         }
-        writeln!(f, "kernel {}: {} blocks, {} warp instructions ({} thread instructions)", self.kernel, self.blocks, self.warp_instructions, self.thread_instructions)?;
+        writeln!(
+            f,
+            "kernel {}: {} blocks, {} warp instructions ({} thread instructions)",
+            self.kernel, self.blocks, self.warp_instructions, self.thread_instructions
+        )?;
         for (name, n) in self.by_class_named() {
             writeln!(f, "  {name:>26}: {n}")?;
         }

@@ -294,7 +294,12 @@ struct FuncLayout {
     ret_reg: u32,
 }
 
-fn decode_kernel(f: &Function, funcs: &HashMap<&str, &Function>, module_symbols: &HashMap<String, (Space, u64)>, module_shared: &[VarDecl]) -> Result<Kernel, ParseError> {
+fn decode_kernel(
+    f: &Function,
+    funcs: &HashMap<&str, &Function>,
+    module_symbols: &HashMap<String, (Space, u64)>,
+    module_shared: &[VarDecl],
+) -> Result<Kernel, ParseError> {
     let (units, cyclic) = reachable(f, funcs);
     let mut symbols = module_symbols.clone();
     // Kernel params in declaration order, each aligned.
@@ -458,7 +463,8 @@ fn decode_call(ctx: &Ctx, i: &Instruction, name: &str, layout: Option<&FuncLayou
             if args.len() != l.params.len() || rets.len() > l.rets.len() {
                 return err(line, format!("call to {name} with {} arguments and {} results", args.len(), rets.len()));
             }
-            let copies = args.iter().zip(&l.params).map(|(a, &(at, bytes))| Ok((local(a)?, at as u32, bytes as u32))).collect::<Result<Vec<_>, ParseError>>()?;
+            let copies =
+                args.iter().zip(&l.params).map(|(a, &(at, bytes))| Ok((local(a)?, at as u32, bytes as u32))).collect::<Result<Vec<_>, ParseError>>()?;
             let back = rets.iter().zip(&l.rets).map(|(r, &(at, bytes))| Ok((at as u32, local(r)?, bytes as u32))).collect::<Result<Vec<_>, ParseError>>()?;
             Ok(vec![inst(Op::Call { target: 0, callee: name.to_string(), ret_reg: l.ret_reg, copies }), inst(Op::CopyLocal(back))])
         }
@@ -579,7 +585,10 @@ fn decode_bulk(ctx: &Ctx, i: &Instruction, inst: &mut Inst, m: &[&str]) -> Resul
     let first_space = m.iter().find(|x| x.starts_with("shared") || **x == "global").copied();
     let load = first_space.is_some_and(|x| x.starts_with("shared"));
     let spaces = m.iter().filter(|x| x.starts_with("shared") || **x == "global").count();
-    if spaces != 2 || m.iter().any(|x| x.starts_with("im2col") || x.starts_with("gather") || x.starts_with("scatter")) || (load && m.iter().filter(|x| x.starts_with("shared")).count() > 1) {
+    if spaces != 2
+        || m.iter().any(|x| x.starts_with("im2col") || x.starts_with("gather") || x.starts_with("scatter"))
+        || (load && m.iter().filter(|x| x.starts_with("shared")).count() > 1)
+    {
         inst.op = Op::Unsupported(i.opcode.clone());
         return Ok(());
     }
@@ -841,9 +850,7 @@ fn decode_inst(ctx: &Ctx, i: &Instruction) -> Result<Inst, ParseError> {
             }
             dst_src(&mut inst, fty)?;
         }
-        "add" | "sub" | "mul" | "mad" | "fma" | "div" | "rem" | "min" | "max" | "abs" | "neg" | "mul24" | "mad24" | "sad"
-            if !ty.is_float() =>
-        {
+        "add" | "sub" | "mul" | "mad" | "fma" | "div" | "rem" | "min" | "max" | "abs" | "neg" | "mul24" | "mad24" | "sad" if !ty.is_float() => {
             let op = match (base, has("hi"), has("wide")) {
                 ("add", ..) => IntOp::Add,
                 ("sub", ..) => IntOp::Sub,
@@ -873,8 +880,8 @@ fn decode_inst(ctx: &Ctx, i: &Instruction) -> Result<Inst, ParseError> {
             inst.op = Op::Int { op, ty, sat: has("sat") };
             dst_src(&mut inst, None)?;
         }
-        "add" | "sub" | "mul" | "fma" | "mad" | "div" | "rcp" | "sqrt" | "rsqrt" | "ex2" | "lg2" | "sin" | "cos" | "tanh" | "min" | "max"
-        | "abs" | "neg" | "copysign" => {
+        "add" | "sub" | "mul" | "fma" | "mad" | "div" | "rcp" | "sqrt" | "rsqrt" | "ex2" | "lg2" | "sin" | "cos" | "tanh" | "min" | "max" | "abs" | "neg"
+        | "copysign" => {
             let op = match base {
                 "add" => FloatOp::Add,
                 "sub" => FloatOp::Sub,
@@ -1003,15 +1010,7 @@ fn decode_inst(ctx: &Ctx, i: &Instruction) -> Result<Inst, ParseError> {
             if tys.len() != 2 {
                 return err(line, format!("cvt needs two types: {}", i.opcode));
             }
-            inst.op = Op::Cvt {
-                dty: tys[0],
-                sty: tys[1],
-                rnd: rounding(m),
-                ftz: has("ftz"),
-                sat: has("sat"),
-                satfinite: has("satfinite"),
-                relu: has("relu"),
-            };
+            inst.op = Op::Cvt { dty: tys[0], sty: tys[1], rnd: rounding(m), ftz: has("ftz"), sat: has("sat"), satfinite: has("satfinite"), relu: has("relu") };
             dst_src(&mut inst, if tys[1].is_float() { Some(tys[1]) } else { None })?;
         }
         "cvta" => {
@@ -1082,7 +1081,9 @@ fn decode_inst(ctx: &Ctx, i: &Instruction) -> Result<Inst, ParseError> {
         }
         "bra" => {
             let target = match ops.first() {
-                Some(Operand::Name(l, 0)) => ctx.label(l).ok_or_else(|| ParseError { line, message: format!("unknown label {l} (not declared in this {{ }} block or an enclosing one)") })?,
+                Some(Operand::Name(l, 0)) => ctx
+                    .label(l)
+                    .ok_or_else(|| ParseError { line, message: format!("unknown label {l} (not declared in this {{ }} block or an enclosing one)") })?,
                 _ => return err(line, "bra needs a label"),
             };
             inst.op = Op::Bra(target);

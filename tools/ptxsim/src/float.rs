@@ -31,7 +31,8 @@ pub const E5M2: Format = Format { exp_bits: 5, man_bits: 2, bias: 15, max_finite
 /// fp4 E2M1: no infinities or NaN, max 6.
 pub const E2M1: Format = Format { exp_bits: 2, man_bits: 1, bias: 1, max_finite: 0x7, inf: None, nan: None };
 /// tf32 values live in f32 bit positions with the low 13 mantissa bits zero.
-pub const TF32: Format = Format { exp_bits: 8, man_bits: 10, bias: 127, max_finite: 0x7f7f_e000 >> 13, inf: Some(0x7f80_0000 >> 13), nan: Some(0x7fff_ffff >> 13) };
+pub const TF32: Format =
+    Format { exp_bits: 8, man_bits: 10, bias: 127, max_finite: 0x7f7f_e000 >> 13, inf: Some(0x7f80_0000 >> 13), nan: Some(0x7fff_ffff >> 13) };
 
 /// 2^e exactly, for the normal f64 range (every exponent these formats need).
 #[inline(always)]
@@ -244,7 +245,8 @@ mod tests {
         assert_eq!(encode(100000.0, E5M2, Rnd::Rn, false), 0x7c);
         assert_eq!(encode(100000.0, E5M2, Rnd::Rn, true), 0x7b);
         assert_eq!(decode(0x7b, E5M2), 57344.0);
-        for (v, b) in [(0.5, 1u32), (1.0, 2), (1.5, 3), (2.0, 4), (3.0, 5), (4.0, 6), (6.0, 7), (-6.0, 0xf), (5.0, 6), (0.25, 0), (0.75, 2), (2.5, 4), (3.5, 6)] {
+        for (v, b) in [(0.5, 1u32), (1.0, 2), (1.5, 3), (2.0, 4), (3.0, 5), (4.0, 6), (6.0, 7), (-6.0, 0xf), (5.0, 6), (0.25, 0), (0.75, 2), (2.5, 4), (3.5, 6)]
+        {
             assert_eq!(encode(v, E2M1, Rnd::Rn, true), b, "{v}");
         }
         assert_eq!(encode(7.0, E2M1, Rnd::Rn, true), 7);

@@ -270,12 +270,19 @@ pub enum IntOp {
     Bfi,
     Sad,
     /// `dp4a.atype.btype`: four 8-bit products accumulated into 32 bits.
-    Dp4a { a_signed: bool, b_signed: bool },
+    Dp4a {
+        a_signed: bool,
+        b_signed: bool,
+    },
     /// `lop3.b32 d, a, b, c, lut`: any 3-input bitwise function.
     Lop3,
     /// Funnel shifts `shf.{l,r}.{wrap,clamp}.b32 d, a, b, c` over the 64-bit value {b, a}.
-    ShfL { wrap: bool },
-    ShfR { wrap: bool },
+    ShfL {
+        wrap: bool,
+    },
+    ShfR {
+        wrap: bool,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -497,31 +504,95 @@ impl Class {
 pub enum Op {
     Mov(Ty),
     /// `mov.b32 %r, {%rs0, %rs1}`: packs `parts` sources of `bits` each, first = least significant.
-    Pack { parts: u32, bits: u32 },
+    Pack {
+        parts: u32,
+        bits: u32,
+    },
     /// `mov.b32 {%rs0, %rs1}, %r`
-    Unpack { parts: u32, bits: u32 },
-    Int { op: IntOp, ty: Ty, sat: bool },
+    Unpack {
+        parts: u32,
+        bits: u32,
+    },
+    Int {
+        op: IntOp,
+        ty: Ty,
+        sat: bool,
+    },
     Prmt(PrmtMode),
-    Float { op: FloatOp, ty: Ty, rnd: Rnd, ftz: bool, sat: bool, approx: bool },
-    Setp { cmp: Cmp, ty: Ty, combine: Option<BoolOp>, ftz: bool },
+    Float {
+        op: FloatOp,
+        ty: Ty,
+        rnd: Rnd,
+        ftz: bool,
+        sat: bool,
+        approx: bool,
+    },
+    Setp {
+        cmp: Cmp,
+        ty: Ty,
+        combine: Option<BoolOp>,
+        ftz: bool,
+    },
     /// `set.cmp.dtype.stype`: 0xffffffff / 1.0f on true.
-    Set { cmp: Cmp, dty: Ty, ty: Ty, combine: Option<BoolOp> },
+    Set {
+        cmp: Cmp,
+        dty: Ty,
+        ty: Ty,
+        combine: Option<BoolOp>,
+    },
     Selp(Ty),
-    Slct { ty: Ty, cty: Ty },
-    Cvt { dty: Ty, sty: Ty, rnd: Rnd, ftz: bool, sat: bool, satfinite: bool, relu: bool },
+    Slct {
+        ty: Ty,
+        cty: Ty,
+    },
+    Cvt {
+        dty: Ty,
+        sty: Ty,
+        rnd: Rnd,
+        ftz: bool,
+        sat: bool,
+        satfinite: bool,
+        relu: bool,
+    },
     /// `cvta.space` (to generic) or `cvta.to.space` (from generic).
-    Cvta { space: Space, to_space: bool, bits: u32 },
+    Cvta {
+        space: Space,
+        to_space: bool,
+        bits: u32,
+    },
     /// `isspacep.space`
     IsSpace(Space),
-    Ld { space: Space, ty: Ty, vec: u32, nc: bool },
-    St { space: Space, ty: Ty, vec: u32 },
-    Atom { space: Space, op: AtomOp, ty: Ty, returns: bool, vec: u32 },
-    CpAsync { bytes: u32, zfill: bool },
+    Ld {
+        space: Space,
+        ty: Ty,
+        vec: u32,
+        nc: bool,
+    },
+    St {
+        space: Space,
+        ty: Ty,
+        vec: u32,
+    },
+    Atom {
+        space: Space,
+        op: AtomOp,
+        ty: Ty,
+        returns: bool,
+        vec: u32,
+    },
+    CpAsync {
+        bytes: u32,
+        zfill: bool,
+    },
     CpAsyncCommit,
     CpAsyncWait(u32),
     Bra(u32),
     Exit,
-    Bar { kind: BarKind, id_is_operand: bool, has_count: bool },
+    Bar {
+        kind: BarKind,
+        id_is_operand: bool,
+        has_count: bool,
+    },
     BarWarp,
     Fence,
     /// `fence.proxy.async{.space}` (and the `async::generic` forms): orders this thread's generic-proxy accesses
@@ -542,10 +613,14 @@ pub enum Op {
     GetCtaRank,
     /// `cp.async.bulk.tensor.Nd.shared::{cluster,cta}.global{.tile}.mbarrier::complete_tx::bytes [dst], [map, {c..}],
     /// [mbar]`: `addr` = dst; `s` = map address (base, offset), the `dims` coordinates, mbarrier (base, offset).
-    TmaLoad { dims: u32 },
+    TmaLoad {
+        dims: u32,
+    },
     /// `cp.async.bulk.tensor.Nd.global.shared::cta{.tile}.bulk_group [map, {c..}], [src]`: `addr` = src; `s` = map
     /// address (base, offset), the coordinates.
-    TmaStore { dims: u32 },
+    TmaStore {
+        dims: u32,
+    },
     /// `cp.async.bulk.shared::{cluster,cta}.global.mbarrier::complete_tx::bytes [dst], [src], size, [mbar]`:
     /// `addr` = dst; `s` = src (base, offset), size, mbarrier (base, offset).
     BulkLoad,
@@ -554,7 +629,10 @@ pub enum Op {
     /// `cp.async.bulk.commit_group`
     BulkCommit,
     /// `cp.async.bulk.wait_group{.read} n`
-    BulkWait { n: u32, read: bool },
+    BulkWait {
+        n: u32,
+        read: bool,
+    },
     /// `wgmma.mma_async`: `d` = the accumulator registers; `s` = A (one descriptor, or four registers), the B
     /// descriptor, scale-d.
     Wgmma(WgmmaSpec),
@@ -569,15 +647,41 @@ pub enum Op {
     /// `barrier.cluster.wait{.acquire}{.aligned}`
     ClusterWait,
     /// `testp.{finite,infinite,number,notanumber,normal,subnormal}.type p, a`
-    Testp { test: TestpKind, ty: Ty },
-    Redux { op: AtomOp, ty: Ty },
-    Match { all: bool, ty: Ty },
-    Ldmatrix { num: u32, trans: bool },
+    Testp {
+        test: TestpKind,
+        ty: Ty,
+    },
+    Redux {
+        op: AtomOp,
+        ty: Ty,
+    },
+    Match {
+        all: bool,
+        ty: Ty,
+    },
+    Ldmatrix {
+        num: u32,
+        trans: bool,
+    },
     /// `stmatrix`
-    Stmatrix { num: u32, trans: bool },
-    Mma { shape: MmaShape, a: Ty, b: Ty, c: Ty, d: Ty },
+    Stmatrix {
+        num: u32,
+        trans: bool,
+    },
+    Mma {
+        shape: MmaShape,
+        a: Ty,
+        b: Ty,
+        c: Ty,
+        d: Ty,
+    },
     /// A direct call: copy the arguments (local offset from, to, bytes), save pc + 1 in `ret_reg`, jump to `target`.
-    Call { target: u32, callee: String, ret_reg: u32, copies: Vec<(u32, u32, u32)> },
+    Call {
+        target: u32,
+        callee: String,
+        ret_reg: u32,
+        copies: Vec<(u32, u32, u32)>,
+    },
     /// Return from a device function to the address in the register.
     Return(u32),
     /// Copies between per-thread local areas (a callee's return values to the caller's).
@@ -596,8 +700,15 @@ pub enum Op {
 impl Op {
     pub fn class(&self) -> Class {
         match self {
-            Op::Mov(_) | Op::Pack { .. } | Op::Unpack { .. } | Op::Selp(_) | Op::Slct { .. } | Op::Cvta { .. } | Op::IsSpace(_) | Op::CreatePolicy => Class::Move,
-            Op::Int { .. } | Op::Prmt(_) | Op::Setp { ty: Ty::Pred | Ty::B8 | Ty::B16 | Ty::B32 | Ty::B64 | Ty::U8 | Ty::U16 | Ty::U32 | Ty::U64 | Ty::S8 | Ty::S16 | Ty::S32 | Ty::S64, .. } => Class::Integer,
+            Op::Mov(_) | Op::Pack { .. } | Op::Unpack { .. } | Op::Selp(_) | Op::Slct { .. } | Op::Cvta { .. } | Op::IsSpace(_) | Op::CreatePolicy => {
+                Class::Move
+            }
+            Op::Int { .. }
+            | Op::Prmt(_)
+            | Op::Setp {
+                ty: Ty::Pred | Ty::B8 | Ty::B16 | Ty::B32 | Ty::B64 | Ty::U8 | Ty::U16 | Ty::U32 | Ty::U64 | Ty::S8 | Ty::S16 | Ty::S32 | Ty::S64,
+                ..
+            } => Class::Integer,
             Op::Float { .. } | Op::Setp { .. } | Op::Set { .. } => Class::Float,
             Op::Cvt { .. } => Class::Convert,
             Op::Ld { space: Space::Global, .. } | Op::St { space: Space::Global, .. } => Class::GlobalMemory,
@@ -606,7 +717,9 @@ impl Op {
             Op::Atom { .. } => Class::Atomic,
             Op::CpAsync { .. } | Op::CpAsyncCommit | Op::CpAsyncWait(_) => Class::AsyncCopy,
             Op::TmaLoad { .. } | Op::TmaStore { .. } | Op::BulkLoad | Op::BulkStore | Op::BulkCommit | Op::BulkWait { .. } => Class::AsyncCopy,
-            Op::Bra(_) | Op::Exit | Op::Trap | Op::Nop | Op::Unsupported(_) | Op::Call { .. } | Op::Return(_) | Op::CopyLocal(_) | Op::AssertFail(_) => Class::Control,
+            Op::Bra(_) | Op::Exit | Op::Trap | Op::Nop | Op::Unsupported(_) | Op::Call { .. } | Op::Return(_) | Op::CopyLocal(_) | Op::AssertFail(_) => {
+                Class::Control
+            }
             Op::Bar { .. } | Op::BarWarp | Op::Fence | Op::ProxyFence | Op::Mbar(_) | Op::ClusterArrive | Op::ClusterWait | Op::SetMaxNReg(_) => Class::Sync,
             Op::Mapa | Op::GetCtaRank => Class::Move,
             Op::Shfl(_) | Op::Vote(_) | Op::Activemask | Op::Elect | Op::Redux { .. } | Op::Match { .. } => Class::WarpCollective,

@@ -78,8 +78,8 @@ pub mod timing;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use counters::{BlockSample, Counters};
-pub use timing::{Gpu, Model, Prediction, Profile};
 use memory::GlobalMemory;
+pub use timing::{Gpu, Model, Prediction, Profile};
 
 /// A PTX syntax or decoding error, naming the source line.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

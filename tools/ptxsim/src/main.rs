@@ -9,7 +9,8 @@
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: ptxsim info FILE.ptx | ptxsim run FILE.ptx KERNEL --grid X,Y,Z --block X,Y,Z [--shared BYTES] [buf:BYTES|u32:V|i32:V|f32:V|u64:V|pad:N]...";
+const USAGE: &str =
+    "usage: ptxsim info FILE.ptx | ptxsim run FILE.ptx KERNEL --grid X,Y,Z --block X,Y,Z [--shared BYTES] [buf:BYTES|u32:V|i32:V|f32:V|u64:V|pad:N]...";
 
 fn dims(s: &str) -> Result<[u32; 3], String> {
     let v: Vec<u32> = s.split(',').map(|x| x.parse::<u32>().map_err(|e| format!("{s}: {e}"))).collect::<Result<_, _>>()?;

@@ -334,7 +334,10 @@ impl SharedMemory {
         if *epoch != self.epoch {
             return None;
         }
-        reads.iter().find(|r| if r.warp == warp { !(r.warp_epoch != we || (!r.many_lanes && r.tid == tid)) } else { !self.clock_ordered(r.warp, r.clock, warp) }).map(|r| r.tid)
+        reads
+            .iter()
+            .find(|r| if r.warp == warp { !(r.warp_epoch != we || (!r.many_lanes && r.tid == tid)) } else { !self.clock_ordered(r.warp, r.clock, warp) })
+            .map(|r| r.tid)
     }
 
     /// Adds a read to the per-warp read set of byte `i` (used once several warps read it while mbarriers exist).
@@ -408,8 +411,13 @@ impl SharedMemory {
                 if self.hb_active && (new_warp || a.read_warp == MANY_WARPS) {
                     // Several warps read this byte: keep each warp's latest read so a writer ordered after all of them
                     // by mbarriers is not reported.
-                    let first = (a.read_warp != MANY_WARPS)
-                        .then_some(WarpRead { warp: a.read_warp, clock: a.read_clock, warp_epoch: a.read_warp_epoch, tid: a.read_tid, many_lanes: a.read_many });
+                    let first = (a.read_warp != MANY_WARPS).then_some(WarpRead {
+                        warp: a.read_warp,
+                        clock: a.read_clock,
+                        warp_epoch: a.read_warp_epoch,
+                        tid: a.read_tid,
+                        many_lanes: a.read_many,
+                    });
                     self.add_read(i, first, WarpRead { warp, clock, warp_epoch: we, tid, many_lanes: false });
                 }
                 let rec = &mut self.access[i];

@@ -211,7 +211,9 @@ impl Parser {
         let line = self.line();
         let neg = self.eat('-');
         match self.next()? {
-            Tok::Num(n) => parse_int(&n).map(|v| if neg { v.wrapping_neg() } else { v }).ok_or_else(|| ParseError { line, message: format!("bad integer {n}") }),
+            Tok::Num(n) => {
+                parse_int(&n).map(|v| if neg { v.wrapping_neg() } else { v }).ok_or_else(|| ParseError { line, message: format!("bad integer {n}") })
+            }
             other => err(line, format!("expected a number, found {other:?}")),
         }
     }

@@ -162,7 +162,12 @@ impl TensorMap {
     pub fn encode(&self) -> [u8; 128] {
         let mut b = [0u8; 128];
         b[0..8].copy_from_slice(&self.global_address.to_le_bytes());
-        let ctrl = (self.rank - 1) << 4 | TO_PTX_CODE[self.data_type as usize] << 7 | self.interleave << 11 | self.swizzle << 13 | self.oob_fill << 15 | self.l2_promotion << 16;
+        let ctrl = (self.rank - 1) << 4
+            | TO_PTX_CODE[self.data_type as usize] << 7
+            | self.interleave << 11
+            | self.swizzle << 13
+            | self.oob_fill << 15
+            | self.l2_promotion << 16;
         b[8..12].copy_from_slice(&ctrl.to_le_bytes());
         for i in 0..5 {
             if i > 0 {

@@ -76,14 +76,7 @@ impl Gpu {
         max_blocks_per_sm: 32,
     };
     /// NVIDIA H100 PCIe 80 GB.
-    pub const H100_PCIE: Gpu = Gpu {
-        name: "h100-pcie",
-        sms: 114,
-        clock_hz: 1.62e9,
-        dram_bytes_per_s: 2.0e12,
-        l2_bytes_per_s: 5.5e12,
-        ..Gpu::H100_SXM
-    };
+    pub const H100_PCIE: Gpu = Gpu { name: "h100-pcie", sms: 114, clock_hz: 1.62e9, dram_bytes_per_s: 2.0e12, l2_bytes_per_s: 5.5e12, ..Gpu::H100_SXM };
     /// NVIDIA H200 SXM 141 GB: the H100 SXM's SMs and clocks with HBM3e.
     pub const H200: Gpu = Gpu { name: "h200", dram_bytes_per_s: 4.8e12, ..Gpu::H100_SXM };
 
@@ -262,7 +255,8 @@ impl Prediction {
     }
     /// The term that set the time: "dram", "l2", "issue", "tensor", "shared", "chain" or "latency".
     pub fn bound(&self) -> &'static str {
-        let terms = [(self.dram_s, "dram"), (self.l2_s, "l2"), (self.issue_s, "issue"), (self.tensor_s, "tensor"), (self.shared_s, "shared"), (self.chain_s, "chain")];
+        let terms =
+            [(self.dram_s, "dram"), (self.l2_s, "l2"), (self.issue_s, "issue"), (self.tensor_s, "tensor"), (self.shared_s, "shared"), (self.chain_s, "chain")];
         let (t, name) = terms.into_iter().fold((0.0, "latency"), |a, b| if b.0 > a.0 { b } else { a });
         if t < self.exposed_s {
             "latency"

@@ -41,7 +41,20 @@ fn nvcc_tma_probe_matches_the_h100() {
         let t = upload(&mut m, &(1..=400u32).collect::<Vec<_>>());
         let out = poisoned(&mut m, 4096);
         let box0 = words / 8;
-        let map = encode_tiled(DataType::Uint32 as u32, 2, t, &[40, 10], &[160], &[box0, 8], &[1, 1], Interleave::None as u32, sw, L2Promotion::None as u32, OobFill::None as u32).unwrap();
+        let map = encode_tiled(
+            DataType::Uint32 as u32,
+            2,
+            t,
+            &[40, 10],
+            &[160],
+            &[box0, 8],
+            &[1, 1],
+            Interleave::None as u32,
+            sw,
+            L2Promotion::None as u32,
+            OobFill::None as u32,
+        )
+        .unwrap();
         let mut params = map.to_vec();
         params.extend_from_slice(&out.to_le_bytes());
         params.extend_from_slice(&c[0].to_le_bytes());

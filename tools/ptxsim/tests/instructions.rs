@@ -136,7 +136,15 @@ fn bit_operations() {
     check32("bfe.u32 %rd, %ra, %rb, %rc;", &[(0xabcd_1234, 8, 12, 0xd12), (0xabcd_1234, 28, 8, 0xa), (5, 3, 0, 0)]);
     check32("bfe.s32 %rd, %ra, %rb, %rc;", &[(0xabcd_1234, 8, 12, 0xffff_fd12), (0xabcd_1234, 28, 8, 0xffff_fffa), (0x0000_0f00, 8, 4, 0xffff_ffff)]);
     check32("bfi.b32 %rd, %ra, %rb, %rc, 8;", &[(0xff, 0x1234_5678, 8, 0x1234_ff78), (0xab, 0, 28, 0xb000_0000)]);
-    check32("prmt.b32 %rd, %ra, %rb, %rc;", &[(0x4433_2211, 0x8877_6655, 0x3210, 0x4433_2211), (0x4433_2211, 0x8877_6655, 0x7654, 0x8877_6655), (0x4433_2211, 0x8877_6655, 0x0415, 0x1155_2266), (0x4433_22f1, 0x8877_6655, 0x8000, 0xfff1_f1f1)]);
+    check32(
+        "prmt.b32 %rd, %ra, %rb, %rc;",
+        &[
+            (0x4433_2211, 0x8877_6655, 0x3210, 0x4433_2211),
+            (0x4433_2211, 0x8877_6655, 0x7654, 0x8877_6655),
+            (0x4433_2211, 0x8877_6655, 0x0415, 0x1155_2266),
+            (0x4433_22f1, 0x8877_6655, 0x8000, 0xfff1_f1f1),
+        ],
+    );
     check32("prmt.b32.f4e %rd, %ra, %rb, %rc;", &[(0x4433_2211, 0x8877_6655, 1, 0x5544_3322)]);
     check32("prmt.b32.b4e %rd, %ra, %rb, %rc;", &[(0x4433_2211, 0x8877_6655, 0, 0x6677_8811)]);
     check32("prmt.b32.rc8 %rd, %ra, %rb, %rc;", &[(0x4433_2211, 0, 2, 0x3333_3333)]);
@@ -194,8 +202,20 @@ fn float_arithmetic() {
     check32("div.rn.f32 %fd, %fa, %fb; mov.b32 %rd, %fd;", &[(f(1.0), f(3.0), 0, f(1.0 / 3.0)), (f(1.0), 0, 0, f(f32::INFINITY))]);
     check32("div.full.f32 %fd, %fa, %fb; mov.b32 %rd, %fd;", &[(f(6.0), f(3.0), 0, f(2.0))]);
     check32("rcp.rn.f32 %fd, %fa; mov.b32 %rd, %fd;", &[(f(4.0), 0, 0, f(0.25)), (f(3.0), 0, 0, f(1.0 / 3.0))]);
-    check32("sqrt.rn.f32 %fd, %fa; mov.b32 %rd, %fd;", &[(f(2.0), 0, 0, f(2f32.sqrt())), (f(-1.0), 0, 0, nan & 0xffc0_0000 | 0x0040_0000)].map(|c| if c.0 == f(-1.0) { (c.0, c.1, c.2, f32::NAN.to_bits()) } else { c })[..1]);
-    check32("min.f32 %fd, %fa, %fb; mov.b32 %rd, %fd;", &[(nan, f(2.0), 0, f(2.0)), (f(-0.0), f(0.0), 0, f(-0.0)), (f(0.0), f(-0.0), 0, f(-0.0)), (f(1.0), f(-3.0), 0, f(-3.0))]);
+    check32(
+        "sqrt.rn.f32 %fd, %fa; mov.b32 %rd, %fd;",
+        &[(f(2.0), 0, 0, f(2f32.sqrt())), (f(-1.0), 0, 0, nan & 0xffc0_0000 | 0x0040_0000)].map(|c| {
+            if c.0 == f(-1.0) {
+                (c.0, c.1, c.2, f32::NAN.to_bits())
+            } else {
+                c
+            }
+        })[..1],
+    );
+    check32(
+        "min.f32 %fd, %fa, %fb; mov.b32 %rd, %fd;",
+        &[(nan, f(2.0), 0, f(2.0)), (f(-0.0), f(0.0), 0, f(-0.0)), (f(0.0), f(-0.0), 0, f(-0.0)), (f(1.0), f(-3.0), 0, f(-3.0))],
+    );
     check32("max.f32 %fd, %fa, %fb; mov.b32 %rd, %fd;", &[(f(2.0), nan, 0, f(2.0)), (f(-0.0), f(0.0), 0, f(0.0)), (f(1.0), f(-3.0), 0, f(1.0))]);
     check32("abs.f32 %fd, %fa; mov.b32 %rd, %fd;", &[(f(-2.5), 0, 0, f(2.5))]);
     check32("neg.f32 %fd, %fa; mov.b32 %rd, %fd;", &[(f(2.5), 0, 0, f(-2.5))]);
@@ -208,7 +228,17 @@ fn float_arithmetic() {
     check64("fma.rn.f64 %dd, %da, %db, %dc; mov.b64 %d, %dd;", &[(3f64.to_bits(), 0.1f64.to_bits(), 1f64.to_bits(), 3f64.mul_add(0.1, 1.0).to_bits())]);
     check64("div.rn.f64 %dd, %da, %db; mov.b64 %d, %dd;", &[(1f64.to_bits(), 3f64.to_bits(), 0, (1.0f64 / 3.0).to_bits())]);
     // Approximate functions: within the manual's stated error (checked loosely here).
-    for (op, x, want) in [("ex2.approx.f32", 3.5f32, 3.5f32.exp2()), ("lg2.approx.f32", 10.0, 10f32.log2()), ("rsqrt.approx.f32", 2.0, 1.0 / 2f32.sqrt()), ("rcp.approx.f32", 3.0, 1.0 / 3.0), ("sin.approx.f32", 0.5, 0.5f32.sin()), ("cos.approx.f32", 0.5, 0.5f32.cos()), ("tanh.approx.f32", 0.5, 0.5f32.tanh()), ("sqrt.approx.f32", 2.0, 2f32.sqrt()), ("ex2.approx.ftz.f32", -2.0, 0.25)] {
+    for (op, x, want) in [
+        ("ex2.approx.f32", 3.5f32, 3.5f32.exp2()),
+        ("lg2.approx.f32", 10.0, 10f32.log2()),
+        ("rsqrt.approx.f32", 2.0, 1.0 / 2f32.sqrt()),
+        ("rcp.approx.f32", 3.0, 1.0 / 3.0),
+        ("sin.approx.f32", 0.5, 0.5f32.sin()),
+        ("cos.approx.f32", 0.5, 0.5f32.cos()),
+        ("tanh.approx.f32", 0.5, 0.5f32.tanh()),
+        ("sqrt.approx.f32", 2.0, 2f32.sqrt()),
+        ("ex2.approx.ftz.f32", -2.0, 0.25),
+    ] {
         let got = run(&format!("{op} %fd, %fa; mov.b32 %rd, %fd; cvt.u64.u32 %d, %rd;"), &[(f(x) as u64, 0, 0)]);
         let g = f32::from_bits(got[0] as u32);
         assert!((g - want).abs() <= want.abs() * 1e-6, "{op}({x}) = {g}, want {want}");
@@ -329,7 +359,8 @@ fn cvt_rounding_to_f16_bf16_matches_brute_force() {
     for mode in ["rn", "rz", "rm", "rp"] {
         for (ty, values, inf, scale) in [("f16", &f16s, 0x7c00u32, 60000.0f32), ("bf16", &bf16s, 0x7f80, 1e30)] {
             let inputs = rounding_inputs(&mut rng, scale);
-            let got = run(&format!("cvt.{mode}.{ty}.f32 %hd, %fa; cvt.u64.u16 %d, %hd;"), &inputs.iter().map(|x| (x.to_bits() as u64, 0, 0)).collect::<Vec<_>>());
+            let got =
+                run(&format!("cvt.{mode}.{ty}.f32 %hd, %fa; cvt.u64.u16 %d, %hd;"), &inputs.iter().map(|x| (x.to_bits() as u64, 0, 0)).collect::<Vec<_>>());
             for (x, g) in inputs.iter().zip(got) {
                 let want = brute_round(*x as f64, values, 0x8000, Some(inf), mode, false);
                 assert_eq!(g as u32, want, "cvt.{mode}.{ty}.f32 of {x:e}: got {g:#x}, want {want:#x}");
@@ -389,11 +420,23 @@ fn cvt_rounding_to_fp8_fp4_matches_brute_force() {
 
 #[test]
 fn cvt_between_integers_and_floats() {
-    check32("cvt.rn.f32.s32 %fd, %ra; mov.b32 %rd, %fd;", &[(n(-3), 0, 0, f(-3.0)), (0x7fff_ffff, 0, 0, f(2147483648.0)), (16777217, 0, 0, f(16777216.0)), (16777219, 0, 0, f(16777220.0))]);
+    check32(
+        "cvt.rn.f32.s32 %fd, %ra; mov.b32 %rd, %fd;",
+        &[(n(-3), 0, 0, f(-3.0)), (0x7fff_ffff, 0, 0, f(2147483648.0)), (16777217, 0, 0, f(16777216.0)), (16777219, 0, 0, f(16777220.0))],
+    );
     check32("cvt.rz.f32.u32 %fd, %ra; mov.b32 %rd, %fd;", &[(u32::MAX, 0, 0, f(4294967040.0))]);
     check32("cvt.rp.f32.u32 %fd, %ra; mov.b32 %rd, %fd;", &[(16777217, 0, 0, f(16777218.0))]);
-    check64("cvt.rn.f32.u64 %fd, %a; mov.b32 %rd, %fd; cvt.u64.u32 %d, %rd;", &[((1u64 << 60) + (1 << 36) + 1, 0, 0, ((1u64 << 60) as f32).to_bits() as u64 + 1), ((1u64 << 60) + (1 << 36), 0, 0, ((1u64 << 60) as f32).to_bits() as u64)]);
-    check32("cvt.rzi.s32.f32 %rd, %fa;", &[(f(-2.7), 0, 0, n(-2)), (f(3e9), 0, 0, i32::MAX as u32), (f(-3e9), 0, 0, n(i32::MIN)), (f32::NAN.to_bits(), 0, 0, 0)]);
+    check64(
+        "cvt.rn.f32.u64 %fd, %a; mov.b32 %rd, %fd; cvt.u64.u32 %d, %rd;",
+        &[
+            ((1u64 << 60) + (1 << 36) + 1, 0, 0, ((1u64 << 60) as f32).to_bits() as u64 + 1),
+            ((1u64 << 60) + (1 << 36), 0, 0, ((1u64 << 60) as f32).to_bits() as u64),
+        ],
+    );
+    check32(
+        "cvt.rzi.s32.f32 %rd, %fa;",
+        &[(f(-2.7), 0, 0, n(-2)), (f(3e9), 0, 0, i32::MAX as u32), (f(-3e9), 0, 0, n(i32::MIN)), (f32::NAN.to_bits(), 0, 0, 0)],
+    );
     check32("cvt.rni.s32.f32 %rd, %fa;", &[(f(2.5), 0, 0, 2), (f(3.5), 0, 0, 4), (f(-2.5), 0, 0, n(-2))]);
     check32("cvt.rmi.s32.f32 %rd, %fa;", &[(f(-2.1), 0, 0, n(-3))]);
     check32("cvt.rpi.u32.f32 %rd, %fa;", &[(f(2.1), 0, 0, 3), (f(-5.0), 0, 0, 0)]);

@@ -222,7 +222,11 @@ fn conversion_intrinsics_round_like_the_isa() {
         // e4m3: the nearest finite value (saturating), checked against the independent decoder.
         for (k, v) in [x, y].iter().enumerate() {
             let b = (o[2] >> (8 * k)) as u8;
-            let best = (0u8..=255).filter(|b| b & 0x7f != 0x7f).map(|b| (b, (e4m3_value(b) - *v as f64).abs())).fold((0u8, f64::MAX), |a, c| if c.1 < a.1 { c } else { a });
+            let best =
+                (0u8..=255)
+                    .filter(|b| b & 0x7f != 0x7f)
+                    .map(|b| (b, (e4m3_value(b) - *v as f64).abs()))
+                    .fold((0u8, f64::MAX), |a, c| if c.1 < a.1 { c } else { a });
             assert!((e4m3_value(b) - *v as f64).abs() <= best.1, "e4m3 of {v}: got {b:#x}, nearest is {:#x}", best.0);
         }
         let back = f16::from_bits(o[4] as u16).to_f64();

@@ -247,7 +247,8 @@ fn tile_store_clips_at_the_tensor_end_and_refuses_negative_coordinates() {
     for y in 0..10i64 {
         for x in 0..40i64 {
             let (j0, j1) = (x - 16, y - 4);
-            let want = if (0..32).contains(&j0) && (0..8).contains(&j1) { 1000 + (t.swizzled(((j1 * 32 + j0) * 4) as usize) / 4) as u32 } else { t.value(&[x, y]) };
+            let want =
+                if (0..32).contains(&j0) && (0..8).contains(&j1) { 1000 + (t.swizzled(((j1 * 32 + j0) * 4) as usize) / 4) as u32 } else { t.value(&[x, y]) };
             assert_eq!(global[(y * 40 + x) as usize], want, "element ({x}, {y})");
         }
     }
@@ -295,7 +296,10 @@ fn encoder_refuses_what_the_driver_refuses() {
     let bf16 = DataType::Bfloat16 as u32;
     let good = ok(bf16, 2, 0x1000, &[64, 100], &[128], &[64, 32], &[1, 1], 0, 3, 2, 0).unwrap();
     let m = TensorMap::decode(&good);
-    assert_eq!((m.global_address, m.data_type, m.rank, m.global_dim[..2].to_vec(), m.global_strides[..2].to_vec()), (0x1000, bf16, 2, vec![64, 100], vec![2, 128]));
+    assert_eq!(
+        (m.global_address, m.data_type, m.rank, m.global_dim[..2].to_vec(), m.global_strides[..2].to_vec()),
+        (0x1000, bf16, 2, vec![64, 100], vec![2, 128])
+    );
     assert_eq!((m.box_dim[..2].to_vec(), m.swizzle, m.l2_promotion), (vec![64, 32], 3, 2));
     assert_eq!(TensorMap::decode(&m.encode()), m);
     // All-zero bytes are a valid default map: rank 1, one u8 element.

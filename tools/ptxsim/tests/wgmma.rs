@@ -112,7 +112,10 @@ fn source(c: &Case, before: &str, between: &str) -> String {
                 a = (4 * ks..4 * ks + 4).map(|r| format!("%a{r}")).collect::<Vec<_>>().join(", ")
             );
         } else {
-            steps += &format!("  wgmma.mma_async.sync.aligned.m64n{}k16.{ty_d}.{ty_ab}.{ty_ab} {{{dlist}}}, %da, %db, {scale_d}, 1, {neg_b}, {trans_a}, {trans_b};\n", c.n);
+            steps += &format!(
+                "  wgmma.mma_async.sync.aligned.m64n{}k16.{ty_d}.{ty_ab}.{ty_ab} {{{dlist}}}, %da, %db, {scale_d}, 1, {neg_b}, {trans_a}, {trans_b};\n",
+                c.n
+            );
         }
     }
     let stores = (0..d_regs).map(|i| format!("  st.global.b32 [%out+{}], %d{i};\n", 4 * i)).collect::<String>();
@@ -301,7 +304,9 @@ fn planted_wgmma_hazards_are_reported() {
     let e = run_source(&c, &source(&c, "", "").replace("wgmma.fence.sync.aligned;\n", ""), true).unwrap_err();
     assert!(e.message.contains("before any wgmma.fence"), "{e}");
     // A descriptor that differs between lanes.
-    let skewed = source(&c, "", "").replace("  wgmma.fence.sync.aligned;\n", "  wgmma.fence.sync.aligned;\n  @%p add.s64 %da, %da, 2;\n").replace("  ld.global.u64 %da, [%in+0];\n", "");
+    let skewed = source(&c, "", "")
+        .replace("  wgmma.fence.sync.aligned;\n", "  wgmma.fence.sync.aligned;\n  @%p add.s64 %da, %da, 2;\n")
+        .replace("  ld.global.u64 %da, [%in+0];\n", "");
     let e = run_source(&c, &skewed.replacen("wgmma.fence.sync.aligned;", "ld.global.u64 %da, [%in+0];\n  wgmma.fence.sync.aligned;", 1), true).unwrap_err();
     assert!(e.message.contains("differs between lanes 0 and 1"), "{e}");
 }

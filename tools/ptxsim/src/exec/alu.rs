@@ -29,7 +29,13 @@ fn int_min_max(ty: Ty) -> (i128, i128) {
 fn int1(op: IntOp, ty: Ty, sat: bool, a: u64, b: u64, c: u64, d: u64) -> Result<u64, String> {
     let bits = ty.bits();
     let s = ty.is_signed();
-    let wide = |x: u64| -> i128 { if s { signed(ty, x) as i128 } else { ty.mask(x) as i128 } };
+    let wide = |x: u64| -> i128 {
+        if s {
+            signed(ty, x) as i128
+        } else {
+            ty.mask(x) as i128
+        }
+    };
     Ok(match op {
         IntOp::Add | IntOp::Sub => {
             let r = if op == IntOp::Add { wide(a) + wide(b) } else { wide(a) - wide(b) };
@@ -64,7 +70,17 @@ fn int1(op: IntOp, ty: Ty, sat: bool, a: u64, b: u64, c: u64, d: u64) -> Result<
         IntOp::MadHi => ((wide(a).wrapping_mul(wide(b)) >> bits).wrapping_add(wide(c))) as u64,
         IntOp::MadWide => {
             let p = wide(a) * wide(b);
-            let wty = if bits == 16 { if s { Ty::S32 } else { Ty::U32 } } else if s { Ty::S64 } else { Ty::U64 };
+            let wty = if bits == 16 {
+                if s {
+                    Ty::S32
+                } else {
+                    Ty::U32
+                }
+            } else if s {
+                Ty::S64
+            } else {
+                Ty::U64
+            };
             let cw = if s { signed(wty, c) as i128 } else { wty.mask(c) as i128 };
             return Ok(wty.mask(p.wrapping_add(cw) as u64));
         }
@@ -132,7 +148,13 @@ fn int1(op: IntOp, ty: Ty, sat: bool, a: u64, b: u64, c: u64, d: u64) -> Result<
             let mut r = 0u64;
             let sbit = if s { (av >> (pos + len - 1).min(bits - 1)) & 1 } else { 0 };
             for i in 0..bits {
-                let bit = if i < len && pos + i < bits { (av >> (pos + i)) & 1 } else if i < len && !s { 0 } else { sbit };
+                let bit = if i < len && pos + i < bits {
+                    (av >> (pos + i)) & 1
+                } else if i < len && !s {
+                    0
+                } else {
+                    sbit
+                };
                 r |= bit << i;
             }
             r
@@ -324,7 +346,17 @@ fn half_format(ty: Ty) -> Format {
 pub(super) fn float(w: &mut Warp, inst: &Inst, op: FloatOp, ty: Ty, rnd: Rnd, ftz: bool, sat: bool, exec: u32) -> Result<(), String> {
     let d = inst.d[0];
     let n = inst.s.len();
-    let satf = |v: f64| if sat { if v.is_nan() { 0.0 } else { v.clamp(0.0, 1.0) } } else { v };
+    let satf = |v: f64| {
+        if sat {
+            if v.is_nan() {
+                0.0
+            } else {
+                v.clamp(0.0, 1.0)
+            }
+        } else {
+            v
+        }
+    };
     match ty {
         Ty::F32 => {
             let fz = |v: f32| if ftz { float::ftz32(v) } else { v };
@@ -439,10 +471,34 @@ fn compare(cmp: Cmp, ty: Ty, a: u64, b: u64, ftz: bool) -> Result<bool, String> 
     Ok(match cmp {
         Cmp::Eq => ua == ub,
         Cmp::Ne => ua != ub,
-        Cmp::Lt => if s { sa < sb } else { ua < ub },
-        Cmp::Le => if s { sa <= sb } else { ua <= ub },
-        Cmp::Gt => if s { sa > sb } else { ua > ub },
-        Cmp::Ge => if s { sa >= sb } else { ua >= ub },
+        Cmp::Lt => {
+            if s {
+                sa < sb
+            } else {
+                ua < ub
+            }
+        }
+        Cmp::Le => {
+            if s {
+                sa <= sb
+            } else {
+                ua <= ub
+            }
+        }
+        Cmp::Gt => {
+            if s {
+                sa > sb
+            } else {
+                ua > ub
+            }
+        }
+        Cmp::Ge => {
+            if s {
+                sa >= sb
+            } else {
+                ua >= ub
+            }
+        }
         Cmp::Lo => ua < ub,
         Cmp::Ls => ua <= ub,
         Cmp::Hi => ua > ub,
@@ -480,7 +536,17 @@ pub(super) fn set(w: &mut Warp, inst: &Inst, cmp: Cmp, dty: Ty, ty: Ty, comb: Op
         let x = compare(cmp, ty, w.val(&inst.s[0], l), w.val(&inst.s[1], l), false)?;
         let c = if comb.is_some() { w.val(&inst.s[2], l) != 0 } else { false };
         let r = combine(comb, x, c);
-        let v = if dty == Ty::F32 { if r { 1.0f32.to_bits() as u64 } else { 0 } } else if r { dty.mask(u64::MAX) } else { 0 };
+        let v = if dty == Ty::F32 {
+            if r {
+                1.0f32.to_bits() as u64
+            } else {
+                0
+            }
+        } else if r {
+            dty.mask(u64::MAX)
+        } else {
+            0
+        };
         w.set(inst.d[0], l, v);
     }
     Ok(())
@@ -553,7 +619,13 @@ fn read_float(ty: Ty, bits: u64, ftz: bool) -> f64 {
 /// Rounds a real value into a float element of `ty`.
 fn write_float(ty: Ty, v: f64, c: &CvtSpec) -> u64 {
     let v = if c.relu && (v < 0.0 || (v == 0.0 && v.is_sign_negative())) { 0.0 } else { v };
-    let v = if c.sat && !v.is_nan() { v.clamp(0.0, 1.0) } else if c.sat { 0.0 } else { v };
+    let v = if c.sat && !v.is_nan() {
+        v.clamp(0.0, 1.0)
+    } else if c.sat {
+        0.0
+    } else {
+        v
+    };
     let rnd = if c.rnd == Rnd::None { Rnd::Rn } else { c.rnd };
     match ty {
         Ty::F64 => v.to_bits(),
@@ -601,7 +673,13 @@ fn cvt1(c: &CvtSpec, a: u64, b: u64) -> Result<u64, String> {
         }
         let r = round_integral(x, c.rnd);
         let (lo, hi) = int_min_max(dty);
-        let v = if r < lo as f64 { lo } else if r > hi as f64 { hi } else { r as i128 };
+        let v = if r < lo as f64 {
+            lo
+        } else if r > hi as f64 {
+            hi
+        } else {
+            r as i128
+        };
         return Ok(dty.mask(v as u64));
     }
     // float -> float, possibly packed.
@@ -632,7 +710,6 @@ fn cvt1(c: &CvtSpec, a: u64, b: u64) -> Result<u64, String> {
     }
     Ok(out)
 }
-
 
 pub(super) fn cvt(w: &mut Warp, inst: &Inst, c: &CvtSpec, exec: u32) -> Result<(), String> {
     let d = inst.d[0];

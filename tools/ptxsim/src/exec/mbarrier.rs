@@ -155,7 +155,10 @@ impl BlockCtx<'_> {
                         return fault(l, format!("mbarrier.init count {count} outside 1..={MAX_COUNT}"));
                     }
                     if let Some(b) = self.mbars.map.get(&off) {
-                        return fault(l, format!("mbarrier at shared offset {off:#x} initialised again (first at PTX line {}) without mbarrier.inval", b.init_line));
+                        return fault(
+                            l,
+                            format!("mbarrier at shared offset {off:#x} initialised again (first at PTX line {}) without mbarrier.inval", b.init_line),
+                        );
                     }
                     if let Some(r) = self.shared.track(off as usize, 8, tid, true) {
                         return fault(l, self.mbar_race(&r, off, "mbarrier.init"));
@@ -163,7 +166,16 @@ impl BlockCtx<'_> {
                     self.shared.init[off as usize..off as usize + 8].fill(1);
                     self.shared.hb_active = true;
                     let count = count as u32;
-                    let fresh = Mbar { expected: count, pending: count, tx: 0, phase: 0, waited: false, release: vec![0; nwarps], completed: vec![0; nwarps], init_line: inst.line };
+                    let fresh = Mbar {
+                        expected: count,
+                        pending: count,
+                        tx: 0,
+                        phase: 0,
+                        waited: false,
+                        release: vec![0; nwarps],
+                        completed: vec![0; nwarps],
+                        init_line: inst.line,
+                    };
                     self.mbars.map.insert(off, fresh);
                 }
                 MbarOp::Inval => {
@@ -202,7 +214,13 @@ impl BlockCtx<'_> {
                                 ));
                             }
                             if count == 0 || count > b.pending {
-                                return fault(l, format!("arrive with count {count} on the mbarrier at shared offset {off:#x}, which has {} of {} arrivals pending in phase {}", b.pending, b.expected, b.phase));
+                                return fault(
+                                    l,
+                                    format!(
+                                        "arrive with count {count} on the mbarrier at shared offset {off:#x}, which has {} of {} arrivals pending in phase {}",
+                                        b.pending, b.expected, b.phase
+                                    ),
+                                );
                             }
                             b.tx += tx;
                             if b.tx.abs() > MAX_COUNT {
@@ -218,7 +236,10 @@ impl BlockCtx<'_> {
                             }
                             let state = 1u64 << 63 | (b.phase as u64) << 32 | pending_before as u64;
                             if b.complete_if_done() && no_complete {
-                                return fault(l, format!("mbarrier.arrive.noComplete by {name} completed phase {} of the mbarrier at shared offset {off:#x}", b.phase - 1));
+                                return fault(
+                                    l,
+                                    format!("mbarrier.arrive.noComplete by {name} completed phase {} of the mbarrier at shared offset {off:#x}", b.phase - 1),
+                                );
                             }
                             w.set(inst.d[0], l, state);
                         }

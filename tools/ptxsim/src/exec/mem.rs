@@ -119,7 +119,10 @@ impl BlockCtx<'_> {
     fn shared_bounds(&self, off: u32, len: usize, lane: usize, what: &str) -> Result<usize, Fault> {
         let off = off as usize;
         if off + len > self.shared_size {
-            return fault(lane, format!("out-of-bounds shared {what} of {len} bytes at shared offset {off:#x} (the block has {} bytes of shared memory)", self.shared_size));
+            return fault(
+                lane,
+                format!("out-of-bounds shared {what} of {len} bytes at shared offset {off:#x} (the block has {} bytes of shared memory)", self.shared_size),
+            );
         }
         Ok(off)
     }
@@ -139,7 +142,10 @@ impl BlockCtx<'_> {
             Loc::Global(a) => match self.global.find(a, len) {
                 Some((_, alloc, off)) => {
                     if let Some(i) = alloc.init[off..off + len].iter().position(|&b| b == 0) {
-                        return fault(lane, format!("read of uninitialised global memory: byte {} of a {len}-byte read at {a:#x} ({})", i, self.global.describe(a)));
+                        return fault(
+                            lane,
+                            format!("read of uninitialised global memory: byte {} of a {len}-byte read at {a:#x} ({})", i, self.global.describe(a)),
+                        );
                     }
                     out.copy_from_slice(&alloc.data[off..off + len]);
                 }
@@ -194,7 +200,10 @@ impl BlockCtx<'_> {
                 let off = self.shared_bounds(o, len, lane, "write")?;
                 if let Some(&kind) = self.shared.pending[off..off + len].iter().find(|&&p| p != 0) {
                     if kind == PENDING_BULK {
-                        return fault(lane, format!("write to shared offset {off:#x} while a TMA / bulk copy to it is in flight (wait on its mbarrier phase first)"));
+                        return fault(
+                            lane,
+                            format!("write to shared offset {off:#x} while a TMA / bulk copy to it is in flight (wait on its mbarrier phase first)"),
+                        );
                     }
                     return fault(lane, format!("write to shared offset {off:#x} while a cp.async to it is in flight (missing cp.async.wait_group)"));
                 }

@@ -188,11 +188,20 @@ pub(crate) enum Flow {
     /// These lanes exit.
     Exit(u32),
     /// These lanes call: save pc + 1 in the register, jump to the target.
-    Call { target: u32, ret_reg: u32, lanes: u32 },
+    Call {
+        target: u32,
+        ret_reg: u32,
+        lanes: u32,
+    },
     /// These lanes return to the address each holds in the register.
     Return(u32, u32),
     /// These lanes wait at barrier `id` until `expected` threads (None = all live threads) arrived.
-    Barrier { id: u32, lanes: u32, expected: Option<u32>, wait: bool },
+    Barrier {
+        id: u32,
+        lanes: u32,
+        expected: Option<u32>,
+        wait: bool,
+    },
     /// These lanes wait in an mbarrier wait (their `mbar_wait` is set) and re-run it when released.
     MbarBlock(u32),
     /// These lanes wait until the cluster barrier phase of their warp's last arrive completes.
@@ -300,7 +309,10 @@ impl BlockCtx<'_> {
             let st = &mut self.wg[w.index as usize];
             if (st.inflight_total > 0 || st.tracking) && exec != 0 && !matches!(inst.op, Op::Wgmma(_) | Op::WgmmaFence | Op::WgmmaCommit | Op::WgmmaWait(_)) {
                 if let Some(r) = st.touched(inst) {
-                    let message = format!("register #{r} of an unfinished wgmma.mma_async (in flight since PTX line {}) accessed before the wgmma.wait_group that retires it", st.oldest_line);
+                    let message = format!(
+                        "register #{r} of an unfinished wgmma.mma_async (in flight since PTX line {}) accessed before the wgmma.wait_group that retires it",
+                        st.oldest_line
+                    );
                     return Err((Fault { lane: None, message }, pc));
                 }
                 st.mark_written(inst);
@@ -538,7 +550,10 @@ impl BlockCtx<'_> {
             if wg_lanes != 0 {
                 let lane = wg_lanes.trailing_zeros() as usize;
                 first.get_or_insert((w, lane, w.pc[lane]));
-                parts.push(format!("warp {} waits at wgmma.wait_group (PTX line {}) for the other warps of its warpgroup to commit their wgmma groups", w.index, self.kernel.code[w.pc[lane] as usize].line));
+                parts.push(format!(
+                    "warp {} waits at wgmma.wait_group (PTX line {}) for the other warps of its warpgroup to commit their wgmma groups",
+                    w.index, self.kernel.code[w.pc[lane] as usize].line
+                ));
             }
         }
         let bar_waiting: u32 = warps.iter().map(|w| (w.blocked & !w.mbar_blocked & !self.wg[w.index as usize].blocked & w.live).count_ones()).sum();
@@ -558,10 +573,7 @@ impl BlockCtx<'_> {
     pub fn error(&self, w: &Warp, f: Fault, pc: u32) -> SimError {
         let lane = f.lane.unwrap_or_else(|| (w.live.trailing_zeros() as usize).min(31));
         let line = self.kernel.code.get(pc as usize).map_or(0, |i| i.line);
-        SimError {
-            site: Some(Site { kernel: self.kernel.name.clone(), block: w.ids.ctaid, thread: w.tid[lane], line }),
-            message: f.message,
-        }
+        SimError { site: Some(Site { kernel: self.kernel.name.clone(), block: w.ids.ctaid, thread: w.tid[lane], line }), message: f.message }
     }
 
     /// Executes one instruction (at `pc`) for the lanes in `exec` (guard passed); `mask` is every lane at this PC.
@@ -597,7 +609,9 @@ impl BlockCtx<'_> {
             }
             Op::Int { op, ty, sat } => alu::int(w, inst, *op, *ty, *sat, exec).map_err(|m| Fault { lane: None, message: m })?,
             Op::Prmt(mode) => alu::prmt(w, inst, *mode, exec),
-            Op::Float { op, ty, rnd, ftz, sat, approx: _ } => alu::float(w, inst, *op, *ty, *rnd, *ftz, *sat, exec).map_err(|m| Fault { lane: None, message: m })?,
+            Op::Float { op, ty, rnd, ftz, sat, approx: _ } => {
+                alu::float(w, inst, *op, *ty, *rnd, *ftz, *sat, exec).map_err(|m| Fault { lane: None, message: m })?
+            }
             Op::Setp { cmp, ty, combine, ftz } => alu::setp(w, inst, *cmp, *ty, *combine, *ftz, exec).map_err(|m| Fault { lane: None, message: m })?,
             Op::Set { cmp, dty, ty, combine } => alu::set(w, inst, *cmp, *dty, *ty, *combine, exec).map_err(|m| Fault { lane: None, message: m })?,
             Op::Selp(ty) => {
@@ -661,7 +675,10 @@ impl BlockCtx<'_> {
                     return warp_fault(format!("setmaxnreg register count {n} (must be a multiple of 8 in 24..=256)"));
                 }
                 if exec != w.live {
-                    return warp_fault(format!("setmaxnreg.sync.aligned needs every live lane of the warp converged (active {exec:#010x}, live {:#010x})", w.live));
+                    return warp_fault(format!(
+                        "setmaxnreg.sync.aligned needs every live lane of the warp converged (active {exec:#010x}, live {:#010x})",
+                        w.live
+                    ));
                 }
             }
             Op::Mapa => {

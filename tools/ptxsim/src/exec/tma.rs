@@ -67,7 +67,10 @@ impl BlockCtx<'_> {
         }
         let loc = self.resolve(Space::Generic, a);
         if let Loc::Local(_) = loc {
-            return fault(l, format!("tensor map at {a:#x} is in local memory: pass it as a `const __grid_constant__ CUtensorMap` parameter (or in global/constant memory)"));
+            return fault(
+                l,
+                format!("tensor map at {a:#x} is in local memory: pass it as a `const __grid_constant__ CUtensorMap` parameter (or in global/constant memory)"),
+            );
         }
         let mut bytes = [0u8; 128];
         self.read(w, loc, l, &mut bytes).map_err(|f| Fault { message: format!("{} (reading the tensor map)", f.message), ..f })?;
@@ -169,7 +172,10 @@ impl BlockCtx<'_> {
             }
             let (bytes, elems) = Self::box_elements(&map, &coords);
             if dst as usize + bytes as usize > self.shared_size {
-                return fault(l, format!("TMA box of {bytes} bytes at shared offset {dst:#x} overruns the block's {} bytes of shared memory", self.shared_size));
+                return fault(
+                    l,
+                    format!("TMA box of {bytes} bytes at shared offset {dst:#x} overruns the block's {} bytes of shared memory", self.shared_size),
+                );
             }
             let eb = map.element_bytes();
             let mut data = vec![0u8; bytes as usize];
@@ -177,7 +183,8 @@ impl BlockCtx<'_> {
             for (lin, src) in elems {
                 if let Some(a) = src {
                     let at = lin as usize;
-                    self.read(w, Loc::Global(a), l, &mut data[at..at + eb as usize]).map_err(|f| Fault { message: format!("{} (TMA source element)", f.message), ..f })?;
+                    self.read(w, Loc::Global(a), l, &mut data[at..at + eb as usize])
+                        .map_err(|f| Fault { message: format!("{} (TMA source element)", f.message), ..f })?;
                 }
                 dsts.push(swizzle_offset(dst + lin, map.swizzle));
             }
@@ -203,7 +210,10 @@ impl BlockCtx<'_> {
                 return fault(l, format!("cp.async.bulk of {size} bytes from {src:#x} to shared {dst:#x}: size and both addresses must be multiples of 16"));
             }
             if dst as usize + size as usize > self.shared_size {
-                return fault(l, format!("cp.async.bulk of {size} bytes at shared offset {dst:#x} overruns the block's {} bytes of shared memory", self.shared_size));
+                return fault(
+                    l,
+                    format!("cp.async.bulk of {size} bytes at shared offset {dst:#x} overruns the block's {} bytes of shared memory", self.shared_size),
+                );
             }
             let mut data = vec![0u8; size as usize];
             self.read(w, Loc::Global(src), l, &mut data).map_err(|f| Fault { message: format!("{} (cp.async.bulk source)", f.message), ..f })?;
@@ -252,7 +262,10 @@ impl BlockCtx<'_> {
             self.shared.async_write(off, eb);
         }
         let Some(b) = self.mbars.map.get_mut(&ld.mbar) else {
-            return warp_fault(format!("the mbarrier at shared offset {:#x} of the async copy issued at PTX line {} was invalidated before the copy completed", ld.mbar, ld.line));
+            return warp_fault(format!(
+                "the mbarrier at shared offset {:#x} of the async copy issued at PTX line {} was invalidated before the copy completed",
+                ld.mbar, ld.line
+            ));
         };
         b.join_release(&ld.clock);
         b.tx -= ld.bytes as i64;
@@ -329,7 +342,8 @@ impl BlockCtx<'_> {
         for l in lanes(exec) {
             let tid = w.linear_tid(l) as usize;
             let committed = self.bulk.committed[tid];
-            let (done, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.bulk.stores[tid]).into_iter().partition(|s| s.group != UNCOMMITTED && s.group + n < committed);
+            let (done, kept): (Vec<_>, Vec<_>) =
+                std::mem::take(&mut self.bulk.stores[tid]).into_iter().partition(|s| s.group != UNCOMMITTED && s.group + n < committed);
             self.bulk.stores[tid] = kept;
             for s in done {
                 self.finish_store(w, l, &s)?;
@@ -341,7 +355,8 @@ impl BlockCtx<'_> {
     fn finish_store(&mut self, w: &mut Warp, l: usize, s: &PendingStore) -> Result<(), Fault> {
         let mut at = 0usize;
         for &(a, len) in &s.writes {
-            self.write(w, Loc::Global(a), l, &s.data[at..at + len as usize], false).map_err(|f| Fault { message: format!("{} (the async store issued at PTX line {})", f.message, s.line), ..f })?;
+            self.write(w, Loc::Global(a), l, &s.data[at..at + len as usize], false)
+                .map_err(|f| Fault { message: format!("{} (the async store issued at PTX line {})", f.message, s.line), ..f })?;
             at += len as usize;
         }
         Ok(())

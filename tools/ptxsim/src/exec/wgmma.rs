@@ -153,7 +153,11 @@ impl BlockCtx<'_> {
         let threads = self.ntid.iter().product::<u32>();
         let group_first = w.index / 4 * 4;
         if threads < (group_first + 4) * 32 {
-            return warp_fault(format!("wgmma.mma_async in warp {}: the block's {threads} threads do not fill its warpgroup (warps {group_first}..{})", w.index, group_first + 3));
+            return warp_fault(format!(
+                "wgmma.mma_async in warp {}: the block's {threads} threads do not fill its warpgroup (warps {group_first}..{})",
+                w.index,
+                group_first + 3
+            ));
         }
         if self.wgmma_fence_check {
             let st = &self.wg[w.index as usize];
@@ -173,7 +177,11 @@ impl BlockCtx<'_> {
         for &at in uniform {
             let v0 = w.val(&inst.s[at], 0);
             if let Some(l) = (1..32).find(|&l| w.val(&inst.s[at], l) != v0) {
-                return warp_fault(format!("wgmma.mma_async operand {} differs between lanes 0 and {l} ({v0:#x} vs {:#x}): descriptors and scale-d must be the same in every lane", at + 2, w.val(&inst.s[at], l)));
+                return warp_fault(format!(
+                    "wgmma.mma_async operand {} differs between lanes 0 and {l} ({v0:#x} vs {:#x}): descriptors and scale-d must be the same in every lane",
+                    at + 2,
+                    w.val(&inst.s[at], l)
+                ));
             }
         }
         let wr = w.index % 4;

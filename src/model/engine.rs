@@ -826,6 +826,42 @@ pub struct EngineOptions {
 /// an H100 while its activations stay small (a 2048-token step's MoE pair outputs are 128 MiB).
 pub const DEFAULT_PREFILL_CHUNK: usize = 2048;
 
+impl EngineOptions {
+    /// The options that give the engine the KV-cache pool a memory plan leaves on its GPU (`small4 plan`): as many
+    /// pages of `page_size` tokens as `gpu.kv_capacity_tokens` holds, the plan's step budget and cache element size.
+    /// `Error::InvalidArgument` for a page size of 0 or a plan whose cache element is neither 2 (bf16) nor 1 (fp8)
+    /// bytes (an fp8 cache takes scale 1; set `cache_dtype` for another).
+    ///
+    /// ```
+    /// use small4::model::engine::EngineOptions;
+    /// use small4::model::plan::{plan, FormatChoice, GpuSpec, Workload};
+    /// use small4::model::ModelConfig;
+    ///
+    /// let workload = Workload::default();
+    /// let p = plan(&ModelConfig::mistral_small_4(), "nvfp4", GpuSpec::H100_80GB, 1, FormatChoice::NVFP4_EXPERTS, workload)?;
+    /// let options = EngineOptions::from_plan(&p.gpus[0], &workload, 64)?;
+    /// assert!(options.max_context_tokens() >= 256 * 1024); // the model's full context fits one H100
+    /// # Ok::<(), small4::Error>(())
+    /// ```
+    pub fn from_plan(gpu: &crate::model::plan::GpuPlan, workload: &crate::model::plan::Workload, page_size: usize) -> Result<Self> {
+        if page_size == 0 {
+            return Err(Error::InvalidArgument("from_plan: page size 0".into()));
+        }
+        let cache_dtype = match workload.kv_bytes_per_value {
+            2 => CacheDtype::Bf16,
+            1 => CacheDtype::Fp8E4m3 { scale: 1.0 },
+            other => return Err(Error::InvalidArgument(format!("from_plan: {other}-byte cache elements"))),
+        };
+        let num_pages = usize::try_from(gpu.kv_capacity_tokens / page_size as u64).map_err(|_| Error::InvalidArgument("from_plan: too many pages".into()))?;
+        Ok(EngineOptions { page_size, num_pages, cache_dtype, prefill_chunk: workload.prefill_chunk_tokens, ..EngineOptions::default() })
+    }
+
+    /// Tokens the page pool holds (over all sequences): the longest context one sequence can reach.
+    pub fn max_context_tokens(&self) -> usize {
+        self.num_pages * self.page_size
+    }
+}
+
 impl Default for EngineOptions {
     fn default() -> Self {
         EngineOptions {

@@ -111,7 +111,8 @@ pub struct Workload {
 
 impl Default for Workload {
     fn default() -> Self {
-        Workload { prefill_chunk_tokens: 4096, decode_batch: 256, kv_bytes_per_value: 2 }
+        // The engine's default step budget (`EngineOptions::prefill_chunk`): the plan sizes the workspace it allocates.
+        Workload { prefill_chunk_tokens: crate::model::engine::DEFAULT_PREFILL_CHUNK, decode_batch: 256, kv_bytes_per_value: 2 }
     }
 }
 
@@ -315,6 +316,27 @@ mod tests {
         assert!(p.fits(256 * 1024), "a full 256k context fits: {p}");
         let int4 = plan(&c, "int4", GpuSpec::H100_80GB, 1, FormatChoice::INT4_EXPERTS, Workload::default()).unwrap();
         assert!(int4.fits(256 * 1024), "{int4}");
+    }
+
+    /// The engine sized by the one-H100 NVFP4 plan holds the context the plan promises (to one page), a full 256k
+    /// context among them, with the plan's step budget.
+    #[test]
+    fn the_engine_sized_by_a_plan_holds_its_context() {
+        use crate::model::engine::EngineOptions;
+        let c = ModelConfig::mistral_small_4();
+        let workload = Workload::default();
+        let p = plan(&c, "nvfp4", GpuSpec::H100_80GB, 1, FormatChoice::NVFP4_EXPERTS, workload).unwrap();
+        let gpu = &p.gpus[0];
+        let options = EngineOptions::from_plan(gpu, &workload, 64).unwrap();
+        let longest = options.max_context_tokens() as u64;
+        assert!(longest <= gpu.kv_capacity_tokens && gpu.kv_capacity_tokens - longest < 64, "{longest} of {}", gpu.kv_capacity_tokens);
+        assert!(longest >= 256 * 1024, "{longest}");
+        assert_eq!(options.prefill_chunk, workload.prefill_chunk_tokens);
+        // The cache of those options takes a sequence of that length, and not one token more.
+        let mut kv = crate::model::kv_cache::KvCache::new(crate::model::kv_cache::CacheDescriptor::mla(options.num_pages, 64, options.cache_dtype).unwrap()).unwrap();
+        let seq = kv.add_sequence();
+        assert!(kv.append(seq, longest as usize).is_ok());
+        assert!(kv.append(seq, 1).is_err());
     }
 
     #[test]

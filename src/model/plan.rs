@@ -333,7 +333,8 @@ mod tests {
         assert!(longest >= 256 * 1024, "{longest}");
         assert_eq!(options.prefill_chunk, workload.prefill_chunk_tokens);
         // The cache of those options takes a sequence of that length, and not one token more.
-        let mut kv = crate::model::kv_cache::KvCache::new(crate::model::kv_cache::CacheDescriptor::mla(options.num_pages, 64, options.cache_dtype).unwrap()).unwrap();
+        let mut kv =
+            crate::model::kv_cache::KvCache::new(crate::model::kv_cache::CacheDescriptor::mla(options.num_pages, 64, options.cache_dtype).unwrap()).unwrap();
         let seq = kv.add_sequence();
         assert!(kv.append(seq, longest as usize).is_ok());
         assert!(kv.append(seq, 1).is_err());

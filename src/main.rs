@@ -193,11 +193,21 @@ struct BenchArgs {
 
 /// A built-in configuration.
 #[derive(Clone, Copy, ValueEnum)]
-enum PresetArg {
+pub(crate) enum PresetArg {
     /// Mistral Small 4 (dim 4096, 36 layers, 128 experts, vocabulary 131072).
     Real,
     /// The tiny test model (dim 256, 4 layers, 16 experts, vocabulary 2048).
     Tiny,
+}
+
+impl PresetArg {
+    /// The preset's configuration.
+    pub(crate) fn config(self) -> ModelConfig {
+        match self {
+            PresetArg::Real => ModelConfig::mistral_small_4(),
+            PresetArg::Tiny => ModelConfig::tiny(),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -323,11 +333,7 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         seed: 0,
     };
     let report = if args.synthetic {
-        let preset = match args.preset {
-            PresetArg::Real => ModelConfig::mistral_small_4(),
-            PresetArg::Tiny => ModelConfig::tiny(),
-        };
-        let config = small4::model::synth::shrink(preset, args.layers, args.experts)?;
+        let config = small4::model::synth::shrink(args.preset.config(), args.layers, args.experts)?;
         let model = small4::model::synth::SyntheticModel::new(config, args.checkpoint.format.parse()?, args.checkpoint.seed)?;
         println!("synthetic model (seed {})", model.seed);
         small4::model::bench::bench_synthetic(&device, &model, options)?

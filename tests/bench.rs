@@ -101,11 +101,13 @@ fn the_cli_benchmarks_a_synthetic_model_and_writes_json() {
     // The timed steps replay the captured graph: its launches are counted, and the step reads its tokens back.
     assert_eq!(report["captured_graphs"].as_u64(), Some(1));
     assert!(report["launches_per_decode_step"].as_u64().unwrap() > 10);
-    assert!(report["host_syncs_per_decode_step"].as_u64().unwrap() >= 1);
+    // A steady decode step reads the sampled tokens back and nothing else (its inputs advance on the device).
+    assert_eq!(report["host_syncs_per_decode_step"].as_u64(), Some(1), "{report}");
     let families = report["launches_per_family"].as_object().unwrap();
     for family in ["attention_projections", "absorption", "mla", "routing", "routed_experts", "shared_expert", "norms_and_small_ops", "head", "sampling"] {
         let launches = families.get(family).and_then(|v| v.as_u64()).unwrap_or(0);
-        // The eager profiling step runs no sampling kernel (forward_logits returns the logits).
-        assert_eq!(launches > 0, family != "sampling", "{family}: {launches} launches in {report}");
+        // The eager profiling step runs no sampling kernel (forward_logits returns the logits), and the shared expert
+        // rides in the routed experts' launches at decode sizes (counted as theirs).
+        assert_eq!(launches > 0, !["sampling", "shared_expert"].contains(&family), "{family}: {launches} launches in {report}");
     }
 }

@@ -113,7 +113,8 @@ fn block_products_equal_the_product_over_the_whole_dequantised_matrix() {
     let x: Vec<f32> = (0..3 * cols).map(|i| ((i * 31 % 97) as f32 - 48.0) / 50.0).collect();
     for format in WeightFormat::ALL {
         let q = small4::quant::QuantizedMatrix::quantize(format, &values, rows, cols).unwrap();
-        let dense = q.dequantize();
+        // The weights as the GEMM kernels multiply them (bf16-rounded for FP8 block-128 and INT4), as the reference reads them.
+        let dense = q.dequantize_for_gemm();
         let want = small4::reference::linear::matmul_nt(&x, &dense, 3, cols, rows);
         let owned = WeightMatrix { rows, cols, storage: MatrixStorage::Owned(q.clone()) };
         assert_eq!(owned.to_f32().unwrap().as_ref(), dense.as_slice(), "{format}");

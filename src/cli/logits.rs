@@ -9,11 +9,11 @@ use clap::Args;
 
 use small4::model::checkpoint::Checkpoint;
 use small4::model::logits::{compare, run_logits, source_config, Logits, LogitsBackend, LogitsSource, Tolerances};
-use small4::model::synth::{shrunk_real_preset, SyntheticModel};
+use small4::model::synth::SyntheticModel;
 use small4::model::ForwardOptions;
 use small4::quant::WeightFormat;
 
-use crate::{checkpoint_dir, Backend, ModelArgs};
+use crate::{checkpoint_dir, Backend, ModelArgs, PresetArg};
 
 #[derive(Args)]
 pub struct LogitsArgs {
@@ -29,6 +29,9 @@ pub struct LogitsArgs {
     /// Routed experts of the synthetic model (default: the preset's 128; at least 4).
     #[arg(long, requires = "synthetic")]
     experts: Option<usize>,
+    /// Synthetic model: the preset whose dimensions it has (tiny: the interpreter's rehearsal size).
+    #[arg(long, value_enum, default_value = "real", requires = "synthetic")]
+    preset: PresetArg,
     /// Prompt token ids, comma separated.
     #[arg(long, value_delimiter = ',', required = true)]
     prompt_ids: Vec<u32>,
@@ -59,10 +62,16 @@ pub struct CompareArgs {
 /// `small4 logits`.
 pub fn logits_command(args: &LogitsArgs) -> anyhow::Result<()> {
     let format: WeightFormat = args.checkpoint.format.parse()?;
-    let synthetic = args.synthetic.then(|| SyntheticModel::new(shrunk_real_preset(args.layers, args.experts)?, format, args.checkpoint.seed)).transpose()?;
+    let synthetic = args
+        .synthetic
+        .then(|| SyntheticModel::new(small4::model::synth::shrink(args.preset.config(), args.layers, args.experts)?, format, args.checkpoint.seed))
+        .transpose()?;
     let checkpoint = if synthetic.is_none() { Some(Checkpoint::open(checkpoint_dir(&args.checkpoint)?)?) } else { None };
     let (source, name) = match (&synthetic, &checkpoint) {
-        (Some(model), _) => (LogitsSource::Synthetic(model), format!("the synthetic real preset ({format}, seed {})", model.seed)),
+        (Some(model), _) => (
+            LogitsSource::Synthetic(model),
+            format!("the synthetic model ({} layers, {} experts, {format}, seed {})", model.config.n_layers, model.config.experts, model.seed),
+        ),
         (None, Some(checkpoint)) => (LogitsSource::Checkpoint(checkpoint), checkpoint.dir.display().to_string()),
         (None, None) => unreachable!("one of the two is made above"),
     };

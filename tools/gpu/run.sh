@@ -336,6 +336,27 @@ run_synthetic() {
         echo "synthetic $format: ${run_seconds} s: $verdict"
         [[ $verdict == ok ]] || status=failed
     done
+    # The first full-size numerical check of the engine (issue 20): the same synthetic model's logits on this backend
+    # and on the CPU reference (streaming: the weights are generated as they are read), compared position by position.
+    # The interpreter rehearses it on the tiny preset's dimensions (one layer, four experts). The gate only catches gross
+    # errors (0.5 absolute, 2 of 3 argmaxes); the figures `compare` prints are the result.
+    local cmp_model=(--synthetic --format nvfp4)
+    [[ $backend == sim ]] && cmp_model=(--synthetic --layers 1 --experts 4 --format nvfp4 --preset tiny)
+    local engine_npy=$work/logits-$backend.npy reference_npy=$work/logits-reference.npy
+    local cmds=(
+        "$small4 logits ${cmp_model[*]} --prompt-ids 1,2,3 --backend $backend --out $engine_npy"
+        "$small4 logits ${cmp_model[*]} --prompt-ids 1,2,3 --backend reference --out $reference_npy"
+        "$small4 compare $engine_npy $reference_npy --max-abs 0.5 --min-argmax-agree 0.66"
+    )
+    local line
+    for line in "${cmds[@]}"; do
+        local cmd; read -r -a cmd <<<"$line"
+        if ((dry_run)); then show "${cmd[@]}"; log_command "${cmd[@]}"; continue; fi
+        echo "==> ${cmd[*]}" >>"$log"
+        run_logged "$deadline" "$log" "${cmd[@]}"
+        echo "logits check: ${cmd[1]}: exit $run_rc"
+        if ((run_rc != 0)); then status=failed; break; fi
+    done
     ((dry_run)) && status="dry run"
     record_step synthetic "$status" $(($(date +%s) - t0)) "formats $formats"
     [[ $status != failed ]]

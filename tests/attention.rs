@@ -11,7 +11,7 @@ use half::bf16;
 use proptest::prelude::*;
 use rand::seq::SliceRandom;
 use rand::{rngs::StdRng, Rng};
-use small4::device::{Backend, Device, DeviceBuffer, Kernel, LaunchConfig, LaunchCounters};
+use small4::device::{Device, DeviceBuffer, LaunchCounters};
 use small4::kernels::attention::{self, AttentionScratch, BlockTables, CacheWriteWeights, PagedCache, Queries, QueryLayout, TokenSlots};
 use small4::model::kv_cache::{BatchTables, CacheDescriptor, CacheDtype, KvCache, PageCopy};
 use small4::reference::attention::{latent_attention, MlaDims};
@@ -402,45 +402,6 @@ backend_tests!(
     wrappers_reject_bad_input
 );
 
-/// A backend that forwards to the interpreter and keeps the counters of every launch (a decode with splits is two
-/// launches; `last_launch_counters` alone would only show the combine).
-struct CountingBackend {
-    inner: Device,
-    launches: Mutex<Vec<LaunchCounters>>,
-}
-
-impl Backend for CountingBackend {
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-    fn alloc(&self, bytes: usize) -> small4::Result<u64> {
-        self.inner.alloc(bytes)
-    }
-    fn free(&self, addr: u64) -> small4::Result<()> {
-        self.inner.free(addr)
-    }
-    fn write(&self, addr: u64, data: &[u8]) -> small4::Result<()> {
-        self.inner.write(addr, data)
-    }
-    fn read(&self, addr: u64, out: &mut [u8]) -> small4::Result<()> {
-        self.inner.read(addr, out)
-    }
-    fn memset(&self, addr: u64, byte: u8, bytes: usize) -> small4::Result<()> {
-        self.inner.memset(addr, byte, bytes)
-    }
-    fn copy(&self, dst: u64, src: u64, bytes: usize) -> small4::Result<()> {
-        self.inner.copy(dst, src, bytes)
-    }
-    fn launch(&self, kernel: &Kernel, config: &LaunchConfig, params: &[u8]) -> small4::Result<()> {
-        self.inner.launch(kernel, config, params)?;
-        self.launches.lock().unwrap().extend(self.inner.last_launch_counters());
-        Ok(())
-    }
-    fn synchronize(&self) -> small4::Result<()> {
-        self.inner.synchronize()
-    }
-}
-
 /// Traffic of decode at the real head count (32) on the interpreter: sector bytes of the attention launch (and of
 /// the combine when split) over the ideal bytes (cache rows read once + q + o). Prints the table of docs/perf.md.
 /// `cargo test --test attention -- --ignored --nocapture decode_traffic_at_real_heads`
@@ -457,8 +418,13 @@ fn decode_traffic_at_real_heads() {
         (false, vec![1000, 2500, 1700, 3001], Some(1)),
         (false, vec![1000, 2500, 1700, 3001], None),
     ] {
-        let counting = Arc::new(CountingBackend { inner: small4::device::simulator(), launches: Mutex::new(Vec::new()) });
-        let device: Device = counting.clone();
+        // Every launch's counters (a decode with splits is two launches; last_launch_counters alone shows the combine).
+        let launches: Arc<Mutex<Vec<LaunchCounters>>> = Arc::default();
+        let kept = launches.clone();
+        let device: Device = Arc::new(Hooked {
+            after_launch: Box::new(move |inner| kept.lock().unwrap().extend(inner.last_launch_counters())),
+            ..Hooked::new(small4::device::simulator())
+        });
         let mut rng = rng(1);
         let (desc, tables) = random_tables(&mut rng, &lens, 64, dtype(fp8));
         let bytes = random_cache_bytes(&mut rng, &desc, &tables);
@@ -468,13 +434,13 @@ fn decode_traffic_at_real_heads() {
         let q_lat = DeviceBuffer::from_slice(&device, &random_bf16(&mut rng, batch * heads * LATENT, 1.0)).unwrap();
         let q_rope = DeviceBuffer::from_slice(&device, &random_bf16(&mut rng, batch * heads * ROPE, 1.0)).unwrap();
         let o_lat = DeviceBuffer::<bf16>::filled_with_byte(&device, batch * heads * LATENT, 0xff).unwrap();
-        counting.launches.lock().unwrap().clear();
+        launches.lock().unwrap().clear();
         let layout = QueryLayout::decode(&device, batch).unwrap();
         let queries = Queries { layout: &layout, q_lat: q_lat.view([batch, heads, LATENT]).unwrap(), q_rope: q_rope.view([batch * heads, ROPE]).unwrap() };
         let mut scratch = AttentionScratch::new(&device);
         let plan = attention::mla_attention(&cache, &block_tables, &queries, o_lat.view([batch, heads, LATENT]).unwrap(), SOFTMAX_SCALE, splits, &mut scratch)
             .unwrap();
-        let launches = counting.launches.lock().unwrap().clone();
+        let launches = launches.lock().unwrap().clone();
         assert!(!launches.is_empty(), "the interpreter reported no counters");
         let context: usize = lens.iter().sum();
         let ideal = (context * desc.token_bytes() + batch * heads * (WIDTH + LATENT) * 2) as u64;

@@ -391,51 +391,6 @@ fn graphs_equal_eager_steps(device: &Device, format: WeightFormat, fp8_activatio
     assert!(graph_steps == eager_steps, "a replayed step's logits differ from the eager step's");
 }
 
-/// A backend that forwards to another and keeps the most device memory live at once (the workspace's size test).
-struct PeakMemory {
-    inner: Device,
-    live: std::sync::Mutex<(std::collections::HashMap<u64, usize>, usize, usize)>,
-}
-
-impl small4::device::Backend for PeakMemory {
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-    fn alloc(&self, bytes: usize) -> small4::Result<u64> {
-        let addr = self.inner.alloc(bytes)?;
-        let mut live = self.live.lock().unwrap();
-        live.0.insert(addr, bytes);
-        live.1 += bytes;
-        live.2 = live.2.max(live.1);
-        Ok(addr)
-    }
-    fn free(&self, addr: u64) -> small4::Result<()> {
-        self.inner.free(addr)?;
-        let mut live = self.live.lock().unwrap();
-        let bytes = live.0.remove(&addr).unwrap_or(0);
-        live.1 -= bytes;
-        Ok(())
-    }
-    fn write(&self, addr: u64, data: &[u8]) -> small4::Result<()> {
-        self.inner.write(addr, data)
-    }
-    fn read(&self, addr: u64, out: &mut [u8]) -> small4::Result<()> {
-        self.inner.read(addr, out)
-    }
-    fn memset(&self, addr: u64, byte: u8, bytes: usize) -> small4::Result<()> {
-        self.inner.memset(addr, byte, bytes)
-    }
-    fn copy(&self, dst: u64, src: u64, bytes: usize) -> small4::Result<()> {
-        self.inner.copy(dst, src, bytes)
-    }
-    fn launch(&self, kernel: &small4::device::Kernel, config: &small4::device::LaunchConfig, params: &[u8]) -> small4::Result<()> {
-        self.inner.launch(kernel, config, params)
-    }
-    fn synchronize(&self) -> small4::Result<()> {
-        self.inner.synchronize()
-    }
-}
-
 /// Chunked prefill (issue 18): prompts of 5 and 9 chunks (budget 4 tokens a step) beside another sequence's decode
 /// tokens give the tokens and logits of one-shot prefill and the reference's tokens; the device memory in use at
 /// its peak is the same for a prompt twice as long (the workspace follows the budget, not the prompt).
@@ -481,10 +436,26 @@ fn chunked_prefill_matches_one_shot(device: &Device) {
     // what follows the context grows (block-table rows, the attention's split partials); one-shot prefill grows by a
     // workspace of 18 more tokens on top.
     let peak = |chunk: usize, long: &[u32]| {
-        let counting = std::sync::Arc::new(PeakMemory { inner: device.clone(), live: Default::default() });
-        let as_device: Device = counting.clone();
-        let (_, _, workspace) = run(&as_device, chunk, long);
-        let peak = counting.live.lock().unwrap().2;
+        // (live allocations, live bytes, the most live bytes at once)
+        type Live = std::sync::Mutex<(std::collections::HashMap<u64, usize>, usize, usize)>;
+        let live: std::sync::Arc<Live> = Default::default();
+        let (on_alloc, on_free) = (live.clone(), live.clone());
+        let counting = common::Hooked {
+            on_alloc: Box::new(move |addr, bytes| {
+                let mut l = on_alloc.lock().unwrap();
+                l.0.insert(addr, bytes);
+                l.1 += bytes;
+                l.2 = l.2.max(l.1);
+            }),
+            on_free: Box::new(move |addr| {
+                let mut l = on_free.lock().unwrap();
+                let bytes = l.0.remove(&addr).unwrap_or(0);
+                l.1 -= bytes;
+            }),
+            ..common::Hooked::new(device.clone())
+        };
+        let (_, _, workspace) = run(&(std::sync::Arc::new(counting) as Device), chunk, long);
+        let peak = live.lock().unwrap().2;
         (peak, workspace)
     };
     let doubled: Vec<u32> = long.iter().chain(&long).copied().collect();
@@ -494,47 +465,6 @@ fn chunked_prefill_matches_one_shot(device: &Device) {
     let (chunked_growth, one_shot_growth) = (chunked_36 - chunked_18, one_shot_36 - one_shot_18);
     println!("peak device memory: chunks of 4: {chunked_18} B -> {chunked_36} B; one-shot: {one_shot_18} B -> {one_shot_36} B");
     assert!(chunked_growth < one_shot_growth / 4, "chunked growth {chunked_growth} B against one-shot growth {one_shot_growth} B");
-}
-
-/// A backend that forwards to another and fails one chosen launch (fault injection).
-struct FailingLaunch {
-    inner: Device,
-    launches: std::sync::atomic::AtomicUsize,
-    fail_at: std::sync::atomic::AtomicUsize,
-}
-
-impl small4::device::Backend for FailingLaunch {
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-    fn alloc(&self, bytes: usize) -> small4::Result<u64> {
-        self.inner.alloc(bytes)
-    }
-    fn free(&self, addr: u64) -> small4::Result<()> {
-        self.inner.free(addr)
-    }
-    fn write(&self, addr: u64, data: &[u8]) -> small4::Result<()> {
-        self.inner.write(addr, data)
-    }
-    fn read(&self, addr: u64, out: &mut [u8]) -> small4::Result<()> {
-        self.inner.read(addr, out)
-    }
-    fn memset(&self, addr: u64, byte: u8, bytes: usize) -> small4::Result<()> {
-        self.inner.memset(addr, byte, bytes)
-    }
-    fn copy(&self, dst: u64, src: u64, bytes: usize) -> small4::Result<()> {
-        self.inner.copy(dst, src, bytes)
-    }
-    fn launch(&self, kernel: &small4::device::Kernel, config: &small4::device::LaunchConfig, params: &[u8]) -> small4::Result<()> {
-        use std::sync::atomic::Ordering;
-        if self.launches.fetch_add(1, Ordering::SeqCst) == self.fail_at.load(Ordering::SeqCst) {
-            return Err(small4::Error::InvalidArgument(format!("injected failure of {}", kernel.entry)));
-        }
-        self.inner.launch(kernel, config, params)
-    }
-    fn synchronize(&self) -> small4::Result<()> {
-        self.inner.synchronize()
-    }
 }
 
 /// A step that fails in the middle of a batch's forward pass (an injected launch failure, after every sequence's
@@ -549,8 +479,21 @@ fn failed_steps_change_nothing(device: &Device) {
     let requests = || vec![greedy(prompt(2, 1, config.vocab), 5), greedy(prompt(7, 2, config.vocab), 4)];
     let chunked = EngineOptions { prefill_chunk: 4, ..options(2) };
     let clean = engine(chunked).generate(requests(), |_| {}).unwrap();
-    let failing = std::sync::Arc::new(FailingLaunch { inner: device.clone(), launches: Default::default(), fail_at: usize::MAX.into() });
-    let as_device: Device = failing.clone();
+    // Fault injection: launch number `fail_at` (counted from the engine's first) fails instead of running.
+    let (launched, fail_at) =
+        (std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0)), std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(usize::MAX)));
+    let (count, target) = (launched.clone(), fail_at.clone());
+    let failing = common::Hooked {
+        before_launch: Box::new(move |kernel| {
+            use std::sync::atomic::Ordering;
+            match count.fetch_add(1, Ordering::SeqCst) == target.load(Ordering::SeqCst) {
+                true => Err(small4::Error::InvalidArgument(format!("injected failure of {}", kernel.entry))),
+                false => Ok(()),
+            }
+        }),
+        ..common::Hooked::new(device.clone())
+    };
+    let as_device: Device = std::sync::Arc::new(failing);
     let mut e = engine_on(&as_device, chunked);
     let ids: Vec<_> = requests().into_iter().map(|r| e.add(r).unwrap()).collect();
     let mut tokens = vec![Vec::new(); ids.len()];
@@ -558,14 +501,14 @@ fn failed_steps_change_nothing(device: &Device) {
     while e.active() > 0 {
         // Every other step fails once, its 7th launch from now (inside the first layer), then is retried.
         use std::sync::atomic::Ordering;
-        let now = failing.launches.load(Ordering::SeqCst);
-        failing.fail_at.store(if tokens[0].len() % 2 == 0 { now + 7 } else { usize::MAX }, Ordering::SeqCst);
+        let now = launched.load(Ordering::SeqCst);
+        fail_at.store(if tokens[0].len() % 2 == 0 { now + 7 } else { usize::MAX }, Ordering::SeqCst);
         match e.step() {
             Ok(out) => out.iter().for_each(|t| tokens[ids.iter().position(|&id| id == t.id).unwrap()].push(t.token)),
             Err(err) => {
                 assert!(err.to_string().contains("injected"), "{err}");
                 failures += 1;
-                failing.fail_at.store(usize::MAX, Ordering::SeqCst);
+                fail_at.store(usize::MAX, Ordering::SeqCst);
                 let out = e.step().unwrap();
                 out.iter().for_each(|t| tokens[ids.iter().position(|&id| id == t.id).unwrap()].push(t.token));
             }

@@ -76,3 +76,64 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], abs: f32, rel: f32) {
     let i = worst.0;
     assert!(worst.1 <= 0.0, "{what}: element {i} = {} but reference {} (tolerance {abs} + {rel}*|ref|)", got[i], want[i]);
 }
+
+/// A check before a launch of [`Hooked`]: an error fails the launch instead of running it.
+pub type LaunchCheck = Box<dyn Fn(&small4::device::Kernel) -> small4::Result<()> + Send + Sync>;
+
+/// A backend that forwards every call to `inner`, with hooks around allocation, free and launch: the test doubles
+/// that account device memory, inject a failure, or keep every launch's counters.
+pub struct Hooked {
+    pub inner: small4::device::Device,
+    /// Called with the address and size of each allocation that succeeded.
+    pub on_alloc: Box<dyn Fn(u64, usize) + Send + Sync>,
+    /// Called with the address of each free that succeeded.
+    pub on_free: Box<dyn Fn(u64) + Send + Sync>,
+    /// Called before each launch; an error fails the launch instead of running it.
+    pub before_launch: LaunchCheck,
+    /// Called after each launch that ran, with the inner backend (its `last_launch_counters`).
+    pub after_launch: Box<dyn Fn(&small4::device::Device) + Send + Sync>,
+}
+
+impl Hooked {
+    /// Forwards everything, no hooks.
+    pub fn new(inner: small4::device::Device) -> Self {
+        Hooked { inner, on_alloc: Box::new(|_, _| {}), on_free: Box::new(|_| {}), before_launch: Box::new(|_| Ok(())), after_launch: Box::new(|_| {}) }
+    }
+}
+
+impl small4::device::Backend for Hooked {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn alloc(&self, bytes: usize) -> small4::Result<u64> {
+        let addr = self.inner.alloc(bytes)?;
+        (self.on_alloc)(addr, bytes);
+        Ok(addr)
+    }
+    fn free(&self, addr: u64) -> small4::Result<()> {
+        self.inner.free(addr)?;
+        (self.on_free)(addr);
+        Ok(())
+    }
+    fn write(&self, addr: u64, data: &[u8]) -> small4::Result<()> {
+        self.inner.write(addr, data)
+    }
+    fn read(&self, addr: u64, out: &mut [u8]) -> small4::Result<()> {
+        self.inner.read(addr, out)
+    }
+    fn memset(&self, addr: u64, byte: u8, bytes: usize) -> small4::Result<()> {
+        self.inner.memset(addr, byte, bytes)
+    }
+    fn copy(&self, dst: u64, src: u64, bytes: usize) -> small4::Result<()> {
+        self.inner.copy(dst, src, bytes)
+    }
+    fn launch(&self, kernel: &small4::device::Kernel, config: &small4::device::LaunchConfig, params: &[u8]) -> small4::Result<()> {
+        (self.before_launch)(kernel)?;
+        self.inner.launch(kernel, config, params)?;
+        (self.after_launch)(&self.inner);
+        Ok(())
+    }
+    fn synchronize(&self) -> small4::Result<()> {
+        self.inner.synchronize()
+    }
+}

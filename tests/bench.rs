@@ -98,6 +98,10 @@ fn the_cli_benchmarks_a_synthetic_model_and_writes_json() {
     assert_eq!((report["layers"].as_u64(), report["experts"].as_u64()), (Some(1), Some(4)));
     assert_eq!((report["format"].as_str(), report["backend"].as_str()), (Some("nvfp4"), Some("sim")));
     assert!(report["kernel_us_per_decode_step"].is_null());
+    // The interpreter's timing model predicts the step (issue 19): positive, finite, and the sum of its families.
+    let predicted = report["predicted_us_per_decode_step"].as_f64().expect("a prediction on the interpreter");
+    let by_family: f64 = report["predicted_us_per_family"].as_object().unwrap().values().map(|v| v.as_f64().unwrap()).sum();
+    assert!(predicted.is_finite() && predicted > 0.0 && (predicted - by_family).abs() <= 1e-9 * predicted, "{report}");
     // The timed steps replay the captured graph: its launches are counted, and the step reads its tokens back.
     assert_eq!(report["captured_graphs"].as_u64(), Some(1));
     assert!(report["launches_per_decode_step"].as_u64().unwrap() > 10);

@@ -393,6 +393,9 @@ pub struct LaunchRecord {
     pub params: Vec<u8>,
     /// Its device time in microseconds when recorded with timing on a backend that times kernels.
     pub micros: Option<f64>,
+    /// The interpreter's predicted device time in microseconds on its target GPU (`LaunchCounters::predicted_us`);
+    /// `None` on hardware.
+    pub predicted_us: Option<f64>,
 }
 
 #[derive(Default)]
@@ -506,7 +509,8 @@ impl Backend for Instrumented {
             }
         };
         if let Some((records, _)) = self.state.lock().unwrap().records.as_mut() {
-            records.push(LaunchRecord { kernel: kernel.entry, params: params.to_vec(), micros });
+            let predicted_us = self.inner.last_launch_counters().and_then(|c| c.predicted_us);
+            records.push(LaunchRecord { kernel: kernel.entry, params: params.to_vec(), micros, predicted_us });
         }
         Ok(())
     }

@@ -87,6 +87,7 @@ impl Default for BenchOptions {
 ///     host_syncs_per_decode_step: 5,
 ///     launches_per_family: Default::default(),
 ///     kernel_us_per_decode_step: None,
+///     predicted_us_per_family: None,
 /// };
 /// assert_eq!(report.prefill_tokens_per_s(), 4.0 * 100.0 / 0.2); // batch * prompt_len / prefill
 /// assert_eq!(report.decode_step_mean(), ms(25));
@@ -129,6 +130,10 @@ pub struct BenchReport {
     /// Device time of the eager profiling decode step by family, microseconds; `None` where the backend cannot time
     /// kernels (the interpreter).
     pub kernel_us_per_decode_step: Option<BTreeMap<String, f64>>,
+    /// The interpreter's timing-model prediction of the eager profiling decode step on its target GPU
+    /// (`LaunchCounters::predicted_us`, H100 SXM unless `SMALL4_PREDICT_GPU` says otherwise) by family, microseconds;
+    /// `None` on hardware.
+    pub predicted_us_per_family: Option<BTreeMap<String, f64>>,
 }
 
 impl BenchReport {
@@ -158,7 +163,8 @@ impl BenchReport {
     /// The report as the JSON object of `small4 bench --json` (keys fixed by the decode issue: `layers`,
     /// `experts`, `format`, `backend`, `launches_per_decode_step`, `host_syncs_per_decode_step`,
     /// `decode_ms_per_step`, `decode_tokens_per_s`, `prefill_tokens_per_s`, `kernel_us_per_decode_step` (null
-    /// when not timed), and more).
+    /// when not timed), and more; the timing issue's `predicted_us_per_decode_step` and `predicted_us_per_family`,
+    /// null on hardware).
     pub fn to_json(&self) -> serde_json::Value {
         let o = &self.options;
         serde_json::json!({
@@ -181,6 +187,8 @@ impl BenchReport {
             "prefill_tokens_per_s": self.prefill_tokens_per_s(),
             "launches_per_family": self.launches_per_family,
             "kernel_us_per_decode_step": self.kernel_us_per_decode_step,
+            "predicted_us_per_decode_step": self.predicted_us_per_family.as_ref().map(|p| p.values().sum::<f64>()),
+            "predicted_us_per_family": self.predicted_us_per_family,
         })
     }
 }
@@ -229,6 +237,14 @@ impl fmt::Display for BenchReport {
                 self.launches_per_family.values().sum::<u64>(),
                 times.values().sum::<f64>()
             )?;
+        }
+        if let Some(predicted) = &self.predicted_us_per_family {
+            write!(f, "\npredicted by the timing model (eager profiling step): {:.1} us", predicted.values().sum::<f64>())?;
+            for family in FAMILIES {
+                if let Some(us) = predicted.get(family) {
+                    write!(f, "\n  {family:<22} {us:>10.1} us")?;
+                }
+            }
         }
         Ok(())
     }
@@ -413,10 +429,16 @@ fn run(counted: &Instrumented, model: DeviceModel, load: Duration, format: Strin
     profiled?;
     let mut launches_per_family = BTreeMap::new();
     let mut times: BTreeMap<String, f64> = BTreeMap::new();
+    let mut predicted: BTreeMap<String, f64> = BTreeMap::new();
     let mut timed = !records.is_empty();
+    let mut all_predicted = !records.is_empty();
     for record in &records {
         let family = family_of(record, &weights).to_string();
         *launches_per_family.entry(family.clone()).or_insert(0u64) += 1;
+        match record.predicted_us {
+            Some(us) => *predicted.entry(family.clone()).or_insert(0.0) += us,
+            None => all_predicted = false,
+        }
         match record.micros {
             Some(us) => *times.entry(family).or_insert(0.0) += us,
             None => timed = false,
@@ -437,5 +459,6 @@ fn run(counted: &Instrumented, model: DeviceModel, load: Duration, format: Strin
         host_syncs_per_decode_step: step_counts.host_syncs,
         launches_per_family,
         kernel_us_per_decode_step: timed.then_some(times),
+        predicted_us_per_family: all_predicted.then_some(predicted),
     })
 }

@@ -360,13 +360,14 @@ impl DeviceWeights {
 
     /// Sets `bytes_per_expert` from the arrays held.
     fn with_bytes_per_expert(mut self) -> Self {
-        let per = |len: Option<usize>, size: usize| len.map_or(0, |l| l * size / self.experts);
-        self.bytes_per_expert = self.expert_stride
-            + per(self.row_scales.as_ref().map(|b| b.len()), 4)
-            + per(self.block_scales.as_ref().map(|b| b.len()), 4)
-            + per(self.group_scales.as_ref().map(|b| b.len()), 2)
-            + per(self.group_zeros.as_ref().map(|b| b.len()), 1)
-            + per(self.fp4_scales.as_ref().map(|b| b.len()), 1);
+        let lens = [
+            self.row_scales.as_ref().map(|b| b.len()),
+            self.block_scales.as_ref().map(|b| b.len()),
+            self.group_scales.as_ref().map(|b| b.len()),
+            self.group_zeros.as_ref().map(|b| b.len()),
+            self.fp4_scales.as_ref().map(|b| b.len()),
+        ];
+        self.bytes_per_expert = crate::quant::repack::packed_bytes_per_expert(self.expert_stride, self.experts, lens);
         self
     }
 }

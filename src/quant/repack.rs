@@ -327,14 +327,23 @@ pub struct PackedWeights {
 impl PackedWeights {
     /// Bytes of weights and scales for one expert: what a GEMM that touches the expert must read at least once.
     pub fn bytes_per_expert(&self) -> usize {
-        let per = |len: Option<usize>, size: usize| len.map_or(0, |l| l * size / self.experts);
-        self.expert_stride
-            + per(self.row_scales.as_ref().map(Vec::len), 4)
-            + per(self.block_scales.as_ref().map(Vec::len), 4)
-            + per(self.group_scales.as_ref().map(Vec::len), 2)
-            + per(self.group_zeros.as_ref().map(Vec::len), 1)
-            + per(self.fp4_scales.as_ref().map(Vec::len), 1)
+        let lens = [
+            self.row_scales.as_ref().map(Vec::len),
+            self.block_scales.as_ref().map(Vec::len),
+            self.group_scales.as_ref().map(Vec::len),
+            self.group_zeros.as_ref().map(Vec::len),
+            self.fp4_scales.as_ref().map(Vec::len),
+        ];
+        packed_bytes_per_expert(self.expert_stride, self.experts, lens)
     }
+}
+
+/// Bytes of one expert's weights and scales, from the packed arrays' element counts (over all experts) in the order
+/// row scales (f32), block scales (f32), group scales (bf16), group zero points (u8), fp4 scales (u8): what
+/// [`PackedWeights::bytes_per_expert`] and the device-side copies of packed weights report.
+pub(crate) fn packed_bytes_per_expert(expert_stride: usize, experts: usize, scale_lens: [Option<usize>; 5]) -> usize {
+    let sizes = [4, 4, 2, 1, 1];
+    expert_stride + scale_lens.iter().zip(sizes).map(|(len, size)| len.map_or(0, |l| l * size / experts)).sum::<usize>()
 }
 
 /// A packed row: which source matrix (0 = the only one / gate, 1 = up) and which of its rows; None = padding.

@@ -24,13 +24,11 @@
 #include "params.h"
 #include "common.cuh"
 #include "mma.cuh"
+#include "mla_cache.cuh"
 #include <cuda_fp8.h>
 
 namespace {
 
-constexpr int kLatent = 256;                     // kv_lora_rank
-constexpr int kRope = 64;                        // qk_rope_head_dim
-constexpr int kWidth = kLatent + kRope;          // cache values per token
 constexpr int kRowStride = kWidth + 8;           // padded shared-memory row (bf16): 656 B, rows 16 B apart in banks
 constexpr int kTileN = 32;                       // cache tokens per pipeline stage
 constexpr int kRowsPerWarp = 16;
@@ -45,84 +43,19 @@ __device__ __forceinline__ uint32_t e4m3x2_to_bf16x2(uint16_t two) {
     return (__float_as_uint(lo) >> 16) | (__float_as_uint(hi) & 0xffff0000u);
 }
 
-// ---- cache layout ----------------------------------------------------------------------------------------------
-
-template <bool kFp8>
-struct CacheElem;
-template <>
-struct CacheElem<false> {
-    using T = bf16;
-    static constexpr int kBytes = 2;
-};
-template <>
-struct CacheElem<true> {
-    using T = fp8e4m3;
-    static constexpr int kBytes = 1;
-};
-
-// Byte offset of token `pos` of block-table row `seq` (the caller has checked pos < kv_len and the table entries).
-__device__ __forceinline__ long cache_token_offset(const int *block_tables, int max_pages, int page_size, int seq, int pos,
-                                                   int elem_bytes) {
-    const int page = block_tables[(long)seq * max_pages + pos / page_size];
-    return ((long)page * page_size + pos % page_size) * kWidth * elem_bytes;
-}
-
 }  // namespace
 
 // ================================================================================================================
-// mla_cache_write: normalise the latent, rotate k_rope, store one token's 320 values into its page slot.
-// Thread mapping: one warp per token (blocks of 4 warps); lane l owns latent values 8l..8l+7 (one 16-byte load) and
-// rope pair l (values 256+2l, 256+2l+1). RMS by warp butterfly. RoPE angles by common.cuh's rope_sincos (exact at
-// long context without f64).
-// Bytes: 640 in (+512 weight, cached) and 640 (bf16) / 320 (fp8) out per token. FLOPs: ~1.2k per token.
+// mla_cache_write: cuda/include/mla_cache.cuh's cache_write, one warp per token (blocks of 4 warps). The GEMM row
+// finisher of the latent projection (cuda/moe_gemm.cu) runs the same function on the rows it finishes.
 // ================================================================================================================
 template <bool kFp8>
-__device__ __forceinline__ void cache_write(const MlaCacheWriteParams &p) {
-    const int lane = threadIdx.x & 31;
+__device__ __forceinline__ void cache_write_warp(const MlaCacheWriteParams &p) {
     const int token = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (token >= p.tokens) return;
-    const bf16 *row = p.kv + (long)token * p.kv_row_stride;
-    const int seq = p.token_seq[token], pos = p.positions[token];
-
-    float c[8], w[8];
-    bf16x8_to_f32(*reinterpret_cast<const uint4 *>(row + lane * 8), c);
-    bf16x8_to_f32(*reinterpret_cast<const uint4 *>(p.norm_weight + lane * 8), w);
-    float sum_sq = 0.f;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) sum_sq += c[i] * c[i];
-    const float inv_rms = rsqrtf(warp_sum(sum_sq) / (float)kLatent + p.eps);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) c[i] = c[i] * inv_rms * w[i];
-
-    const __nv_bfloat162 pair = *reinterpret_cast<const __nv_bfloat162 *>(row + kLatent + 2 * lane);
-    const float a = __low2float(pair), b = __high2float(pair);
-    float s, co;
-    rope_sincos(pos, p.inv_freq[lane], &s, &co);
-    const float ra = a * co - b * s, rb = a * s + b * co;
-
-    using Elem = CacheElem<kFp8>;
-    char *dst = reinterpret_cast<char *>(p.cache) +
-                cache_token_offset(p.block_tables, p.max_pages, p.page_size, seq, pos, Elem::kBytes);
-    if constexpr (kFp8) {
-        uint32_t words[2];
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            const __nv_fp8x4_e4m3 q(make_float4(c[4 * i] * p.fp8_inv_scale, c[4 * i + 1] * p.fp8_inv_scale,
-                                                c[4 * i + 2] * p.fp8_inv_scale, c[4 * i + 3] * p.fp8_inv_scale));
-            words[i] = *reinterpret_cast<const uint32_t *>(&q);
-        }
-        *reinterpret_cast<uint2 *>(dst + lane * 8) = make_uint2(words[0], words[1]);
-        const __nv_fp8x2_e4m3 r(make_float2(ra * p.fp8_inv_scale, rb * p.fp8_inv_scale));
-        *reinterpret_cast<__nv_fp8x2_e4m3 *>(dst + kLatent + 2 * lane) = r;
-    } else {
-        bf16 *out = reinterpret_cast<bf16 *>(dst);
-        *reinterpret_cast<uint4 *>(out + lane * 8) = f32x8_to_bf16(c);
-        *reinterpret_cast<__nv_bfloat162 *>(out + kLatent + 2 * lane) = __floats2bfloat162_rn(ra, rb);
-    }
+    if (token < p.tokens) cache_write<kFp8>(p, token);
 }
-
-extern "C" __global__ void mla_cache_write_bf16(const MlaCacheWriteParams p) { cache_write<false>(p); }
-extern "C" __global__ void mla_cache_write_fp8(const MlaCacheWriteParams p) { cache_write<true>(p); }
+extern "C" __global__ void mla_cache_write_bf16(const MlaCacheWriteParams p) { cache_write_warp<false>(p); }
+extern "C" __global__ void mla_cache_write_fp8(const MlaCacheWriteParams p) { cache_write_warp<true>(p); }
 
 // ================================================================================================================
 // mla_copy_pages: one block per page copy, 16-byte vectors strided over the page. Bytes: 2 x page_bytes per copy.

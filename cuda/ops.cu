@@ -21,6 +21,8 @@ __device__ __forceinline__ bool aligned16(const void *p) { return (reinterpret_c
 // up to position 2^20, where a plain f32 product would be off by 0.06 rad), then sin/cos of the reduced angle with the
 // fast hardware approximations (|error| < 1e-6 on [-pi, pi]; no slow range-reduction path, no local memory). Requires head_dim, rope_dim and both row strides to be
 // multiples of 8 (the wrapper checks). Bytes: 2 * 2 * tokens * (heads * head_dim + rope_dim). FLOPs: ~6 per element.
+// The query projection's GEMM can do the q half in its epilogue instead (cuda/moe_gemm.cu, MoeGemmParams.rope), with
+// the same common.cuh functions, bit for bit.
 extern "C" __global__ void __launch_bounds__(256) rope_q_k(const RopeParams p) {
     __shared__ float cos_of[128], sin_of[128];
     const int t = blockIdx.x;
@@ -33,7 +35,7 @@ extern "C" __global__ void __launch_bounds__(256) rope_q_k(const RopeParams p) {
         cos_of[i] = c;
     }
     __syncthreads();
-    const float q_scale = 1.f + p.scale_beta * logf(1.f + (float)(pos / p.scale_original_max));
+    const float q_scale = llama4_query_scale(pos, p.scale_beta, p.scale_original_max);
 
     const int head_chunks = p.head_dim / kVector;
     const int q_chunks = p.heads * head_chunks;
@@ -57,12 +59,7 @@ extern "C" __global__ void __launch_bounds__(256) rope_q_k(const RopeParams p) {
         bf16x8_to_f32(*reinterpret_cast<const uint4 *>(ptr), v);
         if (rope_col >= 0) {
 #pragma unroll
-            for (int m = 0; m < kVector / 2; ++m) {
-                const int pair = rope_col / 2 + m;
-                const float a = v[2 * m], b = v[2 * m + 1];
-                v[2 * m] = a * cos_of[pair] - b * sin_of[pair];
-                v[2 * m + 1] = a * sin_of[pair] + b * cos_of[pair];
-            }
+            for (int m = 0; m < kVector / 2; ++m) rope_rotate(v[2 * m], v[2 * m + 1], cos_of[rope_col / 2 + m], sin_of[rope_col / 2 + m]);
         }
 #pragma unroll
         for (int i = 0; i < kVector; ++i) v[i] *= scale;

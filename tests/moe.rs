@@ -8,7 +8,9 @@ use half::bf16;
 use proptest::prelude::*;
 use rand::{rngs::StdRng, seq::SliceRandom, Rng};
 use small4::device::{Device, DeviceBuffer};
-use small4::kernels::moe::{self, DeviceWeights, E4m3Rows, Fp8ActScales, Grouping, MoeLayerWeights, MoeWorkspace, RoutingBuffers};
+use small4::kernels::moe::{self, DeviceWeights, E4m3Rows, Fp8ActScales, Grouping, MoeLayerWeights, MoeWorkspace, RoutingBuffers, RowCounters};
+use small4::kernels::norm::{self, MoePairs, ResidualNorm};
+use small4::kernels::Matrix;
 use small4::quant::fp8::f32_to_e4m3;
 use small4::quant::matrix::QuantizedMatrix;
 use small4::quant::repack::{self, MatrixRef};
@@ -667,6 +669,158 @@ fn wrappers_reject_bad_shapes(device: &Device) {
     assert!(matches!(moe::linear(&fused, x.view([3, 128]).unwrap(), y.view([3, 64]).unwrap()), Err(small4::Error::InvalidArgument(_))));
 }
 
+fn bits(v: &DeviceBuffer<bf16>) -> Vec<u16> {
+    v.to_vec().unwrap().iter().map(|v| v.to_bits()).collect()
+}
+
+/// `linear_add_rms_norm` (the GEMM finishing its rows with the residual add + RMSNorm, one launch) gives bit for bit
+/// `linear` then `add_rms_norm`, for every format, at 1 and 3 rows (the narrow decode tile) and 70 (the prefill tile),
+/// twice in a row on the same counters (each launch leaves them zero).
+fn linear_add_rms_norm_equals_the_launches_apart(device: &Device) {
+    let (in_dim, out_dim) = (256, 320);
+    let mut rng = rng(51);
+    for (format, rows) in FORMATS.iter().map(|&f| (f, 3)).chain([(WeightFormat::Bf16, 1), (WeightFormat::Bf16, 70), (WeightFormat::Nvfp4, 70)]) {
+        let (w, _) = random_matrix(&mut rng, format, out_dim, in_dim);
+        let weights = DeviceWeights::upload(device, &repack::repack_linear(&[(&w).into()]).unwrap()).unwrap();
+        let upload = |v: &[bf16]| DeviceBuffer::from_slice(device, v).unwrap();
+        let (x, residual) = (upload(&random_bf16(&mut rng, rows * in_dim, 1.0)), upload(&random_bf16(&mut rng, rows * out_dim, 1.0)));
+        let gamma = upload(&random_bf16(&mut rng, out_dim, 1.0));
+        let counters = RowCounters::new(device, rows).unwrap();
+        let run = |fused: bool| {
+            let poisoned = || DeviceBuffer::<bf16>::filled_with_byte(device, rows * out_dim, 0xff).unwrap();
+            let (y, h, out) = (poisoned(), poisoned(), poisoned());
+            fn view(b: &DeviceBuffer<bf16>, rows: usize, cols: usize) -> Matrix<'_, bf16> {
+                b.view([rows, cols]).unwrap()
+            }
+            let view = |b| view(b, rows, out_dim);
+            let norm = ResidualNorm { residual: view(&residual), weight: gamma.as_vector(), residual_out: view(&h), out: view(&out), eps: 1e-6 };
+            if fused {
+                moe::linear_add_rms_norm(&weights, x.view([rows, in_dim]).unwrap(), view(&y), &norm, &counters).unwrap();
+            } else {
+                moe::linear(&weights, x.view([rows, in_dim]).unwrap(), view(&y)).unwrap();
+                norm::add_rms_norm(view(&y), norm.residual, norm.weight, norm.residual_out, norm.out, norm.eps).unwrap();
+            }
+            (bits(&y), bits(&h), bits(&out))
+        };
+        let apart = run(false);
+        for launch in 0..2 {
+            assert_eq!(run(true), apart, "{format} rows {rows}, fused launch {launch}");
+        }
+        assert!(apart.2.iter().all(|&b| !bf16::from_bits(b).is_nan()), "{format}: a row left unnormed");
+    }
+}
+
+/// `moe_layer_add_rms_norm` (the combine + residual add + RMSNorm run by the down projection's last block per token)
+/// gives bit for bit `routed_and_shared_experts` then `moe_combine_add_rms_norm`: every format at 3 tokens (shared
+/// expert in the routed launches), 70 tokens (prefill tile, shared expert apart), without a shared expert, with
+/// unrouted pairs (never written, so never waited for), and in W8A8.
+fn moe_layer_add_rms_norm_equals_the_launches_apart(device: &Device) {
+    let bf16_case = |tokens, shared| Case { shared, unrouted_pairs: true, seed: 52, ..small_case(tokens, 4, 8, WeightFormat::Bf16) };
+    let cases = FORMATS
+        .iter()
+        .map(|&format| Case { seed: 53, ..small_case(3, 4, 8, format) })
+        .chain([bf16_case(3, true), bf16_case(3, false), bf16_case(70, true), Case { seed: 54, ..small_case(70, 4, 8, WeightFormat::Nvfp4) }])
+        .chain([Case { remote: 0, ..w8a8_case(3, 4) }, Case { remote: 0, ..w8a8_case(70, 4) }]);
+    for case in cases {
+        let (dim, hidden, tokens, k) = (case.dim, case.hidden, case.tokens, case.k);
+        let mut rng = rng(case.seed);
+        let x = random_bf16(&mut rng, tokens * dim, 1.0);
+        let experts: Vec<Expert> = (0..case.experts).map(|_| random_expert(&mut rng, case.format, dim, hidden)).collect();
+        let shared = case.shared.then(|| random_expert(&mut rng, case.format, dim, hidden));
+        let mut routing = random_routing(&mut rng, &case);
+        if case.unrouted_pairs {
+            routing.ids.iter_mut().skip(2).step_by(5).for_each(|id| *id = -1);
+        }
+        let tile_m = moe::moe_tile_m(tokens, k, case.experts);
+        let alignment = align_pairs(&routing.ids, None, case.experts, tile_m);
+        let mut weights = pack_layer(device, &experts.iter().collect::<Vec<_>>(), shared.as_ref());
+        weights.set_fp8_activations(case.w8a8).unwrap();
+        let workspace = MoeWorkspace::new(device, &weights, tokens, k, alignment.sorted_pairs.len()).unwrap();
+        let up = |v: &[i32]| DeviceBuffer::from_slice(device, v).unwrap();
+        let (sorted_pairs, tile_experts, expert_offsets) = (up(&alignment.sorted_pairs), up(&alignment.tile_experts), up(&alignment.expert_offsets));
+        let num_padded = up(&[alignment.num_padded]);
+        let grouping = Grouping { sorted_pairs: &sorted_pairs, tile_experts: &tile_experts, expert_offsets: &expert_offsets, num_padded: &num_padded, tile_m };
+        let (topk_ids, topk_weights) = (up(&routing.ids), DeviceBuffer::from_slice(device, &routing.weights).unwrap());
+        let routing_dev = RoutingBuffers {
+            topk_ids: topk_ids.view([tokens, k]).unwrap(),
+            topk_weights: topk_weights.view([tokens, k]).unwrap(),
+            expert_map: None,
+            experts: case.experts,
+        };
+        let upload = |v: &[bf16]| DeviceBuffer::from_slice(device, v).unwrap();
+        let (x_dev, residual, gamma) = (upload(&x), upload(&random_bf16(&mut rng, tokens * dim, 1.0)), upload(&random_bf16(&mut rng, dim, 1.0)));
+        let counters = RowCounters::new(device, tokens).unwrap();
+        let run = |fused: bool| {
+            for b in [&workspace.pair_out, &workspace.shared_out] {
+                device.memset(b.addr(), 0xff, b.bytes()).unwrap();
+            }
+            let poisoned = || DeviceBuffer::<bf16>::filled_with_byte(device, tokens * dim, 0xff).unwrap();
+            let (h, out) = (poisoned(), poisoned());
+            fn view(b: &DeviceBuffer<bf16>, rows: usize, cols: usize) -> Matrix<'_, bf16> {
+                b.view([rows, cols]).unwrap()
+            }
+            let view = |b| view(b, tokens, dim);
+            let norm = ResidualNorm { residual: view(&residual), weight: gamma.as_vector(), residual_out: view(&h), out: view(&out), eps: 1e-6 };
+            let xv = view(&x_dev);
+            if fused {
+                moe::moe_layer_add_rms_norm(&weights, xv, &routing_dev, &grouping, &workspace, &norm, &counters).unwrap();
+            } else {
+                moe::routed_and_shared_experts(&weights, xv, &grouping, routing_dev.topk_weights, &workspace).unwrap();
+                let shared_out = weights.shared.as_ref().map(|_| workspace.shared_out.view([tokens, dim]).unwrap());
+                let pairs = MoePairs {
+                    pair_out: workspace.pair_out.view([tokens * k, dim]).unwrap(),
+                    shared_out,
+                    topk_ids: routing_dev.topk_ids,
+                    expert_map: None,
+                    experts: case.experts,
+                };
+                norm::moe_combine_add_rms_norm(&pairs, norm.residual, norm.weight, norm.residual_out, norm.out, norm.eps).unwrap();
+            }
+            (bits(&h), bits(&out))
+        };
+        let apart = run(false);
+        for launch in 0..2 {
+            assert_eq!(run(true), apart, "{case:?}: fused launch {launch}");
+        }
+        assert!(apart.1.iter().all(|&b| !bf16::from_bits(b).is_nan()), "{case:?}: a token left unnormed");
+    }
+}
+
+/// `linear_rope_q` (the query projection with RoPE and the llama-4 query scale in its epilogue) gives bit for bit
+/// `linear` then `rope_q_k`, for every format, at 1 and 3 rows (narrow tile) and 70 (tiled), heads of 192 = 128 nope
+/// + 64 rope, positions up to ~2^17 with a non-zero query scale.
+fn linear_rope_q_equals_the_launches_apart(device: &Device) {
+    use small4::kernels::ops::{self, QueryScale};
+    let (in_dim, heads, head_dim) = (256, 3, 192);
+    let out_dim = heads * head_dim;
+    let scale = QueryScale { beta: 0.1, original_max_position: 8192 };
+    let inv_freq: Vec<f32> = (0..32).map(|i| 10_000f32.powf(-(i as f32) / 32.0)).collect();
+    let mut rng = rng(55);
+    for (format, rows) in
+        FORMATS.iter().map(|&f| (f, 3)).chain([(WeightFormat::Bf16, 1), (WeightFormat::Bf16, 70), (WeightFormat::Int4 { group: 64, zero_point: true }, 70)])
+    {
+        let (w, _) = random_matrix(&mut rng, format, out_dim, in_dim);
+        let weights = DeviceWeights::upload(device, &repack::repack_linear(&[(&w).into()]).unwrap()).unwrap();
+        let x = DeviceBuffer::from_slice(device, &random_bf16(&mut rng, rows * in_dim, 1.0)).unwrap();
+        let positions: Vec<i32> = (0..rows).map(|_| rng.random_range(0..140_000)).collect();
+        let (positions, inv_freq) = (DeviceBuffer::from_slice(device, &positions).unwrap(), DeviceBuffer::from_slice(device, &inv_freq).unwrap());
+        let run = |fused: bool| {
+            let q = DeviceBuffer::<bf16>::filled_with_byte(device, rows * out_dim, 0xff).unwrap();
+            let (xv, qv) = (x.view([rows, in_dim]).unwrap(), q.view([rows, heads, head_dim]).unwrap());
+            if fused {
+                moe::linear_rope_q(&weights, xv, qv, positions.as_vector(), inv_freq.as_vector(), scale).unwrap();
+            } else {
+                moe::linear(&weights, xv, q.view([rows, out_dim]).unwrap()).unwrap();
+                ops::rope_q_k(qv, None, positions.as_vector(), inv_freq.as_vector(), scale).unwrap();
+            }
+            bits(&q)
+        };
+        let apart = run(false);
+        assert_eq!(run(true), apart, "{format} rows {rows}");
+        assert!(apart.iter().all(|&b| !bf16::from_bits(b).is_nan()), "{format}: a query left unwritten");
+    }
+}
+
 backend_tests!(
     moe_layer_at_real_reduction_lengths,
     linear_at_real_reduction_lengths,
@@ -674,6 +828,9 @@ backend_tests!(
     linear_per_head_matches_reference,
     row_concat_linear_matches_both_parts,
     shared_expert_in_routed_launches_equals_apart,
+    linear_add_rms_norm_equals_the_launches_apart,
+    linear_rope_q_equals_the_launches_apart,
+    moe_layer_add_rms_norm_equals_the_launches_apart,
     device_stack_and_concat_equal_host_repack,
     moe_layer_matches_reference,
     moe_layer_every_format,

@@ -63,3 +63,15 @@ __device__ __forceinline__ void rope_sincos(int pos, float inv_freq, float *sin_
     reduced = fmaf(-turns, -1.74845553146951715e-7f, reduced);
     __sincosf(reduced + lo, sin_out, cos_out);
 }
+
+// The interleaved RoPE rotation of one pair (a, b) = (x[2i], x[2i+1]) by the angle of cos_v and sin_v.
+__device__ __forceinline__ void rope_rotate(float &a, float &b, float cos_v, float sin_v) {
+    const float ra = a * cos_v - b * sin_v, rb = a * sin_v + b * cos_v;
+    a = ra;
+    b = rb;
+}
+
+// The llama-4 query scale 1 + beta * ln(1 + floor(pos / original_max)) (1 when beta is 0).
+__device__ __forceinline__ float llama4_query_scale(int pos, float beta, int original_max) {
+    return 1.f + beta * logf(1.f + (float)(pos / original_max));
+}

@@ -94,7 +94,68 @@ typedef struct RouterParams {
     MoeAlignParams align; /* align.topk_ids == topk_ids */
 } RouterParams;
 
+/* mla_cache_write_{bf16,fp8}: one token per warp.
+ * cache[slot] = [bf16|fp8]( rms_norm(kv[t, 0:256]) * norm_weight , rope_interleaved(kv[t, 256:320], positions[t]) ). */
+typedef struct MlaCacheWriteParams {
+    const bf16 *kv;            /* [tokens, kv_row_stride], the first 320 columns are [c | k_rope] (wkv_a_with_mqa output) */
+    const bf16 *norm_weight;   /* kv_a_norm weight [256] */
+    const float *inv_freq;     /* YaRN inverse frequencies [32] */
+    const int *token_seq;      /* [tokens]: block-table row of each token */
+    const int *positions;      /* [tokens]: position of each token in its sequence */
+    const int *block_tables;   /* [num_seqs, max_pages] */
+    void *cache;               /* [num_pages, page_size, 320] of bf16 or fp8 e4m3 */
+    int tokens;
+    int kv_row_stride;
+    int max_pages;
+    int page_size;
+    float eps;
+    float fp8_inv_scale;       /* 1 / fp8 scale (fp8 cache only) */
+} MlaCacheWriteParams;
+
 /* ---- moe_gemm.cu: grouped expert GEMMs (bf16, FP8, INT4, NVFP4 weights) -------------------------------------------- */
+
+/* In place, per token t at position pos = positions[t]: rotates the interleaved pairs of the rope dims (the last
+ * rope_dim of each q head, and k_rope) by pos * inv_freq[i], and multiplies ALL head_dim dims of q by the llama-4 scale
+ * 1 + beta * ln(1 + floor(pos / original_max)). */
+typedef struct RopeParams {
+    bf16 *q;      /* [tokens, heads, head_dim], row stride q_row_stride elements */
+    bf16 *k_rope; /* [tokens, rope_dim], row stride k_row_stride elements (may be null) */
+    const int *positions;
+    const float *inv_freq; /* [rope_dim / 2] */
+    int tokens;
+    int heads;
+    int head_dim;
+    int rope_dim; /* even, <= head_dim; the rope part is the last rope_dim of a head */
+    int q_row_stride;
+    int k_row_stride;
+    float scale_beta;
+    int scale_original_max;
+} RopeParams;
+
+/* A GEMM's row finisher: the step that follows the GEMM on each of its output rows, run in the same launch by the
+ * last block that writes into the row. Each working block, after storing its part, fences and adds one arrival to
+ * counters[row] per row it wrote; the block that brings a row to column_blocks x writes (the blocks along x each
+ * write a part of every row they compute; writes = 1, or for kind 2 the token's counting pairs + 1 when a dense tail
+ * rides in the launch) resets the counter to 0 and runs, with the whole block:
+ *  kind 1 (SMALL4_GEMM_FINISH_NORM): rms_norm_row over `norm` (x = the GEMM's bf16 output; with residual: add + RMSNorm);
+ *  kind 2 (SMALL4_GEMM_FINISH_MOE_NORM): rms_norm_row with the MoE combine over `norm` (pair_out / shared_out = the f32
+ *          rows the launch wrote, by pair and by tail row); the finisher's row is pair / top_k (the token);
+ *  kinds 3 / 4 (SMALL4_GEMM_FINISH_MLA_LATENTS_BF16 / _FP8): rms_norm_row over `norm` (the q latent, the output's first
+ *          columns) and cache_write over `cache` (the kv latent, the columns after it) into a bf16 / fp8 cache.
+ * Rows = tokens: the finisher's row indexes norm and cache. A row nothing writes is not finished (kind 2: a token
+ * with no counting pair and no shared expert). */
+#define SMALL4_GEMM_FINISH_NONE 0
+#define SMALL4_GEMM_FINISH_NORM 1
+#define SMALL4_GEMM_FINISH_MOE_NORM 2
+#define SMALL4_GEMM_FINISH_MLA_LATENTS_BF16 3
+#define SMALL4_GEMM_FINISH_MLA_LATENTS_FP8 4
+typedef struct GemmRowFinish {
+    int kind;
+    int column_blocks;             /* gridDim.x of the launch */
+    int *counters;                 /* [rows] i32, zero at rest (each launch leaves them zero) */
+    RmsNormParams norm;
+    MlaCacheWriteParams cache;
+} GemmRowFinish;
 
 /* One grouped GEMM launch: for every row of a group (a (token, expert) pair, or a plain row in dense mode),
  * y[row, n] = sum_k x[src(row), k] * W_e[n, k] for the n of this block, with W_e the row's expert's weights in the
@@ -156,6 +217,9 @@ typedef struct MoeGemmParams {
     int out_by_pair;               /* 1: output row = pair; 0: output row = slot */
     MoeDenseTail tail;             /* grouped mode only: a dense GEMM in the same launch (the shared expert) */
     float act_scale;               /* moe_gemm_fp8_act_* only: x = e4m3 * act_scale (multiplied into the epilogue) */
+    GemmRowFinish finish;          /* kind SMALL4_GEMM_FINISH_NONE: none */
+    RopeParams rope;               /* dense mode: rope_q_k's q half on the bf16 output tile (q = out_bf16, q_row_stride =
+                                      out_stride) before the finisher; positions null: none */
     const unsigned char *x_e4m3;   /* moe_gemm_fp8_act_* only: e4m3 input rows in the moe_quantize_act_e4m3 layout
                                       (x_stride bytes apart) instead of x; last, so the other
                                       kernels see the fields above where they were */
@@ -232,27 +296,12 @@ typedef struct DequantNvfp4Params {
 
 /* ---- mla_attention.cu: paged MLA attention (decode, prefill) and the cache writer ---------------------------------- */
 
+/* mla_cache_write_{bf16,fp8}: MlaCacheWriteParams, above the GEMMs (their latent finisher runs the writer). */
+
 /* The paged latent cache: `num_pages` pages of `page_size` tokens, each token 320 values [kv_a_norm(c) 256 | rope(k) 64],
  * bf16 (2 bytes) or fp8 e4m3 (1 byte, value = e4m3 * fp8 scale). Token `pos` of the sequence in block-table row `s`
  * lives at page `block_tables[s * max_pages + pos / page_size]`, slot `pos % page_size`. */
 
-/* mla_cache_write_{bf16,fp8}: one token per warp.
- * cache[slot] = [bf16|fp8]( rms_norm(kv[t, 0:256]) * norm_weight , rope_interleaved(kv[t, 256:320], positions[t]) ). */
-typedef struct MlaCacheWriteParams {
-    const bf16 *kv;            /* [tokens, kv_row_stride], the first 320 columns are [c | k_rope] (wkv_a_with_mqa output) */
-    const bf16 *norm_weight;   /* kv_a_norm weight [256] */
-    const float *inv_freq;     /* YaRN inverse frequencies [32] */
-    const int *token_seq;      /* [tokens]: block-table row of each token */
-    const int *positions;      /* [tokens]: position of each token in its sequence */
-    const int *block_tables;   /* [num_seqs, max_pages] */
-    void *cache;               /* [num_pages, page_size, 320] of bf16 or fp8 e4m3 */
-    int tokens;
-    int kv_row_stride;
-    int max_pages;
-    int page_size;
-    float eps;
-    float fp8_inv_scale;       /* 1 / fp8 scale (fp8 cache only) */
-} MlaCacheWriteParams;
 
 /* mla_copy_pages: cache page pairs[i].dst = page pairs[i].src (copy-on-write of shared prefix pages). The host
  * guarantees distinct destinations that are no copy's source. */
@@ -292,23 +341,6 @@ typedef struct MlaAttentionParams {
 
 /* ---- ops.cu: RoPE, embedding, SwiGLU, dense GEMM, sampling and the other small kernels of a layer ------------------ */
 
-/* In place, per token t at position pos = positions[t]: rotates the interleaved pairs of the rope dims (the last
- * rope_dim of each q head, and k_rope) by pos * inv_freq[i], and multiplies ALL head_dim dims of q by the llama-4 scale
- * 1 + beta * ln(1 + floor(pos / original_max)). */
-typedef struct RopeParams {
-    bf16 *q;      /* [tokens, heads, head_dim], row stride q_row_stride elements */
-    bf16 *k_rope; /* [tokens, rope_dim], row stride k_row_stride elements (may be null) */
-    const int *positions;
-    const float *inv_freq; /* [rope_dim / 2] */
-    int tokens;
-    int heads;
-    int head_dim;
-    int rope_dim; /* even, <= head_dim; the rope part is the last rope_dim of a head */
-    int q_row_stride;
-    int k_row_stride;
-    float scale_beta;
-    int scale_original_max;
-} RopeParams;
 
 /* out[t, :] = table[ids[t], :]. An id outside [0, vocab) writes a zero row and records the error in status:
  * status[0] += 1, status[1] = min(status[1], t) (the caller initialises status to {0, INT_MAX}). */

@@ -10,6 +10,8 @@ use half::bf16;
 
 use super::check_len;
 use super::modules::MLA_ATTENTION;
+use super::moe::{self, DeviceWeights, RowCounters, RowFinish};
+use super::norm;
 use super::params::{MlaAttentionParams, MlaCacheWriteParams, MlaCopyPagesParams};
 use super::{Matrix, TensorView, Vector};
 use crate::device::{launch_with, Device, DeviceBuffer, Dim3, Kernel, LaunchConfig};
@@ -429,6 +431,24 @@ impl TokenSlots {
 /// # Ok::<(), small4::Error>(())
 /// ```
 pub fn mla_cache_write(cache: &PagedCache, tables: &BlockTables, kv: Matrix<bf16>, weights: &CacheWriteWeights, slots: &TokenSlots) -> Result<()> {
+    let (params, fp8) = cache_write_params(cache, tables, kv, weights, slots)?;
+    if params.tokens == 0 {
+        return Ok(());
+    }
+    let kernel = if fp8 { CACHE_WRITE_FP8 } else { CACHE_WRITE_BF16 };
+    let config = LaunchConfig { grid: Dim3::x(super::blocks_for(slots.tokens(), WRITE_WARPS)), block: Dim3::x(32 * WRITE_WARPS as u32), shared_bytes: 0 };
+    launch_with(kv.device(), &kernel, &config, &params)
+}
+
+/// The cache writer's kernel parameters, checked as [`mla_cache_write`] checks them, and whether the cache is fp8:
+/// for its own launch, or for the latent projection's row finisher ([`latent_projection`]).
+fn cache_write_params(
+    cache: &PagedCache,
+    tables: &BlockTables,
+    kv: Matrix<bf16>,
+    weights: &CacheWriteWeights,
+    slots: &TokenSlots,
+) -> Result<(MlaCacheWriteParams, bool)> {
     tables.check_cache(cache)?;
     let tokens = slots.tokens();
     weights.norm_weight.expect_dims("kv_a_norm weight", [KV_LORA_RANK])?;
@@ -444,9 +464,6 @@ pub fn mla_cache_write(cache: &PagedCache, tables: &BlockTables, kv: Matrix<bf16
     if !(weights.eps.is_finite() && weights.eps >= 0.0) {
         return Err(Error::InvalidArgument(format!("kv_a_norm eps {}", weights.eps)));
     }
-    if tokens == 0 {
-        return Ok(());
-    }
     for (t, (&seq, &pos)) in slots.token_seq.iter().zip(&slots.positions).enumerate() {
         let len = *tables
             .seq_lens()
@@ -457,9 +474,9 @@ pub fn mla_cache_write(cache: &PagedCache, tables: &BlockTables, kv: Matrix<bf16
             return Err(out_of_range(&format!("position of token {t} (sequence {seq})"), pos as i64, len as usize));
         }
     }
-    let (kernel, inv_scale) = match cache.desc.dtype {
-        CacheDtype::Bf16 => (CACHE_WRITE_BF16, 1.0),
-        CacheDtype::Fp8E4m3 { scale } => (CACHE_WRITE_FP8, 1.0 / scale),
+    let (fp8, inv_scale) = match cache.desc.dtype {
+        CacheDtype::Bf16 => (false, 1.0),
+        CacheDtype::Fp8E4m3 { scale } => (true, 1.0 / scale),
     };
     let params = MlaCacheWriteParams {
         kv: kv.ptr(),
@@ -476,8 +493,80 @@ pub fn mla_cache_write(cache: &PagedCache, tables: &BlockTables, kv: Matrix<bf16
         eps: weights.eps,
         fp8_inv_scale: inv_scale,
     };
-    let config = LaunchConfig { grid: Dim3::x(super::blocks_for(tokens, WRITE_WARPS)), block: Dim3::x(32 * WRITE_WARPS as u32), shared_bytes: 0 };
-    launch_with(kv.device(), &kernel, &config, &params)
+    Ok((params, fp8))
+}
+
+/// The q latent's RMSNorm that [`latent_projection`] applies: `out = rms_norm(q_a) * weight`.
+#[derive(Clone, Copy)]
+pub struct QueryLatentNorm<'a> {
+    /// `[q_lora_rank]` bf16: the layer's `q_a_norm` weight.
+    pub weight: Vector<'a, bf16>,
+    /// `[tokens, q_lora_rank]` bf16: the normed q latent (wq_b's input).
+    pub out: Matrix<'a, bf16>,
+    /// The RMSNorm epsilon (finite, >= 0).
+    pub eps: f32,
+}
+
+/// MLA's latent projection in one launch: `qkv_a = h W^T` for the stacked `[wq_a; wkv_a_with_mqa]` weights `w`
+/// (`qkv_a` `[tokens, q_lora_rank + 320]`: `[q_a | c | k_rope]`), and, as each token's row is finished (the GEMM's row
+/// finisher), `q_norm.out = rms_norm(q_a)` and the cache write of `[c | k_rope]` ([`mla_cache_write`]). Bit for bit
+/// `moe::linear`, `norm::rms_norm` and `mla_cache_write` one after the other, in one launch instead of three.
+/// `counters` has a zero counter per token (any stream's, left zero by every launch).
+///
+/// Errors as the three it replaces; `Error::Shape` when `qkv_a` is not `[tokens, q_lora_rank + 320]` or `counters` is
+/// shorter than the tokens.
+///
+/// ```
+/// use half::bf16;
+/// use small4::device::{simulator, DeviceBuffer};
+/// use small4::kernels::attention::{latent_projection, BlockTables, CacheWriteWeights, PagedCache, QueryLatentNorm, TokenSlots};
+/// use small4::kernels::moe::{DeviceWeights, RowCounters};
+/// use small4::model::kv_cache::{BatchTables, CacheDescriptor, CacheDtype};
+/// use small4::quant::{repack::repack_linear, QuantizedMatrix, WeightFormat};
+///
+/// let device = simulator();
+/// // q_lora_rank 64: W [64 + 320, 64] maps h to [q_a | c | k_rope] = [h | h h h h | 0]: every row of W a one-hot.
+/// let (q_rank, dim) = (64, 64);
+/// let mut w = vec![0.0f32; (q_rank + 320) * dim];
+/// (0..q_rank + 256).for_each(|r| w[r * dim + r % dim] = 1.0);
+/// let w = DeviceWeights::upload(&device, &repack_linear(&[(&QuantizedMatrix::quantize(WeightFormat::Bf16, &w, q_rank + 320, dim)?).into()])?)?;
+/// let h = DeviceBuffer::from_slice(&device, &[bf16::from_f32(2.0); 64])?; // one token, h = 2 everywhere
+/// let qkv_a = DeviceBuffer::<bf16>::alloc(&device, q_rank + 320)?;
+/// let (q_weight, q_out) = (DeviceBuffer::from_slice(&device, &[bf16::ONE; 64])?, DeviceBuffer::<bf16>::alloc(&device, 64)?);
+/// let desc = CacheDescriptor::mla(1, 16, CacheDtype::Bf16)?;
+/// let cache = PagedCache::filled_with_byte(&device, desc, 0)?;
+/// let tables = BlockTables::upload(&device, &BatchTables { block_tables: vec![0], seq_lens: vec![1], max_pages: 1 }, &desc)?;
+/// let (kv_weight, inv_freq) = (DeviceBuffer::from_slice(&device, &[bf16::ONE; 256])?, DeviceBuffer::from_slice(&device, &[1.0f32; 32])?);
+/// let write = CacheWriteWeights { norm_weight: kv_weight.as_vector(), eps: 0.0, inv_freq: inv_freq.as_vector() };
+/// let slots = TokenSlots::upload(&device, &[0], &[0])?;
+/// let counters = RowCounters::new(&device, 1)?;
+/// let q_norm = QueryLatentNorm { weight: q_weight.as_vector(), out: q_out.view([1, 64])?, eps: 0.0 };
+/// latent_projection(&w, h.view([1, 64])?, qkv_a.view([1, q_rank + 320])?, &q_norm, &cache, &tables, &write, &slots, &counters)?;
+/// // rms_norm of a constant row is 1: the q latent and the cached latent are ones; the cached k_rope stays 0.
+/// assert!(q_out.to_vec()?.iter().all(|v| *v == bf16::ONE));
+/// let row: Vec<bf16> = cache.to_bytes()?[..2 * 320].chunks(2).map(|b| bf16::from_le_bytes([b[0], b[1]])).collect();
+/// assert!(row[..256].iter().all(|v| *v == bf16::ONE) && row[256..].iter().all(|v| *v == bf16::ZERO));
+/// # Ok::<(), small4::Error>(())
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn latent_projection(
+    w: &DeviceWeights,
+    h: Matrix<bf16>,
+    qkv_a: Matrix<bf16>,
+    q_norm: &QueryLatentNorm,
+    cache: &PagedCache,
+    tables: &BlockTables,
+    write: &CacheWriteWeights,
+    slots: &TokenSlots,
+    counters: &RowCounters,
+) -> Result<()> {
+    let [tokens, cols] = qkv_a.dims();
+    let [_, q_rank] = q_norm.out.dims();
+    qkv_a.expect_dims("latent projection output", [tokens, q_rank + WIDTH])?;
+    let norm = norm::rms_norm_params(qkv_a.columns(0..q_rank)?, q_norm.weight, q_norm.out, q_norm.eps)?;
+    let (cache_params, fp8) = cache_write_params(cache, tables, qkv_a.columns(q_rank..cols)?, write, slots)?;
+    let finish = RowFinish::mla_latents(counters, norm, cache_params, fp8);
+    moe::linear_finishing_rows(w, h, qkv_a, &finish)
 }
 
 /// How the attention work is cut: warps per block (16 query rows each), row tiles per sequence, KV splits.

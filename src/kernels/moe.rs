@@ -5,7 +5,12 @@
 use half::bf16;
 
 use super::modules::MOE_GEMM;
-use super::params::{MoeCombineParams, MoeDenseTail, MoeGemmParams, MoeQuantizeActParams};
+use super::norm::{self, MoePairs, ResidualNorm};
+use super::ops::{self, QueryScale};
+use super::params::{
+    GemmRowFinish, MlaCacheWriteParams, MoeCombineParams, MoeDenseTail, MoeGemmParams, MoeQuantizeActParams, RmsNormParams, RopeParams,
+    SMALL4_GEMM_FINISH_MLA_LATENTS_BF16, SMALL4_GEMM_FINISH_MLA_LATENTS_FP8, SMALL4_GEMM_FINISH_MOE_NORM, SMALL4_GEMM_FINISH_NONE, SMALL4_GEMM_FINISH_NORM,
+};
 use super::{check_len, to_i32};
 use super::{Matrix, TensorView, Vector};
 use crate::device::{launch_with, Device, DeviceBuffer, Dim3, Kernel, LaunchConfig};
@@ -470,6 +475,9 @@ enum Output<'a> {
     SwiGlu(Matrix<'a, bf16>),
     /// Plain bf16 [rows, out_cols].
     Bf16(Matrix<'a, bf16>),
+    /// bf16 query heads [rows, out_cols] with rope_q_k's q half applied in the epilogue (dense launches; the
+    /// parameters' q is this output).
+    Bf16Rope(Matrix<'a, bf16>, RopeParams),
     /// f32 [pairs, out_cols] (indexed by pair), times the routing weight when given (`[tokens, k]`, one per pair).
     F32ByPair { out: Matrix<'a, f32>, pair_weights: Option<Matrix<'a, f32>> },
 }
@@ -477,7 +485,7 @@ enum Output<'a> {
 impl Output<'_> {
     fn row_stride(&self) -> usize {
         match self {
-            Output::SwiGlu(v) | Output::Bf16(v) => v.row_stride(),
+            Output::SwiGlu(v) | Output::Bf16(v) | Output::Bf16Rope(v, _) => v.row_stride(),
             Output::F32ByPair { out, .. } => out.row_stride(),
         }
     }
@@ -520,7 +528,7 @@ fn check_act_scale(what: &str, scale: f32) -> Result<()> {
 /// One launch of the grouped or dense GEMM. The input holds `x_rows` rows of `w.k_dim`; `in_by_token` = rows are
 /// picked by pair / k. Input and output rows may be strided (the kernel takes both strides); the input's 16-byte
 /// loads need its start and stride on 16 bytes.
-fn launch_gemm(w: &DeviceWeights, input: Input, x_rows: usize, in_by_token: bool, rows: Rows, output: Output) -> Result<()> {
+fn launch_gemm(w: &DeviceWeights, input: Input, x_rows: usize, in_by_token: bool, rows: Rows, output: Output, finish: Option<&RowFinish>) -> Result<()> {
     let e4m3_input = matches!(input, Input::E4m3(_));
     let (device, x_addr, x_stride) = match input {
         Input::Bf16(x) => {
@@ -570,6 +578,13 @@ fn launch_gemm(w: &DeviceWeights, input: Input, x_rows: usize, in_by_token: bool
             (shape, super::blocks_for(rows, shape.slots()) as usize, 1, None)
         }
     };
+    let rope = match &output {
+        Output::Bf16Rope(..) if grouping.is_some() || heads != 1 => {
+            return Err(Error::InvalidArgument(format!("gemm: query RoPE on a grouped or batched launch ({heads} heads)")));
+        }
+        Output::Bf16Rope(_, rope) => *rope,
+        _ => RopeParams::default(),
+    };
     // Rows of the output in slots (grouped) or rows (dense).
     let out_rows = grouping.map_or(x_rows, |g| g.capacity());
     let out_stride = output.row_stride();
@@ -578,7 +593,7 @@ fn launch_gemm(w: &DeviceWeights, input: Input, x_rows: usize, in_by_token: bool
             act.expect_dims("gemm SwiGLU act", [out_rows, w.out_cols])?;
             (act.mut_ptr(), std::ptr::null_mut(), std::ptr::null(), false)
         }
-        Output::Bf16(y) => {
+        Output::Bf16(y) | Output::Bf16Rope(y, _) => {
             y.expect_dims("gemm y", [out_rows, w.out_cols])?;
             (y.mut_ptr(), std::ptr::null_mut(), std::ptr::null(), false)
         }
@@ -609,6 +624,20 @@ fn launch_gemm(w: &DeviceWeights, input: Input, x_rows: usize, in_by_token: bool
     if grid_y > 65535 {
         return Err(Error::InvalidArgument(format!("gemm: {grid_y} row tiles exceed the grid's y limit (65535)")));
     }
+    let grid_x = w.rows_padded / shape.features();
+    let finish = match finish {
+        None => GemmRowFinish { kind: SMALL4_GEMM_FINISH_NONE as i32, ..Default::default() },
+        Some(f) => {
+            // The rows the finisher sees: tokens.
+            let finished_rows = match rows {
+                Rows::Dense { rows, heads: 1, .. } => rows,
+                Rows::Grouped { pairs, top_k, .. } => pairs / top_k,
+                Rows::Dense { heads, .. } => return Err(Error::InvalidArgument(format!("gemm: a row finisher on a batched launch of {heads} heads"))),
+            };
+            f.check_rows(finished_rows)?;
+            GemmRowFinish { column_blocks: to_i32("gemm finisher column blocks", grid_x)?, ..f.params }
+        }
+    };
     let params = MoeGemmParams {
         weights: w.data.ptr(),
         row_scales: opt_ptr(w.row_scales.as_ref()),
@@ -659,9 +688,11 @@ fn launch_gemm(w: &DeviceWeights, input: Input, x_rows: usize, in_by_token: bool
             Input::E4m3(rows) => rows.scale,
             Input::Bf16(_) => 1.0,
         },
+        finish,
+        rope,
     };
     let config = LaunchConfig {
-        grid: Dim3::xyz((w.rows_padded / shape.features()) as u32, grid_y as u32, heads as u32),
+        grid: Dim3::xyz(grid_x as u32, grid_y as u32, heads as u32),
         block: Dim3::x((WARPS * 32) as u32),
         shared_bytes: shape.shared_bytes(w.format, e4m3_input) as u32,
     };
@@ -720,6 +751,74 @@ fn check_tail(w: &DeviceWeights, e4m3_input: bool, output: &Output, tail: &Dense
     })
 }
 
+/// Per-row arrival counters for GEMM launches that finish their rows themselves ([`linear_add_rms_norm`],
+/// [`moe_layer_add_rms_norm`], `attention::latent_projection`): one zero counter per token a launch may write. Every
+/// such launch leaves them zero (the block that finishes a row resets its counter), so one set serves all the
+/// launches of a stream, in order, and every replay of a CUDA graph.
+///
+/// ```
+/// let counters = small4::kernels::moe::RowCounters::new(&small4::device::simulator(), 4)?;
+/// assert_eq!(counters.rows(), 4);
+/// # Ok::<(), small4::Error>(())
+/// ```
+pub struct RowCounters {
+    counts: DeviceBuffer<i32>,
+}
+
+impl RowCounters {
+    /// Counters for up to `rows` tokens a launch.
+    pub fn new(device: &Device, rows: usize) -> Result<Self> {
+        Ok(RowCounters { counts: DeviceBuffer::from_slice(device, &vec![0i32; rows.max(1)])? })
+    }
+
+    /// Tokens a launch may finish.
+    pub fn rows(&self) -> usize {
+        self.counts.len()
+    }
+}
+
+/// A GEMM launch's row finisher (params.h `GemmRowFinish`): the step that follows the GEMM on each token's row, run
+/// in the same launch by the last block that writes into the row.
+pub(crate) struct RowFinish<'a> {
+    counters: &'a RowCounters,
+    /// Everything but `column_blocks`, which the launch knows.
+    params: GemmRowFinish,
+}
+
+impl<'a> RowFinish<'a> {
+    fn new(counters: &'a RowCounters, kind: u32, norm: RmsNormParams, cache: MlaCacheWriteParams) -> Self {
+        RowFinish { counters, params: GemmRowFinish { kind: kind as i32, column_blocks: 0, counters: counters.counts.mut_ptr(), norm, cache } }
+    }
+
+    /// `rms_norm` (with its residual add, if `norm` has one) over the GEMM's bf16 output rows.
+    fn norm(counters: &'a RowCounters, norm: RmsNormParams) -> Self {
+        Self::new(counters, SMALL4_GEMM_FINISH_NORM, norm, Default::default())
+    }
+
+    /// The MoE combine + residual add + RMSNorm over the pairs' f32 rows the launch writes.
+    fn moe_norm(counters: &'a RowCounters, norm: RmsNormParams) -> Self {
+        Self::new(counters, SMALL4_GEMM_FINISH_MOE_NORM, norm, Default::default())
+    }
+
+    /// The q latent's RMSNorm and the kv latent's cache write (bf16 or fp8 cache).
+    pub(crate) fn mla_latents(counters: &'a RowCounters, q_norm: RmsNormParams, cache: MlaCacheWriteParams, fp8_cache: bool) -> Self {
+        let kind = if fp8_cache { SMALL4_GEMM_FINISH_MLA_LATENTS_FP8 } else { SMALL4_GEMM_FINISH_MLA_LATENTS_BF16 };
+        Self::new(counters, kind, q_norm, cache)
+    }
+
+    /// The finisher's parameters were made for `rows` tokens, and there is a counter for each.
+    fn check_rows(&self, rows: usize) -> Result<()> {
+        check_len("gemm finisher rows", self.params.norm.rows as usize, rows)?;
+        if self.params.kind as u32 >= SMALL4_GEMM_FINISH_MLA_LATENTS_BF16 {
+            check_len("gemm finisher cache rows", self.params.cache.tokens as usize, rows)?;
+        }
+        if self.counters.rows() < rows {
+            return Err(Error::shape("gemm finisher counters", rows, self.counters.rows()));
+        }
+        Ok(())
+    }
+}
+
 /// Dense `y = x W^T` (bf16 weights or any packed format, one matrix): x `[rows, k_dim]` -> y `[rows, out_cols]` bf16,
 /// f32 accumulation.
 ///
@@ -758,7 +857,86 @@ fn check_tail(w: &DeviceWeights, e4m3_input: bool, output: &Output, tail: &Dense
 /// ```
 pub fn linear(w: &DeviceWeights, x: Matrix<bf16>, y: Matrix<bf16>) -> Result<()> {
     let [rows, _] = x.dims();
-    launch_gemm(w, Input::Bf16(x), rows, false, Rows::dense(rows), Output::Bf16(y))
+    launch_gemm(w, Input::Bf16(x), rows, false, Rows::dense(rows), Output::Bf16(y), None)
+}
+
+/// [`linear`] whose launch also runs `finish` on each output row (`attention::latent_projection`'s latent norms).
+pub(crate) fn linear_finishing_rows(w: &DeviceWeights, x: Matrix<bf16>, y: Matrix<bf16>, finish: &RowFinish) -> Result<()> {
+    let [rows, _] = x.dims();
+    launch_gemm(w, Input::Bf16(x), rows, false, Rows::dense(rows), Output::Bf16(y), Some(finish))
+}
+
+/// The query projection with the query's RoPE in its epilogue: `q = x W^T` into `q [rows, heads, head_dim]`, then
+/// [`ops::rope_q_k`]`(q, None, positions, inv_freq, scale)` on each finished tile (the rope dims of each head rotated,
+/// all of q times the llama-4 query scale): bit for bit the two launches one after the other, in one.
+///
+/// Errors as [`linear`] (with `y` = q as a matrix) and [`ops::rope_q_k`].
+///
+/// ```
+/// use half::bf16;
+/// use small4::device::{simulator, DeviceBuffer};
+/// use small4::kernels::moe::{self, DeviceWeights};
+/// use small4::kernels::ops::QueryScale;
+/// use small4::quant::{repack::repack_linear, QuantizedMatrix, WeightFormat};
+///
+/// let device = simulator();
+/// // One head of 64 dims (all rope) = W x with W = identity: x = (1, 0, 1, 0, ..) at position 0 (angle 0): q = x.
+/// let eye: Vec<f32> = (0..64 * 64).map(|i| if i % 65 == 0 { 1.0 } else { 0.0 }).collect();
+/// let w = DeviceWeights::upload(&device, &repack_linear(&[(&QuantizedMatrix::quantize(WeightFormat::Bf16, &eye, 64, 64)?).into()])?)?;
+/// let x: Vec<bf16> = (0..64).map(|i| if i % 2 == 0 { bf16::ONE } else { bf16::ZERO }).collect();
+/// let (x, q) = (DeviceBuffer::from_slice(&device, &x)?, DeviceBuffer::<bf16>::alloc(&device, 64)?);
+/// let (positions, inv_freq) = (DeviceBuffer::from_slice(&device, &[0i32])?, DeviceBuffer::from_slice(&device, &[1.0f32; 32])?);
+/// let no_scale = QueryScale { beta: 0.0, original_max_position: 8192 };
+/// moe::linear_rope_q(&w, x.view([1, 64])?, q.view([1, 1, 64])?, positions.as_vector(), inv_freq.as_vector(), no_scale)?;
+/// assert_eq!(q.to_vec()?, x.to_vec()?);
+/// # Ok::<(), small4::Error>(())
+/// ```
+pub fn linear_rope_q(
+    w: &DeviceWeights,
+    x: Matrix<bf16>,
+    q: TensorView<bf16, 3>,
+    positions: Vector<i32>,
+    inv_freq: Vector<f32>,
+    scale: QueryScale,
+) -> Result<()> {
+    let [rows, _] = x.dims();
+    let rope = ops::rope_params(q, None, positions, inv_freq, scale)?;
+    launch_gemm(w, Input::Bf16(x), rows, false, Rows::dense(rows), Output::Bf16Rope(q.as_matrix(), rope), None)
+}
+
+/// A block's output projection and the residual add + RMSNorm after it, in one launch: `y = x W^T` ([`linear`]), then,
+/// as each row of `y` is finished, [`norm::add_rms_norm`]`(y, norm)`: `norm.residual_out = y + norm.residual`,
+/// `norm.out = rms_norm(that) * norm.weight`. Bit for bit the two launches one after the other. `counters`: one zero
+/// counter per row ([`RowCounters`]).
+///
+/// Errors as [`linear`] and [`norm::add_rms_norm`]; `Error::Shape` when `counters` is shorter than the rows.
+///
+/// ```
+/// use half::bf16;
+/// use small4::device::{simulator, DeviceBuffer};
+/// use small4::kernels::moe::{self, DeviceWeights, RowCounters};
+/// use small4::kernels::norm::ResidualNorm;
+/// use small4::quant::{repack::repack_linear, QuantizedMatrix, WeightFormat};
+///
+/// let device = simulator();
+/// // W = identity [64, 64]; one row x = 1; the residual is 1, so h = 2 everywhere and rms_norm(h) = 1.
+/// let eye: Vec<f32> = (0..64 * 64).map(|i| if i % 65 == 0 { 1.0 } else { 0.0 }).collect();
+/// let w = DeviceWeights::upload(&device, &repack_linear(&[(&QuantizedMatrix::quantize(WeightFormat::Bf16, &eye, 64, 64)?).into()])?)?;
+/// let ones = DeviceBuffer::from_slice(&device, &[bf16::ONE; 64])?;
+/// let (y, h, out) = (DeviceBuffer::<bf16>::alloc(&device, 64)?, DeviceBuffer::<bf16>::alloc(&device, 64)?, DeviceBuffer::<bf16>::alloc(&device, 64)?);
+/// let norm = ResidualNorm { residual: ones.view([1, 64])?, weight: ones.as_vector(), residual_out: h.view([1, 64])?, out: out.view([1, 64])?, eps: 0.0 };
+/// moe::linear_add_rms_norm(&w, ones.view([1, 64])?, y.view([1, 64])?, &norm, &RowCounters::new(&device, 1)?)?;
+/// assert!(h.to_vec()?.iter().all(|v| v.to_f32() == 2.0) && out.to_vec()?.iter().all(|v| *v == bf16::ONE));
+/// // Counters for no row are a typed error:
+/// let few = RowCounters::new(&device, 1)?;
+/// let two = DeviceBuffer::<bf16>::alloc(&device, 128)?;
+/// let norm2 = ResidualNorm { residual: two.view([2, 64])?, weight: ones.as_vector(), residual_out: two.view([2, 64])?, out: two.view([2, 64])?, eps: 0.0 };
+/// assert!(matches!(moe::linear_add_rms_norm(&w, two.view([2, 64])?, two.view([2, 64])?, &norm2, &few), Err(small4::Error::Shape { .. })));
+/// # Ok::<(), small4::Error>(())
+/// ```
+pub fn linear_add_rms_norm(w: &DeviceWeights, x: Matrix<bf16>, y: Matrix<bf16>, norm: &ResidualNorm, counters: &RowCounters) -> Result<()> {
+    let finish = RowFinish::norm(counters, norm::add_rms_norm_params(y, norm)?);
+    linear_finishing_rows(w, x, y, &finish)
 }
 
 /// Per-head dense products in one launch: `y[r, h, ..out_cols] = x[r, h, ..k_dim] W_h^T` for every head h, with `w`
@@ -809,7 +987,7 @@ pub fn linear_per_head(w: &DeviceWeights, x: TensorView<bf16, 3>, y: TensorView<
     }
     y.expect_dims("linear_per_head y", [rows, heads, w.out_cols])?;
     let dense = Rows::Dense { rows, heads, x_head_stride: head_in, out_head_stride: w.out_cols };
-    launch_gemm(w, Input::Bf16(x.as_matrix().columns(0..w.k_dim)?), rows, false, dense, Output::Bf16(y.as_matrix().columns(0..w.out_cols)?))
+    launch_gemm(w, Input::Bf16(x.as_matrix().columns(0..w.k_dim)?), rows, false, dense, Output::Bf16(y.as_matrix().columns(0..w.out_cols)?), None)
 }
 
 /// Dense SwiGLU `act = silu(x W1^T) * (x W3^T)` from gate/up weights packed by `repack_gate_up` (one matrix pair):
@@ -854,13 +1032,13 @@ pub fn linear_per_head(w: &DeviceWeights, x: TensorView<bf16, 3>, y: TensorView<
 /// ```
 pub fn linear_swiglu(w: &DeviceWeights, x: Matrix<bf16>, act: Matrix<bf16>) -> Result<()> {
     let [rows, _] = x.dims();
-    launch_gemm(w, Input::Bf16(x), rows, false, Rows::dense(rows), Output::SwiGlu(act))
+    launch_gemm(w, Input::Bf16(x), rows, false, Rows::dense(rows), Output::SwiGlu(act), None)
 }
 
 /// Dense `y = x W^T` with an f32 output `[rows, out_cols]` (the logits of the output head). Errors as [`linear`].
 pub fn linear_f32(w: &DeviceWeights, x: Matrix<bf16>, y: Matrix<f32>) -> Result<()> {
     let [rows, _] = x.dims();
-    launch_gemm(w, Input::Bf16(x), rows, false, Rows::dense(rows), Output::F32ByPair { out: y, pair_weights: None })
+    launch_gemm(w, Input::Bf16(x), rows, false, Rows::dense(rows), Output::F32ByPair { out: y, pair_weights: None }, None)
 }
 
 /// The shared expert on every token of `x [tokens, dim]`: `workspace.shared_out` `[tokens, dim]` f32 =
@@ -933,7 +1111,7 @@ pub fn shared_expert(shared: &(DeviceWeights, DeviceWeights), x: Matrix<bf16>, w
 /// ```
 pub fn up_swiglu(w: &DeviceWeights, x: Matrix<bf16>, top_k: usize, grouping: &Grouping, act: Matrix<bf16>) -> Result<()> {
     let [tokens, _] = x.dims();
-    launch_gemm(w, Input::Bf16(x), tokens, true, Rows::Grouped { grouping, top_k, pairs: tokens * top_k, tail: None }, Output::SwiGlu(act))
+    launch_gemm(w, Input::Bf16(x), tokens, true, Rows::Grouped { grouping, top_k, pairs: tokens * top_k, tail: None }, Output::SwiGlu(act), None)
 }
 
 /// Down-projection: `pair_out[p] = weight[p] * act[slot(p)] W2_e^T` (f32, `[tokens * k, dim]`) for every routed pair,
@@ -941,11 +1119,16 @@ pub fn up_swiglu(w: &DeviceWeights, x: Matrix<bf16>, top_k: usize, grouping: &Gr
 /// are not written. Errors as [`up_swiglu`] (with `w` not SwiGLU-packed), and `Error::Shape` when `pair_out` is not
 /// one row per weight of `topk_weights`.
 pub fn down(w: &DeviceWeights, act: Matrix<bf16>, grouping: &Grouping, topk_weights: Matrix<f32>, pair_out: Matrix<f32>) -> Result<()> {
+    launch_down(w, Input::Bf16(act), grouping, topk_weights, pair_out, None)
+}
+
+/// The down-projection launch of [`down`] and [`down_w8a8`], with an optional row finisher.
+fn launch_down(w: &DeviceWeights, act: Input, grouping: &Grouping, topk_weights: Matrix<f32>, pair_out: Matrix<f32>, finish: Option<&RowFinish>) -> Result<()> {
     let slots = grouping.capacity();
     let [_, top_k] = topk_weights.dims();
     let pairs = topk_weights.len();
     let output = Output::F32ByPair { out: pair_out, pair_weights: Some(topk_weights) };
-    launch_gemm(w, Input::Bf16(act), slots, false, Rows::Grouped { grouping, top_k, pairs, tail: None }, output)
+    launch_gemm(w, act, slots, false, Rows::Grouped { grouping, top_k, pairs, tail: None }, output, finish)
 }
 
 /// W8A8 e4m3 inputs: `out` [rows, cols] = e4m3(x * (1 / scale)) (round to nearest even, saturating to ±448, the
@@ -1076,17 +1259,13 @@ fn launch_quantize_act(x: Matrix<bf16>, scale: f32, out: Matrix<u8>, slots: Opti
 /// ```
 pub fn up_swiglu_w8a8(w: &DeviceWeights, x: E4m3Rows, top_k: usize, grouping: &Grouping, act: Matrix<bf16>) -> Result<()> {
     let [tokens, _] = x.data.dims();
-    launch_gemm(w, Input::E4m3(x), tokens, true, Rows::Grouped { grouping, top_k, pairs: tokens * top_k, tail: None }, Output::SwiGlu(act))
+    launch_gemm(w, Input::E4m3(x), tokens, true, Rows::Grouped { grouping, top_k, pairs: tokens * top_k, tail: None }, Output::SwiGlu(act), None)
 }
 
 /// [`down`] in W8A8: `act` the slots' e4m3 rows (`[capacity, hidden]`, from [`quantize_act_e4m3`]), per-tensor fp8
 /// weights (else `Error::InvalidArgument`).
 pub fn down_w8a8(w: &DeviceWeights, act: E4m3Rows, grouping: &Grouping, topk_weights: Matrix<f32>, pair_out: Matrix<f32>) -> Result<()> {
-    let slots = grouping.capacity();
-    let [_, top_k] = topk_weights.dims();
-    let pairs = topk_weights.len();
-    let output = Output::F32ByPair { out: pair_out, pair_weights: Some(topk_weights) };
-    launch_gemm(w, Input::E4m3(act), slots, false, Rows::Grouped { grouping, top_k, pairs, tail: None }, output)
+    launch_down(w, Input::E4m3(act), grouping, topk_weights, pair_out, None)
 }
 
 /// `out[t] = bf16(shared_out[t] + sum_j pair_out[t*k + j])` over the locally computed pairs, in fixed j order.
@@ -1303,6 +1482,18 @@ pub struct RoutingBuffers<'a> {
 /// was made for another batch; `Error::InvalidArgument` for a W8A8 layer whose workspace has no e4m3 buffers (made
 /// before [`MoeLayerWeights::set_fp8_activations`]).
 pub fn routed_experts(weights: &MoeLayerWeights, x: Matrix<bf16>, grouping: &Grouping, topk_weights: Matrix<f32>, workspace: &MoeWorkspace) -> Result<()> {
+    routed_experts_finishing(weights, x, grouping, topk_weights, workspace, None)
+}
+
+/// [`routed_experts`] with an optional row finisher on the down-projection's launch.
+fn routed_experts_finishing(
+    weights: &MoeLayerWeights,
+    x: Matrix<bf16>,
+    grouping: &Grouping,
+    topk_weights: Matrix<f32>,
+    workspace: &MoeWorkspace,
+    finish: Option<&RowFinish>,
+) -> Result<()> {
     let (dim, hidden) = (weights.dim(), weights.hidden());
     let [tokens, _] = x.dims();
     let [_, top_k] = topk_weights.dims();
@@ -1313,7 +1504,7 @@ pub fn routed_experts(weights: &MoeLayerWeights, x: Matrix<bf16>, grouping: &Gro
     let pair_out = workspace.pair_out.view([tokens * top_k, dim])?;
     let Some(scales) = weights.fp8_activations else {
         up_swiglu(&weights.gate_up, x, top_k, grouping, act)?;
-        return down(&weights.down, act, grouping, topk_weights, pair_out);
+        return launch_down(&weights.down, Input::Bf16(act), grouping, topk_weights, pair_out, finish);
     };
     let Some((x_e4m3, act_e4m3)) = &workspace.e4m3 else {
         return Err(Error::InvalidArgument("routed experts: W8A8 weights but the workspace has no e4m3 buffers (made before?)".into()));
@@ -1324,7 +1515,7 @@ pub fn routed_experts(weights: &MoeLayerWeights, x: Matrix<bf16>, grouping: &Gro
     quantize_act_e4m3(x, scales.up, x_e4m3)?;
     up_swiglu_w8a8(&weights.gate_up, E4m3Rows { data: x_e4m3, scale: scales.up }, top_k, grouping, act)?;
     quantize_slots_e4m3(act, grouping, scales.down, act_e4m3)?;
-    down_w8a8(&weights.down, E4m3Rows { data: act_e4m3, scale: scales.down }, grouping, topk_weights, pair_out)
+    launch_down(&weights.down, Input::E4m3(E4m3Rows { data: act_e4m3, scale: scales.down }), grouping, topk_weights, pair_out, finish)
 }
 
 /// The routed experts and the shared expert of a layer: `workspace.pair_out` as [`routed_experts`] writes it and
@@ -1374,8 +1565,21 @@ pub fn routed_and_shared_experts(
     topk_weights: Matrix<f32>,
     workspace: &MoeWorkspace,
 ) -> Result<()> {
+    routed_and_shared_finishing(weights, x, grouping, topk_weights, workspace, None)
+}
+
+/// [`routed_and_shared_experts`] with an optional row finisher on the last launch (the routed down-projection, which
+/// then runs after the shared expert when that one runs apart).
+fn routed_and_shared_finishing(
+    weights: &MoeLayerWeights,
+    x: Matrix<bf16>,
+    grouping: &Grouping,
+    topk_weights: Matrix<f32>,
+    workspace: &MoeWorkspace,
+    finish: Option<&RowFinish>,
+) -> Result<()> {
     let Some(shared) = &weights.shared else {
-        return routed_experts(weights, x, grouping, topk_weights, workspace);
+        return routed_experts_finishing(weights, x, grouping, topk_weights, workspace, finish);
     };
     let (up, dn) = shared;
     let same_packing = |a: &DeviceWeights, b: &DeviceWeights| {
@@ -1387,8 +1591,8 @@ pub fn routed_and_shared_experts(
     let busy = (tokens * top_k).min(weights.experts()) + 1;
     let narrow = [&weights.gate_up, &weights.down].iter().all(|w| grouped_tile_shape(grouping, busy, w.rows_padded) == TileShape::Narrow);
     if weights.fp8_activations.is_some() || !narrow || !same_packing(up, &weights.gate_up) || !same_packing(dn, &weights.down) {
-        routed_experts(weights, x, grouping, topk_weights, workspace)?;
-        return shared_expert(shared, x, workspace);
+        shared_expert(shared, x, workspace)?;
+        return routed_experts_finishing(weights, x, grouping, topk_weights, workspace, finish);
     }
     let (dim, hidden) = (weights.dim(), weights.hidden());
     topk_weights.expect_dims("routed experts topk_weights", [tokens, top_k])?;
@@ -1400,11 +1604,11 @@ pub fn routed_and_shared_experts(
     let shared_act = workspace.shared_act.view([tokens, hidden])?;
     let up_tail = DenseTail { w: up, x, out: TailOutput::SwiGlu(shared_act) };
     let rows = Rows::Grouped { grouping, top_k, pairs: tokens * top_k, tail: Some(up_tail) };
-    launch_gemm(&weights.gate_up, Input::Bf16(x), tokens, true, rows, Output::SwiGlu(act))?;
+    launch_gemm(&weights.gate_up, Input::Bf16(x), tokens, true, rows, Output::SwiGlu(act), None)?;
     let down_tail = DenseTail { w: dn, x: shared_act, out: TailOutput::F32(workspace.shared_out.view([tokens, dim])?) };
     let rows = Rows::Grouped { grouping, top_k, pairs: tokens * top_k, tail: Some(down_tail) };
     let output = Output::F32ByPair { out: workspace.pair_out.view([tokens * top_k, dim])?, pair_weights: Some(topk_weights) };
-    launch_gemm(&weights.down, Input::Bf16(act), grouping.capacity(), false, rows, output)
+    launch_gemm(&weights.down, Input::Bf16(act), grouping.capacity(), false, rows, output, finish)
 }
 
 /// One whole MoE layer: out `[tokens, dim]` bf16 = shared(x) + sum_j w_j expert_j(x) over the locally owned experts,
@@ -1481,4 +1685,81 @@ pub fn moe_layer(
     };
     let pair_out = workspace.pair_out.view([tokens * k, dim])?;
     combine(pair_out, shared_out, routing.topk_ids, routing.expert_map, routing.experts, out)
+}
+
+/// One whole MoE layer and the residual add + RMSNorm after it, the combine running in the experts' last launch:
+/// `norm.residual_out = combine(pairs) + norm.residual` (the combine rounded to bf16 as [`combine`] writes it),
+/// `norm.out = rms_norm(that) * norm.weight`, bit for bit [`moe_layer`] followed by [`norm::add_rms_norm`] (and
+/// [`routed_and_shared_experts`] followed by [`norm::moe_combine_add_rms_norm`]). A batch-1 decode step's MoE layer is
+/// then the router and two launches. `counters`: one zero counter per token ([`RowCounters`]).
+///
+/// Every expert must be local (`routing.expert_map` None): a token's row is finished when all its pairs are in, and
+/// another GPU's pairs never arrive here. `Error::InvalidArgument` otherwise; errors as [`moe_layer`] and
+/// [`norm::moe_combine_add_rms_norm`]; `Error::Shape` when `counters` is shorter than the tokens.
+///
+/// ```
+/// use half::bf16;
+/// use small4::device::{simulator, DeviceBuffer};
+/// use small4::kernels::moe::{self, Grouping, MoeLayerWeights, MoeWorkspace, RoutingBuffers, RowCounters};
+/// use small4::kernels::norm::ResidualNorm;
+/// use small4::kernels::router::{moe_align, ExpertMap};
+/// use small4::quant::{repack, QuantizedMatrix, WeightFormat};
+///
+/// let device = simulator();
+/// let dim = 64;
+/// // One expert with w1 = w3 = w2 = identity: out = silu(x) * x. One token x = 1 (routing weight 1), residual 0:
+/// // h = bf16(silu(1)) everywhere and rms_norm(h) = 1.
+/// let eye: Vec<f32> = (0..dim * dim).map(|i| if i % (dim + 1) == 0 { 1.0 } else { 0.0 }).collect();
+/// let w = QuantizedMatrix::quantize(WeightFormat::Bf16, &eye, dim, dim)?;
+/// let gate_up = repack::repack_gate_up(&[((&w).into(), (&w).into())])?;
+/// let weights = MoeLayerWeights::upload(&device, &gate_up, &repack::repack_linear(&[(&w).into()])?, None)?;
+/// let x = DeviceBuffer::from_slice(&device, &[bf16::ONE; 64])?;
+/// let (ids, topk_weights) = (DeviceBuffer::from_slice(&device, &[0i32])?, DeviceBuffer::from_slice(&device, &[1.0f32])?);
+/// let alignment = moe_align(ids.view([1, 1])?, &ExpertMap::identity(&device, 1)?, moe::moe_tile_m(1, 1, 1))?;
+/// let workspace = MoeWorkspace::new(&device, &weights, 1, 1, alignment.max_padded)?;
+/// let routing = RoutingBuffers { topk_ids: ids.view([1, 1])?, topk_weights: topk_weights.view([1, 1])?, expert_map: None, experts: 1 };
+/// let (zeros, ones) = (DeviceBuffer::from_slice(&device, &[bf16::ZERO; 64])?, DeviceBuffer::from_slice(&device, &[bf16::ONE; 64])?);
+/// let (h, out) = (DeviceBuffer::<bf16>::alloc(&device, 64)?, DeviceBuffer::<bf16>::alloc(&device, 64)?);
+/// let norm = ResidualNorm { residual: zeros.view([1, 64])?, weight: ones.as_vector(), residual_out: h.view([1, 64])?, out: out.view([1, 64])?, eps: 0.0 };
+/// moe::moe_layer_add_rms_norm(&weights, x.view([1, 64])?, &routing, &Grouping::from(&alignment), &workspace, &norm, &RowCounters::new(&device, 1)?)?;
+/// let silu_1 = bf16::from_f32(1.0 / (1.0 + (-1.0f32).exp()));
+/// assert!(h.to_vec()?.iter().all(|v| (v.to_f32() - silu_1.to_f32()).abs() < 1e-2));
+/// assert!(out.to_vec()?.iter().all(|v| *v == bf16::ONE));
+/// # Ok::<(), small4::Error>(())
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn moe_layer_add_rms_norm(
+    weights: &MoeLayerWeights,
+    x: Matrix<bf16>,
+    routing: &RoutingBuffers,
+    grouping: &Grouping,
+    workspace: &MoeWorkspace,
+    norm: &ResidualNorm,
+    counters: &RowCounters,
+) -> Result<()> {
+    let dim = weights.dim();
+    let [tokens, _] = x.dims();
+    let [_, k] = routing.topk_ids.dims();
+    if routing.expert_map.is_some() {
+        return Err(Error::InvalidArgument("moe_layer_add_rms_norm: every expert must be local (no expert map)".into()));
+    }
+    if tokens != workspace.tokens || k != workspace.top_k {
+        return Err(Error::InvalidArgument(format!(
+            "moe_layer_add_rms_norm: {tokens} tokens x top-{k} but the workspace holds {} x top-{}",
+            workspace.tokens, workspace.top_k
+        )));
+    }
+    routing.topk_weights.expect_dims("moe_layer_add_rms_norm topk_weights", [tokens, k])?;
+    let pairs = MoePairs {
+        pair_out: workspace.pair_out.view([tokens * k, dim])?,
+        shared_out: match &weights.shared {
+            Some(_) => Some(workspace.shared_out.view([tokens, dim])?),
+            None => None,
+        },
+        topk_ids: routing.topk_ids,
+        expert_map: None,
+        experts: routing.experts,
+    };
+    let finish = RowFinish::moe_norm(counters, norm::moe_combine_add_rms_norm_params(&pairs, norm)?);
+    routed_and_shared_finishing(weights, x, grouping, routing.topk_weights, workspace, Some(&finish))
 }

@@ -38,7 +38,7 @@ fn threads_for(cols: usize) -> u32 {
 /// # Ok::<(), small4::Error>(())
 /// ```
 pub fn rms_norm(x: Matrix<bf16>, weight: Vector<bf16>, out: Matrix<bf16>, eps: f32) -> Result<()> {
-    launch(x, weight, out, None, None, eps)
+    launch(&RMS_NORM, x, rms_norm_params(x, weight, out, eps)?)
 }
 
 /// The decoder's fused step: `h = x + residual` (written to `residual_out`, rounded to bf16), then `out = rms_norm(h)`.
@@ -67,7 +67,7 @@ pub fn rms_norm(x: Matrix<bf16>, weight: Vector<bf16>, out: Matrix<bf16>, eps: f
 /// # Ok::<(), small4::Error>(())
 /// ```
 pub fn add_rms_norm(x: Matrix<bf16>, residual: Matrix<bf16>, weight: Vector<bf16>, residual_out: Matrix<bf16>, out: Matrix<bf16>, eps: f32) -> Result<()> {
-    launch(x, weight, out, Some((residual, residual_out)), None, eps)
+    launch(&RMS_NORM, x, add_rms_norm_params(x, &ResidualNorm { residual, weight, residual_out, out, eps })?)
 }
 
 /// A MoE block's output as its per-pair rows, combined as [`crate::kernels::moe::combine`] combines them.
@@ -118,6 +118,40 @@ pub fn moe_combine_add_rms_norm(
     out: Matrix<bf16>,
     eps: f32,
 ) -> Result<()> {
+    let norm = ResidualNorm { residual, weight, residual_out, out, eps };
+    launch(&MOE_COMBINE_ADD_RMS_NORM, residual, moe_combine_add_rms_norm_params(pairs, &norm)?)
+}
+
+/// The residual add + RMSNorm that ends a block, as [`add_rms_norm`] takes it besides the block's output `x`:
+/// `h = x + residual` (rounded to bf16) into `residual_out`, `out = rms_norm(h) * weight`. The GEMMs that finish their
+/// rows with it (`moe::linear_add_rms_norm`, `moe::moe_layer_add_rms_norm`) take it in this form.
+#[derive(Clone, Copy)]
+pub struct ResidualNorm<'a> {
+    /// `[rows, cols]`: the residual stream before the block.
+    pub residual: Matrix<'a, bf16>,
+    /// `[cols]`: the next RMSNorm's weight.
+    pub weight: Vector<'a, bf16>,
+    /// `[rows, cols]`: the residual stream after the block (`x + residual`).
+    pub residual_out: Matrix<'a, bf16>,
+    /// `[rows, cols]`: the normed rows (the next block's input).
+    pub out: Matrix<'a, bf16>,
+    /// The RMSNorm epsilon (finite, >= 0).
+    pub eps: f32,
+}
+
+/// The kernel parameters of `rms_norm(x)` (checked as [`rms_norm`]): for a launch, or for a GEMM row finisher.
+pub(crate) fn rms_norm_params(x: Matrix<bf16>, weight: Vector<bf16>, out: Matrix<bf16>, eps: f32) -> Result<RmsNormParams> {
+    checked_params(x, weight, out, None, None, eps)
+}
+
+/// The kernel parameters of `add_rms_norm(x, norm)` (checked as [`add_rms_norm`]).
+pub(crate) fn add_rms_norm_params(x: Matrix<bf16>, norm: &ResidualNorm) -> Result<RmsNormParams> {
+    checked_params(x, norm.weight, norm.out, Some((norm.residual, norm.residual_out)), None, norm.eps)
+}
+
+/// The kernel parameters of [`moe_combine_add_rms_norm`] (checked as it checks them).
+pub(crate) fn moe_combine_add_rms_norm_params(pairs: &MoePairs, norm: &ResidualNorm) -> Result<RmsNormParams> {
+    let residual = norm.residual;
     let [rows, cols] = residual.dims();
     let [_, top_k] = pairs.topk_ids.dims();
     if cols % 8 != 0 {
@@ -140,17 +174,17 @@ pub fn moe_combine_add_rms_norm(
     super::to_i32("moe_combine_add_rms_norm top_k", top_k)?;
     super::to_i32("moe_combine_add_rms_norm experts", pairs.experts)?;
     super::to_i32("moe_combine_add_rms_norm pairs", pairs.pair_out.len())?;
-    launch(residual, weight, out, Some((residual, residual_out)), Some(pairs), eps)
+    checked_params(residual, norm.weight, norm.out, Some((residual, norm.residual_out)), Some(pairs), norm.eps)
 }
 
-fn launch(
+fn checked_params(
     x: Matrix<bf16>,
     weight: Vector<bf16>,
     out: Matrix<bf16>,
     residual: Option<(Matrix<bf16>, Matrix<bf16>)>,
     pairs: Option<&MoePairs>,
     eps: f32,
-) -> Result<()> {
+) -> Result<RmsNormParams> {
     let [rows, cols] = x.dims();
     if cols == 0 || cols > i32::MAX as usize || rows > i32::MAX as usize || x.row_stride() > i32::MAX as usize || out.row_stride() > i32::MAX as usize {
         return Err(Error::InvalidArgument(format!("rms_norm: {x:?} (rows and cols within i32, cols > 0)")));
@@ -178,11 +212,8 @@ fn launch(
             r_out.expect_aligned("rms_norm residual_out", 16)?;
         }
     }
-    if rows == 0 {
-        return Ok(());
-    }
     let null = std::ptr::null_mut();
-    let params = RmsNormParams {
+    Ok(RmsNormParams {
         x: x.ptr(),
         weight: weight.ptr(),
         out: out.mut_ptr(),
@@ -199,8 +230,14 @@ fn launch(
         expert_map: pairs.and_then(|m| m.expert_map).map_or(std::ptr::null(), |v| v.ptr()),
         top_k: pairs.map_or(0, |m| m.topk_ids.dims()[1] as i32),
         experts: pairs.map_or(0, |m| m.experts as i32),
-    };
-    let config = LaunchConfig { grid: Dim3::x(rows as u32), block: Dim3::x(threads_for(cols)), shared_bytes: 0 };
-    let kernel = if pairs.is_some() { &MOE_COMBINE_ADD_RMS_NORM } else { &RMS_NORM };
+    })
+}
+
+/// One block per row of checked parameters (none for 0 rows); `x` = the rows' view, for its device.
+fn launch(kernel: &Kernel, x: Matrix<bf16>, params: RmsNormParams) -> Result<()> {
+    if params.rows == 0 {
+        return Ok(());
+    }
+    let config = LaunchConfig { grid: Dim3::x(params.rows as u32), block: Dim3::x(threads_for(params.cols as usize)), shared_bytes: 0 };
     launch_with(x.device(), kernel, &config, &params)
 }

@@ -79,6 +79,23 @@ pub struct QueryScale {
 /// # Ok::<(), small4::Error>(())
 /// ```
 pub fn rope_q_k(q: TensorView<bf16, 3>, k: Option<Matrix<bf16>>, positions: Vector<i32>, inv_freq: Vector<f32>, scale: QueryScale) -> Result<()> {
+    let params = rope_params(q, k, positions, inv_freq, scale)?;
+    if params.tokens == 0 {
+        return Ok(());
+    }
+    let config = LaunchConfig { grid: Dim3::x(params.tokens as u32), block: Dim3::x(256), shared_bytes: 0 };
+    launch_with(q.device(), &ROPE_Q_K, &config, &params)
+}
+
+/// [`rope_q_k`]'s kernel parameters, checked as it checks them: for its launch, or for the query projection's GEMM
+/// epilogue (`moe::linear_rope_q`).
+pub(crate) fn rope_params(
+    q: TensorView<bf16, 3>,
+    k: Option<Matrix<bf16>>,
+    positions: Vector<i32>,
+    inv_freq: Vector<f32>,
+    scale: QueryScale,
+) -> Result<RopeParams> {
     let [tokens, heads, head_dim] = q.dims();
     let rope_dim = 2 * inv_freq.len();
     if head_dim % 8 != 0 || rope_dim % 8 != 0 || rope_dim == 0 || rope_dim > head_dim || rope_dim > MAX_ROPE_DIM {
@@ -102,10 +119,7 @@ pub fn rope_q_k(q: TensorView<bf16, 3>, k: Option<Matrix<bf16>>, positions: Vect
         k.expect_rows_aligned("rope k", 16)?;
         check_i32("rope k row stride", k.row_stride())?;
     }
-    if tokens == 0 {
-        return Ok(());
-    }
-    let params = RopeParams {
+    Ok(RopeParams {
         q: q.mut_ptr(),
         k_rope: k.map_or(std::ptr::null_mut(), |k| k.mut_ptr()),
         positions: positions.ptr(),
@@ -118,9 +132,7 @@ pub fn rope_q_k(q: TensorView<bf16, 3>, k: Option<Matrix<bf16>>, positions: Vect
         k_row_stride: k.map_or(0, |k| k.row_stride() as i32),
         scale_beta: scale.beta,
         scale_original_max: scale.original_max_position as i32,
-    };
-    let config = LaunchConfig { grid: Dim3::x(tokens as u32), block: Dim3::x(256), shared_bytes: 0 };
-    launch_with(q.device(), &ROPE_Q_K, &config, &params)
+    })
 }
 
 /// `Error::InvalidArgument` unless rows `row_stride` elements apart all keep the 16-byte alignment of the first.

@@ -98,9 +98,9 @@ use safetensors::Dtype;
 
 use crate::device::collective::Collective;
 use crate::device::{Device, DeviceBuffer, Graph};
-use crate::kernels::attention::{self, AttentionScratch, BlockTables, CacheWriteWeights, PagedCache, Queries, QueryLayout, TokenSlots};
-use crate::kernels::moe::{self, DeviceWeights, Fp8ActScales, Grouping, MoeLayerWeights, MoeWorkspace};
-use crate::kernels::norm;
+use crate::kernels::attention::{self, AttentionScratch, BlockTables, CacheWriteWeights, PagedCache, Queries, QueryLatentNorm, QueryLayout, TokenSlots};
+use crate::kernels::moe::{self, DeviceWeights, Fp8ActScales, Grouping, MoeLayerWeights, MoeWorkspace, RoutingBuffers, RowCounters};
+use crate::kernels::norm::{self, ResidualNorm};
 use crate::kernels::ops::{self, GatherStatus, QueryScale, SamplingInputs};
 use crate::kernels::router::{self, ExpertMap, RouterConfig, RouterWorkspace, Routing};
 use crate::kernels::synth;
@@ -909,6 +909,9 @@ struct Workspace {
     router: RouterWorkspace,
     routing: Routing,
     moe: MoeWorkspace,
+    /// One zero counter per token for the GEMMs that finish their rows in the same launch (the latent projection, wo,
+    /// the experts' down projection: one GPU).
+    row_counters: RowCounters,
 }
 
 /// The f32 buffer a tensor-parallel rank's `wo` writes its partial sum into, all-reduced across the ranks, and the
@@ -987,6 +990,7 @@ impl Workspace {
             router: RouterWorkspace::new(d, tokens, c.experts, c.dim)?,
             routing,
             moe,
+            row_counters: RowCounters::new(d, tokens)?,
         })
     }
 }
@@ -1636,13 +1640,13 @@ impl Network<'_> {
         for (l, layer) in m.layers.iter().enumerate() {
             // Attention: q = wq_b(q_a_norm(wq_a h)); cache row = [kv_a_norm(c) | rope(k_rope)].
             let qkv_a = ws.qkv_a.view([t, c.q_lora_rank + rank + c.qk_rope])?;
-            let (q_a, kv) = (qkv_a.columns(0..c.q_lora_rank)?, qkv_a.columns(c.q_lora_rank..c.q_lora_rank + rank + c.qk_rope)?);
-            moe::linear(&layer.wqkv_a, ws.h.view([t, dim])?, qkv_a)?;
-            norm::rms_norm(q_a, layer.q_a_norm.as_vector(), ws.q_a_normed.view([t, c.q_lora_rank])?, eps)?;
-            moe::linear(&layer.wq_b, ws.q_a_normed.view([t, c.q_lora_rank])?, ws.q.view([t, heads * qk])?)?;
+            // One launch: the stacked GEMM, then each finished row's q_a norm and kv cache write.
             let write = CacheWriteWeights { norm_weight: layer.kv_a_norm.as_vector(), eps, inv_freq: m.inv_freq.as_vector() };
-            attention::mla_cache_write(&self.caches[l], tables, kv, &write, slots)?;
-            ops::rope_q_k(ws.q.view([t, heads, qk])?, None, ws.positions.view([t])?, m.inv_freq.as_vector(), query_scale)?;
+            let q_norm = QueryLatentNorm { weight: layer.q_a_norm.as_vector(), out: ws.q_a_normed.view([t, c.q_lora_rank])?, eps };
+            attention::latent_projection(&layer.wqkv_a, ws.h.view([t, dim])?, qkv_a, &q_norm, &self.caches[l], tables, &write, slots, &ws.row_counters)?;
+            // wq_b with the query's RoPE and llama-4 scale in its epilogue.
+            let (positions, inv_freq) = (ws.positions.view([t])?, m.inv_freq.as_vector());
+            moe::linear_rope_q(&layer.wq_b, ws.q_a_normed.view([t, c.q_lora_rank])?, ws.q.view([t, heads, qk])?, positions, inv_freq, query_scale)?;
             // Absorb W_UK into the query (all heads in one launch); the attention reads each head's rope half in place.
             moe::linear_per_head(&layer.w_uk, ws.q.view([t, heads, qk])?, ws.q_lat.view([t, heads, rank])?)?;
             let queries = Queries { layout, q_lat: ws.q_lat.view([t, heads, rank])?, q_rope: ws.q.view([t * heads, qk])?.columns(nope..qk)? };
@@ -1657,8 +1661,16 @@ impl Network<'_> {
             )?;
             let attn = ws.attn.view([t, heads * v_head])?;
             moe::linear_per_head(&layer.w_uv, ws.o_lat.view([t, heads, rank])?, ws.attn.view([t, heads, v_head])?)?;
+            // wo, the residual add and the MoE block's norm: x_mid = wo(attn) + x, h = ffn_norm(x_mid).
+            let ffn_norm = ResidualNorm {
+                residual: x.view([t, dim])?,
+                weight: layer.ffn_norm.as_vector(),
+                residual_out: x_mid.view([t, dim])?,
+                out: ws.h.view([t, dim])?,
+                eps,
+            };
             match &ws.attention_sum {
-                None => moe::linear(&layer.wo, attn, ws.block_out.view([t, dim])?)?,
+                None => moe::linear_add_rms_norm(&layer.wo, attn, ws.block_out.view([t, dim])?, &ffn_norm, &ws.row_counters)?,
                 Some(partial) => {
                     // Tensor parallelism: this rank's heads give a partial sum of wo's output; the ranks add theirs
                     // in f32 and round once, as one rank rounds its whole output.
@@ -1666,9 +1678,9 @@ impl Network<'_> {
                     moe::linear_f32(&layer.wo, attn, partial.sum.view([t, dim])?)?;
                     col.all_reduce_sum_f32(&partial.sum)?;
                     moe::combine(partial.sum.view([t, dim])?, None, partial.one_pair_ids.view([t, 1])?, None, 1, ws.block_out.view([t, dim])?)?;
+                    norm::add_rms_norm(ws.block_out.view([t, dim])?, ffn_norm.residual, ffn_norm.weight, ffn_norm.residual_out, ffn_norm.out, eps)?;
                 }
             }
-            norm::add_rms_norm(ws.block_out.view([t, dim])?, x.view([t, dim])?, layer.ffn_norm.as_vector(), x_mid.view([t, dim])?, ws.h.view([t, dim])?, eps)?;
 
             // Mixture of experts: route, grouped up (SwiGLU), grouped down (x routing weight), shared, combine.
             router::route_and_align_into(ws.h.view([t, dim])?, layer.gate.view([c.experts, dim])?, &m.expert_map, &router_config, &ws.router, &ws.routing)?;
@@ -1685,9 +1697,23 @@ impl Network<'_> {
                 device.memset(ws.moe.pair_out.addr(), 0, ws.moe.pair_out.bytes())?;
             }
             let (h, topk_weights) = (ws.h.view([t, dim])?, ws.routing.topk_weights.view([t, k])?);
+            // The residual add after the MoE block and the next block's norm: x = moe(h) + x_mid, h = norm(x).
+            let next_norm = m.layers.get(l + 1).map_or(&m.norm, |next| &next.attention_norm);
+            let residual_norm = ResidualNorm {
+                residual: x_mid.view([t, dim])?,
+                weight: next_norm.as_vector(),
+                residual_out: x.view([t, dim])?,
+                out: ws.h.view([t, dim])?,
+                eps,
+            };
+            let topk_ids = ws.routing.topk_ids.view([t, k])?;
             match &self.collective {
-                // One GPU: the shared expert rides in the routed experts' two launches.
-                None => moe::routed_and_shared_experts(&layer.moe, h, &grouping, topk_weights, &ws.moe)?,
+                // One GPU: the shared expert rides in the routed experts' two launches, and the second one combines
+                // each token's pairs, adds the residual and norms as the token's last pair is written.
+                None => {
+                    let routing = RoutingBuffers { topk_ids, topk_weights, expert_map: None, experts: c.experts };
+                    moe::moe_layer_add_rms_norm(&layer.moe, h, &routing, &grouping, &ws.moe, &residual_norm, &ws.row_counters)?;
+                }
                 // Several: the routed pairs are summed over the ranks, the (replicated) shared expert is not.
                 Some(col) => {
                     moe::routed_experts(&layer.moe, h, &grouping, topk_weights, &ws.moe)?;
@@ -1695,22 +1721,16 @@ impl Network<'_> {
                     if let Some(s) = &layer.moe.shared {
                         moe::shared_expert(s, h, &ws.moe)?;
                     }
+                    let shared = match &layer.moe.shared {
+                        Some(_) => Some(ws.moe.shared_out.view([t, dim])?),
+                        None => None,
+                    };
+                    let pairs =
+                        norm::MoePairs { pair_out: ws.moe.pair_out.view([t * k, dim])?, shared_out: shared, topk_ids, expert_map: None, experts: c.experts };
+                    let r = &residual_norm;
+                    norm::moe_combine_add_rms_norm(&pairs, r.residual, r.weight, r.residual_out, r.out, eps)?;
                 }
             }
-            let shared = match &layer.moe.shared {
-                Some(_) => Some(ws.moe.shared_out.view([t, dim])?),
-                None => None,
-            };
-            // Combine the pairs, add the residual and norm for the next block, in one launch.
-            let pairs = norm::MoePairs {
-                pair_out: ws.moe.pair_out.view([t * k, dim])?,
-                shared_out: shared,
-                topk_ids: ws.routing.topk_ids.view([t, k])?,
-                expert_map: None,
-                experts: c.experts,
-            };
-            let next_norm = m.layers.get(l + 1).map_or(&m.norm, |next| &next.attention_norm);
-            norm::moe_combine_add_rms_norm(&pairs, x_mid.view([t, dim])?, next_norm.as_vector(), x.view([t, dim])?, ws.h.view([t, dim])?, eps)?;
         }
         // ws.h is the final norm's output: gather the head's rows (host-computed, always in range), then the head.
         ops::embedding_gather(head.source_rows.as_vector(), ws.h.view([t, dim])?, head.h.view([head.rows, dim])?, self.gather_status)?;

@@ -660,12 +660,19 @@ fn launch_gemm(w: &DeviceWeights, input: Input, x_rows: usize, in_by_token: bool
             Input::Bf16(_) => 1.0,
         },
     };
-    let config = LaunchConfig {
+    let mut config = LaunchConfig {
         grid: Dim3::xyz((w.rows_padded / shape.features()) as u32, grid_y as u32, heads as u32),
         block: Dim3::x((WARPS * 32) as u32),
         shared_bytes: shape.shared_bytes(w.format, e4m3_input) as u32,
     };
-    launch_with(device, &shape.kernel(w.format, e4m3_input), &config, &params)
+    let mut kernel = shape.kernel(w.format, e4m3_input);
+    // The bf16 prefill tile runs on wgmma unless switched off (moe_wgmma::PrefillGemm): same grid and parameters.
+    if shape == TileShape::Tiled {
+        if let Some((wgmma, block, shared_bytes)) = super::moe_wgmma::prefill_kernel(w.format, e4m3_input)? {
+            (kernel, config.block, config.shared_bytes) = (wgmma, block, shared_bytes);
+        }
+    }
+    launch_with(device, &kernel, &config, &params)
 }
 
 /// The tile a grouped launch runs: the aligner's prefill tile, or the decode tile for `busy` busy experts (plus a

@@ -354,3 +354,58 @@ fn regex_free_replace(text: &str, prefix: &str, middle: &str, replacement: &str)
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+/// The interpreter's counters of both prefill kernels at the model's sizes (up + SwiGLU: K = dim 4096 into 2048
+/// hidden; down: K = 2048 into dim 4096), 64 tokens routed to both of 2 experts (one full 64-slot tile each, 64
+/// blocks per launch), 8 evenly spaced blocks interpreted per launch. Prints one Markdown row per launch for
+/// docs/perf.md: `cargo test --test moe_wgmma prefill_counters -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn prefill_counters_at_real_dims() {
+    let sim = std::sync::Arc::new(small4::device::sim::SimBackend::new());
+    let device: Device = sim.clone();
+    sim.set_block_sample(Some(8));
+    let (dim, hidden, tokens, k) = (4096, 2048, 64, 2);
+    let mut rng = rng(24);
+    let all: Vec<Expert> = (0..2).map(|_| random_expert(&mut rng, dim, hidden)).collect();
+    let gate_up: Vec<(MatrixRef, MatrixRef)> = all.iter().map(|e| ((&e.gate_up.0).into(), (&e.gate_up.1).into())).collect();
+    let down: Vec<MatrixRef> = all.iter().map(|e| (&e.down).into()).collect();
+    let gate_up = DeviceWeights::upload(&device, &repack::repack_gate_up(&gate_up).unwrap()).unwrap();
+    let down = DeviceWeights::upload(&device, &repack::repack_linear(&down).unwrap()).unwrap();
+    let ids: Vec<i32> = (0..tokens * k).map(|p| (p % k) as i32).collect();
+    let alignment = align_pairs(&ids, None, 2, 64);
+    let up_i32 = |v: &[i32]| DeviceBuffer::from_slice(&device, v).unwrap();
+    let (sorted_pairs, tile_experts, expert_offsets) = (up_i32(&alignment.sorted_pairs), up_i32(&alignment.tile_experts), up_i32(&alignment.expert_offsets));
+    let num_padded = up_i32(&[alignment.num_padded]);
+    let grouping = Grouping { sorted_pairs: &sorted_pairs, tile_experts: &tile_experts, expert_offsets: &expert_offsets, num_padded: &num_padded, tile_m: 64 };
+    let capacity = alignment.sorted_pairs.len();
+    let x = DeviceBuffer::from_slice(&device, &random_bf16(&mut rng, tokens * dim, 1.0)).unwrap();
+    let act = DeviceBuffer::<bf16>::alloc(&device, capacity * hidden).unwrap();
+    let out = DeviceBuffer::<f32>::alloc(&device, tokens * k * dim).unwrap();
+    let weights = DeviceBuffer::from_slice(&device, &vec![0.5f32; tokens * k]).unwrap();
+    println!("| launch | kernel | blocks run / grid | warp instructions | shared requests | bank-conflict wavefronts | global bytes read | tensor instructions | tensor FLOPs |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for choice in [PrefillGemm::MmaSync, PrefillGemm::Wgmma] {
+        for launch in ["up + SwiGLU (K 4096)", "down x weight (K 2048)"] {
+            choice
+                .run(|| match launch.starts_with("up") {
+                    true => moe::up_swiglu(&gate_up, x.view([tokens, dim])?, k, &grouping, act.view([capacity, hidden])?),
+                    false => moe::down(&down, act.view([capacity, hidden])?, &grouping, weights.view([tokens, k])?, out.view([tokens * k, dim])?),
+                })
+                .unwrap();
+            let c = device.last_launch_counters().unwrap();
+            println!(
+                "| {launch} | {} | {} / {} | {} | {} | {} | {} | {} | {} |",
+                c.kernel,
+                c.blocks_run,
+                c.blocks,
+                c.instructions,
+                c.shared_requests,
+                c.shared_bank_conflicts,
+                c.global_bytes_read,
+                c.tensor_core_ops,
+                c.tensor_flops
+            );
+        }
+    }
+}

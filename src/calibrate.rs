@@ -30,6 +30,7 @@ use crate::device::{Device, DeviceBuffer, LaunchCounters, TargetGpu, TimingModel
 use crate::error::{Error, Result};
 use crate::kernels::attention::{self, AttentionScratch, BlockTables, PagedCache, Queries, QueryLayout};
 use crate::kernels::moe::{self, Grouping, MoeLayerWeights, MoeWorkspace, RoutingBuffers};
+use crate::kernels::moe_wgmma::PrefillGemm;
 use crate::kernels::router::{self, ExpertMap, RouterConfig};
 use crate::kernels::vision::{vision_attention, TokenSegments};
 use crate::model::kv_cache::{BatchTables, CacheDescriptor, CacheDtype};
@@ -527,13 +528,14 @@ fn replay(
 ) -> Result<Vec<LaunchCounters>> {
     let sampled = spec.family != "router";
     sim.set_block_sample(sampled.then_some(sample_blocks));
-    let result = match spec.family.as_str() {
+    // Every stored measurement ran the mma.sync prefill GEMM (the wgmma one, the default now, came later).
+    let result = PrefillGemm::MmaSync.run(|| match spec.family.as_str() {
         "router" => replay_router(sim, device, spec),
         "moe" => replay_moe(sim, device, spec, moe_weights),
         "mla" | "mla_prefill" => replay_mla(sim, device, spec),
         "vision_attention" => replay_vision(sim, device, spec),
         other => Err(Error::InvalidArgument(format!("calibration run: unknown family {other:?}"))),
-    };
+    });
     sim.set_block_sample(None);
     sim.record_launches(false);
     moe::DECODE_TILE_OVERRIDE.set(None);

@@ -9,6 +9,7 @@
 pub mod attention;
 pub mod dequant;
 pub mod moe;
+pub mod moe_wgmma;
 pub mod norm;
 pub mod ops;
 pub mod router;

@@ -691,12 +691,21 @@ fn launch_gemm(w: &DeviceWeights, input: Input, x_rows: usize, in_by_token: bool
         finish,
         rope,
     };
-    let config = LaunchConfig {
+    let mut config = LaunchConfig {
         grid: Dim3::xyz(grid_x as u32, grid_y as u32, heads as u32),
         block: Dim3::x((WARPS * 32) as u32),
         shared_bytes: shape.shared_bytes(w.format, e4m3_input) as u32,
     };
-    launch_with(device, &shape.kernel(w.format, e4m3_input), &config, &params)
+    let mut kernel = shape.kernel(w.format, e4m3_input);
+    // The bf16 prefill tile runs on wgmma unless switched off (moe_wgmma::PrefillGemm): same grid and parameters, but
+    // not yet the row finishers or the query RoPE epilogue, which keep the mma.sync kernel.
+    let plain_epilogue = params.finish.kind == SMALL4_GEMM_FINISH_NONE as i32 && params.rope.positions.is_null();
+    if shape == TileShape::Tiled && plain_epilogue {
+        if let Some((wgmma, block, shared_bytes)) = super::moe_wgmma::prefill_kernel(w.format, e4m3_input)? {
+            (kernel, config.block, config.shared_bytes) = (wgmma, block, shared_bytes);
+        }
+    }
+    launch_with(device, &kernel, &config, &params)
 }
 
 /// The tile a grouped launch runs: the aligner's prefill tile, or the decode tile for `busy` busy experts (plus a

@@ -77,6 +77,39 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], abs: f32, rel: f32) {
     assert!(worst.1 <= 0.0, "{what}: element {i} = {} but reference {} (tolerance {abs} + {rel}*|ref|)", got[i], want[i]);
 }
 
+/// DeepGEMM's agreement measure 1 - 2 sum(xy) / sum(x^2 + y^2): 0 for identical vectors, scale-free.
+pub fn deepgemm_diff(got: &[f32], want: &[f32]) -> f64 {
+    let (mut xy, mut sq) = (0f64, 0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        xy += g as f64 * w as f64;
+        sq += (g as f64).powi(2) + (w as f64).powi(2);
+    }
+    // Two all-zero vectors agree exactly (e.g. every routed expert of the batch lives on another rank and there is no
+    // shared expert); the ratio itself is undefined there.
+    if sq == 0.0 {
+        return 0.0;
+    }
+    1.0 - 2.0 * xy / sq
+}
+
+/// Every element written (no NaN left from the 0xff poison) and the DeepGEMM measure under `limit`. The reference
+/// multiplies the same bf16-rounded weights as the kernels (`dequantize_for_gemm`); the kernels round the SwiGLU
+/// activations and the outputs to bf16 and sum in another order, each a relative 2^-9: about 1e-5 of this measure;
+/// 1e-4 leaves a margin and still catches any wrong element of magnitude.
+pub fn assert_agrees(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    if let Some(i) = got.iter().position(|v| v.is_nan()) {
+        panic!("{what}: element {i} is NaN (never written or computed NaN); reference {}", want[i]);
+    }
+    let diff = deepgemm_diff(got, want);
+    assert!(diff < 1e-4, "{what}: 1 - 2 sum(xy)/sum(x^2+y^2) = {diff:e}");
+    // And no single element far off: within 2% of the largest reference magnitude.
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= 0.02 * scale, "{what}: element {i} = {g}, reference {w} (scale {scale})");
+    }
+}
+
 /// A check before a launch of [`Hooked`]: an error fails the launch instead of running it.
 pub type LaunchCheck = Box<dyn Fn(&small4::device::Kernel) -> small4::Result<()> + Send + Sync>;
 

@@ -1,0 +1,89 @@
+// PTX wrappers for the sm_90a kernels: mbarriers, non-tensor bulk copies (cp.async.bulk), proxy fences and wgmma.
+// One definition each (../shared/HOPPER-ASYNC.md has the semantics; tools/ptxsim runs and checks all of them).
+#pragma once
+#include <stdint.h>
+#include "mma.cuh"
+
+// ---- mbarrier ------------------------------------------------------------------------------------------------------
+
+// Initialises a barrier whose phase completes after `count` arrivals (plus any expected transaction bytes).
+__device__ __forceinline__ void mbar_init(uint64_t *bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+// Makes this thread's barrier initialisations visible to the async proxy (the bulk copies' complete_tx).
+__device__ __forceinline__ void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
+
+__device__ __forceinline__ void mbar_arrive(uint64_t *bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+// Arrives and announces `bytes` more transaction bytes for the current phase (one arrival).
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t *bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+// Waits until the phase of parity `parity` has completed (CUTLASS / DeepGEMM's spin loop on try_wait).
+__device__ __forceinline__ void mbar_wait(uint64_t *bar, unsigned parity) {
+    asm volatile(
+        "{\n"
+        ".reg .pred P1;\n"
+        "LAB_WAIT:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+        "@P1 bra DONE;\n"
+        "bra LAB_WAIT;\n"
+        "DONE:\n"
+        "}\n" ::"r"(smem_addr(bar)),
+        "r"(parity)
+        : "memory");
+}
+
+// ---- bulk copies and proxy fences --------------------------------------------------------------------------------
+
+// `bytes` (a multiple of 16, both addresses 16-byte aligned) global -> shared through the async proxy; completes as
+// transaction bytes on `bar`.
+__device__ __forceinline__ void bulk_load(void *dst_smem, const void *src_global, unsigned bytes, uint64_t *bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(smem_addr(dst_smem)),
+                 "l"(src_global), "r"(bytes), "r"(smem_addr(bar))
+                 : "memory");
+}
+// Orders this thread's generic-proxy shared-memory writes (st.shared, cp.async) before later async-proxy reads
+// (wgmma operands) of the same bytes.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
+// ---- wgmma ---------------------------------------------------------------------------------------------------------
+
+// The 128-byte swizzle every swizzled shared operand uses (TMA, wgmma): chunk bits 4-6 of the ABSOLUTE shared address
+// XOR its 128-byte line bits 7-9. Code that writes a wgmma operand with ordinary stores or cp.async applies it to the
+// address it writes, so the layout agrees with wgmma wherever the buffer starts.
+__device__ __forceinline__ uint32_t swizzle128(uint32_t smem_address) { return smem_address ^ (((smem_address >> 7) & 7) << 4); }
+
+// K-major operand with the 128-byte swizzle: rows of 128 bytes (64 bf16 of k), 8-row groups 1024 bytes apart (SBO),
+// LBO unused (16 by convention), base offset 0 (the buffer starts on 1024 bytes). A K-advance of 16 bf16 adds 32
+// bytes to the start.
+__device__ __forceinline__ uint64_t wgmma_desc_k_sw128(const void *p) {
+    const uint64_t a = smem_addr(p);
+    return ((a & 0x3FFFF) >> 4) | (uint64_t(16 >> 4) << 16) | (uint64_t(1024 >> 4) << 32) | (1ull << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+// Waits until at most N committed wgmma groups of the warpgroup are still in flight.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory"); }
+
+// CUTLASS's warpgroup_fence_operand: pins a register's value here, so the compiler neither sinks an accumulator's
+// initialisation below wgmma.fence nor moves a read of it above the wait_group (ptxas would serialise the wgmmas,
+// warning C7515, and the interpreter reports either).
+__device__ __forceinline__ void wgmma_fence_operand(float &r) { asm volatile("" : "+f"(r)::"memory"); }
+
+// d (64 x 64 f32, the warpgroup's accumulator fragment) += a (64 x 16 bf16 in registers: the mma.sync m16n8k16 A
+// fragment of each warp's 16 rows) * b (16 x 64 bf16 from the descriptor, K-major).
+__device__ __forceinline__ void wgmma_m64n64k16_bf16_rs(float d[32], const uint32_t a[4], uint64_t b_desc) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, "
+        "{%32,%33,%34,%35}, %36, 1, 1, 1, 0;\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]),
+          "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+          "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]),
+          "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc));
+}

@@ -1,0 +1,248 @@
+// Grouped expert GEMM (and the dense GEMM) with bf16 weights on Hopper's wgmma, warp-specialised: the prefill tile of
+// cuda/moe_gemm.cu ("tiled": 128 output features x 64 pair slots) with the same parameters, semantics and epilogues
+// (SwiGLU act for the up-projection, f32 rows by pair times the routing weight for the down-projection, plain bf16 or
+// f32 rows in dense mode, batched dense mode over grid z). Only the k loop differs.
+//
+// Computes, for each row (a (token, expert) pair in grouped mode, a token in dense mode) and each output feature n of
+// the row's expert e:  y[row, n] = sum_k x[src(row), k] * W_e[n, k].
+//
+// Operands ("swap A/B" as in moe_gemm.cu): wgmma's A (M = 64 rows per warpgroup) is the WEIGHTS, from registers: each
+// warp holds its 16 rows in the repacked fragment order of src/quant/repack.rs, which is the mma.sync m16n8k16 A
+// fragment and therefore wgmma's register-A fragment of that warp's rows (no new weight layout, no second copy). B is
+// the 64 gathered activation rows of the block's slots (N = 64), K-major in shared memory with the 128-byte swizzle,
+// read through a matrix descriptor. Each 64-k stage is four m64n64k16 wgmmas per consumer warpgroup.
+//
+// Thread mapping: 9 warps. Warps 0-7 are two consumer warpgroups; warp w owns weight tile first_tile + w (16
+// features), warpgroup g the features 64 g .. 64 g + 63 of the block, all 64 slots. Warp 8 is the producer: lanes 0-7
+// each copy one weight tile's 2 KiB of a stage with cp.async.bulk (contiguous in the repacked layout), completing as
+// transaction bytes on the stage's "full" mbarrier; all 32 lanes gather the stage's activation rows (picked through
+// sorted_pairs / top_k, so TMA tile loads do not apply) with 16-byte cp.async into the swizzled layout, and once a
+// stage's cp.async group has landed (the producer keeps STAGES - 1 stages in flight) fence it for the async proxy and
+// arrive on "full". Consumers wait on "full", load their A fragments (one 16-byte ld.shared per lane per k-step),
+// issue the stage's wgmmas, and after the next stage's wgmmas are issued retire this one (wait_group 1: A registers
+// double-buffered) and release its "empty" mbarrier (one arrival per consumer warp), on which the producer waits
+// before refilling the stage.
+//
+// Tiling: BM 128 features x BN 64 slots per block, BK 64 per stage, STAGES 4 (24 KiB each: 16 KiB weights, 8 KiB
+// activations; 96 KiB plus barriers: two blocks per SM). Grid and grouping as the tiled mma.sync kernel.
+//
+// Bytes (per block): 128 weight rows x K x 2 (each weight once per 64 slots), 64 activation rows x K x 2, the outputs
+// once (SwiGLU: 64 x 64 bf16; down: 64 x 128 f32). FLOPs: 2 x 128 x 64 x K per block (padding slots included).
+#include "params.h"
+#include "common.cuh"
+#include "hopper.cuh"
+#include "mma.cuh"
+
+namespace {
+
+constexpr int kConsumerWarps = 8;
+constexpr int kThreads = (kConsumerWarps + 1) * 32;
+constexpr int kProducerWarp = kConsumerWarps;
+constexpr int kBK = 64;                    // k per stage
+constexpr int kBM = kConsumerWarps * 16;   // features per block
+constexpr int kBN = 64;                    // slots per block (the wgmma N)
+constexpr int kStages = 4;
+constexpr int kTileBytes = 16 * kBK * 2;   // one warp's 16 weight rows of a stage (bf16)
+constexpr int kWStage = kConsumerWarps * kTileBytes;
+constexpr int kXRowBytes = kBK * 2;        // one gathered activation row of a stage: one 128-byte swizzle line
+constexpr int kXStage = kBN * kXRowBytes;
+// cp.async groups the producer keeps in flight: with one stage being read and one held by the consumers' lagging
+// release, STAGES - 1 is the most that cannot deadlock (the producer signals stage kb - (STAGES - 1) before it waits
+// for stage kb to be empty).
+constexpr int kInFlight = kStages - 1;
+
+// Dynamic shared memory: weight stages, activation stages (1024-byte aligned for the swizzle), the barriers, the
+// slots' pairs. moe_wgmma.rs computes the same total.
+constexpr int kXOffset = kStages * kWStage;
+constexpr int kBarOffset = kXOffset + kStages * kXStage;
+constexpr int kSlotOffset = kBarOffset + 2 * kStages * 8;
+constexpr int kSharedBytes = kSlotOffset + kBN * 4;
+static_assert(kSharedBytes <= 113 * 1024, "two blocks per SM (228 KiB, 1 KiB reserved per block)");
+static_assert(kXOffset % 1024 == 0 && kXStage % 1024 == 0, "activation stages must start on the swizzle period");
+
+__device__ __forceinline__ void grouped_gemm_wgmma(const MoeGemmParams &p) {
+    extern __shared__ __align__(1024) unsigned char smem[];
+    unsigned char *w_smem = smem;
+    unsigned char *x_smem = smem + kXOffset;
+    uint64_t *full = reinterpret_cast<uint64_t *>(smem + kBarOffset);
+    uint64_t *empty = full + kStages;
+    int *slot_pair = reinterpret_cast<int *>(smem + kSlotOffset);
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+
+    // Which slots and expert this block computes (exactly as moe_gemm.cu's tiled kernel; no dense tail here).
+    int expert, slot_begin, slot_end;
+    if (p.sorted_pairs != nullptr) {
+        const int tile = blockIdx.y;
+        if (tile >= p.capacity_tiles || tile * p.tile_m >= *p.num_padded) return;
+        expert = p.tile_experts[tile];
+        if (expert < 0) return;
+        const int first_slot = p.expert_offsets[expert];
+        slot_begin = tile * p.tile_m;
+        if ((slot_begin - first_slot) % kBN != 0) return;
+        slot_end = min(slot_begin + kBN, p.expert_offsets[expert + 1]);
+    } else {
+        expert = blockIdx.z;
+        slot_begin = blockIdx.y * kBN;
+        if (slot_begin >= p.dense_rows) return;
+        slot_end = min(slot_begin + kBN, p.dense_rows);
+    }
+    const int slots = slot_end - slot_begin;
+
+    for (int s = tid; s < kBN; s += kThreads) {
+        int pair = -1;
+        if (s < slots) pair = p.sorted_pairs != nullptr ? p.sorted_pairs[slot_begin + s] : slot_begin + s;
+        slot_pair[s] = pair;
+    }
+    if (tid == 0) {
+        for (int s = 0; s < kStages; ++s) {
+            mbar_init(&full[s], 2);                // the producer's expect_tx arrival + its "activations landed" arrival
+            mbar_init(&empty[s], kConsumerWarps);  // one release per consumer warp
+        }
+        mbar_init_fence();
+    }
+    __syncthreads();
+
+    // Padding slots read zeros: written once into every stage (generic stores, fenced for wgmma), never copied over.
+    for (int i = tid; i < kStages * kBN * 8; i += kThreads) {
+        const int row = (i / 8) % kBN;
+        if (slot_pair[row] < 0) reinterpret_cast<uint4 *>(x_smem)[i] = make_uint4(0, 0, 0, 0);
+    }
+    fence_proxy_async();
+    __syncthreads();
+
+    const int first_tile = blockIdx.x * (kBM / 16);
+    const int k_blocks = p.k_dim / kBK;
+    const unsigned char *w_expert = p.weights + (long long)expert * p.expert_stride;
+
+    if (warp == kProducerWarp) {
+        // Activation chunk (row, chunk) of this lane: 8 lanes per 128-byte row, 4 rows per pass, 16 passes.
+        const bf16 *x = p.x + (long)blockIdx.z * p.x_batch_stride;
+        for (int kb = 0; kb < k_blocks; ++kb) {
+            const int stage = kb % kStages;
+            if (kb >= kInFlight) {
+                cp_async_wait<kInFlight - 1>();  // stage kb - kInFlight has landed
+                fence_proxy_async();
+                __syncwarp();
+                if (lane == 0) mbar_arrive(&full[(kb - kInFlight) % kStages]);
+            }
+            mbar_wait(&empty[stage], ((kb / kStages) & 1) ^ 1);
+            if (lane == 0) mbar_arrive_expect_tx(&full[stage], kWStage);
+            __syncwarp();
+            if (lane < kConsumerWarps) {
+                const unsigned char *src = w_expert + ((long long)(first_tile + lane) * k_blocks + kb) * kTileBytes;
+                bulk_load(w_smem + stage * kWStage + lane * kTileBytes, src, kTileBytes, &full[stage]);
+            }
+            unsigned char *x_stage = x_smem + stage * kXStage;
+            const uint32_t x_stage_addr = smem_addr(x_stage);
+#pragma unroll 4
+            for (int i = lane; i < kBN * 8; i += 32) {
+                const int row = i >> 3, chunk = i & 7;
+                const int pair = slot_pair[row];
+                if (pair < 0) continue;
+                const long src_row = p.in_by_token ? pair / p.top_k : slot_begin + row;
+                const bf16 *src = x + src_row * p.x_stride + kb * kBK + chunk * 8;
+                const uint32_t dst = swizzle128(x_stage_addr + row * kXRowBytes + chunk * 16);
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
+            }
+            cp_async_commit();
+        }
+        cp_async_wait<0>();
+        fence_proxy_async();
+        __syncwarp();
+        if (lane == 0) {
+            for (int kb = max(0, k_blocks - kInFlight); kb < k_blocks; ++kb) mbar_arrive(&full[kb % kStages]);
+        }
+        return;
+    }
+
+    // Consumers. acc[4 f + r] is the mma.sync C fragment r of slot fragment f (slots 8 f .. 8 f + 7) of this warp's
+    // 16 features: r = 0, 1 feature g, slots 2t, 2t + 1; r = 2, 3 feature g + 8.
+    float acc[32];
+#pragma unroll
+    for (int i = 0; i < 32; ++i) acc[i] = 0.f;
+#pragma unroll
+    for (int i = 0; i < 32; ++i) wgmma_fence_operand(acc[i]);
+
+    // One stage: wait for it, load the warp's A fragments into `a` (the buffer the wgmmas of two stages ago used,
+    // retired by the previous stage's wait_group 1), issue the four wgmmas, retire the previous stage and release it.
+    auto consume = [&](int kb, uint32_t (&a)[4][4]) {
+        const int stage = kb % kStages;
+        mbar_wait(&full[stage], (kb / kStages) & 1);
+        const unsigned char *w_tile = w_smem + stage * kWStage + warp * kTileBytes;
+#pragma unroll
+        for (int ks = 0; ks < 4; ++ks) {
+            const uint4 v = *reinterpret_cast<const uint4 *>(w_tile + (ks * 32 + lane) * 16);
+            a[ks][0] = v.x, a[ks][1] = v.y, a[ks][2] = v.z, a[ks][3] = v.w;
+        }
+        const unsigned char *x_stage = x_smem + stage * kXStage;
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < 4; ++ks) wgmma_m64n64k16_bf16_rs(acc, a[ks], wgmma_desc_k_sw128(x_stage + ks * 32));
+        wgmma_commit();
+        wgmma_wait<1>();
+        if (kb > 0) {
+            __syncwarp();
+            if (lane == 0) mbar_arrive(&empty[(kb - 1) % kStages]);
+        }
+    };
+    uint32_t a0[4][4], a1[4][4];
+    int kb = 0;
+#pragma unroll 1
+    for (; kb + 1 < k_blocks; kb += 2) {
+        consume(kb, a0);
+        consume(kb + 1, a1);
+    }
+    if (kb < k_blocks) consume(kb, a0);
+    wgmma_wait<0>();
+#pragma unroll
+    for (int i = 0; i < 32; ++i) wgmma_fence_operand(acc[i]);
+
+    // Epilogue: moe_gemm.cu's, for one 16-feature tile per warp.
+    const int g = lane >> 2, t = lane & 3;
+    const int tile = first_tile + warp;
+    const int feature = tile * 16 + g;
+    float scale_g = 1.f, scale_g8 = 1.f;
+    if (p.row_scales != nullptr) {
+        const float *rs = p.row_scales + (long)expert * p.rows_padded;
+        scale_g = rs[feature], scale_g8 = rs[feature + 8];
+    }
+    bf16 *const out_bf16 = p.out_bf16 ? p.out_bf16 + (long)blockIdx.z * p.out_batch_stride : nullptr;
+    float *const out_f32 = p.out_f32 ? p.out_f32 + (long)blockIdx.z * p.out_batch_stride : nullptr;
+#pragma unroll
+    for (int f = 0; f < kBN / 8; ++f) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int slot = f * 8 + 2 * t + half;
+            if (slot >= slots) continue;
+            const int pair = slot_pair[slot];
+            if (pair < 0) continue;
+            const float v_g = acc[4 * f + half] * scale_g, v_g8 = acc[4 * f + 2 + half] * scale_g8;
+            if (p.swiglu) {
+                // The repack interleaves 8 gate rows and the 8 matching up rows in every 16-row tile.
+                const int h = tile * 8 + g;
+                if (h < p.out_cols) {
+                    const float act = v_g / (1.f + __expf(-v_g)) * v_g8;
+                    out_bf16[(long)(slot_begin + slot) * p.out_stride + h] = __float2bfloat16(act);
+                }
+                continue;
+            }
+            const long out_row = p.out_by_pair ? pair : slot_begin + slot;
+            const float weight = p.pair_weights != nullptr ? p.pair_weights[pair] : 1.f;
+            if (out_f32 != nullptr) {
+                float *o = out_f32 + out_row * p.out_stride;
+                if (feature < p.out_cols) o[feature] = v_g * weight;
+                if (feature + 8 < p.out_cols) o[feature + 8] = v_g8 * weight;
+            } else {
+                bf16 *o = out_bf16 + out_row * p.out_stride;
+                if (feature < p.out_cols) o[feature] = __float2bfloat16(v_g * weight);
+                if (feature + 8 < p.out_cols) o[feature + 8] = __float2bfloat16(v_g8 * weight);
+            }
+        }
+    }
+}
+
+}  // namespace
+
+// Two blocks per SM (96 KiB of stages each): at most 112 registers a thread.
+extern "C" __global__ void __launch_bounds__(kThreads, 2) moe_gemm_bf16_wgmma(const MoeGemmParams p) { grouped_gemm_wgmma(p); }

@@ -1,0 +1,75 @@
+//! The engine's prefill on the wgmma GEMM (`cuda/moe_gemm_wgmma.cu`): a prompt long enough that the bf16 model's
+//! dense GEMMs (more than 32 rows) and its routed experts (tokens x top-k at least 32 per expert: the aligner's
+//! 64-slot tiles) take the prefill tile, against the CPU reference (tests/engine.rs's logit rule) and, on the
+//! interpreter, bit for bit against the same prefill on the mma.sync kernel.
+
+mod common;
+
+use std::sync::Arc;
+
+use small4::device::sim::SimBackend;
+use small4::device::Device;
+use small4::kernels::moe_wgmma::PrefillGemm;
+use small4::model::checkpoint::{Checkpoint, Layout};
+use small4::model::config::ModelConfig;
+use small4::model::engine::{DeviceModel, Engine, EngineOptions, Shard};
+use small4::model::synthetic::{load_reference_weights, write_checkpoint};
+use small4::quant::WeightFormat;
+use small4::reference::model::{ForwardOptions, ReferenceModel, ReferenceWeights};
+
+/// tests/engine.rs: |engine - reference| <= 0.08 + 0.03 |reference| per logit.
+const LOGIT_ABS: f32 = 0.08;
+const LOGIT_REL: f32 = 0.03;
+
+/// One layer of the tiny preset (16 experts, top-4) in bf16: a 136-token prompt gives 544 routed pairs, so the
+/// grouping uses 64-slot tiles, and every dense GEMM has 136 rows. The prefill launches the wgmma kernel for both
+/// kinds of GEMM; its logits equal the mma.sync prefill's bit for bit at every position, and the reference's at every
+/// position not on a router near-tie.
+#[test]
+fn one_layer_prefill_on_wgmma_matches_reference_and_mma_sync() {
+    let config = ModelConfig { n_layers: 1, ..ModelConfig::tiny() };
+    let tokens: Vec<u32> = (0..136u32).map(|i| (i * 389 + 100) % config.vocab as u32).collect();
+    assert_eq!(small4::kernels::moe::moe_tile_m(tokens.len(), config.experts_per_token, config.experts), 64, "prefill tiles");
+
+    let weights = ReferenceWeights::random(&config, 5).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(dir.path(), &weights, &Layout::Native, WeightFormat::Bf16, 1 << 20).unwrap();
+    let checkpoint = Checkpoint::open(dir.path()).unwrap();
+    let reference = ReferenceModel::new(load_reference_weights(&checkpoint).unwrap(), ForwardOptions::default()).unwrap();
+    let mut cache = reference.new_cache();
+    let want = reference.prefill(&tokens, &mut cache).unwrap();
+    let margins = cache.router_margins().to_vec();
+
+    let sim = Arc::new(SimBackend::new());
+    let device: Device = sim.clone();
+    let prefill = |choice: PrefillGemm| -> (Vec<f32>, Vec<String>) {
+        let model = DeviceModel::load(&device, &checkpoint, Shard::SINGLE).unwrap();
+        let options = EngineOptions { page_size: 16, num_pages: 16, eos: None, keep_logits: true, ..EngineOptions::default() };
+        let mut engine = Engine::new(model, options, None).unwrap();
+        let seq = engine.new_sequence();
+        sim.record_launches(true);
+        let logits = choice.run(|| engine.forward_logits(&[(seq, tokens.clone())])).unwrap();
+        let kernels = sim.take_recorded().into_iter().map(|l| l.kernel).collect();
+        sim.record_launches(false);
+        (logits, kernels)
+    };
+    let (wgmma, wgmma_kernels) = prefill(PrefillGemm::Wgmma);
+    let count = |kernels: &[String], name: &str| kernels.iter().filter(|k| *k == name).count();
+    // Routed up and down, and at least the shared expert's and the attention's dense GEMMs.
+    assert!(count(&wgmma_kernels, "moe_gemm_bf16_wgmma") >= 4, "prefill launches: {wgmma_kernels:?}");
+    assert_eq!(count(&wgmma_kernels, "moe_gemm_bf16_tiled"), 0, "prefill launches: {wgmma_kernels:?}");
+
+    let (mma_sync, mma_kernels) = prefill(PrefillGemm::MmaSync);
+    assert_eq!(count(&mma_kernels, "moe_gemm_bf16_wgmma"), 0, "the switch keeps wgmma out");
+    assert_eq!(count(&mma_kernels, "moe_gemm_bf16_tiled"), count(&wgmma_kernels, "moe_gemm_bf16_wgmma"), "one kernel for the other");
+    let differ = wgmma.iter().zip(&mma_sync).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+    assert_eq!(differ, 0, "{differ} of {} logits differ between the wgmma and mma.sync prefills", wgmma.len());
+    // Against the reference, the positions whose router is not within the bf16 noise of a tie (tests/engine.rs: two
+    // bf16 chains' gaps between the 4th and 5th router logits differ by up to 0.025): in one layer a flipped expert
+    // choice moves only its own position's logits (by ~0.5), and the kernels are held to each other there anyway.
+    let vocab = config.vocab;
+    let clear: Vec<usize> = (0..tokens.len()).filter(|&p| margins[p] >= 0.025).collect();
+    assert!(clear.len() >= 100, "only {} of {} positions away from router ties", clear.len(), tokens.len());
+    let rows = |logits: &[f32]| -> Vec<f32> { clear.iter().flat_map(|&p| logits[p * vocab..][..vocab].to_vec()).collect() };
+    common::assert_close(&format!("prefill logits on wgmma ({} of 136 positions)", clear.len()), &rows(&wgmma), &rows(&want), LOGIT_ABS, LOGIT_REL);
+}

@@ -1,0 +1,411 @@
+//! The wgmma kernel of the bf16 prefill tile (`cuda/moe_gemm_wgmma.cu`) against the mma.sync kernel it replaces
+//! (`moe_gemm_bf16_tiled`) and the CPU reference: grouped up-projection with SwiGLU, grouped down-projection times the
+//! routing weight, and the dense GEMMs (bf16, f32 and SwiGLU outputs, batched heads). On the interpreter both kernels
+//! sum each k-step of 16 exactly and round once, in the same k order, so their outputs must be identical bit for bit;
+//! on a GPU each is held to the CPU reference with the GEMM tests' rule (`assert_agrees`).
+//!
+//! The interpreter runs every check here (bounds, uninitialised reads, shared-memory races through mbarrier
+//! happens-before, async-proxy fences, wgmma register and operand lifetimes, mbarrier misuse and deadlocks): the
+//! tests refuse to run with the race detector switched off (`PTXSIM_RACE_CHECK=0`).
+
+mod common;
+
+use common::*;
+use half::bf16;
+use rand::{rngs::StdRng, Rng};
+use small4::device::{Device, DeviceBuffer};
+use small4::kernels::moe::{self, DeviceWeights, Grouping};
+use small4::kernels::moe_wgmma::PrefillGemm;
+use small4::quant::matrix::QuantizedMatrix;
+use small4::quant::repack::{self, MatrixRef};
+use small4::quant::WeightFormat;
+use small4::reference::linear::matmul_nt;
+use small4::reference::moe::align_pairs;
+
+/// A bf16 matrix [rows, cols] with values in [-a, a], a = 1 / sqrt(cols), and its values as the kernels multiply them.
+fn random_matrix(rng: &mut StdRng, rows: usize, cols: usize) -> (QuantizedMatrix, Vec<f32>) {
+    let a = 1.0 / (cols as f32).sqrt();
+    let w: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-a..a)).collect();
+    let q = QuantizedMatrix::quantize(WeightFormat::Bf16, &w, rows, cols).unwrap();
+    let deq = q.dequantize_for_gemm();
+    (q, deq)
+}
+
+/// On the interpreter, the checks this file relies on must be on.
+fn require_checks(device: &Device) {
+    if device.name() == "sim" {
+        assert!(std::env::var("PTXSIM_RACE_CHECK").map_or(true, |v| v != "0"), "these tests need the race detector: unset PTXSIM_RACE_CHECK=0");
+    }
+}
+
+/// Runs `launch` with each prefill kernel and returns the two outputs (wgmma first), after checking which kernel ran.
+fn both<T>(device: &Device, launch: impl Fn() -> small4::Result<T>) -> small4::Result<(T, T)> {
+    let run = |choice: PrefillGemm, entry: &str| -> small4::Result<T> {
+        let out = choice.run(&launch)?;
+        if let Some(counters) = device.last_launch_counters() {
+            assert_eq!(counters.kernel, entry, "the switch picked the kernel");
+        }
+        Ok(out)
+    };
+    Ok((run(PrefillGemm::Wgmma, "moe_gemm_bf16_wgmma")?, run(PrefillGemm::MmaSync, "moe_gemm_bf16_tiled")?))
+}
+
+/// Bit-identical on the interpreter; both within the GEMM tests' rule of the reference everywhere.
+fn check_pair(device: &Device, what: &str, wgmma: &[f32], mma_sync: &[f32], want: &[f32]) {
+    if device.name() == "sim" {
+        let differ = wgmma.iter().zip(mma_sync).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        assert_eq!(differ, 0, "{what}: {differ} of {} elements differ between wgmma and mma.sync", wgmma.len());
+    }
+    assert_agrees(&format!("{what} (wgmma)"), wgmma, want);
+    assert_agrees(&format!("{what} (mma.sync)"), mma_sync, want);
+}
+
+struct Expert {
+    gate_up: (QuantizedMatrix, QuantizedMatrix),
+    down: QuantizedMatrix,
+    /// Dequantised w1, w3 [hidden, dim] and w2 [dim, hidden].
+    w1: Vec<f32>,
+    w3: Vec<f32>,
+    w2: Vec<f32>,
+}
+
+fn random_expert(rng: &mut StdRng, dim: usize, hidden: usize) -> Expert {
+    let (q1, w1) = random_matrix(rng, hidden, dim);
+    let (q3, w3) = random_matrix(rng, hidden, dim);
+    let (q2, w2) = random_matrix(rng, dim, hidden);
+    Expert { gate_up: (q1, q3), down: q2, w1, w3, w2 }
+}
+
+/// A routed case of [`check_grouped`].
+#[derive(Clone, Copy)]
+struct RoutedCase {
+    tokens: usize,
+    k: usize,
+    experts: usize,
+    remote: usize,
+    dim: usize,
+    hidden: usize,
+    seed: u64,
+}
+
+/// The 70-token case of [`grouped_gemms_equal_mma_sync`].
+const SMALL_CASE: RoutedCase = RoutedCase { tokens: 70, k: 4, experts: 8, remote: 1, dim: 256, hidden: 128, seed: 21 };
+
+/// One routed case: `tokens` tokens pick `k` distinct experts of `experts` (the last `remote` owned by another GPU,
+/// every seventh pair unrouted); the grouped up-projection (SwiGLU) and down-projection run with both kernels and are
+/// checked against each other and the CPU reference, the down-projection reading the up-projection's own output.
+/// A launch's error is returned (the planted-bug test expects some); a wrong result panics.
+fn check_grouped(device: &Device, case: RoutedCase) -> small4::Result<()> {
+    let RoutedCase { tokens, k, experts, remote, dim, hidden, seed } = case;
+    require_checks(device);
+    let mut rng = rng(seed);
+    let local = experts - remote;
+    let all: Vec<Expert> = (0..local).map(|_| random_expert(&mut rng, dim, hidden)).collect();
+    let mut ids = Vec::with_capacity(tokens * k);
+    let mut weights = Vec::with_capacity(tokens * k);
+    for _ in 0..tokens {
+        let mut chosen: Vec<i32> = (0..experts as i32).collect();
+        for i in 0..k {
+            let j = rng.random_range(i..experts);
+            chosen.swap(i, j);
+        }
+        ids.extend_from_slice(&chosen[..k]);
+        weights.extend((0..k).map(|_| rng.random_range(0.1f32..1.0)));
+    }
+    ids.iter_mut().skip(3).step_by(7).for_each(|id| *id = -1);
+    let expert_map: Vec<i32> = (0..experts).map(|e| if e < local { e as i32 } else { -1 }).collect();
+    let tile_m = moe::moe_tile_m(tokens, k, local);
+    assert_eq!(tile_m, 64, "a prefill-sized batch");
+    let alignment = align_pairs(&ids, Some(&expert_map), local, tile_m);
+    let capacity = alignment.sorted_pairs.len();
+    let routed = alignment.sorted_pairs.iter().filter(|&&p| p >= 0).count();
+
+    let gate_up: Vec<(MatrixRef, MatrixRef)> = all.iter().map(|e| ((&e.gate_up.0).into(), (&e.gate_up.1).into())).collect();
+    let down: Vec<MatrixRef> = all.iter().map(|e| (&e.down).into()).collect();
+    let gate_up = DeviceWeights::upload(device, &repack::repack_gate_up(&gate_up).unwrap()).unwrap();
+    let down = DeviceWeights::upload(device, &repack::repack_linear(&down).unwrap()).unwrap();
+    let up_i32 = |v: &[i32]| DeviceBuffer::from_slice(device, v).unwrap();
+    let (sorted_pairs, tile_experts, expert_offsets) = (up_i32(&alignment.sorted_pairs), up_i32(&alignment.tile_experts), up_i32(&alignment.expert_offsets));
+    let num_padded = up_i32(&[alignment.num_padded]);
+    let grouping = Grouping { sorted_pairs: &sorted_pairs, tile_experts: &tile_experts, expert_offsets: &expert_offsets, num_padded: &num_padded, tile_m };
+    let x = random_bf16(&mut rng, tokens * dim, 1.0);
+    let x_dev = DeviceBuffer::from_slice(device, &x).unwrap();
+    let topk_weights = DeviceBuffer::from_slice(device, &weights).unwrap();
+
+    // The expert of each slot, and the slots of every routed pair.
+    let slot_expert = |s: usize| alignment.tile_experts[s / tile_m] as usize;
+    let slots: Vec<usize> = (0..capacity).filter(|&s| alignment.sorted_pairs[s] >= 0).collect();
+
+    // Up + SwiGLU: act [capacity, hidden] bf16, padding rows untouched (poison).
+    let (act_wgmma, act_mma) = both(device, || {
+        let act = DeviceBuffer::<bf16>::filled_with_byte(device, capacity * hidden, 0xff)?;
+        moe::up_swiglu(&gate_up, x_dev.view([tokens, dim])?, k, &grouping, act.view([capacity, hidden])?)?;
+        act.to_vec()
+    })?;
+    let rows_of = |act: &[bf16]| -> Vec<f32> { slots.iter().flat_map(|&s| to_f32(&act[s * hidden..][..hidden])).collect() };
+    let silu = |v: f32| v / (1.0 + (-v).exp());
+    let mut want_act = Vec::with_capacity(slots.len() * hidden);
+    for &s in &slots {
+        let e = &all[slot_expert(s)];
+        let token = alignment.sorted_pairs[s] as usize / k;
+        let x_row = to_f32(&x[token * dim..][..dim]);
+        let (gate, up) = (matmul_nt(&x_row, &e.w1, 1, dim, hidden), matmul_nt(&x_row, &e.w3, 1, dim, hidden));
+        want_act.extend(gate.iter().zip(&up).map(|(&g, &u)| silu(g) * u));
+    }
+    let what = format!("up+SwiGLU {tokens} tokens x top-{k} ({routed} routed rows) K {dim}");
+    check_pair(device, &what, &rows_of(&act_wgmma), &rows_of(&act_mma), &want_act);
+    for (name, act) in [("wgmma", &act_wgmma), ("mma.sync", &act_mma)] {
+        let touched = (0..capacity).filter(|&s| alignment.sorted_pairs[s] < 0).any(|s| act[s * hidden..][..hidden].iter().any(|v| v.to_bits() != 0xffff));
+        assert!(!touched, "{what} ({name}): a padding slot's row was written");
+    }
+
+    // Down x routing weight: pair_out [pairs, dim] f32 from the wgmma kernel's act (so both kernels read the same).
+    let act_dev = DeviceBuffer::from_slice(device, &act_wgmma).unwrap();
+    let (out_wgmma, out_mma) = both(device, || {
+        let out = DeviceBuffer::<f32>::filled_with_byte(device, tokens * k * dim, 0xff)?;
+        moe::down(&down, act_dev.view([capacity, hidden])?, &grouping, topk_weights.view([tokens, k])?, out.view([tokens * k, dim])?)?;
+        out.to_vec()
+    })?;
+    let pairs_rows = |out: &[f32]| -> Vec<f32> { slots.iter().flat_map(|&s| out[alignment.sorted_pairs[s] as usize * dim..][..dim].to_vec()).collect() };
+    let mut want_out = Vec::with_capacity(slots.len() * dim);
+    for &s in &slots {
+        let pair = alignment.sorted_pairs[s] as usize;
+        let act_row = to_f32(&act_wgmma[s * hidden..][..hidden]);
+        want_out.extend(matmul_nt(&act_row, &all[slot_expert(s)].w2, 1, hidden, dim).iter().map(|v| v * weights[pair]));
+    }
+    let what = format!("down x weight {tokens} tokens x top-{k} ({routed} routed rows) K {hidden}");
+    check_pair(device, &what, &pairs_rows(&out_wgmma), &pairs_rows(&out_mma), &want_out);
+    // Pairs without a local expert are not written by either kernel.
+    let unwritten: Vec<usize> = (0..tokens * k).filter(|&p| !alignment.sorted_pairs.contains(&(p as i32))).collect();
+    assert!(!unwritten.is_empty(), "the case has unrouted or remote pairs");
+    for (name, out) in [("wgmma", &out_wgmma), ("mma.sync", &out_mma)] {
+        assert!(unwritten.iter().all(|&p| out[p * dim..][..dim].iter().all(|v| v.to_bits() == u32::MAX)), "{what} ({name}): an unrouted pair was written");
+    }
+    Ok(())
+}
+
+/// 70 tokens x top-4 of 8 experts (one on another GPU, every seventh pair unrouted): 5 to 7 64-slot tiles, most with
+/// padding, at dim 256 / hidden 128 (two blocks of 128 features each way).
+fn grouped_gemms_equal_mma_sync(device: &Device) {
+    check_grouped(device, SMALL_CASE).unwrap();
+}
+
+/// The model's reduction lengths (up: K = dim 4096, 64 stages; down: K = hidden 2048, 32 stages: the 4-stage ring
+/// wraps 16 and 8 times) with 300 routed rows (150 tokens x top-2 of 2 local experts and a remote one), output widths
+/// cut to one block (hidden 64, dim 128) to keep the interpreter's time to the K loops that matter.
+fn grouped_gemms_at_real_reduction_lengths(device: &Device) {
+    check_grouped(device, RoutedCase { tokens: 150, k: 2, experts: 3, remote: 1, dim: 4096, hidden: 64, seed: 22 }).unwrap();
+}
+
+/// The dense GEMMs on the prefill tile (more than 32 rows): bf16, f32 and SwiGLU outputs into strided views, and the
+/// batched per-head launch (grid z), each with both kernels.
+fn dense_gemms_equal_mma_sync(device: &Device) {
+    require_checks(device);
+    let mut rng = rng(23);
+    let (rows, in_dim, out_dim) = (70, 320, 200);
+    let (w, deq) = random_matrix(&mut rng, out_dim, in_dim);
+    let weights = DeviceWeights::upload(device, &repack::repack_linear(&[(&w).into()]).unwrap()).unwrap();
+    let x = random_bf16(&mut rng, rows * in_dim, 1.0);
+    let x_dev = DeviceBuffer::from_slice(device, &x).unwrap();
+    let want = matmul_nt(&to_f32(&x), &deq, rows, in_dim, out_dim);
+
+    // bf16 into columns 8.. of rows of 216.
+    let (y_wgmma, y_mma) = both(device, || {
+        let y = DeviceBuffer::<bf16>::filled_with_byte(device, rows * 216, 0xff)?;
+        moe::linear(&weights, x_dev.view([rows, in_dim])?, y.view([rows, 216])?.columns(8..8 + out_dim)?)?;
+        y.to_vec()
+    })
+    .unwrap();
+    let cols = |y: &[bf16]| -> Vec<f32> { (0..rows).flat_map(|r| to_f32(&y[r * 216 + 8..][..out_dim])).collect() };
+    check_pair(device, "dense bf16", &cols(&y_wgmma), &cols(&y_mma), &want);
+    assert!(y_wgmma.iter().enumerate().all(|(i, v)| (8..8 + out_dim).contains(&(i % 216)) || v.to_bits() == 0xffff), "wrote outside its columns");
+
+    let (f_wgmma, f_mma) = both(device, || {
+        let y = DeviceBuffer::<f32>::filled_with_byte(device, rows * out_dim, 0xff)?;
+        moe::linear_f32(&weights, x_dev.view([rows, in_dim])?, y.view([rows, out_dim])?)?;
+        y.to_vec()
+    })
+    .unwrap();
+    check_pair(device, "dense f32", &f_wgmma, &f_mma, &want);
+
+    let hidden = 96;
+    let (w1, d1) = random_matrix(&mut rng, hidden, in_dim);
+    let (w3, d3) = random_matrix(&mut rng, hidden, in_dim);
+    let gate_up = DeviceWeights::upload(device, &repack::repack_gate_up(&[((&w1).into(), (&w3).into())]).unwrap()).unwrap();
+    let (a_wgmma, a_mma) = both(device, || {
+        let act = DeviceBuffer::<bf16>::filled_with_byte(device, rows * hidden, 0xff)?;
+        moe::linear_swiglu(&gate_up, x_dev.view([rows, in_dim])?, act.view([rows, hidden])?)?;
+        act.to_vec()
+    })
+    .unwrap();
+    let (g, u) = (matmul_nt(&to_f32(&x), &d1, rows, in_dim, hidden), matmul_nt(&to_f32(&x), &d3, rows, in_dim, hidden));
+    let want_act: Vec<f32> = g.iter().zip(&u).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u).collect();
+    check_pair(device, "dense SwiGLU", &to_f32(&a_wgmma), &to_f32(&a_mma), &want_act);
+
+    // Four heads of [64, 128] over 136-wide head inputs (the GEMM reads the first 128 of each).
+    let (heads, head_in, k_dim, head_out) = (4, 136, 128, 64);
+    let mats: Vec<(QuantizedMatrix, Vec<f32>)> = (0..heads).map(|_| random_matrix(&mut rng, head_out, k_dim)).collect();
+    let per_head = DeviceWeights::upload(device, &repack::repack_linear(&mats.iter().map(|(q, _)| q.into()).collect::<Vec<MatrixRef>>()).unwrap()).unwrap();
+    let xh = random_bf16(&mut rng, rows * heads * head_in, 1.0);
+    let xh_dev = DeviceBuffer::from_slice(device, &xh).unwrap();
+    let (h_wgmma, h_mma) = both(device, || {
+        let y = DeviceBuffer::<bf16>::filled_with_byte(device, rows * heads * head_out, 0xff)?;
+        moe::linear_per_head(&per_head, xh_dev.view([rows, heads, head_in])?, y.view([rows, heads, head_out])?)?;
+        y.to_vec()
+    })
+    .unwrap();
+    for (h, (_, deq)) in mats.iter().enumerate() {
+        let x_h: Vec<f32> = (0..rows).flat_map(|r| to_f32(&xh[(r * heads + h) * head_in..][..k_dim])).collect();
+        let want = matmul_nt(&x_h, deq, rows, k_dim, head_out);
+        let head = |y: &[bf16]| -> Vec<f32> { (0..rows).flat_map(|r| to_f32(&y[(r * heads + h) * head_out..][..head_out])).collect() };
+        check_pair(device, &format!("per-head head {h}"), &head(&h_wgmma), &head(&h_mma), &want);
+    }
+}
+
+backend_tests!(grouped_gemms_equal_mma_sync, grouped_gemms_at_real_reduction_lengths, dense_gemms_equal_mma_sync);
+
+/// A backend that runs `moe_gemm_bf16_wgmma` from an edited copy of its PTX (a planted bug) and everything else as
+/// the interpreter does.
+struct Planted {
+    inner: Device,
+    module: small4::device::KernelModule,
+}
+
+impl small4::device::Backend for Planted {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn alloc(&self, bytes: usize) -> small4::Result<u64> {
+        self.inner.alloc(bytes)
+    }
+    fn free(&self, addr: u64) -> small4::Result<()> {
+        self.inner.free(addr)
+    }
+    fn write(&self, addr: u64, data: &[u8]) -> small4::Result<()> {
+        self.inner.write(addr, data)
+    }
+    fn read(&self, addr: u64, out: &mut [u8]) -> small4::Result<()> {
+        self.inner.read(addr, out)
+    }
+    fn memset(&self, addr: u64, byte: u8, bytes: usize) -> small4::Result<()> {
+        self.inner.memset(addr, byte, bytes)
+    }
+    fn copy(&self, dst: u64, src: u64, bytes: usize) -> small4::Result<()> {
+        self.inner.copy(dst, src, bytes)
+    }
+    fn launch(&self, kernel: &small4::device::Kernel, config: &small4::device::LaunchConfig, params: &[u8]) -> small4::Result<()> {
+        if kernel.entry == "moe_gemm_bf16_wgmma" {
+            return self.inner.launch(&small4::device::Kernel { module: self.module, entry: kernel.entry }, config, params);
+        }
+        self.inner.launch(kernel, config, params)
+    }
+    fn synchronize(&self) -> small4::Result<()> {
+        self.inner.synchronize()
+    }
+    fn last_launch_counters(&self) -> Option<small4::device::LaunchCounters> {
+        self.inner.last_launch_counters()
+    }
+}
+
+/// The interpreter's checks are live on this kernel: each planted bug (an edit of the kernel's own PTX) makes the
+/// grouped up-projection fail with the hazard's report, where the unedited kernel passes.
+#[test]
+fn planted_bugs_in_the_wgmma_kernel_are_reported() {
+    let original = small4::kernels::modules::MOE_GEMM_WGMMA.ptx;
+    let bulk_expect_tx = regex_free_replace(original, "mbarrier.arrive.expect_tx.shared::cta.b64 _, [", "], %r", "], 32768;");
+    let try_wait = "mbarrier.try_wait.parity.shared::cta.b64 P1, [";
+    let no_waits = original.lines().map(|l| if l.trim_start().starts_with(try_wait) { "setp.eq.u32 P1, 1, 1;" } else { l }).collect::<Vec<_>>().join("\n");
+    let cases: [(&'static str, String, &str); 4] = [
+        // The producer's cp.async activation rows reach wgmma (the async proxy) without fence.proxy.async.
+        ("no_proxy_fence", original.lines().filter(|l| !l.contains("fence.proxy.async")).collect::<Vec<_>>().join("\n"), "no fence.proxy.async"),
+        // wait_group 2 leaves the previous stage's wgmmas in flight while their A registers are reloaded.
+        ("wait_group_2", original.replace("wgmma.wait_group.sync.aligned 1;", "wgmma.wait_group.sync.aligned 2;"), "accessed before the wgmma.wait_group"),
+        // Twice the weight bytes expected: the full barrier's phase never completes.
+        ("double_expect_tx", bulk_expect_tx, "deadlock"),
+        // Nobody waits on a barrier: the consumers read stages before anything landed there.
+        ("no_waits", no_waits, "read of uninitialised shared memory"),
+    ];
+    let run = |device: &Device| check_grouped(device, SMALL_CASE);
+    for (name, ptx, expected) in cases {
+        assert_ne!(ptx, original, "{name}: the edit changed nothing");
+        let module = small4::device::KernelModule {
+            name: Box::leak(format!("moe_gemm_wgmma_{name}").into_boxed_str()),
+            ptx: Box::leak(ptx.into_boxed_str()),
+            cubin: &[],
+        };
+        let device: Device = std::sync::Arc::new(Planted { inner: small4::device::simulator(), module });
+        match run(&device) {
+            Err(small4::Error::Simulator(message)) => assert!(message.contains(expected), "{name}: expected a report mentioning {expected:?}, got: {message}"),
+            other => panic!("{name}: expected the interpreter's report, got {other:?}"),
+        }
+    }
+    let unedited: Device = std::sync::Arc::new(Planted { inner: small4::device::simulator(), module: small4::kernels::modules::MOE_GEMM_WGMMA });
+    run(&unedited).unwrap();
+}
+
+/// `text` with the operand after every `prefix` .. `middle` replaced: each line holding `prefix`, then `middle`,
+/// keeps what precedes `middle` and ends with `replacement`.
+fn regex_free_replace(text: &str, prefix: &str, middle: &str, replacement: &str) -> String {
+    text.lines()
+        .map(|l| match (l.find(prefix), l.rfind(middle)) {
+            (Some(p), Some(m)) if m > p => format!("{}{replacement}", &l[..m]),
+            _ => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The interpreter's counters of both prefill kernels at the model's sizes (up + SwiGLU: K = dim 4096 into 2048
+/// hidden; down: K = 2048 into dim 4096), 64 tokens routed to both of 2 experts (one full 64-slot tile each, 64
+/// blocks per launch), 8 evenly spaced blocks interpreted per launch. Prints one Markdown row per launch for
+/// docs/perf.md: `cargo test --test moe_wgmma prefill_counters -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn prefill_counters_at_real_dims() {
+    let sim = std::sync::Arc::new(small4::device::sim::SimBackend::new());
+    let device: Device = sim.clone();
+    sim.set_block_sample(Some(8));
+    let (dim, hidden, tokens, k) = (4096, 2048, 64, 2);
+    let mut rng = rng(24);
+    let all: Vec<Expert> = (0..2).map(|_| random_expert(&mut rng, dim, hidden)).collect();
+    let gate_up: Vec<(MatrixRef, MatrixRef)> = all.iter().map(|e| ((&e.gate_up.0).into(), (&e.gate_up.1).into())).collect();
+    let down: Vec<MatrixRef> = all.iter().map(|e| (&e.down).into()).collect();
+    let gate_up = DeviceWeights::upload(&device, &repack::repack_gate_up(&gate_up).unwrap()).unwrap();
+    let down = DeviceWeights::upload(&device, &repack::repack_linear(&down).unwrap()).unwrap();
+    let ids: Vec<i32> = (0..tokens * k).map(|p| (p % k) as i32).collect();
+    let alignment = align_pairs(&ids, None, 2, 64);
+    let up_i32 = |v: &[i32]| DeviceBuffer::from_slice(&device, v).unwrap();
+    let (sorted_pairs, tile_experts, expert_offsets) = (up_i32(&alignment.sorted_pairs), up_i32(&alignment.tile_experts), up_i32(&alignment.expert_offsets));
+    let num_padded = up_i32(&[alignment.num_padded]);
+    let grouping = Grouping { sorted_pairs: &sorted_pairs, tile_experts: &tile_experts, expert_offsets: &expert_offsets, num_padded: &num_padded, tile_m: 64 };
+    let capacity = alignment.sorted_pairs.len();
+    let x = DeviceBuffer::from_slice(&device, &random_bf16(&mut rng, tokens * dim, 1.0)).unwrap();
+    let act = DeviceBuffer::<bf16>::alloc(&device, capacity * hidden).unwrap();
+    let out = DeviceBuffer::<f32>::alloc(&device, tokens * k * dim).unwrap();
+    let weights = DeviceBuffer::from_slice(&device, &vec![0.5f32; tokens * k]).unwrap();
+    println!("| launch | kernel | blocks run / grid | warp instructions | shared requests | bank-conflict wavefronts | global bytes read | tensor instructions | tensor FLOPs |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for choice in [PrefillGemm::MmaSync, PrefillGemm::Wgmma] {
+        for launch in ["up + SwiGLU (K 4096)", "down x weight (K 2048)"] {
+            choice
+                .run(|| match launch.starts_with("up") {
+                    true => moe::up_swiglu(&gate_up, x.view([tokens, dim])?, k, &grouping, act.view([capacity, hidden])?),
+                    false => moe::down(&down, act.view([capacity, hidden])?, &grouping, weights.view([tokens, k])?, out.view([tokens * k, dim])?),
+                })
+                .unwrap();
+            let c = device.last_launch_counters().unwrap();
+            println!(
+                "| {launch} | {} | {} / {} | {} | {} | {} | {} | {} | {} |",
+                c.kernel,
+                c.blocks_run,
+                c.blocks,
+                c.instructions,
+                c.shared_requests,
+                c.shared_bank_conflicts,
+                c.global_bytes_read,
+                c.tensor_core_ops,
+                c.tensor_flops
+            );
+        }
+    }
+}

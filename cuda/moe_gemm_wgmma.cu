@@ -1,7 +1,8 @@
 // Grouped expert GEMM (and the dense GEMM) with bf16 weights on Hopper's wgmma, warp-specialised: the prefill tile of
 // cuda/moe_gemm.cu ("tiled": 128 output features x 64 pair slots) with the same parameters, semantics and epilogues
 // (SwiGLU act for the up-projection, f32 rows by pair times the routing weight for the down-projection, plain bf16 or
-// f32 rows in dense mode, batched dense mode over grid z). Only the k loop differs.
+// f32 rows in dense mode, batched dense mode over grid z; then the query RoPE and the row finisher of
+// cuda/include/gemm_epilogue.cuh, with every thread, producer warp included). Only the k loop differs.
 //
 // Computes, for each row (a (token, expert) pair in grouped mode, a token in dense mode) and each output feature n of
 // the row's expert e:  y[row, n] = sum_k x[src(row), k] * W_e[n, k].
@@ -30,6 +31,7 @@
 // once (SwiGLU: 64 x 64 bf16; down: 64 x 128 f32). FLOPs: 2 x 128 x 64 x K per block (padding slots included).
 #include "params.h"
 #include "common.cuh"
+#include "gemm_epilogue.cuh"
 #include "hopper.cuh"
 #include "mma.cuh"
 
@@ -59,6 +61,10 @@ constexpr int kSlotOffset = kBarOffset + 2 * kStages * 8;
 constexpr int kSharedBytes = kSlotOffset + kBN * 4;
 static_assert(kSharedBytes <= 113 * 1024, "two blocks per SM (228 KiB, 1 KiB reserved per block)");
 static_assert(kXOffset % 1024 == 0 && kXStage % 1024 == 0, "activation stages must start on the swizzle period");
+
+__device__ __forceinline__ void consume_and_store(const MoeGemmParams &p, const unsigned char *w_smem, const unsigned char *x_smem, uint64_t *full,
+                                                  uint64_t *empty, const int *slot_pair, int expert, int slot_begin, int slots, int first_tile,
+                                                  int k_blocks);
 
 __device__ __forceinline__ void grouped_gemm_wgmma(const MoeGemmParams &p) {
     extern __shared__ __align__(1024) unsigned char smem[];
@@ -153,9 +159,19 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const MoeGemmParams &p) {
         if (lane == 0) {
             for (int kb = max(0, k_blocks - kInFlight); kb < k_blocks; ++kb) mbar_arrive(&full[kb % kStages]);
         }
-        return;
+    } else {
+        consume_and_store(p, w_smem, x_smem, full, empty, slot_pair, expert, slot_begin, slots, first_tile, k_blocks);
     }
+    // Every thread, producer included: the query RoPE and the row finisher on what the consumers stored.
+    if (p.rope.positions != nullptr) rope_output_tile(p, slot_begin, slots, first_tile * 16, kBM);
+    if (p.finish.kind != SMALL4_GEMM_FINISH_NONE) finish_rows(p, slot_pair, slots, slot_begin, false);
+}
 
+// The consumer warps' k loop and epilogue (see the file comment).
+__device__ __forceinline__ void consume_and_store(const MoeGemmParams &p, const unsigned char *w_smem, const unsigned char *x_smem, uint64_t *full,
+                                                  uint64_t *empty, const int *slot_pair, int expert, int slot_begin, int slots, int first_tile,
+                                                  int k_blocks) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     // Consumers. acc[4 f + r] is the mma.sync C fragment r of slot fragment f (slots 8 f .. 8 f + 7) of this warp's
     // 16 features: r = 0, 1 feature g, slots 2t, 2t + 1; r = 2, 3 feature g + 8.
     float acc[32];

@@ -697,10 +697,9 @@ fn launch_gemm(w: &DeviceWeights, input: Input, x_rows: usize, in_by_token: bool
         shared_bytes: shape.shared_bytes(w.format, e4m3_input) as u32,
     };
     let mut kernel = shape.kernel(w.format, e4m3_input);
-    // The bf16 prefill tile runs on wgmma unless switched off (moe_wgmma::PrefillGemm): same grid and parameters, but
-    // not yet the row finishers or the query RoPE epilogue, which keep the mma.sync kernel.
-    let plain_epilogue = params.finish.kind == SMALL4_GEMM_FINISH_NONE as i32 && params.rope.positions.is_null();
-    if shape == TileShape::Tiled && plain_epilogue {
+    // The bf16 prefill tile runs on wgmma unless switched off (moe_wgmma::PrefillGemm): same grid, parameters and
+    // epilogue steps (cuda/include/gemm_epilogue.cuh).
+    if shape == TileShape::Tiled {
         if let Some((wgmma, block, shared_bytes)) = super::moe_wgmma::prefill_kernel(w.format, e4m3_input)? {
             (kernel, config.block, config.shared_bytes) = (wgmma, block, shared_bytes);
         }

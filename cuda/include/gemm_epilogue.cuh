@@ -1,0 +1,82 @@
+// The optional epilogue steps of the GEMM kernels (cuda/moe_gemm.cu's mma.sync tiles and cuda/moe_gemm_wgmma.cu's
+// wgmma tile), run by every thread of the block after its output stores: the query RoPE on the block's output tile
+// (MoeGemmParams.rope) and the row finisher (MoeGemmParams.finish, params.h GemmRowFinish).
+#pragma once
+#include "params.h"
+#include "common.cuh"
+#include "mla_cache.cuh"
+#include "rms_norm_row.cuh"
+
+namespace {
+
+// rope_q_k's q half on this block's output tile (dense mode; params.h MoeGemmParams.rope): features
+// [feature_begin, feature_begin + features) of rows [row_begin, row_begin + rows), read back after the block's stores
+// (a barrier makes them visible to every thread of the block), rotated and scaled with rope_q_k's functions, rounded.
+// Thread mapping: one pair of features of one row per thread, strided. Bytes: the tile again, from L1/L2.
+__device__ __forceinline__ void rope_output_tile(const MoeGemmParams &p, int row_begin, int rows, int feature_begin, int features) {
+    const RopeParams &r = p.rope;
+    const int nope = r.head_dim - r.rope_dim, pairs = features / 2;
+    __syncthreads();
+    for (int i = threadIdx.x; i < rows * pairs; i += blockDim.x) {
+        const int row = row_begin + i / pairs, feature = feature_begin + 2 * (i % pairs);
+        if (feature >= p.out_cols) continue;
+        const int pos = r.positions[row];
+        __nv_bfloat162 *o = reinterpret_cast<__nv_bfloat162 *>(p.out_bf16 + (long)row * p.out_stride + feature);
+        const float2 v = __bfloat1622float2(*o);
+        float a = v.x, b = v.y;
+        const int rope_col = feature % r.head_dim - nope;
+        if (rope_col >= 0) {
+            float sin_v, cos_v;
+            rope_sincos(pos, r.inv_freq[rope_col / 2], &sin_v, &cos_v);
+            rope_rotate(a, b, cos_v, sin_v);
+        }
+        const float scale = llama4_query_scale(pos, r.scale_beta, r.scale_original_max);
+        *o = __floats2bfloat162_rn(a * scale, b * scale);
+    }
+}
+
+// The row finisher (params.h GemmRowFinish): after this block's stores, one arrival per row it wrote; then the
+// finishing step, with the whole block, on each row whose arrivals this block completed. Every thread calls it.
+// A row's slots never share a block (a token has one pair per expert; dense and tail slots are distinct rows), so the
+// threads' rows are distinct.
+__device__ __forceinline__ void finish_rows(const MoeGemmParams &p, const int *slot_pair, int slots, int slot_begin, bool tail) {
+    constexpr int kMaxSlots = 64;  // the widest tile's BN
+    __shared__ int done_rows[kMaxSlots];
+    __shared__ int done_count;
+    const GemmRowFinish &f = p.finish;
+    __threadfence();  // this thread's stores are visible device-wide before its block arrives
+    if (threadIdx.x == 0) done_count = 0;
+    __syncthreads();
+    const int s = threadIdx.x;
+    if (s < slots && slot_pair[s] >= 0) {
+        const int row = p.sorted_pairs != nullptr && !tail ? slot_pair[s] / p.top_k : slot_begin + s;
+        // Writes into the row: one, or for the MoE combine the token's counting pairs and the shared expert's row
+        // when it rides in this launch (a pair without a local expert is never written, so it is not waited for).
+        int writes = 1;
+        if (f.kind == SMALL4_GEMM_FINISH_MOE_NORM) {
+            writes = p.tail.rows > 0;
+            for (int j = 0; j < f.norm.top_k; ++j) writes += pair_counts(f.norm, row * f.norm.top_k + j);
+        }
+        if (atomicAdd(f.counters + row, 1) == f.column_blocks * writes - 1) {
+            f.counters[row] = 0;  // all arrivals of this launch are in: zero for the next launch
+            done_rows[atomicAdd(&done_count, 1)] = row;
+        }
+    }
+    __syncthreads();
+    const int done = done_count;
+    if (done == 0) return;
+    __threadfence();  // the other blocks fenced their stores before arriving: read them from here on (ld.cg)
+    for (int i = 0; i < done; ++i) {
+        const int row = done_rows[i];
+        if (f.kind == SMALL4_GEMM_FINISH_MOE_NORM) {
+            rms_norm_row<true>(f.norm, row);
+        } else {
+            rms_norm_row<false>(f.norm, row);
+            if (threadIdx.x < 32 && f.kind == SMALL4_GEMM_FINISH_MLA_LATENTS_BF16) cache_write<false>(f.cache, row);
+            if (threadIdx.x < 32 && f.kind == SMALL4_GEMM_FINISH_MLA_LATENTS_FP8) cache_write<true>(f.cache, row);
+        }
+    }
+}
+
+
+}  // namespace

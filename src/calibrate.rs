@@ -213,6 +213,19 @@ impl std::fmt::Display for Summary {
 /// Whether a row's launches find their data in L2 of `gpu`: a bench that repeats its call back to back (with or
 /// without a host synchronisation) whose DRAM footprint, summed over the call's launches, fits L2. Nsight Compute
 /// flushes the caches before each kernel it times (`--cache-control all`, its default): ncu rows are cold.
+///
+/// ```
+/// use small4::calibrate::{l2_resident, parse_rows, H200_DATA};
+/// use small4::device::{LaunchCounters, TargetGpu};
+///
+/// let rows = parse_rows(H200_DATA)?;
+/// let row = |id: &str| rows.iter().find(|r| r.id == id).expect("stored");
+/// let mut launch = LaunchCounters::default();
+/// (launch.timing.blocks, launch.timing.blocks_run, launch.timing.distinct_sectors) = (64, 64, 1 << 15); // 1 MiB
+/// assert!(l2_resident(row("router-t1"), std::slice::from_ref(&launch), &TargetGpu::H200));
+/// assert!(!l2_resident(row("router-t1-ncu"), std::slice::from_ref(&launch), &TargetGpu::H200)); // ncu flushes L2
+/// # Ok::<(), small4::Error>(())
+/// ```
 pub fn l2_resident(row: &Row, launches: &[LaunchCounters], gpu: &TargetGpu) -> bool {
     let footprint: f64 = launches.iter().map(|l| l.timing.dram_bytes()).sum();
     row.method != Method::Ncu && footprint <= gpu.l2_bytes

@@ -7,8 +7,8 @@
 //!   second read) over the achievable bandwidth; none when the launch's data are already in L2
 //!   ([`Profile::l2_resident`]). That bandwidth is the datasheet figure times the copy efficiency, or less when the
 //!   resident warps keep too few bytes in flight: by Little's law an SM moves at most `bytes in flight / latency`.
-//!   Bytes in flight per warp = its sectors over the memory round trips its dependence chain waits for (below),
-//!   capped by what one SM can keep outstanding (the memory warp parallelism, MWP).
+//!   Bytes in flight per warp = its sectors over the memory round trips the block's longest dependence chain waits
+//!   for (below), capped by what one SM can keep outstanding (the memory warp parallelism, MWP).
 //! - **L2**: every warp request's sectors (`global_sectors`, re-reads included) over the chip's L2 bandwidth, or over
 //!   the busiest SM's L2 port ([`Gpu::sm_l2_bytes_per_cycle`]) when few SMs load.
 //! - **Issue**: warp instructions of the busiest SM over its 4 schedulers, each issuing one instruction a cycle, a
@@ -307,7 +307,7 @@ pub fn predict(c: &Profile, gpu: &Gpu, model: &Model) -> Prediction {
     let memory_latency_cycles = if c.l2_resident { CHAIN_GLOBAL_CYCLES as f64 } else { model.dram_latency_cycles };
     let latency_s = memory_latency_cycles * cycle;
     // DRAM: the launch's distinct sectors (none when L2 holds them: the L2 term covers those reads). Bytes in flight
-    // per warp (Little's law): its sectors over the round trips its dependence chain waits for (the loads its
+    // per warp (Little's law): its sectors over the round trips the block's longest chain waits for (the loads its
     // critical path waits on: a loop whose loads overlap waits once per iteration, a cp.async pipeline once per
     // `wait_group` of the oldest group), capped per SM (MWP).
     let dram_bytes = if c.l2_resident { 0.0 } else { c.dram_bytes() };

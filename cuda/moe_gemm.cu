@@ -173,7 +173,8 @@ template <> struct WeightFormat<Format::Nvfp4> {
 // Narrow formats get deeper pipelines, so every format keeps about the same bytes in flight. The narrow tile (BM 64,
 // run when the grid is small, so blocks per SM are few anyway) may go to 16 stages; the others stop at 8, because on an
 // H200 4-bit small tiles with 12 stages (96 KiB, 2 blocks per SM) ran batch 32 slower than with 8 (64 KiB, 3 blocks per
-// SM): their dequantisation wants warps more than bytes in flight. src/kernels/moe.rs mirrors this.
+// SM): their dequantisation wants warps more than bytes in flight. src/kernels/moe.rs mirrors this. The timing model
+// has no figure for other depths (only built kernels replay on the interpreter): docs/perf.md "Decode tile choices".
 constexpr int kStageBudget = 96 * 1024;
 __host__ __device__ constexpr int stages_for(int stage_bytes, int max_stages) {
     return kStageBudget / stage_bytes < 2 ? 2 : (kStageBudget / stage_bytes > max_stages ? max_stages : kStageBudget / stage_bytes);

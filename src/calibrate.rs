@@ -41,6 +41,14 @@ use crate::quant::WeightFormat;
 /// The stored H200 measurements (`data/calibration/h200.tsv`), as measured, with their sources.
 pub const H200_DATA: &str = include_str!("../data/calibration/h200.tsv");
 
+/// The alternatives behind the decode kernels' tile choices (`data/calibration/decode-choices.tsv`), for
+/// [`predict_cases`]: MoE narrow vs small tile, router experts per block, MLA decode split counts.
+pub const DECODE_CHOICES: &str = include_str!("../data/calibration/decode-choices.tsv");
+
+/// The GPU script's benches at their current configurations (`data/calibration/bench-cases.tsv`), for
+/// [`predict_cases`]: predictions written down before a GPU measures them.
+pub const BENCH_CASES: &str = include_str!("../data/calibration/bench-cases.tsv");
+
 /// How a row's figure was timed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Method {
@@ -145,6 +153,9 @@ pub struct Options {
     pub fit: bool,
     /// Print each launch's model terms under its row.
     pub terms: bool,
+    /// Instead of the stored measurements, predict a case list on the H200 and the H100 SXM ([`predict_cases`]):
+    /// `decode-choices` ([`DECODE_CHOICES`]) or `bench-cases` ([`BENCH_CASES`]).
+    pub predict: Option<String>,
     /// A file of recorded launch profiles: read when it exists (no interpreter run for the calls it holds), written
     /// otherwise. For iterating on the model; delete it after changing a kernel.
     pub profiles: Option<std::path::PathBuf>,
@@ -152,7 +163,7 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options { sample_blocks: 16, only: Vec::new(), fit: false, terms: false, profiles: None }
+        Options { sample_blocks: 16, only: Vec::new(), fit: false, terms: false, predict: None, profiles: None }
     }
 }
 
@@ -200,10 +211,48 @@ impl std::fmt::Display for Summary {
     }
 }
 
-/// A row's prediction under `model` from its launches.
+/// Whether a row's launches find their data in L2 of `gpu`: a bench that repeats its call back to back (with or
+/// without a host synchronisation) whose DRAM footprint, summed over the call's launches, fits L2. Nsight Compute
+/// flushes the caches before each kernel it times (`--cache-control all`, its default): ncu rows are cold.
+///
+/// ```
+/// use small4::calibrate::{l2_resident, parse_rows, H200_DATA};
+/// use small4::device::{LaunchCounters, TargetGpu};
+///
+/// let rows = parse_rows(H200_DATA)?;
+/// let row = |id: &str| rows.iter().find(|r| r.id == id).expect("stored");
+/// let mut launch = LaunchCounters::default();
+/// (launch.timing.blocks, launch.timing.blocks_run, launch.timing.distinct_sectors) = (64, 64, 1 << 15); // 1 MiB
+/// assert!(l2_resident(row("router-t1"), std::slice::from_ref(&launch), &TargetGpu::H200));
+/// assert!(!l2_resident(row("router-t1-ncu"), std::slice::from_ref(&launch), &TargetGpu::H200)); // ncu flushes L2
+/// # Ok::<(), small4::Error>(())
+/// ```
+pub fn l2_resident(row: &Row, launches: &[LaunchCounters], gpu: &TargetGpu) -> bool {
+    let footprint: f64 = launches.iter().map(|l| l.timing.dram_bytes()).sum();
+    row.method != Method::Ncu && footprint <= gpu.l2_bytes
+}
+
+/// Each launch of a row predicted on `gpu` under `model`, L2-resident when [`l2_resident`] says so.
+fn launch_predictions(row: &Row, launches: &[LaunchCounters], model: &TimingModel, gpu: &TargetGpu) -> Vec<crate::device::TimingPrediction> {
+    let warm = l2_resident(row, launches, gpu);
+    launches
+        .iter()
+        .map(|l| {
+            let mut l = l.clone();
+            l.timing.l2_resident = warm;
+            l.predict(gpu, model)
+        })
+        .collect()
+}
+
+/// A row's prediction on the H200 under `model` from its launches (L2-resident ones as [`l2_resident`] says).
 pub fn predict_row(row: &Row, launches: &[LaunchCounters], model: &TimingModel) -> f64 {
-    let gpu = TargetGpu::H200;
-    let sum: f64 = launches.iter().map(|l| l.predict(&gpu, model).seconds).sum();
+    predict_row_on(row, launches, model, &TargetGpu::H200)
+}
+
+/// [`predict_row`] on another GPU.
+pub fn predict_row_on(row: &Row, launches: &[LaunchCounters], model: &TimingModel, gpu: &TargetGpu) -> f64 {
+    let sum: f64 = launch_predictions(row, launches, model, gpu).iter().map(|p| p.seconds).sum();
     let seconds = match row.method {
         Method::BackToBack => sum,
         Method::WithSync => sum + model.host_sync_s,
@@ -265,11 +314,8 @@ pub fn run(options: &Options, out: &mut dyn Write) -> Result<(Vec<Outcome>, Summ
         }
         let launches = spec.select(&calls[&key])?;
         let predicted_us = predict_row(row, &launches, &TimingModel::FITTED);
-        let bound = launches
-            .iter()
-            .map(|l| l.predict(&TargetGpu::H200, &TimingModel::FITTED))
-            .max_by(|a, b| a.seconds.total_cmp(&b.seconds))
-            .map_or("-", |p| p.bound());
+        let predictions = launch_predictions(row, &launches, &TimingModel::FITTED, &TargetGpu::H200);
+        let bound = predictions.iter().max_by(|a, b| a.seconds.total_cmp(&b.seconds)).map_or("-", |p| p.bound());
         writeln!(
             out,
             "| {} | {:.1} µs | {:.1} µs | {:.2} | {} | {} |",
@@ -282,8 +328,7 @@ pub fn run(options: &Options, out: &mut dyn Write) -> Result<(Vec<Outcome>, Summ
         )
         .map_err(io)?;
         if options.terms {
-            for l in &launches {
-                let p = l.predict(&TargetGpu::H200, &TimingModel::FITTED);
+            for (l, p) in launches.iter().zip(&predictions) {
                 writeln!(
                     out,
                     "|  | {} | {:.1} µs | bps {} waves {} | dram {:.1} ({:.0} GB/s) l2 {:.1} issue {:.1} tensor {:.1} shared {:.1} chain {:.1} exposed {:.1} µs |",
@@ -325,6 +370,115 @@ pub fn run(options: &Options, out: &mut dyn Write) -> Result<(Vec<Outcome>, Summ
     }
     writeln!(out, "{summary}").map_err(io)?;
     Ok((outcomes, summary))
+}
+
+/// `small4 calibrate`: [`run`], or [`predict_cases`] on the list `options.predict` names.
+///
+/// `Error::InvalidArgument` for an unknown list name; otherwise as those two.
+pub fn run_command(options: &Options, out: &mut dyn Write) -> Result<()> {
+    match options.predict.as_deref() {
+        None => run(options, out).map(|_| ()),
+        Some("decode-choices") => predict_cases(DECODE_CHOICES, options, out).map(|_| ()),
+        Some("bench-cases") => predict_cases(BENCH_CASES, options, out).map(|_| ()),
+        Some(other) => Err(Error::InvalidArgument(format!("calibrate --predict {other}: decode-choices or bench-cases"))),
+    }
+}
+
+/// One case of a [`predict_cases`] list.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Case {
+    /// Unique name.
+    pub id: String,
+    /// The configuration replayed (as a stored row's `run`).
+    pub run: String,
+    /// How the bench times it (what the prediction includes: launch overheads, a host synchronisation).
+    pub method: Method,
+    /// What it is, in words.
+    pub what: String,
+}
+
+/// Parses a case list (header `id\trun\tmethod\twhat`, `#` comments).
+///
+/// ```
+/// use small4::calibrate::{parse_cases, Method, DECODE_CHOICES};
+///
+/// let cases = parse_cases(DECODE_CHOICES)?;
+/// assert!(cases.iter().any(|c| c.run == "moe format=bf16 tokens=1 tile=narrow" && c.method == Method::BackToBack));
+/// assert!(parse_cases("id\trun\tmethod\twhat\nx\trouter tokens=1\tstopwatch\ty\n").is_err());
+/// # Ok::<(), small4::Error>(())
+/// ```
+pub fn parse_cases(text: &str) -> Result<Vec<Case>> {
+    let bad = |line: usize, why: String| Error::InvalidArgument(format!("case list line {}: {why}", line + 1));
+    let mut cases = Vec::new();
+    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.starts_with('#') && !l.trim().is_empty()).skip(1) {
+        let f: Vec<&str> = line.split('\t').collect();
+        if f.len() != 4 {
+            return Err(bad(n, format!("{} fields, expected 4", f.len())));
+        }
+        let method = match f[2] {
+            "back-to-back" => Method::BackToBack,
+            "with-sync" => Method::WithSync,
+            "ncu" => Method::Ncu,
+            other => return Err(bad(n, format!("unknown method {other:?}"))),
+        };
+        Spec::parse(f[1])?;
+        cases.push(Case { id: f[0].to_string(), run: f[1].to_string(), method, what: f[3].to_string() });
+    }
+    Ok(cases)
+}
+
+/// Predicts every case of a list on the interpreter (as [`run`] replays a stored row: same sampling, same L2
+/// residency rule) on the H200 and the H100 SXM, printing one table row per case. Returns `(case, H200 µs, H100
+/// SXM µs)`.
+///
+/// `Error::InvalidArgument` for a malformed list or configuration; interpreter faults as `Error::Simulator`.
+pub fn predict_cases(text: &str, options: &Options, out: &mut dyn Write) -> Result<Vec<(Case, f64, f64)>> {
+    let cases = parse_cases(text)?;
+    let sim = Arc::new(SimBackend::new());
+    sim.set_target_gpu(Some(TargetGpu::H200));
+    let device: Device = sim.clone();
+    let mut calls: HashMap<String, Vec<LaunchCounters>> = match &options.profiles {
+        Some(path) if path.exists() => load_profiles(path)?,
+        _ => HashMap::new(),
+    };
+    let mut moe_weights: Option<(WeightFormat, MoeLayerWeights)> = None;
+    let io = |e: std::io::Error| Error::Io { path: "stdout".into(), source: e };
+    writeln!(out, "| case | predicted H200 | predicted H100 SXM | bound (H100 SXM) | what | launches |").map_err(io)?;
+    writeln!(out, "|---|---|---|---|---|---|").map_err(io)?;
+    let mut results = Vec::new();
+    for case in cases.into_iter().filter(|c| options.only.is_empty() || options.only.iter().any(|o| c.id.contains(o.as_str()))) {
+        let spec = Spec::parse(&case.run)?;
+        let key = spec.call_key();
+        if !calls.contains_key(&key) {
+            let launches = replay(&sim, &device, &spec, options.sample_blocks, &mut moe_weights)?;
+            calls.insert(key.clone(), launches);
+        }
+        let launches = spec.select(&calls[&key])?;
+        let row = Row {
+            id: case.id.clone(),
+            what: case.what.clone(),
+            measured_us: f64::NAN,
+            method: case.method,
+            code_state: String::new(),
+            run: Some(case.run.clone()),
+            pair: None,
+            source: String::new(),
+        };
+        let h200 = predict_row_on(&row, &launches, &TimingModel::FITTED, &TargetGpu::H200);
+        let h100 = predict_row_on(&row, &launches, &TimingModel::FITTED, &TargetGpu::H100_SXM);
+        let bound = launch_predictions(&row, &launches, &TimingModel::FITTED, &TargetGpu::H100_SXM)
+            .iter()
+            .max_by(|a, b| a.seconds.total_cmp(&b.seconds))
+            .map_or("-", |p| p.bound());
+        writeln!(out, "| {} | {h200:.1} µs | {h100:.1} µs | {bound} | {} | {} |", case.id, case.what, launch_summary(&launches)).map_err(io)?;
+        results.push((case, h200, h100));
+    }
+    if let Some(path) = &options.profiles {
+        if !path.exists() {
+            save_profiles(path, &calls)?;
+        }
+    }
+    Ok(results)
 }
 
 /// The fields of a saved launch profile, in order.
@@ -395,6 +549,7 @@ fn load_profiles(path: &std::path::Path) -> Result<HashMap<String, Vec<LaunchCou
             chain_globals_max: c[10],
             chain_cycles_sum: c[11],
             chain_globals_sum: c[12],
+            l2_resident: false,
         };
         let launch = LaunchCounters {
             kernel: f[1].to_string(),
@@ -418,9 +573,9 @@ fn launch_summary(launches: &[LaunchCounters]) -> String {
         .join(", ")
 }
 
-/// Searches the free parameters (launch overhead, DRAM latency, mma.sync efficiency, barrier exposure, chain ILP,
-/// bytes in flight per SM, chain cost of a global load) on a grid for
-/// the least mean |log(predicted / measured)| over the rows plus the worst row's; the measured and datasheet parameters stay fixed.
+/// Searches the free parameters (launch overhead, DRAM latency, mma.sync efficiency, barrier exposure, bytes in
+/// flight per SM) on a grid for the least mean |log(predicted / measured)| over the rows plus the worst
+/// row's; the measured and datasheet parameters stay fixed.
 fn fit(outcomes: &[Outcome]) -> (TimingModel, Summary) {
     let mut best = (f64::INFINITY, TimingModel::FITTED);
     // Mean |log ratio| plus the worst one: the goal bounds both the typical and the worst row.
@@ -433,22 +588,18 @@ fn fit(outcomes: &[Outcome]) -> (TimingModel, Summary) {
         for latency in [500.0, 600.0, 700.0, 800.0, 1000.0] {
             for mma in [0.5, 0.6, 0.7, 0.8] {
                 for barrier in [0.0, 0.1, 0.2, 0.4] {
-                    for (ilp, in_flight_kib) in [1.0, 1.5, 2.0, 3.0].into_iter().flat_map(|i| [8.0, 16.0, 32.0, 64.0].map(|f| (i, f))) {
-                        for global in [60.0, 130.0, 260.0] {
-                            let model = TimingModel {
-                                chain_global_cycles: global,
-                                launch_s: launch_us * 1e-6,
-                                dram_latency_cycles: latency,
-                                mma_sync_efficiency: mma,
-                                barrier_exposure: barrier,
-                                chain_ilp: ilp,
-                                max_bytes_in_flight_per_sm: in_flight_kib * 1024.0,
-                                ..TimingModel::FITTED
-                            };
-                            let c = cost(&model);
-                            if c < best.0 {
-                                best = (c, model);
-                            }
+                    for in_flight_kib in [8.0, 16.0, 32.0, 64.0] {
+                        let model = TimingModel {
+                            launch_s: launch_us * 1e-6,
+                            dram_latency_cycles: latency,
+                            mma_sync_efficiency: mma,
+                            barrier_exposure: barrier,
+                            max_bytes_in_flight_per_sm: in_flight_kib * 1024.0,
+                            ..TimingModel::FITTED
+                        };
+                        let c = cost(&model);
+                        if c < best.0 {
+                            best = (c, model);
                         }
                     }
                 }
@@ -655,8 +806,8 @@ const MLA_PAGE: usize = 64;
 /// Above this many cache bytes the sequences of a batch share one sequence's pages (sampled launches only).
 const MLA_ALIAS_BYTES: usize = 256 << 20;
 
-/// `benches/attention.rs`: 32 heads, page 64, shuffled page pool; `mla batch= ctx= dtype= splits=` (decode) or
-/// `mla_prefill new= prefix=`.
+/// `benches/attention.rs`: 32 heads, page 64, shuffled page pool; `mla batch= ctx= dtype= [splits=]` (decode; no
+/// `splits=`: the split heuristic's count) or `mla_prefill new= prefix=`.
 fn replay_mla(sim: &SimBackend, device: &Device, spec: &Spec) -> Result<Vec<LaunchCounters>> {
     let mut rng = StdRng::seed_from_u64(1);
     let (batch, lens, rows, q_start, splits, dtype) = if spec.family == "mla_prefill" {
@@ -669,7 +820,8 @@ fn replay_mla(sim: &SimBackend, device: &Device, spec: &Spec) -> Result<Vec<Laun
             Some("fp8") => CacheDtype::Fp8E4m3 { scale: 0.5 },
             Some(other) => return Err(Error::InvalidArgument(format!("calibration mla run: dtype={other}"))),
         };
-        (batch, vec![ctx; batch], batch, (0..=batch as i32).collect(), Some(spec.usize("splits")?), dtype)
+        let splits = if spec.get("splits").is_some() { Some(spec.usize("splits")?) } else { None };
+        (batch, vec![ctx; batch], batch, (0..=batch as i32).collect(), splits, dtype)
     };
     let pages_of = |len: usize| len.div_ceil(MLA_PAGE);
     let max_pages = lens.iter().map(|&l| pages_of(l)).max().unwrap_or(0);

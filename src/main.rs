@@ -50,6 +50,10 @@ enum Command {
         /// Launch profiles file: read if present (skips the interpreter), else written (for model iteration).
         #[arg(long)]
         profiles: Option<PathBuf>,
+        /// Predict a list of cases on the H200 and H100 SXM instead: `decode-choices` (the decode tile
+        /// alternatives) or `bench-cases` (the GPU script's benches).
+        #[arg(long)]
+        predict: Option<String>,
     },
     /// End-to-end engine benchmark: a batch of random prompts prefilled together, then timed decode steps
     /// (prefill and decode tokens/s, decode step mean/p50/p90). Per-kernel figures: `cargo bench`.
@@ -274,8 +278,9 @@ struct GenerateArgs {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Resources => print!("{}", small4::kernels::KERNEL_RESOURCES_MARKDOWN),
-        Command::Calibrate { sample_blocks, only, fit, terms, profiles } => {
-            small4::calibrate::run(&small4::calibrate::Options { sample_blocks, only, fit, terms, profiles }, &mut std::io::stdout())?;
+        Command::Calibrate { sample_blocks, only, fit, terms, profiles, predict } => {
+            let options = small4::calibrate::Options { sample_blocks, only, fit, terms, predict, profiles };
+            small4::calibrate::run_command(&options, &mut std::io::stdout())?;
         }
         Command::Bench(args) => bench(&args)?,
         Command::Generate(args) => generate(&args)?,

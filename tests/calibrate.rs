@@ -60,3 +60,21 @@ fn a_bad_configuration_is_a_typed_error() {
         Err(small4::Error::InvalidArgument(_))
     ));
 }
+
+#[test]
+fn predict_cases_prints_both_gpus_and_names_bad_lists() {
+    let list = "id\trun\tmethod\twhat\nr1\trouter tokens=1\tback-to-back\trouter T=1\nr1-ncu\trouter tokens=1 kernel=router_topk\tncu\tkernel alone\n";
+    let mut out = Vec::new();
+    let results = calibrate::predict_cases(list, &Options::default(), &mut out).expect("the router replays");
+    let text = String::from_utf8(out).unwrap();
+    assert_eq!(results.len(), 2, "{text}");
+    for (case, h200, h100) in &results {
+        assert!(h200.is_finite() && *h200 > 0.0 && h100.is_finite() && *h100 > 0.0, "{}: {h200} {h100}", case.id);
+        assert!(text.contains(&format!("| {} | {h200:.1} µs | {h100:.1} µs |", case.id)), "{text}");
+    }
+    // The back-to-back call pays its launch overhead, the ncu kernel duration does not.
+    assert!(results[0].1 > results[1].1);
+    let options = Options { predict: Some("everything".into()), ..Options::default() };
+    assert!(matches!(calibrate::run_command(&options, &mut Vec::new()), Err(small4::Error::InvalidArgument(_))));
+    assert!(calibrate::parse_cases("id\trun\tmethod\twhat\nx\trouter tokens=1\tback-to-back\n").is_err());
+}

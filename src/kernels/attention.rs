@@ -39,11 +39,14 @@ const TARGET_BLOCKS: usize = 132 * 3;
 /// Shortest KV split the heuristic makes (two 32-token tiles). Each split block walks its tiles one after another,
 /// so at batch 1-8 the split length is the kernel's latency: with 256 (before 2026-12-04) a batch-1 4k-context decode
 /// ran 16 blocks and took 32 us on an H200 (1.7% of HBM). Shorter splits cost 1 KiB of f32 partials per row and split
-/// (32 KiB for 32 heads, written and re-read by the combine), which at these sizes stay in L2.
+/// (32 KiB for 32 heads, written and re-read by the combine), which at these sizes stay in L2. The timing model
+/// (`small4 calibrate --predict decode-choices`, docs/perf.md "Decode tile choices") agrees at batch 1, 4k context
+/// on the H200: 64-token splits 26.0 µs against 27.5 (128 tokens), 28.8 (32) and 34.5 (256).
 const MIN_SPLIT_TOKENS: usize = 64;
 /// Most KV splits the heuristic makes: the combine reads every split's partials of a row in one warp, so its time
 /// grows with the split count. On an H200, batch 1 at 32k context ran 52.5 us with 128 splits and 79.9 us with 396
-/// (the combine alone 24.5 us).
+/// (the combine alone 24.5 us). The timing model predicts 42.4 µs for 128 splits against 44.1 (256), 48.6 (396) and
+/// 53.3 (64) (`small4 calibrate --predict decode-choices`, docs/perf.md "Decode tile choices").
 const MAX_SPLITS: usize = 128;
 
 const CACHE_WRITE_BF16: Kernel = Kernel { module: MLA_ATTENTION, entry: "mla_cache_write_bf16" };

@@ -36,7 +36,9 @@ enum TileShape {
 }
 
 /// Blocks that give every SM of an H100 or H200 (132) two blocks. A decode grid of BM-128 blocks smaller than this
-/// (batch 1: 4 experts x 32 column blocks) runs the narrow tile instead, which doubles the blocks.
+/// (batch 1: 4 experts x 32 column blocks) runs the narrow tile instead, which doubles the blocks. The timing model
+/// agrees (`small4 calibrate --predict decode-choices`, docs/perf.md "Decode tile choices"): on the H200 narrow is
+/// faster at batch 1 in all five formats (bf16 79.5 vs 96.8 µs) and slower at batch 32 (bf16 1269 vs 1120 µs).
 const FULL_GRID_BLOCKS: usize = 2 * 132;
 
 thread_local! {

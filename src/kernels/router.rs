@@ -41,6 +41,9 @@ const TOKEN_GROUP: usize = 64;
 /// above it 64 (each hidden slice staged in shared memory serves twice as many experts). On an H200 the T=32 launch
 /// with 64 experts a block (32 blocks) took 35.9 us against 13.9 us for T=1 with 32 (64 blocks), so the cut moved
 /// from 16 to 64 tokens; the extra hidden-slice reads are L2 hits (ncu: 1.38 MB of DRAM read at T=32, ideal 1.31 MB).
+/// The timing model (`small4 calibrate --predict decode-choices`, docs/perf.md "Decode tile choices") has 32 experts
+/// a block faster at every batch up to 64 (T=32: 25.0 vs 27.8 µs on the H200), and also at T=256 (45.1 vs 50.0 µs),
+/// which no GPU has measured yet: the cut above 64 tokens is kept until one does.
 const DECODE_TOKENS: usize = TOKEN_GROUP;
 
 thread_local! {

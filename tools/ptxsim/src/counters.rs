@@ -2,7 +2,9 @@
 
 use std::collections::HashMap;
 
-use crate::ir::Class;
+use std::collections::VecDeque;
+
+use crate::ir::{BarKind, Class, Inst, Op, Src};
 
 /// The distinct 32-byte sectors a launch touched, as one bit each in 4 KiB pages (128 sectors a page).
 ///
@@ -68,6 +70,163 @@ impl BlockSample {
     }
 }
 
+/// A point on a warp's dependence chain: the cycles to reach it, with each global load on the way weighed as
+/// `timing::CHAIN_GLOBAL_CYCLES`, and how many global loads the way holds (so the model can weigh them otherwise).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Stamp {
+    weighted: u64,
+    globals: u64,
+}
+
+impl Stamp {
+    /// The later of two points (the path that reaches it is the one kept).
+    #[inline(always)]
+    fn max(self, o: Stamp) -> Stamp {
+        if o.weighted > self.weighted {
+            o
+        } else {
+            self
+        }
+    }
+    /// This point plus an instruction's latency: `cycles`, or one global load's.
+    #[inline(always)]
+    fn after(self, cycles: u64, global: bool) -> Stamp {
+        if global {
+            Stamp { weighted: self.weighted + crate::timing::CHAIN_GLOBAL_CYCLES, globals: self.globals + 1 }
+        } else {
+            Stamp { weighted: self.weighted + cycles, globals: self.globals }
+        }
+    }
+    /// (non-memory cycles, global loads).
+    fn split(self) -> (u64, u64) {
+        (self.weighted - self.globals * crate::timing::CHAIN_GLOBAL_CYCLES, self.globals)
+    }
+}
+
+/// One warp's scoreboard: when each register's value is ready, where its current basic block started, its latest
+/// completion and its `cp.async` groups in flight.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct WarpChain {
+    ready: Vec<Stamp>,
+    /// The start of the current basic block (after a branch, barrier or copy wait) and the instructions issued in
+    /// it since; the latest start of any instruction of the block.
+    fence: Stamp,
+    since_fence: u64,
+    latest_start: Stamp,
+    end: Stamp,
+    /// Completion of the copies issued since the last `cp.async.commit_group`, and of each committed group.
+    copies: Stamp,
+    groups: VecDeque<Stamp>,
+    /// Arrivals at each block barrier (its phase), and the barrier to resume from at the next instruction.
+    barrier_phase: [u32; 16],
+    resume: Option<usize>,
+}
+
+/// The dependence chains of one block's warps: the critical path of a warp as ptxas schedules it and an in-order SM
+/// issues it. Within a basic block, instructions are taken as freely reordered (ptxas hoists loads ahead of their
+/// uses): each starts when its source registers (guard predicate and address register included) are ready, at
+/// most one a cycle from the block's start. A branch, block barrier or copy wait ends the block: it issues after
+/// every instruction before it (in-order issue), and what follows starts after it. A result is ready
+/// `timing::CHAIN_CYCLES` of its class after its start, a global load's `timing::CHAIN_GLOBAL_CYCLES` after. So
+/// the loads of one loop iteration (or of an unrolled group) overlap and cost one latency, while a load whose
+/// address or branch depends on an earlier load waits for it. Stores and atomics without a result never stall the
+/// warp. `cp.async.wait_group N` waits for all but the N newest committed groups; a block barrier resumes every
+/// warp at the last warp's arrival. Contention between warps is not modelled here (the model's throughput terms
+/// cover it), nor register pressure limiting the reordering.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BlockChains {
+    warps: Vec<WarpChain>,
+    /// Per barrier id: the phase whose arrivals are gathered and the last arrival (of two phases: a warp runs at
+    /// most one phase ahead of the others).
+    arrivals: [[(u32, Stamp); 2]; 16],
+}
+
+impl BlockChains {
+    /// Issues one warp instruction of `class` on warp `warp`'s chain.
+    #[inline(always)]
+    pub(crate) fn issue(&mut self, warp: usize, class: Class, inst: &Inst) {
+        if warp >= self.warps.len() {
+            self.warps.resize_with(warp + 1, WarpChain::default);
+        }
+        let w = &mut self.warps[warp];
+        if let Some(id) = w.resume.take() {
+            let phase = w.barrier_phase[id] - 1;
+            let slot = self.arrivals[id][(phase & 1) as usize];
+            if slot.0 == phase {
+                w.fence = w.fence.max(slot.1.after(crate::timing::CHAIN_CYCLES[Class::Sync as usize], false));
+                w.since_fence = 0;
+            }
+        }
+        let ends_block = matches!(inst.op, Op::Bra(_) | Op::Bar { .. } | Op::CpAsyncWait(_) | Op::Exit);
+        let mut start = if ends_block { w.latest_start.after(1, false).max(w.fence) } else { w.fence.after(w.since_fence, false) };
+        let ready = |w: &WarpChain, r: u32| w.ready.get(r as usize).copied().unwrap_or_default();
+        if let Some((p, _)) = inst.guard {
+            start = start.max(ready(w, p));
+        }
+        for s in &inst.s {
+            if let Src::Reg(r) | Src::NotReg(r) = *s {
+                start = start.max(ready(w, r));
+            }
+        }
+        if let Some(base) = inst.addr.and_then(|a| a.base) {
+            start = start.max(ready(w, base));
+        }
+        match inst.op {
+            Op::CpAsync { .. } => w.copies = w.copies.max(start.after(0, true)),
+            Op::CpAsyncCommit => w.groups.push_back(std::mem::take(&mut w.copies)),
+            Op::CpAsyncWait(n) => {
+                if n == u32::MAX {
+                    start = start.max(std::mem::take(&mut w.copies));
+                }
+                while w.groups.len() > n.min(u32::MAX - 1) as usize {
+                    start = start.max(w.groups.pop_front().unwrap_or_default());
+                }
+            }
+            Op::Bar { kind, .. } => {
+                let id = match inst.s.first() {
+                    Some(Src::Imm(i)) => (*i as usize).min(15),
+                    _ => 0,
+                };
+                let phase = w.barrier_phase[id];
+                w.barrier_phase[id] += 1;
+                let slot = &mut self.arrivals[id][(phase & 1) as usize];
+                *slot = if slot.0 == phase { (phase, slot.1.max(start)) } else { (phase, start) };
+                if kind != BarKind::Arrive {
+                    w.resume = Some(id);
+                }
+            }
+            _ => {}
+        }
+        if ends_block {
+            (w.fence, w.since_fence) = (start, 1);
+        } else {
+            w.since_fence += 1;
+        }
+        w.latest_start = w.latest_start.max(start);
+        let global = matches!(class, Class::GlobalMemory | Class::Atomic) && !inst.d.is_empty();
+        let done = start.after(crate::timing::CHAIN_CYCLES[class as usize], global);
+        let mut wrote = false;
+        for &r in inst.d.iter().flatten() {
+            if r as usize >= w.ready.len() {
+                w.ready.resize(r as usize + 1, Stamp::default());
+            }
+            w.ready[r as usize] = done;
+            wrote = true;
+        }
+        w.end = w.end.max(if wrote { done } else { start });
+    }
+
+    /// The longest warp chain of the block: (non-memory cycles, global loads waited for).
+    fn longest(&self) -> (u64, u64) {
+        self.warps.iter().map(|w| w.end).fold(Stamp::default(), Stamp::max).split()
+    }
+
+    fn reset(&mut self) {
+        self.warps.clear();
+        self.arrivals = Default::default();
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Counters {
     pub kernel: String,
@@ -101,12 +260,11 @@ pub struct Counters {
     pub block_distinct_sectors: u64,
     /// The sectors of the block being run (empty once a launch returns).
     pub block_sectors: SectorSet,
-    /// Each warp's dependent-latency chain in the block being run: (`timing::CHAIN_CYCLES` summed over the
-    /// instructions it issued other than global memory and atomics, and the count of those), emptied by `end_block`.
-    pub block_warp_chain: Vec<(u64, u64)>,
-    /// The longest warp chain of any block (its non-memory cycles and global operations), and the longest warp chain
-    /// of each block summed over blocks: a block lasts at least its longest warp's chain of dependent instructions.
-    /// "Longest" weighs a global operation as `timing::CHAIN_GLOBAL_CYCLES`; the model may weigh it otherwise.
+    /// The dependence chains of the block being run's warps (see [`BlockChains`]), emptied by `end_block`.
+    pub block_chains: BlockChains,
+    /// The longest warp chain of any block (its non-memory cycles and the global loads it waits for), and the longest
+    /// warp chain of each block summed over blocks: a block lasts at least its longest warp's critical path.
+    /// "Longest" weighs a global load as `timing::CHAIN_GLOBAL_CYCLES`; the model may weigh it otherwise.
     pub chain_cycles_max: u64,
     pub chain_globals_max: u64,
     pub chain_cycles_sum: u64,
@@ -121,17 +279,8 @@ pub struct Counters {
 
 impl Counters {
     #[inline(always)]
-    pub(crate) fn count(&mut self, class: Class, exec: u32, warp: u32) {
-        let warp = warp as usize;
-        if warp >= self.block_warp_chain.len() {
-            self.block_warp_chain.resize(warp + 1, (0, 0));
-        }
-        let chain = &mut self.block_warp_chain[warp];
-        if matches!(class, Class::GlobalMemory | Class::Atomic) {
-            chain.1 += 1;
-        } else {
-            chain.0 += crate::timing::CHAIN_CYCLES[class as usize];
-        }
+    pub(crate) fn count(&mut self, class: Class, exec: u32, warp: u32, inst: &Inst) {
+        self.block_chains.issue(warp as usize, class, inst);
         self.warp_instructions += 1;
         self.thread_instructions += exec.count_ones() as u64;
         self.by_class[class as usize] += 1;
@@ -210,13 +359,13 @@ impl Counters {
         self.block_distinct_sectors += self.block_sectors.len();
         self.block_sectors.pages.clear();
         let weight = |c: &(u64, u64)| c.0 + c.1 * crate::timing::CHAIN_GLOBAL_CYCLES;
-        let longest = self.block_warp_chain.iter().copied().max_by_key(weight).unwrap_or((0, 0));
+        let longest = self.block_chains.longest();
         if weight(&longest) > weight(&(self.chain_cycles_max, self.chain_globals_max)) {
             (self.chain_cycles_max, self.chain_globals_max) = longest;
         }
         self.chain_cycles_sum += longest.0;
         self.chain_globals_sum += longest.1;
-        self.block_warp_chain.iter_mut().for_each(|c| *c = (0, 0));
+        self.block_chains.reset();
     }
 
     pub fn merge(&mut self, o: &Counters) {

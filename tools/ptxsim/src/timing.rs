@@ -4,18 +4,23 @@
 //! The launch is the maximum of six rates, plus the costs that do not overlap:
 //!
 //! - **DRAM**: the launch's distinct 32-byte sectors (`Counters::distinct_sectors`: what L2 does not keep from a
-//!   second read) over the achievable bandwidth. That bandwidth is the datasheet figure times the copy efficiency, or
-//!   less when the resident warps keep too few bytes in flight: by Little's law an SM moves at most
-//!   `bytes in flight / latency`. Bytes in flight per warp = the sectors it requests between two waits (a block
-//!   barrier or a `cp.async.wait_group`), times the copy groups a `wait_group N` leaves outstanding (N + 1), capped
-//!   by what one SM can keep outstanding (the memory warp parallelism, MWP).
-//! - **L2**: every warp request's sectors (`global_sectors`, re-reads included) over the L2 bandwidth.
-//! - **Issue** (the computation warp parallelism, CWP): warp instructions of the busiest SM over 4 schedulers, each
-//!   issuing at most one instruction a cycle, or fewer when its warps (times the ILP of each) are too few to cover
-//!   the class-weighted dependent latency of the instruction mix (`Class` latencies in [`LATENCY_CYCLES`]).
-//! - **Critical path**: a block lasts at least its longest warp's chain of dependent instructions
-//!   ([`CHAIN_CYCLES`] summed over what the warp issued, over an ILP factor); the busiest SM runs its blocks in rounds
-//!   of the resident count, the last round holding the grid's longest block (a last-block reduction's serial tail).
+//!   second read) over the achievable bandwidth; none when the launch's data are already in L2
+//!   ([`Profile::l2_resident`]). That bandwidth is the datasheet figure times the copy efficiency, or less when the
+//!   resident warps keep too few bytes in flight: by Little's law an SM moves at most `bytes in flight / latency`.
+//!   Bytes in flight per warp = its sectors over the memory round trips the block's longest dependence chain waits
+//!   for (below), capped by what one SM can keep outstanding (the memory warp parallelism, MWP).
+//! - **L2**: every warp request's sectors (`global_sectors`, re-reads included) over the chip's L2 bandwidth, or over
+//!   the busiest SM's L2 port ([`Gpu::sm_l2_bytes_per_cycle`]) when few SMs load.
+//! - **Issue**: warp instructions of the busiest SM over its 4 schedulers, each issuing one instruction a cycle, a
+//!   warp at most one a cycle (fewer than 4 resident warps use fewer schedulers).
+//! - **Critical path**: a block lasts at least its longest warp's dependence chain, which the interpreter follows
+//!   instruction by instruction (`counters::BlockChains`): within a basic block instructions start when their source
+//!   registers are ready (ptxas hoists loads ahead of their uses), a branch, barrier or copy wait issues after
+//!   everything before it, results arrive [`CHAIN_CYCLES`] later, global loads a memory latency later (an L2 hit's
+//!   [`CHAIN_GLOBAL_CYCLES`] when the data are in L2, the model's DRAM latency otherwise). So a loop of independent
+//!   loads costs one latency per iteration and a load that depends on another waits for it. The busiest SM runs its
+//!   blocks in rounds of the resident count, the last round holding the grid's longest block (a last-block
+//!   reduction's serial tail).
 //! - **Tensor cores** (`mma.sync` FLOPs of the busiest SM at the dense rate times the `mma.sync` efficiency) and
 //!   **shared memory** (one wavefront per cycle per SM, bank conflicts included).
 //!
@@ -29,8 +34,8 @@
 //! sectors scaled to the grid (`Counters::block_distinct_sectors`: no L2 reuse between blocks is credited, an upper
 //! bound where blocks share data, e.g. the weights of a prefill expert read by several row tiles).
 //!
-//! Every parameter is in [`Gpu`] (per device), [`LATENCY_CYCLES`] or [`Model`] (the fitted ones), each documented
-//! with its source. Input: a [`Profile`] (the counters' scalars and the kernel's registers).
+//! Every parameter is in [`Gpu`] (per device), [`CHAIN_CYCLES`], [`CHAIN_GLOBAL_CYCLES`] or [`Model`] (the fitted
+//! ones), each documented with its source. Input: a [`Profile`] (the counters' scalars and the kernel's registers).
 
 use crate::counters::Counters;
 use crate::ir::Class;
@@ -50,6 +55,12 @@ pub struct Gpu {
     /// L2 bandwidth to the SMs. Source: microbenchmarks of Hopper (Chips and Cheese, "Nvidia's H100: Funny L2, and
     /// Tons of Bandwidth", 2023: ~5.5 TB/s on H100 PCIe); scaled by SMs x clock for the SXM parts.
     pub l2_bytes_per_s: f64,
+    /// Bytes one SM takes in from L2 per cycle at most (its L2 read port: 64 B/cycle, two 32-byte sectors, the
+    /// figure usually quoted for Ampere and Hopper SMs; the whole-chip L2 bandwidth above is less than SMs x this,
+    /// so the port binds only when few SMs load, e.g. a small grid's combine kernel).
+    pub sm_l2_bytes_per_cycle: f64,
+    /// L2 capacity, bytes (Hopper whitepaper: 50 MB on H100 SXM5 and PCIe; the H200 has the same GH100 L2).
+    pub l2_bytes: f64,
     /// Dense bf16 tensor-core FLOPs per SM per cycle (whitepaper: 1024 FMA/cycle/SM for 16-bit inputs with wgmma).
     pub tensor_flops_per_sm_cycle: f64,
     /// Registers per SM, 32-bit (64 Ki on sm_90).
@@ -69,6 +80,8 @@ impl Gpu {
         clock_hz: 1.83e9,
         dram_bytes_per_s: 3.35e12,
         l2_bytes_per_s: 5.5e12 * (132.0 * 1.83) / (114.0 * 1.62),
+        sm_l2_bytes_per_cycle: 64.0,
+        l2_bytes: 50.0 * 1024.0 * 1024.0,
         tensor_flops_per_sm_cycle: 4096.0,
         registers_per_sm: 65536,
         shared_per_sm: 228 * 1024,
@@ -91,34 +104,19 @@ impl Gpu {
     }
 }
 
-/// Latency in cycles of a dependent instruction of each class (indexed as `Class::ALL`), the CWP side of the model.
-/// Source: Luo et al., "Benchmarking and Dissecting the Nvidia Hopper GPU Architecture" (IPDPS 2024) and Jia et al.'s
-/// earlier Volta/Turing dissections: ~4 cycles for fp32/int32 ALU, ~30 for shared-memory loads, ~30 for mma.sync;
-/// global loads and async copies are covered by the memory side (1 = issue only).
-pub const LATENCY_CYCLES: [f64; Class::ALL.len()] = [
-    4.0,  // integer
-    4.0,  // float
-    6.0,  // convert
-    2.0,  // move
-    4.0,  // control
-    1.0,  // global memory (memory side)
-    30.0, // shared memory
-    4.0,  // other memory (param, local)
-    1.0,  // atomic (memory side)
-    1.0,  // async copy (memory side)
-    1.0,  // barrier/fence (barrier term)
-    24.0, // warp collective (shfl, vote)
-    30.0, // tensor (mma.sync, ldmatrix counted as shared)
-];
-
-/// Cycles one instruction of each class adds to its warp's chain of dependent instructions (`Counters::
-/// chain_cycles_max`): [`LATENCY_CYCLES`], except that a barrier waits for the block's other warps (~20 cycles when
-/// they are there). Global loads and atomics are counted apart (`chain_globals_max`) and weighed by the model's
-/// `chain_global_cycles`. Integers, so the counter stays exact.
+/// Cycles after its start at which an instruction of each class (indexed as `Class::ALL`) has its result, on its
+/// warp's dependence chain (`counters::BlockChains`, `Counters::chain_cycles_max`). Source: Luo et al.,
+/// "Benchmarking and Dissecting the Nvidia Hopper GPU Architecture" (IPDPS 2024) and Jia et al.'s earlier
+/// Volta/Turing dissections: ~4 cycles for fp32/int32 ALU, 6 for conversions, ~30 for shared-memory loads and
+/// mma.sync, ~24 for a shuffle; a block barrier resumes its warps ~20 cycles after the last arrival. Global loads and
+/// atomics with a result are counted apart (`chain_globals_max`) and weighed by a memory latency in [`predict`];
+/// async copies are issue-only here (their completion is what a `cp.async.wait_group` waits for). Integers, so the
+/// counter stays exact.
 pub const CHAIN_CYCLES: [u64; Class::ALL.len()] = [4, 4, 6, 2, 4, 0, 30, 4, 0, 1, 20, 24, 30];
 
-/// The weight of one global operation when the counters pick a block's longest warp chain: an L2 hit's latency on
-/// Hopper (~260 cycles, Luo et al. 2024).
+/// An L2 hit's latency on Hopper (~260 cycles, Luo et al. 2024): the weight of one global load when the counters
+/// pick a block's longest warp chain, and its cost in the chain of a launch whose data are in L2
+/// ([`Profile::l2_resident`]); a launch reading DRAM pays the model's `dram_latency_cycles` instead.
 pub const CHAIN_GLOBAL_CYCLES: u64 = 260;
 
 /// The model's free parameters, fitted on the H200 calibration set (`small4 calibrate`): few, each physical.
@@ -126,7 +124,9 @@ pub const CHAIN_GLOBAL_CYCLES: u64 = 260;
 pub struct Model {
     /// Host-to-GPU launch overhead per kernel, seconds, for launches issued back to back (prior: 2-4 µs on Hopper).
     pub launch_s: f64,
-    /// Loaded DRAM latency, cycles (prior: ~480 unloaded on H800 per Luo et al. 2024; more under load).
+    /// Loaded DRAM latency, cycles: what a global load costs on a warp's dependence chain when its data are not in L2,
+    /// and the latency of Little's law in the DRAM term (prior: ~480 unloaded on H800 per Luo et al. 2024; more
+    /// under load).
     pub dram_latency_cycles: f64,
     /// Fraction of the datasheet DRAM bandwidth a streaming kernel reaches (measured: 4.25 / 4.8 TB/s copy on the
     /// H200, `.gpu/ceilings.py`, docs/perf.md).
@@ -139,12 +139,6 @@ pub struct Model {
     pub max_bytes_in_flight_per_sm: f64,
     /// Fraction of a DRAM latency each block barrier exposes (the pipeline drains there).
     pub barrier_exposure: f64,
-    /// Cycles a global load or atomic adds to its warp's chain (prior: up to an L2 hit's ~260 cycles when each load
-    /// waits for the one before; less when a loop's loads are independent and overlap).
-    pub chain_global_cycles: f64,
-    /// Instruction-level parallelism of a warp's dependent chain: the chain (every instruction waiting for the one
-    /// before) is divided by this (prior: 1.5-3, the independent instructions nvcc interleaves).
-    pub chain_ilp: f64,
     /// One host synchronisation (`cuStreamSynchronize` after a launch, for benches that time launch + sync): the
     /// median difference between the H200 router figures timed with and without it (20.6 - 12.1, 28.8 - 20.1,
     /// 70.5 - 61.6 µs: 8.5, 8.7, 8.9). Not part of a launch's time; `small4 calibrate` adds it to such rows.
@@ -153,18 +147,16 @@ pub struct Model {
 
 impl Model {
     /// The fitted values: `small4 calibrate --fit` over the 60 predicted H200 rows, each free parameter searched over
-    /// its plausible range only (launch 2-4 µs, latency 500-1000 cycles, mma.sync 0.5-0.8, barrier 0-0.4, ILP 1-3,
-    /// 8-64 KiB in flight, 60-260 cycles a global load in a chain), least mean plus worst |log(predicted /
-    /// measured)|. See docs/perf.md, "Timing model".
+    /// its plausible range only (launch 2-4 µs, loaded DRAM latency 500-1000 cycles, mma.sync 0.5-0.8, barrier
+    /// 0-0.4, 8-64 KiB in flight), least mean plus worst |log(predicted / measured)|. See docs/perf.md, "Timing
+    /// model".
     pub const FITTED: Model = Model {
-        launch_s: 3.0e-6,
-        dram_latency_cycles: 1000.0,
+        launch_s: 3.5e-6,
+        dram_latency_cycles: 600.0,
         dram_efficiency: 0.885,
         mma_sync_efficiency: 0.5,
         max_bytes_in_flight_per_sm: 32.0 * 1024.0,
         barrier_exposure: 0.4,
-        chain_ilp: 2.0,
-        chain_global_cycles: 260.0,
         host_sync_s: 8.7e-6,
     };
 }
@@ -199,6 +191,10 @@ pub struct Profile {
     pub chain_globals_max: u64,
     pub chain_cycles_sum: u64,
     pub chain_globals_sum: u64,
+    /// Whether the launch's data are in L2 when it starts: a call repeated back to back whose footprint fits L2 (a
+    /// bench loop), or data the launch before just wrote. Then its loads cost an L2 hit ([`CHAIN_GLOBAL_CYCLES`]) and
+    /// L2 bandwidth, not DRAM's. False (cold, DRAM) unless the caller knows better.
+    pub l2_resident: bool,
 }
 
 impl Profile {
@@ -225,6 +221,7 @@ impl Profile {
             chain_globals_max: c.chain_globals_max,
             chain_cycles_sum: c.chain_cycles_sum,
             chain_globals_sum: c.chain_globals_sum,
+            l2_resident: false,
         }
     }
 }
@@ -278,6 +275,19 @@ pub fn blocks_per_sm(gpu: &Gpu, threads: u32, registers: u32, shared: u32) -> u3
     by_regs.min(by_shared).min(by_threads).min(gpu.max_blocks_per_sm).max(1)
 }
 
+impl Profile {
+    /// The launch's DRAM bytes if nothing was in L2 before it: its distinct sectors; a sampled launch scales its
+    /// blocks' own distinct sectors to the grid.
+    pub fn dram_bytes(&self) -> f64 {
+        let sectors = if self.blocks_run < self.blocks {
+            self.block_distinct_sectors as f64 * self.blocks as f64 / self.blocks_run.max(1) as f64
+        } else {
+            self.distinct_sectors as f64
+        };
+        sectors * 32.0
+    }
+}
+
 /// The predicted time of the launch `c` counted on `gpu`.
 pub fn predict(c: &Profile, gpu: &Gpu, model: &Model) -> Prediction {
     let blocks = c.blocks.max(1);
@@ -293,25 +303,29 @@ pub fn predict(c: &Profile, gpu: &Gpu, model: &Model) -> Prediction {
     let blocks_on_sm = blocks.div_ceil(sms) as f64;
     let cycle = 1.0 / gpu.clock_hz;
 
-    // DRAM: the launch's distinct sectors; a sampled launch scales its blocks' own distinct sectors to the grid.
-    let dram_sectors = if c.blocks_run < c.blocks { c.block_distinct_sectors as f64 * blocks as f64 / run } else { c.distinct_sectors as f64 };
-    let dram_bytes = dram_sectors * 32.0;
+    // A global load waits a DRAM latency, or an L2 hit's when the launch's data are in L2.
+    let memory_latency_cycles = if c.l2_resident { CHAIN_GLOBAL_CYCLES as f64 } else { model.dram_latency_cycles };
+    let latency_s = memory_latency_cycles * cycle;
+    // DRAM: the launch's distinct sectors (none when L2 holds them: the L2 term covers those reads). Bytes in flight
+    // per warp (Little's law): its sectors over the round trips the block's longest chain waits for (the loads its
+    // critical path waits on: a loop whose loads overlap waits once per iteration, a cp.async pipeline once per
+    // `wait_group` of the oldest group), capped per SM (MWP).
+    let dram_bytes = if c.l2_resident { 0.0 } else { c.dram_bytes() };
     let sector_bytes_per_warp = per_block(c.global_sectors) * 32.0 / warps_per_block;
-    let waits_per_warp = (per_block(c.block_barriers + c.async_waits) / warps_per_block).max(1.0);
-    let depth = if c.async_waits > 0 { 1.0 + c.async_groups_left_in_flight as f64 / c.async_waits as f64 } else { 1.0 };
-    let in_flight_per_warp = sector_bytes_per_warp / waits_per_warp * depth;
+    let round_trips_per_warp = per_block(c.chain_globals_sum).max(1.0);
+    let in_flight_per_warp = sector_bytes_per_warp / round_trips_per_warp;
     let in_flight_per_sm = (in_flight_per_warp * warps_per_block * resident as f64).min(model.max_bytes_in_flight_per_sm);
-    let latency_s = model.dram_latency_cycles * cycle;
     let parallel_bw = busy_sms * in_flight_per_sm / latency_s;
     let dram_bw = (gpu.dram_bytes_per_s * model.dram_efficiency).min(parallel_bw.max(1.0));
     let dram_s = dram_bytes / dram_bw;
-    let l2_s = c.global_sectors as f64 * 32.0 * blocks as f64 / run / gpu.l2_bytes_per_s;
+    // L2: every request's sectors over the chip's L2 bandwidth, or over the busiest SM's L2 port when few SMs load.
+    let chip_l2_s = c.global_sectors as f64 * 32.0 * blocks as f64 / run / gpu.l2_bytes_per_s;
+    let sm_port_s = blocks_on_sm * per_block(c.global_sectors) * 32.0 / gpu.sm_l2_bytes_per_cycle * cycle;
+    let l2_s = chip_l2_s.max(sm_port_s);
 
-    // Issue: class-weighted dependent latency against the warps one scheduler holds.
-    let instr = c.warp_instructions as f64;
-    let mean_latency = if instr > 0.0 { c.by_class.iter().zip(LATENCY_CYCLES).map(|(&n, l)| n as f64 * l).sum::<f64>() / instr } else { 1.0 };
-    let warps_per_scheduler = warps_per_block * resident as f64 / 4.0;
-    let issue_rate = 4.0 * (warps_per_scheduler * model.chain_ilp / mean_latency).min(1.0);
+    // Issue: 4 schedulers, each issuing one instruction a cycle from its warps, a warp at most one a cycle. (How
+    // fast a warp can issue given its dependences is the critical-path term's business, not this one's.)
+    let issue_rate = (warps_per_block * resident as f64).min(4.0);
     let issue_s = blocks_on_sm * per_block(c.warp_instructions) / issue_rate * cycle;
     let tensor_s = blocks_on_sm * per_block(c.tensor_flops) / (gpu.tensor_flops_per_sm_cycle * model.mma_sync_efficiency) * cycle;
     let shared_s = blocks_on_sm * per_block(c.shared_requests + c.shared_bank_conflicts) * cycle;
@@ -322,9 +336,9 @@ pub fn predict(c: &Profile, gpu: &Gpu, model: &Model) -> Prediction {
     // Critical path: the busiest SM runs its blocks in rounds of `resident`; each round lasts at least its longest
     // warp chain, and the last round holds the grid's longest block (e.g. a last-block reduction's serial tail).
     let rounds = (blocks_on_sm / resident as f64).ceil();
-    let mean_chain = (c.chain_cycles_sum as f64 + c.chain_globals_sum as f64 * model.chain_global_cycles) / run;
-    let max_chain = c.chain_cycles_max as f64 + c.chain_globals_max as f64 * model.chain_global_cycles;
-    let chain_s = ((rounds - 1.0).max(0.0) * mean_chain + max_chain) / model.chain_ilp * cycle;
+    let mean_chain = (c.chain_cycles_sum as f64 + c.chain_globals_sum as f64 * memory_latency_cycles) / run;
+    let max_chain = c.chain_cycles_max as f64 + c.chain_globals_max as f64 * memory_latency_cycles;
+    let chain_s = ((rounds - 1.0).max(0.0) * mean_chain + max_chain) * cycle;
     let busy = dram_s.max(l2_s).max(issue_s).max(tensor_s).max(shared_s).max(chain_s);
     Prediction {
         seconds: busy + exposed_s,
@@ -383,5 +397,39 @@ mod tests {
         c.distinct_sectors.insert(0);
         let p = predict(&Profile::new(&c, 32), &Gpu::H100_SXM, &Model::FITTED);
         assert!(p.seconds.is_finite() && p.seconds >= Model::FITTED.launch_s);
+    }
+
+    /// A launch on few SMs whose loads wait one round trip each: L2-resident data cost L2 hits on the chain and no
+    /// DRAM time; cold data cost the DRAM latency; and the busiest SM's L2 port bounds its bytes.
+    #[test]
+    fn residency_sets_the_chain_latency_and_the_port_bounds_few_sms() {
+        let c = Profile {
+            blocks: 4,
+            blocks_run: 4,
+            block_threads: 256,
+            registers: 32,
+            warp_instructions: 4 * 8 * 1000,
+            global_sectors: 4 * 8 * 1000 * 16,
+            distinct_sectors: 4 * 8 * 1000 * 16,
+            block_distinct_sectors: 4 * 8 * 1000 * 16,
+            chain_cycles_max: 10_000,
+            chain_globals_max: 100,
+            chain_cycles_sum: 4 * 10_000,
+            chain_globals_sum: 4 * 100,
+            ..Profile::default()
+        };
+        let (gpu, model) = (Gpu::H200, Model::FITTED);
+        let cold = predict(&c, &gpu, &model);
+        let warm = predict(&Profile { l2_resident: true, ..c }, &gpu, &model);
+        let cycle = 1.0 / gpu.clock_hz;
+        assert!((cold.chain_s - (10_000.0 + 100.0 * model.dram_latency_cycles) * cycle).abs() < 1e-12);
+        assert!((warm.chain_s - (10_000.0 + 100.0 * CHAIN_GLOBAL_CYCLES as f64) * cycle).abs() < 1e-12);
+        assert_eq!(warm.dram_s, 0.0);
+        assert!(cold.dram_s > 0.0 && warm.seconds < cold.seconds);
+        // One block per SM: its 8 warps x 1000 requests x 16 sectors through a 64 B/cycle port.
+        let port = 8.0 * 1000.0 * 16.0 * 32.0 / gpu.sm_l2_bytes_per_cycle * cycle;
+        assert!((warm.l2_s - port).abs() < 1e-12, "{} vs {port}", warm.l2_s);
+        // Issue: 8 resident warps use all 4 schedulers.
+        assert!((warm.issue_s - 8000.0 / 4.0 * cycle).abs() < 1e-12);
     }
 }

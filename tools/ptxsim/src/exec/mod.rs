@@ -296,7 +296,7 @@ impl BlockCtx<'_> {
             if *steps > STEP_LIMIT {
                 return Err((Fault { lane: None, message: format!("more than {STEP_LIMIT} warp instructions in one block: runaway loop?") }, pc));
             }
-            self.counters.count(self.classes[pc as usize], exec, w.index);
+            self.counters.count(self.classes[pc as usize], exec, w.index, inst);
             match inst.op {
                 Op::Bar { .. } => self.counters.block_barriers += 1,
                 Op::CpAsyncWait(n) => {

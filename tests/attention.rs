@@ -13,7 +13,8 @@ use rand::seq::SliceRandom;
 use rand::{rngs::StdRng, Rng};
 use small4::device::{Device, DeviceBuffer, LaunchCounters};
 use small4::kernels::attention::{self, AttentionScratch, BlockTables, CacheWriteWeights, PagedCache, Queries, QueryLatentNorm, QueryLayout, TokenSlots};
-use small4::kernels::moe::{self, DeviceWeights, RowCounters};
+use small4::kernels::dense;
+use small4::kernels::moe::{DeviceWeights, RowCounters};
 use small4::model::kv_cache::{BatchTables, CacheDescriptor, CacheDtype, KvCache, PageCopy};
 use small4::quant::{repack, QuantizedMatrix, WeightFormat};
 use small4::reference::attention::{latent_attention, MlaDims};
@@ -393,7 +394,7 @@ fn wrappers_reject_bad_input(device: &Device) {
 }
 
 /// `latent_projection` (the stacked wq_a + wkv_a GEMM finishing each token's row with the q latent's RMSNorm and the
-/// cache write, one launch) gives bit for bit `moe::linear`, `rms_norm` and `mla_cache_write` one after the other:
+/// cache write, one launch) gives bit for bit `dense::linear`, `rms_norm` and `mla_cache_write` one after the other:
 /// bf16 and fp8 caches, 1 / 3 decode tokens (narrow tile) and 76 prefill tokens (tiled), two weight formats, and the
 /// real reduction length (dim 4096) at one token.
 fn latent_projection_equals_the_launches_apart(device: &Device) {
@@ -440,7 +441,7 @@ fn latent_projection_equals_the_launches_apart(device: &Device) {
             if fused {
                 attention::latent_projection(&w, hv, qkv_view, &q_norm, &cache, &block_tables, &write, &slots, &counters).unwrap();
             } else {
-                moe::linear(&w, hv, qkv_view).unwrap();
+                dense::linear(&w, hv, qkv_view).unwrap();
                 small4::kernels::norm::rms_norm(qkv_view.columns(0..q_rank).unwrap(), q_norm.weight, q_norm.out, q_norm.eps).unwrap();
                 attention::mla_cache_write(&cache, &block_tables, qkv_view.columns(q_rank..q_rank + WIDTH).unwrap(), &write, &slots).unwrap();
             }

@@ -8,6 +8,7 @@ use half::bf16;
 use proptest::prelude::*;
 use rand::{rngs::StdRng, seq::SliceRandom, Rng};
 use small4::device::{Device, DeviceBuffer};
+use small4::kernels::dense;
 use small4::kernels::moe::{self, DeviceWeights, E4m3Rows, Fp8ActScales, Grouping, MoeLayerWeights, MoeWorkspace, RoutingBuffers, RowCounters};
 use small4::kernels::norm::{self, MoePairs, ResidualNorm};
 use small4::kernels::Matrix;
@@ -283,7 +284,7 @@ fn linear_matches_reference(device: &Device) {
         let x = random_bf16(&mut rng, rows * in_dim, 1.0);
         let x_dev = DeviceBuffer::from_slice(device, &x).unwrap();
         let y = DeviceBuffer::<bf16>::filled_with_byte(device, rows * out_dim, 0xff).unwrap();
-        moe::linear(&weights, x_dev.view([rows, in_dim]).unwrap(), y.view([rows, out_dim]).unwrap()).unwrap();
+        dense::linear(&weights, x_dev.view([rows, in_dim]).unwrap(), y.view([rows, out_dim]).unwrap()).unwrap();
         let want = matmul_nt(&to_f32(&x), &deq, rows, in_dim, out_dim);
         assert_agrees(&format!("linear {format} rows {rows}"), &to_f32(&y.to_vec().unwrap()), &want);
     }
@@ -303,7 +304,7 @@ fn linear_at_real_reduction_lengths(device: &Device) {
                 let x = random_bf16(&mut rng, rows * in_dim, 1.0);
                 let x_dev = DeviceBuffer::from_slice(device, &x).unwrap();
                 let y = DeviceBuffer::<bf16>::filled_with_byte(device, rows * out_dim, 0xff).unwrap();
-                moe::linear(&weights, x_dev.view([rows, in_dim]).unwrap(), y.view([rows, out_dim]).unwrap()).unwrap();
+                dense::linear(&weights, x_dev.view([rows, in_dim]).unwrap(), y.view([rows, out_dim]).unwrap()).unwrap();
                 let want = matmul_nt(&to_f32(&x), &deq, rows, in_dim, out_dim);
                 assert_agrees(&format!("linear {format} K {in_dim} rows {rows}"), &to_f32(&y.to_vec().unwrap()), &want);
             }
@@ -333,7 +334,7 @@ fn linear_wide_output_runs_the_small_tile(device: &Device) {
         let x = random_bf16(&mut rng, rows * in_dim, 1.0);
         let x_dev = DeviceBuffer::from_slice(device, &x).unwrap();
         let y = DeviceBuffer::<bf16>::filled_with_byte(device, rows * out_dim, 0xff).unwrap();
-        moe::linear(&weights, x_dev.view([rows, in_dim]).unwrap(), y.view([rows, out_dim]).unwrap()).unwrap();
+        dense::linear(&weights, x_dev.view([rows, in_dim]).unwrap(), y.view([rows, out_dim]).unwrap()).unwrap();
         if let Some(counters) = device.last_launch_counters() {
             assert!(counters.kernel.ends_with("_small"), "launched {}", counters.kernel);
         }
@@ -362,7 +363,7 @@ fn linear_per_head_matches_reference(device: &Device) {
         let x = random_bf16(&mut rng, rows * heads * head_in, 1.0);
         let x_dev = DeviceBuffer::from_slice(device, &x).unwrap();
         let y = DeviceBuffer::<bf16>::filled_with_byte(device, rows * heads * out_cols, 0xff).unwrap();
-        moe::linear_per_head(&weights, x_dev.view([rows, heads, head_in]).unwrap(), y.view([rows, heads, out_cols]).unwrap()).unwrap();
+        dense::linear_per_head(&weights, x_dev.view([rows, heads, head_in]).unwrap(), y.view([rows, heads, out_cols]).unwrap()).unwrap();
         let got = to_f32(&y.to_vec().unwrap());
         for (h, (_, deq)) in mats.iter().enumerate() {
             let x_h: Vec<f32> = (0..rows).flat_map(|r| to_f32(&x[(r * heads + h) * head_in..][..k_dim])).collect();
@@ -394,7 +395,7 @@ fn row_concat_linear_matches_both_parts(device: &Device) {
         let x = random_bf16(&mut rng, rows * in_dim, 1.0);
         let x_dev = DeviceBuffer::from_slice(device, &x).unwrap();
         let y = DeviceBuffer::<bf16>::filled_with_byte(device, rows * out, 0xff).unwrap();
-        moe::linear(&weights, x_dev.view([rows, in_dim]).unwrap(), y.view([rows, out]).unwrap()).unwrap();
+        dense::linear(&weights, x_dev.view([rows, in_dim]).unwrap(), y.view([rows, out]).unwrap()).unwrap();
         let got = to_f32(&y.to_vec().unwrap());
         let (want_a, want_b) = (matmul_nt(&to_f32(&x), &da, rows, in_dim, parts[0]), matmul_nt(&to_f32(&x), &db, rows, in_dim, parts[1]));
         let want: Vec<f32> =
@@ -613,18 +614,18 @@ fn wrappers_reject_bad_shapes(device: &Device) {
     let x = DeviceBuffer::<bf16>::alloc(device, 3 * 128).unwrap();
     let y = DeviceBuffer::<bf16>::alloc(device, 2 * 64).unwrap();
     // An output with fewer rows than the input, an input of the wrong width, an output of the wrong width.
-    let err = moe::linear(&weights, x.view([3, 128]).unwrap(), y.view([2, 64]).unwrap()).unwrap_err();
+    let err = dense::linear(&weights, x.view([3, 128]).unwrap(), y.view([2, 64]).unwrap()).unwrap_err();
     assert!(matches!(err, small4::Error::Shape { .. }), "{err}");
-    let err = moe::linear(&weights, x.view([2, 192]).unwrap(), y.view([2, 64]).unwrap()).unwrap_err();
+    let err = dense::linear(&weights, x.view([2, 192]).unwrap(), y.view([2, 64]).unwrap()).unwrap_err();
     assert!(matches!(err, small4::Error::Shape { .. }), "{err}");
-    let err = moe::linear(&weights, x.view([2, 128]).unwrap(), y.view([4, 32]).unwrap()).unwrap_err();
+    let err = dense::linear(&weights, x.view([2, 128]).unwrap(), y.view([4, 32]).unwrap()).unwrap_err();
     assert!(matches!(err, small4::Error::Shape { .. }), "{err}");
     // The 16-byte loads of x: a start 4 elements in, or a row stride of 132, is refused.
     let shifted = small4::kernels::TensorView::strided(&x, 4, [2, 128], 128).unwrap();
-    let err = moe::linear(&weights, shifted, y.view([2, 64]).unwrap()).unwrap_err();
+    let err = dense::linear(&weights, shifted, y.view([2, 64]).unwrap()).unwrap_err();
     assert!(matches!(err, small4::Error::InvalidArgument(_)), "{err}");
     let odd_stride = small4::kernels::TensorView::strided(&x, 0, [2, 128], 132).unwrap();
-    let err = moe::linear(&weights, odd_stride, y.view([2, 64]).unwrap()).unwrap_err();
+    let err = dense::linear(&weights, odd_stride, y.view([2, 64]).unwrap()).unwrap_err();
     assert!(matches!(err, small4::Error::InvalidArgument(_)), "{err}");
     // Columns not a multiple of 64 cannot be packed.
     let (odd, _) = random_matrix(&mut rng, WeightFormat::Bf16, 64, 96);
@@ -633,7 +634,7 @@ fn wrappers_reject_bad_shapes(device: &Device) {
     let (w3, _) = random_matrix(&mut rng, WeightFormat::Bf16, 64, 128);
     let fused = DeviceWeights::upload(device, &repack::repack_gate_up(&[((&w).into(), (&w3).into())]).unwrap()).unwrap();
     let y = DeviceBuffer::<bf16>::alloc(device, 3 * 64).unwrap();
-    assert!(matches!(moe::linear(&fused, x.view([3, 128]).unwrap(), y.view([3, 64]).unwrap()), Err(small4::Error::InvalidArgument(_))));
+    assert!(matches!(dense::linear(&fused, x.view([3, 128]).unwrap(), y.view([3, 64]).unwrap()), Err(small4::Error::InvalidArgument(_))));
 }
 
 fn bits(v: &DeviceBuffer<bf16>) -> Vec<u16> {
@@ -662,9 +663,9 @@ fn linear_add_rms_norm_equals_the_launches_apart(device: &Device) {
             let view = |b| view(b, rows, out_dim);
             let norm = ResidualNorm { residual: view(&residual), weight: gamma.as_vector(), residual_out: view(&h), out: view(&out), eps: 1e-6 };
             if fused {
-                moe::linear_add_rms_norm(&weights, x.view([rows, in_dim]).unwrap(), view(&y), &norm, &counters).unwrap();
+                dense::linear_add_rms_norm(&weights, x.view([rows, in_dim]).unwrap(), view(&y), &norm, &counters).unwrap();
             } else {
-                moe::linear(&weights, x.view([rows, in_dim]).unwrap(), view(&y)).unwrap();
+                dense::linear(&weights, x.view([rows, in_dim]).unwrap(), view(&y)).unwrap();
                 norm::add_rms_norm(view(&y), norm.residual, norm.weight, norm.residual_out, norm.out, norm.eps).unwrap();
             }
             (bits(&y), bits(&h), bits(&out))
@@ -775,9 +776,9 @@ fn linear_rope_q_equals_the_launches_apart(device: &Device) {
             let q = DeviceBuffer::<bf16>::filled_with_byte(device, rows * out_dim, 0xff).unwrap();
             let (xv, qv) = (x.view([rows, in_dim]).unwrap(), q.view([rows, heads, head_dim]).unwrap());
             if fused {
-                moe::linear_rope_q(&weights, xv, qv, positions.as_vector(), inv_freq.as_vector(), scale).unwrap();
+                dense::linear_rope_q(&weights, xv, qv, positions.as_vector(), inv_freq.as_vector(), scale).unwrap();
             } else {
-                moe::linear(&weights, xv, q.view([rows, out_dim]).unwrap()).unwrap();
+                dense::linear(&weights, xv, q.view([rows, out_dim]).unwrap()).unwrap();
                 ops::rope_q_k(qv, None, positions.as_vector(), inv_freq.as_vector(), scale).unwrap();
             }
             bits(&q)

@@ -14,6 +14,7 @@ use common::*;
 use half::bf16;
 use rand::{rngs::StdRng, Rng};
 use small4::device::{Device, DeviceBuffer};
+use small4::kernels::dense;
 use small4::kernels::moe::{self, DeviceWeights, Grouping};
 use small4::kernels::moe_wgmma::PrefillGemm;
 use small4::quant::matrix::QuantizedMatrix;
@@ -212,7 +213,7 @@ fn dense_gemms_equal_mma_sync(device: &Device) {
     // bf16 into columns 8.. of rows of 216.
     let (y_wgmma, y_mma) = both(device, || {
         let y = DeviceBuffer::<bf16>::filled_with_byte(device, rows * 216, 0xff)?;
-        moe::linear(&weights, x_dev.view([rows, in_dim])?, y.view([rows, 216])?.columns(8..8 + out_dim)?)?;
+        dense::linear(&weights, x_dev.view([rows, in_dim])?, y.view([rows, 216])?.columns(8..8 + out_dim)?)?;
         y.to_vec()
     })
     .unwrap();
@@ -222,7 +223,7 @@ fn dense_gemms_equal_mma_sync(device: &Device) {
 
     let (f_wgmma, f_mma) = both(device, || {
         let y = DeviceBuffer::<f32>::filled_with_byte(device, rows * out_dim, 0xff)?;
-        moe::linear_f32(&weights, x_dev.view([rows, in_dim])?, y.view([rows, out_dim])?)?;
+        dense::linear_f32(&weights, x_dev.view([rows, in_dim])?, y.view([rows, out_dim])?)?;
         y.to_vec()
     })
     .unwrap();
@@ -234,7 +235,7 @@ fn dense_gemms_equal_mma_sync(device: &Device) {
     let gate_up = DeviceWeights::upload(device, &repack::repack_gate_up(&[((&w1).into(), (&w3).into())]).unwrap()).unwrap();
     let (a_wgmma, a_mma) = both(device, || {
         let act = DeviceBuffer::<bf16>::filled_with_byte(device, rows * hidden, 0xff)?;
-        moe::linear_swiglu(&gate_up, x_dev.view([rows, in_dim])?, act.view([rows, hidden])?)?;
+        dense::linear_swiglu(&gate_up, x_dev.view([rows, in_dim])?, act.view([rows, hidden])?)?;
         act.to_vec()
     })
     .unwrap();
@@ -250,7 +251,7 @@ fn dense_gemms_equal_mma_sync(device: &Device) {
     let xh_dev = DeviceBuffer::from_slice(device, &xh).unwrap();
     let (h_wgmma, h_mma) = both(device, || {
         let y = DeviceBuffer::<bf16>::filled_with_byte(device, rows * heads * head_out, 0xff)?;
-        moe::linear_per_head(&per_head, xh_dev.view([rows, heads, head_in])?, y.view([rows, heads, head_out])?)?;
+        dense::linear_per_head(&per_head, xh_dev.view([rows, heads, head_in])?, y.view([rows, heads, head_out])?)?;
         y.to_vec()
     })
     .unwrap();

@@ -9,8 +9,9 @@
 use half::bf16;
 
 use super::check_len;
+use super::dense;
 use super::modules::MLA_ATTENTION;
-use super::moe::{self, DeviceWeights, RowCounters, RowFinish};
+use super::moe::{DeviceWeights, RowCounters, RowFinish};
 use super::norm;
 use super::params::{MlaAttentionParams, MlaCacheWriteParams, MlaCopyPagesParams};
 use super::{Matrix, TensorView, Vector};
@@ -513,7 +514,7 @@ pub struct QueryLatentNorm<'a> {
 /// MLA's latent projection in one launch: `qkv_a = h W^T` for the stacked `[wq_a; wkv_a_with_mqa]` weights `w`
 /// (`qkv_a` `[tokens, q_lora_rank + 320]`: `[q_a | c | k_rope]`), and, as each token's row is finished (the GEMM's row
 /// finisher), `q_norm.out = rms_norm(q_a)` and the cache write of `[c | k_rope]` ([`mla_cache_write`]). Bit for bit
-/// `moe::linear`, `norm::rms_norm` and `mla_cache_write` one after the other, in one launch instead of three.
+/// `dense::linear`, `norm::rms_norm` and `mla_cache_write` one after the other, in one launch instead of three.
 /// `counters` has a zero counter per token (any stream's, left zero by every launch).
 ///
 /// Errors as the three it replaces; `Error::Shape` when `qkv_a` is not `[tokens, q_lora_rank + 320]` or `counters` is
@@ -569,7 +570,7 @@ pub fn latent_projection(
     let norm = norm::rms_norm_params(qkv_a.columns(0..q_rank)?, q_norm.weight, q_norm.out, q_norm.eps)?;
     let (cache_params, fp8) = cache_write_params(cache, tables, qkv_a.columns(q_rank..cols)?, write, slots)?;
     let finish = RowFinish::mla_latents(counters, norm, cache_params, fp8);
-    moe::linear_finishing_rows(w, h, qkv_a, &finish)
+    dense::linear_finishing_rows(w, h, qkv_a, &finish)
 }
 
 /// How the attention work is cut: warps per block (16 query rows each), row tiles per sequence, KV splits.

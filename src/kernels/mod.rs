@@ -7,6 +7,7 @@
 //! returning `Ok` means the kernel was queued, and reading an output buffer back synchronises.
 
 pub mod attention;
+pub mod dense;
 pub mod dequant;
 pub mod moe;
 pub mod moe_wgmma;

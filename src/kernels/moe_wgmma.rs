@@ -23,7 +23,8 @@ pub const PREFILL_GEMM_ENV: &str = "SMALL4_PREFILL_GEMM";
 /// ```
 /// use half::bf16;
 /// use small4::device::{simulator, DeviceBuffer};
-/// use small4::kernels::moe::{self, DeviceWeights};
+/// use small4::kernels::dense;
+/// use small4::kernels::moe::DeviceWeights;
 /// use small4::kernels::moe_wgmma::PrefillGemm;
 /// use small4::quant::{repack::repack_linear, QuantizedMatrix, WeightFormat};
 ///
@@ -36,7 +37,7 @@ pub const PREFILL_GEMM_ENV: &str = "SMALL4_PREFILL_GEMM";
 /// let x = DeviceBuffer::from_slice(&device, &x)?;
 /// let run = |kernel: PrefillGemm| -> small4::Result<Vec<bf16>> {
 ///     let y = DeviceBuffer::<bf16>::alloc(&device, 40 * 2)?;
-///     kernel.run(|| moe::linear(&w, x.view([40, 64])?, y.view([40, 2])?))?;
+///     kernel.run(|| dense::linear(&w, x.view([40, 64])?, y.view([40, 2])?))?;
 ///     y.to_vec()
 /// };
 /// let (wgmma, mma_sync) = (run(PrefillGemm::Wgmma)?, run(PrefillGemm::MmaSync)?);

@@ -124,7 +124,7 @@ pub fn moe_combine_add_rms_norm(
 
 /// The residual add + RMSNorm that ends a block, as [`add_rms_norm`] takes it besides the block's output `x`:
 /// `h = x + residual` (rounded to bf16) into `residual_out`, `out = rms_norm(h) * weight`. The GEMMs that finish their
-/// rows with it (`moe::linear_add_rms_norm`, `moe::moe_layer_add_rms_norm`) take it in this form.
+/// rows with it (`dense::linear_add_rms_norm`, `moe::moe_layer_add_rms_norm`) take it in this form.
 #[derive(Clone, Copy)]
 pub struct ResidualNorm<'a> {
     /// `[rows, cols]`: the residual stream before the block.

@@ -88,7 +88,7 @@ pub fn rope_q_k(q: TensorView<bf16, 3>, k: Option<Matrix<bf16>>, positions: Vect
 }
 
 /// [`rope_q_k`]'s kernel parameters, checked as it checks them: for its launch, or for the query projection's GEMM
-/// epilogue (`moe::linear_rope_q`).
+/// epilogue (`dense::linear_rope_q`).
 pub(crate) fn rope_params(
     q: TensorView<bf16, 3>,
     k: Option<Matrix<bf16>>,

@@ -10,12 +10,12 @@
 //! resulting logit differences and require identical greedy tokens.
 //!
 //! Weights: the attention linears, the output head and the shared expert run through the dense path of the
-//! grouped GEMM (`kernels::moe::linear`) in the checkpoint's own format (bf16, or FP8 with the GEMM's FP8 path), so
+//! grouped GEMM (`kernels::dense::linear`) in the checkpoint's own format (bf16, or FP8 with the GEMM's FP8 path), so
 //! the device sees exactly the values the reference dequantises; routed experts are repacked per format by
 //! `quant::repack`, one layer at a time while streaming (host memory holds one layer's experts at most).
 //!
 //! MLA's absorbed products are per head: `q_lat_h = q_nope_h . W_UK_h` and `out_h = W_UV_h . o_lat_h`, each one
-//! batched launch for all heads (`kernels::moe::linear_per_head`: the heads' matrices stacked, grid z = head); W_UK_h
+//! batched launch for all heads (`kernels::dense::linear_per_head`: the heads' matrices stacked, grid z = head); W_UK_h
 //! is stored transposed ([kv_lora_rank, qk_nope]) so both are `y = x W^T`. The attention kernel reads the rope half
 //! of each query head in place (a strided `q_rope`), where the RoPE kernel rotated it.
 //!
@@ -99,6 +99,7 @@ use safetensors::Dtype;
 use crate::device::collective::Collective;
 use crate::device::{Device, DeviceBuffer, Graph};
 use crate::kernels::attention::{self, AttentionScratch, BlockTables, CacheWriteWeights, PagedCache, Queries, QueryLatentNorm, QueryLayout, TokenSlots};
+use crate::kernels::dense;
 use crate::kernels::moe::{self, DeviceWeights, Fp8ActScales, Grouping, MoeLayerWeights, MoeWorkspace, RoutingBuffers, RowCounters};
 use crate::kernels::norm::{self, ResidualNorm};
 use crate::kernels::ops::{self, GatherStatus, QueryScale, SamplingInputs};
@@ -1646,9 +1647,9 @@ impl Network<'_> {
             attention::latent_projection(&layer.wqkv_a, ws.h.view([t, dim])?, qkv_a, &q_norm, &self.caches[l], tables, &write, slots, &ws.row_counters)?;
             // wq_b with the query's RoPE and llama-4 scale in its epilogue.
             let (positions, inv_freq) = (ws.positions.view([t])?, m.inv_freq.as_vector());
-            moe::linear_rope_q(&layer.wq_b, ws.q_a_normed.view([t, c.q_lora_rank])?, ws.q.view([t, heads, qk])?, positions, inv_freq, query_scale)?;
+            dense::linear_rope_q(&layer.wq_b, ws.q_a_normed.view([t, c.q_lora_rank])?, ws.q.view([t, heads, qk])?, positions, inv_freq, query_scale)?;
             // Absorb W_UK into the query (all heads in one launch); the attention reads each head's rope half in place.
-            moe::linear_per_head(&layer.w_uk, ws.q.view([t, heads, qk])?, ws.q_lat.view([t, heads, rank])?)?;
+            dense::linear_per_head(&layer.w_uk, ws.q.view([t, heads, qk])?, ws.q_lat.view([t, heads, rank])?)?;
             let queries = Queries { layout, q_lat: ws.q_lat.view([t, heads, rank])?, q_rope: ws.q.view([t * heads, qk])?.columns(nope..qk)? };
             attention::mla_attention(
                 &self.caches[l],
@@ -1660,7 +1661,7 @@ impl Network<'_> {
                 scratch,
             )?;
             let attn = ws.attn.view([t, heads * v_head])?;
-            moe::linear_per_head(&layer.w_uv, ws.o_lat.view([t, heads, rank])?, ws.attn.view([t, heads, v_head])?)?;
+            dense::linear_per_head(&layer.w_uv, ws.o_lat.view([t, heads, rank])?, ws.attn.view([t, heads, v_head])?)?;
             // wo, the residual add and the MoE block's norm: x_mid = wo(attn) + x, h = ffn_norm(x_mid).
             let ffn_norm = ResidualNorm {
                 residual: x.view([t, dim])?,
@@ -1670,12 +1671,12 @@ impl Network<'_> {
                 eps,
             };
             match &ws.attention_sum {
-                None => moe::linear_add_rms_norm(&layer.wo, attn, ws.block_out.view([t, dim])?, &ffn_norm, &ws.row_counters)?,
+                None => dense::linear_add_rms_norm(&layer.wo, attn, ws.block_out.view([t, dim])?, &ffn_norm, &ws.row_counters)?,
                 Some(partial) => {
                     // Tensor parallelism: this rank's heads give a partial sum of wo's output; the ranks add theirs
                     // in f32 and round once, as one rank rounds its whole output.
                     let col = self.collective.ok_or_else(|| Error::InvalidArgument("tensor-parallel attention needs the ranks' collective".into()))?;
-                    moe::linear_f32(&layer.wo, attn, partial.sum.view([t, dim])?)?;
+                    dense::linear_f32(&layer.wo, attn, partial.sum.view([t, dim])?)?;
                     col.all_reduce_sum_f32(&partial.sum)?;
                     moe::combine(partial.sum.view([t, dim])?, None, partial.one_pair_ids.view([t, 1])?, None, 1, ws.block_out.view([t, dim])?)?;
                     norm::add_rms_norm(ws.block_out.view([t, dim])?, ffn_norm.residual, ffn_norm.weight, ffn_norm.residual_out, ffn_norm.out, eps)?;
@@ -1734,7 +1735,7 @@ impl Network<'_> {
         }
         // ws.h is the final norm's output: gather the head's rows (host-computed, always in range), then the head.
         ops::embedding_gather(head.source_rows.as_vector(), ws.h.view([t, dim])?, head.h.view([head.rows, dim])?, self.gather_status)?;
-        moe::linear_f32(&m.output, head.h.view([head.rows, dim])?, head.logits.view([head.rows, c.vocab])?)?;
+        dense::linear_f32(&m.output, head.h.view([head.rows, dim])?, head.logits.view([head.rows, c.vocab])?)?;
         Ok(())
     }
 }

@@ -9,7 +9,8 @@
 use half::bf16;
 
 use crate::device::{Device, DeviceBuffer};
-use crate::kernels::moe::{self, DeviceWeights};
+use crate::kernels::dense;
+use crate::kernels::moe::DeviceWeights;
 use crate::kernels::norm;
 use crate::kernels::vision::{self, Activation, GridPositions, MergeSources, TokenSegments, ATTENTION_HEAD_DIM};
 use crate::model::checkpoint::Checkpoint;
@@ -203,7 +204,7 @@ impl DeviceVisionTower {
             first_row += rows * cols;
         }
         let embedded = bf(t * hidden)?;
-        moe::linear(&self.patch_conv, patches.view([t, self.conv_k])?, embedded.view([t, hidden])?)?;
+        dense::linear(&self.patch_conv, patches.view([t, self.conv_k])?, embedded.view([t, hidden])?)?;
         drop(patches);
 
         let (x, x_mid, h) = (bf(t * hidden)?, bf(t * hidden)?, bf(t * hidden)?);
@@ -215,9 +216,9 @@ impl DeviceVisionTower {
         for (l, layer) in self.layers.iter().enumerate() {
             // x += wo(attention(rope2d(wq h), rope2d(wk h), wv h)); h = ffn_norm(x)
             let normed = h.view([t, hidden])?;
-            moe::linear(&layer.wq, normed, q.view([t, hidden])?)?;
-            moe::linear(&layer.wk, normed, k.view([t, hidden])?)?;
-            moe::linear(&layer.wv, normed, vv.view([t, hidden])?)?;
+            dense::linear(&layer.wq, normed, q.view([t, hidden])?)?;
+            dense::linear(&layer.wk, normed, k.view([t, hidden])?)?;
+            dense::linear(&layer.wv, normed, vv.view([t, hidden])?)?;
             let heads_shape = [t, v.heads, v.head_dim];
             vision::rope_2d(q.view(heads_shape)?, Some(k.view(heads_shape)?), &positions)?;
             vision::vision_attention(
@@ -228,7 +229,7 @@ impl DeviceVisionTower {
                 &segments,
                 1.0 / (v.head_dim as f32).sqrt(),
             )?;
-            moe::linear(&layer.wo, attn.view([t, hidden])?, block_out.view([t, hidden])?)?;
+            dense::linear(&layer.wo, attn.view([t, hidden])?, block_out.view([t, hidden])?)?;
             norm::add_rms_norm(
                 block_out.view([t, hidden])?,
                 x.view([t, hidden])?,
@@ -238,8 +239,8 @@ impl DeviceVisionTower {
                 eps,
             )?;
             // x += w2(silu(w1 h) * w3 h); h = the next layer's attention_norm(x), or the projector's norm.
-            moe::linear_swiglu(&layer.w13, h.view([t, hidden])?, act.view([t, v.intermediate])?)?;
-            moe::linear(&layer.w2, act.view([t, v.intermediate])?, block_out.view([t, hidden])?)?;
+            dense::linear_swiglu(&layer.w13, h.view([t, hidden])?, act.view([t, v.intermediate])?)?;
+            dense::linear(&layer.w2, act.view([t, v.intermediate])?, block_out.view([t, hidden])?)?;
             let next_norm = self.layers.get(l + 1).map_or(&self.pre_mm_projector_norm, |next| &next.attention_norm);
             norm::add_rms_norm(block_out.view([t, hidden])?, x_mid.view([t, hidden])?, next_norm.as_vector(), x.view([t, hidden])?, h.view([t, hidden])?, eps)?;
         }
@@ -250,12 +251,12 @@ impl DeviceVisionTower {
         let merged_in = bf(rows * hidden * m2)?;
         vision::patch_merge(h.view([t, hidden])?, &merge_sources, merged_in.view([rows, hidden * m2])?)?;
         let merged = bf(rows * hidden)?;
-        moe::linear(&self.merging_layer, merged_in.view([rows, hidden * m2])?, merged.view([rows, hidden])?)?;
+        dense::linear(&self.merging_layer, merged_in.view([rows, hidden * m2])?, merged.view([rows, hidden])?)?;
         let adapted = bf(rows * self.text_dim)?;
-        moe::linear(&self.w_in, merged.view([rows, hidden])?, adapted.view([rows, self.text_dim])?)?;
+        dense::linear(&self.w_in, merged.view([rows, hidden])?, adapted.view([rows, self.text_dim])?)?;
         vision::bias_act(adapted.view([rows, self.text_dim])?, self.w_in_bias.as_ref().map(|b| b.as_vector()), Activation::Gelu)?;
         let features = bf(rows * self.text_dim)?;
-        moe::linear(&self.w_out, adapted.view([rows, self.text_dim])?, features.view([rows, self.text_dim])?)?;
+        dense::linear(&self.w_out, adapted.view([rows, self.text_dim])?, features.view([rows, self.text_dim])?)?;
         if let Some(b) = &self.w_out_bias {
             vision::bias_act(features.view([rows, self.text_dim])?, Some(b.as_vector()), Activation::Identity)?;
         }

@@ -232,28 +232,7 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
     constexpr bool kTail = !Fp8Act && MF == 1;
     const bool tail = kTail && p.sorted_pairs != nullptr && (int)blockIdx.y >= p.capacity_tiles;
     int expert, slot_begin, slot_end;
-    if (tail) {
-        expert = 0;
-        slot_begin = (blockIdx.y - p.capacity_tiles) * BN;
-        if (slot_begin >= p.tail.rows) return;
-        slot_end = min(slot_begin + BN, p.tail.rows);
-    } else if (p.sorted_pairs != nullptr) {
-        const int tile = blockIdx.y;
-        if (tile >= p.capacity_tiles || tile * p.tile_m >= *p.num_padded) return;
-        expert = p.tile_experts[tile];
-        if (expert < 0) return;
-        const int first_slot = p.expert_offsets[expert];
-        slot_begin = tile * p.tile_m;
-        // Only the first tile of each BN-slot group of this expert works; the group shares one pass over the weights.
-        if ((slot_begin - first_slot) % BN != 0) return;
-        slot_end = min(slot_begin + BN, p.expert_offsets[expert + 1]);
-    } else {
-        // Dense mode; a batched launch (grid z > 1) runs matrix z of the weights on head z's input and output columns.
-        expert = blockIdx.z;
-        slot_begin = blockIdx.y * BN;
-        if (slot_begin >= p.dense_rows) return;
-        slot_end = min(slot_begin + BN, p.dense_rows);
-    }
+    if (!block_slots<BN>(p, tail, expert, slot_begin, slot_end)) return;
     const int slots = slot_end - slot_begin;
     const int active_nf = (slots + 7) / 8;  // pair fragments with at least one slot (uniform over the block)
 

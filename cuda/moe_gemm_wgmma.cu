@@ -76,23 +76,9 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const MoeGemmParams &p) {
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
-    // Which slots and expert this block computes (exactly as moe_gemm.cu's tiled kernel; no dense tail here).
+    // Which slots and expert this block computes (as moe_gemm.cu's tiled kernel; no dense tail here).
     int expert, slot_begin, slot_end;
-    if (p.sorted_pairs != nullptr) {
-        const int tile = blockIdx.y;
-        if (tile >= p.capacity_tiles || tile * p.tile_m >= *p.num_padded) return;
-        expert = p.tile_experts[tile];
-        if (expert < 0) return;
-        const int first_slot = p.expert_offsets[expert];
-        slot_begin = tile * p.tile_m;
-        if ((slot_begin - first_slot) % kBN != 0) return;
-        slot_end = min(slot_begin + kBN, p.expert_offsets[expert + 1]);
-    } else {
-        expert = blockIdx.z;
-        slot_begin = blockIdx.y * kBN;
-        if (slot_begin >= p.dense_rows) return;
-        slot_end = min(slot_begin + kBN, p.dense_rows);
-    }
+    if (!block_slots<kBN>(p, false, expert, slot_begin, slot_end)) return;
     const int slots = slot_end - slot_begin;
 
     for (int s = tid; s < kBN; s += kThreads) {

@@ -282,6 +282,22 @@ pub fn summarize(outcomes: &[(&Row, f64)]) -> Summary {
     Summary { median_abs_error_pct: median, worst_ratio: worst, rows: outcomes.len(), pairs_right: right, pairs: complete.len() }
 }
 
+/// Recorded launch counters by call (`Options::profiles`).
+type Profiles = HashMap<String, Vec<LaunchCounters>>;
+
+/// The interpreter the replays and predictions run on (predicting for the H200, whose measurements are stored), and
+/// the recorded launch profiles of `options.profiles` when the file exists.
+fn interpreter_session(options: &Options) -> Result<(Arc<SimBackend>, Device, Profiles)> {
+    let sim = Arc::new(SimBackend::new());
+    sim.set_target_gpu(Some(TargetGpu::H200));
+    let device: Device = sim.clone();
+    let calls = match &options.profiles {
+        Some(path) if path.exists() => load_profiles(path)?,
+        _ => HashMap::new(),
+    };
+    Ok((sim, device, calls))
+}
+
 /// Runs the calibration: replays the selected rows on the interpreter, prints predicted against measured per row
 /// and ends with the summary line (see the module documentation). Returns the outcomes and the summary.
 ///
@@ -289,13 +305,7 @@ pub fn summarize(outcomes: &[(&Row, f64)]) -> Summary {
 pub fn run(options: &Options, out: &mut dyn Write) -> Result<(Vec<Outcome>, Summary)> {
     let rows = parse_rows(H200_DATA)?;
     let selected: Vec<&Row> = rows.iter().filter(|r| options.only.is_empty() || options.only.iter().any(|o| r.id.contains(o.as_str()))).collect();
-    let sim = Arc::new(SimBackend::new());
-    sim.set_target_gpu(Some(TargetGpu::H200));
-    let device: Device = sim.clone();
-    let mut calls: HashMap<String, Vec<LaunchCounters>> = match &options.profiles {
-        Some(path) if path.exists() => load_profiles(path)?,
-        _ => HashMap::new(),
-    };
+    let (sim, device, mut calls) = interpreter_session(options)?;
     let mut moe_weights: Option<(WeightFormat, MoeLayerWeights)> = None;
     let io = |e: std::io::Error| Error::Io { path: "stdout".into(), source: e };
     writeln!(out, "| row | measured (H200) | predicted | ratio | bound | what |").map_err(io)?;
@@ -434,13 +444,7 @@ pub fn parse_cases(text: &str) -> Result<Vec<Case>> {
 /// `Error::InvalidArgument` for a malformed list or configuration; interpreter faults as `Error::Simulator`.
 pub fn predict_cases(text: &str, options: &Options, out: &mut dyn Write) -> Result<Vec<(Case, f64, f64)>> {
     let cases = parse_cases(text)?;
-    let sim = Arc::new(SimBackend::new());
-    sim.set_target_gpu(Some(TargetGpu::H200));
-    let device: Device = sim.clone();
-    let mut calls: HashMap<String, Vec<LaunchCounters>> = match &options.profiles {
-        Some(path) if path.exists() => load_profiles(path)?,
-        _ => HashMap::new(),
-    };
+    let (sim, device, mut calls) = interpreter_session(options)?;
     let mut moe_weights: Option<(WeightFormat, MoeLayerWeights)> = None;
     let io = |e: std::io::Error| Error::Io { path: "stdout".into(), source: e };
     writeln!(out, "| case | predicted H200 | predicted H100 SXM | bound (H100 SXM) | what | launches |").map_err(io)?;

@@ -1,6 +1,7 @@
-// The optional epilogue steps of the GEMM kernels (cuda/moe_gemm.cu's mma.sync tiles and cuda/moe_gemm_wgmma.cu's
-// wgmma tile), run by every thread of the block after its output stores: the query RoPE on the block's output tile
-// (MoeGemmParams.rope) and the row finisher (MoeGemmParams.finish, params.h GemmRowFinish).
+// What the GEMM kernels (cuda/moe_gemm.cu's mma.sync tiles and cuda/moe_gemm_wgmma.cu's wgmma tile) share besides
+// their k loops: which slots a block computes, and the optional epilogue steps run by every thread of the block after
+// its output stores: the query RoPE on the block's output tile (MoeGemmParams.rope) and the row finisher
+// (MoeGemmParams.finish, params.h GemmRowFinish).
 #pragma once
 #include "params.h"
 #include "common.cuh"
@@ -8,6 +9,35 @@
 #include "rms_norm_row.cuh"
 
 namespace {
+
+// The slots (rows) and the matrix of a block of BN slots, as params.h MoeGemmParams lays them out: `tail` = one of the
+// dense tail's blocks (after the grouped tiles: the shared expert, matrix 0 of its own arrays); grouped mode = an
+// expert's BN-slot group, worked by its first tile only (the group shares one pass over the weights); dense mode = BN
+// rows of matrix blockIdx.z (a batched launch runs matrix z on head z's columns). False: nothing for this block.
+template <int BN>
+__device__ __forceinline__ bool block_slots(const MoeGemmParams &p, bool tail, int &expert, int &slot_begin, int &slot_end) {
+    if (tail) {
+        expert = 0;
+        slot_begin = (blockIdx.y - p.capacity_tiles) * BN;
+        if (slot_begin >= p.tail.rows) return false;
+        slot_end = min(slot_begin + BN, p.tail.rows);
+    } else if (p.sorted_pairs != nullptr) {
+        const int tile = blockIdx.y;
+        if (tile >= p.capacity_tiles || tile * p.tile_m >= *p.num_padded) return false;
+        expert = p.tile_experts[tile];
+        if (expert < 0) return false;
+        const int first_slot = p.expert_offsets[expert];
+        slot_begin = tile * p.tile_m;
+        if ((slot_begin - first_slot) % BN != 0) return false;
+        slot_end = min(slot_begin + BN, p.expert_offsets[expert + 1]);
+    } else {
+        expert = blockIdx.z;
+        slot_begin = blockIdx.y * BN;
+        if (slot_begin >= p.dense_rows) return false;
+        slot_end = min(slot_begin + BN, p.dense_rows);
+    }
+    return true;
+}
 
 // rope_q_k's q half on this block's output tile (dense mode; params.h MoeGemmParams.rope): features
 // [feature_begin, feature_begin + features) of rows [row_begin, row_begin + rows), read back after the block's stores

@@ -95,7 +95,7 @@ fn one_layer_prefill_and_paged_decode(device: &Device) {
 fn one_layer_fp8_activations(device: &Device) {
     one_layer(device, Layout::Native, WeightFormat::Fp8PerTensor, true);
     one_layer(device, hf(), WeightFormat::Fp8PerTensor, true);
-    graphs_equal_eager_steps(device, WeightFormat::Fp8PerTensor, true);
+    let _ = graphs_equal_eager_steps(device, WeightFormat::Fp8PerTensor, true);
     let config = ModelConfig { n_layers: 1, ..ModelConfig::tiny() };
     let f = fixture(&config, Layout::Native, WeightFormat::Bf16, 5);
     let model = DeviceModel::load(device, &f.checkpoint, Shard::SINGLE).unwrap();
@@ -324,29 +324,41 @@ fn bad_requests_are_refused_before_they_join(device: &Device) {
 /// two sequences the block-table capacity goes 2 -> 4 pages (the 4-page shape is captured at its second step and
 /// replayed while the sequences grow within it); then one sequence leaves and the other goes on alone at 8 pages (a
 /// second graph, replayed for its last steps). On the interpreter the graph is the recorded launch list, and any host
-/// copy inside the capture is an error, so this also proves the step is graph-safe.
+/// copy inside the capture is an error, so this also proves the step is graph-safe. Recording the routing
+/// (`EngineOptions::record_routing`, what the teacher-forced tests run) captures nothing and changes no logit.
 fn decode_graphs_equal_eager_steps(device: &Device) {
-    graphs_equal_eager_steps(device, WeightFormat::Bf16, false);
+    let (run, (eager_tokens, eager_steps, _)) = graphs_equal_eager_steps(device, WeightFormat::Bf16, false);
+    let (tokens, steps, captured) = run(EngineOptions { record_routing: true, ..options(2) });
+    assert_eq!(captured, 0, "a step that records its routing runs eagerly");
+    assert_eq!(tokens, eager_tokens);
+    assert!(steps == eager_steps, "recording the routing changed the logits");
 }
 
-/// [`decode_graphs_equal_eager_steps`] for `format` experts, in W8A8 when `fp8_activations`.
-fn graphs_equal_eager_steps(device: &Device, format: WeightFormat, fp8_activations: bool) {
+/// The requests of one run of [`graphs_equal_eager_steps`]: their tokens, each step's (request, token, logits), and the
+/// graphs captured.
+type GraphRun = (Vec<Vec<u32>>, Vec<(small4::model::engine::RequestId, u32, Vec<f32>)>, usize);
+
+/// [`decode_graphs_equal_eager_steps`] for `format` experts, in W8A8 when `fp8_activations`; returns the same run under
+/// other options, and the eager run.
+fn graphs_equal_eager_steps(device: &Device, format: WeightFormat, fp8_activations: bool) -> (impl Fn(EngineOptions) -> GraphRun + '_, GraphRun) {
     let config = ModelConfig { n_layers: 2, ..ModelConfig::tiny() };
     let f = fixture(&config, Layout::Native, format, 23);
-    let requests = || vec![greedy(prompt(3, 1, config.vocab), 12), greedy(prompt(2, 2, config.vocab), 6)];
-    let run = |graphs: bool| {
+    let vocab = config.vocab;
+    let requests = move || vec![greedy(prompt(3, 1, vocab), 12), greedy(prompt(2, 2, vocab), 6)];
+    let run = move |options: EngineOptions| -> GraphRun {
         let model = DeviceModel::load(device, &f.checkpoint, Shard::SINGLE).unwrap();
-        let mut engine = Engine::new(model, EngineOptions { graphs, fp8_activations, ..options(2) }, None).unwrap();
+        let mut engine = Engine::new(model, EngineOptions { fp8_activations, ..options }, None).unwrap();
         let mut steps = Vec::new();
         let tokens = engine.generate(requests(), |t| steps.push((t.id, t.token, t.logits.clone().unwrap()))).unwrap();
         (tokens, steps, engine.captured_graphs())
     };
-    let (eager_tokens, eager_steps, none) = run(false);
-    let (graph_tokens, graph_steps, captured) = run(true);
+    let (eager_tokens, eager_steps, none) = run(EngineOptions { graphs: false, ..options(2) });
+    let (graph_tokens, graph_steps, captured) = run(EngineOptions { graphs: true, ..options(2) });
     assert_eq!(none, 0, "graphs off must not capture");
     assert!(captured >= 2, "expected graphs for (2 sequences, 4 pages) and (1 sequence, 8 pages), got {captured}");
     assert_eq!(graph_tokens, eager_tokens);
     assert!(graph_steps == eager_steps, "a replayed step's logits differ from the eager step's");
+    (run, (eager_tokens, eager_steps, none))
 }
 
 /// Chunked prefill (issue 18): prompts of 5 and 9 chunks (budget 4 tokens a step) beside another sequence's decode

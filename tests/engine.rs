@@ -13,7 +13,9 @@
 //! teacher-forced (`common::forced`): the engine records each step's routing (`EngineOptions::record_routing`), the
 //! reference runs the engine's tokens with the engine's experts (`ReferenceModel::forward_routed`), and every forced
 //! expert must be a near-tie of the reference's own router (within `ROUTER_NOISE`). The seeds are 0..SEEDS for every
-//! format, not chosen.
+//! format, not chosen. FP8 block-128 needed 0.25 before the forcing (0.10 at seed 25, HF layout): forced, seed 25 gives
+//! 0.043, with two tokens routed off the reference's own choice by a gap of 0.0095, the margin that run reported:
+//! the difference was that near-tie, not its attention paths.
 
 mod common;
 

@@ -193,19 +193,21 @@ backend_tests!(
 );
 
 /// Traffic efficiency (ideal bytes / bytes in the 32-byte sectors the warps touched) of each kernel on the
-/// interpreter, printed and required above 0.95. Ideal = the stored arrays + the bf16 output, each byte once.
+/// interpreter, printed and required within 0.01 of docs/perf.md's table (the same at any row count: the excess is one
+/// scale sector per warp tile). Ideal = the stored arrays + the bf16 output, each byte once.
 fn check_traffic(rows: usize, cols: usize) {
     let device = small4::device::simulator();
     let weights = random_weights(rows, cols, 3);
+    // (format, docs/perf.md's efficiency)
     let formats = [
-        WeightFormat::Fp8PerTensor,
-        WeightFormat::Fp8Block128,
-        WeightFormat::INT4_G128,
-        WeightFormat::Int4 { group: 128, zero_point: true },
-        WeightFormat::Nvfp4,
+        (WeightFormat::Fp8PerTensor, 1.000),
+        (WeightFormat::Fp8Block128, 0.980),
+        (WeightFormat::INT4_G128, 0.994),
+        (WeightFormat::Int4 { group: 128, zero_point: true }, 0.985),
+        (WeightFormat::Nvfp4, 1.000),
     ];
     let out = DeviceBuffer::<bf16>::filled_with_byte(&device, rows * cols, 0xff).unwrap();
-    for format in formats {
+    for (format, figure) in formats {
         let matrix = QuantizedMatrix::quantize(format, &weights, rows, cols).unwrap();
         let on_device = DeviceQuantized::upload(&device, &matrix).unwrap();
         let started = std::time::Instant::now();
@@ -223,7 +225,7 @@ fn check_traffic(rows: usize, cols: usize) {
             counters.sector_bytes(),
             counters.instructions
         );
-        assert!(efficiency > 0.95, "{format}: traffic efficiency {efficiency:.3}");
+        assert!(efficiency >= figure - 0.01, "{format}: traffic efficiency {efficiency:.3} below docs/perf.md's {figure} - 0.01");
     }
 }
 
@@ -233,10 +235,9 @@ fn traffic_at_expert_width() {
     check_traffic(256, 4096);
 }
 
-/// The whole expert matrix [2048, 4096] (w1 / w3 of one expert), ~90 s on the interpreter: run on demand for
-/// docs/perf.md with `cargo test --test dequant traffic_at_expert_shape -- --ignored --nocapture`.
+/// The whole expert matrix [2048, 4096] (w1 / w3 of one expert), ~8 s on the interpreter: the docs/perf.md table,
+/// printed by `cargo test --test dequant traffic_at_expert_shape -- --nocapture`.
 #[test]
-#[ignore = "real expert shape, ~90 s on the interpreter"]
 fn traffic_at_expert_shape() {
     check_traffic(2048, 4096);
 }

@@ -817,44 +817,74 @@ backend_tests!(
 
 /// Traffic of the two grouped GEMMs at decode shapes with the model's real sizes (dim 4096, hidden 2048), from the
 /// interpreter's counters: 32-byte sectors moved / ideal bytes (weights and scales of the touched experts read once,
-/// the activations read once, the outputs written once). Slow (minutes): run with
-/// `cargo test --test moe decode_traffic -- --ignored --nocapture` (one test per format, they run in parallel).
+/// the activations read once, the outputs written once), each within 0.01 of the figures of docs/perf.md, and the
+/// distinct sectors (the DRAM estimate) at the ideal. Slow (about 90 s each for 4-bit weights, minutes for bf16): run
+/// with `cargo test --test moe decode_traffic -- --ignored --nocapture` (one test per format, they run in parallel);
+/// `decode_traffic_at_small_dims` guards the same ratios at a quarter of the sizes in the normal suite.
 #[test]
-#[ignore]
+#[ignore = "real dims: minutes on the interpreter; the docs/perf.md table"]
 fn decode_traffic_bf16() {
-    decode_traffic_at_real_dims(WeightFormat::Bf16);
+    check_decode_traffic(WeightFormat::Bf16, None, REAL_DIMS, [[1.017, 1.018], [1.251, 1.250]]);
 }
 
 #[test]
-#[ignore]
+#[ignore = "real dims: minutes on the interpreter; the docs/perf.md table"]
 fn decode_traffic_nvfp4() {
-    decode_traffic_at_real_dims(WeightFormat::Nvfp4);
+    check_decode_traffic(WeightFormat::Nvfp4, None, REAL_DIMS, [[1.059, 1.063], [1.879, 1.807]]);
 }
 
 #[test]
-#[ignore]
+#[ignore = "real dims: minutes on the interpreter; the docs/perf.md table"]
 fn decode_traffic_fp8() {
-    decode_traffic_at_real_dims(WeightFormat::Fp8PerTensor);
+    check_decode_traffic(WeightFormat::Fp8PerTensor, None, REAL_DIMS, [[1.033, 1.036], [1.499, 1.480]]);
 }
 
 /// The W8A8 kernels (per-tensor fp8 weights, e4m3 activations); the activation quantiser's launches are not counted.
 #[test]
-#[ignore]
+#[ignore = "real dims: minutes on the interpreter; the docs/perf.md table"]
 fn decode_traffic_fp8_w8a8() {
-    decode_traffic_at_real_dims_with(WeightFormat::Fp8PerTensor, Some(W8A8_SCALES));
+    check_decode_traffic(WeightFormat::Fp8PerTensor, Some(W8A8_SCALES), REAL_DIMS, [[1.018, 1.020], [1.255, 1.258]]);
+}
+
+/// The model's expert sizes: (dim, hidden).
+const REAL_DIMS: (usize, usize) = (4096, 2048);
+
+/// The decode-traffic ratios of every format at a quarter of the real sizes (dim 1024, hidden 512), where each row's
+/// excess has the same sources (the activation rows re-read by every block column, the half-used sectors of the bf16
+/// stores) in about the same proportion, so a change of the kernels' access pattern shows here in the normal suite.
+/// Limits: the figures measured at these sizes (2026-12-06) plus 0.01; ~15 s on the interpreter.
+#[test]
+fn decode_traffic_at_small_dims() {
+    let small = (1024, 512);
+    check_decode_traffic(WeightFormat::Bf16, None, small, SMALL_LIMITS[0]);
+    check_decode_traffic(WeightFormat::Nvfp4, None, small, SMALL_LIMITS[1]);
+    check_decode_traffic(WeightFormat::Fp8PerTensor, None, small, SMALL_LIMITS[2]);
+    check_decode_traffic(WeightFormat::Fp8PerTensor, Some(W8A8_SCALES), small, SMALL_LIMITS[3]);
+}
+
+/// [`decode_traffic_at_small_dims`]'s figures: per format (bf16, nvfp4, fp8, fp8 W8A8), per batch (1, 32), the
+/// sectors / ideal of (up + SwiGLU, down x weight).
+const SMALL_LIMITS: [[[f64; 2]; 2]; 4] =
+    [[[1.020, 1.025], [1.255, 1.248]], [[1.070, 1.086], [1.850, 1.650]], [[1.040, 1.049], [1.496, 1.435]], [[1.024, 1.034], [1.268, 1.276]]];
+
+/// Runs [`decode_traffic_at_dims`] and requires each row's sectors / ideal within 0.01 of `figures[batch][kernel]`
+/// (batches 1 and 32; kernels up + SwiGLU and down x weight) and its distinct sectors within 0.1% of ideal.
+fn check_decode_traffic(format: WeightFormat, w8a8: Option<Fp8ActScales>, dims: (usize, usize), figures: [[f64; 2]; 2]) {
+    for (row, ratios) in decode_traffic_at_dims(format, w8a8, dims).iter().enumerate() {
+        let (figure, [sectors, distinct]) = (figures[row / 2][row % 2], *ratios);
+        assert!(sectors <= figure + 0.01, "{format} (W8A8 {}) at {dims:?}, row {row}: sectors / ideal {sectors:.3} above {figure:.3} + 0.01", w8a8.is_some());
+        assert!(distinct <= 1.001, "{format} (W8A8 {}) at {dims:?}, row {row}: distinct sectors / ideal {distinct:.4}", w8a8.is_some());
+    }
 }
 
 /// Prints one Markdown table row per (batch, kernel): `| format | tokens | experts touched | kernel | sector bytes |
-/// distinct sector bytes | ideal bytes | sectors / ideal | distinct / ideal |` (distinct = DRAM if L2 keeps re-reads).
-fn decode_traffic_at_real_dims(format: WeightFormat) {
-    decode_traffic_at_real_dims_with(format, None);
-}
-
-/// [`decode_traffic_at_real_dims`], with e4m3 activations (the W8A8 kernels, 1 byte per activation element) when
-/// `w8a8` holds scales.
-fn decode_traffic_at_real_dims_with(format: WeightFormat, w8a8: Option<Fp8ActScales>) {
+/// distinct sector bytes | ideal bytes | sectors / ideal | distinct / ideal |` (distinct = DRAM if L2 keeps re-reads),
+/// for batches 1 and 32 on 4 experts at `(dim, hidden)`, with e4m3 activations (the W8A8 kernels, 1 byte per
+/// activation element) when `w8a8` holds scales. Returns each row's [sectors / ideal, distinct / ideal] in that order.
+fn decode_traffic_at_dims(format: WeightFormat, w8a8: Option<Fp8ActScales>, (dim, hidden): (usize, usize)) -> Vec<[f64; 2]> {
     let device = small4::device::simulator();
-    let (dim, hidden, k) = (4096, 2048, 4);
+    let k = 4;
+    let mut ratios = Vec::new();
     {
         let mut rng = rng(11);
         let expert = random_expert(&mut rng, format, dim, hidden);
@@ -913,14 +943,15 @@ fn decode_traffic_at_real_dims_with(format: WeightFormat, w8a8: Option<Fp8ActSca
             let down_ideal = touched * weights.down.bytes_per_expert + pairs * hidden * in_bytes + pairs * dim * 4 + pairs * 4 + grouping_bytes;
             let format = if w8a8.is_some() { format!("{format} W8A8") } else { format.to_string() };
             for (name, counters, ideal) in [("up + SwiGLU", up_counters, up_ideal), ("down x weight", down_counters, down_ideal)] {
+                let (sectors, distinct) = (counters.sector_bytes() as f64 / ideal as f64, counters.dram_bytes() as f64 / ideal as f64);
                 println!(
-                    "| {format} | {tokens} | {touched} | {name} | {} | {} | {ideal} | {:.3} | {:.3} |",
+                    "| {format} | {tokens} | {touched} | {name} | {} | {} | {ideal} | {sectors:.3} | {distinct:.3} |",
                     counters.sector_bytes(),
-                    counters.dram_bytes(),
-                    counters.sector_bytes() as f64 / ideal as f64,
-                    counters.dram_bytes() as f64 / ideal as f64
+                    counters.dram_bytes()
                 );
+                ratios.push([sectors, distinct]);
             }
         }
     }
+    ratios
 }

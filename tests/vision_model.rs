@@ -8,6 +8,9 @@
 
 mod common;
 
+/// The engine tests' one logit tolerance (tests/common/forced.rs says why).
+use common::forced::{LOGIT_ABS, LOGIT_REL};
+
 use small4::device::Device;
 use small4::model::checkpoint::{Checkpoint, Layout};
 use small4::model::config::ModelConfig;
@@ -21,9 +24,6 @@ use small4::Error;
 
 const FEATURE_ABS: f32 = 0.05;
 const FEATURE_REL: f32 = 0.05;
-/// The engine tests' logit tolerance (tests/engine.rs says why).
-const LOGIT_ABS: f32 = 0.08;
-const LOGIT_REL: f32 = 0.03;
 const SEED: u64 = 23;
 
 /// A deterministic pseudo-random normalised image of `width x height`.

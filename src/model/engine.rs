@@ -791,6 +791,54 @@ pub struct StepToken {
     pub logits: Option<Vec<f32>>,
 }
 
+/// The experts every layer routed each token of a step to ([`Engine::last_routing`], with
+/// `EngineOptions::record_routing`): what a teacher-forced comparison gives the CPU reference
+/// (`ReferenceModel::forward_routed`), so that a router near-tie cannot make the two run different experts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepRouting {
+    /// Experts per token.
+    pub k: usize,
+    /// The step's sequences in batch order and the rows of their tokens: the request of each (None in a batch of
+    /// [`Engine::forward_logits`], whose order is the caller's).
+    pub sequences: Vec<(Option<RequestId>, std::ops::Range<usize>)>,
+    /// Per layer, `[tokens, k]` global expert ids of the step's tokens, best first (the router's `topk_ids`).
+    pub ids: Vec<Vec<i32>>,
+}
+
+impl StepRouting {
+    /// Per layer, the ids of the tokens `rows` (`[rows.len(), k]`), the form `ReferenceModel::forward_routed` takes;
+    /// `Error::OutOfRange` past the step's tokens.
+    ///
+    /// ```
+    /// use small4::model::engine::{RequestId, StepRouting};
+    ///
+    /// // Two layers, k = 2, a step of two requests: request 7 fed 1 token, request 3 fed 2.
+    /// let routing = StepRouting {
+    ///     k: 2,
+    ///     sequences: vec![(Some(RequestId(7)), 0..1), (Some(RequestId(3)), 1..3)],
+    ///     ids: vec![vec![0, 1, 2, 3, 4, 5], vec![10, 11, 12, 13, 14, 15]],
+    /// };
+    /// assert_eq!(routing.rows(1..3)?, [vec![2, 3, 4, 5], vec![12, 13, 14, 15]]);
+    /// assert_eq!(routing.of_request(RequestId(7)), Some(vec![vec![0, 1], vec![10, 11]]));
+    /// assert_eq!(routing.of_request(RequestId(1)), None);
+    /// assert!(routing.rows(2..4).is_err());
+    /// # Ok::<(), small4::Error>(())
+    /// ```
+    pub fn rows(&self, rows: std::ops::Range<usize>) -> Result<Vec<Vec<i32>>> {
+        let tokens = self.ids.first().map_or(0, |ids| ids.len() / self.k.max(1));
+        if rows.start > rows.end || rows.end > tokens {
+            return Err(Error::OutOfRange { what: "routing rows".into(), index: rows.end as i64, limit: tokens as i64 });
+        }
+        Ok(self.ids.iter().map(|ids| ids[rows.start * self.k..rows.end * self.k].to_vec()).collect())
+    }
+
+    /// [`StepRouting::rows`] of `request`'s tokens in the step; None when it was not in the step.
+    pub fn of_request(&self, request: RequestId) -> Option<Vec<Vec<i32>>> {
+        let (_, rows) = self.sequences.iter().find(|(id, _)| *id == Some(request))?;
+        self.rows(rows.clone()).ok()
+    }
+}
+
 /// How an [`Engine`] sizes its cache and runs its steps. The default: pages of `DEFAULT_PAGE_SIZE` tokens, 64 pages,
 /// a bf16 cache, [`DEFAULT_EOS`] as the stop token, graphs on, no logits read back, bf16 activations.
 #[derive(Clone, Copy, Debug)]
@@ -821,6 +869,10 @@ pub struct EngineOptions {
     pub prefill_chunk: usize,
     /// Decode graphs kept (one per batch size and table capacity); the least recently used is dropped past this.
     pub max_decode_graphs: usize,
+    /// Keep every layer's expert choice of each step for [`Engine::last_routing`] (tests, diagnostics): one device
+    /// copy of the router's ids per layer, and every step runs eagerly (a captured graph holds launches only). Off,
+    /// nothing is copied and the steps are as without it.
+    pub record_routing: bool,
 }
 
 /// The default step token budget: 2048 tokens keep a prefill step's GEMMs on the tensor cores' efficient side on
@@ -876,6 +928,7 @@ impl Default for EngineOptions {
             fp8_activations: false,
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
             max_decode_graphs: 8,
+            record_routing: false,
         }
     }
 }
@@ -1040,6 +1093,8 @@ struct Network<'a> {
     options: &'a EngineOptions,
     collective: Option<&'a dyn Collective>,
     gather_status: &'a GatherStatus,
+    /// `EngineOptions::record_routing`: where each layer's router ids are copied (`[layers, tokens, k]`).
+    routing_record: Option<&'a DeviceBuffer<i32>>,
 }
 
 /// A prefill's image features and the `[IMG]` rows of the step they replace after the embedding gather.
@@ -1103,6 +1158,10 @@ pub struct Engine {
     next_id: u64,
     /// Steps run so far.
     steps: u64,
+    /// With `EngineOptions::record_routing`: every layer's router ids of the last forward pass (`[layers, tokens,
+    /// k]`), and its sequences (`StepRouting::sequences`) once the pass succeeded.
+    routing_record: Option<DeviceBuffer<i32>>,
+    recorded_sequences: Option<Vec<(Option<RequestId>, std::ops::Range<usize>)>>,
 }
 
 impl Engine {
@@ -1153,6 +1212,8 @@ impl Engine {
             active: BTreeMap::new(),
             next_id: 0,
             steps: 0,
+            routing_record: None,
+            recorded_sequences: None,
             options,
             model,
         })
@@ -1279,12 +1340,16 @@ impl Engine {
             ids.iter().map(|id| if self.active[id].generated == 0 { self.active[id].images.clone() } else { Vec::new() }).collect();
         let with_images = images.iter().any(|i| !i.is_empty());
         let decode_only = batch.iter().all(|(_, tokens)| tokens.len() == 1) && plan.iter().all(|p| p.samples);
-        if decode_only && !with_images && self.options.graphs && self.graphs_supported && self.collective.is_none() {
+        let graphs = self.options.graphs && !self.options.record_routing && self.graphs_supported;
+        if decode_only && !with_images && graphs && self.collective.is_none() {
             // Tokens each request may still add after this step: the pages taken ahead for them.
             let ahead: Vec<usize> = ids.iter().map(|id| self.active[id].request.max_tokens.saturating_sub(self.active[id].generated + 1)).collect();
             self.decode_with_graph(&batch, &ahead)?;
         } else {
             self.forward_device(&batch, &images, HeadRows::Last)?;
+            if let Some(sequences) = &mut self.recorded_sequences {
+                sequences.iter_mut().zip(&ids).for_each(|((request, _), &id)| *request = Some(id));
+            }
         }
         let (_, head) = self.last_outputs();
         // Head row i is request i's last token.
@@ -1415,6 +1480,39 @@ impl Engine {
         self.kv.add_sequence()
     }
 
+    /// The experts each layer chose for every token of the last step (or [`Engine::forward_logits`] pass), read back
+    /// from the device (a host round trip, only here). `Error::InvalidArgument` without
+    /// `EngineOptions::record_routing`, before any pass, or after a pass that failed.
+    ///
+    /// ```
+    /// use small4::model::engine::{DeviceModel, Engine, EngineOptions, Request, Sampling};
+    /// use small4::model::synth::SyntheticModel;
+    /// use small4::model::ModelConfig;
+    /// use small4::quant::WeightFormat;
+    ///
+    /// let synthetic = SyntheticModel::new(ModelConfig { n_layers: 1, ..ModelConfig::tiny() }, WeightFormat::Bf16, 1)?;
+    /// let model = DeviceModel::synthetic(&small4::device::simulator(), &synthetic)?;
+    /// let mut engine = Engine::new(model, EngineOptions { record_routing: true, eos: None, ..EngineOptions::default() }, None)?;
+    /// let id = engine.add(Request { prompt: vec![1, 300, 301], max_tokens: 1, sampling: Sampling::Greedy })?;
+    /// engine.step()?;
+    /// let routing = engine.last_routing()?;
+    /// let k = synthetic.config.experts_per_token;
+    /// assert_eq!(routing.of_request(id).unwrap()[0].len(), 3 * k); // layer 0: the prompt's 3 tokens
+    /// # Ok::<(), small4::Error>(())
+    /// ```
+    pub fn last_routing(&self) -> Result<StepRouting> {
+        let (Some(record), Some(sequences)) = (&self.routing_record, &self.recorded_sequences) else {
+            return Err(Error::InvalidArgument("no routing recorded (EngineOptions::record_routing, after a step that succeeded)".into()));
+        };
+        let all = record.to_vec()?;
+        let per_layer = all.len() / self.model.config.n_layers;
+        Ok(StepRouting {
+            k: self.model.config.experts_per_token,
+            sequences: sequences.clone(),
+            ids: all.chunks_exact(per_layer).map(<[i32]>::to_vec).collect(),
+        })
+    }
+
     /// The workspace and head rows of the last forward pass.
     fn last_outputs(&self) -> (&Workspace, &Head) {
         match self.last_step {
@@ -1510,7 +1608,14 @@ impl Engine {
         }
         self.last_step = LastStep::Decode(shape);
         let device = self.model.device.clone();
-        let net = Network { model: &self.model, caches: &self.caches, options: &self.options, collective: None, gather_status: &self.gather_status };
+        let net = Network {
+            model: &self.model,
+            caches: &self.caches,
+            options: &self.options,
+            collective: None,
+            gather_status: &self.gather_status,
+            routing_record: None,
+        };
         if let Some(graph) = &g.graph {
             return device.replay(graph);
         }
@@ -1563,6 +1668,12 @@ impl Engine {
         let tables = BlockTables::upload(&device, &self.kv.batch_tables(&seqs)?, self.kv.descriptor())?;
         let q_layout = QueryLayout::upload(&device, &layout.q_start)?;
         let slots = TokenSlots::upload(&device, &layout.token_seq, &layout.positions)?;
+        self.recorded_sequences = None;
+        let record_len = self.model.config.n_layers * t * self.model.config.experts_per_token;
+        if self.options.record_routing && self.routing_record.as_ref().is_none_or(|r| r.len() != record_len) {
+            self.routing_record = None;
+            self.routing_record = Some(DeviceBuffer::alloc(&device, record_len)?);
+        }
         let ws = self.workspace.as_ref().unwrap();
         ws.ids.copy_from(&layout.ids)?;
         ws.positions.copy_from(&layout.positions)?;
@@ -1574,8 +1685,13 @@ impl Engine {
             options: &self.options,
             collective: self.collective.as_deref(),
             gather_status: &self.gather_status,
+            routing_record: self.routing_record.as_ref().filter(|_| self.options.record_routing),
         };
-        net.run(ws, head, &tables, &q_layout, &slots, &mut self.scratch, image_rows.as_ref().map(|(features, rows)| ImageRows { features, rows }).as_ref())
+        net.run(ws, head, &tables, &q_layout, &slots, &mut self.scratch, image_rows.as_ref().map(|(features, rows)| ImageRows { features, rows }).as_ref())?;
+        if self.options.record_routing {
+            self.recorded_sequences = Some(layout.q_start.windows(2).map(|w| (None, w[0] as usize..w[1] as usize)).collect());
+        }
+        Ok(())
     }
 
     /// The vision tower over every image of the batch (`images[s]` belong to sequence `s`, whose tokens start at
@@ -1685,6 +1801,9 @@ impl Network<'_> {
 
             // Mixture of experts: route, grouped up (SwiGLU), grouped down (x routing weight), shared, combine.
             router::route_and_align_into(ws.h.view([t, dim])?, layer.gate.view([c.experts, dim])?, &m.expert_map, &router_config, &ws.router, &ws.routing)?;
+            if let Some(record) = self.routing_record {
+                record.copy_within_device(l * t * k, &ws.routing.topk_ids, 0, t * k)?;
+            }
             let a = &ws.routing.alignment;
             let grouping = Grouping {
                 sorted_pairs: &a.sorted_pairs,

@@ -31,7 +31,7 @@ use rayon::prelude::*;
 
 use super::attention::latent_attention;
 use super::linear::{dot, round_bf16};
-use super::moe::{route, routing_margin, softmax, swiglu_by, ExpertWeights, Routing};
+use super::moe::{forcing_gap, route, route_forced, routing_margin, softmax, swiglu_by, ExpertWeights, Routing};
 use super::norm::rms_norm;
 use super::rope::{apply_interleaved, llama4_query_scale, yarn_inv_freq};
 use super::vision::{check_image_slots, PixelImage, VisionLayerWeights, VisionTower, VisionWeights};
@@ -299,6 +299,8 @@ pub struct ReferenceKvCache {
     layers: Vec<Vec<f32>>,
     /// Per cached token, the smallest `routing_margin` over the MoE layers.
     router_margins: Vec<f32>,
+    /// Per cached token, the largest `forcing_gap` over the MoE layers (0 for tokens the router routed itself).
+    forced_gaps: Vec<f32>,
 }
 
 impl ReferenceKvCache {
@@ -316,6 +318,7 @@ impl ReferenceKvCache {
             tokens: 0,
             layers: vec![Vec::new(); config.n_layers],
             router_margins: Vec::new(),
+            forced_gaps: Vec::new(),
         }
     }
 
@@ -338,6 +341,14 @@ impl ReferenceKvCache {
     /// computation may route the token to other experts.
     pub fn router_margins(&self) -> &[f32] {
         &self.router_margins
+    }
+
+    /// Per cached token, in order: how far the experts forced on it ([`ReferenceModel::forward_routed`]) were from
+    /// this model's own choice, the largest `moe::forcing_gap` over the MoE layers in router-logit units (0 where
+    /// they were its own choice, and for tokens run by [`ReferenceModel::forward`]). A teacher-forced comparison
+    /// bounds it by the router logits' noise: a larger gap is a wrong routing, not a near-tie.
+    pub fn forced_gaps(&self) -> &[f32] {
+        &self.forced_gaps
     }
 
     /// The rows of layer `layer`: [len, width].
@@ -463,6 +474,51 @@ impl<W: WeightSource> ReferenceModel<W> {
     /// refuse a prompt with `[IMG]` tokens and no images (`check_image_slots`). A weight that cannot be read fails
     /// the pass and leaves `cache` as it was.
     pub fn forward_with_images(&self, tokens: &[u32], images: &[PixelImage], cache: &mut ReferenceKvCache) -> Result<Vec<f32>> {
+        self.forward_checked(tokens, images, None, cache)
+    }
+
+    /// [`Self::forward`] with the routed experts of every MoE layer given instead of chosen: `routing[layer]` holds
+    /// `[tokens, k]` expert ids (an entry of a dense layer is ignored). Teacher forcing with another computation's
+    /// routing (the engine's `StepRouting`): where its router logits and these part at a near-tie of the k-th and
+    /// (k+1)-th expert, both then run the same experts, and their logits stay comparable. The experts' weights are
+    /// this model's (`moe::route_forced`: its softmax over all experts, the given experts' probabilities
+    /// renormalised), and the cache records how far the given experts were from its own choice
+    /// ([`ReferenceKvCache::forced_gaps`]). `Error::Shape` when `routing` does not hold `n_layers` entries of
+    /// `tokens.len() * k` ids (MoE layers), errors of `route_forced` for bad ids; the cache is then unchanged.
+    ///
+    /// ```
+    /// use small4::model::ModelConfig;
+    /// use small4::reference::model::{ForwardOptions, ReferenceModel, ReferenceWeights};
+    ///
+    /// let config = ModelConfig { n_layers: 1, ..ModelConfig::tiny() };
+    /// let model = ReferenceModel::new(ReferenceWeights::random(&config, 1)?, ForwardOptions::default())?;
+    /// let (mut own, mut forced) = (model.new_cache(), model.new_cache());
+    /// let logits = model.forward(&[1, 2], &mut own)?;
+    /// // Forced to expert 0..k for both tokens: other logits, and a gap unless that was the router's choice.
+    /// let ids: Vec<i32> = (0..2).flat_map(|_| 0..config.experts_per_token as i32).collect();
+    /// let forced_logits = model.forward_routed(&[1, 2], &[ids], &mut forced)?;
+    /// assert_eq!(forced_logits.len(), logits.len());
+    /// assert_eq!(forced.forced_gaps().len(), 2);
+    /// assert!(model.forward_routed(&[3], &[vec![0]], &mut forced).is_err()); // one id, k expected
+    /// assert_eq!(forced.len(), 2);
+    /// # Ok::<(), small4::Error>(())
+    /// ```
+    pub fn forward_routed(&self, tokens: &[u32], routing: &[Vec<i32>], cache: &mut ReferenceKvCache) -> Result<Vec<f32>> {
+        let c = self.config();
+        if routing.len() != c.n_layers {
+            return Err(Error::shape("forced routing layers", c.n_layers, routing.len()));
+        }
+        for (layer, ids) in routing.iter().enumerate().filter(|(l, _)| c.is_moe_layer(*l)) {
+            if ids.len() != tokens.len() * c.experts_per_token {
+                return Err(Error::shape(format!("forced routing of layer {layer} [tokens, k]"), tokens.len() * c.experts_per_token, ids.len()));
+            }
+        }
+        self.forward_checked(tokens, &[], Some(routing), cache)
+    }
+
+    /// The checks of [`Self::forward_with_images`], then the layers (the MoE layers routed by `forced` when given);
+    /// the cache is unchanged when the pass fails.
+    fn forward_checked(&self, tokens: &[u32], images: &[PixelImage], forced: Option<&[Vec<i32>]>, cache: &mut ReferenceKvCache) -> Result<Vec<f32>> {
         let c = self.config();
         if tokens.is_empty() {
             return Err(Error::InvalidArgument("forward: no tokens".into()));
@@ -482,7 +538,7 @@ impl<W: WeightSource> ReferenceModel<W> {
             return Err(Error::OutOfRange { what: "position".into(), index: last_position as i64, limit: c.max_position as i64 });
         }
         let cached_rows: Vec<usize> = cache.layers.iter().map(Vec::len).collect();
-        let logits = self.run_layers(tokens, images, cache);
+        let logits = self.run_layers(tokens, images, forced, cache);
         match logits {
             Ok(_) => cache.tokens += tokens.len(),
             Err(_) => cache.layers.iter_mut().zip(cached_rows).for_each(|(rows, len)| rows.truncate(len)),
@@ -491,7 +547,7 @@ impl<W: WeightSource> ReferenceModel<W> {
     }
 
     /// The body of [`Self::forward_with_images`] after its checks: embeddings, the layers, the head.
-    fn run_layers(&self, tokens: &[u32], images: &[PixelImage], cache: &mut ReferenceKvCache) -> Result<Vec<f32>> {
+    fn run_layers(&self, tokens: &[u32], images: &[PixelImage], forced: Option<&[Vec<i32>]>, cache: &mut ReferenceKvCache) -> Result<Vec<f32>> {
         let c = self.config();
         let dim = c.dim;
         let embeddings = self.weights.matrix(Weight::TokEmbeddings)?;
@@ -511,17 +567,20 @@ impl<W: WeightSource> ReferenceModel<W> {
             }
         }
         let mut margins = vec![f32::INFINITY; tokens.len()];
+        let mut gaps = vec![0f32; tokens.len()];
         for layer in 0..c.n_layers {
             let h = self.norm(&x, &self.weights.vector(Weight::AttentionNorm(layer))?);
             let attn = self.attention(&h, layer, &mut cache.layers[layer], cache.tokens, cache.start_position)?;
             self.residual_add(&mut x, &attn);
             let h = self.norm(&x, &self.weights.vector(Weight::FfnNorm(layer))?);
-            let ffn = self.feed_forward(&h, layer, tokens.len(), &mut margins)?;
+            let routing = RouterNotes { forced: forced.map(|f| &f[layer][..]), margins: &mut margins, gaps: &mut gaps };
+            let ffn = self.feed_forward(&h, layer, tokens.len(), routing)?;
             self.residual_add(&mut x, &ffn);
         }
         let h = self.norm(&x, &self.weights.vector(Weight::Norm)?);
         let logits = self.weights.matrix(Weight::Output)?.matmul(&h)?;
         cache.router_margins.extend(margins);
+        cache.forced_gaps.extend(gaps);
         Ok(logits)
     }
 
@@ -728,16 +787,26 @@ impl<W: WeightSource> ReferenceModel<W> {
         out
     }
 
-    /// The feed-forward block of `layer` on `h` [tokens, dim]: the dense SwiGLU, or the router, the routed experts
-    /// and the shared experts; lowers each token's entry of `margins` to its routing margin in this layer.
-    fn feed_forward(&self, h: &[f32], layer: usize, tokens: usize, margins: &mut [f32]) -> Result<Vec<f32>> {
+    /// The feed-forward block of `layer` on `h` [tokens, dim]: the dense SwiGLU, or the router (or the experts
+    /// `notes.forced`), the routed experts and the shared experts; lowers each token's entry of `notes.margins` to its
+    /// routing margin in this layer and raises its `notes.gaps` to its forcing gap.
+    fn feed_forward(&self, h: &[f32], layer: usize, tokens: usize, notes: RouterNotes) -> Result<Vec<f32>> {
         let c = self.config();
         let act_bf16 = self.options.rounding == RoundingMode::Bf16Activations;
         let mut y = if c.is_moe_layer(layer) {
+            let (experts, k) = (c.experts, c.experts_per_token);
             let logits = self.weights.matrix(Weight::Router(layer))?.matmul(h)?;
-            let routing = route(&logits, c.experts, c.experts_per_token, c.routed_scale);
-            for (margin, row) in margins.iter_mut().zip(logits.chunks_exact(c.experts)) {
-                *margin = margin.min(routing_margin(row, c.experts_per_token));
+            let routing = match notes.forced {
+                None => route(&logits, experts, k, c.routed_scale),
+                Some(ids) => {
+                    for ((gap, row), forced) in notes.gaps.iter_mut().zip(logits.chunks_exact(experts)).zip(ids.chunks_exact(k)) {
+                        *gap = gap.max(forcing_gap(row, forced));
+                    }
+                    route_forced(&logits, experts, ids, k, c.routed_scale)?
+                }
+            };
+            for (margin, row) in notes.margins.iter_mut().zip(logits.chunks_exact(experts)) {
+                *margin = margin.min(routing_margin(row, k));
             }
             let scales = self.fp8_act_scales[layer].filter(|_| self.options.fp8_activations);
             let mut y = self.routed_experts(h, layer, &routing, tokens, act_bf16, scales)?;
@@ -798,6 +867,14 @@ impl<W: WeightSource> ReferenceModel<W> {
         }
         Ok(out)
     }
+}
+
+/// What the router of one MoE layer takes and notes per token: the experts to force (None: its own top-k), the
+/// smallest routing margin so far, the largest forcing gap so far.
+struct RouterNotes<'a> {
+    forced: Option<&'a [i32]>,
+    margins: &'a mut [f32],
+    gaps: &'a mut [f32],
 }
 
 fn no_vision_tower() -> Error {

@@ -8,6 +8,7 @@ use rayon::prelude::*;
 use super::linear::matmul_nt;
 use crate::model::checkpoint::ExpertMatrix;
 use crate::quant::fp8::{e4m3_to_f32, f32_to_e4m3};
+use crate::{Error, Result};
 
 /// Top-k choice for each token: `ids[t * k + j]` and `weights[t * k + j]`, best first.
 #[derive(Clone, Debug, PartialEq)]
@@ -26,21 +27,91 @@ pub fn router_logits(hidden: &[f32], gate: &[f32], tokens: usize, dim: usize, ex
 pub fn route(logits: &[f32], experts: usize, k: usize, routed_scale: f32) -> Routing {
     assert!(k >= 1 && k <= experts && logits.len() % experts == 0, "route: k {k} of {experts} experts");
     let tokens = logits.len() / experts;
-    let mut ids = Vec::with_capacity(tokens * k);
-    let mut weights = Vec::with_capacity(tokens * k);
+    let mut routing = Routing { k, ids: Vec::with_capacity(tokens * k), weights: Vec::with_capacity(tokens * k) };
     for row in logits.chunks_exact(experts) {
         let probs = softmax(row);
         let mut order: Vec<usize> = (0..experts).collect();
         // Stable sort by descending probability keeps the lower index first among equals.
         order.sort_by(|&a, &b| probs[b].partial_cmp(&probs[a]).unwrap_or(std::cmp::Ordering::Equal));
-        let chosen = &order[..k];
+        routing.push_renormalised(&probs, &order[..k], routed_scale);
+    }
+    routing
+}
+
+/// The routing of the given experts `ids` (`[tokens, k]`, chosen elsewhere: teacher forcing with the engine's
+/// routing) weighted by these router `logits` as [`route`] weighs its own choice: each token's softmax over all
+/// experts, the given experts' probabilities renormalised and times `routed_scale`, in the given order.
+/// `Error::Shape` when `ids` is not `k` per token of `logits`, `Error::OutOfRange` for an id outside the experts,
+/// `Error::InvalidArgument` for an expert given twice to one token.
+///
+/// ```
+/// use small4::reference::moe::{route, route_forced};
+///
+/// let logits = [0.5, 2.0, 1.9, -1.0];
+/// // The router's own choice, forced, gives the router's routing.
+/// assert_eq!(route_forced(&logits, 4, &[1, 2], 2, 1.0)?, route(&logits, 4, 2, 1.0));
+/// // Another choice keeps the router's probabilities of those experts, renormalised.
+/// let forced = route_forced(&logits, 4, &[1, 0], 2, 1.0)?;
+/// assert!((forced.weights[0] - 1.0 / (1.0 + (-1.5f32).exp())).abs() < 1e-6);
+/// assert!(route_forced(&logits, 4, &[1, 1], 2, 1.0).is_err());
+/// # Ok::<(), small4::Error>(())
+/// ```
+pub fn route_forced(logits: &[f32], experts: usize, ids: &[i32], k: usize, routed_scale: f32) -> Result<Routing> {
+    let tokens = logits.len() / experts.max(1);
+    if k == 0 || k > experts || logits.len() != tokens * experts || ids.len() != tokens * k {
+        return Err(Error::shape("forced routing ids [tokens, k]", format!("[{tokens}, {k}] of {experts} experts"), ids.len()));
+    }
+    let mut routing = Routing { k, ids: Vec::with_capacity(ids.len()), weights: Vec::with_capacity(ids.len()) };
+    for (row, given) in logits.chunks_exact(experts).zip(ids.chunks_exact(k)) {
+        let chosen: Vec<usize> = given
+            .iter()
+            .map(|&id| {
+                usize::try_from(id).ok().filter(|&e| e < experts).ok_or(Error::OutOfRange {
+                    what: "forced expert id".into(),
+                    index: id.into(),
+                    limit: experts as i64,
+                })
+            })
+            .collect::<Result<_>>()?;
+        if let Some(twice) = chosen.iter().enumerate().find(|(j, e)| chosen[..*j].contains(e)).map(|(_, e)| e) {
+            return Err(Error::InvalidArgument(format!("forced routing gives expert {twice} twice to one token")));
+        }
+        routing.push_renormalised(&softmax(row), &chosen, routed_scale);
+    }
+    Ok(routing)
+}
+
+impl Routing {
+    /// Appends one token's `chosen` experts with their probabilities renormalised over the chosen ones, times
+    /// `routed_scale`: `p / (sum p + 1e-20) * routed_scale`, the router kernel's formula.
+    fn push_renormalised(&mut self, probs: &[f32], chosen: &[usize], routed_scale: f32) {
         let sum: f32 = chosen.iter().map(|&e| probs[e]).sum();
         for &e in chosen {
-            ids.push(e as i32);
-            weights.push(probs[e] / (sum + 1e-20) * routed_scale);
+            self.ids.push(e as i32);
+            self.weights.push(probs[e] / (sum + 1e-20) * routed_scale);
         }
     }
-    Routing { k, ids, weights }
+}
+
+/// How far the experts `forced` (one token's) are from the choice these router logits make: the `k`-th largest
+/// logit minus the smallest logit among `forced` (`k = forced.len()`), 0 when `forced` is the router's own choice
+/// (or a tie with it). A computation whose router logits differ from these by less than half of this gap could not
+/// have chosen `forced`: teacher-forced tests bound it to tell a rounding near-tie from a wrong routing.
+///
+/// ```
+/// use small4::reference::moe::forcing_gap;
+///
+/// let row = [0.5, 2.0, 1.9, -1.0];
+/// assert_eq!(forcing_gap(&row, &[2, 1]), 0.0); // the top 2, in another order
+/// assert!((forcing_gap(&row, &[1, 0]) - 1.4).abs() < 1e-6); // expert 0 (0.5) instead of expert 2 (1.9)
+/// ```
+pub fn forcing_gap(logits_row: &[f32], forced: &[i32]) -> f32 {
+    let Some(weakest) = forced.iter().filter_map(|&id| usize::try_from(id).ok().and_then(|e| logits_row.get(e))).copied().reduce(f32::min) else {
+        return 0.0;
+    };
+    let mut sorted = logits_row.to_vec();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    (sorted[forced.len().min(sorted.len()) - 1] - weakest).max(0.0)
 }
 
 /// How far a token's routing is from a different choice of experts: the gap between its `k`-th and `(k+1)`-th largest

@@ -4,6 +4,8 @@
 use half::bf16;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
+pub mod forced;
+
 /// Instantiates each `fn name(device: &Device)` twice: `sim::name` on the PTX interpreter (always runs) and
 /// `gpu::name` on CUDA device 0. Without a GPU the gpu twin skips and says so ([`gpu_skipped`]); with
 /// `SMALL4_REQUIRE_GPU` set (the GPU machine's run) a missing GPU fails it instead.

@@ -373,27 +373,7 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
                 const int pair = slot_pair[slot];
                 if (pair < 0) continue;
                 const float v_g = acc[m][f][half] * scale_g, v_g8 = acc[m][f][2 + half] * scale_g8;
-                if (p.swiglu) {
-                    // The repack interleaves 8 gate rows and the 8 matching up rows in every 16-row tile.
-                    const int h = tile * 8 + g;
-                    if (h < p.out_cols) {
-                        const float act = v_g / (1.f + __expf(-v_g)) * v_g8;
-                        out_bf16[(long)(slot_begin + slot) * out_stride + h] = __float2bfloat16(act);
-                    }
-                    continue;
-                }
-                // The tail's rows are its own (unweighted: the shared expert has no routing weight).
-                const long out_row = p.out_by_pair && !tail ? pair : slot_begin + slot;
-                const float weight = p.pair_weights != nullptr && !tail ? p.pair_weights[pair] : 1.f;
-                if (out_f32 != nullptr) {
-                    float *o = out_f32 + out_row * out_stride;
-                    if (feature < p.out_cols) o[feature] = v_g * weight;
-                    if (feature + 8 < p.out_cols) o[feature + 8] = v_g8 * weight;
-                } else {
-                    bf16 *o = out_bf16 + out_row * out_stride;
-                    if (feature < p.out_cols) o[feature] = __float2bfloat16(v_g * weight);
-                    if (feature + 8 < p.out_cols) o[feature + 8] = __float2bfloat16(v_g8 * weight);
-                }
+                store_slot(p, tail, out_bf16, out_f32, out_stride, tile, g, slot_begin + slot, pair, v_g, v_g8);
             }
         }
     }

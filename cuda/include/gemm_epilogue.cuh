@@ -39,6 +39,35 @@ __device__ __forceinline__ bool block_slots(const MoeGemmParams &p, bool tail, i
     return true;
 }
 
+// One slot's two accumulator values of a warp's 16-row weight tile, after the row scales: v_g of output feature
+// tile * 16 + g and v_g8 of the feature 8 rows on. SwiGLU: the repack interleaves 8 gate rows and the 8 matching up
+// rows in every 16-row tile, so the pair is (gate, up) of hidden column tile * 8 + g. Otherwise a plain store into
+// the output row (the pair's, or the slot's), times the pair's routing weight; a dense tail's rows are its own and
+// unweighted (the shared expert has no routing weight). out_bf16 / out_f32: the block's output (one of them null).
+__device__ __forceinline__ void store_slot(const MoeGemmParams &p, bool tail, bf16 *out_bf16, float *out_f32, int out_stride, int tile, int g, long slot_row,
+                                           int pair, float v_g, float v_g8) {
+    if (p.swiglu) {
+        const int h = tile * 8 + g;
+        if (h < p.out_cols) {
+            const float act = v_g / (1.f + __expf(-v_g)) * v_g8;
+            out_bf16[slot_row * out_stride + h] = __float2bfloat16(act);
+        }
+        return;
+    }
+    const int feature = tile * 16 + g;
+    const long out_row = p.out_by_pair && !tail ? pair : slot_row;
+    const float weight = p.pair_weights != nullptr && !tail ? p.pair_weights[pair] : 1.f;
+    if (out_f32 != nullptr) {
+        float *o = out_f32 + out_row * out_stride;
+        if (feature < p.out_cols) o[feature] = v_g * weight;
+        if (feature + 8 < p.out_cols) o[feature + 8] = v_g8 * weight;
+    } else {
+        bf16 *o = out_bf16 + out_row * out_stride;
+        if (feature < p.out_cols) o[feature] = __float2bfloat16(v_g * weight);
+        if (feature + 8 < p.out_cols) o[feature + 8] = __float2bfloat16(v_g8 * weight);
+    }
+}
+
 // rope_q_k's q half on this block's output tile (dense mode; params.h MoeGemmParams.rope): features
 // [feature_begin, feature_begin + features) of rows [row_begin, row_begin + rows), read back after the block's stores
 // (a barrier makes them visible to every thread of the block), rotated and scaled with rope_q_k's functions, rounded.

@@ -827,7 +827,7 @@ impl<'a> RowFinish<'a> {
     /// The finisher's parameters were made for `rows` tokens, and there is a counter for each.
     fn check_rows(&self, rows: usize) -> Result<()> {
         check_len("gemm finisher rows", self.params.norm.rows as usize, rows)?;
-        if self.params.kind as u32 >= SMALL4_GEMM_FINISH_MLA_LATENTS_BF16 {
+        if matches!(self.params.kind as u32, SMALL4_GEMM_FINISH_MLA_LATENTS_BF16 | SMALL4_GEMM_FINISH_MLA_LATENTS_FP8) {
             check_len("gemm finisher cache rows", self.params.cache.tokens as usize, rows)?;
         }
         if self.counters.rows() < rows {
@@ -1237,6 +1237,31 @@ pub struct MoeWorkspace {
 }
 
 impl MoeWorkspace {
+    /// The views a whole layer (`what`) writes for `x [tokens, dim]` routed by `routing`: the pairs' rows
+    /// `[tokens * k, dim]` and the shared expert's `[tokens, dim]` (None without one), after checking that the workspace
+    /// was made for this batch and that the routing weights are `[tokens, k]`.
+    fn layer_outputs(
+        &self,
+        what: &str,
+        weights: &MoeLayerWeights,
+        x: Matrix<bf16>,
+        routing: &RoutingBuffers,
+    ) -> Result<(Matrix<'_, f32>, Option<Matrix<'_, f32>>)> {
+        let dim = weights.dim();
+        let [tokens, _] = x.dims();
+        let [_, k] = routing.topk_ids.dims();
+        if tokens != self.tokens || k != self.top_k {
+            return Err(Error::InvalidArgument(format!("{what}: {tokens} tokens x top-{k} but the workspace holds {} x top-{}", self.tokens, self.top_k)));
+        }
+        routing.topk_weights.expect_dims(&format!("{what} topk_weights"), [tokens, k])?;
+        check_len(&format!("{what} pair_out"), self.pair_out.len(), tokens * k * dim)?;
+        let shared_out = match &weights.shared {
+            Some(_) => Some(self.shared_out.view([tokens, dim])?),
+            None => None,
+        };
+        Ok((self.pair_out.view([tokens * k, dim])?, shared_out))
+    }
+
     /// `capacity` = the grouping's slot count (`reference::moe::max_padded_slots`).
     pub fn new(device: &Device, weights: &MoeLayerWeights, tokens: usize, top_k: usize, capacity: usize) -> Result<Self> {
         let (dim, hidden) = (weights.dim(), weights.hidden());
@@ -1463,23 +1488,8 @@ pub fn moe_layer(
     workspace: &MoeWorkspace,
     out: Matrix<bf16>,
 ) -> Result<()> {
-    let dim = weights.dim();
-    let [tokens, _] = x.dims();
-    let [_, k] = routing.topk_ids.dims();
-    if tokens != workspace.tokens || k != workspace.top_k {
-        return Err(Error::InvalidArgument(format!(
-            "moe_layer: {tokens} tokens x top-{k} but the workspace holds {} x top-{}",
-            workspace.tokens, workspace.top_k
-        )));
-    }
-    routing.topk_weights.expect_dims("moe_layer topk_weights", [tokens, k])?;
-    check_len("moe_layer pair_out", workspace.pair_out.len(), tokens * k * dim)?;
+    let (pair_out, shared_out) = workspace.layer_outputs("moe_layer", weights, x, routing)?;
     routed_and_shared_experts(weights, x, grouping, routing.topk_weights, workspace)?;
-    let shared_out = match &weights.shared {
-        Some(_) => Some(workspace.shared_out.view([tokens, dim])?),
-        None => None,
-    };
-    let pair_out = workspace.pair_out.view([tokens * k, dim])?;
     combine(pair_out, shared_out, routing.topk_ids, routing.expert_map, routing.experts, out)
 }
 
@@ -1533,29 +1543,11 @@ pub fn moe_layer_add_rms_norm(
     norm: &ResidualNorm,
     counters: &RowCounters,
 ) -> Result<()> {
-    let dim = weights.dim();
-    let [tokens, _] = x.dims();
-    let [_, k] = routing.topk_ids.dims();
     if routing.expert_map.is_some() {
         return Err(Error::InvalidArgument("moe_layer_add_rms_norm: every expert must be local (no expert map)".into()));
     }
-    if tokens != workspace.tokens || k != workspace.top_k {
-        return Err(Error::InvalidArgument(format!(
-            "moe_layer_add_rms_norm: {tokens} tokens x top-{k} but the workspace holds {} x top-{}",
-            workspace.tokens, workspace.top_k
-        )));
-    }
-    routing.topk_weights.expect_dims("moe_layer_add_rms_norm topk_weights", [tokens, k])?;
-    let pairs = MoePairs {
-        pair_out: workspace.pair_out.view([tokens * k, dim])?,
-        shared_out: match &weights.shared {
-            Some(_) => Some(workspace.shared_out.view([tokens, dim])?),
-            None => None,
-        },
-        topk_ids: routing.topk_ids,
-        expert_map: None,
-        experts: routing.experts,
-    };
+    let (pair_out, shared_out) = workspace.layer_outputs("moe_layer_add_rms_norm", weights, x, routing)?;
+    let pairs = MoePairs { pair_out, shared_out, topk_ids: routing.topk_ids, expert_map: None, experts: routing.experts };
     let finish = RowFinish::moe_norm(counters, norm::moe_combine_add_rms_norm_params(&pairs, norm)?);
     routed_and_shared_finishing(weights, x, grouping, routing.topk_weights, workspace, Some(&finish))
 }

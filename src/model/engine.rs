@@ -1838,11 +1838,11 @@ impl Network<'_> {
                 Some(col) => {
                     moe::routed_experts(&layer.moe, h, &grouping, topk_weights, &ws.moe)?;
                     col.all_reduce_sum_f32(&ws.moe.pair_out)?;
-                    if let Some(s) = &layer.moe.shared {
-                        moe::shared_expert(s, h, &ws.moe)?;
-                    }
                     let shared = match &layer.moe.shared {
-                        Some(_) => Some(ws.moe.shared_out.view([t, dim])?),
+                        Some(s) => {
+                            moe::shared_expert(s, h, &ws.moe)?;
+                            Some(ws.moe.shared_out.view([t, dim])?)
+                        }
                         None => None,
                     };
                     let pairs =

@@ -27,28 +27,31 @@ fn dense_gemm_map(address: u64) -> TiledTensorMap {
     }
 }
 
+/// An edit that breaks one rule of a valid map.
+type Breakage = fn(&mut TiledTensorMap);
+
 /// Every rule of the driver's documentation that a tiled map can break, one broken at a time from a valid map.
 fn refusals_are_invalid_arguments(device: &Device) {
     let buffer = DeviceBuffer::<u8>::alloc(device, 8208 * 140).unwrap();
     let valid = dense_gemm_map(buffer.addr());
     device.encode_tensor_map_tiled(&valid).expect("the valid map encodes");
-    let cases: Vec<(&str, Box<dyn Fn(&mut TiledTensorMap)>)> = vec![
-        ("rank 0", Box::new(|m| m.rank = 0)),
-        ("rank 6", Box::new(|m| m.rank = 6)),
-        ("arrays shorter than the rank", Box::new(|m| m.rank = 4)),
-        ("a stride too many", Box::new(|m| m.global_strides.push(16))),
-        ("address not 16-byte aligned", Box::new(|m| m.global_address += 8)),
-        ("a zero dimension", Box::new(|m| m.global_dim[1] = 0)),
-        ("a stride not a multiple of 16", Box::new(|m| m.global_strides[0] = 8200)),
-        ("a stride of 2^40", Box::new(|m| m.global_strides[1] = 1 << 40)),
-        ("a zero box dimension", Box::new(|m| m.box_dim[2] = 0)),
-        ("a box dimension over 256", Box::new(|m| m.box_dim[1] = 257)),
-        ("an inner box row not a multiple of 16 bytes", Box::new(|m| (m.box_dim[0], m.swizzle) = (60, Swizzle::None))),
-        ("an inner box row wider than the swizzle span", Box::new(|m| m.swizzle = Swizzle::B64)),
-        ("a zero element stride", Box::new(|m| m.element_strides[1] = 0)),
-        ("an element stride over 8", Box::new(|m| m.element_strides[1] = 9)),
-        ("INTERLEAVE_32B without SWIZZLE_32B", Box::new(|m| (m.interleave, m.box_dim[0]) = (Interleave::B32, 16))),
-        ("the NaN fill on an integer type", Box::new(|m| (m.data_type, m.oob_fill) = (DataType::Uint16, OobFill::NanRequestZeroFma))),
+    let cases: Vec<(&str, Breakage)> = vec![
+        ("rank 0", |m| m.rank = 0),
+        ("rank 6", |m| m.rank = 6),
+        ("arrays shorter than the rank", |m| m.rank = 4),
+        ("a stride too many", |m| m.global_strides.push(16)),
+        ("address not 16-byte aligned", |m| m.global_address += 8),
+        ("a zero dimension", |m| m.global_dim[1] = 0),
+        ("a stride not a multiple of 16", |m| m.global_strides[0] = 8200),
+        ("a stride of 2^40", |m| m.global_strides[1] = 1 << 40),
+        ("a zero box dimension", |m| m.box_dim[2] = 0),
+        ("a box dimension over 256", |m| m.box_dim[1] = 257),
+        ("an inner box row not a multiple of 16 bytes", |m| (m.box_dim[0], m.swizzle) = (60, Swizzle::None)),
+        ("an inner box row wider than the swizzle span", |m| m.swizzle = Swizzle::B64),
+        ("a zero element stride", |m| m.element_strides[1] = 0),
+        ("an element stride over 8", |m| m.element_strides[1] = 9),
+        ("INTERLEAVE_32B without SWIZZLE_32B", |m| (m.interleave, m.box_dim[0]) = (Interleave::B32, 16)),
+        ("the NaN fill on an integer type", |m| (m.data_type, m.oob_fill) = (DataType::Uint16, OobFill::NanRequestZeroFma)),
     ];
     for (what, break_it) in cases {
         let mut map = valid.clone();

@@ -2,7 +2,9 @@
 // cuda/moe_gemm.cu ("tiled": 128 output features x 64 pair slots) with the same parameters, semantics and epilogues
 // (SwiGLU act for the up-projection, f32 rows by pair times the routing weight for the down-projection, plain bf16 or
 // f32 rows in dense mode, batched dense mode over grid z; then the query RoPE and the row finisher of
-// cuda/include/gemm_epilogue.cuh, with every thread, producer warp included). Only the k loop differs.
+// cuda/include/gemm_epilogue.cuh, with every thread, producer warp included). Only the k loop differs. Two entries:
+// moe_gemm_bf16_wgmma (grouped mode, and dense mode where no tensor map is given) gathers the activation rows;
+// moe_gemm_bf16_wgmma_dense (dense mode) loads them with TMA through the map of MoeGemmTmaParams.
 //
 // Computes, for each row (a (token, expert) pair in grouped mode, a token in dense mode) and each output feature n of
 // the row's expert e:  y[row, n] = sum_k x[src(row), k] * W_e[n, k].
@@ -10,19 +12,24 @@
 // Operands ("swap A/B" as in moe_gemm.cu): wgmma's A (M = 64 rows per warpgroup) is the WEIGHTS, from registers: each
 // warp holds its 16 rows in the repacked fragment order of src/quant/repack.rs, which is the mma.sync m16n8k16 A
 // fragment and therefore wgmma's register-A fragment of that warp's rows (no new weight layout, no second copy). B is
-// the 64 gathered activation rows of the block's slots (N = 64), K-major in shared memory with the 128-byte swizzle,
-// read through a matrix descriptor. Each 64-k stage is four m64n64k16 wgmmas per consumer warpgroup.
+// the 64 activation rows of the block's slots (N = 64), K-major in shared memory with the 128-byte swizzle, read
+// through a matrix descriptor. Each 64-k stage is four m64n64k16 wgmmas per consumer warpgroup.
 //
 // Thread mapping: 9 warps. Warps 0-7 are two consumer warpgroups; warp w owns weight tile first_tile + w (16
 // features), warpgroup g the features 64 g .. 64 g + 63 of the block, all 64 slots. Warp 8 is the producer: lanes 0-7
 // each copy one weight tile's 2 KiB of a stage with cp.async.bulk (contiguous in the repacked layout), completing as
-// transaction bytes on the stage's "full" mbarrier; all 32 lanes gather the stage's activation rows (picked through
-// sorted_pairs / top_k, so TMA tile loads do not apply) with 16-byte cp.async into the swizzled layout, and once a
-// stage's cp.async group has landed (the producer keeps STAGES - 1 stages in flight) fence it for the async proxy and
-// arrive on "full". Consumers wait on "full", load their A fragments (one 16-byte ld.shared per lane per k-step),
-// issue the stage's wgmmas, and after the next stage's wgmmas are issued retire this one (wait_group 1: A registers
-// double-buffered) and release its "empty" mbarrier (one arrival per consumer warp), on which the producer waits
-// before refilling the stage.
+// transaction bytes on the stage's "full" mbarrier. The activations:
+// - grouped entry: all 32 lanes gather the stage's activation rows (picked through sorted_pairs / top_k, so TMA tile
+//   loads do not apply) with 16-byte cp.async into the swizzled layout, and once a stage's cp.async group has landed
+//   (the producer keeps STAGES - 1 stages in flight) fence it for the async proxy and arrive on "full" (two arrivals
+//   complete a phase: the expect_tx one and this one). Padding slots read zeros written once into every stage.
+// - dense entry: lane 0 issues one cp.async.bulk.tensor.3d per stage, the box {64 k, 64 rows, 1 matrix} at (k block,
+//   first row, grid z) of the 3-d map {k_dim, dense_rows, heads}; the TMA unit writes it in the same 128-byte
+//   swizzled layout, zero-fills the rows past dense_rows (the tail block) and completes its 8 KiB as transaction
+//   bytes on "full" beside the weights' (one arrival, expect_tx of the whole stage, completes a phase).
+// Consumers wait on "full", load their A fragments (one 16-byte ld.shared per lane per k-step), issue the stage's
+// wgmmas, and after the next stage's wgmmas are issued retire this one (wait_group 1: A registers double-buffered) and
+// release its "empty" mbarrier (one arrival per consumer warp), on which the producer waits before refilling the stage.
 //
 // Tiling: BM 128 features x BN 64 slots per block, BK 64 per stage, STAGES 4 (24 KiB each: 16 KiB weights, 8 KiB
 // activations; 96 KiB plus barriers: two blocks per SM). Grid and grouping as the tiled mma.sync kernel.
@@ -66,7 +73,9 @@ __device__ __forceinline__ void consume_and_store(const MoeGemmParams &p, const 
                                                   uint64_t *empty, const int *slot_pair, int expert, int slot_begin, int slots, int first_tile,
                                                   int k_blocks);
 
-__device__ __forceinline__ void grouped_gemm_wgmma(const MoeGemmParams &p) {
+// kTmaX: the dense entry (activations by TMA through x_map); else the gather (x_map unused).
+template <bool kTmaX>
+__device__ __forceinline__ void grouped_gemm_wgmma(const MoeGemmParams &p, const void *x_map) {
     extern __shared__ __align__(1024) unsigned char smem[];
     unsigned char *w_smem = smem;
     unsigned char *x_smem = smem + kXOffset;
@@ -88,26 +97,44 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const MoeGemmParams &p) {
     }
     if (tid == 0) {
         for (int s = 0; s < kStages; ++s) {
-            mbar_init(&full[s], 2);                // the producer's expect_tx arrival + its "activations landed" arrival
+            // The producer's expect_tx arrival (+ its "activations landed" arrival when it gathers them).
+            mbar_init(&full[s], kTmaX ? 1 : 2);
             mbar_init(&empty[s], kConsumerWarps);  // one release per consumer warp
         }
         mbar_init_fence();
     }
     __syncthreads();
 
-    // Padding slots read zeros: written once into every stage (generic stores, fenced for wgmma), never copied over.
-    for (int i = tid; i < kStages * kBN * 8; i += kThreads) {
-        const int row = (i / 8) % kBN;
-        if (slot_pair[row] < 0) reinterpret_cast<uint4 *>(x_smem)[i] = make_uint4(0, 0, 0, 0);
+    if (!kTmaX) {
+        // Padding slots read zeros: written once into every stage (generic stores, fenced for wgmma), never copied
+        // over. (TMA writes every row of a stage, zeros past the matrix.)
+        for (int i = tid; i < kStages * kBN * 8; i += kThreads) {
+            const int row = (i / 8) % kBN;
+            if (slot_pair[row] < 0) reinterpret_cast<uint4 *>(x_smem)[i] = make_uint4(0, 0, 0, 0);
+        }
+        fence_proxy_async();
+        __syncthreads();
     }
-    fence_proxy_async();
-    __syncthreads();
 
     const int first_tile = blockIdx.x * (kBM / 16);
     const int k_blocks = p.k_dim / kBK;
     const unsigned char *w_expert = p.weights + (long long)expert * p.expert_stride;
 
-    if (warp == kProducerWarp) {
+    if (warp == kProducerWarp && kTmaX) {
+        for (int kb = 0; kb < k_blocks; ++kb) {
+            const int stage = kb % kStages;
+            mbar_wait(&empty[stage], ((kb / kStages) & 1) ^ 1);
+            if (lane == 0) {
+                mbar_arrive_expect_tx(&full[stage], kWStage + kXStage);
+                tma_load_3d(x_smem + stage * kXStage, x_map, kb * kBK, slot_begin, blockIdx.z, &full[stage]);
+            }
+            __syncwarp();
+            if (lane < kConsumerWarps) {
+                const unsigned char *src = w_expert + ((long long)(first_tile + lane) * k_blocks + kb) * kTileBytes;
+                bulk_load(w_smem + stage * kWStage + lane * kTileBytes, src, kTileBytes, &full[stage]);
+            }
+        }
+    } else if (warp == kProducerWarp) {
         // Activation chunk (row, chunk) of this lane: 8 lanes per 128-byte row, 4 rows per pass, 16 passes.
         const bf16 *x = p.x + (long)blockIdx.z * p.x_batch_stride;
         for (int kb = 0; kb < k_blocks; ++kb) {
@@ -228,4 +255,8 @@ __device__ __forceinline__ void consume_and_store(const MoeGemmParams &p, const 
 }  // namespace
 
 // Two blocks per SM (96 KiB of stages each): at most 112 registers a thread.
-extern "C" __global__ void __launch_bounds__(kThreads, 2) moe_gemm_bf16_wgmma(const MoeGemmParams p) { grouped_gemm_wgmma(p); }
+extern "C" __global__ void __launch_bounds__(kThreads, 2) moe_gemm_bf16_wgmma(const MoeGemmParams p) { grouped_gemm_wgmma<false>(p, nullptr); }
+// Dense mode with TMA activation loads; __grid_constant__ keeps the struct (and so the map) in the parameter space.
+extern "C" __global__ void __launch_bounds__(kThreads, 2) moe_gemm_bf16_wgmma_dense(const __grid_constant__ MoeGemmTmaParams p) {
+    grouped_gemm_wgmma<true>(p.gemm, &p.x_map);
+}

@@ -39,16 +39,29 @@ fn require_checks(device: &Device) {
     }
 }
 
-/// Runs `launch` with each prefill kernel and returns the two outputs (wgmma first), after checking which kernel ran.
+/// Runs `launch` with `choice` and returns its output, after checking that `entry` ran.
+fn run_on<T>(device: &Device, choice: PrefillGemm, entry: &str, launch: impl Fn() -> small4::Result<T>) -> small4::Result<T> {
+    let out = choice.run(&launch)?;
+    if let Some(counters) = device.last_launch_counters() {
+        assert_eq!(counters.kernel, entry, "the switch picked the kernel");
+    }
+    Ok(out)
+}
+
+/// Runs a grouped `launch` with each prefill kernel and returns the two outputs (wgmma first).
 fn both<T>(device: &Device, launch: impl Fn() -> small4::Result<T>) -> small4::Result<(T, T)> {
-    let run = |choice: PrefillGemm, entry: &str| -> small4::Result<T> {
-        let out = choice.run(&launch)?;
-        if let Some(counters) = device.last_launch_counters() {
-            assert_eq!(counters.kernel, entry, "the switch picked the kernel");
-        }
-        Ok(out)
-    };
-    Ok((run(PrefillGemm::Wgmma, "moe_gemm_bf16_wgmma")?, run(PrefillGemm::MmaSync, "moe_gemm_bf16_tiled")?))
+    Ok((run_on(device, PrefillGemm::Wgmma, "moe_gemm_bf16_wgmma", &launch)?, run_on(device, PrefillGemm::MmaSync, "moe_gemm_bf16_tiled", &launch)?))
+}
+
+/// Runs a dense `launch` with the TMA kernel, the gather kernel and mma.sync; returns the TMA kernel's and mma.sync's
+/// outputs after checking that the gather kernel's equals the TMA kernel's bit for bit (both wgmma: any device),
+/// untouched (NaN-poisoned) elements included.
+fn dense_three<E: bytemuck::Pod>(device: &Device, launch: impl Fn() -> small4::Result<Vec<E>>) -> small4::Result<(Vec<E>, Vec<E>)> {
+    let tma = run_on(device, PrefillGemm::Wgmma, "moe_gemm_bf16_wgmma_dense", &launch)?;
+    let gather = run_on(device, PrefillGemm::WgmmaGather, "moe_gemm_bf16_wgmma", &launch)?;
+    let (tma_bytes, gather_bytes): (&[u8], &[u8]) = (bytemuck::cast_slice(&tma), bytemuck::cast_slice(&gather));
+    assert!(tma_bytes == gather_bytes, "the TMA and gather wgmma kernels differ");
+    Ok((tma, run_on(device, PrefillGemm::MmaSync, "moe_gemm_bf16_tiled", &launch)?))
 }
 
 /// Bit-identical on the interpreter; both within the GEMM tests' rule of the reference everywhere.
@@ -199,7 +212,8 @@ fn grouped_gemms_at_real_reduction_lengths(device: &Device) {
 }
 
 /// The dense GEMMs on the prefill tile (more than 32 rows): bf16, f32 and SwiGLU outputs into strided views, and the
-/// batched per-head launch (grid z), each with both kernels.
+/// batched per-head launch (grid z: the TMA map's third dimension), each with the three kernels (wgmma with TMA,
+/// wgmma with the gather, mma.sync). 70 rows: the second row block's rows 70..127 are out of bounds (TMA zero fill).
 fn dense_gemms_equal_mma_sync(device: &Device) {
     require_checks(device);
     let mut rng = rng(23);
@@ -211,7 +225,7 @@ fn dense_gemms_equal_mma_sync(device: &Device) {
     let want = matmul_nt(&to_f32(&x), &deq, rows, in_dim, out_dim);
 
     // bf16 into columns 8.. of rows of 216.
-    let (y_wgmma, y_mma) = both(device, || {
+    let (y_wgmma, y_mma) = dense_three(device, || {
         let y = DeviceBuffer::<bf16>::filled_with_byte(device, rows * 216, 0xff)?;
         dense::linear(&weights, x_dev.view([rows, in_dim])?, y.view([rows, 216])?.columns(8..8 + out_dim)?)?;
         y.to_vec()
@@ -221,7 +235,7 @@ fn dense_gemms_equal_mma_sync(device: &Device) {
     check_pair(device, "dense bf16", &cols(&y_wgmma), &cols(&y_mma), &want);
     assert!(y_wgmma.iter().enumerate().all(|(i, v)| (8..8 + out_dim).contains(&(i % 216)) || v.to_bits() == 0xffff), "wrote outside its columns");
 
-    let (f_wgmma, f_mma) = both(device, || {
+    let (f_wgmma, f_mma) = dense_three(device, || {
         let y = DeviceBuffer::<f32>::filled_with_byte(device, rows * out_dim, 0xff)?;
         dense::linear_f32(&weights, x_dev.view([rows, in_dim])?, y.view([rows, out_dim])?)?;
         y.to_vec()
@@ -233,7 +247,7 @@ fn dense_gemms_equal_mma_sync(device: &Device) {
     let (w1, d1) = random_matrix(&mut rng, hidden, in_dim);
     let (w3, d3) = random_matrix(&mut rng, hidden, in_dim);
     let gate_up = DeviceWeights::upload(device, &repack::repack_gate_up(&[((&w1).into(), (&w3).into())]).unwrap()).unwrap();
-    let (a_wgmma, a_mma) = both(device, || {
+    let (a_wgmma, a_mma) = dense_three(device, || {
         let act = DeviceBuffer::<bf16>::filled_with_byte(device, rows * hidden, 0xff)?;
         dense::linear_swiglu(&gate_up, x_dev.view([rows, in_dim])?, act.view([rows, hidden])?)?;
         act.to_vec()
@@ -249,7 +263,7 @@ fn dense_gemms_equal_mma_sync(device: &Device) {
     let per_head = DeviceWeights::upload(device, &repack::repack_linear(&mats.iter().map(|(q, _)| q.into()).collect::<Vec<MatrixRef>>()).unwrap()).unwrap();
     let xh = random_bf16(&mut rng, rows * heads * head_in, 1.0);
     let xh_dev = DeviceBuffer::from_slice(device, &xh).unwrap();
-    let (h_wgmma, h_mma) = both(device, || {
+    let (h_wgmma, h_mma) = dense_three(device, || {
         let y = DeviceBuffer::<bf16>::filled_with_byte(device, rows * heads * head_out, 0xff)?;
         dense::linear_per_head(&per_head, xh_dev.view([rows, heads, head_in])?, y.view([rows, heads, head_out])?)?;
         y.to_vec()
@@ -263,7 +277,32 @@ fn dense_gemms_equal_mma_sync(device: &Device) {
     }
 }
 
-backend_tests!(grouped_gemms_equal_mma_sync, grouped_gemms_at_real_reduction_lengths, dense_gemms_equal_mma_sync);
+/// Dense GEMMs at the model's reduction lengths (K = 4096 and 2048: the 4-stage ring wraps 16 and 8 times) with 70
+/// rows (the tail block's TMA boxes read 58 rows out of bounds, zero-filled), one 128-feature block wide, rows 16-byte
+/// strided wider than K; the TMA kernel against the gather kernel and mma.sync, and all against the reference.
+fn dense_gemms_at_real_reduction_lengths(device: &Device) {
+    require_checks(device);
+    let mut rng = rng(25);
+    let (rows, out_dim) = (70, 128);
+    for k_dim in [4096, 2048] {
+        let (w, deq) = random_matrix(&mut rng, out_dim, k_dim);
+        let weights = DeviceWeights::upload(device, &repack::repack_linear(&[(&w).into()]).unwrap()).unwrap();
+        let x_stride = k_dim + 8;
+        let x = random_bf16(&mut rng, rows * x_stride, 1.0);
+        let x_dev = DeviceBuffer::from_slice(device, &x).unwrap();
+        let x_rows: Vec<f32> = (0..rows).flat_map(|r| to_f32(&x[r * x_stride..][..k_dim])).collect();
+        let want = matmul_nt(&x_rows, &deq, rows, k_dim, out_dim);
+        let (y_tma, y_mma) = dense_three(device, || {
+            let y = DeviceBuffer::<f32>::filled_with_byte(device, rows * out_dim, 0xff)?;
+            dense::linear_f32(&weights, x_dev.view([rows, x_stride])?.columns(0..k_dim)?, y.view([rows, out_dim])?)?;
+            y.to_vec()
+        })
+        .unwrap();
+        check_pair(device, &format!("dense f32 K {k_dim}"), &y_tma, &y_mma, &want);
+    }
+}
+
+backend_tests!(grouped_gemms_equal_mma_sync, grouped_gemms_at_real_reduction_lengths, dense_gemms_equal_mma_sync, dense_gemms_at_real_reduction_lengths);
 
 /// A backend that runs `moe_gemm_bf16_wgmma` from an edited copy of its PTX (a planted bug) and everything else as
 /// the interpreter does.
@@ -302,6 +341,9 @@ impl small4::device::Backend for Planted {
     }
     fn synchronize(&self) -> small4::Result<()> {
         self.inner.synchronize()
+    }
+    fn encode_tensor_map_tiled(&self, map: &small4::device::tensor_map::TiledTensorMap) -> small4::Result<small4::device::tensor_map::TensorMap> {
+        self.inner.encode_tensor_map_tiled(map)
     }
     fn last_launch_counters(&self) -> Option<small4::device::LaunchCounters> {
         self.inner.last_launch_counters()
@@ -356,9 +398,10 @@ fn regex_free_replace(text: &str, prefix: &str, middle: &str, replacement: &str)
         .join("\n")
 }
 
-/// The interpreter's counters of both prefill kernels at the model's sizes (up + SwiGLU: K = dim 4096 into 2048
+/// The interpreter's counters of the prefill kernels at the model's sizes (up + SwiGLU: K = dim 4096 into 2048
 /// hidden; down: K = 2048 into dim 4096), 64 tokens routed to both of 2 experts (one full 64-slot tile each, 64
-/// blocks per launch), 8 evenly spaced blocks interpreted per launch. Prints one Markdown row per launch for
+/// blocks per launch), and a dense GEMM of the down-projection's shape over 100 rows (mma.sync, wgmma with the
+/// gather, wgmma with TMA), 8 evenly spaced blocks interpreted per launch. Prints one Markdown row per launch for
 /// docs/perf.md: `cargo test --test moe_wgmma prefill_counters -- --ignored --nocapture`.
 #[test]
 #[ignore]
@@ -384,14 +427,24 @@ fn prefill_counters_at_real_dims() {
     let act = DeviceBuffer::<bf16>::alloc(&device, capacity * hidden).unwrap();
     let out = DeviceBuffer::<f32>::alloc(&device, tokens * k * dim).unwrap();
     let weights = DeviceBuffer::from_slice(&device, &vec![0.5f32; tokens * k]).unwrap();
+    // A dense GEMM of the down-projection's shape: 100 rows (the second row block's TMA boxes read 28 rows out of
+    // bounds) of K = hidden 2048 into dim 4096 features, f32 out: 32 feature blocks x 2 row blocks.
+    let dense_rows = 100;
+    let dense_w = DeviceWeights::upload(&device, &repack::repack_linear(&[(&random_matrix(&mut rng, dim, hidden).0).into()]).unwrap()).unwrap();
+    let dense_x = DeviceBuffer::from_slice(&device, &random_bf16(&mut rng, dense_rows * hidden, 1.0)).unwrap();
+    let dense_y = DeviceBuffer::<f32>::alloc(&device, dense_rows * dim).unwrap();
     println!("| launch | kernel | blocks run / grid | warp instructions | shared requests | bank-conflict wavefronts | global bytes read | tensor instructions | tensor FLOPs |");
     println!("|---|---|---|---|---|---|---|---|---|");
-    for choice in [PrefillGemm::MmaSync, PrefillGemm::Wgmma] {
-        for launch in ["up + SwiGLU (K 4096)", "down x weight (K 2048)"] {
+    for choice in [PrefillGemm::MmaSync, PrefillGemm::WgmmaGather, PrefillGemm::Wgmma] {
+        for launch in ["up + SwiGLU (K 4096)", "down x weight (K 2048)", "dense f32 (K 2048, 100 rows)"] {
+            if choice == PrefillGemm::WgmmaGather && !launch.starts_with("dense") {
+                continue; // grouped launches gather with either choice
+            }
             choice
-                .run(|| match launch.starts_with("up") {
-                    true => moe::up_swiglu(&gate_up, x.view([tokens, dim])?, k, &grouping, act.view([capacity, hidden])?),
-                    false => moe::down(&down, act.view([capacity, hidden])?, &grouping, weights.view([tokens, k])?, out.view([tokens * k, dim])?),
+                .run(|| match &launch[..2] {
+                    "up" => moe::up_swiglu(&gate_up, x.view([tokens, dim])?, k, &grouping, act.view([capacity, hidden])?),
+                    "do" => moe::down(&down, act.view([capacity, hidden])?, &grouping, weights.view([tokens, k])?, out.view([tokens * k, dim])?),
+                    _ => dense::linear_f32(&dense_w, dense_x.view([dense_rows, hidden])?, dense_y.view([dense_rows, dim])?),
                 })
                 .unwrap();
             let c = device.last_launch_counters().unwrap();

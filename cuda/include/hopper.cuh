@@ -1,4 +1,5 @@
-// PTX wrappers for the sm_90a kernels: mbarriers, non-tensor bulk copies (cp.async.bulk), proxy fences and wgmma.
+// PTX wrappers for the sm_90a kernels: mbarriers, bulk copies (cp.async.bulk) and TMA tile loads
+// (cp.async.bulk.tensor), proxy fences and wgmma.
 // One definition each (../shared/HOPPER-ASYNC.md has the semantics; tools/ptxsim runs and checks all of them).
 #pragma once
 #include <stdint.h>
@@ -43,6 +44,16 @@ __device__ __forceinline__ void bulk_load(void *dst_smem, const void *src_global
     asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(smem_addr(dst_smem)),
                  "l"(src_global), "r"(bytes), "r"(smem_addr(bar))
                  : "memory");
+}
+// TMA tile load: the box of the 3-d tensor map `map` at element coordinates (c0 innermost, c1, c2) global -> shared
+// at `dst_smem` (128-byte aligned; laid out and swizzled as the map says, out-of-bounds elements filled per the map),
+// completing as the box's transaction bytes (out-of-bounds elements included) on `bar`. `map` must be a generic
+// address of the param, const or global space: a field of a `const __grid_constant__` kernel parameter.
+__device__ __forceinline__ void tma_load_3d(void *dst_smem, const void *map, int c0, int c1, int c2, uint64_t *bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];" ::"r"(smem_addr(dst_smem)),
+        "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(smem_addr(bar))
+        : "memory");
 }
 // Orders this thread's generic-proxy shared-memory writes (st.shared, cp.async) before later async-proxy reads
 // (wgmma operands) of the same bytes.

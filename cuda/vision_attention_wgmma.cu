@@ -25,7 +25,7 @@
 // rounds once on the interpreter, in the mma.sync kernel's k order, so the two kernels agree bit for bit there.
 //
 // Tiling: 64 queries x 64 keys per step; STAGES 3 of 16 KiB (8 KiB K + 8 KiB V) = 48 KiB of dynamic shared memory
-// plus the barriers, 1024-byte aligned for the swizzle (four blocks per SM). Grid (query tiles of 64, heads).
+// plus the barriers, 1024-byte aligned for the swizzle; two blocks per SM (registers). Grid (query tiles of 64, heads).
 // Bytes: q and out once; k and v once per query tile over its key range (2 x 2 x 64 per key). FLOPs: 4 x 64 per
 // (query, key) pair of the tile's key range (2 x 64 for S, 2 x 64 for P V; masked pairs included).
 #include "params.h"
@@ -47,7 +47,7 @@ constexpr int kStageBytes = 2 * kTileBytes;     // K tile, then V tile
 constexpr int kInFlight = kStages - 1;          // cp.async groups the producer keeps in flight (see moe_gemm_wgmma.cu)
 constexpr int kBarOffset = kStages * kStageBytes;
 constexpr int kSharedBytes = kBarOffset + 2 * kStages * 8;  // src/kernels/vision.rs computes the same total
-static_assert(kSharedBytes <= 227 * 1024 / 3 - 1024, "three blocks per SM (1 KiB reserved per block)");
+static_assert(kSharedBytes <= 227 * 1024 / 2 - 1024, "two blocks per SM (1 KiB reserved per block)");
 static_assert(kTileBytes % 1024 == 0, "tiles must start on the swizzle period");
 static_assert(kQueries == 16 * kConsumerWarps && kKeys == 64 && kHeadDim == 64, "one m64n64 wgmma per k-step");
 
@@ -209,8 +209,9 @@ __device__ __forceinline__ void consume(const VisionAttentionParams &p, const un
 
 }  // namespace
 
-// Three blocks per SM: at most 136 registers a thread.
-extern "C" __global__ void __launch_bounds__(kThreads, 3) vision_attention_wgmma(const VisionAttentionParams p) {
+// Two blocks per SM (two consumer warpgroups, as FA3 runs): a cap of three (136 registers) makes ptxas serialise the
+// wgmmas (C7512, insufficient registers); it uses 138.
+extern "C" __global__ void __launch_bounds__(kThreads, 2) vision_attention_wgmma(const VisionAttentionParams p) {
     extern __shared__ __align__(1024) unsigned char smem[];
     uint64_t *full = reinterpret_cast<uint64_t *>(smem + kBarOffset);
     uint64_t *empty = full + kStages;

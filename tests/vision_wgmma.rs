@@ -78,8 +78,8 @@ fn wgmma_attention_matches_the_reference_and_mma_sync(device: &Device) {
 backend_tests!(wgmma_attention_matches_the_reference_and_mma_sync);
 
 /// The environment switch: `SMALL4_VISION_ATTENTION` picks the kernel for the process, `run` overrides it on the
-/// thread, and an unknown value is a typed error. (The only test in this binary that sets the variable, and it
-/// reads the choice without launching, so the other tests, which pin the choice with `run`, are unaffected.)
+/// thread, an unknown value is a typed error, and unset, the wgmma kernel runs. (The only test in this binary that
+/// reads the variable; the others pin the choice with `run`, so its changes do not reach them.)
 #[test]
 fn the_environment_picks_the_kernel() {
     std::env::set_var("SMALL4_VISION_ATTENTION", "mma_sync");
@@ -91,6 +91,13 @@ fn the_environment_picks_the_kernel() {
     assert!(matches!(VisionAttentionKernel::current(), Err(small4::Error::InvalidArgument(_))));
     std::env::remove_var("SMALL4_VISION_ATTENTION");
     assert_eq!(VisionAttentionKernel::current().unwrap(), VisionAttentionKernel::Wgmma);
+    // Unset, a plain call (the vision tower's) launches the wgmma kernel.
+    let device = small4::device::simulator();
+    let x = DeviceBuffer::from_slice(&device, &random_bf16(&mut rng(3), 70 * 64, 1.5)).unwrap();
+    let out = DeviceBuffer::<bf16>::alloc(&device, 70 * 64).unwrap();
+    let view = x.view([70, 1, 64]).unwrap();
+    vision_attention(view, view, view, out.view([70, 1, 64]).unwrap(), &TokenSegments::upload(&device, &[0..70]).unwrap(), 0.125).unwrap();
+    assert_eq!(device.last_launch_counters().unwrap().kernel, "vision_attention_wgmma");
 }
 
 /// A backend that runs `vision_attention_wgmma` from an edited copy of its PTX (a planted bug) and everything else as

@@ -45,14 +45,28 @@ __device__ __forceinline__ SoftmaxState softmax_start() { return SoftmaxState{{-
 __device__ __forceinline__ void softmax_tile(float (&s)[8][4], uint32_t (&pa)[4][4], float (&correction)[2], SoftmaxState &state, const RowSegments &rows,
                                              int first_key, int t, float scale) {
     float tile_max[2] = {-INFINITY, -INFINITY};
+    // Inside a large image most tiles lie within both rows' segments: no key to mask, the same values without the
+    // compares.
+    const bool unmasked = first_key >= max(rows.start[0], rows.start[1]) && first_key + kKeys <= min(rows.end[0], rows.end[1]);
+    if (unmasked) {
 #pragma unroll
-    for (int nb = 0; nb < 8; ++nb) {
+        for (int nb = 0; nb < 8; ++nb) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int h = e / 2, key = first_key + nb * 8 + 2 * t + (e & 1);
-            const float v = key >= rows.start[h] && key < rows.end[h] ? s[nb][e] * scale : -INFINITY;
-            s[nb][e] = v;
-            tile_max[h] = fmaxf(tile_max[h], v);
+            for (int e = 0; e < 4; ++e) {
+                s[nb][e] *= scale;
+                tile_max[e / 2] = fmaxf(tile_max[e / 2], s[nb][e]);
+            }
+        }
+    } else {
+#pragma unroll
+        for (int nb = 0; nb < 8; ++nb) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int h = e / 2, key = first_key + nb * 8 + 2 * t + (e & 1);
+                const float v = key >= rows.start[h] && key < rows.end[h] ? s[nb][e] * scale : -INFINITY;
+                s[nb][e] = v;
+                tile_max[h] = fmaxf(tile_max[h], v);
+            }
         }
     }
     float base[2];

@@ -96,7 +96,8 @@ fn the_environment_picks_the_kernel() {
     let x = DeviceBuffer::from_slice(&device, &random_bf16(&mut rng(3), 70 * 64, 1.5)).unwrap();
     let out = DeviceBuffer::<bf16>::alloc(&device, 70 * 64).unwrap();
     let view = x.view([70, 1, 64]).unwrap();
-    vision_attention(view, view, view, out.view([70, 1, 64]).unwrap(), &TokenSegments::upload(&device, &[0..70]).unwrap(), 0.125).unwrap();
+    vision_attention(view, view, view, out.view([70, 1, 64]).unwrap(), &TokenSegments::upload(&device, std::slice::from_ref(&(0..70))).unwrap(), 0.125)
+        .unwrap();
     assert_eq!(device.last_launch_counters().unwrap().kernel, "vision_attention_wgmma");
 }
 
@@ -224,7 +225,7 @@ fn attention_counters_at_1024_tokens_16_heads() {
         let mut r = rng(5);
         let x = DeviceBuffer::from_slice(&device, &random_bf16(&mut r, tokens * heads * 64, 1.5)).unwrap();
         let out = DeviceBuffer::<bf16>::alloc(&device, tokens * heads * 64).unwrap();
-        let segments = TokenSegments::upload(&device, &[0..tokens]).unwrap();
+        let segments = TokenSegments::upload(&device, std::slice::from_ref(&(0..tokens))).unwrap();
         let view = x.view([tokens, heads, 64]).unwrap();
         kernel.run(|| vision_attention(view, view, view, out.view([tokens, heads, 64])?, &segments, 0.125)).unwrap();
         let c = device.last_launch_counters().unwrap();

@@ -707,8 +707,8 @@ pub(super) fn launch_gemm(
         shared_bytes: shape.shared_bytes(w.format, e4m3_input) as u32,
     };
     let mut kernel = shape.kernel(w.format, e4m3_input);
-    // The bf16 prefill tile runs on wgmma unless switched off (moe_wgmma::PrefillGemm): same grid, parameters and
-    // epilogue steps (cuda/include/gemm_epilogue.cuh).
+    // The bf16, int4 and nvfp4 prefill tiles run on wgmma unless switched off (moe_wgmma::PrefillGemm): same grid,
+    // parameters and epilogue steps (cuda/include/gemm_epilogue.cuh).
     if shape == TileShape::Tiled {
         if let Some((wgmma, block, shared_bytes)) = super::moe_wgmma::prefill_kernel(w.format, e4m3_input)? {
             (kernel, config.block, config.shared_bytes) = (wgmma, block, shared_bytes);

@@ -1,21 +1,23 @@
-//! The Hopper kernel of the bf16 GEMMs' prefill tile (`cuda/moe_gemm_wgmma.cu`: wgmma with the weights in registers,
-//! mbarrier pipeline, one producer warp and two consumer warpgroups), and the switch that picks it over the mma.sync
-//! kernel (`moe_gemm_bf16_tiled` in `cuda/moe_gemm.cu`). Both take the same parameters and compute the same rows, so
-//! [`super::moe`]'s launcher only swaps the kernel, the block size and the shared memory; decode tiles and the other
-//! weight formats keep mma.sync.
+//! The Hopper kernels of the GEMMs' prefill tile (`cuda/moe_gemm_wgmma.cu`: wgmma with the weights in registers,
+//! mbarrier pipeline, one producer warp and two consumer warpgroups) for bf16, int4 and nvfp4 weights, and the switch
+//! that picks them over the mma.sync kernels (`moe_gemm_{bf16,int4,nvfp4}_tiled` in `cuda/moe_gemm.cu`). Each pair
+//! takes the same parameters and computes the same rows, so [`super::moe`]'s launcher only swaps the kernel, the block
+//! size and the shared memory; decode tiles, the fp8 formats and the W8A8 kernels keep mma.sync.
 
 use std::cell::Cell;
 
 use super::modules::MOE_GEMM_WGMMA;
 use crate::device::{Dim3, Kernel};
 use crate::error::{Error, Result};
+use crate::quant::repack::tile_bytes;
 use crate::quant::WeightFormat;
 
 /// The environment variable that sets the process default of [`PrefillGemm`]: `wgmma` (or unset) or `mma_sync`.
 pub const PREFILL_GEMM_ENV: &str = "SMALL4_PREFILL_GEMM";
 
-/// Which kernel runs the bf16 prefill tile (128 output features x 64 rows) of the grouped expert GEMMs and of the
-/// dense GEMM (more than 32 rows).
+/// Which kernel runs the prefill tile (128 output features x 64 rows) of the grouped expert GEMMs and of the dense
+/// GEMM (more than 32 rows) with bf16, int4 or nvfp4 weights (the 4-bit kernels dequantise to bf16 in registers, as
+/// the mma.sync ones do, and issue the same bf16 wgmmas).
 ///
 /// The default is [`PrefillGemm::Wgmma`]; the environment's `SMALL4_PREFILL_GEMM=mma_sync` ([`PREFILL_GEMM_ENV`])
 /// selects the mma.sync kernel for the process, and [`PrefillGemm::run`] for one closure on the calling thread.
@@ -50,9 +52,10 @@ pub const PREFILL_GEMM_ENV: &str = "SMALL4_PREFILL_GEMM";
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PrefillGemm {
-    /// `moe_gemm_bf16_wgmma`: wgmma m64n64k16 with the weights as the register operand, warp-specialised.
+    /// `moe_gemm_{bf16,int4,nvfp4}_wgmma`: wgmma m64n64k16 with the weights as the register operand,
+    /// warp-specialised.
     Wgmma,
-    /// `moe_gemm_bf16_tiled`: mma.sync m16n8k16 with a cp.async ring.
+    /// `moe_gemm_{bf16,int4,nvfp4}_tiled`: mma.sync m16n8k16 with a cp.async ring.
     MmaSync,
 }
 
@@ -93,15 +96,29 @@ impl PrefillGemm {
 
 /// Threads per block: two consumer warpgroups and the producer warp.
 const THREADS: u32 = 9 * 32;
-/// Dynamic shared memory (`kSharedBytes` in moe_gemm_wgmma.cu): 4 stages of 128 weight rows and 64 activation rows
-/// of 64 bf16, two mbarriers per stage, the 64 slots' pairs.
-const SHARED_BYTES: u32 = 4 * (128 * 128 + 64 * 128) + 2 * 4 * 8 + 64 * 4;
+/// One stage's gathered activation rows: 64 slots of 64 bf16.
+const X_STAGE_BYTES: u32 = 64 * 64 * 2;
+
+/// Dynamic shared memory (`Ring<F>::kSharedBytes` in moe_gemm_wgmma.cu) for `format` weights: as many stages of the
+/// 8 warps' weight tiles (16 x 64 weights each: 2 KiB bf16, 512 bytes 4-bit) and the activation rows as fit in
+/// 96 KiB, at most 8 (bf16 4, 4-bit 8), two mbarriers per stage, the 64 slots' pairs.
+fn shared_bytes(format: WeightFormat) -> u32 {
+    let stage = 8 * tile_bytes(format) as u32 + X_STAGE_BYTES;
+    let stages = (96 * 1024 / stage).min(8);
+    stages * stage + 2 * stages * 8 + 64 * 4
+}
 
 /// The wgmma kernel, its block and its shared memory for a prefill-tile launch of `format` weights (with bf16 inputs
 /// unless `e4m3_input`), when it applies and is chosen; None: the mma.sync kernel runs.
 pub(crate) fn prefill_kernel(format: WeightFormat, e4m3_input: bool) -> Result<Option<(Kernel, Dim3, u32)>> {
-    if format != WeightFormat::Bf16 || e4m3_input || PrefillGemm::current()? != PrefillGemm::Wgmma {
+    let entry = match format {
+        WeightFormat::Bf16 => "moe_gemm_bf16_wgmma",
+        WeightFormat::Int4 { .. } => "moe_gemm_int4_wgmma",
+        WeightFormat::Nvfp4 => "moe_gemm_nvfp4_wgmma",
+        WeightFormat::Fp8PerTensor | WeightFormat::Fp8Block128 => return Ok(None),
+    };
+    if e4m3_input || PrefillGemm::current()? != PrefillGemm::Wgmma {
         return Ok(None);
     }
-    Ok(Some((Kernel { module: MOE_GEMM_WGMMA, entry: "moe_gemm_bf16_wgmma" }, Dim3::x(THREADS), SHARED_BYTES)))
+    Ok(Some((Kernel { module: MOE_GEMM_WGMMA, entry }, Dim3::x(THREADS), shared_bytes(format))))
 }

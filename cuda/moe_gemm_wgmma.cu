@@ -145,6 +145,13 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const MoeGemmParams &p, const
     const int first_tile = blockIdx.x * (kBM / 16);
     const int k_blocks = p.k_dim / kBK;
     const unsigned char *w_expert = p.weights + (long long)expert * p.expert_stride;
+    // The producer's lanes 0-7: the 8 warps' weight tiles of k block kb into `stage`, completing on its "full".
+    auto load_weight_tiles = [&](int kb, int stage) {
+        if (lane < kConsumerWarps) {
+            const unsigned char *src = w_expert + ((long long)(first_tile + lane) * k_blocks + kb) * kTileBytes;
+            bulk_load(w_smem + stage * kWStage + lane * kTileBytes, src, kTileBytes, &full[stage]);
+        }
+    };
 
     if (warp == kProducerWarp && kTmaX) {
         for (int kb = 0; kb < k_blocks; ++kb) {
@@ -155,10 +162,7 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const MoeGemmParams &p, const
                 tma_load_3d(x_smem + stage * kXStage, x_map, kb * kBK, slot_begin, blockIdx.z, &full[stage]);
             }
             __syncwarp();
-            if (lane < kConsumerWarps) {
-                const unsigned char *src = w_expert + ((long long)(first_tile + lane) * k_blocks + kb) * kTileBytes;
-                bulk_load(w_smem + stage * kWStage + lane * kTileBytes, src, kTileBytes, &full[stage]);
-            }
+            load_weight_tiles(kb, stage);
         }
     } else if (warp == kProducerWarp) {
         // Activation chunk (row, chunk) of this lane: 8 lanes per 128-byte row, 4 rows per pass, 16 passes.
@@ -174,10 +178,7 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const MoeGemmParams &p, const
             mbar_wait(&empty[stage], ((kb / kStages) & 1) ^ 1);
             if (lane == 0) mbar_arrive_expect_tx(&full[stage], kWStage);
             __syncwarp();
-            if (lane < kConsumerWarps) {
-                const unsigned char *src = w_expert + ((long long)(first_tile + lane) * k_blocks + kb) * kTileBytes;
-                bulk_load(w_smem + stage * kWStage + lane * kTileBytes, src, kTileBytes, &full[stage]);
-            }
+            load_weight_tiles(kb, stage);
             unsigned char *x_stage = x_smem + stage * kXStage;
             const uint32_t x_stage_addr = smem_addr(x_stage);
 #pragma unroll 4

@@ -1,6 +1,7 @@
 //! The machine code of the GEMM kernels, read with `cuobjdump -sass` from the sm_90a cubins build.rs embeds: the
-//! wgmma kernels (cuda/moe_gemm_wgmma.cu) run on Hopper's warpgroup tensor-core instruction (HGMMA), the dense one
-//! loads its activations with TMA (UTMALDG) and the grouped one does not, and the mma.sync kernels
+//! wgmma kernels (cuda/moe_gemm_wgmma.cu: bf16, int4 and nvfp4 weights) run on Hopper's warpgroup tensor-core
+//! instruction (HGMMA), the dense ones load their activations with TMA (UTMALDG) and the grouped ones do not, and the
+//! mma.sync kernels
 //! (cuda/moe_gemm.cu) stay on HMMA. The interpreter runs the PTX; this checks what ptxas made of it, without a GPU.
 //!
 //! cuobjdump and nvdisasm come from the pinned PyPI wheels that build.rs installs (`SMALL4_CUOBJDUMP`); when they
@@ -53,23 +54,25 @@ fn count(sass: &str, op: &str) -> usize {
 }
 
 #[test]
-fn wgmma_kernels_use_hgmma_and_the_dense_one_tma() {
+fn wgmma_kernels_use_hgmma_and_the_dense_ones_tma() {
     let wgmma = sass_by_function(&MOE_GEMM_WGMMA);
     let names: Vec<&String> = wgmma.keys().collect();
-    assert_eq!(names, ["moe_gemm_bf16_wgmma", "moe_gemm_bf16_wgmma_dense"], "the wgmma module's kernels");
+    let expected: Vec<String> = ["bf16", "int4", "nvfp4"].iter().flat_map(|f| [format!("moe_gemm_{f}_wgmma"), format!("moe_gemm_{f}_wgmma_dense")]).collect();
+    assert_eq!(names, expected.iter().collect::<Vec<_>>(), "the wgmma module's kernels");
     for (name, sass) in &wgmma {
         // Four m64n64k16 per stage, unrolled twice: at least 8.
         assert!(count(sass, "HGMMA") >= 8, "{name}: {} HGMMA", count(sass, "HGMMA"));
         assert_eq!(count(sass, "HMMA"), 0, "{name}: mma.sync in a wgmma kernel");
-        // The weights come by bulk copy (cp.async.bulk) in both.
+        // The weights come by bulk copy (cp.async.bulk) in all.
         assert!(count(sass, "UBLKCP") >= 1, "{name}: no bulk copy of the weights");
+        if name.ends_with("_dense") {
+            assert!(count(sass, "UTMALDG") >= 1, "{name} loads its activations with TMA: no UTMALDG");
+            assert_eq!(count(sass, "LDGSTS"), 0, "{name} gathers nothing with cp.async (LDGSTS)");
+        } else {
+            assert_eq!(count(sass, "UTMALDG"), 0, "{name} gathers its rows");
+            assert!(count(sass, "LDGSTS") >= 1, "{name}'s gather is cp.async (LDGSTS)");
+        }
     }
-    let dense = &wgmma["moe_gemm_bf16_wgmma_dense"];
-    assert!(count(dense, "UTMALDG") >= 1, "the dense kernel loads its activations with TMA: no UTMALDG");
-    assert_eq!(count(dense, "LDGSTS"), 0, "the dense kernel gathers nothing with cp.async (LDGSTS)");
-    let grouped = &wgmma["moe_gemm_bf16_wgmma"];
-    assert_eq!(count(grouped, "UTMALDG"), 0, "the grouped kernel gathers its rows");
-    assert!(count(grouped, "LDGSTS") >= 1, "the grouped kernel's gather is cp.async (LDGSTS)");
 }
 
 #[test]

@@ -232,10 +232,11 @@ typedef struct __attribute__((aligned(64))) Small4TensorMap {
     unsigned long long opaque[16];
 } Small4TensorMap;
 
-/* moe_gemm_bf16_wgmma_dense (cuda/moe_gemm_wgmma.cu): dense mode with the activations loaded by TMA. x_map is the
- * 3-d bf16 map of gemm.x made by src/kernels/moe_wgmma.rs: dims {k_dim, dense_rows, grid z}, byte strides
- * {x_stride * 2, x_batch_stride * 2}, box {64, 64, 1}, 128-byte swizzle, out-of-bounds rows zero-filled. The kernel
- * takes the struct as `const __grid_constant__`, so the map stays in the parameter space, where TMA may read it. */
+/* moe_gemm_{bf16,int4,nvfp4}_wgmma_dense (cuda/moe_gemm_wgmma.cu): dense mode with the activations loaded by TMA.
+ * x_map is the 3-d bf16 map of gemm.x made by src/kernels/moe_wgmma.rs: dims {k_dim, dense_rows, grid z}, byte
+ * strides {x_stride * 2, x_batch_stride * 2}, box {64, 64, 1}, 128-byte swizzle, out-of-bounds rows zero-filled. The
+ * kernels take the struct as `const __grid_constant__`, so the map stays in the parameter space, where TMA may read
+ * it. */
 typedef struct MoeGemmTmaParams {
     MoeGemmParams gemm;
     Small4TensorMap x_map;

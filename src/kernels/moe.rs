@@ -706,10 +706,10 @@ pub(super) fn launch_gemm(
         block: Dim3::x((WARPS * 32) as u32),
         shared_bytes: shape.shared_bytes(w.format, e4m3_input) as u32,
     };
-    // The bf16 prefill tile runs on wgmma unless switched off (moe_wgmma::PrefillGemm): same grid, parameters and
-    // epilogue steps (cuda/include/gemm_epilogue.cuh).
+    // The bf16, int4 and nvfp4 prefill tiles run on wgmma unless switched off (moe_wgmma::PrefillGemm): same grid,
+    // parameters and epilogue steps (cuda/include/gemm_epilogue.cuh).
     if shape == TileShape::Tiled && super::moe_wgmma::applies(w.format, e4m3_input)? {
-        return super::moe_wgmma::launch(device, &config, &params);
+        return super::moe_wgmma::launch(device, w.format, &config, &params);
     }
     launch_with(device, &shape.kernel(w.format, e4m3_input), &config, &params)
 }

@@ -1,9 +1,10 @@
-//! The Hopper kernels of the bf16 GEMMs' prefill tile (`cuda/moe_gemm_wgmma.cu`: wgmma with the weights in registers,
-//! mbarrier pipeline, one producer warp and two consumer warpgroups), and the switch that picks them over the mma.sync
-//! kernel (`moe_gemm_bf16_tiled` in `cuda/moe_gemm.cu`). They take the same parameters and compute the same rows, so
-//! [`super::moe`]'s launcher hands its launch over unchanged; decode tiles and the other weight formats keep mma.sync.
-//! Grouped launches gather their activation rows (`moe_gemm_bf16_wgmma`); dense ones load them with TMA
-//! (`moe_gemm_bf16_wgmma_dense`) through a tensor map made here by the device's
+//! The Hopper kernels of the GEMMs' prefill tile (`cuda/moe_gemm_wgmma.cu`: wgmma with the weights in registers,
+//! mbarrier pipeline, one producer warp and two consumer warpgroups) for bf16, int4 and nvfp4 weights, and the switch
+//! that picks them over the mma.sync kernels (`moe_gemm_{bf16,int4,nvfp4}_tiled` in `cuda/moe_gemm.cu`). Each takes
+//! the same parameters and computes the same rows as its mma.sync kernel, so [`super::moe`]'s launcher hands its
+//! launch over with only the block and the shared memory changed; decode tiles, the fp8 formats and the W8A8 kernels
+//! keep mma.sync. Grouped launches gather their activation rows (`moe_gemm_{bf16,int4,nvfp4}_wgmma`); dense ones load
+//! them with TMA (`moe_gemm_{bf16,int4,nvfp4}_wgmma_dense`) through a tensor map made here by the device's
 //! [`Backend::encode_tensor_map_tiled`](crate::device::Backend::encode_tensor_map_tiled).
 
 use std::cell::Cell;
@@ -13,14 +14,16 @@ use super::params::{MoeGemmParams, MoeGemmTmaParams, Small4TensorMap};
 use crate::device::tensor_map::{DataType, Interleave, L2Promotion, OobFill, Swizzle, TiledTensorMap};
 use crate::device::{launch_with, Device, Dim3, Kernel, LaunchConfig};
 use crate::error::{Error, Result};
+use crate::quant::repack::tile_bytes;
 use crate::quant::WeightFormat;
 
 /// The environment variable that sets the process default of [`PrefillGemm`]: `wgmma` (or unset), `wgmma_gather` or
 /// `mma_sync`.
 pub const PREFILL_GEMM_ENV: &str = "SMALL4_PREFILL_GEMM";
 
-/// Which kernel runs the bf16 prefill tile (128 output features x 64 rows) of the grouped expert GEMMs and of the
-/// dense GEMM (more than 32 rows).
+/// Which kernel runs the prefill tile (128 output features x 64 rows) of the grouped expert GEMMs and of the dense
+/// GEMM (more than 32 rows) with bf16, int4 or nvfp4 weights (the 4-bit kernels dequantise to bf16 in registers, as
+/// the mma.sync ones do, and issue the same bf16 wgmmas).
 ///
 /// The default is [`PrefillGemm::Wgmma`]; the environment's `SMALL4_PREFILL_GEMM=mma_sync` ([`PREFILL_GEMM_ENV`])
 /// selects the mma.sync kernel for the process (`wgmma_gather`: [`PrefillGemm::WgmmaGather`]), and
@@ -60,13 +63,14 @@ pub const PREFILL_GEMM_ENV: &str = "SMALL4_PREFILL_GEMM";
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PrefillGemm {
-    /// wgmma m64n64k16 with the weights as the register operand, warp-specialised: `moe_gemm_bf16_wgmma_dense`
-    /// (activations by TMA) for dense launches, `moe_gemm_bf16_wgmma` (activation rows gathered) for grouped ones.
+    /// wgmma m64n64k16 with the weights as the register operand, warp-specialised:
+    /// `moe_gemm_{bf16,int4,nvfp4}_wgmma_dense` (activations by TMA) for dense launches,
+    /// `moe_gemm_{bf16,int4,nvfp4}_wgmma` (activation rows gathered) for grouped ones.
     Wgmma,
-    /// `moe_gemm_bf16_wgmma` for every launch, dense ones included: the activations gathered with cp.async instead
-    /// of loaded by TMA (the dense kernel's predecessor, kept for comparisons).
+    /// `moe_gemm_{bf16,int4,nvfp4}_wgmma` for every launch, dense ones included: the activations gathered with
+    /// cp.async instead of loaded by TMA (the dense kernels' predecessor, kept for comparisons).
     WgmmaGather,
-    /// `moe_gemm_bf16_tiled`: mma.sync m16n8k16 with a cp.async ring.
+    /// `moe_gemm_{bf16,int4,nvfp4}_tiled`: mma.sync m16n8k16 with a cp.async ring.
     MmaSync,
 }
 
@@ -108,34 +112,52 @@ impl PrefillGemm {
 
 /// Threads per block: two consumer warpgroups and the producer warp.
 const THREADS: u32 = 9 * 32;
-/// Dynamic shared memory (`kSharedBytes` in moe_gemm_wgmma.cu): 4 stages of 128 weight rows and 64 activation rows
-/// of 64 bf16, two mbarriers per stage, the 64 slots' pairs.
-const SHARED_BYTES: u32 = 4 * (128 * 128 + 64 * 128) + 2 * 4 * 8 + 64 * 4;
+/// One stage's activation rows: 64 slots of 64 bf16 (one 128-byte swizzle line each).
+const X_STAGE_BYTES: u32 = 64 * 64 * 2;
 /// The activation box of one stage: 64 k (one 128-byte swizzle line of bf16) x 64 rows, of one matrix.
 const X_BOX: [u32; 3] = [64, 64, 1];
 
-/// The gather kernel (grouped mode) and the TMA kernel (dense mode).
-const GROUPED: Kernel = Kernel { module: MOE_GEMM_WGMMA, entry: "moe_gemm_bf16_wgmma" };
-const DENSE: Kernel = Kernel { module: MOE_GEMM_WGMMA, entry: "moe_gemm_bf16_wgmma_dense" };
+/// Dynamic shared memory (`Ring<F>::kSharedBytes` in moe_gemm_wgmma.cu) for `format` weights: as many stages of the
+/// 8 warps' weight tiles (16 x 64 weights each: 2 KiB bf16, 512 bytes 4-bit) and the activation rows as fit in
+/// 96 KiB, at most 8 (bf16 4, 4-bit 8), two mbarriers per stage, the 64 slots' pairs.
+fn shared_bytes(format: WeightFormat) -> u32 {
+    let stage = 8 * tile_bytes(format) as u32 + X_STAGE_BYTES;
+    let stages = (96 * 1024 / stage).min(8);
+    stages * stage + 2 * stages * 8 + 64 * 4
+}
+
+/// The wgmma kernels of `format` weights: the gather kernel (grouped mode) and the TMA kernel (dense mode). None for
+/// the formats that keep mma.sync.
+fn kernels(format: WeightFormat) -> Option<(Kernel, Kernel)> {
+    let (gather, tma) = match format {
+        WeightFormat::Bf16 => ("moe_gemm_bf16_wgmma", "moe_gemm_bf16_wgmma_dense"),
+        WeightFormat::Int4 { .. } => ("moe_gemm_int4_wgmma", "moe_gemm_int4_wgmma_dense"),
+        WeightFormat::Nvfp4 => ("moe_gemm_nvfp4_wgmma", "moe_gemm_nvfp4_wgmma_dense"),
+        WeightFormat::Fp8PerTensor | WeightFormat::Fp8Block128 => return None,
+    };
+    Some((Kernel { module: MOE_GEMM_WGMMA, entry: gather }, Kernel { module: MOE_GEMM_WGMMA, entry: tma }))
+}
 
 /// Whether the wgmma kernels run a prefill-tile launch of `format` weights (with bf16 inputs unless `e4m3_input`):
 /// they apply and are chosen. False: the mma.sync kernel runs.
 pub(crate) fn applies(format: WeightFormat, e4m3_input: bool) -> Result<bool> {
-    Ok(format == WeightFormat::Bf16 && !e4m3_input && PrefillGemm::current()? != PrefillGemm::MmaSync)
+    Ok(kernels(format).is_some() && !e4m3_input && PrefillGemm::current()? != PrefillGemm::MmaSync)
 }
 
-/// Launches the prefill tile on wgmma: `params` and the grid of the mma.sync launch (`config`'s block and shared
-/// memory are replaced by the wgmma kernel's). Dense launches whose input row of slot r is row r (every dense
-/// launch the crate makes) get the TMA kernel and the activations' tensor map, unless [`PrefillGemm::WgmmaGather`]
-/// is chosen; the others gather.
-pub(crate) fn launch(device: &Device, config: &LaunchConfig, params: &MoeGemmParams) -> Result<()> {
-    let config = LaunchConfig { block: Dim3::x(THREADS), shared_bytes: SHARED_BYTES, ..*config };
+/// Launches the prefill tile of `format` weights on wgmma: `params` and the grid of the mma.sync launch (`config`'s
+/// block and shared memory are replaced by the wgmma kernel's). Dense launches whose input row of slot r is row r
+/// (every dense launch the crate makes) get the TMA kernel and the activations' tensor map, unless
+/// [`PrefillGemm::WgmmaGather`] is chosen; the others gather. `Error::InvalidArgument` for a format without wgmma
+/// kernels (see [`applies`]).
+pub(crate) fn launch(device: &Device, format: WeightFormat, config: &LaunchConfig, params: &MoeGemmParams) -> Result<()> {
+    let (gather, tma) = kernels(format).ok_or_else(|| Error::InvalidArgument(format!("no wgmma prefill kernel for {format:?} weights")))?;
+    let config = LaunchConfig { block: Dim3::x(THREADS), shared_bytes: shared_bytes(format), ..*config };
     let dense_rows_in_order = params.sorted_pairs.is_null() && (params.in_by_token == 0 || params.top_k == 1) && params.dense_rows > 0;
     if !dense_rows_in_order || PrefillGemm::current()? == PrefillGemm::WgmmaGather {
-        return launch_with(device, &GROUPED, &config, params);
+        return launch_with(device, &gather, &config, params);
     }
     let x_map = device.encode_tensor_map_tiled(&activation_map(params, config.grid.z)?)?;
-    launch_with(device, &DENSE, &config, &MoeGemmTmaParams { gemm: *params, x_map: Small4TensorMap { opaque: x_map.opaque }, ..Default::default() })
+    launch_with(device, &tma, &config, &MoeGemmTmaParams { gemm: *params, x_map: Small4TensorMap { opaque: x_map.opaque }, ..Default::default() })
 }
 
 /// The 3-d map {k_dim, dense_rows, heads} of a dense launch's bf16 input rows (params.h, `MoeGemmTmaParams`).

@@ -2,7 +2,8 @@
 //! wgmma kernels (cuda/moe_gemm_wgmma.cu: bf16, int4 and nvfp4 weights) run on Hopper's warpgroup tensor-core
 //! instruction (HGMMA), the dense ones load their activations with TMA (UTMALDG) and the grouped ones do not, and the
 //! mma.sync kernels
-//! (cuda/moe_gemm.cu) stay on HMMA. The interpreter runs the PTX; this checks what ptxas made of it, without a GPU.
+//! (cuda/moe_gemm.cu) stay on HMMA; the vision attention's wgmma kernel (cuda/vision_attention_wgmma.cu) runs both its
+//! products on HGMMA and its mma.sync twin (cuda/vision.cu) on HMMA. The interpreter runs the PTX; this checks what ptxas made of it, without a GPU.
 //!
 //! cuobjdump and nvdisasm come from the pinned PyPI wheels that build.rs installs (`SMALL4_CUOBJDUMP`); when they
 //! could not be provisioned the test fails and says why, it never skips.
@@ -12,7 +13,7 @@ use std::path::Path;
 use std::process::Command;
 
 use small4::device::KernelModule;
-use small4::kernels::modules::{MOE_GEMM, MOE_GEMM_WGMMA};
+use small4::kernels::modules::{MOE_GEMM, MOE_GEMM_WGMMA, VISION, VISION_ATTENTION_WGMMA};
 
 /// `cuobjdump -sass` of `module`'s cubin, split by function: name -> its SASS lines.
 fn sass_by_function(module: &KernelModule) -> BTreeMap<String, String> {
@@ -84,4 +85,16 @@ fn mma_sync_kernels_use_hmma_not_hgmma() {
         assert!(count(sass, "HMMA") >= 1, "{name}: no HMMA");
         assert_eq!(count(sass, "HGMMA"), 0, "{name}: HGMMA in an mma.sync kernel");
     }
+}
+
+#[test]
+fn vision_attention_wgmma_uses_hgmma_and_its_twin_hmma() {
+    let wgmma = sass_by_function(&VISION_ATTENTION_WGMMA);
+    let sass = wgmma.get("vision_attention_wgmma").unwrap_or_else(|| panic!("no vision_attention_wgmma in {:?}", wgmma.keys()));
+    // Per key tile: four m64n64k16 for S = Q K^T and four for O += P V.
+    assert!(count(sass, "HGMMA") >= 8, "vision_attention_wgmma: {} HGMMA", count(sass, "HGMMA"));
+    assert_eq!(count(sass, "HMMA"), 0, "vision_attention_wgmma: mma.sync in the wgmma kernel");
+    let vision = sass_by_function(&VISION);
+    let twin = vision.get("vision_attention").unwrap_or_else(|| panic!("no vision_attention in {:?}", vision.keys()));
+    assert!(count(twin, "HMMA") >= 1 && count(twin, "HGMMA") == 0, "vision_attention stays on mma.sync");
 }

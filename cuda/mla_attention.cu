@@ -122,22 +122,14 @@ __device__ __forceinline__ void widen_fp8_tile(const char *stage, bf16 *wide) {
     }
 }
 
+// The attention of one split block over keys [split_begin, kv_end) (non-empty): rows row0.. of sequence seq; writes
+// o_lat (one split) or the split's f32 partials.
 template <bool kFp8>
-__device__ __forceinline__ void attention_tile(const MlaAttentionParams &p) {
+__device__ __forceinline__ void attend_split(const MlaAttentionParams &p, int seq, int split, int q_begin, int q_count, int first_pos, int row0,
+                                             int split_begin, int kv_end) {
     extern __shared__ __align__(16) char smem[];
-    const int seq = blockIdx.z, split = blockIdx.y;
     const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int q_begin = p.q_start[seq], q_count = p.q_start[seq + 1] - q_begin;
-    const int kv_len = p.kv_len[seq], first_pos = kv_len - q_count;
     const int block_rows = warps * kRowsPerWarp;
-    const int row0 = blockIdx.x * block_rows;  // first (token, head) row of this block within the sequence
-    if (row0 >= q_count * p.heads) return;
-
-    // Keys of this block: its split's range, cut at the last position any of its rows may see (causality).
-    const int last_row = min(row0 + block_rows, q_count * p.heads) - 1;
-    const int split_begin = split * p.tokens_per_split;
-    const int kv_end = min(split_begin + p.tokens_per_split, first_pos + last_row / p.heads + 1);
-    if (split_begin >= kv_end) return;  // no row of this block has a key in this split (the combine skips it)
 
     bf16 *q_smem = reinterpret_cast<bf16 *>(smem);
     char *stages = smem + block_rows * kRowStride * 2;
@@ -297,46 +289,38 @@ __device__ __forceinline__ void attention_tile(const MlaAttentionParams &p) {
 
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(kMaxWarps * 32) mla_attention_bf16(const MlaAttentionParams p) {
-    attention_tile<false>(p);
-}
-extern "C" __global__ void __launch_bounds__(kMaxWarps * 32) mla_attention_fp8(const MlaAttentionParams p) {
-    attention_tile<true>(p);
-}
-
 // ================================================================================================================
-// mla_attention_combine: o_lat[row] = sum_i w_i o_i / sum_i w_i with w_i = l_i 2^(m_i - max_j m_j), over the splits
-// i that hold a key of the row (i * tokens_per_split <= position), in split order: deterministic.
-// Thread mapping: one warp per (token, head) row; lane l owns latent values 4l..4l+3 and 128+4l..128+4l+3 (each
-// warp load is 512 contiguous bytes); lane i reads the (max, sum) of split i (of each group of 32) and passes its
-// weight around by shuffle. grid = (row blocks, sequences).
+// The split combine of one (token, head) row, by one warp: o_lat[row] = sum_i w_i o_i / sum_i w_i with
+// w_i = l_i 2^(m_i - max_j m_j), over the splits i that hold a key of the row (i * tokens_per_split <= position), in
+// split order: deterministic, and the same arithmetic wherever it runs (the fused tail of mla_attention_* and the
+// standalone mla_attention_combine). Lane l owns latent values 4l..4l+3 and 128+4l..128+4l+3 (each warp load is 512
+// contiguous bytes); lane i reads the (max, sum) of split i (of each group of 32) and passes its weight around by
+// shuffle. Partials are read with ld.cg: other blocks wrote them in this launch (fused), so never from L1.
 // Bytes per row and split: 1 KiB + 8 read; 512 written per row. FLOPs: ~3 per value and split.
 // ================================================================================================================
-extern "C" __global__ void mla_attention_combine(const MlaAttentionParams p) {
-    const int seq = blockIdx.y, lane = threadIdx.x & 31;
-    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+__device__ __forceinline__ void combine_row(const MlaAttentionParams &p, int seq, int row) {
+    const int lane = threadIdx.x & 31;
     const int q_begin = p.q_start[seq], q_count = p.q_start[seq + 1] - q_begin;
-    if (row >= q_count * p.heads) return;
     const int pos = p.kv_len[seq] - q_count + row / p.heads;
     const int splits = min(p.num_splits, pos / p.tokens_per_split + 1);
     const long grow = (long)q_begin * p.heads + row;
     const float2 *ml = reinterpret_cast<const float2 *>(p.partial_ml);
 
     float global_max = -INFINITY;
-    for (int i = lane; i < splits; i += 32) global_max = fmaxf(global_max, ml[(long)i * p.total_rows + grow].x);
+    for (int i = lane; i < splits; i += 32) global_max = fmaxf(global_max, __ldcg(ml + (long)i * p.total_rows + grow).x);
     global_max = warp_max(global_max);
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, total = 0.f;
     for (int base = 0; base < splits; base += 32) {
         float my_weight = 0.f;
         if (base + lane < splits) {
-            const float2 split_ml = ml[(long)(base + lane) * p.total_rows + grow];
+            const float2 split_ml = __ldcg(ml + (long)(base + lane) * p.total_rows + grow);
             my_weight = split_ml.y * exp2f(split_ml.x - global_max);
         }
         total += my_weight;
         for (int j = 0; j < min(32, splits - base); ++j) {
             const float weight = __shfl_sync(0xffffffffu, my_weight, j);
             const float4 *src = reinterpret_cast<const float4 *>(p.partial_o + ((long)(base + j) * p.total_rows + grow) * kLatent);
-            const float4 lo = src[lane], hi = src[32 + lane];
+            const float4 lo = __ldcg(src + lane), hi = __ldcg(src + 32 + lane);
             acc[0] += weight * lo.x, acc[1] += weight * lo.y, acc[2] += weight * lo.z, acc[3] += weight * lo.w;
             acc[4] += weight * hi.x, acc[5] += weight * hi.y, acc[6] += weight * hi.z, acc[7] += weight * hi.w;
         }
@@ -347,4 +331,67 @@ extern "C" __global__ void mla_attention_combine(const MlaAttentionParams p) {
         make_uint2(pack_bf16x2(acc[0] * inv_total, acc[1] * inv_total), pack_bf16x2(acc[2] * inv_total, acc[3] * inv_total));
     *reinterpret_cast<uint2 *>(dst + 128 + 4 * lane) =
         make_uint2(pack_bf16x2(acc[4] * inv_total, acc[5] * inv_total), pack_bf16x2(acc[6] * inv_total, acc[7] * inv_total));
+}
+
+namespace {
+
+// One attention block: its split's keys (if any), then, when split and p.split_counters is set, the fused combine.
+// The fused combine is the GEMM row finishers' "last block" pattern (cuda/include/gemm_epilogue.cuh finish_rows), per
+// (sequence, row tile): every split block of the tile fences its partial stores and arrives on the tile's counter
+// (blocks whose split holds no key of the tile arrive too, with nothing written); the block whose arrival completes
+// the count (num_splits) zeroes the counter for the next launch (graph replay) and combines the tile's rows, a warp
+// a row (combine_row, splits in fixed order). Without counters the standalone mla_attention_combine runs after.
+template <bool kFp8>
+__device__ __forceinline__ void attention_tile(const MlaAttentionParams &p) {
+    const int seq = blockIdx.z, split = blockIdx.y;
+    const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5;
+    const int q_begin = p.q_start[seq], q_count = p.q_start[seq + 1] - q_begin;
+    const int first_pos = p.kv_len[seq] - q_count;
+    const int block_rows = warps * kRowsPerWarp;
+    const int row0 = blockIdx.x * block_rows;  // first (token, head) row of this block within the sequence
+    const int rows = q_count * p.heads;
+    if (row0 >= rows) return;  // every split block of this tile returns here: no arrival is awaited
+
+    // Keys of this block: its split's range, cut at the last position any of its rows may see (causality).
+    const int last_row = min(row0 + block_rows, rows) - 1;
+    const int split_begin = split * p.tokens_per_split;
+    const int kv_end = min(split_begin + p.tokens_per_split, first_pos + last_row / p.heads + 1);
+    // No row of this block has a key in this split when split_begin >= kv_end: the combine skips the split.
+    if (split_begin < kv_end) attend_split<kFp8>(p, seq, split, q_begin, q_count, first_pos, row0, split_begin, kv_end);
+    if (p.num_splits == 1 || p.split_counters == nullptr) return;
+
+    __shared__ int last_arrival;
+    __threadfence();  // this thread's partial stores are visible device-wide before the block arrives
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int *counter = p.split_counters + (long)seq * gridDim.x + blockIdx.x;
+        last_arrival = atomicAdd(counter, 1) == p.num_splits - 1;
+        if (last_arrival) *counter = 0;  // every arrival of this launch is in: zero for the next launch
+    }
+    __syncthreads();
+    if (!last_arrival) return;
+    __threadfence();  // the other blocks fenced their stores before arriving: read them from here on (ld.cg)
+    for (int row = row0 + warp; row <= last_row; row += warps) combine_row(p, seq, row);
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(kMaxWarps * 32) mla_attention_bf16(const MlaAttentionParams p) {
+    attention_tile<false>(p);
+}
+extern "C" __global__ void __launch_bounds__(kMaxWarps * 32) mla_attention_fp8(const MlaAttentionParams p) {
+    attention_tile<true>(p);
+}
+
+// ================================================================================================================
+// mla_attention_combine: combine_row over every (token, head) row, one warp a row, grid = (row blocks, sequences):
+// the split combine as its own launch, for callers that run mla_attention_* without split counters
+// (attention::SplitCombine::Launch: the two-launch form the fused one is checked against, and the calibration
+// replays of measurements made before the fusion).
+// ================================================================================================================
+extern "C" __global__ void mla_attention_combine(const MlaAttentionParams p) {
+    const int seq = blockIdx.y;
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int q_count = p.q_start[seq + 1] - p.q_start[seq];
+    if (row < q_count * p.heads) combine_row(p, seq, row);
 }

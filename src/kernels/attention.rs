@@ -676,17 +676,21 @@ pub struct Queries<'a> {
     pub q_rope: Matrix<'a, bf16>,
 }
 
-/// The f32 partial results of split-KV attention; grows on demand and is reused across calls.
+/// The f32 partial results of split-KV attention and the fused combine's arrival counters; grows on demand and is
+/// reused across calls (a captured decode step keeps the buffers its first call sized).
 pub struct AttentionScratch {
     device: Device,
     /// `[rows capacity, 256]` and `[rows capacity, 2]`
     buffers: Option<(DeviceBuffer<f32>, DeviceBuffer<f32>)>,
+    /// One counter per (sequence, row tile), zero between launches: the fused combine's arrivals (the last split
+    /// block of a tile zeroes it again).
+    counters: Option<DeviceBuffer<i32>>,
 }
 
 impl AttentionScratch {
     /// Empty scratch on `device`; the first split launch allocates it.
     pub fn new(device: &Device) -> Self {
-        AttentionScratch { device: device.clone(), buffers: None }
+        AttentionScratch { device: device.clone(), buffers: None, counters: None }
     }
 
     fn ensure(&mut self, rows: usize) -> Result<&(DeviceBuffer<f32>, DeviceBuffer<f32>)> {
@@ -696,6 +700,61 @@ impl AttentionScratch {
             self.buffers = Some((DeviceBuffer::alloc(&self.device, rows * KV_LORA_RANK)?, DeviceBuffer::alloc(&self.device, rows * 2)?));
         }
         Ok(self.buffers.as_ref().unwrap())
+    }
+
+    /// At least `tiles` zeroed arrival counters (a new buffer only when more are needed: the kernel leaves them zero).
+    fn ensure_counters(&mut self, tiles: usize) -> Result<&DeviceBuffer<i32>> {
+        if self.counters.as_ref().is_none_or(|c| c.len() < tiles) {
+            self.counters = None;
+            self.counters = Some(DeviceBuffer::from_slice(&self.device, &vec![0i32; tiles.max(1)])?);
+        }
+        Ok(self.counters.as_ref().unwrap())
+    }
+}
+
+/// Where split-KV attention combines its splits' partials: in the attention launch itself (the default: the last
+/// split block of each (sequence, row tile) combines the tile's rows), or in a second launch
+/// (`mla_attention_combine`). Both run the same device code in the same split order, so they agree bit for bit; the
+/// second launch stays for checking that and for replaying measurements made before the fusion (`small4 calibrate`).
+///
+/// ```
+/// use small4::kernels::attention::SplitCombine;
+///
+/// assert_eq!(SplitCombine::current(), SplitCombine::Fused);
+/// // The choice holds inside `run` only, on this thread:
+/// assert_eq!(SplitCombine::Launch.run(SplitCombine::current), SplitCombine::Launch);
+/// assert_eq!(SplitCombine::current(), SplitCombine::Fused);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SplitCombine {
+    /// The last-arriving split block of each (sequence, row tile) combines: one launch.
+    Fused,
+    /// `mla_attention_combine` after the attention launch: two launches when split.
+    Launch,
+}
+
+thread_local! {
+    /// [`SplitCombine::run`]'s choice for the calling thread.
+    static SPLIT_COMBINE: std::cell::Cell<SplitCombine> = const { std::cell::Cell::new(SplitCombine::Fused) };
+}
+
+impl SplitCombine {
+    /// The choice in force on this thread ([`SplitCombine::Fused`] outside [`SplitCombine::run`]).
+    pub fn current() -> Self {
+        SPLIT_COMBINE.get()
+    }
+
+    /// Runs `f` with this choice on the calling thread (launches are issued on the thread that calls the wrapper),
+    /// restoring the previous choice afterwards, also when `f` panics.
+    pub fn run<R>(self, f: impl FnOnce() -> R) -> R {
+        struct Restore(SplitCombine);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                SPLIT_COMBINE.set(self.0);
+            }
+        }
+        let _restore = Restore(SPLIT_COMBINE.replace(self));
+        f()
     }
 }
 
@@ -790,6 +849,8 @@ pub fn mla_attention(
         CacheDtype::Fp8E4m3 { scale } => (ATTENTION_FP8, softmax_scale * scale, scale),
     };
     // Partials exist only when split (a one-row buffer keeps the pointers valid otherwise).
+    let fused = plan.num_splits > 1 && SplitCombine::current() == SplitCombine::Fused;
+    let split_counters = if fused { scratch.ensure_counters(num_seqs * plan.row_tiles)?.mut_ptr() } else { std::ptr::null_mut() };
     let (partial_o, partial_ml) = scratch.ensure(if plan.num_splits > 1 { plan.num_splits * rows } else { 1 })?;
     let params = MlaAttentionParams {
         q_lat: queries.q_lat.ptr(),
@@ -802,6 +863,7 @@ pub fn mla_attention(
         o_lat: o_lat.mut_ptr(),
         partial_o: partial_o.mut_ptr(),
         partial_ml: partial_ml.mut_ptr(),
+        split_counters,
         num_seqs: num_seqs as i32,
         heads: heads as i32,
         max_pages: tables.host.max_pages as i32,
@@ -818,7 +880,7 @@ pub fn mla_attention(
         shared_bytes: plan.shared_bytes(cache.desc.dtype) as u32,
     };
     launch_with(device, &kernel, &config, &params)?;
-    if plan.num_splits > 1 {
+    if plan.num_splits > 1 && !fused {
         let config = LaunchConfig {
             grid: Dim3::xy(super::blocks_for(max_q * heads, COMBINE_WARPS), num_seqs as u32),
             block: Dim3::x(32 * COMBINE_WARPS as u32),

@@ -335,6 +335,8 @@ typedef struct MlaAttentionParams {
     int page_size;
     int num_splits;            /* KV splits per sequence; 1 = no combine, o_lat written directly */
     int tokens_per_split;      /* multiple of the kernel's KV tile (32) */
+    int row_warps;             /* warps of a block that own query rows (16 each); the block may have more (helpers
+                                * that share the loads and the fused combine) */
     int total_rows;            /* tokens * heads */
     int q_rope_stride;         /* elements between q_rope rows (64 when packed; a query head's width when read in place) */
     float score_scale;         /* softmax scale * fp8 scale (1 for bf16) */

@@ -602,7 +602,8 @@ pub fn latent_projection(
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttentionPlan {
-    /// Warps per block, 1 to 4; each covers 16 (query token, head) rows.
+    /// Warps per block that own rows, 1 to 4; each covers 16 (query token, head) rows. (A fused split launch of at
+    /// most one block per SM adds helper warps, up to 8 in all.)
     pub warps: usize,
     /// Blocks along the query rows of one sequence (grid x).
     pub row_tiles: usize,

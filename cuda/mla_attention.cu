@@ -13,14 +13,17 @@
 // block if fused here, while as batched GEMMs they are read once per step; the kernel then moves only cache + q + o
 // bytes. The llama-4 query scale is already in q_lat and q_rope.
 //
-// Tiling of mla_attention_*: block = 32 * W threads (W = 1..4 warps, 16 query rows per warp), grid = (row tiles,
-// splits, sequences). Q [16W x 320] sits in shared memory (padded rows, conflict-free ldmatrix); the cache streams in
+// Tiling of mla_attention_*: block = 32 * W threads (W = 1..4 warps, 16 query rows per warp; with the split combine
+// fused into a grid of at most one block per SM, helper warps up to 8 in all that share the loads and the combine),
+// grid = (row tiles, splits, sequences). Q [16W x 320] sits in shared memory (padded rows, conflict-free ldmatrix); the cache streams in
 // tiles of 32 tokens x 320, double-buffered with cp.async (fp8: raw bytes staged, then widened to bf16 in shared
 // memory). Per tile and warp: S = Q K^T with mma.sync m16n8k16 (20 k-steps x 4 n-tiles, B fragments by ldmatrix),
 // online softmax in f32 (exp2, scale folded), O += P V with P re-packed from the S accumulators (no shared memory
 // round trip) and V fragments by ldmatrix.trans; O [16 x 256] f32 lives in registers (128 per thread).
 // Bytes: cache 320 x (2 | 1) per token per split block, q 640 B and o 512 B per row (+ 2 x 1 KiB partials per row and
-// split when split). FLOPs: 2 x rows x tokens x (320 + 256).
+// split when split: written by the split blocks, read by the combine). FLOPs: 2 x rows x tokens x (320 + 256).
+// Split combine: fused (p.split_counters set), the last split block of each (sequence, row tile) combines the tile's
+// rows at the end of the launch (attention_tile); else mla_attention_combine as a second launch.
 #include "params.h"
 #include "common.cuh"
 #include "mma.cuh"
@@ -32,7 +35,10 @@ namespace {
 constexpr int kRowStride = kWidth + 8;           // padded shared-memory row (bf16): 656 B, rows 16 B apart in banks
 constexpr int kTileN = 32;                       // cache tokens per pipeline stage
 constexpr int kRowsPerWarp = 16;
-constexpr int kMaxWarps = 4;
+constexpr int kMaxWarps = 4;                     // warps that own query rows
+constexpr int kMaxBlockWarps = 8;                // with the fused combine's helper warps
+static_assert(kMaxWarps <= kMaxBlockWarps, "row warps fit the launch bounds");
+constexpr int kCombineRows = 4;                  // rows a warp of the fused combine works on at once
 constexpr float kLog2e = 1.4426950408889634f;
 static_assert(kWidth % 16 == 0 && kLatent % 16 == 0, "mma k-steps");
 
@@ -122,22 +128,16 @@ __device__ __forceinline__ void widen_fp8_tile(const char *stage, bf16 *wide) {
     }
 }
 
+// The attention of one split block over keys [split_begin, kv_end) (non-empty): rows row0.. of sequence seq; writes
+// o_lat (one split) or the split's f32 partials.
 template <bool kFp8>
-__device__ __forceinline__ void attention_tile(const MlaAttentionParams &p) {
+__device__ __forceinline__ void attend_split(const MlaAttentionParams &p, int seq, int split, int q_begin, int q_count, int first_pos, int row0,
+                                             int split_begin, int kv_end) {
     extern __shared__ __align__(16) char smem[];
-    const int seq = blockIdx.z, split = blockIdx.y;
-    const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int q_begin = p.q_start[seq], q_count = p.q_start[seq + 1] - q_begin;
-    const int kv_len = p.kv_len[seq], first_pos = kv_len - q_count;
-    const int block_rows = warps * kRowsPerWarp;
-    const int row0 = blockIdx.x * block_rows;  // first (token, head) row of this block within the sequence
-    if (row0 >= q_count * p.heads) return;
-
-    // Keys of this block: its split's range, cut at the last position any of its rows may see (causality).
-    const int last_row = min(row0 + block_rows, q_count * p.heads) - 1;
-    const int split_begin = split * p.tokens_per_split;
-    const int kv_end = min(split_begin + p.tokens_per_split, first_pos + last_row / p.heads + 1);
-    if (split_begin >= kv_end) return;  // no row of this block has a key in this split (the combine skips it)
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int block_rows = p.row_warps * kRowsPerWarp;
+    // Warps past p.row_warps own no rows (the fused combine's helpers): they share the loads and barriers only.
+    const bool owns_rows = warp < p.row_warps;
 
     bf16 *q_smem = reinterpret_cast<bf16 *>(smem);
     char *stages = smem + block_rows * kRowStride * 2;
@@ -193,80 +193,83 @@ __device__ __forceinline__ void attention_tile(const MlaAttentionParams &p) {
             kv = reinterpret_cast<const bf16 *>(stages + (t & 1) * TileLayout<kFp8>::kStageBytes);
         }
 
-        // S = Q K^T for the warp's 16 rows x 32 tokens.
-        float s[kTileN / 8][4];
-#pragma unroll
-        for (int n = 0; n < kTileN / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
-#pragma unroll 4
-        for (int k = 0; k < kWidth / 16; ++k) {
-            uint32_t a[4];
-            ldmatrix_x4(a, q_warp + (lane & 15) * kRowStride + k * 16 + (lane >> 4) * 8);
-#pragma unroll
-            for (int n = 0; n < kTileN / 8; n += 2) {
-                uint32_t b[4];
-                ldmatrix_x4(b, kv + (n * 8 + (lane >> 4) * 8 + (lane & 7)) * kRowStride + k * 16 + ((lane >> 3) & 1) * 8);
-                mma_bf16(s[n], a, b[0], b[1]);
-                mma_bf16(s[n + 1], a, b[2], b[3]);
+        if (owns_rows) {
+            // S = Q K^T for the warp's 16 rows x 32 tokens.
+            float s[kTileN / 8][4];
+    #pragma unroll
+            for (int n = 0; n < kTileN / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+    #pragma unroll 4
+            for (int k = 0; k < kWidth / 16; ++k) {
+                uint32_t a[4];
+                ldmatrix_x4(a, q_warp + (lane & 15) * kRowStride + k * 16 + (lane >> 4) * 8);
+    #pragma unroll
+                for (int n = 0; n < kTileN / 8; n += 2) {
+                    uint32_t b[4];
+                    ldmatrix_x4(b, kv + (n * 8 + (lane >> 4) * 8 + (lane & 7)) * kRowStride + k * 16 + ((lane >> 3) & 1) * 8);
+                    mma_bf16(s[n], a, b[0], b[1]);
+                    mma_bf16(s[n + 1], a, b[2], b[3]);
+                }
             }
-        }
 
-        // Online softmax (log2 domain). Masked keys get -inf; a row that has seen no key yet keeps max -inf and its
-        // exponent base is taken as 0 so nothing becomes NaN.
-        float tile_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-        for (int n = 0; n < kTileN / 8; ++n) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int key = tile_start + n * 8 + quad * 2 + (e & 1), h = e >> 1;
-                const bool visible = key < kv_end && key <= row_pos[h];
-                s[n][e] = visible ? s[n][e] * score_scale : -INFINITY;
-                tile_max[h] = fmaxf(tile_max[h], s[n][e]);
+            // Online softmax (log2 domain). Masked keys get -inf; a row that has seen no key yet keeps max -inf and its
+            // exponent base is taken as 0 so nothing becomes NaN.
+            float tile_max[2] = {-INFINITY, -INFINITY};
+    #pragma unroll
+            for (int n = 0; n < kTileN / 8; ++n) {
+    #pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int key = tile_start + n * 8 + quad * 2 + (e & 1), h = e >> 1;
+                    const bool visible = key < kv_end && key <= row_pos[h];
+                    s[n][e] = visible ? s[n][e] * score_scale : -INFINITY;
+                    tile_max[h] = fmaxf(tile_max[h], s[n][e]);
+                }
             }
-        }
-        float correction[2], base[2];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
-            tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
-            const float new_max = fmaxf(row_max[h], tile_max[h]);
-            base[h] = new_max == -INFINITY ? 0.f : new_max;
-            correction[h] = exp2f(row_max[h] - base[h]);
-            row_max[h] = new_max;
-            row_sum[h] *= correction[h];
-        }
-#pragma unroll
-        for (int n = 0; n < kTileN / 8; ++n) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                s[n][e] = exp2f(s[n][e] - base[e >> 1]);
-                row_sum[e >> 1] += s[n][e];
+            float correction[2], base[2];
+    #pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
+                tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
+                const float new_max = fmaxf(row_max[h], tile_max[h]);
+                base[h] = new_max == -INFINITY ? 0.f : new_max;
+                correction[h] = exp2f(row_max[h] - base[h]);
+                row_max[h] = new_max;
+                row_sum[h] *= correction[h];
             }
-        }
-#pragma unroll
-        for (int n = 0; n < kLatent / 8; ++n) {
-            o[n][0] *= correction[0];
-            o[n][1] *= correction[0];
-            o[n][2] *= correction[1];
-            o[n][3] *= correction[1];
-        }
+    #pragma unroll
+            for (int n = 0; n < kTileN / 8; ++n) {
+    #pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    s[n][e] = exp2f(s[n][e] - base[e >> 1]);
+                    row_sum[e >> 1] += s[n][e];
+                }
+            }
+    #pragma unroll
+            for (int n = 0; n < kLatent / 8; ++n) {
+                o[n][0] *= correction[0];
+                o[n][1] *= correction[0];
+                o[n][2] *= correction[1];
+                o[n][3] *= correction[1];
+            }
 
-        // O += P V over the latent columns; P's A fragments come straight from the S accumulators.
-#pragma unroll
-        for (int k = 0; k < kTileN / 16; ++k) {
-            const uint32_t a[4] = {pack_bf16x2(s[2 * k][0], s[2 * k][1]), pack_bf16x2(s[2 * k][2], s[2 * k][3]),
-                                   pack_bf16x2(s[2 * k + 1][0], s[2 * k + 1][1]), pack_bf16x2(s[2 * k + 1][2], s[2 * k + 1][3])};
-            const bf16 *v_rows = kv + (k * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * kRowStride + (lane >> 4) * 8;
-#pragma unroll
-            for (int n = 0; n < kLatent / 8; n += 2) {
-                uint32_t b[4];
-                ldmatrix_x4_trans(b, v_rows + n * 8);
-                mma_bf16(o[n], a, b[0], b[1]);
-                mma_bf16(o[n + 1], a, b[2], b[3]);
+            // O += P V over the latent columns; P's A fragments come straight from the S accumulators.
+    #pragma unroll
+            for (int k = 0; k < kTileN / 16; ++k) {
+                const uint32_t a[4] = {pack_bf16x2(s[2 * k][0], s[2 * k][1]), pack_bf16x2(s[2 * k][2], s[2 * k][3]),
+                                       pack_bf16x2(s[2 * k + 1][0], s[2 * k + 1][1]), pack_bf16x2(s[2 * k + 1][2], s[2 * k + 1][3])};
+                const bf16 *v_rows = kv + (k * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * kRowStride + (lane >> 4) * 8;
+    #pragma unroll
+                for (int n = 0; n < kLatent / 8; n += 2) {
+                    uint32_t b[4];
+                    ldmatrix_x4_trans(b, v_rows + n * 8);
+                    mma_bf16(o[n], a, b[0], b[1]);
+                    mma_bf16(o[n + 1], a, b[2], b[3]);
+                }
             }
         }
         __syncthreads();  // the stage just read is refilled by the next iteration's prefetch
     }
 
+    if (!owns_rows) return;
     // Rows of this thread: full sums over the quad, then normalise and store.
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -297,54 +300,157 @@ __device__ __forceinline__ void attention_tile(const MlaAttentionParams &p) {
 
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(kMaxWarps * 32) mla_attention_bf16(const MlaAttentionParams p) {
+// ================================================================================================================
+// The split combine of up to R (token, head) rows of one sequence, by one warp: o_lat[row] = sum_i w_i o_i / sum_i w_i
+// with w_i = l_i 2^(m_i - max_j m_j), over the splits i that hold a key of the row (i * tokens_per_split <=
+// position), in split order: deterministic, and the same arithmetic for every R and wherever it runs (the fused tail
+// of mla_attention_*, R = kCombineRows; the standalone mla_attention_combine, R = 1): each row's operations are those
+// of R = 1, only interleaved, its R rows' loads of 4 splits are in flight together (8R x 512 B). Lane l owns
+// latent values 4l..4l+3 and 128+4l..128+4l+3 (each warp load is 512 contiguous bytes); lane i reads the (max, sum)
+// of split i (of each group of 32) and passes its weight around by shuffle. Partials are read with ld.cg: other
+// blocks wrote them in this launch (fused), so never from L1. rows[r] < 0: no row in that slot (rows[0] >= 0).
+// Bytes per row and split: 1 KiB + 8 read; 512 written per row. FLOPs: ~3 per value and split.
+// ================================================================================================================
+template <int R>
+__device__ __forceinline__ void combine_rows(const MlaAttentionParams &p, int q_begin, int first_pos, const int (&rows)[R]) {
+    const int lane = threadIdx.x & 31;
+    const float2 *ml = reinterpret_cast<const float2 *>(p.partial_ml);
+    // An empty slot loads rows[0]'s split 0 (always written: every row has a key in split 0) with weight 0.
+    int splits[R], last_split[R], max_splits = 0;
+    long grow[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        splits[r] = rows[r] < 0 ? 0 : min(p.num_splits, (first_pos + rows[r] / p.heads) / p.tokens_per_split + 1);
+        last_split[r] = max(splits[r] - 1, 0);
+        grow[r] = (long)q_begin * p.heads + (rows[r] < 0 ? rows[0] : rows[r]);
+        max_splits = max(max_splits, splits[r]);
+    }
+
+    float global_max[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) global_max[r] = -INFINITY;
+    for (int i = lane; i < max_splits; i += 32) {
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+            if (i < splits[r]) global_max[r] = fmaxf(global_max[r], __ldcg(ml + (long)i * p.total_rows + grow[r]).x);
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) global_max[r] = warp_max(global_max[r]);
+    float acc[R][8], total[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        total[r] = 0.f;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) acc[r][k] = 0.f;
+    }
+    for (int base = 0; base < max_splits; base += 32) {
+        float my_weight[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            my_weight[r] = 0.f;
+            if (base + lane < splits[r]) {
+                const float2 split_ml = __ldcg(ml + (long)(base + lane) * p.total_rows + grow[r]);
+                my_weight[r] = split_ml.y * exp2f(split_ml.x - global_max[r]);
+            }
+            total[r] += my_weight[r];
+        }
+        // Branch-free, so the loads of several splits and rows overlap: a row with fewer splits (prefill tiles only)
+        // re-reads its last split's partial with weight 0, which leaves its sums exactly as they are.
+#pragma unroll 4
+        for (int j = 0; j < min(32, max_splits - base); ++j) {
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const float weight = __shfl_sync(0xffffffffu, my_weight[r], j);
+                const int split = min(base + j, last_split[r]);
+                const float4 *src = reinterpret_cast<const float4 *>(p.partial_o + ((long)split * p.total_rows + grow[r]) * kLatent);
+                const float4 lo = __ldcg(src + lane), hi = __ldcg(src + 32 + lane);
+                float *a = acc[r];
+                a[0] += weight * lo.x, a[1] += weight * lo.y, a[2] += weight * lo.z, a[3] += weight * lo.w;
+                a[4] += weight * hi.x, a[5] += weight * hi.y, a[6] += weight * hi.z, a[7] += weight * hi.w;
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        if (rows[r] < 0) continue;  // warp-uniform
+        const float inv_total = 1.f / warp_sum(total[r]);
+        const float *a = acc[r];
+        bf16 *dst = p.o_lat + grow[r] * kLatent;
+        *reinterpret_cast<uint2 *>(dst + 4 * lane) =
+            make_uint2(pack_bf16x2(a[0] * inv_total, a[1] * inv_total), pack_bf16x2(a[2] * inv_total, a[3] * inv_total));
+        *reinterpret_cast<uint2 *>(dst + 128 + 4 * lane) =
+            make_uint2(pack_bf16x2(a[4] * inv_total, a[5] * inv_total), pack_bf16x2(a[6] * inv_total, a[7] * inv_total));
+    }
+}
+
+namespace {
+
+// One attention block: its split's keys (if any), then, when split and p.split_counters is set, the fused combine.
+// The fused combine is the GEMM row finishers' "last block" pattern (cuda/include/gemm_epilogue.cuh finish_rows), per
+// (sequence, row tile): every split block of the tile fences its partial stores and arrives on the tile's counter
+// (blocks whose split holds no key of the tile arrive too, with nothing written); the block whose arrival completes
+// the count (num_splits) zeroes the counter for the next launch (graph replay) and combines the tile's rows, each
+// warp kCombineRows rows at a time (combine_rows, splits in fixed order). Without counters the standalone
+// mla_attention_combine runs after.
+template <bool kFp8>
+__device__ __forceinline__ void attention_tile(const MlaAttentionParams &p) {
+    const int seq = blockIdx.z, split = blockIdx.y;
+    const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5;
+    const int q_begin = p.q_start[seq], q_count = p.q_start[seq + 1] - q_begin;
+    const int first_pos = p.kv_len[seq] - q_count;
+    const int block_rows = p.row_warps * kRowsPerWarp;
+    const int row0 = blockIdx.x * block_rows;  // first (token, head) row of this block within the sequence
+    const int rows = q_count * p.heads;
+    if (row0 >= rows) return;  // every split block of this tile returns here: no arrival is awaited
+
+    // Keys of this block: its split's range, cut at the last position any of its rows may see (causality).
+    const int last_row = min(row0 + block_rows, rows) - 1;
+    const int split_begin = split * p.tokens_per_split;
+    const int kv_end = min(split_begin + p.tokens_per_split, first_pos + last_row / p.heads + 1);
+    // No row of this block has a key in this split when split_begin >= kv_end: the combine skips the split.
+    if (split_begin < kv_end) attend_split<kFp8>(p, seq, split, q_begin, q_count, first_pos, row0, split_begin, kv_end);
+    if (p.num_splits == 1 || p.split_counters == nullptr) return;
+
+    __shared__ int last_arrival;
+    __threadfence();  // this thread's partial stores are visible device-wide before the block arrives
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int *counter = p.split_counters + (long)seq * gridDim.x + blockIdx.x;
+        last_arrival = atomicAdd(counter, 1) == p.num_splits - 1;
+        if (last_arrival) *counter = 0;  // every arrival of this launch is in: zero for the next launch
+    }
+    __syncthreads();
+    if (!last_arrival) return;
+    __threadfence();  // the other blocks fenced their stores before arriving: read them from here on (ld.cg)
+    // Each warp of the block (helpers included) combines kCombineRows rows at a time (rows row0 + warp *
+    // kCombineRows + k, then the next group).
+    for (int first = row0 + warp * kCombineRows; first <= last_row; first += warps * kCombineRows) {
+        int rows[kCombineRows];
+#pragma unroll
+        for (int k = 0; k < kCombineRows; ++k) rows[k] = first + k <= last_row ? first + k : -1;
+        combine_rows<kCombineRows>(p, q_begin, first_pos, rows);
+    }
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(kMaxBlockWarps * 32) mla_attention_bf16(const MlaAttentionParams p) {
     attention_tile<false>(p);
 }
-extern "C" __global__ void __launch_bounds__(kMaxWarps * 32) mla_attention_fp8(const MlaAttentionParams p) {
+extern "C" __global__ void __launch_bounds__(kMaxBlockWarps * 32) mla_attention_fp8(const MlaAttentionParams p) {
     attention_tile<true>(p);
 }
 
 // ================================================================================================================
-// mla_attention_combine: o_lat[row] = sum_i w_i o_i / sum_i w_i with w_i = l_i 2^(m_i - max_j m_j), over the splits
-// i that hold a key of the row (i * tokens_per_split <= position), in split order: deterministic.
-// Thread mapping: one warp per (token, head) row; lane l owns latent values 4l..4l+3 and 128+4l..128+4l+3 (each
-// warp load is 512 contiguous bytes); lane i reads the (max, sum) of split i (of each group of 32) and passes its
-// weight around by shuffle. grid = (row blocks, sequences).
-// Bytes per row and split: 1 KiB + 8 read; 512 written per row. FLOPs: ~3 per value and split.
+// mla_attention_combine: combine_rows<1> over every (token, head) row, one warp a row, grid = (row blocks, sequences):
+// the split combine as its own launch, for callers that run mla_attention_* without split counters
+// (attention::SplitCombine::Launch: the two-launch form the fused one is checked against, and the calibration
+// replays of measurements made before the fusion).
 // ================================================================================================================
 extern "C" __global__ void mla_attention_combine(const MlaAttentionParams p) {
-    const int seq = blockIdx.y, lane = threadIdx.x & 31;
+    const int seq = blockIdx.y;
     const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int q_begin = p.q_start[seq], q_count = p.q_start[seq + 1] - q_begin;
-    if (row >= q_count * p.heads) return;
-    const int pos = p.kv_len[seq] - q_count + row / p.heads;
-    const int splits = min(p.num_splits, pos / p.tokens_per_split + 1);
-    const long grow = (long)q_begin * p.heads + row;
-    const float2 *ml = reinterpret_cast<const float2 *>(p.partial_ml);
-
-    float global_max = -INFINITY;
-    for (int i = lane; i < splits; i += 32) global_max = fmaxf(global_max, ml[(long)i * p.total_rows + grow].x);
-    global_max = warp_max(global_max);
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, total = 0.f;
-    for (int base = 0; base < splits; base += 32) {
-        float my_weight = 0.f;
-        if (base + lane < splits) {
-            const float2 split_ml = ml[(long)(base + lane) * p.total_rows + grow];
-            my_weight = split_ml.y * exp2f(split_ml.x - global_max);
-        }
-        total += my_weight;
-        for (int j = 0; j < min(32, splits - base); ++j) {
-            const float weight = __shfl_sync(0xffffffffu, my_weight, j);
-            const float4 *src = reinterpret_cast<const float4 *>(p.partial_o + ((long)(base + j) * p.total_rows + grow) * kLatent);
-            const float4 lo = src[lane], hi = src[32 + lane];
-            acc[0] += weight * lo.x, acc[1] += weight * lo.y, acc[2] += weight * lo.z, acc[3] += weight * lo.w;
-            acc[4] += weight * hi.x, acc[5] += weight * hi.y, acc[6] += weight * hi.z, acc[7] += weight * hi.w;
-        }
-    }
-    const float inv_total = 1.f / warp_sum(total);
-    bf16 *dst = p.o_lat + grow * kLatent;
-    *reinterpret_cast<uint2 *>(dst + 4 * lane) =
-        make_uint2(pack_bf16x2(acc[0] * inv_total, acc[1] * inv_total), pack_bf16x2(acc[2] * inv_total, acc[3] * inv_total));
-    *reinterpret_cast<uint2 *>(dst + 128 + 4 * lane) =
-        make_uint2(pack_bf16x2(acc[4] * inv_total, acc[5] * inv_total), pack_bf16x2(acc[6] * inv_total, acc[7] * inv_total));
+    const int rows[1] = {row};
+    if (row < q_count * p.heads) combine_rows<1>(p, q_begin, p.kv_len[seq] - q_count, rows);
 }

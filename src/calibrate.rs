@@ -28,7 +28,7 @@ use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 use crate::device::sim::SimBackend;
 use crate::device::{Device, DeviceBuffer, LaunchCounters, TargetGpu, TimingModel};
 use crate::error::{Error, Result};
-use crate::kernels::attention::{self, AttentionScratch, BlockTables, PagedCache, Queries, QueryLayout};
+use crate::kernels::attention::{self, AttentionScratch, BlockTables, PagedCache, Queries, QueryLayout, SplitCombine};
 use crate::kernels::moe::{self, Grouping, MoeLayerWeights, MoeWorkspace, RoutingBuffers};
 use crate::kernels::moe_wgmma::PrefillGemm;
 use crate::kernels::router::{self, ExpertMap, RouterConfig};
@@ -810,8 +810,11 @@ const MLA_PAGE: usize = 64;
 /// Above this many cache bytes the sequences of a batch share one sequence's pages (sampled launches only).
 const MLA_ALIAS_BYTES: usize = 256 << 20;
 
-/// `benches/attention.rs`: 32 heads, page 64, shuffled page pool; `mla batch= ctx= dtype= [splits=]` (decode; no
-/// `splits=`: the split heuristic's count) or `mla_prefill new= prefix=`.
+/// `benches/attention.rs`: 32 heads, page 64, shuffled page pool; `mla batch= ctx= dtype= [splits=] [combine=]`
+/// (decode; no `splits=`: the split heuristic's count) or `mla_prefill new= prefix=`. `combine=fused` runs the split
+/// combine inside the attention launch, as the code does now; without it (or `combine=launch`) as its own launch, as
+/// every stored measurement ran it (the fusion came later). A fused launch's combine runs in the last split block of
+/// each row tile, so only a whole launch counts it: replay fused cases with `--sample-blocks` above their grid.
 fn replay_mla(sim: &SimBackend, device: &Device, spec: &Spec) -> Result<Vec<LaunchCounters>> {
     let mut rng = StdRng::seed_from_u64(1);
     let (batch, lens, rows, q_start, splits, dtype) = if spec.family == "mla_prefill" {
@@ -855,9 +858,14 @@ fn replay_mla(sim: &SimBackend, device: &Device, spec: &Spec) -> Result<Vec<Laun
     let o_lat = DeviceBuffer::<bf16>::alloc(device, rows * MLA_HEADS * MLA_LATENT)?;
     let layout = if spec.family == "mla_prefill" { QueryLayout::upload(device, &q_start)? } else { QueryLayout::decode(device, batch)? };
     let queries = Queries { layout: &layout, q_lat: q_lat.view([rows, MLA_HEADS, MLA_LATENT])?, q_rope: q_rope.view([rows * MLA_HEADS, MLA_ROPE])? };
+    let combine = match spec.get("combine") {
+        Some("launch") | None => SplitCombine::Launch,
+        Some("fused") => SplitCombine::Fused,
+        Some(other) => return Err(Error::InvalidArgument(format!("calibration mla run: combine={other} (fused or launch)"))),
+    };
     let mut scratch = AttentionScratch::new(device);
     sim.record_launches(true);
-    attention::mla_attention(&cache, &tables, &queries, o_lat.view([rows, MLA_HEADS, MLA_LATENT])?, 0.088_388_35, splits, &mut scratch)?;
+    combine.run(|| attention::mla_attention(&cache, &tables, &queries, o_lat.view([rows, MLA_HEADS, MLA_LATENT])?, 0.088_388_35, splits, &mut scratch))?;
     Ok(sim.take_recorded())
 }
 

@@ -344,12 +344,16 @@ typedef struct MlaAttentionParams {
     bf16 *o_lat;               /* [tokens, heads, 256] */
     float *partial_o;          /* [num_splits, tokens * heads, 256], normalised per split (num_splits > 1 only) */
     float *partial_ml;         /* [num_splits, tokens * heads, 2]: running max (log2 domain) and sum per split */
+    int *split_counters;       /* [num_seqs, row tiles], zero between launches: split blocks arriving per row tile, the
+                                * last one combines the tile's rows (fused combine); NULL: mla_attention_combine runs after */
     int num_seqs;
     int heads;
     int max_pages;
     int page_size;
-    int num_splits;            /* KV splits per sequence; 1 = no combine step, o_lat written directly */
+    int num_splits;            /* KV splits per sequence; 1 = no combine, o_lat written directly */
     int tokens_per_split;      /* multiple of the kernel's KV tile (32) */
+    int row_warps;             /* warps of a block that own query rows (16 each); the block may have more (helpers
+                                * that share the loads and the fused combine) */
     int total_rows;            /* tokens * heads */
     int q_rope_stride;         /* elements between q_rope rows (64 when packed; a query head's width when read in place) */
     float score_scale;         /* softmax scale * fp8 scale (1 for bf16) */

@@ -33,21 +33,33 @@ const MAX_WARPS: usize = 4;
 /// Warps per block of the cache writer and the combine kernel (one token / one row per warp).
 const WRITE_WARPS: usize = 4;
 const COMBINE_WARPS: usize = 8;
+/// Warps of an attention block whose split combine is fused, when the grid has at most one block per SM: the warps
+/// past the plan's row warps share the tile loads and then the combine (4 rows a warp at once), so the last split
+/// block's combine of a 32-head tile runs on 8 warps instead of 2 (`kMaxBlockWarps` in the .cu file).
+const FUSED_BLOCK_WARPS: usize = 8;
+/// H100 SXM streaming multiprocessors.
+const SMS: usize = 132;
 
-/// H100 SXM streaming multiprocessors, and attention blocks per SM that shared memory allows (~62 KiB each):
-/// the split heuristic aims for this many blocks.
-const TARGET_BLOCKS: usize = 132 * 3;
-/// Shortest KV split the heuristic makes (two 32-token tiles). Each split block walks its tiles one after another,
-/// so at batch 1-8 the split length is the kernel's latency: with 256 (before 2026-12-04) a batch-1 4k-context decode
-/// ran 16 blocks and took 32 us on an H200 (1.7% of HBM). Shorter splits cost 1 KiB of f32 partials per row and split
-/// (32 KiB for 32 heads, written and re-read by the combine), which at these sizes stay in L2. The timing model
-/// (`small4 calibrate --predict decode-choices`, docs/perf.md "Decode tile choices") agrees at batch 1, 4k context
-/// on the H200: 64-token splits 26.0 µs against 27.5 (128 tokens), 28.8 (32) and 34.5 (256).
-const MIN_SPLIT_TOKENS: usize = 64;
+/// Attention blocks per SM that shared memory allows (~62 KiB each) on all SMs: the split heuristic aims for this
+/// many blocks from 9 (sequence, row tile) units up; the fused combine's tail then runs on the 2 row warps of each
+/// tile's last block.
+const TARGET_BLOCKS: usize = SMS * 3;
+/// Up to this many (sequence, row tile) units (decode at batch <= 8 with 32 heads), the heuristic aims for one
+/// block per SM instead (and below it, tiles of one row warp: `AttentionPlan::new`): blocks of `FUSED_BLOCK_WARPS` warps whose helper warps spread the fused combine. Predicted
+/// on an H100 SXM at batch 1 (`small4 calibrate --predict decode-choices --only mla-b1 --sample-blocks 1024`,
+/// docs/perf.md "MLA split combine in the attention launch"): 4k context 23.0 µs with 32 splits against 24.4 (64),
+/// 26.8 (16) and 30.9 (128), and 26.0 before the fusion (two launches, 64 splits); 32k context 39.9 µs with 128 splits
+/// against 42.3 (64), and 42.2 before.
+const ONE_BLOCK_PER_SM_UNITS: usize = 8;
+/// Shortest KV split the heuristic makes (four 32-token tiles). Each split block walks its tiles one after another,
+/// so at batch 1-8 the split length is the kernel's latency; shorter splits cost 1 KiB of f32 partials per row and
+/// split (32 KiB for 32 heads, written by the split blocks and read by the combine, in L2 at these sizes) and a longer
+/// combine. With the combine as its own launch, 64 tokens was the model's best at batch 1, 4k context (26.0 µs; 23.1
+/// measured on an H200); with the combine fused, 128 tokens (23.0 µs predicted, above).
+const MIN_SPLIT_TOKENS: usize = 128;
 /// Most KV splits the heuristic makes: the combine reads every split's partials of a row in one warp, so its time
 /// grows with the split count. On an H200, batch 1 at 32k context ran 52.5 us with 128 splits and 79.9 us with 396
-/// (the combine alone 24.5 us). The timing model predicts 42.4 µs for 128 splits against 44.1 (256), 48.6 (396) and
-/// 53.3 (64) (`small4 calibrate --predict decode-choices`, docs/perf.md "Decode tile choices").
+/// (the combine alone 24.5 us, as its own launch).
 const MAX_SPLITS: usize = 128;
 
 const CACHE_WRITE_BF16: Kernel = Kernel { module: MLA_ATTENTION, entry: "mla_cache_write_bf16" };
@@ -590,11 +602,12 @@ pub fn latent_projection(
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttentionPlan {
-    /// Warps per block, 1 to 4; each covers 16 (query token, head) rows.
+    /// Warps per block that own rows, 1 to 4; each covers 16 (query token, head) rows. (A fused split launch of at
+    /// most one block per SM adds helper warps, up to 8 in all.)
     pub warps: usize,
     /// Blocks along the query rows of one sequence (grid x).
     pub row_tiles: usize,
-    /// KV splits per sequence (grid y); above 1 a combine kernel merges the f32 partials.
+    /// KV splits per sequence (grid y); above 1 the f32 partials are combined (`SplitCombine`).
     pub num_splits: usize,
     /// Cache tokens per split, a multiple of the 32-token tile.
     pub tokens_per_split: usize,
@@ -602,16 +615,26 @@ pub struct AttentionPlan {
 
 impl AttentionPlan {
     /// `max_rows`: the most (query token, head) rows of one sequence; `max_kv`: the longest sequence.
-    /// `num_splits`: forced split count, or `None` to fill the GPU (see `TARGET_BLOCKS`, `MIN_SPLIT_TOKENS`).
+    /// `num_splits`: forced split count, or `None` to fill the GPU (see `TARGET_BLOCKS`, `ONE_BLOCK_PER_SM_UNITS`,
+    /// `MIN_SPLIT_TOKENS`).
     /// `Error::InvalidArgument` for `Some(0)` or a plan of more than 65535 splits.
     pub fn new(num_seqs: usize, max_rows: usize, max_kv: usize, num_splits: Option<usize>) -> Result<Self> {
-        let warps = max_rows.div_ceil(ROWS_PER_WARP).clamp(1, MAX_WARPS);
+        let row_warps = max_rows.div_ceil(ROWS_PER_WARP).max(1);
+        // A tile's fused combine pulls its rows' partials (rows x splits KiB) through one SM's L2 port (~64 B a
+        // cycle): with the heuristic's splits and at most `ONE_BLOCK_PER_SM_UNITS` warps of rows in all (batch <= 4
+        // at 32 heads), one row warp a tile spreads the combines over twice the SMs (the tiles of a split re-read its
+        // cache rows, from L2).
+        let warps = if num_splits.is_none() && num_seqs.max(1) * row_warps <= ONE_BLOCK_PER_SM_UNITS { 1 } else { row_warps.min(MAX_WARPS) };
         let row_tiles = max_rows.div_ceil(warps * ROWS_PER_WARP).max(1);
         let max_kv = max_kv.max(1);
         let wanted = match num_splits {
             Some(0) => return Err(Error::InvalidArgument("num_splits must be >= 1".into())),
             Some(n) => n,
-            None => TARGET_BLOCKS.div_ceil(num_seqs.max(1) * row_tiles).min(max_kv.div_ceil(MIN_SPLIT_TOKENS)).min(MAX_SPLITS),
+            None => {
+                let units = num_seqs.max(1) * row_tiles;
+                let target = if units <= ONE_BLOCK_PER_SM_UNITS { SMS } else { TARGET_BLOCKS };
+                target.div_ceil(units).min(max_kv.div_ceil(MIN_SPLIT_TOKENS)).min(MAX_SPLITS)
+            }
         };
         let tokens_per_split = max_kv.div_ceil(wanted.max(1)).div_ceil(TILE_N) * TILE_N;
         let num_splits = max_kv.div_ceil(tokens_per_split);
@@ -676,17 +699,21 @@ pub struct Queries<'a> {
     pub q_rope: Matrix<'a, bf16>,
 }
 
-/// The f32 partial results of split-KV attention; grows on demand and is reused across calls.
+/// The f32 partial results of split-KV attention and the fused combine's arrival counters; grows on demand and is
+/// reused across calls (a captured decode step keeps the buffers its first call sized).
 pub struct AttentionScratch {
     device: Device,
     /// `[rows capacity, 256]` and `[rows capacity, 2]`
     buffers: Option<(DeviceBuffer<f32>, DeviceBuffer<f32>)>,
+    /// One counter per (sequence, row tile), zero between launches: the fused combine's arrivals (the last split
+    /// block of a tile zeroes it again).
+    counters: Option<DeviceBuffer<i32>>,
 }
 
 impl AttentionScratch {
     /// Empty scratch on `device`; the first split launch allocates it.
     pub fn new(device: &Device) -> Self {
-        AttentionScratch { device: device.clone(), buffers: None }
+        AttentionScratch { device: device.clone(), buffers: None, counters: None }
     }
 
     fn ensure(&mut self, rows: usize) -> Result<&(DeviceBuffer<f32>, DeviceBuffer<f32>)> {
@@ -696,6 +723,61 @@ impl AttentionScratch {
             self.buffers = Some((DeviceBuffer::alloc(&self.device, rows * KV_LORA_RANK)?, DeviceBuffer::alloc(&self.device, rows * 2)?));
         }
         Ok(self.buffers.as_ref().unwrap())
+    }
+
+    /// At least `tiles` zeroed arrival counters (a new buffer only when more are needed: the kernel leaves them zero).
+    fn ensure_counters(&mut self, tiles: usize) -> Result<&DeviceBuffer<i32>> {
+        if self.counters.as_ref().is_none_or(|c| c.len() < tiles) {
+            self.counters = None;
+            self.counters = Some(DeviceBuffer::from_slice(&self.device, &vec![0i32; tiles.max(1)])?);
+        }
+        Ok(self.counters.as_ref().unwrap())
+    }
+}
+
+/// Where split-KV attention combines its splits' partials: in the attention launch itself (the default: the last
+/// split block of each (sequence, row tile) combines the tile's rows), or in a second launch
+/// (`mla_attention_combine`). Both run the same device code in the same split order, so they agree bit for bit; the
+/// second launch stays for checking that and for replaying measurements made before the fusion (`small4 calibrate`).
+///
+/// ```
+/// use small4::kernels::attention::SplitCombine;
+///
+/// assert_eq!(SplitCombine::current(), SplitCombine::Fused);
+/// // The choice holds inside `run` only, on this thread:
+/// assert_eq!(SplitCombine::Launch.run(SplitCombine::current), SplitCombine::Launch);
+/// assert_eq!(SplitCombine::current(), SplitCombine::Fused);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SplitCombine {
+    /// The last-arriving split block of each (sequence, row tile) combines: one launch.
+    Fused,
+    /// `mla_attention_combine` after the attention launch: two launches when split.
+    Launch,
+}
+
+thread_local! {
+    /// [`SplitCombine::run`]'s choice for the calling thread.
+    static SPLIT_COMBINE: std::cell::Cell<SplitCombine> = const { std::cell::Cell::new(SplitCombine::Fused) };
+}
+
+impl SplitCombine {
+    /// The choice in force on this thread ([`SplitCombine::Fused`] outside [`SplitCombine::run`]).
+    pub fn current() -> Self {
+        SPLIT_COMBINE.get()
+    }
+
+    /// Runs `f` with this choice on the calling thread (launches are issued on the thread that calls the wrapper),
+    /// restoring the previous choice afterwards, also when `f` panics.
+    pub fn run<R>(self, f: impl FnOnce() -> R) -> R {
+        struct Restore(SplitCombine);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                SPLIT_COMBINE.set(self.0);
+            }
+        }
+        let _restore = Restore(SPLIT_COMBINE.replace(self));
+        f()
     }
 }
 
@@ -790,6 +872,8 @@ pub fn mla_attention(
         CacheDtype::Fp8E4m3 { scale } => (ATTENTION_FP8, softmax_scale * scale, scale),
     };
     // Partials exist only when split (a one-row buffer keeps the pointers valid otherwise).
+    let fused = plan.num_splits > 1 && SplitCombine::current() == SplitCombine::Fused;
+    let split_counters = if fused { scratch.ensure_counters(num_seqs * plan.row_tiles)?.mut_ptr() } else { std::ptr::null_mut() };
     let (partial_o, partial_ml) = scratch.ensure(if plan.num_splits > 1 { plan.num_splits * rows } else { 1 })?;
     let params = MlaAttentionParams {
         q_lat: queries.q_lat.ptr(),
@@ -802,23 +886,27 @@ pub fn mla_attention(
         o_lat: o_lat.mut_ptr(),
         partial_o: partial_o.mut_ptr(),
         partial_ml: partial_ml.mut_ptr(),
+        split_counters,
         num_seqs: num_seqs as i32,
         heads: heads as i32,
         max_pages: tables.host.max_pages as i32,
         page_size: cache.desc.page_size as i32,
         num_splits: plan.num_splits as i32,
         tokens_per_split: plan.tokens_per_split as i32,
+        row_warps: plan.warps as i32,
         total_rows: rows as i32,
         score_scale,
         value_scale,
     };
+    let blocks = plan.row_tiles * plan.num_splits * num_seqs;
+    let block_warps = if fused && blocks <= SMS { FUSED_BLOCK_WARPS } else { plan.warps };
     let config = LaunchConfig {
         grid: Dim3::xyz(plan.row_tiles as u32, plan.num_splits as u32, num_seqs as u32),
-        block: Dim3::x(32 * plan.warps as u32),
+        block: Dim3::x(32 * block_warps as u32),
         shared_bytes: plan.shared_bytes(cache.desc.dtype) as u32,
     };
     launch_with(device, &kernel, &config, &params)?;
-    if plan.num_splits > 1 {
+    if plan.num_splits > 1 && !fused {
         let config = LaunchConfig {
             grid: Dim3::xy(super::blocks_for(max_q * heads, COMBINE_WARPS), num_seqs as u32),
             block: Dim3::x(32 * COMBINE_WARPS as u32),

@@ -145,7 +145,7 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
             const unsigned char *src = w_expert + ((long long)(first_tile + tile) * k_blocks + kb) * W::kTileBytes + chunk * 16;
             cp_async16(w_dst + tile * W::kTileBytes + chunk * 16, src);
         }
-        W::template stage_scales<kWarps * MF>(p, tail, expert, first_tile, kb, s_smem + stage * kSStage, tid, kThreads);
+        W::template stage_scales<kWarps * MF, kThreads>(p, tail, expert, first_tile, kb, s_smem + stage * kSStage, tid);
         unsigned char *x_dst = x_smem + stage * kXStage;
         for (int i = tid; i < BN * kXChunks; i += kThreads) {
             const int row = i >> (kXChunks == 8 ? 3 : 2), chunk = i & (kXChunks - 1);

@@ -25,10 +25,11 @@ __device__ __forceinline__ T pick(bool tail, T tail_value, T value) { return tai
 // - kTileBytes: bytes of one 16-row x 64-k weight tile;
 // - Scales: what a lane needs to dequantise its fragments of one tile and stage;
 // - load_scales(p, tail, expert, tile, kb, g): those scales read from global memory;
-// - kScaleBytes, stage_scales<kTiles>(...), staged_scales(p, tail, tile_scales, g): the same scales staged with the
-//   weights: stage_scales cp.asyncs the scales of kTiles consecutive tiles of one stage into shared memory (kScaleBytes
-//   per tile, in the caller's cp.async group, so they land with the stage's weights), staged_scales reads a lane's
-//   from there. The pipelined kernels use these, so no global load waits in the k loop;
+// - kScaleBytes, stage_scales<kTiles, kThreads>(p, tail, expert, first_tile, kb, dst, tid), staged_scales(p, tail,
+//   tile_scales, g): the same scales staged with the weights: stage_scales cp.asyncs the scales of kTiles consecutive
+//   tiles of one stage into shared memory (kScaleBytes per tile, in the caller's cp.async group, so they land with the
+//   stage's weights; one 16-byte chunk per thread of the first few, kThreads being the block's), staged_scales reads a
+//   lane's from there. The pipelined kernels use these, so no global load waits in the k loop;
 // - fragment(raw, ks, scales, a): the lane's mma A fragment of k-step ks in bf16.
 //
 // Fragment layout (src/quant/repack.rs writes it): for each 16-row tile and each 64-k block, lane l owns 16-byte
@@ -44,8 +45,8 @@ struct NoStagedScales {
     static constexpr int kScaleBytes = 0;
     struct Scales {};
     __device__ static Scales load_scales(const MoeGemmParams &, bool, int, int, int, int) { return {}; }
-    template <int kTiles>
-    __device__ static void stage_scales(const MoeGemmParams &, bool, int, int, int, unsigned char *, int, int) {}
+    template <int kTiles, int kThreads>
+    __device__ static void stage_scales(const MoeGemmParams &, bool, int, int, int, unsigned char *, int) {}
     __device__ static Scales staged_scales(const MoeGemmParams &, bool, const unsigned char *, int) { return {}; }
 };
 
@@ -86,12 +87,10 @@ template <> struct WeightFormat<Format::Fp8Block> {
         return {s[0], s[1]};
     }
     // 16-byte aligned: first_tile is a multiple of 4 and groups of 16 (rows padded to 128).
-    template <int kTiles>
-    __device__ static void stage_scales(const MoeGemmParams &p, bool tail, int expert, int first_tile, int kb, unsigned char *dst, int tid,
-                                        int threads) {
-        static_assert(kTiles * kScaleBytes % 16 == 0, "whole 16-byte chunks");
-        const float *src = scale_pair(p, tail, expert, first_tile, kb);
-        for (int i = tid; i < kTiles * kScaleBytes / 16; i += threads) cp_async16(dst + i * 16, src + i * 4);
+    template <int kTiles, int kThreads>
+    __device__ static void stage_scales(const MoeGemmParams &p, bool tail, int expert, int first_tile, int kb, unsigned char *dst, int tid) {
+        static_assert(kTiles * kScaleBytes % 16 == 0 && kTiles * kScaleBytes / 16 <= kThreads, "whole 16-byte chunks, one a thread");
+        if (tid < kTiles * kScaleBytes / 16) cp_async16(dst + tid * 16, scale_pair(p, tail, expert, first_tile, kb) + tid * 4);
     }
     __device__ static Scales staged_scales(const MoeGemmParams &, bool, const unsigned char *tile_scales, int) {
         const float2 s = *reinterpret_cast<const float2 *>(tile_scales);
@@ -134,19 +133,17 @@ template <> struct WeightFormat<Format::Int4> {
         const bf16 *scales = pick(tail, p.tail.group_scales, p.group_scales);
         return make(zeros ? (float)zeros[at] : 8.f, zeros ? (float)zeros[at + 8] : 8.f, scales[at], scales[at + 8]);
     }
-    template <int kTiles>
-    __device__ static void stage_scales(const MoeGemmParams &p, bool tail, int expert, int first_tile, int kb, unsigned char *dst, int tid,
-                                        int threads) {
+    template <int kTiles, int kThreads>
+    __device__ static void stage_scales(const MoeGemmParams &p, bool tail, int expert, int first_tile, int kb, unsigned char *dst, int tid) {
+        static_assert(kTiles * 3 <= kThreads, "one 16-byte chunk a thread");
+        if (tid >= kTiles * 3) return;
+        const int tile = tid / 3, chunk = tid % 3;  // chunks 0, 1: scales; 2: zeros
+        const long row0 = group_row0(p, expert, first_tile + tile, kb);
         const unsigned char *zeros = pick(tail, p.tail.group_zeros, p.group_zeros);
-        const bf16 *scales = pick(tail, p.tail.group_scales, p.group_scales);
-        for (int i = tid; i < kTiles * 3; i += threads) {
-            const int tile = i / 3, chunk = i % 3;  // chunks 0, 1: scales; 2: zeros
-            const long row0 = group_row0(p, expert, first_tile + tile, kb);
-            if (chunk < 2) {
-                cp_async16(dst + tile * kScaleBytes + chunk * 16, scales + row0 + chunk * 8);
-            } else if (zeros != nullptr) {
-                cp_async16(dst + tile * kScaleBytes + 32, zeros + row0);
-            }
+        if (chunk < 2) {
+            cp_async16(dst + tile * kScaleBytes + chunk * 16, pick(tail, p.tail.group_scales, p.group_scales) + row0 + chunk * 8);
+        } else if (zeros != nullptr) {
+            cp_async16(dst + tile * kScaleBytes + 32, zeros + row0);
         }
     }
     __device__ static Scales staged_scales(const MoeGemmParams &p, bool tail, const unsigned char *tile_scales, int g) {
@@ -185,10 +182,10 @@ template <> struct WeightFormat<Format::Nvfp4> {
     __device__ static Scales load_scales(const MoeGemmParams &p, bool tail, int expert, int tile, int kb, int g) {
         return staged_scales(p, tail, tile_stage(p, tail, expert, tile, kb), g);  // the same layout, read from global memory
     }
-    template <int kTiles>
-    __device__ static void stage_scales(const MoeGemmParams &p, bool tail, int expert, int first_tile, int kb, unsigned char *dst, int tid,
-                                        int threads) {
-        for (int i = tid; i < kTiles * 4; i += threads) cp_async16(dst + i * 16, tile_stage(p, tail, expert, first_tile + i / 4, kb) + (i % 4) * 16);
+    template <int kTiles, int kThreads>
+    __device__ static void stage_scales(const MoeGemmParams &p, bool tail, int expert, int first_tile, int kb, unsigned char *dst, int tid) {
+        static_assert(kTiles * 4 <= kThreads, "one 16-byte chunk a thread");
+        if (tid < kTiles * 4) cp_async16(dst + tid * 16, tile_stage(p, tail, expert, first_tile + tid / 4, kb) + (tid % 4) * 16);
     }
     __device__ static Scales staged_scales(const MoeGemmParams &, bool, const unsigned char *tile_scales, int g) {
         return {*reinterpret_cast<const uint32_t *>(tile_scales + g * 4), *reinterpret_cast<const uint32_t *>(tile_scales + 32 + g * 4)};

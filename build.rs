@@ -4,7 +4,9 @@
 //!
 //! Toolchain search order: `$NVCC`, `$CUDA_HOME/bin/nvcc`, `nvcc` on `PATH`, then the project-local toolchain directory
 //! (`$SMALL4_TOOLCHAIN_DIR`, default `<crate>/.toolchain`). When none is found the pinned PyPI wheels of
-//! `shared/KERNELS.md` are installed there with pip; `SMALL4_OFFLINE=1` turns that into an error instead.
+//! `shared/KERNELS.md` are installed there with pip; `SMALL4_OFFLINE=1` turns that into an error instead. The SASS
+//! tools of tests/sass.rs (cuobjdump, nvdisasm) are found beside nvcc or installed the same way into
+//! `<toolchain>/sass-tools`, also for an existing toolchain.
 
 use std::collections::BTreeMap;
 use std::env;
@@ -22,6 +24,9 @@ const CUDA_WHEELS: &[(&str, &str)] = &[
     ("nvidia-cuda-cccl", "13.3.5.0.6"),
 ];
 const LIBCLANG_WHEEL: (&str, &str) = ("libclang", "18.1.1");
+/// The SASS tools of the kernel checks (tests/sass.rs): `cuobjdump -sass`, which runs `nvdisasm`. Installed into
+/// `<toolchain>/sass-tools`, also beside an existing toolchain that lacks them.
+const SASS_WHEELS: &[(&str, &str)] = &[("nvidia-cuda-cuobjdump", "13.5.37"), ("nvidia-cuda-nvdisasm", "13.5.37")];
 /// The wheel that ships the test vocabulary `tekken_240911.json` (SPEC-tokenizer.md section 7), and its checksum.
 const MISTRAL_COMMON_WHEEL: (&str, &str) = ("mistral-common", "1.13.1");
 const TEKKEN_240911_PATH: &str = "mistral_common/data/tekken_240911.json";
@@ -43,6 +48,7 @@ fn main() {
     let toolchain_dir = env::var_os("SMALL4_TOOLCHAIN_DIR").map(PathBuf::from).unwrap_or_else(|| manifest_dir.join(".toolchain"));
     let toolchain = Toolchain::find_or_provision(&toolchain_dir);
     provision_tekken_240911(&toolchain_dir, &out_dir);
+    provision_sass_tools(&toolchain, &toolchain_dir);
 
     let cuda_dir = manifest_dir.join("cuda");
     let include_dir = cuda_dir.join("include");
@@ -295,21 +301,67 @@ fn provision_tekken_240911(toolchain_dir: &Path, out_dir: &Path) {
     fs::write(&embedded, serde_json::to_vec(&doc).unwrap()).unwrap();
 }
 
+/// Finds `cuobjdump` and `nvdisasm` beside nvcc, else installs the pinned wheels into `<toolchain>/sass-tools` when
+/// they are missing there, and tells the tests where cuobjdump is (`SMALL4_CUOBJDUMP`, empty when it could not be
+/// provisioned, and then `SMALL4_SASS_TOOLS_ERROR` says why). A failure here does not fail the build: only the SASS
+/// test needs the tools, and it fails with the reason.
+fn provision_sass_tools(toolchain: &Toolchain, toolchain_dir: &Path) {
+    let beside_nvcc = toolchain.nvcc.with_file_name("cuobjdump");
+    let bin = if beside_nvcc.exists() && toolchain.nvcc.with_file_name("nvdisasm").exists() {
+        toolchain.nvcc.parent().unwrap().to_path_buf()
+    } else {
+        let dir = toolchain_dir.join("sass-tools");
+        let bin = dir.join("nvidia").join("cu13").join("bin");
+        if !(bin.join("cuobjdump").exists() && bin.join("nvdisasm").exists()) {
+            // One pip run for both wheels: a second `--upgrade --target` run would replace the first's nvidia/ tree.
+            let specs: Vec<String> = SASS_WHEELS.iter().map(|(n, v)| format!("{n}=={v}")).collect();
+            if let Err(why) = try_pip_install(&dir, &specs, "the SASS tools (cuobjdump, nvdisasm)") {
+                println!("cargo:warning=small4: {why}");
+                println!("cargo:rustc-env=SMALL4_CUOBJDUMP=");
+                println!("cargo:rustc-env=SMALL4_SASS_TOOLS_ERROR={}", why.replace('\n', " "));
+                return;
+            }
+        }
+        bin
+    };
+    let cuobjdump = bin.join("cuobjdump");
+    println!("cargo:rerun-if-changed={}", cuobjdump.display());
+    println!("cargo:rustc-env=SMALL4_CUOBJDUMP={}", cuobjdump.display());
+    println!("cargo:rustc-env=SMALL4_SASS_TOOLS_ERROR=");
+}
+
 fn pip_install(target: &Path, specs: &[String], what: &str) {
+    if let Err(why) = try_pip_install(target, specs, what) {
+        panic!("{why}");
+    }
+}
+
+/// `pip install --no-deps --target`; Err says why it did not run or failed (SMALL4_OFFLINE=1, pip's output).
+fn try_pip_install(target: &Path, specs: &[String], what: &str) -> Result<(), String> {
     if env::var("SMALL4_OFFLINE").is_ok_and(|v| v == "1") {
-        panic!(
+        return Err(format!(
             "small4: {what} is not installed and SMALL4_OFFLINE=1 forbids provisioning it.\n\
              Install the CUDA toolkit (set NVCC or CUDA_HOME) or unset SMALL4_OFFLINE to let the build run:\n  \
              python3 -m pip install --no-deps --target {} {}",
             target.display(),
             specs.join(" ")
-        );
+        ));
     }
     println!("cargo:warning=small4: provisioning {what} into {} ({})", target.display(), specs.join(" "));
-    fs::create_dir_all(target).unwrap();
+    fs::create_dir_all(target).map_err(|e| format!("small4: cannot create {}: {e}", target.display()))?;
     let mut cmd = Command::new(python());
     cmd.args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps", "--upgrade", "--target"]).arg(target).args(specs);
-    run_checked(&mut cmd, &format!("pip install {}", specs.join(" ")));
+    let what = format!("pip install {}", specs.join(" "));
+    let output = cmd.output().map_err(|e| format!("small4: could not start `{what}`: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "small4: `{what}` failed ({}):\n{}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    Ok(())
 }
 
 fn python() -> String {

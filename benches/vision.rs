@@ -2,7 +2,8 @@
 //! projected into 4096): the block-diagonal attention alone over one image of T patches, and the whole tower plus
 //! projector (`DeviceVisionTower::encode`, host uploads and allocations included) for a 448x448 image (1024 patches)
 //! and the largest one, 1540x1540 (12100 patches). Attention throughput is its FLOPs (4 * 64 per query-key pair per
-//! head) per second. Without a GPU it prints that it skips, and why.
+//! head) per second; `T=..` runs the default kernel (wgmma), `mma_sync T=..` the mma.sync one. Without a GPU it
+//! prints that it skips, and why.
 //!
 //! `cargo bench --bench vision`
 
@@ -10,7 +11,7 @@ use criterion::{BenchmarkId, Criterion, Throughput};
 use half::bf16;
 use rand::{Rng, SeedableRng};
 use small4::device::{Device, DeviceBuffer};
-use small4::kernels::vision::{vision_attention, TokenSegments};
+use small4::kernels::vision::{vision_attention, TokenSegments, VisionAttentionKernel};
 use small4::model::vision::DeviceVisionTower;
 use small4::model::ModelConfig;
 use small4::reference::vision::{PixelImage, VisionLayerWeights, VisionWeights};
@@ -34,17 +35,21 @@ fn bench_attention(c: &mut Criterion, device: &Device) {
         let segments = TokenSegments::upload(device, std::slice::from_ref(&(0..tokens))).unwrap();
         let [q, k, v, out] = [&q, &k, &v, &out].map(|b| b.view([tokens, heads, 64]).unwrap());
         group.throughput(Throughput::Elements((4 * 64 * heads * tokens * tokens) as u64));
-        group.bench_with_input(BenchmarkId::from_parameter(format!("T={tokens}")), &tokens, |b, _| {
-            b.iter_custom(|iters| {
-                device.synchronize().unwrap();
-                let start = std::time::Instant::now();
-                for _ in 0..iters {
-                    vision_attention(q, k, v, out, &segments, 0.125).unwrap();
-                }
-                device.synchronize().unwrap();
-                start.elapsed()
-            })
-        });
+        for (kernel, prefix) in [(VisionAttentionKernel::Wgmma, ""), (VisionAttentionKernel::MmaSync, "mma_sync ")] {
+            group.bench_with_input(BenchmarkId::from_parameter(format!("{prefix}T={tokens}")), &tokens, |b, _| {
+                b.iter_custom(|iters| {
+                    device.synchronize().unwrap();
+                    let start = std::time::Instant::now();
+                    kernel.run(|| {
+                        for _ in 0..iters {
+                            vision_attention(q, k, v, out, &segments, 0.125).unwrap();
+                        }
+                    });
+                    device.synchronize().unwrap();
+                    start.elapsed()
+                })
+            });
+        }
     }
     group.finish();
 }

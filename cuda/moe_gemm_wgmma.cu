@@ -1,113 +1,170 @@
-// Grouped expert GEMM (and the dense GEMM) with bf16 weights on Hopper's wgmma, warp-specialised: the prefill tile of
-// cuda/moe_gemm.cu ("tiled": 128 output features x 64 pair slots) with the same parameters, semantics and epilogues
-// (SwiGLU act for the up-projection, f32 rows by pair times the routing weight for the down-projection, plain bf16 or
-// f32 rows in dense mode, batched dense mode over grid z; then the query RoPE and the row finisher of
-// cuda/include/gemm_epilogue.cuh, with every thread, producer warp included). Only the k loop differs.
+// Grouped expert GEMM (and the dense GEMM) on Hopper's wgmma, warp-specialised, with bf16, int4 or nvfp4 weights: the
+// prefill tile of cuda/moe_gemm.cu ("tiled": 128 output features x 64 pair slots) with the same parameters, semantics
+// and epilogues (SwiGLU act for the up-projection, f32 rows by pair times the routing weight for the down-projection,
+// plain bf16 or f32 rows in dense mode, batched dense mode over grid z, per-row output scales such as nvfp4's global
+// divisor; then the query RoPE and the row finisher of cuda/include/gemm_epilogue.cuh, with every thread, producer
+// warp included). Only the k loop differs. One body for the three formats and the two activation producers
+// (template on Format and kTmaX), six entries: moe_gemm_{bf16,int4,nvfp4}_wgmma (grouped mode, and dense mode when
+// src/kernels/moe_wgmma.rs is told to gather) gather the activation rows; moe_gemm_{bf16,int4,nvfp4}_wgmma_dense
+// (dense mode only) load them with TMA through the map of MoeGemmTmaParams.
 //
 // Computes, for each row (a (token, expert) pair in grouped mode, a token in dense mode) and each output feature n of
-// the row's expert e:  y[row, n] = sum_k x[src(row), k] * W_e[n, k].
+// the row's expert e:  y[row, n] = sum_k x[src(row), k] * W_e[n, k], W dequantised to bf16 in registers (W4A16 for
+// int4 and nvfp4: w = (q - zero) * group scale, resp. e2m1 * e4m3 scale per 16 k, as weight_format.cuh does for the
+// mma.sync kernels; the same bits).
 //
 // Operands ("swap A/B" as in moe_gemm.cu): wgmma's A (M = 64 rows per warpgroup) is the WEIGHTS, from registers: each
 // warp holds its 16 rows in the repacked fragment order of src/quant/repack.rs, which is the mma.sync m16n8k16 A
-// fragment and therefore wgmma's register-A fragment of that warp's rows (no new weight layout, no second copy). B is
-// the 64 gathered activation rows of the block's slots (N = 64), K-major in shared memory with the 128-byte swizzle,
-// read through a matrix descriptor. Each 64-k stage is four m64n64k16 wgmmas per consumer warpgroup.
+// fragment and therefore wgmma's register-A fragment of that warp's rows (no new weight layout, no second copy); 4-bit
+// weights are that fragment's elements packed 8 to a word, dequantised by WeightFormat<F>::fragment into the bf16
+// registers. B is the 64 activation rows of the block's slots (N = 64), K-major in shared memory with the 128-byte
+// swizzle, read through a matrix descriptor. Each 64-k stage is four m64n64k16 bf16 wgmmas per consumer
+// warpgroup, whatever the weight format.
 //
 // Thread mapping: 9 warps. Warps 0-7 are two consumer warpgroups; warp w owns weight tile first_tile + w (16
 // features), warpgroup g the features 64 g .. 64 g + 63 of the block, all 64 slots. Warp 8 is the producer: lanes 0-7
-// each copy one weight tile's 2 KiB of a stage with cp.async.bulk (contiguous in the repacked layout), completing as
-// transaction bytes on the stage's "full" mbarrier; all 32 lanes gather the stage's activation rows (picked through
-// sorted_pairs / top_k, so TMA tile loads do not apply) with 16-byte cp.async into the swizzled layout, and once a
-// stage's cp.async group has landed (the producer keeps STAGES - 1 stages in flight) fence it for the async proxy and
-// arrive on "full". Consumers wait on "full", load their A fragments (one 16-byte ld.shared per lane per k-step),
-// issue the stage's wgmmas, and after the next stage's wgmmas are issued retire this one (wait_group 1: A registers
-// double-buffered) and release its "empty" mbarrier (one arrival per consumer warp), on which the producer waits
-// before refilling the stage.
+// each copy one weight tile's bytes of a stage (2 KiB bf16, 512 B 4-bit) with cp.async.bulk (contiguous in the
+// repacked layout), completing as transaction bytes on the stage's "full" mbarrier. The activations:
+// - gather (grouped entries): all 32 lanes gather the stage's activation rows (picked through sorted_pairs / top_k, so
+//   TMA tile loads do not apply) with 16-byte cp.async into the swizzled layout, and once a stage's cp.async group has
+//   landed (the producer keeps STAGES - 1 stages in flight) fence it for the async proxy and arrive on "full" (two
+//   arrivals complete a phase: the expect_tx one and this one). Padding slots read zeros written once into every
+//   stage.
+// - TMA (_dense entries): lane 0 issues one cp.async.bulk.tensor.3d per stage, the box {64 k, 64 rows, 1 matrix} at
+//   (k block, first row, grid z) of the 3-d map {k_dim, dense_rows, heads}; the TMA unit writes it in the same
+//   128-byte swizzled layout, zero-fills the rows past dense_rows (the tail block) and completes its 8 KiB as
+//   transaction bytes on "full" beside the weights' (one arrival, expect_tx of the whole stage: the format's weight
+//   bytes plus 8 KiB, completes a phase).
+// Consumers wait on "full", read the stage's group / block scales from global memory with load_scales (4-bit; as the
+// mma.sync kernel does; L1/L2-resident, 16-64 bytes per tile and stage), load their weight words (one 16-byte
+// ld.shared per lane per k-step for bf16, per stage for 4-bit), turn them into A fragments, issue the stage's wgmmas,
+// and after the next stage's wgmmas are issued retire this one (wait_group 1: A registers double-buffered) and release
+// its "empty" mbarrier (one arrival per consumer warp), on which the producer waits before refilling the stage.
 //
-// Tiling: BM 128 features x BN 64 slots per block, BK 64 per stage, STAGES 4 (24 KiB each: 16 KiB weights, 8 KiB
-// activations; 96 KiB plus barriers: two blocks per SM). Grid and grouping as the tiled mma.sync kernel.
+// Tiling: BM 128 features x BN 64 slots per block, BK 64 per stage (weight_format.cuh's kBK). Stages as fit in 96 KiB,
+// at most 8: bf16 4 stages of 24 KiB (16 KiB weights, 8 KiB activations), 4-bit 8 stages of 12 KiB (4 KiB weights,
+// 8 KiB activations); plus barriers: two blocks per SM. Grid and grouping as the tiled mma.sync kernel.
 //
-// Bytes (per block): 128 weight rows x K x 2 (each weight once per 64 slots), 64 activation rows x K x 2, the outputs
-// once (SwiGLU: 64 x 64 bf16; down: 64 x 128 f32). FLOPs: 2 x 128 x 64 x K per block (padding slots included).
+// Bytes (per block): 128 weight rows x K x 2 bf16 / 0.5 4-bit (each weight once per 64 slots; plus the 4-bit scales:
+// int4 2 bytes (+1 zero) per row and k-group, nvfp4 1 byte per row and 16 k), 64 activation rows x K x 2, the outputs
+// once (SwiGLU: 64 x 64 bf16; down: 64 x 128 f32). FLOPs: 2 x 128 x 64 x K per block on the tensor cores (padding
+// slots included), plus for 4-bit the dequantisation on the CUDA cores: 128 x K weights per block, about one bf16x2
+// instruction pair (int4) or two f32 multiplies and a convert (nvfp4) per two weights.
 #include "params.h"
 #include "common.cuh"
 #include "gemm_epilogue.cuh"
 #include "hopper.cuh"
 #include "mma.cuh"
+#include "weight_format.cuh"
 
 namespace {
 
 constexpr int kConsumerWarps = 8;
 constexpr int kThreads = (kConsumerWarps + 1) * 32;
 constexpr int kProducerWarp = kConsumerWarps;
-constexpr int kBK = 64;                    // k per stage
 constexpr int kBM = kConsumerWarps * 16;   // features per block
 constexpr int kBN = 64;                    // slots per block (the wgmma N)
-constexpr int kStages = 4;
-constexpr int kTileBytes = 16 * kBK * 2;   // one warp's 16 weight rows of a stage (bf16)
-constexpr int kWStage = kConsumerWarps * kTileBytes;
 constexpr int kXRowBytes = kBK * 2;        // one gathered activation row of a stage: one 128-byte swizzle line
 constexpr int kXStage = kBN * kXRowBytes;
-// cp.async groups the producer keeps in flight: with one stage being read and one held by the consumers' lagging
-// release, STAGES - 1 is the most that cannot deadlock (the producer signals stage kb - (STAGES - 1) before it waits
-// for stage kb to be empty).
-constexpr int kInFlight = kStages - 1;
 
-// Dynamic shared memory: weight stages, activation stages (1024-byte aligned for the swizzle), the barriers, the
-// slots' pairs. moe_wgmma.rs computes the same total.
-constexpr int kXOffset = kStages * kWStage;
-constexpr int kBarOffset = kXOffset + kStages * kXStage;
-constexpr int kSlotOffset = kBarOffset + 2 * kStages * 8;
-constexpr int kSharedBytes = kSlotOffset + kBN * 4;
-static_assert(kSharedBytes <= 113 * 1024, "two blocks per SM (228 KiB, 1 KiB reserved per block)");
-static_assert(kXOffset % 1024 == 0 && kXStage % 1024 == 0, "activation stages must start on the swizzle period");
+// The stage ring of weight format F: as many stages as fit in 96 KiB (two blocks per SM), at most 8 (bf16: 4 stages of
+// 24 KiB; 4-bit: 8 of 12 KiB, the weights being a quarter of the bf16 bytes). moe_wgmma.rs computes the same sizes.
+template <Format F> struct Ring {
+    static constexpr int kWStage = kConsumerWarps * WeightFormat<F>::kTileBytes;  // the 8 warps' weight tiles of a stage
+    static constexpr int kStages = 96 * 1024 / (kWStage + kXStage) > 8 ? 8 : 96 * 1024 / (kWStage + kXStage);
+    // cp.async groups the producer keeps in flight: with one stage being read and one held by the consumers' lagging
+    // release, STAGES - 1 is the most that cannot deadlock (the producer signals stage kb - (STAGES - 1) before it
+    // waits for stage kb to be empty).
+    static constexpr int kInFlight = kStages - 1;
+    // Dynamic shared memory: weight stages, activation stages (1024-byte aligned for the swizzle), the barriers, the
+    // slots' pairs.
+    static constexpr int kXOffset = kStages * kWStage;
+    static constexpr int kBarOffset = kXOffset + kStages * kXStage;
+    static constexpr int kSlotOffset = kBarOffset + 2 * kStages * 8;
+    static constexpr int kSharedBytes = kSlotOffset + kBN * 4;
+    static_assert(kStages >= 3, "the producer keeps STAGES - 1 >= 2 stages in flight");
+    static_assert(kSharedBytes <= 113 * 1024, "two blocks per SM (228 KiB, 1 KiB reserved per block)");
+    static_assert(kXOffset % 1024 == 0 && kXStage % 1024 == 0, "activation stages must start on the swizzle period");
+    static_assert(WeightFormat<F>::kTileBytes % 512 == 0, "a lane's share of a tile is whole 16-byte chunks");
+};
 
+template <Format F>
 __device__ __forceinline__ void consume_and_store(const MoeGemmParams &p, const unsigned char *w_smem, const unsigned char *x_smem, uint64_t *full,
                                                   uint64_t *empty, const int *slot_pair, int expert, int slot_begin, int slots, int first_tile,
                                                   int k_blocks);
 
-__device__ __forceinline__ void grouped_gemm_wgmma(const MoeGemmParams &p) {
+// kTmaX: the _dense entries (activations by TMA through x_map); else the gather (x_map unused).
+template <Format F, bool kTmaX>
+__device__ __forceinline__ void grouped_gemm_wgmma(const MoeGemmParams &p, const void *x_map) {
+    using R = Ring<F>;
+    constexpr int kStages = R::kStages, kWStage = R::kWStage, kInFlight = R::kInFlight;
+    constexpr int kTileBytes = WeightFormat<F>::kTileBytes;
     extern __shared__ __align__(1024) unsigned char smem[];
     unsigned char *w_smem = smem;
-    unsigned char *x_smem = smem + kXOffset;
-    uint64_t *full = reinterpret_cast<uint64_t *>(smem + kBarOffset);
+    unsigned char *x_smem = smem + R::kXOffset;
+    uint64_t *full = reinterpret_cast<uint64_t *>(smem + R::kBarOffset);
     uint64_t *empty = full + kStages;
-    int *slot_pair = reinterpret_cast<int *>(smem + kSlotOffset);
+    int *slot_pair = reinterpret_cast<int *>(smem + R::kSlotOffset);
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
-    // Which slots and expert this block computes (as moe_gemm.cu's tiled kernel; no dense tail here).
+    // Which slots and expert this block computes (as moe_gemm.cu's tiled kernel; no dense tail here). The _dense
+    // entries serve dense launches only (TMA loads the matrix's rows in order; moe_wgmma.rs launches them for nothing
+    // else), so they compile no grouped branch: without it the int4 TMA kernel no longer keeps the sign word of a
+    // loaded expert index live through its k loop, which spilled it at the 96-register cap of two blocks per SM.
     int expert, slot_begin, slot_end;
-    if (!block_slots<kBN>(p, false, expert, slot_begin, slot_end)) return;
+    if (!block_slots<kBN, kTmaX>(p, false, expert, slot_begin, slot_end)) return;
     const int slots = slot_end - slot_begin;
 
     for (int s = tid; s < kBN; s += kThreads) {
         int pair = -1;
-        if (s < slots) pair = p.sorted_pairs != nullptr ? p.sorted_pairs[slot_begin + s] : slot_begin + s;
+        if (s < slots) pair = !kTmaX && p.sorted_pairs != nullptr ? p.sorted_pairs[slot_begin + s] : slot_begin + s;
         slot_pair[s] = pair;
     }
     if (tid == 0) {
         for (int s = 0; s < kStages; ++s) {
-            mbar_init(&full[s], 2);                // the producer's expect_tx arrival + its "activations landed" arrival
+            // The producer's expect_tx arrival (+ its "activations landed" arrival when it gathers them).
+            mbar_init(&full[s], kTmaX ? 1 : 2);
             mbar_init(&empty[s], kConsumerWarps);  // one release per consumer warp
         }
         mbar_init_fence();
     }
     __syncthreads();
 
-    // Padding slots read zeros: written once into every stage (generic stores, fenced for wgmma), never copied over.
-    for (int i = tid; i < kStages * kBN * 8; i += kThreads) {
-        const int row = (i / 8) % kBN;
-        if (slot_pair[row] < 0) reinterpret_cast<uint4 *>(x_smem)[i] = make_uint4(0, 0, 0, 0);
+    if (!kTmaX) {
+        // Padding slots read zeros: written once into every stage (generic stores, fenced for wgmma), never copied
+        // over. (TMA writes every row of a stage, zeros past the matrix.)
+        for (int i = tid; i < kStages * kBN * 8; i += kThreads) {
+            const int row = (i / 8) % kBN;
+            if (slot_pair[row] < 0) reinterpret_cast<uint4 *>(x_smem)[i] = make_uint4(0, 0, 0, 0);
+        }
+        fence_proxy_async();
+        __syncthreads();
     }
-    fence_proxy_async();
-    __syncthreads();
 
     const int first_tile = blockIdx.x * (kBM / 16);
     const int k_blocks = p.k_dim / kBK;
     const unsigned char *w_expert = p.weights + (long long)expert * p.expert_stride;
+    // The producer's lanes 0-7: the 8 warps' weight tiles of k block kb into `stage`, completing on its "full".
+    auto load_weight_tiles = [&](int kb, int stage) {
+        if (lane < kConsumerWarps) {
+            const unsigned char *src = w_expert + ((long long)(first_tile + lane) * k_blocks + kb) * kTileBytes;
+            bulk_load(w_smem + stage * kWStage + lane * kTileBytes, src, kTileBytes, &full[stage]);
+        }
+    };
 
-    if (warp == kProducerWarp) {
+    if (warp == kProducerWarp && kTmaX) {
+        for (int kb = 0; kb < k_blocks; ++kb) {
+            const int stage = kb % kStages;
+            mbar_wait(&empty[stage], ((kb / kStages) & 1) ^ 1);
+            if (lane == 0) {
+                mbar_arrive_expect_tx(&full[stage], kWStage + kXStage);
+                tma_load_3d(x_smem + stage * kXStage, x_map, kb * kBK, slot_begin, blockIdx.z, &full[stage]);
+            }
+            __syncwarp();
+            load_weight_tiles(kb, stage);
+        }
+    } else if (warp == kProducerWarp) {
         // Activation chunk (row, chunk) of this lane: 8 lanes per 128-byte row, 4 rows per pass, 16 passes.
         const bf16 *x = p.x + (long)blockIdx.z * p.x_batch_stride;
         for (int kb = 0; kb < k_blocks; ++kb) {
@@ -121,10 +178,7 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const MoeGemmParams &p) {
             mbar_wait(&empty[stage], ((kb / kStages) & 1) ^ 1);
             if (lane == 0) mbar_arrive_expect_tx(&full[stage], kWStage);
             __syncwarp();
-            if (lane < kConsumerWarps) {
-                const unsigned char *src = w_expert + ((long long)(first_tile + lane) * k_blocks + kb) * kTileBytes;
-                bulk_load(w_smem + stage * kWStage + lane * kTileBytes, src, kTileBytes, &full[stage]);
-            }
+            load_weight_tiles(kb, stage);
             unsigned char *x_stage = x_smem + stage * kXStage;
             const uint32_t x_stage_addr = smem_addr(x_stage);
 #pragma unroll 4
@@ -146,7 +200,7 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const MoeGemmParams &p) {
             for (int kb = max(0, k_blocks - kInFlight); kb < k_blocks; ++kb) mbar_arrive(&full[kb % kStages]);
         }
     } else {
-        consume_and_store(p, w_smem, x_smem, full, empty, slot_pair, expert, slot_begin, slots, first_tile, k_blocks);
+        consume_and_store<F>(p, w_smem, x_smem, full, empty, slot_pair, expert, slot_begin, slots, first_tile, k_blocks);
     }
     // Every thread, producer included: the query RoPE and the row finisher on what the consumers stored.
     if (p.rope.positions != nullptr) rope_output_tile(p, slot_begin, slots, first_tile * 16, kBM);
@@ -154,10 +208,15 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const MoeGemmParams &p) {
 }
 
 // The consumer warps' k loop and epilogue (see the file comment).
+template <Format F>
 __device__ __forceinline__ void consume_and_store(const MoeGemmParams &p, const unsigned char *w_smem, const unsigned char *x_smem, uint64_t *full,
                                                   uint64_t *empty, const int *slot_pair, int expert, int slot_begin, int slots, int first_tile,
                                                   int k_blocks) {
+    using W = WeightFormat<F>;
+    constexpr int kStages = Ring<F>::kStages, kWStage = Ring<F>::kWStage;
+    constexpr int kRawWords = W::kTileBytes / 32 / 4;  // the lane's words of its warp's tile of a stage
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int tile = first_tile + warp;
     // Consumers. acc[4 f + r] is the mma.sync C fragment r of slot fragment f (slots 8 f .. 8 f + 7) of this warp's
     // 16 features: r = 0, 1 feature g, slots 2t, 2t + 1; r = 2, 3 feature g + 8.
     float acc[32];
@@ -166,17 +225,25 @@ __device__ __forceinline__ void consume_and_store(const MoeGemmParams &p, const 
 #pragma unroll
     for (int i = 0; i < 32; ++i) wgmma_fence_operand(acc[i]);
 
-    // One stage: wait for it, load the warp's A fragments into `a` (the buffer the wgmmas of two stages ago used,
-    // retired by the previous stage's wait_group 1), issue the four wgmmas, retire the previous stage and release it.
+    // One stage: wait for it, load the warp's weights of the stage and turn them into A fragments in `a` (the buffer
+    // the wgmmas of two stages ago used, retired by the previous stage's wait_group 1) with the weight format's own
+    // dequantisation (weight_format.cuh, as the mma.sync kernels do; bf16 copies), issue the four wgmmas, retire the
+    // previous stage and release it. The stage's scales (none for bf16) come from global memory as in the mma.sync
+    // kernel (the int4 kernel sits at ptxas's 96-register cap for 2 blocks of 288 threads: loaded before the wait, the
+    // scales stay live across it and spill 8 bytes).
     auto consume = [&](int kb, uint32_t (&a)[4][4]) {
         const int stage = kb % kStages;
         mbar_wait(&full[stage], (kb / kStages) & 1);
-        const unsigned char *w_tile = w_smem + stage * kWStage + warp * kTileBytes;
+        const typename W::Scales scales = W::load_scales(p, false, expert, tile, kb, lane >> 2);
+        const unsigned char *w_tile = w_smem + stage * kWStage + warp * W::kTileBytes;
+        uint32_t raw[kRawWords];
 #pragma unroll
-        for (int ks = 0; ks < 4; ++ks) {
-            const uint4 v = *reinterpret_cast<const uint4 *>(w_tile + (ks * 32 + lane) * 16);
-            a[ks][0] = v.x, a[ks][1] = v.y, a[ks][2] = v.z, a[ks][3] = v.w;
+        for (int c = 0; c < kRawWords / 4; ++c) {
+            const uint4 v = *reinterpret_cast<const uint4 *>(w_tile + (c * 32 + lane) * 16);
+            raw[4 * c] = v.x, raw[4 * c + 1] = v.y, raw[4 * c + 2] = v.z, raw[4 * c + 3] = v.w;
         }
+#pragma unroll
+        for (int ks = 0; ks < 4; ++ks) W::fragment(raw, ks, scales, a[ks]);
         const unsigned char *x_stage = x_smem + stage * kXStage;
         wgmma_fence();
 #pragma unroll
@@ -202,7 +269,6 @@ __device__ __forceinline__ void consume_and_store(const MoeGemmParams &p, const 
 
     // Epilogue: moe_gemm.cu's, for one 16-feature tile per warp.
     const int g = lane >> 2, t = lane & 3;
-    const int tile = first_tile + warp;
     const int feature = tile * 16 + g;
     float scale_g = 1.f, scale_g8 = 1.f;
     if (p.row_scales != nullptr) {
@@ -227,5 +293,18 @@ __device__ __forceinline__ void consume_and_store(const MoeGemmParams &p, const 
 
 }  // namespace
 
-// Two blocks per SM (96 KiB of stages each): at most 112 registers a thread.
-extern "C" __global__ void __launch_bounds__(kThreads, 2) moe_gemm_bf16_wgmma(const MoeGemmParams p) { grouped_gemm_wgmma(p); }
+// Two blocks per SM (96 KiB of stages each): ptxas gets at most 96 registers a thread, which the 4-bit kernels use
+// (docs/perf.md's ptxas table). One kernel per weight format and activation producer, one body. The _dense entries
+// take the struct as __grid_constant__, which keeps it (and so the map) in the parameter space, where TMA may read it.
+#define MOE_GEMM_WGMMA_KERNELS(NAME, FORMAT)                                                                               \
+    extern "C" __global__ void __launch_bounds__(kThreads, 2) moe_gemm_##NAME##_wgmma(const MoeGemmParams p) {             \
+        grouped_gemm_wgmma<FORMAT, false>(p, nullptr);                                                                     \
+    }                                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(kThreads, 2)                                                              \
+        moe_gemm_##NAME##_wgmma_dense(const __grid_constant__ MoeGemmTmaParams p) {                                        \
+        grouped_gemm_wgmma<FORMAT, true>(p.gemm, &p.x_map);                                                                \
+    }
+
+MOE_GEMM_WGMMA_KERNELS(bf16, Format::Bf16)
+MOE_GEMM_WGMMA_KERNELS(int4, Format::Int4)
+MOE_GEMM_WGMMA_KERNELS(nvfp4, Format::Nvfp4)

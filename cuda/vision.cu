@@ -5,6 +5,7 @@
 #include "params.h"
 #include "common.cuh"
 #include "mma.cuh"
+#include "vision_attention.cuh"
 
 // ---- patch_im2col ------------------------------------------------------------------------------------------------
 // One block per patch of one image, threads over the k_padded columns of its row (the conv weight's [c, ky, kx]
@@ -53,21 +54,19 @@ extern "C" __global__ void __launch_bounds__(256) rope_2d(const Rope2dParams p) 
 }
 
 // ---- vision_attention --------------------------------------------------------------------------------------------
-// Block-diagonal bidirectional attention for head_dim 64 on the tensor cores (flash-attention style). Grid (query
-// tiles of 64 tokens, heads); 4 warps, each owning 16 queries. The query tile stays in registers as mma A fragments;
-// keys and values stream through shared memory in tiles of 64 over the union of the tile's segments (the keys from
-// the first query's segment start to the last query's segment end). S = Q K^T (mma.sync m16n8k16, f32 accumulators),
-// keys outside a query's own segment masked to -inf, online softmax in f32 (base 2, scale folded in), P rounded to
-// bf16 as the A operand of O += P V (the normaliser sums the rounded P, so each output is a convex combination of
-// the values with the weights the product used), output normalised and rounded to bf16 once.
+// Block-diagonal bidirectional attention for head_dim 64 on the tensor cores (flash-attention style), the mma.sync
+// kernel (cuda/vision_attention_wgmma.cu has the Hopper one; src/kernels/vision.rs picks). Grid (query tiles of 64
+// tokens, heads); 4 warps, each owning 16 queries. The query tile stays in registers as mma A fragments; keys and
+// values stream through shared memory in tiles of 64 over the union of the tile's segments (the keys from the first
+// query's segment start to the last query's segment end). S = Q K^T (mma.sync m16n8k16, f32 accumulators), keys
+// outside a query's own segment masked to -inf, online softmax in f32 (base 2, scale folded in), P rounded to bf16 as
+// the A operand of O += P V (the normaliser sums the rounded P, so each output is a convex combination of the values
+// with the weights the product used), output normalised and rounded to bf16 once (cuda/include/vision_attention.cuh).
 // Shared rows are padded to 72 elements (144 bytes) so the 8 rows of an ldmatrix fall in distinct banks.
 // Bytes: q and out once; k and v once per query tile. FLOPs: 4 * 64 per (query, key) pair of the tile's key range.
 namespace {
-constexpr int kHeadDim = 64;
-constexpr int kQueries = 64;
-constexpr int kKeys = 64;
+using namespace block_diagonal_attention;
 constexpr int kStride = kHeadDim + 8;
-constexpr float kLog2E = 1.4426950408889634f;
 
 // rows [first, first + valid) of a [tokens, row_stride] tensor (64 columns from `src`) into a 64-row tile; zeros past
 // `valid` (masked keys must meet finite values: 0 * NaN would poison the output).
@@ -96,14 +95,8 @@ extern "C" __global__ void __launch_bounds__(128) vision_attention(const VisionA
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) ldmatrix_x4(qa[kk], &q_tile[warp * 16 + ((lane / 8) & 1) * 8 + lane % 8][kk * 16 + (lane / 16) * 8]);
 
-    // This thread's rows: g and g + 8 of the warp's 16. Rows past the last token attend to nothing.
-    int row_start[2], row_end[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int query = first_query + warp * 16 + g + 8 * h;
-        row_start[h] = query < p.tokens ? p.segment_start[query] : 0;
-        row_end[h] = query < p.tokens ? p.segment_end[query] : 0;
-    }
+    // This thread's rows: g and g + 8 of the warp's 16.
+    const RowSegments rows = row_segments(p, first_query + warp * 16 + g);
     // Segments are contiguous and in token order: the tile's keys span from its first query's segment to its last's.
     const int key_begin = p.segment_start[first_query];
     const int key_end = p.segment_end[first_query + queries - 1];
@@ -112,7 +105,7 @@ extern "C" __global__ void __launch_bounds__(128) vision_attention(const VisionA
     float o[8][4];
 #pragma unroll
     for (int nb = 0; nb < 8; ++nb) o[nb][0] = o[nb][1] = o[nb][2] = o[nb][3] = 0.f;
-    float running_max[2] = {-INFINITY, -INFINITY}, denominator[2] = {0.f, 0.f};
+    SoftmaxState state = softmax_start();
 
     for (int tile = key_begin; tile < key_end; tile += kKeys) {
         __syncthreads();  // the previous tile is no longer read
@@ -134,45 +127,10 @@ extern "C" __global__ void __launch_bounds__(128) vision_attention(const VisionA
                 mma_bf16(s[nb], qa[2 * half + 1], b[2], b[3]);
             }
         }
-        float tile_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-        for (int nb = 0; nb < 8; ++nb) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int h = e / 2, key = tile + nb * 8 + 2 * t + (e & 1);
-                const float v = key >= row_start[h] && key < row_end[h] ? s[nb][e] * scale : -INFINITY;
-                s[nb][e] = v;
-                tile_max[h] = fmaxf(tile_max[h], v);
-            }
-        }
-        float base[2];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
-            tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
-            const float new_max = fmaxf(running_max[h], tile_max[h]);
-            base[h] = new_max == -INFINITY ? 0.f : new_max;  // a row with no key yet: every weight is 0
-            const float correction = exp2f(running_max[h] - base[h]);
-            denominator[h] *= correction;
-#pragma unroll
-            for (int nb = 0; nb < 8; ++nb) {
-                o[nb][2 * h] *= correction;
-                o[nb][2 * h + 1] *= correction;
-            }
-            running_max[h] = new_max;
-        }
-        // P as bf16 A fragments: key k-step kk covers the S blocks 2kk (cols 0-7) and 2kk + 1 (cols 8-15).
         uint32_t pa[4][4];
-#pragma unroll
-        for (int nb = 0; nb < 8; ++nb) {
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const __nv_bfloat162 pair = __floats2bfloat162_rn(exp2f(s[nb][2 * h] - base[h]), exp2f(s[nb][2 * h + 1] - base[h]));
-                const float2 rounded = __bfloat1622float2(pair);
-                denominator[h] += rounded.x + rounded.y;
-                pa[nb / 2][(nb % 2) * 2 + h] = *reinterpret_cast<const uint32_t *>(&pair);
-            }
-        }
+        float correction[2];
+        softmax_tile(s, pa, correction, state, rows, tile, t, scale);
+        rescale_rows(o, correction);
         // O [16 queries, 64 dims] += P V: 4 key k-steps x 4 pairs of 8-dim blocks.
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
@@ -185,20 +143,7 @@ extern "C" __global__ void __launch_bounds__(128) vision_attention(const VisionA
             }
         }
     }
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        float total = denominator[h];
-        total += __shfl_xor_sync(0xffffffffu, total, 1);
-        total += __shfl_xor_sync(0xffffffffu, total, 2);
-        const int query = first_query + warp * 16 + g + 8 * h;
-        if (query >= p.tokens) continue;
-        const float inverse = total > 0.f ? 1.f / total : 0.f;
-#pragma unroll
-        for (int nb = 0; nb < 8; ++nb) {
-            *reinterpret_cast<__nv_bfloat162 *>(p.out + query * row_stride + head * kHeadDim + nb * 8 + 2 * t) =
-                __floats2bfloat162_rn(o[nb][2 * h] * inverse, o[nb][2 * h + 1] * inverse);
-        }
-    }
+    store_rows(p, o, state, first_query + warp * 16 + g, head, t);
 }
 
 // ---- bias_act ----------------------------------------------------------------------------------------------------

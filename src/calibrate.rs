@@ -32,7 +32,7 @@ use crate::kernels::attention::{self, AttentionScratch, BlockTables, PagedCache,
 use crate::kernels::moe::{self, Grouping, MoeLayerWeights, MoeWorkspace, RoutingBuffers};
 use crate::kernels::moe_wgmma::PrefillGemm;
 use crate::kernels::router::{self, ExpertMap, RouterConfig};
-use crate::kernels::vision::{vision_attention, TokenSegments};
+use crate::kernels::vision::{vision_attention, TokenSegments, VisionAttentionKernel};
 use crate::model::kv_cache::{BatchTables, CacheDescriptor, CacheDtype};
 use crate::quant::matrix::QuantizedMatrix;
 use crate::quant::repack::{self, PackedWeights};
@@ -873,13 +873,16 @@ fn replay_vision(sim: &SimBackend, device: &Device, spec: &Spec) -> Result<Vec<L
     let out = DeviceBuffer::<bf16>::alloc(device, len)?;
     let segments = TokenSegments::upload(device, std::slice::from_ref(&(0..tokens)))?;
     sim.record_launches(true);
-    vision_attention(
-        q.view([tokens, HEADS, 64])?,
-        k.view([tokens, HEADS, 64])?,
-        v.view([tokens, HEADS, 64])?,
-        out.view([tokens, HEADS, 64])?,
-        &segments,
-        0.125,
-    )?;
+    // The stored measurements ran the mma.sync kernel (the wgmma one, the default now, came later).
+    VisionAttentionKernel::MmaSync.run(|| {
+        vision_attention(
+            q.view([tokens, HEADS, 64])?,
+            k.view([tokens, HEADS, 64])?,
+            v.view([tokens, HEADS, 64])?,
+            out.view([tokens, HEADS, 64])?,
+            &segments,
+            0.125,
+        )
+    })?;
     Ok(sim.take_recorded())
 }

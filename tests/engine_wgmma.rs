@@ -1,7 +1,8 @@
-//! The engine's prefill on the wgmma GEMM (`cuda/moe_gemm_wgmma.cu`): a prompt long enough that the bf16 model's
-//! dense GEMMs (more than 32 rows) and its routed experts (tokens x top-k at least 32 per expert: the aligner's
-//! 64-slot tiles) take the prefill tile, against the CPU reference (tests/engine.rs's logit rule) and, on the
-//! interpreter, bit for bit against the same prefill on the mma.sync kernel.
+//! The engine's prefill on the wgmma GEMMs (`cuda/moe_gemm_wgmma.cu`): a prompt long enough that the model's dense
+//! GEMMs (more than 32 rows) and its routed experts (tokens x top-k at least 32 per expert: the aligner's 64-slot
+//! tiles) take the prefill tile, against the CPU reference (tests/engine.rs's logit rule) and, on the interpreter, bit
+//! for bit against the same prefill on the mma.sync kernels; with bf16 experts and with nvfp4 experts (the 4-bit
+//! wgmma kernel; attention stays bf16).
 
 mod common;
 
@@ -22,18 +23,32 @@ const LOGIT_ABS: f32 = 0.08;
 const LOGIT_REL: f32 = 0.03;
 
 /// One layer of the tiny preset (16 experts, top-4) in bf16: a 136-token prompt gives 544 routed pairs, so the
-/// grouping uses 64-slot tiles, and every dense GEMM has 136 rows. The prefill launches the wgmma kernel for both
-/// kinds of GEMM (grouped and dense); its logits equal the mma.sync prefill's bit for bit at every position, and the reference's at every
+/// grouping uses 64-slot tiles, and every dense GEMM has 136 rows. The prefill launches the wgmma kernels for both
+/// kinds of GEMM (grouped: activation rows gathered; dense: TMA tile loads, the tail block's rows 128..191 zero-filled
+/// past the 136); its logits equal the mma.sync prefill's bit for bit at every position, and the reference's at every
 /// position not on a router near-tie. (The GEMMs with a row finisher or the query RoPE epilogue included.)
 #[test]
 fn one_layer_prefill_on_wgmma_matches_reference_and_mma_sync() {
+    one_layer_prefill(WeightFormat::Bf16);
+}
+
+/// [`one_layer_prefill_on_wgmma_matches_reference_and_mma_sync`] with nvfp4 experts: the routed expert GEMMs run
+/// `moe_gemm_nvfp4_wgmma` and the shared expert's (dense) `moe_gemm_nvfp4_wgmma_dense` (its per-row global divisor in
+/// the epilogue), the attention's bf16 GEMMs `moe_gemm_bf16_wgmma_dense`.
+#[test]
+fn one_layer_nvfp4_prefill_on_wgmma_matches_reference_and_mma_sync() {
+    one_layer_prefill(WeightFormat::Nvfp4);
+}
+
+fn one_layer_prefill(format: WeightFormat) {
     let config = ModelConfig { n_layers: 1, ..ModelConfig::tiny() };
     let tokens: Vec<u32> = (0..136u32).map(|i| (i * 389 + 100) % config.vocab as u32).collect();
     assert_eq!(small4::kernels::moe::moe_tile_m(tokens.len(), config.experts_per_token, config.experts), 64, "prefill tiles");
+    assert_eq!(config.shared_experts, 1, "a shared expert: dense GEMMs in the experts' format");
 
     let weights = ReferenceWeights::random(&config, 5).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    write_checkpoint(dir.path(), &weights, &Layout::Native, WeightFormat::Bf16, 1 << 20).unwrap();
+    write_checkpoint(dir.path(), &weights, &Layout::Native, format, 1 << 20).unwrap();
     let checkpoint = Checkpoint::open(dir.path()).unwrap();
     let reference = ReferenceModel::new(load_reference_weights(&checkpoint).unwrap(), ForwardOptions::default()).unwrap();
     let mut cache = reference.new_cache();
@@ -54,14 +69,22 @@ fn one_layer_prefill_on_wgmma_matches_reference_and_mma_sync() {
         (logits, kernels)
     };
     let (wgmma, wgmma_kernels) = prefill(PrefillGemm::Wgmma);
-    let count = |kernels: &[String], name: &str| kernels.iter().filter(|k| *k == name).count();
-    // Routed up and down, and the dense GEMMs (those that finish their rows or rotate the query too).
-    assert!(count(&wgmma_kernels, "moe_gemm_bf16_wgmma") >= 8, "prefill launches: {wgmma_kernels:?}");
-    assert_eq!(count(&wgmma_kernels, "moe_gemm_bf16_tiled"), 0, "prefill launches: {wgmma_kernels:?}");
+    let count = |kernels: &[String], suffix: &str| kernels.iter().filter(|k| k.starts_with("moe_gemm_") && k.ends_with(suffix)).count();
+    let expert_kernel = format!("moe_gemm_{}_wgmma", if format == WeightFormat::Nvfp4 { "nvfp4" } else { "bf16" });
+    let launches_of = |name: &str| wgmma_kernels.iter().filter(|k| *k == name).count();
+    // Routed up and down (grouped: the gather kernels), and the dense GEMMs (the TMA kernels; those that finish their
+    // rows or rotate the query too).
+    let (grouped, dense) = (count(&wgmma_kernels, "_wgmma"), count(&wgmma_kernels, "_wgmma_dense"));
+    assert!(grouped >= 2 && dense >= 1 && grouped + dense >= 8, "prefill launches: {wgmma_kernels:?}");
+    assert!(launches_of(&expert_kernel) >= 2, "the experts' up and down on {expert_kernel}: {wgmma_kernels:?}");
+    // The shared expert: a dense up and down in the experts' format, on TMA.
+    assert!(launches_of(&format!("{expert_kernel}_dense")) >= 2, "the shared expert on {expert_kernel}_dense: {wgmma_kernels:?}");
+    assert_eq!(count(&wgmma_kernels, "_tiled"), 0, "prefill launches: {wgmma_kernels:?}");
 
     let (mma_sync, mma_kernels) = prefill(PrefillGemm::MmaSync);
-    assert_eq!(count(&mma_kernels, "moe_gemm_bf16_wgmma"), 0, "the switch keeps wgmma out");
-    assert_eq!(count(&mma_kernels, "moe_gemm_bf16_tiled"), count(&wgmma_kernels, "moe_gemm_bf16_wgmma"), "one kernel for the other");
+    assert_eq!(count(&mma_kernels, "_wgmma") + count(&mma_kernels, "_wgmma_dense"), 0, "the switch keeps wgmma out");
+    let renamed: Vec<String> = wgmma_kernels.iter().map(|k| k.replace("_wgmma_dense", "_tiled").replace("_wgmma", "_tiled")).collect();
+    assert_eq!(mma_kernels, renamed, "one kernel for the other, launch for launch");
     let differ = wgmma.iter().zip(&mma_sync).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
     assert_eq!(differ, 0, "{differ} of {} logits differ between the wgmma and mma.sync prefills", wgmma.len());
     // Against the reference, the positions whose router is not within the bf16 noise of a tie (tests/engine.rs: two

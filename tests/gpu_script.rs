@@ -102,7 +102,7 @@ fn dry_run_prints_every_gpu_command_and_writes_the_section() {
     {
         assert!(text.contains(&format!("small4 bench --backend gpu {synthetic}")) || text.contains(synthetic), "no '{synthetic}' run:\n{text}");
     }
-    for bench in ["attention", "moe", "router", "tokenizer", "vision"] {
+    for bench in ["attention", "dense", "moe", "router", "tokenizer", "vision"] {
         assert!(text.contains(&format!("/benches/{bench} --bench --warm-up-time 0.5 --measurement-time 1 --sample-size 10")), "no {bench} bench:\n{text}");
     }
     let section = read_section(out.path());

@@ -1,8 +1,11 @@
-//! The wgmma kernel of the bf16 prefill tile (`cuda/moe_gemm_wgmma.cu`) against the mma.sync kernel it replaces
-//! (`moe_gemm_bf16_tiled`) and the CPU reference: grouped up-projection with SwiGLU, grouped down-projection times the
-//! routing weight, and the dense GEMMs (bf16, f32 and SwiGLU outputs, batched heads). On the interpreter both kernels
-//! sum each k-step of 16 exactly and round once, in the same k order, so their outputs must be identical bit for bit;
-//! on a GPU each is held to the CPU reference with the GEMM tests' rule (`assert_agrees`).
+//! The wgmma kernels of the prefill tile (`cuda/moe_gemm_wgmma.cu`: bf16, int4 symmetric and with zero points,
+//! nvfp4 weights) against the mma.sync kernels they replace (`moe_gemm_{bf16,int4,nvfp4}_tiled`) and the CPU
+//! reference: grouped up-projection with SwiGLU, grouped down-projection times the routing weight, and the dense GEMMs
+//! (bf16, f32 and SwiGLU outputs, batched heads), the dense ones with both wgmma kernels of the format (activations by
+//! TMA, `moe_gemm_{bf16,int4,nvfp4}_wgmma_dense`, and gathered, `moe_gemm_{bf16,int4,nvfp4}_wgmma`). The kernels
+//! dequantise with the same code (weight_format.cuh) and, on the interpreter, sum each k-step of 16 exactly and round
+//! once, in the same k order, so their outputs must be identical bit for bit (the two wgmma kernels on any device); on
+//! a GPU each is held to the CPU reference with the GEMM tests' rule (`assert_agrees`).
 //!
 //! The interpreter runs every check here (bounds, uninitialised reads, shared-memory races through mbarrier
 //! happens-before, async-proxy fences, wgmma register and operand lifetimes, mbarrier misuse and deadlocks): the
@@ -23,11 +26,16 @@ use small4::quant::WeightFormat;
 use small4::reference::linear::matmul_nt;
 use small4::reference::moe::align_pairs;
 
-/// A bf16 matrix [rows, cols] with values in [-a, a], a = 1 / sqrt(cols), and its values as the kernels multiply them.
-fn random_matrix(rng: &mut StdRng, rows: usize, cols: usize) -> (QuantizedMatrix, Vec<f32>) {
+/// The weight formats with a wgmma prefill kernel: bf16, int4 (group 128) symmetric and with zero points, nvfp4.
+const FORMATS: [WeightFormat; 4] =
+    [WeightFormat::Bf16, WeightFormat::INT4_G128, WeightFormat::Int4 { group: small4::quant::INT4_DEFAULT_GROUP, zero_point: true }, WeightFormat::Nvfp4];
+
+/// A matrix [rows, cols] in `format` from values in [-a, a], a = 1 / sqrt(cols), and its values as the kernels
+/// multiply them.
+fn random_matrix(rng: &mut StdRng, format: WeightFormat, rows: usize, cols: usize) -> (QuantizedMatrix, Vec<f32>) {
     let a = 1.0 / (cols as f32).sqrt();
     let w: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-a..a)).collect();
-    let q = QuantizedMatrix::quantize(WeightFormat::Bf16, &w, rows, cols).unwrap();
+    let q = QuantizedMatrix::quantize(format, &w, rows, cols).unwrap();
     let deq = q.dequantize_for_gemm();
     (q, deq)
 }
@@ -39,16 +47,44 @@ fn require_checks(device: &Device) {
     }
 }
 
-/// Runs `launch` with each prefill kernel and returns the two outputs (wgmma first), after checking which kernel ran.
-fn both<T>(device: &Device, launch: impl Fn() -> small4::Result<T>) -> small4::Result<(T, T)> {
-    let run = |choice: PrefillGemm, entry: &str| -> small4::Result<T> {
-        let out = choice.run(&launch)?;
-        if let Some(counters) = device.last_launch_counters() {
-            assert_eq!(counters.kernel, entry, "the switch picked the kernel");
-        }
-        Ok(out)
-    };
-    Ok((run(PrefillGemm::Wgmma, "moe_gemm_bf16_wgmma")?, run(PrefillGemm::MmaSync, "moe_gemm_bf16_tiled")?))
+/// The kernel name's weight part: `moe_gemm_{name}_wgmma`, `moe_gemm_{name}_wgmma_dense` and `moe_gemm_{name}_tiled`.
+fn kernel_format(format: WeightFormat) -> &'static str {
+    match format {
+        WeightFormat::Bf16 => "bf16",
+        WeightFormat::Int4 { .. } => "int4",
+        WeightFormat::Nvfp4 => "nvfp4",
+        other => panic!("no wgmma prefill kernel for {other}"),
+    }
+}
+
+/// Runs `launch` with `choice` and returns its output, after checking that `entry` ran.
+fn run_on<T>(device: &Device, choice: PrefillGemm, entry: &str, launch: impl Fn() -> small4::Result<T>) -> small4::Result<T> {
+    let out = choice.run(&launch)?;
+    if let Some(counters) = device.last_launch_counters() {
+        assert_eq!(counters.kernel, entry, "the switch picked the kernel");
+    }
+    Ok(out)
+}
+
+/// Runs a grouped `launch` with each prefill kernel of `format` weights and returns the two outputs (wgmma first).
+fn both<T>(device: &Device, format: WeightFormat, launch: impl Fn() -> small4::Result<T>) -> small4::Result<(T, T)> {
+    let name = kernel_format(format);
+    Ok((
+        run_on(device, PrefillGemm::Wgmma, &format!("moe_gemm_{name}_wgmma"), &launch)?,
+        run_on(device, PrefillGemm::MmaSync, &format!("moe_gemm_{name}_tiled"), &launch)?,
+    ))
+}
+
+/// Runs a dense `launch` of `format` weights with the TMA kernel, the gather kernel and mma.sync; returns the TMA
+/// kernel's and mma.sync's outputs after checking that the gather kernel's equals the TMA kernel's bit for bit (both
+/// wgmma: any device), untouched (NaN-poisoned) elements included.
+fn dense_three<E: bytemuck::Pod>(device: &Device, format: WeightFormat, launch: impl Fn() -> small4::Result<Vec<E>>) -> small4::Result<(Vec<E>, Vec<E>)> {
+    let name = kernel_format(format);
+    let tma = run_on(device, PrefillGemm::Wgmma, &format!("moe_gemm_{name}_wgmma_dense"), &launch)?;
+    let gather = run_on(device, PrefillGemm::WgmmaGather, &format!("moe_gemm_{name}_wgmma"), &launch)?;
+    let (tma_bytes, gather_bytes): (&[u8], &[u8]) = (bytemuck::cast_slice(&tma), bytemuck::cast_slice(&gather));
+    assert!(tma_bytes == gather_bytes, "{format}: the TMA and gather wgmma kernels differ");
+    Ok((tma, run_on(device, PrefillGemm::MmaSync, &format!("moe_gemm_{name}_tiled"), &launch)?))
 }
 
 /// Bit-identical on the interpreter; both within the GEMM tests' rule of the reference everywhere.
@@ -64,44 +100,50 @@ fn check_pair(device: &Device, what: &str, wgmma: &[f32], mma_sync: &[f32], want
 struct Expert {
     gate_up: (QuantizedMatrix, QuantizedMatrix),
     down: QuantizedMatrix,
-    /// Dequantised w1, w3 [hidden, dim] and w2 [dim, hidden].
+    /// Dequantised w1, w3 [hidden, dim] and w2 [down_out, down_k].
     w1: Vec<f32>,
     w3: Vec<f32>,
     w2: Vec<f32>,
 }
 
-fn random_expert(rng: &mut StdRng, dim: usize, hidden: usize) -> Expert {
-    let (q1, w1) = random_matrix(rng, hidden, dim);
-    let (q3, w3) = random_matrix(rng, hidden, dim);
-    let (q2, w2) = random_matrix(rng, dim, hidden);
+fn random_expert(rng: &mut StdRng, format: WeightFormat, dim: usize, hidden: usize, down_k: usize, down_out: usize) -> Expert {
+    let (q1, w1) = random_matrix(rng, format, hidden, dim);
+    let (q3, w3) = random_matrix(rng, format, hidden, dim);
+    let (q2, w2) = random_matrix(rng, format, down_out, down_k);
     Expert { gate_up: (q1, q3), down: q2, w1, w3, w2 }
 }
 
-/// A routed case of [`check_grouped`].
+/// A routed case of [`check_grouped`]: the up-projection [dim] -> [hidden] (SwiGLU of 2 x hidden packed rows), the
+/// down-projection [down_k] -> [down_out], which reads the up-projection's output when `down_k == hidden` and its own
+/// random rows otherwise (so both reductions can be long while the outputs stay one block wide).
 #[derive(Clone, Copy)]
 struct RoutedCase {
+    format: WeightFormat,
     tokens: usize,
     k: usize,
     experts: usize,
     remote: usize,
     dim: usize,
     hidden: usize,
+    down_k: usize,
+    down_out: usize,
     seed: u64,
 }
 
-/// The 70-token case of [`grouped_gemms_equal_mma_sync`].
-const SMALL_CASE: RoutedCase = RoutedCase { tokens: 70, k: 4, experts: 8, remote: 1, dim: 256, hidden: 128, seed: 21 };
+/// The 70-token case of [`grouped_gemms_equal_mma_sync`] (bf16: the planted-bug test's too).
+const SMALL_CASE: RoutedCase =
+    RoutedCase { format: WeightFormat::Bf16, tokens: 70, k: 4, experts: 8, remote: 1, dim: 256, hidden: 128, down_k: 128, down_out: 256, seed: 21 };
 
 /// One routed case: `tokens` tokens pick `k` distinct experts of `experts` (the last `remote` owned by another GPU,
 /// every seventh pair unrouted); the grouped up-projection (SwiGLU) and down-projection run with both kernels and are
-/// checked against each other and the CPU reference, the down-projection reading the up-projection's own output.
+/// checked against each other and the CPU reference.
 /// A launch's error is returned (the planted-bug test expects some); a wrong result panics.
 fn check_grouped(device: &Device, case: RoutedCase) -> small4::Result<()> {
-    let RoutedCase { tokens, k, experts, remote, dim, hidden, seed } = case;
+    let RoutedCase { format, tokens, k, experts, remote, dim, hidden, down_k, down_out, seed } = case;
     require_checks(device);
     let mut rng = rng(seed);
     let local = experts - remote;
-    let all: Vec<Expert> = (0..local).map(|_| random_expert(&mut rng, dim, hidden)).collect();
+    let all: Vec<Expert> = (0..local).map(|_| random_expert(&mut rng, format, dim, hidden, down_k, down_out)).collect();
     let mut ids = Vec::with_capacity(tokens * k);
     let mut weights = Vec::with_capacity(tokens * k);
     for _ in 0..tokens {
@@ -138,7 +180,7 @@ fn check_grouped(device: &Device, case: RoutedCase) -> small4::Result<()> {
     let slots: Vec<usize> = (0..capacity).filter(|&s| alignment.sorted_pairs[s] >= 0).collect();
 
     // Up + SwiGLU: act [capacity, hidden] bf16, padding rows untouched (poison).
-    let (act_wgmma, act_mma) = both(device, || {
+    let (act_wgmma, act_mma) = both(device, format, || {
         let act = DeviceBuffer::<bf16>::filled_with_byte(device, capacity * hidden, 0xff)?;
         moe::up_swiglu(&gate_up, x_dev.view([tokens, dim])?, k, &grouping, act.view([capacity, hidden])?)?;
         act.to_vec()
@@ -153,87 +195,124 @@ fn check_grouped(device: &Device, case: RoutedCase) -> small4::Result<()> {
         let (gate, up) = (matmul_nt(&x_row, &e.w1, 1, dim, hidden), matmul_nt(&x_row, &e.w3, 1, dim, hidden));
         want_act.extend(gate.iter().zip(&up).map(|(&g, &u)| silu(g) * u));
     }
-    let what = format!("up+SwiGLU {tokens} tokens x top-{k} ({routed} routed rows) K {dim}");
+    let what = format!("{format} up+SwiGLU {tokens} tokens x top-{k} ({routed} routed rows) K {dim}");
     check_pair(device, &what, &rows_of(&act_wgmma), &rows_of(&act_mma), &want_act);
     for (name, act) in [("wgmma", &act_wgmma), ("mma.sync", &act_mma)] {
         let touched = (0..capacity).filter(|&s| alignment.sorted_pairs[s] < 0).any(|s| act[s * hidden..][..hidden].iter().any(|v| v.to_bits() != 0xffff));
         assert!(!touched, "{what} ({name}): a padding slot's row was written");
     }
 
-    // Down x routing weight: pair_out [pairs, dim] f32 from the wgmma kernel's act (so both kernels read the same).
-    let act_dev = DeviceBuffer::from_slice(device, &act_wgmma).unwrap();
-    let (out_wgmma, out_mma) = both(device, || {
-        let out = DeviceBuffer::<f32>::filled_with_byte(device, tokens * k * dim, 0xff)?;
-        moe::down(&down, act_dev.view([capacity, hidden])?, &grouping, topk_weights.view([tokens, k])?, out.view([tokens * k, dim])?)?;
+    // Down x routing weight: pair_out [pairs, down_out] f32 from the wgmma kernel's act (so both kernels read the
+    // same), or from random rows.
+    let act = if down_k == hidden { act_wgmma } else { random_bf16(&mut rng, capacity * down_k, 1.0) };
+    let act_dev = DeviceBuffer::from_slice(device, &act).unwrap();
+    let (out_wgmma, out_mma) = both(device, format, || {
+        let out = DeviceBuffer::<f32>::filled_with_byte(device, tokens * k * down_out, 0xff)?;
+        moe::down(&down, act_dev.view([capacity, down_k])?, &grouping, topk_weights.view([tokens, k])?, out.view([tokens * k, down_out])?)?;
         out.to_vec()
     })?;
-    let pairs_rows = |out: &[f32]| -> Vec<f32> { slots.iter().flat_map(|&s| out[alignment.sorted_pairs[s] as usize * dim..][..dim].to_vec()).collect() };
-    let mut want_out = Vec::with_capacity(slots.len() * dim);
+    let pairs_rows =
+        |out: &[f32]| -> Vec<f32> { slots.iter().flat_map(|&s| out[alignment.sorted_pairs[s] as usize * down_out..][..down_out].to_vec()).collect() };
+    let mut want_out = Vec::with_capacity(slots.len() * down_out);
     for &s in &slots {
         let pair = alignment.sorted_pairs[s] as usize;
-        let act_row = to_f32(&act_wgmma[s * hidden..][..hidden]);
-        want_out.extend(matmul_nt(&act_row, &all[slot_expert(s)].w2, 1, hidden, dim).iter().map(|v| v * weights[pair]));
+        let act_row = to_f32(&act[s * down_k..][..down_k]);
+        want_out.extend(matmul_nt(&act_row, &all[slot_expert(s)].w2, 1, down_k, down_out).iter().map(|v| v * weights[pair]));
     }
-    let what = format!("down x weight {tokens} tokens x top-{k} ({routed} routed rows) K {hidden}");
+    let what = format!("{format} down x weight {tokens} tokens x top-{k} ({routed} routed rows) K {down_k}");
     check_pair(device, &what, &pairs_rows(&out_wgmma), &pairs_rows(&out_mma), &want_out);
     // Pairs without a local expert are not written by either kernel.
     let unwritten: Vec<usize> = (0..tokens * k).filter(|&p| !alignment.sorted_pairs.contains(&(p as i32))).collect();
     assert!(!unwritten.is_empty(), "the case has unrouted or remote pairs");
     for (name, out) in [("wgmma", &out_wgmma), ("mma.sync", &out_mma)] {
-        assert!(unwritten.iter().all(|&p| out[p * dim..][..dim].iter().all(|v| v.to_bits() == u32::MAX)), "{what} ({name}): an unrouted pair was written");
+        assert!(
+            unwritten.iter().all(|&p| out[p * down_out..][..down_out].iter().all(|v| v.to_bits() == u32::MAX)),
+            "{what} ({name}): an unrouted pair was written"
+        );
     }
     Ok(())
 }
 
 /// 70 tokens x top-4 of 8 experts (one on another GPU, every seventh pair unrouted): 5 to 7 64-slot tiles, most with
-/// padding, at dim 256 / hidden 128 (two blocks of 128 features each way).
+/// padding, at dim 256 / hidden 128 (two blocks of 128 features each way), in bf16.
 fn grouped_gemms_equal_mma_sync(device: &Device) {
     check_grouped(device, SMALL_CASE).unwrap();
 }
 
-/// The model's reduction lengths (up: K = dim 4096, 64 stages; down: K = hidden 2048, 32 stages: the 4-stage ring
-/// wraps 16 and 8 times) with 300 routed rows (150 tokens x top-2 of 2 local experts and a remote one), output widths
-/// cut to one block (hidden 64, dim 128) to keep the interpreter's time to the K loops that matter.
-fn grouped_gemms_at_real_reduction_lengths(device: &Device) {
-    check_grouped(device, RoutedCase { tokens: 150, k: 2, experts: 3, remote: 1, dim: 4096, hidden: 64, seed: 22 }).unwrap();
+/// The model's reduction lengths (up: K = dim 4096, 64 stages; down: K = hidden 2048, 32 stages: the 4-stage bf16
+/// ring wraps 16 and 8 times, the 8-stage 4-bit ring 8 and 4 times) with 300 routed rows (150 tokens x top-2 of 2
+/// local experts and a remote one; not a multiple of 64), output widths cut to one block (hidden 64, down out 128) to
+/// keep the interpreter's time to the K loops that matter. `format`'s weights.
+fn grouped_at_real_reduction_lengths(device: &Device, format: WeightFormat, seed: u64) {
+    let case = RoutedCase { format, tokens: 150, k: 2, experts: 3, remote: 1, dim: 4096, hidden: 64, down_k: 2048, down_out: 128, seed };
+    check_grouped(device, case).unwrap();
 }
 
-/// The dense GEMMs on the prefill tile (more than 32 rows): bf16, f32 and SwiGLU outputs into strided views, and the
-/// batched per-head launch (grid z), each with both kernels.
+/// [`grouped_at_real_reduction_lengths`] in bf16.
+fn grouped_gemms_at_real_reduction_lengths(device: &Device) {
+    grouped_at_real_reduction_lengths(device, FORMATS[0], 22);
+}
+
+/// [`grouped_at_real_reduction_lengths`] in int4, group 128, symmetric (zero 8).
+fn grouped_int4_at_real_reduction_lengths(device: &Device) {
+    grouped_at_real_reduction_lengths(device, FORMATS[1], 25);
+}
+
+/// [`grouped_at_real_reduction_lengths`] in int4, group 128, with a zero point per group.
+fn grouped_int4_zero_point_at_real_reduction_lengths(device: &Device) {
+    grouped_at_real_reduction_lengths(device, FORMATS[2], 26);
+}
+
+/// [`grouped_at_real_reduction_lengths`] in nvfp4 (its global divisor applied per row in the epilogue).
+fn grouped_nvfp4_at_real_reduction_lengths(device: &Device) {
+    grouped_at_real_reduction_lengths(device, FORMATS[3], 27);
+}
+
+/// The dense GEMMs on the prefill tile (more than 32 rows) in every format with a wgmma kernel: bf16, f32 and SwiGLU
+/// outputs into strided views, and the batched per-head launch (grid z: the TMA map's third dimension), each with the
+/// three kernels (wgmma with TMA, wgmma with the gather, mma.sync). K 384 (6 stages) wraps the bf16 ring; the per-head
+/// K 128 does not ([`dense_gemms_at_real_reduction_lengths`] wraps the 4-bit one). 70 rows: the second row block's rows
+/// 70..127 are out of bounds (TMA zero fill).
 fn dense_gemms_equal_mma_sync(device: &Device) {
+    for (format, seed) in FORMATS.into_iter().zip(23..) {
+        check_dense(device, format, seed);
+    }
+}
+
+fn check_dense(device: &Device, format: WeightFormat, seed: u64) {
     require_checks(device);
-    let mut rng = rng(23);
-    let (rows, in_dim, out_dim) = (70, 320, 200);
-    let (w, deq) = random_matrix(&mut rng, out_dim, in_dim);
+    let mut rng = rng(seed);
+    let (rows, in_dim, out_dim) = (70, 384, 200);
+    let (w, deq) = random_matrix(&mut rng, format, out_dim, in_dim);
     let weights = DeviceWeights::upload(device, &repack::repack_linear(&[(&w).into()]).unwrap()).unwrap();
     let x = random_bf16(&mut rng, rows * in_dim, 1.0);
     let x_dev = DeviceBuffer::from_slice(device, &x).unwrap();
     let want = matmul_nt(&to_f32(&x), &deq, rows, in_dim, out_dim);
 
     // bf16 into columns 8.. of rows of 216.
-    let (y_wgmma, y_mma) = both(device, || {
+    let (y_wgmma, y_mma) = dense_three(device, format, || {
         let y = DeviceBuffer::<bf16>::filled_with_byte(device, rows * 216, 0xff)?;
         dense::linear(&weights, x_dev.view([rows, in_dim])?, y.view([rows, 216])?.columns(8..8 + out_dim)?)?;
         y.to_vec()
     })
     .unwrap();
     let cols = |y: &[bf16]| -> Vec<f32> { (0..rows).flat_map(|r| to_f32(&y[r * 216 + 8..][..out_dim])).collect() };
-    check_pair(device, "dense bf16", &cols(&y_wgmma), &cols(&y_mma), &want);
+    check_pair(device, &format!("{format} dense bf16 out"), &cols(&y_wgmma), &cols(&y_mma), &want);
     assert!(y_wgmma.iter().enumerate().all(|(i, v)| (8..8 + out_dim).contains(&(i % 216)) || v.to_bits() == 0xffff), "wrote outside its columns");
 
-    let (f_wgmma, f_mma) = both(device, || {
+    let (f_wgmma, f_mma) = dense_three(device, format, || {
         let y = DeviceBuffer::<f32>::filled_with_byte(device, rows * out_dim, 0xff)?;
         dense::linear_f32(&weights, x_dev.view([rows, in_dim])?, y.view([rows, out_dim])?)?;
         y.to_vec()
     })
     .unwrap();
-    check_pair(device, "dense f32", &f_wgmma, &f_mma, &want);
+    check_pair(device, &format!("{format} dense f32 out"), &f_wgmma, &f_mma, &want);
 
     let hidden = 96;
-    let (w1, d1) = random_matrix(&mut rng, hidden, in_dim);
-    let (w3, d3) = random_matrix(&mut rng, hidden, in_dim);
+    let (w1, d1) = random_matrix(&mut rng, format, hidden, in_dim);
+    let (w3, d3) = random_matrix(&mut rng, format, hidden, in_dim);
     let gate_up = DeviceWeights::upload(device, &repack::repack_gate_up(&[((&w1).into(), (&w3).into())]).unwrap()).unwrap();
-    let (a_wgmma, a_mma) = both(device, || {
+    let (a_wgmma, a_mma) = dense_three(device, format, || {
         let act = DeviceBuffer::<bf16>::filled_with_byte(device, rows * hidden, 0xff)?;
         dense::linear_swiglu(&gate_up, x_dev.view([rows, in_dim])?, act.view([rows, hidden])?)?;
         act.to_vec()
@@ -241,15 +320,15 @@ fn dense_gemms_equal_mma_sync(device: &Device) {
     .unwrap();
     let (g, u) = (matmul_nt(&to_f32(&x), &d1, rows, in_dim, hidden), matmul_nt(&to_f32(&x), &d3, rows, in_dim, hidden));
     let want_act: Vec<f32> = g.iter().zip(&u).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u).collect();
-    check_pair(device, "dense SwiGLU", &to_f32(&a_wgmma), &to_f32(&a_mma), &want_act);
+    check_pair(device, &format!("{format} dense SwiGLU"), &to_f32(&a_wgmma), &to_f32(&a_mma), &want_act);
 
     // Four heads of [64, 128] over 136-wide head inputs (the GEMM reads the first 128 of each).
     let (heads, head_in, k_dim, head_out) = (4, 136, 128, 64);
-    let mats: Vec<(QuantizedMatrix, Vec<f32>)> = (0..heads).map(|_| random_matrix(&mut rng, head_out, k_dim)).collect();
+    let mats: Vec<(QuantizedMatrix, Vec<f32>)> = (0..heads).map(|_| random_matrix(&mut rng, format, head_out, k_dim)).collect();
     let per_head = DeviceWeights::upload(device, &repack::repack_linear(&mats.iter().map(|(q, _)| q.into()).collect::<Vec<MatrixRef>>()).unwrap()).unwrap();
     let xh = random_bf16(&mut rng, rows * heads * head_in, 1.0);
     let xh_dev = DeviceBuffer::from_slice(device, &xh).unwrap();
-    let (h_wgmma, h_mma) = both(device, || {
+    let (h_wgmma, h_mma) = dense_three(device, format, || {
         let y = DeviceBuffer::<bf16>::filled_with_byte(device, rows * heads * head_out, 0xff)?;
         dense::linear_per_head(&per_head, xh_dev.view([rows, heads, head_in])?, y.view([rows, heads, head_out])?)?;
         y.to_vec()
@@ -259,11 +338,57 @@ fn dense_gemms_equal_mma_sync(device: &Device) {
         let x_h: Vec<f32> = (0..rows).flat_map(|r| to_f32(&xh[(r * heads + h) * head_in..][..k_dim])).collect();
         let want = matmul_nt(&x_h, deq, rows, k_dim, head_out);
         let head = |y: &[bf16]| -> Vec<f32> { (0..rows).flat_map(|r| to_f32(&y[(r * heads + h) * head_out..][..head_out])).collect() };
-        check_pair(device, &format!("per-head head {h}"), &head(&h_wgmma), &head(&h_mma), &want);
+        check_pair(device, &format!("{format} per-head head {h}"), &head(&h_wgmma), &head(&h_mma), &want);
     }
 }
 
-backend_tests!(grouped_gemms_equal_mma_sync, grouped_gemms_at_real_reduction_lengths, dense_gemms_equal_mma_sync);
+/// Dense GEMMs at the model's reduction lengths (K = 4096 and 2048: the 4-stage bf16 ring wraps 16 and 8 times, the
+/// 8-stage 4-bit ring 8 and 4 times) with 70 rows (the tail block's TMA boxes read 58 rows out of bounds,
+/// zero-filled), one 128-feature block wide, rows 16-byte strided wider than K; the TMA kernel against the gather
+/// kernel and mma.sync, and all against the reference. `format`'s weights.
+fn dense_at_real_reduction_lengths(device: &Device, format: WeightFormat, seed: u64) {
+    require_checks(device);
+    let mut rng = rng(seed);
+    let (rows, out_dim) = (70, 128);
+    for k_dim in [4096, 2048] {
+        let (w, deq) = random_matrix(&mut rng, format, out_dim, k_dim);
+        let weights = DeviceWeights::upload(device, &repack::repack_linear(&[(&w).into()]).unwrap()).unwrap();
+        let x_stride = k_dim + 8;
+        let x = random_bf16(&mut rng, rows * x_stride, 1.0);
+        let x_dev = DeviceBuffer::from_slice(device, &x).unwrap();
+        let x_rows: Vec<f32> = (0..rows).flat_map(|r| to_f32(&x[r * x_stride..][..k_dim])).collect();
+        let want = matmul_nt(&x_rows, &deq, rows, k_dim, out_dim);
+        let (y_tma, y_mma) = dense_three(device, format, || {
+            let y = DeviceBuffer::<f32>::filled_with_byte(device, rows * out_dim, 0xff)?;
+            dense::linear_f32(&weights, x_dev.view([rows, x_stride])?.columns(0..k_dim)?, y.view([rows, out_dim])?)?;
+            y.to_vec()
+        })
+        .unwrap();
+        check_pair(device, &format!("{format} dense f32 K {k_dim}"), &y_tma, &y_mma, &want);
+    }
+}
+
+/// [`dense_at_real_reduction_lengths`] in bf16.
+fn dense_gemms_at_real_reduction_lengths(device: &Device) {
+    dense_at_real_reduction_lengths(device, FORMATS[0], 25);
+}
+
+/// [`dense_at_real_reduction_lengths`] in nvfp4 (the 8-stage ring of the 4-bit formats, whose TMA stages expect
+/// 4 KiB of weights beside the 8 KiB box; its global divisor applied per row in the epilogue).
+fn dense_nvfp4_at_real_reduction_lengths(device: &Device) {
+    dense_at_real_reduction_lengths(device, FORMATS[3], 28);
+}
+
+backend_tests!(
+    grouped_gemms_equal_mma_sync,
+    grouped_gemms_at_real_reduction_lengths,
+    grouped_int4_at_real_reduction_lengths,
+    grouped_int4_zero_point_at_real_reduction_lengths,
+    grouped_nvfp4_at_real_reduction_lengths,
+    dense_gemms_equal_mma_sync,
+    dense_gemms_at_real_reduction_lengths,
+    dense_nvfp4_at_real_reduction_lengths
+);
 
 /// A backend that runs `moe_gemm_bf16_wgmma` from an edited copy of its PTX (a planted bug) and everything else as
 /// the interpreter does.
@@ -302,6 +427,9 @@ impl small4::device::Backend for Planted {
     }
     fn synchronize(&self) -> small4::Result<()> {
         self.inner.synchronize()
+    }
+    fn encode_tensor_map_tiled(&self, map: &small4::device::tensor_map::TiledTensorMap) -> small4::Result<small4::device::tensor_map::TensorMap> {
+        self.inner.encode_tensor_map_tiled(map)
     }
     fn last_launch_counters(&self) -> Option<small4::device::LaunchCounters> {
         self.inner.last_launch_counters()
@@ -356,19 +484,33 @@ fn regex_free_replace(text: &str, prefix: &str, middle: &str, replacement: &str)
         .join("\n")
 }
 
-/// The interpreter's counters of both prefill kernels at the model's sizes (up + SwiGLU: K = dim 4096 into 2048
+/// The interpreter's counters of the prefill kernels at the model's sizes (up + SwiGLU: K = dim 4096 into 2048
 /// hidden; down: K = 2048 into dim 4096), 64 tokens routed to both of 2 experts (one full 64-slot tile each, 64
-/// blocks per launch), 8 evenly spaced blocks interpreted per launch. Prints one Markdown row per launch for
-/// docs/perf.md: `cargo test --test moe_wgmma prefill_counters -- --ignored --nocapture`.
+/// blocks per launch), and a dense GEMM of the down-projection's shape over 100 rows (mma.sync, wgmma with the
+/// gather, wgmma with TMA), 8 evenly spaced blocks interpreted per launch, for bf16, int4 (group 128) and nvfp4 weights
+/// (`SMALL4_COUNTER_FORMATS=int4,nvfp4` picks some). Prints one Markdown row per launch for docs/perf.md:
+/// `cargo test --test moe_wgmma prefill_counters -- --ignored --nocapture`.
 #[test]
 #[ignore]
 fn prefill_counters_at_real_dims() {
+    let formats: Vec<WeightFormat> = match std::env::var("SMALL4_COUNTER_FORMATS") {
+        Ok(list) => list.split(',').map(|f| f.parse().unwrap()).collect(),
+        Err(_) => vec![FORMATS[0], FORMATS[1], FORMATS[3]],
+    };
+    println!("| launch | kernel | blocks run / grid | warp instructions | shared requests | bank-conflict wavefronts | global bytes read | tensor instructions | tensor FLOPs |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for format in formats {
+        print_prefill_counters(format);
+    }
+}
+
+fn print_prefill_counters(format: WeightFormat) {
     let sim = std::sync::Arc::new(small4::device::sim::SimBackend::new());
     let device: Device = sim.clone();
     sim.set_block_sample(Some(8));
     let (dim, hidden, tokens, k) = (4096, 2048, 64, 2);
     let mut rng = rng(24);
-    let all: Vec<Expert> = (0..2).map(|_| random_expert(&mut rng, dim, hidden)).collect();
+    let all: Vec<Expert> = (0..2).map(|_| random_expert(&mut rng, format, dim, hidden, hidden, dim)).collect();
     let gate_up: Vec<(MatrixRef, MatrixRef)> = all.iter().map(|e| ((&e.gate_up.0).into(), (&e.gate_up.1).into())).collect();
     let down: Vec<MatrixRef> = all.iter().map(|e| (&e.down).into()).collect();
     let gate_up = DeviceWeights::upload(&device, &repack::repack_gate_up(&gate_up).unwrap()).unwrap();
@@ -384,14 +526,22 @@ fn prefill_counters_at_real_dims() {
     let act = DeviceBuffer::<bf16>::alloc(&device, capacity * hidden).unwrap();
     let out = DeviceBuffer::<f32>::alloc(&device, tokens * k * dim).unwrap();
     let weights = DeviceBuffer::from_slice(&device, &vec![0.5f32; tokens * k]).unwrap();
-    println!("| launch | kernel | blocks run / grid | warp instructions | shared requests | bank-conflict wavefronts | global bytes read | tensor instructions | tensor FLOPs |");
-    println!("|---|---|---|---|---|---|---|---|---|");
-    for choice in [PrefillGemm::MmaSync, PrefillGemm::Wgmma] {
-        for launch in ["up + SwiGLU (K 4096)", "down x weight (K 2048)"] {
+    // A dense GEMM of the down-projection's shape: 100 rows (the second row block's TMA boxes read 28 rows out of
+    // bounds) of K = hidden 2048 into dim 4096 features, f32 out: 32 feature blocks x 2 row blocks.
+    let dense_rows = 100;
+    let dense_w = DeviceWeights::upload(&device, &repack::repack_linear(&[(&random_matrix(&mut rng, format, dim, hidden).0).into()]).unwrap()).unwrap();
+    let dense_x = DeviceBuffer::from_slice(&device, &random_bf16(&mut rng, dense_rows * hidden, 1.0)).unwrap();
+    let dense_y = DeviceBuffer::<f32>::alloc(&device, dense_rows * dim).unwrap();
+    for choice in [PrefillGemm::MmaSync, PrefillGemm::WgmmaGather, PrefillGemm::Wgmma] {
+        for launch in ["up + SwiGLU (K 4096)", "down x weight (K 2048)", "dense f32 (K 2048, 100 rows)"] {
+            if choice == PrefillGemm::WgmmaGather && !launch.starts_with("dense") {
+                continue; // grouped launches gather with either choice
+            }
             choice
-                .run(|| match launch.starts_with("up") {
-                    true => moe::up_swiglu(&gate_up, x.view([tokens, dim])?, k, &grouping, act.view([capacity, hidden])?),
-                    false => moe::down(&down, act.view([capacity, hidden])?, &grouping, weights.view([tokens, k])?, out.view([tokens * k, dim])?),
+                .run(|| match &launch[..2] {
+                    "up" => moe::up_swiglu(&gate_up, x.view([tokens, dim])?, k, &grouping, act.view([capacity, hidden])?),
+                    "do" => moe::down(&down, act.view([capacity, hidden])?, &grouping, weights.view([tokens, k])?, out.view([tokens * k, dim])?),
+                    _ => dense::linear_f32(&dense_w, dense_x.view([dense_rows, hidden])?, dense_y.view([dense_rows, dim])?),
                 })
                 .unwrap();
             let c = device.last_launch_counters().unwrap();

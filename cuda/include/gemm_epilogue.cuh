@@ -14,14 +14,16 @@ namespace {
 // dense tail's blocks (after the grouped tiles: the shared expert, matrix 0 of its own arrays); grouped mode = an
 // expert's BN-slot group, worked by its first tile only (the group shares one pass over the weights); dense mode = BN
 // rows of matrix blockIdx.z (a batched launch runs matrix z on head z's columns). False: nothing for this block.
-template <int BN>
+// kDenseOnly: the kernel serves dense launches only (the wgmma kernels' TMA entries), so the grouped branch is not
+// compiled in and the matrix index is blockIdx.z, which the compiler knows is small and non-negative.
+template <int BN, bool kDenseOnly = false>
 __device__ __forceinline__ bool block_slots(const MoeGemmParams &p, bool tail, int &expert, int &slot_begin, int &slot_end) {
     if (tail) {
         expert = 0;
         slot_begin = (blockIdx.y - p.capacity_tiles) * BN;
         if (slot_begin >= p.tail.rows) return false;
         slot_end = min(slot_begin + BN, p.tail.rows);
-    } else if (p.sorted_pairs != nullptr) {
+    } else if (!kDenseOnly && p.sorted_pairs != nullptr) {
         const int tile = blockIdx.y;
         if (tile >= p.capacity_tiles || tile * p.tile_m >= *p.num_padded) return false;
         expert = p.tile_experts[tile];

@@ -1,4 +1,5 @@
-// PTX wrappers for the sm_90a kernels: mbarriers, non-tensor bulk copies (cp.async.bulk), proxy fences and wgmma.
+// PTX wrappers for the sm_90a kernels: mbarriers, bulk copies (cp.async.bulk) and TMA tile loads
+// (cp.async.bulk.tensor), proxy fences and wgmma.
 // One definition each (../shared/HOPPER-ASYNC.md has the semantics; tools/ptxsim runs and checks all of them).
 #pragma once
 #include <stdint.h>
@@ -44,6 +45,16 @@ __device__ __forceinline__ void bulk_load(void *dst_smem, const void *src_global
                  "l"(src_global), "r"(bytes), "r"(smem_addr(bar))
                  : "memory");
 }
+// TMA tile load: the box of the 3-d tensor map `map` at element coordinates (c0 innermost, c1, c2) global -> shared
+// at `dst_smem` (128-byte aligned; laid out and swizzled as the map says, out-of-bounds elements filled per the map),
+// completing as the box's transaction bytes (out-of-bounds elements included) on `bar`. `map` must be a generic
+// address of the param, const or global space: a field of a `const __grid_constant__` kernel parameter.
+__device__ __forceinline__ void tma_load_3d(void *dst_smem, const void *map, int c0, int c1, int c2, uint64_t *bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];" ::"r"(smem_addr(dst_smem)),
+        "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(smem_addr(bar))
+        : "memory");
+}
 // Orders this thread's generic-proxy shared-memory writes (st.shared, cp.async) before later async-proxy reads
 // (wgmma operands) of the same bytes.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
@@ -86,4 +97,36 @@ __device__ __forceinline__ void wgmma_m64n64k16_bf16_rs(float d[32], const uint3
           "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]),
           "+f"(d[31])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc));
+}
+
+// ---- wgmma with a run-time scale-d and a transposed B (the vision attention's) -------------------------------------
+
+// N-major (MN-major) operand with the 128-byte swizzle, for a B of N = 64 16-bit elements per k: a row-major [k][64]
+// tile of 128-byte rows, 8-row groups (8 k) 1024 bytes apart (SBO), LBO unused (one 64-element swizzle atom along N;
+// 16 by convention), base offset 0 (the buffer starts on 1024 bytes). The bits are wgmma_desc_k_sw128's: the
+// major-ness is the instruction's imm-trans-b, not a descriptor field. A K-advance of 16 rows adds 2048 bytes.
+__device__ __forceinline__ uint64_t wgmma_desc_mn_sw128_n64(const void *p) { return wgmma_desc_k_sw128(p); }
+
+// Pins an A-fragment register here (wgmma_fence_operand's u32 form): its last ordinary write stays before the next
+// wgmma.fence.
+__device__ __forceinline__ void wgmma_fence_operand(uint32_t &r) { asm volatile("" : "+r"(r)::"memory"); }
+
+// d (64 x 64 f32) = (accumulate ? d : 0) + a (64 x 16 bf16 in registers, the mma.sync A fragment of each warp's 16
+// rows) * b (16 x 64 bf16 from the descriptor): K-major B with kTransB 0, N-major B (wgmma_desc_mn_sw128_n64) with
+// kTransB 1. `accumulate` must be the same in every lane (scale-d is a warp-uniform predicate).
+template <int kTransB>
+__device__ __forceinline__ void wgmma_m64n64k16_bf16_rs_scale_d(float d[32], const uint32_t a[4], uint64_t b_desc, bool accumulate) {
+    asm volatile(
+        "{\n"
+        ".reg .pred scale_d;\n"
+        "setp.ne.b32 scale_d, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, "
+        "{%32,%33,%34,%35}, %36, scale_d, 1, 1, %38;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]),
+          "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+          "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]),
+          "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(int(accumulate)), "n"(kTransB));
 }

@@ -225,6 +225,23 @@ typedef struct MoeGemmParams {
                                       kernels see the fields above where they were */
 } MoeGemmParams;
 
+/* CUtensorMap (cuda.h): the 128 opaque bytes of a TMA tensor map, made on the host by
+ * Backend::encode_tensor_map_tiled (src/device/tensor_map.rs; the driver's encoding on a GPU, the interpreter's on the
+ * CPU). 64-byte aligned, as the driver requires of a map in a kernel parameter. */
+typedef struct __attribute__((aligned(64))) Small4TensorMap {
+    unsigned long long opaque[16];
+} Small4TensorMap;
+
+/* moe_gemm_{bf16,int4,nvfp4}_wgmma_dense (cuda/moe_gemm_wgmma.cu): dense mode with the activations loaded by TMA.
+ * x_map is the 3-d bf16 map of gemm.x made by src/kernels/moe_wgmma.rs: dims {k_dim, dense_rows, grid z}, byte
+ * strides {x_stride * 2, x_batch_stride * 2}, box {64, 64, 1}, 128-byte swizzle, out-of-bounds rows zero-filled. The
+ * kernels take the struct as `const __grid_constant__`, so the map stays in the parameter space, where TMA may read
+ * it. */
+typedef struct MoeGemmTmaParams {
+    MoeGemmParams gemm;
+    Small4TensorMap x_map;
+} MoeGemmTmaParams;
+
 /* moe_quantize_act_e4m3: out = e4m3(x * inv_scale) (round to nearest even, saturating to +-448, as
  * cvt.rn.satfinite.e4m3x2.f32), for rows x cols (cols a multiple of 64), in the B-operand order of the fp8-activation
  * GEMMs: within every 32 columns, byte c holds column pi(c) = 16 (c / 16) + 2 ((c % 16) / 4) + (c % 2) + 8 ((c / 2) % 2)

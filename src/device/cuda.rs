@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{result, sys, CudaContext, CudaStream};
 
+use super::tensor_map::{refused, TensorMap, TiledTensorMap};
 use super::{Backend, Graph, Kernel, LaunchConfig};
 use crate::error::{Error, Result};
 
@@ -193,6 +194,37 @@ impl Backend for CudaBackend {
         self.context.bind_to_thread().map_err(driver_error("bind context"))?;
         self.stream.synchronize().map_err(driver_error("synchronize before copy"))?;
         unsafe { result::memcpy_dtod_sync(dst, src, bytes) }.map_err(driver_error("copy on the device"))
+    }
+
+    fn encode_tensor_map_tiled(&self, map: &TiledTensorMap) -> Result<TensorMap> {
+        // The driver reads `rank` entries of each array: lengths are checked here, everything else by the driver.
+        map.check_lengths()?;
+        self.context.bind_to_thread().map_err(driver_error("bind context"))?;
+        let mut encoded = sys::CUtensorMap { opaque: [0; 16] };
+        // SAFETY: the enums' values are CUDA's (ptxsim::tensor_map mirrors cuda.h), each a variant of cudarc's enum of
+        // the same name; the arrays hold `rank` (strides: `rank - 1`) entries, checked above; `encoded` is a
+        // CUtensorMap (64-byte aligned) the driver writes.
+        let status = unsafe {
+            sys::cuTensorMapEncodeTiled(
+                &mut encoded,
+                std::mem::transmute::<u32, sys::CUtensorMapDataType>(map.data_type as u32),
+                map.rank,
+                map.global_address as *mut c_void,
+                map.global_dim.as_ptr(),
+                map.global_strides.as_ptr(),
+                map.box_dim.as_ptr(),
+                map.element_strides.as_ptr(),
+                std::mem::transmute::<u32, sys::CUtensorMapInterleave>(map.interleave as u32),
+                std::mem::transmute::<u32, sys::CUtensorMapSwizzle>(map.swizzle as u32),
+                std::mem::transmute::<u32, sys::CUtensorMapL2promotion>(map.l2_promotion as u32),
+                std::mem::transmute::<u32, sys::CUtensorMapFloatOOBfill>(map.oob_fill as u32),
+            )
+        };
+        match status {
+            sys::CUresult::CUDA_SUCCESS => Ok(TensorMap { opaque: encoded.opaque }),
+            sys::CUresult::CUDA_ERROR_INVALID_VALUE => Err(refused(format!("the driver refused {map:?} (CUDA_ERROR_INVALID_VALUE)"))),
+            other => Err(Error::Cuda(format!("cuTensorMapEncodeTiled: {other:?}"))),
+        }
     }
 
     fn launch(&self, kernel: &Kernel, config: &LaunchConfig, params: &[u8]) -> Result<()> {

@@ -121,6 +121,7 @@
 pub mod collective;
 pub mod cuda;
 pub mod sim;
+pub mod tensor_map;
 
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -338,6 +339,10 @@ pub trait Backend: Send + Sync {
     fn launch(&self, kernel: &Kernel, config: &LaunchConfig, params: &[u8]) -> Result<()>;
     /// Waits for all launched work. Errors raised asynchronously by kernels surface here.
     fn synchronize(&self) -> Result<()>;
+    /// Encodes a tiled tensor map for TMA tile loads: `cuTensorMapEncodeTiled` on the driver, the interpreter's own
+    /// encoding on the interpreter (see [`tensor_map`]). What the driver refuses is `Error::InvalidArgument` on both.
+    /// A host-side computation: allowed inside a graph capture (the map is a launch parameter, captured by value).
+    fn encode_tensor_map_tiled(&self, map: &tensor_map::TiledTensorMap) -> Result<tensor_map::TensorMap>;
     /// Starts recording: until [`Backend::end_capture`], `launch` records the launch into a graph instead of running
     /// it, and every host operation (alloc, free, read, write, memset, synchronize) is an error, so a captured step
     /// provably reads only fixed device buffers.
@@ -513,6 +518,9 @@ impl Backend for Instrumented {
             records.push(LaunchRecord { kernel: kernel.entry, params: params.to_vec(), micros, predicted_us });
         }
         Ok(())
+    }
+    fn encode_tensor_map_tiled(&self, map: &tensor_map::TiledTensorMap) -> Result<tensor_map::TensorMap> {
+        self.inner.encode_tensor_map_tiled(map)
     }
     fn synchronize(&self) -> Result<()> {
         self.host_sync();

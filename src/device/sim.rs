@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use super::tensor_map::{TensorMap, TiledTensorMap};
 use super::{Backend, Graph, Kernel, LaunchConfig, LaunchCounters, TargetGpu, TimingModel, TimingProfile};
 use crate::error::{Error, Result};
 
@@ -254,6 +255,9 @@ impl Backend for SimBackend {
         let mut staging = vec![0u8; bytes];
         machine.read(src, &mut staging).map_err(sim_error)?;
         machine.write(dst, &staging).map_err(sim_error)
+    }
+    fn encode_tensor_map_tiled(&self, map: &TiledTensorMap) -> Result<TensorMap> {
+        map.encode_for_interpreter()
     }
     fn launch(&self, kernel: &Kernel, config: &LaunchConfig, params: &[u8]) -> Result<()> {
         if let Some(recorded) = self.capture.lock().unwrap().as_mut() {

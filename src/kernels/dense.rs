@@ -2,7 +2,8 @@
 //! heads in one launch), the output head, a dense FFN's halves; with the small step that follows some of them done in
 //! the same launch (the query's RoPE, the residual add + RMSNorm after wo). They run `cuda/moe_gemm.cu`'s kernels in
 //! dense mode (one group): every weight format ([`DeviceWeights`]), the narrow and BM-128 decode tiles, the prefill
-//! tile (on wgmma for bf16, `kernels::moe_wgmma`), launched by `kernels::moe`'s launcher.
+//! tile (on wgmma for bf16, int4 and nvfp4, activations loaded by TMA: `kernels::moe_wgmma`), launched by
+//! `kernels::moe`'s launcher.
 
 use half::bf16;
 

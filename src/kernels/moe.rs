@@ -714,20 +714,17 @@ pub(super) fn launch_gemm(
         finish,
         rope,
     };
-    let mut config = LaunchConfig {
+    let config = LaunchConfig {
         grid: Dim3::xyz(grid_x as u32, grid_y as u32, heads as u32),
         block: Dim3::x((WARPS * 32) as u32),
         shared_bytes: shape.shared_bytes(w.format, e4m3_input) as u32,
     };
-    let mut kernel = shape.kernel(w.format, e4m3_input);
-    // The bf16 prefill tile runs on wgmma unless switched off (moe_wgmma::PrefillGemm): same grid, parameters and
-    // epilogue steps (cuda/include/gemm_epilogue.cuh).
-    if shape == TileShape::Tiled {
-        if let Some((wgmma, block, shared_bytes)) = super::moe_wgmma::prefill_kernel(w.format, e4m3_input)? {
-            (kernel, config.block, config.shared_bytes) = (wgmma, block, shared_bytes);
-        }
+    // The bf16, int4 and nvfp4 prefill tiles run on wgmma unless switched off (moe_wgmma::PrefillGemm): same grid,
+    // parameters and epilogue steps (cuda/include/gemm_epilogue.cuh).
+    if shape == TileShape::Tiled && super::moe_wgmma::applies(w.format, e4m3_input)? {
+        return super::moe_wgmma::launch(device, w.format, &config, &params);
     }
-    launch_with(device, &kernel, &config, &params)
+    launch_with(device, &shape.kernel(w.format, e4m3_input), &config, &params)
 }
 
 /// The tile a grouped launch runs: the aligner's prefill tile, or the decode tile for `busy` busy experts (plus a

@@ -1,24 +1,33 @@
-//! The Hopper kernel of the bf16 GEMMs' prefill tile (`cuda/moe_gemm_wgmma.cu`: wgmma with the weights in registers,
-//! mbarrier pipeline, one producer warp and two consumer warpgroups), and the switch that picks it over the mma.sync
-//! kernel (`moe_gemm_bf16_tiled` in `cuda/moe_gemm.cu`). Both take the same parameters and compute the same rows, so
-//! [`super::moe`]'s launcher only swaps the kernel, the block size and the shared memory; decode tiles and the other
-//! weight formats keep mma.sync.
+//! The Hopper kernels of the GEMMs' prefill tile (`cuda/moe_gemm_wgmma.cu`: wgmma with the weights in registers,
+//! mbarrier pipeline, one producer warp and two consumer warpgroups) for bf16, int4 and nvfp4 weights, and the switch
+//! that picks them over the mma.sync kernels (`moe_gemm_{bf16,int4,nvfp4}_tiled` in `cuda/moe_gemm.cu`). Each takes
+//! the same parameters and computes the same rows as its mma.sync kernel, so [`super::moe`]'s launcher hands its
+//! launch over with only the block and the shared memory changed; decode tiles, the fp8 formats and the W8A8 kernels
+//! keep mma.sync. Grouped launches gather their activation rows (`moe_gemm_{bf16,int4,nvfp4}_wgmma`); dense ones load
+//! them with TMA (`moe_gemm_{bf16,int4,nvfp4}_wgmma_dense`) through a tensor map made here by the device's
+//! [`Backend::encode_tensor_map_tiled`](crate::device::Backend::encode_tensor_map_tiled).
 
 use std::cell::Cell;
 
 use super::modules::MOE_GEMM_WGMMA;
-use crate::device::{Dim3, Kernel};
+use super::params::{MoeGemmParams, MoeGemmTmaParams, Small4TensorMap};
+use crate::device::tensor_map::{DataType, Interleave, L2Promotion, OobFill, Swizzle, TiledTensorMap};
+use crate::device::{launch_with, Device, Dim3, Kernel, LaunchConfig};
 use crate::error::{Error, Result};
+use crate::quant::repack::tile_bytes;
 use crate::quant::WeightFormat;
 
-/// The environment variable that sets the process default of [`PrefillGemm`]: `wgmma` (or unset) or `mma_sync`.
+/// The environment variable that sets the process default of [`PrefillGemm`]: `wgmma` (or unset), `wgmma_gather` or
+/// `mma_sync`.
 pub const PREFILL_GEMM_ENV: &str = "SMALL4_PREFILL_GEMM";
 
-/// Which kernel runs the bf16 prefill tile (128 output features x 64 rows) of the grouped expert GEMMs and of the
-/// dense GEMM (more than 32 rows).
+/// Which kernel runs the prefill tile (128 output features x 64 rows) of the grouped expert GEMMs and of the dense
+/// GEMM (more than 32 rows) with bf16, int4 or nvfp4 weights (the 4-bit kernels dequantise to bf16 in registers, as
+/// the mma.sync ones do, and issue the same bf16 wgmmas).
 ///
 /// The default is [`PrefillGemm::Wgmma`]; the environment's `SMALL4_PREFILL_GEMM=mma_sync` ([`PREFILL_GEMM_ENV`])
-/// selects the mma.sync kernel for the process, and [`PrefillGemm::run`] for one closure on the calling thread.
+/// selects the mma.sync kernel for the process (`wgmma_gather`: [`PrefillGemm::WgmmaGather`]), and
+/// [`PrefillGemm::run`] for one closure on the calling thread.
 ///
 /// ```
 /// use half::bf16;
@@ -40,7 +49,11 @@ pub const PREFILL_GEMM_ENV: &str = "SMALL4_PREFILL_GEMM";
 ///     kernel.run(|| dense::linear(&w, x.view([40, 64])?, y.view([40, 2])?))?;
 ///     y.to_vec()
 /// };
-/// let (wgmma, mma_sync) = (run(PrefillGemm::Wgmma)?, run(PrefillGemm::MmaSync)?);
+/// // A dense launch: wgmma loads the rows with TMA, or gathers them (WgmmaGather); the same sums either way.
+/// let wgmma = run(PrefillGemm::Wgmma)?;
+/// assert_eq!(device.last_launch_counters().unwrap().kernel, "moe_gemm_bf16_wgmma_dense");
+/// assert_eq!(run(PrefillGemm::WgmmaGather)?, wgmma);
+/// let mma_sync = run(PrefillGemm::MmaSync)?;
 /// assert_eq!(wgmma, mma_sync);
 /// assert_eq!((wgmma[2 * 39].to_f32(), wgmma[2 * 39 + 1].to_f32()), (39.0, 78.0));
 /// assert_eq!(device.last_launch_counters().unwrap().kernel, "moe_gemm_bf16_tiled");
@@ -50,9 +63,14 @@ pub const PREFILL_GEMM_ENV: &str = "SMALL4_PREFILL_GEMM";
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PrefillGemm {
-    /// `moe_gemm_bf16_wgmma`: wgmma m64n64k16 with the weights as the register operand, warp-specialised.
+    /// wgmma m64n64k16 with the weights as the register operand, warp-specialised:
+    /// `moe_gemm_{bf16,int4,nvfp4}_wgmma_dense` (activations by TMA) for dense launches,
+    /// `moe_gemm_{bf16,int4,nvfp4}_wgmma` (activation rows gathered) for grouped ones.
     Wgmma,
-    /// `moe_gemm_bf16_tiled`: mma.sync m16n8k16 with a cp.async ring.
+    /// `moe_gemm_{bf16,int4,nvfp4}_wgmma` for every launch, dense ones included: the activations gathered with
+    /// cp.async instead of loaded by TMA (the dense kernels' predecessor, kept for comparisons).
+    WgmmaGather,
+    /// `moe_gemm_{bf16,int4,nvfp4}_tiled`: mma.sync m16n8k16 with a cp.async ring.
     MmaSync,
 }
 
@@ -63,8 +81,8 @@ thread_local! {
 
 impl PrefillGemm {
     /// The choice in force on this thread: [`PrefillGemm::run`]'s, else the environment's (`SMALL4_PREFILL_GEMM`),
-    /// else [`PrefillGemm::Wgmma`]. `Error::InvalidArgument` for an environment value other than `wgmma` and
-    /// `mma_sync`.
+    /// else [`PrefillGemm::Wgmma`]. `Error::InvalidArgument` for an environment value other than `wgmma`,
+    /// `wgmma_gather` and `mma_sync`.
     pub fn current() -> Result<Self> {
         if let Some(choice) = OVERRIDE.get() {
             return Ok(choice);
@@ -72,8 +90,9 @@ impl PrefillGemm {
         match std::env::var(PREFILL_GEMM_ENV) {
             Err(_) => Ok(Self::Wgmma),
             Ok(v) if v == "wgmma" => Ok(Self::Wgmma),
+            Ok(v) if v == "wgmma_gather" => Ok(Self::WgmmaGather),
             Ok(v) if v == "mma_sync" => Ok(Self::MmaSync),
-            Ok(v) => Err(Error::InvalidArgument(format!("{PREFILL_GEMM_ENV}={v}: expected wgmma or mma_sync"))),
+            Ok(v) => Err(Error::InvalidArgument(format!("{PREFILL_GEMM_ENV}={v}: expected wgmma, wgmma_gather or mma_sync"))),
         }
     }
 
@@ -93,15 +112,74 @@ impl PrefillGemm {
 
 /// Threads per block: two consumer warpgroups and the producer warp.
 const THREADS: u32 = 9 * 32;
-/// Dynamic shared memory (`kSharedBytes` in moe_gemm_wgmma.cu): 4 stages of 128 weight rows and 64 activation rows
-/// of 64 bf16, two mbarriers per stage, the 64 slots' pairs.
-const SHARED_BYTES: u32 = 4 * (128 * 128 + 64 * 128) + 2 * 4 * 8 + 64 * 4;
+/// One stage's activation rows: 64 slots of 64 bf16 (one 128-byte swizzle line each).
+const X_STAGE_BYTES: u32 = 64 * 64 * 2;
+/// The activation box of one stage: 64 k (one 128-byte swizzle line of bf16) x 64 rows, of one matrix.
+const X_BOX: [u32; 3] = [64, 64, 1];
 
-/// The wgmma kernel, its block and its shared memory for a prefill-tile launch of `format` weights (with bf16 inputs
-/// unless `e4m3_input`), when it applies and is chosen; None: the mma.sync kernel runs.
-pub(crate) fn prefill_kernel(format: WeightFormat, e4m3_input: bool) -> Result<Option<(Kernel, Dim3, u32)>> {
-    if format != WeightFormat::Bf16 || e4m3_input || PrefillGemm::current()? != PrefillGemm::Wgmma {
-        return Ok(None);
+/// Dynamic shared memory (`Ring<F>::kSharedBytes` in moe_gemm_wgmma.cu) for `format` weights: as many stages of the
+/// 8 warps' weight tiles (16 x 64 weights each: 2 KiB bf16, 512 bytes 4-bit) and the activation rows as fit in
+/// 96 KiB, at most 8 (bf16 4, 4-bit 8), two mbarriers per stage, the 64 slots' pairs.
+fn shared_bytes(format: WeightFormat) -> u32 {
+    let stage = 8 * tile_bytes(format) as u32 + X_STAGE_BYTES;
+    let stages = (96 * 1024 / stage).min(8);
+    stages * stage + 2 * stages * 8 + 64 * 4
+}
+
+/// The wgmma kernels of `format` weights: the gather kernel (grouped mode) and the TMA kernel (dense mode). None for
+/// the formats that keep mma.sync.
+fn kernels(format: WeightFormat) -> Option<(Kernel, Kernel)> {
+    let (gather, tma) = match format {
+        WeightFormat::Bf16 => ("moe_gemm_bf16_wgmma", "moe_gemm_bf16_wgmma_dense"),
+        WeightFormat::Int4 { .. } => ("moe_gemm_int4_wgmma", "moe_gemm_int4_wgmma_dense"),
+        WeightFormat::Nvfp4 => ("moe_gemm_nvfp4_wgmma", "moe_gemm_nvfp4_wgmma_dense"),
+        WeightFormat::Fp8PerTensor | WeightFormat::Fp8Block128 => return None,
+    };
+    Some((Kernel { module: MOE_GEMM_WGMMA, entry: gather }, Kernel { module: MOE_GEMM_WGMMA, entry: tma }))
+}
+
+/// Whether the wgmma kernels run a prefill-tile launch of `format` weights (with bf16 inputs unless `e4m3_input`):
+/// they apply and are chosen. False: the mma.sync kernel runs.
+pub(crate) fn applies(format: WeightFormat, e4m3_input: bool) -> Result<bool> {
+    Ok(kernels(format).is_some() && !e4m3_input && PrefillGemm::current()? != PrefillGemm::MmaSync)
+}
+
+/// Launches the prefill tile of `format` weights on wgmma: `params` and the grid of the mma.sync launch (`config`'s
+/// block and shared memory are replaced by the wgmma kernel's). Dense launches whose input row of slot r is row r
+/// (every dense launch the crate makes) get the TMA kernel and the activations' tensor map, unless
+/// [`PrefillGemm::WgmmaGather`] is chosen; the others gather. `Error::InvalidArgument` for a format without wgmma
+/// kernels (see [`applies`]).
+pub(crate) fn launch(device: &Device, format: WeightFormat, config: &LaunchConfig, params: &MoeGemmParams) -> Result<()> {
+    let (gather, tma) = kernels(format).ok_or_else(|| Error::InvalidArgument(format!("no wgmma prefill kernel for {format:?} weights")))?;
+    let config = LaunchConfig { block: Dim3::x(THREADS), shared_bytes: shared_bytes(format), ..*config };
+    let dense_rows_in_order = params.sorted_pairs.is_null() && (params.in_by_token == 0 || params.top_k == 1) && params.dense_rows > 0;
+    if !dense_rows_in_order || PrefillGemm::current()? == PrefillGemm::WgmmaGather {
+        return launch_with(device, &gather, &config, params);
     }
-    Ok(Some((Kernel { module: MOE_GEMM_WGMMA, entry: "moe_gemm_bf16_wgmma" }, Dim3::x(THREADS), SHARED_BYTES)))
+    let x_map = device.encode_tensor_map_tiled(&activation_map(params, config.grid.z)?)?;
+    launch_with(device, &tma, &config, &MoeGemmTmaParams { gemm: *params, x_map: Small4TensorMap { opaque: x_map.opaque }, ..Default::default() })
+}
+
+/// The 3-d map {k_dim, dense_rows, heads} of a dense launch's bf16 input rows (params.h, `MoeGemmTmaParams`).
+fn activation_map(params: &MoeGemmParams, heads: u32) -> Result<TiledTensorMap> {
+    let non_negative = |what: &str, v: i32| u64::try_from(v).map_err(|_| Error::InvalidArgument(format!("wgmma dense gemm: {what} = {v} is negative")));
+    let (k_dim, rows) = (non_negative("k_dim", params.k_dim)?, non_negative("dense_rows", params.dense_rows)?);
+    let row_bytes = non_negative("x_stride", params.x_stride)? * 2;
+    // A single matrix's z stride is never stepped; the matrix's size keeps it a valid (16-byte multiple) stride.
+    let matrix_bytes = if heads > 1 { non_negative("x_batch_stride", params.x_batch_stride)? * 2 } else { row_bytes * rows };
+    Ok(TiledTensorMap {
+        data_type: DataType::Bfloat16,
+        rank: 3,
+        global_address: params.x as u64,
+        global_dim: vec![k_dim, rows, heads as u64],
+        global_strides: vec![row_bytes, matrix_bytes],
+        box_dim: X_BOX.to_vec(),
+        element_strides: vec![1; 3],
+        interleave: Interleave::None,
+        // The layout the consumers' wgmma descriptors read (hopper.cuh, wgmma_desc_k_sw128).
+        swizzle: Swizzle::B128,
+        l2_promotion: L2Promotion::L2_128B,
+        // Rows past dense_rows read zeros: the padding slots of the tail block.
+        oob_fill: OobFill::None,
+    })
 }

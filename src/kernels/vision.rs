@@ -3,11 +3,12 @@
 //! Index tables the kernels read without bounds checks ([`TokenSegments`], [`MergeSources`], [`RowTargets`]) are
 //! built and validated on the host, so a kernel can never read or write outside its buffers.
 
+use std::cell::Cell;
 use std::ops::Range;
 
 use half::bf16;
 
-use super::modules::VISION;
+use super::modules::{VISION, VISION_ATTENTION_WGMMA};
 use super::params::{BiasActParams, PatchIm2colParams, PatchMergeParams, Rope2dParams, ScatterRowsParams, VisionAttentionParams};
 use super::{check_len, to_i32};
 use super::{Matrix, TensorView, Vector};
@@ -17,14 +18,96 @@ use crate::error::{Error, Result};
 const PATCH_IM2COL: Kernel = Kernel { module: VISION, entry: "patch_im2col" };
 const ROPE_2D: Kernel = Kernel { module: VISION, entry: "rope_2d" };
 const VISION_ATTENTION: Kernel = Kernel { module: VISION, entry: "vision_attention" };
+const VISION_ATTENTION_WGMMA_KERNEL: Kernel = Kernel { module: VISION_ATTENTION_WGMMA, entry: "vision_attention_wgmma" };
 const BIAS_ACT: Kernel = Kernel { module: VISION, entry: "bias_act" };
 const PATCH_MERGE: Kernel = Kernel { module: VISION, entry: "patch_merge" };
 const SCATTER_ROWS: Kernel = Kernel { module: VISION, entry: "scatter_rows" };
 
 /// The head size `vision_attention` is written for (the tower's, SPEC-model.md).
 pub const ATTENTION_HEAD_DIM: usize = 64;
-/// Queries per block of `vision_attention`.
+/// Queries per block of both attention kernels.
 const ATTENTION_QUERIES: usize = 64;
+/// Threads per block of `vision_attention_wgmma`: one consumer warpgroup and the producer warp.
+const ATTENTION_WGMMA_THREADS: u32 = 5 * 32;
+/// Dynamic shared memory of `vision_attention_wgmma` (`kSharedBytes` in cuda/vision_attention_wgmma.cu): 3 stages of
+/// a K and a V tile of 64 keys x 64 bf16, two mbarriers per stage.
+const ATTENTION_WGMMA_SHARED_BYTES: u32 = 3 * 2 * 64 * 128 + 2 * 3 * 8;
+
+/// The environment variable that sets the process default of [`VisionAttentionKernel`]: `wgmma` (or unset) or
+/// `mma_sync`.
+pub const VISION_ATTENTION_ENV: &str = "SMALL4_VISION_ATTENTION";
+
+/// Which kernel runs [`vision_attention`]: both compute the same outputs (the same key tiles, masking, rounding of P
+/// and normaliser), only the tensor-core instructions and the pipeline differ.
+///
+/// The default is [`VisionAttentionKernel::Wgmma`]; the environment's `SMALL4_VISION_ATTENTION=mma_sync`
+/// ([`VISION_ATTENTION_ENV`]) selects the mma.sync kernel for the process, and [`VisionAttentionKernel::run`] for one
+/// closure on the calling thread.
+///
+/// ```
+/// use half::bf16;
+/// use small4::device::{simulator, DeviceBuffer};
+/// use small4::kernels::vision::{vision_attention, TokenSegments, VisionAttentionKernel};
+///
+/// let device = simulator();
+/// // One image of 3 tokens, one head.
+/// let x: Vec<bf16> = (0..3 * 64).map(|i| bf16::from_f32((i % 7) as f32 / 8.0)).collect();
+/// let x = DeviceBuffer::from_slice(&device, &x)?;
+/// let segments = TokenSegments::upload(&device, &[0..3])?;
+/// let run = |kernel: VisionAttentionKernel| -> small4::Result<Vec<bf16>> {
+///     let out = DeviceBuffer::<bf16>::alloc(&device, 3 * 64)?;
+///     let view = x.view([3, 1, 64])?;
+///     kernel.run(|| vision_attention(view, view, view, out.view([3, 1, 64])?, &segments, 0.125))?;
+///     out.to_vec()
+/// };
+/// assert_eq!(run(VisionAttentionKernel::Wgmma)?, run(VisionAttentionKernel::MmaSync)?);
+/// assert_eq!(device.last_launch_counters().unwrap().kernel, "vision_attention");
+/// // The choice holds inside `run` only, on this thread:
+/// assert_eq!(VisionAttentionKernel::MmaSync.run(VisionAttentionKernel::current)?, VisionAttentionKernel::MmaSync);
+/// # Ok::<(), small4::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VisionAttentionKernel {
+    /// `vision_attention_wgmma`: wgmma m64n64k16, a producer warp and an mbarrier ring, FA3-style overlap.
+    Wgmma,
+    /// `vision_attention`: mma.sync m16n8k16, all warps load and compute.
+    MmaSync,
+}
+
+thread_local! {
+    /// [`VisionAttentionKernel::run`]'s choice for the calling thread, over the environment's.
+    static ATTENTION_OVERRIDE: Cell<Option<VisionAttentionKernel>> = const { Cell::new(None) };
+}
+
+impl VisionAttentionKernel {
+    /// The choice in force on this thread: [`VisionAttentionKernel::run`]'s, else the environment's
+    /// (`SMALL4_VISION_ATTENTION`), else [`VisionAttentionKernel::Wgmma`]. `Error::InvalidArgument` for an environment
+    /// value other than `wgmma` and `mma_sync`.
+    pub fn current() -> Result<Self> {
+        if let Some(choice) = ATTENTION_OVERRIDE.get() {
+            return Ok(choice);
+        }
+        match std::env::var(VISION_ATTENTION_ENV) {
+            Err(_) => Ok(Self::Wgmma),
+            Ok(v) if v == "wgmma" => Ok(Self::Wgmma),
+            Ok(v) if v == "mma_sync" => Ok(Self::MmaSync),
+            Ok(v) => Err(Error::InvalidArgument(format!("{VISION_ATTENTION_ENV}={v}: expected wgmma or mma_sync"))),
+        }
+    }
+
+    /// Runs `f` with this choice on the calling thread (launches are issued on the thread that calls the wrapper),
+    /// restoring the previous choice afterwards, also when `f` panics.
+    pub fn run<R>(self, f: impl FnOnce() -> R) -> R {
+        struct Restore(Option<VisionAttentionKernel>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                ATTENTION_OVERRIDE.set(self.0);
+            }
+        }
+        let _restore = Restore(ATTENTION_OVERRIDE.replace(Some(self)));
+        f()
+    }
+}
 const THREADS: usize = 256;
 
 fn elementwise_grid(elements: usize) -> Result<LaunchConfig> {
@@ -188,11 +271,13 @@ impl TokenSegments {
 }
 
 /// Bidirectional attention of `q`, `k`, `v` `[tokens, heads, 64]` within each token's segment (block-diagonal over
-/// the images), softmax scale `scale`, into `out` (same shape, bf16).
+/// the images), softmax scale `scale`, into `out` (same shape, bf16). Runs the kernel [`VisionAttentionKernel`]
+/// picks (wgmma by default).
 ///
 /// `Error::Shape` when a view is not `[segments.tokens(), heads, 64]`; `Error::InvalidArgument` for a scale that is
 /// not finite, more than 65535 heads, or a view that is not packed or not on 16 bytes (the kernel loads rows of 8);
-/// `Error::OutOfRange` for a size above `i32`.
+/// `Error::OutOfRange` for a size above `i32`; `Error::InvalidArgument` for a `SMALL4_VISION_ATTENTION` other than
+/// `wgmma` and `mma_sync`.
 ///
 /// ```
 /// use half::bf16;
@@ -254,8 +339,12 @@ pub fn vision_attention(
         heads: heads as i32,
         scale,
     };
-    let config = LaunchConfig { grid: Dim3::xy(super::blocks_for(tokens, ATTENTION_QUERIES), heads as u32), block: Dim3::x(128), shared_bytes: 0 };
-    launch_with(q.device(), &VISION_ATTENTION, &config, &params)
+    let (kernel, block, shared_bytes) = match VisionAttentionKernel::current()? {
+        VisionAttentionKernel::Wgmma => (&VISION_ATTENTION_WGMMA_KERNEL, ATTENTION_WGMMA_THREADS, ATTENTION_WGMMA_SHARED_BYTES),
+        VisionAttentionKernel::MmaSync => (&VISION_ATTENTION, 128, 0),
+    };
+    let config = LaunchConfig { grid: Dim3::xy(super::blocks_for(tokens, ATTENTION_QUERIES), heads as u32), block: Dim3::x(block), shared_bytes };
+    launch_with(q.device(), kernel, &config, &params)
 }
 
 /// The activation of [`bias_act`].

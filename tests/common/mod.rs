@@ -171,4 +171,7 @@ impl small4::device::Backend for Hooked {
     fn synchronize(&self) -> small4::Result<()> {
         self.inner.synchronize()
     }
+    fn encode_tensor_map_tiled(&self, map: &small4::device::tensor_map::TiledTensorMap) -> small4::Result<small4::device::tensor_map::TensorMap> {
+        self.inner.encode_tensor_map_tiled(map)
+    }
 }

@@ -1,0 +1,87 @@
+//! The machine code of the GEMM kernels, read with `cuobjdump -sass` from the sm_90a cubins build.rs embeds: the
+//! wgmma kernels (cuda/moe_gemm_wgmma.cu: bf16, int4 and nvfp4 weights) run on Hopper's warpgroup tensor-core
+//! instruction (HGMMA), the dense ones load their activations with TMA (UTMALDG) and the grouped ones do not, and the
+//! mma.sync kernels
+//! (cuda/moe_gemm.cu) stay on HMMA. The interpreter runs the PTX; this checks what ptxas made of it, without a GPU.
+//!
+//! cuobjdump and nvdisasm come from the pinned PyPI wheels that build.rs installs (`SMALL4_CUOBJDUMP`); when they
+//! could not be provisioned the test fails and says why, it never skips.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+use small4::device::KernelModule;
+use small4::kernels::modules::{MOE_GEMM, MOE_GEMM_WGMMA};
+
+/// `cuobjdump -sass` of `module`'s cubin, split by function: name -> its SASS lines.
+fn sass_by_function(module: &KernelModule) -> BTreeMap<String, String> {
+    let cuobjdump = env!("SMALL4_CUOBJDUMP");
+    assert!(
+        !cuobjdump.is_empty(),
+        "cuobjdump could not be provisioned by build.rs (pinned wheels nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm 13.5.37): {}",
+        env!("SMALL4_SASS_TOOLS_ERROR")
+    );
+    let cuobjdump = Path::new(cuobjdump);
+    assert!(cuobjdump.exists(), "{} is gone: rebuild (build.rs installs it again)", cuobjdump.display());
+    let dir = tempfile::tempdir().unwrap();
+    let cubin = dir.path().join(format!("{}.cubin", module.name));
+    std::fs::write(&cubin, module.cubin).unwrap();
+    // cuobjdump runs nvdisasm, which lies beside it.
+    let output = Command::new(cuobjdump).arg("-sass").arg(&cubin).env("NVDISASM_PATH", cuobjdump.with_file_name("nvdisasm")).output().unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "cuobjdump -sass {} failed: {}{text}", cubin.display(), String::from_utf8_lossy(&output.stderr));
+    let mut functions = BTreeMap::new();
+    let mut current: Option<String> = None;
+    for line in text.lines() {
+        if let Some(name) = line.trim().strip_prefix("Function : ") {
+            current = Some(name.trim().to_string());
+            functions.insert(name.trim().to_string(), String::new());
+        } else if let Some(name) = &current {
+            let body = functions.get_mut(name).unwrap();
+            body.push_str(line);
+            body.push('\n');
+        }
+    }
+    assert!(!functions.is_empty(), "no functions in cuobjdump's output:\n{text}");
+    functions
+}
+
+/// Instructions of opcode `op` (with any modifiers: `HGMMA.64x64x16.F32.BF16`) in `sass`.
+fn count(sass: &str, op: &str) -> usize {
+    let dotted = format!("{op}.");
+    sass.lines().filter(|l| l.split_whitespace().any(|t| t == op || t.starts_with(&dotted))).count()
+}
+
+#[test]
+fn wgmma_kernels_use_hgmma_and_the_dense_ones_tma() {
+    let wgmma = sass_by_function(&MOE_GEMM_WGMMA);
+    let names: Vec<&String> = wgmma.keys().collect();
+    let expected: Vec<String> = ["bf16", "int4", "nvfp4"].iter().flat_map(|f| [format!("moe_gemm_{f}_wgmma"), format!("moe_gemm_{f}_wgmma_dense")]).collect();
+    assert_eq!(names, expected.iter().collect::<Vec<_>>(), "the wgmma module's kernels");
+    for (name, sass) in &wgmma {
+        // Four m64n64k16 per stage, unrolled twice: at least 8.
+        assert!(count(sass, "HGMMA") >= 8, "{name}: {} HGMMA", count(sass, "HGMMA"));
+        assert_eq!(count(sass, "HMMA"), 0, "{name}: mma.sync in a wgmma kernel");
+        // The weights come by bulk copy (cp.async.bulk) in all.
+        assert!(count(sass, "UBLKCP") >= 1, "{name}: no bulk copy of the weights");
+        if name.ends_with("_dense") {
+            assert!(count(sass, "UTMALDG") >= 1, "{name} loads its activations with TMA: no UTMALDG");
+            assert_eq!(count(sass, "LDGSTS"), 0, "{name} gathers nothing with cp.async (LDGSTS)");
+        } else {
+            assert_eq!(count(sass, "UTMALDG"), 0, "{name} gathers its rows");
+            assert!(count(sass, "LDGSTS") >= 1, "{name}'s gather is cp.async (LDGSTS)");
+        }
+    }
+}
+
+#[test]
+fn mma_sync_kernels_use_hmma_not_hgmma() {
+    let mma = sass_by_function(&MOE_GEMM);
+    let tiles: Vec<(&String, &String)> = mma.iter().filter(|(name, _)| ["_tiled", "_small", "_narrow"].iter().any(|s| name.ends_with(s))).collect();
+    assert!(tiles.iter().any(|(name, _)| *name == "moe_gemm_bf16_tiled"), "the kernel the wgmma one replaces: {:?}", mma.keys());
+    for (name, sass) in tiles {
+        assert!(count(sass, "HMMA") >= 1, "{name}: no HMMA");
+        assert_eq!(count(sass, "HGMMA"), 0, "{name}: HGMMA in an mma.sync kernel");
+    }
+}

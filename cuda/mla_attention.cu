@@ -28,6 +28,7 @@
 #include "common.cuh"
 #include "mma.cuh"
 #include "mla_cache.cuh"
+#include "quant.cuh"
 #include <cuda_fp8.h>
 
 namespace {
@@ -41,13 +42,6 @@ static_assert(kMaxWarps <= kMaxBlockWarps, "row warps fit the launch bounds");
 constexpr int kCombineRows = 4;                  // rows a warp of the fused combine works on at once
 constexpr float kLog2e = 1.4426950408889634f;
 static_assert(kWidth % 16 == 0 && kLatent % 16 == 0, "mma k-steps");
-
-// Two e4m3 bytes -> two bf16 (exact: e4m3's 3 mantissa bits and exponent range fit bf16), packed low = first byte.
-__device__ __forceinline__ uint32_t e4m3x2_to_bf16x2(uint16_t two) {
-    __half2_raw h = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)two, __NV_E4M3);
-    const float lo = __half2float(__ushort_as_half(h.x)), hi = __half2float(__ushort_as_half(h.y));
-    return (__float_as_uint(lo) >> 16) | (__float_as_uint(hi) & 0xffff0000u);
-}
 
 }  // namespace
 

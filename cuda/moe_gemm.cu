@@ -10,7 +10,8 @@
 //
 // Tiling: a block of 4 warps owns BM = 4 * MF * 16 output features and BN = NF * 8 pair slots; each warp owns MF
 // 16-row weight tiles and all BN slots. K advances in steps of 64 through a STAGES-deep cp.async ring in shared memory:
-// weights (already in fragment order, copied verbatim: no ldmatrix needed, each lane reads its own 16-byte chunk) and
+// weights (already in fragment order, copied verbatim: no ldmatrix needed, each lane reads its own 16-byte chunk), their
+// scales (weight_format.cuh stage_scales: in the same cp.async group, so the k loop waits on no global load) and
 // the gathered activations (rows picked by the grouping, XOR-swizzled 16-byte chunks, read with ldmatrix.x4).
 // Dequantisation (fp8 / int4 / nvfp4 -> bf16) happens on the fragment in registers right before mma.sync.
 // W8A8 (moe_gemm_fp8_act_*): per-tensor e4m3 weights and e4m3 activations (quantised beforehand with a static
@@ -54,6 +55,8 @@ constexpr int kStepsPerStage = kBK / 16; // mma k-steps per stage
 // H200 4-bit small tiles with 12 stages (96 KiB, 2 blocks per SM) ran batch 32 slower than with 8 (64 KiB, 3 blocks per
 // SM): their dequantisation wants warps more than bytes in flight. src/kernels/moe.rs mirrors this. The timing model
 // has no figure for other depths (only built kernels replay on the interpreter): docs/perf.md "Decode tile choices".
+// The weight scales staged with each stage (at most 512 bytes a stage, 4 KiB a block) come on top of the budget: they
+// change no depth, and the blocks per SM stay (two of at most 100 KiB, three 4-bit small tiles of 68 KiB, in 228 KiB).
 constexpr int kStageBudget = 96 * 1024;
 __host__ __device__ constexpr int stages_for(int stage_bytes, int max_stages) {
     return kStageBudget / stage_bytes < 2 ? 2 : (kStageBudget / stage_bytes > max_stages ? max_stages : kStageBudget / stage_bytes);
@@ -91,6 +94,7 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
     constexpr int kXChunks = kXRowBytes / 16;
     constexpr int kWStage = kWarps * MF * W::kTileBytes;
     constexpr int kXStage = BN * kXRowBytes;
+    constexpr int kSStage = kWarps * MF * W::kScaleBytes;  // the stage's weight scales (on top of the budget)
     constexpr int STAGES = stages_for(kWStage + kXStage, MF == 1 ? 16 : 8);
     constexpr int kRawWords = W::kTileBytes / 32 / 4;  // per lane per tile per stage
     static_assert(NF % 2 == 0, "ldmatrix.x4 loads two pair fragments at a time");
@@ -98,7 +102,8 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
     extern __shared__ __align__(128) unsigned char smem[];
     unsigned char *w_smem = smem;
     unsigned char *x_smem = smem + STAGES * kWStage;
-    int *slot_pair = reinterpret_cast<int *>(x_smem + STAGES * kXStage);
+    unsigned char *s_smem = x_smem + STAGES * kXStage;
+    int *slot_pair = reinterpret_cast<int *>(s_smem + STAGES * kSStage);
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
@@ -140,6 +145,7 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
             const unsigned char *src = w_expert + ((long long)(first_tile + tile) * k_blocks + kb) * W::kTileBytes + chunk * 16;
             cp_async16(w_dst + tile * W::kTileBytes + chunk * 16, src);
         }
+        W::template stage_scales<kWarps * MF, kThreads>(p, tail, expert, first_tile, kb, s_smem + stage * kSStage, tid);
         unsigned char *x_dst = x_smem + stage * kXStage;
         for (int i = tid; i < BN * kXChunks; i += kThreads) {
             const int row = i >> (kXChunks == 8 ? 3 : 2), chunk = i & (kXChunks - 1);
@@ -184,7 +190,7 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
 #pragma unroll
         for (int m = 0; m < MF; ++m) {
             const int tile = warp * MF + m;
-            const typename W::Scales scales = W::load_scales(p, tail, expert, first_tile + tile, kb, g);
+            const typename W::Scales scales = W::staged_scales(p, tail, s_smem + stage * kSStage + tile * W::kScaleBytes, g);
             uint32_t raw[kRawWords];
             const unsigned char *w_tile = w_smem + stage * kWStage + tile * W::kTileBytes;
 #pragma unroll

@@ -637,6 +637,90 @@ fn wrappers_reject_bad_shapes(device: &Device) {
     assert!(matches!(dense::linear(&fused, x.view([3, 128]).unwrap(), y.view([3, 64]).unwrap()), Err(small4::Error::InvalidArgument(_))));
 }
 
+/// The GEMMs' in-register dequantisation bit for bit: one-hot input rows pick single weights, so each output is one
+/// dequantised weight times 1 in the f32 accumulator (exact), times a per-row scale of 1: the bf16 the reference
+/// dequantises to (`dequantize_for_gemm`), NaN where the weight's row holds a NaN (0 x NaN is NaN in the dot product),
+/// and zero of either sign for a zero weight (the accumulator adds -0 to +0). Every code point of each format, as in
+/// tests/dequant.rs: all finite e4m3 bytes as fp8 data (per-tensor and per block of 128 with f32 block scales), all
+/// nibble pairs as int4 (group 64 with every zero point, symmetric group 128, two stages a group) and as e2m1 codes
+/// (subnormal 0.5, negative zero), all 256 e4m3 bytes as nvfp4 block scales (subnormals, negative, NaN), and one row of
+/// all 256 fp8 bytes, NaN codes included. Columns in launches of 32 one-hot rows (the narrow decode tile) and all at
+/// once (the prefill tile); then K = 4096 and 2048 (the pipeline rings wrap) with 32 columns spread over K a launch.
+fn gemm_dequantises_every_code_point_exactly(device: &Device) {
+    use small4::quant::{Fp8Block128, Fp8PerTensor, Int4Grouped, Nvfp4};
+    let codes: Vec<u8> = (0..=255u8).collect();
+    let finite: Vec<u8> = codes.iter().map(|&c| if c & 0x7f == 0x7f { 0 } else { c }).collect();
+    let int4 = |rows: usize, cols: usize, group: usize, zero_point: bool| {
+        let packed = codes.repeat(rows * cols / 2 / 256);
+        let scales = (0..rows * cols / group).map(|g| bf16::from_f32(0.01 + g as f32 * 0.37)).collect::<Vec<_>>();
+        let zeros = zero_point.then(|| (0..rows * cols / group).map(|g| (g % 16) as u8).collect());
+        QuantizedMatrix::Int4(Int4Grouped::from_parts(packed, rows, cols, group, scales, zeros).unwrap())
+    };
+    // NVFP4 blocks of 16 (8 bytes each): block b has bytes (8b .. 8b + 8) mod 256 and scale code scales[b].
+    let nvfp4 = |rows: usize, cols: usize, scales: Vec<u8>| {
+        let packed = (0..rows * cols / 2).map(|i| (i % 256) as u8).collect();
+        QuantizedMatrix::Nvfp4(Nvfp4::from_parts(packed, rows, cols, scales, 1.0).unwrap())
+    };
+    let block_scales = vec![0.5, 3.0, 1.0 / 3.0, 7.0];
+    let every_code = [
+        QuantizedMatrix::Fp8PerTensor(Fp8PerTensor::from_parts([finite.repeat(7), codes.clone()].concat(), 8, 256, 1.0).unwrap()),
+        QuantizedMatrix::Fp8Block128(Fp8Block128::from_parts([finite.repeat(135), codes.clone()].concat(), 136, 256, block_scales).unwrap()),
+        int4(16, 512, 64, true),
+        int4(16, 512, 128, false),
+        nvfp4(16, 256, codes.clone()),
+    ];
+    for matrix in &every_code {
+        let cols = matrix.shape().1;
+        let launches: Vec<Vec<usize>> = (0..cols / 32).map(|l| (32 * l..32 * l + 32).collect()).chain([(0..cols).collect()]).collect();
+        check_gemm_exact(device, matrix, &launches);
+    }
+    // The rings: scales of every finite code cycled over the blocks (a NaN scale would make whole rows NaN).
+    let long = [
+        QuantizedMatrix::Fp8PerTensor(Fp8PerTensor::from_parts(finite.repeat(8 * 16), 8, 4096, 1.0).unwrap()),
+        QuantizedMatrix::Fp8Block128(Fp8Block128::from_parts(finite.repeat(8 * 8), 8, 2048, (0..16).map(|b| 0.25 + b as f32 / 7.0).collect()).unwrap()),
+        int4(16, 4096, 128, true),
+        nvfp4(16, 2048, finite.iter().cycle().step_by(7).take(16 * 2048 / 16).copied().collect()),
+    ];
+    for matrix in &long {
+        let cols = matrix.shape().1;
+        let launches: Vec<Vec<usize>> = [0, 45].iter().map(|&offset| (0..32).map(|r| (r * cols / 32 + offset + r) % cols).collect()).collect();
+        check_gemm_exact(device, matrix, &launches);
+    }
+}
+
+/// [`gemm_dequantises_every_code_point_exactly`] for one matrix: one `dense::linear` per entry of `launches`, whose
+/// row r is one-hot at column `launch[r]`.
+fn check_gemm_exact(device: &Device, matrix: &QuantizedMatrix, launches: &[Vec<usize>]) {
+    let (rows, cols) = matrix.shape();
+    let deq = matrix.dequantize_for_gemm();
+    let nan_rows: Vec<bool> = deq.chunks(cols).map(|row| row.iter().any(|v| v.is_nan())).collect();
+    let weights = DeviceWeights::upload(device, &repack::repack_linear(&[matrix.into()]).unwrap()).unwrap();
+    for columns in launches {
+        let batch = columns.len();
+        let mut x = vec![bf16::ZERO; batch * cols];
+        for (r, &c) in columns.iter().enumerate() {
+            x[r * cols + c] = bf16::ONE;
+        }
+        let x = DeviceBuffer::from_slice(device, &x).unwrap();
+        let y = DeviceBuffer::<bf16>::filled_with_byte(device, batch * rows, 0xff).unwrap();
+        dense::linear(&weights, x.view([batch, cols]).unwrap(), y.view([batch, rows]).unwrap()).unwrap();
+        let got = y.to_vec().unwrap();
+        for (r, &c) in columns.iter().enumerate() {
+            for n in 0..rows {
+                let (g, w) = (got[r * rows + n], deq[n * cols + c]);
+                let what = format!("{} [{rows}, {cols}], {batch} rows: weight ({n}, {c})", matrix.format());
+                if nan_rows[n] {
+                    assert!(g.is_nan(), "{what}: got {g}, want NaN");
+                } else if w == 0.0 {
+                    assert_eq!(g.to_f32(), 0.0, "{what}: got {g}, want 0");
+                } else {
+                    assert_eq!(g.to_bits(), bf16::from_f32(w).to_bits(), "{what}: got {g}, want {w}");
+                }
+            }
+        }
+    }
+}
+
 fn bits(v: &DeviceBuffer<bf16>) -> Vec<u16> {
     v.to_vec().unwrap().iter().map(|v| v.to_bits()).collect()
 }
@@ -790,6 +874,7 @@ fn linear_rope_q_equals_the_launches_apart(device: &Device) {
 }
 
 backend_tests!(
+    gemm_dequantises_every_code_point_exactly,
     moe_layer_at_real_reduction_lengths,
     linear_at_real_reduction_lengths,
     linear_wide_output_runs_the_small_tile,
@@ -845,6 +930,36 @@ fn decode_traffic_fp8() {
 fn decode_traffic_fp8_w8a8() {
     check_decode_traffic(WeightFormat::Fp8PerTensor, Some(W8A8_SCALES), REAL_DIMS, [[1.018, 1.020], [1.255, 1.258]]);
 }
+
+/// Warp instructions of one decode launch per format (1 row, so the narrow tile; 512 outputs, K = 4096) on the
+/// interpreter, printed as docs/perf.md's table rows: in total and per weight fragment (a warp's 16 x 16 A operand:
+/// 32 tiles x 256 k-steps = 8192 a launch; the k loop's loads, ldmatrix and mma.sync included), the global loads on
+/// the longest warp's dependence chain and the H100 time the timing model predicts; and requires the instructions
+/// per fragment within 0.5 of [`DECODE_INSTRUCTIONS_PER_FRAGMENT`] (measured 2026-12-06), so a costlier
+/// dequantisation shows here. `cargo test --test moe decode_warp_instructions -- --nocapture` prints the table.
+#[test]
+fn decode_warp_instructions() {
+    let device = small4::device::simulator();
+    let (out_dim, in_dim) = (512, 4096);
+    let mut rng = rng(14);
+    println!("| format | warp instructions | per fragment | global loads on the longest chain | predicted H100 µs |");
+    for (format, limit) in FORMATS.into_iter().zip(DECODE_INSTRUCTIONS_PER_FRAGMENT) {
+        let (w, _) = random_matrix(&mut rng, format, out_dim, in_dim);
+        let weights = DeviceWeights::upload(&device, &repack::repack_linear(&[(&w).into()]).unwrap()).unwrap();
+        let x = DeviceBuffer::from_slice(&device, &random_bf16(&mut rng, in_dim, 1.0)).unwrap();
+        let y = DeviceBuffer::<bf16>::alloc(&device, out_dim).unwrap();
+        dense::linear(&weights, x.view([1, in_dim]).unwrap(), y.view([1, out_dim]).unwrap()).unwrap();
+        let counters = device.last_launch_counters().unwrap();
+        let per_fragment = counters.timing.warp_instructions as f64 / ((out_dim / 16) * (in_dim / 16)) as f64;
+        let predicted = counters.predicted_us.map_or("-".to_string(), |us| format!("{us:.2}"));
+        println!("| {format} | {} | {per_fragment:.1} | {} | {predicted} |", counters.timing.warp_instructions, counters.timing.chain_globals_max);
+        assert!(per_fragment <= limit + 0.5, "{format}: {per_fragment:.1} warp instructions per fragment, recorded {limit}");
+    }
+}
+
+/// [`decode_warp_instructions`]'s figures, in the order of `FORMATS` (bf16, fp8, fp8-block128, int4-g128,
+/// int4-g128-zp, nvfp4).
+const DECODE_INSTRUCTIONS_PER_FRAGMENT: [f64; 6] = [69.4, 80.7, 95.2, 87.7, 89.9, 91.7];
 
 /// The model's expert sizes: (dim, hidden).
 const REAL_DIMS: (usize, usize) = (4096, 2048);

@@ -5,6 +5,7 @@
 #pragma once
 #include "params.h"
 #include "common.cuh"
+#include "mma.cuh"
 #include "quant.cuh"
 
 namespace {
@@ -20,6 +21,17 @@ __device__ __forceinline__ T pick(bool tail, T tail_value, T value) { return tai
 
 // ---- weight formats: bytes per 16x64 tile, per-stage scales, fragment dequantisation --------------------------------
 //
+// Each WeightFormat<F> has:
+// - kTileBytes: bytes of one 16-row x 64-k weight tile;
+// - Scales: what a lane needs to dequantise its fragments of one tile and stage;
+// - load_scales(p, tail, expert, tile, kb, g): those scales read from global memory;
+// - kScaleBytes, stage_scales<kTiles, kThreads>(p, tail, expert, first_tile, kb, dst, tid), staged_scales(p, tail,
+//   tile_scales, g): the same scales staged with the weights: stage_scales cp.asyncs the scales of kTiles consecutive
+//   tiles of one stage into shared memory (kScaleBytes per tile, in the caller's cp.async group, so they land with the
+//   stage's weights; one 16-byte chunk per thread of the first few, kThreads being the block's), staged_scales reads a
+//   lane's from there. The pipelined kernels use these, so no global load waits in the k loop;
+// - fragment(raw, ks, scales, a): the lane's mma A fragment of k-step ks in bf16.
+//
 // Fragment layout (src/quant/repack.rs writes it): for each 16-row tile and each 64-k block, lane l owns 16-byte
 // chunks at (chunk * 32 + l) * 16. Within a k-step of 16, lane (g = l / 4, t = l % 4) holds the mma A elements in the
 // order (g, 2t) (g, 2t+1) (g+8, 2t) (g+8, 2t+1) (g, 2t+8) (g, 2t+9) (g+8, 2t+8) (g+8, 2t+9). bf16: one chunk per
@@ -28,10 +40,18 @@ __device__ __forceinline__ T pick(bool tail, T tail_value, T value) { return tai
 
 template <Format F> struct WeightFormat;
 
-template <> struct WeightFormat<Format::Bf16> {
-    static constexpr int kTileBytes = 16 * kBK * 2;
+// The formats without per-stage scales.
+struct NoStagedScales {
+    static constexpr int kScaleBytes = 0;
     struct Scales {};
     __device__ static Scales load_scales(const MoeGemmParams &, bool, int, int, int, int) { return {}; }
+    template <int kTiles, int kThreads>
+    __device__ static void stage_scales(const MoeGemmParams &, bool, int, int, int, unsigned char *, int) {}
+    __device__ static Scales staged_scales(const MoeGemmParams &, bool, const unsigned char *, int) { return {}; }
+};
+
+template <> struct WeightFormat<Format::Bf16> : NoStagedScales {
+    static constexpr int kTileBytes = 16 * kBK * 2;
     __device__ static void fragment(const uint32_t *raw, int ks, const Scales &, uint32_t a[4]) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) a[i] = raw[ks * 4 + i];
@@ -39,30 +59,42 @@ template <> struct WeightFormat<Format::Bf16> {
 };
 
 // Per-tensor fp8: e4m3 is a subset of bf16, so the fragment is exact and the scale is applied per row in the epilogue.
-template <> struct WeightFormat<Format::Fp8> {
+template <> struct WeightFormat<Format::Fp8> : NoStagedScales {
     static constexpr int kTileBytes = 16 * kBK;
-    struct Scales {};
-    __device__ static Scales load_scales(const MoeGemmParams &, bool, int, int, int, int) { return {}; }
     __device__ static void fragment(const uint32_t *raw, int ks, const Scales &, uint32_t a[4]) {
 #pragma unroll
         for (int w = 0; w < 2; ++w) {
-            float v[4];
-            e4m3x4_to_f32(raw[ks * 2 + w], v);
-            a[2 * w] = pack_bf16x2(v[0], v[1]);
-            a[2 * w + 1] = pack_bf16x2(v[2], v[3]);
+            a[2 * w] = e4m3x2_to_bf16x2(raw[ks * 2 + w] & 0xffffu);
+            a[2 * w + 1] = e4m3x2_to_bf16x2(raw[ks * 2 + w] >> 16);
         }
     }
 };
 
 // fp8 with a scale per 128x128 block: the lane's rows g and g+8 lie in 8-row groups 2*tile and 2*tile+1 (the SwiGLU
-// interleave may draw them from different matrices), one f32 each per 128 k.
+// interleave may draw them from different matrices), one f32 each per 128 k. Consecutive tiles' scales are
+// consecutive f32 pairs (8 bytes a tile), so a stage stages kTiles * 8 contiguous bytes. The product v * scale is
+// rounded to bf16 once in f32: a bf16 multiply by the f32 scale would round the scale first.
 template <> struct WeightFormat<Format::Fp8Block> {
     static constexpr int kTileBytes = 16 * kBK;
+    static constexpr int kScaleBytes = 8;
     struct Scales { float row_g, row_g8; };
-    __device__ static Scales load_scales(const MoeGemmParams &p, bool tail, int expert, int tile, int kb, int) {
+    __device__ static const float *scale_pair(const MoeGemmParams &p, bool tail, int expert, int tile, int kb) {
         const int groups = p.rows_padded / 8;
-        const float *s = pick(tail, p.tail.block_scales, p.block_scales) + ((long)expert * (p.k_dim / 128) + (kb * kBK) / 128) * groups + 2 * tile;
+        return pick(tail, p.tail.block_scales, p.block_scales) + ((long)expert * (p.k_dim / 128) + (kb * kBK) / 128) * groups + 2 * tile;
+    }
+    __device__ static Scales load_scales(const MoeGemmParams &p, bool tail, int expert, int tile, int kb, int) {
+        const float *s = scale_pair(p, tail, expert, tile, kb);
         return {s[0], s[1]};
+    }
+    // 16-byte aligned: first_tile is a multiple of 4 and groups of 16 (rows padded to 128).
+    template <int kTiles, int kThreads>
+    __device__ static void stage_scales(const MoeGemmParams &p, bool tail, int expert, int first_tile, int kb, unsigned char *dst, int tid) {
+        static_assert(kTiles * kScaleBytes % 16 == 0 && kTiles * kScaleBytes / 16 <= kThreads, "whole 16-byte chunks, one a thread");
+        if (tid < kTiles * kScaleBytes / 16) cp_async16(dst + tid * 16, scale_pair(p, tail, expert, first_tile, kb) + tid * 4);
+    }
+    __device__ static Scales staged_scales(const MoeGemmParams &, bool, const unsigned char *tile_scales, int) {
+        const float2 s = *reinterpret_cast<const float2 *>(tile_scales);
+        return {s.x, s.y};
     }
     __device__ static void fragment(const uint32_t *raw, int ks, const Scales &s, uint32_t a[4]) {
 #pragma unroll
@@ -80,20 +112,45 @@ template <> struct WeightFormat<Format::Fp8Block> {
 // pair (128 + lo, 128 + hi) exactly; subtracting (128 + zero) is exact too (integers below 256), and one multiply by
 // the bf16 scale rounds once: the same bits as (q - zero) * scale in f32 rounded to bf16 (that product is exact in
 // f32), in about half the instructions of the f32 route (the H200 run found the 4-bit GEMMs instruction-bound).
+// Staged per tile and stage: the 16 rows' bf16 scales (32 bytes) then their zero points (16 bytes, absent when
+// symmetric) of the stage's group (groups are multiples of 64 k, so a stage lies in one).
 template <> struct WeightFormat<Format::Int4> {
     static constexpr int kTileBytes = 16 * kBK / 2;
+    static constexpr int kScaleBytes = 48;
     struct Scales { uint32_t bias_g, bias_g8, scale_g, scale_g8; };  // bf16 pairs: 128 + zero, scale
+    // Layout [expert, tile, group, 16 rows]: the tile's 16 rows of a group are 32 contiguous bytes of scales and 16 of zeros.
+    __device__ static long group_row0(const MoeGemmParams &p, int expert, int tile, int kb) {
+        return (((long)expert * (p.rows_padded / 16) + tile) * (p.k_dim / p.group) + (kb * kBK) / p.group) * 16;
+    }
+    __device__ static Scales make(float zero_g, float zero_g8, bf16 scale_g, bf16 scale_g8) {
+        const float s_g = __bfloat162float(scale_g), s_g8 = __bfloat162float(scale_g8);
+        return {pack_bf16x2(128.f + zero_g, 128.f + zero_g), pack_bf16x2(128.f + zero_g8, 128.f + zero_g8), pack_bf16x2(s_g, s_g),
+                pack_bf16x2(s_g8, s_g8)};
+    }
     __device__ static Scales load_scales(const MoeGemmParams &p, bool tail, int expert, int tile, int kb, int g) {
-        // Layout [expert, tile, group, 16 rows]: the warp's 16 rows of a group are 32 contiguous bytes.
-        const long at = (((long)expert * (p.rows_padded / 16) + tile) * (p.k_dim / p.group) + (kb * kBK) / p.group) * 16 + g;
-        const long at8 = at + 8;
+        const long at = group_row0(p, expert, tile, kb) + g;
         const unsigned char *zeros = pick(tail, p.tail.group_zeros, p.group_zeros);
         const bf16 *scales = pick(tail, p.tail.group_scales, p.group_scales);
-        const float zero_g = zeros ? (float)zeros[at] : 8.f;
-        const float zero_g8 = zeros ? (float)zeros[at8] : 8.f;
-        const float scale_g = __bfloat162float(scales[at]), scale_g8 = __bfloat162float(scales[at8]);
-        return {pack_bf16x2(128.f + zero_g, 128.f + zero_g), pack_bf16x2(128.f + zero_g8, 128.f + zero_g8),
-                pack_bf16x2(scale_g, scale_g), pack_bf16x2(scale_g8, scale_g8)};
+        return make(zeros ? (float)zeros[at] : 8.f, zeros ? (float)zeros[at + 8] : 8.f, scales[at], scales[at + 8]);
+    }
+    template <int kTiles, int kThreads>
+    __device__ static void stage_scales(const MoeGemmParams &p, bool tail, int expert, int first_tile, int kb, unsigned char *dst, int tid) {
+        static_assert(kTiles * 3 <= kThreads, "one 16-byte chunk a thread");
+        if (tid >= kTiles * 3) return;
+        const int tile = tid / 3, chunk = tid % 3;  // chunks 0, 1: scales; 2: zeros
+        const long row0 = group_row0(p, expert, first_tile + tile, kb);
+        const unsigned char *zeros = pick(tail, p.tail.group_zeros, p.group_zeros);
+        if (chunk < 2) {
+            cp_async16(dst + tile * kScaleBytes + chunk * 16, pick(tail, p.tail.group_scales, p.group_scales) + row0 + chunk * 8);
+        } else if (zeros != nullptr) {
+            cp_async16(dst + tile * kScaleBytes + 32, zeros + row0);
+        }
+    }
+    __device__ static Scales staged_scales(const MoeGemmParams &p, bool tail, const unsigned char *tile_scales, int g) {
+        const bf16 *scales = reinterpret_cast<const bf16 *>(tile_scales);
+        const unsigned char *zeros = tile_scales + 32;
+        const bool asymmetric = pick(tail, p.tail.group_zeros, p.group_zeros) != nullptr;
+        return make(asymmetric ? (float)zeros[g] : 8.f, asymmetric ? (float)zeros[g + 8] : 8.f, scales[g], scales[g + 8]);
     }
     __device__ static void fragment(const uint32_t *raw, int ks, const Scales &s, uint32_t a[4]) {
         const uint32_t word = raw[ks];
@@ -110,24 +167,38 @@ template <> struct WeightFormat<Format::Int4> {
     }
 };
 
-// NVFP4: w = e2m1 * e4m3 scale per 16 k (exact in bf16); the global divisor is a per-row scale in the epilogue.
+// NVFP4: w = e2m1 * e4m3 scale per 16 k (exact in bf16: 2 + 4 mantissa bits, 2^-10 to 2688); the global divisor is
+// a per-row scale in the epilogue. Dequantised in bf16x2 arithmetic: the e2m1 codes become bf16 pairs by byte lookups
+// (e2m1x8_to_bf16x2), the k-step's two block scales one bf16 pair each, and one exact multiply per pair of weights
+// gives the bits of the f32 product rounded to bf16 (itself exact) in half the instructions of the f32 route.
 template <> struct WeightFormat<Format::Nvfp4> {
     static constexpr int kTileBytes = 16 * kBK / 2;
+    static constexpr int kScaleBytes = 64;
     struct Scales { uint32_t row_g, row_g8; };  // four e4m3 bytes each: one per k-step of the stage
+    // Layout [expert, tile, k block, 16 rows, 4 k-steps]: the tile's scales of a stage are 64 contiguous bytes.
+    __device__ static const unsigned char *tile_stage(const MoeGemmParams &p, bool tail, int expert, int tile, int kb) {
+        return pick(tail, p.tail.fp4_scales, p.fp4_scales) + (((long)expert * (p.rows_padded / 16) + tile) * (p.k_dim / kBK) + kb) * 64;
+    }
     __device__ static Scales load_scales(const MoeGemmParams &p, bool tail, int expert, int tile, int kb, int g) {
-        // Layout [expert, tile, k block, 16 rows, 4 k-steps]: the tile's scales of a stage are 64 contiguous bytes.
-        const unsigned char *s =
-            pick(tail, p.tail.fp4_scales, p.fp4_scales) + (((long)expert * (p.rows_padded / 16) + tile) * (p.k_dim / kBK) + kb) * 64 + g * 4;
-        return {*reinterpret_cast<const uint32_t *>(s), *reinterpret_cast<const uint32_t *>(s + 32)};
+        return staged_scales(p, tail, tile_stage(p, tail, expert, tile, kb), g);  // the same layout, read from global memory
+    }
+    template <int kTiles, int kThreads>
+    __device__ static void stage_scales(const MoeGemmParams &p, bool tail, int expert, int first_tile, int kb, unsigned char *dst, int tid) {
+        static_assert(kTiles * 4 <= kThreads, "one 16-byte chunk a thread");
+        if (tid < kTiles * 4) cp_async16(dst + tid * 16, tile_stage(p, tail, expert, first_tile + tid / 4, kb) + (tid % 4) * 16);
+    }
+    __device__ static Scales staged_scales(const MoeGemmParams &, bool, const unsigned char *tile_scales, int g) {
+        return {*reinterpret_cast<const uint32_t *>(tile_scales + g * 4), *reinterpret_cast<const uint32_t *>(tile_scales + 32 + g * 4)};
     }
     __device__ static void fragment(const uint32_t *raw, int ks, const Scales &s, uint32_t a[4]) {
-        const float scale_g = e4m3_to_f32(s.row_g >> (8 * ks)), scale_g8 = e4m3_to_f32(s.row_g8 >> (8 * ks));
-        float v[8];
-        e2m1x8_to_f32(raw[ks], v);
+        // Byte ks of each row's scale word, row g's in the low half of the pair.
+        const float2 scales = __half22float2(e4m3x2_to_half2(__byte_perm(s.row_g, s.row_g8, 0x40 + 0x11 * ks)));
+        const uint32_t scale_g = pack_bf16x2(scales.x, scales.x), scale_g8 = pack_bf16x2(scales.y, scales.y);
+        uint32_t w[4];
+        e2m1x8_to_bf16x2(raw[ks], w);
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const float scale = (j & 1) ? scale_g8 : scale_g;
-            a[j] = pack_bf16x2(v[2 * j] * scale, v[2 * j + 1] * scale);
+        for (int j = 0; j < 4; ++j) {  // pairs j = 0, 2 are row g and j = 1, 3 row g+8
+            asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(a[j]) : "r"(w[j]), "r"((j & 1) ? scale_g8 : scale_g));
         }
     }
 };

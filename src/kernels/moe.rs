@@ -50,6 +50,18 @@ thread_local! {
 /// Shared memory the k pipeline may use (`kStageBudget` in moe_gemm.cu).
 const STAGE_BUDGET: usize = 96 * 1024;
 
+/// Scale bytes a pipeline stage holds per 16-row weight tile next to its weights (`kScaleBytes` of
+/// cuda/include/weight_format.cuh): an fp8-block128 f32 pair (rows g and g + 8's 8-row groups), int4's 16 bf16
+/// scales and 16 zero points (reserved when symmetric), nvfp4's 16 rows x 4 k-steps of e4m3.
+fn staged_scale_bytes(format: WeightFormat) -> usize {
+    match format {
+        WeightFormat::Bf16 | WeightFormat::Fp8PerTensor => 0,
+        WeightFormat::Fp8Block128 => 8,
+        WeightFormat::Int4 { .. } => 48,
+        WeightFormat::Nvfp4 => 64,
+    }
+}
+
 impl TileShape {
     /// Pair slots per block (BN).
     fn slots(self) -> usize {
@@ -93,7 +105,8 @@ impl TileShape {
         let x_row = if e4m3_input { X_ROW_BYTES_E4M3 } else { X_ROW_BYTES };
         let stage = WARPS * self.tiles_per_warp() * tile_bytes(format) + self.slots() * x_row;
         let stages = (STAGE_BUDGET / stage).clamp(2, self.max_stages());
-        stages * stage + self.slots() * 4
+        // The staged weight scales come on top of the budget (moe_gemm.cu says why).
+        stages * (stage + WARPS * self.tiles_per_warp() * staged_scale_bytes(format)) + self.slots() * 4
     }
     /// The kernel for `format` weights with bf16 inputs, or the W8A8 kernel with e4m3 inputs (per-tensor fp8 weights
     /// only; the launcher checks).

@@ -290,6 +290,47 @@ fn linear_matches_reference(device: &Device) {
     }
 }
 
+/// The k splits of the dense decode launches (`DeviceWeights::set_decode_k_splits`: grid z = the split, the last
+/// block of each output tile adding the splits' f32 partials in split order, cuda/moe_gemm.cu `sum_k_splits`) against
+/// the CPU reference, with the tolerance of every GEMM check here (`assert_agrees`; the split only reorders the f32
+/// additions: a few ulps of f32, far inside it). At the real reduction lengths (K = 2048 and 4096: the unsplit and
+/// 2-split launches wrap the cp.async ring; 6 splits of 32 or 64 k blocks are uneven), 1 and 3 decode rows, the
+/// formats the attention projections come in, an output (320 of 384 padded rows) with a partial last block. Each
+/// launch runs twice into fresh outputs on the same split counters: the second finds them zero (its last block is
+/// found again) and gives the same bits (the sum does not depend on which split arrives last).
+fn linear_split_k_matches_reference(device: &Device) {
+    let out_dim = 320;
+    let mut rng = rng(70);
+    for in_dim in [2048, 4096] {
+        for format in [WeightFormat::Bf16, WeightFormat::Fp8PerTensor, WeightFormat::Fp8Block128] {
+            let (w, deq) = random_matrix(&mut rng, format, out_dim, in_dim);
+            let mut weights = DeviceWeights::upload(device, &repack::repack_linear(&[(&w).into()]).unwrap()).unwrap();
+            // The default for 6 column blocks: as many splits as ranges of 8 k blocks allow (22 would give 132 blocks).
+            assert_eq!(weights.decode_k_splits(), in_dim / 64 / 8);
+            for splits in [1, 2, 6] {
+                weights.set_decode_k_splits(splits).unwrap();
+                for rows in [1, 3] {
+                    let x = random_bf16(&mut rng, rows * in_dim, 1.0);
+                    let x_dev = DeviceBuffer::from_slice(device, &x).unwrap();
+                    let want = matmul_nt(&to_f32(&x), &deq, rows, in_dim, out_dim);
+                    let what = format!("linear {format} K {in_dim} rows {rows} splits {splits}");
+                    let launch = || {
+                        let y = DeviceBuffer::<bf16>::filled_with_byte(device, rows * out_dim, 0xff).unwrap();
+                        dense::linear(&weights, x_dev.view([rows, in_dim]).unwrap(), y.view([rows, out_dim]).unwrap()).unwrap();
+                        if let Some(counters) = device.last_launch_counters() {
+                            assert_eq!(counters.blocks, 6 * splits as u64, "{what}: blocks");
+                        }
+                        y
+                    };
+                    let first = launch();
+                    assert_agrees(&what, &to_f32(&first.to_vec().unwrap()), &want);
+                    assert_eq!(bits(&launch()), bits(&first), "{what}: second launch");
+                }
+            }
+        }
+    }
+}
+
 /// The real model's reduction lengths (K = 2048: the experts' down projection; K = 4096: dim, their up projection),
 /// where the K loop runs 32 and 64 stages through the cp.async pipeline ring and wraps it many times, for every weight
 /// format and both row paths of the launcher (1 decode row: the narrow tile; 70 rows: the prefill tile).
@@ -641,6 +682,59 @@ fn bits(v: &DeviceBuffer<bf16>) -> Vec<u16> {
     v.to_vec().unwrap().iter().map(|v| v.to_bits()).collect()
 }
 
+/// wo's launch with split k (`linear_add_rms_norm` on weights of 2 and 6 decode k splits): the row finisher runs
+/// once the last split of every column block is in, and gives bit for bit `linear` (same splits) then
+/// `add_rms_norm`, launched twice on the same row and split counters; its GEMM output agrees with the CPU reference
+/// (`assert_agrees`). K = 2048 and 4096, the formats of the attention projections, 1 and 3 decode rows.
+fn linear_add_rms_norm_split_k_equals_the_launches_apart(device: &Device) {
+    let out_dim = 320;
+    let mut rng = rng(71);
+    for (in_dim, format, rows) in [
+        (4096, WeightFormat::Bf16, 1),
+        (2048, WeightFormat::Bf16, 3),
+        (4096, WeightFormat::Fp8PerTensor, 3),
+        (2048, WeightFormat::Fp8PerTensor, 1),
+        (4096, WeightFormat::Fp8Block128, 1),
+        (2048, WeightFormat::Fp8Block128, 3),
+    ] {
+        let (w, deq) = random_matrix(&mut rng, format, out_dim, in_dim);
+        let mut weights = DeviceWeights::upload(device, &repack::repack_linear(&[(&w).into()]).unwrap()).unwrap();
+        let upload = |v: &[bf16]| DeviceBuffer::from_slice(device, v).unwrap();
+        let x_host = random_bf16(&mut rng, rows * in_dim, 1.0);
+        let (x, residual) = (upload(&x_host), upload(&random_bf16(&mut rng, rows * out_dim, 1.0)));
+        let gamma = upload(&random_bf16(&mut rng, out_dim, 1.0));
+        let counters = RowCounters::new(device, rows).unwrap();
+        let want = matmul_nt(&to_f32(&x_host), &deq, rows, in_dim, out_dim);
+        for splits in [2, 6] {
+            weights.set_decode_k_splits(splits).unwrap();
+            let run = |fused: bool| {
+                let poisoned = || DeviceBuffer::<bf16>::filled_with_byte(device, rows * out_dim, 0xff).unwrap();
+                let (y, h, out) = (poisoned(), poisoned(), poisoned());
+                fn view(b: &DeviceBuffer<bf16>, rows: usize, cols: usize) -> Matrix<'_, bf16> {
+                    b.view([rows, cols]).unwrap()
+                }
+                let view = |b| view(b, rows, out_dim);
+                let norm = ResidualNorm { residual: view(&residual), weight: gamma.as_vector(), residual_out: view(&h), out: view(&out), eps: 1e-6 };
+                if fused {
+                    dense::linear_add_rms_norm(&weights, x.view([rows, in_dim]).unwrap(), view(&y), &norm, &counters).unwrap();
+                } else {
+                    dense::linear(&weights, x.view([rows, in_dim]).unwrap(), view(&y)).unwrap();
+                    norm::add_rms_norm(view(&y), norm.residual, norm.weight, norm.residual_out, norm.out, norm.eps).unwrap();
+                }
+                (bits(&y), bits(&h), bits(&out))
+            };
+            let apart = run(false);
+            let what = format!("{format} K {in_dim} rows {rows} splits {splits}");
+            for launch in 0..2 {
+                assert_eq!(run(true), apart, "{what}: fused launch {launch}");
+            }
+            let y: Vec<f32> = apart.0.iter().map(|&b| bf16::from_bits(b).to_f32()).collect();
+            assert_agrees(&what, &y, &want);
+            assert!(apart.2.iter().all(|&b| !bf16::from_bits(b).is_nan()), "{what}: a row left unnormed");
+        }
+    }
+}
+
 /// `linear_add_rms_norm` (the GEMM finishing its rows with the residual add + RMSNorm, one launch) gives bit for bit
 /// `linear` then `add_rms_norm`, for every format, at 1 and 3 rows (the narrow decode tile) and 70 (the prefill tile),
 /// twice in a row on the same counters (each launch leaves them zero).
@@ -807,6 +901,8 @@ backend_tests!(
     moe_layer_is_deterministic,
     router_then_moe_layer_matches_reference,
     linear_matches_reference,
+    linear_split_k_matches_reference,
+    linear_add_rms_norm_split_k_equals_the_launches_apart,
     wrappers_reject_bad_shapes,
     moe_layer_w8a8_matches_reference,
     moe_layer_w8a8_prefill_and_small_tiles,

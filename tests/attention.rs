@@ -411,7 +411,7 @@ fn latent_projection_equals_the_launches_apart(device: &Device) {
 }
 
 /// The latent projection with split k at batch 1 (`DeviceWeights::set_decode_k_splits`; the real one has 22 column
-/// blocks and 6 splits): its row finisher runs once every split of every column block is in, bit for bit the launches
+/// blocks and 12 splits): its row finisher runs once every split of every column block is in, bit for bit the launches
 /// apart (same splits), twice on the same counters, and its GEMM output agrees with the CPU reference. The formats
 /// the attention projections come in, K = 4096 and 2048, 2 and 6 splits (6: uneven k ranges).
 fn latent_projection_split_k_equals_the_launches_apart(device: &Device) {

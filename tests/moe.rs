@@ -305,8 +305,8 @@ fn linear_split_k_matches_reference(device: &Device) {
         for format in [WeightFormat::Bf16, WeightFormat::Fp8PerTensor, WeightFormat::Fp8Block128] {
             let (w, deq) = random_matrix(&mut rng, format, out_dim, in_dim);
             let mut weights = DeviceWeights::upload(device, &repack::repack_linear(&[(&w).into()]).unwrap()).unwrap();
-            // The default for 6 column blocks: as many splits as ranges of 8 k blocks allow (22 would give 132 blocks).
-            assert_eq!(weights.decode_k_splits(), in_dim / 64 / 8);
+            // The default for 6 column blocks: as many splits as ranges of 4 k blocks allow (44 would give 264 blocks).
+            assert_eq!(weights.decode_k_splits(), in_dim / 64 / 4);
             for splits in [1, 2, 6] {
                 weights.set_decode_k_splits(splits).unwrap();
                 for rows in [1, 3] {
@@ -849,8 +849,9 @@ fn moe_layer_add_rms_norm_equals_the_launches_apart(device: &Device) {
 }
 
 /// `linear_rope_q` (the query projection with RoPE and the llama-4 query scale in its epilogue) gives bit for bit
-/// `linear` then `rope_q_k`, for every format, at 1 and 3 rows (narrow tile) and 70 (tiled), heads of 192 = 128 nope
-/// + 64 rope, positions up to ~2^17 with a non-zero query scale.
+/// `linear` then `rope_q_k`, for every format, at 1 and 3 rows (narrow tile) and 70 (tiled), heads of 192 (128 nope
+/// and 64 rope), positions up to ~2^17 with a non-zero query scale; the decode rows also with the k split 3 ways (the
+/// RoPE in each output tile's last split block).
 fn linear_rope_q_equals_the_launches_apart(device: &Device) {
     use small4::kernels::ops::{self, QueryScale};
     let (in_dim, heads, head_dim) = (256, 3, 192);
@@ -862,24 +863,32 @@ fn linear_rope_q_equals_the_launches_apart(device: &Device) {
         FORMATS.iter().map(|&f| (f, 3)).chain([(WeightFormat::Bf16, 1), (WeightFormat::Bf16, 70), (WeightFormat::Int4 { group: 64, zero_point: true }, 70)])
     {
         let (w, _) = random_matrix(&mut rng, format, out_dim, in_dim);
-        let weights = DeviceWeights::upload(device, &repack::repack_linear(&[(&w).into()]).unwrap()).unwrap();
+        let mut weights = DeviceWeights::upload(device, &repack::repack_linear(&[(&w).into()]).unwrap()).unwrap();
         let x = DeviceBuffer::from_slice(device, &random_bf16(&mut rng, rows * in_dim, 1.0)).unwrap();
         let positions: Vec<i32> = (0..rows).map(|_| rng.random_range(0..140_000)).collect();
         let (positions, inv_freq) = (DeviceBuffer::from_slice(device, &positions).unwrap(), DeviceBuffer::from_slice(device, &inv_freq).unwrap());
-        let run = |fused: bool| {
+        let run = |weights: &DeviceWeights, fused: bool| {
             let q = DeviceBuffer::<bf16>::filled_with_byte(device, rows * out_dim, 0xff).unwrap();
             let (xv, qv) = (x.view([rows, in_dim]).unwrap(), q.view([rows, heads, head_dim]).unwrap());
             if fused {
-                dense::linear_rope_q(&weights, xv, qv, positions.as_vector(), inv_freq.as_vector(), scale).unwrap();
+                dense::linear_rope_q(weights, xv, qv, positions.as_vector(), inv_freq.as_vector(), scale).unwrap();
             } else {
-                dense::linear(&weights, xv, q.view([rows, out_dim]).unwrap()).unwrap();
+                dense::linear(weights, xv, q.view([rows, out_dim]).unwrap()).unwrap();
                 ops::rope_q_k(qv, None, positions.as_vector(), inv_freq.as_vector(), scale).unwrap();
             }
             bits(&q)
         };
-        let apart = run(false);
-        assert_eq!(run(true), apart, "{format} rows {rows}");
+        let apart = run(&weights, false);
+        assert_eq!(run(&weights, true), apart, "{format} rows {rows}");
         assert!(apart.iter().all(|&b| !bf16::from_bits(b).is_nan()), "{format}: a query left unwritten");
+        if rows <= 32 {
+            // Split k at decode (3 splits of the 4 k blocks: ranges of 1, 1 and 2, shorter than the pipeline): the
+            // RoPE runs in each tile's last block, on the summed tile.
+            weights.set_decode_k_splits(3).unwrap();
+            let apart = run(&weights, false);
+            assert_eq!(run(&weights, true), apart, "{format} rows {rows}, 3 k splits");
+            assert!(apart.iter().all(|&b| !bf16::from_bits(b).is_nan()), "{format}: a query left unwritten (3 k splits)");
+        }
     }
 }
 

@@ -44,20 +44,21 @@ const FULL_GRID_BLOCKS: usize = 2 * GPU_SMS;
 /// SMs of an H100 SXM or an H200, the GPUs the decode choices are made for.
 const GPU_SMS: usize = 132;
 
-/// Fewest 64-k blocks one split of a split-K launch reduces: 512 of k, about one pass of the narrow tile's cp.async
-/// ring (8-16 stages), so a split still fills its pipeline before it drains.
-const MIN_SPLIT_K_BLOCKS: usize = 8;
+/// Fewest 64-k blocks one split of a split-K launch reduces: 256 of k. Below it a split's f32 partials (stored and
+/// summed: 4 KiB a block at batch 1, mostly L2) pass an eighth of its bf16 weight bytes (8 KiB a k block).
+const MIN_SPLIT_K_BLOCKS: usize = 4;
 
 /// The k splits a dense decode launch of one matrix (`rows_padded` x `k_dim`, the narrow tile, up to 32 rows) runs
-/// with: the column blocks times the splits as near one block per SM as rounding allows (the latent projection's 22
-/// column blocks: 6 splits, 132 blocks; wo's and wq_b's 64: 2, 128 blocks), 1 when the column blocks alone come to
-/// 1.5 blocks per SM or more, and never under [`MIN_SPLIT_K_BLOCKS`] a split. One block an SM is enough: a narrow
-/// block keeps 7-15 stages of 8 KiB of weights in flight, 56-120 KiB, against the ~25 KiB Little's law asks of an
-/// SM at 3.35 TB/s / 132 and ~750 ns (docs/perf.md "Bytes in flight per SM at batch 1"). The timing model's
-/// prediction of the alternatives: `small4 calibrate --predict decode-choices`, cases `dense-*`.
+/// with: as many as keep the column blocks times the splits at most two blocks per SM of an H100 / H200
+/// ([`FULL_GRID_BLOCKS`]: all resident at once, two blocks' k loops overlapping on each SM), so the latent
+/// projection's 22 column blocks get 12 splits (264 blocks), wo's 64 get 4 (256), wq_b's 64 (K 1024) 4 (256);
+/// 1 when the column blocks alone come to more than one block per SM, and never under [`MIN_SPLIT_K_BLOCKS`] a split.
+/// The timing model predicts the blocks-per-SM optimum at two (`small4 calibrate --predict decode-choices`, cases
+/// `dense-*`, docs/perf.md "Split-K for the dense decode GEMMs"): bf16 latent projection 34.7 µs unsplit, 11.1 at
+/// one block per SM, 9.7 at two, 12.7 at 2.7; wo 34.7, 20.3, 13.2, 17.3.
 fn decode_k_splits(rows_padded: usize, k_dim: usize) -> usize {
     let column_blocks = (rows_padded / TileShape::Narrow.features()).max(1);
-    ((GPU_SMS + column_blocks / 2) / column_blocks).min(k_dim / 64 / MIN_SPLIT_K_BLOCKS).max(1)
+    (FULL_GRID_BLOCKS / column_blocks).min(k_dim / 64 / MIN_SPLIT_K_BLOCKS).max(1)
 }
 
 /// f32 values each narrow block of a split-K launch stores as its partial sums (`sum_k_splits` in moe_gemm.cu: a
@@ -429,8 +430,8 @@ impl DeviceWeights {
 
     /// The k splits of this matrix's dense decode launches (up to 32 rows on the narrow 64-feature tile, one launch
     /// each: grid z = the split, the partial sums added in split order by the last block of each output tile,
-    /// `cuda/moe_gemm.cu`). Chosen at upload from the column blocks and the SM count: enough blocks for about one per
-    /// SM of an H100 / H200; 1 (no split) for a matrix whose columns fill the GPU and for several matrices.
+    /// `cuda/moe_gemm.cu`). Chosen at upload from the column blocks and the SM count: up to two blocks per SM of an H100
+    /// / H200; 1 (no split) for a matrix whose columns fill the GPU and for several matrices.
     ///
     /// ```
     /// use small4::device::simulator;
@@ -438,10 +439,10 @@ impl DeviceWeights {
     /// use small4::quant::{repack::repack_linear, QuantizedMatrix, WeightFormat};
     ///
     /// let device = simulator();
-    /// // 128 outputs (2 column blocks of 64) at K = 4096 (64 k blocks): 8 splits of 8 k blocks.
+    /// // 128 outputs (2 column blocks of 64) at K = 4096 (64 k blocks): 16 splits of 4 k blocks (32 blocks).
     /// let w = QuantizedMatrix::quantize(WeightFormat::Bf16, &vec![0.5; 128 * 4096], 128, 4096)?;
     /// let mut w = DeviceWeights::upload(&device, &repack_linear(&[(&w).into()])?)?;
-    /// assert_eq!(w.decode_k_splits(), 8);
+    /// assert_eq!(w.decode_k_splits(), 16);
     /// w.set_decode_k_splits(1)?;
     /// assert_eq!(w.decode_k_splits(), 1);
     /// assert!(w.set_decode_k_splits(65).is_err()); // more splits than k blocks

@@ -91,20 +91,22 @@ __device__ __forceinline__ void fp8_weights_to_e4m3_a(const uint32_t w[4], uint3
 // and arrives on the tile's counter. The block whose arrival completes the tile zeroes the counter for the next launch
 // and sums the slices in split order 0, 1, .., splits - 1 into acc: the same f32 additions whichever block arrives
 // last, so the result does not depend on timing. It then runs the epilogue the unsplit kernel runs (stores, RoPE, row
-// finisher). Returns false in the other blocks (they are done). Fragments f >= active_nf hold only padding slots: not
-// stored, summed as zeros. Every thread calls it. Bytes: 2 x 16 x active_nf bytes a thread a split (4 KiB a block
-// at batch 1, against the 64-128 KiB of weights a split block streams at the real shapes).
+// finisher). Returns false in the other blocks (they are done). Only the threads whose float4 holds a real slot
+// (slot f * 8 + 2t < slots) store and read it; the others' accumulators are padding, never stored by the epilogue.
+// Every thread calls it. Bytes: 16 per float4 with a real slot, written and read back: at batch 1 a quarter of the
+// threads, 512 bytes a split block (1% of the 40-56 KiB of weights a split block streams at the real shapes).
 template <int MF, int NF>
-__device__ __forceinline__ bool sum_k_splits(const MoeGemmParams &p, float (&acc)[MF][NF][4], int active_nf, int split, int splits) {
+__device__ __forceinline__ bool sum_k_splits(const MoeGemmParams &p, float (&acc)[MF][NF][4], int slots, int split, int splits) {
     __shared__ int last_block;
     const int tile = blockIdx.y * gridDim.x + blockIdx.x;
     float4 *const slices = reinterpret_cast<float4 *>(p.split_partials) + (long)tile * splits * MF * NF * kThreads + threadIdx.x;
     auto slice = [&](int s, int m, int f) { return slices + ((s * MF + m) * NF + f) * kThreads; };
+    const int first_slot = 2 * (threadIdx.x & 3);  // this lane's first slot of a fragment (2t)
 #pragma unroll
     for (int m = 0; m < MF; ++m)
 #pragma unroll
         for (int f = 0; f < NF; ++f)
-            if (f < active_nf) *slice(split, m, f) = make_float4(acc[m][f][0], acc[m][f][1], acc[m][f][2], acc[m][f][3]);
+            if (f * 8 + first_slot < slots) *slice(split, m, f) = make_float4(acc[m][f][0], acc[m][f][1], acc[m][f][2], acc[m][f][3]);
     __threadfence();  // this thread's partials are visible device-wide before its block arrives
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -126,7 +128,7 @@ __device__ __forceinline__ bool sum_k_splits(const MoeGemmParams &p, float (&acc
         for (int m = 0; m < MF; ++m)
 #pragma unroll
             for (int f = 0; f < NF; ++f) {
-                if (f >= active_nf) continue;
+                if (f * 8 + first_slot >= slots) continue;
                 const float4 v = __ldcg(slice(s, m, f));
                 acc[m][f][0] += v.x, acc[m][f][1] += v.y, acc[m][f][2] += v.z, acc[m][f][3] += v.w;
             }
@@ -279,7 +281,7 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
         }
     }
     cp_async_wait<0>();
-    if (splits > 1 && !sum_k_splits(p, acc, active_nf, split, splits)) return;
+    if (splits > 1 && !sum_k_splits(p, acc, slots, split, splits)) return;
 
     // Epilogue. Accumulator c0,c1 = (feature g, slots 2t, 2t+1), c2,c3 = (feature g+8, same slots). One of the two
     // outputs is null; a batched launch offsets the other one to head z's columns; a tail writes its own rows.

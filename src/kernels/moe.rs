@@ -44,8 +44,9 @@ const FULL_GRID_BLOCKS: usize = 2 * GPU_SMS;
 /// SMs of an H100 SXM or an H200, the GPUs the decode choices are made for.
 const GPU_SMS: usize = 132;
 
-/// Fewest 64-k blocks one split of a split-K launch reduces: 256 of k. Below it a split's f32 partials (stored and
-/// summed: 4 KiB a block at batch 1, mostly L2) pass an eighth of its bf16 weight bytes (8 KiB a k block).
+/// Fewest 64-k blocks one split of a split-K launch reduces: 256 of k, 32 KiB of bf16 weights a block. Its f32
+/// partials, stored and read back once (through L2), are 1 KiB of that at batch 1 and 16 KiB at 32 rows (the narrow
+/// tile's most), so shorter splits would move more partials than weights at the batch sizes decode runs.
 const MIN_SPLIT_K_BLOCKS: usize = 4;
 
 /// The k splits a dense decode launch of one matrix (`rows_padded` x `k_dim`, the narrow tile, up to 32 rows) runs

@@ -31,6 +31,10 @@
 // RMSNorm after wo, the MoE combine + add + RMSNorm after the experts' down projection, the latent norms + cache
 // write after the latent projection) runs in the same launch, in the last block that writes into the row: counted
 // per row with an atomic after a fence, as the router counts its blocks. A decode step saves a launch per finisher.
+// Split-K (params.h MoeGemmParams.k_splits, dense decode launches of one matrix whose column blocks alone would leave
+// SMs idle: src/kernels/moe.rs `decode_k_splits`): grid z = the k split; each block reduces its k range into f32
+// partials and the tile's last arriving block sums them in a fixed split order and runs the epilogue
+// (sum_k_splits below), so a split launch is still one launch with the same stores and finishers.
 //
 // Bytes (per expert touched): its weights once per BN pairs (bf16 2, fp8 1, 4-bit 0.5 byte per element, plus scales),
 // the pairs' activation rows once per block column, the outputs once. FLOPs: 2 * pairs * K * N.
@@ -84,6 +88,57 @@ __device__ __forceinline__ void fp8_weights_to_e4m3_a(const uint32_t w[4], uint3
     a[3] = __byte_perm(w[2], w[3], 0x7632);  // row g+8: k + 16
 }
 
+// Split-K (params.h MoeGemmParams.k_splits): the blocks of one output tile (grid z = the split) each hold the partial
+// sums of their k range in acc. Each stores them to its slice of split_partials (f32: each thread's four accumulators
+// of a fragment as one float4, slices [split][m][f][thread], coalesced; the layout is private to this kernel), fences
+// and arrives on the tile's counter. The block whose arrival completes the tile zeroes the counter for the next launch
+// and sums the slices in split order 0, 1, .., splits - 1 into acc: the same f32 additions whichever block arrives
+// last, so the result does not depend on timing. It then runs the epilogue the unsplit kernel runs (stores, RoPE, row
+// finisher). Returns false in the other blocks (they are done). Only the threads whose float4 holds a real slot
+// (slot f * 8 + 2t < slots) store and read it; the others' accumulators are padding, never stored by the epilogue.
+// Every thread calls it. Bytes: 16 per float4 with a real slot, written and read back: at batch 1 a quarter of the
+// threads, 512 bytes a split block (1% of the 40-56 KiB of weights a split block streams at the real shapes).
+template <int MF, int NF>
+__device__ __forceinline__ bool sum_k_splits(const MoeGemmParams &p, float (&acc)[MF][NF][4], int slots, int split, int splits) {
+    __shared__ int last_block;
+    const int tile = blockIdx.y * gridDim.x + blockIdx.x;
+    float4 *const slices = reinterpret_cast<float4 *>(p.split_partials) + (long)tile * splits * MF * NF * kThreads + threadIdx.x;
+    auto slice = [&](int s, int m, int f) { return slices + ((s * MF + m) * NF + f) * kThreads; };
+    const int first_slot = 2 * (threadIdx.x & 3);  // this lane's first slot of a fragment (2t)
+#pragma unroll
+    for (int m = 0; m < MF; ++m)
+#pragma unroll
+        for (int f = 0; f < NF; ++f)
+            if (f * 8 + first_slot < slots) *slice(split, m, f) = make_float4(acc[m][f][0], acc[m][f][1], acc[m][f][2], acc[m][f][3]);
+    __threadfence();  // this thread's partials are visible device-wide before its block arrives
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const bool last = atomicAdd(p.split_counters + tile, 1) == splits - 1;
+        if (last) p.split_counters[tile] = 0;  // every split is in: zero for the next launch
+        last_block = last;
+    }
+    __syncthreads();
+    if (!last_block) return false;
+    __threadfence();  // the other splits fenced their partials before arriving: read them from here on (ld.cg)
+#pragma unroll
+    for (int m = 0; m < MF; ++m)
+#pragma unroll
+        for (int f = 0; f < NF; ++f)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[m][f][i] = 0.f;
+    for (int s = 0; s < splits; ++s) {
+#pragma unroll
+        for (int m = 0; m < MF; ++m)
+#pragma unroll
+            for (int f = 0; f < NF; ++f) {
+                if (f * 8 + first_slot >= slots) continue;
+                const float4 v = __ldcg(slice(s, m, f));
+                acc[m][f][0] += v.x, acc[m][f][1] += v.y, acc[m][f][2] += v.z, acc[m][f][3] += v.w;
+            }
+    }
+    return true;
+}
+
 template <Format F, int MF, int NF, bool Fp8Act = false>
 __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
     using W = WeightFormat<F>;
@@ -135,6 +190,9 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
 
     const int first_tile = blockIdx.x * (BM / 16);
     const int k_blocks = p.k_dim / kBK;
+    // Split-K (p.k_splits > 1): this block reduces k blocks [kb_begin, kb_end) of the k_blocks, split blockIdx.z.
+    const int splits = p.k_splits > 1 ? p.k_splits : 1, split = splits > 1 ? (int)blockIdx.z : 0;
+    const int kb_begin = k_blocks * split / splits, kb_end = k_blocks * (split + 1) / splits;
     const unsigned char *w_expert = pick(tail, p.tail.weights, p.weights + (long long)expert * p.expert_stride);
 
     auto load_stage = [&](int stage, int kb) {
@@ -175,17 +233,17 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
 
 #pragma unroll 1
     for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < k_blocks) load_stage(s, s);
+        if (kb_begin + s < kb_end) load_stage(s, kb_begin + s);
         cp_async_commit();
     }
 
-    for (int kb = 0; kb < k_blocks; ++kb) {
+    for (int kb = kb_begin; kb < kb_end; ++kb) {
         cp_async_wait<STAGES - 2>();
         __syncthreads();  // stage kb visible to all; stage (kb - 1) % STAGES no longer read by anyone
-        if (kb + STAGES - 1 < k_blocks) load_stage((kb + STAGES - 1) % STAGES, kb + STAGES - 1);
+        if (kb + STAGES - 1 < kb_end) load_stage((kb - kb_begin + STAGES - 1) % STAGES, kb + STAGES - 1);
         cp_async_commit();
 
-        const int stage = kb % STAGES;
+        const int stage = (kb - kb_begin) % STAGES;
         const unsigned char *x_stage = x_smem + stage * kXStage;
 #pragma unroll
         for (int m = 0; m < MF; ++m) {
@@ -229,6 +287,7 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
         }
     }
     cp_async_wait<0>();
+    if (splits > 1 && !sum_k_splits(p, acc, slots, split, splits)) return;
 
     // Epilogue. Accumulator c0,c1 = (feature g, slots 2t, 2t+1), c2,c3 = (feature g+8, same slots). One of the two
     // outputs is null; a batched launch offsets the other one to head z's columns; a tail writes its own rows.

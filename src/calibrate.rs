@@ -29,7 +29,8 @@ use crate::device::sim::SimBackend;
 use crate::device::{Device, DeviceBuffer, LaunchCounters, TargetGpu, TimingModel};
 use crate::error::{Error, Result};
 use crate::kernels::attention::{self, AttentionScratch, BlockTables, PagedCache, Queries, QueryLayout, SplitCombine};
-use crate::kernels::moe::{self, Grouping, MoeLayerWeights, MoeWorkspace, RoutingBuffers};
+use crate::kernels::dense;
+use crate::kernels::moe::{self, DeviceWeights, Grouping, MoeLayerWeights, MoeWorkspace, RoutingBuffers};
 use crate::kernels::moe_wgmma::PrefillGemm;
 use crate::kernels::router::{self, ExpertMap, RouterConfig};
 use crate::kernels::vision::{vision_attention, TokenSegments, VisionAttentionKernel};
@@ -681,12 +682,15 @@ fn replay(
     sample_blocks: u64,
     moe_weights: &mut Option<(WeightFormat, MoeLayerWeights)>,
 ) -> Result<Vec<LaunchCounters>> {
-    let sampled = spec.family != "router";
+    // Never sampled: the router (its last block of a token group does the top-k and alignment) and the dense GEMM (a
+    // split-K launch's last block of each tile sums the splits and runs the epilogue), which a sample would miss.
+    let sampled = !matches!(spec.family.as_str(), "router" | "dense");
     sim.set_block_sample(sampled.then_some(sample_blocks));
     // Every stored measurement ran the mma.sync prefill GEMM (the wgmma one, the default now, came later).
     let result = PrefillGemm::MmaSync.run(|| match spec.family.as_str() {
         "router" => replay_router(sim, device, spec),
         "moe" => replay_moe(sim, device, spec, moe_weights),
+        "dense" => replay_dense(sim, device, spec),
         "mla" | "mla_prefill" => replay_mla(sim, device, spec),
         "vision_attention" => replay_vision(sim, device, spec),
         other => Err(Error::InvalidArgument(format!("calibration run: unknown family {other:?}"))),
@@ -800,6 +804,27 @@ fn replay_moe(sim: &SimBackend, device: &Device, spec: &Spec, cache: &mut Option
     let out = DeviceBuffer::<bf16>::alloc(device, tokens * MOE_DIM)?;
     sim.record_launches(true);
     moe::moe_layer(weights, x.view([tokens, MOE_DIM])?, &routing, &grouping, &workspace, out.view([tokens, MOE_DIM])?)?;
+    Ok(sim.take_recorded())
+}
+
+/// A dense decode GEMM (`dense::linear`: the attention projections): `dense format= rows= k= tokens= [splits=]`, rows
+/// = output features, random weights in [-1/sqrt(k), 1/sqrt(k)]; no `splits=`: the upload's k splits
+/// (`DeviceWeights::decode_k_splits`).
+fn replay_dense(sim: &SimBackend, device: &Device, spec: &Spec) -> Result<Vec<LaunchCounters>> {
+    let format: WeightFormat = spec.get("format").ok_or_else(|| Error::InvalidArgument("calibration dense run: no format=".into()))?.parse()?;
+    let (rows, k, tokens) = (spec.usize("rows")?, spec.usize("k")?, spec.usize("tokens")?);
+    let mut rng = StdRng::seed_from_u64(1);
+    let a = 1.0 / (k as f32).sqrt();
+    let w: Vec<f32> = (0..rows * k).map(|_| rng.random_range(-a..a)).collect();
+    let w = QuantizedMatrix::quantize(format, &w, rows, k)?;
+    let mut weights = DeviceWeights::upload(device, &repack::repack_linear(&[(&w).into()])?)?;
+    if spec.get("splits").is_some() {
+        weights.set_decode_k_splits(spec.usize("splits")?)?;
+    }
+    let x = DeviceBuffer::from_slice(device, &random_bf16(&mut rng, tokens * k, 1.0))?;
+    let y = DeviceBuffer::<bf16>::alloc(device, tokens * rows)?;
+    sim.record_launches(true);
+    dense::linear(&weights, x.view([tokens, k])?, y.view([tokens, rows])?)?;
     Ok(sim.take_recorded())
 }
 

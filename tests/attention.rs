@@ -438,8 +438,6 @@ fn wrappers_reject_bad_input(device: &Device) {
 /// bf16 and fp8 caches, 1 / 3 decode tokens (narrow tile) and 76 prefill tokens (tiled), two weight formats, and the
 /// real reduction length (dim 4096) at one token.
 fn latent_projection_equals_the_launches_apart(device: &Device) {
-    let yarn = rope::YarnParams { theta: 1e4, factor: 128.0, original_max_position: 8192, beta_fast: 32.0, beta_slow: 1.0 };
-    let inv_freq = rope::yarn_inv_freq(ROPE, &yarn);
     let cases = [
         (&[5usize, 70, 1][..], false, WeightFormat::Bf16, 256),
         (&[5, 70, 1], true, WeightFormat::Nvfp4, 256),
@@ -448,56 +446,90 @@ fn latent_projection_equals_the_launches_apart(device: &Device) {
         (&[3], false, WeightFormat::Bf16, 4096),
     ];
     for (case, &(lens, fp8, format, dim)) in cases.iter().enumerate() {
-        let mut rng = rng(60 + case as u64);
-        let q_rank = 128;
-        let (desc, tables) = random_tables(&mut rng, lens, 16, dtype(fp8));
-        // The new tokens: the last of each sequence at decode (one length), else all of them, shuffled.
-        let mut order: Vec<(i32, i32)> = if lens.len() == 3 && lens[1] == 70 {
-            lens.iter().enumerate().flat_map(|(s, &l)| (0..l as i32).map(move |p| (s as i32, p))).collect()
+        check_latent_projection(device, 60 + case as u64, lens, fp8, format, dim, None);
+    }
+}
+
+/// The latent projection with split k at batch 1 (`DeviceWeights::set_decode_k_splits`; the real one has 22 column
+/// blocks and 12 splits): its row finisher runs once every split of every column block is in, bit for bit the launches
+/// apart (same splits), twice on the same counters, and its GEMM output agrees with the CPU reference. The formats
+/// the attention projections come in, K = 4096 and 2048, 2 and 6 splits (6: uneven k ranges).
+fn latent_projection_split_k_equals_the_launches_apart(device: &Device) {
+    let cases =
+        [(WeightFormat::Bf16, 4096, 6), (WeightFormat::Fp8PerTensor, 2048, 2), (WeightFormat::Fp8Block128, 4096, 2), (WeightFormat::Fp8Block128, 2048, 6)];
+    for (case, &(format, dim, splits)) in cases.iter().enumerate() {
+        check_latent_projection(device, 80 + case as u64, &[7], case % 2 == 1, format, dim, Some(splits));
+    }
+}
+
+/// One case of the two tests above: sequences of `lens` tokens (decode: the last of each; the prefill shape
+/// `[_, 70, _]`: all of them), weights of `format` over `dim` inputs, split into `splits` k ranges at decode when
+/// given (else the upload's choice), a bf16 or `fp8` cache. With `splits`, also the GEMM output against the CPU
+/// reference (`assert_agrees`).
+fn check_latent_projection(device: &Device, seed: u64, lens: &[usize], fp8: bool, format: WeightFormat, dim: usize, splits: Option<usize>) {
+    let yarn = rope::YarnParams { theta: 1e4, factor: 128.0, original_max_position: 8192, beta_fast: 32.0, beta_slow: 1.0 };
+    let inv_freq = rope::yarn_inv_freq(ROPE, &yarn);
+    let mut rng = rng(seed);
+    let q_rank = 128;
+    let (desc, tables) = random_tables(&mut rng, lens, 16, dtype(fp8));
+    // The new tokens: the last of each sequence at decode (one length), else all of them, shuffled.
+    let mut order: Vec<(i32, i32)> = if lens.len() == 3 && lens[1] == 70 {
+        lens.iter().enumerate().flat_map(|(s, &l)| (0..l as i32).map(move |p| (s as i32, p))).collect()
+    } else {
+        lens.iter().enumerate().map(|(s, &l)| (s as i32, l as i32 - 1)).collect()
+    };
+    order.shuffle(&mut rng);
+    let tokens = order.len();
+    let w: Vec<f32> = (0..(q_rank + WIDTH) * dim).map(|_| rng.random_range(-1.0f32..1.0) / (dim as f32).sqrt()).collect();
+    let w = QuantizedMatrix::quantize(format, &w, q_rank + WIDTH, dim).unwrap();
+    let deq = w.dequantize_for_gemm();
+    let mut w = DeviceWeights::upload(device, &repack::repack_linear(&[(&w).into()]).unwrap()).unwrap();
+    if let Some(splits) = splits {
+        w.set_decode_k_splits(splits).unwrap();
+    }
+    let w = w;
+    let upload = |v: &[bf16]| DeviceBuffer::from_slice(device, v).unwrap();
+    let h_host = random_bf16(&mut rng, tokens * dim, 1.0);
+    let (h, q_weight, kv_weight) = (upload(&h_host), upload(&random_bf16(&mut rng, q_rank, 1.0)), upload(&random_bf16(&mut rng, LATENT, 2.0)));
+    let inv_freq_dev = DeviceBuffer::from_slice(device, &inv_freq).unwrap();
+    let block_tables = BlockTables::upload(device, &tables, &desc).unwrap();
+    let (token_seq, positions): (Vec<i32>, Vec<i32>) = order.iter().copied().unzip();
+    let slots = TokenSlots::upload(device, &token_seq, &positions).unwrap();
+    let write = CacheWriteWeights { norm_weight: kv_weight.as_vector(), eps: 1e-6, inv_freq: inv_freq_dev.as_vector() };
+    let counters = RowCounters::new(device, tokens).unwrap();
+    let run = |fused: bool| {
+        let cache = PagedCache::filled_with_byte(device, desc, 0xff).unwrap();
+        let qkv_a = DeviceBuffer::<bf16>::filled_with_byte(device, tokens * (q_rank + WIDTH), 0xff).unwrap();
+        let q_out = DeviceBuffer::<bf16>::filled_with_byte(device, tokens * q_rank, 0xff).unwrap();
+        let qkv_view = qkv_a.view([tokens, q_rank + WIDTH]).unwrap();
+        let q_norm = QueryLatentNorm { weight: q_weight.as_vector(), out: q_out.view([tokens, q_rank]).unwrap(), eps: 1e-6 };
+        let hv = h.view([tokens, dim]).unwrap();
+        if fused {
+            attention::latent_projection(&w, hv, qkv_view, &q_norm, &cache, &block_tables, &write, &slots, &counters).unwrap();
         } else {
-            lens.iter().enumerate().map(|(s, &l)| (s as i32, l as i32 - 1)).collect()
-        };
-        order.shuffle(&mut rng);
-        let tokens = order.len();
-        let w: Vec<f32> = (0..(q_rank + WIDTH) * dim).map(|_| rng.random_range(-1.0f32..1.0) / (dim as f32).sqrt()).collect();
-        let w = QuantizedMatrix::quantize(format, &w, q_rank + WIDTH, dim).unwrap();
-        let w = DeviceWeights::upload(device, &repack::repack_linear(&[(&w).into()]).unwrap()).unwrap();
-        let upload = |v: &[bf16]| DeviceBuffer::from_slice(device, v).unwrap();
-        let (h, q_weight, kv_weight) =
-            (upload(&random_bf16(&mut rng, tokens * dim, 1.0)), upload(&random_bf16(&mut rng, q_rank, 1.0)), upload(&random_bf16(&mut rng, LATENT, 2.0)));
-        let inv_freq_dev = DeviceBuffer::from_slice(device, &inv_freq).unwrap();
-        let block_tables = BlockTables::upload(device, &tables, &desc).unwrap();
-        let (token_seq, positions): (Vec<i32>, Vec<i32>) = order.iter().copied().unzip();
-        let slots = TokenSlots::upload(device, &token_seq, &positions).unwrap();
-        let write = CacheWriteWeights { norm_weight: kv_weight.as_vector(), eps: 1e-6, inv_freq: inv_freq_dev.as_vector() };
-        let counters = RowCounters::new(device, tokens).unwrap();
-        let run = |fused: bool| {
-            let cache = PagedCache::filled_with_byte(device, desc, 0xff).unwrap();
-            let qkv_a = DeviceBuffer::<bf16>::filled_with_byte(device, tokens * (q_rank + WIDTH), 0xff).unwrap();
-            let q_out = DeviceBuffer::<bf16>::filled_with_byte(device, tokens * q_rank, 0xff).unwrap();
-            let qkv_view = qkv_a.view([tokens, q_rank + WIDTH]).unwrap();
-            let q_norm = QueryLatentNorm { weight: q_weight.as_vector(), out: q_out.view([tokens, q_rank]).unwrap(), eps: 1e-6 };
-            let hv = h.view([tokens, dim]).unwrap();
-            if fused {
-                attention::latent_projection(&w, hv, qkv_view, &q_norm, &cache, &block_tables, &write, &slots, &counters).unwrap();
-            } else {
-                dense::linear(&w, hv, qkv_view).unwrap();
-                small4::kernels::norm::rms_norm(qkv_view.columns(0..q_rank).unwrap(), q_norm.weight, q_norm.out, q_norm.eps).unwrap();
-                attention::mla_cache_write(&cache, &block_tables, qkv_view.columns(q_rank..q_rank + WIDTH).unwrap(), &write, &slots).unwrap();
-            }
-            let as_bits = |b: &DeviceBuffer<bf16>| b.to_vec().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-            (as_bits(&qkv_a), as_bits(&q_out), cache.to_bytes().unwrap())
-        };
-        let apart = run(false);
-        for launch in 0..2 {
-            assert_eq!(run(true), apart, "case {case} ({format}, fp8 cache {fp8}, {tokens} tokens): fused launch {launch}");
+            dense::linear(&w, hv, qkv_view).unwrap();
+            small4::kernels::norm::rms_norm(qkv_view.columns(0..q_rank).unwrap(), q_norm.weight, q_norm.out, q_norm.eps).unwrap();
+            attention::mla_cache_write(&cache, &block_tables, qkv_view.columns(q_rank..q_rank + WIDTH).unwrap(), &write, &slots).unwrap();
         }
-        assert!(apart.1.iter().all(|&b| !bf16::from_bits(b).is_nan()), "case {case}: a q latent left unnormed");
+        let as_bits = |b: &DeviceBuffer<bf16>| b.to_vec().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        (as_bits(&qkv_a), as_bits(&q_out), cache.to_bytes().unwrap())
+    };
+    let apart = run(false);
+    for launch in 0..2 {
+        assert_eq!(run(true), apart, "seed {seed} ({format}, fp8 cache {fp8}, {tokens} tokens, splits {splits:?}): fused launch {launch}");
+    }
+    assert!(apart.1.iter().all(|&b| !bf16::from_bits(b).is_nan()), "case {seed}: a q latent left unnormed");
+    if splits.is_some() {
+        let to_f32 = |v: &[bf16]| v.iter().map(|v| v.to_f32()).collect::<Vec<f32>>();
+        let want = small4::reference::linear::matmul_nt(&to_f32(&h_host), &deq, tokens, dim, q_rank + WIDTH);
+        let got: Vec<f32> = apart.0.iter().map(|&b| bf16::from_bits(b).to_f32()).collect();
+        assert_agrees(&format!("latent projection {format} K {dim} splits {splits:?}"), &got, &want);
     }
 }
 
 backend_tests!(
     latent_projection_equals_the_launches_apart,
+    latent_projection_split_k_equals_the_launches_apart,
     decode_matches_reference,
     prefill_matches_reference,
     long_decode_matches_reference,

@@ -290,6 +290,47 @@ fn linear_matches_reference(device: &Device) {
     }
 }
 
+/// The k splits of the dense decode launches (`DeviceWeights::set_decode_k_splits`: grid z = the split, the last
+/// block of each output tile adding the splits' f32 partials in split order, cuda/moe_gemm.cu `sum_k_splits`) against
+/// the CPU reference, with the tolerance of every GEMM check here (`assert_agrees`; the split only reorders the f32
+/// additions: a few ulps of f32, far inside it). At the real reduction lengths (K = 2048 and 4096: the unsplit and
+/// 2-split launches wrap the cp.async ring; 6 splits of 32 or 64 k blocks are uneven), 1 and 3 decode rows, the
+/// formats the attention projections come in, an output (320 of 384 padded rows) with a partial last block. Each
+/// launch runs twice into fresh outputs on the same split counters: the second finds them zero (its last block is
+/// found again) and gives the same bits (the sum does not depend on which split arrives last).
+fn linear_split_k_matches_reference(device: &Device) {
+    let out_dim = 320;
+    let mut rng = rng(70);
+    for in_dim in [2048, 4096] {
+        for format in [WeightFormat::Bf16, WeightFormat::Fp8PerTensor, WeightFormat::Fp8Block128] {
+            let (w, deq) = random_matrix(&mut rng, format, out_dim, in_dim);
+            let mut weights = DeviceWeights::upload(device, &repack::repack_linear(&[(&w).into()]).unwrap()).unwrap();
+            // The default for 6 column blocks: as many splits as ranges of 4 k blocks allow (44 would give 264 blocks).
+            assert_eq!(weights.decode_k_splits(), in_dim / 64 / 4);
+            for splits in [1, 2, 6] {
+                weights.set_decode_k_splits(splits).unwrap();
+                for rows in [1, 3] {
+                    let x = random_bf16(&mut rng, rows * in_dim, 1.0);
+                    let x_dev = DeviceBuffer::from_slice(device, &x).unwrap();
+                    let want = matmul_nt(&to_f32(&x), &deq, rows, in_dim, out_dim);
+                    let what = format!("linear {format} K {in_dim} rows {rows} splits {splits}");
+                    let launch = || {
+                        let y = DeviceBuffer::<bf16>::filled_with_byte(device, rows * out_dim, 0xff).unwrap();
+                        dense::linear(&weights, x_dev.view([rows, in_dim]).unwrap(), y.view([rows, out_dim]).unwrap()).unwrap();
+                        if let Some(counters) = device.last_launch_counters() {
+                            assert_eq!(counters.blocks, 6 * splits as u64, "{what}: blocks");
+                        }
+                        y
+                    };
+                    let first = launch();
+                    assert_agrees(&what, &to_f32(&first.to_vec().unwrap()), &want);
+                    assert_eq!(bits(&launch()), bits(&first), "{what}: second launch");
+                }
+            }
+        }
+    }
+}
+
 /// The real model's reduction lengths (K = 2048: the experts' down projection; K = 4096: dim, their up projection),
 /// where the K loop runs 32 and 64 stages through the cp.async pipeline ring and wraps it many times, for every weight
 /// format and both row paths of the launcher (1 decode row: the narrow tile; 70 rows: the prefill tile).
@@ -725,6 +766,59 @@ fn bits(v: &DeviceBuffer<bf16>) -> Vec<u16> {
     v.to_vec().unwrap().iter().map(|v| v.to_bits()).collect()
 }
 
+/// wo's launch with split k (`linear_add_rms_norm` on weights of 2 and 6 decode k splits): the row finisher runs
+/// once the last split of every column block is in, and gives bit for bit `linear` (same splits) then
+/// `add_rms_norm`, launched twice on the same row and split counters; its GEMM output agrees with the CPU reference
+/// (`assert_agrees`). K = 2048 and 4096, the formats of the attention projections, 1 and 3 decode rows.
+fn linear_add_rms_norm_split_k_equals_the_launches_apart(device: &Device) {
+    let out_dim = 320;
+    let mut rng = rng(71);
+    for (in_dim, format, rows) in [
+        (4096, WeightFormat::Bf16, 1),
+        (2048, WeightFormat::Bf16, 3),
+        (4096, WeightFormat::Fp8PerTensor, 3),
+        (2048, WeightFormat::Fp8PerTensor, 1),
+        (4096, WeightFormat::Fp8Block128, 1),
+        (2048, WeightFormat::Fp8Block128, 3),
+    ] {
+        let (w, deq) = random_matrix(&mut rng, format, out_dim, in_dim);
+        let mut weights = DeviceWeights::upload(device, &repack::repack_linear(&[(&w).into()]).unwrap()).unwrap();
+        let upload = |v: &[bf16]| DeviceBuffer::from_slice(device, v).unwrap();
+        let x_host = random_bf16(&mut rng, rows * in_dim, 1.0);
+        let (x, residual) = (upload(&x_host), upload(&random_bf16(&mut rng, rows * out_dim, 1.0)));
+        let gamma = upload(&random_bf16(&mut rng, out_dim, 1.0));
+        let counters = RowCounters::new(device, rows).unwrap();
+        let want = matmul_nt(&to_f32(&x_host), &deq, rows, in_dim, out_dim);
+        for splits in [2, 6] {
+            weights.set_decode_k_splits(splits).unwrap();
+            let run = |fused: bool| {
+                let poisoned = || DeviceBuffer::<bf16>::filled_with_byte(device, rows * out_dim, 0xff).unwrap();
+                let (y, h, out) = (poisoned(), poisoned(), poisoned());
+                fn view(b: &DeviceBuffer<bf16>, rows: usize, cols: usize) -> Matrix<'_, bf16> {
+                    b.view([rows, cols]).unwrap()
+                }
+                let view = |b| view(b, rows, out_dim);
+                let norm = ResidualNorm { residual: view(&residual), weight: gamma.as_vector(), residual_out: view(&h), out: view(&out), eps: 1e-6 };
+                if fused {
+                    dense::linear_add_rms_norm(&weights, x.view([rows, in_dim]).unwrap(), view(&y), &norm, &counters).unwrap();
+                } else {
+                    dense::linear(&weights, x.view([rows, in_dim]).unwrap(), view(&y)).unwrap();
+                    norm::add_rms_norm(view(&y), norm.residual, norm.weight, norm.residual_out, norm.out, norm.eps).unwrap();
+                }
+                (bits(&y), bits(&h), bits(&out))
+            };
+            let apart = run(false);
+            let what = format!("{format} K {in_dim} rows {rows} splits {splits}");
+            for launch in 0..2 {
+                assert_eq!(run(true), apart, "{what}: fused launch {launch}");
+            }
+            let y: Vec<f32> = apart.0.iter().map(|&b| bf16::from_bits(b).to_f32()).collect();
+            assert_agrees(&what, &y, &want);
+            assert!(apart.2.iter().all(|&b| !bf16::from_bits(b).is_nan()), "{what}: a row left unnormed");
+        }
+    }
+}
+
 /// `linear_add_rms_norm` (the GEMM finishing its rows with the residual add + RMSNorm, one launch) gives bit for bit
 /// `linear` then `add_rms_norm`, for every format, at 1 and 3 rows (the narrow decode tile) and 70 (the prefill tile),
 /// twice in a row on the same counters (each launch leaves them zero).
@@ -839,8 +933,9 @@ fn moe_layer_add_rms_norm_equals_the_launches_apart(device: &Device) {
 }
 
 /// `linear_rope_q` (the query projection with RoPE and the llama-4 query scale in its epilogue) gives bit for bit
-/// `linear` then `rope_q_k`, for every format, at 1 and 3 rows (narrow tile) and 70 (tiled), heads of 192 = 128 nope
-/// + 64 rope, positions up to ~2^17 with a non-zero query scale.
+/// `linear` then `rope_q_k`, for every format, at 1 and 3 rows (narrow tile) and 70 (tiled), heads of 192 (128 nope
+/// and 64 rope), positions up to ~2^17 with a non-zero query scale; the decode rows also with the k split 3 ways (the
+/// RoPE in each output tile's last split block).
 fn linear_rope_q_equals_the_launches_apart(device: &Device) {
     use small4::kernels::ops::{self, QueryScale};
     let (in_dim, heads, head_dim) = (256, 3, 192);
@@ -852,24 +947,32 @@ fn linear_rope_q_equals_the_launches_apart(device: &Device) {
         FORMATS.iter().map(|&f| (f, 3)).chain([(WeightFormat::Bf16, 1), (WeightFormat::Bf16, 70), (WeightFormat::Int4 { group: 64, zero_point: true }, 70)])
     {
         let (w, _) = random_matrix(&mut rng, format, out_dim, in_dim);
-        let weights = DeviceWeights::upload(device, &repack::repack_linear(&[(&w).into()]).unwrap()).unwrap();
+        let mut weights = DeviceWeights::upload(device, &repack::repack_linear(&[(&w).into()]).unwrap()).unwrap();
         let x = DeviceBuffer::from_slice(device, &random_bf16(&mut rng, rows * in_dim, 1.0)).unwrap();
         let positions: Vec<i32> = (0..rows).map(|_| rng.random_range(0..140_000)).collect();
         let (positions, inv_freq) = (DeviceBuffer::from_slice(device, &positions).unwrap(), DeviceBuffer::from_slice(device, &inv_freq).unwrap());
-        let run = |fused: bool| {
+        let run = |weights: &DeviceWeights, fused: bool| {
             let q = DeviceBuffer::<bf16>::filled_with_byte(device, rows * out_dim, 0xff).unwrap();
             let (xv, qv) = (x.view([rows, in_dim]).unwrap(), q.view([rows, heads, head_dim]).unwrap());
             if fused {
-                dense::linear_rope_q(&weights, xv, qv, positions.as_vector(), inv_freq.as_vector(), scale).unwrap();
+                dense::linear_rope_q(weights, xv, qv, positions.as_vector(), inv_freq.as_vector(), scale).unwrap();
             } else {
-                dense::linear(&weights, xv, q.view([rows, out_dim]).unwrap()).unwrap();
+                dense::linear(weights, xv, q.view([rows, out_dim]).unwrap()).unwrap();
                 ops::rope_q_k(qv, None, positions.as_vector(), inv_freq.as_vector(), scale).unwrap();
             }
             bits(&q)
         };
-        let apart = run(false);
-        assert_eq!(run(true), apart, "{format} rows {rows}");
+        let apart = run(&weights, false);
+        assert_eq!(run(&weights, true), apart, "{format} rows {rows}");
         assert!(apart.iter().all(|&b| !bf16::from_bits(b).is_nan()), "{format}: a query left unwritten");
+        if rows <= 32 {
+            // Split k at decode (3 splits of the 4 k blocks: ranges of 1, 1 and 2, shorter than the pipeline): the
+            // RoPE runs in each tile's last block, on the summed tile.
+            weights.set_decode_k_splits(3).unwrap();
+            let apart = run(&weights, false);
+            assert_eq!(run(&weights, true), apart, "{format} rows {rows}, 3 k splits");
+            assert!(apart.iter().all(|&b| !bf16::from_bits(b).is_nan()), "{format}: a query left unwritten (3 k splits)");
+        }
     }
 }
 
@@ -892,6 +995,8 @@ backend_tests!(
     moe_layer_is_deterministic,
     router_then_moe_layer_matches_reference,
     linear_matches_reference,
+    linear_split_k_matches_reference,
+    linear_add_rms_norm_split_k_equals_the_launches_apart,
     wrappers_reject_bad_shapes,
     moe_layer_w8a8_matches_reference,
     moe_layer_w8a8_prefill_and_small_tiles,

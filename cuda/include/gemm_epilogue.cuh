@@ -13,7 +13,8 @@ namespace {
 // The slots (rows) and the matrix of a block of BN slots, as params.h MoeGemmParams lays them out: `tail` = one of the
 // dense tail's blocks (after the grouped tiles: the shared expert, matrix 0 of its own arrays); grouped mode = an
 // expert's BN-slot group, worked by its first tile only (the group shares one pass over the weights); dense mode = BN
-// rows of matrix blockIdx.z (a batched launch runs matrix z on head z's columns). False: nothing for this block.
+// rows of matrix blockIdx.z (a batched launch runs matrix z on head z's columns; a split-K launch, whose z is the k
+// split, has one matrix). False: nothing for this block.
 // kDenseOnly: the kernel serves dense launches only (the wgmma kernels' TMA entries), so the grouped branch is not
 // compiled in and the matrix index is blockIdx.z, which the compiler knows is small and non-negative.
 template <int BN, bool kDenseOnly = false>
@@ -33,7 +34,8 @@ __device__ __forceinline__ bool block_slots(const MoeGemmParams &p, bool tail, i
         if ((slot_begin - first_slot) % BN != 0) return false;
         slot_end = min(slot_begin + BN, p.expert_offsets[expert + 1]);
     } else {
-        expert = blockIdx.z;
+        // A split-K launch (mma.sync decode tiles only) has one matrix: its grid z is the k split.
+        expert = !kDenseOnly && p.k_splits > 1 ? 0 : blockIdx.z;
         slot_begin = blockIdx.y * BN;
         if (slot_begin >= p.dense_rows) return false;
         slot_end = min(slot_begin + BN, p.dense_rows);

@@ -223,6 +223,12 @@ typedef struct MoeGemmParams {
     const unsigned char *x_e4m3;   /* moe_gemm_fp8_act_* only: e4m3 input rows in the moe_quantize_act_e4m3 layout
                                       (x_stride bytes apart) instead of x; last, so the other
                                       kernels see the fields above where they were */
+    /* Split-K (cuda/moe_gemm.cu's mma.sync tiles, dense mode with one matrix only): grid z = k_splits blocks per
+     * output tile, split z reducing k blocks [k_blocks * z / k_splits, k_blocks * (z + 1) / k_splits); the tile's last
+     * arriving block sums the splits' f32 partials in split order and runs the epilogue. 1 (or 0): no split. */
+    int k_splits;
+    float *split_partials;         /* [tiles (gridDim.x * gridDim.y), k_splits, kernel-private per-thread layout] f32 */
+    int *split_counters;           /* [tiles] i32, zero at rest (each launch leaves them zero) */
 } MoeGemmParams;
 
 /* CUtensorMap (cuda.h): the 128 opaque bytes of a TMA tensor map, made on the host by

@@ -39,7 +39,41 @@ enum TileShape {
 /// (batch 1: 4 experts x 32 column blocks) runs the narrow tile instead, which doubles the blocks. The timing model
 /// agrees (`small4 calibrate --predict decode-choices`, docs/perf.md "Decode tile choices"): on the H200 narrow is
 /// faster at batch 1 in all five formats (bf16 79.5 vs 96.8 µs) and slower at batch 32 (bf16 1269 vs 1120 µs).
-const FULL_GRID_BLOCKS: usize = 2 * 132;
+const FULL_GRID_BLOCKS: usize = 2 * GPU_SMS;
+
+/// SMs of an H100 SXM or an H200, the GPUs the decode choices are made for.
+const GPU_SMS: usize = 132;
+
+/// Fewest 64-k blocks one split of a split-K launch reduces: 256 of k, 32 KiB of bf16 weights a block. Its f32
+/// partials, stored and read back once (through L2), are 1 KiB of that at batch 1 and 16 KiB at 32 rows (the narrow
+/// tile's most), so shorter splits would move more partials than weights at the batch sizes decode runs.
+const MIN_SPLIT_K_BLOCKS: usize = 4;
+
+/// The k splits a dense decode launch of one matrix (`rows_padded` x `k_dim`, the narrow tile, up to 32 rows) runs
+/// with: as many as keep the column blocks times the splits at most two blocks per SM of an H100 / H200
+/// ([`FULL_GRID_BLOCKS`]: all resident at once, two blocks' k loops overlapping on each SM), so the latent
+/// projection's 22 column blocks get 12 splits (264 blocks), wo's 64 get 4 (256), wq_b's 64 (K 1024) 4 (256);
+/// 1 when the column blocks alone come to more than one block per SM, and never under [`MIN_SPLIT_K_BLOCKS`] a split.
+/// The timing model predicts the blocks-per-SM optimum at two (`small4 calibrate --predict decode-choices`, cases
+/// `dense-*`, docs/perf.md "Split-K for the dense decode GEMMs"): bf16 latent projection 34.7 µs unsplit, 11.1 at
+/// one block per SM, 9.7 at two, 12.7 at 2.7; wo 34.7, 20.3, 13.2, 17.3.
+fn decode_k_splits(rows_padded: usize, k_dim: usize) -> usize {
+    let column_blocks = (rows_padded / TileShape::Narrow.features()).max(1);
+    (FULL_GRID_BLOCKS / column_blocks).min(k_dim / 64 / MIN_SPLIT_K_BLOCKS).max(1)
+}
+
+/// f32 values each narrow block of a split-K launch stores as its partial sums (`sum_k_splits` in moe_gemm.cu: a
+/// float4 per thread per pair fragment).
+const SPLIT_PARTIAL_FLOATS: usize = WARPS * 32 * 4 * (32 / 8);
+
+/// A dense matrix's split-K state for its decode launches (params.h `MoeGemmParams.k_splits`): the split count, each
+/// split block's f32 partials and one counter per column block (zero at rest: each launch leaves them zero). Owned by
+/// the matrix, so launches of one matrix must be ordered (one stream, or a graph of one), as a decode step's are.
+pub(crate) struct SplitK {
+    splits: usize,
+    partials: DeviceBuffer<f32>,
+    counters: DeviceBuffer<i32>,
+}
 
 thread_local! {
     /// `small4 calibrate` only: forces the decode tile (true: narrow BM 64, false: small BM 128) to replay the
@@ -184,6 +218,8 @@ pub struct DeviceWeights {
     pub fp4_scales: Option<DeviceBuffer<u8>>,
     /// Weight and scale bytes per expert (the least a GEMM touching the expert must read).
     pub bytes_per_expert: usize,
+    /// The decode launches' split-K workspace; None: no split ([`DeviceWeights::decode_k_splits`] 1).
+    pub(crate) split_k: Option<SplitK>,
 }
 
 fn upload<T: crate::device::DeviceElement>(device: &Device, v: &Option<Vec<T>>) -> Result<Option<DeviceBuffer<T>>> {
@@ -193,7 +229,7 @@ fn upload<T: crate::device::DeviceElement>(device: &Device, v: &Option<Vec<T>>) 
 impl DeviceWeights {
     /// Copies the packed arrays to `device` (no checks beyond the allocation's).
     pub fn upload(device: &Device, p: &PackedWeights) -> Result<Self> {
-        Ok(DeviceWeights {
+        DeviceWeights {
             format: p.format,
             experts: p.experts,
             out_cols: p.out_cols,
@@ -209,7 +245,9 @@ impl DeviceWeights {
             group_zeros: upload(device, &p.group_zeros)?,
             fp4_scales: upload(device, &p.fp4_scales)?,
             bytes_per_expert: p.bytes_per_expert(),
-        })
+            split_k: None,
+        }
+        .with_decode_k_splits()
     }
 }
 
@@ -268,7 +306,7 @@ impl DeviceWeights {
             }
             Ok(Some(out))
         }
-        Ok(DeviceWeights {
+        DeviceWeights {
             format: first.format,
             experts: parts.len(),
             out_cols: first.out_cols,
@@ -284,7 +322,9 @@ impl DeviceWeights {
             group_zeros: concat(array_parts(parts, |p| &p.group_zeros)?)?,
             fp4_scales: concat(array_parts(parts, |p| &p.fp4_scales)?)?,
             bytes_per_expert: first.bytes_per_expert,
-        })
+            split_k: None,
+        }
+        .with_decode_k_splits()
     }
 
     /// The rows of several matrices (one each, same format and reduction length) one after another as one matrix, on
@@ -357,7 +397,7 @@ impl DeviceWeights {
         let padded_tiles = rows_padded / 16;
         let data = join(device, Some(parts.iter().map(|p| &p.data).collect()), 1, &tile_units, padded_tiles, tile_span, 0)?.expect("data is always present");
         let block_kb = first.block_scales.as_ref().map_or(0, |b| b.len() / (first.rows_padded / 8));
-        Ok(DeviceWeights {
+        DeviceWeights {
             format: first.format,
             experts: 1,
             out_cols: rows,
@@ -374,8 +414,10 @@ impl DeviceWeights {
             fp4_scales: join(device, array_parts(parts, |p| &p.fp4_scales)?, 1, &tile_units, padded_tiles, fp4_span, 0)?,
             bytes_per_expert: 0,
             data,
+            split_k: None,
         }
-        .with_bytes_per_expert())
+        .with_bytes_per_expert()
+        .with_decode_k_splits()
     }
 
     /// Sets `bytes_per_expert` from the arrays held.
@@ -389,6 +431,64 @@ impl DeviceWeights {
         ];
         self.bytes_per_expert = crate::quant::repack::packed_bytes_per_expert(self.expert_stride, self.experts, lens);
         self
+    }
+
+    /// The weights with the split-K workspace of their default decode split count (`decode_k_splits`; none for
+    /// several matrices).
+    pub(crate) fn with_decode_k_splits(mut self) -> Result<Self> {
+        if self.experts == 1 {
+            self.set_decode_k_splits(decode_k_splits(self.rows_padded, self.k_dim))?;
+        }
+        Ok(self)
+    }
+
+    /// The k splits of this matrix's dense decode launches (up to 32 rows on the narrow 64-feature tile, one launch
+    /// each: grid z = the split, the partial sums added in split order by the last block of each output tile,
+    /// `cuda/moe_gemm.cu`). Chosen at upload from the column blocks and the SM count: up to two blocks per SM of an H100
+    /// / H200; 1 (no split) for a matrix whose columns fill the GPU and for several matrices.
+    ///
+    /// ```
+    /// use small4::device::simulator;
+    /// use small4::kernels::moe::DeviceWeights;
+    /// use small4::quant::{repack::repack_linear, QuantizedMatrix, WeightFormat};
+    ///
+    /// let device = simulator();
+    /// // 128 outputs (2 column blocks of 64) at K = 4096 (64 k blocks): 16 splits of 4 k blocks (32 blocks).
+    /// let w = QuantizedMatrix::quantize(WeightFormat::Bf16, &vec![0.5; 128 * 4096], 128, 4096)?;
+    /// let mut w = DeviceWeights::upload(&device, &repack_linear(&[(&w).into()])?)?;
+    /// assert_eq!(w.decode_k_splits(), 16);
+    /// w.set_decode_k_splits(1)?;
+    /// assert_eq!(w.decode_k_splits(), 1);
+    /// assert!(w.set_decode_k_splits(65).is_err()); // more splits than k blocks
+    /// # Ok::<(), small4::Error>(())
+    /// ```
+    pub fn decode_k_splits(&self) -> usize {
+        self.split_k.as_ref().map_or(1, |s| s.splits)
+    }
+
+    /// Sets the k splits of this matrix's dense decode launches ([`DeviceWeights::decode_k_splits`]) and allocates
+    /// their workspace: for tests and the timing model's alternatives; the default is the upload's choice.
+    ///
+    /// `Error::InvalidArgument` for 0 splits, more splits than 64-k blocks, or more than one split of several matrices.
+    pub fn set_decode_k_splits(&mut self, splits: usize) -> Result<()> {
+        let k_blocks = self.k_dim / 64;
+        if splits == 0 || splits > k_blocks.max(1) || (splits > 1 && self.experts != 1) {
+            return Err(Error::InvalidArgument(format!(
+                "decode k splits: {splits} for {} matrices of {k_blocks} k blocks (1 to the k blocks, of one matrix)",
+                self.experts
+            )));
+        }
+        self.split_k = None;
+        if splits > 1 {
+            let device = self.data.device();
+            let column_blocks = self.rows_padded / TileShape::Narrow.features();
+            self.split_k = Some(SplitK {
+                splits,
+                partials: DeviceBuffer::alloc(device, column_blocks * splits * SPLIT_PARTIAL_FLOATS)?,
+                counters: DeviceBuffer::from_slice(device, &vec![0i32; column_blocks])?,
+            });
+        }
+        Ok(())
     }
 }
 
@@ -648,6 +748,8 @@ pub(super) fn launch_gemm(
         return Err(Error::InvalidArgument(format!("gemm: {grid_y} row tiles exceed the grid's y limit (65535)")));
     }
     let grid_x = w.rows_padded / shape.features();
+    // Split-K: the dense decode launches of one matrix on the narrow tile (one row block), as the matrix chose.
+    let split_k = w.split_k.as_ref().filter(|_| grouping.is_none() && heads == 1 && shape == TileShape::Narrow && grid_y == 1);
     let finish = match finish {
         None => GemmRowFinish { kind: SMALL4_GEMM_FINISH_NONE as i32, ..Default::default() },
         Some(f) => {
@@ -713,9 +815,12 @@ pub(super) fn launch_gemm(
         },
         finish,
         rope,
+        k_splits: split_k.map_or(1, |s| s.splits as i32),
+        split_partials: split_k.map_or(std::ptr::null_mut(), |s| s.partials.mut_ptr()),
+        split_counters: split_k.map_or(std::ptr::null_mut(), |s| s.counters.mut_ptr()),
     };
     let config = LaunchConfig {
-        grid: Dim3::xyz(grid_x as u32, grid_y as u32, heads as u32),
+        grid: Dim3::xyz(grid_x as u32, grid_y as u32, split_k.map_or(heads, |s| s.splits) as u32),
         block: Dim3::x((WARPS * 32) as u32),
         shared_bytes: shape.shared_bytes(w.format, e4m3_input) as u32,
     };

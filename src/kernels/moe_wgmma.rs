@@ -157,7 +157,10 @@ pub(crate) fn launch(device: &Device, format: WeightFormat, config: &LaunchConfi
         return launch_with(device, &gather, &config, params);
     }
     let x_map = device.encode_tensor_map_tiled(&activation_map(params, config.grid.z)?)?;
-    launch_with(device, &tma, &config, &MoeGemmTmaParams { gemm: *params, x_map: Small4TensorMap { opaque: x_map.opaque }, ..Default::default() })
+    // Field by field: whether bindgen adds a padding field (the map's 64-byte alignment) depends on the GEMM params' size.
+    let mut tma_params = MoeGemmTmaParams::default();
+    (tma_params.gemm, tma_params.x_map) = (*params, Small4TensorMap { opaque: x_map.opaque });
+    launch_with(device, &tma, &config, &tma_params)
 }
 
 /// The 3-d map {k_dim, dense_rows, heads} of a dense launch's bf16 input rows (params.h, `MoeGemmTmaParams`).

@@ -264,7 +264,7 @@ fn generate(
     // The keys are read by the launches above: keep them alive until the device has run them.
     device.synchronize()?;
     drop(device_keys);
-    Ok(DeviceWeights {
+    DeviceWeights {
         format,
         experts,
         out_cols,
@@ -280,5 +280,7 @@ fn generate(
         group_zeros,
         fp4_scales,
         bytes_per_expert: expert_stride + scale_bytes.iter().sum::<usize>() / experts,
-    })
+        split_k: None,
+    }
+    .with_decode_k_splits()
 }

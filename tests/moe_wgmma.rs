@@ -390,52 +390,6 @@ backend_tests!(
     dense_nvfp4_at_real_reduction_lengths
 );
 
-/// A backend that runs `moe_gemm_bf16_wgmma` from an edited copy of its PTX (a planted bug) and everything else as
-/// the interpreter does.
-struct Planted {
-    inner: Device,
-    module: small4::device::KernelModule,
-}
-
-impl small4::device::Backend for Planted {
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-    fn alloc(&self, bytes: usize) -> small4::Result<u64> {
-        self.inner.alloc(bytes)
-    }
-    fn free(&self, addr: u64) -> small4::Result<()> {
-        self.inner.free(addr)
-    }
-    fn write(&self, addr: u64, data: &[u8]) -> small4::Result<()> {
-        self.inner.write(addr, data)
-    }
-    fn read(&self, addr: u64, out: &mut [u8]) -> small4::Result<()> {
-        self.inner.read(addr, out)
-    }
-    fn memset(&self, addr: u64, byte: u8, bytes: usize) -> small4::Result<()> {
-        self.inner.memset(addr, byte, bytes)
-    }
-    fn copy(&self, dst: u64, src: u64, bytes: usize) -> small4::Result<()> {
-        self.inner.copy(dst, src, bytes)
-    }
-    fn launch(&self, kernel: &small4::device::Kernel, config: &small4::device::LaunchConfig, params: &[u8]) -> small4::Result<()> {
-        if kernel.entry == "moe_gemm_bf16_wgmma" {
-            return self.inner.launch(&small4::device::Kernel { module: self.module, entry: kernel.entry }, config, params);
-        }
-        self.inner.launch(kernel, config, params)
-    }
-    fn synchronize(&self) -> small4::Result<()> {
-        self.inner.synchronize()
-    }
-    fn encode_tensor_map_tiled(&self, map: &small4::device::tensor_map::TiledTensorMap) -> small4::Result<small4::device::tensor_map::TensorMap> {
-        self.inner.encode_tensor_map_tiled(map)
-    }
-    fn last_launch_counters(&self) -> Option<small4::device::LaunchCounters> {
-        self.inner.last_launch_counters()
-    }
-}
-
 /// The interpreter's checks are live on this kernel: each planted bug (an edit of the kernel's own PTX) makes the
 /// grouped up-projection fail with the hazard's report, where the unedited kernel passes.
 #[test]
@@ -462,26 +416,15 @@ fn planted_bugs_in_the_wgmma_kernel_are_reported() {
             ptx: Box::leak(ptx.into_boxed_str()),
             cubin: &[],
         };
-        let device: Device = std::sync::Arc::new(Planted { inner: small4::device::simulator(), module });
+        let device: Device = std::sync::Arc::new(Planted { inner: small4::device::simulator(), module, entry: "moe_gemm_bf16_wgmma" });
         match run(&device) {
             Err(small4::Error::Simulator(message)) => assert!(message.contains(expected), "{name}: expected a report mentioning {expected:?}, got: {message}"),
             other => panic!("{name}: expected the interpreter's report, got {other:?}"),
         }
     }
-    let unedited: Device = std::sync::Arc::new(Planted { inner: small4::device::simulator(), module: small4::kernels::modules::MOE_GEMM_WGMMA });
+    let unedited: Device =
+        std::sync::Arc::new(Planted { inner: small4::device::simulator(), module: small4::kernels::modules::MOE_GEMM_WGMMA, entry: "moe_gemm_bf16_wgmma" });
     run(&unedited).unwrap();
-}
-
-/// `text` with the operand after every `prefix` .. `middle` replaced: each line holding `prefix`, then `middle`,
-/// keeps what precedes `middle` and ends with `replacement`.
-fn regex_free_replace(text: &str, prefix: &str, middle: &str, replacement: &str) -> String {
-    text.lines()
-        .map(|l| match (l.find(prefix), l.rfind(middle)) {
-            (Some(p), Some(m)) if m > p => format!("{}{replacement}", &l[..m]),
-            _ => l.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 /// The interpreter's counters of the prefill kernels at the model's sizes (up + SwiGLU: K = dim 4096 into 2048

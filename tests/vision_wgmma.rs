@@ -15,9 +15,9 @@ mod common;
 use std::ops::Range;
 use std::sync::Arc;
 
-use common::{assert_close, random_bf16, rng, to_f32};
+use common::{assert_close, random_bf16, regex_free_replace, rng, to_f32, Planted};
 use half::bf16;
-use small4::device::{Backend, Device, DeviceBuffer, Kernel, KernelModule, LaunchConfig, LaunchCounters};
+use small4::device::{Device, DeviceBuffer, KernelModule};
 use small4::kernels::vision::{vision_attention, TokenSegments, VisionAttentionKernel};
 use small4::reference::vision::block_diagonal_attention;
 
@@ -101,61 +101,6 @@ fn the_environment_picks_the_kernel() {
     assert_eq!(device.last_launch_counters().unwrap().kernel, "vision_attention_wgmma");
 }
 
-/// A backend that runs `vision_attention_wgmma` from an edited copy of its PTX (a planted bug) and everything else as
-/// the interpreter does.
-struct Planted {
-    inner: Device,
-    module: KernelModule,
-}
-
-impl Backend for Planted {
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-    fn alloc(&self, bytes: usize) -> small4::Result<u64> {
-        self.inner.alloc(bytes)
-    }
-    fn free(&self, addr: u64) -> small4::Result<()> {
-        self.inner.free(addr)
-    }
-    fn write(&self, addr: u64, data: &[u8]) -> small4::Result<()> {
-        self.inner.write(addr, data)
-    }
-    fn read(&self, addr: u64, out: &mut [u8]) -> small4::Result<()> {
-        self.inner.read(addr, out)
-    }
-    fn memset(&self, addr: u64, byte: u8, bytes: usize) -> small4::Result<()> {
-        self.inner.memset(addr, byte, bytes)
-    }
-    fn copy(&self, dst: u64, src: u64, bytes: usize) -> small4::Result<()> {
-        self.inner.copy(dst, src, bytes)
-    }
-    fn launch(&self, kernel: &Kernel, config: &LaunchConfig, params: &[u8]) -> small4::Result<()> {
-        if kernel.entry == "vision_attention_wgmma" {
-            return self.inner.launch(&Kernel { module: self.module, entry: kernel.entry }, config, params);
-        }
-        self.inner.launch(kernel, config, params)
-    }
-    fn synchronize(&self) -> small4::Result<()> {
-        self.inner.synchronize()
-    }
-    fn last_launch_counters(&self) -> Option<LaunchCounters> {
-        self.inner.last_launch_counters()
-    }
-}
-
-/// `text` with the operand after every `prefix` .. `middle` replaced: each line holding `prefix`, then `middle`,
-/// keeps what precedes `middle` and ends with `replacement`.
-fn regex_free_replace(text: &str, prefix: &str, middle: &str, replacement: &str) -> String {
-    text.lines()
-        .map(|l| match (l.find(prefix), l.rfind(middle)) {
-            (Some(p), Some(m)) if m > p => format!("{}{replacement}", &l[..m]),
-            _ => l.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 /// The PTX with the producer's wait on "empty" made a no-op: its try_wait is the one followed by the stage's cp.async
 /// before any other try_wait.
 fn producer_ignores_empty(ptx: &str) -> String {
@@ -197,13 +142,14 @@ fn planted_bugs_in_the_wgmma_attention_are_reported() {
         assert_ne!(ptx, original, "{name}: the edit changed nothing");
         let module =
             KernelModule { name: Box::leak(format!("vision_attention_wgmma_{name}").into_boxed_str()), ptx: Box::leak(ptx.into_boxed_str()), cubin: &[] };
-        let device: Device = Arc::new(Planted { inner: small4::device::simulator(), module });
+        let device: Device = Arc::new(Planted { inner: small4::device::simulator(), module, entry: "vision_attention_wgmma" });
         match run(&device, VisionAttentionKernel::Wgmma, &segments, 1) {
             Err(small4::Error::Simulator(message)) => assert!(message.contains(expected), "{name}: expected a report mentioning {expected:?}, got: {message}"),
             other => panic!("{name}: expected the interpreter's report, got {:?}", other.map(|_| ())),
         }
     }
-    let unedited: Device = Arc::new(Planted { inner: small4::device::simulator(), module: small4::kernels::modules::VISION_ATTENTION_WGMMA });
+    let unedited: Device =
+        Arc::new(Planted { inner: small4::device::simulator(), module: small4::kernels::modules::VISION_ATTENTION_WGMMA, entry: "vision_attention_wgmma" });
     let (got, want) = run(&unedited, VisionAttentionKernel::Wgmma, &segments, 1).unwrap();
     assert_close("vision attention (unedited)", &got, &want, 2e-3, 8e-3);
 }

@@ -175,3 +175,62 @@ impl small4::device::Backend for Hooked {
         self.inner.encode_tensor_map_tiled(map)
     }
 }
+
+/// A backend that runs one kernel (`entry`) from an edited copy of its module's PTX (a planted bug) and everything
+/// else as `inner` does: the wgmma kernels' planted-bug tests show the interpreter's hazard checks fire on them.
+pub struct Planted {
+    pub inner: small4::device::Device,
+    pub module: small4::device::KernelModule,
+    pub entry: &'static str,
+}
+
+impl small4::device::Backend for Planted {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn alloc(&self, bytes: usize) -> small4::Result<u64> {
+        self.inner.alloc(bytes)
+    }
+    fn free(&self, addr: u64) -> small4::Result<()> {
+        self.inner.free(addr)
+    }
+    fn write(&self, addr: u64, data: &[u8]) -> small4::Result<()> {
+        self.inner.write(addr, data)
+    }
+    fn read(&self, addr: u64, out: &mut [u8]) -> small4::Result<()> {
+        self.inner.read(addr, out)
+    }
+    fn memset(&self, addr: u64, byte: u8, bytes: usize) -> small4::Result<()> {
+        self.inner.memset(addr, byte, bytes)
+    }
+    fn copy(&self, dst: u64, src: u64, bytes: usize) -> small4::Result<()> {
+        self.inner.copy(dst, src, bytes)
+    }
+    fn launch(&self, kernel: &small4::device::Kernel, config: &small4::device::LaunchConfig, params: &[u8]) -> small4::Result<()> {
+        if kernel.entry == self.entry {
+            return self.inner.launch(&small4::device::Kernel { module: self.module, entry: kernel.entry }, config, params);
+        }
+        self.inner.launch(kernel, config, params)
+    }
+    fn synchronize(&self) -> small4::Result<()> {
+        self.inner.synchronize()
+    }
+    fn encode_tensor_map_tiled(&self, map: &small4::device::tensor_map::TiledTensorMap) -> small4::Result<small4::device::tensor_map::TensorMap> {
+        self.inner.encode_tensor_map_tiled(map)
+    }
+    fn last_launch_counters(&self) -> Option<small4::device::LaunchCounters> {
+        self.inner.last_launch_counters()
+    }
+}
+
+/// `text` with the operand after every `prefix` .. `middle` replaced: each line holding `prefix`, then `middle`,
+/// keeps what precedes `middle` and ends with `replacement`.
+pub fn regex_free_replace(text: &str, prefix: &str, middle: &str, replacement: &str) -> String {
+    text.lines()
+        .map(|l| match (l.find(prefix), l.rfind(middle)) {
+            (Some(p), Some(m)) if m > p => format!("{}{replacement}", &l[..m]),
+            _ => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}

@@ -1036,7 +1036,7 @@ fn decode_traffic_fp8_w8a8() {
     check_decode_traffic(WeightFormat::Fp8PerTensor, Some(W8A8_SCALES), REAL_DIMS, [[1.018, 1.020], [1.255, 1.258]]);
 }
 
-/// Warp instructions of one decode launch per format (1 row, so the narrow tile; 512 outputs, K = 4096) on the
+/// Warp instructions of one decode launch per format (1 row, so the narrow tile; 512 outputs, K = 4096, one k split) on the
 /// interpreter, printed as docs/perf.md's table rows: in total and per weight fragment (a warp's 16 x 16 A operand:
 /// 32 tiles x 256 k-steps = 8192 a launch; the k loop's loads, ldmatrix and mma.sync included), the global loads on
 /// the longest warp's dependence chain and the H100 time the timing model predicts; and requires the instructions
@@ -1048,9 +1048,12 @@ fn decode_warp_instructions() {
     let (out_dim, in_dim) = (512, 4096);
     let mut rng = rng(14);
     println!("| format | warp instructions | per fragment | global loads on the longest chain | predicted H100 µs |");
+    let mut over = Vec::new();
     for (format, limit) in FORMATS.into_iter().zip(DECODE_INSTRUCTIONS_PER_FRAGMENT) {
         let (w, _) = random_matrix(&mut rng, format, out_dim, in_dim);
-        let weights = DeviceWeights::upload(&device, &repack::repack_linear(&[(&w).into()]).unwrap()).unwrap();
+        let mut weights = DeviceWeights::upload(&device, &repack::repack_linear(&[(&w).into()]).unwrap()).unwrap();
+        // One k split: the figure is the k loop's cost per fragment, not split-K's partial sums.
+        weights.set_decode_k_splits(1).unwrap();
         let x = DeviceBuffer::from_slice(&device, &random_bf16(&mut rng, in_dim, 1.0)).unwrap();
         let y = DeviceBuffer::<bf16>::alloc(&device, out_dim).unwrap();
         dense::linear(&weights, x.view([1, in_dim]).unwrap(), y.view([1, out_dim]).unwrap()).unwrap();
@@ -1058,13 +1061,18 @@ fn decode_warp_instructions() {
         let per_fragment = counters.timing.warp_instructions as f64 / ((out_dim / 16) * (in_dim / 16)) as f64;
         let predicted = counters.predicted_us.map_or("-".to_string(), |us| format!("{us:.2}"));
         println!("| {format} | {} | {per_fragment:.1} | {} | {predicted} |", counters.timing.warp_instructions, counters.timing.chain_globals_max);
-        assert!(per_fragment <= limit + 0.5, "{format}: {per_fragment:.1} warp instructions per fragment, recorded {limit}");
+        if per_fragment > limit + 0.5 {
+            over.push(format!("{format}: {per_fragment:.1} warp instructions per fragment, recorded {limit}"));
+        }
     }
+    assert!(over.is_empty(), "{over:?}");
 }
 
 /// [`decode_warp_instructions`]'s figures, in the order of `FORMATS` (bf16, fp8, fp8-block128, int4-g128,
-/// int4-g128-zp, nvfp4).
-const DECODE_INSTRUCTIONS_PER_FRAGMENT: [f64; 6] = [69.4, 80.7, 95.2, 87.7, 89.9, 91.7];
+/// int4-g128-zp, nvfp4). Measured after split-K joined the kernel (2026-12-06 18:00 UTC): its k range and partial-sum
+/// epilogue changed ptxas's code for the k loop by -0.8 to +1.0 instructions a fragment, except fp8 (+4.0, 80.7 before:
+/// docs/perf.md "moe_gemm decode: dequantisation instructions").
+const DECODE_INSTRUCTIONS_PER_FRAGMENT: [f64; 6] = [70.4, 84.7, 96.1, 86.9, 89.0, 91.5];
 
 /// The model's expert sizes: (dim, hidden).
 const REAL_DIMS: (usize, usize) = (4096, 2048);

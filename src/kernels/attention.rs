@@ -51,6 +51,10 @@ const TARGET_BLOCKS: usize = SMS * 3;
 /// 26.8 (16) and 30.9 (128), and 26.0 before the fusion (two launches, 64 splits); 32k context 39.9 µs with 128 splits
 /// against 42.3 (64), and 42.2 before.
 const ONE_BLOCK_PER_SM_UNITS: usize = 8;
+/// Longest KV split (tokens) of the one-block-per-SM plan: past it the heuristic aims for `TARGET_BLOCKS` instead
+/// (batch 1 at 32k context, 2 row tiles of 32,768 tokens over 132 SMs, stays one block per SM; batch 8 at 32k does
+/// not).
+const ONE_BLOCK_PER_SM_MAX_SPLIT_TOKENS: usize = 512;
 /// Shortest KV split the heuristic makes (four 32-token tiles). Each split block walks its tiles one after another,
 /// so at batch 1-8 the split length is the kernel's latency; shorter splits cost 1 KiB of f32 partials per row and
 /// split (32 KiB for 32 heads, written by the split blocks and read by the combine, in L2 at these sizes) and a longer
@@ -632,7 +636,11 @@ impl AttentionPlan {
             Some(n) => n,
             None => {
                 let units = num_seqs.max(1) * row_tiles;
-                let target = if units <= ONE_BLOCK_PER_SM_UNITS { SMS } else { TARGET_BLOCKS };
+                // One block per SM only while its splits stay short: each split block walks its tokens one tile
+                // after another, so at batch 8 and 32k context (17 splits of 1,928 tokens) one block per SM was
+                // predicted at 152 µs against 93 µs for `TARGET_BLOCKS` (docs/perf.md "MLA split combine").
+                let short_splits = units * max_kv <= SMS * ONE_BLOCK_PER_SM_MAX_SPLIT_TOKENS;
+                let target = if units <= ONE_BLOCK_PER_SM_UNITS && short_splits { SMS } else { TARGET_BLOCKS };
                 target.div_ceil(units).min(max_kv.div_ceil(MIN_SPLIT_TOKENS)).min(MAX_SPLITS)
             }
         };

@@ -791,22 +791,7 @@ fn linear_add_rms_norm_split_k_equals_the_launches_apart(device: &Device) {
         let want = matmul_nt(&to_f32(&x_host), &deq, rows, in_dim, out_dim);
         for splits in [2, 6] {
             weights.set_decode_k_splits(splits).unwrap();
-            let run = |fused: bool| {
-                let poisoned = || DeviceBuffer::<bf16>::filled_with_byte(device, rows * out_dim, 0xff).unwrap();
-                let (y, h, out) = (poisoned(), poisoned(), poisoned());
-                fn view(b: &DeviceBuffer<bf16>, rows: usize, cols: usize) -> Matrix<'_, bf16> {
-                    b.view([rows, cols]).unwrap()
-                }
-                let view = |b| view(b, rows, out_dim);
-                let norm = ResidualNorm { residual: view(&residual), weight: gamma.as_vector(), residual_out: view(&h), out: view(&out), eps: 1e-6 };
-                if fused {
-                    dense::linear_add_rms_norm(&weights, x.view([rows, in_dim]).unwrap(), view(&y), &norm, &counters).unwrap();
-                } else {
-                    dense::linear(&weights, x.view([rows, in_dim]).unwrap(), view(&y)).unwrap();
-                    norm::add_rms_norm(view(&y), norm.residual, norm.weight, norm.residual_out, norm.out, norm.eps).unwrap();
-                }
-                (bits(&y), bits(&h), bits(&out))
-            };
+            let run = |fused: bool| wo_add_rms_norm_bits(&weights, &x, &residual, &gamma, &counters, fused);
             let apart = run(false);
             let what = format!("{format} K {in_dim} rows {rows} splits {splits}");
             for launch in 0..2 {
@@ -817,6 +802,34 @@ fn linear_add_rms_norm_split_k_equals_the_launches_apart(device: &Device) {
             assert!(apart.2.iter().all(|&b| !bf16::from_bits(b).is_nan()), "{what}: a row left unnormed");
         }
     }
+}
+
+/// The bits of (y, h, out) for `rows` = x's rows of wo then the residual add + RMSNorm, in one launch
+/// (`linear_add_rms_norm`, `fused`) or two (`linear`, `add_rms_norm`), into outputs poisoned with NaN first.
+fn wo_add_rms_norm_bits(
+    weights: &DeviceWeights,
+    x: &DeviceBuffer<bf16>,
+    residual: &DeviceBuffer<bf16>,
+    gamma: &DeviceBuffer<bf16>,
+    counters: &RowCounters,
+    fused: bool,
+) -> (Vec<u16>, Vec<u16>, Vec<u16>) {
+    let (in_dim, out_dim) = (weights.k_dim, weights.out_cols);
+    let rows = x.len() / in_dim;
+    let poisoned = || DeviceBuffer::<bf16>::filled_with_byte(x.device(), rows * out_dim, 0xff).unwrap();
+    let (y, h, out) = (poisoned(), poisoned(), poisoned());
+    fn view(b: &DeviceBuffer<bf16>, rows: usize, cols: usize) -> Matrix<'_, bf16> {
+        b.view([rows, cols]).unwrap()
+    }
+    let view = |b| view(b, rows, out_dim);
+    let norm = ResidualNorm { residual: view(residual), weight: gamma.as_vector(), residual_out: view(&h), out: view(&out), eps: 1e-6 };
+    if fused {
+        dense::linear_add_rms_norm(weights, x.view([rows, in_dim]).unwrap(), view(&y), &norm, counters).unwrap();
+    } else {
+        dense::linear(weights, x.view([rows, in_dim]).unwrap(), view(&y)).unwrap();
+        norm::add_rms_norm(view(&y), norm.residual, norm.weight, norm.residual_out, norm.out, norm.eps).unwrap();
+    }
+    (bits(&y), bits(&h), bits(&out))
 }
 
 /// `linear_add_rms_norm` (the GEMM finishing its rows with the residual add + RMSNorm, one launch) gives bit for bit
@@ -832,22 +845,7 @@ fn linear_add_rms_norm_equals_the_launches_apart(device: &Device) {
         let (x, residual) = (upload(&random_bf16(&mut rng, rows * in_dim, 1.0)), upload(&random_bf16(&mut rng, rows * out_dim, 1.0)));
         let gamma = upload(&random_bf16(&mut rng, out_dim, 1.0));
         let counters = RowCounters::new(device, rows).unwrap();
-        let run = |fused: bool| {
-            let poisoned = || DeviceBuffer::<bf16>::filled_with_byte(device, rows * out_dim, 0xff).unwrap();
-            let (y, h, out) = (poisoned(), poisoned(), poisoned());
-            fn view(b: &DeviceBuffer<bf16>, rows: usize, cols: usize) -> Matrix<'_, bf16> {
-                b.view([rows, cols]).unwrap()
-            }
-            let view = |b| view(b, rows, out_dim);
-            let norm = ResidualNorm { residual: view(&residual), weight: gamma.as_vector(), residual_out: view(&h), out: view(&out), eps: 1e-6 };
-            if fused {
-                dense::linear_add_rms_norm(&weights, x.view([rows, in_dim]).unwrap(), view(&y), &norm, &counters).unwrap();
-            } else {
-                dense::linear(&weights, x.view([rows, in_dim]).unwrap(), view(&y)).unwrap();
-                norm::add_rms_norm(view(&y), norm.residual, norm.weight, norm.residual_out, norm.out, norm.eps).unwrap();
-            }
-            (bits(&y), bits(&h), bits(&out))
-        };
+        let run = |fused: bool| wo_add_rms_norm_bits(&weights, &x, &residual, &gamma, &counters, fused);
         let apart = run(false);
         for launch in 0..2 {
             assert_eq!(run(true), apart, "{format} rows {rows}, fused launch {launch}");

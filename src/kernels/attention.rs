@@ -766,26 +766,19 @@ pub enum SplitCombine {
 
 thread_local! {
     /// [`SplitCombine::run`]'s choice for the calling thread.
-    static SPLIT_COMBINE: std::cell::Cell<SplitCombine> = const { std::cell::Cell::new(SplitCombine::Fused) };
+    static SPLIT_COMBINE: std::cell::Cell<Option<SplitCombine>> = const { std::cell::Cell::new(None) };
 }
 
 impl SplitCombine {
     /// The choice in force on this thread ([`SplitCombine::Fused`] outside [`SplitCombine::run`]).
     pub fn current() -> Self {
-        SPLIT_COMBINE.get()
+        SPLIT_COMBINE.get().unwrap_or(SplitCombine::Fused)
     }
 
     /// Runs `f` with this choice on the calling thread (launches are issued on the thread that calls the wrapper),
     /// restoring the previous choice afterwards, also when `f` panics.
     pub fn run<R>(self, f: impl FnOnce() -> R) -> R {
-        struct Restore(SplitCombine);
-        impl Drop for Restore {
-            fn drop(&mut self) {
-                SPLIT_COMBINE.set(self.0);
-            }
-        }
-        let _restore = Restore(SPLIT_COMBINE.replace(self));
-        f()
+        super::with_choice(&SPLIT_COMBINE, self, f)
     }
 }
 

@@ -22,6 +22,43 @@ pub use tensor::{DType, Matrix, TensorView, Vector};
 
 use crate::device::KernelModule;
 
+/// The per-thread override of a kernel choice (a `thread_local!` cell), for the wrappers that offer one
+/// ([`moe_wgmma::PrefillGemm`], [`vision::VisionAttentionKernel`], [`attention::SplitCombine`]).
+type ChoiceSlot<T> = std::thread::LocalKey<std::cell::Cell<Option<T>>>;
+
+/// Runs `f` with `choice` in `slot` on the calling thread (launches are issued on the thread that calls the
+/// wrapper), restoring the previous value afterwards, also when `f` panics.
+fn with_choice<T: Copy + 'static, R>(slot: &'static ChoiceSlot<T>, choice: T, f: impl FnOnce() -> R) -> R {
+    struct Restore<T: Copy + 'static>(&'static ChoiceSlot<T>, Option<T>);
+    impl<T: Copy + 'static> Drop for Restore<T> {
+        fn drop(&mut self) {
+            self.0.set(self.1);
+        }
+    }
+    let _restore = Restore(slot, slot.replace(Some(choice)));
+    f()
+}
+
+/// The choice in force on this thread: `slot`'s ([`with_choice`]), else the environment variable `var` read by
+/// `names` (each accepted value and its choice), else `default`. `Error::InvalidArgument` naming the accepted values
+/// for any other value of `var`.
+fn current_choice<T: Copy + 'static>(slot: &'static ChoiceSlot<T>, var: &str, names: &[(&str, T)], default: T) -> crate::error::Result<T> {
+    if let Some(choice) = slot.get() {
+        return Ok(choice);
+    }
+    let Ok(value) = std::env::var(var) else { return Ok(default) };
+    if let Some(&(_, choice)) = names.iter().find(|(name, _)| *name == value) {
+        return Ok(choice);
+    }
+    let accepted: Vec<&str> = names.iter().map(|(name, _)| *name).collect();
+    let expected = match accepted.split_last() {
+        Some((last, [])) => last.to_string(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
+    };
+    Err(crate::error::Error::InvalidArgument(format!("{var}={value}: expected {expected}")))
+}
+
 /// The PTX and cubin of every kernel family, written by build.rs.
 pub mod modules {
     use super::KernelModule;

@@ -84,29 +84,14 @@ impl PrefillGemm {
     /// else [`PrefillGemm::Wgmma`]. `Error::InvalidArgument` for an environment value other than `wgmma`,
     /// `wgmma_gather` and `mma_sync`.
     pub fn current() -> Result<Self> {
-        if let Some(choice) = OVERRIDE.get() {
-            return Ok(choice);
-        }
-        match std::env::var(PREFILL_GEMM_ENV) {
-            Err(_) => Ok(Self::Wgmma),
-            Ok(v) if v == "wgmma" => Ok(Self::Wgmma),
-            Ok(v) if v == "wgmma_gather" => Ok(Self::WgmmaGather),
-            Ok(v) if v == "mma_sync" => Ok(Self::MmaSync),
-            Ok(v) => Err(Error::InvalidArgument(format!("{PREFILL_GEMM_ENV}={v}: expected wgmma, wgmma_gather or mma_sync"))),
-        }
+        let names = [("wgmma", Self::Wgmma), ("wgmma_gather", Self::WgmmaGather), ("mma_sync", Self::MmaSync)];
+        super::current_choice(&OVERRIDE, PREFILL_GEMM_ENV, &names, Self::Wgmma)
     }
 
     /// Runs `f` with this choice on the calling thread (launches are issued on the thread that calls the wrapper),
     /// restoring the previous choice afterwards, also when `f` panics.
     pub fn run<R>(self, f: impl FnOnce() -> R) -> R {
-        struct Restore(Option<PrefillGemm>);
-        impl Drop for Restore {
-            fn drop(&mut self) {
-                OVERRIDE.set(self.0);
-            }
-        }
-        let _restore = Restore(OVERRIDE.replace(Some(self)));
-        f()
+        super::with_choice(&OVERRIDE, self, f)
     }
 }
 

@@ -84,28 +84,13 @@ impl VisionAttentionKernel {
     /// (`SMALL4_VISION_ATTENTION`), else [`VisionAttentionKernel::Wgmma`]. `Error::InvalidArgument` for an environment
     /// value other than `wgmma` and `mma_sync`.
     pub fn current() -> Result<Self> {
-        if let Some(choice) = ATTENTION_OVERRIDE.get() {
-            return Ok(choice);
-        }
-        match std::env::var(VISION_ATTENTION_ENV) {
-            Err(_) => Ok(Self::Wgmma),
-            Ok(v) if v == "wgmma" => Ok(Self::Wgmma),
-            Ok(v) if v == "mma_sync" => Ok(Self::MmaSync),
-            Ok(v) => Err(Error::InvalidArgument(format!("{VISION_ATTENTION_ENV}={v}: expected wgmma or mma_sync"))),
-        }
+        super::current_choice(&ATTENTION_OVERRIDE, VISION_ATTENTION_ENV, &[("wgmma", Self::Wgmma), ("mma_sync", Self::MmaSync)], Self::Wgmma)
     }
 
     /// Runs `f` with this choice on the calling thread (launches are issued on the thread that calls the wrapper),
     /// restoring the previous choice afterwards, also when `f` panics.
     pub fn run<R>(self, f: impl FnOnce() -> R) -> R {
-        struct Restore(Option<VisionAttentionKernel>);
-        impl Drop for Restore {
-            fn drop(&mut self) {
-                ATTENTION_OVERRIDE.set(self.0);
-            }
-        }
-        let _restore = Restore(ATTENTION_OVERRIDE.replace(Some(self)));
-        f()
+        super::with_choice(&ATTENTION_OVERRIDE, self, f)
     }
 }
 const THREADS: usize = 256;

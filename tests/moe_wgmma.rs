@@ -488,18 +488,7 @@ fn print_prefill_counters(format: WeightFormat) {
                 })
                 .unwrap();
             let c = device.last_launch_counters().unwrap();
-            println!(
-                "| {launch} | {} | {} / {} | {} | {} | {} | {} | {} | {} |",
-                c.kernel,
-                c.blocks_run,
-                c.blocks,
-                c.instructions,
-                c.shared_requests,
-                c.shared_bank_conflicts,
-                c.global_bytes_read,
-                c.tensor_core_ops,
-                c.tensor_flops
-            );
+            println!("| {launch} | {} |", counter_cells(&c));
         }
     }
 }

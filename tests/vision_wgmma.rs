@@ -15,7 +15,7 @@ mod common;
 use std::ops::Range;
 use std::sync::Arc;
 
-use common::{assert_close, random_bf16, regex_free_replace, rng, to_f32, Planted};
+use common::{assert_close, counter_cells, random_bf16, regex_free_replace, rng, to_f32, Planted};
 use half::bf16;
 use small4::device::{Device, DeviceBuffer, KernelModule};
 use small4::kernels::vision::{vision_attention, TokenSegments, VisionAttentionKernel};
@@ -175,17 +175,6 @@ fn attention_counters_at_1024_tokens_16_heads() {
         let view = x.view([tokens, heads, 64]).unwrap();
         kernel.run(|| vision_attention(view, view, view, out.view([tokens, heads, 64])?, &segments, 0.125)).unwrap();
         let c = device.last_launch_counters().unwrap();
-        println!(
-            "| {} | {} / {} | {} | {} | {} | {} | {} | {} |",
-            c.kernel,
-            c.blocks_run,
-            c.blocks,
-            c.instructions,
-            c.shared_requests,
-            c.shared_bank_conflicts,
-            c.global_bytes_read,
-            c.tensor_core_ops,
-            c.tensor_flops
-        );
+        println!("| {} |", counter_cells(&c));
     }
 }

@@ -234,3 +234,12 @@ pub fn regex_free_replace(text: &str, prefix: &str, middle: &str, replacement: &
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+/// One launch's interpreter counters as the cells of docs/perf.md's counter tables: kernel | blocks run / grid | warp
+/// instructions | shared requests | bank-conflict wavefronts | global bytes read | tensor instructions | tensor FLOPs.
+pub fn counter_cells(c: &small4::device::LaunchCounters) -> String {
+    format!(
+        "{} | {} / {} | {} | {} | {} | {} | {} | {}",
+        c.kernel, c.blocks_run, c.blocks, c.instructions, c.shared_requests, c.shared_bank_conflicts, c.global_bytes_read, c.tensor_core_ops, c.tensor_flops
+    )
+}

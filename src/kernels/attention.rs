@@ -15,6 +15,8 @@ use super::moe::{DeviceWeights, RowCounters, RowFinish};
 use super::norm;
 use super::params::{MlaAttentionParams, MlaCacheWriteParams, MlaCopyPagesParams};
 use super::{Matrix, TensorView, Vector};
+// The SM count the split heuristic fills (an H100 SXM's or an H200's).
+use super::TARGET_SMS as SMS;
 use crate::device::{launch_with, Device, DeviceBuffer, Dim3, Kernel, LaunchConfig};
 use crate::error::{Error, Result};
 use crate::model::kv_cache::{BatchTables, CacheDescriptor, CacheDtype, PageCopy};
@@ -37,8 +39,6 @@ const COMBINE_WARPS: usize = 8;
 /// past the plan's row warps share the tile loads and then the combine (4 rows a warp at once), so the last split
 /// block's combine of a 32-head tile runs on 8 warps instead of 2 (`kMaxBlockWarps` in the .cu file).
 const FUSED_BLOCK_WARPS: usize = 8;
-/// H100 SXM streaming multiprocessors.
-const SMS: usize = 132;
 
 /// Attention blocks per SM that shared memory allows (~62 KiB each) on all SMs: the split heuristic aims for this
 /// many blocks from 9 (sequence, row tile) units up; the fused combine's tail then runs on the 2 row warps of each

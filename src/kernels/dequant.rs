@@ -17,9 +17,10 @@ const INT4: Kernel = Kernel { module: DEQUANT, entry: "dequant_int4" };
 const NVFP4: Kernel = Kernel { module: DEQUANT, entry: "dequant_nvfp4" };
 
 const THREADS: u32 = 256;
-/// Grid cap of the grid-stride loop: 4 blocks of 256 threads on each of an H100's 132 SMs (at the kernels' at most 53
-/// registers, 4 x 256 x 53 = 54k of an SM's 64k registers); more blocks would only queue behind these.
-const MAX_BLOCKS: u32 = 132 * 4;
+/// Grid cap of the grid-stride loop: 4 blocks of 256 threads on each of an H100's 132 SMs (`TARGET_SMS`; at the
+/// kernels' at most 53 registers, 4 x 256 x 53 = 54k of an SM's 64k registers); more blocks would only queue behind
+/// these.
+const MAX_BLOCKS: u32 = super::TARGET_SMS as u32 * 4;
 /// Outputs per warp tile: 32 lanes x one 16-byte vector of 8-bit (16 elements) or 4-bit (32 elements) codes.
 const fn elements_per_tile(bits: usize) -> usize {
     32 * 128 / bits

@@ -22,6 +22,10 @@ pub use tensor::{DType, Matrix, TensorView, Vector};
 
 use crate::device::KernelModule;
 
+/// Streaming multiprocessors of an H100 SXM and of an H200, the GPUs the launch shapes (grid caps, split counts) are
+/// chosen for.
+const TARGET_SMS: usize = 132;
+
 /// The per-thread override of a kernel choice (a `thread_local!` cell), for the wrappers that offer one
 /// ([`moe_wgmma::PrefillGemm`], [`vision::VisionAttentionKernel`], [`attention::SplitCombine`]).
 type ChoiceSlot<T> = std::thread::LocalKey<std::cell::Cell<Option<T>>>;

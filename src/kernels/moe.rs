@@ -39,10 +39,7 @@ enum TileShape {
 /// (batch 1: 4 experts x 32 column blocks) runs the narrow tile instead, which doubles the blocks. The timing model
 /// agrees (`small4 calibrate --predict decode-choices`, docs/perf.md "Decode tile choices"): on the H200 narrow is
 /// faster at batch 1 in all five formats (bf16 79.5 vs 96.8 µs) and slower at batch 32 (bf16 1269 vs 1120 µs).
-const FULL_GRID_BLOCKS: usize = 2 * GPU_SMS;
-
-/// SMs of an H100 SXM or an H200, the GPUs the decode choices are made for.
-const GPU_SMS: usize = 132;
+const FULL_GRID_BLOCKS: usize = 2 * super::TARGET_SMS;
 
 /// Fewest 64-k blocks one split of a split-K launch reduces: 256 of k, 32 KiB of bf16 weights a block. Its f32
 /// partials, stored and read back once (through L2), are 1 KiB of that at batch 1 and 16 KiB at 32 rows (the narrow
@@ -478,16 +475,18 @@ impl DeviceWeights {
                 self.experts
             )));
         }
-        self.split_k = None;
-        if splits > 1 {
+        // Allocated before anything is replaced: a failed allocation leaves the matrix's splits as they were.
+        self.split_k = if splits > 1 {
             let device = self.data.device();
             let column_blocks = self.rows_padded / TileShape::Narrow.features();
-            self.split_k = Some(SplitK {
+            Some(SplitK {
                 splits,
                 partials: DeviceBuffer::alloc(device, column_blocks * splits * SPLIT_PARTIAL_FLOATS)?,
                 counters: DeviceBuffer::from_slice(device, &vec![0i32; column_blocks])?,
-            });
-        }
+            })
+        } else {
+            None
+        };
         Ok(())
     }
 }

@@ -43,8 +43,8 @@ const CODES: Kernel = Kernel { module: SYNTH, entry: "synth_packed_codes" };
 const SCALES: Kernel = Kernel { module: SYNTH, entry: "synth_packed_scales" };
 
 const THREADS: u32 = 256;
-/// Grid cap of the grid-stride loops: 8 blocks of 256 threads on each of an H100's 132 SMs.
-const MAX_BLOCKS: u32 = 132 * 8;
+/// Grid cap of the grid-stride loops: 8 blocks of 256 threads on each of an H100's 132 SMs (`TARGET_SMS`).
+const MAX_BLOCKS: u32 = super::TARGET_SMS as u32 * 8;
 
 fn launch<P: Copy>(device: &Device, kernel: &Kernel, items: usize, params: &P) -> Result<()> {
     if items == 0 {

@@ -682,9 +682,12 @@ fn replay(
     sample_blocks: u64,
     moe_weights: &mut Option<(WeightFormat, MoeLayerWeights)>,
 ) -> Result<Vec<LaunchCounters>> {
-    // Never sampled: the router (its last block of a token group does the top-k and alignment) and the dense GEMM (a
-    // split-K launch's last block of each tile sums the splits and runs the epilogue), which a sample would miss.
-    let sampled = !matches!(spec.family.as_str(), "router" | "dense");
+    // Never sampled: the launches whose last-arriving blocks do work a sample would miss: the router (its last block
+    // of a token group does the top-k and alignment), the dense GEMM (a split-K launch's last block of each tile sums
+    // the splits and runs the epilogue) and MLA decode with the split combine fused (the last split block of each row
+    // tile combines).
+    let fused_combine = spec.family == "mla" && spec.get("combine") == Some("fused");
+    let sampled = !(matches!(spec.family.as_str(), "router" | "dense") || fused_combine);
     sim.set_block_sample(sampled.then_some(sample_blocks));
     // Every stored measurement ran the mma.sync prefill GEMM (the wgmma one, the default now, came later).
     let result = PrefillGemm::MmaSync.run(|| match spec.family.as_str() {
@@ -839,7 +842,7 @@ const MLA_ALIAS_BYTES: usize = 256 << 20;
 /// (decode; no `splits=`: the split heuristic's count) or `mla_prefill new= prefix=`. `combine=fused` runs the split
 /// combine inside the attention launch, as the code does now; without it (or `combine=launch`) as its own launch, as
 /// every stored measurement ran it (the fusion came later). A fused launch's combine runs in the last split block of
-/// each row tile, so only a whole launch counts it: replay fused cases with `--sample-blocks` above their grid.
+/// each row tile, so only a whole launch counts it: fused cases are replayed unsampled.
 fn replay_mla(sim: &SimBackend, device: &Device, spec: &Spec) -> Result<Vec<LaunchCounters>> {
     let mut rng = StdRng::seed_from_u64(1);
     let (batch, lens, rows, q_start, splits, dtype) = if spec.family == "mla_prefill" {

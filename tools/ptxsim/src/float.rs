@@ -199,12 +199,6 @@ pub fn int_to_f64_for_rounding(v: i128) -> f64 {
 /// taken in f64 when no addition rounds (checked with TwoSum), otherwise in a fixed-point integer spanning the whole
 /// f64 range.
 pub fn sum_round_once(terms: &[f64], f: Format, mode: Rnd) -> u32 {
-    if terms.iter().any(|t| t.is_nan()) || (terms.contains(&f64::INFINITY) && terms.contains(&f64::NEG_INFINITY)) {
-        return encode(f64::NAN, f, mode, false);
-    }
-    if let Some(&inf) = terms.iter().find(|t| t.is_infinite()) {
-        return encode(inf, f, mode, false);
-    }
     let Some((&first, rest)) = terms.split_first() else { return 0 };
     let mut sum = first;
     let mut exact = true;
@@ -216,8 +210,19 @@ pub fn sum_round_once(terms: &[f64], f: Format, mode: Rnd) -> u32 {
         exact &= err == 0.0;
         sum = s;
     }
-    if !exact {
+    if !sum.is_finite() {
+        if terms.iter().any(|t| t.is_nan()) || (terms.contains(&f64::INFINITY) && terms.contains(&f64::NEG_INFINITY)) {
+            return encode(f64::NAN, f, mode, false);
+        }
+        match terms.iter().find(|t| t.is_infinite()) {
+            Some(&inf) => return encode(inf, f, mode, false),
+            None => sum = exact_sum_to_odd(terms), // finite terms whose f64 partial sums overflowed
+        }
+    } else if !exact {
         sum = exact_sum_to_odd(terms);
+    }
+    if f == F32 && matches!(mode, Rnd::Rn | Rnd::None) {
+        return (sum as f32).to_bits();
     }
     encode(sum, f, mode, false)
 }
@@ -381,6 +386,10 @@ mod tests {
         assert_eq!(sum_round_once(&[1.0, f64::INFINITY], F16, Rnd::Rn), 0x7c00);
         assert_eq!(sum_round_once(&[f64::NEG_INFINITY, f64::INFINITY], F32, Rnd::Rn), 0x7fff_ffff);
         assert_eq!(sum_round_once(&[65504.0, 16.0, pow2(-40)], F16, Rnd::Rn), 0x7c00);
+        assert_eq!(sum_round_once(&[f64::NAN, 1.0], F16, Rnd::Rn), 0x7fff);
+        let big = f64::MAX;
+        assert_eq!(sum_round_once(&[big, big, -big], F32, Rnd::Rn), 0x7f80_0000, "partial sums overflow, the exact sum rounds to inf");
+        assert_eq!(sum_round_once(&[big, big, -big, -big, 1.0], F32, Rnd::Rn), 0x3f80_0000);
         assert_eq!(exact_sum_to_odd(&[pow2(1000), -f64::from_bits(1)]), pow2(1000) - pow2(947), "truncated to 53 ones, already odd");
     }
 

@@ -30,6 +30,7 @@ enum Layout {
 /// Input element types.
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum In {
+    Tf32,
     Bf16,
     F16,
     E4m3,
@@ -39,6 +40,7 @@ enum In {
 impl In {
     fn name(self) -> &'static str {
         match self {
+            In::Tf32 => "tf32",
             In::Bf16 => "bf16",
             In::F16 => "f16",
             In::E4m3 => "e4m3",
@@ -47,6 +49,7 @@ impl In {
     }
     fn bytes(self) -> u32 {
         match self {
+            In::Tf32 => 4,
             In::Bf16 | In::F16 => 2,
             In::E4m3 | In::E5m2 => 1,
         }
@@ -54,6 +57,8 @@ impl In {
     /// Exact value of an encoding (an fp8 decoder written from the OCP definitions, independent of the interpreter).
     fn value(self, bits: u32) -> f64 {
         let (man_bits, bias) = match self {
+            // The tensor cores ignore the low 13 bits of a tf32 operand.
+            In::Tf32 => return f32::from_bits(bits & !0x1fff) as f64,
             In::Bf16 => return bf16::from_bits(bits as u16).to_f64(),
             In::F16 => return f16::from_bits(bits as u16).to_f64(),
             In::E4m3 => (3, 7),
@@ -72,6 +77,8 @@ impl In {
     /// The encoding of a small integer (exact in every type).
     fn int(self, v: f32) -> u32 {
         match self {
+            // Junk in the 13 bits the tensor cores ignore (a zero becomes an f32 subnormal that reads as 0).
+            In::Tf32 => v.to_bits() | 0x0abc,
             In::Bf16 => bf16::from_f32(v).to_bits() as u32,
             In::F16 => f16::from_f32(v).to_bits() as u32,
             _ => (0..256).find(|&c| self.value(c) == v as f64).expect("small integers are exact in fp8"),
@@ -80,6 +87,7 @@ impl In {
     /// TMA element type of the operand.
     fn tma(self) -> u32 {
         match self {
+            In::Tf32 => DataType::Float32 as u32,
             In::Bf16 => DataType::Bfloat16 as u32,
             In::F16 => DataType::Float16 as u32,
             _ => DataType::Uint8 as u32,
@@ -380,14 +388,17 @@ fn run_source(c: &Case, src: &str, wgmma_fence_check: bool) -> Result<(Vec<Vec<u
         words[4 * ks as usize + 2] = db as u32;
         words[4 * ks as usize + 3] = (db >> 32) as u32;
         maps = vec![map_a, map_b];
-        // A in registers (HOPPER-ASYNC.md §1.5), thread t of warp w, lane g * 4 + q: 16-bit element i in register
+        // A in registers (HOPPER-ASYNC.md §1.5), thread t of warp w, lane g * 4 + q: tf32 element i in register i at
+        // row 16w + g + 8(i & 1), column q + 4(i >> 1); 16-bit element i in register
         // i / 2 at row 16w + g + 8((i >> 1) & 1), column 2q + (i & 1) + 8(i >> 2); 8-bit element i in register i / 4
         // (byte i & 3) at row 16w + g + 8((i >> 2) & 1), column 4q + (i & 3) + 16(i >> 3).
         for t in 0..128u32 {
             let (wr, l) = (t / 32, t % 32);
             let (g, q) = (l / 4, l % 4);
             for i in 0..16 / ea {
-                let (reg, shift, row, col) = if ea == 2 {
+                let (reg, shift, row, col) = if ea == 4 {
+                    (i, 0, 16 * wr + g + 8 * (i & 1), q + 4 * (i >> 1))
+                } else if ea == 2 {
                     (i >> 1, 16 * (i & 1), 16 * wr + g + 8 * ((i >> 1) & 1), 2 * q + (i & 1) + 8 * (i >> 2))
                 } else {
                     (i >> 2, 8 * (i & 3), 16 * wr + g + 8 * ((i >> 2) & 1), 4 * q + (i & 3) + 16 * (i >> 3))
@@ -470,7 +481,7 @@ fn reference(c: &Case, (ac, bc): &(Vec<Vec<u32>>, Vec<Vec<u32>>), m: u32, n: u32
 /// The smallest normal exponent of an input type.
 fn min_exponent(ty: In) -> i32 {
     match ty {
-        In::Bf16 => -126,
+        In::Tf32 | In::Bf16 => -126,
         In::F16 | In::E5m2 => -14,
         In::E4m3 => -6,
     }
@@ -733,4 +744,31 @@ fn hopper_model_matches_mma_sim_on_random_fp8_and_agrees_on_small_integers() {
     check(Case { model: hopper, a_in_regs: true, f16_acc: true, ..fp8(64, 128, In::E5m2, In::E5m2, sw) });
     check(Case { model: hopper, ..case(256, 64, sw, sw) });
     check(Case { model: hopper, a_in_regs: true, ..case(64, 64, sw, sw) });
+}
+
+#[test]
+fn tf32_k8_with_the_low_13_bits_ignored() {
+    // tf32 words carry junk in their low 13 bits (f32 bits of small integers | 0xabc): the products ignore it.
+    for layout in [Layout::KMajorInterleave, Layout::KMajor(Swizzle::B32), Layout::KMajor(Swizzle::B64), Layout::KMajor(Swizzle::B128)] {
+        let k = match layout {
+            Layout::KMajor(s) => 4 << s as u32,
+            _ => 16,
+        };
+        let c = Case { a_ty: In::Tf32, b_ty: In::Tf32, ..case(64, k, layout, layout) };
+        check(c);
+        check(Case { a_in_regs: true, neg_a: true, ..c });
+    }
+    let sw = Layout::KMajor(Swizzle::B128);
+    let c = Case { a_ty: In::Tf32, b_ty: In::Tf32, ..case(8, 32, sw, sw) };
+    for n in [8, 128, 256] {
+        check(Case { n, zero_c_at: Some(2), ..c });
+    }
+    let counters = check(Case { n: 256, model: TensorArith::HopperTruncated, ..c });
+    assert_eq!(counters.tensor_flops, 16 * 2 * 16 * 256 * 8);
+    // tf32 has only the f32 accumulator and no imm-trans operands.
+    let good = source(&c, "", "");
+    let e = Module::parse(&good.replace("k8.f32.tf32", "k8.f16.tf32")).unwrap_err().to_string();
+    assert!(e.contains("tf32 inputs need the k8 shape and an f32 accumulator"), "{e}");
+    let e = Module::parse(&good.replace(", 0, 1, 1;", ", 0, 1, 1, 0, 0;")).unwrap_err().to_string();
+    assert!(e.contains("expected 6 operands"), "{e}");
 }

@@ -8,9 +8,10 @@
 //! until every warp of the warpgroup has committed as many groups as the waiting warp, then retires those groups in
 //! all four warps.
 //!
-//! Shapes: m64nNk16 with f16/bf16 inputs, m64nNk32 with e4m3/e5m2 inputs; every shape reads 32 bytes of K per row.
+//! Shapes: m64nNk8 with tf32 inputs, m64nNk16 with f16/bf16, m64nNk32 with e4m3/e5m2; every shape reads 32 bytes of K
+//! per row.
 //!
-//! Arithmetic: the products of the inputs (f16, bf16, e4m3, e5m2) are exact in f64; per output element and
+//! Arithmetic: the products of the inputs (tf32, f16, bf16, e4m3, e5m2) are exact in f64; per output element and
 //! instruction, `float::dot_add` combines C and the K products as `Machine::tensor_arith` says: summed exactly and
 //! rounded once (the default), or MMA-Sim's truncating Hopper model (HOPPER-ASYNC.md §1.6). Known-answer tests use
 //! small integers, where every model agrees.
@@ -132,13 +133,24 @@ impl Desc {
     }
 }
 
-/// The format of a wgmma input type (f16, bf16, e4m3 or e5m2).
+/// The format of a wgmma input type (tf32, f16, bf16, e4m3 or e5m2).
 fn input_format(ty: Ty) -> float::Format {
     match ty {
+        Ty::Tf32 => float::TF32,
         Ty::Bf16 => float::BF16,
         Ty::F16 => float::F16,
         Ty::E4m3 => float::E4M3,
         _ => float::E5M2,
+    }
+}
+
+/// Exact value of a wgmma input element's bits; tf32 reads an f32 register or word and ignores its low 13 bits
+/// (PTX ISA §9.7.15.5.2).
+fn decode_input(ty: Ty, bits: u32) -> f64 {
+    if ty == Ty::Tf32 {
+        float::decode(bits >> 13, float::TF32)
+    } else {
+        float::decode(bits, input_format(ty))
     }
 }
 
@@ -147,12 +159,12 @@ impl BlockCtx<'_> {
     fn wgmma_smem(&mut self, w: &mut Warp, desc: &Desc, (mn, k): (u32, u32), k_major: bool, ty: Ty, read: &mut Vec<u32>) -> Result<f64, Fault> {
         let eb = ty.bits() / 8;
         let off = desc.element(mn, k, k_major, eb);
-        let mut b = [0u8; 2];
+        let mut b = [0u8; 4];
         let b = &mut b[..eb as usize];
         self.read(w, Loc::Shared(off), 0, b).map_err(|f| Fault { message: format!("{} (wgmma operand element ({mn}, {k}))", f.message), ..f })?;
         self.check_proxy_fenced(off as usize, eb as usize, w.linear_tid(0), 0, "wgmma.mma_async")?;
         read.push(off);
-        Ok(float::decode(b.iter().rev().fold(0, |v, &x| v << 8 | x as u32), input_format(ty)))
+        Ok(decode_input(ty, b.iter().rev().fold(0, |v, &x| v << 8 | x as u32)))
     }
 
     pub(super) fn wgmma(&mut self, w: &mut Warp, inst: &Inst, spec: WgmmaSpec, exec: u32) -> Result<(), Fault> {
@@ -207,9 +219,9 @@ impl BlockCtx<'_> {
             for l in 0..32usize {
                 let (g, q) = (l as u32 / 4, l as u32 % 4);
                 for i in 0..4 * p {
-                    let v = (w.val(&inst.s[(i / p) as usize], l) >> (bits * (i % p))) as u32 & ((1 << bits) - 1);
+                    let v = (w.val(&inst.s[(i / p) as usize], l) >> (bits * (i % p)) & ((1u64 << bits) - 1)) as u32;
                     let (row, col) = (g + 8 * ((i / p) % 2), p * q + i % p + 4 * p * (i / (2 * p)));
-                    a[row as usize][col as usize] = float::decode(v, input_format(spec.a_ty));
+                    a[row as usize][col as usize] = decode_input(spec.a_ty, v);
                 }
             }
         } else {

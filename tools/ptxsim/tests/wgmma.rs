@@ -1,11 +1,12 @@
-//! wgmma on the interpreter: known-answer m64nNk16 (f16/bf16) and m64nNk32 (e4m3/e5m2, any mix) products with
-//! operands loaded by TMA in every swizzle mode (K-major, and N-major B with imm-trans-b for 16-bit inputs), the
-//! K-advance of the descriptor's start address inside a swizzle row (the DeepGEMM / fast.cu recipe), A from
-//! registers, f16 and f32 accumulators, scale-d (immediate and predicate, false in mid-chain) and negated inputs;
+//! wgmma on the interpreter: known-answer m64nNk8 (tf32), m64nNk16 (f16/bf16) and m64nNk32 (e4m3/e5m2, any mix)
+//! products with operands loaded by TMA in every swizzle mode (K-major, and N-major B with imm-trans-b for 16-bit
+//! inputs), the K-advance of the descriptor's start address inside a swizzle row (the DeepGEMM / fast.cu recipe), A
+//! from registers, f16 and f32 accumulators, scale-d (immediate and predicate, false in mid-chain), negated inputs;
 //! fp8 special values (subnormals, the largest finite values, NaN and infinity codes); and the hazard checks:
 //! overwriting a wgmma's shared operand or touching its registers before the wait_group that retires it, a generic
 //! store read by the wgmma without fence.proxy.async, and a missing wgmma.fence. The reference rounds each
-//! instruction's exact sum once, as the interpreter's default model does; its data keeps every sum exact in f64.
+//! instruction's exact sum once, as the interpreter's default model does (its data keeps every sum exact in f64), or
+//! follows an f64 transliteration of MMA-Sim for `TensorArith::HopperTruncated` (random fp8 data).
 
 mod common;
 

@@ -267,8 +267,7 @@ impl BlockCtx<'_> {
         }
         self.shared.async_read_bytes += 2 * read.len();
         self.wg[w.index as usize].uncommitted.push(WgOp { regs, smem: read });
-        self.counters.tensor_ops += 1;
-        self.counters.tensor_flops += 2 * 16 * 16 * spec.n as u64;
+        self.counters.wgmma_issued(&spec);
         Ok(())
     }
 

@@ -122,7 +122,7 @@ fn wgmma_cases_are_counted_apart_and_take_the_wgmma_rate() {
         let x: Vec<bf16> = (0..256 * 2 * 64).map(|i| bf16::from_f32((i % 7) as f32 / 8.0)).collect();
         let x = DeviceBuffer::from_slice(&device, &x).unwrap();
         let out = DeviceBuffer::<bf16>::alloc(&device, 256 * 2 * 64).unwrap();
-        let segments = TokenSegments::upload(&device, &[0..256]).unwrap();
+        let segments = TokenSegments::upload(&device, std::slice::from_ref(&(0..256))).unwrap();
         let view = x.view([256, 2, 64]).unwrap();
         kernel.run(|| vision_attention(view, view, view, out.view([256, 2, 64])?, &segments, 0.125)).expect("runs");
         device.last_launch_counters().expect("a launch")

@@ -213,6 +213,12 @@ fn nvcc_warp_specialised_tma_wgmma_pipeline() {
     let counters = ws_gemm(false).unwrap_or_else(|e| panic!("{e}"));
     // 4 k-tiles x 4 k-steps x 4 warps.
     assert_eq!(counters.tensor_ops, 64);
+    // Every tensor FLOP is a 16-bit wgmma's (2 x 64 x 64 x K), counted apart for the timing model's wgmma rate.
+    assert_eq!((counters.tensor_flops, counters.wgmma_flops, counters.wgmma_8bit_flops), (2 * 64 * 64 * 256, 2 * 64 * 64 * 256, 0));
+    // A and B (64 x 256 bf16 each, 32 KiB) came by TMA: 2 x 1024 sectors of the copy engines, none of them warp
+    // requests; with C's 16 KiB of stores (512 sectors), the launch's distinct sectors.
+    assert_eq!(counters.async_copy_sectors, 2 * 1024);
+    assert_eq!(counters.distinct_sectors.len(), 2 * 1024 + 512);
     // The planted bug: the stage is released before the wait_group. The other three consumer warps' wgmma reads are
     // then not ordered before the producer's next TMA into that stage, in whatever order the warps run.
     let e = ws_gemm(true).unwrap_err();

@@ -291,8 +291,7 @@ impl BlockCtx<'_> {
         }
         self.shared.async_read_bytes += elem_bytes as usize * read.len();
         self.wg[w.index as usize].uncommitted.push(WgOp { regs, smem: read, elem_bytes });
-        self.counters.tensor_ops += 1;
-        self.counters.tensor_flops += 2 * 16 * spec.k as u64 * spec.n as u64;
+        self.counters.wgmma_issued(&spec);
         Ok(())
     }
 

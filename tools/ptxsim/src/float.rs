@@ -194,6 +194,109 @@ pub fn int_to_f64_for_rounding(v: i128) -> f64 {
     }
 }
 
+/// The exact sum of exactly representable terms, rounded once into `f` with `mode` (the tensor-core "exact sum, round
+/// once" model): a NaN term, or infinities of both signs, give the format's NaN; an infinity gives itself. The sum is
+/// taken in f64 when no addition rounds (checked with TwoSum), otherwise in a fixed-point integer spanning the whole
+/// f64 range.
+pub fn sum_round_once(terms: &[f64], f: Format, mode: Rnd) -> u32 {
+    let Some((&first, rest)) = terms.split_first() else { return 0 };
+    let mut sum = first;
+    let mut exact = true;
+    for &t in rest {
+        // TwoSum (Knuth): `err` is the rounding error of `sum + t`.
+        let s = sum + t;
+        let tt = s - sum;
+        let err = (sum - (s - tt)) + (t - tt);
+        exact &= err == 0.0;
+        sum = s;
+    }
+    if !sum.is_finite() {
+        if terms.iter().any(|t| t.is_nan()) || (terms.contains(&f64::INFINITY) && terms.contains(&f64::NEG_INFINITY)) {
+            return encode(f64::NAN, f, mode, false);
+        }
+        match terms.iter().find(|t| t.is_infinite()) {
+            Some(&inf) => return encode(inf, f, mode, false),
+            None => sum = exact_sum_to_odd(terms), // finite terms whose f64 partial sums overflowed
+        }
+    } else if !exact {
+        sum = exact_sum_to_odd(terms);
+    }
+    if f == F32 && matches!(mode, Rnd::Rn | Rnd::None) {
+        return (sum as f32).to_bits();
+    }
+    encode(sum, f, mode, false)
+}
+
+/// The exact sum of finite terms, rounded to odd at 53 bits: rounding that once more to a format of at most 51
+/// significand bits gives the correctly rounded sum.
+fn exact_sum_to_odd(terms: &[f64]) -> f64 {
+    // Two's-complement fixed point in units of 2^-1074 (the smallest f64): finite values stay below bit 2098, and
+    // the carries of a few thousand terms fit in the top word.
+    const WORDS: usize = 35;
+    let mut acc = [0u64; WORDS];
+    for &t in terms {
+        if t == 0.0 {
+            continue;
+        }
+        let bits = t.to_bits();
+        let raw_e = ((bits >> 52) & 0x7ff) as usize;
+        let frac = bits & ((1 << 52) - 1);
+        // t = ±m * 2^(pos - 1074)
+        let (m, pos) = if raw_e == 0 { (frac, 0) } else { (frac | 1 << 52, raw_e - 1) };
+        let wide = (m as u128) << (pos % 64);
+        let parts = [wide as u64, (wide >> 64) as u64];
+        let mut carry = false;
+        for (i, word) in acc.iter_mut().enumerate().skip(pos / 64) {
+            let part = parts.get(i - pos / 64).copied().unwrap_or(0);
+            if t > 0.0 {
+                let (v, c1) = word.overflowing_add(part);
+                let (v, c2) = v.overflowing_add(carry as u64);
+                *word = v;
+                carry = c1 || c2;
+            } else {
+                let (v, b1) = word.overflowing_sub(part);
+                let (v, b2) = v.overflowing_sub(carry as u64);
+                *word = v;
+                carry = b1 || b2;
+            }
+            if i > pos / 64 + 1 && !carry {
+                break;
+            }
+        }
+    }
+    let negative = acc[WORDS - 1] >> 63 == 1;
+    if negative {
+        let mut carry = true;
+        for word in acc.iter_mut() {
+            let (v, c) = (!*word).overflowing_add(carry as u64);
+            *word = v;
+            carry = c;
+        }
+    }
+    let Some(top_word) = acc.iter().rposition(|&w| w != 0) else { return 0.0 };
+    let top = top_word * 64 + 63 - acc[top_word].leading_zeros() as usize;
+    let bit_window = |lo: usize| -> u64 {
+        let (w, s) = (lo / 64, lo % 64);
+        let high = if s == 0 { 0 } else { acc.get(w + 1).map_or(0, |&x| x << (64 - s)) };
+        (acc[w] >> s) | high
+    };
+    let (m, lo) = if top < 53 {
+        (bit_window(0), 0)
+    } else {
+        let lo = top - 52;
+        let sticky = acc[..lo / 64].iter().any(|&w| w != 0) || acc[lo / 64] & ((1u64 << (lo % 64)) - 1) != 0;
+        ((bit_window(lo) & ((1 << 53) - 1)) | sticky as u64, lo)
+    };
+    // m * 2^(lo - 1074), in two exact scalings so that neither leaves the normal range.
+    let e = lo as i32 - 1074;
+    let v = m as f64 * pow2(e / 2) * pow2(e - e / 2);
+    if negative {
+        -v
+    } else {
+        v
+    }
+}
+
 /// Flushes an f32 subnormal to a signed zero (`.ftz`).
 #[inline(always)]
 pub fn ftz32(v: f32) -> f32 {
@@ -266,6 +369,28 @@ mod tests {
                 assert_eq!(encode(v, E4M3, Rnd::Rn, true), b);
             }
         }
+    }
+
+    #[test]
+    fn sums_round_once() {
+        // 1 + 2^-60 - 2^-61: the f64 sum rounds twice (to 1), the exact sum is just above 1.
+        let terms = [1.0, pow2(-60), -pow2(-61)];
+        assert_eq!(sum_round_once(&terms, F32, Rnd::Rn), 0x3f80_0000);
+        assert_eq!(sum_round_once(&[1.0, pow2(-24), pow2(-70)], F32, Rnd::Rn), 0x3f80_0001, "the tie is broken by the tiny term");
+        assert_eq!(sum_round_once(&[1.0, pow2(-24)], F32, Rnd::Rn), 0x3f80_0000, "an exact tie goes to even");
+        assert_eq!(sum_round_once(&[-1.0, -pow2(-24), -pow2(-70)], F32, Rnd::Rn), 0xbf80_0001);
+        assert_eq!(sum_round_once(&[1.0, -pow2(-70)], F32, Rnd::Rz), 0x3f7f_ffff);
+        assert_eq!(sum_round_once(&[pow2(100), pow2(-100), -pow2(100)], F32, Rnd::Rn), (pow2(-100) as f32).to_bits());
+        assert_eq!(sum_round_once(&[pow2(-149), pow2(-200)], F32, Rnd::Rn), 1);
+        assert_eq!(sum_round_once(&[-0.0, -0.0], F32, Rnd::Rn), 0x8000_0000);
+        assert_eq!(sum_round_once(&[1.0, f64::INFINITY], F16, Rnd::Rn), 0x7c00);
+        assert_eq!(sum_round_once(&[f64::NEG_INFINITY, f64::INFINITY], F32, Rnd::Rn), 0x7fff_ffff);
+        assert_eq!(sum_round_once(&[65504.0, 16.0, pow2(-40)], F16, Rnd::Rn), 0x7c00);
+        assert_eq!(sum_round_once(&[f64::NAN, 1.0], F16, Rnd::Rn), 0x7fff);
+        let big = f64::MAX;
+        assert_eq!(sum_round_once(&[big, big, -big], F32, Rnd::Rn), 0x7f80_0000, "partial sums overflow, the exact sum rounds to inf");
+        assert_eq!(sum_round_once(&[big, big, -big, -big, 1.0], F32, Rnd::Rn), 0x3f80_0000);
+        assert_eq!(exact_sum_to_odd(&[pow2(1000), -f64::from_bits(1)]), pow2(1000) - pow2(947), "truncated to 53 ones, already odd");
     }
 
     #[test]

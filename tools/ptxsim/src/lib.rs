@@ -31,10 +31,11 @@
 //!   directions, `cp.async.bulk.commit_group` / `wait_group{.read}`, `prefetch.tensormap` and the bulk prefetches.
 //!   Loads read their source at issue and land when a thread waits on their barrier's incomplete phase (or when no
 //!   warp can run); stores read their source at issue and write global memory at the `wait_group` that retires them.
-//! - wgmma: `wgmma.mma_async` m64nNk16 (N = 8..256) with f16/bf16 inputs and f32 (or f16) accumulators, A from a
-//!   shared-memory descriptor or registers, B from a descriptor, K-major or transposed, without swizzle or with the
-//!   32/64/128-byte swizzle (the absolute-address XOR TMA uses, so descriptor K-advances inside a swizzle row work),
-//!   scale-d, negated inputs; `wgmma.fence`, `commit_group`, `wait_group` (completing for the whole warpgroup: a wait
+//! - wgmma: `wgmma.mma_async` m64nNk16 (N = 8..256) with f16/bf16 inputs and f32 (or f16) accumulators, and
+//!   m64nNk32 with e4m3/e5m2 inputs (any mix of A and B types; no transposes) and f32 or f16 accumulators; A from a
+//!   shared-memory descriptor or registers, B from a descriptor, K-major or (16-bit) transposed, without swizzle or
+//!   with the 32/64/128-byte swizzle (the absolute-address XOR TMA uses, so descriptor K-advances inside a swizzle
+//!   row work), scale-d (predicate or immediate), negated inputs; `wgmma.fence`, `commit_group`, `wait_group` (completing for the whole warpgroup: a wait
 //!   blocks until the other three warps have committed as many groups). Each warp computes its 16 rows at issue;
 //!   its D/A registers and the shared bytes it read stay in flight until the retiring wait: touching such a register,
 //!   or overwriting such a byte (store, atomic, TMA), is an error. A wgmma before any `wgmma.fence`, or using a
@@ -51,7 +52,7 @@
 //!   `fence.mbarrier_init` (ordering no-ops here), `elect.sync` (lowest lane), `setmaxnreg` (checked: 24..=256, a
 //!   multiple of 8, whole warp), `griddepcontrol` (launches are sequential).
 //!
-//! Known limits: wgmma with tf32, fp8 or int8 inputs and sparse wgmma are not supported yet (they decode as
+//! Known limits: wgmma with tf32 or int8 inputs and sparse wgmma are not supported yet (they decode as
 //! unsupported); wgmma sums exactly and rounds once, where the hardware truncates to 25 fraction bits
 //! (HOPPER-ASYNC.md §1.6), so results can differ in the last bit (small-integer data agrees exactly); registers
 //! the `.aligned` rule (all four warps issue the same wgmma with the same descriptors) is not checked; a non-zero descriptor base offset is an error; no clusters of

@@ -7,6 +7,8 @@ mod common;
 
 use common::*;
 use half::bf16;
+use ptxsim::float;
+use ptxsim::ir::Rnd;
 use ptxsim::tensor_map::{encode_tiled, DataType, Interleave, L2Promotion, OobFill};
 use ptxsim::{Machine, Module};
 
@@ -112,15 +114,55 @@ fn wgmma_variant(kernel: &str, golden: &[u8], k: usize, setup: impl Fn(&mut Mach
     let params = setup(&mut m, out);
     m.launch(&module, kernel, [1, 1, 1], [128, 1, 1], 0, &params).unwrap_or_else(|e| panic!("{kernel}: {e}"));
     assert_eq!(download::<f32>(&m, out, 128 * 32), golden, "{kernel}");
+    assert_is_product(&golden, k, kernel);
+}
+
+/// Checks that `got` (thread t's 32 accumulator registers at 32t) is the 64 x 64 product of a_val and b_val over K.
+fn assert_is_product(got: &[f32], k: usize, kernel: &str) {
     for t in 0..128usize {
         let (w, l) = (t / 32, t % 32);
         let (g, q) = (l / 4, l % 4);
         for i in 0..32usize {
             let (row, col) = (16 * w + g + 8 * ((i >> 1) & 1), 8 * (i >> 2) + 2 * q + (i & 1));
             let want: f32 = (0..k).map(|kk| a_val(row, kk) * b_val(kk, col)).sum();
-            assert_eq!(golden[t * 32 + i], want, "{kernel}: thread {t} element {i}");
+            assert_eq!(got[t * 32 + i], want, "{kernel}: thread {t} element {i}");
         }
     }
+}
+
+/// A row-major matrix of e4m3 codes (the values are small integers, exact in e4m3).
+fn e4m3_matrix(rows: usize, cols: usize, f: impl Fn(usize, usize) -> f32) -> Vec<u8> {
+    (0..rows * cols).map(|i| float::encode(f(i / cols, i % cols) as f64, float::E4M3, Rnd::Rn, false) as u8).collect()
+}
+
+#[test]
+fn nvcc_fp8_wgmma_probes_compute_the_product() {
+    // No H100 dump yet (hopper.cu's program writes hopper_gpu_wgmma_fp8*.bin): the check is the exact product.
+    let module = module();
+    let k = 128;
+    let map = |g| encode_tiled(DataType::Uint8 as u32, 2, g, &[128, 64], &[128], &[128, 64], &[1, 1], 0, 3, 0, 0).unwrap();
+    // A and B from shared memory: 4 m64n64k32 steps per warp.
+    let mut m = Machine::new();
+    let a = upload(&mut m, &e4m3_matrix(64, k, a_val));
+    let b = upload(&mut m, &e4m3_matrix(64, k, |n, kk| b_val(kk, n)));
+    let out = poisoned(&mut m, 128 * 32 * 4);
+    let mut params = map(a).to_vec();
+    params.extend_from_slice(&map(b));
+    params.extend_from_slice(&out.to_le_bytes());
+    let counters = m.launch(&module, "wgmma_fp8_probe", [1, 1, 1], [128, 1, 1], 0, &params).unwrap_or_else(|e| panic!("{e}"));
+    assert_is_product(&download::<f32>(&m, out, 128 * 32), k, "wgmma_fp8_probe");
+    assert_eq!((counters.tensor_ops, counters.tensor_flops), (16, 16 * 2 * 16 * 64 * 32));
+    // A from registers, B from shared memory.
+    let mut m = Machine::new();
+    let a = upload(&mut m, &e4m3_matrix(64, k, a_val));
+    let b = upload(&mut m, &e4m3_matrix(64, k, |n, kk| b_val(kk, n)));
+    let out = poisoned(&mut m, 128 * 32 * 4);
+    let mut params = a.to_le_bytes().to_vec();
+    params.resize(128, 0);
+    params.extend_from_slice(&map(b));
+    params.extend_from_slice(&out.to_le_bytes());
+    m.launch(&module, "wgmma_fp8_rs_probe", [1, 1, 1], [128, 1, 1], 0, &params).unwrap_or_else(|e| panic!("{e}"));
+    assert_is_product(&download::<f32>(&m, out, 128 * 32), k, "wgmma_fp8_rs_probe");
 }
 
 fn bf16_matrix(rows: usize, cols: usize, f: impl Fn(usize, usize) -> f32) -> Vec<bf16> {

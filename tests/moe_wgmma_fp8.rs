@@ -207,6 +207,38 @@ fn dense_at_real_reduction_lengths(device: &Device) {
     }
 }
 
+/// Random data (bf16 activations, weights quantised by `Fp8Block128::quantize` / `Fp8PerTensor::quantize`), where
+/// summation order and the tensor core's rounding matter: the dense f32 GEMM at K 2048 within
+/// `reference::fp8_gemm`'s derived per-element bound of the reference. The activations are positive-leaning
+/// (uniform in [-0.25, 1]) and so are the weights, so the sums are a sizeable fraction of the sums of magnitudes the
+/// bound scales with and a wrong block would exceed it.
+fn dense_random_within_the_derived_bound(device: &Device) {
+    for (format, seed) in FORMATS.into_iter().zip(55..) {
+        let mut rng = rng(seed);
+        let (rows, k_dim, out_dim) = (70, 2048, 128);
+        let w: Vec<f32> = (0..out_dim * k_dim).map(|_| rng.random_range(-0.25f32..1.0) / (k_dim as f32).sqrt()).collect();
+        let w = QuantizedMatrix::quantize(format, &w, out_dim, k_dim).unwrap();
+        let weights = DeviceWeights::upload(device, &repack::repack_linear(&[(&w).into()]).unwrap()).unwrap();
+        let x: Vec<bf16> = (0..rows * k_dim).map(|_| bf16::from_f32(rng.random_range(-0.25f32..1.0))).collect();
+        let x_dev = DeviceBuffer::from_slice(device, &x).unwrap();
+        let x_rows = to_f32(&x);
+        let want = gemm_a8(&quantize_act_block128(&x_rows, rows, k_dim).unwrap(), &w).unwrap();
+        let y = run_a8(device, format, || {
+            let y = DeviceBuffer::<f32>::filled_with_byte(device, rows * out_dim, 0xff)?;
+            dense::linear_f32(&weights, x_dev.view([rows, k_dim])?, y.view([rows, out_dim])?)?;
+            y.to_vec()
+        })
+        .unwrap();
+        let mut worst = 0f32;
+        for (i, ((&got, &value), &bound)) in y.iter().zip(&want.values).zip(&want.bounds).enumerate() {
+            assert!((got - value).abs() <= bound, "{format} random dense element {i}: {got}, reference {value}, bound {bound}");
+            assert!(bound < 0.05 * value.abs(), "{format} element {i}: the bound {bound} is loose against {value}");
+            worst = worst.max((got - value).abs() / bound);
+        }
+        println!("{format} random dense K {k_dim}: largest |kernel - reference| / bound = {worst:.2e}");
+    }
+}
+
 /// Dense bf16 output into a column range of wider rows and the dense SwiGLU (K 384: 3 stages, no wrap; 200 and 96
 /// features: feature tails), both formats: bf16 of the reference bit for bit, the SwiGLU act within its bf16 rounding.
 fn dense_bf16_and_swiglu_outputs(device: &Device) {
@@ -352,14 +384,15 @@ fn grouped_fp8_block_at_real_reduction_lengths(device: &Device) {
 
 backend_tests!(
     quantiser_equals_reference,
+    dense_random_within_the_derived_bound,
     dense_at_real_reduction_lengths,
     dense_bf16_and_swiglu_outputs,
     grouped_fp8_at_real_reduction_lengths,
     grouped_fp8_block_at_real_reduction_lengths
 );
 
-/// Planted bugs in the fp8 kernel (edits of its own PTX), each caught where the unedited kernel passes: every
-/// activation-scale copy reading the next 4 bytes (the next k block's scale: a wrong scale index) gives wrong sums;
+/// Planted bugs in the fp8 kernel (edits of its own PTX), each caught where the unedited kernel passes: the
+/// promotion reading each slot's activation scale from its neighbour's (a wrong scale index) gives wrong sums;
 /// without fence.proxy.async the interpreter reports the producer's cp.async rows reaching wgmma unfenced; with
 /// wait_group 1 instead of 0 it reports the partial read before its wgmmas retire.
 #[test]
@@ -376,9 +409,21 @@ fn planted_bugs_in_the_fp8_kernel_are_caught() {
         std::sync::Arc::new(Planted { inner: small4::device::simulator(), module, entry })
     };
     let run = |device: &Device| dense_f32_mismatches(device, WeightFormat::Fp8Block128, 70, 512, 80);
-    let shifted = regex_free_replace(original, "cp.async.ca.shared.global", "], 4;", "+4], 4;");
-    let bad = run(&planted("shifted_scale", shifted)).unwrap();
-    assert!(bad > 0, "a shifted activation-scale index went unnoticed");
+    // The consumers' 8-byte loads of two slots' activation scales (8 f + 2 t and the next) with the halves swapped:
+    // each slot promoted with its neighbour's scale.
+    let swapped = original
+        .lines()
+        .map(|l| match (l.contains("ld.shared.v2.f32"), l.find('{'), l.find('}')) {
+            (true, Some(open), Some(close)) => {
+                let (a, b) = l[open + 1..close].split_once(',').unwrap();
+                format!("{}{{{}, {}}}{}", &l[..open], b.trim(), a.trim(), &l[close + 1..])
+            }
+            _ => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let bad = run(&planted("swapped_slot_scales", swapped)).unwrap();
+    assert!(bad > 0, "a wrong activation-scale index went unnoticed");
     let hazards: [(&str, String, &str); 2] = [
         ("no_proxy_fence", original.lines().filter(|l| !l.contains("fence.proxy.async")).collect::<Vec<_>>().join("\n"), "no fence.proxy.async"),
         ("wait_group_1", original.replace("wgmma.wait_group.sync.aligned 0;", "wgmma.wait_group.sync.aligned 1;"), "before the wgmma.wait_group"),

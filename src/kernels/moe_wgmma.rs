@@ -3,7 +3,8 @@
 //! that picks them over the mma.sync kernels (`moe_gemm_{bf16,int4,nvfp4}_tiled` in `cuda/moe_gemm.cu`). Each takes
 //! the same parameters and computes the same rows as its mma.sync kernel, so [`super::moe`]'s launcher hands its
 //! launch over with only the block and the shared memory changed; decode tiles, the fp8 formats and the W8A8 kernels
-//! keep mma.sync. Grouped launches gather their activation rows (`moe_gemm_{bf16,int4,nvfp4}_wgmma`); dense ones load
+//! keep mma.sync (the fp8 formats' prefill tile runs on the fp8 tensor cores with [`PrefillGemm::WgmmaFp8Act`]:
+//! [`super::moe_wgmma_fp8`]). Grouped launches gather their activation rows (`moe_gemm_{bf16,int4,nvfp4}_wgmma`); dense ones load
 //! them with TMA (`moe_gemm_{bf16,int4,nvfp4}_wgmma_dense`) through a tensor map made here by the device's
 //! [`Backend::encode_tensor_map_tiled`](crate::device::Backend::encode_tensor_map_tiled).
 

@@ -50,7 +50,7 @@ pub const BLOCK: usize = 128;
 
 /// The floor of a block's largest magnitude: an all-zero (or all-tiny) block gets a finite, non-zero scale
 /// (2^-64 / 448) and quantises to zeros.
-pub const MIN_AMAX: f32 = 5.421_010_862_427_522e-20; // 2^-64
+pub const MIN_AMAX: f32 = f32::from_bits(0x1f80_0000); // 2^-64
 
 /// Byte c of every 32 of a quantised row holds column `permuted_column(c)` of the 32: the k order in which the
 /// repacked fp8 weight fragments reach mma m16n8k32 / wgmma k32 (params.h `MoeQuantizeActParams`).
@@ -108,6 +108,20 @@ impl QuantizedActs {
 /// `moe_quantize_act_e4m3_block128` does: `amax = max(max |x| over the block, MIN_AMAX)` (NaN ignored),
 /// `scale = amax / 448`, code = `f32_to_e4m3(x * (448 / amax))`, each quotient rounded once in f32.
 /// `Error::InvalidArgument` for `cols` not a positive multiple of 128, `Error::Shape` for `x` not `rows x cols`.
+///
+/// ```
+/// use small4::reference::fp8_gemm::{quantize_act_block128, MIN_AMAX};
+///
+/// // A row of 0.25s and one 3.5 (exact: 3.5 = 448 * 2^-7), then an all-zero block.
+/// let mut x = vec![0.25f32; 256];
+/// x[7] = 3.5;
+/// x[128..].fill(0.0);
+/// let q = quantize_act_block128(&x, 1, 256)?;
+/// assert_eq!(q.scales, [2f32.powi(-7), MIN_AMAX / 448.0]);
+/// assert_eq!((q.value(0, 7), q.value(0, 0), q.value(0, 200)), (3.5, 0.25, 0.0));
+/// assert!(quantize_act_block128(&x[..64], 1, 64).is_err()); // not a whole block
+/// # Ok::<(), small4::Error>(())
+/// ```
 pub fn quantize_act_block128(x: &[f32], rows: usize, cols: usize) -> Result<QuantizedActs> {
     if cols == 0 || cols % BLOCK != 0 {
         return Err(Error::InvalidArgument(format!("quantize_act_block128: cols {cols} must be a positive multiple of {BLOCK}")));
@@ -147,16 +161,32 @@ pub struct Fp8GemmOutput {
 /// element, `acc = fma(P_b, a_scale[r, b] * w_scale[n, b], acc)` over the 128-k blocks b, P_b the block's exact sum
 /// of code products rounded to f32, then `y = acc * scale` for per-tensor weights (w_scale 1), as the kernel does.
 /// `Error::InvalidArgument` for another weight format, `Error::Shape` when the k differ.
+///
+/// ```
+/// use small4::quant::{f32_to_e4m3, Fp8PerTensor, QuantizedMatrix, WeightFormat};
+/// use small4::reference::fp8_gemm::{gemm_a8, quantize_act_block128};
+///
+/// // x = 448 * 2^-8 = 1.75 everywhere (scale 2^-8, codes 448); W [2, 128]: codes 1 and -2, per-tensor scale 0.5.
+/// let acts = quantize_act_block128(&[1.75; 128], 1, 128)?;
+/// let codes: Vec<u8> = (0..256).map(|i| f32_to_e4m3(if i < 128 { 1.0 } else { -2.0 })).collect();
+/// let w = QuantizedMatrix::Fp8PerTensor(Fp8PerTensor::from_parts(codes, 2, 128, 0.5)?);
+/// assert_eq!(gemm_a8(&acts, &w)?.values, [128.0 * 1.75 * 0.5, -128.0 * 1.75]);
+/// // bf16 weights have no fp8 GEMM:
+/// let bf16 = QuantizedMatrix::quantize(WeightFormat::Bf16, &[0.0; 128], 1, 128)?;
+/// assert!(gemm_a8(&acts, &bf16).is_err());
+/// # Ok::<(), small4::Error>(())
+/// ```
 pub fn gemm_a8(acts: &QuantizedActs, w: &QuantizedMatrix) -> Result<Fp8GemmOutput> {
     let (n, k) = w.shape();
     if k != acts.cols {
         return Err(Error::shape("gemm_a8 k", k, acts.cols));
     }
-    let (codes, row_scale, block_scale): (&[u8], f32, Box<dyn Fn(usize, usize) -> f32 + '_>) = match w {
-        QuantizedMatrix::Fp8PerTensor(m) => (&m.data, m.scale, Box::new(|_, _| 1.0)),
-        QuantizedMatrix::Fp8Block128(m) => (&m.data, 1.0, Box::new(move |row, b| m.scales[(row / BLOCK) * k.div_ceil(BLOCK) + b])),
+    let (codes, row_scale, block_scales): (&[u8], f32, Option<&[f32]>) = match w {
+        QuantizedMatrix::Fp8PerTensor(m) => (&m.data, m.scale, None),
+        QuantizedMatrix::Fp8Block128(m) => (&m.data, 1.0, Some(&m.scales)),
         other => return Err(Error::InvalidArgument(format!("gemm_a8: fp8 weights, not {}", other.format()))),
     };
+    let block_scale = |row: usize, b: usize| block_scales.map_or(1.0, |s| s[(row / BLOCK) * k.div_ceil(BLOCK) + b]);
     let blocks = k / BLOCK;
     let eps13 = 144.0 * (-13f64).exp2();
     let eps24 = (-24f64).exp2();

@@ -382,8 +382,55 @@ fn grouped_fp8_block_at_real_reduction_lengths(device: &Device) {
     check_grouped(device, FORMATS[1], 150, 2, 3, [4096, 64, 2048, 128], 71);
 }
 
+/// Launches the fp8 kernels do not serve keep mma.sync under `PrefillGemm::WgmmaFp8Act`: a per-tensor GEMM whose K
+/// (192) is not a whole number of 128-k scale blocks, and a batched per-head launch (grid z); each still computes
+/// the bf16-activation result (within the GEMM tests' rule of the dequantised reference).
+fn launches_it_does_not_serve_keep_mma_sync(device: &Device) {
+    let mut rng = rng(95);
+    let rows = 70;
+    let run_checked = |what: &str, launch: &dyn Fn() -> small4::Result<Vec<f32>>, want: &[f32]| {
+        let got = PrefillGemm::WgmmaFp8Act.run(launch).unwrap();
+        if let Some(counters) = device.last_launch_counters() {
+            assert_eq!(counters.kernel, "moe_gemm_fp8_tiled", "{what}");
+        }
+        assert_agrees(what, &got, want);
+    };
+    let (k_dim, out_dim) = (192, 64);
+    let w = integer_weights(&mut rng, WeightFormat::Fp8PerTensor, out_dim, k_dim);
+    let weights = DeviceWeights::upload(device, &repack::repack_linear(&[(&w).into()]).unwrap()).unwrap();
+    let x = random_bf16(&mut rng, rows * k_dim, 1.0);
+    let x_dev = DeviceBuffer::from_slice(device, &x).unwrap();
+    let want = small4::reference::linear::matmul_nt(&to_f32(&x), &w.dequantize_for_gemm(), rows, k_dim, out_dim);
+    let launch = || {
+        let y = DeviceBuffer::<f32>::filled_with_byte(device, rows * out_dim, 0xff)?;
+        dense::linear_f32(&weights, x_dev.view([rows, k_dim])?, y.view([rows, out_dim])?)?;
+        y.to_vec()
+    };
+    run_checked("K 192", &launch, &want);
+
+    let (heads, k_dim, head_out) = (2, 128, 64);
+    let mats: Vec<QuantizedMatrix> = (0..heads).map(|_| integer_weights(&mut rng, WeightFormat::Fp8PerTensor, head_out, k_dim)).collect();
+    let per_head = DeviceWeights::upload(device, &repack::repack_linear(&mats.iter().map(|m| m.into()).collect::<Vec<MatrixRef>>()).unwrap()).unwrap();
+    let xh = random_bf16(&mut rng, rows * heads * k_dim, 1.0);
+    let xh_dev = DeviceBuffer::from_slice(device, &xh).unwrap();
+    let mut want = vec![0f32; rows * heads * head_out];
+    for (h, m) in mats.iter().enumerate() {
+        let x_h: Vec<f32> = (0..rows).flat_map(|r| to_f32(&xh[(r * heads + h) * k_dim..][..k_dim])).collect();
+        for (i, v) in small4::reference::linear::matmul_nt(&x_h, &m.dequantize_for_gemm(), rows, k_dim, head_out).into_iter().enumerate() {
+            want[((i / head_out) * heads + h) * head_out + i % head_out] = bf16::from_f32(v).to_f32();
+        }
+    }
+    let launch = || {
+        let y = DeviceBuffer::<bf16>::filled_with_byte(device, rows * heads * head_out, 0xff)?;
+        dense::linear_per_head(&per_head, xh_dev.view([rows, heads, k_dim])?, y.view([rows, heads, head_out])?)?;
+        Ok(to_f32(&y.to_vec()?))
+    };
+    run_checked("per-head", &launch, &want);
+}
+
 backend_tests!(
     quantiser_equals_reference,
+    launches_it_does_not_serve_keep_mma_sync,
     dense_random_within_the_derived_bound,
     dense_at_real_reduction_lengths,
     dense_bf16_and_swiglu_outputs,

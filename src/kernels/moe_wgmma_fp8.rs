@@ -4,7 +4,7 @@
 //! accumulator, as DeepGEMM's sm90 fp8 GEMM does. [`PrefillGemm::WgmmaFp8Act`] selects them for the fp8 formats'
 //! prefill-tile launches (grouped up- and down-projections, dense GEMMs of one matrix); [`super::moe`]'s launcher
 //! hands such a launch over with its parameters, and this module quantises the launch's input rows into a scratch
-//! buffer first. The CPU twin of both steps is [`crate::reference::fp8_gemm`].
+//! buffer first. The CPU twin of both steps is `reference::fp8_gemm`.
 
 use half::bf16;
 
@@ -33,7 +33,7 @@ const SHARED_BYTES: u32 = 4 * (8 * 2048 + 64 * 128 + 64 * 4) + 2 * 4 * 8 + 64 * 
 /// so x ≈ e4m3 × scale, the block's largest magnitude landing on ±448. An all-zero block quantises to zeros (its
 /// scale is 2^-64 / 448). The bytes of every 32 columns are in the permuted order of
 /// [`quantize_act_e4m3`](super::moe::quantize_act_e4m3) (the k order in which the fp8 weight fragments reach the
-/// tensor cores); the CPU twin is [`crate::reference::fp8_gemm::quantize_act_block128`].
+/// tensor cores); the CPU twin is `reference::fp8_gemm::quantize_act_block128`.
 ///
 /// `x` `[rows, cols]` may have strided rows (an even stride from a 4-byte boundary: the kernel loads bf16 pairs);
 /// `out` `[rows, cols]` and `scales` `[rows, cols / 128]` are packed. `Error::InvalidArgument` for `cols` not a

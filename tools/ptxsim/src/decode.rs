@@ -647,8 +647,8 @@ fn decode_bulk(ctx: &Ctx, i: &Instruction, inst: &mut Inst, m: &[&str]) -> Resul
 }
 
 /// `wgmma.*` (PTX ISA §9.7.15). Supported: m64nNk16 with f16/bf16 inputs and f32 (or f16 for f16 inputs)
-/// accumulators; m64nNk32 with e4m3/e5m2 inputs (any mix of A and B types) and f32 or f16 accumulators; A from a
-/// descriptor or registers. tf32, int8 and `.sp` decode as unsupported.
+/// accumulators; m64nNk32 with e4m3/e5m2 inputs (any mix of A and B types) and f32 or f16 accumulators; m64nNk8 with
+/// tf32 inputs and f32 accumulators; A from a descriptor or registers. int8 and `.sp` decode as unsupported.
 fn decode_wgmma(ctx: &Ctx, i: &Instruction, inst: &mut Inst, m: &[&str]) -> Result<(), ParseError> {
     let line = i.line;
     let ops = &i.operands;
@@ -670,6 +670,10 @@ fn decode_wgmma(ctx: &Ctx, i: &Instruction, inst: &mut Inst, m: &[&str]) -> Resu
             if tys.len() == 3 && fp8(tys[1]) && fp8(tys[2]) && !m.contains(&"sp") {
                 if k != 32 || !matches!(tys[0], Ty::F32 | Ty::F16) {
                     return err(line, format!("{}: e4m3/e5m2 inputs need the k32 shape and an f32 or f16 accumulator", i.opcode));
+                }
+            } else if tys.len() == 3 && tys[1] == Ty::Tf32 && tys[2] == Ty::Tf32 && !m.contains(&"sp") {
+                if k != 8 || tys[0] != Ty::F32 {
+                    return err(line, format!("{}: tf32 inputs need the k8 shape and an f32 accumulator", i.opcode));
                 }
             } else {
                 let supported = !m.contains(&"sp")

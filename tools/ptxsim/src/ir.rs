@@ -426,11 +426,11 @@ pub enum MbarOp {
 pub struct WgmmaSpec {
     /// N: 8..=256 in steps of 8 (M is 64).
     pub n: u32,
-    /// K: 16 for f16/bf16 inputs, 32 for e4m3/e5m2 (32 bytes of K per row either way).
+    /// K: 8 for tf32 inputs, 16 for f16/bf16, 32 for e4m3/e5m2 (32 bytes of K per row in every case).
     pub k: u32,
     /// Accumulator type (f32, or f16 with f16 or fp8 inputs).
     pub d_ty: Ty,
-    /// Input types of A and B (both f16 or both bf16; or e4m3/e5m2 in any mix).
+    /// Input types of A and B (both tf32, both f16 or both bf16; or e4m3/e5m2 in any mix).
     pub a_ty: Ty,
     pub b_ty: Ty,
     /// A in four registers per thread (the RS form) instead of a shared-memory descriptor.

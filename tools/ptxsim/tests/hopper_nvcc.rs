@@ -1,7 +1,8 @@
 //! The nvcc-compiled sm_90a kernels of fixtures/hopper.cu (CUTLASS-style inline PTX: repeated wait-loop labels,
 //! `__grid_constant__` tensor maps in `.param .align 128` parameters, TMA, mbarrier, wgmma) run on the interpreter
 //! with maps from our encoder, and give bit for bit what an H100 gave with the driver's maps
-//! (fixtures/hopper_gpu_*.bin, written by the program in hopper.cu).
+//! (fixtures/hopper_gpu_*.bin, written by the program in hopper.cu). Kernels added since the last GPU run (the
+//! warp-specialised pipeline, the fp8 wgmma probes) are checked against the exact CPU product until their dumps exist.
 
 mod common;
 

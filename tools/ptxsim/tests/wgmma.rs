@@ -1,18 +1,19 @@
-//! wgmma on the interpreter: known-answer m64nNk16 (f16/bf16) and m64nNk32 (e4m3/e5m2, any mix) products with
-//! operands loaded by TMA in every swizzle mode (K-major, and N-major B with imm-trans-b for 16-bit inputs), the
-//! K-advance of the descriptor's start address inside a swizzle row (the DeepGEMM / fast.cu recipe), A from
-//! registers, f16 and f32 accumulators, scale-d (immediate and predicate, false in mid-chain) and negated inputs;
+//! wgmma on the interpreter: known-answer m64nNk8 (tf32), m64nNk16 (f16/bf16) and m64nNk32 (e4m3/e5m2, any mix)
+//! products with operands loaded by TMA in every swizzle mode (K-major, and N-major B with imm-trans-b for 16-bit
+//! inputs), the K-advance of the descriptor's start address inside a swizzle row (the DeepGEMM / fast.cu recipe), A
+//! from registers, f16 and f32 accumulators, scale-d (immediate and predicate, false in mid-chain), negated inputs;
 //! fp8 special values (subnormals, the largest finite values, NaN and infinity codes); and the hazard checks:
 //! overwriting a wgmma's shared operand or touching its registers before the wait_group that retires it, a generic
 //! store read by the wgmma without fence.proxy.async, and a missing wgmma.fence. The reference rounds each
-//! instruction's exact sum once, as the interpreter's default model does; its data keeps every sum exact in f64.
+//! instruction's exact sum once, as the interpreter's default model does (its data keeps every sum exact in f64), or
+//! follows an f64 transliteration of MMA-Sim for `TensorArith::HopperTruncated` (random fp8 data).
 
 mod common;
 
 use common::*;
 use half::{bf16, f16};
 use ptxsim::tensor_map::{encode_tiled, DataType, Swizzle};
-use ptxsim::{Counters, Machine, Module, SimError};
+use ptxsim::{Counters, Machine, Module, SimError, TensorArith};
 
 /// Operand layouts in shared memory, as TMA writes them.
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -30,6 +31,7 @@ enum Layout {
 /// Input element types.
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum In {
+    Tf32,
     Bf16,
     F16,
     E4m3,
@@ -39,6 +41,7 @@ enum In {
 impl In {
     fn name(self) -> &'static str {
         match self {
+            In::Tf32 => "tf32",
             In::Bf16 => "bf16",
             In::F16 => "f16",
             In::E4m3 => "e4m3",
@@ -47,6 +50,7 @@ impl In {
     }
     fn bytes(self) -> u32 {
         match self {
+            In::Tf32 => 4,
             In::Bf16 | In::F16 => 2,
             In::E4m3 | In::E5m2 => 1,
         }
@@ -54,6 +58,8 @@ impl In {
     /// Exact value of an encoding (an fp8 decoder written from the OCP definitions, independent of the interpreter).
     fn value(self, bits: u32) -> f64 {
         let (man_bits, bias) = match self {
+            // The tensor cores ignore the low 13 bits of a tf32 operand.
+            In::Tf32 => return f32::from_bits(bits & !0x1fff) as f64,
             In::Bf16 => return bf16::from_bits(bits as u16).to_f64(),
             In::F16 => return f16::from_bits(bits as u16).to_f64(),
             In::E4m3 => (3, 7),
@@ -72,6 +78,8 @@ impl In {
     /// The encoding of a small integer (exact in every type).
     fn int(self, v: f32) -> u32 {
         match self {
+            // Junk in the 13 bits the tensor cores ignore (a zero becomes an f32 subnormal that reads as 0).
+            In::Tf32 => v.to_bits() | 0x0abc,
             In::Bf16 => bf16::from_f32(v).to_bits() as u32,
             In::F16 => f16::from_f32(v).to_bits() as u32,
             _ => (0..256).find(|&c| self.value(c) == v as f64).expect("small integers are exact in fp8"),
@@ -80,6 +88,7 @@ impl In {
     /// TMA element type of the operand.
     fn tma(self) -> u32 {
         match self {
+            In::Tf32 => DataType::Float32 as u32,
             In::Bf16 => DataType::Bfloat16 as u32,
             In::F16 => DataType::Float16 as u32,
             _ => DataType::Uint8 as u32,
@@ -112,6 +121,10 @@ struct Case {
     zero_c_at: Option<u32>,
     /// fp8 special values planted in some rows of A and columns of B.
     special: bool,
+    /// Random finite fp8 codes instead of small integers (for the Hopper model, whose reference is MMA-Sim's).
+    random: bool,
+    /// The tensor-core arithmetic model.
+    model: TensorArith,
 }
 
 impl Case {
@@ -132,6 +145,9 @@ fn b_val(k: u32, n: u32) -> f32 {
 /// largest finite value at k = 3; row 3 a NaN at k = 5; row 4 the infinity (e5m2) or the negative NaN (e4m3) at k = 6;
 /// row 5 the negative largest value at k = 7.
 fn a_bits(c: &Case, m: u32, k: u32) -> u32 {
+    if c.random {
+        return random_code(c, c.a_ty, m * 1000 + k);
+    }
     if c.special {
         let s = c.a_ty.specials();
         match (m, k) {
@@ -151,6 +167,9 @@ fn a_bits(c: &Case, m: u32, k: u32) -> u32 {
 /// subnormal-times-subnormal product) and the largest subnormal at k = 2; column 2 the largest finite value at k = 4
 /// (D[2][2]: the largest product).
 fn b_bits(c: &Case, k: u32, n: u32) -> u32 {
+    if c.random {
+        return random_code(c, c.b_ty, 1_000_000 + k * 1000 + n);
+    }
     if c.special {
         let s = c.b_ty.specials();
         match (k, n) {
@@ -161,6 +180,22 @@ fn b_bits(c: &Case, k: u32, n: u32) -> u32 {
         }
     }
     c.b_ty.int(b_val(k, n))
+}
+
+/// A finite fp8 code picked by a hash of `at`; with an f16 accumulator at most 8 in magnitude (so that the sums stay
+/// in f16's range).
+fn random_code(c: &Case, ty: In, at: u32) -> u32 {
+    let limit = if c.f16_acc { 8.0 } else { f64::INFINITY };
+    let mut h = at.wrapping_mul(0x9e37_79b9) ^ 0x5bd1_e995;
+    loop {
+        h ^= h >> 15;
+        h = h.wrapping_mul(0x2c1b_3c6d);
+        h ^= h >> 12;
+        let code = h & 0xff;
+        if ty.value(code).is_finite() && ty.value(code).abs() <= limit {
+            return code;
+        }
+    }
 }
 
 /// The encodings of A ([64][K]) and B ([K][N]).
@@ -333,6 +368,7 @@ fn run_source(c: &Case, src: &str, wgmma_fence_check: bool) -> Result<(Vec<Vec<u
     let module = Module::parse(src).unwrap_or_else(|e| panic!("{e}\n{src}"));
     let mut m = Machine::new();
     m.wgmma_fence_check = wgmma_fence_check;
+    m.tensor_arith = c.model;
     let (ea, eb) = (c.a_ty.bytes(), c.b_ty.bytes());
     let (ac, bc) = codes(c);
     let a_global = bytes_of((0..64).flat_map(|r| (0..k).map(move |kk| (r, kk))).map(|(r, kk)| ac[r as usize][kk as usize]), ea);
@@ -353,14 +389,17 @@ fn run_source(c: &Case, src: &str, wgmma_fence_check: bool) -> Result<(Vec<Vec<u
         words[4 * ks as usize + 2] = db as u32;
         words[4 * ks as usize + 3] = (db >> 32) as u32;
         maps = vec![map_a, map_b];
-        // A in registers (HOPPER-ASYNC.md §1.5), thread t of warp w, lane g * 4 + q: 16-bit element i in register
+        // A in registers (HOPPER-ASYNC.md §1.5), thread t of warp w, lane g * 4 + q: tf32 element i in register i at
+        // row 16w + g + 8(i & 1), column q + 4(i >> 1); 16-bit element i in register
         // i / 2 at row 16w + g + 8((i >> 1) & 1), column 2q + (i & 1) + 8(i >> 2); 8-bit element i in register i / 4
         // (byte i & 3) at row 16w + g + 8((i >> 2) & 1), column 4q + (i & 3) + 16(i >> 3).
         for t in 0..128u32 {
             let (wr, l) = (t / 32, t % 32);
             let (g, q) = (l / 4, l % 4);
             for i in 0..16 / ea {
-                let (reg, shift, row, col) = if ea == 2 {
+                let (reg, shift, row, col) = if ea == 4 {
+                    (i, 0, 16 * wr + g + 8 * (i & 1), q + 4 * (i >> 1))
+                } else if ea == 2 {
                     (i >> 1, 16 * (i & 1), 16 * wr + g + 8 * ((i >> 1) & 1), 2 * q + (i & 1) + 8 * (i >> 2))
                 } else {
                     (i >> 2, 8 * (i & 3), 16 * wr + g + 8 * ((i >> 2) & 1), 4 * q + (i & 3) + 16 * (i >> 3))
@@ -394,30 +433,58 @@ fn run_source(c: &Case, src: &str, wgmma_fence_check: bool) -> Result<(Vec<Vec<u
     Ok((d, counters))
 }
 
-/// D[m][n] as bits: each instruction's exact sum (C, or +0 where scale-d is false, plus its K products) rounded once
-/// to the accumulator type; NaN as the canonical NaN. The data keep every sum exact in f64.
+/// D[m][n] as bits: each instruction's C (+0 where scale-d is false) and K products combined as `c.model` says (the
+/// exact sum rounded once: the data keep every sum exact in f64; or MMA-Sim's Hopper model); NaN as the canonical NaN.
 fn reference(c: &Case, (ac, bc): &(Vec<Vec<u32>>, Vec<Vec<u32>>), m: u32, n: u32) -> u32 {
     let sign = if c.neg_a != c.neg_b { -1.0 } else { 1.0 };
     let k_step = c.k_step();
     let mut d = 0f64;
     for ks in 0..c.k / k_step {
         let c_in = if ks == 0 || c.zero_c_at == Some(ks) { 0.0 } else { d };
-        let mut sum = c_in;
-        for kk in ks * k_step..(ks + 1) * k_step {
-            let (a, b) = (c.a_ty.value(ac[m as usize][kk as usize]), c.b_ty.value(bc[kk as usize][n as usize]));
-            let (term, next) = (sign * a * b, sum + sign * a * b);
-            // TwoSum: the reference's data must keep every addition exact.
-            let (t, s) = (next - sum, sum);
-            assert!(!next.is_finite() || (s - (next - t)) + (term - t) == 0.0, "inexact reference sum at D[{m}][{n}]");
-            sum = next;
-        }
-        d = if c.f16_acc { f16::from_f64(sum).to_f64() } else { sum as f32 as f64 };
+        let ks_range = ks * k_step..(ks + 1) * k_step;
+        let a: Vec<f64> = ks_range.clone().map(|kk| sign * c.a_ty.value(ac[m as usize][kk as usize])).collect();
+        let b: Vec<f64> = ks_range.map(|kk| c.b_ty.value(bc[kk as usize][n as usize])).collect();
+        d = match c.model {
+            TensorArith::ExactRoundOnce => {
+                let mut sum = c_in;
+                for (x, y) in a.iter().zip(&b) {
+                    let (term, next) = (x * y, sum + x * y);
+                    // TwoSum: the reference's data must keep every addition exact.
+                    let t = next - sum;
+                    assert!(!next.is_finite() || (sum - (next - t)) + (term - t) == 0.0, "inexact reference sum at D[{m}][{n}]");
+                    sum = next;
+                }
+                if c.f16_acc {
+                    f16::from_f64(sum).to_f64()
+                } else {
+                    sum as f32 as f64
+                }
+            }
+            _ => {
+                // Stored as the accumulator type (exact, or infinity beyond its range).
+                let v = mma_sim_hopper(c_in, &a, &b, c.a_ty.bytes() == 1, c.f16_acc, min_exponent(c.a_ty), min_exponent(c.b_ty));
+                if c.f16_acc {
+                    f16::from_f64(v).to_f64()
+                } else {
+                    v as f32 as f64
+                }
+            }
+        };
     }
     match (c.f16_acc, d.is_nan()) {
         (true, true) => 0x7fff,
         (true, false) => f16::from_f64(d).to_bits() as u32,
         (false, true) => 0x7fff_ffff,
         (false, false) => (d as f32).to_bits(),
+    }
+}
+
+/// The smallest normal exponent of an input type.
+fn min_exponent(ty: In) -> i32 {
+    match ty {
+        In::Tf32 | In::Bf16 => -126,
+        In::F16 | In::E5m2 => -14,
+        In::E4m3 => -6,
     }
 }
 
@@ -449,7 +516,22 @@ fn check(c: Case) -> Counters {
 }
 
 fn case(n: u32, k: u32, a: Layout, b: Layout) -> Case {
-    Case { n, k, a_ty: In::Bf16, b_ty: In::Bf16, f16_acc: false, a, b, a_in_regs: false, neg_a: false, neg_b: false, zero_c_at: None, special: false }
+    Case {
+        n,
+        k,
+        a_ty: In::Bf16,
+        b_ty: In::Bf16,
+        f16_acc: false,
+        a,
+        b,
+        a_in_regs: false,
+        neg_a: false,
+        neg_b: false,
+        zero_c_at: None,
+        special: false,
+        random: false,
+        model: TensorArith::ExactRoundOnce,
+    }
 }
 
 fn fp8(n: u32, k: u32, a_ty: In, b_ty: In, layout: Layout) -> Case {
@@ -637,4 +719,57 @@ fn fp8_wrong_forms_are_parse_errors() {
     // imm-scale must be 1 or -1.
     let e = Module::parse(&good.replace(", 0, 1, 1;", ", 0, 2, 1;")).unwrap_err().to_string();
     assert!(e.contains("must be one of [1, -1]"), "{e}");
+}
+
+#[test]
+fn hopper_model_matches_mma_sim_on_random_fp8_and_agrees_on_small_integers() {
+    let sw = Layout::KMajor(Swizzle::B128);
+    let hopper = TensorArith::HopperTruncated;
+    // Random finite codes (subnormals and, with f32 D, the largest values included), chained over four k-steps: the
+    // interpreter's integer implementation against the f64 transliteration of MMA-Sim.
+    for (a_ty, b_ty) in [(In::E4m3, In::E4m3), (In::E5m2, In::E4m3), (In::E5m2, In::E5m2)] {
+        for f16_acc in [false, true] {
+            let c = Case { random: true, model: hopper, f16_acc, ..fp8(64, 128, a_ty, b_ty, sw) };
+            check(c);
+            check(Case { a_in_regs: true, neg_a: true, ..c });
+        }
+    }
+    // The models differ on such data (the check above is not the exact model in disguise).
+    let c = Case { random: true, ..fp8(64, 128, In::E4m3, In::E4m3, sw) };
+    let (exact, _) = run_source(&c, &source(&c, "", ""), true).unwrap();
+    let (truncated, _) = run_source(&Case { model: hopper, ..c }, &source(&c, "", ""), true).unwrap();
+    let differ = exact.iter().flatten().zip(truncated.iter().flatten()).filter(|(x, y)| x != y).count();
+    assert!(differ > 0, "no element differs between the exact and the Hopper model");
+    // Small integers: both models give the exact product, for fp8 and bf16, SS and RS.
+    check(Case { model: hopper, ..fp8(128, 128, In::E4m3, In::E5m2, sw) });
+    check(Case { model: hopper, a_in_regs: true, f16_acc: true, ..fp8(64, 128, In::E5m2, In::E5m2, sw) });
+    check(Case { model: hopper, ..case(256, 64, sw, sw) });
+    check(Case { model: hopper, a_in_regs: true, ..case(64, 64, sw, sw) });
+}
+
+#[test]
+fn tf32_k8_with_the_low_13_bits_ignored() {
+    // tf32 words carry junk in their low 13 bits (f32 bits of small integers | 0xabc): the products ignore it.
+    for layout in [Layout::KMajorInterleave, Layout::KMajor(Swizzle::B32), Layout::KMajor(Swizzle::B64), Layout::KMajor(Swizzle::B128)] {
+        let k = match layout {
+            Layout::KMajor(s) => 4 << s as u32,
+            _ => 16,
+        };
+        let c = Case { a_ty: In::Tf32, b_ty: In::Tf32, ..case(64, k, layout, layout) };
+        check(c);
+        check(Case { a_in_regs: true, neg_a: true, ..c });
+    }
+    let sw = Layout::KMajor(Swizzle::B128);
+    let c = Case { a_ty: In::Tf32, b_ty: In::Tf32, ..case(8, 32, sw, sw) };
+    for n in [8, 128, 256] {
+        check(Case { n, zero_c_at: Some(2), ..c });
+    }
+    let counters = check(Case { n: 256, model: TensorArith::HopperTruncated, ..c });
+    assert_eq!(counters.tensor_flops, 16 * 2 * 16 * 256 * 8);
+    // tf32 has only the f32 accumulator and no imm-trans operands.
+    let good = source(&c, "", "");
+    let e = Module::parse(&good.replace("k8.f32.tf32", "k8.f16.tf32")).unwrap_err().to_string();
+    assert!(e.contains("tf32 inputs need the k8 shape and an f32 accumulator"), "{e}");
+    let e = Module::parse(&good.replace(", 0, 1, 1;", ", 0, 1, 1, 0, 0;")).unwrap_err().to_string();
+    assert!(e.contains("expected 6 operands"), "{e}");
 }

@@ -8,12 +8,13 @@
 //! until every warp of the warpgroup has committed as many groups as the waiting warp, then retires those groups in
 //! all four warps.
 //!
-//! Shapes: m64nNk16 with f16/bf16 inputs, m64nNk32 with e4m3/e5m2 inputs; every shape reads 32 bytes of K per row.
+//! Shapes: m64nNk8 with tf32 inputs, m64nNk16 with f16/bf16, m64nNk32 with e4m3/e5m2; every shape reads 32 bytes of K
+//! per row.
 //!
-//! Arithmetic: the products of the inputs (f16, bf16, e4m3, e5m2) are exact in f64; per output element, C and the K
-//! products are summed exactly and rounded once to the accumulator type (`float::sum_round_once`). The hardware
-//! truncates differently in the last bits (MMA-Sim's model, HOPPER-ASYNC.md §1.6); known-answer tests use small
-//! integers, where every model agrees.
+//! Arithmetic: the products of the inputs (tf32, f16, bf16, e4m3, e5m2) are exact in f64; per output element and
+//! instruction, `float::dot_add` combines C and the K products as `Machine::tensor_arith` says: summed exactly and
+//! rounded once (the default), or MMA-Sim's truncating Hopper model (HOPPER-ASYNC.md §1.6). Known-answer tests use
+//! small integers, where every model agrees.
 
 use std::collections::VecDeque;
 
@@ -132,13 +133,24 @@ impl Desc {
     }
 }
 
-/// Exact value of a wgmma input element of type `ty` (f16, bf16, e4m3 or e5m2).
-fn decode_input(ty: Ty, bits: u32) -> f64 {
+/// The format of a wgmma input type (tf32, f16, bf16, e4m3 or e5m2).
+fn input_format(ty: Ty) -> float::Format {
     match ty {
-        Ty::Bf16 => float::decode(bits, float::BF16),
-        Ty::F16 => float::decode(bits, float::F16),
-        Ty::E4m3 => float::decode(bits, float::E4M3),
-        _ => float::decode(bits, float::E5M2),
+        Ty::Tf32 => float::TF32,
+        Ty::Bf16 => float::BF16,
+        Ty::F16 => float::F16,
+        Ty::E4m3 => float::E4M3,
+        _ => float::E5M2,
+    }
+}
+
+/// Exact value of a wgmma input element's bits; tf32 reads an f32 register or word and ignores its low 13 bits
+/// (PTX ISA §9.7.15.5.2).
+fn decode_input(ty: Ty, bits: u32) -> f64 {
+    if ty == Ty::Tf32 {
+        float::decode(bits >> 13, float::TF32)
+    } else {
+        float::decode(bits, input_format(ty))
     }
 }
 
@@ -147,7 +159,7 @@ impl BlockCtx<'_> {
     fn wgmma_smem(&mut self, w: &mut Warp, desc: &Desc, (mn, k): (u32, u32), k_major: bool, ty: Ty, read: &mut Vec<u32>) -> Result<f64, Fault> {
         let eb = ty.bits() / 8;
         let off = desc.element(mn, k, k_major, eb);
-        let mut b = [0u8; 2];
+        let mut b = [0u8; 4];
         let b = &mut b[..eb as usize];
         self.read(w, Loc::Shared(off), 0, b).map_err(|f| Fault { message: format!("{} (wgmma operand element ({mn}, {k}))", f.message), ..f })?;
         self.check_proxy_fenced(off as usize, eb as usize, w.linear_tid(0), 0, "wgmma.mma_async")?;
@@ -207,7 +219,7 @@ impl BlockCtx<'_> {
             for l in 0..32usize {
                 let (g, q) = (l as u32 / 4, l as u32 % 4);
                 for i in 0..4 * p {
-                    let v = (w.val(&inst.s[(i / p) as usize], l) >> (bits * (i % p))) as u32 & ((1 << bits) - 1);
+                    let v = (w.val(&inst.s[(i / p) as usize], l) >> (bits * (i % p)) & ((1u64 << bits) - 1)) as u32;
                     let (row, col) = (g + 8 * ((i / p) % 2), p * q + i % p + 4 * p * (i / (2 * p)));
                     a[row as usize][col as usize] = decode_input(spec.a_ty, v);
                 }
@@ -230,7 +242,8 @@ impl BlockCtx<'_> {
         let sign = if spec.neg_a != spec.neg_b { -1.0 } else { 1.0 };
         let scale_d = w.val(&inst.s[scale_at], 0) != 0;
         let f16_d = spec.d_ty == Ty::F16;
-        let mut terms = [0f64; 33];
+        let d_format = if f16_d { float::F16 } else { float::F32 };
+        let formats = (input_format(spec.a_ty), input_format(spec.b_ty));
         for l in 0..32usize {
             let (g, q) = (l / 4, l % 4);
             for i in 0..n / 2 {
@@ -238,17 +251,14 @@ impl BlockCtx<'_> {
                 let reg = if f16_d { i >> 1 } else { i };
                 let r = inst.d[reg].expect("checked at decode") as usize * 32 + l;
                 // C is +0 when scale-d is false.
-                terms[0] = if !scale_d {
+                let c = if !scale_d {
                     0.0
                 } else if f16_d {
                     float::decode((w.regs[r] >> (16 * (i & 1))) as u32 & 0xffff, float::F16)
                 } else {
                     f32::from_bits(w.regs[r] as u32) as f64
                 };
-                for kk in 0..k {
-                    terms[1 + kk] = sign * a[row][kk] * b[col][kk];
-                }
-                let d = float::sum_round_once(&terms[..1 + k], if f16_d { float::F16 } else { float::F32 }, Rnd::Rn) as u64;
+                let d = float::dot_add(self.tensor_arith, c, d_format, &a[row][..k], &b[col][..k], sign, formats, d_format) as u64;
                 if f16_d {
                     let shift = 16 * (i & 1);
                     w.regs[r] = (w.regs[r] & !(0xffff << shift)) | d << shift;

@@ -438,6 +438,22 @@ backend_tests!(
     grouped_fp8_block_at_real_reduction_lengths
 );
 
+/// The exact-design GEMMs and the random-data bound under the interpreter's other tensor-core model, MMA-Sim's
+/// truncating Hopper model (13 fraction bits for fp8 sums, ../shared/HOPPER-ASYNC.md §1.6, UNVERIFIED until a GPU
+/// run): the exact-design partials are integers below 2^14, exact in it too, and `reference::fp8_gemm`'s bound is
+/// derived for it.
+#[test]
+fn gemms_hold_under_the_truncating_tensor_model() {
+    let sim = std::sync::Arc::new(small4::device::sim::SimBackend::new());
+    sim.set_hopper_truncated_tensor_arith(true);
+    let device: Device = sim;
+    for (format, seed) in FORMATS.into_iter().zip(50..) {
+        let bad = dense_f32_mismatches(&device, format, 70, 2048, seed).unwrap();
+        assert_eq!(bad, 0, "{format} dense f32 K 2048 (truncating model): {bad} elements differ from the reference");
+    }
+    dense_random_within_the_derived_bound(&device);
+}
+
 /// Planted bugs in the fp8 kernel (edits of its own PTX), each caught where the unedited kernel passes: the
 /// promotion reading each slot's activation scale from its neighbour's (a wrong scale index) gives wrong sums;
 /// without fence.proxy.async the interpreter reports the producer's cp.async rows reaching wgmma unfenced; with

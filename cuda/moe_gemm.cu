@@ -75,19 +75,6 @@ __device__ __forceinline__ int x_chunk_offset(int row, int chunk) {
     return row * kRowBytes + ((Fp8Act ? chunk ^ ((row >> 1) & 3) : chunk ^ (row & 7)) << 4);
 }
 
-// W8A8 (Fp8Act): the e4m3 weights go to mma m16n8k32 as they are. The fragment layout is the fp8 one above, in which
-// lane (g, t) holds, per k-step of 16, the words (g: 2t, 2t+1; g+8: 2t, 2t+1) and (g: 2t+8, 2t+9; g+8: 2t+8, 2t+9);
-// byte permutes regroup two k-steps into the m16n8k32 A registers (row g, row g+8, row g + 16 k, row g+8 + 16 k), so
-// mma column 4t + j of a 32-k step carries weight column pi(4t + j) = 2t + (j % 2) + 8 (j / 2) (+ 16 for the upper
-// 16 columns). The k order of a dot product is free: moe_quantize_act_e4m3 stores the activations in that same
-// permuted order, so the B registers are plain ldmatrix rows of the permuted bytes.
-__device__ __forceinline__ void fp8_weights_to_e4m3_a(const uint32_t w[4], uint32_t a[4]) {
-    a[0] = __byte_perm(w[0], w[1], 0x5410);  // row g:   k 2t, 2t+1, 2t+8, 2t+9
-    a[1] = __byte_perm(w[0], w[1], 0x7632);  // row g+8: the same k
-    a[2] = __byte_perm(w[2], w[3], 0x5410);  // row g:   k + 16
-    a[3] = __byte_perm(w[2], w[3], 0x7632);  // row g+8: k + 16
-}
-
 // Split-K (params.h MoeGemmParams.k_splits): the blocks of one output tile (grid z = the split) each hold the partial
 // sums of their k range in acc. Each stores them to its slice of split_partials (f32: each thread's four accumulators
 // of a fragment as one float4, slices [split][m][f][thread], coalesced; the layout is private to this kernel), fences

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::Command;
 
 use small4::device::KernelModule;
-use small4::kernels::modules::{MOE_GEMM, MOE_GEMM_WGMMA, VISION, VISION_ATTENTION_WGMMA};
+use small4::kernels::modules::{MOE_GEMM, MOE_GEMM_WGMMA, MOE_GEMM_WGMMA_FP8, VISION, VISION_ATTENTION_WGMMA};
 
 /// `cuobjdump -sass` of `module`'s cubin, split by function: name -> its SASS lines.
 fn sass_by_function(module: &KernelModule) -> BTreeMap<String, String> {
@@ -97,4 +97,19 @@ fn vision_attention_wgmma_uses_hgmma_and_its_twin_hmma() {
     let vision = sass_by_function(&VISION);
     let twin = vision.get("vision_attention").unwrap_or_else(|| panic!("no vision_attention in {:?}", vision.keys()));
     assert!(count(twin, "HMMA") >= 1 && count(twin, "HGMMA") == 0, "vision_attention stays on mma.sync");
+}
+
+#[test]
+fn fp8_activation_kernels_use_qgmma() {
+    let fp8 = sass_by_function(&MOE_GEMM_WGMMA_FP8);
+    for name in ["moe_gemm_fp8_wgmma_a8", "moe_gemm_fp8_block_wgmma_a8"] {
+        let sass = fp8.get(name).unwrap_or_else(|| panic!("no {name} in {:?}", fp8.keys()));
+        // Four m64n64k32 e4m3 per stage on the fp8 tensor cores (QGMMA), none on the 16-bit ones.
+        assert!(count(sass, "QGMMA") >= 4, "{name}: {} QGMMA", count(sass, "QGMMA"));
+        assert_eq!(count(sass, "HGMMA") + count(sass, "HMMA"), 0, "{name}: 16-bit tensor instructions in the fp8 kernel");
+        assert!(count(sass, "UBLKCP") >= 1, "{name}: no bulk copy of the weights");
+        assert!(count(sass, "LDGSTS") >= 1, "{name}'s gather is cp.async (LDGSTS)");
+    }
+    let quantiser = fp8.get("moe_quantize_act_e4m3_block128").expect("the quantiser");
+    assert!(count(quantiser, "F2FP") >= 1, "the quantiser converts with F2FP (cvt.rn.satfinite.e4m3x2.f32)");
 }

@@ -130,3 +130,23 @@ __device__ __forceinline__ void wgmma_m64n64k16_bf16_rs_scale_d(float d[32], con
           "+f"(d[31])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(int(accumulate)), "n"(kTransB));
 }
+
+// ---- wgmma on e4m3 (the fp8-activation GEMMs) ----------------------------------------------------------------------
+
+// d (64 x 64 f32, the warpgroup's accumulator fragment) = (kAccumulate ? d : 0) + a (64 x 32 e4m3 in registers: the
+// mma.sync m16n8k32 A fragment of each warp's 16 rows, weight_format.cuh fp8_weights_to_e4m3_a) * b (32 x 64 e4m3
+// from the descriptor, K-major: a K-advance of 32 e4m3 adds 32 bytes to the start, as 16 bf16 do). The fp8 forms have
+// no transpose operands (../shared/HOPPER-ASYNC.md §1.1). The tensor core's f32 sum of an fp8 product keeps fewer
+// fraction bits than f32 (§1.6), which is why the callers promote each 128-k partial into an f32 accumulator.
+template <int kAccumulate>
+__device__ __forceinline__ void wgmma_m64n64k32_e4m3_rs(float d[32], const uint32_t a[4], uint64_t b_desc) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 "
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, "
+        "{%32,%33,%34,%35}, %36, %37, 1, 1;\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]),
+          "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+          "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]),
+          "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "n"(kAccumulate));
+}

@@ -40,6 +40,21 @@ __device__ __forceinline__ T pick(bool tail, T tail_value, T value) { return tai
 
 template <Format F> struct WeightFormat;
 
+// e4m3 activations (the W8A8 kernels of cuda/moe_gemm.cu, the fp8-activation wgmma kernels of
+// cuda/moe_gemm_wgmma_fp8.cu): the e4m3 weights go to mma m16n8k32 / wgmma m64nNk32 (whose register-A fragment is
+// m16n8k32's, per warp) as they are. The fragment layout is the fp8 one above, in which
+// lane (g, t) holds, per k-step of 16, the words (g: 2t, 2t+1; g+8: 2t, 2t+1) and (g: 2t+8, 2t+9; g+8: 2t+8, 2t+9);
+// byte permutes regroup two k-steps into the m16n8k32 A registers (row g, row g+8, row g + 16 k, row g+8 + 16 k), so
+// mma column 4t + j of a 32-k step carries weight column pi(4t + j) = 2t + (j % 2) + 8 (j / 2) (+ 16 for the upper
+// 16 columns). The k order of a dot product is free: moe_quantize_act_e4m3 stores the activations in that same
+// permuted order, so the B operand (ldmatrix rows, or a wgmma descriptor) reads the permuted bytes as they are.
+__device__ __forceinline__ void fp8_weights_to_e4m3_a(const uint32_t w[4], uint32_t a[4]) {
+    a[0] = __byte_perm(w[0], w[1], 0x5410);  // row g:   k 2t, 2t+1, 2t+8, 2t+9
+    a[1] = __byte_perm(w[0], w[1], 0x7632);  // row g+8: the same k
+    a[2] = __byte_perm(w[2], w[3], 0x5410);  // row g:   k + 16
+    a[3] = __byte_perm(w[2], w[3], 0x7632);  // row g+8: k + 16
+}
+
 // The formats without per-stage scales.
 struct NoStagedScales {
     static constexpr int kScaleBytes = 0;

@@ -817,12 +817,21 @@ pub(super) fn launch_gemm(
         k_splits: split_k.map_or(1, |s| s.splits as i32),
         split_partials: split_k.map_or(std::ptr::null_mut(), |s| s.partials.mut_ptr()),
         split_counters: split_k.map_or(std::ptr::null_mut(), |s| s.counters.mut_ptr()),
+        x_block_scales: std::ptr::null(),
     };
     let config = LaunchConfig {
         grid: Dim3::xyz(grid_x as u32, grid_y as u32, split_k.map_or(heads, |s| s.splits) as u32),
         block: Dim3::x((WARPS * 32) as u32),
         shared_bytes: shape.shared_bytes(w.format, e4m3_input) as u32,
     };
+    // The fp8 prefill tiles run on the fp8 tensor cores with activations quantised on the fly when chosen
+    // (moe_wgmma::PrefillGemm::WgmmaFp8Act); the input rows are a grouping's slots unless picked by token.
+    if let (TileShape::Tiled, Input::Bf16(x)) = (shape, input) {
+        if super::moe_wgmma_fp8::applies(w.format, heads, w.k_dim)? {
+            let slots = if in_by_token { None } else { grouping };
+            return super::moe_wgmma_fp8::launch(device, w.format, x, slots, &config, &params);
+        }
+    }
     // The bf16, int4 and nvfp4 prefill tiles run on wgmma unless switched off (moe_wgmma::PrefillGemm): same grid,
     // parameters and epilogue steps (cuda/include/gemm_epilogue.cuh).
     if shape == TileShape::Tiled && super::moe_wgmma::applies(w.format, e4m3_input)? {

@@ -3,7 +3,8 @@
 //! that picks them over the mma.sync kernels (`moe_gemm_{bf16,int4,nvfp4}_tiled` in `cuda/moe_gemm.cu`). Each takes
 //! the same parameters and computes the same rows as its mma.sync kernel, so [`super::moe`]'s launcher hands its
 //! launch over with only the block and the shared memory changed; decode tiles, the fp8 formats and the W8A8 kernels
-//! keep mma.sync. Grouped launches gather their activation rows (`moe_gemm_{bf16,int4,nvfp4}_wgmma`); dense ones load
+//! keep mma.sync (the fp8 formats' prefill tile runs on the fp8 tensor cores with [`PrefillGemm::WgmmaFp8Act`]:
+//! [`super::moe_wgmma_fp8`]). Grouped launches gather their activation rows (`moe_gemm_{bf16,int4,nvfp4}_wgmma`); dense ones load
 //! them with TMA (`moe_gemm_{bf16,int4,nvfp4}_wgmma_dense`) through a tensor map made here by the device's
 //! [`Backend::encode_tensor_map_tiled`](crate::device::Backend::encode_tensor_map_tiled).
 
@@ -17,8 +18,8 @@ use crate::error::{Error, Result};
 use crate::quant::repack::tile_bytes;
 use crate::quant::WeightFormat;
 
-/// The environment variable that sets the process default of [`PrefillGemm`]: `wgmma` (or unset), `wgmma_gather` or
-/// `mma_sync`.
+/// The environment variable that sets the process default of [`PrefillGemm`]: `wgmma` (or unset), `wgmma_gather`,
+/// `mma_sync` or `wgmma_fp8_act`.
 pub const PREFILL_GEMM_ENV: &str = "SMALL4_PREFILL_GEMM";
 
 /// Which kernel runs the prefill tile (128 output features x 64 rows) of the grouped expert GEMMs and of the dense
@@ -72,6 +73,12 @@ pub enum PrefillGemm {
     WgmmaGather,
     /// `moe_gemm_{bf16,int4,nvfp4}_tiled`: mma.sync m16n8k16 with a cp.async ring.
     MmaSync,
+    /// [`PrefillGemm::Wgmma`], and the fp8 formats' prefill tile too, on the fp8 tensor cores:
+    /// `moe_gemm_{fp8,fp8_block}_wgmma_a8` with the activations quantised to e4m3 on the fly, one scale per row and
+    /// 128 k ([`super::moe_wgmma_fp8`]; not for batched per-head launches, nor a k not a multiple of 128, which keep
+    /// mma.sync). Opt-in (`SMALL4_PREFILL_GEMM=wgmma_fp8_act`): it changes the fp8 GEMMs' numerics from bf16
+    /// activations to e4m3 ones.
+    WgmmaFp8Act,
 }
 
 thread_local! {
@@ -82,9 +89,9 @@ thread_local! {
 impl PrefillGemm {
     /// The choice in force on this thread: [`PrefillGemm::run`]'s, else the environment's (`SMALL4_PREFILL_GEMM`),
     /// else [`PrefillGemm::Wgmma`]. `Error::InvalidArgument` for an environment value other than `wgmma`,
-    /// `wgmma_gather` and `mma_sync`.
+    /// `wgmma_gather`, `mma_sync` and `wgmma_fp8_act`.
     pub fn current() -> Result<Self> {
-        let names = [("wgmma", Self::Wgmma), ("wgmma_gather", Self::WgmmaGather), ("mma_sync", Self::MmaSync)];
+        let names = [("wgmma", Self::Wgmma), ("wgmma_gather", Self::WgmmaGather), ("mma_sync", Self::MmaSync), ("wgmma_fp8_act", Self::WgmmaFp8Act)];
         super::current_choice(&OVERRIDE, PREFILL_GEMM_ENV, &names, Self::Wgmma)
     }
 

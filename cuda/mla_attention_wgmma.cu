@@ -24,11 +24,15 @@
 // softmax's registers, V = the tile's first 256 columns through an N-major descriptor (imm-trans-b = 1; the 4 atoms
 // along N 4 KiB apart as LBO, 8-token groups 1 KiB apart as SBO), so the cache rows are read as they lie. Each k16 step
 // sums exactly and rounds once on the interpreter, as mma.sync m16n8k16 does, so both kernels agree bit for bit there.
-// O [64 x 256] f32 lives in the consumers' registers (128 per thread).
+// O [64 x 256] f32 lives in the consumers' registers (128 per thread). Per key tile j >= 1 (FA3's intra-warpgroup
+// overlap, as in cuda/vision_attention_wgmma.cu): the wgmmas of S_j are issued together with those of
+// O += P_{j-1} V_{j-1} (P double-buffered in registers); wait_group 1 retires S_j, its softmax runs while
+// P_{j-1} V_{j-1} is in flight, wait_group 0 retires that, stage j - 1 is released and O is rescaled to tile j's
+// maxima: O's arithmetic stays the serial order's.
 //
 // Tiling: 64 rows x 32 tokens per step; 3 stages: 40 + 60 KiB + barriers of dynamic shared memory. One block per SM:
-// the consumers hold 184 registers (O alone 128); two blocks of 5 warps put 3 warps on one SM sub-partition (16K
-// registers), a cap of 168, at which ptxas spills.
+// the consumers hold 197 registers (O alone 128; 184 without the overlap); two blocks of 5 warps put 3 warps on one
+// SM sub-partition (16K registers), a cap of 168, at which ptxas spills even the serial form.
 // Grid (row tiles of 64, 1, sequences). Bytes: cache 320 x (2 | 1) per token of [0, kv_end) per block, q 640 B and
 // o 512 B per row. FLOPs: 2 x 64 x tokens x (320 + 256) per block (masked pairs included).
 #include "params.h"
@@ -145,21 +149,16 @@ __device__ __forceinline__ void consume(const MlaAttentionParams &p, const unsig
                                        RowState &state, int kv_end, int tiles, long grow0) {
     const int lane = threadIdx.x & 31, quad = lane & 3;
     const float score_scale = p.score_scale * kLog2e;
-    float o[kLatent / 8][4];
+    float s[kTileN / 8][4], o[kLatent / 8][4], correction[2];
 #pragma unroll
     for (int n = 0; n < kLatent / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    uint32_t pa0[kTileN / 16][4], pa1[kTileN / 16][4];
 
-#pragma unroll 1
-    for (int j = 0; j < tiles; ++j) {
+    // S_j = Q K_j^T: 20 k-steps in order, accumulated from zero as the mma.sync kernel does (the caller fences).
+    auto issue_s = [&](int j) {
         const int stage = j % kStages;
-        const unsigned char *tile = stages + stage * kStageBytes;
         mbar_wait(&full[stage], (j / kStages) & 1);
-        // S = Q K^T: 20 k-steps in order, accumulated from zero as the mma.sync kernel does.
-        float s[kTileN / 8][4];
-#pragma unroll
-        for (int n = 0; n < kTileN / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
-        pin(s);
-        wgmma_fence();
+        const unsigned char *tile = stages + stage * kStageBytes;
 #pragma unroll
         for (int ks = 0; ks < kWidth / 16; ++ks) {
             const int at = ks / 4;  // the 64-column atom of k-step ks
@@ -167,23 +166,73 @@ __device__ __forceinline__ void consume(const MlaAttentionParams &p, const unsig
                                     wgmma_desc_k_sw128(tile + at * kStageAtomBytes + (ks % 4) * 32));
         }
         wgmma_commit();
-        wgmma_wait<0>();
-        pin(s);
-        uint32_t pa[kTileN / 16][4];
-        float correction[2];
-        softmax_tile(s, pa, correction, state, j * kTileN, kv_end, quad, score_scale);
-        rescale_rows(o, correction);
-        // O += P V: the tile's tokens 16 k .. 16 k + 15 start 16 lines (2 KiB) further into each atom.
-        pin(o);
-        pin(pa);
-        wgmma_fence();
+    };
+    // O += P_j V_j: the tile's tokens 16 k .. 16 k + 15 start 16 lines (2 KiB) further into each atom.
+    auto issue_pv = [&](int j, uint32_t (&pa)[kTileN / 16][4]) {
+        const unsigned char *tile = stages + (j % kStages) * kStageBytes;
 #pragma unroll
         for (int k = 0; k < kTileN / 16; ++k) wgmma_m64n256k16_bf16_rs_trans_b(&o[0][0], pa[k], wgmma_desc_mn_sw128(tile + k * 16 * 128, kStageAtomBytes));
         wgmma_commit();
+    };
+    auto release = [&](int j) {
+        __syncwarp();
+        if (lane == 0) mbar_arrive(&empty[j % kStages]);
+    };
+    auto zero_s = [&]() {
+#pragma unroll
+        for (int n = 0; n < kTileN / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+    };
+    // Tile j >= 1 with P_{j-1} in `previous` (FA3's intra-warpgroup overlap): S_j and P_{j-1} V_{j-1} in flight
+    // together, the softmax of S_j into `next` while P_{j-1} V_{j-1} runs, then O rescaled to tile j's maxima. O's
+    // arithmetic is the serial order's: (O c_{j-1} + P_{j-1} V_{j-1}) c_j + P_j V_j.
+    auto step = [&](int j, uint32_t (&previous)[kTileN / 16][4], uint32_t (&next)[kTileN / 16][4]) {
+        zero_s();
+        pin(s);
+        pin(o);
+        pin(previous);
+        wgmma_fence();
+        issue_s(j);
+        issue_pv(j - 1, previous);
+        wgmma_wait<1>();
+        pin(s);
+        softmax_tile(s, next, correction, state, j * kTileN, kv_end, quad, score_scale);
         wgmma_wait<0>();
         pin(o);
-        __syncwarp();
-        if (lane == 0) mbar_arrive(&empty[stage]);
+        release(j - 1);
+        rescale_rows(o, correction);
+    };
+    // The last tile's P V, from the buffer its softmax filled.
+    auto finish = [&](uint32_t (&last)[kTileN / 16][4]) {
+        pin(o);
+        pin(last);
+        wgmma_fence();
+        issue_pv(tiles - 1, last);
+        wgmma_wait<0>();
+        pin(o);
+        release(tiles - 1);
+    };
+
+    zero_s();
+    pin(s);
+    wgmma_fence();
+    issue_s(0);
+    wgmma_wait<0>();
+    pin(s);
+    softmax_tile(s, pa0, correction, state, 0, kv_end, quad, score_scale);
+    rescale_rows(o, correction);
+    // Two tiles per trip, so each P buffer is a fixed set of registers.
+#pragma unroll 1
+    for (int j = 1;; j += 2) {
+        if (j >= tiles) {
+            finish(pa0);
+            break;
+        }
+        step(j, pa0, pa1);
+        if (j + 1 >= tiles) {
+            finish(pa1);
+            break;
+        }
+        step(j + 1, pa1, pa0);
     }
     store_rows(p, o, state, 0, 0, grow0, quad);
 }

@@ -19,7 +19,9 @@
 // tiles of 32 tokens x 320, double-buffered with cp.async (fp8: raw bytes staged, then widened to bf16 in shared
 // memory). Per tile and warp: S = Q K^T with mma.sync m16n8k16 (20 k-steps x 4 n-tiles, B fragments by ldmatrix),
 // online softmax in f32 (exp2, scale folded), O += P V with P re-packed from the S accumulators (no shared memory
-// round trip) and V fragments by ldmatrix.trans; O [16 x 256] f32 lives in registers (128 per thread).
+// round trip) and V fragments by ldmatrix.trans; O [16 x 256] f32 lives in registers (128 per thread). The masking,
+// softmax, P packing and store are cuda/include/mla_attention.cuh, shared with the prefill's wgmma kernel
+// (cuda/mla_attention_wgmma.cu), which computes the same outputs bit for bit on the interpreter.
 // Bytes: cache 320 x (2 | 1) per token per split block, q 640 B and o 512 B per row (+ 2 x 1 KiB partials per row and
 // split when split: written by the split blocks, read by the combine). FLOPs: 2 x rows x tokens x (320 + 256).
 // Split combine: fused (p.split_counters set), the last split block of each (sequence, row tile) combines the tile's

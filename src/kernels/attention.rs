@@ -74,7 +74,7 @@ const COMBINE: Kernel = Kernel { module: MLA_ATTENTION, entry: "mla_attention_co
 const COPY_PAGES: Kernel = Kernel { module: MLA_ATTENTION, entry: "mla_copy_pages" };
 const ATTENTION_WGMMA_BF16: Kernel = Kernel { module: MLA_ATTENTION_WGMMA, entry: "mla_attention_wgmma_bf16" };
 const ATTENTION_WGMMA_FP8: Kernel = Kernel { module: MLA_ATTENTION_WGMMA, entry: "mla_attention_wgmma_fp8" };
-/// Rows per block of `mla_attention_wgmma_*` (one wgmma M: a consumer warpgroup of 4 row warps).
+/// Row warps per block of `mla_attention_wgmma_*`: 64 rows, one wgmma M (the consumer warpgroup).
 const WGMMA_ROW_WARPS: usize = 4;
 /// Threads per block of `mla_attention_wgmma_*`: the consumer warpgroup and the producer warp.
 const WGMMA_THREADS: u32 = 5 * 32;

@@ -934,7 +934,10 @@ fn replay_mla(sim: &SimBackend, device: &Device, spec: &Spec) -> Result<Vec<Laun
     };
     let mut scratch = AttentionScratch::new(device);
     sim.record_launches(true);
-    combine.run(|| attention::mla_attention(&cache, &tables, &queries, o_lat.view([rows, MLA_HEADS, MLA_LATENT])?, 0.088_388_35, splits, &mut scratch))?;
+    // The stored measurements ran the mma.sync kernel (before the wgmma prefill kernel): replay that one.
+    attention::MlaPrefillKernel::MmaSync.run(|| {
+        combine.run(|| attention::mla_attention(&cache, &tables, &queries, o_lat.view([rows, MLA_HEADS, MLA_LATENT])?, 0.088_388_35, splits, &mut scratch))
+    })?;
     Ok(sim.take_recorded())
 }
 

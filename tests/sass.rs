@@ -3,7 +3,8 @@
 //! instruction (HGMMA), the dense ones load their activations with TMA (UTMALDG) and the grouped ones do not, and the
 //! mma.sync kernels
 //! (cuda/moe_gemm.cu) stay on HMMA; the vision attention's wgmma kernel (cuda/vision_attention_wgmma.cu) runs both its
-//! products on HGMMA and its mma.sync twin (cuda/vision.cu) on HMMA. The interpreter runs the PTX; this checks what ptxas made of it, without a GPU.
+//! products on HGMMA and its mma.sync twin (cuda/vision.cu) on HMMA; so do the MLA prefill attention's wgmma kernels
+//! (cuda/mla_attention_wgmma.cu) and their mma.sync twins (cuda/mla_attention.cu). The interpreter runs the PTX; this checks what ptxas made of it, without a GPU.
 //!
 //! cuobjdump and nvdisasm come from the pinned PyPI wheels that build.rs installs (`SMALL4_CUOBJDUMP`); when they
 //! could not be provisioned the test fails and says why, it never skips.
@@ -13,7 +14,7 @@ use std::path::Path;
 use std::process::Command;
 
 use small4::device::KernelModule;
-use small4::kernels::modules::{MOE_GEMM, MOE_GEMM_WGMMA, MOE_GEMM_WGMMA_FP8, VISION, VISION_ATTENTION_WGMMA};
+use small4::kernels::modules::{MLA_ATTENTION, MLA_ATTENTION_WGMMA, MOE_GEMM, MOE_GEMM_WGMMA, MOE_GEMM_WGMMA_FP8, VISION, VISION_ATTENTION_WGMMA};
 
 /// `cuobjdump -sass` of `module`'s cubin, split by function: name -> its SASS lines.
 fn sass_by_function(module: &KernelModule) -> BTreeMap<String, String> {
@@ -112,4 +113,20 @@ fn fp8_activation_kernels_use_qgmma() {
     }
     let quantiser = fp8.get("moe_quantize_act_e4m3_block128").expect("the quantiser");
     assert!(count(quantiser, "F2FP") >= 1, "the quantiser converts with F2FP (cvt.rn.satfinite.e4m3x2.f32)");
+}
+
+#[test]
+fn mla_attention_wgmma_uses_hgmma_and_its_twin_hmma() {
+    let wgmma = sass_by_function(&MLA_ATTENTION_WGMMA);
+    let twins = sass_by_function(&MLA_ATTENTION);
+    for dtype in ["bf16", "fp8"] {
+        let name = format!("mla_attention_wgmma_{dtype}");
+        let sass = wgmma.get(&name).unwrap_or_else(|| panic!("no {name} in {:?}", wgmma.keys()));
+        // Per key tile: twenty m64n32k16 for S = Q K^T and two m64n256k16 for O += P V.
+        assert!(count(sass, "HGMMA") >= 22, "{name}: {} HGMMA", count(sass, "HGMMA"));
+        assert_eq!(count(sass, "HMMA"), 0, "{name}: mma.sync in the wgmma kernel");
+        let twin_name = format!("mla_attention_{dtype}");
+        let twin = twins.get(&twin_name).unwrap_or_else(|| panic!("no {twin_name} in {:?}", twins.keys()));
+        assert!(count(twin, "HMMA") >= 1 && count(twin, "HGMMA") == 0, "{twin_name} stays on mma.sync");
+    }
 }

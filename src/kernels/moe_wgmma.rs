@@ -5,13 +5,14 @@
 //! launch over with only the block and the shared memory changed; decode tiles, the fp8 formats and the W8A8 kernels
 //! keep mma.sync. Grouped launches gather their activation rows (`moe_gemm_{bf16,int4,nvfp4}_wgmma`); dense ones load
 //! them with TMA (`moe_gemm_{bf16,int4,nvfp4}_wgmma_dense`) through a tensor map made here by the device's
-//! [`Backend::encode_tensor_map_tiled`](crate::device::Backend::encode_tensor_map_tiled).
+//! [`Backend::encode_tensor_map_tiled`](crate::device::Backend::encode_tensor_map_tiled), once per activation buffer
+//! and shape: later launches on the same rows reuse it.
 
 use std::cell::Cell;
 
 use super::modules::MOE_GEMM_WGMMA;
 use super::params::{MoeGemmParams, MoeGemmTmaParams, Small4TensorMap};
-use crate::device::tensor_map::{DataType, Interleave, L2Promotion, OobFill, Swizzle, TiledTensorMap};
+use crate::device::tensor_map::{encode_cached, DataType, Interleave, L2Promotion, OobFill, Swizzle, TiledTensorMap};
 use crate::device::{launch_with, Device, Dim3, Kernel, LaunchConfig};
 use crate::error::{Error, Result};
 use crate::quant::repack::tile_bytes;
@@ -141,7 +142,8 @@ pub(crate) fn launch(device: &Device, format: WeightFormat, config: &LaunchConfi
     if !dense_rows_in_order || PrefillGemm::current()? == PrefillGemm::WgmmaGather {
         return launch_with(device, &gather, &config, params);
     }
-    let x_map = device.encode_tensor_map_tiled(&activation_map(params, config.grid.z)?)?;
+    // The map depends on the activations' address and shape only: encoded once per buffer and shape, reused after.
+    let x_map = encode_cached(device, &activation_map(params, config.grid.z)?)?;
     // Field by field: whether bindgen adds a padding field (the map's 64-byte alignment) depends on the GEMM params' size.
     let mut tma_params = MoeGemmTmaParams::default();
     (tma_params.gemm, tma_params.x_map) = (*params, Small4TensorMap { opaque: x_map.opaque });

@@ -84,7 +84,7 @@ const STAGE_BUDGET: usize = 96 * 1024;
 /// Scale bytes a pipeline stage holds per 16-row weight tile next to its weights (`kScaleBytes` of
 /// cuda/include/weight_format.cuh): an fp8-block128 f32 pair (rows g and g + 8's 8-row groups), int4's 16 bf16
 /// scales and 16 zero points (reserved when symmetric), nvfp4's 16 rows x 4 k-steps of e4m3.
-fn staged_scale_bytes(format: WeightFormat) -> usize {
+pub(super) fn staged_scale_bytes(format: WeightFormat) -> usize {
     match format {
         WeightFormat::Bf16 | WeightFormat::Fp8PerTensor => 0,
         WeightFormat::Fp8Block128 => 8,

@@ -105,11 +105,12 @@ const X_BOX: [u32; 3] = [64, 64, 1];
 
 /// Dynamic shared memory (`Ring<F>::kSharedBytes` in moe_gemm_wgmma.cu) for `format` weights: as many stages of the
 /// 8 warps' weight tiles (16 x 64 weights each: 2 KiB bf16, 512 bytes 4-bit) and the activation rows as fit in
-/// 96 KiB, at most 8 (bf16 4, 4-bit 8), two mbarriers per stage, the 64 slots' pairs.
+/// 96 KiB, at most 8 (bf16 4, 4-bit 8), the tiles' staged scales of each stage on top, two mbarriers per stage, the
+/// 64 slots' pairs.
 fn shared_bytes(format: WeightFormat) -> u32 {
     let stage = 8 * tile_bytes(format) as u32 + X_STAGE_BYTES;
     let stages = (96 * 1024 / stage).min(8);
-    stages * stage + 2 * stages * 8 + 64 * 4
+    stages * (stage + 8 * super::moe::staged_scale_bytes(format) as u32) + 2 * stages * 8 + 64 * 4
 }
 
 /// The wgmma kernels of `format` weights: the gather kernel (grouped mode) and the TMA kernel (dense mode). None for

@@ -1,4 +1,4 @@
-//! Tensor maps (`CUtensorMap`) for TMA tile loads, made through the [`Backend`](super::Backend): the driver's
+//! Tensor maps (`CUtensorMap`) for TMA tile loads, made through the [`Backend`]: the driver's
 //! `cuTensorMapEncodeTiled` on a GPU, the PTX interpreter's own encoder (`ptxsim::tensor_map`) on the CPU. The
 //! description is the driver call's parameter list, the encoded map is 128 opaque bytes that a kernel receives inside
 //! its parameter struct (a `Small4TensorMap` field of params.h; the kernel declares the struct

@@ -36,6 +36,23 @@ __device__ __forceinline__ void mbar_wait(uint64_t *bar, unsigned parity) {
         : "memory");
 }
 
+// ---- warp leader ---------------------------------------------------------------------------------------------------
+
+// True in one lane of the calling warp (all 32 lanes must call it together), false in the others: elect.sync's
+// leader, the lane Hopper code gives a warp's single-thread work (mbarrier arrivals, expect_tx, TMA issues). PTX
+// promises only a deterministic choice, not lane 0, so code never assumes which lane it is.
+__device__ __forceinline__ bool elect_one_sync() {
+    uint32_t leader;
+    asm volatile(
+        "{\n"
+        ".reg .pred P_ELECTED;\n"
+        "elect.sync _|P_ELECTED, 0xffffffff;\n"
+        "selp.u32 %0, 1, 0, P_ELECTED;\n"
+        "}\n"
+        : "=r"(leader));
+    return leader != 0;
+}
+
 // ---- bulk copies and proxy fences --------------------------------------------------------------------------------
 
 // `bytes` (a multiple of 16, both addresses 16-byte aligned) global -> shared through the async proxy; completes as

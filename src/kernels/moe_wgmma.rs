@@ -6,13 +6,14 @@
 //! keep mma.sync (the fp8 formats' prefill tile runs on the fp8 tensor cores with [`PrefillGemm::WgmmaFp8Act`]:
 //! [`super::moe_wgmma_fp8`]). Grouped launches gather their activation rows (`moe_gemm_{bf16,int4,nvfp4}_wgmma`); dense ones load
 //! them with TMA (`moe_gemm_{bf16,int4,nvfp4}_wgmma_dense`) through a tensor map made here by the device's
-//! [`Backend::encode_tensor_map_tiled`](crate::device::Backend::encode_tensor_map_tiled).
+//! [`Backend::encode_tensor_map_tiled`](crate::device::Backend::encode_tensor_map_tiled), once per activation buffer
+//! and shape: later launches on the same rows reuse it.
 
 use std::cell::Cell;
 
 use super::modules::MOE_GEMM_WGMMA;
 use super::params::{MoeGemmParams, MoeGemmTmaParams, Small4TensorMap};
-use crate::device::tensor_map::{DataType, Interleave, L2Promotion, OobFill, Swizzle, TiledTensorMap};
+use crate::device::tensor_map::{encode_cached, DataType, Interleave, L2Promotion, OobFill, Swizzle, TiledTensorMap};
 use crate::device::{launch_with, Device, Dim3, Kernel, LaunchConfig};
 use crate::error::{Error, Result};
 use crate::quant::repack::tile_bytes;
@@ -111,11 +112,12 @@ const X_BOX: [u32; 3] = [64, 64, 1];
 
 /// Dynamic shared memory (`Ring<F>::kSharedBytes` in moe_gemm_wgmma.cu) for `format` weights: as many stages of the
 /// 8 warps' weight tiles (16 x 64 weights each: 2 KiB bf16, 512 bytes 4-bit) and the activation rows as fit in
-/// 96 KiB, at most 8 (bf16 4, 4-bit 8), two mbarriers per stage, the 64 slots' pairs.
+/// 96 KiB, at most 8 (bf16 4, 4-bit 8), the tiles' staged scales of each stage on top, two mbarriers per stage, the
+/// 64 slots' pairs.
 fn shared_bytes(format: WeightFormat) -> u32 {
     let stage = 8 * tile_bytes(format) as u32 + X_STAGE_BYTES;
     let stages = (96 * 1024 / stage).min(8);
-    stages * stage + 2 * stages * 8 + 64 * 4
+    stages * (stage + 8 * super::moe::staged_scale_bytes(format) as u32) + 2 * stages * 8 + 64 * 4
 }
 
 /// The wgmma kernels of `format` weights: the gather kernel (grouped mode) and the TMA kernel (dense mode). None for
@@ -148,7 +150,8 @@ pub(crate) fn launch(device: &Device, format: WeightFormat, config: &LaunchConfi
     if !dense_rows_in_order || PrefillGemm::current()? == PrefillGemm::WgmmaGather {
         return launch_with(device, &gather, &config, params);
     }
-    let x_map = device.encode_tensor_map_tiled(&activation_map(params, config.grid.z)?)?;
+    // The map depends on the activations' address and shape only: encoded once per buffer and shape, reused after.
+    let x_map = encode_cached(device, &activation_map(params, config.grid.z)?)?;
     // Field by field: whether bindgen adds a padding field (the map's 64-byte alignment) depends on the GEMM params' size.
     let mut tma_params = MoeGemmTmaParams::default();
     (tma_params.gemm, tma_params.x_map) = (*params, Small4TensorMap { opaque: x_map.opaque });

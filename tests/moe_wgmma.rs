@@ -13,12 +13,13 @@
 
 mod common;
 
+use common::routing::{DeviceAlignment, RoutedBatch};
 use common::*;
 use half::bf16;
 use rand::{rngs::StdRng, Rng};
 use small4::device::{Device, DeviceBuffer};
 use small4::kernels::dense;
-use small4::kernels::moe::{self, DeviceWeights, Grouping};
+use small4::kernels::moe::{self, DeviceWeights};
 use small4::kernels::moe_wgmma::PrefillGemm;
 use small4::quant::matrix::QuantizedMatrix;
 use small4::quant::repack::{self, MatrixRef};
@@ -144,40 +145,20 @@ fn check_grouped(device: &Device, case: RoutedCase) -> small4::Result<()> {
     let mut rng = rng(seed);
     let local = experts - remote;
     let all: Vec<Expert> = (0..local).map(|_| random_expert(&mut rng, format, dim, hidden, down_k, down_out)).collect();
-    let mut ids = Vec::with_capacity(tokens * k);
-    let mut weights = Vec::with_capacity(tokens * k);
-    for _ in 0..tokens {
-        let mut chosen: Vec<i32> = (0..experts as i32).collect();
-        for i in 0..k {
-            let j = rng.random_range(i..experts);
-            chosen.swap(i, j);
-        }
-        ids.extend_from_slice(&chosen[..k]);
-        weights.extend((0..k).map(|_| rng.random_range(0.1f32..1.0)));
-    }
-    ids.iter_mut().skip(3).step_by(7).for_each(|id| *id = -1);
-    let expert_map: Vec<i32> = (0..experts).map(|e| if e < local { e as i32 } else { -1 }).collect();
-    let tile_m = moe::moe_tile_m(tokens, k, local);
-    assert_eq!(tile_m, 64, "a prefill-sized batch");
-    let alignment = align_pairs(&ids, Some(&expert_map), local, tile_m);
-    let capacity = alignment.sorted_pairs.len();
-    let routed = alignment.sorted_pairs.iter().filter(|&&p| p >= 0).count();
+    let batch = RoutedBatch::random(&mut rng, tokens, k, experts, remote);
+    let (alignment, weights, capacity) = (&batch.alignment, &batch.weights, batch.capacity());
 
     let gate_up: Vec<(MatrixRef, MatrixRef)> = all.iter().map(|e| ((&e.gate_up.0).into(), (&e.gate_up.1).into())).collect();
     let down: Vec<MatrixRef> = all.iter().map(|e| (&e.down).into()).collect();
     let gate_up = DeviceWeights::upload(device, &repack::repack_gate_up(&gate_up).unwrap()).unwrap();
     let down = DeviceWeights::upload(device, &repack::repack_linear(&down).unwrap()).unwrap();
-    let up_i32 = |v: &[i32]| DeviceBuffer::from_slice(device, v).unwrap();
-    let (sorted_pairs, tile_experts, expert_offsets) = (up_i32(&alignment.sorted_pairs), up_i32(&alignment.tile_experts), up_i32(&alignment.expert_offsets));
-    let num_padded = up_i32(&[alignment.num_padded]);
-    let grouping = Grouping { sorted_pairs: &sorted_pairs, tile_experts: &tile_experts, expert_offsets: &expert_offsets, num_padded: &num_padded, tile_m };
+    let alignment_dev = DeviceAlignment::upload(device, alignment, batch.tile_m);
+    let grouping = alignment_dev.grouping();
     let x = random_bf16(&mut rng, tokens * dim, 1.0);
     let x_dev = DeviceBuffer::from_slice(device, &x).unwrap();
-    let topk_weights = DeviceBuffer::from_slice(device, &weights).unwrap();
-
-    // The expert of each slot, and the slots of every routed pair.
-    let slot_expert = |s: usize| alignment.tile_experts[s / tile_m] as usize;
-    let slots: Vec<usize> = (0..capacity).filter(|&s| alignment.sorted_pairs[s] >= 0).collect();
+    let topk_weights = DeviceBuffer::from_slice(device, weights).unwrap();
+    let slots = batch.routed_slots();
+    let routed = slots.len();
 
     // Up + SwiGLU: act [capacity, hidden] bf16, padding rows untouched (poison).
     let (act_wgmma, act_mma) = both(device, format, || {
@@ -189,7 +170,7 @@ fn check_grouped(device: &Device, case: RoutedCase) -> small4::Result<()> {
     let silu = |v: f32| v / (1.0 + (-v).exp());
     let mut want_act = Vec::with_capacity(slots.len() * hidden);
     for &s in &slots {
-        let e = &all[slot_expert(s)];
+        let e = &all[batch.slot_expert(s)];
         let token = alignment.sorted_pairs[s] as usize / k;
         let x_row = to_f32(&x[token * dim..][..dim]);
         let (gate, up) = (matmul_nt(&x_row, &e.w1, 1, dim, hidden), matmul_nt(&x_row, &e.w3, 1, dim, hidden));
@@ -198,7 +179,7 @@ fn check_grouped(device: &Device, case: RoutedCase) -> small4::Result<()> {
     let what = format!("{format} up+SwiGLU {tokens} tokens x top-{k} ({routed} routed rows) K {dim}");
     check_pair(device, &what, &rows_of(&act_wgmma), &rows_of(&act_mma), &want_act);
     for (name, act) in [("wgmma", &act_wgmma), ("mma.sync", &act_mma)] {
-        let touched = (0..capacity).filter(|&s| alignment.sorted_pairs[s] < 0).any(|s| act[s * hidden..][..hidden].iter().any(|v| v.to_bits() != 0xffff));
+        let touched = batch.padding_slots().into_iter().any(|s| act[s * hidden..][..hidden].iter().any(|v| v.to_bits() != 0xffff));
         assert!(!touched, "{what} ({name}): a padding slot's row was written");
     }
 
@@ -217,13 +198,12 @@ fn check_grouped(device: &Device, case: RoutedCase) -> small4::Result<()> {
     for &s in &slots {
         let pair = alignment.sorted_pairs[s] as usize;
         let act_row = to_f32(&act[s * down_k..][..down_k]);
-        want_out.extend(matmul_nt(&act_row, &all[slot_expert(s)].w2, 1, down_k, down_out).iter().map(|v| v * weights[pair]));
+        want_out.extend(matmul_nt(&act_row, &all[batch.slot_expert(s)].w2, 1, down_k, down_out).iter().map(|v| v * weights[pair]));
     }
     let what = format!("{format} down x weight {tokens} tokens x top-{k} ({routed} routed rows) K {down_k}");
     check_pair(device, &what, &pairs_rows(&out_wgmma), &pairs_rows(&out_mma), &want_out);
     // Pairs without a local expert are not written by either kernel.
-    let unwritten: Vec<usize> = (0..tokens * k).filter(|&p| !alignment.sorted_pairs.contains(&(p as i32))).collect();
-    assert!(!unwritten.is_empty(), "the case has unrouted or remote pairs");
+    let unwritten = batch.unslotted_pairs();
     for (name, out) in [("wgmma", &out_wgmma), ("mma.sync", &out_mma)] {
         assert!(
             unwritten.iter().all(|&p| out[p * down_out..][..down_out].iter().all(|v| v.to_bits() == u32::MAX)),
@@ -526,10 +506,8 @@ fn print_prefill_counters(format: WeightFormat) {
     let down = DeviceWeights::upload(&device, &repack::repack_linear(&down).unwrap()).unwrap();
     let ids: Vec<i32> = (0..tokens * k).map(|p| (p % k) as i32).collect();
     let alignment = align_pairs(&ids, None, 2, 64);
-    let up_i32 = |v: &[i32]| DeviceBuffer::from_slice(&device, v).unwrap();
-    let (sorted_pairs, tile_experts, expert_offsets) = (up_i32(&alignment.sorted_pairs), up_i32(&alignment.tile_experts), up_i32(&alignment.expert_offsets));
-    let num_padded = up_i32(&[alignment.num_padded]);
-    let grouping = Grouping { sorted_pairs: &sorted_pairs, tile_experts: &tile_experts, expert_offsets: &expert_offsets, num_padded: &num_padded, tile_m: 64 };
+    let alignment_dev = DeviceAlignment::upload(&device, &alignment, 64);
+    let grouping = alignment_dev.grouping();
     let capacity = alignment.sorted_pairs.len();
     let x = DeviceBuffer::from_slice(&device, &random_bf16(&mut rng, tokens * dim, 1.0)).unwrap();
     let act = DeviceBuffer::<bf16>::alloc(&device, capacity * hidden).unwrap();

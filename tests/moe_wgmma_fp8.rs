@@ -20,12 +20,13 @@
 
 mod common;
 
+use common::routing::{DeviceAlignment, RoutedBatch};
 use common::*;
 use half::bf16;
 use rand::{rngs::StdRng, Rng};
 use small4::device::{Device, DeviceBuffer};
 use small4::kernels::dense;
-use small4::kernels::moe::{self, DeviceWeights, Grouping};
+use small4::kernels::moe::{self, DeviceWeights};
 use small4::kernels::moe_wgmma::PrefillGemm;
 use small4::kernels::moe_wgmma_fp8::quantize_act_e4m3_block128;
 use small4::quant::repack::{self, MatrixRef};
@@ -294,37 +295,19 @@ fn check_grouped(device: &Device, format: WeightFormat, tokens: usize, k: usize,
     let w1: Vec<QuantizedMatrix> = (0..local).map(|_| integer_weights(&mut rng, format, hidden, dim)).collect();
     let w3: Vec<QuantizedMatrix> = (0..local).map(|_| integer_weights(&mut rng, format, hidden, dim)).collect();
     let w2: Vec<QuantizedMatrix> = (0..local).map(|_| integer_weights(&mut rng, format, down_out, down_k)).collect();
-    let mut ids = Vec::with_capacity(tokens * k);
-    let mut weights = Vec::with_capacity(tokens * k);
-    for _ in 0..tokens {
-        let mut chosen: Vec<i32> = (0..experts as i32).collect();
-        for i in 0..k {
-            let j = rng.random_range(i..experts);
-            chosen.swap(i, j);
-        }
-        ids.extend_from_slice(&chosen[..k]);
-        weights.extend((0..k).map(|_| rng.random_range(0.1f32..1.0)));
-    }
-    ids.iter_mut().skip(3).step_by(7).for_each(|id| *id = -1);
-    let expert_map: Vec<i32> = (0..experts).map(|e| if e < local { e as i32 } else { -1 }).collect();
-    let tile_m = moe::moe_tile_m(tokens, k, local);
-    assert_eq!(tile_m, 64, "a prefill-sized batch");
-    let alignment = align_pairs(&ids, Some(&expert_map), local, tile_m);
-    let capacity = alignment.sorted_pairs.len();
+    let batch = RoutedBatch::random(&mut rng, tokens, k, experts, 1);
+    let (alignment, weights, capacity) = (&batch.alignment, &batch.weights, batch.capacity());
 
     let gate_up: Vec<(MatrixRef, MatrixRef)> = w1.iter().zip(&w3).map(|(a, b)| (a.into(), b.into())).collect();
     let down: Vec<MatrixRef> = w2.iter().map(|m| m.into()).collect();
     let gate_up = DeviceWeights::upload(device, &repack::repack_gate_up(&gate_up).unwrap()).unwrap();
     let down = DeviceWeights::upload(device, &repack::repack_linear(&down).unwrap()).unwrap();
-    let up_i32 = |v: &[i32]| DeviceBuffer::from_slice(device, v).unwrap();
-    let (sorted_pairs, tile_experts, expert_offsets) = (up_i32(&alignment.sorted_pairs), up_i32(&alignment.tile_experts), up_i32(&alignment.expert_offsets));
-    let num_padded = up_i32(&[alignment.num_padded]);
-    let grouping = Grouping { sorted_pairs: &sorted_pairs, tile_experts: &tile_experts, expert_offsets: &expert_offsets, num_padded: &num_padded, tile_m };
+    let alignment_dev = DeviceAlignment::upload(device, alignment, batch.tile_m);
+    let grouping = alignment_dev.grouping();
     let x = integer_activations(&mut rng, tokens, dim, dim);
     let x_dev = DeviceBuffer::from_slice(device, &x).unwrap();
-    let topk_weights = DeviceBuffer::from_slice(device, &weights).unwrap();
-    let slot_expert = |s: usize| alignment.tile_experts[s / tile_m] as usize;
-    let slots: Vec<usize> = (0..capacity).filter(|&s| alignment.sorted_pairs[s] >= 0).collect();
+    let topk_weights = DeviceBuffer::from_slice(device, weights).unwrap();
+    let slots = batch.routed_slots();
     let what = format!("{format} {tokens} tokens x top-{k} ({} routed rows)", slots.len());
 
     // Up + SwiGLU: act [capacity, hidden], padding slots untouched (poison).
@@ -338,13 +321,13 @@ fn check_grouped(device: &Device, format: WeightFormat, tokens: usize, k: usize,
     let u_all: Vec<Vec<f32>> = w3.iter().map(|w| reference(&x, tokens, dim, dim, w).1).collect();
     let (mut got, mut g, mut u) = (Vec::new(), Vec::new(), Vec::new());
     for &s in &slots {
-        let (e, token) = (slot_expert(s), alignment.sorted_pairs[s] as usize / k);
+        let (e, token) = (batch.slot_expert(s), alignment.sorted_pairs[s] as usize / k);
         got.extend(to_f32(&act[s * hidden..][..hidden]));
         g.extend_from_slice(&g_all[e][token * hidden..][..hidden]);
         u.extend_from_slice(&u_all[e][token * hidden..][..hidden]);
     }
     check_swiglu(&format!("{what} up+SwiGLU K {dim}"), &got, &g, &u);
-    let padding_written = (0..capacity).filter(|&s| alignment.sorted_pairs[s] < 0).any(|s| act[s * hidden..][..hidden].iter().any(|v| v.to_bits() != 0xffff));
+    let padding_written = batch.padding_slots().into_iter().any(|s| act[s * hidden..][..hidden].iter().any(|v| v.to_bits() != 0xffff));
     assert!(!padding_written, "{what}: a padding slot's row was written");
 
     // Down x routing weight, from exact-design slot rows (padding slots' rows are never read).
@@ -361,12 +344,11 @@ fn check_grouped(device: &Device, format: WeightFormat, tokens: usize, k: usize,
     for &s in &slots {
         let pair = alignment.sorted_pairs[s] as usize;
         got.extend_from_slice(&out[pair * down_out..][..down_out]);
-        want.extend(y_all[slot_expert(s)][s * down_out..][..down_out].iter().map(|v| v * weights[pair]));
+        want.extend(y_all[batch.slot_expert(s)][s * down_out..][..down_out].iter().map(|v| v * weights[pair]));
     }
     let bad = mismatches(&got, &want);
     assert_eq!(bad, 0, "{what} down x weight K {down_k}: {bad} elements differ from the reference");
-    let unwritten: Vec<usize> = (0..tokens * k).filter(|&p| !alignment.sorted_pairs.contains(&(p as i32))).collect();
-    assert!(!unwritten.is_empty(), "the case has unrouted or remote pairs");
+    let unwritten = batch.unslotted_pairs();
     assert!(unwritten.iter().all(|&p| out[p * down_out..][..down_out].iter().all(|v| v.to_bits() == u32::MAX)), "{what}: an unrouted pair was written");
 }
 
@@ -524,12 +506,8 @@ fn fp8_counters_at_real_dims() {
         let down = DeviceWeights::upload(&device, &repack::repack_linear(&w2.iter().map(|w| w.into()).collect::<Vec<MatrixRef>>()).unwrap()).unwrap();
         let ids: Vec<i32> = (0..tokens * k).map(|p| (p % k) as i32).collect();
         let alignment = align_pairs(&ids, None, 2, 64);
-        let up_i32 = |v: &[i32]| DeviceBuffer::from_slice(&device, v).unwrap();
-        let (sorted_pairs, tile_experts, expert_offsets) =
-            (up_i32(&alignment.sorted_pairs), up_i32(&alignment.tile_experts), up_i32(&alignment.expert_offsets));
-        let num_padded = up_i32(&[alignment.num_padded]);
-        let grouping =
-            Grouping { sorted_pairs: &sorted_pairs, tile_experts: &tile_experts, expert_offsets: &expert_offsets, num_padded: &num_padded, tile_m: 64 };
+        let alignment_dev = DeviceAlignment::upload(&device, &alignment, 64);
+        let grouping = alignment_dev.grouping();
         let capacity = alignment.sorted_pairs.len();
         let x = DeviceBuffer::from_slice(&device, &integer_activations(&mut rng, tokens, dim, dim)).unwrap();
         let act = DeviceBuffer::from_slice(&device, &integer_activations(&mut rng, capacity, hidden, hidden)).unwrap();

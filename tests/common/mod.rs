@@ -5,6 +5,7 @@ use half::bf16;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 pub mod forced;
+pub mod routing;
 
 /// Instantiates each `fn name(device: &Device)` twice: `sim::name` on the PTX interpreter (always runs) and
 /// `gpu::name` on CUDA device 0. Without a GPU the gpu twin skips and says so ([`gpu_skipped`]); with

@@ -16,11 +16,14 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{assert_close, counter_cells, random_bf16, regex_free_replace, rng, to_f32, Planted};
+use common::{
+    assert_close, assert_reported, compare_wgmma_with_mma_sync, counter_cells, random_bf16, regex_free_replace, require_race_check, rng, to_f32,
+    without_mbarrier_waits, without_proxy_fences, Planted,
+};
 use half::bf16;
 use rand::seq::SliceRandom;
 use rand::Rng;
-use small4::device::{Device, DeviceBuffer, KernelModule};
+use small4::device::{Device, DeviceBuffer};
 use small4::kernels::attention::{self, AttentionScratch, BlockTables, MlaPrefillKernel, PagedCache, Queries, QueryLayout};
 use small4::model::kv_cache::{BatchTables, CacheDescriptor, CacheDtype};
 use small4::reference::attention::{latent_attention, MlaDims};
@@ -37,13 +40,6 @@ const FP8_SCALE: f32 = 0.75;
 /// wraps, the last tile holds 10 keys), 0 + 5 (a fresh prompt: 160 rows, the last row tile half padding) and 37 + 1
 /// (one token: a row tile of 32 rows).
 const SEQS: [(usize, usize); 3] = [(100, 6), (0, 5), (37, 1)];
-
-/// On the interpreter, the checks this file relies on must be on.
-fn require_checks(device: &Device) {
-    if device.name() == "sim" {
-        assert!(std::env::var("PTXSIM_RACE_CHECK").map_or(true, |v| v != "0"), "these tests need the race detector: unset PTXSIM_RACE_CHECK=0");
-    }
-}
 
 /// A cache image, its tables and the queries of one prefill call, with the reference output.
 struct Case {
@@ -149,19 +145,14 @@ fn assert_matches_reference(what: &str, got: &[f32], want: &[f32]) {
 }
 
 fn wgmma_prefill_matches_the_reference_and_mma_sync(device: &Device) {
-    require_checks(device);
+    require_race_check(device);
     for fp8 in [false, true] {
         let case = case(fp8, 7 + fp8 as u64);
         let wgmma = run(device, &case, MlaPrefillKernel::Wgmma).unwrap();
         let mma_sync = run(device, &case, MlaPrefillKernel::MmaSync).unwrap();
         assert_matches_reference(&format!("o_lat (wgmma, fp8 {fp8})"), &wgmma, &case.want);
         assert_matches_reference(&format!("o_lat (mma.sync, fp8 {fp8})"), &mma_sync, &case.want);
-        let max_difference = wgmma.iter().zip(&mma_sync).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        println!("MLA prefill (fp8 {fp8}) on {}: max |wgmma - mma.sync| = {max_difference:e} over {} outputs", device.name(), wgmma.len());
-        if device.name() == "sim" {
-            let differ = wgmma.iter().zip(&mma_sync).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
-            assert_eq!(differ, 0, "{differ} of {} outputs differ between wgmma and mma.sync on the interpreter (fp8 {fp8})", wgmma.len());
-        }
+        compare_wgmma_with_mma_sync(device, &format!("MLA prefill (fp8 {fp8})"), &wgmma, &mma_sync);
     }
 }
 
@@ -246,34 +237,19 @@ fn wrong_page(ptx: &str) -> String {
 fn planted_bugs_in_the_wgmma_prefill_are_caught() {
     let original = small4::kernels::modules::MLA_ATTENTION_WGMMA.ptx;
     let case = case(false, 11);
-    let planted = |name: &str, ptx: String| -> Device {
-        assert_ne!(ptx, original, "{name}: the edit changed nothing");
-        let module = KernelModule { name: Box::leak(format!("mla_attention_wgmma_{name}").into_boxed_str()), ptx: Box::leak(ptx.into_boxed_str()), cubin: &[] };
-        Arc::new(Planted { inner: small4::device::simulator(), module, entry: "mla_attention_wgmma_bf16" })
-    };
+    let planted = |name: &str, ptx: String| Planted::edited(small4::kernels::modules::MLA_ATTENTION_WGMMA, "mla_attention_wgmma_bf16", name, ptx);
     let hazards: [(&str, String, &str); 4] = [
         // The softmax reads S while its wgmmas are in flight: the first wait_group retires nothing.
         ("s_not_retired", original.replacen("wgmma.wait_group.sync.aligned 0;", "wgmma.wait_group.sync.aligned 1;", 1), "accessed before the wgmma.wait_group"),
         // "empty" completes on one arrival: the producer may refill a stage other consumer warps still read.
         ("empty_after_one_warp", regex_free_replace(original, "mbarrier.init.shared::cta.b64 [", "], %r", "], 1;"), "the phase ran ahead"),
         // The cp.async tiles (and zero rows, and Q) reach wgmma (the async proxy) without fence.proxy.async.
-        ("no_proxy_fence", original.lines().filter(|l| !l.contains("fence.proxy.async")).collect::<Vec<_>>().join("\n"), "no fence.proxy.async"),
+        ("no_proxy_fence", without_proxy_fences(original), "no fence.proxy.async"),
         // Nobody waits on a barrier: the consumers read stages before anything landed there.
-        (
-            "no_waits",
-            original
-                .lines()
-                .map(|l| if l.trim_start().starts_with("mbarrier.try_wait.parity.shared::cta.b64 P1, [") { "setp.eq.u32 P1, 1, 1;" } else { l })
-                .collect::<Vec<_>>()
-                .join("\n"),
-            "uninitialised shared memory",
-        ),
+        ("no_waits", without_mbarrier_waits(original), "uninitialised shared memory"),
     ];
     for (name, ptx, expected) in hazards {
-        match run(&planted(name, ptx), &case, MlaPrefillKernel::Wgmma) {
-            Err(small4::Error::Simulator(message)) => assert!(message.contains(expected), "{name}: expected a report mentioning {expected:?}, got: {message}"),
-            other => panic!("{name}: expected the interpreter's report, got {:?}", other.map(|_| ())),
-        }
+        assert_reported(name, run(&planted(name, ptx), &case, MlaPrefillKernel::Wgmma), expected);
     }
     // Wrong results without a hazard: the comparison with the reference catches them.
     for (name, ptx) in [("causal_off_by_one", causal_off_by_one(original)), ("wrong_page", wrong_page(original))] {
@@ -284,8 +260,7 @@ fn planted_bugs_in_the_wgmma_prefill_are_caught() {
         assert!(wrong > 0, "{name}: the output still matches the reference");
         println!("{name}: {wrong} of {} outputs off the reference", got.len());
     }
-    let unedited: Device =
-        Arc::new(Planted { inner: small4::device::simulator(), module: small4::kernels::modules::MLA_ATTENTION_WGMMA, entry: "mla_attention_wgmma_bf16" });
+    let unedited = Planted::unedited(small4::kernels::modules::MLA_ATTENTION_WGMMA, "mla_attention_wgmma_bf16");
     assert_matches_reference("o_lat (unedited)", &run(&unedited, &case, MlaPrefillKernel::Wgmma).unwrap(), &case.want);
 }
 

@@ -41,13 +41,6 @@ fn random_matrix(rng: &mut StdRng, format: WeightFormat, rows: usize, cols: usiz
     (q, deq)
 }
 
-/// On the interpreter, the checks this file relies on must be on.
-fn require_checks(device: &Device) {
-    if device.name() == "sim" {
-        assert!(std::env::var("PTXSIM_RACE_CHECK").map_or(true, |v| v != "0"), "these tests need the race detector: unset PTXSIM_RACE_CHECK=0");
-    }
-}
-
 /// The kernel name's weight part: `moe_gemm_{name}_wgmma`, `moe_gemm_{name}_wgmma_dense` and `moe_gemm_{name}_tiled`.
 fn kernel_format(format: WeightFormat) -> &'static str {
     match format {
@@ -141,7 +134,7 @@ const SMALL_CASE: RoutedCase =
 /// A launch's error is returned (the planted-bug test expects some); a wrong result panics.
 fn check_grouped(device: &Device, case: RoutedCase) -> small4::Result<()> {
     let RoutedCase { format, tokens, k, experts, remote, dim, hidden, down_k, down_out, seed } = case;
-    require_checks(device);
+    require_race_check(device);
     let mut rng = rng(seed);
     let local = experts - remote;
     let all: Vec<Expert> = (0..local).map(|_| random_expert(&mut rng, format, dim, hidden, down_k, down_out)).collect();
@@ -260,7 +253,7 @@ fn dense_gemms_equal_mma_sync(device: &Device) {
 }
 
 fn check_dense(device: &Device, format: WeightFormat, seed: u64) {
-    require_checks(device);
+    require_race_check(device);
     let mut rng = rng(seed);
     let (rows, in_dim, out_dim) = (70, 384, 200);
     let (w, deq) = random_matrix(&mut rng, format, out_dim, in_dim);
@@ -327,7 +320,7 @@ fn check_dense(device: &Device, format: WeightFormat, seed: u64) {
 /// zero-filled), one 128-feature block wide, rows 16-byte strided wider than K; the TMA kernel against the gather
 /// kernel and mma.sync, and all against the reference. `format`'s weights.
 fn dense_at_real_reduction_lengths(device: &Device, format: WeightFormat, seed: u64) {
-    require_checks(device);
+    require_race_check(device);
     let mut rng = rng(seed);
     let (rows, out_dim) = (70, 128);
     for k_dim in [4096, 2048] {
@@ -442,34 +435,21 @@ const CHAIN_GLOBAL_LOADS: u64 = 1;
 fn planted_bugs_in_the_wgmma_kernel_are_reported() {
     let original = small4::kernels::modules::MOE_GEMM_WGMMA.ptx;
     let bulk_expect_tx = regex_free_replace(original, "mbarrier.arrive.expect_tx.shared::cta.b64 _, [", "], %r", "], 32768;");
-    let try_wait = "mbarrier.try_wait.parity.shared::cta.b64 P1, [";
-    let no_waits = original.lines().map(|l| if l.trim_start().starts_with(try_wait) { "setp.eq.u32 P1, 1, 1;" } else { l }).collect::<Vec<_>>().join("\n");
     let cases: [(&'static str, String, &str); 4] = [
         // The producer's cp.async activation rows reach wgmma (the async proxy) without fence.proxy.async.
-        ("no_proxy_fence", original.lines().filter(|l| !l.contains("fence.proxy.async")).collect::<Vec<_>>().join("\n"), "no fence.proxy.async"),
+        ("no_proxy_fence", without_proxy_fences(original), "no fence.proxy.async"),
         // wait_group 2 leaves the previous stage's wgmmas in flight while their A registers are reloaded.
         ("wait_group_2", original.replace("wgmma.wait_group.sync.aligned 1;", "wgmma.wait_group.sync.aligned 2;"), "accessed before the wgmma.wait_group"),
         // Twice the weight bytes expected: the full barrier's phase never completes.
         ("double_expect_tx", bulk_expect_tx, "deadlock"),
         // Nobody waits on a barrier: the consumers read stages before anything landed there.
-        ("no_waits", no_waits, "read of uninitialised shared memory"),
+        ("no_waits", without_mbarrier_waits(original), "read of uninitialised shared memory"),
     ];
     let run = |device: &Device| check_grouped(device, SMALL_CASE);
     for (name, ptx, expected) in cases {
-        assert_ne!(ptx, original, "{name}: the edit changed nothing");
-        let module = small4::device::KernelModule {
-            name: Box::leak(format!("moe_gemm_wgmma_{name}").into_boxed_str()),
-            ptx: Box::leak(ptx.into_boxed_str()),
-            cubin: &[],
-        };
-        let device: Device = std::sync::Arc::new(Planted { inner: small4::device::simulator(), module, entry: "moe_gemm_bf16_wgmma" });
-        match run(&device) {
-            Err(small4::Error::Simulator(message)) => assert!(message.contains(expected), "{name}: expected a report mentioning {expected:?}, got: {message}"),
-            other => panic!("{name}: expected the interpreter's report, got {other:?}"),
-        }
+        assert_reported(name, run(&Planted::edited(small4::kernels::modules::MOE_GEMM_WGMMA, "moe_gemm_bf16_wgmma", name, ptx)), expected);
     }
-    let unedited: Device =
-        std::sync::Arc::new(Planted { inner: small4::device::simulator(), module: small4::kernels::modules::MOE_GEMM_WGMMA, entry: "moe_gemm_bf16_wgmma" });
+    let unedited = Planted::unedited(small4::kernels::modules::MOE_GEMM_WGMMA, "moe_gemm_bf16_wgmma");
     run(&unedited).unwrap();
 }
 

@@ -444,15 +444,7 @@ fn gemms_hold_under_the_truncating_tensor_model() {
 fn planted_bugs_in_the_fp8_kernel_are_caught() {
     let original = small4::kernels::modules::MOE_GEMM_WGMMA_FP8.ptx;
     let entry = "moe_gemm_fp8_block_wgmma_a8";
-    let planted = |name: &str, ptx: String| -> Device {
-        assert_ne!(ptx, original, "{name}: the edit changed nothing");
-        let module = small4::device::KernelModule {
-            name: Box::leak(format!("moe_gemm_wgmma_fp8_{name}").into_boxed_str()),
-            ptx: Box::leak(ptx.into_boxed_str()),
-            cubin: &[],
-        };
-        std::sync::Arc::new(Planted { inner: small4::device::simulator(), module, entry })
-    };
+    let planted = |name: &str, ptx: String| Planted::edited(small4::kernels::modules::MOE_GEMM_WGMMA_FP8, entry, name, ptx);
     let run = |device: &Device| dense_f32_mismatches(device, WeightFormat::Fp8Block128, 70, 512, 80);
     // The consumers' 8-byte loads of two slots' activation scales (8 f + 2 t and the next) with the halves swapped:
     // each slot promoted with its neighbour's scale.
@@ -470,16 +462,13 @@ fn planted_bugs_in_the_fp8_kernel_are_caught() {
     let bad = run(&planted("swapped_slot_scales", swapped)).unwrap();
     assert!(bad > 0, "a wrong activation-scale index went unnoticed");
     let hazards: [(&str, String, &str); 2] = [
-        ("no_proxy_fence", original.lines().filter(|l| !l.contains("fence.proxy.async")).collect::<Vec<_>>().join("\n"), "no fence.proxy.async"),
+        ("no_proxy_fence", without_proxy_fences(original), "no fence.proxy.async"),
         ("wait_group_1", original.replace("wgmma.wait_group.sync.aligned 0;", "wgmma.wait_group.sync.aligned 1;"), "before the wgmma.wait_group"),
     ];
     for (name, ptx, expected) in hazards {
-        match run(&planted(name, ptx)) {
-            Err(small4::Error::Simulator(message)) => assert!(message.contains(expected), "{name}: expected a report mentioning {expected:?}, got: {message}"),
-            other => panic!("{name}: expected the interpreter's report, got {other:?}"),
-        }
+        assert_reported(name, run(&planted(name, ptx)), expected);
     }
-    let unedited: Device = std::sync::Arc::new(Planted { inner: small4::device::simulator(), module: small4::kernels::modules::MOE_GEMM_WGMMA_FP8, entry });
+    let unedited = Planted::unedited(small4::kernels::modules::MOE_GEMM_WGMMA_FP8, entry);
     assert_eq!(run(&unedited).unwrap(), 0);
 }
 

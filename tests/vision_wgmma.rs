@@ -15,9 +15,12 @@ mod common;
 use std::ops::Range;
 use std::sync::Arc;
 
-use common::{assert_close, counter_cells, random_bf16, regex_free_replace, rng, to_f32, Planted};
+use common::{
+    assert_close, assert_reported, compare_wgmma_with_mma_sync, counter_cells, random_bf16, regex_free_replace, require_race_check, rng, to_f32,
+    without_mbarrier_waits, without_proxy_fences, Planted,
+};
 use half::bf16;
-use small4::device::{Device, DeviceBuffer, KernelModule};
+use small4::device::{Device, DeviceBuffer};
 use small4::kernels::vision::{vision_attention, TokenSegments, VisionAttentionKernel};
 use small4::reference::vision::block_diagonal_attention;
 
@@ -25,13 +28,6 @@ use small4::reference::vision::block_diagonal_attention;
 /// tiles (the 3-stage ring wraps; its last key tile holds 44 keys), one image of a single token, and a last partial
 /// query tile.
 const SEGMENTS: [Range<usize>; 6] = [0..5, 5..150, 150..170, 170..470, 470..471, 471..560];
-
-/// On the interpreter, the checks this file relies on must be on.
-fn require_checks(device: &Device) {
-    if device.name() == "sim" {
-        assert!(std::env::var("PTXSIM_RACE_CHECK").map_or(true, |v| v != "0"), "these tests need the race detector: unset PTXSIM_RACE_CHECK=0");
-    }
-}
 
 /// Runs the attention of random q, k, v (values in [-1.5, 1.5], `tests/vision.rs`'s) over `segments` with `kernel`;
 /// returns the output and the reference. A launch's error is returned (the planted-bug test expects some).
@@ -60,19 +56,14 @@ fn run(device: &Device, kernel: VisionAttentionKernel, segments: &[Range<usize>]
 }
 
 fn wgmma_attention_matches_the_reference_and_mma_sync(device: &Device) {
-    require_checks(device);
+    require_race_check(device);
     let heads = 3;
     let (wgmma, want) = run(device, VisionAttentionKernel::Wgmma, &SEGMENTS, heads).unwrap();
     let (mma_sync, _) = run(device, VisionAttentionKernel::MmaSync, &SEGMENTS, heads).unwrap();
     // tests/vision.rs's tolerance: outputs are averages of values below 1.5, f32 softmax, one bf16 rounding.
     assert_close("vision attention (wgmma)", &wgmma, &want, 2e-3, 8e-3);
     assert_close("vision attention (mma.sync)", &mma_sync, &want, 2e-3, 8e-3);
-    let max_difference = wgmma.iter().zip(&mma_sync).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    println!("vision attention on {}: max |wgmma - mma.sync| = {max_difference:e} over {} outputs", device.name(), wgmma.len());
-    if device.name() == "sim" {
-        let differ = wgmma.iter().zip(&mma_sync).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
-        assert_eq!(differ, 0, "{differ} of {} outputs differ between wgmma and mma.sync on the interpreter", wgmma.len());
-    }
+    compare_wgmma_with_mma_sync(device, "vision attention", &wgmma, &mma_sync);
 }
 
 backend_tests!(wgmma_attention_matches_the_reference_and_mma_sync);
@@ -120,8 +111,6 @@ fn producer_ignores_empty(ptx: &str) -> String {
 #[test]
 fn planted_bugs_in_the_wgmma_attention_are_reported() {
     let original = small4::kernels::modules::VISION_ATTENTION_WGMMA.ptx;
-    let try_wait = "mbarrier.try_wait.parity.shared::cta.b64 P1, [";
-    let no_waits = original.lines().map(|l| if l.trim_start().starts_with(try_wait) { "setp.eq.u32 P1, 1, 1;" } else { l }).collect::<Vec<_>>().join("\n");
     let cases: [(&'static str, String, &str); 5] = [
         // The softmax reads S while its wgmmas are in flight: wait_group 2 instead of 1 leaves them unretired.
         ("wait_group_2", original.replace("wgmma.wait_group.sync.aligned 1;", "wgmma.wait_group.sync.aligned 2;"), "accessed before the wgmma.wait_group"),
@@ -133,23 +122,16 @@ fn planted_bugs_in_the_wgmma_attention_are_reported() {
         // its "full" arrival for the refill lands on a phase the consumers have not observed yet.
         ("producer_ignores_empty", producer_ignores_empty(original), "the phase ran ahead"),
         // The producer's cp.async tiles (and zero rows) reach wgmma (the async proxy) without fence.proxy.async.
-        ("no_proxy_fence", original.lines().filter(|l| !l.contains("fence.proxy.async")).collect::<Vec<_>>().join("\n"), "no fence.proxy.async"),
+        ("no_proxy_fence", without_proxy_fences(original), "no fence.proxy.async"),
         // Nobody waits on a barrier: the consumers read stages before anything landed there.
-        ("no_waits", no_waits, "uninitialised shared memory"),
+        ("no_waits", without_mbarrier_waits(original), "uninitialised shared memory"),
     ];
     let segments = [0..5, 5..150, 150..400];
     for (name, ptx, expected) in cases {
-        assert_ne!(ptx, original, "{name}: the edit changed nothing");
-        let module =
-            KernelModule { name: Box::leak(format!("vision_attention_wgmma_{name}").into_boxed_str()), ptx: Box::leak(ptx.into_boxed_str()), cubin: &[] };
-        let device: Device = Arc::new(Planted { inner: small4::device::simulator(), module, entry: "vision_attention_wgmma" });
-        match run(&device, VisionAttentionKernel::Wgmma, &segments, 1) {
-            Err(small4::Error::Simulator(message)) => assert!(message.contains(expected), "{name}: expected a report mentioning {expected:?}, got: {message}"),
-            other => panic!("{name}: expected the interpreter's report, got {:?}", other.map(|_| ())),
-        }
+        let device = Planted::edited(small4::kernels::modules::VISION_ATTENTION_WGMMA, "vision_attention_wgmma", name, ptx);
+        assert_reported(name, run(&device, VisionAttentionKernel::Wgmma, &segments, 1), expected);
     }
-    let unedited: Device =
-        Arc::new(Planted { inner: small4::device::simulator(), module: small4::kernels::modules::VISION_ATTENTION_WGMMA, entry: "vision_attention_wgmma" });
+    let unedited = Planted::unedited(small4::kernels::modules::VISION_ATTENTION_WGMMA, "vision_attention_wgmma");
     let (got, want) = run(&unedited, VisionAttentionKernel::Wgmma, &segments, 1).unwrap();
     assert_close("vision attention (unedited)", &got, &want, 2e-3, 8e-3);
 }

@@ -224,6 +224,62 @@ impl small4::device::Backend for Planted {
     }
 }
 
+impl Planted {
+    /// The interpreter, running `entry` from `ptx`: an edit of `module`'s PTX (the planted bug `bug`, loaded as module
+    /// `{module}_{bug}` so the backend caches it apart). Panics if the edit changed nothing.
+    pub fn edited(module: small4::device::KernelModule, entry: &'static str, bug: &str, ptx: String) -> small4::device::Device {
+        assert_ne!(ptx, module.ptx, "{bug}: the edit changed nothing");
+        let name = Box::leak(format!("{}_{bug}", module.name).into_boxed_str());
+        let module = small4::device::KernelModule { name, ptx: Box::leak(ptx.into_boxed_str()), cubin: &[] };
+        std::sync::Arc::new(Planted { inner: small4::device::simulator(), module, entry })
+    }
+
+    /// The control beside [`Planted::edited`]: the same backend running `entry` from the unedited `module`.
+    pub fn unedited(module: small4::device::KernelModule, entry: &'static str) -> small4::device::Device {
+        std::sync::Arc::new(Planted { inner: small4::device::simulator(), module, entry })
+    }
+}
+
+/// The planted bug `bug` failed the launch with the interpreter's report, which mentions `expected`.
+pub fn assert_reported<T>(bug: &str, result: small4::Result<T>, expected: &str) {
+    match result {
+        Err(small4::Error::Simulator(message)) => assert!(message.contains(expected), "{bug}: expected a report mentioning {expected:?}, got: {message}"),
+        other => panic!("{bug}: expected the interpreter's report, got {:?}", other.map(|_| ())),
+    }
+}
+
+/// `ptx` without its `fence.proxy.async` lines: generic-proxy writes of shared memory (cp.async tiles, zero rows)
+/// reach the async proxy (wgmma, bulk copies) unfenced.
+pub fn without_proxy_fences(ptx: &str) -> String {
+    ptx.lines().filter(|l| !l.contains("fence.proxy.async")).collect::<Vec<_>>().join("\n")
+}
+
+/// `ptx` with every mbarrier wait (`mbarrier.try_wait.parity` into P1) replaced by setting P1: nobody waits on a
+/// barrier, so consumers read stages before anything landed there.
+pub fn without_mbarrier_waits(ptx: &str) -> String {
+    let try_wait = "mbarrier.try_wait.parity.shared::cta.b64 P1, [";
+    ptx.lines().map(|l| if l.trim_start().starts_with(try_wait) { "setp.eq.u32 P1, 1, 1;" } else { l }).collect::<Vec<_>>().join("\n")
+}
+
+/// On the interpreter, the race detector (which the wgmma kernels' tests rely on) must be on.
+pub fn require_race_check(device: &small4::device::Device) {
+    if device.name() == "sim" {
+        assert!(std::env::var("PTXSIM_RACE_CHECK").map_or(true, |v| v != "0"), "these tests need the race detector: unset PTXSIM_RACE_CHECK=0");
+    }
+}
+
+/// A wgmma kernel's output beside its mma.sync twin's: prints the largest difference (a GPU's, for the record) and,
+/// on the interpreter, where both sum every k-step of 16 exactly and round once in the same k order, requires them
+/// identical bit for bit.
+pub fn compare_wgmma_with_mma_sync(device: &small4::device::Device, what: &str, wgmma: &[f32], mma_sync: &[f32]) {
+    let max_difference = wgmma.iter().zip(mma_sync).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    println!("{what} on {}: max |wgmma - mma.sync| = {max_difference:e} over {} outputs", device.name(), wgmma.len());
+    if device.name() == "sim" {
+        let differ = wgmma.iter().zip(mma_sync).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        assert_eq!(differ, 0, "{what}: {differ} of {} outputs differ between wgmma and mma.sync on the interpreter", wgmma.len());
+    }
+}
+
 /// `text` with the operand after every `prefix` .. `middle` replaced: each line holding `prefix`, then `middle`,
 /// keeps what precedes `middle` and ends with `replacement`.
 pub fn regex_free_replace(text: &str, prefix: &str, middle: &str, replacement: &str) -> String {

@@ -48,28 +48,8 @@ fn one_layer_prefill(format: WeightFormat) {
     assert_eq!(small4::kernels::moe::moe_tile_m(tokens.len(), config.experts_per_token, config.experts), 64, "prefill tiles");
     assert_eq!(config.shared_experts, 1, "a shared expert: dense GEMMs in the experts' format");
 
-    let weights = ReferenceWeights::random(&config, 5).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    write_checkpoint(dir.path(), &weights, &Layout::Native, format, 1 << 20).unwrap();
-    let checkpoint = Checkpoint::open(dir.path()).unwrap();
-    let reference = ReferenceModel::new(load_reference_weights(&checkpoint).unwrap(), ForwardOptions::default()).unwrap();
-    let mut cache = reference.new_cache();
-    let want = reference.prefill(&tokens, &mut cache).unwrap();
-    let margins = cache.router_margins().to_vec();
-
-    let sim = Arc::new(SimBackend::new());
-    let device: Device = sim.clone();
-    let prefill = |choice: PrefillGemm| -> (Vec<f32>, Vec<String>) {
-        let model = DeviceModel::load(&device, &checkpoint, Shard::SINGLE).unwrap();
-        let options = EngineOptions { page_size: 16, num_pages: 16, eos: None, keep_logits: true, ..EngineOptions::default() };
-        let mut engine = Engine::new(model, options, None).unwrap();
-        let seq = engine.new_sequence();
-        sim.record_launches(true);
-        let logits = choice.run(|| engine.forward_logits(&[(seq, tokens.clone())])).unwrap();
-        let kernels = sim.take_recorded().into_iter().map(|l| l.kernel).collect();
-        sim.record_launches(false);
-        (logits, kernels)
-    };
+    let model = OneLayerModel::new(&config, format, 5, &tokens);
+    let prefill = |choice: PrefillGemm| model.engine_prefill(&tokens, 16, |forward| choice.run(forward));
     let (wgmma, wgmma_kernels) = prefill(PrefillGemm::Wgmma);
     let count = |kernels: &[String], suffix: &str| kernels.iter().filter(|k| k.starts_with("moe_gemm_") && k.ends_with(suffix)).count();
     let expert_kernel = format!("moe_gemm_{}_wgmma", if format == WeightFormat::Nvfp4 { "nvfp4" } else { "bf16" });
@@ -92,11 +72,7 @@ fn one_layer_prefill(format: WeightFormat) {
     // Against the reference, the positions whose router is not within the bf16 noise of a tie (tests/engine.rs: two
     // bf16 chains' gaps between the 4th and 5th router logits differ by up to 0.025): in one layer a flipped expert
     // choice moves only its own position's logits (by ~0.5), and the kernels are held to each other there anyway.
-    let vocab = config.vocab;
-    let clear: Vec<usize> = (0..tokens.len()).filter(|&p| margins[p] >= 0.025).collect();
-    assert!(clear.len() >= 100, "only {} of {} positions away from router ties", clear.len(), tokens.len());
-    let rows = |logits: &[f32]| -> Vec<f32> { clear.iter().flat_map(|&p| logits[p * vocab..][..vocab].to_vec()).collect() };
-    common::assert_close(&format!("prefill logits on wgmma ({} of 136 positions)", clear.len()), &rows(&wgmma), &rows(&want), LOGIT_ABS, LOGIT_REL);
+    model.assert_close_off_router_ties("prefill logits on wgmma", &wgmma, 100);
 }
 
 /// One layer of the tiny preset (4 heads, latent 256 + rope 64) on a 40-token prompt, a cache of 8 pages of 16 tokens
@@ -107,27 +83,10 @@ fn one_layer_prefill(format: WeightFormat) {
 fn one_layer_prefill_with_the_wgmma_mla_attention_matches_reference_and_mma_sync() {
     let config = ModelConfig { n_layers: 1, ..ModelConfig::tiny() };
     let tokens: Vec<u32> = (0..40u32).map(|i| (i * 389 + 100) % config.vocab as u32).collect();
-    let weights = ReferenceWeights::random(&config, 9).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    write_checkpoint(dir.path(), &weights, &Layout::Native, WeightFormat::Bf16, 1 << 20).unwrap();
-    let checkpoint = Checkpoint::open(dir.path()).unwrap();
-    let reference = ReferenceModel::new(load_reference_weights(&checkpoint).unwrap(), ForwardOptions::default()).unwrap();
-    let mut cache = reference.new_cache();
-    let want = reference.prefill(&tokens, &mut cache).unwrap();
-    let margins = cache.router_margins().to_vec();
-
-    let sim = Arc::new(SimBackend::new());
-    let device: Device = sim.clone();
-    let prefill = |choice: MlaPrefillKernel| -> (Vec<f32>, Vec<String>) {
-        let model = DeviceModel::load(&device, &checkpoint, Shard::SINGLE).unwrap();
-        let options = EngineOptions { page_size: 16, num_pages: 8, eos: None, keep_logits: true, ..EngineOptions::default() };
-        let mut engine = Engine::new(model, options, None).unwrap();
-        let seq = engine.new_sequence();
-        sim.record_launches(true);
-        let logits = choice.run(|| engine.forward_logits(&[(seq, tokens.clone())])).unwrap();
-        let kernels = sim.take_recorded().into_iter().map(|l| l.kernel).filter(|k| k.starts_with("mla_attention")).collect();
-        sim.record_launches(false);
-        (logits, kernels)
+    let model = OneLayerModel::new(&config, WeightFormat::Bf16, 9, &tokens);
+    let prefill = |choice: MlaPrefillKernel| {
+        let (logits, kernels) = model.engine_prefill(&tokens, 8, |forward| choice.run(forward));
+        (logits, kernels.into_iter().filter(|k| k.starts_with("mla_attention")).collect::<Vec<_>>())
     };
     let (wgmma, wgmma_kernels) = prefill(MlaPrefillKernel::Wgmma);
     assert_eq!(wgmma_kernels, ["mla_attention_wgmma_bf16"], "the prefill's attention launches");
@@ -136,9 +95,60 @@ fn one_layer_prefill_with_the_wgmma_mla_attention_matches_reference_and_mma_sync
     let differ = wgmma.iter().zip(&mma_sync).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
     assert_eq!(differ, 0, "{differ} of {} logits differ between the wgmma and mma.sync attention", wgmma.len());
     // The reference at the positions clear of router near-ties (one_layer_prefill's rule).
-    let vocab = config.vocab;
-    let clear: Vec<usize> = (0..tokens.len()).filter(|&p| margins[p] >= 0.025).collect();
-    assert!(clear.len() >= 30, "only {} of {} positions away from router ties", clear.len(), tokens.len());
-    let rows = |logits: &[f32]| -> Vec<f32> { clear.iter().flat_map(|&p| logits[p * vocab..][..vocab].to_vec()).collect() };
-    common::assert_close(&format!("prefill logits, wgmma MLA attention ({} of 40 positions)", clear.len()), &rows(&wgmma), &rows(&want), LOGIT_ABS, LOGIT_REL);
+    model.assert_close_off_router_ties("prefill logits, wgmma MLA attention", &wgmma, 30);
+}
+
+/// A one-layer checkpoint on disk and the CPU reference's prefill of a prompt on it: logits and router margins.
+struct OneLayerModel {
+    vocab: usize,
+    _dir: tempfile::TempDir,
+    checkpoint: Checkpoint,
+    /// `[prompt, vocab]` the reference's logits, and each position's router margin (its smallest k-th to (k+1)-th router logit gap).
+    want: Vec<f32>,
+    margins: Vec<f32>,
+    sim: Arc<SimBackend>,
+}
+
+impl OneLayerModel {
+    /// `config`'s random weights from `seed`, written in `format`, and the reference's prefill of `prompt`.
+    fn new(config: &ModelConfig, format: WeightFormat, seed: u64, prompt: &[u32]) -> Self {
+        let weights = ReferenceWeights::random(config, seed).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        write_checkpoint(dir.path(), &weights, &Layout::Native, format, 1 << 20).unwrap();
+        let checkpoint = Checkpoint::open(dir.path()).unwrap();
+        let reference = ReferenceModel::new(load_reference_weights(&checkpoint).unwrap(), ForwardOptions::default()).unwrap();
+        let mut cache = reference.new_cache();
+        let want = reference.prefill(prompt, &mut cache).unwrap();
+        let margins = cache.router_margins().to_vec();
+        OneLayerModel { vocab: config.vocab, _dir: dir, checkpoint, want, margins, sim: Arc::new(SimBackend::new()) }
+    }
+
+    /// The engine's prefill of `prompt` on the interpreter (a cache of `num_pages` 16-token pages), run inside
+    /// `switch` (a kernel choice's `run`): its logits and the kernels it launched.
+    fn engine_prefill<S>(&self, prompt: &[u32], num_pages: usize, switch: S) -> (Vec<f32>, Vec<String>)
+    where
+        S: FnOnce(&mut dyn FnMut() -> small4::Result<Vec<f32>>) -> small4::Result<Vec<f32>>,
+    {
+        let device: Device = self.sim.clone();
+        let model = DeviceModel::load(&device, &self.checkpoint, Shard::SINGLE).unwrap();
+        let options = EngineOptions { page_size: 16, num_pages, eos: None, keep_logits: true, ..EngineOptions::default() };
+        let mut engine = Engine::new(model, options, None).unwrap();
+        let seq = engine.new_sequence();
+        self.sim.record_launches(true);
+        let logits = switch(&mut || engine.forward_logits(&[(seq, prompt.to_vec())])).unwrap();
+        let kernels = self.sim.take_recorded().into_iter().map(|l| l.kernel).collect();
+        self.sim.record_launches(false);
+        (logits, kernels)
+    }
+
+    /// `got` within tests/engine.rs's logit rule of the reference at the positions whose router is not within the bf16
+    /// noise of a tie (two bf16 chains' gaps between the 4th and 5th router logits differ by up to 0.025), at least
+    /// `min_clear` of them: in one layer a flipped expert choice moves only its own position's logits (by ~0.5).
+    fn assert_close_off_router_ties(&self, what: &str, got: &[f32], min_clear: usize) {
+        let (vocab, positions) = (self.vocab, self.margins.len());
+        let clear: Vec<usize> = (0..positions).filter(|&p| self.margins[p] >= 0.025).collect();
+        assert!(clear.len() >= min_clear, "only {} of {positions} positions away from router ties", clear.len());
+        let rows = |logits: &[f32]| -> Vec<f32> { clear.iter().flat_map(|&p| logits[p * vocab..][..vocab].to_vec()).collect() };
+        common::assert_close(&format!("{what} ({} of {positions} positions)", clear.len()), &rows(got), &rows(&self.want), LOGIT_ABS, LOGIT_REL);
+    }
 }

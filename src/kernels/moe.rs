@@ -644,6 +644,15 @@ pub(super) enum Input<'a> {
     E4m3(E4m3Rows<'a>),
 }
 
+/// The operands of an e4m3 activation quantiser (`what`): x's rows 4-byte aligned (bf16x2 loads), out `[rows, cols]`
+/// of x, packed and 4-byte aligned (4-byte stores, no stride).
+pub(super) fn check_quantize_rows(what: &str, x: Matrix<bf16>, out: Matrix<u8>) -> Result<()> {
+    x.expect_rows_aligned(&format!("{what} x"), 4)?;
+    out.expect_dims(&format!("{what} out"), x.dims())?;
+    out.expect_packed(&format!("{what} out"))?;
+    out.expect_aligned(&format!("{what} out"), 4)
+}
+
 fn check_act_scale(what: &str, scale: f32) -> Result<()> {
     if !(scale.is_finite() && scale > 0.0) {
         return Err(Error::InvalidArgument(format!("{what}: activation scale {scale} must be finite and positive")));
@@ -1105,11 +1114,7 @@ fn launch_quantize_act(x: Matrix<bf16>, scale: f32, out: Matrix<u8>, slots: Opti
     if cols == 0 || cols % 64 != 0 {
         return Err(Error::InvalidArgument(format!("quantize_act_e4m3: cols {cols} must be a positive multiple of 64")));
     }
-    // bf16x2 loads of x, 4-byte stores of out (which has no stride).
-    x.expect_rows_aligned("quantize_act_e4m3 x", 4)?;
-    out.expect_dims("quantize_act_e4m3 out", [rows, cols])?;
-    out.expect_packed("quantize_act_e4m3 out")?;
-    out.expect_aligned("quantize_act_e4m3 out", 4)?;
+    check_quantize_rows("quantize_act_e4m3", x, out)?;
     let words = rows * cols / 4;
     if words == 0 {
         return Ok(());

@@ -75,10 +75,7 @@ fn launch_quantize(x: Matrix<bf16>, out: Matrix<u8>, scales: Matrix<f32>, slots:
     if cols == 0 || cols % ACT_SCALE_BLOCK != 0 {
         return Err(Error::InvalidArgument(format!("{WHAT}: cols {cols} must be a positive multiple of {ACT_SCALE_BLOCK}")));
     }
-    x.expect_rows_aligned(&format!("{WHAT} x"), 4)?;
-    out.expect_dims(&format!("{WHAT} out"), [rows, cols])?;
-    out.expect_packed(&format!("{WHAT} out"))?;
-    out.expect_aligned(&format!("{WHAT} out"), 4)?;
+    super::moe::check_quantize_rows(WHAT, x, out)?;
     scales.expect_dims(&format!("{WHAT} scales"), [rows, cols / ACT_SCALE_BLOCK])?;
     scales.expect_packed(&format!("{WHAT} scales"))?;
     let warps = rows * (cols / ACT_SCALE_BLOCK);

@@ -141,45 +141,41 @@ fn b_val(k: u32, n: u32) -> f32 {
     ((k * 5 + n * 11) % 7) as f32 - 3.0
 }
 
-/// Encoding of A[m][k]. The special data: row 1 has the smallest and largest subnormal at k = 0, 1; row 2 the
-/// largest finite value at k = 3; row 3 a NaN at k = 5; row 4 the infinity (e5m2) or the negative NaN (e4m3) at k = 6;
-/// row 5 the negative largest value at k = 7.
-fn a_bits(c: &Case, m: u32, k: u32) -> u32 {
-    if c.random {
-        return random_code(c, c.a_ty, m * 1000 + k);
-    }
-    if c.special {
-        let s = c.a_ty.specials();
-        match (m, k) {
-            (1, 0) => return s[0],
-            (1, 1) => return s[1],
-            (2, 3) => return s[2],
-            (3, 5) => return s[3],
-            (4, 6) => return s[4],
-            (5, 7) => return s[2] | 0x80,
-            _ => {}
-        }
-    }
-    c.a_ty.int(a_val(m, k))
-}
+/// A special value's place in an operand: (row, column), the index into `In::specials`, a sign bit to set.
+type SpecialAt = ((u32, u32), usize, u32);
 
-/// Encoding of B[k][n]. The special data: column 1 has the smallest subnormal at k = 0 (so D[1][1] holds a
+/// The special data of A[m][k]: row 1 has the smallest and largest subnormal at k = 0, 1; row 2 the largest finite
+/// value at k = 3; row 3 a NaN at k = 5; row 4 the infinity (e5m2) or the negative NaN (e4m3) at k = 6; row 5 the
+/// negative largest value at k = 7.
+const A_SPECIALS: [SpecialAt; 6] = [((1, 0), 0, 0), ((1, 1), 1, 0), ((2, 3), 2, 0), ((3, 5), 3, 0), ((4, 6), 4, 0), ((5, 7), 2, 0x80)];
+
+/// The special data of B[k][n]: column 1 has the smallest subnormal at k = 0 (so D[1][1] holds a
 /// subnormal-times-subnormal product) and the largest subnormal at k = 2; column 2 the largest finite value at k = 4
 /// (D[2][2]: the largest product).
-fn b_bits(c: &Case, k: u32, n: u32) -> u32 {
+const B_SPECIALS: [SpecialAt; 3] = [((0, 1), 0, 0), ((2, 1), 1, 0), ((4, 2), 2, 0)];
+
+/// Encoding of an operand's element `at` of type `ty`: a random code (hash of `random_at`), a special value of
+/// `specials`, or the small integer `value`, as the case asks.
+fn operand_bits(c: &Case, ty: In, specials: &[SpecialAt], at: (u32, u32), random_at: u32, value: f32) -> u32 {
     if c.random {
-        return random_code(c, c.b_ty, 1_000_000 + k * 1000 + n);
+        return random_code(c, ty, random_at);
     }
     if c.special {
-        let s = c.b_ty.specials();
-        match (k, n) {
-            (0, 1) => return s[0],
-            (2, 1) => return s[1],
-            (4, 2) => return s[2],
-            _ => {}
+        if let Some(&(_, index, sign)) = specials.iter().find(|s| s.0 == at) {
+            return ty.specials()[index] | sign;
         }
     }
-    c.b_ty.int(b_val(k, n))
+    ty.int(value)
+}
+
+/// Encoding of A[m][k].
+fn a_bits(c: &Case, m: u32, k: u32) -> u32 {
+    operand_bits(c, c.a_ty, &A_SPECIALS, (m, k), m * 1000 + k, a_val(m, k))
+}
+
+/// Encoding of B[k][n].
+fn b_bits(c: &Case, k: u32, n: u32) -> u32 {
+    operand_bits(c, c.b_ty, &B_SPECIALS, (k, n), 1_000_000 + k * 1000 + n, b_val(k, n))
 }
 
 /// A finite fp8 code picked by a hash of `at`; with an f16 accumulator at most 8 in magnitude (so that the sums stay

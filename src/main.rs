@@ -51,7 +51,7 @@ enum Command {
         #[arg(long)]
         profiles: Option<PathBuf>,
         /// Predict a list of cases on the H200 and H100 SXM instead: `decode-choices` (the decode tile
-        /// alternatives) or `bench-cases` (the GPU script's benches).
+        /// alternatives), `bench-cases` (the GPU script's benches) or the path of a case file with their columns.
         #[arg(long)]
         predict: Option<String>,
     },

@@ -652,6 +652,11 @@ impl AttentionPlan {
         Ok(AttentionPlan { warps, row_tiles, num_splits, tokens_per_split })
     }
 
+    /// Blocks of the attention launch for `num_seqs` sequences: row tiles x splits x sequences.
+    pub fn blocks(&self, num_seqs: usize) -> usize {
+        self.row_tiles * self.num_splits * num_seqs
+    }
+
     /// Dynamic shared memory of one attention block (the layout in mla_attention.cu).
     pub fn shared_bytes(&self, dtype: CacheDtype) -> usize {
         let q = self.warps * ROWS_PER_WARP * ROW_STRIDE * 2;
@@ -743,18 +748,26 @@ impl AttentionScratch {
     }
 }
 
-/// Where split-KV attention combines its splits' partials: in the attention launch itself (the default: the last
-/// split block of each (sequence, row tile) combines the tile's rows), or in a second launch
-/// (`mla_attention_combine`). Both run the same device code in the same split order, so they agree bit for bit; the
-/// second launch stays for checking that and for replaying measurements made before the fusion (`small4 calibrate`).
+/// Where split-KV attention combines its splits' partials: in the attention launch itself (the last split block of
+/// each (sequence, row tile) combines the tile's rows), or in a second launch (`mla_attention_combine`). Both run the
+/// same device code in the same split order, so they agree bit for bit. [`mla_attention`] picks the form by the
+/// grid's shape ([`SplitCombine::for_grid`]) unless [`SplitCombine::run`] forces one (the tests comparing the two,
+/// and `small4 calibrate` replays of measurements made before the fusion).
 ///
 /// ```
-/// use small4::kernels::attention::SplitCombine;
+/// use small4::kernels::attention::{AttentionPlan, SplitCombine};
 ///
-/// assert_eq!(SplitCombine::current(), SplitCombine::Fused);
+/// // No override outside `run`: the wrapper chooses by shape.
+/// assert_eq!(SplitCombine::current(), None);
 /// // The choice holds inside `run` only, on this thread:
-/// assert_eq!(SplitCombine::Launch.run(SplitCombine::current), SplitCombine::Launch);
-/// assert_eq!(SplitCombine::current(), SplitCombine::Fused);
+/// assert_eq!(SplitCombine::Launch.run(SplitCombine::current), Some(SplitCombine::Launch));
+/// assert_eq!(SplitCombine::current(), None);
+/// // Batch 1 at 4k context: 64 split blocks, fused; batch 64 at 4k: 448 blocks, a second launch.
+/// let b1 = AttentionPlan::new(1, 32, 4096, None)?;
+/// assert_eq!(SplitCombine::for_grid(b1.blocks(1)), SplitCombine::Fused);
+/// let b64 = AttentionPlan::new(64, 32, 4096, None)?;
+/// assert_eq!(SplitCombine::for_grid(b64.blocks(64)), SplitCombine::Launch);
+/// # Ok::<(), small4::Error>(())
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SplitCombine {
@@ -770,9 +783,24 @@ thread_local! {
 }
 
 impl SplitCombine {
-    /// The choice in force on this thread ([`SplitCombine::Fused`] outside [`SplitCombine::run`]).
-    pub fn current() -> Self {
-        SPLIT_COMBINE.get().unwrap_or(SplitCombine::Fused)
+    /// The form forced on this thread by [`SplitCombine::run`], or `None` (the wrapper chooses by shape).
+    pub fn current() -> Option<Self> {
+        SPLIT_COMBINE.get()
+    }
+
+    /// The form [`mla_attention`] takes for a split launch of `blocks` blocks when none is forced: fused while the
+    /// grid holds at most one block per SM (`TARGET_SMS`), where its blocks get the helper warps that spread each
+    /// tile's combine over 8 warps; a second launch above, where the combine would run on the 2 row warps of each
+    /// tile's last block after its last split. Predicted on an H100 SXM (docs/perf.md "MLA split combine in the
+    /// attention launch", `small4 calibrate --predict decode-choices --only mla-`): fused is ahead at batch 1 (4k
+    /// context 64 blocks) and even at 128 blocks (batch 8 at 4k, batch 1 at 32k); behind at 392 blocks (batch 8 at
+    /// 32k) and 448 (batch 64 at 4k), where the second launch costs one launch more a layer.
+    pub fn for_grid(blocks: usize) -> Self {
+        if blocks <= SMS {
+            SplitCombine::Fused
+        } else {
+            SplitCombine::Launch
+        }
     }
 
     /// Runs `f` with this choice on the calling thread (launches are issued on the thread that calls the wrapper),
@@ -873,7 +901,9 @@ pub fn mla_attention(
         CacheDtype::Fp8E4m3 { scale } => (ATTENTION_FP8, softmax_scale * scale, scale),
     };
     // Partials exist only when split (a one-row buffer keeps the pointers valid otherwise).
-    let fused = plan.num_splits > 1 && SplitCombine::current() == SplitCombine::Fused;
+    let blocks = plan.blocks(num_seqs);
+    let form = SplitCombine::current().unwrap_or_else(|| SplitCombine::for_grid(blocks));
+    let fused = plan.num_splits > 1 && form == SplitCombine::Fused;
     let split_counters = if fused { scratch.ensure_counters(num_seqs * plan.row_tiles)?.mut_ptr() } else { std::ptr::null_mut() };
     let (partial_o, partial_ml) = scratch.ensure(if plan.num_splits > 1 { plan.num_splits * rows } else { 1 })?;
     let params = MlaAttentionParams {
@@ -899,7 +929,6 @@ pub fn mla_attention(
         score_scale,
         value_scale,
     };
-    let blocks = plan.row_tiles * plan.num_splits * num_seqs;
     let block_warps = if fused && blocks <= SMS { FUSED_BLOCK_WARPS } else { plan.warps };
     let config = LaunchConfig {
         grid: Dim3::xyz(plan.row_tiles as u32, plan.num_splits as u32, num_seqs as u32),

@@ -858,7 +858,7 @@ const MLA_ALIAS_BYTES: usize = 256 << 20;
 
 /// The split combine of an `mla` case: `combine=launch` (the default: its own launch, as every stored measurement ran
 /// it; the fusion came later), `combine=fused` (inside the attention launch), or `combine=auto` (what the code does
-/// now: the form `SplitCombine::for_grid` picks for the case's grid).
+/// now: the form `SplitCombine::for_plan` picks for the case's grid).
 fn mla_combine(spec: &Spec) -> Result<SplitCombine> {
     match spec.get("combine") {
         Some("launch") | None => Ok(SplitCombine::Launch),
@@ -866,7 +866,7 @@ fn mla_combine(spec: &Spec) -> Result<SplitCombine> {
         Some("auto") => {
             let batch = spec.usize("batch")?;
             let plan = AttentionPlan::new(batch, MLA_HEADS, spec.usize("ctx")?, mla_splits(spec)?)?;
-            Ok(SplitCombine::for_grid(plan.blocks(batch)))
+            Ok(SplitCombine::for_plan(&plan, batch))
         }
         Some(other) => Err(Error::InvalidArgument(format!("calibration mla run: combine={other} (fused, launch or auto)"))),
     }

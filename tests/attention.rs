@@ -110,7 +110,7 @@ fn check_attention(device: &Device, case: &AttentionCase) -> Vec<u16> {
 }
 
 /// [`check_attention`] with the split combine in each form of `forms` in turn (`None`: the wrapper's own choice,
-/// `SplitCombine::for_grid`), one scratch for all of them (so a fused form listed twice reuses the fused combine's
+/// `SplitCombine::for_plan`), one scratch for all of them (so a fused form listed twice reuses the fused combine's
 /// counters), the output poisoned before each call: every call's bits must be equal, and the first matches the
 /// reference.
 fn check_attention_forms(device: &Device, case: &AttentionCase, forms: &[Option<SplitCombine>]) -> Vec<u16> {
@@ -262,17 +262,17 @@ fn fused_split_combine_equals_the_combine_launch(device: &Device) {
     }
 }
 
-/// The wrapper's own choice of the split combine follows the grid (`SplitCombine::for_grid`): fused (one launch) up to
-/// one block per SM, a second launch above; the chosen form equals both forced forms bit for bit and the reference.
-/// Three sequences split into one-tile splits: 44 tiles each (132 blocks, at most one per SM) and 45 (135 blocks).
+/// The wrapper's own choice of the split combine follows the grid (`SplitCombine::for_plan`): fused (one launch) up to
+/// one block per SM or up to 16 splits a tile, a second launch above both; the chosen form equals both forced forms
+/// bit for bit and the reference. Sequences cut into one-tile splits: 3 x 44 (132 blocks, at most one per SM), 3 x 45
+/// (135 blocks of 45 splits) and 34 x 4 (136 blocks of 4 splits).
 fn split_combine_form_follows_the_grid(device: &Device) {
-    for (splits, form, kernels) in
-        [(44, SplitCombine::Fused, vec!["mla_attention_bf16"]), (45, SplitCombine::Launch, vec!["mla_attention_bf16", "mla_attention_combine"])]
-    {
+    let (fused, launch) = (vec!["mla_attention_bf16"], vec!["mla_attention_bf16", "mla_attention_combine"]);
+    for (seqs, splits, form, kernels) in [(3, 44, SplitCombine::Fused, &fused), (3, 45, SplitCombine::Launch, &launch), (34, 4, SplitCombine::Fused, &fused)] {
         let len = splits * 32;
-        let plan = attention::AttentionPlan::new(3, 4, len, Some(splits)).unwrap();
+        let plan = attention::AttentionPlan::new(seqs, 4, len, Some(splits)).unwrap();
         assert_eq!(plan.num_splits, splits);
-        assert_eq!(SplitCombine::for_grid(plan.blocks(3)), form, "{plan:?}");
+        assert_eq!(SplitCombine::for_plan(&plan, seqs), form, "{plan:?}");
         let launched: Arc<Mutex<Vec<String>>> = Arc::default();
         let seen = launched.clone();
         let hooked: Device = Arc::new(Hooked {
@@ -282,7 +282,7 @@ fn split_combine_form_follows_the_grid(device: &Device) {
             }),
             ..Hooked::new(device.clone())
         });
-        let case = AttentionCase { lens: vec![len; 3], q_counts: vec![1; 3], heads: 4, page_size: 16, fp8: false, splits: Some(splits), seed: 60 };
+        let case = AttentionCase { lens: vec![len; seqs], q_counts: vec![1; seqs], heads: 4, page_size: 16, fp8: false, splits: Some(splits), seed: 60 };
         check_attention_forms(&hooked, &case, &[None, Some(SplitCombine::Fused), Some(SplitCombine::Launch)]);
         // The calls in order: the chosen form's launches first, then the forced forms' (fused: one, launch: two).
         let launched = launched.lock().unwrap().clone();
@@ -594,12 +594,12 @@ fn decode_traffic_at_real_heads() {
     // (fp8 cache, context lengths, splits, docs/perf.md's total / ideal and (total - partials) / ideal)
     for (fp8, lens, splits, figures) in [
         (false, vec![4096], Some(1), [1.009, 1.009]),
-        (false, vec![4096], Some(16), [1.541, 1.144]),
-        (false, vec![4096], None, [3.086, 2.290]),
+        (false, vec![4096], Some(16), [1.539, 1.141]),
+        (false, vec![4096], None, [3.084, 2.289]),
         (true, vec![4096], Some(1), [1.018, 1.018]),
         (false, ragged(), Some(1), [1.015, 1.015]),
-        (false, ragged(), Some(12), [1.544, 1.140]),
-        (false, ragged(), None, [2.738, 2.187]),
+        (false, ragged(), Some(12), [1.542, 1.138]),
+        (false, ragged(), None, [2.736, 2.185]),
     ] {
         // Every launch's counters: there must be exactly one, split or not.
         let launches: Arc<Mutex<Vec<LaunchCounters>>> = Arc::default();

@@ -14,7 +14,7 @@
 // bytes. The llama-4 query scale is already in q_lat and q_rope.
 //
 // Tiling of mla_attention_*: block = 32 * W threads (W = 1..4 warps, 16 query rows per warp; with the split combine
-// fused into a grid of at most one block per SM, helper warps up to 8 in all that share the loads and the combine),
+// fused into a grid of at most one block per SM, helper warps up to 8 in all that issue the tile loads and share the combine),
 // grid = (row tiles, splits, sequences). Q [16W x 320] sits in shared memory (padded rows, conflict-free ldmatrix); the cache streams in
 // tiles of 32 tokens x 320, double-buffered with cp.async (fp8: raw bytes staged, then widened to bf16 in shared
 // memory). Per tile and warp: S = Q K^T with mma.sync m16n8k16 (20 k-steps x 4 n-tiles, B fragments by ldmatrix),
@@ -444,7 +444,7 @@ __device__ __forceinline__ void combine_tile_rows(const MlaAttentionParams &p, i
 template <bool kFp8>
 __device__ __forceinline__ void attention_tile(const MlaAttentionParams &p) {
     const int seq = blockIdx.z, split = blockIdx.y;
-    const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5;
+    const int warps = blockDim.x >> 5;
     const int q_begin = p.q_start[seq], q_count = p.q_start[seq + 1] - q_begin;
     const int first_pos = p.kv_len[seq] - q_count;
     const int block_rows = p.row_warps * kRowsPerWarp;

@@ -49,7 +49,8 @@ const TARGET_BLOCKS: usize = SMS * 3;
 /// on an H100 SXM at batch 1 (`small4 calibrate --predict decode-choices --only mla-b1 --sample-blocks 1024`,
 /// docs/perf.md "MLA split combine in the attention launch"): 4k context 23.0 µs with 32 splits against 24.4 (64),
 /// 26.8 (16) and 30.9 (128), and 26.0 before the fusion (two launches, 64 splits); 32k context 39.9 µs with 128 splits
-/// against 42.3 (64), and 42.2 before.
+/// against 42.3 (64), and 42.2 before. After the per-tile chain work (docs/perf.md "MLA decode: the per-tile chain and
+/// the combine form by grid") the heuristic's plans are predicted at 18.2 µs (4k) and 27.0 µs (32k).
 const ONE_BLOCK_PER_SM_UNITS: usize = 8;
 /// Most splits a tile's fused combine reads when the grid holds more than one block per SM (no helper warps: the 2 row
 /// warps of the tile's last block combine after its split); above, `SplitCombine::for_plan` takes the second launch.

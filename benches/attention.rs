@@ -1,7 +1,7 @@
 //! Paged MLA attention on a real GPU at the model's shapes (32 heads, latent 256 + rope 64, page 64):
 //! decode at batch 1 / 8 / 64 with 4k and 32k tokens of context per sequence (bf16 cache, and fp8 at batch 8), and
-//! one chunked prefill (2048 new tokens over a 2048-token prefix). Decode throughput is the ideal bytes (cache rows
-//! read once + q + o) over the time of the call plus synchronisation; each case also prints GB/s as a fraction of the
+//! one chunked prefill (2048 new tokens over a 2048-token prefix) on both prefill kernels (wgmma and mma.sync). Decode
+//! throughput is the ideal bytes (cache rows read once + q + o) over the time of the call plus synchronisation; each case also prints GB/s as a fraction of the
 //! device's HBM bandwidth (`device::Ceilings`). Prefill prints TFLOP/s (2 x rows x visible keys x (320 + 256)).
 //! Without a GPU it prints that it skips, and why: the interpreter's traffic figures are in docs/perf.md instead.
 //!
@@ -14,7 +14,7 @@ use half::bf16;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use small4::device::{Ceilings, Device, DeviceBuffer};
-use small4::kernels::attention::{self, AttentionScratch, BlockTables, PagedCache, Queries, QueryLayout};
+use small4::kernels::attention::{self, AttentionScratch, BlockTables, MlaPrefillKernel, PagedCache, Queries, QueryLayout};
 use small4::model::kv_cache::{BatchTables, CacheDescriptor, CacheDtype};
 
 const HEADS: usize = 32;
@@ -114,23 +114,27 @@ fn bench_prefill(c: &mut Criterion, device: &Device) {
     // Query t sees prefix + t + 1 keys.
     let visible: usize = (0..new).map(|t| prefix + t + 1).sum();
     let flops = 2.0 * HEADS as f64 * visible as f64 * (LATENT + ROPE + LATENT) as f64;
-    let mut call = || {
-        attention::mla_attention(&cache, &tables, &queries, o_lat, SOFTMAX_SCALE, None, &mut scratch).unwrap();
-    };
-    let seconds = seconds_per_call(device, 10, &mut call);
-    let tflops = flops / seconds / 1e12;
-    println!(
-        "prefill {new} over {prefix}: {:.1} us, {tflops:.1} TFLOP/s = {:.1}% of the {}'s dense bf16 peak",
-        seconds * 1e6,
-        100.0 * tflops * 1e12 / ceilings.dense_bf16_flops,
-        ceilings.label
-    );
-    group.bench_function(BenchmarkId::from_parameter(format!("new={new}/prefix={prefix}")), |b| {
-        b.iter(|| {
-            call();
-            device.synchronize().unwrap();
-        })
-    });
+    // Both prefill kernels (attention::MlaPrefillKernel) on the same chunk: one split each (the heuristic's at 1024 row
+    // tiles).
+    for kernel in [MlaPrefillKernel::Wgmma, MlaPrefillKernel::MmaSync] {
+        let mut call = || {
+            kernel.run(|| attention::mla_attention(&cache, &tables, &queries, o_lat, SOFTMAX_SCALE, None, &mut scratch)).unwrap();
+        };
+        let seconds = seconds_per_call(device, 10, &mut call);
+        let tflops = flops / seconds / 1e12;
+        println!(
+            "prefill {new} over {prefix} ({kernel:?}): {:.1} us, {tflops:.1} TFLOP/s = {:.1}% of the {}'s dense bf16 peak",
+            seconds * 1e6,
+            100.0 * tflops * 1e12 / ceilings.dense_bf16_flops,
+            ceilings.label
+        );
+        group.bench_function(BenchmarkId::from_parameter(format!("new={new}/prefix={prefix}/{kernel:?}")), |b| {
+            b.iter(|| {
+                call();
+                device.synchronize().unwrap();
+            })
+        });
+    }
     group.finish();
 }
 

@@ -10,8 +10,11 @@
 //!
 //! `cargo bench --bench dense`
 
+mod common;
+
 use std::time::Duration;
 
+use common::time_calls;
 use criterion::{criterion_group, criterion_main, Criterion};
 use half::bf16;
 use small4::device::{Ceilings, Device, DeviceBuffer};
@@ -39,25 +42,6 @@ fn projections(config: &ModelConfig) -> [Projection; 4] {
         Projection { name: "wo", rows: config.dim, k_dim: heads * config.v_head, f32_out: false },
         Projection { name: "head", rows: config.vocab, k_dim: config.dim, f32_out: true },
     ]
-}
-
-/// Mean time of one call, criterion choosing the iteration count.
-fn time_calls(c: &mut Criterion, device: &Device, name: &str, mut call: impl FnMut()) -> Duration {
-    let mut mean = Duration::ZERO;
-    c.bench_function(name, |b| {
-        b.iter_custom(|iters| {
-            device.synchronize().unwrap();
-            let start = std::time::Instant::now();
-            for _ in 0..iters {
-                call();
-            }
-            device.synchronize().unwrap();
-            let elapsed = start.elapsed();
-            mean = elapsed / iters.max(1) as u32;
-            elapsed
-        })
-    });
-    mean
 }
 
 fn bench_projection(c: &mut Criterion, device: &Device, projection: &Projection, format: WeightFormat, key: u64) {

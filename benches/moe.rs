@@ -4,8 +4,11 @@
 //! once + activations) against the device's HBM bandwidth, and TFLOP/s against its dense bf16 rate (`device::Ceilings`).
 //! Without a GPU it prints that it skips and measures nothing. Run: `cargo bench --bench moe`.
 
+mod common;
+
 use std::time::Duration;
 
+use common::time_calls;
 use criterion::{criterion_group, criterion_main, Criterion};
 use half::bf16;
 use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
@@ -83,19 +86,8 @@ fn bench_format(c: &mut Criterion, device: &Device, format: WeightFormat) {
             touched * (weights.gate_up.bytes_per_expert + weights.down.bytes_per_expert) + tokens * DIM * 2 * 2 + pairs * HIDDEN * 2 * 2 + pairs * DIM * 4 * 2;
         let flops = 2.0 * pairs as f64 * (DIM * 2 * HIDDEN + HIDDEN * DIM) as f64;
         let name = format!("moe_layer/{format}/tokens_{tokens}");
-        let mut mean = Duration::ZERO;
-        c.bench_function(&name, |b| {
-            b.iter_custom(|iters| {
-                device.synchronize().unwrap();
-                let start = std::time::Instant::now();
-                for _ in 0..iters {
-                    moe::moe_layer(&weights, x.view([tokens, DIM]).unwrap(), &routing, &grouping, &workspace, out.view([tokens, DIM]).unwrap()).unwrap();
-                }
-                device.synchronize().unwrap();
-                let elapsed = start.elapsed();
-                mean = elapsed / iters.max(1) as u32;
-                elapsed
-            })
+        let mean = time_calls(c, device, &name, || {
+            moe::moe_layer(&weights, x.view([tokens, DIM]).unwrap(), &routing, &grouping, &workspace, out.view([tokens, DIM]).unwrap()).unwrap()
         });
         let seconds = mean.as_secs_f64();
         println!(

@@ -19,7 +19,9 @@
 // tiles of 32 tokens x 320, double-buffered with cp.async (fp8: raw bytes staged, then widened to bf16 in shared
 // memory). Per tile and warp: S = Q K^T with mma.sync m16n8k16 (20 k-steps x 4 n-tiles, B fragments by ldmatrix),
 // online softmax in f32 (exp2, scale folded), O += P V with P re-packed from the S accumulators (no shared memory
-// round trip) and V fragments by ldmatrix.trans; O [16 x 256] f32 lives in registers (128 per thread).
+// round trip) and V fragments by ldmatrix.trans; O [16 x 256] f32 lives in registers (128 per thread). The masking,
+// softmax, P packing and store are cuda/include/mla_attention.cuh, shared with the prefill's wgmma kernel
+// (cuda/mla_attention_wgmma.cu), which computes the same outputs bit for bit on the interpreter.
 // Bytes: cache 320 x (2 | 1) per token per split block, q 640 B and o 512 B per row (+ 2 x 1 KiB partials per row and
 // split when split: written by the split blocks, read by the combine). FLOPs: 2 x rows x tokens x (320 + 256).
 // Split combine: fused (p.split_counters set), the last split block of each (sequence, row tile) combines the tile's
@@ -29,20 +31,19 @@
 #include "mma.cuh"
 #include "mla_cache.cuh"
 #include "quant.cuh"
+#include "mla_attention.cuh"
 #include <cuda_fp8.h>
 
 namespace {
+using namespace mla_tile;
 
 constexpr int kRowStride = kWidth + 8;           // padded shared-memory row (bf16): 656 B, rows 16 B apart in banks
-constexpr int kTileN = 32;                       // cache tokens per pipeline stage
 constexpr int kRowsPerWarp = 16;
 constexpr int kMaxWarps = 4;                     // warps that own query rows
 constexpr int kMaxBlockWarps = 8;                // with the fused combine's helper warps
 static_assert(kMaxWarps <= kMaxBlockWarps, "row warps fit the launch bounds");
 constexpr int kMaxCombineRows = 4;               // most rows a warp of the fused combine works on at once
 constexpr int kCombineLoadsInFlight = 16;        // (row, split) partials a combining warp loads at once: R rows x 16 / R splits
-constexpr float kLog2e = 1.4426950408889634f;
-static_assert(kWidth % 16 == 0 && kLatent % 16 == 0, "mma k-steps");
 
 }  // namespace
 
@@ -183,17 +184,16 @@ __device__ __forceinline__ void attend_split(const MlaAttentionParams &p, int se
 
     // This thread's two accumulator rows (g and g + 8 of the warp's 16) and the positions they may attend to.
     const int g = lane >> 2, quad = lane & 3;
-    int row_pos[2];
+    RowState state{{-INFINITY, -INFINITY}, {0.f, 0.f}, {-1, -1}};
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const int row = row0 + warp * kRowsPerWarp + g + 8 * h;
-        row_pos[h] = row < q_count * p.heads ? first_pos + row / p.heads : -1;  // -1: padding row, sees nothing
+        state.pos[h] = row < q_count * p.heads ? first_pos + row / p.heads : -1;  // -1: padding row, sees nothing
     }
     const float score_scale = p.score_scale * kLog2e;
     float o[kLatent / 8][4];
 #pragma unroll
     for (int n = 0; n < kLatent / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
 
     const bf16 *q_warp = q_smem + warp * kRowsPerWarp * kRowStride;
     for (int t = 0; t < tiles; ++t) {
@@ -219,86 +219,41 @@ __device__ __forceinline__ void attend_split(const MlaAttentionParams &p, int se
 
         if (owns_rows) {
             // S = Q K^T for the warp's 16 rows x 32 tokens: the k-steps fully unrolled from two fragment bases (every
-            // ldmatrix address a constant offset), even and odd k-steps into two accumulator sets summed at the end,
-            // so each accumulator's chain of dependent mma.sync is 10 long instead of 20.
-            float s[kTileN / 8][4], s_odd[kTileN / 8][4];
+            // ldmatrix address a constant offset). One accumulator per n-tile, k in order: the wgmma prefill kernel
+            // sums the same k-steps in the same order, bit for bit (tests/mla_wgmma.rs).
+            float s[kTileN / 8][4];
     #pragma unroll
-            for (int n = 0; n < kTileN / 8; ++n) {
-                s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
-                s_odd[n][0] = s_odd[n][1] = s_odd[n][2] = s_odd[n][3] = 0.f;
-            }
+            for (int n = 0; n < kTileN / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
             const bf16 *q_frag = q_warp + (lane & 15) * kRowStride + (lane >> 4) * 8;
             const bf16 *k_frag = kv + ((lane >> 4) * 8 + (lane & 7)) * kRowStride + ((lane >> 3) & 1) * 8;
     #pragma unroll
             for (int k = 0; k < kWidth / 16; ++k) {
-                float(&acc)[kTileN / 8][4] = k % 2 == 0 ? s : s_odd;
                 uint32_t a[4];
                 ldmatrix_x4(a, q_frag + k * 16);
     #pragma unroll
                 for (int n = 0; n < kTileN / 8; n += 2) {
                     uint32_t b[4];
                     ldmatrix_x4(b, k_frag + n * 8 * kRowStride + k * 16);
-                    mma_bf16(acc[n], a, b[0], b[1]);
-                    mma_bf16(acc[n + 1], a, b[2], b[3]);
+                    mma_bf16(s[n], a, b[0], b[1]);
+                    mma_bf16(s[n + 1], a, b[2], b[3]);
                 }
-            }
-    #pragma unroll
-            for (int n = 0; n < kTileN / 8; ++n)
-    #pragma unroll
-                for (int e = 0; e < 4; ++e) s[n][e] += s_odd[n][e];
-
-            // Online softmax (log2 domain). Masked keys get -inf; a row that has seen no key yet keeps max -inf and its
-            // exponent base is taken as 0 so nothing becomes NaN.
-            float tile_max[2] = {-INFINITY, -INFINITY};
-    #pragma unroll
-            for (int n = 0; n < kTileN / 8; ++n) {
-    #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int key = tile_start + n * 8 + quad * 2 + (e & 1), h = e >> 1;
-                    const bool visible = key < kv_end && key <= row_pos[h];
-                    s[n][e] = visible ? s[n][e] * score_scale : -INFINITY;
-                    tile_max[h] = fmaxf(tile_max[h], s[n][e]);
-                }
-            }
-            float correction[2], base[2];
-    #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
-                tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
-                const float new_max = fmaxf(row_max[h], tile_max[h]);
-                base[h] = new_max == -INFINITY ? 0.f : new_max;
-                correction[h] = exp2f(row_max[h] - base[h]);
-                row_max[h] = new_max;
-                row_sum[h] *= correction[h];
-            }
-    #pragma unroll
-            for (int n = 0; n < kTileN / 8; ++n) {
-    #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    s[n][e] = exp2f(s[n][e] - base[e >> 1]);
-                    row_sum[e >> 1] += s[n][e];
-                }
-            }
-    #pragma unroll
-            for (int n = 0; n < kLatent / 8; ++n) {
-                o[n][0] *= correction[0];
-                o[n][1] *= correction[0];
-                o[n][2] *= correction[1];
-                o[n][3] *= correction[1];
             }
 
-            // O += P V over the latent columns; P's A fragments come straight from the S accumulators.
+            // Online softmax (mla_attention.cuh), then O += P V over the latent columns, P's A fragments straight
+            // from the S accumulators.
+            uint32_t pa[kTileN / 16][4];
+            float correction[2];
+            softmax_tile(s, pa, correction, state, tile_start, kv_end, quad, score_scale);
+            rescale_rows(o, correction);
     #pragma unroll
             for (int k = 0; k < kTileN / 16; ++k) {
-                const uint32_t a[4] = {pack_bf16x2(s[2 * k][0], s[2 * k][1]), pack_bf16x2(s[2 * k][2], s[2 * k][3]),
-                                       pack_bf16x2(s[2 * k + 1][0], s[2 * k + 1][1]), pack_bf16x2(s[2 * k + 1][2], s[2 * k + 1][3])};
                 const bf16 *v_rows = kv + (k * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * kRowStride + (lane >> 4) * 8;
     #pragma unroll
                 for (int n = 0; n < kLatent / 8; n += 2) {
                     uint32_t b[4];
                     ldmatrix_x4_trans(b, v_rows + n * 8);
-                    mma_bf16(o[n], a, b[0], b[1]);
-                    mma_bf16(o[n + 1], a, b[2], b[3]);
+                    mma_bf16(o[n], pa[k], b[0], b[1]);
+                    mma_bf16(o[n + 1], pa[k], b[2], b[3]);
                 }
             }
         }
@@ -306,32 +261,7 @@ __device__ __forceinline__ void attend_split(const MlaAttentionParams &p, int se
     }
 
     if (!owns_rows) return;
-    // Rows of this thread: full sums over the quad, then normalise and store.
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 1);
-        row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 2);
-    }
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        // Rows that are padding, or whose position precedes this split, have no key here: nothing to write.
-        if (row_pos[h] < split_begin) continue;
-        const long grow = (long)q_begin * p.heads + row0 + warp * kRowsPerWarp + g + 8 * h;
-        const float factor = p.value_scale / row_sum[h];
-        if (p.num_splits == 1) {
-            bf16 *dst = p.o_lat + grow * kLatent + quad * 2;
-#pragma unroll
-            for (int n = 0; n < kLatent / 8; ++n)
-                *reinterpret_cast<__nv_bfloat162 *>(dst + n * 8) = __floats2bfloat162_rn(o[n][2 * h] * factor, o[n][2 * h + 1] * factor);
-        } else {
-            const long prow = (long)split * p.total_rows + grow;
-            float *dst = p.partial_o + prow * kLatent + quad * 2;
-#pragma unroll
-            for (int n = 0; n < kLatent / 8; ++n)
-                *reinterpret_cast<float2 *>(dst + n * 8) = make_float2(o[n][2 * h] * factor, o[n][2 * h + 1] * factor);
-            if (quad == 0) *reinterpret_cast<float2 *>(p.partial_ml + prow * 2) = make_float2(row_max[h], row_sum[h]);
-        }
-    }
+    store_rows(p, o, state, split, split_begin, (long)q_begin * p.heads + row0 + warp * kRowsPerWarp + g, quad);
 }
 
 }  // namespace

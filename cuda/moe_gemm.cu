@@ -34,7 +34,8 @@
 // Split-K (params.h MoeGemmParams.k_splits, dense decode launches of one matrix whose column blocks alone would leave
 // SMs idle: src/kernels/moe.rs `decode_k_splits`): grid z = the k split; each block reduces its k range into f32
 // partials and the tile's last arriving block sums them in a fixed split order and runs the epilogue
-// (sum_k_splits below), so a split launch is still one launch with the same stores and finishers.
+// (sum_k_splits below), so a split launch is still one launch with the same stores and finishers. Only the narrow
+// tile's _split entries compile it.
 //
 // Bytes (per expert touched): its weights once per BN pairs (bf16 2, fp8 1, 4-bit 0.5 byte per element, plus scales),
 // the pairs' activation rows once per block column, the outputs once. FLOPs: 2 * pairs * K * N.
@@ -75,17 +76,15 @@ __device__ __forceinline__ int x_chunk_offset(int row, int chunk) {
     return row * kRowBytes + ((Fp8Act ? chunk ^ ((row >> 1) & 3) : chunk ^ (row & 7)) << 4);
 }
 
-// W8A8 (Fp8Act): the e4m3 weights go to mma m16n8k32 as they are. The fragment layout is the fp8 one above, in which
-// lane (g, t) holds, per k-step of 16, the words (g: 2t, 2t+1; g+8: 2t, 2t+1) and (g: 2t+8, 2t+9; g+8: 2t+8, 2t+9);
-// byte permutes regroup two k-steps into the m16n8k32 A registers (row g, row g+8, row g + 16 k, row g+8 + 16 k), so
-// mma column 4t + j of a 32-k step carries weight column pi(4t + j) = 2t + (j % 2) + 8 (j / 2) (+ 16 for the upper
-// 16 columns). The k order of a dot product is free: moe_quantize_act_e4m3 stores the activations in that same
-// permuted order, so the B registers are plain ldmatrix rows of the permuted bytes.
-__device__ __forceinline__ void fp8_weights_to_e4m3_a(const uint32_t w[4], uint32_t a[4]) {
-    a[0] = __byte_perm(w[0], w[1], 0x5410);  // row g:   k 2t, 2t+1, 2t+8, 2t+9
-    a[1] = __byte_perm(w[0], w[1], 0x7632);  // row g+8: the same k
-    a[2] = __byte_perm(w[2], w[3], 0x5410);  // row g:   k + 16
-    a[3] = __byte_perm(w[2], w[3], 0x7632);  // row g+8: k + 16
+// Every accumulator of a warp's tiles to zero: before the k loop, and before sum_k_splits adds up the partials.
+template <int MF, int NF>
+__device__ __forceinline__ void zero_accumulators(float (&acc)[MF][NF][4]) {
+#pragma unroll
+    for (int m = 0; m < MF; ++m)
+#pragma unroll
+        for (int f = 0; f < NF; ++f)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[m][f][i] = 0.f;
 }
 
 // Split-K (params.h MoeGemmParams.k_splits): the blocks of one output tile (grid z = the split) each hold the partial
@@ -120,12 +119,7 @@ __device__ __forceinline__ bool sum_k_splits(const MoeGemmParams &p, float (&acc
     __syncthreads();
     if (!last_block) return false;
     __threadfence();  // the other splits fenced their partials before arriving: read them from here on (ld.cg)
-#pragma unroll
-    for (int m = 0; m < MF; ++m)
-#pragma unroll
-        for (int f = 0; f < NF; ++f)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) acc[m][f][i] = 0.f;
+    zero_accumulators(acc);
     for (int s = 0; s < splits; ++s) {
 #pragma unroll
         for (int m = 0; m < MF; ++m)
@@ -139,7 +133,9 @@ __device__ __forceinline__ bool sum_k_splits(const MoeGemmParams &p, float (&acc
     return true;
 }
 
-template <Format F, int MF, int NF, bool Fp8Act = false>
+// kSplitK: the _split entries, the only ones that read p.k_splits (dense decode launches that split, see the file
+// comment); the others compile no split path, so the k range and sum_k_splits cost nothing on their k loop.
+template <Format F, int MF, int NF, bool Fp8Act = false, bool kSplitK = false>
 __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
     using W = WeightFormat<F>;
     static_assert(!Fp8Act || F == Format::Fp8, "e4m3 activations pair with per-tensor e4m3 weights only");
@@ -190,8 +186,9 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
 
     const int first_tile = blockIdx.x * (BM / 16);
     const int k_blocks = p.k_dim / kBK;
-    // Split-K (p.k_splits > 1): this block reduces k blocks [kb_begin, kb_end) of the k_blocks, split blockIdx.z.
-    const int splits = p.k_splits > 1 ? p.k_splits : 1, split = splits > 1 ? (int)blockIdx.z : 0;
+    // Split-K (kSplitK and p.k_splits > 1): this block reduces k blocks [kb_begin, kb_end) of the k_blocks, split
+    // blockIdx.z.
+    const int splits = kSplitK && p.k_splits > 1 ? p.k_splits : 1, split = splits > 1 ? (int)blockIdx.z : 0;
     const int kb_begin = k_blocks * split / splits, kb_end = k_blocks * (split + 1) / splits;
     const unsigned char *w_expert = pick(tail, p.tail.weights, p.weights + (long long)expert * p.expert_stride);
 
@@ -224,12 +221,7 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
     };
 
     float acc[MF][NF][4];
-#pragma unroll
-    for (int m = 0; m < MF; ++m)
-#pragma unroll
-        for (int f = 0; f < NF; ++f)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) acc[m][f][i] = 0.f;
+    zero_accumulators(acc);
 
 #pragma unroll 1
     for (int s = 0; s < STAGES - 1; ++s) {
@@ -287,7 +279,7 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
         }
     }
     cp_async_wait<0>();
-    if (splits > 1 && !sum_k_splits(p, acc, slots, split, splits)) return;
+    if (kSplitK && splits > 1 && !sum_k_splits(p, acc, slots, split, splits)) return;
 
     // Epilogue. Accumulator c0,c1 = (feature g, slots 2t, 2t+1), c2,c3 = (feature g+8, same slots). One of the two
     // outputs is null; a batched launch offsets the other one to head z's columns; a tail writes its own rows.
@@ -334,12 +326,17 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
 // for grids that BM 128 would leave under two blocks per SM (batch-1 decode touches 4 experts: 128 blocks of BM 128);
 // on an H200 it took a batch-1 bf16 layer from 121 to 86 us, while at batch 32 (thousands of blocks) it was slower
 // than BM 128 (1496 against 1246 us): the host picks it by grid size (src/kernels/moe.rs).
+// "narrow_split" is the narrow tile with split-K (the dense decode launches that split; the others never read
+// k_splits, so their k loop carries no split code: the per-tensor fp8 decode fragment took 4 more instructions with it).
 // __launch_bounds__(kThreads, 2): at least two blocks per SM, which the 64-96 KiB pipelines allow anyway (up to 255
 // registers a thread). Without the minimum, ptxas's own register target spilled the kernels once the row finisher was
 // added (narrow at 56-64 registers, tiled at 128).
 #define MOE_GEMM_KERNELS(NAME, FORMAT)                                                                                     \
     extern "C" __global__ void __launch_bounds__(kThreads, 2) moe_gemm_##NAME##_narrow(const MoeGemmParams p) {             \
         grouped_gemm<FORMAT, 1, 4>(p);                                                                                     \
+    }                                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(kThreads, 2) moe_gemm_##NAME##_narrow_split(const MoeGemmParams p) {       \
+        grouped_gemm<FORMAT, 1, 4, false, true>(p);                                                                        \
     }                                                                                                                      \
     extern "C" __global__ void __launch_bounds__(kThreads, 2) moe_gemm_##NAME##_small(const MoeGemmParams p) {              \
         grouped_gemm<FORMAT, 2, 4>(p);                                                                                     \

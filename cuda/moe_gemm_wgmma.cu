@@ -24,26 +24,31 @@
 // Thread mapping: 9 warps. Warps 0-7 are two consumer warpgroups; warp w owns weight tile first_tile + w (16
 // features), warpgroup g the features 64 g .. 64 g + 63 of the block, all 64 slots. Warp 8 is the producer: lanes 0-7
 // each copy one weight tile's bytes of a stage (2 KiB bf16, 512 B 4-bit) with cp.async.bulk (contiguous in the
-// repacked layout), completing as transaction bytes on the stage's "full" mbarrier. The activations:
+// repacked layout), and for 4-bit weights the next lanes each copy one piece of a tile's scales of the stage
+// (weight_format.cuh scale_piece: nvfp4 64 bytes, lanes 8-15; int4 32 bytes of scales, lanes 8-15, and 16 of zero
+// points, lanes 16-23), all completing as transaction bytes on the stage's "full" mbarrier, where the stage's one
+// expect_tx counts them. Its single-lane work (expect_tx, arrivals, the TMA issue) is done by the lane
+// elect_one_sync picks. The activations:
 // - gather (grouped entries): all 32 lanes gather the stage's activation rows (picked through sorted_pairs / top_k, so
 //   TMA tile loads do not apply) with 16-byte cp.async into the swizzled layout, and once a stage's cp.async group has
 //   landed (the producer keeps STAGES - 1 stages in flight) fence it for the async proxy and arrive on "full" (two
 //   arrivals complete a phase: the expect_tx one and this one). Padding slots read zeros written once into every
 //   stage.
-// - TMA (_dense entries): lane 0 issues one cp.async.bulk.tensor.3d per stage, the box {64 k, 64 rows, 1 matrix} at
-//   (k block, first row, grid z) of the 3-d map {k_dim, dense_rows, heads}; the TMA unit writes it in the same
+// - TMA (_dense entries): the elected lane issues one cp.async.bulk.tensor.3d per stage, the box {64 k, 64 rows,
+//   1 matrix} at (k block, first row, grid z) of the 3-d map {k_dim, dense_rows, heads}; the TMA unit writes it in the same
 //   128-byte swizzled layout, zero-fills the rows past dense_rows (the tail block) and completes its 8 KiB as
 //   transaction bytes on "full" beside the weights' (one arrival, expect_tx of the whole stage: the format's weight
-//   bytes plus 8 KiB, completes a phase).
-// Consumers wait on "full", read the stage's group / block scales from global memory with load_scales (4-bit; as the
-// mma.sync kernel does; L1/L2-resident, 16-64 bytes per tile and stage), load their weight words (one 16-byte
+//   and scale bytes plus 8 KiB, completes a phase).
+// Consumers wait on "full", read their tile's scales of the stage from the ring (staged_scales, 4-bit: the bytes the
+// mma.sync kernel stages, so no global load is left on the k loop's chain), load their weight words (one 16-byte
 // ld.shared per lane per k-step for bf16, per stage for 4-bit), turn them into A fragments, issue the stage's wgmmas,
 // and after the next stage's wgmmas are issued retire this one (wait_group 1: A registers double-buffered) and release
 // its "empty" mbarrier (one arrival per consumer warp), on which the producer waits before refilling the stage.
 //
 // Tiling: BM 128 features x BN 64 slots per block, BK 64 per stage (weight_format.cuh's kBK). Stages as fit in 96 KiB,
 // at most 8: bf16 4 stages of 24 KiB (16 KiB weights, 8 KiB activations), 4-bit 8 stages of 12 KiB (4 KiB weights,
-// 8 KiB activations); plus barriers: two blocks per SM. Grid and grouping as the tiled mma.sync kernel.
+// 8 KiB activations); plus the staged scales (4-bit: 384 or 512 bytes a stage, on top of the budget as in the mma.sync
+// kernel) and barriers: two blocks per SM. Grid and grouping as the tiled mma.sync kernel.
 //
 // Bytes (per block): 128 weight rows x K x 2 bf16 / 0.5 4-bit (each weight once per 64 slots; plus the 4-bit scales:
 // int4 2 bytes (+1 zero) per row and k-group, nvfp4 1 byte per row and 16 k), 64 activation rows x K x 2, the outputs
@@ -76,32 +81,39 @@ template <Format F> struct Ring {
     // release, STAGES - 1 is the most that cannot deadlock (the producer signals stage kb - (STAGES - 1) before it
     // waits for stage kb to be empty).
     static constexpr int kInFlight = kStages - 1;
-    // Dynamic shared memory: weight stages, activation stages (1024-byte aligned for the swizzle), the barriers, the
-    // slots' pairs.
+    // The 8 warps' staged scales of a stage (none for bf16), on top of the 96 KiB.
+    static constexpr int kSStage = kConsumerWarps * WeightFormat<F>::kScaleBytes;
+    // Dynamic shared memory: weight stages, activation stages (1024-byte aligned for the swizzle), scale stages, the
+    // barriers, the slots' pairs.
     static constexpr int kXOffset = kStages * kWStage;
-    static constexpr int kBarOffset = kXOffset + kStages * kXStage;
+    static constexpr int kSOffset = kXOffset + kStages * kXStage;
+    static constexpr int kBarOffset = kSOffset + kStages * kSStage;
     static constexpr int kSlotOffset = kBarOffset + 2 * kStages * 8;
     static constexpr int kSharedBytes = kSlotOffset + kBN * 4;
     static_assert(kStages >= 3, "the producer keeps STAGES - 1 >= 2 stages in flight");
     static_assert(kSharedBytes <= 113 * 1024, "two blocks per SM (228 KiB, 1 KiB reserved per block)");
     static_assert(kXOffset % 1024 == 0 && kXStage % 1024 == 0, "activation stages must start on the swizzle period");
     static_assert(WeightFormat<F>::kTileBytes % 512 == 0, "a lane's share of a tile is whole 16-byte chunks");
+    static_assert(kSStage % 16 == 0 && WeightFormat<F>::kScaleBytes % 16 == 0, "bulk copies land on 16-byte boundaries");
+    static_assert(kConsumerWarps * (1 + WeightFormat<F>::kScalePieces) <= 32, "one producer lane per tile and scale piece");
 };
 
 template <Format F>
-__device__ __forceinline__ void consume_and_store(const MoeGemmParams &p, const unsigned char *w_smem, const unsigned char *x_smem, uint64_t *full,
-                                                  uint64_t *empty, const int *slot_pair, int expert, int slot_begin, int slots, int first_tile,
-                                                  int k_blocks);
+__device__ __forceinline__ void consume_and_store(const MoeGemmParams &p, const unsigned char *w_smem, const unsigned char *x_smem,
+                                                  const unsigned char *s_smem, uint64_t *full, uint64_t *empty, const int *slot_pair, int expert,
+                                                  int slot_begin, int slots, int first_tile, int k_blocks);
 
 // kTmaX: the _dense entries (activations by TMA through x_map); else the gather (x_map unused).
 template <Format F, bool kTmaX>
 __device__ __forceinline__ void grouped_gemm_wgmma(const MoeGemmParams &p, const void *x_map) {
     using R = Ring<F>;
-    constexpr int kStages = R::kStages, kWStage = R::kWStage, kInFlight = R::kInFlight;
-    constexpr int kTileBytes = WeightFormat<F>::kTileBytes;
+    using W = WeightFormat<F>;
+    constexpr int kStages = R::kStages, kWStage = R::kWStage, kSStage = R::kSStage, kInFlight = R::kInFlight;
+    constexpr int kTileBytes = W::kTileBytes;
     extern __shared__ __align__(1024) unsigned char smem[];
     unsigned char *w_smem = smem;
     unsigned char *x_smem = smem + R::kXOffset;
+    unsigned char *s_smem = smem + R::kSOffset;
     uint64_t *full = reinterpret_cast<uint64_t *>(smem + R::kBarOffset);
     uint64_t *empty = full + kStages;
     int *slot_pair = reinterpret_cast<int *>(smem + R::kSlotOffset);
@@ -145,40 +157,57 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const MoeGemmParams &p, const
     const int first_tile = blockIdx.x * (kBM / 16);
     const int k_blocks = p.k_dim / kBK;
     const unsigned char *w_expert = p.weights + (long long)expert * p.expert_stride;
-    // The producer's lanes 0-7: the 8 warps' weight tiles of k block kb into `stage`, completing on its "full".
-    auto load_weight_tiles = [&](int kb, int stage) {
+    // The producer's lanes 0-7: the 8 warps' weight tiles of k block kb into `stage`; the next lanes: one piece of a
+    // tile's scales each (4-bit); all completing on the stage's "full".
+    auto load_weights = [&](int kb, int stage) {
         if (lane < kConsumerWarps) {
             const unsigned char *src = w_expert + ((long long)(first_tile + lane) * k_blocks + kb) * kTileBytes;
             bulk_load(w_smem + stage * kWStage + lane * kTileBytes, src, kTileBytes, &full[stage]);
+        } else if (lane < kConsumerWarps * (1 + W::kScalePieces)) {
+            const int tile = lane % kConsumerWarps, piece = lane / kConsumerWarps - 1;
+            int offset, bytes;
+            const void *src = W::scale_piece(p, false, expert, first_tile + tile, kb, piece, offset, bytes);
+            if (src != nullptr) bulk_load(s_smem + stage * kSStage + tile * W::kScaleBytes + offset, src, bytes, &full[stage]);
         }
+    };
+    // The bytes those copies bring per stage (the same every stage: whether a piece exists does not depend on k).
+    auto weight_stage_bytes = [&]() {
+        int bytes = kWStage;
+        for (int piece = 0; piece < W::kScalePieces; ++piece) {
+            int offset, piece_bytes;
+            if (W::scale_piece(p, false, expert, first_tile, 0, piece, offset, piece_bytes) != nullptr) bytes += kConsumerWarps * piece_bytes;
+        }
+        return bytes;
     };
 
     if (warp == kProducerWarp && kTmaX) {
+        const int stage_bytes = weight_stage_bytes() + kXStage;
         for (int kb = 0; kb < k_blocks; ++kb) {
             const int stage = kb % kStages;
             mbar_wait(&empty[stage], ((kb / kStages) & 1) ^ 1);
-            if (lane == 0) {
-                mbar_arrive_expect_tx(&full[stage], kWStage + kXStage);
+            if (elect_one_sync()) {
+                mbar_arrive_expect_tx(&full[stage], stage_bytes);
                 tma_load_3d(x_smem + stage * kXStage, x_map, kb * kBK, slot_begin, blockIdx.z, &full[stage]);
             }
             __syncwarp();
-            load_weight_tiles(kb, stage);
+            load_weights(kb, stage);
         }
     } else if (warp == kProducerWarp) {
         // Activation chunk (row, chunk) of this lane: 8 lanes per 128-byte row, 4 rows per pass, 16 passes.
         const bf16 *x = p.x + (long)blockIdx.z * p.x_batch_stride;
+        const int stage_bytes = weight_stage_bytes();
         for (int kb = 0; kb < k_blocks; ++kb) {
             const int stage = kb % kStages;
             if (kb >= kInFlight) {
                 cp_async_wait<kInFlight - 1>();  // stage kb - kInFlight has landed
                 fence_proxy_async();
                 __syncwarp();
-                if (lane == 0) mbar_arrive(&full[(kb - kInFlight) % kStages]);
+                if (elect_one_sync()) mbar_arrive(&full[(kb - kInFlight) % kStages]);
             }
             mbar_wait(&empty[stage], ((kb / kStages) & 1) ^ 1);
-            if (lane == 0) mbar_arrive_expect_tx(&full[stage], kWStage);
+            if (elect_one_sync()) mbar_arrive_expect_tx(&full[stage], stage_bytes);
             __syncwarp();
-            load_weight_tiles(kb, stage);
+            load_weights(kb, stage);
             unsigned char *x_stage = x_smem + stage * kXStage;
             const uint32_t x_stage_addr = smem_addr(x_stage);
 #pragma unroll 4
@@ -196,11 +225,11 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const MoeGemmParams &p, const
         cp_async_wait<0>();
         fence_proxy_async();
         __syncwarp();
-        if (lane == 0) {
+        if (elect_one_sync()) {
             for (int kb = max(0, k_blocks - kInFlight); kb < k_blocks; ++kb) mbar_arrive(&full[kb % kStages]);
         }
     } else {
-        consume_and_store<F>(p, w_smem, x_smem, full, empty, slot_pair, expert, slot_begin, slots, first_tile, k_blocks);
+        consume_and_store<F>(p, w_smem, x_smem, s_smem, full, empty, slot_pair, expert, slot_begin, slots, first_tile, k_blocks);
     }
     // Every thread, producer included: the query RoPE and the row finisher on what the consumers stored.
     if (p.rope.positions != nullptr) rope_output_tile(p, slot_begin, slots, first_tile * 16, kBM);
@@ -209,11 +238,11 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const MoeGemmParams &p, const
 
 // The consumer warps' k loop and epilogue (see the file comment).
 template <Format F>
-__device__ __forceinline__ void consume_and_store(const MoeGemmParams &p, const unsigned char *w_smem, const unsigned char *x_smem, uint64_t *full,
-                                                  uint64_t *empty, const int *slot_pair, int expert, int slot_begin, int slots, int first_tile,
-                                                  int k_blocks) {
+__device__ __forceinline__ void consume_and_store(const MoeGemmParams &p, const unsigned char *w_smem, const unsigned char *x_smem,
+                                                  const unsigned char *s_smem, uint64_t *full, uint64_t *empty, const int *slot_pair, int expert,
+                                                  int slot_begin, int slots, int first_tile, int k_blocks) {
     using W = WeightFormat<F>;
-    constexpr int kStages = Ring<F>::kStages, kWStage = Ring<F>::kWStage;
+    constexpr int kStages = Ring<F>::kStages, kWStage = Ring<F>::kWStage, kSStage = Ring<F>::kSStage;
     constexpr int kRawWords = W::kTileBytes / 32 / 4;  // the lane's words of its warp's tile of a stage
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int tile = first_tile + warp;
@@ -228,13 +257,12 @@ __device__ __forceinline__ void consume_and_store(const MoeGemmParams &p, const 
     // One stage: wait for it, load the warp's weights of the stage and turn them into A fragments in `a` (the buffer
     // the wgmmas of two stages ago used, retired by the previous stage's wait_group 1) with the weight format's own
     // dequantisation (weight_format.cuh, as the mma.sync kernels do; bf16 copies), issue the four wgmmas, retire the
-    // previous stage and release it. The stage's scales (none for bf16) come from global memory as in the mma.sync
-    // kernel (the int4 kernel sits at ptxas's 96-register cap for 2 blocks of 288 threads: loaded before the wait, the
-    // scales stay live across it and spill 8 bytes).
+    // previous stage and release it. The stage's scales (none for bf16) landed in the ring with its weights, read
+    // after the wait like them (the 4-bit kernels sit at ptxas's 96-register cap for 2 blocks of 288 threads).
     auto consume = [&](int kb, uint32_t (&a)[4][4]) {
         const int stage = kb % kStages;
         mbar_wait(&full[stage], (kb / kStages) & 1);
-        const typename W::Scales scales = W::load_scales(p, false, expert, tile, kb, lane >> 2);
+        const typename W::Scales scales = W::staged_scales(p, false, s_smem + stage * kSStage + warp * W::kScaleBytes, lane >> 2);
         const unsigned char *w_tile = w_smem + stage * kWStage + warp * W::kTileBytes;
         uint32_t raw[kRawWords];
 #pragma unroll

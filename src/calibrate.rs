@@ -50,6 +50,11 @@ pub const DECODE_CHOICES: &str = include_str!("../data/calibration/decode-choice
 /// [`predict_cases`]: predictions written down before a GPU measures them.
 pub const BENCH_CASES: &str = include_str!("../data/calibration/bench-cases.tsv");
 
+/// The prefill kernels of issue 17 on both tensor-core paths (`data/calibration/prefill-cases.tsv`), for
+/// [`predict_cases`]: the grouped expert GEMM at 16k routed rows (bf16, int4, nvfp4), the MoE layer at 2048 tokens and
+/// the vision attention, each on mma.sync and on wgmma (`gemm=` / `attention=` pick the kernel).
+pub const PREFILL_CASES: &str = include_str!("../data/calibration/prefill-cases.tsv");
+
 /// How a row's figure was timed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Method {
@@ -155,7 +160,7 @@ pub struct Options {
     /// Print each launch's model terms under its row.
     pub terms: bool,
     /// Instead of the stored measurements, predict a case list on the H200 and the H100 SXM ([`predict_cases`]):
-    /// `decode-choices` ([`DECODE_CHOICES`]) or `bench-cases` ([`BENCH_CASES`]).
+    /// `decode-choices` ([`DECODE_CHOICES`]), `bench-cases` ([`BENCH_CASES`]) or `prefill-cases` ([`PREFILL_CASES`]).
     pub predict: Option<String>,
     /// A file of recorded launch profiles: read when it exists (no interpreter run for the calls it holds), written
     /// otherwise. For iterating on the model; delete it after changing a kernel.
@@ -375,12 +380,13 @@ pub fn run_command(options: &Options, out: &mut dyn Write) -> Result<()> {
         None => run(options, out).map(|_| ()),
         Some("decode-choices") => predict_cases(DECODE_CHOICES, options, out).map(|_| ()),
         Some("bench-cases") => predict_cases(BENCH_CASES, options, out).map(|_| ()),
+        Some("prefill-cases") => predict_cases(PREFILL_CASES, options, out).map(|_| ()),
         // A case list of one's own (same columns), for trying alternatives without editing the stored lists.
         Some(path) if std::path::Path::new(path).is_file() => {
             let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
             predict_cases(&text, options, out).map(|_| ())
         }
-        Some(other) => Err(Error::InvalidArgument(format!("calibrate --predict {other}: decode-choices, bench-cases or a case file"))),
+        Some(other) => Err(Error::InvalidArgument(format!("calibrate --predict {other}: decode-choices, bench-cases, prefill-cases or a case file"))),
     }
 }
 
@@ -456,8 +462,11 @@ fn write_terms(out: &mut dyn Write, launches: &[LaunchCounters], predictions: &[
 }
 
 /// Predicts every case of a list on the interpreter (as [`run`] replays a stored row: same sampling, same L2
-/// residency rule) on the H200 and the H100 SXM, printing one table row per case. Returns `(case, H200 µs, H100
-/// SXM µs)`.
+/// residency rule) on the H200 and the H100 SXM, printing one table row per case: the two times, the H100 SXM's
+/// bounding term, then on the H100 SXM the tensor rate (the launches' counted tensor FLOPs, padding included,
+/// scaled to the grid, over the predicted time) and the DRAM rate (the model's DRAM bytes over the predicted time,
+/// as a share of the datasheet bandwidth); with `options.terms`, each launch's H100 SXM terms under it. Returns
+/// `(case, H200 µs, H100 SXM µs)`.
 ///
 /// `Error::InvalidArgument` for a malformed list or configuration; interpreter faults as `Error::Simulator`.
 pub fn predict_cases(text: &str, options: &Options, out: &mut dyn Write) -> Result<Vec<(Case, f64, f64)>> {
@@ -465,8 +474,9 @@ pub fn predict_cases(text: &str, options: &Options, out: &mut dyn Write) -> Resu
     let (sim, device, mut calls) = interpreter_session(options)?;
     let mut moe_weights: Option<(WeightFormat, MoeLayerWeights)> = None;
     let io = |e: std::io::Error| Error::Io { path: "stdout".into(), source: e };
-    writeln!(out, "| case | predicted H200 | predicted H100 SXM | bound (H100 SXM) | what | launches |").map_err(io)?;
-    writeln!(out, "|---|---|---|---|---|---|").map_err(io)?;
+    writeln!(out, "| case | predicted H200 | predicted H100 SXM | bound (H100 SXM) | what | launches | tensor TFLOP/s (H100 SXM) | DRAM (H100 SXM) |")
+        .map_err(io)?;
+    writeln!(out, "|---|---|---|---|---|---|---|---|").map_err(io)?;
     let mut results = Vec::new();
     for case in cases.into_iter().filter(|c| options.only.is_empty() || options.only.iter().any(|o| c.id.contains(o.as_str()))) {
         let spec = Spec::parse(&case.run)?;
@@ -488,11 +498,12 @@ pub fn predict_cases(text: &str, options: &Options, out: &mut dyn Write) -> Resu
         };
         let h200 = predict_row_on(&row, &launches, &TimingModel::FITTED, &TargetGpu::H200);
         let h100 = predict_row_on(&row, &launches, &TimingModel::FITTED, &TargetGpu::H100_SXM);
-        let predictions = launch_predictions(&row, &launches, &TimingModel::FITTED, &TargetGpu::H100_SXM);
-        let bound = predictions.iter().max_by(|a, b| a.seconds.total_cmp(&b.seconds)).map_or("-", |p| p.bound());
-        writeln!(out, "| {} | {h200:.1} µs | {h100:.1} µs | {bound} | {} | {} |", case.id, case.what, launch_summary(&launches)).map_err(io)?;
+        let h100_launches = launch_predictions(&row, &launches, &TimingModel::FITTED, &TargetGpu::H100_SXM);
+        let bound = h100_launches.iter().max_by(|a, b| a.seconds.total_cmp(&b.seconds)).map_or("-", |p| p.bound());
+        let rates = rates(&launches, &h100_launches, h100, &TargetGpu::H100_SXM);
+        writeln!(out, "| {} | {h200:.1} µs | {h100:.1} µs | {bound} | {} | {} | {rates} |", case.id, case.what, launch_summary(&launches)).map_err(io)?;
         if options.terms {
-            write_terms(out, &launches, &predictions)?;
+            write_terms(out, &launches, &h100_launches)?;
         }
         results.push((case, h200, h100));
     }
@@ -502,6 +513,16 @@ pub fn predict_cases(text: &str, options: &Options, out: &mut dyn Write) -> Resu
         }
     }
     Ok(results)
+}
+
+/// The tensor and DRAM rates of a call predicted at `micros` on `gpu`: `TFLOP/s | GB/s (P% of HBM)`. FLOPs are the
+/// launches' counted tensor FLOPs scaled to their grids; DRAM bytes the model's (none for L2-resident launches).
+fn rates(launches: &[LaunchCounters], predictions: &[crate::device::TimingPrediction], micros: f64, gpu: &TargetGpu) -> String {
+    let flops: f64 = launches.iter().map(|l| l.timing.tensor_flops as f64 * l.timing.blocks as f64 / l.timing.blocks_run.max(1) as f64).sum();
+    let warm = |p: &crate::device::TimingPrediction| p.dram_s == 0.0;
+    let bytes: f64 = launches.iter().zip(predictions).filter(|(_, p)| !warm(p)).map(|(l, _)| l.timing.dram_bytes()).sum();
+    let (tflops, bytes_per_s) = (flops / micros / 1e6, bytes / micros * 1e6);
+    format!("{tflops:.0} | {:.0} GB/s ({:.0}% of HBM)", bytes_per_s / 1e9, bytes_per_s / gpu.dram_bytes_per_s * 100.0)
 }
 
 /// The fields of a saved launch profile, in order.
@@ -515,6 +536,9 @@ fn profile_fields(p: &crate::device::TimingProfile) -> Vec<u64> {
         p.shared_requests,
         p.shared_bank_conflicts,
         p.tensor_flops,
+        p.wgmma_flops,
+        p.wgmma_8bit_flops,
+        p.async_copy_sectors,
         p.block_barriers,
         p.async_waits,
         p.async_groups_left_in_flight,
@@ -545,7 +569,7 @@ fn load_profiles(path: &std::path::Path) -> Result<HashMap<String, Vec<LaunchCou
         let f: Vec<&str> = line.split('\t').collect();
         let nums: Vec<u64> = f.get(3..).ok_or_else(|| bad(n))?.iter().map(|x| x.parse().map_err(|_| bad(n))).collect::<Result<_>>()?;
         let classes = crate::device::TimingProfile::default().by_class.len();
-        if nums.len() != 6 + classes + 13 {
+        if nums.len() != 6 + classes + 16 {
             return Err(bad(n));
         }
         let c = &nums[6 + classes..];
@@ -565,13 +589,16 @@ fn load_profiles(path: &std::path::Path) -> Result<HashMap<String, Vec<LaunchCou
             shared_requests: c[3],
             shared_bank_conflicts: c[4],
             tensor_flops: c[5],
-            block_barriers: c[6],
-            async_waits: c[7],
-            async_groups_left_in_flight: c[8],
-            chain_cycles_max: c[9],
-            chain_globals_max: c[10],
-            chain_cycles_sum: c[11],
-            chain_globals_sum: c[12],
+            wgmma_flops: c[6],
+            wgmma_8bit_flops: c[7],
+            async_copy_sectors: c[8],
+            block_barriers: c[9],
+            async_waits: c[10],
+            async_groups_left_in_flight: c[11],
+            chain_cycles_max: c[12],
+            chain_globals_max: c[13],
+            chain_cycles_sum: c[14],
+            chain_globals_sum: c[15],
             l2_resident: false,
         };
         let launch = LaunchCounters {
@@ -707,8 +734,15 @@ fn replay(
     let fused_combine = spec.family == "mla" && mla_combine(spec)? == SplitCombine::Fused;
     let sampled = !(matches!(spec.family.as_str(), "router" | "dense") || fused_combine);
     sim.set_block_sample(sampled.then_some(sample_blocks));
-    // Every stored measurement ran the mma.sync prefill GEMM (the wgmma one, the default now, came later).
-    let result = PrefillGemm::MmaSync.run(|| match spec.family.as_str() {
+    // Every stored measurement ran the mma.sync prefill GEMM (the wgmma one, the default now, came later): mma.sync
+    // unless the configuration names one (`gemm=mma_sync|wgmma|wgmma_gather`).
+    let gemm = match spec.get("gemm") {
+        None | Some("mma_sync") => PrefillGemm::MmaSync,
+        Some("wgmma") => PrefillGemm::Wgmma,
+        Some("wgmma_gather") => PrefillGemm::WgmmaGather,
+        Some(other) => return Err(Error::InvalidArgument(format!("calibration run {}: gemm={other} (mma_sync, wgmma or wgmma_gather)", spec.family))),
+    };
+    let result = gemm.run(|| match spec.family.as_str() {
         "router" => replay_router(sim, device, spec),
         "moe" => replay_moe(sim, device, spec, moe_weights),
         "dense" => replay_dense(sim, device, spec),
@@ -926,14 +960,23 @@ fn replay_mla(sim: &SimBackend, device: &Device, spec: &Spec) -> Result<Vec<Laun
     let combine = if spec.family == "mla_prefill" { SplitCombine::Launch } else { mla_combine(spec)? };
     let mut scratch = AttentionScratch::new(device);
     sim.record_launches(true);
-    combine.run(|| attention::mla_attention(&cache, &tables, &queries, o_lat.view([rows, MLA_HEADS, MLA_LATENT])?, 0.088_388_35, splits, &mut scratch))?;
+    // The stored measurements ran the mma.sync kernel (before the wgmma prefill kernel): replay that one.
+    attention::MlaPrefillKernel::MmaSync.run(|| {
+        combine.run(|| attention::mla_attention(&cache, &tables, &queries, o_lat.view([rows, MLA_HEADS, MLA_LATENT])?, 0.088_388_35, splits, &mut scratch))
+    })?;
     Ok(sim.take_recorded())
 }
 
-/// `benches/vision.rs`: one image of `tokens` patches, 16 heads of 64.
+/// `benches/vision.rs`: one image of `tokens` patches, 16 heads of 64; `attention=mma_sync` (the default: every
+/// stored measurement ran it) or `attention=wgmma`.
 fn replay_vision(sim: &SimBackend, device: &Device, spec: &Spec) -> Result<Vec<LaunchCounters>> {
     const HEADS: usize = 16;
     let tokens = spec.usize("tokens")?;
+    let kernel = match spec.get("attention") {
+        None | Some("mma_sync") => VisionAttentionKernel::MmaSync,
+        Some("wgmma") => VisionAttentionKernel::Wgmma,
+        Some(other) => return Err(Error::InvalidArgument(format!("calibration vision_attention run: attention={other} (mma_sync or wgmma)"))),
+    };
     let mut rng = StdRng::seed_from_u64(1);
     let len = tokens * HEADS * 64;
     let q = DeviceBuffer::from_slice(device, &random_bf16(&mut rng, len, 1.0))?;
@@ -942,8 +985,7 @@ fn replay_vision(sim: &SimBackend, device: &Device, spec: &Spec) -> Result<Vec<L
     let out = DeviceBuffer::<bf16>::alloc(device, len)?;
     let segments = TokenSegments::upload(device, std::slice::from_ref(&(0..tokens)))?;
     sim.record_launches(true);
-    // The stored measurements ran the mma.sync kernel (the wgmma one, the default now, came later).
-    VisionAttentionKernel::MmaSync.run(|| {
+    kernel.run(|| {
         vision_attention(
             q.view([tokens, HEADS, 64])?,
             k.view([tokens, HEADS, 64])?,

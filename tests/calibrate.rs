@@ -91,7 +91,7 @@ fn mla_cases_take_the_codes_combine_form_and_a_case_file() {
     let text = String::from_utf8(out).unwrap();
     assert_eq!(results.len(), 2, "{text}");
     // Batch 1 at 256 tokens: 2 row tiles of 16 heads x 2 splits of 128 tokens, the combine fused.
-    assert!(text.lines().any(|l| l.starts_with("| auto |") && l.ends_with("| mla_attention_bf16 4 |")), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("| auto |") && l.contains("| mla_attention_bf16 4 |")), "{text}");
     assert!(text.lines().any(|l| l.starts_with("| launch |") && l.contains("mla_attention_combine")), "{text}");
     let bad = "id\trun\tmethod\twhat\nx\tmla batch=1 ctx=256 dtype=bf16 combine=sideways\twith-sync\tx\n";
     assert!(matches!(calibrate::predict_cases(bad, &Options::default(), &mut Vec::new()), Err(small4::Error::InvalidArgument(_))));
@@ -104,4 +104,63 @@ fn mla_cases_take_the_codes_combine_form_and_a_case_file() {
     std::fs::remove_file(&path).unwrap();
     let text = String::from_utf8(out).unwrap();
     assert!(text.lines().any(|l| l.starts_with("| auto |")) && !text.contains("| launch |"), "{text}");
+}
+
+/// The vision attention on both tensor-core paths (`attention=`): the wgmma kernel's tensor FLOPs are all wgmma
+/// FLOPs and take the wgmma rate (its prediction follows `wgmma_efficiency`, the mma.sync kernel's does not); the
+/// table carries the H100 SXM tensor and DRAM rates; a recorded profile file (which holds the new counters) gives
+/// the same predictions back; an unknown kernel choice is a typed error.
+#[test]
+fn wgmma_cases_are_counted_apart_and_take_the_wgmma_rate() {
+    use half::bf16;
+    use small4::device::{simulator, DeviceBuffer, TargetGpu, TimingModel};
+    use small4::kernels::vision::{vision_attention, TokenSegments, VisionAttentionKernel};
+
+    let list = "id\trun\tmethod\twhat\n\
+                v-mma\tvision_attention tokens=256 attention=mma_sync\tncu\tmma.sync\n\
+                v-wgmma\tvision_attention tokens=256 attention=wgmma\tncu\twgmma\n";
+    let profiles = std::env::temp_dir().join(format!("small4-calibrate-wgmma-{}.tsv", std::process::id()));
+    let _ = std::fs::remove_file(&profiles);
+    let options = Options { sample_blocks: 4, profiles: Some(profiles.clone()), ..Options::default() };
+    let mut out = Vec::new();
+    let results = calibrate::predict_cases(list, &options, &mut out).expect("both kernels replay");
+    let text = String::from_utf8(out).unwrap();
+    assert!(text.lines().next().unwrap().ends_with("| tensor TFLOP/s (H100 SXM) | DRAM (H100 SXM) |"), "{text}");
+    for (case, h200, h100) in &results {
+        let line = text.lines().find(|l| l.starts_with(&format!("| {} | ", case.id))).expect("a row per case");
+        assert!(line.contains("% of HBM) |") && h200.is_finite() && h100.is_finite(), "{line}");
+    }
+
+    // The recorded profiles hold the new counters: read back, the same predictions, and the launches to inspect.
+    let mut again = Vec::new();
+    let reread = calibrate::predict_cases(list, &options, &mut again).expect("read from the profiles file");
+    let _ = std::fs::remove_file(&profiles);
+    assert_eq!(reread, results);
+    let bad = "id\trun\tmethod\twhat\nx\tvision_attention tokens=256 attention=fast\tncu\tx\n";
+    assert!(matches!(calibrate::predict_cases(bad, &Options::default(), &mut Vec::new()), Err(small4::Error::InvalidArgument(_))));
+    let bad = "id\trun\tmethod\twhat\nx\tmoe format=bf16 tokens=1 gemm=fast\tncu\tx\n";
+    assert!(matches!(calibrate::predict_cases(bad, &Options::default(), &mut Vec::new()), Err(small4::Error::InvalidArgument(_))));
+
+    // Each kernel's counters: the wgmma kernel's tensor FLOPs are all wgmma (16-bit) FLOPs, the mma.sync kernel's
+    // none. A model with an eighth of the wgmma efficiency multiplies the wgmma launch's tensor term by 8 and leaves
+    // the mma.sync launch's alone.
+    let counters = |kernel: VisionAttentionKernel| {
+        let device = simulator();
+        let x: Vec<bf16> = (0..256 * 2 * 64).map(|i| bf16::from_f32((i % 7) as f32 / 8.0)).collect();
+        let x = DeviceBuffer::from_slice(&device, &x).unwrap();
+        let out = DeviceBuffer::<bf16>::alloc(&device, 256 * 2 * 64).unwrap();
+        let segments = TokenSegments::upload(&device, std::slice::from_ref(&(0..256))).unwrap();
+        let view = x.view([256, 2, 64]).unwrap();
+        kernel.run(|| vision_attention(view, view, view, out.view([256, 2, 64])?, &segments, 0.125)).expect("runs");
+        device.last_launch_counters().expect("a launch")
+    };
+    let (mma, wgmma) = (counters(VisionAttentionKernel::MmaSync), counters(VisionAttentionKernel::Wgmma));
+    assert_eq!((mma.kernel.as_str(), wgmma.kernel.as_str()), ("vision_attention", "vision_attention_wgmma"));
+    assert!(mma.timing.tensor_flops > 0 && mma.timing.wgmma_flops == 0);
+    assert!(wgmma.timing.tensor_flops > 0 && wgmma.timing.wgmma_flops == wgmma.timing.tensor_flops && wgmma.timing.wgmma_8bit_flops == 0);
+    let slow = TimingModel { wgmma_efficiency: TimingModel::FITTED.wgmma_efficiency / 8.0, ..TimingModel::FITTED };
+    let tensor = |l: &small4::device::LaunchCounters, model: &TimingModel| l.predict(&TargetGpu::H100_SXM, model).tensor_s;
+    assert_eq!(tensor(&mma, &slow), tensor(&mma, &TimingModel::FITTED));
+    let ratio = tensor(&wgmma, &slow) / tensor(&wgmma, &TimingModel::FITTED);
+    assert!((ratio - 8.0).abs() < 1e-9, "{ratio}");
 }

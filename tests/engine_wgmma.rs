@@ -2,7 +2,8 @@
 //! GEMMs (more than 32 rows) and its routed experts (tokens x top-k at least 32 per expert: the aligner's 64-slot
 //! tiles) take the prefill tile, against the CPU reference (tests/engine.rs's logit rule) and, on the interpreter, bit
 //! for bit against the same prefill on the mma.sync kernels; with bf16 experts and with nvfp4 experts (the 4-bit
-//! wgmma kernel; attention stays bf16).
+//! wgmma kernel; attention stays bf16). And the prefill's MLA attention on its wgmma kernel
+//! (`cuda/mla_attention_wgmma.cu`) against the reference and, bit for bit, against its mma.sync kernel.
 
 mod common;
 
@@ -10,6 +11,7 @@ use std::sync::Arc;
 
 use small4::device::sim::SimBackend;
 use small4::device::Device;
+use small4::kernels::attention::MlaPrefillKernel;
 use small4::kernels::moe_wgmma::PrefillGemm;
 use small4::model::checkpoint::{Checkpoint, Layout};
 use small4::model::config::ModelConfig;
@@ -95,4 +97,48 @@ fn one_layer_prefill(format: WeightFormat) {
     assert!(clear.len() >= 100, "only {} of {} positions away from router ties", clear.len(), tokens.len());
     let rows = |logits: &[f32]| -> Vec<f32> { clear.iter().flat_map(|&p| logits[p * vocab..][..vocab].to_vec()).collect() };
     common::assert_close(&format!("prefill logits on wgmma ({} of 136 positions)", clear.len()), &rows(&wgmma), &rows(&want), LOGIT_ABS, LOGIT_REL);
+}
+
+/// One layer of the tiny preset (4 heads, latent 256 + rope 64) on a 40-token prompt, a cache of 8 pages of 16 tokens
+/// (at most 128 keys: the split heuristic makes one split, so the prefill's attention takes the wgmma kernel): the
+/// logits with `mla_attention_wgmma_bf16` equal those with `mla_attention_bf16` bit for bit at every position, and the
+/// reference's at every position not on a router near-tie.
+#[test]
+fn one_layer_prefill_with_the_wgmma_mla_attention_matches_reference_and_mma_sync() {
+    let config = ModelConfig { n_layers: 1, ..ModelConfig::tiny() };
+    let tokens: Vec<u32> = (0..40u32).map(|i| (i * 389 + 100) % config.vocab as u32).collect();
+    let weights = ReferenceWeights::random(&config, 9).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(dir.path(), &weights, &Layout::Native, WeightFormat::Bf16, 1 << 20).unwrap();
+    let checkpoint = Checkpoint::open(dir.path()).unwrap();
+    let reference = ReferenceModel::new(load_reference_weights(&checkpoint).unwrap(), ForwardOptions::default()).unwrap();
+    let mut cache = reference.new_cache();
+    let want = reference.prefill(&tokens, &mut cache).unwrap();
+    let margins = cache.router_margins().to_vec();
+
+    let sim = Arc::new(SimBackend::new());
+    let device: Device = sim.clone();
+    let prefill = |choice: MlaPrefillKernel| -> (Vec<f32>, Vec<String>) {
+        let model = DeviceModel::load(&device, &checkpoint, Shard::SINGLE).unwrap();
+        let options = EngineOptions { page_size: 16, num_pages: 8, eos: None, keep_logits: true, ..EngineOptions::default() };
+        let mut engine = Engine::new(model, options, None).unwrap();
+        let seq = engine.new_sequence();
+        sim.record_launches(true);
+        let logits = choice.run(|| engine.forward_logits(&[(seq, tokens.clone())])).unwrap();
+        let kernels = sim.take_recorded().into_iter().map(|l| l.kernel).filter(|k| k.starts_with("mla_attention")).collect();
+        sim.record_launches(false);
+        (logits, kernels)
+    };
+    let (wgmma, wgmma_kernels) = prefill(MlaPrefillKernel::Wgmma);
+    assert_eq!(wgmma_kernels, ["mla_attention_wgmma_bf16"], "the prefill's attention launches");
+    let (mma_sync, mma_kernels) = prefill(MlaPrefillKernel::MmaSync);
+    assert_eq!(mma_kernels, ["mla_attention_bf16"], "the prefill's attention launches");
+    let differ = wgmma.iter().zip(&mma_sync).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+    assert_eq!(differ, 0, "{differ} of {} logits differ between the wgmma and mma.sync attention", wgmma.len());
+    // The reference at the positions clear of router near-ties (one_layer_prefill's rule).
+    let vocab = config.vocab;
+    let clear: Vec<usize> = (0..tokens.len()).filter(|&p| margins[p] >= 0.025).collect();
+    assert!(clear.len() >= 30, "only {} of {} positions away from router ties", clear.len(), tokens.len());
+    let rows = |logits: &[f32]| -> Vec<f32> { clear.iter().flat_map(|&p| logits[p * vocab..][..vocab].to_vec()).collect() };
+    common::assert_close(&format!("prefill logits, wgmma MLA attention ({} of 40 positions)", clear.len()), &rows(&wgmma), &rows(&want), LOGIT_ABS, LOGIT_REL);
 }

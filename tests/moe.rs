@@ -1067,10 +1067,10 @@ fn decode_warp_instructions() {
 }
 
 /// [`decode_warp_instructions`]'s figures, in the order of `FORMATS` (bf16, fp8, fp8-block128, int4-g128,
-/// int4-g128-zp, nvfp4). Measured after split-K joined the kernel (2026-12-06 18:00 UTC): its k range and partial-sum
-/// epilogue changed ptxas's code for the k loop by -0.8 to +1.0 instructions a fragment, except fp8 (+4.0, 80.7 before:
-/// docs/perf.md "moe_gemm decode: dequantisation instructions").
-const DECODE_INSTRUCTIONS_PER_FRAGMENT: [f64; 6] = [70.4, 84.7, 96.1, 86.9, 89.0, 91.5];
+/// int4-g128-zp, nvfp4). Measured after split-K moved to entries of its own (`moe_gemm_*_narrow_split`, 2026-12-06
+/// 19:50 UTC): the unsplit kernels, which this launch runs, compile no split code and are back at the figures of
+/// before split-K (fp8 80.7 again instead of 84.7: docs/perf.md "moe_gemm decode: dequantisation instructions").
+const DECODE_INSTRUCTIONS_PER_FRAGMENT: [f64; 6] = [69.4, 80.7, 95.2, 87.8, 89.9, 91.7];
 
 /// The model's expert sizes: (dim, hidden).
 const REAL_DIMS: (usize, usize) = (4096, 2048);

@@ -390,6 +390,72 @@ backend_tests!(
     dense_nvfp4_at_real_reduction_lengths
 );
 
+/// The dense TMA launch encodes its activations' tensor map once per buffer and shape: a second launch on the same
+/// rows encodes none (and computes the same), a launch on another buffer or on fewer rows of the same one encodes its own.
+#[test]
+fn dense_tma_launch_reuses_its_tensor_map() {
+    let counted = small4::device::Instrumented::wrap(small4::device::simulator());
+    let device: Device = counted.clone();
+    let mut rng = rng(29);
+    let (rows, in_dim, out_dim) = (40, 128, 128);
+    let (w, _) = random_matrix(&mut rng, WeightFormat::Bf16, out_dim, in_dim);
+    let weights = DeviceWeights::upload(&device, &repack::repack_linear(&[(&w).into()]).unwrap()).unwrap();
+    let x = DeviceBuffer::from_slice(&device, &random_bf16(&mut rng, rows * in_dim, 1.0)).unwrap();
+    let other_x = DeviceBuffer::from_slice(&device, &random_bf16(&mut rng, rows * in_dim, 1.0)).unwrap();
+    let y = DeviceBuffer::<f32>::alloc(&device, rows * out_dim).unwrap();
+    let launch = |x: &DeviceBuffer<bf16>, rows: usize| -> Vec<f32> {
+        run_on(&device, PrefillGemm::Wgmma, "moe_gemm_bf16_wgmma_dense", || {
+            dense::linear_f32(&weights, x.view([rows, in_dim])?, y.view([rows, out_dim])?)?;
+            y.to_vec()
+        })
+        .unwrap()
+    };
+    let encoded = || counted.counts().tensor_maps_encoded;
+    let first = launch(&x, rows);
+    assert_eq!(encoded(), 1);
+    assert_eq!(launch(&x, rows), first, "the reused map loads the same rows");
+    assert_eq!(encoded(), 1, "a second launch on the same buffer and shape reuses the map");
+    launch(&other_x, rows);
+    assert_eq!(encoded(), 2, "another buffer gets its own map");
+    launch(&x, rows - 4);
+    assert_eq!(encoded(), 3, "fewer rows of the same buffer get their own map");
+    launch(&x, rows);
+    assert_eq!(encoded(), 3, "the first map is still kept");
+}
+
+/// The 4-bit wgmma kernels' k loop waits on no global load: the producer stages each stage's scales in the ring with its
+/// weights (one bulk copy per tile and piece, in the stage's transaction bytes), so the longest warp's dependence chain
+/// of a K = 4096 launch (64 stages) holds at most [`CHAIN_GLOBAL_LOADS`] global loads, where reading the scales from
+/// global memory in the loop put one or two per stage on it (96 for int4 with zero points, TMA kernel). Dense launches
+/// (TMA and gather), one block.
+#[test]
+fn wgmma_4bit_k_loop_has_no_global_loads_on_its_chain() {
+    let device = small4::device::simulator();
+    let mut rng = rng(30);
+    let (rows, k_dim, out_dim) = (64, 4096, 128);
+    let x = DeviceBuffer::from_slice(&device, &random_bf16(&mut rng, rows * k_dim, 1.0)).unwrap();
+    let y = DeviceBuffer::<f32>::alloc(&device, rows * out_dim).unwrap();
+    for format in [FORMATS[2], FORMATS[3]] {
+        let (w, _) = random_matrix(&mut rng, format, out_dim, k_dim);
+        let weights = DeviceWeights::upload(&device, &repack::repack_linear(&[(&w).into()]).unwrap()).unwrap();
+        for choice in [PrefillGemm::Wgmma, PrefillGemm::WgmmaGather] {
+            choice.run(|| dense::linear_f32(&weights, x.view([rows, k_dim])?, y.view([rows, out_dim])?)).unwrap();
+            let c = device.last_launch_counters().unwrap();
+            println!("{format} {}: {} global loads on the longest chain", c.kernel, c.timing.chain_globals_max);
+            assert!(
+                c.timing.chain_globals_max <= CHAIN_GLOBAL_LOADS,
+                "{format} {}: {} global loads on the longest chain",
+                c.kernel,
+                c.timing.chain_globals_max
+            );
+        }
+    }
+}
+
+/// The most global loads [`wgmma_4bit_k_loop_has_no_global_loads_on_its_chain`] allows on a launch's longest chain: what
+/// the kernels show with staged scales (0-1, none of them per stage).
+const CHAIN_GLOBAL_LOADS: u64 = 1;
+
 /// The interpreter's checks are live on this kernel: each planted bug (an edit of the kernel's own PTX) makes the
 /// grouped up-projection fail with the hazard's report, where the unedited kernel passes.
 #[test]

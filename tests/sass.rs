@@ -3,7 +3,8 @@
 //! instruction (HGMMA), the dense ones load their activations with TMA (UTMALDG) and the grouped ones do not, and the
 //! mma.sync kernels
 //! (cuda/moe_gemm.cu) stay on HMMA; the vision attention's wgmma kernel (cuda/vision_attention_wgmma.cu) runs both its
-//! products on HGMMA and its mma.sync twin (cuda/vision.cu) on HMMA. The interpreter runs the PTX; this checks what ptxas made of it, without a GPU.
+//! products on HGMMA and its mma.sync twin (cuda/vision.cu) on HMMA; so do the MLA prefill attention's wgmma kernels
+//! (cuda/mla_attention_wgmma.cu) and their mma.sync twins (cuda/mla_attention.cu). The interpreter runs the PTX; this checks what ptxas made of it, without a GPU.
 //!
 //! cuobjdump and nvdisasm come from the pinned PyPI wheels that build.rs installs (`SMALL4_CUOBJDUMP`); when they
 //! could not be provisioned the test fails and says why, it never skips.
@@ -13,7 +14,7 @@ use std::path::Path;
 use std::process::Command;
 
 use small4::device::KernelModule;
-use small4::kernels::modules::{MOE_GEMM, MOE_GEMM_WGMMA, VISION, VISION_ATTENTION_WGMMA};
+use small4::kernels::modules::{MLA_ATTENTION, MLA_ATTENTION_WGMMA, MOE_GEMM, MOE_GEMM_WGMMA, MOE_GEMM_WGMMA_FP8, VISION, VISION_ATTENTION_WGMMA};
 
 /// `cuobjdump -sass` of `module`'s cubin, split by function: name -> its SASS lines.
 fn sass_by_function(module: &KernelModule) -> BTreeMap<String, String> {
@@ -79,7 +80,8 @@ fn wgmma_kernels_use_hgmma_and_the_dense_ones_tma() {
 #[test]
 fn mma_sync_kernels_use_hmma_not_hgmma() {
     let mma = sass_by_function(&MOE_GEMM);
-    let tiles: Vec<(&String, &String)> = mma.iter().filter(|(name, _)| ["_tiled", "_small", "_narrow"].iter().any(|s| name.ends_with(s))).collect();
+    let tiles: Vec<(&String, &String)> =
+        mma.iter().filter(|(name, _)| ["_tiled", "_small", "_narrow", "_narrow_split"].iter().any(|s| name.ends_with(s))).collect();
     assert!(tiles.iter().any(|(name, _)| *name == "moe_gemm_bf16_tiled"), "the kernel the wgmma one replaces: {:?}", mma.keys());
     for (name, sass) in tiles {
         assert!(count(sass, "HMMA") >= 1, "{name}: no HMMA");
@@ -97,4 +99,35 @@ fn vision_attention_wgmma_uses_hgmma_and_its_twin_hmma() {
     let vision = sass_by_function(&VISION);
     let twin = vision.get("vision_attention").unwrap_or_else(|| panic!("no vision_attention in {:?}", vision.keys()));
     assert!(count(twin, "HMMA") >= 1 && count(twin, "HGMMA") == 0, "vision_attention stays on mma.sync");
+}
+
+#[test]
+fn fp8_activation_kernels_use_qgmma() {
+    let fp8 = sass_by_function(&MOE_GEMM_WGMMA_FP8);
+    for name in ["moe_gemm_fp8_wgmma_a8", "moe_gemm_fp8_block_wgmma_a8"] {
+        let sass = fp8.get(name).unwrap_or_else(|| panic!("no {name} in {:?}", fp8.keys()));
+        // Four m64n64k32 e4m3 per stage on the fp8 tensor cores (QGMMA), none on the 16-bit ones.
+        assert!(count(sass, "QGMMA") >= 4, "{name}: {} QGMMA", count(sass, "QGMMA"));
+        assert_eq!(count(sass, "HGMMA") + count(sass, "HMMA"), 0, "{name}: 16-bit tensor instructions in the fp8 kernel");
+        assert!(count(sass, "UBLKCP") >= 1, "{name}: no bulk copy of the weights");
+        assert!(count(sass, "LDGSTS") >= 1, "{name}'s gather is cp.async (LDGSTS)");
+    }
+    let quantiser = fp8.get("moe_quantize_act_e4m3_block128").expect("the quantiser");
+    assert!(count(quantiser, "F2FP") >= 1, "the quantiser converts with F2FP (cvt.rn.satfinite.e4m3x2.f32)");
+}
+
+#[test]
+fn mla_attention_wgmma_uses_hgmma_and_its_twin_hmma() {
+    let wgmma = sass_by_function(&MLA_ATTENTION_WGMMA);
+    let twins = sass_by_function(&MLA_ATTENTION);
+    for dtype in ["bf16", "fp8"] {
+        let name = format!("mla_attention_wgmma_{dtype}");
+        let sass = wgmma.get(&name).unwrap_or_else(|| panic!("no {name} in {:?}", wgmma.keys()));
+        // Per key tile: twenty m64n32k16 for S = Q K^T and two m64n256k16 for O += P V.
+        assert!(count(sass, "HGMMA") >= 22, "{name}: {} HGMMA", count(sass, "HGMMA"));
+        assert_eq!(count(sass, "HMMA"), 0, "{name}: mma.sync in the wgmma kernel");
+        let twin_name = format!("mla_attention_{dtype}");
+        let twin = twins.get(&twin_name).unwrap_or_else(|| panic!("no {twin_name} in {:?}", twins.keys()));
+        assert!(count(twin, "HMMA") >= 1 && count(twin, "HGMMA") == 0, "{twin_name} stays on mma.sync");
+    }
 }

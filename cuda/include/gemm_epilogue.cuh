@@ -72,6 +72,35 @@ __device__ __forceinline__ void store_slot(const MoeGemmParams &p, bool tail, bf
     }
 }
 
+// The epilogue of one warp's 16-feature weight tile over a block's 64 slots, from the wgmma accumulator fragment
+// (../shared/HOPPER-ASYNC.md §1.5: acc[4 f + r] is feature g (r = 0, 1) or g + 8 (r = 2, 3) of the tile, slot
+// 8 f + 2 t + (r % 2); g = lane / 4, t = lane % 4): the per-row scales (row_scales, when given), then store_slot for
+// every real slot. Grouped or dense mode, no tail; a batched launch writes head z's columns.
+__device__ __forceinline__ void store_wgmma_warp_tile(const MoeGemmParams &p, const float (&acc)[32], const int *slot_pair, int expert, int tile,
+                                                      int slot_begin, int slots) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int feature = tile * 16 + g;
+    float scale_g = 1.f, scale_g8 = 1.f;
+    if (p.row_scales != nullptr) {
+        const float *rs = p.row_scales + (long)expert * p.rows_padded;
+        scale_g = rs[feature], scale_g8 = rs[feature + 8];
+    }
+    bf16 *const out_bf16 = p.out_bf16 ? p.out_bf16 + (long)blockIdx.z * p.out_batch_stride : nullptr;
+    float *const out_f32 = p.out_f32 ? p.out_f32 + (long)blockIdx.z * p.out_batch_stride : nullptr;
+#pragma unroll
+    for (int f = 0; f < 8; ++f) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int slot = f * 8 + 2 * t + half;
+            if (slot >= slots) continue;
+            const int pair = slot_pair[slot];
+            if (pair < 0) continue;
+            const float v_g = acc[4 * f + half] * scale_g, v_g8 = acc[4 * f + 2 + half] * scale_g8;
+            store_slot(p, false, out_bf16, out_f32, p.out_stride, tile, g, slot_begin + slot, pair, v_g, v_g8);
+        }
+    }
+}
+
 // rope_q_k's q half on this block's output tile (dense mode; params.h MoeGemmParams.rope): features
 // [feature_begin, feature_begin + features) of rows [row_begin, row_begin + rows), read back after the block's stores
 // (a barrier makes them visible to every thread of the block), rotated and scaled with rope_q_k's functions, rounded.

@@ -36,6 +36,23 @@ __device__ __forceinline__ void mbar_wait(uint64_t *bar, unsigned parity) {
         : "memory");
 }
 
+// ---- warp leader ---------------------------------------------------------------------------------------------------
+
+// True in one lane of the calling warp (all 32 lanes must call it together), false in the others: elect.sync's
+// leader, the lane Hopper code gives a warp's single-thread work (mbarrier arrivals, expect_tx, TMA issues). PTX
+// promises only a deterministic choice, not lane 0, so code never assumes which lane it is.
+__device__ __forceinline__ bool elect_one_sync() {
+    uint32_t leader;
+    asm volatile(
+        "{\n"
+        ".reg .pred P_ELECTED;\n"
+        "elect.sync _|P_ELECTED, 0xffffffff;\n"
+        "selp.u32 %0, 1, 0, P_ELECTED;\n"
+        "}\n"
+        : "=r"(leader));
+    return leader != 0;
+}
+
 // ---- bulk copies and proxy fences --------------------------------------------------------------------------------
 
 // `bytes` (a multiple of 16, both addresses 16-byte aligned) global -> shared through the async proxy; completes as
@@ -129,4 +146,67 @@ __device__ __forceinline__ void wgmma_m64n64k16_bf16_rs_scale_d(float d[32], con
           "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]),
           "+f"(d[31])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(int(accumulate)), "n"(kTransB));
+}
+
+// ---- wgmma on e4m3 (the fp8-activation GEMMs) ----------------------------------------------------------------------
+
+// d (64 x 64 f32, the warpgroup's accumulator fragment) = (kAccumulate ? d : 0) + a (64 x 32 e4m3 in registers: the
+// mma.sync m16n8k32 A fragment of each warp's 16 rows, weight_format.cuh fp8_weights_to_e4m3_a) * b (32 x 64 e4m3
+// from the descriptor, K-major: a K-advance of 32 e4m3 adds 32 bytes to the start, as 16 bf16 do). The fp8 forms have
+// no transpose operands (../shared/HOPPER-ASYNC.md §1.1). The tensor core's f32 sum of an fp8 product keeps fewer
+// fraction bits than f32 (§1.6), which is why the callers promote each 128-k partial into an f32 accumulator.
+template <int kAccumulate>
+__device__ __forceinline__ void wgmma_m64n64k32_e4m3_rs(float d[32], const uint32_t a[4], uint64_t b_desc) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 "
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, "
+        "{%32,%33,%34,%35}, %36, %37, 1, 1;\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]),
+          "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+          "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]),
+          "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "n"(kAccumulate));
+}
+
+// ---- wgmma for the MLA attention (cuda/mla_attention_wgmma.cu) -----------------------------------------------------
+
+// N-major (MN-major) operand with the 128-byte swizzle for a B wider than one 64-element swizzle atom: 8-k-row groups
+// (1024 bytes of one atom) SBO = 1024 apart, consecutive 64-element atoms along N `atom_stride` bytes apart (LBO),
+// base offset 0 (every atom starts on 1024 bytes); used with imm-trans-b = 1. A K-advance of 16 rows adds 2048 bytes.
+__device__ __forceinline__ uint64_t wgmma_desc_mn_sw128(const void *p, unsigned atom_stride) {
+    const uint64_t a = smem_addr(p);
+    return ((a & 0x3FFFF) >> 4) | (uint64_t((atom_stride & 0x3FFFF) >> 4) << 16) | (uint64_t(1024 >> 4) << 32) | (1ull << 62);
+}
+
+// d (64 x 32 f32) += a (64 x 16 bf16 from the descriptor, K-major) * b (16 x 32 bf16 from the descriptor, K-major).
+__device__ __forceinline__ void wgmma_m64n32k16_bf16_ss(float d[16], uint64_t a_desc, uint64_t b_desc) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, "
+        "%16, %17, 1, 1, 1, 0, 0;\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]),
+          "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "l"(a_desc), "l"(b_desc));
+}
+
+// d (64 x 256 f32) += a (64 x 16 bf16 in registers: the mma.sync m16n8k16 A fragment of each warp's 16 rows) * b (16 x
+// 256 bf16 from an N-major descriptor, wgmma_desc_mn_sw128; imm-trans-b = 1).
+__device__ __forceinline__ void wgmma_m64n256k16_bf16_rs_trans_b(float d[128], const uint32_t a[4], uint64_t b_desc) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127}, "
+        "{%128,%129,%130,%131}, %132, 1, 1, 1, 1;\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]),
+          "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),
+          "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]),
+          "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]),
+          "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]),
+          "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]),
+          "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]),
+          "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+          "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]),
+          "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]),
+          "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]),
+          "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc));
 }

@@ -229,6 +229,9 @@ typedef struct MoeGemmParams {
     int k_splits;
     float *split_partials;         /* [tiles (gridDim.x * gridDim.y), k_splits, kernel-private per-thread layout] f32 */
     int *split_counters;           /* [tiles] i32, zero at rest (each launch leaves them zero) */
+    /* moe_gemm_{fp8,fp8_block}_wgmma_a8 only (cuda/moe_gemm_wgmma_fp8.cu): x_e4m3's scales, one f32 per input row and
+     * 128 k ([input rows, k_dim / 128], from moe_quantize_act_e4m3_block128): x = e4m3 * scale. */
+    const float *x_block_scales;
 } MoeGemmParams;
 
 /* CUtensorMap (cuda.h): the 128 opaque bytes of a TMA tensor map, made on the host by
@@ -263,6 +266,22 @@ typedef struct MoeQuantizeActParams {
     int x_stride;                  /* elements between input rows */
     float inv_scale;               /* 1 / activation scale */
 } MoeQuantizeActParams;
+
+/* moe_quantize_act_e4m3_block128 (cuda/moe_gemm_wgmma_fp8.cu): activations -> e4m3 with one scale per row and 128
+ * columns, as DeepGEMM quantises them: amax = max(max |x| over the 128, 2^-64) (so an all-zero block has a finite,
+ * non-zero scale and quantises to zeros), scales[r, b] = amax / 448, out = e4m3(x * (448 / amax)) (round to nearest
+ * even, saturating to +-448), both quotients rounded once in f32. Bytes in moe_quantize_act_e4m3's permuted order
+ * (within every 32 columns, byte c holds column pi(c)); cols a multiple of 128. */
+typedef struct MoeQuantizeActBlockParams {
+    const bf16 *x;                 /* [rows, x_stride] */
+    unsigned char *out;            /* [rows, cols] */
+    float *scales;                 /* [rows, cols / 128] */
+    const int *sorted_pairs;       /* as MoeQuantizeActParams: only a grouping's real slots are read and written */
+    const int *num_padded;
+    int rows;
+    int cols;
+    int x_stride;                  /* elements between input rows */
+} MoeQuantizeActBlockParams;
 
 /* out[t, :] = bf16(shared_out[t, :] + sum_j pair_out[t * top_k + j, :]) over the j whose expert is computed on this
  * GPU (topk_ids >= 0 and expert_map[id] >= 0), in increasing j: deterministic, no atomics. */

@@ -30,6 +30,11 @@ __device__ __forceinline__ T pick(bool tail, T tail_value, T value) { return tai
 //   tiles of one stage into shared memory (kScaleBytes per tile, in the caller's cp.async group, so they land with the
 //   stage's weights; one 16-byte chunk per thread of the first few, kThreads being the block's), staged_scales reads a
 //   lane's from there. The pipelined kernels use these, so no global load waits in the k loop;
+// - kScalePieces, scale_piece(p, tail, expert, tile, kb, piece, offset, bytes): the same staged bytes of one tile as
+//   whole contiguous pieces (multiples of 16 bytes, 16-byte aligned) for one bulk copy each (the wgmma producer's,
+//   counted in the stage's transaction bytes): piece `piece` (0 .. kScalePieces - 1) comes from the returned global
+//   address (null when the format has no such piece here, as int4's symmetric zero points), `bytes` long, to `offset`
+//   within the tile's kScaleBytes (all but fp8-block128, whose 8 bytes a tile are under a bulk copy's 16);
 // - fragment(raw, ks, scales, a): the lane's mma A fragment of k-step ks in bf16.
 //
 // Fragment layout (src/quant/repack.rs writes it): for each 16-row tile and each 64-k block, lane l owns 16-byte
@@ -40,6 +45,21 @@ __device__ __forceinline__ T pick(bool tail, T tail_value, T value) { return tai
 
 template <Format F> struct WeightFormat;
 
+// e4m3 activations (the W8A8 kernels of cuda/moe_gemm.cu, the fp8-activation wgmma kernels of
+// cuda/moe_gemm_wgmma_fp8.cu): the e4m3 weights go to mma m16n8k32 / wgmma m64nNk32 (whose register-A fragment is
+// m16n8k32's, per warp) as they are. The fragment layout is the fp8 one above, in which
+// lane (g, t) holds, per k-step of 16, the words (g: 2t, 2t+1; g+8: 2t, 2t+1) and (g: 2t+8, 2t+9; g+8: 2t+8, 2t+9);
+// byte permutes regroup two k-steps into the m16n8k32 A registers (row g, row g+8, row g + 16 k, row g+8 + 16 k), so
+// mma column 4t + j of a 32-k step carries weight column pi(4t + j) = 2t + (j % 2) + 8 (j / 2) (+ 16 for the upper
+// 16 columns). The k order of a dot product is free: moe_quantize_act_e4m3 stores the activations in that same
+// permuted order, so the B operand (ldmatrix rows, or a wgmma descriptor) reads the permuted bytes as they are.
+__device__ __forceinline__ void fp8_weights_to_e4m3_a(const uint32_t w[4], uint32_t a[4]) {
+    a[0] = __byte_perm(w[0], w[1], 0x5410);  // row g:   k 2t, 2t+1, 2t+8, 2t+9
+    a[1] = __byte_perm(w[0], w[1], 0x7632);  // row g+8: the same k
+    a[2] = __byte_perm(w[2], w[3], 0x5410);  // row g:   k + 16
+    a[3] = __byte_perm(w[2], w[3], 0x7632);  // row g+8: k + 16
+}
+
 // The formats without per-stage scales.
 struct NoStagedScales {
     static constexpr int kScaleBytes = 0;
@@ -48,6 +68,8 @@ struct NoStagedScales {
     template <int kTiles, int kThreads>
     __device__ static void stage_scales(const MoeGemmParams &, bool, int, int, int, unsigned char *, int) {}
     __device__ static Scales staged_scales(const MoeGemmParams &, bool, const unsigned char *, int) { return {}; }
+    static constexpr int kScalePieces = 0;
+    __device__ static const void *scale_piece(const MoeGemmParams &, bool, int, int, int, int, int &, int &) { return nullptr; }
 };
 
 template <> struct WeightFormat<Format::Bf16> : NoStagedScales {
@@ -152,6 +174,18 @@ template <> struct WeightFormat<Format::Int4> {
         const bool asymmetric = pick(tail, p.tail.group_zeros, p.group_zeros) != nullptr;
         return make(asymmetric ? (float)zeros[g] : 8.f, asymmetric ? (float)zeros[g + 8] : 8.f, scales[g], scales[g + 8]);
     }
+    // Piece 0: the 32 bytes of scales; piece 1: the 16 bytes of zero points (none when symmetric).
+    static constexpr int kScalePieces = 2;
+    __device__ static const void *scale_piece(const MoeGemmParams &p, bool tail, int expert, int tile, int kb, int piece, int &offset, int &bytes) {
+        const long row0 = group_row0(p, expert, tile, kb);
+        if (piece == 0) {
+            offset = 0, bytes = 32;
+            return pick(tail, p.tail.group_scales, p.group_scales) + row0;
+        }
+        offset = 32, bytes = 16;
+        const unsigned char *zeros = pick(tail, p.tail.group_zeros, p.group_zeros);
+        return zeros != nullptr ? zeros + row0 : nullptr;
+    }
     __device__ static void fragment(const uint32_t *raw, int ks, const Scales &s, uint32_t a[4]) {
         const uint32_t word = raw[ks];
 #pragma unroll
@@ -189,6 +223,12 @@ template <> struct WeightFormat<Format::Nvfp4> {
     }
     __device__ static Scales staged_scales(const MoeGemmParams &, bool, const unsigned char *tile_scales, int g) {
         return {*reinterpret_cast<const uint32_t *>(tile_scales + g * 4), *reinterpret_cast<const uint32_t *>(tile_scales + 32 + g * 4)};
+    }
+    // One piece: the tile's 64 contiguous bytes of the stage.
+    static constexpr int kScalePieces = 1;
+    __device__ static const void *scale_piece(const MoeGemmParams &p, bool tail, int expert, int tile, int kb, int, int &offset, int &bytes) {
+        offset = 0, bytes = kScaleBytes;
+        return tile_stage(p, tail, expert, tile, kb);
     }
     __device__ static void fragment(const uint32_t *raw, int ks, const Scales &s, uint32_t a[4]) {
         // Byte ks of each row's scale word, row g's in the low half of the pair.

@@ -387,6 +387,9 @@ pub struct Counts {
     /// that waits (a read right after a synchronize or another read, with no launch between, waits for nothing new
     /// and is part of the same round trip: `DeviceBuffer::to_vec` is one).
     pub host_syncs: u64,
+    /// Tensor maps encoded ([`Backend::encode_tensor_map_tiled`] calls; the wgmma launches reuse theirs, so a repeated
+    /// launch adds none).
+    pub tensor_maps_encoded: u64,
 }
 
 /// One launch an [`Instrumented`] device recorded.
@@ -422,7 +425,7 @@ struct InstrumentState {
 /// let device: Device = counted.clone();
 /// let buffer = DeviceBuffer::from_slice(&device, &[1.0f32, 2.0])?; // one write
 /// assert_eq!(buffer.to_vec()?, [1.0, 2.0]); // a synchronize and its read: one round trip
-/// assert_eq!(counted.counts(), Counts { launches: 0, host_syncs: 2 });
+/// assert_eq!(counted.counts(), Counts { launches: 0, host_syncs: 2, tensor_maps_encoded: 0 });
 /// counted.reset();
 /// assert_eq!(counted.counts(), Counts::default());
 /// # Ok::<(), small4::Error>(())
@@ -520,6 +523,7 @@ impl Backend for Instrumented {
         Ok(())
     }
     fn encode_tensor_map_tiled(&self, map: &tensor_map::TiledTensorMap) -> Result<tensor_map::TensorMap> {
+        self.state.lock().unwrap().counts.tensor_maps_encoded += 1;
         self.inner.encode_tensor_map_tiled(map)
     }
     fn synchronize(&self) -> Result<()> {

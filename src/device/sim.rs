@@ -107,6 +107,21 @@ impl SimBackend {
         self.machine.lock().unwrap().block_sample = blocks;
     }
 
+    /// Sums tensor-core products with MMA-Sim's truncating Hopper model (true: `ptxsim::TensorArith::HopperTruncated`,
+    /// ../shared/HOPPER-ASYNC.md §1.6: 13 fraction bits with fp8 inputs) instead of the exact sum rounded once (false,
+    /// the default): tests whose tolerances must hold under either model run both.
+    ///
+    /// ```
+    /// use small4::device::sim::SimBackend;
+    ///
+    /// let sim = SimBackend::new();
+    /// sim.set_hopper_truncated_tensor_arith(true);
+    /// sim.set_hopper_truncated_tensor_arith(false); // back to the exact sum rounded once
+    /// ```
+    pub fn set_hopper_truncated_tensor_arith(&self, on: bool) {
+        self.machine.lock().unwrap().tensor_arith = if on { ptxsim::TensorArith::HopperTruncated } else { ptxsim::TensorArith::ExactRoundOnce };
+    }
+
     /// Starts (true) or stops (false) keeping every launch's counters; [`SimBackend::take_recorded`] hands them over.
     /// A bench sums `predicted_us` over them, by `family` or `kernel`.
     ///

@@ -1,4 +1,4 @@
-//! Tensor maps (`CUtensorMap`) for TMA tile loads, made through the [`Backend`](super::Backend): the driver's
+//! Tensor maps (`CUtensorMap`) for TMA tile loads, made through the [`Backend`]: the driver's
 //! `cuTensorMapEncodeTiled` on a GPU, the PTX interpreter's own encoder (`ptxsim::tensor_map`) on the CPU. The
 //! description is the driver call's parameter list, the encoded map is 128 opaque bytes that a kernel receives inside
 //! its parameter struct (a `Small4TensorMap` field of params.h; the kernel declares the struct
@@ -37,6 +37,9 @@
 //! # Ok::<(), small4::Error>(())
 //! ```
 
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+
+use super::{Backend, Device};
 use crate::error::{Error, Result};
 
 pub use ptxsim::tensor_map::{DataType, Interleave, L2Promotion, OobFill, Swizzle};
@@ -144,4 +147,44 @@ impl TensorMap {
         }
         bytes
     }
+}
+
+/// The most maps [`encode_cached`] keeps per device: more than the distinct (activation buffer, shape) pairs of a
+/// forward pass's dense TMA launches (a few per layer, on the same scratch buffers in every layer), so all but a
+/// step's first launches of each find their map.
+const CACHED_MAPS_PER_DEVICE: usize = 32;
+
+/// A map [`encode_cached`] made: the device (held weakly, so its allocation, and with it the key, cannot pass to
+/// another device while the entry exists), the description and the map.
+type CachedMap = (Weak<dyn Backend>, TiledTensorMap, TensorMap);
+
+/// [`encode_cached`]'s maps, least recently used first.
+static CACHED_MAPS: Mutex<Vec<CachedMap>> = Mutex::new(Vec::new());
+
+/// `device.encode_tensor_map_tiled(tiled)`, reusing the map encoded earlier for the same device and the same
+/// description (address, dims, strides, box and every other field): a launch whose buffer and shape are those of an
+/// earlier launch pays no encoding (a driver call on a GPU). A map is a function of its description alone, so a reused
+/// map is the map the device would encode now, also when a buffer was freed and another allocated at its address.
+/// Refused descriptions are not kept (each call reports the refusal).
+pub(crate) fn encode_cached(device: &Device, tiled: &TiledTensorMap) -> Result<TensorMap> {
+    let key = Arc::downgrade(device);
+    let same_device = |(owner, _, _): &CachedMap| Weak::ptr_eq(owner, &key);
+    {
+        let mut cache = CACHED_MAPS.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(i) = cache.iter().position(|entry| same_device(entry) && entry.1 == *tiled) {
+            let entry = cache.remove(i);
+            let map = entry.2;
+            cache.push(entry);
+            return Ok(map);
+        }
+    }
+    let map = device.encode_tensor_map_tiled(tiled)?;
+    let mut cache = CACHED_MAPS.lock().unwrap_or_else(PoisonError::into_inner);
+    cache.retain(|(owner, _, _)| owner.strong_count() > 0);
+    if cache.iter().filter(|entry| same_device(entry)).count() >= CACHED_MAPS_PER_DEVICE {
+        let oldest = cache.iter().position(same_device).expect("the device has entries");
+        cache.remove(oldest);
+    }
+    cache.push((key, tiled.clone(), map));
+    Ok(map)
 }

@@ -10,7 +10,7 @@ use half::bf16;
 
 use super::check_len;
 use super::dense;
-use super::modules::MLA_ATTENTION;
+use super::modules::{MLA_ATTENTION, MLA_ATTENTION_WGMMA};
 use super::moe::{DeviceWeights, RowCounters, RowFinish};
 use super::norm;
 use super::params::{MlaAttentionParams, MlaCacheWriteParams, MlaCopyPagesParams};
@@ -79,6 +79,63 @@ const ATTENTION_BF16: Kernel = Kernel { module: MLA_ATTENTION, entry: "mla_atten
 const ATTENTION_FP8: Kernel = Kernel { module: MLA_ATTENTION, entry: "mla_attention_fp8" };
 const COMBINE: Kernel = Kernel { module: MLA_ATTENTION, entry: "mla_attention_combine" };
 const COPY_PAGES: Kernel = Kernel { module: MLA_ATTENTION, entry: "mla_copy_pages" };
+const ATTENTION_WGMMA_BF16: Kernel = Kernel { module: MLA_ATTENTION_WGMMA, entry: "mla_attention_wgmma_bf16" };
+const ATTENTION_WGMMA_FP8: Kernel = Kernel { module: MLA_ATTENTION_WGMMA, entry: "mla_attention_wgmma_fp8" };
+/// Row warps per block of `mla_attention_wgmma_*`: 64 rows, one wgmma M (the consumer warpgroup).
+const WGMMA_ROW_WARPS: usize = 4;
+/// Threads per block of `mla_attention_wgmma_*`: the consumer warpgroup and the producer warp.
+const WGMMA_THREADS: u32 = 5 * 32;
+/// Dynamic shared memory of `mla_attention_wgmma_*` (`kSharedBytes` in cuda/mla_attention_wgmma.cu): Q [64 x 320]
+/// bf16, 3 stages of 32 cache tokens x 320 bf16, a full and an empty mbarrier per stage.
+const WGMMA_SHARED_BYTES: u32 = (64 * WIDTH * 2 + 3 * TILE_N * WIDTH * 2 + 2 * 3 * 8) as u32;
+
+/// The environment variable that sets the process default of [`MlaPrefillKernel`]: `wgmma` (or unset) or
+/// `mma_sync`.
+pub const MLA_PREFILL_ENV: &str = "SMALL4_MLA_PREFILL";
+
+/// Which kernel runs the prefill launches of [`mla_attention`] (more than one query token in some sequence, one KV
+/// split): both compute the same outputs (the same key tiles of 32 tokens, k order, masking, softmax and rounding;
+/// cuda/include/mla_attention.cuh is their common code), only the tensor-core instructions and the pipeline differ.
+/// Decode launches and launches with KV splits always run the mma.sync kernel (the wgmma kernel has no split-KV).
+///
+/// The default is [`MlaPrefillKernel::Wgmma`]; the environment's `SMALL4_MLA_PREFILL=mma_sync` ([`MLA_PREFILL_ENV`])
+/// selects the mma.sync kernel for the process, and [`MlaPrefillKernel::run`] for one closure on the calling thread.
+///
+/// ```
+/// use small4::kernels::attention::MlaPrefillKernel;
+///
+/// // The choice holds inside `run` only, on this thread:
+/// assert_eq!(MlaPrefillKernel::MmaSync.run(MlaPrefillKernel::current)?, MlaPrefillKernel::MmaSync);
+/// assert_eq!(MlaPrefillKernel::Wgmma.run(MlaPrefillKernel::current)?, MlaPrefillKernel::Wgmma);
+/// # Ok::<(), small4::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MlaPrefillKernel {
+    /// `mla_attention_wgmma_*`: wgmma m64n32k16 (S) and m64n256k16 (P V), a producer warp and an mbarrier ring.
+    Wgmma,
+    /// `mla_attention_*`: mma.sync m16n8k16, all warps load and compute.
+    MmaSync,
+}
+
+thread_local! {
+    /// [`MlaPrefillKernel::run`]'s choice for the calling thread, over the environment's.
+    static PREFILL_OVERRIDE: std::cell::Cell<Option<MlaPrefillKernel>> = const { std::cell::Cell::new(None) };
+}
+
+impl MlaPrefillKernel {
+    /// The choice in force on this thread: [`MlaPrefillKernel::run`]'s, else the environment's
+    /// (`SMALL4_MLA_PREFILL`), else [`MlaPrefillKernel::Wgmma`]. `Error::InvalidArgument` for an environment value
+    /// other than `wgmma` and `mma_sync`.
+    pub fn current() -> Result<Self> {
+        super::current_choice(&PREFILL_OVERRIDE, MLA_PREFILL_ENV, &[("wgmma", Self::Wgmma), ("mma_sync", Self::MmaSync)], Self::Wgmma)
+    }
+
+    /// Runs `f` with this choice on the calling thread (launches are issued on the thread that calls the wrapper),
+    /// restoring the previous choice afterwards, also when `f` panics.
+    pub fn run<R>(self, f: impl FnOnce() -> R) -> R {
+        super::with_choice(&PREFILL_OVERRIDE, self, f)
+    }
+}
 
 fn check_geometry(desc: &CacheDescriptor) -> Result<()> {
     desc.validate()?;
@@ -823,10 +880,13 @@ impl SplitCombine {
 }
 
 /// Causal latent attention into `o_lat [tokens, heads, 256]` (bf16), the shape of `queries.q_lat`. `num_splits`: None
-/// picks the split count. Returns the plan it launched.
+/// picks the split count. Returns the plan it launched. Prefill launches (a sequence with more than one query token)
+/// that need no KV split (`num_splits` `Some(1)`, or `None` when the heuristic makes one split or the wgmma kernel's
+/// 64-row tiles alone fill the GPU) run on the kernel [`MlaPrefillKernel`] picks (wgmma by default; its plan has 4 row
+/// warps and one split); every other launch runs the mma.sync kernel.
 ///
 /// `Error::InvalidArgument` when the tables were checked for another cache geometry, `heads` is 0 or above 65536,
-/// `softmax_scale` is not finite and positive, a view is not packed or not aligned (the kernels move 16 bytes of a
+/// `softmax_scale` is not finite and positive, `SMALL4_MLA_PREFILL` holds an unknown value, a view is not packed or not aligned (the kernels move 16 bytes of a
 /// query and 8 of an output at a time), or the batch is too large for one launch; `Error::Shape` when the layout does
 /// not cover `tables.num_seqs()` sequences or `q_lat`, `q_rope`, `o_lat` are not `[layout.tokens(), heads, 256 /
 /// 64 / 256]`; `Error::OutOfRange` when a sequence has more query tokens than cached tokens.
@@ -900,6 +960,21 @@ pub fn mla_attention(
     let max_kv =
         if tables.plan_for_capacity { tables.host.max_pages * tables.page_size } else { tables.seq_lens().iter().copied().max().unwrap_or(0) as usize };
     let plan = AttentionPlan::new(num_seqs, max_q * heads, max_kv, num_splits)?;
+    // Prefill on the wgmma kernel when it is chosen and needs no split: one was asked for, or the heuristic made none,
+    // or its 64-row tiles alone fill the GPU.
+    let wgmma_plan = AttentionPlan {
+        warps: WGMMA_ROW_WARPS,
+        row_tiles: (max_q * heads).div_ceil(WGMMA_ROW_WARPS * ROWS_PER_WARP).max(1),
+        num_splits: 1,
+        tokens_per_split: max_kv.max(1).div_ceil(TILE_N) * TILE_N,
+    };
+    let wgmma = MlaPrefillKernel::current()? == MlaPrefillKernel::Wgmma
+        && max_q > 1
+        && match num_splits {
+            Some(n) => n == 1,
+            None => plan.num_splits == 1 || num_seqs * wgmma_plan.row_tiles >= SMS,
+        };
+    let plan = if wgmma { wgmma_plan } else { plan };
     if tokens == 0 {
         return Ok(plan);
     }
@@ -908,9 +983,11 @@ pub fn mla_attention(
     }
 
     let device = o_lat.device();
-    let (kernel, score_scale, value_scale) = match cache.desc.dtype {
-        CacheDtype::Bf16 => (ATTENTION_BF16, softmax_scale, 1.0),
-        CacheDtype::Fp8E4m3 { scale } => (ATTENTION_FP8, softmax_scale * scale, scale),
+    let (kernel, score_scale, value_scale) = match (cache.desc.dtype, wgmma) {
+        (CacheDtype::Bf16, false) => (ATTENTION_BF16, softmax_scale, 1.0),
+        (CacheDtype::Bf16, true) => (ATTENTION_WGMMA_BF16, softmax_scale, 1.0),
+        (CacheDtype::Fp8E4m3 { scale }, false) => (ATTENTION_FP8, softmax_scale * scale, scale),
+        (CacheDtype::Fp8E4m3 { scale }, true) => (ATTENTION_WGMMA_FP8, softmax_scale * scale, scale),
     };
     // Partials exist only when split (a one-row buffer keeps the pointers valid otherwise).
     let blocks = plan.blocks(num_seqs);
@@ -942,11 +1019,8 @@ pub fn mla_attention(
         value_scale,
     };
     let block_warps = if fused && blocks <= SMS { FUSED_BLOCK_WARPS } else { plan.warps };
-    let config = LaunchConfig {
-        grid: Dim3::xyz(plan.row_tiles as u32, plan.num_splits as u32, num_seqs as u32),
-        block: Dim3::x(32 * block_warps as u32),
-        shared_bytes: plan.shared_bytes(cache.desc.dtype) as u32,
-    };
+    let (block, shared_bytes) = if wgmma { (WGMMA_THREADS, WGMMA_SHARED_BYTES) } else { (32 * block_warps as u32, plan.shared_bytes(cache.desc.dtype) as u32) };
+    let config = LaunchConfig { grid: Dim3::xyz(plan.row_tiles as u32, plan.num_splits as u32, num_seqs as u32), block: Dim3::x(block), shared_bytes };
     launch_with(device, &kernel, &config, &params)?;
     if plan.num_splits > 1 && !fused {
         let config = LaunchConfig {

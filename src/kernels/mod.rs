@@ -11,6 +11,7 @@ pub mod dense;
 pub mod dequant;
 pub mod moe;
 pub mod moe_wgmma;
+pub mod moe_wgmma_fp8;
 pub mod norm;
 pub mod ops;
 pub mod router;

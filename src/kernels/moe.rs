@@ -84,7 +84,7 @@ const STAGE_BUDGET: usize = 96 * 1024;
 /// Scale bytes a pipeline stage holds per 16-row weight tile next to its weights (`kScaleBytes` of
 /// cuda/include/weight_format.cuh): an fp8-block128 f32 pair (rows g and g + 8's 8-row groups), int4's 16 bf16
 /// scales and 16 zero points (reserved when symmetric), nvfp4's 16 rows x 4 k-steps of e4m3.
-fn staged_scale_bytes(format: WeightFormat) -> usize {
+pub(super) fn staged_scale_bytes(format: WeightFormat) -> usize {
     match format {
         WeightFormat::Bf16 | WeightFormat::Fp8PerTensor => 0,
         WeightFormat::Fp8Block128 => 8,
@@ -138,6 +138,18 @@ impl TileShape {
         let stages = (STAGE_BUDGET / stage).clamp(2, self.max_stages());
         // The staged weight scales come on top of the budget (moe_gemm.cu says why).
         stages * (stage + WARPS * self.tiles_per_warp() * staged_scale_bytes(format)) + self.slots() * 4
+    }
+    /// The narrow tile's split-K kernel for `format` weights (bf16 inputs): the only kernels that read
+    /// `MoeGemmParams.k_splits`; the others compile no split path.
+    fn split_k_kernel(format: WeightFormat) -> Kernel {
+        let entry = match format {
+            WeightFormat::Bf16 => "moe_gemm_bf16_narrow_split",
+            WeightFormat::Fp8PerTensor => "moe_gemm_fp8_narrow_split",
+            WeightFormat::Fp8Block128 => "moe_gemm_fp8_block_narrow_split",
+            WeightFormat::Int4 { .. } => "moe_gemm_int4_narrow_split",
+            WeightFormat::Nvfp4 => "moe_gemm_nvfp4_narrow_split",
+        };
+        Kernel { module: MOE_GEMM, entry }
     }
     /// The kernel for `format` weights with bf16 inputs, or the W8A8 kernel with e4m3 inputs (per-tensor fp8 weights
     /// only; the launcher checks).
@@ -747,8 +759,9 @@ pub(super) fn launch_gemm(
         return Err(Error::InvalidArgument(format!("gemm: {grid_y} row tiles exceed the grid's y limit (65535)")));
     }
     let grid_x = w.rows_padded / shape.features();
-    // Split-K: the dense decode launches of one matrix on the narrow tile (one row block), as the matrix chose.
-    let split_k = w.split_k.as_ref().filter(|_| grouping.is_none() && heads == 1 && shape == TileShape::Narrow && grid_y == 1);
+    // Split-K: the dense decode launches of one matrix on the narrow tile (one row block) with bf16 inputs, as the
+    // matrix chose; they run the _split kernels.
+    let split_k = w.split_k.as_ref().filter(|_| grouping.is_none() && heads == 1 && shape == TileShape::Narrow && grid_y == 1 && !e4m3_input);
     let finish = match finish {
         None => GemmRowFinish { kind: SMALL4_GEMM_FINISH_NONE as i32, ..Default::default() },
         Some(f) => {
@@ -817,18 +830,28 @@ pub(super) fn launch_gemm(
         k_splits: split_k.map_or(1, |s| s.splits as i32),
         split_partials: split_k.map_or(std::ptr::null_mut(), |s| s.partials.mut_ptr()),
         split_counters: split_k.map_or(std::ptr::null_mut(), |s| s.counters.mut_ptr()),
+        x_block_scales: std::ptr::null(),
     };
     let config = LaunchConfig {
         grid: Dim3::xyz(grid_x as u32, grid_y as u32, split_k.map_or(heads, |s| s.splits) as u32),
         block: Dim3::x((WARPS * 32) as u32),
         shared_bytes: shape.shared_bytes(w.format, e4m3_input) as u32,
     };
+    // The fp8 prefill tiles run on the fp8 tensor cores with activations quantised on the fly when chosen
+    // (moe_wgmma::PrefillGemm::WgmmaFp8Act); the input rows are a grouping's slots unless picked by token.
+    if let (TileShape::Tiled, Input::Bf16(x)) = (shape, input) {
+        if super::moe_wgmma_fp8::applies(w.format, heads, w.k_dim)? {
+            let slots = if in_by_token { None } else { grouping };
+            return super::moe_wgmma_fp8::launch(device, w.format, x, slots, &config, &params);
+        }
+    }
     // The bf16, int4 and nvfp4 prefill tiles run on wgmma unless switched off (moe_wgmma::PrefillGemm): same grid,
     // parameters and epilogue steps (cuda/include/gemm_epilogue.cuh).
     if shape == TileShape::Tiled && super::moe_wgmma::applies(w.format, e4m3_input)? {
         return super::moe_wgmma::launch(device, w.format, &config, &params);
     }
-    launch_with(device, &shape.kernel(w.format, e4m3_input), &config, &params)
+    let kernel = if split_k.is_some() { TileShape::split_k_kernel(w.format) } else { shape.kernel(w.format, e4m3_input) };
+    launch_with(device, &kernel, &config, &params)
 }
 
 /// The tile a grouped launch runs: the aligner's prefill tile, or the decode tile for `busy` busy experts (plus a

@@ -3,22 +3,24 @@
 //! that picks them over the mma.sync kernels (`moe_gemm_{bf16,int4,nvfp4}_tiled` in `cuda/moe_gemm.cu`). Each takes
 //! the same parameters and computes the same rows as its mma.sync kernel, so [`super::moe`]'s launcher hands its
 //! launch over with only the block and the shared memory changed; decode tiles, the fp8 formats and the W8A8 kernels
-//! keep mma.sync. Grouped launches gather their activation rows (`moe_gemm_{bf16,int4,nvfp4}_wgmma`); dense ones load
+//! keep mma.sync (the fp8 formats' prefill tile runs on the fp8 tensor cores with [`PrefillGemm::WgmmaFp8Act`]:
+//! [`super::moe_wgmma_fp8`]). Grouped launches gather their activation rows (`moe_gemm_{bf16,int4,nvfp4}_wgmma`); dense ones load
 //! them with TMA (`moe_gemm_{bf16,int4,nvfp4}_wgmma_dense`) through a tensor map made here by the device's
-//! [`Backend::encode_tensor_map_tiled`](crate::device::Backend::encode_tensor_map_tiled).
+//! [`Backend::encode_tensor_map_tiled`](crate::device::Backend::encode_tensor_map_tiled), once per activation buffer
+//! and shape: later launches on the same rows reuse it.
 
 use std::cell::Cell;
 
 use super::modules::MOE_GEMM_WGMMA;
 use super::params::{MoeGemmParams, MoeGemmTmaParams, Small4TensorMap};
-use crate::device::tensor_map::{DataType, Interleave, L2Promotion, OobFill, Swizzle, TiledTensorMap};
+use crate::device::tensor_map::{encode_cached, DataType, Interleave, L2Promotion, OobFill, Swizzle, TiledTensorMap};
 use crate::device::{launch_with, Device, Dim3, Kernel, LaunchConfig};
 use crate::error::{Error, Result};
 use crate::quant::repack::tile_bytes;
 use crate::quant::WeightFormat;
 
-/// The environment variable that sets the process default of [`PrefillGemm`]: `wgmma` (or unset), `wgmma_gather` or
-/// `mma_sync`.
+/// The environment variable that sets the process default of [`PrefillGemm`]: `wgmma` (or unset), `wgmma_gather`,
+/// `mma_sync` or `wgmma_fp8_act`.
 pub const PREFILL_GEMM_ENV: &str = "SMALL4_PREFILL_GEMM";
 
 /// Which kernel runs the prefill tile (128 output features x 64 rows) of the grouped expert GEMMs and of the dense
@@ -72,6 +74,12 @@ pub enum PrefillGemm {
     WgmmaGather,
     /// `moe_gemm_{bf16,int4,nvfp4}_tiled`: mma.sync m16n8k16 with a cp.async ring.
     MmaSync,
+    /// [`PrefillGemm::Wgmma`], and the fp8 formats' prefill tile too, on the fp8 tensor cores:
+    /// `moe_gemm_{fp8,fp8_block}_wgmma_a8` with the activations quantised to e4m3 on the fly, one scale per row and
+    /// 128 k ([`super::moe_wgmma_fp8`]; not for batched per-head launches, nor a k not a multiple of 128, which keep
+    /// mma.sync). Opt-in (`SMALL4_PREFILL_GEMM=wgmma_fp8_act`): it changes the fp8 GEMMs' numerics from bf16
+    /// activations to e4m3 ones.
+    WgmmaFp8Act,
 }
 
 thread_local! {
@@ -82,9 +90,9 @@ thread_local! {
 impl PrefillGemm {
     /// The choice in force on this thread: [`PrefillGemm::run`]'s, else the environment's (`SMALL4_PREFILL_GEMM`),
     /// else [`PrefillGemm::Wgmma`]. `Error::InvalidArgument` for an environment value other than `wgmma`,
-    /// `wgmma_gather` and `mma_sync`.
+    /// `wgmma_gather`, `mma_sync` and `wgmma_fp8_act`.
     pub fn current() -> Result<Self> {
-        let names = [("wgmma", Self::Wgmma), ("wgmma_gather", Self::WgmmaGather), ("mma_sync", Self::MmaSync)];
+        let names = [("wgmma", Self::Wgmma), ("wgmma_gather", Self::WgmmaGather), ("mma_sync", Self::MmaSync), ("wgmma_fp8_act", Self::WgmmaFp8Act)];
         super::current_choice(&OVERRIDE, PREFILL_GEMM_ENV, &names, Self::Wgmma)
     }
 
@@ -104,11 +112,12 @@ const X_BOX: [u32; 3] = [64, 64, 1];
 
 /// Dynamic shared memory (`Ring<F>::kSharedBytes` in moe_gemm_wgmma.cu) for `format` weights: as many stages of the
 /// 8 warps' weight tiles (16 x 64 weights each: 2 KiB bf16, 512 bytes 4-bit) and the activation rows as fit in
-/// 96 KiB, at most 8 (bf16 4, 4-bit 8), two mbarriers per stage, the 64 slots' pairs.
+/// 96 KiB, at most 8 (bf16 4, 4-bit 8), the tiles' staged scales of each stage on top, two mbarriers per stage, the
+/// 64 slots' pairs.
 fn shared_bytes(format: WeightFormat) -> u32 {
     let stage = 8 * tile_bytes(format) as u32 + X_STAGE_BYTES;
     let stages = (96 * 1024 / stage).min(8);
-    stages * stage + 2 * stages * 8 + 64 * 4
+    stages * (stage + 8 * super::moe::staged_scale_bytes(format) as u32) + 2 * stages * 8 + 64 * 4
 }
 
 /// The wgmma kernels of `format` weights: the gather kernel (grouped mode) and the TMA kernel (dense mode). None for
@@ -141,7 +150,8 @@ pub(crate) fn launch(device: &Device, format: WeightFormat, config: &LaunchConfi
     if !dense_rows_in_order || PrefillGemm::current()? == PrefillGemm::WgmmaGather {
         return launch_with(device, &gather, &config, params);
     }
-    let x_map = device.encode_tensor_map_tiled(&activation_map(params, config.grid.z)?)?;
+    // The map depends on the activations' address and shape only: encoded once per buffer and shape, reused after.
+    let x_map = encode_cached(device, &activation_map(params, config.grid.z)?)?;
     // Field by field: whether bindgen adds a padding field (the map's 64-byte alignment) depends on the GEMM params' size.
     let mut tma_params = MoeGemmTmaParams::default();
     (tma_params.gemm, tma_params.x_map) = (*params, Small4TensorMap { opaque: x_map.opaque });

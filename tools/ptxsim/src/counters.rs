@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use std::collections::VecDeque;
 
-use crate::ir::{BarKind, Class, Inst, Op, Src};
+use crate::ir::{BarKind, Class, Inst, Op, Src, WgmmaSpec};
 
 /// The distinct 32-byte sectors a launch touched, as one bit each in 4 KiB pages (128 sectors a page).
 ///
@@ -272,9 +272,18 @@ pub struct Counters {
     pub shared_requests: u64,
     /// Extra shared-memory wavefronts caused by bank conflicts (0 when every request is conflict-free).
     pub shared_bank_conflicts: u64,
-    /// mma.sync instructions (per warp) and their floating-point operations (2*m*n*k each).
+    /// Tensor-core instructions (per warp: `mma.sync`, and each warp's quarter of a `wgmma.mma_async`) and their
+    /// floating-point operations (2*m*n*k each; a warp's wgmma quarter is 2*16*n*k): every tensor FLOP of the launch.
     pub tensor_ops: u64,
     pub tensor_flops: u64,
+    /// The part of `tensor_flops` issued by `wgmma.mma_async` (the rest is `mma.sync`), and the part of that with
+    /// 8-bit inputs (e4m3 / e5m2, k = 32: twice the 16-bit rate on Hopper): the timing model gives each its own rate.
+    pub wgmma_flops: u64,
+    pub wgmma_8bit_flops: u64,
+    /// 32-byte sectors moved by the asynchronous copy engines (TMA `cp.async.bulk.tensor` and `cp.async.bulk`, loads
+    /// and stores; each copy's distinct sectors). They are L2 traffic like `global_sectors` and join the distinct
+    /// sector sets (DRAM traffic), but are not warp requests: one thread issues a whole box.
+    pub async_copy_sectors: u64,
 }
 
 impl Counters {
@@ -284,6 +293,35 @@ impl Counters {
         self.warp_instructions += 1;
         self.thread_instructions += exec.count_ones() as u64;
         self.by_class[class as usize] += 1;
+    }
+
+    /// Counts one warp's quarter of a `wgmma.mma_async` (16 rows of M = 64, N = `spec.n`, K = `spec.k`: 32 bytes of
+    /// input, 8 tf32 / 16 16-bit / 32 8-bit values): its FLOPs join `tensor_flops` and `wgmma_flops`, and
+    /// `wgmma_8bit_flops` for 8-bit inputs.
+    pub(crate) fn wgmma_issued(&mut self, spec: &WgmmaSpec) {
+        let flops = 2 * 16 * spec.n as u64 * spec.k as u64;
+        self.tensor_ops += 1;
+        self.tensor_flops += flops;
+        self.wgmma_flops += flops;
+        if spec.a_ty.bits() == 8 {
+            self.wgmma_8bit_flops += flops;
+        }
+    }
+
+    /// Records one asynchronous bulk copy (TMA or `cp.async.bulk`) over the given global (address, bytes) ranges: its
+    /// distinct sectors join `async_copy_sectors` and the launch's and block's distinct sector sets.
+    pub(crate) fn async_copy(&mut self, ranges: impl IntoIterator<Item = (u64, u32)>) {
+        let mut sectors: Vec<u64> = Vec::new();
+        for (a, len) in ranges {
+            sectors.extend((a >> 5)..=((a + len.max(1) as u64 - 1) >> 5));
+        }
+        sectors.sort_unstable();
+        sectors.dedup();
+        for &s in &sectors {
+            self.distinct_sectors.insert(s);
+            self.block_sectors.insert(s);
+        }
+        self.async_copy_sectors += sectors.len() as u64;
     }
 
     pub fn by_class_named(&self) -> Vec<(&'static str, u64)> {
@@ -397,6 +435,9 @@ impl Counters {
         self.shared_bank_conflicts += o.shared_bank_conflicts;
         self.tensor_ops += o.tensor_ops;
         self.tensor_flops += o.tensor_flops;
+        self.wgmma_flops += o.wgmma_flops;
+        self.wgmma_8bit_flops += o.wgmma_8bit_flops;
+        self.async_copy_sectors += o.async_copy_sectors;
     }
 }
 
@@ -424,13 +465,55 @@ impl std::fmt::Display for Counters {
             self.distinct_sectors.len()
         )?;
         writeln!(f, "  shared: {} requests, {} bank-conflict wavefronts", self.shared_requests, self.shared_bank_conflicts)?;
-        write!(f, "  tensor: {} mma, {} flops", self.tensor_ops, self.tensor_flops)
+        writeln!(f, "  async copies (TMA, bulk): {} sectors", self.async_copy_sectors)?;
+        write!(f, "  tensor: {} mma, {} flops ({} by wgmma, {} of them 8-bit)", self.tensor_ops, self.tensor_flops, self.wgmma_flops, self.wgmma_8bit_flops)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::BlockSample;
+    use super::{BlockSample, Counters};
+    use crate::ir::{Ty, WgmmaSpec};
+
+    #[test]
+    fn wgmma_flops_are_counted_apart_by_input_width() {
+        let spec = |ab_ty: Ty| WgmmaSpec {
+            n: 64,
+            k: 256 / ab_ty.bits(),
+            d_ty: Ty::F32,
+            a_ty: ab_ty,
+            b_ty: ab_ty,
+            a_in_regs: true,
+            neg_a: false,
+            neg_b: false,
+            trans_a: false,
+            trans_b: false,
+        };
+        let mut c = Counters { tensor_ops: 1, tensor_flops: 2 * 16 * 8 * 16, ..Counters::default() }; // one mma.sync
+        c.wgmma_issued(&spec(Ty::Bf16));
+        // A warp's quarter of m64n64k16: 16 x 64 x 16 multiply-adds.
+        assert_eq!((c.tensor_ops, c.tensor_flops, c.wgmma_flops, c.wgmma_8bit_flops), (2, 4096 + 32768, 32768, 0));
+        c.wgmma_issued(&spec(Ty::E4m3));
+        // m64n64k32 with 8-bit inputs: twice the FLOPs per instruction.
+        assert_eq!((c.tensor_flops, c.wgmma_flops, c.wgmma_8bit_flops), (4096 + 32768 + 65536, 32768 + 65536, 65536));
+        let mut merged = Counters::default();
+        merged.merge(&c);
+        assert_eq!((merged.wgmma_flops, merged.wgmma_8bit_flops), (c.wgmma_flops, c.wgmma_8bit_flops));
+    }
+
+    #[test]
+    fn an_async_copy_counts_its_distinct_sectors_once() {
+        let mut c = Counters::default();
+        // A 4 KiB bulk copy, then a box of 2-byte elements: two rows of 128 bytes at a 1 KiB pitch, one starting
+        // inside the bulk copy's range.
+        c.async_copy([(0x1000, 4096)]);
+        let rows = (0..2u64).flat_map(|r| (0..64u64).map(move |e| (0x1f80 + r * 1024 + 2 * e, 2)));
+        c.async_copy(rows);
+        assert_eq!(c.async_copy_sectors, 128 + 4 + 4);
+        // 0x1f80..0x2000 lies in the first copy: the launch saw 128 + 4 distinct sectors.
+        assert_eq!(c.distinct_sectors.len(), 132);
+        assert_eq!((c.global_requests, c.global_sectors), (0, 0), "not warp requests");
+    }
 
     #[test]
     fn block_sample_runs_exactly_n_evenly_spaced_blocks() {

@@ -646,9 +646,9 @@ fn decode_bulk(ctx: &Ctx, i: &Instruction, inst: &mut Inst, m: &[&str]) -> Resul
     Ok(())
 }
 
-/// `wgmma.*` (PTX ISA §9.7.15). Supported: m64nNk16 with f16/bf16 inputs, f32 (or f16 for f16 inputs)
-/// accumulators, A from a descriptor or registers; other input types (tf32, fp8, int8) and `.sp` decode as
-/// unsupported.
+/// `wgmma.*` (PTX ISA §9.7.15). Supported: m64nNk16 with f16/bf16 inputs and f32 (or f16 for f16 inputs)
+/// accumulators; m64nNk32 with e4m3/e5m2 inputs (any mix of A and B types) and f32 or f16 accumulators; m64nNk8 with
+/// tf32 inputs and f32 accumulators; A from a descriptor or registers. int8 and `.sp` decode as unsupported.
 fn decode_wgmma(ctx: &Ctx, i: &Instruction, inst: &mut Inst, m: &[&str]) -> Result<(), ParseError> {
     let line = i.line;
     let ops = &i.operands;
@@ -666,23 +666,41 @@ fn decode_wgmma(ctx: &Ctx, i: &Instruction, inst: &mut Inst, m: &[&str]) -> Resu
             });
             let tys: Vec<Ty> = m.iter().filter_map(|x| Ty::parse(x)).collect();
             let Some((n, k)) = shape else { return err(line, format!("{}: no m64nNkK shape", i.opcode)) };
-            let supported = !m.contains(&"sp")
-                && k == 16
-                && tys.len() == 3
-                && tys[1] == tys[2]
-                && matches!(tys[1], Ty::F16 | Ty::Bf16)
-                && (tys[0] == Ty::F32 || (tys[0] == Ty::F16 && tys[1] == Ty::F16));
-            if !supported {
-                inst.op = Op::Unsupported(i.opcode.clone());
-                return Ok(());
+            let fp8 = |t: Ty| matches!(t, Ty::E4m3 | Ty::E5m2);
+            if tys.len() == 3 && fp8(tys[1]) && fp8(tys[2]) && !m.contains(&"sp") {
+                if k != 32 || !matches!(tys[0], Ty::F32 | Ty::F16) {
+                    return err(line, format!("{}: e4m3/e5m2 inputs need the k32 shape and an f32 or f16 accumulator", i.opcode));
+                }
+            } else if tys.len() == 3 && tys[1] == Ty::Tf32 && tys[2] == Ty::Tf32 && !m.contains(&"sp") {
+                if k != 8 || tys[0] != Ty::F32 {
+                    return err(line, format!("{}: tf32 inputs need the k8 shape and an f32 accumulator", i.opcode));
+                }
+            } else {
+                let supported = !m.contains(&"sp")
+                    && k == 16
+                    && tys.len() == 3
+                    && tys[1] == tys[2]
+                    && matches!(tys[1], Ty::F16 | Ty::Bf16)
+                    && (tys[0] == Ty::F32 || (tys[0] == Ty::F16 && tys[1] == Ty::F16));
+                if !supported {
+                    inst.op = Op::Unsupported(i.opcode.clone());
+                    return Ok(());
+                }
             }
             if n % 8 != 0 || !(8..=256).contains(&n) {
                 return err(line, format!("{}: N must be a multiple of 8 in 8..=256", i.opcode));
             }
             let a_in_regs = matches!(ops.get(1), Some(Operand::Vector(_)));
-            let want_ops = if a_in_regs { 7 } else { 8 };
+            // Only the 16-bit types have the imm-trans operands (PTX ISA §9.7.15.5.2); RS has no imm-trans-a.
+            let transposable = k == 16;
+            let (want_ops, names) = match (a_in_regs, transposable) {
+                (false, true) => (8, "d, a-desc, b-desc, scale-d, imm-scale-a, imm-scale-b, imm-trans-a, imm-trans-b"),
+                (true, true) => (7, "d, a, b-desc, scale-d, imm-scale-a, imm-scale-b, imm-trans-b"),
+                (false, false) => (6, "d, a-desc, b-desc, scale-d, imm-scale-a, imm-scale-b"),
+                (true, false) => (6, "d, a, b-desc, scale-d, imm-scale-a, imm-scale-b"),
+            };
             if ops.len() != want_ops {
-                return err(line, format!("{}: expected {want_ops} operands, found {}", i.opcode, ops.len()));
+                return err(line, format!("{}: expected {want_ops} operands ({names}), found {}", i.opcode, ops.len()));
             }
             let d_regs = if tys[0] == Ty::F32 { n / 2 } else { n / 4 };
             ctx.dst(&ops[0], line, &mut inst.d)?;
@@ -701,8 +719,12 @@ fn decode_wgmma(ctx: &Ctx, i: &Instruction, inst: &mut Inst, m: &[&str]) -> Resu
             };
             let neg_a = imm(4, &[1, -1])? == -1;
             let neg_b = imm(5, &[1, -1])? == -1;
-            let (trans_a, trans_b) = if a_in_regs { (false, imm(6, &[0, 1])? == 1) } else { (imm(6, &[0, 1])? == 1, imm(7, &[0, 1])? == 1) };
-            inst.op = Op::Wgmma(WgmmaSpec { n, d_ty: tys[0], ab_ty: tys[1], a_in_regs, neg_a, neg_b, trans_a, trans_b });
+            let (trans_a, trans_b) = match (a_in_regs, transposable) {
+                (_, false) => (false, false),
+                (true, true) => (false, imm(6, &[0, 1])? == 1),
+                (false, true) => (imm(6, &[0, 1])? == 1, imm(7, &[0, 1])? == 1),
+            };
+            inst.op = Op::Wgmma(WgmmaSpec { n, k, d_ty: tys[0], a_ty: tys[1], b_ty: tys[2], a_in_regs, neg_a, neg_b, trans_a, trans_b });
         }
         _ => inst.op = Op::Unsupported(i.opcode.clone()),
     }

@@ -421,15 +421,18 @@ pub enum MbarOp {
     PendingCount,
 }
 
-/// `wgmma.mma_async.sync.aligned.m64nNk16.dtype.atype.btype` (PTX ISA §9.7.15.5.2): the immediates, fixed at decode.
+/// `wgmma.mma_async.sync.aligned.m64nNkK.dtype.atype.btype` (PTX ISA §9.7.15.5.2): the immediates, fixed at decode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WgmmaSpec {
-    /// N: 8..=256 in steps of 8 (M is 64, K 16).
+    /// N: 8..=256 in steps of 8 (M is 64).
     pub n: u32,
-    /// Accumulator type (f32, or f16 with f16 inputs).
+    /// K: 8 for tf32 inputs, 16 for f16/bf16, 32 for e4m3/e5m2 (32 bytes of K per row in every case).
+    pub k: u32,
+    /// Accumulator type (f32, or f16 with f16 or fp8 inputs).
     pub d_ty: Ty,
-    /// Input type of A and B (f16 or bf16).
-    pub ab_ty: Ty,
+    /// Input types of A and B (both tf32, both f16 or both bf16; or e4m3/e5m2 in any mix).
+    pub a_ty: Ty,
+    pub b_ty: Ty,
     /// A in four registers per thread (the RS form) instead of a shared-memory descriptor.
     pub a_in_regs: bool,
     /// `imm-scale-a` / `imm-scale-b` = -1.

@@ -31,13 +31,15 @@
 //!   directions, `cp.async.bulk.commit_group` / `wait_group{.read}`, `prefetch.tensormap` and the bulk prefetches.
 //!   Loads read their source at issue and land when a thread waits on their barrier's incomplete phase (or when no
 //!   warp can run); stores read their source at issue and write global memory at the `wait_group` that retires them.
-//! - wgmma: `wgmma.mma_async` m64nNk16 (N = 8..256) with f16/bf16 inputs and f32 (or f16) accumulators, A from a
-//!   shared-memory descriptor or registers, B from a descriptor, K-major or transposed, without swizzle or with the
-//!   32/64/128-byte swizzle (the absolute-address XOR TMA uses, so descriptor K-advances inside a swizzle row work),
-//!   scale-d, negated inputs; `wgmma.fence`, `commit_group`, `wait_group` (completing for the whole warpgroup: a wait
-//!   blocks until the other three warps have committed as many groups). Each warp computes its 16 rows at issue;
-//!   its D/A registers and the shared bytes it read stay in flight until the retiring wait: touching such a register,
-//!   or overwriting such a byte (store, atomic, TMA), is an error. A wgmma before any `wgmma.fence`, or using a
+//! - wgmma: `wgmma.mma_async` m64nNk16 (N = 8..256) with f16/bf16 inputs and f32 (or f16) accumulators, and
+//!   m64nNk32 with e4m3/e5m2 inputs (any mix of A and B types; no transposes) and f32 or f16 accumulators, and
+//!   m64nNk8 with tf32 inputs (the low 13 bits of each element ignored) and f32 accumulators; A from a
+//!   shared-memory descriptor or registers, B from a descriptor, K-major or (16-bit) transposed, without swizzle or
+//!   with the 32/64/128-byte swizzle (the absolute-address XOR TMA uses, so descriptor K-advances inside a swizzle
+//!   row work), scale-d (predicate or immediate), negated inputs; `wgmma.fence`, `commit_group`, `wait_group`
+//!   (completing for the whole warpgroup: a wait blocks until the other three warps have committed as many groups).
+//!   Each warp computes its 16 rows at issue; its D/A registers and the shared bytes it read stay in flight until the
+//!   retiring wait: touching such a register, or overwriting such a byte (store, atomic, TMA), is an error. A wgmma before any `wgmma.fence`, or using a
 //!   register another instruction wrote after the last fence, is an error too (`Machine::wgmma_fence_check`).
 //! - Checked against an H100 (tests/hopper_nvcc.rs, dumps from fixtures/hopper.cu): TMA tile loads in all four
 //!   swizzle modes with out-of-bounds boxes (whose complete_tx counts the whole box, out-of-bounds bytes included),
@@ -51,9 +53,12 @@
 //!   `fence.mbarrier_init` (ordering no-ops here), `elect.sync` (lowest lane), `setmaxnreg` (checked: 24..=256, a
 //!   multiple of 8, whole warp), `griddepcontrol` (launches are sequential).
 //!
-//! Known limits: wgmma with tf32, fp8 or int8 inputs and sparse wgmma are not supported yet (they decode as
-//! unsupported); wgmma sums exactly and rounds once, where the hardware truncates to 25 fraction bits
-//! (HOPPER-ASYNC.md §1.6), so results can differ in the last bit (small-integer data agrees exactly); registers
+//! Known limits: wgmma with int8 inputs and sparse wgmma are not supported yet (they decode as
+//! unsupported); mma.sync and wgmma sum exactly and round once by default, where the hardware truncates to 25
+//! fraction bits (HOPPER-ASYNC.md §1.6), so results can differ in the last bits (small-integer data agrees exactly);
+//! `Machine::tensor_arith = TensorArith::HopperTruncated` switches to MMA-Sim's truncating Hopper model instead
+//! (with fp8 inputs 13 fraction bits and f32 results of 13 fraction bits: UNVERIFIED until compared on an H100;
+//! mma.sync with fp8 inputs follows the same fp8 rule, not covered by MMA-Sim's Hopper data either); registers
 //! the `.aligned` rule (all four warps issue the same wgmma with the same descriptors) is not checked; a non-zero descriptor base offset is an error; no clusters of
 //! more than one CTA (multicast, distributed shared memory); no
 //! `cp.async.mbarrier.arrive`, `tensormap.replace` / `tensormap.cp_fenceproxy`, im2col TMA modes, TMA reductions,
@@ -78,6 +83,7 @@ pub mod timing;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use counters::{BlockSample, Counters};
+pub use float::TensorArith;
 use memory::GlobalMemory;
 pub use timing::{Gpu, Model, Prediction, Profile};
 
@@ -177,6 +183,9 @@ pub struct Machine {
     /// Report a wgmma whose accumulator or A registers another instruction wrote after the last `wgmma.fence` (on by
     /// default; ptxas accepts such code but serialises the wgmmas, warning C7515).
     pub wgmma_fence_check: bool,
+    /// How `mma.sync` and `wgmma.mma_async` round their dot products: exactly once (the default), or with the
+    /// truncations of MMA-Sim's Hopper model (`TensorArith::HopperTruncated`, HOPPER-ASYNC.md §1.6).
+    pub tensor_arith: TensorArith,
 }
 
 impl Default for Machine {
@@ -187,7 +196,7 @@ impl Default for Machine {
 
 impl Machine {
     pub fn new() -> Machine {
-        Machine { global: GlobalMemory::default(), race_check: true, block_sample: None, wgmma_fence_check: true }
+        Machine { global: GlobalMemory::default(), race_check: true, block_sample: None, wgmma_fence_check: true, tensor_arith: TensorArith::ExactRoundOnce }
     }
 
     /// Uninitialised device memory: a kernel reading it before anything wrote it is an error.
@@ -239,7 +248,7 @@ impl Machine {
         dynamic_shared_bytes: u32,
         params: &[u8],
     ) -> Result<Counters, SimError> {
-        let checks = exec::Checks { race: self.race_check, wgmma_fence: self.wgmma_fence_check };
+        let checks = exec::Checks { race: self.race_check, wgmma_fence: self.wgmma_fence_check, tensor_arith: self.tensor_arith };
         exec::launch(&mut self.global, module, entry, grid, block, dynamic_shared_bytes, params, checks, self.block_sample)
     }
 }

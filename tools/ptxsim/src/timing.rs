@@ -21,8 +21,15 @@
 //!   loads costs one latency per iteration and a load that depends on another waits for it. The busiest SM runs its
 //!   blocks in rounds of the resident count, the last round holding the grid's longest block (a last-block
 //!   reduction's serial tail).
-//! - **Tensor cores** (`mma.sync` FLOPs of the busiest SM at the dense rate times the `mma.sync` efficiency) and
-//!   **shared memory** (one wavefront per cycle per SM, bank conflicts included).
+//! - **Tensor cores**: the busiest SM's tensor FLOPs, each kind at its own rate: `mma.sync` at the dense 16-bit rate
+//!   times the `mma.sync` efficiency, `wgmma` at the dense rate of its input width (16-bit, or 8-bit at twice that)
+//!   times the wgmma efficiency ([`Model::wgmma_efficiency`]); and **shared memory** (one wavefront per cycle per
+//!   SM, bank conflicts included).
+//!
+//! The asynchronous copy engines (TMA `cp.async.bulk.tensor`, `cp.async.bulk`) move whole boxes for one issuing
+//! thread: their sectors (`Counters::async_copy_sectors`) count as L2 traffic and join the distinct sectors (DRAM),
+//! but cost no per-lane issue, and their bytes in flight are bounded by the shared memory they land in (the ring of
+//! stages a producer keeps filling), not by the L1 miss tracking that caps the lanes' loads (MWP).
 //!
 //! Not overlapped: a launch overhead per kernel, and one memory latency per wave of blocks (a block's first load
 //! has nothing to hide behind) plus the barriers of the busiest SM's blocks, each exposing a fraction of a memory
@@ -63,6 +70,9 @@ pub struct Gpu {
     pub l2_bytes: f64,
     /// Dense bf16 tensor-core FLOPs per SM per cycle (whitepaper: 1024 FMA/cycle/SM for 16-bit inputs with wgmma).
     pub tensor_flops_per_sm_cycle: f64,
+    /// Dense 8-bit (e4m3 / e5m2) tensor-core FLOPs per SM per cycle: twice the 16-bit rate (H100 SXM datasheet:
+    /// 1,979 dense fp8 TFLOP/s = 132 SMs x 8192 FLOP/cycle x 1.83 GHz, against 989 for bf16).
+    pub tensor_8bit_flops_per_sm_cycle: f64,
     /// Registers per SM, 32-bit (64 Ki on sm_90).
     pub registers_per_sm: u32,
     /// Shared memory per SM usable by blocks (228 KiB on sm_90, of which 1 KiB per block is reserved by the driver).
@@ -83,6 +93,7 @@ impl Gpu {
         sm_l2_bytes_per_cycle: 64.0,
         l2_bytes: 50.0 * 1024.0 * 1024.0,
         tensor_flops_per_sm_cycle: 4096.0,
+        tensor_8bit_flops_per_sm_cycle: 8192.0,
         registers_per_sm: 65536,
         shared_per_sm: 228 * 1024,
         max_threads_per_sm: 2048,
@@ -134,6 +145,13 @@ pub struct Model {
     /// Fraction of the dense tensor rate `mma.sync` reaches on Hopper (wgmma reaches the datasheet rate; Luo et al.
     /// 2024 report mma.sync well below it; measured here: 800 TFLOP/s bf16 by torch vs 989 peak).
     pub mma_sync_efficiency: f64,
+    /// Fraction of the dense tensor rate of its input width that `wgmma.mma_async` reaches in a well-fed kernel. Not
+    /// fitted (no wgmma kernel measured here yet): the anchors of issue 17 on the H100 SXM, all wgmma + TMA kernels,
+    /// reach 0.75-0.82 of the 989 TFLOP/s bf16 peak: DeepGEMM's grouped GEMM 809-814 TFLOP/s bf16 (0.82),
+    /// FlashAttention-3 738-757 (Shah et al. 2024, 0.75-0.77), fast.cu and ThunderKittens ~770 (0.78). DeepGEMM's fp8
+    /// 1,398-1,416 of 1,979 (0.71) includes its promotion of the fp8 accumulators on the CUDA cores, which the
+    /// interpreter counts as instructions, so the 8-bit rate takes the same fraction.
+    pub wgmma_efficiency: f64,
     /// Bytes one SM can keep in flight to memory at most (outstanding L1 misses; prior from Little's law on the
     /// measured copy: 4.25 TB/s x ~600 cycles / 1.83 GHz / 132 SMs ~ 11 KB needed, the hardware allows more).
     pub max_bytes_in_flight_per_sm: f64,
@@ -155,6 +173,7 @@ impl Model {
         dram_latency_cycles: 600.0,
         dram_efficiency: 0.885,
         mma_sync_efficiency: 0.5,
+        wgmma_efficiency: 0.8,
         max_bytes_in_flight_per_sm: 32.0 * 1024.0,
         barrier_exposure: 0.4,
         host_sync_s: 8.7e-6,
@@ -181,7 +200,12 @@ pub struct Profile {
     pub block_distinct_sectors: u64,
     pub shared_requests: u64,
     pub shared_bank_conflicts: u64,
+    /// Tensor FLOPs: all of them (`mma.sync` and `wgmma`), those of `wgmma`, and those of `wgmma` with 8-bit inputs.
     pub tensor_flops: u64,
+    pub wgmma_flops: u64,
+    pub wgmma_8bit_flops: u64,
+    /// Sectors moved by the asynchronous copy engines (TMA, `cp.async.bulk`): L2 traffic besides `global_sectors`.
+    pub async_copy_sectors: u64,
     pub block_barriers: u64,
     pub async_waits: u64,
     pub async_groups_left_in_flight: u64,
@@ -214,6 +238,9 @@ impl Profile {
             shared_requests: c.shared_requests,
             shared_bank_conflicts: c.shared_bank_conflicts,
             tensor_flops: c.tensor_flops,
+            wgmma_flops: c.wgmma_flops,
+            wgmma_8bit_flops: c.wgmma_8bit_flops,
+            async_copy_sectors: c.async_copy_sectors,
             block_barriers: c.block_barriers,
             async_waits: c.async_waits,
             async_groups_left_in_flight: c.async_groups_left_in_flight,
@@ -306,28 +333,44 @@ pub fn predict(c: &Profile, gpu: &Gpu, model: &Model) -> Prediction {
     // A global load waits a DRAM latency, or an L2 hit's when the launch's data are in L2.
     let memory_latency_cycles = if c.l2_resident { CHAIN_GLOBAL_CYCLES as f64 } else { model.dram_latency_cycles };
     let latency_s = memory_latency_cycles * cycle;
-    // DRAM: the launch's distinct sectors (none when L2 holds them: the L2 term covers those reads). Bytes in flight
-    // per warp (Little's law): its sectors over the round trips the block's longest chain waits for (the loads its
+    // DRAM: the launch's distinct sectors (none when L2 holds them: the L2 term covers those reads), split between
+    // the lanes' requests and the async copy engines in proportion to their sectors. The lanes' bytes in flight per
+    // warp (Little's law): its sectors over the round trips the block's longest chain waits for (the loads its
     // critical path waits on: a loop whose loads overlap waits once per iteration, a cp.async pipeline once per
-    // `wait_group` of the oldest group), capped per SM (MWP).
+    // `wait_group` of the oldest group), capped per SM (MWP). The copy engines keep at most the blocks' shared memory
+    // in flight (what their copies land in). Both share the HBM: the time is the larger of all bytes at the
+    // achievable bandwidth and each part at its own parallelism's.
     let dram_bytes = if c.l2_resident { 0.0 } else { c.dram_bytes() };
+    let async_share = c.async_copy_sectors as f64 / (c.global_sectors + c.async_copy_sectors).max(1) as f64;
+    let (async_dram_bytes, lane_dram_bytes) = (dram_bytes * async_share, dram_bytes * (1.0 - async_share));
     let sector_bytes_per_warp = per_block(c.global_sectors) * 32.0 / warps_per_block;
     let round_trips_per_warp = per_block(c.chain_globals_sum).max(1.0);
     let in_flight_per_warp = sector_bytes_per_warp / round_trips_per_warp;
     let in_flight_per_sm = (in_flight_per_warp * warps_per_block * resident as f64).min(model.max_bytes_in_flight_per_sm);
-    let parallel_bw = busy_sms * in_flight_per_sm / latency_s;
-    let dram_bw = (gpu.dram_bytes_per_s * model.dram_efficiency).min(parallel_bw.max(1.0));
-    let dram_s = dram_bytes / dram_bw;
-    // L2: every request's sectors over the chip's L2 bandwidth, or over the busiest SM's L2 port when few SMs load.
-    let chip_l2_s = c.global_sectors as f64 * 32.0 * blocks as f64 / run / gpu.l2_bytes_per_s;
-    let sm_port_s = blocks_on_sm * per_block(c.global_sectors) * 32.0 / gpu.sm_l2_bytes_per_cycle * cycle;
+    let parallel_bw = (busy_sms * in_flight_per_sm / latency_s).max(1.0);
+    let async_in_flight_per_sm = (per_block(c.async_copy_sectors) * 32.0).min(c.shared_bytes as f64) * resident as f64;
+    let async_parallel_bw = (busy_sms * async_in_flight_per_sm / latency_s).max(1.0);
+    let achievable_bw = gpu.dram_bytes_per_s * model.dram_efficiency;
+    let dram_s = (dram_bytes / achievable_bw).max(lane_dram_bytes / parallel_bw).max(async_dram_bytes / async_parallel_bw);
+    let dram_bw = if dram_s > 0.0 { dram_bytes / dram_s } else { achievable_bw.min(parallel_bw) };
+    // L2: every request's and async copy's sectors over the chip's L2 bandwidth, or over the busiest SM's L2 port
+    // when few SMs load.
+    let l2_sectors = c.global_sectors + c.async_copy_sectors;
+    let chip_l2_s = l2_sectors as f64 * 32.0 * blocks as f64 / run / gpu.l2_bytes_per_s;
+    let sm_port_s = blocks_on_sm * per_block(l2_sectors) * 32.0 / gpu.sm_l2_bytes_per_cycle * cycle;
     let l2_s = chip_l2_s.max(sm_port_s);
 
     // Issue: 4 schedulers, each issuing one instruction a cycle from its warps, a warp at most one a cycle. (How
     // fast a warp can issue given its dependences is the critical-path term's business, not this one's.)
     let issue_rate = (warps_per_block * resident as f64).min(4.0);
     let issue_s = blocks_on_sm * per_block(c.warp_instructions) / issue_rate * cycle;
-    let tensor_s = blocks_on_sm * per_block(c.tensor_flops) / (gpu.tensor_flops_per_sm_cycle * model.mma_sync_efficiency) * cycle;
+    // Tensor cores: each kind of tensor FLOP at its rate (mma.sync; wgmma with 16-bit and with 8-bit inputs).
+    let mma_sync_flops = c.tensor_flops.saturating_sub(c.wgmma_flops) as f64;
+    let wgmma_16bit_flops = c.wgmma_flops.saturating_sub(c.wgmma_8bit_flops) as f64;
+    let tensor_cycles = mma_sync_flops / (gpu.tensor_flops_per_sm_cycle * model.mma_sync_efficiency)
+        + wgmma_16bit_flops / (gpu.tensor_flops_per_sm_cycle * model.wgmma_efficiency)
+        + c.wgmma_8bit_flops as f64 / (gpu.tensor_8bit_flops_per_sm_cycle * model.wgmma_efficiency);
+    let tensor_s = blocks_on_sm * tensor_cycles / run * cycle;
     let shared_s = blocks_on_sm * per_block(c.shared_requests + c.shared_bank_conflicts) * cycle;
 
     let barriers_per_warp = per_block(c.block_barriers) / warps_per_block;
@@ -431,5 +474,69 @@ mod tests {
         assert!((warm.l2_s - port).abs() < 1e-12, "{} vs {port}", warm.l2_s);
         // Issue: 8 resident warps use all 4 schedulers.
         assert!((warm.issue_s - 8000.0 / 4.0 * cycle).abs() < 1e-12);
+    }
+
+    /// A launch whose only work is tensor FLOPs: mma.sync at the dense rate times its efficiency, wgmma at the rate
+    /// of its input width times the wgmma efficiency; the kinds add up on the same tensor cores.
+    #[test]
+    fn each_kind_of_tensor_flop_takes_its_own_rate() {
+        let (gpu, model) = (Gpu::H100_SXM, Model::FITTED);
+        // One block per SM, 1 GFLOP each.
+        let base = Profile { blocks: 132, blocks_run: 132, block_threads: 288, registers: 64, ..Profile::default() };
+        let flops = 132 * 1_000_000_000u64;
+        let tensor = |tensor_flops: u64, wgmma_flops: u64, wgmma_8bit_flops: u64| {
+            let mut profile = base;
+            (profile.tensor_flops, profile.wgmma_flops, profile.wgmma_8bit_flops) = (tensor_flops, wgmma_flops, wgmma_8bit_flops);
+            let p = predict(&profile, &gpu, &model);
+            assert_eq!(p.bound(), "tensor");
+            p.tensor_s
+        };
+        let cycle = 1.0 / gpu.clock_hz;
+        let mma_sync = tensor(flops, 0, 0);
+        let wgmma = tensor(flops, flops, 0);
+        let wgmma_8bit = tensor(flops, flops, flops);
+        assert!((mma_sync - 1e9 / (4096.0 * model.mma_sync_efficiency) * cycle).abs() < 1e-12);
+        assert!((wgmma - 1e9 / (4096.0 * model.wgmma_efficiency) * cycle).abs() < 1e-12);
+        assert!((wgmma_8bit - wgmma / 2.0).abs() < 1e-12, "8-bit inputs run at twice the 16-bit rate");
+        // The H100 SXM's bf16 wgmma rate: 989 TFLOP/s x the efficiency.
+        let tflops = 132.0 * 1e9 / wgmma / 1e12;
+        assert!((tflops - 989.4 * model.wgmma_efficiency).abs() < 1.0, "{tflops}");
+        // Half of each kind: the times add.
+        let mixed = tensor(flops, flops / 2, flops / 4);
+        assert!((mixed - (mma_sync / 2.0 + wgmma / 4.0 + wgmma_8bit / 4.0)).abs() < 1e-12);
+    }
+
+    /// The same sectors moved by a TMA / bulk producer and by the lanes' loads of a kernel that keeps few bytes in
+    /// flight: both are L2 traffic and DRAM bytes, but only the lanes' loads are held to the L1 miss tracking (MWP);
+    /// the copies are bounded by the shared memory they land in.
+    #[test]
+    fn async_copies_are_l2_and_dram_traffic_without_the_lanes_in_flight_cap() {
+        let (gpu, model) = (Gpu::H100_SXM, Model::FITTED);
+        let sectors = 132 * 4 * 1_000_000 / 32; // 4 MB per block
+        let base = Profile {
+            blocks: 132,
+            blocks_run: 132,
+            block_threads: 288,
+            registers: 64,
+            shared_bytes: 96 * 1024,
+            warp_instructions: 132 * 1000,
+            distinct_sectors: sectors,
+            block_distinct_sectors: sectors,
+            // The lanes' version waits one memory round trip per 2 KB: little in flight.
+            chain_globals_sum: 132 * 2000,
+            ..Profile::default()
+        };
+        let lanes = predict(&Profile { global_sectors: sectors, ..base }, &gpu, &model);
+        let copies = predict(&Profile { async_copy_sectors: sectors, ..base }, &gpu, &model);
+        assert_eq!(copies.l2_s, lanes.l2_s);
+        assert_eq!(copies.issue_s, lanes.issue_s, "no per-lane issue for the copies");
+        // The copies stream at the achievable bandwidth; the lanes' loads at what their bytes in flight allow.
+        let achievable = gpu.dram_bytes_per_s * model.dram_efficiency;
+        assert!((copies.dram_bytes_per_s - achievable).abs() < 1.0, "{}", copies.dram_bytes_per_s);
+        assert!(lanes.dram_bytes_per_s < achievable / 2.0 && lanes.dram_s > copies.dram_s);
+        assert_eq!(copies.bound(), "dram");
+        // Half and half: the time is the larger of all bytes at the achievable rate and the lanes' half at theirs.
+        let half = predict(&Profile { global_sectors: sectors / 2, async_copy_sectors: sectors / 2, ..base }, &gpu, &model);
+        assert!(half.dram_s >= copies.dram_s && half.dram_s <= lanes.dram_s * (1.0 + 1e-9));
     }
 }

@@ -1,12 +1,15 @@
 //! The nvcc-compiled sm_90a kernels of fixtures/hopper.cu (CUTLASS-style inline PTX: repeated wait-loop labels,
 //! `__grid_constant__` tensor maps in `.param .align 128` parameters, TMA, mbarrier, wgmma) run on the interpreter
 //! with maps from our encoder, and give bit for bit what an H100 gave with the driver's maps
-//! (fixtures/hopper_gpu_*.bin, written by the program in hopper.cu).
+//! (fixtures/hopper_gpu_*.bin, written by the program in hopper.cu). Kernels added since the last GPU run (the
+//! warp-specialised pipeline, the fp8 wgmma probes) are checked against the exact CPU product until their dumps exist.
 
 mod common;
 
 use common::*;
 use half::bf16;
+use ptxsim::float;
+use ptxsim::ir::Rnd;
 use ptxsim::tensor_map::{encode_tiled, DataType, Interleave, L2Promotion, OobFill};
 use ptxsim::{Machine, Module};
 
@@ -112,15 +115,55 @@ fn wgmma_variant(kernel: &str, golden: &[u8], k: usize, setup: impl Fn(&mut Mach
     let params = setup(&mut m, out);
     m.launch(&module, kernel, [1, 1, 1], [128, 1, 1], 0, &params).unwrap_or_else(|e| panic!("{kernel}: {e}"));
     assert_eq!(download::<f32>(&m, out, 128 * 32), golden, "{kernel}");
+    assert_is_product(&golden, k, kernel);
+}
+
+/// Checks that `got` (thread t's 32 accumulator registers at 32t) is the 64 x 64 product of a_val and b_val over K.
+fn assert_is_product(got: &[f32], k: usize, kernel: &str) {
     for t in 0..128usize {
         let (w, l) = (t / 32, t % 32);
         let (g, q) = (l / 4, l % 4);
         for i in 0..32usize {
             let (row, col) = (16 * w + g + 8 * ((i >> 1) & 1), 8 * (i >> 2) + 2 * q + (i & 1));
             let want: f32 = (0..k).map(|kk| a_val(row, kk) * b_val(kk, col)).sum();
-            assert_eq!(golden[t * 32 + i], want, "{kernel}: thread {t} element {i}");
+            assert_eq!(got[t * 32 + i], want, "{kernel}: thread {t} element {i}");
         }
     }
+}
+
+/// A row-major matrix of e4m3 codes (the values are small integers, exact in e4m3).
+fn e4m3_matrix(rows: usize, cols: usize, f: impl Fn(usize, usize) -> f32) -> Vec<u8> {
+    (0..rows * cols).map(|i| float::encode(f(i / cols, i % cols) as f64, float::E4M3, Rnd::Rn, false) as u8).collect()
+}
+
+#[test]
+fn nvcc_fp8_wgmma_probes_compute_the_product() {
+    // No H100 dump yet (hopper.cu's program writes hopper_gpu_wgmma_fp8*.bin): the check is the exact product.
+    let module = module();
+    let k = 128;
+    let map = |g| encode_tiled(DataType::Uint8 as u32, 2, g, &[128, 64], &[128], &[128, 64], &[1, 1], 0, 3, 0, 0).unwrap();
+    // A and B from shared memory: 4 m64n64k32 steps per warp.
+    let mut m = Machine::new();
+    let a = upload(&mut m, &e4m3_matrix(64, k, a_val));
+    let b = upload(&mut m, &e4m3_matrix(64, k, |n, kk| b_val(kk, n)));
+    let out = poisoned(&mut m, 128 * 32 * 4);
+    let mut params = map(a).to_vec();
+    params.extend_from_slice(&map(b));
+    params.extend_from_slice(&out.to_le_bytes());
+    let counters = m.launch(&module, "wgmma_fp8_probe", [1, 1, 1], [128, 1, 1], 0, &params).unwrap_or_else(|e| panic!("{e}"));
+    assert_is_product(&download::<f32>(&m, out, 128 * 32), k, "wgmma_fp8_probe");
+    assert_eq!((counters.tensor_ops, counters.tensor_flops), (16, 16 * 2 * 16 * 64 * 32));
+    // A from registers, B from shared memory.
+    let mut m = Machine::new();
+    let a = upload(&mut m, &e4m3_matrix(64, k, a_val));
+    let b = upload(&mut m, &e4m3_matrix(64, k, |n, kk| b_val(kk, n)));
+    let out = poisoned(&mut m, 128 * 32 * 4);
+    let mut params = a.to_le_bytes().to_vec();
+    params.resize(128, 0);
+    params.extend_from_slice(&map(b));
+    params.extend_from_slice(&out.to_le_bytes());
+    m.launch(&module, "wgmma_fp8_rs_probe", [1, 1, 1], [128, 1, 1], 0, &params).unwrap_or_else(|e| panic!("{e}"));
+    assert_is_product(&download::<f32>(&m, out, 128 * 32), k, "wgmma_fp8_rs_probe");
 }
 
 fn bf16_matrix(rows: usize, cols: usize, f: impl Fn(usize, usize) -> f32) -> Vec<bf16> {
@@ -170,6 +213,12 @@ fn nvcc_warp_specialised_tma_wgmma_pipeline() {
     let counters = ws_gemm(false).unwrap_or_else(|e| panic!("{e}"));
     // 4 k-tiles x 4 k-steps x 4 warps.
     assert_eq!(counters.tensor_ops, 64);
+    // Every tensor FLOP is a 16-bit wgmma's (2 x 64 x 64 x K), counted apart for the timing model's wgmma rate.
+    assert_eq!((counters.tensor_flops, counters.wgmma_flops, counters.wgmma_8bit_flops), (2 * 64 * 64 * 256, 2 * 64 * 64 * 256, 0));
+    // A and B (64 x 256 bf16 each, 32 KiB) came by TMA: 2 x 1024 sectors of the copy engines, none of them warp
+    // requests; with C's 16 KiB of stores (512 sectors), the launch's distinct sectors.
+    assert_eq!(counters.async_copy_sectors, 2 * 1024);
+    assert_eq!(counters.distinct_sectors.len(), 2 * 1024 + 512);
     // The planted bug: the stage is released before the wait_group. The other three consumer warps' wgmma reads are
     // then not ordered before the producer's next TMA into that stage, in whatever order the warps run.
     let e = ws_gemm(true).unwrap_err();

@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use half::{bf16, f16};
-use ptxsim::Machine;
+use ptxsim::{Machine, TensorArith};
 
 #[test]
 fn atomics_global_and_shared() {
@@ -179,6 +179,35 @@ fn mma_e4m3_m16n8k32_matches_a_cpu_product() {
             assert!((d[i * 8 + j] as f64 - want).abs() <= 1e-5 * want.abs().max(1.0), "D[{i}][{j}] = {} want {want}", d[i * 8 + j]);
         }
     }
+}
+
+#[test]
+fn mma_sync_under_the_hopper_model_matches_mma_sim() {
+    // Machine::tensor_arith = HopperTruncated: mma.sync rounds as MMA-Sim's Hopper model (one fused dot-add per
+    // instruction, no split K), checked bit for bit against the f64 transliteration in tests/common; on random data
+    // it differs from the default exact model.
+    let module = snippets();
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let a = bf16_matrix(&mut rng, 16 * 16);
+    let bt = bf16_matrix(&mut rng, 8 * 16); // [n][k]
+    let c: Vec<f32> = (0..16 * 8).map(|_| rng.f32(4.0)).collect();
+    let run = |arith: TensorArith| {
+        let mut m = Machine::new();
+        m.tensor_arith = arith;
+        let (ad, bd, cd) = (upload(&mut m, &a), upload(&mut m, &bt), upload(&mut m, &c));
+        let dd = poisoned(&mut m, 16 * 8 * 4);
+        m.launch(&module, "mma_bf16", [1, 1, 1], [32, 1, 1], 0, &Params::new().ptr(ad).ptr(bd).ptr(cd).ptr(dd).i32(0).0).unwrap();
+        download::<f32>(&m, dd, 16 * 8)
+    };
+    let (truncated, exact) = (run(TensorArith::HopperTruncated), run(TensorArith::ExactRoundOnce));
+    for i in 0..16 {
+        for j in 0..8 {
+            let (ar, br): (Vec<f64>, Vec<f64>) = (0..16).map(|k| (a[i * 16 + k].to_f64(), bt[j * 16 + k].to_f64())).unzip();
+            let want = mma_sim_hopper(c[i * 8 + j] as f64, &ar, &br, false, false, -126, -126) as f32;
+            assert_eq!(truncated[i * 8 + j].to_bits(), want.to_bits(), "D[{i}][{j}]");
+        }
+    }
+    assert!(truncated.iter().zip(&exact).any(|(x, y)| x != y), "the models should differ on random data");
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //! here).
 
 use super::{lanes, warp_fault, Fault, Warp};
-use crate::float;
+use crate::float::{self, TensorArith};
 use crate::ir::*;
 
 pub(super) fn check_converged(_w: &Warp, name: &str, member: u32, exec: u32) -> Result<(), Fault> {
@@ -155,8 +155,8 @@ fn mma_elem(ty: Ty, reg: u64, e: u32) -> f32 {
 ///   B register r, element e: row (k) p * t + e + 4 * p * r, column g
 ///   C/D (32-bit elements) register r: row g + 8 * (r / 2), column 2 * t + r % 2;
 ///   C/D f16x2 register r, half e: row g + 8 * r, column 2 * t + e.
-/// Products are summed exactly (f64) and rounded once to the accumulator type.
-pub(super) fn mma(w: &mut Warp, inst: &Inst, shape: MmaShape, [a_ty, b_ty, c_ty, d_ty]: [Ty; 4], exec: u32) -> Result<(), Fault> {
+/// C and the products are combined by `float::dot_add` under `model` (by default summed exactly, rounded once).
+pub(super) fn mma(w: &mut Warp, inst: &Inst, shape: MmaShape, [a_ty, b_ty, c_ty, d_ty]: [Ty; 4], exec: u32, model: TensorArith) -> Result<(), Fault> {
     if exec != u32::MAX {
         return warp_fault(format!("mma.sync needs all 32 lanes of the warp converged (active {exec:#010x})"));
     }
@@ -205,30 +205,30 @@ pub(super) fn mma(w: &mut Warp, inst: &Inst, shape: MmaShape, [a_ty, b_ty, c_ty,
         }
     }
     let integer = matches!(a_ty, Ty::S8 | Ty::U8);
-    let mut d = [[0f64; 8]; 16];
+    // Float results as the accumulator type's bits: products of <= 16-bit-mantissa inputs are exact in f64, and C
+    // plus the K products is rounded by `model` (the hardware's order is unspecified).
+    let format = |ty: Ty| match ty {
+        Ty::Bf16 => float::BF16,
+        Ty::F16 => float::F16,
+        Ty::E4m3 => float::E4M3,
+        Ty::E5m2 => float::E5M2,
+        Ty::Tf32 => float::TF32,
+        _ => float::F32,
+    };
+    let (formats, c_format, d_format) = ((format(a_ty), format(b_ty)), format(c_ty), format(d_ty));
+    let mut d = [[0u32; 8]; 16];
     let mut d_int = [[0i64; 8]; 16];
     for i in 0..16 {
         for j in 0..8 {
-            let mut s = c[i][j];
-            let mut si = c_int[i][j];
             if integer {
+                let mut si = c_int[i][j];
                 for kk in 0..k {
                     si += (a[i][kk] * b[j][kk]) as i64; // |products| < 2^15: exact
                 }
+                d_int[i][j] = si;
             } else {
-                // Products of <= 16-bit-mantissa inputs are exact in f64; the sum is kept in f64 (four partial sums,
-                // as the hardware's order is unspecified too) and rounded once.
-                let (ai, bj) = (&a[i][..k], &b[j][..k]);
-                let mut acc = [0f64; 4];
-                for q in (0..k).step_by(4) {
-                    for u in 0..4 {
-                        acc[u] += ai[q + u] * bj[q + u];
-                    }
-                }
-                s += (acc[0] + acc[1]) + (acc[2] + acc[3]);
+                d[i][j] = float::dot_add(model, c[i][j], c_format, &a[i][..k], &b[j][..k], 1.0, formats, d_format);
             }
-            d[i][j] = s;
-            d_int[i][j] = si;
         }
     }
     for l in 0..32usize {
@@ -237,7 +237,7 @@ pub(super) fn mma(w: &mut Warp, inst: &Inst, shape: MmaShape, [a_ty, b_ty, c_ty,
             let v = if d_ty == Ty::F16 {
                 let mut v = 0u64;
                 for e in 0..2 {
-                    v |= (float::encode(d[g + 8 * r][2 * t + e], float::F16, Rnd::Rn, false) as u64) << (16 * e);
+                    v |= (d[g + 8 * r][2 * t + e] as u64) << (16 * e);
                 }
                 v
             } else {
@@ -245,7 +245,7 @@ pub(super) fn mma(w: &mut Warp, inst: &Inst, shape: MmaShape, [a_ty, b_ty, c_ty,
                 if integer {
                     d_int[row][col] as i32 as u32 as u64
                 } else {
-                    (d[row][col] as f32).to_bits() as u64
+                    d[row][col] as u64
                 }
             };
             w.set(inst.d[r], l, v);

@@ -11,6 +11,7 @@ mod tma;
 mod wgmma;
 
 use crate::counters::Counters;
+use crate::float::TensorArith;
 use crate::ir::*;
 use crate::memory::{GlobalMemory, SharedMemory};
 use crate::{Module, SimError, Site};
@@ -237,6 +238,8 @@ pub(crate) struct BlockCtx<'a> {
     /// wgmma state per warp.
     pub wg: &'a mut Vec<WgState>,
     pub wgmma_fence_check: bool,
+    /// How mma.sync and wgmma round their dot products.
+    pub tensor_arith: TensorArith,
     pub ntid: [u32; 3],
 }
 
@@ -710,7 +713,7 @@ impl BlockCtx<'_> {
             Op::Ldmatrix { num, trans } => self.ldmatrix(w, inst, *num, *trans, exec)?,
             Op::Stmatrix { num, trans } => self.stmatrix(w, inst, *num, *trans, exec)?,
             Op::Mma { shape, a, b, c, d } => {
-                collective::mma(w, inst, *shape, [*a, *b, *c, *d], exec)?;
+                collective::mma(w, inst, *shape, [*a, *b, *c, *d], exec, self.tensor_arith)?;
                 self.counters.tensor_ops += 1;
                 self.counters.tensor_flops += 2 * (shape.m * shape.n * shape.k) as u64;
             }
@@ -778,6 +781,7 @@ impl BlockCtx<'_> {
 pub(crate) struct Checks {
     pub race: bool,
     pub wgmma_fence: bool,
+    pub tensor_arith: TensorArith,
 }
 
 /// Launches `entry` of `module`; see `Machine::launch`.
@@ -886,6 +890,7 @@ pub(crate) fn launch(
                     bulk: &mut bulk,
                     wg: &mut wg,
                     wgmma_fence_check: checks.wgmma_fence,
+                    tensor_arith: checks.tensor_arith,
                     ntid: block,
                 };
                 ctx.run_block(&mut warps)?;

@@ -178,6 +178,7 @@ impl BlockCtx<'_> {
                 );
             }
             let eb = map.element_bytes();
+            self.counters.async_copy(elems.iter().filter_map(|&(_, src)| src.map(|a| (a, eb))));
             let mut data = vec![0u8; bytes as usize];
             let mut dsts = Vec::with_capacity(elems.len());
             for (lin, src) in elems {
@@ -218,6 +219,7 @@ impl BlockCtx<'_> {
             let mut data = vec![0u8; size as usize];
             self.read(w, Loc::Global(src), l, &mut data).map_err(|f| Fault { message: format!("{} (cp.async.bulk source)", f.message), ..f })?;
             self.counters.global_bytes_read += size as u64;
+            self.counters.async_copy([(src, size)]);
             let dsts = (0..size / 16).map(|k| dst + 16 * k).collect();
             self.queue_load(w, inst, pc, l, mbar, dsts, 16, data, size)?;
         }
@@ -303,6 +305,7 @@ impl BlockCtx<'_> {
                 store.data.extend_from_slice(&buf[..eb]);
             }
             self.counters.global_bytes_written += store.data.len() as u64;
+            self.counters.async_copy(store.writes.iter().copied());
             self.bulk.stores[w.linear_tid(l) as usize].push(store);
         }
         Ok(())
@@ -320,6 +323,7 @@ impl BlockCtx<'_> {
             self.read(w, Loc::Shared(src), l, &mut data).map_err(|f| Fault { message: format!("{} (cp.async.bulk source)", f.message), ..f })?;
             self.check_proxy_fenced(src as usize, size as usize, w.linear_tid(l), l, "the bulk store")?;
             self.counters.global_bytes_written += size as u64;
+            self.counters.async_copy([(dst, size)]);
             self.bulk.stores[w.linear_tid(l) as usize].push(PendingStore { group: UNCOMMITTED, writes: vec![(dst, size)], data, line: inst.line });
         }
         Ok(())

@@ -8,9 +8,13 @@
 //! until every warp of the warpgroup has committed as many groups as the waiting warp, then retires those groups in
 //! all four warps.
 //!
-//! Arithmetic: products of f16/bf16 inputs are exact in f64, the sum over K = 16 is kept in f64 and rounded once to
-//! the accumulator type (as `mma.sync` here). The hardware truncates differently in the last bit (MMA-Sim's model,
-//! HOPPER-ASYNC.md §1.6, not implemented); known-answer tests use small integers, where every model agrees.
+//! Shapes: m64nNk8 with tf32 inputs, m64nNk16 with f16/bf16, m64nNk32 with e4m3/e5m2; every shape reads 32 bytes of K
+//! per row.
+//!
+//! Arithmetic: the products of the inputs (tf32, f16, bf16, e4m3, e5m2) are exact in f64; per output element and
+//! instruction, `float::dot_add` combines C and the K products as `Machine::tensor_arith` says: summed exactly and
+//! rounded once (the default), or MMA-Sim's truncating Hopper model (HOPPER-ASYNC.md §1.6). Known-answer tests use
+//! small integers, where every model agrees.
 
 use std::collections::VecDeque;
 
@@ -23,8 +27,9 @@ use crate::tensor_map::swizzle_offset;
 /// One wgmma of one warp in flight.
 struct WgOp {
     regs: Vec<u32>,
-    /// Shared offsets of the 2-byte elements it read.
+    /// Shared offsets of the elements it read, `elem_bytes` bytes each.
     smem: Vec<u32>,
+    elem_bytes: u32,
 }
 
 /// The wgmma state of one warp.
@@ -112,38 +117,54 @@ impl Desc {
         Ok(Desc { start: field(0), lbo: field(16), sbo: field(32), chunks, mode })
     }
 
-    /// Shared offset of 16-bit element (mn, k) (HOPPER-ASYNC.md §1.4: the canonical layouts of PTX ISA
-    /// §9.7.15.5.1.2.1, then the absolute-address swizzle that TMA uses too).
-    fn element(&self, mn: u32, k: u32, k_major: bool) -> u32 {
-        const T: u32 = 8; // 16-bit elements per 16-byte chunk
+    /// Shared offset of element (mn, k) of `eb` bytes (HOPPER-ASYNC.md §1.4: the canonical layouts of PTX ISA
+    /// §9.7.15.5.1.2.1, in 16-byte chunks of T = 16 / eb elements, then the absolute-address swizzle that TMA uses
+    /// too).
+    fn element(&self, mn: u32, k: u32, k_major: bool, eb: u32) -> u32 {
+        let t = 16 / eb;
         let w = self.chunks;
         let off = match (k_major, self.mode) {
-            (true, 0) => (mn % 8) * 16 + (mn / 8) * self.sbo + (k % T) * 2 + (k / T) * self.lbo,
-            (true, _) => (mn % 8) * 16 * w + (mn / 8) * self.sbo + k * 2,
-            (false, 0) => (mn % T) * 2 + (mn / T) * self.sbo + (k % 8) * 16 + (k / 8) * self.lbo,
-            (false, _) => (mn % T) * 2 + ((mn / T) % w) * 16 + (mn / (T * w)) * self.lbo + (k % 8) * 16 * w + (k / 8) * self.sbo,
+            (true, 0) => (mn % 8) * 16 + (mn / 8) * self.sbo + (k % t) * eb + (k / t) * self.lbo,
+            (true, _) => (mn % 8) * 16 * w + (mn / 8) * self.sbo + k * eb,
+            (false, 0) => (mn % t) * eb + (mn / t) * self.sbo + (k % 8) * 16 + (k / 8) * self.lbo,
+            (false, _) => (mn % t) * eb + ((mn / t) % w) * 16 + (mn / (t * w)) * self.lbo + (k % 8) * 16 * w + (k / 8) * self.sbo,
         };
         swizzle_offset(self.start + off, self.mode)
     }
 }
 
-fn decode16(ty: Ty, bits: u32) -> f64 {
-    if ty == Ty::Bf16 {
-        f32::from_bits(bits << 16) as f64
+/// The format of a wgmma input type (tf32, f16, bf16, e4m3 or e5m2).
+fn input_format(ty: Ty) -> float::Format {
+    match ty {
+        Ty::Tf32 => float::TF32,
+        Ty::Bf16 => float::BF16,
+        Ty::F16 => float::F16,
+        Ty::E4m3 => float::E4M3,
+        _ => float::E5M2,
+    }
+}
+
+/// Exact value of a wgmma input element's bits; tf32 reads an f32 register or word and ignores its low 13 bits
+/// (PTX ISA §9.7.15.5.2).
+fn decode_input(ty: Ty, bits: u32) -> f64 {
+    if ty == Ty::Tf32 {
+        float::decode(bits >> 13, float::TF32)
     } else {
-        float::decode(bits, float::F16)
+        float::decode(bits, input_format(ty))
     }
 }
 
 impl BlockCtx<'_> {
-    /// Reads element (mn, k) of a descriptor operand, recording the bytes as read by the wgmma.
+    /// Reads element (mn, k) of a descriptor operand of type `ty`, recording it as read by the wgmma.
     fn wgmma_smem(&mut self, w: &mut Warp, desc: &Desc, (mn, k): (u32, u32), k_major: bool, ty: Ty, read: &mut Vec<u32>) -> Result<f64, Fault> {
-        let off = desc.element(mn, k, k_major);
-        let mut b = [0u8; 2];
-        self.read(w, Loc::Shared(off), 0, &mut b).map_err(|f| Fault { message: format!("{} (wgmma operand element ({mn}, {k}))", f.message), ..f })?;
-        self.check_proxy_fenced(off as usize, 2, w.linear_tid(0), 0, "wgmma.mma_async")?;
+        let eb = ty.bits() / 8;
+        let off = desc.element(mn, k, k_major, eb);
+        let mut b = [0u8; 4];
+        let b = &mut b[..eb as usize];
+        self.read(w, Loc::Shared(off), 0, b).map_err(|f| Fault { message: format!("{} (wgmma operand element ({mn}, {k}))", f.message), ..f })?;
+        self.check_proxy_fenced(off as usize, eb as usize, w.linear_tid(0), 0, "wgmma.mma_async")?;
         read.push(off);
-        Ok(decode16(ty, u16::from_le_bytes(b) as u32))
+        Ok(decode_input(ty, b.iter().rev().fold(0, |v, &x| v << 8 | x as u32)))
     }
 
     pub(super) fn wgmma(&mut self, w: &mut Warp, inst: &Inst, spec: WgmmaSpec, exec: u32) -> Result<(), Fault> {
@@ -185,45 +206,51 @@ impl BlockCtx<'_> {
             }
         }
         let wr = w.index % 4;
-        let n = spec.n as usize;
-        let ty = spec.ab_ty;
+        let (n, k) = (spec.n as usize, spec.k as usize);
         let mut read = Vec::new();
-        // A: this warp's 16 rows x 16.
-        let mut a = [[0f64; 16]; 16];
+        // A: this warp's 16 rows x K.
+        let mut a = [[0f64; 32]; 16];
         let (b_at, scale_at) = if spec.a_in_regs { (4, 5) } else { (1, 2) };
         if spec.a_in_regs {
+            // The mma.m16n8kK A fragment (HOPPER-ASYNC.md §1.5): p elements per register, element i of a thread in
+            // register i / p; row g + 8 ((i / p) % 2), column p q + i % p + 4 p (i / 2p).
+            let bits = spec.a_ty.bits();
+            let p = 32 / bits;
             for l in 0..32usize {
                 let (g, q) = (l as u32 / 4, l as u32 % 4);
-                for i in 0..8u32 {
-                    let v = w.val(&inst.s[(i >> 1) as usize], l) >> (16 * (i & 1)) & 0xffff;
-                    let (row, col) = (g + 8 * ((i >> 1) & 1), 2 * q + (i & 1) + 8 * (i >> 2));
-                    a[row as usize][col as usize] = decode16(ty, v as u32);
+                for i in 0..4 * p {
+                    let v = (w.val(&inst.s[(i / p) as usize], l) >> (bits * (i % p)) & ((1u64 << bits) - 1)) as u32;
+                    let (row, col) = (g + 8 * ((i / p) % 2), p * q + i % p + 4 * p * (i / (2 * p)));
+                    a[row as usize][col as usize] = decode_input(spec.a_ty, v);
                 }
             }
         } else {
             let desc = Desc::decode(w.val(&inst.s[0], 0)).map_err(|m| Fault { lane: None, message: m })?;
             for (m, row) in a.iter_mut().enumerate() {
-                for (k, x) in row.iter_mut().enumerate() {
-                    *x = self.wgmma_smem(w, &desc, (16 * wr + m as u32, k as u32), !spec.trans_a, ty, &mut read)?;
+                for (kk, x) in row[..k].iter_mut().enumerate() {
+                    *x = self.wgmma_smem(w, &desc, (16 * wr + m as u32, kk as u32), !spec.trans_a, spec.a_ty, &mut read)?;
                 }
             }
         }
         let desc_b = Desc::decode(w.val(&inst.s[b_at], 0)).map_err(|m| Fault { lane: None, message: m })?;
-        let mut b = vec![[0f64; 16]; n];
+        let mut b = vec![[0f64; 32]; n];
         for (col, bk) in b.iter_mut().enumerate() {
-            for (k, x) in bk.iter_mut().enumerate() {
-                *x = self.wgmma_smem(w, &desc_b, (col as u32, k as u32), !spec.trans_b, ty, &mut read)?;
+            for (kk, x) in bk[..k].iter_mut().enumerate() {
+                *x = self.wgmma_smem(w, &desc_b, (col as u32, kk as u32), !spec.trans_b, spec.b_ty, &mut read)?;
             }
         }
         let sign = if spec.neg_a != spec.neg_b { -1.0 } else { 1.0 };
         let scale_d = w.val(&inst.s[scale_at], 0) != 0;
         let f16_d = spec.d_ty == Ty::F16;
+        let d_format = if f16_d { float::F16 } else { float::F32 };
+        let formats = (input_format(spec.a_ty), input_format(spec.b_ty));
         for l in 0..32usize {
             let (g, q) = (l / 4, l % 4);
             for i in 0..n / 2 {
                 let (row, col) = (g + 8 * ((i >> 1) & 1), 8 * (i >> 2) + 2 * q + (i & 1));
                 let reg = if f16_d { i >> 1 } else { i };
                 let r = inst.d[reg].expect("checked at decode") as usize * 32 + l;
+                // C is +0 when scale-d is false.
                 let c = if !scale_d {
                     0.0
                 } else if f16_d {
@@ -231,17 +258,12 @@ impl BlockCtx<'_> {
                 } else {
                     f32::from_bits(w.regs[r] as u32) as f64
                 };
-                let mut acc = [0f64; 4];
-                for k in 0..16 {
-                    acc[k % 4] += a[row][k] * b[col][k];
-                }
-                let v = c + sign * ((acc[0] + acc[1]) + (acc[2] + acc[3]));
+                let d = float::dot_add(self.tensor_arith, c, d_format, &a[row][..k], &b[col][..k], sign, formats, d_format) as u64;
                 if f16_d {
-                    let h = float::encode(v, float::F16, Rnd::Rn, false) as u64;
                     let shift = 16 * (i & 1);
-                    w.regs[r] = (w.regs[r] & !(0xffff << shift)) | h << shift;
+                    w.regs[r] = (w.regs[r] & !(0xffff << shift)) | d << shift;
                 } else {
-                    w.regs[r] = (v as f32).to_bits() as u64;
+                    w.regs[r] = d;
                 }
             }
         }
@@ -261,14 +283,15 @@ impl BlockCtx<'_> {
             st.inflight[r as usize] += 1;
             st.inflight_total += 1;
         }
+        let elem_bytes = spec.b_ty.bits() / 8;
         for &o in &read {
-            self.shared.async_readers[o as usize] += 1;
-            self.shared.async_readers[o as usize + 1] += 1;
+            for byte in o..o + elem_bytes {
+                self.shared.async_readers[byte as usize] += 1;
+            }
         }
-        self.shared.async_read_bytes += 2 * read.len();
-        self.wg[w.index as usize].uncommitted.push(WgOp { regs, smem: read });
-        self.counters.tensor_ops += 1;
-        self.counters.tensor_flops += 2 * 16 * 16 * spec.n as u64;
+        self.shared.async_read_bytes += elem_bytes as usize * read.len();
+        self.wg[w.index as usize].uncommitted.push(WgOp { regs, smem: read, elem_bytes });
+        self.counters.wgmma_issued(&spec);
         Ok(())
     }
 
@@ -308,11 +331,12 @@ impl BlockCtx<'_> {
                         st.inflight[r as usize] -= 1;
                         st.inflight_total -= 1;
                     }
-                    for o in op.smem {
-                        self.shared.async_readers[o as usize] -= 1;
-                        self.shared.async_readers[o as usize + 1] -= 1;
+                    for &o in &op.smem {
+                        for byte in o..o + op.elem_bytes {
+                            self.shared.async_readers[byte as usize] -= 1;
+                        }
                     }
-                    self.shared.async_read_bytes -= 2;
+                    self.shared.async_read_bytes -= op.elem_bytes as usize * op.smem.len();
                 }
             }
         }

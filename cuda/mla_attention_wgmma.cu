@@ -1,0 +1,300 @@
+// Paged MLA attention (absorbed form) on Hopper's wgmma, warp-specialised and pipelined FlashAttention-3-style, for
+// chunked prefill: the same parameters, rows, key ranges and semantics as mla_attention_* (cuda/mla_attention.cu) with
+// one KV split (the wrapper, src/kernels/attention.rs, routes split launches to the mma.sync kernel); the causal mask,
+// the online softmax, the packing of P and the store are cuda/include/mla_attention.cuh, shared with that kernel. Only
+// the products and the pipeline differ.
+//
+// Computes, per (query token, head) row r of position pos(r), over the cache tokens j <= pos(r) of its sequence:
+//   o_lat[r] = value_scale * sum_j softmax_j(score_scale * q[r] . c_j) c_j[0:256],  q = [q_lat | q_rope] (320 values).
+//
+// Thread mapping: 5 warps. Warps 0-3 are one consumer warpgroup owning the block's 64 rows, row = (query token, head)
+// flattened token-major as in the mma.sync kernel (warp w: rows 16 w .. 16 w + 15, as wgmma's M = 64 splits them).
+// Warp 4 is the producer: it streams the cache tokens [0, kv_end) of the block (kv_end: one past the last position its
+// rows see) in tiles of 32 tokens into a ring of stages: lane i looks up token i's page slot in the block table, and
+// the lanes copy the tile's 16-byte chunks (bf16: cp.async; fp8: 8 bytes loaded, widened to bf16 and stored), zeros
+// for tokens past kv_end (never read from the cache). Then fence.proxy.async and one arrival on the stage's "full"
+// mbarrier (bf16: once the stage's cp.async group has landed, STAGES - 1 groups in flight, as in
+// cuda/vision_attention_wgmma.cu). Consumers wait on "full" and release "empty" (one arrival per warp) after the
+// stage's last wgmma has retired.
+//
+// Shared layout: every operand as [320 / 64 column atoms][rows][128 bytes] under the 128-byte swizzle, atoms 1024-byte
+// aligned: Q [5][64 rows] (40 KiB, loaded once by all 160 threads), each stage [5][32 tokens] (20 KiB). Per key tile:
+// S = Q K^T is twenty m64n32k16 SS wgmmas (A = Q and B = the tile, both K-major descriptors, k-step ks at atom ks / 4,
+// byte 32 (ks % 4) of the line), in the mma.sync kernel's k order; O += P V is two m64n256k16 RS wgmmas, P from the
+// softmax's registers, V = the tile's first 256 columns through an N-major descriptor (imm-trans-b = 1; the 4 atoms
+// along N 4 KiB apart as LBO, 8-token groups 1 KiB apart as SBO), so the cache rows are read as they lie. Each k16 step
+// sums exactly and rounds once on the interpreter, as mma.sync m16n8k16 does, so both kernels agree bit for bit there.
+// O [64 x 256] f32 lives in the consumers' registers (128 per thread). Per key tile j >= 1 (FA3's intra-warpgroup
+// overlap, as in cuda/vision_attention_wgmma.cu): the wgmmas of S_j are issued together with those of
+// O += P_{j-1} V_{j-1} (P double-buffered in registers); wait_group 1 retires S_j, its softmax runs while
+// P_{j-1} V_{j-1} is in flight, wait_group 0 retires that, stage j - 1 is released and O is rescaled to tile j's
+// maxima: O's arithmetic stays the serial order's.
+//
+// Tiling: 64 rows x 32 tokens per step; 3 stages: 40 + 60 KiB + barriers of dynamic shared memory. One block per SM:
+// the consumers hold 197 registers (O alone 128; 184 without the overlap); two blocks of 5 warps put 3 warps on one
+// SM sub-partition (16K registers), a cap of 168, at which ptxas spills even the serial form.
+// Grid (row tiles of 64, 1, sequences). Bytes: cache 320 x (2 | 1) per token of [0, kv_end) per block, q 640 B and
+// o 512 B per row. FLOPs: 2 x 64 x tokens x (320 + 256) per block (masked pairs included).
+#include "params.h"
+#include "common.cuh"
+#include "hopper.cuh"
+#include "mma.cuh"
+#include "mla_cache.cuh"
+#include "mla_attention.cuh"
+#include "quant.cuh"
+
+namespace {
+using namespace mla_tile;
+
+constexpr int kConsumerWarps = 4;
+constexpr int kProducerWarp = kConsumerWarps;
+constexpr int kThreads = (kConsumerWarps + 1) * 32;
+constexpr int kRows = 16 * kConsumerWarps;          // rows per block: one wgmma M
+constexpr int kStages = 3;
+constexpr int kInFlight = kStages - 1;              // cp.async groups the producer keeps in flight
+constexpr int kAtomCols = 64;                       // bf16 columns of one 128-byte swizzle line
+constexpr int kAtoms = kWidth / kAtomCols;          // 5
+constexpr int kChunksPerRow = kWidth / 8;           // 16-byte bf16 chunks of a row (40)
+constexpr int kQAtomBytes = kRows * 128;
+constexpr int kQBytes = kAtoms * kQAtomBytes;
+constexpr int kStageAtomBytes = kTileN * 128;
+constexpr int kStageBytes = kAtoms * kStageAtomBytes;
+constexpr int kBarOffset = kQBytes + kStages * kStageBytes;
+constexpr int kSharedBytes = kBarOffset + 2 * kStages * 8;  // src/kernels/attention.rs computes the same total
+static_assert(kWidth % kAtomCols == 0 && kLatent % kAtomCols == 0, "whole swizzle atoms");
+static_assert(kQAtomBytes % 1024 == 0 && kStageAtomBytes % 1024 == 0, "atoms start on the swizzle period");
+static_assert(kTileN == 32 && kLatent == 256, "one m64n32 S and one m64n256 P V per k-step");
+static_assert(kSharedBytes <= 227 * 1024 - 1024, "fits an SM (1 KiB reserved per block)");
+
+// Byte offset of (row, 16-byte chunk) in a [kAtoms][rows][128 B] buffer (before the swizzle).
+__device__ __forceinline__ uint32_t atom_offset(int rows, int row, int chunk) { return (chunk / 8) * rows * 128 + row * 128 + (chunk % 8) * 16; }
+
+// Keeps ordinary writes of wgmma operands before the next wgmma.fence and reads of results after the wait_group
+// that retires them (hopper.cuh's wgmma_fence_operand, over a whole fragment set).
+template <int N>
+__device__ __forceinline__ void pin(float (&x)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) wgmma_fence_operand(x[i][j]);
+    }
+}
+template <int N>
+__device__ __forceinline__ void pin(uint32_t (&x)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) wgmma_fence_operand(x[i][j]);
+    }
+}
+
+// The producer warp: cache tokens [0, kv_end) of sequence seq, tile j into stage j % kStages.
+template <bool kFp8>
+__device__ __forceinline__ void produce(const MlaAttentionParams &p, unsigned char *stages, uint64_t *full, uint64_t *empty, int seq, int kv_end, int tiles) {
+    const int lane = threadIdx.x & 31;
+    const char *cache = reinterpret_cast<const char *>(p.cache);
+    for (int j = 0; j < tiles; ++j) {
+        const int stage = j % kStages;
+        if (!kFp8 && j >= kInFlight) {
+            cp_async_wait<kInFlight - 1>();  // tile j - kInFlight has landed
+            fence_proxy_async();
+            __syncwarp();
+            if (lane == 0) mbar_arrive(&full[(j - kInFlight) % kStages]);
+        }
+        mbar_wait(&empty[stage], ((j / kStages) & 1) ^ 1);
+        const int tile_start = j * kTileN;
+        int my_slot = 0;  // physical slot (page * page_size + offset) of token tile_start + lane
+        if (tile_start + lane < kv_end) {
+            const int pos = tile_start + lane;
+            my_slot = p.block_tables[(long)seq * p.max_pages + pos / p.page_size] * p.page_size + pos % p.page_size;
+        }
+        const uint32_t stage_addr = smem_addr(stages + stage * kStageBytes);
+#pragma unroll 4
+        for (int i = lane; i < kTileN * kChunksPerRow; i += 32) {
+            const int tok = i / kChunksPerRow, chunk = i % kChunksPerRow;
+            const int slot = __shfl_sync(0xffffffffu, my_slot, tok);
+            const uint32_t dst = swizzle128(stage_addr + atom_offset(kTileN, tok, chunk));
+            if (tile_start + tok >= kv_end) {
+                asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(dst), "r"(0) : "memory");
+            } else if constexpr (kFp8) {
+                const uint2 raw = __ldg(reinterpret_cast<const uint2 *>(cache + (long)slot * kWidth + chunk * 8));
+                asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(dst), "r"(e4m3x2_to_bf16x2(raw.x & 0xffff)), "r"(e4m3x2_to_bf16x2(raw.x >> 16)),
+                             "r"(e4m3x2_to_bf16x2(raw.y & 0xffff)), "r"(e4m3x2_to_bf16x2(raw.y >> 16))
+                             : "memory");
+            } else {
+                const char *src = cache + (long)slot * kWidth * 2 + chunk * 16;
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
+            }
+        }
+        if constexpr (kFp8) {
+            fence_proxy_async();
+            __syncwarp();
+            if (lane == 0) mbar_arrive(&full[stage]);
+        } else {
+            cp_async_commit();
+        }
+    }
+    if constexpr (!kFp8) {
+        cp_async_wait<0>();
+        fence_proxy_async();
+        __syncwarp();
+        if (lane == 0) {
+            for (int j = max(0, tiles - kInFlight); j < tiles; ++j) mbar_arrive(&full[j % kStages]);
+        }
+    }
+}
+
+// The consumer warpgroup (see the file comment).
+__device__ __forceinline__ void consume(const MlaAttentionParams &p, const unsigned char *q_smem, const unsigned char *stages, uint64_t *full, uint64_t *empty,
+                                       RowState &state, int kv_end, int tiles, long grow0) {
+    const int lane = threadIdx.x & 31, quad = lane & 3;
+    const float score_scale = p.score_scale * kLog2e;
+    float s[kTileN / 8][4], o[kLatent / 8][4], correction[2];
+#pragma unroll
+    for (int n = 0; n < kLatent / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    uint32_t pa0[kTileN / 16][4], pa1[kTileN / 16][4];
+
+    // S_j = Q K_j^T: 20 k-steps in order, accumulated from zero as the mma.sync kernel does (the caller fences).
+    auto issue_s = [&](int j) {
+        const int stage = j % kStages;
+        mbar_wait(&full[stage], (j / kStages) & 1);
+        const unsigned char *tile = stages + stage * kStageBytes;
+#pragma unroll
+        for (int ks = 0; ks < kWidth / 16; ++ks) {
+            const int at = ks / 4;  // the 64-column atom of k-step ks
+            wgmma_m64n32k16_bf16_ss(&s[0][0], wgmma_desc_k_sw128(q_smem + at * kQAtomBytes + (ks % 4) * 32),
+                                    wgmma_desc_k_sw128(tile + at * kStageAtomBytes + (ks % 4) * 32));
+        }
+        wgmma_commit();
+    };
+    // O += P_j V_j: the tile's tokens 16 k .. 16 k + 15 start 16 lines (2 KiB) further into each atom.
+    auto issue_pv = [&](int j, uint32_t (&pa)[kTileN / 16][4]) {
+        const unsigned char *tile = stages + (j % kStages) * kStageBytes;
+#pragma unroll
+        for (int k = 0; k < kTileN / 16; ++k) wgmma_m64n256k16_bf16_rs_trans_b(&o[0][0], pa[k], wgmma_desc_mn_sw128(tile + k * 16 * 128, kStageAtomBytes));
+        wgmma_commit();
+    };
+    auto release = [&](int j) {
+        __syncwarp();
+        if (lane == 0) mbar_arrive(&empty[j % kStages]);
+    };
+    auto zero_s = [&]() {
+#pragma unroll
+        for (int n = 0; n < kTileN / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+    };
+    // Tile j >= 1 with P_{j-1} in `previous` (FA3's intra-warpgroup overlap): S_j and P_{j-1} V_{j-1} in flight
+    // together, the softmax of S_j into `next` while P_{j-1} V_{j-1} runs, then O rescaled to tile j's maxima. O's
+    // arithmetic is the serial order's: (O c_{j-1} + P_{j-1} V_{j-1}) c_j + P_j V_j.
+    auto step = [&](int j, uint32_t (&previous)[kTileN / 16][4], uint32_t (&next)[kTileN / 16][4]) {
+        zero_s();
+        pin(s);
+        pin(o);
+        pin(previous);
+        wgmma_fence();
+        issue_s(j);
+        issue_pv(j - 1, previous);
+        wgmma_wait<1>();
+        pin(s);
+        softmax_tile(s, next, correction, state, j * kTileN, kv_end, quad, score_scale);
+        wgmma_wait<0>();
+        pin(o);
+        release(j - 1);
+        rescale_rows(o, correction);
+    };
+    // The last tile's P V, from the buffer its softmax filled.
+    auto finish = [&](uint32_t (&last)[kTileN / 16][4]) {
+        pin(o);
+        pin(last);
+        wgmma_fence();
+        issue_pv(tiles - 1, last);
+        wgmma_wait<0>();
+        pin(o);
+        release(tiles - 1);
+    };
+
+    zero_s();
+    pin(s);
+    wgmma_fence();
+    issue_s(0);
+    wgmma_wait<0>();
+    pin(s);
+    softmax_tile(s, pa0, correction, state, 0, kv_end, quad, score_scale);
+    rescale_rows(o, correction);
+    // Two tiles per trip, so each P buffer is a fixed set of registers.
+#pragma unroll 1
+    for (int j = 1;; j += 2) {
+        if (j >= tiles) {
+            finish(pa0);
+            break;
+        }
+        step(j, pa0, pa1);
+        if (j + 1 >= tiles) {
+            finish(pa1);
+            break;
+        }
+        step(j + 1, pa1, pa0);
+    }
+    store_rows(p, o, state, 0, 0, grow0, quad);
+}
+
+template <bool kFp8>
+__device__ __forceinline__ void attention_tile_wgmma(const MlaAttentionParams &p) {
+    extern __shared__ __align__(1024) unsigned char smem[];
+    uint64_t *full = reinterpret_cast<uint64_t *>(smem + kBarOffset);
+    uint64_t *empty = full + kStages;
+    const int seq = blockIdx.z, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int q_begin = p.q_start[seq], q_count = p.q_start[seq + 1] - q_begin;
+    const int first_pos = p.kv_len[seq] - q_count;
+    const int row0 = blockIdx.x * kRows;  // first (token, head) row of this block within the sequence
+    const int rows = q_count * p.heads;
+    if (row0 >= rows) return;
+    // Keys of this block: up to the last position any of its rows may see (one split: tokens_per_split >= kv_len).
+    const int last_row = min(row0 + kRows, rows) - 1;
+    const int kv_end = min(p.tokens_per_split, first_pos + last_row / p.heads + 1);
+    const int tiles = (kv_end + kTileN - 1) / kTileN;
+
+    // Q rows [q_lat 256 | q_rope 64] into the swizzled Q operand by all threads (rows past the sequence's queries
+    // are zero), fenced for wgmma before the barrier that also publishes the mbarrier initialisation.
+    const uint32_t q_addr = smem_addr(smem);
+    for (int idx = threadIdx.x; idx < kRows * kChunksPerRow; idx += kThreads) {
+        const int r = idx / kChunksPerRow, chunk = idx % kChunksPerRow, row = row0 + r, col = chunk * 8;
+        const uint32_t dst = swizzle128(q_addr + atom_offset(kRows, r, chunk));
+        if (row < rows) {
+            const long grow = (long)q_begin * p.heads + row;
+            const bf16 *src = col < kLatent ? p.q_lat + grow * kLatent + col : p.q_rope + grow * p.q_rope_stride + (col - kLatent);
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
+        } else {
+            asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(dst), "r"(0) : "memory");
+        }
+    }
+    cp_async_commit();
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < kStages; ++s) {
+            mbar_init(&full[s], 1);                // the producer's "tile landed" arrival
+            mbar_init(&empty[s], kConsumerWarps);  // one release per consumer warp
+        }
+        mbar_init_fence();
+    }
+    cp_async_wait<0>();
+    fence_proxy_async();
+    __syncthreads();
+
+    if (warp == kProducerWarp) {
+        produce<kFp8>(p, smem + kQBytes, full, empty, seq, kv_end, tiles);
+        return;
+    }
+    // This thread's two accumulator rows (g and g + 8 of the warp's 16) and the positions they may attend to.
+    const int g = lane >> 2;
+    RowState state{{-INFINITY, -INFINITY}, {0.f, 0.f}, {-1, -1}};
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int row = row0 + warp * 16 + g + 8 * h;
+        state.pos[h] = row < rows ? first_pos + row / p.heads : -1;  // -1: padding row, sees nothing
+    }
+    consume(p, smem, smem + kQBytes, full, empty, state, kv_end, tiles, (long)q_begin * p.heads + row0 + warp * 16 + g);
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(kThreads, 1) mla_attention_wgmma_bf16(const MlaAttentionParams p) { attention_tile_wgmma<false>(p); }
+extern "C" __global__ void __launch_bounds__(kThreads, 1) mla_attention_wgmma_fp8(const MlaAttentionParams p) { attention_tile_wgmma<true>(p); }

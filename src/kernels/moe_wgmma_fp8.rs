@@ -1,0 +1,143 @@
+//! The fp8 tensor-core kernels of the GEMMs' prefill tile (`cuda/moe_gemm_wgmma_fp8.cu`): wgmma m64n64k32 e4m3 with
+//! the fp8 weights (per-tensor or 128x128-block scales) in registers and the activations quantised to e4m3 on the fly
+//! with one scale per row and 128 k ([`quantize_act_e4m3_block128`]), each 128-k partial promoted into an f32
+//! accumulator, as DeepGEMM's sm90 fp8 GEMM does. [`PrefillGemm::WgmmaFp8Act`] selects them for the fp8 formats'
+//! prefill-tile launches (grouped up- and down-projections, dense GEMMs of one matrix); [`super::moe`]'s launcher
+//! hands such a launch over with its parameters, and this module quantises the launch's input rows into a scratch
+//! buffer first. The CPU twin of both steps is `reference::fp8_gemm`.
+
+use half::bf16;
+
+use super::modules::MOE_GEMM_WGMMA_FP8;
+use super::moe::Grouping;
+use super::moe_wgmma::PrefillGemm;
+use super::params::{MoeGemmParams, MoeQuantizeActBlockParams};
+use super::{to_i32, Matrix};
+use crate::device::{launch_with, Device, DeviceBuffer, Dim3, Kernel, LaunchConfig};
+use crate::error::{Error, Result};
+use crate::quant::WeightFormat;
+
+/// Columns per activation scale: one f32 scale per row and 128 columns (the fp8-block weights' k block).
+pub const ACT_SCALE_BLOCK: usize = 128;
+
+/// Threads per GEMM block: two consumer warpgroups and the producer warp.
+const THREADS: u32 = 9 * 32;
+/// Dynamic shared memory of the GEMM kernels (`kSharedBytes` in moe_gemm_wgmma_fp8.cu): 4 stages of the 8 warps'
+/// 16 x 128 e4m3 weights (2 KiB each), 64 activation rows of 128 e4m3 and their 64 f32 scales; two mbarriers a stage;
+/// the 64 slots' pairs.
+const SHARED_BYTES: u32 = 4 * (8 * 2048 + 64 * 128 + 64 * 4) + 2 * 4 * 8 + 64 * 4;
+
+/// Activations bf16 -> e4m3 with one f32 scale per row and 128 columns (DeepGEMM's 1x128 rule): for each row r and
+/// block b of 128 columns, `amax = max(max |x[r, 128 b ..]|, 2^-64)`, `scales[r, b] = amax / 448` and
+/// `out[r, c] = e4m3(x[r, c] * (448 / amax))` (round to nearest even, saturating; both quotients rounded once in f32),
+/// so x ≈ e4m3 × scale, the block's largest magnitude landing on ±448. An all-zero block quantises to zeros (its
+/// scale is 2^-64 / 448). The bytes of every 32 columns are in the permuted order of
+/// [`quantize_act_e4m3`](super::moe::quantize_act_e4m3) (the k order in which the fp8 weight fragments reach the
+/// tensor cores); the CPU twin is `reference::fp8_gemm::quantize_act_block128`.
+///
+/// `x` `[rows, cols]` may have strided rows (an even stride from a 4-byte boundary: the kernel loads bf16 pairs);
+/// `out` `[rows, cols]` and `scales` `[rows, cols / 128]` are packed. `Error::InvalidArgument` for `cols` not a
+/// positive multiple of 128 or a misaligned view; `Error::Shape` for outputs of other shapes.
+///
+/// ```
+/// use half::bf16;
+/// use small4::device::{simulator, DeviceBuffer};
+/// use small4::kernels::moe_wgmma_fp8::quantize_act_e4m3_block128;
+///
+/// let device = simulator();
+/// // Row 0: block 0 all 0.5 but one 2.0, block 1 all zero.
+/// let mut x = vec![bf16::from_f32(0.5); 256];
+/// x[3] = bf16::from_f32(2.0);
+/// x[128..].fill(bf16::ZERO);
+/// let x = DeviceBuffer::from_slice(&device, &x)?;
+/// let (out, scales) = (DeviceBuffer::<u8>::alloc(&device, 256)?, DeviceBuffer::<f32>::alloc(&device, 2)?);
+/// quantize_act_e4m3_block128(x.view([1, 256])?, out.view([1, 256])?, scales.view([1, 2])?)?;
+/// let (codes, scales) = (out.to_vec()?, scales.to_vec()?);
+/// assert_eq!(scales[0], 2.0 / 448.0);
+/// // 2.0 becomes 448 (0x7e), 0.5 becomes 112 (0x6e); column 3 sits at byte 5 of its 32 (the permuted order).
+/// assert_eq!((codes[5], codes[0]), (0x7e, 0x6e));
+/// assert!(codes[128..].iter().all(|&c| c == 0));
+/// // Rows of 64 columns do not hold a whole scale block:
+/// let (x64, out64, one) = (DeviceBuffer::<bf16>::alloc(&device, 64)?, DeviceBuffer::<u8>::alloc(&device, 64)?, DeviceBuffer::<f32>::alloc(&device, 1)?);
+/// let err = quantize_act_e4m3_block128(x64.view([1, 64])?, out64.view([1, 64])?, one.view([1, 1])?);
+/// assert!(matches!(err, Err(small4::Error::InvalidArgument(_))));
+/// # Ok::<(), small4::Error>(())
+/// ```
+pub fn quantize_act_e4m3_block128(x: Matrix<bf16>, out: Matrix<u8>, scales: Matrix<f32>) -> Result<()> {
+    launch_quantize(x, out, scales, None)
+}
+
+/// [`quantize_act_e4m3_block128`] of the rows `slots` names: with a grouping, only its real slots (`slot <
+/// num_padded`, pair >= 0) are read and written, as the GEMM reads no others.
+fn launch_quantize(x: Matrix<bf16>, out: Matrix<u8>, scales: Matrix<f32>, slots: Option<&Grouping>) -> Result<()> {
+    const WHAT: &str = "quantize_act_e4m3_block128";
+    let [rows, cols] = x.dims();
+    if cols == 0 || cols % ACT_SCALE_BLOCK != 0 {
+        return Err(Error::InvalidArgument(format!("{WHAT}: cols {cols} must be a positive multiple of {ACT_SCALE_BLOCK}")));
+    }
+    x.expect_rows_aligned(&format!("{WHAT} x"), 4)?;
+    out.expect_dims(&format!("{WHAT} out"), [rows, cols])?;
+    out.expect_packed(&format!("{WHAT} out"))?;
+    out.expect_aligned(&format!("{WHAT} out"), 4)?;
+    scales.expect_dims(&format!("{WHAT} scales"), [rows, cols / ACT_SCALE_BLOCK])?;
+    scales.expect_packed(&format!("{WHAT} scales"))?;
+    let warps = rows * (cols / ACT_SCALE_BLOCK);
+    if warps == 0 {
+        return Ok(());
+    }
+    let opt = |b: Option<&DeviceBuffer<i32>>| b.map_or(std::ptr::null(), |b| b.ptr());
+    let params = MoeQuantizeActBlockParams {
+        x: x.ptr(),
+        out: out.mut_ptr(),
+        scales: scales.mut_ptr(),
+        sorted_pairs: opt(slots.map(|g| g.sorted_pairs)),
+        num_padded: opt(slots.map(|g| g.num_padded)),
+        rows: to_i32("quantize_act_e4m3_block128 rows", rows)?,
+        cols: to_i32("quantize_act_e4m3_block128 cols", cols)?,
+        x_stride: to_i32("quantize_act_e4m3_block128 stride", x.row_stride())?,
+    };
+    // One warp per (row, block), 8 warps a block, grid-stride: enough blocks to fill a GPU, no more than needed.
+    let config = LaunchConfig { grid: Dim3::x(super::blocks_for(warps, 8).min(1024)), block: Dim3::x(256), shared_bytes: 0 };
+    launch_with(out.device(), &Kernel { module: MOE_GEMM_WGMMA_FP8, entry: "moe_quantize_act_e4m3_block128" }, &config, &params)
+}
+
+/// The GEMM kernel of `format` weights; None for the formats without one.
+fn kernel(format: WeightFormat) -> Option<Kernel> {
+    let entry = match format {
+        WeightFormat::Fp8PerTensor => "moe_gemm_fp8_wgmma_a8",
+        WeightFormat::Fp8Block128 => "moe_gemm_fp8_block_wgmma_a8",
+        _ => return None,
+    };
+    Some(Kernel { module: MOE_GEMM_WGMMA_FP8, entry })
+}
+
+/// Whether a prefill-tile launch of `format` weights with bf16 inputs over `heads` matrices of reduction length
+/// `k_dim` runs here: [`PrefillGemm::WgmmaFp8Act`] is chosen, the format is fp8 (per-tensor or block-128), the launch
+/// is not batched over heads and `k_dim` holds whole 128-k scale blocks. False: the launch runs as before.
+pub(crate) fn applies(format: WeightFormat, heads: usize, k_dim: usize) -> Result<bool> {
+    Ok(kernel(format).is_some() && heads == 1 && k_dim % ACT_SCALE_BLOCK == 0 && PrefillGemm::current()? == PrefillGemm::WgmmaFp8Act)
+}
+
+/// Launches the prefill tile of `format` (fp8) weights on the fp8 tensor cores: `x` (the launch's bf16 input rows,
+/// `[input rows, k_dim]`) is quantised into scratch buffers with [`quantize_act_e4m3_block128`] (only the real slots
+/// of `slots` when the input rows are a grouping's slots), then the GEMM runs with `params` and the grid of the
+/// mma.sync launch (`config`'s block and shared memory are replaced), reading the e4m3 rows and their scales instead
+/// of `x`. `Error::InvalidArgument` for a format without a kernel here (see [`applies`]).
+pub(crate) fn launch(
+    device: &Device,
+    format: WeightFormat,
+    x: Matrix<bf16>,
+    slots: Option<&Grouping>,
+    config: &LaunchConfig,
+    params: &MoeGemmParams,
+) -> Result<()> {
+    let kernel = kernel(format).ok_or_else(|| Error::InvalidArgument(format!("no fp8-activation wgmma kernel for {format:?} weights")))?;
+    let [rows, k_dim] = x.dims();
+    let codes = DeviceBuffer::<u8>::alloc(device, rows * k_dim)?;
+    let scales = DeviceBuffer::<f32>::alloc(device, rows * (k_dim / ACT_SCALE_BLOCK))?;
+    launch_quantize(x, codes.view([rows, k_dim])?, scales.view([rows, k_dim / ACT_SCALE_BLOCK])?, slots)?;
+    let params =
+        MoeGemmParams { x: std::ptr::null(), x_e4m3: codes.ptr(), x_stride: to_i32("fp8 gemm x stride", k_dim)?, x_block_scales: scales.ptr(), ..*params };
+    let config = LaunchConfig { block: Dim3::x(THREADS), shared_bytes: SHARED_BYTES, ..*config };
+    launch_with(device, &kernel, &config, &params)
+}

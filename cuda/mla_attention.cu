@@ -14,7 +14,7 @@
 // bytes. The llama-4 query scale is already in q_lat and q_rope.
 //
 // Tiling of mla_attention_*: block = 32 * W threads (W = 1..4 warps, 16 query rows per warp; with the split combine
-// fused into a grid of at most one block per SM, helper warps up to 8 in all that share the loads and the combine),
+// fused into a grid of at most one block per SM, helper warps up to 8 in all that issue the tile loads and share the combine),
 // grid = (row tiles, splits, sequences). Q [16W x 320] sits in shared memory (padded rows, conflict-free ldmatrix); the cache streams in
 // tiles of 32 tokens x 320, double-buffered with cp.async (fp8: raw bytes staged, then widened to bf16 in shared
 // memory). Per tile and warp: S = Q K^T with mma.sync m16n8k16 (20 k-steps x 4 n-tiles, B fragments by ldmatrix),
@@ -42,7 +42,8 @@ constexpr int kRowsPerWarp = 16;
 constexpr int kMaxWarps = 4;                     // warps that own query rows
 constexpr int kMaxBlockWarps = 8;                // with the fused combine's helper warps
 static_assert(kMaxWarps <= kMaxBlockWarps, "row warps fit the launch bounds");
-constexpr int kCombineRows = 4;                  // rows a warp of the fused combine works on at once
+constexpr int kMaxCombineRows = 4;               // most rows a warp of the fused combine works on at once
+constexpr int kCombineLoadsInFlight = 16;        // (row, split) partials a combining warp loads at once: R rows x 16 / R splits
 
 }  // namespace
 
@@ -81,34 +82,47 @@ struct TileLayout {
     static constexpr int kStageBytes = kFp8 ? kTileN * kWidth : kTileN * kRowStride * 2;
 };
 
+// The block-table entry (physical page) of cache token tile_start + lane, or 0 for a token at or past `end` (its
+// entry is never read). Each warp reads a tile's entries once, one per lane; the split loop reads the next tile's while
+// the current one computes and turns the page into a slot only when it issues that tile's copies (tile_slot), so no
+// instruction waits for the table load on the per-tile chain.
+__device__ __forceinline__ int tile_page(const MlaAttentionParams &p, int seq, int tile_start, int end) {
+    static_assert(kTileN == 32, "one block-table entry per lane");
+    const int pos = tile_start + (threadIdx.x & 31);
+    return pos < end ? p.block_tables[(long)seq * p.max_pages + pos / p.page_size] : 0;
+}
+// The physical slot (page * page_size + offset) of cache token tile_start + lane, from its tile_page entry.
+__device__ __forceinline__ int tile_slot(const MlaAttentionParams &p, int page, int tile_start) {
+    return page * p.page_size + (tile_start + (threadIdx.x & 31)) % p.page_size;
+}
+
 // Issues the cp.async loads of cache tokens [tile_start, tile_start + kTileN) into a stage; tokens at or past `end`
 // are zero-filled in shared memory and never read from global memory (their page slots may hold anything).
-// Each warp reads the tile's block-table entries once (lane i: token i) and hands the slot of a token to the lanes
-// that copy its chunks by shuffle: one table request per warp and tile instead of one per 16-byte chunk.
+// `my_slot` is tile_slot's for this tile (lane i: token i). A warp request moves 64 contiguous bytes (4 lanes x 16)
+// of each of 8 tokens: 16 full sectors, as many as 512 contiguous bytes. The tile is 4 token groups x kColGroups
+// column groups of such requests; loading warp w (of `warps`, the warps issuing this tile) takes units w, w + warps,
+// ...; every thread takes its 4 tokens' slots by shuffle once per tile, not once per copy. Branch-free (src-size
+// copies zero-fill the tokens past `end`).
 template <bool kFp8>
-__device__ __forceinline__ void load_cache_tile(const MlaAttentionParams &p, int seq, int tile_start, int end, char *stage) {
-    static_assert(kTileN == 32, "one block-table entry per lane");
+__device__ __forceinline__ void load_cache_tile(const MlaAttentionParams &p, int my_slot, int tile_start, int end, char *stage, int warp, int warps) {
     using Elem = CacheElem<kFp8>;
-    constexpr int kChunks = kWidth * Elem::kBytes / 16;  // 16-byte chunks per token
+    constexpr int kRowBytes = kWidth * Elem::kBytes;         // a cache row in global memory
     constexpr int kDstRowBytes = kFp8 ? kWidth : kRowStride * 2;
+    constexpr int kTokenGroups = kTileN / 8;
+    constexpr int kColGroups = kRowBytes / 64;
+    static_assert(kRowBytes % 64 == 0 && kTokenGroups == 4, "64-byte column groups, 4 token groups of 8");
     const int lane = threadIdx.x & 31;
+    const int tok_lo = lane >> 2, col = (lane & 3) * 16;  // this thread's token within a group and byte within a column group
     const char *cache = reinterpret_cast<const char *>(p.cache);
-    int my_slot = 0;  // physical slot (page * page_size + offset) of token tile_start + lane
-    if (tile_start + lane < end) {
-        const int pos = tile_start + lane;
-        my_slot = p.block_tables[(long)seq * p.max_pages + pos / p.page_size] * p.page_size + pos % p.page_size;
-    }
-    // Warp-uniform trip count (the shuffle needs every lane), block-strided over the tile's chunks.
-    for (int base = threadIdx.x - lane; base < kTileN * kChunks; base += blockDim.x) {
-        const int idx = base + lane, tok = idx / kChunks, chunk = idx % kChunks;
-        const int slot = __shfl_sync(0xffffffffu, my_slot, tok & 31);
-        if (idx >= kTileN * kChunks) continue;
-        char *dst = stage + tok * kDstRowBytes + chunk * 16;
-        if (tile_start + tok < end) {
-            cp_async16(dst, cache + (long)slot * (kWidth * Elem::kBytes) + chunk * 16);
-        } else {
-            *reinterpret_cast<uint4 *>(dst) = make_uint4(0, 0, 0, 0);
-        }
+    int slot[kTokenGroups];
+#pragma unroll
+    for (int j = 0; j < kTokenGroups; ++j) slot[j] = __shfl_sync(0xffffffffu, my_slot, tok_lo + 8 * j);
+    for (int unit = warp; unit < kTokenGroups * kColGroups; unit += warps) {
+        const int group = unit % kTokenGroups, byte = unit / kTokenGroups * 64 + col, tok = tok_lo + 8 * group;
+        int s = slot[0];
+#pragma unroll
+        for (int j = 1; j < kTokenGroups; ++j) s = group == j ? slot[j] : s;
+        cp_async16_zfill(stage + tok * kDstRowBytes + byte, cache + (long)s * kRowBytes + byte, tile_start + tok < end);
     }
 }
 
@@ -151,8 +165,22 @@ __device__ __forceinline__ void attend_split(const MlaAttentionParams &p, int se
         }
     }
     const int tiles = (kv_end - split_begin + kTileN - 1) / kTileN;
-    load_cache_tile<kFp8>(p, seq, split_begin, kv_end, stages);
+    const int warps = blockDim.x >> 5;
+    load_cache_tile<kFp8>(p, tile_slot(p, tile_page(p, seq, split_begin, kv_end), split_begin), split_begin, kv_end, stages, warp, warps);
     cp_async_commit();
+    int next_page = tile_page(p, seq, split_begin + kTileN, kv_end);  // the pages of the tile the loop loads next
+    // The warps that issue the next tile's copies: the helper warps when the block has them, after the tile's barrier,
+    // while the row warps compute (whose per-tile chain is then the tile's arithmetic alone); else every warp, before
+    // waiting for the current tile (the issue overlaps that wait).
+    const bool helpers_load = warps > p.row_warps;
+    const auto refill = [&](int t) {  // copies of tile t + 1 into its stage, last read in iteration t - 1
+        const int next_start = split_begin + (t + 1) * kTileN;
+        const int first_loader = helpers_load ? p.row_warps : 0;
+        load_cache_tile<kFp8>(p, tile_slot(p, next_page, next_start), next_start, kv_end, stages + ((t + 1) & 1) * TileLayout<kFp8>::kStageBytes,
+                              warp - first_loader, warps - first_loader);
+        cp_async_commit();
+        next_page = tile_page(p, seq, next_start + kTileN, kv_end);
+    };
 
     // This thread's two accumulator rows (g and g + 8 of the warp's 16) and the positions they may attend to.
     const int g = lane >> 2, quad = lane & 3;
@@ -170,14 +198,16 @@ __device__ __forceinline__ void attend_split(const MlaAttentionParams &p, int se
     const bf16 *q_warp = q_smem + warp * kRowsPerWarp * kRowStride;
     for (int t = 0; t < tiles; ++t) {
         const int tile_start = split_begin + t * kTileN;
-        if (t + 1 < tiles) {
-            load_cache_tile<kFp8>(p, seq, tile_start + kTileN, kv_end, stages + ((t + 1) & 1) * TileLayout<kFp8>::kStageBytes);
-            cp_async_commit();
+        // Tile t lands (each thread waits for its own copies; the barrier publishes them to every warp); tile t + 1's
+        // copies fly while tile t is computed.
+        if (!helpers_load && t + 1 < tiles) {
+            refill(t);
             cp_async_wait<1>();
         } else {
             cp_async_wait<0>();
         }
         __syncthreads();
+        if (helpers_load && t + 1 < tiles && warp >= p.row_warps) refill(t);
         const bf16 *kv;
         if constexpr (kFp8) {
             widen_fp8_tile(stages + (t & 1) * TileLayout<kFp8>::kStageBytes, wide);
@@ -188,18 +218,22 @@ __device__ __forceinline__ void attend_split(const MlaAttentionParams &p, int se
         }
 
         if (owns_rows) {
-            // S = Q K^T for the warp's 16 rows x 32 tokens.
+            // S = Q K^T for the warp's 16 rows x 32 tokens: the k-steps fully unrolled from two fragment bases (every
+            // ldmatrix address a constant offset). One accumulator per n-tile, k in order: the wgmma prefill kernel
+            // sums the same k-steps in the same order, bit for bit (tests/mla_wgmma.rs).
             float s[kTileN / 8][4];
     #pragma unroll
             for (int n = 0; n < kTileN / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
-    #pragma unroll 4
+            const bf16 *q_frag = q_warp + (lane & 15) * kRowStride + (lane >> 4) * 8;
+            const bf16 *k_frag = kv + ((lane >> 4) * 8 + (lane & 7)) * kRowStride + ((lane >> 3) & 1) * 8;
+    #pragma unroll
             for (int k = 0; k < kWidth / 16; ++k) {
                 uint32_t a[4];
-                ldmatrix_x4(a, q_warp + (lane & 15) * kRowStride + k * 16 + (lane >> 4) * 8);
+                ldmatrix_x4(a, q_frag + k * 16);
     #pragma unroll
                 for (int n = 0; n < kTileN / 8; n += 2) {
                     uint32_t b[4];
-                    ldmatrix_x4(b, kv + (n * 8 + (lane >> 4) * 8 + (lane & 7)) * kRowStride + k * 16 + ((lane >> 3) & 1) * 8);
+                    ldmatrix_x4(b, k_frag + n * 8 * kRowStride + k * 16);
                     mma_bf16(s[n], a, b[0], b[1]);
                     mma_bf16(s[n + 1], a, b[2], b[3]);
                 }
@@ -223,7 +257,7 @@ __device__ __forceinline__ void attend_split(const MlaAttentionParams &p, int se
                 }
             }
         }
-        __syncthreads();  // the stage just read is refilled by the next iteration's prefetch
+        __syncthreads();  // the stage just read is refilled in the next iteration
     }
 
     if (!owns_rows) return;
@@ -236,8 +270,8 @@ __device__ __forceinline__ void attend_split(const MlaAttentionParams &p, int se
 // The split combine of up to R (token, head) rows of one sequence, by one warp: o_lat[row] = sum_i w_i o_i / sum_i w_i
 // with w_i = l_i 2^(m_i - max_j m_j), over the splits i that hold a key of the row (i * tokens_per_split <=
 // position), in split order: deterministic, and the same arithmetic for every R and wherever it runs (the fused tail
-// of mla_attention_*, R = kCombineRows; the standalone mla_attention_combine, R = 1): each row's operations are those
-// of R = 1, only interleaved, its R rows' loads of 4 splits are in flight together (8R x 512 B). Lane l owns
+// of mla_attention_*, R = 1, 2 or kMaxCombineRows; the standalone mla_attention_combine, R = 1): each row's operations are those
+// of R = 1, only interleaved, its R rows' loads of kCombineLoadsInFlight / R splits are in flight together (16 x 1 KiB). Lane l owns
 // latent values 4l..4l+3 and 128+4l..128+4l+3 (each warp load is 512 contiguous bytes); lane i reads the (max, sum)
 // of split i (of each group of 32) and passes its weight around by shuffle. Partials are read with ld.cg: other
 // blocks wrote them in this launch (fused), so never from L1. rows[r] < 0: no row in that slot (rows[0] >= 0).
@@ -288,7 +322,7 @@ __device__ __forceinline__ void combine_rows(const MlaAttentionParams &p, int q_
         }
         // Branch-free, so the loads of several splits and rows overlap: a row with fewer splits (prefill tiles only)
         // re-reads its last split's partial with weight 0, which leaves its sums exactly as they are.
-#pragma unroll 4
+#pragma unroll(kCombineLoadsInFlight / R)
         for (int j = 0; j < min(32, max_splits - base); ++j) {
 #pragma unroll
             for (int r = 0; r < R; ++r) {
@@ -317,17 +351,30 @@ __device__ __forceinline__ void combine_rows(const MlaAttentionParams &p, int q_
 
 namespace {
 
+// The fused combine of rows row0..last_row by the block's warps, R rows a warp at a time (rows row0 + warp * R + k,
+// then the next group).
+template <int R>
+__device__ __forceinline__ void combine_tile_rows(const MlaAttentionParams &p, int q_begin, int first_pos, int row0, int last_row) {
+    const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5;
+    for (int first = row0 + warp * R; first <= last_row; first += warps * R) {
+        int rows[R];
+#pragma unroll
+        for (int k = 0; k < R; ++k) rows[k] = first + k <= last_row ? first + k : -1;
+        combine_rows<R>(p, q_begin, first_pos, rows);
+    }
+}
+
 // One attention block: its split's keys (if any), then, when split and p.split_counters is set, the fused combine.
 // The fused combine is the GEMM row finishers' "last block" pattern (cuda/include/gemm_epilogue.cuh finish_rows), per
 // (sequence, row tile): every split block of the tile fences its partial stores and arrives on the tile's counter
 // (blocks whose split holds no key of the tile arrive too, with nothing written); the block whose arrival completes
 // the count (num_splits) zeroes the counter for the next launch (graph replay) and combines the tile's rows, each
-// warp kCombineRows rows at a time (combine_rows, splits in fixed order). Without counters the standalone
+// warp R rows at a time (combine_tile_rows, splits in fixed order). Without counters the standalone
 // mla_attention_combine runs after.
 template <bool kFp8>
 __device__ __forceinline__ void attention_tile(const MlaAttentionParams &p) {
     const int seq = blockIdx.z, split = blockIdx.y;
-    const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5;
+    const int warps = blockDim.x >> 5;
     const int q_begin = p.q_start[seq], q_count = p.q_start[seq + 1] - q_begin;
     const int first_pos = p.kv_len[seq] - q_count;
     const int block_rows = p.row_warps * kRowsPerWarp;
@@ -354,13 +401,15 @@ __device__ __forceinline__ void attention_tile(const MlaAttentionParams &p) {
     __syncthreads();
     if (!last_arrival) return;
     __threadfence();  // the other blocks fenced their stores before arriving: read them from here on (ld.cg)
-    // Each warp of the block (helpers included) combines kCombineRows rows at a time (rows row0 + warp *
-    // kCombineRows + k, then the next group).
-    for (int first = row0 + warp * kCombineRows; first <= last_row; first += warps * kCombineRows) {
-        int rows[kCombineRows];
-#pragma unroll
-        for (int k = 0; k < kCombineRows; ++k) rows[k] = first + k <= last_row ? first + k : -1;
-        combine_rows<kCombineRows>(p, q_begin, first_pos, rows);
+    // Each warp of the block (helpers included) combines R rows at a time, R as small as the tile's rows over the
+    // block's warps allow (each row's arithmetic is the same for every R: combine_rows).
+    const int rows_per_warp = (last_row - row0) / warps + 1;
+    if (rows_per_warp <= 1) {
+        combine_tile_rows<1>(p, q_begin, first_pos, row0, last_row);
+    } else if (rows_per_warp <= 2) {
+        combine_tile_rows<2>(p, q_begin, first_pos, row0, last_row);
+    } else {
+        combine_tile_rows<kMaxCombineRows>(p, q_begin, first_pos, row0, last_row);
     }
 }
 

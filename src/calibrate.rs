@@ -28,7 +28,7 @@ use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 use crate::device::sim::SimBackend;
 use crate::device::{Device, DeviceBuffer, LaunchCounters, TargetGpu, TimingModel};
 use crate::error::{Error, Result};
-use crate::kernels::attention::{self, AttentionScratch, BlockTables, PagedCache, Queries, QueryLayout, SplitCombine};
+use crate::kernels::attention::{self, AttentionPlan, AttentionScratch, BlockTables, PagedCache, Queries, QueryLayout, SplitCombine};
 use crate::kernels::dense;
 use crate::kernels::moe::{self, DeviceWeights, Grouping, MoeLayerWeights, MoeWorkspace, RoutingBuffers};
 use crate::kernels::moe_wgmma::PrefillGemm;
@@ -370,16 +370,23 @@ pub fn run(options: &Options, out: &mut dyn Write) -> Result<(Vec<Outcome>, Summ
     Ok((outcomes, summary))
 }
 
-/// `small4 calibrate`: [`run`], or [`predict_cases`] on the list `options.predict` names.
+/// `small4 calibrate`: [`run`], or [`predict_cases`] on the list `options.predict` names (or the case file it is the
+/// path of: the columns of [`DECODE_CHOICES`]).
 ///
-/// `Error::InvalidArgument` for an unknown list name; otherwise as those two.
+/// `Error::InvalidArgument` for an unknown list name that is no file; `Error::Io` for an unreadable file; otherwise
+/// as those two.
 pub fn run_command(options: &Options, out: &mut dyn Write) -> Result<()> {
     match options.predict.as_deref() {
         None => run(options, out).map(|_| ()),
         Some("decode-choices") => predict_cases(DECODE_CHOICES, options, out).map(|_| ()),
         Some("bench-cases") => predict_cases(BENCH_CASES, options, out).map(|_| ()),
         Some("prefill-cases") => predict_cases(PREFILL_CASES, options, out).map(|_| ()),
-        Some(other) => Err(Error::InvalidArgument(format!("calibrate --predict {other}: decode-choices, bench-cases or prefill-cases"))),
+        // A case list of one's own (same columns), for trying alternatives without editing the stored lists.
+        Some(path) if std::path::Path::new(path).is_file() => {
+            let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+            predict_cases(&text, options, out).map(|_| ())
+        }
+        Some(other) => Err(Error::InvalidArgument(format!("calibrate --predict {other}: decode-choices, bench-cases, prefill-cases or a case file"))),
     }
 }
 
@@ -424,6 +431,34 @@ pub fn parse_cases(text: &str) -> Result<Vec<Case>> {
         cases.push(Case { id: f[0].to_string(), run: f[1].to_string(), method, what: f[3].to_string() });
     }
     Ok(cases)
+}
+
+/// One table line per launch with its model terms (`--terms`).
+fn write_terms(out: &mut dyn Write, launches: &[LaunchCounters], predictions: &[crate::device::TimingPrediction]) -> Result<()> {
+    let io = |e: std::io::Error| Error::Io { path: "stdout".into(), source: e };
+    for (l, p) in launches.iter().zip(predictions) {
+        writeln!(
+            out,
+            "|  | {} | {:.1} µs | bps {} waves {} | dram {:.1} ({:.0} GB/s) l2 {:.1} issue {:.1} tensor {:.1} shared {:.1} chain {:.1} exposed {:.1} µs | chain cycles {} + {} loads (longest block), barriers {} |",
+            l.kernel,
+            p.micros(),
+            p.blocks_per_sm,
+            p.waves,
+            p.dram_s * 1e6,
+            p.dram_bytes_per_s / 1e9,
+            p.l2_s * 1e6,
+            p.issue_s * 1e6,
+            p.tensor_s * 1e6,
+            p.shared_s * 1e6,
+            p.chain_s * 1e6,
+            p.exposed_s * 1e6,
+            l.timing.chain_cycles_max,
+            l.timing.chain_globals_max,
+            l.timing.block_barriers,
+        )
+        .map_err(io)?;
+    }
+    Ok(())
 }
 
 /// Predicts every case of a list on the interpreter (as [`run`] replays a stored row: same sampling, same L2
@@ -478,30 +513,6 @@ pub fn predict_cases(text: &str, options: &Options, out: &mut dyn Write) -> Resu
         }
     }
     Ok(results)
-}
-
-/// One table line per launch with its model terms (`--terms`).
-fn write_terms(out: &mut dyn Write, launches: &[LaunchCounters], predictions: &[crate::device::TimingPrediction]) -> Result<()> {
-    for (l, p) in launches.iter().zip(predictions) {
-        writeln!(
-            out,
-            "|  | {} | {:.1} µs | bps {} waves {} | dram {:.1} ({:.0} GB/s) l2 {:.1} issue {:.1} tensor {:.1} shared {:.1} chain {:.1} exposed {:.1} µs |",
-            l.kernel,
-            p.micros(),
-            p.blocks_per_sm,
-            p.waves,
-            p.dram_s * 1e6,
-            p.dram_bytes_per_s / 1e9,
-            p.l2_s * 1e6,
-            p.issue_s * 1e6,
-            p.tensor_s * 1e6,
-            p.shared_s * 1e6,
-            p.chain_s * 1e6,
-            p.exposed_s * 1e6
-        )
-        .map_err(|e| Error::Io { path: "stdout".into(), source: e })?;
-    }
-    Ok(())
 }
 
 /// The tensor and DRAM rates of a call predicted at `micros` on `gpu`: `TFLOP/s | GB/s (P% of HBM)`. FLOPs are the
@@ -720,7 +731,7 @@ fn replay(
     // of a token group does the top-k and alignment), the dense GEMM (a split-K launch's last block of each tile sums
     // the splits and runs the epilogue) and MLA decode with the split combine fused (the last split block of each row
     // tile combines).
-    let fused_combine = spec.family == "mla" && spec.get("combine") == Some("fused");
+    let fused_combine = spec.family == "mla" && mla_combine(spec)? == SplitCombine::Fused;
     let sampled = !(matches!(spec.family.as_str(), "router" | "dense") || fused_combine);
     sim.set_block_sample(sampled.then_some(sample_blocks));
     // Every stored measurement ran the mma.sync prefill GEMM (the wgmma one, the default now, came later): mma.sync
@@ -879,11 +890,31 @@ const MLA_PAGE: usize = 64;
 /// Above this many cache bytes the sequences of a batch share one sequence's pages (sampled launches only).
 const MLA_ALIAS_BYTES: usize = 256 << 20;
 
+/// The split combine of an `mla` case: `combine=launch` (the default: its own launch, as every stored measurement ran
+/// it; the fusion came later), `combine=fused` (inside the attention launch), or `combine=auto` (what the code does
+/// now: the form `SplitCombine::for_plan` picks for the case's grid).
+fn mla_combine(spec: &Spec) -> Result<SplitCombine> {
+    match spec.get("combine") {
+        Some("launch") | None => Ok(SplitCombine::Launch),
+        Some("fused") => Ok(SplitCombine::Fused),
+        Some("auto") => {
+            let batch = spec.usize("batch")?;
+            let plan = AttentionPlan::new(batch, MLA_HEADS, spec.usize("ctx")?, mla_splits(spec)?)?;
+            Ok(SplitCombine::for_plan(&plan, batch))
+        }
+        Some(other) => Err(Error::InvalidArgument(format!("calibration mla run: combine={other} (fused, launch or auto)"))),
+    }
+}
+
+/// An `mla` case's forced split count (`splits=`), or `None` for the split heuristic's.
+fn mla_splits(spec: &Spec) -> Result<Option<usize>> {
+    spec.get("splits").map(|_| spec.usize("splits")).transpose()
+}
+
 /// `benches/attention.rs`: 32 heads, page 64, shuffled page pool; `mla batch= ctx= dtype= [splits=] [combine=]`
-/// (decode; no `splits=`: the split heuristic's count) or `mla_prefill new= prefix=`. `combine=fused` runs the split
-/// combine inside the attention launch, as the code does now; without it (or `combine=launch`) as its own launch, as
-/// every stored measurement ran it (the fusion came later). A fused launch's combine runs in the last split block of
-/// each row tile, so only a whole launch counts it: fused cases are replayed unsampled.
+/// (decode; no `splits=`: the split heuristic's count; `combine=` as [`mla_combine`] reads it) or `mla_prefill new=
+/// prefix=`. A fused launch's combine runs in the last split block of each row tile, so only a whole launch counts
+/// it: fused cases are replayed unsampled.
 fn replay_mla(sim: &SimBackend, device: &Device, spec: &Spec) -> Result<Vec<LaunchCounters>> {
     let mut rng = StdRng::seed_from_u64(1);
     let (batch, lens, rows, q_start, splits, dtype) = if spec.family == "mla_prefill" {
@@ -896,8 +927,7 @@ fn replay_mla(sim: &SimBackend, device: &Device, spec: &Spec) -> Result<Vec<Laun
             Some("fp8") => CacheDtype::Fp8E4m3 { scale: 0.5 },
             Some(other) => return Err(Error::InvalidArgument(format!("calibration mla run: dtype={other}"))),
         };
-        let splits = if spec.get("splits").is_some() { Some(spec.usize("splits")?) } else { None };
-        (batch, vec![ctx; batch], batch, (0..=batch as i32).collect(), splits, dtype)
+        (batch, vec![ctx; batch], batch, (0..=batch as i32).collect(), mla_splits(spec)?, dtype)
     };
     let pages_of = |len: usize| len.div_ceil(MLA_PAGE);
     let max_pages = lens.iter().map(|&l| pages_of(l)).max().unwrap_or(0);
@@ -927,11 +957,7 @@ fn replay_mla(sim: &SimBackend, device: &Device, spec: &Spec) -> Result<Vec<Laun
     let o_lat = DeviceBuffer::<bf16>::alloc(device, rows * MLA_HEADS * MLA_LATENT)?;
     let layout = if spec.family == "mla_prefill" { QueryLayout::upload(device, &q_start)? } else { QueryLayout::decode(device, batch)? };
     let queries = Queries { layout: &layout, q_lat: q_lat.view([rows, MLA_HEADS, MLA_LATENT])?, q_rope: q_rope.view([rows * MLA_HEADS, MLA_ROPE])? };
-    let combine = match spec.get("combine") {
-        Some("launch") | None => SplitCombine::Launch,
-        Some("fused") => SplitCombine::Fused,
-        Some(other) => return Err(Error::InvalidArgument(format!("calibration mla run: combine={other} (fused or launch)"))),
-    };
+    let combine = if spec.family == "mla_prefill" { SplitCombine::Launch } else { mla_combine(spec)? };
     let mut scratch = AttentionScratch::new(device);
     sim.record_launches(true);
     // The stored measurements ran the mma.sync kernel (before the wgmma prefill kernel): replay that one.

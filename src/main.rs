@@ -51,7 +51,8 @@ enum Command {
         #[arg(long)]
         profiles: Option<PathBuf>,
         /// Predict a list of cases on the H200 and H100 SXM instead: `decode-choices` (the decode tile
-        /// alternatives), `bench-cases` (the GPU script's benches) or `prefill-cases` (issue 17's prefill kernels).
+        /// alternatives), `bench-cases` (the GPU script's benches), `prefill-cases` (issue 17's prefill kernels) or
+        /// the path of a case file with their columns.
         #[arg(long)]
         predict: Option<String>,
     },

@@ -106,13 +106,14 @@ struct AttentionCase {
 /// Runs one attention call on a random paged cache (poisoned output) and checks it against the reference.
 /// Returns the output bits.
 fn check_attention(device: &Device, case: &AttentionCase) -> Vec<u16> {
-    check_attention_forms(device, case, &[SplitCombine::Fused])
+    check_attention_forms(device, case, &[None])
 }
 
-/// [`check_attention`] with the split combine in each form of `forms` in turn, one scratch for all of them (so a
-/// form listed twice reuses the fused combine's counters), the output poisoned before each call: every call's bits
-/// must be equal, and the first matches the reference.
-fn check_attention_forms(device: &Device, case: &AttentionCase, forms: &[SplitCombine]) -> Vec<u16> {
+/// [`check_attention`] with the split combine in each form of `forms` in turn (`None`: the wrapper's own choice,
+/// `SplitCombine::for_plan`), one scratch for all of them (so a fused form listed twice reuses the fused combine's
+/// counters), the output poisoned before each call: every call's bits must be equal, and the first matches the
+/// reference.
+fn check_attention_forms(device: &Device, case: &AttentionCase, forms: &[Option<SplitCombine>]) -> Vec<u16> {
     let mut rng = rng(case.seed);
     let (desc, tables) = random_tables(&mut rng, &case.lens, case.page_size, dtype(case.fp8));
     let bytes = random_cache_bytes(&mut rng, &desc, &tables);
@@ -145,7 +146,12 @@ fn check_attention_forms(device: &Device, case: &AttentionCase, forms: &[SplitCo
     let mut outputs = forms.iter().map(|&form| {
         let o_lat = DeviceBuffer::<bf16>::filled_with_byte(device, tokens * h * LATENT, 0xff).unwrap();
         let o_view = o_lat.view([tokens, h, LATENT]).unwrap();
-        let plan = form.run(|| attention::mla_attention(&cache, &block_tables, &queries, o_view, SOFTMAX_SCALE, case.splits, &mut scratch)).unwrap();
+        let call = |scratch: &mut AttentionScratch| attention::mla_attention(&cache, &block_tables, &queries, o_view, SOFTMAX_SCALE, case.splits, scratch);
+        let plan = match form {
+            Some(form) => form.run(|| call(&mut scratch)),
+            None => call(&mut scratch),
+        }
+        .unwrap();
         (plan, o_lat.to_vec().unwrap())
     });
     let (plan, got) = outputs.next().expect("at least one form");
@@ -241,7 +247,7 @@ fn many_heads_match_reference(device: &Device) {
 /// tiles; grids of at most one block per SM (8-warp blocks, helper warps combining too) and of more. Each fused launch
 /// runs twice on one scratch: the second is right only if the first left its counters at 0.
 fn fused_split_combine_equals_the_combine_launch(device: &Device) {
-    use SplitCombine::{Fused, Launch};
+    let (fused, launch) = (Some(SplitCombine::Fused), Some(SplitCombine::Launch));
     let cases = [
         (vec![1000], vec![1], false, None),
         (vec![1000], vec![1], true, Some(7)),
@@ -252,7 +258,37 @@ fn fused_split_combine_equals_the_combine_launch(device: &Device) {
     ];
     for (seed, (lens, q_counts, fp8, splits)) in cases.into_iter().enumerate() {
         let case = AttentionCase { lens, q_counts, heads: 32, page_size: 16, fp8, splits, seed: 40 + seed as u64 };
-        check_attention_forms(device, &case, &[Launch, Fused, Fused]);
+        check_attention_forms(device, &case, &[launch, fused, fused, None]);
+    }
+}
+
+/// The wrapper's own choice of the split combine follows the grid (`SplitCombine::for_plan`): fused (one launch) up to
+/// one block per SM or up to 16 splits a tile, a second launch above both; the chosen form equals both forced forms
+/// bit for bit and the reference. Sequences cut into one-tile splits: 3 x 44 (132 blocks, at most one per SM), 3 x 45
+/// (135 blocks of 45 splits) and 34 x 4 (136 blocks of 4 splits).
+fn split_combine_form_follows_the_grid(device: &Device) {
+    let (fused, launch) = (vec!["mla_attention_bf16"], vec!["mla_attention_bf16", "mla_attention_combine"]);
+    for (seqs, splits, form, kernels) in [(3, 44, SplitCombine::Fused, &fused), (3, 45, SplitCombine::Launch, &launch), (34, 4, SplitCombine::Fused, &fused)] {
+        let len = splits * 32;
+        let plan = attention::AttentionPlan::new(seqs, 4, len, Some(splits)).unwrap();
+        assert_eq!(plan.num_splits, splits);
+        assert_eq!(SplitCombine::for_plan(&plan, seqs), form, "{plan:?}");
+        let launched: Arc<Mutex<Vec<String>>> = Arc::default();
+        let seen = launched.clone();
+        let hooked: Device = Arc::new(Hooked {
+            before_launch: Box::new(move |kernel| {
+                seen.lock().unwrap().push(kernel.entry.to_string());
+                Ok(())
+            }),
+            ..Hooked::new(device.clone())
+        });
+        let case = AttentionCase { lens: vec![len; seqs], q_counts: vec![1; seqs], heads: 4, page_size: 16, fp8: false, splits: Some(splits), seed: 60 };
+        check_attention_forms(&hooked, &case, &[None, Some(SplitCombine::Fused), Some(SplitCombine::Launch)]);
+        // The calls in order: the chosen form's launches first, then the forced forms' (fused: one, launch: two).
+        let launched = launched.lock().unwrap().clone();
+        let attention_calls: Vec<&str> = launched.iter().map(String::as_str).filter(|k| k.starts_with("mla_attention")).collect();
+        assert_eq!(attention_calls[..kernels.len()], kernels[..], "{splits} splits: {launched:?}");
+        assert_eq!(attention_calls.len(), kernels.len() + 3, "{splits} splits: {launched:?}");
     }
 }
 
@@ -535,6 +571,7 @@ backend_tests!(
     long_decode_matches_reference,
     many_heads_match_reference,
     fused_split_combine_equals_the_combine_launch,
+    split_combine_form_follows_the_grid,
     attention_is_deterministic,
     cache_writer_matches_reference,
     cache_writer_rotates_far_positions,
@@ -557,12 +594,12 @@ fn decode_traffic_at_real_heads() {
     // (fp8 cache, context lengths, splits, docs/perf.md's total / ideal and (total - partials) / ideal)
     for (fp8, lens, splits, figures) in [
         (false, vec![4096], Some(1), [1.009, 1.009]),
-        (false, vec![4096], Some(16), [1.541, 1.144]),
-        (false, vec![4096], None, [3.086, 2.290]),
+        (false, vec![4096], Some(16), [1.539, 1.141]),
+        (false, vec![4096], None, [3.084, 2.289]),
         (true, vec![4096], Some(1), [1.018, 1.018]),
         (false, ragged(), Some(1), [1.015, 1.015]),
-        (false, ragged(), Some(12), [1.544, 1.140]),
-        (false, ragged(), None, [2.738, 2.187]),
+        (false, ragged(), Some(12), [1.542, 1.138]),
+        (false, ragged(), None, [2.736, 2.185]),
     ] {
         // Every launch's counters: there must be exactly one, split or not.
         let launches: Arc<Mutex<Vec<LaunchCounters>>> = Arc::default();

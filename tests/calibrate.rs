@@ -79,6 +79,33 @@ fn predict_cases_prints_both_gpus_and_names_bad_lists() {
     assert!(calibrate::parse_cases("id\trun\tmethod\twhat\nx\trouter tokens=1\tback-to-back\n").is_err());
 }
 
+/// MLA cases: `combine=auto` replays the form the code picks (one launch at batch 1), `combine=launch` two, another
+/// value is a typed error; `--predict` also takes the path of a case file.
+#[test]
+fn mla_cases_take_the_codes_combine_form_and_a_case_file() {
+    let list = "id\trun\tmethod\twhat\n\
+                auto\tmla batch=1 ctx=256 dtype=bf16 combine=auto\twith-sync\tthe code's form\n\
+                launch\tmla batch=1 ctx=256 dtype=bf16 combine=launch\twith-sync\ttwo launches\n";
+    let mut out = Vec::new();
+    let results = calibrate::predict_cases(list, &Options::default(), &mut out).expect("MLA replays");
+    let text = String::from_utf8(out).unwrap();
+    assert_eq!(results.len(), 2, "{text}");
+    // Batch 1 at 256 tokens: 2 row tiles of 16 heads x 2 splits of 128 tokens, the combine fused.
+    assert!(text.lines().any(|l| l.starts_with("| auto |") && l.contains("| mla_attention_bf16 4 |")), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("| launch |") && l.contains("mla_attention_combine")), "{text}");
+    let bad = "id\trun\tmethod\twhat\nx\tmla batch=1 ctx=256 dtype=bf16 combine=sideways\twith-sync\tx\n";
+    assert!(matches!(calibrate::predict_cases(bad, &Options::default(), &mut Vec::new()), Err(small4::Error::InvalidArgument(_))));
+
+    let path = std::env::temp_dir().join(format!("small4-calibrate-cases-{}.tsv", std::process::id()));
+    std::fs::write(&path, list).unwrap();
+    let options = Options { predict: Some(path.display().to_string()), only: vec!["auto".into()], ..Options::default() };
+    let mut out = Vec::new();
+    calibrate::run_command(&options, &mut out).expect("a case file predicts");
+    std::fs::remove_file(&path).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert!(text.lines().any(|l| l.starts_with("| auto |")) && !text.contains("| launch |"), "{text}");
+}
+
 /// The vision attention on both tensor-core paths (`attention=`): the wgmma kernel's tensor FLOPs are all wgmma
 /// FLOPs and take the wgmma rate (its prediction follows `wgmma_efficiency`, the mma.sync kernel's does not); the
 /// table carries the H100 SXM tensor and DRAM rates; a recorded profile file (which holds the new counters) gives

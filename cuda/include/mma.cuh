@@ -10,6 +10,11 @@ __device__ __forceinline__ uint32_t smem_addr(const void *p) { return static_cas
 __device__ __forceinline__ void cp_async16(void *dst_smem, const void *src_global) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst_smem)), "l"(src_global));
 }
+// cp_async16 when `valid`, else 16 zero bytes into dst_smem with nothing read from global memory (the src-size form:
+// a tile's rows past the data, without a branch). `src_global` must still be 16-byte aligned.
+__device__ __forceinline__ void cp_async16_zfill(void *dst_smem, const void *src_global, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst_smem)), "l"(src_global), "r"(valid ? 16 : 0));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 // Waits until at most N committed groups are still in flight.
 template <int N>

@@ -49,8 +49,15 @@ const TARGET_BLOCKS: usize = SMS * 3;
 /// on an H100 SXM at batch 1 (`small4 calibrate --predict decode-choices --only mla-b1 --sample-blocks 1024`,
 /// docs/perf.md "MLA split combine in the attention launch"): 4k context 23.0 µs with 32 splits against 24.4 (64),
 /// 26.8 (16) and 30.9 (128), and 26.0 before the fusion (two launches, 64 splits); 32k context 39.9 µs with 128 splits
-/// against 42.3 (64), and 42.2 before.
+/// against 42.3 (64), and 42.2 before. After the per-tile chain work (docs/perf.md "MLA decode: the per-tile chain and
+/// the combine form by grid") the heuristic's plans are predicted at 18.2 µs (4k) and 27.0 µs (32k).
 const ONE_BLOCK_PER_SM_UNITS: usize = 8;
+/// Most splits a tile's fused combine reads when the grid holds more than one block per SM (no helper warps: the 2 row
+/// warps of the tile's last block combine after its split); above, `SplitCombine::for_plan` takes the second launch.
+/// The two grids the timing model has predicted both ways sit on either side: batch 64 at 4k context, 7 splits
+/// (fused ahead on an H100 SXM), and batch 8 at 32k, 49 splits (fused behind on both GPUs' sum); any bound from 7 to
+/// 48 fits them, 16 is the middle in ratio, to be placed by a GPU.
+const FUSED_MAX_SPLITS_WITHOUT_HELPERS: usize = 16;
 /// Longest KV split (tokens) of the one-block-per-SM plan: past it the heuristic aims for `TARGET_BLOCKS` instead
 /// (batch 1 at 32k context, 2 row tiles of 32,768 tokens over 132 SMs, stays one block per SM; batch 8 at 32k does
 /// not).
@@ -709,6 +716,11 @@ impl AttentionPlan {
         Ok(AttentionPlan { warps, row_tiles, num_splits, tokens_per_split })
     }
 
+    /// Blocks of the attention launch for `num_seqs` sequences: row tiles x splits x sequences.
+    pub fn blocks(&self, num_seqs: usize) -> usize {
+        self.row_tiles * self.num_splits * num_seqs
+    }
+
     /// Dynamic shared memory of one attention block (the layout in mla_attention.cu).
     pub fn shared_bytes(&self, dtype: CacheDtype) -> usize {
         let q = self.warps * ROWS_PER_WARP * ROW_STRIDE * 2;
@@ -800,18 +812,29 @@ impl AttentionScratch {
     }
 }
 
-/// Where split-KV attention combines its splits' partials: in the attention launch itself (the default: the last
-/// split block of each (sequence, row tile) combines the tile's rows), or in a second launch
-/// (`mla_attention_combine`). Both run the same device code in the same split order, so they agree bit for bit; the
-/// second launch stays for checking that and for replaying measurements made before the fusion (`small4 calibrate`).
+/// Where split-KV attention combines its splits' partials: in the attention launch itself (the last split block of
+/// each (sequence, row tile) combines the tile's rows), or in a second launch (`mla_attention_combine`). Both run the
+/// same device code in the same split order, so they agree bit for bit. [`mla_attention`] picks the form by the
+/// grid's shape ([`SplitCombine::for_plan`]) unless [`SplitCombine::run`] forces one (the tests comparing the two,
+/// and `small4 calibrate` replays of measurements made before the fusion).
 ///
 /// ```
-/// use small4::kernels::attention::SplitCombine;
+/// use small4::kernels::attention::{AttentionPlan, SplitCombine};
 ///
-/// assert_eq!(SplitCombine::current(), SplitCombine::Fused);
+/// // No override outside `run`: the wrapper chooses by shape.
+/// assert_eq!(SplitCombine::current(), None);
 /// // The choice holds inside `run` only, on this thread:
-/// assert_eq!(SplitCombine::Launch.run(SplitCombine::current), SplitCombine::Launch);
-/// assert_eq!(SplitCombine::current(), SplitCombine::Fused);
+/// assert_eq!(SplitCombine::Launch.run(SplitCombine::current), Some(SplitCombine::Launch));
+/// assert_eq!(SplitCombine::current(), None);
+/// // Batch 1 at 4k context: 64 split blocks, fused; batch 64 at 4k: 448 blocks of 7 splits, fused; batch 8 at 32k:
+/// // 392 blocks of 49 splits, a second launch.
+/// let b1 = AttentionPlan::new(1, 32, 4096, None)?;
+/// assert_eq!(SplitCombine::for_plan(&b1, 1), SplitCombine::Fused);
+/// let b64 = AttentionPlan::new(64, 32, 4096, None)?;
+/// assert_eq!((b64.blocks(64), SplitCombine::for_plan(&b64, 64)), (448, SplitCombine::Fused));
+/// let b8 = AttentionPlan::new(8, 32, 32768, None)?;
+/// assert_eq!((b8.blocks(8), SplitCombine::for_plan(&b8, 8)), (392, SplitCombine::Launch));
+/// # Ok::<(), small4::Error>(())
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SplitCombine {
@@ -827,9 +850,26 @@ thread_local! {
 }
 
 impl SplitCombine {
-    /// The choice in force on this thread ([`SplitCombine::Fused`] outside [`SplitCombine::run`]).
-    pub fn current() -> Self {
-        SPLIT_COMBINE.get().unwrap_or(SplitCombine::Fused)
+    /// The form forced on this thread by [`SplitCombine::run`], or `None` (the wrapper chooses by shape).
+    pub fn current() -> Option<Self> {
+        SPLIT_COMBINE.get()
+    }
+
+    /// The form [`mla_attention`] takes for a split `plan` over `num_seqs` sequences when none is forced: fused while
+    /// the grid holds at most one block per SM (`TARGET_SMS`; its blocks get the helper warps that spread each tile's
+    /// combine over 8 warps) or, above, while a tile combines at most `FUSED_MAX_SPLITS_WITHOUT_HELPERS` splits (the
+    /// combine then runs on the 2 row warps of each tile's last block, after its split: short enough to hide under
+    /// the DRAM-bound tiles); a second launch otherwise. Derived from the timing model's predictions (docs/perf.md
+    /// "MLA decode: the per-tile chain and the combine form by grid", `small4 calibrate --predict decode-choices --only
+    /// mla-`): batch 1 and 8 at 4k and batch 1 at 32k (64-128 blocks) fused; batch 64 at 4k (448 blocks, 7 splits)
+    /// fused, 82.0 against 95.6 µs on an H100 SXM (80.5 against 74.1 on an H200); batch 8 at 32k (392 blocks, 49
+    /// splits) a second launch, 90.2 against 87.9 µs on an H100 SXM (70.8 against 87.9 on an H200).
+    pub fn for_plan(plan: &AttentionPlan, num_seqs: usize) -> Self {
+        if plan.blocks(num_seqs) <= SMS || plan.num_splits <= FUSED_MAX_SPLITS_WITHOUT_HELPERS {
+            SplitCombine::Fused
+        } else {
+            SplitCombine::Launch
+        }
     }
 
     /// Runs `f` with this choice on the calling thread (launches are issued on the thread that calls the wrapper),
@@ -950,7 +990,9 @@ pub fn mla_attention(
         (CacheDtype::Fp8E4m3 { scale }, true) => (ATTENTION_WGMMA_FP8, softmax_scale * scale, scale),
     };
     // Partials exist only when split (a one-row buffer keeps the pointers valid otherwise).
-    let fused = plan.num_splits > 1 && SplitCombine::current() == SplitCombine::Fused;
+    let blocks = plan.blocks(num_seqs);
+    let form = SplitCombine::current().unwrap_or_else(|| SplitCombine::for_plan(&plan, num_seqs));
+    let fused = plan.num_splits > 1 && form == SplitCombine::Fused;
     let split_counters = if fused { scratch.ensure_counters(num_seqs * plan.row_tiles)?.mut_ptr() } else { std::ptr::null_mut() };
     let (partial_o, partial_ml) = scratch.ensure(if plan.num_splits > 1 { plan.num_splits * rows } else { 1 })?;
     let params = MlaAttentionParams {
@@ -976,7 +1018,6 @@ pub fn mla_attention(
         score_scale,
         value_scale,
     };
-    let blocks = plan.row_tiles * plan.num_splits * num_seqs;
     let block_warps = if fused && blocks <= SMS { FUSED_BLOCK_WARPS } else { plan.warps };
     let (block, shared_bytes) = if wgmma { (WGMMA_THREADS, WGMMA_SHARED_BYTES) } else { (32 * block_warps as u32, plan.shared_bytes(cache.desc.dtype) as u32) };
     let config = LaunchConfig { grid: Dim3::xyz(plan.row_tiles as u32, plan.num_splits as u32, num_seqs as u32), block: Dim3::x(block), shared_bytes };

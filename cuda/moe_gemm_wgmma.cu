@@ -295,28 +295,8 @@ __device__ __forceinline__ void consume_and_store(const MoeGemmParams &p, const 
 #pragma unroll
     for (int i = 0; i < 32; ++i) wgmma_fence_operand(acc[i]);
 
-    // Epilogue: moe_gemm.cu's, for one 16-feature tile per warp.
-    const int g = lane >> 2, t = lane & 3;
-    const int feature = tile * 16 + g;
-    float scale_g = 1.f, scale_g8 = 1.f;
-    if (p.row_scales != nullptr) {
-        const float *rs = p.row_scales + (long)expert * p.rows_padded;
-        scale_g = rs[feature], scale_g8 = rs[feature + 8];
-    }
-    bf16 *const out_bf16 = p.out_bf16 ? p.out_bf16 + (long)blockIdx.z * p.out_batch_stride : nullptr;
-    float *const out_f32 = p.out_f32 ? p.out_f32 + (long)blockIdx.z * p.out_batch_stride : nullptr;
-#pragma unroll
-    for (int f = 0; f < kBN / 8; ++f) {
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            const int slot = f * 8 + 2 * t + half;
-            if (slot >= slots) continue;
-            const int pair = slot_pair[slot];
-            if (pair < 0) continue;
-            const float v_g = acc[4 * f + half] * scale_g, v_g8 = acc[4 * f + 2 + half] * scale_g8;
-            store_slot(p, false, out_bf16, out_f32, p.out_stride, tile, g, slot_begin + slot, pair, v_g, v_g8);
-        }
-    }
+    // Epilogue: moe_gemm.cu's, for one 16-feature tile per warp (gemm_epilogue.cuh).
+    store_wgmma_warp_tile(p, acc, slot_pair, expert, tile, slot_begin, slots);
 }
 
 }  // namespace

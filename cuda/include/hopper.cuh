@@ -76,6 +76,49 @@ __device__ __forceinline__ void tma_load_3d(void *dst_smem, const void *map, int
 // (wgmma operands) of the same bytes.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
+// ---- stage ring (producer warp -> consumer warps) -------------------------------------------------------------------
+
+// The warp-specialised kernels' ring of kStages shared-memory stages: use j of the ring (k block or key tile j) fills
+// stage j % kStages, whose "full" barrier completes phase j / kStages once the data landed and whose "empty" barrier
+// completes it once every consumer released the stage.
+
+// The producer's wait before refilling use j's stage: the consumers released use j - kStages (the first pass through
+// the ring waits on the barriers' initial phase, which counts as completed).
+template <int kStages>
+__device__ __forceinline__ void ring_wait_empty(uint64_t *empty, int j) {
+    mbar_wait(&empty[j % kStages], ((j / kStages) & 1) ^ 1);
+}
+// The consumers' wait for use j's data.
+template <int kStages>
+__device__ __forceinline__ void ring_wait_full(uint64_t *full, int j) {
+    mbar_wait(&full[j % kStages], (j / kStages) & 1);
+}
+
+// cp.async cannot complete transactions on an mbarrier, so a producer warp that fills stages with it commits one
+// group per use, keeps kInFlight groups in flight and, once the group of use j - kInFlight has landed, fences it for
+// the async proxy (wgmma reads it) and arrives on that stage's "full" from the elected lane. Call with the whole warp
+// before issuing use j; kInFlight = kStages - 1 is the most that cannot deadlock (one stage being read, one held by
+// the consumers' lagging release).
+template <int kStages, int kInFlight>
+__device__ __forceinline__ void cp_async_ring_arrive_landed(uint64_t *full, int j) {
+    if (j >= kInFlight) {
+        cp_async_wait<kInFlight - 1>();  // use j - kInFlight has landed
+        fence_proxy_async();
+        __syncwarp();
+        if (elect_one_sync()) mbar_arrive(&full[(j - kInFlight) % kStages]);
+    }
+}
+// After the last of `uses` uses: every group has landed; arrives for the uses cp_async_ring_arrive_landed did not.
+template <int kStages, int kInFlight>
+__device__ __forceinline__ void cp_async_ring_arrive_rest(uint64_t *full, int uses) {
+    cp_async_wait<0>();
+    fence_proxy_async();
+    __syncwarp();
+    if (elect_one_sync()) {
+        for (int j = max(0, uses - kInFlight); j < uses; ++j) mbar_arrive(&full[j % kStages]);
+    }
+}
+
 // ---- wgmma ---------------------------------------------------------------------------------------------------------
 
 // The 128-byte swizzle every swizzled shared operand uses (TMA, wgmma): chunk bits 4-6 of the ABSOLUTE shared address

@@ -159,6 +159,17 @@ __device__ __forceinline__ void wgmma_m64n64k16_bf16_rs(float d[32], const uint3
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc));
 }
 
+// wgmma_fence_operand over a whole fragment set (N fragments of 4 registers): the attention kernels' accumulators,
+// and their A operands written by ordinary code.
+template <int N>
+__device__ __forceinline__ void wgmma_fence_operands(float (&x)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) wgmma_fence_operand(x[i][j]);
+    }
+}
+
 // ---- wgmma with a run-time scale-d and a transposed B (the vision attention's) -------------------------------------
 
 // N-major (MN-major) operand with the 128-byte swizzle, for a B of N = 64 16-bit elements per k: a row-major [k][64]
@@ -170,6 +181,34 @@ __device__ __forceinline__ uint64_t wgmma_desc_mn_sw128_n64(const void *p) { ret
 // Pins an A-fragment register here (wgmma_fence_operand's u32 form): its last ordinary write stays before the next
 // wgmma.fence.
 __device__ __forceinline__ void wgmma_fence_operand(uint32_t &r) { asm volatile("" : "+r"(r)::"memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_fence_operands(uint32_t (&x)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) wgmma_fence_operand(x[i][j]);
+    }
+}
+
+// The FA3-style consumer loop of the wgmma attention kernels, after tile 0's softmax filled pa0: step(j, previous,
+// next) for tiles j = 1 .. tiles - 1, the two P buffers alternating so that each is a fixed set of registers (two
+// tiles per trip), then finish(the buffer the last softmax filled).
+template <class Buffer, class Step, class Finish>
+__device__ __forceinline__ void for_tiles_alternating(int tiles, Buffer &pa0, Buffer &pa1, Step &&step, Finish &&finish) {
+#pragma unroll 1
+    for (int j = 1;; j += 2) {
+        if (j >= tiles) {
+            finish(pa0);
+            break;
+        }
+        step(j, pa0, pa1);
+        if (j + 1 >= tiles) {
+            finish(pa1);
+            break;
+        }
+        step(j + 1, pa1, pa0);
+    }
+}
 
 // d (64 x 64 f32) = (accumulate ? d : 0) + a (64 x 16 bf16 in registers, the mma.sync A fragment of each warp's 16
 // rows) * b (16 x 64 bf16 from the descriptor): K-major B with kTransB 0, N-major B (wgmma_desc_mn_sw128_n64) with

@@ -69,25 +69,6 @@ static_assert(kSharedBytes <= 227 * 1024 - 1024, "fits an SM (1 KiB reserved per
 // Byte offset of (row, 16-byte chunk) in a [kAtoms][rows][128 B] buffer (before the swizzle).
 __device__ __forceinline__ uint32_t atom_offset(int rows, int row, int chunk) { return (chunk / 8) * rows * 128 + row * 128 + (chunk % 8) * 16; }
 
-// Keeps ordinary writes of wgmma operands before the next wgmma.fence and reads of results after the wait_group
-// that retires them (hopper.cuh's wgmma_fence_operand, over a whole fragment set).
-template <int N>
-__device__ __forceinline__ void pin(float (&x)[N][4]) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) wgmma_fence_operand(x[i][j]);
-    }
-}
-template <int N>
-__device__ __forceinline__ void pin(uint32_t (&x)[N][4]) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) wgmma_fence_operand(x[i][j]);
-    }
-}
-
 // The producer warp: cache tokens [0, kv_end) of sequence seq, tile j into stage j % kStages.
 template <bool kFp8>
 __device__ __forceinline__ void produce(const MlaAttentionParams &p, unsigned char *stages, uint64_t *full, uint64_t *empty, int seq, int kv_end, int tiles) {
@@ -95,13 +76,8 @@ __device__ __forceinline__ void produce(const MlaAttentionParams &p, unsigned ch
     const char *cache = reinterpret_cast<const char *>(p.cache);
     for (int j = 0; j < tiles; ++j) {
         const int stage = j % kStages;
-        if (!kFp8 && j >= kInFlight) {
-            cp_async_wait<kInFlight - 1>();  // tile j - kInFlight has landed
-            fence_proxy_async();
-            __syncwarp();
-            if (lane == 0) mbar_arrive(&full[(j - kInFlight) % kStages]);
-        }
-        mbar_wait(&empty[stage], ((j / kStages) & 1) ^ 1);
+        if constexpr (!kFp8) cp_async_ring_arrive_landed<kStages, kInFlight>(full, j);
+        ring_wait_empty<kStages>(empty, j);
         const int tile_start = j * kTileN;
         int my_slot = 0;  // physical slot (page * page_size + offset) of token tile_start + lane
         if (tile_start + lane < kv_end) {
@@ -129,19 +105,12 @@ __device__ __forceinline__ void produce(const MlaAttentionParams &p, unsigned ch
         if constexpr (kFp8) {
             fence_proxy_async();
             __syncwarp();
-            if (lane == 0) mbar_arrive(&full[stage]);
+            if (elect_one_sync()) mbar_arrive(&full[stage]);
         } else {
             cp_async_commit();
         }
     }
-    if constexpr (!kFp8) {
-        cp_async_wait<0>();
-        fence_proxy_async();
-        __syncwarp();
-        if (lane == 0) {
-            for (int j = max(0, tiles - kInFlight); j < tiles; ++j) mbar_arrive(&full[j % kStages]);
-        }
-    }
+    if constexpr (!kFp8) cp_async_ring_arrive_rest<kStages, kInFlight>(full, tiles);
 }
 
 // The consumer warpgroup (see the file comment).
@@ -157,7 +126,7 @@ __device__ __forceinline__ void consume(const MlaAttentionParams &p, const unsig
     // S_j = Q K_j^T: 20 k-steps in order, accumulated from zero as the mma.sync kernel does (the caller fences).
     auto issue_s = [&](int j) {
         const int stage = j % kStages;
-        mbar_wait(&full[stage], (j / kStages) & 1);
+        ring_wait_full<kStages>(full, j);
         const unsigned char *tile = stages + stage * kStageBytes;
 #pragma unroll
         for (int ks = 0; ks < kWidth / 16; ++ks) {
@@ -187,53 +156,40 @@ __device__ __forceinline__ void consume(const MlaAttentionParams &p, const unsig
     // arithmetic is the serial order's: (O c_{j-1} + P_{j-1} V_{j-1}) c_j + P_j V_j.
     auto step = [&](int j, uint32_t (&previous)[kTileN / 16][4], uint32_t (&next)[kTileN / 16][4]) {
         zero_s();
-        pin(s);
-        pin(o);
-        pin(previous);
+        wgmma_fence_operands(s);
+        wgmma_fence_operands(o);
+        wgmma_fence_operands(previous);
         wgmma_fence();
         issue_s(j);
         issue_pv(j - 1, previous);
         wgmma_wait<1>();
-        pin(s);
+        wgmma_fence_operands(s);
         softmax_tile(s, next, correction, state, j * kTileN, kv_end, quad, score_scale);
         wgmma_wait<0>();
-        pin(o);
+        wgmma_fence_operands(o);
         release(j - 1);
         rescale_rows(o, correction);
     };
     // The last tile's P V, from the buffer its softmax filled.
     auto finish = [&](uint32_t (&last)[kTileN / 16][4]) {
-        pin(o);
-        pin(last);
+        wgmma_fence_operands(o);
+        wgmma_fence_operands(last);
         wgmma_fence();
         issue_pv(tiles - 1, last);
         wgmma_wait<0>();
-        pin(o);
+        wgmma_fence_operands(o);
         release(tiles - 1);
     };
 
     zero_s();
-    pin(s);
+    wgmma_fence_operands(s);
     wgmma_fence();
     issue_s(0);
     wgmma_wait<0>();
-    pin(s);
+    wgmma_fence_operands(s);
     softmax_tile(s, pa0, correction, state, 0, kv_end, quad, score_scale);
     rescale_rows(o, correction);
-    // Two tiles per trip, so each P buffer is a fixed set of registers.
-#pragma unroll 1
-    for (int j = 1;; j += 2) {
-        if (j >= tiles) {
-            finish(pa0);
-            break;
-        }
-        step(j, pa0, pa1);
-        if (j + 1 >= tiles) {
-            finish(pa1);
-            break;
-        }
-        step(j + 1, pa1, pa0);
-    }
+    for_tiles_alternating(tiles, pa0, pa1, step, finish);
     store_rows(p, o, state, 0, 0, grow0, quad);
 }
 

@@ -300,18 +300,7 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
             scale_g *= p.act_scale;
             scale_g8 *= p.act_scale;
         }
-#pragma unroll
-        for (int f = 0; f < NF; ++f) {
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {
-                const int slot = f * 8 + 2 * t + half;
-                if (slot >= slots) continue;
-                const int pair = slot_pair[slot];
-                if (pair < 0) continue;
-                const float v_g = acc[m][f][half] * scale_g, v_g8 = acc[m][f][2 + half] * scale_g8;
-                store_slot(p, tail, out_bf16, out_f32, out_stride, tile, g, slot_begin + slot, pair, v_g, v_g8);
-            }
-        }
+        store_tile_slots(p, tail, out_bf16, out_f32, out_stride, acc[m], slot_pair, tile, g, t, slot_begin, slots, scale_g, scale_g8);
     }
     if (p.rope.positions != nullptr) rope_output_tile(p, slot_begin, slots, first_tile * 16, BM);
     static_assert(BN <= 64, "finish_rows tracks at most 64 slots");

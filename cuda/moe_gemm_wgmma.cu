@@ -61,40 +61,21 @@
 #include "hopper.cuh"
 #include "mma.cuh"
 #include "weight_format.cuh"
+#include "wgmma_gemm.cuh"
 
 namespace {
 
-constexpr int kConsumerWarps = 8;
-constexpr int kThreads = (kConsumerWarps + 1) * 32;
-constexpr int kProducerWarp = kConsumerWarps;
-constexpr int kBM = kConsumerWarps * 16;   // features per block
-constexpr int kBN = 64;                    // slots per block (the wgmma N)
-constexpr int kXRowBytes = kBK * 2;        // one gathered activation row of a stage: one 128-byte swizzle line
-constexpr int kXStage = kBN * kXRowBytes;
-
-// The stage ring of weight format F: as many stages as fit in 96 KiB (two blocks per SM), at most 8 (bf16: 4 stages of
-// 24 KiB; 4-bit: 8 of 12 KiB, the weights being a quarter of the bf16 bytes). moe_wgmma.rs computes the same sizes.
-template <Format F> struct Ring {
+// The stage ring of weight format F (wgmma_gemm.cuh's layout): as many stages as fit in 96 KiB (two blocks per SM), at
+// most 8 (bf16: 4 stages of 24 KiB; 4-bit: 8 of 12 KiB, the weights being a quarter of the bf16 bytes), plus the 8
+// warps' staged scales of a stage (none for bf16) on top of the 96 KiB. moe_wgmma.rs computes the same sizes.
+template <Format F> struct RingShape {
     static constexpr int kWStage = kConsumerWarps * WeightFormat<F>::kTileBytes;  // the 8 warps' weight tiles of a stage
     static constexpr int kStages = 96 * 1024 / (kWStage + kXStage) > 8 ? 8 : 96 * 1024 / (kWStage + kXStage);
-    // cp.async groups the producer keeps in flight: with one stage being read and one held by the consumers' lagging
-    // release, STAGES - 1 is the most that cannot deadlock (the producer signals stage kb - (STAGES - 1) before it
-    // waits for stage kb to be empty).
-    static constexpr int kInFlight = kStages - 1;
-    // The 8 warps' staged scales of a stage (none for bf16), on top of the 96 KiB.
-    static constexpr int kSStage = kConsumerWarps * WeightFormat<F>::kScaleBytes;
-    // Dynamic shared memory: weight stages, activation stages (1024-byte aligned for the swizzle), scale stages, the
-    // barriers, the slots' pairs.
-    static constexpr int kXOffset = kStages * kWStage;
-    static constexpr int kSOffset = kXOffset + kStages * kXStage;
-    static constexpr int kBarOffset = kSOffset + kStages * kSStage;
-    static constexpr int kSlotOffset = kBarOffset + 2 * kStages * 8;
-    static constexpr int kSharedBytes = kSlotOffset + kBN * 4;
-    static_assert(kStages >= 3, "the producer keeps STAGES - 1 >= 2 stages in flight");
-    static_assert(kSharedBytes <= 113 * 1024, "two blocks per SM (228 KiB, 1 KiB reserved per block)");
-    static_assert(kXOffset % 1024 == 0 && kXStage % 1024 == 0, "activation stages must start on the swizzle period");
+};
+template <Format F> struct Ring : GemmRing<RingShape<F>::kStages, RingShape<F>::kWStage, kConsumerWarps * WeightFormat<F>::kScaleBytes> {
+    static_assert(kXRowBytes == kBK * 2, "a stage's activation line is 64 bf16 of k");
     static_assert(WeightFormat<F>::kTileBytes % 512 == 0, "a lane's share of a tile is whole 16-byte chunks");
-    static_assert(kSStage % 16 == 0 && WeightFormat<F>::kScaleBytes % 16 == 0, "bulk copies land on 16-byte boundaries");
+    static_assert(WeightFormat<F>::kScaleBytes % 16 == 0, "bulk copies land on 16-byte boundaries");
     static_assert(kConsumerWarps * (1 + WeightFormat<F>::kScalePieces) <= 32, "one producer lane per tile and scale piece");
 };
 
@@ -128,28 +109,11 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const MoeGemmParams &p, const
     if (!block_slots<kBN, kTmaX>(p, false, expert, slot_begin, slot_end)) return;
     const int slots = slot_end - slot_begin;
 
-    for (int s = tid; s < kBN; s += kThreads) {
-        int pair = -1;
-        if (s < slots) pair = !kTmaX && p.sorted_pairs != nullptr ? p.sorted_pairs[slot_begin + s] : slot_begin + s;
-        slot_pair[s] = pair;
-    }
-    if (tid == 0) {
-        for (int s = 0; s < kStages; ++s) {
-            // The producer's expect_tx arrival (+ its "activations landed" arrival when it gathers them).
-            mbar_init(&full[s], kTmaX ? 1 : 2);
-            mbar_init(&empty[s], kConsumerWarps);  // one release per consumer warp
-        }
-        mbar_init_fence();
-    }
-    __syncthreads();
-
+    // "full": the producer's expect_tx arrival (+ its "activations landed" arrival when it gathers them).
+    init_slots_and_ring<kStages, !kTmaX>(p, slot_pair, full, empty, slot_begin, slots, kTmaX ? 1 : 2);
     if (!kTmaX) {
-        // Padding slots read zeros: written once into every stage (generic stores, fenced for wgmma), never copied
-        // over. (TMA writes every row of a stage, zeros past the matrix.)
-        for (int i = tid; i < kStages * kBN * 8; i += kThreads) {
-            const int row = (i / 8) % kBN;
-            if (slot_pair[row] < 0) reinterpret_cast<uint4 *>(x_smem)[i] = make_uint4(0, 0, 0, 0);
-        }
+        // Padding slots read zeros. (TMA writes every row of a stage, zeros past the matrix.)
+        zero_padding_rows<kStages>(x_smem, slot_pair);
         fence_proxy_async();
         __syncthreads();
     }
@@ -184,7 +148,7 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const MoeGemmParams &p, const
         const int stage_bytes = weight_stage_bytes() + kXStage;
         for (int kb = 0; kb < k_blocks; ++kb) {
             const int stage = kb % kStages;
-            mbar_wait(&empty[stage], ((kb / kStages) & 1) ^ 1);
+            ring_wait_empty<kStages>(empty, kb);
             if (elect_one_sync()) {
                 mbar_arrive_expect_tx(&full[stage], stage_bytes);
                 tma_load_3d(x_smem + stage * kXStage, x_map, kb * kBK, slot_begin, blockIdx.z, &full[stage]);
@@ -193,41 +157,19 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const MoeGemmParams &p, const
             load_weights(kb, stage);
         }
     } else if (warp == kProducerWarp) {
-        // Activation chunk (row, chunk) of this lane: 8 lanes per 128-byte row, 4 rows per pass, 16 passes.
-        const bf16 *x = p.x + (long)blockIdx.z * p.x_batch_stride;
+        const unsigned char *x = reinterpret_cast<const unsigned char *>(p.x + (long)blockIdx.z * p.x_batch_stride);
         const int stage_bytes = weight_stage_bytes();
         for (int kb = 0; kb < k_blocks; ++kb) {
             const int stage = kb % kStages;
-            if (kb >= kInFlight) {
-                cp_async_wait<kInFlight - 1>();  // stage kb - kInFlight has landed
-                fence_proxy_async();
-                __syncwarp();
-                if (elect_one_sync()) mbar_arrive(&full[(kb - kInFlight) % kStages]);
-            }
-            mbar_wait(&empty[stage], ((kb / kStages) & 1) ^ 1);
+            cp_async_ring_arrive_landed<kStages, kInFlight>(full, kb);
+            ring_wait_empty<kStages>(empty, kb);
             if (elect_one_sync()) mbar_arrive_expect_tx(&full[stage], stage_bytes);
             __syncwarp();
             load_weights(kb, stage);
-            unsigned char *x_stage = x_smem + stage * kXStage;
-            const uint32_t x_stage_addr = smem_addr(x_stage);
-#pragma unroll 4
-            for (int i = lane; i < kBN * 8; i += 32) {
-                const int row = i >> 3, chunk = i & 7;
-                const int pair = slot_pair[row];
-                if (pair < 0) continue;
-                const long src_row = p.in_by_token ? pair / p.top_k : slot_begin + row;
-                const bf16 *src = x + src_row * p.x_stride + kb * kBK + chunk * 8;
-                const uint32_t dst = swizzle128(x_stage_addr + row * kXRowBytes + chunk * 16);
-                asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
-            }
+            gather_stage_rows(p, slot_pair, slot_begin, smem_addr(x_smem + stage * kXStage), x + kb * kBK * 2, (long)p.x_stride * 2);
             cp_async_commit();
         }
-        cp_async_wait<0>();
-        fence_proxy_async();
-        __syncwarp();
-        if (elect_one_sync()) {
-            for (int kb = max(0, k_blocks - kInFlight); kb < k_blocks; ++kb) mbar_arrive(&full[kb % kStages]);
-        }
+        cp_async_ring_arrive_rest<kStages, kInFlight>(full, k_blocks);
     } else {
         consume_and_store<F>(p, w_smem, x_smem, s_smem, full, empty, slot_pair, expert, slot_begin, slots, first_tile, k_blocks);
     }
@@ -261,7 +203,7 @@ __device__ __forceinline__ void consume_and_store(const MoeGemmParams &p, const 
     // after the wait like them (the 4-bit kernels sit at ptxas's 96-register cap for 2 blocks of 288 threads).
     auto consume = [&](int kb, uint32_t (&a)[4][4]) {
         const int stage = kb % kStages;
-        mbar_wait(&full[stage], (kb / kStages) & 1);
+        ring_wait_full<kStages>(full, kb);
         const typename W::Scales scales = W::staged_scales(p, false, s_smem + stage * kSStage + warp * W::kScaleBytes, lane >> 2);
         const unsigned char *w_tile = w_smem + stage * kWStage + warp * W::kTileBytes;
         uint32_t raw[kRawWords];
@@ -295,28 +237,8 @@ __device__ __forceinline__ void consume_and_store(const MoeGemmParams &p, const 
 #pragma unroll
     for (int i = 0; i < 32; ++i) wgmma_fence_operand(acc[i]);
 
-    // Epilogue: moe_gemm.cu's, for one 16-feature tile per warp.
-    const int g = lane >> 2, t = lane & 3;
-    const int feature = tile * 16 + g;
-    float scale_g = 1.f, scale_g8 = 1.f;
-    if (p.row_scales != nullptr) {
-        const float *rs = p.row_scales + (long)expert * p.rows_padded;
-        scale_g = rs[feature], scale_g8 = rs[feature + 8];
-    }
-    bf16 *const out_bf16 = p.out_bf16 ? p.out_bf16 + (long)blockIdx.z * p.out_batch_stride : nullptr;
-    float *const out_f32 = p.out_f32 ? p.out_f32 + (long)blockIdx.z * p.out_batch_stride : nullptr;
-#pragma unroll
-    for (int f = 0; f < kBN / 8; ++f) {
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            const int slot = f * 8 + 2 * t + half;
-            if (slot >= slots) continue;
-            const int pair = slot_pair[slot];
-            if (pair < 0) continue;
-            const float v_g = acc[4 * f + half] * scale_g, v_g8 = acc[4 * f + 2 + half] * scale_g8;
-            store_slot(p, false, out_bf16, out_f32, p.out_stride, tile, g, slot_begin + slot, pair, v_g, v_g8);
-        }
-    }
+    // Epilogue: moe_gemm.cu's, for one 16-feature tile per warp (gemm_epilogue.cuh).
+    store_wgmma_warp_tile(p, acc, slot_pair, expert, tile, slot_begin, slots);
 }
 
 }  // namespace

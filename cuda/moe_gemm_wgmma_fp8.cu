@@ -39,7 +39,8 @@
 // f32 per lane and stage from global memory, L1/L2-resident), load their 16 weight words (four 16-byte ld.shared),
 // issue the stage's four wgmmas into a fresh partial, wait for them (wait_group 0: the promotion needs the partial),
 // read the stage's 16 activation scales of their slots (eight 8-byte ld.shared), release the stage ("empty", one
-// arrival per consumer warp) and promote: 32 fma per lane.
+// arrival per consumer warp) and promote: 32 fma per lane. The producer's single-lane work (expect_tx, arrivals) is done
+// by the lane elect_one_sync picks, as in moe_gemm_wgmma.cu; the ring and the gather are cuda/include/wgmma_gemm.cuh's.
 //
 // Tiling: BM 128 features x BN 64 slots per block, BK 128 per stage (the scale block). 4 stages of 24.25 KiB (16 KiB
 // weights, 8 KiB activations, 256 B activation scales): 97.3 KiB with the barriers and slots, two blocks per SM.
@@ -56,30 +57,19 @@
 #include "mma.cuh"
 #include "quant.cuh"
 #include "weight_format.cuh"
+#include "wgmma_gemm.cuh"
 
 namespace {
 
-constexpr int kConsumerWarps = 8;
-constexpr int kThreads = (kConsumerWarps + 1) * 32;
-constexpr int kProducerWarp = kConsumerWarps;
-constexpr int kBM = kConsumerWarps * 16;  // features per block
-constexpr int kBN = 64;                   // slots per block (the wgmma N)
-constexpr int kBK8 = 128;                 // k per stage: one 128-byte swizzle line of e4m3 per slot, one scale block
-constexpr int kWTileBytes = 16 * kBK8;    // a warp's 16 rows x 128 k: two consecutive repacked 64-k tiles
-constexpr int kWStage = kConsumerWarps * kWTileBytes;
-constexpr int kXStage = kBN * kBK8;
-constexpr int kSStage = kBN * 4;  // the slots' activation scales of a stage
-constexpr int kStages = 4;
-// cp.async groups the producer keeps in flight (as moe_gemm_wgmma.cu: STAGES - 1 cannot deadlock).
-constexpr int kInFlight = kStages - 1;
-constexpr int kXOffset = kStages * kWStage;
-constexpr int kSOffset = kXOffset + kStages * kXStage;
-constexpr int kBarOffset = kSOffset + kStages * kSStage;
-constexpr int kSlotOffset = kBarOffset + 2 * kStages * 8;
-constexpr int kSharedBytes = kSlotOffset + kBN * 4;  // src/kernels/moe_wgmma_fp8.rs SHARED_BYTES
+constexpr int kBK8 = 128;               // k per stage: one 128-byte swizzle line of e4m3 per slot, one scale block
+constexpr int kWTileBytes = 16 * kBK8;  // a warp's 16 rows x 128 k: two consecutive repacked 64-k tiles
+// wgmma_gemm.cuh's ring: 4 stages of the 8 warps' weight tiles, the activations and the slots' activation scales
+// (Ring::kSharedBytes: src/kernels/moe_wgmma_fp8.rs SHARED_BYTES).
+using Ring = GemmRing<4, kConsumerWarps * kWTileBytes, kBN * 4>;
+constexpr int kStages = Ring::kStages, kWStage = Ring::kWStage, kSStage = Ring::kSStage, kInFlight = Ring::kInFlight;
+constexpr int kXOffset = Ring::kXOffset, kSOffset = Ring::kSOffset, kBarOffset = Ring::kBarOffset, kSlotOffset = Ring::kSlotOffset;
+static_assert(kXRowBytes == kBK8, "a stage's activation line is 128 e4m3 of k");
 static_assert(kWTileBytes == 2 * WeightFormat<Format::Fp8>::kTileBytes, "a stage is two repacked 64-k fp8 tiles");
-static_assert(kSharedBytes <= 113 * 1024, "two blocks per SM (228 KiB, 1 KiB reserved per block)");
-static_assert(kXOffset % 1024 == 0 && kXStage % 1024 == 0, "activation stages must start on the swizzle period");
 
 // The producer warp: weights by cp.async.bulk, activation rows and their scales by cp.async (see the file comment).
 __device__ __forceinline__ void produce(const MoeGemmParams &p, unsigned char *smem, const int *slot_pair, int expert, int slot_begin, int first_tile,
@@ -91,30 +81,15 @@ __device__ __forceinline__ void produce(const MoeGemmParams &p, unsigned char *s
     const int w_blocks64 = p.k_dim / kBK;  // the repacked layout's 64-k blocks per tile
     for (int kb = 0; kb < k_blocks; ++kb) {
         const int stage = kb % kStages;
-        if (kb >= kInFlight) {
-            cp_async_wait<kInFlight - 1>();  // stage kb - kInFlight has landed
-            fence_proxy_async();
-            __syncwarp();
-            if (lane == 0) mbar_arrive(&full[(kb - kInFlight) % kStages]);
-        }
-        mbar_wait(&empty[stage], ((kb / kStages) & 1) ^ 1);
-        if (lane == 0) mbar_arrive_expect_tx(&full[stage], kWStage);
+        cp_async_ring_arrive_landed<kStages, kInFlight>(full, kb);
+        ring_wait_empty<kStages>(empty, kb);
+        if (elect_one_sync()) mbar_arrive_expect_tx(&full[stage], kWStage);
         __syncwarp();
         if (lane < kConsumerWarps) {
             const unsigned char *src = w_expert + ((long long)(first_tile + lane) * w_blocks64 + 2 * kb) * WeightFormat<Format::Fp8>::kTileBytes;
             bulk_load(w_smem + stage * kWStage + lane * kWTileBytes, src, kWTileBytes, &full[stage]);
         }
-        const uint32_t x_stage_addr = smem_addr(x_smem + stage * kXStage);
-#pragma unroll 4
-        for (int i = lane; i < kBN * 8; i += 32) {
-            const int row = i >> 3, chunk = i & 7;
-            const int pair = slot_pair[row];
-            if (pair < 0) continue;
-            const long src_row = p.in_by_token ? pair / p.top_k : slot_begin + row;
-            const unsigned char *src = p.x_e4m3 + src_row * p.x_stride + kb * kBK8 + chunk * 16;
-            const uint32_t dst = swizzle128(x_stage_addr + row * kBK8 + chunk * 16);
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
-        }
+        gather_stage_rows(p, slot_pair, slot_begin, smem_addr(x_smem + stage * kXStage), p.x_e4m3 + kb * kBK8, p.x_stride);
         const uint32_t s_stage_addr = smem_addr(s_smem + stage * kSStage);
 #pragma unroll
         for (int row = lane; row < kBN; row += 32) {
@@ -126,12 +101,7 @@ __device__ __forceinline__ void produce(const MoeGemmParams &p, unsigned char *s
         }
         cp_async_commit();
     }
-    cp_async_wait<0>();
-    fence_proxy_async();
-    __syncwarp();
-    if (lane == 0) {
-        for (int kb = max(0, k_blocks - kInFlight); kb < k_blocks; ++kb) mbar_arrive(&full[kb % kStages]);
-    }
+    cp_async_ring_arrive_rest<kStages, kInFlight>(full, k_blocks);
 }
 
 // A consumer warp's k loop (see the file comment) and its tile's epilogue.
@@ -158,7 +128,7 @@ __device__ __forceinline__ void consume_and_store(const MoeGemmParams &p, unsign
             const WeightFormat<Format::Fp8Block>::Scales s = WeightFormat<Format::Fp8Block>::load_scales(p, false, expert, tile, 2 * kb, 0);
             w_scale_g = s.row_g, w_scale_g8 = s.row_g8;
         }
-        mbar_wait(&full[stage], (kb / kStages) & 1);
+        ring_wait_full<kStages>(full, kb);
         const unsigned char *w_tile = w_smem + stage * kWStage + warp * kWTileBytes;
         uint32_t a[4][4];
 #pragma unroll
@@ -214,24 +184,11 @@ __device__ __forceinline__ void grouped_gemm_wgmma_a8(const MoeGemmParams &p) {
     int expert, slot_begin, slot_end;
     if (!block_slots<kBN>(p, false, expert, slot_begin, slot_end)) return;
     const int slots = slot_end - slot_begin;
-    for (int s = tid; s < kBN; s += kThreads) {
-        int pair = -1;
-        if (s < slots) pair = p.sorted_pairs != nullptr ? p.sorted_pairs[slot_begin + s] : slot_begin + s;
-        slot_pair[s] = pair;
-    }
-    if (tid == 0) {
-        for (int s = 0; s < kStages; ++s) {
-            mbar_init(&full[s], 2);                // the producer's expect_tx arrival and its "activations landed" one
-            mbar_init(&empty[s], kConsumerWarps);  // one release per consumer warp
-        }
-        mbar_init_fence();
-    }
-    __syncthreads();
+    // "full": the producer's expect_tx arrival and its "activations landed" one.
+    init_slots_and_ring<kStages, true>(p, slot_pair, full, empty, slot_begin, slots, 2);
     // Padding slots read zero rows and zero scales: written once into every stage (generic stores, fenced for
     // wgmma), never copied over.
-    for (int i = tid; i < kStages * kBN * 8; i += kThreads) {
-        if (slot_pair[(i / 8) % kBN] < 0) reinterpret_cast<uint4 *>(x_smem)[i] = make_uint4(0, 0, 0, 0);
-    }
+    zero_padding_rows<kStages>(x_smem, slot_pair);
     for (int i = tid; i < kStages * kBN; i += kThreads) {
         if (slot_pair[i % kBN] < 0) s_smem[i] = 0.f;
     }

@@ -51,23 +51,6 @@ static_assert(kSharedBytes <= 227 * 1024 / 2 - 1024, "two blocks per SM (1 KiB r
 static_assert(kTileBytes % 1024 == 0, "tiles must start on the swizzle period");
 static_assert(kQueries == 16 * kConsumerWarps && kKeys == 64 && kHeadDim == 64, "one m64n64 wgmma per k-step");
 
-// Keeps ordinary writes of wgmma operands before the next wgmma.fence and reads of results after the wait_group
-// that retires them (hopper.cuh's wgmma_fence_operand, over a whole fragment set).
-__device__ __forceinline__ void pin(float (&x)[8][4]) {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) wgmma_fence_operand(x[i][j]);
-    }
-}
-__device__ __forceinline__ void pin(uint32_t (&x)[4][4]) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) wgmma_fence_operand(x[i][j]);
-    }
-}
-
 // The producer warp: key tiles first_key, first_key + 64, .. below key_end into the stages.
 __device__ __forceinline__ void produce(const VisionAttentionParams &p, unsigned char *stages, uint64_t *full, uint64_t *empty, int first_key, int key_end,
                                         int tiles) {
@@ -76,13 +59,8 @@ __device__ __forceinline__ void produce(const VisionAttentionParams &p, unsigned
     const long head_offset = (long)blockIdx.y * kHeadDim;
     for (int j = 0; j < tiles; ++j) {
         const int stage = j % kStages;
-        if (j >= kInFlight) {
-            cp_async_wait<kInFlight - 1>();  // tile j - kInFlight has landed
-            fence_proxy_async();
-            __syncwarp();
-            if (lane == 0) mbar_arrive(&full[(j - kInFlight) % kStages]);
-        }
-        mbar_wait(&empty[stage], ((j / kStages) & 1) ^ 1);
+        cp_async_ring_arrive_landed<kStages, kInFlight>(full, j);
+        ring_wait_empty<kStages>(empty, j);
         const int tile = first_key + j * kKeys;
         const int count = min(kKeys, key_end - tile);
         const uint32_t stage_addr = smem_addr(stages + stage * kStageBytes);
@@ -100,12 +78,7 @@ __device__ __forceinline__ void produce(const VisionAttentionParams &p, unsigned
         }
         cp_async_commit();
     }
-    cp_async_wait<0>();
-    fence_proxy_async();
-    __syncwarp();
-    if (lane == 0) {
-        for (int j = max(0, tiles - kInFlight); j < tiles; ++j) mbar_arrive(&full[j % kStages]);
-    }
+    cp_async_ring_arrive_rest<kStages, kInFlight>(full, tiles);
 }
 
 // The consumer warpgroup (see the file comment).
@@ -137,7 +110,7 @@ __device__ __forceinline__ void consume(const VisionAttentionParams &p, const un
 
     auto issue_s = [&](int j) {
         const int stage = j % kStages;
-        mbar_wait(&full[stage], (j / kStages) & 1);
+        ring_wait_full<kStages>(full, j);
         const unsigned char *k_tile = stages + stage * kStageBytes;
 #pragma unroll
         for (int ks = 0; ks < 4; ++ks) wgmma_m64n64k16_bf16_rs_scale_d<0>(&s[0][0], qa[ks], wgmma_desc_k_sw128(k_tile + ks * 32), ks > 0);
@@ -157,53 +130,40 @@ __device__ __forceinline__ void consume(const VisionAttentionParams &p, const un
     // Tile j >= 1 with P_{j-1} in `previous`: S_j and P_{j-1} V_{j-1} in flight together, the softmax of S_j into
     // `next` while P_{j-1} V_{j-1} runs, then O rescaled.
     auto step = [&](int j, uint32_t (&previous)[4][4], uint32_t (&next)[4][4]) {
-        pin(s);
-        pin(o);
-        pin(previous);
+        wgmma_fence_operands(s);
+        wgmma_fence_operands(o);
+        wgmma_fence_operands(previous);
         wgmma_fence();
         issue_s(j);
         issue_pv(j - 1, previous);
         wgmma_wait<1>();
-        pin(s);
+        wgmma_fence_operands(s);
         softmax_tile(s, next, correction, state, rows, first_key + j * kKeys, t, scale);
         wgmma_wait<0>();
-        pin(o);
+        wgmma_fence_operands(o);
         release(j - 1);
         rescale_rows(o, correction);
     };
 
-    pin(qa);
-    pin(s);
+    wgmma_fence_operands(qa);
+    wgmma_fence_operands(s);
     wgmma_fence();
     issue_s(0);
     wgmma_wait<0>();
-    pin(s);
+    wgmma_fence_operands(s);
     softmax_tile(s, pa0, correction, state, rows, first_key, t, scale);
     rescale_rows(o, correction);
     // The last tile's P V, from the buffer its softmax filled.
     auto finish = [&](uint32_t (&last)[4][4]) {
-        pin(o);
-        pin(last);
+        wgmma_fence_operands(o);
+        wgmma_fence_operands(last);
         wgmma_fence();
         issue_pv(tiles - 1, last);
         wgmma_wait<0>();
-        pin(o);
+        wgmma_fence_operands(o);
         release(tiles - 1);
     };
-    // Two tiles per trip, so each P buffer is a fixed set of registers.
-#pragma unroll 1
-    for (int j = 1;; j += 2) {
-        if (j >= tiles) {
-            finish(pa0);
-            break;
-        }
-        step(j, pa0, pa1);
-        if (j + 1 >= tiles) {
-            finish(pa1);
-            break;
-        }
-        step(j + 1, pa1, pa0);
-    }
+    for_tiles_alternating(tiles, pa0, pa1, step, finish);
     store_rows(p, o, state, query, head, t);
 }
 

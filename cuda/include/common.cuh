@@ -75,3 +75,21 @@ __device__ __forceinline__ void rope_rotate(float &a, float &b, float cos_v, flo
 __device__ __forceinline__ float llama4_query_scale(int pos, float beta, int original_max) {
     return 1.f + beta * logf(1.f + (float)(pos / original_max));
 }
+
+// The online-softmax update of a thread's two rows (g and g + 8 of an m16 fragment) after one tile of scores: folds
+// the quad's row maxima into `tile_max` (a quad's four lanes hold a row's columns), moves `running_max` (log2 domain)
+// to the new maxima and shrinks `sum` by `correction`, the factor by which the row's output must be rescaled too;
+// `base` is what the tile's scores subtract before exp2 (0 for a row with no key yet: its weights are all 0).
+__device__ __forceinline__ void online_softmax_new_max(float (&tile_max)[2], float (&running_max)[2], float (&sum)[2], float (&base)[2],
+                                                       float (&correction)[2]) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
+        tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
+        const float new_max = fmaxf(running_max[h], tile_max[h]);
+        base[h] = new_max == -INFINITY ? 0.f : new_max;
+        correction[h] = exp2f(running_max[h] - base[h]);
+        running_max[h] = new_max;
+        sum[h] *= correction[h];
+    }
+}

@@ -72,6 +72,26 @@ __device__ __forceinline__ void store_slot(const MoeGemmParams &p, bool tail, bf
     }
 }
 
+// One 16-feature weight tile's accumulators over NF 8-slot fragments (mma.sync C layout: acc[f][r] is feature g
+// (r = 0, 1) or g + 8 (r = 2, 3), slot 8 f + 2 t + (r % 2); g = lane / 4, t = lane % 4) times the features' row
+// scales: store_slot for every real slot of the block's first `slots`.
+template <int NF>
+__device__ __forceinline__ void store_tile_slots(const MoeGemmParams &p, bool tail, bf16 *out_bf16, float *out_f32, int out_stride, const float (&acc)[NF][4],
+                                                 const int *slot_pair, int tile, int g, int t, int slot_begin, int slots, float scale_g, float scale_g8) {
+#pragma unroll
+    for (int f = 0; f < NF; ++f) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int slot = f * 8 + 2 * t + half;
+            if (slot >= slots) continue;
+            const int pair = slot_pair[slot];
+            if (pair < 0) continue;
+            const float v_g = acc[f][half] * scale_g, v_g8 = acc[f][2 + half] * scale_g8;
+            store_slot(p, tail, out_bf16, out_f32, out_stride, tile, g, slot_begin + slot, pair, v_g, v_g8);
+        }
+    }
+}
+
 // The epilogue of one warp's 16-feature weight tile over a block's 64 slots, from the wgmma accumulator fragment
 // (../shared/HOPPER-ASYNC.md §1.5: acc[4 f + r] is feature g (r = 0, 1) or g + 8 (r = 2, 3) of the tile, slot
 // 8 f + 2 t + (r % 2); g = lane / 4, t = lane % 4): the per-row scales (row_scales, when given), then store_slot for
@@ -87,18 +107,8 @@ __device__ __forceinline__ void store_wgmma_warp_tile(const MoeGemmParams &p, co
     }
     bf16 *const out_bf16 = p.out_bf16 ? p.out_bf16 + (long)blockIdx.z * p.out_batch_stride : nullptr;
     float *const out_f32 = p.out_f32 ? p.out_f32 + (long)blockIdx.z * p.out_batch_stride : nullptr;
-#pragma unroll
-    for (int f = 0; f < 8; ++f) {
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            const int slot = f * 8 + 2 * t + half;
-            if (slot >= slots) continue;
-            const int pair = slot_pair[slot];
-            if (pair < 0) continue;
-            const float v_g = acc[4 * f + half] * scale_g, v_g8 = acc[4 * f + 2 + half] * scale_g8;
-            store_slot(p, false, out_bf16, out_f32, p.out_stride, tile, g, slot_begin + slot, pair, v_g, v_g8);
-        }
-    }
+    store_tile_slots(p, false, out_bf16, out_f32, p.out_stride, reinterpret_cast<const float(&)[8][4]>(acc), slot_pair, tile, g, t, slot_begin, slots, scale_g,
+                     scale_g8);
 }
 
 // rope_q_k's q half on this block's output tile (dense mode; params.h MoeGemmParams.rope): features

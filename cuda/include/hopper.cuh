@@ -76,6 +76,49 @@ __device__ __forceinline__ void tma_load_3d(void *dst_smem, const void *map, int
 // (wgmma operands) of the same bytes.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
+// ---- stage ring (producer warp -> consumer warps) -------------------------------------------------------------------
+
+// The warp-specialised kernels' ring of kStages shared-memory stages: use j of the ring (k block or key tile j) fills
+// stage j % kStages, whose "full" barrier completes phase j / kStages once the data landed and whose "empty" barrier
+// completes it once every consumer released the stage.
+
+// The producer's wait before refilling use j's stage: the consumers released use j - kStages (the first pass through
+// the ring waits on the barriers' initial phase, which counts as completed).
+template <int kStages>
+__device__ __forceinline__ void ring_wait_empty(uint64_t *empty, int j) {
+    mbar_wait(&empty[j % kStages], ((j / kStages) & 1) ^ 1);
+}
+// The consumers' wait for use j's data.
+template <int kStages>
+__device__ __forceinline__ void ring_wait_full(uint64_t *full, int j) {
+    mbar_wait(&full[j % kStages], (j / kStages) & 1);
+}
+
+// cp.async cannot complete transactions on an mbarrier, so a producer warp that fills stages with it commits one
+// group per use, keeps kInFlight groups in flight and, once the group of use j - kInFlight has landed, fences it for
+// the async proxy (wgmma reads it) and arrives on that stage's "full" from the elected lane. Call with the whole warp
+// before issuing use j; kInFlight = kStages - 1 is the most that cannot deadlock (one stage being read, one held by
+// the consumers' lagging release).
+template <int kStages, int kInFlight>
+__device__ __forceinline__ void cp_async_ring_arrive_landed(uint64_t *full, int j) {
+    if (j >= kInFlight) {
+        cp_async_wait<kInFlight - 1>();  // use j - kInFlight has landed
+        fence_proxy_async();
+        __syncwarp();
+        if (elect_one_sync()) mbar_arrive(&full[(j - kInFlight) % kStages]);
+    }
+}
+// After the last of `uses` uses: every group has landed; arrives for the uses cp_async_ring_arrive_landed did not.
+template <int kStages, int kInFlight>
+__device__ __forceinline__ void cp_async_ring_arrive_rest(uint64_t *full, int uses) {
+    cp_async_wait<0>();
+    fence_proxy_async();
+    __syncwarp();
+    if (elect_one_sync()) {
+        for (int j = max(0, uses - kInFlight); j < uses; ++j) mbar_arrive(&full[j % kStages]);
+    }
+}
+
 // ---- wgmma ---------------------------------------------------------------------------------------------------------
 
 // The 128-byte swizzle every swizzled shared operand uses (TMA, wgmma): chunk bits 4-6 of the ABSOLUTE shared address
@@ -116,6 +159,17 @@ __device__ __forceinline__ void wgmma_m64n64k16_bf16_rs(float d[32], const uint3
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc));
 }
 
+// wgmma_fence_operand over a whole fragment set (N fragments of 4 registers): the attention kernels' accumulators,
+// and their A operands written by ordinary code.
+template <int N>
+__device__ __forceinline__ void wgmma_fence_operands(float (&x)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) wgmma_fence_operand(x[i][j]);
+    }
+}
+
 // ---- wgmma with a run-time scale-d and a transposed B (the vision attention's) -------------------------------------
 
 // N-major (MN-major) operand with the 128-byte swizzle, for a B of N = 64 16-bit elements per k: a row-major [k][64]
@@ -127,6 +181,34 @@ __device__ __forceinline__ uint64_t wgmma_desc_mn_sw128_n64(const void *p) { ret
 // Pins an A-fragment register here (wgmma_fence_operand's u32 form): its last ordinary write stays before the next
 // wgmma.fence.
 __device__ __forceinline__ void wgmma_fence_operand(uint32_t &r) { asm volatile("" : "+r"(r)::"memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_fence_operands(uint32_t (&x)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) wgmma_fence_operand(x[i][j]);
+    }
+}
+
+// The FA3-style consumer loop of the wgmma attention kernels, after tile 0's softmax filled pa0: step(j, previous,
+// next) for tiles j = 1 .. tiles - 1, the two P buffers alternating so that each is a fixed set of registers (two
+// tiles per trip), then finish(the buffer the last softmax filled).
+template <class Buffer, class Step, class Finish>
+__device__ __forceinline__ void for_tiles_alternating(int tiles, Buffer &pa0, Buffer &pa1, Step &&step, Finish &&finish) {
+#pragma unroll 1
+    for (int j = 1;; j += 2) {
+        if (j >= tiles) {
+            finish(pa0);
+            break;
+        }
+        step(j, pa0, pa1);
+        if (j + 1 >= tiles) {
+            finish(pa1);
+            break;
+        }
+        step(j + 1, pa1, pa0);
+    }
+}
 
 // d (64 x 64 f32) = (accumulate ? d : 0) + a (64 x 16 bf16 in registers, the mma.sync A fragment of each warp's 16
 // rows) * b (16 x 64 bf16 from the descriptor): K-major B with kTransB 0, N-major B (wgmma_desc_mn_sw128_n64) with

@@ -9,6 +9,7 @@
 // bf16 only as the P V operand); one rounding of the output (or f32 partials when split).
 #pragma once
 #include "params.h"
+#include "common.cuh"
 #include "mma.cuh"
 #include "mla_cache.cuh"
 
@@ -43,16 +44,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kTileN / 8][4], uint32_t
         }
     }
     float base[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
-        tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
-        const float new_max = fmaxf(state.max[h], tile_max[h]);
-        base[h] = new_max == -INFINITY ? 0.f : new_max;
-        correction[h] = exp2f(state.max[h] - base[h]);
-        state.max[h] = new_max;
-        state.sum[h] *= correction[h];
-    }
+    online_softmax_new_max(tile_max, state.max, state.sum, base, correction);
 #pragma unroll
     for (int n = 0; n < kTileN / 8; ++n) {
 #pragma unroll

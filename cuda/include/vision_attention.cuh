@@ -70,16 +70,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[8][4], uint32_t (&pa)[4]
         }
     }
     float base[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
-        tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
-        const float new_max = fmaxf(state.running_max[h], tile_max[h]);
-        base[h] = new_max == -INFINITY ? 0.f : new_max;  // a row with no key yet: every weight is 0
-        correction[h] = exp2f(state.running_max[h] - base[h]);
-        state.denominator[h] *= correction[h];
-        state.running_max[h] = new_max;
-    }
+    online_softmax_new_max(tile_max, state.running_max, state.denominator, base, correction);
 #pragma unroll
     for (int nb = 0; nb < 8; ++nb) {
 #pragma unroll

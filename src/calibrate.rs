@@ -735,12 +735,16 @@ fn replay(
     let sampled = !(matches!(spec.family.as_str(), "router" | "dense") || fused_combine);
     sim.set_block_sample(sampled.then_some(sample_blocks));
     // Every stored measurement ran the mma.sync prefill GEMM (the wgmma one, the default now, came later): mma.sync
-    // unless the configuration names one (`gemm=mma_sync|wgmma|wgmma_gather`).
+    // unless the configuration names one (`gemm=mma_sync|wgmma|wgmma_gather|wgmma_fp8_act`; the last runs the fp8
+    // formats' prefill tiles on the fp8 tensor cores, each GEMM launch after its activation quantiser's).
     let gemm = match spec.get("gemm") {
         None | Some("mma_sync") => PrefillGemm::MmaSync,
         Some("wgmma") => PrefillGemm::Wgmma,
         Some("wgmma_gather") => PrefillGemm::WgmmaGather,
-        Some(other) => return Err(Error::InvalidArgument(format!("calibration run {}: gemm={other} (mma_sync, wgmma or wgmma_gather)", spec.family))),
+        Some("wgmma_fp8_act") => PrefillGemm::WgmmaFp8Act,
+        Some(other) => {
+            return Err(Error::InvalidArgument(format!("calibration run {}: gemm={other} (mma_sync, wgmma, wgmma_gather or wgmma_fp8_act)", spec.family)))
+        }
     };
     let result = gemm.run(|| match spec.family.as_str() {
         "router" => replay_router(sim, device, spec),

@@ -509,6 +509,7 @@ fn generate_tokens(
             Attention::Absorbed => AttentionForm::Absorbed,
         },
         fp8_activations: false,
+        prefill_fp8_act: false,
     };
     // Every setting is checked before the model loads, --top-p even when greedy: `--top-p 5` is a mistake whatever
     // the temperature.

@@ -164,3 +164,38 @@ fn wgmma_cases_are_counted_apart_and_take_the_wgmma_rate() {
     let ratio = tensor(&wgmma, &slow) / tensor(&wgmma, &TimingModel::FITTED);
     assert!((ratio - 8.0).abs() < 1e-9, "{ratio}");
 }
+
+/// `gemm=wgmma_fp8_act` replays an fp8 prefill-tile GEMM on the fp8 tensor cores: the activation quantiser, then
+/// `moe_gemm_fp8_wgmma_a8` whose tensor FLOPs are all 8-bit wgmma FLOPs (the mma.sync replay of the same case runs
+/// `moe_gemm_fp8_tiled`, with none); each case's `kernel=` picks its launch and both predict.
+#[test]
+fn fp8_act_gemm_cases_replay_on_the_fp8_tensor_cores() {
+    let list = "id\trun\tmethod\twhat\n\
+                f-mma\tdense format=fp8 rows=128 k=256 tokens=64 gemm=mma_sync kernel=moe_gemm_fp8_tiled\tncu\tmma.sync\n\
+                f-quant\tdense format=fp8 rows=128 k=256 tokens=64 gemm=wgmma_fp8_act kernel=moe_quantize_act_e4m3_block128\tncu\tquantiser\n\
+                f-a8\tdense format=fp8 rows=128 k=256 tokens=64 gemm=wgmma_fp8_act kernel=moe_gemm_fp8_wgmma_a8\tncu\tfp8 wgmma\n";
+    let profiles = std::env::temp_dir().join(format!("small4-calibrate-fp8-act-{}.tsv", std::process::id()));
+    let _ = std::fs::remove_file(&profiles);
+    let options = Options { profiles: Some(profiles.clone()), ..Options::default() };
+    let results = calibrate::predict_cases(list, &options, &mut Vec::new()).expect("the fp8 cases replay");
+    let _ = std::fs::remove_file(&profiles);
+    assert_eq!(results.len(), 3);
+    for (case, h200, h100) in &results {
+        assert!(h200.is_finite() && *h200 > 0.0 && h100.is_finite() && *h100 > 0.0, "{}: {h200} {h100}", case.id);
+    }
+    let counters = |choice: small4::kernels::moe_wgmma::PrefillGemm| {
+        use small4::device::{simulator, DeviceBuffer};
+        use small4::quant::{repack, QuantizedMatrix, WeightFormat};
+        let device = simulator();
+        let w = QuantizedMatrix::quantize(WeightFormat::Fp8PerTensor, &vec![0.25; 128 * 256], 128, 256).unwrap();
+        let weights = small4::kernels::moe::DeviceWeights::upload(&device, &repack::repack_linear(&[(&w).into()]).unwrap()).unwrap();
+        let x = DeviceBuffer::from_slice(&device, &vec![half::bf16::from_f32(0.5); 64 * 256]).unwrap();
+        let y = DeviceBuffer::<half::bf16>::alloc(&device, 64 * 128).unwrap();
+        choice.run(|| small4::kernels::dense::linear(&weights, x.view([64, 256])?, y.view([64, 128])?)).expect("runs");
+        device.last_launch_counters().expect("a launch")
+    };
+    let (mma, a8) = (counters(small4::kernels::moe_wgmma::PrefillGemm::MmaSync), counters(small4::kernels::moe_wgmma::PrefillGemm::WgmmaFp8Act));
+    assert_eq!((mma.kernel.as_str(), a8.kernel.as_str()), ("moe_gemm_fp8_tiled", "moe_gemm_fp8_wgmma_a8"));
+    assert_eq!((a8.timing.wgmma_8bit_flops, a8.timing.tensor_flops), (2 * 64 * 128 * 256, 2 * 64 * 128 * 256), "every FLOP of the fp8 kernel on 8-bit wgmma");
+    assert!(mma.timing.tensor_flops > 0 && mma.timing.wgmma_flops == 0);
+}

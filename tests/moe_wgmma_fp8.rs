@@ -522,3 +522,51 @@ fn fp8_counters_at_real_dims() {
         }
     }
 }
+
+/// The launches quantise into the thread's `Fp8ActScratch` (the engine's): once reserved, repeated launches that fit
+/// allocate nothing (on CUDA each allocation and free synchronises the stream) and still equal the reference bit for
+/// bit; a launch of more rows grows the two buffers once, and the smaller launches after it reuse the grown ones.
+/// Outside any scratch a launch allocates its own.
+#[test]
+fn repeated_launches_reuse_the_scratch() {
+    use small4::kernels::moe_wgmma_fp8::Fp8ActScratch;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let allocations = Arc::new(AtomicUsize::new(0));
+    let mut hooked = Hooked::new(small4::device::simulator());
+    let counter = allocations.clone();
+    hooked.on_alloc = Box::new(move |_, _| {
+        counter.fetch_add(1, Ordering::SeqCst);
+    });
+    let device: Device = Arc::new(hooked);
+    let (format, k_dim, out_dim, max_rows) = (WeightFormat::Fp8Block128, 256, 128, 80);
+    let mut rng = rng(61);
+    let w = integer_weights(&mut rng, format, out_dim, k_dim);
+    let weights = DeviceWeights::upload(&device, &repack::repack_linear(&[(&w).into()]).unwrap()).unwrap();
+    let x = integer_activations(&mut rng, max_rows, k_dim, k_dim);
+    let x_dev = DeviceBuffer::from_slice(&device, &x).unwrap();
+    let y = DeviceBuffer::<f32>::alloc(&device, max_rows * out_dim).unwrap();
+    // Allocations made by one launch of `rows` rows, and whether its output equals the reference.
+    let launch = |rows: usize| -> (usize, bool) {
+        let before = allocations.load(Ordering::SeqCst);
+        run_a8(&device, format, || dense::linear_f32(&weights, x_dev.view([rows, k_dim])?, y.view([rows, out_dim])?)).unwrap();
+        let made = allocations.load(Ordering::SeqCst) - before;
+        let got = y.to_vec().unwrap();
+        let (_, want) = reference(&x[..rows * k_dim], rows, k_dim, k_dim, &w);
+        (made, mismatches(&got[..rows * out_dim], &want) == 0)
+    };
+    let scratch = Arc::new(Fp8ActScratch::new(&device));
+    scratch.reserve(48, k_dim).unwrap();
+    assert_eq!(scratch.capacity(), (48 * k_dim, 48 * 2));
+    let runs = scratch.run(|| [launch(48), launch(40), launch(max_rows), launch(48), launch(max_rows)]);
+    assert_eq!(runs, [(0, true), (0, true), (2, true), (0, true), (0, true)], "(allocations, equal to the reference) per launch");
+    assert_eq!(scratch.capacity(), (max_rows * k_dim, max_rows * 2));
+    // Without a scratch in force: the launch's own codes and scales.
+    assert_eq!(launch(40), (2, true));
+    // Bad sizes are typed errors, and leave the buffers as they were.
+    for (rows, k) in [(4, 0), (4, 200), (usize::MAX / 64, 128)] {
+        assert!(matches!(scratch.reserve(rows, k), Err(small4::Error::InvalidArgument(_))), "reserve({rows}, {k})");
+    }
+    assert_eq!(scratch.capacity(), (max_rows * k_dim, max_rows * 2));
+}

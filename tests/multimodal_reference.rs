@@ -24,7 +24,8 @@ fn tiny_weights() -> &'static ReferenceWeights {
 }
 
 fn model(rounding: RoundingMode) -> ReferenceModel {
-    ReferenceModel::new(tiny_weights().clone(), ForwardOptions { rounding, attention: AttentionForm::Absorbed, fp8_activations: false }).unwrap()
+    ReferenceModel::new(tiny_weights().clone(), ForwardOptions { rounding, attention: AttentionForm::Absorbed, fp8_activations: false, prefill_fp8_act: false })
+        .unwrap()
 }
 
 /// A deterministic pseudo-random normalised image of `width x height`.
@@ -238,8 +239,11 @@ fn vision_weights_round_trip_through_both_checkpoint_layouts() {
         assert_eq!(got.layers[1].wq, want.layers[1].wq, "{layout:?} wq back in native row order");
         assert_eq!(got.layers[0].wk, want.layers[0].wk);
         assert_eq!((&got.patch_conv, &got.merging_layer, &got.w_out), (&want.patch_conv, &want.merging_layer, &want.w_out));
-        let m =
-            ReferenceModel::new(loaded, ForwardOptions { rounding: RoundingMode::F32, attention: AttentionForm::Absorbed, fp8_activations: false }).unwrap();
+        let m = ReferenceModel::new(
+            loaded,
+            ForwardOptions { rounding: RoundingMode::F32, attention: AttentionForm::Absorbed, fp8_activations: false, prefill_fp8_act: false },
+        )
+        .unwrap();
         assert_eq!(m.encode_images(&images).unwrap(), reference, "{layout:?}");
     }
     assert_ne!(stored_wq[0], stored_wq[1], "HF stores wq permuted for rotate-half RoPE");

@@ -19,7 +19,7 @@ fn tiny_weights() -> &'static ReferenceWeights {
 }
 
 fn model(rounding: RoundingMode, attention: AttentionForm) -> ReferenceModel {
-    ReferenceModel::new(tiny_weights().clone(), ForwardOptions { rounding, attention, fp8_activations: false }).unwrap()
+    ReferenceModel::new(tiny_weights().clone(), ForwardOptions { rounding, attention, fp8_activations: false, prefill_fp8_act: false }).unwrap()
 }
 
 /// Logits of `tokens` in one prefill on a cache whose first token is at `start`.
@@ -161,10 +161,16 @@ fn dense_layers_and_several_shared_experts_run_in_both_forms() {
     let config = ModelConfig { n_layers: 2, first_k_dense_replace: 1, shared_experts: 2, tied_embeddings: true, ..ModelConfig::tiny() };
     let weights = ReferenceWeights::random(&config, 9).unwrap();
     assert_eq!(weights.output, weights.tok_embeddings);
-    let naive =
-        ReferenceModel::new(weights.clone(), ForwardOptions { rounding: RoundingMode::F32, attention: AttentionForm::Naive, fp8_activations: false }).unwrap();
-    let absorbed =
-        ReferenceModel::new(weights, ForwardOptions { rounding: RoundingMode::F32, attention: AttentionForm::Absorbed, fp8_activations: false }).unwrap();
+    let naive = ReferenceModel::new(
+        weights.clone(),
+        ForwardOptions { rounding: RoundingMode::F32, attention: AttentionForm::Naive, fp8_activations: false, prefill_fp8_act: false },
+    )
+    .unwrap();
+    let absorbed = ReferenceModel::new(
+        weights,
+        ForwardOptions { rounding: RoundingMode::F32, attention: AttentionForm::Absorbed, fp8_activations: false, prefill_fp8_act: false },
+    )
+    .unwrap();
     let want = prefill_at(&naive, &PROMPT[..4], 9000);
     assert_close("dense + 2 shared experts: absorbed vs naive", &prefill_at(&absorbed, &PROMPT[..4], 9000), &want, 2e-4, 2e-4);
 }

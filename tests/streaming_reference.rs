@@ -47,7 +47,7 @@ fn streaming_matches_in_memory_with_f32_activations_and_w8a8() {
     let checkpoint = Checkpoint::open(tiny_checkpoint(WeightFormat::Fp8PerTensor, &Layout::Native, DEFAULT_TINY_SEED).unwrap()).unwrap();
     let in_memory = load_reference_weights(&checkpoint).unwrap();
     for options in [
-        ForwardOptions { rounding: RoundingMode::F32, attention: AttentionForm::Absorbed, fp8_activations: false },
+        ForwardOptions { rounding: RoundingMode::F32, attention: AttentionForm::Absorbed, fp8_activations: false, prefill_fp8_act: false },
         ForwardOptions { fp8_activations: true, ..ForwardOptions::default() },
     ] {
         let want = logits(&ReferenceModel::new(in_memory.clone(), options).unwrap());

@@ -193,6 +193,30 @@ pub fn moe_tile_m(tokens: usize, k: usize, experts: usize) -> usize {
     }
 }
 
+/// Whether a dense GEMM launch over `rows` rows takes the prefill tile (more rows than the decode tiles' 32):
+/// the launches [`crate::kernels::moe_wgmma::PrefillGemm`] chooses a kernel for.
+///
+/// ```
+/// use small4::kernels::moe::dense_takes_prefill_tile;
+///
+/// assert!(!dense_takes_prefill_tile(32) && dense_takes_prefill_tile(33));
+/// ```
+pub fn dense_takes_prefill_tile(rows: usize) -> bool {
+    rows > TileShape::Small.slots()
+}
+
+/// Whether the grouped GEMM launches of `tokens` tokens routed to `k` of `experts` (local) experts take the prefill
+/// tile: the aligner's 64-slot tiles ([`moe_tile_m`]).
+///
+/// ```
+/// use small4::kernels::moe::grouped_takes_prefill_tile;
+///
+/// assert!(grouped_takes_prefill_tile(136, 4, 16) && !grouped_takes_prefill_tile(1, 4, 16));
+/// ```
+pub fn grouped_takes_prefill_tile(tokens: usize, k: usize, experts: usize) -> bool {
+    moe_tile_m(tokens, k, experts) == TileShape::Tiled.slots()
+}
+
 /// Weights of one GEMM (all experts of one projection, or one dense matrix) in device memory.
 ///
 /// The fields mirror [`PackedWeights`] (whose documentation gives each array's tile layout), uploaded as is.
@@ -717,7 +741,7 @@ pub(super) fn launch_gemm(
             if w.experts != heads {
                 return Err(Error::InvalidArgument(format!("dense gemm: weights hold {} matrices, expected {heads}", w.experts)));
             }
-            let shape = if rows <= TileShape::Small.slots() { TileShape::for_decode(1, w.rows_padded) } else { TileShape::Tiled };
+            let shape = if dense_takes_prefill_tile(rows) { TileShape::Tiled } else { TileShape::for_decode(1, w.rows_padded) };
             (shape, super::blocks_for(rows, shape.slots()) as usize, 1, None)
         }
     };

@@ -4,7 +4,11 @@
 //! accumulator, as DeepGEMM's sm90 fp8 GEMM does. [`PrefillGemm::WgmmaFp8Act`] selects them for the fp8 formats'
 //! prefill-tile launches (grouped up- and down-projections, dense GEMMs of one matrix); [`super::moe`]'s launcher
 //! hands such a launch over with its parameters, and this module quantises the launch's input rows into a scratch
-//! buffer first. The CPU twin of both steps is `reference::fp8_gemm`.
+//! buffer first ([`Fp8ActScratch`]: the engine's, sized when it plans a batch, else one for the launch). The CPU twin
+//! of both steps is `reference::fp8_gemm`.
+
+use std::cell::RefCell;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use half::bf16;
 
@@ -112,14 +116,125 @@ fn kernel(format: WeightFormat) -> Option<Kernel> {
 /// `k_dim` runs here: [`PrefillGemm::WgmmaFp8Act`] is chosen, the format is fp8 (per-tensor or block-128), the launch
 /// is not batched over heads and `k_dim` holds whole 128-k scale blocks. False: the launch runs as before.
 pub(crate) fn applies(format: WeightFormat, heads: usize, k_dim: usize) -> Result<bool> {
-    Ok(kernel(format).is_some() && heads == 1 && k_dim % ACT_SCALE_BLOCK == 0 && PrefillGemm::current()? == PrefillGemm::WgmmaFp8Act)
+    Ok(serves(format, heads, k_dim) && PrefillGemm::current()? == PrefillGemm::WgmmaFp8Act)
+}
+
+/// Whether a prefill-tile launch of `format` weights over `heads` matrices of reduction length `k_dim` runs here
+/// when [`PrefillGemm::WgmmaFp8Act`] is chosen ([`applies`] without the choice): what a plan sizes the scratch for.
+pub(crate) fn serves(format: WeightFormat, heads: usize, k_dim: usize) -> bool {
+    kernel(format).is_some() && heads == 1 && k_dim % ACT_SCALE_BLOCK == 0
+}
+
+/// Where the fp8-activation GEMMs quantise their input rows: `[rows, k]` e4m3 codes and `[rows, k / 128]` f32 scales,
+/// reused by every launch that fits and grown (the old buffers freed first) only when a launch needs more. The
+/// engine sizes one when it plans a batch ([`Fp8ActScratch::reserve`] for its largest fp8 GEMM input) and runs its
+/// steps inside [`Fp8ActScratch::run`], so a prefill allocates (a synchronous `cudaFree`/`cudaMalloc` on CUDA) only
+/// when planned; a launch outside any `run` allocates its own buffers for that launch.
+///
+/// ```
+/// use std::sync::Arc;
+/// use small4::device::simulator;
+/// use small4::kernels::moe_wgmma_fp8::Fp8ActScratch;
+///
+/// let device = simulator();
+/// let scratch = Arc::new(Fp8ActScratch::new(&device));
+/// scratch.reserve(64, 256)?;
+/// assert_eq!(scratch.capacity(), (64 * 256, 64 * 2));
+/// scratch.reserve(8, 128)?; // fits: nothing changes
+/// assert_eq!(scratch.capacity(), (64 * 256, 64 * 2));
+/// // Inside `run`, fp8-activation launches on this thread use these buffers.
+/// let held = scratch.run(|| Fp8ActScratch::current().map(|s| Arc::ptr_eq(&s, &scratch)));
+/// assert_eq!((held, Fp8ActScratch::current().is_none()), (Some(true), true));
+/// // A reduction length without whole 128-k scale blocks is refused.
+/// assert!(matches!(scratch.reserve(4, 100), Err(small4::Error::InvalidArgument(_))));
+/// # Ok::<(), small4::Error>(())
+/// ```
+pub struct Fp8ActScratch {
+    device: Device,
+    buffers: Mutex<ScratchBuffers>,
+}
+
+/// The codes and scales of an [`Fp8ActScratch`] (None until the first reservation).
+#[derive(Default)]
+struct ScratchBuffers {
+    codes: Option<DeviceBuffer<u8>>,
+    scales: Option<DeviceBuffer<f32>>,
+}
+
+thread_local! {
+    /// [`Fp8ActScratch::run`]'s scratch for the calling thread.
+    static CURRENT_SCRATCH: RefCell<Option<Arc<Fp8ActScratch>>> = const { RefCell::new(None) };
+}
+
+/// The element counts of a `[rows, k_dim]` input's codes and scales; `Error::InvalidArgument` for a `k_dim` not a
+/// positive multiple of 128 or sizes past the address space.
+fn scratch_lens(rows: usize, k_dim: usize) -> Result<(usize, usize)> {
+    if k_dim == 0 || k_dim % ACT_SCALE_BLOCK != 0 {
+        return Err(Error::InvalidArgument(format!("fp8 activation scratch: k {k_dim} must be a positive multiple of {ACT_SCALE_BLOCK}")));
+    }
+    let codes = rows.checked_mul(k_dim).ok_or_else(|| Error::InvalidArgument(format!("fp8 activation scratch: {rows} x {k_dim} codes overflow")))?;
+    Ok((codes, codes / ACT_SCALE_BLOCK))
+}
+
+impl Fp8ActScratch {
+    /// Empty scratch on `device` (the first reservation or launch allocates).
+    pub fn new(device: &Device) -> Self {
+        Fp8ActScratch { device: device.clone(), buffers: Mutex::new(ScratchBuffers::default()) }
+    }
+
+    /// Makes room for a launch of `rows` input rows of `k_dim`: each buffer is replaced by a larger one only when it
+    /// is too small. `Error::InvalidArgument` for a `k_dim` not a positive multiple of 128 or a size that overflows;
+    /// the device's error when it cannot allocate.
+    pub fn reserve(&self, rows: usize, k_dim: usize) -> Result<()> {
+        self.lock_for(rows, k_dim).map(|_| ())
+    }
+
+    /// Elements held: (e4m3 codes, f32 scales).
+    pub fn capacity(&self) -> (usize, usize) {
+        let buffers = self.buffers.lock().unwrap_or_else(|e| e.into_inner());
+        (buffers.codes.as_ref().map_or(0, |b| b.len()), buffers.scales.as_ref().map_or(0, |b| b.len()))
+    }
+
+    /// Runs `f` with this scratch serving the fp8-activation launches issued on the calling thread, restoring the
+    /// previous one afterwards (also when `f` panics).
+    pub fn run<R>(self: &Arc<Self>, f: impl FnOnce() -> R) -> R {
+        struct Restore(Option<Arc<Fp8ActScratch>>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                CURRENT_SCRATCH.with(|s| *s.borrow_mut() = self.0.take());
+            }
+        }
+        let _restore = Restore(CURRENT_SCRATCH.with(|s| s.borrow_mut().replace(self.clone())));
+        f()
+    }
+
+    /// The scratch [`Fp8ActScratch::run`] put in force on this thread, if any.
+    pub fn current() -> Option<Arc<Self>> {
+        CURRENT_SCRATCH.with(|s| s.borrow().clone())
+    }
+
+    /// The buffers, grown to hold `rows` x `k_dim` if needed, locked for one launch.
+    fn lock_for(&self, rows: usize, k_dim: usize) -> Result<MutexGuard<'_, ScratchBuffers>> {
+        let (codes, scales) = scratch_lens(rows, k_dim)?;
+        let mut buffers = self.buffers.lock().unwrap_or_else(|e| e.into_inner());
+        if buffers.codes.as_ref().is_none_or(|b| b.len() < codes) {
+            buffers.codes = None;
+            buffers.codes = Some(DeviceBuffer::alloc(&self.device, codes.max(1))?);
+        }
+        if buffers.scales.as_ref().is_none_or(|b| b.len() < scales) {
+            buffers.scales = None;
+            buffers.scales = Some(DeviceBuffer::alloc(&self.device, scales.max(1))?);
+        }
+        Ok(buffers)
+    }
 }
 
 /// Launches the prefill tile of `format` (fp8) weights on the fp8 tensor cores: `x` (the launch's bf16 input rows,
-/// `[input rows, k_dim]`) is quantised into scratch buffers with [`quantize_act_e4m3_block128`] (only the real slots
-/// of `slots` when the input rows are a grouping's slots), then the GEMM runs with `params` and the grid of the
-/// mma.sync launch (`config`'s block and shared memory are replaced), reading the e4m3 rows and their scales instead
-/// of `x`. `Error::InvalidArgument` for a format without a kernel here (see [`applies`]).
+/// `[input rows, k_dim]`) is quantised with [`quantize_act_e4m3_block128`] (only the real slots of `slots` when the
+/// input rows are a grouping's slots) into the thread's [`Fp8ActScratch`] (one allocated for this launch outside
+/// [`Fp8ActScratch::run`]), then the GEMM runs with `params` and the grid of the mma.sync launch (`config`'s block
+/// and shared memory are replaced), reading the e4m3 rows and their scales instead of `x`.
+/// `Error::InvalidArgument` for a format without a kernel here (see [`applies`]).
 pub(crate) fn launch(
     device: &Device,
     format: WeightFormat,
@@ -130,9 +245,14 @@ pub(crate) fn launch(
 ) -> Result<()> {
     let kernel = kernel(format).ok_or_else(|| Error::InvalidArgument(format!("no fp8-activation wgmma kernel for {format:?} weights")))?;
     let [rows, k_dim] = x.dims();
-    let codes = DeviceBuffer::<u8>::alloc(device, rows * k_dim)?;
-    let scales = DeviceBuffer::<f32>::alloc(device, rows * (k_dim / ACT_SCALE_BLOCK))?;
-    launch_quantize(x, codes.view([rows, k_dim])?, scales.view([rows, k_dim / ACT_SCALE_BLOCK])?, slots)?;
+    let scratch = Fp8ActScratch::current().unwrap_or_else(|| Arc::new(Fp8ActScratch::new(device)));
+    let buffers = scratch.lock_for(rows, k_dim)?;
+    let (codes, scales) = match (&buffers.codes, &buffers.scales) {
+        (Some(codes), Some(scales)) => (codes, scales),
+        _ => return Err(Error::InvalidArgument("fp8 activation scratch: buffers missing after the reservation".into())),
+    };
+    let blocks = k_dim / ACT_SCALE_BLOCK;
+    launch_quantize(x, codes.view([rows, k_dim])?, scales.view([rows, blocks])?, slots)?;
     let params =
         MoeGemmParams { x: std::ptr::null(), x_e4m3: codes.ptr(), x_stride: to_i32("fp8 gemm x stride", k_dim)?, x_block_scales: scales.ptr(), ..*params };
     let config = LaunchConfig { block: Dim3::x(THREADS), shared_bytes: SHARED_BYTES, ..*config };

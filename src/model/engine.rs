@@ -92,6 +92,7 @@
 //! ```
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use half::bf16;
 use safetensors::Dtype;
@@ -101,6 +102,8 @@ use crate::device::{Device, DeviceBuffer, Graph};
 use crate::kernels::attention::{self, AttentionScratch, BlockTables, CacheWriteWeights, PagedCache, Queries, QueryLatentNorm, QueryLayout, TokenSlots};
 use crate::kernels::dense;
 use crate::kernels::moe::{self, DeviceWeights, Fp8ActScales, Grouping, MoeLayerWeights, MoeWorkspace, RoutingBuffers, RowCounters};
+use crate::kernels::moe_wgmma::PrefillGemm;
+use crate::kernels::moe_wgmma_fp8::{self, Fp8ActScratch};
 use crate::kernels::norm::{self, ResidualNorm};
 use crate::kernels::ops::{self, GatherStatus, QueryScale, SamplingInputs};
 use crate::kernels::router::{self, ExpertMap, RouterConfig, RouterWorkspace, Routing};
@@ -966,6 +969,9 @@ struct Workspace {
     /// One zero counter per token for the GEMMs that finish their rows in the same launch (the latent projection, wo,
     /// the experts' down projection: one GPU).
     row_counters: RowCounters,
+    /// Where the fp8-activation prefill GEMMs (`PrefillGemm::WgmmaFp8Act`) quantise their inputs: sized here for the
+    /// largest of the batch's fp8 GEMMs when that choice is in force, grown by a launch that needs more otherwise.
+    fp8_act: Arc<Fp8ActScratch>,
 }
 
 /// The f32 buffer a tensor-parallel rank's `wo` writes its partial sum into, all-reduced across the ranks, and the
@@ -1020,6 +1026,7 @@ impl Workspace {
         let tile_m = moe::moe_tile_m(tokens, c.experts_per_token, local);
         let routing = Routing::alloc(d, tokens, c.experts_per_token, local, tile_m)?;
         let moe = MoeWorkspace::new(d, &model.layers[0].moe, tokens, c.experts_per_token, routing.alignment.max_padded)?;
+        let fp8_act = fp8_act_scratch(model, tokens, routing.alignment.max_padded)?;
         let heads = model.heads.len();
         let latent_rows = tokens * heads;
         let attention_sum = if model.shard.partial_attention_output() {
@@ -1045,8 +1052,39 @@ impl Workspace {
             routing,
             moe,
             row_counters: RowCounters::new(d, tokens)?,
+            fp8_act,
         })
     }
+}
+
+/// The scratch of the fp8-activation GEMMs for a batch of `tokens` tokens whose grouping holds `slots` slots:
+/// reserved for the largest input among the GEMMs that kernel serves (the fp8 attention projections and shared
+/// expert over the tokens, the routed experts' up over the tokens and down over the slots) when
+/// `PrefillGemm::WgmmaFp8Act` is chosen, empty otherwise.
+fn fp8_act_scratch(model: &DeviceModel, tokens: usize, slots: usize) -> Result<Arc<Fp8ActScratch>> {
+    let scratch = Arc::new(Fp8ActScratch::new(&model.device));
+    if PrefillGemm::current()? != PrefillGemm::WgmmaFp8Act {
+        return Ok(scratch);
+    }
+    // (rows, k) of each launch: the dense ones of one matrix, and the grouped ones (one launch over all experts).
+    let mut inputs: Vec<(usize, usize)> = Vec::new();
+    for layer in &model.layers {
+        let shared = layer.moe.shared.iter().flat_map(|(up, down)| [up, down]);
+        for w in [&layer.wqkv_a, &layer.wq_b, &layer.wo].into_iter().chain(shared) {
+            if moe_wgmma_fp8::serves(w.format, w.experts, w.k_dim) {
+                inputs.push((tokens, w.k_dim));
+            }
+        }
+        for (w, rows) in [(&layer.moe.gate_up, tokens), (&layer.moe.down, slots)] {
+            if moe_wgmma_fp8::serves(w.format, 1, w.k_dim) {
+                inputs.push((rows, w.k_dim));
+            }
+        }
+    }
+    if let Some(&(rows, k_dim)) = inputs.iter().max_by_key(|(rows, k_dim)| rows * k_dim) {
+        scratch.reserve(rows, k_dim)?;
+    }
+    Ok(scratch)
 }
 
 /// The buffers of a decode step of one shape, fixed so that a captured graph can replay over them: the step's
@@ -1725,9 +1763,25 @@ impl Engine {
 
 impl Network<'_> {
     /// The whole network over the tokens of `ws` (ids and positions already written): embedding, the layers, the
-    /// final norm and the output head over `head`'s rows. Launches kernels only.
+    /// final norm and the output head over `head`'s rows. Launches kernels only (the fp8-activation GEMMs quantise
+    /// into the workspace's scratch).
     #[allow(clippy::too_many_arguments)]
     fn run(
+        &self,
+        ws: &Workspace,
+        head: &Head,
+        tables: &BlockTables,
+        layout: &QueryLayout,
+        slots: &TokenSlots,
+        scratch: &mut AttentionScratch,
+        images: Option<&ImageRows>,
+    ) -> Result<()> {
+        ws.fp8_act.run(|| self.run_layers(ws, head, tables, layout, slots, scratch, images))
+    }
+
+    /// [`Network::run`]'s launches.
+    #[allow(clippy::too_many_arguments)]
+    fn run_layers(
         &self,
         ws: &Workspace,
         head: &Head,

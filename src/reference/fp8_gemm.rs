@@ -102,6 +102,12 @@ impl QuantizedActs {
     pub fn value(&self, row: usize, col: usize) -> f32 {
         e4m3_to_f32(self.code(row, col)) * self.scales[row * (self.cols / BLOCK) + col / BLOCK]
     }
+
+    /// Every value the codes stand for ([`QuantizedActs::value`]), `[rows, cols]` in their own column order: the
+    /// activations a GEMM on these codes multiplies.
+    pub fn values(&self) -> Vec<f32> {
+        (0..self.rows).flat_map(|r| (0..self.cols).map(move |c| self.value(r, c))).collect()
+    }
 }
 
 /// `x` `[rows, cols]` (bf16 values in f32) to e4m3 with one scale per row and 128 columns, as

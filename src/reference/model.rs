@@ -24,18 +24,21 @@
 
 use std::time::{Duration, Instant};
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rayon::prelude::*;
 
 use super::attention::latent_attention;
+use super::fp8_gemm;
 use super::linear::{dot, round_bf16};
 use super::moe::{forcing_gap, route, route_forced, routing_margin, softmax, swiglu_by, ExpertWeights, Routing};
 use super::norm::rms_norm;
 use super::rope::{apply_interleaved, llama4_query_scale, yarn_inv_freq};
 use super::vision::{check_image_slots, PixelImage, VisionLayerWeights, VisionTower, VisionWeights};
 use super::weights::{Weight, WeightMatrix, WeightSource};
+use crate::kernels::moe::{dense_takes_prefill_tile, grouped_takes_prefill_tile};
 use crate::model::checkpoint::ExpertMatrix;
 use crate::model::{ModelConfig, VisionConfig};
 use crate::{Error, Result};
@@ -369,12 +372,19 @@ pub struct ForwardOptions {
     /// Routed experts in W8A8 (`moe_block_w8a8`) with each layer's `MoeWeights::fp8_act_scales`, as the engine's
     /// `EngineOptions::fp8_activations` runs them.
     pub fp8_activations: bool,
+    /// The inputs of the per-token linears (wq_a, wkv_a_with_mqa, wq_b, wo, the routed, shared and dense SwiGLU
+    /// matrices; not the per-head absorption, the router or the head) quantised to e4m3 with one scale per row and
+    /// 128 columns (`fp8_gemm::quantize_act_block128`, the kernel's quantiser) wherever the engine's
+    /// `PrefillGemm::WgmmaFp8Act` runs them on the fp8 tensor cores: K a multiple of 128 and a pass of enough tokens
+    /// for the prefill tile (`kernels::moe::{dense,grouped}_takes_prefill_tile`). Only for fp8 checkpoints (the
+    /// weights here are dequantised: the caller knows their format).
+    pub prefill_fp8_act: bool,
 }
 
 impl Default for ForwardOptions {
     /// What the GPU decode path computes: bf16 activations, absorbed attention.
     fn default() -> Self {
-        ForwardOptions { rounding: RoundingMode::Bf16Activations, attention: AttentionForm::Absorbed, fp8_activations: false }
+        ForwardOptions { rounding: RoundingMode::Bf16Activations, attention: AttentionForm::Absorbed, fp8_activations: false, prefill_fp8_act: false }
     }
 }
 
@@ -668,6 +678,22 @@ impl<W: WeightSource> ReferenceModel<W> {
         Ok(y)
     }
 
+    /// `x` [rows, `k`] as the GEMM reading it sees it: quantised 1x128 to e4m3 and back
+    /// ([`ForwardOptions::prefill_fp8_act`]) when that option is on, `prefill_tile` (the launch takes the prefill
+    /// tile) and `k` holds whole 128-column blocks; `x` itself otherwise.
+    fn gemm_input<'a>(&self, x: &'a [f32], k: usize, prefill_tile: bool) -> Result<Cow<'a, [f32]>> {
+        if !(self.options.prefill_fp8_act && prefill_tile && k % fp8_gemm::BLOCK == 0) {
+            return Ok(Cow::Borrowed(x));
+        }
+        Ok(Cow::Owned(fp8_gemm::quantize_act_block128(x, x.len() / k, k)?.values()))
+    }
+
+    /// [`Self::linear`] of a per-token linear, its input as [`Self::gemm_input`] gives it for a dense launch.
+    fn token_linear(&self, x: &[f32], w: &WeightMatrix) -> Result<Vec<f32>> {
+        let rows = x.len() / w.cols.max(1);
+        self.linear(&self.gemm_input(x, w.cols, dense_takes_prefill_tile(rows))?, w)
+    }
+
     fn residual_add(&self, x: &mut [f32], delta: &[f32]) {
         for (a, d) in x.iter_mut().zip(delta) {
             *a += d;
@@ -687,9 +713,9 @@ impl<W: WeightSource> ReferenceModel<W> {
         let positions: Vec<usize> = (0..t).map(|i| start_position + cached + i).collect();
 
         // Query: wq_b(q_a_norm(wq_a h)), then RoPE on the rope part and the llama-4 scale on all of it.
-        let q_a = self.linear(h, &w.matrix(Weight::WqA(layer))?)?;
+        let q_a = self.token_linear(h, &w.matrix(Weight::WqA(layer))?)?;
         let q_a = self.norm(&q_a, &w.vector(Weight::QaNorm(layer))?);
-        let mut q = self.linear(&q_a, &w.matrix(Weight::WqB(layer))?)?;
+        let mut q = self.token_linear(&q_a, &w.matrix(Weight::WqB(layer))?)?;
         q.par_chunks_mut(heads * qk).zip(&positions).for_each(|(q_token, &pos)| {
             let scale = llama4_query_scale(pos, c.llama4_beta, c.llama4_original_max_position);
             for q_head in q_token.chunks_exact_mut(qk) {
@@ -700,7 +726,7 @@ impl<W: WeightSource> ReferenceModel<W> {
         self.store_bf16(&mut q);
 
         // Cache rows: [kv_a_norm(c) | rope(k_rope)].
-        let kv = self.linear(h, &w.matrix(Weight::WkvA(layer))?)?;
+        let kv = self.token_linear(h, &w.matrix(Weight::WkvA(layer))?)?;
         let kv_a_norm = w.vector(Weight::KvaNorm(layer))?;
         for (row, &pos) in kv.chunks_exact(width).zip(&positions) {
             let mut latent = self.norm(&row[..rank], &kv_a_norm);
@@ -719,7 +745,7 @@ impl<W: WeightSource> ReferenceModel<W> {
         };
         drop(wkv_b);
         self.store_bf16(&mut out);
-        self.linear(&out, &w.matrix(Weight::Wo(layer))?)
+        self.token_linear(&out, &w.matrix(Weight::Wo(layer))?)
     }
 
     /// Expands `k_nope` and `v` of every cached token per head with wkv_b, then standard causal attention.
@@ -812,20 +838,36 @@ impl<W: WeightSource> ReferenceModel<W> {
             let mut y = self.routed_experts(h, layer, &routing, tokens, act_bf16, scales)?;
             // The shared block's width is expert_hidden * shared_experts, so it runs beside the routed experts.
             if c.shared_experts > 0 {
-                let shared = self.swiglu(h, act_bf16, None, |which| Weight::SharedExperts(layer, which))?;
+                // The engine runs the shared expert apart, as dense launches over the tokens, when the routed experts take
+                // the prefill tile; with fewer pairs it usually rides in their narrow decode launches (a pass of 33 to
+                // 32 * experts / k tokens whose shared expert is packed apart is not modelled here).
+                let prefill_tile = dense_takes_prefill_tile(tokens) && grouped_takes_prefill_tile(tokens, k, experts);
+                let shared = self.swiglu(h, act_bf16, None, prefill_tile, |which| Weight::SharedExperts(layer, which))?;
                 y.iter_mut().zip(&shared).for_each(|(a, b)| *a += b);
             }
             y
         } else {
-            self.swiglu(h, act_bf16, None, |which| Weight::DenseFfn(layer, which))?
+            self.swiglu(h, act_bf16, None, dense_takes_prefill_tile(tokens), |which| Weight::DenseFfn(layer, which))?
         };
         self.store_bf16(&mut y);
         Ok(y)
     }
 
-    /// The SwiGLU of `x` over the three matrices `weight(W1 | W3 | W2)` of the source ([`swiglu_by`]).
-    fn swiglu(&self, x: &[f32], act_bf16: bool, act_scales: Option<(f32, f32)>, weight: impl Fn(ExpertMatrix) -> Weight) -> Result<Vec<f32>> {
-        swiglu_by(x, act_bf16, act_scales, |which, input| self.weights.matrix(weight(which))?.matmul(input))
+    /// The SwiGLU of `x` over the three matrices `weight(W1 | W3 | W2)` of the source ([`swiglu_by`]); each
+    /// projection's bf16 input as [`Self::gemm_input`] gives it when its launch takes the prefill tile (W8A8's e4m3
+    /// inputs stay as they are).
+    fn swiglu(
+        &self,
+        x: &[f32],
+        act_bf16: bool,
+        act_scales: Option<(f32, f32)>,
+        prefill_tile: bool,
+        weight: impl Fn(ExpertMatrix) -> Weight,
+    ) -> Result<Vec<f32>> {
+        swiglu_by(x, act_bf16, act_scales, |which, input| {
+            let w = self.weights.matrix(weight(which))?;
+            w.matmul(&self.gemm_input(input, w.cols, prefill_tile && act_scales.is_none())?)
+        })
     }
 
     /// `sum_k w_k * expert_k(x)` per token, each expert's weights read once for all the tokens routed to it (experts
@@ -833,6 +875,7 @@ impl<W: WeightSource> ReferenceModel<W> {
     /// Experts no token routes to are not touched; absent experts (`WeightSource::has_expert`) are skipped.
     fn routed_experts(&self, h: &[f32], layer: usize, routing: &Routing, tokens: usize, act_bf16: bool, act_scales: Option<(f32, f32)>) -> Result<Vec<f32>> {
         let (dim, k) = (self.config().dim, routing.k);
+        let prefill_tile = grouped_takes_prefill_tile(tokens, k, self.config().experts);
         // Pair p = t * k + j, grouped by expert in increasing p.
         let mut pairs_of: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
         for (p, &id) in routing.ids.iter().enumerate() {
@@ -846,7 +889,7 @@ impl<W: WeightSource> ReferenceModel<W> {
             .into_par_iter()
             .map(|(expert, pairs)| {
                 let x: Vec<f32> = pairs.iter().flat_map(|&p| &h[p / k * dim..][..dim]).copied().collect();
-                let y = self.swiglu(&x, act_bf16, act_scales, |which| Weight::Expert { layer, expert, which })?;
+                let y = self.swiglu(&x, act_bf16, act_scales, prefill_tile, |which| Weight::Expert { layer, expert, which })?;
                 Ok((pairs, y))
             })
             .collect::<Result<_>>()?;

@@ -2,8 +2,9 @@
 //! with the activations quantised 1x128 to e4m3 on the fly) against the CPU reference that quantises the same GEMM
 //! inputs with the kernel's quantiser (`ForwardOptions::prefill_fp8_act`, `reference::fp8_gemm`): greedy generation
 //! from a prompt long enough for the prefill tile, per-tensor and block-128 fp8 checkpoints (attention and experts in
-//! fp8), teacher-forced at every step within the engine's one logit tolerance (tests/common/forced.rs), and the
-//! generated tokens equal to the reference's own greedy tokens.
+//! fp8): the generated tokens equal the reference's own greedy tokens, and the prefill logits lie closer to that
+//! reference than to the unquantised one. The engine's one teacher-forced logit tolerance (tests/common/forced.rs) is
+//! NOT met with fp8 activations (see the test's comment), which is one reason the path is opt-in.
 
 mod common;
 

@@ -520,7 +520,8 @@ pub fn predict_cases(text: &str, options: &Options, out: &mut dyn Write) -> Resu
 fn rates(launches: &[LaunchCounters], predictions: &[crate::device::TimingPrediction], micros: f64, gpu: &TargetGpu) -> String {
     let flops: f64 = launches.iter().map(|l| l.timing.tensor_flops as f64 * l.timing.blocks as f64 / l.timing.blocks_run.max(1) as f64).sum();
     let warm = |p: &crate::device::TimingPrediction| p.dram_s == 0.0;
-    let bytes: f64 = launches.iter().zip(predictions).filter(|(_, p)| !warm(p)).map(|(l, _)| l.timing.dram_bytes()).sum();
+    // A fold from +0: an empty f64 sum is -0.0, which printed "-0 GB/s" for L2-resident cases.
+    let bytes: f64 = launches.iter().zip(predictions).filter(|(_, p)| !warm(p)).map(|(l, _)| l.timing.dram_bytes()).fold(0.0, |a, b| a + b);
     let (tflops, bytes_per_s) = (flops / micros / 1e6, bytes / micros * 1e6);
     format!("{tflops:.0} | {:.0} GB/s ({:.0}% of HBM)", bytes_per_s / 1e9, bytes_per_s / gpu.dram_bytes_per_s * 100.0)
 }

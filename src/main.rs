@@ -68,6 +68,10 @@ enum Command {
     /// Compares two logits .npy files per position (max and mean |a-b|, argmax agreement, KL divergence); exits
     /// non-zero beyond --max-abs / --min-argmax-agree.
     Compare(cli::logits::CompareArgs),
+    /// The Hopper probe program's dumps (tools/ptxsim/tests/fixtures/hopper.cu) against the interpreter's models: the
+    /// probe step of tools/gpu/run.sh, which settles what HOPPER-ASYNC.md marks UNVERIFIED.
+    #[command(subcommand)]
+    HopperProbe(cli::hopper_probe::HopperProbeCommand),
     /// Lists a checkpoint's tensors grouped by layer (format, dtype, shape) and the problems found.
     Inspect { dir: PathBuf },
     /// Memory plans of the full model (default: Mistral Small 4) on one and several GPUs: weights by format,
@@ -287,6 +291,12 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(args) => generate(&args)?,
         Command::Logits(args) => cli::logits::logits_command(&args)?,
         Command::Compare(args) => cli::logits::compare_command(&args)?,
+        Command::HopperProbe(command) => {
+            let status = cli::hopper_probe::hopper_probe_command(&command)?;
+            if status != 0 {
+                std::process::exit(status.into());
+            }
+        }
         Command::Inspect { dir } => inspect(&dir)?,
         Command::Plan { config } => plan(config.as_deref())?,
         Command::Tokenize { tokenizer, chat } => tokenize_command(tokenizer.as_deref(), chat.as_deref())?,

@@ -1,7 +1,9 @@
 //! tools/gpu/run.sh, the one command for a lent GPU (issue 16 item 6), rehearsed in its cheapest form: a dry run
 //! that prints every command the GPU run uses, and a real run of a minimal subset on the interpreter (this file's own
-//! `sim::` twin, and the tiny synthetic model where `small4 bench` has `--synthetic`), each writing the section for
-//! docs/perf.md. The binaries are this build's own (`--bin` over a folder of links), so nothing is built here.
+//! `sim::` twin, the whole Hopper probe step of issue 17 item 4 on the probe's PTX, and the tiny synthetic model where
+//! `small4 bench` has `--synthetic`), each writing the section for docs/perf.md. The binaries are this build's own
+//! (`--bin` over a folder of links; the probe's PTX is the checked-in nvcc output of its source), so nothing is built
+//! here.
 
 mod common;
 
@@ -39,12 +41,14 @@ fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A folder laid out as the script's staged binaries: `small4` and `tests/gpu_script` (this very test binary).
+/// A folder laid out as the script's staged binaries: `small4`, `tests/gpu_script` (this very test binary) and the
+/// probe's PTX (`hopper-probe.ptx`: nvcc's output for tools/ptxsim/tests/fixtures/hopper.cu, checked in beside it).
 fn stage_this_build() -> tempfile::TempDir {
     let stage = tempfile::tempdir().unwrap();
     std::fs::create_dir(stage.path().join("tests")).unwrap();
     std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_small4"), stage.path().join("small4")).unwrap();
     std::os::unix::fs::symlink(std::env::current_exe().unwrap(), stage.path().join("tests/gpu_script")).unwrap();
+    std::os::unix::fs::symlink(repo().join("tools/ptxsim/tests/fixtures/hopper.ptx"), stage.path().join("hopper-probe.ptx")).unwrap();
     stage
 }
 
@@ -102,15 +106,24 @@ fn dry_run_prints_every_gpu_command_and_writes_the_section() {
     {
         assert!(text.contains(&format!("small4 bench --backend gpu {synthetic}")) || text.contains(synthetic), "no '{synthetic}' run:\n{text}");
     }
+    // The probe: built with the binaries (nvcc: the program and its PTX), run, then settled against the interpreter.
+    for probe in [
+        "-O3 -DPROBE_MAIN -gencode=arch=compute_90a,code=sm_90a tools/ptxsim/tests/fixtures/hopper.cu -o ",
+        "-O3 -DPROBE_MAIN -gencode=arch=compute_90a,code=sm_90a -ptx tools/ptxsim/tests/fixtures/hopper.cu -o ",
+        "/hopper-probe.ptx --dumps ",
+    ] {
+        assert!(text.contains(probe), "no '{probe}' command:\n{text}");
+    }
+    assert!(text.contains("small4 hopper-probe settle --ptx "), "{text}");
     for bench in ["attention", "dense", "moe", "router", "tokenizer", "vision"] {
         assert!(text.contains(&format!("/benches/{bench} --bench --warm-up-time 0.5 --measurement-time 1 --sample-size 10")), "no {bench} bench:\n{text}");
     }
     let section = read_section(out.path());
     assert_dated_heading(&section, None);
-    for heading in ["### Tests (the `gpu::` twins)", "### Synthetic model", "### Criterion benches", "### Commands"] {
+    for heading in ["### Tests (the `gpu::` twins)", "### Hopper probe", "### Synthetic model", "### Criterion benches", "### Commands"] {
         assert!(section.contains(heading), "no '{heading}' in the section:\n{section}");
     }
-    assert!(section.contains("| tests | dry run |"), "{section}");
+    assert!(section.contains("| tests | dry run |") && section.contains("| probe | dry run |"), "{section}");
 }
 
 #[test]
@@ -121,7 +134,7 @@ fn sim_rehearsal_runs_the_twins_and_writes_the_results() {
     if !synthetic {
         println!("small4 bench has no --synthetic flag in this build: the rehearsal runs the tests step only");
     }
-    let steps = if synthetic { "tests,synthetic" } else { "tests" };
+    let steps = if synthetic { "tests,probe,synthetic" } else { "tests,probe" };
     let args = ["--backend", "sim", "--bin", stage.path().to_str().unwrap(), "--tests", "gpu_script", "--steps", steps, "--formats", "nvfp4"];
     let (status, text) = run_script(&[&args[..], &["--out", out.path().to_str().unwrap()]].concat());
     assert!(status.status.success(), "rehearsal failed:\n{text}");
@@ -137,6 +150,25 @@ fn sim_rehearsal_runs_the_twins_and_writes_the_results() {
     }
     for log in ["run.log", "tests.log"] {
         assert!(out.path().join(log).exists(), "no {log}");
+    }
+    // The probe step, whole: the probe's kernels on the interpreter in place of the GPU, then the comparison, one
+    // verdict per probe, each matching the interpreter's model (the one the verdict names).
+    assert!(
+        text.contains("small4 hopper-probe simulate --ptx ") && text.contains("probe settle: ") && text.contains("every dump matches the interpreter's model"),
+        "{text}"
+    );
+    assert!(section.contains("### Hopper probe") && section.contains("| probe | ok |"), "{section}");
+    for probe in ptxsim::hopper_probe::Probe::ALL {
+        let verdict = format!("- `{}`: matches the interpreter's model ({})", probe.file(), probe.model());
+        assert!(section.contains(&verdict), "no '{verdict}' in the section:\n{section}");
+        assert!(text.contains(&format!("VERDICT {}: ", probe.file())), "{text}");
+    }
+    assert!(section.contains("HopperTruncated 4096/4096, ExactRoundOnce "), "{section}");
+    // The dumps come back in one file (the device tool returns at most eight).
+    let listing = Command::new("tar").arg("-tf").arg(out.path().join("hopper-probe.tar")).output().unwrap();
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    for file in ["hopper-probe/hopper_gpu_wgmma_fp8_random.bin", "probe.log", "probe-verdicts.tsv"] {
+        assert!(listing.lines().any(|l| l.trim_start_matches("./") == file), "no {file} in hopper-probe.tar: {listing}");
     }
 }
 

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # One command for a lent GPU (issue 16, item 6): the `gpu::` twin of every kernel test (fails if one skipped), the
+# Hopper probe (issue 17 item 4: the program of tools/ptxsim/tests/fixtures/hopper.cu, its dumps compared with the
+# interpreter's models by `small4 hopper-probe settle`, one verdict per item HOPPER-ASYNC.md marks UNVERIFIED), the
 # full-size synthetic model (`small4 bench --synthetic`: nvfp4 and int4 at full size, bf16 and fp8 with fewer experts)
 # and the criterion benches, each step timed against one budget, and a dated markdown section for docs/perf.md.
-# `--backend sim` rehearses every step on the PTX interpreter (the `sim::` twins, a tiny synthetic model, the benches
-# in criterion's test mode) so each command line is exercised before a GPU is lent. How a session runs it with the
+# `--backend sim` rehearses every step on the PTX interpreter (the `sim::` twins, the probe's kernels from its PTX, a
+# tiny synthetic model, the benches in criterion's test mode) so each command line is exercised before a GPU is lent. How a session runs it with the
 # device tool: tools/gpu/README.md.
 #
 # Binaries: a lent GPU machine has no Rust toolchain and no network, so the usual path is `--build-only` here (cargo
-# release build of the tests, benches and CLI, stripped and packed into .gpu-bin/, carried), then the run there.
+# release build of the tests, benches and CLI, stripped, and nvcc's build of the probe program and its PTX, packed into
+# .gpu-bin/, carried), then the run there.
 # Where cargo is present and no pack is asked for, the script builds itself (nothing downloads with SMALL4_OFFLINE=1).
 set -euo pipefail
 
@@ -20,7 +23,7 @@ usage: tools/gpu/run.sh [--backend gpu|sim] [--out DIR] [--steps LIST] [--tests 
                      sim: the same commands on the PTX interpreter (sim:: twins, a tiny synthetic model, benches
                      in criterion's --test mode, where the GPU benches print their skip line).
   --out DIR          where perf-section.md and the logs go (default: $OUT if set, else target/gpu-run).
-  --steps LIST       comma-separated subset of tests,synthetic,benches (default: all three, in that order).
+  --steps LIST       comma-separated subset of tests,probe,synthetic,benches (default: all four, in that order).
   --tests LIST       comma-separated test files (default: every tests/*.rs that instantiates backend_tests!).
   --formats LIST     comma-separated synthetic formats among nvfp4,int4,bf16,fp8 (default: all four).
   --budget SECONDS   total time for every step, the build or unpack included (default 480: 8 minutes; sim: 7200,
@@ -37,7 +40,7 @@ EOF
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$repo"
 
-backend=gpu out_dir="" steps="tests,synthetic,benches" test_list="" formats="nvfp4,int4,bf16,fp8" budget=480 bin_dir="" use_pack=0 build_only=0
+backend=gpu out_dir="" steps="tests,probe,synthetic,benches" test_list="" formats="nvfp4,int4,bf16,fp8" budget=480 bin_dir="" use_pack=0 build_only=0
 dry_run=0 allow_stale=0 offline=0 budget_given=0
 original_args=("$@")
 while [[ $# -gt 0 ]]; do
@@ -61,7 +64,7 @@ done
 case $backend in gpu) twin=gpu ;; sim) twin=sim ;; *) echo "run.sh: --backend is gpu or sim, not '$backend'" >&2; exit 2 ;; esac
 [[ $budget =~ ^[0-9]+$ && $budget -gt 0 ]] || { echo "run.sh: --budget takes whole seconds, not '$budget'" >&2; exit 2; }
 for step in ${steps//,/ }; do
-    case $step in tests|synthetic|benches) ;; *) echo "run.sh: unknown step '$step' (tests, synthetic, benches)" >&2; exit 2 ;; esac
+    case $step in tests|probe|synthetic|benches) ;; *) echo "run.sh: unknown step '$step' (tests, probe, synthetic, benches)" >&2; exit 2 ;; esac
 done
 for format in ${formats//,/ }; do
     case $format in nvfp4|int4|bf16|fp8) ;; *) echo "run.sh: unknown synthetic format '$format' (nvfp4, int4, bf16, fp8)" >&2; exit 2 ;; esac
@@ -85,12 +88,13 @@ bench_args_gpu=(--bench --warm-up-time 0.5 --measurement-time 1 --sample-size 10
 # On the interpreter criterion's test mode runs each benchmark once; the GPU benches say SKIPPED (gpu_or_skip).
 bench_args_sim=("${bench_args_gpu[@]}" --test)
 # Step caps in seconds (a step also never runs past the total budget): the synthetic model is the headline figure,
-# so it runs before the open-ended benches, which get what is left.
-declare -A step_cap=([tests]=150 [synthetic]=200 [benches]=400)
+# so it runs before the open-ended benches, which get what is left. The probe is a second of GPU work (13 launches
+# of one block) and the interpreter's rerun of its kernels on the dumps' inputs (about 15 s of one CPU core here).
+declare -A step_cap=([tests]=150 [probe]=60 [synthetic]=200 [benches]=400)
 # The interpreter is no GPU: a rehearsal's steps have no caps of their own, and its budget is two hours unless given.
 if [[ $backend == sim ]]; then
     ((budget_given)) || budget=7200
-    step_cap=([tests]=$budget [synthetic]=$budget [benches]=$budget)
+    step_cap=([tests]=$budget [probe]=$budget [synthetic]=$budget [benches]=$budget)
 fi
 
 if [[ -n $test_list ]]; then
@@ -166,7 +170,36 @@ banner() { echo; echo "==== $1 ($(elapsed) s of the ${budget} s budget used)"; }
 pack_dir=$repo/.gpu-bin
 target_dir=${CARGO_TARGET_DIR:-$repo/target}
 
-# cargo release build of the test files, the benches and the CLI; stages the stripped executables into $1.
+# The CUDA compiler, found as build.rs finds it: $NVCC, $CUDA_HOME/bin/nvcc, nvcc on PATH, then the toolchain
+# build.rs provisions ($SMALL4_TOOLCHAIN_DIR, default .toolchain).
+find_nvcc() {
+    local candidate
+    for candidate in "${NVCC:-}" "${CUDA_HOME:+$CUDA_HOME/bin/nvcc}" "$(command -v nvcc || true)" \
+        "${SMALL4_TOOLCHAIN_DIR:-$repo/.toolchain}/cuda/nvidia/cu13/bin/nvcc"; do
+        [[ -n $candidate && -x $candidate ]] && { echo "$candidate"; return 0; }
+    done
+    return 1
+}
+
+probe_source=tools/ptxsim/tests/fixtures/hopper.cu
+# The Hopper probe program (issue 17 item 4) and the PTX nvcc makes of it, into $1: hopper-probe runs on the GPU,
+# hopper-probe.ptx is what the interpreter runs for the comparison (and for the whole probe on --backend sim).
+# Seconds; static cudart, so the GPU machine needs only its driver.
+build_probe() {
+    local stage=$1 nvcc
+    nvcc=$(find_nvcc) || nvcc=nvcc
+    local flags=(-O3 -DPROBE_MAIN -gencode=arch=compute_90a,code=sm_90a)
+    local cmds=("$nvcc ${flags[*]} $probe_source -o $stage/hopper-probe" "$nvcc ${flags[*]} -ptx $probe_source -o $stage/hopper-probe.ptx")
+    local c
+    for c in "${cmds[@]}"; do
+        echo "+ $c"; echo "$c" >>"$commands"
+        ((dry_run)) && continue
+        $c || { echo "the probe's build failed: $c"; return 1; }
+    done
+}
+
+# cargo release build of the test files, the benches and the CLI; stages the stripped executables into $1, with the
+# probe program beside them.
 cargo_build_and_stage() {
     local stage=$1 messages=$work/cargo-messages.json
     local cargo_flags=(--release -p small4)
@@ -178,6 +211,7 @@ cargo_build_and_stage() {
     local build_cmds=("cargo test ${cargo_flags[*]} --no-run ${test_flags[*]} --benches --message-format=json-render-diagnostics")
     if ((dry_run)); then
         for c in "${build_cmds[@]}"; do echo "+ $c"; echo "$c" >>"$commands"; done
+        build_probe "$stage"
         return 0
     fi
     : >"$messages"
@@ -206,6 +240,7 @@ EOF
         cp "$path" "$dest" || return 1
         strip "$dest" 2>/dev/null || true
     done <"$work/executables.tsv"
+    build_probe "$stage" || return 1
     {
         echo "source_hash $(source_hash)"
         echo "commit $(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
@@ -222,6 +257,9 @@ check_stage() {
         case $step in
             tests) for t in "${test_targets[@]}"; do [[ -x $stage/tests/$t ]] || { echo "missing: $stage/tests/$t"; missing=1; }; done ;;
             benches) for b in "${bench_targets[@]}"; do [[ -x $stage/benches/$b ]] || { echo "missing: $stage/benches/$b"; missing=1; }; done ;;
+            probe)
+                [[ -f $stage/hopper-probe.ptx ]] || { echo "missing: $stage/hopper-probe.ptx"; missing=1; }
+                [[ $backend == sim || -x $stage/hopper-probe ]] || { echo "missing: $stage/hopper-probe"; missing=1; } ;;
         esac
     done
     ((missing == 0)) || { echo "the staged binaries in $stage lack what the steps need"; return 1; }
@@ -297,6 +335,59 @@ run_tests() {
     done
     ((dry_run)) && status="dry run"
     record_step tests "$status" $(($(date +%s) - t0)) "${#test_targets[@]} test files, ${twin}:: twins"
+    [[ $status != failed ]]
+}
+
+# ---- Step 2b: the Hopper probe (issue 17 item 4) --------------------------------------------------------------------
+
+# On a GPU the probe program writes its dumps; on the interpreter `small4 hopper-probe simulate` writes the same files
+# from the probe's PTX (TensorArith::HopperTruncated), so the rehearsal runs the whole path. Either way `small4
+# hopper-probe settle` reruns every probe on the interpreter with the dumps' inputs and prints one verdict per item
+# (exit 0: all match the interpreter's models, 3: one differs, 1: one not compared). A difference on a GPU is a
+# result, not a failed step (the verdict says which model the hardware follows); on the interpreter it is a failure.
+# The dumps, the probe's console and the verdicts come back in hopper-probe.tar (fixtures for tests/hopper_nvcc.rs).
+run_probe() {
+    local log=$work/probe.log deadline dumps=$work/hopper-probe verdicts=$work/probe-verdicts.tsv
+    : >"$log"
+    deadline=$(step_deadline "${step_cap[probe]}")
+    if [[ -z $deadline ]]; then record_step probe "not run: budget spent" 0 ""; return 1; fi
+    local t0 status=ok; t0=$(date +%s)
+    local ptx=$bin_dir/hopper-probe.ptx
+    local make_dumps
+    if [[ $backend == gpu ]]; then make_dumps=("$bin_dir/hopper-probe" "$dumps")
+    else make_dumps=("$small4" hopper-probe simulate --ptx "$ptx" --out "$dumps"); fi
+    local settle=("$small4" hopper-probe settle --ptx "$ptx" --dumps "$dumps" --tsv "$verdicts")
+    if ((dry_run)); then
+        show "${make_dumps[@]}"; log_command "${make_dumps[@]}"
+        show "${settle[@]}"; log_command "${settle[@]}"
+        record_step probe "dry run" 0 ""
+        return 0
+    fi
+    mkdir -p "$dumps"
+    # On a GPU the probe gets 30 s at most (a second's work), so that a hung probe (a phase that never completes)
+    # still leaves settle its time.
+    local probe_deadline=$deadline
+    if [[ $backend == gpu ]] && (($(date +%s) + 30 < deadline)); then probe_deadline=$(($(date +%s) + 30)); fi
+    run_logged "$probe_deadline" "$log" "${make_dumps[@]}"
+    printf '%s\t%s\t%s\t%s\t\t\t\t\t%s\t%s\n' probe dumps "$run_rc" "$run_seconds" "$dumps" "${make_dumps[*]}" >>"$records"
+    echo "probe dumps (${make_dumps[0]##*/}): exit $run_rc in ${run_seconds} s"
+    # A probe that failed or hung part way still leaves the dumps it wrote: settle compares those (the others read
+    # "NOT SETTLED: no dump").
+    local probe_rc=$run_rc note
+    run_logged "$deadline" "$log" "${settle[@]}"
+    printf '%s\t%s\t%s\t%s\t\t\t\t\t%s\t%s\n' probe settle "$run_rc" "$run_seconds" "$verdicts" "${settle[*]}" >>"$records"
+    local differ; differ=$(grep -c $'\tDIFFERS\t' "$verdicts" 2>/dev/null || true)
+    case $run_rc in
+        0) note="every dump matches the interpreter's model" ;;
+        3) note="$differ dump(s) DIFFER from the interpreter's model: see the verdicts"
+           [[ $backend == sim ]] && status=failed ;;
+        124) status=failed note="settle cut at the deadline" ;;
+        *) status=failed note="settle exited $run_rc (a dump missing or not comparable: see the verdicts)" ;;
+    esac
+    if ((probe_rc != 0)); then status=failed note="the probe exited $probe_rc; $note"; fi
+    echo "probe settle: ${run_seconds} s: $note"
+    tar -C "$work" -cf "$out_dir/hopper-probe.tar" hopper-probe probe.log $([[ -f $verdicts ]] && echo probe-verdicts.tsv) || status=failed
+    record_step probe "$status" $(($(date +%s) - t0)) "$note"
     [[ $status != failed ]]
 }
 
@@ -459,7 +550,7 @@ main() {
     small4=$bin_dir/small4
 
     local step
-    for step in tests synthetic benches; do
+    for step in tests probe synthetic benches; do
         [[ ,$steps, == *,$step,* ]] || continue
         banner "step: $step"
         if ((binaries_ok == 0)); then

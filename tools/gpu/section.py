@@ -2,7 +2,8 @@
 """Writes the docs/perf.md section of one tools/gpu/run.sh run (perf-section.md) and the synthetic model's JSON
 reports gathered into one file (synthetic.json), from the records run.sh kept: steps.tsv (step, status, seconds,
 note), records.tsv (one line per command: step, name, exit status, seconds, libtest passed / failed / ignored, skip
-lines, log or JSON path, command), the commands as run, and the binaries' MANIFEST. Python's standard library only.
+lines, log, JSON or verdicts path, command), the Hopper probe's verdicts (dump, question, counts, outcome,
+conclusion), the commands as run, and the binaries' MANIFEST. Python's standard library only.
 Prints the section too, so it is in the device tool's output tail. Exits 1 when a record cannot be read."""
 
 import argparse
@@ -127,6 +128,30 @@ def main():
             md.append(table(["test file", "passed", "failed", "ignored", "skipped", "seconds", "result"], rows))
         else:
             md.append("Not run (see the steps table).")
+        md.append("")
+
+    probe = [r for r in records if r[0] == "probe"]
+    if probe or any(s[0] == "probe" for s in steps):
+        md += ["### Hopper probe (HOPPER-ASYNC.md's UNVERIFIED items)", ""]
+        settled = [r for r in probe if r[1] == "settle"]
+        verdicts = read_tsv(settled[-1][8], 5) if settled else []
+        if a.backend == "gpu":
+            md.append("The probe program (tools/ptxsim/tests/fixtures/hopper.cu) ran on the GPU; `small4 hopper-probe settle` "
+                      "reran each probe on the interpreter with the dump's inputs and compared the words bit for bit (the "
+                      "random-data probes under both `TensorArith` models). The dumps are in hopper-probe.tar: copy them into "
+                      "tools/ptxsim/tests/fixtures/, where tests/hopper_nvcc.rs checks the interpreter against every recorded one.")
+        else:
+            md.append("Rehearsal: `small4 hopper-probe simulate` ran the probe's kernels on the interpreter (the PTX nvcc made "
+                      "of the probe, `TensorArith::HopperTruncated`) in place of the GPU, so every verdict must say the dump "
+                      "matches the interpreter's model.")
+        md.append("")
+        if verdicts:
+            md.append(table(["dump", "what it settles", "words equal bit for bit", "verdict"],
+                            [(f"`{dump}`", question, counts, outcome) for dump, question, counts, outcome, _ in verdicts]))
+            md += ["", "Verdicts:", ""]
+            md += [f"- `{dump}`: {conclusion}" for dump, _, _, _, conclusion in verdicts]
+        else:
+            md.append("No verdicts (see the steps table and run.log).")
         md.append("")
 
     synthetic = [r for r in records if r[0] == "synthetic"]

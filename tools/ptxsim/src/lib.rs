@@ -57,7 +57,8 @@
 //! unsupported); mma.sync and wgmma sum exactly and round once by default, where the hardware truncates to 25
 //! fraction bits (HOPPER-ASYNC.md §1.6), so results can differ in the last bits (small-integer data agrees exactly);
 //! `Machine::tensor_arith = TensorArith::HopperTruncated` switches to MMA-Sim's truncating Hopper model instead
-//! (with fp8 inputs 13 fraction bits and f32 results of 13 fraction bits: UNVERIFIED until compared on an H100;
+//! (with fp8 inputs 13 fraction bits and f32 results of 13 fraction bits: UNVERIFIED until compared on an H100, which
+//! tools/gpu/run.sh's probe step does with [`hopper_probe`];
 //! mma.sync with fp8 inputs follows the same fp8 rule, not covered by MMA-Sim's Hopper data either); registers
 //! the `.aligned` rule (all four warps issue the same wgmma with the same descriptors) is not checked; a non-zero descriptor base offset is an error; no clusters of
 //! more than one CTA (multicast, distributed shared memory); no
@@ -74,6 +75,7 @@ pub mod counters;
 pub mod decode;
 mod exec;
 pub mod float;
+pub mod hopper_probe;
 pub mod ir;
 pub mod memory;
 pub mod parser;

@@ -1,216 +1,143 @@
 //! The nvcc-compiled sm_90a kernels of fixtures/hopper.cu (CUTLASS-style inline PTX: repeated wait-loop labels,
 //! `__grid_constant__` tensor maps in `.param .align 128` parameters, TMA, mbarrier, wgmma) run on the interpreter
 //! with maps from our encoder, and give bit for bit what an H100 gave with the driver's maps
-//! (fixtures/hopper_gpu_*.bin, written by the program in hopper.cu). Kernels added since the last GPU run (the
-//! warp-specialised pipeline, the fp8 wgmma probes) are checked against the exact CPU product until their dumps exist.
+//! (fixtures/hopper_gpu_*.bin, written by the program in hopper.cu). The probes and their inputs are
+//! `ptxsim::hopper_probe`'s, the same code tools/gpu/run.sh's probe step settles a GPU's dumps with. Probes whose dumps
+//! were not recorded yet (the warp-specialised pipeline, the fp8 probes, the random-data and narrow-box probes) are
+//! checked against the exact CPU product here, and by `small4 hopper-probe settle` on the next lease.
 
-mod common;
+use std::path::Path;
 
-use common::*;
-use half::bf16;
-use ptxsim::float;
-use ptxsim::ir::Rnd;
-use ptxsim::tensor_map::{encode_tiled, DataType, Interleave, L2Promotion, OobFill};
-use ptxsim::{Machine, Module};
+use ptxsim::hopper_probe::{self, a_val, b_val, settle, words, Outcome, Probe};
+use ptxsim::{Machine, Module, TensorArith};
 
 fn module() -> Module {
     Module::parse(include_str!("fixtures/hopper.ptx")).expect("hopper.ptx parses")
 }
 
-/// Little-endian u32 words of a dump (include_bytes! gives no alignment to cast in place).
-fn words(bytes: &[u8]) -> Vec<u32> {
-    bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+fn fixtures() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures"))
 }
 
-/// Every (swizzle, coordinates) case of the GPU program, in its order, with the box's u32 words.
-fn tma_cases() -> Vec<(u32, [i32; 2], u32)> {
-    let mut cases = Vec::new();
-    for sw in 0..4u32 {
-        let box0 = if sw == 0 { 32 } else { 8 << (sw - 1) };
-        for c in [[0, 0], [24, 6], [-4, -3], [36, 9]] {
-            cases.push((sw, c, box0 * 8));
-        }
-    }
-    cases
+/// The probe's result words on the interpreter (the small-integer probes: any tensor model gives the same).
+fn run(probe: Probe) -> (Vec<u32>, ptxsim::Counters) {
+    let (dump, counters) = probe.run(&module(), TensorArith::HopperTruncated, &probe.inputs()).unwrap_or_else(|e| panic!("{probe:?}: {e}"));
+    (words(&dump), counters)
 }
 
 #[test]
-fn nvcc_tma_probe_matches_the_h100() {
-    let module = module();
-    let golden = words(include_bytes!("fixtures/hopper_gpu_tma.bin"));
-    let mut at = 0;
-    for (sw, c, words) in tma_cases() {
-        let mut m = Machine::new();
-        let t = upload(&mut m, &(1..=400u32).collect::<Vec<_>>());
-        let out = poisoned(&mut m, 4096);
-        let box0 = words / 8;
-        let map = encode_tiled(
-            DataType::Uint32 as u32,
-            2,
-            t,
-            &[40, 10],
-            &[160],
-            &[box0, 8],
-            &[1, 1],
-            Interleave::None as u32,
-            sw,
-            L2Promotion::None as u32,
-            OobFill::None as u32,
-        )
-        .unwrap();
-        let mut params = map.to_vec();
-        params.extend_from_slice(&out.to_le_bytes());
-        params.extend_from_slice(&c[0].to_le_bytes());
-        params.extend_from_slice(&c[1].to_le_bytes());
-        params.extend_from_slice(&(words * 4).to_le_bytes());
-        m.launch(&module, "tma_probe", [1, 1, 1], [256, 1, 1], 0, &params).unwrap_or_else(|e| panic!("swizzle {sw} at {c:?}: {e}"));
-        let got: Vec<u32> = download(&m, out, words as usize);
-        assert_eq!(got, golden[at..at + words as usize], "swizzle {sw} at {c:?}");
-        at += words as usize;
+fn every_recorded_h100_dump_matches_the_interpreter() {
+    let verdicts = settle(&module(), fixtures());
+    let recorded: Vec<Probe> = verdicts.iter().filter(|v| v.problem.as_deref().is_none_or(|p| !p.starts_with("no dump"))).map(|v| v.probe).collect();
+    for probe in [Probe::Tma, Probe::Wgmma, Probe::WgmmaTransB, Probe::WgmmaRs, Probe::Elect] {
+        assert!(recorded.contains(&probe), "the H100 dump {} is missing", probe.file());
     }
-    assert_eq!(at, golden.len());
+    for v in verdicts.iter().filter(|v| recorded.contains(&v.probe)) {
+        assert_eq!(v.outcome(), Outcome::Matches, "{}", v.line());
+        assert!(v.line().ends_with(&format!("bit for bit: matches the interpreter's model ({})", v.probe.model())), "{}", v.line());
+    }
 }
 
 #[test]
-fn nvcc_wgmma_probe_matches_the_h100() {
-    let module = module();
-    let golden: Vec<f32> = words(include_bytes!("fixtures/hopper_gpu_wgmma.bin")).into_iter().map(f32::from_bits).collect();
-    let mut m = Machine::new();
-    let a: Vec<bf16> = (0..64 * 64).map(|i| bf16::from_f32(((i / 64 * 7 + i % 64 * 3) % 9) as f32 - 4.0)).collect();
-    let b: Vec<bf16> = (0..64 * 64).map(|i| bf16::from_f32(((i % 64 * 5 + i / 64 * 11) % 7) as f32 - 3.0)).collect();
-    let (ga, gb) = (upload(&mut m, &a), upload(&mut m, &b));
-    let out = poisoned(&mut m, 128 * 32 * 4);
-    let map = |g| encode_tiled(DataType::Bfloat16 as u32, 2, g, &[64, 64], &[128], &[64, 64], &[1, 1], 0, 3, 0, 0).unwrap();
-    let mut params = map(ga).to_vec();
-    params.extend_from_slice(&map(gb));
-    params.extend_from_slice(&out.to_le_bytes());
-    m.launch(&module, "wgmma_probe", [1, 1, 1], [128, 1, 1], 0, &params).unwrap();
-    let got: Vec<f32> = download(&m, out, 128 * 32);
-    assert_eq!(got, golden);
-    // And the hardware agrees with the accumulator fragment formula and the product (small integers: exact).
-    for t in 0..128usize {
-        let (w, l) = (t / 32, t % 32);
-        let (g, q) = (l / 4, l % 4);
-        for i in 0..32usize {
-            let (row, col) = (16 * w + g + 8 * ((i >> 1) & 1), 8 * (i >> 2) + 2 * q + (i & 1));
-            let want: f32 = (0..64).map(|k| (((row * 7 + k * 3) % 9) as f32 - 4.0) * (((k * 5 + col * 11) % 7) as f32 - 3.0)).sum();
-            assert_eq!(golden[t * 32 + i], want, "thread {t} element {i}");
-        }
+fn the_recorded_wgmma_dumps_are_the_product_in_the_accumulator_fragment() {
+    // The hardware agrees with the accumulator fragment formula and the product (small integers: exact).
+    for (probe, k) in [(Probe::Wgmma, 64), (Probe::WgmmaTransB, 64), (Probe::WgmmaRs, 16)] {
+        let golden = std::fs::read(fixtures().join(probe.file())).unwrap();
+        assert_is_product(&words(&golden), k, probe.file());
     }
-}
-
-fn a_val(m: usize, k: usize) -> f32 {
-    ((m * 7 + k * 3) % 9) as f32 - 4.0
-}
-fn b_val(k: usize, n: usize) -> f32 {
-    ((k * 5 + n * 11) % 7) as f32 - 3.0
-}
-
-/// Runs a wgmma probe with `params` built by `setup`, compares with the H100 dump, and checks the dump is A * B.
-fn wgmma_variant(kernel: &str, golden: &[u8], k: usize, setup: impl Fn(&mut Machine, u64) -> Vec<u8>) {
-    let module = module();
-    let golden: Vec<f32> = words(golden).into_iter().map(f32::from_bits).collect();
-    let mut m = Machine::new();
-    let out = poisoned(&mut m, 128 * 32 * 4);
-    let params = setup(&mut m, out);
-    m.launch(&module, kernel, [1, 1, 1], [128, 1, 1], 0, &params).unwrap_or_else(|e| panic!("{kernel}: {e}"));
-    assert_eq!(download::<f32>(&m, out, 128 * 32), golden, "{kernel}");
-    assert_is_product(&golden, k, kernel);
 }
 
 /// Checks that `got` (thread t's 32 accumulator registers at 32t) is the 64 x 64 product of a_val and b_val over K.
-fn assert_is_product(got: &[f32], k: usize, kernel: &str) {
+fn assert_is_product(got: &[u32], k: usize, what: &str) {
+    assert_eq!(got.len(), 128 * 32, "{what}");
     for t in 0..128usize {
         let (w, l) = (t / 32, t % 32);
         let (g, q) = (l / 4, l % 4);
         for i in 0..32usize {
             let (row, col) = (16 * w + g + 8 * ((i >> 1) & 1), 8 * (i >> 2) + 2 * q + (i & 1));
             let want: f32 = (0..k).map(|kk| a_val(row, kk) * b_val(kk, col)).sum();
-            assert_eq!(got[t * 32 + i], want, "{kernel}: thread {t} element {i}");
+            assert_eq!(f32::from_bits(got[t * 32 + i]), want, "{what}: thread {t} element {i}");
         }
     }
 }
 
-/// A row-major matrix of e4m3 codes (the values are small integers, exact in e4m3).
-fn e4m3_matrix(rows: usize, cols: usize, f: impl Fn(usize, usize) -> f32) -> Vec<u8> {
-    (0..rows * cols).map(|i| float::encode(f(i / cols, i % cols) as f64, float::E4M3, Rnd::Rn, false) as u8).collect()
-}
-
 #[test]
 fn nvcc_fp8_wgmma_probes_compute_the_product() {
-    // No H100 dump yet (hopper.cu's program writes hopper_gpu_wgmma_fp8*.bin): the check is the exact product.
-    let module = module();
-    let k = 128;
-    let map = |g| encode_tiled(DataType::Uint8 as u32, 2, g, &[128, 64], &[128], &[128, 64], &[1, 1], 0, 3, 0, 0).unwrap();
     // A and B from shared memory: 4 m64n64k32 steps per warp.
-    let mut m = Machine::new();
-    let a = upload(&mut m, &e4m3_matrix(64, k, a_val));
-    let b = upload(&mut m, &e4m3_matrix(64, k, |n, kk| b_val(kk, n)));
-    let out = poisoned(&mut m, 128 * 32 * 4);
-    let mut params = map(a).to_vec();
-    params.extend_from_slice(&map(b));
-    params.extend_from_slice(&out.to_le_bytes());
-    let counters = m.launch(&module, "wgmma_fp8_probe", [1, 1, 1], [128, 1, 1], 0, &params).unwrap_or_else(|e| panic!("{e}"));
-    assert_is_product(&download::<f32>(&m, out, 128 * 32), k, "wgmma_fp8_probe");
+    let (got, counters) = run(Probe::WgmmaFp8);
+    assert_is_product(&got, 128, "wgmma_fp8_probe");
     assert_eq!((counters.tensor_ops, counters.tensor_flops), (16, 16 * 2 * 16 * 64 * 32));
     // A from registers, B from shared memory.
-    let mut m = Machine::new();
-    let a = upload(&mut m, &e4m3_matrix(64, k, a_val));
-    let b = upload(&mut m, &e4m3_matrix(64, k, |n, kk| b_val(kk, n)));
-    let out = poisoned(&mut m, 128 * 32 * 4);
-    let mut params = a.to_le_bytes().to_vec();
-    params.resize(128, 0);
-    params.extend_from_slice(&map(b));
-    params.extend_from_slice(&out.to_le_bytes());
-    m.launch(&module, "wgmma_fp8_rs_probe", [1, 1, 1], [128, 1, 1], 0, &params).unwrap_or_else(|e| panic!("{e}"));
-    assert_is_product(&download::<f32>(&m, out, 128 * 32), k, "wgmma_fp8_rs_probe");
-}
-
-fn bf16_matrix(rows: usize, cols: usize, f: impl Fn(usize, usize) -> f32) -> Vec<bf16> {
-    (0..rows * cols).map(|i| bf16::from_f32(f(i / cols, i % cols))).collect()
+    assert_is_product(&run(Probe::WgmmaFp8Rs).0, 128, "wgmma_fp8_rs_probe");
 }
 
 #[test]
-fn nvcc_wgmma_transposed_b_matches_the_h100() {
-    wgmma_variant("wgmma_trans_b_probe", include_bytes!("fixtures/hopper_gpu_wgmma_trans_b.bin"), 64, |m, out| {
-        let a = upload(m, &bf16_matrix(64, 64, a_val));
-        let bt = upload(m, &bf16_matrix(64, 64, b_val)); // row k holds B[k][0..64]: N-major
-        let map = |g| encode_tiled(DataType::Bfloat16 as u32, 2, g, &[64, 64], &[128], &[64, 64], &[1, 1], 0, 3, 0, 0).unwrap();
-        let mut params = map(a).to_vec();
-        params.extend_from_slice(&map(bt));
-        params.extend_from_slice(&out.to_le_bytes());
-        params
-    });
-}
-
-#[test]
-fn nvcc_wgmma_a_in_registers_with_32b_swizzled_b_matches_the_h100() {
-    wgmma_variant("wgmma_rs_probe", include_bytes!("fixtures/hopper_gpu_wgmma_rs.bin"), 16, |m, out| {
-        let a = upload(m, &bf16_matrix(64, 16, a_val));
-        let b = upload(m, &bf16_matrix(64, 16, |n, k| b_val(k, n))); // row n holds B[0..16][n]: K-major
-        let map = encode_tiled(DataType::Bfloat16 as u32, 2, b, &[16, 64], &[32], &[16, 64], &[1, 1], 0, 1, 0, 0).unwrap();
-        let mut params = a.to_le_bytes().to_vec();
-        params.resize(128, 0);
-        params.extend_from_slice(&map);
-        params.extend_from_slice(&out.to_le_bytes());
-        params
-    });
-}
-
-#[test]
-fn nvcc_elect_picks_the_lane_the_h100_picks() {
+fn the_random_data_probes_tell_the_tensor_models_apart() {
+    // The dump the GPU will write, simulated under each model, settled against the interpreter: the Hopper model's
+    // dump matches, the exact model's differs in most words (so a GPU dump can only match one of them).
     let module = module();
-    let mut m = Machine::new();
-    let out = poisoned(&mut m, 64 * 4);
-    m.launch(&module, "elect_probe", [1, 1, 1], [32, 1, 1], 0, &out.to_le_bytes()).unwrap();
-    assert_eq!(download::<u32>(&m, out, 64), words(include_bytes!("fixtures/hopper_gpu_elect.bin")));
+    for probe in [Probe::WgmmaFp8Random, Probe::WgmmaBf16Random] {
+        let dir = tempdir(probe.file());
+        for (arith, outcome) in [(TensorArith::HopperTruncated, Outcome::Matches), (TensorArith::ExactRoundOnce, Outcome::Differs)] {
+            let (dump, _) = probe.run(&module, arith, &probe.inputs()).unwrap();
+            std::fs::write(dir.join(probe.file()), &dump).unwrap();
+            let v = settle(&module, &dir).into_iter().find(|v| v.probe == probe).unwrap();
+            assert_eq!(v.outcome(), outcome, "{}", v.line());
+            let [(first, hopper, _), (second, exact, _)] = v.models[..] else { panic!("{}", v.line()) };
+            assert_eq!((first, second), (TensorArith::HopperTruncated, TensorArith::ExactRoundOnce));
+            if arith == TensorArith::ExactRoundOnce {
+                assert_eq!(exact, 4096, "{}", v.line());
+                assert!(hopper < 4096 / 2, "the models agree on too many words: {}", v.line());
+                assert!(v.line().contains("DIFFERS from the interpreter's model") && v.line().contains("matches TensorArith::ExactRoundOnce"), "{}", v.line());
+            }
+        }
+        // A flipped bit in one result word: neither model.
+        let (mut dump, _) = probe.run(&module, TensorArith::HopperTruncated, &probe.inputs()).unwrap();
+        let last = dump.len() - 1;
+        dump[last] ^= 1;
+        std::fs::write(dir.join(probe.file()), &dump).unwrap();
+        let v = settle(&module, &dir).into_iter().find(|v| v.probe == probe).unwrap();
+        assert!(v.line().contains("4095/4096") && v.line().contains("and from every other model (first difference at word 4095"), "{}", v.line());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+fn tempdir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("ptxsim-hopper-probe-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn narrow_tma_boxes_are_the_dense_box_under_the_xor() {
+    // Box rows narrower than the swizzle span (HOPPER-ASYNC.md §8.4 item 2): the interpreter lays the box out
+    // densely and XORs absolute addresses, so chunks move across box rows. Checked here against that model written
+    // out independently: byte a of the dense box lands at a ^ (((a >> 7) & M) << 4).
+    let got = run(Probe::TmaNarrow).0;
+    let mut at = 0;
+    for case in hopper_probe::tma_cases(Probe::TmaNarrow) {
+        let words = (case.bytes() / 4) as usize;
+        let mask = (1u32 << case.swizzle) - 1;
+        for r in 0..case.rows as i64 {
+            for c in 0..case.box0 as i64 {
+                let (x, y) = (case.coords[0] as i64 + c, case.coords[1] as i64 + r);
+                let value = if (0..40).contains(&x) && (0..case.height as i64).contains(&y) { (y * 40 + x + 1) as u32 } else { 0 };
+                let dense = (4 * (r * case.box0 as i64 + c)) as u32;
+                let placed = dense ^ (((dense >> 7) & mask) << 4);
+                assert_eq!(got[at + placed as usize / 4], value, "{case:?} row {r} column {c}");
+            }
+        }
+        at += words;
+    }
+    assert_eq!(at, got.len());
 }
 
 #[test]
 fn nvcc_warp_specialised_tma_wgmma_pipeline() {
     // Producer warpgroup + consumer warpgroup over a 2-stage ring of 4 k-tiles: every stage is reused, so the TMA
     // overwrite is ordered after the consumer's wait_group and empty-barrier arrive only through the barriers.
-    let counters = ws_gemm(false).unwrap_or_else(|e| panic!("{e}"));
+    let (got, counters) = hopper_probe::ws_gemm(&mut Machine::new(), &module(), false).unwrap_or_else(|e| panic!("{e}"));
+    assert_is_product(&got, 256, "ws_gemm");
     // 4 k-tiles x 4 k-steps x 4 warps.
     assert_eq!(counters.tensor_ops, 64);
     // Every tensor FLOP is a 16-bit wgmma's (2 x 64 x 64 x K), counted apart for the timing model's wgmma rate.
@@ -221,34 +148,19 @@ fn nvcc_warp_specialised_tma_wgmma_pipeline() {
     assert_eq!(counters.distinct_sectors.len(), 2 * 1024 + 512);
     // The planted bug: the stage is released before the wait_group. The other three consumer warps' wgmma reads are
     // then not ordered before the producer's next TMA into that stage, in whatever order the warps run.
-    let e = ws_gemm(true).unwrap_err();
+    let e = hopper_probe::ws_gemm(&mut Machine::new(), &module(), true).unwrap_err();
     assert!(e.message.contains("the async copy issued at PTX line") && e.message.contains("read without being ordered before the copy's issue"), "{e}");
 }
 
-/// Runs ws_gemm (K = 256) and checks C when it succeeds.
-fn ws_gemm(early_release: bool) -> Result<ptxsim::Counters, ptxsim::SimError> {
-    let module = module();
-    let k = 256usize;
-    let mut m = Machine::new();
-    let a = upload(&mut m, &bf16_matrix(64, k, a_val));
-    let b = upload(&mut m, &bf16_matrix(64, k, |n, kk| b_val(kk, n)));
-    let out = poisoned(&mut m, 128 * 32 * 4);
-    let map = |g| encode_tiled(DataType::Bfloat16 as u32, 2, g, &[k as u64, 64], &[2 * k as u64], &[64, 64], &[1, 1], 0, 3, 0, 0).unwrap();
-    let mut params = map(a).to_vec();
-    params.extend_from_slice(&map(b));
-    params.extend_from_slice(&out.to_le_bytes());
-    params.extend_from_slice(&((k / 64) as i32).to_le_bytes());
-    params.extend_from_slice(&(early_release as i32).to_le_bytes());
-    let counters = m.launch(&module, "ws_gemm", [1, 1, 1], [256, 1, 1], 32768, &params)?;
-    let got: Vec<f32> = download(&m, out, 128 * 32);
-    for t in 0..128usize {
-        let (w, l) = (t / 32, t % 32);
-        let (g, q) = (l / 4, l % 4);
-        for i in 0..32usize {
-            let (row, col) = (16 * w + g + 8 * ((i >> 1) & 1), 8 * (i >> 2) + 2 * q + (i & 1));
-            let want: f32 = (0..k).map(|kk| a_val(row, kk) * b_val(kk, col)).sum();
-            assert_eq!(got[t * 32 + i], want, "thread {t} element {i}");
-        }
-    }
-    Ok(counters)
+#[test]
+fn shared_memory_placement_probe() {
+    // The interpreter's placement (HOPPER-ASYNC.md §1.4): static shared from 0, the dynamic segment after the kernel's
+    // 600 static bytes at the largest alignment of the module's `.extern .shared` declarations (ws_gemm's 1024, not
+    // this kernel's 128), and both read back what was stored.
+    let (got, _) = run(Probe::DynSmem);
+    let [fixed, dynamic, last_static, dynamic_byte] = got[..] else { panic!("{got:?}") };
+    println!("dyn_smem_probe on the interpreter: static array at {fixed}, dynamic segment at {dynamic}");
+    assert_eq!(fixed, 0);
+    assert_eq!(dynamic, 1024);
+    assert_eq!((last_static, dynamic_byte), (150, 9));
 }

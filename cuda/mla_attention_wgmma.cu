@@ -151,45 +151,9 @@ __device__ __forceinline__ void consume(const MlaAttentionParams &p, const unsig
 #pragma unroll
         for (int n = 0; n < kTileN / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
     };
-    // Tile j >= 1 with P_{j-1} in `previous` (FA3's intra-warpgroup overlap): S_j and P_{j-1} V_{j-1} in flight
-    // together, the softmax of S_j into `next` while P_{j-1} V_{j-1} runs, then O rescaled to tile j's maxima. O's
-    // arithmetic is the serial order's: (O c_{j-1} + P_{j-1} V_{j-1}) c_j + P_j V_j.
-    auto step = [&](int j, uint32_t (&previous)[kTileN / 16][4], uint32_t (&next)[kTileN / 16][4]) {
-        zero_s();
-        wgmma_fence_operands(s);
-        wgmma_fence_operands(o);
-        wgmma_fence_operands(previous);
-        wgmma_fence();
-        issue_s(j);
-        issue_pv(j - 1, previous);
-        wgmma_wait<1>();
-        wgmma_fence_operands(s);
-        softmax_tile(s, next, correction, state, j * kTileN, kv_end, quad, score_scale);
-        wgmma_wait<0>();
-        wgmma_fence_operands(o);
-        release(j - 1);
-        rescale_rows(o, correction);
-    };
-    // The last tile's P V, from the buffer its softmax filled.
-    auto finish = [&](uint32_t (&last)[kTileN / 16][4]) {
-        wgmma_fence_operands(o);
-        wgmma_fence_operands(last);
-        wgmma_fence();
-        issue_pv(tiles - 1, last);
-        wgmma_wait<0>();
-        wgmma_fence_operands(o);
-        release(tiles - 1);
-    };
-
-    zero_s();
-    wgmma_fence_operands(s);
-    wgmma_fence();
-    issue_s(0);
-    wgmma_wait<0>();
-    wgmma_fence_operands(s);
-    softmax_tile(s, pa0, correction, state, 0, kv_end, quad, score_scale);
-    rescale_rows(o, correction);
-    for_tiles_alternating(tiles, pa0, pa1, step, finish);
+    auto softmax = [&](int j, uint32_t (&pa)[kTileN / 16][4]) { softmax_tile(s, pa, correction, state, j * kTileN, kv_end, quad, score_scale); };
+    auto rescale = [&]() { rescale_rows(o, correction); };
+    attention_tiles_overlapped(tiles, s, o, pa0, pa1, zero_s, issue_s, issue_pv, softmax, release, rescale);
     store_rows(p, o, state, 0, 0, grow0, quad);
 }
 

@@ -127,43 +127,11 @@ __device__ __forceinline__ void consume(const VisionAttentionParams &p, const un
         if (lane == 0) mbar_arrive(&empty[j % kStages]);
     };
     float correction[2];
-    // Tile j >= 1 with P_{j-1} in `previous`: S_j and P_{j-1} V_{j-1} in flight together, the softmax of S_j into
-    // `next` while P_{j-1} V_{j-1} runs, then O rescaled.
-    auto step = [&](int j, uint32_t (&previous)[4][4], uint32_t (&next)[4][4]) {
-        wgmma_fence_operands(s);
-        wgmma_fence_operands(o);
-        wgmma_fence_operands(previous);
-        wgmma_fence();
-        issue_s(j);
-        issue_pv(j - 1, previous);
-        wgmma_wait<1>();
-        wgmma_fence_operands(s);
-        softmax_tile(s, next, correction, state, rows, first_key + j * kKeys, t, scale);
-        wgmma_wait<0>();
-        wgmma_fence_operands(o);
-        release(j - 1);
-        rescale_rows(o, correction);
-    };
-
+    auto softmax = [&](int j, uint32_t (&pa)[4][4]) { softmax_tile(s, pa, correction, state, rows, first_key + j * kKeys, t, scale); };
+    auto rescale = [&]() { rescale_rows(o, correction); };
+    // S starts from each tile's first wgmma (scale-d 0): nothing to set before the fence.
     wgmma_fence_operands(qa);
-    wgmma_fence_operands(s);
-    wgmma_fence();
-    issue_s(0);
-    wgmma_wait<0>();
-    wgmma_fence_operands(s);
-    softmax_tile(s, pa0, correction, state, rows, first_key, t, scale);
-    rescale_rows(o, correction);
-    // The last tile's P V, from the buffer its softmax filled.
-    auto finish = [&](uint32_t (&last)[4][4]) {
-        wgmma_fence_operands(o);
-        wgmma_fence_operands(last);
-        wgmma_fence();
-        issue_pv(tiles - 1, last);
-        wgmma_wait<0>();
-        wgmma_fence_operands(o);
-        release(tiles - 1);
-    };
-    for_tiles_alternating(tiles, pa0, pa1, step, finish);
+    attention_tiles_overlapped(tiles, s, o, pa0, pa1, [] {}, issue_s, issue_pv, softmax, release, rescale);
     store_rows(p, o, state, query, head, t);
 }
 

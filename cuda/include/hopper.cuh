@@ -190,11 +190,55 @@ __device__ __forceinline__ void wgmma_fence_operands(uint32_t (&x)[N][4]) {
     }
 }
 
-// The FA3-style consumer loop of the wgmma attention kernels, after tile 0's softmax filled pa0: step(j, previous,
-// next) for tiles j = 1 .. tiles - 1, the two P buffers alternating so that each is a fixed set of registers (two
-// tiles per trip), then finish(the buffer the last softmax filled).
-template <class Buffer, class Step, class Finish>
-__device__ __forceinline__ void for_tiles_alternating(int tiles, Buffer &pa0, Buffer &pa1, Step &&step, Finish &&finish) {
+// The FA3-style consumer loop of the wgmma attention kernels (FA3's intra-warpgroup overlap) over `tiles` key tiles,
+// S (NS fragments) and O (NO fragments) in registers, P double-buffered in pa0 / pa1:
+//   tile 0:       S_0 issued and retired, softmax(0, pa0), rescale();
+//   tile j >= 1:  with P_{j-1} in `previous`, S_j and P_{j-1} V_{j-1} in flight together (wait_group 1 retires S_j),
+//                 the softmax of S_j into `next` while P_{j-1} V_{j-1} runs, then wait_group 0, release(j - 1) and
+//                 rescale() of O to tile j's maxima: O's arithmetic is the serial order's,
+//                 (O c_{j-1} + P_{j-1} V_{j-1}) c_j + P_j V_j;
+//   last:         P V of the buffer the last softmax filled, release(tiles - 1).
+// The two P buffers alternate so that each is a fixed set of registers (two tiles per trip). The kernel's parts:
+// prepare_s() sets S before a tile's wgmmas (before the fence: an ordinary write of an accumulator after it would
+// serialise the wgmmas), issue_s(j) / issue_pv(j, pa) issue and commit one wgmma group each, softmax(j, pa) turns S
+// into P (and the rows' corrections), release(j) frees tile j's stage, rescale() applies the corrections to O.
+template <int NS, int NO, int NP, class PrepareS, class IssueS, class IssuePv, class Softmax, class Release, class Rescale>
+__device__ __forceinline__ void attention_tiles_overlapped(int tiles, float (&s)[NS][4], float (&o)[NO][4], uint32_t (&pa0)[NP][4], uint32_t (&pa1)[NP][4],
+                                                           PrepareS &&prepare_s, IssueS &&issue_s, IssuePv &&issue_pv, Softmax &&softmax, Release &&release,
+                                                           Rescale &&rescale) {
+    prepare_s();
+    wgmma_fence_operands(s);
+    wgmma_fence();
+    issue_s(0);
+    wgmma_wait<0>();
+    wgmma_fence_operands(s);
+    softmax(0, pa0);
+    rescale();
+    auto step = [&](int j, uint32_t (&previous)[NP][4], uint32_t (&next)[NP][4]) {
+        prepare_s();
+        wgmma_fence_operands(s);
+        wgmma_fence_operands(o);
+        wgmma_fence_operands(previous);
+        wgmma_fence();
+        issue_s(j);
+        issue_pv(j - 1, previous);
+        wgmma_wait<1>();
+        wgmma_fence_operands(s);
+        softmax(j, next);
+        wgmma_wait<0>();
+        wgmma_fence_operands(o);
+        release(j - 1);
+        rescale();
+    };
+    auto finish = [&](uint32_t (&last)[NP][4]) {
+        wgmma_fence_operands(o);
+        wgmma_fence_operands(last);
+        wgmma_fence();
+        issue_pv(tiles - 1, last);
+        wgmma_wait<0>();
+        wgmma_fence_operands(o);
+        release(tiles - 1);
+    };
 #pragma unroll 1
     for (int j = 1;; j += 2) {
         if (j >= tiles) {

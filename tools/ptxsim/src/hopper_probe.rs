@@ -443,15 +443,24 @@ pub fn model_name(model: TensorArith) -> &'static str {
     }
 }
 
+/// One model's run compared with a dump.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Comparison {
+    pub model: TensorArith,
+    /// Result words equal bit for bit.
+    pub equal: usize,
+    /// The first word that differs: (index, the dump's word, the model's word).
+    pub first_difference: Option<(usize, u32, u32)>,
+}
+
 /// How one dump compares with the interpreter.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Verdict {
     pub probe: Probe,
     /// Result words compared (the dump's inputs excluded).
     pub words: usize,
-    /// Per model run (the interpreter's model first): the words equal bit for bit, and the first word that differs
-    /// (index, dump, model).
-    pub models: Vec<(TensorArith, usize, Option<(usize, u32, u32)>)>,
+    /// One comparison per model run, the interpreter's model first.
+    pub models: Vec<Comparison>,
     /// Why there is nothing to compare (no dump, wrong size), or the interpreter's error on the dump's inputs.
     pub problem: Option<String>,
 }
@@ -471,7 +480,7 @@ impl Verdict {
     pub fn outcome(&self) -> Outcome {
         match self.models.first() {
             _ if self.problem.is_some() => Outcome::NotCompared,
-            Some(&(_, equal, _)) if equal == self.words => Outcome::Matches,
+            Some(c) if c.equal == self.words => Outcome::Matches,
             Some(_) => Outcome::Differs,
             None => Outcome::NotCompared,
         }
@@ -480,9 +489,9 @@ impl Verdict {
     /// `HopperTruncated 4096/4096, ExactRoundOnce 1234/4096` (the words equal bit for bit per model).
     pub fn counts(&self) -> String {
         if !self.probe.is_arithmetic() {
-            return self.models.iter().map(|&(_, equal, _)| format!("{equal}/{}", self.words)).collect::<Vec<_>>().join(", ");
+            return self.models.iter().map(|c| format!("{}/{}", c.equal, self.words)).collect::<Vec<_>>().join(", ");
         }
-        self.models.iter().map(|&(model, equal, _)| format!("{} {equal}/{}", model_name(model), self.words)).collect::<Vec<_>>().join(", ")
+        self.models.iter().map(|c| format!("{} {}/{}", model_name(c.model), c.equal, self.words)).collect::<Vec<_>>().join(", ")
     }
 
     /// The verdict in words: "matches the interpreter's model (...)", or how it differs.
@@ -492,14 +501,14 @@ impl Verdict {
             Outcome::NotCompared => format!("NOT SETTLED: {}", self.problem.as_deref().unwrap_or("nothing compared")),
             Outcome::Matches => format!("matches the interpreter's model ({model})"),
             Outcome::Differs => {
-                let first = |&(_, _, diff): &(TensorArith, usize, Option<(usize, u32, u32)>)| {
-                    diff.map(|(i, got, want)| format!("first difference at word {i}: dump {got:#010x}, model {want:#010x}")).unwrap_or_default()
+                let first = |c: &Comparison| {
+                    c.first_difference.map(|(i, got, want)| format!("first difference at word {i}: dump {got:#010x}, model {want:#010x}")).unwrap_or_default()
                 };
-                let other = self.models.iter().skip(1).find(|&&(_, equal, _)| equal == self.words);
+                let other = self.models.iter().skip(1).find(|c| c.equal == self.words);
                 match other {
-                    Some(&(m, _, _)) => format!(
+                    Some(c) => format!(
                         "DIFFERS from the interpreter's model ({model}); matches TensorArith::{} bit for bit ({})",
-                        model_name(m),
+                        model_name(c.model),
                         first(&self.models[0])
                     ),
                     None => format!("DIFFERS from the interpreter's model ({model}) and from every other model ({})", first(&self.models[0])),
@@ -549,8 +558,8 @@ fn settle_one(module: &Module, probe: Probe, dir: &Path) -> Verdict {
         let (got, want) = (words(&dump[inputs.len()..]), words(&want[inputs.len()..]));
         verdict.words = got.len();
         let equal = got.iter().zip(&want).filter(|(g, w)| g == w).count();
-        let first = got.iter().zip(&want).position(|(g, w)| g != w).map(|i| (i, got[i], want[i]));
-        verdict.models.push((model, equal, first));
+        let first_difference = got.iter().zip(&want).position(|(g, w)| g != w).map(|i| (i, got[i], want[i]));
+        verdict.models.push(Comparison { model, equal, first_difference });
     }
     verdict
 }

@@ -83,8 +83,9 @@ fn the_random_data_probes_tell_the_tensor_models_apart() {
             std::fs::write(dir.join(probe.file()), &dump).unwrap();
             let v = settle(&module, &dir).into_iter().find(|v| v.probe == probe).unwrap();
             assert_eq!(v.outcome(), outcome, "{}", v.line());
-            let [(first, hopper, _), (second, exact, _)] = v.models[..] else { panic!("{}", v.line()) };
-            assert_eq!((first, second), (TensorArith::HopperTruncated, TensorArith::ExactRoundOnce));
+            let [hopper, exact] = v.models[..] else { panic!("{}", v.line()) };
+            assert_eq!((hopper.model, exact.model), (TensorArith::HopperTruncated, TensorArith::ExactRoundOnce));
+            let (hopper, exact) = (hopper.equal, exact.equal);
             if arith == TensorArith::ExactRoundOnce {
                 assert_eq!(exact, 4096, "{}", v.line());
                 assert!(hopper < 4096 / 2, "the models agree on too many words: {}", v.line());

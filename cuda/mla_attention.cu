@@ -15,9 +15,11 @@
 //
 // Tiling of mla_attention_*: block = 32 * W threads (W = 1..4 warps, 16 query rows per warp; with the split combine
 // fused into a grid of at most one block per SM, helper warps up to 8 in all that issue the tile loads and share the combine),
-// grid = (row tiles, splits, sequences). Q [16W x 320] sits in shared memory (padded rows, conflict-free ldmatrix); the cache streams in
-// tiles of 32 tokens x 320, double-buffered with cp.async (fp8: raw bytes staged, then widened to bf16 in shared
-// memory). Per tile and warp: S = Q K^T with mma.sync m16n8k16 (20 k-steps x 4 n-tiles, B fragments by ldmatrix),
+// grid = (row tiles, splits, sequences); a row tile is p.tile_rows rows: 16W, or 8 with W = 1 at the smallest grids
+// (decode of one sequence: the fused combine's partials spread over twice the blocks; rows 8-15 are padding). Q [16W x
+// 320] sits in shared memory (padded rows, conflict-free ldmatrix); the cache streams in tiles of 32 tokens x 320,
+// double-buffered with cp.async (fp8: raw bytes staged, then widened to bf16 in shared memory); with helper warps
+// loading, one block barrier a tile. Per tile and warp: S = Q K^T with mma.sync m16n8k16 (20 k-steps x 4 n-tiles, B fragments by ldmatrix),
 // online softmax in f32 (exp2, scale folded), O += P V with P re-packed from the S accumulators (no shared memory
 // round trip) and V fragments by ldmatrix.trans; O [16 x 256] f32 lives in registers (128 per thread). The masking,
 // softmax, P packing and store are cuda/include/mla_attention.cuh, shared with the prefill's wgmma kernel
@@ -82,18 +84,23 @@ struct TileLayout {
     static constexpr int kStageBytes = kFp8 ? kTileN * kWidth : kTileN * kRowStride * 2;
 };
 
-// The block-table entry (physical page) of cache token tile_start + lane, or 0 for a token at or past `end` (its
+// The block-table entry (physical page) of cache token tile_start + lane, or 0 for a token at or past `bound` (its
 // entry is never read). Each warp reads a tile's entries once, one per lane; the split loop reads the next tile's while
 // the current one computes and turns the page into a slot only when it issues that tile's copies (tile_slot), so no
-// instruction waits for the table load on the per-tile chain.
-__device__ __forceinline__ int tile_page(const MlaAttentionParams &p, int seq, int tile_start, int end) {
+// instruction waits for the table load on the per-tile chain. The first two tiles' entries are read at the top of the
+// block, bounded by the table row alone (`table_tokens`), so they fly with the sequence's q_start and kv_len loads
+// instead of after them.
+__device__ __forceinline__ int tile_page(const MlaAttentionParams &p, int seq, int tile_start, int bound) {
     static_assert(kTileN == 32, "one block-table entry per lane");
     const int pos = tile_start + (threadIdx.x & 31);
-    return pos < end ? p.block_tables[(long)seq * p.max_pages + pos / p.page_size] : 0;
+    return pos < bound ? p.block_tables[(long)seq * p.max_pages + pos / p.page_size] : 0;
 }
-// The physical slot (page * page_size + offset) of cache token tile_start + lane, from its tile_page entry.
-__device__ __forceinline__ int tile_slot(const MlaAttentionParams &p, int page, int tile_start) {
-    return page * p.page_size + (tile_start + (threadIdx.x & 31)) % p.page_size;
+// The physical slot (page * page_size + offset) of cache token tile_start + lane, from its tile_page entry; a token at
+// or past `end` takes slot offset 0 of page 0 (its copy reads nothing: load_cache_tile zero-fills it), whatever its
+// table entry holds.
+__device__ __forceinline__ int tile_slot(const MlaAttentionParams &p, int page, int tile_start, int end) {
+    const int pos = tile_start + (threadIdx.x & 31);
+    return pos < end ? page * p.page_size + pos % p.page_size : 0;
 }
 
 // Issues the cp.async loads of cache tokens [tile_start, tile_start + kTileN) into a stage; tokens at or past `end`
@@ -138,25 +145,28 @@ __device__ __forceinline__ void widen_fp8_tile(const char *stage, bf16 *wide) {
 }
 
 // The attention of one split block over keys [split_begin, kv_end) (non-empty): rows row0.. of sequence seq; writes
-// o_lat (one split) or the split's f32 partials.
+// o_lat (one split) or the split's f32 partials. first_pages: tile_page of the split's first two tiles (bounded by the
+// table row).
 template <bool kFp8>
 __device__ __forceinline__ void attend_split(const MlaAttentionParams &p, int seq, int split, int q_begin, int q_count, int first_pos, int row0,
-                                             int split_begin, int kv_end) {
+                                             int split_begin, int kv_end, const int (&first_pages)[2]) {
     extern __shared__ __align__(16) char smem[];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int block_rows = p.row_warps * kRowsPerWarp;
+    // Q rows in shared memory: 16 a row warp, of which the tile's first p.tile_rows are its rows (the rest zero).
+    const int q_rows = p.row_warps * kRowsPerWarp;
+    const int rows_here = min(p.tile_rows, q_count * p.heads - row0);  // rows of this tile that exist
     // Warps past p.row_warps own no rows (the fused combine's helpers): they share the loads and barriers only.
     const bool owns_rows = warp < p.row_warps;
 
     bf16 *q_smem = reinterpret_cast<bf16 *>(smem);
-    char *stages = smem + block_rows * kRowStride * 2;
+    char *stages = smem + q_rows * kRowStride * 2;
     bf16 *wide = reinterpret_cast<bf16 *>(stages + 2 * TileLayout<kFp8>::kStageBytes);
 
-    // Q rows [q_lat 256 | q_rope 64] into shared memory (rows past the sequence's queries are zero).
-    for (int idx = threadIdx.x; idx < block_rows * (kWidth / 8); idx += blockDim.x) {
+    // Q rows [q_lat 256 | q_rope 64] into shared memory (rows past the tile's or the sequence's are zero).
+    for (int idx = threadIdx.x; idx < q_rows * (kWidth / 8); idx += blockDim.x) {
         const int r = idx / (kWidth / 8), col = (idx % (kWidth / 8)) * 8, row = row0 + r;
         bf16 *dst = q_smem + r * kRowStride + col;
-        if (row < q_count * p.heads) {
+        if (r < rows_here) {
             const long grow = (long)q_begin * p.heads + row;
             const bf16 *src = col < kLatent ? p.q_lat + grow * kLatent + col : p.q_rope + (long)grow * p.q_rope_stride + (col - kLatent);
             cp_async16(dst, src);
@@ -166,9 +176,9 @@ __device__ __forceinline__ void attend_split(const MlaAttentionParams &p, int se
     }
     const int tiles = (kv_end - split_begin + kTileN - 1) / kTileN;
     const int warps = blockDim.x >> 5;
-    load_cache_tile<kFp8>(p, tile_slot(p, tile_page(p, seq, split_begin, kv_end), split_begin), split_begin, kv_end, stages, warp, warps);
+    load_cache_tile<kFp8>(p, tile_slot(p, first_pages[0], split_begin, kv_end), split_begin, kv_end, stages, warp, warps);
     cp_async_commit();
-    int next_page = tile_page(p, seq, split_begin + kTileN, kv_end);  // the pages of the tile the loop loads next
+    int next_page = first_pages[1];  // the pages of the tile the loop loads next
     // The warps that issue the next tile's copies: the helper warps when the block has them, after the tile's barrier,
     // while the row warps compute (whose per-tile chain is then the tile's arithmetic alone); else every warp, before
     // waiting for the current tile (the issue overlaps that wait).
@@ -176,7 +186,7 @@ __device__ __forceinline__ void attend_split(const MlaAttentionParams &p, int se
     const auto refill = [&](int t) {  // copies of tile t + 1 into its stage, last read in iteration t - 1
         const int next_start = split_begin + (t + 1) * kTileN;
         const int first_loader = helpers_load ? p.row_warps : 0;
-        load_cache_tile<kFp8>(p, tile_slot(p, next_page, next_start), next_start, kv_end, stages + ((t + 1) & 1) * TileLayout<kFp8>::kStageBytes,
+        load_cache_tile<kFp8>(p, tile_slot(p, next_page, next_start, kv_end), next_start, kv_end, stages + ((t + 1) & 1) * TileLayout<kFp8>::kStageBytes,
                               warp - first_loader, warps - first_loader);
         cp_async_commit();
         next_page = tile_page(p, seq, next_start + kTileN, kv_end);
@@ -187,15 +197,16 @@ __device__ __forceinline__ void attend_split(const MlaAttentionParams &p, int se
     RowState state{{-INFINITY, -INFINITY}, {0.f, 0.f}, {-1, -1}};
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-        const int row = row0 + warp * kRowsPerWarp + g + 8 * h;
-        state.pos[h] = row < q_count * p.heads ? first_pos + row / p.heads : -1;  // -1: padding row, sees nothing
+        const int r = warp * kRowsPerWarp + g + 8 * h;
+        state.pos[h] = r < rows_here ? first_pos + (row0 + r) / p.heads : -1;  // -1: padding row, sees nothing
     }
     const float score_scale = p.score_scale * kLog2e;
     float o[kLatent / 8][4];
 #pragma unroll
     for (int n = 0; n < kLatent / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
 
-    const bf16 *q_warp = q_smem + warp * kRowsPerWarp * kRowStride;
+    // This lane's A-fragment row address of the warp's Q rows (ldmatrix_x4_at adds each k-step's offset).
+    const uint32_t q_frag = smem_addr(q_smem + (warp * kRowsPerWarp + (lane & 15)) * kRowStride + (lane >> 4) * 8);
     for (int t = 0; t < tiles; ++t) {
         const int tile_start = split_begin + t * kTileN;
         // Tile t lands (each thread waits for its own copies; the barrier publishes them to every warp); tile t + 1's
@@ -218,26 +229,25 @@ __device__ __forceinline__ void attend_split(const MlaAttentionParams &p, int se
         }
 
         if (owns_rows) {
-            // S = Q K^T for the warp's 16 rows x 32 tokens: the k-steps fully unrolled from two fragment bases (every
-            // ldmatrix address a constant offset). One accumulator per n-tile, k in order: the wgmma prefill kernel
-            // sums the same k-steps in the same order, bit for bit (tests/mla_wgmma.rs).
+            // S = Q K^T for the warp's 16 rows x 32 tokens: the k-steps fully unrolled from two fragment bases, every
+            // ldmatrix address the base plus an immediate. One accumulator per n-tile, k in order: the wgmma prefill
+            // kernel sums the same k-steps in the same order, bit for bit (tests/mla_wgmma.rs).
             float s[kTileN / 8][4];
     #pragma unroll
             for (int n = 0; n < kTileN / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
-            const bf16 *q_frag = q_warp + (lane & 15) * kRowStride + (lane >> 4) * 8;
-            const bf16 *k_frag = kv + ((lane >> 4) * 8 + (lane & 7)) * kRowStride + ((lane >> 3) & 1) * 8;
-    #pragma unroll
-            for (int k = 0; k < kWidth / 16; ++k) {
+            const uint32_t k_frag = smem_addr(kv + ((lane >> 4) * 8 + (lane & 7)) * kRowStride + ((lane >> 3) & 1) * 8);
+            unroll_indexed<kWidth / 16>([&](auto k_step) {
+                constexpr int k = decltype(k_step)::value;
                 uint32_t a[4];
-                ldmatrix_x4(a, q_frag + k * 16);
-    #pragma unroll
-                for (int n = 0; n < kTileN / 8; n += 2) {
+                ldmatrix_x4_at<k * 16 * 2>(a, q_frag);
+                unroll_indexed<kTileN / 16>([&](auto n_pair) {
+                    constexpr int n = 2 * decltype(n_pair)::value;
                     uint32_t b[4];
-                    ldmatrix_x4(b, k_frag + n * 8 * kRowStride + k * 16);
+                    ldmatrix_x4_at<(n * 8 * kRowStride + k * 16) * 2>(b, k_frag);
                     mma_bf16(s[n], a, b[0], b[1]);
                     mma_bf16(s[n + 1], a, b[2], b[3]);
-                }
-            }
+                });
+            });
 
             // Online softmax (mla_attention.cuh), then O += P V over the latent columns, P's A fragments straight
             // from the S accumulators.
@@ -245,19 +255,22 @@ __device__ __forceinline__ void attend_split(const MlaAttentionParams &p, int se
             float correction[2];
             softmax_tile(s, pa, correction, state, tile_start, kv_end, quad, score_scale);
             rescale_rows(o, correction);
-    #pragma unroll
-            for (int k = 0; k < kTileN / 16; ++k) {
-                const bf16 *v_rows = kv + (k * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * kRowStride + (lane >> 4) * 8;
-    #pragma unroll
-                for (int n = 0; n < kLatent / 8; n += 2) {
+            const uint32_t v_frag = smem_addr(kv + (((lane >> 3) & 1) * 8 + (lane & 7)) * kRowStride + (lane >> 4) * 8);
+            unroll_indexed<kTileN / 16>([&](auto k_step) {
+                constexpr int k = decltype(k_step)::value;
+                unroll_indexed<kLatent / 16>([&](auto n_pair) {
+                    constexpr int n = 2 * decltype(n_pair)::value;
                     uint32_t b[4];
-                    ldmatrix_x4_trans(b, v_rows + n * 8);
+                    ldmatrix_x4_trans_at<(k * 16 * kRowStride + n * 8) * 2>(b, v_frag);
                     mma_bf16(o[n], pa[k], b[0], b[1]);
                     mma_bf16(o[n + 1], pa[k], b[2], b[3]);
-                }
-            }
+                });
+            });
         }
-        __syncthreads();  // the stage just read is refilled in the next iteration
+        // The stage just read is refilled in the next iteration: by every warp before its wait (this barrier keeps
+        // those copies behind every warp's reads), or by the helpers only after that iteration's first barrier,
+        // which no warp passes before it has finished this tile: one barrier a tile then.
+        if (!helpers_load) __syncthreads();
     }
 
     if (!owns_rows) return;
@@ -292,10 +305,16 @@ __device__ __forceinline__ void combine_rows(const MlaAttentionParams &p, int q_
         max_splits = max(max_splits, splits[r]);
     }
 
+    // The (max, sum) of the first 32 splits are loaded once, for the global max and then for the weights: one round
+    // trip, not two, before the partials' loads (the common case: at most 32 splits).
+    float2 first_ml[R];
     float global_max[R];
 #pragma unroll
-    for (int r = 0; r < R; ++r) global_max[r] = -INFINITY;
-    for (int i = lane; i < max_splits; i += 32) {
+    for (int r = 0; r < R; ++r) {
+        first_ml[r] = lane < splits[r] ? __ldcg(ml + (long)lane * p.total_rows + grow[r]) : make_float2(-INFINITY, 0.f);
+        global_max[r] = fmaxf(-INFINITY, first_ml[r].x);  // as the loop below would start (fmaxf drops a NaN)
+    }
+    for (int i = lane + 32; i < max_splits; i += 32) {
 #pragma unroll
         for (int r = 0; r < R; ++r)
             if (i < splits[r]) global_max[r] = fmaxf(global_max[r], __ldcg(ml + (long)i * p.total_rows + grow[r]).x);
@@ -315,7 +334,7 @@ __device__ __forceinline__ void combine_rows(const MlaAttentionParams &p, int q_
         for (int r = 0; r < R; ++r) {
             my_weight[r] = 0.f;
             if (base + lane < splits[r]) {
-                const float2 split_ml = __ldcg(ml + (long)(base + lane) * p.total_rows + grow[r]);
+                const float2 split_ml = base == 0 ? first_ml[r] : __ldcg(ml + (long)(base + lane) * p.total_rows + grow[r]);
                 my_weight[r] = split_ml.y * exp2f(split_ml.x - global_max[r]);
             }
             total[r] += my_weight[r];
@@ -375,19 +394,22 @@ template <bool kFp8>
 __device__ __forceinline__ void attention_tile(const MlaAttentionParams &p) {
     const int seq = blockIdx.z, split = blockIdx.y;
     const int warps = blockDim.x >> 5;
+    const int split_begin = split * p.tokens_per_split;
+    // The split's first two tiles' table entries, in flight together with the loads of q_start and kv_len.
+    const int table_tokens = p.max_pages * p.page_size;
+    const int first_pages[2] = {tile_page(p, seq, split_begin, table_tokens), tile_page(p, seq, split_begin + kTileN, table_tokens)};
     const int q_begin = p.q_start[seq], q_count = p.q_start[seq + 1] - q_begin;
     const int first_pos = p.kv_len[seq] - q_count;
-    const int block_rows = p.row_warps * kRowsPerWarp;
+    const int block_rows = p.tile_rows;
     const int row0 = blockIdx.x * block_rows;  // first (token, head) row of this block within the sequence
     const int rows = q_count * p.heads;
     if (row0 >= rows) return;  // every split block of this tile returns here: no arrival is awaited
 
     // Keys of this block: its split's range, cut at the last position any of its rows may see (causality).
     const int last_row = min(row0 + block_rows, rows) - 1;
-    const int split_begin = split * p.tokens_per_split;
     const int kv_end = min(split_begin + p.tokens_per_split, first_pos + last_row / p.heads + 1);
     // No row of this block has a key in this split when split_begin >= kv_end: the combine skips the split.
-    if (split_begin < kv_end) attend_split<kFp8>(p, seq, split, q_begin, q_count, first_pos, row0, split_begin, kv_end);
+    if (split_begin < kv_end) attend_split<kFp8>(p, seq, split, q_begin, q_count, first_pos, row0, split_begin, kv_end, first_pages);
     if (p.num_splits == 1 || p.split_counters == nullptr) return;
 
     __shared__ int last_arrival;

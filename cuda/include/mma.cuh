@@ -32,6 +32,36 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void *p) 
                  : "r"(smem_addr(p)));
 }
 
+// ldmatrix_x4 / ldmatrix_x4_trans at shared address `base` + kOffset bytes, the offset as the instruction's immediate:
+// a fully unrolled walk over a tile (unroll_indexed) adds no address arithmetic per load in the PTX (ptxas folds
+// constant adds into the SASS immediate either way; the interpreter's timing model counts PTX instructions).
+template <int kOffset>
+__device__ __forceinline__ void ldmatrix_x4_at(uint32_t r[4], uint32_t base) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4+%5];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(base), "n"(kOffset));
+}
+template <int kOffset>
+__device__ __forceinline__ void ldmatrix_x4_trans_at(uint32_t r[4], uint32_t base) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4+%5];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(base), "n"(kOffset));
+}
+
+// A loop index as a constant expression: unroll_indexed<N>(f) calls f(Index<0>{}), ..., f(Index<N - 1>{}) in order,
+// so the body can use decltype(i)::value where a constant is required (an asm immediate such as ldmatrix_x4_at's).
+template <int I>
+struct Index {
+    static constexpr int value = I;
+};
+template <int N, int I = 0, typename F>
+__device__ __forceinline__ void unroll_indexed(F &&f) {
+    if constexpr (I < N) {
+        f(Index<I>{});
+        unroll_indexed<N, I + 1>(f);
+    }
+}
+
 // c += a (16x16 bf16, row) * b (16x8 bf16, col), f32 accumulators.
 __device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"

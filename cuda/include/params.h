@@ -379,6 +379,8 @@ typedef struct MlaAttentionParams {
     int tokens_per_split;      /* multiple of the kernel's KV tile (32) */
     int row_warps;             /* warps of a block that own query rows (16 each); the block may have more (helpers
                                 * that share the loads and the fused combine) */
+    int tile_rows;             /* (token, head) rows of a row tile (grid x): 16 x row_warps, or 8 with one row warp
+                                * (rows 8-15 of its mma tiles are padding; mla_attention_* only) */
     int total_rows;            /* tokens * heads */
     int q_rope_stride;         /* elements between q_rope rows (64 when packed; a query head's width when read in place) */
     float score_scale;         /* softmax scale * fp8 scale (1 for bf16) */

@@ -50,7 +50,9 @@ const TARGET_BLOCKS: usize = SMS * 3;
 /// docs/perf.md "MLA split combine in the attention launch"): 4k context 23.0 µs with 32 splits against 24.4 (64),
 /// 26.8 (16) and 30.9 (128), and 26.0 before the fusion (two launches, 64 splits); 32k context 39.9 µs with 128 splits
 /// against 42.3 (64), and 42.2 before. After the per-tile chain work (docs/perf.md "MLA decode: the per-tile chain and
-/// the combine form by grid") the heuristic's plans are predicted at 18.2 µs (4k) and 27.0 µs (32k).
+/// the combine form by grid") the heuristic's plans are predicted at 18.2 µs (4k) and 27.0 µs (32k); with half-warp
+/// tiles and one barrier a tile (section "MLA decode at batch 1: half-warp tiles") 16.7 µs and 26.1 µs, 8.0 µs at 4k
+/// with the calls back to back.
 const ONE_BLOCK_PER_SM_UNITS: usize = 8;
 /// Most splits a tile's fused combine reads when the grid holds more than one block per SM (no helper warps: the 2 row
 /// warps of the tile's last block combine after its split); above, `SplitCombine::for_plan` takes the second launch.
@@ -62,6 +64,12 @@ const FUSED_MAX_SPLITS_WITHOUT_HELPERS: usize = 16;
 /// (batch 1 at 32k context, 2 row tiles of 32,768 tokens over 132 SMs, stays one block per SM; batch 8 at 32k does
 /// not).
 const ONE_BLOCK_PER_SM_MAX_SPLIT_TOKENS: usize = 512;
+/// Rows of a row tile of one row warp at the smallest grids: when the sequences' rows in tiles of 8, times the
+/// splits of `MIN_SPLIT_TOKENS`, still fit one block per SM (batch 1 at up to 4,224 tokens with 32 heads), the
+/// heuristic cuts tiles of 8 rows instead of 16 (rows 8-15 of the warp's mma tiles are padding; the per-tile chain is
+/// the same). Each tile's fused combine then reads half the partials (8 rows x splits KiB), through twice the SMs' L2
+/// ports, one row a warp instead of two; each split's cache rows are read by four blocks instead of two (L2 hits).
+const HALF_WARP_TILE_ROWS: usize = 8;
 /// Shortest KV split the heuristic makes (four 32-token tiles). Each split block walks its tiles one after another,
 /// so at batch 1-8 the split length is the kernel's latency; shorter splits cost 1 KiB of f32 partials per row and
 /// split (32 KiB for 32 heads, written by the split blocks and read by the combine, in L2 at these sizes) and a longer
@@ -662,7 +670,11 @@ pub fn latent_projection(
 /// // One sequence of 32 (token, head) rows over 100 cache tokens, forced into 2 KV splits: two warps of 16 rows,
 /// // each split 50 tokens rounded up to the 32-token tile.
 /// let plan = AttentionPlan::new(1, 32, 100, Some(2))?;
-/// assert_eq!(plan, AttentionPlan { warps: 2, row_tiles: 1, num_splits: 2, tokens_per_split: 64 });
+/// assert_eq!(plan, AttentionPlan { warps: 2, tile_rows: 32, row_tiles: 1, num_splits: 2, tokens_per_split: 64 });
+/// // Decode of one sequence, 32 heads, 4k context: tiles of 8 heads (one row warp, half its mma rows padding), 32
+/// // splits of 128 tokens: 128 blocks, at most one an SM.
+/// let decode = AttentionPlan::new(1, 32, 4096, None)?;
+/// assert_eq!(decode, AttentionPlan { warps: 1, tile_rows: 8, row_tiles: 4, num_splits: 32, tokens_per_split: 128 });
 /// // Shared memory: the queries (2 warps x 16 rows) and two 32-token bf16 tiles, rows of 320 padded to 328.
 /// assert_eq!(plan.shared_bytes(CacheDtype::Bf16), (2 * 16 + 2 * 32) * 328 * 2);
 /// assert!(matches!(AttentionPlan::new(1, 32, 100, Some(0)), Err(small4::Error::InvalidArgument(_))));
@@ -673,6 +685,8 @@ pub struct AttentionPlan {
     /// Warps per block that own rows, 1 to 4; each covers 16 (query token, head) rows. (A fused split launch of at
     /// most one block per SM adds helper warps, up to 8 in all.)
     pub warps: usize,
+    /// (Query token, head) rows of a row tile: `16 * warps`, or 8 for `HALF_WARP_TILE_ROWS` tiles.
+    pub tile_rows: usize,
     /// Blocks along the query rows of one sequence (grid x).
     pub row_tiles: usize,
     /// KV splits per sequence (grid y); above 1 the f32 partials are combined (`SplitCombine`).
@@ -693,8 +707,11 @@ impl AttentionPlan {
         // at 32 heads), one row warp a tile spreads the combines over twice the SMs (the tiles of a split re-read its
         // cache rows, from L2).
         let warps = if num_splits.is_none() && num_seqs.max(1) * row_warps <= ONE_BLOCK_PER_SM_UNITS { 1 } else { row_warps.min(MAX_WARPS) };
-        let row_tiles = max_rows.div_ceil(warps * ROWS_PER_WARP).max(1);
         let max_kv = max_kv.max(1);
+        // Half-warp tiles where they keep the shortest splits and one block per SM (`HALF_WARP_TILE_ROWS`).
+        let half_warp_blocks = num_seqs.max(1) * max_rows.div_ceil(HALF_WARP_TILE_ROWS) * max_kv.div_ceil(MIN_SPLIT_TOKENS);
+        let tile_rows = if warps == 1 && num_splits.is_none() && half_warp_blocks <= SMS { HALF_WARP_TILE_ROWS } else { warps * ROWS_PER_WARP };
+        let row_tiles = max_rows.div_ceil(tile_rows).max(1);
         let wanted = match num_splits {
             Some(0) => return Err(Error::InvalidArgument("num_splits must be >= 1".into())),
             Some(n) => n,
@@ -713,7 +730,7 @@ impl AttentionPlan {
         if num_splits > u16::MAX as usize {
             return Err(Error::InvalidArgument(format!("{num_splits} KV splits")));
         }
-        Ok(AttentionPlan { warps, row_tiles, num_splits, tokens_per_split })
+        Ok(AttentionPlan { warps, tile_rows, row_tiles, num_splits, tokens_per_split })
     }
 
     /// Blocks of the attention launch for `num_seqs` sequences: row tiles x splits x sequences.
@@ -964,6 +981,7 @@ pub fn mla_attention(
     // or its 64-row tiles alone fill the GPU.
     let wgmma_plan = AttentionPlan {
         warps: WGMMA_ROW_WARPS,
+        tile_rows: WGMMA_ROW_WARPS * ROWS_PER_WARP,
         row_tiles: (max_q * heads).div_ceil(WGMMA_ROW_WARPS * ROWS_PER_WARP).max(1),
         num_splits: 1,
         tokens_per_split: max_kv.max(1).div_ceil(TILE_N) * TILE_N,
@@ -1014,6 +1032,7 @@ pub fn mla_attention(
         num_splits: plan.num_splits as i32,
         tokens_per_split: plan.tokens_per_split as i32,
         row_warps: plan.warps as i32,
+        tile_rows: plan.tile_rows as i32,
         total_rows: rows as i32,
         score_scale,
         value_scale,

@@ -74,9 +74,9 @@ fn experts_per_block(tokens: usize) -> usize {
 
 /// Whether a routing call runs `router_topk_decode`: one token, at most 128 experts, `dim` at most 4096 (the model's
 /// decode step: 128 experts, dim 4096), unless `small4 calibrate` replays the older configuration. The timing model
-/// (`small4 calibrate --predict bench-cases --only router-t1`, docs/perf.md "router_topk") predicts it at 4.x µs on an
-/// H100 SXM where `router_topk` takes 9.1 µs; `router_topk` stays for every other call (its T = 16, 32, 256 figures
-/// are unchanged).
+/// (`small4 calibrate --predict bench-cases --only router-t1`, docs/perf.md "router_topk") predicts it at 4.9 µs on an
+/// H100 SXM where `router_topk` takes 9.1 µs (PREDICTED, not measured); `router_topk` stays for every other call (its
+/// T = 16, 32, 256 figures are unchanged).
 fn uses_decode_kernel(tokens: usize, experts: usize, dim: usize) -> bool {
     tokens == 1 && experts <= DECODE_MAX_EXPERTS && dim <= DECODE_MAX_DIM && EXPERTS_PER_BLOCK_OVERRIDE.get().is_none()
 }

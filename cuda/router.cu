@@ -13,6 +13,9 @@
 // Bytes (T tokens, E experts, S = dim/256 slices, G expert groups, Z token groups): E*dim*2*Z (gate) + T*dim*2*G
 // (hidden) + 2*S*T*E*4 (partials) + 2*T*E*4 (logits) + outputs; decode (T=1, E=128, dim=4096): ~1.05 x ideal.
 // FLOPs: 2*T*E*dim.
+// At one token (the decode step) the launcher runs router_topk_decode instead (below): the same outputs, the same
+// logits bit for bit, with the serial tail (stage 2 and the alignment: barriers, loops over the experts and the pairs)
+// replaced by one warp working in registers.
 #include "params.h"
 #include "common.cuh"
 
@@ -223,28 +226,35 @@ __device__ bool last_to_arrive(int *counter, int expected, int *flag) {
     return last;
 }
 
-// One step of transpose_reduce: lanes with bit `kHalf` set keep the upper kHalf values, the others the lower ones,
-// and add the partner's copy of what they keep.
-template <int kHalf>
-__device__ __forceinline__ void transpose_step(float (&v)[32], int lane) {
-    const bool upper = (lane & kHalf) != 0;
+// One step of transpose_reduce: lanes with bit `kDistance` set keep the upper kHalf of their 2 * kHalf values, the
+// others the lower ones, and add the partner's copy of what they keep.
+template <int kDistance, int kHalf>
+__device__ __forceinline__ void transpose_step(float *v, int lane) {
+    const bool upper = (lane & kDistance) != 0;
 #pragma unroll
     for (int i = 0; i < kHalf; ++i) {
         const float send = upper ? v[i] : v[i + kHalf];
         const float keep = upper ? v[i + kHalf] : v[i];
-        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, kHalf);
+        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, kDistance);
     }
 }
 
-// Sum over the warp of 32 values per lane; lane l returns the total of value l (31 shuffles instead of 32 x 5).
-__device__ __forceinline__ float transpose_reduce(float (&v)[32]) {
-    const int lane = lane_id();
-    transpose_step<16>(v, lane);
-    transpose_step<8>(v, lane);
-    transpose_step<4>(v, lane);
-    transpose_step<2>(v, lane);
-    transpose_step<1>(v, lane);
-    return v[0];
+// Sum over the warp of kCount values per lane (a power of two, at most 32); lane l returns the total of value
+// l * kCount / 32 (kCount - 1 shuffles in halving steps at distances 16, 8, ..., then a plain butterfly over the
+// distances left). Every total is the same xor-16, 8, 4, 2, 1 tree of additions whatever kCount, so the 4-value form
+// of the decode kernel sums bit-identically to the 32-value form of router_topk.
+template <int kCount, int kDistance = 16>
+__device__ __forceinline__ float transpose_reduce(float *v, int lane) {
+    if constexpr (kDistance == 0) {
+        return v[0];
+    } else {
+        if constexpr (kCount > 1) {
+            transpose_step<kDistance, kCount / 2>(v, lane);
+        } else {
+            v[0] += __shfl_xor_sync(0xffffffffu, v[0], kDistance);
+        }
+        return transpose_reduce<(kCount > 1 ? kCount / 2 : 1), kDistance / 2>(v, lane);
+    }
 }
 
 union RouterShared {
@@ -301,7 +311,7 @@ extern "C" __global__ void __launch_bounds__(kThreads) router_topk(const RouterP
                         for (int i = 0; i < 8; ++i) acc[e * kChunkTokens + t] = fmaf(g[e][i], h[i], acc[e * kChunkTokens + t]);
                 }
             }
-            const float total = transpose_reduce(acc);
+            const float total = transpose_reduce<kWarpExperts * kChunkTokens>(acc, lane);
             const int expert = quad + lane / kChunkTokens, token = chunk + lane % kChunkTokens;
             if (expert < expert_end && token < group_tokens) {
                 p.partials[((long)slice * p.tokens + token0 + token) * p.experts + expert] = total;
@@ -322,6 +332,274 @@ extern "C" __global__ void __launch_bounds__(kThreads) router_topk(const RouterP
 
     if (!last_to_arrive(p.counters + gridDim.z, gridDim.z, &flag)) return;
     moe_align_block(p.align, shared.align);
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// router_topk_decode: the same routing for ONE token (the decode step), shaped for a short dependence chain. The
+// launcher picks it at T = 1 with at most 128 experts and dim <= 4096; router_topk does every other call.
+//
+// Stage 1 (every block; grid = dim slices x expert groups of 32, 256 threads): the split-K partial logits exactly as
+// router_topk computes them at T = 1 (each lane one 16-byte vector of 4 gate rows, 8 fma, the same xor tree over the
+// warp, so the logits are bit-identical), except that the gate rows are loaded before the hidden slice is staged (both
+// round trips overlap) and the transpose-reduce runs on the 4 live values only (6 shuffles instead of 31).
+// Stage 2 (warp 0 of the last block to arrive, one atomic per block after a fence): everything else in that one warp,
+// in registers, with no block barrier and no loop over the experts:
+// - logits: each lane sums its 4 experts' <= 16 slice partials in slice order (16 float4 loads in flight at once),
+//   the expert map with them;
+// - top-k: each lane sorts its 4 keys (logit order-preserved in the high word, ~expert in the low word: larger =
+//   better, ties to the lower index); k rounds of two redux.sync.max (the best logit, then the lowest expert among the
+//   lanes holding it), the winner's lane pops its head;
+// - weights: exp(logit - max) of the chosen, renormalised over the chosen, times routed_scale (the softmax's
+//   denominator cancels in the renormalisation, so the full sum over the experts is not needed);
+// - alignment: lane j holds pair j: match.any gives its expert's count and its rank among equal pairs, shuffles give
+//   every lane the pairs' padded counts, and every output element (counts, offsets, sorted pairs, tile experts,
+//   num_padded) is a sum or a select over the <= 8 pairs.
+// Stage 1's loads are unconditional (clamped addresses, masked after): a guarded load would end a basic block and
+// put one memory latency per gate row on the chain. The k rounds and the alignment are unrolled for k <= 4 (the
+// model's 4) or k <= 8.
+// Bytes: the gate once, the hidden vector once per expert group (4 x 8 KiB), partials written and read (16 x 128 x 4
+// B), logits and outputs written once (~1.05 x ideal). FLOPs: 2 * experts * dim.
+constexpr int kDecodeMaxSlices = 16;                   // dim <= 4096
+constexpr int kDecodeExpertsPerLane = 4;               // experts <= 128
+constexpr int kDecodeExperts = kWarps * kWarpExperts;  // experts per block: 32
+
+// Order-preserving key of (logit, expert): larger = ranked first. -0 counts as +0 (a tie, as the reference compares
+// them), NaN below every number; the low word ~expert breaks ties to the lower index. 0 is below every valid key.
+// An invalid expert (past the experts) gets key 0. Selects only: no branch.
+__device__ __forceinline__ unsigned long long rank_key(float logit, int expert, bool valid) {
+    const float x = logit + 0.0f;  // -0 + +0 = +0
+    const unsigned bits = __float_as_uint(x);
+    unsigned ordered = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+    ordered = (x != x || !valid) ? 0u : ordered;
+    const unsigned low = valid ? 0xffffffffu - static_cast<unsigned>(expert) : 0u;
+    return (static_cast<unsigned long long>(ordered) << 32) | low;
+}
+
+// The logit of a key's high word (the inverse of rank_key's order map).
+__device__ __forceinline__ float key_logit(unsigned ordered) {
+    return __uint_as_float((ordered & 0x80000000u) ? (ordered ^ 0x80000000u) : ~ordered);
+}
+
+__device__ __forceinline__ void compare_swap(unsigned long long &high, unsigned long long &low) {
+    const unsigned long long a = high, b = low;
+    high = a > b ? a : b;
+    low = a > b ? b : a;
+}
+
+// Stage 2 of router_topk_decode, by one warp (see above), for k <= kPairs; kFull: all kDecodeMaxSlices slices are
+// there (dim 4096), so no slice is masked. `slices` partial rows of `experts` logits (row stride `stride`, a multiple
+// of 4) are in L2. Lane l owns experts 4l .. 4l + 3. Stores come after the arithmetic they need and the rounds are
+// branch-free: a branch issues after everything before it, so a guarded store between two sums would serialise them.
+template <int kPairs, bool kFull>
+__device__ void decode_route_and_align(const RouterParams &p, int slices, int stride) {
+    const int lane = lane_id();
+    const MoeAlignParams &a = p.align;
+    const int first = kDecodeExpertsPerLane * lane;
+    // Every load is unconditional (clamped rows, masked after) so that all of them are in flight together.
+    float4 partial[kDecodeMaxSlices];
+#pragma unroll
+    for (int s = 0; s < kDecodeMaxSlices; ++s) {
+        const int row = kFull ? s : min(s, slices - 1), column = min(first, stride - kDecodeExpertsPerLane);  // lanes past the experts: masked
+        partial[s] = __ldcg(reinterpret_cast<const float4 *>(p.partials + (long)row * stride + column));
+    }
+    int local_of[kDecodeExpertsPerLane];
+#pragma unroll
+    for (int i = 0; i < kDecodeExpertsPerLane; ++i) {
+        const int local = __ldcg(a.expert_map + min(first + i, p.experts - 1));
+        local_of[i] = (local >= 0 && local < a.local_experts) ? local : -1;
+    }
+    float logit[kDecodeExpertsPerLane];
+    unsigned long long keys[kDecodeExpertsPerLane];
+#pragma unroll
+    for (int i = 0; i < kDecodeExpertsPerLane; ++i) {
+        // router_topk's order; a slice past the last adds nothing (the sum starts at +0, so it is never -0).
+        logit[i] = 0.f;
+#pragma unroll
+        for (int s = 0; s < kDecodeMaxSlices; ++s) logit[i] += kFull || s < slices ? (&partial[s].x)[i] : 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < kDecodeExpertsPerLane; ++i) keys[i] = rank_key(logit[i], first + i, first + i < p.experts);
+    // Sorting network of 4, best first.
+    static_assert(kDecodeExpertsPerLane == 4, "the sorting network below sorts 4 keys");
+    compare_swap(keys[0], keys[1]);
+    compare_swap(keys[2], keys[3]);
+    compare_swap(keys[0], keys[2]);
+    compare_swap(keys[1], keys[3]);
+    compare_swap(keys[1], keys[2]);
+    unsigned high[kDecodeExpertsPerLane], low[kDecodeExpertsPerLane];
+#pragma unroll
+    for (int i = 0; i < kDecodeExpertsPerLane; ++i) {
+        high[i] = static_cast<unsigned>(keys[i] >> 32);
+        low[i] = static_cast<unsigned>(keys[i]);
+    }
+
+    // kPairs rounds (those past k are computed and dropped): the best head over the warp, ties to the lower expert;
+    // its lane pops it.
+    int chosen_id[kPairs], chosen_local[kPairs];
+    float chosen_logit[kPairs];
+    int my_local = -1;  // lane j < k: the local expert of pair j (-1: not local)
+#pragma unroll
+    for (int j = 0; j < kPairs; ++j) {
+        const unsigned best = __reduce_max_sync(0xffffffffu, high[0]);
+        const unsigned winner = __reduce_max_sync(0xffffffffu, high[0] == best ? low[0] : 0u);
+        const bool popped = high[0] == best && low[0] == winner;
+#pragma unroll
+        for (int i = 0; i + 1 < kDecodeExpertsPerLane; ++i) {
+            high[i] = popped ? high[i + 1] : high[i];
+            low[i] = popped ? low[i + 1] : low[i];
+        }
+        high[kDecodeExpertsPerLane - 1] = popped ? 0u : high[kDecodeExpertsPerLane - 1];
+        low[kDecodeExpertsPerLane - 1] = popped ? 0u : low[kDecodeExpertsPerLane - 1];
+        const int id = static_cast<int>(0xffffffffu - winner);
+        const int slot = id & 3;
+        int held = local_of[0];
+#pragma unroll
+        for (int i = 1; i < kDecodeExpertsPerLane; ++i) held = slot == i ? local_of[i] : held;
+        const int looked_up = __shfl_sync(0xffffffffu, held, (id >> 2) & 31);
+        chosen_id[j] = id;
+        chosen_logit[j] = key_logit(best);
+        chosen_local[j] = j < p.k ? looked_up : -1;
+        my_local = lane == j ? chosen_local[j] : my_local;
+    }
+
+    // Weights: the softmax's denominator and the max cancel in the renormalisation over the chosen.
+    float chosen_exp[kPairs], chosen_sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < kPairs; ++j) {
+        chosen_exp[j] = __expf(chosen_logit[j] - chosen_logit[0]);
+        chosen_sum += j < p.k ? chosen_exp[j] : 0.f;
+    }
+    const float norm = p.routed_scale / chosen_sum;
+
+    // Alignment. Pair j (= lane j) among the pairs of its expert: count and rank; the first of them carries the
+    // expert's tile-rounded count (`padded`), which every lane then sees for every pair.
+    const int tile_mask = a.tile_m - 1;
+    const unsigned peers = __match_any_sync(0xffffffffu, my_local);
+    const int rank = __popc(peers & ((1u << lane) - 1u));
+    const int padded = (my_local >= 0 && rank == 0) ? (__popc(peers) + tile_mask) & ~tile_mask : 0;
+    int pair_padded[kPairs];
+    int num_padded = 0;
+#pragma unroll
+    for (int j = 0; j < kPairs; ++j) {
+        pair_padded[j] = __shfl_sync(0xffffffffu, padded, j);
+        num_padded += pair_padded[j];
+    }
+    // The first slot of an expert: the padded counts of the chosen experts below it.
+    auto offset_of = [&](int local) {
+        int offset = 0;
+#pragma unroll
+        for (int j = 0; j < kPairs; ++j) offset += chosen_local[j] < local ? pair_padded[j] : 0;
+        return offset;
+    };
+    const int start = offset_of(my_local);
+    int pair_slot[kPairs], pair_start[kPairs];
+#pragma unroll
+    for (int j = 0; j < kPairs; ++j) {
+        pair_start[j] = __shfl_sync(0xffffffffu, start, j);
+        pair_slot[j] = pair_start[j] + __shfl_sync(0xffffffffu, rank, j);
+    }
+    // This lane's experts are consecutive: each offset is the previous one plus its padded count.
+    int count[kDecodeExpertsPerLane], offset[kDecodeExpertsPerLane];
+#pragma unroll
+    for (int i = 0; i < kDecodeExpertsPerLane; ++i) {
+        count[i] = 0;
+#pragma unroll
+        for (int j = 0; j < kPairs; ++j) count[i] += chosen_local[j] == first + i ? 1 : 0;
+        offset[i] = i == 0 ? offset_of(first) : offset[i - 1] + ((count[i - 1] + tile_mask) & ~tile_mask);
+    }
+
+    // The stores, last.
+#pragma unroll
+    for (int i = 0; i < kDecodeExpertsPerLane; ++i) {
+        if (first + i < p.experts) p.logits[first + i] = logit[i];
+        if (first + i < a.local_experts) {
+            a.expert_counts[first + i] = count[i];
+            a.expert_offsets[first + i] = offset[i];
+        }
+    }
+    if (lane == 0) {
+#pragma unroll
+        for (int j = 0; j < kPairs; ++j) {
+            if (j < p.k) {
+                p.topk_ids[j] = chosen_id[j];
+                p.topk_weights[j] = chosen_exp[j] * norm;
+            }
+        }
+        a.expert_offsets[a.local_experts] = num_padded;
+        a.num_padded[0] = num_padded;
+    }
+    for (int r = lane; r < a.max_padded; r += 32) {
+        int pair = -1;
+#pragma unroll
+        for (int j = 0; j < kPairs; ++j) pair = chosen_local[j] >= 0 && pair_slot[j] == r ? j : pair;
+        a.sorted_pairs[r] = pair;
+    }
+    for (int t = lane; t < a.max_padded / a.tile_m; t += 32) {
+        const int row = t * a.tile_m;
+        int expert = -1;
+#pragma unroll
+        for (int j = 0; j < kPairs; ++j) {
+            expert = pair_padded[j] > 0 && pair_start[j] <= row && row < pair_start[j] + pair_padded[j] ? chosen_local[j] : expert;
+        }
+        a.tile_experts[t] = expert;
+    }
+}
+
+// Grid: x = ceil(dim / 256) slices (<= 16), y = ceil(experts / 32) groups (<= 4); 256 threads; tokens == 1.
+extern "C" __global__ void __launch_bounds__(kThreads) router_topk_decode(const RouterParams p) {
+    __shared__ uint4 hidden_slice[kSlice / 8];
+    const int tid = threadIdx.x, lane = lane_id(), warp = tid >> 5;
+    const int col = blockIdx.x * kSlice + lane * 8;
+    const bool col_valid = col < p.dim;
+    const int quad = blockIdx.y * kDecodeExperts + warp * kWarpExperts;
+    // Unconditional loads (clamped addresses; out-of-range rows and columns are masked after the barrier): all 4 rows
+    // and the hidden vector in flight at once.
+    const int safe_col = min(col, p.dim - 8);
+    uint4 rows[kWarpExperts];
+#pragma unroll
+    for (int e = 0; e < kWarpExperts; ++e) {
+        rows[e] = __ldg(reinterpret_cast<const uint4 *>(p.gate + (long)min(quad + e, p.experts - 1) * p.dim + safe_col));
+    }
+    if (warp == 0) {
+        const uint4 hidden = __ldg(reinterpret_cast<const uint4 *>(p.hidden + safe_col));
+        hidden_slice[lane] = col_valid ? hidden : make_uint4(0, 0, 0, 0);
+    }
+    __syncthreads();
+    float h[8];
+    bf16x8_to_f32(hidden_slice[lane], h);
+    float acc[kWarpExperts];
+#pragma unroll
+    for (int e = 0; e < kWarpExperts; ++e) {
+        // A row past the experts is never stored; a column past dim adds router_topk's fma(0, 0, +0) = +0.
+        float g[8];
+        bf16x8_to_f32(rows[e], g);
+        acc[e] = 0.f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[e] = fmaf(g[i], h[i], acc[e]);
+        acc[e] = col_valid ? acc[e] : 0.f;
+    }
+    const float total = transpose_reduce<kWarpExperts>(acc, lane);
+    const int expert = quad + lane / 8;
+    const int stride = (p.experts + 3) & ~3;  // 16-byte rows for the last warp's vector loads
+    if (lane % 8 == 0 && expert < p.experts) p.partials[(long)blockIdx.x * stride + expert] = total;
+
+    // Arrival: one atomic per block, by warp 0 once every warp's partials are fenced; warp 0 of the last block goes on.
+    __threadfence();
+    __syncthreads();
+    if (warp != 0) return;
+    int previous = 0;
+    if (lane == 0) previous = atomicAdd(p.counters, 1);
+    const int blocks = gridDim.x * gridDim.y;
+    if (__shfl_sync(0xffffffffu, previous, 0) != blocks - 1) return;
+    if (lane == 0) *p.counters = 0;  // reset for the next launch: nobody else touches it again in this one
+    __threadfence();
+    const int slices = gridDim.x;
+    if (p.k <= 4) {
+        slices == kDecodeMaxSlices ? decode_route_and_align<4, true>(p, slices, stride) : decode_route_and_align<4, false>(p, slices, stride);
+    } else {
+        slices == kDecodeMaxSlices ? decode_route_and_align<kMaxK, true>(p, slices, stride)
+                                   : decode_route_and_align<kMaxK, false>(p, slices, stride);
+    }
 }
 
 // The alignment alone, from topk_ids produced elsewhere (one block of 256 threads).

@@ -63,7 +63,7 @@ fn a_bad_configuration_is_a_typed_error() {
 
 #[test]
 fn predict_cases_prints_both_gpus_and_names_bad_lists() {
-    let list = "id\trun\tmethod\twhat\nr1\trouter tokens=1\tback-to-back\trouter T=1\nr1-ncu\trouter tokens=1 kernel=router_topk\tncu\tkernel alone\n";
+    let list = "id\trun\tmethod\twhat\nr1\trouter tokens=1\tback-to-back\trouter T=1\nr1-ncu\trouter tokens=1 kernel=router_topk_decode\tncu\tkernel alone\n";
     let mut out = Vec::new();
     let results = calibrate::predict_cases(list, &Options::default(), &mut out).expect("the router replays");
     let text = String::from_utf8(out).unwrap();

@@ -24,6 +24,7 @@ use crate::error::{Error, Result};
 pub use crate::reference::moe::max_padded_slots;
 
 const ROUTER_TOPK: Kernel = Kernel { module: ROUTER, entry: "router_topk" };
+const ROUTER_TOPK_DECODE: Kernel = Kernel { module: ROUTER, entry: "router_topk_decode" };
 const MOE_ALIGN: Kernel = Kernel { module: ROUTER, entry: "moe_align" };
 
 /// Most experts (global, the gate's rows) one router launch and one [`ExpertMap`] handle.
@@ -46,9 +47,17 @@ const TOKEN_GROUP: usize = 64;
 /// which no GPU has measured yet: the cut above 64 tokens is kept until one does.
 const DECODE_TOKENS: usize = TOKEN_GROUP;
 
+/// `router_topk_decode` (one token) handles at most this many experts (`kDecodeExpertsPerLane` x 32) and this `dim`
+/// (`kDecodeMaxSlices` x 256); beyond them, and for more tokens, `router_topk` runs.
+const DECODE_MAX_EXPERTS: usize = 128;
+const DECODE_MAX_DIM: usize = 16 * SLICE;
+/// Experts per block of `router_topk_decode` (`kDecodeExperts`).
+const DECODE_EXPERTS_PER_BLOCK: usize = 32;
+
 thread_local! {
     /// `small4 calibrate` only: forces the experts a block covers, to replay the configuration the H200 measured
-    /// before the current choice. None: `experts_per_block` decides.
+    /// before the current choice; at one token it also forces `router_topk` (the kernel the H200 measured there)
+    /// instead of `router_topk_decode`. None: `experts_per_block` and [`uses_decode_kernel`] decide.
     pub(crate) static EXPERTS_PER_BLOCK_OVERRIDE: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
 }
 
@@ -61,6 +70,15 @@ fn experts_per_block(tokens: usize) -> usize {
     } else {
         64
     }
+}
+
+/// Whether a routing call runs `router_topk_decode`: one token, at most 128 experts, `dim` at most 4096 (the model's
+/// decode step: 128 experts, dim 4096), unless `small4 calibrate` replays the older configuration. The timing model
+/// (`small4 calibrate --predict bench-cases --only router-t1`, docs/perf.md "router_topk") predicts it at 4.9 µs on an
+/// H100 SXM where `router_topk` takes 9.1 µs (PREDICTED, not measured); `router_topk` stays for every other call (its
+/// T = 16, 32, 256 figures are unchanged).
+fn uses_decode_kernel(tokens: usize, experts: usize, dim: usize) -> bool {
+    tokens == 1 && experts <= DECODE_MAX_EXPERTS && dim <= DECODE_MAX_DIM && EXPERTS_PER_BLOCK_OVERRIDE.get().is_none()
 }
 
 /// Which experts this GPU owns: `map[global] = local index`, or -1 for experts owned by another GPU.
@@ -224,7 +242,8 @@ impl Routing {
     }
 }
 
-/// Scratch of one router launch: the split-K partial logits `[dim / 256, tokens, experts]`, the f32 logits
+/// Scratch of one router launch: the split-K partial logits `[dim / 256, tokens, experts]` (at one token, rows padded to
+/// a multiple of 4 experts), the f32 logits
 /// `[tokens, experts]` and the completion counters (zero between launches; the kernel leaves them zero). One launch at
 /// a time per workspace.
 pub struct RouterWorkspace {
@@ -241,7 +260,8 @@ impl RouterWorkspace {
     /// the match), the counters zeroed.
     pub fn new(device: &Device, tokens: usize, experts: usize, dim: usize) -> Result<Self> {
         Ok(RouterWorkspace {
-            partials: DeviceBuffer::alloc(device, dim.div_ceil(SLICE) * tokens * experts)?,
+            // Rows of a multiple of 4 experts: the one-token kernel reads them as float4.
+            partials: DeviceBuffer::alloc(device, dim.div_ceil(SLICE) * tokens * experts.next_multiple_of(4))?,
             logits: DeviceBuffer::alloc(device, tokens * experts)?,
             counters: DeviceBuffer::filled_with_byte(device, tokens.div_ceil(TOKEN_GROUP) + 1, 0)?,
             tokens,
@@ -416,7 +436,8 @@ pub fn route_and_align_into(
     if tokens == 0 {
         return launch_align(hidden.device(), align);
     }
-    let experts_per_block = experts_per_block(tokens);
+    let decode = uses_decode_kernel(tokens, experts, dim);
+    let experts_per_block = if decode { DECODE_EXPERTS_PER_BLOCK } else { experts_per_block(tokens) };
     let params = RouterParams {
         hidden: hidden.ptr(),
         gate: gate.ptr(),
@@ -434,7 +455,8 @@ pub fn route_and_align_into(
         align,
     };
     let grid = Dim3::xyz(dim.div_ceil(SLICE) as u32, experts.div_ceil(experts_per_block) as u32, tokens.div_ceil(TOKEN_GROUP) as u32);
-    launch_with(hidden.device(), &ROUTER_TOPK, &LaunchConfig { grid, block: Dim3::x(THREADS), shared_bytes: 0 }, &params)
+    let kernel = if decode { &ROUTER_TOPK_DECODE } else { &ROUTER_TOPK };
+    launch_with(hidden.device(), kernel, &LaunchConfig { grid, block: Dim3::x(THREADS), shared_bytes: 0 }, &params)
 }
 
 /// The alignment alone, from `topk_ids [tokens, k]` computed elsewhere (global ids; those the map sends to -1 are

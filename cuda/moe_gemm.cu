@@ -133,6 +133,40 @@ __device__ __forceinline__ bool sum_k_splits(const MoeGemmParams &p, float (&acc
     return true;
 }
 
+// The epilogue of a block (grouped_gemm, decode_gemm): accumulator c0,c1 = (feature g, slots 2t, 2t+1), c2,c3 =
+// (feature g+8, same slots) of each of the warp's MF 16-row tiles (the block's tiles first_tile, ..) times the rows'
+// scales, stored; then the query RoPE and the row finisher when asked for. One of the two outputs is null; a batched
+// launch offsets the other one to head z's columns; a tail writes its own rows. Every thread calls it.
+template <int MF, int NF, bool Fp8Act>
+__device__ __forceinline__ void block_epilogue(const MoeGemmParams &p, bool tail, int expert, const float (&acc)[MF][NF][4], const int *slot_pair,
+                                               int first_tile, int slot_begin, int slots) {
+    constexpr int BM = kWarps * MF * 16;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int out_stride = pick(tail, p.tail.out_stride, p.out_stride);
+    bf16 *const out_bf16 = pick<bf16 *>(tail, p.tail.out_bf16, p.out_bf16 ? p.out_bf16 + (long)blockIdx.z * p.out_batch_stride : nullptr);
+    float *const out_f32 = pick<float *>(tail, p.tail.out_f32, p.out_f32 ? p.out_f32 + (long)blockIdx.z * p.out_batch_stride : nullptr);
+#pragma unroll
+    for (int m = 0; m < MF; ++m) {
+        const int tile = first_tile + warp * MF + m;
+        const int feature = tile * 16 + g;
+        float scale_g = 1.f, scale_g8 = 1.f;
+        const float *row_scales = pick(tail, p.tail.row_scales, p.row_scales);
+        if (row_scales != nullptr) {
+            const float *rs = row_scales + (long)expert * p.rows_padded;
+            scale_g = rs[feature], scale_g8 = rs[feature + 8];
+        }
+        if constexpr (Fp8Act) {
+            scale_g *= p.act_scale;
+            scale_g8 *= p.act_scale;
+        }
+        store_tile_slots(p, tail, out_bf16, out_f32, out_stride, acc[m], slot_pair, tile, g, t, slot_begin, slots, scale_g, scale_g8);
+    }
+    if (p.rope.positions != nullptr) rope_output_tile(p, slot_begin, slots, first_tile * 16, BM);
+    static_assert(NF * 8 <= 64, "finish_rows tracks at most 64 slots");
+    if (p.finish.kind != SMALL4_GEMM_FINISH_NONE) finish_rows(p, slot_pair, slots, slot_begin, tail);
+}
+
 // kSplitK: the _split entries, the only ones that read p.k_splits (dense decode launches that split, see the file
 // comment); the others compile no split path, so the k range and sum_k_splits cost nothing on their k loop.
 template <Format F, int MF, int NF, bool Fp8Act = false, bool kSplitK = false>
@@ -157,7 +191,7 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
     int *slot_pair = reinterpret_cast<int *>(s_smem + STAGES * kSStage);
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int g = lane >> 2, t = lane & 3;
+    const int g = lane >> 2;
 
     // Which rows (slots) and expert this block computes. Grouped launches may carry a dense tail (the shared expert):
     // its blocks come after the grouped tiles and compute rows of its own matrix, input and output.
@@ -281,30 +315,140 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
     cp_async_wait<0>();
     if (kSplitK && splits > 1 && !sum_k_splits(p, acc, slots, split, splits)) return;
 
-    // Epilogue. Accumulator c0,c1 = (feature g, slots 2t, 2t+1), c2,c3 = (feature g+8, same slots). One of the two
-    // outputs is null; a batched launch offsets the other one to head z's columns; a tail writes its own rows.
-    const int out_stride = pick(tail, p.tail.out_stride, p.out_stride);
-    bf16 *const out_bf16 = pick<bf16 *>(tail, p.tail.out_bf16, p.out_bf16 ? p.out_bf16 + (long)blockIdx.z * p.out_batch_stride : nullptr);
-    float *const out_f32 = pick<float *>(tail, p.tail.out_f32, p.out_f32 ? p.out_f32 + (long)blockIdx.z * p.out_batch_stride : nullptr);
+    block_epilogue<MF, NF, Fp8Act>(p, tail, expert, acc, slot_pair, first_tile, slot_begin, slots);
+}
+
+// ---- the decode kernel: at most 8 tokens ---------------------------------------------------------------------------
+//
+// moe_gemm_*_decode: the grouped launches of at most kDecodeSlots tokens (src/kernels/moe.rs `TileShape::Decode`: an
+// expert then has at most 8 pairs, one mma pair fragment). Same block grid and slots as the narrow tile (4 warps, one
+// 16-row weight tile each: BM 64, grid x = rows / 64; grid y = the grouping's 8-slot tiles, then the dense tail's row
+// blocks), the same mma.sync m16n8k16 per k-step in the same k order and the same epilogue (block_epilogue), so its
+// outputs are the narrow tile's bit for bit. What differs is how the operands arrive:
+// - weights and their scales straight from global memory into registers: each lane loads its 16-byte fragment
+//   chunks of a 64-k block (the repacked layout is fragment order) with ld.global.nc and the scales' raw words
+//   (WeightFormat load_scale_words), kDepth k blocks ahead of their use in a register ring: 4 KiB a warp in flight
+//   (bf16 2, fp8 4, 4-bit 8 k blocks; 32-64 KiB an SM at 2-4 blocks), no shared-memory ring, no barrier and no
+//   copy wait in the k loop;
+// - activations: the block's (at most 8) rows over the whole k, copied into shared memory once before the loop
+//   (16-byte chunks XOR-swizzled per 64-k block), one ldmatrix.x4 per two k-steps; the lanes of slots the block
+//   does not have read a zeroed row, as do padding pairs.
+// One pair fragment instead of the narrow tile's four: at batch 1 the narrow tile's ring copies, ldmatrix and address
+// arithmetic for 32 slots cost more warp instructions than the dequantisation (docs/perf.md "moe_gemm decode").
+// Shared memory: 8 rows x K x 2 bytes (64 KiB at K 4096, 32 KiB at K 2048). The ring's slots are registers, so the
+// k loop runs whole rounds of kDepth k blocks without a branch between them, then the last blocks one by one.
+// Bytes: each expert's weights and scales once per launch (its up to 8 pairs share them), slots x K x 2 of
+// activations per block (from L2), the outputs once. FLOPs: 2 x 8 x K per weight row and block (the mma's 8 columns).
+constexpr int kDecodeSlots = 8;
+
+// 64-k blocks a warp has in flight: 4 KiB of weights, at least 2 blocks (bf16 2, fp8 4, 4-bit 8).
+__host__ __device__ constexpr int decode_depth(int tile_bytes) { return 4096 / tile_bytes < 2 ? 2 : 4096 / tile_bytes; }
+
+template <Format F>
+__device__ __forceinline__ void decode_gemm(const MoeGemmParams &p) {
+    using W = WeightFormat<F>;
+    constexpr int kChunks = W::kTileBytes / (32 * 16);  // 16-byte chunks per lane per tile and k block
+    constexpr int kDepth = decode_depth(W::kTileBytes);
+    extern __shared__ __align__(128) unsigned char smem[];
+    __shared__ int slot_pair[kDecodeSlots];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2;
+
+    const bool tail = p.sorted_pairs != nullptr && (int)blockIdx.y >= p.capacity_tiles;
+    int expert, slot_begin, slot_end;
+    if (!block_slots<kDecodeSlots>(p, tail, expert, slot_begin, slot_end)) return;
+    const int slots = slot_end - slot_begin;
+
+    // The ring's first kDepth k blocks, issued first: their latency overlaps the activation copy.
+    const int k_blocks = p.k_dim / kBK;
+    const int first_tile = blockIdx.x * kWarps, tile = first_tile + warp;
+    const unsigned char *w_lane = pick(tail, p.tail.weights, p.weights + (long long)expert * p.expert_stride) + (long long)tile * k_blocks * W::kTileBytes + lane * 16;
+    const typename W::ScaleCursor scale_cursor = W::scale_cursor(p, tail, expert, tile, g);
+    uint4 ring[kDepth][kChunks];
+    typename W::ScaleWords ring_scales[kDepth];
+    auto fetch = [&](uint4 (&chunks)[kChunks], typename W::ScaleWords &scales, int kb) {
 #pragma unroll
-    for (int m = 0; m < MF; ++m) {
-        const int tile = first_tile + warp * MF + m;
-        const int feature = tile * 16 + g;
-        float scale_g = 1.f, scale_g8 = 1.f;
-        const float *row_scales = pick(tail, p.tail.row_scales, p.row_scales);
-        if (row_scales != nullptr) {
-            const float *rs = row_scales + (long)expert * p.rows_padded;
-            scale_g = rs[feature], scale_g8 = rs[feature + 8];
-        }
-        if constexpr (Fp8Act) {
-            scale_g *= p.act_scale;
-            scale_g8 *= p.act_scale;
-        }
-        store_tile_slots(p, tail, out_bf16, out_f32, out_stride, acc[m], slot_pair, tile, g, t, slot_begin, slots, scale_g, scale_g8);
+        for (int c = 0; c < kChunks; ++c) chunks[c] = __ldg(reinterpret_cast<const uint4 *>(w_lane + kb * W::kTileBytes + c * 32 * 16));
+        scales = W::load_scale_words(scale_cursor, kb);
+    };
+#pragma unroll
+    for (int i = 0; i < kDepth; ++i) {
+        if (i < k_blocks) fetch(ring[i], ring_scales[i], i);
     }
-    if (p.rope.positions != nullptr) rope_output_tile(p, slot_begin, slots, first_tile * 16, BM);
-    static_assert(BN <= 64, "finish_rows tracks at most 64 slots");
-    if (p.finish.kind != SMALL4_GEMM_FINISH_NONE) finish_rows(p, slot_pair, slots, slot_begin, tail);
+
+    if (tid < kDecodeSlots) {
+        int pair = -1;
+        if (tid < slots) pair = p.sorted_pairs != nullptr && !tail ? p.sorted_pairs[slot_begin + tid] : slot_begin + tid;
+        slot_pair[tid] = pair;
+    }
+    __syncthreads();
+
+    // Row s of the slots at s * row_bytes; its 16-byte chunk c (8 per 64-k block) at (c / 8) * 128 + ((c % 8) ^ s) * 16,
+    // so the 8 rows one ldmatrix matrix reads hit 8 bank groups. Rows of padding pairs, and row `slots` when the
+    // block has fewer than 8 (the missing slots' lanes read it), are zeros.
+    const int row_bytes = p.k_dim * 2, row_chunks = p.k_dim / 8;
+    const int rows_used = min(slots + 1, kDecodeSlots);
+    for (int s = 0; s < rows_used; ++s) {
+        const int pair = s < slots ? slot_pair[s] : -1;
+        const long src_row = p.in_by_token && !tail ? pair / p.top_k : slot_begin + s;
+        const bf16 *src = tail ? p.tail.x + src_row * p.tail.x_stride : p.x + (long)blockIdx.z * p.x_batch_stride + src_row * p.x_stride;
+        unsigned char *dst = smem + s * row_bytes;
+        for (int c = tid; c < row_chunks; c += kThreads) {
+            unsigned char *chunk = dst + (c >> 3) * 128 + (((c & 7) ^ s) << 4);
+            if (pair >= 0) {
+                cp_async16(chunk, src + c * 8);
+            } else {
+                *reinterpret_cast<uint4 *>(chunk) = make_uint4(0, 0, 0, 0);
+            }
+        }
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+
+    // ldmatrix.x4 lane addresses: lane l gives row l % 8 (its slot's row, or the zero row) of matrix l / 8 = (k-step
+    // 2q + l / 16, k half (l / 8) % 2), i.e. chunk 4q + l / 8 of each 64-k block; q = 0 at x_lo, q = 1 at x_hi.
+    const int x_row = (lane & 7) < slots ? (lane & 7) : slots;
+    const uint32_t x_lo = smem_addr(smem + x_row * row_bytes + (((lane >> 3) ^ x_row) << 4));
+    const uint32_t x_hi = smem_addr(smem + x_row * row_bytes + (((4 + (lane >> 3)) ^ x_row) << 4));
+
+    float acc[1][1][4];
+    zero_accumulators(acc);
+    // k block kb from a ring slot; with `refill` the slot then fetches block kb + kDepth (which must exist).
+    auto step = [&](uint4 (&chunks)[kChunks], typename W::ScaleWords &scale_words, int kb, bool refill) {
+        uint32_t raw[kChunks * 4];
+#pragma unroll
+        for (int c = 0; c < kChunks; ++c) raw[4 * c] = chunks[c].x, raw[4 * c + 1] = chunks[c].y, raw[4 * c + 2] = chunks[c].z, raw[4 * c + 3] = chunks[c].w;
+        const typename W::Scales scales = W::scales_of(p, tail, scale_words);
+        if (refill) fetch(chunks, scale_words, kb + kDepth);
+        uint32_t b[2][4];  // b[q]: k-steps 2q (registers 0, 1) and 2q + 1 (registers 2, 3)
+        ldmatrix_x4_at(b[0], x_lo + kb * kBK * 2);
+        ldmatrix_x4_at(b[1], x_hi + kb * kBK * 2);
+#pragma unroll
+        for (int ks = 0; ks < kStepsPerStage; ++ks) {
+            uint32_t a[4];
+            W::fragment(raw, ks, scales, a);
+            mma_bf16(acc[0][0], a, b[ks >> 1][2 * (ks & 1)], b[ks >> 1][2 * (ks & 1) + 1]);
+        }
+    };
+    // Whole rounds of the ring whose refills all exist (no branch between their k blocks); then the last kDepth to
+    // 2 kDepth - 1 blocks (all of them when k_blocks < kDepth), a slot refilling while its next block exists, so no
+    // byte is fetched twice.
+    int kb = 0;
+#pragma unroll 1
+    for (; kb + 2 * kDepth <= k_blocks; kb += kDepth) {
+#pragma unroll
+        for (int i = 0; i < kDepth; ++i) step(ring[i], ring_scales[i], kb + i, true);
+    }
+#pragma unroll
+    for (int i = 0; i < kDepth; ++i) {
+        if (kb + i < k_blocks) step(ring[i], ring_scales[i], kb + i, kb + i + kDepth < k_blocks);
+    }
+#pragma unroll
+    for (int i = 0; i + 1 < kDepth; ++i) {
+        if (kb + kDepth + i < k_blocks) step(ring[i], ring_scales[i], kb + kDepth + i, false);
+    }
+    block_epilogue<1, 1, false>(p, tail, expert, acc, slot_pair, first_tile, slot_begin, slots);
 }
 
 }  // namespace
@@ -315,6 +459,7 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
 // for grids that BM 128 would leave under two blocks per SM (batch-1 decode touches 4 experts: 128 blocks of BM 128);
 // on an H200 it took a batch-1 bf16 layer from 121 to 86 us, while at batch 32 (thousands of blocks) it was slower
 // than BM 128 (1496 against 1246 us): the host picks it by grid size (src/kernels/moe.rs).
+// "decode" is decode_gemm above: the grouped launches of at most 8 tokens, where the host would run the narrow tile.
 // "narrow_split" is the narrow tile with split-K (the dense decode launches that split; the others never read
 // k_splits, so their k loop carries no split code: the per-tensor fp8 decode fragment took 4 more instructions with it).
 // __launch_bounds__(kThreads, 2): at least two blocks per SM, which the 64-96 KiB pipelines allow anyway (up to 255
@@ -332,6 +477,9 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
     }                                                                                                                      \
     extern "C" __global__ void __launch_bounds__(kThreads, 2) moe_gemm_##NAME##_tiled(const MoeGemmParams p) {              \
         grouped_gemm<FORMAT, 2, 8>(p);                                                                                     \
+    }                                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(kThreads, 2) moe_gemm_##NAME##_decode(const MoeGemmParams p) {             \
+        decode_gemm<FORMAT>(p);                                                                                            \
     }
 
 MOE_GEMM_KERNELS(bf16, Format::Bf16)

@@ -757,7 +757,7 @@ fn replay(
     });
     sim.set_block_sample(None);
     sim.record_launches(false);
-    moe::DECODE_TILE_OVERRIDE.set(None);
+    moe::override_decode_tile(None)?;
     router::EXPERTS_PER_BLOCK_OVERRIDE.set(None);
     result
 }
@@ -826,11 +826,8 @@ fn moe_layer_weights(device: &Device, format: WeightFormat) -> Result<MoeLayerWe
 fn replay_moe(sim: &SimBackend, device: &Device, spec: &Spec, cache: &mut Option<(WeightFormat, MoeLayerWeights)>) -> Result<Vec<LaunchCounters>> {
     let format: WeightFormat = spec.get("format").ok_or_else(|| Error::InvalidArgument("calibration moe run: no format=".into()))?.parse()?;
     let tokens = spec.usize("tokens")?;
-    match spec.get("tile") {
-        None => {}
-        Some("narrow") => moe::DECODE_TILE_OVERRIDE.set(Some(true)),
-        Some("small") => moe::DECODE_TILE_OVERRIDE.set(Some(false)),
-        Some(other) => return Err(Error::InvalidArgument(format!("calibration moe run: tile={other} (narrow or small)"))),
+    if let Some(tile) = spec.get("tile") {
+        moe::override_decode_tile(Some(tile)).map_err(|e| Error::InvalidArgument(format!("calibration moe run: tile={tile}: {e}")))?;
     }
     if cache.as_ref().map(|(f, _)| *f) != Some(format) {
         *cache = None; // free the previous format's weights first

@@ -199,3 +199,25 @@ fn fp8_act_gemm_cases_replay_on_the_fp8_tensor_cores() {
     assert_eq!((a8.timing.wgmma_8bit_flops, a8.timing.tensor_flops), (2 * 64 * 128 * 256, 2 * 64 * 128 * 256), "every FLOP of the fp8 kernel on 8-bit wgmma");
     assert!(mma.timing.tensor_flops > 0 && mma.timing.wgmma_flops == 0);
 }
+
+/// The decode kernel against the narrow tile it replaced at batch 1 (`moe::grouped_tile_shape`'s choice, cases
+/// `moe-*-t1-decode` / `-narrow` of data/calibration/decode-choices.tsv): for every format the timing model predicts
+/// the MoE layer (up + SwiGLU, down, combine; launch overheads included) faster on the decode kernel, on the H100 SXM
+/// and the H200. Prints the table of docs/perf.md "The decode kernel". Minutes on the interpreter:
+/// `cargo test --test calibrate decode_kernel_predicted -- --ignored --nocapture`.
+#[test]
+#[ignore = "the MoE layer at real sizes in six formats and two kernels: minutes on the interpreter"]
+fn decode_kernel_predicted_faster_than_the_narrow_tile_at_batch_1() {
+    let options = Options { only: vec!["-t1-decode".into(), "-t1-narrow".into()], ..Options::default() };
+    let mut out = Vec::new();
+    let results = calibrate::predict_cases(calibrate::DECODE_CHOICES, &options, &mut out).expect("the MoE layer replays");
+    let text = String::from_utf8(out).unwrap();
+    println!("{text}");
+    let decode: Vec<_> = results.iter().filter(|(case, ..)| case.id.ends_with("-t1-decode")).collect();
+    assert_eq!(decode.len(), 6, "{text}");
+    for (case, h200, h100) in decode {
+        let narrow_id = case.id.replace("-t1-decode", "-t1-narrow");
+        let (_, narrow_h200, narrow_h100) = results.iter().find(|(c, ..)| c.id == narrow_id).unwrap_or_else(|| panic!("no {narrow_id}: {text}"));
+        assert!(h100 < narrow_h100 && h200 < narrow_h200, "{}: decode {h100:.1} / {h200:.1} µs, narrow {narrow_h100:.1} / {narrow_h200:.1} µs", case.id);
+    }
+}

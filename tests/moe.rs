@@ -364,6 +364,27 @@ fn moe_layer_at_real_reduction_lengths(device: &Device) {
     check_moe_case(device, &Case { dim: 4096, hidden: 2048, experts: 1, k: 1, remote: 0, shared: false, unrouted_pairs: false, ..w8a8_case(2, 1) });
 }
 
+/// The decode kernel (`moe_gemm_*_decode`, src/kernels/moe.rs `TileShape::Decode`: up to 8 tokens, weights straight
+/// from global memory into registers, one 8-slot pair fragment) gives the narrow tile's outputs bit for bit (the same
+/// mma k order) and agrees with the CPU reference, for every format: 1, 3 and 8 tokens, top-4 of 8 experts (one on
+/// another GPU), the shared expert riding in the routed launches (the dense tail), unrouted pairs at 3 tokens. K 640
+/// for up + SwiGLU (10 k blocks: whole rounds of the register ring and a remainder in every format) and 384 for down
+/// (6: fewer than the 4-bit ring's 8, the remainder only). The real sizes: [`moe_layer_at_real_reduction_lengths`]
+/// (which runs the decode kernel: 2 tokens) and `decode_kernel_at_real_sizes` (4 experts, ignored: minutes).
+fn decode_kernel_equals_narrow_tile(device: &Device) {
+    for format in FORMATS {
+        for (tokens, unrouted_pairs) in [(1, false), (3, true), (8, false)] {
+            let case = Case { dim: 640, hidden: 384, remote: 1, unrouted_pairs, seed: 21 + tokens as u64, ..small_case(tokens, 4, 8, format) };
+            moe::override_decode_tile(Some("decode")).unwrap();
+            let decode = check_moe_case(device, &case);
+            moe::override_decode_tile(Some("narrow")).unwrap();
+            let narrow = run_moe_case(device, &case).0;
+            moe::override_decode_tile(None).unwrap();
+            assert_eq!(decode, narrow, "{case:?}");
+        }
+    }
+}
+
 /// Decode rows against an output wide enough (264 blocks of 128 features) that the launcher picks the BM-128 "small"
 /// tile instead of the narrow one every other decode case here runs (src/kernels/moe.rs `TileShape::for_decode`).
 fn linear_wide_output_runs_the_small_tile(device: &Device) {
@@ -976,6 +997,7 @@ fn linear_rope_q_equals_the_launches_apart(device: &Device) {
 
 backend_tests!(
     gemm_dequantises_every_code_point_exactly,
+    decode_kernel_equals_narrow_tile,
     moe_layer_at_real_reduction_lengths,
     linear_at_real_reduction_lengths,
     linear_wide_output_runs_the_small_tile,
@@ -1071,6 +1093,73 @@ fn decode_warp_instructions() {
 /// 19:50 UTC): the unsplit kernels, which this launch runs, compile no split code and are back at the figures of
 /// before split-K (fp8 80.7 again instead of 84.7: docs/perf.md "moe_gemm decode: dequantisation instructions").
 const DECODE_INSTRUCTIONS_PER_FRAGMENT: [f64; 6] = [69.4, 80.7, 95.2, 87.8, 89.9, 91.7];
+
+/// The decode kernel at the model's real sizes as a decode step runs it: 1 token on top-4 of 4 experts (up + SwiGLU:
+/// 4 x 4096 packed rows at K 4096; down: 4 x 4096 rows at K 2048), every format, against the CPU reference. Minutes
+/// a format on the interpreter: `cargo test --test moe decode_kernel_at_real_sizes -- --ignored`.
+#[test]
+#[ignore = "real sizes, 4 experts: minutes a format on the interpreter"]
+fn decode_kernel_at_real_sizes() {
+    let device = small4::device::simulator();
+    for format in FORMATS {
+        let case = Case { dim: 4096, hidden: 2048, shared: false, remote: 0, seed: 31, ..small_case(1, 4, 4, format) };
+        check_moe_case(&device, &case);
+    }
+}
+
+/// Warp instructions per 16 x 16 weight fragment of a grouped decode launch at batch 1 (up + SwiGLU, 1 token on 1
+/// expert of 512 packed rows, K 4096: 8 blocks of 64 rows), on the narrow tile and on the decode kernel the launcher
+/// now picks, with the global loads on the longest warp's chain and the timing model's H100 SXM time of the launch.
+/// `cargo test --test moe grouped_decode_warp_instructions -- --nocapture` prints the table (docs/perf.md "The decode
+/// kernel"); each tile's figures must stay within 0.5 of [`GROUPED_DECODE_INSTRUCTIONS_PER_FRAGMENT`].
+#[test]
+fn grouped_decode_warp_instructions() {
+    let device = small4::device::simulator();
+    let (dim, hidden) = (4096, 256);
+    let mut rng = rng(15);
+    let fragments = (2 * hidden / 16) * (dim / 16);
+    println!("| format | tile | kernel | warp instructions | per fragment | global loads on the longest chain | predicted H100 µs |");
+    let mut over = Vec::new();
+    for (format, limits) in FORMATS.into_iter().zip(GROUPED_DECODE_INSTRUCTIONS_PER_FRAGMENT) {
+        let expert = random_expert(&mut rng, format, dim, hidden);
+        let weights = pack_layer(&device, &[&expert], None);
+        let tile_m = moe::moe_tile_m(1, 1, 1);
+        let alignment = align_pairs(&[0], Some(&[0]), 1, tile_m);
+        let up = |v: &[i32]| DeviceBuffer::from_slice(&device, v).unwrap();
+        let (sorted_pairs, tile_experts, expert_offsets) = (up(&alignment.sorted_pairs), up(&alignment.tile_experts), up(&alignment.expert_offsets));
+        let num_padded = up(&[alignment.num_padded]);
+        let grouping = Grouping { sorted_pairs: &sorted_pairs, tile_experts: &tile_experts, expert_offsets: &expert_offsets, num_padded: &num_padded, tile_m };
+        let x = DeviceBuffer::from_slice(&device, &random_bf16(&mut rng, dim, 1.0)).unwrap();
+        let act = DeviceBuffer::<bf16>::alloc(&device, alignment.sorted_pairs.len() * hidden).unwrap();
+        let act_rows = act.view([alignment.sorted_pairs.len(), hidden]).unwrap();
+        let mut outputs = Vec::new();
+        for (tile, limit) in ["narrow", "decode"].into_iter().zip(limits) {
+            moe::override_decode_tile(Some(tile)).unwrap();
+            let launched = moe::up_swiglu(&weights.gate_up, x.view([1, dim]).unwrap(), 1, &grouping, act_rows);
+            moe::override_decode_tile(None).unwrap();
+            launched.unwrap();
+            let counters = device.last_launch_counters().unwrap();
+            assert!(counters.kernel.ends_with(tile), "{format} {tile}: ran {}", counters.kernel);
+            let per_fragment = counters.timing.warp_instructions as f64 / fragments as f64;
+            let predicted = counters.predicted_us.map_or("-".to_string(), |us| format!("{us:.2}"));
+            println!(
+                "| {format} | {tile} | {} | {} | {per_fragment:.1} | {} | {predicted} |",
+                counters.kernel, counters.timing.warp_instructions, counters.timing.chain_globals_max
+            );
+            if per_fragment > limit + 0.5 {
+                over.push(format!("{format} {tile}: {per_fragment:.1} warp instructions per fragment, recorded {limit}"));
+            }
+            outputs.push(bits(&act));
+        }
+        assert_eq!(outputs[0], outputs[1], "{format}: the decode kernel's SwiGLU output differs from the narrow tile's");
+    }
+    assert!(over.is_empty(), "{over:?}");
+}
+
+/// [`grouped_decode_warp_instructions`]'s figures, in the order of `FORMATS` (bf16, fp8, fp8-block128, int4-g128,
+/// int4-g128-zp, nvfp4): (narrow tile, decode kernel), measured 2026-12-06 23:35 UTC (docs/perf.md "The decode
+/// kernel").
+const GROUPED_DECODE_INSTRUCTIONS_PER_FRAGMENT: [[f64; 2]; 6] = [[67.9, 14.3], [80.7, 41.2], [91.9, 50.5], [87.9, 42.6], [90.0, 43.1], [91.8, 42.3]];
 
 /// The model's expert sizes: (dim, hidden).
 const REAL_DIMS: (usize, usize) = (4096, 2048);

@@ -21,11 +21,14 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 // Four 8x8 b16 matrices from shared memory; lane i supplies the row address of row i % 8 of matrix i / 8.
-__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void *p) {
+// ldmatrix_x4 from a shared-memory address already converted (smem_addr): a loop that steps one address saves the
+// conversion per load.
+__device__ __forceinline__ void ldmatrix_x4_at(uint32_t r[4], uint32_t smem_address) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
+                 : "r"(smem_address));
 }
+__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void *p) { ldmatrix_x4_at(r, smem_addr(p)); }
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void *p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])

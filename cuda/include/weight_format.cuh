@@ -25,6 +25,11 @@ __device__ __forceinline__ T pick(bool tail, T tail_value, T value) { return tai
 // - kTileBytes: bytes of one 16-row x 64-k weight tile;
 // - Scales: what a lane needs to dequantise its fragments of one tile and stage;
 // - load_scales(p, tail, expert, tile, kb, g): those scales read from global memory;
+// - ScaleWords, ScaleCursor, scale_cursor(p, tail, expert, tile, g), load_scale_words(cursor, kb),
+//   scales_of(p, tail, words): the same in two steps, the global loads alone and then what is computed from them, so
+//   a kernel that prefetches scales into registers (the decode kernel of cuda/moe_gemm.cu) holds raw words and waits
+//   for no load until it uses them; the cursor holds a lane's addresses of one tile, computed once, so a k block's
+//   loads cost no address arithmetic beyond kb;
 // - kScaleBytes, stage_scales<kTiles, kThreads>(p, tail, expert, first_tile, kb, dst, tid), staged_scales(p, tail,
 //   tile_scales, g): the same scales staged with the weights: stage_scales cp.asyncs the scales of kTiles consecutive
 //   tiles of one stage into shared memory (kScaleBytes per tile, in the caller's cp.async group, so they land with the
@@ -64,6 +69,11 @@ __device__ __forceinline__ void fp8_weights_to_e4m3_a(const uint32_t w[4], uint3
 struct NoStagedScales {
     static constexpr int kScaleBytes = 0;
     struct Scales {};
+    struct ScaleWords {};
+    struct ScaleCursor {};
+    __device__ static ScaleCursor scale_cursor(const MoeGemmParams &, bool, int, int, int) { return {}; }
+    __device__ static ScaleWords load_scale_words(const ScaleCursor &, int) { return {}; }
+    __device__ static Scales scales_of(const MoeGemmParams &, bool, const ScaleWords &) { return {}; }
     __device__ static Scales load_scales(const MoeGemmParams &, bool, int, int, int, int) { return {}; }
     template <int kTiles, int kThreads>
     __device__ static void stage_scales(const MoeGemmParams &, bool, int, int, int, unsigned char *, int) {}
@@ -108,6 +118,16 @@ template <> struct WeightFormat<Format::Fp8Block> {
         const float *s = scale_pair(p, tail, expert, tile, kb);
         return {s[0], s[1]};
     }
+    using ScaleWords = Scales;  // the two f32 scales are used as loaded
+    struct ScaleCursor { const float *pair; int stride; };  // the tile's pair of k block 0; floats per 128 k
+    __device__ static ScaleCursor scale_cursor(const MoeGemmParams &p, bool tail, int expert, int tile, int) {
+        return {scale_pair(p, tail, expert, tile, 0), p.rows_padded / 8};
+    }
+    __device__ static ScaleWords load_scale_words(const ScaleCursor &c, int kb) {
+        const float2 s = *reinterpret_cast<const float2 *>(c.pair + (kb * kBK / 128) * c.stride);  // 8-byte aligned: 2 * tile
+        return {s.x, s.y};
+    }
+    __device__ static Scales scales_of(const MoeGemmParams &, bool, const ScaleWords &words) { return words; }
     // 16-byte aligned: first_tile is a multiple of 4 and groups of 16 (rows padded to 128).
     template <int kTiles, int kThreads>
     __device__ static void stage_scales(const MoeGemmParams &p, bool tail, int expert, int first_tile, int kb, unsigned char *dst, int tid) {
@@ -149,11 +169,27 @@ template <> struct WeightFormat<Format::Int4> {
         return {pack_bf16x2(128.f + zero_g, 128.f + zero_g), pack_bf16x2(128.f + zero_g8, 128.f + zero_g8), pack_bf16x2(s_g, s_g),
                 pack_bf16x2(s_g8, s_g8)};
     }
-    __device__ static Scales load_scales(const MoeGemmParams &p, bool tail, int expert, int tile, int kb, int g) {
-        const long at = group_row0(p, expert, tile, kb) + g;
+    // Rows g and g + 8's scales and zero points (8 when symmetric) as loaded.
+    struct ScaleWords { bf16 scale_g, scale_g8; uint32_t zero_g, zero_g8; };
+    __device__ static ScaleWords load_scale_words(const bf16 *scales, const unsigned char *zeros, long at) {
+        return {scales[at], scales[at + 8], zeros ? zeros[at] : 8u, zeros ? zeros[at + 8] : 8u};
+    }
+    // Row g of the tile's group 0 (scales and zero points; zeros null when symmetric) and the k blocks per group.
+    struct ScaleCursor { const bf16 *scales; const unsigned char *zeros; int blocks_per_group; };
+    __device__ static ScaleCursor scale_cursor(const MoeGemmParams &p, bool tail, int expert, int tile, int g) {
+        const long at = group_row0(p, expert, tile, 0) + g;
         const unsigned char *zeros = pick(tail, p.tail.group_zeros, p.group_zeros);
-        const bf16 *scales = pick(tail, p.tail.group_scales, p.group_scales);
-        return make(zeros ? (float)zeros[at] : 8.f, zeros ? (float)zeros[at + 8] : 8.f, scales[at], scales[at + 8]);
+        return {pick(tail, p.tail.group_scales, p.group_scales) + at, zeros ? zeros + at : nullptr, p.group / kBK};
+    }
+    __device__ static ScaleWords load_scale_words(const ScaleCursor &c, int kb) {
+        return load_scale_words(c.scales, c.zeros, (long)((unsigned)kb / (unsigned)c.blocks_per_group) * 16);
+    }
+    __device__ static Scales scales_of(const MoeGemmParams &, bool, const ScaleWords &w) {
+        return make((float)w.zero_g, (float)w.zero_g8, w.scale_g, w.scale_g8);
+    }
+    __device__ static Scales load_scales(const MoeGemmParams &p, bool tail, int expert, int tile, int kb, int g) {
+        return scales_of(p, tail, load_scale_words(pick(tail, p.tail.group_scales, p.group_scales), pick(tail, p.tail.group_zeros, p.group_zeros),
+                                                   group_row0(p, expert, tile, kb) + g));
     }
     template <int kTiles, int kThreads>
     __device__ static void stage_scales(const MoeGemmParams &p, bool tail, int expert, int first_tile, int kb, unsigned char *dst, int tid) {
@@ -216,6 +252,16 @@ template <> struct WeightFormat<Format::Nvfp4> {
     __device__ static Scales load_scales(const MoeGemmParams &p, bool tail, int expert, int tile, int kb, int g) {
         return staged_scales(p, tail, tile_stage(p, tail, expert, tile, kb), g);  // the same layout, read from global memory
     }
+    using ScaleWords = Scales;  // the scale words are used as loaded
+    struct ScaleCursor { const unsigned char *tile_g; };  // row g's word of the tile's k block 0
+    __device__ static ScaleCursor scale_cursor(const MoeGemmParams &p, bool tail, int expert, int tile, int g) {
+        return {tile_stage(p, tail, expert, tile, 0) + g * 4};
+    }
+    __device__ static ScaleWords load_scale_words(const ScaleCursor &c, int kb) {
+        const unsigned char *words = c.tile_g + kb * kScaleBytes;
+        return {*reinterpret_cast<const uint32_t *>(words), *reinterpret_cast<const uint32_t *>(words + 32)};
+    }
+    __device__ static Scales scales_of(const MoeGemmParams &, bool, const ScaleWords &words) { return words; }
     template <int kTiles, int kThreads>
     __device__ static void stage_scales(const MoeGemmParams &p, bool tail, int expert, int first_tile, int kb, unsigned char *dst, int tid) {
         static_assert(kTiles * 4 <= kThreads, "one 16-byte chunk a thread");

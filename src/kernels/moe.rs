@@ -24,9 +24,13 @@ const X_ROW_BYTES: usize = 128;
 /// The same for e4m3 activations (the W8A8 kernels).
 const X_ROW_BYTES_E4M3: usize = 64;
 
-/// The two tile shapes compiled for every format (see `cuda/moe_gemm.cu`).
+/// The tile shapes compiled for every format (see `cuda/moe_gemm.cu`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum TileShape {
+    /// Grouped decode launches of at most [`DECODE_SLOTS`] tokens on a grid the narrow tile would run: 64 features x
+    /// 8 pair slots, weights straight from global memory into registers, activations staged once per block
+    /// (`decode_gemm` in moe_gemm.cu); the narrow tile's outputs bit for bit.
+    Decode,
     /// Decode on a grid too small to fill the GPU: 64 features x 32 pair slots.
     Narrow,
     /// Decode: 128 features x 32 pair slots.
@@ -73,10 +77,43 @@ pub(crate) struct SplitK {
 }
 
 thread_local! {
-    /// `small4 calibrate` only: forces the decode tile (true: narrow BM 64, false: small BM 128) to replay the
-    /// configurations the H200 measured before the current choice (`calibrate::replay`). None: `for_decode` decides.
-    pub(crate) static DECODE_TILE_OVERRIDE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    /// [`override_decode_tile`]'s choice for this thread. None: `for_decode` / `grouped_tile_shape` decide.
+    static DECODE_TILE_OVERRIDE: std::cell::Cell<Option<TileShape>> = const { std::cell::Cell::new(None) };
 }
+
+/// Forces the decode tile of this thread's GEMM launches: `"decode"` (the decode kernel where it applies, else the
+/// narrow tile), `"narrow"` (BM 64 x 32 slots) or `"small"` (BM 128); `None` gives the choice back to the launcher.
+/// For `small4 calibrate` (its cases' `tile=`: the configurations the H200 measured before the current choice, and
+/// the alternatives the timing model compares) and for tests that compare the tiles' outputs.
+/// `Error::InvalidArgument` for another name.
+///
+/// ```
+/// use small4::kernels::moe::override_decode_tile;
+///
+/// override_decode_tile(Some("narrow"))?;
+/// override_decode_tile(None)?;
+/// assert!(override_decode_tile(Some("wide")).is_err());
+/// # Ok::<(), small4::Error>(())
+/// ```
+pub fn override_decode_tile(tile: Option<&str>) -> Result<()> {
+    let shape = match tile {
+        None => None,
+        Some("decode") => Some(TileShape::Decode),
+        Some("narrow") => Some(TileShape::Narrow),
+        Some("small") => Some(TileShape::Small),
+        Some(other) => return Err(Error::InvalidArgument(format!("decode tile {other}: decode, narrow or small"))),
+    };
+    DECODE_TILE_OVERRIDE.set(shape);
+    Ok(())
+}
+
+/// Most tokens of a grouped launch on the decode kernel: an expert then has at most this many pairs, one mma pair
+/// fragment (`kDecodeSlots` in moe_gemm.cu).
+const DECODE_SLOTS: usize = 8;
+
+/// Dynamic shared memory the decode kernel may take for its activation rows (8 rows x K x 2 bytes): two blocks per
+/// SM up to K 7168; the real shapes take 64 KiB (K 4096) and 32 KiB (K 2048).
+const DECODE_SHARED_MAX: usize = 112 * 1024;
 
 /// Shared memory the k pipeline may use (`kStageBudget` in moe_gemm.cu).
 const STAGE_BUDGET: usize = 96 * 1024;
@@ -97,6 +134,7 @@ impl TileShape {
     /// Pair slots per block (BN).
     fn slots(self) -> usize {
         match self {
+            Self::Decode => DECODE_SLOTS,
             Self::Narrow | Self::Small => 32,
             Self::Tiled => 64,
         }
@@ -104,15 +142,15 @@ impl TileShape {
     /// Weight tiles of 16 rows per warp (MF in moe_gemm.cu).
     fn tiles_per_warp(self) -> usize {
         match self {
-            Self::Narrow => 1,
+            Self::Decode | Self::Narrow => 1,
             Self::Small | Self::Tiled => 2,
         }
     }
     /// The small tile, or the narrow one when at most `busy_row_groups` block rows (experts with pairs, or dense row
     /// groups) of BM-128 blocks over `rows_padded` features would not fill the GPU.
     fn for_decode(busy_row_groups: usize, rows_padded: usize) -> Self {
-        if let Some(narrow) = DECODE_TILE_OVERRIDE.get() {
-            return if narrow { Self::Narrow } else { Self::Small };
+        if let Some(shape) = DECODE_TILE_OVERRIDE.get() {
+            return if shape == Self::Small { Self::Small } else { Self::Narrow };
         }
         if busy_row_groups * (rows_padded / Self::Small.features()).max(1) < FULL_GRID_BLOCKS {
             Self::Narrow
@@ -124,15 +162,30 @@ impl TileShape {
     fn features(self) -> usize {
         WARPS * self.tiles_per_warp() * 16
     }
+    /// Whether the decode kernel can run a grouped launch of `tokens` tokens over `w` where the narrow tile would:
+    /// bf16 activations, at most [`DECODE_SLOTS`] tokens (so at most that many pairs an expert), aligner tiles of at
+    /// most [`DECODE_SLOTS`] slots (a block computes the first 8 slots of an expert's group and nothing of the
+    /// tiles after it), its activation rows within [`DECODE_SHARED_MAX`].
+    fn decode_applies(w: &DeviceWeights, tokens: usize, tile_m: usize, e4m3_input: bool) -> bool {
+        !e4m3_input && tokens <= DECODE_SLOTS && tile_m <= DECODE_SLOTS && Self::decode_shared_bytes(w.k_dim) <= DECODE_SHARED_MAX
+    }
+    /// The decode kernel's dynamic shared memory: its 8 activation rows over the whole k.
+    fn decode_shared_bytes(k_dim: usize) -> usize {
+        DECODE_SLOTS * k_dim * 2
+    }
     /// Deepest k pipeline (the `max_stages` of `stages_for` in moe_gemm.cu, which says why).
     fn max_stages(self) -> usize {
         match self {
-            Self::Narrow => 16,
+            Self::Decode | Self::Narrow => 16,
             Self::Small | Self::Tiled => 8,
         }
     }
-    /// Pipeline stages: as many as fit the budget, 2 to `max_stages` (`stages_for` in moe_gemm.cu).
-    fn shared_bytes(self, format: WeightFormat, e4m3_input: bool) -> usize {
+    /// Pipeline stages: as many as fit the budget, 2 to `max_stages` (`stages_for` in moe_gemm.cu); the decode
+    /// kernel's activation rows.
+    fn shared_bytes(self, format: WeightFormat, e4m3_input: bool, k_dim: usize) -> usize {
+        if self == Self::Decode {
+            return Self::decode_shared_bytes(k_dim);
+        }
         let x_row = if e4m3_input { X_ROW_BYTES_E4M3 } else { X_ROW_BYTES };
         let stage = WARPS * self.tiles_per_warp() * tile_bytes(format) + self.slots() * x_row;
         let stages = (STAGE_BUDGET / stage).clamp(2, self.max_stages());
@@ -156,25 +209,30 @@ impl TileShape {
     fn kernel(self, format: WeightFormat, e4m3_input: bool) -> Kernel {
         if e4m3_input {
             let entry = match self {
-                Self::Narrow => "moe_gemm_fp8_act_narrow",
+                Self::Decode | Self::Narrow => "moe_gemm_fp8_act_narrow",
                 Self::Small => "moe_gemm_fp8_act_small",
                 Self::Tiled => "moe_gemm_fp8_act_tiled",
             };
             return Kernel { module: MOE_GEMM, entry };
         }
         let entry = match (format, self) {
+            (WeightFormat::Bf16, Self::Decode) => "moe_gemm_bf16_decode",
             (WeightFormat::Bf16, Self::Narrow) => "moe_gemm_bf16_narrow",
             (WeightFormat::Bf16, Self::Small) => "moe_gemm_bf16_small",
             (WeightFormat::Bf16, Self::Tiled) => "moe_gemm_bf16_tiled",
+            (WeightFormat::Fp8PerTensor, Self::Decode) => "moe_gemm_fp8_decode",
             (WeightFormat::Fp8PerTensor, Self::Narrow) => "moe_gemm_fp8_narrow",
             (WeightFormat::Fp8PerTensor, Self::Small) => "moe_gemm_fp8_small",
             (WeightFormat::Fp8PerTensor, Self::Tiled) => "moe_gemm_fp8_tiled",
+            (WeightFormat::Fp8Block128, Self::Decode) => "moe_gemm_fp8_block_decode",
             (WeightFormat::Fp8Block128, Self::Narrow) => "moe_gemm_fp8_block_narrow",
             (WeightFormat::Fp8Block128, Self::Small) => "moe_gemm_fp8_block_small",
             (WeightFormat::Fp8Block128, Self::Tiled) => "moe_gemm_fp8_block_tiled",
+            (WeightFormat::Int4 { .. }, Self::Decode) => "moe_gemm_int4_decode",
             (WeightFormat::Int4 { .. }, Self::Narrow) => "moe_gemm_int4_narrow",
             (WeightFormat::Int4 { .. }, Self::Small) => "moe_gemm_int4_small",
             (WeightFormat::Int4 { .. }, Self::Tiled) => "moe_gemm_int4_tiled",
+            (WeightFormat::Nvfp4, Self::Decode) => "moe_gemm_nvfp4_decode",
             (WeightFormat::Nvfp4, Self::Narrow) => "moe_gemm_nvfp4_narrow",
             (WeightFormat::Nvfp4, Self::Small) => "moe_gemm_nvfp4_small",
             (WeightFormat::Nvfp4, Self::Tiled) => "moe_gemm_nvfp4_tiled",
@@ -731,9 +789,9 @@ pub(super) fn launch_gemm(
             if top_k == 0 {
                 return Err(Error::InvalidArgument("gemm: top_k 0".into()));
             }
-            let shape = grouped_tile_shape(grouping, pairs.min(w.experts) + tail.is_some() as usize, w.rows_padded);
-            if tail.is_some() && shape != TileShape::Narrow {
-                return Err(Error::InvalidArgument(format!("gemm: a dense tail runs with the narrow decode tile only, not {shape:?}")));
+            let shape = grouped_tile_shape(grouping, pairs.min(w.experts) + tail.is_some() as usize, w, pairs / top_k, e4m3_input);
+            if tail.is_some() && !matches!(shape, TileShape::Narrow | TileShape::Decode) {
+                return Err(Error::InvalidArgument(format!("gemm: a dense tail runs with the narrow or decode tile only, not {shape:?}")));
             }
             (shape, grouping.tile_experts.len(), top_k, Some(grouping))
         }
@@ -868,7 +926,7 @@ pub(super) fn launch_gemm(
     let config = LaunchConfig {
         grid: Dim3::xyz(grid_x as u32, grid_y as u32, split_k.map_or(heads, |s| s.splits) as u32),
         block: Dim3::x((WARPS * 32) as u32),
-        shared_bytes: shape.shared_bytes(w.format, e4m3_input) as u32,
+        shared_bytes: shape.shared_bytes(w.format, e4m3_input, w.k_dim) as u32,
     };
     // The fp8 prefill tiles run on the fp8 tensor cores with activations quantised on the fly when chosen
     // (moe_wgmma::PrefillGemm::WgmmaFp8Act); the input rows are a grouping's slots unless picked by token.
@@ -887,12 +945,24 @@ pub(super) fn launch_gemm(
     launch_with(device, &kernel, &config, &params)
 }
 
-/// The tile a grouped launch runs: the aligner's prefill tile, or the decode tile for `busy` busy experts (plus a
-/// dense tail) over `rows_padded` features.
-fn grouped_tile_shape(grouping: &Grouping, busy: usize, rows_padded: usize) -> TileShape {
-    match grouping.shape() {
-        TileShape::Tiled => TileShape::Tiled,
-        _ => TileShape::for_decode(busy, rows_padded),
+/// The tile a grouped launch of `tokens` tokens over `w` runs: the aligner's prefill tile, or the decode tile for
+/// `busy` busy experts (plus a dense tail) over `w.rows_padded` features, where the narrow tile becomes the decode
+/// kernel when that applies ([`TileShape::decode_applies`]: up to 8 tokens). The timing model predicts the decode
+/// kernel faster than the narrow tile at batch 1 in every format (`small4 calibrate --predict decode-choices --only
+/// moe-`, docs/perf.md "The decode kernel").
+fn grouped_tile_shape(grouping: &Grouping, busy: usize, w: &DeviceWeights, tokens: usize, e4m3_input: bool) -> TileShape {
+    if grouping.shape() == TileShape::Tiled {
+        return TileShape::Tiled;
+    }
+    let decode = TileShape::decode_applies(w, tokens, grouping.tile_m, e4m3_input);
+    match DECODE_TILE_OVERRIDE.get() {
+        Some(TileShape::Decode) if decode => TileShape::Decode,
+        Some(TileShape::Small) => TileShape::Small,
+        Some(_) => TileShape::Narrow,
+        None => match TileShape::for_decode(busy, w.rows_padded) {
+            TileShape::Narrow if decode => TileShape::Decode,
+            shape => shape,
+        },
     }
 }
 
@@ -1574,9 +1644,10 @@ fn routed_and_shared_finishing(
     };
     let [tokens, _] = x.dims();
     let [_, top_k] = topk_weights.dims();
-    // The tail rides only in the narrow decode tile (the kernel's wider tiles have no registers for it).
+    // The tail rides only in the narrow and decode tiles (the kernel's wider tiles have no registers for it).
     let busy = (tokens * top_k).min(weights.experts()) + 1;
-    let narrow = [&weights.gate_up, &weights.down].iter().all(|w| grouped_tile_shape(grouping, busy, w.rows_padded) == TileShape::Narrow);
+    let narrow =
+        [&weights.gate_up, &weights.down].iter().all(|w| matches!(grouped_tile_shape(grouping, busy, w, tokens, false), TileShape::Narrow | TileShape::Decode));
     if weights.fp8_activations.is_some() || !narrow || !same_packing(up, &weights.gate_up) || !same_packing(dn, &weights.down) {
         shared_expert(shared, x, workspace)?;
         return routed_experts_finishing(weights, x, grouping, topk_weights, workspace, finish);

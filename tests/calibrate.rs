@@ -90,8 +90,9 @@ fn mla_cases_take_the_codes_combine_form_and_a_case_file() {
     let results = calibrate::predict_cases(list, &Options::default(), &mut out).expect("MLA replays");
     let text = String::from_utf8(out).unwrap();
     assert_eq!(results.len(), 2, "{text}");
-    // Batch 1 at 256 tokens: 2 row tiles of 16 heads x 2 splits of 128 tokens, the combine fused.
-    assert!(text.lines().any(|l| l.starts_with("| auto |") && l.contains("| mla_attention_bf16 4 |")), "{text}");
+    // Batch 1 at 256 tokens: 4 row tiles of 8 heads (the half-warp tiles of the smallest grids,
+    // `AttentionPlan::tile_rows`) x 2 splits of 128 tokens, the combine fused.
+    assert!(text.lines().any(|l| l.starts_with("| auto |") && l.contains("| mla_attention_bf16 8 |")), "{text}");
     assert!(text.lines().any(|l| l.starts_with("| launch |") && l.contains("mla_attention_combine")), "{text}");
     let bad = "id\trun\tmethod\twhat\nx\tmla batch=1 ctx=256 dtype=bf16 combine=sideways\twith-sync\tx\n";
     assert!(matches!(calibrate::predict_cases(bad, &Options::default(), &mut Vec::new()), Err(small4::Error::InvalidArgument(_))));

@@ -93,12 +93,20 @@ pub fn tiny_checkpoint(format: WeightFormat, layout: &Layout, seed: u64) -> Resu
         let weights = ReferenceWeights::random(&ModelConfig::tiny(), seed)?;
         let partial = dir.with_extension(format!("partial-{}-{:?}", std::process::id(), std::thread::current().id()).replace(['(', ')'], ""));
         write_checkpoint(&partial, &weights, layout, format, 4 << 20)?;
-        // Another process may have finished the same directory meanwhile: then its copy is as good as ours.
-        let _ = std::fs::remove_dir_all(&dir);
-        if let Err(e) = std::fs::rename(&partial, &dir) {
-            let _ = std::fs::remove_dir_all(&partial);
+        // Another thread or process may have finished the same directory meanwhile: then its copy is as good as ours
+        // and stays (removing it first would pull it from under a reader that already opened it). Only a directory
+        // that still does not open (a stale version, a broken write) is replaced.
+        if std::fs::rename(&partial, &dir).is_err() {
             if Checkpoint::open(&dir).is_err() {
-                return Err(Error::io(&dir, e));
+                let _ = std::fs::remove_dir_all(&dir);
+                if let Err(e) = std::fs::rename(&partial, &dir) {
+                    let _ = std::fs::remove_dir_all(&partial);
+                    if Checkpoint::open(&dir).is_err() {
+                        return Err(Error::io(&dir, e));
+                    }
+                }
+            } else {
+                let _ = std::fs::remove_dir_all(&partial);
             }
         }
     }

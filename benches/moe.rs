@@ -1,8 +1,15 @@
-//! Grouped expert GEMMs on a real GPU: one MoE layer's routed experts (up + SwiGLU, down x routing weight,
-//! combine) with the model's sizes (dim 4096, hidden 2048, 128 experts, top-4) for every weight format, at decode
-//! (1 and 32 tokens) and prefill (2048 tokens). Reports GB/s over the ideal bytes (weights of the touched experts
-//! once + activations) against the device's HBM bandwidth, and TFLOP/s against its dense bf16 rate (`device::Ceilings`).
-//! Without a GPU it prints that it skips and measures nothing. Run: `cargo bench --bench moe`.
+//! Grouped expert GEMMs on a real GPU: one MoE layer's routed experts with the model's sizes (dim 4096, hidden 2048,
+//! 128 experts, top-4) for every weight format. Two forms:
+//! - `moe_layer/FORMAT/tokens_T` (1, 32 and 2048 tokens): `moe::moe_layer`, three launches (up + SwiGLU, down x
+//!   routing weight, `moe_combine`), the form the stored H200 measurements timed;
+//! - `moe_layer_norm/FORMAT/tokens_T` (decode: 1 and 32 tokens): `moe::moe_layer_add_rms_norm`, what the engine's
+//!   decode step runs on one GPU: the combine, the residual add and the next RMSNorm in the down projection's row
+//!   finisher (two launches), and `moe_layer_norm_shared/FORMAT/tokens_1` the same with the model's shared expert
+//!   riding in the two launches' dense tail, the engine's whole MoE layer at batch 1 (router apart).
+//!
+//! Reports GB/s over the ideal bytes (weights of the touched experts once + activations) against the device's HBM
+//! bandwidth, and TFLOP/s against its dense bf16 rate (`device::Ceilings`). Without a GPU it prints that it skips and
+//! measures nothing. Run: `cargo bench --bench moe`.
 
 mod common;
 
@@ -13,7 +20,8 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use half::bf16;
 use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 use small4::device::{Ceilings, Device, DeviceBuffer};
-use small4::kernels::moe::{self, Grouping, MoeLayerWeights, MoeWorkspace, RoutingBuffers};
+use small4::kernels::moe::{self, Grouping, MoeLayerWeights, MoeWorkspace, RoutingBuffers, RowCounters};
+use small4::kernels::norm::ResidualNorm;
 use small4::quant::matrix::QuantizedMatrix;
 use small4::quant::repack::{self, PackedWeights};
 use small4::quant::WeightFormat;
@@ -40,7 +48,8 @@ fn replicate(p: &PackedWeights, experts: usize) -> PackedWeights {
     }
 }
 
-fn layer_weights(device: &Device, format: WeightFormat, rng: &mut StdRng) -> MoeLayerWeights {
+/// The layer's routed experts, and the same with a shared expert packed like one of them (the engine's layers).
+fn layer_weights(device: &Device, format: WeightFormat, rng: &mut StdRng) -> (MoeLayerWeights, MoeLayerWeights) {
     let mut matrix = |rows: usize, cols: usize| {
         let a = 1.0 / (cols as f32).sqrt();
         let w: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-a..a)).collect();
@@ -49,13 +58,37 @@ fn layer_weights(device: &Device, format: WeightFormat, rng: &mut StdRng) -> Moe
     let (w1, w3, w2) = (matrix(HIDDEN, DIM), matrix(HIDDEN, DIM), matrix(DIM, HIDDEN));
     let gate_up = repack::repack_gate_up(&[((&w1).into(), (&w3).into())]).unwrap();
     let down = repack::repack_linear(&[(&w2).into()]).unwrap();
-    MoeLayerWeights::upload(device, &replicate(&gate_up, EXPERTS), &replicate(&down, EXPERTS), None).unwrap()
+    let (routed_up, routed_down) = (replicate(&gate_up, EXPERTS), replicate(&down, EXPERTS));
+    let routed = MoeLayerWeights::upload(device, &routed_up, &routed_down, None).unwrap();
+    let with_shared = MoeLayerWeights::upload(device, &routed_up, &routed_down, Some((&gate_up, &down))).unwrap();
+    (routed, with_shared)
+}
+
+/// What one timed form moves and computes, for its summary line.
+struct Ideal {
+    bytes: usize,
+    flops: f64,
+    touched: usize,
+}
+
+fn report(name: &str, mean: Duration, ideal: &Ideal, ceilings: &Ceilings) {
+    let seconds = mean.as_secs_f64();
+    println!(
+        "{name}: {:.1} us, {:.0} GB/s ({:.0}% of {}) over {} touched experts, {:.1} TFLOP/s ({:.1}% of peak)",
+        seconds * 1e6,
+        ideal.bytes as f64 / seconds / 1e9,
+        100.0 * ideal.bytes as f64 / seconds / ceilings.hbm_bytes_per_s,
+        ceilings.label,
+        ideal.touched,
+        ideal.flops / seconds / 1e12,
+        100.0 * ideal.flops / seconds / ceilings.dense_bf16_flops
+    );
 }
 
 fn bench_format(c: &mut Criterion, device: &Device, format: WeightFormat) {
     let ceilings = Ceilings::for_device_name(&device.device_name());
     let mut rng = StdRng::seed_from_u64(1);
-    let weights = layer_weights(device, format, &mut rng);
+    let (weights, weights_shared) = layer_weights(device, format, &mut rng);
     for tokens in [1usize, 32, 2048] {
         let mut ids = Vec::with_capacity(tokens * TOP_K);
         for _ in 0..tokens {
@@ -82,24 +115,54 @@ fn bench_format(c: &mut Criterion, device: &Device, format: WeightFormat) {
         let out = DeviceBuffer::<bf16>::alloc(device, tokens * DIM).unwrap();
 
         let pairs = tokens * TOP_K;
-        let ideal_bytes =
-            touched * (weights.gate_up.bytes_per_expert + weights.down.bytes_per_expert) + tokens * DIM * 2 * 2 + pairs * HIDDEN * 2 * 2 + pairs * DIM * 4 * 2;
-        let flops = 2.0 * pairs as f64 * (DIM * 2 * HIDDEN + HIDDEN * DIM) as f64;
+        let expert_bytes = weights.gate_up.bytes_per_expert + weights.down.bytes_per_expert;
+        let routed = Ideal {
+            bytes: touched * expert_bytes + tokens * DIM * 2 * 2 + pairs * HIDDEN * 2 * 2 + pairs * DIM * 4 * 2,
+            flops: 2.0 * pairs as f64 * (DIM * 2 * HIDDEN + HIDDEN * DIM) as f64,
+            touched,
+        };
         let name = format!("moe_layer/{format}/tokens_{tokens}");
         let mean = time_calls(c, device, &name, || {
             moe::moe_layer(&weights, x.view([tokens, DIM]).unwrap(), &routing, &grouping, &workspace, out.view([tokens, DIM]).unwrap()).unwrap()
         });
-        let seconds = mean.as_secs_f64();
-        println!(
-            "{name}: {:.1} us, {:.0} GB/s ({:.0}% of {}) over {} touched experts, {:.1} TFLOP/s ({:.1}% of peak)",
-            seconds * 1e6,
-            ideal_bytes as f64 / seconds / 1e9,
-            100.0 * ideal_bytes as f64 / seconds / ceilings.hbm_bytes_per_s,
-            ceilings.label,
-            touched,
-            flops / seconds / 1e12,
-            100.0 * flops / seconds / ceilings.dense_bf16_flops
-        );
+        report(&name, mean, &routed, &ceilings);
+        if tokens > 32 {
+            continue;
+        }
+
+        // The engine's decode form: the combine, the residual add and the next norm in the down projection's row
+        // finisher. Against the three-launch form it reads the residual and the norm weight and writes two rows
+        // (residual out, normed) instead of one.
+        let residual_host: Vec<bf16> = (0..tokens * DIM).map(|_| bf16::from_f32(rng.random_range(-1.0f32..1.0))).collect();
+        let norm_weight: Vec<bf16> = (0..DIM).map(|_| bf16::from_f32(rng.random_range(0.5f32..1.5))).collect();
+        let residual = DeviceBuffer::from_slice(device, &residual_host).unwrap();
+        let norm_weight = DeviceBuffer::from_slice(device, &norm_weight).unwrap();
+        let residual_out = DeviceBuffer::<bf16>::alloc(device, tokens * DIM).unwrap();
+        let counters = RowCounters::new(device, tokens).unwrap();
+        let norm = ResidualNorm {
+            residual: residual.view([tokens, DIM]).unwrap(),
+            weight: norm_weight.as_vector(),
+            residual_out: residual_out.view([tokens, DIM]).unwrap(),
+            out: out.view([tokens, DIM]).unwrap(),
+            eps: 1e-5,
+        };
+        let norm_rows_bytes = tokens * DIM * 2 * 2 + DIM * 2;
+        let mut forms = vec![("moe_layer_norm", &weights, Ideal { bytes: routed.bytes + norm_rows_bytes, ..routed })];
+        if tokens == 1 {
+            // The shared expert: its weights once, its activation and f32 output row written and read once.
+            let shared_bytes = expert_bytes + tokens * HIDDEN * 2 * 2 + tokens * DIM * 4 * 2;
+            let shared_flops = 2.0 * tokens as f64 * (DIM * 2 * HIDDEN + HIDDEN * DIM) as f64;
+            let ideal = Ideal { bytes: routed.bytes + norm_rows_bytes + shared_bytes, flops: routed.flops + shared_flops, touched: touched + 1 };
+            forms.push(("moe_layer_norm_shared", &weights_shared, ideal));
+        }
+        for (form, layer, ideal) in forms {
+            let workspace = MoeWorkspace::new(device, layer, tokens, TOP_K, alignment.sorted_pairs.len()).unwrap();
+            let name = format!("{form}/{format}/tokens_{tokens}");
+            let mean = time_calls(c, device, &name, || {
+                moe::moe_layer_add_rms_norm(layer, x.view([tokens, DIM]).unwrap(), &routing, &grouping, &workspace, &norm, &counters).unwrap()
+            });
+            report(&name, mean, &ideal, &ceilings);
+        }
     }
 }
 

@@ -12,7 +12,10 @@
 //! sampled (its last block of a token group does the top-k and alignment, which a sample would miss). To fit the
 //! interpreter's memory, MoE weights are one expert's tiles aliased by all 128 experts (expert stride 0; scales
 //! replicated) and a 64-sequence MLA batch at 32k context shares one sequence's cache pages: both only in sampled
-//! launches, whose DRAM estimate counts each sampled block's own sectors, so the aliasing does not hide traffic.
+//! launches, whose DRAM estimate counts each sampled block's own sectors, so the aliasing does not hide traffic. The
+//! MoE layer in the engine's form (`form=norm`: the combine and the next norm in the down projection's row finisher,
+//! which the last block to write a token's row runs) is replayed whole, on distinct copies of the touched experts'
+//! weights (batch 1: 4 experts, and the shared expert with `shared=1`).
 //!
 //! The summary line: `calibration: median abs error P%, worst ratio R, N rows, D/M before-after pairs in the right
 //! direction` (abs error = |predicted - measured| / measured; worst ratio = the largest of predicted / measured and
@@ -31,6 +34,7 @@ use crate::error::{Error, Result};
 use crate::kernels::attention::{self, AttentionPlan, AttentionScratch, BlockTables, PagedCache, Queries, QueryLayout, SplitCombine};
 use crate::kernels::dense;
 use crate::kernels::moe::{self, DeviceWeights, Grouping, MoeLayerWeights, MoeWorkspace, RoutingBuffers};
+use crate::kernels::norm::ResidualNorm;
 use crate::kernels::moe_wgmma::PrefillGemm;
 use crate::kernels::router::{self, ExpertMap, RouterConfig};
 use crate::kernels::vision::{vision_attention, TokenSegments, VisionAttentionKernel};
@@ -312,7 +316,7 @@ pub fn run(options: &Options, out: &mut dyn Write) -> Result<(Vec<Outcome>, Summ
     let rows = parse_rows(H200_DATA)?;
     let selected: Vec<&Row> = rows.iter().filter(|r| options.only.is_empty() || options.only.iter().any(|o| r.id.contains(o.as_str()))).collect();
     let (sim, device, mut calls) = interpreter_session(options)?;
-    let mut moe_weights: Option<(WeightFormat, MoeLayerWeights)> = None;
+    let mut moe_weights: Option<(MoeWeightsKey, MoeLayerWeights)> = None;
     let io = |e: std::io::Error| Error::Io { path: "stdout".into(), source: e };
     writeln!(out, "| row | measured (H200) | predicted | ratio | bound | what |").map_err(io)?;
     writeln!(out, "|---|---|---|---|---|---|").map_err(io)?;
@@ -472,7 +476,7 @@ fn write_terms(out: &mut dyn Write, launches: &[LaunchCounters], predictions: &[
 pub fn predict_cases(text: &str, options: &Options, out: &mut dyn Write) -> Result<Vec<(Case, f64, f64)>> {
     let cases = parse_cases(text)?;
     let (sim, device, mut calls) = interpreter_session(options)?;
-    let mut moe_weights: Option<(WeightFormat, MoeLayerWeights)> = None;
+    let mut moe_weights: Option<(MoeWeightsKey, MoeLayerWeights)> = None;
     let io = |e: std::io::Error| Error::Io { path: "stdout".into(), source: e };
     writeln!(out, "| case | predicted H200 | predicted H100 SXM | bound (H100 SXM) | what | launches | tensor TFLOP/s (H100 SXM) | DRAM (H100 SXM) |")
         .map_err(io)?;
@@ -726,14 +730,15 @@ fn replay(
     device: &Device,
     spec: &Spec,
     sample_blocks: u64,
-    moe_weights: &mut Option<(WeightFormat, MoeLayerWeights)>,
+    moe_weights: &mut Option<(MoeWeightsKey, MoeLayerWeights)>,
 ) -> Result<Vec<LaunchCounters>> {
     // Never sampled: the launches whose last-arriving blocks do work a sample would miss: the router (its last block
     // of a token group does the top-k and alignment), the dense GEMM (a split-K launch's last block of each tile sums
-    // the splits and runs the epilogue) and MLA decode with the split combine fused (the last split block of each row
-    // tile combines).
+    // the splits and runs the epilogue), MLA decode with the split combine fused (the last split block of each row
+    // tile combines) and the MoE layer in the engine's form (the last block to write a token's row combines and norms).
     let fused_combine = spec.family == "mla" && mla_combine(spec)? == SplitCombine::Fused;
-    let sampled = !(matches!(spec.family.as_str(), "router" | "dense") || fused_combine);
+    let moe_finisher = spec.family == "moe" && MoeForm::of(spec)? == MoeForm::Norm;
+    let sampled = !(matches!(spec.family.as_str(), "router" | "dense") || fused_combine || moe_finisher);
     sim.set_block_sample(sampled.then_some(sample_blocks));
     // Every stored measurement ran the mma.sync prefill GEMM (the wgmma one, the default now, came later): mma.sync
     // unless the configuration names one (`gemm=mma_sync|wgmma|wgmma_gather|wgmma_fp8_act`; the last runs the fp8
@@ -791,13 +796,16 @@ const MOE_HIDDEN: usize = 2048;
 const MOE_EXPERTS: usize = 128;
 const MOE_TOP_K: usize = 4;
 
-/// One expert's packed weights standing for `experts` experts: tiles aliased (expert stride 0), scales replicated
-/// (the kernels index them by expert). Only sampled launches read it (see the module documentation).
-fn aliased(p: &PackedWeights, experts: usize) -> PackedWeights {
+/// One expert's packed weights standing for `experts` experts: scales replicated (the kernels index them by expert),
+/// tiles copied `experts` times when `copy_tiles`, else one copy that the caller aliases (expert stride 0; only
+/// sampled launches read it, see the module documentation).
+fn replicated(p: &PackedWeights, experts: usize, copy_tiles: bool) -> PackedWeights {
+    let rep = |v: &Option<Vec<f32>>| v.as_ref().map(|v| v.repeat(experts));
     PackedWeights {
         experts,
-        row_scales: p.row_scales.as_ref().map(|v| v.repeat(experts)),
-        block_scales: p.block_scales.as_ref().map(|v| v.repeat(experts)),
+        data: if copy_tiles { p.data.repeat(experts) } else { p.data.clone() },
+        row_scales: rep(&p.row_scales),
+        block_scales: rep(&p.block_scales),
         group_scales: p.group_scales.as_ref().map(|v| v.repeat(experts)),
         group_zeros: p.group_zeros.as_ref().map(|v| v.repeat(experts)),
         fp4_scales: p.fp4_scales.as_ref().map(|v| v.repeat(experts)),
@@ -805,35 +813,71 @@ fn aliased(p: &PackedWeights, experts: usize) -> PackedWeights {
     }
 }
 
-fn moe_layer_weights(device: &Device, format: WeightFormat) -> Result<MoeLayerWeights> {
+/// Which MoE layer weights a `moe` case runs on: `experts` routed experts (one expert's weights replicated), their
+/// tiles `distinct` or aliased, and a shared expert packed like them or none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct MoeWeightsKey {
+    format: WeightFormat,
+    experts: usize,
+    distinct: bool,
+    shared: bool,
+}
+
+fn moe_layer_weights(device: &Device, key: MoeWeightsKey) -> Result<MoeLayerWeights> {
     let mut rng = StdRng::seed_from_u64(1);
     let mut matrix = |rows: usize, cols: usize| {
         let a = 1.0 / (cols as f32).sqrt();
         let w: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-a..a)).collect();
-        QuantizedMatrix::quantize(format, &w, rows, cols)
+        QuantizedMatrix::quantize(key.format, &w, rows, cols)
     };
     let (w1, w3, w2) = (matrix(MOE_HIDDEN, MOE_DIM)?, matrix(MOE_HIDDEN, MOE_DIM)?, matrix(MOE_DIM, MOE_HIDDEN)?);
     let gate_up = repack::repack_gate_up(&[((&w1).into(), (&w3).into())])?;
     let down = repack::repack_linear(&[(&w2).into()])?;
-    let mut weights = MoeLayerWeights::upload(device, &aliased(&gate_up, MOE_EXPERTS), &aliased(&down, MOE_EXPERTS), None)?;
-    for w in [&mut weights.gate_up, &mut weights.down] {
-        w.expert_stride = 0;
+    let (routed_up, routed_down) = (replicated(&gate_up, key.experts, key.distinct), replicated(&down, key.experts, key.distinct));
+    let mut weights = MoeLayerWeights::upload(device, &routed_up, &routed_down, key.shared.then_some((&gate_up, &down)))?;
+    if !key.distinct {
+        for w in [&mut weights.gate_up, &mut weights.down] {
+            w.expert_stride = 0;
+        }
     }
     Ok(weights)
 }
 
-/// `benches/moe.rs`: dim 4096, hidden 2048, 128 experts, top-4 of random distinct experts per token.
-fn replay_moe(sim: &SimBackend, device: &Device, spec: &Spec, cache: &mut Option<(WeightFormat, MoeLayerWeights)>) -> Result<Vec<LaunchCounters>> {
+/// How a `moe` case runs its layer (`form=`): `layer` (the default, what the stored measurements timed):
+/// `moe::moe_layer`, up, down and the `moe_combine` launch; `norm`: `moe::moe_layer_add_rms_norm`, the engine's
+/// decode form on one GPU, the combine + residual add + next RMSNorm in the down projection's row finisher.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MoeForm {
+    Layer,
+    Norm,
+}
+
+impl MoeForm {
+    fn of(spec: &Spec) -> Result<Self> {
+        match spec.get("form") {
+            None | Some("layer") => Ok(MoeForm::Layer),
+            Some("norm") => Ok(MoeForm::Norm),
+            Some(other) => Err(Error::InvalidArgument(format!("calibration moe run: form={other} (layer or norm)"))),
+        }
+    }
+}
+
+/// `benches/moe.rs`: dim 4096, hidden 2048, 128 experts, top-4 of random distinct experts per token; `moe format=
+/// tokens= [tile=] [form=layer|norm] [shared=0|1]` (`shared=1`: with the shared expert, form norm only, as the
+/// bench's `moe_layer_norm_shared`). A `norm` case's row finisher runs in the last block to write a token's row, so
+/// it is replayed whole (unsampled): its weights are then distinct copies for the touched experts only (the tokens'
+/// expert ids renumbered in order onto them, so the grouping's tiles and grid are the bench's), not 128 aliased ones.
+fn replay_moe(sim: &SimBackend, device: &Device, spec: &Spec, cache: &mut Option<(MoeWeightsKey, MoeLayerWeights)>) -> Result<Vec<LaunchCounters>> {
     let format: WeightFormat = spec.get("format").ok_or_else(|| Error::InvalidArgument("calibration moe run: no format=".into()))?.parse()?;
     let tokens = spec.usize("tokens")?;
+    let form = MoeForm::of(spec)?;
+    let shared = spec.get("shared").is_some() && spec.usize("shared")? != 0;
+    if shared && form != MoeForm::Norm {
+        return Err(Error::InvalidArgument("calibration moe run: shared=1 needs form=norm (as the bench)".into()));
+    }
     if let Some(tile) = spec.get("tile") {
         moe::override_decode_tile(Some(tile)).map_err(|e| Error::InvalidArgument(format!("calibration moe run: tile={tile}: {e}")))?;
     }
-    if cache.as_ref().map(|(f, _)| *f) != Some(format) {
-        *cache = None; // free the previous format's weights first
-        *cache = Some((format, moe_layer_weights(device, format)?));
-    }
-    let weights = &cache.as_ref().expect("just filled").1;
     let mut rng = StdRng::seed_from_u64(1);
     let mut ids = Vec::with_capacity(tokens * MOE_TOP_K);
     for _ in 0..tokens {
@@ -841,9 +885,29 @@ fn replay_moe(sim: &SimBackend, device: &Device, spec: &Spec, cache: &mut Option
         all.shuffle(&mut rng);
         ids.extend_from_slice(&all[..MOE_TOP_K]);
     }
+    let experts = match form {
+        MoeForm::Layer => MOE_EXPERTS,
+        MoeForm::Norm => {
+            let mut touched = ids.clone();
+            touched.sort_unstable();
+            touched.dedup();
+            for id in &mut ids {
+                *id = touched.binary_search(id).expect("a touched expert") as i32;
+            }
+            touched.len()
+        }
+    };
+    let key = MoeWeightsKey { format, experts, distinct: form == MoeForm::Norm, shared };
+    if cache.as_ref().map(|(k, _)| *k) != Some(key) {
+        *cache = None; // free the previous case's weights first
+        *cache = Some((key, moe_layer_weights(device, key)?));
+    }
+    let weights = &cache.as_ref().expect("just filled").1;
+    // The aligner's tile for the bench's 128 experts (renumbering keeps the tiles: each touched expert's pairs stay in
+    // one group, in the same order).
     let tile_m = moe::moe_tile_m(tokens, MOE_TOP_K, MOE_EXPERTS);
-    let identity: Vec<i32> = (0..MOE_EXPERTS as i32).collect();
-    let alignment = crate::reference::moe::align_pairs(&ids, Some(&identity), MOE_EXPERTS, tile_m);
+    let identity: Vec<i32> = (0..experts as i32).collect();
+    let alignment = crate::reference::moe::align_pairs(&ids, Some(&identity), experts, tile_m);
     let up = |v: &[i32]| DeviceBuffer::from_slice(device, v);
     let (sorted_pairs, tile_experts, expert_offsets) = (up(&alignment.sorted_pairs)?, up(&alignment.tile_experts)?, up(&alignment.expert_offsets)?);
     let num_padded = up(&[alignment.num_padded])?;
@@ -854,13 +918,29 @@ fn replay_moe(sim: &SimBackend, device: &Device, spec: &Spec, cache: &mut Option
         topk_ids: topk_ids.view([tokens, MOE_TOP_K])?,
         topk_weights: topk_w.view([tokens, MOE_TOP_K])?,
         expert_map: None,
-        experts: MOE_EXPERTS,
+        experts,
     };
     let x = DeviceBuffer::from_slice(device, &random_bf16(&mut rng, tokens * MOE_DIM, 1.0))?;
     let workspace = MoeWorkspace::new(device, weights, tokens, MOE_TOP_K, alignment.sorted_pairs.len())?;
     let out = DeviceBuffer::<bf16>::alloc(device, tokens * MOE_DIM)?;
+    if form == MoeForm::Layer {
+        sim.record_launches(true);
+        moe::moe_layer(weights, x.view([tokens, MOE_DIM])?, &routing, &grouping, &workspace, out.view([tokens, MOE_DIM])?)?;
+        return Ok(sim.take_recorded());
+    }
+    let residual = DeviceBuffer::from_slice(device, &random_bf16(&mut rng, tokens * MOE_DIM, 1.0))?;
+    let norm_weight = DeviceBuffer::from_slice(device, &vec![bf16::ONE; MOE_DIM])?;
+    let residual_out = DeviceBuffer::<bf16>::alloc(device, tokens * MOE_DIM)?;
+    let counters = moe::RowCounters::new(device, tokens)?;
+    let norm = ResidualNorm {
+        residual: residual.view([tokens, MOE_DIM])?,
+        weight: norm_weight.as_vector(),
+        residual_out: residual_out.view([tokens, MOE_DIM])?,
+        out: out.view([tokens, MOE_DIM])?,
+        eps: 1e-5,
+    };
     sim.record_launches(true);
-    moe::moe_layer(weights, x.view([tokens, MOE_DIM])?, &routing, &grouping, &workspace, out.view([tokens, MOE_DIM])?)?;
+    moe::moe_layer_add_rms_norm(weights, x.view([tokens, MOE_DIM])?, &routing, &grouping, &workspace, &norm, &counters)?;
     Ok(sim.take_recorded())
 }
 

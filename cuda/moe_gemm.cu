@@ -339,6 +339,10 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
 // k loop runs whole rounds of kDepth k blocks without a branch between them, then the last blocks one by one.
 // Bytes: each expert's weights and scales once per launch (its up to 8 pairs share them), slots x K x 2 of
 // activations per block (from L2), the outputs once. FLOPs: 2 x 8 x K per weight row and block (the mma's 8 columns).
+// Occupancy: at least 3 blocks an SM (__launch_bounds__ below: at most 168 registers; nvfp4 171 -> 163 without
+// spills). Batch 1 with the shared expert's tail is 5 x 64 = 320 blocks: at 2 an SM (264 at once) the last 56 ran a
+// second round, doubling the launch's chain (timing model: nvfp4 up 24.7 µs, 2 waves); at 3 (K 4096: 3 x 64 KiB of
+// activation rows fit the 228 KiB) it is one round.
 constexpr int kDecodeSlots = 8;
 
 // 64-k blocks a warp has in flight: 4 KiB of weights, at least 2 blocks (bf16 2, fp8 4, 4-bit 8).
@@ -478,7 +482,7 @@ __device__ __forceinline__ void decode_gemm(const MoeGemmParams &p) {
     extern "C" __global__ void __launch_bounds__(kThreads, 2) moe_gemm_##NAME##_tiled(const MoeGemmParams p) {              \
         grouped_gemm<FORMAT, 2, 8>(p);                                                                                     \
     }                                                                                                                      \
-    extern "C" __global__ void __launch_bounds__(kThreads, 2) moe_gemm_##NAME##_decode(const MoeGemmParams p) {             \
+    extern "C" __global__ void __launch_bounds__(kThreads, 3) moe_gemm_##NAME##_decode(const MoeGemmParams p) {             \
         decode_gemm<FORMAT>(p);                                                                                            \
     }
 

@@ -204,7 +204,8 @@ __device__ __forceinline__ void grouped_gemm_wgmma_a8(const MoeGemmParams &p) {
     }
     // Every thread, producer included: the query RoPE and the row finisher on what the consumers stored.
     if (p.rope.positions != nullptr) rope_output_tile(p, slot_begin, slots, first_tile * 16, kBM);
-    if (p.finish.kind != SMALL4_GEMM_FINISH_NONE) finish_rows(p, slot_pair, slots, slot_begin, false);
+    // The row loads one pair at a time: this kernel is at its 96-register cap (rms_norm_row.cuh RowLoads).
+    if (p.finish.kind != SMALL4_GEMM_FINISH_NONE) finish_rows<false>(p, slot_pair, slots, slot_begin, false);
 }
 
 }  // namespace

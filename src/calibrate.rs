@@ -34,8 +34,8 @@ use crate::error::{Error, Result};
 use crate::kernels::attention::{self, AttentionPlan, AttentionScratch, BlockTables, PagedCache, Queries, QueryLayout, SplitCombine};
 use crate::kernels::dense;
 use crate::kernels::moe::{self, DeviceWeights, Grouping, MoeLayerWeights, MoeWorkspace, RoutingBuffers};
-use crate::kernels::norm::ResidualNorm;
 use crate::kernels::moe_wgmma::PrefillGemm;
+use crate::kernels::norm::ResidualNorm;
 use crate::kernels::router::{self, ExpertMap, RouterConfig};
 use crate::kernels::vision::{vision_attention, TokenSegments, VisionAttentionKernel};
 use crate::model::kv_cache::{BatchTables, CacheDescriptor, CacheDtype};
@@ -914,12 +914,7 @@ fn replay_moe(sim: &SimBackend, device: &Device, spec: &Spec, cache: &mut Option
     let grouping = Grouping { sorted_pairs: &sorted_pairs, tile_experts: &tile_experts, expert_offsets: &expert_offsets, num_padded: &num_padded, tile_m };
     let topk_ids = up(&ids)?;
     let topk_w = DeviceBuffer::from_slice(device, &vec![0.25f32; tokens * MOE_TOP_K])?;
-    let routing = RoutingBuffers {
-        topk_ids: topk_ids.view([tokens, MOE_TOP_K])?,
-        topk_weights: topk_w.view([tokens, MOE_TOP_K])?,
-        expert_map: None,
-        experts,
-    };
+    let routing = RoutingBuffers { topk_ids: topk_ids.view([tokens, MOE_TOP_K])?, topk_weights: topk_w.view([tokens, MOE_TOP_K])?, expert_map: None, experts };
     let x = DeviceBuffer::from_slice(device, &random_bf16(&mut rng, tokens * MOE_DIM, 1.0))?;
     let workspace = MoeWorkspace::new(device, weights, tokens, MOE_TOP_K, alignment.sorted_pairs.len())?;
     let out = DeviceBuffer::<bf16>::alloc(device, tokens * MOE_DIM)?;

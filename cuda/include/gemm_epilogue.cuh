@@ -26,13 +26,17 @@ __device__ __forceinline__ bool block_slots(const MoeGemmParams &p, bool tail, i
         slot_end = min(slot_begin + BN, p.tail.rows);
     } else if (!kDenseOnly && p.sorted_pairs != nullptr) {
         const int tile = blockIdx.y;
-        if (tile >= p.capacity_tiles || tile * p.tile_m >= *p.num_padded) return false;
+        if (tile >= p.capacity_tiles) return false;
+        // Each pair of loads is issued before either is tested: two round trips before the block knows its work, not
+        // four (a decode launch's blocks wait for them before their first weight load). Tiles past num_padded hold
+        // expert -1 (the aligner fills every tile), so reading one is harmless.
+        const int padded = *p.num_padded;
         expert = p.tile_experts[tile];
-        if (expert < 0) return false;
-        const int first_slot = p.expert_offsets[expert];
+        if (tile * p.tile_m >= padded || expert < 0) return false;
+        const int first_slot = p.expert_offsets[expert], group_end = p.expert_offsets[expert + 1];
         slot_begin = tile * p.tile_m;
         if ((slot_begin - first_slot) % BN != 0) return false;
-        slot_end = min(slot_begin + BN, p.expert_offsets[expert + 1]);
+        slot_end = min(slot_begin + BN, group_end);
     } else {
         // A split-K launch (mma.sync decode tiles only) has one matrix: its grid z is the k split.
         expert = !kDenseOnly && p.k_splits > 1 ? 0 : blockIdx.z;
@@ -141,6 +145,8 @@ __device__ __forceinline__ void rope_output_tile(const MoeGemmParams &p, int row
 // finishing step, with the whole block, on each row whose arrivals this block completed. Every thread calls it.
 // A row's slots never share a block (a token has one pair per expert; dense and tail slots are distinct rows), so the
 // threads' rows are distinct.
+// kOverlapLoads: how the rows' loads are issued (rms_norm_row.cuh RowLoads; false for kernels at their register cap).
+template <bool kOverlapLoads = true>
 __device__ __forceinline__ void finish_rows(const MoeGemmParams &p, const int *slot_pair, int slots, int slot_begin, bool tail) {
     constexpr int kMaxSlots = 64;  // the widest tile's BN
     __shared__ int done_rows[kMaxSlots];
@@ -156,8 +162,7 @@ __device__ __forceinline__ void finish_rows(const MoeGemmParams &p, const int *s
         // when it rides in this launch (a pair without a local expert is never written, so it is not waited for).
         int writes = 1;
         if (f.kind == SMALL4_GEMM_FINISH_MOE_NORM) {
-            writes = p.tail.rows > 0;
-            for (int j = 0; j < f.norm.top_k; ++j) writes += pair_counts(f.norm, row * f.norm.top_k + j);
+            writes = (p.tail.rows > 0) + __popc(counting_pairs(f.norm, row));
         }
         if (atomicAdd(f.counters + row, 1) == f.column_blocks * writes - 1) {
             f.counters[row] = 0;  // all arrivals of this launch are in: zero for the next launch
@@ -171,9 +176,9 @@ __device__ __forceinline__ void finish_rows(const MoeGemmParams &p, const int *s
     for (int i = 0; i < done; ++i) {
         const int row = done_rows[i];
         if (f.kind == SMALL4_GEMM_FINISH_MOE_NORM) {
-            rms_norm_row<true>(f.norm, row);
+            rms_norm_row<true, kOverlapLoads>(f.norm, row);
         } else {
-            rms_norm_row<false>(f.norm, row);
+            rms_norm_row<false, kOverlapLoads>(f.norm, row);
             if (threadIdx.x < 32 && f.kind == SMALL4_GEMM_FINISH_MLA_LATENTS_BF16) cache_write<false>(f.cache, row);
             if (threadIdx.x < 32 && f.kind == SMALL4_GEMM_FINISH_MLA_LATENTS_FP8) cache_write<true>(f.cache, row);
         }

@@ -90,7 +90,7 @@ pub struct MoePairs<'a> {
 /// `out = rms_norm(h) * weight`: bit for bit what `moe::combine` followed by [`add_rms_norm`] computes.
 ///
 /// Errors as [`add_rms_norm`], and `Error::Shape` when the pairs are not `[rows * k, cols]` / `[rows, cols]` /
-/// `[rows, k]`; `Error::InvalidArgument` when they are strided or `cols` is not a multiple of 8.
+/// `[rows, k]`; `Error::InvalidArgument` when they are strided, `cols` is not a multiple of 8 or k is over 32.
 ///
 /// ```
 /// use half::bf16;
@@ -149,6 +149,10 @@ pub(crate) fn add_rms_norm_params(x: Matrix<bf16>, norm: &ResidualNorm) -> Resul
     checked_params(x, norm.weight, norm.out, Some((norm.residual, norm.residual_out)), None, norm.eps)
 }
 
+/// Most pairs a token's combine reads (`kMaxCombinePairs` in cuda/include/rms_norm_row.cuh: a bit each in the row's
+/// mask of counting pairs).
+const MAX_COMBINE_PAIRS: usize = 32;
+
 /// The kernel parameters of [`moe_combine_add_rms_norm`] (checked as it checks them).
 pub(crate) fn moe_combine_add_rms_norm_params(pairs: &MoePairs, norm: &ResidualNorm) -> Result<RmsNormParams> {
     let residual = norm.residual;
@@ -156,6 +160,9 @@ pub(crate) fn moe_combine_add_rms_norm_params(pairs: &MoePairs, norm: &ResidualN
     let [_, top_k] = pairs.topk_ids.dims();
     if cols % 8 != 0 {
         return Err(Error::InvalidArgument(format!("moe_combine_add_rms_norm: {cols} columns (a multiple of 8)")));
+    }
+    if top_k > MAX_COMBINE_PAIRS {
+        return Err(Error::InvalidArgument(format!("moe_combine_add_rms_norm: top_k {top_k} (at most {MAX_COMBINE_PAIRS})")));
     }
     pairs.pair_out.expect_dims("moe_combine_add_rms_norm pair_out", [rows * top_k, cols])?;
     pairs.topk_ids.expect_dims("moe_combine_add_rms_norm topk_ids", [rows, top_k])?;

@@ -105,21 +105,28 @@ __device__ __forceinline__ void produce(const MlaAttentionParams &p, unsigned ch
         next_page = page_of(tile_start + kTileN);
         const int my_slot = pos < kv_end ? page * p.page_size + pos % p.page_size : 0;  // physical slot of token pos
         const uint32_t stage_addr = smem_addr(stages + stage * kStageBytes);
-#pragma unroll 4
-        for (int i = lane; i < kTileN * kChunksPerRow; i += 32) {
-            const int tok = i / kChunksPerRow, chunk = i % kChunksPerRow;
+        // Lane l copies chunks l, l + 32, ... of the tile: a fixed trip count, unrolled, and no branch per chunk (bf16:
+        // src-size 0 zero-fills a token past kv_end without reading it; slot 0 is a valid address), so a tile's copies
+        // are a few long basic blocks whose shuffles and copies overlap rather than one short block per chunk.
+        static_assert(kTileN * kChunksPerRow % 32 == 0, "whole warp-wide steps");
+#pragma unroll 8
+        for (int step = 0; step < kTileN * kChunksPerRow / 32; ++step) {
+            const int i = lane + 32 * step, tok = i / kChunksPerRow, chunk = i % kChunksPerRow;
             const int slot = __shfl_sync(0xffffffffu, my_slot, tok);
             const uint32_t dst = swizzle128(stage_addr + atom_offset(kTileN, tok, chunk));
-            if (tile_start + tok >= kv_end) {
-                asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(dst), "r"(0) : "memory");
-            } else if constexpr (kFp8) {
-                const uint2 raw = __ldg(reinterpret_cast<const uint2 *>(cache + (long)slot * kWidth + chunk * 8));
-                asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(dst), "r"(e4m3x2_to_bf16x2(raw.x & 0xffff)), "r"(e4m3x2_to_bf16x2(raw.x >> 16)),
-                             "r"(e4m3x2_to_bf16x2(raw.y & 0xffff)), "r"(e4m3x2_to_bf16x2(raw.y >> 16))
-                             : "memory");
+            const bool in_range = tile_start + tok < kv_end;
+            if constexpr (kFp8) {
+                if (!in_range) {
+                    asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(dst), "r"(0) : "memory");
+                } else {
+                    const uint2 raw = __ldg(reinterpret_cast<const uint2 *>(cache + (long)slot * kWidth + chunk * 8));
+                    asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(dst), "r"(e4m3x2_to_bf16x2(raw.x & 0xffff)),
+                                 "r"(e4m3x2_to_bf16x2(raw.x >> 16)), "r"(e4m3x2_to_bf16x2(raw.y & 0xffff)), "r"(e4m3x2_to_bf16x2(raw.y >> 16))
+                                 : "memory");
+                }
             } else {
                 const char *src = cache + (long)slot * kWidth * 2 + chunk * 16;
-                asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(in_range ? 16 : 0) : "memory");
             }
         }
         if constexpr (kFp8) {

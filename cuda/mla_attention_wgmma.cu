@@ -7,34 +7,45 @@
 // Computes, per (query token, head) row r of position pos(r), over the cache tokens j <= pos(r) of its sequence:
 //   o_lat[r] = value_scale * sum_j softmax_j(score_scale * q[r] . c_j) c_j[0:256],  q = [q_lat | q_rope] (320 values).
 //
-// Thread mapping: 5 warps. Warps 0-3 are one consumer warpgroup owning the block's 64 rows, row = (query token, head)
-// flattened token-major as in the mma.sync kernel (warp w: rows 16 w .. 16 w + 15, as wgmma's M = 64 splits them).
-// Warp 4 is the producer: it streams the cache tokens [0, kv_end) of the block (kv_end: one past the last position its
-// rows see) in tiles of 32 tokens into a ring of stages: lane i looks up token i's page slot in the block table, and
+// Thread mapping: 12 warps. Warps 0-7 are two consumer warpgroups, each owning 64 of the block's 128 rows, row =
+// (query token, head) flattened token-major as in the mma.sync kernel (warpgroup g: rows 64 g .. 64 g + 63; its warp
+// w: rows 64 g + 16 w .. + 15, as wgmma's M = 64 splits them). Why two: every (token, head) row of a prefill chunk
+// reads the same cache rows, so a block's key tiles serve all its rows; two warpgroups per block walk them side by side
+// (each its own dependence chain), so a block does twice the rows of one in the same time and the cache is streamed
+// by half as many blocks. (Two blocks of one warpgroup would do the same, but O's 128 registers per thread allow one
+// block of 5 warps per SM, see Tiling.) Both warpgroups walk the block's key tiles [0, kv_end); keys past a row's
+// position are masked, so the first warpgroup's extra keys (at most one tile) add exact zeros.
+// Warps 8-11 are the producer warpgroup (a whole warpgroup so that setmaxnreg can take its registers, see Tiling);
+// warp 8 alone works, the other three exit. It streams the cache tokens [0, kv_end) of the block (kv_end: one past
+// the last position its rows see) in tiles of 32 tokens into a ring of stages: lane i looks up token i's page slot in
+// the block table (one tile ahead, so no copy waits for a table load), and
 // the lanes copy the tile's 16-byte chunks (bf16: cp.async; fp8: 8 bytes loaded, widened to bf16 and stored), zeros
 // for tokens past kv_end (never read from the cache). Then fence.proxy.async and one arrival on the stage's "full"
 // mbarrier (bf16: once the stage's cp.async group has landed, STAGES - 1 groups in flight, as in
-// cuda/vision_attention_wgmma.cu). Consumers wait on "full" and release "empty" (one arrival per warp) after the
-// stage's last wgmma has retired.
+// cuda/vision_attention_wgmma.cu). Consumers wait on "full" and release "empty" (one arrival per warp of both
+// warpgroups, 8) after the stage's last wgmma has retired.
 //
 // Shared layout: every operand as [320 / 64 column atoms][rows][128 bytes] under the 128-byte swizzle, atoms 1024-byte
-// aligned: Q [5][64 rows] (40 KiB, loaded once by all 160 threads), each stage [5][32 tokens] (20 KiB). Per key tile:
-// S = Q K^T is twenty m64n32k16 SS wgmmas (A = Q and B = the tile, both K-major descriptors, k-step ks at atom ks / 4,
-// byte 32 (ks % 4) of the line), in the mma.sync kernel's k order; O += P V is two m64n256k16 RS wgmmas, P from the
-// softmax's registers, V = the tile's first 256 columns through an N-major descriptor (imm-trans-b = 1; the 4 atoms
+// aligned: Q [5][128 rows] (80 KiB, loaded once by all 384 threads; warpgroup g's A operand starts 64 g lines, 8 KiB,
+// into each atom), each stage [5][32 tokens] (20 KiB). Per key tile and warpgroup: S = Q K^T is twenty m64n32k16 SS
+// wgmmas (A = Q and B = the tile, both K-major descriptors, k-step ks at atom ks / 4, byte 32 (ks % 4) of the line),
+// in the mma.sync kernel's k order; O += P V is two m64n256k16 RS wgmmas, P from the softmax's registers, V = the
+// tile's first 256 columns through an N-major descriptor (imm-trans-b = 1; the 4 atoms
 // along N 4 KiB apart as LBO, 8-token groups 1 KiB apart as SBO), so the cache rows are read as they lie. Each k16 step
 // sums exactly and rounds once on the interpreter, as mma.sync m16n8k16 does, so both kernels agree bit for bit there.
-// O [64 x 256] f32 lives in the consumers' registers (128 per thread). Per key tile j >= 1 (FA3's intra-warpgroup
-// overlap, as in cuda/vision_attention_wgmma.cu): the wgmmas of S_j are issued together with those of
-// O += P_{j-1} V_{j-1} (P double-buffered in registers); wait_group 1 retires S_j, its softmax runs while
-// P_{j-1} V_{j-1} is in flight, wait_group 0 retires that, stage j - 1 is released and O is rescaled to tile j's
-// maxima: O's arithmetic stays the serial order's.
+// O [64 x 256] f32 lives in each consumer warpgroup's registers (128 per thread). S runs one tile ahead
+// (attention_tiles_s_ahead, cuda/include/hopper.cuh): S's twenty dependent k-steps are the longest chain of a tile,
+// so the wgmmas of S_{j+1} (S double-buffered in registers) are in flight while the softmax of S_j, the rescale of O
+// and O += P_j V_j run; wait_group 0 retires both and stage j is released. O's arithmetic stays the serial order's.
 //
-// Tiling: 64 rows x 32 tokens per step; 3 stages: 40 + 60 KiB + barriers of dynamic shared memory. One block per SM:
-// the consumers hold 197 registers (O alone 128; 184 without the overlap); two blocks of 5 warps put 3 warps on one
-// SM sub-partition (16K registers), a cap of 168, at which ptxas spills even the serial form.
-// Grid (row tiles of 64, 1, sequences). Bytes: cache 320 x (2 | 1) per token of [0, kv_end) per block, q 640 B and
-// o 512 B per row. FLOPs: 2 x 64 x tokens x (320 + 256) per block (masked pairs included).
+// Tiling: 128 rows (2 x 64) x 32 tokens per step; 3 stages: 80 + 60 KiB + barriers of dynamic shared memory. One
+// block per SM. Registers: the consumers need about 200 (O alone 128; S twice 16, P 8), more than the 168 a block of
+// 12 warps (3 on each SM sub-partition of 16 Ki registers) starts with, so the roles set their own with setmaxnreg
+// as FA3 does: the producer warpgroup drops to 40, the consumers rise to 232 ((4 x 40 + 8 x 232) x 32 = 63 Ki of the
+// SM's 64 Ki). ptxas allocates each role's code within its setmaxnreg count (no spills: build.rs makes spills
+// errors; at 168 for all, two consumer warpgroups and one producer warp spill 1 KiB a thread).
+// Grid (row tiles of 128, 1, sequences). Bytes: cache 320 x (2 | 1) per token of [0, kv_end) per block, q 640 B and
+// o 512 B per row. FLOPs: 2 x 128 x tokens x (320 + 256) per block (masked pairs included).
 #include "params.h"
 #include "common.cuh"
 #include "hopper.cuh"
@@ -46,10 +57,14 @@
 namespace {
 using namespace mla_tile;
 
-constexpr int kConsumerWarps = 4;
-constexpr int kProducerWarp = kConsumerWarps;
-constexpr int kThreads = (kConsumerWarps + 1) * 32;
-constexpr int kRows = 16 * kConsumerWarps;          // rows per block: one wgmma M
+constexpr int kConsumerWarpgroups = 2;
+constexpr int kGroupRows = 64;                      // rows per consumer warpgroup: one wgmma M
+constexpr int kConsumerWarps = 4 * kConsumerWarpgroups;
+constexpr int kProducerWarp = kConsumerWarps;          // the first warp of the producer warpgroup
+constexpr int kThreads = (kConsumerWarps + 4) * 32;    // two consumer warpgroups and the producer warpgroup
+constexpr int kProducerRegisters = 40;                 // setmaxnreg: the producer warpgroup gives registers away
+constexpr int kConsumerRegisters = 232;                // and the consumers take them: (4 x 40 + 8 x 232) x 32 <= 64 Ki
+constexpr int kRows = kGroupRows * kConsumerWarpgroups;  // rows per block
 constexpr int kStages = 3;
 constexpr int kInFlight = kStages - 1;              // cp.async groups the producer keeps in flight
 constexpr int kAtomCols = 64;                       // bf16 columns of one 128-byte swizzle line
@@ -62,7 +77,7 @@ constexpr int kStageBytes = kAtoms * kStageAtomBytes;
 constexpr int kBarOffset = kQBytes + kStages * kStageBytes;
 constexpr int kSharedBytes = kBarOffset + 2 * kStages * 8;  // src/kernels/attention.rs computes the same total
 static_assert(kWidth % kAtomCols == 0 && kLatent % kAtomCols == 0, "whole swizzle atoms");
-static_assert(kQAtomBytes % 1024 == 0 && kStageAtomBytes % 1024 == 0, "atoms start on the swizzle period");
+static_assert(kQAtomBytes % 1024 == 0 && kStageAtomBytes % 1024 == 0 && kGroupRows * 128 % 1024 == 0, "atoms start on the swizzle period");
 static_assert(kTileN == 32 && kLatent == 256, "one m64n32 S and one m64n256 P V per k-step");
 static_assert(kSharedBytes <= 227 * 1024 - 1024, "fits an SM (1 KiB reserved per block)");
 
@@ -74,32 +89,44 @@ template <bool kFp8>
 __device__ __forceinline__ void produce(const MlaAttentionParams &p, unsigned char *stages, uint64_t *full, uint64_t *empty, int seq, int kv_end, int tiles) {
     const int lane = threadIdx.x & 31;
     const char *cache = reinterpret_cast<const char *>(p.cache);
+    // Block-table entry (physical page) of token tile_start + lane, or 0 past kv_end (never read). Each tile's entries
+    // are loaded one tile ahead, so the copies of a tile never wait for a table load.
+    auto page_of = [&](int tile_start) {
+        const int pos = tile_start + lane;
+        return pos < kv_end ? p.block_tables[(long)seq * p.max_pages + pos / p.page_size] : 0;
+    };
+    int next_page = page_of(0);
     for (int j = 0; j < tiles; ++j) {
         const int stage = j % kStages;
+        const int tile_start = j * kTileN, pos = tile_start + lane;
         if constexpr (!kFp8) cp_async_ring_arrive_landed<kStages, kInFlight>(full, j);
         ring_wait_empty<kStages>(empty, j);
-        const int tile_start = j * kTileN;
-        int my_slot = 0;  // physical slot (page * page_size + offset) of token tile_start + lane
-        if (tile_start + lane < kv_end) {
-            const int pos = tile_start + lane;
-            my_slot = p.block_tables[(long)seq * p.max_pages + pos / p.page_size] * p.page_size + pos % p.page_size;
-        }
+        const int page = next_page;
+        next_page = page_of(tile_start + kTileN);
+        const int my_slot = pos < kv_end ? page * p.page_size + pos % p.page_size : 0;  // physical slot of token pos
         const uint32_t stage_addr = smem_addr(stages + stage * kStageBytes);
-#pragma unroll 4
-        for (int i = lane; i < kTileN * kChunksPerRow; i += 32) {
-            const int tok = i / kChunksPerRow, chunk = i % kChunksPerRow;
+        // Lane l copies chunks l, l + 32, ... of the tile: a fixed trip count, unrolled, and no branch per chunk (bf16:
+        // src-size 0 zero-fills a token past kv_end without reading it; slot 0 is a valid address), so a tile's copies
+        // are a few long basic blocks whose shuffles and copies overlap rather than one short block per chunk.
+        static_assert(kTileN * kChunksPerRow % 32 == 0, "whole warp-wide steps");
+#pragma unroll 8
+        for (int step = 0; step < kTileN * kChunksPerRow / 32; ++step) {
+            const int i = lane + 32 * step, tok = i / kChunksPerRow, chunk = i % kChunksPerRow;
             const int slot = __shfl_sync(0xffffffffu, my_slot, tok);
             const uint32_t dst = swizzle128(stage_addr + atom_offset(kTileN, tok, chunk));
-            if (tile_start + tok >= kv_end) {
-                asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(dst), "r"(0) : "memory");
-            } else if constexpr (kFp8) {
-                const uint2 raw = __ldg(reinterpret_cast<const uint2 *>(cache + (long)slot * kWidth + chunk * 8));
-                asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(dst), "r"(e4m3x2_to_bf16x2(raw.x & 0xffff)), "r"(e4m3x2_to_bf16x2(raw.x >> 16)),
-                             "r"(e4m3x2_to_bf16x2(raw.y & 0xffff)), "r"(e4m3x2_to_bf16x2(raw.y >> 16))
-                             : "memory");
+            const bool in_range = tile_start + tok < kv_end;
+            if constexpr (kFp8) {
+                if (!in_range) {
+                    asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(dst), "r"(0) : "memory");
+                } else {
+                    const uint2 raw = __ldg(reinterpret_cast<const uint2 *>(cache + (long)slot * kWidth + chunk * 8));
+                    asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(dst), "r"(e4m3x2_to_bf16x2(raw.x & 0xffff)),
+                                 "r"(e4m3x2_to_bf16x2(raw.x >> 16)), "r"(e4m3x2_to_bf16x2(raw.y & 0xffff)), "r"(e4m3x2_to_bf16x2(raw.y >> 16))
+                                 : "memory");
+                }
             } else {
                 const char *src = cache + (long)slot * kWidth * 2 + chunk * 16;
-                asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(in_range ? 16 : 0) : "memory");
             }
         }
         if constexpr (kFp8) {
@@ -113,18 +140,18 @@ __device__ __forceinline__ void produce(const MlaAttentionParams &p, unsigned ch
     if constexpr (!kFp8) cp_async_ring_arrive_rest<kStages, kInFlight>(full, tiles);
 }
 
-// The consumer warpgroup (see the file comment).
+// One consumer warpgroup (see the file comment); q_smem: its 64 rows' first line in Q's first atom.
 __device__ __forceinline__ void consume(const MlaAttentionParams &p, const unsigned char *q_smem, const unsigned char *stages, uint64_t *full, uint64_t *empty,
                                        RowState &state, int kv_end, int tiles, long grow0) {
     const int lane = threadIdx.x & 31, quad = lane & 3;
     const float score_scale = p.score_scale * kLog2e;
-    float s[kTileN / 8][4], o[kLatent / 8][4], correction[2];
+    float s0[kTileN / 8][4], s1[kTileN / 8][4], o[kLatent / 8][4], correction[2];
 #pragma unroll
     for (int n = 0; n < kLatent / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-    uint32_t pa0[kTileN / 16][4], pa1[kTileN / 16][4];
+    uint32_t pa[kTileN / 16][4];
 
-    // S_j = Q K_j^T: 20 k-steps in order, accumulated from zero as the mma.sync kernel does (the caller fences).
-    auto issue_s = [&](int j) {
+    // S_j = Q K_j^T into s: 20 k-steps in order, accumulated from zero as the mma.sync kernel does (the caller fences).
+    auto issue_s = [&](int j, float (&s)[kTileN / 8][4]) {
         const int stage = j % kStages;
         ring_wait_full<kStages>(full, j);
         const unsigned char *tile = stages + stage * kStageBytes;
@@ -137,23 +164,25 @@ __device__ __forceinline__ void consume(const MlaAttentionParams &p, const unsig
         wgmma_commit();
     };
     // O += P_j V_j: the tile's tokens 16 k .. 16 k + 15 start 16 lines (2 KiB) further into each atom.
-    auto issue_pv = [&](int j, uint32_t (&pa)[kTileN / 16][4]) {
+    auto issue_pv = [&](int j, uint32_t (&p_frag)[kTileN / 16][4]) {
         const unsigned char *tile = stages + (j % kStages) * kStageBytes;
 #pragma unroll
-        for (int k = 0; k < kTileN / 16; ++k) wgmma_m64n256k16_bf16_rs_trans_b(&o[0][0], pa[k], wgmma_desc_mn_sw128(tile + k * 16 * 128, kStageAtomBytes));
+        for (int k = 0; k < kTileN / 16; ++k) wgmma_m64n256k16_bf16_rs_trans_b(&o[0][0], p_frag[k], wgmma_desc_mn_sw128(tile + k * 16 * 128, kStageAtomBytes));
         wgmma_commit();
     };
     auto release = [&](int j) {
         __syncwarp();
         if (lane == 0) mbar_arrive(&empty[j % kStages]);
     };
-    auto zero_s = [&]() {
+    auto zero_s = [&](float (&s)[kTileN / 8][4]) {
 #pragma unroll
         for (int n = 0; n < kTileN / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
     };
-    auto softmax = [&](int j, uint32_t (&pa)[kTileN / 16][4]) { softmax_tile(s, pa, correction, state, j * kTileN, kv_end, quad, score_scale); };
+    auto softmax = [&](int j, float (&s)[kTileN / 8][4], uint32_t (&p_frag)[kTileN / 16][4]) {
+        softmax_tile(s, p_frag, correction, state, j * kTileN, kv_end, quad, score_scale);
+    };
     auto rescale = [&]() { rescale_rows(o, correction); };
-    attention_tiles_overlapped(tiles, s, o, pa0, pa1, zero_s, issue_s, issue_pv, softmax, release, rescale);
+    attention_tiles_s_ahead(tiles, s0, s1, o, pa, zero_s, issue_s, issue_pv, softmax, release, rescale);
     store_rows(p, o, state, 0, 0, grow0, quad);
 }
 
@@ -191,7 +220,7 @@ __device__ __forceinline__ void attention_tile_wgmma(const MlaAttentionParams &p
     if (threadIdx.x == 0) {
         for (int s = 0; s < kStages; ++s) {
             mbar_init(&full[s], 1);                // the producer's "tile landed" arrival
-            mbar_init(&empty[s], kConsumerWarps);  // one release per consumer warp
+            mbar_init(&empty[s], kConsumerWarps);  // one release per consumer warp, both warpgroups
         }
         mbar_init_fence();
     }
@@ -199,19 +228,23 @@ __device__ __forceinline__ void attention_tile_wgmma(const MlaAttentionParams &p
     fence_proxy_async();
     __syncthreads();
 
-    if (warp == kProducerWarp) {
-        produce<kFp8>(p, smem + kQBytes, full, empty, seq, kv_end, tiles);
+    if (warp >= kProducerWarp) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegisters));
+        if (warp == kProducerWarp) produce<kFp8>(p, smem + kQBytes, full, empty, seq, kv_end, tiles);
         return;
     }
-    // This thread's two accumulator rows (g and g + 8 of the warp's 16) and the positions they may attend to.
-    const int g = lane >> 2;
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegisters));
+    // This thread's two accumulator rows (g and g + 8 of the warp's 16; the warp's rows are 16 warp .. of the block,
+    // its warpgroup's 64 of them 64 (warp / 4) ..) and the positions they may attend to.
+    const int g = lane >> 2, first_row = warp * 16 + g;
     RowState state{{-INFINITY, -INFINITY}, {0.f, 0.f}, {-1, -1}};
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-        const int row = row0 + warp * 16 + g + 8 * h;
+        const int row = row0 + first_row + 8 * h;
         state.pos[h] = row < rows ? first_pos + row / p.heads : -1;  // -1: padding row, sees nothing
     }
-    consume(p, smem, smem + kQBytes, full, empty, state, kv_end, tiles, (long)q_begin * p.heads + row0 + warp * 16 + g);
+    const unsigned char *group_q = smem + (warp / 4) * kGroupRows * 128;
+    consume(p, group_q, smem + kQBytes, full, empty, state, kv_end, tiles, (long)q_begin * p.heads + row0 + first_row);
 }
 
 }  // namespace

@@ -55,8 +55,9 @@ pub const DECODE_CHOICES: &str = include_str!("../data/calibration/decode-choice
 pub const BENCH_CASES: &str = include_str!("../data/calibration/bench-cases.tsv");
 
 /// The prefill kernels of issue 17 on both tensor-core paths (`data/calibration/prefill-cases.tsv`), for
-/// [`predict_cases`]: the grouped expert GEMM at 16k routed rows (bf16, int4, nvfp4), the MoE layer at 2048 tokens and
-/// the vision attention, each on mma.sync and on wgmma (`gemm=` / `attention=` pick the kernel).
+/// [`predict_cases`]: the grouped expert GEMM at 16k routed rows (bf16, int4, nvfp4), the MoE layer at 2048 tokens,
+/// the vision attention and the MLA prefill attention, each on mma.sync and on wgmma (`gemm=` / `attention=` pick the
+/// kernel).
 pub const PREFILL_CASES: &str = include_str!("../data/calibration/prefill-cases.tsv");
 
 /// How a row's figure was timed.
@@ -990,8 +991,9 @@ fn mla_splits(spec: &Spec) -> Result<Option<usize>> {
 
 /// `benches/attention.rs`: 32 heads, page 64, shuffled page pool; `mla batch= ctx= dtype= [splits=] [combine=]`
 /// (decode; no `splits=`: the split heuristic's count; `combine=` as [`mla_combine`] reads it) or `mla_prefill new=
-/// prefix=`. A fused launch's combine runs in the last split block of each row tile, so only a whole launch counts
-/// it: fused cases are replayed unsampled.
+/// prefix= [attention=]` (`attention=mma_sync`, the default: the stored measurement ran it, or `attention=wgmma`). A
+/// fused launch's combine runs in the last split block of each row tile, so only a whole launch counts it: fused
+/// cases are replayed unsampled.
 fn replay_mla(sim: &SimBackend, device: &Device, spec: &Spec) -> Result<Vec<LaunchCounters>> {
     let mut rng = StdRng::seed_from_u64(1);
     let (batch, lens, rows, q_start, splits, dtype) = if spec.family == "mla_prefill" {
@@ -1036,9 +1038,13 @@ fn replay_mla(sim: &SimBackend, device: &Device, spec: &Spec) -> Result<Vec<Laun
     let queries = Queries { layout: &layout, q_lat: q_lat.view([rows, MLA_HEADS, MLA_LATENT])?, q_rope: q_rope.view([rows * MLA_HEADS, MLA_ROPE])? };
     let combine = if spec.family == "mla_prefill" { SplitCombine::Launch } else { mla_combine(spec)? };
     let mut scratch = AttentionScratch::new(device);
+    let kernel = match spec.get("attention") {
+        None | Some("mma_sync") => attention::MlaPrefillKernel::MmaSync,
+        Some("wgmma") if spec.family == "mla_prefill" => attention::MlaPrefillKernel::Wgmma,
+        Some(other) => return Err(Error::InvalidArgument(format!("calibration {} run: attention={other} (mma_sync, or wgmma for mla_prefill)", spec.family))),
+    };
     sim.record_launches(true);
-    // The stored measurements ran the mma.sync kernel (before the wgmma prefill kernel): replay that one.
-    attention::MlaPrefillKernel::MmaSync.run(|| {
+    kernel.run(|| {
         combine.run(|| attention::mla_attention(&cache, &tables, &queries, o_lat.view([rows, MLA_HEADS, MLA_LATENT])?, 0.088_388_35, splits, &mut scratch))
     })?;
     Ok(sim.take_recorded())

@@ -107,6 +107,30 @@ fn mla_cases_take_the_codes_combine_form_and_a_case_file() {
     assert!(text.lines().any(|l| l.starts_with("| auto |")) && !text.contains("| launch |"), "{text}");
 }
 
+/// The MLA prefill on both kernels (`mla_prefill ... attention=`): each case replays the kernel it names (the launches
+/// column), the default is the mma.sync kernel the stored measurement ran, and an unknown choice, or a choice on a
+/// decode (`mla`) case, is a typed error.
+#[test]
+fn mla_prefill_cases_replay_the_kernel_they_name() {
+    let list = "id\trun\tmethod\twhat\n\
+                p-default\tmla_prefill new=16 prefix=16\twith-sync\tdefault\n\
+                p-mma\tmla_prefill new=16 prefix=16 attention=mma_sync\twith-sync\tmma.sync\n\
+                p-wgmma\tmla_prefill new=16 prefix=16 attention=wgmma\twith-sync\twgmma\n";
+    let mut out = Vec::new();
+    let results = calibrate::predict_cases(list, &Options { sample_blocks: 2, ..Options::default() }, &mut out).expect("both kernels replay");
+    assert_eq!(results.len(), 3);
+    let text = String::from_utf8(out).unwrap();
+    let row = |id: &str| text.lines().find(|l| l.starts_with(&format!("| {id} | "))).unwrap_or_else(|| panic!("no {id} row in {text}")).to_string();
+    for id in ["p-default", "p-mma"] {
+        assert!(row(id).contains("| mla_attention_bf16 ") && !row(id).contains("wgmma"), "{}", row(id));
+    }
+    assert!(row("p-wgmma").contains("| mla_attention_wgmma_bf16 "), "{}", row("p-wgmma"));
+    for bad in ["mla_prefill new=16 prefix=16 attention=fast", "mla batch=1 ctx=64 attention=wgmma"] {
+        let list = format!("id\trun\tmethod\twhat\nx\t{bad}\twith-sync\tx\n");
+        assert!(matches!(calibrate::predict_cases(&list, &Options::default(), &mut Vec::new()), Err(small4::Error::InvalidArgument(_))), "{bad}");
+    }
+}
+
 /// The vision attention on both tensor-core paths (`attention=`): the wgmma kernel's tensor FLOPs are all wgmma
 /// FLOPs and take the wgmma rate (its prediction follows `wgmma_efficiency`, the mma.sync kernel's does not); the
 /// table carries the H100 SXM tensor and DRAM rates; a recorded profile file (which holds the new counters) gives

@@ -1,8 +1,9 @@
 //! The wgmma kernel of the MLA prefill attention (`cuda/mla_attention_wgmma.cu`) against the CPU reference and the
 //! mma.sync kernel it replaces for prefill (`mla_attention_*` in `cuda/mla_attention.cu`), at the real geometry (32
 //! heads, latent 256 + rope 64): prefill chunks over a cached prefix, shuffled pages of 16 tokens (every tile crosses
-//! a page boundary), causal rows, row tiles of 64 whose last one is partial, key ranges of more tiles than the stage
-//! ring holds and a partial last tile, bf16 and fp8 caches. On the interpreter both kernels sum every k-step of 16
+//! a page boundary), causal rows, row tiles of 128 (the wgmma kernel's two consumer warpgroups of 64) whose last one
+//! is partial, or padding alone in its second warpgroup, key ranges of more tiles than the stage ring holds and a
+//! partial last tile, bf16 and fp8 caches. On the interpreter both kernels sum every k-step of 16
 //! exactly and round once, in the same k order, over the same 32-token key tiles with the same softmax code
 //! (`cuda/include/mla_attention.cuh`), so their outputs must be identical bit for bit; on a GPU each is held to the
 //! reference with `tests/attention.rs`'s tolerance.
@@ -36,9 +37,9 @@ const PAGE_SIZE: usize = 16;
 const SOFTMAX_SCALE: f32 = 0.088_388_35; // 1/sqrt(128)
 const FP8_SCALE: f32 = 0.75;
 
-/// (cached prefix, new tokens) per sequence: 100 + 6 (192 rows: 3 row tiles; keys 0..106 in 4 tiles, the ring of 3
-/// wraps, the last tile holds 10 keys), 0 + 5 (a fresh prompt: 160 rows, the last row tile half padding) and 37 + 1
-/// (one token: a row tile of 32 rows).
+/// (cached prefix, new tokens) per sequence: 100 + 6 (192 rows: 2 wgmma row tiles, the second's second warpgroup all
+/// padding; keys 0..106 in 4 tiles, the ring of 3 wraps, the last tile holds 10 keys), 0 + 5 (a fresh prompt: 160
+/// rows, the last row tile 32 rows) and 37 + 1 (one token: a row tile of 32 rows).
 const SEQS: [(usize, usize); 3] = [(100, 6), (0, 5), (37, 1)];
 
 /// A cache image, its tables and the queries of one prefill call, with the reference output.

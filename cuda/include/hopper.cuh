@@ -254,6 +254,60 @@ __device__ __forceinline__ void attention_tiles_overlapped(int tiles, float (&s)
     }
 }
 
+// The consumer loop of the MLA prefill's wgmma kernel (cuda/mla_attention_wgmma.cu) over `tiles` key tiles: S runs
+// one tile ahead. There S = Q K^T is twenty dependent k-steps (320 columns) and P V two, so S's chain, not the
+// softmax's, is the longest part of a tile; with S double-buffered (s0 / s1, each a fixed set of registers: two tiles
+// per trip) the wgmmas of S_{j+1} are in flight while the softmax of S_j, the rescale of O and P_j V_j run:
+//   tile 0:       S_0 issued and retired;
+//   tile j:       S_{j+1} issued (if any), softmax(j, S_j, pa), rescale() of O to tile j's maxima, O += P_j V_j
+//                 issued, wait_group 0 (retires both), release(j): O's arithmetic is the serial order's,
+//                 O c_j + P_j V_j, tile after tile.
+// One P buffer suffices (P_j V_j retires within tile j). The kernel's parts: prepare_s(s) sets S before a tile's
+// wgmmas, issue_s(j, s) / issue_pv(j, pa) issue and commit one wgmma group each, softmax(j, s, pa) turns S into P
+// (and the rows' corrections), release(j) frees tile j's stage, rescale() applies the corrections to O.
+template <int NS, int NO, int NP, class PrepareS, class IssueS, class IssuePv, class Softmax, class Release, class Rescale>
+__device__ __forceinline__ void attention_tiles_s_ahead(int tiles, float (&s0)[NS][4], float (&s1)[NS][4], float (&o)[NO][4], uint32_t (&pa)[NP][4],
+                                                        PrepareS &&prepare_s, IssueS &&issue_s, IssuePv &&issue_pv, Softmax &&softmax, Release &&release,
+                                                        Rescale &&rescale) {
+    auto start_s = [&](int j, float (&s)[NS][4]) {
+        prepare_s(s);
+        wgmma_fence_operands(s);
+        wgmma_fence();
+        issue_s(j, s);
+    };
+    // Tile j's softmax, rescale and P V (S_j retired in `current`), then the wait that retires everything in flight.
+    auto finish_tile = [&](int j, float (&current)[NS][4], float (&next)[NS][4]) {
+        softmax(j, current, pa);
+        rescale();
+        wgmma_fence_operands(o);
+        wgmma_fence_operands(pa);
+        wgmma_fence();
+        issue_pv(j, pa);
+        wgmma_wait<0>();
+        wgmma_fence_operands(o);
+        wgmma_fence_operands(next);
+        release(j);
+    };
+    start_s(0, s0);
+    wgmma_wait<0>();
+    wgmma_fence_operands(s0);
+#pragma unroll 1
+    for (int j = 0;; j += 2) {
+        if (j + 1 >= tiles) {
+            finish_tile(j, s0, s1);
+            break;
+        }
+        start_s(j + 1, s1);
+        finish_tile(j, s0, s1);
+        if (j + 2 >= tiles) {
+            finish_tile(j + 1, s1, s0);
+            break;
+        }
+        start_s(j + 2, s0);
+        finish_tile(j + 1, s1, s0);
+    }
+}
+
 // d (64 x 64 f32) = (accumulate ? d : 0) + a (64 x 16 bf16 in registers, the mma.sync A fragment of each warp's 16
 // rows) * b (16 x 64 bf16 from the descriptor): K-major B with kTransB 0, N-major B (wgmma_desc_mn_sw128_n64) with
 // kTransB 1. `accumulate` must be the same in every lane (scale-d is a warp-uniform predicate).

@@ -89,13 +89,13 @@ const COMBINE: Kernel = Kernel { module: MLA_ATTENTION, entry: "mla_attention_co
 const COPY_PAGES: Kernel = Kernel { module: MLA_ATTENTION, entry: "mla_copy_pages" };
 const ATTENTION_WGMMA_BF16: Kernel = Kernel { module: MLA_ATTENTION_WGMMA, entry: "mla_attention_wgmma_bf16" };
 const ATTENTION_WGMMA_FP8: Kernel = Kernel { module: MLA_ATTENTION_WGMMA, entry: "mla_attention_wgmma_fp8" };
-/// Row warps per block of `mla_attention_wgmma_*`: 64 rows, one wgmma M (the consumer warpgroup).
-const WGMMA_ROW_WARPS: usize = 4;
-/// Threads per block of `mla_attention_wgmma_*`: the consumer warpgroup and the producer warp.
-const WGMMA_THREADS: u32 = 5 * 32;
-/// Dynamic shared memory of `mla_attention_wgmma_*` (`kSharedBytes` in cuda/mla_attention_wgmma.cu): Q [64 x 320]
+/// Row warps per block of `mla_attention_wgmma_*`: 128 rows, two consumer warpgroups of one wgmma M (64) each.
+const WGMMA_ROW_WARPS: usize = 8;
+/// Threads per block of `mla_attention_wgmma_*`: the two consumer warpgroups and the producer warpgroup.
+const WGMMA_THREADS: u32 = (WGMMA_ROW_WARPS as u32 + 4) * 32;
+/// Dynamic shared memory of `mla_attention_wgmma_*` (`kSharedBytes` in cuda/mla_attention_wgmma.cu): Q [128 x 320]
 /// bf16, 3 stages of 32 cache tokens x 320 bf16, a full and an empty mbarrier per stage.
-const WGMMA_SHARED_BYTES: u32 = (64 * WIDTH * 2 + 3 * TILE_N * WIDTH * 2 + 2 * 3 * 8) as u32;
+const WGMMA_SHARED_BYTES: u32 = (WGMMA_ROW_WARPS * ROWS_PER_WARP * WIDTH * 2 + 3 * TILE_N * WIDTH * 2 + 2 * 3 * 8) as u32;
 
 /// The environment variable that sets the process default of [`MlaPrefillKernel`]: `wgmma` (or unset) or
 /// `mma_sync`.
@@ -899,7 +899,7 @@ impl SplitCombine {
 /// Causal latent attention into `o_lat [tokens, heads, 256]` (bf16), the shape of `queries.q_lat`. `num_splits`: None
 /// picks the split count. Returns the plan it launched. Prefill launches (a sequence with more than one query token)
 /// that need no KV split (`num_splits` `Some(1)`, or `None` when the heuristic makes one split or the wgmma kernel's
-/// 64-row tiles alone fill the GPU) run on the kernel [`MlaPrefillKernel`] picks (wgmma by default; its plan has 4 row
+/// 128-row tiles alone fill the GPU) run on the kernel [`MlaPrefillKernel`] picks (wgmma by default; its plan has 8 row
 /// warps and one split); every other launch runs the mma.sync kernel.
 ///
 /// `Error::InvalidArgument` when the tables were checked for another cache geometry, `heads` is 0 or above 65536,
@@ -978,7 +978,7 @@ pub fn mla_attention(
         if tables.plan_for_capacity { tables.host.max_pages * tables.page_size } else { tables.seq_lens().iter().copied().max().unwrap_or(0) as usize };
     let plan = AttentionPlan::new(num_seqs, max_q * heads, max_kv, num_splits)?;
     // Prefill on the wgmma kernel when it is chosen and needs no split: one was asked for, or the heuristic made none,
-    // or its 64-row tiles alone fill the GPU.
+    // or its 128-row tiles alone fill the GPU.
     let wgmma_plan = AttentionPlan {
         warps: WGMMA_ROW_WARPS,
         tile_rows: WGMMA_ROW_WARPS * ROWS_PER_WARP,

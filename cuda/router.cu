@@ -71,8 +71,8 @@ __device__ __forceinline__ int align_slot(int offset, int rank) { return offset 
 
 // Local expert `expert`'s padding slots (after its `count` pairs from `offset`, up to `end`, the next expert's offset)
 // and its tiles, by `threads` threads of which this is `thread`.
-// The loops are short (an expert's padding is under one tile: one or two rounds of 32 threads), so they stay rolled:
-// an unrolled loop's remainder arithmetic would cost more than the rounds.
+// The loops are short (an expert's padding is under one tile: a round or two of the threads), so they stay rolled: an
+// unrolled loop's remainder arithmetic would cost more than the rounds.
 __device__ __forceinline__ void align_fill_expert(const MoeAlignParams &p, int expert, int offset, int count, int end, int thread, int threads) {
 #pragma unroll 1
     for (int r = offset + count + thread; r < end; r += threads) p.sorted_pairs[r] = -1;

@@ -57,7 +57,7 @@ fn bench_projection(c: &mut Criterion, device: &Device, projection: &Projection,
         let mean = if projection.f32_out {
             let y = DeviceBuffer::<f32>::alloc(device, tokens * projection.rows).unwrap();
             let y = y.view([tokens, projection.rows]).unwrap();
-            time_calls(c, device, &name, || dense::linear_f32(&weights, x, y).unwrap())
+            time_calls(c, device, &name, || dense::linear_f32(&weights, x, y, None).unwrap())
         } else {
             let y = DeviceBuffer::<bf16>::alloc(device, tokens * projection.rows).unwrap();
             let y = y.view([tokens, projection.rows]).unwrap();

@@ -67,13 +67,18 @@ __host__ __device__ constexpr int stages_for(int stage_bytes, int max_stages) {
     return kStageBudget / stage_bytes < 2 ? 2 : (kStageBudget / stage_bytes > max_stages ? max_stages : kStageBudget / stage_bytes);
 }
 
-// Activation row chunk c of row r in shared memory: 16-byte chunks XOR-swizzled so that the 8 rows one ldmatrix
-// matrix reads hit 8 different bank groups. bf16 rows of a stage are 128 bytes (8 chunks): chunk ^ (row % 8); e4m3
-// rows are 64 bytes (4 chunks, two rows per 128-byte bank line): chunk ^ ((row / 2) % 4).
+// The activations' shared-memory swizzle, one rule for every mma.sync tile: 16-byte chunk `chunk` of a row's
+// 128-byte bank line sits at byte (chunk ^ row_key) * 16 of it, the row's key chosen so that the 8 rows one ldmatrix
+// matrix reads hit 8 different bank groups.
+__device__ __forceinline__ int swizzled_chunk(int chunk, int row_key) { return (chunk ^ row_key) << 4; }
+
+// Activation row chunk c of row r of a grouped tile's stage. bf16 rows of a stage are 128 bytes (8 chunks, key
+// row % 8); e4m3 rows are 64 bytes (4 chunks, two rows per 128-byte bank line: key (row / 2) % 4). decode_gemm keeps
+// whole-K rows instead (one bank line per 64-k block, key = its slot < 8).
 template <bool Fp8Act>
 __device__ __forceinline__ int x_chunk_offset(int row, int chunk) {
     constexpr int kRowBytes = Fp8Act ? kBK : kBK * 2;
-    return row * kRowBytes + ((Fp8Act ? chunk ^ ((row >> 1) & 3) : chunk ^ (row & 7)) << 4);
+    return row * kRowBytes + swizzled_chunk(chunk, Fp8Act ? (row >> 1) & 3 : row & 7);
 }
 
 // Every accumulator of a warp's tiles to zero: before the k loop, and before sum_k_splits adds up the partials.
@@ -387,9 +392,11 @@ __device__ __forceinline__ void decode_gemm(const MoeGemmParams &p) {
     }
     __syncthreads();
 
-    // Row s of the slots at s * row_bytes; its 16-byte chunk c (8 per 64-k block) at (c / 8) * 128 + ((c % 8) ^ s) * 16,
-    // so the 8 rows one ldmatrix matrix reads hit 8 bank groups. Rows of padding pairs, and row `slots` when the
-    // block has fewer than 8 (the missing slots' lanes read it), are zeros.
+    // Row s of the slots at s * row_bytes; its 16-byte chunk c (8 per 64-k block) at (c / 8) * 128 + ((c % 8) ^ s) * 16
+    // (swizzled_chunk, the grouped tiles' rule), so the 8 rows one ldmatrix matrix reads hit 8 bank groups. Rows of
+    // padding pairs, and row `slots` when the block has fewer than 8 (the missing slots' lanes read it), are zeros.
+    // Only the swizzle is shared with grouped_gemm's load_stage: that one refills a ring of 64-k stages every k block
+    // (rows of 128 bytes, padding rows zeroed once per stage), this copies each row once over the whole K.
     const int row_bytes = p.k_dim * 2, row_chunks = p.k_dim / 8;
     const int rows_used = min(slots + 1, kDecodeSlots);
     for (int s = 0; s < rows_used; ++s) {
@@ -398,7 +405,7 @@ __device__ __forceinline__ void decode_gemm(const MoeGemmParams &p) {
         const bf16 *src = tail ? p.tail.x + src_row * p.tail.x_stride : p.x + (long)blockIdx.z * p.x_batch_stride + src_row * p.x_stride;
         unsigned char *dst = smem + s * row_bytes;
         for (int c = tid; c < row_chunks; c += kThreads) {
-            unsigned char *chunk = dst + (c >> 3) * 128 + (((c & 7) ^ s) << 4);
+            unsigned char *chunk = dst + (c >> 3) * 128 + swizzled_chunk(c & 7, s);
             if (pair >= 0) {
                 cp_async16(chunk, src + c * 8);
             } else {
@@ -413,8 +420,8 @@ __device__ __forceinline__ void decode_gemm(const MoeGemmParams &p) {
     // ldmatrix.x4 lane addresses: lane l gives row l % 8 (its slot's row, or the zero row) of matrix l / 8 = (k-step
     // 2q + l / 16, k half (l / 8) % 2), i.e. chunk 4q + l / 8 of each 64-k block; q = 0 at x_lo, q = 1 at x_hi.
     const int x_row = (lane & 7) < slots ? (lane & 7) : slots;
-    const uint32_t x_lo = smem_addr(smem + x_row * row_bytes + (((lane >> 3) ^ x_row) << 4));
-    const uint32_t x_hi = smem_addr(smem + x_row * row_bytes + (((4 + (lane >> 3)) ^ x_row) << 4));
+    const uint32_t x_lo = smem_addr(smem + x_row * row_bytes + swizzled_chunk(lane >> 3, x_row));
+    const uint32_t x_hi = smem_addr(smem + x_row * row_bytes + swizzled_chunk(4 + (lane >> 3), x_row));
 
     float acc[1][1][4];
     zero_accumulators(acc);

@@ -51,6 +51,43 @@ struct AlignShared {
 
 __device__ __forceinline__ int lane_id() { return threadIdx.x & 31; }
 
+// The alignment's layout (contract: reference::moe::Alignment), in one place for both alignments: moe_align_block
+// (one block, the counts in shared memory) and decode_route_and_align (one warp, the <= 8 pairs in registers). Local
+// expert e owns the slots from offsets[e] (the tile-rounded counts of the experts below it, summed) for its padded
+// count; its pairs take the first of them in pair order (slot = offset + rank), the rest are padding (-1), and each
+// of its tiles of tile_m slots names it. Past num_padded (the last offset) every slot and tile is -1.
+
+// The local expert of an expert map entry: one outside [0, local_experts) means "not here" (-1), never an
+// out-of-bounds index.
+__device__ __forceinline__ int align_local_expert(int mapped, int local_experts) {
+    return (mapped >= 0 && mapped < local_experts) ? mapped : -1;
+}
+
+// Slots an expert of `count` pairs owns: the count rounded up to whole tiles (tile_m a power of two).
+__device__ __forceinline__ int align_padded_count(int count, int tile_m) { return (count + tile_m - 1) & ~(tile_m - 1); }
+
+// The slot of the pair of rank `rank` (pairs of the same expert before it) of the expert whose slots start at `offset`.
+__device__ __forceinline__ int align_slot(int offset, int rank) { return offset + rank; }
+
+// Local expert `expert`'s padding slots (after its `count` pairs from `offset`, up to `end`, the next expert's offset)
+// and its tiles, by `threads` threads of which this is `thread`.
+// The loops are short (an expert's padding is under one tile: a round or two of the threads), so they stay rolled: an
+// unrolled loop's remainder arithmetic would cost more than the rounds.
+__device__ __forceinline__ void align_fill_expert(const MoeAlignParams &p, int expert, int offset, int count, int end, int thread, int threads) {
+#pragma unroll 1
+    for (int r = offset + count + thread; r < end; r += threads) p.sorted_pairs[r] = -1;
+#pragma unroll 1
+    for (int t = offset / p.tile_m + thread; t < end / p.tile_m; t += threads) p.tile_experts[t] = expert;
+}
+
+// Every slot and tile past `num_padded` (up to the buffers' max_padded), by `threads` threads of which this is `thread`.
+__device__ __forceinline__ void align_fill_past_end(const MoeAlignParams &p, int num_padded, int thread, int threads) {
+#pragma unroll 1
+    for (int r = num_padded + thread; r < p.max_padded; r += threads) p.sorted_pairs[r] = -1;
+#pragma unroll 1
+    for (int t = num_padded / p.tile_m + thread; t < p.max_padded / p.tile_m; t += threads) p.tile_experts[t] = -1;
+}
+
 // Inclusive scan over the block (kThreads values, one per thread); returns each thread's inclusive prefix.
 __device__ int block_inclusive_scan(int v, int *warp_totals) {
     const int lane = lane_id(), warp = threadIdx.x >> 5;
@@ -70,9 +107,7 @@ __device__ void moe_align_block(const MoeAlignParams &p, AlignShared &s) {
     const int tid = threadIdx.x, lane = lane_id(), warp = tid >> 5;
     const int tile_m = p.tile_m;
     for (int e = tid; e < kMaxExperts; e += kThreads) {
-        int local = e < p.experts ? __ldcg(p.expert_map + e) : -1;
-        // A map entry outside [0, local_experts) means "not here": never an out-of-bounds index.
-        s.local_of[e] = (local >= 0 && local < p.local_experts) ? local : -1;
+        s.local_of[e] = align_local_expert(e < p.experts ? __ldcg(p.expert_map + e) : -1, p.local_experts);
         s.counts[e] = 0;
     }
     __syncthreads();
@@ -86,7 +121,7 @@ __device__ void moe_align_block(const MoeAlignParams &p, AlignShared &s) {
 
     // Offsets: exclusive scan of counts rounded up to tile_m (local_experts <= kThreads).
     const int count = tid < p.local_experts ? s.counts[tid] : 0;
-    const int padded = (count + tile_m - 1) & ~(tile_m - 1);
+    const int padded = align_padded_count(count, tile_m);
     const int inclusive = block_inclusive_scan(padded, s.warp_totals);
     if (tid < p.local_experts) {
         s.offsets[tid + 1] = inclusive;
@@ -102,13 +137,9 @@ __device__ void moe_align_block(const MoeAlignParams &p, AlignShared &s) {
     const int num_padded = s.offsets[p.local_experts];
     if (tid == 0) p.num_padded[0] = num_padded;
 
-    // Padding rows of each expert, tile owners, and everything past num_padded.
-    for (int e = warp; e < p.local_experts; e += kWarps) {
-        for (int r = s.offsets[e] + s.counts[e] + lane; r < s.offsets[e + 1]; r += 32) p.sorted_pairs[r] = -1;
-        for (int t = s.offsets[e] / tile_m + lane; t < s.offsets[e + 1] / tile_m; t += 32) p.tile_experts[t] = e;
-    }
-    for (int r = num_padded + tid; r < p.max_padded; r += kThreads) p.sorted_pairs[r] = -1;
-    for (int t = num_padded / tile_m + tid; t < p.max_padded / tile_m; t += kThreads) p.tile_experts[t] = -1;
+    // Padding rows of each expert (a warp each), tile owners, and everything past num_padded.
+    for (int e = warp; e < p.local_experts; e += kWarps) align_fill_expert(p, e, s.offsets[e], s.counts[e], s.offsets[e + 1], lane, 32);
+    align_fill_past_end(p, num_padded, tid, kThreads);
 
     // Stable scatter.
     for (int base = 0; base < p.pairs; base += kThreads) {
@@ -129,9 +160,10 @@ __device__ void moe_align_block(const MoeAlignParams &p, AlignShared &s) {
         if (local >= 0 && lower == 0) s.warp_counts[warp][local] = __popc(peers);
         __syncthreads();
         if (local >= 0) {
-            int slot = s.cursor[local] + __popc(lower);
-            for (int w = 0; w < warp; ++w) slot += s.warp_counts[w][local];
-            p.sorted_pairs[slot] = pair;
+            // cursor[local] is the expert's offset plus its pairs in earlier chunks: the rank counts this chunk's.
+            int rank = __popc(lower);
+            for (int w = 0; w < warp; ++w) rank += s.warp_counts[w][local];
+            p.sorted_pairs[align_slot(s.cursor[local], rank)] = pair;
         }
         __syncthreads();
         if (tid < p.local_experts) {
@@ -352,8 +384,9 @@ extern "C" __global__ void __launch_bounds__(kThreads) router_topk(const RouterP
 // - weights: exp(logit - max) of the chosen, renormalised over the chosen, times routed_scale (the softmax's
 //   denominator cancels in the renormalisation, so the full sum over the experts is not needed);
 // - alignment: lane j holds pair j: match.any gives its expert's count and its rank among equal pairs, shuffles give
-//   every lane the pairs' padded counts, and every output element (counts, offsets, sorted pairs, tile experts,
-//   num_padded) is a sum or a select over the <= 8 pairs.
+//   every lane the pairs' counts and padded counts; counts, offsets and num_padded are sums or selects over the <= 8
+//   pairs, and the slots and tiles are written with moe_align_block's layout functions (align_*: the pair at
+//   offset + rank, then each chosen expert's padding and tiles, then everything past num_padded).
 // Stage 1's loads are unconditional (clamped addresses, masked after): a guarded load would end a basic block and
 // put one memory latency per gate row on the chain. The k rounds and the alignment are unrolled for k <= 4 (the
 // model's 4) or k <= 8.
@@ -405,8 +438,7 @@ __device__ void decode_route_and_align(const RouterParams &p, int slices, int st
     int local_of[kDecodeExpertsPerLane];
 #pragma unroll
     for (int i = 0; i < kDecodeExpertsPerLane; ++i) {
-        const int local = __ldcg(a.expert_map + min(first + i, p.experts - 1));
-        local_of[i] = (local >= 0 && local < a.local_experts) ? local : -1;
+        local_of[i] = align_local_expert(__ldcg(a.expert_map + min(first + i, p.experts - 1)), a.local_experts);
     }
     float logit[kDecodeExpertsPerLane];
     unsigned long long keys[kDecodeExpertsPerLane];
@@ -472,11 +504,11 @@ __device__ void decode_route_and_align(const RouterParams &p, int slices, int st
     const float norm = p.routed_scale / chosen_sum;
 
     // Alignment. Pair j (= lane j) among the pairs of its expert: count and rank; the first of them carries the
-    // expert's tile-rounded count (`padded`), which every lane then sees for every pair.
-    const int tile_mask = a.tile_m - 1;
+    // expert's count and tile-rounded count (`padded`), which every lane then sees for every pair.
     const unsigned peers = __match_any_sync(0xffffffffu, my_local);
     const int rank = __popc(peers & ((1u << lane) - 1u));
-    const int padded = (my_local >= 0 && rank == 0) ? (__popc(peers) + tile_mask) & ~tile_mask : 0;
+    const bool first_of_expert = my_local >= 0 && rank == 0;
+    const int padded = first_of_expert ? align_padded_count(__popc(peers), a.tile_m) : 0;
     int pair_padded[kPairs];
     int num_padded = 0;
 #pragma unroll
@@ -492,12 +524,6 @@ __device__ void decode_route_and_align(const RouterParams &p, int slices, int st
         return offset;
     };
     const int start = offset_of(my_local);
-    int pair_slot[kPairs], pair_start[kPairs];
-#pragma unroll
-    for (int j = 0; j < kPairs; ++j) {
-        pair_start[j] = __shfl_sync(0xffffffffu, start, j);
-        pair_slot[j] = pair_start[j] + __shfl_sync(0xffffffffu, rank, j);
-    }
     // This lane's experts are consecutive: each offset is the previous one plus its padded count.
     int count[kDecodeExpertsPerLane], offset[kDecodeExpertsPerLane];
 #pragma unroll
@@ -505,8 +531,16 @@ __device__ void decode_route_and_align(const RouterParams &p, int slices, int st
         count[i] = 0;
 #pragma unroll
         for (int j = 0; j < kPairs; ++j) count[i] += chosen_local[j] == first + i ? 1 : 0;
-        offset[i] = i == 0 ? offset_of(first) : offset[i - 1] + ((count[i - 1] + tile_mask) & ~tile_mask);
+        offset[i] = i == 0 ? offset_of(first) : offset[i - 1] + align_padded_count(count[i - 1], a.tile_m);
     }
+    // The slots and tiles of pair j's expert are written by lanes j * kGroup .. (j + 1) * kGroup - 1 (its group).
+    static_assert(32 % kPairs == 0, "lane groups of equal size, one a pair");
+    constexpr int kGroup = 32 / kPairs;
+    const int group_pair = lane / kGroup;
+    const int group_padded = __shfl_sync(0xffffffffu, padded, group_pair);  // 0 unless group_pair is its expert's first
+    const int group_start = __shfl_sync(0xffffffffu, start, group_pair);
+    const int group_count = __shfl_sync(0xffffffffu, __popc(peers), group_pair);
+    const int group_local = __shfl_sync(0xffffffffu, my_local, group_pair);
 
     // The stores, last.
 #pragma unroll
@@ -528,21 +562,11 @@ __device__ void decode_route_and_align(const RouterParams &p, int slices, int st
         a.expert_offsets[a.local_experts] = num_padded;
         a.num_padded[0] = num_padded;
     }
-    for (int r = lane; r < a.max_padded; r += 32) {
-        int pair = -1;
-#pragma unroll
-        for (int j = 0; j < kPairs; ++j) pair = chosen_local[j] >= 0 && pair_slot[j] == r ? j : pair;
-        a.sorted_pairs[r] = pair;
-    }
-    for (int t = lane; t < a.max_padded / a.tile_m; t += 32) {
-        const int row = t * a.tile_m;
-        int expert = -1;
-#pragma unroll
-        for (int j = 0; j < kPairs; ++j) {
-            expert = pair_padded[j] > 0 && pair_start[j] <= row && row < pair_start[j] + pair_padded[j] ? chosen_local[j] : expert;
-        }
-        a.tile_experts[t] = expert;
-    }
+    // Pair j (lane j) at its slot; the padding and tiles of pair j's expert (when j is its first pair) by its lane
+    // group, all experts at once; the slots past num_padded.
+    if (my_local >= 0) a.sorted_pairs[align_slot(start, rank)] = lane;
+    if (group_padded > 0) align_fill_expert(a, group_local, group_start, group_count, group_start + group_padded, lane % kGroup, kGroup);
+    align_fill_past_end(a, num_padded, lane, 32);
 }
 
 // Grid: x = ceil(dim / 256) slices (<= 16), y = ceil(experts / 32) groups (<= 4); 256 threads; tokens == 1.

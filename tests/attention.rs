@@ -559,7 +559,7 @@ fn check_latent_projection(device: &Device, seed: u64, lens: &[usize], fp8: bool
         let q_norm = QueryLatentNorm { weight: q_weight.as_vector(), out: q_out.view([tokens, q_rank]).unwrap(), eps: 1e-6 };
         let hv = h.view([tokens, dim]).unwrap();
         if fused {
-            attention::latent_projection(&w, hv, qkv_view, &q_norm, &cache, &block_tables, &write, &slots, &counters).unwrap();
+            attention::latent_projection(&w, hv, qkv_view, &q_norm, &cache, &block_tables, &write, &slots, &counters, None).unwrap();
         } else {
             dense::linear(&w, hv, qkv_view).unwrap();
             small4::kernels::norm::rms_norm(qkv_view.columns(0..q_rank).unwrap(), q_norm.weight, q_norm.out, q_norm.eps).unwrap();

@@ -425,7 +425,7 @@ fn linear_per_head_matches_reference(device: &Device) {
         let x = random_bf16(&mut rng, rows * heads * head_in, 1.0);
         let x_dev = DeviceBuffer::from_slice(device, &x).unwrap();
         let y = DeviceBuffer::<bf16>::filled_with_byte(device, rows * heads * out_cols, 0xff).unwrap();
-        dense::linear_per_head(&weights, x_dev.view([rows, heads, head_in]).unwrap(), y.view([rows, heads, out_cols]).unwrap()).unwrap();
+        dense::linear_per_head(&weights, x_dev.view([rows, heads, head_in]).unwrap(), y.view([rows, heads, out_cols]).unwrap(), None).unwrap();
         let got = to_f32(&y.to_vec().unwrap());
         for (h, (_, deq)) in mats.iter().enumerate() {
             let x_h: Vec<f32> = (0..rows).flat_map(|r| to_f32(&x[(r * heads + h) * head_in..][..k_dim])).collect();
@@ -845,7 +845,7 @@ fn wo_add_rms_norm_bits(
     let view = |b| view(b, rows, out_dim);
     let norm = ResidualNorm { residual: view(residual), weight: gamma.as_vector(), residual_out: view(&h), out: view(&out), eps: 1e-6 };
     if fused {
-        dense::linear_add_rms_norm(weights, x.view([rows, in_dim]).unwrap(), view(&y), &norm, counters).unwrap();
+        dense::linear_add_rms_norm(weights, x.view([rows, in_dim]).unwrap(), view(&y), &norm, counters, None).unwrap();
     } else {
         dense::linear(weights, x.view([rows, in_dim]).unwrap(), view(&y)).unwrap();
         norm::add_rms_norm(view(&y), norm.residual, norm.weight, norm.residual_out, norm.out, norm.eps).unwrap();
@@ -974,7 +974,7 @@ fn linear_rope_q_equals_the_launches_apart(device: &Device) {
             let q = DeviceBuffer::<bf16>::filled_with_byte(device, rows * out_dim, 0xff).unwrap();
             let (xv, qv) = (x.view([rows, in_dim]).unwrap(), q.view([rows, heads, head_dim]).unwrap());
             if fused {
-                dense::linear_rope_q(weights, xv, qv, positions.as_vector(), inv_freq.as_vector(), scale).unwrap();
+                dense::linear_rope_q(weights, xv, qv, positions.as_vector(), inv_freq.as_vector(), scale, None).unwrap();
             } else {
                 dense::linear(weights, xv, q.view([rows, out_dim]).unwrap()).unwrap();
                 ops::rope_q_k(qv, None, positions.as_vector(), inv_freq.as_vector(), scale).unwrap();

@@ -275,7 +275,7 @@ fn check_dense(device: &Device, format: WeightFormat, seed: u64) {
 
     let (f_wgmma, f_mma) = dense_three(device, format, || {
         let y = DeviceBuffer::<f32>::filled_with_byte(device, rows * out_dim, 0xff)?;
-        dense::linear_f32(&weights, x_dev.view([rows, in_dim])?, y.view([rows, out_dim])?)?;
+        dense::linear_f32(&weights, x_dev.view([rows, in_dim])?, y.view([rows, out_dim])?, None)?;
         y.to_vec()
     })
     .unwrap();
@@ -303,7 +303,7 @@ fn check_dense(device: &Device, format: WeightFormat, seed: u64) {
     let xh_dev = DeviceBuffer::from_slice(device, &xh).unwrap();
     let (h_wgmma, h_mma) = dense_three(device, format, || {
         let y = DeviceBuffer::<bf16>::filled_with_byte(device, rows * heads * head_out, 0xff)?;
-        dense::linear_per_head(&per_head, xh_dev.view([rows, heads, head_in])?, y.view([rows, heads, head_out])?)?;
+        dense::linear_per_head(&per_head, xh_dev.view([rows, heads, head_in])?, y.view([rows, heads, head_out])?, None)?;
         y.to_vec()
     })
     .unwrap();
@@ -333,7 +333,7 @@ fn dense_at_real_reduction_lengths(device: &Device, format: WeightFormat, seed: 
         let want = matmul_nt(&x_rows, &deq, rows, k_dim, out_dim);
         let (y_tma, y_mma) = dense_three(device, format, || {
             let y = DeviceBuffer::<f32>::filled_with_byte(device, rows * out_dim, 0xff)?;
-            dense::linear_f32(&weights, x_dev.view([rows, x_stride])?.columns(0..k_dim)?, y.view([rows, out_dim])?)?;
+            dense::linear_f32(&weights, x_dev.view([rows, x_stride])?.columns(0..k_dim)?, y.view([rows, out_dim])?, None)?;
             y.to_vec()
         })
         .unwrap();
@@ -378,7 +378,7 @@ fn dense_tma_launch_reuses_its_tensor_map() {
     let y = DeviceBuffer::<f32>::alloc(&device, rows * out_dim).unwrap();
     let launch = |x: &DeviceBuffer<bf16>, rows: usize| -> Vec<f32> {
         run_on(&device, PrefillGemm::Wgmma, "moe_gemm_bf16_wgmma_dense", || {
-            dense::linear_f32(&weights, x.view([rows, in_dim])?, y.view([rows, out_dim])?)?;
+            dense::linear_f32(&weights, x.view([rows, in_dim])?, y.view([rows, out_dim])?, None)?;
             y.to_vec()
         })
         .unwrap()
@@ -412,7 +412,7 @@ fn wgmma_4bit_k_loop_has_no_global_loads_on_its_chain() {
         let (w, _) = random_matrix(&mut rng, format, out_dim, k_dim);
         let weights = DeviceWeights::upload(&device, &repack::repack_linear(&[(&w).into()]).unwrap()).unwrap();
         for choice in [PrefillGemm::Wgmma, PrefillGemm::WgmmaGather] {
-            choice.run(|| dense::linear_f32(&weights, x.view([rows, k_dim])?, y.view([rows, out_dim])?)).unwrap();
+            choice.run(|| dense::linear_f32(&weights, x.view([rows, k_dim])?, y.view([rows, out_dim])?, None)).unwrap();
             let c = device.last_launch_counters().unwrap();
             println!("{format} {}: {} global loads on the longest chain", c.kernel, c.timing.chain_globals_max);
             assert!(
@@ -508,7 +508,7 @@ fn print_prefill_counters(format: WeightFormat) {
                 .run(|| match &launch[..2] {
                     "up" => moe::up_swiglu(&gate_up, x.view([tokens, dim])?, k, &grouping, act.view([capacity, hidden])?),
                     "do" => moe::down(&down, act.view([capacity, hidden])?, &grouping, weights.view([tokens, k])?, out.view([tokens * k, dim])?),
-                    _ => dense::linear_f32(&dense_w, dense_x.view([dense_rows, hidden])?, dense_y.view([dense_rows, dim])?),
+                    _ => dense::linear_f32(&dense_w, dense_x.view([dense_rows, hidden])?, dense_y.view([dense_rows, dim])?, None),
                 })
                 .unwrap();
             let c = device.last_launch_counters().unwrap();

@@ -191,7 +191,7 @@ fn dense_f32_mismatches(device: &Device, format: WeightFormat, rows: usize, k_di
     let (_, want) = reference(&x, rows, k_dim, stride, &w);
     let y = run_a8(device, format, || {
         let y = DeviceBuffer::<f32>::filled_with_byte(device, rows * out_dim, 0xff)?;
-        dense::linear_f32(&weights, x_dev.view([rows, stride])?.columns(0..k_dim)?, y.view([rows, out_dim])?)?;
+        dense::linear_f32(&weights, x_dev.view([rows, stride])?.columns(0..k_dim)?, y.view([rows, out_dim])?, None)?;
         y.to_vec()
     })?;
     Ok(mismatches(&y, &want))
@@ -226,7 +226,7 @@ fn dense_random_within_the_derived_bound(device: &Device) {
         let want = gemm_a8(&quantize_act_block128(&x_rows, rows, k_dim).unwrap(), &w).unwrap();
         let y = run_a8(device, format, || {
             let y = DeviceBuffer::<f32>::filled_with_byte(device, rows * out_dim, 0xff)?;
-            dense::linear_f32(&weights, x_dev.view([rows, k_dim])?, y.view([rows, out_dim])?)?;
+            dense::linear_f32(&weights, x_dev.view([rows, k_dim])?, y.view([rows, out_dim])?, None)?;
             y.to_vec()
         })
         .unwrap();
@@ -385,7 +385,7 @@ fn launches_it_does_not_serve_keep_mma_sync(device: &Device) {
     let want = small4::reference::linear::matmul_nt(&to_f32(&x), &w.dequantize_for_gemm(), rows, k_dim, out_dim);
     let launch = || {
         let y = DeviceBuffer::<f32>::filled_with_byte(device, rows * out_dim, 0xff)?;
-        dense::linear_f32(&weights, x_dev.view([rows, k_dim])?, y.view([rows, out_dim])?)?;
+        dense::linear_f32(&weights, x_dev.view([rows, k_dim])?, y.view([rows, out_dim])?, None)?;
         y.to_vec()
     };
     run_checked("K 192", &launch, &want);
@@ -404,7 +404,7 @@ fn launches_it_does_not_serve_keep_mma_sync(device: &Device) {
     }
     let launch = || {
         let y = DeviceBuffer::<bf16>::filled_with_byte(device, rows * heads * head_out, 0xff)?;
-        dense::linear_per_head(&per_head, xh_dev.view([rows, heads, k_dim])?, y.view([rows, heads, head_out])?)?;
+        dense::linear_per_head(&per_head, xh_dev.view([rows, heads, k_dim])?, y.view([rows, heads, head_out])?, None)?;
         Ok(to_f32(&y.to_vec()?))
     };
     run_checked("per-head", &launch, &want);
@@ -513,7 +513,7 @@ fn fp8_counters_at_real_dims() {
                     .run(|| match &launch[..2] {
                         "up" => moe::up_swiglu(&gate_up, x.view([tokens, dim])?, k, &grouping, act_out.view([capacity, hidden])?),
                         "do" => moe::down(&down, act.view([capacity, hidden])?, &grouping, weights.view([tokens, k])?, out.view([tokens * k, dim])?),
-                        _ => dense::linear_f32(&dense_w, dense_x.view([dense_rows, hidden])?, dense_y.view([dense_rows, dim])?),
+                        _ => dense::linear_f32(&dense_w, dense_x.view([dense_rows, hidden])?, dense_y.view([dense_rows, dim])?, None),
                     })
                     .unwrap();
                 let c = device.last_launch_counters().unwrap();
@@ -523,10 +523,10 @@ fn fp8_counters_at_real_dims() {
     }
 }
 
-/// The launches quantise into the thread's `Fp8ActScratch` (the engine's): once reserved, repeated launches that fit
-/// allocate nothing (on CUDA each allocation and free synchronises the stream) and still equal the reference bit for
-/// bit; a launch of more rows grows the two buffers once, and the smaller launches after it reuse the grown ones.
-/// Outside any scratch a launch allocates its own.
+/// The launches quantise into the `Fp8ActScratch` they are given (as the engine gives its own): once reserved,
+/// repeated launches that fit allocate nothing (on CUDA each allocation and free synchronises the stream) and still
+/// equal the reference bit for bit; a launch of more rows grows the two buffers once, and the smaller launches after
+/// it reuse the grown ones. A launch given none allocates its own.
 #[test]
 fn repeated_launches_reuse_the_scratch() {
     use small4::kernels::moe_wgmma_fp8::Fp8ActScratch;
@@ -547,23 +547,24 @@ fn repeated_launches_reuse_the_scratch() {
     let x = integer_activations(&mut rng, max_rows, k_dim, k_dim);
     let x_dev = DeviceBuffer::from_slice(&device, &x).unwrap();
     let y = DeviceBuffer::<f32>::alloc(&device, max_rows * out_dim).unwrap();
-    // Allocations made by one launch of `rows` rows, and whether its output equals the reference.
-    let launch = |rows: usize| -> (usize, bool) {
+    // Allocations made by one launch of `rows` rows quantising into `scratch`, and whether its output equals the
+    // reference.
+    let launch = |rows: usize, scratch: Option<&Fp8ActScratch>| -> (usize, bool) {
         let before = allocations.load(Ordering::SeqCst);
-        run_a8(&device, format, || dense::linear_f32(&weights, x_dev.view([rows, k_dim])?, y.view([rows, out_dim])?)).unwrap();
+        run_a8(&device, format, || dense::linear_f32(&weights, x_dev.view([rows, k_dim])?, y.view([rows, out_dim])?, scratch)).unwrap();
         let made = allocations.load(Ordering::SeqCst) - before;
         let got = y.to_vec().unwrap();
         let (_, want) = reference(&x[..rows * k_dim], rows, k_dim, k_dim, &w);
         (made, mismatches(&got[..rows * out_dim], &want) == 0)
     };
-    let scratch = Arc::new(Fp8ActScratch::new(&device));
+    let scratch = Fp8ActScratch::new(&device);
     scratch.reserve(48, k_dim).unwrap();
     assert_eq!(scratch.capacity(), (48 * k_dim, 48 * 2));
-    let runs = scratch.run(|| [launch(48), launch(40), launch(max_rows), launch(48), launch(max_rows)]);
+    let runs = [48, 40, max_rows, 48, max_rows].map(|rows| launch(rows, Some(&scratch)));
     assert_eq!(runs, [(0, true), (0, true), (2, true), (0, true), (0, true)], "(allocations, equal to the reference) per launch");
     assert_eq!(scratch.capacity(), (max_rows * k_dim, max_rows * 2));
-    // Without a scratch in force: the launch's own codes and scales.
-    assert_eq!(launch(40), (2, true));
+    // Without a scratch: the launch's own codes and scales.
+    assert_eq!(launch(40, None), (2, true));
     // Bad sizes are typed errors, and leave the buffers as they were.
     for (rows, k) in [(4, 0), (4, 200), (usize::MAX / 64, 128)] {
         assert!(matches!(scratch.reserve(rows, k), Err(small4::Error::InvalidArgument(_))), "reserve({rows}, {k})");

@@ -12,6 +12,7 @@ use super::check_len;
 use super::dense;
 use super::modules::{MLA_ATTENTION, MLA_ATTENTION_WGMMA};
 use super::moe::{DeviceWeights, RowCounters, RowFinish};
+use super::moe_wgmma_fp8::Fp8ActScratch;
 use super::norm;
 use super::params::{MlaAttentionParams, MlaCacheWriteParams, MlaCopyPagesParams};
 use super::{Matrix, TensorView, Vector};
@@ -603,7 +604,8 @@ pub struct QueryLatentNorm<'a> {
 /// (`qkv_a` `[tokens, q_lora_rank + 320]`: `[q_a | c | k_rope]`), and, as each token's row is finished (the GEMM's row
 /// finisher), `q_norm.out = rms_norm(q_a)` and the cache write of `[c | k_rope]` ([`mla_cache_write`]). Bit for bit
 /// `dense::linear`, `norm::rms_norm` and `mla_cache_write` one after the other, in one launch instead of three.
-/// `counters` has a zero counter per token (any stream's, left zero by every launch).
+/// `counters` has a zero counter per token (any stream's, left zero by every launch); `fp8_act` as for
+/// [`dense::linear_f32`].
 ///
 /// Errors as the three it replaces; `Error::Shape` when `qkv_a` is not `[tokens, q_lora_rank + 320]` or `counters` is
 /// shorter than the tokens.
@@ -633,7 +635,7 @@ pub struct QueryLatentNorm<'a> {
 /// let slots = TokenSlots::upload(&device, &[0], &[0])?;
 /// let counters = RowCounters::new(&device, 1)?;
 /// let q_norm = QueryLatentNorm { weight: q_weight.as_vector(), out: q_out.view([1, 64])?, eps: 0.0 };
-/// latent_projection(&w, h.view([1, 64])?, qkv_a.view([1, q_rank + 320])?, &q_norm, &cache, &tables, &write, &slots, &counters)?;
+/// latent_projection(&w, h.view([1, 64])?, qkv_a.view([1, q_rank + 320])?, &q_norm, &cache, &tables, &write, &slots, &counters, None)?;
 /// // rms_norm of a constant row is 1: the q latent and the cached latent are ones; the cached k_rope stays 0.
 /// assert!(q_out.to_vec()?.iter().all(|v| *v == bf16::ONE));
 /// let row: Vec<bf16> = cache.to_bytes()?[..2 * 320].chunks(2).map(|b| bf16::from_le_bytes([b[0], b[1]])).collect();
@@ -651,6 +653,7 @@ pub fn latent_projection(
     write: &CacheWriteWeights,
     slots: &TokenSlots,
     counters: &RowCounters,
+    fp8_act: Option<&Fp8ActScratch>,
 ) -> Result<()> {
     let [tokens, cols] = qkv_a.dims();
     let [_, q_rank] = q_norm.out.dims();
@@ -658,7 +661,7 @@ pub fn latent_projection(
     let norm = norm::rms_norm_params(qkv_a.columns(0..q_rank)?, q_norm.weight, q_norm.out, q_norm.eps)?;
     let (cache_params, fp8) = cache_write_params(cache, tables, qkv_a.columns(q_rank..cols)?, write, slots)?;
     let finish = RowFinish::mla_latents(counters, norm, cache_params, fp8);
-    dense::linear_finishing_rows(w, h, qkv_a, &finish)
+    dense::linear_finishing_rows(w, h, qkv_a, &finish, fp8_act)
 }
 
 /// How the attention work is cut: warps per block (16 query rows each), row tiles per sequence, KV splits.

@@ -8,6 +8,7 @@
 use half::bf16;
 
 use super::moe::{launch_gemm, DeviceWeights, Input, Output, RowCounters, RowFinish, Rows};
+use super::moe_wgmma_fp8::Fp8ActScratch;
 use super::norm::{self, ResidualNorm};
 use super::ops::{self, QueryScale};
 use super::{Matrix, TensorView, Vector};
@@ -52,18 +53,20 @@ use crate::error::{Error, Result};
 /// ```
 pub fn linear(w: &DeviceWeights, x: Matrix<bf16>, y: Matrix<bf16>) -> Result<()> {
     let [rows, _] = x.dims();
-    launch_gemm(w, Input::Bf16(x), rows, false, Rows::dense(rows), Output::Bf16(y), None)
+    launch_gemm(w, Input::Bf16(x), rows, false, Rows::dense(rows), Output::Bf16(y), None, None)
 }
 
-/// [`linear`] whose launch also runs `finish` on each output row (`attention::latent_projection`'s latent norms).
-pub(crate) fn linear_finishing_rows(w: &DeviceWeights, x: Matrix<bf16>, y: Matrix<bf16>, finish: &RowFinish) -> Result<()> {
+/// [`linear`] whose launch also runs `finish` on each output row (`attention::latent_projection`'s latent norms);
+/// `fp8_act` as for [`linear_f32`].
+pub(crate) fn linear_finishing_rows(w: &DeviceWeights, x: Matrix<bf16>, y: Matrix<bf16>, finish: &RowFinish, fp8_act: Option<&Fp8ActScratch>) -> Result<()> {
     let [rows, _] = x.dims();
-    launch_gemm(w, Input::Bf16(x), rows, false, Rows::dense(rows), Output::Bf16(y), Some(finish))
+    launch_gemm(w, Input::Bf16(x), rows, false, Rows::dense(rows), Output::Bf16(y), Some(finish), fp8_act)
 }
 
 /// The query projection with the query's RoPE in its epilogue: `q = x W^T` into `q [rows, heads, head_dim]`, then
 /// [`ops::rope_q_k`]`(q, None, positions, inv_freq, scale)` on each finished tile (the rope dims of each head rotated,
-/// all of q times the llama-4 query scale): bit for bit the two launches one after the other, in one.
+/// all of q times the llama-4 query scale): bit for bit the two launches one after the other, in one. `fp8_act` as
+/// for [`linear_f32`].
 ///
 /// Errors as [`linear`] (with `y` = q as a matrix) and [`ops::rope_q_k`].
 ///
@@ -83,7 +86,7 @@ pub(crate) fn linear_finishing_rows(w: &DeviceWeights, x: Matrix<bf16>, y: Matri
 /// let (x, q) = (DeviceBuffer::from_slice(&device, &x)?, DeviceBuffer::<bf16>::alloc(&device, 64)?);
 /// let (positions, inv_freq) = (DeviceBuffer::from_slice(&device, &[0i32])?, DeviceBuffer::from_slice(&device, &[1.0f32; 32])?);
 /// let no_scale = QueryScale { beta: 0.0, original_max_position: 8192 };
-/// dense::linear_rope_q(&w, x.view([1, 64])?, q.view([1, 1, 64])?, positions.as_vector(), inv_freq.as_vector(), no_scale)?;
+/// dense::linear_rope_q(&w, x.view([1, 64])?, q.view([1, 1, 64])?, positions.as_vector(), inv_freq.as_vector(), no_scale, None)?;
 /// assert_eq!(q.to_vec()?, x.to_vec()?);
 /// # Ok::<(), small4::Error>(())
 /// ```
@@ -94,16 +97,17 @@ pub fn linear_rope_q(
     positions: Vector<i32>,
     inv_freq: Vector<f32>,
     scale: QueryScale,
+    fp8_act: Option<&Fp8ActScratch>,
 ) -> Result<()> {
     let [rows, _] = x.dims();
     let rope = ops::rope_params(q, None, positions, inv_freq, scale)?;
-    launch_gemm(w, Input::Bf16(x), rows, false, Rows::dense(rows), Output::Bf16Rope(q.as_matrix(), rope), None)
+    launch_gemm(w, Input::Bf16(x), rows, false, Rows::dense(rows), Output::Bf16Rope(q.as_matrix(), rope), None, fp8_act)
 }
 
 /// A block's output projection and the residual add + RMSNorm after it, in one launch: `y = x W^T` ([`linear`]), then,
 /// as each row of `y` is finished, [`norm::add_rms_norm`]`(y, norm)`: `norm.residual_out = y + norm.residual`,
 /// `norm.out = rms_norm(that) * norm.weight`. Bit for bit the two launches one after the other. `counters`: one zero
-/// counter per row ([`RowCounters`]).
+/// counter per row ([`RowCounters`]); `fp8_act` as for [`linear_f32`].
 ///
 /// Errors as [`linear`] and [`norm::add_rms_norm`]; `Error::Shape` when `counters` is shorter than the rows.
 ///
@@ -122,25 +126,33 @@ pub fn linear_rope_q(
 /// let ones = DeviceBuffer::from_slice(&device, &[bf16::ONE; 64])?;
 /// let (y, h, out) = (DeviceBuffer::<bf16>::alloc(&device, 64)?, DeviceBuffer::<bf16>::alloc(&device, 64)?, DeviceBuffer::<bf16>::alloc(&device, 64)?);
 /// let norm = ResidualNorm { residual: ones.view([1, 64])?, weight: ones.as_vector(), residual_out: h.view([1, 64])?, out: out.view([1, 64])?, eps: 0.0 };
-/// dense::linear_add_rms_norm(&w, ones.view([1, 64])?, y.view([1, 64])?, &norm, &RowCounters::new(&device, 1)?)?;
+/// dense::linear_add_rms_norm(&w, ones.view([1, 64])?, y.view([1, 64])?, &norm, &RowCounters::new(&device, 1)?, None)?;
 /// assert!(h.to_vec()?.iter().all(|v| v.to_f32() == 2.0) && out.to_vec()?.iter().all(|v| *v == bf16::ONE));
 /// // Counters for no row are a typed error:
 /// let few = RowCounters::new(&device, 1)?;
 /// let two = DeviceBuffer::<bf16>::alloc(&device, 128)?;
 /// let norm2 = ResidualNorm { residual: two.view([2, 64])?, weight: ones.as_vector(), residual_out: two.view([2, 64])?, out: two.view([2, 64])?, eps: 0.0 };
-/// assert!(matches!(dense::linear_add_rms_norm(&w, two.view([2, 64])?, two.view([2, 64])?, &norm2, &few), Err(small4::Error::Shape { .. })));
+/// assert!(matches!(dense::linear_add_rms_norm(&w, two.view([2, 64])?, two.view([2, 64])?, &norm2, &few, None), Err(small4::Error::Shape { .. })));
 /// # Ok::<(), small4::Error>(())
 /// ```
-pub fn linear_add_rms_norm(w: &DeviceWeights, x: Matrix<bf16>, y: Matrix<bf16>, norm: &ResidualNorm, counters: &RowCounters) -> Result<()> {
+pub fn linear_add_rms_norm(
+    w: &DeviceWeights,
+    x: Matrix<bf16>,
+    y: Matrix<bf16>,
+    norm: &ResidualNorm,
+    counters: &RowCounters,
+    fp8_act: Option<&Fp8ActScratch>,
+) -> Result<()> {
     let finish = RowFinish::norm(counters, norm::add_rms_norm_params(y, norm)?);
-    linear_finishing_rows(w, x, y, &finish)
+    linear_finishing_rows(w, x, y, &finish, fp8_act)
 }
 
 /// Per-head dense products in one launch: `y[r, h, ..out_cols] = x[r, h, ..k_dim] W_h^T` for every head h, with `w`
 /// holding one matrix per head (`repack_linear` of the heads' matrices, in head order). x is `[rows, heads, head_in]`
 /// and the GEMM reads the first `k_dim` values of each head (the nope part of a query head, `k_dim <= head_in`); y is
 /// `[rows, heads, out_cols]`. Both may have strided rows. MLA's absorbed products (W_UK on the queries, W_UV on the
-/// attention's latent output) run through it: one launch for all heads instead of one per head.
+/// attention's latent output) run through it: one launch for all heads instead of one per head. `fp8_act` as for
+/// [`linear_f32`] (a launch of one head, fp8 weights and prefill rows may quantise there).
 ///
 /// `Error::InvalidArgument` when `w` does not hold one matrix per head, is SwiGLU-packed, a head's input does not
 /// start on 16 bytes, or `k_dim > head_in`; `Error::Shape` when y is not `[rows, heads, out_cols]`; the errors of
@@ -166,16 +178,16 @@ pub fn linear_add_rms_norm(w: &DeviceWeights, x: Matrix<bf16>, y: Matrix<bf16>, 
 /// let x: Vec<bf16> = (0..2 * 72).map(|i| bf16::from_f32(match i % 72 { 0 => (i / 72 + 1) as f32, 1 => 1.0, _ => 0.0 })).collect();
 /// let x = DeviceBuffer::from_slice(&device, &x)?;
 /// let y = DeviceBuffer::<bf16>::alloc(&device, 4)?;
-/// dense::linear_per_head(&w, x.view([1, 2, 72])?, y.view([1, 2, 2])?)?;
+/// dense::linear_per_head(&w, x.view([1, 2, 72])?, y.view([1, 2, 2])?, None)?;
 /// let got: Vec<f32> = y.to_vec()?.iter().map(|v| v.to_f32()).collect();
 /// assert_eq!(got, [1.0, 1.0, 4.0, 3.0]);
 /// // One matrix for three heads is a typed error:
 /// let x3 = DeviceBuffer::<bf16>::alloc(&device, 3 * 72)?;
 /// let y3 = DeviceBuffer::<bf16>::alloc(&device, 6)?;
-/// assert!(matches!(dense::linear_per_head(&w, x3.view([1, 3, 72])?, y3.view([1, 3, 2])?), Err(small4::Error::InvalidArgument(_))));
+/// assert!(matches!(dense::linear_per_head(&w, x3.view([1, 3, 72])?, y3.view([1, 3, 2])?, None), Err(small4::Error::InvalidArgument(_))));
 /// # Ok::<(), small4::Error>(())
 /// ```
-pub fn linear_per_head(w: &DeviceWeights, x: TensorView<bf16, 3>, y: TensorView<bf16, 3>) -> Result<()> {
+pub fn linear_per_head(w: &DeviceWeights, x: TensorView<bf16, 3>, y: TensorView<bf16, 3>, fp8_act: Option<&Fp8ActScratch>) -> Result<()> {
     let [rows, heads, head_in] = x.dims();
     if heads == 0 || heads > 65535 {
         return Err(Error::InvalidArgument(format!("linear_per_head: {heads} heads (1 to 65535)")));
@@ -185,7 +197,8 @@ pub fn linear_per_head(w: &DeviceWeights, x: TensorView<bf16, 3>, y: TensorView<
     }
     y.expect_dims("linear_per_head y", [rows, heads, w.out_cols])?;
     let dense = Rows::Dense { rows, heads, x_head_stride: head_in, out_head_stride: w.out_cols };
-    launch_gemm(w, Input::Bf16(x.as_matrix().columns(0..w.k_dim)?), rows, false, dense, Output::Bf16(y.as_matrix().columns(0..w.out_cols)?), None)
+    let x = x.as_matrix().columns(0..w.k_dim)?;
+    launch_gemm(w, Input::Bf16(x), rows, false, dense, Output::Bf16(y.as_matrix().columns(0..w.out_cols)?), None, fp8_act)
 }
 
 /// Dense SwiGLU `act = silu(x W1^T) * (x W3^T)` from gate/up weights packed by `repack_gate_up` (one matrix pair):
@@ -221,7 +234,7 @@ pub fn linear_per_head(w: &DeviceWeights, x: TensorView<bf16, 3>, y: TensorView<
 /// let head = QuantizedMatrix::quantize(WeightFormat::Bf16, &head, 3, dim)?;
 /// let head = DeviceWeights::upload(&device, &repack::repack_linear(&[(&head).into()])?)?;
 /// let logits = DeviceBuffer::<f32>::alloc(&device, 3)?;
-/// dense::linear_f32(&head, x.view([1, dim])?, logits.view([1, 3])?)?;
+/// dense::linear_f32(&head, x.view([1, dim])?, logits.view([1, 3])?, None)?;
 /// assert_eq!(logits.to_vec()?, vec![2.0, 4.0, 6.0]);
 /// // Plain weights are not SwiGLU-packed: a typed error.
 /// let out = DeviceBuffer::<bf16>::alloc(&device, 3)?;
@@ -231,11 +244,14 @@ pub fn linear_per_head(w: &DeviceWeights, x: TensorView<bf16, 3>, y: TensorView<
 /// ```
 pub fn linear_swiglu(w: &DeviceWeights, x: Matrix<bf16>, act: Matrix<bf16>) -> Result<()> {
     let [rows, _] = x.dims();
-    launch_gemm(w, Input::Bf16(x), rows, false, Rows::dense(rows), Output::SwiGlu(act), None)
+    launch_gemm(w, Input::Bf16(x), rows, false, Rows::dense(rows), Output::SwiGlu(act), None, None)
 }
 
-/// Dense `y = x W^T` with an f32 output `[rows, out_cols]` (the logits of the output head). Errors as [`linear`].
-pub fn linear_f32(w: &DeviceWeights, x: Matrix<bf16>, y: Matrix<f32>) -> Result<()> {
+/// Dense `y = x W^T` with an f32 output `[rows, out_cols]` (the logits of the output head). `fp8_act`: where the
+/// launch quantises its input rows when it runs on the fp8 tensor cores with activations quantised on the fly
+/// ([`super::moe_wgmma_fp8`]: fp8 weights, prefill rows, `PrefillGemm::WgmmaFp8Act` chosen); None: buffers of its
+/// own for this launch (the engine passes the scratch it sized for the batch). Errors as [`linear`].
+pub fn linear_f32(w: &DeviceWeights, x: Matrix<bf16>, y: Matrix<f32>, fp8_act: Option<&Fp8ActScratch>) -> Result<()> {
     let [rows, _] = x.dims();
-    launch_gemm(w, Input::Bf16(x), rows, false, Rows::dense(rows), Output::F32ByPair { out: y, pair_weights: None }, None)
+    launch_gemm(w, Input::Bf16(x), rows, false, Rows::dense(rows), Output::F32ByPair { out: y, pair_weights: None }, None, fp8_act)
 }

@@ -2,10 +2,13 @@
 //! up-projection with SwiGLU, the down-projection times the routing weight, the deterministic combine, and one
 //! function that runs a whole MoE layer from the router's outputs and grouping.
 
+use std::sync::Arc;
+
 use half::bf16;
 
 use super::dense;
 use super::modules::MOE_GEMM;
+use super::moe_wgmma_fp8::Fp8ActScratch;
 use super::norm::{self, MoePairs, ResidualNorm};
 use super::params::{
     GemmRowFinish, MlaCacheWriteParams, MoeCombineParams, MoeDenseTail, MoeGemmParams, MoeQuantizeActParams, RmsNormParams, RopeParams,
@@ -744,7 +747,9 @@ fn check_act_scale(what: &str, scale: f32) -> Result<()> {
 
 /// One launch of the grouped or dense GEMM. The input holds `x_rows` rows of `w.k_dim`; `in_by_token` = rows are
 /// picked by pair / k. Input and output rows may be strided (the kernel takes both strides); the input's 16-byte
-/// loads need its start and stride on 16 bytes.
+/// loads need its start and stride on 16 bytes. `fp8_act`: where an fp8-activation prefill launch
+/// ([`super::moe_wgmma_fp8`]) quantises its input rows (None: buffers of its own).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn launch_gemm(
     w: &DeviceWeights,
     input: Input,
@@ -753,6 +758,7 @@ pub(super) fn launch_gemm(
     rows: Rows,
     output: Output,
     finish: Option<&RowFinish>,
+    fp8_act: Option<&Fp8ActScratch>,
 ) -> Result<()> {
     let e4m3_input = matches!(input, Input::E4m3(_));
     let (device, x_addr, x_stride) = match input {
@@ -933,7 +939,7 @@ pub(super) fn launch_gemm(
     if let (TileShape::Tiled, Input::Bf16(x)) = (shape, input) {
         if super::moe_wgmma_fp8::applies(w.format, heads, w.k_dim)? {
             let slots = if in_by_token { None } else { grouping };
-            return super::moe_wgmma_fp8::launch(device, w.format, x, slots, &config, &params);
+            return super::moe_wgmma_fp8::launch(device, w.format, x, slots, &config, &params, fp8_act);
         }
     }
     // The bf16, int4 and nvfp4 prefill tiles run on wgmma unless switched off (moe_wgmma::PrefillGemm): same grid,
@@ -1078,7 +1084,8 @@ impl<'a> RowFinish<'a> {
 }
 
 /// The shared expert on every token of `x [tokens, dim]`: `workspace.shared_out` `[tokens, dim]` f32 =
-/// w2(silu(w1 x) * w3 x), through `workspace.shared_act`. `shared` = (SwiGLU-packed w1/w3, w2). Errors as
+/// w2(silu(w1 x) * w3 x), through `workspace.shared_act` ([`dense::linear_swiglu`] then [`dense::linear_f32`], the
+/// fp8-activation launches quantising into `workspace.fp8_act`). `shared` = (SwiGLU-packed w1/w3, w2). Errors as
 /// [`dense::linear`], and `Error::Shape` when the workspace was made for another token count.
 pub fn shared_expert(shared: &(DeviceWeights, DeviceWeights), x: Matrix<bf16>, workspace: &MoeWorkspace) -> Result<()> {
     let (up, dn) = shared;
@@ -1086,8 +1093,9 @@ pub fn shared_expert(shared: &(DeviceWeights, DeviceWeights), x: Matrix<bf16>, w
     check_len("shared expert workspace", workspace.shared_act.len(), tokens * up.out_cols)?;
     check_len("shared expert workspace out", workspace.shared_out.len(), tokens * dn.out_cols)?;
     let act = workspace.shared_act.view([tokens, up.out_cols])?;
-    dense::linear_swiglu(up, x, act)?;
-    dense::linear_f32(dn, act, workspace.shared_out.view([tokens, dn.out_cols])?)
+    let fp8_act = workspace.fp8_act.as_deref();
+    launch_gemm(up, Input::Bf16(x), tokens, false, Rows::dense(tokens), Output::SwiGlu(act), None, fp8_act)?;
+    dense::linear_f32(dn, act, workspace.shared_out.view([tokens, dn.out_cols])?, fp8_act)
 }
 
 /// Up-projection of the routed experts: `act[slot] = silu(x W1_e^T) * (x W3_e^T)` for every slot of the grouping,
@@ -1146,8 +1154,16 @@ pub fn shared_expert(shared: &(DeviceWeights, DeviceWeights), x: Matrix<bf16>, w
 /// # Ok::<(), small4::Error>(())
 /// ```
 pub fn up_swiglu(w: &DeviceWeights, x: Matrix<bf16>, top_k: usize, grouping: &Grouping, act: Matrix<bf16>) -> Result<()> {
-    let [tokens, _] = x.dims();
-    launch_gemm(w, Input::Bf16(x), tokens, true, Rows::Grouped { grouping, top_k, pairs: tokens * top_k, tail: None }, Output::SwiGlu(act), None)
+    launch_up_swiglu(w, Input::Bf16(x), top_k, grouping, act, None)
+}
+
+/// The up-projection launch of [`up_swiglu`] and [`up_swiglu_w8a8`]; `fp8_act` as for [`launch_gemm`].
+fn launch_up_swiglu(w: &DeviceWeights, x: Input, top_k: usize, grouping: &Grouping, act: Matrix<bf16>, fp8_act: Option<&Fp8ActScratch>) -> Result<()> {
+    let tokens = match x {
+        Input::Bf16(x) => x.dims()[0],
+        Input::E4m3(x) => x.data.dims()[0],
+    };
+    launch_gemm(w, x, tokens, true, Rows::Grouped { grouping, top_k, pairs: tokens * top_k, tail: None }, Output::SwiGlu(act), None, fp8_act)
 }
 
 /// Down-projection: `pair_out[p] = weight[p] * act[slot(p)] W2_e^T` (f32, `[tokens * k, dim]`) for every routed pair,
@@ -1155,16 +1171,25 @@ pub fn up_swiglu(w: &DeviceWeights, x: Matrix<bf16>, top_k: usize, grouping: &Gr
 /// are not written. Errors as [`up_swiglu`] (with `w` not SwiGLU-packed), and `Error::Shape` when `pair_out` is not
 /// one row per weight of `topk_weights`.
 pub fn down(w: &DeviceWeights, act: Matrix<bf16>, grouping: &Grouping, topk_weights: Matrix<f32>, pair_out: Matrix<f32>) -> Result<()> {
-    launch_down(w, Input::Bf16(act), grouping, topk_weights, pair_out, None)
+    launch_down(w, Input::Bf16(act), grouping, topk_weights, pair_out, None, None)
 }
 
-/// The down-projection launch of [`down`] and [`down_w8a8`], with an optional row finisher.
-fn launch_down(w: &DeviceWeights, act: Input, grouping: &Grouping, topk_weights: Matrix<f32>, pair_out: Matrix<f32>, finish: Option<&RowFinish>) -> Result<()> {
+/// The down-projection launch of [`down`] and [`down_w8a8`], with an optional row finisher; `fp8_act` as for
+/// [`launch_gemm`].
+fn launch_down(
+    w: &DeviceWeights,
+    act: Input,
+    grouping: &Grouping,
+    topk_weights: Matrix<f32>,
+    pair_out: Matrix<f32>,
+    finish: Option<&RowFinish>,
+    fp8_act: Option<&Fp8ActScratch>,
+) -> Result<()> {
     let slots = grouping.capacity();
     let [_, top_k] = topk_weights.dims();
     let pairs = topk_weights.len();
     let output = Output::F32ByPair { out: pair_out, pair_weights: Some(topk_weights) };
-    launch_gemm(w, act, slots, false, Rows::Grouped { grouping, top_k, pairs, tail: None }, output, finish)
+    launch_gemm(w, act, slots, false, Rows::Grouped { grouping, top_k, pairs, tail: None }, output, finish, fp8_act)
 }
 
 /// W8A8 e4m3 inputs: `out` [rows, cols] = e4m3(x * (1 / scale)) (round to nearest even, saturating to ±448, the
@@ -1290,14 +1315,13 @@ fn launch_quantize_act(x: Matrix<bf16>, scale: f32, out: Matrix<u8>, slots: Opti
 /// # Ok::<(), small4::Error>(())
 /// ```
 pub fn up_swiglu_w8a8(w: &DeviceWeights, x: E4m3Rows, top_k: usize, grouping: &Grouping, act: Matrix<bf16>) -> Result<()> {
-    let [tokens, _] = x.data.dims();
-    launch_gemm(w, Input::E4m3(x), tokens, true, Rows::Grouped { grouping, top_k, pairs: tokens * top_k, tail: None }, Output::SwiGlu(act), None)
+    launch_up_swiglu(w, Input::E4m3(x), top_k, grouping, act, None)
 }
 
 /// [`down`] in W8A8: `act` the slots' e4m3 rows (`[capacity, hidden]`, from [`quantize_act_e4m3`]), per-tensor fp8
 /// weights (else `Error::InvalidArgument`).
 pub fn down_w8a8(w: &DeviceWeights, act: E4m3Rows, grouping: &Grouping, topk_weights: Matrix<f32>, pair_out: Matrix<f32>) -> Result<()> {
-    launch_down(w, Input::E4m3(act), grouping, topk_weights, pair_out, None)
+    launch_down(w, Input::E4m3(act), grouping, topk_weights, pair_out, None, None)
 }
 
 /// `out[t] = bf16(shared_out[t] + sum_j pair_out[t*k + j])` over the locally computed pairs, in fixed j order.
@@ -1470,6 +1494,10 @@ pub struct MoeWorkspace {
     pub shared_out: DeviceBuffer<f32>,
     /// W8A8 layers only: the e4m3 copies of the input `[tokens, dim]` and of `act` `[capacity, hidden]`.
     pub e4m3: Option<(DeviceBuffer<u8>, DeviceBuffer<u8>)>,
+    /// Where the layer's fp8-activation prefill GEMMs (`PrefillGemm::WgmmaFp8Act`) quantise their input rows: the
+    /// engine's, shared with its dense launches and sized when it plans the batch. None (what [`MoeWorkspace::new`]
+    /// makes): each such launch allocates its own.
+    pub fp8_act: Option<Arc<Fp8ActScratch>>,
 }
 
 impl MoeWorkspace {
@@ -1512,6 +1540,7 @@ impl MoeWorkspace {
                 Some(_) => Some((DeviceBuffer::alloc(device, tokens * dim)?, DeviceBuffer::alloc(device, capacity * hidden)?)),
                 None => None,
             },
+            fp8_act: None,
         })
     }
 }
@@ -1560,8 +1589,9 @@ fn routed_experts_finishing(
     let act = workspace.act.view([grouping.capacity(), hidden])?;
     let pair_out = workspace.pair_out.view([tokens * top_k, dim])?;
     let Some(scales) = weights.fp8_activations else {
-        up_swiglu(&weights.gate_up, x, top_k, grouping, act)?;
-        return launch_down(&weights.down, Input::Bf16(act), grouping, topk_weights, pair_out, finish);
+        let fp8_act = workspace.fp8_act.as_deref();
+        launch_up_swiglu(&weights.gate_up, Input::Bf16(x), top_k, grouping, act, fp8_act)?;
+        return launch_down(&weights.down, Input::Bf16(act), grouping, topk_weights, pair_out, finish, fp8_act);
     };
     let Some((x_e4m3, act_e4m3)) = &workspace.e4m3 else {
         return Err(Error::InvalidArgument("routed experts: W8A8 weights but the workspace has no e4m3 buffers (made before?)".into()));
@@ -1572,7 +1602,7 @@ fn routed_experts_finishing(
     quantize_act_e4m3(x, scales.up, x_e4m3)?;
     up_swiglu_w8a8(&weights.gate_up, E4m3Rows { data: x_e4m3, scale: scales.up }, top_k, grouping, act)?;
     quantize_slots_e4m3(act, grouping, scales.down, act_e4m3)?;
-    launch_down(&weights.down, Input::E4m3(E4m3Rows { data: act_e4m3, scale: scales.down }), grouping, topk_weights, pair_out, finish)
+    launch_down(&weights.down, Input::E4m3(E4m3Rows { data: act_e4m3, scale: scales.down }), grouping, topk_weights, pair_out, finish, None)
 }
 
 /// The routed experts and the shared expert of a layer: `workspace.pair_out` as [`routed_experts`] writes it and
@@ -1662,11 +1692,12 @@ fn routed_and_shared_finishing(
     let shared_act = workspace.shared_act.view([tokens, hidden])?;
     let up_tail = DenseTail { w: up, x, out: TailOutput::SwiGlu(shared_act) };
     let rows = Rows::Grouped { grouping, top_k, pairs: tokens * top_k, tail: Some(up_tail) };
-    launch_gemm(&weights.gate_up, Input::Bf16(x), tokens, true, rows, Output::SwiGlu(act), None)?;
+    let fp8_act = workspace.fp8_act.as_deref();
+    launch_gemm(&weights.gate_up, Input::Bf16(x), tokens, true, rows, Output::SwiGlu(act), None, fp8_act)?;
     let down_tail = DenseTail { w: dn, x: shared_act, out: TailOutput::F32(workspace.shared_out.view([tokens, dim])?) };
     let rows = Rows::Grouped { grouping, top_k, pairs: tokens * top_k, tail: Some(down_tail) };
     let output = Output::F32ByPair { out: workspace.pair_out.view([tokens * top_k, dim])?, pair_weights: Some(topk_weights) };
-    launch_gemm(&weights.down, Input::Bf16(act), grouping.capacity(), false, rows, output, finish)
+    launch_gemm(&weights.down, Input::Bf16(act), grouping.capacity(), false, rows, output, finish, fp8_act)
 }
 
 /// One whole MoE layer: out `[tokens, dim]` bf16 = shared(x) + sum_j w_j expert_j(x) over the locally owned experts,

@@ -4,11 +4,11 @@
 //! accumulator, as DeepGEMM's sm90 fp8 GEMM does. [`PrefillGemm::WgmmaFp8Act`] selects them for the fp8 formats'
 //! prefill-tile launches (grouped up- and down-projections, dense GEMMs of one matrix); [`super::moe`]'s launcher
 //! hands such a launch over with its parameters, and this module quantises the launch's input rows into a scratch
-//! buffer first ([`Fp8ActScratch`]: the engine's, sized when it plans a batch, else one for the launch). The CPU twin
+//! buffer first ([`Fp8ActScratch`]: the one the caller passes, as the engine does with the one it sizes when it plans
+//! a batch, else one for the launch). The CPU twin
 //! of both steps is `reference::fp8_gemm`.
 
-use std::cell::RefCell;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 
 use half::bf16;
 
@@ -127,28 +127,27 @@ pub(crate) fn serves(format: WeightFormat, heads: usize, k_dim: usize) -> bool {
 
 /// Where the fp8-activation GEMMs quantise their input rows: `[rows, k]` e4m3 codes and `[rows, k / 128]` f32 scales,
 /// reused by every launch that fits and grown (the old buffers freed first) only when a launch needs more. The
-/// engine sizes one when it plans a batch ([`Fp8ActScratch::reserve`] for its largest fp8 GEMM input) and runs its
-/// steps inside [`Fp8ActScratch::run`], so a prefill allocates (a synchronous `cudaFree`/`cudaMalloc` on CUDA) only
-/// when planned; a launch outside any `run` allocates its own buffers for that launch.
+/// engine sizes one when it plans a batch ([`Fp8ActScratch::reserve`] for its largest fp8 GEMM input) and passes it
+/// to each GEMM launch of its steps (the `fp8_act` argument of the dense launches, [`MoeWorkspace::fp8_act`] for the
+/// MoE ones), so a prefill allocates (a synchronous `cudaFree`/`cudaMalloc` on CUDA) only when planned; a launch
+/// given none allocates its own buffers for that launch.
 ///
 /// ```
-/// use std::sync::Arc;
 /// use small4::device::simulator;
 /// use small4::kernels::moe_wgmma_fp8::Fp8ActScratch;
 ///
 /// let device = simulator();
-/// let scratch = Arc::new(Fp8ActScratch::new(&device));
+/// let scratch = Fp8ActScratch::new(&device);
 /// scratch.reserve(64, 256)?;
 /// assert_eq!(scratch.capacity(), (64 * 256, 64 * 2));
 /// scratch.reserve(8, 128)?; // fits: nothing changes
 /// assert_eq!(scratch.capacity(), (64 * 256, 64 * 2));
-/// // Inside `run`, fp8-activation launches on this thread use these buffers.
-/// let held = scratch.run(|| Fp8ActScratch::current().map(|s| Arc::ptr_eq(&s, &scratch)));
-/// assert_eq!((held, Fp8ActScratch::current().is_none()), (Some(true), true));
 /// // A reduction length without whole 128-k scale blocks is refused.
 /// assert!(matches!(scratch.reserve(4, 100), Err(small4::Error::InvalidArgument(_))));
 /// # Ok::<(), small4::Error>(())
 /// ```
+///
+/// [`MoeWorkspace::fp8_act`]: super::moe::MoeWorkspace::fp8_act
 pub struct Fp8ActScratch {
     device: Device,
     buffers: Mutex<ScratchBuffers>,
@@ -159,11 +158,6 @@ pub struct Fp8ActScratch {
 struct ScratchBuffers {
     codes: Option<DeviceBuffer<u8>>,
     scales: Option<DeviceBuffer<f32>>,
-}
-
-thread_local! {
-    /// [`Fp8ActScratch::run`]'s scratch for the calling thread.
-    static CURRENT_SCRATCH: RefCell<Option<Arc<Fp8ActScratch>>> = const { RefCell::new(None) };
 }
 
 /// The element counts of a `[rows, k_dim]` input's codes and scales; `Error::InvalidArgument` for a `k_dim` not a
@@ -195,24 +189,6 @@ impl Fp8ActScratch {
         (buffers.codes.as_ref().map_or(0, |b| b.len()), buffers.scales.as_ref().map_or(0, |b| b.len()))
     }
 
-    /// Runs `f` with this scratch serving the fp8-activation launches issued on the calling thread, restoring the
-    /// previous one afterwards (also when `f` panics).
-    pub fn run<R>(self: &Arc<Self>, f: impl FnOnce() -> R) -> R {
-        struct Restore(Option<Arc<Fp8ActScratch>>);
-        impl Drop for Restore {
-            fn drop(&mut self) {
-                CURRENT_SCRATCH.with(|s| *s.borrow_mut() = self.0.take());
-            }
-        }
-        let _restore = Restore(CURRENT_SCRATCH.with(|s| s.borrow_mut().replace(self.clone())));
-        f()
-    }
-
-    /// The scratch [`Fp8ActScratch::run`] put in force on this thread, if any.
-    pub fn current() -> Option<Arc<Self>> {
-        CURRENT_SCRATCH.with(|s| s.borrow().clone())
-    }
-
     /// The buffers, grown to hold `rows` x `k_dim` if needed, locked for one launch.
     fn lock_for(&self, rows: usize, k_dim: usize) -> Result<MutexGuard<'_, ScratchBuffers>> {
         let (codes, scales) = scratch_lens(rows, k_dim)?;
@@ -231,9 +207,9 @@ impl Fp8ActScratch {
 
 /// Launches the prefill tile of `format` (fp8) weights on the fp8 tensor cores: `x` (the launch's bf16 input rows,
 /// `[input rows, k_dim]`) is quantised with [`quantize_act_e4m3_block128`] (only the real slots of `slots` when the
-/// input rows are a grouping's slots) into the thread's [`Fp8ActScratch`] (one allocated for this launch outside
-/// [`Fp8ActScratch::run`]), then the GEMM runs with `params` and the grid of the mma.sync launch (`config`'s block
-/// and shared memory are replaced), reading the e4m3 rows and their scales instead of `x`.
+/// input rows are a grouping's slots) into `scratch` (None: buffers allocated for this launch alone), then the GEMM
+/// runs with `params` and the grid of the mma.sync launch (`config`'s block and shared memory are replaced), reading
+/// the e4m3 rows and their scales instead of `x`.
 /// `Error::InvalidArgument` for a format without a kernel here (see [`applies`]).
 pub(crate) fn launch(
     device: &Device,
@@ -242,10 +218,18 @@ pub(crate) fn launch(
     slots: Option<&Grouping>,
     config: &LaunchConfig,
     params: &MoeGemmParams,
+    scratch: Option<&Fp8ActScratch>,
 ) -> Result<()> {
     let kernel = kernel(format).ok_or_else(|| Error::InvalidArgument(format!("no fp8-activation wgmma kernel for {format:?} weights")))?;
     let [rows, k_dim] = x.dims();
-    let scratch = Fp8ActScratch::current().unwrap_or_else(|| Arc::new(Fp8ActScratch::new(device)));
+    let own_scratch;
+    let scratch = match scratch {
+        Some(scratch) => scratch,
+        None => {
+            own_scratch = Fp8ActScratch::new(device);
+            &own_scratch
+        }
+    };
     let buffers = scratch.lock_for(rows, k_dim)?;
     let (codes, scales) = match (&buffers.codes, &buffers.scales) {
         (Some(codes), Some(scales)) => (codes, scales),

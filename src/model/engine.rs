@@ -971,6 +971,7 @@ struct Workspace {
     row_counters: RowCounters,
     /// Where the fp8-activation prefill GEMMs (`PrefillGemm::WgmmaFp8Act`) quantise their inputs: sized here for the
     /// largest of the batch's fp8 GEMMs when that choice is in force, grown by a launch that needs more otherwise.
+    /// `Network::run` passes it to each dense GEMM launch; `moe.fp8_act` holds it for the MoE launches.
     fp8_act: Arc<Fp8ActScratch>,
 }
 
@@ -1025,8 +1026,12 @@ impl Workspace {
         let local = model.expert_map.local_experts();
         let tile_m = moe::moe_tile_m(tokens, c.experts_per_token, local);
         let routing = Routing::alloc(d, tokens, c.experts_per_token, local, tile_m)?;
-        let moe = MoeWorkspace::new(d, &model.layers[0].moe, tokens, c.experts_per_token, routing.alignment.max_padded)?;
         let fp8_act = fp8_act_scratch(model, tokens, routing.alignment.max_padded)?;
+        // The MoE launches quantise into the same scratch as the dense ones.
+        let moe = MoeWorkspace {
+            fp8_act: Some(fp8_act.clone()),
+            ..MoeWorkspace::new(d, &model.layers[0].moe, tokens, c.experts_per_token, routing.alignment.max_padded)?
+        };
         let heads = model.heads.len();
         let latent_rows = tokens * heads;
         let attention_sum = if model.shard.partial_attention_output() {
@@ -1764,24 +1769,9 @@ impl Engine {
 impl Network<'_> {
     /// The whole network over the tokens of `ws` (ids and positions already written): embedding, the layers, the
     /// final norm and the output head over `head`'s rows. Launches kernels only (the fp8-activation GEMMs quantise
-    /// into the workspace's scratch).
+    /// into the workspace's scratch, `ws.fp8_act`, passed to each GEMM launch).
     #[allow(clippy::too_many_arguments)]
     fn run(
-        &self,
-        ws: &Workspace,
-        head: &Head,
-        tables: &BlockTables,
-        layout: &QueryLayout,
-        slots: &TokenSlots,
-        scratch: &mut AttentionScratch,
-        images: Option<&ImageRows>,
-    ) -> Result<()> {
-        ws.fp8_act.run(|| self.run_layers(ws, head, tables, layout, slots, scratch, images))
-    }
-
-    /// [`Network::run`]'s launches.
-    #[allow(clippy::too_many_arguments)]
-    fn run_layers(
         &self,
         ws: &Workspace,
         head: &Head,
@@ -1802,6 +1792,7 @@ impl Network<'_> {
         let router_config = RouterConfig { k, routed_scale: c.routed_scale, tile_m: ws.routing.alignment.tile_m };
         let query_scale = QueryScale { beta: c.llama4_beta, original_max_position: c.llama4_original_max_position };
         let [x, x_mid] = &ws.x;
+        let fp8_act = Some(&*ws.fp8_act);
 
         ops::embedding_gather(ws.ids.view([t])?, m.tok_embeddings.view([c.vocab, dim])?, x.view([t, dim])?, self.gather_status)?;
         if let Some(images) = images {
@@ -1814,12 +1805,23 @@ impl Network<'_> {
             // One launch: the stacked GEMM, then each finished row's q_a norm and kv cache write.
             let write = CacheWriteWeights { norm_weight: layer.kv_a_norm.as_vector(), eps, inv_freq: m.inv_freq.as_vector() };
             let q_norm = QueryLatentNorm { weight: layer.q_a_norm.as_vector(), out: ws.q_a_normed.view([t, c.q_lora_rank])?, eps };
-            attention::latent_projection(&layer.wqkv_a, ws.h.view([t, dim])?, qkv_a, &q_norm, &self.caches[l], tables, &write, slots, &ws.row_counters)?;
+            attention::latent_projection(
+                &layer.wqkv_a,
+                ws.h.view([t, dim])?,
+                qkv_a,
+                &q_norm,
+                &self.caches[l],
+                tables,
+                &write,
+                slots,
+                &ws.row_counters,
+                fp8_act,
+            )?;
             // wq_b with the query's RoPE and llama-4 scale in its epilogue.
             let (positions, inv_freq) = (ws.positions.view([t])?, m.inv_freq.as_vector());
-            dense::linear_rope_q(&layer.wq_b, ws.q_a_normed.view([t, c.q_lora_rank])?, ws.q.view([t, heads, qk])?, positions, inv_freq, query_scale)?;
+            dense::linear_rope_q(&layer.wq_b, ws.q_a_normed.view([t, c.q_lora_rank])?, ws.q.view([t, heads, qk])?, positions, inv_freq, query_scale, fp8_act)?;
             // Absorb W_UK into the query (all heads in one launch); the attention reads each head's rope half in place.
-            dense::linear_per_head(&layer.w_uk, ws.q.view([t, heads, qk])?, ws.q_lat.view([t, heads, rank])?)?;
+            dense::linear_per_head(&layer.w_uk, ws.q.view([t, heads, qk])?, ws.q_lat.view([t, heads, rank])?, fp8_act)?;
             let queries = Queries { layout, q_lat: ws.q_lat.view([t, heads, rank])?, q_rope: ws.q.view([t * heads, qk])?.columns(nope..qk)? };
             attention::mla_attention(
                 &self.caches[l],
@@ -1831,7 +1833,7 @@ impl Network<'_> {
                 scratch,
             )?;
             let attn = ws.attn.view([t, heads * v_head])?;
-            dense::linear_per_head(&layer.w_uv, ws.o_lat.view([t, heads, rank])?, ws.attn.view([t, heads, v_head])?)?;
+            dense::linear_per_head(&layer.w_uv, ws.o_lat.view([t, heads, rank])?, ws.attn.view([t, heads, v_head])?, fp8_act)?;
             // wo, the residual add and the MoE block's norm: x_mid = wo(attn) + x, h = ffn_norm(x_mid).
             let ffn_norm = ResidualNorm {
                 residual: x.view([t, dim])?,
@@ -1841,12 +1843,12 @@ impl Network<'_> {
                 eps,
             };
             match &ws.attention_sum {
-                None => dense::linear_add_rms_norm(&layer.wo, attn, ws.block_out.view([t, dim])?, &ffn_norm, &ws.row_counters)?,
+                None => dense::linear_add_rms_norm(&layer.wo, attn, ws.block_out.view([t, dim])?, &ffn_norm, &ws.row_counters, fp8_act)?,
                 Some(partial) => {
                     // Tensor parallelism: this rank's heads give a partial sum of wo's output; the ranks add theirs
                     // in f32 and round once, as one rank rounds its whole output.
                     let col = self.collective.ok_or_else(|| Error::InvalidArgument("tensor-parallel attention needs the ranks' collective".into()))?;
-                    dense::linear_f32(&layer.wo, attn, partial.sum.view([t, dim])?)?;
+                    dense::linear_f32(&layer.wo, attn, partial.sum.view([t, dim])?, fp8_act)?;
                     col.all_reduce_sum_f32(&partial.sum)?;
                     moe::combine(partial.sum.view([t, dim])?, None, partial.one_pair_ids.view([t, 1])?, None, 1, ws.block_out.view([t, dim])?)?;
                     norm::add_rms_norm(ws.block_out.view([t, dim])?, ffn_norm.residual, ffn_norm.weight, ffn_norm.residual_out, ffn_norm.out, eps)?;
@@ -1908,7 +1910,7 @@ impl Network<'_> {
         }
         // ws.h is the final norm's output: gather the head's rows (host-computed, always in range), then the head.
         ops::embedding_gather(head.source_rows.as_vector(), ws.h.view([t, dim])?, head.h.view([head.rows, dim])?, self.gather_status)?;
-        dense::linear_f32(&m.output, head.h.view([head.rows, dim])?, head.logits.view([head.rows, c.vocab])?)?;
+        dense::linear_f32(&m.output, head.h.view([head.rows, dim])?, head.logits.view([head.rows, c.vocab])?, fp8_act)?;
         Ok(())
     }
 }

@@ -34,8 +34,8 @@
 // Split-K (params.h MoeGemmParams.k_splits, dense decode launches of one matrix whose column blocks alone would leave
 // SMs idle: src/kernels/moe.rs `decode_k_splits`): grid z = the k split; each block reduces its k range into f32
 // partials and the tile's last arriving block sums them in a fixed split order and runs the epilogue
-// (sum_k_splits below), so a split launch is still one launch with the same stores and finishers. The narrow tile's
-// _split entries and the decode kernel compile it (the decode kernel's k range is set up outside its k loop).
+// (sum_k_splits below), so a split launch is still one launch with the same stores and finishers. Only the narrow
+// tile's and the decode kernel's _split entries compile it.
 //
 // Bytes (per expert touched): its weights once per BN pairs (bf16 2, fp8 1, 4-bit 0.5 byte per element, plus scales),
 // the pairs' activation rows once per block column, the outputs once. FLOPs: 2 * pairs * K * N.
@@ -348,7 +348,10 @@ constexpr int kDecodeSlots = 8;
 // 64-k blocks a warp has in flight: 4 KiB of weights, at least 2 blocks (bf16 2, fp8 4, 4-bit 8).
 __host__ __device__ constexpr int decode_depth(int tile_bytes) { return 4096 / tile_bytes < 2 ? 2 : 4096 / tile_bytes; }
 
-template <Format F>
+// kSplitK: the _decode_split entries (dense launches that split k); the grouped and unsplit dense launches run the
+// entries without it, whose k range is the whole k at compile time (the split bookkeeping cost the grouped 4-bit and
+// fp8 launches 0.5-1.8 warp instructions per weight fragment when it was read at run time).
+template <Format F, bool kSplitK = false>
 __device__ __forceinline__ void decode_gemm(const MoeGemmParams &p) {
     using W = WeightFormat<F>;
     constexpr int kChunks = W::kTileBytes / (32 * 16);  // 16-byte chunks per lane per tile and k block
@@ -366,7 +369,7 @@ __device__ __forceinline__ void decode_gemm(const MoeGemmParams &p) {
     // Split-K (a dense launch of one matrix with p.k_splits > 1; grouped launches have one split): this block reduces
     // k blocks [kb_begin, kb_end), split blockIdx.z, the narrow tile's split ranges, and stages only their activations.
     const int k_blocks = p.k_dim / kBK;
-    const int splits = p.k_splits > 1 ? p.k_splits : 1, split = splits > 1 ? (int)blockIdx.z : 0;
+    const int splits = kSplitK && p.k_splits > 1 ? p.k_splits : 1, split = splits > 1 ? (int)blockIdx.z : 0;
     const int kb_begin = k_blocks * split / splits, kb_end = k_blocks * (split + 1) / splits;
     // The ring's first kDepth k blocks, issued first: their latency overlaps the activation copy.
     const int first_tile = blockIdx.x * kWarps, tile = first_tile + warp;
@@ -457,7 +460,7 @@ __device__ __forceinline__ void decode_gemm(const MoeGemmParams &p) {
     for (int i = 0; i + 1 < kDepth; ++i) {
         if (kb + kDepth + i < kb_end) step(ring[i], ring_scales[i], kb + kDepth + i, false);
     }
-    if (splits > 1 && !sum_k_splits(p, acc, slots, split, splits)) return;
+    if (kSplitK && splits > 1 && !sum_k_splits(p, acc, slots, split, splits)) return;
     block_epilogue<1, 1, false>(p, tail, expert, acc, slot_pair, first_tile, slot_begin, slots);
 }
 
@@ -469,9 +472,11 @@ __device__ __forceinline__ void decode_gemm(const MoeGemmParams &p) {
 // for grids that BM 128 would leave under two blocks per SM (batch-1 decode touches 4 experts: 128 blocks of BM 128);
 // on an H200 it took a batch-1 bf16 layer from 121 to 86 us, while at batch 32 (thousands of blocks) it was slower
 // than BM 128 (1496 against 1246 us): the host picks it by grid size (src/kernels/moe.rs).
-// "decode" is decode_gemm above: the grouped launches of at most 8 tokens, where the host would run the narrow tile.
-// "narrow_split" is the narrow tile with split-K (the dense decode launches that split; the others never read
-// k_splits, so their k loop carries no split code: the per-tensor fp8 decode fragment took 4 more instructions with it).
+// "decode" is decode_gemm above: the grouped launches of at most 8 tokens, where the host would run the narrow tile,
+// and the dense launches of at most 8 rows. "narrow_split" and "decode_split" are the narrow tile and the decode
+// kernel with split-K (the dense decode launches that split, on 9-32 and on up to 8 rows); the others never read
+// k_splits, so their k loop carries no split code (the per-tensor fp8 narrow fragment took 4 more instructions with
+// it, the grouped decode kernel's 0.5-1.8).
 // __launch_bounds__(kThreads, 2): at least two blocks per SM, which the 64-96 KiB pipelines allow anyway (up to 255
 // registers a thread). Without the minimum, ptxas's own register target spilled the kernels once the row finisher was
 // added (narrow at 56-64 registers, tiled at 128).
@@ -490,6 +495,9 @@ __device__ __forceinline__ void decode_gemm(const MoeGemmParams &p) {
     }                                                                                                                      \
     extern "C" __global__ void __launch_bounds__(kThreads, 2) moe_gemm_##NAME##_decode(const MoeGemmParams p) {             \
         decode_gemm<FORMAT>(p);                                                                                            \
+    }                                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(kThreads, 2) moe_gemm_##NAME##_decode_split(const MoeGemmParams p) {       \
+        decode_gemm<FORMAT, true>(p);                                                                                      \
     }
 
 MOE_GEMM_KERNELS(bf16, Format::Bf16)

@@ -210,17 +210,23 @@ impl TileShape {
         // The staged weight scales come on top of the budget (moe_gemm.cu says why).
         stages * (stage + WARPS * self.tiles_per_warp() * staged_scale_bytes(format)) + self.slots() * 4
     }
-    /// The narrow tile's split-K kernel for `format` weights (bf16 inputs): the only kernels that read
-    /// `MoeGemmParams.k_splits`; the others compile no split path.
-    fn split_k_kernel(format: WeightFormat) -> Kernel {
-        let entry = match format {
-            WeightFormat::Bf16 => "moe_gemm_bf16_narrow_split",
-            WeightFormat::Fp8PerTensor => "moe_gemm_fp8_narrow_split",
-            WeightFormat::Fp8Block128 => "moe_gemm_fp8_block_narrow_split",
-            WeightFormat::Int4 { .. } => "moe_gemm_int4_narrow_split",
-            WeightFormat::Nvfp4 => "moe_gemm_nvfp4_narrow_split",
+    /// The narrow tile's or the decode kernel's split-K kernel for `format` weights (bf16 inputs): the only kernels
+    /// that read `MoeGemmParams.k_splits`; the others compile no split path. None for the other shapes.
+    fn split_k_kernel(self, format: WeightFormat) -> Option<Kernel> {
+        let entry = match (format, self) {
+            (WeightFormat::Bf16, Self::Narrow) => "moe_gemm_bf16_narrow_split",
+            (WeightFormat::Fp8PerTensor, Self::Narrow) => "moe_gemm_fp8_narrow_split",
+            (WeightFormat::Fp8Block128, Self::Narrow) => "moe_gemm_fp8_block_narrow_split",
+            (WeightFormat::Int4 { .. }, Self::Narrow) => "moe_gemm_int4_narrow_split",
+            (WeightFormat::Nvfp4, Self::Narrow) => "moe_gemm_nvfp4_narrow_split",
+            (WeightFormat::Bf16, Self::Decode) => "moe_gemm_bf16_decode_split",
+            (WeightFormat::Fp8PerTensor, Self::Decode) => "moe_gemm_fp8_decode_split",
+            (WeightFormat::Fp8Block128, Self::Decode) => "moe_gemm_fp8_block_decode_split",
+            (WeightFormat::Int4 { .. }, Self::Decode) => "moe_gemm_int4_decode_split",
+            (WeightFormat::Nvfp4, Self::Decode) => "moe_gemm_nvfp4_decode_split",
+            (_, Self::Small | Self::Tiled) => return None,
         };
-        Kernel { module: MOE_GEMM, entry }
+        Some(Kernel { module: MOE_GEMM, entry })
     }
     /// The kernel for `format` weights with bf16 inputs, or the W8A8 kernel with e4m3 inputs (per-tensor fp8 weights
     /// only; the launcher checks).
@@ -869,7 +875,7 @@ pub(super) fn launch_gemm(
     }
     let grid_x = w.rows_padded / shape.features();
     // Split-K: the dense decode launches of one matrix on the decode kernel or the narrow tile (one row block) with
-    // bf16 inputs, as the matrix chose; on the narrow tile they run its _split kernels.
+    // bf16 inputs, as the matrix chose; they run the _split kernels.
     let split_k =
         w.split_k.as_ref().filter(|_| grouping.is_none() && heads == 1 && matches!(shape, TileShape::Decode | TileShape::Narrow) && grid_y == 1 && !e4m3_input);
     let finish = match finish {
@@ -964,7 +970,10 @@ pub(super) fn launch_gemm(
     if shape == TileShape::Tiled && super::moe_wgmma::applies(w.format, e4m3_input)? {
         return super::moe_wgmma::launch(device, w.format, &config, &params);
     }
-    let kernel = if split_k.is_some() && shape == TileShape::Narrow { TileShape::split_k_kernel(w.format) } else { shape.kernel(w.format, e4m3_input) };
+    let kernel = match split_k.and_then(|_| shape.split_k_kernel(w.format)) {
+        Some(split) => split,
+        None => shape.kernel(w.format, e4m3_input),
+    };
     launch_with(device, &kernel, &config, &params)
 }
 

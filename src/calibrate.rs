@@ -12,7 +12,8 @@
 //! sampled (its last block of a token group does the top-k and alignment, which a sample would miss). To fit the
 //! interpreter's memory, MoE weights are one expert's tiles aliased by all 128 experts (expert stride 0; scales
 //! replicated) and a 64-sequence MLA batch at 32k context shares one sequence's cache pages: both only in sampled
-//! launches, whose DRAM estimate counts each sampled block's own sectors, so the aliasing does not hide traffic.
+//! launches, whose DRAM estimate counts each sampled block's own sectors, so the aliasing does not hide traffic. A
+//! dense case taller than 8192 rows (the output head) is sampled, its weights one random part repeated (not aliased).
 //!
 //! The summary line: `calibration: median abs error P%, worst ratio R, N rows, D/M before-after pairs in the right
 //! direction` (abs error = |predicted - measured| / measured; worst ratio = the largest of predicted / measured and

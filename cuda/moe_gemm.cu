@@ -35,7 +35,7 @@
 // SMs idle: src/kernels/moe.rs `decode_k_splits`): grid z = the k split; each block reduces its k range into f32
 // partials and the tile's last arriving block sums them in a fixed split order and runs the epilogue
 // (sum_k_splits below), so a split launch is still one launch with the same stores and finishers. Only the narrow
-// tile's _split entries compile it.
+// tile's and the decode kernel's _split entries compile it.
 //
 // Bytes (per expert touched): its weights once per BN pairs (bf16 2, fp8 1, 4-bit 0.5 byte per element, plus scales),
 // the pairs' activation rows once per block column, the outputs once. FLOPs: 2 * pairs * K * N.
@@ -326,22 +326,26 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
 // ---- the decode kernel: at most 8 tokens ---------------------------------------------------------------------------
 //
 // moe_gemm_*_decode: the grouped launches of at most kDecodeSlots tokens (src/kernels/moe.rs `TileShape::Decode`: an
-// expert then has at most 8 pairs, one mma pair fragment). Same block grid and slots as the narrow tile (4 warps, one
-// 16-row weight tile each: BM 64, grid x = rows / 64; grid y = the grouping's 8-slot tiles, then the dense tail's row
-// blocks), the same mma.sync m16n8k16 per k-step in the same k order and the same epilogue (block_epilogue), so its
-// outputs are the narrow tile's bit for bit. What differs is how the operands arrive:
+// expert then has at most 8 pairs, one mma pair fragment) and the dense launches of at most 8 rows (one matrix, or one
+// per head in grid z; split-K in grid z for one matrix, as the narrow tile's _split entries). Same block grid and
+// slots as the narrow tile (4 warps, one 16-row weight tile each: BM 64, grid x = rows / 64; grid y = the grouping's
+// 8-slot tiles, then the dense tail's row blocks; dense: one row block), the same mma.sync m16n8k16 per k-step in the
+// same k order, the same split ranges and partial sums (sum_k_splits) and the same epilogue (block_epilogue), so its
+// outputs are the narrow tile's bit for bit at the same split count. What differs is how the operands arrive:
 // - weights and their scales straight from global memory into registers: each lane loads its 16-byte fragment
 //   chunks of a 64-k block (the repacked layout is fragment order) with ld.global.nc and the scales' raw words
 //   (WeightFormat load_scale_words), kDepth k blocks ahead of their use in a register ring: 4 KiB a warp in flight
 //   (bf16 2, fp8 4, 4-bit 8 k blocks; 32-64 KiB an SM at 2-4 blocks), no shared-memory ring, no barrier and no
 //   copy wait in the k loop;
-// - activations: the block's (at most 8) rows over the whole k, copied into shared memory once before the loop
+// - activations: the block's (at most 8) rows over its k range, copied into shared memory once before the loop
 //   (16-byte chunks XOR-swizzled per 64-k block), one ldmatrix.x4 per two k-steps; the lanes of slots the block
 //   does not have read a zeroed row, as do padding pairs.
 // One pair fragment instead of the narrow tile's four: at batch 1 the narrow tile's ring copies, ldmatrix and address
 // arithmetic for 32 slots cost more warp instructions than the dequantisation (docs/perf.md "moe_gemm decode").
-// Shared memory: 8 rows x K x 2 bytes (64 KiB at K 4096, 32 KiB at K 2048). The ring's slots are registers, so the
-// k loop runs whole rounds of kDepth k blocks without a branch between them, then the last blocks one by one.
+// Shared memory: 8 rows x K x 2 bytes (64 KiB at K 4096, 32 KiB at K 2048); a dense launch sizes it to its rows and
+// the zero row over the longest split's k range (1 row at K 4096 in 8 splits: 2 rows x 8 k blocks x 128 bytes).
+// The ring's slots are registers, so the k loop runs whole rounds of kDepth k blocks without a branch between them,
+// then the last blocks one by one.
 // Bytes: each expert's weights and scales once per launch (its up to 8 pairs share them), slots x K x 2 of
 // activations per block (from L2), the outputs once. FLOPs: 2 x 8 x K per weight row and block (the mma's 8 columns).
 // Occupancy: at least 3 blocks an SM (__launch_bounds__ below: at most 168 registers; nvfp4 171 -> 163 without
@@ -353,7 +357,10 @@ constexpr int kDecodeSlots = 8;
 // 64-k blocks a warp has in flight: 4 KiB of weights, at least 2 blocks (bf16 2, fp8 4, 4-bit 8).
 __host__ __device__ constexpr int decode_depth(int tile_bytes) { return 4096 / tile_bytes < 2 ? 2 : 4096 / tile_bytes; }
 
-template <Format F>
+// kSplitK: the _decode_split entries (dense launches that split k); the grouped and unsplit dense launches run the
+// entries without it, whose k range is the whole k at compile time (the split bookkeeping cost the grouped 4-bit and
+// fp8 launches 0.5-1.8 warp instructions per weight fragment when it was read at run time).
+template <Format F, bool kSplitK = false>
 __device__ __forceinline__ void decode_gemm(const MoeGemmParams &p) {
     using W = WeightFormat<F>;
     constexpr int kChunks = W::kTileBytes / (32 * 16);  // 16-byte chunks per lane per tile and k block
@@ -368,8 +375,12 @@ __device__ __forceinline__ void decode_gemm(const MoeGemmParams &p) {
     if (!block_slots<kDecodeSlots>(p, tail, expert, slot_begin, slot_end)) return;
     const int slots = slot_end - slot_begin;
 
-    // The ring's first kDepth k blocks, issued first: their latency overlaps the activation copy.
+    // Split-K (a dense launch of one matrix with p.k_splits > 1; grouped launches have one split): this block reduces
+    // k blocks [kb_begin, kb_end), split blockIdx.z, the narrow tile's split ranges, and stages only their activations.
     const int k_blocks = p.k_dim / kBK;
+    const int splits = kSplitK && p.k_splits > 1 ? p.k_splits : 1, split = splits > 1 ? (int)blockIdx.z : 0;
+    const int kb_begin = k_blocks * split / splits, kb_end = k_blocks * (split + 1) / splits;
+    // The ring's first kDepth k blocks, issued first: their latency overlaps the activation copy.
     const int first_tile = blockIdx.x * kWarps, tile = first_tile + warp;
     const unsigned char *w_lane = pick(tail, p.tail.weights, p.weights + (long long)expert * p.expert_stride) + (long long)tile * k_blocks * W::kTileBytes + lane * 16;
     const typename W::ScaleCursor scale_cursor = W::scale_cursor(p, tail, expert, tile, g);
@@ -382,7 +393,7 @@ __device__ __forceinline__ void decode_gemm(const MoeGemmParams &p) {
     };
 #pragma unroll
     for (int i = 0; i < kDepth; ++i) {
-        if (i < k_blocks) fetch(ring[i], ring_scales[i], i);
+        if (kb_begin + i < kb_end) fetch(ring[i], ring_scales[i], kb_begin + i);
     }
 
     if (tid < kDecodeSlots) {
@@ -392,17 +403,17 @@ __device__ __forceinline__ void decode_gemm(const MoeGemmParams &p) {
     }
     __syncthreads();
 
-    // Row s of the slots at s * row_bytes; its 16-byte chunk c (8 per 64-k block) at (c / 8) * 128 + ((c % 8) ^ s) * 16
-    // (swizzled_chunk, the grouped tiles' rule), so the 8 rows one ldmatrix matrix reads hit 8 bank groups. Rows of
-    // padding pairs, and row `slots` when the block has fewer than 8 (the missing slots' lanes read it), are zeros.
-    // Only the swizzle is shared with grouped_gemm's load_stage: that one refills a ring of 64-k stages every k block
-    // (rows of 128 bytes, padding rows zeroed once per stage), this copies each row once over the whole K.
-    const int row_bytes = p.k_dim * 2, row_chunks = p.k_dim / 8;
+    // Row s of the slots (its k range) at s * row_bytes; its 16-byte chunk c (8 per 64-k block) at (c / 8) * 128 +
+    // ((c % 8) ^ s) * 16 (swizzled_chunk, the grouped tiles' rule), so the 8 rows one ldmatrix matrix reads hit 8 bank
+    // groups. Rows of padding pairs, and row `slots` when the block has fewer than 8 (the missing slots' lanes read
+    // it), are zeros. Only the swizzle is shared with grouped_gemm's load_stage: that one refills a ring of 64-k stages
+    // every k block (rows of 128 bytes, padding rows zeroed once per stage), this copies each row once over its k range.
+    const int row_bytes = (kb_end - kb_begin) * kBK * 2, row_chunks = (kb_end - kb_begin) * (kBK / 8);
     const int rows_used = min(slots + 1, kDecodeSlots);
     for (int s = 0; s < rows_used; ++s) {
         const int pair = s < slots ? slot_pair[s] : -1;
         const long src_row = p.in_by_token && !tail ? pair / p.top_k : slot_begin + s;
-        const bf16 *src = tail ? p.tail.x + src_row * p.tail.x_stride : p.x + (long)blockIdx.z * p.x_batch_stride + src_row * p.x_stride;
+        const bf16 *src = (tail ? p.tail.x + src_row * p.tail.x_stride : p.x + (long)blockIdx.z * p.x_batch_stride + src_row * p.x_stride) + kb_begin * kBK;
         unsigned char *dst = smem + s * row_bytes;
         for (int c = tid; c < row_chunks; c += kThreads) {
             unsigned char *chunk = dst + (c >> 3) * 128 + swizzled_chunk(c & 7, s);
@@ -418,10 +429,11 @@ __device__ __forceinline__ void decode_gemm(const MoeGemmParams &p) {
     __syncthreads();
 
     // ldmatrix.x4 lane addresses: lane l gives row l % 8 (its slot's row, or the zero row) of matrix l / 8 = (k-step
-    // 2q + l / 16, k half (l / 8) % 2), i.e. chunk 4q + l / 8 of each 64-k block; q = 0 at x_lo, q = 1 at x_hi.
+    // 2q + l / 16, k half (l / 8) % 2), i.e. chunk 4q + l / 8 of each 64-k block; q = 0 at x_lo, q = 1 at x_hi. Both
+    // less kb_begin's 64-k blocks (modulo 2^32), so that the k loop adds kb * 128 for its absolute k block kb.
     const int x_row = (lane & 7) < slots ? (lane & 7) : slots;
-    const uint32_t x_lo = smem_addr(smem + x_row * row_bytes + swizzled_chunk(lane >> 3, x_row));
-    const uint32_t x_hi = smem_addr(smem + x_row * row_bytes + swizzled_chunk(4 + (lane >> 3), x_row));
+    const uint32_t x_lo = smem_addr(smem + x_row * row_bytes + swizzled_chunk(lane >> 3, x_row)) - kb_begin * kBK * 2;
+    const uint32_t x_hi = smem_addr(smem + x_row * row_bytes + swizzled_chunk(4 + (lane >> 3), x_row)) - kb_begin * kBK * 2;
 
     float acc[1][1][4];
     zero_accumulators(acc);
@@ -445,20 +457,21 @@ __device__ __forceinline__ void decode_gemm(const MoeGemmParams &p) {
     // Whole rounds of the ring whose refills all exist (no branch between their k blocks); then the last kDepth to
     // 2 kDepth - 1 blocks (all of them when k_blocks < kDepth), a slot refilling while its next block exists, so no
     // byte is fetched twice.
-    int kb = 0;
+    int kb = kb_begin;
 #pragma unroll 1
-    for (; kb + 2 * kDepth <= k_blocks; kb += kDepth) {
+    for (; kb + 2 * kDepth <= kb_end; kb += kDepth) {
 #pragma unroll
         for (int i = 0; i < kDepth; ++i) step(ring[i], ring_scales[i], kb + i, true);
     }
 #pragma unroll
     for (int i = 0; i < kDepth; ++i) {
-        if (kb + i < k_blocks) step(ring[i], ring_scales[i], kb + i, kb + i + kDepth < k_blocks);
+        if (kb + i < kb_end) step(ring[i], ring_scales[i], kb + i, kb + i + kDepth < kb_end);
     }
 #pragma unroll
     for (int i = 0; i + 1 < kDepth; ++i) {
-        if (kb + kDepth + i < k_blocks) step(ring[i], ring_scales[i], kb + kDepth + i, false);
+        if (kb + kDepth + i < kb_end) step(ring[i], ring_scales[i], kb + kDepth + i, false);
     }
+    if (kSplitK && splits > 1 && !sum_k_splits(p, acc, slots, split, splits)) return;
     block_epilogue<1, 1, false>(p, tail, expert, acc, slot_pair, first_tile, slot_begin, slots);
 }
 
@@ -470,9 +483,11 @@ __device__ __forceinline__ void decode_gemm(const MoeGemmParams &p) {
 // for grids that BM 128 would leave under two blocks per SM (batch-1 decode touches 4 experts: 128 blocks of BM 128);
 // on an H200 it took a batch-1 bf16 layer from 121 to 86 us, while at batch 32 (thousands of blocks) it was slower
 // than BM 128 (1496 against 1246 us): the host picks it by grid size (src/kernels/moe.rs).
-// "decode" is decode_gemm above: the grouped launches of at most 8 tokens, where the host would run the narrow tile.
-// "narrow_split" is the narrow tile with split-K (the dense decode launches that split; the others never read
-// k_splits, so their k loop carries no split code: the per-tensor fp8 decode fragment took 4 more instructions with it).
+// "decode" is decode_gemm above: the grouped launches of at most 8 tokens, where the host would run the narrow tile,
+// and the dense launches of at most 8 rows. "narrow_split" and "decode_split" are the narrow tile and the decode
+// kernel with split-K (the dense decode launches that split, on 9-32 and on up to 8 rows); the others never read
+// k_splits, so their k loop carries no split code (the per-tensor fp8 narrow fragment took 4 more instructions with
+// it, the grouped decode kernel's 0.5-1.8).
 // __launch_bounds__(kThreads, 2): at least two blocks per SM, which the 64-96 KiB pipelines allow anyway (up to 255
 // registers a thread). Without the minimum, ptxas's own register target spilled the kernels once the row finisher was
 // added (narrow at 56-64 registers, tiled at 128).
@@ -491,6 +506,9 @@ __device__ __forceinline__ void decode_gemm(const MoeGemmParams &p) {
     }                                                                                                                      \
     extern "C" __global__ void __launch_bounds__(kThreads, 3) moe_gemm_##NAME##_decode(const MoeGemmParams p) {             \
         decode_gemm<FORMAT>(p);                                                                                            \
+    }                                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(kThreads, 2) moe_gemm_##NAME##_decode_split(const MoeGemmParams p) {       \
+        decode_gemm<FORMAT, true>(p);                                                                                      \
     }
 
 MOE_GEMM_KERNELS(bf16, Format::Bf16)

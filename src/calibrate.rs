@@ -15,7 +15,8 @@
 //! launches, whose DRAM estimate counts each sampled block's own sectors, so the aliasing does not hide traffic. The
 //! MoE layer in the engine's form (`form=norm`: the combine and the next norm in the down projection's row finisher,
 //! which the last block to write a token's row runs) is replayed whole, on distinct copies of the touched experts'
-//! weights (batch 1: 4 experts, and the shared expert with `shared=1`).
+//! weights (batch 1: 4 experts, and the shared expert with `shared=1`). A dense case taller than 8192 rows (the output
+//! head) is sampled, its weights one random part repeated (not aliased).
 //!
 //! The summary line: `calibration: median abs error P%, worst ratio R, N rows, D/M before-after pairs in the right
 //! direction` (abs error = |predicted - measured| / measured; worst ratio = the largest of predicted / measured and
@@ -735,8 +736,9 @@ fn replay(
 ) -> Result<Vec<LaunchCounters>> {
     // Never sampled: the launches whose last-arriving blocks do work a sample would miss: the router (its last block
     // of a token group does the top-k and alignment), the dense GEMM (a split-K launch's last block of each tile sums
-    // the splits and runs the epilogue), MLA decode with the split combine fused (the last split block of each row
-    // tile combines) and the MoE layer in the engine's form (the last block to write a token's row combines and norms).
+    // the splits and runs the epilogue; `replay_dense` samples only the output head, which does not split), MLA decode
+    // with the split combine fused (the last split block of each row tile combines) and the MoE layer in the engine's
+    // form (the last block to write a token's row combines and norms).
     let fused_combine = spec.family == "mla" && mla_combine(spec)? == SplitCombine::Fused;
     let moe_finisher = spec.family == "moe" && MoeForm::of(spec)? == MoeForm::Norm;
     let sampled = !(matches!(spec.family.as_str(), "router" | "dense") || fused_combine || moe_finisher);
@@ -756,7 +758,7 @@ fn replay(
     let result = gemm.run(|| match spec.family.as_str() {
         "router" => replay_router(sim, device, spec),
         "moe" => replay_moe(sim, device, spec, moe_weights),
-        "dense" => replay_dense(sim, device, spec),
+        "dense" => replay_dense(sim, device, spec, sample_blocks),
         "mla" | "mla_prefill" => replay_mla(sim, device, spec),
         "vision_attention" => replay_vision(sim, device, spec),
         other => Err(Error::InvalidArgument(format!("calibration run: unknown family {other:?}"))),
@@ -943,16 +945,32 @@ fn replay_moe(sim: &SimBackend, device: &Device, spec: &Spec, cache: &mut Option
 /// A dense decode GEMM (`dense::linear`: the attention projections): `dense format= rows= k= tokens= [splits=]`, rows
 /// = output features, random weights in [-1/sqrt(k), 1/sqrt(k)]; no `splits=`: the upload's k splits
 /// (`DeviceWeights::decode_k_splits`).
-fn replay_dense(sim: &SimBackend, device: &Device, spec: &Spec) -> Result<Vec<LaunchCounters>> {
+fn replay_dense(sim: &SimBackend, device: &Device, spec: &Spec, sample_blocks: u64) -> Result<Vec<LaunchCounters>> {
     let format: WeightFormat = spec.get("format").ok_or_else(|| Error::InvalidArgument("calibration dense run: no format=".into()))?.parse()?;
     let (rows, k, tokens) = (spec.usize("rows")?, spec.usize("k")?, spec.usize("tokens")?);
+    if let Some(tile) = spec.get("tile") {
+        moe::override_decode_tile(Some(tile))?;
+    }
     let mut rng = StdRng::seed_from_u64(1);
     let a = 1.0 / (k as f32).sqrt();
-    let w: Vec<f32> = (0..rows * k).map(|_| rng.random_range(-a..a)).collect();
-    let w = QuantizedMatrix::quantize(format, &w, rows, k)?;
-    let mut weights = DeviceWeights::upload(device, &repack::repack_linear(&[(&w).into()])?)?;
+    // A matrix of more than DENSE_PART_ROWS rows (the output head) is one random part of that many rows repeated:
+    // only sampled launches read it (it never splits), and each sampled block streams its own rows.
+    let part_rows = rows.min(DENSE_PART_ROWS);
+    if rows % part_rows != 0 {
+        return Err(Error::InvalidArgument(format!("calibration dense run: rows={rows} over {DENSE_PART_ROWS} must be a multiple of it")));
+    }
+    let w: Vec<f32> = (0..part_rows * k).map(|_| rng.random_range(-a..a)).collect();
+    let w = QuantizedMatrix::quantize(format, &w, part_rows, k)?;
+    let part = DeviceWeights::upload(device, &repack::repack_linear(&[(&w).into()])?)?;
+    let mut weights = if part_rows == rows { part } else { DeviceWeights::concat_rows(&vec![&part; rows / part_rows])? };
     if spec.get("splits").is_some() {
         weights.set_decode_k_splits(spec.usize("splits")?)?;
+    }
+    if part_rows < rows {
+        if weights.decode_k_splits() > 1 {
+            return Err(Error::InvalidArgument(format!("calibration dense run: rows={rows} is sampled, so it cannot split k")));
+        }
+        sim.set_block_sample(Some(sample_blocks));
     }
     let x = DeviceBuffer::from_slice(device, &random_bf16(&mut rng, tokens * k, 1.0))?;
     let y = DeviceBuffer::<bf16>::alloc(device, tokens * rows)?;
@@ -960,6 +978,9 @@ fn replay_dense(sim: &SimBackend, device: &Device, spec: &Spec) -> Result<Vec<La
     dense::linear(&weights, x.view([tokens, k])?, y.view([tokens, rows])?)?;
     Ok(sim.take_recorded())
 }
+
+/// Rows of a `dense` case's random weights; a taller matrix repeats them ([`replay_dense`]).
+const DENSE_PART_ROWS: usize = 8192;
 
 const MLA_HEADS: usize = 32;
 const MLA_LATENT: usize = 256;

@@ -489,7 +489,7 @@ fn wrappers_reject_bad_input(device: &Device) {
 
 /// `latent_projection` (the stacked wq_a + wkv_a GEMM finishing each token's row with the q latent's RMSNorm and the
 /// cache write, one launch) gives bit for bit `dense::linear`, `rms_norm` and `mla_cache_write` one after the other:
-/// bf16 and fp8 caches, 1 / 3 decode tokens (narrow tile) and 76 prefill tokens (tiled), two weight formats, and the
+/// bf16 and fp8 caches, 1 / 3 decode tokens (the decode kernel) and 76 prefill tokens (tiled), two weight formats, and the
 /// real reduction length (dim 4096) at one token.
 fn latent_projection_equals_the_launches_apart(device: &Device) {
     let cases = [
@@ -505,7 +505,7 @@ fn latent_projection_equals_the_launches_apart(device: &Device) {
 }
 
 /// The latent projection with split k at batch 1 (`DeviceWeights::set_decode_k_splits`; the real one has 22 column
-/// blocks and 12 splits): its row finisher runs once every split of every column block is in, bit for bit the launches
+/// blocks and 8 splits, on the decode kernel): its row finisher runs once every split of every column block is in, bit for bit the launches
 /// apart (same splits), twice on the same counters, and its GEMM output agrees with the CPU reference. The formats
 /// the attention projections come in, K = 4096 and 2048, 2 and 6 splits (6: uneven k ranges).
 fn latent_projection_split_k_equals_the_launches_apart(device: &Device) {

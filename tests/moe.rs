@@ -305,8 +305,8 @@ fn linear_split_k_matches_reference(device: &Device) {
         for format in [WeightFormat::Bf16, WeightFormat::Fp8PerTensor, WeightFormat::Fp8Block128] {
             let (w, deq) = random_matrix(&mut rng, format, out_dim, in_dim);
             let mut weights = DeviceWeights::upload(device, &repack::repack_linear(&[(&w).into()]).unwrap()).unwrap();
-            // The default for 6 column blocks: as many splits as ranges of 4 k blocks allow (44 would give 264 blocks).
-            assert_eq!(weights.decode_k_splits(), in_dim / 64 / 4);
+            // The default for 6 column blocks: as many splits as ranges of 8 k blocks allow (44 would give 264 blocks).
+            assert_eq!(weights.decode_k_splits(), in_dim / 64 / 8);
             for splits in [1, 2, 6] {
                 weights.set_decode_k_splits(splits).unwrap();
                 for rows in [1, 3] {
@@ -385,12 +385,139 @@ fn decode_kernel_equals_narrow_tile(device: &Device) {
     }
 }
 
-/// Decode rows against an output wide enough (264 blocks of 128 features) that the launcher picks the BM-128 "small"
-/// tile instead of the narrow one every other decode case here runs (src/kernels/moe.rs `TileShape::for_decode`).
+/// Runs `launch` on the decode kernel and on the narrow tile (`override_decode_tile`) and returns the decode kernel's
+/// output bits, requiring the narrow tile's to be the same bit for bit and the decode launch to have run a
+/// `_decode` or `_decode_split` entry (`what` names the case). The launches' own outputs are fresh each call.
+fn decode_equals_narrow<T: PartialEq + std::fmt::Debug>(device: &Device, what: &str, launch: impl Fn() -> T) -> T {
+    moe::override_decode_tile(Some("decode")).unwrap();
+    let decode = launch();
+    if let Some(counters) = device.last_launch_counters() {
+        assert!(counters.kernel.ends_with("_decode") || counters.kernel.ends_with("_decode_split"), "{what}: launched {}", counters.kernel);
+    }
+    moe::override_decode_tile(Some("narrow")).unwrap();
+    let narrow = launch();
+    moe::override_decode_tile(None).unwrap();
+    assert_eq!(decode, narrow, "{what}: the decode kernel against the narrow tile");
+    decode
+}
+
+/// The dense decode launches (up to 8 rows) on the decode kernel (`moe_gemm_*_decode` in dense mode, src/kernels/moe.rs
+/// `dense_tile_shape`; the launcher's default there) give the narrow tile's outputs bit for bit at the same k splits
+/// (the same mma k order, split ranges and split-order partial sums) and agree with the CPU reference, in every output
+/// form at the real shapes: plain `linear` for every format on the latent projection [1344, 4096] (its 8 default
+/// splits) and on [320, 2048] at 3 and 8 rows unsplit and in 6 uneven splits; the f32 output (the head's logits);
+/// `linear_rope_q` on wq_b [4096, 1024] (32 query heads of 64 nope + 64 rope, 2 splits); `linear_add_rms_norm` on wo
+/// [4096, 4096] (4 splits, the finisher in each column block's last split block); `linear_per_head` (32 heads of W_UK
+/// [256, 64] reading 128-wide query heads, unsplit: grid z = the heads).
+fn dense_decode_kernel_equals_narrow_tile(device: &Device) {
+    use small4::kernels::ops::{self, QueryScale};
+    let mut rng = rng(72);
+    let upload = |v: &[bf16]| DeviceBuffer::from_slice(device, v).unwrap();
+    let poisoned = |len: usize| DeviceBuffer::<bf16>::filled_with_byte(device, len, 0xff).unwrap();
+    // Plain and f32 outputs.
+    for format in FORMATS {
+        for (out_dim, in_dim, rows, splits) in [(1344, 4096, 1, None), (320, 2048, 3, Some(1)), (320, 2048, 8, Some(6))] {
+            let (w, deq) = random_matrix(&mut rng, format, out_dim, in_dim);
+            let mut weights = DeviceWeights::upload(device, &repack::repack_linear(&[(&w).into()]).unwrap()).unwrap();
+            if let Some(splits) = splits {
+                weights.set_decode_k_splits(splits).unwrap();
+            }
+            let x_host = random_bf16(&mut rng, rows * in_dim, 1.0);
+            let x = upload(&x_host);
+            let what = format!("linear {format} [{out_dim}, {in_dim}] rows {rows} splits {}", weights.decode_k_splits());
+            let y = decode_equals_narrow(device, &what, || {
+                let y = poisoned(rows * out_dim);
+                dense::linear(&weights, x.view([rows, in_dim]).unwrap(), y.view([rows, out_dim]).unwrap()).unwrap();
+                bits(&y)
+            });
+            let want = matmul_nt(&to_f32(&x_host), &deq, rows, in_dim, out_dim);
+            let y: Vec<f32> = y.iter().map(|&b| bf16::from_bits(b).to_f32()).collect();
+            assert_agrees(&what, &y, &want);
+            if rows == 3 {
+                let logits = decode_equals_narrow(device, &format!("{what} f32"), || {
+                    let y = DeviceBuffer::<f32>::filled_with_byte(device, rows * out_dim, 0xff).unwrap();
+                    dense::linear_f32(&weights, x.view([rows, in_dim]).unwrap(), y.view([rows, out_dim]).unwrap()).unwrap();
+                    y.to_vec().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
+                });
+                let logits: Vec<f32> = logits.into_iter().map(f32::from_bits).collect();
+                assert_agrees(&format!("{what} f32"), &logits, &want);
+            }
+        }
+    }
+    // The query projection with RoPE: wq_b.
+    let (heads, head_dim, in_dim) = (32, 128, 1024);
+    let scale = QueryScale { beta: 0.1, original_max_position: 8192 };
+    let inv_freq = upload_f32(device, &(0..32).map(|i| 10_000f32.powf(-(i as f32) / 32.0)).collect::<Vec<f32>>());
+    for (format, rows) in [(WeightFormat::Bf16, 1), (WeightFormat::Fp8PerTensor, 3)] {
+        let (w, deq) = random_matrix(&mut rng, format, heads * head_dim, in_dim);
+        let weights = DeviceWeights::upload(device, &repack::repack_linear(&[(&w).into()]).unwrap()).unwrap();
+        assert_eq!(weights.decode_k_splits(), 2);
+        let x_host = random_bf16(&mut rng, rows * in_dim, 1.0);
+        let x = upload(&x_host);
+        let positions = DeviceBuffer::from_slice(device, &(0..rows).map(|_| rng.random_range(0..140_000)).collect::<Vec<i32>>()).unwrap();
+        let what = format!("linear_rope_q {format} wq_b rows {rows}");
+        let q = decode_equals_narrow(device, &what, || {
+            let q = poisoned(rows * heads * head_dim);
+            let qv = q.view([rows, heads, head_dim]).unwrap();
+            dense::linear_rope_q(&weights, x.view([rows, in_dim]).unwrap(), qv, positions.as_vector(), inv_freq.as_vector(), scale).unwrap();
+            bits(&q)
+        });
+        // Against the reference: the same RoPE on the reference product, both after one bf16 rounding.
+        let product: Vec<bf16> = matmul_nt(&to_f32(&x_host), &deq, rows, in_dim, heads * head_dim).into_iter().map(bf16::from_f32).collect();
+        let want = upload(&product);
+        ops::rope_q_k(want.view([rows, heads, head_dim]).unwrap(), None, positions.as_vector(), inv_freq.as_vector(), scale).unwrap();
+        let got: Vec<f32> = q.iter().map(|&b| bf16::from_bits(b).to_f32()).collect();
+        assert_agrees(&what, &got, &to_f32(&want.to_vec().unwrap()));
+    }
+    // wo with the residual add + RMSNorm finisher.
+    for (format, rows) in [(WeightFormat::Bf16, 1), (WeightFormat::Fp8Block128, 2)] {
+        let (out_dim, in_dim) = (4096, 4096);
+        let (w, deq) = random_matrix(&mut rng, format, out_dim, in_dim);
+        let weights = DeviceWeights::upload(device, &repack::repack_linear(&[(&w).into()]).unwrap()).unwrap();
+        assert_eq!(weights.decode_k_splits(), 4);
+        let x_host = random_bf16(&mut rng, rows * in_dim, 1.0);
+        let (x, residual) = (upload(&x_host), upload(&random_bf16(&mut rng, rows * out_dim, 1.0)));
+        let gamma = upload(&random_bf16(&mut rng, out_dim, 1.0));
+        let counters = RowCounters::new(device, rows).unwrap();
+        let what = format!("linear_add_rms_norm {format} wo rows {rows}");
+        let fused = decode_equals_narrow(device, &what, || wo_add_rms_norm_bits(&weights, &x, &residual, &gamma, &counters, true));
+        assert_eq!(fused, wo_add_rms_norm_bits(&weights, &x, &residual, &gamma, &counters, false), "{what}: the launches apart");
+        let y: Vec<f32> = fused.0.iter().map(|&b| bf16::from_bits(b).to_f32()).collect();
+        assert_agrees(&what, &y, &matmul_nt(&to_f32(&x_host), &deq, rows, in_dim, out_dim));
+    }
+    // The per-head absorption products: W_UK.
+    let (k_dim, head_in, out_cols) = (64, 128, 256);
+    for (format, rows) in [(WeightFormat::Bf16, 1), (WeightFormat::Fp8PerTensor, 3)] {
+        let mats: Vec<(QuantizedMatrix, Vec<f32>)> = (0..heads).map(|_| random_matrix(&mut rng, format, out_cols, k_dim)).collect();
+        let packed = repack::repack_linear(&mats.iter().map(|(q, _)| q.into()).collect::<Vec<MatrixRef>>()).unwrap();
+        let weights = DeviceWeights::upload(device, &packed).unwrap();
+        let x_host = random_bf16(&mut rng, rows * heads * head_in, 1.0);
+        let x = upload(&x_host);
+        let what = format!("linear_per_head {format} W_UK rows {rows}");
+        let y = decode_equals_narrow(device, &what, || {
+            let y = poisoned(rows * heads * out_cols);
+            dense::linear_per_head(&weights, x.view([rows, heads, head_in]).unwrap(), y.view([rows, heads, out_cols]).unwrap()).unwrap();
+            bits(&y)
+        });
+        for (h, (_, deq)) in mats.iter().enumerate() {
+            let x_h: Vec<f32> = (0..rows).flat_map(|r| to_f32(&x_host[(r * heads + h) * head_in..][..k_dim])).collect();
+            let got: Vec<f32> = (0..rows).flat_map(|r| y[(r * heads + h) * out_cols..][..out_cols].iter().map(|&b| bf16::from_bits(b).to_f32())).collect();
+            assert_agrees(&format!("{what} head {h}"), &got, &matmul_nt(&x_h, deq, rows, k_dim, out_cols));
+        }
+    }
+}
+
+fn upload_f32(device: &Device, v: &[f32]) -> DeviceBuffer<f32> {
+    DeviceBuffer::from_slice(device, v).unwrap()
+}
+
+/// Decode rows above the decode kernel's 8 against an output wide enough (264 blocks of 128 features) that the
+/// launcher picks the BM-128 "small" tile instead of the narrow one (src/kernels/moe.rs `TileShape::for_decode`; up
+/// to 8 rows run the decode kernel whatever the width: `dense_decode_kernel_equals_narrow_tile`).
 fn linear_wide_output_runs_the_small_tile(device: &Device) {
     let (in_dim, out_dim) = (64, 264 * 128);
     let mut rng = rng(9);
-    for (format, rows) in [(WeightFormat::Bf16, 3), (WeightFormat::Nvfp4, 2)] {
+    for (format, rows) in [(WeightFormat::Bf16, 12), (WeightFormat::Nvfp4, 9)] {
         let (w, deq) = random_matrix(&mut rng, format, out_dim, in_dim);
         let weights = DeviceWeights::upload(device, &repack::repack_linear(&[(&w).into()]).unwrap()).unwrap();
         let x = random_bf16(&mut rng, rows * in_dim, 1.0);
@@ -998,6 +1125,7 @@ fn linear_rope_q_equals_the_launches_apart(device: &Device) {
 backend_tests!(
     gemm_dequantises_every_code_point_exactly,
     decode_kernel_equals_narrow_tile,
+    dense_decode_kernel_equals_narrow_tile,
     moe_layer_at_real_reduction_lengths,
     linear_at_real_reduction_lengths,
     linear_wide_output_runs_the_small_tile,
@@ -1056,7 +1184,7 @@ fn decode_traffic_fp8_w8a8() {
     check_decode_traffic(WeightFormat::Fp8PerTensor, Some(W8A8_SCALES), REAL_DIMS, [[1.018, 1.020], [1.255, 1.258]]);
 }
 
-/// Warp instructions of one decode launch per format (1 row, so the narrow tile; 512 outputs, K = 4096, one k split) on the
+/// Warp instructions of one decode launch per format (1 row on the narrow tile; 512 outputs, K = 4096, one k split) on the
 /// interpreter, printed as docs/perf.md's table rows: in total and per weight fragment (a warp's 16 x 16 A operand:
 /// 32 tiles x 256 k-steps = 8192 a launch; the k loop's loads, ldmatrix and mma.sync included), the global loads on
 /// the longest warp's dependence chain and the H100 time the timing model predicts; and requires the instructions
@@ -1076,7 +1204,10 @@ fn decode_warp_instructions() {
         weights.set_decode_k_splits(1).unwrap();
         let x = DeviceBuffer::from_slice(&device, &random_bf16(&mut rng, in_dim, 1.0)).unwrap();
         let y = DeviceBuffer::<bf16>::alloc(&device, out_dim).unwrap();
+        // The narrow tile, which dense launches of 1 row ran before the decode kernel took them.
+        moe::override_decode_tile(Some("narrow")).unwrap();
         dense::linear(&weights, x.view([1, in_dim]).unwrap(), y.view([1, out_dim]).unwrap()).unwrap();
+        moe::override_decode_tile(None).unwrap();
         let counters = device.last_launch_counters().unwrap();
         let per_fragment = counters.timing.warp_instructions as f64 / ((out_dim / 16) * (in_dim / 16)) as f64;
         let predicted = counters.predicted_us.map_or("-".to_string(), |us| format!("{us:.2}"));

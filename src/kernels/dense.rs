@@ -1,9 +1,11 @@
 //! Dense GEMMs `y = x W^T` (one matrix, rows = tokens): the attention projections, MLA's per-head absorption (all
 //! heads in one launch), the output head, a dense FFN's halves; with the small step that follows some of them done in
 //! the same launch (the query's RoPE, the residual add + RMSNorm after wo). They run `cuda/moe_gemm.cu`'s kernels in
-//! dense mode (one group): every weight format ([`DeviceWeights`]), the narrow and BM-128 decode tiles, the prefill
-//! tile (on wgmma for bf16, int4 and nvfp4, activations loaded by TMA: `kernels::moe_wgmma`), launched by
-//! `kernels::moe`'s launcher.
+//! dense mode (one group): every weight format ([`DeviceWeights`]); up to 8 rows the decode kernel (weights straight
+//! into registers, k split over the SMs as the matrix chose: [`DeviceWeights::decode_k_splits`]; the head too), 9-32
+//! rows the narrow tile or, for wide outputs, the BM-128 decode tile, above that the prefill tile (on wgmma for bf16,
+//! int4 and nvfp4, activations loaded by TMA: `kernels::moe_wgmma`), launched by `kernels::moe`'s launcher (not yet
+//! a module of its own).
 
 use half::bf16;
 

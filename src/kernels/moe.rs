@@ -48,19 +48,24 @@ enum TileShape {
 /// faster at batch 1 in all five formats (bf16 79.5 vs 96.8 µs) and slower at batch 32 (bf16 1269 vs 1120 µs).
 const FULL_GRID_BLOCKS: usize = 2 * super::TARGET_SMS;
 
-/// Fewest 64-k blocks one split of a split-K launch reduces: 256 of k, 32 KiB of bf16 weights a block. Its f32
-/// partials, stored and read back once (through L2), are 1 KiB of that at batch 1 and 16 KiB at 32 rows (the narrow
-/// tile's most), so shorter splits would move more partials than weights at the batch sizes decode runs.
-const MIN_SPLIT_K_BLOCKS: usize = 4;
+/// Fewest 64-k blocks one split of a split-K launch reduces: 512 of k, 64 KiB of bf16 weights a block of 64 rows.
+/// Its f32 partials, stored and read back once (through L2), are 512 bytes of that at batch 1 and 16 KiB at 32 rows
+/// (the narrow tile's most). The decode kernel, which runs the splits of up to 8 rows, pays a fixed cost per block
+/// (the activation staging before its k loop, the partials and the last block's sum after it) that shorter splits
+/// no longer hide: the timing model puts the latent projection [1344, 4096] at 5.9 µs with 8 splits of 8 k blocks
+/// and 6.8 with 12 of 5-6 on an H100 SXM (cold L2, `small4 calibrate --predict decode-choices --only=-cold`,
+/// docs/perf.md "Dense decode GEMMs on the decode kernel"; 4 k blocks a split was the narrow tile's minimum).
+const MIN_SPLIT_K_BLOCKS: usize = 8;
 
-/// The k splits a dense decode launch of one matrix (`rows_padded` x `k_dim`, the narrow tile, up to 32 rows) runs
-/// with: as many as keep the column blocks times the splits at most two blocks per SM of an H100 / H200
-/// ([`FULL_GRID_BLOCKS`]: all resident at once, two blocks' k loops overlapping on each SM), so the latent
-/// projection's 22 column blocks get 12 splits (264 blocks), wo's 64 get 4 (256), wq_b's 64 (K 1024) 4 (256);
-/// 1 when the column blocks alone come to more than one block per SM, and never under [`MIN_SPLIT_K_BLOCKS`] a split.
-/// The timing model predicts the blocks-per-SM optimum at two (`small4 calibrate --predict decode-choices`, cases
-/// `dense-*`, docs/perf.md "Split-K for the dense decode GEMMs"): bf16 latent projection 34.7 µs unsplit, 11.1 at
-/// one block per SM, 9.7 at two, 12.7 at 2.7; wo 34.7, 20.3, 13.2, 17.3.
+/// The k splits a dense decode launch of one matrix (`rows_padded` x `k_dim`, 64-feature column blocks: the decode
+/// kernel up to 8 rows, the narrow tile up to 32) runs with: as many as keep the column blocks times the splits at
+/// most two blocks per SM of an H100 / H200 ([`FULL_GRID_BLOCKS`]: all resident at once), never under
+/// [`MIN_SPLIT_K_BLOCKS`] a split, so the latent projection's 22 column blocks get 8 splits (176 blocks), wo's 64
+/// get 4 (256), wq_b's 64 (K 1024) 2 (128); 1 when the column blocks alone come to more than one block per SM.
+/// The timing model's optimum on the decode kernel at 1 token (H100 SXM, cold L2: `small4 calibrate --predict
+/// decode-choices --only=-cold`, docs/perf.md "Dense decode GEMMs on the decode kernel"): latent 5.9 µs at 4 or 8
+/// splits, 6.8 at 12; wo 12.2 at 2, 12.3 at 4, 12.4 at 8; wq_b 3.9 at 2, 3.8 at 4. (On the narrow tile, before,
+/// it put the optimum at two blocks per SM: section "Split-K for the dense decode GEMMs".)
 fn decode_k_splits(rows_padded: usize, k_dim: usize) -> usize {
     let column_blocks = (rows_padded / TileShape::Narrow.features()).max(1);
     (FULL_GRID_BLOCKS / column_blocks).min(k_dim / 64 / MIN_SPLIT_K_BLOCKS).max(1)
@@ -170,11 +175,24 @@ impl TileShape {
     /// most [`DECODE_SLOTS`] slots (a block computes the first 8 slots of an expert's group and nothing of the
     /// tiles after it), its activation rows within [`DECODE_SHARED_MAX`].
     fn decode_applies(w: &DeviceWeights, tokens: usize, tile_m: usize, e4m3_input: bool) -> bool {
-        !e4m3_input && tokens <= DECODE_SLOTS && tile_m <= DECODE_SLOTS && Self::decode_shared_bytes(w.k_dim) <= DECODE_SHARED_MAX
+        !e4m3_input && tokens <= DECODE_SLOTS && tile_m <= DECODE_SLOTS && Self::decode_shared_bytes(DECODE_SLOTS, w.k_dim) <= DECODE_SHARED_MAX
     }
-    /// The decode kernel's dynamic shared memory: its 8 activation rows over the whole k.
-    fn decode_shared_bytes(k_dim: usize) -> usize {
-        DECODE_SLOTS * k_dim * 2
+    /// The same for a dense launch of `rows` rows over `w` (one block row of 8 slots, its activations over the
+    /// longest k split).
+    fn decode_applies_dense(w: &DeviceWeights, rows: usize, e4m3_input: bool) -> bool {
+        !e4m3_input && rows <= DECODE_SLOTS && Self::dense_decode_shared_bytes(w, rows) <= DECODE_SHARED_MAX
+    }
+    /// The decode kernel's dynamic shared memory: `rows` activation rows over `k` (a grouped launch: 8 rows over the
+    /// whole k, whatever its tiles hold).
+    fn decode_shared_bytes(rows: usize, k: usize) -> usize {
+        rows * k * 2
+    }
+    /// A dense decode launch's: its rows and the zero row the missing slots' lanes read (at most 8 in all, as
+    /// `decode_gemm` stages them) over the longest of `w`'s k splits (`k_blocks * (split + 1) / splits` less
+    /// `k_blocks * split / splits`: at most the ceiling of k_blocks / splits).
+    fn dense_decode_shared_bytes(w: &DeviceWeights, rows: usize) -> usize {
+        let longest_split = (w.k_dim / 64).div_ceil(w.decode_k_splits()) * 64;
+        Self::decode_shared_bytes((rows + 1).min(DECODE_SLOTS), longest_split)
     }
     /// Deepest k pipeline (the `max_stages` of `stages_for` in moe_gemm.cu, which says why).
     fn max_stages(self) -> usize {
@@ -187,7 +205,7 @@ impl TileShape {
     /// kernel's activation rows.
     fn shared_bytes(self, format: WeightFormat, e4m3_input: bool, k_dim: usize) -> usize {
         if self == Self::Decode {
-            return Self::decode_shared_bytes(k_dim);
+            return Self::decode_shared_bytes(DECODE_SLOTS, k_dim);
         }
         let x_row = if e4m3_input { X_ROW_BYTES_E4M3 } else { X_ROW_BYTES };
         let stage = WARPS * self.tiles_per_warp() * tile_bytes(format) + self.slots() * x_row;
@@ -195,17 +213,23 @@ impl TileShape {
         // The staged weight scales come on top of the budget (moe_gemm.cu says why).
         stages * (stage + WARPS * self.tiles_per_warp() * staged_scale_bytes(format)) + self.slots() * 4
     }
-    /// The narrow tile's split-K kernel for `format` weights (bf16 inputs): the only kernels that read
-    /// `MoeGemmParams.k_splits`; the others compile no split path.
-    fn split_k_kernel(format: WeightFormat) -> Kernel {
-        let entry = match format {
-            WeightFormat::Bf16 => "moe_gemm_bf16_narrow_split",
-            WeightFormat::Fp8PerTensor => "moe_gemm_fp8_narrow_split",
-            WeightFormat::Fp8Block128 => "moe_gemm_fp8_block_narrow_split",
-            WeightFormat::Int4 { .. } => "moe_gemm_int4_narrow_split",
-            WeightFormat::Nvfp4 => "moe_gemm_nvfp4_narrow_split",
+    /// The narrow tile's or the decode kernel's split-K kernel for `format` weights (bf16 inputs): the only kernels
+    /// that read `MoeGemmParams.k_splits`; the others compile no split path. None for the other shapes.
+    fn split_k_kernel(self, format: WeightFormat) -> Option<Kernel> {
+        let entry = match (format, self) {
+            (WeightFormat::Bf16, Self::Narrow) => "moe_gemm_bf16_narrow_split",
+            (WeightFormat::Fp8PerTensor, Self::Narrow) => "moe_gemm_fp8_narrow_split",
+            (WeightFormat::Fp8Block128, Self::Narrow) => "moe_gemm_fp8_block_narrow_split",
+            (WeightFormat::Int4 { .. }, Self::Narrow) => "moe_gemm_int4_narrow_split",
+            (WeightFormat::Nvfp4, Self::Narrow) => "moe_gemm_nvfp4_narrow_split",
+            (WeightFormat::Bf16, Self::Decode) => "moe_gemm_bf16_decode_split",
+            (WeightFormat::Fp8PerTensor, Self::Decode) => "moe_gemm_fp8_decode_split",
+            (WeightFormat::Fp8Block128, Self::Decode) => "moe_gemm_fp8_block_decode_split",
+            (WeightFormat::Int4 { .. }, Self::Decode) => "moe_gemm_int4_decode_split",
+            (WeightFormat::Nvfp4, Self::Decode) => "moe_gemm_nvfp4_decode_split",
+            (_, Self::Small | Self::Tiled) => return None,
         };
-        Kernel { module: MOE_GEMM, entry }
+        Some(Kernel { module: MOE_GEMM, entry })
     }
     /// The kernel for `format` weights with bf16 inputs, or the W8A8 kernel with e4m3 inputs (per-tensor fp8 weights
     /// only; the launcher checks).
@@ -536,8 +560,8 @@ impl DeviceWeights {
         Ok(self)
     }
 
-    /// The k splits of this matrix's dense decode launches (up to 32 rows on the narrow 64-feature tile, one launch
-    /// each: grid z = the split, the partial sums added in split order by the last block of each output tile,
+    /// The k splits of this matrix's dense decode launches (up to 8 rows on the decode kernel, up to 32 on the narrow
+    /// 64-feature tile, one launch each: grid z = the split, the partial sums added in split order by the last block of each output tile,
     /// `cuda/moe_gemm.cu`). Chosen at upload from the column blocks and the SM count: up to two blocks per SM of an H100
     /// / H200; 1 (no split) for a matrix whose columns fill the GPU and for several matrices.
     ///
@@ -547,10 +571,10 @@ impl DeviceWeights {
     /// use small4::quant::{repack::repack_linear, QuantizedMatrix, WeightFormat};
     ///
     /// let device = simulator();
-    /// // 128 outputs (2 column blocks of 64) at K = 4096 (64 k blocks): 16 splits of 4 k blocks (32 blocks).
+    /// // 128 outputs (2 column blocks of 64) at K = 4096 (64 k blocks): 8 splits of 8 k blocks (16 blocks).
     /// let w = QuantizedMatrix::quantize(WeightFormat::Bf16, &vec![0.5; 128 * 4096], 128, 4096)?;
     /// let mut w = DeviceWeights::upload(&device, &repack_linear(&[(&w).into()])?)?;
-    /// assert_eq!(w.decode_k_splits(), 16);
+    /// assert_eq!(w.decode_k_splits(), 8);
     /// w.set_decode_k_splits(1)?;
     /// assert_eq!(w.decode_k_splits(), 1);
     /// assert!(w.set_decode_k_splits(65).is_err()); // more splits than k blocks
@@ -805,7 +829,7 @@ pub(super) fn launch_gemm(
             if w.experts != heads {
                 return Err(Error::InvalidArgument(format!("dense gemm: weights hold {} matrices, expected {heads}", w.experts)));
             }
-            let shape = if dense_takes_prefill_tile(rows) { TileShape::Tiled } else { TileShape::for_decode(1, w.rows_padded) };
+            let shape = dense_tile_shape(w, rows, e4m3_input);
             (shape, super::blocks_for(rows, shape.slots()) as usize, 1, None)
         }
     };
@@ -856,9 +880,10 @@ pub(super) fn launch_gemm(
         return Err(Error::InvalidArgument(format!("gemm: {grid_y} row tiles exceed the grid's y limit (65535)")));
     }
     let grid_x = w.rows_padded / shape.features();
-    // Split-K: the dense decode launches of one matrix on the narrow tile (one row block) with bf16 inputs, as the
-    // matrix chose; they run the _split kernels.
-    let split_k = w.split_k.as_ref().filter(|_| grouping.is_none() && heads == 1 && shape == TileShape::Narrow && grid_y == 1 && !e4m3_input);
+    // Split-K: the dense decode launches of one matrix on the decode kernel or the narrow tile (one row block) with
+    // bf16 inputs, as the matrix chose; they run the _split kernels.
+    let split_k =
+        w.split_k.as_ref().filter(|_| grouping.is_none() && heads == 1 && matches!(shape, TileShape::Decode | TileShape::Narrow) && grid_y == 1 && !e4m3_input);
     let finish = match finish {
         None => GemmRowFinish { kind: SMALL4_GEMM_FINISH_NONE as i32, ..Default::default() },
         Some(f) => {
@@ -929,10 +954,14 @@ pub(super) fn launch_gemm(
         split_counters: split_k.map_or(std::ptr::null_mut(), |s| s.counters.mut_ptr()),
         x_block_scales: std::ptr::null(),
     };
+    let shared_bytes = match (shape, &rows) {
+        (TileShape::Decode, Rows::Dense { rows, .. }) => TileShape::dense_decode_shared_bytes(w, *rows),
+        _ => shape.shared_bytes(w.format, e4m3_input, w.k_dim),
+    };
     let config = LaunchConfig {
         grid: Dim3::xyz(grid_x as u32, grid_y as u32, split_k.map_or(heads, |s| s.splits) as u32),
         block: Dim3::x((WARPS * 32) as u32),
-        shared_bytes: shape.shared_bytes(w.format, e4m3_input, w.k_dim) as u32,
+        shared_bytes: shared_bytes as u32,
     };
     // The fp8 prefill tiles run on the fp8 tensor cores with activations quantised on the fly when chosen
     // (moe_wgmma::PrefillGemm::WgmmaFp8Act); the input rows are a grouping's slots unless picked by token.
@@ -947,7 +976,10 @@ pub(super) fn launch_gemm(
     if shape == TileShape::Tiled && super::moe_wgmma::applies(w.format, e4m3_input)? {
         return super::moe_wgmma::launch(device, w.format, &config, &params);
     }
-    let kernel = if split_k.is_some() { TileShape::split_k_kernel(w.format) } else { shape.kernel(w.format, e4m3_input) };
+    let kernel = match split_k.and_then(|_| shape.split_k_kernel(w.format)) {
+        Some(split) => split,
+        None => shape.kernel(w.format, e4m3_input),
+    };
     launch_with(device, &kernel, &config, &params)
 }
 
@@ -960,12 +992,34 @@ fn grouped_tile_shape(grouping: &Grouping, busy: usize, w: &DeviceWeights, token
     if grouping.shape() == TileShape::Tiled {
         return TileShape::Tiled;
     }
-    let decode = TileShape::decode_applies(w, tokens, grouping.tile_m, e4m3_input);
+    decode_tile_shape(busy, w.rows_padded, TileShape::decode_applies(w, tokens, grouping.tile_m, e4m3_input))
+}
+
+/// The tile a dense launch of `rows` rows over `w` runs: the prefill tile above [`TileShape::Small`]'s slots, else
+/// the decode kernel when it applies ([`TileShape::decode_applies_dense`]: up to 8 rows, split-K included), else the
+/// decode tile for one row group. The decode kernel also for outputs wide enough for the BM-128 tile: the timing
+/// model predicts it faster on the output head, [131072, 4096] bf16 at 1 token, 404.0 -> 373.6 µs on an H100 SXM
+/// (`small4 calibrate --predict decode-choices --only dense-head`, docs/perf.md "Dense decode GEMMs on the decode
+/// kernel"); the narrow tile and split-K below it, as [`decode_k_splits`] says.
+fn dense_tile_shape(w: &DeviceWeights, rows: usize, e4m3_input: bool) -> TileShape {
+    if dense_takes_prefill_tile(rows) {
+        return TileShape::Tiled;
+    }
+    let decode = TileShape::decode_applies_dense(w, rows, e4m3_input);
+    match DECODE_TILE_OVERRIDE.get() {
+        None if decode => TileShape::Decode,
+        _ => decode_tile_shape(1, w.rows_padded, decode),
+    }
+}
+
+/// The decode tile for `busy` block rows over `rows_padded` features ([`TileShape::for_decode`]), the narrow tile
+/// replaced by the decode kernel when `decode` (it applies); [`override_decode_tile`]'s choice first.
+fn decode_tile_shape(busy: usize, rows_padded: usize, decode: bool) -> TileShape {
     match DECODE_TILE_OVERRIDE.get() {
         Some(TileShape::Decode) if decode => TileShape::Decode,
         Some(TileShape::Small) => TileShape::Small,
         Some(_) => TileShape::Narrow,
-        None => match TileShape::for_decode(busy, w.rows_padded) {
+        None => match TileShape::for_decode(busy, rows_padded) {
             TileShape::Narrow if decode => TileShape::Decode,
             shape => shape,
         },

@@ -436,7 +436,7 @@ fn dense_decode_kernel_equals_narrow_tile(device: &Device) {
             if rows == 3 {
                 let logits = decode_equals_narrow(device, &format!("{what} f32"), || {
                     let y = DeviceBuffer::<f32>::filled_with_byte(device, rows * out_dim, 0xff).unwrap();
-                    dense::linear_f32(&weights, x.view([rows, in_dim]).unwrap(), y.view([rows, out_dim]).unwrap()).unwrap();
+                    dense::linear_f32(&weights, x.view([rows, in_dim]).unwrap(), y.view([rows, out_dim]).unwrap(), None).unwrap();
                     y.to_vec().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
                 });
                 let logits: Vec<f32> = logits.into_iter().map(f32::from_bits).collect();
@@ -459,7 +459,7 @@ fn dense_decode_kernel_equals_narrow_tile(device: &Device) {
         let q = decode_equals_narrow(device, &what, || {
             let q = poisoned(rows * heads * head_dim);
             let qv = q.view([rows, heads, head_dim]).unwrap();
-            dense::linear_rope_q(&weights, x.view([rows, in_dim]).unwrap(), qv, positions.as_vector(), inv_freq.as_vector(), scale).unwrap();
+            dense::linear_rope_q(&weights, x.view([rows, in_dim]).unwrap(), qv, positions.as_vector(), inv_freq.as_vector(), scale, None).unwrap();
             bits(&q)
         });
         // Against the reference: the same RoPE on the reference product, both after one bf16 rounding.
@@ -496,7 +496,7 @@ fn dense_decode_kernel_equals_narrow_tile(device: &Device) {
         let what = format!("linear_per_head {format} W_UK rows {rows}");
         let y = decode_equals_narrow(device, &what, || {
             let y = poisoned(rows * heads * out_cols);
-            dense::linear_per_head(&weights, x.view([rows, heads, head_in]).unwrap(), y.view([rows, heads, out_cols]).unwrap()).unwrap();
+            dense::linear_per_head(&weights, x.view([rows, heads, head_in]).unwrap(), y.view([rows, heads, out_cols]).unwrap(), None).unwrap();
             bits(&y)
         });
         for (h, (_, deq)) in mats.iter().enumerate() {
@@ -1223,7 +1223,10 @@ fn decode_warp_instructions() {
 /// int4-g128-zp, nvfp4). Measured after split-K moved to entries of its own (`moe_gemm_*_narrow_split`, 2026-12-06
 /// 19:50 UTC): the unsplit kernels, which this launch runs, compile no split code and are back at the figures of
 /// before split-K (fp8 80.7 again instead of 84.7: docs/perf.md "moe_gemm decode: dequantisation instructions").
-const DECODE_INSTRUCTIONS_PER_FRAGMENT: [f64; 6] = [69.4, 80.7, 95.2, 87.8, 89.9, 91.7];
+/// bf16 69.4 -> 70.9 on 2026-12-07 (branch moe-decode: the row finisher's overlapped loads, inlined in every narrow
+/// kernel, took it from 80 to 92 registers and changed its k loop's code; docs/perf.md "The narrow tile after the
+/// finisher change").
+const DECODE_INSTRUCTIONS_PER_FRAGMENT: [f64; 6] = [70.9, 80.7, 95.2, 87.8, 89.9, 91.7];
 
 /// The decode kernel at the model's real sizes as a decode step runs it: 1 token on top-4 of 4 experts (up + SwiGLU:
 /// 4 x 4096 packed rows at K 4096; down: 4 x 4096 rows at K 2048), every format, against the CPU reference. Minutes
@@ -1289,8 +1292,9 @@ fn grouped_decode_warp_instructions() {
 
 /// [`grouped_decode_warp_instructions`]'s figures, in the order of `FORMATS` (bf16, fp8, fp8-block128, int4-g128,
 /// int4-g128-zp, nvfp4): (narrow tile, decode kernel), measured 2026-12-06 23:35 UTC (docs/perf.md "The decode
-/// kernel").
-const GROUPED_DECODE_INSTRUCTIONS_PER_FRAGMENT: [[f64; 2]; 6] = [[67.9, 14.3], [80.7, 41.2], [91.9, 50.5], [87.9, 42.6], [90.0, 43.1], [91.8, 42.3]];
+/// kernel"); the narrow tile's bf16 67.9 -> 71.0 and fp8-block128 91.9 -> 95.3 on 2026-12-07 (the finisher change
+/// of [`DECODE_INSTRUCTIONS_PER_FRAGMENT`]).
+const GROUPED_DECODE_INSTRUCTIONS_PER_FRAGMENT: [[f64; 2]; 6] = [[71.0, 14.3], [80.7, 41.2], [95.3, 50.5], [87.9, 42.6], [90.0, 43.1], [91.8, 42.3]];
 
 /// The model's expert sizes: (dim, hidden).
 const REAL_DIMS: (usize, usize) = (4096, 2048);

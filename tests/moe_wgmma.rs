@@ -287,7 +287,7 @@ fn check_dense(device: &Device, format: WeightFormat, seed: u64) {
     let gate_up = DeviceWeights::upload(device, &repack::repack_gate_up(&[((&w1).into(), (&w3).into())]).unwrap()).unwrap();
     let (a_wgmma, a_mma) = dense_three(device, format, || {
         let act = DeviceBuffer::<bf16>::filled_with_byte(device, rows * hidden, 0xff)?;
-        dense::linear_swiglu(&gate_up, x_dev.view([rows, in_dim])?, act.view([rows, hidden])?)?;
+        dense::linear_swiglu(&gate_up, x_dev.view([rows, in_dim])?, act.view([rows, hidden])?, None)?;
         act.to_vec()
     })
     .unwrap();

@@ -267,7 +267,7 @@ fn dense_bf16_and_swiglu_outputs(device: &Device) {
         let gate_up = DeviceWeights::upload(device, &repack::repack_gate_up(&[((&w1).into(), (&w3).into())]).unwrap()).unwrap();
         let act = run_a8(device, format, || {
             let act = DeviceBuffer::<bf16>::filled_with_byte(device, rows * hidden, 0xff)?;
-            dense::linear_swiglu(&gate_up, x_dev.view([rows, k_dim])?, act.view([rows, hidden])?)?;
+            dense::linear_swiglu(&gate_up, x_dev.view([rows, k_dim])?, act.view([rows, hidden])?, None)?;
             act.to_vec()
         })
         .unwrap();

@@ -205,7 +205,7 @@ pub fn linear_per_head(w: &DeviceWeights, x: TensorView<bf16, 3>, y: TensorView<
 
 /// Dense SwiGLU `act = silu(x W1^T) * (x W3^T)` from gate/up weights packed by `repack_gate_up` (one matrix pair):
 /// x `[rows, k_dim]` -> act `[rows, hidden]` bf16, the gate and up values kept in f32 registers (a dense FFN's up
-/// half). Errors as [`linear`], the weights having to be SwiGLU-packed.
+/// half). `fp8_act` as for [`linear_f32`]. Errors as [`linear`], the weights having to be SwiGLU-packed.
 ///
 /// ```
 /// use half::bf16;
@@ -225,7 +225,7 @@ pub fn linear_per_head(w: &DeviceWeights, x: TensorView<bf16, 3>, y: TensorView<
 /// x[0] = bf16::from_f32(2.0);
 /// let x = DeviceBuffer::from_slice(&device, &x)?;
 /// let act = DeviceBuffer::<bf16>::alloc(&device, 64)?;
-/// dense::linear_swiglu(&gate_up, x.view([1, dim])?, act.view([1, 64])?)?;
+/// dense::linear_swiglu(&gate_up, x.view([1, dim])?, act.view([1, 64])?, None)?;
 /// let act = act.to_vec()?;
 /// let silu = |v: f32| v / (1.0 + (-v).exp());
 /// assert!((act[0].to_f32() - 2.0 * silu(2.0)).abs() < 2e-2 && act[1..].iter().all(|v| v.to_f32() == 0.0));
@@ -240,13 +240,13 @@ pub fn linear_per_head(w: &DeviceWeights, x: TensorView<bf16, 3>, y: TensorView<
 /// assert_eq!(logits.to_vec()?, vec![2.0, 4.0, 6.0]);
 /// // Plain weights are not SwiGLU-packed: a typed error.
 /// let out = DeviceBuffer::<bf16>::alloc(&device, 3)?;
-/// let err = dense::linear_swiglu(&head, x.view([1, dim])?, out.view([1, 3])?);
+/// let err = dense::linear_swiglu(&head, x.view([1, dim])?, out.view([1, 3])?, None);
 /// assert!(matches!(err, Err(small4::Error::InvalidArgument(_))));
 /// # Ok::<(), small4::Error>(())
 /// ```
-pub fn linear_swiglu(w: &DeviceWeights, x: Matrix<bf16>, act: Matrix<bf16>) -> Result<()> {
+pub fn linear_swiglu(w: &DeviceWeights, x: Matrix<bf16>, act: Matrix<bf16>, fp8_act: Option<&Fp8ActScratch>) -> Result<()> {
     let [rows, _] = x.dims();
-    launch_gemm(w, Input::Bf16(x), rows, false, Rows::dense(rows), Output::SwiGlu(act), None, None)
+    launch_gemm(w, Input::Bf16(x), rows, false, Rows::dense(rows), Output::SwiGlu(act), None, fp8_act)
 }
 
 /// Dense `y = x W^T` with an f32 output `[rows, out_cols]` (the logits of the output head). `fp8_act`: where the

@@ -1148,7 +1148,7 @@ pub fn shared_expert(shared: &(DeviceWeights, DeviceWeights), x: Matrix<bf16>, w
     check_len("shared expert workspace out", workspace.shared_out.len(), tokens * dn.out_cols)?;
     let act = workspace.shared_act.view([tokens, up.out_cols])?;
     let fp8_act = workspace.fp8_act.as_deref();
-    launch_gemm(up, Input::Bf16(x), tokens, false, Rows::dense(tokens), Output::SwiGlu(act), None, fp8_act)?;
+    dense::linear_swiglu(up, x, act, fp8_act)?;
     dense::linear_f32(dn, act, workspace.shared_out.view([tokens, dn.out_cols])?, fp8_act)
 }
 

@@ -239,7 +239,7 @@ impl DeviceVisionTower {
                 eps,
             )?;
             // x += w2(silu(w1 h) * w3 h); h = the next layer's attention_norm(x), or the projector's norm.
-            dense::linear_swiglu(&layer.w13, h.view([t, hidden])?, act.view([t, v.intermediate])?)?;
+            dense::linear_swiglu(&layer.w13, h.view([t, hidden])?, act.view([t, v.intermediate])?, None)?;
             dense::linear(&layer.w2, act.view([t, v.intermediate])?, block_out.view([t, hidden])?)?;
             let next_norm = self.layers.get(l + 1).map_or(&self.pre_mm_projector_norm, |next| &next.attention_norm);
             norm::add_rms_norm(block_out.view([t, hidden])?, x_mid.view([t, hidden])?, next_norm.as_vector(), x.view([t, hidden])?, h.view([t, hidden])?, eps)?;

@@ -1224,8 +1224,7 @@ fn decode_warp_instructions() {
 /// 19:50 UTC): the unsplit kernels, which this launch runs, compile no split code and are back at the figures of
 /// before split-K (fp8 80.7 again instead of 84.7: docs/perf.md "moe_gemm decode: dequantisation instructions").
 /// bf16 69.4 -> 70.9 on 2026-12-07 (branch moe-decode: the row finisher's overlapped loads, inlined in every narrow
-/// kernel, took it from 80 to 92 registers and changed its k loop's code; docs/perf.md "The narrow tile after the
-/// finisher change").
+/// kernel, changed its k loop's code; docs/perf.md "The narrow tile after the finisher change").
 const DECODE_INSTRUCTIONS_PER_FRAGMENT: [f64; 6] = [70.9, 80.7, 95.2, 87.8, 89.9, 91.7];
 
 /// The decode kernel at the model's real sizes as a decode step runs it: 1 token on top-4 of 4 experts (up + SwiGLU:

@@ -143,7 +143,7 @@ __device__ __forceinline__ void rms_norm_row(const RmsNormParams &p, int row) {
             for (int i = 0; i < kVector; ++i) sum_sq += v[i] * v[i];
         }
     } else {
-        const unsigned row_pairs = Combine ? counting_pairs(p, row) : 0u;
+        const unsigned row_pairs = kOverlapLoads ? pairs : (Combine ? counting_pairs(p, row) : 0u);  // the mask, once
         for (int col = threadIdx.x; col < p.cols; col += blockDim.x) {
             float v = load_element<Combine>(p, row, row_pairs, x_off, out_off, col);
             sum_sq += v * v;

@@ -3,10 +3,11 @@
 // and epilogues (SwiGLU act for the up-projection, f32 rows by pair times the routing weight for the down-projection,
 // plain bf16 or f32 rows in dense mode, batched dense mode over grid z, per-row output scales such as nvfp4's global
 // divisor; then the query RoPE and the row finisher of cuda/include/gemm_epilogue.cuh, with every thread, producer
-// warp included). Only the k loop differs. One body for the three formats and the two activation producers
-// (template on Format and kTmaX), six entries: moe_gemm_{bf16,int4,nvfp4}_wgmma (grouped mode, and dense mode when
-// src/kernels/moe_wgmma.rs is told to gather) gather the activation rows; moe_gemm_{bf16,int4,nvfp4}_wgmma_dense
-// (dense mode only) load them with TMA through the map of MoeGemmTmaParams.
+// warp included). Only the k loop differs. One body for the three formats, the two activation producers and the two
+// block widths (template on Format, kTmaX and kSlotTiles), twelve entries: moe_gemm_{bf16,int4,nvfp4}_wgmma
+// (grouped mode, and dense mode when src/kernels/moe_wgmma.rs is told to gather) gather the activation rows;
+// moe_gemm_{bf16,int4,nvfp4}_wgmma_dense (dense mode only) load them with TMA through the map of MoeGemmTmaParams;
+// the same six with _wide_ (moe_gemm_bf16_wide_wgmma, ..._wide_wgmma_dense) work 192 slots a block instead of 64.
 //
 // Computes, for each row (a (token, expert) pair in grouped mode, a token in dense mode) and each output feature n of
 // the row's expert e:  y[row, n] = sum_k x[src(row), k] * W_e[n, k], W dequantised to bf16 in registers (W4A16 for
@@ -17,12 +18,13 @@
 // warp holds its 16 rows in the repacked fragment order of src/quant/repack.rs, which is the mma.sync m16n8k16 A
 // fragment and therefore wgmma's register-A fragment of that warp's rows (no new weight layout, no second copy); 4-bit
 // weights are that fragment's elements packed 8 to a word, dequantised by WeightFormat<F>::fragment into the bf16
-// registers. B is the 64 activation rows of the block's slots (N = 64), K-major in shared memory with the 128-byte
-// swizzle, read through a matrix descriptor. Each 64-k stage is four m64n64k16 bf16 wgmmas per consumer
-// warpgroup, whatever the weight format.
+// registers. B is the activation rows of one 64-slot tile of the block (N = 64), K-major in shared memory with the
+// 128-byte swizzle, read through a matrix descriptor. Each 64-k stage is four m64n64k16 bf16 wgmmas per consumer
+// warpgroup and slot tile holding real slots, whatever the weight format: the wide kernels feed one A fragment (one
+// load and dequantisation of the weights) to up to three slot tiles.
 //
 // Thread mapping: 9 warps. Warps 0-7 are two consumer warpgroups; warp w owns weight tile first_tile + w (16
-// features), warpgroup g the features 64 g .. 64 g + 63 of the block, all 64 slots. Warp 8 is the producer: lanes 0-7
+// features), warpgroup g the features 64 g .. 64 g + 63 of the block, all its slots. Warp 8 is the producer: lanes 0-7
 // each copy one weight tile's bytes of a stage (2 KiB bf16, 512 B 4-bit) with cp.async.bulk (contiguous in the
 // repacked layout), and for 4-bit weights the next lanes each copy one piece of a tile's scales of the stage
 // (weight_format.cuh scale_piece: nvfp4 64 bytes, lanes 8-15; int4 32 bytes of scales, lanes 8-15, and 16 of zero
@@ -45,16 +47,20 @@
 // and after the next stage's wgmmas are issued retire this one (wait_group 1: A registers double-buffered) and release
 // its "empty" mbarrier (one arrival per consumer warp), on which the producer waits before refilling the stage.
 //
-// Tiling: BM 128 features x BN 64 slots per block, BK 64 per stage (weight_format.cuh's kBK). Stages as fit in 96 KiB,
-// at most 8: bf16 4 stages of 24 KiB (16 KiB weights, 8 KiB activations), 4-bit 8 stages of 12 KiB (4 KiB weights,
-// 8 KiB activations); plus the staged scales (4-bit: 384 or 512 bytes a stage, on top of the budget as in the mma.sync
-// kernel) and barriers: two blocks per SM. Grid and grouping as the tiled mma.sync kernel.
+// Tiling: BM 128 features x BN 64 slots per block (wide: 192, three 64-slot tiles), BK 64 per stage
+// (weight_format.cuh's kBK). Stages as fit in 96 KiB, at most 8: bf16 4 stages of 24 KiB (16 KiB weights, 8 KiB
+// activations), 4-bit 8 stages of 12 KiB (4 KiB weights, 8 KiB activations); plus the staged scales (4-bit: 384 or
+// 512 bytes a stage, on top of the budget as in the mma.sync kernel) and barriers: two blocks per SM. Wide: one block
+// per SM (96 accumulators a thread; ptxas caps a block of 288 threads at 168 registers), stages as fit in 192 KiB:
+// bf16 4 of 40 KiB, 4-bit 6 of 28 KiB. Grid and grouping as the tiled mma.sync kernel (grouped: a block per 64-slot
+// tile, of which the first of each expert's 192 slots works them and the others return; dense wide: a block per 192
+// rows). The slot tiles past the block's last real slot are neither loaded nor multiplied.
 //
-// Bytes (per block): 128 weight rows x K x 2 bf16 / 0.5 4-bit (each weight once per 64 slots; plus the 4-bit scales:
-// int4 2 bytes (+1 zero) per row and k-group, nvfp4 1 byte per row and 16 k), 64 activation rows x K x 2, the outputs
-// once (SwiGLU: 64 x 64 bf16; down: 64 x 128 f32). FLOPs: 2 x 128 x 64 x K per block on the tensor cores (padding
-// slots included), plus for 4-bit the dequantisation on the CUDA cores: 128 x K weights per block, about one bf16x2
-// instruction pair (int4) or two f32 multiplies and a convert (nvfp4) per two weights.
+// Bytes (per block): 128 weight rows x K x 2 bf16 / 0.5 4-bit (each weight once per BN slots; plus the 4-bit scales:
+// int4 2 bytes (+1 zero) per row and k-group, nvfp4 1 byte per row and 16 k), up to BN activation rows x K x 2, the
+// outputs once (SwiGLU: BN x 64 bf16; down: BN x 128 f32). FLOPs: 2 x 128 x 64 x K per slot tile with real slots on
+// the tensor cores (padding slots included), plus for 4-bit the dequantisation on the CUDA cores: 128 x K weights per
+// block, about one bf16x2 instruction pair (int4) or two f32 multiplies and a convert (nvfp4) per two weights.
 #include "params.h"
 #include "common.cuh"
 #include "gemm_epilogue.cuh"
@@ -65,31 +71,40 @@
 
 namespace {
 
-// The stage ring of weight format F (wgmma_gemm.cuh's layout): as many stages as fit in 96 KiB (two blocks per SM), at
-// most 8 (bf16: 4 stages of 24 KiB; 4-bit: 8 of 12 KiB, the weights being a quarter of the bf16 bytes), plus the 8
-// warps' staged scales of a stage (none for bf16) on top of the 96 KiB. moe_wgmma.rs computes the same sizes.
-template <Format F> struct RingShape {
+// The stage ring of weight format F and kSlotTiles 64-slot tiles per block (wgmma_gemm.cuh's layout): as many stages
+// as fit in 192 KiB shared by the SM's blocks (BN 64: two blocks per SM, 96 KiB each; BN 256: one block, whose 128
+// accumulator registers a thread leave no room for a second), at most 8 (BN 64: bf16 4 stages of 24 KiB, 4-bit 8 of
+// 12 KiB, the weights being a quarter of the bf16 bytes; BN 256: bf16 4 of 48 KiB, 4-bit 5 of 36 KiB), plus the 8
+// warps' staged scales of a stage (none for bf16) on top. moe_wgmma.rs computes the same sizes.
+template <Format F, int kSlotTiles> struct RingShape {
+    static constexpr int kBlocksPerSm = kSlotTiles == 1 ? 2 : 1;
     static constexpr int kWStage = kConsumerWarps * WeightFormat<F>::kTileBytes;  // the 8 warps' weight tiles of a stage
-    static constexpr int kStages = 96 * 1024 / (kWStage + kXStage) > 8 ? 8 : 96 * 1024 / (kWStage + kXStage);
+    static constexpr int kStageBytes = kWStage + kSlotTiles * kXStage;
+    static constexpr int kFit = 192 * 1024 / kBlocksPerSm / kStageBytes;
+    static constexpr int kStages = kFit > 8 ? 8 : kFit;
 };
-template <Format F> struct Ring : GemmRing<RingShape<F>::kStages, RingShape<F>::kWStage, kConsumerWarps * WeightFormat<F>::kScaleBytes> {
+template <Format F, int kSlotTiles>
+struct Ring : GemmRing<RingShape<F, kSlotTiles>::kStages, RingShape<F, kSlotTiles>::kWStage, kConsumerWarps * WeightFormat<F>::kScaleBytes, kSlotTiles,
+                       RingShape<F, kSlotTiles>::kBlocksPerSm> {
     static_assert(kXRowBytes == kBK * 2, "a stage's activation line is 64 bf16 of k");
     static_assert(WeightFormat<F>::kTileBytes % 512 == 0, "a lane's share of a tile is whole 16-byte chunks");
     static_assert(WeightFormat<F>::kScaleBytes % 16 == 0, "bulk copies land on 16-byte boundaries");
     static_assert(kConsumerWarps * (1 + WeightFormat<F>::kScalePieces) <= 32, "one producer lane per tile and scale piece");
 };
 
-template <Format F>
+template <Format F, int kSlotTiles>
 __device__ __forceinline__ void consume_and_store(const MoeGemmParams &p, const unsigned char *w_smem, const unsigned char *x_smem,
                                                   const unsigned char *s_smem, uint64_t *full, uint64_t *empty, const int *slot_pair, int expert,
                                                   int slot_begin, int slots, int first_tile, int k_blocks);
 
-// kTmaX: the _dense entries (activations by TMA through x_map); else the gather (x_map unused).
-template <Format F, bool kTmaX>
+// kTmaX: the _dense entries (activations by TMA through x_map); else the gather (x_map unused). kSlotTiles: 64-slot
+// tiles per block (1, or 4 for the _wide entries).
+template <Format F, bool kTmaX, int kSlotTiles>
 __device__ __forceinline__ void grouped_gemm_wgmma(const MoeGemmParams &p, const void *x_map) {
-    using R = Ring<F>;
+    using R = Ring<F, kSlotTiles>;
     using W = WeightFormat<F>;
     constexpr int kStages = R::kStages, kWStage = R::kWStage, kSStage = R::kSStage, kInFlight = R::kInFlight;
+    constexpr int kSlots = R::kSlots, kXBlockStage = R::kXBlockStage;
     constexpr int kTileBytes = W::kTileBytes;
     extern __shared__ __align__(1024) unsigned char smem[];
     unsigned char *w_smem = smem;
@@ -106,14 +121,16 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const MoeGemmParams &p, const
     // else), so they compile no grouped branch: without it the int4 TMA kernel no longer keeps the sign word of a
     // loaded expert index live through its k loop, which spilled it at the 96-register cap of two blocks per SM.
     int expert, slot_begin, slot_end;
-    if (!block_slots<kBN, kTmaX>(p, false, expert, slot_begin, slot_end)) return;
+    if (!block_slots<kSlots, kTmaX>(p, false, expert, slot_begin, slot_end)) return;
     const int slots = slot_end - slot_begin;
+    // The slot tiles holding the block's slots: the others are neither loaded nor multiplied.
+    const int slot_tiles = (slots + kBN - 1) / kBN;
 
     // "full": the producer's expect_tx arrival (+ its "activations landed" arrival when it gathers them).
-    init_slots_and_ring<kStages, !kTmaX>(p, slot_pair, full, empty, slot_begin, slots, kTmaX ? 1 : 2);
+    init_slots_and_ring<kStages, !kTmaX, kSlots>(p, slot_pair, full, empty, slot_begin, slots, kTmaX ? 1 : 2);
     if (!kTmaX) {
         // Padding slots read zeros. (TMA writes every row of a stage, zeros past the matrix.)
-        zero_padding_rows<kStages>(x_smem, slot_pair);
+        zero_padding_rows<kStages, kSlots>(x_smem, slot_pair, slot_tiles * kBN);
         fence_proxy_async();
         __syncthreads();
     }
@@ -145,13 +162,15 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const MoeGemmParams &p, const
     };
 
     if (warp == kProducerWarp && kTmaX) {
-        const int stage_bytes = weight_stage_bytes() + kXStage;
+        const int stage_bytes = weight_stage_bytes() + slot_tiles * kXStage;
         for (int kb = 0; kb < k_blocks; ++kb) {
             const int stage = kb % kStages;
             ring_wait_empty<kStages>(empty, kb);
             if (elect_one_sync()) {
                 mbar_arrive_expect_tx(&full[stage], stage_bytes);
-                tma_load_3d(x_smem + stage * kXStage, x_map, kb * kBK, slot_begin, blockIdx.z, &full[stage]);
+                for (int t = 0; t < slot_tiles; ++t) {
+                    tma_load_3d(x_smem + stage * kXBlockStage + t * kXStage, x_map, kb * kBK, slot_begin + t * kBN, blockIdx.z, &full[stage]);
+                }
             }
             __syncwarp();
             load_weights(kb, stage);
@@ -166,40 +185,48 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const MoeGemmParams &p, const
             if (elect_one_sync()) mbar_arrive_expect_tx(&full[stage], stage_bytes);
             __syncwarp();
             load_weights(kb, stage);
-            gather_stage_rows(p, slot_pair, slot_begin, smem_addr(x_smem + stage * kXStage), x + kb * kBK * 2, (long)p.x_stride * 2);
+            gather_stage_rows(p, slot_pair, slot_begin, smem_addr(x_smem + stage * kXBlockStage), x + kb * kBK * 2, (long)p.x_stride * 2, slot_tiles * kBN);
             cp_async_commit();
         }
         cp_async_ring_arrive_rest<kStages, kInFlight>(full, k_blocks);
     } else {
-        consume_and_store<F>(p, w_smem, x_smem, s_smem, full, empty, slot_pair, expert, slot_begin, slots, first_tile, k_blocks);
+        consume_and_store<F, kSlotTiles>(p, w_smem, x_smem, s_smem, full, empty, slot_pair, expert, slot_begin, slots, first_tile, k_blocks);
     }
     // Every thread, producer included: the query RoPE and the row finisher on what the consumers stored.
+    static_assert(kSlots <= kThreads, "finish_rows: one slot per thread");
     if (p.rope.positions != nullptr) rope_output_tile(p, slot_begin, slots, first_tile * 16, kBM);
-    if (p.finish.kind != SMALL4_GEMM_FINISH_NONE) finish_rows(p, slot_pair, slots, slot_begin, false);
+    if (p.finish.kind != SMALL4_GEMM_FINISH_NONE) finish_rows<true, kSlots>(p, slot_pair, slots, slot_begin, false);
 }
 
 // The consumer warps' k loop and epilogue (see the file comment).
-template <Format F>
+template <Format F, int kSlotTiles>
 __device__ __forceinline__ void consume_and_store(const MoeGemmParams &p, const unsigned char *w_smem, const unsigned char *x_smem,
                                                   const unsigned char *s_smem, uint64_t *full, uint64_t *empty, const int *slot_pair, int expert,
                                                   int slot_begin, int slots, int first_tile, int k_blocks) {
     using W = WeightFormat<F>;
-    constexpr int kStages = Ring<F>::kStages, kWStage = Ring<F>::kWStage, kSStage = Ring<F>::kSStage;
+    using R = Ring<F, kSlotTiles>;
+    constexpr int kStages = R::kStages, kWStage = R::kWStage, kSStage = R::kSStage, kXBlockStage = R::kXBlockStage;
     constexpr int kRawWords = W::kTileBytes / 32 / 4;  // the lane's words of its warp's tile of a stage
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int tile = first_tile + warp;
-    // Consumers. acc[4 f + r] is the mma.sync C fragment r of slot fragment f (slots 8 f .. 8 f + 7) of this warp's
-    // 16 features: r = 0, 1 feature g, slots 2t, 2t + 1; r = 2, 3 feature g + 8.
-    float acc[32];
+    // The slot tiles holding real slots (uniform over the block): the wgmmas of the others are not issued.
+    const int slot_tiles = (slots + kBN - 1) / kBN;
+    // Consumers. acc[t][4 f + r] is the mma.sync C fragment r of slot fragment f (slots 64 t + 8 f .. + 7) of this
+    // warp's 16 features: r = 0, 1 feature g, slots 2t, 2t + 1; r = 2, 3 feature g + 8.
+    float acc[kSlotTiles][32];
 #pragma unroll
-    for (int i = 0; i < 32; ++i) acc[i] = 0.f;
+    for (int t = 0; t < kSlotTiles; ++t) {
 #pragma unroll
-    for (int i = 0; i < 32; ++i) wgmma_fence_operand(acc[i]);
+        for (int i = 0; i < 32; ++i) acc[t][i] = 0.f;
+#pragma unroll
+        for (int i = 0; i < 32; ++i) wgmma_fence_operand(acc[t][i]);
+    }
 
     // One stage: wait for it, load the warp's weights of the stage and turn them into A fragments in `a` (the buffer
     // the wgmmas of two stages ago used, retired by the previous stage's wait_group 1) with the weight format's own
-    // dequantisation (weight_format.cuh, as the mma.sync kernels do; bf16 copies), issue the four wgmmas, retire the
-    // previous stage and release it. The stage's scales (none for bf16) landed in the ring with its weights, read
+    // dequantisation (weight_format.cuh, as the mma.sync kernels do; bf16 copies), issue the four wgmmas per slot tile
+    // (one A fragment feeds the block's slot tiles: the weights are loaded and dequantised once per BN slots), retire
+    // the previous stage and release it. The stage's scales (none for bf16) landed in the ring with its weights, read
     // after the wait like them (the 4-bit kernels sit at ptxas's 96-register cap for 2 blocks of 288 threads).
     auto consume = [&](int kb, uint32_t (&a)[4][4]) {
         const int stage = kb % kStages;
@@ -214,10 +241,15 @@ __device__ __forceinline__ void consume_and_store(const MoeGemmParams &p, const 
         }
 #pragma unroll
         for (int ks = 0; ks < 4; ++ks) W::fragment(raw, ks, scales, a[ks]);
-        const unsigned char *x_stage = x_smem + stage * kXStage;
+        const unsigned char *x_stage = x_smem + stage * kXBlockStage;
         wgmma_fence();
 #pragma unroll
-        for (int ks = 0; ks < 4; ++ks) wgmma_m64n64k16_bf16_rs(acc, a[ks], wgmma_desc_k_sw128(x_stage + ks * 32));
+        for (int ks = 0; ks < 4; ++ks) {
+#pragma unroll
+            for (int t = 0; t < kSlotTiles; ++t) {
+                if (t < slot_tiles) wgmma_m64n64k16_bf16_rs(acc[t], a[ks], wgmma_desc_k_sw128(x_stage + t * kXStage + ks * 32));
+            }
+        }
         wgmma_commit();
         wgmma_wait<1>();
         if (kb > 0) {
@@ -235,26 +267,37 @@ __device__ __forceinline__ void consume_and_store(const MoeGemmParams &p, const 
     if (kb < k_blocks) consume(kb, a0);
     wgmma_wait<0>();
 #pragma unroll
-    for (int i = 0; i < 32; ++i) wgmma_fence_operand(acc[i]);
+    for (int t = 0; t < kSlotTiles; ++t) {
+#pragma unroll
+        for (int i = 0; i < 32; ++i) wgmma_fence_operand(acc[t][i]);
+    }
 
-    // Epilogue: moe_gemm.cu's, for one 16-feature tile per warp (gemm_epilogue.cuh).
-    store_wgmma_warp_tile(p, acc, slot_pair, expert, tile, slot_begin, slots);
+    // Epilogue: moe_gemm.cu's, for one 16-feature tile per warp and slot tile (gemm_epilogue.cuh).
+#pragma unroll
+    for (int t = 0; t < kSlotTiles; ++t) {
+        if (t < slot_tiles) store_wgmma_warp_tile(p, acc[t], slot_pair + t * kBN, expert, tile, slot_begin + t * kBN, min(kBN, slots - t * kBN));
+    }
 }
 
 }  // namespace
 
-// Two blocks per SM (96 KiB of stages each): ptxas gets at most 96 registers a thread, which the 4-bit kernels use
-// (docs/perf.md's ptxas table). One kernel per weight format and activation producer, one body. The _dense entries
-// take the struct as __grid_constant__, which keeps it (and so the map) in the parameter space, where TMA may read it.
-#define MOE_GEMM_WGMMA_KERNELS(NAME, FORMAT)                                                                               \
-    extern "C" __global__ void __launch_bounds__(kThreads, 2) moe_gemm_##NAME##_wgmma(const MoeGemmParams p) {             \
-        grouped_gemm_wgmma<FORMAT, false>(p, nullptr);                                                                     \
+// BN 64: two blocks per SM (96 KiB of stages each): ptxas gets at most 96 registers a thread, which the 4-bit kernels
+// use (docs/perf.md's ptxas table). BN 256 (_wide): one block per SM, up to 224 registers a thread for the 4 x 32
+// accumulators. One kernel per weight format, activation producer and BN, one body. The _dense entries take the
+// struct as __grid_constant__, which keeps it (and so the map) in the parameter space, where TMA may read it.
+#define MOE_GEMM_WGMMA_KERNELS(NAME, FORMAT, WIDTH, SLOT_TILES)                                                            \
+    extern "C" __global__ void __launch_bounds__(kThreads, SLOT_TILES == 1 ? 2 : 1)                                         \
+        moe_gemm_##NAME##WIDTH##_wgmma(const MoeGemmParams p) {                                                            \
+        grouped_gemm_wgmma<FORMAT, false, SLOT_TILES>(p, nullptr);                                                         \
     }                                                                                                                      \
-    extern "C" __global__ void __launch_bounds__(kThreads, 2)                                                              \
-        moe_gemm_##NAME##_wgmma_dense(const __grid_constant__ MoeGemmTmaParams p) {                                        \
-        grouped_gemm_wgmma<FORMAT, true>(p.gemm, &p.x_map);                                                                \
+    extern "C" __global__ void __launch_bounds__(kThreads, SLOT_TILES == 1 ? 2 : 1)                                         \
+        moe_gemm_##NAME##WIDTH##_wgmma_dense(const __grid_constant__ MoeGemmTmaParams p) {                                 \
+        grouped_gemm_wgmma<FORMAT, true, SLOT_TILES>(p.gemm, &p.x_map);                                                    \
     }
 
-MOE_GEMM_WGMMA_KERNELS(bf16, Format::Bf16)
-MOE_GEMM_WGMMA_KERNELS(int4, Format::Int4)
-MOE_GEMM_WGMMA_KERNELS(nvfp4, Format::Nvfp4)
+MOE_GEMM_WGMMA_KERNELS(bf16, Format::Bf16, , 1)
+MOE_GEMM_WGMMA_KERNELS(int4, Format::Int4, , 1)
+MOE_GEMM_WGMMA_KERNELS(nvfp4, Format::Nvfp4, , 1)
+MOE_GEMM_WGMMA_KERNELS(bf16, Format::Bf16, _wide, 3)
+MOE_GEMM_WGMMA_KERNELS(int4, Format::Int4, _wide, 3)
+MOE_GEMM_WGMMA_KERNELS(nvfp4, Format::Nvfp4, _wide, 3)

@@ -25,9 +25,9 @@ const LOGIT_ABS: f32 = 0.08;
 const LOGIT_REL: f32 = 0.03;
 
 /// One layer of the tiny preset (16 experts, top-4) in bf16: a 136-token prompt gives 544 routed pairs, so the
-/// grouping uses 64-slot tiles, and every dense GEMM has 136 rows. The prefill launches the wgmma kernels for both
-/// kinds of GEMM (grouped: activation rows gathered; dense: TMA tile loads, the tail block's rows 128..191 zero-filled
-/// past the 136); its logits equal the mma.sync prefill's bit for bit at every position, and the reference's at every
+/// grouping uses 64-slot tiles (34 pairs per expert: the 64-slot kernels), and every dense GEMM has 136 rows (the wide
+/// kernels: one block of 192 rows). The prefill launches the wgmma kernels for both kinds of GEMM (grouped: activation
+/// rows gathered; dense: TMA tile loads, the third 64-slot tile's rows 136..191 zero-filled); its logits equal the mma.sync prefill's bit for bit at every position, and the reference's at every
 /// position not on a router near-tie. (The GEMMs with a row finisher or the query RoPE epilogue included.)
 #[test]
 fn one_layer_prefill_on_wgmma_matches_reference_and_mma_sync() {
@@ -35,8 +35,8 @@ fn one_layer_prefill_on_wgmma_matches_reference_and_mma_sync() {
 }
 
 /// [`one_layer_prefill_on_wgmma_matches_reference_and_mma_sync`] with nvfp4 experts: the routed expert GEMMs run
-/// `moe_gemm_nvfp4_wgmma` and the shared expert's (dense) `moe_gemm_nvfp4_wgmma_dense` (its per-row global divisor in
-/// the epilogue), the attention's bf16 GEMMs `moe_gemm_bf16_wgmma_dense`.
+/// `moe_gemm_nvfp4_wgmma` and the shared expert's (dense) `moe_gemm_nvfp4_wide_wgmma_dense` (its per-row global
+/// divisor in the epilogue), the attention's bf16 GEMMs `moe_gemm_bf16_wide_wgmma_dense`.
 #[test]
 fn one_layer_nvfp4_prefill_on_wgmma_matches_reference_and_mma_sync() {
     one_layer_prefill(WeightFormat::Nvfp4);
@@ -52,20 +52,23 @@ fn one_layer_prefill(format: WeightFormat) {
     let prefill = |choice: PrefillGemm| model.engine_prefill(&tokens, 16, |forward| choice.run(forward));
     let (wgmma, wgmma_kernels) = prefill(PrefillGemm::Wgmma);
     let count = |kernels: &[String], suffix: &str| kernels.iter().filter(|k| k.starts_with("moe_gemm_") && k.ends_with(suffix)).count();
-    let expert_kernel = format!("moe_gemm_{}_wgmma", if format == WeightFormat::Nvfp4 { "nvfp4" } else { "bf16" });
+    let format_name = if format == WeightFormat::Nvfp4 { "nvfp4" } else { "bf16" };
+    let expert_kernel = format!("moe_gemm_{format_name}_wgmma");
     let launches_of = |name: &str| wgmma_kernels.iter().filter(|k| *k == name).count();
     // Routed up and down (grouped: the gather kernels), and the dense GEMMs (the TMA kernels; those that finish their
     // rows or rotate the query too).
     let (grouped, dense) = (count(&wgmma_kernels, "_wgmma"), count(&wgmma_kernels, "_wgmma_dense"));
     assert!(grouped >= 2 && dense >= 1 && grouped + dense >= 8, "prefill launches: {wgmma_kernels:?}");
     assert!(launches_of(&expert_kernel) >= 2, "the experts' up and down on {expert_kernel}: {wgmma_kernels:?}");
-    // The shared expert: a dense up and down in the experts' format, on TMA.
-    assert!(launches_of(&format!("{expert_kernel}_dense")) >= 2, "the shared expert on {expert_kernel}_dense: {wgmma_kernels:?}");
+    // The shared expert: a dense up and down of 136 rows in the experts' format, on TMA, 192 rows a block.
+    let shared_kernel = format!("moe_gemm_{format_name}_wide_wgmma_dense");
+    assert!(launches_of(&shared_kernel) >= 2, "the shared expert on {shared_kernel}: {wgmma_kernels:?}");
     assert_eq!(count(&wgmma_kernels, "_tiled"), 0, "prefill launches: {wgmma_kernels:?}");
 
     let (mma_sync, mma_kernels) = prefill(PrefillGemm::MmaSync);
     assert_eq!(count(&mma_kernels, "_wgmma") + count(&mma_kernels, "_wgmma_dense"), 0, "the switch keeps wgmma out");
-    let renamed: Vec<String> = wgmma_kernels.iter().map(|k| k.replace("_wgmma_dense", "_tiled").replace("_wgmma", "_tiled")).collect();
+    let renamed: Vec<String> =
+        wgmma_kernels.iter().map(|k| k.replace("_wide_", "_").replace("_wgmma_dense", "_tiled").replace("_wgmma", "_tiled")).collect();
     assert_eq!(mma_kernels, renamed, "one kernel for the other, launch for launch");
     let differ = wgmma.iter().zip(&mma_sync).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
     assert_eq!(differ, 0, "{differ} of {} logits differ between the wgmma and mma.sync prefills", wgmma.len());

@@ -5,7 +5,10 @@
 //! TMA, `moe_gemm_{bf16,int4,nvfp4}_wgmma_dense`, and gathered, `moe_gemm_{bf16,int4,nvfp4}_wgmma`). The kernels
 //! dequantise with the same code (weight_format.cuh) and, on the interpreter, sum each k-step of 16 exactly and round
 //! once, in the same k order, so their outputs must be identical bit for bit (the two wgmma kernels on any device); on
-//! a GPU each is held to the CPU reference with the GEMM tests' rule (`assert_agrees`).
+//! a GPU each is held to the CPU reference with the GEMM tests' rule (`assert_agrees`). Launches whose matrices hold
+//! more than `WIDE_MIN_ROWS` (64) rows on average take the wide kernels (192 slots a block,
+//! `moe_gemm_{bf16,int4,nvfp4}_wide_wgmma[_dense]`); the cases cover both widths, wide blocks with one, two and three
+//! 64-slot tiles, and experts worked by more than one wide block.
 //!
 //! The interpreter runs every check here (bounds, uninitialised reads, shared-memory races through mbarrier
 //! happens-before, async-proxy fences, wgmma register and operand lifetimes, mbarrier misuse and deadlocks): the
@@ -20,7 +23,7 @@ use rand::{rngs::StdRng, Rng};
 use small4::device::{Device, DeviceBuffer};
 use small4::kernels::dense;
 use small4::kernels::moe::{self, DeviceWeights};
-use small4::kernels::moe_wgmma::PrefillGemm;
+use small4::kernels::moe_wgmma::{PrefillGemm, WIDE_MIN_ROWS};
 use small4::quant::matrix::QuantizedMatrix;
 use small4::quant::repack::{self, MatrixRef};
 use small4::quant::WeightFormat;
@@ -60,22 +63,38 @@ fn run_on<T>(device: &Device, choice: PrefillGemm, entry: &str, launch: impl Fn(
     Ok(out)
 }
 
-/// Runs a grouped `launch` with each prefill kernel of `format` weights and returns the two outputs (wgmma first).
-fn both<T>(device: &Device, format: WeightFormat, launch: impl Fn() -> small4::Result<T>) -> small4::Result<(T, T)> {
+/// The wgmma kernels' name part for a launch of `rows_per_matrix` rows per matrix on average: `_wide` above
+/// [`WIDE_MIN_ROWS`] (192 slots a block), else nothing (64).
+fn width(rows_per_matrix: usize) -> &'static str {
+    if rows_per_matrix > WIDE_MIN_ROWS {
+        "_wide"
+    } else {
+        ""
+    }
+}
+
+/// Runs a grouped `launch` of `rows_per_matrix` pairs per local expert with each prefill kernel of `format` weights
+/// and returns the two outputs (wgmma first).
+fn both<T>(device: &Device, format: WeightFormat, rows_per_matrix: usize, launch: impl Fn() -> small4::Result<T>) -> small4::Result<(T, T)> {
     let name = kernel_format(format);
     Ok((
-        run_on(device, PrefillGemm::Wgmma, &format!("moe_gemm_{name}_wgmma"), &launch)?,
+        run_on(device, PrefillGemm::Wgmma, &format!("moe_gemm_{name}{}_wgmma", width(rows_per_matrix)), &launch)?,
         run_on(device, PrefillGemm::MmaSync, &format!("moe_gemm_{name}_tiled"), &launch)?,
     ))
 }
 
-/// Runs a dense `launch` of `format` weights with the TMA kernel, the gather kernel and mma.sync; returns the TMA
-/// kernel's and mma.sync's outputs after checking that the gather kernel's equals the TMA kernel's bit for bit (both
-/// wgmma: any device), untouched (NaN-poisoned) elements included.
-fn dense_three<E: bytemuck::Pod>(device: &Device, format: WeightFormat, launch: impl Fn() -> small4::Result<Vec<E>>) -> small4::Result<(Vec<E>, Vec<E>)> {
-    let name = kernel_format(format);
-    let tma = run_on(device, PrefillGemm::Wgmma, &format!("moe_gemm_{name}_wgmma_dense"), &launch)?;
-    let gather = run_on(device, PrefillGemm::WgmmaGather, &format!("moe_gemm_{name}_wgmma"), &launch)?;
+/// Runs a dense `launch` of `rows` rows and `format` weights with the TMA kernel, the gather kernel and mma.sync;
+/// returns the TMA kernel's and mma.sync's outputs after checking that the gather kernel's equals the TMA kernel's bit
+/// for bit (both wgmma: any device), untouched (NaN-poisoned) elements included.
+fn dense_three<E: bytemuck::Pod>(
+    device: &Device,
+    format: WeightFormat,
+    rows: usize,
+    launch: impl Fn() -> small4::Result<Vec<E>>,
+) -> small4::Result<(Vec<E>, Vec<E>)> {
+    let (name, width) = (kernel_format(format), width(rows));
+    let tma = run_on(device, PrefillGemm::Wgmma, &format!("moe_gemm_{name}{width}_wgmma_dense"), &launch)?;
+    let gather = run_on(device, PrefillGemm::WgmmaGather, &format!("moe_gemm_{name}{width}_wgmma"), &launch)?;
     let (tma_bytes, gather_bytes): (&[u8], &[u8]) = (bytemuck::cast_slice(&tma), bytemuck::cast_slice(&gather));
     assert!(tma_bytes == gather_bytes, "{format}: the TMA and gather wgmma kernels differ");
     Ok((tma, run_on(device, PrefillGemm::MmaSync, &format!("moe_gemm_{name}_tiled"), &launch)?))
@@ -152,9 +171,10 @@ fn check_grouped(device: &Device, case: RoutedCase) -> small4::Result<()> {
     let topk_weights = DeviceBuffer::from_slice(device, weights).unwrap();
     let slots = batch.routed_slots();
     let routed = slots.len();
+    let rows_per_expert = tokens * k / local;
 
     // Up + SwiGLU: act [capacity, hidden] bf16, padding rows untouched (poison).
-    let (act_wgmma, act_mma) = both(device, format, || {
+    let (act_wgmma, act_mma) = both(device, format, rows_per_expert, || {
         let act = DeviceBuffer::<bf16>::filled_with_byte(device, capacity * hidden, 0xff)?;
         moe::up_swiglu(&gate_up, x_dev.view([tokens, dim])?, k, &grouping, act.view([capacity, hidden])?)?;
         act.to_vec()
@@ -180,7 +200,7 @@ fn check_grouped(device: &Device, case: RoutedCase) -> small4::Result<()> {
     // same), or from random rows.
     let act = if down_k == hidden { act_wgmma } else { random_bf16(&mut rng, capacity * down_k, 1.0) };
     let act_dev = DeviceBuffer::from_slice(device, &act).unwrap();
-    let (out_wgmma, out_mma) = both(device, format, || {
+    let (out_wgmma, out_mma) = both(device, format, rows_per_expert, || {
         let out = DeviceBuffer::<f32>::filled_with_byte(device, tokens * k * down_out, 0xff)?;
         moe::down(&down, act_dev.view([capacity, down_k])?, &grouping, topk_weights.view([tokens, k])?, out.view([tokens * k, down_out])?)?;
         out.to_vec()
@@ -207,18 +227,49 @@ fn check_grouped(device: &Device, case: RoutedCase) -> small4::Result<()> {
 }
 
 /// 70 tokens x top-4 of 8 experts (one on another GPU, every seventh pair unrouted): 5 to 7 64-slot tiles, most with
-/// padding, at dim 256 / hidden 128 (two blocks of 128 features each way), in bf16.
+/// padding, at dim 256 / hidden 128 (two blocks of 128 features each way), in bf16 (40 pairs per local expert: the
+/// 64-slot kernels).
 fn grouped_gemms_equal_mma_sync(device: &Device) {
     check_grouped(device, SMALL_CASE).unwrap();
 }
 
 /// The model's reduction lengths (up: K = dim 4096, 64 stages; down: K = hidden 2048, 32 stages: the 4-stage bf16
-/// ring wraps 16 and 8 times, the 8-stage 4-bit ring 8 and 4 times) with 300 routed rows (150 tokens x top-2 of 2
-/// local experts and a remote one; not a multiple of 64), output widths cut to one block (hidden 64, down out 128) to
-/// keep the interpreter's time to the K loops that matter. `format`'s weights.
+/// rings wrap 16 and 8 times, the 4-bit rings (8 stages, wide 6) 8 and 4 times or more) with 150 tokens x top-2 of 2
+/// local experts and a remote one (about 86 slotted pairs per local expert, not a multiple of 64: wide blocks of two
+/// 64-slot tiles, the second partial), output widths cut to one block (hidden 64, down out 128) to keep the
+/// interpreter's time to the K loops that matter. `format`'s weights.
 fn grouped_at_real_reduction_lengths(device: &Device, format: WeightFormat, seed: u64) {
     let case = RoutedCase { format, tokens: 150, k: 2, experts: 3, remote: 1, dim: 4096, hidden: 64, down_k: 2048, down_out: 128, seed };
     check_grouped(device, case).unwrap();
+}
+
+/// [`grouped_at_real_reduction_lengths`]'s shapes with 60 tokens (60 pairs per local expert, one 64-slot tile each):
+/// the 64-slot kernels at K 4096 and 2048, in bf16.
+fn grouped_narrow_at_real_reduction_lengths(device: &Device) {
+    let case = RoutedCase { format: FORMATS[0], tokens: 60, k: 2, experts: 3, remote: 1, dim: 4096, hidden: 64, down_k: 2048, down_out: 128, seed: 31 };
+    check_grouped(device, case).unwrap();
+}
+
+/// 400 tokens x top-2 of 2 local experts (about 343 slotted pairs each): every expert takes two wide blocks, the first
+/// with three full 64-slot tiles, the second with a partial last tile; at K 4096 and 2048. `format`'s weights.
+fn grouped_wide_groups_at_real_reduction_lengths(device: &Device, format: WeightFormat, seed: u64) {
+    let case = RoutedCase { format, tokens: 400, k: 2, experts: 2, remote: 0, dim: 4096, hidden: 64, down_k: 2048, down_out: 128, seed };
+    let mut rng = rng(seed);
+    // The case's claim, on the alignment check_grouped builds from the same seed: both experts span two wide blocks.
+    let _experts: Vec<Expert> = (0..2).map(|_| random_expert(&mut rng, format, case.dim, case.hidden, case.down_k, case.down_out)).collect();
+    let offsets = RoutedBatch::random(&mut rng, case.tokens, case.k, case.experts, case.remote).alignment.expert_offsets;
+    assert!(offsets.windows(2).all(|w| w[1] - w[0] > 192), "each expert spans two 192-slot blocks: {offsets:?}");
+    check_grouped(device, case).unwrap();
+}
+
+/// [`grouped_wide_groups_at_real_reduction_lengths`] in bf16.
+fn grouped_wide_groups_bf16(device: &Device) {
+    grouped_wide_groups_at_real_reduction_lengths(device, FORMATS[0], 32);
+}
+
+/// [`grouped_wide_groups_at_real_reduction_lengths`] in nvfp4.
+fn grouped_wide_groups_nvfp4(device: &Device) {
+    grouped_wide_groups_at_real_reduction_lengths(device, FORMATS[3], 33);
 }
 
 /// [`grouped_at_real_reduction_lengths`] in bf16.
@@ -244,18 +295,21 @@ fn grouped_nvfp4_at_real_reduction_lengths(device: &Device) {
 /// The dense GEMMs on the prefill tile (more than 32 rows) in every format with a wgmma kernel: bf16, f32 and SwiGLU
 /// outputs into strided views, and the batched per-head launch (grid z: the TMA map's third dimension), each with the
 /// three kernels (wgmma with TMA, wgmma with the gather, mma.sync). K 384 (6 stages) wraps the bf16 ring; the per-head
-/// K 128 does not ([`dense_gemms_at_real_reduction_lengths`] wraps the 4-bit one). 70 rows: the second row block's rows
-/// 70..127 are out of bounds (TMA zero fill).
+/// K 128 does not ([`dense_gemms_at_real_reduction_lengths`] wraps the 4-bit one). 40 rows (64-slot kernels: the
+/// block's rows 40..63 are out of bounds, TMA zero fill) in bf16 and int4 with zero points, 200 rows (wide kernels: a
+/// block of three full 64-slot tiles and one of a single tile, rows 200..255 out of bounds) in bf16, int4 and nvfp4.
 fn dense_gemms_equal_mma_sync(device: &Device) {
-    for (format, seed) in FORMATS.into_iter().zip(23..) {
-        check_dense(device, format, seed);
+    for ((format, seed), rows) in FORMATS.into_iter().zip(23..).zip([[40, 200].as_slice(), &[200], &[40], &[200]]) {
+        for &rows in rows {
+            check_dense(device, format, seed, rows);
+        }
     }
 }
 
-fn check_dense(device: &Device, format: WeightFormat, seed: u64) {
+fn check_dense(device: &Device, format: WeightFormat, seed: u64, rows: usize) {
     require_race_check(device);
     let mut rng = rng(seed);
-    let (rows, in_dim, out_dim) = (70, 384, 200);
+    let (in_dim, out_dim) = (384, 200);
     let (w, deq) = random_matrix(&mut rng, format, out_dim, in_dim);
     let weights = DeviceWeights::upload(device, &repack::repack_linear(&[(&w).into()]).unwrap()).unwrap();
     let x = random_bf16(&mut rng, rows * in_dim, 1.0);
@@ -263,7 +317,7 @@ fn check_dense(device: &Device, format: WeightFormat, seed: u64) {
     let want = matmul_nt(&to_f32(&x), &deq, rows, in_dim, out_dim);
 
     // bf16 into columns 8.. of rows of 216.
-    let (y_wgmma, y_mma) = dense_three(device, format, || {
+    let (y_wgmma, y_mma) = dense_three(device, format, rows, || {
         let y = DeviceBuffer::<bf16>::filled_with_byte(device, rows * 216, 0xff)?;
         dense::linear(&weights, x_dev.view([rows, in_dim])?, y.view([rows, 216])?.columns(8..8 + out_dim)?)?;
         y.to_vec()
@@ -273,7 +327,7 @@ fn check_dense(device: &Device, format: WeightFormat, seed: u64) {
     check_pair(device, &format!("{format} dense bf16 out"), &cols(&y_wgmma), &cols(&y_mma), &want);
     assert!(y_wgmma.iter().enumerate().all(|(i, v)| (8..8 + out_dim).contains(&(i % 216)) || v.to_bits() == 0xffff), "wrote outside its columns");
 
-    let (f_wgmma, f_mma) = dense_three(device, format, || {
+    let (f_wgmma, f_mma) = dense_three(device, format, rows, || {
         let y = DeviceBuffer::<f32>::filled_with_byte(device, rows * out_dim, 0xff)?;
         dense::linear_f32(&weights, x_dev.view([rows, in_dim])?, y.view([rows, out_dim])?, None)?;
         y.to_vec()
@@ -285,7 +339,7 @@ fn check_dense(device: &Device, format: WeightFormat, seed: u64) {
     let (w1, d1) = random_matrix(&mut rng, format, hidden, in_dim);
     let (w3, d3) = random_matrix(&mut rng, format, hidden, in_dim);
     let gate_up = DeviceWeights::upload(device, &repack::repack_gate_up(&[((&w1).into(), (&w3).into())]).unwrap()).unwrap();
-    let (a_wgmma, a_mma) = dense_three(device, format, || {
+    let (a_wgmma, a_mma) = dense_three(device, format, rows, || {
         let act = DeviceBuffer::<bf16>::filled_with_byte(device, rows * hidden, 0xff)?;
         dense::linear_swiglu(&gate_up, x_dev.view([rows, in_dim])?, act.view([rows, hidden])?, None)?;
         act.to_vec()
@@ -301,7 +355,7 @@ fn check_dense(device: &Device, format: WeightFormat, seed: u64) {
     let per_head = DeviceWeights::upload(device, &repack::repack_linear(&mats.iter().map(|(q, _)| q.into()).collect::<Vec<MatrixRef>>()).unwrap()).unwrap();
     let xh = random_bf16(&mut rng, rows * heads * head_in, 1.0);
     let xh_dev = DeviceBuffer::from_slice(device, &xh).unwrap();
-    let (h_wgmma, h_mma) = dense_three(device, format, || {
+    let (h_wgmma, h_mma) = dense_three(device, format, rows, || {
         let y = DeviceBuffer::<bf16>::filled_with_byte(device, rows * heads * head_out, 0xff)?;
         dense::linear_per_head(&per_head, xh_dev.view([rows, heads, head_in])?, y.view([rows, heads, head_out])?, None)?;
         y.to_vec()
@@ -316,13 +370,14 @@ fn check_dense(device: &Device, format: WeightFormat, seed: u64) {
 }
 
 /// Dense GEMMs at the model's reduction lengths (K = 4096 and 2048: the 4-stage bf16 ring wraps 16 and 8 times, the
-/// 8-stage 4-bit ring 8 and 4 times) with 70 rows (the tail block's TMA boxes read 58 rows out of bounds,
-/// zero-filled), one 128-feature block wide, rows 16-byte strided wider than K; the TMA kernel against the gather
-/// kernel and mma.sync, and all against the reference. `format`'s weights.
-fn dense_at_real_reduction_lengths(device: &Device, format: WeightFormat, seed: u64) {
+/// 8-stage 4-bit ring 8 and 4 times) with `rows` rows (70: one wide block of two 64-slot tiles, the second's TMA box
+/// reading 58 rows out of bounds, zero-filled; 40: the 64-slot kernels), one 128-feature block wide, rows 16-byte
+/// strided wider than K; the TMA kernel against the gather kernel and mma.sync, and all against the reference.
+/// `format`'s weights.
+fn dense_at_real_reduction_lengths(device: &Device, format: WeightFormat, seed: u64, rows: usize) {
     require_race_check(device);
     let mut rng = rng(seed);
-    let (rows, out_dim) = (70, 128);
+    let out_dim = 128;
     for k_dim in [4096, 2048] {
         let (w, deq) = random_matrix(&mut rng, format, out_dim, k_dim);
         let weights = DeviceWeights::upload(device, &repack::repack_linear(&[(&w).into()]).unwrap()).unwrap();
@@ -331,7 +386,7 @@ fn dense_at_real_reduction_lengths(device: &Device, format: WeightFormat, seed: 
         let x_dev = DeviceBuffer::from_slice(device, &x).unwrap();
         let x_rows: Vec<f32> = (0..rows).flat_map(|r| to_f32(&x[r * x_stride..][..k_dim])).collect();
         let want = matmul_nt(&x_rows, &deq, rows, k_dim, out_dim);
-        let (y_tma, y_mma) = dense_three(device, format, || {
+        let (y_tma, y_mma) = dense_three(device, format, rows, || {
             let y = DeviceBuffer::<f32>::filled_with_byte(device, rows * out_dim, 0xff)?;
             dense::linear_f32(&weights, x_dev.view([rows, x_stride])?.columns(0..k_dim)?, y.view([rows, out_dim])?, None)?;
             y.to_vec()
@@ -343,13 +398,14 @@ fn dense_at_real_reduction_lengths(device: &Device, format: WeightFormat, seed: 
 
 /// [`dense_at_real_reduction_lengths`] in bf16.
 fn dense_gemms_at_real_reduction_lengths(device: &Device) {
-    dense_at_real_reduction_lengths(device, FORMATS[0], 25);
+    dense_at_real_reduction_lengths(device, FORMATS[0], 25, 70);
 }
 
 /// [`dense_at_real_reduction_lengths`] in nvfp4 (the 8-stage ring of the 4-bit formats, whose TMA stages expect
 /// 4 KiB of weights beside the 8 KiB box; its global divisor applied per row in the epilogue).
 fn dense_nvfp4_at_real_reduction_lengths(device: &Device) {
-    dense_at_real_reduction_lengths(device, FORMATS[3], 28);
+    dense_at_real_reduction_lengths(device, FORMATS[3], 28, 70);
+    dense_at_real_reduction_lengths(device, FORMATS[3], 34, 40);
 }
 
 backend_tests!(
@@ -358,6 +414,9 @@ backend_tests!(
     grouped_int4_at_real_reduction_lengths,
     grouped_int4_zero_point_at_real_reduction_lengths,
     grouped_nvfp4_at_real_reduction_lengths,
+    grouped_narrow_at_real_reduction_lengths,
+    grouped_wide_groups_bf16,
+    grouped_wide_groups_nvfp4,
     dense_gemms_equal_mma_sync,
     dense_gemms_at_real_reduction_lengths,
     dense_nvfp4_at_real_reduction_lengths

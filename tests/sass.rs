@@ -1,5 +1,5 @@
 //! The machine code of the GEMM kernels, read with `cuobjdump -sass` from the sm_90a cubins build.rs embeds: the
-//! wgmma kernels (cuda/moe_gemm_wgmma.cu: bf16, int4 and nvfp4 weights) run on Hopper's warpgroup tensor-core
+//! wgmma kernels (cuda/moe_gemm_wgmma.cu: bf16, int4 and nvfp4 weights, 64 and 192 slots a block) run on Hopper's warpgroup tensor-core
 //! instruction (HGMMA), the dense ones load their activations with TMA (UTMALDG) and the grouped ones do not, and the
 //! mma.sync kernels
 //! (cuda/moe_gemm.cu) stay on HMMA; the vision attention's wgmma kernel (cuda/vision_attention_wgmma.cu) runs both its
@@ -59,7 +59,11 @@ fn count(sass: &str, op: &str) -> usize {
 fn wgmma_kernels_use_hgmma_and_the_dense_ones_tma() {
     let wgmma = sass_by_function(&MOE_GEMM_WGMMA);
     let names: Vec<&String> = wgmma.keys().collect();
-    let expected: Vec<String> = ["bf16", "int4", "nvfp4"].iter().flat_map(|f| [format!("moe_gemm_{f}_wgmma"), format!("moe_gemm_{f}_wgmma_dense")]).collect();
+    // Per format: 64 slots a block (gather, TMA), then the wide kernels (192 slots; in name order).
+    let expected: Vec<String> = ["bf16", "int4", "nvfp4"]
+        .iter()
+        .flat_map(|f| [format!("moe_gemm_{f}_wgmma"), format!("moe_gemm_{f}_wgmma_dense"), format!("moe_gemm_{f}_wide_wgmma"), format!("moe_gemm_{f}_wide_wgmma_dense")])
+        .collect();
     assert_eq!(names, expected.iter().collect::<Vec<_>>(), "the wgmma module's kernels");
     for (name, sass) in &wgmma {
         // Four m64n64k16 per stage, unrolled twice: at least 8.

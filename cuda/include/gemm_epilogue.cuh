@@ -146,16 +146,16 @@ __device__ __forceinline__ void rope_output_tile(const MoeGemmParams &p, int row
 // A row's slots never share a block (a token has one pair per expert; dense and tail slots are distinct rows), so the
 // threads' rows are distinct.
 // kOverlapLoads: how the rows' loads are issued (rms_norm_row.cuh RowLoads; false for kernels at their register cap).
-template <bool kOverlapLoads = true>
+// kMaxSlots: the block's most slots (its BN), at most its threads.
+template <bool kOverlapLoads = true, int kMaxSlots = 64>
 __device__ __forceinline__ void finish_rows(const MoeGemmParams &p, const int *slot_pair, int slots, int slot_begin, bool tail) {
-    constexpr int kMaxSlots = 64;  // the widest tile's BN
     __shared__ int done_rows[kMaxSlots];
     __shared__ int done_count;
     const GemmRowFinish &f = p.finish;
     __threadfence();  // this thread's stores are visible device-wide before its block arrives
     if (threadIdx.x == 0) done_count = 0;
     __syncthreads();
-    const int s = threadIdx.x;
+    const int s = threadIdx.x;  // one slot per thread: every caller's block has at least kMaxSlots threads
     if (s < slots && slot_pair[s] >= 0) {
         const int row = p.sorted_pairs != nullptr && !tail ? slot_pair[s] / p.top_k : slot_begin + s;
         // Writes into the row: one, or for the MoE combine the token's counting pairs and the shared expert's row

@@ -974,7 +974,11 @@ pub(super) fn launch_gemm(
     // The bf16, int4 and nvfp4 prefill tiles run on wgmma unless switched off (moe_wgmma::PrefillGemm): same grid,
     // parameters and epilogue steps (cuda/include/gemm_epilogue.cuh).
     if shape == TileShape::Tiled && super::moe_wgmma::applies(w.format, e4m3_input)? {
-        return super::moe_wgmma::launch(device, w.format, &config, &params);
+        let rows_per_matrix = match rows {
+            Rows::Grouped { pairs, .. } => pairs / w.experts.max(1),
+            Rows::Dense { rows, .. } => rows,
+        };
+        return super::moe_wgmma::launch(device, w.format, rows_per_matrix, &config, &params);
     }
     let kernel = match split_k.and_then(|_| shape.split_k_kernel(w.format)) {
         Some(split) => split,

@@ -7,7 +7,10 @@
 //! [`super::moe_wgmma_fp8`]). Grouped launches gather their activation rows (`moe_gemm_{bf16,int4,nvfp4}_wgmma`); dense ones load
 //! them with TMA (`moe_gemm_{bf16,int4,nvfp4}_wgmma_dense`) through a tensor map made here by the device's
 //! [`Backend::encode_tensor_map_tiled`](crate::device::Backend::encode_tensor_map_tiled), once per activation buffer
-//! and shape: later launches on the same rows reuse it.
+//! and shape: later launches on the same rows reuse it. Where the matrices hold more than 64 rows on average (routed
+//! rows per local expert, or a dense launch's rows), the wide kernels (`moe_gemm_*_wide_wgmma`, `..._wide_wgmma_dense`)
+//! run instead: 192 slots a block (an expert's first 192 slots, then the next 192), so each weight tile is loaded
+//! and dequantised once per 192 slots instead of once per 64 ([`WIDE_MIN_ROWS`]).
 
 use std::cell::Cell;
 
@@ -105,29 +108,44 @@ impl PrefillGemm {
 
 /// Threads per block: two consumer warpgroups and the producer warp.
 const THREADS: u32 = 9 * 32;
-/// One stage's activation rows: 64 slots of 64 bf16 (one 128-byte swizzle line each).
+/// One stage's activation rows of a 64-slot tile: 64 slots of 64 bf16 (one 128-byte swizzle line each).
 const X_STAGE_BYTES: u32 = 64 * 64 * 2;
+/// The wide kernels' 64-slot tiles per block (`kSlotTiles` of their entries in moe_gemm_wgmma.cu): BN 192. Three
+/// tiles' accumulators (96 registers a thread) fit the 168 registers ptxas gives a block of 288 threads alone on an
+/// SM without spilling; four do not. At 16,384 routed rows over 128 experts (128 +- 11 rows each, padded to 128 or
+/// 192 slots), one block covers an expert's slots: its weights cross DRAM once (docs/perf.md "Grouped wgmma GEMM:
+/// tile and schedule").
+const WIDE_SLOT_TILES: u32 = 3;
+/// The average rows per matrix above which a launch takes the wide kernels: from 65 rows an expert's (or a dense
+/// matrix's) slots span more than one 64-slot tile, each of which would read the weights again. At or below it the
+/// 64-slot kernels keep two blocks per SM.
+pub const WIDE_MIN_ROWS: usize = 64;
 /// The activation box of one stage: 64 k (one 128-byte swizzle line of bf16) x 64 rows, of one matrix.
 const X_BOX: [u32; 3] = [64, 64, 1];
 
-/// Dynamic shared memory (`Ring<F>::kSharedBytes` in moe_gemm_wgmma.cu) for `format` weights: as many stages of the
-/// 8 warps' weight tiles (16 x 64 weights each: 2 KiB bf16, 512 bytes 4-bit) and the activation rows as fit in
-/// 96 KiB, at most 8 (bf16 4, 4-bit 8), the tiles' staged scales of each stage on top, two mbarriers per stage, the
-/// 64 slots' pairs.
-fn shared_bytes(format: WeightFormat) -> u32 {
-    let stage = 8 * tile_bytes(format) as u32 + X_STAGE_BYTES;
-    let stages = (96 * 1024 / stage).min(8);
-    stages * (stage + 8 * super::moe::staged_scale_bytes(format) as u32) + 2 * stages * 8 + 64 * 4
+/// Dynamic shared memory (`Ring<F, kSlotTiles>::kSharedBytes` in moe_gemm_wgmma.cu) for `format` weights and
+/// `slot_tiles` 64-slot tiles a block: as many stages of the 8 warps' weight tiles (16 x 64 weights each: 2 KiB bf16,
+/// 512 bytes 4-bit) and the activation rows as fit in 192 KiB shared by the SM's blocks (two of 64 slots, one wide),
+/// at most 8 (64 slots: bf16 4, 4-bit 8; 192 slots: bf16 4, 4-bit 6), the tiles' staged scales of each stage on
+/// top, two mbarriers per stage, the slots' pairs.
+fn shared_bytes(format: WeightFormat, slot_tiles: u32) -> u32 {
+    let blocks_per_sm = if slot_tiles == 1 { 2 } else { 1 };
+    let stage = 8 * tile_bytes(format) as u32 + slot_tiles * X_STAGE_BYTES;
+    let stages = (192 * 1024 / blocks_per_sm / stage).min(8);
+    stages * (stage + 8 * super::moe::staged_scale_bytes(format) as u32) + 2 * stages * 8 + slot_tiles * 64 * 4
 }
 
-/// The wgmma kernels of `format` weights: the gather kernel (grouped mode) and the TMA kernel (dense mode). None for
-/// the formats that keep mma.sync.
-fn kernels(format: WeightFormat) -> Option<(Kernel, Kernel)> {
-    let (gather, tma) = match format {
-        WeightFormat::Bf16 => ("moe_gemm_bf16_wgmma", "moe_gemm_bf16_wgmma_dense"),
-        WeightFormat::Int4 { .. } => ("moe_gemm_int4_wgmma", "moe_gemm_int4_wgmma_dense"),
-        WeightFormat::Nvfp4 => ("moe_gemm_nvfp4_wgmma", "moe_gemm_nvfp4_wgmma_dense"),
-        WeightFormat::Fp8PerTensor | WeightFormat::Fp8Block128 => return None,
+/// The wgmma kernels of `format` weights, 64 slots a block or `wide` (192): the gather kernel (grouped mode) and the
+/// TMA kernel (dense mode). None for the formats that keep mma.sync.
+fn kernels(format: WeightFormat, wide: bool) -> Option<(Kernel, Kernel)> {
+    let (gather, tma) = match (format, wide) {
+        (WeightFormat::Bf16, false) => ("moe_gemm_bf16_wgmma", "moe_gemm_bf16_wgmma_dense"),
+        (WeightFormat::Int4 { .. }, false) => ("moe_gemm_int4_wgmma", "moe_gemm_int4_wgmma_dense"),
+        (WeightFormat::Nvfp4, false) => ("moe_gemm_nvfp4_wgmma", "moe_gemm_nvfp4_wgmma_dense"),
+        (WeightFormat::Bf16, true) => ("moe_gemm_bf16_wide_wgmma", "moe_gemm_bf16_wide_wgmma_dense"),
+        (WeightFormat::Int4 { .. }, true) => ("moe_gemm_int4_wide_wgmma", "moe_gemm_int4_wide_wgmma_dense"),
+        (WeightFormat::Nvfp4, true) => ("moe_gemm_nvfp4_wide_wgmma", "moe_gemm_nvfp4_wide_wgmma_dense"),
+        (WeightFormat::Fp8PerTensor | WeightFormat::Fp8Block128, _) => return None,
     };
     Some((Kernel { module: MOE_GEMM_WGMMA, entry: gather }, Kernel { module: MOE_GEMM_WGMMA, entry: tma }))
 }
@@ -135,17 +153,27 @@ fn kernels(format: WeightFormat) -> Option<(Kernel, Kernel)> {
 /// Whether the wgmma kernels run a prefill-tile launch of `format` weights (with bf16 inputs unless `e4m3_input`):
 /// they apply and are chosen. False: the mma.sync kernel runs.
 pub(crate) fn applies(format: WeightFormat, e4m3_input: bool) -> Result<bool> {
-    Ok(kernels(format).is_some() && !e4m3_input && PrefillGemm::current()? != PrefillGemm::MmaSync)
+    Ok(kernels(format, false).is_some() && !e4m3_input && PrefillGemm::current()? != PrefillGemm::MmaSync)
 }
 
 /// Launches the prefill tile of `format` weights on wgmma: `params` and the grid of the mma.sync launch (`config`'s
-/// block and shared memory are replaced by the wgmma kernel's). Dense launches whose input row of slot r is row r
-/// (every dense launch the crate makes) get the TMA kernel and the activations' tensor map, unless
+/// block and shared memory are replaced by the wgmma kernel's). `rows_per_matrix`: the launch's average rows per
+/// matrix (routed pairs over local experts, or a dense launch's rows), which picks the wide kernels above
+/// [`WIDE_MIN_ROWS`] (a dense launch's grid then has one row block per 192 rows; a grouped launch keeps its grid of
+/// 64-slot tiles, the first tile of each expert's 192 slots doing their work). Dense launches whose input row of slot
+/// r is row r (every dense launch the crate makes) get the TMA kernel and the activations' tensor map, unless
 /// [`PrefillGemm::WgmmaGather`] is chosen; the others gather. `Error::InvalidArgument` for a format without wgmma
 /// kernels (see [`applies`]).
-pub(crate) fn launch(device: &Device, format: WeightFormat, config: &LaunchConfig, params: &MoeGemmParams) -> Result<()> {
-    let (gather, tma) = kernels(format).ok_or_else(|| Error::InvalidArgument(format!("no wgmma prefill kernel for {format:?} weights")))?;
-    let config = LaunchConfig { block: Dim3::x(THREADS), shared_bytes: shared_bytes(format), ..*config };
+pub(crate) fn launch(device: &Device, format: WeightFormat, rows_per_matrix: usize, config: &LaunchConfig, params: &MoeGemmParams) -> Result<()> {
+    let wide = rows_per_matrix > WIDE_MIN_ROWS;
+    let slot_tiles = if wide { WIDE_SLOT_TILES } else { 1 };
+    let (gather, tma) = kernels(format, wide).ok_or_else(|| Error::InvalidArgument(format!("no wgmma prefill kernel for {format:?} weights")))?;
+    let mut config = LaunchConfig { block: Dim3::x(THREADS), shared_bytes: shared_bytes(format, slot_tiles), ..*config };
+    if params.sorted_pairs.is_null() {
+        // Dense: block y works rows [y BN, y BN + BN).
+        let rows = u32::try_from(params.dense_rows).map_err(|_| Error::InvalidArgument(format!("wgmma dense gemm: {} rows", params.dense_rows)))?;
+        config.grid.y = rows.div_ceil(64 * slot_tiles);
+    }
     let dense_rows_in_order = params.sorted_pairs.is_null() && (params.in_by_token == 0 || params.top_k == 1) && params.dense_rows > 0;
     if !dense_rows_in_order || PrefillGemm::current()? == PrefillGemm::WgmmaGather {
         return launch_with(device, &gather, &config, params);

@@ -34,8 +34,8 @@
 // - gather (grouped entries): all 32 lanes gather the stage's activation rows (picked through sorted_pairs / top_k, so
 //   TMA tile loads do not apply) with 16-byte cp.async into the swizzled layout, and once a stage's cp.async group has
 //   landed (the producer keeps STAGES - 1 stages in flight) fence it for the async proxy and arrive on "full" (two
-//   arrivals complete a phase: the expect_tx one and this one). Padding slots read zeros written once into every
-//   stage.
+//   arrivals complete a phase: the expect_tx one and this one). A padding slot's copies read nothing and zero-fill
+//   its line (src-size 0), so the copy loop has no branch.
 // - TMA (_dense entries): the elected lane issues one cp.async.bulk.tensor.3d per stage, the box {64 k, 64 rows,
 //   1 matrix} at (k block, first row, grid z) of the 3-d map {k_dim, dense_rows, heads}; the TMA unit writes it in the same
 //   128-byte swizzled layout, zero-fills the rows past dense_rows (the tail block) and completes its 8 KiB as
@@ -113,6 +113,7 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const MoeGemmParams &p, const
     uint64_t *full = reinterpret_cast<uint64_t *>(smem + R::kBarOffset);
     uint64_t *empty = full + kStages;
     int *slot_pair = reinterpret_cast<int *>(smem + R::kSlotOffset);
+    int *slot_src = reinterpret_cast<int *>(smem + R::kSrcOffset);
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
@@ -127,13 +128,8 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const MoeGemmParams &p, const
     const int slot_tiles = (slots + kBN - 1) / kBN;
 
     // "full": the producer's expect_tx arrival (+ its "activations landed" arrival when it gathers them).
-    init_slots_and_ring<kStages, !kTmaX, kSlots>(p, slot_pair, full, empty, slot_begin, slots, kTmaX ? 1 : 2);
-    if (!kTmaX) {
-        // Padding slots read zeros. (TMA writes every row of a stage, zeros past the matrix.)
-        zero_padding_rows<kStages, kSlots>(x_smem, slot_pair, slot_tiles * kBN);
-        fence_proxy_async();
-        __syncthreads();
-    }
+    // Padding slots read zeros: the gather's zero-filling copies, or TMA's fill past the matrix.
+    init_slots_and_ring<kStages, !kTmaX, kSlots>(p, slot_pair, slot_src, full, empty, slot_begin, slots, kTmaX ? 1 : 2);
 
     const int first_tile = blockIdx.x * (kBM / 16);
     const int k_blocks = p.k_dim / kBK;
@@ -185,7 +181,7 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const MoeGemmParams &p, const
             if (elect_one_sync()) mbar_arrive_expect_tx(&full[stage], stage_bytes);
             __syncwarp();
             load_weights(kb, stage);
-            gather_stage_rows(p, slot_pair, slot_begin, smem_addr(x_smem + stage * kXBlockStage), x + kb * kBK * 2, (long)p.x_stride * 2, slot_tiles * kBN);
+            gather_stage_rows(slot_src, smem_addr(x_smem + stage * kXBlockStage), x + kb * kBK * 2, (long)p.x_stride * 2, slot_tiles * kBN);
             cp_async_commit();
         }
         cp_async_ring_arrive_rest<kStages, kInFlight>(full, k_blocks);

@@ -35,7 +35,7 @@
 // gather the stage's activation rows (16-byte cp.async into the swizzled layout) and the slots' activation scales of
 // the stage (4-byte cp.async), and once a stage's cp.async group has landed (STAGES - 1 stages in flight) fence it
 // for the async proxy and arrive on "full" (two arrivals a phase: expect_tx and this). Padding slots read zero rows
-// and zero scales, written once into every stage. Consumers wait on "full", read their block scales (fp8-block; two
+// (the gather's zero-filling copies) and zero scales (written once into every stage). Consumers wait on "full", read their block scales (fp8-block; two
 // f32 per lane and stage from global memory, L1/L2-resident), load their 16 weight words (four 16-byte ld.shared),
 // issue the stage's four wgmmas into a fresh partial, wait for them (wait_group 0: the promotion needs the partial),
 // read the stage's 16 activation scales of their slots (eight 8-byte ld.shared), release the stage ("empty", one
@@ -67,13 +67,13 @@ constexpr int kWTileBytes = 16 * kBK8;  // a warp's 16 rows x 128 k: two consecu
 // (Ring::kSharedBytes: src/kernels/moe_wgmma_fp8.rs SHARED_BYTES).
 using Ring = GemmRing<4, kConsumerWarps * kWTileBytes, kBN * 4>;
 constexpr int kStages = Ring::kStages, kWStage = Ring::kWStage, kSStage = Ring::kSStage, kInFlight = Ring::kInFlight;
-constexpr int kXOffset = Ring::kXOffset, kSOffset = Ring::kSOffset, kBarOffset = Ring::kBarOffset, kSlotOffset = Ring::kSlotOffset;
+constexpr int kXOffset = Ring::kXOffset, kSOffset = Ring::kSOffset, kBarOffset = Ring::kBarOffset, kSlotOffset = Ring::kSlotOffset,
+              kSrcOffset = Ring::kSrcOffset;
 static_assert(kXRowBytes == kBK8, "a stage's activation line is 128 e4m3 of k");
 static_assert(kWTileBytes == 2 * WeightFormat<Format::Fp8>::kTileBytes, "a stage is two repacked 64-k fp8 tiles");
 
 // The producer warp: weights by cp.async.bulk, activation rows and their scales by cp.async (see the file comment).
-__device__ __forceinline__ void produce(const MoeGemmParams &p, unsigned char *smem, const int *slot_pair, int expert, int slot_begin, int first_tile,
-                                        int k_blocks) {
+__device__ __forceinline__ void produce(const MoeGemmParams &p, unsigned char *smem, const int *slot_src, int expert, int first_tile, int k_blocks) {
     unsigned char *w_smem = smem, *x_smem = smem + kXOffset, *s_smem = smem + kSOffset;
     uint64_t *full = reinterpret_cast<uint64_t *>(smem + kBarOffset), *empty = full + kStages;
     const int lane = threadIdx.x & 31;
@@ -89,14 +89,13 @@ __device__ __forceinline__ void produce(const MoeGemmParams &p, unsigned char *s
             const unsigned char *src = w_expert + ((long long)(first_tile + lane) * w_blocks64 + 2 * kb) * WeightFormat<Format::Fp8>::kTileBytes;
             bulk_load(w_smem + stage * kWStage + lane * kWTileBytes, src, kWTileBytes, &full[stage]);
         }
-        gather_stage_rows(p, slot_pair, slot_begin, smem_addr(x_smem + stage * kXStage), p.x_e4m3 + kb * kBK8, p.x_stride);
+        gather_stage_rows(slot_src, smem_addr(x_smem + stage * kXStage), p.x_e4m3 + kb * kBK8, p.x_stride);
         const uint32_t s_stage_addr = smem_addr(s_smem + stage * kSStage);
 #pragma unroll
         for (int row = lane; row < kBN; row += 32) {
-            const int pair = slot_pair[row];
-            if (pair < 0) continue;
-            const long src_row = p.in_by_token ? pair / p.top_k : slot_begin + row;
-            const float *src = p.x_block_scales + src_row * k_blocks + kb;
+            const int src_row = slot_src[row];
+            if (src_row < 0) continue;
+            const float *src = p.x_block_scales + (long)src_row * k_blocks + kb;
             asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s_stage_addr + row * 4), "l"(src) : "memory");
         }
         cp_async_commit();
@@ -175,30 +174,28 @@ __device__ __forceinline__ void consume_and_store(const MoeGemmParams &p, unsign
 template <bool kBlockScales>
 __device__ __forceinline__ void grouped_gemm_wgmma_a8(const MoeGemmParams &p) {
     extern __shared__ __align__(1024) unsigned char smem[];
-    unsigned char *x_smem = smem + kXOffset;
     float *s_smem = reinterpret_cast<float *>(smem + kSOffset);
     uint64_t *full = reinterpret_cast<uint64_t *>(smem + kBarOffset), *empty = full + kStages;
     int *slot_pair = reinterpret_cast<int *>(smem + kSlotOffset);
+    int *slot_src = reinterpret_cast<int *>(smem + kSrcOffset);
     const int tid = threadIdx.x, warp = tid >> 5;
 
     int expert, slot_begin, slot_end;
     if (!block_slots<kBN>(p, false, expert, slot_begin, slot_end)) return;
     const int slots = slot_end - slot_begin;
     // "full": the producer's expect_tx arrival and its "activations landed" one.
-    init_slots_and_ring<kStages, true>(p, slot_pair, full, empty, slot_begin, slots, 2);
-    // Padding slots read zero rows and zero scales: written once into every stage (generic stores, fenced for
-    // wgmma), never copied over.
-    zero_padding_rows<kStages>(x_smem, slot_pair);
+    init_slots_and_ring<kStages, true>(p, slot_pair, slot_src, full, empty, slot_begin, slots, 2);
+    // Padding slots read zero scales: written once into every stage (generic stores, read by the consumers' generic
+    // loads after the barrier), never copied over. Their rows are the gather's zero-filling copies.
     for (int i = tid; i < kStages * kBN; i += kThreads) {
         if (slot_pair[i % kBN] < 0) s_smem[i] = 0.f;
     }
-    fence_proxy_async();
     __syncthreads();
 
     const int first_tile = blockIdx.x * (kBM / 16);
     const int k_blocks = p.k_dim / kBK8;
     if (warp == kProducerWarp) {
-        produce(p, smem, slot_pair, expert, slot_begin, first_tile, k_blocks);
+        produce(p, smem, slot_src, expert, first_tile, k_blocks);
     } else {
         consume_and_store<kBlockScales>(p, smem, slot_pair, expert, slot_begin, slots, first_tile, k_blocks);
     }

@@ -67,8 +67,7 @@ fn one_layer_prefill(format: WeightFormat) {
 
     let (mma_sync, mma_kernels) = prefill(PrefillGemm::MmaSync);
     assert_eq!(count(&mma_kernels, "_wgmma") + count(&mma_kernels, "_wgmma_dense"), 0, "the switch keeps wgmma out");
-    let renamed: Vec<String> =
-        wgmma_kernels.iter().map(|k| k.replace("_wide_", "_").replace("_wgmma_dense", "_tiled").replace("_wgmma", "_tiled")).collect();
+    let renamed: Vec<String> = wgmma_kernels.iter().map(|k| k.replace("_wide_", "_").replace("_wgmma_dense", "_tiled").replace("_wgmma", "_tiled")).collect();
     assert_eq!(mma_kernels, renamed, "one kernel for the other, launch for launch");
     let differ = wgmma.iter().zip(&mma_sync).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
     assert_eq!(differ, 0, "{differ} of {} logits differ between the wgmma and mma.sync prefills", wgmma.len());

@@ -62,7 +62,9 @@ fn wgmma_kernels_use_hgmma_and_the_dense_ones_tma() {
     // Per format: 64 slots a block (gather, TMA), then the wide kernels (192 slots; in name order).
     let expected: Vec<String> = ["bf16", "int4", "nvfp4"]
         .iter()
-        .flat_map(|f| [format!("moe_gemm_{f}_wgmma"), format!("moe_gemm_{f}_wgmma_dense"), format!("moe_gemm_{f}_wide_wgmma"), format!("moe_gemm_{f}_wide_wgmma_dense")])
+        .flat_map(|f| {
+            [format!("moe_gemm_{f}_wgmma"), format!("moe_gemm_{f}_wgmma_dense"), format!("moe_gemm_{f}_wide_wgmma"), format!("moe_gemm_{f}_wide_wgmma_dense")]
+        })
         .collect();
     assert_eq!(names, expected.iter().collect::<Vec<_>>(), "the wgmma module's kernels");
     for (name, sass) in &wgmma {

@@ -15,6 +15,10 @@ __device__ __forceinline__ void cp_async16(void *dst_smem, const void *src_globa
 __device__ __forceinline__ void cp_async16_zfill(void *dst_smem, const void *src_global, bool valid) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst_smem)), "l"(src_global), "r"(valid ? 16 : 0));
 }
+// cp_async16_zfill at a shared-memory address (a swizzled one), ordered against the caller's other memory accesses.
+__device__ __forceinline__ void cp_async16_zfill(uint32_t dst_addr, const void *src_global, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst_addr), "l"(src_global), "r"(valid ? 16 : 0) : "memory");
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 // Waits until at most N committed groups are still in flight.
 template <int N>

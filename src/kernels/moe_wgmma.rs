@@ -127,12 +127,12 @@ const X_BOX: [u32; 3] = [64, 64, 1];
 /// `slot_tiles` 64-slot tiles a block: as many stages of the 8 warps' weight tiles (16 x 64 weights each: 2 KiB bf16,
 /// 512 bytes 4-bit) and the activation rows as fit in 192 KiB shared by the SM's blocks (two of 64 slots, one wide),
 /// at most 8 (64 slots: bf16 4, 4-bit 8; 192 slots: bf16 4, 4-bit 6), the tiles' staged scales of each stage on
-/// top, two mbarriers per stage, the slots' pairs.
+/// top, two mbarriers per stage, the slots' pairs and source rows.
 fn shared_bytes(format: WeightFormat, slot_tiles: u32) -> u32 {
     let blocks_per_sm = if slot_tiles == 1 { 2 } else { 1 };
     let stage = 8 * tile_bytes(format) as u32 + slot_tiles * X_STAGE_BYTES;
     let stages = (192 * 1024 / blocks_per_sm / stage).min(8);
-    stages * (stage + 8 * super::moe::staged_scale_bytes(format) as u32) + 2 * stages * 8 + slot_tiles * 64 * 4
+    stages * (stage + 8 * super::moe::staged_scale_bytes(format) as u32) + 2 * stages * 8 + 2 * slot_tiles * 64 * 4
 }
 
 /// The wgmma kernels of `format` weights, 64 slots a block or `wide` (192): the gather kernel (grouped mode) and the

@@ -28,8 +28,8 @@ pub const ACT_SCALE_BLOCK: usize = 128;
 const THREADS: u32 = 9 * 32;
 /// Dynamic shared memory of the GEMM kernels (`Ring::kSharedBytes` in moe_gemm_wgmma_fp8.cu): 4 stages of the 8 warps'
 /// 16 x 128 e4m3 weights (2 KiB each), 64 activation rows of 128 e4m3 and their 64 f32 scales; two mbarriers a stage;
-/// the 64 slots' pairs.
-const SHARED_BYTES: u32 = 4 * (8 * 2048 + 64 * 128 + 64 * 4) + 2 * 4 * 8 + 64 * 4;
+/// the 64 slots' pairs and source rows.
+const SHARED_BYTES: u32 = 4 * (8 * 2048 + 64 * 128 + 64 * 4) + 2 * 4 * 8 + 2 * 64 * 4;
 
 /// Activations bf16 -> e4m3 with one f32 scale per row and 128 columns (DeepGEMM's 1x128 rule): for each row r and
 /// block b of 128 columns, `amax = max(max |x[r, 128 b ..]|, 2^-64)`, `scales[r, b] = amax / 448` and

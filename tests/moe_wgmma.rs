@@ -6,7 +6,7 @@
 //! dequantise with the same code (weight_format.cuh) and, on the interpreter, sum each k-step of 16 exactly and round
 //! once, in the same k order, so their outputs must be identical bit for bit (the two wgmma kernels on any device); on
 //! a GPU each is held to the CPU reference with the GEMM tests' rule (`assert_agrees`). Launches whose matrices hold
-//! more than `WIDE_MIN_ROWS` (64) rows on average take the wide kernels (192 slots a block,
+//! more than `WIDE_MIN_ROWS` (48) rows on average take the wide kernels (192 slots a block,
 //! `moe_gemm_{bf16,int4,nvfp4}_wide_wgmma[_dense]`); the cases cover both widths, wide blocks with one, two and three
 //! 64-slot tiles, and experts worked by more than one wide block.
 //!
@@ -243,10 +243,10 @@ fn grouped_at_real_reduction_lengths(device: &Device, format: WeightFormat, seed
     check_grouped(device, case).unwrap();
 }
 
-/// [`grouped_at_real_reduction_lengths`]'s shapes with 60 tokens (60 pairs per local expert, one 64-slot tile each):
+/// [`grouped_at_real_reduction_lengths`]'s shapes with 40 tokens (40 pairs per local expert, one 64-slot tile each):
 /// the 64-slot kernels at K 4096 and 2048, in bf16.
 fn grouped_narrow_at_real_reduction_lengths(device: &Device) {
-    let case = RoutedCase { format: FORMATS[0], tokens: 60, k: 2, experts: 3, remote: 1, dim: 4096, hidden: 64, down_k: 2048, down_out: 128, seed: 31 };
+    let case = RoutedCase { format: FORMATS[0], tokens: 40, k: 2, experts: 3, remote: 1, dim: 4096, hidden: 64, down_k: 2048, down_out: 128, seed: 31 };
     check_grouped(device, case).unwrap();
 }
 

@@ -7,7 +7,7 @@
 //! [`super::moe_wgmma_fp8`]). Grouped launches gather their activation rows (`moe_gemm_{bf16,int4,nvfp4}_wgmma`); dense ones load
 //! them with TMA (`moe_gemm_{bf16,int4,nvfp4}_wgmma_dense`) through a tensor map made here by the device's
 //! [`Backend::encode_tensor_map_tiled`](crate::device::Backend::encode_tensor_map_tiled), once per activation buffer
-//! and shape: later launches on the same rows reuse it. Where the matrices hold more than 64 rows on average (routed
+//! and shape: later launches on the same rows reuse it. Where the matrices hold more than 48 rows on average (routed
 //! rows per local expert, or a dense launch's rows), the wide kernels (`moe_gemm_*_wide_wgmma`, `..._wide_wgmma_dense`)
 //! run instead: 192 slots a block (an expert's first 192 slots, then the next 192), so each weight tile is loaded
 //! and dequantised once per 192 slots instead of once per 64 ([`WIDE_MIN_ROWS`]).
@@ -116,10 +116,12 @@ const X_STAGE_BYTES: u32 = 64 * 64 * 2;
 /// 192 slots), one block covers an expert's slots: its weights cross DRAM once (docs/perf.md "Grouped wgmma GEMM:
 /// tile and schedule").
 const WIDE_SLOT_TILES: u32 = 3;
-/// The average rows per matrix above which a launch takes the wide kernels: from 65 rows an expert's (or a dense
-/// matrix's) slots span more than one 64-slot tile, each of which would read the weights again. At or below it the
-/// 64-slot kernels keep two blocks per SM.
-pub const WIDE_MIN_ROWS: usize = 64;
+/// The average rows per matrix above which a launch takes the wide kernels: three quarters of a 64-slot tile. Above
+/// it many matrices span a second tile, each of which would read the weights again (at 2048 tokens x top-4 over 128
+/// experts, 64 +- 8 rows per expert: about half do; the timing model predicts the layer's up-projection 2.8 -> 2.2 ms
+/// wide, docs/perf.md "Grouped wgmma GEMM: tile and schedule"). At or below it most fit one tile, and the 64-slot
+/// kernels keep two blocks per SM.
+pub const WIDE_MIN_ROWS: usize = 48;
 /// The activation box of one stage: 64 k (one 128-byte swizzle line of bf16) x 64 rows, of one matrix.
 const X_BOX: [u32; 3] = [64, 64, 1];
 

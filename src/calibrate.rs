@@ -736,10 +736,10 @@ fn replay(
 ) -> Result<Vec<LaunchCounters>> {
     // Never sampled: the launches whose last-arriving blocks do work a sample would miss: the router (its last block
     // of a token group does the top-k and alignment), the dense GEMM (a split-K launch's last block of each tile sums
-    // the splits and runs the epilogue; `replay_dense` samples only the output head, which does not split), MLA decode
+    // the splits and runs the epilogue; `replay_dense` samples only the output head, which does not split), MLA launches
     // with the split combine fused (the last split block of each row tile combines) and the MoE layer in the engine's
     // form (the last block to write a token's row combines and norms).
-    let fused_combine = matches!(spec.family.as_str(), "mla" | "mla_prefill") && mla_combine(spec)? == SplitCombine::Fused;
+    let fused_combine = matches!(spec.family.as_str(), "mla" | "mla_prefill") && mla_combine(spec)? == SplitCombine::Fused && mla_plan(spec)?.1.num_splits > 1;
     let moe_finisher = spec.family == "moe" && MoeForm::of(spec)? == MoeForm::Norm;
     let sampled = !(matches!(spec.family.as_str(), "router" | "dense") || fused_combine || moe_finisher);
     sim.set_block_sample(sampled.then_some(sample_blocks));

@@ -193,6 +193,7 @@ fn wgmma_prefill_matches_the_reference_and_mma_sync(device: &Device) {
 ///   the second ragged; 3: 128, the last 84; 4: 96, the last 52; 5: 68 -> 96, 4 splits) and the wrapper's own count
 ///   (30 units: 3 splits of 128), whose later splits lie past the short sequences' ends, the combine fused and as its
 ///   own launch.
+///
 /// (The 512-token prompt is the slow part: ~4 interpreted GFLOP a kernel.)
 fn wgmma_split_kv_matches_mma_sync_split(device: &Device) {
     require_race_check(device);

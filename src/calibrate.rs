@@ -1025,10 +1025,11 @@ fn mla_splits(spec: &Spec) -> Result<Option<usize>> {
 }
 
 /// `benches/attention.rs`: 32 heads, page 64, shuffled page pool; `mla batch= ctx= dtype= [splits=] [combine=]`
-/// (decode; no `splits=`: the split heuristic's count; `combine=` as [`mla_combine`] reads it) or `mla_prefill new=
-/// prefix= [attention=]` (`attention=mma_sync`, the default: the stored measurement ran it, or `attention=wgmma`). A
-/// fused launch's combine runs in the last split block of each row tile, so only a whole launch counts it: fused
-/// cases are replayed unsampled.
+/// (decode; no `splits=`: the split heuristic's count; `combine=` as [`mla_combine`] reads it; `attention=wgmma`: the
+/// wgmma kernel, which the wrapper never picks at decode) or `mla_prefill new= prefix= [attention=] [splits=]
+/// [combine=]` (`attention=mma_sync`, the default: the stored measurement ran it, or `attention=wgmma`; no `splits=`:
+/// the kernel's own plan). A fused launch's combine runs in the last split block of each row tile, so only a whole
+/// launch counts it: fused split cases are replayed unsampled.
 fn replay_mla(sim: &SimBackend, device: &Device, spec: &Spec) -> Result<Vec<LaunchCounters>> {
     let mut rng = StdRng::seed_from_u64(1);
     let (batch, lens, rows, q_start, splits, dtype) = if spec.family == "mla_prefill" {

@@ -44,8 +44,6 @@ constexpr int kRowsPerWarp = 16;
 constexpr int kMaxWarps = 4;                     // warps that own query rows
 constexpr int kMaxBlockWarps = 8;                // with the fused combine's helper warps
 static_assert(kMaxWarps <= kMaxBlockWarps, "row warps fit the launch bounds");
-constexpr int kMaxCombineRows = 4;               // most rows a warp of the fused combine works on at once
-constexpr int kCombineLoadsInFlight = 16;        // (row, split) partials a combining warp loads at once: R rows x 16 / R splits
 
 }  // namespace
 
@@ -277,119 +275,9 @@ __device__ __forceinline__ void attend_split(const MlaAttentionParams &p, int se
     store_rows(p, o, state, split, split_begin, (long)q_begin * p.heads + row0 + warp * kRowsPerWarp + g, quad);
 }
 
-}  // namespace
-
-// ================================================================================================================
-// The split combine of up to R (token, head) rows of one sequence, by one warp: o_lat[row] = sum_i w_i o_i / sum_i w_i
-// with w_i = l_i 2^(m_i - max_j m_j), over the splits i that hold a key of the row (i * tokens_per_split <=
-// position), in split order: deterministic, and the same arithmetic for every R and wherever it runs (the fused tail
-// of mla_attention_*, R = 1, 2 or kMaxCombineRows; the standalone mla_attention_combine, R = 1): each row's operations are those
-// of R = 1, only interleaved, its R rows' loads of kCombineLoadsInFlight / R splits are in flight together (16 x 1 KiB). Lane l owns
-// latent values 4l..4l+3 and 128+4l..128+4l+3 (each warp load is 512 contiguous bytes); lane i reads the (max, sum)
-// of split i (of each group of 32) and passes its weight around by shuffle. Partials are read with ld.cg: other
-// blocks wrote them in this launch (fused), so never from L1. rows[r] < 0: no row in that slot (rows[0] >= 0).
-// Bytes per row and split: 1 KiB + 8 read; 512 written per row. FLOPs: ~3 per value and split.
-// ================================================================================================================
-template <int R>
-__device__ __forceinline__ void combine_rows(const MlaAttentionParams &p, int q_begin, int first_pos, const int (&rows)[R]) {
-    const int lane = threadIdx.x & 31;
-    const float2 *ml = reinterpret_cast<const float2 *>(p.partial_ml);
-    // An empty slot loads rows[0]'s split 0 (always written: every row has a key in split 0) with weight 0.
-    int splits[R], last_split[R], max_splits = 0;
-    long grow[R];
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-        splits[r] = rows[r] < 0 ? 0 : min(p.num_splits, (first_pos + rows[r] / p.heads) / p.tokens_per_split + 1);
-        last_split[r] = max(splits[r] - 1, 0);
-        grow[r] = (long)q_begin * p.heads + (rows[r] < 0 ? rows[0] : rows[r]);
-        max_splits = max(max_splits, splits[r]);
-    }
-
-    // The (max, sum) of the first 32 splits are loaded once, for the global max and then for the weights: one round
-    // trip, not two, before the partials' loads (the common case: at most 32 splits).
-    float2 first_ml[R];
-    float global_max[R];
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-        first_ml[r] = lane < splits[r] ? __ldcg(ml + (long)lane * p.total_rows + grow[r]) : make_float2(-INFINITY, 0.f);
-        global_max[r] = fmaxf(-INFINITY, first_ml[r].x);  // as the loop below would start (fmaxf drops a NaN)
-    }
-    for (int i = lane + 32; i < max_splits; i += 32) {
-#pragma unroll
-        for (int r = 0; r < R; ++r)
-            if (i < splits[r]) global_max[r] = fmaxf(global_max[r], __ldcg(ml + (long)i * p.total_rows + grow[r]).x);
-    }
-#pragma unroll
-    for (int r = 0; r < R; ++r) global_max[r] = warp_max(global_max[r]);
-    float acc[R][8], total[R];
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-        total[r] = 0.f;
-#pragma unroll
-        for (int k = 0; k < 8; ++k) acc[r][k] = 0.f;
-    }
-    for (int base = 0; base < max_splits; base += 32) {
-        float my_weight[R];
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-            my_weight[r] = 0.f;
-            if (base + lane < splits[r]) {
-                const float2 split_ml = base == 0 ? first_ml[r] : __ldcg(ml + (long)(base + lane) * p.total_rows + grow[r]);
-                my_weight[r] = split_ml.y * exp2f(split_ml.x - global_max[r]);
-            }
-            total[r] += my_weight[r];
-        }
-        // Branch-free, so the loads of several splits and rows overlap: a row with fewer splits (prefill tiles only)
-        // re-reads its last split's partial with weight 0, which leaves its sums exactly as they are.
-#pragma unroll(kCombineLoadsInFlight / R)
-        for (int j = 0; j < min(32, max_splits - base); ++j) {
-#pragma unroll
-            for (int r = 0; r < R; ++r) {
-                const float weight = __shfl_sync(0xffffffffu, my_weight[r], j);
-                const int split = min(base + j, last_split[r]);
-                const float4 *src = reinterpret_cast<const float4 *>(p.partial_o + ((long)split * p.total_rows + grow[r]) * kLatent);
-                const float4 lo = __ldcg(src + lane), hi = __ldcg(src + 32 + lane);
-                float *a = acc[r];
-                a[0] += weight * lo.x, a[1] += weight * lo.y, a[2] += weight * lo.z, a[3] += weight * lo.w;
-                a[4] += weight * hi.x, a[5] += weight * hi.y, a[6] += weight * hi.z, a[7] += weight * hi.w;
-            }
-        }
-    }
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-        if (rows[r] < 0) continue;  // warp-uniform
-        const float inv_total = 1.f / warp_sum(total[r]);
-        const float *a = acc[r];
-        bf16 *dst = p.o_lat + grow[r] * kLatent;
-        *reinterpret_cast<uint2 *>(dst + 4 * lane) =
-            make_uint2(pack_bf16x2(a[0] * inv_total, a[1] * inv_total), pack_bf16x2(a[2] * inv_total, a[3] * inv_total));
-        *reinterpret_cast<uint2 *>(dst + 128 + 4 * lane) =
-            make_uint2(pack_bf16x2(a[4] * inv_total, a[5] * inv_total), pack_bf16x2(a[6] * inv_total, a[7] * inv_total));
-    }
-}
-
-namespace {
-
-// The fused combine of rows row0..last_row by the block's warps, R rows a warp at a time (rows row0 + warp * R + k,
-// then the next group).
-template <int R>
-__device__ __forceinline__ void combine_tile_rows(const MlaAttentionParams &p, int q_begin, int first_pos, int row0, int last_row) {
-    const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5;
-    for (int first = row0 + warp * R; first <= last_row; first += warps * R) {
-        int rows[R];
-#pragma unroll
-        for (int k = 0; k < R; ++k) rows[k] = first + k <= last_row ? first + k : -1;
-        combine_rows<R>(p, q_begin, first_pos, rows);
-    }
-}
-
-// One attention block: its split's keys (if any), then, when split and p.split_counters is set, the fused combine.
-// The fused combine is the GEMM row finishers' "last block" pattern (cuda/include/gemm_epilogue.cuh finish_rows), per
-// (sequence, row tile): every split block of the tile fences its partial stores and arrives on the tile's counter
-// (blocks whose split holds no key of the tile arrive too, with nothing written); the block whose arrival completes
-// the count (num_splits) zeroes the counter for the next launch (graph replay) and combines the tile's rows, each
-// warp R rows at a time (combine_tile_rows, splits in fixed order). Without counters the standalone
-// mla_attention_combine runs after.
+// One attention block: its split's keys (if any), then, when split and p.split_counters is set, the fused combine
+// (combine_if_last_split, cuda/include/mla_attention.cuh) by all the block's warps, helpers included. Without counters
+// the standalone mla_attention_combine runs after.
 template <bool kFp8>
 __device__ __forceinline__ void attention_tile(const MlaAttentionParams &p) {
     const int seq = blockIdx.z, split = blockIdx.y;
@@ -411,28 +299,8 @@ __device__ __forceinline__ void attention_tile(const MlaAttentionParams &p) {
     // No row of this block has a key in this split when split_begin >= kv_end: the combine skips the split.
     if (split_begin < kv_end) attend_split<kFp8>(p, seq, split, q_begin, q_count, first_pos, row0, split_begin, kv_end, first_pages);
     if (p.num_splits == 1 || p.split_counters == nullptr) return;
-
     __shared__ int last_arrival;
-    __threadfence();  // this thread's partial stores are visible device-wide before the block arrives
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        int *counter = p.split_counters + (long)seq * gridDim.x + blockIdx.x;
-        last_arrival = atomicAdd(counter, 1) == p.num_splits - 1;
-        if (last_arrival) *counter = 0;  // every arrival of this launch is in: zero for the next launch
-    }
-    __syncthreads();
-    if (!last_arrival) return;
-    __threadfence();  // the other blocks fenced their stores before arriving: read them from here on (ld.cg)
-    // Each warp of the block (helpers included) combines R rows at a time, R as small as the tile's rows over the
-    // block's warps allow (each row's arithmetic is the same for every R: combine_rows).
-    const int rows_per_warp = (last_row - row0) / warps + 1;
-    if (rows_per_warp <= 1) {
-        combine_tile_rows<1>(p, q_begin, first_pos, row0, last_row);
-    } else if (rows_per_warp <= 2) {
-        combine_tile_rows<2>(p, q_begin, first_pos, row0, last_row);
-    } else {
-        combine_tile_rows<kMaxCombineRows>(p, q_begin, first_pos, row0, last_row);
-    }
+    combine_if_last_split(p, seq, q_begin, first_pos, row0, last_row, threadIdx.x >> 5, warps, &last_arrival, [] { __syncthreads(); });
 }
 
 }  // namespace

@@ -1,11 +1,16 @@
 // Paged MLA attention (absorbed form) on Hopper's wgmma, warp-specialised and pipelined FlashAttention-3-style, for
-// chunked prefill: the same parameters, rows, key ranges and semantics as mla_attention_* (cuda/mla_attention.cu) with
-// one KV split (the wrapper, src/kernels/attention.rs, routes split launches to the mma.sync kernel); the causal mask,
-// the online softmax, the packing of P and the store are cuda/include/mla_attention.cuh, shared with that kernel. Only
-// the products and the pipeline differ.
+// chunked prefill: the same parameters, rows, key ranges, KV splits and semantics as mla_attention_*
+// (cuda/mla_attention.cu); the causal mask, the online softmax, the packing of P, the store (bf16, or a split's f32
+// partials and (max, sum)) and the fused split combine are cuda/include/mla_attention.cuh, shared with that kernel.
+// Only the products and the pipeline differ.
 //
 // Computes, per (query token, head) row r of position pos(r), over the cache tokens j <= pos(r) of its sequence:
 //   o_lat[r] = value_scale * sum_j softmax_j(score_scale * q[r] . c_j) c_j[0:256],  q = [q_lat | q_rope] (320 values).
+// Split-KV (p.num_splits > 1, grid y = split, as the mma.sync kernel): block (tile, split) takes the keys [split *
+// tokens_per_split, + tokens_per_split) and writes each row's f32 partial o and (max, sum) for the split; the last
+// split block of the tile to arrive combines them (p.split_counters set: combine_if_last_split, run by the consumer
+// warps behind a named barrier of their own, the producer warps having exited), else mla_attention_combine does as a
+// second launch. Same split ranges and 32-token tiles from the split's start: the same partials bit for bit.
 //
 // Thread mapping: 12 warps. Warps 0-7 are two consumer warpgroups, each owning 64 of the block's 128 rows, row =
 // (query token, head) flattened token-major as in the mma.sync kernel (warpgroup g: rows 64 g .. 64 g + 63; its warp
@@ -13,13 +18,13 @@
 // reads the same cache rows, so a block's key tiles serve all its rows; two warpgroups per block walk them side by side
 // (each its own dependence chain), so a block does twice the rows of one in the same time and the cache is streamed
 // by half as many blocks. (Two blocks of one warpgroup would do the same, but O's 128 registers per thread allow one
-// block of 5 warps per SM, see Tiling.) Both warpgroups walk the block's key tiles [0, kv_end); keys past a row's
-// position are masked, so the first warpgroup's extra keys (at most one tile) add exact zeros.
+// block of 5 warps per SM, see Tiling.) Both warpgroups walk the block's key tiles [split_begin, kv_end); keys past a
+// row's position are masked, so the first warpgroup's extra keys (at most one tile) add exact zeros.
 // Warps 8-11 are the producer warpgroup (a whole warpgroup so that setmaxnreg can take its registers, see Tiling);
-// warp 8 alone works, the other three exit. It streams the cache tokens [0, kv_end) of the block (kv_end: one past
-// the last position its rows see) in tiles of 32 tokens into a ring of stages: lane i looks up token i's page slot in
-// the block table (one tile ahead, so no copy waits for a table load), and
-// the lanes copy the tile's 16-byte chunks (bf16: cp.async; fp8: 8 bytes loaded, widened to bf16 and stored), zeros
+// warp 8 alone works, the other three exit. It streams the cache tokens [split_begin, kv_end) of the block (kv_end:
+// one past the last position its rows see, or the split's end) in tiles of 32 tokens into a ring of stages: lane i
+// looks up token i's page slot in the block table (one tile ahead, so no copy waits for a table load), and the lanes
+// copy the tile's 16-byte chunks (bf16: cp.async; fp8: 8 bytes loaded, widened to bf16 and stored), zeros
 // for tokens past kv_end (never read from the cache). Then fence.proxy.async and one arrival on the stage's "full"
 // mbarrier (bf16: once the stage's cp.async group has landed, STAGES - 1 groups in flight, as in
 // cuda/vision_attention_wgmma.cu). Consumers wait on "full" and release "empty" (one arrival per warp of both
@@ -44,8 +49,9 @@
 // as FA3 does: the producer warpgroup drops to 40, the consumers rise to 232 ((4 x 40 + 8 x 232) x 32 = 63 Ki of the
 // SM's 64 Ki). ptxas allocates each role's code within its setmaxnreg count (no spills: build.rs makes spills
 // errors; at 168 for all, two consumer warpgroups and one producer warp spill 1 KiB a thread).
-// Grid (row tiles of 128, 1, sequences). Bytes: cache 320 x (2 | 1) per token of [0, kv_end) per block, q 640 B and
-// o 512 B per row. FLOPs: 2 x 128 x tokens x (320 + 256) per block (masked pairs included).
+// Grid (row tiles of 128, splits, sequences). Bytes: cache 320 x (2 | 1) per token of [split_begin, kv_end) per block,
+// q 640 B per row and block with keys, o 512 B per row (+ 2 x 1 KiB f32 partials per row and split when split: written
+// by the split blocks, read by the combine). FLOPs: 2 x 128 x tokens x (320 + 256) per block (masked pairs included).
 #include "params.h"
 #include "common.cuh"
 #include "hopper.cuh"
@@ -75,7 +81,7 @@ constexpr int kQBytes = kAtoms * kQAtomBytes;
 constexpr int kStageAtomBytes = kTileN * 128;
 constexpr int kStageBytes = kAtoms * kStageAtomBytes;
 constexpr int kBarOffset = kQBytes + kStages * kStageBytes;
-constexpr int kSharedBytes = kBarOffset + 2 * kStages * 8;  // src/kernels/attention.rs computes the same total
+constexpr int kSharedBytes = kBarOffset + 2 * kStages * 8 + 8;  // the barriers, last_arrival; src/kernels/attention.rs computes the same total
 static_assert(kWidth % kAtomCols == 0 && kLatent % kAtomCols == 0, "whole swizzle atoms");
 static_assert(kQAtomBytes % 1024 == 0 && kStageAtomBytes % 1024 == 0 && kGroupRows * 128 % 1024 == 0, "atoms start on the swizzle period");
 static_assert(kTileN == 32 && kLatent == 256, "one m64n32 S and one m64n256 P V per k-step");
@@ -84,9 +90,11 @@ static_assert(kSharedBytes <= 227 * 1024 - 1024, "fits an SM (1 KiB reserved per
 // Byte offset of (row, 16-byte chunk) in a [kAtoms][rows][128 B] buffer (before the swizzle).
 __device__ __forceinline__ uint32_t atom_offset(int rows, int row, int chunk) { return (chunk / 8) * rows * 128 + row * 128 + (chunk % 8) * 16; }
 
-// The producer warp: cache tokens [0, kv_end) of sequence seq, tile j into stage j % kStages.
+// The producer warp: cache tokens [split_begin, kv_end) of sequence seq, tile j (tokens split_begin + 32 j ..) into
+// stage j % kStages.
 template <bool kFp8>
-__device__ __forceinline__ void produce(const MlaAttentionParams &p, unsigned char *stages, uint64_t *full, uint64_t *empty, int seq, int kv_end, int tiles) {
+__device__ __forceinline__ void produce(const MlaAttentionParams &p, unsigned char *stages, uint64_t *full, uint64_t *empty, int seq, int split_begin,
+                                        int kv_end, int tiles) {
     const int lane = threadIdx.x & 31;
     const char *cache = reinterpret_cast<const char *>(p.cache);
     // Block-table entry (physical page) of token tile_start + lane, or 0 past kv_end (never read). Each tile's entries
@@ -95,10 +103,10 @@ __device__ __forceinline__ void produce(const MlaAttentionParams &p, unsigned ch
         const int pos = tile_start + lane;
         return pos < kv_end ? p.block_tables[(long)seq * p.max_pages + pos / p.page_size] : 0;
     };
-    int next_page = page_of(0);
+    int next_page = page_of(split_begin);
     for (int j = 0; j < tiles; ++j) {
         const int stage = j % kStages;
-        const int tile_start = j * kTileN, pos = tile_start + lane;
+        const int tile_start = split_begin + j * kTileN, pos = tile_start + lane;
         if constexpr (!kFp8) cp_async_ring_arrive_landed<kStages, kInFlight>(full, j);
         ring_wait_empty<kStages>(empty, j);
         const int page = next_page;
@@ -140,9 +148,10 @@ __device__ __forceinline__ void produce(const MlaAttentionParams &p, unsigned ch
     if constexpr (!kFp8) cp_async_ring_arrive_rest<kStages, kInFlight>(full, tiles);
 }
 
-// One consumer warpgroup (see the file comment); q_smem: its 64 rows' first line in Q's first atom.
+// One consumer warpgroup over the keys [split_begin, kv_end) of split `split` (see the file comment); q_smem: its 64
+// rows' first line in Q's first atom.
 __device__ __forceinline__ void consume(const MlaAttentionParams &p, const unsigned char *q_smem, const unsigned char *stages, uint64_t *full, uint64_t *empty,
-                                       RowState &state, int kv_end, int tiles, long grow0) {
+                                       RowState &state, int split, int split_begin, int kv_end, int tiles, long grow0) {
     const int lane = threadIdx.x & 31, quad = lane & 3;
     const float score_scale = p.score_scale * kLog2e;
     float s0[kTileN / 8][4], s1[kTileN / 8][4], o[kLatent / 8][4], correction[2];
@@ -179,33 +188,38 @@ __device__ __forceinline__ void consume(const MlaAttentionParams &p, const unsig
         for (int n = 0; n < kTileN / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
     };
     auto softmax = [&](int j, float (&s)[kTileN / 8][4], uint32_t (&p_frag)[kTileN / 16][4]) {
-        softmax_tile(s, p_frag, correction, state, j * kTileN, kv_end, quad, score_scale);
+        softmax_tile(s, p_frag, correction, state, split_begin + j * kTileN, kv_end, quad, score_scale);
     };
     auto rescale = [&]() { rescale_rows(o, correction); };
     attention_tiles_s_ahead(tiles, s0, s1, o, pa, zero_s, issue_s, issue_pv, softmax, release, rescale);
-    store_rows(p, o, state, 0, 0, grow0, quad);
+    store_rows(p, o, state, split, split_begin, grow0, quad);
 }
 
+// One block: row tile blockIdx.x of sequence blockIdx.z over the keys of split blockIdx.y (if any), then, when split
+// and p.split_counters is set, the fused combine by the consumer warps (the producer's have exited).
 template <bool kFp8>
 __device__ __forceinline__ void attention_tile_wgmma(const MlaAttentionParams &p) {
     extern __shared__ __align__(1024) unsigned char smem[];
     uint64_t *full = reinterpret_cast<uint64_t *>(smem + kBarOffset);
     uint64_t *empty = full + kStages;
-    const int seq = blockIdx.z, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int *last_arrival = reinterpret_cast<int *>(empty + kStages);  // the fused combine's "this block combines"
+    const int seq = blockIdx.z, split = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int q_begin = p.q_start[seq], q_count = p.q_start[seq + 1] - q_begin;
     const int first_pos = p.kv_len[seq] - q_count;
     const int row0 = blockIdx.x * kRows;  // first (token, head) row of this block within the sequence
     const int rows = q_count * p.heads;
-    if (row0 >= rows) return;
-    // Keys of this block: up to the last position any of its rows may see (one split: tokens_per_split >= kv_len).
+    if (row0 >= rows) return;  // every split block of this tile returns here: no arrival is awaited
+    // Keys of this block: its split's range, cut at the last position any of its rows may see (causality). None when
+    // split_begin >= kv_end (every row's position precedes the split): the block only arrives for the fused combine.
+    const int split_begin = split * p.tokens_per_split;
     const int last_row = min(row0 + kRows, rows) - 1;
-    const int kv_end = min(p.tokens_per_split, first_pos + last_row / p.heads + 1);
-    const int tiles = (kv_end + kTileN - 1) / kTileN;
+    const int kv_end = min(split_begin + p.tokens_per_split, first_pos + last_row / p.heads + 1);
+    const int tiles = split_begin < kv_end ? (kv_end - split_begin + kTileN - 1) / kTileN : 0;
 
     // Q rows [q_lat 256 | q_rope 64] into the swizzled Q operand by all threads (rows past the sequence's queries
     // are zero), fenced for wgmma before the barrier that also publishes the mbarrier initialisation.
     const uint32_t q_addr = smem_addr(smem);
-    for (int idx = threadIdx.x; idx < kRows * kChunksPerRow; idx += kThreads) {
+    for (int idx = threadIdx.x; tiles > 0 && idx < kRows * kChunksPerRow; idx += kThreads) {
         const int r = idx / kChunksPerRow, chunk = idx % kChunksPerRow, row = row0 + r, col = chunk * 8;
         const uint32_t dst = swizzle128(q_addr + atom_offset(kRows, r, chunk));
         if (row < rows) {
@@ -230,7 +244,7 @@ __device__ __forceinline__ void attention_tile_wgmma(const MlaAttentionParams &p
 
     if (warp >= kProducerWarp) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegisters));
-        if (warp == kProducerWarp) produce<kFp8>(p, smem + kQBytes, full, empty, seq, kv_end, tiles);
+        if (warp == kProducerWarp && tiles > 0) produce<kFp8>(p, smem + kQBytes, full, empty, seq, split_begin, kv_end, tiles);
         return;
     }
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegisters));
@@ -244,7 +258,11 @@ __device__ __forceinline__ void attention_tile_wgmma(const MlaAttentionParams &p
         state.pos[h] = row < rows ? first_pos + row / p.heads : -1;  // -1: padding row, sees nothing
     }
     const unsigned char *group_q = smem + (warp / 4) * kGroupRows * 128;
-    consume(p, group_q, smem + kQBytes, full, empty, state, kv_end, tiles, (long)q_begin * p.heads + row0 + first_row);
+    if (tiles > 0) consume(p, group_q, smem + kQBytes, full, empty, state, split, split_begin, kv_end, tiles, (long)q_begin * p.heads + row0 + first_row);
+    if (p.num_splits == 1 || p.split_counters == nullptr) return;
+    // Named barrier 1 of the consumer warps alone (barrier 0 would wait for the exited producer warpgroup).
+    const auto consumers_sync = [] { asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerWarps * 32) : "memory"); };
+    combine_if_last_split(p, seq, q_begin, first_pos, row0, last_row, warp, kConsumerWarps, last_arrival, consumers_sync);
 }
 
 }  // namespace

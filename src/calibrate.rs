@@ -736,10 +736,10 @@ fn replay(
 ) -> Result<Vec<LaunchCounters>> {
     // Never sampled: the launches whose last-arriving blocks do work a sample would miss: the router (its last block
     // of a token group does the top-k and alignment), the dense GEMM (a split-K launch's last block of each tile sums
-    // the splits and runs the epilogue; `replay_dense` samples only the output head, which does not split), MLA decode
+    // the splits and runs the epilogue; `replay_dense` samples only the output head, which does not split), MLA launches
     // with the split combine fused (the last split block of each row tile combines) and the MoE layer in the engine's
     // form (the last block to write a token's row combines and norms).
-    let fused_combine = spec.family == "mla" && mla_combine(spec)? == SplitCombine::Fused;
+    let fused_combine = matches!(spec.family.as_str(), "mla" | "mla_prefill") && mla_combine(spec)? == SplitCombine::Fused && mla_plan(spec)?.1.num_splits > 1;
     let moe_finisher = spec.family == "moe" && MoeForm::of(spec)? == MoeForm::Norm;
     let sampled = !(matches!(spec.family.as_str(), "router" | "dense") || fused_combine || moe_finisher);
     sim.set_block_sample(sampled.then_some(sample_blocks));
@@ -989,37 +989,52 @@ const MLA_PAGE: usize = 64;
 /// Above this many cache bytes the sequences of a batch share one sequence's pages (sampled launches only).
 const MLA_ALIAS_BYTES: usize = 256 << 20;
 
-/// The split combine of an `mla` case: `combine=launch` (the default: its own launch, as every stored measurement ran
-/// it; the fusion came later), `combine=fused` (inside the attention launch), or `combine=auto` (what the code does
-/// now: the form `SplitCombine::for_plan` picks for the case's grid).
+/// The split combine of an `mla` or `mla_prefill` case: `combine=launch` (the default: its own launch, as every stored
+/// measurement ran it; the fusion came later), `combine=fused` (inside the attention launch), or `combine=auto` (what
+/// the code does now: the form `SplitCombine::for_plan` picks for the case's grid).
 fn mla_combine(spec: &Spec) -> Result<SplitCombine> {
     match spec.get("combine") {
         Some("launch") | None => Ok(SplitCombine::Launch),
         Some("fused") => Ok(SplitCombine::Fused),
         Some("auto") => {
-            let batch = spec.usize("batch")?;
-            let plan = AttentionPlan::new(batch, MLA_HEADS, spec.usize("ctx")?, mla_splits(spec)?)?;
-            Ok(SplitCombine::for_plan(&plan, batch))
+            let (seqs, plan) = mla_plan(spec)?;
+            Ok(SplitCombine::for_plan(&plan, seqs))
         }
         Some(other) => Err(Error::InvalidArgument(format!("calibration mla run: combine={other} (fused, launch or auto)"))),
     }
 }
 
-/// An `mla` case's forced split count (`splits=`), or `None` for the split heuristic's.
+/// The sequences and the plan the wrapper launches for an `mla` case (`batch` sequences of one query token over `ctx`)
+/// or an `mla_prefill` case (one sequence of `new` query tokens over `prefix + new`) on its `attention=` kernel.
+fn mla_plan(spec: &Spec) -> Result<(usize, AttentionPlan)> {
+    let (seqs, rows, kv) = if spec.family == "mla_prefill" {
+        let new = spec.usize("new")?;
+        (1, new * MLA_HEADS, spec.usize("prefix")? + new)
+    } else {
+        (spec.usize("batch")?, MLA_HEADS, spec.usize("ctx")?)
+    };
+    let splits = mla_splits(spec)?;
+    let plan =
+        if spec.get("attention") == Some("wgmma") { attention::wgmma_plan(seqs, rows, kv, splits)? } else { AttentionPlan::new(seqs, rows, kv, splits)? };
+    Ok((seqs, plan))
+}
+
+/// An `mla` or `mla_prefill` case's forced split count (`splits=`), or `None` for the split heuristic's.
 fn mla_splits(spec: &Spec) -> Result<Option<usize>> {
     spec.get("splits").map(|_| spec.usize("splits")).transpose()
 }
 
 /// `benches/attention.rs`: 32 heads, page 64, shuffled page pool; `mla batch= ctx= dtype= [splits=] [combine=]`
-/// (decode; no `splits=`: the split heuristic's count; `combine=` as [`mla_combine`] reads it) or `mla_prefill new=
-/// prefix= [attention=]` (`attention=mma_sync`, the default: the stored measurement ran it, or `attention=wgmma`). A
-/// fused launch's combine runs in the last split block of each row tile, so only a whole launch counts it: fused
-/// cases are replayed unsampled.
+/// (decode; no `splits=`: the split heuristic's count; `combine=` as [`mla_combine`] reads it; `attention=wgmma`: the
+/// wgmma kernel, which the wrapper never picks at decode) or `mla_prefill new= prefix= [attention=] [splits=]
+/// [combine=]` (`attention=mma_sync`, the default: the stored measurement ran it, or `attention=wgmma`; no `splits=`:
+/// the kernel's own plan). A fused launch's combine runs in the last split block of each row tile, so only a whole
+/// launch counts it: fused split cases are replayed unsampled.
 fn replay_mla(sim: &SimBackend, device: &Device, spec: &Spec) -> Result<Vec<LaunchCounters>> {
     let mut rng = StdRng::seed_from_u64(1);
     let (batch, lens, rows, q_start, splits, dtype) = if spec.family == "mla_prefill" {
         let (new, prefix) = (spec.usize("new")?, spec.usize("prefix")?);
-        (1, vec![prefix + new], new, vec![0, new as i32], None, CacheDtype::Bf16)
+        (1, vec![prefix + new], new, vec![0, new as i32], mla_splits(spec)?, CacheDtype::Bf16)
     } else {
         let (batch, ctx) = (spec.usize("batch")?, spec.usize("ctx")?);
         let dtype = match spec.get("dtype") {
@@ -1057,17 +1072,21 @@ fn replay_mla(sim: &SimBackend, device: &Device, spec: &Spec) -> Result<Vec<Laun
     let o_lat = DeviceBuffer::<bf16>::alloc(device, rows * MLA_HEADS * MLA_LATENT)?;
     let layout = if spec.family == "mla_prefill" { QueryLayout::upload(device, &q_start)? } else { QueryLayout::decode(device, batch)? };
     let queries = Queries { layout: &layout, q_lat: q_lat.view([rows, MLA_HEADS, MLA_LATENT])?, q_rope: q_rope.view([rows * MLA_HEADS, MLA_ROPE])? };
-    let combine = if spec.family == "mla_prefill" { SplitCombine::Launch } else { mla_combine(spec)? };
+    let combine = mla_combine(spec)?;
     let mut scratch = AttentionScratch::new(device);
     let kernel = match spec.get("attention") {
         None | Some("mma_sync") => attention::MlaPrefillKernel::MmaSync,
-        Some("wgmma") if spec.family == "mla_prefill" => attention::MlaPrefillKernel::Wgmma,
-        Some(other) => return Err(Error::InvalidArgument(format!("calibration {} run: attention={other} (mma_sync, or wgmma for mla_prefill)", spec.family))),
+        Some("wgmma") => attention::MlaPrefillKernel::Wgmma,
+        Some(other) => return Err(Error::InvalidArgument(format!("calibration {} run: attention={other} (mma_sync or wgmma)", spec.family))),
     };
     sim.record_launches(true);
-    kernel.run(|| {
-        combine.run(|| attention::mla_attention(&cache, &tables, &queries, o_lat.view([rows, MLA_HEADS, MLA_LATENT])?, 0.088_388_35, splits, &mut scratch))
-    })?;
+    let call =
+        || combine.run(|| attention::mla_attention(&cache, &tables, &queries, o_lat.view([rows, MLA_HEADS, MLA_LATENT])?, 0.088_388_35, splits, &mut scratch));
+    // attention=wgmma on a decode case: the wgmma kernel at decode, which the wrapper never picks.
+    match kernel {
+        attention::MlaPrefillKernel::Wgmma if spec.family == "mla" => attention::decode_on_wgmma(call),
+        _ => kernel.run(call),
+    }?;
     Ok(sim.take_recorded())
 }
 

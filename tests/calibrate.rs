@@ -108,24 +108,29 @@ fn mla_cases_take_the_codes_combine_form_and_a_case_file() {
 }
 
 /// The MLA prefill on both kernels (`mla_prefill ... attention=`): each case replays the kernel it names (the launches
-/// column), the default is the mma.sync kernel the stored measurement ran, and an unknown choice, or a choice on a
-/// decode (`mla`) case, is a typed error.
+/// column), the default is the mma.sync kernel the stored measurement ran, a forced split count and the fused combine
+/// replay on the wgmma kernel too, a decode (`mla`) case with `attention=wgmma` replays the wgmma kernel (the wrapper
+/// never picks it at decode), and an unknown choice is a typed error.
 #[test]
 fn mla_prefill_cases_replay_the_kernel_they_name() {
     let list = "id\trun\tmethod\twhat\n\
                 p-default\tmla_prefill new=16 prefix=16\twith-sync\tdefault\n\
                 p-mma\tmla_prefill new=16 prefix=16 attention=mma_sync\twith-sync\tmma.sync\n\
-                p-wgmma\tmla_prefill new=16 prefix=16 attention=wgmma\twith-sync\twgmma\n";
+                p-wgmma\tmla_prefill new=16 prefix=16 attention=wgmma\twith-sync\twgmma\n\
+                p-split\tmla_prefill new=16 prefix=48 attention=wgmma splits=2 combine=fused\twith-sync\twgmma split\n\
+                d-wgmma\tmla batch=1 ctx=64 attention=wgmma combine=auto\twith-sync\twgmma decode\n";
     let mut out = Vec::new();
     let results = calibrate::predict_cases(list, &Options { sample_blocks: 2, ..Options::default() }, &mut out).expect("both kernels replay");
-    assert_eq!(results.len(), 3);
+    assert_eq!(results.len(), 5);
     let text = String::from_utf8(out).unwrap();
     let row = |id: &str| text.lines().find(|l| l.starts_with(&format!("| {id} | "))).unwrap_or_else(|| panic!("no {id} row in {text}")).to_string();
     for id in ["p-default", "p-mma"] {
         assert!(row(id).contains("| mla_attention_bf16 ") && !row(id).contains("wgmma"), "{}", row(id));
     }
-    assert!(row("p-wgmma").contains("| mla_attention_wgmma_bf16 "), "{}", row("p-wgmma"));
-    for bad in ["mla_prefill new=16 prefix=16 attention=fast", "mla batch=1 ctx=64 attention=wgmma"] {
+    for id in ["p-wgmma", "p-split", "d-wgmma"] {
+        assert!(row(id).contains("| mla_attention_wgmma_bf16 ") && !row(id).contains("combine"), "{}", row(id));
+    }
+    for bad in ["mla_prefill new=16 prefix=16 attention=fast", "mla batch=1 ctx=64 attention=tensor_cores"] {
         let list = format!("id\trun\tmethod\twhat\nx\t{bad}\twith-sync\tx\n");
         assert!(matches!(calibrate::predict_cases(&list, &Options::default(), &mut Vec::new()), Err(small4::Error::InvalidArgument(_))), "{bad}");
     }

@@ -78,7 +78,7 @@ fn one_layer_prefill(format: WeightFormat) {
 }
 
 /// One layer of the tiny preset (4 heads, latent 256 + rope 64) on a 40-token prompt, a cache of 8 pages of 16 tokens
-/// (at most 128 keys: the split heuristic makes one split, so the prefill's attention takes the wgmma kernel): the
+/// (at most 128 keys: one KV split on either kernel; the prefill's attention takes the wgmma kernel by default): the
 /// logits with `mla_attention_wgmma_bf16` equal those with `mla_attention_bf16` bit for bit at every position, and the
 /// reference's at every position not on a router near-tie.
 #[test]

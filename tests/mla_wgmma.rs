@@ -25,7 +25,7 @@ use half::bf16;
 use rand::seq::SliceRandom;
 use rand::Rng;
 use small4::device::{Device, DeviceBuffer};
-use small4::kernels::attention::{self, AttentionScratch, BlockTables, MlaPrefillKernel, PagedCache, Queries, QueryLayout};
+use small4::kernels::attention::{self, AttentionPlan, AttentionScratch, BlockTables, MlaPrefillKernel, PagedCache, Queries, QueryLayout, SplitCombine};
 use small4::model::kv_cache::{BatchTables, CacheDescriptor, CacheDtype};
 use small4::reference::attention::{latent_attention, MlaDims};
 
@@ -53,13 +53,18 @@ struct Case {
     want: Vec<f32>,
 }
 
-/// Random pages drawn from a shuffled pool with spare pages (an even count; unused bytes 0xff, NaN), random cache rows
-/// (bf16 in [-1.5, 1.5]; e4m3 below 2 in magnitude, never 0 or NaN) and queries in [-1, 1]; the reference is
-/// `latent_attention` on the dequantised rows.
+/// `case_of` with the sequences of `SEQS`.
 fn case(fp8: bool, seed: u64) -> Case {
+    case_of(fp8, seed, &SEQS)
+}
+
+/// The sequences `seqs` ((cached prefix, new tokens) each) over random pages drawn from a shuffled pool with spare
+/// pages (an even count; unused bytes 0xff, NaN), random cache rows (bf16 in [-1.5, 1.5]; e4m3 below 2 in magnitude,
+/// never 0 or NaN) and queries in [-1, 1]; the reference is `latent_attention` on the dequantised rows.
+fn case_of(fp8: bool, seed: u64, seqs: &[(usize, usize)]) -> Case {
     let mut r = rng(seed);
     let dtype = if fp8 { CacheDtype::Fp8E4m3 { scale: FP8_SCALE } } else { CacheDtype::Bf16 };
-    let lens: Vec<usize> = SEQS.iter().map(|(prefix, new)| prefix + new).collect();
+    let lens: Vec<usize> = seqs.iter().map(|(prefix, new)| prefix + new).collect();
     let pages: usize = lens.iter().map(|l| l.div_ceil(PAGE_SIZE)).sum();
     let desc = CacheDescriptor::mla((pages + 4).next_multiple_of(2), PAGE_SIZE, dtype).unwrap();
     let mut pool: Vec<i32> = (0..desc.num_pages as i32).collect();
@@ -86,17 +91,17 @@ fn case(fp8: bool, seed: u64) -> Case {
             }
         }
     }
-    let tokens: usize = SEQS.iter().map(|&(_, new)| new).sum();
+    let tokens: usize = seqs.iter().map(|&(_, new)| new).sum();
     let q_lat = random_bf16(&mut r, tokens * HEADS * LATENT, 1.0);
     let q_rope = random_bf16(&mut r, tokens * HEADS * ROPE, 1.0);
     let mut q_start = vec![0i32];
-    SEQS.iter().for_each(|&(_, new)| q_start.push(q_start.last().unwrap() + new as i32));
+    seqs.iter().for_each(|&(_, new)| q_start.push(q_start.last().unwrap() + new as i32));
 
     let dims = MlaDims { heads: HEADS, kv_lora_rank: LATENT, qk_nope: 64, qk_rope: ROPE, v_head: 128 };
     let (q_lat_f, q_rope_f) = (to_f32(&q_lat), to_f32(&q_rope));
     let e = desc.dtype.bytes();
     let mut want = Vec::new();
-    for (seq, (&len, &(_, new))) in lens.iter().zip(&SEQS).enumerate() {
+    for (seq, (&len, &(_, new))) in lens.iter().zip(seqs).enumerate() {
         let cache: Vec<f32> =
             (0..len).flat_map(|pos| (0..WIDTH).map(move |i| (pos, i))).map(|(pos, i)| desc.decode_element(&bytes[slot(seq, pos) + i * e..])).collect();
         let first = q_start[seq] as usize;
@@ -116,6 +121,22 @@ fn case(fp8: bool, seed: u64) -> Case {
 /// Runs the case's prefill attention (one split) with `kernel` on `device`, the output poisoned (NaN); returns it. A
 /// launch's error is returned (the planted-bug test expects some).
 fn run(device: &Device, case: &Case, kernel: MlaPrefillKernel) -> small4::Result<Vec<f32>> {
+    let (plan, out) = run_split(device, case, kernel, Some(1), None)?;
+    assert_eq!(plan.num_splits, 1);
+    Ok(out)
+}
+
+/// `run` with `splits` KV splits (`None`: the wrapper's count) and the split combine `form` forced (`None`: the
+/// wrapper's); returns the plan too. Asserts the launch ran `kernel`. (That a fused launch leaves its counters at zero
+/// for the next one is tests/attention.rs's `fused_split_combine_equals_the_combine_launch`, whose prefill case runs
+/// this kernel.)
+fn run_split(
+    device: &Device,
+    case: &Case,
+    kernel: MlaPrefillKernel,
+    splits: Option<usize>,
+    form: Option<SplitCombine>,
+) -> small4::Result<(AttentionPlan, Vec<f32>)> {
     let tokens = *case.q_start.last().unwrap() as usize;
     let cache = PagedCache::from_bytes(device, case.desc, &case.bytes)?;
     let tables = BlockTables::upload(device, &case.tables, &case.desc)?;
@@ -125,10 +146,14 @@ fn run(device: &Device, case: &Case, kernel: MlaPrefillKernel) -> small4::Result
     let queries = Queries { layout: &layout, q_lat: q_lat.view([tokens, HEADS, LATENT])?, q_rope: q_rope.view([tokens * HEADS, ROPE])? };
     let o_lat = DeviceBuffer::<bf16>::filled_with_byte(device, tokens * HEADS * LATENT, 0xff)?;
     let mut scratch = AttentionScratch::new(device);
-    let plan =
-        kernel.run(|| attention::mla_attention(&cache, &tables, &queries, o_lat.view([tokens, HEADS, LATENT])?, SOFTMAX_SCALE, Some(1), &mut scratch))?;
-    assert_eq!(plan.num_splits, 1);
-    if let Some(counters) = device.last_launch_counters() {
+    let mut call = || attention::mla_attention(&cache, &tables, &queries, o_lat.view([tokens, HEADS, LATENT])?, SOFTMAX_SCALE, splits, &mut scratch);
+    let plan = kernel.run(|| match form {
+        Some(form) => form.run(call),
+        None => call(),
+    })?;
+    let fused = plan.num_splits > 1 && form.unwrap_or_else(|| SplitCombine::for_plan(&plan, case.tables.seq_lens.len())) == SplitCombine::Fused;
+    // The attention launch is the last one unless the combine ran as its own launch after it.
+    if let Some(counters) = device.last_launch_counters().filter(|_| plan.num_splits == 1 || fused) {
         let fp8 = matches!(case.desc.dtype, CacheDtype::Fp8E4m3 { .. });
         let entry = match kernel {
             MlaPrefillKernel::Wgmma => format!("mla_attention_wgmma_{}", if fp8 { "fp8" } else { "bf16" }),
@@ -136,7 +161,7 @@ fn run(device: &Device, case: &Case, kernel: MlaPrefillKernel) -> small4::Result
         };
         assert_eq!(counters.kernel, entry, "the switch picked the kernel");
     }
-    Ok(to_f32(&o_lat.to_vec()?))
+    Ok((plan, to_f32(&o_lat.to_vec()?)))
 }
 
 /// tests/attention.rs's tolerance: P rounded to bf16 for P V (2^-9 relative, of values below 2) and the output to
@@ -157,10 +182,55 @@ fn wgmma_prefill_matches_the_reference_and_mma_sync(device: &Device) {
     }
 }
 
-backend_tests!(wgmma_prefill_matches_the_reference_and_mma_sync);
+/// Split-KV on the wgmma kernel equals the mma.sync kernel's split path bit for bit at the same plan (split count and
+/// tokens per split; the row tiles differ, 128 rows against 16-64, which changes no row's keys) and matches the
+/// reference, hazard checks on:
+/// - a fresh 512-token prompt at 32 heads (128 wgmma row tiles), bf16 with 2 splits of 256 (the first 64 tiles' rows
+///   precede split 1, whose blocks for them only arrive), the combine in the form `SplitCombine::for_plan` picks
+///   (fused);
+/// - chunked prefill over cached prefixes, bf16 and fp8: 40 new tokens after 300 cached (10 row tiles, the last
+///   partial) beside a fresh 5-token prompt and one token after 37, at 2 to 5 splits (2: 170 -> 192 tokens a split,
+///   the second ragged; 3: 128, the last 84; 4: 96, the last 52; 5: 68 -> 96, 4 splits) and the wrapper's own count
+///   (30 units: 3 splits of 128), whose later splits lie past the short sequences' ends, the combine fused and as its
+///   own launch.
+///
+/// (The 512-token prompt is the slow part: ~4 interpreted GFLOP a kernel.)
+fn wgmma_split_kv_matches_mma_sync_split(device: &Device) {
+    require_race_check(device);
+    let check = |what: &str, case: &Case, splits: Option<usize>, form: Option<SplitCombine>| {
+        let (plan, wgmma) = run_split(device, case, MlaPrefillKernel::Wgmma, splits, form).unwrap();
+        let (mma_plan, mma_sync) = run_split(device, case, MlaPrefillKernel::MmaSync, Some(plan.num_splits), form).unwrap();
+        assert!(plan.num_splits > 1, "{what}: {plan:?}");
+        assert_eq!((plan.tile_rows, mma_plan.num_splits, mma_plan.tokens_per_split), (128, plan.num_splits, plan.tokens_per_split), "{what}: {mma_plan:?}");
+        assert_matches_reference(&format!("o_lat (wgmma, {what})"), &wgmma, &case.want);
+        assert_matches_reference(&format!("o_lat (mma.sync, {what})"), &mma_sync, &case.want);
+        compare_wgmma_with_mma_sync(device, &format!("MLA prefill split-KV ({what}, {plan:?}, {form:?})"), &wgmma, &mma_sync);
+        plan
+    };
+    let fresh = [(0usize, 512usize)];
+    let plan = check("fresh 512, bf16", &case_of(false, 21, &fresh), Some(2), None);
+    assert_eq!((plan.row_tiles, plan.num_splits, plan.tokens_per_split), (128, 2, 256));
+    // The wrapper's plan for a fresh 512-token prompt: one split (128 row tiles fill one wave: `wgmma_plan`).
+    assert_eq!(attention::wgmma_plan(1, 512 * HEADS, 512, None).unwrap().num_splits, 1);
+    let chunked = [(300usize, 40usize), (0, 5), (37, 1)];
+    for fp8 in [false, true] {
+        let case = case_of(fp8, 23 + fp8 as u64, &chunked);
+        let forced = if fp8 {
+            [(Some(3), 128, SplitCombine::Launch), (Some(5), 96, SplitCombine::Fused)]
+        } else {
+            [(Some(2), 192, SplitCombine::Fused), (Some(4), 96, SplitCombine::Launch)]
+        };
+        for (splits, tokens_per_split, form) in forced.map(|(n, t, f)| (n, t, Some(f))).into_iter().chain([(None, 128, None)]) {
+            let plan = check(&format!("chunked, fp8 {fp8}, {splits:?} splits"), &case, splits, form);
+            assert_eq!((plan.row_tiles, plan.tokens_per_split), (10, tokens_per_split), "{plan:?}");
+        }
+    }
+}
 
-/// Which launches take the wgmma kernel: prefill with one split (asked for, or the heuristic's), not decode, not a
-/// forced split; the environment switch picks the kernel for the process, `run` overrides it on the thread, an unknown
+backend_tests!(wgmma_prefill_matches_the_reference_and_mma_sync, wgmma_split_kv_matches_mma_sync_split);
+
+/// Which launches take the wgmma kernel: prefill, with one split or more (asked for, or the wrapper's), not decode; the
+/// environment switch picks the kernel for the process, `run` overrides it on the thread, an unknown
 /// value is a typed error. (The only test in this binary that sets the variable; the others pin the choice with
 /// `run`.)
 #[test]
@@ -183,12 +253,13 @@ fn the_choice_routes_prefill_only() {
     };
     let prefill = [0, 6, 11, 12];
     let decode = [0, 1, 2, 3];
-    // Unset: prefill with one split on wgmma (asked for, and the heuristic's at these lengths), decode and a forced
-    // split on mma.sync.
+    // Unset: prefill on wgmma (one split asked for, the wrapper's at these lengths, and a forced split, its combine
+    // fused at this grid), decode on mma.sync (one split and the heuristic's).
     assert_eq!(plan_and_kernel(Some(1), &prefill), (1, "mla_attention_wgmma_bf16".to_string()));
     assert_eq!(plan_and_kernel(None, &prefill), (1, "mla_attention_wgmma_bf16".to_string()));
-    assert_eq!(plan_and_kernel(Some(2), &prefill), (2, "mla_attention_bf16".to_string()));
+    assert_eq!(plan_and_kernel(Some(2), &prefill), (2, "mla_attention_wgmma_bf16".to_string()));
     assert_eq!(plan_and_kernel(Some(1), &decode), (1, "mla_attention_bf16".to_string()));
+    assert_eq!(plan_and_kernel(None, &decode).1, "mla_attention_bf16");
     std::env::set_var("SMALL4_MLA_PREFILL", "mma_sync");
     assert_eq!(MlaPrefillKernel::current().unwrap(), MlaPrefillKernel::MmaSync);
     assert_eq!(plan_and_kernel(Some(1), &prefill), (1, "mla_attention_bf16".to_string()));

@@ -95,17 +95,19 @@ const WGMMA_ROW_WARPS: usize = 8;
 /// Threads per block of `mla_attention_wgmma_*`: the two consumer warpgroups and the producer warpgroup.
 const WGMMA_THREADS: u32 = (WGMMA_ROW_WARPS as u32 + 4) * 32;
 /// Dynamic shared memory of `mla_attention_wgmma_*` (`kSharedBytes` in cuda/mla_attention_wgmma.cu): Q [128 x 320]
-/// bf16, 3 stages of 32 cache tokens x 320 bf16, a full and an empty mbarrier per stage.
-const WGMMA_SHARED_BYTES: u32 = (WGMMA_ROW_WARPS * ROWS_PER_WARP * WIDTH * 2 + 3 * TILE_N * WIDTH * 2 + 2 * 3 * 8) as u32;
+/// bf16, 3 stages of 32 cache tokens x 320 bf16, a full and an empty mbarrier per stage, and the fused combine's
+/// 8-byte "last arrival" slot.
+const WGMMA_SHARED_BYTES: u32 = (WGMMA_ROW_WARPS * ROWS_PER_WARP * WIDTH * 2 + 3 * TILE_N * WIDTH * 2 + 2 * 3 * 8 + 8) as u32;
 
 /// The environment variable that sets the process default of [`MlaPrefillKernel`]: `wgmma` (or unset) or
 /// `mma_sync`.
 pub const MLA_PREFILL_ENV: &str = "SMALL4_MLA_PREFILL";
 
-/// Which kernel runs the prefill launches of [`mla_attention`] (more than one query token in some sequence, one KV
-/// split): both compute the same outputs (the same key tiles of 32 tokens, k order, masking, softmax and rounding;
-/// cuda/include/mla_attention.cuh is their common code), only the tensor-core instructions and the pipeline differ.
-/// Decode launches and launches with KV splits always run the mma.sync kernel (the wgmma kernel has no split-KV).
+/// Which kernel runs the prefill launches of [`mla_attention`] (more than one query token in some sequence): both
+/// compute the same outputs at the same KV splits (the same key tiles of 32 tokens from each split's start, k order,
+/// masking, softmax, rounding, f32 partials and split combine; cuda/include/mla_attention.cuh is their common code),
+/// only the tensor-core instructions, the pipeline and the row tiles (128 rows on wgmma) differ. Decode launches always
+/// run the mma.sync kernel.
 ///
 /// The default is [`MlaPrefillKernel::Wgmma`]; the environment's `SMALL4_MLA_PREFILL=mma_sync` ([`MLA_PREFILL_ENV`])
 /// selects the mma.sync kernel for the process, and [`MlaPrefillKernel::run`] for one closure on the calling thread.
@@ -751,6 +753,24 @@ impl AttentionPlan {
     }
 }
 
+/// The plan of `mla_attention_wgmma_*` for `max_rows` (query token, head) rows of a sequence over at most `max_kv`
+/// keys: row tiles of 128 (8 row warps: two consumer warpgroups), and `num_splits` KV splits, or with `None` as many as
+/// the SMs hold in one wave (the kernel runs one block an SM), at most one per `MIN_SPLIT_TOKENS` keys and
+/// `MAX_SPLITS`: 1 from 67 (sequence, row tile) units up. The split ranges are [`AttentionPlan::new`]'s for that count,
+/// so the mma.sync kernel at the same count computes the same partials. Errors as [`AttentionPlan::new`]'s.
+///
+/// Why one wave: PREDICTED on an H100 SXM (`small4 calibrate --predict prefill-cases --terms --only mla-prefill-512-0`,
+/// docs/perf.md "Split-KV in the wgmma MLA prefill"), a fresh 512-token prompt at 32 heads (128 row tiles) runs 26.4 µs
+/// unsplit, 31.0 with 2 splits (a second wave), 34.3 with 3 and 46.1 with 4 (mma.sync, 2 splits: 35.8).
+pub fn wgmma_plan(num_seqs: usize, max_rows: usize, max_kv: usize, num_splits: Option<usize>) -> Result<AttentionPlan> {
+    let tile_rows = WGMMA_ROW_WARPS * ROWS_PER_WARP;
+    let row_tiles = max_rows.div_ceil(tile_rows).max(1);
+    let one_wave = (SMS / (num_seqs.max(1) * row_tiles)).max(1);
+    let fill = one_wave.min(max_kv.max(1).div_ceil(MIN_SPLIT_TOKENS)).min(MAX_SPLITS);
+    let splits = AttentionPlan::new(num_seqs, max_rows, max_kv, Some(num_splits.unwrap_or(fill)))?;
+    Ok(AttentionPlan { warps: WGMMA_ROW_WARPS, tile_rows, row_tiles, ..splits })
+}
+
 /// Which query tokens belong to which sequence, checked and uploaded once (a decode step reuses it).
 /// `q_start [num_seqs + 1]`: sequence s owns query tokens `q_start[s]..q_start[s+1]`, the last q_count tokens of the
 /// sequence (already written into the cache).
@@ -899,11 +919,23 @@ impl SplitCombine {
     }
 }
 
+thread_local! {
+    /// Whether [`mla_attention`] runs decode on the wgmma kernel on this thread ([`decode_on_wgmma`]).
+    static DECODE_ON_WGMMA: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with [`mla_attention`] taking the wgmma kernel for every launch on the calling thread, decode included,
+/// which it never picks otherwise: `small4 calibrate`'s `mla ... attention=wgmma` cases price decode on it (docs/perf.md
+/// "Split-KV in the wgmma MLA prefill").
+pub(crate) fn decode_on_wgmma<R>(f: impl FnOnce() -> R) -> R {
+    super::with_choice(&DECODE_ON_WGMMA, true, f)
+}
+
 /// Causal latent attention into `o_lat [tokens, heads, 256]` (bf16), the shape of `queries.q_lat`. `num_splits`: None
 /// picks the split count. Returns the plan it launched. Prefill launches (a sequence with more than one query token)
-/// that need no KV split (`num_splits` `Some(1)`, or `None` when the heuristic makes one split or the wgmma kernel's
-/// 128-row tiles alone fill the GPU) run on the kernel [`MlaPrefillKernel`] picks (wgmma by default; its plan has 8 row
-/// warps and one split); every other launch runs the mma.sync kernel.
+/// run on the kernel [`MlaPrefillKernel`] picks (wgmma by default: its plan, [`wgmma_plan`], has 8 row warps,
+/// 128-row tiles, and with `None` as many KV splits as one wave of blocks holds); decode launches run the mma.sync
+/// kernel (its plan: [`AttentionPlan::new`]). Split launches combine as [`SplitCombine`] says, on either kernel.
 ///
 /// `Error::InvalidArgument` when the tables were checked for another cache geometry, `heads` is 0 or above 65536,
 /// `softmax_scale` is not finite and positive, `SMALL4_MLA_PREFILL` holds an unknown value, a view is not packed or not aligned (the kernels move 16 bytes of a
@@ -979,23 +1011,10 @@ pub fn mla_attention(
     let q_rope_stride = super::to_i32("q_rope row stride", queries.q_rope.row_stride())?;
     let max_kv =
         if tables.plan_for_capacity { tables.host.max_pages * tables.page_size } else { tables.seq_lens().iter().copied().max().unwrap_or(0) as usize };
-    let plan = AttentionPlan::new(num_seqs, max_q * heads, max_kv, num_splits)?;
-    // Prefill on the wgmma kernel when it is chosen and needs no split: one was asked for, or the heuristic made none,
-    // or its 128-row tiles alone fill the GPU.
-    let wgmma_plan = AttentionPlan {
-        warps: WGMMA_ROW_WARPS,
-        tile_rows: WGMMA_ROW_WARPS * ROWS_PER_WARP,
-        row_tiles: (max_q * heads).div_ceil(WGMMA_ROW_WARPS * ROWS_PER_WARP).max(1),
-        num_splits: 1,
-        tokens_per_split: max_kv.max(1).div_ceil(TILE_N) * TILE_N,
-    };
-    let wgmma = MlaPrefillKernel::current()? == MlaPrefillKernel::Wgmma
-        && max_q > 1
-        && match num_splits {
-            Some(n) => n == 1,
-            None => plan.num_splits == 1 || num_seqs * wgmma_plan.row_tiles >= SMS,
-        };
-    let plan = if wgmma { wgmma_plan } else { plan };
+    // Prefill on the wgmma kernel when it is chosen (`MlaPrefillKernel`), with its own split count when none is asked
+    // for (`wgmma_plan`); decode on the mma.sync kernel (outside `decode_on_wgmma`).
+    let wgmma = DECODE_ON_WGMMA.get() == Some(true) || (MlaPrefillKernel::current()? == MlaPrefillKernel::Wgmma && max_q > 1);
+    let plan = if wgmma { wgmma_plan(num_seqs, max_q * heads, max_kv, num_splits)? } else { AttentionPlan::new(num_seqs, max_q * heads, max_kv, num_splits)? };
     if tokens == 0 {
         return Ok(plan);
     }

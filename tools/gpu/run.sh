@@ -73,15 +73,17 @@ done
 
 # ---- What runs -------------------------------------------------------------------------------------------------------
 
-# The synthetic runs: "format experts" (empty experts: the real preset's 128). An 80 GB H100 holds nvfp4 (70.8 GB of
+# The synthetic runs: "format experts [flags]" (empty or "all" experts: the real preset's 128). An 80 GB H100 holds nvfp4 (70.8 GB of
 # weights by `small4 plan`) and int4 (65.3 GB) at full size; bf16 experts are 1.81 GB each over the 36 layers and fp8
 # 0.91 GB, so bf16 keeps 32 of 128 (58 GB of experts) and fp8 64 (58 GB). Batch-1 decode reads 4 routed experts a
 # layer whatever the count, so tokens/s at fewer experts is the full model's.
-synthetic_runs_gpu=("nvfp4 " "int4 " "bf16 32" "fp8 64")
+# The last run repeats nvfp4 with programmatic dependent launches off (`--no-pdl`): the decode step's figure without
+# the launch overlap, against the first run's with it. Last, so it takes only what the cap leaves.
+synthetic_runs_gpu=("nvfp4 " "int4 " "bf16 32" "fp8 64" "nvfp4 all --no-pdl")
 synthetic_args_gpu=(--prompt-len 4096 --decode-steps 64 --warmup-steps 4)
 # The rehearsal: the same four formats as one layer of eight experts of the tiny preset's dimensions, few tokens
 # (one layer at the real dimensions did not finish in 10 minutes on the interpreter on 2 busy cores).
-synthetic_runs_sim=("nvfp4 8" "int4 8" "bf16 8" "fp8 8")
+synthetic_runs_sim=("nvfp4 8" "int4 8" "bf16 8" "fp8 8" "nvfp4 8 --no-pdl")
 synthetic_args_sim=(--preset tiny --layers 1 --prompt-len 4 --decode-steps 2 --warmup-steps 1)
 # Criterion: short timings so the benches fit (the router, attention, moe and vision benches hold ~50 benchmarks).
 bench_args_gpu=(--bench --warm-up-time 0.5 --measurement-time 1 --sample-size 10 --noplot)
@@ -407,16 +409,19 @@ run_synthetic() {
         record_step synthetic "failed: small4 bench has no --synthetic" $(($(date +%s) - t0)) ""
         return 1
     fi
-    local run format experts
+    local run format experts flags
     for run in "${runs[@]}"; do
-        read -r format experts <<<"$run"
+        read -r format experts flags <<<"$run"
         [[ ,$formats, == *,$format,* ]] || continue
-        local json=$work/synthetic-$format.json
+        [[ $experts == all ]] && experts=""
+        local json=$work/synthetic-$format${flags:+${flags// /}}.json
         local cmd=("$small4" bench --backend "$backend" --synthetic --format "$format")
         [[ -n $experts ]] && cmd+=(--experts "$experts")
+        # shellcheck disable=SC2206 # the flags are words
+        [[ -n $flags ]] && cmd+=($flags)
         cmd+=("${args[@]}" --json "$json")
         if ((dry_run)); then show "${cmd[@]}"; log_command "${cmd[@]}"; continue; fi
-        echo "==> synthetic $format${experts:+, $experts experts}" >>"$log"
+        echo "==> synthetic $format${experts:+, $experts experts}${flags:+ $flags}" >>"$log"
         run_logged "$deadline" "$log" "${cmd[@]}"
         local verdict=ok
         if ((run_rc == 124)); then verdict="CUT at the deadline"

@@ -728,7 +728,16 @@ impl Op {
             Op::Bra(_) | Op::Exit | Op::Trap | Op::Nop | Op::Unsupported(_) | Op::Call { .. } | Op::Return(_) | Op::CopyLocal(_) | Op::AssertFail(_) => {
                 Class::Control
             }
-            Op::Bar { .. } | Op::BarWarp | Op::Fence | Op::ProxyFence | Op::GridDepWait | Op::GridDepLaunchDependents | Op::Mbar(_) | Op::ClusterArrive | Op::ClusterWait | Op::SetMaxNReg(_) => Class::Sync,
+            Op::Bar { .. }
+            | Op::BarWarp
+            | Op::Fence
+            | Op::ProxyFence
+            | Op::GridDepWait
+            | Op::GridDepLaunchDependents
+            | Op::Mbar(_)
+            | Op::ClusterArrive
+            | Op::ClusterWait
+            | Op::SetMaxNReg(_) => Class::Sync,
             Op::Mapa | Op::GetCtaRank => Class::Move,
             Op::Shfl(_) | Op::Vote(_) | Op::Activemask | Op::Elect | Op::Redux { .. } | Op::Match { .. } => Class::WarpCollective,
             Op::Testp { .. } => Class::Float,

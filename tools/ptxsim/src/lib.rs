@@ -318,12 +318,7 @@ impl Machine {
         let checks = exec::Checks { race: self.race_check, wgmma_fence: self.wgmma_fence_check, tensor_arith: self.tensor_arith };
         let follows_a_launch = !self.host_op_since_launch.replace(false);
         let previous_kernel = self.last_kernel.take().filter(|_| programmatic && follows_a_launch);
-        let mut pdl = exec::Pdl {
-            programmatic,
-            previous: previous_kernel.map(|k| (self.global.launch_seq, k)),
-            waited: Vec::new(),
-            any_waited: false,
-        };
+        let mut pdl = exec::Pdl { programmatic, previous: previous_kernel.map(|k| (self.global.launch_seq, k)), waited: Vec::new(), any_waited: false };
         self.global.launch_seq += 1;
         let counters = exec::launch(&mut self.global, module, entry, grid, block, dynamic_shared_bytes, params, checks, self.block_sample, &mut pdl)?;
         self.last_kernel = Some(entry.to_string());

@@ -525,7 +525,7 @@ backend_tests!(
 /// Programmatic dependent launch on the interpreter: with programmatic launches on (the default), every launch of a
 /// steady decode step (a replayed graph: embedding, norms, the attention projections and absorption, attention,
 /// router, experts, head, sampling, `decode_advance`) is a kernel that waits for prior grids and ran programmatic, and
-/// the interpreter's hazard checks (`ptxsim::Machine::launch_programmatic`) passed for each. The greedy tokens and the
+/// the interpreter's hazard checks (`ptxsim::Machine::programmatic`) passed for each. The greedy tokens and the
 /// logits are those of the same run with programmatic launches off, bit for bit.
 #[test]
 fn sim_decode_steps_launch_programmatically() {

@@ -81,14 +81,7 @@ impl CudaBackend {
     pub fn new(ordinal: usize) -> Result<Self> {
         let context = Self::context(ordinal)?;
         let stream = context.default_stream();
-        Ok(CudaBackend {
-            ordinal,
-            context,
-            stream,
-            functions: Mutex::new(HashMap::new()),
-            capture: Mutex::new(None),
-            programmatic: std::sync::atomic::AtomicBool::new(super::programmatic_launches_by_default()),
-        })
+        Ok(Self::on_stream(ordinal, context, stream))
     }
 
     /// A backend whose launches, copies and synchronisations all go to `cu_stream`, a stream of device `ordinal`'s
@@ -101,14 +94,19 @@ impl CudaBackend {
         let context = Self::context(ordinal)?;
         // SAFETY: forwarded from this function's contract.
         let stream = unsafe { context.wrap_borrowed_stream(cu_stream) };
-        Ok(CudaBackend {
+        Ok(Self::on_stream(ordinal, context, stream))
+    }
+
+    /// A backend on `stream` of `context`, with nothing loaded yet.
+    fn on_stream(ordinal: usize, context: Arc<CudaContext>, stream: Arc<CudaStream>) -> Self {
+        CudaBackend {
             ordinal,
             context,
             stream,
             functions: Mutex::new(HashMap::new()),
             capture: Mutex::new(None),
             programmatic: std::sync::atomic::AtomicBool::new(super::programmatic_launches_by_default()),
-        })
+        }
     }
 
     fn context(ordinal: usize) -> Result<Arc<CudaContext>> {

@@ -1,7 +1,7 @@
 //! The PTX-interpreter backend: runs the exact PTX that build.rs produced on the CPU through `tools/ptxsim`, with
 //! its memory checks (out-of-bounds, uninitialised reads, shared-memory races, missing cp.async waits) and counters.
 //! Launches are synchronous: a kernel fault is returned by `launch` itself. A kernel that waits for prior grids runs
-//! as a programmatic launch (`ptxsim::Machine::launch_programmatic`) while programmatic launches are on, so what it
+//! as a programmatic launch (`ptxsim::Machine::programmatic`) while programmatic launches are on, so what it
 //! touches before its `griddepcontrol.wait` is checked against the launch before it.
 
 use std::collections::HashMap;
@@ -172,19 +172,15 @@ impl SimBackend {
         self.programmatic.load(std::sync::atomic::Ordering::Relaxed) && kernel.waits_for_prior_grids()
     }
 
-    /// Runs one launch; a programmatic one through `ptxsim::Machine::launch_programmatic`, whose hazard checks make a
+    /// Runs one launch; a programmatic one through `ptxsim::Machine::programmatic`, whose hazard checks make a
     /// read of the previous kernel's output before `griddepcontrol.wait` (and the like) an error.
     fn run(&self, kernel: &Kernel, config: &LaunchConfig, params: &[u8], programmatic: bool) -> Result<()> {
         let module = self.module(kernel)?;
         let (g, b) = (config.grid, config.block);
         let (grid, block) = ([g.x, g.y, g.z], [b.x, b.y, b.z]);
         let mut machine = self.machine.lock().unwrap();
-        let counters = if programmatic {
-            machine.launch_programmatic(&module, kernel.entry, grid, block, config.shared_bytes, params)
-        } else {
-            machine.launch(&module, kernel.entry, grid, block, config.shared_bytes, params)
-        }
-        .map_err(sim_error)?;
+        machine.programmatic = programmatic;
+        let counters = machine.launch(&module, kernel.entry, grid, block, config.shared_bytes, params).map_err(sim_error)?;
         drop(machine);
         let mut launch = launch_counters(&counters, kernel.module.name);
         if let Some(gpu) = self.target_gpu() {

@@ -52,7 +52,7 @@
 //!   `wait`, `%cluster_*` / `%clusterid` / `%is_explicit_cluster`; `fence.proxy.async`, `fence.proxy.tensormap`,
 //!   `fence.mbarrier_init` (ordering no-ops here), `elect.sync` (lowest lane), `setmaxnreg` (checked: 24..=256, a
 //!   multiple of 8, whole warp).
-//! - Programmatic dependent launch (`Machine::launch_programmatic`): `griddepcontrol.wait` / `.launch_dependents`
+//! - Programmatic dependent launch (`Machine::programmatic`): `griddepcontrol.wait` / `.launch_dependents`
 //!   run as instructions (launches stay sequential, a valid schedule); every kernel launch marks, per byte, what it
 //!   read and wrote (`memory::Allocation::mark`, kept for two launches), and a programmatic launch's accesses before
 //!   a thread's wait are checked against its predecessor's marks: loads of bytes it wrote, stores/atomics to bytes
@@ -193,6 +193,18 @@ pub struct Machine {
     /// How `mma.sync` and `wgmma.mma_async` round their dot products: exactly once (the default), or with the
     /// truncations of MMA-Sim's Hopper model (`TensorArith::HopperTruncated`, HOPPER-ASYNC.md §1.6).
     pub tensor_arith: TensorArith,
+    /// Launches are programmatic dependent launches (CUDA's programmatic stream serialization attribute; off by
+    /// default): on a GPU such a kernel may start once every block of the grid before it executed
+    /// `griddepcontrol.launch_dependents` or exited, and its `griddepcontrol.wait` blocks until that grid completed.
+    /// Launches here stay sequential (a valid schedule), and the accesses such an overlap would make unsafe are errors
+    /// ("programmatic launch hazard", naming kernel, block, thread, PTX line, address and the previous launch's
+    /// kernel). When the launch directly follows another kernel launch with no host operation between them, a thread
+    /// that has not executed `griddepcontrol.wait` may not load a global byte the previous launch wrote, nor store to
+    /// or atomically update one it read or wrote (byte-exact; asynchronous copies are checked when issued). In any
+    /// programmatic launch, a thread may not execute `griddepcontrol.launch_dependents` before its wait (that keeps the
+    /// chain transitive: a launch's dependents start only after everything it depends on completed), and some thread
+    /// of the grid must execute the wait.
+    pub programmatic: bool,
     /// The kernel of the last launch, when it succeeded: a programmatic launch right after it is checked against it.
     last_kernel: Option<String>,
     /// A host operation (copy, memset, free, synchronisation) happened since the last launch: it orders the next
@@ -214,6 +226,7 @@ impl Machine {
             block_sample: None,
             wgmma_fence_check: true,
             tensor_arith: TensorArith::ExactRoundOnce,
+            programmatic: false,
             last_kernel: None,
             host_op_since_launch: std::cell::Cell::new(false),
         }
@@ -262,7 +275,8 @@ impl Machine {
     }
 
     /// Runs `entry` to completion over the grid. `params` are the bytes of the kernel's parameters laid out as its
-    /// `.entry` declares them (for our kernels: the one by-value struct).
+    /// `.entry` declares them (for our kernels: the one by-value struct). A programmatic dependent launch while
+    /// [`Machine::programmatic`] is set.
     pub fn launch(
         &mut self,
         module: &Module,
@@ -272,56 +286,23 @@ impl Machine {
         dynamic_shared_bytes: u32,
         params: &[u8],
     ) -> Result<Counters, SimError> {
-        self.launch_with(module, entry, grid, block, dynamic_shared_bytes, params, false)
-    }
-
-    /// `launch` as a programmatic dependent launch (CUDA's programmatic stream serialization attribute): on a GPU the
-    /// kernel may start once every block of the grid before it executed `griddepcontrol.launch_dependents` or exited,
-    /// and its `griddepcontrol.wait` blocks until that grid completed. Launches here stay sequential (a valid
-    /// schedule), and the accesses such an overlap would make unsafe are errors ("programmatic launch hazard"),
-    /// each naming kernel, block, thread, PTX line, address and the previous launch's kernel. When the launch
-    /// directly follows another kernel launch with no host operation between them, a thread that has not executed
-    /// `griddepcontrol.wait` may not load a global byte the previous launch wrote, nor store to or atomically update
-    /// one it read or wrote (byte-exact; asynchronous copies are checked when issued). In any programmatic launch, a
-    /// thread may not execute `griddepcontrol.launch_dependents` before its wait (that keeps the chain transitive:
-    /// a launch's dependents start only after everything it depends on completed), and some thread of the grid must
-    /// execute the wait.
-    #[allow(clippy::too_many_arguments)]
-    pub fn launch_programmatic(
-        &mut self,
-        module: &Module,
-        entry: &str,
-        grid: [u32; 3],
-        block: [u32; 3],
-        dynamic_shared_bytes: u32,
-        params: &[u8],
-    ) -> Result<Counters, SimError> {
-        self.launch_with(module, entry, grid, block, dynamic_shared_bytes, params, true)
+        let checks = exec::Checks { race: self.race_check, wgmma_fence: self.wgmma_fence_check, tensor_arith: self.tensor_arith };
+        let follows_a_launch = !self.host_op_since_launch.replace(false);
+        let previous_kernel = self.last_kernel.take().filter(|_| self.programmatic && follows_a_launch);
+        let mut pdl = exec::Pdl {
+            programmatic: self.programmatic,
+            previous: previous_kernel.map(|k| (self.global.launch_seq, k)),
+            waited: Vec::new(),
+            any_waited: false,
+        };
+        self.global.launch_seq += 1;
+        let counters = exec::launch(&mut self.global, module, entry, grid, block, dynamic_shared_bytes, params, checks, self.block_sample, &mut pdl)?;
+        self.last_kernel = Some(entry.to_string());
+        Ok(counters)
     }
 
     /// Orders the next launch after everything before it, as a host synchronisation does.
     pub fn synchronize(&mut self) {
         self.host_op_since_launch.set(true);
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn launch_with(
-        &mut self,
-        module: &Module,
-        entry: &str,
-        grid: [u32; 3],
-        block: [u32; 3],
-        dynamic_shared_bytes: u32,
-        params: &[u8],
-        programmatic: bool,
-    ) -> Result<Counters, SimError> {
-        let checks = exec::Checks { race: self.race_check, wgmma_fence: self.wgmma_fence_check, tensor_arith: self.tensor_arith };
-        let follows_a_launch = !self.host_op_since_launch.replace(false);
-        let previous_kernel = self.last_kernel.take().filter(|_| programmatic && follows_a_launch);
-        let mut pdl = exec::Pdl { programmatic, previous: previous_kernel.map(|k| (self.global.launch_seq, k)), waited: Vec::new(), any_waited: false };
-        self.global.launch_seq += 1;
-        let counters = exec::launch(&mut self.global, module, entry, grid, block, dynamic_shared_bytes, params, checks, self.block_sample, &mut pdl)?;
-        self.last_kernel = Some(entry.to_string());
-        Ok(counters)
     }
 }

@@ -1,4 +1,4 @@
-//! Programmatic dependent launch (`Machine::launch_programmatic`): `griddepcontrol` runs as instructions, and the
+//! Programmatic dependent launch (`Machine::programmatic`): `griddepcontrol` runs as instructions, and the
 //! accesses an overlap with the previous grid would make unsafe are reported. One planted bug per rule (a load of
 //! what the previous launch wrote, a store or atomic to what it read or wrote, a cp.async of its output, all before
 //! the thread's `griddepcontrol.wait`; `launch_dependents` before the wait; a grid where nobody waits), and the
@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use ptxsim::{Machine, Module, SimError};
+use ptxsim::{Counters, Machine, Module, SimError};
 
 /// A kernel of one block over four u32 buffers `a`, `b`, `c`, `d`: `%pa`..`%pd` point at thread `tid`'s word.
 fn kernel(body: &str) -> Module {
@@ -71,12 +71,18 @@ impl Buffers {
     }
 }
 
+/// Launches `body` over the four buffers, programmatic or not.
+fn launch(m: &mut Machine, programmatic: bool, body: &str, bufs: &Buffers) -> Result<Counters, SimError> {
+    m.programmatic = programmatic;
+    m.launch(&kernel(body), "k", [1, 1, 1], [THREADS, 1, 1], 0, &bufs.params())
+}
+
 /// Runs the producer, then `body` launched programmatically right after it; returns the machine and buffers.
 fn after_producer(body: &str) -> (Result<(), SimError>, Machine, Buffers) {
     let mut m = Machine::new();
     let bufs = Buffers::new(&mut m);
-    m.launch(&kernel(PRODUCER), "k", [1, 1, 1], [THREADS, 1, 1], 0, &bufs.params()).unwrap();
-    let r = m.launch_programmatic(&kernel(body), "k", [1, 1, 1], [THREADS, 1, 1], 0, &bufs.params()).map(|_| ());
+    launch(&mut m, false, PRODUCER, &bufs).unwrap();
+    let r = launch(&mut m, true, body, &bufs).map(|_| ());
     (r, m, bufs)
 }
 
@@ -100,8 +106,8 @@ fn prefetch_wait_then_read_passes_and_computes() {
 fn griddepcontrol_is_counted_as_instructions() {
     let mut m = Machine::new();
     let bufs = Buffers::new(&mut m);
-    let plain = m.launch(&kernel(PRODUCER), "k", [1, 1, 1], [THREADS, 1, 1], 0, &bufs.params()).unwrap();
-    let with = m.launch_programmatic(&kernel(CONSUMER), "k", [1, 1, 1], [THREADS, 1, 1], 0, &bufs.params()).unwrap();
+    let plain = launch(&mut m, false, PRODUCER, &bufs).unwrap();
+    let with = launch(&mut m, true, CONSUMER, &bufs).unwrap();
     assert!(!plain.programmatic && with.programmatic);
     // Same preamble; the consumer has 2 griddepcontrol + 2 loads + add + store against the producer's load, add, store.
     assert_eq!(with.warp_instructions - plain.warp_instructions, 3 * (THREADS as u64 / 32));
@@ -116,21 +122,15 @@ fn load_of_the_previous_output_before_the_wait() {
 }
 
 #[test]
-fn store_to_the_previous_output_before_the_wait() {
-    let s = hazard("mov.u32 %t, 7; st.global.u32 [%pa], %t; griddepcontrol.wait;").to_string();
-    assert!(s.contains("store/atomic to") && s.contains("wrote"), "{s}");
-}
-
-#[test]
-fn store_to_the_previous_input_before_the_wait() {
-    let s = hazard("mov.u32 %t, 7; st.global.u32 [%pb], %t; griddepcontrol.wait;").to_string();
-    assert!(s.contains("store/atomic to") && s.contains("(k) read"), "{s}");
-}
-
-#[test]
-fn atomic_on_the_previous_input_before_the_wait() {
-    let s = hazard("atom.global.add.u32 %t, [%pb], 1; griddepcontrol.wait;").to_string();
-    assert!(s.contains("store/atomic to") && s.contains("read"), "{s}");
+fn stores_and_atomics_on_the_previous_bytes_before_the_wait() {
+    for (body, did) in [
+        ("mov.u32 %t, 7; st.global.u32 [%pa], %t; griddepcontrol.wait;", "(k) wrote"),
+        ("mov.u32 %t, 7; st.global.u32 [%pb], %t; griddepcontrol.wait;", "(k) read"),
+        ("atom.global.add.u32 %t, [%pb], 1; griddepcontrol.wait;", "(k) read"),
+    ] {
+        let s = hazard(body).to_string();
+        assert!(s.contains("store/atomic to") && s.contains(did), "{body}: {s}");
+    }
 }
 
 #[test]
@@ -170,13 +170,13 @@ fn bytes_next_to_the_previous_output_in_one_sector_are_not_a_hazard() {
     // (same 32-byte sectors) before its wait: no byte overlaps, so no hazard.
     let mut m = Machine::new();
     let bufs = Buffers::new(&mut m);
-    m.launch(&kernel("mov.u32 %t, 5; st.global.u8 [%pa], %t;"), "k", [1, 1, 1], [THREADS, 1, 1], 0, &bufs.params()).unwrap();
+    launch(&mut m, false, "mov.u32 %t, 5; st.global.u8 [%pa], %t;", &bufs).unwrap();
     let body = "ld.global.u8 %t, [%pa+1]; st.global.u8 [%pa+2], %t; griddepcontrol.wait; ld.global.u8 %t, [%pa]; st.global.u32 [%pd], %t;";
-    m.launch_programmatic(&kernel(body), "k", [1, 1, 1], [THREADS, 1, 1], 0, &bufs.params()).unwrap();
+    launch(&mut m, true, body, &bufs).unwrap();
     assert_eq!(download::<u32>(&m, bufs.d, THREADS as usize), vec![5; THREADS as usize]);
     // A 2-byte load that covers the written byte is caught.
-    m.launch(&kernel("mov.u32 %t, 5; st.global.u8 [%pa+1], %t;"), "k", [1, 1, 1], [THREADS, 1, 1], 0, &bufs.params()).unwrap();
-    let e = m.launch_programmatic(&kernel("ld.global.u16 %t, [%pa]; griddepcontrol.wait;"), "k", [1, 1, 1], [THREADS, 1, 1], 0, &bufs.params());
+    launch(&mut m, false, "mov.u32 %t, 5; st.global.u8 [%pa+1], %t;", &bufs).unwrap();
+    let e = launch(&mut m, true, "ld.global.u16 %t, [%pa]; griddepcontrol.wait;", &bufs);
     let s = e.expect_err("byte 1 was written").to_string();
     assert!(s.contains("byte 1 of a 2-byte read"), "{s}");
 }
@@ -189,11 +189,11 @@ fn only_the_directly_preceding_launch_counts() {
     let (r, mut m, bufs) = after_producer(CONSUMER);
     r.unwrap();
     let third = "ld.global.u32 %t, [%pa]; griddepcontrol.wait; st.global.u32 [%pb], %t;";
-    m.launch_programmatic(&kernel(third), "k", [1, 1, 1], [THREADS, 1, 1], 0, &bufs.params()).unwrap();
+    launch(&mut m, true, third, &bufs).unwrap();
     let (r, mut m, bufs) = after_producer(CONSUMER);
     r.unwrap();
     let reads_consumer_output = "ld.global.u32 %t, [%pd]; griddepcontrol.wait;";
-    let e = m.launch_programmatic(&kernel(reads_consumer_output), "k", [1, 1, 1], [THREADS, 1, 1], 0, &bufs.params()).unwrap_err();
+    let e = launch(&mut m, true, reads_consumer_output, &bufs).unwrap_err();
     assert!(e.to_string().contains("load of"), "{e}");
 }
 
@@ -204,19 +204,19 @@ fn host_operations_and_plain_launches_are_not_checked() {
     for host_op in 0..3 {
         let mut m = Machine::new();
         let bufs = Buffers::new(&mut m);
-        m.launch(&kernel(PRODUCER), "k", [1, 1, 1], [THREADS, 1, 1], 0, &bufs.params()).unwrap();
+        launch(&mut m, false, PRODUCER, &bufs).unwrap();
         match host_op {
             0 => m.write(bufs.c, &[0u8; 4]).unwrap(),
             1 => m.memset(bufs.c, 0, 4).unwrap(),
             _ => m.synchronize(),
         }
-        m.launch_programmatic(&kernel(body), "k", [1, 1, 1], [THREADS, 1, 1], 0, &bufs.params()).unwrap();
+        launch(&mut m, true, body, &bufs).unwrap();
     }
     // A plain launch is ordered after its predecessor whatever it does.
     let mut m = Machine::new();
     let bufs = Buffers::new(&mut m);
-    m.launch(&kernel(PRODUCER), "k", [1, 1, 1], [THREADS, 1, 1], 0, &bufs.params()).unwrap();
-    m.launch(&kernel("ld.global.u32 %t, [%pa]; st.global.u32 [%pb], %t;"), "k", [1, 1, 1], [THREADS, 1, 1], 0, &bufs.params()).unwrap();
+    launch(&mut m, false, PRODUCER, &bufs).unwrap();
+    launch(&mut m, false, "ld.global.u32 %t, [%pa]; st.global.u32 [%pb], %t;", &bufs).unwrap();
 }
 
 #[test]

@@ -222,7 +222,7 @@ struct BarState {
     any_false: bool,
 }
 
-/// The programmatic-dependent-launch state of a launch (PTX ISA `griddepcontrol`; the rules are in `Machine::launch_programmatic`).
+/// The programmatic-dependent-launch state of a launch (PTX ISA `griddepcontrol`; the rules are in `Machine::programmatic`).
 pub(crate) struct Pdl {
     /// The launch may start before its predecessor completes.
     pub programmatic: bool,

@@ -44,7 +44,6 @@ fn an_eager_benchmark_captures_no_graph() {
 /// same, and the device's switch is put back after the run.
 #[test]
 fn programmatic_launches_can_be_turned_off() {
-    use small4::device::Backend;
     let device = simulator();
     device.set_programmatic_launches(true);
     let base = BenchOptions { batch: 1, prompt_len: 2, decode_steps: 2, warmup_steps: 0, ..BenchOptions::default() };

@@ -28,6 +28,8 @@
 // split when split: written by the split blocks, read by the combine). FLOPs: 2 x rows x tokens x (320 + 256).
 // Split combine: fused (p.split_counters set), the last split block of each (sequence, row tile) combines the tile's
 // rows at the end of the launch (attention_tile); else mla_attention_combine as a second launch.
+// Both are programmatic launches (common.cuh) that wait for the kernel before them first: everything they read
+// (lengths, tables, q, the cache row just written, the partials) is an earlier kernel's output.
 #include "params.h"
 #include "common.cuh"
 #include "mma.cuh"
@@ -280,6 +282,9 @@ __device__ __forceinline__ void attend_split(const MlaAttentionParams &p, int se
 // the standalone mla_attention_combine runs after.
 template <bool kFp8>
 __device__ __forceinline__ void attention_tile(const MlaAttentionParams &p) {
+    // Programmatic launch (common.cuh): everything this kernel reads first (sequence lengths, block tables, q, the
+    // cache row the latent projection just wrote) is an earlier kernel's output; only the launch parameters are not.
+    wait_then_allow_dependents();
     const int seq = blockIdx.z, split = blockIdx.y;
     const int warps = blockDim.x >> 5;
     const int split_begin = split * p.tokens_per_split;
@@ -319,6 +324,7 @@ extern "C" __global__ void __launch_bounds__(kMaxBlockWarps * 32) mla_attention_
 // replays of measurements made before the fusion).
 // ================================================================================================================
 extern "C" __global__ void mla_attention_combine(const MlaAttentionParams p) {
+    wait_then_allow_dependents();  // programmatic launch: the partials are the attention launch's output
     const int seq = blockIdx.y;
     const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int q_begin = p.q_start[seq], q_count = p.q_start[seq + 1] - q_begin;

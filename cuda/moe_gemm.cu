@@ -339,7 +339,11 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
 //   copy wait in the k loop;
 // - activations: the block's (at most 8) rows over its k range, copied into shared memory once before the loop
 //   (16-byte chunks XOR-swizzled per 64-k block), one ldmatrix.x4 per two k-steps; the lanes of slots the block
-//   does not have read a zeroed row, as do padding pairs.
+//   does not have read a zeroed row, as do padding pairs;
+// - programmatic launch (common.cuh): a dense launch's blocks and the shared expert's tail blocks issue the ring's
+//   first kDepth k blocks of weights (static) and then wait for the kernel before, so those weights stream while it
+//   finishes; a routed block waits first (its expert comes from the router's grouping). Every block triggers the next
+//   kernel right after its wait.
 // One pair fragment instead of the narrow tile's four: at batch 1 the narrow tile's ring copies, ldmatrix and address
 // arithmetic for 32 slots cost more warp instructions than the dequantisation (docs/perf.md "moe_gemm decode").
 // Shared memory: 8 rows x K x 2 bytes (64 KiB at K 4096, 32 KiB at K 2048); a dense launch sizes it to its rows and
@@ -348,10 +352,10 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
 // then the last blocks one by one.
 // Bytes: each expert's weights and scales once per launch (its up to 8 pairs share them), slots x K x 2 of
 // activations per block (from L2), the outputs once. FLOPs: 2 x 8 x K per weight row and block (the mma's 8 columns).
-// Occupancy: at least 3 blocks an SM (__launch_bounds__ below: at most 168 registers; nvfp4 171 -> 163 without
-// spills). Batch 1 with the shared expert's tail is 5 x 64 = 320 blocks: at 2 an SM (264 at once) the last 56 ran a
-// second round, doubling the launch's chain (timing model: nvfp4 up 24.7 µs, 2 waves); at 3 (K 4096: 3 x 64 KiB of
-// activation rows fit the 228 KiB) it is one round.
+// Occupancy: at least 3 blocks an SM (__launch_bounds__ below: at most 168 registers; nvfp4 171 -> 163 without spills,
+// 164 with the programmatic-launch wait). Batch 1 with the shared expert's tail is 5 x 64 = 320 blocks: at 2 an SM (264
+// at once) the last 56 ran a second round, doubling the launch's chain (timing model: nvfp4 up 24.7 µs, 2 waves); at 3
+// (K 4096: 3 x 64 KiB of activation rows fit the 228 KiB) it is one round.
 constexpr int kDecodeSlots = 8;
 
 // 64-k blocks a warp has in flight: 4 KiB of weights, at least 2 blocks (bf16 2, fp8 4, 4-bit 8).
@@ -371,6 +375,12 @@ __device__ __forceinline__ void decode_gemm(const MoeGemmParams &p) {
     const int g = lane >> 2;
 
     const bool tail = p.sorted_pairs != nullptr && (int)blockIdx.y >= p.capacity_tiles;
+    // Programmatic launch (common.cuh): a routed block's expert and slots come from the router's grouping, an earlier
+    // kernel's output, so it waits before reading them; a dense launch's and the shared expert's tail blocks read only
+    // launch parameters and static weights until their activations, so they issue the ring's first turn of weights
+    // before waiting and it streams while the previous kernel finishes.
+    const bool routed = p.sorted_pairs != nullptr && !tail;
+    if (routed) wait_then_allow_dependents();
     int expert, slot_begin, slot_end;
     if (!block_slots<kDecodeSlots>(p, tail, expert, slot_begin, slot_end)) return;
     const int slots = slot_end - slot_begin;
@@ -395,6 +405,7 @@ __device__ __forceinline__ void decode_gemm(const MoeGemmParams &p) {
     for (int i = 0; i < kDepth; ++i) {
         if (kb_begin + i < kb_end) fetch(ring[i], ring_scales[i], kb_begin + i);
     }
+    if (!routed) wait_then_allow_dependents();
 
     if (tid < kDecodeSlots) {
         int pair = -1;

@@ -12,8 +12,16 @@
 #include "params.h"
 #include "rms_norm_row.cuh"
 
-extern "C" __global__ void rms_norm_bf16(const RmsNormParams p) { rms_norm_row<false>(p, blockIdx.x); }
+// Both entries wait for the kernel before them first (programmatic launch, common.cuh): the rows are its output, and
+// the norm weight (static) is too small to be worth fetching before the wait.
+extern "C" __global__ void rms_norm_bf16(const RmsNormParams p) {
+    wait_then_allow_dependents();
+    rms_norm_row<false>(p, blockIdx.x);
+}
 
 // The MoE layer's end: combine (params.h) + residual add + RMSNorm of the next block, one block per token. Bytes:
 // reads (k + 1) * 4 * cols (pairs, shared) + 2 * cols (residual), writes 4 * cols (residual_out, out).
-extern "C" __global__ void moe_combine_add_rms_norm(const RmsNormParams p) { rms_norm_row<true>(p, blockIdx.x); }
+extern "C" __global__ void moe_combine_add_rms_norm(const RmsNormParams p) {
+    wait_then_allow_dependents();
+    rms_norm_row<true>(p, blockIdx.x);
+}

@@ -1,5 +1,7 @@
 // The small kernels of a decoder layer: YaRN RoPE with the llama-4 query scale, embedding gather, SiLU-and-multiply,
 // greedy argmax and seeded temperature + top-p sampling. (The dense GEMMs of this family live in their own section.)
+// The decode step's ops (embedding_gather, argmax_rows, sample_rows, decode_advance) are programmatic launches
+// (common.cuh) that wait for the kernel before them first: each reads its output straight away.
 #include <climits>
 
 #include "params.h"
@@ -72,6 +74,9 @@ extern "C" __global__ void __launch_bounds__(256) rope_q_k(const RopeParams p) {
 // row is not 16-byte aligned). An out-of-range id never reads the table: the row is written as zeros and status
 // records it (status[0] += 1, status[1] = min token index). Bytes: 2 * 2 * tokens * dim (+4 per token).
 extern "C" __global__ void __launch_bounds__(256) embedding_gather(const EmbeddingParams p) {
+    // Programmatic launch (common.cuh): the ids are the previous step's decode_advance output; the table is static
+    // but which row to read is known only from them.
+    wait_then_allow_dependents();
     const int t = blockIdx.x;
     const int id = p.ids[t];
     const bool valid = id >= 0 && id < p.vocab;
@@ -235,6 +240,7 @@ __device__ __forceinline__ unsigned long long philox_u64(unsigned long long seed
 // ids[r] = argmax(logits[r, :]), ties to the lower id, NaN ignored, -1 when the row has no number at all.
 // One block per row, threads strided over the vocabulary (coalesced). Bytes: 4 * vocab per row.
 extern "C" __global__ void __launch_bounds__(1024) argmax_rows(const ArgmaxParams p) {
+    wait_then_allow_dependents();  // programmatic launch: the logits are the head's output
     const Best best = block_argmax(p.logits + (long)blockIdx.x * p.row_stride, p.vocab);
     if (threadIdx.x == 0) p.ids[blockIdx.x] = best.index == INT_MAX ? -1 : best.index;
 }
@@ -251,6 +257,7 @@ extern "C" __global__ void __launch_bounds__(1024) argmax_rows(const ArgmaxParam
 // Every sum is an integer, so the result is bit-reproducible and src/reference/sampling.rs computes the same token.
 // Bytes: 4 * vocab per pass (about 10 passes, from L2 after the first). Weights below 2^-24 of the max are never sampled.
 extern "C" __global__ void __launch_bounds__(512) sample_rows(const SampleParams p) {
+    wait_then_allow_dependents();  // programmatic launch: the logits are the head's output
     __shared__ unsigned long long scan[32];
     __shared__ int chosen;
     const float *row = p.logits + (long)blockIdx.x * p.row_stride;
@@ -358,6 +365,7 @@ extern "C" __global__ void __launch_bounds__(512) sample_rows(const SampleParams
 // + 1 (the new token's position, the cache writer's copy of it, the attention's kv length). One thread per row.
 // Bytes: 4 read + 4 written for ids, 8 per counter, per row.
 extern "C" __global__ void decode_advance(const DecodeAdvanceParams p) {
+    wait_then_allow_dependents();  // programmatic launch: next[] is the sampler's output, and this kernel writes
     const int r = blockIdx.x * blockDim.x + threadIdx.x;
     if (r >= p.rows) return;
     p.ids[r] = p.next[r];

@@ -15,7 +15,8 @@
 // FLOPs: 2*T*E*dim.
 // At one token (the decode step) the launcher runs router_topk_decode instead (below): the same outputs, the same
 // logits bit for bit, with the serial tail (stage 2 and the alignment: barriers, loops over the experts and the pairs)
-// replaced by one warp working in registers.
+// replaced by one warp working in registers. It is a programmatic launch (common.cuh): each thread's gate rows
+// (static weights, 4 x 16 bytes) are in flight before it waits for the kernel that wrote the hidden vector.
 #include "params.h"
 #include "common.cuh"
 
@@ -584,6 +585,9 @@ extern "C" __global__ void __launch_bounds__(kThreads) router_topk_decode(const 
     for (int e = 0; e < kWarpExperts; ++e) {
         rows[e] = __ldg(reinterpret_cast<const uint4 *>(p.gate + (long)min(quad + e, p.experts - 1) * p.dim + safe_col));
     }
+    // Programmatic launch (common.cuh): the gate rows are weights, in flight while the kernel before finishes; the
+    // hidden vector is its output.
+    wait_then_allow_dependents();
     if (warp == 0) {
         const uint4 hidden = __ldg(reinterpret_cast<const uint4 *>(p.hidden + safe_col));
         hidden_slice[lane] = col_valid ? hidden : make_uint4(0, 0, 0, 0);

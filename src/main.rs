@@ -176,6 +176,10 @@ struct BenchArgs {
     /// Run every decode step eagerly instead of replaying captured graphs.
     #[arg(long)]
     eager: bool,
+    /// Launch every kernel in stream order, without programmatic dependent launch (by default a kernel that waits for
+    /// prior grids may start while the one before it finishes; the environment's SMALL4_PDL=0 turns it off too).
+    #[arg(long)]
+    no_pdl: bool,
     /// Routed experts in W8A8 (needs per-tensor FP8 experts with activation scales: --format fp8 for the preset).
     #[arg(long)]
     fp8_activations: bool,
@@ -344,6 +348,7 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         decode_steps: args.decode_steps,
         warmup_steps: args.warmup_steps,
         graphs: !args.eager,
+        programmatic_launches: !args.no_pdl,
         fp8_activations: args.fp8_activations,
         prefill_chunk: args.prefill_chunk,
         seed: 0,

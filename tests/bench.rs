@@ -40,6 +40,22 @@ fn an_eager_benchmark_captures_no_graph() {
     assert!(report.to_string().contains("decode eager"));
 }
 
+/// `BenchOptions::programmatic_launches` (`small4 bench --no-pdl`): the report says which ran, the launch count is the
+/// same, and the device's switch is put back after the run.
+#[test]
+fn programmatic_launches_can_be_turned_off() {
+    let device = simulator();
+    device.set_programmatic_launches(true);
+    let base = BenchOptions { batch: 1, prompt_len: 2, decode_steps: 2, warmup_steps: 0, ..BenchOptions::default() };
+    let on = bench_engine(&device, &tiny(), base).unwrap();
+    let off = bench_engine(&device, &tiny(), BenchOptions { programmatic_launches: false, ..base }).unwrap();
+    assert!(on.programmatic_launches && !off.programmatic_launches);
+    assert_eq!((on.to_json()["programmatic_launches"].as_bool(), off.to_json()["programmatic_launches"].as_bool()), (Some(true), Some(false)));
+    assert!(off.to_string().contains("programmatic dependent launches: off") && !on.to_string().contains("programmatic dependent"));
+    assert_eq!(on.launches_per_decode_step, off.launches_per_decode_step);
+    assert!(device.programmatic_launches(), "the run put the device's switch back");
+}
+
 #[test]
 fn an_empty_benchmark_is_a_typed_error() {
     for options in [
@@ -54,12 +70,13 @@ fn an_empty_benchmark_is_a_typed_error() {
 #[test]
 fn the_cli_benchmarks_the_tiny_model_on_the_interpreter() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_small4"))
-        .args(["bench", "--backend", "sim", "--batch", "1", "--prompt-len", "2", "--decode-steps", "1", "--warmup-steps", "0"])
+        .args(["bench", "--backend", "sim", "--batch", "1", "--prompt-len", "2", "--decode-steps", "1", "--warmup-steps", "0", "--no-pdl"])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("device: sim"), "{stdout}");
+    assert!(stdout.contains("programmatic dependent launches: off"), "{stdout}");
     assert!(stdout.contains("prefill: ") && stdout.contains("tokens/s"), "{stdout}");
     assert!(stdout.contains("decode step: mean "), "{stdout}");
 }
@@ -92,12 +109,14 @@ fn the_cli_benchmarks_a_synthetic_model_and_writes_json() {
         "prefill_tokens_per_s",
         "kernel_us_per_decode_step",
         "launches_per_family",
+        "programmatic_launches",
     ] {
         assert!(report.get(key).is_some(), "missing {key} in {report}");
     }
     assert_eq!((report["layers"].as_u64(), report["experts"].as_u64()), (Some(1), Some(4)));
     assert_eq!((report["format"].as_str(), report["backend"].as_str()), (Some("nvfp4"), Some("sim")));
     assert!(report["kernel_us_per_decode_step"].is_null());
+    assert_eq!(report["programmatic_launches"], true, "programmatic launches are on by default");
     // The interpreter's timing model predicts the step (issue 19): positive, finite, and the sum of its families.
     let predicted = report["predicted_us_per_decode_step"].as_f64().expect("a prediction on the interpreter");
     let by_family: f64 = report["predicted_us_per_family"].as_object().unwrap().values().map(|v| v.as_f64().unwrap()).sum();

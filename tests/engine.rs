@@ -521,3 +521,55 @@ backend_tests!(
     two_tensor_parallel_ranks_match_one,
     uneven_head_split_is_an_error
 );
+
+/// Programmatic dependent launch on the interpreter: with programmatic launches on (the default), every launch of a
+/// steady decode step (a replayed graph: embedding, norms, the attention projections and absorption, attention,
+/// router, experts, head, sampling, `decode_advance`) is a kernel that waits for prior grids and ran programmatic, and
+/// the interpreter's hazard checks (`ptxsim::Machine::programmatic`) passed for each. The greedy tokens and the
+/// logits are those of the same run with programmatic launches off, bit for bit.
+#[test]
+fn sim_decode_steps_launch_programmatically() {
+    use small4::device::sim::SimBackend;
+    use small4::device::{Backend, Kernel};
+    use small4::kernels::{modules::ALL_MODULES, KERNEL_RESOURCES};
+    let sim = std::sync::Arc::new(SimBackend::new());
+    let device: Device = sim.clone();
+    let config = ModelConfig { n_layers: 2, ..ModelConfig::tiny() };
+    let weights = ReferenceWeights::random(&config, 5).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(dir.path(), &weights, &Layout::Native, WeightFormat::Nvfp4, 1 << 20).unwrap();
+    let checkpoint = Checkpoint::open(dir.path()).unwrap();
+    let run = |programmatic: bool| {
+        sim.set_programmatic_launches(programmatic);
+        let model = DeviceModel::load(&device, &checkpoint, Shard::SINGLE).unwrap();
+        let mut engine = Engine::new(model, options(4), None).unwrap();
+        engine.add(greedy(prompt(3, 7, config.vocab), 5)).unwrap();
+        let mut steps = Vec::new();
+        let mut last_step = Vec::new();
+        while engine.active() > 0 {
+            sim.record_launches(true);
+            let tokens = engine.step().unwrap();
+            last_step = sim.take_recorded();
+            sim.record_launches(false);
+            steps.extend(tokens.into_iter().map(|t| (t.token, t.logits.unwrap())));
+        }
+        assert!(engine.captured_graphs() > 0, "the last steps replay a captured graph");
+        (steps, last_step)
+    };
+    let (steps, launches) = run(true);
+    assert!(!launches.is_empty());
+    for launch in &launches {
+        let module = *ALL_MODULES.iter().find(|m| m.name == launch.family).expect("a module of this build");
+        let entry = KERNEL_RESOURCES.iter().find(|k| k.kernel == launch.kernel).expect("a kernel of this build").kernel;
+        let kernel = Kernel { module, entry };
+        assert!(kernel.waits_for_prior_grids(), "{} in a decode step does not wait for prior grids", launch.kernel);
+        assert!(launch.programmatic, "{} waits for prior grids but did not launch programmatic", launch.kernel);
+    }
+    let (plain_steps, plain_launches) = run(false);
+    assert!(plain_launches.iter().all(|l| !l.programmatic));
+    assert_eq!(plain_launches.len(), launches.len());
+    let tokens = |s: &[(u32, Vec<f32>)]| s.iter().map(|(t, _)| *t).collect::<Vec<_>>();
+    assert_eq!(tokens(&steps), tokens(&plain_steps));
+    assert!(steps == plain_steps, "programmatic launches changed a logit");
+    sim.set_programmatic_launches(true);
+}

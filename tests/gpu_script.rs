@@ -101,9 +101,13 @@ fn dry_run_prints_every_gpu_command_and_writes_the_section() {
             assert!(text.contains(&format!("/tests/{name} gpu:: --show-output")), "no gpu:: command for tests/{name}:\n{text}");
         }
     }
-    for synthetic in
-        ["--synthetic --format nvfp4 --prompt-len", "--synthetic --format int4 --prompt-len", "--format bf16 --experts 32", "--format fp8 --experts 64"]
-    {
+    for synthetic in [
+        "--synthetic --format nvfp4 --prompt-len",
+        "--synthetic --format int4 --prompt-len",
+        "--format bf16 --experts 32",
+        "--format fp8 --experts 64",
+        "--synthetic --format nvfp4 --no-pdl --prompt-len",
+    ] {
         assert!(text.contains(&format!("small4 bench --backend gpu {synthetic}")) || text.contains(synthetic), "no '{synthetic}' run:\n{text}");
     }
     // The probe: built with the binaries (nvcc: the program and its PTX), run, then settled against the interpreter.
@@ -145,6 +149,7 @@ fn sim_rehearsal_runs_the_twins_and_writes_the_results() {
     assert!(section.contains("| gpu_script | 1 | 0 | 0 | 0 |"), "{section}");
     if synthetic {
         assert!(section.contains("| nvfp4 | sim | 1 | 8 |"), "{section}");
+        assert!(section.contains("| nvfp4, PDL off | sim | 1 | 8 |"), "the --no-pdl comparison run: {section}");
         let reports: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.path().join("synthetic.json")).unwrap()).unwrap();
         assert_eq!(reports[0]["format"], "nvfp4");
     }

@@ -3,6 +3,32 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+// Programmatic dependent launch (PTX griddepcontrol, sm_90). A kernel whose entry executes wait_for_prior_grids is
+// launched with the programmatic-stream-serialization attribute (src/device `Kernel::waits_for_prior_grids`), so it
+// may start while the kernel before it finishes. Each thread calls wait_for_prior_grids before (a) any global load of
+// memory an earlier kernel of the step may write, (b) any global store or atomic, (c) allow_dependent_grids; before
+// it, only memory no kernel writes (weights, constant tables) may be read. The wait returns once every prerequisite
+// grid completed and its memory is visible; allow_dependent_grids lets the next kernel start once every block of this
+// grid called it or exited. Both are no-ops in a launch without the attribute. Triggering only after the wait keeps
+// the chain transitive: a kernel's dependents start after everything it depends on completed.
+__device__ __forceinline__ void wait_for_prior_grids() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void allow_dependent_grids() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// The usual pair at the point a kernel starts touching what earlier kernels wrote.
+__device__ __forceinline__ void wait_then_allow_dependents() {
+    wait_for_prior_grids();
+    allow_dependent_grids();
+}
+
 // 8 bf16 packed in a 16-byte vector -> 8 f32 (exact).
 __device__ __forceinline__ void bf16x8_to_f32(const uint4 raw, float out[8]) {
     const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};

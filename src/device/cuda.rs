@@ -49,6 +49,8 @@ pub struct CudaBackend {
     functions: Mutex<HashMap<(&'static str, &'static str), FunctionHandle>>,
     /// While a graph capture is open: the stream it records (the legacy default stream cannot be captured).
     capture: Mutex<Option<Arc<CudaStream>>>,
+    /// Kernels that wait for prior grids launch with programmatic stream serialization (`Backend::set_programmatic_launches`).
+    programmatic: std::sync::atomic::AtomicBool,
 }
 
 /// An instantiated CUDA graph; destroyed with the `Graph` that owns it.
@@ -79,7 +81,7 @@ impl CudaBackend {
     pub fn new(ordinal: usize) -> Result<Self> {
         let context = Self::context(ordinal)?;
         let stream = context.default_stream();
-        Ok(CudaBackend { ordinal, context, stream, functions: Mutex::new(HashMap::new()), capture: Mutex::new(None) })
+        Ok(Self::on_stream(ordinal, context, stream))
     }
 
     /// A backend whose launches, copies and synchronisations all go to `cu_stream`, a stream of device `ordinal`'s
@@ -92,7 +94,19 @@ impl CudaBackend {
         let context = Self::context(ordinal)?;
         // SAFETY: forwarded from this function's contract.
         let stream = unsafe { context.wrap_borrowed_stream(cu_stream) };
-        Ok(CudaBackend { ordinal, context, stream, functions: Mutex::new(HashMap::new()), capture: Mutex::new(None) })
+        Ok(Self::on_stream(ordinal, context, stream))
+    }
+
+    /// A backend on `stream` of `context`, with nothing loaded yet.
+    fn on_stream(ordinal: usize, context: Arc<CudaContext>, stream: Arc<CudaStream>) -> Self {
+        CudaBackend {
+            ordinal,
+            context,
+            stream,
+            functions: Mutex::new(HashMap::new()),
+            capture: Mutex::new(None),
+            programmatic: std::sync::atomic::AtomicBool::new(super::programmatic_launches_by_default()),
+        }
     }
 
     fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
@@ -246,8 +260,43 @@ impl Backend for CudaBackend {
         let mut storage = params.to_vec();
         let mut args = [storage.as_mut_ptr().cast::<c_void>()];
         let stream = self.capture.lock().unwrap().as_ref().map_or(self.stream.cu_stream(), |s| s.cu_stream());
-        unsafe { result::launch_kernel(function, (g.x, g.y, g.z), (b.x, b.y, b.z), config.shared_bytes, stream, &mut args) }
-            .map_err(driver_error(&format!("launch {}::{}", kernel.module.name, kernel.entry)))
+        let what = || format!("launch {}::{}", kernel.module.name, kernel.entry);
+        if !(self.programmatic_launches() && kernel.waits_for_prior_grids()) {
+            return unsafe { result::launch_kernel(function, (g.x, g.y, g.z), (b.x, b.y, b.z), config.shared_bytes, stream, &mut args) }
+                .map_err(driver_error(&what()));
+        }
+        // Programmatic dependent launch: the kernel may start once every block of the kernel before it on the stream
+        // executed griddepcontrol.launch_dependents or exited; its griddepcontrol.wait orders it after that kernel's
+        // completion. Stream capture records the attribute as a programmatic edge of the graph.
+        // SAFETY: a zeroed attribute value is a valid union (all integer fields); the field set is the one the id names.
+        let mut attribute = sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            value: unsafe { std::mem::zeroed() },
+        };
+        attribute.value.programmaticStreamSerializationAllowed = 1;
+        let launch_config = sys::CUlaunchConfig {
+            gridDimX: g.x,
+            gridDimY: g.y,
+            gridDimZ: g.z,
+            blockDimX: b.x,
+            blockDimY: b.y,
+            blockDimZ: b.z,
+            sharedMemBytes: config.shared_bytes,
+            hStream: stream,
+            attrs: &mut attribute,
+            numAttrs: 1,
+        };
+        // SAFETY: the config, its one attribute and the argument array outlive the call; the function is loaded.
+        unsafe { sys::cuLaunchKernelEx(&launch_config, function, args.as_mut_ptr(), std::ptr::null_mut()) }.result().map_err(driver_error(&what()))
+    }
+
+    fn set_programmatic_launches(&self, on: bool) {
+        self.programmatic.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn programmatic_launches(&self) -> bool {
+        self.programmatic.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn launch_timed(&self, kernel: &Kernel, config: &LaunchConfig, params: &[u8]) -> Result<Option<f64>> {

@@ -149,6 +149,48 @@ pub struct Kernel {
     pub entry: &'static str,
 }
 
+impl Kernel {
+    /// Whether the entry executes `griddepcontrol.wait` (cuda/include/common.cuh `wait_for_prior_grids`): such a
+    /// kernel orders its reads of earlier kernels' outputs itself, so it can be launched as a programmatic dependent
+    /// launch ([`Backend::set_programmatic_launches`]). Read once per kernel from its module's PTX, then cached.
+    ///
+    /// ```
+    /// use small4::device::{Kernel, KernelModule};
+    ///
+    /// const PTX: &str = ".visible .entry waits(\n)\n{\n\tgriddepcontrol.wait;\n\tret;\n}\n.visible .entry plain(\n)\n{\n\tret;\n}\n";
+    /// let module = KernelModule { name: "doc_pdl", ptx: PTX, cubin: &[] };
+    /// assert!(Kernel { module, entry: "waits" }.waits_for_prior_grids());
+    /// assert!(!Kernel { module, entry: "plain" }.waits_for_prior_grids());
+    /// ```
+    pub fn waits_for_prior_grids(&self) -> bool {
+        type Cache = std::sync::Mutex<std::collections::HashMap<(usize, &'static str), bool>>;
+        static CACHE: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
+        let key = (self.module.ptx.as_ptr() as usize, self.entry);
+        let cache = CACHE.get_or_init(Default::default);
+        if let Some(&waits) = cache.lock().unwrap().get(&key) {
+            return waits;
+        }
+        let waits = entry_body(self.module.ptx, self.entry).is_some_and(|body| body.contains("griddepcontrol.wait"));
+        cache.lock().unwrap().insert(key, waits);
+        waits
+    }
+}
+
+/// The body of `.entry name` in a PTX module: from its parameter list to the `}` that closes it at the line start.
+fn entry_body<'a>(ptx: &'a str, name: &str) -> Option<&'a str> {
+    let head = format!(".entry {name}(");
+    let start = ptx.find(&head)? + head.len();
+    let rest = &ptx[start..];
+    let end = rest.find("\n}").map_or(rest.len(), |i| i + 2);
+    Some(&rest[..end])
+}
+
+/// Whether backends launch kernels that wait for prior grids as programmatic dependent launches when created: yes,
+/// unless the environment sets `SMALL4_PDL=0`.
+pub fn programmatic_launches_by_default() -> bool {
+    std::env::var("SMALL4_PDL").map_or(true, |v| v != "0")
+}
+
 /// A grid size in blocks or a block size in threads, as CUDA's `dim3`; unused dimensions are 1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Dim3 {
@@ -229,6 +271,9 @@ pub struct LaunchCounters {
     pub blocks_run: u64,
     /// What the timing model reads of this launch ([`TimingProfile`]: counts, launch shape, ptxas registers).
     pub timing: TimingProfile,
+    /// The launch was programmatic (a kernel that waits for prior grids, with programmatic launches on): on a GPU it
+    /// may start while the launch before it finishes.
+    pub programmatic: bool,
     /// Predicted time of this launch on the backend's target GPU, in microseconds, with that GPU's name
     /// (`SimBackend::set_target_gpu`; default H100 SXM). See [`LaunchCounters::predict`] for another GPU.
     pub predicted_us: Option<f64>,
@@ -365,6 +410,16 @@ pub trait Backend: Send + Sync {
     /// The interpreter's counters of the most recent launch; `None` on hardware.
     fn last_launch_counters(&self) -> Option<LaunchCounters> {
         None
+    }
+    /// Whether kernels that execute `griddepcontrol.wait` ([`Kernel::waits_for_prior_grids`]) are launched as
+    /// programmatic dependent launches: each may start while the kernel before it finishes (CUDA's programmatic
+    /// stream serialization attribute; a captured graph keeps it), running its prologue (weight loads) until its
+    /// wait. On by default unless the environment sets `SMALL4_PDL=0`; a backend without it keeps these defaults
+    /// (never programmatic). The interpreter checks what such a kernel touches before its wait.
+    fn set_programmatic_launches(&self, _on: bool) {}
+    /// See [`Backend::set_programmatic_launches`].
+    fn programmatic_launches(&self) -> bool {
+        false
     }
     /// Launches like [`Backend::launch`], waits for the kernel and returns its device time in microseconds, measured
     /// with events recorded around it on the stream; `None` (after an ordinary launch) where the backend cannot time
@@ -552,6 +607,12 @@ impl Backend for Instrumented {
     }
     fn launch_timed(&self, kernel: &Kernel, config: &LaunchConfig, params: &[u8]) -> Result<Option<f64>> {
         self.inner.launch_timed(kernel, config, params)
+    }
+    fn set_programmatic_launches(&self, on: bool) {
+        self.inner.set_programmatic_launches(on)
+    }
+    fn programmatic_launches(&self) -> bool {
+        self.inner.programmatic_launches()
     }
 }
 

@@ -1,6 +1,8 @@
 //! The PTX-interpreter backend: runs the exact PTX that build.rs produced on the CPU through `tools/ptxsim`, with
 //! its memory checks (out-of-bounds, uninitialised reads, shared-memory races, missing cp.async waits) and counters.
-//! Launches are synchronous: a kernel fault is returned by `launch` itself.
+//! Launches are synchronous: a kernel fault is returned by `launch` itself. A kernel that waits for prior grids runs
+//! as a programmatic launch (`ptxsim::Machine::programmatic`) while programmatic launches are on, so what it
+//! touches before its `griddepcontrol.wait` is checked against the launch before it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -43,6 +45,8 @@ pub struct SimBackend {
     target: Mutex<Option<TargetGpu>>,
     /// Every launch's counters since `record_launches(true)`, while recording.
     recorded: Mutex<Option<Vec<LaunchCounters>>>,
+    /// Kernels that wait for prior grids launch programmatically (`Backend::set_programmatic_launches`).
+    programmatic: std::sync::atomic::AtomicBool,
 }
 
 /// Registers per thread assumed for a kernel the ptxas table does not list (a module built outside build.rs, such
@@ -66,6 +70,7 @@ impl SimBackend {
             last: Mutex::new(None),
             target: Mutex::new(target),
             recorded: Mutex::new(None),
+            programmatic: std::sync::atomic::AtomicBool::new(super::programmatic_launches_by_default()),
         }
     }
 
@@ -162,11 +167,21 @@ impl SimBackend {
         Ok(())
     }
 
-    fn run(&self, kernel: &Kernel, config: &LaunchConfig, params: &[u8]) -> Result<()> {
+    /// Whether `kernel` launches programmatically now: it waits for prior grids and programmatic launches are on.
+    fn programmatic(&self, kernel: &Kernel) -> bool {
+        self.programmatic.load(std::sync::atomic::Ordering::Relaxed) && kernel.waits_for_prior_grids()
+    }
+
+    /// Runs one launch; a programmatic one through `ptxsim::Machine::programmatic`, whose hazard checks make a
+    /// read of the previous kernel's output before `griddepcontrol.wait` (and the like) an error.
+    fn run(&self, kernel: &Kernel, config: &LaunchConfig, params: &[u8], programmatic: bool) -> Result<()> {
         let module = self.module(kernel)?;
         let (g, b) = (config.grid, config.block);
-        let counters =
-            self.machine.lock().unwrap().launch(&module, kernel.entry, [g.x, g.y, g.z], [b.x, b.y, b.z], config.shared_bytes, params).map_err(sim_error)?;
+        let (grid, block) = ([g.x, g.y, g.z], [b.x, b.y, b.z]);
+        let mut machine = self.machine.lock().unwrap();
+        machine.programmatic = programmatic;
+        let counters = machine.launch(&module, kernel.entry, grid, block, config.shared_bytes, params).map_err(sim_error)?;
+        drop(machine);
         let mut launch = launch_counters(&counters, kernel.module.name);
         if let Some(gpu) = self.target_gpu() {
             launch.predicted_us = Some(launch.predict(&gpu, &TimingModel::FITTED).micros());
@@ -190,11 +205,13 @@ impl SimBackend {
     }
 }
 
-/// One launch of a recorded graph: what `Backend::launch` was given.
+/// One launch of a recorded graph: what `Backend::launch` was given, and whether it was programmatic then (a CUDA
+/// graph keeps the attribute its launch had at capture).
 struct RecordedLaunch {
     kernel: Kernel,
     config: LaunchConfig,
     params: Vec<u8>,
+    programmatic: bool,
 }
 
 impl Default for SimBackend {
@@ -217,6 +234,7 @@ fn launch_counters(c: &ptxsim::Counters, family: &str) -> LaunchCounters {
         predicted_us: None,
         predicted_gpu: None,
         kernel: c.kernel.clone(),
+        programmatic: c.programmatic,
         blocks: c.blocks,
         instructions: c.warp_instructions,
         instructions_by_class: c.by_class_named().into_iter().map(|(n, v)| (n.to_string(), v)).collect(),
@@ -278,10 +296,10 @@ impl Backend for SimBackend {
         if let Some(recorded) = self.capture.lock().unwrap().as_mut() {
             // Parse now, as the first real launch would: a bad module fails the capture, not a later replay.
             self.module(kernel)?;
-            recorded.push(RecordedLaunch { kernel: *kernel, config: *config, params: params.to_vec() });
+            recorded.push(RecordedLaunch { kernel: *kernel, config: *config, params: params.to_vec(), programmatic: self.programmatic(kernel) });
             return Ok(());
         }
-        self.run(kernel, config, params)
+        self.run(kernel, config, params, self.programmatic(kernel))
     }
     fn begin_capture(&self) -> Result<()> {
         let mut capture = self.capture.lock().unwrap();
@@ -301,13 +319,20 @@ impl Backend for SimBackend {
         let recorded =
             graph.inner.downcast_ref::<Vec<RecordedLaunch>>().ok_or_else(|| Error::InvalidArgument("replay: a graph recorded by another backend".into()))?;
         for launch in recorded {
-            self.run(&launch.kernel, &launch.config, &launch.params)?;
+            self.run(&launch.kernel, &launch.config, &launch.params, launch.programmatic)?;
         }
         Ok(())
     }
     fn synchronize(&self) -> Result<()> {
         self.not_capturing("synchronize")?;
+        self.machine.lock().unwrap().synchronize();
         Ok(())
+    }
+    fn set_programmatic_launches(&self, on: bool) {
+        self.programmatic.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+    fn programmatic_launches(&self) -> bool {
+        self.programmatic.load(std::sync::atomic::Ordering::Relaxed)
     }
     fn last_launch_counters(&self) -> Option<LaunchCounters> {
         self.last.lock().unwrap().clone()

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-use crate::device::{Device, Instrumented, LaunchRecord};
+use crate::device::{Backend, Device, Instrumented, LaunchRecord};
 use crate::model::checkpoint::{Checkpoint, ExpertMatrix};
 use crate::model::engine::{DeviceModel, Engine, EngineOptions, Request, Sampling, Shard};
 use crate::model::kv_cache::DEFAULT_PAGE_SIZE;
@@ -35,7 +35,7 @@ pub const FAMILIES: [&str; 9] =
     ["attention_projections", "absorption", "mla", "routing", "routed_experts", "shared_expert", "norms_and_small_ops", "head", "sampling"];
 
 /// The shape of a benchmark run. The default: batch 1, 128 prompt tokens, 32 timed decode steps after 2 warm-up
-/// ones, graphs on, bf16 activations, seed 0.
+/// ones, graphs and programmatic launches on, bf16 activations, seed 0.
 #[derive(Clone, Copy, Debug)]
 pub struct BenchOptions {
     /// Sequences decoded together.
@@ -48,6 +48,10 @@ pub struct BenchOptions {
     pub warmup_steps: usize,
     /// Replay decode steps as captured graphs (`EngineOptions::graphs`).
     pub graphs: bool,
+    /// Launch the kernels that wait for prior grids as programmatic dependent launches
+    /// ([`crate::device::Backend::set_programmatic_launches`]; on by default): each may start while the kernel before
+    /// it finishes. The run sets the device's switch to this and puts it back after.
+    pub programmatic_launches: bool,
     /// Routed experts in W8A8 (`EngineOptions::fp8_activations`).
     pub fp8_activations: bool,
     /// The step token budget of chunked prefill (`EngineOptions::prefill_chunk`); None: the whole batch's prompts in
@@ -59,7 +63,17 @@ pub struct BenchOptions {
 
 impl Default for BenchOptions {
     fn default() -> Self {
-        BenchOptions { batch: 1, prompt_len: 128, decode_steps: 32, warmup_steps: 2, graphs: true, fp8_activations: false, prefill_chunk: None, seed: 0 }
+        BenchOptions {
+            batch: 1,
+            prompt_len: 128,
+            decode_steps: 32,
+            warmup_steps: 2,
+            graphs: true,
+            programmatic_launches: true,
+            fp8_activations: false,
+            prefill_chunk: None,
+            seed: 0,
+        }
     }
 }
 
@@ -83,6 +97,7 @@ impl Default for BenchOptions {
 ///     prefill: ms(200),
 ///     decode_steps: vec![ms(30), ms(10), ms(20), ms(40)],
 ///     captured_graphs: 1,
+///     programmatic_launches: true,
 ///     launches_per_decode_step: 300,
 ///     host_syncs_per_decode_step: 5,
 ///     launches_per_family: Default::default(),
@@ -121,6 +136,9 @@ pub struct BenchReport {
     pub decode_steps: Vec<Duration>,
     /// Decode graphs the engine holds at the end (0: every step ran eagerly).
     pub captured_graphs: usize,
+    /// Kernels that wait for prior grids ran as programmatic dependent launches (the option, where the backend has
+    /// them: [`crate::device::Backend::programmatic_launches`]).
+    pub programmatic_launches: bool,
     /// Kernel launches of the last timed decode step (a replayed graph's count as its launches).
     pub launches_per_decode_step: u64,
     /// Blocking host round trips of the last timed decode step ([`crate::device::Counts::host_syncs`]).
@@ -177,6 +195,7 @@ impl BenchReport {
             "prompt_len": o.prompt_len,
             "decode_steps": o.decode_steps,
             "graphs": o.graphs,
+            "programmatic_launches": self.programmatic_launches,
             "captured_graphs": self.captured_graphs,
             "load_s": self.load.as_secs_f64(),
             "launches_per_decode_step": self.launches_per_decode_step,
@@ -209,6 +228,9 @@ impl fmt::Display for BenchReport {
             if self.captured_graphs > 0 { format!("replays {} captured graph(s)", self.captured_graphs) } else { "eager".into() },
             if o.fp8_activations { ", experts in W8A8" } else { "" },
         )?;
+        if !self.programmatic_launches {
+            writeln!(f, "programmatic dependent launches: off")?;
+        }
         writeln!(f, "load: {:.2} s", self.load.as_secs_f64())?;
         writeln!(f, "prefill: {:.3} ms ({:.1} tokens/s)", ms(self.prefill), self.prefill_tokens_per_s())?;
         write!(
@@ -359,7 +381,29 @@ fn family_of(record: &LaunchRecord, weights: &BTreeMap<u64, &'static str>) -> &'
     record.params.chunks_exact(8).find_map(|word| weights.get(&u64::from_le_bytes(word.try_into().unwrap())).copied()).unwrap_or("norms_and_small_ops")
 }
 
+/// Sets a device's programmatic-launch switch for a run and puts the previous setting back when dropped (on an error
+/// too).
+struct ProgrammaticLaunches<'a> {
+    device: &'a Instrumented,
+    previous: bool,
+}
+
+impl<'a> ProgrammaticLaunches<'a> {
+    fn set(device: &'a Instrumented, on: bool) -> Self {
+        let previous = device.programmatic_launches();
+        device.set_programmatic_launches(on);
+        ProgrammaticLaunches { device, previous }
+    }
+}
+
+impl Drop for ProgrammaticLaunches<'_> {
+    fn drop(&mut self) {
+        self.device.set_programmatic_launches(self.previous);
+    }
+}
+
 fn run(counted: &Instrumented, model: DeviceModel, load: Duration, format: String, options: BenchOptions) -> Result<BenchReport> {
+    let _switch = ProgrammaticLaunches::set(counted, options.programmatic_launches);
     let (vocab, layers, experts) = (model.config().vocab, model.config().n_layers, model.config().experts);
     let model_image_token = model.config().vision.as_ref().map(|v| v.image_token_id);
     let weights: BTreeMap<u64, &'static str> = model.weight_families().into_iter().collect();
@@ -417,6 +461,7 @@ fn run(counted: &Instrumented, model: DeviceModel, load: Duration, format: Strin
     }
     let step_counts = counted.counts();
     let captured_graphs = engine.captured_graphs();
+    let programmatic_launches = device.programmatic_launches();
 
     // The eager profiling step: fresh sequences with the same prompts, then one token each, every launch recorded.
     let seqs: Vec<_> = prompts.iter().map(|p| (engine.new_sequence(), p.clone())).collect();
@@ -455,6 +500,7 @@ fn run(counted: &Instrumented, model: DeviceModel, load: Duration, format: Strin
         prefill,
         decode_steps,
         captured_graphs,
+        programmatic_launches,
         launches_per_decode_step: step_counts.launches,
         host_syncs_per_decode_step: step_counts.host_syncs,
         launches_per_family,

@@ -73,15 +73,20 @@ done
 
 # ---- What runs -------------------------------------------------------------------------------------------------------
 
-# The synthetic runs: "format experts" (empty experts: the real preset's 128). An 80 GB H100 holds nvfp4 (70.8 GB of
+# The synthetic runs: "format experts [flags]" (empty or "all" experts: the real preset's 128). An 80 GB H100 holds nvfp4 (70.8 GB of
 # weights by `small4 plan`) and int4 (65.3 GB) at full size; bf16 experts are 1.81 GB each over the 36 layers and fp8
 # 0.91 GB, so bf16 keeps 32 of 128 (58 GB of experts) and fp8 64 (58 GB). Batch-1 decode reads 4 routed experts a
 # layer whatever the count, so tokens/s at fewer experts is the full model's.
 synthetic_runs_gpu=("nvfp4 " "int4 " "bf16 32" "fp8 64")
+# Then, after the logits check and only with what the step's cap leaves (cut at the deadline, it fails nothing), nvfp4
+# again with programmatic dependent launches off (`--no-pdl`): the decode step without the launch overlap, against the
+# first run's with it.
+synthetic_comparison_runs_gpu=("nvfp4 all --no-pdl")
 synthetic_args_gpu=(--prompt-len 4096 --decode-steps 64 --warmup-steps 4)
 # The rehearsal: the same four formats as one layer of eight experts of the tiny preset's dimensions, few tokens
 # (one layer at the real dimensions did not finish in 10 minutes on the interpreter on 2 busy cores).
 synthetic_runs_sim=("nvfp4 8" "int4 8" "bf16 8" "fp8 8")
+synthetic_comparison_runs_sim=("nvfp4 8 --no-pdl")
 synthetic_args_sim=(--preset tiny --layers 1 --prompt-len 4 --decode-steps 2 --warmup-steps 1)
 # Criterion: short timings so the benches fit (the router, attention, moe and vision benches hold ~50 benchmarks).
 bench_args_gpu=(--bench --warm-up-time 0.5 --measurement-time 1 --sample-size 10 --noplot)
@@ -393,39 +398,51 @@ run_probe() {
 
 # ---- Step 3: the synthetic model (small4 bench --synthetic) ---------------------------------------------------------
 
+# One `small4 bench --synthetic` run of the step: "format experts [flags]" as in synthetic_runs_gpu, then the common
+# arguments. Sets synthetic_verdict: ok, "dry run", "not asked for" (format not in --formats), or why it failed.
+synthetic_bench() {
+    local deadline=$1 log=$2 run=$3 format experts flags
+    shift 3
+    read -r format experts flags <<<"$run"
+    synthetic_verdict="not asked for"
+    [[ ,$formats, == *,$format,* ]] || return 0
+    [[ $experts == all ]] && experts=""
+    local json=$work/synthetic-$format${flags:+${flags// /}}.json
+    local cmd=("$small4" bench --backend "$backend" --synthetic --format "$format")
+    [[ -n $experts ]] && cmd+=(--experts "$experts")
+    # shellcheck disable=SC2206 # the flags are words
+    [[ -n $flags ]] && cmd+=($flags)
+    cmd+=("$@" --json "$json")
+    if ((dry_run)); then show "${cmd[@]}"; log_command "${cmd[@]}"; synthetic_verdict="dry run"; return 0; fi
+    echo "==> synthetic $format${experts:+, $experts experts}${flags:+ $flags}" >>"$log"
+    run_logged "$deadline" "$log" "${cmd[@]}"
+    synthetic_verdict=ok
+    if ((run_rc == 124)); then synthetic_verdict="CUT at the deadline"
+    elif ((run_rc != 0)); then synthetic_verdict="FAILED (exit $run_rc)"
+    elif [[ ! -s $json ]]; then synthetic_verdict="FAILED: no JSON written"
+    fi
+    printf '%s\t%s\t%s\t%s\t\t\t\t\t%s\t%s\n' synthetic "$format" "$run_rc" "$run_seconds" "$json" "${cmd[*]}" >>"$records"
+    echo "synthetic $format${flags:+ $flags}: ${run_seconds} s: $synthetic_verdict"
+}
+
 run_synthetic() {
     local log=$out_dir/synthetic.log deadline
     : >"$log"
     deadline=$(step_deadline "${step_cap[synthetic]}")
     if [[ -z $deadline ]]; then record_step synthetic "not run: budget spent" 0 ""; return 1; fi
     local t0 status=ok; t0=$(date +%s)
-    local runs args
-    if [[ $backend == gpu ]]; then runs=("${synthetic_runs_gpu[@]}") args=("${synthetic_args_gpu[@]}")
-    else runs=("${synthetic_runs_sim[@]}") args=("${synthetic_args_sim[@]}"); fi
+    local runs comparisons args
+    if [[ $backend == gpu ]]; then runs=("${synthetic_runs_gpu[@]}") comparisons=("${synthetic_comparison_runs_gpu[@]}") args=("${synthetic_args_gpu[@]}")
+    else runs=("${synthetic_runs_sim[@]}") comparisons=("${synthetic_comparison_runs_sim[@]}") args=("${synthetic_args_sim[@]}"); fi
     if ((dry_run == 0)) && ! "$small4" bench --help | grep -q -- '--synthetic'; then
         echo "small4 bench has no --synthetic flag in this build (issue 16 item 1 not merged): nothing to run" | tee -a "$log"
         record_step synthetic "failed: small4 bench has no --synthetic" $(($(date +%s) - t0)) ""
         return 1
     fi
-    local run format experts
+    local run
     for run in "${runs[@]}"; do
-        read -r format experts <<<"$run"
-        [[ ,$formats, == *,$format,* ]] || continue
-        local json=$work/synthetic-$format.json
-        local cmd=("$small4" bench --backend "$backend" --synthetic --format "$format")
-        [[ -n $experts ]] && cmd+=(--experts "$experts")
-        cmd+=("${args[@]}" --json "$json")
-        if ((dry_run)); then show "${cmd[@]}"; log_command "${cmd[@]}"; continue; fi
-        echo "==> synthetic $format${experts:+, $experts experts}" >>"$log"
-        run_logged "$deadline" "$log" "${cmd[@]}"
-        local verdict=ok
-        if ((run_rc == 124)); then verdict="CUT at the deadline"
-        elif ((run_rc != 0)); then verdict="FAILED (exit $run_rc)"
-        elif [[ ! -s $json ]]; then verdict="FAILED: no JSON written"
-        fi
-        printf '%s\t%s\t%s\t%s\t\t\t\t\t%s\t%s\n' synthetic "$format" "$run_rc" "$run_seconds" "$json" "${cmd[*]}" >>"$records"
-        echo "synthetic $format: ${run_seconds} s: $verdict"
-        [[ $verdict == ok ]] || status=failed
+        synthetic_bench "$deadline" "$log" "$run" "${args[@]}"
+        [[ $synthetic_verdict == ok || $synthetic_verdict == "dry run" || $synthetic_verdict == "not asked for" ]] || status=failed
     done
     # The first full-size numerical check of the engine (issue 20): the same synthetic model's logits on this backend
     # and on the CPU reference (streaming: the weights are generated as they are read), compared position by position.
@@ -447,6 +464,13 @@ run_synthetic() {
         run_logged "$deadline" "$log" "${cmd[@]}"
         echo "logits check: ${cmd[1]}: exit $run_rc"
         if ((run_rc != 0)); then status=failed; break; fi
+    done
+    # The comparison runs: a crash fails the step, a run the deadline cut does not (it had only what was left).
+    for run in "${comparisons[@]}"; do
+        [[ $status == failed ]] && break
+        if ((dry_run == 0 && $(date +%s) + 5 >= deadline)); then echo "synthetic $run: not run, the step's time is spent"; continue; fi
+        synthetic_bench "$deadline" "$log" "$run" "${args[@]}"
+        [[ $synthetic_verdict == FAILED* ]] && status=failed
     done
     ((dry_run)) && status="dry run"
     record_step synthetic "$status" $(($(date +%s) - t0)) "formats $formats"

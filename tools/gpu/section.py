@@ -51,9 +51,14 @@ def number(value, digits=1):
     return "—" if value is None else str(value)
 
 
+def format_name(report, fmt="?"):
+    """The report's format, with "PDL off" when it ran without programmatic dependent launches (`--no-pdl`)."""
+    return report.get("format", fmt) + (", PDL off" if report.get("programmatic_launches") is False else "")
+
+
 def label(report):
-    """nvfp4, or bf16 (32 experts) where the experts were cut."""
-    return f"{report.get('format', '?')} ({report.get('experts', '?')} experts)"
+    """nvfp4 (128 experts), bf16 (32 experts), nvfp4, PDL off (128 experts)."""
+    return f"{format_name(report)} ({report.get('experts', '?')} experts)"
 
 
 def criterion_results(text):
@@ -173,7 +178,7 @@ def main():
                 status = "cut at the deadline" if rc == "124" else f"failed (exit {rc}), no report"
                 rows.append([fmt, status] + ["—"] * 7 + [sec])
                 continue
-            rows.append([r.get("format", fmt), r.get("backend", "?"), number(r.get("layers")), number(r.get("experts")),
+            rows.append([format_name(r, fmt), r.get("backend", "?"), number(r.get("layers")), number(r.get("experts")),
                          number(r.get("prefill_tokens_per_s")), number(r.get("decode_ms_per_step"), 3),
                          number(r.get("decode_tokens_per_s")), number(r.get("launches_per_decode_step")),
                          number(r.get("host_syncs_per_decode_step")), sec])

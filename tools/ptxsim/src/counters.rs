@@ -230,6 +230,8 @@ impl BlockChains {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Counters {
     pub kernel: String,
+    /// The launch was programmatic (`Machine::programmatic`): it may start while the grid before it finishes.
+    pub programmatic: bool,
     /// Blocks of the grid, and the blocks actually interpreted (fewer under `Machine::block_sample`; every other
     /// counter covers only those).
     pub blocks: u64,

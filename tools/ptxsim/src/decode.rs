@@ -1246,7 +1246,9 @@ fn decode_inst(ctx: &Ctx, i: &Instruction) -> Result<Inst, ParseError> {
                 _ => unsupported(&mut inst),
             }
         }
-        "prefetch" | "prefetchu" | "applypriority" | "discard" | "nanosleep" | "pmevent" | "griddepcontrol" => inst.op = Op::Nop,
+        "griddepcontrol" if has("wait") => inst.op = Op::GridDepWait,
+        "griddepcontrol" if has("launch_dependents") => inst.op = Op::GridDepLaunchDependents,
+        "prefetch" | "prefetchu" | "applypriority" | "discard" | "nanosleep" | "pmevent" => inst.op = Op::Nop,
         "createpolicy" => {
             inst.op = Op::CreatePolicy;
             ctx.dst(&ops[0], line, &mut inst.d)?;

@@ -601,6 +601,11 @@ pub enum Op {
     /// `fence.proxy.async{.space}` (and the `async::generic` forms): orders this thread's generic-proxy accesses
     /// with later async-proxy ones (wgmma operands, TMA / bulk store sources).
     ProxyFence,
+    /// `griddepcontrol.wait`: blocks until the grids this one depends on completed (launches are sequential, so it
+    /// returns at once); in a programmatic launch it ends the thread's window of restricted accesses.
+    GridDepWait,
+    /// `griddepcontrol.launch_dependents`: lets the dependent grid start once every block executed it or exited.
+    GridDepLaunchDependents,
     Shfl(ShflMode),
     Vote(VoteMode),
     Activemask,
@@ -723,7 +728,16 @@ impl Op {
             Op::Bra(_) | Op::Exit | Op::Trap | Op::Nop | Op::Unsupported(_) | Op::Call { .. } | Op::Return(_) | Op::CopyLocal(_) | Op::AssertFail(_) => {
                 Class::Control
             }
-            Op::Bar { .. } | Op::BarWarp | Op::Fence | Op::ProxyFence | Op::Mbar(_) | Op::ClusterArrive | Op::ClusterWait | Op::SetMaxNReg(_) => Class::Sync,
+            Op::Bar { .. }
+            | Op::BarWarp
+            | Op::Fence
+            | Op::ProxyFence
+            | Op::GridDepWait
+            | Op::GridDepLaunchDependents
+            | Op::Mbar(_)
+            | Op::ClusterArrive
+            | Op::ClusterWait
+            | Op::SetMaxNReg(_) => Class::Sync,
             Op::Mapa | Op::GetCtaRank => Class::Move,
             Op::Shfl(_) | Op::Vote(_) | Op::Activemask | Op::Elect | Op::Redux { .. } | Op::Match { .. } => Class::WarpCollective,
             Op::Testp { .. } => Class::Float,

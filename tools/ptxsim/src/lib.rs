@@ -51,7 +51,12 @@
 //! - Clusters of one CTA: `mapa` / `getctarank` (rank 0), `.shared::cluster` addresses, `barrier.cluster.arrive` /
 //!   `wait`, `%cluster_*` / `%clusterid` / `%is_explicit_cluster`; `fence.proxy.async`, `fence.proxy.tensormap`,
 //!   `fence.mbarrier_init` (ordering no-ops here), `elect.sync` (lowest lane), `setmaxnreg` (checked: 24..=256, a
-//!   multiple of 8, whole warp), `griddepcontrol` (launches are sequential).
+//!   multiple of 8, whole warp).
+//! - Programmatic dependent launch (`Machine::programmatic`): `griddepcontrol.wait` / `.launch_dependents`
+//!   run as instructions (launches stay sequential, a valid schedule); every kernel launch marks, per byte, what it
+//!   read and wrote (`memory::Allocation::mark`, kept for two launches), and a programmatic launch's accesses before
+//!   a thread's wait are checked against its predecessor's marks: loads of bytes it wrote, stores/atomics to bytes
+//!   it read or wrote, a `launch_dependents` before the wait, and a grid in which no thread waits are errors.
 //!
 //! Known limits: wgmma with int8 inputs and sparse wgmma are not supported yet (they decode as
 //! unsupported); mma.sync and wgmma sum exactly and round once by default, where the hardware truncates to 25
@@ -188,6 +193,23 @@ pub struct Machine {
     /// How `mma.sync` and `wgmma.mma_async` round their dot products: exactly once (the default), or with the
     /// truncations of MMA-Sim's Hopper model (`TensorArith::HopperTruncated`, HOPPER-ASYNC.md §1.6).
     pub tensor_arith: TensorArith,
+    /// Launches are programmatic dependent launches (CUDA's programmatic stream serialization attribute; off by
+    /// default): on a GPU such a kernel may start once every block of the grid before it executed
+    /// `griddepcontrol.launch_dependents` or exited, and its `griddepcontrol.wait` blocks until that grid completed.
+    /// Launches here stay sequential (a valid schedule), and the accesses such an overlap would make unsafe are errors
+    /// ("programmatic launch hazard", naming kernel, block, thread, PTX line, address and the previous launch's
+    /// kernel). When the launch directly follows another kernel launch with no host operation between them, a thread
+    /// that has not executed `griddepcontrol.wait` may not load a global byte the previous launch wrote, nor store to
+    /// or atomically update one it read or wrote (byte-exact; asynchronous copies are checked when issued). In any
+    /// programmatic launch, a thread may not execute `griddepcontrol.launch_dependents` before its wait (that keeps the
+    /// chain transitive: a launch's dependents start only after everything it depends on completed), and some thread
+    /// of the grid must execute the wait.
+    pub programmatic: bool,
+    /// The kernel of the last launch, when it succeeded: a programmatic launch right after it is checked against it.
+    last_kernel: Option<String>,
+    /// A host operation (copy, memset, free, synchronisation) happened since the last launch: it orders the next
+    /// launch after the previous one completely, so a programmatic launch then has no running predecessor.
+    host_op_since_launch: std::cell::Cell<bool>,
 }
 
 impl Default for Machine {
@@ -198,7 +220,16 @@ impl Default for Machine {
 
 impl Machine {
     pub fn new() -> Machine {
-        Machine { global: GlobalMemory::default(), race_check: true, block_sample: None, wgmma_fence_check: true, tensor_arith: TensorArith::ExactRoundOnce }
+        Machine {
+            global: GlobalMemory::default(),
+            race_check: true,
+            block_sample: None,
+            wgmma_fence_check: true,
+            tensor_arith: TensorArith::ExactRoundOnce,
+            programmatic: false,
+            last_kernel: None,
+            host_op_since_launch: std::cell::Cell::new(false),
+        }
     }
 
     /// Uninitialised device memory: a kernel reading it before anything wrote it is an error.
@@ -207,6 +238,7 @@ impl Machine {
     }
 
     pub fn free(&mut self, addr: u64) -> Result<(), SimError> {
+        self.host_op_since_launch.set(true);
         if self.global.free(addr) {
             Ok(())
         } else {
@@ -215,6 +247,7 @@ impl Machine {
     }
 
     pub fn write(&mut self, addr: u64, data: &[u8]) -> Result<(), SimError> {
+        self.host_op_since_launch.set(true);
         if self.global.write(addr, data) {
             Ok(())
         } else {
@@ -224,6 +257,7 @@ impl Machine {
 
     /// Reading bytes no one wrote is allowed from the host (they read as 0); only kernel reads are checked.
     pub fn read(&self, addr: u64, out: &mut [u8]) -> Result<(), SimError> {
+        self.host_op_since_launch.set(true);
         if self.global.read(addr, out) {
             Ok(())
         } else {
@@ -232,6 +266,7 @@ impl Machine {
     }
 
     pub fn memset(&mut self, addr: u64, byte: u8, bytes: usize) -> Result<(), SimError> {
+        self.host_op_since_launch.set(true);
         if self.global.fill(addr, byte, bytes) {
             Ok(())
         } else {
@@ -240,7 +275,8 @@ impl Machine {
     }
 
     /// Runs `entry` to completion over the grid. `params` are the bytes of the kernel's parameters laid out as its
-    /// `.entry` declares them (for our kernels: the one by-value struct).
+    /// `.entry` declares them (for our kernels: the one by-value struct). A programmatic dependent launch while
+    /// [`Machine::programmatic`] is set.
     pub fn launch(
         &mut self,
         module: &Module,
@@ -251,6 +287,22 @@ impl Machine {
         params: &[u8],
     ) -> Result<Counters, SimError> {
         let checks = exec::Checks { race: self.race_check, wgmma_fence: self.wgmma_fence_check, tensor_arith: self.tensor_arith };
-        exec::launch(&mut self.global, module, entry, grid, block, dynamic_shared_bytes, params, checks, self.block_sample)
+        let follows_a_launch = !self.host_op_since_launch.replace(false);
+        let previous_kernel = self.last_kernel.take().filter(|_| self.programmatic && follows_a_launch);
+        let mut pdl = exec::Pdl {
+            programmatic: self.programmatic,
+            previous: previous_kernel.map(|k| (self.global.launch_seq, k)),
+            waited: Vec::new(),
+            any_waited: false,
+        };
+        self.global.launch_seq += 1;
+        let counters = exec::launch(&mut self.global, module, entry, grid, block, dynamic_shared_bytes, params, checks, self.block_sample, &mut pdl)?;
+        self.last_kernel = Some(entry.to_string());
+        Ok(counters)
+    }
+
+    /// Orders the next launch after everything before it, as a host synchronisation does.
+    pub fn synchronize(&mut self) {
+        self.host_op_since_launch.set(true);
     }
 }

@@ -22,6 +22,63 @@ pub(crate) struct Allocation {
     pub data: Vec<u8>,
     /// 1 where the byte has been written (by the host or a kernel).
     pub init: Vec<u8>,
+    /// Which bytes the last two kernel launches read and wrote, for the programmatic-launch hazard check: per byte,
+    /// `MARK_READ` / `MARK_WRITE` shifted by `2 * (launch & 1)`, so the previous launch's marks survive while the
+    /// current one records its own. Empty until a kernel first touches the allocation.
+    marks: Vec<u8>,
+    /// Per launch parity: the launch whose marks that parity holds, and the byte range they cover (so forgetting
+    /// them costs the range the launch touched, not the allocation).
+    mark_spans: [MarkSpan; 2],
+}
+
+/// The launch (`GlobalMemory::launch_seq`) whose marks one parity of `Allocation::marks` holds, and their range.
+#[derive(Clone, Copy, Default)]
+struct MarkSpan {
+    launch: u64,
+    lo: usize,
+    hi: usize,
+}
+
+/// Kinds of kernel access recorded in `Allocation::marks`.
+pub(crate) const MARK_READ: u8 = 1;
+pub(crate) const MARK_WRITE: u8 = 2;
+
+impl Allocation {
+    fn new(data: Vec<u8>, init: Vec<u8>) -> Allocation {
+        Allocation { data, init, marks: Vec::new(), mark_spans: [MarkSpan::default(); 2] }
+    }
+
+    /// Records that kernel launch `launch` (numbered from 1) accessed `[off, off + len)` (`MARK_READ` / `MARK_WRITE`).
+    #[inline]
+    pub fn mark(&mut self, off: usize, len: usize, kind: u8, launch: u64) {
+        let parity = (launch & 1) as usize;
+        let span = &mut self.mark_spans[parity];
+        if span.launch != launch {
+            // First access of this launch: the parity still holds launch - 2's marks (or older), which nothing needs.
+            if self.marks.is_empty() {
+                self.marks = vec![0; self.data.len()];
+            } else {
+                let keep = !((MARK_READ | MARK_WRITE) << (2 * parity));
+                self.marks[span.lo..span.hi].iter_mut().for_each(|m| *m &= keep);
+            }
+            *span = MarkSpan { launch, lo: off, hi: off + len };
+        } else {
+            span.lo = span.lo.min(off);
+            span.hi = span.hi.max(off + len);
+        }
+        let bits = kind << (2 * parity);
+        self.marks[off..off + len].iter_mut().for_each(|m| *m |= bits);
+    }
+
+    /// The first byte of `[off, off + len)` that launch `launch` accessed in one of the `kinds`, as an index from `off`.
+    pub fn marked(&self, off: usize, len: usize, kinds: u8, launch: u64) -> Option<usize> {
+        let parity = (launch & 1) as usize;
+        if self.mark_spans[parity].launch != launch || launch == 0 {
+            return None;
+        }
+        let bits = kinds << (2 * parity);
+        self.marks[off..off + len].iter().position(|m| m & bits != 0)
+    }
 }
 
 pub struct GlobalMemory {
@@ -30,11 +87,13 @@ pub struct GlobalMemory {
     /// Index of the allocation the last lookup hit: kernels touch a few buffers many times in a row.
     last: std::cell::Cell<usize>,
     next: u64,
+    /// The kernel launch running or last run, numbered from 1 (0: none yet); kernel accesses are marked with it.
+    pub(crate) launch_seq: u64,
 }
 
 impl Default for GlobalMemory {
     fn default() -> Self {
-        GlobalMemory { allocs: Vec::new(), last: std::cell::Cell::new(0), next: GLOBAL_BASE }
+        GlobalMemory { allocs: Vec::new(), last: std::cell::Cell::new(0), next: GLOBAL_BASE, launch_seq: 0 }
     }
 }
 
@@ -42,7 +101,7 @@ impl GlobalMemory {
     pub fn alloc(&mut self, bytes: usize) -> u64 {
         let addr = self.next;
         self.next = (addr + bytes as u64 + GAP).div_ceil(256) * 256;
-        self.insert(addr, Allocation { data: vec![0; bytes], init: vec![0; bytes] });
+        self.insert(addr, Allocation::new(vec![0; bytes], vec![0; bytes]));
         addr
     }
 
@@ -54,7 +113,7 @@ impl GlobalMemory {
     /// Places an allocation at a fixed address (module variables); no-op when present.
     pub fn map_fixed(&mut self, addr: u64, bytes: &[u8]) {
         if self.allocs.binary_search_by_key(&addr, |(s, _)| *s).is_err() {
-            self.insert(addr, Allocation { data: bytes.to_vec(), init: vec![1; bytes.len()] });
+            self.insert(addr, Allocation::new(bytes.to_vec(), vec![1; bytes.len()]));
         }
     }
 

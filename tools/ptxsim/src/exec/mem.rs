@@ -116,6 +116,20 @@ impl BlockCtx<'_> {
         a.base.map_or(0, |r| w.regs[r as usize * 32 + lane]).wrapping_add(a.offset as u64)
     }
 
+    /// The programmatic-launch rule (`Pdl::hazard`) for an asynchronous copy's global bytes, checked when the copy is
+    /// issued (it reads or writes them later, perhaps after the issuing thread's `griddepcontrol.wait`).
+    pub(super) fn async_access_allowed(&self, w: &Warp, lane: usize, a: u64, len: usize, store: bool) -> Result<(), Fault> {
+        if self.pdl.previous.is_none() || len == 0 {
+            return Ok(());
+        }
+        if let Some((_, alloc, off)) = self.global.find(a, len) {
+            if let Some((i, message)) = self.pdl.hazard(alloc, off, len, w.linear_tid(lane), store) {
+                return fault(lane, format!("{message}: byte {i} of a {len}-byte asynchronous copy at {a:#x} ({})", self.global.describe(a)));
+            }
+        }
+        Ok(())
+    }
+
     fn shared_bounds(&self, off: u32, len: usize, lane: usize, what: &str) -> Result<usize, Fault> {
         let off = off as usize;
         if off + len > self.shared_size {
@@ -139,17 +153,21 @@ impl BlockCtx<'_> {
     pub(crate) fn read(&mut self, w: &mut Warp, loc: Loc, lane: usize, out: &mut [u8]) -> Result<(), Fault> {
         let len = out.len();
         match loc {
-            Loc::Global(a) => match self.global.find(a, len) {
-                Some((_, alloc, off)) => {
+            Loc::Global(a) => match (self.global.launch_seq, self.global.find_mut(a, len)) {
+                (launch, Some((alloc, off))) => {
                     if let Some(i) = alloc.init[off..off + len].iter().position(|&b| b == 0) {
                         return fault(
                             lane,
                             format!("read of uninitialised global memory: byte {} of a {len}-byte read at {a:#x} ({})", i, self.global.describe(a)),
                         );
                     }
+                    if let Some((i, message)) = self.pdl.hazard(alloc, off, len, w.linear_tid(lane), false) {
+                        return fault(lane, format!("{message}: byte {i} of a {len}-byte read at {a:#x} ({})", self.global.describe(a)));
+                    }
+                    alloc.mark(off, len, MARK_READ, launch);
                     out.copy_from_slice(&alloc.data[off..off + len]);
                 }
-                None => return fault(lane, format!("out-of-bounds global read of {len} bytes at {a:#x} ({})", self.global.describe(a))),
+                (_, None) => return fault(lane, format!("out-of-bounds global read of {len} bytes at {a:#x} ({})", self.global.describe(a))),
             },
             Loc::Shared(o) => {
                 let off = self.shared_bounds(o, len, lane, "read")?;
@@ -189,12 +207,16 @@ impl BlockCtx<'_> {
     pub(crate) fn write(&mut self, w: &mut Warp, loc: Loc, lane: usize, data: &[u8], track: bool) -> Result<(), Fault> {
         let len = data.len();
         match loc {
-            Loc::Global(a) => match self.global.find_mut(a, len) {
-                Some((alloc, off)) => {
+            Loc::Global(a) => match (self.global.launch_seq, self.global.find_mut(a, len)) {
+                (launch, Some((alloc, off))) => {
+                    if let Some((i, message)) = self.pdl.hazard(alloc, off, len, w.linear_tid(lane), true) {
+                        return fault(lane, format!("{message}: byte {i} of a {len}-byte write at {a:#x} ({})", self.global.describe(a)));
+                    }
+                    alloc.mark(off, len, MARK_WRITE, launch);
                     alloc.data[off..off + len].copy_from_slice(data);
                     alloc.init[off..off + len].fill(1);
                 }
-                None => return fault(lane, format!("out-of-bounds global write of {len} bytes at {a:#x} ({})", self.global.describe(a))),
+                (_, None) => return fault(lane, format!("out-of-bounds global write of {len} bytes at {a:#x} ({})", self.global.describe(a))),
             },
             Loc::Shared(o) => {
                 let off = self.shared_bounds(o, len, lane, "write")?;
@@ -407,6 +429,9 @@ impl BlockCtx<'_> {
             if src_bytes > 0 && self.global.find(src, src_bytes as usize).is_none() {
                 return fault(l, format!("out-of-bounds cp.async source: {src_bytes} bytes at {src:#x} ({})", self.global.describe(src)));
             }
+            // The copy reads its source when it lands, perhaps after this thread's griddepcontrol.wait: the
+            // programmatic-launch rule applies at the issue.
+            self.async_access_allowed(w, l, src, src_bytes as usize, false)?;
             if src_bytes > 0 {
                 ranges.push((src, src_bytes));
             }

@@ -13,7 +13,7 @@ mod wgmma;
 use crate::counters::Counters;
 use crate::float::TensorArith;
 use crate::ir::*;
-use crate::memory::{GlobalMemory, SharedMemory};
+use crate::memory::{Allocation, GlobalMemory, SharedMemory, MARK_READ, MARK_WRITE};
 use crate::{Module, SimError, Site};
 
 pub(crate) use mbarrier::Mbarriers;
@@ -222,6 +222,46 @@ struct BarState {
     any_false: bool,
 }
 
+/// The programmatic-dependent-launch state of a launch (PTX ISA `griddepcontrol`; the rules are in `Machine::programmatic`).
+pub(crate) struct Pdl {
+    /// The launch may start before its predecessor completes.
+    pub programmatic: bool,
+    /// The launch directly before it, with no host operation between them (its number and kernel), when programmatic:
+    /// a thread's global accesses before its `griddepcontrol.wait` are checked against that launch's.
+    pub previous: Option<(u64, String)>,
+    /// Per thread of the running block: it executed `griddepcontrol.wait`.
+    pub waited: Vec<bool>,
+    /// Some thread of the grid executed `griddepcontrol.wait`.
+    pub any_waited: bool,
+}
+
+impl Pdl {
+    /// Why thread `tid`'s access of `[off, off + len)` of `alloc` (a store or atomic when `store`) is a hazard, if it
+    /// is: before its wait, a thread may load only bytes the previous launch did not write, and store nothing the
+    /// previous launch read or wrote. Returns the offending byte's index from `off` and the message.
+    #[inline]
+    pub fn hazard(&self, alloc: &Allocation, off: usize, len: usize, tid: u32, store: bool) -> Option<(usize, String)> {
+        let (launch, kernel) = self.previous.as_ref()?;
+        if self.waited[tid as usize] {
+            return None;
+        }
+        let kinds = if store { MARK_READ | MARK_WRITE } else { MARK_WRITE };
+        let i = alloc.marked(off, len, kinds, *launch)?;
+        let (what, did) = if store {
+            let wrote = alloc.marked(off + i, 1, MARK_WRITE, *launch).is_some();
+            ("store/atomic to", if wrote { "wrote" } else { "read" })
+        } else {
+            ("load of", "wrote")
+        };
+        Some((
+            i,
+            format!(
+                "programmatic launch hazard: {what} a global byte that the previous launch ({kernel}) {did}, before this thread executed griddepcontrol.wait (the previous grid may still be running)"
+            ),
+        ))
+    }
+}
+
 /// Everything one block run touches.
 pub(crate) struct BlockCtx<'a> {
     pub kernel: &'a Kernel,
@@ -241,6 +281,7 @@ pub(crate) struct BlockCtx<'a> {
     /// How mma.sync and wgmma round their dot products.
     pub tensor_arith: TensorArith,
     pub ntid: [u32; 3],
+    pub pdl: &'a mut Pdl,
 }
 
 /// Guard lanes: those of `mask` whose predicate passes.
@@ -667,6 +708,20 @@ impl BlockCtx<'_> {
             }
             Op::Fence | Op::Nop => {}
             Op::ProxyFence => lanes(exec).for_each(|l| self.shared.proxy_fence(w.linear_tid(l))),
+            Op::GridDepWait => {
+                for l in lanes(exec) {
+                    self.pdl.waited[w.linear_tid(l) as usize] = true;
+                }
+                self.pdl.any_waited |= exec != 0;
+            }
+            Op::GridDepLaunchDependents => {
+                if let Some(l) = lanes(exec).find(|&l| self.pdl.programmatic && !self.pdl.waited[w.linear_tid(l) as usize]) {
+                    return fault(
+                        l,
+                        "programmatic launch hazard: griddepcontrol.launch_dependents before this thread executed griddepcontrol.wait (a dependent grid could start before the grids this one depends on completed)",
+                    );
+                }
+            }
             Op::CreatePolicy => lanes(exec).for_each(|l| w.set(inst.d[0], l, 0)),
             Op::Shfl(mode) => collective::shfl(w, inst, *mode, exec, mask)?,
             Op::Vote(mode) => collective::vote(w, inst, *mode, exec, mask)?,
@@ -796,6 +851,7 @@ pub(crate) fn launch(
     params: &[u8],
     checks: Checks,
     block_sample: Option<u64>,
+    pdl: &mut Pdl,
 ) -> Result<Counters, SimError> {
     let kernel = module.kernel(entry).ok_or_else(|| SimError::host(format!("no kernel named {entry} in the module (have {:?})", module.entries())))?;
     let threads = block.iter().map(|&d| d as u64).product::<u64>();
@@ -863,6 +919,8 @@ pub(crate) fn launch(
                 }
                 shared.reset();
                 asyncq.reset();
+                pdl.waited.clear();
+                pdl.waited.resize(threads as usize, false);
                 for (w, &live) in warps.iter_mut().zip(&live_masks) {
                     w.live = live;
                     w.blocked = 0;
@@ -892,13 +950,20 @@ pub(crate) fn launch(
                     wgmma_fence_check: checks.wgmma_fence,
                     tensor_arith: checks.tensor_arith,
                     ntid: block,
+                    pdl: &mut *pdl,
                 };
                 ctx.run_block(&mut warps)?;
                 counters.end_block();
             }
         }
     }
+    if pdl.programmatic && !pdl.any_waited {
+        return Err(SimError::host(format!(
+            "programmatic launch hazard: no thread of kernel {entry} executed griddepcontrol.wait, so nothing orders it after the grid before it"
+        )));
+    }
     counters.blocks = total_blocks;
     counters.blocks_run = sample.count();
+    counters.programmatic = pdl.programmatic;
     Ok(counters)
 }

@@ -301,6 +301,7 @@ impl BlockCtx<'_> {
                 let off = swizzle_offset(src + lin, map.swizzle);
                 self.read(w, Loc::Shared(off), l, &mut buf[..eb]).map_err(|f| Fault { message: format!("{} (TMA store source)", f.message), ..f })?;
                 self.check_proxy_fenced(off as usize, eb, w.linear_tid(l), l, "the TMA store")?;
+                self.async_access_allowed(w, l, a, eb, true)?;
                 store.writes.push((a, eb as u32));
                 store.data.extend_from_slice(&buf[..eb]);
             }
@@ -322,6 +323,7 @@ impl BlockCtx<'_> {
             let mut data = vec![0u8; size as usize];
             self.read(w, Loc::Shared(src), l, &mut data).map_err(|f| Fault { message: format!("{} (cp.async.bulk source)", f.message), ..f })?;
             self.check_proxy_fenced(src as usize, size as usize, w.linear_tid(l), l, "the bulk store")?;
+            self.async_access_allowed(w, l, dst, size as usize, true)?;
             self.counters.global_bytes_written += size as u64;
             self.counters.async_copy([(dst, size)]);
             self.bulk.stores[w.linear_tid(l) as usize].push(PendingStore { group: UNCOMMITTED, writes: vec![(dst, size)], data, line: inst.line });

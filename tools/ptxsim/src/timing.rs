@@ -33,7 +33,10 @@
 //!
 //! Not overlapped: a launch overhead per kernel, and one memory latency per wave of blocks (a block's first load
 //! has nothing to hide behind) plus the barriers of the busiest SM's blocks, each exposing a fraction of a memory
-//! latency (the pipeline drains at a block barrier).
+//! latency (the pipeline drains at a block barrier). The launch overhead is a host launch's (`Model::launch_s`,
+//! fitted on benches that launch one kernel at a time); a decode step replayed as a CUDA graph pays a node's cost
+//! instead, less for a programmatic launch, plus one replay a step ([`Prediction::in_graph_seconds`],
+//! [`graph_step_seconds`]; priors, not fitted).
 //!
 //! Blocks per SM come from the ptxas resources (registers, shared memory) and the launch (threads, dynamic shared
 //! memory), as the CUDA occupancy calculator does. Sampled launches (`Machine::block_sample`) are scaled up to the
@@ -161,6 +164,24 @@ pub struct Model {
     /// median difference between the H200 router figures timed with and without it (20.6 - 12.1, 28.8 - 20.1,
     /// 70.5 - 61.6 µs: 8.5, 8.7, 8.9). Not part of a launch's time; `small4 calibrate` adds it to such rows.
     pub host_sync_s: f64,
+    /// A kernel node's launch cost inside a replayed CUDA graph, seconds: what the `launch_s` of a host launch
+    /// becomes once the driver submits the whole step at once (no host work per kernel; the GPU front end still
+    /// starts the node after its predecessor drained). Prior, not fitted (no graph measured here yet): a chain of
+    /// no-op kernels replayed as a graph cost ~0.58 µs a node against ~6.4 µs a host launch + sync (RTX 5070 Ti,
+    /// CUDA 13.3, ahrefs/ocannl#488; the NVIDIA blog "Getting Started with CUDA Graphs" reports the same order on
+    /// V100). tools/gpu/run.sh's bench with and without programmatic launches measures it on the first lease.
+    pub graph_node_s: f64,
+    /// The same node launched programmatically (Hopper's programmatic dependent launch: the attribute
+    /// `CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION` and `griddepcontrol.wait` in the kernel): its blocks are
+    /// scheduled while the predecessor finishes and wait at `griddepcontrol.wait`, so what is left is the wait's
+    /// release after the predecessor's completion and memory flush. Prior, not fitted: llama.cpp's programmatic
+    /// launches (ggml-org/llama.cpp#22522) took gpt-oss 20B token generation from 332 to 376 tokens/s on Hopper
+    /// with its CUDA graphs already on, ~0.35 ms a token over some hundreds of kernels: most of a node's cost.
+    pub pdl_node_s: f64,
+    /// The fixed cost of one graph replay and the host synchronisation that reads its result (`cuGraphLaunch` +
+    /// `cuStreamSynchronize`), seconds, once per decode step. Prior, not fitted: ~15 µs fixed in the graph-replay
+    /// measurement cited for `graph_node_s` (19.4 µs for 8 nodes, 82.9 µs for 117 at 0.58 µs a node).
+    pub graph_replay_s: f64,
 }
 
 impl Model {
@@ -177,6 +198,9 @@ impl Model {
         max_bytes_in_flight_per_sm: 32.0 * 1024.0,
         barrier_exposure: 0.4,
         host_sync_s: 8.7e-6,
+        graph_node_s: 0.6e-6,
+        pdl_node_s: 0.2e-6,
+        graph_replay_s: 15e-6,
     };
 }
 
@@ -268,6 +292,9 @@ pub struct Prediction {
     pub chain_s: f64,
     /// Launch overhead, first-load latency per wave and barrier drains: the terms added to the largest rate.
     pub exposed_s: f64,
+    /// The launch overhead inside `exposed_s` (the model's `launch_s`: a host launch), which a replayed graph
+    /// replaces with its node cost ([`Prediction::in_graph_seconds`]).
+    pub launch_s: f64,
     /// The achievable DRAM bandwidth (memory parallelism and efficiency), bytes per second.
     pub dram_bytes_per_s: f64,
 }
@@ -277,6 +304,23 @@ impl Prediction {
     pub fn micros(&self) -> f64 {
         self.seconds * 1e6
     }
+    /// The launch's time as a node of a replayed CUDA graph: its host launch overhead replaced by the graph node's
+    /// cost, `model.pdl_node_s` when it was launched programmatically, `model.graph_node_s` otherwise. (The
+    /// replay's fixed cost is the step's, not a node's: [`graph_step_seconds`].)
+    pub fn in_graph_seconds(&self, model: &Model, programmatic: bool) -> f64 {
+        let node_s = if programmatic { model.pdl_node_s } else { model.graph_node_s };
+        self.seconds - self.launch_s + node_s
+    }
+}
+
+/// A decode step replayed as one CUDA graph: the replay's fixed cost (launch and the host synchronisation that
+/// reads the sampled tokens) plus each node's time in the graph. `nodes`: each launch's prediction and whether it
+/// was launched programmatically.
+pub fn graph_step_seconds<'a>(nodes: impl IntoIterator<Item = (&'a Prediction, bool)>, model: &Model) -> f64 {
+    model.graph_replay_s + nodes.into_iter().map(|(p, programmatic)| p.in_graph_seconds(model, programmatic)).sum::<f64>()
+}
+
+impl Prediction {
     /// The term that set the time: "dram", "l2", "issue", "tensor", "shared", "chain" or "latency".
     pub fn bound(&self) -> &'static str {
         let terms =
@@ -394,6 +438,7 @@ pub fn predict(c: &Profile, gpu: &Gpu, model: &Model) -> Prediction {
         shared_s,
         chain_s,
         exposed_s,
+        launch_s: model.launch_s,
         dram_bytes_per_s: dram_bw,
     }
 }
@@ -504,6 +549,22 @@ mod tests {
         // Half of each kind: the times add.
         let mixed = tensor(flops, flops / 2, flops / 4);
         assert!((mixed - (mma_sync / 2.0 + wgmma / 4.0 + wgmma_8bit / 4.0)).abs() < 1e-12);
+    }
+
+    /// In a replayed graph a launch pays its node's cost instead of a host launch's, less when programmatic, and
+    /// the step pays the replay once.
+    #[test]
+    fn a_graph_node_replaces_the_host_launch_overhead() {
+        let (gpu, model) = (Gpu::H100_SXM, Model::FITTED);
+        let base = Profile { blocks: 132, blocks_run: 132, block_threads: 128, registers: 64, warp_instructions: 132 * 4000, ..Profile::default() };
+        let p = predict(&base, &gpu, &model);
+        assert_eq!(p.launch_s, model.launch_s);
+        let (graph, pdl) = (p.in_graph_seconds(&model, false), p.in_graph_seconds(&model, true));
+        assert!((p.seconds - graph - (model.launch_s - model.graph_node_s)).abs() < 1e-15);
+        assert!((graph - pdl - (model.graph_node_s - model.pdl_node_s)).abs() < 1e-15);
+        assert!(pdl < graph && graph < p.seconds);
+        let step = graph_step_seconds([(&p, false), (&p, true)], &model);
+        assert!((step - (model.graph_replay_s + graph + pdl)).abs() < 1e-15);
     }
 
     /// The same sectors moved by a TMA / bulk producer and by the lanes' loads of a kernel that keeps few bytes in

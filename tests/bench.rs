@@ -53,6 +53,14 @@ fn programmatic_launches_can_be_turned_off() {
     assert_eq!((on.to_json()["programmatic_launches"].as_bool(), off.to_json()["programmatic_launches"].as_bool()), (Some(true), Some(false)));
     assert!(off.to_string().contains("programmatic dependent launches: off") && !on.to_string().contains("programmatic dependent"));
     assert_eq!(on.launches_per_decode_step, off.launches_per_decode_step);
+    // The timing model's graph form: the programmatic nodes cost less than the plain ones, by the two node costs'
+    // difference per launch of the profiled step.
+    let model = small4::device::TimingModel::FITTED;
+    let (graph_on, graph_off) = (on.predicted_graph_us_per_decode_step().unwrap(), off.predicted_graph_us_per_decode_step().unwrap());
+    let launches = on.launches_per_family.values().sum::<u64>() as f64;
+    let expected = launches * (model.graph_node_s - model.pdl_node_s) * 1e6;
+    assert!(((graph_off - graph_on) - expected).abs() < 1e-6 * graph_off, "off {graph_off} on {graph_on}: {expected} expected");
+    assert!(on.to_string().contains("predicted as a replayed graph (programmatic node costs"), "{on}");
     assert!(device.programmatic_launches(), "the run put the device's switch back");
 }
 
@@ -121,6 +129,20 @@ fn the_cli_benchmarks_a_synthetic_model_and_writes_json() {
     let predicted = report["predicted_us_per_decode_step"].as_f64().expect("a prediction on the interpreter");
     let by_family: f64 = report["predicted_us_per_family"].as_object().unwrap().values().map(|v| v.as_f64().unwrap()).sum();
     assert!(predicted.is_finite() && predicted > 0.0 && (predicted - by_family).abs() <= 1e-9 * predicted, "{report}");
+    // As a replayed graph each launch pays a node's cost instead of a host launch's (programmatic ones less), and the
+    // step one replay: a family's graph figure is its eager one less (launch - node) per launch.
+    let model = small4::device::TimingModel::FITTED;
+    let graph = report["predicted_us_per_decode_step_graph"].as_f64().expect("a graph prediction on the interpreter");
+    let graph_families = report["predicted_us_per_family_graph"].as_object().unwrap();
+    let graph_by_family: f64 = graph_families.values().map(|v| v.as_f64().unwrap()).sum();
+    assert!((graph - (graph_by_family + model.graph_replay_s * 1e6)).abs() <= 1e-9 * graph, "{report}");
+    for (family, eager) in report["predicted_us_per_family"].as_object().unwrap() {
+        let launches = report["launches_per_family"][family].as_f64().unwrap();
+        let saved = eager.as_f64().unwrap() - graph_families[family].as_f64().unwrap();
+        // Every launch of this step runs programmatic (its kernels all wait for prior grids: tests/engine.rs).
+        let per_launch = (model.launch_s - model.pdl_node_s) * 1e6;
+        assert!((saved - launches * per_launch).abs() < 1e-6 * eager.as_f64().unwrap().max(1.0), "{family}: saved {saved} us over {launches} launches");
+    }
     // The timed steps replay the captured graph: its launches are counted, and the step reads its tokens back.
     assert_eq!(report["captured_graphs"].as_u64(), Some(1));
     assert!(report["launches_per_decode_step"].as_u64().unwrap() > 10);

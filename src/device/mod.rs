@@ -279,6 +279,10 @@ pub struct LaunchCounters {
     pub predicted_us: Option<f64>,
     /// The GPU `predicted_us` is for.
     pub predicted_gpu: Option<&'static str>,
+    /// The same prediction for the launch as a node of a replayed CUDA graph, microseconds: the host launch overhead
+    /// replaced by a graph node's cost, a programmatic node's when `programmatic` (`TimingPrediction::in_graph_seconds`;
+    /// the node costs are priors, not fitted).
+    pub predicted_graph_us: Option<f64>,
 }
 
 /// A GPU the timing model knows (H100 SXM, H100 PCIe, H200), re-exported from `ptxsim::timing::Gpu`.
@@ -459,6 +463,8 @@ pub struct LaunchRecord {
     /// The interpreter's predicted device time in microseconds on its target GPU (`LaunchCounters::predicted_us`);
     /// `None` on hardware.
     pub predicted_us: Option<f64>,
+    /// Its prediction as a node of a replayed graph (`LaunchCounters::predicted_graph_us`); `None` on hardware.
+    pub predicted_graph_us: Option<f64>,
 }
 
 #[derive(Default)]
@@ -572,8 +578,9 @@ impl Backend for Instrumented {
             }
         };
         if let Some((records, _)) = self.state.lock().unwrap().records.as_mut() {
-            let predicted_us = self.inner.last_launch_counters().and_then(|c| c.predicted_us);
-            records.push(LaunchRecord { kernel: kernel.entry, params: params.to_vec(), micros, predicted_us });
+            let counters = self.inner.last_launch_counters();
+            let (predicted_us, predicted_graph_us) = counters.map_or((None, None), |c| (c.predicted_us, c.predicted_graph_us));
+            records.push(LaunchRecord { kernel: kernel.entry, params: params.to_vec(), micros, predicted_us, predicted_graph_us });
         }
         Ok(())
     }

@@ -184,7 +184,9 @@ impl SimBackend {
         drop(machine);
         let mut launch = launch_counters(&counters, kernel.module.name);
         if let Some(gpu) = self.target_gpu() {
-            launch.predicted_us = Some(launch.predict(&gpu, &TimingModel::FITTED).micros());
+            let prediction = launch.predict(&gpu, &TimingModel::FITTED);
+            launch.predicted_us = Some(prediction.micros());
+            launch.predicted_graph_us = Some(prediction.in_graph_seconds(&TimingModel::FITTED, launch.programmatic) * 1e6);
             launch.predicted_gpu = Some(gpu.name);
         }
         if let Some(log) = self.recorded.lock().unwrap().as_mut() {
@@ -233,6 +235,7 @@ fn launch_counters(c: &ptxsim::Counters, family: &str) -> LaunchCounters {
         timing: TimingProfile::new(c, registers),
         predicted_us: None,
         predicted_gpu: None,
+        predicted_graph_us: None,
         kernel: c.kernel.clone(),
         programmatic: c.programmatic,
         blocks: c.blocks,

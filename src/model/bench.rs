@@ -103,6 +103,7 @@ impl Default for BenchOptions {
 ///     launches_per_family: Default::default(),
 ///     kernel_us_per_decode_step: None,
 ///     predicted_us_per_family: None,
+///     predicted_graph_us_per_family: None,
 /// };
 /// assert_eq!(report.prefill_tokens_per_s(), 4.0 * 100.0 / 0.2); // batch * prompt_len / prefill
 /// assert_eq!(report.decode_step_mean(), ms(25));
@@ -152,9 +153,21 @@ pub struct BenchReport {
     /// (`LaunchCounters::predicted_us`, H100 SXM unless `SMALL4_PREDICT_GPU` says otherwise) by family, microseconds;
     /// `None` on hardware.
     pub predicted_us_per_family: Option<BTreeMap<String, f64>>,
+    /// The same launches predicted as the nodes of a replayed CUDA graph, by family, microseconds: each launch's host
+    /// overhead replaced by a graph node's cost, a programmatic node's where it launched programmatically
+    /// (`LaunchCounters::predicted_graph_us`; node costs are the timing model's priors, not fitted). The step adds one
+    /// replay ([`BenchReport::predicted_graph_us_per_decode_step`]). `None` on hardware.
+    pub predicted_graph_us_per_family: Option<BTreeMap<String, f64>>,
 }
 
 impl BenchReport {
+    /// The timing model's decode step as a replayed graph, microseconds: the profiled launches as graph nodes plus one
+    /// replay's fixed cost (`TimingModel::graph_replay_s`: the graph launch and the sync that reads the tokens). The
+    /// profiling step runs no sampling kernel, so the graph's argmax and `decode_advance` nodes are not in it.
+    pub fn predicted_graph_us_per_decode_step(&self) -> Option<f64> {
+        let replay_us = crate::device::TimingModel::FITTED.graph_replay_s * 1e6;
+        self.predicted_graph_us_per_family.as_ref().map(|p| replay_us + p.values().sum::<f64>())
+    }
     /// Prompt tokens prefilled per second: `batch * prompt_len` over the prefill step's time.
     pub fn prefill_tokens_per_s(&self) -> f64 {
         (self.options.batch * self.options.prompt_len) as f64 / self.prefill.as_secs_f64()
@@ -208,6 +221,8 @@ impl BenchReport {
             "kernel_us_per_decode_step": self.kernel_us_per_decode_step,
             "predicted_us_per_decode_step": self.predicted_us_per_family.as_ref().map(|p| p.values().sum::<f64>()),
             "predicted_us_per_family": self.predicted_us_per_family,
+            "predicted_us_per_decode_step_graph": self.predicted_graph_us_per_decode_step(),
+            "predicted_us_per_family_graph": self.predicted_graph_us_per_family,
         })
     }
 }
@@ -264,6 +279,18 @@ impl fmt::Display for BenchReport {
             write!(f, "\npredicted by the timing model (eager profiling step): {:.1} us", predicted.values().sum::<f64>())?;
             for family in FAMILIES {
                 if let Some(us) = predicted.get(family) {
+                    write!(f, "\n  {family:<22} {us:>10.1} us")?;
+                }
+            }
+        }
+        if let (Some(graph), Some(step)) = (&self.predicted_graph_us_per_family, self.predicted_graph_us_per_decode_step()) {
+            write!(
+                f,
+                "\npredicted as a replayed graph ({} node costs, one replay; priors, not fitted): {step:.1} us",
+                if self.programmatic_launches { "programmatic" } else { "graph" }
+            )?;
+            for family in FAMILIES {
+                if let Some(us) = graph.get(family) {
                     write!(f, "\n  {family:<22} {us:>10.1} us")?;
                 }
             }
@@ -475,14 +502,18 @@ fn run(counted: &Instrumented, model: DeviceModel, load: Duration, format: Strin
     let mut launches_per_family = BTreeMap::new();
     let mut times: BTreeMap<String, f64> = BTreeMap::new();
     let mut predicted: BTreeMap<String, f64> = BTreeMap::new();
+    let mut predicted_graph: BTreeMap<String, f64> = BTreeMap::new();
     let mut timed = !records.is_empty();
     let mut all_predicted = !records.is_empty();
     for record in &records {
         let family = family_of(record, &weights).to_string();
         *launches_per_family.entry(family.clone()).or_insert(0u64) += 1;
-        match record.predicted_us {
-            Some(us) => *predicted.entry(family.clone()).or_insert(0.0) += us,
-            None => all_predicted = false,
+        match (record.predicted_us, record.predicted_graph_us) {
+            (Some(us), Some(graph_us)) => {
+                *predicted.entry(family.clone()).or_insert(0.0) += us;
+                *predicted_graph.entry(family.clone()).or_insert(0.0) += graph_us;
+            }
+            _ => all_predicted = false,
         }
         match record.micros {
             Some(us) => *times.entry(family).or_insert(0.0) += us,
@@ -506,5 +537,6 @@ fn run(counted: &Instrumented, model: DeviceModel, load: Duration, format: Strin
         launches_per_family,
         kernel_us_per_decode_step: timed.then_some(times),
         predicted_us_per_family: all_predicted.then_some(predicted),
+        predicted_graph_us_per_family: all_predicted.then_some(predicted_graph),
     })
 }

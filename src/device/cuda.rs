@@ -50,7 +50,7 @@ pub struct CudaBackend {
     /// While a graph capture is open: the stream it records (the legacy default stream cannot be captured).
     capture: Mutex<Option<Arc<CudaStream>>>,
     /// Kernels that wait for prior grids launch with programmatic stream serialization (`Backend::set_programmatic_launches`).
-    programmatic: std::sync::atomic::AtomicBool,
+    programmatic: super::ProgrammaticSwitch,
 }
 
 /// An instantiated CUDA graph; destroyed with the `Graph` that owns it.
@@ -105,7 +105,7 @@ impl CudaBackend {
             stream,
             functions: Mutex::new(HashMap::new()),
             capture: Mutex::new(None),
-            programmatic: std::sync::atomic::AtomicBool::new(super::programmatic_launches_by_default()),
+            programmatic: super::ProgrammaticSwitch::new(),
         }
     }
 
@@ -261,7 +261,7 @@ impl Backend for CudaBackend {
         let mut args = [storage.as_mut_ptr().cast::<c_void>()];
         let stream = self.capture.lock().unwrap().as_ref().map_or(self.stream.cu_stream(), |s| s.cu_stream());
         let what = || format!("launch {}::{}", kernel.module.name, kernel.entry);
-        if !(self.programmatic_launches() && kernel.waits_for_prior_grids()) {
+        if !self.programmatic.applies_to(kernel) {
             return unsafe { result::launch_kernel(function, (g.x, g.y, g.z), (b.x, b.y, b.z), config.shared_bytes, stream, &mut args) }
                 .map_err(driver_error(&what()));
         }
@@ -292,11 +292,11 @@ impl Backend for CudaBackend {
     }
 
     fn set_programmatic_launches(&self, on: bool) {
-        self.programmatic.store(on, std::sync::atomic::Ordering::Relaxed);
+        self.programmatic.set(on);
     }
 
     fn programmatic_launches(&self) -> bool {
-        self.programmatic.load(std::sync::atomic::Ordering::Relaxed)
+        self.programmatic.is_on()
     }
 
     fn launch_timed(&self, kernel: &Kernel, config: &LaunchConfig, params: &[u8]) -> Result<Option<f64>> {

@@ -191,6 +191,26 @@ pub fn programmatic_launches_by_default() -> bool {
     std::env::var("SMALL4_PDL").map_or(true, |v| v != "0")
 }
 
+/// A backend's programmatic-launch switch ([`Backend::set_programmatic_launches`]), one for the CUDA backend and
+/// the interpreter: starts at [`programmatic_launches_by_default`].
+pub(crate) struct ProgrammaticSwitch(std::sync::atomic::AtomicBool);
+
+impl ProgrammaticSwitch {
+    pub(crate) fn new() -> Self {
+        ProgrammaticSwitch(std::sync::atomic::AtomicBool::new(programmatic_launches_by_default()))
+    }
+    pub(crate) fn set(&self, on: bool) {
+        self.0.store(on, std::sync::atomic::Ordering::Relaxed)
+    }
+    pub(crate) fn is_on(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+    /// Whether `kernel` launches programmatically now: the switch is on and it waits for prior grids.
+    pub(crate) fn applies_to(&self, kernel: &Kernel) -> bool {
+        self.is_on() && kernel.waits_for_prior_grids()
+    }
+}
+
 /// A grid size in blocks or a block size in threads, as CUDA's `dim3`; unused dimensions are 1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Dim3 {

@@ -46,7 +46,7 @@ pub struct SimBackend {
     /// Every launch's counters since `record_launches(true)`, while recording.
     recorded: Mutex<Option<Vec<LaunchCounters>>>,
     /// Kernels that wait for prior grids launch programmatically (`Backend::set_programmatic_launches`).
-    programmatic: std::sync::atomic::AtomicBool,
+    programmatic: super::ProgrammaticSwitch,
 }
 
 /// Registers per thread assumed for a kernel the ptxas table does not list (a module built outside build.rs, such
@@ -70,7 +70,7 @@ impl SimBackend {
             last: Mutex::new(None),
             target: Mutex::new(target),
             recorded: Mutex::new(None),
-            programmatic: std::sync::atomic::AtomicBool::new(super::programmatic_launches_by_default()),
+            programmatic: super::ProgrammaticSwitch::new(),
         }
     }
 
@@ -165,11 +165,6 @@ impl SimBackend {
             return Err(Error::InvalidArgument(format!("{what} inside a graph capture: a captured step may only launch kernels")));
         }
         Ok(())
-    }
-
-    /// Whether `kernel` launches programmatically now: it waits for prior grids and programmatic launches are on.
-    fn programmatic(&self, kernel: &Kernel) -> bool {
-        self.programmatic.load(std::sync::atomic::Ordering::Relaxed) && kernel.waits_for_prior_grids()
     }
 
     /// Runs one launch; a programmatic one through `ptxsim::Machine::programmatic`, whose hazard checks make a
@@ -299,10 +294,10 @@ impl Backend for SimBackend {
         if let Some(recorded) = self.capture.lock().unwrap().as_mut() {
             // Parse now, as the first real launch would: a bad module fails the capture, not a later replay.
             self.module(kernel)?;
-            recorded.push(RecordedLaunch { kernel: *kernel, config: *config, params: params.to_vec(), programmatic: self.programmatic(kernel) });
+            recorded.push(RecordedLaunch { kernel: *kernel, config: *config, params: params.to_vec(), programmatic: self.programmatic.applies_to(kernel) });
             return Ok(());
         }
-        self.run(kernel, config, params, self.programmatic(kernel))
+        self.run(kernel, config, params, self.programmatic.applies_to(kernel))
     }
     fn begin_capture(&self) -> Result<()> {
         let mut capture = self.capture.lock().unwrap();
@@ -332,10 +327,10 @@ impl Backend for SimBackend {
         Ok(())
     }
     fn set_programmatic_launches(&self, on: bool) {
-        self.programmatic.store(on, std::sync::atomic::Ordering::Relaxed);
+        self.programmatic.set(on);
     }
     fn programmatic_launches(&self) -> bool {
-        self.programmatic.load(std::sync::atomic::Ordering::Relaxed)
+        self.programmatic.is_on()
     }
     fn last_launch_counters(&self) -> Option<LaunchCounters> {
         self.last.lock().unwrap().clone()

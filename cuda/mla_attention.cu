@@ -32,6 +32,7 @@
 // (lengths, tables, q, the cache row just written, the partials) is an earlier kernel's output.
 #include "params.h"
 #include "common.cuh"
+#include "l2_prefetch.cuh"
 #include "mma.cuh"
 #include "mla_cache.cuh"
 #include "quant.cuh"
@@ -282,6 +283,8 @@ __device__ __forceinline__ void attend_split(const MlaAttentionParams &p, int se
 // the standalone mla_attention_combine runs after.
 template <bool kFp8>
 __device__ __forceinline__ void attention_tile(const MlaAttentionParams &p) {
+    // A later kernel's weights into L2 (l2_prefetch.cuh): static bytes, so before the wait.
+    prefetch_l2(p.l2_prefetch);
     // Programmatic launch (common.cuh): everything this kernel reads first (sequence lengths, block tables, q, the
     // cache row the latent projection just wrote) is an earlier kernel's output; only the launch parameters are not.
     wait_then_allow_dependents();

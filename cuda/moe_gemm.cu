@@ -42,6 +42,7 @@
 #include "params.h"
 #include "common.cuh"
 #include "gemm_epilogue.cuh"
+#include "l2_prefetch.cuh"
 #include "mma.cuh"
 #include "quant.cuh"
 #include "weight_format.cuh"
@@ -374,6 +375,8 @@ __device__ __forceinline__ void decode_gemm(const MoeGemmParams &p) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2;
 
+    // A later kernel's weights into L2 (l2_prefetch.cuh): static bytes, so before any wait.
+    prefetch_l2(p.l2_prefetch);
     const bool tail = p.sorted_pairs != nullptr && (int)blockIdx.y >= p.capacity_tiles;
     // Programmatic launch (common.cuh): a routed block's expert and slots come from the router's grouping, an earlier
     // kernel's output, so it waits before reading them; a dense launch's and the shared expert's tail blocks read only

@@ -19,6 +19,7 @@
 // (static weights, 4 x 16 bytes) are in flight before it waits for the kernel that wrote the hidden vector.
 #include "params.h"
 #include "common.cuh"
+#include "l2_prefetch.cuh"
 
 namespace {
 
@@ -573,6 +574,8 @@ __device__ void decode_route_and_align(const RouterParams &p, int slices, int st
 // Grid: x = ceil(dim / 256) slices (<= 16), y = ceil(experts / 32) groups (<= 4); 256 threads; tokens == 1.
 extern "C" __global__ void __launch_bounds__(kThreads) router_topk_decode(const RouterParams p) {
     __shared__ uint4 hidden_slice[kSlice / 8];
+    // A later kernel's weights into L2 (l2_prefetch.cuh): static bytes, so before the wait, with the gate rows.
+    prefetch_l2(p.l2_prefetch);
     const int tid = threadIdx.x, lane = lane_id(), warp = tid >> 5;
     const int col = blockIdx.x * kSlice + lane * 8;
     const bool col_valid = col < p.dim;

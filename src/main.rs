@@ -180,6 +180,10 @@ struct BenchArgs {
     /// prior grids may start while the one before it finishes; the environment's SMALL4_PDL=0 turns it off too).
     #[arg(long)]
     no_pdl: bool,
+    /// Decode steps without the cross-kernel L2 prefetch (by default the latency-bound launches of a layer pull the
+    /// next GEMM's weights into L2: wo's during absorption and attention, the shared expert's during routing).
+    #[arg(long)]
+    no_l2_prefetch: bool,
     /// Routed experts in W8A8 (needs per-tensor FP8 experts with activation scales: --format fp8 for the preset).
     #[arg(long)]
     fp8_activations: bool,
@@ -349,6 +353,7 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         warmup_steps: args.warmup_steps,
         graphs: !args.eager,
         programmatic_launches: !args.no_pdl,
+        l2_prefetch: !args.no_l2_prefetch,
         fp8_activations: args.fp8_activations,
         prefill_chunk: args.prefill_chunk,
         seed: 0,

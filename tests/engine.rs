@@ -327,13 +327,20 @@ fn bad_requests_are_refused_before_they_join(device: &Device) {
 /// replayed while the sequences grow within it); then one sequence leaves and the other goes on alone at 8 pages (a
 /// second graph, replayed for its last steps). On the interpreter the graph is the recorded launch list, and any host
 /// copy inside the capture is an error, so this also proves the step is graph-safe. Recording the routing
-/// (`EngineOptions::record_routing`, what the teacher-forced tests run) captures nothing and changes no logit.
+/// (`EngineOptions::record_routing`, what the teacher-forced tests run) captures nothing and changes no logit. The
+/// cross-kernel L2 prefetch (`EngineOptions::l2_prefetch`, on in these runs) is a hint: replayed steps without it
+/// give the same tokens and logits.
 fn decode_graphs_equal_eager_steps(device: &Device) {
     let (run, (eager_tokens, eager_steps, _)) = graphs_equal_eager_steps(device, WeightFormat::Bf16, false);
     let (tokens, steps, captured) = run(EngineOptions { record_routing: true, ..options(2) });
     assert_eq!(captured, 0, "a step that records its routing runs eagerly");
     assert_eq!(tokens, eager_tokens);
     assert!(steps == eager_steps, "recording the routing changed the logits");
+    assert!(options(2).l2_prefetch, "the runs above prefetch");
+    let (tokens, steps, captured) = run(EngineOptions { l2_prefetch: false, ..options(2) });
+    assert!(captured >= 2);
+    assert_eq!(tokens, eager_tokens);
+    assert!(steps == eager_steps, "the L2 prefetch changed the logits");
 }
 
 /// The requests of one run of [`graphs_equal_eager_steps`]: their tokens, each step's (request, token, logits), and the

@@ -107,6 +107,7 @@ fn dry_run_prints_every_gpu_command_and_writes_the_section() {
         "--format bf16 --experts 32",
         "--format fp8 --experts 64",
         "--synthetic --format nvfp4 --no-pdl --prompt-len",
+        "--synthetic --format nvfp4 --no-l2-prefetch --prompt-len",
     ] {
         assert!(text.contains(&format!("small4 bench --backend gpu {synthetic}")) || text.contains(synthetic), "no '{synthetic}' run:\n{text}");
     }
@@ -150,6 +151,7 @@ fn sim_rehearsal_runs_the_twins_and_writes_the_results() {
     if synthetic {
         assert!(section.contains("| nvfp4 | sim | 1 | 8 |"), "{section}");
         assert!(section.contains("| nvfp4, PDL off | sim | 1 | 8 |"), "the --no-pdl comparison run: {section}");
+        assert!(section.contains("| nvfp4, L2 prefetch off | sim | 1 | 8 |"), "the --no-l2-prefetch comparison run: {section}");
         let reports: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.path().join("synthetic.json")).unwrap()).unwrap();
         assert_eq!(reports[0]["format"], "nvfp4");
     }

@@ -20,6 +20,24 @@ typedef uint16_t bf16;
 typedef uint8_t fp8e4m3;
 #endif
 
+/* ---- shared by several families ------------------------------------------------------------------------------ */
+
+/* Cross-kernel L2 prefetch (cuda/include/l2_prefetch.cuh, src/kernels/prefetch.rs): bytes a LATER kernel of the step
+ * reads (its weights) that this launch asks L2 to fetch while it runs, so a latency-bound kernel's idle DRAM time
+ * streams the next DRAM-bound kernel's weights. A range is `segments` runs of `segment_bytes` bytes, `stride` bytes
+ * apart (one k-block range of every 16-row weight tile); base and stride on 16 bytes, segment_bytes a multiple of 16;
+ * segment_bytes 0 = no range. A hint: it changes no result. */
+typedef struct L2PrefetchRange {
+    const unsigned char *base;
+    unsigned long long stride;
+    unsigned int segment_bytes;
+    unsigned int segments;
+} L2PrefetchRange;
+/* The weights' bytes and their scales' (4-bit and fp8-block formats). */
+typedef struct L2Prefetch {
+    L2PrefetchRange range[2];
+} L2Prefetch;
+
 /* ---- norm.cu ---------------------------------------------------------------------------------------------------- */
 
 /* out[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * weight[:]   (bf16 in and out, f32 accumulation).
@@ -92,6 +110,7 @@ typedef struct RouterParams {
     int k; /* 1 ..= min(8, experts) */
     float routed_scale;
     MoeAlignParams align; /* align.topk_ids == topk_ids */
+    L2Prefetch l2_prefetch; /* router_topk_decode only: a later kernel's weights to pull into L2, issued first */
 } RouterParams;
 
 /* mla_cache_write_{bf16,fp8}: one token per warp.
@@ -232,6 +251,8 @@ typedef struct MoeGemmParams {
     /* moe_gemm_{fp8,fp8_block}_wgmma_a8 only (cuda/moe_gemm_wgmma_fp8.cu): x_e4m3's scales, one f32 per input row and
      * 128 k ([input rows, k_dim / 128], from moe_quantize_act_e4m3_block128): x = e4m3 * scale. */
     const float *x_block_scales;
+    /* The decode kernel (moe_gemm_*_decode[_split]) only: a later kernel's weights to pull into L2, issued first. */
+    L2Prefetch l2_prefetch;
 } MoeGemmParams;
 
 /* CUtensorMap (cuda.h): the 128 opaque bytes of a TMA tensor map, made on the host by
@@ -385,6 +406,7 @@ typedef struct MlaAttentionParams {
     int q_rope_stride;         /* elements between q_rope rows (64 when packed; a query head's width when read in place) */
     float score_scale;         /* softmax scale * fp8 scale (1 for bf16) */
     float value_scale;         /* fp8 scale (1 for bf16) */
+    L2Prefetch l2_prefetch;    /* mla_attention_{bf16,fp8} only: a later kernel's weights to pull into L2, issued first */
 } MlaAttentionParams;
 
 /* ---- ops.cu: RoPE, embedding, SwiGLU, dense GEMM, sampling and the other small kernels of a layer ------------------ */

@@ -15,6 +15,7 @@ use super::moe::{DeviceWeights, RowCounters, RowFinish};
 use super::moe_wgmma_fp8::Fp8ActScratch;
 use super::norm;
 use super::params::{MlaAttentionParams, MlaCacheWriteParams, MlaCopyPagesParams};
+use super::prefetch::L2Prefetch;
 use super::{Matrix, TensorView, Vector};
 // The SM count the split heuristic fills (an H100 SXM's or an H200's).
 use super::TARGET_SMS as SMS;
@@ -978,6 +979,24 @@ pub fn mla_attention(
     num_splits: Option<usize>,
     scratch: &mut AttentionScratch,
 ) -> Result<AttentionPlan> {
+    mla_attention_prefetching(cache, tables, queries, o_lat, softmax_scale, num_splits, scratch, &L2Prefetch::NONE)
+}
+
+/// [`mla_attention`] that also pulls `l2_prefetch` (a later kernel's weights, [`super::prefetch`]) into L2 while it
+/// runs: at batch 1 the attention is latency-bound and the decode step hands it part of wo's weights. The decode
+/// kernels (`mla_attention_{bf16,fp8}`) issue it; the wgmma prefill kernel and the combine ignore it. The same
+/// results either way.
+#[allow(clippy::too_many_arguments)]
+pub fn mla_attention_prefetching(
+    cache: &PagedCache,
+    tables: &BlockTables,
+    queries: &Queries,
+    o_lat: TensorView<bf16, 3>,
+    softmax_scale: f32,
+    num_splits: Option<usize>,
+    scratch: &mut AttentionScratch,
+    l2_prefetch: &L2Prefetch,
+) -> Result<AttentionPlan> {
     tables.check_cache(cache)?;
     let num_seqs = tables.num_seqs();
     let (q_start, heads) = (&queries.layout.host, queries.q_lat.dims()[1]);
@@ -1058,6 +1077,7 @@ pub fn mla_attention(
         total_rows: rows as i32,
         score_scale,
         value_scale,
+        l2_prefetch: l2_prefetch.for_grid(blocks as u64),
     };
     let block_warps = if fused && blocks <= SMS { FUSED_BLOCK_WARPS } else { plan.warps };
     let (block, shared_bytes) = if wgmma { (WGMMA_THREADS, WGMMA_SHARED_BYTES) } else { (32 * block_warps as u32, plan.shared_bytes(cache.desc.dtype) as u32) };

@@ -9,10 +9,11 @@
 
 use half::bf16;
 
-use super::moe::{launch_gemm, DeviceWeights, Input, Output, RowCounters, RowFinish, Rows};
+use super::moe::{launch_gemm, launch_gemm_prefetching, DeviceWeights, Input, Output, RowCounters, RowFinish, Rows};
 use super::moe_wgmma_fp8::Fp8ActScratch;
 use super::norm::{self, ResidualNorm};
 use super::ops::{self, QueryScale};
+use super::prefetch::L2Prefetch;
 use super::{Matrix, TensorView, Vector};
 use crate::error::{Error, Result};
 
@@ -190,6 +191,19 @@ pub fn linear_add_rms_norm(
 /// # Ok::<(), small4::Error>(())
 /// ```
 pub fn linear_per_head(w: &DeviceWeights, x: TensorView<bf16, 3>, y: TensorView<bf16, 3>, fp8_act: Option<&Fp8ActScratch>) -> Result<()> {
+    linear_per_head_prefetching(w, x, y, fp8_act, &L2Prefetch::NONE)
+}
+
+/// [`linear_per_head`] that also pulls `l2_prefetch` (a later kernel's weights, [`super::prefetch`]) into L2 while
+/// it runs: the decode step's absorption launches, latency-bound at batch 1, stream wo's weights that way. Only the
+/// decode kernel (up to 8 rows) issues it; the same results either way.
+pub fn linear_per_head_prefetching(
+    w: &DeviceWeights,
+    x: TensorView<bf16, 3>,
+    y: TensorView<bf16, 3>,
+    fp8_act: Option<&Fp8ActScratch>,
+    l2_prefetch: &L2Prefetch,
+) -> Result<()> {
     let [rows, heads, head_in] = x.dims();
     if heads == 0 || heads > 65535 {
         return Err(Error::InvalidArgument(format!("linear_per_head: {heads} heads (1 to 65535)")));
@@ -200,7 +214,7 @@ pub fn linear_per_head(w: &DeviceWeights, x: TensorView<bf16, 3>, y: TensorView<
     y.expect_dims("linear_per_head y", [rows, heads, w.out_cols])?;
     let dense = Rows::Dense { rows, heads, x_head_stride: head_in, out_head_stride: w.out_cols };
     let x = x.as_matrix().columns(0..w.k_dim)?;
-    launch_gemm(w, Input::Bf16(x), rows, false, dense, Output::Bf16(y.as_matrix().columns(0..w.out_cols)?), None, fp8_act)
+    launch_gemm_prefetching(w, Input::Bf16(x), rows, false, dense, Output::Bf16(y.as_matrix().columns(0..w.out_cols)?), None, fp8_act, l2_prefetch)
 }
 
 /// Dense SwiGLU `act = silu(x W1^T) * (x W3^T)` from gate/up weights packed by `repack_gate_up` (one matrix pair):

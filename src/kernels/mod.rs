@@ -14,6 +14,7 @@ pub mod moe_wgmma;
 pub mod moe_wgmma_fp8;
 pub mod norm;
 pub mod ops;
+pub mod prefetch;
 pub mod router;
 pub mod synth;
 pub mod tensor;

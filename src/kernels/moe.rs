@@ -14,6 +14,7 @@ use super::params::{
     GemmRowFinish, MlaCacheWriteParams, MoeCombineParams, MoeDenseTail, MoeGemmParams, MoeQuantizeActParams, RmsNormParams, RopeParams,
     SMALL4_GEMM_FINISH_MLA_LATENTS_BF16, SMALL4_GEMM_FINISH_MLA_LATENTS_FP8, SMALL4_GEMM_FINISH_MOE_NORM, SMALL4_GEMM_FINISH_NONE, SMALL4_GEMM_FINISH_NORM,
 };
+use super::prefetch::L2Prefetch;
 use super::{check_len, to_i32};
 use super::{Matrix, TensorView, Vector};
 use crate::device::{launch_with, Device, DeviceBuffer, Dim3, Kernel, LaunchConfig};
@@ -784,6 +785,23 @@ pub(super) fn launch_gemm(
     finish: Option<&RowFinish>,
     fp8_act: Option<&Fp8ActScratch>,
 ) -> Result<()> {
+    launch_gemm_prefetching(w, input, x_rows, in_by_token, rows, output, finish, fp8_act, &L2Prefetch::NONE)
+}
+
+/// [`launch_gemm`] whose decode-kernel launch also pulls `l2_prefetch` (a later kernel's weights) into L2
+/// ([`super::prefetch`]); the other tiles ignore it.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn launch_gemm_prefetching(
+    w: &DeviceWeights,
+    input: Input,
+    x_rows: usize,
+    in_by_token: bool,
+    rows: Rows,
+    output: Output,
+    finish: Option<&RowFinish>,
+    fp8_act: Option<&Fp8ActScratch>,
+    l2_prefetch: &L2Prefetch,
+) -> Result<()> {
     let e4m3_input = matches!(input, Input::E4m3(_));
     let (device, x_addr, x_stride) = match input {
         Input::Bf16(x) => {
@@ -953,6 +971,7 @@ pub(super) fn launch_gemm(
         split_partials: split_k.map_or(std::ptr::null_mut(), |s| s.partials.mut_ptr()),
         split_counters: split_k.map_or(std::ptr::null_mut(), |s| s.counters.mut_ptr()),
         x_block_scales: std::ptr::null(),
+        l2_prefetch: l2_prefetch.for_grid(grid_x as u64 * grid_y as u64 * split_k.map_or(heads, |s| s.splits) as u64),
     };
     let shared_bytes = match (shape, &rows) {
         (TileShape::Decode, Rows::Dense { rows, .. }) => TileShape::dense_decode_shared_bytes(w, *rows),

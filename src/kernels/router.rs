@@ -18,6 +18,7 @@ use half::bf16;
 use super::check_len;
 use super::modules::ROUTER;
 use super::params::{MoeAlignParams, RouterParams};
+use super::prefetch::L2Prefetch;
 use super::Matrix;
 use crate::device::{launch_with, Device, DeviceBuffer, Dim3, Kernel, LaunchConfig};
 use crate::error::{Error, Result};
@@ -395,6 +396,21 @@ pub fn route_and_align_into(
     workspace: &RouterWorkspace,
     out: &Routing,
 ) -> Result<()> {
+    route_and_align_prefetching(hidden, gate, map, config, workspace, out, &L2Prefetch::NONE)
+}
+
+/// [`route_and_align_into`] that also pulls `l2_prefetch` (a later kernel's weights, [`super::prefetch`]) into L2
+/// while it runs: at one token the router is latency-bound and the decode step hands it the shared expert's gate/up
+/// weights. Only `router_topk_decode` (one token) issues it; the same results either way.
+pub fn route_and_align_prefetching(
+    hidden: Matrix<bf16>,
+    gate: Matrix<bf16>,
+    map: &ExpertMap,
+    config: &RouterConfig,
+    workspace: &RouterWorkspace,
+    out: &Routing,
+    l2_prefetch: &L2Prefetch,
+) -> Result<()> {
     let experts = map.experts;
     check_config(experts, config)?;
     let [tokens, _] = hidden.dims();
@@ -438,6 +454,7 @@ pub fn route_and_align_into(
     }
     let decode = uses_decode_kernel(tokens, experts, dim);
     let experts_per_block = if decode { DECODE_EXPERTS_PER_BLOCK } else { experts_per_block(tokens) };
+    let grid = Dim3::xyz(dim.div_ceil(SLICE) as u32, experts.div_ceil(experts_per_block) as u32, tokens.div_ceil(TOKEN_GROUP) as u32);
     let params = RouterParams {
         hidden: hidden.ptr(),
         gate: gate.ptr(),
@@ -453,8 +470,8 @@ pub fn route_and_align_into(
         k: config.k as i32,
         routed_scale: config.routed_scale,
         align,
+        l2_prefetch: l2_prefetch.for_grid(grid.count()),
     };
-    let grid = Dim3::xyz(dim.div_ceil(SLICE) as u32, experts.div_ceil(experts_per_block) as u32, tokens.div_ceil(TOKEN_GROUP) as u32);
     let kernel = if decode { &ROUTER_TOPK_DECODE } else { &ROUTER_TOPK };
     launch_with(hidden.device(), kernel, &LaunchConfig { grid, block: Dim3::x(THREADS), shared_bytes: 0 }, &params)
 }

@@ -35,7 +35,7 @@ pub const FAMILIES: [&str; 9] =
     ["attention_projections", "absorption", "mla", "routing", "routed_experts", "shared_expert", "norms_and_small_ops", "head", "sampling"];
 
 /// The shape of a benchmark run. The default: batch 1, 128 prompt tokens, 32 timed decode steps after 2 warm-up
-/// ones, graphs and programmatic launches on, bf16 activations, seed 0.
+/// ones, graphs, programmatic launches and L2 prefetch on, bf16 activations, seed 0.
 #[derive(Clone, Copy, Debug)]
 pub struct BenchOptions {
     /// Sequences decoded together.
@@ -52,6 +52,9 @@ pub struct BenchOptions {
     /// ([`crate::device::Backend::set_programmatic_launches`]; on by default): each may start while the kernel before
     /// it finishes. The run sets the device's switch to this and puts it back after.
     pub programmatic_launches: bool,
+    /// Decode steps pull the next DRAM-bound GEMM's weights into L2 during the latency-bound launches before it
+    /// (`EngineOptions::l2_prefetch`; on by default).
+    pub l2_prefetch: bool,
     /// Routed experts in W8A8 (`EngineOptions::fp8_activations`).
     pub fp8_activations: bool,
     /// The step token budget of chunked prefill (`EngineOptions::prefill_chunk`); None: the whole batch's prompts in
@@ -70,6 +73,7 @@ impl Default for BenchOptions {
             warmup_steps: 2,
             graphs: true,
             programmatic_launches: true,
+            l2_prefetch: true,
             fp8_activations: false,
             prefill_chunk: None,
             seed: 0,
@@ -209,6 +213,7 @@ impl BenchReport {
             "decode_steps": o.decode_steps,
             "graphs": o.graphs,
             "programmatic_launches": self.programmatic_launches,
+            "l2_prefetch": o.l2_prefetch,
             "captured_graphs": self.captured_graphs,
             "load_s": self.load.as_secs_f64(),
             "launches_per_decode_step": self.launches_per_decode_step,
@@ -245,6 +250,9 @@ impl fmt::Display for BenchReport {
         )?;
         if !self.programmatic_launches {
             writeln!(f, "programmatic dependent launches: off")?;
+        }
+        if !o.l2_prefetch {
+            writeln!(f, "L2 prefetch of later kernels' weights: off")?;
         }
         writeln!(f, "load: {:.2} s", self.load.as_secs_f64())?;
         writeln!(f, "prefill: {:.3} ms ({:.1} tokens/s)", ms(self.prefill), self.prefill_tokens_per_s())?;
@@ -445,6 +453,7 @@ fn run(counted: &Instrumented, model: DeviceModel, load: Duration, format: Strin
         eos: None,
         graphs: options.graphs,
         fp8_activations: options.fp8_activations,
+        l2_prefetch: options.l2_prefetch,
         prefill_chunk: options.prefill_chunk.unwrap_or(options.batch * options.prompt_len),
         ..EngineOptions::default()
     };

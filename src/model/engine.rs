@@ -110,6 +110,7 @@ use crate::kernels::router::{self, ExpertMap, RouterConfig, RouterWorkspace, Rou
 use crate::kernels::synth;
 use crate::kernels::vision::{self as vision_kernels, RowTargets};
 use crate::model::checkpoint::{Checkpoint, ExpertMatrix};
+use crate::model::decode_prefetch::{self, LayerPrefetch};
 use crate::model::kv_cache::{CacheDescriptor, CacheDtype, KvCache, SeqId};
 use crate::model::synth::{SyntheticModel, TensorKind, TensorSpec};
 use crate::model::vision::DeviceVisionTower;
@@ -876,6 +877,10 @@ pub struct EngineOptions {
     /// copy of the router's ids per layer, and every step runs eagerly (a captured graph holds launches only). Off,
     /// nothing is copied and the steps are as without it.
     pub record_routing: bool,
+    /// Decode steps (up to 8 tokens) pull the next DRAM-bound GEMM's weights into L2 during the latency-bound
+    /// launches before it ([`crate::model::decode_prefetch`]): wo's during the absorption and attention launches,
+    /// the shared expert's gate/up during routing. A hint: the same tokens and logits either way.
+    pub l2_prefetch: bool,
 }
 
 /// The default step token budget: 2048 tokens keep a prefill step's GEMMs on the tensor cores' efficient side on
@@ -932,6 +937,7 @@ impl Default for EngineOptions {
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
             max_decode_graphs: 8,
             record_routing: false,
+            l2_prefetch: true,
         }
     }
 }
@@ -1799,7 +1805,11 @@ impl Network<'_> {
             vision_kernels::scatter_rows(images.features.view([images.rows.len(), dim])?, images.rows, x.view([t, dim])?)?;
         }
         norm::rms_norm(x.view([t, dim])?, m.layers[0].attention_norm.as_vector(), ws.h.view([t, dim])?, eps)?;
+        let prefetching = self.options.l2_prefetch && t <= decode_prefetch::MAX_TOKENS;
         for (l, layer) in m.layers.iter().enumerate() {
+            // What this layer's latency-bound launches pull into L2 for the GEMMs after them.
+            let prefetch =
+                if prefetching { LayerPrefetch::plan(&layer.wo, layer.moe.shared.as_ref().map(|(gate_up, _)| gate_up))? } else { LayerPrefetch::default() };
             // Attention: q = wq_b(q_a_norm(wq_a h)); cache row = [kv_a_norm(c) | rope(k_rope)].
             let qkv_a = ws.qkv_a.view([t, c.q_lora_rank + rank + c.qk_rope])?;
             // One launch: the stacked GEMM, then each finished row's q_a norm and kv cache write.
@@ -1821,9 +1831,9 @@ impl Network<'_> {
             let (positions, inv_freq) = (ws.positions.view([t])?, m.inv_freq.as_vector());
             dense::linear_rope_q(&layer.wq_b, ws.q_a_normed.view([t, c.q_lora_rank])?, ws.q.view([t, heads, qk])?, positions, inv_freq, query_scale, fp8_act)?;
             // Absorb W_UK into the query (all heads in one launch); the attention reads each head's rope half in place.
-            dense::linear_per_head(&layer.w_uk, ws.q.view([t, heads, qk])?, ws.q_lat.view([t, heads, rank])?, fp8_act)?;
+            dense::linear_per_head_prefetching(&layer.w_uk, ws.q.view([t, heads, qk])?, ws.q_lat.view([t, heads, rank])?, fp8_act, &prefetch.absorb_query)?;
             let queries = Queries { layout, q_lat: ws.q_lat.view([t, heads, rank])?, q_rope: ws.q.view([t * heads, qk])?.columns(nope..qk)? };
-            attention::mla_attention(
+            attention::mla_attention_prefetching(
                 &self.caches[l],
                 tables,
                 &queries,
@@ -1831,9 +1841,16 @@ impl Network<'_> {
                 c.softmax_scale(),
                 self.options.attention_splits,
                 scratch,
+                &prefetch.attention,
             )?;
             let attn = ws.attn.view([t, heads * v_head])?;
-            dense::linear_per_head(&layer.w_uv, ws.o_lat.view([t, heads, rank])?, ws.attn.view([t, heads, v_head])?, fp8_act)?;
+            dense::linear_per_head_prefetching(
+                &layer.w_uv,
+                ws.o_lat.view([t, heads, rank])?,
+                ws.attn.view([t, heads, v_head])?,
+                fp8_act,
+                &prefetch.absorb_output,
+            )?;
             // wo, the residual add and the MoE block's norm: x_mid = wo(attn) + x, h = ffn_norm(x_mid).
             let ffn_norm = ResidualNorm {
                 residual: x.view([t, dim])?,
@@ -1856,7 +1873,8 @@ impl Network<'_> {
             }
 
             // Mixture of experts: route, grouped up (SwiGLU), grouped down (x routing weight), shared, combine.
-            router::route_and_align_into(ws.h.view([t, dim])?, layer.gate.view([c.experts, dim])?, &m.expert_map, &router_config, &ws.router, &ws.routing)?;
+            let gate = layer.gate.view([c.experts, dim])?;
+            router::route_and_align_prefetching(ws.h.view([t, dim])?, gate, &m.expert_map, &router_config, &ws.router, &ws.routing, &prefetch.router)?;
             if let Some(record) = self.routing_record {
                 record.copy_within_device(l * t * k, &ws.routing.topk_ids, 0, t * k)?;
             }

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
+pub mod decode_prefetch;
 pub mod engine;
 pub mod generator;
 pub mod kv_cache;

@@ -80,13 +80,14 @@ done
 synthetic_runs_gpu=("nvfp4 " "int4 " "bf16 32" "fp8 64")
 # Then, after the logits check and only with what the step's cap leaves (cut at the deadline, it fails nothing), nvfp4
 # again with programmatic dependent launches off (`--no-pdl`): the decode step without the launch overlap, against the
-# first run's with it.
-synthetic_comparison_runs_gpu=("nvfp4 all --no-pdl")
+# first run's with it; then without the cross-kernel L2 prefetch (`--no-l2-prefetch`): the step whose latency-bound
+# launches do not pull wo's and the shared expert's weights into L2.
+synthetic_comparison_runs_gpu=("nvfp4 all --no-pdl" "nvfp4 all --no-l2-prefetch")
 synthetic_args_gpu=(--prompt-len 4096 --decode-steps 64 --warmup-steps 4)
 # The rehearsal: the same four formats as one layer of eight experts of the tiny preset's dimensions, few tokens
 # (one layer at the real dimensions did not finish in 10 minutes on the interpreter on 2 busy cores).
 synthetic_runs_sim=("nvfp4 8" "int4 8" "bf16 8" "fp8 8")
-synthetic_comparison_runs_sim=("nvfp4 8 --no-pdl")
+synthetic_comparison_runs_sim=("nvfp4 8 --no-pdl" "nvfp4 8 --no-l2-prefetch")
 synthetic_args_sim=(--preset tiny --layers 1 --prompt-len 4 --decode-steps 2 --warmup-steps 1)
 # Criterion: short timings so the benches fit (the router, attention, moe and vision benches hold ~50 benchmarks).
 bench_args_gpu=(--bench --warm-up-time 0.5 --measurement-time 1 --sample-size 10 --noplot)

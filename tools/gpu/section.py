@@ -52,8 +52,13 @@ def number(value, digits=1):
 
 
 def format_name(report, fmt="?"):
-    """The report's format, with "PDL off" when it ran without programmatic dependent launches (`--no-pdl`)."""
-    return report.get("format", fmt) + (", PDL off" if report.get("programmatic_launches") is False else "")
+    """The report's format, with "PDL off" when it ran without programmatic dependent launches (`--no-pdl`) and "L2
+    prefetch off" without the cross-kernel L2 prefetch (`--no-l2-prefetch`)."""
+    return (
+        report.get("format", fmt)
+        + (", PDL off" if report.get("programmatic_launches") is False else "")
+        + (", L2 prefetch off" if report.get("l2_prefetch") is False else "")
+    )
 
 
 def label(report):

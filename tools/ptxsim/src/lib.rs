@@ -82,6 +82,7 @@ mod exec;
 pub mod float;
 pub mod hopper_probe;
 pub mod ir;
+pub mod l2;
 pub mod memory;
 pub mod parser;
 pub mod tensor_map;

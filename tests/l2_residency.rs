@@ -12,13 +12,14 @@ const PTX: &str = r#"
 .version 8.0
 .target sm_90a
 .address_size 64
-.visible .entry read_words(.param .u64 words, .param .u32 n)
+.visible .entry touch_words(.param .u64 words, .param .u32 n, .param .u32 store)
 {
-    .reg .pred %p1;
-    .reg .b32 %r<7>;
+    .reg .pred %p<3>;
+    .reg .b32 %r<8>;
     .reg .b64 %rd<4>;
     ld.param.u64 %rd1, [words];
     ld.param.u32 %r1, [n];
+    ld.param.u32 %r7, [store];
     mov.u32 %r2, %ctaid.x;
     mov.u32 %r3, %ntid.x;
     mov.u32 %r4, %tid.x;
@@ -27,26 +28,9 @@ const PTX: &str = r#"
     @%p1 bra DONE;
     mul.wide.u32 %rd2, %r5, 4;
     add.s64 %rd3, %rd1, %rd2;
-    ld.global.u32 %r6, [%rd3];
-DONE:
-    ret;
-}
-.visible .entry write_words(.param .u64 words, .param .u32 n)
-{
-    .reg .pred %p1;
-    .reg .b32 %r<6>;
-    .reg .b64 %rd<4>;
-    ld.param.u64 %rd1, [words];
-    ld.param.u32 %r1, [n];
-    mov.u32 %r2, %ctaid.x;
-    mov.u32 %r3, %ntid.x;
-    mov.u32 %r4, %tid.x;
-    mad.lo.s32 %r5, %r2, %r3, %r4;
-    setp.ge.u32 %p1, %r5, %r1;
-    @%p1 bra DONE;
-    mul.wide.u32 %rd2, %r5, 4;
-    add.s64 %rd3, %rd1, %rd2;
-    st.global.u32 [%rd3], %r5;
+    setp.ne.u32 %p2, %r7, 0;
+    @%p2 st.global.u32 [%rd3], %r5;
+    @!%p2 ld.global.u32 %r6, [%rd3];
 DONE:
     ret;
 }
@@ -70,26 +54,35 @@ DONE:
 "#;
 
 const MODULE: KernelModule = KernelModule { name: "test_l2_residency", ptx: PTX, cubin: &[] };
-const READ: Kernel = Kernel { module: MODULE, entry: "read_words" };
-const WRITE: Kernel = Kernel { module: MODULE, entry: "write_words" };
+/// Each thread loads (`store` 0) or stores one of `n` words.
+const TOUCH: Kernel = Kernel { module: MODULE, entry: "touch_words" };
 const PREFETCH: Kernel = Kernel { module: MODULE, entry: "prefetch_chunks" };
 
 /// The range X: 256 KiB, 8192 sectors.
 const X_BYTES: u64 = 256 * 1024;
 const X_SECTORS: u64 = X_BYTES / 32;
 
-/// Launches `kernel` over `addr` (`n` = words for the word kernels, the chunk bytes for the prefetch) on `blocks`
-/// blocks of 256 threads; its counters.
-fn launch(sim: &SimBackend, kernel: &Kernel, addr: u64, n: u32, blocks: u32) -> LaunchCounters {
+/// Launches `kernel` over `addr` (`n` = words for `touch_words`, the chunk bytes for the prefetch; `store` for
+/// `touch_words`) on `blocks` blocks of 256 threads; its counters.
+fn launch_with(sim: &SimBackend, kernel: &Kernel, addr: u64, n: u32, store: bool, blocks: u32) -> LaunchCounters {
     let mut params = addr.to_le_bytes().to_vec();
     params.extend_from_slice(&n.to_le_bytes());
-    params.extend_from_slice(&[0; 4]);
+    params.extend_from_slice(&(store as u32).to_le_bytes());
     sim.launch(kernel, &LaunchConfig { grid: Dim3::x(blocks), block: Dim3::x(256), shared_bytes: 0 }, &params).unwrap();
     sim.last_launch_counters().unwrap()
 }
 
+fn launch(sim: &SimBackend, kernel: &Kernel, addr: u64, n: u32, blocks: u32) -> LaunchCounters {
+    launch_with(sim, kernel, addr, n, false, blocks)
+}
+
+/// One word a thread over X: a load, or a store when `store`.
+fn touch_x(sim: &SimBackend, x: u64, store: bool) -> LaunchCounters {
+    launch_with(sim, &TOUCH, x, (X_BYTES / 4) as u32, store, (X_BYTES / 4 / 256) as u32)
+}
+
 fn read_x(sim: &SimBackend, x: u64) -> LaunchCounters {
-    launch(sim, &READ, x, (X_BYTES / 4) as u32, (X_BYTES / 4 / 256) as u32)
+    touch_x(sim, x, false)
 }
 
 /// Write X, then read it: on its own (residency off) the reader's DRAM bytes are X; after the writer, every sector
@@ -100,7 +93,7 @@ fn a_launch_reading_what_the_launch_before_wrote_hits_l2() {
         let sim = SimBackend::new();
         sim.set_l2_residency(residency);
         let x = sim.alloc(X_BYTES as usize).unwrap(); // no host copy: nothing of X is in L2 yet
-        let writer = launch(&sim, &WRITE, x, (X_BYTES / 4) as u32, (X_BYTES / 4 / 256) as u32);
+        let writer = touch_x(&sim, x, true);
         (writer, read_x(&sim, x))
     };
     let ((cold_writer, cold_reader), (writer, reader)) = (run(false), run(true));

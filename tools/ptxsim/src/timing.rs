@@ -661,21 +661,10 @@ mod tests {
     #[test]
     fn l2_hits_and_prefetches_move_dram_bytes() {
         let (gpu, model) = (Gpu::H100_SXM, Model::FITTED);
-        let base = Profile {
-            blocks: 8,
-            blocks_run: 8,
-            block_threads: 256,
-            registers: 32,
-            warp_instructions: 8 * 8 * 100,
-            global_sectors: 1 << 16,
-            distinct_sectors: 1 << 16,
-            block_distinct_sectors: 1 << 16,
-            chain_cycles_max: 1000,
-            chain_globals_max: 10,
-            chain_cycles_sum: 8 * 1000,
-            chain_globals_sum: 8 * 10,
-            ..Profile::default()
-        };
+        // 8 blocks of 8 warps reading 2 MiB, each block's chain 1000 cycles and 10 round trips.
+        let chains = Profile { chain_cycles_max: 1000, chain_globals_max: 10, chain_cycles_sum: 8 * 1000, chain_globals_sum: 8 * 10, ..Profile::default() };
+        let shape = Profile { blocks: 8, blocks_run: 8, block_threads: 256, registers: 32, warp_instructions: 8 * 8 * 100, ..chains };
+        let base = Profile { global_sectors: 1 << 16, distinct_sectors: 1 << 16, block_distinct_sectors: 1 << 16, ..shape };
         let cold = predict(&base, &gpu, &model);
         let half = Profile { l2_hit_sectors: 1 << 15, ..base };
         assert_eq!(base.dram_bytes() - half.dram_bytes(), (1u64 << 15) as f64 * 32.0);

@@ -302,6 +302,9 @@ type Profiles = HashMap<String, Vec<LaunchCounters>>;
 fn interpreter_session(options: &Options) -> Result<(Arc<SimBackend>, Device, Profiles)> {
     let sim = Arc::new(SimBackend::new());
     sim.set_target_gpu(Some(TargetGpu::H200));
+    // Each row is one call timed in a loop: whether its data are in L2 is the row's (`l2_resident`), not what the
+    // replays before it left there.
+    sim.set_l2_residency(false);
     let device: Device = sim.clone();
     let calls = match &options.profiles {
         Some(path) if path.exists() => load_profiles(path)?,
@@ -607,6 +610,11 @@ fn load_profiles(path: &std::path::Path) -> Result<HashMap<String, Vec<LaunchCou
             chain_cycles_sum: c[14],
             chain_globals_sum: c[15],
             l2_resident: false,
+            // Not saved: the profiles are of rows' single calls, priced without the cross-launch L2 state, and none of
+            // their kernels prefetches.
+            l2_hit_sectors: 0,
+            prefetch_sectors: 0,
+            prefetch_l2_hit_sectors: 0,
         };
         let launch = LaunchCounters {
             kernel: f[1].to_string(),

@@ -303,6 +303,10 @@ pub struct LaunchCounters {
     /// replaced by a graph node's cost, a programmatic node's when `programmatic` (`TimingPrediction::in_graph_seconds`;
     /// the node costs are priors, not fitted).
     pub predicted_graph_us: Option<f64>,
+    /// Bytes the prediction reads from L2 instead of DRAM: what earlier launches and host copies left in L2 of the
+    /// sectors this launch touches (`TimingPrediction::l2_hit_bytes`; the interpreter's cross-launch residency,
+    /// `SimBackend::set_l2_residency`).
+    pub predicted_l2_hit_bytes: Option<f64>,
 }
 
 /// A GPU the timing model knows (H100 SXM, H100 PCIe, H200), re-exported from `ptxsim::timing::Gpu`.
@@ -367,7 +371,11 @@ impl std::fmt::Display for LaunchCounters {
             write!(f, "; {} of {} blocks interpreted (sampled)", self.blocks_run, self.blocks)?;
         }
         match (self.predicted_us, self.predicted_gpu) {
-            (Some(us), Some(gpu)) => write!(f, "; predicted {us:.1} us on {gpu}"),
+            (Some(us), Some(gpu)) => write!(f, "; predicted {us:.1} us on {gpu}")?,
+            _ => {}
+        }
+        match self.predicted_l2_hit_bytes {
+            Some(bytes) if bytes > 0.0 => write!(f, " ({:.1} KB of it from L2 left by earlier work)", bytes / 1e3),
             _ => Ok(()),
         }
     }
@@ -485,6 +493,9 @@ pub struct LaunchRecord {
     pub predicted_us: Option<f64>,
     /// Its prediction as a node of a replayed graph (`LaunchCounters::predicted_graph_us`); `None` on hardware.
     pub predicted_graph_us: Option<f64>,
+    /// Bytes its prediction reads from L2 instead of DRAM (`LaunchCounters::predicted_l2_hit_bytes`); `None` on
+    /// hardware.
+    pub predicted_l2_hit_bytes: Option<f64>,
 }
 
 #[derive(Default)]
@@ -599,8 +610,9 @@ impl Backend for Instrumented {
         };
         if let Some((records, _)) = self.state.lock().unwrap().records.as_mut() {
             let counters = self.inner.last_launch_counters();
-            let (predicted_us, predicted_graph_us) = counters.map_or((None, None), |c| (c.predicted_us, c.predicted_graph_us));
-            records.push(LaunchRecord { kernel: kernel.entry, params: params.to_vec(), micros, predicted_us, predicted_graph_us });
+            let (predicted_us, predicted_graph_us, predicted_l2_hit_bytes) =
+                counters.map_or((None, None, None), |c| (c.predicted_us, c.predicted_graph_us, c.predicted_l2_hit_bytes));
+            records.push(LaunchRecord { kernel: kernel.entry, params: params.to_vec(), micros, predicted_us, predicted_graph_us, predicted_l2_hit_bytes });
         }
         Ok(())
     }

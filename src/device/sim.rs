@@ -3,6 +3,15 @@
 //! Launches are synchronous: a kernel fault is returned by `launch` itself. A kernel that waits for prior grids runs
 //! as a programmatic launch (`ptxsim::Machine::programmatic`) while programmatic launches are on, so what it
 //! touches before its `griddepcontrol.wait` is checked against the launch before it.
+//!
+//! L2 residency across launches (for the timing model, on while a target GPU is set): the backend keeps one
+//! `ptxsim::l2::L2Residency` of the target's L2 capacity and feeds it, in issue order, every launch's distinct loaded,
+//! stored and prefetched sectors, so a launch reading what an earlier one wrote or prefetched is predicted with those
+//! sectors as L2 hits (`TimingProfile::l2_hit_sectors`). Host copies (`write`, `read`, `memset`, `copy`) touch their
+//! bytes too: a GPU's copy engines move data through L2 (on NVIDIA GPUs L2 sits in front of all of DRAM), so an upload
+//! leaves its last bytes resident. A host synchronisation changes nothing (a GPU does not flush L2 there), nor does a
+//! free. Sampled launches feed what their run blocks touched and count the rest of their grid as unseen lines
+//! (`L2Residency::launch`). `SimBackend::set_l2_residency(false)` prices every launch cold, as before.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -47,6 +56,8 @@ pub struct SimBackend {
     recorded: Mutex<Option<Vec<LaunchCounters>>>,
     /// Kernels that wait for prior grids launch programmatically (`Backend::set_programmatic_launches`).
     programmatic: super::ProgrammaticSwitch,
+    /// The cross-launch L2 state (module docs): whether it is kept, and the state (None while off or with no target).
+    l2_residency: Mutex<(bool, Option<ptxsim::l2::L2Residency>)>,
 }
 
 /// Registers per thread assumed for a kernel the ptxas table does not list (a module built outside build.rs, such
@@ -55,7 +66,8 @@ const UNLISTED_KERNEL_REGISTERS: u32 = 32;
 
 impl SimBackend {
     /// The shared-memory race detector is on unless the environment sets `PTXSIM_RACE_CHECK=0` (it costs ~10-15%
-    /// on shared-memory-heavy kernels; every other check stays on).
+    /// on shared-memory-heavy kernels; every other check stays on). The L2 state across launches is kept unless it
+    /// sets `SMALL4_L2_RESIDENCY=0` ([`SimBackend::set_l2_residency`]; e.g. `small4 bench` priced cold, as before).
     pub fn new() -> Self {
         let mut machine = ptxsim::Machine::new();
         machine.race_check = std::env::var("PTXSIM_RACE_CHECK").map_or(true, |v| v != "0");
@@ -63,6 +75,7 @@ impl SimBackend {
             Ok(name) => TargetGpu::by_name(&name),
             Err(_) => Some(TargetGpu::H100_SXM),
         };
+        let l2_residency = std::env::var("SMALL4_L2_RESIDENCY").map_or(true, |v| v != "0");
         SimBackend {
             machine: Mutex::new(machine),
             capture: Mutex::new(None),
@@ -71,6 +84,7 @@ impl SimBackend {
             target: Mutex::new(target),
             recorded: Mutex::new(None),
             programmatic: super::ProgrammaticSwitch::new(),
+            l2_residency: Mutex::new((l2_residency, target.filter(|_| l2_residency).map(|gpu| ptxsim::l2::L2Residency::new(gpu.l2_bytes)))),
         }
     }
 
@@ -88,6 +102,43 @@ impl SimBackend {
     /// ```
     pub fn set_target_gpu(&self, gpu: Option<TargetGpu>) {
         *self.target.lock().unwrap() = gpu;
+        self.reset_l2_residency();
+    }
+
+    /// Keeps (true, the default) or drops (false) the L2 state across launches that the predictions read (module
+    /// docs). Either way the state starts empty: a cold L2 of the target GPU's capacity. Off, every launch is priced
+    /// as if L2 held nothing when it started (what `small4 calibrate` wants: its rows decide residency per row).
+    ///
+    /// ```
+    /// use small4::device::sim::SimBackend;
+    ///
+    /// let sim = SimBackend::new();
+    /// assert!(sim.l2_residency());
+    /// sim.set_l2_residency(false);
+    /// assert!(!sim.l2_residency());
+    /// ```
+    pub fn set_l2_residency(&self, on: bool) {
+        self.l2_residency.lock().unwrap().0 = on;
+        self.reset_l2_residency();
+    }
+
+    /// Whether the L2 state across launches is kept ([`SimBackend::set_l2_residency`]).
+    pub fn l2_residency(&self) -> bool {
+        self.l2_residency.lock().unwrap().0
+    }
+
+    /// An empty L2 of the target's capacity when the model is on and a target is set.
+    fn reset_l2_residency(&self) {
+        let target = self.target_gpu();
+        let mut l2 = self.l2_residency.lock().unwrap();
+        l2.1 = if l2.0 { target.map(|gpu| ptxsim::l2::L2Residency::new(gpu.l2_bytes)) } else { None };
+    }
+
+    /// A host copy's bytes pass through L2 (module docs).
+    fn host_touches(&self, addr: u64, bytes: usize) {
+        if let Some(l2) = self.l2_residency.lock().unwrap().1.as_mut() {
+            l2.touch_range(addr, bytes as u64);
+        }
     }
 
     /// The GPU predictions are made for.
@@ -178,10 +229,17 @@ impl SimBackend {
         let counters = machine.launch(&module, kernel.entry, grid, block, config.shared_bytes, params).map_err(sim_error)?;
         drop(machine);
         let mut launch = launch_counters(&counters, kernel.module.name);
+        if let Some(l2) = self.l2_residency.lock().unwrap().1.as_mut() {
+            let residency = l2.launch(&counters);
+            launch.timing.l2_hit_sectors = residency.l2_hit_sectors;
+            launch.timing.prefetch_sectors = residency.prefetch_sectors;
+            launch.timing.prefetch_l2_hit_sectors = residency.prefetch_l2_hit_sectors;
+        }
         if let Some(gpu) = self.target_gpu() {
             let prediction = launch.predict(&gpu, &TimingModel::FITTED);
             launch.predicted_us = Some(prediction.micros());
             launch.predicted_graph_us = Some(prediction.in_graph_seconds(&TimingModel::FITTED, launch.programmatic) * 1e6);
+            launch.predicted_l2_hit_bytes = Some(prediction.l2_hit_bytes);
             launch.predicted_gpu = Some(gpu.name);
         }
         if let Some(log) = self.recorded.lock().unwrap().as_mut() {
@@ -231,6 +289,7 @@ fn launch_counters(c: &ptxsim::Counters, family: &str) -> LaunchCounters {
         predicted_us: None,
         predicted_gpu: None,
         predicted_graph_us: None,
+        predicted_l2_hit_bytes: None,
         kernel: c.kernel.clone(),
         programmatic: c.programmatic,
         blocks: c.blocks,
@@ -270,22 +329,32 @@ impl Backend for SimBackend {
     }
     fn write(&self, addr: u64, data: &[u8]) -> Result<()> {
         self.not_capturing("a copy to the device")?;
-        self.machine.lock().unwrap().write(addr, data).map_err(sim_error)
+        self.machine.lock().unwrap().write(addr, data).map_err(sim_error)?;
+        self.host_touches(addr, data.len());
+        Ok(())
     }
     fn read(&self, addr: u64, out: &mut [u8]) -> Result<()> {
         self.not_capturing("a copy to the host")?;
-        self.machine.lock().unwrap().read(addr, out).map_err(sim_error)
+        self.machine.lock().unwrap().read(addr, out).map_err(sim_error)?;
+        self.host_touches(addr, out.len());
+        Ok(())
     }
     fn memset(&self, addr: u64, byte: u8, bytes: usize) -> Result<()> {
         self.not_capturing("memset")?;
-        self.machine.lock().unwrap().memset(addr, byte, bytes).map_err(sim_error)
+        self.machine.lock().unwrap().memset(addr, byte, bytes).map_err(sim_error)?;
+        self.host_touches(addr, bytes);
+        Ok(())
     }
     fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
         self.not_capturing("a device copy")?;
         let mut machine = self.machine.lock().unwrap();
         let mut staging = vec![0u8; bytes];
         machine.read(src, &mut staging).map_err(sim_error)?;
-        machine.write(dst, &staging).map_err(sim_error)
+        machine.write(dst, &staging).map_err(sim_error)?;
+        drop(machine);
+        self.host_touches(src, bytes);
+        self.host_touches(dst, bytes);
+        Ok(())
     }
     fn encode_tensor_map_tiled(&self, map: &TiledTensorMap) -> Result<TensorMap> {
         map.encode_for_interpreter()

@@ -108,6 +108,7 @@ impl Default for BenchOptions {
 ///     kernel_us_per_decode_step: None,
 ///     predicted_us_per_family: None,
 ///     predicted_graph_us_per_family: None,
+///     predicted_l2_hit_mb_per_decode_step: None,
 /// };
 /// assert_eq!(report.prefill_tokens_per_s(), 4.0 * 100.0 / 0.2); // batch * prompt_len / prefill
 /// assert_eq!(report.decode_step_mean(), ms(25));
@@ -162,6 +163,10 @@ pub struct BenchReport {
     /// (`LaunchCounters::predicted_graph_us`; node costs are the timing model's priors, not fitted). The step adds one
     /// replay ([`BenchReport::predicted_graph_us_per_decode_step`]). `None` on hardware.
     pub predicted_graph_us_per_family: Option<BTreeMap<String, f64>>,
+    /// MB (10^6 bytes) the eager profiling step's launches read from L2 instead of DRAM in the timing model: what
+    /// earlier launches (and host copies) left in L2 of the sectors each launch touches, by the interpreter's
+    /// cross-launch L2 residency (`LaunchCounters::predicted_l2_hit_bytes`). `None` on hardware.
+    pub predicted_l2_hit_mb_per_decode_step: Option<f64>,
 }
 
 impl BenchReport {
@@ -199,7 +204,7 @@ impl BenchReport {
     /// `experts`, `format`, `backend`, `launches_per_decode_step`, `host_syncs_per_decode_step`,
     /// `decode_ms_per_step`, `decode_tokens_per_s`, `prefill_tokens_per_s`, `kernel_us_per_decode_step` (null
     /// when not timed), and more; the timing issue's `predicted_us_per_decode_step` and `predicted_us_per_family`,
-    /// null on hardware).
+    /// their `..._graph` forms and `predicted_l2_hit_mb_per_decode_step`, null on hardware).
     pub fn to_json(&self) -> serde_json::Value {
         let o = &self.options;
         serde_json::json!({
@@ -228,6 +233,7 @@ impl BenchReport {
             "predicted_us_per_family": self.predicted_us_per_family,
             "predicted_us_per_decode_step_graph": self.predicted_graph_us_per_decode_step(),
             "predicted_us_per_family_graph": self.predicted_graph_us_per_family,
+            "predicted_l2_hit_mb_per_decode_step": self.predicted_l2_hit_mb_per_decode_step,
         })
     }
 }
@@ -302,6 +308,9 @@ impl fmt::Display for BenchReport {
                     write!(f, "\n  {family:<22} {us:>10.1} us")?;
                 }
             }
+        }
+        if let Some(mb) = self.predicted_l2_hit_mb_per_decode_step {
+            write!(f, "\npredicted L2 hits (what earlier launches left in L2, read instead of DRAM): {mb:.3} MB per decode step")?;
         }
         Ok(())
     }
@@ -514,7 +523,12 @@ fn run(counted: &Instrumented, model: DeviceModel, load: Duration, format: Strin
     let mut predicted_graph: BTreeMap<String, f64> = BTreeMap::new();
     let mut timed = !records.is_empty();
     let mut all_predicted = !records.is_empty();
+    let mut l2_hit_bytes = 0.0;
     for record in &records {
+        match record.predicted_l2_hit_bytes {
+            Some(bytes) => l2_hit_bytes += bytes,
+            None => all_predicted = false,
+        }
         let family = family_of(record, &weights).to_string();
         *launches_per_family.entry(family.clone()).or_insert(0u64) += 1;
         match (record.predicted_us, record.predicted_graph_us) {
@@ -547,5 +561,6 @@ fn run(counted: &Instrumented, model: DeviceModel, load: Duration, format: Strin
         kernel_us_per_decode_step: timed.then_some(times),
         predicted_us_per_family: all_predicted.then_some(predicted),
         predicted_graph_us_per_family: all_predicted.then_some(predicted_graph),
+        predicted_l2_hit_mb_per_decode_step: all_predicted.then_some(l2_hit_bytes / 1e6),
     })
 }

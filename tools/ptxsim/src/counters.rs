@@ -32,10 +32,22 @@ impl SectorSet {
         self.pages.is_empty()
     }
 
-    fn union(&mut self, other: &SectorSet) {
+    /// Adds every sector of `other`.
+    pub fn union(&mut self, other: &SectorSet) {
         for (page, bits) in &other.pages {
             *self.pages.entry(*page).or_insert(0) |= bits;
         }
+    }
+
+    /// The sectors of this set that `other` lacks.
+    pub fn without(&self, other: &SectorSet) -> SectorSet {
+        let pages = self.pages.iter().map(|(page, bits)| (*page, bits & !other.pages.get(page).copied().unwrap_or(0))).filter(|(_, bits)| *bits != 0).collect();
+        SectorSet { pages }
+    }
+
+    /// The set as (page, bits): page `p`'s bit `i` is sector `128 * p + i`. In no particular order.
+    pub fn pages(&self) -> impl Iterator<Item = (u64, u128)> + '_ {
+        self.pages.iter().map(|(page, bits)| (*page, *bits))
     }
 }
 
@@ -286,6 +298,12 @@ pub struct Counters {
     /// and stores; each copy's distinct sectors). They are L2 traffic like `global_sectors` and join the distinct
     /// sector sets (DRAM traffic), but are not warp requests: one thread issues a whole box.
     pub async_copy_sectors: u64,
+    /// The distinct 32-byte sectors the launch's L2 prefetches (`prefetch.global.L2`, `cp.async.bulk.prefetch.L2`)
+    /// asked for, and the prefetch requests (one per active lane). A prefetch moves no data to the SM: it is DRAM
+    /// traffic of this launch for the sectors L2 does not hold yet, and makes them L2 hits for a later launch (the
+    /// timing model's L2 residency); it is not in `distinct_sectors` (the launch's own loads and stores).
+    pub prefetch_sectors: SectorSet,
+    pub prefetch_requests: u64,
 }
 
 impl Counters {
@@ -324,6 +342,16 @@ impl Counters {
             self.block_sectors.insert(s);
         }
         self.async_copy_sectors += sectors.len() as u64;
+    }
+
+    /// Records one lane's L2 prefetch over the given (address, bytes) ranges (already clipped to allocated memory).
+    pub(crate) fn prefetch_request(&mut self, ranges: impl IntoIterator<Item = (u64, u64)>) {
+        for (a, len) in ranges {
+            for s in (a >> 5)..=((a + len.max(1) - 1) >> 5) {
+                self.prefetch_sectors.insert(s);
+            }
+        }
+        self.prefetch_requests += 1;
     }
 
     pub fn by_class_named(&self) -> Vec<(&'static str, u64)> {
@@ -440,6 +468,8 @@ impl Counters {
         self.wgmma_flops += o.wgmma_flops;
         self.wgmma_8bit_flops += o.wgmma_8bit_flops;
         self.async_copy_sectors += o.async_copy_sectors;
+        self.prefetch_sectors.union(&o.prefetch_sectors);
+        self.prefetch_requests += o.prefetch_requests;
     }
 }
 
@@ -468,6 +498,9 @@ impl std::fmt::Display for Counters {
         )?;
         writeln!(f, "  shared: {} requests, {} bank-conflict wavefronts", self.shared_requests, self.shared_bank_conflicts)?;
         writeln!(f, "  async copies (TMA, bulk): {} sectors", self.async_copy_sectors)?;
+        if self.prefetch_requests > 0 {
+            writeln!(f, "  L2 prefetches: {} requests, {} distinct sectors", self.prefetch_requests, self.prefetch_sectors.len())?;
+        }
         write!(f, "  tensor: {} mma, {} flops ({} by wgmma, {} of them 8-bit)", self.tensor_ops, self.tensor_flops, self.wgmma_flops, self.wgmma_8bit_flops)
     }
 }

@@ -578,7 +578,14 @@ fn decode_bulk(ctx: &Ctx, i: &Instruction, inst: &mut Inst, m: &[&str]) -> Resul
         return Ok(());
     }
     if has("prefetch") {
-        inst.op = Op::Nop; // an L2 prefetch has no effect an interpreter can observe
+        if has("tensor") {
+            // A tensor prefetch's box is not counted (no kernel issues one); it has no architectural effect.
+            inst.op = Op::Nop;
+        } else {
+            inst.addr = Some(ctx.addr(ops.first().ok_or_else(|| ParseError { line, message: format!("{}: missing address", i.opcode) })?, line)?.0);
+            ctx.src(ops.get(1).ok_or_else(|| ParseError { line, message: format!("{}: missing size", i.opcode) })?, None, line, &mut inst.s)?;
+            inst.op = Op::PrefetchL2 { space: Space::Global, bulk: true };
+        }
         return Ok(());
     }
     // The destination space comes first: `.shared::*.global` loads, `.global.shared::cta` stores.
@@ -1248,6 +1255,13 @@ fn decode_inst(ctx: &Ctx, i: &Instruction) -> Result<Inst, ParseError> {
         }
         "griddepcontrol" if has("wait") => inst.op = Op::GridDepWait,
         "griddepcontrol" if has("launch_dependents") => inst.op = Op::GridDepLaunchDependents,
+        // `prefetch{.global}.L2` pulls a line into L2: the timing model counts it. Prefetches to L1, of local memory
+        // or of a tensor map only warm caches the model does not follow: no effect an interpreter can observe.
+        "prefetch" if m.iter().any(|x| x.starts_with("L2")) && matches!(space_of(m), Space::Global | Space::Generic) => {
+            let (a, sym_space) = ctx.addr(ops.first().ok_or_else(|| ParseError { line, message: "prefetch without address".into() })?, line)?;
+            inst.op = Op::PrefetchL2 { space: symbol_space(sym_space, space_of(m)), bulk: false };
+            inst.addr = Some(a);
+        }
         "prefetch" | "prefetchu" | "applypriority" | "discard" | "nanosleep" | "pmevent" => inst.op = Op::Nop,
         "createpolicy" => {
             inst.op = Op::CreatePolicy;

@@ -636,6 +636,14 @@ pub enum Op {
     BulkStore,
     /// `cp.async.bulk.commit_group`
     BulkCommit,
+    /// An L2 prefetch: no architectural effect, but the timing model counts the bytes it pulls into L2
+    /// (`Counters::prefetch_sectors`). `prefetch{.global}.L2{::evict_*} [a]` (`bulk` false: the 128-byte line holding
+    /// `a`; `space` Global or Generic) or `cp.async.bulk.prefetch.L2.global [a], size{, policy}` (`bulk` true: `s[0]` =
+    /// size; `space` Global). `addr` = a.
+    PrefetchL2 {
+        space: Space,
+        bulk: bool,
+    },
     /// `cp.async.bulk.wait_group{.read} n`
     BulkWait {
         n: u32,
@@ -719,12 +727,18 @@ impl Op {
             } => Class::Integer,
             Op::Float { .. } | Op::Setp { .. } | Op::Set { .. } => Class::Float,
             Op::Cvt { .. } => Class::Convert,
-            Op::Ld { space: Space::Global, .. } | Op::St { space: Space::Global, .. } => Class::GlobalMemory,
+            Op::Ld { space: Space::Global, .. } | Op::St { space: Space::Global, .. } | Op::PrefetchL2 { bulk: false, .. } => Class::GlobalMemory,
             Op::Ld { space: Space::Shared, .. } | Op::St { space: Space::Shared, .. } | Op::Ldmatrix { .. } | Op::Stmatrix { .. } => Class::SharedMemory,
             Op::Ld { .. } | Op::St { .. } => Class::OtherMemory,
             Op::Atom { .. } => Class::Atomic,
             Op::CpAsync { .. } | Op::CpAsyncCommit | Op::CpAsyncWait(_) => Class::AsyncCopy,
-            Op::TmaLoad { .. } | Op::TmaStore { .. } | Op::BulkLoad | Op::BulkStore | Op::BulkCommit | Op::BulkWait { .. } => Class::AsyncCopy,
+            Op::TmaLoad { .. }
+            | Op::TmaStore { .. }
+            | Op::BulkLoad
+            | Op::BulkStore
+            | Op::BulkCommit
+            | Op::BulkWait { .. }
+            | Op::PrefetchL2 { bulk: true, .. } => Class::AsyncCopy,
             Op::Bra(_) | Op::Exit | Op::Trap | Op::Nop | Op::Unsupported(_) | Op::Call { .. } | Op::Return(_) | Op::CopyLocal(_) | Op::AssertFail(_) => {
                 Class::Control
             }

@@ -28,7 +28,10 @@
 //! - TMA (module `tensor_map` for the host side): `cp.async.bulk.tensor` 1-5d tile loads (element strides,
 //!   out-of-bounds zero fill, 32/64/128-byte swizzle, `.multicast::cluster` with mask 1) completing on an mbarrier,
 //!   tile stores (clipped at the tensor's end; negative coordinates are an error), non-tensor `cp.async.bulk` in both
-//!   directions, `cp.async.bulk.commit_group` / `wait_group{.read}`, `prefetch.tensormap` and the bulk prefetches.
+//!   directions, `cp.async.bulk.commit_group` / `wait_group{.read}`, `prefetch.tensormap` (a no-op), and the L2
+//!   prefetches `cp.async.bulk.prefetch.L2.global` and `prefetch{.global}.L2`: no architectural effect, their sectors
+//!   counted (`Counters::prefetch_sectors`, unmapped bytes ignored) for the timing model and its cross-launch L2
+//!   state (`l2::L2Residency`).
 //!   Loads read their source at issue and land when a thread waits on their barrier's incomplete phase (or when no
 //!   warp can run); stores read their source at issue and write global memory at the `wait_group` that retires them.
 //! - wgmma: `wgmma.mma_async` m64nNk16 (N = 8..256) with f16/bf16 inputs and f32 (or f16) accumulators, and
@@ -82,6 +85,7 @@ mod exec;
 pub mod float;
 pub mod hopper_probe;
 pub mod ir;
+pub mod l2;
 pub mod memory;
 pub mod parser;
 pub mod tensor_map;

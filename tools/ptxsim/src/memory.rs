@@ -149,6 +149,20 @@ impl GlobalMemory {
         (off + len <= a.data.len()).then_some((*start, a, off))
     }
 
+    /// The parts of `[addr, addr + len)` that lie in allocations, as (address, bytes), in address order.
+    pub(crate) fn mapped_parts(&self, addr: u64, len: u64) -> Vec<(u64, u64)> {
+        let end = addr.saturating_add(len);
+        let first = self.allocs.partition_point(|(s, a)| s + a.data.len() as u64 <= addr);
+        self.allocs[first..]
+            .iter()
+            .take_while(|(s, _)| *s < end)
+            .filter_map(|(s, a)| {
+                let (lo, hi) = (addr.max(*s), end.min(s + a.data.len() as u64));
+                (lo < hi).then_some((lo, hi - lo))
+            })
+            .collect()
+    }
+
     #[inline]
     pub(crate) fn find_mut(&mut self, addr: u64, len: usize) -> Option<(&mut Allocation, usize)> {
         let i = self.index(addr)?;

@@ -5,7 +5,9 @@
 //!
 //! - **DRAM**: the launch's distinct 32-byte sectors (`Counters::distinct_sectors`: what L2 does not keep from a
 //!   second read) over the achievable bandwidth; none when the launch's data are already in L2
-//!   ([`Profile::l2_resident`]). That bandwidth is the datasheet figure times the copy efficiency, or less when the
+//!   ([`Profile::l2_resident`]), less the sectors an earlier launch left in L2 ([`Profile::l2_hit_sectors`], from the
+//!   cross-launch residency model [`crate::l2::L2Residency`] where the caller runs it), plus the sectors its L2
+//!   prefetches fetch ([`Profile::prefetch_sectors`], fire-and-forget at a per-SM in-flight cap). That bandwidth is the datasheet figure times the copy efficiency, or less when the
 //!   resident warps keep too few bytes in flight: by Little's law an SM moves at most `bytes in flight / latency`.
 //!   Bytes in flight per warp = its sectors over the memory round trips the block's longest dependence chain waits
 //!   for (below), capped by what one SM can keep outstanding (the memory warp parallelism, MWP).
@@ -69,7 +71,10 @@ pub struct Gpu {
     /// figure usually quoted for Ampere and Hopper SMs; the whole-chip L2 bandwidth above is less than SMs x this,
     /// so the port binds only when few SMs load, e.g. a small grid's combine kernel).
     pub sm_l2_bytes_per_cycle: f64,
-    /// L2 capacity, bytes (Hopper whitepaper: 50 MB on H100 SXM5 and PCIe; the H200 has the same GH100 L2).
+    /// L2 capacity, bytes: 50 MB on the H100 SXM5 and PCIe (NVIDIA H100 Tensor Core GPU Architecture whitepaper,
+    /// 2022: "50 MB L2 cache" of the full GH100's 60 MB); the H200 is the same GH100 die with HBM3e (NVIDIA H200
+    /// datasheet: only memory capacity and bandwidth change), so 50 MB too. The cross-launch residency model
+    /// ([`crate::l2::L2Residency`]) and `small4 calibrate`'s per-row residency use it.
     pub l2_bytes: f64,
     /// Dense bf16 tensor-core FLOPs per SM per cycle (whitepaper: 1024 FMA/cycle/SM for 16-bit inputs with wgmma).
     pub tensor_flops_per_sm_cycle: f64,
@@ -127,6 +132,10 @@ impl Gpu {
 /// async copies are issue-only here (their completion is what a `cp.async.wait_group` waits for). Integers, so the
 /// counter stays exact.
 pub const CHAIN_CYCLES: [u64; Class::ALL.len()] = [4, 4, 6, 2, 4, 0, 30, 4, 0, 1, 20, 24, 30];
+
+/// Bytes of an L2 line (Hopper: 128-byte lines of four 32-byte sectors): what `prefetch.global.L2 [a]` fetches and
+/// the unit the cross-launch residency model ([`crate::l2::L2Residency`]) allocates.
+pub const L2_LINE_BYTES: u64 = 128;
 
 /// An L2 hit's latency on Hopper (~260 cycles, Luo et al. 2024): the weight of one global load when the counters
 /// pick a block's longest warp chain, and its cost in the chain of a launch whose data are in L2
@@ -243,6 +252,15 @@ pub struct Profile {
     /// bench loop), or data the launch before just wrote. Then its loads cost an L2 hit ([`CHAIN_GLOBAL_CYCLES`]) and
     /// L2 bandwidth, not DRAM's. False (cold, DRAM) unless the caller knows better.
     pub l2_resident: bool,
+    /// Of `distinct_sectors`, those L2 held when the launch started, as the cross-launch residency model says
+    /// ([`crate::l2::L2Residency`], fed launch by launch by the caller; 0 when it is not run: cold). They are L2
+    /// hits: the model takes them off the DRAM bytes (they stay in the L2 term) and weighs the launch's memory
+    /// latency by the fraction of its sectors they are.
+    pub l2_hit_sectors: u64,
+    /// Distinct sectors the launch prefetched into L2 (`Counters::prefetch_sectors`) that it does not load or store
+    /// itself, and how many of those L2 held already: the rest is DRAM traffic of this launch, issued fire-and-forget.
+    pub prefetch_sectors: u64,
+    pub prefetch_l2_hit_sectors: u64,
 }
 
 impl Profile {
@@ -273,6 +291,9 @@ impl Profile {
             chain_cycles_sum: c.chain_cycles_sum,
             chain_globals_sum: c.chain_globals_sum,
             l2_resident: false,
+            l2_hit_sectors: 0,
+            prefetch_sectors: c.prefetch_sectors.without(&c.distinct_sectors).len(),
+            prefetch_l2_hit_sectors: 0,
         }
     }
 }
@@ -297,6 +318,11 @@ pub struct Prediction {
     pub launch_s: f64,
     /// The achievable DRAM bandwidth (memory parallelism and efficiency), bytes per second.
     pub dram_bytes_per_s: f64,
+    /// Bytes the launch finds in L2 instead of DRAM: its sectors resident when it starts (`Profile::l2_hit_sectors`
+    /// and prefetched ones, scaled to the grid), all of them when `Profile::l2_resident`.
+    pub l2_hit_bytes: f64,
+    /// DRAM bytes of the launch's L2 prefetches (within the DRAM term).
+    pub prefetch_dram_bytes: f64,
 }
 
 impl Prediction {
@@ -347,15 +373,63 @@ pub fn blocks_per_sm(gpu: &Gpu, threads: u32, registers: u32, shared: u32) -> u3
 }
 
 impl Profile {
-    /// The launch's DRAM bytes if nothing was in L2 before it: its distinct sectors; a sampled launch scales its
-    /// blocks' own distinct sectors to the grid.
-    pub fn dram_bytes(&self) -> f64 {
-        let sectors = if self.blocks_run < self.blocks {
-            self.block_distinct_sectors as f64 * self.blocks as f64 / self.blocks_run.max(1) as f64
+    /// Counts of the interpreted blocks times this: the grid's (1 unless sampled).
+    fn grid_scale(&self) -> f64 {
+        if self.blocks_run < self.blocks {
+            self.blocks as f64 / self.blocks_run.max(1) as f64
         } else {
-            self.distinct_sectors as f64
-        };
+            1.0
+        }
+    }
+
+    /// The bytes of the launch's own loads and stores if nothing was in L2 before it: its distinct sectors; a sampled
+    /// launch scales its blocks' own distinct sectors to the grid.
+    fn cold_own_bytes(&self) -> f64 {
+        let sectors = if self.blocks_run < self.blocks { self.block_distinct_sectors as f64 * self.grid_scale() } else { self.distinct_sectors as f64 };
         sectors * 32.0
+    }
+
+    /// The part of [`Profile::cold_own_bytes`] L2 holds (`l2_hit_sectors`; a sampled launch's run blocks' hit fraction
+    /// applied to the grid).
+    fn own_hit_bytes(&self) -> f64 {
+        let hits = self.l2_hit_sectors.min(self.distinct_sectors);
+        if self.blocks_run < self.blocks {
+            self.cold_own_bytes() * hits as f64 / self.distinct_sectors.max(1) as f64
+        } else {
+            hits as f64 * 32.0
+        }
+    }
+
+    /// Of the launch's own distinct sectors, the fraction L2 held when it started (1 when `l2_resident`).
+    pub fn l2_hit_fraction(&self) -> f64 {
+        if self.l2_resident {
+            1.0
+        } else {
+            self.l2_hit_sectors.min(self.distinct_sectors) as f64 / self.distinct_sectors.max(1) as f64
+        }
+    }
+
+    /// DRAM bytes of the launch's prefetches: its prefetched sectors not resident and not its own, scaled to the grid.
+    pub fn prefetch_dram_bytes(&self) -> f64 {
+        self.prefetch_sectors.saturating_sub(self.prefetch_l2_hit_sectors) as f64 * 32.0 * self.grid_scale()
+    }
+
+    /// Bytes the launch's loads, stores and prefetches find in L2 when it starts (`l2_hit_sectors`,
+    /// `prefetch_l2_hit_sectors`, scaled to the grid). Not `l2_resident`'s (see [`Prediction::l2_hit_bytes`]).
+    pub fn l2_hit_bytes(&self) -> f64 {
+        self.own_hit_bytes() + self.prefetch_l2_hit_sectors.min(self.prefetch_sectors) as f64 * 32.0 * self.grid_scale()
+    }
+
+    /// The launch's DRAM bytes: its distinct sectors (a sampled launch scales its blocks' own distinct sectors to the
+    /// grid) less those L2 held when it started (`l2_hit_sectors`: 0 unless the caller runs the residency model),
+    /// plus its prefetches' ([`Profile::prefetch_dram_bytes`]). `l2_resident` is not applied here.
+    pub fn dram_bytes(&self) -> f64 {
+        self.own_dram_bytes() + self.prefetch_dram_bytes()
+    }
+
+    /// The DRAM bytes of the launch's own loads and stores: [`Profile::dram_bytes`] without the prefetches.
+    fn own_dram_bytes(&self) -> f64 {
+        self.cold_own_bytes() - self.own_hit_bytes()
     }
 }
 
@@ -374,8 +448,12 @@ pub fn predict(c: &Profile, gpu: &Gpu, model: &Model) -> Prediction {
     let blocks_on_sm = blocks.div_ceil(sms) as f64;
     let cycle = 1.0 / gpu.clock_hz;
 
-    // A global load waits a DRAM latency, or an L2 hit's when the launch's data are in L2.
-    let memory_latency_cycles = if c.l2_resident { CHAIN_GLOBAL_CYCLES as f64 } else { model.dram_latency_cycles };
+    // A global load waits a DRAM latency, or an L2 hit's when the launch's data are in L2: the mean over its sectors
+    // (all of them hits when `l2_resident`, the resident fraction under the cross-launch residency model). A warp
+    // whose request mixes hits and misses waits for the miss, so this under-prices mixed requests; the launches
+    // the model credits are mostly all-hit (an activation written by the launch before) or all-miss (weights).
+    let hit_fraction = c.l2_hit_fraction();
+    let memory_latency_cycles = hit_fraction * CHAIN_GLOBAL_CYCLES as f64 + (1.0 - hit_fraction) * model.dram_latency_cycles;
     let latency_s = memory_latency_cycles * cycle;
     // DRAM: the launch's distinct sectors (none when L2 holds them: the L2 term covers those reads), split between
     // the lanes' requests and the async copy engines in proportion to their sectors. The lanes' bytes in flight per
@@ -384,9 +462,13 @@ pub fn predict(c: &Profile, gpu: &Gpu, model: &Model) -> Prediction {
     // `wait_group` of the oldest group), capped per SM (MWP). The copy engines keep at most the blocks' shared memory
     // in flight (what their copies land in). Both share the HBM: the time is the larger of all bytes at the
     // achievable bandwidth and each part at its own parallelism's.
-    let dram_bytes = if c.l2_resident { 0.0 } else { c.dram_bytes() };
+    // Sectors L2 holds when the launch starts (`l2_hit_sectors`) are not DRAM bytes. Prefetches (fire-and-forget:
+    // nothing waits for them, so no dependence chain) add their non-resident sectors at a parallelism of their own:
+    // each SM running blocks keeps at most its outstanding-miss budget in flight, over a DRAM latency.
+    let (own_dram_bytes, prefetch_dram_bytes) = if c.l2_resident { (0.0, 0.0) } else { (c.own_dram_bytes(), c.prefetch_dram_bytes()) };
+    let dram_bytes = own_dram_bytes + prefetch_dram_bytes;
     let async_share = c.async_copy_sectors as f64 / (c.global_sectors + c.async_copy_sectors).max(1) as f64;
-    let (async_dram_bytes, lane_dram_bytes) = (dram_bytes * async_share, dram_bytes * (1.0 - async_share));
+    let (async_dram_bytes, lane_dram_bytes) = (own_dram_bytes * async_share, own_dram_bytes * (1.0 - async_share));
     let sector_bytes_per_warp = per_block(c.global_sectors) * 32.0 / warps_per_block;
     let round_trips_per_warp = per_block(c.chain_globals_sum).max(1.0);
     let in_flight_per_warp = sector_bytes_per_warp / round_trips_per_warp;
@@ -395,7 +477,11 @@ pub fn predict(c: &Profile, gpu: &Gpu, model: &Model) -> Prediction {
     let async_in_flight_per_sm = (per_block(c.async_copy_sectors) * 32.0).min(c.shared_bytes as f64) * resident as f64;
     let async_parallel_bw = (busy_sms * async_in_flight_per_sm / latency_s).max(1.0);
     let achievable_bw = gpu.dram_bytes_per_s * model.dram_efficiency;
-    let dram_s = (dram_bytes / achievable_bw).max(lane_dram_bytes / parallel_bw).max(async_dram_bytes / async_parallel_bw);
+    let prefetch_parallel_bw = busy_sms * model.max_bytes_in_flight_per_sm / (model.dram_latency_cycles * cycle);
+    let dram_s = (dram_bytes / achievable_bw)
+        .max(lane_dram_bytes / parallel_bw)
+        .max(async_dram_bytes / async_parallel_bw)
+        .max(prefetch_dram_bytes / prefetch_parallel_bw);
     let dram_bw = if dram_s > 0.0 { dram_bytes / dram_s } else { achievable_bw.min(parallel_bw) };
     // L2: every request's and async copy's sectors over the chip's L2 bandwidth, or over the busiest SM's L2 port
     // when few SMs load.
@@ -440,6 +526,8 @@ pub fn predict(c: &Profile, gpu: &Gpu, model: &Model) -> Prediction {
         exposed_s,
         launch_s: model.launch_s,
         dram_bytes_per_s: dram_bw,
+        l2_hit_bytes: if c.l2_resident { c.cold_own_bytes() + c.prefetch_sectors as f64 * 32.0 * c.grid_scale() } else { c.l2_hit_bytes() },
+        prefetch_dram_bytes,
     }
 }
 
@@ -565,6 +653,38 @@ mod tests {
         assert!(pdl < graph && graph < p.seconds);
         let step = graph_step_seconds([(&p, false), (&p, true)], &model);
         assert!((step - (model.graph_replay_s + graph + pdl)).abs() < 1e-15);
+    }
+
+    /// Sectors an earlier launch left in L2 come off the DRAM bytes exactly (a sampled launch's hit fraction applies
+    /// to its grid) and weigh the memory latency by their fraction; prefetched sectors not resident add to the DRAM
+    /// bytes at the per-SM in-flight cap, with no dependence chain.
+    #[test]
+    fn l2_hits_and_prefetches_move_dram_bytes() {
+        let (gpu, model) = (Gpu::H100_SXM, Model::FITTED);
+        // 8 blocks of 8 warps reading 2 MiB, each block's chain 1000 cycles and 10 round trips.
+        let chains = Profile { chain_cycles_max: 1000, chain_globals_max: 10, chain_cycles_sum: 8 * 1000, chain_globals_sum: 8 * 10, ..Profile::default() };
+        let shape = Profile { blocks: 8, blocks_run: 8, block_threads: 256, registers: 32, warp_instructions: 8 * 8 * 100, ..chains };
+        let base = Profile { global_sectors: 1 << 16, distinct_sectors: 1 << 16, block_distinct_sectors: 1 << 16, ..shape };
+        let cold = predict(&base, &gpu, &model);
+        let half = Profile { l2_hit_sectors: 1 << 15, ..base };
+        assert_eq!(base.dram_bytes() - half.dram_bytes(), (1u64 << 15) as f64 * 32.0);
+        let warm = predict(&half, &gpu, &model);
+        assert_eq!((warm.l2_hit_bytes, cold.l2_hit_bytes), ((1u64 << 20) as f64, 0.0));
+        let cycle = 1.0 / gpu.clock_hz;
+        let latency = 0.5 * CHAIN_GLOBAL_CYCLES as f64 + 0.5 * model.dram_latency_cycles;
+        assert!((warm.chain_s - (1000.0 + 10.0 * latency) * cycle).abs() < 1e-15);
+        assert!(warm.seconds < cold.seconds && warm.l2_s == cold.l2_s);
+        // Sampled: 2 of 8 blocks ran; their hit fraction (half) applies to the grid's scaled bytes.
+        let sampled = Profile { blocks_run: 2, distinct_sectors: 1 << 14, block_distinct_sectors: 1 << 14, l2_hit_sectors: 1 << 13, ..base };
+        assert_eq!((sampled.dram_bytes(), sampled.l2_hit_bytes()), ((1u64 << 20) as f64, (1u64 << 20) as f64));
+        // Prefetches: 1 MiB on 8 SMs of 32 KiB in flight each, over a DRAM latency; resident ones cost nothing.
+        let prefetching = Profile { distinct_sectors: 0, block_distinct_sectors: 0, global_sectors: 0, prefetch_sectors: 1 << 15, ..base };
+        let p = predict(&prefetching, &gpu, &model);
+        assert_eq!((p.prefetch_dram_bytes, prefetching.dram_bytes()), ((1u64 << 20) as f64, (1u64 << 20) as f64));
+        let bw = 8.0 * model.max_bytes_in_flight_per_sm / (model.dram_latency_cycles * cycle);
+        assert!((p.dram_s - (1u64 << 20) as f64 / bw).abs() < 1e-15, "{} vs {}", p.dram_s, (1u64 << 20) as f64 / bw);
+        let resident = predict(&Profile { prefetch_l2_hit_sectors: 1 << 15, ..prefetching }, &gpu, &model);
+        assert_eq!((resident.dram_s, resident.prefetch_dram_bytes, resident.l2_hit_bytes), (0.0, 0.0, (1u64 << 20) as f64));
     }
 
     /// The same sectors moved by a TMA / bulk producer and by the lanes' loads of a kernel that keeps few bytes in

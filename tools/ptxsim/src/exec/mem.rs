@@ -149,6 +149,33 @@ impl BlockCtx<'_> {
         Ok(lane * w.local_bytes + off)
     }
 
+    /// An L2 prefetch (`Op::PrefetchL2`): each active lane's range, clipped to the allocations it overlaps, joins
+    /// `Counters::prefetch_sectors`. It reads no data (so no initialisation or programmatic-launch check: a GPU's
+    /// prefetch has no architectural effect), and bytes outside every allocation count nothing, as a prefetch of an
+    /// unmapped address is dropped on a GPU. `prefetch.L2 [a]` fetches a's whole 128-byte line: L2 allocates whole
+    /// lines and a line prefetch fills all four of its 32-byte sectors (the unit a load would fill is the sector; a
+    /// prefetch asks for the line). The bulk form's address and size must be multiples of 16 (PTX ISA, cp.async.bulk.prefetch).
+    pub(super) fn prefetch_l2(&mut self, w: &Warp, inst: &Inst, space: Space, bulk: bool, exec: u32) -> Result<(), Fault> {
+        for l in lanes(exec) {
+            let a = Self::addr_of(w, inst, l);
+            let (start, bytes) = if bulk {
+                let size = w.val(&inst.s[0], l);
+                if size % 16 != 0 || a % 16 != 0 {
+                    return fault(l, format!("cp.async.bulk.prefetch.L2 of {size} bytes at {a:#x}: the size and the address must be multiples of 16"));
+                }
+                (a, size)
+            } else {
+                match self.resolve(space, a) {
+                    Loc::Global(a) => (a & !(crate::timing::L2_LINE_BYTES - 1), crate::timing::L2_LINE_BYTES),
+                    // A generic address in the shared or local window: nothing of L2's.
+                    _ => continue,
+                }
+            };
+            self.counters.prefetch_request(self.global.mapped_parts(start, bytes));
+        }
+        Ok(())
+    }
+
     /// A kernel read of `out.len()` bytes: checked for bounds, initialisation, pending async copies and races.
     pub(crate) fn read(&mut self, w: &mut Warp, loc: Loc, lane: usize, out: &mut [u8]) -> Result<(), Fault> {
         let len = out.len();

@@ -756,6 +756,7 @@ impl BlockCtx<'_> {
             Op::WgmmaWait(n) => return self.wgmma_wait(w, *n, exec),
             Op::TmaLoad { dims } => self.tma_load(w, inst, pc, *dims, exec)?,
             Op::TmaStore { dims } => self.tma_store(w, inst, *dims, exec)?,
+            Op::PrefetchL2 { space, bulk } => self.prefetch_l2(w, inst, *space, *bulk, exec)?,
             Op::BulkLoad => self.bulk_load(w, inst, pc, exec)?,
             Op::BulkStore => self.bulk_store(w, inst, exec)?,
             Op::BulkCommit => self.bulk_commit(w, exec),

@@ -143,6 +143,11 @@ fn the_cli_benchmarks_a_synthetic_model_and_writes_json() {
         let per_launch = (model.launch_s - model.pdl_node_s) * 1e6;
         assert!((saved - launches * per_launch).abs() < 1e-6 * eager.as_f64().unwrap().max(1.0), "{family}: saved {saved} us over {launches} launches");
     }
+    // The L2 carried across launches (docs/perf.md "L2 residency across a step's launches"): the tiny model fits L2,
+    // so the profiling step finds in L2 what the steps before it left there.
+    let l2_hit_mb = report["predicted_l2_hit_mb_per_decode_step"].as_f64().expect("L2 hits predicted on the interpreter");
+    assert!(l2_hit_mb.is_finite() && l2_hit_mb > 0.0, "{report}");
+    assert!(stdout.contains("predicted L2 hits"), "{stdout}");
     // The timed steps replay the captured graph: its launches are counted, and the step reads its tokens back.
     assert_eq!(report["captured_graphs"].as_u64(), Some(1));
     assert!(report["launches_per_decode_step"].as_u64().unwrap() > 10);

@@ -370,9 +370,8 @@ impl std::fmt::Display for LaunchCounters {
         if self.blocks_run < self.blocks {
             write!(f, "; {} of {} blocks interpreted (sampled)", self.blocks_run, self.blocks)?;
         }
-        match (self.predicted_us, self.predicted_gpu) {
-            (Some(us), Some(gpu)) => write!(f, "; predicted {us:.1} us on {gpu}")?,
-            _ => {}
+        if let (Some(us), Some(gpu)) = (self.predicted_us, self.predicted_gpu) {
+            write!(f, "; predicted {us:.1} us on {gpu}")?;
         }
         match self.predicted_l2_hit_bytes {
             Some(bytes) if bytes > 0.0 => write!(f, " ({:.1} KB of it from L2 left by earlier work)", bytes / 1e3),

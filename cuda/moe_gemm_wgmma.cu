@@ -22,7 +22,7 @@
 // registers. B is the activation rows of one 64-slot tile of the block (N = 64), K-major in shared memory with the
 // 128-byte swizzle, read through a matrix descriptor. Each 64-k stage is four m64n64k16 bf16 wgmmas per consumer
 // warpgroup and slot tile holding real slots, whatever the weight format: the wide kernels feed one A fragment (one
-// load and dequantisation of the weights) to up to three slot tiles.
+// load and dequantisation of the weights) to up to three (BN 192) or four (BN 256) slot tiles.
 //
 // Thread mapping: 9 warps (BN 64, 192) or 12 (BN 256). Warps 0-7 are two consumer warpgroups; warp w owns weight
 // tile first_tile + w (16 features), warpgroup g the features 64 g .. 64 g + 63 of the block, all its slots. Warp 8
@@ -52,7 +52,8 @@
 // its "empty" mbarrier (one arrival per consumer warp), on which the producer waits before refilling the stage.
 //
 // Registers (BN 256): the 4 x 32 f32 accumulators a thread, the two A fragments and the stage's weight words do not
-// fit the 168 registers a block of 288 or 384 threads alone on an SM starts with (ptxas spilled them). So the
+// fit the 168 registers a block of 288 or 384 threads alone on an SM starts with (ptxas spilled 240 bytes a thread
+// at 288, docs/perf.md "Grouped wgmma GEMM: tile and schedule"). So the
 // producer is a whole warpgroup, which setmaxnreg can shrink: it drops to 40 registers, the consumers rise to 232
 // ((4 x 40 + 8 x 232) x 32 = 64,512 of 65,536; mla_attention_wgmma.cu does the same), ptxas allocating each role's
 // code within its count. Before the block's finish (every thread) the consumers give back down to 168 and the

@@ -3,11 +3,12 @@
 // and epilogues (SwiGLU act for the up-projection, f32 rows by pair times the routing weight for the down-projection,
 // plain bf16 or f32 rows in dense mode, batched dense mode over grid z, per-row output scales such as nvfp4's global
 // divisor; then the query RoPE and the row finisher of cuda/include/gemm_epilogue.cuh, with every thread, producer
-// warp included). Only the k loop differs. One body for the three formats, the two activation producers and the two
-// block widths (template on Format, kTmaX and kSlotTiles), twelve entries: moe_gemm_{bf16,int4,nvfp4}_wgmma
+// warps included). Only the k loop differs. One body for the three formats, the two activation producers and the three
+// block widths (template on Format, kTmaX and kSlotTiles), eighteen entries: moe_gemm_{bf16,int4,nvfp4}_wgmma
 // (grouped mode, and dense mode when src/kernels/moe_wgmma.rs is told to gather) gather the activation rows;
 // moe_gemm_{bf16,int4,nvfp4}_wgmma_dense (dense mode only) load them with TMA through the map of MoeGemmTmaParams;
-// the same six with _wide_ (moe_gemm_bf16_wide_wgmma, ..._wide_wgmma_dense) work 192 slots a block instead of 64.
+// the same six with _wide_ (moe_gemm_bf16_wide_wgmma, ..._wide_wgmma_dense) work 192 slots a block instead of 64,
+// and with _wide256_ 256 slots, with a producer warpgroup (below).
 //
 // Computes, for each row (a (token, expert) pair in grouped mode, a token in dense mode) and each output feature n of
 // the row's expert e:  y[row, n] = sum_k x[src(row), k] * W_e[n, k], W dequantised to bf16 in registers (W4A16 for
@@ -21,22 +22,25 @@
 // registers. B is the activation rows of one 64-slot tile of the block (N = 64), K-major in shared memory with the
 // 128-byte swizzle, read through a matrix descriptor. Each 64-k stage is four m64n64k16 bf16 wgmmas per consumer
 // warpgroup and slot tile holding real slots, whatever the weight format: the wide kernels feed one A fragment (one
-// load and dequantisation of the weights) to up to three slot tiles.
+// load and dequantisation of the weights) to up to three (BN 192) or four (BN 256) slot tiles.
 //
-// Thread mapping: 9 warps. Warps 0-7 are two consumer warpgroups; warp w owns weight tile first_tile + w (16
-// features), warpgroup g the features 64 g .. 64 g + 63 of the block, all its slots. Warp 8 is the producer: lanes 0-7
+// Thread mapping: 9 warps (BN 64, 192) or 12 (BN 256). Warps 0-7 are two consumer warpgroups; warp w owns weight
+// tile first_tile + w (16 features), warpgroup g the features 64 g .. 64 g + 63 of the block, all its slots. Warp 8
+// is the producer (BN 256: the first of the producer warpgroup, warps 8-11, see "Registers"): lanes 0-7
 // each copy one weight tile's bytes of a stage (2 KiB bf16, 512 B 4-bit) with cp.async.bulk (contiguous in the
 // repacked layout), and for 4-bit weights the next lanes each copy one piece of a tile's scales of the stage
 // (weight_format.cuh scale_piece: nvfp4 64 bytes, lanes 8-15; int4 32 bytes of scales, lanes 8-15, and 16 of zero
 // points, lanes 16-23), all completing as transaction bytes on the stage's "full" mbarrier, where the stage's one
 // expect_tx counts them. Its single-lane work (expect_tx, arrivals, the TMA issue) is done by the lane
 // elect_one_sync picks. The activations:
-// - gather (grouped entries): all 32 lanes gather the stage's activation rows (picked through sorted_pairs / top_k, so
-//   TMA tile loads do not apply) with 16-byte cp.async into the swizzled layout, and once a stage's cp.async group has
-//   landed (the producer keeps STAGES - 1 stages in flight) fence it for the async proxy and arrive on "full" (two
-//   arrivals complete a phase: the expect_tx one and this one). A padding slot's copies read nothing and zero-fill
-//   its line (src-size 0), so the copy loop has no branch.
-// - TMA (_dense entries): the elected lane issues one cp.async.bulk.tensor.3d per stage, the box {64 k, 64 rows,
+// - gather (grouped entries): all 32 lanes of every producer warp gather the stage's activation rows (picked through
+//   sorted_pairs / top_k, so TMA tile loads do not apply) with 16-byte cp.async into the swizzled layout (BN 256: the
+//   four warps take every fourth pass of 4 lines each), and once a warp's cp.async group of a stage has landed (each
+//   keeps STAGES - 1 stages in flight) it fences it for the async proxy and arrives on "full" (1 + producer warps
+//   arrivals complete a phase: the expect_tx one and one per gathering warp). A padding slot's copies read nothing
+//   and zero-fill its line (src-size 0), so the copy loop has no branch.
+// - TMA (_dense entries): the elected lane of warp 8 (the other producer warps idle) issues one
+//   cp.async.bulk.tensor.3d per stage and slot tile holding real slots, the box {64 k, 64 rows,
 //   1 matrix} at (k block, first row, grid z) of the 3-d map {k_dim, dense_rows, heads}; the TMA unit writes it in the same
 //   128-byte swizzled layout, zero-fills the rows past dense_rows (the tail block) and completes its 8 KiB as
 //   transaction bytes on "full" beside the weights' (one arrival, expect_tx of the whole stage: the format's weight
@@ -47,14 +51,24 @@
 // and after the next stage's wgmmas are issued retire this one (wait_group 1: A registers double-buffered) and release
 // its "empty" mbarrier (one arrival per consumer warp), on which the producer waits before refilling the stage.
 //
-// Tiling: BM 128 features x BN 64 slots per block (wide: 192, three 64-slot tiles), BK 64 per stage
+// Registers (BN 256): the 4 x 32 f32 accumulators a thread, the two A fragments and the stage's weight words do not
+// fit the 168 registers a block of 288 or 384 threads alone on an SM starts with (ptxas spilled 240 bytes a thread
+// at 288, docs/perf.md "Grouped wgmma GEMM: tile and schedule"). So the
+// producer is a whole warpgroup, which setmaxnreg can shrink: it drops to 40 registers, the consumers rise to 232
+// ((4 x 40 + 8 x 232) x 32 = 64,512 of 65,536; mla_attention_wgmma.cu does the same), ptxas allocating each role's
+// code within its count. Before the block's finish (every thread) the consumers give back down to 168 and the
+// producers take back up to it (their inc waits until the consumers' registers are free).
+//
+// Tiling: BM 128 features x BN 64 slots per block (wide: 192 or 256, three or four 64-slot tiles), BK 64 per stage
 // (weight_format.cuh's kBK). Stages as fit in 96 KiB, at most 8: bf16 4 stages of 24 KiB (16 KiB weights, 8 KiB
 // activations), 4-bit 8 stages of 12 KiB (4 KiB weights, 8 KiB activations); plus the staged scales (4-bit: 384 or
 // 512 bytes a stage, on top of the budget as in the mma.sync kernel) and barriers: two blocks per SM. Wide: one block
-// per SM (96 accumulators a thread; ptxas caps a block of 288 threads at 168 registers), stages as fit in 192 KiB:
-// bf16 4 of 40 KiB, 4-bit 6 of 28 KiB. Grid and grouping as the tiled mma.sync kernel (grouped: a block per 64-slot
-// tile, of which the first of each expert's 192 slots works them and the others return; dense wide: a block per 192
-// rows). The slot tiles past the block's last real slot are neither loaded nor multiplied.
+// per SM (192: 96 accumulators a thread, within the 168 registers ptxas gives a block of 288 threads; 256: 128, see
+// "Registers"), stages as fit in 192 KiB: 192 slots bf16 4 of 40 KiB, 4-bit 6 of 28 KiB; 256 slots bf16 4 of 48 KiB,
+// 4-bit 5 of 36 KiB. Grid and grouping as the tiled mma.sync kernel (grouped: a block per 64-slot tile, of which the
+// first of each expert's 192 or 256 slots works them and the others return; dense wide: a block per 192 or 256
+// rows). The slot tiles past the block's last real slot are neither loaded nor multiplied. Not persistent: a block
+// per tile, as the mma.sync kernel.
 //
 // Bytes (per block): 128 weight rows x K x 2 bf16 / 0.5 4-bit (each weight once per BN slots; plus the 4-bit scales:
 // int4 2 bytes (+1 zero) per row and k-group, nvfp4 1 byte per row and 16 k), up to BN activation rows x K x 2, the
@@ -72,9 +86,10 @@
 namespace {
 
 // The stage ring of weight format F and kSlotTiles 64-slot tiles per block (wgmma_gemm.cuh's layout): as many stages
-// as fit in 192 KiB shared by the SM's blocks (BN 64: two blocks per SM, 96 KiB each; BN 256: one block, whose 128
-// accumulator registers a thread leave no room for a second), at most 8 (BN 64: bf16 4 stages of 24 KiB, 4-bit 8 of
-// 12 KiB, the weights being a quarter of the bf16 bytes; BN 256: bf16 4 of 48 KiB, 4-bit 5 of 36 KiB), plus the 8
+// as fit in 192 KiB shared by the SM's blocks (BN 64: two blocks per SM, 96 KiB each; BN 192 and 256: one block,
+// whose 96 or 128 accumulator registers a thread leave no room for a second), at most 8 (BN 64: bf16 4 stages of
+// 24 KiB, 4-bit 8 of 12 KiB, the weights being a quarter of the bf16 bytes; BN 192: bf16 4 of 40 KiB, 4-bit 6 of
+// 28 KiB; BN 256: bf16 4 of 48 KiB, 4-bit 5 of 36 KiB), plus the 8
 // warps' staged scales of a stage (none for bf16) on top. moe_wgmma.rs computes the same sizes.
 template <Format F, int kSlotTiles> struct RingShape {
     static constexpr int kBlocksPerSm = kSlotTiles == 1 ? 2 : 1;
@@ -92,17 +107,35 @@ struct Ring : GemmRing<RingShape<F, kSlotTiles>::kStages, RingShape<F, kSlotTile
     static_assert(kConsumerWarps * (1 + WeightFormat<F>::kScalePieces) <= 32, "one producer lane per tile and scale piece");
 };
 
+// The block's warp roles for kSlotTiles slot tiles: 8 consumer warps and a producer warp (BN 64 and 192), or, for
+// BN 256, a producer WARPGROUP: the four warps share the gather, and being a whole warpgroup they can give registers
+// away with setmaxnreg. A block of 384 threads alone on an SM starts with 168 registers a thread (64 Ki / 384, in
+// steps of 8); the producers drop to 40 and the consumers rise to 232, which hold the 4 x 32 accumulators, the two
+// A fragments and the stage's weight words ((4 x 40 + 8 x 232) x 32 = 64,512 of 65,536). With one producer warp the
+// block of 288 threads is capped at 168 registers too, at which four slot tiles spilled.
+template <int kSlotTiles> struct BlockRoles {
+    static constexpr int kProducerWarps = kSlotTiles == 4 ? 4 : 1;
+    static constexpr int kThreads = (kConsumerWarps + kProducerWarps) * 32;
+    static constexpr bool kMovesRegisters = kProducerWarps == 4;
+    static constexpr int kEntryRegisters = 65536 / kThreads / 8 * 8;  // one block per SM
+    static constexpr int kProducerRegisters = 40;
+    static constexpr int kConsumerRegisters = 232;
+    static_assert(!kMovesRegisters || (kProducerWarps * kProducerRegisters + kConsumerWarps * kConsumerRegisters) * 32 <= 65536, "the SM's registers");
+    static_assert(!kMovesRegisters || kEntryRegisters * kThreads <= 65536, "every warp back at the entry count for the block's finish");
+};
+
 template <Format F, int kSlotTiles>
 __device__ __forceinline__ void consume_and_store(const MoeGemmParams &p, const unsigned char *w_smem, const unsigned char *x_smem,
                                                   const unsigned char *s_smem, uint64_t *full, uint64_t *empty, const int *slot_pair, int expert,
                                                   int slot_begin, int slots, int first_tile, int k_blocks);
 
 // kTmaX: the _dense entries (activations by TMA through x_map); else the gather (x_map unused). kSlotTiles: 64-slot
-// tiles per block (1, or 4 for the _wide entries).
+// tiles per block (1; 3 for the _wide entries, 4 for the _wide256 ones).
 template <Format F, bool kTmaX, int kSlotTiles>
 __device__ __forceinline__ void grouped_gemm_wgmma(const MoeGemmParams &p, const void *x_map) {
     using R = Ring<F, kSlotTiles>;
     using W = WeightFormat<F>;
+    using Roles = BlockRoles<kSlotTiles>;
     constexpr int kStages = R::kStages, kWStage = R::kWStage, kSStage = R::kSStage, kInFlight = R::kInFlight;
     constexpr int kSlots = R::kSlots, kXBlockStage = R::kXBlockStage;
     constexpr int kTileBytes = W::kTileBytes;
@@ -129,13 +162,15 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const MoeGemmParams &p, const
 
     // "full": the producer's expect_tx arrival (+ its "activations landed" arrival when it gathers them).
     // Padding slots read zeros: the gather's zero-filling copies, or TMA's fill past the matrix.
-    init_slots_and_ring<kStages, !kTmaX, kSlots>(p, slot_pair, slot_src, full, empty, slot_begin, slots, kTmaX ? 1 : 2);
+    // The gather's producer warps each arrive once their copies of the stage have landed.
+    init_slots_and_ring<kStages, !kTmaX, kSlots, Roles::kThreads>(p, slot_pair, slot_src, full, empty, slot_begin, slots,
+                                                                  kTmaX ? 1 : 1 + Roles::kProducerWarps);
 
     const int first_tile = blockIdx.x * (kBM / 16);
     const int k_blocks = p.k_dim / kBK;
     const unsigned char *w_expert = p.weights + (long long)expert * p.expert_stride;
-    // The producer's lanes 0-7: the 8 warps' weight tiles of k block kb into `stage`; the next lanes: one piece of a
-    // tile's scales each (4-bit); all completing on the stage's "full".
+    // The (first) producer warp's lanes 0-7: the 8 warps' weight tiles of k block kb into `stage`; the next lanes: one
+    // piece of a tile's scales each (4-bit); all completing on the stage's "full".
     auto load_weights = [&](int kb, int stage) {
         if (lane < kConsumerWarps) {
             const unsigned char *src = w_expert + ((long long)(first_tile + lane) * k_blocks + kb) * kTileBytes;
@@ -157,39 +192,53 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const MoeGemmParams &p, const
         return bytes;
     };
 
-    if (warp == kProducerWarp && kTmaX) {
-        const int stage_bytes = weight_stage_bytes() + slot_tiles * kXStage;
-        for (int kb = 0; kb < k_blocks; ++kb) {
-            const int stage = kb % kStages;
-            ring_wait_empty<kStages>(empty, kb);
-            if (elect_one_sync()) {
-                mbar_arrive_expect_tx(&full[stage], stage_bytes);
-                for (int t = 0; t < slot_tiles; ++t) {
-                    tma_load_3d(x_smem + stage * kXBlockStage + t * kXStage, x_map, kb * kBK, slot_begin + t * kBN, blockIdx.z, &full[stage]);
+    // (With one producer warp the test and `producer` are written so that the compiler sees warp 8 alone and producer 0.)
+    if (Roles::kProducerWarps == 1 ? warp == kProducerWarp : warp >= kProducerWarp) {
+        if constexpr (Roles::kMovesRegisters) setmaxnreg_dec<Roles::kProducerRegisters>();
+        // Producer warp `producer` of the block's Roles::kProducerWarps: the first issues the stage's expect_tx, its
+        // weight copies and (TMA) its boxes; all of them share the gather.
+        const int producer = Roles::kProducerWarps == 1 ? 0 : warp - kProducerWarp;
+        if (kTmaX && producer == 0) {
+            const int stage_bytes = weight_stage_bytes() + slot_tiles * kXStage;
+            for (int kb = 0; kb < k_blocks; ++kb) {
+                const int stage = kb % kStages;
+                ring_wait_empty<kStages>(empty, kb);
+                if (elect_one_sync()) {
+                    mbar_arrive_expect_tx(&full[stage], stage_bytes);
+                    for (int t = 0; t < slot_tiles; ++t) {
+                        tma_load_3d(x_smem + stage * kXBlockStage + t * kXStage, x_map, kb * kBK, slot_begin + t * kBN, blockIdx.z, &full[stage]);
+                    }
                 }
+                __syncwarp();
+                load_weights(kb, stage);
             }
-            __syncwarp();
-            load_weights(kb, stage);
+        } else if (!kTmaX) {
+            const unsigned char *x = reinterpret_cast<const unsigned char *>(p.x + (long)blockIdx.z * p.x_batch_stride);
+            const int stage_bytes = weight_stage_bytes();
+            for (int kb = 0; kb < k_blocks; ++kb) {
+                const int stage = kb % kStages;
+                cp_async_ring_arrive_landed<kStages, kInFlight>(full, kb);
+                ring_wait_empty<kStages>(empty, kb);
+                if (producer == 0) {
+                    if (elect_one_sync()) mbar_arrive_expect_tx(&full[stage], stage_bytes);
+                    __syncwarp();
+                    load_weights(kb, stage);
+                }
+                gather_stage_rows(slot_src, smem_addr(x_smem + stage * kXBlockStage), x + kb * kBK * 2, (long)p.x_stride * 2, slot_tiles * kBN, producer,
+                                  Roles::kProducerWarps);
+                cp_async_commit();
+            }
+            cp_async_ring_arrive_rest<kStages, kInFlight>(full, k_blocks);
         }
-    } else if (warp == kProducerWarp) {
-        const unsigned char *x = reinterpret_cast<const unsigned char *>(p.x + (long)blockIdx.z * p.x_batch_stride);
-        const int stage_bytes = weight_stage_bytes();
-        for (int kb = 0; kb < k_blocks; ++kb) {
-            const int stage = kb % kStages;
-            cp_async_ring_arrive_landed<kStages, kInFlight>(full, kb);
-            ring_wait_empty<kStages>(empty, kb);
-            if (elect_one_sync()) mbar_arrive_expect_tx(&full[stage], stage_bytes);
-            __syncwarp();
-            load_weights(kb, stage);
-            gather_stage_rows(slot_src, smem_addr(x_smem + stage * kXBlockStage), x + kb * kBK * 2, (long)p.x_stride * 2, slot_tiles * kBN);
-            cp_async_commit();
-        }
-        cp_async_ring_arrive_rest<kStages, kInFlight>(full, k_blocks);
+        // Back to the entry count for the block's finish below (waits until the consumers have given theirs back).
+        if constexpr (Roles::kMovesRegisters) setmaxnreg_inc<Roles::kEntryRegisters>();
     } else {
+        if constexpr (Roles::kMovesRegisters) setmaxnreg_inc<Roles::kConsumerRegisters>();
         consume_and_store<F, kSlotTiles>(p, w_smem, x_smem, s_smem, full, empty, slot_pair, expert, slot_begin, slots, first_tile, k_blocks);
+        if constexpr (Roles::kMovesRegisters) setmaxnreg_dec<Roles::kEntryRegisters>();
     }
     // Every thread, producer included: the query RoPE and the row finisher on what the consumers stored.
-    static_assert(kSlots <= kThreads, "finish_rows: one slot per thread");
+    static_assert(kSlots <= Roles::kThreads, "finish_rows: one slot per thread");
     if (p.rope.positions != nullptr) rope_output_tile(p, slot_begin, slots, first_tile * 16, kBM);
     if (p.finish.kind != SMALL4_GEMM_FINISH_NONE) finish_rows<true, kSlots>(p, slot_pair, slots, slot_begin, false);
 }
@@ -278,15 +327,17 @@ __device__ __forceinline__ void consume_and_store(const MoeGemmParams &p, const 
 }  // namespace
 
 // BN 64: two blocks per SM (96 KiB of stages each): ptxas gets at most 96 registers a thread, which the 4-bit kernels
-// use (docs/perf.md's ptxas table). BN 256 (_wide): one block per SM, up to 224 registers a thread for the 4 x 32
-// accumulators. One kernel per weight format, activation producer and BN, one body. The _dense entries take the
+// use (docs/perf.md's ptxas table). BN 192 (_wide): one block of 288 threads per SM, 168 registers a thread. BN 256
+// (_wide256): one block of 384 threads per SM, 168 at entry, then 40 (producers) and 232 (consumers) by setmaxnreg,
+// which needs the entry count from __launch_bounds__. One kernel per weight format, activation producer and BN, one
+// body. The _dense entries take the
 // struct as __grid_constant__, which keeps it (and so the map) in the parameter space, where TMA may read it.
 #define MOE_GEMM_WGMMA_KERNELS(NAME, FORMAT, WIDTH, SLOT_TILES)                                                            \
-    extern "C" __global__ void __launch_bounds__(kThreads, SLOT_TILES == 1 ? 2 : 1)                                         \
+    extern "C" __global__ void __launch_bounds__(BlockRoles<SLOT_TILES>::kThreads, SLOT_TILES == 1 ? 2 : 1)                 \
         moe_gemm_##NAME##WIDTH##_wgmma(const MoeGemmParams p) {                                                            \
         grouped_gemm_wgmma<FORMAT, false, SLOT_TILES>(p, nullptr);                                                         \
     }                                                                                                                      \
-    extern "C" __global__ void __launch_bounds__(kThreads, SLOT_TILES == 1 ? 2 : 1)                                         \
+    extern "C" __global__ void __launch_bounds__(BlockRoles<SLOT_TILES>::kThreads, SLOT_TILES == 1 ? 2 : 1)                 \
         moe_gemm_##NAME##WIDTH##_wgmma_dense(const __grid_constant__ MoeGemmTmaParams p) {                                 \
         grouped_gemm_wgmma<FORMAT, true, SLOT_TILES>(p.gemm, &p.x_map);                                                    \
     }
@@ -297,3 +348,6 @@ MOE_GEMM_WGMMA_KERNELS(nvfp4, Format::Nvfp4, , 1)
 MOE_GEMM_WGMMA_KERNELS(bf16, Format::Bf16, _wide, 3)
 MOE_GEMM_WGMMA_KERNELS(int4, Format::Int4, _wide, 3)
 MOE_GEMM_WGMMA_KERNELS(nvfp4, Format::Nvfp4, _wide, 3)
+MOE_GEMM_WGMMA_KERNELS(bf16, Format::Bf16, _wide256, 4)
+MOE_GEMM_WGMMA_KERNELS(int4, Format::Int4, _wide256, 4)
+MOE_GEMM_WGMMA_KERNELS(nvfp4, Format::Nvfp4, _wide256, 4)

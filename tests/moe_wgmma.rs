@@ -7,8 +7,9 @@
 //! once, in the same k order, so their outputs must be identical bit for bit (the two wgmma kernels on any device); on
 //! a GPU each is held to the CPU reference with the GEMM tests' rule (`assert_agrees`). Launches whose matrices hold
 //! more than `WIDE_MIN_ROWS` (48) rows on average take the wide kernels (192 slots a block,
-//! `moe_gemm_{bf16,int4,nvfp4}_wide_wgmma[_dense]`); the cases cover both widths, wide blocks with one, two and three
-//! 64-slot tiles, and experts worked by more than one wide block.
+//! `moe_gemm_{bf16,int4,nvfp4}_wide_wgmma[_dense]`), more than `WIDE256_MIN_ROWS` (192) the 256-slot ones (a producer
+//! warpgroup and setmaxnreg, `moe_gemm_{bf16,int4,nvfp4}_wide256_wgmma[_dense]`); the cases cover the three widths,
+//! wide blocks with one to four 64-slot tiles, and experts worked by more than one wide block.
 //!
 //! The interpreter runs every check here (bounds, uninitialised reads, shared-memory races through mbarrier
 //! happens-before, async-proxy fences, wgmma register and operand lifetimes, mbarrier misuse and deadlocks): the
@@ -23,7 +24,7 @@ use rand::{rngs::StdRng, Rng};
 use small4::device::{Device, DeviceBuffer};
 use small4::kernels::dense;
 use small4::kernels::moe::{self, DeviceWeights};
-use small4::kernels::moe_wgmma::{PrefillGemm, WIDE_MIN_ROWS};
+use small4::kernels::moe_wgmma::{PrefillGemm, WIDE256_MIN_ROWS, WIDE_MIN_ROWS};
 use small4::quant::matrix::QuantizedMatrix;
 use small4::quant::repack::{self, MatrixRef};
 use small4::quant::WeightFormat;
@@ -63,10 +64,12 @@ fn run_on<T>(device: &Device, choice: PrefillGemm, entry: &str, launch: impl Fn(
     Ok(out)
 }
 
-/// The wgmma kernels' name part for a launch of `rows_per_matrix` rows per matrix on average: `_wide` above
-/// [`WIDE_MIN_ROWS`] (192 slots a block), else nothing (64).
+/// The wgmma kernels' name part for a launch of `rows_per_matrix` rows per matrix on average: `_wide256` above
+/// [`WIDE256_MIN_ROWS`] (256 slots a block), `_wide` above [`WIDE_MIN_ROWS`] (192), else nothing (64).
 fn width(rows_per_matrix: usize) -> &'static str {
-    if rows_per_matrix > WIDE_MIN_ROWS {
+    if rows_per_matrix > WIDE256_MIN_ROWS {
+        "_wide256"
+    } else if rows_per_matrix > WIDE_MIN_ROWS {
         "_wide"
     } else {
         ""
@@ -250,15 +253,21 @@ fn grouped_narrow_at_real_reduction_lengths(device: &Device) {
     check_grouped(device, case).unwrap();
 }
 
-/// 400 tokens x top-2 of 2 local experts (about 343 slotted pairs each): every expert takes two wide blocks, the first
-/// with three full 64-slot tiles, the second with a partial last tile; at K 4096 and 2048. `format`'s weights.
+/// 400 tokens x top-2 of 2 local experts (about 343 slotted pairs each; 400 rows per expert on average, so the
+/// 256-slot kernels): every expert takes two 256-slot blocks, the first with four full 64-slot tiles, the second
+/// with two tiles, the last partial; at K 4096 and 2048 (the bf16 ring of 4 stages wraps 16 and 8 times, the
+/// 4-bit ring of 5 about 13 and 6 times). `format`'s weights.
 fn grouped_wide_groups_at_real_reduction_lengths(device: &Device, format: WeightFormat, seed: u64) {
     let case = RoutedCase { format, tokens: 400, k: 2, experts: 2, remote: 0, dim: 4096, hidden: 64, down_k: 2048, down_out: 128, seed };
+    assert!(case.tokens * case.k / case.experts > WIDE256_MIN_ROWS, "the 256-slot kernels run");
     let mut rng = rng(seed);
-    // The case's claim, on the alignment check_grouped builds from the same seed: both experts span two wide blocks.
+    // The case's claim, on the alignment check_grouped builds from the same seed: both experts span two 256-slot
+    // blocks, the second partial.
     let _experts: Vec<Expert> = (0..2).map(|_| random_expert(&mut rng, format, case.dim, case.hidden, case.down_k, case.down_out)).collect();
-    let offsets = RoutedBatch::random(&mut rng, case.tokens, case.k, case.experts, case.remote).alignment.expert_offsets;
-    assert!(offsets.windows(2).all(|w| w[1] - w[0] > 192), "each expert spans two 192-slot blocks: {offsets:?}");
+    let batch = RoutedBatch::random(&mut rng, case.tokens, case.k, case.experts, case.remote);
+    let slots = batch.routed_slots();
+    let counts: Vec<usize> = (0..case.experts).map(|e| slots.iter().filter(|&&s| batch.slot_expert(s) == e).count()).collect();
+    assert!(counts.iter().all(|&c| c > 256 && c % 256 != 0), "each expert spans two 256-slot blocks, the second partial: {counts:?}");
     check_grouped(device, case).unwrap();
 }
 
@@ -296,10 +305,12 @@ fn grouped_nvfp4_at_real_reduction_lengths(device: &Device) {
 /// outputs into strided views, and the batched per-head launch (grid z: the TMA map's third dimension), each with the
 /// three kernels (wgmma with TMA, wgmma with the gather, mma.sync). K 384 (6 stages) wraps the bf16 ring; the per-head
 /// K 128 does not ([`dense_gemms_at_real_reduction_lengths`] wraps the 4-bit one). 40 rows (64-slot kernels: the
-/// block's rows 40..63 are out of bounds, TMA zero fill) in bf16 and int4 with zero points, 200 rows (wide kernels: a
-/// block of three full 64-slot tiles and one of a single tile, rows 200..255 out of bounds) in bf16, int4 and nvfp4.
+/// block's rows 40..63 are out of bounds, TMA zero fill) in bf16 and int4 with zero points, 150 rows (192-slot
+/// kernels: a block of two full 64-slot tiles and a partial one, rows 150..191 out of bounds) in int4, 200 rows
+/// (256-slot kernels: a block of three full 64-slot tiles and a partial one, rows 200..255 out of bounds) in bf16 and
+/// nvfp4.
 fn dense_gemms_equal_mma_sync(device: &Device) {
-    for ((format, seed), rows) in FORMATS.into_iter().zip(23..).zip([[40, 200].as_slice(), &[200], &[40], &[200]]) {
+    for ((format, seed), rows) in FORMATS.into_iter().zip(23..).zip([[40, 200].as_slice(), &[150], &[40], &[200]]) {
         for &rows in rows {
             check_dense(device, format, seed, rows);
         }
@@ -371,7 +382,8 @@ fn check_dense(device: &Device, format: WeightFormat, seed: u64, rows: usize) {
 
 /// Dense GEMMs at the model's reduction lengths (K = 4096 and 2048: the 4-stage bf16 ring wraps 16 and 8 times, the
 /// 8-stage 4-bit ring 8 and 4 times) with `rows` rows (70: one wide block of two 64-slot tiles, the second's TMA box
-/// reading 58 rows out of bounds, zero-filled; 40: the 64-slot kernels), one 128-feature block wide, rows 16-byte
+/// reading 58 rows out of bounds, zero-filled; 40: the 64-slot kernels; 260: the 256-slot kernels, a block of four
+/// full 64-slot tiles and one of a single tile whose box reads 60 rows out of bounds), one 128-feature block wide, rows 16-byte
 /// strided wider than K; the TMA kernel against the gather kernel and mma.sync, and all against the reference.
 /// `format`'s weights.
 fn dense_at_real_reduction_lengths(device: &Device, format: WeightFormat, seed: u64, rows: usize) {
@@ -408,6 +420,17 @@ fn dense_nvfp4_at_real_reduction_lengths(device: &Device) {
     dense_at_real_reduction_lengths(device, FORMATS[3], 34, 40);
 }
 
+/// [`dense_at_real_reduction_lengths`] on the 256-slot kernels (260 rows) in bf16 (4-stage ring, 4 boxes a stage).
+fn dense_wide256_at_real_reduction_lengths(device: &Device) {
+    dense_at_real_reduction_lengths(device, FORMATS[0], 35, 260);
+}
+
+/// [`dense_at_real_reduction_lengths`] on the 256-slot kernels (260 rows) in int4 with zero points (the 5-stage
+/// 4-bit ring, scales and zero points staged beside the weights).
+fn dense_wide256_int4_at_real_reduction_lengths(device: &Device) {
+    dense_at_real_reduction_lengths(device, FORMATS[2], 36, 260);
+}
+
 backend_tests!(
     grouped_gemms_equal_mma_sync,
     grouped_gemms_at_real_reduction_lengths,
@@ -419,7 +442,9 @@ backend_tests!(
     grouped_wide_groups_nvfp4,
     dense_gemms_equal_mma_sync,
     dense_gemms_at_real_reduction_lengths,
-    dense_nvfp4_at_real_reduction_lengths
+    dense_nvfp4_at_real_reduction_lengths,
+    dense_wide256_at_real_reduction_lengths,
+    dense_wide256_int4_at_real_reduction_lengths
 );
 
 /// The dense TMA launch encodes its activations' tensor map once per buffer and shape: a second launch on the same

@@ -1,5 +1,5 @@
 //! The machine code of the GEMM kernels, read with `cuobjdump -sass` from the sm_90a cubins build.rs embeds: the
-//! wgmma kernels (cuda/moe_gemm_wgmma.cu: bf16, int4 and nvfp4 weights, 64 and 192 slots a block) run on Hopper's warpgroup tensor-core
+//! wgmma kernels (cuda/moe_gemm_wgmma.cu: bf16, int4 and nvfp4 weights, 64, 192 and 256 slots a block) run on Hopper's warpgroup tensor-core
 //! instruction (HGMMA), the dense ones load their activations with TMA (UTMALDG) and the grouped ones do not, and the
 //! mma.sync kernels
 //! (cuda/moe_gemm.cu) stay on HMMA; the vision attention's wgmma kernel (cuda/vision_attention_wgmma.cu) runs both its
@@ -59,11 +59,11 @@ fn count(sass: &str, op: &str) -> usize {
 fn wgmma_kernels_use_hgmma_and_the_dense_ones_tma() {
     let wgmma = sass_by_function(&MOE_GEMM_WGMMA);
     let names: Vec<&String> = wgmma.keys().collect();
-    // Per format: 64 slots a block (gather, TMA), then the wide kernels (192 slots; in name order).
+    // Per format: 64 slots a block (gather, TMA), then the wide kernels (256 slots, then 192; in name order).
     let expected: Vec<String> = ["bf16", "int4", "nvfp4"]
         .iter()
         .flat_map(|f| {
-            [format!("moe_gemm_{f}_wgmma"), format!("moe_gemm_{f}_wgmma_dense"), format!("moe_gemm_{f}_wide_wgmma"), format!("moe_gemm_{f}_wide_wgmma_dense")]
+            ["_wgmma", "_wgmma_dense", "_wide256_wgmma", "_wide256_wgmma_dense", "_wide_wgmma", "_wide_wgmma_dense"].map(|entry| format!("moe_gemm_{f}{entry}"))
         })
         .collect();
     assert_eq!(names, expected.iter().collect::<Vec<_>>(), "the wgmma module's kernels");
@@ -71,6 +71,14 @@ fn wgmma_kernels_use_hgmma_and_the_dense_ones_tma() {
         // Four m64n64k16 per stage, unrolled twice: at least 8.
         assert!(count(sass, "HGMMA") >= 8, "{name}: {} HGMMA", count(sass, "HGMMA"));
         assert_eq!(count(sass, "HMMA"), 0, "{name}: mma.sync in a wgmma kernel");
+        // The 256-slot kernels move registers from the producer warpgroup to the consumers (setmaxnreg: USETMAXREG,
+        // a release and a take in each role); the others keep ptxas's allocation.
+        let setmaxnreg = count(sass, "USETMAXREG");
+        if name.contains("_wide256_") {
+            assert!(setmaxnreg >= 2, "{name}: {setmaxnreg} USETMAXREG");
+        } else {
+            assert_eq!(setmaxnreg, 0, "{name}: USETMAXREG in a kernel without a producer warpgroup");
+        }
         // The weights come by bulk copy (cp.async.bulk) in all.
         assert!(count(sass, "UBLKCP") >= 1, "{name}: no bulk copy of the weights");
         if name.ends_with("_dense") {

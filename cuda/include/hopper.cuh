@@ -53,6 +53,21 @@ __device__ __forceinline__ bool elect_one_sync() {
     return leader != 0;
 }
 
+// ---- register reallocation -----------------------------------------------------------------------------------------
+
+// setmaxnreg: the calling warpgroup's registers per thread become kRegisters (a multiple of 8 in [24, 256]; all 4
+// warps of the warpgroup run the same sequence, converged). A warp-specialised kernel's producer warpgroup gives
+// registers back (dec) so that its consumer warpgroups can take them (inc, which waits until the SM's pool has them);
+// ptxas then allocates each role's code within its count, and needs the count at entry (__launch_bounds__).
+template <int kRegisters> __device__ __forceinline__ void setmaxnreg_inc() {
+    static_assert(kRegisters >= 24 && kRegisters <= 256 && kRegisters % 8 == 0, "setmaxnreg's range");
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
+}
+template <int kRegisters> __device__ __forceinline__ void setmaxnreg_dec() {
+    static_assert(kRegisters >= 24 && kRegisters <= 256 && kRegisters % 8 == 0, "setmaxnreg's range");
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
+}
+
 // ---- bulk copies and proxy fences --------------------------------------------------------------------------------
 
 // `bytes` (a multiple of 16, both addresses 16-byte aligned) global -> shared through the async proxy; completes as

@@ -1,7 +1,7 @@
 // The block shape and stage ring the warp-specialised wgmma GEMMs share (cuda/moe_gemm_wgmma.cu's bf16 / 4-bit tiles
 // and cuda/moe_gemm_wgmma_fp8.cu's fp8 tile): 8 consumer warps (two warpgroups, one 16-feature weight tile each) and
-// one producer warp; 128 features x 64 slots per slot tile, one or more slot tiles per block (moe_gemm_wgmma.cu's wide
-// kernels take four); a ring of stages laid out as weights, activations (one 128-byte swizzled line per slot, the
+// one producer warp (moe_gemm_wgmma.cu's BN 256 kernels: a producer warpgroup of 4 warps); 128 features x 64 slots
+// per slot tile, one or more slot tiles per block (moe_gemm_wgmma.cu's wide kernels take three or four); a ring of stages laid out as weights, activations (one 128-byte swizzled line per slot, the
 // block's slot tiles one after the other), per-stage extras (staged weight scales, activation scales), the "full" and
 // "empty" barriers, the slots' pairs; and the block setup and activation gather both producers run.
 #pragma once
@@ -13,8 +13,8 @@
 namespace {
 
 constexpr int kConsumerWarps = 8;
-constexpr int kThreads = (kConsumerWarps + 1) * 32;
-constexpr int kProducerWarp = kConsumerWarps;
+constexpr int kThreads = (kConsumerWarps + 1) * 32;  // a block with one producer warp
+constexpr int kProducerWarp = kConsumerWarps;        // the (first) producer warp
 constexpr int kBM = kConsumerWarps * 16;  // features per block
 constexpr int kBN = 64;                   // slots per slot tile (the wgmma N)
 constexpr int kXRowBytes = 128;           // one slot's activations of a stage: one 128-byte swizzle line
@@ -46,12 +46,13 @@ struct GemmRing {
 // launch gives sorted_pairs, else its row; -1 past the block's `slots`) and the input rows the gathers read for them
 // (slot_src[s]: the pair's token when the input is by token, else the slot's row; -1 for a padding slot), and the
 // ring's barriers ("full": `full_arrivals` arrivals a phase besides the transaction bytes; "empty": one release per
-// consumer warp); then a block barrier. kSlots: the block's slots (GemmRing::kSlots).
-template <int kStages, bool kSortedPairs, int kSlots = kBN>
+// consumer warp); then a block barrier. kSlots: the block's slots (GemmRing::kSlots); kBlockThreads: the block's
+// threads.
+template <int kStages, bool kSortedPairs, int kSlots = kBN, int kBlockThreads = kThreads>
 __device__ __forceinline__ void init_slots_and_ring(const MoeGemmParams &p, int *slot_pair, int *slot_src, uint64_t *full, uint64_t *empty, int slot_begin,
                                                     int slots, unsigned full_arrivals) {
     const int tid = threadIdx.x;
-    for (int s = tid; s < kSlots; s += kThreads) {
+    for (int s = tid; s < kSlots; s += kBlockThreads) {
         int pair = -1;
         if (s < slots) pair = kSortedPairs && p.sorted_pairs != nullptr ? p.sorted_pairs[slot_begin + s] : slot_begin + s;
         slot_pair[s] = pair;
@@ -67,16 +68,19 @@ __device__ __forceinline__ void init_slots_and_ring(const MoeGemmParams &p, int 
     __syncthreads();
 }
 
-// The producer warp: one stage's activation lines by 16-byte cp.async into the swizzled stage at x_stage_addr, the
+// A producer warp: one stage's activation lines by 16-byte cp.async into the swizzled stage at x_stage_addr, the
 // 128 bytes at x_k + slot_src[r] * row_bytes for each of the first `rows` slots r; 8 lanes per line, 4 lines per pass.
+// `producers` warps share a stage (a producer warpgroup): warp `producer` of them takes every producers-th pass, so
+// each commits and waits for its own cp.async groups.
 // A padding slot's copy reads no byte (src-size 0) and zero-fills its line, so the loop has no branch per line: a
 // branch ended the producer's basic block on every line, which made its dependence chain (a shared load, the
 // address and the copy, one line after the other) the block's longest. A block's slot tiles lie one after the
 // other, so slot r's line is at r * 128 in any of them.
-__device__ __forceinline__ void gather_stage_rows(const int *slot_src, uint32_t x_stage_addr, const unsigned char *x_k, long row_bytes, int rows = kBN) {
+__device__ __forceinline__ void gather_stage_rows(const int *slot_src, uint32_t x_stage_addr, const unsigned char *x_k, long row_bytes, int rows = kBN,
+                                                  int producer = 0, int producers = 1) {
     const int lane = threadIdx.x & 31;
 #pragma unroll 8
-    for (int i = lane; i < rows * 8; i += 32) {
+    for (int i = producer * 32 + lane; i < rows * 8; i += producers * 32) {
         const int row = i >> 3, chunk = i & 7;
         const int src_row = slot_src[row];
         const unsigned char *src = x_k + (long)max(src_row, 0) * row_bytes + chunk * 16;

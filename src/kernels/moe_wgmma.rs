@@ -10,7 +10,9 @@
 //! and shape: later launches on the same rows reuse it. Where the matrices hold more than 48 rows on average (routed
 //! rows per local expert, or a dense launch's rows), the wide kernels (`moe_gemm_*_wide_wgmma`, `..._wide_wgmma_dense`)
 //! run instead: 192 slots a block (an expert's first 192 slots, then the next 192), so each weight tile is loaded
-//! and dequantised once per 192 slots instead of once per 64 ([`WIDE_MIN_ROWS`]).
+//! and dequantised once per 192 slots instead of once per 64 ([`WIDE_MIN_ROWS`]); above 192 rows on average, the
+//! 256-slot kernels (`moe_gemm_*_wide256_wgmma`, `..._wide256_wgmma_dense`: a producer warpgroup that gives its
+//! registers to the consumers with setmaxnreg), once per 256 ([`WIDE256_MIN_ROWS`]).
 
 use std::cell::Cell;
 
@@ -106,13 +108,17 @@ impl PrefillGemm {
     }
 }
 
-/// Threads per block: two consumer warpgroups and the producer warp.
-const THREADS: u32 = 9 * 32;
+/// Threads per block: two consumer warpgroups and the producer warp (64 and 192 slots), or a producer warpgroup (256
+/// slots: `BlockRoles` in moe_gemm_wgmma.cu).
+fn threads(slot_tiles: u32) -> u32 {
+    let producer_warps = if slot_tiles == WIDE256_SLOT_TILES { 4 } else { 1 };
+    (8 + producer_warps) * 32
+}
 /// One stage's activation rows of a 64-slot tile: 64 slots of 64 bf16 (one 128-byte swizzle line each).
 const X_STAGE_BYTES: u32 = 64 * 64 * 2;
 /// The wide kernels' 64-slot tiles per block (`kSlotTiles` of their entries in moe_gemm_wgmma.cu): BN 192. Three
 /// tiles' accumulators (96 registers a thread) fit the 168 registers ptxas gives a block of 288 threads alone on an
-/// SM without spilling; four do not. At 16,384 routed rows over 128 experts (128 +- 11 rows each, padded to 128 or
+/// SM without spilling; four need the 256-slot kernels' producer warpgroup ([`WIDE256_SLOT_TILES`]). At 16,384 routed rows over 128 experts (128 +- 11 rows each, padded to 128 or
 /// 192 slots), one block covers an expert's slots: its weights cross DRAM once (docs/perf.md "Grouped wgmma GEMM:
 /// tile and schedule").
 const WIDE_SLOT_TILES: u32 = 3;
@@ -122,14 +128,23 @@ const WIDE_SLOT_TILES: u32 = 3;
 /// wide, docs/perf.md "Grouped wgmma GEMM: tile and schedule"). At or below it most fit one tile, and the 64-slot
 /// kernels keep two blocks per SM.
 pub const WIDE_MIN_ROWS: usize = 48;
+/// The 256-slot kernels' 64-slot tiles per block (`kSlotTiles` of the `_wide256` entries): four tiles' accumulators
+/// (128 registers a thread) fit because the block's producer warpgroup drops to 40 registers and its consumers rise to
+/// 232 (setmaxnreg).
+const WIDE256_SLOT_TILES: u32 = 4;
+/// The average rows per matrix above which a launch takes the 256-slot kernels: one 192-slot block. Above it a
+/// typical matrix spans a second 192-slot block, and its weights cross DRAM ceil(rows / 256) times instead of
+/// ceil(rows / 192) (at 65,536 routed rows over 128 experts, 512 each: 2 passes instead of 3); at or below it one
+/// 192-slot block covers most matrices, with the deeper 4-bit ring (6 stages instead of 5) and no setmaxnreg.
+pub const WIDE256_MIN_ROWS: usize = 192;
 /// The activation box of one stage: 64 k (one 128-byte swizzle line of bf16) x 64 rows, of one matrix.
 const X_BOX: [u32; 3] = [64, 64, 1];
 
 /// Dynamic shared memory (`Ring<F, kSlotTiles>::kSharedBytes` in moe_gemm_wgmma.cu) for `format` weights and
 /// `slot_tiles` 64-slot tiles a block: as many stages of the 8 warps' weight tiles (16 x 64 weights each: 2 KiB bf16,
 /// 512 bytes 4-bit) and the activation rows as fit in 192 KiB shared by the SM's blocks (two of 64 slots, one wide),
-/// at most 8 (64 slots: bf16 4, 4-bit 8; 192 slots: bf16 4, 4-bit 6), the tiles' staged scales of each stage on
-/// top, two mbarriers per stage, the slots' pairs and source rows.
+/// at most 8 (64 slots: bf16 4, 4-bit 8; 192 slots: bf16 4, 4-bit 6; 256 slots: bf16 4, 4-bit 5), the tiles' staged
+/// scales of each stage on top, two mbarriers per stage, the slots' pairs and source rows.
 fn shared_bytes(format: WeightFormat, slot_tiles: u32) -> u32 {
     let blocks_per_sm = if slot_tiles == 1 { 2 } else { 1 };
     let stage = 8 * tile_bytes(format) as u32 + slot_tiles * X_STAGE_BYTES;
@@ -137,17 +152,20 @@ fn shared_bytes(format: WeightFormat, slot_tiles: u32) -> u32 {
     stages * (stage + 8 * super::moe::staged_scale_bytes(format) as u32) + 2 * stages * 8 + 2 * slot_tiles * 64 * 4
 }
 
-/// The wgmma kernels of `format` weights, 64 slots a block or `wide` (192): the gather kernel (grouped mode) and the
-/// TMA kernel (dense mode). None for the formats that keep mma.sync.
-fn kernels(format: WeightFormat, wide: bool) -> Option<(Kernel, Kernel)> {
-    let (gather, tma) = match (format, wide) {
-        (WeightFormat::Bf16, false) => ("moe_gemm_bf16_wgmma", "moe_gemm_bf16_wgmma_dense"),
-        (WeightFormat::Int4 { .. }, false) => ("moe_gemm_int4_wgmma", "moe_gemm_int4_wgmma_dense"),
-        (WeightFormat::Nvfp4, false) => ("moe_gemm_nvfp4_wgmma", "moe_gemm_nvfp4_wgmma_dense"),
-        (WeightFormat::Bf16, true) => ("moe_gemm_bf16_wide_wgmma", "moe_gemm_bf16_wide_wgmma_dense"),
-        (WeightFormat::Int4 { .. }, true) => ("moe_gemm_int4_wide_wgmma", "moe_gemm_int4_wide_wgmma_dense"),
-        (WeightFormat::Nvfp4, true) => ("moe_gemm_nvfp4_wide_wgmma", "moe_gemm_nvfp4_wide_wgmma_dense"),
-        (WeightFormat::Fp8PerTensor | WeightFormat::Fp8Block128, _) => return None,
+/// The wgmma kernels of `format` weights and `slot_tiles` 64-slot tiles a block (1, 3 or 4): the gather kernel
+/// (grouped mode) and the TMA kernel (dense mode). None for the formats that keep mma.sync.
+fn kernels(format: WeightFormat, slot_tiles: u32) -> Option<(Kernel, Kernel)> {
+    let (gather, tma) = match (format, slot_tiles) {
+        (WeightFormat::Bf16, 1) => ("moe_gemm_bf16_wgmma", "moe_gemm_bf16_wgmma_dense"),
+        (WeightFormat::Int4 { .. }, 1) => ("moe_gemm_int4_wgmma", "moe_gemm_int4_wgmma_dense"),
+        (WeightFormat::Nvfp4, 1) => ("moe_gemm_nvfp4_wgmma", "moe_gemm_nvfp4_wgmma_dense"),
+        (WeightFormat::Bf16, WIDE_SLOT_TILES) => ("moe_gemm_bf16_wide_wgmma", "moe_gemm_bf16_wide_wgmma_dense"),
+        (WeightFormat::Int4 { .. }, WIDE_SLOT_TILES) => ("moe_gemm_int4_wide_wgmma", "moe_gemm_int4_wide_wgmma_dense"),
+        (WeightFormat::Nvfp4, WIDE_SLOT_TILES) => ("moe_gemm_nvfp4_wide_wgmma", "moe_gemm_nvfp4_wide_wgmma_dense"),
+        (WeightFormat::Bf16, WIDE256_SLOT_TILES) => ("moe_gemm_bf16_wide256_wgmma", "moe_gemm_bf16_wide256_wgmma_dense"),
+        (WeightFormat::Int4 { .. }, WIDE256_SLOT_TILES) => ("moe_gemm_int4_wide256_wgmma", "moe_gemm_int4_wide256_wgmma_dense"),
+        (WeightFormat::Nvfp4, WIDE256_SLOT_TILES) => ("moe_gemm_nvfp4_wide256_wgmma", "moe_gemm_nvfp4_wide256_wgmma_dense"),
+        _ => return None,
     };
     Some((Kernel { module: MOE_GEMM_WGMMA, entry: gather }, Kernel { module: MOE_GEMM_WGMMA, entry: tma }))
 }
@@ -155,22 +173,26 @@ fn kernels(format: WeightFormat, wide: bool) -> Option<(Kernel, Kernel)> {
 /// Whether the wgmma kernels run a prefill-tile launch of `format` weights (with bf16 inputs unless `e4m3_input`):
 /// they apply and are chosen. False: the mma.sync kernel runs.
 pub(crate) fn applies(format: WeightFormat, e4m3_input: bool) -> Result<bool> {
-    Ok(kernels(format, false).is_some() && !e4m3_input && PrefillGemm::current()? != PrefillGemm::MmaSync)
+    Ok(kernels(format, 1).is_some() && !e4m3_input && PrefillGemm::current()? != PrefillGemm::MmaSync)
 }
 
 /// Launches the prefill tile of `format` weights on wgmma: `params` and the grid of the mma.sync launch (`config`'s
 /// block and shared memory are replaced by the wgmma kernel's). `rows_per_matrix`: the launch's average rows per
 /// matrix (routed pairs over local experts, or a dense launch's rows), which picks the wide kernels above
-/// [`WIDE_MIN_ROWS`] (a dense launch's grid then has one row block per 192 rows; a grouped launch keeps its grid of
-/// 64-slot tiles, the first tile of each expert's 192 slots doing their work). Dense launches whose input row of slot
+/// [`WIDE_MIN_ROWS`] and the 256-slot ones above [`WIDE256_MIN_ROWS`] (a dense launch's grid then has one row block
+/// per 192 or 256 rows; a grouped launch keeps its grid of 64-slot tiles, the first tile of each expert's 192 or 256
+/// slots doing their work). Dense launches whose input row of slot
 /// r is row r (every dense launch the crate makes) get the TMA kernel and the activations' tensor map, unless
 /// [`PrefillGemm::WgmmaGather`] is chosen; the others gather. `Error::InvalidArgument` for a format without wgmma
 /// kernels (see [`applies`]).
 pub(crate) fn launch(device: &Device, format: WeightFormat, rows_per_matrix: usize, config: &LaunchConfig, params: &MoeGemmParams) -> Result<()> {
-    let wide = rows_per_matrix > WIDE_MIN_ROWS;
-    let slot_tiles = if wide { WIDE_SLOT_TILES } else { 1 };
-    let (gather, tma) = kernels(format, wide).ok_or_else(|| Error::InvalidArgument(format!("no wgmma prefill kernel for {format:?} weights")))?;
-    let mut config = LaunchConfig { block: Dim3::x(THREADS), shared_bytes: shared_bytes(format, slot_tiles), ..*config };
+    let slot_tiles = match rows_per_matrix {
+        r if r > WIDE256_MIN_ROWS => WIDE256_SLOT_TILES,
+        r if r > WIDE_MIN_ROWS => WIDE_SLOT_TILES,
+        _ => 1,
+    };
+    let (gather, tma) = kernels(format, slot_tiles).ok_or_else(|| Error::InvalidArgument(format!("no wgmma prefill kernel for {format:?} weights")))?;
+    let mut config = LaunchConfig { block: Dim3::x(threads(slot_tiles)), shared_bytes: shared_bytes(format, slot_tiles), ..*config };
     if params.sorted_pairs.is_null() {
         // Dense: block y works rows [y BN, y BN + BN).
         let rows = u32::try_from(params.dense_rows).map_err(|_| Error::InvalidArgument(format!("wgmma dense gemm: {} rows", params.dense_rows)))?;

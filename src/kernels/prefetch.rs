@@ -159,13 +159,14 @@ fn strided(base: u64, unit: usize, per_row: usize, rows: usize, units: Range<usi
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::device::simulator;
     use crate::quant::repack::repack_linear;
     use crate::quant::QuantizedMatrix;
 
-    fn weights(format: WeightFormat, rows: usize, k: usize) -> DeviceWeights {
+    /// One [rows, k] matrix of 0.25 in `format` on the interpreter.
+    pub(crate) fn weights(format: WeightFormat, rows: usize, k: usize) -> DeviceWeights {
         let w = QuantizedMatrix::quantize(format, &vec![0.25; rows * k], rows, k).unwrap();
         DeviceWeights::upload(&simulator(), &repack_linear(&[(&w).into()]).unwrap()).unwrap()
     }

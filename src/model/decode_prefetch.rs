@@ -64,13 +64,9 @@ impl LayerPrefetch {
 mod tests {
     use super::*;
     use crate::device::simulator;
+    use crate::kernels::prefetch::tests::weights;
     use crate::quant::repack::{repack_gate_up, repack_linear};
     use crate::quant::{QuantizedMatrix, WeightFormat};
-
-    fn weights(format: WeightFormat, rows: usize, k: usize) -> DeviceWeights {
-        let w = QuantizedMatrix::quantize(format, &vec![0.25; rows * k], rows, k).unwrap();
-        DeviceWeights::upload(&simulator(), &repack_linear(&[(&w).into()]).unwrap()).unwrap()
-    }
 
     #[test]
     fn wo_is_handed_out_in_consecutive_k_blocks_within_the_budgets() {

@@ -9,22 +9,25 @@
 //! - the router takes the shared expert's gate/up ([`ROUTER_BYTES`]), the one expert known before routing (it runs
 //!   in the up projection's launch, beside the routed experts).
 //!
-//! Budgets: what each window can stream without outlasting itself, from the timing model's predicted times of those
-//! launches as graph nodes with programmatic launch on an H100 SXM (docs/perf.md "The decode step as a replayed graph":
-//! absorption ~1.7 µs each, MLA 3.7 µs at a short context to ~4.7 µs at 4k, routing 2.5 µs) at the model's
-//! achievable 2.96 TB/s: ~5, 11-14 and ~7.4 MB. PREDICTED sizes, to be tuned on a GPU (`small4 bench --no-l2-prefetch`
-//! gives the step without it).
+//! Budgets: what each window can stream without outlasting itself. The timing model (interpreter L2 residency,
+//! H100 SXM) prices a prefetch as DRAM bytes of the launch that issues it, so a window's share costs nothing while
+//! its DRAM time stays under the launch's own critical path and lengthens the launch past that. From its figures
+//! for these launches as graph nodes with programmatic launch (docs/perf.md "Cross-kernel L2 prefetch"): each
+//! absorption launch is a ~1.2 µs chain reading 1-2 MB, room for ~2 MB more at 2.96 TB/s; MLA at 4k context ~4 µs
+//! reading 2.6 MB, room for ~8 MB; the router ~2 µs reading 1 MB, room for ~4 MB. The first budgets tried (4, 12, 4
+//! and 8 MiB) lengthened the absorption launches and the router by 2 and 1 µs a layer, as much as wo gained.
+//! PREDICTED sizes, to be tuned on a GPU (`small4 bench --no-l2-prefetch` gives the step without it).
 
 use crate::error::Result;
 use crate::kernels::moe::DeviceWeights;
 use crate::kernels::prefetch::L2Prefetch;
 
 /// Each absorption launch's share of wo.
-pub const ABSORPTION_BYTES: u64 = 4 << 20;
+pub const ABSORPTION_BYTES: u64 = 2 << 20;
 /// The attention launch's share of wo.
-pub const ATTENTION_BYTES: u64 = 12 << 20;
+pub const ATTENTION_BYTES: u64 = 8 << 20;
 /// The router's share of the shared expert's gate/up.
-pub const ROUTER_BYTES: u64 = 8 << 20;
+pub const ROUTER_BYTES: u64 = 4 << 20;
 /// Steps of at most this many tokens prefetch: the decode kernels' rows (the absorption GEMMs run the decode kernel
 /// up to 8 rows; larger steps are prefill-sized and not latency-bound).
 pub const MAX_TOKENS: usize = 8;
@@ -74,13 +77,13 @@ mod tests {
         let wo = weights(WeightFormat::Bf16, 4096, 4096);
         let plan = LayerPrefetch::plan(&wo, None).unwrap();
         let k_block = 512 * 1024;
-        assert_eq!(plan.absorb_query.bytes(), 8 * k_block);
-        assert_eq!(plan.attention.bytes(), 24 * k_block);
-        assert_eq!(plan.absorb_output.bytes(), 8 * k_block);
+        assert_eq!(plan.absorb_query.bytes(), 4 * k_block);
+        assert_eq!(plan.attention.bytes(), 16 * k_block);
+        assert_eq!(plan.absorb_output.bytes(), 4 * k_block);
         assert_eq!(plan.router.bytes(), 0);
-        assert_eq!(plan.bytes(), 40 * k_block);
-        // The runs are consecutive: their union is wo's k blocks 0..40.
-        assert_eq!(plan.bytes(), L2Prefetch::k_blocks(&wo, 0..40).unwrap().bytes());
+        assert_eq!(plan.bytes(), 24 * k_block);
+        // The runs are consecutive: their union is wo's k blocks 0..24.
+        assert_eq!(plan.bytes(), L2Prefetch::k_blocks(&wo, 0..24).unwrap().bytes());
     }
 
     #[test]

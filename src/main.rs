@@ -181,7 +181,7 @@ struct BenchArgs {
     #[arg(long)]
     no_pdl: bool,
     /// Decode steps without the cross-kernel L2 prefetch (by default the latency-bound launches of a layer pull the
-    /// next GEMM's weights into L2: wo's during absorption and attention, the shared expert's during routing).
+    /// next GEMM's weights into L2: wo's during absorption and attention).
     #[arg(long)]
     no_l2_prefetch: bool,
     /// Routed experts in W8A8 (needs per-tensor FP8 experts with activation scales: --format fp8 for the preset).

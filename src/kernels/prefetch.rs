@@ -3,8 +3,8 @@
 //!
 //! At batch 1 a decode step alternates DRAM-bound GEMMs (the attention projections, the experts) with latency-bound
 //! kernels (the per-head absorption GEMMs, MLA, the router) during which HBM is mostly idle. Those small kernels take
-//! an [`L2Prefetch`] of the next big GEMM's weights (wo's during absorption and MLA, the shared expert's gate/up
-//! during routing: `model::engine`'s decode plan), so the GEMM finds part of its weights in L2 (50 MiB on an H100 SXM
+//! an [`L2Prefetch`] of the next big GEMM's weights (wo's during absorption and MLA: `model::decode_prefetch`'s plan,
+//! which gives the router none at present), so the GEMM finds part of its weights in L2 (50 MiB on an H100 SXM
 //! or H200) and the bytes streamed in time that was idle. Weights are written by no kernel, so the prefetch is issued
 //! first thing, before a programmatic launch's wait. It is a hint: no output depends on it (the tests compare outputs
 //! with and without it bit for bit).

@@ -400,8 +400,8 @@ pub fn route_and_align_into(
 }
 
 /// [`route_and_align_into`] that also pulls `l2_prefetch` (a later kernel's weights, [`super::prefetch`]) into L2
-/// while it runs: at one token the router is latency-bound and the decode step hands it the shared expert's gate/up
-/// weights. Only `router_topk_decode` (one token) issues it; the same results either way.
+/// while it runs: at one token the router is latency-bound (the decode step's plan gives it none at present:
+/// `model::decode_prefetch`). Only `router_topk_decode` (one token) issues it; the same results either way.
 pub fn route_and_align_prefetching(
     hidden: Matrix<bf16>,
     gate: Matrix<bf16>,

@@ -878,8 +878,8 @@ pub struct EngineOptions {
     /// nothing is copied and the steps are as without it.
     pub record_routing: bool,
     /// Decode steps (up to 8 tokens) pull the next DRAM-bound GEMM's weights into L2 during the latency-bound
-    /// launches before it ([`crate::model::decode_prefetch`]): wo's during the absorption and attention launches,
-    /// the shared expert's gate/up during routing. A hint: the same tokens and logits either way.
+    /// launches before it ([`crate::model::decode_prefetch`]): wo's during the absorption and attention launches
+    /// (the router's share is none at present). A hint: the same tokens and logits either way.
     pub l2_prefetch: bool,
 }
 

@@ -15,6 +15,10 @@
 //! measures nothing. Run: `cargo bench --bench moe`.
 
 mod common;
+// The tests' device alignment (only `DeviceAlignment` is used here).
+#[allow(dead_code)]
+#[path = "../tests/common/routing.rs"]
+mod routing;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +27,7 @@ use common::time_calls;
 use criterion::{criterion_group, criterion_main, Criterion};
 use half::bf16;
 use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
+use routing::DeviceAlignment;
 use small4::device::{Ceilings, Device, DeviceBuffer};
 use small4::kernels::moe::{self, Grouping, MoeLayerWeights, MoeWorkspace, RoutingBuffers, RowCounters};
 use small4::kernels::moe_wgmma::PrefillGemm;
@@ -98,11 +103,7 @@ struct Batch {
     tokens: usize,
     touched: usize,
     capacity: usize,
-    tile_m: usize,
-    sorted_pairs: DeviceBuffer<i32>,
-    tile_experts: DeviceBuffer<i32>,
-    expert_offsets: DeviceBuffer<i32>,
-    num_padded: DeviceBuffer<i32>,
+    alignment: DeviceAlignment,
     topk_ids: DeviceBuffer<i32>,
     topk_weights: DeviceBuffer<f32>,
     x: DeviceBuffer<bf16>,
@@ -119,31 +120,20 @@ impl Batch {
         let tile_m = moe::moe_tile_m(tokens, TOP_K, EXPERTS);
         let identity: Vec<i32> = (0..EXPERTS as i32).collect();
         let alignment = align_pairs(&ids, Some(&identity), EXPERTS, tile_m);
-        let up = |v: &[i32]| DeviceBuffer::from_slice(device, v).unwrap();
         let x: Vec<bf16> = (0..tokens * DIM).map(|_| bf16::from_f32(rng.random_range(-1.0f32..1.0))).collect();
         Batch {
             tokens,
             touched: alignment.expert_counts.iter().filter(|&&c| c > 0).count(),
             capacity: alignment.sorted_pairs.len(),
-            tile_m,
-            sorted_pairs: up(&alignment.sorted_pairs),
-            tile_experts: up(&alignment.tile_experts),
-            expert_offsets: up(&alignment.expert_offsets),
-            num_padded: up(&[alignment.num_padded]),
-            topk_ids: up(&ids),
+            alignment: DeviceAlignment::upload(device, &alignment, tile_m),
+            topk_ids: DeviceBuffer::from_slice(device, &ids).unwrap(),
             topk_weights: DeviceBuffer::from_slice(device, &vec![0.25f32; tokens * TOP_K]).unwrap(),
             x: DeviceBuffer::from_slice(device, &x).unwrap(),
         }
     }
 
     fn grouping(&self) -> Grouping<'_> {
-        Grouping {
-            sorted_pairs: &self.sorted_pairs,
-            tile_experts: &self.tile_experts,
-            expert_offsets: &self.expert_offsets,
-            num_padded: &self.num_padded,
-            tile_m: self.tile_m,
-        }
+        self.alignment.grouping()
     }
 
     fn routing(&self) -> RoutingBuffers<'_> {

@@ -301,8 +301,12 @@ pub struct LaunchCounters {
     pub predicted_gpu: Option<&'static str>,
     /// The same prediction for the launch as a node of a replayed CUDA graph, microseconds: the host launch overhead
     /// replaced by a graph node's cost, a programmatic node's when `programmatic` (`TimingPrediction::in_graph_seconds`;
-    /// the node costs are priors, not fitted).
+    /// the node costs are priors, not fitted), less `predicted_pdl_overlap_us`.
     pub predicted_graph_us: Option<f64>,
+    /// Of the graph node's time, microseconds, what a programmatic launch right after another overlaps with it: the
+    /// loads its threads issue before their `griddepcontrol.wait` (`ptxsim::timing::pdl_overlap_seconds`; 0 when
+    /// not programmatic or after a host operation).
+    pub predicted_pdl_overlap_us: Option<f64>,
     /// Bytes the prediction reads from L2 instead of DRAM: what earlier launches and host copies left in L2 of the
     /// sectors this launch touches (`TimingPrediction::l2_hit_bytes`; the interpreter's cross-launch residency,
     /// `SimBackend::set_l2_residency`).
@@ -492,6 +496,9 @@ pub struct LaunchRecord {
     pub predicted_us: Option<f64>,
     /// Its prediction as a node of a replayed graph (`LaunchCounters::predicted_graph_us`); `None` on hardware.
     pub predicted_graph_us: Option<f64>,
+    /// What of that node overlaps the launch before under programmatic launch
+    /// (`LaunchCounters::predicted_pdl_overlap_us`); `None` on hardware.
+    pub predicted_pdl_overlap_us: Option<f64>,
     /// Bytes its prediction reads from L2 instead of DRAM (`LaunchCounters::predicted_l2_hit_bytes`); `None` on
     /// hardware.
     pub predicted_l2_hit_bytes: Option<f64>,
@@ -609,9 +616,17 @@ impl Backend for Instrumented {
         };
         if let Some((records, _)) = self.state.lock().unwrap().records.as_mut() {
             let counters = self.inner.last_launch_counters();
-            let (predicted_us, predicted_graph_us, predicted_l2_hit_bytes) =
-                counters.map_or((None, None, None), |c| (c.predicted_us, c.predicted_graph_us, c.predicted_l2_hit_bytes));
-            records.push(LaunchRecord { kernel: kernel.entry, params: params.to_vec(), micros, predicted_us, predicted_graph_us, predicted_l2_hit_bytes });
+            let (predicted_us, predicted_graph_us, predicted_pdl_overlap_us, predicted_l2_hit_bytes) =
+                counters.map_or((None, None, None, None), |c| (c.predicted_us, c.predicted_graph_us, c.predicted_pdl_overlap_us, c.predicted_l2_hit_bytes));
+            records.push(LaunchRecord {
+                kernel: kernel.entry,
+                params: params.to_vec(),
+                micros,
+                predicted_us,
+                predicted_graph_us,
+                predicted_pdl_overlap_us,
+                predicted_l2_hit_bytes,
+            });
         }
         Ok(())
     }

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::tensor_map::{TensorMap, TiledTensorMap};
-use super::{Backend, Graph, Kernel, LaunchConfig, LaunchCounters, TargetGpu, TimingModel, TimingProfile};
+use super::{Backend, Graph, Kernel, LaunchConfig, LaunchCounters, TargetGpu, TimingModel, TimingPrediction, TimingProfile};
 use crate::error::{Error, Result};
 
 /// The PTX interpreter as a [`Backend`]: one simulated device memory, modules parsed on first use, and the counters of
@@ -58,6 +58,9 @@ pub struct SimBackend {
     programmatic: super::ProgrammaticSwitch,
     /// The cross-launch L2 state (module docs): whether it is kept, and the state (None while off or with no target).
     l2_residency: Mutex<(bool, Option<ptxsim::l2::L2Residency>)>,
+    /// The last launch's prediction and its time as a graph node, seconds: what the next launch, if programmatic and
+    /// directly after it, overlaps (`ptxsim::timing::pdl_overlap_seconds`).
+    previous_node: Mutex<Option<(TimingPrediction, f64)>>,
 }
 
 /// Registers per thread assumed for a kernel the ptxas table does not list (a module built outside build.rs, such
@@ -85,6 +88,7 @@ impl SimBackend {
             recorded: Mutex::new(None),
             programmatic: super::ProgrammaticSwitch::new(),
             l2_residency: Mutex::new((l2_residency, target.filter(|_| l2_residency).map(|gpu| ptxsim::l2::L2Residency::new(gpu.l2_bytes)))),
+            previous_node: Mutex::new(None),
         }
     }
 
@@ -235,13 +239,29 @@ impl SimBackend {
             launch.timing.prefetch_sectors = residency.prefetch_sectors;
             launch.timing.prefetch_l2_hit_sectors = residency.prefetch_l2_hit_sectors;
         }
-        if let Some(gpu) = self.target_gpu() {
-            let prediction = launch.predict(&gpu, &TimingModel::FITTED);
-            launch.predicted_us = Some(prediction.micros());
-            launch.predicted_graph_us = Some(prediction.in_graph_seconds(&TimingModel::FITTED, launch.programmatic) * 1e6);
-            launch.predicted_l2_hit_bytes = Some(prediction.l2_hit_bytes);
-            launch.predicted_gpu = Some(gpu.name);
+        let mut previous_node = self.previous_node.lock().unwrap();
+        match self.target_gpu() {
+            Some(gpu) => {
+                let model = TimingModel::FITTED;
+                let prediction = launch.predict(&gpu, &model);
+                let node_s = prediction.in_graph_seconds(&model, launch.programmatic);
+                // Programmatic right after another launch: its blocks run up to their wait while that one runs.
+                let overlap_s = match previous_node.as_ref() {
+                    Some((previous, previous_s)) if counters.follows_launch => {
+                        ptxsim::timing::pdl_overlap_seconds(&gpu, &model, previous, *previous_s, &prediction, node_s)
+                    }
+                    _ => 0.0,
+                };
+                launch.predicted_us = Some(prediction.micros());
+                launch.predicted_graph_us = Some((node_s - overlap_s) * 1e6);
+                launch.predicted_pdl_overlap_us = Some(overlap_s * 1e6);
+                launch.predicted_l2_hit_bytes = Some(prediction.l2_hit_bytes);
+                launch.predicted_gpu = Some(gpu.name);
+                *previous_node = Some((prediction, node_s - overlap_s));
+            }
+            None => *previous_node = None,
         }
+        drop(previous_node);
         if let Some(log) = self.recorded.lock().unwrap().as_mut() {
             log.push(launch.clone());
         }
@@ -289,6 +309,7 @@ fn launch_counters(c: &ptxsim::Counters, family: &str) -> LaunchCounters {
         predicted_us: None,
         predicted_gpu: None,
         predicted_graph_us: None,
+        predicted_pdl_overlap_us: None,
         predicted_l2_hit_bytes: None,
         kernel: c.kernel.clone(),
         programmatic: c.programmatic,

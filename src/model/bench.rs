@@ -109,6 +109,7 @@ impl Default for BenchOptions {
 ///     predicted_us_per_family: None,
 ///     predicted_graph_us_per_family: None,
 ///     predicted_l2_hit_mb_per_decode_step: None,
+///     predicted_pdl_overlap_us_per_decode_step: None,
 /// };
 /// assert_eq!(report.prefill_tokens_per_s(), 4.0 * 100.0 / 0.2); // batch * prompt_len / prefill
 /// assert_eq!(report.decode_step_mean(), ms(25));
@@ -167,6 +168,10 @@ pub struct BenchReport {
     /// earlier launches (and host copies) left in L2 of the sectors each launch touches, by the interpreter's
     /// cross-launch L2 residency (`LaunchCounters::predicted_l2_hit_bytes`). `None` on hardware.
     pub predicted_l2_hit_mb_per_decode_step: Option<f64>,
+    /// Microseconds of the graph figures (`predicted_graph_us_per_family`) the step's programmatic launches overlap
+    /// with the launch before each, by what their threads load before `griddepcontrol.wait`
+    /// (`LaunchCounters::predicted_pdl_overlap_us`; already taken off the graph figures). `None` on hardware.
+    pub predicted_pdl_overlap_us_per_decode_step: Option<f64>,
 }
 
 impl BenchReport {
@@ -204,7 +209,8 @@ impl BenchReport {
     /// `experts`, `format`, `backend`, `launches_per_decode_step`, `host_syncs_per_decode_step`,
     /// `decode_ms_per_step`, `decode_tokens_per_s`, `prefill_tokens_per_s`, `kernel_us_per_decode_step` (null
     /// when not timed), and more; the timing issue's `predicted_us_per_decode_step` and `predicted_us_per_family`,
-    /// their `..._graph` forms and `predicted_l2_hit_mb_per_decode_step`, null on hardware).
+    /// their `..._graph` forms, `predicted_l2_hit_mb_per_decode_step` and `predicted_pdl_overlap_us_per_decode_step`,
+    /// null on hardware).
     pub fn to_json(&self) -> serde_json::Value {
         let o = &self.options;
         serde_json::json!({
@@ -234,6 +240,7 @@ impl BenchReport {
             "predicted_us_per_decode_step_graph": self.predicted_graph_us_per_decode_step(),
             "predicted_us_per_family_graph": self.predicted_graph_us_per_family,
             "predicted_l2_hit_mb_per_decode_step": self.predicted_l2_hit_mb_per_decode_step,
+            "predicted_pdl_overlap_us_per_decode_step": self.predicted_pdl_overlap_us_per_decode_step,
         })
     }
 }
@@ -311,6 +318,9 @@ impl fmt::Display for BenchReport {
         }
         if let Some(mb) = self.predicted_l2_hit_mb_per_decode_step {
             write!(f, "\npredicted L2 hits (what earlier launches left in L2, read instead of DRAM): {mb:.3} MB per decode step")?;
+        }
+        if let Some(us) = self.predicted_pdl_overlap_us_per_decode_step {
+            write!(f, "\npredicted overlap of programmatic launches with the launch before (in the graph figures): {us:.1} us per decode step")?;
         }
         Ok(())
     }
@@ -524,7 +534,9 @@ fn run(counted: &Instrumented, model: DeviceModel, load: Duration, format: Strin
     let mut timed = !records.is_empty();
     let mut all_predicted = !records.is_empty();
     let mut l2_hit_bytes = 0.0;
+    let mut pdl_overlap_us = 0.0;
     for record in &records {
+        pdl_overlap_us += record.predicted_pdl_overlap_us.unwrap_or(0.0);
         match record.predicted_l2_hit_bytes {
             Some(bytes) => l2_hit_bytes += bytes,
             None => all_predicted = false,
@@ -562,5 +574,6 @@ fn run(counted: &Instrumented, model: DeviceModel, load: Duration, format: Strin
         predicted_us_per_family: all_predicted.then_some(predicted),
         predicted_graph_us_per_family: all_predicted.then_some(predicted_graph),
         predicted_l2_hit_mb_per_decode_step: all_predicted.then_some(l2_hit_bytes / 1e6),
+        predicted_pdl_overlap_us_per_decode_step: all_predicted.then_some(pdl_overlap_us),
     })
 }

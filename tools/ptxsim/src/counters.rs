@@ -244,6 +244,16 @@ pub struct Counters {
     pub kernel: String,
     /// The launch was programmatic (`Machine::programmatic`): it may start while the grid before it finishes.
     pub programmatic: bool,
+    /// Programmatic and directly after another launch (no host operation between): that grid may still be running
+    /// while this one's blocks run up to their `griddepcontrol.wait`.
+    pub follows_launch: bool,
+    /// In a kernel that executes `griddepcontrol.wait`: the distinct 32-byte sectors of each load (a lane's load,
+    /// `cp.async`, a bulk or TMA copy) issued by a thread that had not executed its wait yet (under programmatic
+    /// launch these overlap the grid before), summed over requests; and the interpreted blocks that issued any.
+    pub pre_wait_sectors: u64,
+    pub pre_wait_blocks: u64,
+    /// The block being run issued a load before a thread's wait (see `pre_wait_sectors`); `end_block` counts it.
+    pub(crate) block_pre_wait: bool,
     /// Blocks of the grid, and the blocks actually interpreted (fewer under `Machine::block_sample`; every other
     /// counter covers only those).
     pub blocks: u64,
@@ -329,8 +339,8 @@ impl Counters {
     }
 
     /// Records one asynchronous bulk copy (TMA or `cp.async.bulk`) over the given global (address, bytes) ranges: its
-    /// distinct sectors join `async_copy_sectors` and the launch's and block's distinct sector sets.
-    pub(crate) fn async_copy(&mut self, ranges: impl IntoIterator<Item = (u64, u32)>) {
+    /// distinct sectors join `async_copy_sectors` and the launch's and block's distinct sector sets; returns them.
+    pub(crate) fn async_copy(&mut self, ranges: impl IntoIterator<Item = (u64, u32)>) -> u64 {
         let mut sectors: Vec<u64> = Vec::new();
         for (a, len) in ranges {
             sectors.extend((a >> 5)..=((a + len.max(1) as u64 - 1) >> 5));
@@ -342,6 +352,7 @@ impl Counters {
             self.block_sectors.insert(s);
         }
         self.async_copy_sectors += sectors.len() as u64;
+        sectors.len() as u64
     }
 
     /// Records one lane's L2 prefetch over the given (address, bytes) ranges (already clipped to allocated memory).
@@ -358,8 +369,8 @@ impl Counters {
         Class::ALL.iter().map(|c| (c.name(), self.by_class[*c as usize])).filter(|(_, n)| *n > 0).collect()
     }
 
-    /// Records one warp-wide global request over the given (address, bytes) ranges.
-    pub(crate) fn global_request(&mut self, ranges: &[(u64, u32)], write: bool) {
+    /// Records one warp-wide global request over the given (address, bytes) ranges; returns its distinct sectors.
+    pub(crate) fn global_request(&mut self, ranges: &[(u64, u32)], write: bool) -> u64 {
         // At most 32 lanes x 16 bytes: each lane's range spans at most 2 sectors (more only for odd 32-byte+ copies).
         let mut sectors = [0u64; 256];
         let mut n = 0usize;
@@ -391,6 +402,13 @@ impl Counters {
         } else {
             self.global_bytes_read += bytes;
         }
+        distinct
+    }
+
+    /// Records that a load of `sectors` distinct sectors was issued before its thread's `griddepcontrol.wait`.
+    pub(crate) fn pre_wait_load(&mut self, sectors: u64) {
+        self.pre_wait_sectors += sectors;
+        self.block_pre_wait = true;
     }
 
     /// Records one warp-wide shared request: bank conflicts are the wavefronts beyond what the bytes need
@@ -425,6 +443,7 @@ impl Counters {
     /// Closes a block: its distinct sectors join `block_distinct_sectors`.
     pub(crate) fn end_block(&mut self) {
         self.block_distinct_sectors += self.block_sectors.len();
+        self.pre_wait_blocks += std::mem::take(&mut self.block_pre_wait) as u64;
         self.block_sectors.pages.clear();
         let weight = |c: &(u64, u64)| c.0 + c.1 * crate::timing::CHAIN_GLOBAL_CYCLES;
         let longest = self.block_chains.longest();
@@ -468,6 +487,8 @@ impl Counters {
         self.wgmma_flops += o.wgmma_flops;
         self.wgmma_8bit_flops += o.wgmma_8bit_flops;
         self.async_copy_sectors += o.async_copy_sectors;
+        self.pre_wait_sectors += o.pre_wait_sectors;
+        self.pre_wait_blocks += o.pre_wait_blocks;
         self.prefetch_sectors.union(&o.prefetch_sectors);
         self.prefetch_requests += o.prefetch_requests;
     }

@@ -298,6 +298,7 @@ impl Machine {
             previous: previous_kernel.map(|k| (self.global.launch_seq, k)),
             waited: Vec::new(),
             any_waited: false,
+            kernel_waits: false,
         };
         self.global.launch_seq += 1;
         let counters = exec::launch(&mut self.global, module, entry, grid, block, dynamic_shared_bytes, params, checks, self.block_sample, &mut pdl)?;

@@ -38,7 +38,8 @@
 //! latency (the pipeline drains at a block barrier). The launch overhead is a host launch's (`Model::launch_s`,
 //! fitted on benches that launch one kernel at a time); a decode step replayed as a CUDA graph pays a node's cost
 //! instead, less for a programmatic launch, plus one replay a step ([`Prediction::in_graph_seconds`],
-//! [`graph_step_seconds`]; priors, not fitted).
+//! [`graph_step_seconds`]; priors, not fitted); a programmatic launch also overlaps the launch before with what its
+//! threads load before their `griddepcontrol.wait` ([`pdl_overlap_seconds`]).
 //!
 //! Blocks per SM come from the ptxas resources (registers, shared memory) and the launch (threads, dynamic shared
 //! memory), as the CUDA occupancy calculator does. Sampled launches (`Machine::block_sample`) are scaled up to the
@@ -261,6 +262,11 @@ pub struct Profile {
     /// itself, and how many of those L2 held already: the rest is DRAM traffic of this launch, issued fire-and-forget.
     pub prefetch_sectors: u64,
     pub prefetch_l2_hit_sectors: u64,
+    /// Sectors of the loads the launch's threads issue before their `griddepcontrol.wait` (`Counters::
+    /// pre_wait_sectors`), and the interpreted blocks that issue any (`Counters::pre_wait_blocks`): under
+    /// programmatic launch they run while the grid before still does ([`pdl_overlap_seconds`]).
+    pub pre_wait_sectors: u64,
+    pub pre_wait_blocks: u64,
 }
 
 impl Profile {
@@ -294,6 +300,8 @@ impl Profile {
             l2_hit_sectors: 0,
             prefetch_sectors: c.prefetch_sectors.without(&c.distinct_sectors).len(),
             prefetch_l2_hit_sectors: 0,
+            pre_wait_sectors: c.pre_wait_sectors,
+            pre_wait_blocks: c.pre_wait_blocks,
         }
     }
 }
@@ -323,6 +331,17 @@ pub struct Prediction {
     pub l2_hit_bytes: f64,
     /// DRAM bytes of the launch's L2 prefetches (within the DRAM term).
     pub prefetch_dram_bytes: f64,
+    /// All the launch's DRAM bytes (its own and its prefetches', at `dram_s`).
+    pub dram_bytes: f64,
+    /// The memory latency of the launch's first load, exposed once per wave (within `exposed_s`).
+    pub first_load_latency_s: f64,
+    /// Blocks resident on the busiest SM (at most `blocks_per_sm`).
+    pub resident_per_sm: u64,
+    /// DRAM bytes of the loads the launch issues before its `griddepcontrol.wait` (scaled to the grid; none of
+    /// what L2 holds), and whether every block issues such loads: its first wave's first round trip is then in
+    /// flight before the wait ([`pdl_overlap_seconds`]).
+    pub pre_wait_dram_bytes: f64,
+    pub every_block_loads_before_wait: bool,
 }
 
 impl Prediction {
@@ -528,7 +547,41 @@ pub fn predict(c: &Profile, gpu: &Gpu, model: &Model) -> Prediction {
         dram_bytes_per_s: dram_bw,
         l2_hit_bytes: if c.l2_resident { c.cold_own_bytes() + c.prefetch_sectors as f64 * 32.0 * c.grid_scale() } else { c.l2_hit_bytes() },
         prefetch_dram_bytes,
+        dram_bytes,
+        first_load_latency_s: latency_s,
+        resident_per_sm: resident,
+        pre_wait_dram_bytes: if c.l2_resident { 0.0 } else { c.pre_wait_sectors as f64 * 32.0 * c.grid_scale() * (1.0 - hit_fraction) },
+        every_block_loads_before_wait: c.pre_wait_blocks > 0 && c.pre_wait_blocks >= c.blocks_run,
     }
+}
+
+/// What a programmatic launch's time as a graph node (`this_s`, [`Prediction::in_graph_seconds`]) loses to the
+/// launch before it (`previous`, which took `previous_s` in the graph) still running, seconds: with programmatic
+/// dependent launch the grid's blocks start once every block of the previous grid has passed its trigger (ours
+/// trigger right after their wait), and run up to their own `griddepcontrol.wait`; the loads they issue there (a
+/// decode GEMM's first turn of its weight ring, `Profile::pre_wait_sectors`) overlap the previous grid. Two gains,
+/// both only when the previous grid leaves room on its SMs (one wave, fewer blocks resident than fit: the new
+/// blocks can be resident beside it; the rule is the model's assumption, not measured):
+/// - the first round trip: when every block loads before its wait, the first wave's exposed memory latency
+///   (`first_load_latency_s`) is spent before the wait's release, after which the first loads of what the previous
+///   grid wrote cost an L2 hit's latency ([`CHAIN_GLOBAL_CYCLES`]);
+/// - the pre-wait bytes (`pre_wait_dram_bytes`) move while HBM is idle under the previous grid: at most its graph
+///   time less its own DRAM bytes at the achievable bandwidth.
+///
+/// The launch keeps at least the node cost and the DRAM time of the bytes not moved early. Priors from the PTX ISA's
+/// `griddepcontrol` semantics and CUDA's programmatic stream serialization; no GPU has timed it here.
+pub fn pdl_overlap_seconds(gpu: &Gpu, model: &Model, previous: &Prediction, previous_s: f64, this: &Prediction, this_s: f64) -> f64 {
+    let room_beside_previous = previous.waves <= 1 && previous.resident_per_sm < previous.blocks_per_sm as u64;
+    if !room_beside_previous || (this.pre_wait_dram_bytes <= 0.0 && !this.every_block_loads_before_wait) {
+        return 0.0;
+    }
+    let cycle = 1.0 / gpu.clock_hz;
+    let latency_s = if this.every_block_loads_before_wait { (this.first_load_latency_s - CHAIN_GLOBAL_CYCLES as f64 * cycle).max(0.0) } else { 0.0 };
+    let bandwidth = gpu.dram_bytes_per_s * model.dram_efficiency;
+    let idle_s = (previous_s - previous.dram_bytes / bandwidth).max(0.0);
+    let moved_bytes = this.pre_wait_dram_bytes.min(idle_s * bandwidth);
+    let floor_s = model.pdl_node_s + (this.dram_bytes - moved_bytes).max(0.0) / bandwidth;
+    (latency_s + moved_bytes / bandwidth).min((this_s - floor_s).max(0.0))
 }
 
 #[cfg(test)]
@@ -653,6 +706,65 @@ mod tests {
         assert!(pdl < graph && graph < p.seconds);
         let step = graph_step_seconds([(&p, false), (&p, true)], &model);
         assert!((step - (model.graph_replay_s + graph + pdl)).abs() < 1e-15);
+    }
+
+    /// A programmatic launch overlaps the launch before with what it loads before its wait: its first round trip
+    /// (DRAM less an L2 hit) when every block loads there, and its pre-wait bytes within the HBM time the launch
+    /// before leaves idle; nothing beside a launch that fills its SMs, and never below its node cost plus the DRAM
+    /// time of the bytes left.
+    #[test]
+    fn a_programmatic_launch_overlaps_the_one_before_with_its_pre_wait_loads() {
+        let (gpu, model) = (Gpu::H100_SXM, Model::FITTED);
+        let cycle = 1.0 / gpu.clock_hz;
+        let bandwidth = gpu.dram_bytes_per_s * model.dram_efficiency;
+        // The dependent: 132 blocks of 4 warps streaming 8 MiB, 1 MiB of it (32,768 sectors) before the wait.
+        let mib = (1u64 << 20) / 32;
+        let shape = Profile { blocks: 132, blocks_run: 132, block_threads: 128, registers: 96, warp_instructions: 132 * 400, ..Profile::default() };
+        let streaming = Profile { global_sectors: 8 * mib, distinct_sectors: 8 * mib, block_distinct_sectors: 8 * mib, chain_globals_sum: 132 * 8, ..shape };
+        let this = predict(&Profile { pre_wait_sectors: mib, pre_wait_blocks: 132, ..streaming }, &gpu, &model);
+        assert!(this.every_block_loads_before_wait && (this.pre_wait_dram_bytes - (1u64 << 20) as f64).abs() < 1e-6);
+        assert!((this.first_load_latency_s - model.dram_latency_cycles * cycle).abs() < 1e-15);
+        let this_s = this.in_graph_seconds(&model, true);
+        let round_trip = (model.dram_latency_cycles - CHAIN_GLOBAL_CYCLES as f64) * cycle;
+        // Before it, a latency-bound launch on 32 blocks: 64 KiB of DRAM over microseconds, HBM idle meanwhile.
+        let small = Profile {
+            blocks: 32,
+            blocks_run: 32,
+            global_sectors: 2048,
+            distinct_sectors: 2048,
+            block_distinct_sectors: 2048,
+            chain_cycles_max: 20_000,
+            chain_cycles_sum: 32 * 20_000,
+            ..shape
+        };
+        let latency_bound = predict(&small, &gpu, &model);
+        let previous_s = latency_bound.in_graph_seconds(&model, true);
+        assert!(latency_bound.resident_per_sm < latency_bound.blocks_per_sm as u64 && previous_s > 5e-6);
+        let overlap = pdl_overlap_seconds(&gpu, &model, &latency_bound, previous_s, &this, this_s);
+        assert!((overlap - (round_trip + (1u64 << 20) as f64 / bandwidth)).abs() < 1e-12, "{overlap}");
+        // Before it, a DRAM-bound launch: HBM idle only for its node cost and first round trip, fewer bytes move.
+        let dram_bound = predict(&streaming, &gpu, &model);
+        let dram_s = dram_bound.in_graph_seconds(&model, true);
+        let idle = dram_s - dram_bound.dram_bytes / bandwidth;
+        assert!(idle > 0.0 && idle < 1e-6, "{idle}");
+        let overlap = pdl_overlap_seconds(&gpu, &model, &dram_bound, dram_s, &this, this_s);
+        assert!((overlap - (round_trip + idle.min((1u64 << 20) as f64 / bandwidth))).abs() < 1e-12, "{overlap}");
+        let long_dram_s = dram_bound.dram_bytes / bandwidth;
+        let overlap = pdl_overlap_seconds(&gpu, &model, &dram_bound, long_dram_s, &this, this_s);
+        assert!((overlap - round_trip).abs() < 1e-12, "no idle HBM: the round trip alone, {overlap}");
+        // Blocks that wait first (only some blocks load before the wait): the bytes, not the round trip.
+        let some = predict(&Profile { pre_wait_sectors: mib, pre_wait_blocks: 8, ..streaming }, &gpu, &model);
+        let overlap = pdl_overlap_seconds(&gpu, &model, &latency_bound, previous_s, &some, some.in_graph_seconds(&model, true));
+        assert!((overlap - (1u64 << 20) as f64 / bandwidth).abs() < 1e-12, "{overlap}");
+        // No loads before the wait, or a launch before that fills its SMs: nothing.
+        let waits_first = predict(&streaming, &gpu, &model);
+        assert_eq!(pdl_overlap_seconds(&gpu, &model, &latency_bound, previous_s, &waits_first, this_s), 0.0);
+        let full = Prediction { resident_per_sm: latency_bound.blocks_per_sm as u64, ..latency_bound };
+        assert_eq!(pdl_overlap_seconds(&gpu, &model, &full, previous_s, &this, this_s), 0.0);
+        // The floor: a launch whose time is mostly its DRAM bytes keeps the time of the bytes not moved early.
+        let tight_s = model.pdl_node_s + this.dram_bytes / bandwidth + 0.1e-6;
+        let overlap = pdl_overlap_seconds(&gpu, &model, &latency_bound, previous_s, &this, tight_s);
+        assert!((overlap - ((1u64 << 20) as f64 / bandwidth + 0.1e-6)).abs() < 1e-12, "{overlap}");
     }
 
     /// Sectors an earlier launch left in L2 come off the DRAM bytes exactly (a sampled launch's hit fraction applies

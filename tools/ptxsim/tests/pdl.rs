@@ -228,3 +228,26 @@ fn threads_that_exit_without_waiting_are_fine() {
     let out: Vec<u32> = download(&m, bufs.d, 32);
     assert_eq!(out, (1..=32).collect::<Vec<u32>>());
 }
+
+#[test]
+fn loads_before_the_wait_are_counted_apart() {
+    // The consumer loads 64 threads x 4 bytes of `c` before its wait (8 sectors, two warp requests of 4) and as
+    // many of `a` after it: only the first count as pre-wait loads, and its one block issued some.
+    let mut m = Machine::new();
+    let bufs = Buffers::new(&mut m);
+    let producer = launch(&mut m, false, PRODUCER, &bufs).unwrap();
+    assert_eq!((producer.pre_wait_sectors, producer.pre_wait_blocks, producer.follows_launch), (0, 0, false), "no wait: nothing before it");
+    let consumer = launch(&mut m, true, CONSUMER, &bufs).unwrap();
+    assert_eq!((consumer.pre_wait_sectors, consumer.pre_wait_blocks), (8, 1));
+    assert!(consumer.follows_launch, "programmatic right after the producer");
+    // The same kernel launched plainly still counts its pre-wait loads (they are the kernel's), but follows nothing.
+    let plain = launch(&mut m, false, CONSUMER, &bufs).unwrap();
+    assert_eq!((plain.pre_wait_sectors, plain.follows_launch), (8, false));
+    // After a host operation a programmatic launch has no running predecessor.
+    m.synchronize();
+    assert!(!launch(&mut m, true, CONSUMER, &bufs).unwrap().follows_launch);
+    // A kernel that waits first loads nothing before it.
+    let waits_first = "griddepcontrol.wait; ld.global.u32 %t, [%pc]; st.global.u32 [%pd], %t;";
+    let c = launch(&mut m, true, waits_first, &bufs).unwrap();
+    assert_eq!((c.pre_wait_sectors, c.pre_wait_blocks), (0, 0));
+}

@@ -350,7 +350,10 @@ impl BlockCtx<'_> {
             }
         }
         if ng > 0 {
-            self.counters.global_request(&global[..ng], write);
+            let sectors = self.counters.global_request(&global[..ng], write);
+            if !write && lanes(exec).any(|l| self.pdl.before_wait(w.linear_tid(l))) {
+                self.counters.pre_wait_load(sectors);
+            }
         }
         if ns > 0 {
             self.counters.shared_request(&shared[..ns]);
@@ -467,7 +470,10 @@ impl BlockCtx<'_> {
             self.asyncq.pending[tid].push(AsyncCopy { group: UNCOMMITTED, dst, src, bytes, src_bytes, line: inst.line });
         }
         if !ranges.is_empty() {
-            self.counters.global_request(&ranges, false);
+            let sectors = self.counters.global_request(&ranges, false);
+            if lanes(exec).any(|l| self.pdl.before_wait(w.linear_tid(l))) {
+                self.counters.pre_wait_load(sectors);
+            }
         }
         Ok(())
     }

@@ -233,9 +233,18 @@ pub(crate) struct Pdl {
     pub waited: Vec<bool>,
     /// Some thread of the grid executed `griddepcontrol.wait`.
     pub any_waited: bool,
+    /// The kernel's code holds a `griddepcontrol.wait` (set by `launch`): its threads' loads before it are counted
+    /// apart (`Counters::pre_wait_sectors`).
+    pub kernel_waits: bool,
 }
 
 impl Pdl {
+    /// Thread `tid` of the running block, in a kernel that waits, has not executed its `griddepcontrol.wait` yet.
+    #[inline]
+    pub fn before_wait(&self, tid: u32) -> bool {
+        self.kernel_waits && !self.waited[tid as usize]
+    }
+
     /// Why thread `tid`'s access of `[off, off + len)` of `alloc` (a store or atomic when `store`) is a hazard, if it
     /// is: before its wait, a thread may load only bytes the previous launch did not write, and store nothing the
     /// previous launch read or wrote. Returns the offending byte's index from `off` and the message.
@@ -912,6 +921,7 @@ pub(crate) fn launch(
         .collect();
     let live_masks: Vec<u32> = warps.iter().map(|w| w.live).collect();
     let classes: Vec<Class> = kernel.code.iter().map(|i| i.op.class()).collect();
+    pdl.kernel_waits = kernel.code.iter().any(|i| matches!(i.op, Op::GridDepWait));
     for bz in 0..grid[2] {
         for by in 0..grid[1] {
             for bx in 0..grid[0] {
@@ -966,5 +976,6 @@ pub(crate) fn launch(
     counters.blocks = total_blocks;
     counters.blocks_run = sample.count();
     counters.programmatic = pdl.programmatic;
+    counters.follows_launch = pdl.programmatic && pdl.previous.is_some();
     Ok(counters)
 }

@@ -19,7 +19,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use half::bf16;
 use small4::device::{Ceilings, Device, DeviceBuffer};
 use small4::kernels::dense;
-use small4::kernels::moe::DeviceWeights;
+use small4::kernels::gemm::DeviceWeights;
 use small4::kernels::synth::{self, View};
 use small4::model::synth::TensorSpec;
 use small4::model::ModelConfig;

@@ -34,7 +34,8 @@ use crate::device::{Device, DeviceBuffer, LaunchCounters, TargetGpu, TimingModel
 use crate::error::{Error, Result};
 use crate::kernels::attention::{self, AttentionPlan, AttentionScratch, BlockTables, PagedCache, Queries, QueryLayout, SplitCombine};
 use crate::kernels::dense;
-use crate::kernels::moe::{self, DeviceWeights, Grouping, MoeLayerWeights, MoeWorkspace, RoutingBuffers};
+use crate::kernels::gemm::{self, DeviceWeights};
+use crate::kernels::moe::{self, Grouping, MoeLayerWeights, MoeWorkspace, RoutingBuffers};
 use crate::kernels::moe_wgmma::PrefillGemm;
 use crate::kernels::norm::ResidualNorm;
 use crate::kernels::router::{self, ExpertMap, RouterConfig};
@@ -776,7 +777,7 @@ fn replay(
     });
     sim.set_block_sample(None);
     sim.record_launches(false);
-    moe::override_decode_tile(None)?;
+    gemm::override_decode_tile(None)?;
     router::EXPERTS_PER_BLOCK_OVERRIDE.set(None);
     result
 }
@@ -890,7 +891,7 @@ fn replay_moe(sim: &SimBackend, device: &Device, spec: &Spec, cache: &mut Option
         return Err(Error::InvalidArgument("calibration moe run: shared=1 needs form=norm (as the bench)".into()));
     }
     if let Some(tile) = spec.get("tile") {
-        moe::override_decode_tile(Some(tile)).map_err(|e| Error::InvalidArgument(format!("calibration moe run: tile={tile}: {e}")))?;
+        gemm::override_decode_tile(Some(tile)).map_err(|e| Error::InvalidArgument(format!("calibration moe run: tile={tile}: {e}")))?;
     }
     let mut rng = StdRng::seed_from_u64(1);
     let mut ids = Vec::with_capacity(tokens * MOE_TOP_K);
@@ -940,7 +941,7 @@ fn replay_moe(sim: &SimBackend, device: &Device, spec: &Spec, cache: &mut Option
     let residual = DeviceBuffer::from_slice(device, &random_bf16(&mut rng, tokens * MOE_DIM, 1.0))?;
     let norm_weight = DeviceBuffer::from_slice(device, &vec![bf16::ONE; MOE_DIM])?;
     let residual_out = DeviceBuffer::<bf16>::alloc(device, tokens * MOE_DIM)?;
-    let counters = moe::RowCounters::new(device, tokens)?;
+    let counters = gemm::RowCounters::new(device, tokens)?;
     let norm = ResidualNorm {
         residual: residual.view([tokens, MOE_DIM])?,
         weight: norm_weight.as_vector(),
@@ -960,7 +961,7 @@ fn replay_dense(sim: &SimBackend, device: &Device, spec: &Spec, sample_blocks: u
     let format: WeightFormat = spec.get("format").ok_or_else(|| Error::InvalidArgument("calibration dense run: no format=".into()))?.parse()?;
     let (rows, k, tokens) = (spec.usize("rows")?, spec.usize("k")?, spec.usize("tokens")?);
     if let Some(tile) = spec.get("tile") {
-        moe::override_decode_tile(Some(tile))?;
+        gemm::override_decode_tile(Some(tile))?;
     }
     let mut rng = StdRng::seed_from_u64(1);
     let a = 1.0 / (k as f32).sqrt();

@@ -16,7 +16,7 @@ use small4::kernels::attention::{
     self, AttentionScratch, BlockTables, CacheWriteWeights, PagedCache, Queries, QueryLatentNorm, QueryLayout, SplitCombine, TokenSlots,
 };
 use small4::kernels::dense;
-use small4::kernels::moe::{DeviceWeights, RowCounters};
+use small4::kernels::gemm::{DeviceWeights, RowCounters};
 use small4::model::kv_cache::{BatchTables, CacheDescriptor, CacheDtype, KvCache, PageCopy};
 use small4::quant::{repack, QuantizedMatrix, WeightFormat};
 use small4::reference::attention::{latent_attention, MlaDims};

@@ -218,7 +218,7 @@ fn fp8_act_gemm_cases_replay_on_the_fp8_tensor_cores() {
         use small4::quant::{repack, QuantizedMatrix, WeightFormat};
         let device = simulator();
         let w = QuantizedMatrix::quantize(WeightFormat::Fp8PerTensor, &vec![0.25; 128 * 256], 128, 256).unwrap();
-        let weights = small4::kernels::moe::DeviceWeights::upload(&device, &repack::repack_linear(&[(&w).into()]).unwrap()).unwrap();
+        let weights = small4::kernels::gemm::DeviceWeights::upload(&device, &repack::repack_linear(&[(&w).into()]).unwrap()).unwrap();
         let x = DeviceBuffer::from_slice(&device, &vec![half::bf16::from_f32(0.5); 64 * 256]).unwrap();
         let y = DeviceBuffer::<half::bf16>::alloc(&device, 64 * 128).unwrap();
         choice.run(|| small4::kernels::dense::linear(&weights, x.view([64, 256])?, y.view([64, 128])?)).expect("runs");

@@ -11,7 +11,7 @@ use half::bf16;
 use small4::device::sim::SimBackend;
 use small4::device::{Backend, Device, DeviceBuffer, LaunchCounters};
 use small4::kernels::attention::{self, AttentionScratch, BlockTables, PagedCache, Queries, QueryLayout};
-use small4::kernels::moe::DeviceWeights;
+use small4::kernels::gemm::DeviceWeights;
 use small4::kernels::prefetch::L2Prefetch;
 use small4::kernels::router::{self, ExpertMap, RouterConfig, RouterWorkspace, Routing};
 use small4::kernels::{dense, TensorView};

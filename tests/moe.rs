@@ -9,7 +9,8 @@ use proptest::prelude::*;
 use rand::{rngs::StdRng, seq::SliceRandom, Rng};
 use small4::device::{Device, DeviceBuffer};
 use small4::kernels::dense;
-use small4::kernels::moe::{self, DeviceWeights, E4m3Rows, Fp8ActScales, Grouping, MoeLayerWeights, MoeWorkspace, RoutingBuffers, RowCounters};
+use small4::kernels::gemm::{self, DeviceWeights, E4m3Rows, RowCounters};
+use small4::kernels::moe::{self, Fp8ActScales, Grouping, MoeLayerWeights, MoeWorkspace, RoutingBuffers};
 use small4::kernels::norm::{self, MoePairs, ResidualNorm};
 use small4::kernels::Matrix;
 use small4::quant::fp8::f32_to_e4m3;
@@ -375,11 +376,11 @@ fn decode_kernel_equals_narrow_tile(device: &Device) {
     for format in FORMATS {
         for (tokens, unrouted_pairs) in [(1, false), (3, true), (8, false)] {
             let case = Case { dim: 640, hidden: 384, remote: 1, unrouted_pairs, seed: 21 + tokens as u64, ..small_case(tokens, 4, 8, format) };
-            moe::override_decode_tile(Some("decode")).unwrap();
+            gemm::override_decode_tile(Some("decode")).unwrap();
             let decode = check_moe_case(device, &case);
-            moe::override_decode_tile(Some("narrow")).unwrap();
+            gemm::override_decode_tile(Some("narrow")).unwrap();
             let narrow = run_moe_case(device, &case).0;
-            moe::override_decode_tile(None).unwrap();
+            gemm::override_decode_tile(None).unwrap();
             assert_eq!(decode, narrow, "{case:?}");
         }
     }
@@ -389,14 +390,14 @@ fn decode_kernel_equals_narrow_tile(device: &Device) {
 /// output bits, requiring the narrow tile's to be the same bit for bit and the decode launch to have run a
 /// `_decode` or `_decode_split` entry (`what` names the case). The launches' own outputs are fresh each call.
 fn decode_equals_narrow<T: PartialEq + std::fmt::Debug>(device: &Device, what: &str, launch: impl Fn() -> T) -> T {
-    moe::override_decode_tile(Some("decode")).unwrap();
+    gemm::override_decode_tile(Some("decode")).unwrap();
     let decode = launch();
     if let Some(counters) = device.last_launch_counters() {
         assert!(counters.kernel.ends_with("_decode") || counters.kernel.ends_with("_decode_split"), "{what}: launched {}", counters.kernel);
     }
-    moe::override_decode_tile(Some("narrow")).unwrap();
+    gemm::override_decode_tile(Some("narrow")).unwrap();
     let narrow = launch();
-    moe::override_decode_tile(None).unwrap();
+    gemm::override_decode_tile(None).unwrap();
     assert_eq!(decode, narrow, "{what}: the decode kernel against the narrow tile");
     decode
 }
@@ -1205,9 +1206,9 @@ fn decode_warp_instructions() {
         let x = DeviceBuffer::from_slice(&device, &random_bf16(&mut rng, in_dim, 1.0)).unwrap();
         let y = DeviceBuffer::<bf16>::alloc(&device, out_dim).unwrap();
         // The narrow tile, which dense launches of 1 row ran before the decode kernel took them.
-        moe::override_decode_tile(Some("narrow")).unwrap();
+        gemm::override_decode_tile(Some("narrow")).unwrap();
         dense::linear(&weights, x.view([1, in_dim]).unwrap(), y.view([1, out_dim]).unwrap()).unwrap();
-        moe::override_decode_tile(None).unwrap();
+        gemm::override_decode_tile(None).unwrap();
         let counters = device.last_launch_counters().unwrap();
         let per_fragment = counters.timing.warp_instructions as f64 / ((out_dim / 16) * (in_dim / 16)) as f64;
         let predicted = counters.predicted_us.map_or("-".to_string(), |us| format!("{us:.2}"));
@@ -1267,9 +1268,9 @@ fn grouped_decode_warp_instructions() {
         let act_rows = act.view([alignment.sorted_pairs.len(), hidden]).unwrap();
         let mut outputs = Vec::new();
         for (tile, limit) in ["narrow", "decode"].into_iter().zip(limits) {
-            moe::override_decode_tile(Some(tile)).unwrap();
+            gemm::override_decode_tile(Some(tile)).unwrap();
             let launched = moe::up_swiglu(&weights.gate_up, x.view([1, dim]).unwrap(), 1, &grouping, act_rows);
-            moe::override_decode_tile(None).unwrap();
+            gemm::override_decode_tile(None).unwrap();
             launched.unwrap();
             let counters = device.last_launch_counters().unwrap();
             assert!(counters.kernel.ends_with(tile), "{format} {tile}: ran {}", counters.kernel);

@@ -10,7 +10,7 @@ mod common;
 use common::forced::ForcedReference;
 use half::bf16;
 use small4::device::Device;
-use small4::kernels::moe::DeviceWeights;
+use small4::kernels::gemm::DeviceWeights;
 use small4::kernels::synth::{packed, packed_gate_up, plain, View};
 use small4::model::checkpoint::{Checkpoint, Layout};
 use small4::model::engine::{DeviceModel, Engine, EngineOptions, Request, Sampling, Shard, StepToken};

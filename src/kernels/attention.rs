@@ -10,8 +10,8 @@ use half::bf16;
 
 use super::check_len;
 use super::dense;
+use super::gemm::{DeviceWeights, RowCounters, RowFinish};
 use super::modules::{MLA_ATTENTION, MLA_ATTENTION_WGMMA};
-use super::moe::{DeviceWeights, RowCounters, RowFinish};
 use super::moe_wgmma_fp8::Fp8ActScratch;
 use super::norm;
 use super::params::{MlaAttentionParams, MlaCacheWriteParams, MlaCopyPagesParams};
@@ -617,7 +617,7 @@ pub struct QueryLatentNorm<'a> {
 /// use half::bf16;
 /// use small4::device::{simulator, DeviceBuffer};
 /// use small4::kernels::attention::{latent_projection, BlockTables, CacheWriteWeights, PagedCache, QueryLatentNorm, TokenSlots};
-/// use small4::kernels::moe::{DeviceWeights, RowCounters};
+/// use small4::kernels::gemm::{DeviceWeights, RowCounters};
 /// use small4::model::kv_cache::{BatchTables, CacheDescriptor, CacheDtype};
 /// use small4::quant::{repack::repack_linear, QuantizedMatrix, WeightFormat};
 ///

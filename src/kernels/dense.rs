@@ -4,12 +4,12 @@
 //! dense mode (one group): every weight format ([`DeviceWeights`]); up to 8 rows the decode kernel (weights straight
 //! into registers, k split over the SMs as the matrix chose: [`DeviceWeights::decode_k_splits`]; the head too), 9-32
 //! rows the narrow tile or, for wide outputs, the BM-128 decode tile, above that the prefill tile (on wgmma for bf16,
-//! int4 and nvfp4, activations loaded by TMA: `kernels::moe_wgmma`), launched by `kernels::moe`'s launcher (not yet
-//! a module of its own).
+//! int4 and nvfp4, activations loaded by TMA: `kernels::moe_wgmma`), launched by [`super::gemm`]'s launcher, which
+//! the MoE layer's launches share.
 
 use half::bf16;
 
-use super::moe::{launch_gemm, launch_gemm_prefetching, DeviceWeights, Input, Output, RowCounters, RowFinish, Rows};
+use super::gemm::{launch_gemm, DeviceWeights, Input, Output, RowCounters, RowFinish, Rows};
 use super::moe_wgmma_fp8::Fp8ActScratch;
 use super::norm::{self, ResidualNorm};
 use super::ops::{self, QueryScale};
@@ -32,7 +32,7 @@ use crate::error::{Error, Result};
 /// use half::bf16;
 /// use small4::device::{simulator, DeviceBuffer};
 /// use small4::kernels::dense;
-/// use small4::kernels::moe::DeviceWeights;
+/// use small4::kernels::gemm::DeviceWeights;
 /// use small4::quant::{repack::repack_linear, QuantizedMatrix, WeightFormat};
 ///
 /// let device = simulator(); // the PTX interpreter; `small4::device::gpu()?` on a GPU
@@ -56,14 +56,14 @@ use crate::error::{Error, Result};
 /// ```
 pub fn linear(w: &DeviceWeights, x: Matrix<bf16>, y: Matrix<bf16>) -> Result<()> {
     let [rows, _] = x.dims();
-    launch_gemm(w, Input::Bf16(x), rows, false, Rows::dense(rows), Output::Bf16(y), None, None)
+    launch_gemm(w, Input::Bf16(x), rows, false, Rows::dense(rows), Output::Bf16(y), None, None, &L2Prefetch::NONE)
 }
 
 /// [`linear`] whose launch also runs `finish` on each output row (`attention::latent_projection`'s latent norms);
 /// `fp8_act` as for [`linear_f32`].
 pub(crate) fn linear_finishing_rows(w: &DeviceWeights, x: Matrix<bf16>, y: Matrix<bf16>, finish: &RowFinish, fp8_act: Option<&Fp8ActScratch>) -> Result<()> {
     let [rows, _] = x.dims();
-    launch_gemm(w, Input::Bf16(x), rows, false, Rows::dense(rows), Output::Bf16(y), Some(finish), fp8_act)
+    launch_gemm(w, Input::Bf16(x), rows, false, Rows::dense(rows), Output::Bf16(y), Some(finish), fp8_act, &L2Prefetch::NONE)
 }
 
 /// The query projection with the query's RoPE in its epilogue: `q = x W^T` into `q [rows, heads, head_dim]`, then
@@ -77,7 +77,7 @@ pub(crate) fn linear_finishing_rows(w: &DeviceWeights, x: Matrix<bf16>, y: Matri
 /// use half::bf16;
 /// use small4::device::{simulator, DeviceBuffer};
 /// use small4::kernels::dense;
-/// use small4::kernels::moe::DeviceWeights;
+/// use small4::kernels::gemm::DeviceWeights;
 /// use small4::kernels::ops::QueryScale;
 /// use small4::quant::{repack::repack_linear, QuantizedMatrix, WeightFormat};
 ///
@@ -104,7 +104,7 @@ pub fn linear_rope_q(
 ) -> Result<()> {
     let [rows, _] = x.dims();
     let rope = ops::rope_params(q, None, positions, inv_freq, scale)?;
-    launch_gemm(w, Input::Bf16(x), rows, false, Rows::dense(rows), Output::Bf16Rope(q.as_matrix(), rope), None, fp8_act)
+    launch_gemm(w, Input::Bf16(x), rows, false, Rows::dense(rows), Output::Bf16Rope(q.as_matrix(), rope), None, fp8_act, &L2Prefetch::NONE)
 }
 
 /// A block's output projection and the residual add + RMSNorm after it, in one launch: `y = x W^T` ([`linear`]), then,
@@ -118,7 +118,7 @@ pub fn linear_rope_q(
 /// use half::bf16;
 /// use small4::device::{simulator, DeviceBuffer};
 /// use small4::kernels::dense;
-/// use small4::kernels::moe::{DeviceWeights, RowCounters};
+/// use small4::kernels::gemm::{DeviceWeights, RowCounters};
 /// use small4::kernels::norm::ResidualNorm;
 /// use small4::quant::{repack::repack_linear, QuantizedMatrix, WeightFormat};
 ///
@@ -165,7 +165,7 @@ pub fn linear_add_rms_norm(
 /// use half::bf16;
 /// use small4::device::{simulator, DeviceBuffer};
 /// use small4::kernels::dense;
-/// use small4::kernels::moe::DeviceWeights;
+/// use small4::kernels::gemm::DeviceWeights;
 /// use small4::quant::{repack::{repack_linear, MatrixRef}, QuantizedMatrix, WeightFormat};
 ///
 /// let device = simulator();
@@ -214,7 +214,7 @@ pub fn linear_per_head_prefetching(
     y.expect_dims("linear_per_head y", [rows, heads, w.out_cols])?;
     let dense = Rows::Dense { rows, heads, x_head_stride: head_in, out_head_stride: w.out_cols };
     let x = x.as_matrix().columns(0..w.k_dim)?;
-    launch_gemm_prefetching(w, Input::Bf16(x), rows, false, dense, Output::Bf16(y.as_matrix().columns(0..w.out_cols)?), None, fp8_act, l2_prefetch)
+    launch_gemm(w, Input::Bf16(x), rows, false, dense, Output::Bf16(y.as_matrix().columns(0..w.out_cols)?), None, fp8_act, l2_prefetch)
 }
 
 /// Dense SwiGLU `act = silu(x W1^T) * (x W3^T)` from gate/up weights packed by `repack_gate_up` (one matrix pair):
@@ -225,7 +225,7 @@ pub fn linear_per_head_prefetching(
 /// use half::bf16;
 /// use small4::device::{simulator, DeviceBuffer};
 /// use small4::kernels::dense;
-/// use small4::kernels::moe::DeviceWeights;
+/// use small4::kernels::gemm::DeviceWeights;
 /// use small4::quant::{repack, QuantizedMatrix, WeightFormat};
 ///
 /// let device = simulator();
@@ -260,7 +260,7 @@ pub fn linear_per_head_prefetching(
 /// ```
 pub fn linear_swiglu(w: &DeviceWeights, x: Matrix<bf16>, act: Matrix<bf16>, fp8_act: Option<&Fp8ActScratch>) -> Result<()> {
     let [rows, _] = x.dims();
-    launch_gemm(w, Input::Bf16(x), rows, false, Rows::dense(rows), Output::SwiGlu(act), None, fp8_act)
+    launch_gemm(w, Input::Bf16(x), rows, false, Rows::dense(rows), Output::SwiGlu(act), None, fp8_act, &L2Prefetch::NONE)
 }
 
 /// Dense `y = x W^T` with an f32 output `[rows, out_cols]` (the logits of the output head). `fp8_act`: where the
@@ -269,5 +269,5 @@ pub fn linear_swiglu(w: &DeviceWeights, x: Matrix<bf16>, act: Matrix<bf16>, fp8_
 /// own for this launch (the engine passes the scratch it sized for the batch). Errors as [`linear`].
 pub fn linear_f32(w: &DeviceWeights, x: Matrix<bf16>, y: Matrix<f32>, fp8_act: Option<&Fp8ActScratch>) -> Result<()> {
     let [rows, _] = x.dims();
-    launch_gemm(w, Input::Bf16(x), rows, false, Rows::dense(rows), Output::F32ByPair { out: y, pair_weights: None }, None, fp8_act)
+    launch_gemm(w, Input::Bf16(x), rows, false, Rows::dense(rows), Output::F32ByPair { out: y, pair_weights: None }, None, fp8_act, &L2Prefetch::NONE)
 }

@@ -9,6 +9,7 @@
 pub mod attention;
 pub mod dense;
 pub mod dequant;
+pub mod gemm;
 pub mod moe;
 pub mod moe_wgmma;
 pub mod moe_wgmma_fp8;
@@ -147,4 +148,14 @@ pub(crate) fn to_i32(what: &str, v: usize) -> crate::error::Result<i32> {
 /// Ceiling division for grid sizes.
 pub(crate) fn blocks_for(items: usize, per_block: usize) -> u32 {
     items.div_ceil(per_block) as u32
+}
+
+/// A kernel parameter's pointer to an optional buffer: null when absent.
+pub(crate) fn opt_ptr<T: crate::device::DeviceElement, P>(b: Option<&crate::device::DeviceBuffer<T>>) -> *const P {
+    b.map_or(std::ptr::null(), |b| b.ptr())
+}
+
+/// A kernel parameter's pointer to an optional view: null when absent.
+pub(crate) fn opt_view_ptr<T: crate::device::DeviceElement, P, const N: usize>(v: Option<TensorView<T, N>>) -> *const P {
+    v.map_or(std::ptr::null(), |v| v.ptr())
 }

@@ -1,7 +1,7 @@
 //! The Hopper kernels of the GEMMs' prefill tile (`cuda/moe_gemm_wgmma.cu`: wgmma with the weights in registers,
 //! mbarrier pipeline, one producer warp and two consumer warpgroups) for bf16, int4 and nvfp4 weights, and the switch
 //! that picks them over the mma.sync kernels (`moe_gemm_{bf16,int4,nvfp4}_tiled` in `cuda/moe_gemm.cu`). Each takes
-//! the same parameters and computes the same rows as its mma.sync kernel, so [`super::moe`]'s launcher hands its
+//! the same parameters and computes the same rows as its mma.sync kernel, so [`super::gemm`]'s launcher hands its
 //! launch over with only the block and the shared memory changed; decode tiles, the fp8 formats and the W8A8 kernels
 //! keep mma.sync (the fp8 formats' prefill tile runs on the fp8 tensor cores with [`PrefillGemm::WgmmaFp8Act`]:
 //! [`super::moe_wgmma_fp8`]). Grouped launches gather their activation rows (`moe_gemm_{bf16,int4,nvfp4}_wgmma`); dense ones load
@@ -40,7 +40,7 @@ pub const PREFILL_GEMM_ENV: &str = "SMALL4_PREFILL_GEMM";
 /// use half::bf16;
 /// use small4::device::{simulator, DeviceBuffer};
 /// use small4::kernels::dense;
-/// use small4::kernels::moe::DeviceWeights;
+/// use small4::kernels::gemm::DeviceWeights;
 /// use small4::kernels::moe_wgmma::PrefillGemm;
 /// use small4::quant::{repack::repack_linear, QuantizedMatrix, WeightFormat};
 ///
@@ -149,7 +149,7 @@ fn shared_bytes(format: WeightFormat, slot_tiles: u32) -> u32 {
     let blocks_per_sm = if slot_tiles == 1 { 2 } else { 1 };
     let stage = 8 * tile_bytes(format) as u32 + slot_tiles * X_STAGE_BYTES;
     let stages = (192 * 1024 / blocks_per_sm / stage).min(8);
-    stages * (stage + 8 * super::moe::staged_scale_bytes(format) as u32) + 2 * stages * 8 + 2 * slot_tiles * 64 * 4
+    stages * (stage + 8 * super::gemm::staged_scale_bytes(format) as u32) + 2 * stages * 8 + 2 * slot_tiles * 64 * 4
 }
 
 /// The wgmma kernels of `format` weights and `slot_tiles` 64-slot tiles a block (1, 3 or 4): the gather kernel

@@ -2,7 +2,7 @@
 //! the fp8 weights (per-tensor or 128x128-block scales) in registers and the activations quantised to e4m3 on the fly
 //! with one scale per row and 128 k ([`quantize_act_e4m3_block128`]), each 128-k partial promoted into an f32
 //! accumulator, as DeepGEMM's sm90 fp8 GEMM does. [`PrefillGemm::WgmmaFp8Act`] selects them for the fp8 formats'
-//! prefill-tile launches (grouped up- and down-projections, dense GEMMs of one matrix); [`super::moe`]'s launcher
+//! prefill-tile launches (grouped up- and down-projections, dense GEMMs of one matrix); [`super::gemm`]'s launcher
 //! hands such a launch over with its parameters, and this module quantises the launch's input rows into a scratch
 //! buffer first ([`Fp8ActScratch`]: the one the caller passes, as the engine does with the one it sizes when it plans
 //! a batch, else one for the launch). The CPU twin
@@ -79,7 +79,7 @@ fn launch_quantize(x: Matrix<bf16>, out: Matrix<u8>, scales: Matrix<f32>, slots:
     if cols == 0 || cols % ACT_SCALE_BLOCK != 0 {
         return Err(Error::InvalidArgument(format!("{WHAT}: cols {cols} must be a positive multiple of {ACT_SCALE_BLOCK}")));
     }
-    super::moe::check_quantize_rows(WHAT, x, out)?;
+    super::gemm::check_quantize_rows(WHAT, x, out)?;
     scales.expect_dims(&format!("{WHAT} scales"), [rows, cols / ACT_SCALE_BLOCK])?;
     scales.expect_packed(&format!("{WHAT} scales"))?;
     let warps = rows * (cols / ACT_SCALE_BLOCK);

@@ -14,7 +14,7 @@
 //!
 //! ```
 //! use small4::device::simulator;
-//! use small4::kernels::moe::DeviceWeights;
+//! use small4::kernels::gemm::DeviceWeights;
 //! use small4::kernels::prefetch::L2Prefetch;
 //! use small4::quant::{repack::repack_linear, QuantizedMatrix, WeightFormat};
 //!
@@ -36,7 +36,7 @@
 
 use std::ops::Range;
 
-use super::moe::DeviceWeights;
+use super::gemm::DeviceWeights;
 use super::params::{L2Prefetch as RawPrefetch, L2PrefetchRange};
 use crate::error::{Error, Result};
 use crate::quant::repack::tile_bytes;

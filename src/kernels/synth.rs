@@ -28,8 +28,8 @@
 
 use half::bf16;
 
+use super::gemm::DeviceWeights;
 use super::modules::SYNTH;
-use super::moe::DeviceWeights;
 use super::params::{SynthPackedParams, SynthPlainParams};
 use super::to_i32;
 use crate::device::{launch_with, Device, DeviceBuffer, Dim3, Kernel, LaunchConfig};

@@ -19,9 +19,13 @@
 //! expert cost it 0.9 µs a layer and the experts' launch gained nothing in the model (its time is not set by those
 //! bytes), so the router takes none (its kernel still can: tests/l2_prefetch.rs).
 //! PREDICTED sizes, to be tuned on a GPU (`small4 bench --no-l2-prefetch` gives the step without it).
+//!
+//! The engine plans it for steps of at most [`crate::kernels::gemm::DECODE_MAX_ROWS`] tokens, the decode kernel's
+//! rows (the absorption GEMMs run the decode kernel up to that many rows; larger steps are prefill-sized and not
+//! latency-bound).
 
 use crate::error::Result;
-use crate::kernels::moe::DeviceWeights;
+use crate::kernels::gemm::DeviceWeights;
 use crate::kernels::prefetch::L2Prefetch;
 
 /// Each absorption launch's share of wo.
@@ -30,9 +34,6 @@ pub const ABSORPTION_BYTES: u64 = 2 << 20;
 pub const ATTENTION_BYTES: u64 = 8 << 20;
 /// The router's share of the shared expert's gate/up: none (the module's comment says why).
 pub const ROUTER_BYTES: u64 = 0;
-/// Steps of at most this many tokens prefetch: the decode kernels' rows (the absorption GEMMs run the decode kernel
-/// up to 8 rows; larger steps are prefill-sized and not latency-bound).
-pub const MAX_TOKENS: usize = 8;
 
 /// What one layer's latency-bound decode launches prefetch, in launch order.
 #[derive(Clone, Copy, Debug, Default)]

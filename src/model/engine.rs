@@ -101,7 +101,8 @@ use crate::device::collective::Collective;
 use crate::device::{Device, DeviceBuffer, Graph};
 use crate::kernels::attention::{self, AttentionScratch, BlockTables, CacheWriteWeights, PagedCache, Queries, QueryLatentNorm, QueryLayout, TokenSlots};
 use crate::kernels::dense;
-use crate::kernels::moe::{self, DeviceWeights, Fp8ActScales, Grouping, MoeLayerWeights, MoeWorkspace, RoutingBuffers, RowCounters};
+use crate::kernels::gemm::{self, DeviceWeights, RowCounters};
+use crate::kernels::moe::{self, Fp8ActScales, Grouping, MoeLayerWeights, MoeWorkspace, RoutingBuffers};
 use crate::kernels::moe_wgmma::PrefillGemm;
 use crate::kernels::moe_wgmma_fp8::{self, Fp8ActScratch};
 use crate::kernels::norm::{self, ResidualNorm};
@@ -110,7 +111,7 @@ use crate::kernels::router::{self, ExpertMap, RouterConfig, RouterWorkspace, Rou
 use crate::kernels::synth;
 use crate::kernels::vision::{self as vision_kernels, RowTargets};
 use crate::model::checkpoint::{Checkpoint, ExpertMatrix};
-use crate::model::decode_prefetch::{self, LayerPrefetch};
+use crate::model::decode_prefetch::LayerPrefetch;
 use crate::model::kv_cache::{CacheDescriptor, CacheDtype, KvCache, SeqId};
 use crate::model::synth::{SyntheticModel, TensorKind, TensorSpec};
 use crate::model::vision::DeviceVisionTower;
@@ -1805,7 +1806,8 @@ impl Network<'_> {
             vision_kernels::scatter_rows(images.features.view([images.rows.len(), dim])?, images.rows, x.view([t, dim])?)?;
         }
         norm::rms_norm(x.view([t, dim])?, m.layers[0].attention_norm.as_vector(), ws.h.view([t, dim])?, eps)?;
-        let prefetching = self.options.l2_prefetch && t <= decode_prefetch::MAX_TOKENS;
+        // Only the latency-bound steps prefetch (model::decode_prefetch says which).
+        let prefetching = self.options.l2_prefetch && t <= gemm::DECODE_MAX_ROWS;
         for (l, layer) in m.layers.iter().enumerate() {
             // What this layer's latency-bound launches pull into L2 for the GEMMs after them.
             let prefetch =

@@ -10,7 +10,7 @@ use half::bf16;
 
 use crate::device::{Device, DeviceBuffer};
 use crate::kernels::dense;
-use crate::kernels::moe::DeviceWeights;
+use crate::kernels::gemm::DeviceWeights;
 use crate::kernels::norm;
 use crate::kernels::vision::{self, Activation, GridPositions, MergeSources, TokenSegments, ATTENTION_HEAD_DIM};
 use crate::model::checkpoint::Checkpoint;

@@ -38,7 +38,8 @@ use super::norm::rms_norm;
 use super::rope::{apply_interleaved, llama4_query_scale, yarn_inv_freq};
 use super::vision::{check_image_slots, PixelImage, VisionLayerWeights, VisionTower, VisionWeights};
 use super::weights::{Weight, WeightMatrix, WeightSource};
-use crate::kernels::moe::{dense_takes_prefill_tile, grouped_takes_prefill_tile};
+use crate::kernels::gemm::dense_takes_prefill_tile;
+use crate::kernels::moe::grouped_takes_prefill_tile;
 use crate::model::checkpoint::ExpertMatrix;
 use crate::model::{ModelConfig, VisionConfig};
 use crate::{Error, Result};
@@ -376,7 +377,7 @@ pub struct ForwardOptions {
     /// matrices; not the per-head absorption, the router or the head) quantised to e4m3 with one scale per row and
     /// 128 columns (`fp8_gemm::quantize_act_block128`, the kernel's quantiser) wherever the engine's
     /// `PrefillGemm::WgmmaFp8Act` runs them on the fp8 tensor cores: K a multiple of 128 and a pass of enough tokens
-    /// for the prefill tile (`kernels::moe::{dense,grouped}_takes_prefill_tile`). Only for fp8 checkpoints (the
+    /// for the prefill tile (`kernels::gemm::dense_takes_prefill_tile`, `kernels::moe::grouped_takes_prefill_tile`). Only for fp8 checkpoints (the
     /// weights here are dequantised: the caller knows their format).
     pub prefill_fp8_act: bool,
 }

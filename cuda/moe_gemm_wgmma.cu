@@ -24,9 +24,27 @@
 // warpgroup and slot tile holding real slots, whatever the weight format: the wide kernels feed one A fragment (one
 // load and dequantisation of the weights) to up to three (BN 192) or four (BN 256) slot tiles.
 //
+// Schedule: persistent over tiles (DeepGEMM's and fast.cu's). A work tile is 128 features by BN slots of one matrix;
+// the launch's tile space holds work tiles only, feature tile fastest: dense, (feature tile, row block) per matrix
+// (grid z); grouped, (feature tile, expert group), expert e's slots from expert_offsets (the router's device data)
+// making ceil(slots_e / BN) groups, so empty experts and the tiles of a group after its first take no block. The 32
+// feature tiles of a group run side by side on the SMs and read its activation rows from L2. The grid is the blocks
+// resident at once (moe_wgmma.rs: 132 SMs x blocks per SM, per matrix), block b walking tiles b, b + gridDim.x, ...
+// The first producer warp maps each index to its tile (grouped: a GroupWalker, wgmma_gemm.cuh, scans the experts'
+// group counts once into shared memory and binary-searches them) and fills the tile's slot tables (slot_pair,
+// slot_src) and TileWork in one of two buffers, arriving on the buffer's "tile full" mbarrier; consumers (and the
+// other gathering producer warps) wait on it and release the buffer on its "tile empty" mbarrier once done with the
+// tables (consumers: after the epilogue), which the producer waits for before refilling it two tiles later. So the
+// producer runs ahead into the next tile's loads while the consumers finish the previous tile's stages and epilogue,
+// with no block barrier between tiles. The stage ring is carried across tiles: use u of the ring (the block's running
+// k-block count) is stage u % STAGES, phase u / STAGES, its barriers initialised once. The gather producers drain
+// their cp.async groups at each tile's end (a tile may have fewer k blocks than the groups in flight, and the
+// consumers' release of a table can wait on those stages). Launches with a finishing step (the query RoPE, the row
+// finisher) get one tile per block and finish it after the walk with every thread, as before.
+//
 // Thread mapping: 9 warps (BN 64, 192) or 12 (BN 256). Warps 0-7 are two consumer warpgroups; warp w owns weight
-// tile first_tile + w (16 features), warpgroup g the features 64 g .. 64 g + 63 of the block, all its slots. Warp 8
-// is the producer (BN 256: the first of the producer warpgroup, warps 8-11, see "Registers"): lanes 0-7
+// tile first_tile + w (16 features) of the current tile, warpgroup g the features 64 g .. 64 g + 63 of it, all its
+// slots. Warp 8 is the producer (BN 256: the first of the producer warpgroup, warps 8-11, see "Registers"): lanes 0-7
 // each copy one weight tile's bytes of a stage (2 KiB bf16, 512 B 4-bit) with cp.async.bulk (contiguous in the
 // repacked layout), and for 4-bit weights the next lanes each copy one piece of a tile's scales of the stage
 // (weight_format.cuh scale_piece: nvfp4 64 bytes, lanes 8-15; int4 32 bytes of scales, lanes 8-15, and 16 of zero
@@ -54,9 +72,10 @@
 // Registers (BN 256): the 4 x 32 f32 accumulators a thread, the two A fragments and the stage's weight words do not
 // fit the 168 registers a block of 288 or 384 threads alone on an SM starts with (ptxas spilled 240 bytes a thread
 // at 288, docs/perf.md "Grouped wgmma GEMM: tile and schedule"). So the
-// producer is a whole warpgroup, which setmaxnreg can shrink: it drops to 40 registers, the consumers rise to 232
-// ((4 x 40 + 8 x 232) x 32 = 64,512 of 65,536; mla_attention_wgmma.cu does the same), ptxas allocating each role's
-// code within its count. Before the block's finish (every thread) the consumers give back down to 168 and the
+// producer is a whole warpgroup, which setmaxnreg can shrink: it drops to 48 registers (40 until the persistent walk,
+// whose per-tile state spilled there), the consumers rise to 232 ((4 x 48 + 8 x 232) x 32 = 65,536), ptxas allocating
+// each role's code within its count; the walk keeps its state in shared memory and the gather unrolls four copies
+// instead of eight to fit. Before the block's finish (every thread) the consumers give back down to 168 and the
 // producers take back up to it (their inc waits until the consumers' registers are free).
 //
 // Tiling: BM 128 features x BN 64 slots per block (wide: 192 or 256, three or four 64-slot tiles), BK 64 per stage
@@ -65,16 +84,15 @@
 // 512 bytes a stage, on top of the budget as in the mma.sync kernel) and barriers: two blocks per SM. Wide: one block
 // per SM (192: 96 accumulators a thread, within the 168 registers ptxas gives a block of 288 threads; 256: 128, see
 // "Registers"), stages as fit in 192 KiB: 192 slots bf16 4 of 40 KiB, 4-bit 6 of 28 KiB; 256 slots bf16 4 of 48 KiB,
-// 4-bit 5 of 36 KiB. Grid and grouping as the tiled mma.sync kernel (grouped: a block per 64-slot tile, of which the
-// first of each expert's 192 or 256 slots works them and the others return; dense wide: a block per 192 or 256
-// rows). The slot tiles past the block's last real slot are neither loaded nor multiplied. Not persistent: a block
-// per tile, as the mma.sync kernel.
+// 4-bit 5 of 36 KiB; plus the two tile buffers and the group walker's 1 KiB. Tiles as the tiled mma.sync kernel's
+// blocks (grouped: an expert's BN-slot group; dense: BN rows), walked persistently (above). The slot tiles past a
+// tile's last real slot are neither loaded nor multiplied.
 //
-// Bytes (per block): 128 weight rows x K x 2 bf16 / 0.5 4-bit (each weight once per BN slots; plus the 4-bit scales:
+// Bytes (per tile): 128 weight rows x K x 2 bf16 / 0.5 4-bit (each weight once per BN slots; plus the 4-bit scales:
 // int4 2 bytes (+1 zero) per row and k-group, nvfp4 1 byte per row and 16 k), up to BN activation rows x K x 2, the
 // outputs once (SwiGLU: BN x 64 bf16; down: BN x 128 f32). FLOPs: 2 x 128 x 64 x K per slot tile with real slots on
 // the tensor cores (padding slots included), plus for 4-bit the dequantisation on the CUDA cores: 128 x K weights per
-// block, about one bf16x2 instruction pair (int4) or two f32 multiplies and a convert (nvfp4) per two weights.
+// tile, about one bf16x2 instruction pair (int4) or two f32 multiplies and a convert (nvfp4) per two weights.
 #include "params.h"
 #include "common.cuh"
 #include "gemm_epilogue.cuh"
@@ -110,8 +128,8 @@ struct Ring : GemmRing<RingShape<F, kSlotTiles>::kStages, RingShape<F, kSlotTile
 // The block's warp roles for kSlotTiles slot tiles: 8 consumer warps and a producer warp (BN 64 and 192), or, for
 // BN 256, a producer WARPGROUP: the four warps share the gather, and being a whole warpgroup they can give registers
 // away with setmaxnreg. A block of 384 threads alone on an SM starts with 168 registers a thread (64 Ki / 384, in
-// steps of 8); the producers drop to 40 and the consumers rise to 232, which hold the 4 x 32 accumulators, the two
-// A fragments and the stage's weight words ((4 x 40 + 8 x 232) x 32 = 64,512 of 65,536). With one producer warp the
+// steps of 8); the producers drop to 48 and the consumers rise to 232, which hold the 4 x 32 accumulators, the two
+// A fragments and the stage's weight words ((4 x 48 + 8 x 232) x 32 = 65,536). With one producer warp the
 // block of 288 threads is capped at 168 registers too, at which four slot tiles spilled.
 template <int kSlotTiles> struct BlockRoles {
     static constexpr int kProducerWarps = kSlotTiles == 4 ? 4 : 1;
@@ -416,7 +434,7 @@ __device__ __forceinline__ void consume_tiles(const MoeGemmParams &p, const Bloc
 
 // BN 64: two blocks per SM (96 KiB of stages each): ptxas gets at most 96 registers a thread, which the 4-bit kernels
 // use (docs/perf.md's ptxas table). BN 192 (_wide): one block of 288 threads per SM, 168 registers a thread. BN 256
-// (_wide256): one block of 384 threads per SM, 168 at entry, then 40 (producers) and 232 (consumers) by setmaxnreg,
+// (_wide256): one block of 384 threads per SM, 168 at entry, then 48 (producers) and 232 (consumers) by setmaxnreg,
 // which needs the entry count from __launch_bounds__. One kernel per weight format, activation producer and BN, one
 // body. The _dense entries take the
 // struct as __grid_constant__, which keeps it (and so the map) in the parameter space, where TMA may read it.

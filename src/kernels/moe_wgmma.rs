@@ -141,7 +141,7 @@ const WIDE_SLOT_TILES: u32 = 3;
 /// kernels keep two blocks per SM.
 pub const WIDE_MIN_ROWS: usize = 48;
 /// The 256-slot kernels' 64-slot tiles per block (`kSlotTiles` of the `_wide256` entries): four tiles' accumulators
-/// (128 registers a thread) fit because the block's producer warpgroup drops to 40 registers and its consumers rise to
+/// (128 registers a thread) fit because the block's producer warpgroup drops to 48 registers and its consumers rise to
 /// 232 (setmaxnreg).
 const WIDE256_SLOT_TILES: u32 = 4;
 /// The average rows per matrix above which a launch takes the 256-slot kernels: one 192-slot block. Above it a

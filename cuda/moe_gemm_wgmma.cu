@@ -406,10 +406,10 @@ __device__ __forceinline__ void consume_tiles(const MoeGemmParams &p, const Bloc
         }
         if (kb < k_blocks) consume(kb, a0);
         wgmma_wait<0>();
-        // The tile's last stage is retired too: release it for the next tile's loads.
+        // The tile's last stage is retired too: release it for the next tile's loads (none when K is 0).
         kb_done += k_blocks;
         __syncwarp();
-        if (lane == 0) mbar_arrive(&sm.empty[(kb_done - 1) % kStages]);
+        mbar_arrive_if(&sm.empty[(kb_done + kStages - 1) % kStages], lane == 0 && k_blocks > 0);
 #pragma unroll
         for (int t = 0; t < kSlotTiles; ++t) {
 #pragma unroll

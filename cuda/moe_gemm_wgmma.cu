@@ -24,9 +24,27 @@
 // warpgroup and slot tile holding real slots, whatever the weight format: the wide kernels feed one A fragment (one
 // load and dequantisation of the weights) to up to three (BN 192) or four (BN 256) slot tiles.
 //
+// Schedule: persistent over tiles (DeepGEMM's and fast.cu's). A work tile is 128 features by BN slots of one matrix;
+// the launch's tile space holds work tiles only, feature tile fastest: dense, (feature tile, row block) per matrix
+// (grid z); grouped, (feature tile, expert group), expert e's slots from expert_offsets (the router's device data)
+// making ceil(slots_e / BN) groups, so empty experts and the tiles of a group after its first take no block. The 32
+// feature tiles of a group run side by side on the SMs and read its activation rows from L2. The grid is the blocks
+// resident at once (moe_wgmma.rs: 132 SMs x blocks per SM, per matrix), block b walking tiles b, b + gridDim.x, ...
+// The first producer warp maps each index to its tile (grouped: a GroupWalker, wgmma_gemm.cuh, scans the experts'
+// group counts once into shared memory and binary-searches them) and fills the tile's slot tables (slot_pair,
+// slot_src) and TileWork in one of two buffers, arriving on the buffer's "tile full" mbarrier; consumers (and the
+// other gathering producer warps) wait on it and release the buffer on its "tile empty" mbarrier once done with the
+// tables (consumers: after the epilogue), which the producer waits for before refilling it two tiles later. So the
+// producer runs ahead into the next tile's loads while the consumers finish the previous tile's stages and epilogue,
+// with no block barrier between tiles. The stage ring is carried across tiles: use u of the ring (the block's running
+// k-block count) is stage u % STAGES, phase u / STAGES, its barriers initialised once. The gather producers drain
+// their cp.async groups at each tile's end (a tile may have fewer k blocks than the groups in flight, and the
+// consumers' release of a table can wait on those stages). Launches with a finishing step (the query RoPE, the row
+// finisher) get one tile per block and finish it after the walk with every thread, as before.
+//
 // Thread mapping: 9 warps (BN 64, 192) or 12 (BN 256). Warps 0-7 are two consumer warpgroups; warp w owns weight
-// tile first_tile + w (16 features), warpgroup g the features 64 g .. 64 g + 63 of the block, all its slots. Warp 8
-// is the producer (BN 256: the first of the producer warpgroup, warps 8-11, see "Registers"): lanes 0-7
+// tile first_tile + w (16 features) of the current tile, warpgroup g the features 64 g .. 64 g + 63 of it, all its
+// slots. Warp 8 is the producer (BN 256: the first of the producer warpgroup, warps 8-11, see "Registers"): lanes 0-7
 // each copy one weight tile's bytes of a stage (2 KiB bf16, 512 B 4-bit) with cp.async.bulk (contiguous in the
 // repacked layout), and for 4-bit weights the next lanes each copy one piece of a tile's scales of the stage
 // (weight_format.cuh scale_piece: nvfp4 64 bytes, lanes 8-15; int4 32 bytes of scales, lanes 8-15, and 16 of zero
@@ -54,9 +72,10 @@
 // Registers (BN 256): the 4 x 32 f32 accumulators a thread, the two A fragments and the stage's weight words do not
 // fit the 168 registers a block of 288 or 384 threads alone on an SM starts with (ptxas spilled 240 bytes a thread
 // at 288, docs/perf.md "Grouped wgmma GEMM: tile and schedule"). So the
-// producer is a whole warpgroup, which setmaxnreg can shrink: it drops to 40 registers, the consumers rise to 232
-// ((4 x 40 + 8 x 232) x 32 = 64,512 of 65,536; mla_attention_wgmma.cu does the same), ptxas allocating each role's
-// code within its count. Before the block's finish (every thread) the consumers give back down to 168 and the
+// producer is a whole warpgroup, which setmaxnreg can shrink: it drops to 48 registers (40 until the persistent walk,
+// whose per-tile state spilled there), the consumers rise to 232 ((4 x 48 + 8 x 232) x 32 = 65,536), ptxas allocating
+// each role's code within its count; the walk keeps its state in shared memory and the gather unrolls four copies
+// instead of eight to fit. Before the block's finish (every thread) the consumers give back down to 168 and the
 // producers take back up to it (their inc waits until the consumers' registers are free).
 //
 // Tiling: BM 128 features x BN 64 slots per block (wide: 192 or 256, three or four 64-slot tiles), BK 64 per stage
@@ -65,16 +84,15 @@
 // 512 bytes a stage, on top of the budget as in the mma.sync kernel) and barriers: two blocks per SM. Wide: one block
 // per SM (192: 96 accumulators a thread, within the 168 registers ptxas gives a block of 288 threads; 256: 128, see
 // "Registers"), stages as fit in 192 KiB: 192 slots bf16 4 of 40 KiB, 4-bit 6 of 28 KiB; 256 slots bf16 4 of 48 KiB,
-// 4-bit 5 of 36 KiB. Grid and grouping as the tiled mma.sync kernel (grouped: a block per 64-slot tile, of which the
-// first of each expert's 192 or 256 slots works them and the others return; dense wide: a block per 192 or 256
-// rows). The slot tiles past the block's last real slot are neither loaded nor multiplied. Not persistent: a block
-// per tile, as the mma.sync kernel.
+// 4-bit 5 of 36 KiB; plus the two tile buffers and the group walker's 1 KiB. Tiles as the tiled mma.sync kernel's
+// blocks (grouped: an expert's BN-slot group; dense: BN rows), walked persistently (above). The slot tiles past a
+// tile's last real slot are neither loaded nor multiplied.
 //
-// Bytes (per block): 128 weight rows x K x 2 bf16 / 0.5 4-bit (each weight once per BN slots; plus the 4-bit scales:
+// Bytes (per tile): 128 weight rows x K x 2 bf16 / 0.5 4-bit (each weight once per BN slots; plus the 4-bit scales:
 // int4 2 bytes (+1 zero) per row and k-group, nvfp4 1 byte per row and 16 k), up to BN activation rows x K x 2, the
 // outputs once (SwiGLU: BN x 64 bf16; down: BN x 128 f32). FLOPs: 2 x 128 x 64 x K per slot tile with real slots on
 // the tensor cores (padding slots included), plus for 4-bit the dequantisation on the CUDA cores: 128 x K weights per
-// block, about one bf16x2 instruction pair (int4) or two f32 multiplies and a convert (nvfp4) per two weights.
+// tile, about one bf16x2 instruction pair (int4) or two f32 multiplies and a convert (nvfp4) per two weights.
 #include "params.h"
 #include "common.cuh"
 #include "gemm_epilogue.cuh"
@@ -100,7 +118,7 @@ template <Format F, int kSlotTiles> struct RingShape {
 };
 template <Format F, int kSlotTiles>
 struct Ring : GemmRing<RingShape<F, kSlotTiles>::kStages, RingShape<F, kSlotTiles>::kWStage, kConsumerWarps * WeightFormat<F>::kScaleBytes, kSlotTiles,
-                       RingShape<F, kSlotTiles>::kBlocksPerSm> {
+                       RingShape<F, kSlotTiles>::kBlocksPerSm, 2> {
     static_assert(kXRowBytes == kBK * 2, "a stage's activation line is 64 bf16 of k");
     static_assert(WeightFormat<F>::kTileBytes % 512 == 0, "a lane's share of a tile is whole 16-byte chunks");
     static_assert(WeightFormat<F>::kScaleBytes % 16 == 0, "bulk copies land on 16-byte boundaries");
@@ -110,24 +128,41 @@ struct Ring : GemmRing<RingShape<F, kSlotTiles>::kStages, RingShape<F, kSlotTile
 // The block's warp roles for kSlotTiles slot tiles: 8 consumer warps and a producer warp (BN 64 and 192), or, for
 // BN 256, a producer WARPGROUP: the four warps share the gather, and being a whole warpgroup they can give registers
 // away with setmaxnreg. A block of 384 threads alone on an SM starts with 168 registers a thread (64 Ki / 384, in
-// steps of 8); the producers drop to 40 and the consumers rise to 232, which hold the 4 x 32 accumulators, the two
-// A fragments and the stage's weight words ((4 x 40 + 8 x 232) x 32 = 64,512 of 65,536). With one producer warp the
+// steps of 8); the producers drop to 48 and the consumers rise to 232, which hold the 4 x 32 accumulators, the two
+// A fragments and the stage's weight words ((4 x 48 + 8 x 232) x 32 = 65,536). With one producer warp the
 // block of 288 threads is capped at 168 registers too, at which four slot tiles spilled.
 template <int kSlotTiles> struct BlockRoles {
     static constexpr int kProducerWarps = kSlotTiles == 4 ? 4 : 1;
     static constexpr int kThreads = (kConsumerWarps + kProducerWarps) * 32;
     static constexpr bool kMovesRegisters = kProducerWarps == 4;
     static constexpr int kEntryRegisters = 65536 / kThreads / 8 * 8;  // one block per SM
-    static constexpr int kProducerRegisters = 40;
+    static constexpr int kProducerRegisters = 48;
     static constexpr int kConsumerRegisters = 232;
+    // The gather's copies per unrolled pass (wgmma_gemm.cuh gather_stage_rows): four at 48 registers, where the
+    // persistent walk's state and the 4-bit weights' scale pieces leave no room for eight.
+    static constexpr int kGatherUnroll = kMovesRegisters ? 4 : 8;
     static_assert(!kMovesRegisters || (kProducerWarps * kProducerRegisters + kConsumerWarps * kConsumerRegisters) * 32 <= 65536, "the SM's registers");
     static_assert(!kMovesRegisters || kEntryRegisters * kThreads <= 65536, "every warp back at the entry count for the block's finish");
 };
 
+// The block's shared memory as the persistent walk uses it (Ring's layout): the stage ring and its barriers, and the
+// two tile buffers (slot tables, TileWork, "tile full" / "tile empty" barriers) the producer and the consumers hand
+// over.
+template <Format F, int kSlotTiles> struct BlockSmem {
+    using R = Ring<F, kSlotTiles>;
+    unsigned char *w, *x, *s;
+    uint64_t *full, *empty, *tile_full, *tile_empty;
+    int *slot_pair, *slot_src, *prefix;  // slot tables: buffer b at b * kSlots
+    TileWork *tiles;
+    __device__ __forceinline__ explicit BlockSmem(unsigned char *smem)
+        : w(smem), x(smem + R::kXOffset), s(smem + R::kSOffset), full(reinterpret_cast<uint64_t *>(smem + R::kBarOffset)), empty(full + R::kStages),
+          tile_full(reinterpret_cast<uint64_t *>(smem + R::kTileBarOffset)), tile_empty(tile_full + 2),
+          slot_pair(reinterpret_cast<int *>(smem + R::kSlotOffset)), slot_src(reinterpret_cast<int *>(smem + R::kSrcOffset)),
+          prefix(reinterpret_cast<int *>(smem + R::kPrefixOffset)), tiles(reinterpret_cast<TileWork *>(smem + R::kTileOffset)) {}
+};
+
 template <Format F, int kSlotTiles>
-__device__ __forceinline__ void consume_and_store(const MoeGemmParams &p, const unsigned char *w_smem, const unsigned char *x_smem,
-                                                  const unsigned char *s_smem, uint64_t *full, uint64_t *empty, const int *slot_pair, int expert,
-                                                  int slot_begin, int slots, int first_tile, int k_blocks);
+__device__ __forceinline__ void consume_tiles(const MoeGemmParams &p, const BlockSmem<F, kSlotTiles> &sm, int k_blocks);
 
 // kTmaX: the _dense entries (activations by TMA through x_map); else the gather (x_map unused). kSlotTiles: 64-slot
 // tiles per block (1; 3 for the _wide entries, 4 for the _wide256 ones).
@@ -140,187 +175,258 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const MoeGemmParams &p, const
     constexpr int kSlots = R::kSlots, kXBlockStage = R::kXBlockStage;
     constexpr int kTileBytes = W::kTileBytes;
     extern __shared__ __align__(1024) unsigned char smem[];
-    unsigned char *w_smem = smem;
-    unsigned char *x_smem = smem + R::kXOffset;
-    unsigned char *s_smem = smem + R::kSOffset;
-    uint64_t *full = reinterpret_cast<uint64_t *>(smem + R::kBarOffset);
-    uint64_t *empty = full + kStages;
-    int *slot_pair = reinterpret_cast<int *>(smem + R::kSlotOffset);
-    int *slot_src = reinterpret_cast<int *>(smem + R::kSrcOffset);
-
+    const BlockSmem<F, kSlotTiles> sm(smem);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    // The _dense entries serve dense launches only (TMA loads the matrix's rows in order; moe_wgmma.rs launches them
+    // for nothing else), so they compile no grouped branch.
+    const bool grouped = !kTmaX && p.sorted_pairs != nullptr;
+    // Tables read per tile: "tile empty" waits for the consumer warps and the gathering producer warps other than the
+    // first (which writes them, in program order after its own reads).
+    constexpr int kTableReaders = kConsumerWarps + (kTmaX ? 0 : Roles::kProducerWarps - 1);
+    if (tid == 0) {
+        // "full": the producer's expect_tx arrival (+ one "activations landed" arrival per gathering producer warp).
+        for (int s = 0; s < kStages; ++s) {
+            mbar_init(&sm.full[s], kTmaX ? 1 : 1 + Roles::kProducerWarps);
+            mbar_init(&sm.empty[s], kConsumerWarps);
+        }
+        for (int b = 0; b < 2; ++b) {
+            mbar_init(&sm.tile_full[b], 1);
+            mbar_init(&sm.tile_empty[b], kTableReaders);
+        }
+        mbar_init_fence();
+        GroupWalker<kSlots>(sm.prefix).reset();
+    }
+    __syncthreads();
 
-    // Which slots and expert this block computes (as moe_gemm.cu's tiled kernel; no dense tail here). The _dense
-    // entries serve dense launches only (TMA loads the matrix's rows in order; moe_wgmma.rs launches them for nothing
-    // else), so they compile no grouped branch: without it the int4 TMA kernel no longer keeps the sign word of a
-    // loaded expert index live through its k loop, which spilled it at the 96-register cap of two blocks per SM.
-    int expert, slot_begin, slot_end;
-    if (!block_slots<kSlots, kTmaX>(p, false, expert, slot_begin, slot_end)) return;
-    const int slots = slot_end - slot_begin;
-    // The slot tiles holding the block's slots: the others are neither loaded nor multiplied.
-    const int slot_tiles = (slots + kBN - 1) / kBN;
-
-    // "full": the producer's expect_tx arrival (+ its "activations landed" arrival when it gathers them).
-    // Padding slots read zeros: the gather's zero-filling copies, or TMA's fill past the matrix.
-    // The gather's producer warps each arrive once their copies of the stage have landed.
-    init_slots_and_ring<kStages, !kTmaX, kSlots, Roles::kThreads>(p, slot_pair, slot_src, full, empty, slot_begin, slots,
-                                                                  kTmaX ? 1 : 1 + Roles::kProducerWarps);
-
-    const int first_tile = blockIdx.x * (kBM / 16);
+    const int feature_tiles = p.rows_padded / kBM;
     const int k_blocks = p.k_dim / kBK;
-    const unsigned char *w_expert = p.weights + (long long)expert * p.expert_stride;
-    // The (first) producer warp's lanes 0-7: the 8 warps' weight tiles of k block kb into `stage`; the next lanes: one
-    // piece of a tile's scales each (4-bit); all completing on the stage's "full".
-    auto load_weights = [&](int kb, int stage) {
-        if (lane < kConsumerWarps) {
-            const unsigned char *src = w_expert + ((long long)(first_tile + lane) * k_blocks + kb) * kTileBytes;
-            bulk_load(w_smem + stage * kWStage + lane * kTileBytes, src, kTileBytes, &full[stage]);
-        } else if (lane < kConsumerWarps * (1 + W::kScalePieces)) {
-            const int tile = lane % kConsumerWarps, piece = lane / kConsumerWarps - 1;
-            int offset, bytes;
-            const void *src = W::scale_piece(p, false, expert, first_tile + tile, kb, piece, offset, bytes);
-            if (src != nullptr) bulk_load(s_smem + stage * kSStage + tile * W::kScaleBytes + offset, src, bytes, &full[stage]);
-        }
-    };
-    // The bytes those copies bring per stage (the same every stage: whether a piece exists does not depend on k).
-    auto weight_stage_bytes = [&]() {
-        int bytes = kWStage;
-        for (int piece = 0; piece < W::kScalePieces; ++piece) {
-            int offset, piece_bytes;
-            if (W::scale_piece(p, false, expert, first_tile, 0, piece, offset, piece_bytes) != nullptr) bytes += kConsumerWarps * piece_bytes;
-        }
-        return bytes;
-    };
 
     // (With one producer warp the test and `producer` are written so that the compiler sees warp 8 alone and producer 0.)
     if (Roles::kProducerWarps == 1 ? warp == kProducerWarp : warp >= kProducerWarp) {
         if constexpr (Roles::kMovesRegisters) setmaxnreg_dec<Roles::kProducerRegisters>();
-        // Producer warp `producer` of the block's Roles::kProducerWarps: the first issues the stage's expect_tx, its
-        // weight copies and (TMA) its boxes; all of them share the gather.
+        // Producer warp `producer` of the block's Roles::kProducerWarps: the first maps the block's tiles and fills
+        // their tables, and issues each stage's expect_tx, its weight copies and (TMA) its boxes; all of them share
+        // the gather. With TMA the others have nothing to do.
         const int producer = Roles::kProducerWarps == 1 ? 0 : warp - kProducerWarp;
-        if (kTmaX && producer == 0) {
-            const int stage_bytes = weight_stage_bytes() + slot_tiles * kXStage;
-            for (int kb = 0; kb < k_blocks; ++kb) {
-                const int stage = kb % kStages;
-                ring_wait_empty<kStages>(empty, kb);
-                if (elect_one_sync()) {
-                    mbar_arrive_expect_tx(&full[stage], stage_bytes);
-                    for (int t = 0; t < slot_tiles; ++t) {
-                        tma_load_3d(x_smem + stage * kXBlockStage + t * kXStage, x_map, kb * kBK, slot_begin + t * kBN, blockIdx.z, &full[stage]);
-                    }
-                }
-                __syncwarp();
-                load_weights(kb, stage);
-            }
-        } else if (!kTmaX) {
+        if (!kTmaX || producer == 0) {
+            GroupWalker<kSlots> walker(sm.prefix);
             const unsigned char *x = reinterpret_cast<const unsigned char *>(p.x + (long)blockIdx.z * p.x_batch_stride);
-            const int stage_bytes = weight_stage_bytes();
-            for (int kb = 0; kb < k_blocks; ++kb) {
-                const int stage = kb % kStages;
-                cp_async_ring_arrive_landed<kStages, kInFlight>(full, kb);
-                ring_wait_empty<kStages>(empty, kb);
+#pragma unroll 1
+            for (int j = 0;; ++j) {
+                // The block's j-th tile; the k blocks of its earlier tiles are the ring's uses so far (both derived
+                // from j: the BN 256 producers run at 48 registers).
+                const int index = blockIdx.x + j * gridDim.x, kb_done = j * k_blocks;
+                const int buf = j & 1;
+                int *slot_pair = sm.slot_pair + buf * kSlots, *slot_src = sm.slot_src + buf * kSlots;
+                TileWork work;
                 if (producer == 0) {
-                    if (elect_one_sync()) mbar_arrive_expect_tx(&full[stage], stage_bytes);
+                    // Tile index -> work, feature tile fastest: the 128-feature tiles of one slot group run side by side
+                    // on the SMs and read its activation rows from L2.
+                    work.feature_tile = index % feature_tiles;
+                    int slot_end = 0;
+                    bool found;
+                    if (grouped) {
+                        found = walker.find(p, index / feature_tiles, work.expert, work.slot_begin, slot_end);
+                    } else {
+                        work.expert = blockIdx.z;
+                        work.slot_begin = index / feature_tiles * kSlots;
+                        slot_end = min(work.slot_begin + kSlots, p.dense_rows);
+                        found = work.slot_begin < p.dense_rows;
+                    }
+                    work.slots = slot_end - work.slot_begin;
+                    if (!found) work.expert = -1;
+                    // The table's readers of two tiles ago are done with this buffer.
+                    ring_wait_empty<2>(sm.tile_empty, j);
+                    if (found) fill_slot_table<!kTmaX, kSlots>(p, slot_pair, slot_src, work.slot_begin, work.slots, lane, 32);
+                    if (lane == 0) sm.tiles[buf] = work;
                     __syncwarp();
-                    load_weights(kb, stage);
+                    if (elect_one_sync()) mbar_arrive(&sm.tile_full[buf]);
+                } else {
+                    ring_wait_full<2>(sm.tile_full, j);
+                    work = sm.tiles[buf];
                 }
-                gather_stage_rows(slot_src, smem_addr(x_smem + stage * kXBlockStage), x + kb * kBK * 2, (long)p.x_stride * 2, slot_tiles * kBN, producer,
-                                  Roles::kProducerWarps);
-                cp_async_commit();
+                if (work.expert < 0) break;
+
+                // From here the tile's work is read back from its buffer where needed (after each wait, so the compiler
+                // keeps none of it in registers through the k loop: the BN 256 producers run at 48).
+                const TileWork *tile_work = sm.tiles + buf;
+                // The first producer warp's lanes 0-7: the 8 warps' weight tiles of k block kb into `stage`; the next
+                // lanes: one piece of a tile's scales each (4-bit); all completing on the stage's "full".
+                auto load_weights = [&](int kb, int stage) {
+                    const int expert = tile_work->expert, first_tile = tile_work->feature_tile * (kBM / 16);
+                    if (lane < kConsumerWarps) {
+                        const unsigned char *src = p.weights + (long long)expert * p.expert_stride + ((long long)(first_tile + lane) * k_blocks + kb) * kTileBytes;
+                        bulk_load(sm.w + stage * kWStage + lane * kTileBytes, src, kTileBytes, &sm.full[stage]);
+                    } else if (lane < kConsumerWarps * (1 + W::kScalePieces)) {
+                        const int tile = lane % kConsumerWarps, piece = lane / kConsumerWarps - 1;
+                        int offset, bytes;
+                        const void *src = W::scale_piece(p, false, expert, first_tile + tile, kb, piece, offset, bytes);
+                        if (src != nullptr) bulk_load(sm.s + stage * kSStage + tile * W::kScaleBytes + offset, src, bytes, &sm.full[stage]);
+                    }
+                };
+                // The bytes those copies bring per stage (the same every stage: whether a piece exists does not depend
+                // on k).
+                auto weight_stage_bytes = [&]() {
+                    int bytes = kWStage;
+                    for (int piece = 0; piece < W::kScalePieces; ++piece) {
+                        int offset, piece_bytes;
+                        if (W::scale_piece(p, false, tile_work->expert, tile_work->feature_tile * (kBM / 16), 0, piece, offset, piece_bytes) != nullptr) {
+                            bytes += kConsumerWarps * piece_bytes;
+                        }
+                    }
+                    return bytes;
+                };
+                // The slot tiles holding the tile's slots: the others are neither loaded nor multiplied.
+                auto slot_tiles = [&]() { return (tile_work->slots + kBN - 1) / kBN; };
+                if constexpr (kTmaX) {
+                    for (int kb = 0; kb < k_blocks; ++kb) {
+                        const int use = kb_done + kb, stage = use % kStages;
+                        ring_wait_empty<kStages>(sm.empty, use);
+                        if (elect_one_sync()) {
+                            const int boxes = slot_tiles();
+                            mbar_arrive_expect_tx(&sm.full[stage], weight_stage_bytes() + boxes * kXStage);
+                            for (int t = 0; t < boxes; ++t) {
+                                tma_load_3d(sm.x + stage * kXBlockStage + t * kXStage, x_map, kb * kBK, tile_work->slot_begin + t * kBN, blockIdx.z, &sm.full[stage]);
+                            }
+                        }
+                        __syncwarp();
+                        load_weights(kb, stage);
+                    }
+                } else {
+                    for (int kb = 0; kb < k_blocks; ++kb) {
+                        const int use = kb_done + kb, stage = use % kStages;
+                        cp_async_ring_arrive_landed<kStages, kInFlight>(sm.full, use, kb_done);
+                        ring_wait_empty<kStages>(sm.empty, use);
+                        if (producer == 0) {
+                            if (elect_one_sync()) mbar_arrive_expect_tx(&sm.full[stage], weight_stage_bytes());
+                            __syncwarp();
+                            load_weights(kb, stage);
+                        }
+                        gather_stage_rows<Roles::kGatherUnroll>(slot_src, smem_addr(sm.x + stage * kXBlockStage), x + kb * kBK * 2, (long)p.x_stride * 2, slot_tiles() * kBN, producer,
+                                          Roles::kProducerWarps);
+                        cp_async_commit();
+                    }
+                    // The tile's copies all land before the next tile's table is written: the consumers' release of a
+                    // table two tiles back may wait on these stages (a tile of fewer k blocks than kInFlight).
+                    cp_async_ring_arrive_rest<kStages, kInFlight>(sm.full, kb_done + k_blocks, kb_done);
+                    mbar_arrive_if(&sm.tile_empty[buf], producer != 0 && lane == 0);
+                }
             }
-            cp_async_ring_arrive_rest<kStages, kInFlight>(full, k_blocks);
         }
         // Back to the entry count for the block's finish below (waits until the consumers have given theirs back).
         if constexpr (Roles::kMovesRegisters) setmaxnreg_inc<Roles::kEntryRegisters>();
     } else {
         if constexpr (Roles::kMovesRegisters) setmaxnreg_inc<Roles::kConsumerRegisters>();
-        consume_and_store<F, kSlotTiles>(p, w_smem, x_smem, s_smem, full, empty, slot_pair, expert, slot_begin, slots, first_tile, k_blocks);
+        consume_tiles<F, kSlotTiles>(p, sm, k_blocks);
         if constexpr (Roles::kMovesRegisters) setmaxnreg_dec<Roles::kEntryRegisters>();
     }
-    // Every thread, producer included: the query RoPE and the row finisher on what the consumers stored.
+    // Launches with a finishing step (dense query RoPE, row finisher) run one tile per block (moe_wgmma.rs sizes the
+    // grid so): every thread, producers included, finishes the block's tile, the first buffer's, from what the
+    // consumers stored.
+    if (p.rope.positions == nullptr && p.finish.kind == SMALL4_GEMM_FINISH_NONE) return;
+    __syncthreads();
+    const TileWork work = sm.tiles[0];
+    if (work.expert < 0) return;
     static_assert(kSlots <= Roles::kThreads, "finish_rows: one slot per thread");
-    if (p.rope.positions != nullptr) rope_output_tile(p, slot_begin, slots, first_tile * 16, kBM);
-    if (p.finish.kind != SMALL4_GEMM_FINISH_NONE) finish_rows<true, kSlots>(p, slot_pair, slots, slot_begin, false);
+    if (p.rope.positions != nullptr) rope_output_tile(p, work.slot_begin, work.slots, work.feature_tile * kBM, kBM);
+    if (p.finish.kind != SMALL4_GEMM_FINISH_NONE) finish_rows<true, kSlots>(p, sm.slot_pair, work.slots, work.slot_begin, false);
 }
 
-// The consumer warps' k loop and epilogue (see the file comment).
+// The consumer warps' walk: per tile, the k loop and the epilogue (see the file comment).
 template <Format F, int kSlotTiles>
-__device__ __forceinline__ void consume_and_store(const MoeGemmParams &p, const unsigned char *w_smem, const unsigned char *x_smem,
-                                                  const unsigned char *s_smem, uint64_t *full, uint64_t *empty, const int *slot_pair, int expert,
-                                                  int slot_begin, int slots, int first_tile, int k_blocks) {
+__device__ __forceinline__ void consume_tiles(const MoeGemmParams &p, const BlockSmem<F, kSlotTiles> &sm, int k_blocks) {
     using W = WeightFormat<F>;
     using R = Ring<F, kSlotTiles>;
-    constexpr int kStages = R::kStages, kWStage = R::kWStage, kSStage = R::kSStage, kXBlockStage = R::kXBlockStage;
+    constexpr int kStages = R::kStages, kWStage = R::kWStage, kSStage = R::kSStage, kXBlockStage = R::kXBlockStage, kSlots = R::kSlots;
     constexpr int kRawWords = W::kTileBytes / 32 / 4;  // the lane's words of its warp's tile of a stage
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int tile = first_tile + warp;
-    // The slot tiles holding real slots (uniform over the block): the wgmmas of the others are not issued.
-    const int slot_tiles = (slots + kBN - 1) / kBN;
-    // Consumers. acc[t][4 f + r] is the mma.sync C fragment r of slot fragment f (slots 64 t + 8 f .. + 7) of this
-    // warp's 16 features: r = 0, 1 feature g, slots 2t, 2t + 1; r = 2, 3 feature g + 8.
-    float acc[kSlotTiles][32];
-#pragma unroll
-    for (int t = 0; t < kSlotTiles; ++t) {
-#pragma unroll
-        for (int i = 0; i < 32; ++i) acc[t][i] = 0.f;
-#pragma unroll
-        for (int i = 0; i < 32; ++i) wgmma_fence_operand(acc[t][i]);
-    }
-
-    // One stage: wait for it, load the warp's weights of the stage and turn them into A fragments in `a` (the buffer
-    // the wgmmas of two stages ago used, retired by the previous stage's wait_group 1) with the weight format's own
-    // dequantisation (weight_format.cuh, as the mma.sync kernels do; bf16 copies), issue the four wgmmas per slot tile
-    // (one A fragment feeds the block's slot tiles: the weights are loaded and dequantised once per BN slots), retire
-    // the previous stage and release it. The stage's scales (none for bf16) landed in the ring with its weights, read
-    // after the wait like them (the 4-bit kernels sit at ptxas's 96-register cap for 2 blocks of 288 threads).
-    auto consume = [&](int kb, uint32_t (&a)[4][4]) {
-        const int stage = kb % kStages;
-        ring_wait_full<kStages>(full, kb);
-        const typename W::Scales scales = W::staged_scales(p, false, s_smem + stage * kSStage + warp * W::kScaleBytes, lane >> 2);
-        const unsigned char *w_tile = w_smem + stage * kWStage + warp * W::kTileBytes;
-        uint32_t raw[kRawWords];
-#pragma unroll
-        for (int c = 0; c < kRawWords / 4; ++c) {
-            const uint4 v = *reinterpret_cast<const uint4 *>(w_tile + (c * 32 + lane) * 16);
-            raw[4 * c] = v.x, raw[4 * c + 1] = v.y, raw[4 * c + 2] = v.z, raw[4 * c + 3] = v.w;
-        }
-#pragma unroll
-        for (int ks = 0; ks < 4; ++ks) W::fragment(raw, ks, scales, a[ks]);
-        const unsigned char *x_stage = x_smem + stage * kXBlockStage;
-        wgmma_fence();
-#pragma unroll
-        for (int ks = 0; ks < 4; ++ks) {
-#pragma unroll
-            for (int t = 0; t < kSlotTiles; ++t) {
-                if (t < slot_tiles) wgmma_m64n64k16_bf16_rs(acc[t], a[ks], wgmma_desc_k_sw128(x_stage + t * kXStage + ks * 32));
-            }
-        }
-        wgmma_commit();
-        wgmma_wait<1>();
-        if (kb > 0) {
-            __syncwarp();
-            if (lane == 0) mbar_arrive(&empty[(kb - 1) % kStages]);
-        }
-    };
-    uint32_t a0[4][4], a1[4][4];
-    int kb = 0;
+    int kb_done = 0;  // the ring's uses by the block's earlier tiles
 #pragma unroll 1
-    for (; kb + 1 < k_blocks; kb += 2) {
-        consume(kb, a0);
-        consume(kb + 1, a1);
-    }
-    if (kb < k_blocks) consume(kb, a0);
-    wgmma_wait<0>();
+    for (int j = 0;; ++j) {
+        const int buf = j & 1;
+        ring_wait_full<2>(sm.tile_full, j);
+        const TileWork work = sm.tiles[buf];
+        if (work.expert < 0) return;
+        const int tile = work.feature_tile * (kBM / 16) + warp;
+        // The slot tiles holding real slots (uniform over the block): the wgmmas of the others are not issued.
+        const int slot_tiles = (work.slots + kBN - 1) / kBN;
+        // acc[t][4 f + r] is the mma.sync C fragment r of slot fragment f (slots 64 t + 8 f .. + 7) of this warp's 16
+        // features: r = 0, 1 feature g, slots 2t, 2t + 1; r = 2, 3 feature g + 8.
+        float acc[kSlotTiles][32];
 #pragma unroll
-    for (int t = 0; t < kSlotTiles; ++t) {
+        for (int t = 0; t < kSlotTiles; ++t) {
 #pragma unroll
-        for (int i = 0; i < 32; ++i) wgmma_fence_operand(acc[t][i]);
-    }
+            for (int i = 0; i < 32; ++i) acc[t][i] = 0.f;
+#pragma unroll
+            for (int i = 0; i < 32; ++i) wgmma_fence_operand(acc[t][i]);
+        }
 
-    // Epilogue: moe_gemm.cu's, for one 16-feature tile per warp and slot tile (gemm_epilogue.cuh).
+        // One stage (k block kb, the ring's use kb_done + kb): wait for it, load the warp's weights of the stage and
+        // turn them into A fragments in `a` (the buffer the wgmmas of two stages ago used, retired by the previous
+        // stage's wait_group 1) with the weight format's own dequantisation (weight_format.cuh, as the mma.sync
+        // kernels do; bf16 copies), issue the four wgmmas per slot tile (one A fragment feeds the block's slot tiles:
+        // the weights are loaded and dequantised once per BN slots), retire the previous stage of the tile and release
+        // it. The stage's scales (none for bf16) landed in the ring with its weights, read after the wait like them
+        // (the 4-bit kernels sit at ptxas's 96-register cap for 2 blocks of 288 threads).
+        auto consume = [&](int kb, uint32_t (&a)[4][4]) {
+            const int use = kb_done + kb, stage = use % kStages;
+            ring_wait_full<kStages>(sm.full, use);
+            const typename W::Scales scales = W::staged_scales(p, false, sm.s + stage * kSStage + warp * W::kScaleBytes, lane >> 2);
+            const unsigned char *w_tile = sm.w + stage * kWStage + warp * W::kTileBytes;
+            uint32_t raw[kRawWords];
 #pragma unroll
-    for (int t = 0; t < kSlotTiles; ++t) {
-        if (t < slot_tiles) store_wgmma_warp_tile(p, acc[t], slot_pair + t * kBN, expert, tile, slot_begin + t * kBN, min(kBN, slots - t * kBN));
+            for (int c = 0; c < kRawWords / 4; ++c) {
+                const uint4 v = *reinterpret_cast<const uint4 *>(w_tile + (c * 32 + lane) * 16);
+                raw[4 * c] = v.x, raw[4 * c + 1] = v.y, raw[4 * c + 2] = v.z, raw[4 * c + 3] = v.w;
+            }
+#pragma unroll
+            for (int ks = 0; ks < 4; ++ks) W::fragment(raw, ks, scales, a[ks]);
+            const unsigned char *x_stage = sm.x + stage * kXBlockStage;
+            wgmma_fence();
+#pragma unroll
+            for (int ks = 0; ks < 4; ++ks) {
+#pragma unroll
+                for (int t = 0; t < kSlotTiles; ++t) {
+                    if (t < slot_tiles) wgmma_m64n64k16_bf16_rs(acc[t], a[ks], wgmma_desc_k_sw128(x_stage + t * kXStage + ks * 32));
+                }
+            }
+            wgmma_commit();
+            wgmma_wait<1>();
+            if (kb > 0) {
+                __syncwarp();
+                if (lane == 0) mbar_arrive(&sm.empty[(use - 1) % kStages]);
+            }
+        };
+        uint32_t a0[4][4], a1[4][4];
+        int kb = 0;
+#pragma unroll 1
+        for (; kb + 1 < k_blocks; kb += 2) {
+            consume(kb, a0);
+            consume(kb + 1, a1);
+        }
+        if (kb < k_blocks) consume(kb, a0);
+        wgmma_wait<0>();
+        // The tile's last stage is retired too: release it for the next tile's loads (none when K is 0).
+        kb_done += k_blocks;
+        __syncwarp();
+        mbar_arrive_if(&sm.empty[(kb_done + kStages - 1) % kStages], lane == 0 && k_blocks > 0);
+#pragma unroll
+        for (int t = 0; t < kSlotTiles; ++t) {
+#pragma unroll
+            for (int i = 0; i < 32; ++i) wgmma_fence_operand(acc[t][i]);
+        }
+
+        // Epilogue: moe_gemm.cu's, for one 16-feature tile per warp and slot tile (gemm_epilogue.cuh); then the
+        // warps are done with the tile's table. The consumer warps meet at a named barrier first: the epilogue's
+        // per-slot tests split each warp's lanes, and the barrier is where they reconverge before the next tile's
+        // wgmmas, wherever the compiler places the loop's end.
+        const int *slot_pair = sm.slot_pair + buf * kSlots;
+#pragma unroll
+        for (int t = 0; t < kSlotTiles; ++t) {
+            if (t < slot_tiles) store_wgmma_warp_tile(p, acc[t], slot_pair + t * kBN, work.expert, tile, work.slot_begin + t * kBN, min(kBN, work.slots - t * kBN));
+        }
+        named_barrier_sync<1, kConsumerWarps * 32>();
+        mbar_arrive_if(&sm.tile_empty[buf], lane == 0);
     }
 }
 
@@ -328,7 +434,7 @@ __device__ __forceinline__ void consume_and_store(const MoeGemmParams &p, const 
 
 // BN 64: two blocks per SM (96 KiB of stages each): ptxas gets at most 96 registers a thread, which the 4-bit kernels
 // use (docs/perf.md's ptxas table). BN 192 (_wide): one block of 288 threads per SM, 168 registers a thread. BN 256
-// (_wide256): one block of 384 threads per SM, 168 at entry, then 40 (producers) and 232 (consumers) by setmaxnreg,
+// (_wide256): one block of 384 threads per SM, 168 at entry, then 48 (producers) and 232 (consumers) by setmaxnreg,
 // which needs the entry count from __launch_bounds__. One kernel per weight format, activation producer and BN, one
 // body. The _dense entries take the
 // struct as __grid_constant__, which keeps it (and so the map) in the parameter space, where TMA may read it.

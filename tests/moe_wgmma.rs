@@ -25,12 +25,13 @@ use small4::device::{Device, DeviceBuffer};
 use small4::kernels::dense;
 use small4::kernels::gemm::DeviceWeights;
 use small4::kernels::moe;
-use small4::kernels::moe_wgmma::{PrefillGemm, WIDE256_MIN_ROWS, WIDE_MIN_ROWS};
+use small4::kernels::moe_wgmma::{with_persistent_blocks, PrefillGemm, WIDE256_MIN_ROWS, WIDE_MIN_ROWS};
 use small4::quant::matrix::QuantizedMatrix;
 use small4::quant::repack::{self, MatrixRef};
 use small4::quant::WeightFormat;
 use small4::reference::linear::matmul_nt;
 use small4::reference::moe::align_pairs;
+use std::num::NonZeroU32;
 
 /// The weight formats with a wgmma prefill kernel: bf16, int4 (group 128) symmetric and with zero points, nvfp4.
 const FORMATS: [WeightFormat; 4] =
@@ -156,12 +157,20 @@ const SMALL_CASE: RoutedCase =
 /// checked against each other and the CPU reference.
 /// A launch's error is returned (the planted-bug test expects some); a wrong result panics.
 fn check_grouped(device: &Device, case: RoutedCase) -> small4::Result<()> {
+    let RoutedCase { tokens, k, experts, remote, .. } = case;
+    check_routed(device, case, |rng| RoutedBatch::random(rng, tokens, k, experts, remote))
+}
+
+/// [`check_grouped`] on the routing `route` makes (after the experts, from the case's seed); its tokens, top-k and
+/// experts are the case's.
+fn check_routed(device: &Device, case: RoutedCase, route: impl FnOnce(&mut StdRng) -> RoutedBatch) -> small4::Result<()> {
     let RoutedCase { format, tokens, k, experts, remote, dim, hidden, down_k, down_out, seed } = case;
     require_race_check(device);
     let mut rng = rng(seed);
     let local = experts - remote;
     let all: Vec<Expert> = (0..local).map(|_| random_expert(&mut rng, format, dim, hidden, down_k, down_out)).collect();
-    let batch = RoutedBatch::random(&mut rng, tokens, k, experts, remote);
+    let batch = route(&mut rng);
+    assert_eq!((batch.tokens, batch.k), (tokens, k), "the routing is the case's");
     let (alignment, weights, capacity) = (&batch.alignment, &batch.weights, batch.capacity());
 
     let gate_up: Vec<(MatrixRef, MatrixRef)> = all.iter().map(|e| ((&e.gate_up.0).into(), (&e.gate_up.1).into())).collect();
@@ -282,6 +291,35 @@ fn grouped_wide_groups_nvfp4(device: &Device) {
     grouped_wide_groups_at_real_reduction_lengths(device, FORMATS[3], 33);
 }
 
+/// Persistent walks over uneven experts: 9 local experts with 0, 150, 0, 40, 64, 1, 0, 65 and 0 pairs before every
+/// seventh pair is unrouted (empty experts first, between and last; an expert of three 64-slot groups, the last
+/// partial; single-pair and near-full groups), 160 tokens x top-2 (35 pairs per expert on average: the 64-slot
+/// kernels), at K 4096 and 2048 with one 128-feature tile each way, so the launch's work tiles are the experts'
+/// groups (7 or 8). The grid is capped at two blocks ([`with_persistent_blocks`]): each walks three or four groups,
+/// the ring's phases and the tile tables carried across them. Against mma.sync and the reference. `format`'s weights.
+fn grouped_persistent_uneven_experts(device: &Device, format: WeightFormat, seed: u64) {
+    let counts = [0, 150, 0, 40, 64, 1, 0, 65, 0];
+    let case = RoutedCase { format, tokens: 160, k: 2, experts: counts.len(), remote: 0, dim: 4096, hidden: 64, down_k: 2048, down_out: 128, seed };
+    assert!(case.tokens * case.k / case.experts <= WIDE_MIN_ROWS, "the 64-slot kernels run");
+    with_persistent_blocks(NonZeroU32::new(2).unwrap(), || check_routed(device, case, |rng| RoutedBatch::from_counts(rng, &counts, case.k, 0))).unwrap();
+}
+
+/// [`grouped_persistent_uneven_experts`] in bf16.
+fn grouped_persistent_uneven_experts_bf16(device: &Device) {
+    grouped_persistent_uneven_experts(device, FORMATS[0], 37);
+}
+
+/// [`grouped_persistent_uneven_experts`] in nvfp4.
+fn grouped_persistent_uneven_experts_nvfp4(device: &Device) {
+    grouped_persistent_uneven_experts(device, FORMATS[3], 38);
+}
+
+/// [`grouped_wide_groups_at_real_reduction_lengths`] (bf16) on one persistent block: it walks both experts' two
+/// 256-slot groups (four tiles, the second of each expert partial), its producer warpgroup at 48 registers.
+fn grouped_persistent_wide256_one_block(device: &Device) {
+    with_persistent_blocks(NonZeroU32::new(1).unwrap(), || grouped_wide_groups_at_real_reduction_lengths(device, FORMATS[0], 32));
+}
+
 /// [`grouped_at_real_reduction_lengths`] in bf16.
 fn grouped_gemms_at_real_reduction_lengths(device: &Device) {
     grouped_at_real_reduction_lengths(device, FORMATS[0], 22);
@@ -388,9 +426,13 @@ fn check_dense(device: &Device, format: WeightFormat, seed: u64, rows: usize) {
 /// strided wider than K; the TMA kernel against the gather kernel and mma.sync, and all against the reference.
 /// `format`'s weights.
 fn dense_at_real_reduction_lengths(device: &Device, format: WeightFormat, seed: u64, rows: usize) {
+    dense_at_real_reduction_lengths_wide(device, format, seed, rows, 128);
+}
+
+/// [`dense_at_real_reduction_lengths`] with `out_dim` output features (a multiple of 128: that many 128-feature tiles).
+fn dense_at_real_reduction_lengths_wide(device: &Device, format: WeightFormat, seed: u64, rows: usize, out_dim: usize) {
     require_race_check(device);
     let mut rng = rng(seed);
-    let out_dim = 128;
     for k_dim in [4096, 2048] {
         let (w, deq) = random_matrix(&mut rng, format, out_dim, k_dim);
         let weights = DeviceWeights::upload(device, &repack::repack_linear(&[(&w).into()]).unwrap()).unwrap();
@@ -406,6 +448,47 @@ fn dense_at_real_reduction_lengths(device: &Device, format: WeightFormat, seed: 
         })
         .unwrap();
         check_pair(device, &format!("{format} dense f32 K {k_dim}"), &y_tma, &y_mma, &want);
+    }
+}
+
+/// Persistent dense walks on a grid capped at two blocks ([`with_persistent_blocks`]), at K 4096 and 2048, 512 output
+/// features (four 128-feature tiles, the fastest index of the tile space), so each block walks two tiles: bf16 over
+/// 100 rows (the 192-slot kernels: one row block of two 64-slot tiles, the second's box reading 28 rows out of
+/// bounds, zero-filled) and int4 with zero points over 40 rows (the 64-slot kernels, 24 rows out of bounds).
+fn dense_persistent_at_real_reduction_lengths(device: &Device) {
+    with_persistent_blocks(NonZeroU32::new(2).unwrap(), || {
+        dense_at_real_reduction_lengths_wide(device, FORMATS[0], 39, 100, 512);
+        dense_at_real_reduction_lengths_wide(device, FORMATS[2], 40, 40, 512);
+    });
+}
+
+/// A persistent batched launch: 3 heads of [256, 128] (two 128-feature tiles each) over 300 rows (the 256-slot
+/// kernels: two row blocks, the second of 44 rows), one block per head walking its four tiles with two k blocks each
+/// (fewer than the ring's cp.async groups in flight: the gather drains each tile's copies before the next tile's
+/// table), bf16 and nvfp4; the three kernels against each other and the reference per head.
+fn dense_persistent_batched_heads(device: &Device) {
+    require_race_check(device);
+    let (heads, rows, k_dim, head_out) = (3, 300, 128, 256);
+    for (format, seed) in [(FORMATS[0], 41), (FORMATS[3], 42)] {
+        let mut rng = rng(seed);
+        let mats: Vec<(QuantizedMatrix, Vec<f32>)> = (0..heads).map(|_| random_matrix(&mut rng, format, head_out, k_dim)).collect();
+        let per_head = DeviceWeights::upload(device, &repack::repack_linear(&mats.iter().map(|(q, _)| q.into()).collect::<Vec<MatrixRef>>()).unwrap()).unwrap();
+        let xh = random_bf16(&mut rng, rows * heads * k_dim, 1.0);
+        let xh_dev = DeviceBuffer::from_slice(device, &xh).unwrap();
+        let (h_wgmma, h_mma) = with_persistent_blocks(NonZeroU32::new(1).unwrap(), || {
+            dense_three(device, format, rows, || {
+                let y = DeviceBuffer::<bf16>::filled_with_byte(device, rows * heads * head_out, 0xff)?;
+                dense::linear_per_head(&per_head, xh_dev.view([rows, heads, k_dim])?, y.view([rows, heads, head_out])?, None)?;
+                y.to_vec()
+            })
+        })
+        .unwrap();
+        for (h, (_, deq)) in mats.iter().enumerate() {
+            let x_h: Vec<f32> = (0..rows).flat_map(|r| to_f32(&xh[(r * heads + h) * k_dim..][..k_dim])).collect();
+            let want = matmul_nt(&x_h, deq, rows, k_dim, head_out);
+            let head = |y: &[bf16]| -> Vec<f32> { (0..rows).flat_map(|r| to_f32(&y[(r * heads + h) * head_out..][..head_out])).collect() };
+            check_pair(device, &format!("{format} persistent per-head head {h}"), &head(&h_wgmma), &head(&h_mma), &want);
+        }
     }
 }
 
@@ -445,7 +528,12 @@ backend_tests!(
     dense_gemms_at_real_reduction_lengths,
     dense_nvfp4_at_real_reduction_lengths,
     dense_wide256_at_real_reduction_lengths,
-    dense_wide256_int4_at_real_reduction_lengths
+    dense_wide256_int4_at_real_reduction_lengths,
+    grouped_persistent_uneven_experts_bf16,
+    grouped_persistent_uneven_experts_nvfp4,
+    grouped_persistent_wide256_one_block,
+    dense_persistent_at_real_reduction_lengths,
+    dense_persistent_batched_heads
 );
 
 /// The dense TMA launch encodes its activations' tensor map once per buffer and shape: a second launch on the same

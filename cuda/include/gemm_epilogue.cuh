@@ -14,17 +14,16 @@ namespace {
 // dense tail's blocks (after the grouped tiles: the shared expert, matrix 0 of its own arrays); grouped mode = an
 // expert's BN-slot group, worked by its first tile only (the group shares one pass over the weights); dense mode = BN
 // rows of matrix blockIdx.z (a batched launch runs matrix z on head z's columns; a split-K launch, whose z is the k
-// split, has one matrix). False: nothing for this block.
-// kDenseOnly: the kernel serves dense launches only (the wgmma kernels' TMA entries), so the grouped branch is not
-// compiled in and the matrix index is blockIdx.z, which the compiler knows is small and non-negative.
-template <int BN, bool kDenseOnly = false>
+// split, has one matrix). False: nothing for this block. (The wgmma kernels are persistent and map their own tiles:
+// moe_gemm_wgmma.cu.)
+template <int BN>
 __device__ __forceinline__ bool block_slots(const MoeGemmParams &p, bool tail, int &expert, int &slot_begin, int &slot_end) {
     if (tail) {
         expert = 0;
         slot_begin = (blockIdx.y - p.capacity_tiles) * BN;
         if (slot_begin >= p.tail.rows) return false;
         slot_end = min(slot_begin + BN, p.tail.rows);
-    } else if (!kDenseOnly && p.sorted_pairs != nullptr) {
+    } else if (p.sorted_pairs != nullptr) {
         const int tile = blockIdx.y;
         if (tile >= p.capacity_tiles) return false;
         // Each pair of loads is issued before either is tested: two round trips before the block knows its work, not
@@ -39,7 +38,7 @@ __device__ __forceinline__ bool block_slots(const MoeGemmParams &p, bool tail, i
         slot_end = min(slot_begin + BN, group_end);
     } else {
         // A split-K launch (mma.sync decode tiles only) has one matrix: its grid z is the k split.
-        expert = !kDenseOnly && p.k_splits > 1 ? 0 : blockIdx.z;
+        expert = p.k_splits > 1 ? 0 : blockIdx.z;
         slot_begin = blockIdx.y * BN;
         if (slot_begin >= p.dense_rows) return false;
         slot_end = min(slot_begin + BN, p.dense_rows);

@@ -17,6 +17,20 @@ __device__ __forceinline__ void mbar_init_fence() { asm volatile("fence.mbarrier
 __device__ __forceinline__ void mbar_arrive(uint64_t *bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
 }
+// mbar_arrive by the lanes where `arrive` holds, predicated inside the instruction: no branch, so a warp whose lanes
+// differ in `arrive` does not diverge (a divergent arrival at the end of a loop body lets the other lanes run ahead
+// into the next iteration's warp collectives).
+__device__ __forceinline__ void mbar_arrive_if(uint64_t *bar, bool arrive) {
+    asm volatile("{\n.reg .pred P_ARRIVE;\nsetp.ne.b32 P_ARRIVE, %1, 0;\n@P_ARRIVE mbarrier.arrive.shared::cta.b64 _, [%0];\n}" ::"r"(smem_addr(bar)),
+                 "r"((int)arrive)
+                 : "memory");
+}
+// Named barrier kId (1-15; 0 is __syncthreads') for kThreads threads (a multiple of 32): a rendezvous of some of the
+// block's warps, such as the consumer warpgroups of a warp-specialised kernel.
+template <int kId, int kThreads> __device__ __forceinline__ void named_barrier_sync() {
+    static_assert(kId > 0 && kId < 16 && kThreads % 32 == 0, "bar.sync's id and thread count");
+    asm volatile("bar.sync %0, %1;" ::"n"(kId), "n"(kThreads) : "memory");
+}
 // Arrives and announces `bytes` more transaction bytes for the current phase (one arrival).
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t *bar, unsigned bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
@@ -113,25 +127,27 @@ __device__ __forceinline__ void ring_wait_full(uint64_t *full, int j) {
 // group per use, keeps kInFlight groups in flight and, once the group of use j - kInFlight has landed, fences it for
 // the async proxy (wgmma reads it) and arrives on that stage's "full" from the elected lane. Call with the whole warp
 // before issuing use j; kInFlight = kStages - 1 is the most that cannot deadlock (one stage being read, one held by
-// the consumers' lagging release).
+// the consumers' lagging release). `first`: the first use since the warp last drained its groups with
+// cp_async_ring_arrive_rest (a persistent kernel drains at the end of each tile and goes on counting uses).
 template <int kStages, int kInFlight>
-__device__ __forceinline__ void cp_async_ring_arrive_landed(uint64_t *full, int j) {
-    if (j >= kInFlight) {
+__device__ __forceinline__ void cp_async_ring_arrive_landed(uint64_t *full, int j, int first = 0) {
+    if (j - first >= kInFlight) {
         cp_async_wait<kInFlight - 1>();  // use j - kInFlight has landed
         fence_proxy_async();
         __syncwarp();
         if (elect_one_sync()) mbar_arrive(&full[(j - kInFlight) % kStages]);
     }
 }
-// After the last of `uses` uses: every group has landed; arrives for the uses cp_async_ring_arrive_landed did not.
+// After the last of `uses` uses: every group has landed; arrives for the uses since `first` that
+// cp_async_ring_arrive_landed did not, lane i for the i-th of them (at most kInFlight < 32), without a branch.
 template <int kStages, int kInFlight>
-__device__ __forceinline__ void cp_async_ring_arrive_rest(uint64_t *full, int uses) {
+__device__ __forceinline__ void cp_async_ring_arrive_rest(uint64_t *full, int uses, int first = 0) {
+    static_assert(kInFlight <= 32, "a lane per use in flight");
     cp_async_wait<0>();
     fence_proxy_async();
     __syncwarp();
-    if (elect_one_sync()) {
-        for (int j = max(0, uses - kInFlight); j < uses; ++j) mbar_arrive(&full[j % kStages]);
-    }
+    const int j = max(first, uses - kInFlight) + (int)(threadIdx.x & 31);
+    mbar_arrive_if(&full[(j < uses ? j : 0) % kStages], j < uses);
 }
 
 // ---- wgmma ---------------------------------------------------------------------------------------------------------

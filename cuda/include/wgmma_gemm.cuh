@@ -20,10 +20,24 @@ constexpr int kBN = 64;                   // slots per slot tile (the wgmma N)
 constexpr int kXRowBytes = 128;           // one slot's activations of a stage: one 128-byte swizzle line
 constexpr int kXStage = kBN * kXRowBytes; // one slot tile's activations of a stage
 
+// One work tile of a persistent kernel: 128 features (weight tiles 8 feature_tile .. + 7) by the slots
+// [slot_begin, slot_begin + slots) of matrix `expert` (grouped: a local expert; dense: blockIdx.z). expert < 0: the
+// block's walk is over.
+struct TileWork {
+    int expert, slot_begin, slots, feature_tile;
+};
+// Experts whose group counts a GroupWalker holds at once (32 lanes x 8): every expert map the router makes
+// (router.rs MAX_EXPERTS); a launch with more local experts walks them in chunks of this many.
+constexpr int kWalkerExperts = 256;
+// A GroupWalker's shared memory: the chunk's prefix (kWalkerExperts + 1) and its five words of state, rounded to 8.
+constexpr int kWalkerInts = kWalkerExperts + 8;
+
 // Dynamic shared memory of a ring of kStages stages of kWStage weight bytes, kSlotTiles x kXStage activation bytes
 // (1024-byte aligned for the swizzle) and kSStage further bytes each, then the barriers (kStages "full", kStages
-// "empty"), the slots' pairs and their source rows; kBlocksPerSm blocks share an SM's 228 KiB.
-template <int kStages_, int kWStage_, int kSStage_, int kSlotTiles_ = 1, int kBlocksPerSm = 2>
+// "empty"), the slots' pairs and their source rows; kBlocksPerSm blocks share an SM's 228 KiB. A persistent kernel
+// (kTileBuffers 2) keeps two tiles' slot tables, each with its TileWork, a "tile full" and a "tile empty" mbarrier
+// (the producer fills one while the consumers finish the other), and the group prefix of its GroupWalker.
+template <int kStages_, int kWStage_, int kSStage_, int kSlotTiles_ = 1, int kBlocksPerSm = 2, int kTileBuffers = 1>
 struct GemmRing {
     static constexpr int kStages = kStages_, kWStage = kWStage_, kSStage = kSStage_, kSlotTiles = kSlotTiles_;
     static constexpr int kSlots = kSlotTiles * kBN;             // slots per block
@@ -35,12 +49,28 @@ struct GemmRing {
     static constexpr int kSOffset = kXOffset + kStages * kXBlockStage;
     static constexpr int kBarOffset = kSOffset + kStages * kSStage;
     static constexpr int kSlotOffset = kBarOffset + 2 * kStages * 8;
-    static constexpr int kSrcOffset = kSlotOffset + kSlots * 4;
-    static constexpr int kSharedBytes = kSrcOffset + kSlots * 4;
+    static constexpr int kSrcOffset = kSlotOffset + kTileBuffers * kSlots * 4;
+    static constexpr int kPersistent = kTileBuffers > 1;
+    static constexpr int kTileOffset = kSrcOffset + kTileBuffers * kSlots * 4;  // TileWork per buffer
+    static constexpr int kTileBarOffset = kTileOffset + kPersistent * kTileBuffers * (int)sizeof(TileWork);  // "tile full", then "tile empty"
+    static constexpr int kPrefixOffset = kTileBarOffset + kPersistent * 2 * kTileBuffers * 8;
+    static constexpr int kSharedBytes = kPrefixOffset + kPersistent * kWalkerInts * 4;
     static_assert(kStages >= 3, "the producer keeps STAGES - 1 >= 2 stages in flight");
     static_assert(kSharedBytes <= (228 / kBlocksPerSm - 1) * 1024, "kBlocksPerSm blocks per SM (228 KiB, 1 KiB reserved per block)");
     static_assert(kXOffset % 1024 == 0 && kXStage % 1024 == 0, "activation stages must start on the swizzle period");
 };
+
+// `count` threads (the `index`-th of them this one): the slots' pairs (slot_pair[s], and the input rows the gathers
+// read for them, slot_src[s]) of the kSlots slots from slot_begin, `slots` of them real, as init_slots_and_ring says.
+template <bool kSortedPairs, int kSlots>
+__device__ __forceinline__ void fill_slot_table(const MoeGemmParams &p, int *slot_pair, int *slot_src, int slot_begin, int slots, int index, int count) {
+    for (int s = index; s < kSlots; s += count) {
+        int pair = -1;
+        if (s < slots) pair = kSortedPairs && p.sorted_pairs != nullptr ? p.sorted_pairs[slot_begin + s] : slot_begin + s;
+        slot_pair[s] = pair;
+        slot_src[s] = pair < 0 ? -1 : p.in_by_token ? pair / p.top_k : slot_begin + s;
+    }
+}
 
 // Every thread of the block: the slots' pairs (slot_pair[s]: the sorted pair of slot s when kSortedPairs and the
 // launch gives sorted_pairs, else its row; -1 past the block's `slots`) and the input rows the gathers read for them
@@ -52,12 +82,7 @@ template <int kStages, bool kSortedPairs, int kSlots = kBN, int kBlockThreads = 
 __device__ __forceinline__ void init_slots_and_ring(const MoeGemmParams &p, int *slot_pair, int *slot_src, uint64_t *full, uint64_t *empty, int slot_begin,
                                                     int slots, unsigned full_arrivals) {
     const int tid = threadIdx.x;
-    for (int s = tid; s < kSlots; s += kBlockThreads) {
-        int pair = -1;
-        if (s < slots) pair = kSortedPairs && p.sorted_pairs != nullptr ? p.sorted_pairs[slot_begin + s] : slot_begin + s;
-        slot_pair[s] = pair;
-        slot_src[s] = pair < 0 ? -1 : p.in_by_token ? pair / p.top_k : slot_begin + s;
-    }
+    fill_slot_table<kSortedPairs, kSlots>(p, slot_pair, slot_src, slot_begin, slots, tid, kBlockThreads);
     if (tid == 0) {
         for (int s = 0; s < kStages; ++s) {
             mbar_init(&full[s], full_arrivals);
@@ -75,11 +100,13 @@ __device__ __forceinline__ void init_slots_and_ring(const MoeGemmParams &p, int 
 // A padding slot's copy reads no byte (src-size 0) and zero-fills its line, so the loop has no branch per line: a
 // branch ended the producer's basic block on every line, which made its dependence chain (a shared load, the
 // address and the copy, one line after the other) the block's longest. A block's slot tiles lie one after the
-// other, so slot r's line is at r * 128 in any of them.
+// other, so slot r's line is at r * 128 in any of them. kUnroll: the copies in flight per warp before the loop
+// branches (fewer for warps short of registers).
+template <int kUnroll = 8>
 __device__ __forceinline__ void gather_stage_rows(const int *slot_src, uint32_t x_stage_addr, const unsigned char *x_k, long row_bytes, int rows = kBN,
                                                   int producer = 0, int producers = 1) {
     const int lane = threadIdx.x & 31;
-#pragma unroll 8
+#pragma unroll kUnroll
     for (int i = producer * 32 + lane; i < rows * 8; i += producers * 32) {
         const int row = i >> 3, chunk = i & 7;
         const int src_row = slot_src[row];
@@ -87,5 +114,94 @@ __device__ __forceinline__ void gather_stage_rows(const int *slot_src, uint32_t 
         cp_async16_zfill(swizzle128(x_stage_addr + row * kXRowBytes + chunk * 16), src, src_row >= 0);
     }
 }
+
+// A persistent grouped kernel's map from work-group index to (expert, group): expert e's slots
+// [expert_offsets[e], expert_offsets[e + 1]) (padded to the aligner's tile) form ceil(slots / kSlots) groups of
+// kSlots slots, the last one partial, and the launch's groups are numbered expert by expert. One warp (the first
+// producer warp) owns it: on the first lookup it reads the experts' offsets (read after any PDL wait: the router writes
+// them), counts each expert's groups (8 experts a lane) and scans the counts across the warp into `prefix` (shared
+// memory: prefix[i] = the groups of the chunk's first i experts); a lookup is a binary search there, so no block spends
+// time on empty experts or on the tiles of a group after its first. Lookups come in increasing order (a block walks
+// its tile indices upwards), so past the chunk's last group the warp scans the next kWalkerExperts experts.
+// The experts worth scanning end at the last non-empty one: the expert of the last tile in use (tile_experts follows
+// the experts' order), so the count of local experts is not needed.
+template <int kSlots> struct GroupWalker {
+    // In shared memory (so that the warp keeps none of it in registers through the k loops of its tiles: the BN 256
+    // producer warps run at 48 registers): prefix[0 .. kWalkerExperts], then the state below.
+    int *prefix;
+    enum { kExperts, kChunkFirst, kChunkEnd, kGroupsBefore, kGroupsEnd, kStateInts };
+    // kExperts: experts up to the last non-empty one (-1: not read yet); kChunkFirst, kChunkEnd: the chunk's experts
+    // in `prefix`; kGroupsBefore: the groups of the experts before it; kGroupsEnd: kGroupsBefore + the chunk's groups.
+    __device__ __forceinline__ int *state() const { return prefix + kWalkerExperts + 1; }
+
+    __device__ __forceinline__ explicit GroupWalker(int *walker_smem) : prefix(walker_smem) {}
+    // One thread, before the block barrier that precedes the first lookup: no chunk read yet.
+    __device__ __forceinline__ void reset() const {
+        for (int i = 0; i < kStateInts; ++i) state()[i] = i == kExperts ? -1 : 0;
+    }
+
+    // The whole warp: the chunk of experts from `first` (at most `experts` in all), whose groups start at
+    // `groups_before`, into `prefix` and the state.
+    __device__ __forceinline__ void scan_chunk(const MoeGemmParams &p, int experts, int first, int groups_before) {
+        constexpr int kPerLane = kWalkerExperts / 32;
+        const int lane = threadIdx.x & 31;
+        int counts[kPerLane], sum = 0;
+#pragma unroll
+        for (int i = 0; i < kPerLane; ++i) {
+            const int e = first + lane * kPerLane + i;
+            counts[i] = e < experts ? (p.expert_offsets[e + 1] - p.expert_offsets[e] + kSlots - 1) / kSlots : 0;
+            sum += counts[i];
+        }
+        int inclusive = sum;
+#pragma unroll
+        for (int d = 1; d < 32; d *= 2) {
+            const int v = __shfl_up_sync(0xffffffffu, inclusive, d);
+            if (lane >= d) inclusive += v;
+        }
+        const int total = __shfl_sync(0xffffffffu, inclusive, 31);
+        __syncwarp();  // no lane still reads the previous chunk
+        int before = inclusive - sum;
+        if (lane == 0) {
+            prefix[0] = 0;
+            int *st = state();
+            st[kChunkFirst] = first, st[kChunkEnd] = min(first + kWalkerExperts, experts);
+            st[kGroupsBefore] = groups_before, st[kGroupsEnd] = groups_before + total;
+        }
+#pragma unroll
+        for (int i = 0; i < kPerLane; ++i) {
+            before += counts[i];
+            prefix[lane * kPerLane + i + 1] = before;
+        }
+        __syncwarp();
+    }
+
+    // The whole warp, uniformly: group `group` of the launch as expert and slots; false past the last group.
+    __device__ __forceinline__ bool find(const MoeGemmParams &p, int group, int &expert, int &slot_begin, int &slot_end) {
+        int *st = state();
+        if (st[kExperts] < 0) {
+            const int padded = *p.num_padded;
+            const int experts = padded > 0 ? p.tile_experts[padded / p.tile_m - 1] + 1 : 0;
+            __syncwarp();
+            if ((threadIdx.x & 31) == 0) st[kExperts] = experts;
+            __syncwarp();
+        }
+        while (group >= st[kGroupsEnd] && st[kChunkEnd] < st[kExperts]) scan_chunk(p, st[kExperts], st[kChunkEnd], st[kGroupsEnd]);
+        const int chunk_first = st[kChunkFirst], groups_before = st[kGroupsBefore];
+        if (group < groups_before || group >= st[kGroupsEnd]) return false;
+        // The last expert of the chunk whose groups start at or before `group` (empty experts share the next one's
+        // start, so the search passes over them).
+        const int local = group - groups_before;
+        int lo = 0, hi = st[kChunkEnd] - chunk_first - 1;
+        while (lo < hi) {
+            const int mid = (lo + hi + 1) / 2;
+            if (prefix[mid] <= local) lo = mid;
+            else hi = mid - 1;
+        }
+        expert = chunk_first + lo;
+        slot_begin = p.expert_offsets[expert] + (local - prefix[lo]) * kSlots;
+        slot_end = min(slot_begin + kSlots, p.expert_offsets[expert + 1]);
+        return true;
+    }
+};
 
 }  // namespace

@@ -12,12 +12,14 @@
 //! run instead: 192 slots a block (an expert's first 192 slots, then the next 192), so each weight tile is loaded
 //! and dequantised once per 192 slots instead of once per 64 ([`WIDE_MIN_ROWS`]); above 192 rows on average, the
 //! 256-slot kernels (`moe_gemm_*_wide256_wgmma`, `..._wide256_wgmma_dense`: a producer warpgroup that gives its
-//! registers to the consumers with setmaxnreg), once per 256 ([`WIDE256_MIN_ROWS`]).
+//! registers to the consumers with setmaxnreg), once per 256 ([`WIDE256_MIN_ROWS`]). All are persistent over tiles
+//! (a block per resident slot walks the launch's work tiles; [`with_persistent_blocks`] caps the grid for tests).
 
 use std::cell::Cell;
+use std::num::NonZeroU32;
 
 use super::modules::MOE_GEMM_WGMMA;
-use super::params::{MoeGemmParams, MoeGemmTmaParams, Small4TensorMap};
+use super::params::{MoeGemmParams, MoeGemmTmaParams, Small4TensorMap, SMALL4_GEMM_FINISH_NONE};
 use crate::device::tensor_map::{encode_cached, DataType, Interleave, L2Promotion, OobFill, Swizzle, TiledTensorMap};
 use crate::device::{launch_with, Device, Dim3, Kernel, LaunchConfig};
 use crate::error::{Error, Result};
@@ -90,6 +92,16 @@ pub enum PrefillGemm {
 thread_local! {
     /// [`PrefillGemm::run`]'s choice for the calling thread, over the environment's.
     static OVERRIDE: Cell<Option<PrefillGemm>> = const { Cell::new(None) };
+    /// [`with_persistent_blocks`]'s cap of the persistent grid on the calling thread.
+    static PERSISTENT_BLOCKS: Cell<Option<NonZeroU32>> = const { Cell::new(None) };
+}
+
+/// Runs `f` with the wgmma kernels' persistent grid capped at `blocks` blocks per matrix on the calling thread
+/// (instead of the blocks that fit on [`super::TARGET_SMS`] SMs), restoring the previous cap afterwards, also when `f`
+/// panics. A small grid makes each block walk many tiles: the tests use it to run the ring's phases and the tile
+/// tables' hand-over across tiles. Launches with a finishing step (query RoPE, row finisher) keep one tile per block.
+pub fn with_persistent_blocks<R>(blocks: NonZeroU32, f: impl FnOnce() -> R) -> R {
+    super::with_choice(&PERSISTENT_BLOCKS, blocks, f)
 }
 
 impl PrefillGemm {
@@ -129,7 +141,7 @@ const WIDE_SLOT_TILES: u32 = 3;
 /// kernels keep two blocks per SM.
 pub const WIDE_MIN_ROWS: usize = 48;
 /// The 256-slot kernels' 64-slot tiles per block (`kSlotTiles` of the `_wide256` entries): four tiles' accumulators
-/// (128 registers a thread) fit because the block's producer warpgroup drops to 40 registers and its consumers rise to
+/// (128 registers a thread) fit because the block's producer warpgroup drops to 48 registers and its consumers rise to
 /// 232 (setmaxnreg).
 const WIDE256_SLOT_TILES: u32 = 4;
 /// The average rows per matrix above which a launch takes the 256-slot kernels: one 192-slot block. Above it a
@@ -145,11 +157,25 @@ const X_BOX: [u32; 3] = [64, 64, 1];
 /// 512 bytes 4-bit) and the activation rows as fit in 192 KiB shared by the SM's blocks (two of 64 slots, one wide),
 /// at most 8 (64 slots: bf16 4, 4-bit 8; 192 slots: bf16 4, 4-bit 6; 256 slots: bf16 4, 4-bit 5), the tiles' staged
 /// scales of each stage on top, two mbarriers per stage, the slots' pairs and source rows.
+/// The persistent walk's part: two tiles' slot tables (pairs and source rows), their `TileWork` (16 bytes) and "tile
+/// full" / "tile empty" barriers, and the group walker's prefix and state (`kWalkerInts` = 264 words).
 fn shared_bytes(format: WeightFormat, slot_tiles: u32) -> u32 {
-    let blocks_per_sm = if slot_tiles == 1 { 2 } else { 1 };
     let stage = 8 * tile_bytes(format) as u32 + slot_tiles * X_STAGE_BYTES;
-    let stages = (192 * 1024 / blocks_per_sm / stage).min(8);
-    stages * (stage + 8 * super::gemm::staged_scale_bytes(format) as u32) + 2 * stages * 8 + 2 * slot_tiles * 64 * 4
+    let stages = (192 * 1024 / blocks_per_sm(slot_tiles) / stage).min(8);
+    let ring = stages * (stage + 8 * super::gemm::staged_scale_bytes(format) as u32) + 2 * stages * 8;
+    ring + 2 * (2 * slot_tiles * 64 * 4) + 2 * 16 + 4 * 8 + WALKER_INTS * 4
+}
+
+/// `kWalkerInts` of cuda/include/wgmma_gemm.cuh: the group walker's 256 experts' prefix and its state.
+const WALKER_INTS: u32 = 256 + 8;
+
+/// Blocks of `slot_tiles` 64-slot tiles resident per SM: two of 64 slots (96 KiB of stages each), one wide block.
+fn blocks_per_sm(slot_tiles: u32) -> u32 {
+    if slot_tiles == 1 {
+        2
+    } else {
+        1
+    }
 }
 
 /// The wgmma kernels of `format` weights and `slot_tiles` 64-slot tiles a block (1, 3 or 4): the gather kernel
@@ -179,9 +205,11 @@ pub(crate) fn applies(format: WeightFormat, e4m3_input: bool) -> Result<bool> {
 /// Launches the prefill tile of `format` weights on wgmma: `params` and the grid of the mma.sync launch (`config`'s
 /// block and shared memory are replaced by the wgmma kernel's). `rows_per_matrix`: the launch's average rows per
 /// matrix (routed pairs over local experts, or a dense launch's rows), which picks the wide kernels above
-/// [`WIDE_MIN_ROWS`] and the 256-slot ones above [`WIDE256_MIN_ROWS`] (a dense launch's grid then has one row block
-/// per 192 or 256 rows; a grouped launch keeps its grid of 64-slot tiles, the first tile of each expert's 192 or 256
-/// slots doing their work). Dense launches whose input row of slot
+/// [`WIDE_MIN_ROWS`] and the 256-slot ones above [`WIDE256_MIN_ROWS`]. The kernels are persistent: the grid is the
+/// blocks resident at once on [`super::TARGET_SMS`] SMs (or [`with_persistent_blocks`]'s cap) per matrix, at most the
+/// work tiles, each block walking tiles of 128 features by 64, 192 or 256 rows (dense: a row block; grouped: an expert's
+/// group of that many slots, read from the grouping on the device); launches with a finishing step (query RoPE, row
+/// finisher) get one block per tile. Dense launches whose input row of slot
 /// r is row r (every dense launch the crate makes) get the TMA kernel and the activations' tensor map, unless
 /// [`PrefillGemm::WgmmaGather`] is chosen; the others gather. `Error::InvalidArgument` for a format without wgmma
 /// kernels (see [`applies`]).
@@ -193,10 +221,22 @@ pub(crate) fn launch(device: &Device, format: WeightFormat, rows_per_matrix: usi
     };
     let (gather, tma) = kernels(format, slot_tiles).ok_or_else(|| Error::InvalidArgument(format!("no wgmma prefill kernel for {format:?} weights")))?;
     let mut config = LaunchConfig { block: Dim3::x(threads(slot_tiles)), shared_bytes: shared_bytes(format, slot_tiles), ..*config };
-    if params.sorted_pairs.is_null() {
-        // Dense: block y works rows [y BN, y BN + BN).
+    // The tile space: feature tiles (the mma.sync grid's x) x row blocks of 64 slot_tiles rows (dense) or x the
+    // expert groups (grouped: at most one per aligner tile, the mma.sync grid's y), per matrix (grid z).
+    let row_blocks = if params.sorted_pairs.is_null() {
         let rows = u32::try_from(params.dense_rows).map_err(|_| Error::InvalidArgument(format!("wgmma dense gemm: {} rows", params.dense_rows)))?;
-        config.grid.y = rows.div_ceil(64 * slot_tiles);
+        rows.div_ceil(64 * slot_tiles)
+    } else {
+        config.grid.y
+    };
+    let tiles = config.grid.x.checked_mul(row_blocks).ok_or_else(|| Error::InvalidArgument(format!("wgmma gemm: {} x {row_blocks} tiles", config.grid.x)))?;
+    // Persistent: as many blocks as are resident at once, spread over the matrices, each walking tiles blockIdx.x,
+    // + gridDim.x, ... (at most the tiles). A finishing step runs per block on its tile: one tile per block.
+    let finishes = !params.rope.positions.is_null() || params.finish.kind != SMALL4_GEMM_FINISH_NONE as i32;
+    let resident = PERSISTENT_BLOCKS.get().map_or((super::TARGET_SMS as u32 * blocks_per_sm(slot_tiles)).div_ceil(config.grid.z.max(1)), NonZeroU32::get);
+    config.grid = Dim3::xyz(if finishes { tiles } else { tiles.min(resident) }, 1, config.grid.z);
+    if tiles == 0 {
+        return Ok(());
     }
     let dense_rows_in_order = params.sorted_pairs.is_null() && (params.in_by_token == 0 || params.top_k == 1) && params.dense_rows > 0;
     if !dense_rows_in_order || PrefillGemm::current()? == PrefillGemm::WgmmaGather {

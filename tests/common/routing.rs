@@ -23,7 +23,6 @@ impl RoutedBatch {
     /// experts are owned by another GPU and every seventh pair (from the fourth) is unrouted, so some pairs have no
     /// slot. The batch must be prefill-sized (64-slot tiles).
     pub fn random(rng: &mut StdRng, tokens: usize, k: usize, experts: usize, remote: usize) -> Self {
-        let local = experts - remote;
         let mut ids = Vec::with_capacity(tokens * k);
         let mut weights = Vec::with_capacity(tokens * k);
         for _ in 0..tokens {
@@ -35,6 +34,27 @@ impl RoutedBatch {
             ids.extend_from_slice(&chosen[..k]);
             weights.extend((0..k).map(|_| rng.random_range(0.1f32..1.0)));
         }
+        Self::aligned(tokens, k, ids, weights, experts, remote)
+    }
+
+    /// `counts[e]` pairs for each expert e (their sum a multiple of `k`), in random order, with weights in [0.1, 1) and
+    /// the last `remote` experts and every seventh pair unrouted as [`RoutedBatch::random`] does: uneven experts, empty
+    /// ones included. A token's pairs may repeat an expert (the kernels do not care).
+    pub fn from_counts(rng: &mut StdRng, counts: &[usize], k: usize, remote: usize) -> Self {
+        let pairs: usize = counts.iter().sum();
+        assert_eq!(pairs % k, 0, "whole tokens");
+        let mut ids: Vec<i32> = counts.iter().enumerate().flat_map(|(e, &c)| std::iter::repeat_n(e as i32, c)).collect();
+        for i in (1..ids.len()).rev() {
+            ids.swap(i, rng.random_range(0..=i));
+        }
+        let weights = (0..pairs).map(|_| rng.random_range(0.1f32..1.0)).collect();
+        Self::aligned(pairs / k, k, ids, weights, counts.len(), remote)
+    }
+
+    /// Every seventh pair (from the fourth) unrouted, the last `remote` of `experts` experts remote, the rest aligned
+    /// into 64-slot tiles.
+    fn aligned(tokens: usize, k: usize, mut ids: Vec<i32>, weights: Vec<f32>, experts: usize, remote: usize) -> Self {
+        let local = experts - remote;
         ids.iter_mut().skip(3).step_by(7).for_each(|id| *id = -1);
         let expert_map: Vec<i32> = (0..experts).map(|e| if e < local { e as i32 } else { -1 }).collect();
         let tile_m = moe::moe_tile_m(tokens, k, local);

@@ -97,7 +97,7 @@ thread_local! {
 }
 
 /// Runs `f` with the wgmma kernels' persistent grid capped at `blocks` blocks per matrix on the calling thread
-/// (instead of the blocks that fit on [`super::TARGET_SMS`] SMs), restoring the previous cap afterwards, also when `f`
+/// (instead of the blocks that fit on an H100's 132 SMs), restoring the previous cap afterwards, also when `f`
 /// panics. A small grid makes each block walk many tiles: the tests use it to run the ring's phases and the tile
 /// tables' hand-over across tiles. Launches with a finishing step (query RoPE, row finisher) keep one tile per block.
 pub fn with_persistent_blocks<R>(blocks: NonZeroU32, f: impl FnOnce() -> R) -> R {

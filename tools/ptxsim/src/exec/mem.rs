@@ -331,6 +331,14 @@ impl BlockCtx<'_> {
         )
     }
 
+    /// A load of `sectors` distinct sectors issued by the lanes `exec` of `w`: counted apart when one of them has not
+    /// executed its `griddepcontrol.wait` yet (`Counters::pre_wait_sectors`).
+    pub(super) fn count_if_before_wait(&mut self, w: &Warp, exec: u32, sectors: u64) {
+        if lanes(exec).any(|l| self.pdl.before_wait(w.linear_tid(l))) {
+            self.counters.pre_wait_load(sectors);
+        }
+    }
+
     /// Records the warp-wide request for the counters.
     fn count_request(&mut self, w: &Warp, inst: &Inst, space: Space, exec: u32, bytes: u32, write: bool) {
         let mut global = [(0u64, 0u32); 32];
@@ -351,8 +359,8 @@ impl BlockCtx<'_> {
         }
         if ng > 0 {
             let sectors = self.counters.global_request(&global[..ng], write);
-            if !write && lanes(exec).any(|l| self.pdl.before_wait(w.linear_tid(l))) {
-                self.counters.pre_wait_load(sectors);
+            if !write {
+                self.count_if_before_wait(w, exec, sectors);
             }
         }
         if ns > 0 {
@@ -471,9 +479,7 @@ impl BlockCtx<'_> {
         }
         if !ranges.is_empty() {
             let sectors = self.counters.global_request(&ranges, false);
-            if lanes(exec).any(|l| self.pdl.before_wait(w.linear_tid(l))) {
-                self.counters.pre_wait_load(sectors);
-            }
+            self.count_if_before_wait(w, exec, sectors);
         }
         Ok(())
     }

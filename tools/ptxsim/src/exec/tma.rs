@@ -179,9 +179,7 @@ impl BlockCtx<'_> {
             }
             let eb = map.element_bytes();
             let sectors = self.counters.async_copy(elems.iter().filter_map(|&(_, src)| src.map(|a| (a, eb))));
-            if self.pdl.before_wait(w.linear_tid(l)) {
-                self.counters.pre_wait_load(sectors);
-            }
+            self.count_if_before_wait(w, 1 << l, sectors);
             let mut data = vec![0u8; bytes as usize];
             let mut dsts = Vec::with_capacity(elems.len());
             for (lin, src) in elems {
@@ -223,9 +221,7 @@ impl BlockCtx<'_> {
             self.read(w, Loc::Global(src), l, &mut data).map_err(|f| Fault { message: format!("{} (cp.async.bulk source)", f.message), ..f })?;
             self.counters.global_bytes_read += size as u64;
             let sectors = self.counters.async_copy([(src, size)]);
-            if self.pdl.before_wait(w.linear_tid(l)) {
-                self.counters.pre_wait_load(sectors);
-            }
+            self.count_if_before_wait(w, 1 << l, sectors);
             let dsts = (0..size / 16).map(|k| dst + 16 * k).collect();
             self.queue_load(w, inst, pc, l, mbar, dsts, 16, data, size)?;
         }

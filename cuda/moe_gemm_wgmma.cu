@@ -145,21 +145,8 @@ template <int kSlotTiles> struct BlockRoles {
     static_assert(!kMovesRegisters || kEntryRegisters * kThreads <= 65536, "every warp back at the entry count for the block's finish");
 };
 
-// The block's shared memory as the persistent walk uses it (Ring's layout): the stage ring and its barriers, and the
-// two tile buffers (slot tables, TileWork, "tile full" / "tile empty" barriers) the producer and the consumers hand
-// over.
-template <Format F, int kSlotTiles> struct BlockSmem {
-    using R = Ring<F, kSlotTiles>;
-    unsigned char *w, *x, *s;
-    uint64_t *full, *empty, *tile_full, *tile_empty;
-    int *slot_pair, *slot_src, *prefix;  // slot tables: buffer b at b * kSlots
-    TileWork *tiles;
-    __device__ __forceinline__ explicit BlockSmem(unsigned char *smem)
-        : w(smem), x(smem + R::kXOffset), s(smem + R::kSOffset), full(reinterpret_cast<uint64_t *>(smem + R::kBarOffset)), empty(full + R::kStages),
-          tile_full(reinterpret_cast<uint64_t *>(smem + R::kTileBarOffset)), tile_empty(tile_full + 2),
-          slot_pair(reinterpret_cast<int *>(smem + R::kSlotOffset)), slot_src(reinterpret_cast<int *>(smem + R::kSrcOffset)),
-          prefix(reinterpret_cast<int *>(smem + R::kPrefixOffset)), tiles(reinterpret_cast<TileWork *>(smem + R::kTileOffset)) {}
-};
+// The block's shared memory as the persistent walk uses it (wgmma_gemm.cuh PersistentSmem in Ring's layout).
+template <Format F, int kSlotTiles> using BlockSmem = PersistentSmem<Ring<F, kSlotTiles>>;
 
 template <Format F, int kSlotTiles>
 __device__ __forceinline__ void consume_tiles(const MoeGemmParams &p, const BlockSmem<F, kSlotTiles> &sm, int k_blocks);
@@ -183,19 +170,8 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const MoeGemmParams &p, const
     // Tables read per tile: "tile empty" waits for the consumer warps and the gathering producer warps other than the
     // first (which writes them, in program order after its own reads).
     constexpr int kTableReaders = kConsumerWarps + (kTmaX ? 0 : Roles::kProducerWarps - 1);
-    if (tid == 0) {
-        // "full": the producer's expect_tx arrival (+ one "activations landed" arrival per gathering producer warp).
-        for (int s = 0; s < kStages; ++s) {
-            mbar_init(&sm.full[s], kTmaX ? 1 : 1 + Roles::kProducerWarps);
-            mbar_init(&sm.empty[s], kConsumerWarps);
-        }
-        for (int b = 0; b < 2; ++b) {
-            mbar_init(&sm.tile_full[b], 1);
-            mbar_init(&sm.tile_empty[b], kTableReaders);
-        }
-        mbar_init_fence();
-        GroupWalker<kSlots>(sm.prefix).reset();
-    }
+    // "full": the producer's expect_tx arrival (+ one "activations landed" arrival per gathering producer warp).
+    if (tid == 0) init_persistent_block(sm, kTmaX ? 1 : 1 + Roles::kProducerWarps, kTableReaders);
     __syncthreads();
 
     const int feature_tiles = p.rows_padded / kBM;
@@ -213,38 +189,12 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const MoeGemmParams &p, const
             const unsigned char *x = reinterpret_cast<const unsigned char *>(p.x + (long)blockIdx.z * p.x_batch_stride);
 #pragma unroll 1
             for (int j = 0;; ++j) {
-                // The block's j-th tile; the k blocks of its earlier tiles are the ring's uses so far (both derived
-                // from j: the BN 256 producers run at 48 registers).
-                const int index = blockIdx.x + j * gridDim.x, kb_done = j * k_blocks;
+                // The block's j-th tile (wgmma_gemm.cuh publish_tile); the k blocks of its earlier tiles are the
+                // ring's uses so far (derived from j: the BN 256 producers run at 48 registers).
+                const int kb_done = j * k_blocks;
                 const int buf = j & 1;
-                int *slot_pair = sm.slot_pair + buf * kSlots, *slot_src = sm.slot_src + buf * kSlots;
-                TileWork work;
-                if (producer == 0) {
-                    // Tile index -> work, feature tile fastest: the 128-feature tiles of one slot group run side by side
-                    // on the SMs and read its activation rows from L2.
-                    work.feature_tile = index % feature_tiles;
-                    int slot_end = 0;
-                    bool found;
-                    if (grouped) {
-                        found = walker.find(p, index / feature_tiles, work.expert, work.slot_begin, slot_end);
-                    } else {
-                        work.expert = blockIdx.z;
-                        work.slot_begin = index / feature_tiles * kSlots;
-                        slot_end = min(work.slot_begin + kSlots, p.dense_rows);
-                        found = work.slot_begin < p.dense_rows;
-                    }
-                    work.slots = slot_end - work.slot_begin;
-                    if (!found) work.expert = -1;
-                    // The table's readers of two tiles ago are done with this buffer.
-                    ring_wait_empty<2>(sm.tile_empty, j);
-                    if (found) fill_slot_table<!kTmaX, kSlots>(p, slot_pair, slot_src, work.slot_begin, work.slots, lane, 32);
-                    if (lane == 0) sm.tiles[buf] = work;
-                    __syncwarp();
-                    if (elect_one_sync()) mbar_arrive(&sm.tile_full[buf]);
-                } else {
-                    ring_wait_full<2>(sm.tile_full, j);
-                    work = sm.tiles[buf];
-                }
+                const int *slot_src = sm.slot_src + buf * kSlots;
+                const TileWork work = producer == 0 ? publish_tile<!kTmaX>(p, sm, walker, j, feature_tiles, grouped) : wait_tile(sm, j);
                 if (work.expert < 0) break;
 
                 // From here the tile's work is read back from its buffer where needed (after each wait, so the compiler
@@ -320,16 +270,9 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const MoeGemmParams &p, const
         consume_tiles<F, kSlotTiles>(p, sm, k_blocks);
         if constexpr (Roles::kMovesRegisters) setmaxnreg_dec<Roles::kEntryRegisters>();
     }
-    // Launches with a finishing step (dense query RoPE, row finisher) run one tile per block (moe_wgmma.rs sizes the
-    // grid so): every thread, producers included, finishes the block's tile, the first buffer's, from what the
-    // consumers stored.
-    if (p.rope.positions == nullptr && p.finish.kind == SMALL4_GEMM_FINISH_NONE) return;
-    __syncthreads();
-    const TileWork work = sm.tiles[0];
-    if (work.expert < 0) return;
-    static_assert(kSlots <= Roles::kThreads, "finish_rows: one slot per thread");
-    if (p.rope.positions != nullptr) rope_output_tile(p, work.slot_begin, work.slots, work.feature_tile * kBM, kBM);
-    if (p.finish.kind != SMALL4_GEMM_FINISH_NONE) finish_rows<true, kSlots>(p, sm.slot_pair, work.slots, work.slot_begin, false);
+    // Launches with a finishing step (dense query RoPE, row finisher): every thread, producers included, finishes the
+    // block's one tile.
+    finish_block_tile<true>(p, sm);
 }
 
 // The consumer warps' walk: per tile, the k loop and the epilogue (see the file comment).
@@ -344,8 +287,7 @@ __device__ __forceinline__ void consume_tiles(const MoeGemmParams &p, const Bloc
 #pragma unroll 1
     for (int j = 0;; ++j) {
         const int buf = j & 1;
-        ring_wait_full<2>(sm.tile_full, j);
-        const TileWork work = sm.tiles[buf];
+        const TileWork work = wait_tile(sm, j);
         if (work.expert < 0) return;
         const int tile = work.feature_tile * (kBM / 16) + warp;
         // The slot tiles holding real slots (uniform over the block): the wgmmas of the others are not issued.

@@ -12,6 +12,10 @@
 //!   wrong scale index, k order or slot mapping shows as a mismatch. Per-tensor and block-128 weights; dense (f32 and
 //!   bf16 outputs, strided input rows, a row tail) and grouped (up + SwiGLU, down x routing weight; padding slots,
 //!   unrouted and remote pairs), at the model's K = 4096 and 2048 (the 4-stage ring wraps 8 and 4 times);
+//! - the persistent walk (`with_persistent_blocks`): grouped launches over uneven experts (empty ones first, between
+//!   and last, an expert of several 64-slot groups, a partial group) on two blocks that walk 3-4 tiles each, and dense
+//!   walks of four tiles on one block (K 640: each tile starts the ring at another stage and phase; K 4096), bit for
+//!   bit the reference and the launches with one tile per block;
 //! - planted bugs: a shifted activation-scale index (a wrong result), a missing proxy fence and an early
 //!   wait_group (the interpreter's reports).
 //!
@@ -28,12 +32,13 @@ use small4::device::{Device, DeviceBuffer};
 use small4::kernels::dense;
 use small4::kernels::gemm::DeviceWeights;
 use small4::kernels::moe;
-use small4::kernels::moe_wgmma::PrefillGemm;
+use small4::kernels::moe_wgmma::{with_persistent_blocks, PrefillGemm};
 use small4::kernels::moe_wgmma_fp8::quantize_act_e4m3_block128;
 use small4::quant::repack::{self, MatrixRef};
 use small4::quant::{e4m3_to_f32, f32_to_e4m3, Fp8Block128, Fp8PerTensor, QuantizedMatrix, WeightFormat};
 use small4::reference::fp8_gemm::{gemm_a8, permuted_column, quantize_act_block128, QuantizedActs};
 use small4::reference::moe::align_pairs;
+use std::num::NonZeroU32;
 
 const FORMATS: [WeightFormat; 2] = [WeightFormat::Fp8PerTensor, WeightFormat::Fp8Block128];
 
@@ -182,8 +187,14 @@ fn mismatches(got: &[f32], want: &[f32]) -> usize {
 /// One dense case: `rows` rows of K `k_dim` (16-byte strided wider than K) into 128 f32 features; the number of
 /// output elements that differ from the reference.
 fn dense_f32_mismatches(device: &Device, format: WeightFormat, rows: usize, k_dim: usize, seed: u64) -> small4::Result<usize> {
+    let (got, want) = dense_f32(device, format, rows, k_dim, 128, seed)?;
+    Ok(mismatches(&got, &want))
+}
+
+/// A dense f32 GEMM of `rows` exact-design rows (strided) through `out_dim` `format` features at `k_dim` under the
+/// fp8-activation kernels: (the kernel's output, the reference's).
+fn dense_f32(device: &Device, format: WeightFormat, rows: usize, k_dim: usize, out_dim: usize, seed: u64) -> small4::Result<(Vec<f32>, Vec<f32>)> {
     let mut rng = rng(seed);
-    let out_dim = 128;
     let w = integer_weights(&mut rng, format, out_dim, k_dim);
     let weights = DeviceWeights::upload(device, &repack::repack_linear(&[(&w).into()]).unwrap()).unwrap();
     let stride = k_dim + 16;
@@ -195,7 +206,7 @@ fn dense_f32_mismatches(device: &Device, format: WeightFormat, rows: usize, k_di
         dense::linear_f32(&weights, x_dev.view([rows, stride])?.columns(0..k_dim)?, y.view([rows, out_dim])?, None)?;
         y.to_vec()
     })?;
-    Ok(mismatches(&y, &want))
+    Ok((y, want))
 }
 
 /// Dense f32 GEMMs at the model's reduction lengths (K 4096 and 2048; 70 rows: the second row block has 6 real rows),
@@ -286,17 +297,24 @@ fn check_swiglu(what: &str, got: &[f32], g: &[f32], u: &[f32]) {
     }
 }
 
-/// A routed case: `tokens` tokens pick `k` distinct experts of `experts` (the last one owned by another GPU, every
-/// seventh pair unrouted); up-projection [dim] -> [hidden] with SwiGLU, down-projection [down_k] -> [down_out] of its
-/// own exact-design rows. Both against the reference.
-fn check_grouped(device: &Device, format: WeightFormat, tokens: usize, k: usize, experts: usize, dims: [usize; 4], seed: u64) {
+/// A routed case: `routing` draws the batch (its tokens, top-k, and `local` local experts, the others remote), after
+/// the weights; up-projection [dim] -> [hidden] with SwiGLU, down-projection [down_k] -> [down_out] of its own
+/// exact-design rows. Both against the reference; returns the outputs (act, down rows by pair) for comparisons.
+fn check_grouped(
+    device: &Device,
+    format: WeightFormat,
+    local: usize,
+    dims: [usize; 4],
+    seed: u64,
+    routing: impl FnOnce(&mut StdRng) -> RoutedBatch,
+) -> (Vec<bf16>, Vec<f32>) {
     let [dim, hidden, down_k, down_out] = dims;
     let mut rng = rng(seed);
-    let local = experts - 1;
     let w1: Vec<QuantizedMatrix> = (0..local).map(|_| integer_weights(&mut rng, format, hidden, dim)).collect();
     let w3: Vec<QuantizedMatrix> = (0..local).map(|_| integer_weights(&mut rng, format, hidden, dim)).collect();
     let w2: Vec<QuantizedMatrix> = (0..local).map(|_| integer_weights(&mut rng, format, down_out, down_k)).collect();
-    let batch = RoutedBatch::random(&mut rng, tokens, k, experts, 1);
+    let batch = routing(&mut rng);
+    let (tokens, k) = (batch.tokens, batch.k);
     let (alignment, weights, capacity) = (&batch.alignment, &batch.weights, batch.capacity());
 
     let gate_up: Vec<(MatrixRef, MatrixRef)> = w1.iter().zip(&w3).map(|(a, b)| (a.into(), b.into())).collect();
@@ -351,18 +369,62 @@ fn check_grouped(device: &Device, format: WeightFormat, tokens: usize, k: usize,
     assert_eq!(bad, 0, "{what} down x weight K {down_k}: {bad} elements differ from the reference");
     let unwritten = batch.unslotted_pairs();
     assert!(unwritten.iter().all(|&p| out[p * down_out..][..down_out].iter().all(|v| v.to_bits() == u32::MAX)), "{what}: an unrouted pair was written");
+    (act, out)
 }
 
 /// Grouped up (K = dim 4096) and down (K = hidden 2048) at the model's reduction lengths: 150 tokens x top-2 of 2
 /// local experts and a remote one (not a multiple of 64 slots), output widths cut to one block, per-tensor weights.
 fn grouped_fp8_at_real_reduction_lengths(device: &Device) {
-    check_grouped(device, FORMATS[0], 150, 2, 3, [4096, 64, 2048, 128], 70);
+    check_grouped(device, FORMATS[0], 2, [4096, 64, 2048, 128], 70, |rng| RoutedBatch::random(rng, 150, 2, 3, 1));
 }
 
 /// The same with block-128 weights (their scales promoted per stage; the SwiGLU interleave draws gate and up rows'
 /// scales from two matrices).
 fn grouped_fp8_block_at_real_reduction_lengths(device: &Device) {
-    check_grouped(device, FORMATS[1], 150, 2, 3, [4096, 64, 2048, 128], 71);
+    check_grouped(device, FORMATS[1], 2, [4096, 64, 2048, 128], 71, |rng| RoutedBatch::random(rng, 150, 2, 3, 1));
+}
+
+/// Persistent walks over uneven experts (`format`'s weights): 9 local experts with 0, 150, 0, 40, 64, 1, 0, 65 and 0
+/// pairs before every seventh pair is unrouted (empty experts first, between and last; an expert of three 64-slot
+/// groups, the last partial; single-pair and near-full groups), 160 tokens x top-2, at K 4096 (up) and 2048 (down)
+/// with one 128-feature tile each way, so the launch's work tiles are the experts' groups (7 or 8). The grid is
+/// capped at two blocks ([`with_persistent_blocks`]): each walks three or four tiles, the ring's phases, the tile
+/// tables and the slots' activation scales carried across them. Against the reference (the down-projection bit for
+/// bit), and bit for bit against the same launches with one tile per block (the default grid holds every tile).
+fn grouped_persistent_uneven_experts(device: &Device, format: WeightFormat, seed: u64) {
+    let counts = [0, 150, 0, 40, 64, 1, 0, 65, 0];
+    let run = || check_grouped(device, format, counts.len(), [4096, 64, 2048, 128], seed, |rng| RoutedBatch::from_counts(rng, &counts, 2, 0));
+    let (act, out) = with_persistent_blocks(NonZeroU32::new(2).unwrap(), run);
+    let (act_one, out_one) = run();
+    let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&act), bits(&act_one), "{format}: up+SwiGLU on two persistent blocks differs from one tile per block");
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&out), bits(&out_one), "{format}: down on two persistent blocks differs from one tile per block");
+}
+
+/// [`grouped_persistent_uneven_experts`] with per-tensor weights.
+fn grouped_persistent_uneven_experts_fp8(device: &Device) {
+    grouped_persistent_uneven_experts(device, FORMATS[0], 72);
+}
+
+/// [`grouped_persistent_uneven_experts`] with block-128 weights (their scales staged per stage across tiles).
+fn grouped_persistent_uneven_experts_fp8_block(device: &Device) {
+    grouped_persistent_uneven_experts(device, FORMATS[1], 73);
+}
+
+/// A persistent dense walk on one block ([`with_persistent_blocks`]): 70 rows (the second row block has 6 real rows,
+/// its padding slots zero-filled) through 256 features (two 128-feature tiles, the fastest index), so the block walks
+/// four tiles; at K 640 (5 k blocks a tile: each tile starts the 4-stage ring at another stage and phase) for both
+/// formats and at K 4096 per-tensor. Bit for bit the reference and the launch with one tile per block.
+fn dense_persistent_walks(device: &Device) {
+    for (format, k_dim, seed) in [(FORMATS[0], 640, 74), (FORMATS[1], 640, 75), (FORMATS[0], 4096, 76)] {
+        let (got, want) = with_persistent_blocks(NonZeroU32::new(1).unwrap(), || dense_f32(device, format, 70, k_dim, 256, seed)).unwrap();
+        let bad = mismatches(&got, &want);
+        assert_eq!(bad, 0, "{format} persistent dense K {k_dim}: {bad} elements differ from the reference");
+        let (one_per_block, _) = dense_f32(device, format, 70, k_dim, 256, seed).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got), bits(&one_per_block), "{format} K {k_dim}: one persistent block differs from one tile per block");
+    }
 }
 
 /// Launches the fp8 kernels do not serve keep mma.sync under `PrefillGemm::WgmmaFp8Act`: a per-tensor GEMM whose K
@@ -418,7 +480,10 @@ backend_tests!(
     dense_at_real_reduction_lengths,
     dense_bf16_and_swiglu_outputs,
     grouped_fp8_at_real_reduction_lengths,
-    grouped_fp8_block_at_real_reduction_lengths
+    grouped_fp8_block_at_real_reduction_lengths,
+    grouped_persistent_uneven_experts_fp8,
+    grouped_persistent_uneven_experts_fp8_block,
+    dense_persistent_walks
 );
 
 /// The exact-design GEMMs and the random-data bound under the interpreter's other tensor-core model, MMA-Sim's

@@ -105,6 +105,12 @@ __device__ __forceinline__ void tma_load_3d(void *dst_smem, const void *map, int
 // (wgmma operands) of the same bytes.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
+// 4 bytes global -> shared at a shared-memory address when `valid`, else 4 zero bytes with nothing read (the src-size
+// form: a padding slot's activation scale, without a branch). Lands at the matching cp_async_wait, like cp_async16.
+__device__ __forceinline__ void cp_async4_zfill(uint32_t dst_addr, const void *src_global, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst_addr), "l"(src_global), "r"(valid ? 4 : 0) : "memory");
+}
+
 // ---- stage ring (producer warp -> consumer warps) -------------------------------------------------------------------
 
 // The warp-specialised kernels' ring of kStages shared-memory stages: use j of the ring (k block or key tile j) fills

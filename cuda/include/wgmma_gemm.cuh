@@ -3,10 +3,12 @@
 // one producer warp (moe_gemm_wgmma.cu's BN 256 kernels: a producer warpgroup of 4 warps); 128 features x 64 slots
 // per slot tile, one or more slot tiles per block (moe_gemm_wgmma.cu's wide kernels take three or four); a ring of stages laid out as weights, activations (one 128-byte swizzled line per slot, the
 // block's slot tiles one after the other), per-stage extras (staged weight scales, activation scales), the "full" and
-// "empty" barriers, the slots' pairs; and the block setup and activation gather both producers run.
+// "empty" barriers, the slots' pairs; the activation gather both producers run; and the persistent walk over work
+// tiles they share (PersistentSmem, init_persistent_block, publish_tile / wait_tile, finish_block_tile).
 #pragma once
 #include "params.h"
 #include "common.cuh"
+#include "gemm_epilogue.cuh"
 #include "hopper.cuh"
 #include "mma.cuh"
 
@@ -70,27 +72,6 @@ __device__ __forceinline__ void fill_slot_table(const MoeGemmParams &p, int *slo
         slot_pair[s] = pair;
         slot_src[s] = pair < 0 ? -1 : p.in_by_token ? pair / p.top_k : slot_begin + s;
     }
-}
-
-// Every thread of the block: the slots' pairs (slot_pair[s]: the sorted pair of slot s when kSortedPairs and the
-// launch gives sorted_pairs, else its row; -1 past the block's `slots`) and the input rows the gathers read for them
-// (slot_src[s]: the pair's token when the input is by token, else the slot's row; -1 for a padding slot), and the
-// ring's barriers ("full": `full_arrivals` arrivals a phase besides the transaction bytes; "empty": one release per
-// consumer warp); then a block barrier. kSlots: the block's slots (GemmRing::kSlots); kBlockThreads: the block's
-// threads.
-template <int kStages, bool kSortedPairs, int kSlots = kBN, int kBlockThreads = kThreads>
-__device__ __forceinline__ void init_slots_and_ring(const MoeGemmParams &p, int *slot_pair, int *slot_src, uint64_t *full, uint64_t *empty, int slot_begin,
-                                                    int slots, unsigned full_arrivals) {
-    const int tid = threadIdx.x;
-    fill_slot_table<kSortedPairs, kSlots>(p, slot_pair, slot_src, slot_begin, slots, tid, kBlockThreads);
-    if (tid == 0) {
-        for (int s = 0; s < kStages; ++s) {
-            mbar_init(&full[s], full_arrivals);
-            mbar_init(&empty[s], kConsumerWarps);
-        }
-        mbar_init_fence();
-    }
-    __syncthreads();
 }
 
 // A producer warp: one stage's activation lines by 16-byte cp.async into the swizzled stage at x_stage_addr, the
@@ -203,5 +184,92 @@ template <int kSlots> struct GroupWalker {
         return true;
     }
 };
+
+// A persistent block's shared memory in GemmRing R's layout (kTileBuffers 2): the stage ring and its barriers, and
+// the two tile buffers (slot tables, TileWork, "tile full" / "tile empty" barriers) the first producer warp and the
+// tables' readers hand over, and the group walker's prefix.
+template <class R> struct PersistentSmem {
+    static_assert(R::kPersistent, "a ring with two tile buffers");
+    unsigned char *w, *x, *s;
+    uint64_t *full, *empty, *tile_full, *tile_empty;
+    int *slot_pair, *slot_src, *prefix;  // slot tables: buffer b at b * R::kSlots
+    TileWork *tiles;
+    __device__ __forceinline__ explicit PersistentSmem(unsigned char *smem)
+        : w(smem), x(smem + R::kXOffset), s(smem + R::kSOffset), full(reinterpret_cast<uint64_t *>(smem + R::kBarOffset)), empty(full + R::kStages),
+          tile_full(reinterpret_cast<uint64_t *>(smem + R::kTileBarOffset)), tile_empty(tile_full + 2),
+          slot_pair(reinterpret_cast<int *>(smem + R::kSlotOffset)), slot_src(reinterpret_cast<int *>(smem + R::kSrcOffset)),
+          prefix(reinterpret_cast<int *>(smem + R::kPrefixOffset)), tiles(reinterpret_cast<TileWork *>(smem + R::kTileOffset)) {}
+};
+
+// One thread, before a block barrier: the ring's barriers ("full": `full_arrivals` arrivals a phase besides the
+// transaction bytes; "empty": one release per consumer warp), the tile buffers' ("tile full": the first producer
+// warp's one arrival; "tile empty": one per warp that reads the tables, `table_readers`) and the walker's state.
+template <class R>
+__device__ __forceinline__ void init_persistent_block(const PersistentSmem<R> &sm, unsigned full_arrivals, unsigned table_readers) {
+    for (int s = 0; s < R::kStages; ++s) {
+        mbar_init(&sm.full[s], full_arrivals);
+        mbar_init(&sm.empty[s], kConsumerWarps);
+    }
+    for (int b = 0; b < 2; ++b) {
+        mbar_init(&sm.tile_full[b], 1);
+        mbar_init(&sm.tile_empty[b], table_readers);
+    }
+    mbar_init_fence();
+    GroupWalker<R::kSlots>(sm.prefix).reset();
+}
+
+// The first producer warp, uniformly: the block's j-th work tile (index blockIdx.x + j gridDim.x of the launch's tile
+// space, feature tile fastest, so the 128-feature tiles of one slot group run side by side on the SMs and read its
+// activation rows from L2; grouped: the walker's expert group, dense: the row block of matrix blockIdx.z), its slot
+// tables filled (fill_slot_table, kSortedPairs) into buffer j % 2 once that buffer's readers of two tiles ago
+// released it, published with its TileWork on the buffer's "tile full". Past the last tile: expert -1, no table.
+template <bool kSortedPairs, class R>
+__device__ __forceinline__ TileWork publish_tile(const MoeGemmParams &p, const PersistentSmem<R> &sm, GroupWalker<R::kSlots> &walker, int j, int feature_tiles,
+                                                 bool grouped) {
+    constexpr int kSlots = R::kSlots;
+    const int index = blockIdx.x + j * gridDim.x, buf = j & 1;
+    TileWork work;
+    work.feature_tile = index % feature_tiles;
+    int slot_end = 0;
+    bool found;
+    if (grouped) {
+        found = walker.find(p, index / feature_tiles, work.expert, work.slot_begin, slot_end);
+    } else {
+        work.expert = blockIdx.z;
+        work.slot_begin = index / feature_tiles * kSlots;
+        slot_end = min(work.slot_begin + kSlots, p.dense_rows);
+        found = work.slot_begin < p.dense_rows;
+    }
+    work.slots = slot_end - work.slot_begin;
+    if (!found) work.expert = -1;
+    ring_wait_empty<2>(sm.tile_empty, j);
+    if (found) fill_slot_table<kSortedPairs, kSlots>(p, sm.slot_pair + buf * kSlots, sm.slot_src + buf * kSlots, work.slot_begin, work.slots, threadIdx.x & 31, 32);
+    if ((threadIdx.x & 31) == 0) sm.tiles[buf] = work;
+    __syncwarp();
+    if (elect_one_sync()) mbar_arrive(&sm.tile_full[buf]);
+    return work;
+}
+
+// A reader of the tables (a consumer warp, a gathering producer warp other than the first): the block's j-th work
+// tile once published (expert < 0: the walk is over). It releases buffer j % 2 on "tile empty" when done with it.
+template <class R>
+__device__ __forceinline__ TileWork wait_tile(const PersistentSmem<R> &sm, int j) {
+    ring_wait_full<2>(sm.tile_full, j);
+    return sm.tiles[j & 1];
+}
+
+// Every thread of the block, after the walk: launches with a finishing step (dense query RoPE, row finisher) run one
+// tile per block (the launchers size the grid so), which the block finishes here from what the consumers stored:
+// the first buffer's tile. kOverlapLoads: finish_rows' row loads (false for kernels at their register cap).
+template <bool kOverlapLoads, class R>
+__device__ __forceinline__ void finish_block_tile(const MoeGemmParams &p, const PersistentSmem<R> &sm) {
+    if (p.rope.positions == nullptr && p.finish.kind == SMALL4_GEMM_FINISH_NONE) return;
+    __syncthreads();
+    const TileWork work = sm.tiles[0];
+    if (work.expert < 0) return;
+    static_assert(R::kSlots <= kThreads, "finish_rows: one slot per thread (every block has at least kThreads)");
+    if (p.rope.positions != nullptr) rope_output_tile(p, work.slot_begin, work.slots, work.feature_tile * kBM, kBM);
+    if (p.finish.kind != SMALL4_GEMM_FINISH_NONE) finish_rows<kOverlapLoads, R::kSlots>(p, sm.slot_pair, work.slots, work.slot_begin, false);
+}
 
 }  // namespace

@@ -156,14 +156,21 @@ const X_BOX: [u32; 3] = [64, 64, 1];
 /// `slot_tiles` 64-slot tiles a block: as many stages of the 8 warps' weight tiles (16 x 64 weights each: 2 KiB bf16,
 /// 512 bytes 4-bit) and the activation rows as fit in 192 KiB shared by the SM's blocks (two of 64 slots, one wide),
 /// at most 8 (64 slots: bf16 4, 4-bit 8; 192 slots: bf16 4, 4-bit 6; 256 slots: bf16 4, 4-bit 5), the tiles' staged
-/// scales of each stage on top, two mbarriers per stage, the slots' pairs and source rows.
-/// The persistent walk's part: two tiles' slot tables (pairs and source rows), their `TileWork` (16 bytes) and "tile
-/// full" / "tile empty" barriers, and the group walker's prefix and state (`kWalkerInts` = 264 words).
+/// scales of each stage on top, two mbarriers per stage; then the persistent walk's tables
+/// ([`persistent_tables_bytes`]).
 fn shared_bytes(format: WeightFormat, slot_tiles: u32) -> u32 {
     let stage = 8 * tile_bytes(format) as u32 + slot_tiles * X_STAGE_BYTES;
     let stages = (192 * 1024 / blocks_per_sm(slot_tiles) / stage).min(8);
     let ring = stages * (stage + 8 * super::gemm::staged_scale_bytes(format) as u32) + 2 * stages * 8;
-    ring + 2 * (2 * slot_tiles * 64 * 4) + 2 * 16 + 4 * 8 + WALKER_INTS * 4
+    ring + persistent_tables_bytes(slot_tiles)
+}
+
+/// The persistent walk's shared memory after a ring of `slot_tiles` 64-slot tiles a block (`GemmRing` in
+/// cuda/include/wgmma_gemm.cuh with two tile buffers, here and in [`super::moe_wgmma_fp8`]): two tiles' slot tables
+/// (pairs and source rows), their `TileWork` (16 bytes) and "tile full" / "tile empty" barriers, and the group
+/// walker's prefix and state (`kWalkerInts` = 264 words).
+pub(crate) fn persistent_tables_bytes(slot_tiles: u32) -> u32 {
+    2 * (2 * slot_tiles * 64 * 4) + 2 * 16 + 4 * 8 + WALKER_INTS * 4
 }
 
 /// `kWalkerInts` of cuda/include/wgmma_gemm.cuh: the group walker's 256 experts' prefix and its state.
@@ -220,24 +227,11 @@ pub(crate) fn launch(device: &Device, format: WeightFormat, rows_per_matrix: usi
         _ => 1,
     };
     let (gather, tma) = kernels(format, slot_tiles).ok_or_else(|| Error::InvalidArgument(format!("no wgmma prefill kernel for {format:?} weights")))?;
-    let mut config = LaunchConfig { block: Dim3::x(threads(slot_tiles)), shared_bytes: shared_bytes(format, slot_tiles), ..*config };
-    // The tile space: feature tiles (the mma.sync grid's x) x row blocks of 64 slot_tiles rows (dense) or x the
-    // expert groups (grouped: at most one per aligner tile, the mma.sync grid's y), per matrix (grid z).
-    let row_blocks = if params.sorted_pairs.is_null() {
-        let rows = u32::try_from(params.dense_rows).map_err(|_| Error::InvalidArgument(format!("wgmma dense gemm: {} rows", params.dense_rows)))?;
-        rows.div_ceil(64 * slot_tiles)
-    } else {
-        config.grid.y
-    };
-    let tiles = config.grid.x.checked_mul(row_blocks).ok_or_else(|| Error::InvalidArgument(format!("wgmma gemm: {} x {row_blocks} tiles", config.grid.x)))?;
-    // Persistent: as many blocks as are resident at once, spread over the matrices, each walking tiles blockIdx.x,
-    // + gridDim.x, ... (at most the tiles). A finishing step runs per block on its tile: one tile per block.
-    let finishes = !params.rope.positions.is_null() || params.finish.kind != SMALL4_GEMM_FINISH_NONE as i32;
-    let resident = PERSISTENT_BLOCKS.get().map_or((super::TARGET_SMS as u32 * blocks_per_sm(slot_tiles)).div_ceil(config.grid.z.max(1)), NonZeroU32::get);
-    config.grid = Dim3::xyz(if finishes { tiles } else { tiles.min(resident) }, 1, config.grid.z);
-    if tiles == 0 {
+    let grid = persistent_grid(&config.grid, params, slot_tiles, blocks_per_sm(slot_tiles))?;
+    if grid.x == 0 {
         return Ok(());
     }
+    let config = LaunchConfig { grid, block: Dim3::x(threads(slot_tiles)), shared_bytes: shared_bytes(format, slot_tiles) };
     let dense_rows_in_order = params.sorted_pairs.is_null() && (params.in_by_token == 0 || params.top_k == 1) && params.dense_rows > 0;
     if !dense_rows_in_order || PrefillGemm::current()? == PrefillGemm::WgmmaGather {
         return launch_with(device, &gather, &config, params);
@@ -248,6 +242,27 @@ pub(crate) fn launch(device: &Device, format: WeightFormat, rows_per_matrix: usi
     let mut tma_params = MoeGemmTmaParams::default();
     (tma_params.gemm, tma_params.x_map) = (*params, Small4TensorMap { opaque: x_map.opaque });
     launch_with(device, &tma, &config, &tma_params)
+}
+
+/// The grid of a persistent wgmma launch (here and [`super::moe_wgmma_fp8`]) whose mma.sync launch has grid
+/// `mma_grid`, with blocks of `slot_tiles` 64-slot tiles, `blocks_per_sm` of them resident on an SM. The tile space:
+/// feature tiles (the mma.sync grid's x) x row blocks of 64 `slot_tiles` rows (dense) or x the expert groups
+/// (grouped: at most one per aligner tile, the mma.sync grid's y), per matrix (grid z). As many blocks as are resident
+/// at once on [`super::TARGET_SMS`] SMs (or [`with_persistent_blocks`]'s cap), spread over the matrices, each walking
+/// tiles blockIdx.x, + gridDim.x, ... (at most the tiles); a launch with a finishing step (query RoPE, row finisher)
+/// runs it per block on the block's tile, so one tile per block. x is 0 when there are no tiles.
+/// `Error::InvalidArgument` for a negative row count or a tile count past u32.
+pub(crate) fn persistent_grid(mma_grid: &Dim3, params: &MoeGemmParams, slot_tiles: u32, blocks_per_sm: u32) -> Result<Dim3> {
+    let row_blocks = if params.sorted_pairs.is_null() {
+        let rows = u32::try_from(params.dense_rows).map_err(|_| Error::InvalidArgument(format!("wgmma dense gemm: {} rows", params.dense_rows)))?;
+        rows.div_ceil(64 * slot_tiles)
+    } else {
+        mma_grid.y
+    };
+    let tiles = mma_grid.x.checked_mul(row_blocks).ok_or_else(|| Error::InvalidArgument(format!("wgmma gemm: {} x {row_blocks} tiles", mma_grid.x)))?;
+    let finishes = !params.rope.positions.is_null() || params.finish.kind != SMALL4_GEMM_FINISH_NONE as i32;
+    let resident = PERSISTENT_BLOCKS.get().map_or((super::TARGET_SMS as u32 * blocks_per_sm).div_ceil(mma_grid.z.max(1)), NonZeroU32::get);
+    Ok(Dim3::xyz(if finishes { tiles } else { tiles.min(resident) }, 1, mma_grid.z))
 }
 
 /// The 3-d map {k_dim, dense_rows, heads} of a dense launch's bf16 input rows (params.h, `MoeGemmTmaParams`).

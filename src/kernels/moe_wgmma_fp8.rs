@@ -27,9 +27,14 @@ pub const ACT_SCALE_BLOCK: usize = 128;
 /// Threads per GEMM block: two consumer warpgroups and the producer warp.
 const THREADS: u32 = 9 * 32;
 /// Dynamic shared memory of the GEMM kernels (`Ring::kSharedBytes` in moe_gemm_wgmma_fp8.cu): 4 stages of the 8 warps'
-/// 16 x 128 e4m3 weights (2 KiB each), 64 activation rows of 128 e4m3 and their 64 f32 scales; two mbarriers a stage;
-/// the 64 slots' pairs and source rows.
-const SHARED_BYTES: u32 = 4 * (8 * 2048 + 64 * 128 + 64 * 4) + 2 * 4 * 8 + 2 * 64 * 4;
+/// 16 x 128 e4m3 weights (2 KiB each), 64 activation rows of 128 e4m3, their 64 f32 scales and the 8 warps' pairs of
+/// f32 weight scales (fp8-block); two mbarriers a stage; the persistent walk's two tile buffers and group walker (one
+/// 64-slot tile a block).
+fn shared_bytes() -> u32 {
+    4 * (8 * 2048 + 64 * 128 + 64 * 4 + 8 * 8) + 2 * 4 * 8 + super::moe_wgmma::persistent_tables_bytes(1)
+}
+/// Blocks resident per SM: two (99 KiB of shared memory each; ptxas caps the kernels at 96 registers a thread).
+const BLOCKS_PER_SM: u32 = 2;
 
 /// Activations bf16 -> e4m3 with one f32 scale per row and 128 columns (DeepGEMM's 1x128 rule): for each row r and
 /// block b of 128 columns, `amax = max(max |x[r, 128 b ..]|, 2^-64)`, `scales[r, b] = amax / 448` and
@@ -208,8 +213,9 @@ impl Fp8ActScratch {
 /// Launches the prefill tile of `format` (fp8) weights on the fp8 tensor cores: `x` (the launch's bf16 input rows,
 /// `[input rows, k_dim]`) is quantised with [`quantize_act_e4m3_block128`] (only the real slots of `slots` when the
 /// input rows are a grouping's slots) into `scratch` (None: buffers allocated for this launch alone), then the GEMM
-/// runs with `params` and the grid of the mma.sync launch (`config`'s block and shared memory are replaced), reading
-/// the e4m3 rows and their scales instead of `x`.
+/// runs with `params`, reading the e4m3 rows and their scales instead of `x`, on the persistent grid the mma.sync
+/// launch's grid (`config`) gives ([`super::moe_wgmma::persistent_grid`]: at most the blocks resident at once, or
+/// [`with_persistent_blocks`](super::moe_wgmma::with_persistent_blocks)'s cap; one per tile with a finishing step).
 /// `Error::InvalidArgument` for a format without a kernel here (see [`applies`]).
 pub(crate) fn launch(
     device: &Device,
@@ -221,6 +227,13 @@ pub(crate) fn launch(
     scratch: Option<&Fp8ActScratch>,
 ) -> Result<()> {
     let kernel = kernel(format).ok_or_else(|| Error::InvalidArgument(format!("no fp8-activation wgmma kernel for {format:?} weights")))?;
+    // One matrix, no k split: the kernels tell the compiler grid z is 1 (moe_gemm_wgmma_fp8.cu consume_tiles).
+    if config.grid.z != 1 || params.k_splits > 1 {
+        return Err(Error::InvalidArgument(format!(
+            "fp8-activation wgmma gemm: grid z {} / {} k splits (one matrix, no split)",
+            config.grid.z, params.k_splits
+        )));
+    }
     let [rows, k_dim] = x.dims();
     let own_scratch;
     let scratch = match scratch {
@@ -239,6 +252,11 @@ pub(crate) fn launch(
     launch_quantize(x, codes.view([rows, k_dim])?, scales.view([rows, blocks])?, slots)?;
     let params =
         MoeGemmParams { x: std::ptr::null(), x_e4m3: codes.ptr(), x_stride: to_i32("fp8 gemm x stride", k_dim)?, x_block_scales: scales.ptr(), ..*params };
-    let config = LaunchConfig { block: Dim3::x(THREADS), shared_bytes: SHARED_BYTES, ..*config };
+    // Persistent over work tiles of 128 features x 64 slots, as the bf16 / 4-bit wgmma kernels are.
+    let grid = super::moe_wgmma::persistent_grid(&config.grid, &params, 1, BLOCKS_PER_SM)?;
+    if grid.x == 0 {
+        return Ok(());
+    }
+    let config = LaunchConfig { grid, block: Dim3::x(THREADS), shared_bytes: shared_bytes() };
     launch_with(device, &kernel, &config, &params)
 }

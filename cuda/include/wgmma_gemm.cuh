@@ -62,8 +62,10 @@ struct GemmRing {
     static_assert(kXOffset % 1024 == 0 && kXStage % 1024 == 0, "activation stages must start on the swizzle period");
 };
 
-// `count` threads (the `index`-th of them this one): the slots' pairs (slot_pair[s], and the input rows the gathers
-// read for them, slot_src[s]) of the kSlots slots from slot_begin, `slots` of them real, as init_slots_and_ring says.
+// `count` threads (the `index`-th of them this one): the slots' pairs and the input rows the gathers read for them, of
+// the kSlots slots from slot_begin, `slots` of them real. slot_pair[s]: the sorted pair of slot s when kSortedPairs
+// and the launch gives sorted_pairs, else its row; -1 past `slots`. slot_src[s]: the pair's token when the input is
+// by token, else the slot's row; -1 for a padding slot.
 template <bool kSortedPairs, int kSlots>
 __device__ __forceinline__ void fill_slot_table(const MoeGemmParams &p, int *slot_pair, int *slot_src, int slot_begin, int slots, int index, int count) {
     for (int s = index; s < kSlots; s += count) {

@@ -49,20 +49,20 @@
 // publishes the tile's tables (above), then per stage lanes 0-7 each copy one weight tile's 2 KiB (two consecutive
 // repacked 64-k tiles: contiguous) with cp.async.bulk onto the stage's "full" mbarrier; all 32 lanes gather the
 // stage's activation rows (16-byte cp.async into the swizzled layout) and the slots' activation scales of the stage
-// (4-byte cp.async), and once a stage's cp.async group has landed (STAGES - 1 stages in flight) fence it for the
+// (4-byte cp.async), and for fp8-block lanes 0-3 the 8 weight tiles' scale pairs of the stage (64 contiguous bytes,
+// 16-byte cp.async), and once a stage's cp.async group has landed (STAGES - 1 stages in flight) fence it for the
 // async proxy and arrive on "full" (two arrivals a phase: expect_tx and this). Padding slots read zero rows and zero
 // scales (the copies' zero-filling src-size 0 form). Consumers wait for the tile's table, then per stage wait on
-// "full", read their block scales (fp8-block; two f32 per lane and stage from global memory, L1/L2-resident), load
-// their 16 weight words (four 16-byte ld.shared), issue the stage's four wgmmas into a fresh partial, wait for them
-// (wait_group 0: the promotion needs the partial), read the stage's 16 activation scales of their slots (eight 8-byte
-// ld.shared), release the stage ("empty", one arrival per consumer warp) and promote: 32 fma per lane; after the
+// "full", load their 16 weight words (four 16-byte ld.shared), issue the stage's four wgmmas into a fresh partial, wait for them
+// (wait_group 0: the promotion needs the partial), read their weight-scale pair (fp8-block, one 8-byte ld.shared) and
+// the stage's 16 activation scales of their slots (eight 8-byte ld.shared), release the stage ("empty", one arrival per consumer warp) and promote: 32 fma per lane; after the
 // tile's last stage, the epilogue and the table's release. The producer's single-lane work (expect_tx, arrivals) is
 // done by the lane elect_one_sync picks, as in moe_gemm_wgmma.cu; the ring, the gather and the walk are
 // cuda/include/wgmma_gemm.cuh's.
 //
-// Tiling: BM 128 features x BN 64 slots per work tile, BK 128 per stage (the scale block). 4 stages of 24.25 KiB
-// (16 KiB weights, 8 KiB activations, 256 B activation scales): 99.2 KiB with the barriers, the two tile buffers
-// and the group walker's 1 KiB, two blocks per SM. Work tiles as the tiled mma.sync kernel's blocks (grouped: an
+// Tiling: BM 128 features x BN 64 slots per work tile, BK 128 per stage (the scale block). 4 stages of 24.3 KiB
+// (16 KiB weights, 8 KiB activations, 256 B activation scales, 64 B weight scales): 99.4 KiB with the barriers, the
+// two tile buffers and the group walker's 1 KiB, two blocks per SM. Work tiles as the tiled mma.sync kernel's blocks (grouped: an
 // expert's 64-slot group; dense: 64 rows), walked persistently (above).
 //
 // Bytes (per work tile): 128 weight rows x K x 1 (each weight once per 64 slots; fp8-block: 8 bytes of scales per

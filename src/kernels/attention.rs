@@ -60,9 +60,10 @@ const TARGET_BLOCKS: usize = SMS * 2;
 const ONE_BLOCK_PER_SM_UNITS: usize = 8;
 /// Most splits a tile's fused combine reads when the grid holds more than one block per SM (no helper warps: the 2 row
 /// warps of the tile's last block combine after its split); above, `SplitCombine::for_plan` takes the second launch.
-/// The two grids the timing model has predicted both ways sit on either side: batch 64 at 4k context, 7 splits
-/// (fused ahead on an H100 SXM), and batch 8 at 32k, 49 splits (fused behind on both GPUs' sum); any bound from 7 to
-/// 48 fits them, 16 is the middle in ratio, to be placed by a GPU.
+/// The two grids the timing model has predicted both ways sit on either side: batch 64 at 4k context, 4 splits
+/// (fused ahead on both GPUs), and batch 8 at 32k, 32 splits (fused ahead on an H100 SXM, behind on an H200, about
+/// even on the sum: docs/perf.md "MLA decode at large grids: the warp ring"); any bound from 4 to 31 fits them, 16 is
+/// near the middle in ratio, to be placed by a GPU.
 const FUSED_MAX_SPLITS_WITHOUT_HELPERS: usize = 16;
 /// Longest KV split (tokens) of the one-block-per-SM plan: past it the heuristic aims for `TARGET_BLOCKS` instead
 /// (batch 1 at 32k context, 2 row tiles of 32,768 tokens over 132 SMs, stays one block per SM; batch 8 at 32k does
@@ -913,9 +914,10 @@ impl SplitCombine {
     /// combine then runs on the 2 row warps of each tile's last block, after its split: short enough to hide under
     /// the DRAM-bound tiles); a second launch otherwise. Derived from the timing model's predictions (docs/perf.md
     /// "MLA decode: the per-tile chain and the combine form by grid", `small4 calibrate --predict decode-choices --only
-    /// mla-`): batch 1 and 8 at 4k and batch 1 at 32k (64-128 blocks) fused; batch 64 at 4k (448 blocks, 7 splits)
-    /// fused, 82.0 against 95.6 µs on an H100 SXM (80.5 against 74.1 on an H200); batch 8 at 32k (392 blocks, 49
-    /// splits) a second launch, 90.2 against 87.9 µs on an H100 SXM (70.8 against 87.9 on an H200).
+    /// mla-`; with the warp ring, section "MLA decode at large grids: the warp ring", back to back): batch 1 and 8 at 4k
+    /// and batch 1 at 32k (128 blocks) fused; batch 64 at 4k (256 blocks, 4 splits) fused, 64.5 against 72.2 µs on an
+    /// H100 SXM (46.3 against 53.2 on an H200); batch 8 at 32k (256 blocks, 32 splits) a second launch, 71.9 against
+    /// 63.8 µs on an H100 SXM (53.2 against 60.1 on an H200).
     pub fn for_plan(plan: &AttentionPlan, num_seqs: usize) -> Self {
         if plan.blocks(num_seqs) <= SMS || plan.num_splits <= FUSED_MAX_SPLITS_WITHOUT_HELPERS {
             SplitCombine::Fused

@@ -132,14 +132,15 @@ __device__ __forceinline__ int tile_slot(const MlaAttentionParams &p, int page, 
 constexpr int kTokenGroups = kTileN / 8;
 
 // This thread's 16-byte pieces of a tile's copies (load_cache_tile): f(token group, token, byte within the row) for
-// the units of loading warp `warp` of `warps`.
-template <bool kFp8, class F>
+// the units of loading warp `warp` of `warps`, kUnroll units a loop trip (their loads then overlap on the chain).
+template <bool kFp8, int kUnroll, class F>
 __device__ __forceinline__ void for_each_tile_unit(int warp, int warps, F &&f) {
     constexpr int kRowBytes = kWidth * CacheElem<kFp8>::kBytes;  // a cache row in global memory
     constexpr int kColGroups = kRowBytes / 64;
     static_assert(kRowBytes % 64 == 0 && kTokenGroups == 4, "64-byte column groups, 4 token groups of 8");
     const int lane = threadIdx.x & 31;
     const int tok_lo = lane >> 2, col = (lane & 3) * 16;  // this thread's token within a group and byte within a column group
+#pragma unroll kUnroll
     for (int unit = warp; unit < kTokenGroups * kColGroups; unit += warps) {
         const int group = unit % kTokenGroups;
         f(group, tok_lo + 8 * group, unit / kTokenGroups * 64 + col);
@@ -155,7 +156,7 @@ __device__ __forceinline__ void load_cache_tile(const MlaAttentionParams &p, int
     int slot[kTokenGroups];
 #pragma unroll
     for (int j = 0; j < kTokenGroups; ++j) slot[j] = __shfl_sync(0xffffffffu, my_slot, tok_lo + 8 * j);
-    for_each_tile_unit<kFp8>(warp, warps, [&](int group, int tok, int byte) {
+    for_each_tile_unit<kFp8, 1>(warp, warps, [&](int group, int tok, int byte) {
         int s = slot[0];
 #pragma unroll
         for (int j = 1; j < kTokenGroups; ++j) s = group == j ? slot[j] : s;
@@ -178,9 +179,10 @@ __device__ __forceinline__ void widen_fp8_tile(const char *stage, bf16 *wide) {
 
 // The warp ring's fp8 widening: the 16-byte pieces this thread's own copies wrote into `stage` (the units of
 // load_cache_tile for loading warp `warp` of `warps`) -> bf16 at the same tokens and columns of `wide`. After this
-// thread's cp.async.wait_group, without a barrier: no other thread reads or writes those raw bytes.
+// thread's cp.async.wait_group, without a barrier: no other thread reads or writes those raw bytes. 4 units a trip:
+// the widening sits on the tile's rendezvous, so its shared loads should not wait one after another.
 __device__ __forceinline__ void widen_own_fp8_units(const char *stage, bf16 *wide, int warp, int warps) {
-    for_each_tile_unit<true>(warp, warps, [&](int, int tok, int byte) {
+    for_each_tile_unit<true, 4>(warp, warps, [&](int, int tok, int byte) {
         const uint4 raw = *reinterpret_cast<const uint4 *>(stage + tok * kWidth + byte);
         uint4 *dst = reinterpret_cast<uint4 *>(wide + tok * kRowStride + byte);
         dst[0] = widen_fp8x8(make_uint2(raw.x, raw.y));

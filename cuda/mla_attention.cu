@@ -17,9 +17,11 @@
 // fused into a grid of at most one block per SM, helper warps up to 8 in all that issue the tile loads and share the combine),
 // grid = (row tiles, splits, sequences); a row tile is p.tile_rows rows: 16W, or 8 with W = 1 at the smallest grids
 // (decode of one sequence: the fused combine's partials spread over twice the blocks; rows 8-15 are padding). Q [16W x
-// 320] sits in shared memory (padded rows, conflict-free ldmatrix); the cache streams in tiles of 32 tokens x 320,
-// double-buffered with cp.async (fp8: raw bytes staged, then widened to bf16 in shared memory); with helper warps
-// loading, one block barrier a tile. Per tile and warp: S = Q K^T with mma.sync m16n8k16 (20 k-steps x 4 n-tiles, B fragments by ldmatrix),
+// 320] sits in shared memory (padded rows, conflict-free ldmatrix); the cache streams in tiles of 32 tokens x 320
+// with cp.async (fp8: raw bytes staged, then widened to bf16 in shared memory) through one of two pipelines
+// (SplitLayout): with helper warps loading, 2 stages and one block barrier a tile; without (every warp loads and
+// computes: the grids of more than one block per SM and unsplit launches), the warp ring: 3 stages (fp8: 2 raw and 2
+// widened) handed over by a "full" mbarrier a stage, no block barrier in the tile loop. Per tile and warp: S = Q K^T with mma.sync m16n8k16 (20 k-steps x 4 n-tiles, B fragments by ldmatrix),
 // online softmax in f32 (exp2, scale folded), O += P V with P re-packed from the S accumulators (no shared memory
 // round trip) and V fragments by ldmatrix.trans; O [16 x 256] f32 lives in registers (128 per thread). The masking,
 // softmax, P packing and store are cuda/include/mla_attention.cuh, shared with the prefill's wgmma kernel
@@ -34,6 +36,7 @@
 #include "common.cuh"
 #include "l2_prefetch.cuh"
 #include "mma.cuh"
+#include "hopper.cuh"
 #include "mla_cache.cuh"
 #include "quant.cuh"
 #include "mla_attention.cuh"
@@ -79,10 +82,25 @@ extern "C" __global__ void mla_copy_pages(const MlaCopyPagesParams p) {
 // ================================================================================================================
 namespace {
 
-// Bytes of one pipeline stage (the host's `attention_shared_bytes` mirrors this layout).
-template <bool kFp8>
-struct TileLayout {
+// The shared memory after Q of a split block (the host's `AttentionPlan::shared_bytes` mirrors it). Two pipelines:
+// - helper loads (kRing false; grids of at most one block per SM, whose helper warps issue the copies): 2 cache stages
+//   (fp8: raw bytes, then one widened bf16 tile); one block barrier a tile.
+// - the warp ring (kRing true; every warp issues copies and computes): a ring of kSlots slots, each with a "full"
+//   mbarrier that every warp arrives on once its own copies of the slot's tile have landed (fp8: once it has widened
+//   them), and that every warp waits on before reading the tile: one rendezvous a tile, no block barrier. A warp
+//   refills a slot only after the wait for the tile after it, which every warp arrived on after reading the slot's
+//   last tile; so while tile t is read, t + 1 flies and t + 2 is issued into the slot tile t - 1 left. bf16: 3 cache
+//   slots. fp8: 2 raw slots (each thread widens only the bytes its own copies wrote, so a raw slot is private to its
+//   threads and is free once they widened it) and 2 widened tiles (the slot read while the other is filled).
+template <bool kFp8, bool kRing>
+struct SplitLayout {
     static constexpr int kStageBytes = kFp8 ? kTileN * kWidth : kTileN * kRowStride * 2;
+    static constexpr int kStages = kRing && !kFp8 ? 3 : 2;
+    static constexpr int kWideBytes = kTileN * kRowStride * 2;
+    static constexpr int kWideTiles = kFp8 ? (kRing ? 2 : 1) : 0;
+    static constexpr int kFullBarriers = kRing ? kStages : 0;  // a "full" mbarrier a ring slot
+    static constexpr int kBytes = kStages * kStageBytes + kWideTiles * kWideBytes + kFullBarriers * 8;
+    static_assert((kStages * kStageBytes + kWideTiles * kWideBytes) % 8 == 0, "mbarriers on 8 bytes");
 };
 
 // The block-table entry (physical page) of cache token tile_start + lane, or 0 for a token at or past `bound` (its
@@ -111,57 +129,94 @@ __device__ __forceinline__ int tile_slot(const MlaAttentionParams &p, int page, 
 // column groups of such requests; loading warp w (of `warps`, the warps issuing this tile) takes units w, w + warps,
 // ...; every thread takes its 4 tokens' slots by shuffle once per tile, not once per copy. Branch-free (src-size
 // copies zero-fill the tokens past `end`).
-template <bool kFp8>
-__device__ __forceinline__ void load_cache_tile(const MlaAttentionParams &p, int my_slot, int tile_start, int end, char *stage, int warp, int warps) {
-    using Elem = CacheElem<kFp8>;
-    constexpr int kRowBytes = kWidth * Elem::kBytes;         // a cache row in global memory
-    constexpr int kDstRowBytes = kFp8 ? kWidth : kRowStride * 2;
-    constexpr int kTokenGroups = kTileN / 8;
+constexpr int kTokenGroups = kTileN / 8;
+
+// This thread's 16-byte pieces of a tile's copies (load_cache_tile): f(token group, token, byte within the row) for
+// the units of loading warp `warp` of `warps`, kUnroll units a loop trip (their loads then overlap on the chain).
+template <bool kFp8, int kUnroll, class F>
+__device__ __forceinline__ void for_each_tile_unit(int warp, int warps, F &&f) {
+    constexpr int kRowBytes = kWidth * CacheElem<kFp8>::kBytes;  // a cache row in global memory
     constexpr int kColGroups = kRowBytes / 64;
     static_assert(kRowBytes % 64 == 0 && kTokenGroups == 4, "64-byte column groups, 4 token groups of 8");
     const int lane = threadIdx.x & 31;
     const int tok_lo = lane >> 2, col = (lane & 3) * 16;  // this thread's token within a group and byte within a column group
+#pragma unroll kUnroll
+    for (int unit = warp; unit < kTokenGroups * kColGroups; unit += warps) {
+        const int group = unit % kTokenGroups;
+        f(group, tok_lo + 8 * group, unit / kTokenGroups * 64 + col);
+    }
+}
+
+template <bool kFp8>
+__device__ __forceinline__ void load_cache_tile(const MlaAttentionParams &p, int my_slot, int tile_start, int end, char *stage, int warp, int warps) {
+    constexpr int kRowBytes = kWidth * CacheElem<kFp8>::kBytes;
+    constexpr int kDstRowBytes = kFp8 ? kWidth : kRowStride * 2;
     const char *cache = reinterpret_cast<const char *>(p.cache);
+    const int tok_lo = (threadIdx.x & 31) >> 2;
     int slot[kTokenGroups];
 #pragma unroll
     for (int j = 0; j < kTokenGroups; ++j) slot[j] = __shfl_sync(0xffffffffu, my_slot, tok_lo + 8 * j);
-    for (int unit = warp; unit < kTokenGroups * kColGroups; unit += warps) {
-        const int group = unit % kTokenGroups, byte = unit / kTokenGroups * 64 + col, tok = tok_lo + 8 * group;
+    for_each_tile_unit<kFp8, 1>(warp, warps, [&](int group, int tok, int byte) {
         int s = slot[0];
 #pragma unroll
         for (int j = 1; j < kTokenGroups; ++j) s = group == j ? slot[j] : s;
         cp_async16_zfill(stage + tok * kDstRowBytes + byte, cache + (long)s * kRowBytes + byte, tile_start + tok < end);
-    }
+    });
 }
 
-// fp8 stage (raw [kTileN][320] bytes) -> bf16 tile [kTileN][kRowStride]; 8 values per thread step.
+// 8 e4m3 values -> 8 bf16 (the one conversion of both widening forms below).
+__device__ __forceinline__ uint4 widen_fp8x8(uint2 raw) {
+    return make_uint4(e4m3x2_to_bf16x2(raw.x & 0xffff), e4m3x2_to_bf16x2(raw.x >> 16), e4m3x2_to_bf16x2(raw.y & 0xffff), e4m3x2_to_bf16x2(raw.y >> 16));
+}
+
+// fp8 stage (raw [kTileN][320] bytes) -> bf16 tile [kTileN][kRowStride] by the whole block; 8 values per thread step.
 __device__ __forceinline__ void widen_fp8_tile(const char *stage, bf16 *wide) {
     for (int idx = threadIdx.x; idx < kTileN * kWidth / 8; idx += blockDim.x) {
         const int tok = idx / (kWidth / 8), col = (idx % (kWidth / 8)) * 8;
-        const uint2 raw = *reinterpret_cast<const uint2 *>(stage + tok * kWidth + col);
-        const uint4 out = make_uint4(e4m3x2_to_bf16x2(raw.x & 0xffff), e4m3x2_to_bf16x2(raw.x >> 16),
-                                     e4m3x2_to_bf16x2(raw.y & 0xffff), e4m3x2_to_bf16x2(raw.y >> 16));
-        *reinterpret_cast<uint4 *>(wide + tok * kRowStride + col) = out;
+        *reinterpret_cast<uint4 *>(wide + tok * kRowStride + col) = widen_fp8x8(*reinterpret_cast<const uint2 *>(stage + tok * kWidth + col));
     }
+}
+
+// The warp ring's fp8 widening: the 16-byte pieces this thread's own copies wrote into `stage` (the units of
+// load_cache_tile for loading warp `warp` of `warps`) -> bf16 at the same tokens and columns of `wide`. After this
+// thread's cp.async.wait_group, without a barrier: no other thread reads or writes those raw bytes. 4 units a trip:
+// the widening sits on the tile's rendezvous, so its shared loads should not wait one after another.
+__device__ __forceinline__ void widen_own_fp8_units(const char *stage, bf16 *wide, int warp, int warps) {
+    for_each_tile_unit<true, 4>(warp, warps, [&](int, int tok, int byte) {
+        const uint4 raw = *reinterpret_cast<const uint4 *>(stage + tok * kWidth + byte);
+        uint4 *dst = reinterpret_cast<uint4 *>(wide + tok * kRowStride + byte);
+        dst[0] = widen_fp8x8(make_uint2(raw.x, raw.y));
+        dst[1] = widen_fp8x8(make_uint2(raw.z, raw.w));
+    });
 }
 
 // The attention of one split block over keys [split_begin, kv_end) (non-empty): rows row0.. of sequence seq; writes
 // o_lat (one split) or the split's f32 partials. first_pages: tile_page of the split's first two tiles (bounded by the
-// table row).
-template <bool kFp8>
+// table row). kRing: the pipeline (SplitLayout): the warp ring when every warp owns rows, helper loads otherwise.
+template <bool kFp8, bool kRing>
 __device__ __forceinline__ void attend_split(const MlaAttentionParams &p, int seq, int split, int q_begin, int q_count, int first_pos, int row0,
                                              int split_begin, int kv_end, const int (&first_pages)[2]) {
+    using Layout = SplitLayout<kFp8, kRing>;
     extern __shared__ __align__(16) char smem[];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     // Q rows in shared memory: 16 a row warp, of which the tile's first p.tile_rows are its rows (the rest zero).
     const int q_rows = p.row_warps * kRowsPerWarp;
     const int rows_here = min(p.tile_rows, q_count * p.heads - row0);  // rows of this tile that exist
-    // Warps past p.row_warps own no rows (the fused combine's helpers): they share the loads and barriers only.
+    // Warps past p.row_warps own no rows (the fused combine's helpers, never in the warp ring): they share the loads
+    // and barriers only.
     const bool owns_rows = warp < p.row_warps;
+    const int warps = blockDim.x >> 5;
 
     bf16 *q_smem = reinterpret_cast<bf16 *>(smem);
     char *stages = smem + q_rows * kRowStride * 2;
-    bf16 *wide = reinterpret_cast<bf16 *>(stages + 2 * TileLayout<kFp8>::kStageBytes);
+    bf16 *wide = reinterpret_cast<bf16 *>(stages + Layout::kStages * Layout::kStageBytes);
+    uint64_t *full = reinterpret_cast<uint64_t *>(reinterpret_cast<char *>(wide) + Layout::kWideTiles * Layout::kWideBytes);
+    if constexpr (kRing) {
+        if (threadIdx.x == 0) {
+#pragma unroll
+            for (int slot = 0; slot < Layout::kFullBarriers; ++slot) mbar_init(&full[slot], warps);
+        }
+    }
 
     // Q rows [q_lat 256 | q_rope 64] into shared memory (rows past the tile's or the sequence's are zero).
     for (int idx = threadIdx.x; idx < q_rows * (kWidth / 8); idx += blockDim.x) {
@@ -176,22 +231,24 @@ __device__ __forceinline__ void attend_split(const MlaAttentionParams &p, int se
         }
     }
     const int tiles = (kv_end - split_begin + kTileN - 1) / kTileN;
-    const int warps = blockDim.x >> 5;
-    load_cache_tile<kFp8>(p, tile_slot(p, first_pages[0], split_begin, kv_end), split_begin, kv_end, stages, warp, warps);
-    cp_async_commit();
-    int next_page = first_pages[1];  // the pages of the tile the loop loads next
-    // The warps that issue the next tile's copies: the helper warps when the block has them, after the tile's barrier,
-    // while the row warps compute (whose per-tile chain is then the tile's arithmetic alone); else every warp, before
-    // waiting for the current tile (the issue overlaps that wait).
-    const bool helpers_load = warps > p.row_warps;
-    const auto refill = [&](int t) {  // copies of tile t + 1 into its stage, last read in iteration t - 1
-        const int next_start = split_begin + (t + 1) * kTileN;
-        const int first_loader = helpers_load ? p.row_warps : 0;
-        load_cache_tile<kFp8>(p, tile_slot(p, next_page, next_start, kv_end), next_start, kv_end, stages + ((t + 1) & 1) * TileLayout<kFp8>::kStageBytes,
+    // The warps that issue copies: the helper warps when the block has them (after the tile's barrier, while the row
+    // warps compute: the row warps' per-tile chain is then the tile's arithmetic alone); in the warp ring every warp.
+    const int first_loader = kRing ? 0 : p.row_warps;
+    int next_page = first_pages[1];  // the pages of the tile issue() loads next
+    const auto issue = [&](int t) {  // copies of tile t (from the second on) into its stage
+        const int start = split_begin + t * kTileN;
+        load_cache_tile<kFp8>(p, tile_slot(p, next_page, start, kv_end), start, kv_end, stages + (t % Layout::kStages) * Layout::kStageBytes,
                               warp - first_loader, warps - first_loader);
         cp_async_commit();
-        next_page = tile_page(p, seq, next_start + kTileN, kv_end);
+        next_page = tile_page(p, seq, start + kTileN, kv_end);
     };
+    // Tile 0 (with Q: one copy group) by every warp; in the warp ring tile 1 too, the ring's first two slots.
+    load_cache_tile<kFp8>(p, tile_slot(p, first_pages[0], split_begin, kv_end), split_begin, kv_end, stages, warp, warps);
+    cp_async_commit();
+    if constexpr (kRing) {
+        if (tiles > 1) issue(1);
+        __syncthreads();  // the mbarriers' initialisation before any arrival
+    }
 
     // This thread's two accumulator rows (g and g + 8 of the warp's 16) and the positions they may attend to.
     const int g = lane >> 2, quad = lane & 3;
@@ -210,23 +267,38 @@ __device__ __forceinline__ void attend_split(const MlaAttentionParams &p, int se
     const uint32_t q_frag = smem_addr(q_smem + (warp * kRowsPerWarp + (lane & 15)) * kRowStride + (lane >> 4) * 8);
     for (int t = 0; t < tiles; ++t) {
         const int tile_start = split_begin + t * kTileN;
-        // Tile t lands (each thread waits for its own copies; the barrier publishes them to every warp); tile t + 1's
-        // copies fly while tile t is computed.
-        if (!helpers_load && t + 1 < tiles) {
-            refill(t);
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();
-        if (helpers_load && t + 1 < tiles && warp >= p.row_warps) refill(t);
+        const int slot = t % Layout::kStages;
         const bf16 *kv;
-        if constexpr (kFp8) {
-            widen_fp8_tile(stages + (t & 1) * TileLayout<kFp8>::kStageBytes, wide);
-            __syncthreads();
-            kv = wide;
+        if constexpr (kRing) {
+            // This thread's copies of tile t landed (tile t + 1's fly on); fp8: it widens them. Its warp then arrives
+            // on the slot's "full" and waits for every warp's arrival: the tile is complete, and every warp has
+            // finished tile t - 1, so tile t + 2 may go into the slot tile t - 1 left.
+            if (t + 1 < tiles) {
+                cp_async_wait<1>();
+            } else {
+                cp_async_wait<0>();
+            }
+            bf16 *tile_bf16 = kFp8 ? wide + slot * (Layout::kWideBytes / 2) : reinterpret_cast<bf16 *>(stages + slot * Layout::kStageBytes);
+            if constexpr (kFp8) widen_own_fp8_units(stages + slot * Layout::kStageBytes, tile_bf16, warp, warps);
+            __syncwarp();
+            if (elect_one_sync()) mbar_arrive(&full[slot]);
+            mbar_wait(&full[slot], (t / Layout::kStages) & 1);
+            if (t + 2 < tiles) issue(t + 2);
+            kv = tile_bf16;
         } else {
-            kv = reinterpret_cast<const bf16 *>(stages + (t & 1) * TileLayout<kFp8>::kStageBytes);
+            // Tile t lands (each thread waits for its own copies; the barrier publishes them to every warp); the
+            // helpers then issue tile t + 1's copies into the stage tile t - 1 left, which every warp has finished
+            // (it passed this barrier), while the row warps compute tile t: one barrier a tile.
+            cp_async_wait<0>();
+            __syncthreads();
+            if (t + 1 < tiles && warp >= p.row_warps) issue(t + 1);
+            if constexpr (kFp8) {
+                widen_fp8_tile(stages + slot * Layout::kStageBytes, wide);
+                __syncthreads();
+                kv = wide;
+            } else {
+                kv = reinterpret_cast<const bf16 *>(stages + slot * Layout::kStageBytes);
+            }
         }
 
         if (owns_rows) {
@@ -268,10 +340,6 @@ __device__ __forceinline__ void attend_split(const MlaAttentionParams &p, int se
                 });
             });
         }
-        // The stage just read is refilled in the next iteration: by every warp before its wait (this barrier keeps
-        // those copies behind every warp's reads), or by the helpers only after that iteration's first barrier,
-        // which no warp passes before it has finished this tile: one barrier a tile then.
-        if (!helpers_load) __syncthreads();
     }
 
     if (!owns_rows) return;
@@ -305,7 +373,13 @@ __device__ __forceinline__ void attention_tile(const MlaAttentionParams &p) {
     const int last_row = min(row0 + block_rows, rows) - 1;
     const int kv_end = min(split_begin + p.tokens_per_split, first_pos + last_row / p.heads + 1);
     // No row of this block has a key in this split when split_begin >= kv_end: the combine skips the split.
-    if (split_begin < kv_end) attend_split<kFp8>(p, seq, split, q_begin, q_count, first_pos, row0, split_begin, kv_end, first_pages);
+    if (split_begin < kv_end) {
+        if (warps > p.row_warps) {
+            attend_split<kFp8, false>(p, seq, split, q_begin, q_count, first_pos, row0, split_begin, kv_end, first_pages);
+        } else {
+            attend_split<kFp8, true>(p, seq, split, q_begin, q_count, first_pos, row0, split_begin, kv_end, first_pages);
+        }
+    }
     if (p.num_splits == 1 || p.split_counters == nullptr) return;
     __shared__ int last_arrival;
     combine_if_last_split(p, seq, q_begin, first_pos, row0, last_row, threadIdx.x >> 5, warps, &last_arrival, [] { __syncthreads(); });

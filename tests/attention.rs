@@ -255,6 +255,10 @@ fn fused_split_combine_equals_the_combine_launch(device: &Device) {
         (vec![260, 41], vec![3, 1], false, Some(4)),
         // 135 split blocks, more than the SMs: no helper warps, the 2 row warps combine.
         (vec![4300], vec![1], false, Some(135)),
+        // Splits of one and two key tiles: the warp ring (every launch without helper warps: the combine launch's form
+        // here) before its slots wrap, against the helper warps' two stages.
+        (vec![190, 64], vec![1, 1], false, Some(3)),
+        (vec![95, 33], vec![1, 1], true, Some(3)),
     ];
     for (seed, (lens, q_counts, fp8, splits)) in cases.into_iter().enumerate() {
         let case = AttentionCase { lens, q_counts, heads: 32, page_size: 16, fp8, splits, seed: 40 + seed as u64 };

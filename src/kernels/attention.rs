@@ -42,10 +42,12 @@ const COMBINE_WARPS: usize = 8;
 /// block's combine of a 32-head tile runs on 8 warps instead of 2 (`kMaxBlockWarps` in the .cu file).
 const FUSED_BLOCK_WARPS: usize = 8;
 
-/// Attention blocks per SM that shared memory allows (~62 KiB each) on all SMs: the split heuristic aims for this
-/// many blocks from 9 (sequence, row tile) units up; the fused combine's tail then runs on the 2 row warps of each
-/// tile's last block.
-const TARGET_BLOCKS: usize = SMS * 3;
+/// Blocks of the warp ring (no helper warps) that shared memory allows per SM (~83 KiB each: 3 bf16 stages, or 2 raw
+/// fp8 stages and 2 widened tiles) on all SMs: from 9 (sequence, row tile) units up the split heuristic makes at most
+/// this many blocks, one wave; the fused combine's tail then runs on the 2 row warps of each tile's last block.
+/// Predicted on an H100 SXM (docs/perf.md "MLA decode at large grids: the warp ring"): batch 64 at 32k context, 4
+/// splits (256 blocks, one wave) against 5 (320 blocks, two waves: more exposed latency and partials).
+const TARGET_BLOCKS: usize = SMS * 2;
 /// Up to this many (sequence, row tile) units (decode at batch <= 8 with 32 heads), the heuristic aims for one
 /// block per SM instead (and below it, tiles of one row warp: `AttentionPlan::new`): blocks of `FUSED_BLOCK_WARPS` warps whose helper warps spread the fused combine. Predicted
 /// on an H100 SXM at batch 1 (`small4 calibrate --predict decode-choices --only mla-b1 --sample-blocks 1024`,
@@ -58,9 +60,10 @@ const TARGET_BLOCKS: usize = SMS * 3;
 const ONE_BLOCK_PER_SM_UNITS: usize = 8;
 /// Most splits a tile's fused combine reads when the grid holds more than one block per SM (no helper warps: the 2 row
 /// warps of the tile's last block combine after its split); above, `SplitCombine::for_plan` takes the second launch.
-/// The two grids the timing model has predicted both ways sit on either side: batch 64 at 4k context, 7 splits
-/// (fused ahead on an H100 SXM), and batch 8 at 32k, 49 splits (fused behind on both GPUs' sum); any bound from 7 to
-/// 48 fits them, 16 is the middle in ratio, to be placed by a GPU.
+/// The two grids the timing model has predicted both ways sit on either side: batch 64 at 4k context, 4 splits
+/// (fused ahead on both GPUs), and batch 8 at 32k, 32 splits (fused ahead on an H100 SXM, behind on an H200, about
+/// even on the sum: docs/perf.md "MLA decode at large grids: the warp ring"); any bound from 4 to 31 fits them, 16 is
+/// near the middle in ratio, to be placed by a GPU.
 const FUSED_MAX_SPLITS_WITHOUT_HELPERS: usize = 16;
 /// Longest KV split (tokens) of the one-block-per-SM plan: past it the heuristic aims for `TARGET_BLOCKS` instead
 /// (batch 1 at 32k context, 2 row tiles of 32,768 tokens over 132 SMs, stays one block per SM; batch 8 at 32k does
@@ -681,8 +684,10 @@ pub fn latent_projection(
 /// // splits of 128 tokens: 128 blocks, at most one an SM.
 /// let decode = AttentionPlan::new(1, 32, 4096, None)?;
 /// assert_eq!(decode, AttentionPlan { warps: 1, tile_rows: 8, row_tiles: 4, num_splits: 32, tokens_per_split: 128 });
-/// // Shared memory: the queries (2 warps x 16 rows) and two 32-token bf16 tiles, rows of 320 padded to 328.
-/// assert_eq!(plan.shared_bytes(CacheDtype::Bf16), (2 * 16 + 2 * 32) * 328 * 2);
+/// // Shared memory: the queries (2 warps x 16 rows) and, with helper warps loading, two 32-token bf16 tiles (rows of
+/// // 320 padded to 328); without them a ring of three tiles and their three 8-byte mbarriers.
+/// assert_eq!(plan.shared_bytes(CacheDtype::Bf16, true), (2 * 16 + 2 * 32) * 328 * 2);
+/// assert_eq!(plan.shared_bytes(CacheDtype::Bf16, false), (2 * 16 + 3 * 32) * 328 * 2 + 3 * 8);
 /// assert!(matches!(AttentionPlan::new(1, 32, 100, Some(0)), Err(small4::Error::InvalidArgument(_))));
 /// # Ok::<(), small4::Error>(())
 /// ```
@@ -727,8 +732,9 @@ impl AttentionPlan {
                 // after another, so at batch 8 and 32k context (17 splits of 1,928 tokens) one block per SM was
                 // predicted at 152 µs against 93 µs for `TARGET_BLOCKS` (docs/perf.md "MLA split combine").
                 let short_splits = units * max_kv <= SMS * ONE_BLOCK_PER_SM_MAX_SPLIT_TOKENS;
-                let target = if units <= ONE_BLOCK_PER_SM_UNITS && short_splits { SMS } else { TARGET_BLOCKS };
-                target.div_ceil(units).min(max_kv.div_ceil(MIN_SPLIT_TOKENS)).min(MAX_SPLITS)
+                // One block per SM: at least as many blocks as SMs; else at most one wave of `TARGET_BLOCKS`.
+                let splits = if units <= ONE_BLOCK_PER_SM_UNITS && short_splits { SMS.div_ceil(units) } else { (TARGET_BLOCKS / units).max(1) };
+                splits.min(max_kv.div_ceil(MIN_SPLIT_TOKENS)).min(MAX_SPLITS)
             }
         };
         let tokens_per_split = max_kv.div_ceil(wanted.max(1)).div_ceil(TILE_N) * TILE_N;
@@ -744,12 +750,18 @@ impl AttentionPlan {
         self.row_tiles * self.num_splits * num_seqs
     }
 
-    /// Dynamic shared memory of one attention block (the layout in mla_attention.cu).
-    pub fn shared_bytes(&self, dtype: CacheDtype) -> usize {
+    /// Dynamic shared memory of one attention block (`SplitLayout` in mla_attention.cu): the queries, then with
+    /// `helper_warps` (a launch whose blocks have warps past the row warps, which issue the tile copies) 2 cache stages
+    /// (fp8: raw, plus one widened bf16 tile); without (the warp ring: every warp loads and computes) 3 bf16 cache
+    /// stages, or 2 raw fp8 stages and 2 widened tiles, and an 8-byte mbarrier a slot.
+    pub fn shared_bytes(&self, dtype: CacheDtype, helper_warps: bool) -> usize {
         let q = self.warps * ROWS_PER_WARP * ROW_STRIDE * 2;
-        match dtype {
-            CacheDtype::Bf16 => q + 2 * TILE_N * ROW_STRIDE * 2,
-            CacheDtype::Fp8E4m3 { .. } => q + 2 * TILE_N * WIDTH + TILE_N * ROW_STRIDE * 2,
+        let (tile_bf16, tile_fp8) = (TILE_N * ROW_STRIDE * 2, TILE_N * WIDTH);
+        match (dtype, helper_warps) {
+            (CacheDtype::Bf16, true) => q + 2 * tile_bf16,
+            (CacheDtype::Fp8E4m3 { .. }, true) => q + 2 * tile_fp8 + tile_bf16,
+            (CacheDtype::Bf16, false) => q + 3 * (tile_bf16 + 8),
+            (CacheDtype::Fp8E4m3 { .. }, false) => q + 2 * (tile_fp8 + tile_bf16 + 8),
         }
     }
 }
@@ -867,14 +879,14 @@ impl AttentionScratch {
 /// // The choice holds inside `run` only, on this thread:
 /// assert_eq!(SplitCombine::Launch.run(SplitCombine::current), Some(SplitCombine::Launch));
 /// assert_eq!(SplitCombine::current(), None);
-/// // Batch 1 at 4k context: 64 split blocks, fused; batch 64 at 4k: 448 blocks of 7 splits, fused; batch 8 at 32k:
-/// // 392 blocks of 49 splits, a second launch.
+/// // Batch 1 at 4k context: 128 split blocks, fused; batch 64 at 4k: 256 blocks of 4 splits, fused; batch 8 at 32k:
+/// // 256 blocks of 32 splits, a second launch.
 /// let b1 = AttentionPlan::new(1, 32, 4096, None)?;
 /// assert_eq!(SplitCombine::for_plan(&b1, 1), SplitCombine::Fused);
 /// let b64 = AttentionPlan::new(64, 32, 4096, None)?;
-/// assert_eq!((b64.blocks(64), SplitCombine::for_plan(&b64, 64)), (448, SplitCombine::Fused));
+/// assert_eq!((b64.blocks(64), SplitCombine::for_plan(&b64, 64)), (256, SplitCombine::Fused));
 /// let b8 = AttentionPlan::new(8, 32, 32768, None)?;
-/// assert_eq!((b8.blocks(8), SplitCombine::for_plan(&b8, 8)), (392, SplitCombine::Launch));
+/// assert_eq!((b8.blocks(8), SplitCombine::for_plan(&b8, 8)), (256, SplitCombine::Launch));
 /// # Ok::<(), small4::Error>(())
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -902,9 +914,10 @@ impl SplitCombine {
     /// combine then runs on the 2 row warps of each tile's last block, after its split: short enough to hide under
     /// the DRAM-bound tiles); a second launch otherwise. Derived from the timing model's predictions (docs/perf.md
     /// "MLA decode: the per-tile chain and the combine form by grid", `small4 calibrate --predict decode-choices --only
-    /// mla-`): batch 1 and 8 at 4k and batch 1 at 32k (64-128 blocks) fused; batch 64 at 4k (448 blocks, 7 splits)
-    /// fused, 82.0 against 95.6 µs on an H100 SXM (80.5 against 74.1 on an H200); batch 8 at 32k (392 blocks, 49
-    /// splits) a second launch, 90.2 against 87.9 µs on an H100 SXM (70.8 against 87.9 on an H200).
+    /// mla-`; with the warp ring, section "MLA decode at large grids: the warp ring", back to back): batch 1 and 8 at 4k
+    /// and batch 1 at 32k (128 blocks) fused; batch 64 at 4k (256 blocks, 4 splits) fused, 64.5 against 72.2 µs on an
+    /// H100 SXM (46.3 against 53.2 on an H200); batch 8 at 32k (256 blocks, 32 splits) a second launch, 71.9 against
+    /// 63.8 µs on an H100 SXM (53.2 against 60.1 on an H200).
     pub fn for_plan(plan: &AttentionPlan, num_seqs: usize) -> Self {
         if plan.blocks(num_seqs) <= SMS || plan.num_splits <= FUSED_MAX_SPLITS_WITHOUT_HELPERS {
             SplitCombine::Fused
@@ -1080,7 +1093,11 @@ pub fn mla_attention_prefetching(
         l2_prefetch: l2_prefetch.for_grid(blocks as u64),
     };
     let block_warps = if fused && blocks <= SMS { FUSED_BLOCK_WARPS } else { plan.warps };
-    let (block, shared_bytes) = if wgmma { (WGMMA_THREADS, WGMMA_SHARED_BYTES) } else { (32 * block_warps as u32, plan.shared_bytes(cache.desc.dtype) as u32) };
+    let (block, shared_bytes) = if wgmma {
+        (WGMMA_THREADS, WGMMA_SHARED_BYTES)
+    } else {
+        (32 * block_warps as u32, plan.shared_bytes(cache.desc.dtype, block_warps > plan.warps) as u32)
+    };
     let config = LaunchConfig { grid: Dim3::xyz(plan.row_tiles as u32, plan.num_splits as u32, num_seqs as u32), block: Dim3::x(block), shared_bytes };
     launch_with(device, &kernel, &config, &params)?;
     if plan.num_splits > 1 && !fused {

@@ -91,7 +91,8 @@ namespace {
 //   refills a slot only after the wait for the tile after it, which every warp arrived on after reading the slot's
 //   last tile; so while tile t is read, t + 1 flies and t + 2 is issued into the slot tile t - 1 left. bf16: 3 cache
 //   slots. fp8: 2 raw slots (each thread widens only the bytes its own copies wrote, so a raw slot is private to its
-//   threads and is free once they widened it) and 2 widened tiles (the slot read while the other is filled).
+//   threads and is free once they widened it) and 2 widened tiles (the slot read while the other is filled: each thread
+//   widens its units of tile t + 1 inside tile t's S product, off the rendezvous; attend_split proves the reuse).
 template <bool kFp8, bool kRing>
 struct SplitLayout {
     static constexpr int kStageBytes = kFp8 ? kTileN * kWidth : kTileN * kRowStride * 2;
@@ -131,19 +132,28 @@ __device__ __forceinline__ int tile_slot(const MlaAttentionParams &p, int page, 
 // copies zero-fill the tokens past `end`).
 constexpr int kTokenGroups = kTileN / 8;
 
+// This thread's 16-byte piece of tile unit `unit`: a unit is 8 tokens (token group `group`) x 64 bytes of their rows.
+struct TileUnitPiece {
+    int group, tok, byte;  // token group, token within the tile, byte within the row
+};
+__device__ __forceinline__ TileUnitPiece tile_unit_piece(int unit) {
+    const int lane = threadIdx.x & 31;
+    const int group = unit % kTokenGroups;
+    return {group, (lane >> 2) + 8 * group, unit / kTokenGroups * 64 + (lane & 3) * 16};
+}
+
 // This thread's 16-byte pieces of a tile's copies (load_cache_tile): f(token group, token, byte within the row) for
-// the units of loading warp `warp` of `warps`, kUnroll units a loop trip (their loads then overlap on the chain).
+// the units of loading warp `warp` of `warps` (units warp, warp + warps, ...; a later first unit of the warp's skips
+// the ones before it), kUnroll units a loop trip (their loads then overlap on the chain).
 template <bool kFp8, int kUnroll, class F>
 __device__ __forceinline__ void for_each_tile_unit(int warp, int warps, F &&f) {
     constexpr int kRowBytes = kWidth * CacheElem<kFp8>::kBytes;  // a cache row in global memory
     constexpr int kColGroups = kRowBytes / 64;
     static_assert(kRowBytes % 64 == 0 && kTokenGroups == 4, "64-byte column groups, 4 token groups of 8");
-    const int lane = threadIdx.x & 31;
-    const int tok_lo = lane >> 2, col = (lane & 3) * 16;  // this thread's token within a group and byte within a column group
 #pragma unroll kUnroll
     for (int unit = warp; unit < kTokenGroups * kColGroups; unit += warps) {
-        const int group = unit % kTokenGroups;
-        f(group, tok_lo + 8 * group, unit / kTokenGroups * 64 + col);
+        const TileUnitPiece piece = tile_unit_piece(unit);
+        f(piece.group, piece.tok, piece.byte);
     }
 }
 
@@ -179,15 +189,34 @@ __device__ __forceinline__ void widen_fp8_tile(const char *stage, bf16 *wide) {
 
 // The warp ring's fp8 widening: the 16-byte pieces this thread's own copies wrote into `stage` (the units of
 // load_cache_tile for loading warp `warp` of `warps`) -> bf16 at the same tokens and columns of `wide`. After this
-// thread's cp.async.wait_group, without a barrier: no other thread reads or writes those raw bytes. 4 units a trip:
-// the widening sits on the tile's rendezvous, so its shared loads should not wait one after another.
-__device__ __forceinline__ void widen_own_fp8_units(const char *stage, bf16 *wide, int warp, int warps) {
-    for_each_tile_unit<true, 4>(warp, warps, [&](int, int tok, int byte) {
-        const uint4 raw = *reinterpret_cast<const uint4 *>(stage + tok * kWidth + byte);
-        uint4 *dst = reinterpret_cast<uint4 *>(wide + tok * kRowStride + byte);
-        dst[0] = widen_fp8x8(make_uint2(raw.x, raw.y));
-        dst[1] = widen_fp8x8(make_uint2(raw.z, raw.w));
-    });
+// thread's cp.async.wait_group, without a barrier: no other thread reads or writes those raw bytes.
+__device__ __forceinline__ void widen_own_fp8_unit(const char *stage, bf16 *wide, int tok, int byte) {
+    const uint4 raw = *reinterpret_cast<const uint4 *>(stage + tok * kWidth + byte);
+    uint4 *dst = reinterpret_cast<uint4 *>(wide + tok * kRowStride + byte);
+    dst[0] = widen_fp8x8(make_uint2(raw.x, raw.y));
+    dst[1] = widen_fp8x8(make_uint2(raw.z, raw.w));
+}
+// The units of this thread's that widen_own_fp8_units_branch_free (in the S product's straight-line code) covers:
+// all of them at 2 or more warps (20 units: 10, 7 or 5 a thread); at 1 warp the other 10 follow in a loop.
+constexpr int kBranchFreeWidenUnits = 10;
+// Every unit of this thread's from its `first_slot`-th on (slot k: unit warp + k x warps), in a loop (branches).
+__device__ __forceinline__ void widen_own_fp8_units(const char *stage, bf16 *wide, int warp, int warps, int first_slot) {
+    for_each_tile_unit<true, 4>(warp + first_slot * warps, warps, [&](int, int tok, int byte) { widen_own_fp8_unit(stage, wide, tok, byte); });
+}
+// This thread's unit slots 0 .. kBranchFreeWidenUnits - 1 without a branch, so that they sit in one basic block with
+// the S product's 20 dependent mma.sync and issue while those wait for each other (~600 cycles of latency against
+// ~140 instructions): the widening then costs the tile's chain (nearly) nothing. A slot past the thread's last unit
+// (3 or fewer warps' remainder: at 3 warps 3 or 4 slots, at 4 warps 5) widens the thread's last real unit again: the
+// same bytes to the same place by the same thread, no other thread's data touched.
+__device__ __forceinline__ void widen_own_fp8_units_branch_free(const char *stage, bf16 *wide, int warp, int warps) {
+    constexpr int kUnits = kTokenGroups * (kWidth / 64);  // for_each_tile_unit's units of an fp8 tile
+    static_assert(kUnits == 20, "an fp8 tile is 20 units of 32 lanes x 16 bytes");
+    const int last_unit = warp + (kUnits - 1 - warp) / warps * warps;
+#pragma unroll
+    for (int k = 0; k < kBranchFreeWidenUnits; ++k) {
+        const TileUnitPiece piece = tile_unit_piece(min(warp + k * warps, last_unit));
+        widen_own_fp8_unit(stage, wide, piece.tok, piece.byte);
+    }
 }
 
 // The attention of one split block over keys [split_begin, kv_end) (non-empty): rows row0.. of sequence seq; writes
@@ -247,6 +276,14 @@ __device__ __forceinline__ void attend_split(const MlaAttentionParams &p, int se
     cp_async_commit();
     if constexpr (kRing) {
         if (tiles > 1) issue(1);
+        if constexpr (kFp8) {  // tile 0's own units widened before the loop; the loop widens tile t + 1 during tile t
+            if (tiles > 1) {
+                cp_async_wait<1>();
+            } else {
+                cp_async_wait<0>();
+            }
+            widen_own_fp8_units(stages, wide, warp, warps, 0);
+        }
         __syncthreads();  // the mbarriers' initialisation before any arrival
     }
 
@@ -263,28 +300,50 @@ __device__ __forceinline__ void attend_split(const MlaAttentionParams &p, int se
 #pragma unroll
     for (int n = 0; n < kLatent / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
 
+    // The warp ring's rendezvous on tile t: this warp arrives on the slot's "full" (one elected lane, after every lane
+    // of the warp is done) and waits for every warp's arrival.
+    const auto arrive_and_wait_full = [&](int t) {
+        __syncwarp();
+        if (elect_one_sync()) mbar_arrive(&full[t % Layout::kStages]);
+        mbar_wait(&full[t % Layout::kStages], (t / Layout::kStages) & 1);
+    };
     // This lane's A-fragment row address of the warp's Q rows (ldmatrix_x4_at adds each k-step's offset).
     const uint32_t q_frag = smem_addr(q_smem + (warp * kRowsPerWarp + (lane & 15)) * kRowStride + (lane >> 4) * 8);
     for (int t = 0; t < tiles; ++t) {
         const int tile_start = split_begin + t * kTileN;
         const int slot = t % Layout::kStages;
         const bf16 *kv;
-        if constexpr (kRing) {
-            // This thread's copies of tile t landed (tile t + 1's fly on); fp8: it widens them. Its warp then arrives
-            // on the slot's "full" and waits for every warp's arrival: the tile is complete, and every warp has
-            // finished tile t - 1, so tile t + 2 may go into the slot tile t - 1 left.
+        if constexpr (kRing && !kFp8) {
+            // This thread's copies of tile t landed (tile t + 1's fly on). Its warp then arrives on the slot's "full"
+            // and waits for every warp's arrival: the tile is complete, and every warp has finished tile t - 1, so
+            // tile t + 2 may go into the slot tile t - 1 left.
             if (t + 1 < tiles) {
                 cp_async_wait<1>();
             } else {
                 cp_async_wait<0>();
             }
-            bf16 *tile_bf16 = kFp8 ? wide + slot * (Layout::kWideBytes / 2) : reinterpret_cast<bf16 *>(stages + slot * Layout::kStageBytes);
-            if constexpr (kFp8) widen_own_fp8_units(stages + slot * Layout::kStageBytes, tile_bf16, warp, warps);
-            __syncwarp();
-            if (elect_one_sync()) mbar_arrive(&full[slot]);
-            mbar_wait(&full[slot], (t / Layout::kStages) & 1);
+            arrive_and_wait_full(t);
             if (t + 2 < tiles) issue(t + 2);
-            kv = tile_bf16;
+            kv = reinterpret_cast<const bf16 *>(stages + slot * Layout::kStageBytes);
+        } else if constexpr (kRing) {
+            // fp8: this thread widened its own units of tile t during tile t - 1 (tile 0: before the loop). Its warp
+            // arrives on the slot's "full" and waits for every warp's arrival: wide tile t is complete, and every
+            // warp has finished tile t - 1 (it arrived after it). So (1) tile t + 2's copies may go into raw slot t % 2:
+            // it held tile t, whose bytes are this thread's own and widened; (2) wide tile (t + 1) % 2, last read as
+            // tile t - 1, is free: once tile t + 1's copies landed (wait_group) this thread widens its own units of
+            // them into it, below within the S product, while tile t is read from wide tile t % 2. Wide tile
+            // (t + 1) % 2 is next read after the wait on "full" for tile t + 1, which needs this warp's arrival at
+            // the top of the next trip, after the widening. The last tile widens raw slot t % 2 again (tile t's
+            // own landed bytes) into the free wide tile (t + 1) % 2, which nobody reads after: a branch-free S product
+            // at the cost of one unused widening a split.
+            arrive_and_wait_full(t);
+            if (t + 2 < tiles) {
+                issue(t + 2);
+                cp_async_wait<1>();  // tile t + 1 landed, t + 2 flies
+            } else {
+                cp_async_wait<0>();
+            }
+            kv = wide + slot * (Layout::kWideBytes / 2);
         } else {
             // Tile t lands (each thread waits for its own copies; the barrier publishes them to every warp); the
             // helpers then issue tile t + 1's copies into the stage tile t - 1 left, which every warp has finished
@@ -321,6 +380,16 @@ __device__ __forceinline__ void attend_split(const MlaAttentionParams &p, int se
                     mma_bf16(s[n + 1], a, b[2], b[3]);
                 });
             });
+            if constexpr (kRing && kFp8) {
+                // Tile t + 1's own units (see the ring's wait above; in the ring every warp owns rows), in the S
+                // product's basic block: they issue while its mma.sync wait for each other. 1 warp: the other 10
+                // units in a loop after it.
+                const int next = t + 1 < tiles ? (t + 1) % Layout::kStages : slot;
+                const char *next_raw = stages + next * Layout::kStageBytes;
+                bf16 *next_wide = wide + (t + 1) % Layout::kStages * (Layout::kWideBytes / 2);
+                widen_own_fp8_units_branch_free(next_raw, next_wide, warp, warps);
+                widen_own_fp8_units(next_raw, next_wide, warp, warps, kBranchFreeWidenUnits);
+            }
 
             // Online softmax (mla_attention.cuh), then O += P V over the latent columns, P's A fragments straight
             // from the S accumulators.

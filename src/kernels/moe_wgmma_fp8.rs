@@ -234,6 +234,12 @@ pub(crate) fn launch(
             config.grid.z, params.k_splits
         )));
     }
+    // Persistent over work tiles of 128 features x 64 slots, as the bf16 / 4-bit wgmma kernels are. Sized before the
+    // quantiser runs: a launch without tiles (or with a bad row count) quantises nothing.
+    let grid = super::moe_wgmma::persistent_grid(&config.grid, params, 1, BLOCKS_PER_SM)?;
+    if grid.x == 0 {
+        return Ok(());
+    }
     let [rows, k_dim] = x.dims();
     let own_scratch;
     let scratch = match scratch {
@@ -252,11 +258,6 @@ pub(crate) fn launch(
     launch_quantize(x, codes.view([rows, k_dim])?, scales.view([rows, blocks])?, slots)?;
     let params =
         MoeGemmParams { x: std::ptr::null(), x_e4m3: codes.ptr(), x_stride: to_i32("fp8 gemm x stride", k_dim)?, x_block_scales: scales.ptr(), ..*params };
-    // Persistent over work tiles of 128 features x 64 slots, as the bf16 / 4-bit wgmma kernels are.
-    let grid = super::moe_wgmma::persistent_grid(&config.grid, &params, 1, BLOCKS_PER_SM)?;
-    if grid.x == 0 {
-        return Ok(());
-    }
     let config = LaunchConfig { grid, block: Dim3::x(THREADS), shared_bytes: shared_bytes() };
     launch_with(device, &kernel, &config, &params)
 }

@@ -144,8 +144,8 @@ __device__ __forceinline__ bool sum_k_splits(const MoeGemmParams &p, float (&acc
 // scales, stored; then the query RoPE and the row finisher when asked for. One of the two outputs is null; a batched
 // launch offsets the other one to head z's columns; a tail writes its own rows. Every thread calls it.
 template <int MF, int NF, bool Fp8Act>
-__device__ __forceinline__ void block_epilogue(const MoeGemmParams &p, bool tail, int expert, const float (&acc)[MF][NF][4], const int *slot_pair,
-                                               int first_tile, int slot_begin, int slots) {
+__device__ __forceinline__ void block_epilogue(const MoeGemmParams &p, bool tail, const GemmWeights &weights, int expert, const float (&acc)[MF][NF][4],
+                                               const int *slot_pair, int first_tile, int slot_begin, int slots) {
     constexpr int BM = kWarps * MF * 16;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
@@ -157,9 +157,8 @@ __device__ __forceinline__ void block_epilogue(const MoeGemmParams &p, bool tail
         const int tile = first_tile + warp * MF + m;
         const int feature = tile * 16 + g;
         float scale_g = 1.f, scale_g8 = 1.f;
-        const float *row_scales = pick(tail, p.tail.row_scales, p.row_scales);
-        if (row_scales != nullptr) {
-            const float *rs = row_scales + (long)expert * p.rows_padded;
+        if (weights.row_scales != nullptr) {
+            const float *rs = weights.row_scales + (long)expert * p.rows_padded;
             scale_g = rs[feature], scale_g8 = rs[feature + 8];
         }
         if constexpr (Fp8Act) {
@@ -230,7 +229,8 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
     // blockIdx.z.
     const int splits = kSplitK && p.k_splits > 1 ? p.k_splits : 1, split = splits > 1 ? (int)blockIdx.z : 0;
     const int kb_begin = k_blocks * split / splits, kb_end = k_blocks * (split + 1) / splits;
-    const unsigned char *w_expert = pick(tail, p.tail.weights, p.weights + (long long)expert * p.expert_stride);
+    const GemmWeights weights = block_weights(p, tail);
+    const unsigned char *w_expert = expert_weights(p, weights, tail, expert);
 
     auto load_stage = [&](int stage, int kb) {
         unsigned char *w_dst = w_smem + stage * kWStage;
@@ -240,7 +240,7 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
             const unsigned char *src = w_expert + ((long long)(first_tile + tile) * k_blocks + kb) * W::kTileBytes + chunk * 16;
             cp_async16(w_dst + tile * W::kTileBytes + chunk * 16, src);
         }
-        W::template stage_scales<kWarps * MF, kThreads>(p, tail, expert, first_tile, kb, s_smem + stage * kSStage, tid);
+        W::template stage_scales<kWarps * MF, kThreads>(p, weights, expert, first_tile, kb, s_smem + stage * kSStage, tid);
         unsigned char *x_dst = x_smem + stage * kXStage;
         for (int i = tid; i < BN * kXChunks; i += kThreads) {
             const int row = i >> (kXChunks == 8 ? 3 : 2), chunk = i & (kXChunks - 1);
@@ -280,7 +280,7 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
 #pragma unroll
         for (int m = 0; m < MF; ++m) {
             const int tile = warp * MF + m;
-            const typename W::Scales scales = W::staged_scales(p, tail, s_smem + stage * kSStage + tile * W::kScaleBytes, g);
+            const typename W::Scales scales = W::staged_scales(weights, s_smem + stage * kSStage + tile * W::kScaleBytes, g);
             uint32_t raw[kRawWords];
             const unsigned char *w_tile = w_smem + stage * kWStage + tile * W::kTileBytes;
 #pragma unroll
@@ -321,7 +321,7 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
     cp_async_wait<0>();
     if (kSplitK && splits > 1 && !sum_k_splits(p, acc, slots, split, splits)) return;
 
-    block_epilogue<MF, NF, Fp8Act>(p, tail, expert, acc, slot_pair, first_tile, slot_begin, slots);
+    block_epilogue<MF, NF, Fp8Act>(p, tail, weights, expert, acc, slot_pair, first_tile, slot_begin, slots);
 }
 
 // ---- the decode kernel: at most 8 tokens ---------------------------------------------------------------------------
@@ -395,8 +395,9 @@ __device__ __forceinline__ void decode_gemm(const MoeGemmParams &p) {
     const int kb_begin = k_blocks * split / splits, kb_end = k_blocks * (split + 1) / splits;
     // The ring's first kDepth k blocks, issued first: their latency overlaps the activation copy.
     const int first_tile = blockIdx.x * kWarps, tile = first_tile + warp;
-    const unsigned char *w_lane = pick(tail, p.tail.weights, p.weights + (long long)expert * p.expert_stride) + (long long)tile * k_blocks * W::kTileBytes + lane * 16;
-    const typename W::ScaleCursor scale_cursor = W::scale_cursor(p, tail, expert, tile, g);
+    const GemmWeights weights = block_weights(p, tail);
+    const unsigned char *w_lane = expert_weights(p, weights, tail, expert) + (long long)tile * k_blocks * W::kTileBytes + lane * 16;
+    const typename W::ScaleCursor scale_cursor = W::scale_cursor(p, weights, expert, tile, g);
     uint4 ring[kDepth][kChunks];
     typename W::ScaleWords ring_scales[kDepth];
     auto fetch = [&](uint4 (&chunks)[kChunks], typename W::ScaleWords &scales, int kb) {
@@ -456,7 +457,7 @@ __device__ __forceinline__ void decode_gemm(const MoeGemmParams &p) {
         uint32_t raw[kChunks * 4];
 #pragma unroll
         for (int c = 0; c < kChunks; ++c) raw[4 * c] = chunks[c].x, raw[4 * c + 1] = chunks[c].y, raw[4 * c + 2] = chunks[c].z, raw[4 * c + 3] = chunks[c].w;
-        const typename W::Scales scales = W::scales_of(p, tail, scale_words);
+        const typename W::Scales scales = W::scales_of(scale_words);
         if (refill) fetch(chunks, scale_words, kb + kDepth);
         uint32_t b[2][4];  // b[q]: k-steps 2q (registers 0, 1) and 2q + 1 (registers 2, 3)
         ldmatrix_x4_at(b[0], x_lo + kb * kBK * 2);
@@ -486,7 +487,7 @@ __device__ __forceinline__ void decode_gemm(const MoeGemmParams &p) {
         if (kb + kDepth + i < kb_end) step(ring[i], ring_scales[i], kb + kDepth + i, false);
     }
     if (kSplitK && splits > 1 && !sum_k_splits(p, acc, slots, split, splits)) return;
-    block_epilogue<1, 1, false>(p, tail, expert, acc, slot_pair, first_tile, slot_begin, slots);
+    block_epilogue<1, 1, false>(p, tail, weights, expert, acc, slot_pair, first_tile, slot_begin, slots);
 }
 
 }  // namespace

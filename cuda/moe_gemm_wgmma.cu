@@ -205,12 +205,12 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const MoeGemmParams &p, const
                 auto load_weights = [&](int kb, int stage) {
                     const int expert = tile_work->expert, first_tile = tile_work->feature_tile * (kBM / 16);
                     if (lane < kConsumerWarps) {
-                        const unsigned char *src = p.weights + (long long)expert * p.expert_stride + ((long long)(first_tile + lane) * k_blocks + kb) * kTileBytes;
+                        const unsigned char *src = p.weights.data + (long long)expert * p.expert_stride + ((long long)(first_tile + lane) * k_blocks + kb) * kTileBytes;
                         bulk_load(sm.w + stage * kWStage + lane * kTileBytes, src, kTileBytes, &sm.full[stage]);
                     } else if (lane < kConsumerWarps * (1 + W::kScalePieces)) {
                         const int tile = lane % kConsumerWarps, piece = lane / kConsumerWarps - 1;
                         int offset, bytes;
-                        const void *src = W::scale_piece(p, false, expert, first_tile + tile, kb, piece, offset, bytes);
+                        const void *src = W::scale_piece(p, p.weights, expert, first_tile + tile, kb, piece, offset, bytes);
                         if (src != nullptr) bulk_load(sm.s + stage * kSStage + tile * W::kScaleBytes + offset, src, bytes, &sm.full[stage]);
                     }
                 };
@@ -220,7 +220,7 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const MoeGemmParams &p, const
                     int bytes = kWStage;
                     for (int piece = 0; piece < W::kScalePieces; ++piece) {
                         int offset, piece_bytes;
-                        if (W::scale_piece(p, false, tile_work->expert, tile_work->feature_tile * (kBM / 16), 0, piece, offset, piece_bytes) != nullptr) {
+                        if (W::scale_piece(p, p.weights, tile_work->expert, tile_work->feature_tile * (kBM / 16), 0, piece, offset, piece_bytes) != nullptr) {
                             bytes += kConsumerWarps * piece_bytes;
                         }
                     }
@@ -313,7 +313,7 @@ __device__ __forceinline__ void consume_tiles(const MoeGemmParams &p, const Bloc
         auto consume = [&](int kb, uint32_t (&a)[4][4]) {
             const int use = kb_done + kb, stage = use % kStages;
             ring_wait_full<kStages>(sm.full, use);
-            const typename W::Scales scales = W::staged_scales(p, false, sm.s + stage * kSStage + warp * W::kScaleBytes, lane >> 2);
+            const typename W::Scales scales = W::staged_scales(p.weights, sm.s + stage * kSStage + warp * W::kScaleBytes, lane >> 2);
             const unsigned char *w_tile = sm.w + stage * kWStage + warp * W::kTileBytes;
             uint32_t raw[kRawWords];
 #pragma unroll

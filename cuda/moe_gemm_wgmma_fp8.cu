@@ -109,7 +109,7 @@ __device__ __forceinline__ void produce_tiles(const MoeGemmParams &p, const Smem
         if (work.expert < 0) break;
         const int kb_done = j * k_blocks;  // the ring's uses by the block's earlier tiles
         const int *slot_src = sm.slot_src + (j & 1) * kBN;
-        const unsigned char *w_tiles = p.weights + (long long)work.expert * p.expert_stride +
+        const unsigned char *w_tiles = p.weights.data + (long long)work.expert * p.expert_stride +
                                        (long long)(work.feature_tile * (kBM / 16) + lane) * w_blocks64 * WeightFormat<Format::Fp8>::kTileBytes;
         for (int kb = 0; kb < k_blocks; ++kb) {
             const int use = kb_done + kb, stage = use % kStages;
@@ -129,7 +129,7 @@ __device__ __forceinline__ void produce_tiles(const MoeGemmParams &p, const Smem
             // consumers' k loop reads them from the ring as the 4-bit kernels do (no global load on its chain, and
             // no tile state kept through it: the kernel is at its 96-register cap).
             if constexpr (kBlockScales) {
-                BlockFormat::stage_scales<kConsumerWarps, 32>(p, false, work.expert, work.feature_tile * (kBM / 16), 2 * kb, s_stage + kWScaleOffset, lane);
+                BlockFormat::stage_scales<kConsumerWarps, 32>(p, p.weights, work.expert, work.feature_tile * (kBM / 16), 2 * kb, s_stage + kWScaleOffset, lane);
             }
             cp_async_commit();
         }
@@ -186,7 +186,7 @@ __device__ __forceinline__ void consume_tiles(const MoeGemmParams &p, const Smem
             for (int i = 0; i < 32; ++i) wgmma_fence_operand(partial[i]);
             float w_scale_g = 1.f, w_scale_g8 = 1.f;
             if constexpr (kBlockScales) {
-                const BlockFormat::Scales w_scales = BlockFormat::staged_scales(p, false, sm.s + stage * kSStage + kWScaleOffset + warp * BlockFormat::kScaleBytes, 0);
+                const BlockFormat::Scales w_scales = BlockFormat::staged_scales(p.weights, sm.s + stage * kSStage + kWScaleOffset + warp * BlockFormat::kScaleBytes, 0);
                 w_scale_g = w_scales.row_g, w_scale_g8 = w_scales.row_g8;
             }
             // The stage's activation scales of this lane's 16 slots (8 f + 2 t, + 1), then the stage is free.

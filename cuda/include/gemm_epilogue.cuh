@@ -104,8 +104,8 @@ __device__ __forceinline__ void store_wgmma_warp_tile(const MoeGemmParams &p, co
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int feature = tile * 16 + g;
     float scale_g = 1.f, scale_g8 = 1.f;
-    if (p.row_scales != nullptr) {
-        const float *rs = p.row_scales + (long)expert * p.rows_padded;
+    if (p.weights.row_scales != nullptr) {
+        const float *rs = p.weights.row_scales + (long)expert * p.rows_padded;
         scale_g = rs[feature], scale_g8 = rs[feature + 8];
     }
     bf16 *const out_bf16 = p.out_bf16 ? p.out_bf16 + (long)blockIdx.z * p.out_batch_stride : nullptr;

@@ -176,6 +176,18 @@ typedef struct GemmRowFinish {
     MlaCacheWriteParams cache;
 } GemmRowFinish;
 
+/* The weight operand of a grouped or dense GEMM (MoeGemmParams.weights, MoeDenseTail.weights): the repacked weights
+ * and their format's scale arrays (null where the format has none), filled from one DeviceWeights
+ * (src/kernels/gemm.rs). Shapes use the launch's rows_padded, k_dim and group; `experts` is 1 for a dense tail. */
+typedef struct GemmWeights {
+    const unsigned char *data;     /* repacked weights; expert e starts at data + e * MoeGemmParams.expert_stride */
+    const float *row_scales;       /* [experts, rows_padded] multiplier per output row (fp8 per-tensor scale, 1/nvfp4 global), or null */
+    const float *block_scales;     /* fp8 block-128: [experts, k_dim / 128, rows_padded / 8] */
+    const bf16 *group_scales;      /* int4: [experts, rows_padded / 16, k_dim / group, 16] */
+    const unsigned char *group_zeros; /* int4 zero points (same shape), or null for symmetric (zero point 8) */
+    const unsigned char *fp4_scales;  /* nvfp4: e4m3 [experts, rows_padded / 16, k_dim / 64, 16, 4] */
+} GemmWeights;
+
 /* One grouped GEMM launch: for every row of a group (a (token, expert) pair, or a plain row in dense mode),
  * y[row, n] = sum_k x[src(row), k] * W_e[n, k] for the n of this block, with W_e the row's expert's weights in the
  * repacked fragment layout (src/quant/repack.rs). Epilogue: optional per-row scale, then either SwiGLU
@@ -189,12 +201,7 @@ typedef struct GemmRowFinish {
  * the grouped weights' format and packed shape (its own arrays), its own input and output rows; the blocks past the
  * grouped tiles (blockIdx.y >= capacity_tiles) compute it. rows = 0: none. */
 typedef struct MoeDenseTail {
-    const unsigned char *weights;
-    const float *row_scales;
-    const float *block_scales;
-    const bf16 *group_scales;
-    const unsigned char *group_zeros;
-    const unsigned char *fp4_scales;
+    GemmWeights weights;           /* one matrix (expert 0) */
     const bf16 *x;                 /* [rows, x_stride] */
     bf16 *out_bf16;                /* SwiGLU: act [rows, out_stride]; or null */
     float *out_f32;                /* plain: [rows, out_stride] f32, unweighted; or null */
@@ -204,12 +211,7 @@ typedef struct MoeDenseTail {
 } MoeDenseTail;
 
 typedef struct MoeGemmParams {
-    const unsigned char *weights;  /* repacked weights; expert e starts at weights + e * expert_stride */
-    const float *row_scales;       /* [experts, rows_padded] multiplier per output row (fp8 per-tensor scale, 1/nvfp4 global), or null */
-    const float *block_scales;     /* fp8 block-128: [experts, k_dim / 128, rows_padded / 8] */
-    const bf16 *group_scales;      /* int4: [experts, rows_padded / 16, k_dim / group, 16] */
-    const unsigned char *group_zeros; /* int4 zero points (same shape), or null for symmetric (zero point 8) */
-    const unsigned char *fp4_scales;  /* nvfp4: e4m3 [experts, rows_padded / 16, k_dim / 64, 16, 4] */
+    GemmWeights weights;           /* the experts' (grouped) or the matrices' (dense) weights */
     const bf16 *x;                 /* input rows, x_stride elements apart */
     bf16 *out_bf16;                /* bf16 output (SwiGLU act or dense y), out_stride elements per row; or null */
     float *out_f32;                /* f32 output (per-pair expert output), out_stride elements per row; or null */

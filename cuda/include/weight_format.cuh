@@ -19,23 +19,43 @@ enum class Format { Bf16, Fp8, Fp8Block, Int4, Nvfp4 };
 template <typename T>
 __device__ __forceinline__ T pick(bool tail, T tail_value, T value) { return tail ? tail_value : value; }
 
+// The weight operand a block multiplies: its launch's dense tail's (tail) or the launch's own, chosen once per block
+// and held by value (field by field through pick, for the reason above). A tail is one matrix: its blocks use expert 0.
+__device__ __forceinline__ GemmWeights block_weights(const MoeGemmParams &p, bool tail) {
+    const GemmWeights &tail_weights = p.tail.weights, &own = p.weights;
+    return {pick(tail, tail_weights.data, own.data),
+            pick(tail, tail_weights.row_scales, own.row_scales),
+            pick(tail, tail_weights.block_scales, own.block_scales),
+            pick(tail, tail_weights.group_scales, own.group_scales),
+            pick(tail, tail_weights.group_zeros, own.group_zeros),
+            pick(tail, tail_weights.fp4_scales, own.fp4_scales)};
+}
+
+// The repacked weights of a block's expert. A tail is one matrix, taken as it is: selecting its pointer rather than
+// adding an expert offset of 0 to it keeps the choice the select of two kernel parameters that ptxas allocates best
+// (a sum of the selected pointer cost the narrow tiles up to 17 registers).
+__device__ __forceinline__ const unsigned char *expert_weights(const MoeGemmParams &p, const GemmWeights &weights, bool tail, int expert) {
+    return tail ? weights.data : weights.data + (long long)expert * p.expert_stride;
+}
+
 // ---- weight formats: bytes per 16x64 tile, per-stage scales, fragment dequantisation --------------------------------
 //
-// Each WeightFormat<F> has:
+// Each WeightFormat<F> has, for the weight operand `weights` (block_weights, or p.weights in kernels without a dense
+// tail) in the shapes of launch p (rows_padded, k_dim, group):
 // - kTileBytes: bytes of one 16-row x 64-k weight tile;
 // - Scales: what a lane needs to dequantise its fragments of one tile and stage;
-// - load_scales(p, tail, expert, tile, kb, g): those scales read from global memory;
-// - ScaleWords, ScaleCursor, scale_cursor(p, tail, expert, tile, g), load_scale_words(cursor, kb),
-//   scales_of(p, tail, words): the same in two steps, the global loads alone and then what is computed from them, so
+// - load_scales(p, weights, expert, tile, kb, g): those scales read from global memory;
+// - ScaleWords, ScaleCursor, scale_cursor(p, weights, expert, tile, g), load_scale_words(cursor, kb),
+//   scales_of(words): the same in two steps, the global loads alone and then what is computed from them, so
 //   a kernel that prefetches scales into registers (the decode kernel of cuda/moe_gemm.cu) holds raw words and waits
 //   for no load until it uses them; the cursor holds a lane's addresses of one tile, computed once, so a k block's
 //   loads cost no address arithmetic beyond kb;
-// - kScaleBytes, stage_scales<kTiles, kThreads>(p, tail, expert, first_tile, kb, dst, tid), staged_scales(p, tail,
+// - kScaleBytes, stage_scales<kTiles, kThreads>(p, weights, expert, first_tile, kb, dst, tid), staged_scales(weights,
 //   tile_scales, g): the same scales staged with the weights: stage_scales cp.asyncs the scales of kTiles consecutive
 //   tiles of one stage into shared memory (kScaleBytes per tile, in the caller's cp.async group, so they land with the
 //   stage's weights; one 16-byte chunk per thread of the first few, kThreads being the block's), staged_scales reads a
 //   lane's from there. The pipelined kernels use these, so no global load waits in the k loop;
-// - kScalePieces, scale_piece(p, tail, expert, tile, kb, piece, offset, bytes): the same staged bytes of one tile as
+// - kScalePieces, scale_piece(p, weights, expert, tile, kb, piece, offset, bytes): the same staged bytes of one tile as
 //   whole contiguous pieces (multiples of 16 bytes, 16-byte aligned) for one bulk copy each (the wgmma producer's,
 //   counted in the stage's transaction bytes): piece `piece` (0 .. kScalePieces - 1) comes from the returned global
 //   address (null when the format has no such piece here, as int4's symmetric zero points), `bytes` long, to `offset`
@@ -71,15 +91,15 @@ struct NoStagedScales {
     struct Scales {};
     struct ScaleWords {};
     struct ScaleCursor {};
-    __device__ static ScaleCursor scale_cursor(const MoeGemmParams &, bool, int, int, int) { return {}; }
+    __device__ static ScaleCursor scale_cursor(const MoeGemmParams &, const GemmWeights &, int, int, int) { return {}; }
     __device__ static ScaleWords load_scale_words(const ScaleCursor &, int) { return {}; }
-    __device__ static Scales scales_of(const MoeGemmParams &, bool, const ScaleWords &) { return {}; }
-    __device__ static Scales load_scales(const MoeGemmParams &, bool, int, int, int, int) { return {}; }
+    __device__ static Scales scales_of(const ScaleWords &) { return {}; }
+    __device__ static Scales load_scales(const MoeGemmParams &, const GemmWeights &, int, int, int, int) { return {}; }
     template <int kTiles, int kThreads>
-    __device__ static void stage_scales(const MoeGemmParams &, bool, int, int, int, unsigned char *, int) {}
-    __device__ static Scales staged_scales(const MoeGemmParams &, bool, const unsigned char *, int) { return {}; }
+    __device__ static void stage_scales(const MoeGemmParams &, const GemmWeights &, int, int, int, unsigned char *, int) {}
+    __device__ static Scales staged_scales(const GemmWeights &, const unsigned char *, int) { return {}; }
     static constexpr int kScalePieces = 0;
-    __device__ static const void *scale_piece(const MoeGemmParams &, bool, int, int, int, int, int &, int &) { return nullptr; }
+    __device__ static const void *scale_piece(const MoeGemmParams &, const GemmWeights &, int, int, int, int, int &, int &) { return nullptr; }
 };
 
 template <> struct WeightFormat<Format::Bf16> : NoStagedScales {
@@ -110,31 +130,31 @@ template <> struct WeightFormat<Format::Fp8Block> {
     static constexpr int kTileBytes = 16 * kBK;
     static constexpr int kScaleBytes = 8;
     struct Scales { float row_g, row_g8; };
-    __device__ static const float *scale_pair(const MoeGemmParams &p, bool tail, int expert, int tile, int kb) {
+    __device__ static const float *scale_pair(const MoeGemmParams &p, const GemmWeights &weights, int expert, int tile, int kb) {
         const int groups = p.rows_padded / 8;
-        return pick(tail, p.tail.block_scales, p.block_scales) + ((long)expert * (p.k_dim / 128) + (kb * kBK) / 128) * groups + 2 * tile;
+        return weights.block_scales + ((long)expert * (p.k_dim / 128) + (kb * kBK) / 128) * groups + 2 * tile;
     }
-    __device__ static Scales load_scales(const MoeGemmParams &p, bool tail, int expert, int tile, int kb, int) {
-        const float *s = scale_pair(p, tail, expert, tile, kb);
+    __device__ static Scales load_scales(const MoeGemmParams &p, const GemmWeights &weights, int expert, int tile, int kb, int) {
+        const float *s = scale_pair(p, weights, expert, tile, kb);
         return {s[0], s[1]};
     }
     using ScaleWords = Scales;  // the two f32 scales are used as loaded
     struct ScaleCursor { const float *pair; int stride; };  // the tile's pair of k block 0; floats per 128 k
-    __device__ static ScaleCursor scale_cursor(const MoeGemmParams &p, bool tail, int expert, int tile, int) {
-        return {scale_pair(p, tail, expert, tile, 0), p.rows_padded / 8};
+    __device__ static ScaleCursor scale_cursor(const MoeGemmParams &p, const GemmWeights &weights, int expert, int tile, int) {
+        return {scale_pair(p, weights, expert, tile, 0), p.rows_padded / 8};
     }
     __device__ static ScaleWords load_scale_words(const ScaleCursor &c, int kb) {
         const float2 s = *reinterpret_cast<const float2 *>(c.pair + (kb * kBK / 128) * c.stride);  // 8-byte aligned: 2 * tile
         return {s.x, s.y};
     }
-    __device__ static Scales scales_of(const MoeGemmParams &, bool, const ScaleWords &words) { return words; }
+    __device__ static Scales scales_of(const ScaleWords &words) { return words; }
     // 16-byte aligned: first_tile is a multiple of 4 and groups of 16 (rows padded to 128).
     template <int kTiles, int kThreads>
-    __device__ static void stage_scales(const MoeGemmParams &p, bool tail, int expert, int first_tile, int kb, unsigned char *dst, int tid) {
+    __device__ static void stage_scales(const MoeGemmParams &p, const GemmWeights &weights, int expert, int first_tile, int kb, unsigned char *dst, int tid) {
         static_assert(kTiles * kScaleBytes % 16 == 0 && kTiles * kScaleBytes / 16 <= kThreads, "whole 16-byte chunks, one a thread");
-        if (tid < kTiles * kScaleBytes / 16) cp_async16(dst + tid * 16, scale_pair(p, tail, expert, first_tile, kb) + tid * 4);
+        if (tid < kTiles * kScaleBytes / 16) cp_async16(dst + tid * 16, scale_pair(p, weights, expert, first_tile, kb) + tid * 4);
     }
-    __device__ static Scales staged_scales(const MoeGemmParams &, bool, const unsigned char *tile_scales, int) {
+    __device__ static Scales staged_scales(const GemmWeights &, const unsigned char *tile_scales, int) {
         const float2 s = *reinterpret_cast<const float2 *>(tile_scales);
         return {s.x, s.y};
     }
@@ -176,50 +196,50 @@ template <> struct WeightFormat<Format::Int4> {
     }
     // Row g of the tile's group 0 (scales and zero points; zeros null when symmetric) and the k blocks per group.
     struct ScaleCursor { const bf16 *scales; const unsigned char *zeros; int blocks_per_group; };
-    __device__ static ScaleCursor scale_cursor(const MoeGemmParams &p, bool tail, int expert, int tile, int g) {
+    __device__ static ScaleCursor scale_cursor(const MoeGemmParams &p, const GemmWeights &weights, int expert, int tile, int g) {
         const long at = group_row0(p, expert, tile, 0) + g;
-        const unsigned char *zeros = pick(tail, p.tail.group_zeros, p.group_zeros);
-        return {pick(tail, p.tail.group_scales, p.group_scales) + at, zeros ? zeros + at : nullptr, p.group / kBK};
+        const unsigned char *zeros = weights.group_zeros;
+        return {weights.group_scales + at, zeros ? zeros + at : nullptr, p.group / kBK};
     }
     __device__ static ScaleWords load_scale_words(const ScaleCursor &c, int kb) {
         return load_scale_words(c.scales, c.zeros, (long)((unsigned)kb / (unsigned)c.blocks_per_group) * 16);
     }
-    __device__ static Scales scales_of(const MoeGemmParams &, bool, const ScaleWords &w) {
+    __device__ static Scales scales_of(const ScaleWords &w) {
         return make((float)w.zero_g, (float)w.zero_g8, w.scale_g, w.scale_g8);
     }
-    __device__ static Scales load_scales(const MoeGemmParams &p, bool tail, int expert, int tile, int kb, int g) {
-        return scales_of(p, tail, load_scale_words(pick(tail, p.tail.group_scales, p.group_scales), pick(tail, p.tail.group_zeros, p.group_zeros),
+    __device__ static Scales load_scales(const MoeGemmParams &p, const GemmWeights &weights, int expert, int tile, int kb, int g) {
+        return scales_of(load_scale_words(weights.group_scales, weights.group_zeros,
                                                    group_row0(p, expert, tile, kb) + g));
     }
     template <int kTiles, int kThreads>
-    __device__ static void stage_scales(const MoeGemmParams &p, bool tail, int expert, int first_tile, int kb, unsigned char *dst, int tid) {
+    __device__ static void stage_scales(const MoeGemmParams &p, const GemmWeights &weights, int expert, int first_tile, int kb, unsigned char *dst, int tid) {
         static_assert(kTiles * 3 <= kThreads, "one 16-byte chunk a thread");
         if (tid >= kTiles * 3) return;
         const int tile = tid / 3, chunk = tid % 3;  // chunks 0, 1: scales; 2: zeros
         const long row0 = group_row0(p, expert, first_tile + tile, kb);
-        const unsigned char *zeros = pick(tail, p.tail.group_zeros, p.group_zeros);
+        const unsigned char *zeros = weights.group_zeros;
         if (chunk < 2) {
-            cp_async16(dst + tile * kScaleBytes + chunk * 16, pick(tail, p.tail.group_scales, p.group_scales) + row0 + chunk * 8);
+            cp_async16(dst + tile * kScaleBytes + chunk * 16, weights.group_scales + row0 + chunk * 8);
         } else if (zeros != nullptr) {
             cp_async16(dst + tile * kScaleBytes + 32, zeros + row0);
         }
     }
-    __device__ static Scales staged_scales(const MoeGemmParams &p, bool tail, const unsigned char *tile_scales, int g) {
+    __device__ static Scales staged_scales(const GemmWeights &weights, const unsigned char *tile_scales, int g) {
         const bf16 *scales = reinterpret_cast<const bf16 *>(tile_scales);
         const unsigned char *zeros = tile_scales + 32;
-        const bool asymmetric = pick(tail, p.tail.group_zeros, p.group_zeros) != nullptr;
+        const bool asymmetric = weights.group_zeros != nullptr;
         return make(asymmetric ? (float)zeros[g] : 8.f, asymmetric ? (float)zeros[g + 8] : 8.f, scales[g], scales[g + 8]);
     }
     // Piece 0: the 32 bytes of scales; piece 1: the 16 bytes of zero points (none when symmetric).
     static constexpr int kScalePieces = 2;
-    __device__ static const void *scale_piece(const MoeGemmParams &p, bool tail, int expert, int tile, int kb, int piece, int &offset, int &bytes) {
+    __device__ static const void *scale_piece(const MoeGemmParams &p, const GemmWeights &weights, int expert, int tile, int kb, int piece, int &offset, int &bytes) {
         const long row0 = group_row0(p, expert, tile, kb);
         if (piece == 0) {
             offset = 0, bytes = 32;
-            return pick(tail, p.tail.group_scales, p.group_scales) + row0;
+            return weights.group_scales + row0;
         }
         offset = 32, bytes = 16;
-        const unsigned char *zeros = pick(tail, p.tail.group_zeros, p.group_zeros);
+        const unsigned char *zeros = weights.group_zeros;
         return zeros != nullptr ? zeros + row0 : nullptr;
     }
     __device__ static void fragment(const uint32_t *raw, int ks, const Scales &s, uint32_t a[4]) {
@@ -246,35 +266,35 @@ template <> struct WeightFormat<Format::Nvfp4> {
     static constexpr int kScaleBytes = 64;
     struct Scales { uint32_t row_g, row_g8; };  // four e4m3 bytes each: one per k-step of the stage
     // Layout [expert, tile, k block, 16 rows, 4 k-steps]: the tile's scales of a stage are 64 contiguous bytes.
-    __device__ static const unsigned char *tile_stage(const MoeGemmParams &p, bool tail, int expert, int tile, int kb) {
-        return pick(tail, p.tail.fp4_scales, p.fp4_scales) + (((long)expert * (p.rows_padded / 16) + tile) * (p.k_dim / kBK) + kb) * 64;
+    __device__ static const unsigned char *tile_stage(const MoeGemmParams &p, const GemmWeights &weights, int expert, int tile, int kb) {
+        return weights.fp4_scales + (((long)expert * (p.rows_padded / 16) + tile) * (p.k_dim / kBK) + kb) * 64;
     }
-    __device__ static Scales load_scales(const MoeGemmParams &p, bool tail, int expert, int tile, int kb, int g) {
-        return staged_scales(p, tail, tile_stage(p, tail, expert, tile, kb), g);  // the same layout, read from global memory
+    __device__ static Scales load_scales(const MoeGemmParams &p, const GemmWeights &weights, int expert, int tile, int kb, int g) {
+        return staged_scales(weights, tile_stage(p, weights, expert, tile, kb), g);  // the same layout, read from global memory
     }
     using ScaleWords = Scales;  // the scale words are used as loaded
     struct ScaleCursor { const unsigned char *tile_g; };  // row g's word of the tile's k block 0
-    __device__ static ScaleCursor scale_cursor(const MoeGemmParams &p, bool tail, int expert, int tile, int g) {
-        return {tile_stage(p, tail, expert, tile, 0) + g * 4};
+    __device__ static ScaleCursor scale_cursor(const MoeGemmParams &p, const GemmWeights &weights, int expert, int tile, int g) {
+        return {tile_stage(p, weights, expert, tile, 0) + g * 4};
     }
     __device__ static ScaleWords load_scale_words(const ScaleCursor &c, int kb) {
         const unsigned char *words = c.tile_g + kb * kScaleBytes;
         return {*reinterpret_cast<const uint32_t *>(words), *reinterpret_cast<const uint32_t *>(words + 32)};
     }
-    __device__ static Scales scales_of(const MoeGemmParams &, bool, const ScaleWords &words) { return words; }
+    __device__ static Scales scales_of(const ScaleWords &words) { return words; }
     template <int kTiles, int kThreads>
-    __device__ static void stage_scales(const MoeGemmParams &p, bool tail, int expert, int first_tile, int kb, unsigned char *dst, int tid) {
+    __device__ static void stage_scales(const MoeGemmParams &p, const GemmWeights &weights, int expert, int first_tile, int kb, unsigned char *dst, int tid) {
         static_assert(kTiles * 4 <= kThreads, "one 16-byte chunk a thread");
-        if (tid < kTiles * 4) cp_async16(dst + tid * 16, tile_stage(p, tail, expert, first_tile + tid / 4, kb) + (tid % 4) * 16);
+        if (tid < kTiles * 4) cp_async16(dst + tid * 16, tile_stage(p, weights, expert, first_tile + tid / 4, kb) + (tid % 4) * 16);
     }
-    __device__ static Scales staged_scales(const MoeGemmParams &, bool, const unsigned char *tile_scales, int g) {
+    __device__ static Scales staged_scales(const GemmWeights &, const unsigned char *tile_scales, int g) {
         return {*reinterpret_cast<const uint32_t *>(tile_scales + g * 4), *reinterpret_cast<const uint32_t *>(tile_scales + 32 + g * 4)};
     }
     // One piece: the tile's 64 contiguous bytes of the stage.
     static constexpr int kScalePieces = 1;
-    __device__ static const void *scale_piece(const MoeGemmParams &p, bool tail, int expert, int tile, int kb, int, int &offset, int &bytes) {
+    __device__ static const void *scale_piece(const MoeGemmParams &p, const GemmWeights &weights, int expert, int tile, int kb, int, int &offset, int &bytes) {
         offset = 0, bytes = kScaleBytes;
-        return tile_stage(p, tail, expert, tile, kb);
+        return tile_stage(p, weights, expert, tile, kb);
     }
     __device__ static void fragment(const uint32_t *raw, int ks, const Scales &s, uint32_t a[4]) {
         // Byte ks of each row's scale word, row g's in the low half of the pair.

@@ -258,12 +258,7 @@ pub(super) fn launch_gemm(
         }
     };
     let params = MoeGemmParams {
-        weights: w.data.ptr(),
-        row_scales: opt_ptr(w.row_scales.as_ref()),
-        block_scales: opt_ptr(w.block_scales.as_ref()),
-        group_scales: opt_ptr(w.group_scales.as_ref()),
-        group_zeros: opt_ptr(w.group_zeros.as_ref()),
-        fp4_scales: opt_ptr(w.fp4_scales.as_ref()),
+        weights: w.kernel_operand(),
         x: if e4m3_input { std::ptr::null() } else { x_addr as *const _ },
         x_e4m3: if e4m3_input { x_addr as *const _ } else { std::ptr::null() },
         out_bf16,
@@ -289,20 +284,8 @@ pub(super) fn launch_gemm(
         swiglu: swiglu as i32,
         in_by_token: in_by_token as i32,
         out_by_pair: out_by_pair as i32,
-        tail: tail.unwrap_or(MoeDenseTail {
-            weights: std::ptr::null(),
-            row_scales: std::ptr::null(),
-            block_scales: std::ptr::null(),
-            group_scales: std::ptr::null(),
-            group_zeros: std::ptr::null(),
-            fp4_scales: std::ptr::null(),
-            x: std::ptr::null(),
-            out_bf16: std::ptr::null_mut(),
-            out_f32: std::ptr::null_mut(),
-            rows: 0,
-            x_stride: 0,
-            out_stride: 0,
-        }),
+        // No tail: rows 0 and null pointers.
+        tail: tail.unwrap_or_default(),
         act_scale: match input {
             Input::E4m3(rows) => rows.scale,
             Input::Bf16(_) => 1.0,
@@ -376,12 +359,7 @@ fn check_tail(w: &DeviceWeights, e4m3_input: bool, output: &Output, tail: &Dense
         _ => return Err(Error::InvalidArgument("gemm tail: its output must be of the grouped output's kind".into())),
     };
     Ok(MoeDenseTail {
-        weights: t.data.ptr(),
-        row_scales: opt_ptr(t.row_scales.as_ref()),
-        block_scales: opt_ptr(t.block_scales.as_ref()),
-        group_scales: opt_ptr(t.group_scales.as_ref()),
-        group_zeros: opt_ptr(t.group_zeros.as_ref()),
-        fp4_scales: opt_ptr(t.fp4_scales.as_ref()),
+        weights: t.kernel_operand(),
         x: tail.x.ptr(),
         out_bf16,
         out_f32,

@@ -6,6 +6,8 @@ use half::bf16;
 use super::tile::{decode_k_splits, TileShape, SPLIT_PARTIAL_FLOATS};
 use crate::device::{Device, DeviceBuffer};
 use crate::error::{Error, Result};
+use crate::kernels::opt_ptr;
+use crate::kernels::params::GemmWeights;
 use crate::quant::repack::PackedWeights;
 use crate::quant::WeightFormat;
 
@@ -253,6 +255,19 @@ impl DeviceWeights {
         }
         .with_bytes_per_expert()
         .with_decode_k_splits()
+    }
+
+    /// The weight operand of a GEMM launch (params.h `GemmWeights`: `MoeGemmParams.weights`, and a dense tail's): the
+    /// device addresses of `data` and the scale arrays, null for the arrays the format has none of.
+    pub(crate) fn kernel_operand(&self) -> GemmWeights {
+        GemmWeights {
+            data: self.data.ptr(),
+            row_scales: opt_ptr(self.row_scales.as_ref()),
+            block_scales: opt_ptr(self.block_scales.as_ref()),
+            group_scales: opt_ptr(self.group_scales.as_ref()),
+            group_zeros: opt_ptr(self.group_zeros.as_ref()),
+            fp4_scales: opt_ptr(self.fp4_scales.as_ref()),
+        }
     }
 
     /// Sets `bytes_per_expert` from the arrays held.

@@ -178,7 +178,8 @@ typedef struct GemmRowFinish {
 
 /* The weight operand of a grouped or dense GEMM (MoeGemmParams.weights, MoeDenseTail.weights): the repacked weights
  * and their format's scale arrays (null where the format has none), filled from one DeviceWeights
- * (src/kernels/gemm.rs). Shapes use the launch's rows_padded, k_dim and group; `experts` is 1 for a dense tail. */
+ * (DeviceWeights::kernel_operand, src/kernels/gemm/weights.rs). Shapes use the launch's rows_padded, k_dim and group;
+ * `experts` is 1 for a dense tail. */
 typedef struct GemmWeights {
     const unsigned char *data;     /* repacked weights; expert e starts at data + e * MoeGemmParams.expert_stride */
     const float *row_scales;       /* [experts, rows_padded] multiplier per output row (fp8 per-tensor scale, 1/nvfp4 global), or null */

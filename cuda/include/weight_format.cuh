@@ -19,8 +19,9 @@ enum class Format { Bf16, Fp8, Fp8Block, Int4, Nvfp4 };
 template <typename T>
 __device__ __forceinline__ T pick(bool tail, T tail_value, T value) { return tail ? tail_value : value; }
 
-// The weight operand a block multiplies: its launch's dense tail's (tail) or the launch's own, chosen once per block
-// and held by value (field by field through pick, for the reason above). A tail is one matrix: its blocks use expert 0.
+// The weight operand a block multiplies: its launch's dense tail's (tail) or the launch's own, by value (field by field
+// through pick, for the reason above; the fields a kernel does not read cost nothing). A tail is one matrix: its
+// blocks use expert 0.
 __device__ __forceinline__ GemmWeights block_weights(const MoeGemmParams &p, bool tail) {
     const GemmWeights &tail_weights = p.tail.weights, &own = p.weights;
     return {pick(tail, tail_weights.data, own.data),
@@ -233,7 +234,8 @@ template <> struct WeightFormat<Format::Int4> {
     }
     // Piece 0: the 32 bytes of scales; piece 1: the 16 bytes of zero points (none when symmetric).
     static constexpr int kScalePieces = 2;
-    __device__ static const void *scale_piece(const MoeGemmParams &p, const GemmWeights &weights, int expert, int tile, int kb, int piece, int &offset, int &bytes) {
+    __device__ static const void *scale_piece(const MoeGemmParams &p, const GemmWeights &weights, int expert, int tile, int kb, int piece, int &offset,
+                                              int &bytes) {
         const long row0 = group_row0(p, expert, tile, kb);
         if (piece == 0) {
             offset = 0, bytes = 32;

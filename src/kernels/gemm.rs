@@ -522,7 +522,8 @@ mod tests {
         let decode = |w: &DeviceWeights, blocks: usize, split: bool, k_blocks: usize| own_prefetch_k_blocks(TileShape::Decode, blocks, split, Some((w, blocks, k_blocks)));
         // wo [4096, 4096] bf16 in 4 splits: 256 blocks of 16 k blocks, all of it within 32 MiB.
         assert_eq!(decode(&w, 256, true, 16), 16);
-        assert_eq!((decode(&w, 264, true, 16), decode(&w, 265, true, 16), decode(&w, 396, false, 8), decode(&w, 397, false, 8)), (16, 0, 8, 0));
+        // One wave: 264 split blocks (2 an SM), 396 unsplit (3 an SM); 264 blocks of 8 KiB a k block fit 15 of 16 in 32 MiB.
+        assert_eq!((decode(&w, 264, true, 16), decode(&w, 265, true, 16), decode(&w, 396, false, 8), decode(&w, 397, false, 8)), (15, 0, 8, 0));
         // The head's 2,048 blocks: several waves.
         assert_eq!(decode(&w, 2048, false, 64), 0);
         // 396 unsplit blocks of 64 k blocks (8 KiB a k block a block): 32 MiB / (396 x 8 KiB) = 10 k blocks.

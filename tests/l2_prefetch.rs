@@ -166,10 +166,13 @@ fn sim_router_prefetches_the_next_gemms_k_blocks() {
 /// group), each range issued in pieces of 16 KiB, summed over requests as the interpreter counts them.
 fn own_prefetch_sectors(w: &DeviceWeights) -> u64 {
     let spanned = |start: u64, bytes: u64| -> u64 {
-        (0..bytes).step_by(16 << 10).map(|o| {
-            let (a, n) = (start + o, (bytes - o).min(16 << 10));
-            (a + n - 1) / 32 - a / 32 + 1
-        }).sum()
+        (0..bytes)
+            .step_by(16 << 10)
+            .map(|o| {
+                let (a, n) = (start + o, (bytes - o).min(16 << 10));
+                (a + n - 1) / 32 - a / 32 + 1
+            })
+            .sum()
     };
     let (k_blocks, tiles, splits) = (w.k_dim / 64, w.rows_padded / 16, w.decode_k_splits());
     let tb = tile_bytes(w.format) as u64;

@@ -331,11 +331,8 @@ pub(super) fn launch_gemm(
         (TileShape::Decode, Rows::Dense { rows, .. }) => TileShape::dense_decode_shared_bytes(w, *rows),
         _ => shape.shared_bytes(w.format, e4m3_input, w.k_dim),
     };
-    let config = LaunchConfig {
-        grid: Dim3::xyz(grid_x as u32, grid_y as u32, grid_z as u32),
-        block: Dim3::x((WARPS * 32) as u32),
-        shared_bytes: shared_bytes as u32,
-    };
+    let config =
+        LaunchConfig { grid: Dim3::xyz(grid_x as u32, grid_y as u32, grid_z as u32), block: Dim3::x((WARPS * 32) as u32), shared_bytes: shared_bytes as u32 };
     // The fp8 prefill tiles run on the fp8 tensor cores with activations quantised on the fly when chosen
     // (moe_wgmma::PrefillGemm::WgmmaFp8Act); the input rows are a grouping's slots unless picked by token.
     if let (TileShape::Tiled, Input::Bf16(x)) = (shape, input) {
@@ -519,7 +516,9 @@ mod tests {
         let device = simulator();
         let q = QuantizedMatrix::quantize(WeightFormat::Bf16, &vec![0.5; 128 * 4096], 128, 4096).unwrap();
         let mut w = DeviceWeights::upload(&device, &repack_linear(&[(&q).into()]).unwrap()).unwrap();
-        let decode = |w: &DeviceWeights, blocks: usize, split: bool, k_blocks: usize| own_prefetch_k_blocks(TileShape::Decode, blocks, split, Some((w, blocks, k_blocks)));
+        let decode = |w: &DeviceWeights, blocks: usize, split: bool, k_blocks: usize| {
+            own_prefetch_k_blocks(TileShape::Decode, blocks, split, Some((w, blocks, k_blocks)))
+        };
         // wo [4096, 4096] bf16 in 4 splits: 256 blocks of 16 k blocks, all of it within 32 MiB.
         assert_eq!(decode(&w, 256, true, 16), 16);
         // One wave: 264 split blocks (2 an SM), 396 unsplit (3 an SM); 264 blocks of 8 KiB a k block fit 15 of 16 in 32 MiB.

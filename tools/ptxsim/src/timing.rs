@@ -828,7 +828,14 @@ mod tests {
         let sectors = 128 * (64 << 10) / 32;
         let shape = Profile { blocks: 128, blocks_run: 128, block_threads: 128, registers: 96, warp_instructions: 128 * 400, ..Profile::default() };
         let chains = Profile { chain_cycles_max: 2000, chain_globals_max: 8, chain_cycles_sum: 128 * 2000, chain_globals_sum: 128 * 8, ..shape };
-        let ring = Profile { global_sectors: sectors, distinct_sectors: sectors, block_distinct_sectors: sectors, pre_wait_sectors: sectors / 4, pre_wait_blocks: 128, ..chains };
+        let ring = Profile {
+            global_sectors: sectors,
+            distinct_sectors: sectors,
+            block_distinct_sectors: sectors,
+            pre_wait_sectors: sectors / 4,
+            pre_wait_blocks: 128,
+            ..chains
+        };
         let plain = predict(&ring, &gpu, &model);
         // Three quarters of it prefetched before the wait and read later by the k loop.
         let own = Profile { prefetched_load_sectors: sectors * 3 / 4, pre_wait_sectors: sectors, ..ring };

@@ -84,6 +84,8 @@ fn check<T: PartialEq + std::fmt::Debug>(
     let [(with, with_next, with_out), (without, without_next, without_out)] = <[_; 2]>::try_from(runs).ok().unwrap();
     assert_eq!(with.timing.prefetch_sectors * 32, prefetch.bytes(), "{}: prefetched bytes", with.kernel);
     assert_eq!(without.timing.prefetch_sectors, 0, "{}", without.kernel);
+    assert_eq!(with.timing.prefetched_load_sectors, 0, "{}: loads nothing a prefetch of its own asked for", with.kernel);
+    assert_eq!(with.timing.pre_wait_sectors - without.timing.pre_wait_sectors, with.timing.prefetch_sectors, "{}: prefetched before its wait", with.kernel);
     let hits = |c: &LaunchCounters| c.predicted_l2_hit_bytes.unwrap();
     assert_eq!(hits(&with_next) - hits(&without_next), prefetch.bytes() as f64, "{}: the later GEMM's extra L2 hits", with.kernel);
     assert_eq!(with_out, without_out, "{}: the prefetch changed an output", with.kernel);

@@ -346,25 +346,51 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
 //   (16-byte chunks XOR-swizzled per 64-k block), one ldmatrix.x4 per two k-steps; the lanes of slots the block
 //   does not have read a zeroed row, as do padding pairs;
 // - programmatic launch (common.cuh): a dense launch's blocks and the shared expert's tail blocks issue the ring's
-//   first kDepth k blocks of weights (static) and then wait for the kernel before, so those weights stream while it
-//   finishes; a routed block waits first (its expert comes from the router's grouping). Every block triggers the next
-//   kernel right after its wait.
+//   first kDepth k blocks of weights (static), ask L2 for the rest of each warp's tile over its k range (up to
+//   p.own_prefetch_k_blocks k blocks and their scales, cp.async.bulk.prefetch.L2: prefetch_own_k_blocks; the host
+//   asks for it where the grid is one wave, src/kernels/gemm.rs own_prefetch_k_blocks) and then wait for the kernel
+//   before, so the whole weight stream starts while it finishes and the ring's refills read L2; a routed block waits
+//   first (its expert comes from the router's grouping). Every block triggers the next kernel right after its wait.
 // One pair fragment instead of the narrow tile's four: at batch 1 the narrow tile's ring copies, ldmatrix and address
 // arithmetic for 32 slots cost more warp instructions than the dequantisation (docs/perf.md "moe_gemm decode").
 // Shared memory: 8 rows x K x 2 bytes (64 KiB at K 4096, 32 KiB at K 2048); a dense launch sizes it to its rows and
 // the zero row over the longest split's k range (1 row at K 4096 in 8 splits: 2 rows x 8 k blocks x 128 bytes).
 // The ring's slots are registers, so the k loop runs whole rounds of kDepth k blocks without a branch between them,
 // then the last blocks one by one.
-// Bytes: each expert's weights and scales once per launch (its up to 8 pairs share them), slots x K x 2 of
-// activations per block (from L2), the outputs once. FLOPs: 2 x 8 x K per weight row and block (the mma's 8 columns).
+// Bytes: each expert's weights and scales once per launch (its up to 8 pairs share them; the own-range prefetch
+// moves the same bytes earlier, not more), slots x K x 2 of activations per block (from L2), the outputs once.
+// FLOPs: 2 x 8 x K per weight row and block (the mma's 8 columns).
 // Occupancy: at least 3 blocks an SM (__launch_bounds__ below: at most 168 registers; nvfp4 171 -> 163 without spills,
-// 164 with the programmatic-launch wait). Batch 1 with the shared expert's tail is 5 x 64 = 320 blocks: at 2 an SM (264
+// 164 with the programmatic-launch wait, 166 with the own-range prefetch). Batch 1 with the shared expert's tail is 5 x 64 = 320 blocks: at 2 an SM (264
 // at once) the last 56 ran a second round, doubling the launch's chain (timing model: nvfp4 up 24.7 µs, 2 waves); at 3
 // (K 4096: 3 x 64 KiB of activation rows fit the 228 KiB) it is one round.
 constexpr int kDecodeSlots = 8;
 
 // 64-k blocks a warp has in flight: 4 KiB of weights, at least 2 blocks (bf16 2, fp8 4, 4-bit 8).
 __host__ __device__ constexpr int decode_depth(int tile_bytes) { return 4096 / tile_bytes < 2 ? 2 : 4096 / tile_bytes; }
+
+// A warp's own k blocks [kb_first, kb_end) of weight tile `tile` (at w_tile) and their scales as L2 prefetches
+// (l2_prefetch.cuh prefetch_l2_warp): the tile's weights are contiguous over k in the repacked layout, and so are
+// its int4 group scales and zero points ([tile, group, 16]) and nvfp4 block scales ([tile, k block, 64]), each
+// range running from the first k block's piece (WeightFormat scale_piece) to the end of the last's. fp8-block128's
+// scales are 8 bytes a tile per 128 k, strided over the tiles (0.4% of the weight bytes): left to the ring's loads.
+template <Format F>
+__device__ __forceinline__ void prefetch_own_k_blocks(const MoeGemmParams &p, const GemmWeights &weights, int expert, int tile, const unsigned char *w_tile, int kb_first,
+                                                      int kb_end, int lane) {
+    using W = WeightFormat<F>;
+    if (kb_first >= kb_end) return;
+    prefetch_l2_warp(w_tile + (long long)kb_first * W::kTileBytes, (unsigned int)(kb_end - kb_first) * W::kTileBytes, lane);
+    if constexpr (F == Format::Int4 || F == Format::Nvfp4) {
+#pragma unroll
+        for (int piece = 0; piece < W::kScalePieces; ++piece) {
+            int offset, bytes;
+            const auto *first = static_cast<const unsigned char *>(W::scale_piece(p, weights, expert, tile, kb_first, piece, offset, bytes));
+            if (first == nullptr) continue;
+            const auto *last = static_cast<const unsigned char *>(W::scale_piece(p, weights, expert, tile, kb_end - 1, piece, offset, bytes));
+            prefetch_l2_warp(first, (unsigned int)(last + bytes - first), lane);
+        }
+    }
+}
 
 // kSplitK: the _decode_split entries (dense launches that split k); the grouped and unsplit dense launches run the
 // entries without it, whose k range is the whole k at compile time (the split bookkeeping cost the grouped 4-bit and
@@ -400,7 +426,8 @@ __device__ __forceinline__ void decode_gemm(const MoeGemmParams &p) {
     // The ring's first kDepth k blocks, issued first: their latency overlaps the activation copy.
     const int first_tile = blockIdx.x * kWarps, tile = first_tile + warp;
     const GemmWeights weights = block_weights(p, tail);
-    const unsigned char *w_lane = expert_weights(p, tail, expert) + (long long)tile * k_blocks * W::kTileBytes + lane * 16;
+    const unsigned char *w_tile = expert_weights(p, tail, expert) + (long long)tile * k_blocks * W::kTileBytes;
+    const unsigned char *w_lane = w_tile + lane * 16;
     const typename W::ScaleCursor scale_cursor = W::scale_cursor(p, weights, expert, tile, g);
     uint4 ring[kDepth][kChunks];
     typename W::ScaleWords ring_scales[kDepth];
@@ -413,7 +440,14 @@ __device__ __forceinline__ void decode_gemm(const MoeGemmParams &p) {
     for (int i = 0; i < kDepth; ++i) {
         if (kb_begin + i < kb_end) fetch(ring[i], ring_scales[i], kb_begin + i);
     }
-    if (!routed) wait_then_allow_dependents();
+    if (!routed) {
+        // The rest of the warp's k range (up to p.own_prefetch_k_blocks k blocks after the ring's first turn) into L2,
+        // also before the wait: the whole weight stream starts while the kernel before finishes, and the ring's
+        // refills in the k loop find their blocks in L2.
+        const int prefetch_first = kb_begin + kDepth, prefetch_end = min(kb_end, prefetch_first + p.own_prefetch_k_blocks);
+        prefetch_own_k_blocks<F>(p, weights, expert, tile, w_tile, prefetch_first, prefetch_end, lane);
+        wait_then_allow_dependents();
+    }
 
     if (tid < kDecodeSlots) {
         int pair = -1;

@@ -619,6 +619,7 @@ fn load_profiles(path: &std::path::Path) -> Result<HashMap<String, Vec<LaunchCou
             // Not saved either: a row's single call is not a programmatic launch after another (no overlap to price).
             pre_wait_sectors: 0,
             pre_wait_blocks: 0,
+            prefetched_load_sectors: 0,
         };
         let launch = LaunchCounters {
             kernel: f[1].to_string(),

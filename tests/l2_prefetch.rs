@@ -4,6 +4,11 @@
 //! L2 for exactly the prefetch's bytes, and they are the later GEMM's weights: with the interpreter's L2 residency
 //! (`SimBackend::set_l2_residency`, an empty L2 before each pair) the GEMM over those weights finds exactly that many
 //! more bytes in L2 than after the same launch without the prefetch. The outputs are the same bit for bit either way.
+//!
+//! And a decode GEMM's prefetch of its own k range (`DeviceWeights::decode_own_prefetch`): each warp of a dense
+//! decode launch asks L2, before its wait, for exactly the rest of its tile's k range beyond the register ring's first
+//! turn (weights and scales), and its k loop then reads exactly those sectors after the prefetch; bit for bit the
+//! same outputs and the same DRAM sectors without it.
 
 use std::sync::Arc;
 
@@ -16,7 +21,7 @@ use small4::kernels::prefetch::L2Prefetch;
 use small4::kernels::router::{self, ExpertMap, RouterConfig, RouterWorkspace, Routing};
 use small4::kernels::{dense, TensorView};
 use small4::model::kv_cache::{BatchTables, CacheDescriptor, CacheDtype};
-use small4::quant::repack::repack_linear;
+use small4::quant::repack::{repack_linear, tile_bytes};
 use small4::quant::{QuantizedMatrix, WeightFormat};
 
 fn matrix(device: &Device, format: WeightFormat, matrices: usize, rows: usize, k: usize, seed: u32) -> DeviceWeights {
@@ -79,6 +84,8 @@ fn check<T: PartialEq + std::fmt::Debug>(
     let [(with, with_next, with_out), (without, without_next, without_out)] = <[_; 2]>::try_from(runs).ok().unwrap();
     assert_eq!(with.timing.prefetch_sectors * 32, prefetch.bytes(), "{}: prefetched bytes", with.kernel);
     assert_eq!(without.timing.prefetch_sectors, 0, "{}", without.kernel);
+    assert_eq!(with.timing.prefetched_load_sectors, 0, "{}: loads nothing a prefetch of its own asked for", with.kernel);
+    assert_eq!(with.timing.pre_wait_sectors - without.timing.pre_wait_sectors, with.timing.prefetch_sectors, "{}: prefetched before its wait", with.kernel);
     let hits = |c: &LaunchCounters| c.predicted_l2_hit_bytes.unwrap();
     assert_eq!(hits(&with_next) - hits(&without_next), prefetch.bytes() as f64, "{}: the later GEMM's extra L2 hits", with.kernel);
     assert_eq!(with_out, without_out, "{}: the prefetch changed an output", with.kernel);
@@ -153,4 +160,80 @@ fn sim_router_prefetches_the_next_gemms_k_blocks() {
     let outputs = || (routing.topk_ids.to_vec().unwrap(), routing.topk_weights.to_vec().unwrap());
     // The whole matrix, codes and e4m3 scales (576 KiB): within the 4-block grid's share.
     check(&sim, &next, &L2Prefetch::k_blocks(&next.w, 0..16).unwrap(), "router_topk_decode", issue, outputs);
+}
+
+/// Sectors of a warp's own-k-range prefetches over the dense decode launch of `w` (one matrix): per 16-row tile and
+/// k split, k blocks [split start + ring depth, split end) of the tile's weights and, for nvfp4 and int4, the
+/// matching scales (nvfp4 64 bytes a tile and k block; int4 32 bytes of scales and 16 of zero points a tile and
+/// group), each range issued in pieces of 16 KiB, summed over requests as the interpreter counts them.
+fn own_prefetch_sectors(w: &DeviceWeights) -> u64 {
+    let spanned = |start: u64, bytes: u64| -> u64 {
+        (0..bytes)
+            .step_by(16 << 10)
+            .map(|o| {
+                let (a, n) = (start + o, (bytes - o).min(16 << 10));
+                (a + n - 1) / 32 - a / 32 + 1
+            })
+            .sum()
+    };
+    let (k_blocks, tiles, splits) = (w.k_dim / 64, w.rows_padded / 16, w.decode_k_splits());
+    let tb = tile_bytes(w.format) as u64;
+    let depth = (4096 / tb).max(2) as usize;
+    let mut sectors = 0;
+    for tile in 0..tiles {
+        for split in 0..splits {
+            let (first, end) = (k_blocks * split / splits + depth, k_blocks * (split + 1) / splits);
+            if first >= end {
+                continue;
+            }
+            let blocks = (end - first) as u64;
+            sectors += spanned(w.data.addr() + (tile * k_blocks + first) as u64 * tb, blocks * tb);
+            if let Some(s) = &w.fp4_scales {
+                sectors += spanned(s.addr() + (tile * k_blocks + first) as u64 * 64, blocks * 64);
+            }
+            if let Some(s) = &w.group_scales {
+                let (groups, g0, g1) = (w.k_dim / w.group, first * 64 / w.group, (end - 1) * 64 / w.group);
+                let g = (g1 - g0 + 1) as u64;
+                sectors += spanned(s.addr() + (tile * groups + g0) as u64 * 32, g * 32);
+                if let Some(z) = &w.group_zeros {
+                    sectors += spanned(z.addr() + (tile * groups + g0) as u64 * 16, g * 16);
+                }
+            }
+        }
+    }
+    sectors
+}
+
+#[test]
+fn sim_dense_decode_launches_prefetch_their_own_k_range_before_the_wait() {
+    let (sim, device) = sim();
+    let formats = [WeightFormat::Bf16, WeightFormat::Fp8PerTensor, WeightFormat::Fp8Block128, WeightFormat::Nvfp4, WeightFormat::INT4_G128];
+    for format in formats {
+        // The real k (4096, 2048; every ring wraps) at the default split count, and in one split (a 4-bit split of 8 k
+        // blocks is the ring's first turn alone: nothing left to prefetch).
+        for (k, splits) in [(4096, None), (2048, None), (4096, Some(1)), (2048, Some(2))] {
+            let mut w = matrix(&device, format, 1, 256, k, 21);
+            if let Some(s) = splits {
+                w.set_decode_k_splits(s).unwrap();
+            }
+            let (x, y) = (bf16s(&device, k, 23), DeviceBuffer::<bf16>::alloc(&device, 256).unwrap());
+            let mut runs = Vec::new();
+            for own in [true, false] {
+                w.set_decode_own_prefetch(own);
+                dense::linear(&w, x.view([1, k]).unwrap(), y.view([1, 256]).unwrap()).unwrap();
+                runs.push((sim.last_launch_counters().unwrap(), y.to_vec().unwrap()));
+            }
+            let [(with, with_y), (without, without_y)] = <[_; 2]>::try_from(runs).ok().unwrap();
+            let what = format!("{format} K {k}, {} splits", w.decode_k_splits());
+            assert!(with.kernel.contains("_decode"), "{what}: {}", with.kernel);
+            let expected = own_prefetch_sectors(&w);
+            assert_eq!(with.timing.pre_wait_sectors - without.timing.pre_wait_sectors, expected, "{what}: prefetched before the wait");
+            assert_eq!((with.timing.prefetched_load_sectors, without.timing.prefetched_load_sectors), (expected, 0), "{what}: read from L2 later");
+            assert_eq!(with.timing.distinct_sectors, without.timing.distinct_sectors, "{what}: the same DRAM sectors");
+            assert_eq!(with.timing.prefetch_sectors, 0, "{what}: only its own sectors");
+            assert_eq!(with_y, without_y, "{what}: the prefetch changed an output");
+            let bf16_splits = format == WeightFormat::Bf16 && k == 4096 && splits.is_none();
+            assert!(expected > 0 || !bf16_splits, "{what}: nothing prefetched");
+        }
+    }
 }

@@ -1,4 +1,5 @@
 // Cross-kernel L2 prefetch: a launch asks L2 to fetch bytes a LATER kernel of the decode step reads (its weights).
+// (prefetch_l2_warp below is the same request for a warp's own later bytes: the decode GEMM's k range.)
 //
 // Why: at batch 1 a decode step alternates DRAM-bound GEMMs (the attention projections, the experts) with
 // latency-bound kernels (the absorption GEMMs, MLA, the router) during which HBM idles. With the next GEMM's weights
@@ -17,6 +18,20 @@
 
 constexpr unsigned int kL2PrefetchPiece = 16 * 1024;
 
+// One cp.async.bulk.prefetch.L2 of `bytes` at `addr` (both multiples of 16).
+__device__ __forceinline__ void prefetch_l2_bulk(const unsigned char *addr, unsigned int bytes) {
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(addr), "r"(bytes) : "memory");
+}
+
+// One warp's own contiguous range (start and length multiples of 16) in kL2PrefetchPiece pieces, piece c issued by
+// lane c % 32: the decode GEMM's warps ask L2 for the rest of their weight tile's k range before their wait
+// (cuda/moe_gemm.cu decode_gemm), a few lanes each issuing one request.
+__device__ __forceinline__ void prefetch_l2_warp(const unsigned char *base, unsigned int bytes, int lane) {
+    for (unsigned int offset = lane * kL2PrefetchPiece; offset < bytes; offset += 32 * kL2PrefetchPiece) {
+        prefetch_l2_bulk(base + offset, min(kL2PrefetchPiece, bytes - offset));
+    }
+}
+
 __device__ __forceinline__ void prefetch_l2(const L2Prefetch &p) {
     const long long blocks = (long long)gridDim.x * gridDim.y * gridDim.z;
     const long long block = blockIdx.x + (long long)gridDim.x * (blockIdx.y + (long long)gridDim.y * blockIdx.z);
@@ -32,7 +47,7 @@ __device__ __forceinline__ void prefetch_l2(const L2Prefetch &p) {
             const unsigned int offset = (unsigned int)(c % pieces_per_segment) * kL2PrefetchPiece;
             const unsigned int bytes = min(kL2PrefetchPiece, range.segment_bytes - offset);
             const unsigned char *addr = range.base + segment * range.stride + offset;
-            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(addr), "r"(bytes) : "memory");
+            prefetch_l2_bulk(addr, bytes);
         }
     }
 }

@@ -256,6 +256,10 @@ typedef struct MoeGemmParams {
     const float *x_block_scales;
     /* The decode kernel (moe_gemm_*_decode[_split]) only: a later kernel's weights to pull into L2, issued first. */
     L2Prefetch l2_prefetch;
+    /* The decode kernel only, its dense launches and the dense tail's blocks: k blocks of its own weight tile (and
+     * their scales) each warp asks L2 for before its griddepcontrol.wait, those after the register ring's first turn
+     * (clipped to its k range); 0: none. Chosen by the host (src/kernels/gemm.rs `own_prefetch_k_blocks`). */
+    int own_prefetch_k_blocks;
 } MoeGemmParams;
 
 /* CUtensorMap (cuda.h): the 128 opaque bytes of a TMA tensor map, made on the host by

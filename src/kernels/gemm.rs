@@ -244,6 +244,8 @@ pub(super) fn launch_gemm(
     // bf16 inputs, as the matrix chose; they run the _split kernels.
     let split_k =
         w.split_k.as_ref().filter(|_| grouping.is_none() && heads == 1 && matches!(shape, TileShape::Decode | TileShape::Narrow) && grid_y == 1 && !e4m3_input);
+    // Grid z: the k splits, or the heads of a batched dense launch.
+    let grid_z = split_k.map_or(heads, |s| s.splits);
     let finish = match finish {
         None => GemmRowFinish { kind: SMALL4_GEMM_FINISH_NONE as i32, ..Default::default() },
         Some(f) => {
@@ -296,17 +298,24 @@ pub(super) fn launch_gemm(
         split_partials: split_k.map_or(std::ptr::null_mut(), |s| s.partials.mut_ptr()),
         split_counters: split_k.map_or(std::ptr::null_mut(), |s| s.counters.mut_ptr()),
         x_block_scales: std::ptr::null(),
-        l2_prefetch: l2_prefetch.for_grid(grid_x as u64 * grid_y as u64 * split_k.map_or(heads, |s| s.splits) as u64),
+        l2_prefetch: l2_prefetch.for_grid((grid_x * grid_y * grid_z) as u64),
+        own_prefetch_k_blocks: own_prefetch_k_blocks(
+            shape,
+            grid_x * grid_y * grid_z,
+            split_k.is_some(),
+            match rows {
+                // A grouped launch's routed blocks wait first: only its dense tail's blocks prefetch.
+                Rows::Grouped { tail, .. } => tail.map(|t| (t.w, grid_x * (grid_y - tiles), t.w.k_dim / K_BLOCK)),
+                Rows::Dense { .. } => Some((w, grid_x * grid_y * grid_z, (w.k_dim / K_BLOCK).div_ceil(split_k.map_or(1, |s| s.splits)))),
+            },
+        ),
     };
     let shared_bytes = match (shape, &rows) {
         (TileShape::Decode, Rows::Dense { rows, .. }) => TileShape::dense_decode_shared_bytes(w, *rows),
         _ => shape.shared_bytes(w.format, e4m3_input, w.k_dim),
     };
-    let config = LaunchConfig {
-        grid: Dim3::xyz(grid_x as u32, grid_y as u32, split_k.map_or(heads, |s| s.splits) as u32),
-        block: Dim3::x((WARPS * 32) as u32),
-        shared_bytes: shared_bytes as u32,
-    };
+    let config =
+        LaunchConfig { grid: Dim3::xyz(grid_x as u32, grid_y as u32, grid_z as u32), block: Dim3::x((WARPS * 32) as u32), shared_bytes: shared_bytes as u32 };
     // The fp8 prefill tiles run on the fp8 tensor cores with activations quantised on the fly when chosen
     // (moe_wgmma::PrefillGemm::WgmmaFp8Act); the input rows are a grouping's slots unless picked by token.
     if let (TileShape::Tiled, Input::Bf16(x)) = (shape, input) {
@@ -329,6 +338,39 @@ pub(super) fn launch_gemm(
         None => shape.kernel(w.format, e4m3_input),
     };
     launch_with(device, &kernel, &config, &params)
+}
+
+/// k of one repacked k block (the kernels' kBK).
+const K_BLOCK: usize = 64;
+
+/// Most bytes of its own weights and scales one decode launch asks L2 for before its wait: two thirds of an H100's
+/// 50 MB L2, so the lines stay there until their warp's k loop reads them, beside the step's activations and what the
+/// launches before prefetched for later kernels. wo [4096, 4096] in bf16, the largest dense decode matrix but the
+/// head, asks 28 MiB (its 4 splits' k ranges less the ring's first turns).
+const OWN_PREFETCH_MAX_BYTES: usize = 32 << 20;
+
+/// Blocks of a decode-kernel launch that are all resident at once on an H100 / H200: the SMs times the blocks per
+/// SM the entries' `__launch_bounds__` guarantee (`_decode` 3, `_decode_split` 2).
+fn decode_one_wave_blocks(split: bool) -> usize {
+    crate::kernels::TARGET_SMS * if split { 2 } else { 3 }
+}
+
+/// The decode kernel's `own_prefetch_k_blocks` (params.h) for a launch of `blocks` blocks in all on `shape` (split-K
+/// entries when `split`), of which `prefetching` = (the weights, their blocks, k blocks a block reduces) issue their
+/// own k range's prefetch (a dense launch's blocks, a grouped launch's dense tail; None: no such block).
+///
+/// 0 unless the decode kernel runs, the weights allow it ([`DeviceWeights::decode_own_prefetch`]) and the whole grid is
+/// resident at once: a later wave's blocks start after the kernel before has finished, so their prefetch overlaps
+/// nothing, and the launches of several waves (the output head: 2,048 blocks, 1 GiB of bf16) already stream at
+/// 87-88% of HBM in the timing model (docs/perf.md "Dense decode GEMMs on the decode kernel"). Otherwise the
+/// blocks' whole k range, or as much of it as keeps the launch under [`OWN_PREFETCH_MAX_BYTES`].
+fn own_prefetch_k_blocks(shape: TileShape, blocks: usize, split: bool, prefetching: Option<(&DeviceWeights, usize, usize)>) -> i32 {
+    let Some((w, prefetching_blocks, k_blocks)) = prefetching else { return 0 };
+    if shape != TileShape::Decode || !w.own_prefetch || blocks > decode_one_wave_blocks(split) || prefetching_blocks == 0 {
+        return 0;
+    }
+    let bytes_per_k_block = prefetching_blocks * WARPS * (crate::quant::repack::tile_bytes(w.format) + staged_scale_bytes(w.format));
+    k_blocks.min(OWN_PREFETCH_MAX_BYTES / bytes_per_k_block) as i32
 }
 
 /// Checks a dense tail against the grouped launch it rides in and gives its kernel parameters.
@@ -434,5 +476,38 @@ impl<'a> RowFinish<'a> {
             return Err(Error::shape("gemm finisher counters", rows, self.counters.rows()));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::simulator;
+    use crate::quant::repack::repack_linear;
+    use crate::quant::QuantizedMatrix;
+
+    /// The host's rule for a decode launch's own-range prefetch: none off the decode kernel, with the weights' switch
+    /// off, or on a grid of more than one wave (the entries' guaranteed residency on 132 SMs); else the blocks' k range,
+    /// cut to keep the launch's bytes under `OWN_PREFETCH_MAX_BYTES`.
+    #[test]
+    fn own_prefetch_only_on_one_wave_of_the_decode_kernel_within_the_budget() {
+        let device = simulator();
+        let q = QuantizedMatrix::quantize(WeightFormat::Bf16, &vec![0.5; 128 * 4096], 128, 4096).unwrap();
+        let mut w = DeviceWeights::upload(&device, &repack_linear(&[(&q).into()]).unwrap()).unwrap();
+        let decode = |w: &DeviceWeights, blocks: usize, split: bool, k_blocks: usize| {
+            own_prefetch_k_blocks(TileShape::Decode, blocks, split, Some((w, blocks, k_blocks)))
+        };
+        // wo [4096, 4096] bf16 in 4 splits: 256 blocks of 16 k blocks, all of it within 32 MiB.
+        assert_eq!(decode(&w, 256, true, 16), 16);
+        // One wave: 264 split blocks (2 an SM), 396 unsplit (3 an SM); 264 blocks of 8 KiB a k block fit 15 of 16 in 32 MiB.
+        assert_eq!((decode(&w, 264, true, 16), decode(&w, 265, true, 16), decode(&w, 396, false, 8), decode(&w, 397, false, 8)), (15, 0, 8, 0));
+        // The head's 2,048 blocks: several waves.
+        assert_eq!(decode(&w, 2048, false, 64), 0);
+        // 396 unsplit blocks of 64 k blocks (8 KiB a k block a block): 32 MiB / (396 x 8 KiB) = 10 k blocks.
+        assert_eq!(decode(&w, 396, false, 64), 10);
+        assert_eq!(own_prefetch_k_blocks(TileShape::Narrow, 256, true, Some((&w, 256, 16))), 0);
+        assert_eq!(own_prefetch_k_blocks(TileShape::Decode, 320, false, None), 0, "a grouped launch without a tail");
+        w.set_decode_own_prefetch(false);
+        assert_eq!(decode(&w, 256, true, 16), 0);
     }
 }

@@ -281,6 +281,7 @@ fn generate(
         fp4_scales,
         bytes_per_expert: expert_stride + scale_bytes.iter().sum::<usize>() / experts,
         split_k: None,
+        own_prefetch: true,
     }
     .with_decode_k_splits()
 }

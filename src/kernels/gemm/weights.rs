@@ -57,6 +57,9 @@ pub struct DeviceWeights {
     pub bytes_per_expert: usize,
     /// The decode launches' split-K workspace; None: no split ([`DeviceWeights::decode_k_splits`] 1).
     pub(crate) split_k: Option<SplitK>,
+    /// Whether this matrix's decode launches ask L2 for their own k range before their wait
+    /// ([`DeviceWeights::decode_own_prefetch`]).
+    pub(crate) own_prefetch: bool,
 }
 
 fn upload<T: crate::device::DeviceElement>(device: &Device, v: &Option<Vec<T>>) -> Result<Option<DeviceBuffer<T>>> {
@@ -83,6 +86,7 @@ impl DeviceWeights {
             fp4_scales: upload(device, &p.fp4_scales)?,
             bytes_per_expert: p.bytes_per_expert(),
             split_k: None,
+            own_prefetch: true,
         }
         .with_decode_k_splits()
     }
@@ -160,6 +164,7 @@ impl DeviceWeights {
             fp4_scales: concat(array_parts(parts, |p| &p.fp4_scales)?)?,
             bytes_per_expert: first.bytes_per_expert,
             split_k: None,
+            own_prefetch: true,
         }
         .with_decode_k_splits()
     }
@@ -252,6 +257,7 @@ impl DeviceWeights {
             bytes_per_expert: 0,
             data,
             split_k: None,
+            own_prefetch: true,
         }
         .with_bytes_per_expert()
         .with_decode_k_splits()
@@ -314,6 +320,20 @@ impl DeviceWeights {
     /// ```
     pub fn decode_k_splits(&self) -> usize {
         self.split_k.as_ref().map_or(1, |s| s.splits)
+    }
+
+    /// Whether this matrix's launches on the decode kernel (dense, or as a grouped launch's dense tail) ask L2, before
+    /// their `griddepcontrol.wait`, for the rest of each warp's weight tile over its k range beyond the register
+    /// ring's first turn, so the whole weight stream starts while the kernel before finishes (`cuda/moe_gemm.cu`
+    /// `decode_gemm`; the launcher decides per launch whether it pays, `gemm::own_prefetch_k_blocks`). On by default;
+    /// a hint, so the outputs are the same bit for bit without it.
+    pub fn decode_own_prefetch(&self) -> bool {
+        self.own_prefetch
+    }
+
+    /// Turns [`DeviceWeights::decode_own_prefetch`] on or off: for tests and the timing model's alternatives.
+    pub fn set_decode_own_prefetch(&mut self, on: bool) {
+        self.own_prefetch = on;
     }
 
     /// Sets the k splits of this matrix's dense decode launches ([`DeviceWeights::decode_k_splits`]) and allocates

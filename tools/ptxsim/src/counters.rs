@@ -23,6 +23,12 @@ impl SectorSet {
         *self.pages.entry(sector >> 7).or_insert(0) |= 1u128 << (sector & 127);
     }
 
+    /// Whether the set holds the sector.
+    #[inline]
+    pub fn contains(&self, sector: u64) -> bool {
+        self.pages.get(&(sector >> 7)).is_some_and(|bits| bits & (1u128 << (sector & 127)) != 0)
+    }
+
     /// Number of distinct sectors.
     pub fn len(&self) -> u64 {
         self.pages.values().map(|bits| bits.count_ones() as u64).sum()
@@ -248,8 +254,9 @@ pub struct Counters {
     /// while this one's blocks run up to their `griddepcontrol.wait`.
     pub follows_launch: bool,
     /// In a kernel that executes `griddepcontrol.wait`: the distinct 32-byte sectors of each load (a lane's load,
-    /// `cp.async`, a bulk or TMA copy) issued by a thread that had not executed its wait yet (under programmatic
-    /// launch these overlap the grid before), summed over requests; and the interpreted blocks that issued any.
+    /// `cp.async`, a bulk or TMA copy) and each lane's L2 prefetch issued by a thread that had not executed its wait
+    /// yet (under programmatic launch these overlap the grid before), summed over requests; and the interpreted
+    /// blocks that issued any such load (prefetches alone do not count a block: nothing waits for them).
     pub pre_wait_sectors: u64,
     pub pre_wait_blocks: u64,
     /// The block being run issued a load before a thread's wait (see `pre_wait_sectors`); `end_block` counts it.
@@ -314,6 +321,10 @@ pub struct Counters {
     /// timing model's L2 residency); it is not in `distinct_sectors` (the launch's own loads and stores).
     pub prefetch_sectors: SectorSet,
     pub prefetch_requests: u64,
+    /// The sectors the launch's loads read after an L2 prefetch of the same launch had asked for them (a decode GEMM
+    /// warp's own k range, prefetched before its wait and read by its k loop): those loads find L2, and their DRAM
+    /// bytes were moved by the prefetch, nothing waiting for them (the timing model's `Profile::prefetched_load_sectors`).
+    pub prefetched_loads: SectorSet,
 }
 
 impl Counters {
@@ -355,14 +366,18 @@ impl Counters {
         sectors.len() as u64
     }
 
-    /// Records one lane's L2 prefetch over the given (address, bytes) ranges (already clipped to allocated memory).
-    pub(crate) fn prefetch_request(&mut self, ranges: impl IntoIterator<Item = (u64, u64)>) {
+    /// Records one lane's L2 prefetch over the given (address, bytes) ranges (already clipped to allocated memory);
+    /// returns its sectors.
+    pub(crate) fn prefetch_request(&mut self, ranges: impl IntoIterator<Item = (u64, u64)>) -> u64 {
+        let mut sectors = 0;
         for (a, len) in ranges {
             for s in (a >> 5)..=((a + len.max(1) - 1) >> 5) {
                 self.prefetch_sectors.insert(s);
+                sectors += 1;
             }
         }
         self.prefetch_requests += 1;
+        sectors
     }
 
     pub fn by_class_named(&self) -> Vec<(&'static str, u64)> {
@@ -393,6 +408,9 @@ impl Counters {
                 distinct += 1;
                 self.distinct_sectors.insert(s);
                 self.block_sectors.insert(s);
+                if !write && self.prefetch_requests > 0 && self.prefetch_sectors.contains(s) {
+                    self.prefetched_loads.insert(s);
+                }
             }
         }
         self.global_requests += 1;
@@ -409,6 +427,13 @@ impl Counters {
     pub(crate) fn pre_wait_load(&mut self, sectors: u64) {
         self.pre_wait_sectors += sectors;
         self.block_pre_wait = true;
+    }
+
+    /// Records that an L2 prefetch of `sectors` sectors was issued before its thread's `griddepcontrol.wait`: DRAM
+    /// traffic that overlaps the grid before like a load's, but nothing waits for it, so it does not make the block
+    /// one whose first round trip is spent before the wait (`pre_wait_blocks`).
+    pub(crate) fn pre_wait_prefetch(&mut self, sectors: u64) {
+        self.pre_wait_sectors += sectors;
     }
 
     /// Records one warp-wide shared request: bank conflicts are the wavefronts beyond what the bytes need
@@ -491,6 +516,7 @@ impl Counters {
         self.pre_wait_blocks += o.pre_wait_blocks;
         self.prefetch_sectors.union(&o.prefetch_sectors);
         self.prefetch_requests += o.prefetch_requests;
+        self.prefetched_loads.union(&o.prefetched_loads);
     }
 }
 
@@ -520,7 +546,13 @@ impl std::fmt::Display for Counters {
         writeln!(f, "  shared: {} requests, {} bank-conflict wavefronts", self.shared_requests, self.shared_bank_conflicts)?;
         writeln!(f, "  async copies (TMA, bulk): {} sectors", self.async_copy_sectors)?;
         if self.prefetch_requests > 0 {
-            writeln!(f, "  L2 prefetches: {} requests, {} distinct sectors", self.prefetch_requests, self.prefetch_sectors.len())?;
+            writeln!(
+                f,
+                "  L2 prefetches: {} requests, {} distinct sectors, {} of them loaded later by the launch",
+                self.prefetch_requests,
+                self.prefetch_sectors.len(),
+                self.prefetched_loads.len()
+            )?;
         }
         write!(f, "  tensor: {} mma, {} flops ({} by wgmma, {} of them 8-bit)", self.tensor_ops, self.tensor_flops, self.wgmma_flops, self.wgmma_8bit_flops)
     }

@@ -7,7 +7,9 @@
 //!   second read) over the achievable bandwidth; none when the launch's data are already in L2
 //!   ([`Profile::l2_resident`]), less the sectors an earlier launch left in L2 ([`Profile::l2_hit_sectors`], from the
 //!   cross-launch residency model [`crate::l2::L2Residency`] where the caller runs it), plus the sectors its L2
-//!   prefetches fetch ([`Profile::prefetch_sectors`], fire-and-forget at a per-SM in-flight cap). That bandwidth is the datasheet figure times the copy efficiency, or less when the
+//!   prefetches fetch ([`Profile::prefetch_sectors`], fire-and-forget at a per-SM in-flight cap; the launch's own
+//!   sectors it prefetched before loading them, [`Profile::prefetched_load_sectors`], move the same way and their
+//!   loads on the dependence chain wait an L2 hit). That bandwidth is the datasheet figure times the copy efficiency, or less when the
 //!   resident warps keep too few bytes in flight: by Little's law an SM moves at most `bytes in flight / latency`.
 //!   Bytes in flight per warp = its sectors over the memory round trips the block's longest dependence chain waits
 //!   for (below), capped by what one SM can keep outstanding (the memory warp parallelism, MWP).
@@ -267,6 +269,12 @@ pub struct Profile {
     /// programmatic launch they run while the grid before still does ([`pdl_overlap_seconds`]).
     pub pre_wait_sectors: u64,
     pub pre_wait_blocks: u64,
+    /// Of `distinct_sectors`, those the launch's loads read after an L2 prefetch of the same launch had asked for them
+    /// (`Counters::prefetched_loads`: a decode GEMM warp's own k range, prefetched before its wait). Their DRAM bytes
+    /// are moved by the prefetch (fire-and-forget, at the prefetches' parallelism, not the loads' Little's law), and
+    /// the loads on the dependence chain wait an L2 hit for them ([`CHAIN_GLOBAL_CYCLES`]): the DRAM term still
+    /// bounds the launch, so a load cannot find L2 sooner than HBM delivers the bytes.
+    pub prefetched_load_sectors: u64,
 }
 
 impl Profile {
@@ -302,6 +310,7 @@ impl Profile {
             prefetch_l2_hit_sectors: 0,
             pre_wait_sectors: c.pre_wait_sectors,
             pre_wait_blocks: c.pre_wait_blocks,
+            prefetched_load_sectors: c.prefetched_loads.len(),
         }
     }
 }
@@ -474,6 +483,11 @@ pub fn predict(c: &Profile, gpu: &Gpu, model: &Model) -> Prediction {
     let hit_fraction = c.l2_hit_fraction();
     let memory_latency_cycles = hit_fraction * CHAIN_GLOBAL_CYCLES as f64 + (1.0 - hit_fraction) * model.dram_latency_cycles;
     let latency_s = memory_latency_cycles * cycle;
+    // Of the sectors L2 did not hold, those the launch prefetched itself before loading them: L2 hits for the loads
+    // on the dependence chain (the first load of a block and the lanes' other loads still wait the latency above).
+    let own_prefetched_fraction = if c.l2_resident { 0.0 } else { c.prefetched_load_sectors.min(c.distinct_sectors) as f64 / c.distinct_sectors.max(1) as f64 };
+    let chain_hit_fraction = hit_fraction + (1.0 - hit_fraction) * own_prefetched_fraction;
+    let chain_latency_cycles = chain_hit_fraction * CHAIN_GLOBAL_CYCLES as f64 + (1.0 - chain_hit_fraction) * model.dram_latency_cycles;
     // DRAM: the launch's distinct sectors (none when L2 holds them: the L2 term covers those reads), split between
     // the lanes' requests and the async copy engines in proportion to their sectors. The lanes' bytes in flight per
     // warp (Little's law): its sectors over the round trips the block's longest chain waits for (the loads its
@@ -484,10 +498,13 @@ pub fn predict(c: &Profile, gpu: &Gpu, model: &Model) -> Prediction {
     // Sectors L2 holds when the launch starts (`l2_hit_sectors`) are not DRAM bytes. Prefetches (fire-and-forget:
     // nothing waits for them, so no dependence chain) add their non-resident sectors at a parallelism of their own:
     // each SM running blocks keeps at most its outstanding-miss budget in flight, over a DRAM latency.
+    // The launch's own bytes it prefetched itself move as prefetches do; the rest is split as before.
     let (own_dram_bytes, prefetch_dram_bytes) = if c.l2_resident { (0.0, 0.0) } else { (c.own_dram_bytes(), c.prefetch_dram_bytes()) };
     let dram_bytes = own_dram_bytes + prefetch_dram_bytes;
+    let own_prefetched_dram_bytes = own_dram_bytes * own_prefetched_fraction;
+    let loaded_dram_bytes = own_dram_bytes - own_prefetched_dram_bytes;
     let async_share = c.async_copy_sectors as f64 / (c.global_sectors + c.async_copy_sectors).max(1) as f64;
-    let (async_dram_bytes, lane_dram_bytes) = (own_dram_bytes * async_share, own_dram_bytes * (1.0 - async_share));
+    let (async_dram_bytes, lane_dram_bytes) = (loaded_dram_bytes * async_share, loaded_dram_bytes * (1.0 - async_share));
     let sector_bytes_per_warp = per_block(c.global_sectors) * 32.0 / warps_per_block;
     let round_trips_per_warp = per_block(c.chain_globals_sum).max(1.0);
     let in_flight_per_warp = sector_bytes_per_warp / round_trips_per_warp;
@@ -500,7 +517,7 @@ pub fn predict(c: &Profile, gpu: &Gpu, model: &Model) -> Prediction {
     let dram_s = (dram_bytes / achievable_bw)
         .max(lane_dram_bytes / parallel_bw)
         .max(async_dram_bytes / async_parallel_bw)
-        .max(prefetch_dram_bytes / prefetch_parallel_bw);
+        .max((prefetch_dram_bytes + own_prefetched_dram_bytes) / prefetch_parallel_bw);
     let dram_bw = if dram_s > 0.0 { dram_bytes / dram_s } else { achievable_bw.min(parallel_bw) };
     // L2: every request's and async copy's sectors over the chip's L2 bandwidth, or over the busiest SM's L2 port
     // when few SMs load.
@@ -528,8 +545,8 @@ pub fn predict(c: &Profile, gpu: &Gpu, model: &Model) -> Prediction {
     // Critical path: the busiest SM runs its blocks in rounds of `resident`; each round lasts at least its longest
     // warp chain, and the last round holds the grid's longest block (e.g. a last-block reduction's serial tail).
     let rounds = (blocks_on_sm / resident as f64).ceil();
-    let mean_chain = (c.chain_cycles_sum as f64 + c.chain_globals_sum as f64 * memory_latency_cycles) / run;
-    let max_chain = c.chain_cycles_max as f64 + c.chain_globals_max as f64 * memory_latency_cycles;
+    let mean_chain = (c.chain_cycles_sum as f64 + c.chain_globals_sum as f64 * chain_latency_cycles) / run;
+    let max_chain = c.chain_cycles_max as f64 + c.chain_globals_max as f64 * chain_latency_cycles;
     let chain_s = ((rounds - 1.0).max(0.0) * mean_chain + max_chain) * cycle;
     let busy = dram_s.max(l2_s).max(issue_s).max(tensor_s).max(shared_s).max(chain_s);
     Prediction {
@@ -550,7 +567,7 @@ pub fn predict(c: &Profile, gpu: &Gpu, model: &Model) -> Prediction {
         dram_bytes,
         first_load_latency_s: latency_s,
         resident_per_sm: resident,
-        pre_wait_dram_bytes: if c.l2_resident { 0.0 } else { c.pre_wait_sectors as f64 * 32.0 * c.grid_scale() * (1.0 - hit_fraction) },
+        pre_wait_dram_bytes: if c.l2_resident { 0.0 } else { (c.pre_wait_sectors as f64 * 32.0 * c.grid_scale() * (1.0 - hit_fraction)).min(dram_bytes) },
         every_block_loads_before_wait: c.pre_wait_blocks > 0 && c.pre_wait_blocks >= c.blocks_run,
     }
 }
@@ -797,6 +814,48 @@ mod tests {
         assert!((p.dram_s - (1u64 << 20) as f64 / bw).abs() < 1e-15, "{} vs {}", p.dram_s, (1u64 << 20) as f64 / bw);
         let resident = predict(&Profile { prefetch_l2_hit_sectors: 1 << 15, ..prefetching }, &gpu, &model);
         assert_eq!((resident.dram_s, resident.prefetch_dram_bytes, resident.l2_hit_bytes), (0.0, 0.0, (1u64 << 20) as f64));
+    }
+
+    /// A launch that prefetches the sectors it loads later (a decode GEMM warp's own k range): its DRAM bytes stay
+    /// the same, the prefetched part moves at the prefetches' parallelism instead of the lanes' Little's law, its
+    /// chain's loads wait an L2 hit for that part (the first load of a wave still a DRAM latency), and the DRAM term
+    /// still bounds it; a prefetch before the wait is pre-wait traffic, capped at the launch's DRAM bytes.
+    #[test]
+    fn a_launch_prefetching_its_own_loads_moves_them_as_prefetches_and_its_chain_hits_l2() {
+        let (gpu, model) = (Gpu::H100_SXM, Model::FITTED);
+        let cycle = 1.0 / gpu.clock_hz;
+        // 128 blocks of 4 warps each streaming 64 KiB (8 MiB), 8 round trips on the chain: latency-bound.
+        let sectors = 128 * (64 << 10) / 32;
+        let shape = Profile { blocks: 128, blocks_run: 128, block_threads: 128, registers: 96, warp_instructions: 128 * 400, ..Profile::default() };
+        let chains = Profile { chain_cycles_max: 2000, chain_globals_max: 8, chain_cycles_sum: 128 * 2000, chain_globals_sum: 128 * 8, ..shape };
+        let ring = Profile {
+            global_sectors: sectors,
+            distinct_sectors: sectors,
+            block_distinct_sectors: sectors,
+            pre_wait_sectors: sectors / 4,
+            pre_wait_blocks: 128,
+            ..chains
+        };
+        let plain = predict(&ring, &gpu, &model);
+        // Three quarters of it prefetched before the wait and read later by the k loop.
+        let own = Profile { prefetched_load_sectors: sectors * 3 / 4, pre_wait_sectors: sectors, ..ring };
+        let prefetching = predict(&own, &gpu, &model);
+        assert_eq!((prefetching.dram_bytes, prefetching.prefetch_dram_bytes), (plain.dram_bytes, 0.0), "the same DRAM bytes, none of another launch's");
+        let latency = 0.75 * CHAIN_GLOBAL_CYCLES as f64 + 0.25 * model.dram_latency_cycles;
+        assert!((prefetching.chain_s - (2000.0 + 8.0 * latency) * cycle).abs() < 1e-15, "{}", prefetching.chain_s);
+        assert!((plain.chain_s - (2000.0 + 8.0 * model.dram_latency_cycles) * cycle).abs() < 1e-15);
+        assert_eq!(prefetching.first_load_latency_s, plain.first_load_latency_s, "a wave's first load is the ring's, from DRAM");
+        assert!(prefetching.seconds < plain.seconds && prefetching.seconds >= prefetching.dram_bytes / (gpu.dram_bytes_per_s * model.dram_efficiency));
+        assert_eq!((plain.pre_wait_dram_bytes, prefetching.pre_wait_dram_bytes), (plain.dram_bytes / 4.0, plain.dram_bytes));
+        // The prefetched bytes at the prefetches' per-SM cap: 128 SMs of `max_bytes_in_flight_per_sm` over a DRAM latency.
+        let prefetch_bw = 128.0 * model.max_bytes_in_flight_per_sm / (model.dram_latency_cycles * cycle);
+        assert!(prefetching.dram_s >= 0.75 * plain.dram_bytes / prefetch_bw - 1e-15);
+        // Nothing of it when L2 already holds the launch's data (a back-to-back call).
+        let warm = predict(&Profile { l2_resident: true, ..own }, &gpu, &model);
+        assert_eq!(warm.chain_s, predict(&Profile { l2_resident: true, ..ring }, &gpu, &model).chain_s);
+        // Pre-wait prefetches of bytes L2 holds are no DRAM traffic: the pre-wait bytes stay within the launch's own.
+        let hits = predict(&Profile { l2_hit_sectors: sectors / 2, ..own }, &gpu, &model);
+        assert!(hits.pre_wait_dram_bytes <= hits.dram_bytes);
     }
 
     /// The same sectors moved by a TMA / bulk producer and by the lanes' loads of a kernel that keeps few bytes in

@@ -251,3 +251,29 @@ fn loads_before_the_wait_are_counted_apart() {
     let c = launch(&mut m, true, waits_first, &bufs).unwrap();
     assert_eq!((c.pre_wait_sectors, c.pre_wait_blocks), (0, 0));
 }
+
+#[test]
+fn l2_prefetches_before_the_wait_are_pre_wait_traffic_and_later_loads_find_them() {
+    // Thread 0 asks L2 for the whole of `c` (64 words: 256 bytes, 8 sectors) before its wait; after it every thread
+    // loads its word of `c` and of `a`. The prefetch's 8 sectors are pre-wait traffic, but nothing waits for a
+    // prefetch, so the block is not one that loads before its wait; the 8 sectors of `c` the threads load later are
+    // the prefetched loads, `a`'s are not.
+    let prefetch_then_wait = |prefetch_after_wait: bool| {
+        let prefetch = "setp.eq.u32 %p, %tid, 0; @%p cp.async.bulk.prefetch.L2.global [%c], 256;";
+        let wait = "griddepcontrol.wait; griddepcontrol.launch_dependents;";
+        let (first, second) = if prefetch_after_wait { (wait, prefetch) } else { (prefetch, wait) };
+        format!("{first} {second} ld.global.u32 %u, [%pc]; ld.global.u32 %t, [%pa]; add.u32 %t, %t, %u; st.global.u32 [%pd], %t;")
+    };
+    let mut m = Machine::new();
+    let bufs = Buffers::new(&mut m);
+    launch(&mut m, false, PRODUCER, &bufs).unwrap();
+    let before = launch(&mut m, true, &prefetch_then_wait(false), &bufs).unwrap();
+    assert_eq!((before.pre_wait_sectors, before.pre_wait_blocks, before.prefetch_requests), (8, 0, 1));
+    assert_eq!((before.prefetch_sectors.len(), before.prefetched_loads.len(), before.distinct_sectors.len()), (8, 8, 24));
+    let out: Vec<u32> = download(&m, bufs.d, THREADS as usize);
+    assert_eq!(out, (0..THREADS).map(|i| (i + 1) + (100 + i)).collect::<Vec<u32>>(), "a hint: the same result");
+    // Issued after the wait it is no pre-wait traffic; the loads after it still find it.
+    launch(&mut m, false, PRODUCER, &bufs).unwrap();
+    let after = launch(&mut m, true, &prefetch_then_wait(true), &bufs).unwrap();
+    assert_eq!((after.pre_wait_sectors, after.prefetched_loads.len()), (0, 8));
+}

@@ -155,6 +155,7 @@ impl BlockCtx<'_> {
     /// unmapped address is dropped on a GPU. `prefetch.L2 [a]` fetches a's whole 128-byte line: L2 allocates whole
     /// lines and a line prefetch fills all four of its 32-byte sectors (the unit a load would fill is the sector; a
     /// prefetch asks for the line). The bulk form's address and size must be multiples of 16 (PTX ISA, cp.async.bulk.prefetch).
+    /// A lane's prefetch before its thread's `griddepcontrol.wait` joins `Counters::pre_wait_sectors` as a load would.
     pub(super) fn prefetch_l2(&mut self, w: &Warp, inst: &Inst, space: Space, bulk: bool, exec: u32) -> Result<(), Fault> {
         for l in lanes(exec) {
             let a = Self::addr_of(w, inst, l);
@@ -171,7 +172,11 @@ impl BlockCtx<'_> {
                     _ => continue,
                 }
             };
-            self.counters.prefetch_request(self.global.mapped_parts(start, bytes));
+            let sectors = self.counters.prefetch_request(self.global.mapped_parts(start, bytes));
+            // Issued before the thread's wait, it is DRAM traffic that overlaps the grid before, as a load there is.
+            if self.pdl.before_wait(w.linear_tid(l)) {
+                self.counters.pre_wait_prefetch(sectors);
+            }
         }
         Ok(())
     }

@@ -361,7 +361,7 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
 // moves the same bytes earlier, not more), slots x K x 2 of activations per block (from L2), the outputs once.
 // FLOPs: 2 x 8 x K per weight row and block (the mma's 8 columns).
 // Occupancy: at least 3 blocks an SM (__launch_bounds__ below: at most 168 registers; nvfp4 171 -> 163 without spills,
-// 164 with the programmatic-launch wait, 166 with the own-range prefetch). Batch 1 with the shared expert's tail is 5 x 64 = 320 blocks: at 2 an SM (264
+// 164 with the programmatic-launch wait, 168 with the own-range prefetch and the GemmWeights operand, at the cap, no spills). Batch 1 with the shared expert's tail is 5 x 64 = 320 blocks: at 2 an SM (264
 // at once) the last 56 ran a second round, doubling the launch's chain (timing model: nvfp4 up 24.7 µs, 2 waves); at 3
 // (K 4096: 3 x 64 KiB of activation rows fit the 228 KiB) it is one round.
 constexpr int kDecodeSlots = 8;

@@ -180,8 +180,9 @@ struct BenchArgs {
     /// prior grids may start while the one before it finishes; the environment's SMALL4_PDL=0 turns it off too).
     #[arg(long)]
     no_pdl: bool,
-    /// Decode steps without the cross-kernel L2 prefetch (by default the latency-bound launches of a layer pull the
-    /// next GEMM's weights into L2: wo's during absorption and attention).
+    /// Decode steps without L2 prefetch (by default the latency-bound launches of a layer pull the next GEMM's
+    /// weights into L2, wo's during absorption and attention, and the dense decode GEMMs prefetch their own k range
+    /// before their programmatic wait).
     #[arg(long)]
     no_l2_prefetch: bool,
     /// Routed experts in W8A8 (needs per-tensor FP8 experts with activation scales: --format fp8 for the preset).

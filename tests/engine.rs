@@ -529,6 +529,49 @@ backend_tests!(
     uneven_head_split_is_an_error
 );
 
+/// `EngineOptions::l2_prefetch` switches every L2 prefetch of a decode step: on (the default), the replayed step's
+/// launches prefetch (the cross-kernel plan's wo shares) and some read sectors they prefetched themselves (the dense
+/// decode GEMMs' own k range before their wait); off, no launch of the step prefetches anything. The greedy tokens and
+/// the logits are the same bit for bit.
+#[test]
+fn sim_decode_step_l2_prefetch_switch() {
+    use small4::device::sim::SimBackend;
+    let sim = std::sync::Arc::new(SimBackend::new());
+    let device: Device = sim.clone();
+    let config = ModelConfig { n_layers: 2, ..ModelConfig::tiny() };
+    let weights = ReferenceWeights::random(&config, 5).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(dir.path(), &weights, &Layout::Native, WeightFormat::Nvfp4, 1 << 20).unwrap();
+    let checkpoint = Checkpoint::open(dir.path()).unwrap();
+    let run = |l2_prefetch: bool| {
+        sim.set_l2_residency(true);
+        let model = DeviceModel::load(&device, &checkpoint, Shard::SINGLE).unwrap();
+        let mut engine = Engine::new(model, EngineOptions { l2_prefetch, ..options(4) }, None).unwrap();
+        engine.add(greedy(prompt(3, 7, config.vocab), 5)).unwrap();
+        let mut steps = Vec::new();
+        let mut last_step = Vec::new();
+        while engine.active() > 0 {
+            sim.record_launches(true);
+            let tokens = engine.step().unwrap();
+            last_step = sim.take_recorded();
+            sim.record_launches(false);
+            steps.extend(tokens.into_iter().map(|t| (t.token, t.logits.unwrap())));
+        }
+        assert!(engine.captured_graphs() > 0, "the last steps replay a captured graph");
+        (steps, last_step)
+    };
+    let (steps, launches) = run(true);
+    let sum = |launches: &[small4::device::LaunchCounters], f: fn(&small4::device::LaunchCounters) -> u64| launches.iter().map(f).sum::<u64>();
+    assert!(sum(&launches, |l| l.timing.prefetch_sectors) > 0, "the step prefetches");
+    assert!(sum(&launches, |l| l.timing.prefetched_load_sectors) > 0, "a dense decode GEMM reads its own prefetched k range");
+    let (plain_steps, plain_launches) = run(false);
+    assert_eq!(plain_launches.len(), launches.len());
+    for l in &plain_launches {
+        assert_eq!((l.timing.prefetch_sectors, l.timing.prefetched_load_sectors), (0, 0), "{} prefetched with l2_prefetch off", l.kernel);
+    }
+    assert!(steps == plain_steps, "the L2 prefetch changed a token or a logit");
+}
+
 /// Programmatic dependent launch on the interpreter: with programmatic launches on (the default), every launch of a
 /// steady decode step (a replayed graph: embedding, norms, the attention projections and absorption, attention,
 /// router, experts, head, sampling, `decode_advance`) is a kernel that waits for prior grids and ran programmatic, and

@@ -52,8 +52,8 @@ pub struct BenchOptions {
     /// ([`crate::device::Backend::set_programmatic_launches`]; on by default): each may start while the kernel before
     /// it finishes. The run sets the device's switch to this and puts it back after.
     pub programmatic_launches: bool,
-    /// Decode steps pull the next DRAM-bound GEMM's weights into L2 during the latency-bound launches before it
-    /// (`EngineOptions::l2_prefetch`; on by default).
+    /// Decode steps pull the next DRAM-bound GEMM's weights into L2 during the latency-bound launches before it, and
+    /// the dense decode GEMMs their own k range before their wait (`EngineOptions::l2_prefetch`; on by default).
     pub l2_prefetch: bool,
     /// Routed experts in W8A8 (`EngineOptions::fp8_activations`).
     pub fp8_activations: bool,
@@ -265,7 +265,7 @@ impl fmt::Display for BenchReport {
             writeln!(f, "programmatic dependent launches: off")?;
         }
         if !o.l2_prefetch {
-            writeln!(f, "L2 prefetch of later kernels' weights: off")?;
+            writeln!(f, "L2 prefetch of weights (later kernels' and each dense GEMM's own k range): off")?;
         }
         writeln!(f, "load: {:.2} s", self.load.as_secs_f64())?;
         writeln!(f, "prefill: {:.3} ms ({:.1} tokens/s)", ms(self.prefill), self.prefill_tokens_per_s())?;

@@ -878,9 +878,11 @@ pub struct EngineOptions {
     /// copy of the router's ids per layer, and every step runs eagerly (a captured graph holds launches only). Off,
     /// nothing is copied and the steps are as without it.
     pub record_routing: bool,
-    /// Decode steps (up to 8 tokens) pull the next DRAM-bound GEMM's weights into L2 during the latency-bound
-    /// launches before it ([`crate::model::decode_prefetch`]): wo's during the absorption and attention launches
-    /// (the router's share is none at present). A hint: the same tokens and logits either way.
+    /// Decode steps (up to 8 tokens) prefetch weights into L2: the latency-bound launches pull the next DRAM-bound
+    /// GEMM's weights ([`crate::model::decode_prefetch`]: wo's during the absorption and attention launches; the
+    /// router's share is none at present), and the dense decode GEMMs (and the shared expert) ask for the rest of
+    /// their own k range before their programmatic wait (`DeviceWeights::set_decode_own_prefetch`, set on the
+    /// model's weights by [`Engine::new`]). Off: neither. A hint: the same tokens and logits either way.
     pub l2_prefetch: bool,
 }
 
@@ -1239,7 +1241,16 @@ impl Engine {
                 }
             };
             layer.moe.set_fp8_activations(scales)?;
+            // The dense decode GEMMs' own-range L2 prefetch follows the decode step's prefetch switch.
+            for w in [&mut layer.wqkv_a, &mut layer.wq_b, &mut layer.w_uk, &mut layer.w_uv, &mut layer.wo] {
+                w.set_decode_own_prefetch(options.l2_prefetch);
+            }
+            if let Some((gate_up, down)) = &mut layer.moe.shared {
+                gate_up.set_decode_own_prefetch(options.l2_prefetch);
+                down.set_decode_own_prefetch(options.l2_prefetch);
+            }
         }
+        model.output.set_decode_own_prefetch(options.l2_prefetch);
         if options.prefill_chunk == 0 || options.max_decode_graphs == 0 {
             return Err(Error::InvalidArgument(format!(
                 "engine options: prefill_chunk {} and max_decode_graphs {} must be at least 1",

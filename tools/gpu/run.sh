@@ -80,8 +80,8 @@ done
 synthetic_runs_gpu=("nvfp4 " "int4 " "bf16 32" "fp8 64")
 # Then, after the logits check and only with what the step's cap leaves (cut at the deadline, it fails nothing), nvfp4
 # again with programmatic dependent launches off (`--no-pdl`): the decode step without the launch overlap, against the
-# first run's with it; then without the cross-kernel L2 prefetch (`--no-l2-prefetch`): the step whose latency-bound
-# launches do not pull wo's and the shared expert's weights into L2.
+# first run's with it; then without L2 prefetch (`--no-l2-prefetch`): the step whose latency-bound launches do not
+# pull wo's weights into L2 and whose dense decode GEMMs do not prefetch their own k range before their wait.
 synthetic_comparison_runs_gpu=("nvfp4 all --no-pdl" "nvfp4 all --no-l2-prefetch")
 synthetic_args_gpu=(--prompt-len 4096 --decode-steps 64 --warmup-steps 4)
 # The rehearsal: the same four formats as one layer of eight experts of the tiny preset's dimensions, few tokens

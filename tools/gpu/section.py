@@ -53,7 +53,8 @@ def number(value, digits=1):
 
 def format_name(report, fmt="?"):
     """The report's format, with "PDL off" when it ran without programmatic dependent launches (`--no-pdl`) and "L2
-    prefetch off" without the cross-kernel L2 prefetch (`--no-l2-prefetch`)."""
+    prefetch off" without the decode step's L2 prefetches (`--no-l2-prefetch`: the cross-kernel plan and the dense
+    decode GEMMs' own k range)."""
     return (
         report.get("format", fmt)
         + (", PDL off" if report.get("programmatic_launches") is False else "")

@@ -529,36 +529,57 @@ backend_tests!(
     uneven_head_split_is_an_error
 );
 
+/// A 2-layer tiny model with NVFP4 experts on its own interpreter, for tests that read the launches of a decode step.
+struct RecordedDecode {
+    sim: std::sync::Arc<small4::device::sim::SimBackend>,
+    device: Device,
+    vocab: usize,
+    checkpoint: Checkpoint,
+    _dir: tempfile::TempDir,
+}
+
+impl RecordedDecode {
+    fn new() -> Self {
+        let sim = std::sync::Arc::new(small4::device::sim::SimBackend::new());
+        let device: Device = sim.clone();
+        let config = ModelConfig { n_layers: 2, ..ModelConfig::tiny() };
+        let weights = ReferenceWeights::random(&config, 5).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        write_checkpoint(dir.path(), &weights, &Layout::Native, WeightFormat::Nvfp4, 1 << 20).unwrap();
+        let checkpoint = Checkpoint::open(dir.path()).unwrap();
+        RecordedDecode { sim, device, vocab: config.vocab, checkpoint, _dir: dir }
+    }
+
+    /// One greedy request of 5 tokens under `options`: each step's (token, logits), and the launches of the last step
+    /// (a replayed graph).
+    fn run(&self, options: EngineOptions) -> (Vec<(u32, Vec<f32>)>, Vec<small4::device::LaunchCounters>) {
+        let model = DeviceModel::load(&self.device, &self.checkpoint, Shard::SINGLE).unwrap();
+        let mut engine = Engine::new(model, options, None).unwrap();
+        engine.add(greedy(prompt(3, 7, self.vocab), 5)).unwrap();
+        let mut steps = Vec::new();
+        let mut last_step = Vec::new();
+        while engine.active() > 0 {
+            self.sim.record_launches(true);
+            let tokens = engine.step().unwrap();
+            last_step = self.sim.take_recorded();
+            self.sim.record_launches(false);
+            steps.extend(tokens.into_iter().map(|t| (t.token, t.logits.unwrap())));
+        }
+        assert!(engine.captured_graphs() > 0, "the last steps replay a captured graph");
+        (steps, last_step)
+    }
+}
+
 /// `EngineOptions::l2_prefetch` switches every L2 prefetch of a decode step: on (the default), the replayed step's
 /// launches prefetch (the cross-kernel plan's wo shares) and some read sectors they prefetched themselves (the dense
 /// decode GEMMs' own k range before their wait); off, no launch of the step prefetches anything. The greedy tokens and
 /// the logits are the same bit for bit.
 #[test]
 fn sim_decode_step_l2_prefetch_switch() {
-    use small4::device::sim::SimBackend;
-    let sim = std::sync::Arc::new(SimBackend::new());
-    let device: Device = sim.clone();
-    let config = ModelConfig { n_layers: 2, ..ModelConfig::tiny() };
-    let weights = ReferenceWeights::random(&config, 5).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    write_checkpoint(dir.path(), &weights, &Layout::Native, WeightFormat::Nvfp4, 1 << 20).unwrap();
-    let checkpoint = Checkpoint::open(dir.path()).unwrap();
+    let decode = RecordedDecode::new();
     let run = |l2_prefetch: bool| {
-        sim.set_l2_residency(true);
-        let model = DeviceModel::load(&device, &checkpoint, Shard::SINGLE).unwrap();
-        let mut engine = Engine::new(model, EngineOptions { l2_prefetch, ..options(4) }, None).unwrap();
-        engine.add(greedy(prompt(3, 7, config.vocab), 5)).unwrap();
-        let mut steps = Vec::new();
-        let mut last_step = Vec::new();
-        while engine.active() > 0 {
-            sim.record_launches(true);
-            let tokens = engine.step().unwrap();
-            last_step = sim.take_recorded();
-            sim.record_launches(false);
-            steps.extend(tokens.into_iter().map(|t| (t.token, t.logits.unwrap())));
-        }
-        assert!(engine.captured_graphs() > 0, "the last steps replay a captured graph");
-        (steps, last_step)
+        decode.sim.set_l2_residency(true);
+        decode.run(EngineOptions { l2_prefetch, ..options(4) })
     };
     let (steps, launches) = run(true);
     let sum = |launches: &[small4::device::LaunchCounters], f: fn(&small4::device::LaunchCounters) -> u64| launches.iter().map(f).sum::<u64>();
@@ -579,32 +600,12 @@ fn sim_decode_step_l2_prefetch_switch() {
 /// logits are those of the same run with programmatic launches off, bit for bit.
 #[test]
 fn sim_decode_steps_launch_programmatically() {
-    use small4::device::sim::SimBackend;
     use small4::device::{Backend, Kernel};
     use small4::kernels::{modules::ALL_MODULES, KERNEL_RESOURCES};
-    let sim = std::sync::Arc::new(SimBackend::new());
-    let device: Device = sim.clone();
-    let config = ModelConfig { n_layers: 2, ..ModelConfig::tiny() };
-    let weights = ReferenceWeights::random(&config, 5).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    write_checkpoint(dir.path(), &weights, &Layout::Native, WeightFormat::Nvfp4, 1 << 20).unwrap();
-    let checkpoint = Checkpoint::open(dir.path()).unwrap();
+    let decode = RecordedDecode::new();
     let run = |programmatic: bool| {
-        sim.set_programmatic_launches(programmatic);
-        let model = DeviceModel::load(&device, &checkpoint, Shard::SINGLE).unwrap();
-        let mut engine = Engine::new(model, options(4), None).unwrap();
-        engine.add(greedy(prompt(3, 7, config.vocab), 5)).unwrap();
-        let mut steps = Vec::new();
-        let mut last_step = Vec::new();
-        while engine.active() > 0 {
-            sim.record_launches(true);
-            let tokens = engine.step().unwrap();
-            last_step = sim.take_recorded();
-            sim.record_launches(false);
-            steps.extend(tokens.into_iter().map(|t| (t.token, t.logits.unwrap())));
-        }
-        assert!(engine.captured_graphs() > 0, "the last steps replay a captured graph");
-        (steps, last_step)
+        decode.sim.set_programmatic_launches(programmatic);
+        decode.run(options(4))
     };
     let (steps, launches) = run(true);
     assert!(!launches.is_empty());
@@ -621,5 +622,5 @@ fn sim_decode_steps_launch_programmatically() {
     let tokens = |s: &[(u32, Vec<f32>)]| s.iter().map(|(t, _)| *t).collect::<Vec<_>>();
     assert_eq!(tokens(&steps), tokens(&plain_steps));
     assert!(steps == plain_steps, "programmatic launches changed a logit");
-    sim.set_programmatic_launches(true);
+    decode.sim.set_programmatic_launches(true);
 }

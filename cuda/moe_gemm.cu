@@ -143,10 +143,11 @@ __device__ __forceinline__ bool sum_k_splits(const MoeGemmParams &p, float (&acc
 // (feature g+8, same slots) of each of the warp's MF 16-row tiles (the block's tiles first_tile, ..) times the rows'
 // scales, stored; then the query RoPE and the row finisher when asked for. One of the two outputs is null; a batched
 // launch offsets the other one to head z's columns; a tail writes its own rows. Every thread calls it.
-template <int MF, int NF, bool Fp8Act>
+// kBlockWarps: the block's warps (kWarps, or kDecodeWarps in the decode kernel's _decode_w2 entries).
+template <int MF, int NF, bool Fp8Act, int kBlockWarps = kWarps>
 __device__ __forceinline__ void block_epilogue(const MoeGemmParams &p, bool tail, int expert, const float (&acc)[MF][NF][4], const int *slot_pair,
                                                int first_tile, int slot_begin, int slots) {
-    constexpr int BM = kWarps * MF * 16;
+    constexpr int BM = kBlockWarps * MF * 16;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int out_stride = pick(tail, p.tail.out_stride, p.out_stride);
@@ -332,11 +333,13 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
 //
 // moe_gemm_*_decode: the grouped launches of at most kDecodeSlots tokens (src/kernels/moe.rs `TileShape::Decode`: an
 // expert then has at most 8 pairs, one mma pair fragment) and the dense launches of at most 8 rows (one matrix, or one
-// per head in grid z; split-K in grid z for one matrix, as the narrow tile's _split entries). Same block grid and
-// slots as the narrow tile (4 warps, one 16-row weight tile each: BM 64, grid x = rows / 64; grid y = the grouping's
-// 8-slot tiles, then the dense tail's row blocks; dense: one row block), the same mma.sync m16n8k16 per k-step in the
-// same k order, the same split ranges and partial sums (sum_k_splits) and the same epilogue (block_epilogue), so its
-// outputs are the narrow tile's bit for bit at the same split count. What differs is how the operands arrive:
+// per head in grid z; split-K in grid z for one matrix, as the narrow tile's _split entries). Each warp owns one
+// 16-row weight tile; a block is the narrow tile's 4 warps (BM 64, grid x = rows / 64), or kDecodeWarps (BM 32) in
+// the _decode_w2 entries, which the host runs on unsplit launches without a row finisher where six such blocks'
+// activation rows fit an SM (src/kernels/gemm/tile.rs `TileShape::block_warps`); grid y = the grouping's 8-slot tiles, then the dense tail's row blocks (dense: one
+// row block). The same mma.sync m16n8k16 per k-step in the same k order, the same split ranges and partial sums
+// (sum_k_splits) and the same epilogue (block_epilogue) as the narrow tile, so its outputs are the narrow tile's bit
+// for bit at the same split count. What differs is how the operands arrive:
 // - weights and their scales straight from global memory into registers: each lane loads its 16-byte fragment
 //   chunks of a 64-k block (the repacked layout is fragment order) with ld.global.nc and the scales' raw words
 //   (WeightFormat load_scale_words), kDepth k blocks ahead of their use in a register ring: 4 KiB a warp in flight
@@ -353,18 +356,27 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
 //   first (its expert comes from the router's grouping). Every block triggers the next kernel right after its wait.
 // One pair fragment instead of the narrow tile's four: at batch 1 the narrow tile's ring copies, ldmatrix and address
 // arithmetic for 32 slots cost more warp instructions than the dequantisation (docs/perf.md "moe_gemm decode").
-// Shared memory: 8 rows x K x 2 bytes (64 KiB at K 4096, 32 KiB at K 2048); a dense launch sizes it to its rows and
-// the zero row over the longest split's k range (1 row at K 4096 in 8 splits: 2 rows x 8 k blocks x 128 bytes).
+// Shared memory: the launch's rows and a zero row (at most 8) x the k range x 2 bytes: a grouped launch of T tokens
+// min(T + 1, 8) rows over K (16 KiB at one token and K 4096, 64 KiB at 8 tokens), a dense launch its rows and the
+// zero row over the longest split's k range (1 row at K 4096 in 8 splits: 2 rows x 8 k blocks x 128 bytes).
 // The ring's slots are registers, so the k loop runs whole rounds of kDepth k blocks without a branch between them,
 // then the last blocks one by one.
 // Bytes: each expert's weights and scales once per launch (its up to 8 pairs share them; the own-range prefetch
 // moves the same bytes earlier, not more), slots x K x 2 of activations per block (from L2), the outputs once.
 // FLOPs: 2 x 8 x K per weight row and block (the mma's 8 columns).
-// Occupancy: at least 3 blocks an SM (__launch_bounds__ below: at most 168 registers; nvfp4 171 -> 163 without spills,
-// 164 with the programmatic-launch wait, 168 with the own-range prefetch and the GemmWeights operand, at the cap, no spills). Batch 1 with the shared expert's tail is 5 x 64 = 320 blocks: at 2 an SM (264
-// at once) the last 56 ran a second round, doubling the launch's chain (timing model: nvfp4 up 24.7 µs, 2 waves); at 3
-// (K 4096: 3 x 64 KiB of activation rows fit the 228 KiB) it is one round.
+// Occupancy: 12 warps an SM at most 168 registers (__launch_bounds__ below; nvfp4 171 -> 163 without spills, 164 with
+// the programmatic-launch wait, 168 with the own-range prefetch and the GemmWeights operand, at the cap, no spills):
+// 3 blocks of 4 warps (_decode; K 4096: 3 x 64 KiB of 8 activation rows fit the 228 KiB) or 6 of 2 (_decode_w2, up
+// to 4 rows at K 4096); the _split entries guarantee 2 of 4.
+// Why 2-warp blocks: batch 1 with the shared expert's tail is 5 experts x 4096 rows = 1,280 warp tiles. As 320
+// blocks of 4 warps on 132 SMs (one round; at 2 an SM the last 56 ran a second, doubling the launch's chain) 56 SMs
+// ran 3 blocks and 76 ran 2, so the busiest SM issued 12 warp tiles' dequantisation against an average of 9.7 (the
+// 4-bit launches are issue-bound there in the timing model: docs/perf.md "The decode kernel in 2-warp blocks"). As
+// 640 blocks of 2 warps (6 resident an SM, still one round) the busiest SM runs 10. A block's slot table, activation
+// staging and epilogue are per block: at one token a few percent of its k loop, but a row finisher's pass over a
+// row's columns takes twice as long with half the threads, so launches with one keep 4-warp blocks.
 constexpr int kDecodeSlots = 8;
+constexpr int kDecodeWarps = 2;
 
 // 64-k blocks a warp has in flight: 4 KiB of weights, at least 2 blocks (bf16 2, fp8 4, 4-bit 8).
 __host__ __device__ constexpr int decode_depth(int tile_bytes) { return 4096 / tile_bytes < 2 ? 2 : 4096 / tile_bytes; }
@@ -395,9 +407,11 @@ __device__ __forceinline__ void prefetch_own_k_blocks(const MoeGemmParams &p, co
 // kSplitK: the _decode_split entries (dense launches that split k); the grouped and unsplit dense launches run the
 // entries without it, whose k range is the whole k at compile time (the split bookkeeping cost the grouped 4-bit and
 // fp8 launches 0.5-1.8 warp instructions per weight fragment when it was read at run time).
-template <Format F, bool kSplitK = false>
+// kBlockWarps: the block's warps, one 16-row weight tile each (kWarps, or kDecodeWarps in the _decode_w2 entries).
+template <Format F, bool kSplitK = false, int kBlockWarps = kWarps>
 __device__ __forceinline__ void decode_gemm(const MoeGemmParams &p) {
     using W = WeightFormat<F>;
+    constexpr int kBlockThreads = kBlockWarps * 32;
     constexpr int kChunks = W::kTileBytes / (32 * 16);  // 16-byte chunks per lane per tile and k block
     constexpr int kDepth = decode_depth(W::kTileBytes);
     extern __shared__ __align__(128) unsigned char smem[];
@@ -416,15 +430,22 @@ __device__ __forceinline__ void decode_gemm(const MoeGemmParams &p) {
     if (routed) wait_then_allow_dependents();
     int expert, slot_begin, slot_end;
     if (!block_slots<kDecodeSlots>(p, tail, expert, slot_begin, slot_end)) return;
-    const int slots = slot_end - slot_begin;
 
     // Split-K (a dense launch of one matrix with p.k_splits > 1; grouped launches have one split): this block reduces
     // k blocks [kb_begin, kb_end), split blockIdx.z, the narrow tile's split ranges, and stages only their activations.
     const int k_blocks = p.k_dim / kBK;
     const int splits = kSplitK && p.k_splits > 1 ? p.k_splits : 1, split = splits > 1 ? (int)blockIdx.z : 0;
     const int kb_begin = k_blocks * split / splits, kb_end = k_blocks * (split + 1) / splits;
+    // The activation rows staged in shared memory, each over the k range: the block's slots and a zero row for the
+    // lanes of missing slots. The host sizes the shared memory to the launch's rows and that zero row
+    // (src/kernels/gemm/tile.rs decode_rows: 2 rows at one token, so 6 blocks of 16 KiB fit an SM at K 4096), and a
+    // block computes at most the slots it holds, whatever its grouping says (a router's grouping gives an expert at
+    // most one pair a token, so its slots always fit).
+    const int row_bytes = (kb_end - kb_begin) * kBK * 2, row_chunks = (kb_end - kb_begin) * (kBK / 8);
+    const int rows_staged = min((int)(dynamic_smem_bytes() / row_bytes), kDecodeSlots);
+    const int slots = min(slot_end - slot_begin, rows_staged < kDecodeSlots ? rows_staged - 1 : kDecodeSlots);
     // The ring's first kDepth k blocks, issued first: their latency overlaps the activation copy.
-    const int first_tile = blockIdx.x * kWarps, tile = first_tile + warp;
+    const int first_tile = blockIdx.x * kBlockWarps, tile = first_tile + warp;
     const GemmWeights weights = block_weights(p, tail);
     const unsigned char *w_tile = expert_weights(p, tail, expert) + (long long)tile * k_blocks * W::kTileBytes;
     const unsigned char *w_lane = w_tile + lane * 16;
@@ -461,14 +482,13 @@ __device__ __forceinline__ void decode_gemm(const MoeGemmParams &p) {
     // groups. Rows of padding pairs, and row `slots` when the block has fewer than 8 (the missing slots' lanes read
     // it), are zeros. Only the swizzle is shared with grouped_gemm's load_stage: that one refills a ring of 64-k stages
     // every k block (rows of 128 bytes, padding rows zeroed once per stage), this copies each row once over its k range.
-    const int row_bytes = (kb_end - kb_begin) * kBK * 2, row_chunks = (kb_end - kb_begin) * (kBK / 8);
     const int rows_used = min(slots + 1, kDecodeSlots);
     for (int s = 0; s < rows_used; ++s) {
         const int pair = s < slots ? slot_pair[s] : -1;
         const long src_row = p.in_by_token && !tail ? pair / p.top_k : slot_begin + s;
         const bf16 *src = (tail ? p.tail.x + src_row * p.tail.x_stride : p.x + (long)blockIdx.z * p.x_batch_stride + src_row * p.x_stride) + kb_begin * kBK;
         unsigned char *dst = smem + s * row_bytes;
-        for (int c = tid; c < row_chunks; c += kThreads) {
+        for (int c = tid; c < row_chunks; c += kBlockThreads) {
             unsigned char *chunk = dst + (c >> 3) * 128 + swizzled_chunk(c & 7, s);
             if (pair >= 0) {
                 cp_async16(chunk, src + c * 8);
@@ -525,7 +545,7 @@ __device__ __forceinline__ void decode_gemm(const MoeGemmParams &p) {
         if (kb + kDepth + i < kb_end) step(ring[i], ring_scales[i], kb + kDepth + i, false);
     }
     if (kSplitK && splits > 1 && !sum_k_splits(p, acc, slots, split, splits)) return;
-    block_epilogue<1, 1, false>(p, tail, expert, acc, slot_pair, first_tile, slot_begin, slots);
+    block_epilogue<1, 1, false, kBlockWarps>(p, tail, expert, acc, slot_pair, first_tile, slot_begin, slots);
 }
 
 }  // namespace
@@ -559,6 +579,9 @@ __device__ __forceinline__ void decode_gemm(const MoeGemmParams &p) {
     }                                                                                                                      \
     extern "C" __global__ void __launch_bounds__(kThreads, 3) moe_gemm_##NAME##_decode(const MoeGemmParams p) {             \
         decode_gemm<FORMAT>(p);                                                                                            \
+    }                                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(kDecodeWarps * 32, 6) moe_gemm_##NAME##_decode_w2(const MoeGemmParams p) { \
+        decode_gemm<FORMAT, false, kDecodeWarps>(p);                                                                       \
     }                                                                                                                      \
     extern "C" __global__ void __launch_bounds__(kThreads, 2) moe_gemm_##NAME##_decode_split(const MoeGemmParams p) {       \
         decode_gemm<FORMAT, true>(p);                                                                                      \

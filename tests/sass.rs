@@ -94,8 +94,10 @@ fn wgmma_kernels_use_hgmma_and_the_dense_ones_tma() {
 #[test]
 fn mma_sync_kernels_use_hmma_not_hgmma() {
     let mma = sass_by_function(&MOE_GEMM);
-    let tiles: Vec<(&String, &String)> =
-        mma.iter().filter(|(name, _)| ["_tiled", "_small", "_narrow", "_narrow_split", "_decode", "_decode_split"].iter().any(|s| name.ends_with(s))).collect();
+    let tiles: Vec<(&String, &String)> = mma
+        .iter()
+        .filter(|(name, _)| ["_tiled", "_small", "_narrow", "_narrow_split", "_decode", "_decode_w2", "_decode_split"].iter().any(|s| name.ends_with(s)))
+        .collect();
     assert!(tiles.iter().any(|(name, _)| *name == "moe_gemm_bf16_tiled"), "the kernel the wgmma one replaces: {:?}", mma.keys());
     for (name, sass) in tiles {
         assert!(count(sass, "HMMA") >= 1, "{name}: no HMMA");

@@ -29,6 +29,14 @@ __device__ __forceinline__ void wait_then_allow_dependents() {
     allow_dependent_grids();
 }
 
+// The dynamic shared memory this launch was given, in bytes (PTX special register %dynamic_smem_size, sm_20+): a
+// kernel whose staging depends on it never writes past what the host sized.
+__device__ __forceinline__ unsigned int dynamic_smem_bytes() {
+    unsigned int bytes;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(bytes));
+    return bytes;
+}
+
 // 8 bf16 packed in a 16-byte vector -> 8 f32 (exact).
 __device__ __forceinline__ void bf16x8_to_f32(const uint4 raw, float out[8]) {
     const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};

@@ -22,7 +22,7 @@ pub use tile::{dense_takes_prefill_tile, override_decode_tile, DECODE_MAX_ROWS};
 pub(super) use tile::{grouped_tile_shape, staged_scale_bytes, TileShape};
 pub use weights::DeviceWeights;
 
-use self::tile::{dense_tile_shape, WARPS};
+use self::tile::{dense_tile_shape, DECODE_W2_WARPS};
 use super::moe::Grouping;
 use super::moe_wgmma_fp8::Fp8ActScratch;
 use super::params::{
@@ -239,13 +239,21 @@ pub(super) fn launch_gemm(
     if grid_y > 65535 {
         return Err(Error::InvalidArgument(format!("gemm: {grid_y} row tiles exceed the grid's y limit (65535)")));
     }
-    let grid_x = w.rows_padded / shape.features();
     // Split-K: the dense decode launches of one matrix on the decode kernel or the narrow tile (one row block) with
     // bf16 inputs, as the matrix chose; they run the _split kernels.
     let split_k =
         w.split_k.as_ref().filter(|_| grouping.is_none() && heads == 1 && matches!(shape, TileShape::Decode | TileShape::Narrow) && grid_y == 1 && !e4m3_input);
+    let shared_bytes = match (shape, &rows) {
+        (TileShape::Decode, Rows::Dense { rows, .. }) => TileShape::dense_decode_shared_bytes(w, *rows),
+        (TileShape::Decode, Rows::Grouped { pairs, top_k, .. }) => {
+            TileShape::grouped_decode_shared_bytes(w, pairs / top_k, tail.as_ref().map_or(0, |t| t.rows as usize))
+        }
+        _ => shape.shared_bytes(w.format, e4m3_input, w.k_dim),
+    };
     // Grid z: the k splits, or the heads of a batched dense launch.
     let grid_z = split_k.map_or(heads, |s| s.splits);
+    let block_warps = shape.block_warps(split_k.is_some(), finish.is_some(), shared_bytes, w.rows_padded / shape.features() * grid_y * grid_z);
+    let grid_x = w.rows_padded / shape.block_features(block_warps);
     let finish = match finish {
         None => GemmRowFinish { kind: SMALL4_GEMM_FINISH_NONE as i32, ..Default::default() },
         Some(f) => {
@@ -303,6 +311,7 @@ pub(super) fn launch_gemm(
             shape,
             grid_x * grid_y * grid_z,
             split_k.is_some(),
+            block_warps,
             match rows {
                 // A grouped launch's routed blocks wait first: only its dense tail's blocks prefetch.
                 Rows::Grouped { tail, .. } => tail.map(|t| (t.w, grid_x * (grid_y - tiles), t.w.k_dim / K_BLOCK)),
@@ -310,12 +319,11 @@ pub(super) fn launch_gemm(
             },
         ),
     };
-    let shared_bytes = match (shape, &rows) {
-        (TileShape::Decode, Rows::Dense { rows, .. }) => TileShape::dense_decode_shared_bytes(w, *rows),
-        _ => shape.shared_bytes(w.format, e4m3_input, w.k_dim),
+    let config = LaunchConfig {
+        grid: Dim3::xyz(grid_x as u32, grid_y as u32, grid_z as u32),
+        block: Dim3::x((block_warps * 32) as u32),
+        shared_bytes: shared_bytes as u32,
     };
-    let config =
-        LaunchConfig { grid: Dim3::xyz(grid_x as u32, grid_y as u32, grid_z as u32), block: Dim3::x((WARPS * 32) as u32), shared_bytes: shared_bytes as u32 };
     // The fp8 prefill tiles run on the fp8 tensor cores with activations quantised on the fly when chosen
     // (moe_wgmma::PrefillGemm::WgmmaFp8Act); the input rows are a grouping's slots unless picked by token.
     if let (TileShape::Tiled, Input::Bf16(x)) = (shape, input) {
@@ -335,6 +343,7 @@ pub(super) fn launch_gemm(
     }
     let kernel = match split_k.and_then(|_| shape.split_k_kernel(w.format)) {
         Some(split) => split,
+        None if block_warps == DECODE_W2_WARPS => TileShape::decode_w2_kernel(w.format),
         None => shape.kernel(w.format, e4m3_input),
     };
     launch_with(device, &kernel, &config, &params)
@@ -349,14 +358,14 @@ const K_BLOCK: usize = 64;
 /// head, asks 28 MiB (its 4 splits' k ranges less the ring's first turns).
 const OWN_PREFETCH_MAX_BYTES: usize = 32 << 20;
 
-/// Blocks of a decode-kernel launch that are all resident at once on an H100 / H200: the SMs times the blocks per
-/// SM the entries' `__launch_bounds__` guarantee (`_decode` 3, `_decode_split` 2).
-fn decode_one_wave_blocks(split: bool) -> usize {
-    crate::kernels::TARGET_SMS * if split { 2 } else { 3 }
+/// Blocks of `warps` warps of a decode-kernel launch that are all resident at once on an H100 / H200: the SMs times
+/// the blocks per SM the entries' `__launch_bounds__` guarantee ([`TileShape::decode_blocks_per_sm`]).
+fn decode_one_wave_blocks(split: bool, warps: usize) -> usize {
+    crate::kernels::TARGET_SMS * TileShape::decode_blocks_per_sm(split, warps)
 }
 
-/// The decode kernel's `own_prefetch_k_blocks` (params.h) for a launch of `blocks` blocks in all on `shape` (split-K
-/// entries when `split`), of which `prefetching` = (the weights, their blocks, k blocks a block reduces) issue their
+/// The decode kernel's `own_prefetch_k_blocks` (params.h) for a launch of `blocks` blocks of `warps` warps in all on
+/// `shape` (split-K entries when `split`), of which `prefetching` = (the weights, their blocks, k blocks a block reduces) issue their
 /// own k range's prefetch (a dense launch's blocks, a grouped launch's dense tail; None: no such block).
 ///
 /// 0 unless the decode kernel runs, the weights allow it ([`DeviceWeights::decode_own_prefetch`]) and the whole grid is
@@ -364,12 +373,12 @@ fn decode_one_wave_blocks(split: bool) -> usize {
 /// nothing, and the launches of several waves (the output head: 2,048 blocks, 1 GiB of bf16) already stream at
 /// 87-88% of HBM in the timing model (docs/perf.md "Dense decode GEMMs on the decode kernel"). Otherwise the
 /// blocks' whole k range, or as much of it as keeps the launch under [`OWN_PREFETCH_MAX_BYTES`].
-fn own_prefetch_k_blocks(shape: TileShape, blocks: usize, split: bool, prefetching: Option<(&DeviceWeights, usize, usize)>) -> i32 {
+fn own_prefetch_k_blocks(shape: TileShape, blocks: usize, split: bool, warps: usize, prefetching: Option<(&DeviceWeights, usize, usize)>) -> i32 {
     let Some((w, prefetching_blocks, k_blocks)) = prefetching else { return 0 };
-    if shape != TileShape::Decode || !w.own_prefetch || blocks > decode_one_wave_blocks(split) || prefetching_blocks == 0 {
+    if shape != TileShape::Decode || !w.own_prefetch || blocks > decode_one_wave_blocks(split, warps) || prefetching_blocks == 0 {
         return 0;
     }
-    let bytes_per_k_block = prefetching_blocks * WARPS * (crate::quant::repack::tile_bytes(w.format) + staged_scale_bytes(w.format));
+    let bytes_per_k_block = prefetching_blocks * warps * (crate::quant::repack::tile_bytes(w.format) + staged_scale_bytes(w.format));
     k_blocks.min(OWN_PREFETCH_MAX_BYTES / bytes_per_k_block) as i32
 }
 
@@ -495,7 +504,7 @@ mod tests {
         let q = QuantizedMatrix::quantize(WeightFormat::Bf16, &vec![0.5; 128 * 4096], 128, 4096).unwrap();
         let mut w = DeviceWeights::upload(&device, &repack_linear(&[(&q).into()]).unwrap()).unwrap();
         let decode = |w: &DeviceWeights, blocks: usize, split: bool, k_blocks: usize| {
-            own_prefetch_k_blocks(TileShape::Decode, blocks, split, Some((w, blocks, k_blocks)))
+            own_prefetch_k_blocks(TileShape::Decode, blocks, split, 4, Some((w, blocks, k_blocks)))
         };
         // wo [4096, 4096] bf16 in 4 splits: 256 blocks of 16 k blocks, all of it within 32 MiB.
         assert_eq!(decode(&w, 256, true, 16), 16);
@@ -505,9 +514,39 @@ mod tests {
         assert_eq!(decode(&w, 2048, false, 64), 0);
         // 396 unsplit blocks of 64 k blocks (8 KiB a k block a block): 32 MiB / (396 x 8 KiB) = 10 k blocks.
         assert_eq!(decode(&w, 396, false, 64), 10);
-        assert_eq!(own_prefetch_k_blocks(TileShape::Narrow, 256, true, Some((&w, 256, 16))), 0);
-        assert_eq!(own_prefetch_k_blocks(TileShape::Decode, 320, false, None), 0, "a grouped launch without a tail");
+        // 2-warp blocks: 6 an SM, 792 at once; 4 KiB a k block a block.
+        let w2 = |blocks: usize, k_blocks: usize| own_prefetch_k_blocks(TileShape::Decode, blocks, false, DECODE_W2_WARPS, Some((&w, blocks, k_blocks)));
+        assert_eq!((w2(792, 8), w2(793, 8), w2(792, 64)), (8, 0, 10));
+        assert_eq!(own_prefetch_k_blocks(TileShape::Narrow, 256, true, 4, Some((&w, 256, 16))), 0);
+        assert_eq!(own_prefetch_k_blocks(TileShape::Decode, 320, false, 4, None), 0, "a grouped launch without a tail");
         w.set_decode_own_prefetch(false);
         assert_eq!(decode(&w, 256, true, 16), 0);
+    }
+
+    /// The decode kernel's block: 2 warps for unsplit launches of one round without a row finisher whose activation
+    /// rows let six blocks share an SM (batch 1 to 3 at K 4096, up to 8 tokens at K 2048), else 4 warps; the other
+    /// tiles 4.
+    #[test]
+    fn two_warp_decode_blocks_only_unsplit_without_a_finisher_where_six_fit() {
+        let device = simulator();
+        let wide = |k: usize| {
+            let q = QuantizedMatrix::quantize(WeightFormat::Nvfp4, &vec![0.5; 128 * k], 128, k).unwrap();
+            DeviceWeights::upload(&device, &repack_linear(&[(&q).into()]).unwrap()).unwrap()
+        };
+        let (k4096, k2048) = (wide(4096), wide(2048));
+        let warps = |w: &DeviceWeights, tokens: usize, split: bool, finisher: bool| {
+            TileShape::Decode.block_warps(split, finisher, TileShape::grouped_decode_shared_bytes(w, tokens, 0), 320)
+        };
+        // One token at K 4096: its row and the zero row, 16 KiB.
+        assert_eq!(TileShape::grouped_decode_shared_bytes(&k4096, 1, 0), 16 << 10);
+        assert_eq!(TileShape::grouped_decode_shared_bytes(&k4096, 1, 3), 32 << 10, "a tail of 3 rows stages 4");
+        assert_eq!((warps(&k4096, 1, false, false), warps(&k4096, 3, false, false), warps(&k4096, 4, false, false)), (2, 2, 4));
+        assert_eq!((warps(&k2048, 8, false, false), warps(&k4096, 1, true, false), warps(&k4096, 1, false, true)), (2, 4, 4));
+        assert_eq!(TileShape::Narrow.block_warps(false, false, 0, 320), 4);
+        // Batch 1's MoE launches with the shared expert are 320 blocks of 4 warps, one round of 3 an SM; the output
+        // head's 2,048 are several.
+        let one_token = TileShape::grouped_decode_shared_bytes(&k4096, 1, 0);
+        assert_eq!((TileShape::Decode.block_warps(false, false, one_token, 396), TileShape::Decode.block_warps(false, false, one_token, 397)), (2, 4));
+        assert_eq!((TileShape::Decode.block_features(2), TileShape::decode_blocks_per_sm(false, 2)), (32, 6));
     }
 }

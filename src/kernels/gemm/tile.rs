@@ -104,6 +104,14 @@ pub const DECODE_MAX_ROWS: usize = 8;
 /// SM up to K 7168; the real shapes take 64 KiB (K 4096) and 32 KiB (K 2048).
 const DECODE_SHARED_MAX: usize = 112 * 1024;
 
+/// Warps of the decode kernel's `_decode_w2` blocks (`kDecodeWarps` in moe_gemm.cu).
+pub(super) const DECODE_W2_WARPS: usize = 2;
+
+/// Most activation-row bytes of a `_decode_w2` block: six of them (the entries' `__launch_bounds__` minimum, 12 warps
+/// an SM as three 4-warp blocks) with the driver's 1 KiB a block and the kernel's static shared memory (under 1 KiB)
+/// within an SM's 228 KiB. 4 rows at K 4096 (one to three tokens and the zero row), 8 at K 2048.
+const DECODE_W2_SHARED_MAX: usize = 36 * 1024;
+
 /// Shared memory the k pipeline may use (`kStageBudget` in moe_gemm.cu).
 const STAGE_BUDGET: usize = 96 * 1024;
 
@@ -161,9 +169,9 @@ impl TileShape {
             Self::Small
         }
     }
-    /// Output features per block (BM).
+    /// Output features per block of [`WARPS`] warps (BM).
     pub(super) fn features(self) -> usize {
-        WARPS * self.tiles_per_warp() * 16
+        self.block_features(WARPS)
     }
     /// Whether the decode kernel can run a grouped launch of `tokens` tokens over `w` where the narrow tile would:
     /// bf16 activations, at most [`DECODE_MAX_ROWS`] tokens (so at most that many pairs an expert), aligner tiles of at
@@ -171,6 +179,47 @@ impl TileShape {
     /// tiles after it), its activation rows within [`DECODE_SHARED_MAX`].
     fn decode_applies(w: &DeviceWeights, tokens: usize, tile_m: usize, e4m3_input: bool) -> bool {
         !e4m3_input && tokens <= DECODE_MAX_ROWS && tile_m <= DECODE_MAX_ROWS && Self::decode_shared_bytes(DECODE_MAX_ROWS, w.k_dim) <= DECODE_SHARED_MAX
+    }
+    /// The decode kernel's activation rows for a grouped launch of `tokens` tokens (and a dense tail of `tail_rows`
+    /// rows) over `w`: an expert has at most one pair a token, so a block stages at most that many slots and the
+    /// zero row its missing slots' lanes read, over the whole k (`decode_gemm` computes at most the slots this holds).
+    pub(super) fn grouped_decode_shared_bytes(w: &DeviceWeights, tokens: usize, tail_rows: usize) -> usize {
+        Self::decode_shared_bytes((tokens.max(tail_rows) + 1).min(DECODE_MAX_ROWS), w.k_dim)
+    }
+    /// Warps of a block of this shape's launch: the decode kernel's unsplit launches without a row finisher whose
+    /// `blocks` of 4 warps would run in one round (all resident at once) run 2-warp blocks ([`DECODE_W2_WARPS`], the
+    /// `_decode_w2` entries) where six of them fit an SM's shared memory with their `shared_bytes` of activation rows
+    /// ([`DECODE_W2_SHARED_MAX`]), which spreads a launch's warp tiles more evenly over the SMs (batch 1's MoE up
+    /// projection: 1,280 warp tiles over 132 SMs, the busiest SM 12 of them in 4-warp blocks, 10 in 2-warp ones;
+    /// moe_gemm.cu says why that counts); every other launch [`WARPS`]. A launch of several rounds spreads its blocks
+    /// as they finish, and 2-warp blocks only add per-block work there: the timing model put the output head
+    /// ([131072, 4096] bf16, 2,048 blocks) at 379.2 µs in 2-warp blocks against 373.6 (H100 SXM, `small4 calibrate
+    /// --predict decode-choices --only dense-head`). A row finisher
+    /// (`finishes_rows`) runs on the block that completes a row, and with half the threads its pass over the row's
+    /// columns is twice as long: the timing model put the batch-1 nvfp4 down projection with the combine + add + norm
+    /// finisher at 16.9 µs in 2-warp blocks against 13.9 in 4-warp ones, its longest block's chain 25 global round
+    /// trips against 17 (H100 SXM, `small4 calibrate --predict decode-choices --only moe-nvfp4-t1-decode-norm --terms`,
+    /// docs/perf.md "The decode kernel in 2-warp blocks").
+    pub(super) fn block_warps(self, split: bool, finishes_rows: bool, shared_bytes: usize, blocks: usize) -> usize {
+        let one_round = blocks <= crate::kernels::TARGET_SMS * Self::decode_blocks_per_sm(false, WARPS);
+        if self == Self::Decode && !split && !finishes_rows && one_round && shared_bytes <= DECODE_W2_SHARED_MAX {
+            DECODE_W2_WARPS
+        } else {
+            WARPS
+        }
+    }
+    /// Output features of a block of `warps` warps (BM).
+    pub(super) fn block_features(self, warps: usize) -> usize {
+        warps * self.tiles_per_warp() * 16
+    }
+    /// Blocks of `warps` warps a decode-kernel launch keeps resident on an SM at least: what the entries'
+    /// `__launch_bounds__` guarantee (`_decode` 3, `_decode_w2` 6, `_decode_split` 2).
+    pub(super) fn decode_blocks_per_sm(split: bool, warps: usize) -> usize {
+        match (split, warps) {
+            (true, _) => 2,
+            (false, DECODE_W2_WARPS) => 6,
+            (false, _) => 3,
+        }
     }
     /// The same for a dense launch of `rows` rows over `w` (one block row of 8 slots, its activations over the
     /// longest k split).
@@ -225,6 +274,17 @@ impl TileShape {
             (_, Self::Small | Self::Tiled) => return None,
         };
         Some(Kernel { module: MOE_GEMM, entry })
+    }
+    /// The decode kernel's 2-warp entry for `format` weights (bf16 inputs): [`TileShape::block_warps`] says when.
+    pub(super) fn decode_w2_kernel(format: WeightFormat) -> Kernel {
+        let entry = match format {
+            WeightFormat::Bf16 => "moe_gemm_bf16_decode_w2",
+            WeightFormat::Fp8PerTensor => "moe_gemm_fp8_decode_w2",
+            WeightFormat::Fp8Block128 => "moe_gemm_fp8_block_decode_w2",
+            WeightFormat::Int4 { .. } => "moe_gemm_int4_decode_w2",
+            WeightFormat::Nvfp4 => "moe_gemm_nvfp4_decode_w2",
+        };
+        Kernel { module: MOE_GEMM, entry }
     }
     /// The kernel for `format` weights with bf16 inputs, or the W8A8 kernel with e4m3 inputs (per-tensor fp8 weights
     /// only; the launcher checks).

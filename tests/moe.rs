@@ -319,7 +319,9 @@ fn linear_split_k_matches_reference(device: &Device) {
                         let y = DeviceBuffer::<bf16>::filled_with_byte(device, rows * out_dim, 0xff).unwrap();
                         dense::linear(&weights, x_dev.view([rows, in_dim]).unwrap(), y.view([rows, out_dim]).unwrap()).unwrap();
                         if let Some(counters) = device.last_launch_counters() {
-                            assert_eq!(counters.blocks, 6 * splits as u64, "{what}: blocks");
+                            // Unsplit, the 320 outputs run the decode kernel's 2-warp blocks (BM 32): 12 of them.
+                            let blocks = if splits == 1 { 12 } else { 6 * splits as u64 };
+                            assert_eq!(counters.blocks, blocks, "{what}: blocks");
                         }
                         y
                     };
@@ -1318,9 +1320,13 @@ fn decode_traffic_at_small_dims() {
 }
 
 /// [`decode_traffic_at_small_dims`]'s figures: per format (bf16, nvfp4, fp8, fp8 W8A8), per batch (1, 32), the
-/// sectors / ideal of (up + SwiGLU, down x weight).
+/// sectors / ideal of (up + SwiGLU, down x weight). Batch 1's bf16, nvfp4 and fp8 launches (64 blocks of 4 warps at
+/// these sizes, under one an SM) run the decode kernel's 2-warp blocks since 2026-12-07 (src/kernels/gemm/tile.rs
+/// `TileShape::block_warps`), whose twice as many blocks each re-read the token's activation row: measured then
+/// (they were 1.020, 1.025; 1.070, 1.086; 1.040, 1.049 in 4-warp blocks). At the real sizes (256 blocks) the
+/// launches keep 4-warp blocks and the figures of the `decode_traffic_*` tests above.
 const SMALL_LIMITS: [[[f64; 2]; 2]; 4] =
-    [[[1.020, 1.025], [1.255, 1.248]], [[1.070, 1.086], [1.850, 1.650]], [[1.040, 1.049], [1.496, 1.435]], [[1.024, 1.034], [1.268, 1.276]]];
+    [[[1.036, 1.041], [1.255, 1.248]], [[1.126, 1.141], [1.850, 1.650]], [[1.071, 1.081], [1.496, 1.435]], [[1.024, 1.034], [1.268, 1.276]]];
 
 /// Runs [`decode_traffic_at_dims`] and requires each row's sectors / ideal within 0.01 of `figures[batch][kernel]`
 /// (batches 1 and 32; kernels up + SwiGLU and down x weight) and its distinct sectors within 0.1% of ideal.

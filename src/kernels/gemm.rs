@@ -523,9 +523,9 @@ mod tests {
         assert_eq!(decode(&w, 256, true, 16), 0);
     }
 
-    /// The decode kernel's block: 2 warps for unsplit launches of one round without a row finisher whose activation
-    /// rows let six blocks share an SM (batch 1 to 3 at K 4096, up to 8 tokens at K 2048), else 4 warps; the other
-    /// tiles 4.
+    /// The decode kernel's block: 2 warps for unsplit launches of one round without a row finisher where that lowers
+    /// the busiest SM's warp tiles and the activation rows let six blocks share an SM (batch 1 to 3 at K 4096, up to 8
+    /// tokens at K 2048), else 4 warps; the other tiles 4.
     #[test]
     fn two_warp_decode_blocks_only_unsplit_without_a_finisher_where_six_fit() {
         let device = simulator();
@@ -543,10 +543,12 @@ mod tests {
         assert_eq!((warps(&k4096, 1, false, false), warps(&k4096, 3, false, false), warps(&k4096, 4, false, false)), (2, 2, 4));
         assert_eq!((warps(&k2048, 8, false, false), warps(&k4096, 1, true, false), warps(&k4096, 1, false, true)), (2, 4, 4));
         assert_eq!(TileShape::Narrow.block_warps(false, false, 0, 320), 4);
-        // Batch 1's MoE launches with the shared expert are 320 blocks of 4 warps, one round of 3 an SM; the output
-        // head's 2,048 are several.
+        // Batch 1's MoE launches with the shared expert are 320 blocks of 4 warps, one round of 3 an SM (the busiest SM
+        // 12 warp tiles, 10 in 2-warp blocks); without it 256, 2 an SM (8 warp tiles either way); the output head's
+        // 2,048 are several rounds; 64 blocks leave SMs idle.
         let one_token = TileShape::grouped_decode_shared_bytes(&k4096, 1, 0);
-        assert_eq!((TileShape::Decode.block_warps(false, false, one_token, 396), TileShape::Decode.block_warps(false, false, one_token, 397)), (2, 4));
+        let at = |blocks: usize| TileShape::Decode.block_warps(false, false, one_token, blocks);
+        assert_eq!((at(320), at(256), at(2048), at(64), at(133)), (2, 4, 4, 2, 2));
         assert_eq!((TileShape::Decode.block_features(2), TileShape::decode_blocks_per_sm(false, 2)), (32, 6));
     }
 }

@@ -188,10 +188,14 @@ impl TileShape {
     }
     /// Warps of a block of this shape's launch: the decode kernel's unsplit launches without a row finisher whose
     /// `blocks` of 4 warps would run in one round (all resident at once) run 2-warp blocks ([`DECODE_W2_WARPS`], the
-    /// `_decode_w2` entries) where six of them fit an SM's shared memory with their `shared_bytes` of activation rows
-    /// ([`DECODE_W2_SHARED_MAX`]), which spreads a launch's warp tiles more evenly over the SMs (batch 1's MoE up
-    /// projection: 1,280 warp tiles over 132 SMs, the busiest SM 12 of them in 4-warp blocks, 10 in 2-warp ones;
-    /// moe_gemm.cu says why that counts); every other launch [`WARPS`]. A launch of several rounds spreads its blocks
+    /// `_decode_w2` entries) where that gives the busiest SM fewer warp tiles and six of them fit an SM's shared
+    /// memory with their `shared_bytes` of activation rows ([`DECODE_W2_SHARED_MAX`]): batch 1's MoE up projection
+    /// with the shared expert, 1,280 warp tiles over 132 SMs, puts 12 of them on the busiest SM in 4-warp blocks and
+    /// 10 in 2-warp ones (moe_gemm.cu says why that counts); a grid of under one block an SM spreads over twice the
+    /// SMs. Every other launch runs [`WARPS`]: where the busiest SM gains nothing (256 blocks of 4 warps, 2 an SM,
+    /// and 512 of 2, 4 an SM, are 8 warp tiles each), 2-warp blocks only re-read each block's activation rows twice
+    /// as often (L2 traffic: the 4-expert nvfp4 layer's up projection 1.059 -> 1.115 x its ideal bytes, tests/moe.rs
+    /// `decode_traffic_nvfp4`). A launch of several rounds spreads its blocks
     /// as they finish, and 2-warp blocks only add per-block work there: the timing model put the output head
     /// ([131072, 4096] bf16, 2,048 blocks) at 379.2 µs in 2-warp blocks against 373.6 (H100 SXM, `small4 calibrate
     /// --predict decode-choices --only dense-head`). A row finisher
@@ -201,8 +205,12 @@ impl TileShape {
     /// trips against 17 (H100 SXM, `small4 calibrate --predict decode-choices --only moe-nvfp4-t1-decode-norm --terms`,
     /// docs/perf.md "The decode kernel in 2-warp blocks").
     pub(super) fn block_warps(self, split: bool, finishes_rows: bool, shared_bytes: usize, blocks: usize) -> usize {
-        let one_round = blocks <= crate::kernels::TARGET_SMS * Self::decode_blocks_per_sm(false, WARPS);
-        if self == Self::Decode && !split && !finishes_rows && one_round && shared_bytes <= DECODE_W2_SHARED_MAX {
+        let sms = crate::kernels::TARGET_SMS;
+        let one_round = blocks <= sms * Self::decode_blocks_per_sm(false, WARPS);
+        // Warp tiles of the busiest SM, the blocks dealt out evenly.
+        let busiest = |warps: usize| (blocks * WARPS / warps).div_ceil(sms) * warps;
+        let balances = busiest(DECODE_W2_WARPS) < busiest(WARPS);
+        if self == Self::Decode && !split && !finishes_rows && one_round && balances && shared_bytes <= DECODE_W2_SHARED_MAX {
             DECODE_W2_WARPS
         } else {
             WARPS

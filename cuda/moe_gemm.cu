@@ -335,9 +335,10 @@ __device__ __forceinline__ void grouped_gemm(const MoeGemmParams &p) {
 // expert then has at most 8 pairs, one mma pair fragment) and the dense launches of at most 8 rows (one matrix, or one
 // per head in grid z; split-K in grid z for one matrix, as the narrow tile's _split entries). Each warp owns one
 // 16-row weight tile; a block is the narrow tile's 4 warps (BM 64, grid x = rows / 64), or kDecodeWarps (BM 32) in
-// the _decode_w2 entries, which the host runs on unsplit launches without a row finisher where six such blocks'
-// activation rows fit an SM (src/kernels/gemm/tile.rs `TileShape::block_warps`); grid y = the grouping's 8-slot tiles, then the dense tail's row blocks (dense: one
-// row block). The same mma.sync m16n8k16 per k-step in the same k order, the same split ranges and partial sums
+// the _decode_w2 entries, which the host runs on unsplit one-round launches without a row finisher where they lower
+// the busiest SM's warp tiles and six such blocks' activation rows fit an SM (src/kernels/gemm/tile.rs
+// `TileShape::block_warps`); grid y = the grouping's 8-slot tiles, then the dense tail's row blocks (dense: one row
+// block). The same mma.sync m16n8k16 per k-step in the same k order, the same split ranges and partial sums
 // (sum_k_splits) and the same epilogue (block_epilogue) as the narrow tile, so its outputs are the narrow tile's bit
 // for bit at the same split count. What differs is how the operands arrive:
 // - weights and their scales straight from global memory into registers: each lane loads its 16-byte fragment
@@ -438,9 +439,9 @@ __device__ __forceinline__ void decode_gemm(const MoeGemmParams &p) {
     const int kb_begin = k_blocks * split / splits, kb_end = k_blocks * (split + 1) / splits;
     // The activation rows staged in shared memory, each over the k range: the block's slots and a zero row for the
     // lanes of missing slots. The host sizes the shared memory to the launch's rows and that zero row
-    // (src/kernels/gemm/tile.rs decode_rows: 2 rows at one token, so 6 blocks of 16 KiB fit an SM at K 4096), and a
-    // block computes at most the slots it holds, whatever its grouping says (a router's grouping gives an expert at
-    // most one pair a token, so its slots always fit).
+    // (src/kernels/gemm/tile.rs `grouped_decode_shared_bytes`, `dense_decode_shared_bytes`: 2 rows at one token, so
+    // 6 blocks of 16 KiB fit an SM at K 4096), and a block computes at most the slots it holds, whatever its grouping
+    // says (a router's grouping gives an expert at most one pair a token, so its slots always fit).
     const int row_bytes = (kb_end - kb_begin) * kBK * 2, row_chunks = (kb_end - kb_begin) * (kBK / 8);
     const int rows_staged = min((int)(dynamic_smem_bytes() / row_bytes), kDecodeSlots);
     const int slots = min(slot_end - slot_begin, rows_staged < kDecodeSlots ? rows_staged - 1 : kDecodeSlots);

@@ -358,24 +358,20 @@ const K_BLOCK: usize = 64;
 /// head, asks 28 MiB (its 4 splits' k ranges less the ring's first turns).
 const OWN_PREFETCH_MAX_BYTES: usize = 32 << 20;
 
-/// Blocks of `warps` warps of a decode-kernel launch that are all resident at once on an H100 / H200: the SMs times
-/// the blocks per SM the entries' `__launch_bounds__` guarantee ([`TileShape::decode_blocks_per_sm`]).
-fn decode_one_wave_blocks(split: bool, warps: usize) -> usize {
-    crate::kernels::TARGET_SMS * TileShape::decode_blocks_per_sm(split, warps)
-}
-
 /// The decode kernel's `own_prefetch_k_blocks` (params.h) for a launch of `blocks` blocks of `warps` warps in all on
-/// `shape` (split-K entries when `split`), of which `prefetching` = (the weights, their blocks, k blocks a block reduces) issue their
-/// own k range's prefetch (a dense launch's blocks, a grouped launch's dense tail; None: no such block).
+/// `shape` (split-K entries when `split`), of which `prefetching` = (the weights, their blocks, k blocks a block
+/// reduces) issue their own k range's prefetch (a dense launch's blocks, a grouped launch's dense tail; None: no such
+/// block).
 ///
 /// 0 unless the decode kernel runs, the weights allow it ([`DeviceWeights::decode_own_prefetch`]) and the whole grid is
-/// resident at once: a later wave's blocks start after the kernel before has finished, so their prefetch overlaps
-/// nothing, and the launches of several waves (the output head: 2,048 blocks, 1 GiB of bf16) already stream at
-/// 87-88% of HBM in the timing model (docs/perf.md "Dense decode GEMMs on the decode kernel"). Otherwise the
-/// blocks' whole k range, or as much of it as keeps the launch under [`OWN_PREFETCH_MAX_BYTES`].
+/// resident at once ([`TileShape::decode_one_round_blocks`]): a later wave's blocks start after the kernel before has
+/// finished, so their prefetch overlaps nothing, and the launches of several waves (the output head: 2,048 blocks, 1
+/// GiB of bf16) already stream at 87-88% of HBM in the timing model (docs/perf.md "Dense decode GEMMs on the decode
+/// kernel"). Otherwise the blocks' whole k range, or as much of it as keeps the launch under
+/// [`OWN_PREFETCH_MAX_BYTES`].
 fn own_prefetch_k_blocks(shape: TileShape, blocks: usize, split: bool, warps: usize, prefetching: Option<(&DeviceWeights, usize, usize)>) -> i32 {
     let Some((w, prefetching_blocks, k_blocks)) = prefetching else { return 0 };
-    if shape != TileShape::Decode || !w.own_prefetch || blocks > decode_one_wave_blocks(split, warps) || prefetching_blocks == 0 {
+    if shape != TileShape::Decode || !w.own_prefetch || blocks > TileShape::decode_one_round_blocks(split, warps) || prefetching_blocks == 0 {
         return 0;
     }
     let bytes_per_k_block = prefetching_blocks * warps * (crate::quant::repack::tile_bytes(w.format) + staged_scale_bytes(w.format));
@@ -549,6 +545,6 @@ mod tests {
         let one_token = TileShape::grouped_decode_shared_bytes(&k4096, 1, 0);
         let at = |blocks: usize| TileShape::Decode.block_warps(false, false, one_token, blocks);
         assert_eq!((at(320), at(256), at(2048), at(64), at(133)), (2, 4, 4, 2, 2));
-        assert_eq!((TileShape::Decode.block_features(2), TileShape::decode_blocks_per_sm(false, 2)), (32, 6));
+        assert_eq!((TileShape::Decode.block_features(2), TileShape::decode_one_round_blocks(false, 2)), (32, 792));
     }
 }

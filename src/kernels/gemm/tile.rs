@@ -192,21 +192,21 @@ impl TileShape {
     /// memory with their `shared_bytes` of activation rows ([`DECODE_W2_SHARED_MAX`]): batch 1's MoE up projection
     /// with the shared expert, 1,280 warp tiles over 132 SMs, puts 12 of them on the busiest SM in 4-warp blocks and
     /// 10 in 2-warp ones (moe_gemm.cu says why that counts); a grid of under one block an SM spreads over twice the
-    /// SMs. Every other launch runs [`WARPS`]: where the busiest SM gains nothing (256 blocks of 4 warps, 2 an SM,
-    /// and 512 of 2, 4 an SM, are 8 warp tiles each), 2-warp blocks only re-read each block's activation rows twice
-    /// as often (L2 traffic: the 4-expert nvfp4 layer's up projection 1.059 -> 1.115 x its ideal bytes, tests/moe.rs
-    /// `decode_traffic_nvfp4`). A launch of several rounds spreads its blocks
-    /// as they finish, and 2-warp blocks only add per-block work there: the timing model put the output head
-    /// ([131072, 4096] bf16, 2,048 blocks) at 379.2 µs in 2-warp blocks against 373.6 (H100 SXM, `small4 calibrate
-    /// --predict decode-choices --only dense-head`). A row finisher
-    /// (`finishes_rows`) runs on the block that completes a row, and with half the threads its pass over the row's
-    /// columns is twice as long: the timing model put the batch-1 nvfp4 down projection with the combine + add + norm
-    /// finisher at 16.9 µs in 2-warp blocks against 13.9 in 4-warp ones, its longest block's chain 25 global round
-    /// trips against 17 (H100 SXM, `small4 calibrate --predict decode-choices --only moe-nvfp4-t1-decode-norm --terms`,
-    /// docs/perf.md "The decode kernel in 2-warp blocks").
+    /// SMs. Every other launch runs [`WARPS`], because there the timing model and the interpreter found 2-warp blocks
+    /// cost more than they gain (H100 SXM; docs/perf.md "The decode kernel in 2-warp blocks"):
+    /// - where the busiest SM gains nothing (256 blocks of 4 warps, 2 an SM, and 512 of 2, 4 an SM, are 8 warp tiles
+    ///   each), they only re-read each block's activation rows twice as often (L2 traffic: the 4-expert nvfp4 layer's
+    ///   up projection 1.059 -> 1.115 x its ideal bytes, tests/moe.rs `decode_traffic_nvfp4`);
+    /// - a launch of several rounds spreads its blocks as they finish, and 2-warp blocks only add per-block work: the
+    ///   output head ([131072, 4096] bf16, 2,048 blocks) 373.6 -> 379.2 µs (`small4 calibrate --predict
+    ///   decode-choices --only dense-head`);
+    /// - a row finisher (`finishes_rows`) runs on the block that completes a row, and with half the threads its pass
+    ///   over the row's columns is twice as long: the batch-1 nvfp4 down projection with the combine + add + norm
+    ///   finisher 13.9 -> 16.9 µs, its longest block's chain 17 -> 25 global round trips (`small4 calibrate --predict
+    ///   decode-choices --only moe-nvfp4-t1-decode-norm --terms`).
     pub(super) fn block_warps(self, split: bool, finishes_rows: bool, shared_bytes: usize, blocks: usize) -> usize {
         let sms = crate::kernels::TARGET_SMS;
-        let one_round = blocks <= sms * Self::decode_blocks_per_sm(false, WARPS);
+        let one_round = blocks <= Self::decode_one_round_blocks(false, WARPS);
         // Warp tiles of the busiest SM, the blocks dealt out evenly.
         let busiest = |warps: usize| (blocks * WARPS / warps).div_ceil(sms) * warps;
         let balances = busiest(DECODE_W2_WARPS) < busiest(WARPS);
@@ -220,14 +220,16 @@ impl TileShape {
     pub(super) fn block_features(self, warps: usize) -> usize {
         warps * self.tiles_per_warp() * 16
     }
-    /// Blocks of `warps` warps a decode-kernel launch keeps resident on an SM at least: what the entries'
-    /// `__launch_bounds__` guarantee (`_decode` 3, `_decode_w2` 6, `_decode_split` 2).
-    pub(super) fn decode_blocks_per_sm(split: bool, warps: usize) -> usize {
-        match (split, warps) {
+    /// Blocks of `warps` warps of a decode-kernel launch (split-K entries when `split`) that are all resident at once
+    /// on an H100 / H200: the SMs times the blocks per SM the entries' `__launch_bounds__` guarantee (`_decode` 3,
+    /// `_decode_w2` 6, `_decode_split` 2).
+    pub(super) fn decode_one_round_blocks(split: bool, warps: usize) -> usize {
+        let per_sm = match (split, warps) {
             (true, _) => 2,
             (false, DECODE_W2_WARPS) => 6,
             (false, _) => 3,
-        }
+        };
+        crate::kernels::TARGET_SMS * per_sm
     }
     /// The same for a dense launch of `rows` rows over `w` (one block row of 8 slots, its activations over the
     /// longest k split).

@@ -16,7 +16,11 @@
 //! MoE layer in the engine's form (`form=norm`: the combine and the next norm in the down projection's row finisher,
 //! which the last block to write a token's row runs) is replayed whole, on distinct copies of the touched experts'
 //! weights (batch 1: 4 experts, and the shared expert with `shared=1`). A dense case taller than 8192 rows (the output
-//! head) is sampled, its weights one random part repeated (not aliased).
+//! head) is sampled, its weights one random part repeated (not aliased). A `window=W` case (the persistent wgmma
+//! GEMMs) runs every block of the persistent grid over its first W tiles and scales the window to the walk
+//! (`moe_wgmma::with_walk_window`, `TimingProfile::walked`): its DRAM estimate is the window's distinct sectors, so
+//! the experts the window reaches (the first ones in walk order) have distinct copies (the first 16 x W experts);
+//! the later experts' weights lie past the buffers, which the interpreter's bounds check would report if read.
 //!
 //! The summary line: `calibration: median abs error P%, worst ratio R, N rows, D/M before-after pairs in the right
 //! direction` (abs error = |predicted - measured| / measured; worst ratio = the largest of predicted / measured and
@@ -36,7 +40,7 @@ use crate::kernels::attention::{self, AttentionPlan, AttentionScratch, BlockTabl
 use crate::kernels::dense;
 use crate::kernels::gemm::{self, DeviceWeights};
 use crate::kernels::moe::{self, Grouping, MoeLayerWeights, MoeWorkspace, RoutingBuffers};
-use crate::kernels::moe_wgmma::PrefillGemm;
+use crate::kernels::moe_wgmma::{self, PrefillGemm, WalkWindow};
 use crate::kernels::norm::ResidualNorm;
 use crate::kernels::router::{self, ExpertMap, RouterConfig};
 use crate::kernels::vision::{vision_attention, TokenSegments, VisionAttentionKernel};
@@ -449,7 +453,7 @@ fn write_terms(out: &mut dyn Write, launches: &[LaunchCounters], predictions: &[
     for (l, p) in launches.iter().zip(predictions) {
         writeln!(
             out,
-            "|  | {} | {:.1} µs | bps {} waves {} | dram {:.1} ({:.0} GB/s) l2 {:.1} issue {:.1} tensor {:.1} shared {:.1} chain {:.1} exposed {:.1} µs | chain cycles {} + {} loads (longest block), barriers {} |",
+            "|  | {} | {:.1} µs | bps {} waves {} | dram {:.1} ({:.0} GB/s) l2 {:.1} issue {:.1} tensor {:.1} shared {:.1} chain {:.1} exposed {:.1} µs | chain cycles {} + {} loads (longest block, warp {}), barriers {} |",
             l.kernel,
             p.micros(),
             p.blocks_per_sm,
@@ -464,6 +468,7 @@ fn write_terms(out: &mut dyn Write, launches: &[LaunchCounters], predictions: &[
             p.exposed_s * 1e6,
             l.timing.chain_cycles_max,
             l.timing.chain_globals_max,
+            l.chain_longest_warp,
             l.timing.block_barriers,
         )
         .map_err(io)?;
@@ -754,7 +759,9 @@ fn replay(
     // form (the last block to write a token's row combines and norms).
     let fused_combine = matches!(spec.family.as_str(), "mla" | "mla_prefill") && mla_combine(spec)? == SplitCombine::Fused && mla_plan(spec)?.1.num_splits > 1;
     let moe_finisher = spec.family == "moe" && MoeForm::of(spec)? == MoeForm::Norm;
-    let sampled = !(matches!(spec.family.as_str(), "router" | "dense") || fused_combine || moe_finisher);
+    // Nor a walk window (`window=`): every block of the persistent grid runs, over its first tiles.
+    let walk_window = spec.get("window").is_some();
+    let sampled = !(matches!(spec.family.as_str(), "router" | "dense") || fused_combine || moe_finisher || walk_window);
     sim.set_block_sample(sampled.then_some(sample_blocks));
     // Every stored measurement ran the mma.sync prefill GEMM (the wgmma one, the default now, came later): mma.sync
     // unless the configuration names one (`gemm=mma_sync|wgmma|wgmma_gather|wgmma_fp8_act`; the last runs the fp8
@@ -829,13 +836,14 @@ fn replicated(p: &PackedWeights, experts: usize, copy_tiles: bool) -> PackedWeig
     }
 }
 
-/// Which MoE layer weights a `moe` case runs on: `experts` routed experts (one expert's weights replicated), their
-/// tiles `distinct` or aliased, and a shared expert packed like them or none.
+/// Which MoE layer weights a `moe` case runs on: `experts` routed experts (one expert's weights replicated), the first
+/// `distinct` of them with tiles of their own (0: all alias one copy, expert stride 0; fewer than `experts`: the rest
+/// lie past the buffers), and a shared expert packed like them or none.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct MoeWeightsKey {
     format: WeightFormat,
     experts: usize,
-    distinct: bool,
+    distinct: usize,
     shared: bool,
 }
 
@@ -849,12 +857,14 @@ fn moe_layer_weights(device: &Device, key: MoeWeightsKey) -> Result<MoeLayerWeig
     let (w1, w3, w2) = (matrix(MOE_HIDDEN, MOE_DIM)?, matrix(MOE_HIDDEN, MOE_DIM)?, matrix(MOE_DIM, MOE_HIDDEN)?);
     let gate_up = repack::repack_gate_up(&[((&w1).into(), (&w3).into())])?;
     let down = repack::repack_linear(&[(&w2).into()])?;
-    let (routed_up, routed_down) = (replicated(&gate_up, key.experts, key.distinct), replicated(&down, key.experts, key.distinct));
+    let copies = if key.distinct == 0 { key.experts } else { key.distinct.min(key.experts) };
+    let (routed_up, routed_down) = (replicated(&gate_up, copies, key.distinct > 0), replicated(&down, copies, key.distinct > 0));
     let mut weights = MoeLayerWeights::upload(device, &routed_up, &routed_down, key.shared.then_some((&gate_up, &down)))?;
-    if !key.distinct {
-        for w in [&mut weights.gate_up, &mut weights.down] {
+    for w in [&mut weights.gate_up, &mut weights.down] {
+        if key.distinct == 0 {
             w.expert_stride = 0;
         }
+        w.experts = key.experts;
     }
     Ok(weights)
 }
@@ -913,7 +923,12 @@ fn replay_moe(sim: &SimBackend, device: &Device, spec: &Spec, cache: &mut Option
             touched.len()
         }
     };
-    let key = MoeWeightsKey { format, experts, distinct: form == MoeForm::Norm, shared };
+    let distinct = match (form, walk_window_tiles(spec)?) {
+        (MoeForm::Norm, _) => experts,
+        (MoeForm::Layer, Some(tiles_per_block)) => 16 * tiles_per_block.get() as usize,
+        (MoeForm::Layer, None) => 0,
+    };
+    let key = MoeWeightsKey { format, experts, distinct, shared };
     if cache.as_ref().map(|(k, _)| *k) != Some(key) {
         *cache = None; // free the previous case's weights first
         *cache = Some((key, moe_layer_weights(device, key)?));
@@ -932,12 +947,27 @@ fn replay_moe(sim: &SimBackend, device: &Device, spec: &Spec, cache: &mut Option
     let topk_w = DeviceBuffer::from_slice(device, &vec![0.25f32; tokens * MOE_TOP_K])?;
     let routing = RoutingBuffers { topk_ids: topk_ids.view([tokens, MOE_TOP_K])?, topk_weights: topk_w.view([tokens, MOE_TOP_K])?, expert_map: None, experts };
     let x = DeviceBuffer::from_slice(device, &random_bf16(&mut rng, tokens * MOE_DIM, 1.0))?;
-    let workspace = MoeWorkspace::new(device, weights, tokens, MOE_TOP_K, alignment.sorted_pairs.len())?;
+    let mut workspace = MoeWorkspace::new(device, weights, tokens, MOE_TOP_K, alignment.sorted_pairs.len())?;
     let out = DeviceBuffer::<bf16>::alloc(device, tokens * MOE_DIM)?;
     if form == MoeForm::Layer {
+        let layer = || moe::moe_layer(weights, x.view([tokens, MOE_DIM])?, &routing, &grouping, &workspace, out.view([tokens, MOE_DIM])?);
         sim.record_launches(true);
-        moe::moe_layer(weights, x.view([tokens, MOE_DIM])?, &routing, &grouping, &workspace, out.view([tokens, MOE_DIM])?)?;
-        return Ok(sim.take_recorded());
+        let Some(tiles_per_block) = walk_window_tiles(spec)? else {
+            layer()?;
+            return Ok(sim.take_recorded());
+        };
+        // The window leaves the rows of the tiles past it unwritten, which the next launch reads: zeros there.
+        workspace.act = DeviceBuffer::filled_with_byte(device, workspace.act.len(), 0)?;
+        workspace.pair_out = DeviceBuffer::filled_with_byte(device, workspace.pair_out.len(), 0)?;
+        let layer = || moe::moe_layer(weights, x.view([tokens, MOE_DIM])?, &routing, &grouping, &workspace, out.view([tokens, MOE_DIM])?);
+        let (result, windows) = moe_wgmma::with_walk_window(tiles_per_block, layer);
+        let mut launches = sim.take_recorded();
+        result?;
+        scale_walk_windows(&mut launches, &windows, &alignment.expert_offsets)?;
+        return Ok(launches);
+    }
+    if spec.get("window").is_some() {
+        return Err(Error::InvalidArgument("calibration moe run: window= needs the layer form (a persistent wgmma launch has no finisher)".into()));
     }
     let residual = DeviceBuffer::from_slice(device, &random_bf16(&mut rng, tokens * MOE_DIM, 1.0))?;
     let norm_weight = DeviceBuffer::from_slice(device, &vec![bf16::ONE; MOE_DIM])?;
@@ -953,6 +983,34 @@ fn replay_moe(sim: &SimBackend, device: &Device, spec: &Spec, cache: &mut Option
     sim.record_launches(true);
     moe::moe_layer_add_rms_norm(weights, x.view([tokens, MOE_DIM])?, &routing, &grouping, &workspace, &norm, &counters)?;
     Ok(sim.take_recorded())
+}
+
+/// `window=W` of a run: the persistent wgmma launches walk only their first W tiles a block
+/// ([`moe_wgmma::with_walk_window`]), with every block of the grid interpreted; None without it.
+fn walk_window_tiles(spec: &Spec) -> Result<Option<std::num::NonZeroU32>> {
+    if spec.get("window").is_none() {
+        return Ok(None);
+    }
+    let tiles = spec.usize("window")?;
+    let tiles = u32::try_from(tiles).ok().and_then(std::num::NonZeroU32::new);
+    tiles.map(Some).ok_or_else(|| Error::InvalidArgument(format!("calibration run {}: window= takes 1 or more tiles a block", spec.family)))
+}
+
+/// Scales each windowed launch of `launches` (the persistent wgmma launches, in the order of `windows`) to its whole
+/// walk ([`crate::device::TimingProfile::walked`]): the launch's work tiles are its feature tiles x each expert's
+/// groups of a tile's slots in the grouping (`expert_offsets`, as the kernels' GroupWalker counts them on the device).
+fn scale_walk_windows(launches: &mut [LaunchCounters], windows: &[WalkWindow], expert_offsets: &[i32]) -> Result<()> {
+    let mut windowed = launches.iter_mut().filter(|l| windows.iter().any(|w| w.kernel == l.kernel));
+    for window in windows {
+        let launch = windowed.next().filter(|l| l.kernel == window.kernel);
+        let launch = launch.ok_or_else(|| Error::InvalidArgument(format!("walk window: no recorded launch of {} for its window", window.kernel)))?;
+        let slots = window.slots_per_tile as i64;
+        let groups: i64 = expert_offsets.windows(2).map(|e| (e[1] as i64 - e[0] as i64 + slots - 1) / slots).sum();
+        let work_tiles = groups as u64 * window.feature_tiles as u64;
+        launch.timing = launch.timing.walked(window.windows_in(work_tiles));
+        (launch.blocks, launch.blocks_run) = (launch.timing.blocks, launch.timing.blocks_run);
+    }
+    Ok(())
 }
 
 /// A dense decode GEMM (`dense::linear`: the attention projections): `dense format= rows= k= tokens= [splits=]`, rows
@@ -1132,4 +1190,32 @@ fn replay_vision(sim: &SimBackend, device: &Device, spec: &Spec) -> Result<Vec<L
         )
     })?;
     Ok(sim.take_recorded())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each windowed launch (matched to its window by kernel, in order; others left alone) is scaled to its walk:
+    /// work tiles = feature tiles x the experts' groups (here 3 experts of 130, 0 and 64 slots: 1 + 0 + 1 groups of
+    /// 192 slots, 3 + 0 + 1 of 64).
+    #[test]
+    fn walk_windows_scale_their_launches_by_the_groupings_tiles() {
+        let launch = |kernel: &str| {
+            let timing = crate::device::TimingProfile { blocks: 4, blocks_run: 4, distinct_sectors: 100, block_distinct_sectors: 160, ..Default::default() };
+            LaunchCounters { kernel: kernel.into(), blocks: 4, blocks_run: 4, timing, ..LaunchCounters::default() }
+        };
+        let mut launches = vec![launch("wide"), launch("combine"), launch("narrow")];
+        let window = |kernel: &'static str, slots_per_tile: u32| WalkWindow { kernel, blocks: 4, tiles: 4, feature_tiles: 8, slots_per_tile };
+        let offsets = [0, 130, 130, 194];
+        scale_walk_windows(&mut launches, &[window("wide", 192), window("narrow", 64)], &offsets).unwrap();
+        // 2 groups x 8 = 16 tiles: 4 windows of 4; 4 groups x 8 = 32: 8 windows.
+        assert_eq!([launches[0].blocks, launches[1].blocks, launches[2].blocks], [16, 4, 32]);
+        assert_eq!(launches[0].blocks_run, 4);
+        assert_eq!(launches[0].timing.dram_bytes(), 4.0 * 100.0 * 32.0);
+        assert_eq!(launches[2].timing.dram_bytes(), 8.0 * 100.0 * 32.0);
+        assert_eq!(launches[1].timing, launch("combine").timing);
+        let err = scale_walk_windows(&mut [launch("other")], &[window("wide", 192)], &offsets).unwrap_err();
+        assert!(err.to_string().contains("no recorded launch of wide"), "{err}");
+    }
 }

@@ -25,7 +25,7 @@ use small4::device::{Device, DeviceBuffer};
 use small4::kernels::dense;
 use small4::kernels::gemm::DeviceWeights;
 use small4::kernels::moe;
-use small4::kernels::moe_wgmma::{with_persistent_blocks, PrefillGemm, WIDE256_MIN_ROWS, WIDE_MIN_ROWS};
+use small4::kernels::moe_wgmma::{with_persistent_blocks, with_walk_window, PrefillGemm, WalkWindow, WIDE256_MIN_ROWS, WIDE_MIN_ROWS};
 use small4::quant::matrix::QuantizedMatrix;
 use small4::quant::repack::{self, MatrixRef};
 use small4::quant::WeightFormat;
@@ -492,6 +492,45 @@ fn dense_persistent_batched_heads(device: &Device) {
     }
 }
 
+/// A window of a persistent walk (`with_walk_window`, the timing model's way to run every block of a persistent grid
+/// over its first tiles): a dense launch of 40 rows into 512 features (four 128-feature tiles, one 64-slot row
+/// block), bf16 weights, on both wgmma kernels (TMA and gather). One block asking 2 tiles, and two blocks asking 1
+/// each, compute the walk's first two tiles (features 0-255) bit for bit as the whole walk does and write nothing
+/// else; the window each launch ran is reported; a window past the walk's end runs the whole walk.
+fn dense_walk_window_runs_the_first_tiles(device: &Device) {
+    require_race_check(device);
+    let mut rng = rng(43);
+    let (rows, k_dim, out_dim) = (40, 128, 512);
+    let (w, _) = random_matrix(&mut rng, WeightFormat::Bf16, out_dim, k_dim);
+    let weights = DeviceWeights::upload(device, &repack::repack_linear(&[(&w).into()]).unwrap()).unwrap();
+    let x_dev = DeviceBuffer::from_slice(device, &random_bf16(&mut rng, rows * k_dim, 1.0)).unwrap();
+    let run = || -> small4::Result<Vec<f32>> {
+        let y = DeviceBuffer::<f32>::filled_with_byte(device, rows * out_dim, 0xff)?;
+        dense::linear_f32(&weights, x_dev.view([rows, k_dim])?, y.view([rows, out_dim])?, None)?;
+        y.to_vec()
+    };
+    for (choice, kernel) in [(PrefillGemm::Wgmma, "moe_gemm_bf16_wgmma_dense"), (PrefillGemm::WgmmaGather, "moe_gemm_bf16_wgmma")] {
+        let whole = choice.run(|| with_persistent_blocks(NonZeroU32::new(1).unwrap(), run)).unwrap();
+        assert!(whole.iter().all(|v| v.to_bits() != u32::MAX), "{kernel}: the whole walk left outputs unwritten");
+        for (blocks, tiles_per_block) in [(1, 2), (2, 1)] {
+            let cap = |n: u32| NonZeroU32::new(n).unwrap();
+            let (window, windows) = choice.run(|| with_persistent_blocks(cap(blocks), || with_walk_window(cap(tiles_per_block), run)));
+            let window = window.unwrap();
+            let want = WalkWindow { kernel, blocks, tiles: 2, feature_tiles: 4, slots_per_tile: 64 };
+            assert_eq!(windows, [want], "{kernel}, {blocks} blocks");
+            assert_eq!(want.windows_in(4), 2.0);
+            for (i, (&got, &all)) in window.iter().zip(&whole).enumerate() {
+                let in_window = i % out_dim < 256;
+                assert_eq!(got.to_bits(), if in_window { all.to_bits() } else { u32::MAX }, "{kernel}, {blocks} blocks: element {i}");
+            }
+        }
+        let (past_end, windows) = choice.run(|| with_walk_window(NonZeroU32::new(8).unwrap(), run));
+        assert_eq!(past_end.unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>(), whole.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        assert_eq!(windows.len(), 1);
+        assert_eq!(windows[0].windows_in(4), 1.0, "a window holding the whole walk");
+    }
+}
+
 /// [`dense_at_real_reduction_lengths`] in bf16.
 fn dense_gemms_at_real_reduction_lengths(device: &Device) {
     dense_at_real_reduction_lengths(device, FORMATS[0], 25, 70);
@@ -533,7 +572,8 @@ backend_tests!(
     grouped_persistent_uneven_experts_nvfp4,
     grouped_persistent_wide256_one_block,
     dense_persistent_at_real_reduction_lengths,
-    dense_persistent_batched_heads
+    dense_persistent_batched_heads,
+    dense_walk_window_runs_the_first_tiles
 );
 
 /// The dense TMA launch encodes its activations' tensor map once per buffer and shape: a second launch on the same

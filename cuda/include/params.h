@@ -260,6 +260,11 @@ typedef struct MoeGemmParams {
      * their scales) each warp asks L2 for before its griddepcontrol.wait, those after the register ring's first turn
      * (clipped to its k range); 0: none. Chosen by the host (src/kernels/gemm.rs `own_prefetch_k_blocks`). */
     int own_prefetch_k_blocks;
+    /* The persistent wgmma kernels only: > 0 ends the walk after the launch's first walk_tiles work tiles (in walk
+     * order: block b takes tiles b, b + gridDim.x, ...); 0 walks them all. A window of the walk run alone: the timing
+     * model interprets every block of a persistent grid over its first tiles (src/kernels/moe_wgmma.rs
+     * `with_walk_window`) instead of a few blocks over all of theirs. */
+    int walk_tiles;
 } MoeGemmParams;
 
 /* CUtensorMap (cuda.h): the 128 opaque bytes of a TMA tensor map, made on the host by

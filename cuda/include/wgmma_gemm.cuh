@@ -234,7 +234,10 @@ __device__ __forceinline__ TileWork publish_tile(const MoeGemmParams &p, const P
     work.feature_tile = index % feature_tiles;
     int slot_end = 0;
     bool found;
-    if (grouped) {
+    if (p.walk_tiles > 0 && index >= p.walk_tiles) {
+        work.expert = -1, work.slot_begin = 0;  // past the window the launch walks (MoeGemmParams::walk_tiles)
+        found = false;
+    } else if (grouped) {
         found = walker.find(p, index / feature_tiles, work.expert, work.slot_begin, slot_end);
     } else {
         work.expert = blockIdx.z;

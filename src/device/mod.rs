@@ -286,6 +286,9 @@ pub struct LaunchCounters {
     pub tensor_flops: u64,
     /// The kernel family: the module's name (the `cuda/*.cu` file stem, e.g. `"moe_gemm"`).
     pub family: String,
+    /// The warp (index in its block) with the longest dependence chain of the launch's longest block (sim only; 0
+    /// elsewhere): in a warp-specialised kernel, the role that bounds its critical path.
+    pub chain_longest_warp: u32,
     /// Blocks actually interpreted: `blocks` unless the backend samples blocks (`SimBackend::set_block_sample`), in
     /// which case every other count covers only these.
     pub blocks_run: u64,

@@ -305,6 +305,7 @@ fn launch_counters(c: &ptxsim::Counters, family: &str) -> LaunchCounters {
     LaunchCounters {
         family: family.to_string(),
         blocks_run: c.blocks_run,
+        chain_longest_warp: c.chain_longest_warp,
         timing: TimingProfile::new(c, registers),
         predicted_us: None,
         predicted_gpu: None,

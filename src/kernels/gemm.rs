@@ -318,6 +318,7 @@ pub(super) fn launch_gemm(
                 Rows::Dense { .. } => Some((w, grid_x * grid_y * grid_z, (w.k_dim / K_BLOCK).div_ceil(split_k.map_or(1, |s| s.splits)))),
             },
         ),
+        walk_tiles: 0, // the whole walk (moe_wgmma::with_walk_window cuts it)
     };
     let config = LaunchConfig {
         grid: Dim3::xyz(grid_x as u32, grid_y as u32, grid_z as u32),

@@ -13,9 +13,10 @@
 //! and dequantised once per 192 slots instead of once per 64 ([`WIDE_MIN_ROWS`]); above 192 rows on average, the
 //! 256-slot kernels (`moe_gemm_*_wide256_wgmma`, `..._wide256_wgmma_dense`: a producer warpgroup that gives its
 //! registers to the consumers with setmaxnreg), once per 256 ([`WIDE256_MIN_ROWS`]). All are persistent over tiles
-//! (a block per resident slot walks the launch's work tiles; [`with_persistent_blocks`] caps the grid for tests).
+//! (a block per resident slot walks the launch's work tiles; [`with_persistent_blocks`] caps the grid for tests;
+//! [`with_walk_window`] runs only a window of the walk, for the timing model).
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::num::NonZeroU32;
 
 use super::modules::MOE_GEMM_WGMMA;
@@ -94,6 +95,64 @@ thread_local! {
     static OVERRIDE: Cell<Option<PrefillGemm>> = const { Cell::new(None) };
     /// [`with_persistent_blocks`]'s cap of the persistent grid on the calling thread.
     static PERSISTENT_BLOCKS: Cell<Option<NonZeroU32>> = const { Cell::new(None) };
+    /// [`with_walk_window`]'s tiles a block, and the windows of the launches made under it.
+    static WALK_WINDOW: Cell<Option<NonZeroU32>> = const { Cell::new(None) };
+    static WALK_WINDOWS: RefCell<Vec<WalkWindow>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The window of a persistent launch's walk that [`with_walk_window`] ran: the first `tiles` work tiles of each
+/// matrix (walk order: feature tile fastest, block b taking tiles b, b + `blocks`, ...), or fewer where the launch
+/// has fewer. What the caller needs to scale the window's counters to the whole walk: the launch's work tiles are
+/// `feature_tiles` x its row blocks of `slots_per_tile` rows (dense) or x each expert's groups of that many slots
+/// (grouped; the walk reads the grouping on the device, so the caller counts them from the grouping it made).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WalkWindow {
+    /// The kernel launched.
+    pub kernel: &'static str,
+    /// The persistent grid's blocks per matrix.
+    pub blocks: u32,
+    /// The work tiles the window holds per matrix (`blocks` x the tiles a block asked for).
+    pub tiles: u32,
+    /// The launch's feature tiles (128 features each).
+    pub feature_tiles: u32,
+    /// The slots (rows) of a work tile: 64, 192 or 256.
+    pub slots_per_tile: u32,
+}
+
+impl WalkWindow {
+    /// How many such windows the walk of `work_tiles` tiles (per matrix) is: at least 1 (a window that holds the
+    /// whole walk ran it all).
+    pub fn windows_in(&self, work_tiles: u64) -> f64 {
+        (work_tiles as f64 / self.tiles.max(1) as f64).max(1.0)
+    }
+}
+
+/// Runs `f` with every persistent wgmma launch on the calling thread (here and [`super::moe_wgmma_fp8`]; not those
+/// with a finishing step, which run one tile per block) cut to the first `tiles_per_block` tiles of each block's walk:
+/// the whole persistent grid runs at once, as on the GPU, over a window of consecutive work tiles
+/// (`MoeGemmParams::walk_tiles`). Returns `f`'s result and the windows of the launches it made, in launch order.
+/// The outputs of the tiles past the window are not written. The timing model's use: the interpreter runs every block
+/// of such a window, so the tiles that share data (the feature tiles of a slot group, which start together) are
+/// counted together, which a sample of a few blocks, each walking its own tiles far apart, cannot do.
+pub fn with_walk_window<R>(tiles_per_block: NonZeroU32, f: impl FnOnce() -> R) -> (R, Vec<WalkWindow>) {
+    let outer = WALK_WINDOWS.with(|w| std::mem::take(&mut *w.borrow_mut()));
+    let result = super::with_choice(&WALK_WINDOW, tiles_per_block, f);
+    let windows = WALK_WINDOWS.with(|w| std::mem::replace(&mut *w.borrow_mut(), outer));
+    (result, windows)
+}
+
+/// `params` of a persistent launch of `kernel` on `grid` with tiles of 128 features by `slots_per_tile` slots, cut to
+/// [`with_walk_window`]'s window where one is in force (and recorded), else unchanged.
+pub(crate) fn walk_window_params(kernel: &'static str, params: &MoeGemmParams, grid: &Dim3, slots_per_tile: u32) -> Result<MoeGemmParams> {
+    let Some(tiles_per_block) = WALK_WINDOW.get() else { return Ok(*params) };
+    if !params.rope.positions.is_null() || params.finish.kind != SMALL4_GEMM_FINISH_NONE as i32 {
+        return Ok(*params); // one tile per block: no walk to cut
+    }
+    let tiles = grid.x.checked_mul(tiles_per_block.get()).filter(|&t| i32::try_from(t).is_ok());
+    let tiles = tiles.ok_or_else(|| Error::InvalidArgument(format!("walk window: {} blocks x {tiles_per_block} tiles", grid.x)))?;
+    let feature_tiles = u32::try_from(params.rows_padded / 128).map_err(|_| Error::InvalidArgument(format!("walk window: {} rows", params.rows_padded)))?;
+    WALK_WINDOWS.with(|w| w.borrow_mut().push(WalkWindow { kernel, blocks: grid.x, tiles, feature_tiles, slots_per_tile }));
+    Ok(MoeGemmParams { walk_tiles: tiles as i32, ..*params })
 }
 
 /// Runs `f` with the wgmma kernels' persistent grid capped at `blocks` blocks per matrix on the calling thread
@@ -233,7 +292,10 @@ pub(crate) fn launch(device: &Device, format: WeightFormat, rows_per_matrix: usi
     }
     let config = LaunchConfig { grid, block: Dim3::x(threads(slot_tiles)), shared_bytes: shared_bytes(format, slot_tiles) };
     let dense_rows_in_order = params.sorted_pairs.is_null() && (params.in_by_token == 0 || params.top_k == 1) && params.dense_rows > 0;
-    if !dense_rows_in_order || PrefillGemm::current()? == PrefillGemm::WgmmaGather {
+    let use_gather = !dense_rows_in_order || PrefillGemm::current()? == PrefillGemm::WgmmaGather;
+    let kernel = if use_gather { &gather } else { &tma };
+    let params = &walk_window_params(kernel.entry, params, &grid, 64 * slot_tiles)?;
+    if use_gather {
         return launch_with(device, &gather, &config, params);
     }
     // The map depends on the activations' address and shape only: encoded once per buffer and shape, reused after.

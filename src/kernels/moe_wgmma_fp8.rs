@@ -258,6 +258,7 @@ pub(crate) fn launch(
     launch_quantize(x, codes.view([rows, k_dim])?, scales.view([rows, blocks])?, slots)?;
     let params =
         MoeGemmParams { x: std::ptr::null(), x_e4m3: codes.ptr(), x_stride: to_i32("fp8 gemm x stride", k_dim)?, x_block_scales: scales.ptr(), ..*params };
+    let params = super::moe_wgmma::walk_window_params(kernel.entry, &params, &grid, 64)?;
     let config = LaunchConfig { grid, block: Dim3::x(THREADS), shared_bytes: shared_bytes() };
     launch_with(device, &kernel, &config, &params)
 }

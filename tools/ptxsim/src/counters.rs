@@ -234,9 +234,12 @@ impl BlockChains {
         w.end = w.end.max(if wrote { done } else { start });
     }
 
-    /// The longest warp chain of the block: (non-memory cycles, global loads waited for).
-    fn longest(&self) -> (u64, u64) {
-        self.warps.iter().map(|w| w.end).fold(Stamp::default(), Stamp::max).split()
+    /// The longest warp chain of the block: (non-memory cycles, global loads waited for), and its warp (the first
+    /// of equals).
+    fn longest(&self) -> ((u64, u64), u32) {
+        let (warp, end) =
+            self.warps.iter().enumerate().fold((0, Stamp::default()), |best, (i, w)| if w.end.weighted > best.1.weighted { (i, w.end) } else { best });
+        (end.split(), warp as u32)
     }
 
     fn reset(&mut self) {
@@ -300,6 +303,9 @@ pub struct Counters {
     pub chain_globals_max: u64,
     pub chain_cycles_sum: u64,
     pub chain_globals_sum: u64,
+    /// The warp (index in its block) whose chain is `chain_cycles_max` / `chain_globals_max`: in a warp-specialised
+    /// kernel, which role bounds the block.
+    pub chain_longest_warp: u32,
     pub shared_requests: u64,
     /// Extra shared-memory wavefronts caused by bank conflicts (0 when every request is conflict-free).
     pub shared_bank_conflicts: u64,
@@ -471,9 +477,10 @@ impl Counters {
         self.pre_wait_blocks += std::mem::take(&mut self.block_pre_wait) as u64;
         self.block_sectors.pages.clear();
         let weight = |c: &(u64, u64)| c.0 + c.1 * crate::timing::CHAIN_GLOBAL_CYCLES;
-        let longest = self.block_chains.longest();
+        let (longest, warp) = self.block_chains.longest();
         if weight(&longest) > weight(&(self.chain_cycles_max, self.chain_globals_max)) {
             (self.chain_cycles_max, self.chain_globals_max) = longest;
+            self.chain_longest_warp = warp;
         }
         self.chain_cycles_sum += longest.0;
         self.chain_globals_sum += longest.1;
@@ -485,6 +492,7 @@ impl Counters {
         let weight = |c: u64, g: u64| c + g * crate::timing::CHAIN_GLOBAL_CYCLES;
         if weight(o.chain_cycles_max, o.chain_globals_max) > weight(self.chain_cycles_max, self.chain_globals_max) {
             (self.chain_cycles_max, self.chain_globals_max) = (o.chain_cycles_max, o.chain_globals_max);
+            self.chain_longest_warp = o.chain_longest_warp;
         }
         self.chain_cycles_sum += o.chain_cycles_sum;
         self.chain_globals_sum += o.chain_globals_sum;

@@ -401,6 +401,28 @@ pub fn blocks_per_sm(gpu: &Gpu, threads: u32, registers: u32, shared: u32) -> u3
 }
 
 impl Profile {
+    /// The profile of a whole persistent walk from this one, the counters of a window of it (not sampled: every
+    /// block of the persistent grid ran, over its first tiles), and the walk is `windows` such windows one after another (at least
+    /// 1). Priced as a sampled launch of `windows` x the grid's blocks of which the grid's ran: instructions, FLOPs and
+    /// sectors scale by `windows`, the busiest SM runs `windows` rounds of the window's chains (the later ones at the
+    /// window's mean), and the DRAM bytes are the window's distinct sectors `windows` times. That last is the point of
+    /// a window: the tiles it runs at once share data through L2 (a slot group's activation rows, read by its
+    /// feature tiles together), which a sample of a few blocks, each walking tiles a grid apart, counts once per
+    /// tile; tiles of different windows are taken to share nothing. Each window is also charged a wave's exposed
+    /// first-load latency (the walk's next tile is in fact fetched while the last one finishes: an over-charge of
+    /// about a DRAM latency a window).
+    pub fn walked(&self, windows: f64) -> Profile {
+        if windows <= 1.0 {
+            return *self;
+        }
+        Profile {
+            blocks: ((self.blocks as f64 * windows).round() as u64).max(self.blocks),
+            blocks_run: self.blocks_run,
+            block_distinct_sectors: self.distinct_sectors,
+            ..*self
+        }
+    }
+
     /// Counts of the interpreted blocks times this: the grid's (1 unless sampled).
     fn grid_scale(&self) -> f64 {
         if self.blocks_run < self.blocks {
@@ -814,6 +836,50 @@ mod tests {
         assert!((p.dram_s - (1u64 << 20) as f64 / bw).abs() < 1e-15, "{} vs {}", p.dram_s, (1u64 << 20) as f64 / bw);
         let resident = predict(&Profile { prefetch_l2_hit_sectors: 1 << 15, ..prefetching }, &gpu, &model);
         assert_eq!((resident.dram_s, resident.prefetch_dram_bytes, resident.l2_hit_bytes), (0.0, 0.0, (1u64 << 20) as f64));
+    }
+
+    /// A window of a persistent walk (every block of a 132-block grid over its first tiles) scaled to a walk of 4
+    /// such windows: the window's distinct sectors (shared by its blocks) count 4 times, not each block's own; the
+    /// instructions, FLOPs and L2 sectors 4 times; the busiest SM's chain is 4 windows' (the first 3 at the mean);
+    /// one wave's latency a window. A window holding the whole walk is the launch as it ran.
+    #[test]
+    fn a_walk_window_scales_to_the_walk_with_its_shared_sectors() {
+        let (gpu, model) = (Gpu::H100_SXM, Model::FITTED);
+        let cycle = 1.0 / gpu.clock_hz;
+        // Each block reads 1 MiB (its own sectors, 2^15), a quarter of which every block shares.
+        let per_block = 1u64 << 15;
+        let window = Profile {
+            blocks: 132,
+            blocks_run: 132,
+            block_threads: 288,
+            registers: 168,
+            warp_instructions: 132 * 1000,
+            global_sectors: 132 * per_block,
+            distinct_sectors: 132 * per_block * 3 / 4 + per_block / 4,
+            block_distinct_sectors: 132 * per_block,
+            wgmma_flops: 132 << 30,
+            tensor_flops: 132 << 30,
+            chain_cycles_max: 20_000,
+            chain_cycles_sum: 132 * 10_000,
+            chain_globals_max: 10,
+            chain_globals_sum: 132 * 10,
+            ..Profile::default()
+        };
+        assert_eq!(window.walked(1.0), window);
+        assert_eq!(window.walked(0.5), window, "at least the window");
+        let walk = window.walked(4.0);
+        assert_eq!((walk.blocks, walk.blocks_run), (528, 132));
+        assert_eq!(walk.dram_bytes(), 4.0 * window.distinct_sectors as f64 * 32.0);
+        let (w, p) = (predict(&window, &gpu, &model), predict(&walk, &gpu, &model));
+        assert!((p.l2_s - 4.0 * w.l2_s).abs() < 1e-12 && (p.tensor_s - 4.0 * w.tensor_s).abs() < 1e-12 && (p.issue_s - 4.0 * w.issue_s).abs() < 1e-12);
+        let latency = model.dram_latency_cycles;
+        let (mean, max) = (10_000.0 + 10.0 * latency, 20_000.0 + 10.0 * latency);
+        assert!((p.chain_s - (3.0 * mean + max) * cycle).abs() < 1e-12, "{} vs {}", p.chain_s, (3.0 * mean + max) * cycle);
+        assert_eq!((w.waves, p.waves), (1, 4));
+        // Sampled the usual way (2 blocks, their own sectors scaled to the grid) the shared quarter would count once
+        // per block.
+        let sampled = Profile { blocks: 528, blocks_run: 2, distinct_sectors: 2 * per_block, block_distinct_sectors: 2 * per_block, ..window };
+        assert!(sampled.dram_bytes() > 1.3 * walk.dram_bytes());
     }
 
     /// A launch that prefetches the sectors it loads later (a decode GEMM warp's own k range): its DRAM bytes stay

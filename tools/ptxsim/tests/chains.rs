@@ -90,6 +90,30 @@ $L_after:
 $L_done:
     ret;
 }
+
+// Warp-specialised roles: warp 0 loads once, warp 1 chases two pointers, warp 2 exits. Warp 1 holds the block's
+// longest chain.
+.visible .entry roles(.param .u64 p) {
+    .reg .b64 %rd<8>;
+    .reg .b32 %r<8>;
+    .reg .pred %p<4>;
+    ld.param.u64 %rd0, [p];
+    cvta.to.global.u64 %rd1, %rd0;
+    mov.u32 %r0, %tid.x;
+    setp.ge.u32 %p1, %r0, 64;
+    @%p1 bra $L_end;
+    setp.lt.u32 %p0, %r0, 32;
+    @%p0 bra $L_one;
+    ld.global.u64 %rd2, [%rd1];
+    ld.global.u64 %rd3, [%rd2];
+    st.global.u64 [%rd1+64], %rd3;
+    bra.uni $L_end;
+$L_one:
+    ld.global.u64 %rd4, [%rd1+128];
+    st.global.u64 [%rd1+192], %rd4;
+$L_end:
+    ret;
+}
 "#;
 
 fn run(entry: &str, threads: u32) -> Counters {
@@ -131,4 +155,11 @@ fn a_block_barrier_passes_the_other_warps_chains_on() {
     // The barrier's resume cost is on the chain too.
     let weighted = c.chain_cycles_max + c.chain_globals_max * CHAIN_GLOBAL_CYCLES;
     assert!(weighted >= 2 * CHAIN_GLOBAL_CYCLES + CHAIN_CYCLES[ptxsim::ir::Class::Sync as usize]);
+}
+
+#[test]
+fn the_longest_chain_names_its_warp() {
+    let c = run("roles", 96);
+    assert_eq!((c.chain_globals_max, c.chain_longest_warp), (2, 1), "warp 1's two dependent loads");
+    assert_eq!(run("chase", 32).chain_longest_warp, 0);
 }

@@ -759,8 +759,12 @@ fn replay(
     // form (the last block to write a token's row combines and norms).
     let fused_combine = matches!(spec.family.as_str(), "mla" | "mla_prefill") && mla_combine(spec)? == SplitCombine::Fused && mla_plan(spec)?.1.num_splits > 1;
     let moe_finisher = spec.family == "moe" && MoeForm::of(spec)? == MoeForm::Norm;
-    // Nor a walk window (`window=`): every block of the persistent grid runs, over its first tiles.
+    // Nor a walk window (`window=`): every block of the persistent grid runs, over its first tiles. Only the MoE
+    // layer's persistent wgmma GEMMs walk (a window elsewhere would only switch the sampling off).
     let walk_window = spec.get("window").is_some();
+    if walk_window && !(spec.family == "moe" && spec.get("gemm").is_some_and(|g| g.starts_with("wgmma"))) {
+        return Err(Error::InvalidArgument(format!("calibration run {}: window= needs a moe run on a persistent wgmma GEMM (gemm=wgmma...)", spec.family)));
+    }
     let sampled = !(matches!(spec.family.as_str(), "router" | "dense") || fused_combine || moe_finisher || walk_window);
     sim.set_block_sample(sampled.then_some(sample_blocks));
     // Every stored measurement ran the mma.sync prefill GEMM (the wgmma one, the default now, came later): mma.sync
@@ -889,10 +893,13 @@ impl MoeForm {
 }
 
 /// `benches/moe.rs`: dim 4096, hidden 2048, 128 experts, top-4 of random distinct experts per token; `moe format=
-/// tokens= [tile=] [form=layer|norm] [shared=0|1]` (`shared=1`: with the shared expert, form norm only, as the
-/// bench's `moe_layer_norm_shared`). A `norm` case's row finisher runs in the last block to write a token's row, so
-/// it is replayed whole (unsampled): its weights are then distinct copies for the touched experts only (the tokens'
-/// expert ids renumbered in order onto them, so the grouping's tiles and grid are the bench's), not 128 aliased ones.
+/// tokens= [tile=] [form=layer|norm] [shared=0|1] [window=W]` (`shared=1`: with the shared expert, form norm only, as
+/// the bench's `moe_layer_norm_shared`). A `norm` case's row finisher runs in the last block to write a token's row,
+/// so it is replayed whole (unsampled): its weights are then distinct copies for the touched experts only (the
+/// tokens' expert ids renumbered in order onto them, so the grouping's tiles and grid are the bench's), not 128
+/// aliased ones. `window=W` (layer form, wgmma GEMMs): the persistent launches walk W tiles a block, scaled to the
+/// walk ([`scale_walk_windows`]); the layer's workspace starts zeroed, since the next launch reads the rows of the
+/// tiles past a window.
 fn replay_moe(sim: &SimBackend, device: &Device, spec: &Spec, cache: &mut Option<(MoeWeightsKey, MoeLayerWeights)>) -> Result<Vec<LaunchCounters>> {
     let format: WeightFormat = spec.get("format").ok_or_else(|| Error::InvalidArgument("calibration moe run: no format=".into()))?.parse()?;
     let tokens = spec.usize("tokens")?;
@@ -1217,5 +1224,17 @@ mod tests {
         assert_eq!(launches[1].timing, launch("combine").timing);
         let err = scale_walk_windows(&mut [launch("other")], &[window("wide", 192)], &offsets).unwrap_err();
         assert!(err.to_string().contains("no recorded launch of wide"), "{err}");
+    }
+
+    /// `window=` is refused before anything runs where no persistent walk would take it: another family, or the MoE
+    /// layer on the mma.sync GEMMs (it would only switch the sampling off).
+    #[test]
+    fn a_walk_window_needs_a_persistent_wgmma_run() {
+        let (sim, device, _) = interpreter_session(&Options::default()).unwrap();
+        for run in ["mla_prefill new=128 prefix=0 window=1", "moe format=bf16 tokens=4096 gemm=mma_sync window=1", "moe format=bf16 tokens=4096 window=1"] {
+            let spec = Spec::parse(run).unwrap();
+            let err = replay(&sim, &device, &spec, 16, &mut None).unwrap_err();
+            assert!(err.to_string().contains("window= needs a moe run on a persistent wgmma GEMM"), "{run}: {err}");
+        }
     }
 }

@@ -908,6 +908,15 @@ fn replay_moe(sim: &SimBackend, device: &Device, spec: &Spec, cache: &mut Option
     if shared && form != MoeForm::Norm {
         return Err(Error::InvalidArgument("calibration moe run: shared=1 needs form=norm (as the bench)".into()));
     }
+    let window = walk_window_tiles(spec)?;
+    if window.is_some() && form != MoeForm::Layer {
+        return Err(Error::InvalidArgument("calibration moe run: window= needs the layer form (a persistent wgmma launch has no finisher)".into()));
+    }
+    // The window's weights hold only the experts it reaches: every launch must walk (the prefill tile), since a
+    // decode-tile launch reads every expert's.
+    if window.is_some() && !moe::grouped_takes_prefill_tile(tokens, MOE_TOP_K, MOE_EXPERTS) {
+        return Err(Error::InvalidArgument(format!("calibration moe run: window= needs the prefill tile, which {tokens} tokens do not take")));
+    }
     if let Some(tile) = spec.get("tile") {
         gemm::override_decode_tile(Some(tile)).map_err(|e| Error::InvalidArgument(format!("calibration moe run: tile={tile}: {e}")))?;
     }
@@ -930,7 +939,7 @@ fn replay_moe(sim: &SimBackend, device: &Device, spec: &Spec, cache: &mut Option
             touched.len()
         }
     };
-    let distinct = match (form, walk_window_tiles(spec)?) {
+    let distinct = match (form, window) {
         (MoeForm::Norm, _) => experts,
         (MoeForm::Layer, Some(tiles_per_block)) => 16 * tiles_per_block.get() as usize,
         (MoeForm::Layer, None) => 0,
@@ -957,24 +966,22 @@ fn replay_moe(sim: &SimBackend, device: &Device, spec: &Spec, cache: &mut Option
     let mut workspace = MoeWorkspace::new(device, weights, tokens, MOE_TOP_K, alignment.sorted_pairs.len())?;
     let out = DeviceBuffer::<bf16>::alloc(device, tokens * MOE_DIM)?;
     if form == MoeForm::Layer {
+        if window.is_some() {
+            // The window leaves the rows of the tiles past it unwritten, which the next launch reads: zeros there.
+            workspace.act = DeviceBuffer::filled_with_byte(device, workspace.act.len(), 0)?;
+            workspace.pair_out = DeviceBuffer::filled_with_byte(device, workspace.pair_out.len(), 0)?;
+        }
         let layer = || moe::moe_layer(weights, x.view([tokens, MOE_DIM])?, &routing, &grouping, &workspace, out.view([tokens, MOE_DIM])?);
         sim.record_launches(true);
-        let Some(tiles_per_block) = walk_window_tiles(spec)? else {
+        let Some(tiles_per_block) = window else {
             layer()?;
             return Ok(sim.take_recorded());
         };
-        // The window leaves the rows of the tiles past it unwritten, which the next launch reads: zeros there.
-        workspace.act = DeviceBuffer::filled_with_byte(device, workspace.act.len(), 0)?;
-        workspace.pair_out = DeviceBuffer::filled_with_byte(device, workspace.pair_out.len(), 0)?;
-        let layer = || moe::moe_layer(weights, x.view([tokens, MOE_DIM])?, &routing, &grouping, &workspace, out.view([tokens, MOE_DIM])?);
         let (result, windows) = moe_wgmma::with_walk_window(tiles_per_block, layer);
         let mut launches = sim.take_recorded();
         result?;
         scale_walk_windows(&mut launches, &windows, &alignment.expert_offsets)?;
         return Ok(launches);
-    }
-    if spec.get("window").is_some() {
-        return Err(Error::InvalidArgument("calibration moe run: window= needs the layer form (a persistent wgmma launch has no finisher)".into()));
     }
     let residual = DeviceBuffer::from_slice(device, &random_bf16(&mut rng, tokens * MOE_DIM, 1.0))?;
     let norm_weight = DeviceBuffer::from_slice(device, &vec![bf16::ONE; MOE_DIM])?;
@@ -1226,8 +1233,8 @@ mod tests {
         assert!(err.to_string().contains("no recorded launch of wide"), "{err}");
     }
 
-    /// `window=` is refused before anything runs where no persistent walk would take it: another family, or the MoE
-    /// layer on the mma.sync GEMMs (it would only switch the sampling off).
+    /// `window=` is refused before anything runs where no persistent walk would take it: another family, the MoE
+    /// layer on the mma.sync GEMMs (it would only switch the sampling off), on the decode tile or in the norm form.
     #[test]
     fn a_walk_window_needs_a_persistent_wgmma_run() {
         let (sim, device, _) = interpreter_session(&Options::default()).unwrap();
@@ -1235,6 +1242,14 @@ mod tests {
             let spec = Spec::parse(run).unwrap();
             let err = replay(&sim, &device, &spec, 16, &mut None).unwrap_err();
             assert!(err.to_string().contains("window= needs a moe run on a persistent wgmma GEMM"), "{run}: {err}");
+        }
+        // Nor where the layer runs the decode tile (a few tokens) or the row finisher.
+        for (run, why) in [
+            ("moe format=bf16 tokens=64 gemm=wgmma window=1", "needs the prefill tile"),
+            ("moe format=bf16 tokens=1 gemm=wgmma form=norm window=1", "needs the layer form"),
+        ] {
+            let err = replay(&sim, &device, &Spec::parse(run).unwrap(), 16, &mut None).unwrap_err();
+            assert!(err.to_string().contains(why), "{run}: {err}");
         }
     }
 }

@@ -402,8 +402,8 @@ pub fn blocks_per_sm(gpu: &Gpu, threads: u32, registers: u32, shared: u32) -> u3
 
 impl Profile {
     /// The profile of a whole persistent walk from this one, the counters of a window of it (not sampled: every
-    /// block of the persistent grid ran, over its first tiles), and the walk is `windows` such windows one after another (at least
-    /// 1). Priced as a sampled launch of `windows` x the grid's blocks of which the grid's ran: instructions, FLOPs and
+    /// block of the persistent grid ran, over its first tiles), and the walk is `windows` such windows one after
+    /// another (at least 1). Priced as a sampled launch of `windows` x the grid's blocks of which the grid's ran: instructions, FLOPs and
     /// sectors scale by `windows`, the busiest SM runs `windows` rounds of the window's chains (the later ones at the
     /// window's mean), and the DRAM bytes are the window's distinct sectors `windows` times. That last is the point of
     /// a window: the tiles it runs at once share data through L2 (a slot group's activation rows, read by its
